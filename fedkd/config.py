@@ -1,0 +1,172 @@
+"""Config schema shared by every experiment file in ``configs/``, and its validation.
+
+Every config file's ``get_config(arg)`` starts from :func:`base_config`, changes what it needs and
+returns the ConfigDict. :func:`validate` runs before any work and raises :class:`ConfigError` with
+one line that names the key and the fix.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and a fix."""
+
+
+TASKS = ("fedavg",)
+CLIENT_PARALLELISM = ("auto", "vmap", "unroll")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "fedavg"
+  c.seed = 0
+  c.num_rounds = 20
+  c.num_clients = 8
+  c.clients_per_round = 8
+  c.local_steps = 2
+  c.batch_size = 8
+  c.image_size = 128
+
+  # Each client's training set size (examples). quantity_skew > 0 draws unequal sizes
+  # n_i = examples_per_client * lognormal(0, quantity_skew) (deterministic from the seed);
+  # FedAvg weights clients by n_i.
+  c.examples_per_client = 256
+  c.quantity_skew = 0.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"
+  c.model.width = 16
+  c.model.depth = 3
+  c.model.groups = 8
+  c.model.num_classes = 3  # background, catheter, guidewire
+
+  c.client_optimizer = ml_collections.ConfigDict()
+  c.client_optimizer.name = "adam"
+  c.client_optimizer.learning_rate = 1e-3
+  c.client_optimizer.momentum = 0.0
+
+  # The server treats the negated weighted-mean client delta as a gradient:
+  # plain FedAvg is SGD with learning rate 1.
+  c.server_optimizer = ml_collections.ConfigDict()
+  c.server_optimizer.name = "sgd"
+  c.server_optimizer.learning_rate = 1.0
+  c.server_optimizer.momentum = 0.0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ce_weight = 0.5
+  c.loss.dice_weight = 0.5
+
+  c.engine = ml_collections.ConfigDict()
+  # How clients inside one device shard run: 'vmap' (one batched program), 'unroll' (each client's
+  # ops emitted separately; faster for convolutions on XLA:CPU), 'auto' (unroll on CPU, vmap elsewhere).
+  c.engine.client_parallelism = "auto"
+  # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
+  c.engine.unroll_local_steps = "auto"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.client_devices = 0  # devices on the 'clients' mesh axis; 0 = all visible devices
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 5  # rounds; the last round is always evaluated
+  c.eval.examples_per_site = 32
+  c.eval.batch_size = 32
+  c.eval.max_sites = 0  # training sites to evaluate; 0 = all
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 5  # rounds; the last round is always saved
+  c.checkpoint.max_to_keep = 2
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+  """'clients=64,runlocal' -> {'clients': '64', 'runlocal': True}."""
+  out: dict[str, str | bool] = {}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      out[k.strip()] = v.strip()
+    else:
+      out[part] = True
+  return out
+
+
+def _positive(c, key: str) -> None:
+  value = c
+  for k in key.split("."):
+    value = value[k]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    raise ConfigError(f"config.{key}={value!r} must be a positive number; set --config.{key} to a value > 0")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
+  """Checks ``c`` before any work; returns the number of devices on the 'clients' mesh axis."""
+  known = set(base_config().keys())
+  extra = sorted(set(c.keys()) - known)
+  if extra:
+    raise ConfigError(f"unknown config key config.{extra[0]}; known keys: {', '.join(sorted(known))}")
+  for group in ("data", "model", "client_optimizer", "server_optimizer", "loss", "engine", "mesh",
+                "eval", "checkpoint"):
+    extra = sorted(set(c[group].keys()) - set(base_config()[group].keys()))
+    if extra:
+      raise ConfigError(f"unknown config key config.{group}.{extra[0]}; known keys in config.{group}: "
+                        f"{', '.join(sorted(base_config()[group].keys()))}")
+  if c.task not in TASKS:
+    raise ConfigError(f"config.task={c.task!r} is not a known task; use one of {', '.join(TASKS)}")
+  for key in ("num_rounds", "num_clients", "clients_per_round", "local_steps", "batch_size",
+              "image_size", "examples_per_client", "model.width", "model.depth", "model.groups",
+              "model.num_classes", "client_optimizer.learning_rate",
+              "server_optimizer.learning_rate", "eval.every", "eval.examples_per_site",
+              "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep"):
+    _positive(c, key)
+  if not isinstance(c.seed, int) or c.seed < 0:
+    raise ConfigError(f"config.seed={c.seed!r} must be a non-negative integer")
+  if c.clients_per_round > c.num_clients:
+    raise ConfigError(f"config.clients_per_round={c.clients_per_round} is larger than "
+                      f"config.num_clients={c.num_clients}; set --config.clients_per_round to at most "
+                      f"{c.num_clients} or raise --config.num_clients")
+  if c.quantity_skew < 0:
+    raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")
+  if c.data.source != "synthetic":
+    raise ConfigError(f"config.data.source={c.data.source!r} is not available; use 'synthetic'")
+  if c.model.name != "unet":
+    raise ConfigError(f"config.model.name={c.model.name!r} is not a known model; use 'unet'")
+  if c.model.num_classes != 3:
+    raise ConfigError(f"config.model.num_classes={c.model.num_classes} must be 3 "
+                      "(background, catheter, guidewire) for the synthetic data")
+  if c.image_size % (2 ** c.model.depth):
+    raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.model.depth="
+                      f"{2 ** c.model.depth}; pick an image size that is a multiple of it")
+  if c.image_size < 32:
+    raise ConfigError(f"config.image_size={c.image_size} is too small for the synthetic X-rays; use >= 32")
+  if c.model.width % c.model.groups:
+    raise ConfigError(f"config.model.width={c.model.width} must be divisible by config.model.groups="
+                      f"{c.model.groups} (GroupNorm); change either")
+  for name in ("client_optimizer", "server_optimizer"):
+    if c[name].name not in OPTIMIZERS:
+      raise ConfigError(f"config.{name}.name={c[name].name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+  if c.engine.client_parallelism not in CLIENT_PARALLELISM:
+    raise ConfigError(f"config.engine.client_parallelism={c.engine.client_parallelism!r} is unknown; "
+                      f"use one of {', '.join(CLIENT_PARALLELISM)}")
+  if c.engine.unroll_local_steps not in ("auto", True, False):
+    raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be "
+                      "'auto', True or False")
+  if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
+    raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")
+  n = c.mesh.client_devices or num_devices
+  if c.mesh.client_devices < 0 or n > num_devices:
+    raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} but {num_devices} device(s) "
+                      f"are visible; use 0 (all) or a value in 1..{num_devices}")
+  if c.clients_per_round % n:
+    fit = [d for d in range(1, n + 1) if c.clients_per_round % d == 0 and num_devices % d == 0][-1]
+    raise ConfigError(f"config.clients_per_round={c.clients_per_round} cannot be split over the {n} "
+                      f"devices of the 'clients' mesh axis; use a multiple of {n} or set "
+                      f"--config.mesh.client_devices={fit}")
+  return n

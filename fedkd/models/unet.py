@@ -1,0 +1,59 @@
+"""UNet segmenter in Flax NNX with GroupNorm (batch-independent, right for non-IID clients)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ConvBlock(nnx.Module):
+  """Two (3x3 conv -> GroupNorm -> ReLU) layers."""
+
+  def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs):
+    g = min(groups, cout)
+    self.conv1 = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+    self.norm1 = nnx.GroupNorm(cout, num_groups=g, rngs=rngs)
+    self.conv2 = nnx.Conv(cout, cout, (3, 3), rngs=rngs)
+    self.norm2 = nnx.GroupNorm(cout, num_groups=g, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.norm1(self.conv1(x)))
+    return jax.nn.relu(self.norm2(self.conv2(x)))
+
+
+class UNet(nnx.Module):
+  """Encoder of ``depth`` blocks (width * 2**i channels, 2x2 max-pool between), a bottleneck,
+  and a decoder of transposed-conv upsampling + skip concatenation; 1x1 conv to class logits.
+
+  Input [B, H, W, in_channels] with H, W divisible by 2**depth; output logits [B, H, W, num_classes].
+  """
+
+  def __init__(self, *, in_channels: int = 1, num_classes: int = 3, width: int = 16, depth: int = 3,
+               groups: int = 8, rngs: nnx.Rngs):
+    chans = [width * 2 ** i for i in range(depth)]
+    self.depth = depth
+    enc, cin = [], in_channels
+    for c in chans:
+      enc.append(ConvBlock(cin, c, groups, rngs=rngs))
+      cin = c
+    self.enc = nnx.List(enc)
+    self.mid = ConvBlock(cin, 2 * cin, groups, rngs=rngs)
+    up, dec, cin = [], [], 2 * cin
+    for c in reversed(chans):
+      up.append(nnx.ConvTranspose(cin, c, (2, 2), strides=(2, 2), rngs=rngs))
+      dec.append(ConvBlock(2 * c, c, groups, rngs=rngs))
+      cin = c
+    self.up = nnx.List(up)
+    self.dec = nnx.List(dec)
+    self.head = nnx.Conv(chans[0], num_classes, (1, 1), rngs=rngs)
+
+  def __call__(self, x):
+    skips = []
+    for block in self.enc:
+      x = block(x)
+      skips.append(x)
+      x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = self.mid(x)
+    for up, block, skip in zip(self.up, self.dec, reversed(skips)):
+      x = block(jnp.concatenate([up(x), skip], axis=-1))
+    return self.head(x)
