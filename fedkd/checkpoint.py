@@ -36,6 +36,16 @@ class Checkpointer:
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
+  def saved_config(self, round_: int) -> dict:
+    """The config JSON stored with the checkpoint of ``round_`` (read without touching the arrays)."""
+    try:
+      out = self._mngr.restore(round_, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f"checkpoint for round {round_} in {self.directory} is unreadable "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move it away or use "
+                            "a new --workdir") from None
+    return dict(out["config"])
+
   def restore(self, round_: int, like: Any) -> tuple[Any, dict]:
     """Restores the state at ``round_`` into the structure, shapes and shardings of ``like``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -6,6 +6,8 @@ one line that names the key and the fix.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 
@@ -69,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.unroll_local_steps = "auto"
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.client_devices = 0  # devices on the 'clients' mesh axis; 0 = all visible devices
+  # devices on the 'clients' mesh axis; 0 = automatic: gcd(clients_per_round, visible devices)
+  c.mesh.client_devices = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 5  # rounds; the last round is always evaluated
@@ -160,13 +163,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
                       "'auto', True or False")
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
     raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")
-  n = c.mesh.client_devices or num_devices
-  if c.mesh.client_devices < 0 or n > num_devices:
+  if c.mesh.client_devices == 0:  # auto: as many devices as split the sampled clients evenly
+    return math.gcd(c.clients_per_round, num_devices)
+  n = c.mesh.client_devices
+  if n < 0 or n > num_devices:
     raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} but {num_devices} device(s) "
                       f"are visible; use 0 (all) or a value in 1..{num_devices}")
   if c.clients_per_round % n:
-    fit = [d for d in range(1, n + 1) if c.clients_per_round % d == 0 and num_devices % d == 0][-1]
+    fit = math.gcd(c.clients_per_round, n)
     raise ConfigError(f"config.clients_per_round={c.clients_per_round} cannot be split over the {n} "
                       f"devices of the 'clients' mesh axis; use a multiple of {n} or set "
-                      f"--config.mesh.client_devices={fit}")
+                      f"--config.mesh.client_devices={fit} (or 0 = automatic)")
   return n

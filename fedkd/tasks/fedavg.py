@@ -169,8 +169,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   start = ckpt.latest_round()
   if start is not None:
-    state, saved_cfg = ckpt.restore(start, state)
-    _check_resumable(saved_cfg, cfg_json, ckpt.directory)
+    _check_resumable(ckpt.saved_config(start), cfg_json, ckpt.directory)
+    state, _ = ckpt.restore(start, state)
     _truncate_metrics(metrics_path, start)
     log(f"resuming from round {start} (checkpoint in {ckpt.directory})")
   else:
@@ -201,30 +201,32 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
 
   imgs_per_round = config.clients_per_round * config.local_steps * config.batch_size
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
-  for r in range(start + 1, config.num_rounds + 1):
-    t0 = time.time()
-    key, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-    clients = sample_clients(sub, config.num_clients, config.clients_per_round)
-    xs, ys = make_batches(config, table, r, clients, sizes)
-    batch = shard_clients((xs, ys, jnp.asarray(sizes[clients], jnp.float32)), mesh)
-    state = dict(state, rng=jax.device_put(jax.random.key_data(key), replicated(mesh)))
-    state, m = round_fn(state, *batch)
-    loss = float(m["loss"])  # waits for the round
-    dt = time.time() - t0
-    if r > start + 1:  # the first round includes compilation
-      timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
-    speed = imgs_per_round / (timed_s / timed_rounds) if timed_rounds else imgs_per_round / dt
-    eta = (config.num_rounds - r) * (timed_s / timed_rounds if timed_rounds else dt)
-    line = (f"round {r:>4}/{config.num_rounds}  loss {loss:.4f}  {dt:6.2f}s  {speed:7.1f} img/s  "
-            f"eta {eta:5.0f}s")
-    if r % config.eval.every == 0 or r == config.num_rounds:
-      rec, per_site = evaluate(r)
-      line += (f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire "
-               f"{rec['dice/guidewire']:.4f}")
-    log(line)
-    if r % config.checkpoint.every == 0 or r == config.num_rounds:
-      ckpt.save(r, state, cfg_json)
-  ckpt.close()
+  try:
+    for r in range(start + 1, config.num_rounds + 1):
+      t0 = time.time()
+      key, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+      clients = sample_clients(sub, config.num_clients, config.clients_per_round)
+      xs, ys = make_batches(config, table, r, clients, sizes)
+      batch = shard_clients((xs, ys, jnp.asarray(sizes[clients], jnp.float32)), mesh)
+      state = dict(state, rng=jax.device_put(jax.random.key_data(key), replicated(mesh)))
+      state, m = round_fn(state, *batch)
+      loss = float(m["loss"])  # waits for the round
+      dt = time.time() - t0
+      if r > start + 1:  # the first round includes compilation
+        timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
+      speed = imgs_per_round / (timed_s / timed_rounds) if timed_rounds else imgs_per_round / dt
+      eta = (config.num_rounds - r) * (timed_s / timed_rounds if timed_rounds else dt)
+      line = (f"round {r:>4}/{config.num_rounds}  loss {loss:.4f}  {dt:6.2f}s  {speed:7.1f} img/s  "
+              f"eta {eta:5.0f}s")
+      if r % config.eval.every == 0 or r == config.num_rounds:
+        rec, per_site = evaluate(r)
+        line += (f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire "
+                 f"{rec['dice/guidewire']:.4f}")
+      log(line)
+      if r % config.checkpoint.every == 0 or r == config.num_rounds:
+        ckpt.save(r, state, cfg_json)
+  finally:
+    ckpt.close()  # finish pending async saves, also when the run dies mid-way
 
   if per_site is None:  # resumed at the end already: evaluate the restored model
     per_site = evaluator(state["params"])

@@ -1,0 +1,149 @@
+"""End-to-end federated training: exact resume, metrics file, bad checkpoint/config handling."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fedkd.checkpoint import CheckpointError
+from fedkd.config import ConfigError, base_config, validate
+from fedkd.tasks import fedavg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = base_config()
+  c.num_rounds = 4
+  c.num_clients = 4
+  c.clients_per_round = 2
+  c.local_steps = 1
+  c.batch_size = 2
+  c.image_size = 32
+  c.quantity_skew = 0.5
+  c.model.width = 4
+  c.model.depth = 1
+  c.model.groups = 2
+  c.eval.every = 2
+  c.eval.examples_per_site = 2
+  c.eval.max_sites = 1
+  c.checkpoint.every = 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _quiet(_):
+  pass
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path):
+  full = fedavg.run(tiny_config(), str(tmp_path / "full"), log=_quiet)
+
+  def crash_in_round_3(line):
+    if line.startswith("round    3/"):
+      raise Interrupt  # dies after round 3 finished but before its checkpoint (saved every 2)
+
+  work = str(tmp_path / "resumed")
+  with pytest.raises(Interrupt):
+    fedavg.run(tiny_config(), work, log=crash_in_round_3)
+  lines = []
+  resumed = fedavg.run(tiny_config(), work, log=lines.append)
+  assert any("resuming from round 2" in ln for ln in lines)
+  for a, b in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(full["state"]["rng"]), np.asarray(resumed["state"]["rng"]))
+  # metrics.jsonl: evaluations at rounds 0, 2, 4 once each, same numbers as the uninterrupted run
+  recs = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  full_recs = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  assert [r["round"] for r in recs] == [0, 2, 4]
+  assert recs == full_recs
+  for key in ("dice/catheter", "dice/guidewire", "iou/catheter", "unseen/dice/guidewire"):
+    assert 0.0 <= recs[-1][key] <= 1.0
+
+
+def test_same_seed_same_numbers_other_seed_differs(tmp_path):
+  a = fedavg.run(tiny_config(num_rounds=2), str(tmp_path / "a"), log=_quiet)
+  b = fedavg.run(tiny_config(num_rounds=2), str(tmp_path / "b"), log=_quiet)
+  c = fedavg.run(tiny_config(num_rounds=2, seed=1), str(tmp_path / "c"), log=_quiet)
+  la, lb, lc = (jax.tree.leaves(x["state"]["params"]) for x in (a, b, c))
+  assert all(np.array_equal(x, y) for x, y in zip(la, lb))
+  assert not all(np.array_equal(x, y) for x, y in zip(la, lc))
+
+
+def test_resume_with_a_different_model_is_refused_and_keeps_the_checkpoint(tmp_path):
+  work = str(tmp_path / "w")
+  fedavg.run(tiny_config(num_rounds=2), work, log=_quiet)
+  before = sorted(os.listdir(os.path.join(work, "checkpoints")))
+  c = tiny_config(num_rounds=4)
+  c.model.width = 8
+  with pytest.raises(CheckpointError, match="use a new --workdir"):
+    fedavg.run(c, work, log=_quiet)
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == before
+
+
+def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
+  c = tiny_config()
+  sizes = fedavg.client_sizes(c)
+  assert len(set(sizes.tolist())) > 1 and sizes.min() >= c.batch_size
+  idx = fedavg.round_indices(c, 1, np.array([0, 3]), sizes)
+  assert idx.shape == (2, c.local_steps * c.batch_size)
+  assert (idx[0] < sizes[0]).all() and (idx[1] < sizes[3]).all()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("clients_per_round", 9, "clients_per_round"),
+    ("batch_size", 0, "batch_size"),
+    ("image_size", -8, "image_size"),
+    ("num_rounds", 0, "num_rounds"),
+    ("local_steps", 0, "local_steps"),
+])
+def test_validate_names_the_bad_key(key, value, needle):
+  c = tiny_config()
+  c[key] = value
+  with pytest.raises(ConfigError, match=needle):
+    validate(c, 8)
+
+
+def test_validate_rejects_a_client_count_the_mesh_cannot_split():
+  c = tiny_config(clients_per_round=3)
+  c.mesh.client_devices = 2
+  with pytest.raises(ConfigError, match="mesh.client_devices=1"):
+    validate(c, 2)
+  c.mesh.client_devices = 1
+  assert validate(c, 8) == 1
+  c.mesh.client_devices = 0  # automatic: the largest device count that splits the clients
+  assert validate(c, 8) == 1
+  c.clients_per_round = 4
+  assert validate(c, 8) == 4
+
+
+def _cli(*args, devices=1):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py",
+                         "--workdir=/nonexistent/should_not_be_created", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,devices,needle", [
+    (["--config.num_clinets=3"], 1, "did you mean --config.num_clients"),
+    (["--config.clients_per_round=9"], 1, "config.clients_per_round=9 is larger than config.num_clients=4"),
+    (["--config.batch_size=0"], 1, "config.batch_size=0 must be a positive number"),
+    (["--config.image_size=-64"], 1, "config.image_size=-64 must be a positive number"),
+    (["--config.clients_per_round=3", "--config.mesh.client_devices=2"], 2, "cannot be split over the 2 devices"),
+    (["--config.num_clients=abc"], 1, "--config.num_clients"),
+])
+def test_cli_bad_config_is_one_clear_line(args, devices, needle):
+  r = _cli(*args, devices=devices)
+  assert r.returncode == 2, r.stderr
+  err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+  assert err[0].startswith("fedkd: error:") and needle in err[0], err[0]
+  assert not os.path.exists("/nonexistent/should_not_be_created")
