@@ -55,6 +55,8 @@ def client_update(apply: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformat
 
 
 def init_server_state(params: Params, server_tx: optax.GradientTransformation, rng: jax.Array) -> dict:
+  """Server state pytree; holds a copy of ``params`` (the round function donates its state)."""
+  params = jax.tree.map(jnp.array, params)
   return {"params": params, "opt_state": server_tx.init(params), "round": jnp.zeros((), jnp.int32),
           "rng": jax.random.key_data(rng)}
 
