@@ -214,10 +214,12 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
       dt = time.time() - t0
       if r > start + 1:  # the first round includes compilation
         timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
-      speed = imgs_per_round / (timed_s / timed_rounds) if timed_rounds else imgs_per_round / dt
-      eta = (config.num_rounds - r) * (timed_s / timed_rounds if timed_rounds else dt)
-      line = (f"round {r:>4}/{config.num_rounds}  loss {loss:.4f}  {dt:6.2f}s  {speed:7.1f} img/s  "
-              f"eta {eta:5.0f}s")
+      if timed_rounds:
+        per = timed_s / timed_rounds
+        pace = f"{imgs_per_round / per:7.1f} img/s  eta {(config.num_rounds - r) * per:5.0f}s"
+      else:
+        pace = "(includes compilation)"
+      line = f"round {r:>4}/{config.num_rounds}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
       if r % config.eval.every == 0 or r == config.num_rounds:
         rec, per_site = evaluate(r)
         line += (f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire "
