@@ -1,0 +1,111 @@
+"""Partitioners: how a pool of examples (or of data types) is split over clients/silos.
+
+All functions are deterministic given ``seed`` and return, per client, a sorted int64 index array
+into the pool (or, for :func:`unseen_label_corpus`, a per-silo mixture over data types).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class PartitionError(ValueError):
+  """A partition request that cannot be met; the message says what to change."""
+
+
+def by_site(site_of_example: np.ndarray, num_clients: int | None = None) -> list[np.ndarray]:
+  """One client per site (sites in sorted order). With ``num_clients`` > sites, each site's examples
+  are dealt round-robin over the clients assigned to it (client k gets site k % n_sites)."""
+  site_of_example = np.asarray(site_of_example)
+  sites = np.unique(site_of_example)
+  n = len(sites) if num_clients is None else num_clients
+  if n < len(sites):
+    raise PartitionError(f"by_site needs at least one client per site: {len(sites)} sites but "
+                         f"num_clients={n}; raise num_clients or use partition 'dirichlet'")
+  out = []
+  for k in range(n):
+    s = sites[k % len(sites)]
+    share = [c for c in range(n) if c % len(sites) == k % len(sites)]
+    idx = np.flatnonzero(site_of_example == s)
+    out.append(np.sort(idx[share.index(k)::len(share)]).astype(np.int64))
+  return out
+
+
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+              min_size: int = 1) -> list[np.ndarray]:
+  """Label/site/type skew: for every category, its examples are split over clients in proportions
+  drawn from Dirichlet(alpha * 1). Small alpha -> each client sees few categories; alpha -> inf ->
+  every client gets the same category mix. Redraws (up to 100 times) until every client has
+  ``min_size`` examples."""
+  if alpha <= 0:
+    raise PartitionError(f"dirichlet alpha={alpha} must be > 0 (e.g. 0.1 = strong skew, 100 = near IID)")
+  labels = np.asarray(labels)
+  if len(labels) < num_clients * min_size:
+    raise PartitionError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each; "
+                         "lower num_clients")
+  rng = np.random.default_rng(seed)
+  for _ in range(100):
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for cat in np.unique(labels):
+      idx = rng.permutation(np.flatnonzero(labels == cat))
+      p = rng.dirichlet(np.full(num_clients, float(alpha)))
+      cuts = (np.cumsum(p)[:-1] * len(idx)).round().astype(int)
+      for k, chunk in enumerate(np.split(idx, cuts)):
+        parts[k].extend(chunk.tolist())
+    if min(len(p) for p in parts) >= min_size:
+      return [np.sort(np.asarray(p, np.int64)) for p in parts]
+  raise PartitionError(f"dirichlet(alpha={alpha}) left a client with fewer than {min_size} examples "
+                       "after 100 draws; raise alpha or lower num_clients")
+
+
+def quantity_skew(num_examples: int, num_clients: int, sigma: float, seed: int,
+                  min_size: int = 1) -> list[np.ndarray]:
+  """IID content, unequal sizes: client shares proportional to lognormal(0, sigma) draws."""
+  if num_examples < num_clients * min_size:
+    raise PartitionError(f"{num_examples} examples cannot give {num_clients} clients {min_size} each")
+  rng = np.random.default_rng(seed)
+  w = rng.lognormal(0.0, sigma, size=num_clients) if sigma > 0 else np.ones(num_clients)
+  extra = num_examples - num_clients * min_size
+  sizes = min_size + np.floor(w / w.sum() * extra).astype(int)
+  sizes[np.argsort(-w)[: num_examples - sizes.sum()]] += 1
+  perm = rng.permutation(num_examples)
+  return [np.sort(c).astype(np.int64) for c in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+def iid(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
+  return quantity_skew(num_examples, num_clients, 0.0, seed)
+
+
+def unseen_label_corpus(num_silos: int, num_types: int, percent: float) -> np.ndarray:
+  """FedEFM's "x % unseen label corpus": returns each silo's mixture over data types, [silos, types].
+
+  Silo i has a home type (i % num_types). A fraction percent/100 of its data is its home type only,
+  the rest is spread evenly over all types. 100 % -> no two silos share a data type (needs
+  num_silos <= num_types); 0 % -> every silo holds every type in equal parts.
+  """
+  if not 0 <= percent <= 100:
+    raise PartitionError(f"unseen label corpus percent={percent} must be in [0, 100]")
+  if percent == 100 and num_silos > num_types:
+    raise PartitionError(f"100% unseen labels needs disjoint data types, but {num_silos} silos share "
+                         f"{num_types} types; use at most {num_types} silos or a lower percent")
+  f = percent / 100.0
+  mix = np.full((num_silos, num_types), (1.0 - f) / num_types)
+  mix[np.arange(num_silos), np.arange(num_silos) % num_types] += f
+  return mix
+
+
+def assign_by_mixture(types: np.ndarray, mixture: np.ndarray, seed: int) -> list[np.ndarray]:
+  """Splits a pool of typed examples over silos so each silo's type proportions follow ``mixture``
+  rows (normalised per type: every example goes to exactly one silo)."""
+  types = np.asarray(types)
+  mixture = np.asarray(mixture, dtype=np.float64)
+  rng = np.random.default_rng(seed)
+  parts: list[list[int]] = [[] for _ in range(mixture.shape[0])]
+  for t in range(mixture.shape[1]):
+    idx = rng.permutation(np.flatnonzero(types == t))
+    col = mixture[:, t]
+    if col.sum() == 0 or len(idx) == 0:
+      continue
+    cuts = (np.cumsum(col / col.sum())[:-1] * len(idx)).round().astype(int)
+    for k, chunk in enumerate(np.split(idx, cuts)):
+      parts[k].extend(chunk.tolist())
+  return [np.sort(np.asarray(p, np.int64)) for p in parts]

@@ -1,0 +1,71 @@
+"""Partitioners against direct counting."""
+import numpy as np
+import pytest
+
+from fedkd.data import partition
+
+
+def _is_exact_cover(parts, n):
+  allidx = np.concatenate(parts)
+  return len(allidx) == n and set(allidx.tolist()) == set(range(n))
+
+
+def test_by_site_gives_each_client_one_site():
+  sites = np.array([2, 0, 1, 2, 2, 0, 1, 1])
+  parts = partition.by_site(sites)
+  assert _is_exact_cover(parts, len(sites))
+  for k, p in enumerate(parts):
+    assert set(sites[p].tolist()) == {k}
+  more = partition.by_site(sites, num_clients=6)
+  assert _is_exact_cover(more, len(sites))
+  assert set(sites[more[4]].tolist()) == {1}
+  with pytest.raises(partition.PartitionError, match="at least one client per site"):
+    partition.by_site(sites, num_clients=2)
+
+
+def test_dirichlet_large_alpha_is_near_uniform_small_alpha_is_skewed():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, size=8000)
+  parts = partition.dirichlet(labels, 8, alpha=1e4, seed=1)
+  assert _is_exact_cover(parts, len(labels))
+  global_mix = np.bincount(labels, minlength=4) / len(labels)
+  for p in parts:
+    mix = np.bincount(labels[p], minlength=4) / len(p)
+    assert np.abs(mix - global_mix).max() < 0.03
+    assert abs(len(p) - len(labels) / 8) < 0.05 * len(labels) / 8
+  skewed = partition.dirichlet(labels, 8, alpha=0.05, seed=1)
+  assert _is_exact_cover(skewed, len(labels))
+  dominant = [np.bincount(labels[p], minlength=4).max() / max(len(p), 1) for p in skewed]
+  assert np.mean(dominant) > 0.7  # most clients are dominated by one category
+
+
+def test_quantity_skew_sizes():
+  parts = partition.quantity_skew(1000, 10, sigma=1.0, seed=0, min_size=5)
+  sizes = np.array([len(p) for p in parts])
+  assert _is_exact_cover(parts, 1000) and sizes.min() >= 5 and sizes.max() > 2 * sizes.min()
+  equal = partition.iid(1000, 10, seed=0)
+  assert [len(p) for p in equal] == [100] * 10
+
+
+@pytest.mark.parametrize("percent", [0, 50, 100])
+def test_unseen_label_corpus(percent):
+  mix = partition.unseen_label_corpus(4, 4, percent)
+  np.testing.assert_allclose(mix.sum(1), 1.0)
+  types = np.repeat(np.arange(4), 400)
+  parts = partition.assign_by_mixture(types, mix, seed=0)
+  assert _is_exact_cover(parts, len(types))
+  held = [set(types[p].tolist()) for p in parts]
+  if percent == 100:  # no two silos share a data type
+    for i in range(4):
+      for j in range(i + 1, 4):
+        assert not held[i] & held[j]
+  else:  # every silo holds every type; home type share = 1/4 + 3/4 * percent/100
+    for i, p in enumerate(parts):
+      assert held[i] == {0, 1, 2, 3}
+      share = np.mean(types[p] == i)
+      assert abs(share - (0.25 + 0.75 * percent / 100)) < 0.02
+
+
+def test_unseen_label_corpus_rejects_impossible_disjointness():
+  with pytest.raises(partition.PartitionError, match="at most 3 silos"):
+    partition.unseen_label_corpus(5, 3, 100)
