@@ -29,22 +29,31 @@ class Checkpointer:
   def latest_round(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, round_: int, state: Any, config: dict) -> None:
+  def save(self, round_: int, state: Any, config: dict, data_state: dict | None = None) -> None:
+    """Saves the server state, the config and the data pipeline's iterator state (JSON)."""
     self._mngr.save(round_, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)))
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+        data=ocp.args.JsonSave(data_state or {})))
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
-  def saved_config(self, round_: int) -> dict:
-    """The config JSON stored with the checkpoint of ``round_`` (read without touching the arrays)."""
+  def _json_item(self, round_: int, item: str) -> dict:
     try:
-      out = self._mngr.restore(round_, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     except Exception as e:
       raise CheckpointError(f"checkpoint for round {round_} in {self.directory} is unreadable "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move it away or use "
                             "a new --workdir") from None
-    return dict(out["config"])
+    return dict(out[item])
+
+  def saved_config(self, round_: int) -> dict:
+    """The config JSON stored with the checkpoint of ``round_`` (read without touching the arrays)."""
+    return self._json_item(round_, "config")
+
+  def saved_data_state(self, round_: int) -> dict:
+    """The data pipeline state stored with the checkpoint of ``round_``."""
+    return self._json_item(round_, "data")
 
   def restore(self, round_: int, like: Any) -> tuple[Any, dict]:
     """Restores the state at ``round_`` into the structure, shapes and shardings of ``like``."""

@@ -38,14 +38,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantity_skew = 0.0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"
+  c.data.source = "synthetic"  # or "tfds:<name>" (a dataset prepared by fedkd.data.tfds.build)
+  c.data.tfds_data_dir = "~/tensorflow_datasets"
+  c.data.tfds_configs = ""  # comma list of builder configs used as sites; "" = all of them
+  c.data.unseen_site = ""  # a builder config kept out of training, evaluated as the unseen site
+  c.data.partition = "by_site"  # tfds: by_site | dirichlet (over sites) | iid (quantity_skew sizes)
+  c.data.dirichlet_alpha = 0.5
+  c.data.augment = True  # tfds: crop, flips, rotations, intensity jitter
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"
   c.model.width = 16
   c.model.depth = 3
   c.model.groups = 8
-  c.model.num_classes = 3  # background, catheter, guidewire
+  c.model.num_classes = 3  # background, catheter, guidewire (4: + vessel)
 
   c.client_optimizer = ml_collections.ConfigDict()
   c.client_optimizer.name = "adam"
@@ -137,13 +143,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
                       f"{c.num_clients} or raise --config.num_clients")
   if c.quantity_skew < 0:
     raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")
-  if c.data.source != "synthetic":
-    raise ConfigError(f"config.data.source={c.data.source!r} is not available; use 'synthetic'")
+  if c.data.source != "synthetic" and not (c.data.source.startswith("tfds:") and len(c.data.source) > 5):
+    raise ConfigError(f"config.data.source={c.data.source!r} is not a data source; use 'synthetic' or "
+                      "'tfds:<dataset name>'")
+  if c.data.partition not in ("by_site", "dirichlet", "iid"):
+    raise ConfigError(f"config.data.partition={c.data.partition!r} is unknown; use by_site, dirichlet or iid")
+  if c.data.dirichlet_alpha <= 0:
+    raise ConfigError(f"config.data.dirichlet_alpha={c.data.dirichlet_alpha} must be > 0")
   if c.model.name != "unet":
     raise ConfigError(f"config.model.name={c.model.name!r} is not a known model; use 'unet'")
-  if c.model.num_classes != 3:
-    raise ConfigError(f"config.model.num_classes={c.model.num_classes} must be 3 "
-                      "(background, catheter, guidewire) for the synthetic data")
+  if c.model.num_classes not in (3, 4):
+    raise ConfigError(f"config.model.num_classes={c.model.num_classes} must be 3 (background, catheter, "
+                      "guidewire) or 4 (+ vessel)")
   if c.image_size % (2 ** c.model.depth):
     raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.model.depth="
                       f"{2 ** c.model.depth}; pick an image size that is a multiple of it")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-CLASS_NAMES = ("background", "catheter", "guidewire")
+CLASS_NAMES = ("background", "catheter", "guidewire", "vessel")
 
 
 def _counts(pred, target, class_id):

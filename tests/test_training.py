@@ -10,6 +10,7 @@ import pytest
 
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, base_config, validate
+from fedkd.data import pipeline
 from fedkd.tasks import fedavg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,9 +92,9 @@ def test_resume_with_a_different_model_is_refused_and_keeps_the_checkpoint(tmp_p
 
 def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
   c = tiny_config()
-  sizes = fedavg.client_sizes(c)
+  sizes = pipeline.client_sizes(c)
   assert len(set(sizes.tolist())) > 1 and sizes.min() >= c.batch_size
-  idx = fedavg.round_indices(c, 1, np.array([0, 3]), sizes)
+  idx = pipeline.round_indices(c, 1, np.array([0, 3]), sizes)
   assert idx.shape == (2, c.local_steps * c.batch_size)
   assert (idx[0] < sizes[0]).all() and (idx[1] < sizes[3]).all()
 

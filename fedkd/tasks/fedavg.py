@@ -14,8 +14,7 @@ import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import validate
-from fedkd.data import sites as sites_lib
-from fedkd.data import synth
+from fedkd.data.pipeline import make_client_data
 from fedkd.fl import engine
 from fedkd.losses import make_segmentation_loss
 from fedkd.metrics import CLASS_NAMES, dice, iou
@@ -26,71 +25,39 @@ from fedkd.sharding import client_mesh, replicated, shard_clients
 RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh")
 
 
-def client_sizes(config) -> np.ndarray:
-  """Training-set size of every client (deterministic from the seed)."""
-  n = np.full(config.num_clients, config.examples_per_client, dtype=np.int64)
-  if config.quantity_skew > 0:
-    rng = np.random.default_rng([config.seed, 7])
-    n = np.round(n * rng.lognormal(0.0, config.quantity_skew, size=n.shape)).astype(np.int64)
-  return np.maximum(n, config.batch_size)
-
-
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
   return np.asarray(jax.random.choice(key, num_clients, (k,), replace=False))
 
 
-def round_indices(config, round_: int, clients: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-  """Example indices each sampled client trains on in ``round_``: [k, local_steps * batch_size]."""
-  per = config.local_steps * config.batch_size
-  return np.stack([np.random.default_rng([config.seed, round_, int(c)]).integers(0, sizes[c], per)
-                   for c in clients]).astype(np.int32)
-
-
-def make_batches(config, table, round_: int, clients: np.ndarray, sizes: np.ndarray):
-  """Images [k, steps, B, H, W, 1], masks [k, steps, B, H, W] for the sampled clients."""
-  idx = round_indices(config, round_, clients, sizes)
-  images, masks = synth.generate(config.seed, table, jnp.asarray(clients, jnp.int32), jnp.asarray(idx),
-                                 config.image_size, split=0)
-  s, b, h = config.local_steps, config.batch_size, config.image_size
-  return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
-
-
 class Evaluator:
-  """Dice / IoU per class on every evaluated site's held-out split (split=1), generated once."""
+  """Dice / IoU per foreground class on every site's held-out set."""
 
-  def __init__(self, config, apply, table, site_names: list[str], site_ids: list[int]):
-    self.names = site_names
-    n, bs = config.eval.examples_per_site, config.eval.batch_size
-    self.batch = min(bs, n)
-    idx = jnp.arange(n, dtype=jnp.int32)[None]
-    self.data = [synth.generate(config.seed, table, jnp.asarray([s], jnp.int32), idx, config.image_size,
-                                split=1) for s in site_ids]
+  def __init__(self, config, apply, eval_sets: dict[str, tuple]):
+    self.sets = eval_sets
+    self.batch = config.eval.batch_size
+    self.classes = list(enumerate(CLASS_NAMES[:config.model.num_classes]))[1:]
     self._predict = jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
 
   def site_metrics(self, params, images, masks) -> dict[str, float]:
-    preds = []
-    for i in range(0, images.shape[0], self.batch):
-      preds.append(self._predict(params, images[i:i + self.batch]))
-    pred = jnp.concatenate(preds)
+    pred = jnp.concatenate([self._predict(params, images[i:i + self.batch])
+                            for i in range(0, images.shape[0], self.batch)])
     out = {}
-    for cid, cname in enumerate(CLASS_NAMES):
-      if cid == 0:
-        continue
+    for cid, cname in self.classes:
       out[f"dice/{cname}"] = float(jnp.mean(dice(pred, masks, cid)))
       out[f"iou/{cname}"] = float(jnp.mean(iou(pred, masks, cid)))
     return out
 
   def __call__(self, params) -> dict[str, dict[str, float]]:
-    return {name: self.site_metrics(params, im[0], m[0]) for name, (im, m) in zip(self.names, self.data)}
+    return {name: self.site_metrics(params, im, m) for name, (im, m) in self.sets.items()}
 
 
-def summarize(round_: int, per_site: dict[str, dict[str, float]], unseen_name: str) -> dict:
+def summarize(round_: int, per_site: dict[str, dict[str, float]], unseen_name: str | None) -> dict:
   """One metrics.jsonl record: means over training sites, the unseen site, and every site."""
   train = [v for k, v in per_site.items() if k != unseen_name]
   rec: dict = {"round": round_}
   for key in train[0]:
     rec[key] = float(np.mean([m[key] for m in train]))
-  for key, val in per_site[unseen_name].items():
+  for key, val in per_site.get(unseen_name, {}).items():
     rec[f"unseen/{key}"] = val
   for site, m in per_site.items():
     for key, val in m.items():
@@ -98,12 +65,13 @@ def summarize(round_: int, per_site: dict[str, dict[str, float]], unseen_name: s
   return rec
 
 
-def format_table(per_site: dict[str, dict[str, float]], unseen_name: str) -> str:
-  cols = [f"{m}/{c}" for m in ("dice", "iou") for c in CLASS_NAMES[1:]]
+def format_table(per_site: dict[str, dict[str, float]], unseen_name: str | None) -> str:
+  cols = list(next(iter(per_site.values())))
+  cols = [c for c in cols if c.startswith("dice/")] + [c for c in cols if c.startswith("iou/")]
   w = max(len(s) for s in per_site) + 9
   lines = [f"{'site':<{w}}" + "".join(f"{c:>17}" for c in cols)]
   train = [k for k in per_site if k != unseen_name]
-  for site in train + [unseen_name]:
+  for site in train + ([unseen_name] if unseen_name in per_site else []):
     label = site + (" (unseen)" if site == unseen_name else "")
     lines.append(f"{label:<{w}}" + "".join(f"{per_site[site][c]:>17.4f}" for c in cols))
   mean = {c: np.mean([per_site[s][c] for s in train]) for c in cols}
@@ -151,9 +119,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = client_mesh(n_dev)
   parallelism, unroll = engine.resolve_engine_options(config.engine)
-  train_sites, unseen = sites_lib.make_sites(config.num_clients)
-  table = sites_lib.site_table(list(train_sites) + [unseen])
-  sizes = client_sizes(config)
+  data = make_client_data(config)
+  sizes = data.sizes
 
   apply, params = init_params(config.model, config.seed)
   loss_fn = make_segmentation_loss(config.loss)
@@ -171,6 +138,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   if start is not None:
     _check_resumable(ckpt.saved_config(start), cfg_json, ckpt.directory)
     state, _ = ckpt.restore(start, state)
+    data.set_state(ckpt.saved_data_state(start))
     _truncate_metrics(metrics_path, start)
     log(f"resuming from round {start} (checkpoint in {ckpt.directory})")
   else:
@@ -178,19 +146,18 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg_json, f, indent=2)
 
-  n_eval_sites = config.eval.max_sites or config.num_clients
-  eval_ids = list(range(min(n_eval_sites, config.num_clients))) + [config.num_clients]
-  eval_names = [train_sites[i].name for i in eval_ids[:-1]] + [unseen.name]
-  evaluator = Evaluator(config, apply, table, eval_names, eval_ids)
+  n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
+  evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
+  unseen_name = data.unseen_name
 
   def evaluate(r):
     per_site = evaluator(state["params"])
-    rec = summarize(r, per_site, unseen.name)
+    rec = summarize(r, per_site, unseen_name)
     with open(metrics_path, "a") as f:
       f.write(json.dumps(rec) + "\n")
     return rec, per_site
 
-  log(f"fedkd fedavg: {config.num_clients} clients ({config.clients_per_round}/round), "
+  log(f"fedkd fedavg: {config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
       f"{config.local_steps} local steps x batch {config.batch_size}, {config.image_size}px, "
       f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
       f"clients run as {parallelism}{', steps unrolled' if unroll else ''}")
@@ -206,7 +173,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
       t0 = time.time()
       key, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
       clients = sample_clients(sub, config.num_clients, config.clients_per_round)
-      xs, ys = make_batches(config, table, r, clients, sizes)
+      xs, ys = data.round_batches(r, clients)
       batch = shard_clients((xs, ys, jnp.asarray(sizes[clients], jnp.float32)), mesh)
       state = dict(state, rng=jax.device_put(jax.random.key_data(key), replicated(mesh)))
       state, m = round_fn(state, *batch)
@@ -226,15 +193,15 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
                  f"{rec['dice/guidewire']:.4f}")
       log(line)
       if r % config.checkpoint.every == 0 or r == config.num_rounds:
-        ckpt.save(r, state, cfg_json)
+        ckpt.save(r, state, cfg_json, data.get_state())
   finally:
     ckpt.close()  # finish pending async saves, also when the run dies mid-way
 
   if per_site is None:  # resumed at the end already: evaluate the restored model
     per_site = evaluator(state["params"])
-    rec = summarize(config.num_rounds, per_site, unseen.name)
+    rec = summarize(config.num_rounds, per_site, unseen_name)
   log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
-  log(format_table(per_site, unseen.name))
+  log(format_table(per_site, unseen_name))
   log(f"\noutputs in {os.path.abspath(workdir)}: metrics.jsonl (one record per evaluation), "
       f"config.json, checkpoints/ (orbax; re-run with the same --workdir to resume)")
   if timed_rounds:

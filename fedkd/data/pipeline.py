@@ -1,0 +1,279 @@
+"""Client data for federated rounds, from one config switch ``config.data.source``:
+
+  "synthetic"     examples rendered on device by fedkd.data.synth, a pure function of
+                  (seed, split, site, index); nothing to save for resume.
+  "tfds:<name>"   a prepared TFDS dataset (array_record, see fedkd.data.tfds), read with grain: one
+                  ``MapDataset`` per client (deterministic shuffle, repeat, augmentation, batching);
+                  the per-client iterator states go into the checkpoint so resume is exact.
+
+Both give ``round_batches(round, clients) -> (images [k, steps, B, H, W, 1] f32, masks [k, steps, B, H, W] i32)``,
+``sizes`` (examples per client, the FedAvg weights), ``site_names`` and held-out ``eval_sets()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedkd.data import partition
+from fedkd.data import sites as sites_lib
+from fedkd.data import synth
+
+
+class DataError(ValueError):
+  """Data that cannot feed this run; the message names the problem and a fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic, on device
+# --------------------------------------------------------------------------------------------
+
+
+def client_sizes(config) -> np.ndarray:
+  """Synthetic training-set size of every client (deterministic from the seed)."""
+  n = np.full(config.num_clients, config.examples_per_client, dtype=np.int64)
+  if config.quantity_skew > 0:
+    rng = np.random.default_rng([config.seed, 7])
+    n = np.round(n * rng.lognormal(0.0, config.quantity_skew, size=n.shape)).astype(np.int64)
+  return np.maximum(n, config.batch_size)
+
+
+def round_indices(config, round_: int, clients: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+  """Example indices each sampled client trains on in ``round_``: [k, local_steps * batch_size]."""
+  per = config.local_steps * config.batch_size
+  return np.stack([np.random.default_rng([config.seed, round_, int(c)]).integers(0, sizes[c], per)
+                   for c in clients]).astype(np.int32)
+
+
+class SyntheticClients:
+  """Client k is hospital profile k of ``sites.make_sites``; the held-out profile is the unseen site."""
+
+  def __init__(self, config):
+    self.config = config
+    train_sites, unseen = sites_lib.make_sites(config.num_clients)
+    self.site_names = [s.name for s in train_sites]
+    self.unseen_name = unseen.name
+    self.table = sites_lib.site_table(list(train_sites) + [unseen])
+    self.sizes = client_sizes(config)
+
+  def round_batches(self, round_: int, clients: np.ndarray):
+    c = self.config
+    idx = round_indices(c, round_, clients, self.sizes)
+    images, masks = synth.generate(c.seed, self.table, jnp.asarray(clients, jnp.int32), jnp.asarray(idx),
+                                   c.image_size, split=0)
+    s, b, h = c.local_steps, c.batch_size, c.image_size
+    return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
+
+  def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Held-out split (split=1) of the given training sites (default all) and the unseen site."""
+    c = self.config
+    ids = list(range(c.num_clients)) if site_ids is None else list(site_ids)
+    idx = jnp.arange(c.eval.examples_per_site, dtype=jnp.int32)[None]
+    out = {}
+    for sid, name in [(i, self.site_names[i]) for i in ids] + [(c.num_clients, self.unseen_name)]:
+      im, m = synth.generate(c.seed, self.table, jnp.asarray([sid], jnp.int32), idx, c.image_size, split=1)
+      out[name] = (im[0], m[0])
+    return out
+
+  def get_state(self) -> dict:
+    return {}
+
+  def set_state(self, state: dict) -> None:
+    del state
+
+
+# --------------------------------------------------------------------------------------------
+# TFDS + grain
+# --------------------------------------------------------------------------------------------
+
+
+def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Square-resizes (bilinear image, nearest mask) when the record is not ``size`` x ``size``."""
+  if image.shape[0] == size and image.shape[1] == size:
+    return image, mask
+  from PIL import Image
+  im = Image.fromarray(image[..., 0]).resize((size, size), Image.BILINEAR)
+  mk = Image.fromarray(mask).resize((size, size), Image.NEAREST)
+  return np.asarray(im)[..., None], np.asarray(mk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Random crop (scale 0.8-1), flips, 90-degree and small rotations, intensity jitter (gamma,
+  contrast, brightness). Geometry is applied identically to image and mask (nearest for the mask)."""
+  image_size: int
+  enabled: bool = True
+  max_rotation_deg: float = 15.0
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    image = np.asarray(record["image"], np.uint8)
+    mask = np.asarray(record["mask"], np.uint8)
+    if image.ndim == 2:
+      image = image[..., None]
+    if self.enabled:
+      h, w = mask.shape
+      scale = rng.uniform(0.8, 1.0)
+      ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
+      y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      image, mask = image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
+    image, mask = _resize(np.ascontiguousarray(image), np.ascontiguousarray(mask), self.image_size)
+    x = image.astype(np.float32) / 255.0
+    y = mask.astype(np.int32)
+    if self.enabled:
+      if rng.random() < 0.5:
+        x, y = x[:, ::-1], y[:, ::-1]
+      if rng.random() < 0.5:
+        x, y = x[::-1], y[::-1]
+      k = int(rng.integers(0, 4))
+      x, y = np.rot90(x, k), np.rot90(y, k)
+      if self.max_rotation_deg > 0:
+        from scipy import ndimage
+        angle = rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)
+        x = ndimage.rotate(x, angle, axes=(1, 0), reshape=False, order=1, mode="reflect")
+        y = ndimage.rotate(y, angle, axes=(1, 0), reshape=False, order=0, mode="reflect")
+      gamma = np.exp(rng.uniform(-0.3, 0.3))
+      x = np.clip(x, 0.0, 1.0) ** gamma
+      x = (x - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.1, 0.1)
+      x = np.clip(x, 0.0, 1.0)
+    return {"image": np.ascontiguousarray(x, np.float32), "mask": np.ascontiguousarray(y, np.int32)}
+
+
+class _Concat:
+  """Random-access concatenation of data sources (global index -> (source, local index))."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self):
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i):
+    s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+    return self.sources[s][int(i - self.offsets[s])]
+
+
+class _Subset:
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def _parse_source(source: str) -> str:
+  if not source.startswith("tfds:") or len(source) <= 5:
+    raise DataError(f"config.data.source={source!r}: use 'synthetic' or 'tfds:<dataset name>'")
+  return source[5:]
+
+
+class TfdsClients:
+  """Clients over a prepared TFDS dataset. Sites are builder configs (``data.tfds_configs``, default
+  all of the dataset's configs) or a single site for single-config datasets; ``data.unseen_site``
+  names a config kept out of training and evaluated as the unseen hospital."""
+
+  def __init__(self, config):
+    import grain
+    from fedkd.data import tfds as fedkd_tfds
+
+    self.config = config
+    d = config.data
+    name = _parse_source(d.source)
+    configs = [s for s in d.tfds_configs.split(",") if s] or fedkd_tfds.config_names(name)
+    unseen = d.unseen_site or None
+    if unseen and unseen not in configs:
+      raise DataError(f"config.data.unseen_site={unseen!r} is not one of the dataset configs "
+                      f"{configs}; pick one of them or set it to ''")
+    train_cfgs = [c for c in configs if c != unseen] or [None]
+    try:
+      train_sources = [fedkd_tfds.load_source(name, "train", d.tfds_data_dir, config=c) for c in train_cfgs]
+      self._test = {c or name: fedkd_tfds.load_source(name, "test", d.tfds_data_dir, config=c)
+                    for c in train_cfgs + ([unseen] if unseen else [])}
+    except DataError:
+      raise
+    except Exception as e:
+      raise DataError(f"cannot open TFDS dataset {name!r} in data_dir={d.tfds_data_dir!r} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); build it first with "
+                      f"python -m fedkd.data.tfds.build --dataset={name} --data_dir=...") from None
+    self.unseen_name = unseen
+    pool = _Concat(train_sources)
+    site_of = np.repeat(np.arange(len(train_sources)), [len(s) for s in train_sources])
+    n = config.num_clients
+    if d.partition == "by_site":
+      parts = partition.by_site(site_of, n)
+    elif d.partition == "dirichlet":
+      parts = partition.dirichlet(site_of, n, d.dirichlet_alpha, config.seed, min_size=config.batch_size)
+    elif d.partition == "iid":
+      parts = partition.quantity_skew(len(pool), n, config.quantity_skew, config.seed,
+                                      min_size=config.batch_size)
+    else:
+      raise DataError(f"config.data.partition={d.partition!r}: use by_site, dirichlet or iid")
+    small = [k for k, p in enumerate(parts) if len(p) < config.batch_size]
+    if small:
+      raise DataError(f"client {small[0]} got {len(parts[small[0]])} examples, fewer than "
+                      f"batch_size={config.batch_size}; lower config.batch_size or config.num_clients")
+    cfg_names = [c or name for c in train_cfgs]
+    self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
+    self.sizes = np.array([len(p) for p in parts], np.int64)
+    aug = Augment(config.image_size, enabled=bool(d.augment))
+    self._datasets = [
+        grain.MapDataset.source(_Subset(pool, p)).seed(config.seed * 100_003 + k).shuffle()
+        .repeat(None).random_map(aug).batch(config.batch_size, drop_remainder=True)
+        for k, p in enumerate(parts)]
+    self._iters: dict[int, Any] = {}
+
+  def _iter(self, client: int):
+    if client not in self._iters:
+      self._iters[client] = iter(self._datasets[client].to_iter_dataset())
+    return self._iters[client]
+
+  def round_batches(self, round_: int, clients: np.ndarray):
+    del round_  # the per-client iterators carry the position
+    c = self.config
+    xs, ys = [], []
+    for k in clients:
+      it = self._iter(int(k))
+      steps = [next(it) for _ in range(c.local_steps)]
+      xs.append(np.stack([s["image"] for s in steps]))
+      ys.append(np.stack([s["mask"] for s in steps]))
+    ys = np.stack(ys)
+    if ys.max() >= c.model.num_classes:
+      raise DataError(f"dataset {c.data.source!r} has label value {int(ys.max())} but "
+                      f"config.model.num_classes={c.model.num_classes}; raise model.num_classes")
+    return np.stack(xs), ys
+
+  def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
+    """First ``eval.examples_per_site`` test examples of every site (no augmentation)."""
+    del site_ids
+    aug = Augment(self.config.image_size, enabled=False)
+    out = {}
+    for site, src in self._test.items():
+      n = min(len(src), self.config.eval.examples_per_site)
+      if n == 0:
+        continue
+      recs = [aug(src[i], np.random.default_rng(0)) for i in range(n)]
+      out[site] = (np.stack([r["image"] for r in recs]), np.stack([r["mask"] for r in recs]))
+    if not out:
+      raise DataError(f"dataset {self.config.data.source!r} has no test examples to evaluate on; "
+                      "add a test split (e.g. splits.json for xray_folder)")
+    return out
+
+  def get_state(self) -> dict:
+    return {str(k): it.get_state() for k, it in self._iters.items()}
+
+  def set_state(self, state: dict) -> None:
+    for k, st in state.items():
+      self._iter(int(k)).set_state(st)
+
+
+def make_client_data(config):
+  if config.data.source == "synthetic":
+    return SyntheticClients(config)
+  return TfdsClients(config)
