@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 TASKS = ("fedavg",)
 CLIENT_PARALLELISM = ("auto", "vmap", "unroll")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSSES = ("dice_ce", "cldice", "focal_tversky")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -66,8 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_optimizer.momentum = 0.0
 
   c.loss = ml_collections.ConfigDict()
+  c.loss.name = "dice_ce"  # dice_ce | cldice (dice_ce + soft-clDice) | focal_tversky
   c.loss.ce_weight = 0.5
   c.loss.dice_weight = 0.5
+  c.loss.cldice_weight = 0.5  # weight of the soft-clDice term (name=cldice)
+  c.loss.cldice_iters = 3  # soft-skeleton iterations
+  c.loss.tversky_alpha = 0.7  # weight of false negatives
+  c.loss.tversky_beta = 0.3  # weight of false positives
+  c.loss.tversky_gamma = 4.0 / 3.0  # focal exponent: loss = (1 - TI) ** (1 / gamma)
 
   c.engine = ml_collections.ConfigDict()
   # How clients inside one device shard run: 'vmap' (one batched program), 'unroll' (each client's
@@ -172,6 +179,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   if c.engine.unroll_local_steps not in ("auto", True, False):
     raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be "
                       "'auto', True or False")
+  if c.loss.name not in LOSSES:
+    raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; use one of {', '.join(LOSSES)}")
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
     raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")
   if c.mesh.client_devices == 0:  # auto: as many devices as split the sampled clients evenly
