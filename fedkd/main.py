@@ -7,13 +7,18 @@ from __future__ import annotations
 
 from absl import flags
 
-from fedkd import cli
+from fedkd import cli, distributed
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError
 from fedkd.data.partition import PartitionError
 from fedkd.data.pipeline import DataError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, config and checkpoints go; re-use it to resume.")
+_COORD = flags.DEFINE_string("coordinator_address", None,
+                             "host:port of process 0 for a multi-process run (with --num_processes, --process_id).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (CPU runs only).")
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -21,6 +26,10 @@ def run(argv: list[str] | None = None) -> None:
   config = cli.CONFIG.value
   if not _WORKDIR.value:
     cli.fail("--workdir is required, e.g. --workdir=runs/quickstart")
+  try:
+    distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value, _CPU_DEVICES.value)
+  except ValueError as e:
+    cli.fail(str(e))
   try:
     if config.task == "fedavg":
       from fedkd.tasks import fedavg

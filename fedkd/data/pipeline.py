@@ -4,7 +4,9 @@
                   (seed, split, site, index); nothing to save for resume.
   "tfds:<name>"   a prepared TFDS dataset (array_record, see fedkd.data.tfds), read with grain: one
                   ``MapDataset`` per client (deterministic shuffle, repeat, augmentation, batching);
-                  the per-client iterator states go into the checkpoint so resume is exact.
+                  each client's position in it is the iterator state saved in the checkpoint, so
+                  resume is exact. In multi-process runs each process reads only the clients whose
+                  rows live on its devices (``rows``), while all processes track every position.
 
 Both give ``round_batches(round, clients) -> (images [k, steps, B, H, W, 1] f32, masks [k, steps, B, H, W] i32)``,
 ``sizes`` (examples per client, the FedAvg weights), ``site_names`` and held-out ``eval_sets()``.
@@ -59,8 +61,10 @@ class SyntheticClients:
     self.table = sites_lib.site_table(list(train_sites) + [unseen])
     self.sizes = client_sizes(config)
 
-  def round_batches(self, round_: int, clients: np.ndarray):
+  def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
+    """Batches of ``clients[rows]`` (all when None)."""
     c = self.config
+    clients = np.asarray(clients)[rows if rows is not None else slice(None)]
     idx = round_indices(c, round_, clients, self.sizes)
     images, masks = synth.generate(c.seed, self.table, jnp.asarray(clients, jnp.int32), jnp.asarray(idx),
                                    c.image_size, split=0)
@@ -223,26 +227,24 @@ class TfdsClients:
     self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
     self.sizes = np.array([len(p) for p in parts], np.int64)
     aug = Augment(config.image_size, enabled=bool(d.augment))
+    # Random access: batch t of client k is datasets[k][t]; the state is each client's next t, kept
+    # identical on every process so any process can serve any client in any round.
     self._datasets = [
         grain.MapDataset.source(_Subset(pool, p)).seed(config.seed * 100_003 + k).shuffle()
         .repeat(None).random_map(aug).batch(config.batch_size, drop_remainder=True)
         for k, p in enumerate(parts)]
-    self._iters: dict[int, Any] = {}
+    self._next = np.zeros(n, np.int64)
 
-  def _iter(self, client: int):
-    if client not in self._iters:
-      self._iters[client] = iter(self._datasets[client].to_iter_dataset())
-    return self._iters[client]
-
-  def round_batches(self, round_: int, clients: np.ndarray):
-    del round_  # the per-client iterators carry the position
+  def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
+    """Batches of ``clients[rows]`` (all when None); every sampled client's position advances."""
+    del round_
     c = self.config
     xs, ys = [], []
-    for k in clients:
-      it = self._iter(int(k))
-      steps = [next(it) for _ in range(c.local_steps)]
+    for k in np.asarray(clients)[rows if rows is not None else slice(None)]:
+      steps = [self._datasets[int(k)][int(self._next[k]) + s] for s in range(c.local_steps)]
       xs.append(np.stack([s["image"] for s in steps]))
       ys.append(np.stack([s["mask"] for s in steps]))
+    self._next[np.asarray(clients)] += c.local_steps
     ys = np.stack(ys)
     if ys.max() >= c.model.num_classes:
       raise DataError(f"dataset {c.data.source!r} has label value {int(ys.max())} but "
@@ -266,11 +268,14 @@ class TfdsClients:
     return out
 
   def get_state(self) -> dict:
-    return {str(k): it.get_state() for k, it in self._iters.items()}
+    return {"next_batch": self._next.tolist()}
 
   def set_state(self, state: dict) -> None:
-    for k, st in state.items():
-      self._iter(int(k)).set_state(st)
+    nxt = state.get("next_batch")
+    if nxt is None or len(nxt) != len(self._next):
+      raise DataError("the checkpoint's data state does not match this dataset's clients; resume with "
+                      "the config the checkpoint was written with")
+    self._next = np.asarray(nxt, np.int64)
 
 
 def make_client_data(config):

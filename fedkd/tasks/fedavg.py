@@ -19,7 +19,7 @@ from fedkd.fl import engine
 from fedkd.losses import make_segmentation_loss
 from fedkd.metrics import CLASS_NAMES, dice, iou
 from fedkd.models import init_params
-from fedkd.sharding import client_mesh, replicated, shard_clients
+from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
 # Keys that may change between a checkpoint and its resumed run without changing the numbers.
 RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh")
@@ -116,8 +116,12 @@ def _truncate_metrics(path: str, last_round: int) -> None:
 def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'}."""
   n_dev = validate(config, jax.device_count())
+  primary = jax.process_index() == 0
+  if not primary:  # one process speaks and writes files; all of them compute and checkpoint
+    log = lambda _: None  # noqa: E731
   os.makedirs(workdir, exist_ok=True)
   mesh = client_mesh(n_dev)
+  rows = local_rows(mesh, config.clients_per_round)
   parallelism, unroll = engine.resolve_engine_options(config.engine)
   data = make_client_data(config)
   sizes = data.sizes
@@ -126,8 +130,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   loss_fn = make_segmentation_loss(config.loss)
   client_tx = engine.make_optimizer(config.client_optimizer)
   server_tx = engine.make_optimizer(config.server_optimizer)
-  state = jax.device_put(engine.init_server_state(params, server_tx, jax.random.key(config.seed)),
-                         replicated(mesh))
+  state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed)), mesh)
   round_fn = engine.make_round_fn(apply, loss_fn, client_tx, server_tx, mesh,
                                   client_parallelism=parallelism, unroll_local_steps=unroll)
 
@@ -139,22 +142,25 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     _check_resumable(ckpt.saved_config(start), cfg_json, ckpt.directory)
     state, _ = ckpt.restore(start, state)
     data.set_state(ckpt.saved_data_state(start))
-    _truncate_metrics(metrics_path, start)
+    if primary:
+      _truncate_metrics(metrics_path, start)
     log(f"resuming from round {start} (checkpoint in {ckpt.directory})")
   else:
     start = 0
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg_json, f, indent=2)
+    if primary:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg_json, f, indent=2)
 
   n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
   evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
   unseen_name = data.unseen_name
 
   def evaluate(r):
-    per_site = evaluator(state["params"])
+    per_site = evaluator(local_copy(state["params"]))
     rec = summarize(r, per_site, unseen_name)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
+    if primary:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
     return rec, per_site
 
   log(f"fedkd fedavg: {config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
@@ -171,11 +177,11 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   try:
     for r in range(start + 1, config.num_rounds + 1):
       t0 = time.time()
-      key, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+      key, sub = jax.random.split(jax.random.wrap_key_data(local_copy(state["rng"])))
       clients = sample_clients(sub, config.num_clients, config.clients_per_round)
-      xs, ys = data.round_batches(r, clients)
-      batch = shard_clients((xs, ys, jnp.asarray(sizes[clients], jnp.float32)), mesh)
-      state = dict(state, rng=jax.device_put(jax.random.key_data(key), replicated(mesh)))
+      xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
+      batch = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
+      state = dict(state, rng=replicate(jax.random.key_data(key), mesh))
       state, m = round_fn(state, *batch)
       loss = float(m["loss"])  # waits for the round
       dt = time.time() - t0
@@ -198,7 +204,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     ckpt.close()  # finish pending async saves, also when the run dies mid-way
 
   if per_site is None:  # resumed at the end already: evaluate the restored model
-    per_site = evaluator(state["params"])
+    per_site = evaluator(local_copy(state["params"]))
     rec = summarize(config.num_rounds, per_site, unseen_name)
   log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
   log(format_table(per_site, unseen_name))
