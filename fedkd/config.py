@@ -10,6 +10,8 @@ import math
 
 import ml_collections
 
+from fedkd.losses import LOSSES
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key and a fix."""
@@ -18,7 +20,6 @@ class ConfigError(ValueError):
 TASKS = ("fedavg",)
 CLIENT_PARALLELISM = ("auto", "vmap", "unroll")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-LOSSES = ("dice_ce", "cldice", "focal_tversky")
 
 
 def base_config() -> ml_collections.ConfigDict:

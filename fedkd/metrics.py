@@ -1,16 +1,71 @@
 """Segmentation metrics on integer label maps.
 
 Every function takes ``pred`` and ``target`` integer label maps shaped [H, W] (one image) or
-[B, H, W] (a batch) and a ``class_id``; it returns a scalar for one image or [B] for a batch.
-Empty-mask convention: when neither the prediction nor the target contains the class, the image
-scores 1.0 (nothing to find, nothing claimed); when only one of them contains it, 0.0.
+[B, H, W] (a batch) and a ``class_id`` (the binary masks are ``pred == class_id`` and
+``target == class_id``); it returns a scalar for one image or [B] for a batch. Distance metrics take
+``spacing_mm``: the pixel size in mm, a float or a (row, column) pair; results are then in mm.
+
+``dice``, ``iou`` and ``cldice`` run in JAX (vectorised, jit-compiled; they return JAX arrays).
+``hd95``, ``assd``, ``betti0_error`` and ``tip_error`` run on the host with numpy/scipy/skimage
+(they return a Python float for one image and a float64 numpy array for a batch).
+
+Definitions
+-----------
+* dice = 2|P & G| / (|P| + |G|); iou = |P & G| / |P | G|.
+* cldice = 2 Tprec Tsens / (Tprec + Tsens), Tprec = |S(P) & G| / |S(P)|,
+  Tsens = |S(G) & P| / |S(G)|. S is the Lantuejoul morphological skeleton computed in JAX with the
+  soft-skeleton recursion of Shit et al. (``fedkd.losses.soft_skeleton``: erosion by the 4-neighbour
+  cross as min pooling, opening with a 3x3 dilation as max pooling) applied to the binary mask
+  (outside the image = background) and iterated until the mask has eroded away (or ``iters``
+  erosions when given). On 1-5 px wide curves it is close to ``skimage.morphology.skeletonize`` but
+  not identical (it can be ~2 px thick on diagonals and is not guaranteed connected): on random
+  curves clDice differs from the skimage-based value by ~0.02 on average and < 0.1 at worst. If S(P) is empty while P is not (impossible with the default ``iters=None``),
+  Tprec is 0; likewise for Tsens.
+* Surfaces: boundary(M) = M & ~erode(M), erosion by the 4-neighbour cross
+  (``scipy.ndimage.binary_erosion`` defaults, outside the image counts as background, so mask pixels
+  on the image edge are boundary pixels). d(P->G) = Euclidean distance from each boundary pixel of P
+  to the nearest boundary pixel of G (``distance_transform_edt`` with ``sampling=spacing_mm``).
+* hd95 = max(p95(d(P->G)), p95(d(G->P))), percentiles with numpy's default linear interpolation
+  (MONAI ``HausdorffDistanceMetric(percentile=95)`` convention).
+* assd = (sum d(P->G) + sum d(G->P)) / (|boundary(P)| + |boundary(G)|).
+* betti0_error = |#components(P) - #components(G)|, 8-connectivity (``scipy.ndimage.label``).
+* tip_error = Euclidean distance in mm between the tips (``device_tip``) of P and G. The tip of a
+  mask: take its largest 8-connected component (most pixels; ties -> lowest label in raster order),
+  skeletonize it (``skimage.morphology.skeletonize``), and find its endpoints (skeleton pixels with at
+  most one 8-neighbour on the skeleton). The *entry* is the endpoint nearest to the image border
+  (distance in mm to the closest image edge; ties -> first in raster order); the *tip* is the
+  endpoint geodesically farthest from the entry along the 8-connected skeleton (steps of 1 or sqrt 2
+  pixels, scaled by the spacing; ties -> first in raster order). If the skeleton has fewer than two
+  endpoints (a closed loop or a single pixel), all skeleton pixels are the candidates instead.
+
+Empty-mask conventions
+----------------------
+* Neither P nor G contains the class: dice = iou = cldice = 1, hd95 = assd = 0, betti0_error = 0,
+  tip_error = 0 (nothing to find, nothing claimed).
+* Exactly one of them contains it: dice = iou = cldice = 0; hd95 = assd = tip_error = NaN (a distance
+  to nothing is undefined); betti0_error = the component count of the non-empty one. Callers average
+  distance metrics with ``np.nanmean`` and should report how many images were NaN.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage as ndi
+import scipy.sparse
+import scipy.sparse.csgraph
+from skimage.morphology import skeletonize
+
+from fedkd.losses import soft_erode, soft_open
 
 CLASS_NAMES = ("background", "catheter", "guidewire", "vessel")
 
+_EIGHT = np.ones((3, 3), bool)
+
+
+# ------------------------------------------------------------------ JAX overlap metrics
 
 def _counts(pred, target, class_id):
   p = pred == class_id
@@ -32,3 +87,190 @@ def iou(pred, target, class_id: int):
   inter, np_, nt = _counts(pred, target, class_id)
   union = np_ + nt - inter
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+
+
+def binary_skeleton(mask, iters: int | None = None):
+  """Morphological (Lantuejoul) skeleton of binary masks [B, H, W] -> float32 {0, 1} [B, H, W].
+
+  The soft-skeleton recursion of ``fedkd.losses.soft_skeleton`` on a binary input; with
+  ``iters=None`` it erodes until every mask in the batch is empty (at most ceil(min(H, W) / 2) + 1
+  erosions), otherwise exactly ``iters`` erosions. Outside the image counts as background (unlike
+  the loss, whose pooling ignores the border), as in ``skimage.morphology.skeletonize``.
+  """
+  # one pixel of zero padding: outside the image is background, so masks touching the border erode
+  x = jnp.pad(jnp.asarray(mask).astype(jnp.float32), ((0, 0), (1, 1), (1, 1)))[..., None]
+  skel = jax.nn.relu(x - soft_open(x))
+
+  def body(carry):
+    i, x, skel = carry
+    x = soft_erode(x)
+    delta = jax.nn.relu(x - soft_open(x))
+    return i + 1, x, skel + jax.nn.relu(delta - skel * delta)
+
+  if iters is None:
+    cap = (min(x.shape[1], x.shape[2]) + 1) // 2 + 1
+    cond = lambda c: (c[0] < cap) & jnp.any(c[1] > 0)
+  else:
+    cond = lambda c: c[0] < iters
+  _, _, skel = jax.lax.while_loop(cond, body, (jnp.int32(0), x, skel))
+  return jnp.minimum(skel, 1.0)[:, 1:-1, 1:-1, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _cldice(pred, target, class_id, iters):
+  p = (pred == class_id).astype(jnp.float32)
+  g = (target == class_id).astype(jnp.float32)
+  sp = binary_skeleton(p, iters)
+  sg = binary_skeleton(g, iters)
+  axes = (-2, -1)
+  n_sp, n_sg = jnp.sum(sp, axes), jnp.sum(sg, axes)
+  tprec = jnp.where(n_sp > 0, jnp.sum(sp * g, axes) / jnp.maximum(n_sp, 1.0), 0.0)
+  tsens = jnp.where(n_sg > 0, jnp.sum(sg * p, axes) / jnp.maximum(n_sg, 1.0), 0.0)
+  denom = tprec + tsens
+  cl = jnp.where(denom > 0, 2.0 * tprec * tsens / jnp.where(denom > 0, denom, 1.0), 0.0)
+  both_empty = (jnp.sum(p, axes) == 0) & (jnp.sum(g, axes) == 0)
+  return jnp.where(both_empty, 1.0, cl)
+
+
+def cldice(pred, target, class_id: int, iters: int | None = None):
+  """Centerline Dice per image (see the module docstring); JAX, [H, W] -> scalar, [B, H, W] -> [B]."""
+  pred, target = jnp.asarray(pred), jnp.asarray(target)
+  single = pred.ndim == 2
+  if single:
+    pred, target = pred[None], target[None]
+  out = _cldice(pred, target, jnp.asarray(class_id, pred.dtype), iters)
+  return out[0] if single else out
+
+
+# ------------------------------------------------------------------ host helpers
+
+def _spacing(spacing_mm) -> tuple[float, float]:
+  s = np.broadcast_to(np.asarray(spacing_mm, np.float64), (2,))
+  return float(s[0]), float(s[1])
+
+
+def _per_image(fn, pred, target, class_id, *args):
+  """Applies fn(p_mask, t_mask, *args) -> float to one image or each image of a batch."""
+  pred, target = np.asarray(pred), np.asarray(target)
+  if pred.shape != target.shape or pred.ndim not in (2, 3):
+    raise ValueError(f"pred {pred.shape} and target {target.shape} must both be [H, W] or [B, H, W]")
+  p, t = pred == class_id, target == class_id
+  if p.ndim == 2:
+    return float(fn(p, t, *args))
+  return np.array([fn(pi, ti, *args) for pi, ti in zip(p, t)], np.float64)
+
+
+def boundary(mask):
+  """Boundary pixels of a binary mask: mask & ~erode(mask), 4-neighbour cross, border = background."""
+  mask = np.asarray(mask, bool)
+  return mask & ~ndi.binary_erosion(mask)
+
+
+def _surface_distances(p, t, spacing):
+  """Distances (mm) from each boundary pixel of p to the boundary of t, and vice versa."""
+  bp, bt = boundary(p), boundary(t)
+  d_pt = ndi.distance_transform_edt(~bt, sampling=spacing)[bp]
+  d_tp = ndi.distance_transform_edt(~bp, sampling=spacing)[bt]
+  return d_pt, d_tp
+
+
+def _hd95_one(p, t, spacing):
+  has_p, has_t = p.any(), t.any()
+  if not has_p and not has_t:
+    return 0.0
+  if has_p != has_t:
+    return np.nan
+  d_pt, d_tp = _surface_distances(p, t, spacing)
+  return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+def _assd_one(p, t, spacing):
+  has_p, has_t = p.any(), t.any()
+  if not has_p and not has_t:
+    return 0.0
+  if has_p != has_t:
+    return np.nan
+  d_pt, d_tp = _surface_distances(p, t, spacing)
+  return float((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size))
+
+
+def hd95(pred, target, class_id: int, spacing_mm=1.0):
+  """95th-percentile symmetric Hausdorff distance in mm (host; see the module docstring)."""
+  return _per_image(_hd95_one, pred, target, class_id, _spacing(spacing_mm))
+
+
+def assd(pred, target, class_id: int, spacing_mm=1.0):
+  """Average symmetric surface distance in mm (host; see the module docstring)."""
+  return _per_image(_assd_one, pred, target, class_id, _spacing(spacing_mm))
+
+
+def n_components(mask) -> int:
+  """Number of 8-connected components of a binary mask."""
+  return int(ndi.label(np.asarray(mask, bool), structure=_EIGHT)[1])
+
+
+def betti0_error(pred, target, class_id: int):
+  """|#8-connected components(P) - #components(G)| per image (host)."""
+  return _per_image(lambda p, t: abs(n_components(p) - n_components(t)), pred, target, class_id)
+
+
+def largest_component(mask):
+  """The largest 8-connected component of a binary mask (ties -> lowest label); empty stays empty."""
+  labels, n = ndi.label(np.asarray(mask, bool), structure=_EIGHT)
+  if n == 0:
+    return labels > 0
+  sizes = np.bincount(labels.ravel())[1:]
+  return labels == (int(np.argmax(sizes)) + 1)
+
+
+def device_tip(mask, spacing_mm=1.0):
+  """(row, col) of the device tip of a binary [H, W] mask, or None if it is empty (module docstring)."""
+  sy, sx = _spacing(spacing_mm)
+  comp = largest_component(mask)
+  if not comp.any():
+    return None
+  skel = skeletonize(comp)
+  if not skel.any():  # skeletonize keeps at least one pixel of a non-empty component, but be safe
+    skel = comp
+  rows, cols = np.nonzero(skel)  # raster order
+  nbrs = ndi.convolve(skel.astype(np.int32), np.ones((3, 3), np.int32), mode="constant")[rows, cols] - 1
+  cand = np.flatnonzero(nbrs <= 1)
+  if cand.size < 2:
+    cand = np.arange(rows.size)
+  h, w = skel.shape
+  border = np.minimum(np.minimum(rows[cand] * sy, (h - 1 - rows[cand]) * sy),
+                      np.minimum(cols[cand] * sx, (w - 1 - cols[cand]) * sx))
+  entry = cand[int(np.argmin(border))]
+  # 8-connected skeleton graph with Euclidean step lengths in mm
+  index = -np.ones(skel.shape, np.int64)
+  index[rows, cols] = np.arange(rows.size)
+  src, dst, wts = [], [], []
+  for dr, dc in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each undirected edge once
+    r2, c2 = rows + dr, cols + dc
+    ok = (r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w)
+    j = np.full(rows.size, -1, np.int64)
+    j[ok] = index[r2[ok], c2[ok]]
+    ok = j >= 0
+    src.append(np.flatnonzero(ok))
+    dst.append(j[ok])
+    wts.append(np.full(int(ok.sum()), np.hypot(dr * sy, dc * sx)))
+  graph = scipy.sparse.coo_matrix((np.concatenate(wts), (np.concatenate(src), np.concatenate(dst))),
+                                  shape=(rows.size, rows.size)).tocsr()
+  dist = scipy.sparse.csgraph.dijkstra(graph, directed=False, indices=entry)
+  dist = np.where(np.isfinite(dist), dist, -1.0)
+  tip = cand[int(np.argmax(dist[cand]))]
+  return int(rows[tip]), int(cols[tip])
+
+
+def _tip_error_one(p, t, spacing):
+  tp, tt = device_tip(p, spacing), device_tip(t, spacing)
+  if tp is None and tt is None:
+    return 0.0
+  if tp is None or tt is None:
+    return np.nan
+  return float(np.hypot((tp[0] - tt[0]) * spacing[0], (tp[1] - tt[1]) * spacing[1]))
+
+
+def tip_error(pred, target, class_id: int, spacing_mm=1.0):
+  """Distance in mm between the predicted and the true device tip per image (host)."""
+  return _per_image(_tip_error_one, pred, target, class_id, _spacing(spacing_mm))

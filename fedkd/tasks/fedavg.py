@@ -16,6 +16,7 @@ from fedkd import checkpoint as ckpt_lib
 from fedkd.config import validate
 from fedkd.data.pipeline import make_client_data
 from fedkd.fl import engine
+from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
 from fedkd.metrics import CLASS_NAMES, dice, iou
 from fedkd.models import init_params
@@ -99,20 +100,6 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
         "a different experiment, or the original config to resume")
 
 
-def _truncate_metrics(path: str, last_round: int) -> None:
-  """Drops records written after the checkpoint being resumed from (they will be recomputed)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip()]
-  keep = [ln for ln in lines if json.loads(ln)["round"] <= last_round]
-  if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
-
-
 def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'}."""
   n_dev = validate(config, jax.device_count())
@@ -136,14 +123,13 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
 
   cfg_json = ckpt_lib.config_json(config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  runlog = RunLog(workdir, enabled=primary)
   start = ckpt.latest_round()
   if start is not None:
     _check_resumable(ckpt.saved_config(start), cfg_json, ckpt.directory)
     state, _ = ckpt.restore(start, state)
     data.set_state(ckpt.saved_data_state(start))
-    if primary:
-      _truncate_metrics(metrics_path, start)
+    runlog.truncate_after(start)
     log(f"resuming from round {start} (checkpoint in {ckpt.directory})")
   else:
     start = 0
@@ -158,9 +144,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   def evaluate(r):
     per_site = evaluator(local_copy(state["params"]))
     rec = summarize(r, per_site, unseen_name)
-    if primary:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    runlog.record(rec)
     return rec, per_site
 
   log(f"fedkd fedavg: {config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
@@ -192,7 +176,10 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         pace = f"{imgs_per_round / per:7.1f} img/s  eta {(config.num_rounds - r) * per:5.0f}s"
       else:
         pace = "(includes compilation)"
-      line = f"round {r:>4}/{config.num_rounds}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
+      line = (f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  "
+              f"{dt:6.2f}s  {pace}")
+      runlog.scalars(r, {"train/loss": loss, "train/round_seconds": dt,
+                         "train/images_per_s": imgs_per_round / dt})
       if r % config.eval.every == 0 or r == config.num_rounds:
         rec, per_site = evaluate(r)
         line += (f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire "
@@ -202,6 +189,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         ckpt.save(r, state, cfg_json, data.get_state())
   finally:
     ckpt.close()  # finish pending async saves, also when the run dies mid-way
+    runlog.close()
 
   if per_site is None:  # resumed at the end already: evaluate the restored model
     per_site = evaluator(local_copy(state["params"]))
@@ -209,7 +197,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
   log(format_table(per_site, unseen_name))
   log(f"\noutputs in {os.path.abspath(workdir)}: metrics.jsonl (one record per evaluation), "
-      f"config.json, checkpoints/ (orbax; re-run with the same --workdir to resume)")
+      f"tb/ (TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')}), config.json, "
+      "checkpoints/ (orbax; re-run with the same --workdir to resume)")
   if timed_rounds:
     log(f"training speed: {imgs_per_round * timed_rounds / timed_s:.1f} images/s over {timed_rounds} "
         f"rounds (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s")
