@@ -29,6 +29,9 @@ class Checkpointer:
   def latest_round(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_rounds(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
   def save(self, round_: int, state: Any, config: dict, data_state: dict | None = None) -> None:
     """Saves the server state, the config and the data pipeline's iterator state (JSON)."""
     self._mngr.save(round_, args=ocp.args.Composite(

@@ -13,49 +13,11 @@ from absl import flags
 import numpy as np
 
 from fedkd import cli
+from fedkd.report import grid
 
 _OUT = flags.DEFINE_string("out", "preview.png", "PNG file to write.")
 _FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site.")
 _SCALE = flags.DEFINE_integer("scale", 0, "Pixel zoom (0: to make frames at least 128 px).")
-
-COLOURS = {1: (235, 64, 52), 2: (60, 220, 60), 3: (70, 120, 255)}
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.65) -> np.ndarray:
-  """Grey [H, W] image in [0, 1] + label map -> RGB uint8 with classes tinted."""
-  g = np.clip(image, 0.0, 1.0)
-  rgb = np.repeat(g[..., None], 3, axis=-1)
-  for cls, col in COLOURS.items():
-    sel = mask == cls
-    rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(col) / 255.0
-  return (rgb * 255).round().astype(np.uint8)
-
-
-def grid(sets: dict[str, tuple[np.ndarray, np.ndarray]], frames: int, scale: int, unseen: str | None):
-  from PIL import Image, ImageDraw
-  rows, names = [], []
-  for name, (images, masks) in sets.items():
-    images, masks = np.asarray(images)[..., 0], np.asarray(masks)
-    tiles = []
-    for i in range(min(frames, len(images))):
-      plain = (np.clip(images[i], 0, 1) * 255).round().astype(np.uint8)
-      tiles += [np.repeat(plain[..., None], 3, -1), overlay(images[i], masks[i])]
-    rows.append(np.concatenate(tiles, axis=1))
-    names.append(name + (" (unseen)" if name == unseen else ""))
-  width = max(r.shape[1] for r in rows)
-  rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-  h = rows[0].shape[0]
-  img = Image.fromarray(np.concatenate(rows, axis=0))
-  img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  label_h = 14
-  out = Image.new("RGB", (img.width, img.height + label_h * len(rows)), (255, 255, 255))
-  draw = ImageDraw.Draw(out)
-  for i, name in enumerate(names):
-    y = i * (h * scale + label_h)
-    draw.text((4, y + 1), name, fill=(0, 0, 0))
-    out.paste(img.crop((0, i * h * scale, img.width, (i + 1) * h * scale)), (0, y + label_h))
-  return out
-
 
 def run(argv=None) -> None:
   cli.parse(argv)
