@@ -48,12 +48,12 @@ def perturb(images: np.ndarray, kind: str, severity: float, seed: int = 0) -> np
   from scipy import ndimage
   x = np.asarray(images, np.float32)
   if kind == "noise":
-    y = x + np.random.default_rng(seed).normal(0.0, severity, x.shape).astype(np.float32)
+    y = x if severity == 0 else x + np.random.default_rng(seed).normal(0.0, severity, x.shape).astype(np.float32)
   elif kind == "blur":
     y = x if severity == 0 else ndimage.gaussian_filter(x, sigma=(0, severity, severity, 0))
   elif kind == "contrast_loss":
     m = x.mean(axis=(1, 2, 3), keepdims=True)
-    y = m + (x - m) * (1.0 - severity)
+    y = x if severity == 0 else m + (x - m) * (1.0 - severity)
   elif kind == "downscale":
     if severity == 1.0:
       y = x

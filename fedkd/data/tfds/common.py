@@ -1,0 +1,619 @@
+"""Shared pieces of the fedkd TFDS builders: record format, file decoding, label mapping, checks.
+
+Record format (every builder)
+-----------------------------
+``image``  uint8 [H, W, 1]  grayscale (conversion rules below)
+``mask``   uint8 [H, W]     0 background, 1 catheter, 2 guidewire, 3 vessel
+``site``   string           hospital / site name
+``id``     string           unique key: source file (+ ``#<frame>`` for cine frames)
+
+Images and masks are stored as zlib-compressed raw tensors (``tfds.features.Tensor`` with
+``Encoding.ZLIB``), which TFDS encodes and decodes with numpy only: TensorFlow is never needed.
+
+Image conversion
+----------------
+* PNG / JPEG, 8-bit gray (PIL mode ``L``): unchanged.
+* Colour or palette images (``RGB``, ``RGBA``, ``P``, ``LA``, ``1``, ...): PIL ``convert("L")``,
+  i.e. ITU-R 601-2 luma ``L = R*299/1000 + G*587/1000 + B*114/1000``.
+* 16-bit / 32-bit / float PNG (``I;16``, ``I``, ``F``): min-max scaled (see below).
+* DICOM: pixel data -> modality LUT (``RescaleSlope``/``RescaleIntercept`` if present) ->
+  - if ``WindowCenter``/``WindowWidth`` are present: the DICOM VOI window (first value when the
+    tags are multi-valued; ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or SIGMOID, PS3.3
+    C.11.2.1.2) to [0, 255];
+  - else, 8-bit data without rescale tags: unchanged;
+  - else: min-max scaled **per frame**.
+  ``MONOCHROME1`` images are inverted afterwards (``255 - y``) so that all images share the
+  MONOCHROME2 convention (low value = dark). Colour DICOM (SamplesPerPixel 3) uses the luma
+  weights above. Per-frame functional groups of enhanced multi-frame objects are not read; the
+  top-level tags apply to every frame.
+* Min-max scaling, in float64: ``y = round((x - min) * 255 / (max - min))`` with numpy's
+  round-half-to-even; a constant image becomes all zeros.
+
+Mask files and label values
+---------------------------
+Masks are ``.png`` (8/16-bit gray, palette or RGB), ``.dcm`` (raw stored values, no windowing)
+or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rejected (lossy).
+
+* Default: values must already be class indices in {0, 1, 2, 3}. Palette (``P``) PNGs give their
+  palette indices; bilevel (``1``) PNGs give 0/1.
+* ``label_map`` {stored value: class}: e.g. ``{0: 0, 128: 1, 255: 2}`` for 0/128/255 masks or
+  ``{0: 0, 255: 1}`` for binary catheter masks. Every value found must be a key.
+* ``color_map`` {(r, g, b): class} for RGB colour masks, e.g.
+  ``{(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}`` (the ``RGB_COLOR_MAP``
+  preset). Alpha is ignored. An RGB mask whose three channels are equal everywhere is treated
+  as a gray mask when no colour map is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+NUM_CLASSES = 4
+CLASS_NAMES = ("background", "catheter", "guidewire", "vessel")
+
+PIL_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+DICOM_EXTS = (".dcm", ".dicom")
+IMAGE_EXTS = PIL_IMAGE_EXTS + DICOM_EXTS
+MASK_EXTS = (".png", ".dcm", ".npy")
+
+#: Colour preset for RGB masks: black background, red catheter, green guidewire, blue vessel.
+RGB_COLOR_MAP: dict[tuple[int, int, int], int] = {
+    (0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}
+#: Gray preset for 3-level masks: 0 background, 128 catheter, 255 guidewire.
+GRAY_0_128_255_MAP: dict[int, int] = {0: 0, 128: 1, 255: 2}
+
+_JUNK_FILES = {"thumbs.db", "desktop.ini", "dicomdir"}
+_MAX_LISTED_PROBLEMS = 5
+
+
+class DatasetInputError(ValueError):
+    """Bad input files or arguments for a fedkd TFDS builder.
+
+    ``problems`` holds one line per problem (file, what is wrong, how to fix it); ``str(e)`` is a
+    single line naming the first few.
+    """
+
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if not self.problems:
+            self.problems = ["invalid dataset input"]
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            shown = self.problems[:_MAX_LISTED_PROBLEMS]
+            msg = f"{len(self.problems)} problems in the input: " + "; ".join(shown)
+            if len(self.problems) > len(shown):
+                msg += f"; ... and {len(self.problems) - len(shown)} more"
+        super().__init__(msg)
+
+
+def features():
+    """The shared ``tfds.features.FeaturesDict`` (numpy-only encoding, variable image size)."""
+    import tensorflow_datasets as tfds
+
+    zlib = tfds.features.Encoding.ZLIB
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding=zlib),
+        "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
+        "site": tfds.features.Text(),
+        "id": tfds.features.Text(),
+    })
+
+
+def record(image: np.ndarray, mask: np.ndarray, site: str, example_id: str) -> dict:
+    """One example dict in the record format (image [H, W] or [H, W, 1], mask [H, W])."""
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    return {"image": image, "mask": np.asarray(mask, dtype=np.uint8), "site": site,
+            "id": example_id}
+
+
+def config_safe_name(name: str) -> str:
+    """A TFDS-valid config name (letters, digits, ``_ - . +``) derived from ``name``."""
+    safe = re.sub(r"[^\w\-.+]", "_", str(name).strip())
+    safe = safe.strip(".")
+    if not safe:
+        raise DatasetInputError(f"cannot derive a config name from {name!r}; pass config=NAME")
+    return safe
+
+
+# --------------------------------------------------------------------------------------------
+# Label mapping
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+    """How stored mask values become classes 0..3 (see the module docstring)."""
+
+    label_map: tuple[tuple[int, int], ...] | None = None
+    color_map: tuple[tuple[tuple[int, int, int], int], ...] | None = None
+
+    @classmethod
+    def create(cls, label_map: Mapping | None = None, color_map: Mapping | None = None
+               ) -> "LabelSpec":
+        lm = None
+        if label_map is not None:
+            items = []
+            for k, v in dict(label_map).items():
+                try:
+                    k, v = int(k), int(v)
+                except (TypeError, ValueError):
+                    raise DatasetInputError(
+                        f"label_map entry {k!r}: {v!r} is not integer value: class") from None
+                items.append((k, _check_class(v, f"label_map[{k}]")))
+            lm = tuple(sorted(items))
+        cm = None
+        if color_map is not None:
+            items = []
+            for k, v in dict(color_map).items():
+                rgb = _parse_rgb(k)
+                items.append((rgb, _check_class(int(v), f"color_map[{k}]")))
+            cm = tuple(sorted(items))
+        return cls(label_map=lm, color_map=cm)
+
+    def describe(self) -> str:
+        parts = []
+        if self.label_map is not None:
+            parts.append("label_map " + json.dumps({str(k): v for k, v in self.label_map}))
+        if self.color_map is not None:
+            parts.append("color_map " + json.dumps(
+                {",".join(map(str, k)): v for k, v in self.color_map}))
+        return "; ".join(parts) if parts else "mask values are class indices 0..3"
+
+    def allowed_values(self) -> list[int]:
+        if self.label_map is not None:
+            return [k for k, _ in self.label_map]
+        return list(range(NUM_CLASSES))
+
+    def apply(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Map raw mask values ``[..., H, W]`` or colours ``[..., H, W, 3]`` to uint8 classes."""
+        if raw.ndim >= 3 and raw.shape[-1] == 3 and raw.dtype != np.bool_:
+            if self.color_map is not None:
+                return self._apply_colors(raw, path)
+            if np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0],
+                                                                             raw[..., 2]):
+                raw = raw[..., 0]
+            else:
+                raise DatasetInputError(
+                    f"{path}: RGB colour mask but no color_map is configured; pass color_map, "
+                    f"e.g. {{(0,0,0): 0, (255,0,0): 1, (0,255,0): 2, (0,0,255): 3}} (CLI "
+                    f"--color_map='0,0,0:0;255,0,0:1;0,255,0:2'), or save masks as gray "
+                    f"class-index PNGs")
+        elif self.color_map is not None and self.label_map is None:
+            raise DatasetInputError(
+                f"{path}: a color_map is configured but this mask is not an RGB image "
+                f"(shape {raw.shape}); pass label_map for gray masks instead")
+        values, inverse = np.unique(raw.astype(np.int64), return_inverse=True)
+        table = dict(self.label_map) if self.label_map is not None else {
+            c: c for c in range(NUM_CLASSES)}
+        unknown = [int(v) for v in values if int(v) not in table]
+        if unknown:
+            hint = ("add them to label_map" if self.label_map is not None else
+                    "pass label_map (value: class), e.g. {0: 0, 128: 1, 255: 2} "
+                    "(CLI --label_map=0:0,128:1,255:2)")
+            raise DatasetInputError(
+                f"{path}: unknown label value(s) {_short_list(unknown)} (found "
+                f"{_short_list([int(v) for v in values])}; allowed {self.allowed_values()}); "
+                f"{hint}")
+        lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
+        return lut[inverse.reshape(raw.shape)]
+
+    def _apply_colors(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        rgb = raw.astype(np.int64)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        values, inverse = np.unique(code, return_inverse=True)
+        table = {(r << 16) | (g << 8) | b: c for (r, g, b), c in self.color_map}
+        unknown = [int(v) for v in values if int(v) not in table]
+        if unknown:
+            def fmt(v):
+                return f"({v >> 16},{(v >> 8) & 255},{v & 255})"
+            raise DatasetInputError(
+                f"{path}: unknown mask colour(s) {_short_list([fmt(v) for v in unknown])} "
+                f"(allowed {[fmt(v) for v in sorted(table)]}); add them to color_map")
+        lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
+        return lut[inverse.reshape(code.shape)]
+
+
+def _check_class(v: int, what: str) -> int:
+    if not 0 <= v < NUM_CLASSES:
+        raise DatasetInputError(
+            f"{what} = {v} is not a class; classes are 0 background, 1 catheter, "
+            f"2 guidewire, 3 vessel")
+    return v
+
+
+def _parse_rgb(key) -> tuple[int, int, int]:
+    if isinstance(key, str):
+        key = [p for p in re.split(r"[,\s]+", key.strip("()[] ")) if p]
+    try:
+        rgb = tuple(int(c) for c in key)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise DatasetInputError(f"color_map key {key!r} is not an (r, g, b) triple of 0..255")
+    return rgb  # type: ignore[return-value]
+
+
+def _short_list(values: list, limit: int = 12) -> str:
+    if len(values) <= limit:
+        return "[" + ", ".join(map(str, values)) + "]"
+    return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)]"
+
+
+def parse_label_map(text: str) -> dict[int, int]:
+    """CLI form ``"0:0,128:1,255:2"`` -> ``{0: 0, 128: 1, 255: 2}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if ":" not in part:
+            raise DatasetInputError(f"--label_map entry {part!r} is not VALUE:CLASS "
+                                    f"(e.g. --label_map=0:0,128:1,255:2)")
+        k, v = part.split(":", 1)
+        try:
+            out[int(k)] = int(v)
+        except ValueError:
+            raise DatasetInputError(f"--label_map entry {part!r} is not VALUE:CLASS with "
+                                    f"integers (e.g. 0:0,128:1,255:2)") from None
+    if not out:
+        raise DatasetInputError("--label_map is empty (e.g. --label_map=0:0,128:1,255:2)")
+    return out
+
+
+def parse_color_map(text: str) -> dict[tuple[int, int, int], int]:
+    """CLI form ``"0,0,0:0;255,0,0:1"`` -> ``{(0, 0, 0): 0, (255, 0, 0): 1}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        if ":" not in part:
+            raise DatasetInputError(f"--color_map entry {part!r} is not R,G,B:CLASS "
+                                    f"(e.g. --color_map='0,0,0:0;255,0,0:1;0,255,0:2')")
+        k, v = part.rsplit(":", 1)
+        try:
+            out[_parse_rgb(k)] = int(v)
+        except ValueError:
+            raise DatasetInputError(f"--color_map entry {part!r}: class must be an integer"
+                                    ) from None
+    if not out:
+        raise DatasetInputError("--color_map is empty (e.g. '0,0,0:0;255,0,0:1;0,255,0:2')")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+def minmax_to_uint8(x: np.ndarray) -> np.ndarray:
+    """``round((x - min) * 255 / (max - min))`` in float64 (half-to-even); constant -> 0."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return np.zeros(x.shape, dtype=np.uint8)
+    return np.clip(np.round((x - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+
+def voi_window_to_uint8(x: np.ndarray, center: float, width: float,
+                        function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI LUT window (PS3.3 C.11.2.1.2) onto [0, 255], rounded half-to-even."""
+    x = np.asarray(x, dtype=np.float64)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    elif function == "LINEAR_EXACT":
+        y = ((x - center) / width + 0.5) * 255.0
+    else:  # LINEAR
+        w1 = max(width - 1.0, 1e-12)
+        y = ((x - (center - 0.5)) / w1 + 0.5) * 255.0
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.float64)
+    return (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
+
+
+def is_dicom_file(path: Path) -> bool:
+    """``.dcm``/``.dicom`` extension, or an extension-less file with the DICM preamble."""
+    ext = path.suffix.lower()
+    if ext in DICOM_EXTS:
+        return True
+    if ext == "":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(132)
+        except OSError:
+            return False
+        return len(head) == 132 and head[128:] == b"DICM"
+    return False
+
+
+def _open_pil(path: Path):
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetInputError(
+            f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e}); re-export it "
+            f"as PNG/JPEG or remove it (and its mask) from the folder") from None
+
+
+def _read_dicom(path: Path):
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), force=True)
+    except Exception as e:  # pydicom raises many types on garbage input
+        raise DatasetInputError(
+            f"{path}: unreadable or corrupt DICOM file ({type(e).__name__}: {e}); re-export it "
+            f"or remove it from the folder") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise DatasetInputError(
+            f"{path}: DICOM file has no pixel data (not an image, or corrupt); remove it from "
+            f"the folder")
+    try:
+        arr = np.asarray(ds.pixel_array)
+    except Exception as e:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise DatasetInputError(
+            f"{path}: cannot decode DICOM pixel data (transfer syntax {ts}; "
+            f"{type(e).__name__}: {e}); for compressed DICOM install pylibjpeg with "
+            f"pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)") from None
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    base_ndim = 3 if spp > 1 else 2
+    if arr.ndim == base_ndim:
+        arr = arr[None]
+    if arr.ndim != base_ndim + 1 or (nframes > 1 and arr.shape[0] != nframes):
+        raise DatasetInputError(
+            f"{path}: unexpected DICOM pixel array shape {arr.shape} (NumberOfFrames "
+            f"{nframes}, SamplesPerPixel {spp}); the file is probably corrupt")
+    return ds, arr, nframes > 1
+
+
+def _first_value(v) -> float:
+    try:
+        return float(v[0])
+    except TypeError:
+        return float(v)
+
+
+def read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """Decode an image file to uint8 ``[F, H, W]``; also returns whether it is a multi-frame
+    (cine) object. See the module docstring for the conversion rules."""
+    path = Path(path)
+    if is_dicom_file(path):
+        ds, arr, multi = _read_dicom(path)
+        if arr.ndim == 4:  # colour frames
+            gray = _luma(arr)
+            if arr.dtype == np.uint8:
+                out = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+            else:
+                out = np.stack([minmax_to_uint8(g) for g in gray])
+            return out, multi
+        x = arr.astype(np.float64)
+        rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
+        if rescale:
+            x = x * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0)
+                                                                    or 0)
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is not None and width is not None and _first_value(width) > 0:
+            out = voi_window_to_uint8(x, _first_value(center), _first_value(width),
+                                      str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
+        elif arr.dtype == np.uint8 and not rescale:
+            out = arr.copy()
+        else:
+            out = np.stack([minmax_to_uint8(f) for f in x])
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            out = 255 - out
+        return out, multi
+    if path.suffix.lower() not in PIL_IMAGE_EXTS:
+        raise DatasetInputError(
+            f"{path}: unsupported image file type; supported: {', '.join(IMAGE_EXTS)} "
+            f"(or extension-less DICOM); convert or remove it")
+    im = _open_pil(path)
+    if im.mode == "L":
+        out = np.asarray(im, dtype=np.uint8)
+    elif im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        out = minmax_to_uint8(np.asarray(im))
+    else:
+        out = np.asarray(im.convert("L"), dtype=np.uint8)
+    return out[None], False
+
+
+def read_mask(path: Path, spec: LabelSpec) -> np.ndarray:
+    """Decode a mask file to uint8 classes ``[F, H, W]`` (F = 1 for 2-D masks)."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext == ".npy":
+        try:
+            raw = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise DatasetInputError(f"{path}: unreadable or corrupt .npy mask "
+                                    f"({type(e).__name__}: {e}); re-save it with np.save"
+                                    ) from None
+        if raw.dtype.kind not in "biu" or raw.ndim not in (2, 3):
+            raise DatasetInputError(
+                f"{path}: .npy mask must be an integer/bool array [H, W] or [F, H, W], got "
+                f"dtype {raw.dtype} shape {raw.shape}")
+    elif is_dicom_file(path):
+        _, raw, _ = _read_dicom(path)
+        if raw.ndim == 3 and raw.shape[0] == 1:
+            raw = raw[0]
+    elif ext == ".png":
+        im = _open_pil(path)
+        mode = im.mode
+        if mode in ("L", "P", "I") or mode.startswith("I;16"):
+            raw = np.asarray(im)
+        elif mode == "1":
+            raw = np.asarray(im).astype(np.uint8)
+        elif mode in ("LA", "PA"):  # drop alpha; PA keeps the palette indices
+            raw = np.asarray(im)[..., 0]
+        elif mode in ("RGB", "RGBA", "RGBX"):
+            raw = np.asarray(im)[..., :3]
+        elif mode == "F":
+            raise DatasetInputError(f"{path}: floating-point mask PNG; masks must hold integer "
+                                    f"labels (0..3 or values mapped by label_map)")
+        else:
+            raw = np.asarray(im.convert("RGB"))
+    elif ext in (".jpg", ".jpeg"):
+        raise DatasetInputError(f"{path}: JPEG masks are not supported (lossy compression "
+                                f"changes label values); save masks as PNG")
+    else:
+        raise DatasetInputError(f"{path}: unsupported mask file type; use one of "
+                                f"{', '.join(MASK_EXTS)}")
+    mask = spec.apply(np.asarray(raw), path)
+    if mask.ndim == 2:
+        mask = mask[None]
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Image/mask folders
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One image file and where its mask(s) live.
+
+    ``id_prefix`` is the record id of a single-frame image; frame ``f`` of a cine file gets
+    ``f"{id_prefix}#{f}"``.
+    """
+
+    image: Path
+    mask_dir: Path
+    stem: str
+    id_prefix: str
+    mask_exts: tuple[str, ...] = MASK_EXTS
+
+    def mask_candidates(self) -> list[Path]:
+        return [self.mask_dir / f"{self.stem}{e}" for e in self.mask_exts
+                if (self.mask_dir / f"{self.stem}{e}").is_file()]
+
+    def frame_mask_path(self, frame: int) -> Path:
+        return self.mask_dir / f"{self.stem}_{frame:04d}.png"
+
+
+def list_images(images_dir: Path) -> list[Path]:
+    """Image files in ``images_dir`` (not recursive), sorted; raises on unsupported files,
+    duplicate stems and an empty folder."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DatasetInputError(f"{images_dir}: image folder not found; expected image files "
+                                f"({', '.join(IMAGE_EXTS)}) there")
+    files, problems, stems = [], [], {}
+    for p in sorted(images_dir.iterdir()):
+        if p.name.startswith(".") or p.name.lower() in _JUNK_FILES or p.is_dir():
+            continue
+        ext = p.suffix.lower()
+        if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
+            if p.stem in stems:
+                problems.append(f"{p}: duplicate image stem {p.stem!r} (also "
+                                f"{stems[p.stem].name}); keep one file per stem")
+                continue
+            stems[p.stem] = p
+            files.append(p)
+        else:
+            problems.append(f"{p}: unsupported image file type; supported: "
+                            f"{', '.join(IMAGE_EXTS)} (or extension-less DICOM); convert or "
+                            f"remove it")
+    if problems:
+        raise DatasetInputError(problems)
+    if not files:
+        raise DatasetInputError(
+            f"{images_dir}: no images found (supported: {', '.join(IMAGE_EXTS)}; "
+            f"subfolders are not searched); put the images directly in this folder")
+    return files
+
+
+def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Decode one image file and its mask(s): uint8 images [F, H, W], classes [F, H, W] and
+    whether the image is multi-frame. Raises ``DatasetInputError`` naming the file."""
+    frames, multi = read_image(pair.image)
+    nframes, h, w = frames.shape
+    cands = pair.mask_candidates()
+    if len(cands) > 1:
+        raise DatasetInputError(
+            f"{pair.image}: ambiguous masks {[c.name for c in cands]} in {pair.mask_dir}; "
+            f"keep exactly one")
+    if cands:
+        masks = read_mask(cands[0], spec)
+        mask_desc = str(cands[0])
+        if masks.shape[0] != nframes:
+            raise DatasetInputError(
+                f"{cands[0]}: mask has {masks.shape[0]} frame(s) but image {pair.image.name} "
+                f"has {nframes}; a cine mask must have one frame per image frame")
+    elif multi:
+        paths = [pair.frame_mask_path(f) for f in range(nframes)]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise DatasetInputError(
+                f"{pair.image}: missing mask for {len(missing)} of {nframes} frames "
+                f"({_short_list(missing, 6)}) in {pair.mask_dir}; provide one multi-frame "
+                f"{pair.stem}.dcm/.npy or per-frame {pair.stem}_<frame:04d>.png files "
+                f"(frames counted from 0)")
+        parts = []
+        for p in paths:
+            m = read_mask(p, spec)
+            if m.shape[0] != 1:
+                raise DatasetInputError(f"{p}: per-frame mask must be a single 2-D image, got "
+                                        f"{m.shape[0]} frames")
+            if m.shape[1:] != (h, w):
+                raise _size_error(pair.image, (h, w), p, m.shape[1:])
+            parts.append(m[0])
+        masks = np.stack(parts)
+        mask_desc = str(paths[0])
+    else:
+        raise DatasetInputError(
+            f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
+            f"(or {pair.stem}.dcm / {pair.stem}.npy"
+            + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
+            + "); add it or remove the image")
+    if masks.shape[1:] != (h, w):
+        raise _size_error(pair.image, (h, w), Path(mask_desc), masks.shape[1:])
+    return frames, masks, multi
+
+
+def _size_error(image: Path, ishape, mask: Path, mshape) -> DatasetInputError:
+    return DatasetInputError(
+        f"{mask}: image/mask size mismatch: image {image.name} is {ishape[0]}x{ishape[1]} "
+        f"(HxW) but mask is {mshape[0]}x{mshape[1]}; re-export the mask at the image size "
+        f"(nearest-neighbour resampling)")
+
+
+def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec) -> int:
+    """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
+    Returns the number of examples (frames) that will be written."""
+    problems, count = [], 0
+    for pair in pairs:
+        try:
+            frames, _, _ = load_pair(pair, spec)
+            count += frames.shape[0]
+        except DatasetInputError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise DatasetInputError(problems)
+    return count
+
+
+def generate_pairs(pairs: Iterable[Pair], spec: LabelSpec, site: str):
+    """Yield ``(key, record)`` for every frame of every pair."""
+    for pair in pairs:
+        frames, masks, multi = load_pair(pair, spec)
+        for f in range(frames.shape[0]):
+            ex_id = f"{pair.id_prefix}#{f}" if multi else pair.id_prefix
+            yield ex_id, record(frames[f], masks[f], site, ex_id)
+
+
+def manual_dir_from(dl_manager, name: str, instructions_hint: str) -> Path:
+    """``dl_manager.manual_dir`` as a local Path, with TFDS' assertion turned into a clear
+    ``DatasetInputError``."""
+    try:
+        return Path(os.fspath(dl_manager.manual_dir))
+    except AssertionError as e:
+        raise DatasetInputError(
+            f"{name}: manual_dir missing or empty ({str(e).splitlines()[0]}); "
+            f"{instructions_hint}") from None

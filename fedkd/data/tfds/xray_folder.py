@@ -1,0 +1,166 @@
+"""``xray_folder``: a hospital's own labelled X-ray folder as a TFDS dataset (array_record).
+
+Layout under ``manual_dir``::
+
+    images/<stem>.png|.jpg|.jpeg|.dcm   (or extension-less DICOM files)
+    masks/<stem>.png|.dcm|.npy          one mask per image (exactly one of these)
+    splits.json                         optional: {"train": [stems], "test": [stems], ...}
+
+Multi-frame (cine) DICOM images (NumberOfFrames > 1): every frame is one example with id
+``<stem>#<frame>`` (frames counted from 0). Their masks are either one multi-frame file
+``masks/<stem>.dcm`` / ``masks/<stem>.npy`` ([F, H, W], same number of frames) or per-frame PNGs
+``masks/<stem>_<frame:04d>.png`` (``x_0000.png``, ``x_0001.png``, ...).
+
+Without ``splits.json`` every image goes to ``train``. With it, every image stem must be listed
+in exactly one split (split names: letters, digits, ``_``, ``-``).
+
+Image conversion and mask label conventions: see ``fedkd.data.tfds.common``. Every file is
+decoded and checked before anything is written, and TFDS writes into a temporary folder renamed
+only on success, so a failed build never leaves a dataset that looks prepared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from fedkd.data.tfds import common
+from fedkd.data.tfds.common import DatasetInputError, LabelSpec, Pair
+
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][\w\-]*$")
+
+
+@dataclasses.dataclass
+class XrayFolderConfig(tfds.core.BuilderConfig):
+    """``site``: site name stored in every record (None: the manual_dir folder name).
+    ``label_map`` / ``color_map``: mask value conventions (see ``common``)."""
+
+    site: str | None = None
+    label_map: dict | None = None
+    color_map: dict | None = None
+
+    def label_spec(self) -> LabelSpec:
+        return LabelSpec.create(self.label_map, self.color_map)
+
+
+class XrayFolder(tfds.core.GeneratorBasedBuilder):
+    """A local folder of X-ray images (PNG/JPEG/DICOM incl. cine) with segmentation masks."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release: PNG/JPEG/DICOM (incl. multi-frame) + masks."}
+    BUILDER_CONFIGS = [
+        XrayFolderConfig(name="default", description="Masks hold class indices 0..3."),
+        XrayFolderConfig(name="gray_0_128_255", label_map=dict(common.GRAY_0_128_255_MAP),
+                         description="Gray masks 0 background, 128 catheter, 255 guidewire."),
+        XrayFolderConfig(name="rgb", color_map=dict(common.RGB_COLOR_MAP),
+                         description="RGB masks: black bg, red catheter, green guidewire, "
+                                     "blue vessel."),
+    ]
+    DEFAULT_CONFIG_NAME = "default"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Put your own data under manual_dir:
+      images/<stem>.png|.jpg|.jpeg|.dcm   (multi-frame XA cine DICOM allowed)
+      masks/<stem>.png|.dcm|.npy          labels 0 bg, 1 catheter, 2 guidewire, 3 vessel
+                                          (other conventions: label_map / color_map)
+      masks/<stem>_<frame:04d>.png        alternative per-frame masks for cine DICOM
+      splits.json                         optional {"train": [stems], "test": [stems]}
+    Build: python -m fedkd.data.tfds.build --dataset=xray_folder --manual_dir=DIR \\
+             --data_dir=OUT [--site=NAME] [--label_map=0:0,128:1,255:2]
+    """
+
+    # Set explicitly: TFDS' own lookup of the code path needs the `importlib_resources`
+    # backport for packages outside tensorflow_datasets, which is not a dependency here.
+    code_path = epath.Path(__file__)
+
+    def __init__(self, *, file_format=None, **kwargs):
+        super().__init__(file_format=file_format or "array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=("Local catheter/guidewire X-ray segmentation folder. "
+                         f"Labels: {cfg.label_spec().describe()}."),
+            features=common.features(),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        root = common.manual_dir_from(
+            dl_manager, "xray_folder",
+            "pass manual_dir=<folder with images/ and masks/> (CLI --manual_dir)")
+        spec = self.builder_config.label_spec()
+        site = self.builder_config.site or root.resolve().name
+        splits = scan_folder(root)
+        for pairs in splits.values():  # validate everything before any split is written
+            common.validate_pairs(pairs, spec)
+        return {name: self._generate_examples(pairs, spec, site)
+                for name, pairs in splits.items()}
+
+    def _generate_examples(self, pairs, spec, site):
+        yield from common.generate_pairs(pairs, spec, site)
+
+
+def scan_folder(root: Path) -> dict[str, list[Pair]]:
+    """List ``root/images`` and assign each image to a split (``splits.json`` or all train)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetInputError(f"{root}: manual_dir not found; create it with images/ and "
+                                f"masks/ subfolders")
+    images = common.list_images(root / "images")
+    masks_dir = root / "masks"
+    if not masks_dir.is_dir():
+        raise DatasetInputError(f"{masks_dir}: mask folder not found; put one mask per image "
+                                f"there as <stem>.png (or .dcm/.npy)")
+    by_stem = {p.stem: p for p in images}
+    split_file = root / "splits.json"
+    if not split_file.is_file():
+        assignment = {"train": sorted(by_stem)}
+    else:
+        assignment = _read_splits(split_file, by_stem)
+    return {name: [Pair(image=by_stem[s], mask_dir=masks_dir, stem=s, id_prefix=s)
+                   for s in stems]
+            for name, stems in assignment.items() if stems}
+
+
+def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetInputError(f"{path}: unreadable splits.json ({e}); expected "
+                                f'{{"train": ["stem", ...], "test": [...]}}') from None
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()):
+        raise DatasetInputError(f"{path}: splits.json must map split names to lists of image "
+                                f'stems, e.g. {{"train": ["a", "b"], "test": ["c"]}}')
+    problems, seen, out = [], {}, {}
+    for name, stems in data.items():
+        if not _SPLIT_NAME.match(name):
+            problems.append(f"{path}: invalid split name {name!r} (use letters, digits, _ -)")
+            continue
+        out[name] = []
+        for s in stems:
+            stem = s
+            if stem not in by_stem and Path(s).stem in by_stem and Path(s).suffix:
+                stem = Path(s).stem  # a file name was given
+            if stem not in by_stem:
+                problems.append(f"{path}: split {name!r} lists {s!r} but there is no such image "
+                                f"in {next(iter(by_stem.values())).parent}")
+            elif stem in seen:
+                problems.append(f"{path}: image {stem!r} is listed in both {seen[stem]!r} and "
+                                f"{name!r}; list it in one split")
+            else:
+                seen[stem] = name
+                out[name].append(stem)
+    unlisted = sorted(set(by_stem) - set(seen))
+    if unlisted:
+        problems.append(f"{path}: {len(unlisted)} image(s) not listed in any split "
+                        f"({unlisted[:6]}{' ...' if len(unlisted) > 6 else ''}); add them to a "
+                        f"split or move them out of images/")
+    if problems:
+        raise DatasetInputError(problems)
+    return out

@@ -1,0 +1,404 @@
+"""TFDS builders (fedkd.data.tfds): array_record datasets read back without TensorFlow.
+
+All input data is created here in tmp dirs (PIL-written PNG/JPEG, pydicom-written DICOM).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+from PIL import Image  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from fedkd.data import sites, synth  # noqa: E402
+from fedkd.data import tfds as fdata  # noqa: E402
+from fedkd.data.tfds import common  # noqa: E402
+
+XA_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ writers
+def write_png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint16:
+        Image.fromarray(arr, mode="I;16").save(path)
+    else:
+        Image.fromarray(arr).save(path)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, window=None, photometric="MONOCHROME2"):
+    """Uncompressed Explicit VR Little Endian XA object; pixels [H, W] or [F, H, W]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.ascontiguousarray(pixels)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = XA_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = XA_STORAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "XA"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def minmax_u8(x):
+    x = np.asarray(x, np.float64)
+    return np.round((x - x.min()) * 255.0 / (x.max() - x.min())).astype(np.uint8)
+
+
+def records_by_id(src):
+    return {src[i]["id"]: src[i] for i in range(len(src))}
+
+
+def rng_mask(rng, shape, classes=4):
+    return rng.integers(0, classes, size=shape).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ xray_folder
+@pytest.fixture
+def hospital(tmp_path):
+    """A hospital folder with PNG (gray + RGB), DICOM (windowed, min-max) and two cine DICOMs.
+    Returns (folder, expected {id: (image uint8 [H, W], mask uint8 [H, W])})."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "hospital_a"
+    exp = {}
+    # 8-bit gray PNG, PNG mask with class indices.
+    img = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    m = rng_mask(rng, (12, 10))
+    write_png(root / "images/a.png", img)
+    write_png(root / "masks/a.png", m)
+    exp["a"] = (img, m)
+    # RGB PNG (gray expected via luma, +-1), .npy mask.
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    m = rng_mask(rng, (9, 11))
+    write_png(root / "images/c.png", rgb)
+    np.save(root / "masks/c.npy", m)
+    exp["c"] = (np.round(rgb.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8), m)
+    # 16-bit DICOM with a VOI window (center 2000, width 1001), mask as PNG.
+    px = rng.integers(1000, 3000, (8, 8)).astype(np.uint16)
+    m = rng_mask(rng, (8, 8))
+    write_dicom(root / "images/d.dcm", px, window=(2000, 1001))
+    write_png(root / "masks/d.png", m)
+    lin = ((px.astype(float) - 1999.5) / 1000.0 + 0.5) * 255.0  # PS3.3 C.11.2.1.2.1
+    exp["d"] = (np.clip(np.round(lin), 0, 255).astype(np.uint8), m)
+    # 16-bit DICOM without window: min-max scaled.
+    px = rng.integers(0, 4096, (10, 7)).astype(np.uint16)
+    m = rng_mask(rng, (10, 7))
+    write_dicom(root / "images/e.dcm", px)
+    write_png(root / "masks/e.png", m)
+    exp["e"] = (minmax_u8(px), m)
+    # Multi-frame 16-bit cine (3 frames), per-frame PNG masks.
+    cine = rng.integers(0, 65536, (3, 6, 5)).astype(np.uint16)
+    for f in range(3):
+        m = rng_mask(rng, (6, 5))
+        write_png(root / f"masks/cine_{f:04d}.png", m)
+        exp[f"cine#{f}"] = (minmax_u8(cine[f]), m)  # min-max per frame
+    write_dicom(root / "images/cine.dcm", cine)
+    # Multi-frame cine (2 frames, MONOCHROME1), one multi-frame DICOM mask.
+    cine2 = rng.integers(100, 900, (2, 5, 4)).astype(np.uint16)
+    m2 = rng_mask(rng, (2, 5, 4))
+    write_dicom(root / "images/cine2.dcm", cine2, photometric="MONOCHROME1")
+    write_dicom(root / "masks/cine2.dcm", m2)
+    for f in range(2):
+        exp[f"cine2#{f}"] = (255 - minmax_u8(cine2[f]), m2[f])
+    return root, exp
+
+
+def test_xray_folder_records_match_written_arrays(hospital, tmp_path):
+    root, exp = hospital
+    data_dir = tmp_path / "tfds"
+    builder = fdata.build("xray_folder", data_dir, manual_dir=root)
+    assert builder.info.config_name == "hospital_a"
+    assert builder.info.file_format.file_suffix == "array_record"
+    assert list(builder.info.splits.keys()) == ["train"]
+    src = fdata.load_source("xray_folder", "train", data_dir)  # the only prepared config
+    assert len(src) == 4 + 3 + 2 == len(exp)  # images + cine frames
+    got = records_by_id(src)
+    assert set(got) == set(exp)
+    for key, (img, mask) in exp.items():
+        rec = got[key]
+        assert rec["image"].dtype == np.uint8 and rec["image"].shape == img.shape + (1,)
+        assert rec["mask"].dtype == np.uint8 and rec["mask"].shape == mask.shape
+        assert rec["site"] == "hospital_a"
+        np.testing.assert_array_equal(rec["mask"], mask, err_msg=key)
+        tol = 1 if key == "c" else 0  # luma rounding of PIL's integer RGB->L
+        diff = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
+        assert diff.max() <= tol, key
+    # Reading through the TFDS API directly (files only, no TensorFlow) works too.
+    tsrc = tfds.data_source("xray_folder/hospital_a", split="train", data_dir=str(data_dir))
+    assert len(tsrc) == len(exp)
+
+
+def test_xray_folder_splits_site_and_label_map(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "site_folder"
+    for i in range(5):
+        write_png(root / f"images/im{i}.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+        write_png(root / f"masks/im{i}.png",
+                  rng.choice(np.array([0, 128, 255], np.uint8), (6, 6)))
+    (root / "splits.json").write_text(json.dumps({"train": ["im0", "im1", "im2"],
+                                                  "test": ["im3", "im4.png"]}))
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(fdata.DatasetInputError, match=r"im0\.png.*unknown label value"):
+        fdata.build("xray_folder", data_dir, manual_dir=root)
+    builder = fdata.build("xray_folder", data_dir, manual_dir=root, site="hosp B",
+                          label_map={0: 0, 128: 1, 255: 2})
+    assert builder.info.config_name == "hosp_B"
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 2}
+    src = fdata.load_source("xray_folder", "test", data_dir, config="hosp_B")
+    rec = records_by_id(src)["im4"]
+    raw = np.asarray(Image.open(root / "masks/im4.png"))
+    np.testing.assert_array_equal(rec["mask"], np.select([raw == 128, raw == 255], [1, 2], 0))
+    assert rec["site"] == "hosp B"
+    # Same config name, other settings: refused instead of silently reusing the old records.
+    with pytest.raises(fdata.DatasetInputError, match="already prepared with other settings"):
+        fdata.build("xray_folder", data_dir, manual_dir=root, site="hosp B",
+                    label_map={0: 0, 128: 2, 255: 1})
+
+
+# ------------------------------------------------------------------------------ cathaction
+def test_cathaction_layout_and_label_map(tmp_path):
+    manual = tmp_path / "cathaction_raw"
+    yy, xx = np.mgrid[0:16, 0:16]
+    written = {}
+    for split, names in (("train", ["f0", "f1", "f2"]), ("test", ["f3"])):
+        for k, name in enumerate(names):
+            img = (40 + 8 * xx + 3 * yy + 10 * k).astype(np.uint8)  # smooth: small JPEG error
+            lab = np.zeros((16, 16), np.uint8)
+            lab[3:6, :] = 128  # catheter
+            lab[:, 9:11] = 255  # guidewire
+            (manual / split / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(manual / split / "images" / f"{name}.jpg", quality=95)
+            write_png(manual / split / "labels" / f"{name}.png", lab)
+            written[f"{split}/images/{name}.jpg"] = (img, lab)
+    data_dir = tmp_path / "tfds"
+    # The default config expects class indices: 128/255 are rejected with a clear message.
+    with pytest.raises(fdata.DatasetInputError) as err:
+        fdata.build("cathaction", data_dir, manual_dir=manual)
+    msg = str(err.value)
+    assert "f0.png" in msg and "128" in msg and "255" in msg and "label_map" in msg
+    assert fdata.prepared_configs("cathaction", data_dir) == []
+
+    builder = fdata.build("cathaction", data_dir, manual_dir=manual, config="gray_0_128_255")
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 1}
+    for split in ("train", "test"):
+        src = fdata.load_source("cathaction", split, data_dir, config="gray_0_128_255")
+        for key, rec in records_by_id(src).items():
+            img, lab = written[key]
+            assert rec["site"] == "cathaction"
+            expected = np.select([lab == 128, lab == 255], [1, 2], 0).astype(np.uint8)
+            np.testing.assert_array_equal(rec["mask"], expected)
+            err_px = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
+            assert rec["image"].shape == (16, 16, 1) and err_px.mean() < 2 and err_px.max() < 10
+
+    # Same mapping through a custom label_map: same records.
+    custom = fdata.build("cathaction", data_dir, manual_dir=manual,
+                         label_map={0: 0, 128: 1, 255: 2})
+    a = fdata.load_source("cathaction", "train", data_dir, config="gray_0_128_255")
+    b = fdata.load_source("cathaction", "train", data_dir, config=custom.info.config_name)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i]["mask"], b[i]["mask"])
+
+
+# ------------------------------------------------------------------------------ synthetic
+def test_synthetic_tiny_deterministic_and_matches_generator(tmp_path):
+    train, unseen = sites.make_sites(5)
+    profiles = list(train) + [unseen]
+    site_id = 1
+    name = profiles[site_id].name
+    config = f"{name}_tiny"
+    assert config in {c.name for c in fdata.SyntheticEndovascular.BUILDER_CONFIGS}
+    assert fdata.config_names("synthetic_endovascular") == [p.name for p in profiles]
+
+    fdata.build("synthetic_endovascular", tmp_path / "a", config=config)
+    fdata.build("synthetic_endovascular", tmp_path / "b", config=config)
+    table = sites.site_table(profiles)
+    for split, split_id, n in (("train", 0, 8), ("test", 1, 4)):
+        a = fdata.load_source("synthetic_endovascular", split, tmp_path / "a", config=config)
+        b = fdata.load_source("synthetic_endovascular", split, tmp_path / "b", config=config)
+        assert len(a) == len(b) == n
+        # 8 per call for both splits: one compiled shape per split, shared with the builder.
+        images, masks = synth.generate(0, table, np.array([site_id]),
+                                       np.arange(8)[None], 32, split=split_id)
+        want_img = np.round(np.clip(np.asarray(images[0]), 0, 1) * 255).astype(np.uint8)
+        want_mask = np.asarray(masks[0]).astype(np.uint8)
+        for i in range(n):
+            ra, rb = a[i], b[i]
+            for k in ("image", "mask", "site", "id"):
+                np.testing.assert_array_equal(ra[k], rb[k])
+            assert ra["image"].shape == (32, 32, 1) and ra["mask"].shape == (32, 32)
+            assert ra["site"] == name and ra["id"] == f"{name}/{split}/{i:05d}"
+            np.testing.assert_array_equal(ra["image"], want_img[i])
+            np.testing.assert_array_equal(ra["mask"], want_mask[i])
+
+
+# ------------------------------------------------------------------------------ bad input
+def _good_pair(root, stem, shape=(6, 6)):
+    write_png(root / f"images/{stem}.png", np.full(shape, 7, np.uint8))
+    write_png(root / f"masks/{stem}.png", np.zeros(shape, np.uint8))
+
+
+def _bad_missing_mask(root):
+    _good_pair(root, "ok")
+    write_png(root / "images/lonely.png", np.zeros((6, 6), np.uint8))
+    return "lonely.png"
+
+
+def _bad_size(root):
+    _good_pair(root, "ok")
+    write_png(root / "images/big.png", np.zeros((6, 6), np.uint8))
+    write_png(root / "masks/big.png", np.zeros((5, 6), np.uint8))
+    return "big.png"
+
+
+def _bad_label(root):
+    _good_pair(root, "ok")
+    write_png(root / "images/lab.png", np.zeros((6, 6), np.uint8))
+    write_png(root / "masks/lab.png", np.array([[0, 1, 7]] * 2, np.uint8).repeat(2, 1)
+              .repeat(3, 0))
+    return "lab.png"
+
+
+def _bad_empty(root):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    return "images"
+
+
+def _bad_corrupt(root):
+    _good_pair(root, "ok")
+    (root / "images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    write_png(root / "masks/broken.png", np.zeros((6, 6), np.uint8))
+    return "broken.png"
+
+
+def _bad_cine_frames(root):
+    (root / "masks").mkdir(parents=True)
+    write_dicom(root / "images/run.dcm", np.zeros((3, 4, 4), np.uint16))
+    np.save(root / "masks/run.npy", np.zeros((2, 4, 4), np.uint8))
+    return "run.npy"
+
+
+@pytest.mark.parametrize("make_bad", [_bad_missing_mask, _bad_size, _bad_label, _bad_empty,
+                                      _bad_corrupt, _bad_cine_frames])
+def test_bad_input_raises_and_leaves_nothing_prepared(tmp_path, make_bad):
+    root = tmp_path / "site_x"
+    fname = make_bad(root)
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(fdata.DatasetInputError) as err:
+        fdata.build("xray_folder", data_dir, manual_dir=root)
+    assert isinstance(err.value, ValueError)
+    assert fname in str(err.value)
+    if make_bad is _bad_label:
+        assert "[0, 1, 7]" in str(err.value) and "[0, 1, 2, 3]" in str(err.value)
+    assert fdata.prepared_configs("xray_folder", data_dir) == []
+    assert not list(data_dir.rglob("dataset_info.json"))
+    cfg = fdata.resolve_config("xray_folder", manual_dir=root)
+    assert not fdata.XrayFolder(data_dir=str(data_dir), config=cfg).is_prepared()
+    with pytest.raises(fdata.DatasetInputError, match="not prepared|nothing prepared"):
+        fdata.load_source("xray_folder", "train", data_dir, config=cfg.name)
+
+
+def test_missing_manual_dir(tmp_path):
+    with pytest.raises(fdata.DatasetInputError, match="does_not_exist"):
+        fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "does_not_exist")
+    with pytest.raises(fdata.DatasetInputError, match="manual_dir"):
+        fdata.build("cathaction", tmp_path / "tfds")
+
+
+def test_failure_mid_generation_leaves_no_prepared_dataset(tmp_path, monkeypatch):
+    root = tmp_path / "site_y"
+    for stem in ("p0", "p1", "p2"):
+        _good_pair(root, stem)
+    data_dir = tmp_path / "tfds"
+    real = common.load_pair
+    calls = []
+
+    def flaky(pair, spec):
+        calls.append(pair.stem)
+        if len(calls) == 3 + 2:  # 3 validation reads, then fail on the 2nd written example
+            raise RuntimeError("disk full (simulated)")
+        return real(pair, spec)
+
+    monkeypatch.setattr(common, "load_pair", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fdata.build("xray_folder", data_dir, manual_dir=root)
+    assert calls == ["p0", "p1", "p2", "p0", "p1"]  # validated everything, then started writing
+    cfg = fdata.resolve_config("xray_folder", manual_dir=root)
+    assert not fdata.XrayFolder(data_dir=str(data_dir), config=cfg).is_prepared()
+    assert not list(data_dir.rglob("dataset_info.json"))
+    assert fdata.prepared_configs("xray_folder", data_dir) == []
+    with pytest.raises(fdata.DatasetInputError):
+        fdata.load_source("xray_folder", "train", data_dir)
+    # A clean retry into the same data_dir succeeds.
+    monkeypatch.setattr(common, "load_pair", real)
+    builder = fdata.build("xray_folder", data_dir, manual_dir=root)
+    assert builder.info.splits["train"].num_examples == 3
+
+
+# ------------------------------------------------------------------------------ grain + CLI
+def test_grain_map_dataset_source(hospital, tmp_path):
+    grain = pytest.importorskip("grain")
+    root, exp = hospital
+    data_dir = tmp_path / "tfds"
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+    src = fdata.load_source("xray_folder", "train", data_dir, config="hospital_a")
+    ds = grain.MapDataset.source(src)
+    assert len(ds) == len(exp)
+    for i in (0, len(ds) - 1):
+        ex = ds[i]
+        np.testing.assert_array_equal(ex["image"], src[i]["image"])
+        np.testing.assert_array_equal(ex["mask"][..., None].shape, ex["image"].shape)
+        img, mask = exp[ex["id"]]
+        np.testing.assert_array_equal(ex["mask"], mask)
+    shuffled = ds.shuffle(seed=3).map(lambda e: int(e["mask"].max()))
+    assert sorted(shuffled[i] for i in range(len(shuffled))) == sorted(
+        int(m.max()) for _, m in exp.values())
+
+
+def test_cli(hospital, tmp_path, capsys):
+    import importlib
+
+    cli = importlib.import_module("fedkd.data.tfds.build")
+    root, exp = hospital
+    data_dir = tmp_path / "tfds"
+    assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}",
+                     "--site=Hospital A"]) == 0
+    out = capsys.readouterr().out
+    assert "xray_folder/Hospital_A" in out and f"train: {len(exp)} examples" in out
+
+    bad = tmp_path / "bad_site"
+    _bad_missing_mask(bad)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedkd.data.tfds.build", "--dataset=xray_folder",
+         f"--manual_dir={bad}", f"--data_dir={tmp_path / 'tfds2'}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err_lines) == 1 and "lonely.png" in err_lines[0] and "missing mask" in err_lines[0]
+    # Importing the CLI module must not break the package-level build() function.
+    assert callable(fdata.build) and callable(cli.main)
