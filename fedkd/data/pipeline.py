@@ -14,6 +14,7 @@ Both give ``round_batches(round, clients) -> (images [k, steps, B, H, W, 1] f32,
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -190,22 +191,42 @@ class TfdsClients:
     self.config = config
     d = config.data
     name = _parse_source(d.source)
-    configs = [s for s in d.tfds_configs.split(",") if s] or fedkd_tfds.config_names(name)
+    data_dir = os.path.expanduser(d.tfds_data_dir)
+    try:
+      prepared = fedkd_tfds.prepared_configs(name, data_dir)
+    except Exception as e:  # unknown dataset name
+      raise DataError(f"config.data.source={d.source!r}: {str(e).splitlines()[0][:200]}") from None
+    configs = [s for s in d.tfds_configs.split(",") if s] or prepared
+    if not configs:
+      raise DataError(f"no prepared TFDS dataset {name!r} in data_dir={data_dir!r}; build it first "
+                      f"with python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}, "
+                      "or set config.data.tfds_data_dir")
     unseen = d.unseen_site or None
     if unseen and unseen not in configs:
       raise DataError(f"config.data.unseen_site={unseen!r} is not one of the dataset configs "
                       f"{configs}; pick one of them or set it to ''")
-    train_cfgs = [c for c in configs if c != unseen] or [None]
-    try:
-      train_sources = [fedkd_tfds.load_source(name, "train", d.tfds_data_dir, config=c) for c in train_cfgs]
-      self._test = {c or name: fedkd_tfds.load_source(name, "test", d.tfds_data_dir, config=c)
-                    for c in train_cfgs + ([unseen] if unseen else [])}
-    except DataError:
-      raise
-    except Exception as e:
-      raise DataError(f"cannot open TFDS dataset {name!r} in data_dir={d.tfds_data_dir!r} "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); build it first with "
-                      f"python -m fedkd.data.tfds.build --dataset={name} --data_dir=...") from None
+    train_cfgs = [c for c in configs if c != unseen]
+    if not train_cfgs:
+      raise DataError(f"config.data.unseen_site={unseen!r} leaves no site to train on; list more "
+                      "configs in config.data.tfds_configs")
+
+    def open_split(cfg, split):
+      try:
+        return fedkd_tfds.load_source(name, split, data_dir, config=cfg)
+      except Exception as e:
+        raise DataError(f"cannot open split {split!r} of TFDS dataset {name!r}"
+                        f"/{cfg} in data_dir={data_dir!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); build it first with python -m "
+                        f"fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}") from None
+
+    train_sources = [open_split(c, "train") for c in train_cfgs]
+    self._test = {}
+    for c in train_cfgs + ([unseen] if unseen else []):
+      try:
+        self._test[c] = open_split(c, "test")
+      except DataError:
+        if c == unseen:
+          raise  # the unseen site exists only for evaluation
     self.unseen_name = unseen
     pool = _Concat(train_sources)
     site_of = np.repeat(np.arange(len(train_sources)), [len(s) for s in train_sources])
@@ -223,7 +244,7 @@ class TfdsClients:
     if small:
       raise DataError(f"client {small[0]} got {len(parts[small[0]])} examples, fewer than "
                       f"batch_size={config.batch_size}; lower config.batch_size or config.num_clients")
-    cfg_names = [c or name for c in train_cfgs]
+    cfg_names = list(train_cfgs)
     self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
     self.sizes = np.array([len(p) for p in parts], np.int64)
     aug = Augment(config.image_size, enabled=bool(d.augment))
@@ -263,8 +284,8 @@ class TfdsClients:
       recs = [aug(src[i], np.random.default_rng(0)) for i in range(n)]
       out[site] = (np.stack([r["image"] for r in recs]), np.stack([r["mask"] for r in recs]))
     if not out:
-      raise DataError(f"dataset {self.config.data.source!r} has no test examples to evaluate on; "
-                      "add a test split (e.g. splits.json for xray_folder)")
+      raise DataError(f"dataset {self.config.data.source!r} has no test split to evaluate on; "
+                      "add one (for xray_folder: a splits.json with a 'test' list) and rebuild")
     return out
 
   def get_state(self) -> dict:
