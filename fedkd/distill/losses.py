@@ -1,0 +1,66 @@
+"""Distillation losses for FedEFM-style multishot federated distillation.
+
+FedEFM (Sec. "Knowledge distillation") distils the returned overseas experts (teachers) into the local
+model (student) on the local batch:
+
+    L_MD = beta * T^2 * sum_j w_j * L(Q^T_student, Q^T_expert_j) + (1 - beta) * L_seg,
+
+with temperature-softened softmax outputs Q^T = softmax(logits / T). The paper does not fix the soft
+loss; here it is the Hinton KL(teacher || student), whose gradient equals that of the soft
+cross-entropy, and w_j are the (EMD) neighbour weights.
+
+All losses compute in float32 and are jit-, vmap- and grad-able. Logits are [..., K] (e.g. per-pixel
+segmentation logits [B, H, W, K]); "mean over pixels" is the mean over every leading axis.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array, T: float = 1.0, *,
+          detach_teacher: bool = True) -> jax.Array:
+  """T^2 * mean over pixels of KL(softmax(teacher / T) || softmax(student / T)).
+
+  Logits are [..., K]; the KL is summed over the class axis and averaged over all other axes.
+  ``detach_teacher`` stops gradients into the teacher logits (the experts are fixed teachers).
+  """
+  s = student_logits.astype(jnp.float32)
+  t = teacher_logits.astype(jnp.float32)
+  if detach_teacher:
+    t = jax.lax.stop_gradient(t)
+  log_ps = jax.nn.log_softmax(s / T, axis=-1)
+  log_pt = jax.nn.log_softmax(t / T, axis=-1)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+  return (T * T) * jnp.mean(kl)
+
+
+def multishot_distill_loss(student_logits: jax.Array, expert_logits: jax.Array, weights: jax.Array,
+                           seg_loss_value: jax.Array, beta: float, T: float = 1.0) -> jax.Array:
+  """beta * sum_j w_j * kd_kl(student, expert_j, T) + (1 - beta) * seg_loss_value.
+
+  student_logits [..., K]; expert_logits [J, ..., K] (one row per returned expert); weights [J]
+  (e.g. ``fedkd.distill.emd.emd_weights``; padded experts get weight 0); seg_loss_value: the
+  already-computed supervised segmentation loss of the student (scalar).
+  """
+  per_expert = jax.vmap(lambda e: kd_kl(student_logits, e, T))(expert_logits)
+  kd = jnp.sum(jnp.asarray(weights, jnp.float32) * per_expert)
+  return beta * kd + (1.0 - beta) * jnp.asarray(seg_loss_value, jnp.float32)
+
+
+def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *,
+               detach_teacher: bool = True) -> jax.Array:
+  """Feature distillation on [..., C] feature maps of equal shape.
+
+  Each channel vector (last axis) is L2-normalised, then the loss is the mean over positions (all
+  leading axes) of the squared Euclidean distance between the normalised student and teacher vectors,
+  i.e. mean(2 - 2 cos(s, t)) in [0, 4]; it is invariant to the feature scale of either model. Zero
+  vectors normalise to zero. ``detach_teacher`` stops gradients into the teacher features.
+  """
+  s = student_feats.astype(jnp.float32)
+  t = teacher_feats.astype(jnp.float32)
+  if detach_teacher:
+    t = jax.lax.stop_gradient(t)
+  s = s * jax.lax.rsqrt(jnp.maximum(jnp.sum(s * s, axis=-1, keepdims=True), 1e-24))
+  t = t * jax.lax.rsqrt(jnp.maximum(jnp.sum(t * t, axis=-1, keepdims=True), 1e-24))
+  return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
