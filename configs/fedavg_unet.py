@@ -46,3 +46,31 @@ def get_config(arg=None):
     raise ConfigError(f"unknown config argument(s) {sorted(a)} in {arg!r}; "
                       "known: runlocal, clients=N, per_round=N, skew=X")
   return c
+
+
+def get_sweep(arg=None):
+  """FedAvg under unequal client dataset sizes: quantity_skew x seeds, for ``python -m launch.sweep``:
+
+    python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --out=runs/skew --parallel=2
+    python -m launch.sweep --config=configs/fedavg_unet.py --sweep=fedavgm,seeds=5 --out=runs/skew_gpu
+
+  arg (comma list): ``seeds=N`` (default 3), ``fedavgm`` (also run server momentum 0.9),
+  ``tiny`` (2-round smoke test). Results get a ``vs_quantity_skew.png`` plot (Dice vs skew).
+  The "method" key is a label for tables and plots, not a config key.
+  """
+  from fedkd.sweep import TINY, product
+
+  a = parse_arg(arg)
+  tiny = a.pop("tiny", False)
+  with_momentum = a.pop("fedavgm", False)
+  try:
+    seeds = range(int(a.pop("seeds", 3)))
+  except ValueError as e:
+    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  if a:
+    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, fedavgm, tiny")
+  methods = [{"method": "fedavg", "server_optimizer.momentum": 0.0}]
+  if with_momentum:
+    methods.append({"method": "fedavgm", "server_optimizer.momentum": 0.9})
+  sweep = product(product(seed=list(seeds)), methods, quantity_skew=[0.0, 0.5, 1.0])
+  return product(sweep, [TINY]) if tiny else sweep

@@ -23,3 +23,34 @@ def get_config(arg=None):
   c.eval.examples_per_site = 32
   c.checkpoint.every = 25
   return c
+
+
+def get_sweep(arg=None):
+  """FedAvg vs FedAvgM (server momentum 0.9) x seeds, for ``python -m launch.sweep``:
+
+    python -m launch.sweep --config=configs/quickstart.py --out=runs/sweep_qs --parallel=2
+    python -m launch.sweep --config=configs/quickstart.py --sweep=seeds=5 --out=runs/sweep_qs5
+    python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/sweep_tiny  # seconds/run
+
+  arg (comma list): ``seeds=N`` (default 2), ``tiny`` (2 rounds of a 4-channel UNet on 32px: a
+  smoke test, not a result). The "method" key is a label for tables and plots, not a config key.
+  Seeds vary slowest, so the first runs already compare both methods.
+  """
+  from fedkd.config import ConfigError, parse_arg
+  from fedkd.sweep import TINY, product
+
+  a = parse_arg(arg)
+  tiny = a.pop("tiny", False)
+  try:
+    seeds = range(int(a.pop("seeds", 2)))
+  except ValueError as e:
+    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  if a:
+    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny")
+  methods = [
+      {"method": "fedavg", "server_optimizer.name": "sgd", "server_optimizer.momentum": 0.0},
+      {"method": "fedavgm", "server_optimizer.name": "sgd", "server_optimizer.momentum": 0.9,
+       "server_optimizer.learning_rate": 1.0},
+  ]
+  sweep = product(product(seed=list(seeds)), methods)
+  return product(sweep, [TINY]) if tiny else sweep

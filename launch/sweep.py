@@ -1,0 +1,514 @@
+"""Run a sweep defined next to a config, then aggregate it into one table and a few plots.
+
+  python -m launch.sweep --config=configs/quickstart.py --out=runs/sweep_qs --parallel=2
+  python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/qs_tiny \\
+      --extra=--config.num_rounds=4
+  python -m launch.sweep --out=runs/sweep_qs --aggregate_only
+
+``--config=FILE[:ARG]`` names a config file with ``get_config(arg)`` and ``get_sweep(arg)``; ARG goes
+to get_config (and on to fedkd.main), ``--sweep=ARG`` to get_sweep. Every run is validated before the
+first one starts. Each run is ``python -m fedkd.main --config=FILE[:ARG] --workdir=OUT/<run>
+--config.KEY=VALUE ... EXTRA...`` in a subprocess (stdout/stderr appended to OUT/<run>/stdout.log and
+stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds
+and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful exit) and resumes
+unfinished ones from their latest checkpoint (fedkd.main does that by itself). A failed run does not
+stop the others; failures are listed at the end and the exit code is 1.
+
+Outputs in OUT: sweep.json (the definition), results.md / results.csv (last evaluation of every run,
+mean +- sample std (ddof=1) over seeds per group = every override except seed), runs.csv (one row
+per run), curves.png (Dice vs round per group, mean over seeds with a +-std band) and vs_<key>.png
+for each numeric key swept within a method. Bad input ends with one line ``fedkd: error: ...`` on
+stderr and exit code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+SWEEP_FILE = "sweep.json"
+DONE_FILE = "DONE"
+CURVE_METRICS = ("dice/catheter", "dice/guidewire", "unseen/dice/catheter", "unseen/dice/guidewire")
+_METRIC_RE = re.compile(r"^(dice|iou)/[^/]+$|^unseen/dice/[^/]+$")
+
+
+class InputError(ValueError):
+  """Bad command-line input; printed as one ``fedkd: error:`` line, exit code 2."""
+
+
+def fail(msg: str) -> None:
+  print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line instead of usage + message
+    fail(f"{message} (see python -m launch.sweep --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", help="config file with get_sweep(), optionally :ARG for get_config")
+  p.add_argument("--sweep", default=None, help="argument for the config's get_sweep(arg)")
+  p.add_argument("--out", required=True, help="sweep directory: one workdir per run, results")
+  p.add_argument("--parallel", type=int, default=1, help="runs at the same time (default 1)")
+  p.add_argument("--extra", action="append", default=[],
+                 help="a flag for every fedkd.main run, e.g. --extra=--config.num_rounds=4 (repeatable)")
+  p.add_argument("--aggregate_only", action="store_true",
+                 help="only rebuild results.md/csv and plots from the runs in --out")
+  p.add_argument("--compilation_cache", default=None,
+                 help="JAX persistent compilation cache shared by the runs (default OUT/jax_cache; "
+                      "'' = off; an existing JAX_COMPILATION_CACHE_DIR wins). Seeds of one method "
+                      "then compile once.")
+  p.add_argument("--metric", default="dice/catheter", help="metric for vs_<key>.png (default dice/catheter)")
+  return p
+
+
+# ---------------------------------------------------------------- definition
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  if isinstance(e, ValueError) and text:  # ConfigError / SweepError: already a sentence
+    return text[0]
+  return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def load_config_module(spec: str):
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise InputError(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  mod_spec = importlib.util.spec_from_file_location(
+      "fedkd_sweep_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path)
+  module = importlib.util.module_from_spec(mod_spec)
+  try:
+    mod_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 -- any error in user code is bad input
+    raise InputError(f"cannot load {path}: {_one_line(e)}")
+  for fn in ("get_config", "get_sweep"):
+    if not callable(getattr(module, fn, None)):
+      raise InputError(f"{path} has no {fn}(arg) function; a sweep config defines get_sweep(arg=None) "
+                       "returning a list of override dicts (see configs/quickstart.py)")
+  return module
+
+
+def build(config_spec: str, sweep_arg: str | None, extra: list[str]) -> dict:
+  """The validated sweep definition (what sweep.json holds); raises InputError/SweepError."""
+  from fedkd import sweep as S
+
+  module = load_config_module(config_spec)
+  config_arg = config_spec.split(":", 1)[1] if ":" in config_spec else None
+  try:
+    base = module.get_config(config_arg)
+  except Exception as e:  # noqa: BLE001 -- user code; report it in one line
+    raise InputError(f"get_config({config_arg!r}) failed: {_one_line(e)}")
+  try:
+    sweep = module.get_sweep(sweep_arg)
+  except Exception as e:  # noqa: BLE001
+    raise InputError(f"get_sweep({sweep_arg!r}) failed: {_one_line(e)}")
+  if isinstance(sweep, (list, tuple)) and all(isinstance(o, dict) for o in sweep):
+    sweep = S.plain(sweep)
+  for a in extra:
+    if not a.startswith("--"):
+      raise InputError(f"--extra={a!r} must be a flag of fedkd.main, e.g. --extra=--config.num_rounds=4")
+    if a.split("=", 1)[0] in ("--workdir", "--config"):
+      raise InputError(f"--extra={a}: the sweep sets {a.split('=', 1)[0]} itself")
+  fixed = S.parse_config_flags(extra, base)
+  configs = S.validate_sweep(sweep, base, fixed)
+  names = S.run_names(sweep)
+  runs = [{"name": n, "overrides": dict(o), "num_rounds": int(c.num_rounds)}
+          for n, o, c in zip(names, sweep, configs)]
+  return {"config": config_spec, "sweep": sweep_arg, "extra": list(extra),
+          "varying_keys": S.varying_keys(sweep), "runs": runs}
+
+
+def run_command(defn: dict, run: dict, out: str) -> list[str]:
+  from fedkd.sweep import RESERVED, format_value
+  flags = [f"--config.{k}={format_value(v)}" for k, v in run["overrides"].items() if k not in RESERVED]
+  return [sys.executable, "-m", "fedkd.main", f"--config={defn['config']}",
+          f"--workdir={os.path.join(out, run['name'])}", *flags, *defn["extra"]]
+
+
+# ---------------------------------------------------------------- run state
+
+
+def latest_checkpoint(workdir: str) -> int | None:
+  """The newest finished orbax step (digit-named folder; in-progress saves have other names)."""
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return None
+  steps = [int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n))]
+  return max(steps) if steps else None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass  # a line cut by a kill; fedkd.main drops it when it resumes
+  return out
+
+
+def is_finished(workdir: str, num_rounds: int) -> bool:
+  return (latest_checkpoint(workdir) == num_rounds and
+          any(r.get("round") == num_rounds for r in read_metrics(workdir)))
+
+
+def _last_line(path: str, offset: int) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      f.seek(offset)
+      lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+  except OSError:
+    return ""
+  return lines[-1][:300] if lines else ""
+
+
+def _say(msg: str) -> None:
+  print(f"[sweep] {msg}", flush=True)
+
+
+def run_all(defn: dict, out: str, parallel: int, env: dict) -> list[tuple[str, int, str]]:
+  """Runs the unfinished runs, ``parallel`` at a time; returns [(name, exit code, last stderr line)]."""
+  runs, total = defn["runs"], len(defn["runs"])
+  todo = []
+  for i, run in enumerate(runs, 1):
+    wd = os.path.join(out, run["name"])
+    if is_finished(wd, run["num_rounds"]):
+      if not os.path.exists(os.path.join(wd, DONE_FILE)):
+        _write_done(wd, run, None, 0.0)
+      _say(f"{i}/{total} {run['name']}: skipped (finished: round {run['num_rounds']}/{run['num_rounds']})")
+    else:
+      todo.append((i, run))
+  failures: list[tuple[str, int, str]] = []
+  active: dict[int, tuple] = {}  # pid -> (popen, i, run, t0, stderr offset, log files)
+
+  def start(i, run):
+    wd = os.path.join(out, run["name"])
+    os.makedirs(wd, exist_ok=True)
+    done = os.path.join(wd, DONE_FILE)
+    if os.path.exists(done):
+      os.remove(done)  # stale: the run is not finished (e.g. num_rounds was raised)
+    last = latest_checkpoint(wd)
+    how = f"resuming from round {last} of {run['num_rounds']}" if last else "new"
+    out_f = open(os.path.join(wd, "stdout.log"), "a")
+    err_path = os.path.join(wd, "stderr.log")
+    err_f = open(err_path, "a")
+    offset = err_f.tell()
+    cmd = run_command(defn, run, out)
+    out_f.write(f"\n$ {' '.join(cmd)}\n")
+    out_f.flush()
+    p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, stdin=subprocess.DEVNULL)
+    active[p.pid] = (p, i, run, time.time(), offset, (out_f, err_f), err_path)
+    _say(f"{i}/{total} {run['name']}: started ({how}); log {os.path.join(wd, 'stdout.log')}")
+
+  def finish(pid):
+    p, i, run, t0, offset, files, err_path = active.pop(pid)
+    for f in files:
+      f.close()
+    wd, dt = os.path.join(out, run["name"]), time.time() - t0
+    if p.returncode == 0 and is_finished(wd, run["num_rounds"]):
+      _write_done(wd, run, run_command(defn, run, out), dt)
+      _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s (round {run['num_rounds']}/{run['num_rounds']})")
+      return
+    rc = p.returncode
+    last = _last_line(err_path, offset)
+    if rc == 0:  # exit 0 without a final checkpoint: count as a failure, keep going
+      last = f"exited 0 but the latest checkpoint is round {latest_checkpoint(wd)}, not {run['num_rounds']}"
+      rc = 1
+    failures.append((run["name"], rc, last))
+    _say(f"{i}/{total} {run['name']}: FAILED with exit code {rc} after {dt:.1f}s: {last or '(no stderr)'}")
+
+  try:
+    queue = list(todo)
+    while queue or active:
+      while queue and len(active) < max(1, parallel):
+        start(*queue.pop(0))
+      time.sleep(0.2)
+      for pid in [pid for pid, a in active.items() if a[0].poll() is not None]:
+        finish(pid)
+  except KeyboardInterrupt:
+    for p, *_ in list(active.values()):
+      p.terminate()
+    for p, *_ in list(active.values()):
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+    _say(f"interrupted; {len(active)} run(s) stopped. Re-run the same command to resume them.")
+    raise
+  return failures
+
+
+def _write_done(wd: str, run: dict, cmd: list[str] | None, seconds: float) -> None:
+  tmp = os.path.join(wd, DONE_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"name": run["name"], "num_rounds": run["num_rounds"], "command": cmd,
+               "seconds": round(seconds, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+    f.write("\n")
+  os.replace(tmp, os.path.join(wd, DONE_FILE))
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1); std is nan for a single seed."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, float("nan")
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _metric_keys(records: list[dict]) -> list[str]:
+  keys: list[str] = []
+  for r in records:
+    keys += [k for k in r if _METRIC_RE.match(k) and k not in keys]
+  order = {"dice": 0, "iou": 1, "unseen": 2}
+  return sorted(keys, key=lambda k: (order[k.split("/")[0]], keys.index(k)))
+
+
+def collect(defn: dict, out: str) -> list[dict]:
+  """Groups of runs (every override except seed), each with its runs' last evaluation records."""
+  from fedkd.sweep import group_label
+  keys = defn["varying_keys"]
+  groups: dict[str, dict] = {}
+  for run in defn["runs"]:
+    o = run["overrides"]
+    gkey = json.dumps({k: v for k, v in o.items() if k != "seed"}, sort_keys=True, default=str)
+    g = groups.setdefault(gkey, {"label": group_label(o, keys), "overrides": o, "runs": []})
+    records = read_metrics(os.path.join(out, run["name"]))
+    if records:
+      g["runs"].append({"name": run["name"], "seed": o.get("seed"), "records": records,
+                        "last": max(records, key=lambda r: r["round"])})
+  return list(groups.values())
+
+
+def _fmt(mean: float, std: float) -> str:
+  return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
+  keys = defn["varying_keys"]
+  metrics = _metric_keys([r["last"] for g in groups for r in g["runs"]])
+  has_method = any("method" in r["overrides"] for r in defn["runs"])
+  head = (["method"] if has_method else []) + keys + ["seeds", "round"]
+  rows_csv, rows_md = [], []
+  for g in groups:
+    if not g["runs"]:
+      continue
+    o = g["overrides"]
+    fixed = ([o.get("method", "")] if has_method else []) + [o.get(k, "") for k in keys]
+    rounds = sorted({r["last"]["round"] for r in g["runs"]})
+    cells_csv = fixed + [len(g["runs"]), "/".join(map(str, rounds))]
+    cells_md = [str(c) for c in cells_csv]
+    for m in metrics:
+      vals = [r["last"][m] for r in g["runs"] if m in r["last"]]
+      mean, std = _mean_std(vals) if vals else (float("nan"), float("nan"))
+      cells_csv += [repr(mean), "" if math.isnan(std) else repr(std)]
+      cells_md.append(_fmt(mean, std) if vals else "")
+    rows_csv.append(cells_csv)
+    rows_md.append(cells_md)
+  csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
+  with open(csv_path + ".tmp", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(head + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
+    w.writerows(rows_csv)
+  os.replace(csv_path + ".tmp", csv_path)
+  n_runs = sum(len(g["runs"]) for g in groups)
+  lines = [f"# Sweep results: {defn['config']}" + (f" (sweep {defn['sweep']})" if defn.get("sweep") else ""),
+           "",
+           f"{n_runs} of {len(defn['runs'])} runs have metrics. Each cell: mean ± sample std (ddof=1) over "
+           "seeds of the last evaluation of each run (`round`); the std is left out for one seed. "
+           "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
+           ""]
+  header = head + metrics
+  lines.append("| " + " | ".join(header) + " |")
+  lines.append("|" + "|".join(["---"] * len(head) + ["---:"] * len(metrics)) + "|")
+  lines += ["| " + " | ".join(r) + " |" for r in rows_md]
+  with open(md_path + ".tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(md_path + ".tmp", md_path)
+  runs_path = os.path.join(out, "runs.csv")
+  with open(runs_path + ".tmp", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["run", "group", "seed", "round"] + metrics)
+    for g in groups:
+      for r in g["runs"]:
+        w.writerow([r["name"], g["label"], r["seed"], r["last"]["round"]] +
+                   [repr(r["last"].get(m, float("nan"))) for m in metrics])
+  os.replace(runs_path + ".tmp", runs_path)
+  return md_path, csv_path
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  written = []
+  groups = [g for g in groups if g["runs"]]
+  if not groups:
+    return written
+  present = [m for m in CURVE_METRICS if any(m in r["last"] for g in groups for r in g["runs"])]
+  if present:
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], present):
+      for g in groups:
+        per_run = [{r["round"]: r[m] for r in run["records"] if m in r} for run in g["runs"]]
+        rounds = sorted(set.intersection(*[set(d) for d in per_run]))
+        if not rounds:
+          continue
+        vals = np.array([[d[x] for x in rounds] for d in per_run])
+        mean = vals.mean(0)
+        line, = ax.plot(rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3,
+                        label=f"{g['label']} (n={len(per_run)})")
+        if len(per_run) > 1:
+          std = vals.std(0, ddof=1)
+          ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+      ax.set_title(m)
+      ax.set_xlabel("round")
+      ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out score (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+  from fedkd.sweep import group_label
+  for key in defn["varying_keys"]:
+    values = [g["overrides"].get(key) for g in groups]
+    if not all(_is_number(v) for v in values) or len(set(values)) < 2:
+      continue
+    others = [k for k in defn["varying_keys"] if k != key]
+    lines: dict[str, list] = {}
+    for g in groups:
+      vals = [r["last"][metric] for r in g["runs"] if metric in r["last"]]
+      if vals:
+        mean, std = _mean_std(vals)
+        lines.setdefault(group_label(g["overrides"], others), []).append(
+            (g["overrides"][key], mean, 0.0 if math.isnan(std) else std))
+    if not lines:
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, pts in lines.items():
+      pts.sort()
+      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                  capsize=3, label=label)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} (last eval, mean ± std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, f"vs_{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def aggregate(defn: dict, out: str, metric: str = "dice/catheter") -> list[str]:
+  groups = collect(defn, out)
+  paths = list(write_tables(defn, out, groups))
+  paths += write_plots(defn, out, groups, metric)
+  return paths
+
+
+# ---------------------------------------------------------------- main
+
+
+def _interrupt(signum, frame):  # SIGTERM stops the runs like Ctrl-C; they resume next time
+  raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  from fedkd.sweep import SweepError
+
+  out = args.out
+  if args.parallel < 1:
+    fail(f"--parallel={args.parallel} must be >= 1")
+  try:
+    if args.config:
+      defn = build(args.config, args.sweep, args.extra)
+    elif args.aggregate_only:
+      path = os.path.join(out, SWEEP_FILE)
+      if not os.path.exists(path):
+        raise InputError(f"{path} not found; pass --config (and --sweep) or point --out at a sweep directory")
+      with open(path) as f:
+        defn = json.load(f)
+    else:
+      raise InputError("--config is required, e.g. --config=configs/quickstart.py")
+  except (InputError, SweepError) as e:
+    fail(str(e))
+
+  if os.path.exists(out) and not os.path.isdir(out):
+    fail(f"--out={out} is a file; pass a directory for the sweep")
+  failures = []
+  if not args.aggregate_only:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, SWEEP_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      if old != defn:
+        _say(f"note: {path} described another sweep; replacing it (runs with the same name are reused)")
+    with open(path + ".tmp", "w") as f:
+      json.dump(defn, f, indent=2)
+      f.write("\n")
+    os.replace(path + ".tmp", path)
+    env = dict(os.environ)
+    cache = os.path.join(out, "jax_cache") if args.compilation_cache is None else args.compilation_cache
+    if cache and "JAX_COMPILATION_CACHE_DIR" not in env:
+      # Runs of a sweep compile the same programs (seeds share all shapes): cache every one of them,
+      # also the many sub-second ones that JAX would not cache by default.
+      env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(cache)
+      env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    _say(f"{len(defn['runs'])} run(s) in {out}, {args.parallel} at a time")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+      failures = run_all(defn, out, args.parallel, env)
+    except KeyboardInterrupt:
+      return 130
+
+  for p in aggregate(defn, out, args.metric):
+    _say(f"wrote {p}")
+  if failures:
+    _say(f"{len(failures)} of {len(defn['runs'])} run(s) failed:")
+    for name, rc, last in failures:
+      _say(f"  {name}: exit code {rc}: {last or '(no stderr)'} (log {os.path.join(out, name, 'stderr.log')})")
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Run a fedkd command on a Cloud TPU VM (single host or pod slice): create the VM (directly or as a
+# queued resource), copy this checkout to every worker, install, run the command on all workers,
+# fetch the results from worker 0, and delete the VM on exit (unless --keep).
+#
+#   launch/tpu_vm.sh --name=fedkd-v4 --zone=us-central2-b --accelerator_type=v4-8 -- \
+#       python -m fedkd.main --config=configs/fedavg_unet.py --workdir=runs/tpu
+#   launch/tpu_vm.sh --name=fedkd-v5 --zone=us-west4-a --accelerator_type=v5litepod-16 \
+#       --version=v2-alpha-tpuv5-lite --queued --spot --fetch=runs/sweep -- \
+#       python -m launch.sweep --config=configs/fedavg_unet.py --out=runs/sweep
+#   launch/tpu_vm.sh --dry_run --name=x --zone=z -- python -m fedkd.main ...   # print, run nothing
+#
+# On a multi-host slice every worker runs the same command; fedkd.main sees TPU_WORKER_HOSTNAMES and
+# calls jax.distributed.initialize() by itself (fedkd/distributed.py). Only process 0 writes metrics;
+# checkpoints are written by all workers into the same --workdir path, so for pods point --workdir
+# at a shared location (e.g. a gs:// bucket or a mounted filestore) if you need them all.
+set -euo pipefail
+
+usage() {
+  cat <<EOF
+usage: $0 --name=NAME --zone=ZONE [options] -- COMMAND [ARGS...]
+
+  --name=NAME               TPU VM name (required)
+  --zone=ZONE               zone, e.g. us-central2-b (required)
+  --accelerator_type=TYPE   e.g. v4-8, v5litepod-8, v5p-16 (default: v4-8)
+  --version=RUNTIME         TPU software version (default: tpu-ubuntu2204-base)
+  --project=PROJECT         gcloud project (default: gcloud's configured project)
+  --spot                    spot capacity (cheaper, can be preempted; re-run to resume)
+  --queued                  create through a queued resource (waits for capacity)
+  --keep                    do not delete the VM at the end
+  --reuse                   use an existing VM with this name (skip create)
+  --src=DIR                 code to copy (default: the repository of this script)
+  --remote_dir=DIR          where the code goes on the workers (default: fedkd)
+  --fetch=PATH              path (relative to --remote_dir) copied back from worker 0 into
+                            ./PATH's parent at the end (default: runs)
+  --pip=SPEC                JAX package to install (default: jax[tpu])
+  --dry_run                 print the commands instead of running them
+  -h, --help                this help
+  COMMAND                   what every worker runs inside --remote_dir
+EOF
+}
+
+die() { echo "fedkd: error: $*" >&2; exit 2; }
+
+name="" zone="" accel="v4-8" version="tpu-ubuntu2204-base" project="" spot=0 queued=0 keep=0 reuse=0
+src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" remote_dir="fedkd" fetch="runs" pip_spec="jax[tpu]"
+dry_run=0
+cmd=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --accelerator_type=*) accel="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --spot) spot=1 ;;
+    --queued) queued=1 ;;
+    --keep) keep=1 ;;
+    --reuse) reuse=1 ;;
+    --src=*) src="${1#*=}" ;;
+    --remote_dir=*) remote_dir="${1#*=}" ;;
+    --fetch=*) fetch="${1#*=}" ;;
+    --pip=*) pip_spec="${1#*=}" ;;
+    --dry_run) dry_run=1 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; cmd=("$@"); break ;;
+    *) usage >&2; die "unknown argument '$1' (flags are --key=value; the command goes after --)" ;;
+  esac
+  shift
+done
+[ -n "$name" ] || { usage >&2; die "--name is required"; }
+[ -n "$zone" ] || { usage >&2; die "--zone is required"; }
+[ ${#cmd[@]} -gt 0 ] || { usage >&2; die "no command given; put it after --, e.g. -- python -m fedkd.main ..."; }
+[ -d "$src" ] || die "--src=$src is not a directory"
+
+common=(--zone="$zone")
+[ -n "$project" ] && common+=(--project="$project")
+qr_name="${name}-qr"
+
+# Runs (or, with --dry_run, prints) one command, shell-quoted so it can be pasted.
+run() {
+  if [ "$dry_run" = 1 ]; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+
+cleanup() {
+  local rc=$?
+  if [ "$keep" = 1 ] || [ "$reuse" = 1 ]; then
+    echo "keeping TPU VM $name (delete: gcloud compute tpus tpu-vm delete $name --zone=$zone --quiet)" >&2
+  elif [ "$queued" = 1 ]; then
+    run gcloud compute tpus queued-resources delete "$qr_name" "${common[@]}" --force --quiet || true
+  else
+    run gcloud compute tpus tpu-vm delete "$name" "${common[@]}" --quiet || true
+  fi
+  [ -n "${tarball:-}" ] && [ "$dry_run" = 0 ] && rm -f "$tarball"
+  exit "$rc"
+}
+
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# 1. create
+if [ "$reuse" = 0 ]; then
+  spot_flag=(); [ "$spot" = 1 ] && spot_flag=(--spot)
+  if [ "$queued" = 1 ]; then
+    run gcloud compute tpus queued-resources create "$qr_name" --node-id="$name" "${common[@]}" \
+      --accelerator-type="$accel" --runtime-version="$version" "${spot_flag[@]}"
+    if [ "$dry_run" = 1 ]; then
+      run gcloud compute tpus queued-resources describe "$qr_name" "${common[@]}" --format='value(state.state)'
+    else
+      echo "waiting for queued resource $qr_name to become ACTIVE ..." >&2
+      while :; do
+        state=$(gcloud compute tpus queued-resources describe "$qr_name" "${common[@]}" --format='value(state.state)')
+        case "$state" in
+          ACTIVE) break ;;
+          FAILED|SUSPENDED) die "queued resource $qr_name is $state" ;;
+        esac
+        sleep 30
+      done
+    fi
+  else
+    run gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type="$accel" \
+      --version="$version" "${spot_flag[@]}"
+  fi
+fi
+
+# 2. copy the code (a tarball of the working tree without venvs, runs and git history)
+tarball="${TMPDIR:-/tmp}/fedkd-src-$$.tgz"
+run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=runs --exclude=__pycache__ \
+  -C "$src" .
+run gcloud compute tpus tpu-vm scp "$tarball" "$name:fedkd-src.tgz" "${common[@]}" --worker=all
+run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
+  --command="mkdir -p $remote_dir && tar -xzf fedkd-src.tgz -C $remote_dir && rm fedkd-src.tgz"
+
+# 3. install (one pip call, so the TPU JAX build is chosen within fedkd's JAX version range)
+run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
+  --command="cd $remote_dir && python3 -m pip install -q -U -e . '$pip_spec'"
+
+# 4. run the command on every worker (multi-host: fedkd calls jax.distributed.initialize itself)
+remote_cmd=$(printf '%q ' "${cmd[@]}")
+run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
+  --command="cd $remote_dir && PATH=\$HOME/.local/bin:\$PATH $remote_cmd"
+
+# 5. fetch results from worker 0
+if [ -n "$fetch" ]; then
+  dest="$(dirname "$fetch")"
+  [ "$dry_run" = 1 ] || mkdir -p "$dest"
+  run gcloud compute tpus tpu-vm scp --recurse "$name:$remote_dir/$fetch" "$dest" "${common[@]}" --worker=0
+fi
+echo "done; results in ./$fetch" >&2

@@ -1,0 +1,282 @@
+"""Sweeps: override helpers, names, validation, the runner (run / skip / resume / fail), aggregation,
+and the TPU VM launcher's --dry_run. Training runs are tiny fedkd.main subprocesses."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # the launch/ package lives next to fedkd/
+
+from fedkd import sweep as S  # noqa: E402
+from fedkd.config import base_config  # noqa: E402
+from launch import sweep as launcher  # noqa: E402
+
+METRICS = ("dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire", "unseen/dice/catheter",
+           "unseen/dice/guidewire")
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _launch(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "launch.sweep", *args], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _write_config(path, sweep_src):
+  path.write_text(textwrap.dedent(f"""
+      from fedkd.config import base_config
+
+      def get_config(arg=None):
+        return base_config()
+      """) + (f"\ndef get_sweep(arg=None):\n  return {sweep_src}\n" if sweep_src is not None else ""))
+  return str(path)
+
+
+# ---------------------------------------------------------------- definition helpers
+
+
+def test_product_zipped_concat():
+  assert S.product(seed=[0, 1], **{"model.width": [8, 16]}) == [
+      {"seed": 0, "model.width": 8}, {"seed": 0, "model.width": 16},
+      {"seed": 1, "model.width": 8}, {"seed": 1, "model.width": 16}]
+  methods = [{"method": "a", "server_optimizer.momentum": 0.0},
+             {"method": "b", "server_optimizer.momentum": 0.9}]
+  assert S.product(methods, seed=[3]) == [{"method": "a", "server_optimizer.momentum": 0.0, "seed": 3},
+                                          {"method": "b", "server_optimizer.momentum": 0.9, "seed": 3}]
+  assert S.product(S.product(seed=[0, 1]), methods) == [
+      {"seed": 0, **methods[0]}, {"seed": 0, **methods[1]}, {"seed": 1, **methods[0]}, {"seed": 1, **methods[1]}]
+  assert S.zipped(seed=[0, 1], quantity_skew=[0.0, 0.5]) == [{"seed": 0, "quantity_skew": 0.0},
+                                                           {"seed": 1, "quantity_skew": 0.5}]
+  assert S.zipped(methods, seed=[5, 6]) == [{**methods[0], "seed": 5}, {**methods[1], "seed": 6}]
+  with pytest.raises(S.SweepError, match="equal lengths"):
+    S.zipped(seed=[0, 1], quantity_skew=[0.0])
+  with pytest.raises(S.SweepError, match="set twice"):
+    S.product([{"seed": 0}], seed=[1])
+  a, b = S.product(seed=[0]), [{"seed": 1}]
+  assert S.concat(a, b) == a + b == [{"seed": 0}, {"seed": 1}]
+  assert S.product() == [{}]
+
+
+def test_run_names_are_stable_short_and_safe():
+  o = {"method": "fedavgm", "server_optimizer.momentum": 0.9, "seed": 1}
+  assert S.run_name(o) == "fedavgm__server_optimizer.momentum-0.9__seed-1"
+  assert S.run_name(dict(reversed(list(o.items())))) == S.run_name(o)  # key order does not matter
+  weird = S.run_name({"method": "a/b c", "data.source": "tfds:x/y", "seed": 0})
+  assert "/" not in weird and " " not in weird and ":" not in weird
+  long = S.run_name({f"k{i}": "v" * 20 for i in range(10)})
+  assert len(long) <= 100 and long == S.run_name({f"k{i}": "v" * 20 for i in range(10)})
+  # The quickstart sweep: the method label explains the server settings, names stay short.
+  quickstart = launcher.load_config_module(os.path.join(ROOT, "configs", "quickstart.py"))
+  sweep = quickstart.get_sweep("tiny")
+  assert S.run_names(sweep) == ["fedavg__seed-0", "fedavgm__seed-0", "fedavg__seed-1", "fedavgm__seed-1"]
+  assert S.varying_keys(sweep) == []
+  fedavg_unet = launcher.load_config_module(os.path.join(ROOT, "configs", "fedavg_unet.py"))
+  sweep = fedavg_unet.get_sweep("seeds=2")
+  assert len(sweep) == 6 and S.varying_keys(sweep) == ["quantity_skew"]
+  assert S.run_names(sweep)[1] == "fedavg__quantity_skew-0.5__seed-0"
+  assert len(S.validate_sweep(sweep, fedavg_unet.get_config("runlocal"))) == 6
+
+
+def test_validate_sweep_errors():
+  c = base_config()
+  with pytest.raises(S.SweepError, match=r"unknown config key 'sed'; did you mean 'seed'\?"):
+    S.validate_sweep([{"seed": 0}, {"sed": 1}], c)
+  with pytest.raises(S.SweepError, match="did you mean 'server_optimizer.momentum'"):
+    S.validate_sweep([{"server_optimizer.momentun": 0.9}], c)
+  with pytest.raises(S.SweepError, match="empty"):
+    S.validate_sweep([], c)
+  with pytest.raises(S.SweepError, match="group of keys"):
+    S.validate_sweep([{"model": 3}], c)
+  with pytest.raises(S.SweepError, match="num_rounds"):
+    S.validate_sweep([{"num_rounds": 1.5}], c)
+  with pytest.raises(S.SweepError, match="repeats run 0"):
+    S.validate_sweep([{"seed": 1}, {"seed": 1}], c)
+  with pytest.raises(S.SweepError, match="GroupNorm"):  # fedkd.config.validate runs on every run
+    S.validate_sweep([{"model.width": 6}], c)
+  with pytest.raises(S.SweepError, match="also set by --extra"):
+    S.validate_sweep([{"seed": 1}], c, {"seed": 2})
+  configs = S.validate_sweep([{"method": "m", "seed": 3}], c, {"num_rounds": 4})
+  assert configs[0].seed == 3 and configs[0].num_rounds == 4 and c.seed == 0
+
+
+def test_bad_input_one_line_error_and_nothing_written(tmp_path, capsys):
+  out = tmp_path / "out"
+  cases = [(_write_config(tmp_path / "typo.py", '[{"seed": 0}, {"sed": 1}]'), "did you mean 'seed'"),
+           (_write_config(tmp_path / "nosweep.py", None), "has no get_sweep"),
+           (_write_config(tmp_path / "empty.py", "[]"), "sweep is empty"),
+           (str(tmp_path / "missing.py"), "not found")]
+  for cfg, expected in cases:
+    with pytest.raises(SystemExit) as e:
+      launcher.main([f"--config={cfg}", f"--out={out}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedkd: error: ") and "\n" not in err and expected in err, err
+    assert not out.exists()  # checked before any run directory (or the sweep dir) is created
+  # An existing sweep directory is left as it was.
+  out.mkdir()
+  (out / "sweep.json").write_text("old")
+  with pytest.raises(SystemExit):
+    launcher.main([f"--config={cases[0][0]}", f"--out={out}", "--extra=--config.num_rounds=2"])
+  assert (out / "sweep.json").read_text() == "old" and os.listdir(out) == ["sweep.json"]
+  capsys.readouterr()
+
+
+# ---------------------------------------------------------------- the runner on real runs
+
+
+def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path):
+  out = tmp_path / "sweep"
+  args = ["--config=configs/quickstart.py", "--sweep=tiny", f"--out={out}", "--parallel=2"]
+  r = _launch(*args)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  names = ["fedavg__seed-0", "fedavgm__seed-0", "fedavg__seed-1", "fedavgm__seed-1"]
+  for n in names:
+    assert f"{n}: started (new)" in r.stdout and f"{n}: finished in" in r.stdout, r.stdout
+    assert (out / n / "DONE").exists()
+  cmd = json.loads((out / "fedavgm__seed-1" / "DONE").read_text())["command"]
+  assert "--config.server_optimizer.momentum=0.9" in cmd and "--config.seed=1" in cmd
+  assert json.loads((out / "fedavg__seed-1" / "config.json").read_text())["server_optimizer"]["momentum"] == 0.0
+  assert [x["name"] for x in json.loads((out / "sweep.json").read_text())["runs"]] == names
+  stamps = {n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns)
+            for n in names}
+
+  # Second invocation: everything is finished, nothing runs again.
+  r = _launch(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("skipped (finished: round 2/2)") == 4 and "started" not in r.stdout, r.stdout
+  assert stamps == {n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns)
+                    for n in names}
+
+  # An interrupted run (no DONE, last checkpoint gone) resumes from its latest checkpoint.
+  victim = out / "fedavgm__seed-1"
+  (victim / "DONE").unlink()
+  shutil.rmtree(victim / "checkpoints" / "2")
+  r = _launch(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "fedavgm__seed-1: started (resuming from round 1 of 2)" in r.stdout, r.stdout
+  assert r.stdout.count("skipped") == 3 and r.stdout.count("started") == 1
+  assert "resuming from round 1" in (victim / "stdout.log").read_text()
+  assert (victim / "DONE").exists() and launcher.latest_checkpoint(str(victim)) == 2
+  assert [json.loads(x)["round"] for x in (victim / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+  # Aggregation: one row per method, mean and sample std over the two seeds of the last record.
+  last = {n: [json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()][-1] for n in names}
+  with open(out / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [row["method"] for row in rows] == ["fedavg", "fedavgm"]
+  for row in rows:
+    assert row["seeds"] == "2" and row["round"] == "2"
+    for m in METRICS:
+      vals = np.array([last[f"{row['method']}__seed-{s}"][m] for s in (0, 1)])
+      np.testing.assert_allclose(float(row[f"{m}_mean"]), vals.mean(), rtol=1e-12, atol=1e-15)
+      np.testing.assert_allclose(float(row[f"{m}_std"]), vals.std(ddof=1), rtol=1e-9, atol=1e-15)
+  md = (out / "results.md").read_text().splitlines()
+  assert sum(line.startswith("| fedavg") for line in md) == 2 and "ddof=1" in "\n".join(md)
+  assert (out / "curves.png").stat().st_size > 0 and not list(out.glob("vs_*.png"))
+
+
+def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
+  cfg = _write_config(tmp_path / "two.py", '[{"seed": 0}, {"seed": 1}]')
+  out = tmp_path / "out"
+  r = _launch(f"--config={cfg}", f"--out={out}", "--extra=--no_such_flag=1")
+  assert r.returncode == 1
+  lines = r.stdout.splitlines()
+  for n in ("seed-0", "seed-1"):
+    failed = [x for x in lines if f"{n}: FAILED with exit code 2" in x]
+    assert failed and "fedkd: error:" in failed[0], r.stdout
+    assert not (out / n / "DONE").exists()
+  assert "2 of 2 run(s) failed" in r.stdout
+
+
+# ---------------------------------------------------------------- aggregation on made-up runs
+
+
+def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
+  sweep = S.product(S.product(seed=[0, 1, 2]), [{"method": "fedavg"}], quantity_skew=[0.0, 1.0])
+  defn = {"config": "configs/fedavg_unet.py", "sweep": None, "extra": [],
+          "varying_keys": S.varying_keys(sweep),
+          "runs": [{"name": n, "overrides": o, "num_rounds": 2} for n, o in zip(S.run_names(sweep), sweep)]}
+  rng = np.random.default_rng(0)
+  finals = {}
+  for run in defn["runs"]:
+    (tmp_path / run["name"]).mkdir()
+    recs = [{"round": r, **{m: float(rng.uniform()) for m in METRICS}, "site/a/dice/catheter": 0.5}
+            for r in (0, 1, 2)]
+    finals[run["name"]] = recs[-1]
+    (tmp_path / run["name"] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+  (tmp_path / "sweep.json").write_text(json.dumps(defn))
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["method"], r["quantity_skew"], r["seeds"]) for r in rows] == [("fedavg", "0.0", "3"),
+                                                                           ("fedavg", "1.0", "3")]
+  for row in rows:
+    vals = np.array([finals[f"fedavg__quantity_skew-{row['quantity_skew']}__seed-{s}"]["dice/guidewire"]
+                     for s in range(3)])
+    np.testing.assert_allclose(float(row["dice/guidewire_mean"]), vals.mean(), rtol=1e-12)
+    np.testing.assert_allclose(float(row["dice/guidewire_std"]), vals.std(ddof=1), rtol=1e-9)
+  assert (tmp_path / "vs_quantity_skew.png").stat().st_size > 0 and (tmp_path / "curves.png").exists()
+  assert "site/" not in (tmp_path / "results.csv").read_text()
+  capsys.readouterr()
+
+
+# ---------------------------------------------------------------- cloud / cluster recipes
+
+
+def _tpu(*args):
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_vm.sh"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_tpu_vm_dry_run_prints_the_gcloud_commands():
+  r = _tpu("--dry_run", "--name=fk1", "--zone=us-central2-b", "--accelerator_type=v4-16",
+           "--version=tpu-ubuntu2204-base", "--spot", "--project=proj", "--",
+           "python", "-m", "fedkd.main", "--config=configs/fedavg_unet.py", "--workdir=runs/tpu")
+  assert r.returncode == 0, r.stderr
+  lines = [x for x in r.stdout.splitlines() if x.startswith("+ ")]
+  create = [x for x in lines if "tpu-vm create" in x]
+  assert len(create) == 1
+  for flag in ("fk1", "--zone=us-central2-b", "--accelerator-type=v4-16", "--version=tpu-ubuntu2204-base",
+               "--spot", "--project=proj"):
+    assert flag in create[0].split(), (flag, create[0])
+  scp_all = [x for x in lines if "tpu-vm scp" in x and "--worker=all" in x]
+  ssh_all = [x for x in lines if "tpu-vm ssh" in x and "--worker=all" in x]
+  assert scp_all and len(ssh_all) == 3
+  assert "pip\\ install" in ssh_all[1] and "jax\\[tpu\\]" in ssh_all[1]
+  assert "fedkd.main" in ssh_all[2] and "--workdir=runs/tpu" in ssh_all[2]
+  fetch = [x for x in lines if "tpu-vm scp" in x and "--worker=0" in x]
+  assert fetch and "fk1:fedkd/runs" in fetch[0]
+  assert "tpu-vm delete fk1" in lines[-1] and "--quiet" in lines[-1]  # the EXIT trap deletes the VM
+  order = [next(i for i, x in enumerate(lines) if k in x) for k in ("create", "pip", "fedkd.main", "--worker=0", "delete")]
+  assert order == sorted(order)
+
+  r = _tpu("--dry_run", "--queued", "--keep", "--name=fk2", "--zone=z", "--", "echo", "hi")
+  assert r.returncode == 0, r.stderr
+  assert "queued-resources create fk2-qr --node-id=fk2 --zone=z --accelerator-type=v4-8" in r.stdout
+  assert "--runtime-version=tpu-ubuntu2204-base" in r.stdout and "--spot" not in r.stdout
+  assert "delete" not in r.stdout and "keeping TPU VM fk2" in r.stderr
+
+  r = _tpu("--dry_run", "--zone=z", "--", "echo")
+  assert r.returncode == 2 and "fedkd: error: --name is required" in r.stderr and "usage:" in r.stderr
+  r = _tpu("--name=a", "--zone=z", "--bogus")
+  assert r.returncode == 2 and "unknown argument '--bogus'" in r.stderr
+
+
+def test_slurm_recipe_is_valid_bash():
+  path = os.path.join(ROOT, "launch", "slurm.sbatch")
+  assert subprocess.run(["bash", "-n", path]).returncode == 0
+  text = open(path).read()
+  assert "--ntasks-per-node=1" in text and "srun" in text and "python -m fedkd.main" in text
