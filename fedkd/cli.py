@@ -14,7 +14,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from fedkd.config import ConfigError, base_config
+from fedkd.config import ConfigError, base_config, schemas
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                          lock_config=True)
@@ -26,6 +26,14 @@ def fail(msg: str) -> None:
 
 
 def _check_override_key(key: str) -> None:
+  for schema in schemas():  # valid if any task's schema has it
+    node = schema
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        break
+      node = node[part]
+    else:
+      return
   node, done = base_config(), []
   for part in key.split("."):
     if not isinstance(node, ml_collections.ConfigDict):

@@ -34,8 +34,11 @@ def run(argv: list[str] | None = None) -> None:
     if config.task == "fedavg":
       from fedkd.tasks import fedavg
       fedavg.run(config, _WORKDIR.value)
+    elif config.task == "fedefm":
+      from fedkd.tasks import fedefm
+      fedefm.run(config, _WORKDIR.value)
     else:
-      raise ConfigError(f"config.task={config.task!r} is not a known task; use 'fedavg'")
+      raise ConfigError(f"config.task={config.task!r} is not a known task; use 'fedavg' or 'fedefm'")
   except (ConfigError, CheckpointError, DataError, PartitionError) as e:
     cli.fail(str(e))
 

@@ -1,0 +1,63 @@
+"""FedEFM end to end: foundation pretraining across silos with unseen data types, then a student
+fine-tuned on an unseen hospital; results table over methods x seeds + unseen-label-% ablation.
+
+  python -m fedkd.main --config=configs/fedefm.py:runlocal --workdir=runs/fedefm_local   # CPU
+  python -m fedkd.main --config=configs/fedefm.py --workdir=runs/fedefm                  # one GPU
+Variants: runlocal, tiny (tests), seeds=N.
+"""
+from fedkd.config import ConfigError, fedefm_base_config, parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg)
+  c = fedefm_base_config()
+  # GPU-sized default: 64 px, bigger ViT, longer pretraining.
+  c.image_size = 64
+  c.pretrain.num_rounds = 200
+  c.pretrain.local_steps = 2
+  c.pretrain.batch_size = 8
+  c.pretrain.examples_per_silo = 2048
+  for m in (c.teacher, c.student):
+    m.image_size = 64
+    m.patch_size = 8
+    m.hidden = 128
+    m.num_heads = 4
+    m.mlp_dim = 256
+    m.stem_width = 32
+  c.teacher.num_layers = 6
+  c.teacher.decoder_width = 64
+  c.student.num_layers = 3
+  c.student.decoder_width = 32
+  c.downstream.train_examples = 256
+  c.downstream.test_examples = 128
+  c.downstream.steps = 600
+  c.downstream.batch_size = 16
+  if a.pop("runlocal", False):  # 2 CPU cores, < 30 minutes: fedkd.config defaults (32 px, tiny ViT)
+    c = fedefm_base_config()
+  if a.pop("tiny", False):  # tests: seconds per run
+    c = fedefm_base_config()
+    c.image_size = 16
+    c.pretrain.num_rounds = 2
+    c.pretrain.local_steps = 1
+    c.pretrain.batch_size = 2
+    c.pretrain.examples_per_silo = 16
+    for m in (c.teacher, c.student):
+      m.image_size, m.patch_size, m.hidden, m.mlp_dim, m.stem_width, m.num_heads = 16, 4, 8, 16, 4, 2
+    c.teacher.decoder_width = c.student.decoder_width = 4
+    c.fedefm.emd_iters = 10
+    c.downstream.train_examples = 8
+    c.downstream.test_examples = 4
+    c.downstream.steps = 3
+    c.downstream.batch_size = 2
+    c.experiment.seeds = "0"
+    c.experiment.methods = "scratch,fedavg,fedefm"
+    c.experiment.kd_methods = "fedefm"
+    c.experiment.ablation_percents = ""
+  if "seeds" in a:
+    try:
+      c.experiment.seeds = ",".join(str(s) for s in range(int(a.pop("seeds"))))
+    except ValueError as e:
+      raise ConfigError(f"bad seeds= in {arg!r}: {e}") from None
+  if a:
+    raise ConfigError(f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, tiny, seeds=N")
+  return c
