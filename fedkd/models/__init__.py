@@ -1,28 +1,73 @@
-"""Models and the split into (graphdef, params) that the FL core works on."""
+"""Models and the split into (graphdef, params) that the FL core works on.
+
+``build_model(model_cfg, seed)`` builds the NNX module for ``model_cfg.name`` in {"unet",
+"transunet"}; ``init_params`` returns ``(apply, params)`` and ``init_model`` additionally a
+``apply_with_features(params, x) -> (logits, features [B, h, w, C])`` for feature distillation /
+EMD: the bottleneck output for the UNet, the ViT encoder tokens on the patch grid for TransUNet.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from fedkd.models.transunet import TransUNet
 from fedkd.models.unet import UNet
+
+# TransUNet defaults, used for keys a config does not set.
+TRANSUNET_DEFAULTS = dict(patch_size=8, stem_width=16, hidden=64, num_layers=4, num_heads=4,
+                          mlp_dim=128, decoder_width=32, skips=False, image_size=64)
 
 
 def build_model(model_cfg, seed: int) -> nnx.Module:
   if model_cfg.name == "unet":
     return UNet(in_channels=1, num_classes=model_cfg.num_classes, width=model_cfg.width,
                 depth=model_cfg.depth, groups=model_cfg.groups, rngs=nnx.Rngs(seed))
+  if model_cfg.name == "transunet":
+    kw = {k: model_cfg.get(k, v) for k, v in TRANSUNET_DEFAULTS.items()}
+    return TransUNet(in_channels=1, num_classes=model_cfg.num_classes, rngs=nnx.Rngs(seed), **kw)
   raise ValueError(f"unknown model {model_cfg.name!r}")
 
 
-def init_params(model_cfg, seed: int) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
-  """Returns ``(apply, params)``: a pure ``apply(params, x) -> logits`` and the parameter pytree."""
+def _unet_forward_with_features(model: UNet, x):
+  """UNet forward that also returns the bottleneck (``mid``) output; runs the UNet's submodules in
+  exactly the order of ``UNet.__call__`` (same params, same numerics)."""
+  skips = []
+  for block in model.enc:
+    x = block(x)
+    skips.append(x)
+    x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+  x = feats = model.mid(x)
+  for up, block, skip in zip(model.up, model.dec, reversed(skips)):
+    x = block(jnp.concatenate([up(x), skip], axis=-1))
+  return model.head(x), feats
+
+
+def _forward_with_features(model: nnx.Module, x):
+  if isinstance(model, UNet):
+    return _unet_forward_with_features(model, x)
+  return model.forward_with_features(x)
+
+
+def init_model(model_cfg, seed: int):
+  """Returns ``(apply, apply_with_features, params)``: pure ``apply(params, x) -> logits``,
+  ``apply_with_features(params, x) -> (logits, features [B, h, w, C])`` and the parameter pytree
+  (a plain nested dict from ``nnx.to_pure_dict``; list levels have int keys)."""
   graphdef, params = nnx.split(build_model(model_cfg, seed), nnx.Param)
   params = jax.tree.map(lambda p: p, nnx.to_pure_dict(params))
 
   def apply(p, x):
-    state = nnx.State(p)
-    return nnx.merge(graphdef, state)(x)
+    return nnx.merge(graphdef, nnx.State(p))(x)
 
+  def apply_with_features(p, x):
+    return _forward_with_features(nnx.merge(graphdef, nnx.State(p)), x)
+
+  return apply, apply_with_features, params
+
+
+def init_params(model_cfg, seed: int) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+  """Returns ``(apply, params)``: a pure ``apply(params, x) -> logits`` and the parameter pytree."""
+  apply, _, params = init_model(model_cfg, seed)
   return apply, params
