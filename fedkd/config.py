@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.partition = "by_site"  # tfds: by_site | dirichlet (over sites) | iid (quantity_skew sizes)
   c.data.dirichlet_alpha = 0.5
   c.data.augment = True  # tfds: crop, flips, rotations, intensity jitter
+  # synthetic: side (px) of the acquisition field that the hospital pixel spacings refer to;
+  # 0 = the output itself (catheter 3-12 px, wire 0.8-3 px); 512 = a downsampled 512 px view
+  c.data.synthetic_field_size = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"

@@ -68,7 +68,7 @@ class SyntheticClients:
     clients = np.asarray(clients)[rows if rows is not None else slice(None)]
     idx = round_indices(c, round_, clients, self.sizes)
     images, masks = synth.generate(c.seed, self.table, jnp.asarray(clients, jnp.int32), jnp.asarray(idx),
-                                   c.image_size, split=0)
+                                   c.image_size, split=0, field_size=c.data.synthetic_field_size)
     s, b, h = c.local_steps, c.batch_size, c.image_size
     return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
 
@@ -79,7 +79,8 @@ class SyntheticClients:
     idx = jnp.arange(c.eval.examples_per_site, dtype=jnp.int32)[None]
     out = {}
     for sid, name in [(i, self.site_names[i]) for i in ids] + [(c.num_clients, self.unseen_name)]:
-      im, m = synth.generate(c.seed, self.table, jnp.asarray([sid], jnp.int32), idx, c.image_size, split=1)
+      im, m = synth.generate(c.seed, self.table, jnp.asarray([sid], jnp.int32), idx, c.image_size, split=1,
+                             field_size=c.data.synthetic_field_size)
       out[name] = (im[0], m[0])
     return out
 
