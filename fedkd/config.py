@@ -113,7 +113,7 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.num_silos = 4
-  c.pretrain.num_rounds = 30
+  c.pretrain.num_rounds = 100
   c.pretrain.local_steps = 2
   c.pretrain.batch_size = 4
   c.pretrain.examples_per_silo = 256
@@ -148,9 +148,9 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.downstream = ml_collections.ConfigDict()
   c.downstream.train_examples = 128
   c.downstream.test_examples = 64
-  c.downstream.steps = 150
+  c.downstream.steps = 500
   c.downstream.batch_size = 8
-  c.downstream.learning_rate = 1e-3
+  c.downstream.learning_rate = 3e-3
   c.downstream.kd_pixel_weight = 1.0
   c.downstream.kd_feature_weight = 1.0
   c.downstream.kd_temperature = 2.0

@@ -128,3 +128,48 @@ def test_plain_round_is_fedavg_and_gossip_preserves_mean():
   cfl, _ = engine_round(params, xs, ys, topology.ring(N) > 0, W, "cfl", 1, distill=False)
   # gossip with a doubly-stochastic W keeps the silo mean = the CFL (FedAvg) model
   _close(mean_model(got), jax.tree.map(lambda a: a[0], cfl), tol=1e-5)
+
+
+def test_experiment_end_to_end_tiny_and_skips_finished_runs(tmp_path):
+  """configs/fedefm.py:tiny through the real experiment: tables written, re-run skips every run."""
+  import importlib.util
+  import os
+  from fedkd.tasks import fedefm as task
+  spec = importlib.util.spec_from_file_location(
+      "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  c.experiment.methods = "fedavg,fedefm"
+  c.experiment.kd_methods = "fedefm"
+  work = str(tmp_path / "fe")
+  rows = task.run(c, work, log=lambda _: None)
+  assert [(r["method"], r["teacher_kd"]) for r in rows] == [("fedavg", False), ("fedefm", False), ("fedefm", True)]
+  for r in rows:
+    for k in ("dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"):
+      assert 0.0 <= r[k] <= 1.0
+  md = open(os.path.join(work, "results.md")).read()
+  assert "| 100 | fedefm | yes | 1 |" in md
+  csv = open(os.path.join(work, "results.csv")).read().splitlines()
+  assert len(csv) == 4 and csv[0].startswith("unseen_percent,method,teacher_kd,seeds")
+  lines = []
+  again = task.run(c, work, log=lines.append)
+  assert again == rows and "3 runs (3 already done)" in lines[0]
+  assert not any(l.startswith("[") for l in lines)  # nothing re-ran
+
+
+def test_experiment_config_errors():
+  from fedkd.config import ConfigError, fedefm_base_config
+  from fedkd.tasks.fedefm import validate
+  c = fedefm_base_config()
+  c.experiment.methods = "fedavg,fedprox"
+  with pytest.raises(ConfigError, match="unknown method 'fedprox'"):
+    validate(c)
+  c = fedefm_base_config()
+  c.pretrain.num_silos = 5
+  with pytest.raises(ConfigError, match="at most 4 silos"):
+    validate(c)
+  c = fedefm_base_config()
+  c.student.hidden = 16
+  with pytest.raises(ConfigError, match="must match the teacher"):
+    validate(c)
