@@ -138,12 +138,13 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.fedefm.moon_mu = 1.0  # MOON baseline
   c.fedefm.moon_tau = 0.5
 
+  # name: transunet (the paper's backbone) or unet (width/depth/groups; the encoder = enc + mid blocks)
   c.teacher = ml_collections.ConfigDict(dict(
       name="transunet", num_classes=4, patch_size=4, stem_width=8, hidden=32, num_layers=2,
-      num_heads=2, mlp_dim=64, decoder_width=16, skips=False, image_size=32))
+      num_heads=2, mlp_dim=64, decoder_width=16, skips=False, image_size=32, width=8, depth=2, groups=4))
   c.student = ml_collections.ConfigDict(dict(
       name="transunet", num_classes=3, patch_size=4, stem_width=8, hidden=32, num_layers=1,
-      num_heads=2, mlp_dim=64, decoder_width=8, skips=False, image_size=32))
+      num_heads=2, mlp_dim=64, decoder_width=8, skips=False, image_size=32, width=8, depth=2, groups=4))
 
   c.downstream = ml_collections.ConfigDict()
   c.downstream.train_examples = 128

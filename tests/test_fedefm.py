@@ -173,3 +173,20 @@ def test_experiment_config_errors():
   c.student.hidden = 16
   with pytest.raises(ConfigError, match="must match the teacher"):
     validate(c)
+
+
+def test_unet_foundation_loads_exactly_the_encoder():
+  import ml_collections
+  from fedkd.models import init_model
+  from fedkd.tasks.fedefm import transfer_encoder
+  t = ml_collections.ConfigDict(dict(name="unet", num_classes=4, width=4, depth=2, groups=2))
+  s = ml_collections.ConfigDict(dict(name="unet", num_classes=3, width=4, depth=2, groups=2))
+  _, _, teacher = init_model(t, 0)
+  _, _, student = init_model(s, 1)
+  new = transfer_encoder(student, teacher, "unet")
+  for top in new:
+    for a, b, c in zip(jax.tree.leaves(new[top]), jax.tree.leaves(teacher[top]), jax.tree.leaves(student[top])):
+      if top in ("enc", "mid"):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

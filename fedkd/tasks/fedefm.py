@@ -100,15 +100,34 @@ def validate(c) -> dict:
   for p in percents:
     if not 0 <= p <= 100 or (p == 100 and c.pretrain.num_silos > len(DATA_TYPES)):
       raise ConfigError(f"config.experiment.ablation_percents: {p} is not a valid unseen-label %")
-  for name in ("teacher", "student"):
-    if c[name].image_size != c.image_size or c.image_size % c[name].patch_size:
-      raise ConfigError(f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
-                        f"multiple of config.{name}.patch_size")
-  if c.teacher.hidden != c.student.hidden or c.teacher.patch_size != c.student.patch_size:
-    raise ConfigError("config.student.hidden and patch_size must match the teacher's so the foundation "
-                      "encoder loads into the student")
+  if c.teacher.name != c.student.name or c.teacher.name not in ("transunet", "unet"):
+    raise ConfigError(f"config.teacher.name={c.teacher.name!r} / config.student.name={c.student.name!r}: "
+                      "use the same model family for both, transunet or unet")
+  if c.teacher.name == "transunet":
+    for name in ("teacher", "student"):
+      if c[name].image_size != c.image_size or c.image_size % c[name].patch_size:
+        raise ConfigError(f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
+                          f"multiple of config.{name}.patch_size")
+    if c.teacher.hidden != c.student.hidden or c.teacher.patch_size != c.student.patch_size:
+      raise ConfigError("config.student.hidden and patch_size must match the teacher's so the foundation "
+                        "encoder loads into the student")
+  else:
+    if (c.teacher.width, c.teacher.depth) != (c.student.width, c.student.depth):
+      raise ConfigError("config.student.width and depth must match the teacher's so the foundation "
+                        "encoder (UNet enc + mid blocks) loads into the student")
+    if c.image_size % (2 ** c.teacher.depth):
+      raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.teacher.depth")
   return {"methods": methods, "kd_methods": _csv(c.experiment.kd_methods), "seeds": seeds,
           "percents": percents, "ablation_methods": _csv(c.experiment.ablation_methods)}
+
+
+def transfer_encoder(student_params, foundation, model_name: str):
+  """Loads the foundation's encoder into the student: TransUNet ``encoder``; UNet ``enc`` + ``mid``."""
+  if model_name == "unet":
+    params, _ = load_encoder(student_params, foundation, prefix=("enc",), require=())
+    params, _ = load_encoder(params, foundation, prefix=("mid",), require=())
+    return params
+  return load_encoder(student_params, foundation)[0]
 
 
 class SiloData:
@@ -257,7 +276,7 @@ class Experiment:
     c, d = self.c, self.c.downstream
     _, _, params = init_model(c.student, seed + 1000)
     if foundation is not None:
-      params, _ = load_encoder(params, foundation)
+      params = transfer_encoder(params, foundation, c.student.name)
     x_tr, y_tr = self.data.target(seed, 0, d.train_examples)
     x_te, y_te = self.data.target(seed, 1, d.test_examples)
     step, tx = self._finetune_fn(kd)
