@@ -5,7 +5,7 @@
 
 Measures, side by side in one process:
   fed_round    one federated round (every client's local steps + FedAvg + server step), images/s,
-               for each client parallelism asked for (vmap / unroll);
+               for each client parallelism asked for (vmap / unroll / chunked / map);
   centralized  one model trained on batch = clients * batch for the same number of steps: the
                throughput ceiling for the same FLOPs without federated overhead;
   ratio        fed_round images/s divided by centralized images/s;
@@ -49,7 +49,8 @@ def main(argv=None) -> None:
   p.add_argument("--width", type=int, default=8)
   p.add_argument("--depth", type=int, default=3)
   p.add_argument("--rounds", type=int, default=3, help="timed repetitions after one warm-up")
-  p.add_argument("--parallelism", default="auto", help="comma list of vmap,unroll,auto")
+  p.add_argument("--parallelism", default="auto", help="comma list of vmap,unroll,chunked,map,auto")
+  p.add_argument("--chunk", type=int, default=4, help="clients per chunk for --parallelism chunked")
   p.add_argument("--unroll", default="auto", choices=["auto", "true", "false"],
                  help="unroll the local-step scan (auto: on CPU)")
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
   for par in a.parallelism.split(","):
     par = ("unroll" if backend == "cpu" else "vmap") if par == "auto" else par
     fn = engine.make_round_fn(apply, loss_fn, tx, server_tx, mesh, client_parallelism=par,
-                              unroll_local_steps=unroll)
+                              unroll_local_steps=unroll, client_chunk=a.chunk)
     state = [jax.device_put(engine.init_server_state(params, server_tx, jax.random.key(0)),
                             replicated(mesh))]
 

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 
 TASKS = ("fedavg",)
-CLIENT_PARALLELISM = ("auto", "vmap", "unroll")
+CLIENT_PARALLELISM = ("auto", "vmap", "unroll", "chunked", "map")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   # How clients inside one device shard run: 'vmap' (one batched program), 'unroll' (each client's
   # ops emitted separately; faster for convolutions on XLA:CPU), 'auto' (unroll on CPU, vmap elsewhere).
   c.engine.client_parallelism = "auto"
+  # 'chunked' / 'map': lax.scan over chunks of this many clients (vmapped inside); only one chunk's
+  # client deltas are alive at a time (memory for many clients per device); 'map' = chunks of 1.
+  c.engine.client_chunk = 8
   # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
   c.engine.unroll_local_steps = "auto"
 
@@ -216,7 +219,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
               "image_size", "examples_per_client", "model.width", "model.depth", "model.groups",
               "model.num_classes", "client_optimizer.learning_rate",
               "server_optimizer.learning_rate", "eval.every", "eval.examples_per_site",
-              "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep"):
+              "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep", "engine.client_chunk"):
     _positive(c, key)
   if not isinstance(c.seed, int) or c.seed < 0:
     raise ConfigError(f"config.seed={c.seed!r} must be a non-negative integer")

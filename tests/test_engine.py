@@ -42,11 +42,11 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0):
   return jax.tree.map(lambda a, d: a + server_lr * d, server, mean)
 
 
-def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0):
+def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0, chunk=8):
   mesh = client_mesh(n_dev)
   server_tx = optax.sgd(server_lr)
   fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), server_tx, mesh,
-                            client_parallelism=parallelism, unroll_local_steps=True)
+                            client_parallelism=parallelism, unroll_local_steps=True, client_chunk=chunk)
   state = engine.init_server_state(jax.tree.map(jnp.array, params), server_tx, jax.random.key(0))
   state, metrics = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
   return jax.tree.map(np.asarray, state["params"]), metrics
@@ -66,6 +66,15 @@ def test_round_equals_per_client_loop(parallelism):
   assert _max_diff(ref, got) < 2e-5
   # the round really moved the model (a no-op engine would fail the check above only by luck)
   assert _max_diff(params, got) > 1e-3
+  assert metrics["client_loss"].shape == (C,)
+
+
+@pytest.mark.parametrize("parallelism,n_dev,chunk", [("chunked", 2, 2), ("map", 4, 1)])
+def test_chunked_and_map_strategies_equal_per_client_loop(parallelism, n_dev, chunk):
+  apply, params, loss_fn, xs, ys, weights = _setup()
+  ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
+  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, chunk=chunk)
+  assert _max_diff(ref, got) < 2e-5
   assert metrics["client_loss"].shape == (C,)
 
 

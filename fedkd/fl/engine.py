@@ -75,9 +75,13 @@ def resolve_engine_options(engine_cfg, platform: str | None = None) -> tuple[str
 
 def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTransformation,
                   server_tx: optax.GradientTransformation, mesh, *, client_parallelism: str = "vmap",
-                  unroll_local_steps: bool = False):
+                  unroll_local_steps: bool = False, client_chunk: int = 8):
   """Returns ``round_fn(state, xs, ys, weights) -> (state, metrics)``, jitted, state donated.
 
+  ``client_parallelism`` (per device shard): ``vmap`` (all clients batched), ``unroll`` (each
+  client's ops emitted separately), ``chunked`` (``lax.scan`` over chunks of ``client_chunk`` clients,
+  vmapped inside, accumulating the weighted delta sum so per-client deltas of only one chunk are ever
+  alive: memory for many clients per device), ``map`` (the same with chunks of one client).
   ``metrics``: ``loss`` (weighted mean over clients) and ``client_loss`` [C].
   """
   update = functools.partial(client_update, apply, loss_fn, client_tx,
@@ -92,9 +96,23 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
       outs = [update(params, xs[i], ys[i]) for i in range(xs.shape[0])]
       deltas = jax.tree.map(lambda *d: jnp.stack(d), *[o[0] for o in outs])
       losses = jnp.stack([o[1] for o in outs])
+    elif client_parallelism in ("chunked", "map"):
+      c = xs.shape[0]
+      k = 1 if client_parallelism == "map" else max(d for d in range(1, min(client_chunk, c) + 1) if c % d == 0)
+      chunks = jax.tree.map(lambda a: a.reshape((c // k, k) + a.shape[1:]), (xs, ys, w))
+
+      def one_chunk(acc, chunk):
+        x, y, wc = chunk
+        d, l = jax.vmap(update, in_axes=(None, 0, 0))(params, x, y)
+        return jax.tree.map(lambda a, di: a + jnp.tensordot(wc, di, axes=1), acc, d), l
+
+      zero = jax.tree.map(jnp.zeros_like, params)
+      wsum, losses = jax.lax.scan(one_chunk, zero, chunks)
+      losses = losses.reshape(c)
     else:
       raise ValueError(f"unknown client_parallelism {client_parallelism!r}")
-    wsum = jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1), deltas)
+    if client_parallelism not in ("chunked", "map"):
+      wsum = jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1), deltas)
     wsum = jax.lax.psum(wsum, CLIENTS)
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
     mean_delta = jax.tree.map(lambda s: s / total, wsum)

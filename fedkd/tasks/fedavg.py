@@ -119,7 +119,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   server_tx = engine.make_optimizer(config.server_optimizer)
   state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed)), mesh)
   round_fn = engine.make_round_fn(apply, loss_fn, client_tx, server_tx, mesh,
-                                  client_parallelism=parallelism, unroll_local_steps=unroll)
+                                  client_parallelism=parallelism, unroll_local_steps=unroll,
+                                  client_chunk=config.engine.client_chunk)
 
   cfg_json = ckpt_lib.config_json(config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)

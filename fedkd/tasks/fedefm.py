@@ -83,6 +83,12 @@ def validate(c) -> dict:
   if c.fedefm.expert_steps > c.pretrain.local_steps:
     raise ConfigError(f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
                       f"config.pretrain.local_steps={c.pretrain.local_steps} (experts use the neighbour's batches)")
+  if c.mesh.client_devices < 0 or (c.mesh.client_devices and c.pretrain.num_silos % c.mesh.client_devices):
+    raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} must divide "
+                      f"config.pretrain.num_silos={c.pretrain.num_silos} (or be 0 = automatic)")
+  if c.mesh.client_devices > jax.device_count():
+    raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} but only {jax.device_count()} "
+                      "device(s) are visible")
   methods = _csv(c.experiment.methods)
   for m in methods + _csv(c.experiment.kd_methods) + _csv(c.experiment.ablation_methods):
     if m not in METHODS:
