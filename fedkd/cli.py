@@ -18,6 +18,11 @@ from fedkd.config import ConfigError, base_config, schemas
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                          lock_config=True)
+# Flags shared by several entry points (defined once, so the modules can be imported together).
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, config and checkpoints; re-use it to resume.")
+OUT = flags.DEFINE_string("out", None, "Output path (fedkd.eval: folder, default <workdir>/eval; "
+                          "fedkd.data.preview: PNG file, default preview.png).")
+FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in pictures.")
 
 
 def fail(msg: str) -> None:

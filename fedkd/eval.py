@@ -19,12 +19,11 @@ import sys
 from absl import flags
 import numpy as np
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by fedkd.main.")
+from fedkd import cli
+
 _ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to evaluate (default: latest).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 _EXAMPLES = flags.DEFINE_integer("examples", 32, "Held-out images per site.")
 _SPACING = flags.DEFINE_float("spacing_mm", 1.0, "Pixel size in mm for distance metrics (1.0 = pixels).")
-_FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in predictions.png.")
 
 SEVERITIES = {
     "noise": [0.0, 0.05, 0.1, 0.2, 0.3],        # Gaussian noise sigma (images in [0, 1])
@@ -217,10 +216,10 @@ def main(argv=None) -> None:
     fail(str(e).splitlines()[0])
   if len(rest) > 1:
     fail(f"unexpected arguments {' '.join(rest[1:])}")
-  if not _WORKDIR.value:
+  if not cli.WORKDIR.value:
     fail("--workdir is required (a run directory written by fedkd.main)")
-  workdir = _WORKDIR.value
-  out = _OUT.value or os.path.join(workdir, "eval")
+  workdir = cli.WORKDIR.value
+  out = cli.OUT.value or os.path.join(workdir, "eval")
   from fedkd.data.pipeline import DataError, make_client_data
   try:
     config, apply, params, r = load_run(workdir, _ROUND.value)
@@ -235,7 +234,7 @@ def main(argv=None) -> None:
         flush=True)
   results, preds, run, classes = evaluate(config, apply, params, sets, _SPACING.value)
   write_tables(results, out, r)
-  prediction_grid(sets, preds, _FRAMES.value, os.path.join(out, "predictions.png"), data.unseen_name)
+  prediction_grid(sets, preds, cli.FRAMES.value, os.path.join(out, "predictions.png"), data.unseen_name)
   print("robustness curves (noise, blur, contrast loss, downscaling) ...", flush=True)
   rob = robustness(sets, run, classes)
   with open(os.path.join(out, "robustness.json"), "w") as f:

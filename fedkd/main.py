@@ -13,7 +13,6 @@ from fedkd.config import ConfigError
 from fedkd.data.partition import PartitionError
 from fedkd.data.pipeline import DataError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, config and checkpoints go; re-use it to resume.")
 _COORD = flags.DEFINE_string("coordinator_address", None,
                              "host:port of process 0 for a multi-process run (with --num_processes, --process_id).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -24,7 +23,7 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU
 def run(argv: list[str] | None = None) -> None:
   cli.parse(argv)
   config = cli.CONFIG.value
-  if not _WORKDIR.value:
+  if not cli.WORKDIR.value:
     cli.fail("--workdir is required, e.g. --workdir=runs/quickstart")
   try:
     distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value, _CPU_DEVICES.value)
@@ -33,10 +32,10 @@ def run(argv: list[str] | None = None) -> None:
   try:
     if config.task == "fedavg":
       from fedkd.tasks import fedavg
-      fedavg.run(config, _WORKDIR.value)
+      fedavg.run(config, cli.WORKDIR.value)
     elif config.task == "fedefm":
       from fedkd.tasks import fedefm
-      fedefm.run(config, _WORKDIR.value)
+      fedefm.run(config, cli.WORKDIR.value)
     else:
       raise ConfigError(f"config.task={config.task!r} is not a known task; use 'fedavg' or 'fedefm'")
   except (ConfigError, CheckpointError, DataError, PartitionError) as e:

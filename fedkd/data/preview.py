@@ -15,8 +15,6 @@ import numpy as np
 from fedkd import cli
 from fedkd.report import grid
 
-_OUT = flags.DEFINE_string("out", "preview.png", "PNG file to write.")
-_FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site.")
 _SCALE = flags.DEFINE_integer("scale", 0, "Pixel zoom (0: to make frames at least 128 px).")
 
 def run(argv=None) -> None:
@@ -29,15 +27,16 @@ def run(argv=None) -> None:
     validate(config, jax.device_count())
     data = make_client_data(config)
     with config.unlocked():
-      config.eval.examples_per_site = max(_FRAMES.value, 1)
+      config.eval.examples_per_site = max(cli.FRAMES.value, 1)
     sets = data.eval_sets()
   except (ConfigError, DataError) as e:
     cli.fail(str(e))
   scale = _SCALE.value or max(1, -(-128 // config.image_size))
-  pic = grid(sets, _FRAMES.value, scale, data.unseen_name)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  pic.save(_OUT.value)
-  print(f"wrote {os.path.abspath(_OUT.value)}: {len(sets)} sites x {_FRAMES.value} frames "
+  pic = grid(sets, cli.FRAMES.value, scale, data.unseen_name)
+  out = cli.OUT.value or "preview.png"
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  pic.save(out)
+  print(f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
         f"({config.data.source}, {config.image_size}px); red catheter, green guidewire, blue vessel")
 
 
