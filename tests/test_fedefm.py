@@ -190,3 +190,21 @@ def test_unet_foundation_loads_exactly_the_encoder():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
       else:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_experiment_refuses_a_workdir_of_another_config(tmp_path):
+  import json
+  import os
+  from fedkd.config import ConfigError, fedefm_base_config
+  from fedkd.tasks import fedefm as task
+  c = fedefm_base_config()
+  work = tmp_path / "fe"
+  os.makedirs(work)
+  other = fedefm_base_config()
+  other.downstream.steps = 7
+  (work / "config.json").write_text(other.to_json())
+  (work / "results_raw.jsonl").write_text(json.dumps(
+      {"unseen_percent": 100.0, "method": "scratch", "teacher_kd": False, "seed": 0}) + "\n")
+  with pytest.raises(ConfigError, match="config.downstream differs"):
+    task.run(c, str(work), log=lambda _: None)
+  assert json.loads((work / "config.json").read_text())["downstream"]["steps"] == 7  # untouched

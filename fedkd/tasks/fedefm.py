@@ -321,7 +321,16 @@ class Experiment:
         if line.strip():
           r = json.loads(line)
           done[(r["unseen_percent"], r["method"], r["teacher_kd"], r["seed"])] = r
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+    cfg_path = os.path.join(self.workdir, "config.json")
+    if done and os.path.exists(cfg_path):
+      saved = json.load(open(cfg_path))
+      current = json.loads(self.c.to_json())
+      diff = sorted(k for k in set(saved) | set(current)
+                    if k != "experiment" and saved.get(k) != current.get(k))
+      if diff:
+        raise ConfigError(f"{self.workdir} holds results of another config (config.{diff[0]} differs); use a "
+                          "new --workdir, or the original config (only config.experiment may change)")
+    with open(cfg_path, "w") as f:
       f.write(self.c.to_json(indent=2))
     plan = self.plan()
     self.log(f"fedkd fedefm: {len(plan)} runs ({len(done)} already done) -> {self.workdir}; "
