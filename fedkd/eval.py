@@ -98,15 +98,13 @@ def load_run(workdir: str, round_: int | None):
 
 
 def evaluate(config, apply, params, sets, spacing_mm: float):
-  import jax
-  import jax.numpy as jnp
   from fedkd import metrics
+  from fedkd.models import make_predictor
 
-  predict = jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
-  bs = config.eval.batch_size
+  predict = make_predictor(apply, config.eval.batch_size)
 
   def run(images):
-    return np.concatenate([np.asarray(predict(params, images[i:i + bs])) for i in range(0, len(images), bs)])
+    return np.asarray(predict(params, images))
 
   classes = list(enumerate(metrics.CLASS_NAMES[:config.model.num_classes]))[1:]
   results, preds = {}, {}

@@ -174,24 +174,22 @@ def _surface_distances(p, t, spacing):
   return d_pt, d_tp
 
 
-def _hd95_one(p, t, spacing):
-  has_p, has_t = p.any(), t.any()
-  if not has_p and not has_t:
-    return 0.0
-  if has_p != has_t:
-    return np.nan
-  d_pt, d_tp = _surface_distances(p, t, spacing)
-  return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+def _surface_metric(reduce):
+  """Per-image surface metric with the empty-mask conventions; ``reduce(d_pt, d_tp) -> float``."""
+
+  def one(p, t, spacing):
+    has_p, has_t = p.any(), t.any()
+    if not has_p and not has_t:
+      return 0.0
+    if has_p != has_t:
+      return np.nan
+    return float(reduce(*_surface_distances(p, t, spacing)))
+
+  return one
 
 
-def _assd_one(p, t, spacing):
-  has_p, has_t = p.any(), t.any()
-  if not has_p and not has_t:
-    return 0.0
-  if has_p != has_t:
-    return np.nan
-  d_pt, d_tp = _surface_distances(p, t, spacing)
-  return float((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size))
+_hd95_one = _surface_metric(lambda a, b: max(np.percentile(a, 95), np.percentile(b, 95)))
+_assd_one = _surface_metric(lambda a, b: (a.sum() + b.sum()) / (a.size + b.size))
 
 
 def hd95(pred, target, class_id: int, spacing_mm=1.0):

@@ -71,3 +71,15 @@ def init_params(model_cfg, seed: int) -> tuple[Callable[[Any, jax.Array], jax.Ar
   """Returns ``(apply, params)``: a pure ``apply(params, x) -> logits`` and the parameter pytree."""
   apply, _, params = init_model(model_cfg, seed)
   return apply, params
+
+
+def make_predictor(apply, batch_size: int):
+  """``predict(params, images [N, H, W, 1]) -> label maps [N, H, W]`` (argmax), jitted once and run in
+  batches of ``batch_size``; shared by training-time evaluation, fedkd.eval and FedEFM fine-tuning."""
+  label_map = jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
+
+  def predict(params, images):
+    return jnp.concatenate([label_map(params, images[i:i + batch_size])
+                            for i in range(0, images.shape[0], batch_size)])
+
+  return predict

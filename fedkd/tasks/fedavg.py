@@ -19,7 +19,7 @@ from fedkd.fl import engine
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
 from fedkd.metrics import CLASS_NAMES, dice, iou
-from fedkd.models import init_params
+from fedkd.models import init_params, make_predictor
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
 # Keys that may change between a checkpoint and its resumed run without changing the numbers.
@@ -35,13 +35,11 @@ class Evaluator:
 
   def __init__(self, config, apply, eval_sets: dict[str, tuple]):
     self.sets = eval_sets
-    self.batch = config.eval.batch_size
     self.classes = list(enumerate(CLASS_NAMES[:config.model.num_classes]))[1:]
-    self._predict = jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
+    self._predict = make_predictor(apply, config.eval.batch_size)
 
   def site_metrics(self, params, images, masks) -> dict[str, float]:
-    pred = jnp.concatenate([self._predict(params, images[i:i + self.batch])
-                            for i in range(0, images.shape[0], self.batch)])
+    pred = self._predict(params, images)
     out = {}
     for cid, cname in self.classes:
       out[f"dice/{cname}"] = float(jnp.mean(dice(pred, masks, cid)))

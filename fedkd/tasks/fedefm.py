@@ -38,7 +38,7 @@ from fedkd.distill.losses import feature_kd, kd_kl
 from fedkd.fl import topology
 from fedkd.losses import make_segmentation_loss
 from fedkd.metrics import dice, iou
-from fedkd.models import init_model
+from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
 from fedkd.sharding import client_mesh, shard_clients
 
@@ -186,6 +186,7 @@ class Experiment:
     self._ft_fns: dict = {}
     self.t_apply, self.t_apply_wf, _ = init_model(c.teacher, 0)
     self.s_apply, self.s_apply_wf, _ = init_model(c.student, 0)
+    self.predict = make_predictor(self.s_apply, c.eval.batch_size)  # compiled once for all runs
     topo = c.fedefm.topology
     if topo == "ring":
       self.adj = topology.ring(n) > 0
@@ -292,9 +293,7 @@ class Experiment:
     for _ in range(d.steps):
       b = jnp.asarray(rng.integers(0, d.train_examples, d.batch_size))
       params, opt, _ = step(params, opt, teacher, x_tr[b], y_tr[b])
-    predict = jax.jit(lambda p, x: jnp.argmax(self.s_apply(p, x), -1))
-    bs = c.eval.batch_size
-    pred = jnp.concatenate([predict(params, x_te[i:i + bs]) for i in range(0, d.test_examples, bs)])
+    pred = self.predict(params, x_te)
     return {f"{m}/{name}": float(jnp.mean(fn(pred, y_te, cid)))
             for m, fn in (("dice", dice), ("iou", iou)) for cid, name in ((1, "catheter"), (2, "guidewire"))}
 
