@@ -18,7 +18,10 @@ class ConfigError(ValueError):
 
 
 TASKS = ("fedavg",)
-CLIENT_PARALLELISM = ("auto", "vmap", "unroll", "chunked", "map")
+CLIENT_PARALLELISM = ("auto", "measure", "vmap", "bgemm", "unroll", "chunked", "map")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ALGORITHMS = ("fedavg", "scaffold")
+CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -80,15 +83,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.tversky_beta = 0.3  # weight of false positives
   c.loss.tversky_gamma = 4.0 / 3.0  # focal exponent: loss = (1 - TI) ** (1 / gamma)
 
+  # Client algorithm: 'fedavg' (stateless clients; FedAvgM etc. via server_optimizer) or 'scaffold'
+  # (per-client control variates, Karimireddy et al. 2020, option II).
+  c.algorithm = ml_collections.ConfigDict()
+  c.algorithm.name = "fedavg"
+  # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
+  # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
+  c.algorithm.client_state = "device"
+
   c.engine = ml_collections.ConfigDict()
-  # How clients inside one device shard run: 'vmap' (one batched program), 'unroll' (each client's
-  # ops emitted separately; faster for convolutions on XLA:CPU), 'auto' (unroll on CPU, vmap elsewhere).
+  # How clients inside one device shard run: 'vmap' (one batched program; per-client conv weights
+  # become grouped convolutions), 'bgemm' (vmap with every convolution computed as patches x weights
+  # batched matrix multiplies: tensor cores instead of grouped convolutions), 'unroll' (each
+  # client's ops emitted separately; fastest for convolutions on XLA:CPU), 'chunked' / 'map' (below),
+  # 'measure' (compile and time the candidates on the first round's shapes, keep the fastest),
+  # 'auto' (unroll on CPU, measure elsewhere).
   c.engine.client_parallelism = "auto"
   # 'chunked' / 'map': lax.scan over chunks of this many clients (vmapped inside); only one chunk's
   # client deltas are alive at a time (memory for many clients per device); 'map' = chunks of 1.
   c.engine.client_chunk = 8
   # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
   c.engine.unroll_local_steps = "auto"
+  # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their
+  # aggregation stay float32).
+  c.engine.compute_dtype = "float32"
+  # Recompute activations inside each model block in the backward pass (memory for compute).
+  c.engine.remat = False
 
   c.mesh = ml_collections.ConfigDict()
   # devices on the 'clients' mesh axis; 0 = automatic: gcd(clients_per_round, visible devices)
@@ -207,8 +227,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   extra = sorted(set(c.keys()) - known)
   if extra:
     raise ConfigError(f"unknown config key config.{extra[0]}; known keys: {', '.join(sorted(known))}")
-  for group in ("data", "model", "client_optimizer", "server_optimizer", "loss", "engine", "mesh",
-                "eval", "checkpoint"):
+  for group in ("data", "model", "client_optimizer", "server_optimizer", "loss", "algorithm", "engine",
+                "mesh", "eval", "checkpoint"):
     extra = sorted(set(c[group].keys()) - set(base_config()[group].keys()))
     if extra:
       raise ConfigError(f"unknown config key config.{group}.{extra[0]}; known keys in config.{group}: "
@@ -258,6 +278,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   if c.engine.unroll_local_steps not in ("auto", True, False):
     raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be "
                       "'auto', True or False")
+  if c.engine.compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.engine.compute_dtype={c.engine.compute_dtype!r} is unknown; use one of "
+                      f"{', '.join(COMPUTE_DTYPES)}")
+  if not isinstance(c.engine.remat, bool):
+    raise ConfigError(f"config.engine.remat={c.engine.remat!r} must be True or False")
+  if c.algorithm.name not in ALGORITHMS:
+    raise ConfigError(f"config.algorithm.name={c.algorithm.name!r} is unknown; use one of {', '.join(ALGORITHMS)}")
+  if c.algorithm.client_state not in CLIENT_STATE_PLACEMENTS:
+    raise ConfigError(f"config.algorithm.client_state={c.algorithm.client_state!r} is unknown; use one of "
+                      f"{', '.join(CLIENT_STATE_PLACEMENTS)}")
   if c.loss.name not in LOSSES:
     raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; use one of {', '.join(LOSSES)}")
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:

@@ -23,6 +23,8 @@ from fedkd.sharding import CLIENTS
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+# Name the models give to activations that remat keeps (see client_update).
+REMAT_NAME = "fedkd_block"
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -37,16 +39,36 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
 
 
 def client_update(apply: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
-                  xs: jax.Array, ys: jax.Array, *, unroll: bool | int = 1):
+                  xs: jax.Array, ys: jax.Array, *, unroll: bool | int = 1, compute_dtype=None,
+                  remat: bool = False, correction: Params | None = None):
   """Local training of one client from the server ``params`` over ``xs.shape[0]`` steps.
+
+  ``compute_dtype`` (e.g. ``jnp.bfloat16``): the forward/backward pass runs on params and images cast
+  to it while the optimizer state, the parameters it updates (master weights) and the returned delta
+  stay in the params' dtype (f32); logits are cast back to f32 before the loss. ``remat``: recompute
+  the forward pass in the backward pass, keeping only values the model marked with
+  ``jax.ad_checkpoint.checkpoint_name(x, REMAT_NAME)`` (block outputs) — activation memory of one
+  block instead of the whole network. ``correction``: a params-shaped pytree added to every gradient
+  (SCAFFOLD's c - c_i).
 
   Returns (delta = local params - server params, mean loss over the local steps).
   """
 
+  def loss_of(q, x, y):
+    if compute_dtype is not None:
+      q = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, q)
+      x = x.astype(compute_dtype)
+    return loss_fn(apply(q, x).astype(jnp.float32), y)
+
+  if remat:
+    loss_of = jax.checkpoint(loss_of, policy=jax.checkpoint_policies.save_only_these_names(REMAT_NAME))
+
   def step(carry, batch):
     p, opt_state = carry
     x, y = batch
-    loss, grads = jax.value_and_grad(lambda q: loss_fn(apply(q, x), y))(p)
+    loss, grads = jax.value_and_grad(loss_of)(p, x, y)
+    if correction is not None:
+      grads = jax.tree.map(jnp.add, grads, correction)
     updates, opt_state = tx.update(grads, opt_state, p)
     return (optax.apply_updates(p, updates), opt_state), loss
 

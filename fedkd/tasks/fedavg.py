@@ -22,8 +22,10 @@ from fedkd.metrics import CLASS_NAMES, dice, iou
 from fedkd.models import init_params, make_predictor
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
-# Keys that may change between a checkpoint and its resumed run without changing the numbers.
+# Keys that may change between a checkpoint and its resumed run without changing the numbers
+# (beyond float rounding); engine.compute_dtype does change them, so it is not among them.
 RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh")
+NOT_RESUMABLE = ("engine.compute_dtype",)
 
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
@@ -89,7 +91,7 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
     return out
   a, b = flat(saved), flat(current)
   diff = sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES)
+                if a.get(k) != b.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in NOT_RESUMABLE))
   if diff:
     k = diff[0]
     raise ckpt_lib.CheckpointError(
