@@ -1,8 +1,11 @@
 """Checkpoints: the only module that touches orbax.
 
-A checkpoint holds the server state (params, server optimizer state, round, rng) and the config as
-JSON. Saves are atomic (orbax writes to a temporary folder and renames), so an interrupted save never
-looks like a finished one.
+A checkpoint holds the server state (params, server optimizer state, round, rng; SCAFFOLD: the server
+control variate), the config as JSON, the data pipeline state as JSON and, for stateful algorithms,
+the per-client state (items ``clients``: ``{"ids", "rows"}`` numpy arrays of the clients ever sampled,
+and ``clients_meta``: JSON with their count). Checkpoints of stateless runs (and those written before
+client state existed) have no client items. Saves are atomic (orbax writes to a temporary folder and
+renames), so an interrupted save never looks like a finished one.
 """
 from __future__ import annotations
 
@@ -22,8 +25,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
+    # Handlers named up front, so item metadata (which items a checkpoint has, the saved state's
+    # keys) can be read before restoring anything.
     self._mngr = ocp.CheckpointManager(
         self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(), "clients": ocp.StandardCheckpointHandler(),
+                       "clients_meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_round(self) -> int | None:
@@ -32,11 +40,19 @@ class Checkpointer:
   def all_rounds(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, round_: int, state: Any, config: dict, data_state: dict | None = None) -> None:
-    """Saves the server state, the config and the data pipeline's iterator state (JSON)."""
-    self._mngr.save(round_, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
-        data=ocp.args.JsonSave(data_state or {})))
+  def save(self, round_: int, state: Any, config: dict, data_state: dict | None = None,
+           client_state: dict | None = None) -> None:
+    """Saves the server state, the config, the data pipeline's iterator state (JSON) and, when given,
+    the per-client state (``client_state.state_dict()``: ``{"ids": int64 [n], "rows": pytree [n, ...]}``,
+    host numpy arrays; in a multi-process run every process passes the same values)."""
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+                 data=ocp.args.JsonSave(data_state or {}))
+    if client_state is not None:
+      n = int(len(client_state["ids"]))
+      items["clients_meta"] = ocp.args.JsonSave({"num_rows": n})
+      if n:  # orbax cannot write zero-size arrays; no rows = no array item
+        items["clients"] = ocp.args.StandardSave(client_state)
+    self._mngr.save(round_, args=ocp.args.Composite(**items))
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -58,18 +74,71 @@ class Checkpointer:
     """The data pipeline state stored with the checkpoint of ``round_``."""
     return self._json_item(round_, "data")
 
-  def restore(self, round_: int, like: Any) -> tuple[Any, dict]:
-    """Restores the state at ``round_`` into the structure, shapes and shardings of ``like``."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  def _metadata(self, round_: int):
     try:
-      out = self._mngr.restore(round_, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()))
+      return self._mngr.item_metadata(round_)
+    except Exception:  # noqa: BLE001 - unreadable metadata: let the restore itself report it
+      return None
+
+  def _saved_items(self, round_: int) -> set[str] | None:
+    md = self._metadata(round_)
+    return None if md is None else set(md.keys())  # the items this checkpoint has
+
+  def restore(self, round_: int, like: Any) -> tuple[Any, dict]:
+    """Restores the state at ``round_`` into the structure, shapes and shardings of ``like``.
+
+    Top-level keys of the saved state that ``like`` lacks are read and dropped (e.g. SCAFFOLD's
+    server ``control`` when only the model is wanted, as in ``fedkd.eval``); keys ``like`` has and
+    the checkpoint lacks are an error."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    extra = {}
+    md = self._metadata(round_)
+    saved = getattr(md["state"], "tree", None) if md is not None and md.get("state") is not None else None
+    if isinstance(like, dict) and isinstance(saved, dict) and set(like) < set(saved):
+      sharding = next(iter(jax.tree.leaves(abstract))).sharding
+      extra = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[k])
+               for k in set(saved) - set(like)}
+    state_arg = ocp.args.StandardRestore(dict(abstract, **extra) if extra else abstract)
+    try:
+      out = self._mngr.restore(round_, args=ocp.args.Composite(state=state_arg, config=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for mismatched or damaged trees
       raise CheckpointError(
           f"checkpoint for round {round_} in {self.directory} cannot be restored into this run's "
           f"model ({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir or the "
           "config the checkpoint was written with") from None
-    return out["state"], dict(out["config"])
+    state = out["state"]
+    if extra:
+      state = {k: v for k, v in state.items() if k not in extra}
+    return state, dict(out["config"])
+
+  def saved_client_rows(self, round_: int) -> int | None:
+    """How many client rows the checkpoint of ``round_`` holds; None when it has no client state
+    (a stateless run, or a checkpoint written before client state existed)."""
+    items = self._saved_items(round_)
+    if items is not None and "clients_meta" not in items:
+      return None
+    return int(self._json_item(round_, "clients_meta")["num_rows"])
+
+  def restore_client_state(self, round_: int, like: dict) -> dict:
+    """The per-client state dict of ``round_`` as host numpy arrays, into ``like`` (a state dict of
+    ``saved_client_rows(round_)`` rows, e.g. ``store.empty_state_dict(n)``)."""
+    n = self.saved_client_rows(round_)
+    if n is None:
+      raise CheckpointError(f"checkpoint for round {round_} in {self.directory} holds no per-client state "
+                            "(it was written by a stateless algorithm such as fedavg); use a new --workdir "
+                            "or the config the checkpoint was written with")
+    if len(like["ids"]) != n:
+      raise ValueError(f"restore target has {len(like['ids'])} rows, the checkpoint {n}")
+    if n == 0:
+      return like
+    try:
+      out = self._mngr.restore(round_, args=ocp.args.Composite(clients=ocp.args.StandardRestore(like)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"per-client state of the checkpoint for round {round_} in {self.directory} cannot be restored "
+          f"into this run's model ({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir "
+          "or the config the checkpoint was written with") from None
+    return dict(out["clients"])
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

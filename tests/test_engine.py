@@ -57,7 +57,7 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("parallelism", ["vmap", "unroll"])
+@pytest.mark.parametrize("parallelism", ["vmap", "bgemm", "unroll"])
 def test_round_equals_per_client_loop(parallelism):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
@@ -69,7 +69,7 @@ def test_round_equals_per_client_loop(parallelism):
   assert metrics["client_loss"].shape == (C,)
 
 
-@pytest.mark.parametrize("parallelism,n_dev,chunk", [("chunked", 2, 2), ("map", 4, 1)])
+@pytest.mark.parametrize("parallelism,n_dev,chunk", [("chunked", 2, 2), ("chunked", 1, 3), ("map", 4, 1)])
 def test_chunked_and_map_strategies_equal_per_client_loop(parallelism, n_dev, chunk):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
@@ -113,3 +113,126 @@ def test_round_is_one_program_sharded_over_clients():
   assert sx.addressable_shards[0].data.shape[0] == C // 8
   text = fn.lower(state, sx, sy, sw).as_text()
   assert "all-reduce" in text or "all_reduce" in text
+
+
+def _tree_np(t):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+
+
+def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
+  """SCAFFOLD option II, client by client with numpy updates (SGD, server lr 1, weighted mean delta,
+  control update (1/N) sum of c_i changes). ``rounds``: list of (client ids, xs, ys, weights)."""
+  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(p, x), y)))
+  n_total = len(client_c)
+  for ids, xs, ys, weights in rounds:
+    deltas, dcs = [], []
+    for row, cid in enumerate(ids):
+      y = server
+      for s in range(xs.shape[1]):
+        g = _tree_np(grad(jax.tree.map(np.float32, y), xs[row, s], ys[row, s]))
+        y = jax.tree.map(lambda p, gi, c, ci: p - LR * (gi + c - ci), y, g, control, client_c[cid])
+      new_ci = jax.tree.map(lambda ci, c, x, yi: ci - c + (x - yi) / (xs.shape[1] * LR),
+                            client_c[cid], control, server, y)
+      dcs.append(jax.tree.map(np.subtract, new_ci, client_c[cid]))
+      client_c[cid] = new_ci
+      deltas.append(jax.tree.map(np.subtract, y, server))
+    w = weights / weights.sum()
+    server = jax.tree.map(lambda x, *d: x + sum(wi * di for wi, di in zip(w, d)), server, *deltas)
+    control = jax.tree.map(lambda c, *d: c + sum(d) / n_total, control, *dcs)
+  return server, control, client_c
+
+
+@pytest.mark.parametrize("parallelism,n_dev", [("vmap", 2), ("unroll", 4), ("chunked", 2)])
+def test_scaffold_equals_per_client_loop(parallelism, n_dev):
+  """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=4)
+  n_total = 12
+  samples = [np.arange(0, 8), np.array([4, 9, 5, 11, 6, 10, 7, 8])]
+  rounds = [(ids, xs[::-1] if r else xs, ys[::-1] if r else ys, weights) for r, ids in enumerate(samples)]
+  zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
+  ref_server, ref_control, ref_c = _scaffold_reference(
+      apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds)
+
+  mesh = client_mesh(n_dev)
+  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
+                            unroll_local_steps=True, client_chunk=2, algorithm="scaffold", client_lr=LR,
+                            num_clients=n_total)
+  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0), algorithm="scaffold")
+  table = jax.tree.map(np.array, engine.init_client_state(params, n_total, "scaffold"))
+  for ids, rx, ry, rw in rounds:
+    rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
+    state, _, new_rows = fn(state, *shard_clients((jnp.asarray(rx), jnp.asarray(ry), jnp.asarray(rw), rows), mesh))
+    table = jax.tree.map(lambda t, r: (t.__setitem__(ids, np.asarray(r)), t)[1], table, new_rows)
+  assert _max_diff(ref_server, state["params"]) < 5e-5
+  assert _max_diff(ref_control, state["control"]) < 5e-4
+  for cid in range(n_total):
+    assert _max_diff(ref_c[cid], jax.tree.map(lambda t: t[cid], table)) < 5e-4, cid
+  # the correction really acted: plain FedAvg from the same start ends elsewhere
+  assert _max_diff(ref_control, zeros) > 1e-3
+
+
+def _bf16_reference_round(apply, loss_fn, params, xs, ys, weights):
+  """Per-client SGD with the forward/backward in bfloat16 and float32 master weights (numpy updates)."""
+  bf = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), t)  # noqa: E731
+  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(bf(p), x.astype(jnp.bfloat16)).astype(jnp.float32), y)))
+  server = jax.tree.map(np.asarray, params)
+  deltas = []
+  for c in range(xs.shape[0]):
+    p = server
+    for s in range(xs.shape[1]):
+      g = grad(p, xs[c, s], ys[c, s])
+      p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b, np.float32), p, g)
+    deltas.append(jax.tree.map(lambda a, b: a - b, p, server))
+  w = weights / weights.sum()
+  return jax.tree.map(lambda a, *d: a + sum(wi * di for wi, di in zip(w, d)), server, *deltas)
+
+
+@pytest.mark.parametrize("parallelism", ["unroll", "bgemm"])
+def test_bf16_compute_keeps_f32_master_weights(parallelism):
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=5)
+  mesh = client_mesh(2)
+  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
+                            unroll_local_steps=True, compute_dtype=jnp.bfloat16)
+  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
+  state, _ = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state["params"]))
+  ref16 = _bf16_reference_round(apply, loss_fn, params, xs, ys, weights)
+  ref32 = _reference_round(apply, loss_fn, params, xs, ys, weights)
+  step = _max_diff(ref32, params)
+  # the bf16 round is the bf16 reference up to bf16 rounding, and it is not the f32 round
+  assert _max_diff(ref16, state["params"]) < 0.05 * step
+  assert _max_diff(ref32, ref16) > 1e-6
+
+
+@pytest.mark.parametrize("parallelism", ["unroll", "chunked"])
+def test_remat_gives_the_same_round(parallelism):
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=6)
+  outs = []
+  for remat in (False, True):
+    mesh = client_mesh(2)
+    fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
+                              unroll_local_steps=True, remat=remat, client_chunk=2)
+    state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
+    outs.append(fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))[0])
+  assert _max_diff(outs[0]["params"], outs[1]["params"]) < 1e-5
+  assert _max_diff(outs[0]["params"], params) > 1e-3
+
+
+def test_measure_strategy_skips_failures_and_leaves_state_untouched():
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=7)
+  mesh = client_mesh(2)
+  build = lambda par: engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh,  # noqa: E731
+                                           client_parallelism=par, unroll_local_steps=True)
+  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
+  batch = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  logs = []
+  best, fn, results = engine.measure_strategy(build, ["unroll", "no_such_strategy", "vmap"], state, batch,
+                                              reps=1, log=logs.append)
+  assert best in ("unroll", "vmap") and len(logs) == 3
+  assert "error" in results[1] and "no_such_strategy" in results[1]["error"]
+  assert all(r["sec_per_round"] > 0 for r in (results[0], results[2]))
+  assert best == min((results[0], results[2]), key=lambda r: r["sec_per_round"])["strategy"]
+  # the measured rounds ran on copies: the state is still usable and still the initial one
+  assert _max_diff(state["params"], params) == 0
+  got = jax.tree.map(np.asarray, fn(state, *batch)[0]["params"])
+  assert _max_diff(_reference_round(apply, loss_fn, params, xs, ys, weights), got) < 2e-5

@@ -10,7 +10,9 @@ SGD with learning rate 1: new params = params + sum_i w_i delta_i / sum_i w_i.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -76,82 +78,206 @@ def client_update(apply: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformat
   return jax.tree.map(jnp.subtract, local, params), jnp.mean(losses)
 
 
-def init_server_state(params: Params, server_tx: optax.GradientTransformation, rng: jax.Array) -> dict:
-  """Server state pytree; holds a copy of ``params`` (the round function donates its state)."""
+def init_server_state(params: Params, server_tx: optax.GradientTransformation, rng: jax.Array,
+                      algorithm: str = "fedavg") -> dict:
+  """Server state pytree; holds a copy of ``params`` (the round function donates its state).
+  SCAFFOLD adds the server control variate ``control`` (zeros, params-shaped)."""
   params = jax.tree.map(jnp.array, params)
-  return {"params": params, "opt_state": server_tx.init(params), "round": jnp.zeros((), jnp.int32),
-          "rng": jax.random.key_data(rng)}
+  state = {"params": params, "opt_state": server_tx.init(params), "round": jnp.zeros((), jnp.int32),
+           "rng": jax.random.key_data(rng)}
+  if algorithm == "scaffold":
+    state["control"] = jax.tree.map(jnp.zeros_like, params)
+  return state
+
+
+def init_client_state(params: Params, num_rows: int, algorithm: str = "fedavg"):
+  """Per-client state of ``num_rows`` clients (SCAFFOLD: control variates c_i = 0), or None."""
+  if algorithm != "scaffold":
+    return None
+  return jax.tree.map(lambda p: jnp.zeros((num_rows,) + p.shape, p.dtype), params)
 
 
 def resolve_engine_options(engine_cfg, platform: str | None = None) -> tuple[str, bool]:
-  """Maps 'auto' settings to concrete ones for the backend (CPU: unrolled; accelerators: vmap + scan)."""
+  """Maps 'auto' settings to concrete ones for the backend: CPU -> 'unroll' with unrolled local steps
+  (measured fastest on XLA:CPU); accelerators -> 'measure' (pick by timing, see ``measure_strategy``)
+  with the local steps in a ``lax.scan``."""
   platform = platform or jax.default_backend()
   par = engine_cfg.client_parallelism
   if par == "auto":
-    par = "unroll" if platform == "cpu" else "vmap"
+    par = "unroll" if platform == "cpu" else "measure"
   unroll = engine_cfg.unroll_local_steps
   if unroll == "auto":
     unroll = platform == "cpu"
   return par, bool(unroll)
 
 
+def chunk_size(clients: int, chunk: int) -> int:
+  """Largest divisor of ``clients`` that is at most ``chunk``."""
+  return max(d for d in range(1, min(chunk, clients) + 1) if clients % d == 0)
+
+
 def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTransformation,
                   server_tx: optax.GradientTransformation, mesh, *, client_parallelism: str = "vmap",
-                  unroll_local_steps: bool = False, client_chunk: int = 8):
-  """Returns ``round_fn(state, xs, ys, weights) -> (state, metrics)``, jitted, state donated.
+                  unroll_local_steps: bool = False, client_chunk: int = 8, compute_dtype=None,
+                  remat: bool = False, algorithm: str = "fedavg", client_lr: float | None = None,
+                  num_clients: int | None = None):
+  """Returns the jitted round function (state donated).
 
-  ``client_parallelism`` (per device shard): ``vmap`` (all clients batched), ``unroll`` (each
-  client's ops emitted separately), ``chunked`` (``lax.scan`` over chunks of ``client_chunk`` clients,
-  vmapped inside, accumulating the weighted delta sum so per-client deltas of only one chunk are ever
-  alive: memory for many clients per device), ``map`` (the same with chunks of one client).
+  FedAvg: ``round_fn(state, xs, ys, weights) -> (state, metrics)``. SCAFFOLD:
+  ``round_fn(state, xs, ys, weights, client_state) -> (state, metrics, client_state)`` where
+  ``client_state`` holds the sampled clients' control variates c_i (leading client axis, donated).
+
+  ``client_parallelism`` (per device shard):
+    ``vmap``    all clients batched by ``jax.vmap`` (per-client conv kernels become grouped convs);
+    ``bgemm``   the same with every convolution computed as im2col patches x weights, i.e. batched
+                matrix multiplies over clients (``fedkd.models.conv.gemm_convs``);
+    ``unroll``  each client's ops emitted separately (XLA:CPU's fastest for convolutions);
+    ``chunked`` ``lax.scan`` over chunks of ``client_chunk`` clients, bgemm inside, accumulating the
+                weighted delta sum: only one chunk's activations and deltas are alive (many clients
+                per device);
+    ``map``     ``lax.scan`` over single clients (plain convolutions).
   ``metrics``: ``loss`` (weighted mean over clients) and ``client_loss`` [C].
-  """
-  update = functools.partial(client_update, apply, loss_fn, client_tx,
-                             unroll=True if unroll_local_steps else 1)
 
-  def shard_body(params, xs, ys, w):
+  SCAFFOLD (option II): local gradients get ``c - c_i``; c_i+ = c_i - c + (x - y_i) / (K * client_lr);
+  the server adds ``sum_i (c_i+ - c_i) / num_clients`` to c. The server step on the weighted-mean
+  delta is the same as FedAvg's.
+  """
+  from fedkd.models.conv import gemm_convs  # models import the engine's REMAT_NAME, not vice versa
+
+  def _convs(use_gemm: bool):
+    return gemm_convs() if use_gemm else contextlib.nullcontext()
+
+  scaffold = algorithm == "scaffold"
+  if algorithm not in ("fedavg", "scaffold"):
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+  if scaffold and (client_lr is None or num_clients is None):
+    raise ValueError("SCAFFOLD needs client_lr and num_clients")
+  if client_parallelism not in ("vmap", "bgemm", "unroll", "chunked", "map"):
+    raise ValueError(f"unknown client_parallelism {client_parallelism!r}")
+  update = functools.partial(client_update, apply, loss_fn, client_tx,
+                             unroll=True if unroll_local_steps else 1, compute_dtype=compute_dtype,
+                             remat=remat)
+
+  def one_client(params, control, x, y, c_i):
+    """-> (delta, loss, new c_i or None)."""
+    if not scaffold:
+      return (*update(params, x, y), None)
+    delta, loss = update(params, x, y, correction=jax.tree.map(jnp.subtract, control, c_i))
+    k = x.shape[0]
+    new_c = jax.tree.map(lambda ci, c, d: ci - c - d / (k * client_lr), c_i, control, delta)
+    return delta, loss, new_c
+
+  def group(params, control, x, y, w, c):
+    """Clients of one group, vmapped -> (weighted delta sum, losses, new c or None, sum of c changes)."""
+    d, l, nc = jax.vmap(one_client, in_axes=(None, None, 0, 0, 0))(params, control, x, y, c)
+    wsum = jax.tree.map(lambda di: jnp.tensordot(w, di, axes=1), d)
+    dcsum = None if nc is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
+    return wsum, l, nc, dcsum
+
+  def shard_body(params, control, xs, ys, w, c):
     # Server params enter replicated; every client trains its own copy, so mark them varying.
-    params = jax.tree.map(lambda p: jax.lax.pcast(p, CLIENTS, to="varying"), params)
-    if client_parallelism == "vmap":
-      deltas, losses = jax.vmap(update, in_axes=(None, 0, 0))(params, xs, ys)
-    elif client_parallelism == "unroll":
-      outs = [update(params, xs[i], ys[i]) for i in range(xs.shape[0])]
-      deltas = jax.tree.map(lambda *d: jnp.stack(d), *[o[0] for o in outs])
+    params, control = jax.tree.map(lambda p: jax.lax.pcast(p, CLIENTS, to="varying"), (params, control))
+    n = xs.shape[0]
+    if client_parallelism == "unroll":
+      outs = [one_client(params, control, xs[i], ys[i], None if c is None else jax.tree.map(lambda a: a[i], c))
+              for i in range(n)]
+      wsum = jax.tree.map(lambda *d: sum(w[i] * di for i, di in enumerate(d)), *[o[0] for o in outs])
       losses = jnp.stack([o[1] for o in outs])
-    elif client_parallelism in ("chunked", "map"):
-      c = xs.shape[0]
-      k = 1 if client_parallelism == "map" else max(d for d in range(1, min(client_chunk, c) + 1) if c % d == 0)
-      chunks = jax.tree.map(lambda a: a.reshape((c // k, k) + a.shape[1:]), (xs, ys, w))
+      nc = None if c is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
+      dcsum = None if c is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
+    elif client_parallelism in ("vmap", "bgemm"):
+      with _convs(client_parallelism == "bgemm"):
+        wsum, losses, nc, dcsum = group(params, control, xs, ys, w, c)
+    else:  # chunked / map: lax.scan over chunks, accumulating the sums
+      k = 1 if client_parallelism == "map" else chunk_size(n, client_chunk)
+      chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), (xs, ys, w, c))
 
       def one_chunk(acc, chunk):
-        x, y, wc = chunk
-        d, l = jax.vmap(update, in_axes=(None, 0, 0))(params, x, y)
-        return jax.tree.map(lambda a, di: a + jnp.tensordot(wc, di, axes=1), acc, d), l
+        with _convs(client_parallelism == "chunked" and k > 1):
+          ws, l, ncc, dc = group(params, control, *chunk)
+        acc = jax.tree.map(jnp.add, acc, (ws, dc))
+        return acc, (l, ncc)
 
-      zero = jax.tree.map(jnp.zeros_like, params)
-      wsum, losses = jax.lax.scan(one_chunk, zero, chunks)
-      losses = losses.reshape(c)
-    else:
-      raise ValueError(f"unknown client_parallelism {client_parallelism!r}")
-    if client_parallelism not in ("chunked", "map"):
-      wsum = jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1), deltas)
+      zero = jax.tree.map(jnp.zeros_like, (params, None if c is None else control))
+      (wsum, dcsum), (losses, nc) = jax.lax.scan(one_chunk, zero, chunks)
+      losses = losses.reshape(n)
+      nc = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), nc)
     wsum = jax.lax.psum(wsum, CLIENTS)
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
     mean_delta = jax.tree.map(lambda s: s / total, wsum)
     mean_loss = jax.lax.psum(jnp.sum(w * losses), CLIENTS) / total
-    return mean_delta, mean_loss, losses
+    dcsum = None if dcsum is None else jax.lax.psum(dcsum, CLIENTS)
+    return mean_delta, mean_loss, losses, nc, dcsum
 
+  client_spec = P(CLIENTS) if scaffold else P()  # P() for the empty (None) pytrees of FedAvg
   sharded = jax.shard_map(shard_body, mesh=mesh,
-                          in_specs=(P(), P(CLIENTS), P(CLIENTS), P(CLIENTS)),
-                          out_specs=(P(), P(), P(CLIENTS)))
+                          in_specs=(P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), client_spec),
+                          out_specs=(P(), P(), P(CLIENTS), client_spec, P()))
 
-  def round_fn(state, xs, ys, weights):
+  def server_step(state, mean_delta, dcsum):
     params = state["params"]
-    mean_delta, mean_loss, client_losses = sharded(params, xs, ys, weights.astype(jnp.float32))
     pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
     updates, opt_state = server_tx.update(pseudo_grad, state["opt_state"], params)
     new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
                      round=state["round"] + 1)
-    return new_state, {"loss": mean_loss, "client_loss": client_losses}
+    if scaffold:
+      new_state["control"] = jax.tree.map(lambda cc, d: cc + d / num_clients, state["control"], dcsum)
+    return new_state
+
+  if scaffold:
+    def round_fn(state, xs, ys, weights, client_state):
+      mean_delta, mean_loss, losses, new_c, dcsum = sharded(
+          state["params"], state["control"], xs, ys, weights.astype(jnp.float32), client_state)
+      return server_step(state, mean_delta, dcsum), {"loss": mean_loss, "client_loss": losses}, new_c
+
+    return jax.jit(round_fn, donate_argnums=(0, 4))
+
+  def round_fn(state, xs, ys, weights):
+    mean_delta, mean_loss, losses, _, _ = sharded(state["params"], None, xs, ys,
+                                                  weights.astype(jnp.float32), None)
+    return server_step(state, mean_delta, None), {"loss": mean_loss, "client_loss": losses}
 
   return jax.jit(round_fn, donate_argnums=0)
+
+
+def measure_candidates(platform: str, clients_per_shard: int, client_chunk: int) -> list[str]:
+  """Strategies worth timing on ``platform`` for a shard of ``clients_per_shard`` clients."""
+  if platform == "cpu":
+    return ["unroll", "bgemm", "vmap"]
+  out = ["bgemm", "vmap", "map"]
+  if 1 < chunk_size(clients_per_shard, client_chunk) < clients_per_shard:
+    out.insert(1, "chunked")
+  return out
+
+
+def measure_strategy(build: Callable[[str], Callable], candidates: list[str], state, args: tuple,
+                     reps: int = 2, log: Callable[[str], None] = print) -> tuple[str, Callable, list[dict]]:
+  """Builds ``build(strategy)`` for each candidate and times ``reps`` rounds on copies of ``state``
+  (the real state is untouched, so training numbers do not depend on the measurement). Returns the
+  fastest strategy, its round function (already compiled for these shapes) and one record per
+  candidate: seconds per round and the first call's seconds (compilation + one round), or the error
+  that ruled it out (e.g. running out of device memory)."""
+  results, fns = [], {}
+  for par in candidates:
+    try:
+      fn = build(par)
+      times = []
+      for _ in range(reps + 1):  # the first call compiles
+        fresh = jax.block_until_ready(jax.tree.map(jnp.copy, (state, args)))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(fresh[0], *fresh[1]))
+        times.append(time.perf_counter() - t0)
+      rec = {"strategy": par, "sec_per_round": min(times[1:]), "first_call_s": times[0]}
+      fns[par] = fn
+    except Exception as e:  # noqa: BLE001 - an out-of-memory or unsupported candidate is skipped
+      rec = {"strategy": par, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    results.append(rec)
+    log("  engine measure: " + (f"{par:8s} {rec['sec_per_round']:.4f} s/round (first call, incl. compile, "
+                                f"{rec['first_call_s']:.1f} s)" if "error" not in rec
+                                else f"{par:8s} failed: {rec['error']}"))
+  ok = [r for r in results if "error" not in r]
+  if not ok:
+    raise RuntimeError("no client strategy could run this round: " +
+                       "; ".join(f"{r['strategy']}: {r['error']}" for r in results))
+  best = min(ok, key=lambda r: r["sec_per_round"])["strategy"]
+  return best, fns[best], results

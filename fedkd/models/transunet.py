@@ -26,6 +26,12 @@ Parameter tree (``nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])``), top-level
 
 Everything that a pretrained "foundation" encoder provides lives under ``encoder``, so
 ``fedkd.models.transfer.load_encoder`` can move it between models of different depth/decoder.
+
+All convolutions (stem, 1x1 patch projection, decoder, head) are ``fedkd.models.conv.Conv``:
+im2col + GEMM under ``fedkd.models.conv.gemm_convs()`` (batched GEMMs, not grouped convs, under a
+vmap over clients), plain XLA convs otherwise, with plain ``nnx.Conv`` parameters. Stem stage,
+transformer layer and decoder block outputs are named ``fedkd.fl.engine.REMAT_NAME`` for the
+engine's remat. (The bilinear x2 upsampling is a resize, i.e. matmuls, not a convolution.)
 """
 from __future__ import annotations
 
@@ -34,6 +40,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from fedkd.fl.engine import REMAT_NAME
+from fedkd.models.conv import Conv
 
 
 def _groups(channels: int, max_groups: int = 8) -> int:
@@ -44,7 +54,7 @@ class ConvNormAct(nnx.Module):
   """3x3 conv (optionally stride 2) -> GroupNorm -> ReLU/GELU."""
 
   def __init__(self, cin: int, cout: int, *, stride: int = 1, act=jax.nn.relu, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(cin, cout, (3, 3), strides=(stride, stride), rngs=rngs)
+    self.conv = Conv(cin, cout, (3, 3), strides=(stride, stride), rngs=rngs)
     self.norm = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
     self.act = act
 
@@ -56,14 +66,14 @@ class StemStage(nnx.Module):
   """Stride-2 3x3 conv -> GN -> GELU -> 3x3 conv -> GN -> GELU (halves the resolution)."""
 
   def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=(2, 2), rngs=rngs)
+    self.conv1 = Conv(cin, cout, (3, 3), strides=(2, 2), rngs=rngs)
     self.norm1 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
-    self.conv2 = nnx.Conv(cout, cout, (3, 3), rngs=rngs)
+    self.conv2 = Conv(cout, cout, (3, 3), rngs=rngs)
     self.norm2 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
 
   def __call__(self, x):
     x = jax.nn.gelu(self.norm1(self.conv1(x)))
-    return jax.nn.gelu(self.norm2(self.conv2(x)))
+    return checkpoint_name(jax.nn.gelu(self.norm2(self.conv2(x))), REMAT_NAME)
 
 
 class MultiHeadSelfAttention(nnx.Module):
@@ -121,7 +131,7 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x):
     x = x + self.attn(self.ln1(x))
-    return x + self.mlp(self.ln2(x))
+    return checkpoint_name(x + self.mlp(self.ln2(x)), REMAT_NAME)
 
 
 class Encoder(nnx.Module):
@@ -142,7 +152,7 @@ class Encoder(nnx.Module):
       stages.append(StemStage(cin, c, rngs=rngs))
       cin = c
     self.stem = nnx.List(stages)
-    self.patch_proj = nnx.Conv(cin, hidden, (1, 1), rngs=rngs)
+    self.patch_proj = Conv(cin, hidden, (1, 1), rngs=rngs)
     self.pos_embed = nnx.Param(
         0.02 * jax.random.normal(rngs.params(), (1, self.grid * self.grid, hidden)))
     self.layers = nnx.List(
@@ -187,9 +197,9 @@ def _upsample2x(x):
 class DecoderBlock(nnx.Module):
 
   def __init__(self, cin: int, cskip: int, cout: int, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(cin + cskip, cout, (3, 3), rngs=rngs)
+    self.conv1 = Conv(cin + cskip, cout, (3, 3), rngs=rngs)
     self.norm1 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
-    self.conv2 = nnx.Conv(cout, cout, (3, 3), rngs=rngs)
+    self.conv2 = Conv(cout, cout, (3, 3), rngs=rngs)
     self.norm2 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
 
   def __call__(self, x, skip=None):
@@ -197,7 +207,7 @@ class DecoderBlock(nnx.Module):
     if skip is not None:
       x = jnp.concatenate([x, skip], axis=-1)
     x = jax.nn.relu(self.norm1(self.conv1(x)))
-    return jax.nn.relu(self.norm2(self.conv2(x)))
+    return checkpoint_name(jax.nn.relu(self.norm2(self.conv2(x))), REMAT_NAME)
 
 
 class Decoder(nnx.Module):
@@ -249,7 +259,7 @@ class TransUNet(nnx.Module):
                            num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs)
     self.decoder = Decoder(hidden=hidden, decoder_width=decoder_width,
                            stem_channels=self.encoder.stem_channels, skips=skips, rngs=rngs)
-    self.head = nnx.Conv(self.decoder.out_channels[-1], num_classes, (3, 3), rngs=rngs)
+    self.head = Conv(self.decoder.out_channels[-1], num_classes, (3, 3), rngs=rngs)
 
   def forward_with_features(self, x):
     tokens, stem_outs = self.encoder(x)

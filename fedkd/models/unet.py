@@ -4,21 +4,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from fedkd.fl.engine import REMAT_NAME
+from fedkd.models.conv import Conv, ConvTranspose
 
 
 class ConvBlock(nnx.Module):
-  """Two (3x3 conv -> GroupNorm -> ReLU) layers."""
+  """Two (3x3 conv -> GroupNorm -> ReLU) layers; the output is named ``REMAT_NAME`` (kept by the
+  engine's remat policy)."""
 
   def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs):
     g = min(groups, cout)
-    self.conv1 = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+    self.conv1 = Conv(cin, cout, (3, 3), rngs=rngs)
     self.norm1 = nnx.GroupNorm(cout, num_groups=g, rngs=rngs)
-    self.conv2 = nnx.Conv(cout, cout, (3, 3), rngs=rngs)
+    self.conv2 = Conv(cout, cout, (3, 3), rngs=rngs)
     self.norm2 = nnx.GroupNorm(cout, num_groups=g, rngs=rngs)
 
   def __call__(self, x):
     x = jax.nn.relu(self.norm1(self.conv1(x)))
-    return jax.nn.relu(self.norm2(self.conv2(x)))
+    return checkpoint_name(jax.nn.relu(self.norm2(self.conv2(x))), REMAT_NAME)
 
 
 class UNet(nnx.Module):
@@ -26,6 +31,9 @@ class UNet(nnx.Module):
   and a decoder of transposed-conv upsampling + skip concatenation; 1x1 conv to class logits.
 
   Input [B, H, W, in_channels] with H, W divisible by 2**depth; output logits [B, H, W, num_classes].
+  Convolutions are ``fedkd.models.conv`` ones (im2col + GEMM under ``gemm_convs()``, plain XLA convs
+  otherwise; parameters as plain ``nnx.Conv`` / ``nnx.ConvTranspose``). Every ConvBlock output
+  (encoder, bottleneck, decoder) is named ``REMAT_NAME`` for the engine's remat policy.
   """
 
   def __init__(self, *, in_channels: int = 1, num_classes: int = 3, width: int = 16, depth: int = 3,
@@ -40,20 +48,25 @@ class UNet(nnx.Module):
     self.mid = ConvBlock(cin, 2 * cin, groups, rngs=rngs)
     up, dec, cin = [], [], 2 * cin
     for c in reversed(chans):
-      up.append(nnx.ConvTranspose(cin, c, (2, 2), strides=(2, 2), rngs=rngs))
+      up.append(ConvTranspose(cin, c, (2, 2), strides=(2, 2), rngs=rngs))
       dec.append(ConvBlock(2 * c, c, groups, rngs=rngs))
       cin = c
     self.up = nnx.List(up)
     self.dec = nnx.List(dec)
-    self.head = nnx.Conv(chans[0], num_classes, (1, 1), rngs=rngs)
+    self.head = Conv(chans[0], num_classes, (1, 1), rngs=rngs)
 
-  def __call__(self, x):
+  def forward_with_features(self, x):
+    """(logits [B, H, W, num_classes], bottleneck (``mid``) output [B, H/2**depth, W/2**depth, C])
+    from one pass (the features for feature distillation / EMD)."""
     skips = []
     for block in self.enc:
       x = block(x)
       skips.append(x)
       x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-    x = self.mid(x)
+    x = feats = self.mid(x)
     for up, block, skip in zip(self.up, self.dec, reversed(skips)):
       x = block(jnp.concatenate([up(x), skip], axis=-1))
-    return self.head(x)
+    return self.head(x), feats
+
+  def __call__(self, x):
+    return self.forward_with_features(x)[0]

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import validate
+from fedkd.config import base_config, validate
 from fedkd.data.pipeline import make_client_data
+from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import engine
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
@@ -26,6 +27,9 @@ from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard
 # (beyond float rounding); engine.compute_dtype does change them, so it is not among them.
 RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh")
 NOT_RESUMABLE = ("engine.compute_dtype",)
+# Single keys outside those groups that may change: where per-client state lives (host <-> device
+# hold the same numbers and share one checkpoint format).
+RESUMABLE_KEYS = ("algorithm.client_state",)
 
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
@@ -90,8 +94,12 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
         out[f"{prefix}{k}"] = v
     return out
   a, b = flat(saved), flat(current)
+  # A key the checkpoint's config lacks was added to the schema later; its default keeps the old
+  # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.
+  defaults = flat(base_config().to_dict())
   diff = sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in NOT_RESUMABLE))
+                if a.get(k) != b.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in NOT_RESUMABLE)
+                and k not in RESUMABLE_KEYS and not (k not in a and k in defaults and b.get(k) == defaults[k]))
   if diff:
     k = diff[0]
     raise ckpt_lib.CheckpointError(
@@ -101,7 +109,8 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
 
 
 def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
-  """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'}."""
+  """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'} and, for
+  stateful algorithms, 'client_state' (the per-client store's state dict: ids ever sampled, rows)."""
   n_dev = validate(config, jax.device_count())
   primary = jax.process_index() == 0
   if not primary:  # one process speaks and writes files; all of them compute and checkpoint
@@ -117,10 +126,26 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   loss_fn = make_segmentation_loss(config.loss)
   client_tx = engine.make_optimizer(config.client_optimizer)
   server_tx = engine.make_optimizer(config.server_optimizer)
-  state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed)), mesh)
-  round_fn = engine.make_round_fn(apply, loss_fn, client_tx, server_tx, mesh,
-                                  client_parallelism=parallelism, unroll_local_steps=unroll,
-                                  client_chunk=config.engine.client_chunk)
+  algorithm = config.algorithm.name
+  state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed), algorithm=algorithm),
+                    mesh)
+  # Per-client state of stateful algorithms (SCAFFOLD's c_i), rows of all num_clients clients on the
+  # host or the devices (config.algorithm.client_state); None for FedAvg.
+  init_rows = engine.init_client_state(params, 1, algorithm)
+  clients_store = None if init_rows is None else client_state_lib.make_client_state(
+      config.algorithm.client_state, jax.tree.map(lambda a: np.asarray(a[0]), init_rows),
+      config.num_clients, mesh, rows)
+  del init_rows
+
+  def build_round_fn(strategy):
+    return engine.make_round_fn(
+        apply, loss_fn, client_tx, server_tx, mesh, client_parallelism=strategy,
+        unroll_local_steps=unroll, client_chunk=config.engine.client_chunk,
+        compute_dtype=jnp.dtype(config.engine.compute_dtype), remat=config.engine.remat,
+        algorithm=algorithm, client_lr=float(config.client_optimizer.learning_rate),
+        num_clients=config.num_clients)
+
+  round_fn = None if parallelism == "measure" else build_round_fn(parallelism)
 
   cfg_json = ckpt_lib.config_json(config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
@@ -130,6 +155,13 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     _check_resumable(ckpt.saved_config(start), cfg_json, ckpt.directory)
     state, _ = ckpt.restore(start, state)
     data.set_state(ckpt.saved_data_state(start))
+    if clients_store is not None:
+      n_rows = ckpt.saved_client_rows(start)
+      if n_rows is None:
+        raise ckpt_lib.CheckpointError(
+            f"the checkpoint for round {start} in {ckpt.directory} holds no per-client state, which "
+            f"algorithm {algorithm!r} needs; use a new --workdir or the config it was written with")
+      clients_store.load_state_dict(ckpt.restore_client_state(start, clients_store.empty_state_dict(n_rows)))
     runlog.truncate_after(start)
     log(f"resuming from round {start} (checkpoint in {ckpt.directory})")
   else:
@@ -148,10 +180,14 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     runlog.record(rec)
     return rec, per_site
 
-  log(f"fedkd fedavg: {config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
+  log(f"fedkd {algorithm}"
+      f"{'' if clients_store is None else ' (per-client state ' + clients_store.describe() + ')'}: "
+      f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
       f"{config.local_steps} local steps x batch {config.batch_size}, {config.image_size}px, "
       f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
-      f"clients run as {parallelism}{', steps unrolled' if unroll else ''}")
+      f"clients run as {parallelism}{', steps unrolled' if unroll else ''}"
+      f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
+      f"{', remat' if config.engine.remat else ''}")
   rec, per_site = None, None
   if start == 0:
     rec, per_site = evaluate(0)
@@ -167,7 +203,21 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
       xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
       batch = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
       state = dict(state, rng=replicate(jax.random.key_data(key), mesh))
-      state, m = round_fn(state, *batch)
+      if clients_store is not None:  # the sampled clients' rows, split over the mesh like the data
+        batch = (*batch, clients_store.gather(clients))
+      if round_fn is None:  # engine.client_parallelism 'measure': time the strategies on this round
+        log(f"timing client strategies on round {r}'s shapes ({config.clients_per_round // n_dev} "
+            "client(s) per device):")
+        parallelism, round_fn, _ = engine.measure_strategy(
+            build_round_fn, engine.measure_candidates(jax.default_backend(), config.clients_per_round // n_dev,
+                                                      config.engine.client_chunk), state, batch, log=log)
+        log(f"  -> clients run as {parallelism}")
+        t0 = time.time()
+      if clients_store is None:
+        state, m = round_fn(state, *batch)
+      else:
+        state, m, new_rows = round_fn(state, *batch)
+        clients_store.scatter(clients, new_rows)
       loss = float(m["loss"])  # waits for the round
       dt = time.time() - t0
       if r > start + 1:  # the first round includes compilation
@@ -187,7 +237,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
                  f"{rec['dice/guidewire']:.4f}")
       log(line)
       if r % config.checkpoint.every == 0 or r == config.num_rounds:
-        ckpt.save(r, state, cfg_json, data.get_state())
+        ckpt.save(r, state, cfg_json, data.get_state(),
+                  None if clients_store is None else clients_store.state_dict())
   finally:
     ckpt.close()  # finish pending async saves, also when the run dies mid-way
     runlog.close()
@@ -200,8 +251,13 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   log(f"\noutputs in {os.path.abspath(workdir)}: metrics.jsonl (one record per evaluation), "
       f"tb/ (TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')}), config.json, "
       "checkpoints/ (orbax; re-run with the same --workdir to resume)")
+  if clients_store is not None:
+    log(f"client state {clients_store.describe()}")
   if timed_rounds:
     log(f"training speed: {imgs_per_round * timed_rounds / timed_s:.1f} images/s over {timed_rounds} "
         f"rounds (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s")
   sys.stdout.flush()
-  return {"state": state, "metrics": rec, "per_site": per_site}
+  out = {"state": state, "metrics": rec, "per_site": per_site}
+  if clients_store is not None:
+    out["client_state"] = clients_store.state_dict()  # {"ids", "rows"}: the clients ever sampled
+  return out

@@ -1,0 +1,249 @@
+"""Per-client state of stateful federated algorithms (SCAFFOLD's control variates c_i), kept between
+the rounds in which a client is sampled.
+
+Every client owns one *row*: a pytree shaped like ``init_row`` (for SCAFFOLD: params-shaped zeros).
+A client that was never sampled reads as ``init_row``. Two placements (``config.algorithm.client_state``)
+with the same API:
+
+``device`` (:class:`DeviceClientState`)
+    One pytree with a leading axis of ``num_clients`` rows in accelerator memory, *replicated* on
+    every device of the mesh (memory: num_clients x row bytes on each device). The sampled rows are
+    gathered inside a jitted function straight into the round's client sharding, and written back
+    with ``table.at[ids].set(rows)`` in a jitted function that donates the table, so the update
+    happens in place (no second table). Good for up to a few thousand clients of a small model.
+
+``host`` (:class:`HostClientState`)
+    numpy rows in host memory, one per client that has ever been sampled (a dict client id -> row);
+    only the sampled clients' rows travel to the devices each round (and back). Memory is
+    proportional to the clients seen so far, not to ``num_clients``: 10,000 registered clients of
+    which 2,000 were sampled cost 2,000 rows.
+
+API (both): ``gather(ids)`` -> the rows of the round's sampled clients ``ids`` (all of them, in
+order) as global arrays split over the 'clients' mesh axis, exactly like the round's data
+(``sharding.shard_clients``; in a multi-process run each process places only its ``rows``);
+``scatter(ids, new_rows)`` stores the round's updated rows (global arrays as the round function
+returns them); ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``rows_held`` / ``nbytes``.
+
+The checkpoint format is the same for both placements: ``{"ids": int64 [n], "rows": row pytree with
+a leading axis n}`` holding the clients that were ever sampled (sorted ids), so a checkpoint written
+with one placement restores into the other with identical numbers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedkd.sharding import client_sharding, local_copy, replicate, replicated, shard_clients
+
+Row = Any  # a pytree of arrays: one client's state
+
+
+class ClientStateError(ValueError):
+  """Bad client ids or rows for the client-state store; the message says what is wrong."""
+
+
+def _as_ids(ids, num_clients: int, what: str = "ids") -> np.ndarray:
+  """Validated 1-D int64 array of distinct client ids in [0, num_clients)."""
+  a = np.asarray(ids)
+  if a.ndim != 1:
+    raise ClientStateError(f"client {what} must be a 1-D array, got shape {a.shape}")
+  if a.size and not np.issubdtype(a.dtype, np.integer):
+    raise ClientStateError(f"client {what} must be integers, got dtype {a.dtype}")
+  a = a.astype(np.int64)
+  if a.size and (a.min() < 0 or a.max() >= num_clients):
+    bad = int(a[(a < 0) | (a >= num_clients)][0])
+    raise ClientStateError(f"client id {bad} is out of range: this run has num_clients={num_clients} "
+                           f"(ids 0..{num_clients - 1})")
+  if len(np.unique(a)) != len(a):
+    vals, counts = np.unique(a, return_counts=True)
+    raise ClientStateError(f"client id {int(vals[counts > 1][0])} appears twice in one round's {what}; "
+                           "each sampled client has exactly one row")
+  return a
+
+
+def _host(tree):
+  """numpy copy of a (possibly multi-process, client-sharded) global pytree, on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+class _Store:
+  placement = ""
+
+  def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
+    if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+      raise ClientStateError(f"num_clients={num_clients!r} must be a positive integer")
+    self.num_clients = int(num_clients)
+    self.mesh = mesh
+    self.rows = rows  # this process's rows of a round's client axis (multi-process); None = all
+    self._init = jax.tree.map(lambda a: np.array(a), init_row)  # host copy, the value of unseen rows
+    self._leaves0, self._treedef = jax.tree.flatten(self._init)
+    self.row_nbytes = int(sum(a.nbytes for a in self._leaves0))
+
+  def _round_ids(self, ids) -> np.ndarray:
+    ids = _as_ids(ids, self.num_clients)
+    if len(ids) % self.mesh.size:
+      raise ClientStateError(f"{len(ids)} client ids cannot be split over the {self.mesh.size} devices of the "
+                             "'clients' mesh axis; a round's clients are a multiple of the device count")
+    return ids
+
+  def _check_rows(self, ids: np.ndarray, new_rows) -> list:
+    leaves, treedef = jax.tree.flatten(new_rows)
+    if treedef != self._treedef:
+      raise ClientStateError(f"new rows have tree structure {treedef}, the store holds {self._treedef}")
+    for a, ref in zip(leaves, self._leaves0):
+      if tuple(a.shape) != (len(ids),) + ref.shape or a.dtype != ref.dtype:
+        raise ClientStateError(f"new rows of shape {tuple(a.shape)} {a.dtype} do not match "
+                               f"{len(ids)} ids x row shape {ref.shape} {ref.dtype}")
+    return leaves
+
+  def _check_state_dict(self, sd: dict) -> tuple[np.ndarray, list]:
+    if not isinstance(sd, dict) or set(sd) != {"ids", "rows"}:
+      raise ClientStateError("a client-state dict has exactly the keys 'ids' and 'rows'")
+    ids = _as_ids(np.asarray(sd["ids"]), self.num_clients, "checkpoint ids")
+    return ids, [np.asarray(a) for a in self._check_rows(ids, sd["rows"])]
+
+  def empty_state_dict(self, num_rows: int) -> dict:
+    """A zero-filled state dict of ``num_rows`` rows: the restore target of a checkpoint."""
+    return {"ids": np.zeros((num_rows,), np.int64),
+            "rows": jax.tree.map(lambda a: np.zeros((num_rows,) + a.shape, a.dtype), self._init)}
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of client rows held (per device for 'device', in host memory for 'host')."""
+    raise NotImplementedError
+
+  @property
+  def rows_held(self) -> int:
+    raise NotImplementedError
+
+  def describe(self) -> str:
+    raise NotImplementedError
+
+
+class HostClientState(_Store):
+  """Rows in host memory, one per client ever sampled; see the module docstring."""
+  placement = "host"
+
+  def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
+    super().__init__(init_row, num_clients, mesh, rows)
+    self._rows: dict[int, list[np.ndarray]] = {}
+
+  @property
+  def rows_held(self) -> int:
+    return len(self._rows)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for leaves in self._rows.values() for a in leaves)
+
+  def describe(self) -> str:
+    return (f"on host, rows of sampled clients only: {self.rows_held} of {self.num_clients} held, "
+            f"{self.nbytes / 2**20:.1f} MiB at {self.row_nbytes / 2**10:.1f} KiB per row")
+
+  def host_rows(self, ids) -> Row:
+    """The rows of ``ids`` as a host pytree with a leading axis len(ids) (unseen ids: the initial row)."""
+    ids = _as_ids(ids, self.num_clients)
+    stacked = [np.empty((len(ids),) + a.shape, a.dtype) for a in self._leaves0]
+    for i, cid in enumerate(ids.tolist()):
+      for out, a in zip(stacked, self._rows.get(cid, self._leaves0)):
+        out[i] = a
+    return jax.tree.unflatten(self._treedef, stacked)
+
+  def gather(self, ids) -> Row:
+    ids = self._round_ids(ids)
+    local = ids[self.rows] if self.rows is not None else ids
+    return shard_clients(self.host_rows(local), self.mesh, self.rows)
+
+  def scatter(self, ids, new_rows) -> None:
+    ids = _as_ids(ids, self.num_clients)
+    self._check_rows(ids, new_rows)
+    leaves = jax.tree.leaves(_host(new_rows))  # every process keeps every sampled row
+    for i, cid in enumerate(ids.tolist()):
+      # copies, so a stored row does not keep the whole round's array alive
+      self._rows[cid] = [np.array(a[i]) for a in leaves]
+
+  def state_dict(self) -> dict:
+    ids = np.array(sorted(self._rows), np.int64)
+    return {"ids": ids, "rows": self.host_rows(ids)}
+
+  def load_state_dict(self, sd: dict) -> None:
+    ids, leaves = self._check_state_dict(sd)
+    self._rows = {cid: [np.array(a[i]) for a in leaves] for i, cid in enumerate(ids.tolist())}
+
+
+class DeviceClientState(_Store):
+  """All ``num_clients`` rows in device memory, replicated on the mesh; see the module docstring."""
+  placement = "device"
+
+  def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
+    super().__init__(init_row, num_clients, mesh, rows)
+    n = self.num_clients
+    rep, split = replicated(mesh), client_sharding(mesh)
+    self._fill = jax.jit(lambda row: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), row),
+                         out_shardings=rep)
+    self._gather = jax.jit(lambda table, ids: jax.tree.map(lambda t: t[ids], table), out_shardings=split)
+    self._gather_rep = jax.jit(lambda table, ids: jax.tree.map(lambda t: t[ids], table), out_shardings=rep)
+    self._scatter = jax.jit(
+        lambda table, ids, new: jax.tree.map(lambda t, r: t.at[ids].set(r, unique_indices=True), table, new),
+        out_shardings=rep, donate_argnums=0)
+    self._seen = np.zeros(n, bool)  # host bookkeeping of sampled clients (for compact checkpoints)
+    self.table = self._fill(replicate(self._init, mesh))
+
+  @property
+  def rows_held(self) -> int:
+    return self.num_clients
+
+  @property
+  def nbytes(self) -> int:
+    return self.num_clients * self.row_nbytes
+
+  def describe(self) -> str:
+    return (f"on device, all {self.num_clients} rows replicated on each of {self.mesh.size} device(s): "
+            f"{self.nbytes / 2**20:.1f} MiB per device, {int(self._seen.sum())} clients sampled so far")
+
+  def _ids(self, ids: np.ndarray):
+    return replicate(ids.astype(np.int32), self.mesh)
+
+  def gather(self, ids) -> Row:
+    ids = self._round_ids(ids)
+    return self._gather(self.table, self._ids(ids))
+
+  def scatter(self, ids, new_rows) -> None:
+    ids = _as_ids(ids, self.num_clients)
+    self._check_rows(ids, new_rows)
+    self.table = self._scatter(self.table, self._ids(ids), new_rows)
+    self._seen[ids] = True
+
+  def state_dict(self) -> dict:
+    ids = np.flatnonzero(self._seen).astype(np.int64)
+    if not len(ids):
+      return self.empty_state_dict(0)
+    rows = local_copy(self._gather_rep(self.table, self._ids(ids)))
+    return {"ids": ids, "rows": jax.tree.map(np.array, rows)}
+
+  def load_state_dict(self, sd: dict) -> None:
+    ids, leaves = self._check_state_dict(sd)
+    table = self._fill(replicate(self._init, self.mesh))
+    if len(ids):
+      rows = replicate(jax.tree.unflatten(self._treedef, leaves), self.mesh)
+      table = jax.jit(lambda t, i, r: jax.tree.map(lambda a, b: a.at[i].set(b, unique_indices=True), t, r),
+                      out_shardings=replicated(self.mesh), donate_argnums=0)(table, self._ids(ids), rows)
+    self.table = table
+    self._seen = np.zeros(self.num_clients, bool)
+    self._seen[ids] = True
+
+
+PLACEMENTS = {"device": DeviceClientState, "host": HostClientState}
+
+
+def make_client_state(placement: str, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
+  """The store for ``config.algorithm.client_state`` = ``placement`` ('device' | 'host')."""
+  if placement not in PLACEMENTS:
+    raise ClientStateError(f"unknown client-state placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+  return PLACEMENTS[placement](init_row, num_clients, mesh, rows)
