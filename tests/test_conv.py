@@ -12,8 +12,8 @@ from jax import lax
 
 import fedkd.models.transunet as transunet_mod
 import fedkd.models.unet as unet_mod
-from fedkd.fl.engine import REMAT_NAME
-from fedkd.models import _unet_forward_with_features, build_model, init_params
+from fedkd.models import remat
+from fedkd.models import build_model, init_params
 from fedkd.models import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -375,30 +375,51 @@ def test_vmapped_model_gemm_equals_lax(name):
                  for e in _prims(lambda p, x: run(p, x, True), params, x))
 
 
-def test_remat_names_and_unet_features():
+def test_remat_blocks_wrap_every_block_and_keep_gradients():
   x = _randn(0, (2, 32, 32, 1))
 
-  def names(cfg):
+  def checkpoints(cfg, on):
     graphdef = _graphdef(cfg)
     params = jax.eval_shape(lambda: _params(cfg, 0))
-    return [e.params["name"] for e in _prims(_apply(graphdef), params, x)
-            if e.primitive.name == "name"]
+
+    def fwd(p, x):
+      with remat.remat_blocks(on):
+        return _apply(graphdef)(p, x)
+    return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in _prims(fwd, params, x))
 
   cfg, tcfg = CFGS["unet"], CFGS["transunet"]
-  assert names(cfg) == [REMAT_NAME] * (2 * cfg.depth + 1)  # encoder blocks, mid, decoder blocks
+  assert checkpoints(cfg, False) == 0 and checkpoints(tcfg, False) == 0
+  assert checkpoints(cfg, True) == 2 * cfg.depth + 1  # encoder blocks, mid, decoder blocks
   n_stem = int(np.log2(tcfg.patch_size))  # stem stages, transformer layers, decoder blocks
-  assert names(tcfg) == [REMAT_NAME] * (n_stem + tcfg.num_layers + n_stem)
+  assert checkpoints(tcfg, True) == n_stem + tcfg.num_layers + n_stem
 
   graphdef = _graphdef(cfg)
   params = jax.tree.map(lambda a: a[0], _random_params("unet", 1))
 
-  def forwards(p, x):  # models.__init__'s feature forward == UNet.forward_with_features == call
+  def grads(p, x):
+    out = []
+    for on in (False, True):
+      with remat.remat_blocks(on):
+        out.append(jax.grad(lambda q: jnp.mean(_apply(graphdef)(q, x) ** 2))(p))
+    return out
+
+  g_ref, g = _run0(grads, params, x)
+  for k, v in _key_paths(g).items():
+    ref = np.asarray(_key_paths(g_ref)[k])
+    np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max() + 1e-7, err_msg=k)
+
+
+def test_unet_features():
+  x = _randn(0, (2, 32, 32, 1))
+  cfg = CFGS["unet"]
+  graphdef = _graphdef(cfg)
+  params = jax.tree.map(lambda a: a[0], _random_params("unet", 1))
+
+  def forwards(p, x):  # the feature forward gives the logits of the plain call
     model = nnx.merge(graphdef, nnx.State(p))
     with conv.gemm_convs():
-      return model.forward_with_features(x), _unet_forward_with_features(model, x), model(x)
+      return model.forward_with_features(x), model(x)
 
-  (logits, feats), (logits2, feats2), logits3 = _run0(forwards, params, x)
-  np.testing.assert_allclose(logits2, logits, rtol=1e-6, atol=1e-6)
+  (logits, feats), logits3 = _run0(forwards, params, x)
   np.testing.assert_allclose(logits3, logits, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(feats2, feats, rtol=1e-6, atol=1e-6)
   assert feats.shape == (2, 8, 8, 2 * cfg.width * 2 ** (cfg.depth - 1))

@@ -25,8 +25,6 @@ from fedkd.sharding import CLIENTS
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
-# Name the models give to activations that remat keeps (see client_update).
-REMAT_NAME = "fedkd_block"
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -47,23 +45,23 @@ def client_update(apply: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformat
 
   ``compute_dtype`` (e.g. ``jnp.bfloat16``): the forward/backward pass runs on params and images cast
   to it while the optimizer state, the parameters it updates (master weights) and the returned delta
-  stay in the params' dtype (f32); logits are cast back to f32 before the loss. ``remat``: recompute
-  the forward pass in the backward pass, keeping only values the model marked with
-  ``jax.ad_checkpoint.checkpoint_name(x, REMAT_NAME)`` (block outputs) — activation memory of one
-  block instead of the whole network. ``correction``: a params-shaped pytree added to every gradient
-  (SCAFFOLD's c - c_i).
+  stay in the params' dtype (f32); logits are cast back to f32 before the loss. ``remat``: trace the
+  model under ``fedkd.models.remat.remat_blocks()``, so each model block keeps only its input and is
+  recomputed in the backward pass (models without remat blocks are unaffected). ``correction``: a
+  params-shaped pytree added to every gradient (SCAFFOLD's c - c_i).
 
   Returns (delta = local params - server params, mean loss over the local steps).
   """
+
+  from fedkd.models.remat import remat_blocks  # models import nothing from the engine; keep it so
 
   def loss_of(q, x, y):
     if compute_dtype is not None:
       q = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, q)
       x = x.astype(compute_dtype)
-    return loss_fn(apply(q, x).astype(jnp.float32), y)
-
-  if remat:
-    loss_of = jax.checkpoint(loss_of, policy=jax.checkpoint_policies.save_only_these_names(REMAT_NAME))
+    with remat_blocks(remat):
+      logits = apply(q, x)
+    return loss_fn(logits.astype(jnp.float32), y)
 
   def step(carry, batch):
     p, opt_state = carry
@@ -142,7 +140,7 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
   the server adds ``sum_i (c_i+ - c_i) / num_clients`` to c. The server step on the weighted-mean
   delta is the same as FedAvg's.
   """
-  from fedkd.models.conv import gemm_convs  # models import the engine's REMAT_NAME, not vice versa
+  from fedkd.models.conv import gemm_convs
 
   def _convs(use_gemm: bool):
     return gemm_convs() if use_gemm else contextlib.nullcontext()

@@ -31,26 +31,6 @@ def build_model(model_cfg, seed: int) -> nnx.Module:
   raise ValueError(f"unknown model {model_cfg.name!r}")
 
 
-def _unet_forward_with_features(model: UNet, x):
-  """UNet forward that also returns the bottleneck (``mid``) output; runs the UNet's submodules in
-  exactly the order of ``UNet.__call__`` (same params, same numerics)."""
-  skips = []
-  for block in model.enc:
-    x = block(x)
-    skips.append(x)
-    x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-  x = feats = model.mid(x)
-  for up, block, skip in zip(model.up, model.dec, reversed(skips)):
-    x = block(jnp.concatenate([up(x), skip], axis=-1))
-  return model.head(x), feats
-
-
-def _forward_with_features(model: nnx.Module, x):
-  if isinstance(model, UNet):
-    return _unet_forward_with_features(model, x)
-  return model.forward_with_features(x)
-
-
 def init_model(model_cfg, seed: int):
   """Returns ``(apply, apply_with_features, params)``: pure ``apply(params, x) -> logits``,
   ``apply_with_features(params, x) -> (logits, features [B, h, w, C])`` and the parameter pytree
@@ -62,7 +42,7 @@ def init_model(model_cfg, seed: int):
     return nnx.merge(graphdef, nnx.State(p))(x)
 
   def apply_with_features(p, x):
-    return _forward_with_features(nnx.merge(graphdef, nnx.State(p)), x)
+    return nnx.merge(graphdef, nnx.State(p)).forward_with_features(x)
 
   return apply, apply_with_features, params
 

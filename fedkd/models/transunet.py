@@ -29,9 +29,8 @@ Everything that a pretrained "foundation" encoder provides lives under ``encoder
 
 All convolutions (stem, 1x1 patch projection, decoder, head) are ``fedkd.models.conv.Conv``:
 im2col + GEMM under ``fedkd.models.conv.gemm_convs()`` (batched GEMMs, not grouped convs, under a
-vmap over clients), plain XLA convs otherwise, with plain ``nnx.Conv`` parameters. Stem stage,
-transformer layer and decoder block outputs are named ``fedkd.fl.engine.REMAT_NAME`` for the
-engine's remat. (The bilinear x2 upsampling is a resize, i.e. matmuls, not a convolution.)
+vmap over clients), plain XLA convs otherwise, with plain ``nnx.Conv`` parameters. Stem stages,
+transformer layers and decoder blocks are remat units (``fedkd.models.remat``). (The bilinear x2 upsampling is a resize, i.e. matmuls, not a convolution.)
 """
 from __future__ import annotations
 
@@ -40,9 +39,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
-from fedkd.fl.engine import REMAT_NAME
+from fedkd.models import remat
 from fedkd.models.conv import Conv
 
 
@@ -71,9 +69,10 @@ class StemStage(nnx.Module):
     self.conv2 = Conv(cout, cout, (3, 3), rngs=rngs)
     self.norm2 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
 
+  @remat.block
   def __call__(self, x):
     x = jax.nn.gelu(self.norm1(self.conv1(x)))
-    return checkpoint_name(jax.nn.gelu(self.norm2(self.conv2(x))), REMAT_NAME)
+    return jax.nn.gelu(self.norm2(self.conv2(x)))
 
 
 class MultiHeadSelfAttention(nnx.Module):
@@ -129,9 +128,10 @@ class TransformerBlock(nnx.Module):
     self.ln2 = nnx.LayerNorm(hidden, epsilon=1e-6, rngs=rngs)
     self.mlp = Mlp(hidden, mlp_dim, rngs=rngs)
 
+  @remat.block
   def __call__(self, x):
     x = x + self.attn(self.ln1(x))
-    return checkpoint_name(x + self.mlp(self.ln2(x)), REMAT_NAME)
+    return x + self.mlp(self.ln2(x))
 
 
 class Encoder(nnx.Module):
@@ -202,12 +202,13 @@ class DecoderBlock(nnx.Module):
     self.conv2 = Conv(cout, cout, (3, 3), rngs=rngs)
     self.norm2 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
 
+  @remat.block
   def __call__(self, x, skip=None):
     x = _upsample2x(x)
     if skip is not None:
       x = jnp.concatenate([x, skip], axis=-1)
     x = jax.nn.relu(self.norm1(self.conv1(x)))
-    return checkpoint_name(jax.nn.relu(self.norm2(self.conv2(x))), REMAT_NAME)
+    return jax.nn.relu(self.norm2(self.conv2(x)))
 
 
 class Decoder(nnx.Module):

@@ -4,15 +4,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
-from fedkd.fl.engine import REMAT_NAME
+from fedkd.models import remat
 from fedkd.models.conv import Conv, ConvTranspose
 
 
 class ConvBlock(nnx.Module):
-  """Two (3x3 conv -> GroupNorm -> ReLU) layers; the output is named ``REMAT_NAME`` (kept by the
-  engine's remat policy)."""
+  """Two (3x3 conv -> GroupNorm -> ReLU) layers; one remat unit (``fedkd.models.remat``)."""
 
   def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs):
     g = min(groups, cout)
@@ -21,9 +19,10 @@ class ConvBlock(nnx.Module):
     self.conv2 = Conv(cout, cout, (3, 3), rngs=rngs)
     self.norm2 = nnx.GroupNorm(cout, num_groups=g, rngs=rngs)
 
+  @remat.block
   def __call__(self, x):
     x = jax.nn.relu(self.norm1(self.conv1(x)))
-    return checkpoint_name(jax.nn.relu(self.norm2(self.conv2(x))), REMAT_NAME)
+    return jax.nn.relu(self.norm2(self.conv2(x)))
 
 
 class UNet(nnx.Module):
@@ -33,7 +32,7 @@ class UNet(nnx.Module):
   Input [B, H, W, in_channels] with H, W divisible by 2**depth; output logits [B, H, W, num_classes].
   Convolutions are ``fedkd.models.conv`` ones (im2col + GEMM under ``gemm_convs()``, plain XLA convs
   otherwise; parameters as plain ``nnx.Conv`` / ``nnx.ConvTranspose``). Every ConvBlock output
-  (encoder, bottleneck, decoder) is named ``REMAT_NAME`` for the engine's remat policy.
+  (encoder, bottleneck, decoder) is one remat unit under ``fedkd.models.remat.remat_blocks()``.
   """
 
   def __init__(self, *, in_channels: int = 1, num_classes: int = 3, width: int = 16, depth: int = 3,
