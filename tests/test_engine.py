@@ -26,16 +26,19 @@ def _setup(seed=0):
   return apply, params, loss_fn, xs, ys, weights
 
 
-def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0):
-  """Each client trained on its own with plain SGD (numpy updates), then the weighted mean."""
-  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(p, x), y)))
+def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, compute_dtype=None):
+  """Each client trained on its own with plain SGD (numpy updates on f32 weights), then the weighted
+  mean. ``compute_dtype``: the gradient is computed on params and images cast to it."""
+  cast = (lambda t: t) if compute_dtype is None else (  # noqa: E731
+      lambda t: jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), t))
+  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(cast(p), cast(x)).astype(jnp.float32), y)))
   server = jax.tree.map(np.asarray, params)
   deltas = []
   for c in range(xs.shape[0]):
     p = server
     for s in range(xs.shape[1]):
       g = grad(p, xs[c, s], ys[c, s])
-      p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b), p, g)
+      p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b, np.float32), p, g)
     deltas.append(jax.tree.map(lambda a, b: a - b, p, server))
   w = weights / weights.sum()
   mean = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
@@ -171,22 +174,6 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
   assert _max_diff(ref_control, zeros) > 1e-3
 
 
-def _bf16_reference_round(apply, loss_fn, params, xs, ys, weights):
-  """Per-client SGD with the forward/backward in bfloat16 and float32 master weights (numpy updates)."""
-  bf = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), t)  # noqa: E731
-  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(bf(p), x.astype(jnp.bfloat16)).astype(jnp.float32), y)))
-  server = jax.tree.map(np.asarray, params)
-  deltas = []
-  for c in range(xs.shape[0]):
-    p = server
-    for s in range(xs.shape[1]):
-      g = grad(p, xs[c, s], ys[c, s])
-      p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b, np.float32), p, g)
-    deltas.append(jax.tree.map(lambda a, b: a - b, p, server))
-  w = weights / weights.sum()
-  return jax.tree.map(lambda a, *d: a + sum(wi * di for wi, di in zip(w, d)), server, *deltas)
-
-
 @pytest.mark.parametrize("parallelism", ["unroll", "bgemm"])
 def test_bf16_compute_keeps_f32_master_weights(parallelism):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=5)
@@ -196,7 +183,7 @@ def test_bf16_compute_keeps_f32_master_weights(parallelism):
   state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
   state, _ = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state["params"]))
-  ref16 = _bf16_reference_round(apply, loss_fn, params, xs, ys, weights)
+  ref16 = _reference_round(apply, loss_fn, params, xs, ys, weights, compute_dtype=jnp.bfloat16)
   ref32 = _reference_round(apply, loss_fn, params, xs, ys, weights)
   step = _max_diff(ref32, params)
   # the bf16 round is the bf16 reference up to bf16 rounding, and it is not the f32 round

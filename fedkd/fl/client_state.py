@@ -45,7 +45,7 @@ class ClientStateError(ValueError):
   """Bad client ids or rows for the client-state store; the message says what is wrong."""
 
 
-def _as_ids(ids, num_clients: int, what: str = "ids") -> np.ndarray:
+def _as_ids(ids, num_clients: int, what: str = "round's ids") -> np.ndarray:
   """Validated 1-D int64 array of distinct client ids in [0, num_clients)."""
   a = np.asarray(ids)
   if a.ndim != 1:
@@ -59,8 +59,8 @@ def _as_ids(ids, num_clients: int, what: str = "ids") -> np.ndarray:
                            f"(ids 0..{num_clients - 1})")
   if len(np.unique(a)) != len(a):
     vals, counts = np.unique(a, return_counts=True)
-    raise ClientStateError(f"client id {int(vals[counts > 1][0])} appears twice in one round's {what}; "
-                           "each sampled client has exactly one row")
+    raise ClientStateError(f"client id {int(vals[counts > 1][0])} appears twice in the {what}; "
+                           "each client has exactly one row")
   return a
 
 
@@ -73,6 +73,9 @@ def _host(tree):
 
 
 class _Store:
+  """What both placements share: id and row checks, the checkpoint format. Subclasses add gather,
+  scatter, state_dict, load_state_dict, rows_held, nbytes (bytes of rows held: per device for
+  'device', in host memory for 'host') and describe()."""
   placement = ""
 
   def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
@@ -112,18 +115,6 @@ class _Store:
     """A zero-filled state dict of ``num_rows`` rows: the restore target of a checkpoint."""
     return {"ids": np.zeros((num_rows,), np.int64),
             "rows": jax.tree.map(lambda a: np.zeros((num_rows,) + a.shape, a.dtype), self._init)}
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes of client rows held (per device for 'device', in host memory for 'host')."""
-    raise NotImplementedError
-
-  @property
-  def rows_held(self) -> int:
-    raise NotImplementedError
-
-  def describe(self) -> str:
-    raise NotImplementedError
 
 
 class HostClientState(_Store):
