@@ -15,7 +15,7 @@ C, S, B, H = 8, 2, 2, 16
 LR = 0.05
 
 
-def _setup(seed=0):
+def _setup(seed=0, clients=C):
   model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=2, groups=2, num_classes=3))
   apply, params = init_params(model_cfg, seed)
   loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
@@ -23,7 +23,7 @@ def _setup(seed=0):
   xs = np.asarray(jax.random.normal(kx, (C, S, B, H, H, 1)))
   ys = np.asarray(jax.random.randint(ky, (C, S, B, H, H), 0, 3))
   weights = np.array([5, 1, 3, 8, 2, 2, 7, 4], np.float32)  # unequal client data sizes
-  return apply, params, loss_fn, xs, ys, weights
+  return apply, params, loss_fn, xs[:clients], ys[:clients], weights[:clients]
 
 
 def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, compute_dtype=None):
@@ -91,8 +91,8 @@ def test_server_optimizer_scales_the_mean_delta():
 def test_weights_matter():
   """Equal weights give a different model than skewed weights (the weighting is not ignored)."""
   apply, params, loss_fn, xs, ys, weights = _setup()
-  a, _ = _engine_round(apply, loss_fn, params, xs, ys, weights, 1, "unroll")
-  b, _ = _engine_round(apply, loss_fn, params, xs, ys, np.ones_like(weights), 1, "unroll")
+  a, _ = _engine_round(apply, loss_fn, params, xs, ys, weights, 2, "vmap")
+  b, _ = _engine_round(apply, loss_fn, params, xs, ys, np.ones_like(weights), 2, "vmap")
   assert _max_diff(a, b) > 1e-4
 
 
@@ -145,12 +145,12 @@ def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
   return server, control, client_c
 
 
-@pytest.mark.parametrize("parallelism,n_dev", [("vmap", 2), ("unroll", 4), ("chunked", 2)])
+@pytest.mark.parametrize("parallelism,n_dev", [("vmap", 2), ("unroll", 4), ("chunked", 1)])
 def test_scaffold_equals_per_client_loop(parallelism, n_dev):
   """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=4)
-  n_total = 12
-  samples = [np.arange(0, 8), np.array([4, 9, 5, 11, 6, 10, 7, 8])]
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=4, clients=4)
+  n_total = 6
+  samples = [np.arange(0, 4), np.array([2, 5, 3, 4])]
   rounds = [(ids, xs[::-1] if r else xs, ys[::-1] if r else ys, weights) for r, ids in enumerate(samples)]
   zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
   ref_server, ref_control, ref_c = _scaffold_reference(
@@ -176,7 +176,7 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
 
 @pytest.mark.parametrize("parallelism", ["unroll", "bgemm"])
 def test_bf16_compute_keeps_f32_master_weights(parallelism):
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=5)
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=5, clients=4)
   mesh = client_mesh(2)
   fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
                             unroll_local_steps=True, compute_dtype=jnp.bfloat16)
@@ -191,9 +191,9 @@ def test_bf16_compute_keeps_f32_master_weights(parallelism):
   assert _max_diff(ref32, ref16) > 1e-6
 
 
-@pytest.mark.parametrize("parallelism", ["unroll", "chunked"])
+@pytest.mark.parametrize("parallelism", ["chunked"])
 def test_remat_gives_the_same_round(parallelism):
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=6)
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=6, clients=4)
   outs = []
   for remat in (False, True):
     mesh = client_mesh(2)
@@ -206,7 +206,7 @@ def test_remat_gives_the_same_round(parallelism):
 
 
 def test_measure_strategy_skips_failures_and_leaves_state_untouched():
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=7)
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=7, clients=4)
   mesh = client_mesh(2)
   build = lambda par: engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh,  # noqa: E731
                                            client_parallelism=par, unroll_local_steps=True)
