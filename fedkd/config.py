@@ -285,6 +285,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(f"config.engine.remat={c.engine.remat!r} must be True or False")
   if c.algorithm.name not in ALGORITHMS:
     raise ConfigError(f"config.algorithm.name={c.algorithm.name!r} is unknown; use one of {', '.join(ALGORITHMS)}")
+  if c.algorithm.name == "scaffold" and c.client_optimizer.name != "sgd":
+    raise ConfigError(f"config.algorithm.name='scaffold' needs config.client_optimizer.name='sgd' (its "
+                      f"control-variate update assumes plain SGD steps), not {c.client_optimizer.name!r}")
   if c.algorithm.client_state not in CLIENT_STATE_PLACEMENTS:
     raise ConfigError(f"config.algorithm.client_state={c.algorithm.client_state!r} is unknown; use one of "
                       f"{', '.join(CLIENT_STATE_PLACEMENTS)}")

@@ -105,10 +105,19 @@ def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
     ("image_size", -8, "image_size"),
     ("num_rounds", 0, "num_rounds"),
     ("local_steps", 0, "local_steps"),
+    ("engine.compute_dtype", "float16", "compute_dtype"),
+    ("engine.client_parallelism", "pmap", "client_parallelism"),
+    ("algorithm.name", "fedprox", "algorithm.name"),
+    ("algorithm.client_state", "disk", "client_state"),
+    ("algorithm.name", "scaffold", "client_optimizer.name='sgd'"),
 ])
 def test_validate_names_the_bad_key(key, value, needle):
   c = tiny_config()
-  c[key] = value
+  *groups, leaf = key.split(".")
+  node = c
+  for g in groups:
+    node = node[g]
+  node[leaf] = value
   with pytest.raises(ConfigError, match=needle):
     validate(c, 8)
 

@@ -278,4 +278,10 @@ def measure_strategy(build: Callable[[str], Callable], candidates: list[str], st
     raise RuntimeError("no client strategy could run this round: " +
                        "; ".join(f"{r['strategy']}: {r['error']}" for r in results))
   best = min(ok, key=lambda r: r["sec_per_round"])["strategy"]
+  if jax.process_count() > 1:  # every process must run the same program: process 0's timing decides
+    from jax.experimental import multihost_utils
+    best = candidates[int(multihost_utils.broadcast_one_to_all(jnp.int32(candidates.index(best))))]
+    if best not in fns:
+      raise RuntimeError(f"process 0 chose client strategy {best!r}, which failed on process "
+                         f"{jax.process_index()}; set engine.client_parallelism explicitly")
   return best, fns[best], results
