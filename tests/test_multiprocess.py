@@ -46,14 +46,17 @@ def test_two_processes_equal_one_process(tmp_path):
 
   multi = tmp_path / "multi"
   port = _free_port()
+  # the processes time the client strategies ('measure'); process 0's choice must hold for both
   procs = [subprocess.Popen(_cmd(multi, "--cpu_devices=2", f"--coordinator_address=localhost:{port}",
-                                 "--num_processes=2", f"--process_id={i}"),
+                                 "--num_processes=2", f"--process_id={i}",
+                                 "--config.engine.client_parallelism=measure"),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert "4 device(s) on the 'clients' axis" in outs[0][0]  # process 0 reports the global mesh
+  assert outs[0][0].count("engine measure:") == 3 and "-> clients run as" in outs[0][0]
   # only process 0 speaks (process 1 may show gloo's own connection lines)
   assert not [l for l in outs[1][0].splitlines() if l.startswith(("round", "fedkd", "held-out"))]
 
