@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from fedkd.config import COMPUTE_DTYPES
 from fedkd.data import sites as sites_lib
 from fedkd.data import synth
 from fedkd.fl import engine
+from fedkd.fl.engine import STRATEGIES
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_params
 from fedkd.sharding import client_mesh, replicated, shard_clients
@@ -49,7 +51,6 @@ WORKLOADS = {
 # The TransUNet of workload C (and of --model transunet).
 TRANSUNET = dict(patch_size=16, stem_width=32, hidden=256, num_layers=6, num_heads=8, mlp_dim=1024,
                  decoder_width=64, skips=True)
-STRATEGIES = ("vmap", "bgemm", "unroll", "chunked", "map")
 
 
 def _time(fn, reps: int) -> float:
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
   pars = list(STRATEGIES) if a.parallelism == "all" else a.parallelism.split(",")
   pars = [("unroll" if backend == "cpu" else "bgemm") if p == "auto" else p for p in pars]
   dtypes = a.dtype.split(",")
-  for bad in [p for p in pars if p not in STRATEGIES] + [d for d in dtypes if d not in ("float32", "bfloat16")]:
+  for bad in [p for p in pars if p not in STRATEGIES] + [d for d in dtypes if d not in COMPUTE_DTYPES]:
     raise SystemExit(f"fedkd.bench: error: unknown strategy or dtype {bad!r}")
   common = dict(backend=backend, device=str(jax.devices()[0].device_kind), model=a.model, size=a.size,
                 clients=a.clients, steps=a.steps, batch=a.batch, width=a.width, depth=a.depth,

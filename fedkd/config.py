@@ -10,6 +10,7 @@ import math
 
 import ml_collections
 
+from fedkd.fl.engine import STRATEGIES
 from fedkd.losses import LOSSES
 
 
@@ -18,7 +19,7 @@ class ConfigError(ValueError):
 
 
 TASKS = ("fedavg",)
-CLIENT_PARALLELISM = ("auto", "measure", "vmap", "bgemm", "unroll", "chunked", "map")
+CLIENT_PARALLELISM = ("auto", "measure") + STRATEGIES
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ALGORITHMS = ("fedavg", "scaffold")
 CLIENT_STATE_PLACEMENTS = ("device", "host")

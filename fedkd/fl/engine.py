@@ -25,6 +25,8 @@ from fedkd.sharding import CLIENTS
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+# Client strategies make_round_fn builds (config also accepts 'auto' and 'measure').
+STRATEGIES = ("vmap", "bgemm", "unroll", "chunked", "map")
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -150,7 +152,7 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     raise ValueError(f"unknown algorithm {algorithm!r}")
   if scaffold and (client_lr is None or num_clients is None):
     raise ValueError("SCAFFOLD needs client_lr and num_clients")
-  if client_parallelism not in ("vmap", "bgemm", "unroll", "chunked", "map"):
+  if client_parallelism not in STRATEGIES:
     raise ValueError(f"unknown client_parallelism {client_parallelism!r}")
   update = functools.partial(client_update, apply, loss_fn, client_tx,
                              unroll=True if unroll_local_steps else 1, compute_dtype=compute_dtype,

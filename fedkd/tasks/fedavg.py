@@ -23,13 +23,15 @@ from fedkd.metrics import CLASS_NAMES, dice, iou
 from fedkd.models import init_params, make_predictor
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
-# Keys that may change between a checkpoint and its resumed run without changing the numbers
-# (beyond float rounding); engine.compute_dtype does change them, so it is not among them.
-RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh")
+# Config keys (groups, or single dotted keys) that may change between a checkpoint and its resumed
+# run without changing the numbers beyond float rounding. engine.compute_dtype does change them;
+# algorithm.client_state (host <-> device) holds the same numbers in one checkpoint format.
+RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh", "algorithm.client_state")
 NOT_RESUMABLE = ("engine.compute_dtype",)
-# Single keys outside those groups that may change: where per-client state lives (host <-> device
-# hold the same numbers and share one checkpoint format).
-RESUMABLE_KEYS = ("algorithm.client_state",)
+
+
+def _may_change(key: str) -> bool:
+  return key not in NOT_RESUMABLE and (key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES)
 
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
@@ -98,8 +100,8 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
   # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.
   defaults = flat(base_config().to_dict())
   diff = sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in NOT_RESUMABLE)
-                and k not in RESUMABLE_KEYS and not (k not in a and k in defaults and b.get(k) == defaults[k]))
+                if a.get(k) != b.get(k) and not _may_change(k)
+                and not (k not in a and k in defaults and b.get(k) == defaults[k]))
   if diff:
     k = diff[0]
     raise ckpt_lib.CheckpointError(
