@@ -38,13 +38,14 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
 
 B="python3 -m fedkd.bench --rounds 3 --dtype bfloat16 ${BENCH_EXTRA:-}"
 # Priority order: a step that would not fit the budget is skipped, so the most important come first.
-step 150 $B --workload A --parallelism bgemm,vmap,chunked,map --chunk 4
-step 130 $B --workload B --parallelism chunked,bgemm,vmap --chunk 16
-step 100 $B --workload C --parallelism vmap,bgemm,chunked --chunk 4
+# Each bench process compiles its programs concurrently, then times them one after another.
+step 100 $B --workload A --parallelism bgemm,chunked,vmap --chunk 4
+step 100 $B --workload B --parallelism bgemm,chunked --chunk 16
+step 90 $B --workload C --parallelism vmap,bgemm
+step 60 $B --scale 1024 --size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16 --rounds 2
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
 fi
-step 120 $B --scale 128,512,1024 --size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16 --rounds 2
 step 60 $B --workload A --parallelism bgemm --remat --no-centralized
 echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL" | tee -a "$LOG"

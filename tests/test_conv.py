@@ -54,10 +54,12 @@ def _randn(seed, shape, dtype=jnp.float32):
 # ---------------------------------------------------------------------------- the convolution
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 0), (2, 1))])
-def test_gemm_conv_matches_lax(padding):
+@pytest.mark.parametrize("padding,recompute", [("SAME", False), ("VALID", False),
+                                               (((1, 0), (2, 1)), False), ("SAME", True)])
+def test_gemm_conv_matches_lax(padding, recompute):
   """Values and gradients wrt input and kernel for 1x1 / 3x3 kernels, strides 1 / 2, odd and even
-  spatial sizes (all cases in one program)."""
+  spatial sizes (all cases in one program); with the patch matrix kept from the forward pass and
+  rebuilt in the backward pass (jax.checkpoint around im2col + matmul, the accelerator default)."""
   cases = [(k, stride, size) for k in (1, 3) for stride in (1, 2) for size in (7, 8)]
   xs = [_randn(i, (2, size, size - 1, 3)) for i, (_, _, size) in enumerate(cases)]
   ws = [_randn(50 + i, (k, k, 3, 5)) for i, (k, _, _) in enumerate(cases)]
@@ -66,7 +68,7 @@ def test_gemm_conv_matches_lax(padding):
     return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
 
   def gemm(x, w, stride):
-    with conv.gemm_convs():
+    with conv.gemm_convs(recompute_patches=recompute):
       return conv.conv_general_dilated(x, w, (stride, stride), padding, lhs_dilation=(1, 1),
                                        rhs_dilation=(1, 1), dimension_numbers=_flax_dn(x, w),
                                        out_sharding=None)
@@ -89,6 +91,9 @@ def test_gemm_conv_matches_lax(padding):
       np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5, err_msg=str(case))
   eqns = _prims(lambda xs, ws: [gemm(x, w, c[1]) for x, w, c in zip(xs, ws, cases)], xs, ws)
   assert not any(e.primitive is lax.conv_general_dilated_p for e in eqns)
+  # one checkpoint per 3x3 conv when recomputing (1x1 patches are the input itself), none otherwise
+  n_ckpt = sum(e.primitive.name in ("checkpoint", "remat2") for e in eqns)
+  assert n_ckpt == (sum(k == 3 for k, _, _ in cases) if recompute else 0)
 
 
 def test_gemm_conv_dilation_rectangular_kernel_and_cropping():

@@ -21,6 +21,7 @@ cout)``), so parameter names, shapes and initial values are those of the plain f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -35,12 +36,25 @@ __all__ = ["gemm_convs", "gemm_convs_active", "conv_general_dilated", "conv_tran
            "ConvTranspose"]
 
 _GEMM = jax.make_user_context(default_value=False)
+# Rebuild the im2col patches in the backward pass (jax.checkpoint) instead of keeping them from the
+# forward pass: None = on accelerators, off on CPU (XLA:CPU ignores the recompute boundary, so
+# there it only costs time); True / False force it (``gemm_convs(recompute_patches=...)``).
+_RECOMPUTE = jax.make_user_context(default_value=None)
 
 
-def gemm_convs(enabled: bool = True):
+@contextlib.contextmanager
+def gemm_convs(enabled: bool = True, recompute_patches: bool | None = None):
   """Context manager: while active (and ``enabled``), model convolutions traced in this thread use
-  the im2col + GEMM formulation. ``gemm_convs(False)`` switches it off inside an outer one."""
-  return _GEMM(bool(enabled))
+  the im2col + GEMM formulation. ``gemm_convs(False)`` switches it off inside an outer one.
+  ``recompute_patches``: rebuild the patch matrix (kh*kw times the conv input) in the backward pass
+  rather than keep it alive from the forward pass; None (default) = on for GPU/TPU, off on CPU."""
+  with _GEMM(bool(enabled)), _RECOMPUTE(recompute_patches):
+    yield
+
+
+def _recompute_patches() -> bool:
+  r = _RECOMPUTE.value
+  return jax.default_backend() != "cpu" if r is None else bool(r)
 
 
 def gemm_convs_active() -> bool:
@@ -95,18 +109,27 @@ def _conv_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, di
   out_sp = tuple((p - e) // s + 1 for p, e, s in zip(xp.shape[1:-1], eff, strides))
   if any(o <= 0 for o in out_sp):
     return None
-  n = xp.shape[0]
-  # one strided slice of the padded input per kernel tap, (dy, dx, ...) row-major, then cin
-  taps = []
-  for idx in itertools.product(*(range(k) for k in ksize)):
-    start = (0,) + tuple(i * d for i, d in zip(idx, dil)) + (0,)
-    limit = (n,) + tuple(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides)) \
-        + (cin,)
-    taps.append(lax.slice(xp, start, limit, (1,) + strides + (1,)))
-  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  w = rhs.reshape(math.prod(ksize) * cin, cout)
-  return lax.dot_general(patches, w, (((nd - 1,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=preferred)
+  w_shape = (math.prod(ksize) * cin, cout)
+
+  def im2col_matmul(xp, rhs):
+    n = xp.shape[0]
+    # one strided slice of the padded input per kernel tap, (dy, dx, ...) row-major, then cin
+    taps = []
+    for idx in itertools.product(*(range(k) for k in ksize)):
+      start = (0,) + tuple(i * d for i, d in zip(idx, dil)) + (0,)
+      limit = (n,) + tuple(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides)) \
+          + (cin,)
+      taps.append(lax.slice(xp, start, limit, (1,) + strides + (1,)))
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return lax.dot_general(patches, rhs.reshape(w_shape), (((nd - 1,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=preferred)
+
+  # The patch matrix is kh*kw times the input: under jax.checkpoint the backward pass rebuilds it
+  # from the (padded) input instead of keeping it alive from the forward pass (on an H200,
+  # workload A's bgemm round asked for a 62.7 GiB buffer without this).
+  if math.prod(ksize) > 1 and _recompute_patches():
+    return jax.checkpoint(im2col_matmul)(xp, rhs)
+  return im2col_matmul(xp, rhs)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
