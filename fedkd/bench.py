@@ -24,7 +24,6 @@ Rows, side by side in one process (ratios only compare rows of the same run):
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import json
 import math
@@ -69,10 +68,10 @@ def _peak_mb():
   return None if peak is None else round(peak / 2 ** 20, 1)
 
 
-def _compile(lowered):
-  """(compiled executable, compile seconds, memory-plan dict in MiB) of a lowered program."""
+def _compiled(fn, *args):
+  """(compiled executable, lower+compile seconds, memory-plan dict in MiB)."""
   t = time.perf_counter()
-  exe = lowered.compile()
+  exe = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
   mem = {}
   try:
@@ -83,23 +82,6 @@ def _compile(lowered):
   except Exception:  # noqa: BLE001 - not every backend reports a buffer plan
     pass
   return exe, round(compile_s, 2), mem
-
-
-def _compile_all(lowered: dict, workers: int) -> dict:
-  """Compile lowered programs, ``workers`` at a time (XLA compiles outside the GIL, and on GPU
-  autotuning makes one compile take tens of seconds). Value: _compile's tuple or the exception."""
-  def one(item):
-    try:
-      return item[0], _compile(item[1])
-    except Exception as e:  # noqa: BLE001 - reported in that program's row
-      return item[0], e
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:
-    return dict(ex.map(one, lowered.items()))
-
-
-def _error(e: Exception) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
 
 def _parser():
@@ -123,9 +105,6 @@ def _parser():
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients")
   p.add_argument("--no-centralized", action="store_true", help="skip the centralized ceiling rows")
-  p.add_argument("--compile-workers", type=int, default=0,
-                 help="programs compiled at once before timing (0: 1 on CPU, all on accelerators); "
-                      "compile_s is then each program's wall time under that concurrency")
   return p
 
 
@@ -192,17 +171,16 @@ def main(argv=None) -> None:
                                 unroll_local_steps=unroll, client_chunk=a.chunk, compute_dtype=jnp.dtype(dtype),
                                 remat=a.remat)
 
-  def fresh_state(mesh):
-    return jax.device_put(engine.init_server_state(params, server_tx, jax.random.key(0)), replicated(mesh))
-
-  def time_round(exe, mesh, data):
-    box = [fresh_state(mesh)]
+  def time_round(fn, mesh, data):
+    state = jax.device_put(engine.init_server_state(params, server_tx, jax.random.key(0)), replicated(mesh))
+    exe, compile_s, mem = _compiled(fn, state, *data)
+    box = [state]
 
     def one():
       box[0], m = exe(box[0], *data)
       return m["loss"]
 
-    return _time(one, a.rounds)
+    return _time(one, a.rounds), compile_s, mem
 
   if a.scale:
     par, dtype = pars[0], dtypes[0]
@@ -211,80 +189,46 @@ def main(argv=None) -> None:
       row = dict(name="scale", parallelism=par, dtype=dtype, round_clients=n, chunk=a.chunk)
       try:
         data = shard_clients((*gen(n), jnp.ones((n,), jnp.float32)), mesh)
-        exe, compile_s, mem = _compile(round_fn(par, mesh, dtype).lower(fresh_state(mesh), *data))
-        sec_f = time_round(exe, mesh, data)
+        sec_f, compile_s, mem = time_round(round_fn(par, mesh, dtype), mesh, data)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it; larger counts would fail too
-        emit(dict(row, error=_error(e)))
+        emit(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
         return
       emit(dict(row, sec_per_round=round(sec_f, 5), sec_per_client=round(sec_f / n, 6),
                 images_per_s=round(n * a.steps * a.batch / sec_f, 1), compile_s=compile_s,
                 **mem, peak_mb=_peak_mb()))
-      del data, exe
+      del data
     return
 
-  # Lower every program first (tracing is quick), compile them (concurrently on accelerators), then
-  # time them one after another: timings never overlap.
-  cx = jnp.swapaxes(xs, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size, 1)
-  cy = jnp.swapaxes(ys, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size)
+  ceiling = {}
+  if not a.no_centralized:
+    cx = jnp.swapaxes(xs, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size, 1)
+    cy = jnp.swapaxes(ys, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size)
+    for dtype in dtypes:
+      central = jax.jit(functools.partial(engine.client_update, apply, loss_fn, tx, unroll=True if unroll else 1,
+                                          compute_dtype=jnp.dtype(dtype), remat=a.remat))
+      exe, compile_s, mem = _compiled(central, params, cx, cy)
+      sec_c = _time(lambda: exe(params, cx, cy), a.rounds)
+      ceiling[dtype] = sec_c
+      emit(dict(name="centralized", dtype=dtype, sec_per_round=round(sec_c, 5),
+                images_per_s=round(images / sec_c, 1), compile_s=compile_s, **mem, peak_mb=_peak_mb()))
+
   n_dev = a.devices or math.gcd(a.clients, jax.device_count())
   mesh = client_mesh(n_dev)
   data = shard_clients((xs, ys, jnp.ones((a.clients,), jnp.float32)), mesh)
-  lowered, errors = {}, {}
-  for dtype in dtypes:
-    if not a.no_centralized:
-      central = jax.jit(functools.partial(engine.client_update, apply, loss_fn, tx, unroll=True if unroll else 1,
-                                          compute_dtype=jnp.dtype(dtype), remat=a.remat))
-      lowered[("centralized", dtype)] = central.lower(params, cx, cy)
-    for par in pars:
-      try:
-        lowered[(par, dtype)] = round_fn(par, mesh, dtype).lower(fresh_state(mesh), *data)
-      except Exception as e:  # noqa: BLE001 - reported in the row
-        errors[(par, dtype)] = e
-  workers = a.compile_workers or (1 if backend == "cpu" else len(lowered))
-  compiled = _compile_all(lowered, workers)
-  compiled.update(errors)
-
-  ceiling = {}
-  for dtype in dtypes:
-    got = compiled.get(("centralized", dtype))
-    if got is None:
-      continue
-    row = dict(name="centralized", dtype=dtype, compile_workers=workers)
-    try:
-      if isinstance(got, Exception):
-        raise got
-      exe, compile_s, mem = got
-      sec_c = _time(lambda: exe(params, cx, cy), a.rounds)
-    except Exception as e:  # noqa: BLE001
-      emit(dict(row, error=_error(e)))
-      continue
-    ceiling[dtype] = sec_c
-    emit(dict(row, sec_per_round=round(sec_c, 5), images_per_s=round(images / sec_c, 1),
-              compile_s=compile_s, **mem, peak_mb=_peak_mb()))
-    del exe
-  compiled = {k: v for k, v in compiled.items() if k[0] != "centralized"}
-
   for dtype in dtypes:
     for par in pars:
       row = dict(name="fed_round", parallelism=par, dtype=dtype, devices=n_dev,
-                 chunk=a.chunk if par == "chunked" else None, compile_workers=workers)
-      got = compiled.pop((par, dtype))
+                 chunk=a.chunk if par == "chunked" else None)
       try:
-        if isinstance(got, Exception):
-          raise got
-        exe, compile_s, mem = got
-        sec_f = time_round(exe, mesh, data)
+        sec_f, compile_s, mem = time_round(round_fn(par, mesh, dtype), mesh, data)
       except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it and go on
-        emit(dict(row, error=_error(e)))
+        emit(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
         continue
-      finally:
-        got = None
       row.update(sec_per_round=round(sec_f, 5), images_per_s=round(images / sec_f, 1), compile_s=compile_s,
                  **mem, peak_mb=_peak_mb())
       if dtype in ceiling:
         row["ratio"] = round(ceiling[dtype] / sec_f, 4)
       emit(row)
-      del exe
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   # batched matrix multiplies: tensor cores instead of grouped convolutions), 'unroll' (each
   # client's ops emitted separately; fastest for convolutions on XLA:CPU), 'chunked' / 'map' (below),
   # 'measure' (compile and time the candidates on the first round's shapes, keep the fastest),
-  # 'auto' (unroll on CPU, measure elsewhere).
+  # 'auto' (unroll on CPU, chunked on GPU/TPU: see the README's GPU measurements).
   c.engine.client_parallelism = "auto"
   # 'chunked' / 'map': lax.scan over chunks of this many clients (vmapped inside); only one chunk's
   # client deltas are alive at a time (memory for many clients per device); 'map' = chunks of 1.

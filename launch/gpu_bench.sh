@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurements in ONE call: fedkd.bench workloads A / B / C (every client strategy,
-# bf16 compute), the 1,024-client round and its clients sweep, remat's memory, and the PyTorch anchor.
+# Issue 6's GPU measurements in ONE call: fedkd.bench workloads A / B / C (the centralized ceiling and
+# the main client strategies, bf16 compute), the 1,024-client round, the PyTorch anchor, remat's memory.
 #
 #   bash launch/gpu_bench.sh [path/to/anchor_bench.py] [budget_s]
 #
 # Writes JSON lines to ${OUT:-runs/gpu_bench}/bench.jsonl (and the raw log beside it). Each step runs
 # under `timeout` so one slow step cannot eat the whole budget; a step that times out is logged and
-# skipped. Wheels for packages the GPU image lacks (ml-collections, PyYAML) are installed from .whl/
+# skipped (rows it finished are kept). Wheels for packages the GPU image lacks (ml-collections) are installed from .whl/
 # when that folder exists (see launch/README.md, "GPU benchmark").
 set -u
 ANCHOR=${1:-}
@@ -38,14 +38,15 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
 
 B="python3 -m fedkd.bench --rounds 3 --dtype bfloat16 ${BENCH_EXTRA:-}"
 # Priority order: a step that would not fit the budget is skipped, so the most important come first.
-# Each bench process compiles its programs concurrently, then times them one after another.
-step 100 $B --workload A --parallelism bgemm,chunked,vmap --chunk 4
-step 100 $B --workload B --parallelism bgemm,chunked --chunk 16
-step 90 $B --workload C --parallelism vmap,bgemm
+# XLA:GPU took 27-70 s to compile each program here (H200, jax 0.11.2: autotuning), so each step
+# keeps to the centralized ceiling plus two or three strategies; rows are printed as they finish.
+step 140 $B --workload A --parallelism chunked,bgemm,vmap --chunk 4
+step 170 $B --workload B --parallelism chunked,bgemm --chunk 16
+step 150 $B --workload C --parallelism vmap,chunked --chunk 4
 step 60 $B --scale 1024 --size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16 --rounds 2
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
 fi
-step 60 $B --workload A --parallelism bgemm --remat --no-centralized
+step 60 $B --workload A --parallelism chunked --chunk 4 --remat --no-centralized
 echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL" | tee -a "$LOG"

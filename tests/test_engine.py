@@ -248,3 +248,14 @@ def test_1024_clients_in_one_round_chunked_on_8_devices():
   ref = jax.tree.map(lambda p, gi: np.asarray(p) - LR * np.tensordot(w, gi, axes=1), params, g)
   assert _max_diff(ref, state["params"]) < 1e-5
   assert _max_diff(params, state["params"]) > 1e-4
+
+
+@pytest.mark.parametrize("platform,expected", [("cpu", ("unroll", True)), ("gpu", ("chunked", False)),
+                                               ("tpu", ("chunked", False))])
+def test_auto_engine_options_per_backend(platform, expected):
+  """'auto' resolves to the strategy measured fastest on each backend (README tables); explicit
+  settings pass through."""
+  cfg = ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto"))
+  assert engine.resolve_engine_options(cfg, platform) == expected
+  cfg = ml_collections.ConfigDict(dict(client_parallelism="measure", unroll_local_steps=False))
+  assert engine.resolve_engine_options(cfg, platform) == ("measure", False)
