@@ -23,6 +23,41 @@ def test_by_site_gives_each_client_one_site():
     partition.by_site(sites, num_clients=2)
 
 
+def _by_site_loop(site_of_example, n):
+  """The definition, client by client: client k takes every len(share)-th example of site
+  sites[k % n_sites], starting at its position among the clients that share that site."""
+  sites = sorted(set(site_of_example.tolist()))
+  out = []
+  for k in range(n):
+    share = [c for c in range(n) if c % len(sites) == k % len(sites)]
+    idx = [i for i, s in enumerate(site_of_example.tolist()) if s == sites[k % len(sites)]]
+    out.append(np.array(idx[share.index(k)::len(share)], np.int64))
+  return out
+
+
+@pytest.mark.parametrize("n_examples,site_labels,n", [(300, (3, 9, 11, 20, 40, 41, 50), 60),
+                                                      (50, (0, 1, 2), 3), (500, (7, 2, 5, 1, 9), 13)])
+def test_by_site_equals_the_client_loop(n_examples, site_labels, n):
+  sites = np.random.default_rng(n).choice(np.array(site_labels), n_examples)
+  got = partition.by_site(sites, n)
+  for a, b in zip(got, _by_site_loop(sites, n), strict=True):
+    assert a.dtype == np.int64
+    np.testing.assert_array_equal(a, b)
+
+
+def test_by_site_10000_clients():
+  """Registered-client scale (10,000 clients over 5 sites): an exact cover, each client within one
+  site, sizes within one of each other per site (linear time: the per-client loop is quadratic)."""
+  sites = np.random.default_rng(0).integers(0, 5, 40_000)
+  parts = partition.by_site(sites, 10_000)
+  assert _is_exact_cover(parts, len(sites))
+  for k in (0, 1, 4, 5, 9_999):
+    assert set(sites[parts[k]].tolist()) == {k % 5}
+  for j in range(5):
+    sizes = [len(parts[k]) for k in range(j, 10_000, 5)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == (sites == j).sum()
+
+
 def test_dirichlet_large_alpha_is_near_uniform_small_alpha_is_skewed():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 4, size=8000)

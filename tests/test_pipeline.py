@@ -107,3 +107,34 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
   c = tfds_config(str(tmp_path / "empty"))
   with pytest.raises(pipeline.DataError, match="build it first"):
     pipeline.make_client_data(c)
+
+
+def test_tfds_10000_clients_by_site(tmp_path):
+  """10,000 registered clients over a prepared TFDS dataset (2 sites x 5,000 frames, one frame per
+  client): the partition and the per-client pipelines scale, client k's batch is exactly the record
+  by_site deals it (site k % 2, record k // 2), and a federated run samples from them."""
+  from fedkd.data.tfds import synthetic_endovascular as se
+
+  sites = se.site_names()[:2]
+  out = tmp_path / "tfds"
+  for site in sites:
+    fdata.build("synthetic_endovascular", out, site=site, image_size=32, num_train=5000, num_test=2)
+  cfgs = [se.synthetic_config(s, image_size=32, num_train=5000, num_test=2).name for s in sites]
+  c = tiny_config(num_clients=10_000, clients_per_round=8, batch_size=1, num_rounds=2)
+  c.data.source = "tfds:synthetic_endovascular"
+  c.data.tfds_data_dir = str(out)
+  c.data.tfds_configs = ",".join(cfgs)
+  c.data.augment = False
+  c.eval.max_sites = 0
+  data = pipeline.make_client_data(c)
+  assert data.sizes.tolist() == [1] * 10_000
+  assert data.site_names[:4] == [cfgs[0], cfgs[1], cfgs[0], cfgs[1]]
+  clients = np.array([9_999, 0, 4_321, 1_234])
+  xs, _ = data.round_batches(0, clients)
+  assert len(data._datasets) == 4  # pipelines only for the clients sampled so far
+  aug = pipeline.Augment(32, enabled=False)
+  for k, x in zip(clients, xs):
+    rec = fdata.load_source("synthetic_endovascular", "train", str(out), config=cfgs[k % 2])[int(k // 2)]
+    np.testing.assert_array_equal(x[0, 0], aug(rec, np.random.default_rng(0))["image"])
+  result = fedavg.run(c, str(tmp_path / "run"), log=lambda _: None)
+  assert int(result["state"]["round"]) == 2

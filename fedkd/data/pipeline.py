@@ -248,14 +248,22 @@ class TfdsClients:
     cfg_names = list(train_cfgs)
     self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
     self.sizes = np.array([len(p) for p in parts], np.int64)
-    aug = Augment(config.image_size, enabled=bool(d.augment))
-    # Random access: batch t of client k is datasets[k][t]; the state is each client's next t, kept
-    # identical on every process so any process can serve any client in any round.
-    self._datasets = [
-        grain.MapDataset.source(_Subset(pool, p)).seed(config.seed * 100_003 + k).shuffle()
-        .repeat(None).random_map(aug).batch(config.batch_size, drop_remainder=True)
-        for k, p in enumerate(parts)]
+    self._aug = Augment(config.image_size, enabled=bool(d.augment))
+    self._pool, self._parts, self._grain = pool, parts, grain
+    # Random access: batch t of client k is dataset(k)[t]; the state is each client's next t, kept
+    # identical on every process so any process can serve any client in any round. The per-client
+    # grain datasets are built when a client is first sampled (10,000 registered clients need not
+    # build 10,000 pipelines up front); each is a pure function of (seed, k, its examples).
+    self._datasets: dict[int, Any] = {}
     self._next = np.zeros(n, np.int64)
+
+  def _dataset(self, k: int):
+    if k not in self._datasets:
+      self._datasets[k] = (
+          self._grain.MapDataset.source(_Subset(self._pool, self._parts[k]))
+          .seed(self.config.seed * 100_003 + k).shuffle().repeat(None).random_map(self._aug)
+          .batch(self.config.batch_size, drop_remainder=True))
+    return self._datasets[k]
 
   def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
     """Batches of ``clients[rows]`` (all when None); every sampled client's position advances."""
@@ -263,7 +271,7 @@ class TfdsClients:
     c = self.config
     xs, ys = [], []
     for k in np.asarray(clients)[rows if rows is not None else slice(None)]:
-      steps = [self._datasets[int(k)][int(self._next[k]) + s] for s in range(c.local_steps)]
+      steps = [self._dataset(int(k))[int(self._next[k]) + s] for s in range(c.local_steps)]
       xs.append(np.stack([s["image"] for s in steps]))
       ys.append(np.stack([s["mask"] for s in steps]))
     self._next[np.asarray(clients)] += c.local_steps
