@@ -40,9 +40,9 @@ B="python3 -m fedkd.bench --rounds 3 --dtype bfloat16 ${BENCH_EXTRA:-}"
 # Priority order: a step that would not fit the budget is skipped, so the most important come first.
 # XLA:GPU took 27-70 s to compile each program here (H200, jax 0.11.2: autotuning), so each step
 # keeps to the centralized ceiling plus two or three strategies; rows are printed as they finish.
-step 140 $B --workload A --parallelism chunked,bgemm,vmap --chunk 4
-step 170 $B --workload B --parallelism chunked,bgemm --chunk 16
-step 150 $B --workload C --parallelism vmap,chunked --chunk 4
+step 170 $B --workload A --parallelism chunked,unroll,bgemm --chunk 4
+step 150 $B --workload B --parallelism chunked,bgemm --chunk 16
+step 140 $B --workload C --parallelism vmap,chunked --chunk 4
 step 60 $B --scale 1024 --size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16 --rounds 2
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
