@@ -22,10 +22,10 @@ def by_site(site_of_example: np.ndarray, num_clients: int | None = None) -> list
     raise PartitionError(f"by_site needs at least one client per site: {len(sites)} sites but "
                          f"num_clients={n}; raise num_clients or use partition 'dirichlet'")
   n_sites = len(sites)
-  # examples of each site, ascending (stable sort by site): O(examples log examples), not O(clients x examples)
-  order = np.argsort(np.searchsorted(sites, site_of_example), kind="stable")
-  per_site = np.split(order, np.cumsum(np.bincount(np.searchsorted(sites, site_of_example),
-                                                   minlength=n_sites))[:-1])
+  # each site's examples in ascending order (a stable sort by site): linear in clients + examples
+  site_idx = np.searchsorted(sites, site_of_example)
+  order = np.argsort(site_idx, kind="stable")
+  per_site = np.split(order, np.cumsum(np.bincount(site_idx, minlength=n_sites))[:-1])
   out = []
   for k in range(n):
     j = k % n_sites
