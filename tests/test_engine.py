@@ -259,3 +259,10 @@ def test_auto_engine_options_per_backend(platform, expected):
   assert engine.resolve_engine_options(cfg, platform) == expected
   cfg = ml_collections.ConfigDict(dict(client_parallelism="measure", unroll_local_steps=False))
   assert engine.resolve_engine_options(cfg, platform) == ("measure", False)
+
+
+def test_measure_candidates():
+  assert engine.measure_candidates("cpu", 64, 8) == ["unroll", "bgemm", "vmap"]
+  assert engine.measure_candidates("gpu", 16, 4) == ["bgemm", "chunked", "vmap", "map", "unroll"]
+  assert engine.measure_candidates("gpu", 16, 16) == ["bgemm", "vmap", "map", "unroll"]  # one chunk = bgemm
+  assert engine.measure_candidates("gpu", 128, 16) == ["bgemm", "chunked", "vmap", "map"]  # too many to unroll

@@ -27,6 +27,9 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 # Client strategies make_round_fn builds (config also accepts 'auto' and 'measure').
 STRATEGIES = ("vmap", "bgemm", "unroll", "chunked", "map")
+# 'measure' on accelerators also times 'unroll' up to this many clients per device (its program, and
+# its compile time, grow with every client).
+UNROLL_MAX_CLIENTS = 16
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -248,6 +251,8 @@ def measure_candidates(platform: str, clients_per_shard: int, client_chunk: int)
   out = ["bgemm", "vmap", "map"]
   if 1 < chunk_size(clients_per_shard, client_chunk) < clients_per_shard:
     out.insert(1, "chunked")
+  if clients_per_shard <= UNROLL_MAX_CLIENTS:  # plain (cuDNN) convs, no im2col; program grows per client
+    out.append("unroll")
   return out
 
 
