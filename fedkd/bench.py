@@ -96,7 +96,8 @@ def _parser():
   p.add_argument("--depth", type=int)
   p.add_argument("--rounds", type=int, default=3, help="timed repetitions after one warm-up")
   p.add_argument("--parallelism", default="auto",
-                 help=f"comma list of {','.join(STRATEGIES)}, 'all' or 'auto' (CPU: unroll; else bgemm)")
+                 help=f"comma list of {','.join(STRATEGIES)}, 'all' or 'auto' (the engine's default for "
+                      "this backend: CPU unroll, else chunked)")
   p.add_argument("--dtype", default="float32", help="comma list of float32,bfloat16 (compute dtype)")
   p.add_argument("--chunk", type=int, default=8, help="clients per chunk for --parallelism chunked")
   p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
@@ -135,9 +136,11 @@ def _model(a):
 def main(argv=None) -> None:
   a = _resolve(_parser().parse_args(argv))
   backend = jax.default_backend()
-  unroll = backend == "cpu" if a.unroll == "auto" else a.unroll == "true"
+  auto_par, auto_unroll = engine.resolve_engine_options(
+      ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto")), backend)
+  unroll = auto_unroll if a.unroll == "auto" else a.unroll == "true"
   pars = list(STRATEGIES) if a.parallelism == "all" else a.parallelism.split(",")
-  pars = [("unroll" if backend == "cpu" else "bgemm") if p == "auto" else p for p in pars]
+  pars = [auto_par if p == "auto" else p for p in pars]
   dtypes = a.dtype.split(",")
   for bad in [p for p in pars if p not in STRATEGIES] + [d for d in dtypes if d not in COMPUTE_DTYPES]:
     raise SystemExit(f"fedkd.bench: error: unknown strategy or dtype {bad!r}")
