@@ -20,6 +20,12 @@ Rows, side by side in one process (ratios only compare rows of the same run):
                peak bytes in use so far in this process, where the backend reports it; cumulative);
   scale        with --scale: seconds per round for each client count (same per-client work), and
                seconds per client, to check that round time grows linearly in clients.
+
+--compile-only lowers and compiles every program the same flags would time, prints one ``compiled``
+row per program (compile_s, buffer plan) and times nothing. With JAX's persistent compilation cache
+(``JAX_COMPILATION_CACHE_DIR``) several such processes can compile side by side, so that the timing
+run afterwards loads its executables instead of compiling them (launch/gpu_bench.sh does this: on
+an H200 XLA:GPU took 27-70 s per program).
 """
 from __future__ import annotations
 
@@ -97,7 +103,7 @@ def _parser():
   p.add_argument("--rounds", type=int, default=3, help="timed repetitions after one warm-up")
   p.add_argument("--parallelism", default="auto",
                  help=f"comma list of {','.join(STRATEGIES)}, 'all' or 'auto' (the engine's default for "
-                      "this backend: CPU unroll, else chunked)")
+                      "this backend: CPU unroll, else chunked); 'none': only the centralized rows")
   p.add_argument("--dtype", default="float32", help="comma list of float32,bfloat16 (compute dtype)")
   p.add_argument("--chunk", type=int, default=8, help="clients per chunk for --parallelism chunked")
   p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
@@ -106,6 +112,8 @@ def _parser():
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients")
   p.add_argument("--no-centralized", action="store_true", help="skip the centralized ceiling rows")
+  p.add_argument("--compile-only", action="store_true",
+                 help="compile every program (filling JAX_COMPILATION_CACHE_DIR, if set) and time nothing")
   return p
 
 
@@ -139,7 +147,8 @@ def main(argv=None) -> None:
   auto_par, auto_unroll = engine.resolve_engine_options(
       ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto")), backend)
   unroll = auto_unroll if a.unroll == "auto" else a.unroll == "true"
-  pars = list(STRATEGIES) if a.parallelism == "all" else a.parallelism.split(",")
+  pars = (list(STRATEGIES) if a.parallelism == "all" else [] if a.parallelism == "none"
+          else a.parallelism.split(","))
   pars = [auto_par if p == "auto" else p for p in pars]
   dtypes = a.dtype.split(",")
   for bad in [p for p in pars if p not in STRATEGIES] + [d for d in dtypes if d not in COMPUTE_DTYPES]:
@@ -165,9 +174,13 @@ def main(argv=None) -> None:
             y.reshape(clients, a.steps, a.batch, a.size, a.size))
 
   images = a.clients * a.steps * a.batch
-  sec = _time(lambda: gen(a.clients), a.rounds)
-  emit(dict(name="synth", sec_per_call=round(sec, 5), images_per_s=round(images / sec, 1)))
+  if not a.compile_only:
+    sec = _time(lambda: gen(a.clients), a.rounds)
+    emit(dict(name="synth", sec_per_call=round(sec, 5), images_per_s=round(images / sec, 1)))
   xs, ys = gen(a.clients)
+
+  def compiled_row(row, compile_s, mem):
+    emit(dict(row, name="compiled", row=row["name"], compile_s=compile_s, **mem))
 
   def round_fn(par, mesh, dtype):
     return engine.make_round_fn(apply, loss_fn, tx, server_tx, mesh, client_parallelism=par,
@@ -177,6 +190,8 @@ def main(argv=None) -> None:
   def time_round(fn, mesh, data):
     state = jax.device_put(engine.init_server_state(params, server_tx, jax.random.key(0)), replicated(mesh))
     exe, compile_s, mem = _compiled(fn, state, *data)
+    if a.compile_only:
+      return None, compile_s, mem
     box = [state]
 
     def one():
@@ -196,6 +211,9 @@ def main(argv=None) -> None:
       except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it; larger counts would fail too
         emit(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
         return
+      if a.compile_only:
+        compiled_row(row, compile_s, mem)
+        continue
       emit(dict(row, sec_per_round=round(sec_f, 5), sec_per_client=round(sec_f / n, 6),
                 images_per_s=round(n * a.steps * a.batch / sec_f, 1), compile_s=compile_s,
                 **mem, peak_mb=_peak_mb()))
@@ -210,6 +228,9 @@ def main(argv=None) -> None:
       central = jax.jit(functools.partial(engine.client_update, apply, loss_fn, tx, unroll=True if unroll else 1,
                                           compute_dtype=jnp.dtype(dtype), remat=a.remat))
       exe, compile_s, mem = _compiled(central, params, cx, cy)
+      if a.compile_only:
+        compiled_row(dict(name="centralized", dtype=dtype), compile_s, mem)
+        continue
       sec_c = _time(lambda: exe(params, cx, cy), a.rounds)
       ceiling[dtype] = sec_c
       emit(dict(name="centralized", dtype=dtype, sec_per_round=round(sec_c, 5),
@@ -226,6 +247,9 @@ def main(argv=None) -> None:
         sec_f, compile_s, mem = time_round(round_fn(par, mesh, dtype), mesh, data)
       except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it and go on
         emit(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        continue
+      if a.compile_only:
+        compiled_row(row, compile_s, mem)
         continue
       row.update(sec_per_round=round(sec_f, 5), images_per_s=round(images / sec_f, 1), compile_s=compile_s,
                  **mem, peak_mb=_peak_mb())

@@ -36,17 +36,59 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
   [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMEOUT $*" | tee -a "$LOG"
 }
 
-B="python3 -m fedkd.bench --rounds 3 --dtype bfloat16 ${BENCH_EXTRA:-}"
-# Priority order: a step that would not fit the budget is skipped, so the most important come first.
-# XLA:GPU took 27-70 s to compile each program here (H200, jax 0.11.2: autotuning), so each step
-# keeps to the centralized ceiling plus two or three strategies; rows are printed as they finish.
-step 170 $B --workload A --parallelism chunked,unroll,bgemm --chunk 4
-step 150 $B --workload B --parallelism chunked,bgemm --chunk 16
-step 140 $B --workload C --parallelism vmap,chunked --chunk 4
-step 60 $B --scale 1024 --size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16 --rounds 2
+B="python3 -m fedkd.bench --rounds 3 --dtype bfloat16"
+X=${BENCH_EXTRA:-}  # appended to every fedkd.bench command (overrides the sizes; e.g. a CPU smoke test)
+# XLA:GPU took 27-70 s to compile each program on an H200 (jax 0.11.2, autotuning), one at a time.
+# Phase 1 compiles every program of phase 2 side by side (--compile-only, PAR processes at a time)
+# into JAX's persistent compilation cache (with XLA's per-fusion autotuning results); phase 2 then
+# times the rows one process at a time, loading the executables. Nothing is timed while anything
+# else runs on the GPU. A program phase 1 did not finish is compiled in phase 2 (rows then come later).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/fedkd_jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+A="--workload A --chunk 4"
+C="--workload C --chunk 4"
+S="--size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16"
+K=${CONV_ARGS:-"--clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfloat16 --reps 20"}  # one A-sized conv layer
+PRECOMPILE=(  # phase 1's queue, most important first (the A, C and B rows, the scale rounds, the conv layer)
+  "$A --parallelism none" "$A --parallelism chunked --no-centralized" "$A --parallelism hybrid --no-centralized"
+  "$A --parallelism unroll --no-centralized" "$C --parallelism none" "$C --parallelism vmap --no-centralized" "$C --parallelism chunked --no-centralized"
+  "$S --scale 1024" "$S --scale 128" "$A --parallelism bgemm --no-centralized"
+  "$A --parallelism map --no-centralized" "$A --parallelism vmap --no-centralized" "$S --scale 512"
+  "CONV" "$C --parallelism bgemm --no-centralized" "$C --parallelism unroll --no-centralized"
+  "--workload B --parallelism none" "--workload B --parallelism hybrid --no-centralized"
+  "--workload B --parallelism bgemm --no-centralized" "$C --parallelism hybrid --no-centralized"
+  "--workload B --parallelism vmap --no-centralized" "$A --parallelism chunked --remat --no-centralized"
+)
+PHASE1=${PHASE1:-200}
+PAR=${PAR:-12}
+P1_END=$(( $(date +%s) + PHASE1 ))
+echo "== phase 1: ${#PRECOMPILE[@]} programs, $PAR at a time, until +${PHASE1}s" | tee -a "$LOG"
+for args in "${PRECOMPILE[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do sleep 1; done
+  left=$((P1_END - $(date +%s)))
+  [ "$left" -lt 15 ] && { echo "SKIP (phase 1 time) $args" | tee -a "$LOG"; continue; }
+  cmd="$B $args $X"
+  [ "$args" = CONV ] && cmd="python3 -m fedkd.bench_conv $K"
+  # shellcheck disable=SC2086
+  (timeout "$left" $cmd --compile-only 2>>"$LOG.phase1" | tee -a "$LOG" | grep '^{' >>"$JSONL"
+   [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMEOUT (phase 1) $args" | tee -a "$LOG") &
+done
+wait
+echo "== phase 1 done at +$(( $(date +%s) - START ))s" | tee -a "$LOG"
+
+# Phase 2, in priority order: a step that would not fit the budget is skipped.
+step 150 $B $A --parallelism chunked,hybrid,unroll,bgemm,map,vmap $X
+step 100 $B $C --parallelism vmap,chunked,bgemm,unroll,hybrid $X
+step 90 $B $S --scale 128,512,1024 --rounds 2 $X
+step 90 python3 -m fedkd.bench_conv $K
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
 fi
-step 60 $B --workload A --parallelism chunked --chunk 4 --remat --no-centralized
+step 75 $B --workload B --parallelism hybrid,bgemm,vmap $X
+step 45 $B $A --parallelism chunked --remat --no-centralized $X
+# Does XLA:GPU fuse the im2col patches into its GEMMs? (HLO after optimization, no cache: dumps need a compile)
+step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
+  python3 -m fedkd.bench_conv $K --formulations centralized,vmap,hybrid,bgemm --passes fwd,all --reps 2 >/dev/null \
+  && python3 launch/hlo_gemm_report.py /tmp/xdump && cp /tmp/xdump/*jit_bgemm_all*after_optimizations.txt /tmp/xdump/*jit_hybrid_all*after_optimizations.txt '$OUT_DIR'/"
 echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL" | tee -a "$LOG"

@@ -185,6 +185,42 @@ def test_vmap_over_clients_is_a_batched_gemm():
   assert groups and max(groups) == c  # what vmap makes of XLA's conv: a grouped convolution
 
 
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, "SAME"), (3, 2, "VALID"), (1, 1, "SAME")])
+def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, padding):
+  """gemm_convs(mode="wgrad"), vmapped over clients: the same values and gradients as XLA's convs;
+  forward and input gradient stay convolutions (grouped, as vmap makes them), while the kernel
+  gradient is a client-batched GEMM instead of vmap's batch_group_count convolution (1x1: matmuls)."""
+  c = 3
+  x, w = _randn(0, (c, 2, 9, 8, 4)), _randn(1, (c, k, k, 4, 6))
+
+  def run(mode, x, w):
+    def loss(x, w):
+      y = jax.vmap(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding,
+                                                          dimension_numbers=_flax_dn(x, w)))(x, w)
+      return jnp.sum(y * jnp.cos(y)), y
+    with conv.gemm_convs(mode is not None, mode=mode or "gemm"):
+      return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+
+  ((_, y_ref), g_ref), ((_, y), g) = _run0(lambda x, w: (run(None, x, w), run("wgrad", x, w)), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  eqns = _prims(lambda x, w: run("wgrad", x, w), x, w)
+  convs = [e for e in eqns if e.primitive is lax.conv_general_dilated_p]
+  batched_dots = [e for e in eqns if e.primitive is lax.dot_general_p and e.params["dimension_numbers"][1][0]]
+  ref_convs = [e for e in _prims(lambda x, w: run(None, x, w), x, w) if e.primitive is lax.conv_general_dilated_p]
+  assert any(e.params["batch_group_count"] == c for e in ref_convs)  # vmap's kernel gradient
+  assert all(e.params["batch_group_count"] == 1 for e in convs)
+  if k == 1:
+    assert not convs
+  else:  # forward + input gradient (each also listed inside the custom_vjp), grouped over the clients
+    assert len(convs) >= 2 and all(e.params["feature_group_count"] == c for e in convs)
+  assert batched_dots  # the kernel gradient
+  with pytest.raises(ValueError, match="unknown mode"):
+    with conv.gemm_convs(mode="direct"):
+      pass
+
+
 def _module(cls, *args, **kw):
   """(graphdef, params) of a flax module built abstractly, params drawn on the host (nonzero
   bias)."""

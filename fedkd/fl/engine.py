@@ -26,7 +26,7 @@ Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 # Client strategies make_round_fn builds (config also accepts 'auto' and 'measure').
-STRATEGIES = ("vmap", "bgemm", "unroll", "chunked", "map")
+STRATEGIES = ("vmap", "bgemm", "hybrid", "unroll", "chunked", "map")
 # 'measure' on accelerators also times 'unroll' up to this many clients per device (its program, and
 # its compile time, grow with every client).
 UNROLL_MAX_CLIENTS = 16
@@ -135,6 +135,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     ``vmap``    all clients batched by ``jax.vmap`` (per-client conv kernels become grouped convs);
     ``bgemm``   the same with every convolution computed as im2col patches x weights, i.e. batched
                 matrix multiplies over clients (``fedkd.models.conv.gemm_convs``);
+    ``hybrid``  ``vmap`` with XLA's (grouped) convolutions for the forward pass and input gradients
+                and batched GEMMs for the kernel gradients (``gemm_convs(mode="wgrad")``);
     ``unroll``  each client's ops emitted separately (XLA:CPU's fastest for convolutions);
     ``chunked`` ``lax.scan`` over chunks of ``client_chunk`` clients, bgemm inside, accumulating the
                 weighted delta sum: only one chunk's activations and deltas are alive (many clients
@@ -148,8 +150,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
   """
   from fedkd.models.conv import gemm_convs
 
-  def _convs(use_gemm: bool):
-    return gemm_convs() if use_gemm else contextlib.nullcontext()
+  def _convs(mode: str | None):
+    return gemm_convs(mode=mode) if mode else contextlib.nullcontext()
 
   scaffold = algorithm == "scaffold"
   if algorithm not in ("fedavg", "scaffold"):
@@ -189,15 +191,15 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
       losses = jnp.stack([o[1] for o in outs])
       nc = None if c is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
       dcsum = None if c is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
-    elif client_parallelism in ("vmap", "bgemm"):
-      with _convs(client_parallelism == "bgemm"):
+    elif client_parallelism in ("vmap", "bgemm", "hybrid"):
+      with _convs({"vmap": None, "bgemm": "gemm", "hybrid": "wgrad"}[client_parallelism]):
         wsum, losses, nc, dcsum = group(params, control, xs, ys, w, c)
     else:  # chunked / map: lax.scan over chunks, accumulating the sums
       k = 1 if client_parallelism == "map" else chunk_size(n, client_chunk)
       chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), (xs, ys, w, c))
 
       def one_chunk(acc, chunk):
-        with _convs(client_parallelism == "chunked" and k > 1):
+        with _convs("gemm" if client_parallelism == "chunked" and k > 1 else None):
           ws, l, ncc, dc = group(params, control, *chunk)
         acc = jax.tree.map(jnp.add, acc, (ws, dc))
         return acc, (l, ncc)

@@ -13,6 +13,11 @@ The formulation is chosen at trace time:
   ``conv_transpose`` for UNet's stride == kernel transposed convs) use the GEMM formulation.
   It is a ``jax.make_user_context`` value, so it is part of the ``jax.jit`` cache key: a jitted
   function called inside and outside the context is traced once for each. It is thread-local.
+* ``gemm_convs(mode="wgrad")`` keeps XLA's convolution for the forward pass and the input gradient
+  (vmapped: grouped convolutions, which cuDNN runs directly) and computes only the kernel gradient
+  as patches^T x output-gradient batched GEMMs (vmapped, XLA's own kernel gradient is a
+  ``batch_group_count`` convolution, the slowest of the three: ``python -m fedkd.bench_conv``).
+  1x1 convs and UNet's transposed convs are matmuls in both modes.
 * Outside it (the default) they call ``lax.conv_general_dilated`` / ``nnx.ConvTranspose`` exactly
   as flax does (bit-identical to plain ``nnx.Conv`` / ``nnx.ConvTranspose``).
 
@@ -42,13 +47,20 @@ _GEMM = jax.make_user_context(default_value=False)
 _RECOMPUTE = jax.make_user_context(default_value=None)
 
 
+GEMM_MODES = ("gemm", "wgrad")
+
+
 @contextlib.contextmanager
-def gemm_convs(enabled: bool = True, recompute_patches: bool | None = None):
+def gemm_convs(enabled: bool = True, recompute_patches: bool | None = None, mode: str = "gemm"):
   """Context manager: while active (and ``enabled``), model convolutions traced in this thread use
-  the im2col + GEMM formulation. ``gemm_convs(False)`` switches it off inside an outer one.
-  ``recompute_patches``: rebuild the patch matrix (kh*kw times the conv input) in the backward pass
-  rather than keep it alive from the forward pass; None (default) = on for GPU/TPU, off on CPU."""
-  with _GEMM(bool(enabled)), _RECOMPUTE(recompute_patches):
+  the im2col + GEMM formulation: for the forward pass and both gradients (``mode="gemm"``), or for
+  the kernel gradient only (``mode="wgrad"``). ``gemm_convs(False)`` switches it off inside an
+  outer one. ``recompute_patches`` ("gemm" mode): rebuild the patch matrix (kh*kw times the conv
+  input) in the backward pass rather than keep it alive from the forward pass; None (default) = on
+  for GPU/TPU, off on CPU."""
+  if mode not in GEMM_MODES:
+    raise ValueError(f"gemm_convs: unknown mode {mode!r}; choose from {GEMM_MODES}")
+  with _GEMM(mode if enabled else False), _RECOMPUTE(recompute_patches):
     yield
 
 
@@ -61,6 +73,11 @@ def gemm_convs_active() -> bool:
   return bool(_GEMM.value)
 
 
+def gemm_convs_mode() -> str | None:
+  """The active ``gemm_convs`` mode ("gemm" / "wgrad"), or None outside it."""
+  return _GEMM.value or None
+
+
 def _channels_last_dn(ndim: int) -> lax.ConvDimensionNumbers:
   """Dimension numbers of N(spatial...)C inputs/outputs and (spatial...)IO kernels (NHWC/HWIO)."""
   lhs = (0, ndim - 1) + tuple(range(1, ndim - 1))
@@ -69,7 +86,7 @@ def _channels_last_dn(ndim: int) -> lax.ConvDimensionNumbers:
 
 
 def _conv_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-               feature_group_count, precision, kwargs):
+               feature_group_count, precision, kwargs):  # kwargs: a dict this consumes
   """im2col + dot_general, or None where this formulation does not apply (caller falls back)."""
   preferred = kwargs.pop("preferred_element_type", None)
   if kwargs.pop("out_sharding", None) is not None:  # explicit-sharding outputs: leave to XLA's conv
@@ -132,6 +149,28 @@ def _conv_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, di
   return im2col_matmul(xp, rhs)
 
 
+def _wgrad_gemm_conv(xla_conv, gemm_conv):
+  """f(lhs, rhs) = xla_conv(lhs, rhs) whose kernel gradient is gemm_conv's (patches^T x cotangent,
+  the patch matrix built in the backward pass) and whose input gradient is xla_conv's."""
+
+  @jax.custom_vjp
+  def f(lhs, rhs):
+    return xla_conv(lhs, rhs)
+
+  def fwd(lhs, rhs):
+    return xla_conv(lhs, rhs), (lhs, rhs)
+
+  def bwd(res, ct):
+    lhs, rhs = res
+    # vjp also traces each primal; its result is unused, and XLA drops it as dead code
+    d_lhs = jax.vjp(lambda l: xla_conv(l, rhs), lhs)[1](ct)[0]
+    d_rhs = jax.vjp(lambda r: gemm_conv(lhs, r), rhs)[1](ct)[0]
+    return d_lhs, d_rhs
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
   """Drop-in for ``jax.lax.conv_general_dilated`` (the call ``nnx.Conv`` makes).
@@ -148,11 +187,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   with the conv). Anything else falls back to
   ``lax.conv_general_dilated``.
   """
-  if gemm_convs_active():
-    out = _conv_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                     dimension_numbers, feature_group_count, precision, dict(kwargs))
-    if out is not None:
-      return out
+  mode = gemm_convs_mode()
+  if mode is not None:
+    gemm = functools.partial(_conv_gemm, window_strides=window_strides, padding=padding,
+                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                             precision=precision)
+    if mode == "gemm" or math.prod(rhs.shape[:lhs.ndim - 2]) == 1:
+      out = gemm(lhs, rhs, kwargs=dict(kwargs))
+      if out is not None:
+        return out
+    elif jax.eval_shape(lambda l, r: gemm(l, r, kwargs=dict(kwargs)), lhs, rhs) is not None:
+      xla_conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+                                   lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                   dimension_numbers=dimension_numbers,
+                                   feature_group_count=feature_group_count, precision=precision, **kwargs)
+      return _wgrad_gemm_conv(xla_conv, lambda l, r: gemm(l, r, kwargs=dict(kwargs)))(lhs, rhs)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, precision=precision,

@@ -1,0 +1,60 @@
+"""Summarises XLA's optimized HLO dumps: does the im2col concatenate land inside the GEMM?
+
+  XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
+      python -m fedkd.bench_conv --formulations bgemm --passes fwd,all --reps 2
+  python launch/hlo_gemm_report.py /tmp/xdump
+
+For every ``*after_optimizations.txt`` module: the number of GEMMs by kind (Triton GEMM fusions,
+cuBLAS / cuBLASLt custom calls, CPU dots), cuDNN convolutions, and, for the Triton GEMM fusions,
+how many have a concatenate / slice / pad inside their fused computation (i.e. the patch matrix is
+built on the fly, not written to memory first); and all dots and concatenates. One JSON line per
+module.
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+
+def computations(text: str) -> dict:
+  """name -> body of each HLO computation in a module's text."""
+  out, name, body = {}, None, []
+  for line in text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if m and not line.startswith(" "):
+      name, body = m.group(1), []
+      continue
+    if line.startswith("}") and name is not None:
+      out[name] = "\n".join(body)
+      name = None
+      continue
+    if name is not None:
+      body.append(line)
+  return out
+
+
+def report(path: str) -> dict:
+  text = open(path).read()
+  comps = computations(text)
+  triton, triton_fused_im2col = 0, 0
+  for line in text.splitlines():
+    if " fusion(" not in line:
+      continue
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    body = comps.get(called.group(1), "") if called else ""
+    if "__triton" in line and " dot(" in body:
+      triton += 1
+      if re.search(r" (concatenate|slice|pad)\(", body):
+        triton_fused_im2col += 1
+  return dict(module=os.path.basename(path).split(".")[1] if "." in os.path.basename(path) else path,
+              file=os.path.basename(path), triton_gemm_fusions=triton,
+              triton_gemm_with_im2col_inside=triton_fused_im2col,
+              cublas_gemms=len(re.findall(r'custom_call_target="__cublas', text)),
+              cudnn_convs=len(re.findall(r'custom_call_target="__cudnn\$conv', text)),
+              dots=len(re.findall(r" dot\(", text)), concatenates=len(re.findall(r" concatenate\(", text)))
+
+
+if __name__ == "__main__":
+  for f in sorted(glob.glob(os.path.join(sys.argv[1], "*after_optimizations.txt"))):
+    print(json.dumps(report(f)), flush=True)
