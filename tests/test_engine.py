@@ -60,7 +60,7 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("parallelism", ["vmap", "bgemm", "hybrid", "unroll"])
+@pytest.mark.parametrize("parallelism", ["vmap", "gconv", "bgemm", "hybrid", "unroll"])
 def test_round_equals_per_client_loop(parallelism):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)

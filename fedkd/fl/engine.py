@@ -26,7 +26,7 @@ Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 # Client strategies make_round_fn builds (config also accepts 'auto' and 'measure').
-STRATEGIES = ("vmap", "bgemm", "hybrid", "unroll", "chunked", "map")
+STRATEGIES = ("vmap", "gconv", "bgemm", "hybrid", "unroll", "chunked", "map")
 # 'measure' on accelerators also times 'unroll' up to this many clients per device (its program, and
 # its compile time, grow with every client).
 UNROLL_MAX_CLIENTS = 16
@@ -133,6 +133,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
 
   ``client_parallelism`` (per device shard):
     ``vmap``    all clients batched by ``jax.vmap`` (per-client conv kernels become grouped convs);
+    ``gconv``   ``vmap`` with 1x1 and transposed (upsampling) convs as batched matmuls; the other
+                convs, gradients included, stay XLA's grouped convolutions (``gemm_convs(mode="matmul")``);
     ``bgemm``   the same with every convolution computed as im2col patches x weights, i.e. batched
                 matrix multiplies over clients (``fedkd.models.conv.gemm_convs``);
     ``hybrid``  ``vmap`` with XLA's (grouped) convolutions for the forward pass and input gradients
@@ -191,8 +193,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
       losses = jnp.stack([o[1] for o in outs])
       nc = None if c is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
       dcsum = None if c is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
-    elif client_parallelism in ("vmap", "bgemm", "hybrid"):
-      with _convs({"vmap": None, "bgemm": "gemm", "hybrid": "wgrad"}[client_parallelism]):
+    elif client_parallelism in ("vmap", "gconv", "bgemm", "hybrid"):
+      with _convs({"vmap": None, "gconv": "matmul", "bgemm": "gemm", "hybrid": "wgrad"}[client_parallelism]):
         wsum, losses, nc, dcsum = group(params, control, xs, ys, w, c)
     else:  # chunked / map: lax.scan over chunks, accumulating the sums
       k = 1 if client_parallelism == "map" else chunk_size(n, client_chunk)

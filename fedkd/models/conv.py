@@ -17,7 +17,10 @@ The formulation is chosen at trace time:
   (vmapped: grouped convolutions, which cuDNN runs directly) and computes only the kernel gradient
   as patches^T x output-gradient batched GEMMs (vmapped, XLA's own kernel gradient is a
   ``batch_group_count`` convolution, the slowest of the three: ``python -m fedkd.bench_conv``).
-  1x1 convs and UNet's transposed convs are matmuls in both modes.
+  ``gemm_convs(mode="matmul")`` makes only the convs that are matmuls anyway GEMMs (1x1 kernels,
+  UNet's stride == kernel transposed convs) and leaves every other conv, its gradients included, to
+  XLA (vmapped: cuDNN's grouped convolutions). 1x1 convs and UNet's transposed convs are matmuls in
+  all modes.
 * Outside it (the default) they call ``lax.conv_general_dilated`` / ``nnx.ConvTranspose`` exactly
   as flax does (bit-identical to plain ``nnx.Conv`` / ``nnx.ConvTranspose``).
 
@@ -47,14 +50,15 @@ _GEMM = jax.make_user_context(default_value=False)
 _RECOMPUTE = jax.make_user_context(default_value=None)
 
 
-GEMM_MODES = ("gemm", "wgrad")
+GEMM_MODES = ("gemm", "wgrad", "matmul")
 
 
 @contextlib.contextmanager
 def gemm_convs(enabled: bool = True, recompute_patches: bool | None = None, mode: str = "gemm"):
   """Context manager: while active (and ``enabled``), model convolutions traced in this thread use
-  the im2col + GEMM formulation: for the forward pass and both gradients (``mode="gemm"``), or for
-  the kernel gradient only (``mode="wgrad"``). ``gemm_convs(False)`` switches it off inside an
+  the im2col + GEMM formulation: for the forward pass and both gradients (``mode="gemm"``), for
+  the kernel gradient only (``mode="wgrad"``), or only where the conv is a matmul (1x1 kernels,
+  stride == kernel transposed convs; ``mode="matmul"``). ``gemm_convs(False)`` switches it off inside an
   outer one. ``recompute_patches`` ("gemm" mode): rebuild the patch matrix (kh*kw times the conv
   input) in the backward pass rather than keep it alive from the forward pass; None (default) = on
   for GPU/TPU, off on CPU."""
@@ -197,7 +201,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       out = gemm(lhs, rhs, kwargs=dict(kwargs))
       if out is not None:
         return out
-    elif jax.eval_shape(lambda l, r: gemm(l, r, kwargs=dict(kwargs)), lhs, rhs) is not None:
+    elif mode == "wgrad" and jax.eval_shape(lambda l, r: gemm(l, r, kwargs=dict(kwargs)), lhs, rhs) is not None:
       xla_conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                    lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                    dimension_numbers=dimension_numbers,
