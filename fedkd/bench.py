@@ -103,7 +103,8 @@ def _parser():
   p.add_argument("--rounds", type=int, default=3, help="timed repetitions after one warm-up")
   p.add_argument("--parallelism", default="auto",
                  help=f"comma list of {','.join(STRATEGIES)}, 'all' or 'auto' (the engine's default for "
-                      "this backend: CPU unroll, else chunked); 'none': only the centralized rows")
+                      "backend, model and clients per device: CPU unroll; GPU/TPU hybrid (UNet) or bgemm (TransUNet) up to 16 "
+                      "clients per device, else chunked); 'none': only the centralized rows")
   p.add_argument("--dtype", default="float32", help="comma list of float32,bfloat16 (compute dtype)")
   p.add_argument("--chunk", type=int, default=8, help="clients per chunk for --parallelism chunked")
   p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
@@ -144,8 +145,10 @@ def _model(a):
 def main(argv=None) -> None:
   a = _resolve(_parser().parse_args(argv))
   backend = jax.default_backend()
+  n_dev = a.devices or math.gcd(a.clients, jax.device_count())
   auto_par, auto_unroll = engine.resolve_engine_options(
-      ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto")), backend)
+      ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto")), backend,
+      model=a.model, clients_per_shard=a.clients // n_dev)
   unroll = auto_unroll if a.unroll == "auto" else a.unroll == "true"
   pars = (list(STRATEGIES) if a.parallelism == "all" else [] if a.parallelism == "none"
           else a.parallelism.split(","))
@@ -236,7 +239,6 @@ def main(argv=None) -> None:
       emit(dict(name="centralized", dtype=dtype, sec_per_round=round(sec_c, 5),
                 images_per_s=round(images / sec_c, 1), compile_s=compile_s, **mem, peak_mb=_peak_mb()))
 
-  n_dev = a.devices or math.gcd(a.clients, jax.device_count())
   mesh = client_mesh(n_dev)
   data = shard_clients((xs, ys, jnp.ones((a.clients,), jnp.float32)), mesh)
   for dtype in dtypes:

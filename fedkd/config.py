@@ -95,10 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine = ml_collections.ConfigDict()
   # How clients inside one device shard run: 'vmap' (one batched program; per-client conv weights
   # become grouped convolutions), 'bgemm' (vmap with every convolution computed as patches x weights
-  # batched matrix multiplies: tensor cores instead of grouped convolutions), 'unroll' (each
-  # client's ops emitted separately; fastest for convolutions on XLA:CPU), 'chunked' / 'map' (below),
-  # 'measure' (compile and time the candidates on the first round's shapes, keep the fastest),
-  # 'auto' (unroll on CPU, chunked on GPU/TPU: see the README's GPU measurements).
+  # batched matrix multiplies: tensor cores instead of grouped convolutions), 'hybrid' (vmap with
+  # XLA's convs for the forward pass and input gradients, GEMMs for the kernel gradients), 'gconv'
+  # (vmap with only 1x1 / transposed convs as matmuls), 'unroll' (each client's ops emitted
+  # separately; fastest for convolutions on XLA:CPU), 'chunked' / 'map' (below), 'measure' (compile
+  # and time the candidates on the first round's shapes, keep the fastest), 'auto' (CPU: unroll;
+  # GPU/TPU: hybrid for UNet, bgemm for TransUNet up to 16 clients per device, else chunked; see the
+  # README's GPU measurements).
   c.engine.client_parallelism = "auto"
   # 'chunked' / 'map': lax.scan over chunks of this many clients (vmapped inside); only one chunk's
   # client deltas are alive at a time (memory for many clients per device); 'map' = chunks of 1.

@@ -60,7 +60,7 @@ PRECOMPILE=(  # phase 1's queue, most important first (the A, C and B rows, the 
   "--workload B --parallelism vmap --no-centralized" "$A --parallelism chunked --remat --no-centralized"
 )
 PHASE1=${PHASE1:-200}
-PAR=${PAR:-12}
+PAR=${PAR:-4}
 P1_END=$(( $(date +%s) + PHASE1 ))
 echo "== phase 1: ${#PRECOMPILE[@]} programs, $PAR at a time, until +${PHASE1}s" | tee -a "$LOG"
 for args in "${PRECOMPILE[@]}"; do

@@ -250,19 +250,23 @@ def test_1024_clients_in_one_round_chunked_on_8_devices():
   assert _max_diff(params, state["params"]) > 1e-4
 
 
-@pytest.mark.parametrize("platform,expected", [("cpu", ("unroll", True)), ("gpu", ("chunked", False)),
-                                               ("tpu", ("chunked", False))])
-def test_auto_engine_options_per_backend(platform, expected):
-  """'auto' resolves to the strategy measured fastest on each backend (README tables); explicit
+@pytest.mark.parametrize("platform,model,per_shard,expected", [
+    ("cpu", "unet", 4, ("unroll", True)), ("cpu", "transunet", 128, ("unroll", True)),
+    ("gpu", "unet", 16, ("hybrid", False)), ("gpu", "transunet", 16, ("bgemm", False)),
+    ("gpu", "unet", 17, ("chunked", False)), ("tpu", "transunet", 128, ("chunked", False)),
+    ("gpu", None, None, ("chunked", False)), ("gpu", "resnet", 4, ("chunked", False))])
+def test_auto_engine_options_per_backend(platform, model, per_shard, expected):
+  """'auto' resolves to the strategy measured fastest on each backend and model (README tables):
+  at most 16 clients per accelerator the model's best, more (or unknown) 'chunked'; explicit
   settings pass through."""
   cfg = ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto"))
-  assert engine.resolve_engine_options(cfg, platform) == expected
+  assert engine.resolve_engine_options(cfg, platform, model, per_shard) == expected
   cfg = ml_collections.ConfigDict(dict(client_parallelism="measure", unroll_local_steps=False))
-  assert engine.resolve_engine_options(cfg, platform) == ("measure", False)
+  assert engine.resolve_engine_options(cfg, platform, model, per_shard) == ("measure", False)
 
 
 def test_measure_candidates():
   assert engine.measure_candidates("cpu", 64, 8) == ["unroll", "bgemm", "vmap"]
-  assert engine.measure_candidates("gpu", 16, 4) == ["bgemm", "chunked", "vmap", "map", "unroll"]
-  assert engine.measure_candidates("gpu", 16, 16) == ["bgemm", "vmap", "map", "unroll"]  # one chunk = bgemm
-  assert engine.measure_candidates("gpu", 128, 16) == ["bgemm", "chunked", "vmap", "map"]  # too many to unroll
+  assert engine.measure_candidates("gpu", 16, 4) == ["hybrid", "bgemm", "chunked", "vmap", "map", "unroll"]
+  assert engine.measure_candidates("gpu", 16, 16) == ["hybrid", "bgemm", "vmap", "map", "unroll"]  # one chunk = bgemm
+  assert engine.measure_candidates("gpu", 128, 16) == ["hybrid", "bgemm", "chunked", "vmap", "map"]  # too many to unroll

@@ -100,15 +100,32 @@ def init_client_state(params: Params, num_rows: int, algorithm: str = "fedavg"):
   return jax.tree.map(lambda p: jnp.zeros((num_rows,) + p.shape, p.dtype), params)
 
 
-def resolve_engine_options(engine_cfg, platform: str | None = None) -> tuple[str, bool]:
-  """Maps 'auto' settings to concrete ones for the backend: CPU -> 'unroll' with unrolled local steps
-  (measured fastest on XLA:CPU); accelerators -> 'chunked' with the local steps in a ``lax.scan``
-  (the fastest client strategy measured on an H200 so far, and memory-bounded; 'measure' is not the
-  default there because XLA:GPU took 27-70 s to compile each candidate at 128-256 px)."""
+# 'auto' on GPU/TPU: the fastest strategy measured on an H200 per model (README, "GPU" table) while a
+# device holds at most SMALL_SHARD_CLIENTS clients; beyond that 'chunked' (bounded memory: 1,024
+# clients at 128 px in a 5.7 GiB buffer plan).
+SMALL_SHARD_CLIENTS = 16
+AUTO_SMALL_SHARD = {"unet": "hybrid", "transunet": "bgemm"}
+
+
+def resolve_engine_options(engine_cfg, platform: str | None = None, model: str | None = None,
+                           clients_per_shard: int | None = None) -> tuple[str, bool]:
+  """Maps 'auto' settings to concrete ones for the backend and model.
+
+  CPU: 'unroll' with unrolled local steps (measured fastest on XLA:CPU). GPU/TPU: local steps in a
+  ``lax.scan``; with at most ``SMALL_SHARD_CLIENTS`` clients per device (``clients_per_shard``;
+  None = unknown, treated as many) the model's fastest strategy measured on an H200
+  (``AUTO_SMALL_SHARD``: UNet 'hybrid' 0.53x, TransUNet 'bgemm' 0.51x of the centralized ceiling),
+  otherwise, or for other models, 'chunked' (memory-bounded). 'measure' is not the default there
+  because XLA:GPU took 27-130 s to compile each candidate at 128-256 px."""
   platform = platform or jax.default_backend()
   par = engine_cfg.client_parallelism
   if par == "auto":
-    par = "unroll" if platform == "cpu" else "chunked"
+    if platform == "cpu":
+      par = "unroll"
+    elif clients_per_shard is not None and clients_per_shard <= SMALL_SHARD_CLIENTS:
+      par = AUTO_SMALL_SHARD.get(model, "chunked")
+    else:
+      par = "chunked"
   unroll = engine_cfg.unroll_local_steps
   if unroll == "auto":
     unroll = platform == "cpu"
@@ -252,9 +269,9 @@ def measure_candidates(platform: str, clients_per_shard: int, client_chunk: int)
   """Strategies worth timing on ``platform`` for a shard of ``clients_per_shard`` clients."""
   if platform == "cpu":
     return ["unroll", "bgemm", "vmap"]
-  out = ["bgemm", "vmap", "map"]
+  out = ["hybrid", "bgemm", "vmap", "map"]
   if 1 < chunk_size(clients_per_shard, client_chunk) < clients_per_shard:
-    out.insert(1, "chunked")
+    out.insert(2, "chunked")
   if clients_per_shard <= UNROLL_MAX_CLIENTS:  # plain (cuDNN) convs, no im2col; program grows per client
     out.append("unroll")
   return out

@@ -120,7 +120,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = client_mesh(n_dev)
   rows = local_rows(mesh, config.clients_per_round)
-  parallelism, unroll = engine.resolve_engine_options(config.engine)
+  parallelism, unroll = engine.resolve_engine_options(config.engine, model=config.model.name,
+                                                      clients_per_shard=config.clients_per_round // n_dev)
   data = make_client_data(config)
   sizes = data.sizes
 
