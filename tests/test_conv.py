@@ -221,6 +221,34 @@ def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, pad
       pass
 
 
+@pytest.mark.parametrize("k", [3, 1])
+def test_matmul_mode_keeps_kxk_convs_and_makes_1x1_matmuls(k):
+  """gemm_convs(mode="matmul") under vmap: the same values and gradients as XLA's convs; a 3x3 conv
+  stays XLA's (grouped forward/input gradient, batch-grouped kernel gradient), a 1x1 conv becomes
+  client-batched matmuls with no convolution left."""
+  c = 3
+  x, w = _randn(0, (c, 2, 9, 8, 4)), _randn(1, (c, k, k, 4, 6))
+
+  def run(mode, x, w):
+    def loss(x, w):
+      y = jax.vmap(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                          dimension_numbers=_flax_dn(x, w)))(x, w)
+      return jnp.sum(y * jnp.cos(y)), y
+    with conv.gemm_convs(mode is not None, mode=mode or "gemm"):
+      return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+
+  ((_, y_ref), g_ref), ((_, y), g) = _run0(lambda x, w: (run(None, x, w), run("matmul", x, w)), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  eqns = _prims(lambda x, w: run("matmul", x, w), x, w)
+  convs = [e for e in eqns if e.primitive is lax.conv_general_dilated_p]
+  if k == 3:
+    assert {e.params["batch_group_count"] for e in convs} == {1, c}
+  else:
+    assert not convs and any(e.primitive is lax.dot_general_p for e in eqns)
+
+
 def _module(cls, *args, **kw):
   """(graphdef, params) of a flax module built abstractly, params drawn on the host (nonzero
   bias)."""
