@@ -25,7 +25,7 @@ Rows, side by side in one process (ratios only compare rows of the same run):
 row per program (compile_s, buffer plan) and times nothing. With JAX's persistent compilation cache
 (``JAX_COMPILATION_CACHE_DIR``) several such processes can compile side by side, so that the timing
 run afterwards loads its executables instead of compiling them (launch/gpu_bench.sh does this: on
-an H200 XLA:GPU took 27-70 s per program).
+an H200 XLA:GPU took 27-86 s per program compiled alone).
 """
 from __future__ import annotations
 
@@ -102,11 +102,13 @@ def _parser():
   p.add_argument("--depth", type=int)
   p.add_argument("--rounds", type=int, default=3, help="timed repetitions after one warm-up")
   p.add_argument("--parallelism", default="auto",
-                 help=f"comma list of {','.join(STRATEGIES)}, 'all' or 'auto' (the engine's default for "
-                      "backend, model and clients per device: CPU unroll; GPU/TPU hybrid (UNet) or bgemm (TransUNet) up to 16 "
-                      "clients per device, else chunked); 'none': only the centralized rows")
+                 help=f"comma list of {','.join(STRATEGIES)}, 'all' or 'auto' (the engine's default for the "
+                      "backend, model and clients per device: CPU unroll; GPU/TPU hybrid (UNet) or bgemm "
+                      "(TransUNet) up to 16 clients per device, else chunked); 'none': only the centralized rows")
   p.add_argument("--dtype", default="float32", help="comma list of float32,bfloat16 (compute dtype)")
   p.add_argument("--chunk", type=int, default=8, help="clients per chunk for --parallelism chunked")
+  p.add_argument("--chunk-strategy", default="bgemm", choices=list(engine.VMAP_CONV_MODES),
+                 help="the vmapped strategy inside each chunk of --parallelism chunked")
   p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
   p.add_argument("--unroll", default="auto", choices=["auto", "true", "false"],
                  help="unroll the local-step scan (auto: on CPU)")
@@ -187,7 +189,8 @@ def main(argv=None) -> None:
 
   def round_fn(par, mesh, dtype):
     return engine.make_round_fn(apply, loss_fn, tx, server_tx, mesh, client_parallelism=par,
-                                unroll_local_steps=unroll, client_chunk=a.chunk, compute_dtype=jnp.dtype(dtype),
+                                unroll_local_steps=unroll, client_chunk=a.chunk, chunk_strategy=a.chunk_strategy,
+                                compute_dtype=jnp.dtype(dtype),
                                 remat=a.remat)
 
   def time_round(fn, mesh, data):
@@ -207,7 +210,8 @@ def main(argv=None) -> None:
     par, dtype = pars[0], dtypes[0]
     for n in [int(v) for v in a.scale.split(",")]:
       mesh = client_mesh(a.devices or math.gcd(n, jax.device_count()))
-      row = dict(name="scale", parallelism=par, dtype=dtype, round_clients=n, chunk=a.chunk)
+      row = dict(name="scale", parallelism=par, dtype=dtype, round_clients=n, chunk=a.chunk,
+                 chunk_strategy=a.chunk_strategy)
       try:
         data = shard_clients((*gen(n), jnp.ones((n,), jnp.float32)), mesh)
         sec_f, compile_s, mem = time_round(round_fn(par, mesh, dtype), mesh, data)
@@ -244,7 +248,8 @@ def main(argv=None) -> None:
   for dtype in dtypes:
     for par in pars:
       row = dict(name="fed_round", parallelism=par, dtype=dtype, devices=n_dev,
-                 chunk=a.chunk if par == "chunked" else None)
+                 chunk=a.chunk if par == "chunked" else None,
+                 chunk_strategy=a.chunk_strategy if par == "chunked" else None)
       try:
         sec_f, compile_s, mem = time_round(round_fn(par, mesh, dtype), mesh, data)
       except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it and go on

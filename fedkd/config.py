@@ -10,7 +10,7 @@ import math
 
 import ml_collections
 
-from fedkd.fl.engine import STRATEGIES
+from fedkd.fl.engine import STRATEGIES, VMAP_CONV_MODES
 from fedkd.losses import LOSSES
 
 
@@ -106,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 'chunked' / 'map': lax.scan over chunks of this many clients (vmapped inside); only one chunk's
   # client deltas are alive at a time (memory for many clients per device); 'map' = chunks of 1.
   c.engine.client_chunk = 8
+  # 'chunked': the vmapped strategy inside each chunk ('bgemm', 'hybrid', 'gconv' or 'vmap').
+  c.engine.chunk_strategy = "bgemm"
   # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
   c.engine.unroll_local_steps = "auto"
   # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their
@@ -279,6 +281,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   if c.engine.client_parallelism not in CLIENT_PARALLELISM:
     raise ConfigError(f"config.engine.client_parallelism={c.engine.client_parallelism!r} is unknown; "
                       f"use one of {', '.join(CLIENT_PARALLELISM)}")
+  if c.engine.chunk_strategy not in VMAP_CONV_MODES:
+    raise ConfigError(f"config.engine.chunk_strategy={c.engine.chunk_strategy!r} is unknown; use one of "
+                      f"{', '.join(VMAP_CONV_MODES)}")
   if c.engine.unroll_local_steps not in ("auto", True, False):
     raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be "
                       "'auto', True or False")

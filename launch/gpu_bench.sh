@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6's GPU measurements in ONE call: fedkd.bench workloads A / B / C (the centralized ceiling and
-# the main client strategies, bf16 compute), the 1,024-client round, the PyTorch anchor, remat's memory.
+# the client strategies, bf16 compute), the 1,024-client round, one conv layer per pass, the PyTorch
+# anchor, remat's memory. The order follows the README's next steps (gconv, chunked with hybrid
+# inside); the rows measured on 2026-11-27 are in the README's GPU table.
 #
 #   bash launch/gpu_bench.sh [path/to/anchor_bench.py] [budget_s]
 #
@@ -49,15 +51,15 @@ A="--workload A --chunk 4"
 C="--workload C --chunk 4"
 S="--size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16"
 K=${CONV_ARGS:-"--clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfloat16 --reps 20"}  # one A-sized conv layer
-PRECOMPILE=(  # phase 1's queue, most important first (the A, C and B rows, the scale rounds, the conv layer)
-  "$A --parallelism none" "$A --parallelism chunked --no-centralized" "$A --parallelism hybrid --no-centralized"
-  "$A --parallelism unroll --no-centralized" "$C --parallelism none" "$C --parallelism vmap --no-centralized" "$C --parallelism chunked --no-centralized"
-  "$S --scale 1024" "$S --scale 128" "$A --parallelism bgemm --no-centralized"
-  "$A --parallelism map --no-centralized" "$A --parallelism vmap --no-centralized" "$S --scale 512"
-  "CONV" "$C --parallelism bgemm --no-centralized" "$C --parallelism unroll --no-centralized"
-  "--workload B --parallelism none" "--workload B --parallelism hybrid --no-centralized"
-  "--workload B --parallelism bgemm --no-centralized" "$C --parallelism hybrid --no-centralized"
-  "--workload B --parallelism vmap --no-centralized" "$A --parallelism chunked --remat --no-centralized"
+PRECOMPILE=(  # phase 1's queue, most important first (what the README's next steps ask for, then the rest)
+  "$A --parallelism none" "$A --parallelism gconv --no-centralized" "$A --parallelism hybrid --no-centralized"
+  "--workload B --parallelism none" "--workload B --parallelism chunked --chunk 16 --chunk-strategy hybrid --no-centralized"
+  "--workload B --parallelism chunked --chunk 16 --chunk-strategy gconv --no-centralized"
+  "$C --parallelism none" "$C --parallelism gconv --no-centralized" "$C --parallelism bgemm --no-centralized"
+  "$A --parallelism vmap --no-centralized" "$S --scale 1024" "$S --scale 128" "$S --scale 512" "CONV"
+  "$A --parallelism chunked --no-centralized" "$A --parallelism bgemm --no-centralized"
+  "$C --parallelism hybrid --no-centralized" "$C --parallelism chunked --no-centralized"
+  "$A --parallelism chunked --remat --no-centralized"
 )
 PHASE1=${PHASE1:-200}
 PAR=${PAR:-4}
@@ -77,15 +79,18 @@ wait
 echo "== phase 1 done at +$(( $(date +%s) - START ))s" | tee -a "$LOG"
 
 # Phase 2, in priority order: a step that would not fit the budget is skipped.
-step 150 $B $A --parallelism chunked,hybrid,unroll,bgemm,map,vmap $X
-step 100 $B $C --parallelism vmap,chunked,bgemm,unroll,hybrid $X
+step 200 $B $A --parallelism gconv,hybrid,vmap $X
+step 200 $B --workload B --parallelism chunked --chunk 16 --chunk-strategy hybrid $X
+step 120 $B --workload B --parallelism chunked --chunk 16 --chunk-strategy gconv --no-centralized $X
+step 150 $B $C --parallelism gconv,bgemm,hybrid $X
 step 90 $B $S --scale 128,512,1024 --rounds 2 $X
 step 90 python3 -m fedkd.bench_conv $K
+step 120 $B $A --parallelism chunked,bgemm $X
+step 120 $B $C --parallelism chunked $X
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
 fi
-step 75 $B --workload B --parallelism hybrid,bgemm,vmap $X
 step 45 $B $A --parallelism chunked --remat --no-centralized $X
 # Does XLA:GPU fuse the im2col patches into its GEMMs? (HLO after optimization, no cache: dumps need a compile)
 step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \

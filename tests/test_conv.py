@@ -185,13 +185,13 @@ def test_vmap_over_clients_is_a_batched_gemm():
   assert groups and max(groups) == c  # what vmap makes of XLA's conv: a grouped convolution
 
 
-@pytest.mark.parametrize("k,stride,padding", [(3, 1, "SAME"), (3, 2, "VALID"), (1, 1, "SAME")])
-def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, padding):
-  """gemm_convs(mode="wgrad"), vmapped over clients: the same values and gradients as XLA's convs;
-  forward and input gradient stay convolutions (grouped, as vmap makes them), while the kernel
-  gradient is a client-batched GEMM instead of vmap's batch_group_count convolution (1x1: matmuls)."""
-  c = 3
-  x, w = _randn(0, (c, 2, 9, 8, 4)), _randn(1, (c, k, k, 4, 6))
+C3 = 3  # clients in the vmapped mode tests
+
+
+def _mode_matches_xla(mode, k, stride=1, padding="SAME"):
+  """Under vmap over C3 clients, gemm_convs(mode=mode) gives XLA's conv values and gradients (x, w)
+  for a k x k conv; returns (equations of the mode's program, of XLA's) for structural checks."""
+  x, w = _randn(0, (C3, 2, 9, 8, 4)), _randn(1, (C3, k, k, 4, 6))
 
   def run(mode, x, w):
     def loss(x, w):
@@ -201,21 +201,32 @@ def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, pad
     with conv.gemm_convs(mode is not None, mode=mode or "gemm"):
       return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
 
-  ((_, y_ref), g_ref), ((_, y), g) = _run0(lambda x, w: (run(None, x, w), run("wgrad", x, w)), x, w)
+  ((_, y_ref), g_ref), ((_, y), g) = _run0(lambda x, w: (run(None, x, w), run(mode, x, w)), x, w)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  eqns = _prims(lambda x, w: run("wgrad", x, w), x, w)
-  convs = [e for e in eqns if e.primitive is lax.conv_general_dilated_p]
-  batched_dots = [e for e in eqns if e.primitive is lax.dot_general_p and e.params["dimension_numbers"][1][0]]
-  ref_convs = [e for e in _prims(lambda x, w: run(None, x, w), x, w) if e.primitive is lax.conv_general_dilated_p]
-  assert any(e.params["batch_group_count"] == c for e in ref_convs)  # vmap's kernel gradient
+  return _prims(lambda x, w: run(mode, x, w), x, w), _prims(lambda x, w: run(None, x, w), x, w)
+
+
+def _convs_of(eqns):
+  return [e for e in eqns if e.primitive is lax.conv_general_dilated_p]
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, "SAME"), (3, 2, "VALID"), (1, 1, "SAME")])
+def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, padding):
+  """gemm_convs(mode="wgrad"), vmapped over clients: XLA's values and gradients; forward and input
+  gradient stay convolutions (grouped, as vmap makes them), while the kernel gradient is a
+  client-batched GEMM instead of vmap's batch_group_count convolution (1x1: matmuls)."""
+  eqns, ref_eqns = _mode_matches_xla("wgrad", k, stride, padding)
+  convs = _convs_of(eqns)
+  assert any(e.params["batch_group_count"] == C3 for e in _convs_of(ref_eqns))  # vmap's kernel gradient
   assert all(e.params["batch_group_count"] == 1 for e in convs)
   if k == 1:
     assert not convs
   else:  # forward + input gradient (each also listed inside the custom_vjp), grouped over the clients
-    assert len(convs) >= 2 and all(e.params["feature_group_count"] == c for e in convs)
-  assert batched_dots  # the kernel gradient
+    assert len(convs) >= 2 and all(e.params["feature_group_count"] == C3 for e in convs)
+  # the kernel gradient: a dot_general batched over the clients
+  assert any(e.primitive is lax.dot_general_p and e.params["dimension_numbers"][1][0] for e in eqns)
   with pytest.raises(ValueError, match="unknown mode"):
     with conv.gemm_convs(mode="direct"):
       pass
@@ -223,30 +234,14 @@ def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, pad
 
 @pytest.mark.parametrize("k", [3, 1])
 def test_matmul_mode_keeps_kxk_convs_and_makes_1x1_matmuls(k):
-  """gemm_convs(mode="matmul") under vmap: the same values and gradients as XLA's convs; a 3x3 conv
-  stays XLA's (grouped forward/input gradient, batch-grouped kernel gradient), a 1x1 conv becomes
+  """gemm_convs(mode="matmul") under vmap: XLA's values and gradients; a 3x3 conv stays XLA's
+  (grouped forward/input gradient, batch-grouped kernel gradient), a 1x1 conv becomes
   client-batched matmuls with no convolution left."""
-  c = 3
-  x, w = _randn(0, (c, 2, 9, 8, 4)), _randn(1, (c, k, k, 4, 6))
-
-  def run(mode, x, w):
-    def loss(x, w):
-      y = jax.vmap(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                          dimension_numbers=_flax_dn(x, w)))(x, w)
-      return jnp.sum(y * jnp.cos(y)), y
-    with conv.gemm_convs(mode is not None, mode=mode or "gemm"):
-      return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
-
-  ((_, y_ref), g_ref), ((_, y), g) = _run0(lambda x, w: (run(None, x, w), run("matmul", x, w)), x, w)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  eqns = _prims(lambda x, w: run("matmul", x, w), x, w)
-  convs = [e for e in eqns if e.primitive is lax.conv_general_dilated_p]
+  eqns, _ = _mode_matches_xla("matmul", k)
   if k == 3:
-    assert {e.params["batch_group_count"] for e in convs} == {1, c}
+    assert {e.params["batch_group_count"] for e in _convs_of(eqns)} == {1, C3}
   else:
-    assert not convs and any(e.primitive is lax.dot_general_p for e in eqns)
+    assert not _convs_of(eqns) and any(e.primitive is lax.dot_general_p for e in eqns)
 
 
 def _module(cls, *args, **kw):

@@ -45,11 +45,13 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, com
   return jax.tree.map(lambda a, d: a + server_lr * d, server, mean)
 
 
-def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0, chunk=8):
+def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0, chunk=8,
+                  chunk_strategy="bgemm"):
   mesh = client_mesh(n_dev)
   server_tx = optax.sgd(server_lr)
   fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), server_tx, mesh,
-                            client_parallelism=parallelism, unroll_local_steps=True, client_chunk=chunk)
+                            client_parallelism=parallelism, unroll_local_steps=True, client_chunk=chunk,
+                            chunk_strategy=chunk_strategy)
   state = engine.init_server_state(jax.tree.map(jnp.array, params), server_tx, jax.random.key(0))
   state, metrics = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
   return jax.tree.map(np.asarray, state["params"]), metrics
@@ -72,11 +74,14 @@ def test_round_equals_per_client_loop(parallelism):
   assert metrics["client_loss"].shape == (C,)
 
 
-@pytest.mark.parametrize("parallelism,n_dev,chunk", [("chunked", 2, 2), ("chunked", 1, 3), ("map", 4, 1)])
-def test_chunked_and_map_strategies_equal_per_client_loop(parallelism, n_dev, chunk):
+@pytest.mark.parametrize("parallelism,n_dev,chunk,inner", [
+    ("chunked", 2, 2, "bgemm"), ("chunked", 1, 3, "bgemm"), ("chunked", 1, 3, "hybrid"),
+    ("chunked", 2, 2, "gconv"), ("map", 4, 1, "bgemm")])
+def test_chunked_and_map_strategies_equal_per_client_loop(parallelism, n_dev, chunk, inner):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
-  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, chunk=chunk)
+  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, chunk=chunk,
+                               chunk_strategy=inner)
   assert _max_diff(ref, got) < 2e-5
   assert metrics["client_loss"].shape == (C,)
 
@@ -174,7 +179,7 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
   assert _max_diff(ref_control, zeros) > 1e-3
 
 
-@pytest.mark.parametrize("parallelism", ["unroll", "bgemm"])
+@pytest.mark.parametrize("parallelism", ["unroll", "bgemm", "hybrid"])
 def test_bf16_compute_keeps_f32_master_weights(parallelism):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=5, clients=4)
   mesh = client_mesh(2)
@@ -191,7 +196,7 @@ def test_bf16_compute_keeps_f32_master_weights(parallelism):
   assert _max_diff(ref32, ref16) > 1e-6
 
 
-@pytest.mark.parametrize("parallelism", ["chunked"])
+@pytest.mark.parametrize("parallelism", ["chunked", "hybrid"])
 def test_remat_gives_the_same_round(parallelism):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=6, clients=4)
   outs = []
@@ -268,5 +273,6 @@ def test_auto_engine_options_per_backend(platform, model, per_shard, expected):
 def test_measure_candidates():
   assert engine.measure_candidates("cpu", 64, 8) == ["unroll", "bgemm", "vmap"]
   assert engine.measure_candidates("gpu", 16, 4) == ["hybrid", "bgemm", "chunked", "vmap", "map", "unroll"]
-  assert engine.measure_candidates("gpu", 16, 16) == ["hybrid", "bgemm", "vmap", "map", "unroll"]  # one chunk = bgemm
-  assert engine.measure_candidates("gpu", 128, 16) == ["hybrid", "bgemm", "chunked", "vmap", "map"]  # too many to unroll
+  # one chunk = bgemm; more than 16 clients are not unrolled
+  assert engine.measure_candidates("gpu", 16, 16) == ["hybrid", "bgemm", "vmap", "map", "unroll"]
+  assert engine.measure_candidates("gpu", 128, 16) == ["hybrid", "bgemm", "chunked", "vmap", "map"]

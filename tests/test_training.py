@@ -107,6 +107,7 @@ def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
     ("local_steps", 0, "local_steps"),
     ("engine.compute_dtype", "float16", "compute_dtype"),
     ("engine.client_parallelism", "pmap", "client_parallelism"),
+    ("engine.chunk_strategy", "map", "chunk_strategy"),
     ("algorithm.name", "fedprox", "algorithm.name"),
     ("algorithm.client_state", "disk", "client_state"),
     ("algorithm.name", "scaffold", "client_optimizer.name='sgd'"),

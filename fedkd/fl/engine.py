@@ -27,6 +27,9 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 # Client strategies make_round_fn builds (config also accepts 'auto' and 'measure').
 STRATEGIES = ("vmap", "gconv", "bgemm", "hybrid", "unroll", "chunked", "map")
+# The vmapped strategies and the conv formulation each traces under (fedkd.models.conv.gemm_convs
+# mode; None = XLA's convs); 'chunked' runs one of them (``chunk_strategy``) inside each chunk.
+VMAP_CONV_MODES = {"vmap": None, "gconv": "matmul", "bgemm": "gemm", "hybrid": "wgrad"}
 # 'measure' on accelerators also times 'unroll' up to this many clients per device (its program, and
 # its compile time, grow with every client).
 UNROLL_MAX_CLIENTS = 16
@@ -141,7 +144,7 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
                   server_tx: optax.GradientTransformation, mesh, *, client_parallelism: str = "vmap",
                   unroll_local_steps: bool = False, client_chunk: int = 8, compute_dtype=None,
                   remat: bool = False, algorithm: str = "fedavg", client_lr: float | None = None,
-                  num_clients: int | None = None):
+                  num_clients: int | None = None, chunk_strategy: str = "bgemm"):
   """Returns the jitted round function (state donated).
 
   FedAvg: ``round_fn(state, xs, ys, weights) -> (state, metrics)``. SCAFFOLD:
@@ -157,7 +160,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     ``hybrid``  ``vmap`` with XLA's (grouped) convolutions for the forward pass and input gradients
                 and batched GEMMs for the kernel gradients (``gemm_convs(mode="wgrad")``);
     ``unroll``  each client's ops emitted separately (XLA:CPU's fastest for convolutions);
-    ``chunked`` ``lax.scan`` over chunks of ``client_chunk`` clients, bgemm inside, accumulating the
+    ``chunked`` ``lax.scan`` over chunks of ``client_chunk`` clients, ``chunk_strategy`` (one of
+                ``VMAP_CONV_MODES``, default bgemm) inside, accumulating the
                 weighted delta sum: only one chunk's activations and deltas are alive (many clients
                 per device);
     ``map``     ``lax.scan`` over single clients (plain convolutions).
@@ -179,6 +183,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     raise ValueError("SCAFFOLD needs client_lr and num_clients")
   if client_parallelism not in STRATEGIES:
     raise ValueError(f"unknown client_parallelism {client_parallelism!r}")
+  if chunk_strategy not in VMAP_CONV_MODES:
+    raise ValueError(f"unknown chunk_strategy {chunk_strategy!r}; use one of {', '.join(VMAP_CONV_MODES)}")
   update = functools.partial(client_update, apply, loss_fn, client_tx,
                              unroll=True if unroll_local_steps else 1, compute_dtype=compute_dtype,
                              remat=remat)
@@ -210,15 +216,15 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
       losses = jnp.stack([o[1] for o in outs])
       nc = None if c is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
       dcsum = None if c is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
-    elif client_parallelism in ("vmap", "gconv", "bgemm", "hybrid"):
-      with _convs({"vmap": None, "gconv": "matmul", "bgemm": "gemm", "hybrid": "wgrad"}[client_parallelism]):
+    elif client_parallelism in VMAP_CONV_MODES:
+      with _convs(VMAP_CONV_MODES[client_parallelism]):
         wsum, losses, nc, dcsum = group(params, control, xs, ys, w, c)
     else:  # chunked / map: lax.scan over chunks, accumulating the sums
       k = 1 if client_parallelism == "map" else chunk_size(n, client_chunk)
       chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), (xs, ys, w, c))
 
       def one_chunk(acc, chunk):
-        with _convs("gemm" if client_parallelism == "chunked" and k > 1 else None):
+        with _convs(VMAP_CONV_MODES[chunk_strategy] if client_parallelism == "chunked" and k > 1 else None):
           ws, l, ncc, dc = group(params, control, *chunk)
         acc = jax.tree.map(jnp.add, acc, (ws, dc))
         return acc, (l, ncc)

@@ -144,6 +144,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     return engine.make_round_fn(
         apply, loss_fn, client_tx, server_tx, mesh, client_parallelism=strategy,
         unroll_local_steps=unroll, client_chunk=config.engine.client_chunk,
+        chunk_strategy=config.engine.chunk_strategy,
         compute_dtype=jnp.dtype(config.engine.compute_dtype), remat=config.engine.remat,
         algorithm=algorithm, client_lr=float(config.client_optimizer.learning_rate),
         num_clients=config.num_clients)
