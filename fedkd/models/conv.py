@@ -78,7 +78,7 @@ def gemm_convs_active() -> bool:
 
 
 def gemm_convs_mode() -> str | None:
-  """The active ``gemm_convs`` mode ("gemm" / "wgrad"), or None outside it."""
+  """The active ``gemm_convs`` mode ("gemm" / "wgrad" / "matmul"), or None outside it."""
   return _GEMM.value or None
 
 
