@@ -9,6 +9,10 @@ cuBLAS / cuBLASLt custom calls, CPU dots), cuDNN convolutions, and, for the Trit
 how many have a concatenate / slice / pad inside their fused computation (i.e. the patch matrix is
 built on the fly, not written to memory first); and all dots and concatenates. One JSON line per
 module.
+
+Checked on XLA:CPU dumps only. The GPU patterns follow XLA:GPU's names (custom-call targets
+``__cublas$gemm`` / ``__cublas$lt$matmul`` / ``__cudnn$conv...``, fusions whose backend config names a
+``__triton...`` kind); no GPU dump has been read with it yet.
 """
 import glob
 import json
