@@ -25,7 +25,7 @@ Rows, side by side in one process (ratios only compare rows of the same run):
 row per program (compile_s, buffer plan) and times nothing. With JAX's persistent compilation cache
 (``JAX_COMPILATION_CACHE_DIR``) several such processes can compile side by side, so that the timing
 run afterwards loads its executables instead of compiling them (launch/gpu_bench.sh does this: on
-an H200 XLA:GPU took 27-86 s per program compiled alone).
+an H200 XLA:GPU took 10-86 s per program compiled alone).
 """
 from __future__ import annotations
 

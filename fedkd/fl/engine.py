@@ -119,7 +119,7 @@ def resolve_engine_options(engine_cfg, platform: str | None = None, model: str |
   None = unknown, treated as many) the model's fastest strategy measured on an H200
   (``AUTO_SMALL_SHARD``: UNet 'hybrid' 0.53x, TransUNet 'bgemm' 0.51x of the centralized ceiling),
   otherwise, or for other models, 'chunked' (memory-bounded). 'measure' is not the default there
-  because XLA:GPU took 27-130 s to compile each candidate at 128-256 px."""
+  because XLA:GPU took 10-86 s to compile each candidate at 128-256 px."""
   platform = platform or jax.default_backend()
   par = engine_cfg.client_parallelism
   if par == "auto":
