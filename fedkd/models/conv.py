@@ -193,20 +193,20 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """
   mode = gemm_convs_mode()
   if mode is not None:
-    gemm = functools.partial(_conv_gemm, window_strides=window_strides, padding=padding,
-                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                             precision=precision)
+    def gemm(l, r):  # None where the GEMM formulation does not apply
+      return _conv_gemm(l, r, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, precision, dict(kwargs))
+
     if mode == "gemm" or math.prod(rhs.shape[:lhs.ndim - 2]) == 1:
-      out = gemm(lhs, rhs, kwargs=dict(kwargs))
+      out = gemm(lhs, rhs)
       if out is not None:
         return out
-    elif mode == "wgrad" and jax.eval_shape(lambda l, r: gemm(l, r, kwargs=dict(kwargs)), lhs, rhs) is not None:
+    elif mode == "wgrad" and jax.eval_shape(gemm, lhs, rhs) is not None:
       xla_conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                    lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                    dimension_numbers=dimension_numbers,
                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
-      return _wgrad_gemm_conv(xla_conv, lambda l, r: gemm(l, r, kwargs=dict(kwargs)))(lhs, rhs)
+      return _wgrad_gemm_conv(xla_conv, gemm)(lhs, rhs)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, precision=precision,
