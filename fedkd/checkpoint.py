@@ -9,6 +9,8 @@ renames), so an interrupted save never looks like a finished one.
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import json
 import os
 from typing import Any
@@ -17,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used with this run; the message says why and what to do."""
 
 

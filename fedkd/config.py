@@ -6,6 +6,8 @@ one line that names the key and the fix.
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import math
 
 import ml_collections
@@ -14,7 +16,7 @@ from fedkd.fl.engine import STRATEGIES, VMAP_CONV_MODES
 from fedkd.losses import LOSSES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message names the key and a fix."""
 
 

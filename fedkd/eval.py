@@ -11,6 +11,8 @@ held-out set (training sites and the unseen site) and writes to ``--out`` (defau
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import csv
 import json
 import os
@@ -33,7 +35,7 @@ SEVERITIES = {
 }
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   pass
 
 

@@ -22,6 +22,8 @@ Config files define ``get_sweep(arg=None)`` next to ``get_config`` (see ``config
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import copy
 import difflib
 import hashlib
@@ -47,7 +49,7 @@ TINY = {"num_rounds": 2, "image_size": 32, "model.width": 4, "model.depth": 1, "
         "eval.examples_per_site": 2, "eval.every": 1, "checkpoint.every": 1}
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
   """A sweep that cannot run; the message names the run and key and says how to fix it."""
 
 

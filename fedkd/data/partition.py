@@ -5,10 +5,12 @@ into the pool (or, for :func:`unseen_label_corpus`, a per-silo mixture over data
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import numpy as np
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
   """A partition request that cannot be met; the message says what to change."""
 
 

@@ -13,6 +13,8 @@ Both give ``round_batches(round, clients) -> (images [k, steps, B, H, W, 1] f32,
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import dataclasses
 import os
 from typing import Any
@@ -26,7 +28,7 @@ from fedkd.data import sites as sites_lib
 from fedkd.data import synth
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Data that cannot feed this run; the message names the problem and a fix."""
 
 

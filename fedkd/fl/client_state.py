@@ -30,6 +30,8 @@ with one placement restores into the other with identical numbers.
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 from typing import Any
 
 import jax
@@ -41,7 +43,7 @@ from fedkd.sharding import client_sharding, local_copy, replicate, replicated, s
 Row = Any  # a pytree of arrays: one client's state
 
 
-class ClientStateError(ValueError):
+class ClientStateError(UserError, ValueError):
   """Bad client ids or rows for the client-state store; the message says what is wrong."""
 
 

@@ -45,6 +45,8 @@ or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rej
 """
 from __future__ import annotations
 
+from fedkd.errors import UserError
+
 import dataclasses
 import json
 import os
@@ -72,7 +74,7 @@ _JUNK_FILES = {"thumbs.db", "desktop.ini", "dicomdir"}
 _MAX_LISTED_PROBLEMS = 5
 
 
-class DatasetInputError(ValueError):
+class DatasetInputError(UserError, ValueError):
     """Bad input files or arguments for a fedkd TFDS builder.
 
     ``problems`` holds one line per problem (file, what is wrong, how to fix it); ``str(e)`` is a

@@ -1,0 +1,12 @@
+"""The one base class of user errors.
+
+Every error caused by what a user gave (a config value, a flag, a data folder, a checkpoint, a
+workdir) derives from :class:`UserError`; entry points print it as one line
+(``fedkd: error: ...``) and exit with status 2, without a traceback. Any other exception is a bug
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """Bad input from the user; the message names the problem and the fix."""
