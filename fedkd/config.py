@@ -198,6 +198,12 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.mesh.client_devices = 0
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32
+  # In-run checkpoints of each pretraining run (foundation) every this many rounds; a stopped or
+  # preempted experiment resumes inside the run it was in.
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10
+  c.checkpoint.max_to_keep = 2
+  c.log_every = 10  # a progress line (loss, rounds/s, ETA) every this many pretraining rounds
   return c
 
 
@@ -219,6 +225,15 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
     else:
       out[part] = True
   return out
+
+
+def check_finite(c: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Rejects NaN / Inf anywhere in the config (ml_collections parses 'nan' and 'inf' as floats)."""
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      check_finite(v, f"{prefix}.{k}")
+    elif isinstance(v, float) and not math.isfinite(v):
+      raise ConfigError(f"{prefix}.{k}={v} is not a finite number; set --{prefix}.{k} to a finite value")
 
 
 def _positive(c, key: str) -> None:

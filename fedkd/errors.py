@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(Exception):
   """Bad input from the user; the message names the problem and the fix."""
+
+
+class DivergedError(UserError):
+  """Training produced NaN/Inf; the run stopped before writing the bad state anywhere."""

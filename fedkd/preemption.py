@@ -1,0 +1,76 @@
+"""Stopping at a round boundary: SIGTERM (spot/preemptible VMs, Slurm, Kubernetes), the JAX/orbax
+preemption notice of multi-process runs, and Ctrl-C.
+
+A training loop wraps its rounds in ``with StopSignals() as stop:`` and, after each finished round,
+calls ``stop.requested(round)``. When that is true, the loop saves a checkpoint of that round and
+raises :class:`Stopped`; the entry point prints ``preempted at round N; re-run to resume`` and exits 0
+(SIGTERM / preemption) or 130 (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt): the last
+saved checkpoint stays, and the entry point prints how to resume.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+class Stopped(Exception):
+  """A run stopped cleanly at a round boundary after saving (``round_``: the saved round)."""
+
+  def __init__(self, round_: int, reason: str, what: str = "round"):
+    super().__init__(f"{reason} at {what} {round_}")
+    self.round, self.reason, self.what = round_, reason, what
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.reason == "interrupted" else 0
+
+
+class StopSignals:
+  """Catches SIGTERM and the first SIGINT while active (main thread only; elsewhere a no-op)."""
+
+  def __init__(self, log=None):
+    self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    self.reason: str | None = None
+    self._old: dict = {}
+
+  def _on_signal(self, signum, frame):
+    if signum == signal.SIGINT:
+      if self.reason is not None:  # second Ctrl-C: stop now
+        raise KeyboardInterrupt
+      self.reason = "interrupted"
+      self.log("\nCtrl-C: stopping after this round (its checkpoint is saved); press Ctrl-C again to "
+               "stop at once without saving it")
+    else:
+      if self.reason is None:
+        self.log(f"\n{signal.Signals(signum).name}: saving this round's checkpoint, then stopping")
+      self.reason = "preempted"
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._on_signal)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old.clear()
+
+  def requested(self, step: int) -> bool:
+    """True when the run should stop after ``step``: a signal here, or (multi-process runs) on any
+    process or through JAX's preemption sync point, so every process stops at the same step."""
+    import jax
+    local = self.reason is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    import numpy as np
+    try:
+      notice = bool(multihost_utils.reached_preemption_sync_point(step))
+    except Exception:  # noqa: BLE001 - the preemption service is off (e.g. CPU clusters)
+      notice = False
+    anyone = bool(np.max(multihost_utils.process_allgather(np.int32(local or notice))))
+    if anyone and self.reason is None:
+      self.reason = "preempted"
+    return anyone

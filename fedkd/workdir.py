@@ -1,0 +1,183 @@
+"""Run directories: local paths and ``gs://`` alike (``etils.epath``), a writability check up front,
+atomic small-file writes, and the lock that keeps a second process off a workdir.
+
+Every entry point that writes into a workdir goes through :func:`prepare` (expands ``~``, refuses
+files, read-only folders and unusable filesystems with one line) and holds :class:`Lock` while it
+runs. The lock is an ``fcntl.flock`` on ``<workdir>/.lock`` for local folders: the kernel releases it
+when the holder dies, so a lock left by a killed process is detected and taken over. Remote folders
+(``gs://``) cannot be flocked; there the lock file names its holder (host, pid) and is taken over when
+that holder is this host and the pid is gone.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from etils import epath
+
+from fedkd.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirError(UserError, OSError):
+  """A workdir that cannot be used; the message names it and the fix."""
+
+
+def is_remote(path: Any) -> bool:
+  return "://" in os.fspath(path)
+
+
+def expand(path: str) -> str:
+  """``~`` and ``~user`` expanded (bash leaves ``--flag=~/x`` alone); remote paths unchanged."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.expanduser(path)
+
+
+def as_path(path: Any) -> epath.Path:
+  return epath.Path(expand(os.fspath(path)))
+
+
+def describe_os_error(e: OSError, where: Any) -> str:
+  """One line for an OSError while writing under ``where`` (full disk, read-only, permissions)."""
+  if e.errno == errno.ENOSPC:
+    return f"no space left in {where}; free some space (or use another --workdir) and re-run to resume"
+  if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return f"cannot write to {where} ({os.strerror(e.errno)}); use a writable --workdir"
+  return f"cannot write to {where} ({type(e).__name__}: {e}); use another --workdir"
+
+
+def prepare(workdir: str, *, create: bool = True) -> epath.Path:
+  """The workdir as a path, created (``create``) and proven writable; a :class:`WorkdirError` else."""
+  if not workdir:
+    raise WorkdirError("--workdir is empty; pass a folder, e.g. --workdir=runs/quickstart")
+  path = as_path(workdir)
+  try:
+    if path.exists() and not path.is_dir():
+      raise WorkdirError(f"--workdir={workdir} is a file, not a folder; pass a folder path")
+    if not create:
+      if not path.is_dir():
+        raise WorkdirError(f"--workdir={workdir} does not exist")
+      return path
+    path.mkdir(parents=True, exist_ok=True)
+    if not is_remote(path):
+      probe = path / f".write-test-{os.getpid()}"
+      probe.write_text("ok")
+      probe.unlink()
+  except ImportError as e:  # gs:// without its filesystem package
+    raise WorkdirError(f"--workdir={workdir}: {e} (pip install gcsfs) to use a cloud workdir") from None
+  except OSError as e:
+    if isinstance(e, WorkdirError):
+      raise
+    if e.errno == errno.ENOTDIR or isinstance(e, NotADirectoryError):
+      raise WorkdirError(f"--workdir={workdir}: a parent of it is a file; pass a folder path") from None
+    raise WorkdirError(describe_os_error(e, workdir)) from None
+  return path
+
+
+def write_atomic(path: epath.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename: readers see the old or the
+  new content, never a cut one."""
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  if is_remote(path):
+    tmp.rename(path)  # object stores: a copy, then the source is deleted
+  else:
+    os.replace(os.fspath(tmp), os.fspath(path))
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _holder_text(info: dict) -> str:
+  started = info.get("started")
+  when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+  return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} (since {when}: {info.get('command', '?')})"
+
+
+class Lock:
+  """Exclusive use of a workdir by one process (``with Lock(path): ...``)."""
+
+  def __init__(self, workdir: epath.Path, log=None):
+    self.path = epath.Path(workdir) / LOCK_NAME
+    self.log = log or (lambda m: print(m, file=sys.stderr))
+    self._fd = None
+    self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                 "command": " ".join(sys.argv[:3])[:200]}
+
+  def _read_holder(self) -> dict:
+    try:
+      return json.loads(self.path.read_text() or "{}")
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> None:
+    if is_remote(self.path):
+      self._acquire_remote()
+      return
+    import fcntl
+    fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise WorkdirError(f"{self.path.parent} is in use by {_holder_text(self._read_holder())}; wait "
+                           "for it to finish, stop it, or use another --workdir") from None
+      raise
+    previous = self._read_holder()
+    if previous.get("pid") and previous.get("pid") != os.getpid():
+      self.log(f"note: took over the lock of {self.path.parent} left by {_holder_text(previous)}, "
+               "which is no longer running")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(self.info).encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+
+  def _acquire_remote(self) -> None:
+    if self.path.exists():
+      held = self._read_holder()
+      same_host = held.get("host") == self.info["host"]
+      if not (same_host and held.get("pid") and not _pid_alive(int(held["pid"]))):
+        raise WorkdirError(
+            f"{self.path.parent} is in use by {_holder_text(held)} (remote workdirs keep a lock file); "
+            f"if that process is gone, delete {self.path} and re-run, or use another --workdir")
+      self.log(f"note: took over the lock of {self.path.parent} left by {_holder_text(held)}, "
+               "which is no longer running")
+    self.path.write_text(json.dumps(self.info))
+
+  def release(self) -> None:
+    if self._fd is not None:
+      import fcntl
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError:
+        pass
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+    elif is_remote(self.path):
+      try:
+        if self._read_holder().get("pid") == os.getpid():
+          self.path.unlink()
+      except OSError:
+        pass
+
+  def __enter__(self) -> "Lock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
