@@ -13,14 +13,20 @@ from fedkd.errors import UserError
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
+T = TypeVar("T")
+
 
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used with this run; the message says why and what to do."""
+
+
+class ResumeRefused(CheckpointError):
+  """The checkpoint is intact but belongs to another experiment (config differs): never fall back."""
 
 
 class Checkpointer:
@@ -141,6 +147,35 @@ class Checkpointer:
           f"into this run's model ({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir "
           "or the config the checkpoint was written with") from None
     return dict(out["clients"])
+
+  def restore_latest(self, load: Callable[[int], T], log: Callable[[str], None] = print
+                     ) -> tuple[int | None, T | None]:
+    """``(round, load(round))`` for the newest round whose ``load`` succeeds; ``(None, None)`` when
+    there is no checkpoint.
+
+    ``load(r)`` restores everything the run needs from round ``r``; a :class:`CheckpointError` from
+    it means that step is damaged (cut files, unreadable items): the next older step is tried with a
+    one-line warning. :class:`ResumeRefused` (another experiment's checkpoint) is raised at once.
+    When every step is damaged, the newest step's error is raised."""
+    rounds = self.all_rounds()
+    first_error = None
+    for r in reversed(rounds):
+      try:
+        out = load(r)
+      except ResumeRefused:
+        raise
+      except CheckpointError as e:
+        first_error = first_error or e
+        older = [x for x in rounds if x < r]
+        if older:
+          log(f"warning: the checkpoint for round {r} is damaged ({str(e).split(' (')[-1].rstrip(')')[:160]}); "
+              f"falling back to round {older[-1]}")
+        continue
+      return r, out
+    if first_error is not None:
+      raise CheckpointError(f"{first_error} -- no intact checkpoint is left in {self.directory}; move it "
+                            "away to start the run over") from None
+    return None, None
 
   def close(self) -> None:
     self._mngr.wait_until_finished()
