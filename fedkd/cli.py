@@ -7,8 +7,10 @@ with ``fedkd: error: ...`` on stderr and exit code 2, without a traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import sys
+from typing import Any, Callable
 
 from absl import flags
 import ml_collections
@@ -25,9 +27,83 @@ OUT = flags.DEFINE_string("out", None, "Output path (fedkd.eval: folder, default
 FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in pictures.")
 
 
-def fail(msg: str) -> None:
-  print(f"fedkd: error: {msg}", file=sys.stderr)
-  sys.exit(2)
+def fail(msg: str, code: int = 2) -> None:
+  """The one way a user error ends a process: one line on stderr, exit ``code`` (2), no traceback."""
+  print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def run_app(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
+            uses_config: bool = True, usage: str = "") -> None:
+  """Runs ``main(argv)`` through ``absl.app.run`` with fedkd's flag parser and error path.
+
+  ``--help``/``-h`` print ``usage`` and this program's flags, ``--helpfull`` every flag and (for
+  entry points with ``--config``) every ``--config.*`` key with its default and meaning; exit 0.
+  A :class:`UserError` (bad config, data, checkpoint, workdir) prints one line and exits 2; a run
+  stopped by SIGTERM / Ctrl-C at a round boundary says how to resume (exit 0 / 130); a full disk or
+  a read-only filesystem is one line; any other exception is a bug and keeps its traceback.
+  """
+  from absl import app
+
+  from fedkd.errors import UserError
+  from fedkd.preemption import Stopped
+
+  def parser(args):
+    return parse(args, uses_config=uses_config, usage=usage)
+
+  def wrapped(args):
+    try:
+      return main(args)
+    except UserError as e:
+      fail(str(e))
+    except Stopped as e:
+      verb = "interrupted" if e.reason == "interrupted" else "preempted"
+      print(f"fedkd: {verb} at {e.what} {e.round} (checkpoint saved); re-run the same command to resume",
+            file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      print("fedkd: interrupted before the round finished; the latest saved checkpoint is kept; re-run the "
+            "same command to resume", file=sys.stderr, flush=True)
+      sys.exit(130)
+    except OSError as e:
+      from fedkd.workdir import describe_os_error
+      err = _environment_oserror(e)
+      if err is None:
+        raise
+      fail(describe_os_error(err, err.filename or "the workdir"))
+
+  app.run(wrapped, argv=argv, flags_parser=parser)
+
+
+_ENV_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _environment_oserror(e: BaseException) -> OSError | None:
+  """The full-disk / read-only-filesystem OSError in ``e``'s chain (libraries wrap them), or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _print_help(full: bool, usage: str, uses_config: bool) -> None:
+  main_module = sys.argv[0] if sys.argv else ""
+  print((usage or "").strip() + "\n")
+  if full:
+    print(flags.FLAGS.get_help(include_special_flags=False))
+  else:
+    mods = flags.FLAGS.flags_by_module_dict()
+    own = [m for m in mods if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview", "fedkd.cli"))
+           or m in (main_module, "__main__")]
+    for m in own:
+      print(flags.FLAGS.module_help(m))
+    print("\n--helpfull lists every flag" + (" and every --config.* key with its default" if uses_config else ""))
+  if full and uses_config:
+    from fedkd.config import config_help
+    print("\n" + config_help())
 
 
 def _check_override_key(key: str) -> None:
@@ -53,14 +129,24 @@ def _check_override_key(key: str) -> None:
     node, done = node[part], done + [part]
 
 
-def parse(argv: list[str] | None = None) -> list[str]:
+def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str = "") -> list[str]:
   """Parses absl flags; returns the positional arguments left over (argv[0] first)."""
   argv = list(sys.argv if argv is None else argv)
-  for a in argv[1:]:
+  wants = [a for a in argv[1:] if a in ("-h", "--help", "-help", "--helpshort", "--helpfull", "-helpfull")]
+  if wants:
+    _print_help("full" in wants[0], usage, uses_config)
+    sys.exit(0)
+  for i, a in enumerate(argv[1:], 1):
+    if a == "--":
+      break
+    if not uses_config:
+      continue
     if a.startswith("--config="):
-      path = a.split("=", 1)[1].split(":", 1)[0]
-      if not os.path.isfile(path):
-        fail(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
+      spec = a.split("=", 1)[1]
+      path, sep, arg = spec.partition(":")
+      path = resolve_config_path(path)
+      argv[i] = f"--config={path}" + (f":{arg}" if sep else "")
+      _preload_config(path, arg if sep else None)
     elif a.startswith("--config."):
       _check_override_key(a[len("--config."):].split("=", 1)[0])
   try:
@@ -76,6 +162,77 @@ def parse(argv: list[str] | None = None) -> list[str]:
     fail(f"cannot load the config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}")
   if len(rest) > 1:
     fail(f"unexpected arguments {' '.join(rest[1:])}; pass options as --flag=value")
-  if CONFIG.value is None:
+  if uses_config and CONFIG.value is None:
     fail("--config is required, e.g. --config=configs/quickstart.py")
   return rest
+
+
+def resolve_config_path(path: str) -> str:
+  """A config file path as given, or else inside the installed ``fedkd.configs`` package
+  (``configs/quickstart.py`` works from any directory after a non-editable install)."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    return path
+  if os.path.isdir(path):
+    fail(f"--config={path} is a folder; pass a config file, e.g. --config=configs/quickstart.py")
+  rel = path[len("configs/"):] if path.startswith("configs/") else path
+  try:
+    from importlib import resources
+    packaged = resources.files("fedkd.configs").joinpath(rel)
+    if packaged.is_file():
+      return os.fspath(packaged)
+  except (ImportError, TypeError, ValueError):
+    pass
+  fail(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
+  return path
+
+
+def _preload_config(path: str, arg: str | None) -> None:
+  """Runs the config file's ``get_config(arg)`` once before absl does, so that a bad variant, a config
+  file that raises, or one that lacks ``get_config`` is one line here instead of a traceback inside
+  the flag parser."""
+  import importlib.util
+
+  from fedkd.errors import UserError
+  try:
+    spec = importlib.util.spec_from_file_location("_fedkd_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except UserError as e:
+    fail(str(e))
+  except Exception as e:  # noqa: BLE001 - the user's config file is broken
+    fail(f"config file {path} cannot be loaded ({_where(e, path)}{type(e).__name__}: {_first_line(e)}); "
+         "fix the file")
+  if not callable(getattr(module, "get_config", None)):
+    fail(f"config file {path} has no get_config(arg) function; see configs/quickstart.py for the form")
+  try:
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  except UserError as e:
+    fail(str(e))
+  except TypeError as e:
+    if arg is not None and "positional argument" in str(e):
+      fail(f"config file {path} takes no argument, but --config={path}:{arg} passes {arg!r}; drop ':{arg}'")
+    fail(f"config file {path}: get_config raised ({_where(e, path)}TypeError: {_first_line(e)})")
+  except Exception as e:  # noqa: BLE001
+    fail(f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{type(e).__name__}: "
+         f"{_first_line(e)}); fix the file or the variant after ':'")
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(f"config file {path}: get_config returned a {type(config).__name__}, not an "
+         "ml_collections.ConfigDict; start from fedkd.config.base_config()")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _where(e: BaseException, path: str) -> str:
+  """'line N: ' of the deepest frame in the config file, if any."""
+  import traceback
+  line = None
+  for frame in traceback.extract_tb(e.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(path):
+      line = frame.lineno
+  if isinstance(e, SyntaxError) and e.lineno:
+    line = e.lineno
+  return f"line {line}: " if line else ""

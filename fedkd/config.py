@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from fedkd.errors import UserError
 
+import difflib
+import inspect
 import math
+import re
 
 import ml_collections
 
@@ -30,44 +33,44 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "fedavg"
-  c.seed = 0
-  c.num_rounds = 20
-  c.num_clients = 8
-  c.clients_per_round = 8
-  c.local_steps = 2
-  c.batch_size = 8
-  c.image_size = 128
+  c.task = "fedavg"  # 'fedavg' (this schema) or 'fedefm' (fedefm_base_config)
+  c.seed = 0  # model init, client sampling and data; same seed + config = same numbers
+  c.num_rounds = 20  # federated rounds
+  c.num_clients = 8  # simulated hospitals (clients)
+  c.clients_per_round = 8  # clients sampled each round (without replacement)
+  c.local_steps = 2  # client optimizer steps per round
+  c.batch_size = 8  # images per client step
+  c.image_size = 128  # training image side in px (>= 32, a multiple of 2**model.depth)
 
   # Each client's training set size (examples). quantity_skew > 0 draws unequal sizes
   # n_i = examples_per_client * lognormal(0, quantity_skew) (deterministic from the seed);
   # FedAvg weights clients by n_i.
   c.examples_per_client = 256
-  c.quantity_skew = 0.0
+  c.quantity_skew = 0.0  # 0 = equal sizes; > 0 lognormal sigma of client dataset sizes
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # or "tfds:<name>" (a dataset prepared by fedkd.data.tfds.build)
-  c.data.tfds_data_dir = "~/tensorflow_datasets"
+  c.data.tfds_data_dir = "~/tensorflow_datasets"  # folder of prepared TFDS datasets ('~' expanded)
   c.data.tfds_configs = ""  # comma list of builder configs used as sites; "" = all of them
   c.data.unseen_site = ""  # a builder config kept out of training, evaluated as the unseen site
   c.data.partition = "by_site"  # tfds: by_site | dirichlet (over sites) | iid (quantity_skew sizes)
-  c.data.dirichlet_alpha = 0.5
+  c.data.dirichlet_alpha = 0.5  # partition=dirichlet: concentration (small = more skew)
   c.data.augment = True  # tfds: crop, flips, rotations, intensity jitter
   # synthetic: side (px) of the acquisition field that the hospital pixel spacings refer to;
   # 0 = the output itself (catheter 3-12 px, wire 0.8-3 px); 512 = a downsampled 512 px view
   c.data.synthetic_field_size = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "unet"
-  c.model.width = 16
-  c.model.depth = 3
-  c.model.groups = 8
+  c.model.name = "unet"  # 'unet' (GroupNorm UNet)
+  c.model.width = 16  # channels of the first UNet level
+  c.model.depth = 3  # UNet levels (downsamplings)
+  c.model.groups = 8  # GroupNorm groups (divides width)
   c.model.num_classes = 3  # background, catheter, guidewire (4: + vessel)
 
   c.client_optimizer = ml_collections.ConfigDict()
-  c.client_optimizer.name = "adam"
-  c.client_optimizer.learning_rate = 1e-3
-  c.client_optimizer.momentum = 0.0
+  c.client_optimizer.name = "adam"  # sgd | adam | adamw
+  c.client_optimizer.learning_rate = 1e-3  # client step size
+  c.client_optimizer.momentum = 0.0  # sgd only; 0 = none
 
   # The server treats the negated weighted-mean client delta as a gradient:
   # plain FedAvg is SGD with learning rate 1.
@@ -78,8 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dice_ce"  # dice_ce | cldice (dice_ce + soft-clDice) | focal_tversky
-  c.loss.ce_weight = 0.5
-  c.loss.dice_weight = 0.5
+  c.loss.ce_weight = 0.5  # weight of cross-entropy in dice_ce
+  c.loss.dice_weight = 0.5  # weight of soft Dice in dice_ce
   c.loss.cldice_weight = 0.5  # weight of the soft-clDice term (name=cldice)
   c.loss.cldice_iters = 3  # soft-skeleton iterations
   c.loss.tversky_alpha = 0.7  # weight of false negatives
@@ -117,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.compute_dtype = "float32"
   # Recompute activations inside each model block in the backward pass (memory for compute).
   c.engine.remat = False
+  # Drop a sampled client whose update is NaN/Inf from that round's aggregate (logged) instead of
+  # stopping the run; off: any non-finite update stops the run before it is checkpointed.
+  c.engine.skip_nonfinite_clients = False
 
   c.mesh = ml_collections.ConfigDict()
   # devices on the 'clients' mesh axis; 0 = automatic: gcd(clients_per_round, visible devices)
@@ -124,13 +130,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 5  # rounds; the last round is always evaluated
-  c.eval.examples_per_site = 32
-  c.eval.batch_size = 32
+  c.eval.examples_per_site = 32  # held-out images per site
+  c.eval.batch_size = 32  # images per prediction batch
   c.eval.max_sites = 0  # training sites to evaluate; 0 = all
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5  # rounds; the last round is always saved
-  c.checkpoint.max_to_keep = 2
+  c.checkpoint.max_to_keep = 2  # newest checkpoints kept
   return c
 
 
@@ -138,66 +144,68 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   """Schema and defaults of the FedEFM experiment (task 'fedefm'): federated foundation pretraining
   across silos with (un)shared data types, then a student fine-tuned on an unseen hospital."""
   c = ml_collections.ConfigDict()
-  c.task = "fedefm"
-  c.seed = 0
-  c.image_size = 32
+  c.task = "fedefm"  # 'fedefm': foundation pretraining + downstream fine-tuning experiment
+  c.seed = 0  # base seed (the experiment runs experiment.seeds)
+  c.image_size = 32  # image side in px
 
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.num_silos = 4
-  c.pretrain.num_rounds = 100
-  c.pretrain.local_steps = 2
-  c.pretrain.batch_size = 4
-  c.pretrain.examples_per_silo = 256
+  c.pretrain.num_silos = 4  # pretraining silos (hospitals)
+  c.pretrain.num_rounds = 100  # pretraining rounds per run
+  c.pretrain.local_steps = 2  # silo steps per round
+  c.pretrain.batch_size = 4  # images per silo step
+  c.pretrain.examples_per_silo = 256  # training images per silo
   c.pretrain.unseen_percent = 100.0  # FedEFM's "unseen label corpus": 100 = no shared data type
   c.pretrain.learning_rate = 1e-3  # silo AdamW (fresh state each round)
   c.pretrain.expert_learning_rate = 1e-3  # overseas experts: Adam from the visiting model
 
   c.fedefm = ml_collections.ConfigDict()
-  c.fedefm.beta = 0.5
-  c.fedefm.temperature = 2.0
-  c.fedefm.expert_steps = 1
-  c.fedefm.emd_epsilon = 0.05
+  c.fedefm.beta = 0.5  # weight of the distillation term (0..1)
+  c.fedefm.temperature = 2.0  # KD softmax temperature (> 0)
+  c.fedefm.expert_steps = 1  # steps an overseas expert trains on the neighbour's data
+  c.fedefm.emd_epsilon = 0.05  # entropic regularisation of the differentiable EMD (> 0)
   c.fedefm.emd_marginals = "uniform"  # uniform | cross_reference
-  c.fedefm.emd_iters = 50
+  c.fedefm.emd_iters = 50  # Sinkhorn iterations
   c.fedefm.weight_mode = "softmax"  # softmax | sum | raw
-  c.fedefm.weight_temperature = 0.1
-  c.fedefm.detach_weights = True
+  c.fedefm.weight_temperature = 0.1  # softmax temperature of EMD weights
+  c.fedefm.detach_weights = True  # stop gradients through the EMD weights
   c.fedefm.mixing = "cfl"  # cfl (client-server) | dfl (gossip over the topology)
   c.fedefm.topology = "ring"  # ring | complete | gaia | file:<path>: neighbours and DFL mixing
-  c.fedefm.matcha_budget = 0.5
+  c.fedefm.matcha_budget = 0.5  # MATCHA communication budget (0..1)
   c.fedefm.warmup_rounds = 1  # rounds of plain local training before distillation (paper: 1)
   c.fedefm.moon_mu = 1.0  # MOON baseline
-  c.fedefm.moon_tau = 0.5
+  c.fedefm.moon_tau = 0.5  # MOON temperature
 
-  # name: transunet (the paper's backbone) or unet (width/depth/groups; the encoder = enc + mid blocks)
+  # Foundation (teacher) and downstream (student) models. name: transunet (the paper's backbone:
+  # patch_size, stem_width, hidden, num_layers, num_heads, mlp_dim, decoder_width, skips) or unet
+  # (width, depth, groups; the encoder = enc + mid blocks); num_classes, image_size for both.
   c.teacher = ml_collections.ConfigDict(dict(
       name="transunet", num_classes=4, patch_size=4, stem_width=8, hidden=32, num_layers=2,
       num_heads=2, mlp_dim=64, decoder_width=16, skips=False, image_size=32, width=8, depth=2, groups=4))
-  c.student = ml_collections.ConfigDict(dict(
+  c.student = ml_collections.ConfigDict(dict(  # the downstream student; same keys as teacher
       name="transunet", num_classes=3, patch_size=4, stem_width=8, hidden=32, num_layers=1,
       num_heads=2, mlp_dim=64, decoder_width=8, skips=False, image_size=32, width=8, depth=2, groups=4))
 
   c.downstream = ml_collections.ConfigDict()
-  c.downstream.train_examples = 128
-  c.downstream.test_examples = 64
-  c.downstream.steps = 500
-  c.downstream.batch_size = 8
-  c.downstream.learning_rate = 3e-3
-  c.downstream.kd_pixel_weight = 1.0
-  c.downstream.kd_feature_weight = 1.0
-  c.downstream.kd_temperature = 2.0
+  c.downstream.train_examples = 128  # labelled images of the unseen hospital
+  c.downstream.test_examples = 64  # its test images
+  c.downstream.steps = 500  # fine-tuning steps
+  c.downstream.batch_size = 8  # fine-tuning batch
+  c.downstream.learning_rate = 3e-3  # student Adam step size
+  c.downstream.kd_pixel_weight = 1.0  # pixel KD (KL) weight
+  c.downstream.kd_feature_weight = 1.0  # feature KD weight
+  c.downstream.kd_temperature = 2.0  # pixel KD temperature
 
   c.experiment = ml_collections.ConfigDict()
-  c.experiment.methods = "scratch,centralized,fedavg,ring,matcha,moon,fedefm"
+  c.experiment.methods = "scratch,centralized,fedavg,ring,matcha,moon,fedefm"  # foundations compared in the main table
   c.experiment.kd_methods = "fedavg,fedefm"  # also fine-tuned with teacher KD from their foundation
-  c.experiment.seeds = "0,1,2"
+  c.experiment.seeds = "0,1,2"  # comma list of seeds
   c.experiment.ablation_percents = "0,50"  # extra unseen-label % runs (the main table is pretrain.unseen_percent)
-  c.experiment.ablation_methods = "fedavg,fedefm"
+  c.experiment.ablation_methods = "fedavg,fedefm"  # methods of the unseen-% ablation
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.client_devices = 0
+  c.mesh.client_devices = 0  # devices on the silo axis; 0 = automatic
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 32
+  c.eval.batch_size = 32  # images per prediction batch
   # In-run checkpoints of each pretraining run (foundation) every this many rounds; a stopped or
   # preempted experiment resumes inside the run it was in.
   c.checkpoint = ml_collections.ConfigDict()
@@ -205,6 +213,45 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 2
   c.log_every = 10  # a progress line (loss, rounds/s, ETA) every this many pretraining rounds
   return c
+
+
+def _key_docs(fn) -> dict[str, str]:
+  """{dotted key: its comment} read from the source of a schema function (the comment on the key's
+  line, else the comment block just above it): the docs live in one place, next to the defaults."""
+  docs, pending = {}, []
+  for line in inspect.getsource(fn).splitlines():
+    s = line.strip()
+    if s.startswith("#"):
+      pending.append(s.lstrip("# ").strip())
+      continue
+    m = re.match(r"c\.([\w.]+)\s*=\s*(.*)$", s)
+    if m:
+      key, rest = m.groups()
+      comment = rest.split("  # ", 1)[1].strip() if "  # " in rest else " ".join(pending)
+      if comment:
+        docs[key] = comment
+    pending = []
+  return docs
+
+
+def config_help() -> str:
+  """Every ``--config.*`` key of every task with its default and meaning (for ``--helpfull``)."""
+  out = []
+  for task, fn in (("fedavg", base_config), ("fedefm", fedefm_base_config)):
+    docs = _key_docs(fn)
+    out.append(f"--config.* keys of task {task!r} (default, meaning):")
+
+    def walk(node, prefix):
+      for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+          if docs.get(key):
+            out.append(f"  config.{key}: {docs[key]}")
+          walk(v, key + ".")
+        else:
+          out.append(f"  --config.{key}={v!r}" + (f"\n      {docs[key]}" if docs.get(key) else ""))
+    walk(fn(), "")
+  return "\n".join(out)
 
 
 def schemas() -> list[ml_collections.ConfigDict]:
@@ -244,28 +291,88 @@ def _positive(c, key: str) -> None:
     raise ConfigError(f"config.{key}={value!r} must be a positive number; set --config.{key} to a value > 0")
 
 
+MAX_CLIENTS = 10_000_000  # per-client arrays (sizes, sampling) are host numpy arrays of this length
+MAX_SEED = 2 ** 32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
+
+
+def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Every key of ``schema`` present in ``c`` and no other (recursively), with one-line errors."""
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise ConfigError(f"{prefix} is {c!r}, not a group of keys; start get_config from the task's base config")
+  extra = sorted(set(c.keys()) - set(schema.keys()))
+  if extra:
+    close = difflib.get_close_matches(extra[0], list(schema.keys()), n=1)
+    raise ConfigError(f"unknown config key {prefix}.{extra[0]}"
+                      + (f"; did you mean {prefix}.{close[0]}?" if close else
+                         f"; known keys in {prefix}: {', '.join(sorted(schema.keys()))}"))
+  missing = sorted(set(schema.keys()) - set(c.keys()))
+  if missing:
+    raise ConfigError(f"{prefix}.{missing[0]} is missing ({len(missing)} key(s) missing); build the config "
+                      "from fedkd.config.base_config() (or fedefm_base_config()) and change what you need")
+  for k, v in schema.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      check_keys(c[k], v, f"{prefix}.{k}")
+
+
+def _int_at_least(c, key: str, low: int, high: int | None = None) -> None:
+  value = c
+  for k in key.split("."):
+    value = value[k]
+  if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    rng = f">= {low}" if high is None else f"in {low}..{high}"
+    raise ConfigError(f"config.{key}={value!r} must be an integer {rng}; set --config.{key}")
+
+
+def _at_least(c, key: str, low: float, strict: bool = False) -> None:
+  value = c
+  for k in key.split("."):
+    value = value[k]
+  bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)
+  if bad:
+    raise ConfigError(f"config.{key}={value!r} must be a number {'>' if strict else '>='} {low}; "
+                      f"set --config.{key}")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   """Checks ``c`` before any work; returns the number of devices on the 'clients' mesh axis."""
-  known = set(base_config().keys())
-  extra = sorted(set(c.keys()) - known)
-  if extra:
-    raise ConfigError(f"unknown config key config.{extra[0]}; known keys: {', '.join(sorted(known))}")
-  for group in ("data", "model", "client_optimizer", "server_optimizer", "loss", "algorithm", "engine",
-                "mesh", "eval", "checkpoint"):
-    extra = sorted(set(c[group].keys()) - set(base_config()[group].keys()))
-    if extra:
-      raise ConfigError(f"unknown config key config.{group}.{extra[0]}; known keys in config.{group}: "
-                        f"{', '.join(sorted(base_config()[group].keys()))}")
+  if "task" not in c:
+    raise ConfigError("config.task is missing; build the config from fedkd.config.base_config()")
   if c.task not in TASKS:
     raise ConfigError(f"config.task={c.task!r} is not a known task; use one of {', '.join(TASKS)}")
+  check_keys(c, base_config())
+  check_finite(c)
   for key in ("num_rounds", "num_clients", "clients_per_round", "local_steps", "batch_size",
               "image_size", "examples_per_client", "model.width", "model.depth", "model.groups",
               "model.num_classes", "client_optimizer.learning_rate",
               "server_optimizer.learning_rate", "eval.every", "eval.examples_per_site",
               "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep", "engine.client_chunk"):
     _positive(c, key)
-  if not isinstance(c.seed, int) or c.seed < 0:
-    raise ConfigError(f"config.seed={c.seed!r} must be a non-negative integer")
+  if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < MAX_SEED:
+    raise ConfigError(f"config.seed={c.seed!r} must be an integer in 0..{MAX_SEED - 1} (JAX keys hold 32 "
+                      "bits; larger seeds would repeat smaller ones)")
+  for key in ("num_rounds", "num_clients", "clients_per_round", "local_steps", "batch_size", "image_size",
+              "examples_per_client", "model.width", "model.depth", "model.groups", "eval.every",
+              "eval.examples_per_site", "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep",
+              "engine.client_chunk", "loss.cldice_iters"):
+    _int_at_least(c, key, 1)
+  for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
+    _int_at_least(c, key, 0)
+  if c.num_clients > MAX_CLIENTS:
+    raise ConfigError(f"config.num_clients={c.num_clients} is more than fedkd simulates ({MAX_CLIENTS:,}); "
+                      "use fewer clients")
+  for key in ("quantity_skew", "loss.ce_weight", "loss.dice_weight", "loss.cldice_weight", "loss.tversky_alpha",
+              "loss.tversky_beta", "client_optimizer.momentum", "server_optimizer.momentum"):
+    _at_least(c, key, 0.0)
+  _at_least(c, "loss.tversky_gamma", 0.0, strict=True)
+  for name in ("client_optimizer", "server_optimizer"):
+    if c[name].momentum >= 1:
+      raise ConfigError(f"config.{name}.momentum={c[name].momentum} must be < 1 (0 = none)")
+  if not isinstance(c.engine.skip_nonfinite_clients, bool):
+    raise ConfigError(f"config.engine.skip_nonfinite_clients={c.engine.skip_nonfinite_clients!r} must be True "
+                      "or False")
+  if c.data.unseen_site and c.data.source == "synthetic":
+    raise ConfigError(f"config.data.unseen_site={c.data.unseen_site!r} applies to tfds sources only; synthetic "
+                      "data always evaluates its own unseen hospital profile; drop --config.data.unseen_site")
   if c.clients_per_round > c.num_clients:
     raise ConfigError(f"config.clients_per_round={c.clients_per_round} is larger than "
                       f"config.num_clients={c.num_clients}; set --config.clients_per_round to at most "
