@@ -1,11 +1,13 @@
 """Mixing matrices, MATCHA schedules, topology files, neighbour tables and gossip."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedkd.errors import UserError
 from fedkd.fl import topology as topo
 
 
@@ -87,27 +89,136 @@ def test_gaia_file():
 
 def test_from_file_text_and_json(tmp_path):
   p = tmp_path / "g.txt"
-  p.write_text("# a comment\n\n0 1\n1 2 0.5   # trailing comment\n  # indented comment\n3 0 2\n")
+  p.write_text("# a comment\n\n0 1\n1 2 1   # trailing comment\n  # indented comment\n3 0\n")
   a = topo.from_file(str(p))
   want = np.zeros((4, 4), np.float32)
-  for i, j, w in [(0, 1, 1.0), (1, 2, 0.5), (3, 0, 2.0)]:
-    want[i, j] = want[j, i] = w
+  for i, j in [(0, 1), (1, 2), (3, 0)]:
+    want[i, j] = want[j, i] = 1.0
   np.testing.assert_array_equal(a, want)
-  assert topo.from_file(str(p), num_nodes=6).shape == (6, 6)
+  assert a.dtype == np.float32
+  with pytest.raises(topo.TopologyError, match=r"node\(s\) \[4, 5\] have no link"):
+    topo.from_file(str(p), num_nodes=6)  # nodes 4 and 5 would be cut off
   d = topo.from_file(str(p), directed=True)
-  assert d[1, 0] == 1.0 and d[0, 1] == 0.0 and d[0, 3] == 2.0  # "i j" = i sends to j
-  bad = tmp_path / "bad.txt"
-  bad.write_text("0 1 2 3\n")
-  with pytest.raises(ValueError):
-    topo.from_file(str(bad))
+  assert d[1, 0] == 1.0 and d[0, 1] == 0.0 and d[0, 3] == 1.0  # "i j" = i sends to j
   j1 = tmp_path / "adj.json"
   j1.write_text(json.dumps(want.tolist()))
   np.testing.assert_array_equal(topo.from_file(str(j1)), want)
+  j1b = tmp_path / "adj_obj.json"
+  j1b.write_text(json.dumps({"adjacency": want.astype(int).tolist()}))
+  np.testing.assert_array_equal(topo.from_file(str(j1b)), want)
   j2 = tmp_path / "edges.json"
-  j2.write_text(json.dumps({"edges": [[0, 1], [1, 2, 0.5], [3, 0, 2]], "num_nodes": 5}))
+  j2.write_text(json.dumps({"edges": [[0, 1], [1, 2, 1], [3, 0], [4, 2]], "num_nodes": 5}))
   a2 = topo.from_file(str(j2))
   assert a2.shape == (5, 5)
   np.testing.assert_array_equal(a2[:4, :4], want)
+  assert a2[4, 2] == a2[2, 4] == 1.0 and a2[4].sum() == 1.0
+
+
+def _write(tmp_path, name, text):
+  p = tmp_path / name
+  p.write_text(text)
+  return str(p)
+
+
+_MATRIX_3 = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
+# (file name, contents, regex the one-line message must match after the path)
+_BAD_FILES = {
+    "malformed_line": ("g.txt", "0 1\n1 2 1 7\n", r":2: expected 'i j'"),
+    "matrix_as_text": ("g.txt", "0 1 1 0\n1 0 1 1\n", r":1: expected 'i j'"),
+    "non_integer_id": ("g.txt", "0 1\n1 x\n", r":2: node id 'x' is not an integer"),
+    "float_id": ("g.txt", "0 1\n1 2.0\n", r":2: node id '2.0' is not an integer"),
+    "negative_id": ("g.txt", "0 1\n-1 0\n", r":2: negative node id -1"),
+    "negative_weight": ("g.txt", "0 1\n1 2 -1\n", r":2: negative weight"),
+    "nan_weight": ("g.txt", "0 1 nan\n1 2\n", r":1: weight nan is not finite"),
+    "inf_weight": ("g.txt", "0 1\n1 2 inf\n", r":2: weight inf is not finite"),
+    "weight_not_one": ("g.txt", "0 1 0.5\n1 2\n", r":1: weight 0.5: only the graph's support"),
+    "weight_not_number": ("g.txt", "0 1 heavy\n1 2\n", r":1: weight 'heavy' is not a number"),
+    "isolated_node": ("g.txt", "0 1\n1 3\n", r"node\(s\) \[2\] have no link to any other node"),
+    "self_loop_only": ("g.txt", "0 1\n2 2\n", r"node\(s\) \[2\] have no link"),
+    "two_pieces": ("g.txt", "0 1\n2 3\n", r"not connected: node\(s\) \[2, 3\] cannot reach node 0"),
+    "empty": ("g.txt", "# nothing\n", r"no edges"),
+    "invalid_json": ("g.json", "[[0, 1], [1, 0]", r"invalid JSON"),
+    "ragged": ("g.json", json.dumps([[0, 1, 1], [1, 0], [1, 1, 0]]), r"ragged adjacency matrix: row 1 has 2"),
+    "non_square": ("g.json", json.dumps([[0, 1, 1], [1, 0, 1]]), r"2x3, not square"),
+    "non_numeric": ("g.json", json.dumps([[0, "1", 1], [1, 0, 1], [1, 1, 0]]),
+                    r"adjacency\[0\]\[1\]: '1' is not a number"),
+    "null_entry": ("g.json", json.dumps([[0, None, 1], [1, 0, 1], [1, 1, 0]]),
+                   r"adjacency\[0\]\[1\]: None is not a number"),
+    "matrix_negative": ("g.json", json.dumps([[0, -1, 1], [1, 0, 1], [1, 1, 0]]),
+                        r"adjacency\[0\]\[1\]: negative weight -1"),
+    "matrix_nan": ("g.json", "[[0, NaN, 1], [1, 0, 1], [1, 1, 0]]", r"weight nan is not finite"),
+    "matrix_inf": ("g.json", "[[0, 1, Infinity], [1, 0, 1], [1, 1, 0]]", r"weight inf is not finite"),
+    "mixing_matrix": ("g.json", json.dumps([[0.5, 0.5, 0], [0.5, 0.25, 0.25], [0, 0.25, 0.75]]),
+                      r"adjacency\[0\]\[0\]: weight 0.5: only the graph's support .*Metropolis-Hastings"),
+    "matrix_isolated": ("g.json", json.dumps([[0, 1, 0], [1, 0, 0], [0, 0, 1]]),
+                        r"node\(s\) \[2\] have no link"),
+    "edges_negative_id": ("g.json", json.dumps({"edges": [[0, 1], [1, -2]]}),
+                          r"edges\[1\]: negative node id -2"),
+    "edges_bad_shape": ("g.json", json.dumps({"edges": [[0, 1], [1]]}), r"edges\[1\]: expected \[i, j\]"),
+    "edges_out_of_range": ("g.json", json.dumps({"edges": [[0, 1], [1, 5]], "num_nodes": 3}),
+                           r"edge \(1, 5\) names a node >= num_nodes=3"),
+    "edges_bad_num_nodes": ("g.json", json.dumps({"edges": [[0, 1]], "num_nodes": -3}),
+                            r"'num_nodes'=-3 must be a positive integer"),
+    "unknown_key": ("g.json", json.dumps({"edge": [[0, 1]]}), r"expected 'edges'"),
+    "binary": ("g.txt", None, r"cannot read it as text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FILES))
+def test_from_file_refuses_bad_files(tmp_path, case):
+  name, text, pattern = _BAD_FILES[case]
+  path = tmp_path / name
+  if text is None:
+    path.write_bytes(b"\xff\xfe\x00\x81 binary")
+  else:
+    path.write_text(text)
+  with pytest.raises(topo.TopologyError) as err:
+    topo.from_file(str(path))
+  msg = str(err.value)
+  assert msg.startswith(f"{path}") and "\n" not in msg, msg
+  assert re.search(pattern, msg), (pattern, msg)
+  assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)
+
+
+def test_from_file_missing_file_and_directory(tmp_path):
+  with pytest.raises(topo.TopologyError, match=r"nope\.txt: topology file not found"):
+    topo.from_file(str(tmp_path / "nope.txt"))
+  with pytest.raises(topo.TopologyError, match=r"is a directory, not a topology file"):
+    topo.from_file(str(tmp_path))
+
+
+def test_from_file_support_feeds_metropolis_hastings(tmp_path):
+  """The 3-node path 0 - 1 - 2 from a file gives the hand-computed Metropolis-Hastings matrix (the
+  weights come from the degrees 1, 2, 1, not from the file)."""
+  for text, name in [("0 1\n1 2\n", "p.txt"), (json.dumps([[0, 1, 0], [1, 0, 1], [0, 1, 0]]), "p.json"),
+                     (json.dumps([[1, 1, 0], [1, 1, 1], [0, 1, 1]]), "p_diag.json")]:
+    w = topo.metropolis_hastings(topo.from_file(_write(tmp_path, name, text)))
+    np.testing.assert_allclose(w, [[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]], atol=1e-6)
+  np.testing.assert_array_equal(topo.from_file(_write(tmp_path, "one.json", "[[0]]")), [[0.0]])  # one silo
+
+
+def test_gaia_file_from_package_data(tmp_path, monkeypatch):
+  """gaia_adjacency reads topologies/gaia.txt of the package fedkd.configs when it is importable (a
+  stand-in package holding a 3-node path here), else the source tree's configs/topologies/gaia.txt."""
+  import importlib.util
+  import sys
+
+  pkg = tmp_path / "configs_pkg"
+  (pkg / "topologies").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  (pkg / "topologies" / "gaia.txt").write_text("0 1\n1 2\n")
+  spec = importlib.util.spec_from_file_location("fedkd.configs", pkg / "__init__.py",
+                                                submodule_search_locations=[str(pkg)])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.setitem(sys.modules, "fedkd.configs", module)
+  np.testing.assert_array_equal(topo.gaia_adjacency(), [[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+  monkeypatch.delitem(sys.modules, "fedkd.configs")
+  monkeypatch.setattr(topo, "_gaia_resource", lambda: None)
+  assert topo.gaia_adjacency().shape == (11, 11)  # the source-tree copy
+  monkeypatch.setattr(topo, "GAIA_PATH", str(tmp_path / "missing" / "gaia.txt"))
+  with pytest.raises(topo.TopologyError, match="Gaia topology file is missing"):
+    topo.gaia_adjacency()
 
 
 def test_metropolis_hastings_values():

@@ -28,16 +28,20 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedkd.errors import UserError
+
 GAIA_NODES = ("Virginia", "California", "Oregon", "Dublin", "Frankfurt", "Tokyo", "Seoul",
               "Singapore", "Sydney", "Mumbai", "Sao Paulo")
 # Directed ring overlay of FedEFM on Gaia; edge order[k] -> order[k+1] (model sent from order[k]).
 GAIA_RING_ORDER = (0, 10, 3, 4, 9, 7, 8, 6, 5, 2, 1)
+# Source-tree location; installed copies read the package data fedkd.configs (gaia_adjacency).
 GAIA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "configs", "topologies", "gaia.txt")
 
@@ -186,63 +190,245 @@ def matcha(base_adjacency, budget: float, rng_or_seed: Any = 0, round: int = 0) 
 
 # ----------------------------------------------------------------------------- files
 
-def _from_edges(edges, num_nodes: int | None, directed: bool) -> np.ndarray:
+class TopologyError(UserError, ValueError):
+  """A topology file that cannot be used; the message names the file and the fix."""
+
+
+_FILE_HELP = ("a topology file is an edge list ('i j' per line, 0-based node ids) or JSON "
+              "({\"edges\": [[i, j], ...], \"num_nodes\": N} or a 0/1 adjacency matrix [[...], ...])")
+_SUPPORT_ONLY = ("only the graph's support (which links exist) is used: gossip weights are derived "
+                 "from it (Metropolis-Hastings)")
+
+
+def _read_topology_text(path: str) -> str:
+  if not os.path.exists(path):
+    raise TopologyError(f"{path}: topology file not found (relative paths start at {os.getcwd()}); "
+                        f"pass an existing file, e.g. --config.fedefm.topology=file:/path/graph.txt; "
+                        f"{_FILE_HELP}")
+  if os.path.isdir(path):
+    raise TopologyError(f"{path}: is a directory, not a topology file; pass the file itself; {_FILE_HELP}")
+  try:
+    with open(path, encoding="utf-8") as fh:
+      return fh.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise TopologyError(f"{path}: cannot read it as text ({type(e).__name__}: {e}); {_FILE_HELP}") from None
+
+
+def _node_id(where: str, value) -> int:
+  if isinstance(value, str):
+    try:
+      value = int(value)
+    except ValueError:
+      raise TopologyError(f"{where}: node id {value!r} is not an integer; node ids are 0, 1, ..., N-1"
+                          ) from None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TopologyError(f"{where}: node id {value!r} is not an integer; node ids are 0, 1, ..., N-1")
+  if value < 0:
+    raise TopologyError(f"{where}: negative node id {value}; node ids are 0, 1, ..., N-1")
+  return int(value)
+
+
+def _weight(where: str, value, allowed: tuple[float, ...], token: bool = False) -> float:
+  """A weight from a file (a JSON number, or with ``token`` a text line's token), checked: a
+  finite number >= 0, and one of ``allowed``."""
+  shown = value if token else repr(value)
+  if token:
+    try:
+      value = float(value)
+    except ValueError:
+      raise TopologyError(f"{where}: weight {shown!r} is not a number") from None
+  elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise TopologyError(f"{where}: {shown} is not a number")
+  w = float(value)
+  fix = "write 1 for a link and 0 for none" if 0.0 in allowed else "drop the weight or write 1"
+  if not np.isfinite(w):
+    raise TopologyError(f"{where}: weight {shown} is not finite; {fix}")
+  if w < 0:
+    raise TopologyError(f"{where}: negative weight {shown}; {fix}")
+  if w not in allowed:
+    raise TopologyError(f"{where}: weight {shown}: {_SUPPORT_ONLY}, so other weights would be ignored; {fix}")
+  return w
+
+
+def _from_edges(edges, num_nodes, directed: bool) -> np.ndarray:
+  """``edges``: (where, i, j) with checked ids; every edge weight 1."""
   if num_nodes is None:
-    num_nodes = 1 + max((max(i, j) for i, j, _ in edges), default=-1)
+    num_nodes = 1 + max((max(i, j) for _, i, j in edges), default=-1)
   a = np.zeros((num_nodes, num_nodes), np.float32)
-  for i, j, w in edges:
-    if not (0 <= i < num_nodes and 0 <= j < num_nodes):
-      raise ValueError(f"edge ({i}, {j}) out of range for {num_nodes} nodes")
-    a[j, i] = w  # row = receiver: edge i -> j means j receives from i
+  for where, i, j in edges:
+    if not (i < num_nodes and j < num_nodes):
+      raise TopologyError(f"{where}: edge ({i}, {j}) names a node >= num_nodes={num_nodes}; node ids are "
+                          f"0..{num_nodes - 1}")
+    a[j, i] = 1.0  # row = receiver: edge i -> j means j receives from i
     if not directed:
-      a[i, j] = w
+      a[i, j] = 1.0
   return a
 
 
-def from_file(path: str, *, directed: bool = False, num_nodes: int | None = None) -> np.ndarray:
-  """Adjacency [N, N] float32 from a topology file.
+def _num_nodes(path: str, value, what: str):
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise TopologyError(f"{path}: {what}={value!r} must be a positive integer (the number of silos)")
+  return int(value)
 
-  Text edge list: one edge per line, ``i j [weight]`` (0-based node ids, weight defaults to 1);
-  ``#`` starts a comment (whole line or trailing); blank lines are ignored. ``directed=False``
-  (default) stores each edge both ways; with ``directed=True`` the line ``i j`` means i sends to j,
-  i.e. A[j, i] = weight (rows are receivers).
 
-  JSON (``.json`` or text starting with ``[`` / ``{``): either an adjacency matrix (a list of rows,
-  or ``{"adjacency": [[...], ...]}``, returned as is), or ``{"edges": [[i, j], [i, j, w], ...],
-  "num_nodes": N}`` read like the text format (``"directed": true`` in the file overrides).
-
-  N is ``num_nodes`` if given, else 1 + the largest node id.
-  """
-  with open(path) as fh:
-    text = fh.read()
-  if path.endswith(".json") or text.lstrip()[:1] in ("[", "{"):
-    obj = json.loads(text)
-    if isinstance(obj, dict) and "adjacency" in obj:
+def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
+  if isinstance(obj, dict):
+    keys = set(obj)
+    if "adjacency" in keys:
+      if keys != {"adjacency"}:
+        raise TopologyError(f"{path}: unexpected key(s) {sorted(keys - {'adjacency'})} next to 'adjacency'; "
+                            "a matrix file holds only {\"adjacency\": [[...], ...]}")
       obj = obj["adjacency"]
-    if isinstance(obj, list):
-      a = np.asarray(obj, np.float32)
-      if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"{path}: adjacency must be square, got shape {a.shape}")
-      return a
-    if not isinstance(obj, dict) or "edges" not in obj:
-      raise ValueError(f"{path}: JSON must be an adjacency matrix or have an 'edges' list")
-    edges = [(int(e[0]), int(e[1]), float(e[2]) if len(e) > 2 else 1.0) for e in obj["edges"]]
-    return _from_edges(edges, obj.get("num_nodes", num_nodes), bool(obj.get("directed", directed)))
+    else:
+      extra = keys - {"edges", "num_nodes", "directed"}
+      if "edges" not in keys or extra:
+        raise TopologyError(f"{path}: JSON object keys {sorted(keys)}: expected 'edges' (and optionally "
+                            f"'num_nodes', 'directed') or 'adjacency'; {_FILE_HELP}")
+      if not isinstance(obj["edges"], list):
+        raise TopologyError(f"{path}: 'edges' must be a list of [i, j] pairs")
+      d = obj.get("directed", directed)
+      if not isinstance(d, bool):
+        raise TopologyError(f"{path}: 'directed' must be true or false, got {d!r}")
+      edges = []
+      for k, e in enumerate(obj["edges"]):
+        where = f"{path}: edges[{k}]"
+        if not isinstance(e, list) or len(e) not in (2, 3):
+          raise TopologyError(f"{where}: expected [i, j] or [i, j, 1], got {e!r}")
+        if len(e) == 3:
+          _weight(where, e[2], (1.0,))
+        edges.append((where, _node_id(where, e[0]), _node_id(where, e[1])))
+      n = _num_nodes(path, obj.get("num_nodes"), "'num_nodes'") or num_nodes
+      return _from_edges(edges, n, d)
+  if not isinstance(obj, list) or not obj:
+    raise TopologyError(f"{path}: JSON must be an adjacency matrix (a non-empty list of rows) or an object "
+                        f"with 'edges'; {_FILE_HELP}")
+  for i, row in enumerate(obj):
+    if not isinstance(row, list):
+      raise TopologyError(f"{path}: adjacency row {i} is {row!r}, not a list; write [[0, 1], [1, 0]]")
+    if len(row) != len(obj[0]):
+      raise TopologyError(f"{path}: ragged adjacency matrix: row {i} has {len(row)} entries, row 0 has "
+                          f"{len(obj[0])}; every row needs one entry per node")
+  if len(obj[0]) != len(obj):
+    raise TopologyError(f"{path}: adjacency matrix is {len(obj)}x{len(obj[0])}, not square; it needs one row "
+                        "and one column per node")
+  a = np.array([[_weight(f"{path}: adjacency[{i}][{j}]", v, (0.0, 1.0)) for j, v in enumerate(row)]
+                for i, row in enumerate(obj)], np.float32)
+  if num_nodes is not None and num_nodes != a.shape[0]:
+    raise TopologyError(f"{path}: adjacency matrix has {a.shape[0]} nodes but num_nodes={num_nodes}")
+  return a
+
+
+def _text_topology(path: str, text: str, directed: bool, num_nodes) -> np.ndarray:
   edges = []
   for lineno, raw in enumerate(text.splitlines(), 1):
     line = raw.split("#", 1)[0].strip()
     if not line:
       continue
     tok = line.split()
+    where = f"{path}:{lineno}"
     if len(tok) not in (2, 3):
-      raise ValueError(f"{path}:{lineno}: expected 'i j [weight]', got {raw!r}")
-    edges.append((int(tok[0]), int(tok[1]), float(tok[2]) if len(tok) == 3 else 1.0))
+      raise TopologyError(f"{where}: expected 'i j' (or 'i j 1'), got {raw.strip()!r}; {_FILE_HELP}")
+    if len(tok) == 3:
+      _weight(where, tok[2], (1.0,), token=True)
+    edges.append((where, _node_id(where, tok[0]), _node_id(where, tok[1])))
   return _from_edges(edges, num_nodes, directed)
 
 
+def _check_connected(path: str, a: np.ndarray) -> None:
+  """Every node linked, and the graph (ignoring directions) in one piece: gossip must reach all."""
+  n = a.shape[0]
+  if n == 0:
+    raise TopologyError(f"{path}: no edges; {_FILE_HELP}")
+  if n == 1:
+    return
+  s = _support(a)  # symmetrised, no self loops
+  isolated = np.flatnonzero(~s.any(1))
+  if len(isolated):
+    ids = isolated.tolist()
+    raise TopologyError(f"{path}: node(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} have no link to any "
+                        "other node, so gossip never reaches them; add a link for each (or renumber the "
+                        f"nodes 0..N-1 without gaps); the file has {n} nodes")
+  seen = np.zeros(n, bool)
+  seen[0] = True
+  frontier = [0]
+  while frontier:
+    nxt = np.flatnonzero(s[frontier].any(0) & ~seen)
+    seen[nxt] = True
+    frontier = nxt.tolist()
+  if not seen.all():
+    apart = np.flatnonzero(~seen).tolist()
+    raise TopologyError(f"{path}: the graph is not connected: node(s) {apart[:10]}"
+                        f"{' ...' if len(apart) > 10 else ''} cannot reach node 0, so models never mix "
+                        "between the parts; add links between them")
+
+
+def from_file(path: str, *, directed: bool = False, num_nodes: int | None = None) -> np.ndarray:
+  """0/1 adjacency [N, N] float32 of the graph in a topology file.
+
+  Only the graph's support (which links exist) is used: fedkd derives gossip weights from it
+  (Metropolis-Hastings, ``metropolis_hastings``), so the file holds links, not weights. An edge weight
+  other than 1, or a matrix entry other than 0/1, is refused rather than silently ignored (write the
+  links; the weights follow from the node degrees).
+
+  Text edge list: one edge per line, ``i j`` (0-based node ids; an optional third column must be 1);
+  ``#`` starts a comment (whole line or trailing); blank lines are ignored. ``directed=False``
+  (default) stores each edge both ways; with ``directed=True`` the line ``i j`` means i sends to j,
+  i.e. A[j, i] = 1 (rows are receivers).
+
+  JSON (``.json`` or text starting with ``[`` / ``{``): either a 0/1 adjacency matrix (a list of
+  rows, or ``{"adjacency": [[...], ...]}``, rows = receivers, returned as is), or
+  ``{"edges": [[i, j], ...], "num_nodes": N}`` read like the text format (``"directed": true`` in the
+  file overrides). Diagonal entries / self loops are allowed and ignored by the graph helpers.
+
+  N is ``num_nodes`` if given, else 1 + the largest node id. Every problem raises ``TopologyError``
+  naming the file (and line or entry) and the fix: a missing file or a directory, unreadable text or
+  JSON, malformed lines, non-integer or negative node ids, ids >= N, ragged or non-square matrices,
+  non-numeric entries, negative / NaN / Inf weights, weights other than 1 (0/1 in a matrix), a node
+  without any link (gossip could never reach it) and a graph in several pieces.
+  """
+  path = os.fspath(path)
+  text = _read_topology_text(path)
+  num_nodes = _num_nodes(path, num_nodes, "num_nodes")
+  if path.endswith(".json") or text.lstrip()[:1] in ("[", "{"):
+    try:
+      obj = json.loads(text)
+    except ValueError as e:
+      raise TopologyError(f"{path}: invalid JSON ({e}); {_FILE_HELP}") from None
+    a = _json_topology(path, obj, directed, num_nodes)
+  else:
+    a = _text_topology(path, text, directed, num_nodes)
+  _check_connected(path, a)
+  return a
+
+
+def _gaia_resource():
+  """``topologies/gaia.txt`` of the installed ``fedkd.configs`` package, or None when that package
+  is not importable (e.g. a source checkout without it)."""
+  try:
+    res = resources.files("fedkd.configs").joinpath("topologies/gaia.txt")
+  except (ImportError, TypeError):  # not installed / not a package
+    return None
+  return res if res.is_file() else None
+
+
 def gaia_adjacency(path: str | None = None) -> np.ndarray:
-  """The 11-node Gaia underlay (``configs/topologies/gaia.txt``): complete graph, unit weights."""
-  return from_file(GAIA_PATH if path is None else path)
+  """The 11-node Gaia underlay (``configs/topologies/gaia.txt``): complete graph, unit weights.
+
+  Read from the package data ``fedkd.configs`` (``importlib.resources``, so it works in a
+  non-editable install), else from the source tree (``GAIA_PATH``)."""
+  if path is not None:
+    return from_file(path)
+  res = _gaia_resource()
+  if res is not None:
+    with resources.as_file(res) as p:
+      return from_file(str(p))
+  if not os.path.isfile(GAIA_PATH):
+    raise TopologyError(f"the Gaia topology file is missing from this fedkd installation (looked for "
+                        f"fedkd.configs/topologies/gaia.txt and {GAIA_PATH}); reinstall fedkd, or pass "
+                        "--config.fedefm.topology=file:<a copy of configs/topologies/gaia.txt>")
+  return from_file(GAIA_PATH)
 
 
 def gaia_ring(directed: bool = True) -> np.ndarray:
