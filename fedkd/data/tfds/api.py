@@ -1,8 +1,11 @@
 """``build`` / ``load_source``: prepare the fedkd TFDS datasets and read them without TF."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,8 @@ import tensorflow_datasets as tfds
 from fedkd.data.tfds import common
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
 from fedkd.data.tfds.common import DatasetInputError
-from fedkd.data.tfds.synthetic_endovascular import SyntheticEndovascular, synthetic_config
+from fedkd.data.tfds.synthetic_endovascular import (SyntheticConfig, SyntheticEndovascular,
+                                                    synthetic_config)
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 
 BUILDERS: dict[str, type] = {
@@ -154,6 +158,9 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
                                 f"files; see {cls.__name__}.MANUAL_DOWNLOAD_INSTRUCTIONS)")
     cfg = resolve_config(name, config, manual_dir=manual_dir, **kwargs)
     data_dir = Path(data_dir)
+    if not overwrite and (data_dir / name / cfg.name / str(cls.VERSION) /
+                          "dataset_info.json").is_file():
+        check_prepared(name, data_dir, cfg.name)  # before TFDS reads the folder to reuse it
     builder = cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
     if not overwrite:
         _check_same_settings(builder, cfg)
@@ -274,10 +281,26 @@ class SegmentationSource:
 
 
 def load_builder(name: str, data_dir, config=None):
-    """The prepared builder for ``name`` / ``config`` in ``data_dir`` (read from its files).
+    """The prepared builder for ``name`` / ``config`` in ``data_dir``, ready to read.
 
-    ``config=None`` picks the only prepared config; with several, it must be named."""
-    _builder_cls(name)
+    ``config=None`` picks the only prepared config; with several, it must be named.
+
+    Opening a prepared dataset never runs code from the data folder. TFDS' generic
+    ``builder_from_directory`` restores the feature connectors named in ``features.json`` /
+    ``dataset_info.json`` and imports the module of any type it does not know, so a crafted
+    folder (prepared datasets are exchanged between hospitals) with a ``.py`` file next to it
+    could execute it. Instead:
+
+    1. ``check_prepared`` first reads the metadata files as plain JSON and refuses any feature
+       type other than the exact TFDS types fedkd writes (``common.features()``), any other
+       feature layout, feature definitions inside ``dataset_info.json``, another builder module,
+       version or file format, unsafe split names or file templates, and missing shard files;
+    2. the builder is fedkd's own class (``BUILDERS``) constructed with ``data_dir=`` and a
+       config, so its features come from code: TFDS then reads split sizes and descriptions
+       from ``dataset_info.json`` and never parses ``features.json``. Configs not registered in
+       code (e.g. xray_folder sites) are recreated by name (``_reading_config``).
+    """
+    cls = _builder_cls(name)
     if isinstance(config, tfds.core.BuilderConfig):
         config = config.name
     if config is None:
@@ -296,15 +319,232 @@ def load_builder(name: str, data_dir, config=None):
             f"{name}/{config}: not prepared in {data_dir} (prepared: "
             f"{prepared_configs(name, data_dir)}); build it first: python -m "
             f"fedkd.data.tfds.build --dataset={name} --config={config} --data_dir={data_dir}")
-    # Read from the files (works for configs not registered in code, e.g. xray_folder sites).
-    return tfds.builder_from_directory(_latest_version_dir(Path(data_dir) / name / config))
+    info = check_prepared(name, data_dir, config)
+    with _quiet_custom_config_notice():
+        return cls(data_dir=os.fspath(data_dir), config=_reading_config(cls, config, info),
+                   file_format="array_record")
 
 
-def _latest_version_dir(config_dir: Path) -> str:
-    versions = [v for v in config_dir.iterdir() if (v / "dataset_info.json").is_file()]
-    best = max(versions, key=lambda v: tuple(int(x) if x.isdigit() else -1
-                                             for x in v.name.split(".")))
-    return os.fspath(best)
+class _DropCustomConfigNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config_notice():
+    """TFDS logs a warning for every config not registered in code; reading one (an xray_folder
+    site) is routine, so that notice is dropped while the builder is constructed."""
+    logger, notice = logging.getLogger("absl"), _DropCustomConfigNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on a prepared dataset folder, before TFDS reads anything from it
+# --------------------------------------------------------------------------------------------
+_DEFAULT_FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+_SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][\w\-]*$")
+_TYPE_KEYS = ("pythonClassName", "python_class_name", "type")
+_JSON_FEATURE_KEYS = ("jsonFeature", "json_feature")
+_DOC_KEYS = ("description", "valueRange")
+_CONTENT_KEY = {"Tensor": "tensor", "Text": "text"}
+
+
+def _class_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _expected_features() -> tuple[str, dict[str, Any]]:
+    """(FeaturesDict type name, {feature name: connector}) of ``common.features()``."""
+    feats = common.features()
+    return _class_name(feats), {k: feats[k] for k in feats.keys()}
+
+
+def allowed_feature_types() -> frozenset[str]:
+    """The fully qualified TFDS feature types fedkd's builders write: the only ones a prepared
+    dataset may name."""
+    top, feats = _expected_features()
+    return frozenset([top] + [_class_name(f) for f in feats.values()])
+
+
+def _type_names(tree) -> list[str]:
+    """Every feature type name in a features JSON tree: proto-JSON ``pythonClassName``, legacy
+    ``type``, and legacy JSON embedded as a string in ``jsonFeature.json``."""
+    out = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k in _TYPE_KEYS:
+                out.append(v if isinstance(v, str) else repr(v))
+            elif k in _JSON_FEATURE_KEYS and isinstance(v, dict) and isinstance(
+                    v.get("json"), str):
+                try:
+                    out += _type_names(json.loads(v["json"]))
+                except ValueError:
+                    out.append(repr(v["json"])[:80])
+            else:
+                out += _type_names(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            out += _type_names(v)
+    return out
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetInputError(f"{path}: unreadable ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else ''}); {fix}"
+                                ) from None
+
+
+def _refuse_foreign_types(path: Path, tree, fix: str) -> None:
+    allowed = allowed_feature_types()
+    bad = [t for t in _type_names(tree) if t not in allowed]
+    if bad:
+        raise DatasetInputError(
+            f"{path}: names feature type {bad[0]!r}, which fedkd never writes (only TFDS' "
+            f"{', '.join(sorted(t.rsplit('.', 1)[-1] for t in allowed))}); not opened, as TFDS "
+            f"would import that module. {fix}")
+
+
+def _check_features_json(path: Path, fix: str) -> None:
+    """``features.json`` must be exactly the layout of ``common.features()``: a FeaturesDict of
+    the same feature names, types, dtypes, shapes and encodings, in TFDS' proto-JSON form."""
+    data = _read_json(path, fix)
+    _refuse_foreign_types(path, data, fix)
+    top, feats = _expected_features()
+
+    def refuse(what: str):
+        raise DatasetInputError(f"{path}: {what}; fedkd writes a FeaturesDict of image/mask "
+                                f"(uint8 zlib tensors) and site/id (text). {fix}")
+
+    def keys_ok(d, allowed) -> bool:
+        return isinstance(d, dict) and set(d) <= set(allowed)
+
+    if not keys_ok(data, ("pythonClassName", "featuresDict") + _DOC_KEYS) or data.get(
+            "pythonClassName") != top:
+        refuse("not the layout fedkd writes (a top-level FeaturesDict in TFDS' proto-JSON form)")
+    found = data.get("featuresDict")
+    found = found.get("features") if keys_ok(found, ("features",)) else None
+    if not isinstance(found, dict) or set(found) != set(feats):
+        refuse(f"features {sorted(found) if isinstance(found, dict) else found!r}, expected "
+               f"{sorted(feats)}")
+    for key, feature in feats.items():
+        entry, kind = found[key], type(feature).__name__
+        content_key = _CONTENT_KEY[kind]
+        if not keys_ok(entry, ("pythonClassName", content_key) + _DOC_KEYS) or entry.get(
+                "pythonClassName") != _class_name(feature) or not isinstance(
+                entry.get(content_key), dict):
+            refuse(f"feature {key!r} is not a {kind} in TFDS' proto-JSON form")
+        content = entry[content_key]
+        if kind == "Tensor":
+            shape = content.get("shape")
+            try:
+                dims = [int(d) for d in shape["dimensions"]]
+            except (KeyError, TypeError, ValueError):
+                dims = None
+            want = (np.dtype(feature.np_dtype).name,
+                    [-1 if d is None else int(d) for d in feature.shape], feature._encoding.value)
+            got = (content.get("dtype"), dims, content.get("encoding"))
+            if got != want:
+                refuse(f"feature {key!r} is (dtype, shape, encoding) {got}, expected {want}")
+        elif content:
+            refuse(f"feature {key!r} has text options {sorted(content)}")
+
+
+def check_prepared(name: str, data_dir, config: str) -> dict:
+    """Check the prepared folder ``data_dir/name/config/<version>`` as plain JSON before TFDS
+    reads anything from it (see ``load_builder``); return its ``dataset_info.json`` contents.
+
+    Raises ``DatasetInputError`` naming the file and what is wrong."""
+    cls = _builder_cls(name)
+    config_dir = Path(data_dir) / name / config
+    version = str(cls.VERSION)
+    vdir = config_dir / version
+    fix = (f"Rebuild it (python -m fedkd.data.tfds.build --dataset={name} ... --overwrite) or "
+           f"get a fresh copy.")
+    info_file, features_file = vdir / "dataset_info.json", vdir / "features.json"
+    if not info_file.is_file():
+        others = sorted(v.name for v in config_dir.iterdir()
+                        if (v / "dataset_info.json").is_file()) if config_dir.is_dir() else []
+        raise DatasetInputError(
+            f"{config_dir}: prepared as version(s) {others}, but this fedkd reads {name} "
+            f"version {version}; rebuild it with python -m fedkd.data.tfds.build "
+            f"--dataset={name} ... --overwrite")
+
+    # fedkd's datasets keep feature definitions in features.json only; TFDS would restore (and
+    # import) any it finds in dataset_info.json.
+    info = _read_json(info_file, fix)
+    if not isinstance(info, dict):
+        raise DatasetInputError(f"{info_file}: not a JSON object. {fix}")
+    if "features" in info:
+        _refuse_foreign_types(info_file, info["features"], fix)
+        raise DatasetInputError(f"{info_file}: carries feature definitions, which fedkd keeps in "
+                                f"features.json only. {fix}")
+    from google.protobuf import json_format
+    from tensorflow_datasets.core.proto import dataset_info_pb2
+
+    try:
+        proto = json_format.ParseDict(info, dataset_info_pb2.DatasetInfo())
+    except (json_format.ParseError, TypeError, ValueError) as e:
+        raise DatasetInputError(f"{info_file}: not a TFDS dataset_info.json "
+                                f"({str(e).splitlines()[0][:160] if str(e) else e!r}). {fix}"
+                                ) from None
+    if proto.HasField("features"):  # e.g. spelled in another JSON case
+        raise DatasetInputError(f"{info_file}: carries feature definitions, which fedkd keeps in "
+                                f"features.json only. {fix}")
+    expected = {"name": (proto.name, name), "configName": (proto.config_name, config),
+                "version": (proto.version, version),
+                "fileFormat": (proto.file_format, "array_record")}
+    if proto.module_name:  # TFDS never imports it, but it names who wrote the dataset
+        expected["moduleName"] = (proto.module_name, cls.__module__)
+    for key, (got, want) in expected.items():
+        if got != want:
+            raise DatasetInputError(f"{info_file}: {key} is {got!r}, expected {want!r} (not a "
+                                    f"{name}/{config} dataset written by fedkd). {fix}")
+    for split in proto.splits:
+        if not _SAFE_SPLIT.match(split.name):
+            raise DatasetInputError(f"{info_file}: unsafe split name {split.name!r} (letters, "
+                                    f"digits, _ and - only). {fix}")
+        if split.filepath_template not in ("", _DEFAULT_FILE_TEMPLATE):
+            raise DatasetInputError(
+                f"{info_file}: split {split.name!r} names its files "
+                f"{split.filepath_template!r}; fedkd datasets use {_DEFAULT_FILE_TEMPLATE!r} "
+                f"inside their own folder. {fix}")
+        n = len(split.shard_lengths)
+        missing = [f for f in (f"{name}-{split.name}.array_record-{i:05d}-of-{n:05d}"
+                               for i in range(n)) if not (vdir / f).is_file()]
+        if missing:
+            raise DatasetInputError(
+                f"{vdir}: split {split.name!r} is incomplete, missing {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''}; copy the whole folder again or rebuild it")
+    if not features_file.is_file():
+        raise DatasetInputError(f"{features_file}: missing. {fix}")
+    _check_features_json(features_file, fix)
+    return info
+
+
+def _reading_config(cls, config: str, info: dict):
+    """The BuilderConfig to read prepared config ``config`` with: the registered one, else one
+    recreated from its name and stored description. Reading needs only the name (it picks the
+    folder); the other fields matter when generating, and records carry their own site."""
+    registered = _registered(cls, config)
+    if registered is not None:
+        return registered
+    description = info.get("configDescription") or None
+    if cls is SyntheticEndovascular:
+        m = re.fullmatch(r"(?P<site>.+)-(?P<image_size>\d+)px-(?P<num_train>\d+)-"
+                         r"(?P<num_test>\d+)-seed(?P<seed>\d+)", config)
+        fields = ({k: (v if k == "site" else int(v)) for k, v in m.groupdict().items()}
+                  if m else {})
+        return SyntheticConfig(name=config, description=description, **fields)
+    if cls is XrayFolder:
+        return XrayFolderConfig(name=config, description=description)
+    return CathactionConfig(name=config, description=description)
 
 
 def load_source(name: str, split: str, data_dir, config=None) -> SegmentationSource:
@@ -320,6 +560,10 @@ def load_source(name: str, split: str, data_dir, config=None) -> SegmentationSou
 
 def remove(name: str, data_dir, config: str) -> None:
     """Delete a prepared dataset folder ``data_dir/name/config``."""
+    _builder_cls(name)
+    if not config or config in (".", "..") or Path(config).name != config or "\\" in config:
+        raise DatasetInputError(f"{name}: config {config!r} is not a config name (a folder "
+                                f"name under {Path(data_dir) / name})")
     path = Path(data_dir) / name / config
     if path.is_dir():
         shutil.rmtree(path)
