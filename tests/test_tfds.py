@@ -30,10 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 def write_png(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(arr)
-    if arr.dtype == np.uint16:
-        Image.fromarray(arr, mode="I;16").save(path)
-    else:
-        Image.fromarray(arr).save(path)
+    im = Image.fromarray(arr)  # uint16 -> mode I;16 (Pillow >= 10; the mode= argument is gone)
+    assert arr.dtype != np.uint16 or im.mode == "I;16", im.mode
+    im.save(path)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, window=None, photometric="MONOCHROME2"):
@@ -85,40 +84,40 @@ def hospital(tmp_path):
     root = tmp_path / "hospital_a"
     exp = {}
     # 8-bit gray PNG, PNG mask with class indices.
-    img = rng.integers(0, 256, (12, 10), dtype=np.uint8)
-    m = rng_mask(rng, (12, 10))
+    img = rng.integers(0, 256, (40, 34), dtype=np.uint8)
+    m = rng_mask(rng, (40, 34))
     write_png(root / "images/a.png", img)
     write_png(root / "masks/a.png", m)
     exp["a"] = (img, m)
     # RGB PNG (gray expected via luma, +-1), .npy mask.
-    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
-    m = rng_mask(rng, (9, 11))
+    rgb = rng.integers(0, 256, (33, 37, 3), dtype=np.uint8)
+    m = rng_mask(rng, (33, 37))
     write_png(root / "images/c.png", rgb)
     np.save(root / "masks/c.npy", m)
     exp["c"] = (np.round(rgb.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8), m)
     # 16-bit DICOM with a VOI window (center 2000, width 1001), mask as PNG.
-    px = rng.integers(1000, 3000, (8, 8)).astype(np.uint16)
-    m = rng_mask(rng, (8, 8))
+    px = rng.integers(1000, 3000, (32, 32)).astype(np.uint16)
+    m = rng_mask(rng, (32, 32))
     write_dicom(root / "images/d.dcm", px, window=(2000, 1001))
     write_png(root / "masks/d.png", m)
     lin = ((px.astype(float) - 1999.5) / 1000.0 + 0.5) * 255.0  # PS3.3 C.11.2.1.2.1
     exp["d"] = (np.clip(np.round(lin), 0, 255).astype(np.uint8), m)
     # 16-bit DICOM without window: min-max scaled.
-    px = rng.integers(0, 4096, (10, 7)).astype(np.uint16)
-    m = rng_mask(rng, (10, 7))
+    px = rng.integers(0, 4096, (34, 32)).astype(np.uint16)
+    m = rng_mask(rng, (34, 32))
     write_dicom(root / "images/e.dcm", px)
     write_png(root / "masks/e.png", m)
     exp["e"] = (minmax_u8(px), m)
     # Multi-frame 16-bit cine (3 frames), per-frame PNG masks.
-    cine = rng.integers(0, 65536, (3, 6, 5)).astype(np.uint16)
+    cine = rng.integers(0, 65536, (3, 36, 33)).astype(np.uint16)
     for f in range(3):
-        m = rng_mask(rng, (6, 5))
+        m = rng_mask(rng, (36, 33))
         write_png(root / f"masks/cine_{f:04d}.png", m)
         exp[f"cine#{f}"] = (minmax_u8(cine[f]), m)  # min-max per frame
     write_dicom(root / "images/cine.dcm", cine)
     # Multi-frame cine (2 frames, MONOCHROME1), one multi-frame DICOM mask.
-    cine2 = rng.integers(100, 900, (2, 5, 4)).astype(np.uint16)
-    m2 = rng_mask(rng, (2, 5, 4))
+    cine2 = rng.integers(100, 900, (2, 33, 32)).astype(np.uint16)
+    m2 = rng_mask(rng, (2, 33, 32))
     write_dicom(root / "images/cine2.dcm", cine2, photometric="MONOCHROME1")
     write_dicom(root / "masks/cine2.dcm", m2)
     for f in range(2):
@@ -155,9 +154,9 @@ def test_xray_folder_splits_site_and_label_map(tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "site_folder"
     for i in range(5):
-        write_png(root / f"images/im{i}.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+        write_png(root / f"images/im{i}.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
         write_png(root / f"masks/im{i}.png",
-                  rng.choice(np.array([0, 128, 255], np.uint8), (6, 6)))
+                  rng.choice(np.array([0, 128, 255], np.uint8), (32, 32)))
     (root / "splits.json").write_text(json.dumps({"train": ["im0", "im1", "im2"],
                                                   "test": ["im3", "im4.png"]}))
     data_dir = tmp_path / "tfds"
@@ -181,12 +180,12 @@ def test_xray_folder_splits_site_and_label_map(tmp_path):
 # ------------------------------------------------------------------------------ cathaction
 def test_cathaction_layout_and_label_map(tmp_path):
     manual = tmp_path / "cathaction_raw"
-    yy, xx = np.mgrid[0:16, 0:16]
+    yy, xx = np.mgrid[0:32, 0:32]
     written = {}
     for split, names in (("train", ["f0", "f1", "f2"]), ("test", ["f3"])):
         for k, name in enumerate(names):
-            img = (40 + 8 * xx + 3 * yy + 10 * k).astype(np.uint8)  # smooth: small JPEG error
-            lab = np.zeros((16, 16), np.uint8)
+            img = (30 + 4 * xx + 2 * yy + 10 * k).astype(np.uint8)  # smooth: small JPEG error
+            lab = np.zeros((32, 32), np.uint8)
             lab[3:6, :] = 128  # catheter
             lab[:, 9:11] = 255  # guidewire
             (manual / split / "images").mkdir(parents=True, exist_ok=True)
@@ -211,7 +210,7 @@ def test_cathaction_layout_and_label_map(tmp_path):
             expected = np.select([lab == 128, lab == 255], [1, 2], 0).astype(np.uint8)
             np.testing.assert_array_equal(rec["mask"], expected)
             err_px = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
-            assert rec["image"].shape == (16, 16, 1) and err_px.mean() < 2 and err_px.max() < 10
+            assert rec["image"].shape == (32, 32, 1) and err_px.mean() < 2 and err_px.max() < 10
 
     # Same mapping through a custom label_map: same records.
     custom = fdata.build("cathaction", data_dir, manual_dir=manual,
@@ -255,29 +254,28 @@ def test_synthetic_tiny_deterministic_and_matches_generator(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad input
-def _good_pair(root, stem, shape=(6, 6)):
+def _good_pair(root, stem, shape=(32, 32)):
     write_png(root / f"images/{stem}.png", np.full(shape, 7, np.uint8))
     write_png(root / f"masks/{stem}.png", np.zeros(shape, np.uint8))
 
 
 def _bad_missing_mask(root):
     _good_pair(root, "ok")
-    write_png(root / "images/lonely.png", np.zeros((6, 6), np.uint8))
+    write_png(root / "images/lonely.png", np.zeros((32, 32), np.uint8))
     return "lonely.png"
 
 
 def _bad_size(root):
     _good_pair(root, "ok")
-    write_png(root / "images/big.png", np.zeros((6, 6), np.uint8))
-    write_png(root / "masks/big.png", np.zeros((5, 6), np.uint8))
+    write_png(root / "images/big.png", np.zeros((32, 32), np.uint8))
+    write_png(root / "masks/big.png", np.zeros((31, 32), np.uint8))
     return "big.png"
 
 
 def _bad_label(root):
     _good_pair(root, "ok")
-    write_png(root / "images/lab.png", np.zeros((6, 6), np.uint8))
-    write_png(root / "masks/lab.png", np.array([[0, 1, 7]] * 2, np.uint8).repeat(2, 1)
-              .repeat(3, 0))
+    write_png(root / "images/lab.png", np.zeros((32, 32), np.uint8))
+    write_png(root / "masks/lab.png", np.resize(np.array([0, 1, 7], np.uint8), (32, 32)))
     return "lab.png"
 
 
@@ -290,14 +288,14 @@ def _bad_empty(root):
 def _bad_corrupt(root):
     _good_pair(root, "ok")
     (root / "images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
-    write_png(root / "masks/broken.png", np.zeros((6, 6), np.uint8))
+    write_png(root / "masks/broken.png", np.zeros((32, 32), np.uint8))
     return "broken.png"
 
 
 def _bad_cine_frames(root):
     (root / "masks").mkdir(parents=True)
-    write_dicom(root / "images/run.dcm", np.zeros((3, 4, 4), np.uint16))
-    np.save(root / "masks/run.npy", np.zeros((2, 4, 4), np.uint8))
+    write_dicom(root / "images/run.dcm", np.zeros((3, 32, 32), np.uint16))
+    np.save(root / "masks/run.npy", np.zeros((2, 32, 32), np.uint8))
     return "run.npy"
 
 
@@ -402,3 +400,191 @@ def test_cli(hospital, tmp_path, capsys):
     assert len(err_lines) == 1 and "lonely.png" in err_lines[0] and "missing mask" in err_lines[0]
     # Importing the CLI module must not break the package-level build() function.
     assert callable(fdata.build) and callable(cli.main)
+
+
+# ------------------------------------------------------------------------------ input rules
+def _cli():
+    import importlib
+
+    return importlib.import_module("fedkd.data.tfds.build")
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def test_orphan_masks_are_refused(tmp_path):
+    root = tmp_path / "site_o"
+    _good_pair(root, "ok")
+    _good_pair(root, "single")
+    write_png(root / "masks/gone.png", np.zeros((32, 32), np.uint8))  # its image is missing
+    write_png(root / "masks/single_0001.png", np.zeros((32, 32), np.uint8))  # not a cine
+    (root / "masks/notes.txt").write_text("labelled by reader 2")  # not a mask: ignored
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(fdata.DatasetInputError) as err:
+        fdata.build("xray_folder", data_dir, manual_dir=root)
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    gone = next(p for p in problems if "gone.png" in p)
+    assert "mask without an image" in gone and "move the mask out of masks/" in gone
+    single = next(p for p in problems if "single_0001.png" in p)
+    assert "single frame" in single and "single.png" in single
+    assert fdata.prepared_configs("xray_folder", data_dir) == []
+    # Moving the orphans out is the fix: the same folder then builds.
+    (root / "masks/gone.png").unlink()
+    (root / "masks/single_0001.png").unlink()
+    builder = fdata.build("xray_folder", data_dir, manual_dir=root)
+    assert builder.info.splits["train"].num_examples == 2
+
+
+def test_conversion_notes_16bit_and_colour_png(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "site_n"
+    deep = rng.integers(200, 3000, (33, 32)).astype(np.uint16)  # 12-bit values in a 16-bit PNG
+    colour = rng.integers(0, 256, (32, 34, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    for stem, img in (("deep", deep), ("colour", colour), ("gray_rgb", np.stack([gray] * 3, -1))):
+        write_png(root / f"images/{stem}.png", img)
+        write_png(root / f"masks/{stem}.png", np.zeros(img.shape[:2], np.uint8))
+    assert Image.open(root / "images/deep.png").mode.startswith("I")
+    data_dir = tmp_path / "tfds"
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 2, notes
+    deep_note = next(ln for ln in notes if "16-bit" in ln)
+    assert "images/deep.png" in deep_note and "min-max" in deep_note and "1 file" in deep_note
+    colour_note = next(ln for ln in notes if "colour" in ln)
+    assert "images/colour.png" in colour_note and "gray_rgb" not in colour_note
+    got = records_by_id(fdata.load_source("xray_folder", "train", data_dir))
+    np.testing.assert_array_equal(got["deep"]["image"][..., 0], minmax_u8(deep))
+    want = np.round(colour.astype(float) @ [0.299, 0.587, 0.114])
+    assert np.abs(got["colour"]["image"][..., 0] - want).max() <= 1  # PIL integer luma
+    np.testing.assert_array_equal(got["gray_rgb"]["image"][..., 0], gray)  # exact
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (31, 64)])
+def test_tiny_images_are_refused(tmp_path, shape):
+    root = tmp_path / "site_t"
+    _good_pair(root, "ok")
+    write_png(root / "images/tiny.png", np.full(shape, 9, np.uint8))
+    write_png(root / "masks/tiny.png", np.zeros(shape, np.uint8))
+    assert common.MIN_IMAGE_SIDE == 32
+    with pytest.raises(fdata.DatasetInputError) as err:
+        fdata.build("xray_folder", tmp_path / "tfds", manual_dir=root)
+    msg = str(err.value)
+    assert "tiny.png" in msg and f"{shape[0]}x{shape[1]}" in msg and "32x32" in msg
+    assert "ok.png" not in msg
+
+
+def test_cli_rgb_mask_needs_color_map(tmp_path, capsys):
+    root = tmp_path / "site_c"
+    write_png(root / "images/m.png", np.full((32, 32), 50, np.uint8))
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[4:8, :, 0] = 255  # red catheter
+    rgb[10:, 20, 1] = 255  # green guidewire
+    write_png(root / "masks/m.png", rgb)
+    cli = _cli()
+    args = ["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "m.png" in lines[0] and "--color_map" in lines[0]
+    assert "Traceback" not in err
+    assert fdata.prepared_configs("xray_folder", tmp_path / "tfds") == []
+    # The hinted fix works.
+    assert cli.main(args + ["--color_map=0,0,0:0;255,0,0:1;0,255,0:2"]) == 0
+    rec = fdata.load_source("xray_folder", "train", tmp_path / "tfds")[0]
+    want = np.zeros((32, 32), np.uint8)
+    want[rgb[..., 0] == 255] = 1
+    want[rgb[..., 1] == 255] = 2
+    np.testing.assert_array_equal(rec["mask"], want)
+
+
+# ------------------------------------------------------------------------------ CLI paths, I/O
+def test_cli_expands_tilde(tmp_path, monkeypatch, capsys):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    _good_pair(home / "hosp", "a")
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert _cli().main(["--dataset=xray_folder", "--manual_dir=~/hosp", "--data_dir=~/tfds"]) == 0
+    assert fdata.prepared_configs("xray_folder", home / "tfds") == ["hosp"]
+    assert not (cwd / "~").exists() and list(cwd.iterdir()) == []
+    assert str(home / "tfds") in capsys.readouterr().out
+
+
+def test_cli_data_dir_that_is_a_file(tmp_path, capsys):
+    root = tmp_path / "site_f"
+    _good_pair(root, "a")
+    target = tmp_path / "out.txt"
+    target.write_text("keep me")
+    cli = _cli()
+    for data_dir in (target, target / "sub"):
+        assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}",
+                         f"--data_dir={data_dir}"]) == 2
+        err = capsys.readouterr().err
+        lines = _error_lines(err)
+        assert len(lines) == 1 and str(data_dir) in lines[0], err
+        assert "Traceback" not in err
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda d: PermissionError(13, "Permission denied", str(d / "xray_folder")),
+    lambda d: OSError(30, "Read-only file system", str(d)),
+    lambda d: OSError(28, "No space left on device", str(d / "xray_folder/x/a.array_record")),
+    # array_record reports a full disk as a RuntimeError naming the file (seen on a full tmpfs)
+    lambda d: RuntimeError(f'Failed to finalize writing of split "train": write() failed: No '
+                           f'space left on device; writing {d}/xray_folder/s/incomplete.X_1.0.0/'
+                           f'xray_folder-train.array_record-00000-of-00001; at byte 61440'),
+], ids=["EACCES", "EROFS", "ENOSPC", "array_record-ENOSPC"])
+def test_cli_write_errors_are_one_line(tmp_path, monkeypatch, capsys, make_error):
+    root = tmp_path / "site_w"
+    _good_pair(root, "a")
+    data_dir = tmp_path / "tfds"
+    cli = _cli()
+
+    def failing_build(*args, **kwargs):
+        raise make_error(data_dir)
+
+    monkeypatch.setattr(cli, "build", failing_build)
+    assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}",
+                     f"--data_dir={data_dir}"]) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and f"--data_dir {data_dir}" in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [RuntimeError("internal bug"), ValueError("internal bug"),
+                                   RuntimeError("Permission denied somewhere else")])
+def test_cli_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, error):
+    root = tmp_path / "site_u"
+    _good_pair(root, "a")
+    cli = _cli()
+
+    def failing_build(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "build", failing_build)
+    with pytest.raises(type(error), match="internal bug|somewhere else"):
+        cli.main(["--dataset=xray_folder", f"--manual_dir={root}",
+                  f"--data_dir={tmp_path / 'tfds'}"])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_cli_read_only_data_dir(tmp_path, capsys):
+    root = tmp_path / "site_r"
+    _good_pair(root, "a")
+    data_dir = tmp_path / "ro"
+    data_dir.mkdir()
+    data_dir.chmod(0o555)
+    try:
+        assert _cli().main(["--dataset=xray_folder", f"--manual_dir={root}",
+                            f"--data_dir={data_dir}"]) == 2
+    finally:
+        data_dir.chmod(0o755)
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and str(data_dir) in lines[0] and "Traceback" not in err

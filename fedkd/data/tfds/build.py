@@ -8,15 +8,21 @@
         [--config=SITE|SITE_tiny] [--site=SITE --image_size=128 --num_train=256 --num_test=64]
     python -m fedkd.data.tfds.build --dataset=synthetic_endovascular --list_configs
 
-Prints the config built, its folder and, per split, the example count and image shapes. Bad
-input prints one ``error: ...`` line and exits with status 2.
+Prints the config built, its folder and, per split, the example count and image shapes;
+conversion notes (16-bit or colour images converted, ...) go to stderr as ``note: ...`` lines.
+Bad input prints one ``error: ...`` line and exits with status 2, and so do I/O failures:
+``--data_dir`` an existing file, a read-only folder, a full disk. ``~`` at the start of
+``--data_dir`` / ``--manual_dir`` is expanded (the shell does not expand it after ``=``). Other
+exceptions are bugs and keep their traceback.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import logging
+import os
 import sys
 import types
 
@@ -67,6 +73,49 @@ def _summary(builder) -> list[str]:
     return lines
 
 
+# OS errors that mean "cannot write there" when a writer reports them inside another exception
+# (array_record raises RuntimeError("... write() failed: No space left on device; ...")).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.EFBIG)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _within(path, folder) -> bool:
+    """``path`` is ``folder`` or inside it (both made absolute, symlinks not resolved)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _os_error(e: OSError, data_dir: str, manual_dir: str | None) -> str:
+    reason = _one_line(e.strerror or e)
+    if e.errno == errno.ENOTDIR:
+        reason += " (a part of the path is a file)"
+    where = os.fspath(e.filename) if isinstance(e.filename, (str, os.PathLike)) else None
+    if where and (_within(where, data_dir) or _within(data_dir, where)):
+        detail = "" if os.path.abspath(where) == os.path.abspath(data_dir) else f" ({where})"
+        return (f"cannot write the dataset to --data_dir {data_dir}: {reason}{detail}; check "
+                f"that it is a writable folder with free space, or pass another --data_dir")
+    if where and manual_dir and _within(where, manual_dir):
+        return f"cannot read {where}: {reason}; check the file and its permissions"
+    return (f"I/O error while building into --data_dir {data_dir}: {reason}"
+            + (f" ({where})" if where else ""))
+
+
+def _write_failure(e: Exception, data_dir: str) -> str | None:
+    """The error line for a writer exception that reports an OS write error for a file under
+    ``data_dir`` (e.g. a full disk), else None (an unexpected error: keep the traceback)."""
+    text = _one_line(e)
+    dirs = {data_dir, os.path.abspath(data_dir)}
+    reasons = [os.strerror(n) for n in _WRITE_ERRNOS if os.strerror(n) in text]
+    if not reasons or not any(d in text for d in dirs):
+        return None
+    return (f"cannot write the dataset to --data_dir {data_dir}: {reasons[0]} ({text}); free "
+            f"space or pass another --data_dir")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.list_configs:
@@ -75,6 +124,13 @@ def main(argv=None) -> int:
         return 0
     if not args.data_dir:
         print("error: --data_dir is required (the output folder)", file=sys.stderr)
+        return 2
+    # The shell leaves "~" alone after "=": without this, a literal "./~" folder would appear.
+    data_dir = os.path.expanduser(args.data_dir)
+    manual_dir = os.path.expanduser(args.manual_dir) if args.manual_dir else None
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        print(f"error: --data_dir {data_dir} is an existing file, not a folder; pass a folder "
+              f"(it is created if missing)", file=sys.stderr)
         return 2
     # TFDS/absl progress bars, notices and "custom config" warnings would drown the summary.
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -90,11 +146,20 @@ def main(argv=None) -> int:
             opts["color_map"] = parse_color_map(args.color_map)
         opts = {k: v for k, v in opts.items() if v is not None}
         with contextlib.redirect_stdout(io.StringIO()):  # TFDS' "Downloading and preparing"
-            builder = build(args.dataset, args.data_dir, manual_dir=args.manual_dir,
+            builder = build(args.dataset, data_dir, manual_dir=manual_dir,
                             config=args.config, overwrite=args.overwrite, **opts)
         print("\n".join(_summary(builder)))
     except DatasetInputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {_os_error(e, data_dir, manual_dir)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        message = _write_failure(e, data_dir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -104,8 +104,10 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
             "download CathAction (see MANUAL_DOWNLOAD_INSTRUCTIONS) and pass manual_dir")
         spec = self.builder_config.label_spec()
         splits = scan_cathaction(root)
-        for pairs in splits.values():  # validate everything before any split is written
-            common.validate_pairs(pairs, spec)
+        with common.collect_notes() as notes:
+            for pairs in splits.values():  # validate everything before any split is written
+                common.validate_pairs(pairs, spec)
+        notes.emit()
         return {name: self._generate_examples(pairs, spec) for name, pairs in splits.items()}
 
     def _generate_examples(self, pairs, spec):

@@ -14,20 +14,44 @@ Image conversion
 ----------------
 * PNG / JPEG, 8-bit gray (PIL mode ``L``): unchanged.
 * Colour or palette images (``RGB``, ``RGBA``, ``P``, ``LA``, ``1``, ...): PIL ``convert("L")``,
-  i.e. ITU-R 601-2 luma ``L = R*299/1000 + G*587/1000 + B*114/1000``.
-* 16-bit / 32-bit / float PNG (``I;16``, ``I``, ``F``): min-max scaled (see below).
-* DICOM: pixel data -> modality LUT (``RescaleSlope``/``RescaleIntercept`` if present) ->
-  - if ``WindowCenter``/``WindowWidth`` are present: the DICOM VOI window (first value when the
-    tags are multi-valued; ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or SIGMOID, PS3.3
-    C.11.2.1.2) to [0, 255];
-  - else, 8-bit data without rescale tags: unchanged;
-  - else: min-max scaled **per frame**.
-  ``MONOCHROME1`` images are inverted afterwards (``255 - y``) so that all images share the
-  MONOCHROME2 convention (low value = dark). Colour DICOM (SamplesPerPixel 3) uses the luma
-  weights above. Per-frame functional groups of enhanced multi-frame objects are not read; the
-  top-level tags apply to every frame.
+  i.e. ITU-R 601-2 luma ``L = R*299/1000 + G*587/1000 + B*114/1000`` (alpha ignored). A build
+  prints a ``note:`` line listing the images with real colour (gray stored as RGB is exact).
+* 16-bit / 32-bit / float PNG (``I;16``, ``I``, ``F``): min-max scaled per image (see below),
+  with a ``note:`` line. (Not a fixed ``x * 255 / 65535``: X-ray PNGs often use only 10-12 of
+  the 16 bits, which a fixed scale would turn nearly black.)
+* DICOM, monochrome, per frame, in the order of PS3.3 C.11 (pydicom's own LUT functions
+  ``apply_modality_lut`` / ``apply_voi`` do the table lookups):
+
+  1. modality LUT: the ``ModalityLUTSequence`` table if present, else the linear rescale
+     ``x * RescaleSlope + RescaleIntercept`` if either tag is present, else identity;
+  2. VOI LUT, onto [0, 255]:
+
+     - ``VOILUTSequence`` table (first item; preferred over a window, as pydicom's
+       ``apply_voi_lut`` does): the modality output is rounded to an integer and clamped to
+       the table's input range, looked up, and the table output ``v`` (``n`` = third
+       ``LUTDescriptor`` value, bits per entry) becomes ``round(v * 255 / (2**n - 1))``;
+     - else ``WindowCenter``/``WindowWidth`` (width > 0): the DICOM window (first value when
+       the tags are multi-valued; ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or
+       SIGMOID, PS3.3 C.11.2.1.2) onto [0, 255];
+     - else 8-bit data (BitsStored 8) without a modality transform: unchanged;
+     - else min-max scaled **per frame** (with a ``note:`` line);
+  3. ``MONOCHROME1`` images are inverted afterwards (``255 - y``) so that all images share
+     the MONOCHROME2 convention (low value = dark).
+
+  Enhanced multi-frame objects (Enhanced XA / XRF cine, Enhanced CT / MR) keep rescale and
+  window per frame in functional groups: an item of ``PixelValueTransformationSequence``
+  (rescale) or ``FrameVOILUTSequence`` (window) in ``SharedFunctionalGroupsSequence`` and then
+  in the frame's ``PerFrameFunctionalGroupsSequence`` item replaces that attribute group of
+  the top level for that frame.
+* DICOM ``PALETTE COLOR``: the stored indices go through the palette (pydicom's
+  ``apply_color_lut``); the RGB result (entries 0 .. ``2**n - 1``, ``n`` = third value of the
+  Red Palette Color Lookup Table Descriptor) becomes ``round(luma * 255 / (2**n - 1))``.
+  A palette file without its tables is refused.
+* Colour DICOM (SamplesPerPixel 3, YBR decoded to RGB by pydicom): luma as above; 8-bit data
+  rounded, deeper data min-max scaled per frame.
 * Min-max scaling, in float64: ``y = round((x - min) * 255 / (max - min))`` with numpy's
   round-half-to-even; a constant image becomes all zeros.
+* Images smaller than ``MIN_IMAGE_SIDE`` (32) pixels in height or width are refused.
 
 Mask files and label values
 ---------------------------
@@ -47,10 +71,14 @@ from __future__ import annotations
 
 from fedkd.errors import UserError
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
 import re
+import struct
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -69,6 +97,12 @@ RGB_COLOR_MAP: dict[tuple[int, int, int], int] = {
     (0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}
 #: Gray preset for 3-level masks: 0 background, 128 catheter, 255 guidewire.
 GRAY_0_128_255_MAP: dict[int, int] = {0: 0, 128: 1, 255: 2}
+
+#: Smallest accepted image side in pixels (height and width). Training takes random crops of
+#: 80-100 % of each side and resizes them to ``config.image_size``; an image smaller than this
+#: cannot be cropped or resized sensibly and is almost always an export mistake (a thumbnail,
+#: an icon or a 1-pixel placeholder).
+MIN_IMAGE_SIDE = 32
 
 _JUNK_FILES = {"thumbs.db", "desktop.ini", "dicomdir"}
 _MAX_LISTED_PROBLEMS = 5
@@ -384,33 +418,263 @@ def _first_value(v) -> float:
         return float(v)
 
 
+# --------------------------------------------------------------------------------------------
+# Conversion notes
+# --------------------------------------------------------------------------------------------
+NOTE_HIGH_DEPTH = ("16-bit (or 32-bit / float) PNG image(s) min-max scaled to 8 bits, per image "
+                   "(darkest pixel 0, brightest 255)")
+NOTE_COLOUR = "colour image(s) converted to gray with ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B)"
+NOTE_PALETTE = ("PALETTE COLOR DICOM image(s): colour palette applied, then converted to gray "
+                "(luma)")
+NOTE_DICOM_MINMAX = ("DICOM image(s) without a VOI window or VOI LUT: min-max scaled to 8 bits "
+                     "per frame")
+
+
+class ConversionNotes:
+    """Conversions that change what the user may expect (bit depth, colour), by kind.
+
+    Collected while a builder checks its input (``collect_notes``) and printed once per build
+    as ``note: ...`` lines on stderr; the conversions themselves follow the module docstring."""
+
+    def __init__(self):
+        self.files: dict[str, list[Path]] = {}
+
+    def add(self, kind: str, path: Path) -> None:
+        paths = self.files.setdefault(kind, [])
+        if path not in paths:
+            paths.append(path)
+
+    def lines(self) -> list[str]:
+        out = []
+        for kind, paths in self.files.items():
+            names = [f"{p.parent.name}/{p.name}" for p in paths]
+            out.append(f"note: {kind}: {len(paths)} file(s) {_short_list(names, 5)}")
+        return out
+
+    def emit(self, file=None) -> None:
+        for line in self.lines():
+            print(line, file=file or sys.stderr)
+
+
+_NOTES: contextvars.ContextVar = contextvars.ContextVar("fedkd_tfds_notes", default=None)
+
+
+@contextlib.contextmanager
+def collect_notes():
+    """``with collect_notes() as notes:`` records the conversion notes of the files decoded
+    inside the block (``read_image``) into ``notes`` (a ``ConversionNotes``)."""
+    notes = ConversionNotes()
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def _note(kind: str, path: Path) -> None:
+    notes = _NOTES.get()
+    if notes is not None:
+        notes.add(kind, Path(path))
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM grayscale pipeline (PS3.3 C.11: modality LUT -> VOI LUT -> presentation)
+# --------------------------------------------------------------------------------------------
+_MODALITY_KEYS = ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")
+_VOI_KEYS = ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence")
+# Functional-group macros of enhanced multi-frame objects (Enhanced XA/XRF/CT/MR, PS3.3
+# C.7.6.16.2) and the attribute group each one carries for its frame(s).
+_FRAME_MACROS = (("PixelValueTransformationSequence", _MODALITY_KEYS),
+                 ("FrameVOILUTSequence", _VOI_KEYS))
+# What pydicom's LUT functions raise on malformed tables.
+_LUT_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError,
+               NotImplementedError, struct.error)
+
+
+def _pydicom_luts():
+    """pydicom's LUT functions: ``pydicom.pixels`` (pydicom >= 3) or their 2.x location."""
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import (apply_color_lut, apply_modality_lut,
+                                                      apply_voi)
+    return apply_color_lut, apply_modality_lut, apply_voi
+
+
+def _item(ds, keyword: str):
+    """First item of sequence ``keyword`` of ``ds`` (None if ``ds`` is None, or the sequence
+    is absent or empty)."""
+    seq = ds.get(keyword) if ds is not None else None
+    return seq[0] if seq else None
+
+
+def _frame_transforms(ds, nframes: int, path: Path) -> list[dict]:
+    """Per frame, the data elements of the modality and VOI transforms that apply to it.
+
+    Top-level attributes apply to every frame. In an enhanced multi-frame object an item of a
+    functional-group macro in ``SharedFunctionalGroupsSequence`` and then in the frame's
+    ``PerFrameFunctionalGroupsSequence`` item replaces the whole attribute group it carries
+    (``PixelValueTransformationSequence``: rescale; ``FrameVOILUTSequence``: window)."""
+    base = {k: ds[k] for k in _MODALITY_KEYS + _VOI_KEYS if k in ds}
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if not any(macro in item for item in per_frame for macro, _ in _FRAME_MACROS):
+        per_frame = []  # nothing for us there (e.g. only plane positions)
+    if per_frame and len(per_frame) != nframes:
+        raise DatasetInputError(
+            f"{path}: PerFrameFunctionalGroupsSequence has {len(per_frame)} items but the file "
+            f"has {nframes} frame(s); the file is inconsistent, re-export it")
+    out = []
+    for f in range(nframes):
+        attrs = dict(base)
+        for group in (shared, per_frame[f] if per_frame else None):
+            for macro, keys in _FRAME_MACROS:
+                item = _item(group, macro)
+                if item is None:
+                    continue
+                for k in keys:
+                    attrs.pop(k, None)
+                attrs.update({k: item[k] for k in keys if k in item})
+        out.append(attrs)
+    return out
+
+
+def _value(attrs: dict, keyword: str):
+    elem = attrs.get(keyword)
+    return None if elem is None else elem.value
+
+
+def _lut_dataset(ds, elem):
+    """A Dataset holding just ``elem`` (a LUT sequence) with the encoding of ``ds``: pydicom's
+    LUT functions read the byte order of OW LUT data from the file meta or the encoding."""
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    if getattr(ds, "file_meta", None) is not None:
+        view.file_meta = ds.file_meta
+    try:
+        view.set_original_encoding(*ds.original_encoding, None)
+    except (AttributeError, TypeError):  # pydicom without original_encoding
+        pass
+    view.add(elem)
+    return view
+
+
+def _valid_lut(seq) -> bool:
+    return bool(seq) and seq[0].get("LUTDescriptor") is not None and \
+        seq[0].get("LUTData") is not None
+
+
+def _lut_descriptor(seq, what: str, path: Path) -> tuple[int, int, int]:
+    """(entries, first mapped value, bits per entry) of the first item of a LUT sequence."""
+    desc = seq[0].get("LUTDescriptor")
+    try:
+        entries, first, bits = (int(v) for v in desc)
+    except (TypeError, ValueError):
+        raise DatasetInputError(f"{path}: {what} has an invalid LUTDescriptor {desc!r}; the "
+                                f"file is inconsistent, re-export it") from None
+    return entries or 65536, first, bits
+
+
+def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray, str | None]:
+    """One monochrome frame of stored values -> uint8 (before the MONOCHROME1 inversion) and
+    the conversion note to report (None if none). Rules: see the module docstring."""
+    _, apply_modality_lut, apply_voi = _pydicom_luts()
+    stored_uint8 = x.dtype == np.uint8
+    if x.dtype.kind in "iu":
+        x = x.astype(np.int64)  # pydicom's table lookups subtract the first mapped value
+    # Modality LUT: table (Modality LUT Sequence) or linear rescale (slope, intercept).
+    mlut = _value(attrs, "ModalityLUTSequence")
+    slope, intercept = _value(attrs, "RescaleSlope"), _value(attrs, "RescaleIntercept")
+    if _valid_lut(mlut):
+        _lut_descriptor(mlut, "ModalityLUTSequence", path)
+        try:
+            y = apply_modality_lut(x, _lut_dataset(ds, attrs["ModalityLUTSequence"]))
+        except _LUT_ERRORS as e:
+            raise DatasetInputError(f"{path}: cannot apply its Modality LUT Sequence "
+                                    f"({type(e).__name__}: {e}); re-export the image") from None
+        modality = True
+    elif slope is not None or intercept is not None:
+        y = (x.astype(np.float64) * float(1 if slope in (None, "") else slope)
+             + float(0 if intercept in (None, "") else intercept))
+        modality = True
+    else:
+        y, modality = x, False
+    # VOI LUT: table (VOI LUT Sequence; preferred over a window, as pydicom's apply_voi_lut
+    # does), else window (center/width), else min-max.
+    vlut = _value(attrs, "VOILUTSequence")
+    center, width = _value(attrs, "WindowCenter"), _value(attrs, "WindowWidth")
+    if _valid_lut(vlut):
+        entries, first, bits = _lut_descriptor(vlut, "VOILUTSequence", path)
+        # The table is indexed by integers: round the modality output and clamp it to the
+        # table (values outside map to the first / last entry, PS3.3 C.11.2.1.1).
+        iv = np.clip(np.rint(y), first, first + entries - 1).astype(np.int64)
+        try:
+            v = apply_voi(iv, _lut_dataset(ds, attrs["VOILUTSequence"]))
+        except _LUT_ERRORS as e:
+            raise DatasetInputError(f"{path}: cannot apply its VOI LUT Sequence "
+                                    f"({type(e).__name__}: {e}); re-export the image") from None
+        scaled = np.round(v.astype(np.float64) * 255.0 / (2.0 ** bits - 1.0))
+        return np.clip(scaled, 0, 255).astype(np.uint8), None
+    if center is not None and width is not None and _first_value(width) > 0:
+        function = _value(attrs, "VOILUTFunction")
+        return voi_window_to_uint8(y, _first_value(center), _first_value(width),
+                                   str(function or "LINEAR")), None
+    if stored_uint8 and not modality and int(ds.get("BitsStored", 8) or 8) == 8:
+        return x.astype(np.uint8), None
+    return minmax_to_uint8(y), NOTE_DICOM_MINMAX
+
+
+def _palette_to_gray(ds, arr: np.ndarray, path: Path) -> np.ndarray:
+    """PALETTE COLOR stored indices [F, H, W] -> uint8 gray via the palette and luma."""
+    apply_color_lut = _pydicom_luts()[0]
+    desc = ds.get("RedPaletteColorLookupTableDescriptor")
+    if desc is None or not any(k in ds for k in ("RedPaletteColorLookupTableData",
+                                                 "SegmentedRedPaletteColorLookupTableData")):
+        raise DatasetInputError(
+            f"{path}: PALETTE COLOR DICOM without its palette (Red/Green/Blue Palette Color "
+            f"Lookup Table Descriptor and Data); re-export the images as MONOCHROME2 or RGB")
+    try:
+        bits = int(desc[2])
+        rgb = apply_color_lut(arr, ds)
+    except _LUT_ERRORS as e:
+        raise DatasetInputError(
+            f"{path}: cannot apply its colour palette ({type(e).__name__}: {e}); re-export the "
+            f"images as MONOCHROME2 or RGB") from None
+    # Palette entries span 0 .. 2**bits - 1 (PS3.3 C.7.6.3.1.5); map that range onto 0..255.
+    gray = _luma(rgb[..., :3]) * (255.0 / (2.0 ** bits - 1.0))
+    return np.clip(np.round(gray), 0, 255).astype(np.uint8)
+
+
 def read_image(path: Path) -> tuple[np.ndarray, bool]:
     """Decode an image file to uint8 ``[F, H, W]``; also returns whether it is a multi-frame
     (cine) object. See the module docstring for the conversion rules."""
     path = Path(path)
     if is_dicom_file(path):
         ds, arr, multi = _read_dicom(path)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        if photometric == "PALETTE COLOR" and arr.ndim == 3:
+            _note(NOTE_PALETTE, path)
+            return _palette_to_gray(ds, arr, path), multi
         if arr.ndim == 4:  # colour frames
             gray = _luma(arr)
             if arr.dtype == np.uint8:
                 out = np.clip(np.round(gray), 0, 255).astype(np.uint8)
             else:
                 out = np.stack([minmax_to_uint8(g) for g in gray])
+            if not (np.array_equal(arr[..., 0], arr[..., 1])
+                    and np.array_equal(arr[..., 0], arr[..., 2])):
+                _note(NOTE_COLOUR, path)
             return out, multi
-        x = arr.astype(np.float64)
-        rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
-        if rescale:
-            x = x * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0)
-                                                                    or 0)
-        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is not None and width is not None and _first_value(width) > 0:
-            out = voi_window_to_uint8(x, _first_value(center), _first_value(width),
-                                      str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
-        elif arr.dtype == np.uint8 and not rescale:
-            out = arr.copy()
-        else:
-            out = np.stack([minmax_to_uint8(f) for f in x])
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        transforms = _frame_transforms(ds, arr.shape[0], path)
+        frames = []
+        for f in range(arr.shape[0]):
+            frame, note = _gray_frame(arr[f], transforms[f], ds, path)
+            frames.append(frame)
+            if note:
+                _note(note, path)
+        out = np.stack(frames)
+        if photometric == "MONOCHROME1":
             out = 255 - out
         return out, multi
     if path.suffix.lower() not in PIL_IMAGE_EXTS:
@@ -422,7 +686,13 @@ def read_image(path: Path) -> tuple[np.ndarray, bool]:
         out = np.asarray(im, dtype=np.uint8)
     elif im.mode in ("I", "F") or im.mode.startswith("I;16"):
         out = minmax_to_uint8(np.asarray(im))
+        _note(NOTE_HIGH_DEPTH, path)
     else:
+        if im.mode not in ("1", "LA", "La"):
+            rgb = np.asarray(im.convert("RGB"))
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1])
+                    and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                _note(NOTE_COLOUR, path)  # gray stored as RGB converts exactly: no note
         out = np.asarray(im.convert("L"), dtype=np.uint8)
     return out[None], False
 
@@ -536,6 +806,12 @@ def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool
     whether the image is multi-frame. Raises ``DatasetInputError`` naming the file."""
     frames, multi = read_image(pair.image)
     nframes, h, w = frames.shape
+    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+        raise DatasetInputError(
+            f"{pair.image}: image is {h}x{w} (HxW) pixels, below the minimum of "
+            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (training takes random crops and resizes them; "
+            f"smaller images cannot be cropped or resized sensibly); export it at full "
+            f"resolution or remove it and its mask")
     cands = pair.mask_candidates()
     if len(cands) > 1:
         raise DatasetInputError(
@@ -586,14 +862,26 @@ def _size_error(image: Path, ishape, mask: Path, mshape) -> DatasetInputError:
         f"(nearest-neighbour resampling)")
 
 
-def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec) -> int:
+def pair_mask_files(pair: Pair, nframes: int, multi: bool) -> list[Path]:
+    """The mask file(s) ``load_pair`` reads for ``pair`` (an image with ``nframes`` frames)."""
+    cands = pair.mask_candidates()
+    if cands:
+        return cands
+    return [pair.frame_mask_path(f) for f in range(nframes)] if multi else []
+
+
+def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec,
+                   used_masks: set[Path] | None = None) -> int:
     """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
-    Returns the number of examples (frames) that will be written."""
+    Returns the number of examples (frames) that will be written; adds the mask files read to
+    ``used_masks`` when given."""
     problems, count = [], 0
     for pair in pairs:
         try:
-            frames, _, _ = load_pair(pair, spec)
+            frames, _, multi = load_pair(pair, spec)
             count += frames.shape[0]
+            if used_masks is not None:
+                used_masks.update(pair_mask_files(pair, frames.shape[0], multi))
         except DatasetInputError as e:
             problems.extend(e.problems)
     if problems:

@@ -17,6 +17,20 @@ in exactly one split (split names: letters, digits, ``_``, ``-``).
 Image conversion and mask label conventions: see ``fedkd.data.tfds.common``. Every file is
 decoded and checked before anything is written, and TFDS writes into a temporary folder renamed
 only on success, so a failed build never leaves a dataset that looks prepared.
+
+Input rules beyond the decoding:
+
+* Orphan masks are refused: a file in ``masks/`` with a mask or image extension that is not
+  read as the mask of any image (no image with that stem, a per-frame name for a single-frame
+  image, a frame number past the end of the cine, a second mask next to the one used). In a
+  hospital export an orphan mask almost always means a missing or renamed image, i.e. labelled
+  data that would silently be left out; the error names each file and the fix (add the image,
+  rename, or move the file out of ``masks/``). Other files there (``.txt``, ``.csv``, ...) are
+  ignored.
+* Images smaller than ``common.MIN_IMAGE_SIDE`` (32) pixels in height or width are refused.
+* RGB masks need a ``color_map`` (CLI ``--color_map``) unless their three channels are equal.
+* Lossy or non-obvious conversions (16-bit PNG min-max scaled, colour images converted to
+  gray, palette DICOM, DICOM without a VOI window) are listed as ``note: ...`` lines on stderr.
 """
 from __future__ import annotations
 
@@ -32,6 +46,7 @@ from fedkd.data.tfds import common
 from fedkd.data.tfds.common import DatasetInputError, LabelSpec, Pair
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][\w\-]*$")
+_PER_FRAME = re.compile(r"^(.+)_(\d{4})$")  # <stem>_<frame:04d>
 
 
 @dataclasses.dataclass
@@ -96,8 +111,7 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
         spec = self.builder_config.label_spec()
         site = self.builder_config.site or root.resolve().name
         splits = scan_folder(root)
-        for pairs in splits.values():  # validate everything before any split is written
-            common.validate_pairs(pairs, spec)
+        check_folder(root, splits, spec)  # everything, before any split is written
         return {name: self._generate_examples(pairs, spec, site)
                 for name, pairs in splits.items()}
 
@@ -125,6 +139,84 @@ def scan_folder(root: Path) -> dict[str, list[Pair]]:
     return {name: [Pair(image=by_stem[s], mask_dir=masks_dir, stem=s, id_prefix=s)
                    for s in stems]
             for name, stems in assignment.items() if stems}
+
+
+def check_folder(root: Path, splits: dict[str, list[Pair]], spec: LabelSpec) -> int:
+    """Decode and check every image and mask, and refuse orphan masks; raise one
+    ``DatasetInputError`` listing every problem. On success print the conversion notes
+    (``note: ...`` on stderr) and return the number of examples."""
+    problems, used, failed, frames = [], set(), set(), {}
+    with common.collect_notes() as notes:
+        for pairs in splits.values():
+            for pair in pairs:
+                try:
+                    frames[pair.stem] = common.validate_pairs([pair], spec, used)
+                except DatasetInputError as e:
+                    problems.extend(e.problems)
+                    failed.add(pair.stem)
+    images = {p.stem: p for pairs in splits.values() for p in pairs}
+    problems.extend(_orphan_masks(root / "masks", images, used, failed, frames))
+    if problems:
+        raise DatasetInputError(problems)
+    notes.emit()
+    return sum(frames.values())
+
+
+def _orphan_masks(masks_dir: Path, images: dict[str, Pair], used: set[Path], failed: set[str],
+                  frames: dict[str, int]) -> list[str]:
+    """One problem per file in ``masks_dir`` that looks like a mask or image but is not read
+    as the mask of any image (files of images already reported as failed are skipped)."""
+    problems = []
+    lower = {s.lower(): s for s in images}
+    for f in sorted(masks_dir.iterdir()):
+        if f.name.startswith(".") or f.name.lower() in common._JUNK_FILES or not f.is_file():
+            continue
+        ext = f.suffix.lower()
+        if not (ext in common.MASK_EXTS or ext in common.IMAGE_EXTS
+                or (ext == "" and common.is_dicom_file(f))) or f in used:
+            continue
+        stem = f.stem
+        per_frame = _PER_FRAME.match(stem)
+        base = per_frame.group(1) if per_frame else None
+        if stem in failed or base in failed:
+            continue
+        fix = "remove it or move it out of masks/"
+        if stem in images:
+            why = (f"not used: image {images[stem].image.name} already has its mask(s) "
+                   f"{_names(_masks_of(stem, used))} (masks are {'/'.join(common.MASK_EXTS)})")
+        elif base in images and frames.get(base) == 1:
+            why = (f"per-frame mask name, but image {images[base].image.name} has a single "
+                   f"frame (its mask is {base}.png/.dcm/.npy)")
+        elif base in images:
+            why = (f"not used: image {images[base].image.name} has {frames.get(base)} frames "
+                   f"(0..{frames.get(base, 1) - 1}) with masks {_names(_masks_of(base, used))}")
+        elif stem.lower() in lower or (base or "").lower() in lower:
+            match = images[lower.get(stem.lower()) or lower[base.lower()]]
+            why = (f"mask without an image; file names are case-sensitive: did you mean image "
+                   f"{match.image.name}?")
+            fix = "rename the mask to match the image"
+        else:
+            why = (f"mask without an image (no images/{stem}.* image file"
+                   + (f" nor multi-frame images/{base}.dcm" if base else "") + ")")
+            fix = ("add the image, fix the file name, or move the mask out of masks/ (orphan "
+                   "masks are refused: they usually mean a missing or renamed image)")
+        problems.append(f"{f}: {why}; {fix}")
+    return problems
+
+
+def _masks_of(stem: str, used: set[Path]) -> list[Path]:
+    """The used mask files of image ``stem`` (``stem.*`` or per-frame ``stem_<frame>.png``)."""
+    out = []
+    for p in used:
+        m = _PER_FRAME.match(p.stem)
+        if p.stem == stem or (m and m.group(1) == stem):
+            out.append(p)
+    return out
+
+
+def _names(paths) -> str:
+    names = sorted(p.name for p in paths)
+    return common._short_list(names, 4)
 
 
 def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
