@@ -3,11 +3,13 @@
 About 2 minutes on 2 CPU cores (150 rounds x 4 clients x 4 local steps x batch 8):
   python -m fedkd.main --config=configs/quickstart.py --workdir=runs/quickstart
 """
-from fedkd.config import base_config
+from fedkd.config import ConfigError, base_config
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ConfigError(f"configs/quickstart.py takes no variant, got {arg!r}; drop ':{arg}' and override "
+                      "keys with --config.KEY=VALUE")
   c = base_config()
   c.num_rounds = 150
   c.num_clients = 4

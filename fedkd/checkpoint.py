@@ -31,8 +31,9 @@ class ResumeRefused(CheckpointError):
 
 class Checkpointer:
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: Any, max_to_keep: int = 2):
+    directory = os.fspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
     # Handlers named up front, so item metadata (which items a checkpoint has, the saved state's
     # keys) can be read before restoring anything.
     self._mngr = ocp.CheckpointManager(
@@ -60,10 +61,29 @@ class Checkpointer:
       items["clients_meta"] = ocp.args.JsonSave({"num_rows": n})
       if n:  # orbax cannot write zero-size arrays; no rows = no array item
         items["clients"] = ocp.args.StandardSave(client_state)
-    self._mngr.save(round_, args=ocp.args.Composite(**items))
+    with self._disk_errors():
+      self._mngr.save(round_, args=ocp.args.Composite(**items))
+
+  def _disk_errors(self):
+    """Turns a full disk / read-only filesystem during a (possibly async) save into one line; the
+    previous checkpoint is untouched (orbax writes into a temporary folder and renames it at the end)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+      try:
+        yield
+      except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in several types
+        from fedkd.workdir import WorkdirError, describe_os_error, environment_oserror
+        err = environment_oserror(e)
+        if err is None:
+          raise
+        raise WorkdirError(describe_os_error(err, self.directory)) from None
+    return guard()
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    with self._disk_errors():
+      self._mngr.wait_until_finished()
 
   def _json_item(self, round_: int, item: str) -> dict:
     try:
@@ -178,8 +198,11 @@ class Checkpointer:
     return None, None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      with self._disk_errors():
+        self._mngr.wait_until_finished()
+    finally:
+      self._mngr.close()
 
 
 def config_json(config) -> dict:

@@ -65,28 +65,14 @@ def run_app(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
       print("fedkd: interrupted before the round finished; the latest saved checkpoint is kept; re-run the "
             "same command to resume", file=sys.stderr, flush=True)
       sys.exit(130)
-    except OSError as e:
-      from fedkd.workdir import describe_os_error
-      err = _environment_oserror(e)
+    except Exception as e:  # noqa: BLE001 - a full disk / read-only filesystem, often wrapped by a library
+      from fedkd.workdir import describe_os_error, environment_oserror
+      err = environment_oserror(e)
       if err is None:
         raise
       fail(describe_os_error(err, err.filename or "the workdir"))
 
   app.run(wrapped, argv=argv, flags_parser=parser)
-
-
-_ENV_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def _environment_oserror(e: BaseException) -> OSError | None:
-  """The full-disk / read-only-filesystem OSError in ``e``'s chain (libraries wrap them), or None."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
-      return e
-    e = e.__cause__ or e.__context__
-  return None
 
 
 def _print_help(full: bool, usage: str, uses_config: bool) -> None:

@@ -75,9 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The server treats the negated weighted-mean client delta as a gradient:
   # plain FedAvg is SGD with learning rate 1.
   c.server_optimizer = ml_collections.ConfigDict()
-  c.server_optimizer.name = "sgd"
-  c.server_optimizer.learning_rate = 1.0
-  c.server_optimizer.momentum = 0.0
+  c.server_optimizer.name = "sgd"  # sgd | adam | adamw, stepping on the negated mean client delta
+  c.server_optimizer.learning_rate = 1.0  # 1.0 with sgd = plain FedAvg
+  c.server_optimizer.momentum = 0.0  # sgd only; 0.9 = FedAvgM
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dice_ce"  # dice_ce | cldice (dice_ce + soft-clDice) | focal_tversky
@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Client algorithm: 'fedavg' (stateless clients; FedAvgM etc. via server_optimizer) or 'scaffold'
   # (per-client control variates, Karimireddy et al. 2020, option II).
   c.algorithm = ml_collections.ConfigDict()
-  c.algorithm.name = "fedavg"
+  c.algorithm.name = "fedavg"  # fedavg | scaffold (see above)
   # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
   # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
   c.algorithm.client_state = "device"
@@ -209,8 +209,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   # In-run checkpoints of each pretraining run (foundation) every this many rounds; a stopped or
   # preempted experiment resumes inside the run it was in.
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 10
-  c.checkpoint.max_to_keep = 2
+  c.checkpoint.every = 10  # pretraining rounds between in-run checkpoints
+  c.checkpoint.max_to_keep = 2  # newest checkpoints kept per run
   c.log_every = 10  # a progress line (loss, rounds/s, ETA) every this many pretraining rounds
   return c
 
@@ -234,11 +234,24 @@ def _key_docs(fn) -> dict[str, str]:
   return docs
 
 
+# Keys of config.teacher / config.student (one ConfigDict literal each, so no per-line comments).
+MODEL_KEY_DOCS = {
+    "name": "transunet | unet (teacher and student alike)", "num_classes": "output classes",
+    "image_size": "input side in px (= config.image_size)", "patch_size": "transunet: ViT patch side in px",
+    "stem_width": "transunet: channels of the conv stem", "hidden": "transunet: ViT width (same for both)",
+    "num_layers": "transunet: ViT blocks", "num_heads": "transunet: attention heads",
+    "mlp_dim": "transunet: ViT MLP width", "decoder_width": "transunet: channels of the decoder",
+    "skips": "transunet: UNet-style skip connections from the stem", "width": "unet: first-level channels",
+    "depth": "unet: levels", "groups": "unet: GroupNorm groups"}
+
+
 def config_help() -> str:
   """Every ``--config.*`` key of every task with its default and meaning (for ``--helpfull``)."""
   out = []
   for task, fn in (("fedavg", base_config), ("fedefm", fedefm_base_config)):
     docs = _key_docs(fn)
+    for model in ("teacher", "student"):
+      docs.update({f"{model}.{k}": v for k, v in MODEL_KEY_DOCS.items()})
     out.append(f"--config.* keys of task {task!r} (default, meaning):")
 
     def walk(node, prefix):

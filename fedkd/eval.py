@@ -39,11 +39,6 @@ class EvalError(UserError, ValueError):
   pass
 
 
-def fail(msg: str) -> None:
-  print(f"fedkd: error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
 def perturb(images: np.ndarray, kind: str, severity: float, seed: int = 0) -> np.ndarray:
   """images [N, H, W, 1] in [0, 1] -> perturbed copy (severity 0 / factor 1 = unchanged)."""
   from scipy import ndimage
@@ -75,28 +70,47 @@ def load_run(workdir: str, round_: int | None):
   from fedkd.fl import engine
   from fedkd.models import init_params
 
-  ckdir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckdir):
+  from fedkd.workdir import prepare
+
+  path = prepare(workdir, create=False)
+  ckdir = path / "checkpoints"
+  if not ckdir.is_dir():
     raise EvalError(f"{workdir} has no checkpoints/ folder; train first with "
                     f"python -m fedkd.main --config=... --workdir={workdir}")
   ckpt = Checkpointer(ckdir)
+
+  def load(r):
+    config = ml_collections.ConfigDict(ckpt.saved_config(r))
+    try:
+      apply, params = init_params(config.model, config.seed)
+      server_tx = engine.make_optimizer(config.server_optimizer)
+      like = engine.init_server_state(params, server_tx, jax.random.key(config.seed))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"the config stored with round {r} is not a usable fedavg config "
+                            f"({type(e).__name__}: {e})") from None
+    state, _ = ckpt.restore(r, like)
+    return config, apply, state["params"]
+
   try:
     rounds = ckpt.all_rounds()
     if not rounds:
       raise EvalError(f"{ckdir} holds no finished checkpoint; train (or resume) with fedkd.main first")
-    r = rounds[-1] if round_ is None else round_
-    if r not in rounds:
-      raise EvalError(f"no checkpoint for round {r} in {ckdir}; available rounds: {rounds}")
-    config = ml_collections.ConfigDict(ckpt.saved_config(r))
-    apply, params = init_params(config.model, config.seed)
-    server_tx = engine.make_optimizer(config.server_optimizer)
-    like = engine.init_server_state(params, server_tx, jax.random.key(config.seed))
-    state, _ = ckpt.restore(r, like)
+    if round_ is None:
+      r, (config, apply, params) = ckpt.restore_latest(load, lambda m: print(m, file=sys.stderr))
+    else:
+      if round_ not in rounds:
+        raise EvalError(f"no checkpoint for round {round_} in {ckdir}; available rounds: {rounds}")
+      r = round_
+      config, apply, params = load(r)
   except CheckpointError as e:
     raise EvalError(str(e)) from None
   finally:
     ckpt.close()
-  return config, apply, state["params"], r
+  finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params))
+  if not finite:
+    raise EvalError(f"the checkpoint for round {r} in {ckdir} holds NaN/Inf parameters (that run diverged); "
+                    "evaluate an earlier --round or retrain with a lower learning rate")
+  return config, apply, params, r
 
 
 def evaluate(config, apply, params, sets, spacing_mm: float):
@@ -208,33 +222,34 @@ def format_results(results: dict, unseen: str | None) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
-  if len(rest) > 1:
-    fail(f"unexpected arguments {' '.join(rest[1:])}")
+def main(argv) -> None:
+  del argv
+  from fedkd.workdir import prepare
   if not cli.WORKDIR.value:
-    fail("--workdir is required (a run directory written by fedkd.main)")
-  workdir = cli.WORKDIR.value
-  out = cli.OUT.value or os.path.join(workdir, "eval")
-  from fedkd.data.pipeline import DataError, make_client_data
-  try:
-    config, apply, params, r = load_run(workdir, _ROUND.value)
-    with config.unlocked():
-      config.eval.examples_per_site = _EXAMPLES.value
-    data = make_client_data(config)
-    sets = data.eval_sets()
-  except (EvalError, DataError) as e:
-    fail(str(e))
-  os.makedirs(out, exist_ok=True)
+    cli.fail("--workdir is required (a run directory written by fedkd.main)")
+  if _EXAMPLES.value < 1:
+    cli.fail(f"--examples={_EXAMPLES.value} must be >= 1 (held-out images per site)")
+  if cli.FRAMES.value < 0:
+    cli.fail(f"--frames={cli.FRAMES.value} must be >= 0")
+  if not np.isfinite(_SPACING.value) or _SPACING.value <= 0:
+    cli.fail(f"--spacing_mm={_SPACING.value} must be a positive pixel size in mm")
+  if _ROUND.value is not None and _ROUND.value < 0:
+    cli.fail(f"--round={_ROUND.value} must be a checkpoint round (>= 0)")
+  workdir = os.path.expanduser(cli.WORKDIR.value)
+  from fedkd.data.pipeline import make_client_data
+  config, apply, params, r = load_run(workdir, _ROUND.value)
+  with config.unlocked():
+    config.eval.examples_per_site = _EXAMPLES.value
+  data = make_client_data(config)
+  sets = data.eval_sets()
+  out = prepare(os.path.expanduser(cli.OUT.value) if cli.OUT.value else os.path.join(workdir, "eval"))
+  out = os.fspath(out)
   print(f"evaluating {workdir} at round {r}: {len(sets)} sites x {_EXAMPLES.value} held-out images",
         flush=True)
   results, preds, run, classes = evaluate(config, apply, params, sets, _SPACING.value)
   write_tables(results, out, r)
-  prediction_grid(sets, preds, cli.FRAMES.value, os.path.join(out, "predictions.png"), data.unseen_name)
+  if cli.FRAMES.value:
+    prediction_grid(sets, preds, cli.FRAMES.value, os.path.join(out, "predictions.png"), data.unseen_name)
   print("robustness curves (noise, blur, contrast loss, downscaling) ...", flush=True)
   rob = robustness(sets, run, classes)
   with open(os.path.join(out, "robustness.json"), "w") as f:
@@ -244,8 +259,12 @@ def main(argv=None) -> None:
   print(format_results(results, data.unseen_name))
   print(f"(hd95, assd, tip_error in {unit}; means over images where defined)")
   print(f"wrote {out}: eval.json, eval.csv, predictions.png (green TP, red FP, blue FN), "
-        "robustness.json, robustness.png")
+        "robustness.json, robustness.png", flush=True)
+
+
+def run(argv=None) -> None:
+  cli.run_app(main, argv, uses_config=False, usage=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  run()

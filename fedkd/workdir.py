@@ -52,6 +52,20 @@ def describe_os_error(e: OSError, where: Any) -> str:
   return f"cannot write to {where} ({type(e).__name__}: {e}); use another --workdir"
 
 
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def environment_oserror(e: BaseException | None) -> OSError | None:
+  """The full-disk / read-only-filesystem OSError in ``e``'s cause chain (libraries wrap them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def prepare(workdir: str, *, create: bool = True) -> epath.Path:
   """The workdir as a path, created (``create``) and proven writable; a :class:`WorkdirError` else."""
   if not workdir:
@@ -78,6 +92,19 @@ def prepare(workdir: str, *, create: bool = True) -> epath.Path:
       raise WorkdirError(f"--workdir={workdir}: a parent of it is a file; pass a folder path") from None
     raise WorkdirError(describe_os_error(e, workdir)) from None
   return path
+
+
+def remove_if_empty(path: epath.Path) -> None:
+  """Removes ``path`` when it holds nothing but an (unheld) lock file: a run that was refused
+  before it wrote anything leaves no folder behind."""
+  try:
+    names = [p.name for p in path.iterdir()]
+    if set(names) <= {LOCK_NAME}:
+      for n in names:
+        (path / n).unlink()
+      path.rmdir()
+  except OSError:
+    pass
 
 
 def write_atomic(path: epath.Path, text: str) -> None:

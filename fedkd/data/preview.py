@@ -1,43 +1,57 @@
 """A picture of the data for a person to look at: per site, frames and their mask overlays.
 
-  python -m fedkd.data.preview --config=configs/quickstart.py --out=preview.png [--frames=4]
+  python -m fedkd.data.preview --config=configs/quickstart.py [--out=runs/preview.png] [--frames=4]
 
 Rows are sites (training sites, then the unseen one); each frame appears twice, plain and with the
 mask drawn over it (catheter red, guidewire green, vessel blue). Works for every data.source.
+The picture goes to --out (default runs/preview.png; .png, .jpg or .jpeg).
 """
 from __future__ import annotations
 
 import os
 
 from absl import flags
-import numpy as np
 
 from fedkd import cli
-from fedkd.report import grid
 
 _SCALE = flags.DEFINE_integer("scale", 0, "Pixel zoom (0: to make frames at least 128 px).")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+DEFAULT_OUT = os.path.join("runs", "preview.png")
 
-def run(argv=None) -> None:
-  cli.parse(argv)
-  config = cli.CONFIG.value
-  from fedkd.config import ConfigError, validate
-  from fedkd.data.pipeline import DataError, make_client_data
+
+def main(argv) -> None:
+  del argv
   import jax
-  try:
-    validate(config, jax.device_count())
-    data = make_client_data(config)
-    with config.unlocked():
-      config.eval.examples_per_site = max(cli.FRAMES.value, 1)
-    sets = data.eval_sets()
-  except (ConfigError, DataError) as e:
-    cli.fail(str(e))
+
+  from fedkd.config import validate
+  from fedkd.data.pipeline import make_client_data
+  from fedkd.report import grid
+  from fedkd.workdir import prepare
+
+  config = cli.CONFIG.value
+  out = os.path.expanduser(cli.OUT.value or DEFAULT_OUT)
+  if not out.lower().endswith(IMAGE_EXTS) or os.path.isdir(out):
+    cli.fail(f"--out={out} must be an image file path ending in {', '.join(IMAGE_EXTS)}, e.g. "
+             "--out=runs/preview.png")
+  if cli.FRAMES.value < 1:
+    cli.fail(f"--frames={cli.FRAMES.value} must be >= 1")
+  if _SCALE.value < 0:
+    cli.fail(f"--scale={_SCALE.value} must be >= 0 (0 = automatic)")
+  validate(config, jax.device_count())
+  data = make_client_data(config)
+  with config.unlocked():
+    config.eval.examples_per_site = cli.FRAMES.value
+  sets = data.eval_sets()
   scale = _SCALE.value or max(1, -(-128 // config.image_size))
   pic = grid(sets, cli.FRAMES.value, scale, data.unseen_name)
-  out = cli.OUT.value or "preview.png"
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  prepare(os.path.dirname(os.path.abspath(out)))
   pic.save(out)
   print(f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
         f"({config.data.source}, {config.image_size}px); red catheter, green guidewire, blue vessel")
+
+
+def run(argv=None) -> None:
+  cli.run_app(main, argv, usage=__doc__)
 
 
 if __name__ == "__main__":

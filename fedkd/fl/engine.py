@@ -144,7 +144,8 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
                   server_tx: optax.GradientTransformation, mesh, *, client_parallelism: str = "vmap",
                   unroll_local_steps: bool = False, client_chunk: int = 8, compute_dtype=None,
                   remat: bool = False, algorithm: str = "fedavg", client_lr: float | None = None,
-                  num_clients: int | None = None, chunk_strategy: str = "bgemm"):
+                  num_clients: int | None = None, chunk_strategy: str = "bgemm",
+                  skip_nonfinite: bool = False):
   """Returns the jitted round function (state donated).
 
   FedAvg: ``round_fn(state, xs, ys, weights) -> (state, metrics)``. SCAFFOLD:
@@ -165,7 +166,10 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
                 weighted delta sum: only one chunk's activations and deltas are alive (many clients
                 per device);
     ``map``     ``lax.scan`` over single clients (plain convolutions).
-  ``metrics``: ``loss`` (weighted mean over clients) and ``client_loss`` [C].
+  ``metrics``: ``loss`` (weighted mean over clients), ``client_loss`` [C], ``client_finite`` [C] (the
+  client's delta and loss hold no NaN/Inf) and ``finite`` (the new server params hold no NaN/Inf).
+  ``skip_nonfinite``: a client whose delta or loss is non-finite gets weight 0 in the aggregate (its
+  SCAFFOLD c_i is kept); when no client is finite the server params do not move.
 
   SCAFFOLD (option II): local gradients get ``c - c_i``; c_i+ = c_i - c + (x - y_i) / (K * client_lr);
   the server adds ``sum_i (c_i+ - c_i) / num_clients`` to c. The server step on the weighted-mean
@@ -198,12 +202,29 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     new_c = jax.tree.map(lambda ci, c, d: ci - c - d / (k * client_lr), c_i, control, delta)
     return delta, loss, new_c
 
-  def group(params, control, x, y, w, c):
-    """Clients of one group, vmapped -> (weighted delta sum, losses, new c or None, sum of c changes)."""
-    d, l, nc = jax.vmap(one_client, in_axes=(None, None, 0, 0, 0))(params, control, x, y, c)
+  def finite_rows(d, l):
+    """[C] bool: client i's delta (every leaf) and loss are finite."""
+    ok = jnp.isfinite(l)
+    for leaf in jax.tree.leaves(d):
+      ok = ok & jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+    return ok
+
+  def combine(d, l, nc, w, c):
+    """Stacked client outputs -> (weighted delta sum, losses, new c, sum of c changes, finite, weights)."""
+    ok = finite_rows(d, l)
+    if skip_nonfinite:  # zero the rows first: 0 * NaN would still be NaN
+      w = jnp.where(ok, w, 0.0)
+      d = jax.tree.map(lambda a: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0), d)
+      if nc is not None:
+        nc = jax.tree.map(lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), nc, c)
     wsum = jax.tree.map(lambda di: jnp.tensordot(w, di, axes=1), d)
     dcsum = None if nc is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
-    return wsum, l, nc, dcsum
+    return wsum, l, nc, dcsum, ok, w
+
+  def group(params, control, x, y, w, c):
+    """Clients of one group, vmapped -> combine(...)."""
+    d, l, nc = jax.vmap(one_client, in_axes=(None, None, 0, 0, 0))(params, control, x, y, c)
+    return combine(d, l, nc, w, c)
 
   def shard_body(params, control, xs, ys, w, c):
     # Server params enter replicated; every client trains its own copy, so mark them varying.
@@ -212,38 +233,43 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     if client_parallelism == "unroll":
       outs = [one_client(params, control, xs[i], ys[i], None if c is None else jax.tree.map(lambda a: a[i], c))
               for i in range(n)]
-      wsum = jax.tree.map(lambda *d: sum(w[i] * di for i, di in enumerate(d)), *[o[0] for o in outs])
-      losses = jnp.stack([o[1] for o in outs])
-      nc = None if c is None else jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
-      dcsum = None if c is None else jax.tree.map(lambda a, b: jnp.sum(a - b, axis=0), nc, c)
+      stack = lambda *a: jnp.stack(a)  # noqa: E731
+      d = jax.tree.map(stack, *[o[0] for o in outs])
+      nc = None if c is None else jax.tree.map(stack, *[o[2] for o in outs])
+      wsum, losses, nc, dcsum, ok, w = combine(d, jnp.stack([o[1] for o in outs]), nc, w, c)
     elif client_parallelism in VMAP_CONV_MODES:
       with _convs(VMAP_CONV_MODES[client_parallelism]):
-        wsum, losses, nc, dcsum = group(params, control, xs, ys, w, c)
+        wsum, losses, nc, dcsum, ok, w = group(params, control, xs, ys, w, c)
     else:  # chunked / map: lax.scan over chunks, accumulating the sums
       k = 1 if client_parallelism == "map" else chunk_size(n, client_chunk)
       chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), (xs, ys, w, c))
 
       def one_chunk(acc, chunk):
         with _convs(VMAP_CONV_MODES[chunk_strategy] if client_parallelism == "chunked" and k > 1 else None):
-          ws, l, ncc, dc = group(params, control, *chunk)
+          ws, l, ncc, dc, okc, wc = group(params, control, *chunk)
         acc = jax.tree.map(jnp.add, acc, (ws, dc))
-        return acc, (l, ncc)
+        return acc, (l, ncc, okc, wc)
 
       zero = jax.tree.map(jnp.zeros_like, (params, None if c is None else control))
-      (wsum, dcsum), (losses, nc) = jax.lax.scan(one_chunk, zero, chunks)
-      losses = losses.reshape(n)
+      (wsum, dcsum), (losses, nc, ok, w) = jax.lax.scan(one_chunk, zero, chunks)
+      losses, ok, w = losses.reshape(n), ok.reshape(n), w.reshape(n)
       nc = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), nc)
     wsum = jax.lax.psum(wsum, CLIENTS)
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
+    if skip_nonfinite:  # nobody finite: total 0, no move (the host stops the run on that)
+      total = jnp.where(total > 0, total, 1.0)
+      losses_in = jnp.where(ok, losses, 0.0)
+    else:
+      losses_in = losses
     mean_delta = jax.tree.map(lambda s: s / total, wsum)
-    mean_loss = jax.lax.psum(jnp.sum(w * losses), CLIENTS) / total
+    mean_loss = jax.lax.psum(jnp.sum(w * losses_in), CLIENTS) / total
     dcsum = None if dcsum is None else jax.lax.psum(dcsum, CLIENTS)
-    return mean_delta, mean_loss, losses, nc, dcsum
+    return mean_delta, mean_loss, losses, nc, dcsum, ok
 
   client_spec = P(CLIENTS) if scaffold else P()  # P() for the empty (None) pytrees of FedAvg
   sharded = jax.shard_map(shard_body, mesh=mesh,
                           in_specs=(P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), client_spec),
-                          out_specs=(P(), P(), P(CLIENTS), client_spec, P()))
+                          out_specs=(P(), P(), P(CLIENTS), client_spec, P(), P(CLIENTS)))
 
   def server_step(state, mean_delta, dcsum):
     params = state["params"]
@@ -255,18 +281,26 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
       new_state["control"] = jax.tree.map(lambda cc, d: cc + d / num_clients, state["control"], dcsum)
     return new_state
 
+  def metrics(new_state, mean_loss, losses, ok):
+    finite = jnp.isfinite(mean_loss)
+    for leaf in jax.tree.leaves(new_state["params"]):
+      finite = finite & jnp.all(jnp.isfinite(leaf))
+    return {"loss": mean_loss, "client_loss": losses, "client_finite": ok, "finite": finite}
+
   if scaffold:
     def round_fn(state, xs, ys, weights, client_state):
-      mean_delta, mean_loss, losses, new_c, dcsum = sharded(
+      mean_delta, mean_loss, losses, new_c, dcsum, ok = sharded(
           state["params"], state["control"], xs, ys, weights.astype(jnp.float32), client_state)
-      return server_step(state, mean_delta, dcsum), {"loss": mean_loss, "client_loss": losses}, new_c
+      new_state = server_step(state, mean_delta, dcsum)
+      return new_state, metrics(new_state, mean_loss, losses, ok), new_c
 
     return jax.jit(round_fn, donate_argnums=(0, 4))
 
   def round_fn(state, xs, ys, weights):
-    mean_delta, mean_loss, losses, _, _ = sharded(state["params"], None, xs, ys,
-                                                  weights.astype(jnp.float32), None)
-    return server_step(state, mean_delta, None), {"loss": mean_loss, "client_loss": losses}
+    mean_delta, mean_loss, losses, _, _, ok = sharded(state["params"], None, xs, ys,
+                                                      weights.astype(jnp.float32), None)
+    new_state = server_step(state, mean_delta, None)
+    return new_state, metrics(new_state, mean_loss, losses, ok)
 
   return jax.jit(round_fn, donate_argnums=0)
 

@@ -10,10 +10,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import base_config, validate
+from fedkd.errors import DivergedError
+from fedkd.preemption import Stopped
+from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import engine
@@ -110,14 +114,32 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
         "a different experiment, or the original config to resume")
 
 
-def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
+def _diverged(r: int, m: dict, clients: np.ndarray, config, good: int | None, ckdir: str) -> DivergedError:
+  bad = [int(c) for c, ok in zip(clients, np.asarray(m["client_finite"])) if not ok]
+  who = (f"non-finite updates from client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} of "
+         f"{len(clients)}" if bad else "the aggregate became non-finite")
+  lr = config.client_optimizer.learning_rate
+  kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
+  return DivergedError(
+      f"training diverged in round {r}: loss {float(m['loss'])}, {who}; likely cause: a learning rate too "
+      f"large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
+      f"{config.server_optimizer.learning_rate:g}): lower it, or set --config.engine.skip_nonfinite_clients=True "
+      f"to drop such clients; {kept}, nothing of this round was saved")
+
+
+def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'} and, for
-  stateful algorithms, 'client_state' (the per-client store's state dict: ids ever sampled, rows)."""
+  stateful algorithms, 'client_state' (the per-client store's state dict: ids ever sampled, rows).
+
+  ``workdir``: a local path or ``gs://`` URL. ``stop``: a :class:`fedkd.preemption.StopSignals`; when it
+  asks, the run saves the round just finished and raises :class:`fedkd.preemption.Stopped`. A round
+  whose loss, client updates or new parameters are NaN/Inf raises :class:`DivergedError` before
+  anything of it is written."""
   n_dev = validate(config, jax.device_count())
   primary = jax.process_index() == 0
   if not primary:  # one process speaks and writes files; all of them compute and checkpoint
     log = lambda _: None  # noqa: E731
-  os.makedirs(workdir, exist_ok=True)
+  workdir = prepare(os.fspath(workdir))
   mesh = client_mesh(n_dev)
   rows = local_rows(mesh, config.clients_per_round)
   parallelism, unroll = engine.resolve_engine_options(config.engine, model=config.model.name,
@@ -147,32 +169,49 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         chunk_strategy=config.engine.chunk_strategy,
         compute_dtype=jnp.dtype(config.engine.compute_dtype), remat=config.engine.remat,
         algorithm=algorithm, client_lr=float(config.client_optimizer.learning_rate),
-        num_clients=config.num_clients)
+        num_clients=config.num_clients, skip_nonfinite=config.engine.skip_nonfinite_clients)
 
   round_fn = None if parallelism == "measure" else build_round_fn(parallelism)
 
   cfg_json = ckpt_lib.config_json(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
-  runlog = RunLog(workdir, enabled=primary)
-  start = ckpt.latest_round()
-  if start is not None:
-    _check_resumable(ckpt.saved_config(start), cfg_json, ckpt.directory)
-    state, _ = ckpt.restore(start, state)
-    data.set_state(ckpt.saved_data_state(start))
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep)
+  runlog = RunLog(workdir, enabled=primary, note=log)
+  like = state
+
+  def load(r):
+    _check_resumable(ckpt.saved_config(r), cfg_json, ckpt.directory)
+    restored, _ = ckpt.restore(r, like)
+    data_state = ckpt.saved_data_state(r)
+    rows_state = None
     if clients_store is not None:
-      n_rows = ckpt.saved_client_rows(start)
+      n_rows = ckpt.saved_client_rows(r)
       if n_rows is None:
-        raise ckpt_lib.CheckpointError(
-            f"the checkpoint for round {start} in {ckpt.directory} holds no per-client state, which "
+        raise ckpt_lib.ResumeRefused(
+            f"the checkpoint for round {r} in {ckpt.directory} holds no per-client state, which "
             f"algorithm {algorithm!r} needs; use a new --workdir or the config it was written with")
-      clients_store.load_state_dict(ckpt.restore_client_state(start, clients_store.empty_state_dict(n_rows)))
+      rows_state = ckpt.restore_client_state(r, clients_store.empty_state_dict(n_rows))
+    return restored, data_state, rows_state
+
+  start, loaded = ckpt.restore_latest(load, log)
+  if start is not None:
+    if start > config.num_rounds:
+      ckpt.close()
+      raise ckpt_lib.ResumeRefused(
+          f"{workdir} already holds round {start}, beyond config.num_rounds={config.num_rounds}; pass "
+          f"--config.num_rounds={start} (or more) to continue it, evaluate an earlier round with "
+          f"python -m fedkd.eval --workdir={workdir} --round=R, or use a new --workdir")
+    state, data_state, rows_state = loaded
+    data.set_state(data_state)
+    if clients_store is not None:
+      clients_store.load_state_dict(rows_state)
     runlog.truncate_after(start)
     log(f"resuming from round {start} (checkpoint in {ckpt.directory})")
   else:
     start = 0
+    runlog.truncate_after(-1)  # records of an attempt that died before its first checkpoint
     if primary:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cfg_json, f, indent=2)
+      write_atomic(workdir / "config.json", json.dumps(cfg_json, indent=2))
+  del like, loaded
 
   n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
   evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
@@ -198,6 +237,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     log(f"round 0 (untrained): dice catheter {rec['dice/catheter']:.4f}  guidewire {rec['dice/guidewire']:.4f}")
 
   imgs_per_round = config.clients_per_round * config.local_steps * config.batch_size
+  last_saved = start or None
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   try:
     for r in range(start + 1, config.num_rounds + 1):
@@ -221,8 +261,16 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         state, m = round_fn(state, *batch)
       else:
         state, m, new_rows = round_fn(state, *batch)
-        clients_store.scatter(clients, new_rows)
       loss = float(m["loss"])  # waits for the round
+      client_ok = np.asarray(m["client_finite"] if jax.process_count() == 1 else
+                             multihost_utils.process_allgather(m["client_finite"], tiled=True))
+      if not bool(m["finite"]) or not client_ok.any():
+        raise _diverged(r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory)
+      if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
+        log(f"round {r}: dropped client(s) {[int(c) for c in clients[~client_ok]]} (non-finite update)")
+        runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
+      if clients_store is not None:
+        clients_store.scatter(clients, new_rows)
       dt = time.time() - t0
       if r > start + 1:  # the first round includes compilation
         timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
@@ -240,9 +288,14 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         line += (f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire "
                  f"{rec['dice/guidewire']:.4f}")
       log(line)
-      if r % config.checkpoint.every == 0 or r == config.num_rounds:
+      stopping = stop is not None and stop.requested(r)
+      if stopping or r % config.checkpoint.every == 0 or r == config.num_rounds:
         ckpt.save(r, state, cfg_json, data.get_state(),
                   None if clients_store is None else clients_store.state_dict())
+        last_saved = r
+      if stopping and r < config.num_rounds:
+        ckpt.wait()
+        raise Stopped(r, stop.reason)
   finally:
     ckpt.close()  # finish pending async saves, also when the run dies mid-way
     runlog.close()
@@ -252,8 +305,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     rec = summarize(config.num_rounds, per_site, unseen_name)
   log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
   log(format_table(per_site, unseen_name))
-  log(f"\noutputs in {os.path.abspath(workdir)}: metrics.jsonl (one record per evaluation), "
-      f"tb/ (TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')}), config.json, "
+  log(f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
+      f"tb/ (TensorBoard: tensorboard --logdir {workdir / 'tb'}), config.json, "
       "checkpoints/ (orbax; re-run with the same --workdir to resume)")
   if clients_store is not None:
     log(f"client state {clients_store.describe()}")
