@@ -554,6 +554,9 @@ def load_source(name: str, split: str, data_dir, config=None) -> SegmentationSou
     splits = list(builder.info.splits.keys())
     if split not in splits:
         raise DatasetInputError(f"{name}/{cfg}: no split {split!r}; available: {splits}")
+    if builder.info.splits[split].num_examples == 0:  # TFDS cannot open a split without shards
+        raise DatasetInputError(f"{name}/{cfg}: split {split!r} has no records; rebuild it with "
+                                f"examples in that split")
     src = builder.as_data_source(split=split)
     return SegmentationSource(src, name=f"{name}/{cfg}:{split}")
 
