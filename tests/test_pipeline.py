@@ -1,5 +1,6 @@
 """Training from a TFDS dataset through grain: same training code, exact resume, augmentation."""
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -138,3 +139,101 @@ def test_tfds_10000_clients_by_site(tmp_path):
     np.testing.assert_array_equal(x[0, 0], aug(rec, np.random.default_rng(0))["image"])
   result = fedavg.run(c, str(tmp_path / "run"), log=lambda _: None)
   assert int(result["state"]["round"]) == 2
+
+
+@pytest.fixture(scope="module")
+def odd_sites(tmp_path_factory):
+  """'north' (6 train / 3 test frames of 40 px), 'evalonly' (3 test frames, no train split) and 'small'
+  (32 px frames) in one data_dir."""
+  base = tmp_path_factory.mktemp("odd")
+  out = base / "tfds"
+  _hospital_folder(base / "north", seed=0)
+  _hospital_folder(base / "evalonly", seed=1, n_train=0, n_test=3)
+  _hospital_folder(base / "small", seed=2, size=32)
+  for site in ("north", "evalonly", "small"):
+    fdata.build("xray_folder", out, manual_dir=base / site, site=site)
+  return out
+
+
+def _odd_config(data_dir, configs, unseen="", **kw):
+  c = tfds_config(str(data_dir), **kw)
+  c.data.tfds_configs = configs
+  c.data.unseen_site = unseen
+  return c
+
+
+def test_site_without_training_records(odd_sites, tmp_path):
+  c = _odd_config(odd_sites, " north , evalonly", num_clients=2)
+  with pytest.raises(pipeline.DataError, match=r"site 'evalonly' has no training records \(its splits: "
+                                               r"\['test'\]\); evaluate it only with "
+                                               r"config.data.unseen_site='evalonly'"):
+    pipeline.make_client_data(c)
+  # the suggested fix works: the site is evaluated, not trained on
+  data = pipeline.make_client_data(_odd_config(odd_sites, "north,evalonly", "evalonly", num_clients=2))
+  assert data.site_names == ["north", "north"] and set(data.eval_sets()) == {"north", "evalonly"}
+  # a train split with no records (shard lengths edited to 0 in a copy)
+  copy = tmp_path / "tfds"
+  shutil.copytree(odd_sites, copy)
+  info = copy / "xray_folder" / "north" / "1.0.0" / "dataset_info.json"
+  meta = json.loads(info.read_text())
+  for split in meta["splits"]:
+    if split["name"] == "train":
+      split["shardLengths"] = ["0"]
+  info.write_text(json.dumps(meta))
+  with pytest.raises(pipeline.DataError, match=r"site 'north' has no training records \(its train split "
+                                               r"is empty"):
+    pipeline.make_client_data(_odd_config(copy, "north", num_clients=2))
+  with pytest.raises(fdata.DatasetInputError, match="split 'train' has no records"):
+    fdata.load_source("xray_folder", "train", copy, config="north")
+
+
+def test_images_smaller_than_the_crop_are_refused(odd_sites):
+  """32 px frames feed image_size 128 (4x enlargement) but not 256 (the minimum side is 256 / 4 = 64)."""
+  with pytest.raises(pipeline.DataError, match=r"site 'small' \(train split\): images are 32x32 \(HxW\) "
+                                               r"pixels, too small for config.image_size=256 "
+                                               r"\(the minimum is 64 px"):
+    pipeline.make_client_data(_odd_config(odd_sites, "small", num_clients=2, image_size=256))
+  data = pipeline.make_client_data(_odd_config(odd_sites, "small", num_clients=2, image_size=128))
+  xs, ys = data.round_batches(0, np.array([0, 1]))
+  assert xs.shape[-3:] == (128, 128, 1) and ys.shape[-2:] == (128, 128)
+  # record-level guard (datasets whose frames differ in size): a 4x4 record, named by its id
+  tiny = {"image": np.zeros((4, 4, 1), np.uint8), "mask": np.zeros((4, 4), np.uint8), "site": "s", "id": "x7"}
+  for enabled in (True, False):
+    with pytest.raises(pipeline.DataError, match=r"record 'x7' of site 's': images are 4x4 .*image_size=32 "
+                                                 r"\(the minimum is 8 px"):
+      pipeline.Augment(32, enabled=enabled)(tiny, np.random.default_rng(0))
+  # minimum side = max(8, ceil(image_size / 4))
+  assert [pipeline.min_record_side(s) for s in (20, 32, 128, 130, 256)] == [8, 8, 32, 33, 64]
+
+
+def test_bad_site_lists_and_label_counts(data_dir):
+  with pytest.raises(pipeline.DataError, match=r"lists \['north'\] more than once"):
+    pipeline.make_client_data(_odd_config(data_dir, "north,south,north"))
+  c = tfds_config(data_dir)
+  c.model.num_classes = 2  # the hospital masks hold classes 0, 1, 2
+  data = pipeline.make_client_data(c)
+  with pytest.raises(pipeline.DataError, match=r"site '\w+': test label value 2 but "
+                                               r"config.model.num_classes=2"):
+    data.eval_sets()
+
+
+def test_tampered_dataset_error_reaches_the_user(data_dir, tmp_path):
+  """A refused data folder (see test_tfds_safety) surfaces as a DataError with the reason, not a 'build it
+  first' hint."""
+  copy = tmp_path / "tfds"
+  shutil.copytree(data_dir, copy)
+  feats = copy / "xray_folder" / "south" / "1.0.0" / "features.json"
+  obj = json.loads(feats.read_text())
+  obj["featuresDict"]["features"]["id"]["pythonClassName"] = "somepkg.mod.Feature"
+  feats.write_text(json.dumps(obj))
+  with pytest.raises(pipeline.DataError) as err:
+    pipeline.make_client_data(tfds_config(str(copy)))
+  assert "site 'south'" in str(err.value) and "somepkg.mod.Feature" in str(err.value)
+  assert "build it first" not in str(err.value)
+
+
+def test_unseen_site_with_synthetic_data():
+  c = tiny_config()
+  c.data.unseen_site = "east"
+  with pytest.raises(pipeline.DataError, match="unseen_site='east' applies to tfds sources only"):
+    pipeline.make_client_data(c)

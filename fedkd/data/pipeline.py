@@ -57,6 +57,10 @@ class SyntheticClients:
   """Client k is hospital profile k of ``sites.make_sites``; the held-out profile is the unseen site."""
 
   def __init__(self, config):
+    if config.data.unseen_site:
+      raise DataError(f"config.data.unseen_site={config.data.unseen_site!r} applies to tfds sources only; "
+                      "synthetic data always evaluates its own unseen hospital profile; set it to '' or use "
+                      "config.data.source='tfds:<name>'")
     self.config = config
     train_sites, unseen = sites_lib.make_sites(config.num_clients)
     self.site_names = [s.name for s in train_sites]
@@ -108,10 +112,29 @@ def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray,
   return np.asarray(im)[..., None], np.asarray(mk)
 
 
+MIN_CROP = 8  # smallest random crop (pixels) Augment takes
+MAX_UPSCALE = 4  # records are resized to config.image_size; more than this enlargement is refused
+
+
+def min_record_side(image_size: int) -> int:
+  """Smallest record height/width that feeds ``image_size`` training: at least ``MIN_CROP`` (the crop)
+  and at most a ``MAX_UPSCALE``-fold enlargement (a 4x4 frame blown up to 128 px is no X-ray)."""
+  return max(MIN_CROP, -(-int(image_size) // MAX_UPSCALE))
+
+
+def _too_small(what: str, h: int, w: int, image_size: int) -> DataError:
+  return DataError(f"{what}: images are {h}x{w} (HxW) pixels, too small for config.image_size={image_size} "
+                   f"(the minimum is {min_record_side(image_size)} px a side: at most a {MAX_UPSCALE}x "
+                   f"enlargement, crops of at least {MIN_CROP} px); rebuild the dataset from full-resolution "
+                   f"images or lower config.image_size to at most {MAX_UPSCALE * min(h, w)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Random crop (scale 0.8-1), flips, 90-degree and small rotations, intensity jitter (gamma,
-  contrast, brightness). Geometry is applied identically to image and mask (nearest for the mask)."""
+  contrast, brightness). Geometry is applied identically to image and mask (nearest for the mask).
+  Records are resized to ``image_size``; ones smaller than ``min_record_side(image_size)`` a side
+  raise ``DataError`` (TfdsClients checks every site's first record when it opens the data)."""
   image_size: int
   enabled: bool = True
   max_rotation_deg: float = 15.0
@@ -121,10 +144,13 @@ class Augment:
     mask = np.asarray(record["mask"], np.uint8)
     if image.ndim == 2:
       image = image[..., None]
+    h, w = mask.shape
+    if min(h, w) < min_record_side(self.image_size):
+      where = f"record {record.get('id', '?')!r} of site {record.get('site', '?')!r}"
+      raise _too_small(where, h, w, self.image_size)
     if self.enabled:
-      h, w = mask.shape
       scale = rng.uniform(0.8, 1.0)
-      ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
+      ch, cw = max(MIN_CROP, int(h * scale)), max(MIN_CROP, int(w * scale))
       y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
       image, mask = image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
     image, mask = _resize(np.ascontiguousarray(image), np.ascontiguousarray(mask), self.image_size)
@@ -199,11 +225,15 @@ class TfdsClients:
       prepared = fedkd_tfds.prepared_configs(name, data_dir)
     except Exception as e:  # unknown dataset name
       raise DataError(f"config.data.source={d.source!r}: {str(e).splitlines()[0][:200]}") from None
-    configs = [s for s in d.tfds_configs.split(",") if s] or prepared
+    configs = [s.strip() for s in d.tfds_configs.split(",") if s.strip()] or prepared
     if not configs:
       raise DataError(f"no prepared TFDS dataset {name!r} in data_dir={data_dir!r}; build it first "
                       f"with python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}, "
                       "or set config.data.tfds_data_dir")
+    dup = sorted({c for c in configs if configs.count(c) > 1})
+    if dup:
+      raise DataError(f"config.data.tfds_configs={d.tfds_configs!r} lists {dup} more than once; list every "
+                      "site once")
     unseen = d.unseen_site or None
     if unseen and unseen not in configs:
       raise DataError(f"config.data.unseen_site={unseen!r} is not one of the dataset configs "
@@ -212,24 +242,53 @@ class TfdsClients:
     if not train_cfgs:
       raise DataError(f"config.data.unseen_site={unseen!r} leaves no site to train on; list more "
                       "configs in config.data.tfds_configs")
+    build_hint = f"python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}"
 
-    def open_split(cfg, split):
+    def open_site(cfg):
+      """The prepared builder of site ``cfg`` (a UserError keeps its own message and fix)."""
       try:
-        return fedkd_tfds.load_source(name, split, data_dir, config=cfg)
+        return fedkd_tfds.load_builder(name, data_dir, config=cfg)
+      except UserError as e:
+        raise DataError(f"TFDS dataset {name!r}, site {cfg!r}: {e}") from None
       except Exception as e:
-        raise DataError(f"cannot open split {split!r} of TFDS dataset {name!r}"
-                        f"/{cfg} in data_dir={data_dir!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); build it first with python -m "
-                        f"fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}") from None
+        raise DataError(f"cannot open TFDS dataset {name!r}/{cfg} in data_dir={data_dir!r} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); build it "
+                        f"first with {build_hint}") from None
 
-    train_sources = [open_split(c, "train") for c in train_cfgs]
+    def open_split(builder, cfg, split):
+      src = fedkd_tfds.SegmentationSource(builder.as_data_source(split=split),
+                                          name=f"{name}/{cfg}:{split}")
+      if len(src):
+        rec = src[0]
+        h, w = np.asarray(rec["mask"]).shape[:2]
+        if min(h, w) < min_record_side(config.image_size):
+          raise _too_small(f"TFDS dataset {name!r}, site {cfg!r} ({split} split)", h, w, config.image_size)
+      return src
+
+    def num_records(cfg, split):  # None: no such split
+      splits = builders[cfg].info.splits
+      return splits[split].num_examples if split in splits.keys() else None
+
+    builders = {c: open_site(c) for c in configs}
+    train_sources = []
+    for c in train_cfgs:
+      n_train = num_records(c, "train")
+      if not n_train:
+        have = (f"its splits: {list(builders[c].info.splits.keys())}" if n_train is None else
+                "its train split is empty")
+        raise DataError(f"TFDS dataset {name!r}, site {c!r} has no training records ({have}); evaluate it "
+                        f"only with config.data.unseen_site={c!r}, leave it out of config.data.tfds_configs, "
+                        "or rebuild it with training examples (xray_folder: list them under 'train' in "
+                        f"splits.json) with {build_hint}")
+      train_sources.append(open_split(builders[c], c, "train"))
     self._test = {}
     for c in train_cfgs + ([unseen] if unseen else []):
-      try:
-        self._test[c] = open_split(c, "test")
-      except DataError:
-        if c == unseen:
-          raise  # the unseen site exists only for evaluation
+      if num_records(c, "test"):
+        self._test[c] = open_split(builders[c], c, "test")
+      elif c == unseen:  # the unseen site exists only for evaluation
+        raise DataError(f"TFDS dataset {name!r}: the unseen site {c!r} has no test records (its splits: "
+                        f"{list(builders[c].info.splits.keys())}); pick another config.data.unseen_site "
+                        "or rebuild it with test examples")
     self.unseen_name = unseen
     pool = _Concat(train_sources)
     site_of = np.repeat(np.arange(len(train_sources)), [len(s) for s in train_sources])
@@ -294,6 +353,10 @@ class TfdsClients:
         continue
       recs = [aug(src[i], np.random.default_rng(0)) for i in range(n)]
       out[site] = (np.stack([r["image"] for r in recs]), np.stack([r["mask"] for r in recs]))
+      top = int(out[site][1].max())
+      if top >= self.config.model.num_classes:
+        raise DataError(f"dataset {self.config.data.source!r}, site {site!r}: test label value {top} but "
+                        f"config.model.num_classes={self.config.model.num_classes}; raise model.num_classes")
     if not out:
       raise DataError(f"dataset {self.config.data.source!r} has no test split to evaluate on; "
                       "add one (for xray_folder: a splits.json with a 'test' list) and rebuild")
