@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from fedkd.data import partition
+from fedkd.errors import UserError
 
 
 def _is_exact_cover(parts, n):
@@ -104,3 +105,40 @@ def test_unseen_label_corpus(percent):
 def test_unseen_label_corpus_rejects_impossible_disjointness():
   with pytest.raises(partition.PartitionError, match="at most 3 silos"):
     partition.unseen_label_corpus(5, 3, 100)
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: partition.by_site(np.array([], np.int64), 3), "no examples"),
+    (lambda: partition.by_site(np.array([0, 1]), 0), r"num_clients=0 must be an integer >= 1"),
+    (lambda: partition.dirichlet(np.zeros(10), 2, float("nan"), 0), "alpha=nan must be > 0"),
+    (lambda: partition.dirichlet(np.zeros(10), 2, float("inf"), 0), "alpha=inf must be > 0"),
+    (lambda: partition.dirichlet(np.zeros(10), 2, 0.0, 0), "alpha=0.0 must be > 0"),
+    (lambda: partition.dirichlet(np.zeros(10), 0, 1.0, 0), r"num_clients=0 must be an integer >= 1"),
+    (lambda: partition.quantity_skew(10, 2, -0.5, 0), r"sigma=-0.5 must be a finite number >= 0"),
+    (lambda: partition.quantity_skew(10, 2, float("nan"), 0), r"sigma=nan must be a finite number >= 0"),
+    (lambda: partition.quantity_skew(10, 0, 0.0, 0), r"num_clients=0 must be an integer >= 1"),
+    (lambda: partition.quantity_skew(10, 2, 0.0, 0, min_size=-1), r"min_size=-1 must be an integer >= 0"),
+    (lambda: partition.unseen_label_corpus(3, 0, 50), r"num_types=0 must be an integer >= 1"),
+    (lambda: partition.unseen_label_corpus(3, 4, float("nan")), r"percent=nan must be in \[0, 100\]"),
+    (lambda: partition.assign_by_mixture(np.array([0, 1, 4]), np.full((2, 3), 1 / 3), 0),
+     r"types must be integers 0..2"),
+    (lambda: partition.assign_by_mixture(np.array([0, 1]), np.array([[0.5, -0.5], [0.5, 1.5]]), 0),
+     "finite and >= 0"),
+    (lambda: partition.assign_by_mixture(np.array([0, 1, 1]), np.array([[1.0, 0.0], [1.0, 0.0]]), 0),
+     r"data type\(s\) \[1\] have examples but every silo's mixture share is 0"),
+    (lambda: partition.assign_by_mixture(np.array([0, 1]), np.array([0.5, 0.5]), 0), r"shape \(2,\)"),
+])
+def test_bad_requests_raise_partition_error(call, pattern):
+  with pytest.raises(partition.PartitionError, match=pattern) as err:
+    call()
+  assert isinstance(err.value, UserError)
+
+
+def test_zero_share_type_without_examples_is_fine():
+  """A data type no silo holds is fine when the pool has no examples of it (100 % unseen labels with
+  fewer silos than types): every example still goes to exactly one silo."""
+  mix = partition.unseen_label_corpus(2, 4, 100)
+  types = np.array([0, 1, 0, 1, 1])
+  parts = partition.assign_by_mixture(types, mix, seed=0)
+  assert _is_exact_cover(parts, len(types))
+  assert set(types[parts[0]].tolist()) == {0} and set(types[parts[1]].tolist()) == {1}

@@ -14,12 +14,30 @@ class PartitionError(UserError, ValueError):
   """A partition request that cannot be met; the message says what to change."""
 
 
+def _count(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise PartitionError(f"{name}={value!r} must be an integer >= {minimum}")
+  return int(value)
+
+
+def _finite(name: str, value, positive: bool) -> float:
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    v = float("nan")
+  if not np.isfinite(v) or (v <= 0 if positive else v < 0):
+    raise PartitionError(f"{name}={value!r} must be a finite number {'> 0' if positive else '>= 0'}")
+  return v
+
+
 def by_site(site_of_example: np.ndarray, num_clients: int | None = None) -> list[np.ndarray]:
   """One client per site (sites in sorted order). With ``num_clients`` > sites, each site's examples
   are dealt round-robin over the clients assigned to it (client k gets site k % n_sites)."""
   site_of_example = np.asarray(site_of_example)
   sites = np.unique(site_of_example)
-  n = len(sites) if num_clients is None else num_clients
+  n = len(sites) if num_clients is None else _count("num_clients", num_clients)
+  if not len(sites):
+    raise PartitionError("by_site got no examples to deal out; every training site is empty")
   if n < len(sites):
     raise PartitionError(f"by_site needs at least one client per site: {len(sites)} sites but "
                          f"num_clients={n}; raise num_clients or use partition 'dirichlet'")
@@ -42,8 +60,12 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
   drawn from Dirichlet(alpha * 1). Small alpha -> each client sees few categories; alpha -> inf ->
   every client gets the same category mix. Redraws (up to 100 times) until every client has
   ``min_size`` examples."""
-  if alpha <= 0:
-    raise PartitionError(f"dirichlet alpha={alpha} must be > 0 (e.g. 0.1 = strong skew, 100 = near IID)")
+  try:
+    _finite("alpha", alpha, positive=True)
+  except PartitionError:
+    raise PartitionError(f"dirichlet alpha={alpha} must be > 0 (e.g. 0.1 = strong skew, 100 = near IID)"
+                         ) from None
+  num_clients, min_size = _count("num_clients", num_clients), _count("min_size", min_size, 0)
   labels = np.asarray(labels)
   if len(labels) < num_clients * min_size:
     raise PartitionError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each; "
@@ -66,6 +88,9 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
 def quantity_skew(num_examples: int, num_clients: int, sigma: float, seed: int,
                   min_size: int = 1) -> list[np.ndarray]:
   """IID content, unequal sizes: client shares proportional to lognormal(0, sigma) draws."""
+  num_clients, min_size = _count("num_clients", num_clients), _count("min_size", min_size, 0)
+  num_examples = _count("num_examples", num_examples, 0)
+  sigma = _finite("quantity_skew sigma", sigma, positive=False)
   if num_examples < num_clients * min_size:
     raise PartitionError(f"{num_examples} examples cannot give {num_clients} clients {min_size} each")
   rng = np.random.default_rng(seed)
@@ -88,6 +113,7 @@ def unseen_label_corpus(num_silos: int, num_types: int, percent: float) -> np.nd
   the rest is spread evenly over all types. 100 % -> no two silos share a data type (needs
   num_silos <= num_types); 0 % -> every silo holds every type in equal parts.
   """
+  num_silos, num_types = _count("num_silos", num_silos), _count("num_types", num_types)
   if not 0 <= percent <= 100:
     raise PartitionError(f"unseen label corpus percent={percent} must be in [0, 100]")
   if percent == 100 and num_silos > num_types:
@@ -104,6 +130,16 @@ def assign_by_mixture(types: np.ndarray, mixture: np.ndarray, seed: int) -> list
   rows (normalised per type: every example goes to exactly one silo)."""
   types = np.asarray(types)
   mixture = np.asarray(mixture, dtype=np.float64)
+  if mixture.ndim != 2 or 0 in mixture.shape:
+    raise PartitionError(f"mixture must be a [silos, types] matrix, got shape {mixture.shape}")
+  if not np.isfinite(mixture).all() or (mixture < 0).any():
+    raise PartitionError("mixture entries must be finite and >= 0 (each silo's share of every data type)")
+  if types.size and (types.dtype.kind not in "iu" or types.min() < 0 or types.max() >= mixture.shape[1]):
+    raise PartitionError(f"types must be integers 0..{mixture.shape[1] - 1} (one per mixture column)")
+  unheld = [t for t in range(mixture.shape[1]) if mixture[:, t].sum() == 0 and (types == t).any()]
+  if unheld:
+    raise PartitionError(f"data type(s) {unheld} have examples but every silo's mixture share is 0, so they "
+                         "would be dropped; give them a share or remove those examples")
   rng = np.random.default_rng(seed)
   parts: list[list[int]] = [[] for _ in range(mixture.shape[0])]
   for t in range(mixture.shape[1]):
