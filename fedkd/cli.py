@@ -16,7 +16,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from fedkd.config import ConfigError, base_config, schemas
+from fedkd.config import ConfigError, base_config, find_config_file, schemas
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                          lock_config=True)
@@ -154,23 +154,13 @@ def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str
 
 
 def resolve_config_path(path: str) -> str:
-  """A config file path as given, or else inside the installed ``fedkd.configs`` package
-  (``configs/quickstart.py`` works from any directory after a non-editable install)."""
-  path = os.path.expanduser(path)
-  if os.path.isfile(path):
-    return path
-  if os.path.isdir(path):
-    fail(f"--config={path} is a folder; pass a config file, e.g. --config=configs/quickstart.py")
-  rel = path[len("configs/"):] if path.startswith("configs/") else path
-  try:
-    from importlib import resources
-    packaged = resources.files("fedkd.configs").joinpath(rel)
-    if packaged.is_file():
-      return os.fspath(packaged)
-  except (ImportError, TypeError, ValueError):
-    pass
-  fail(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
-  return path
+  """A config file path as given, or else inside the installed ``fedkd.configs`` package."""
+  found = find_config_file(path)
+  if found is None:
+    if os.path.isdir(os.path.expanduser(path)):
+      fail(f"--config={path} is a folder; pass a config file, e.g. --config=configs/quickstart.py")
+    fail(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
+  return found
 
 
 def _preload_config(path: str, arg: str | None) -> None:

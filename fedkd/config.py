@@ -267,6 +267,24 @@ def config_help() -> str:
   return "\n".join(out)
 
 
+def find_config_file(path: str) -> str | None:
+  """``path`` (``~`` expanded) if it is a file, else the same file inside the installed
+  ``fedkd.configs`` package (``configs/quickstart.py`` from any directory after ``pip install .``)."""
+  import os
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    return path
+  rel = path[len("configs/"):] if path.startswith("configs/") else path
+  try:
+    from importlib import resources
+    packaged = resources.files("fedkd.configs").joinpath(rel)
+    if packaged.is_file():
+      return os.fspath(packaged)
+  except (ImportError, TypeError, ValueError):
+    pass
+  return None
+
+
 def schemas() -> list[ml_collections.ConfigDict]:
   """Every task's schema (for checking --config.* override keys before the file is loaded)."""
   return [base_config(), fedefm_base_config()]

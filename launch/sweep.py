@@ -86,9 +86,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def load_config_module(spec: str):
-  path = spec.split(":", 1)[0]
-  if not os.path.isfile(path):
-    raise InputError(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
+  from fedkd.config import find_config_file
+  path = find_config_file(spec.split(":", 1)[0])
+  if path is None:
+    raise InputError(f"config file {spec.split(':', 1)[0]!r} not found; pass e.g. --config=configs/quickstart.py")
   if os.getcwd() not in sys.path and "" not in sys.path:
     sys.path.insert(0, os.getcwd())
   mod_spec = importlib.util.spec_from_file_location(
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
   from fedkd.sweep import SweepError
 
-  out = args.out
+  out = os.path.expanduser(args.out) if args.out else args.out
   if args.parallel < 1:
     fail(f"--parallel={args.parallel} must be >= 1")
   try:
