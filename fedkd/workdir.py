@@ -113,7 +113,7 @@ def write_atomic(path: epath.Path, text: str) -> None:
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_text(text)
   if is_remote(path):
-    tmp.rename(path)  # object stores: a copy, then the source is deleted
+    tmp.replace(path)  # object stores: a copy over the old object, then the source is deleted
   else:
     os.replace(os.fspath(tmp), os.fspath(path))
 

@@ -276,3 +276,27 @@ def test_measure_candidates():
   # one chunk = bgemm; more than 16 clients are not unrolled
   assert engine.measure_candidates("gpu", 16, 16) == ["hybrid", "bgemm", "vmap", "map", "unroll"]
   assert engine.measure_candidates("gpu", 128, 16) == ["hybrid", "bgemm", "chunked", "vmap", "map"]
+
+
+@pytest.mark.parametrize("parallelism,n_dev,chunk", [("vmap", 4, 8), ("unroll", 2, 8), ("chunked", 2, 2)])
+def test_skip_nonfinite_clients_drops_them_from_the_aggregate(parallelism, n_dev, chunk):
+  """Clients 1 and 6 get NaN images: with skip_nonfinite the round equals the per-client loop over the
+  six finite clients; client_finite flags exactly them; without it the round reports non-finite."""
+  apply, params, loss_fn, xs, ys, weights = _setup()
+  xs = xs.copy()
+  xs[1, 0, 0, 3, 3, 0] = np.nan
+  xs[6, 1] = np.nan
+  keep = np.array([c not in (1, 6) for c in range(C)])
+  ref = _reference_round(apply, loss_fn, params, xs[keep], ys[keep], weights[keep])
+  mesh = client_mesh(n_dev)
+  for skip in (True, False):
+    fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
+                              unroll_local_steps=True, client_chunk=chunk, skip_nonfinite=skip)
+    state = engine.init_server_state(jax.tree.map(jnp.array, params), optax.sgd(1.0), jax.random.key(0))
+    state, m = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
+    np.testing.assert_array_equal(np.asarray(m["client_finite"]), keep)
+    if skip:
+      assert bool(m["finite"]) and np.isfinite(float(m["loss"]))
+      assert _max_diff(ref, jax.tree.map(np.asarray, state["params"])) < 2e-5
+    else:
+      assert not bool(m["finite"])
