@@ -23,7 +23,7 @@ def _entry(module: str):
   mod = importlib.import_module(module)
   if module == "fedkd.data.tfds.build":  # its __main__ block: sys.exit(main())
     return lambda: sys.exit(mod.main())
-  return mod.run  # fedkd.main / fedkd.eval / fedkd.data.preview: __main__ calls run()
+  return getattr(mod, "run", None) or mod.main  # what each module's __main__ block calls
 
 
 def _child(case, out_path, err_path):
