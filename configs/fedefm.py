@@ -4,6 +4,10 @@ fine-tuned on an unseen hospital; results table over methods x seeds + unseen-la
   python -m fedkd.main --config=configs/fedefm.py:runlocal --workdir=runs/fedefm_local   # CPU
   python -m fedkd.main --config=configs/fedefm.py --workdir=runs/fedefm                  # one GPU
 Variants: runlocal, tiny (tests), seeds=N.
+
+Ctrl-C or SIGTERM stops after the current pretraining round and saves it; re-running the same command
+resumes inside the run it was in (checkpoints every --config.checkpoint.every rounds under
+<workdir>/checkpoints/; finished runs are kept in results_raw.jsonl and skipped).
 """
 from fedkd.config import ConfigError, fedefm_base_config, parse_arg
 
@@ -55,9 +59,15 @@ def get_config(arg=None):
     c.experiment.ablation_percents = ""
   if "seeds" in a:
     try:
-      c.experiment.seeds = ",".join(str(s) for s in range(int(a.pop("seeds"))))
-    except ValueError as e:
-      raise ConfigError(f"bad seeds= in {arg!r}: {e}") from None
+      v = a.pop("seeds")
+      if v is True:  # a bare 'seeds' (no '=N')
+        raise ValueError("no number given")
+      n = int(v)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"bad seeds= in {arg!r}: {e}; give a number of seeds, e.g. seeds=3") from None
+    if n < 1:
+      raise ConfigError(f"seeds={n} in {arg!r}: give a number of seeds >= 1, e.g. seeds=3")
+    c.experiment.seeds = ",".join(str(s) for s in range(n))
   if a:
     raise ConfigError(f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, tiny, seeds=N")
   return c

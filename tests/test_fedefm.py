@@ -130,34 +130,6 @@ def test_plain_round_is_fedavg_and_gossip_preserves_mean():
   _close(mean_model(got), jax.tree.map(lambda a: a[0], cfl), tol=1e-5)
 
 
-def test_experiment_end_to_end_tiny_and_skips_finished_runs(tmp_path):
-  """configs/fedefm.py:tiny through the real experiment: tables written, re-run skips every run."""
-  import importlib.util
-  import os
-  from fedkd.tasks import fedefm as task
-  spec = importlib.util.spec_from_file_location(
-      "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
-  c.experiment.methods = "fedavg,fedefm"
-  c.experiment.kd_methods = "fedefm"
-  work = str(tmp_path / "fe")
-  rows = task.run(c, work, log=lambda _: None)
-  assert [(r["method"], r["teacher_kd"]) for r in rows] == [("fedavg", False), ("fedefm", False), ("fedefm", True)]
-  for r in rows:
-    for k in ("dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"):
-      assert 0.0 <= r[k] <= 1.0
-  md = open(os.path.join(work, "results.md")).read()
-  assert "| 100 | fedefm | yes | 1 |" in md
-  csv = open(os.path.join(work, "results.csv")).read().splitlines()
-  assert len(csv) == 4 and csv[0].startswith("unseen_percent,method,teacher_kd,seeds")
-  lines = []
-  again = task.run(c, work, log=lines.append)
-  assert again == rows and "3 runs (3 already done)" in lines[0]
-  assert not any(l.startswith("[") for l in lines)  # nothing re-ran
-
-
 def test_experiment_config_errors():
   from fedkd.config import ConfigError, fedefm_base_config
   from fedkd.tasks.fedefm import validate
@@ -173,6 +145,92 @@ def test_experiment_config_errors():
   c.student.hidden = 16
   with pytest.raises(ConfigError, match="must match the teacher"):
     validate(c)
+
+
+def _tiny():
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+BAD_SETTINGS = [
+    ("fedefm.weight_mode", "bogus", r"config.fedefm.weight_mode='bogus' is unknown; use one of softmax, sum, raw"),
+    ("fedefm.emd_marginals", "dense", r"config.fedefm.emd_marginals='dense' is unknown"),
+    ("fedefm.mixing", "p2p", r"config.fedefm.mixing='p2p' is unknown; use one of cfl, dfl"),
+    ("fedefm.temperature", 0.0, r"config.fedefm.temperature=0.0 must be a number > 0; set --config.fedefm.temperature"),
+    ("fedefm.emd_epsilon", -0.1, r"config.fedefm.emd_epsilon=-0.1 must be a number > 0"),
+    ("fedefm.emd_iters", 0, r"config.fedefm.emd_iters=0 must be an integer >= 1"),
+    ("fedefm.weight_temperature", 0.0, r"config.fedefm.weight_temperature=0.0 must be a number > 0"),
+    ("fedefm.beta", 1.5, r"config.fedefm.beta=1.5 must be a number in \[0, 1\]"),
+    ("fedefm.beta", -0.1, r"config.fedefm.beta=-0.1 must be a number in \[0, 1\]"),
+    ("fedefm.matcha_budget", 2.0, r"config.fedefm.matcha_budget=2.0 must be a number in \[0, 1\]"),
+    ("fedefm.moon_tau", 0.0, r"config.fedefm.moon_tau=0.0 must be a number > 0"),
+    ("fedefm.moon_mu", -1.0, r"config.fedefm.moon_mu=-1.0 must be a number >= 0"),
+    ("fedefm.warmup_rounds", -1, r"config.fedefm.warmup_rounds=-1 must be an integer >= 0"),
+    ("fedefm.expert_steps", 0, r"config.fedefm.expert_steps=0 must be an integer >= 1"),
+    ("fedefm.topology", "star", r"config.fedefm.topology='star': use ring, complete, gaia or file:<path>"),
+    ("fedefm.topology", "file:/no/such/graph.txt", r"config.fedefm.topology='file:/no/such/graph.txt' does not "
+     r"load: .*not found"),
+    ("pretrain.learning_rate", 0.0, r"config.pretrain.learning_rate=0.0 must be a number > 0"),
+    ("pretrain.expert_learning_rate", -1e-3, r"config.pretrain.expert_learning_rate=-0.001 must be a number > 0"),
+    ("downstream.learning_rate", 0.0, r"config.downstream.learning_rate=0.0 must be a number > 0"),
+    ("downstream.kd_temperature", 0.0, r"config.downstream.kd_temperature=0.0 must be a number > 0"),
+    ("downstream.kd_pixel_weight", -1.0, r"config.downstream.kd_pixel_weight=-1.0 must be a number >= 0"),
+    ("downstream.kd_feature_weight", -0.5, r"config.downstream.kd_feature_weight=-0.5 must be a number >= 0"),
+    ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
+    ("checkpoint.every", 0, r"config.checkpoint.every=0 must be an integer >= 1"),
+    ("checkpoint.max_to_keep", -2, r"config.checkpoint.max_to_keep=-2 must be an integer >= 1"),
+    ("pretrain.learning_rate", float("nan"), r"config.pretrain.learning_rate=nan is not a finite number"),
+    ("fedefm.emd_epsilon", float("inf"), r"config.fedefm.emd_epsilon=inf is not a finite number"),
+    ("pretrain.num_rounds", 0, r"config.pretrain.num_rounds=0 must be an integer >= 1"),
+    ("eval.batch_size", 0, r"config.eval.batch_size=0 must be an integer >= 1"),
+    ("experiment.seeds", "0,-1", r"seeds must be >= 0"),
+    ("experiment.methods", "", r"config.experiment.methods is empty"),
+    ("teacher.num_heads", 3, r"config.teacher.hidden=8 must be divisible by config.teacher.num_heads=3"),
+    ("teacher.num_classes", 2, r"config.teacher.num_classes=2 must be >= config.student.num_classes=3"),
+]
+
+
+@pytest.mark.parametrize("key,value,match", BAD_SETTINGS, ids=[f"{k}={v}" for k, v, _ in BAD_SETTINGS])
+def test_every_bad_setting_is_a_config_error_before_training(key, value, match, tmp_path):
+  from fedkd.config import ConfigError
+  from fedkd.tasks import fedefm as task
+  c = _tiny().get_config("tiny")
+  group, _, name = key.rpartition(".")
+  (c[group] if group else c)[name] = value
+  with pytest.raises(ConfigError, match=match) as e:
+    task.Experiment(c, str(tmp_path / "fe"))  # before any model is built or anything trains
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "fe").exists()
+
+
+def test_unreadable_topology_file_and_unknown_variant(tmp_path):
+  from fedkd.config import ConfigError
+  from fedkd.tasks.fedefm import validate
+  mod = _tiny()
+  bad = tmp_path / "graph.txt"
+  bad.write_text("0 1\n1 two\n")
+  c = mod.get_config("tiny")
+  c.fedefm.topology = f"file:{bad}"
+  with pytest.raises(ConfigError, match=r"config.fedefm.topology='file:.*graph.txt' does not load: .*graph.txt:2"):
+    validate(c)
+  bad.write_text("0 1\n1 2\n2 3\n3 4\n4 0\n")  # 5 nodes for 4 silos
+  with pytest.raises(ConfigError, match=r"has 5 nodes but config.pretrain.num_silos=4"):
+    validate(c)
+  bad.write_text("0 1\n1 2\n2 3\n3 0\n")
+  assert validate(c)["adjacency"].sum() == 8  # a 4-ring loads
+  for arg in ("nonsense", "tiny,bogus=1"):
+    with pytest.raises(ConfigError, match="unknown config argument"):
+      mod.get_config(arg)
+  for arg, match in (("seeds=0", "give a number of seeds >= 1"), ("seeds", "bad seeds="),
+                     ("seeds=two", "bad seeds=")):
+    with pytest.raises(ConfigError, match=match):
+      mod.get_config(arg)
+  assert mod.get_config("tiny,seeds=2").experiment.seeds == "0,1"
 
 
 def test_unet_foundation_loads_exactly_the_encoder():

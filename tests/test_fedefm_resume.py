@@ -1,0 +1,233 @@
+"""The FedEFM experiment end to end on configs/fedefm.py:tiny: tables, re-runs, in-run checkpoints
+(stop / kill / damaged checkpoint -> resume bitwise equal to an uninterrupted run), a cut results file,
+a garbled config.json and the NaN guard.
+
+Every test here compares against ``reference``: one uninterrupted run of the same experiment (fedavg,
+fedefm and fedefm + teacher KD; 3 pretraining rounds, checkpoint every 2). The experiments of this
+module share their compiled programs (fedkd.tasks.fedefm caches them by config), so only the first run
+compiles.
+"""
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+
+from fedkd.config import ConfigError
+from fedkd.errors import DivergedError
+from fedkd.preemption import Stopped
+from fedkd.tasks import fedefm as task
+
+_spec = importlib.util.spec_from_file_location(
+    "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py"))
+cfgmod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cfgmod)
+
+FEDAVG, FEDEFM = "u100_fedavg_seed0", "u100_fedefm_seed0"
+
+
+def tiny():
+  c = cfgmod.get_config("tiny")
+  c.experiment.methods = "fedavg,fedefm"
+  c.experiment.kd_methods = "fedefm"
+  c.pretrain.num_rounds = 3
+  c.checkpoint.every = 2
+  c.log_every = 1
+  return c
+
+
+def records(work):
+  """results_raw.jsonl without the wall-clock field: every number bitwise."""
+  with open(os.path.join(work, "results_raw.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+
+def steps(work, key):
+  d = os.path.join(work, "checkpoints", key)
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else None
+
+
+class FakeStop:
+  """Asks to stop at its ``at``-th check (like a SIGTERM arriving then); ``kill``: raises instead,
+  saving nothing (a second Ctrl-C / a killed process)."""
+
+  def __init__(self, at: int, kill: bool = False):
+    self.at, self.kill, self.calls, self.reason = at, kill, 0, None
+
+  def requested(self, step: int) -> bool:
+    self.calls += 1
+    assert step == self.calls  # step ids only grow
+    if self.calls == self.at:
+      if self.kill:
+        raise KeyboardInterrupt
+      self.reason = "preempted"
+    return self.reason is not None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  work = str(tmp_path_factory.mktemp("reference") / "fe")
+  lines = []
+  rows = task.run(tiny(), work, log=lines.append)
+  return work, rows, lines
+
+
+def test_experiment_end_to_end_tiny_and_skips_finished_runs(reference):
+  """Tables written, progress lines, checkpoints removed once used, a re-run skips every run."""
+  work, rows, lines = reference
+  assert [(r["method"], r["teacher_kd"]) for r in rows] == [("fedavg", False), ("fedefm", False), ("fedefm", True)]
+  for r in rows:
+    for k in ("dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"):
+      assert 0.0 <= r[k] <= 1.0
+  assert set(rows[1]["pretrain_final"]) == {"loss", "kd", "w"}  # round 3 distilled (warm-up: round 1)
+  md = open(os.path.join(work, "results.md")).read()
+  assert "| 100 | fedefm | yes | 1 |" in md
+  csv = open(os.path.join(work, "results.csv")).read().splitlines()
+  assert len(csv) == 4 and csv[0].startswith("unseen_percent,method,teacher_kd,seeds")
+  progress = [l for l in lines if "pretraining round" in l]
+  assert len(progress) == 6 and "run 2/3 (100% unseen, fedefm, seed 0): pretraining round 3/3  loss " in progress[5]
+  assert "rounds/s  eta 0:00" in progress[2] and "s (first round: may include compilation)" in progress[0]
+  assert not os.path.exists(os.path.join(work, "checkpoints"))  # every foundation's results are in
+  assert json.load(open(os.path.join(work, "config.json")))["pretrain"]["num_rounds"] == 3
+  again_lines = []
+  again = task.run(tiny(), work, log=again_lines.append)
+  assert again == rows and "3 runs (3 already done)" in again_lines[0]
+  assert not any(l.startswith("[") for l in again_lines)  # nothing re-ran
+
+
+def test_stopped_experiment_resumes_bitwise(reference, tmp_path, monkeypatch):
+  """Stops in pretraining, between runs, in the warm-up round, in fine-tuning and in the teacher-KD
+  fine-tune of a finished foundation; each re-run continues; the results equal the uninterrupted run
+  bitwise."""
+  monkeypatch.setattr(task, "FT_CHUNK", 2)  # a stop check inside the 3 fine-tuning steps
+  ref_work, _, _ = reference
+  work = str(tmp_path / "fe")
+
+  def leg(at, round_, *words):
+    lines = []
+    with pytest.raises(Stopped) as e:
+      task.run(tiny(), work, log=lines.append, stop=FakeStop(at))
+    assert e.value.round == round_ and e.value.reason == "preempted" and e.value.exit_code == 0
+    for w in words:
+      assert w in str(e.value), str(e.value)
+    return lines
+
+  leg(1, 1, "preempted at run 1/3 (100% unseen, fedavg, seed 0), pretraining round 1")
+  assert steps(work, FEDAVG) == [1]  # saved at the stop, though checkpoint.every = 2
+  lines = leg(4, 1, "the end of run 1")  # rounds 2, 3, a fine-tune chunk, the end of run 1
+  assert any("fedavg, seed 0): resuming pretraining after round 1/3" in l for l in lines)
+  assert steps(work, FEDAVG) is None  # its only user is in results_raw.jsonl
+  leg(1, 1, "run 2/3 (100% unseen, fedefm, seed 0), pretraining round 1")  # the warm-up round
+  assert steps(work, FEDEFM) == [1]
+  leg(3, 2, "run 2/3 (100% unseen, fedefm, seed 0), fine-tuning")  # rounds 2 (distilled), 3, step 2
+  assert steps(work, FEDEFM) == [2, 3]  # every 2 and the last round; max_to_keep = 2
+  lines = leg(3, 2, "run 3/3 (100% unseen, fedefm +KD, seed 0), fine-tuning")  # no rounds left
+  assert any("resuming pretraining after round 3/3" in l for l in lines)
+  assert not any("pretraining round" in l for l in lines)
+  assert steps(work, FEDEFM) == [2, 3]  # the +KD fine-tune still needs the foundation
+  task.run(tiny(), work, log=lambda _: None)
+  assert records(work) == records(ref_work)
+  assert not os.path.exists(os.path.join(work, "checkpoints"))
+
+
+def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(reference, tmp_path):
+  """Killed after fedefm's round 3 before saving it; the newest checkpoint left (round 2) is then
+  damaged, so the re-run resumes from round 1; checkpoint.every changes no number."""
+  ref_work, _, _ = reference
+  work = str(tmp_path / "fe")
+  c = tiny()
+  c.checkpoint.every = 1
+  with pytest.raises(KeyboardInterrupt):  # fedavg: 3 rounds + end of run; fedefm rounds 1, 2, 3
+    task.run(c, work, log=lambda _: None, stop=FakeStop(7, kill=True))
+  assert steps(work, FEDEFM) == [1, 2] and steps(work, FEDAVG) is None
+  data = os.path.join(work, "checkpoints", FEDEFM, "2", "state")
+  for root, _, files in os.walk(data):
+    for f in files:
+      if f != "commit_success.txt":
+        open(os.path.join(root, f), "wb").close()  # cut to 0 bytes
+  lines = []
+  task.run(c, work, log=lines.append)
+  assert any("warning: the checkpoint for round 2 is damaged" in l and "falling back to round 1" in l
+             for l in lines), lines
+  assert any("fedefm, seed 0): resuming pretraining after round 1/3" in l for l in lines)
+  assert records(work) == records(ref_work)
+
+
+def test_cut_results_line_is_dropped_and_garbled_files_are_config_errors(reference, tmp_path):
+  ref_work, _, _ = reference
+  work = str(tmp_path / "fe")
+  shutil.copytree(ref_work, work)
+  raw = os.path.join(work, "results_raw.jsonl")
+  text = open(raw).read()
+  open(raw, "w").write(text[:-40])  # the fedefm +KD record cut short by a kill
+  lines = []
+  rows = task.run(tiny(), work, log=lines.append)
+  assert any("dropped its last line (3), which was cut short" in l for l in lines)
+  assert "3 runs (2 already done)" in lines[1]
+  assert records(work) == records(ref_work)  # redone: the same numbers
+  assert len(rows) == 3 and open(raw).read().count("\n") == 3
+
+  lines_ = open(raw).read().splitlines()
+  open(raw, "w").write("\n".join([lines_[0][:30]] + lines_[1:]) + "\n")  # a garbled first line
+  with pytest.raises(ConfigError, match=r"results_raw.jsonl: line 1 is unreadable .*delete that line"):
+    task.run(tiny(), work, log=lambda _: None)
+
+  shutil.rmtree(work)
+  shutil.copytree(ref_work, work)
+  cfg = os.path.join(work, "config.json")
+  open(cfg, "w").write(open(cfg).read()[:50])
+  with pytest.raises(ConfigError, match=r"config.json is unreadable .*use a new --workdir") as e:
+    task.run(tiny(), work, log=lambda _: None)
+  assert cfg in str(e.value) and "\n" not in str(e.value)
+  assert records(work) == records(ref_work)  # nothing touched
+
+
+def test_stopped_run_refuses_another_config(reference, tmp_path):
+  """A workdir holding only a checkpoint (no results yet) still refuses a config that changes results;
+  config.experiment, config.checkpoint and config.log_every may change."""
+  work = str(tmp_path / "fe")
+  with pytest.raises(Stopped):
+    task.run(tiny(), work, log=lambda _: None, stop=FakeStop(1))
+  other = tiny()
+  other.fedefm.beta = 0.25
+  with pytest.raises(ConfigError, match="config.fedefm differs"):
+    task.run(other, work, log=lambda _: None)
+  os.remove(os.path.join(work, "config.json"))  # the checkpoint itself carries the config
+  with pytest.raises(ConfigError, match=r"checkpoint for round 1 in .*\(config.fedefm differs\)"):
+    task.run(other, work, log=lambda _: None)
+  assert not os.path.exists(os.path.join(work, "config.json"))  # refused before writing anything
+  same = tiny()
+  same.checkpoint.every, same.log_every, same.experiment.methods = 1, 2, "fedavg"
+  rows = task.run(same, work, log=lambda _: None)
+  assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == records(reference[0])[:1]
+
+
+def test_pretraining_nan_is_a_diverged_error_before_any_bad_checkpoint(tmp_path):
+  c = tiny()
+  c.experiment.methods, c.experiment.kd_methods = "fedavg", ""
+  c.checkpoint.every = 1
+  c.pretrain.learning_rate = 1e20
+  work = str(tmp_path / "fe")
+  with pytest.raises(DivergedError) as e:
+    task.run(c, work, log=lambda _: None)
+  msg = str(e.value)
+  assert "\n" not in msg
+  for part in ("run 1/1 (100% unseen, fedavg, seed 0): pretraining diverged at round 2",
+               "loss of silos 0, 1, 2, 3 of 4 is NaN/Inf", "the last checkpoint kept is round 1",
+               "config.pretrain.learning_rate=1e+20 is too high"):
+    assert part in msg, msg
+  assert steps(work, FEDAVG) == [1]  # round 1 was good; nothing of round 2 or later
+  assert not os.path.exists(os.path.join(work, "results_raw.jsonl"))
+
+
+def test_finetuning_nan_is_a_diverged_error(tmp_path):
+  c = tiny()
+  c.experiment.methods, c.experiment.kd_methods = "scratch", ""
+  c.downstream.learning_rate = 1e20
+  with pytest.raises(DivergedError) as e:
+    task.run(c, str(tmp_path / "fe"), log=lambda _: None)
+  msg = str(e.value)
+  assert "run 1/1 (100% unseen, scratch, seed 0): fine-tuning diverged at step " in msg, msg
+  assert "config.downstream.learning_rate=1e+20 is too high" in msg and "\n" not in msg
+  assert not os.path.exists(str(tmp_path / "fe" / "results_raw.jsonl"))
