@@ -52,13 +52,16 @@ def run_app(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
     return parse(args, uses_config=uses_config, usage=usage)
 
   def wrapped(args):
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs many INFO lines per checkpoint
     try:
       return main(args)
     except UserError as e:
       fail(str(e))
     except Stopped as e:
       verb = "interrupted" if e.reason == "interrupted" else "preempted"
-      print(f"fedkd: {verb} at {e.what} {e.round} (checkpoint saved); re-run the same command to resume",
+      saved = "checkpoint saved" if e.what == "round" else "what it had finished is saved"
+      print(f"fedkd: {verb} at {e.what} {e.round} ({saved}); re-run the same command to resume",
             file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
     except KeyboardInterrupt:
