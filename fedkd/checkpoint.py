@@ -22,7 +22,18 @@ T = TypeVar("T")
 
 
 class CheckpointError(UserError, RuntimeError):
-  """A checkpoint that cannot be used with this run; the message says why and what to do."""
+  """A checkpoint that cannot be used with this run; the message says why and what to do.
+  ``reason``: the underlying error in a few words (``Type: first line``), when there is one."""
+
+  def __init__(self, message: str, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason
+
+
+def _why(e: BaseException, limit: int = 200) -> str:
+  """``Type: first line`` of an error from orbax / TensorStore, without TensorStore's spec dump."""
+  text = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:limit]}"
 
 
 class ResumeRefused(CheckpointError):
@@ -89,9 +100,9 @@ class Checkpointer:
     try:
       out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     except Exception as e:
-      raise CheckpointError(f"checkpoint for round {round_} in {self.directory} is unreadable "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); move it away or use "
-                            "a new --workdir") from None
+      why = _why(e)
+      raise CheckpointError(f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it "
+                            "away or use a new --workdir", why) from None
     return dict(out[item])
 
   def saved_config(self, round_: int) -> dict:
@@ -130,10 +141,10 @@ class Checkpointer:
     try:
       out = self._mngr.restore(round_, args=ocp.args.Composite(state=state_arg, config=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for mismatched or damaged trees
+      why = _why(e, 300)
       raise CheckpointError(
           f"checkpoint for round {round_} in {self.directory} cannot be restored into this run's "
-          f"model ({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir or the "
-          "config the checkpoint was written with") from None
+          f"model ({why}); use a new --workdir or the config the checkpoint was written with", why) from None
     state = out["state"]
     if extra:
       state = {k: v for k, v in state.items() if k not in extra}
@@ -162,10 +173,11 @@ class Checkpointer:
     try:
       out = self._mngr.restore(round_, args=ocp.args.Composite(clients=ocp.args.StandardRestore(like)))
     except Exception as e:  # noqa: BLE001
+      why = _why(e, 300)
       raise CheckpointError(
           f"per-client state of the checkpoint for round {round_} in {self.directory} cannot be restored "
-          f"into this run's model ({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir "
-          "or the config the checkpoint was written with") from None
+          f"into this run's model ({why}); use a new --workdir or the config the checkpoint was written "
+          "with", why) from None
     return dict(out["clients"])
 
   def restore_latest(self, load: Callable[[int], T], log: Callable[[str], None] = print
@@ -187,8 +199,8 @@ class Checkpointer:
       except CheckpointError as e:
         first_error = first_error or e
         older = [x for x in rounds if x < r]
-        if older:
-          log(f"warning: the checkpoint for round {r} is damaged ({str(e).split(' (')[-1].rstrip(')')[:160]}); "
+        if older:  # the underlying error, not the whole message (which ends with advice for the last step)
+          log(f"warning: the checkpoint for round {r} is damaged ({(e.reason or str(e))[:200]}); "
               f"falling back to round {older[-1]}")
         continue
       return r, out

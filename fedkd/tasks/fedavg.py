@@ -108,7 +108,9 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
                 and not (k not in a and k in defaults and b.get(k) == defaults[k]))
   if diff:
     k = diff[0]
-    raise ckpt_lib.CheckpointError(
+    # ResumeRefused, not CheckpointError: this checkpoint is intact but belongs to another experiment,
+    # so restore_latest must not take it for damage and fall back over (and then condemn) every step.
+    raise ckpt_lib.ResumeRefused(
         f"the checkpoint in {directory} was written with config.{k}={a.get(k)!r} but this run has "
         f"{b.get(k)!r} ({len(diff)} key(s) differ: {', '.join(diff[:5])}); use a new --workdir to start "
         "a different experiment, or the original config to resume")
