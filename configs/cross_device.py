@@ -9,6 +9,7 @@ hospitals (eval.max_sites) and the unseen one. About 2 minutes on 2 CPU cores (6
 arg (comma list, optional): ``clients=N`` (registered clients), ``per_round=K``, ``rounds=R``,
 ``device`` (client state in device memory instead: num_clients x model size on every device).
 """
+
 from fedkd.config import ConfigError, base_config, parse_arg
 
 
@@ -23,8 +24,9 @@ def get_config(arg=None):
     raise ConfigError(f"bad config argument in {arg!r}: {e}") from None
   placement = "device" if a.pop("device", False) else "host"
   if a:
-    raise ConfigError(f"unknown config argument(s) {sorted(a)} in {arg!r}; known: clients=N, per_round=K, "
-                      "rounds=R, device")
+    raise ConfigError(
+      f"unknown config argument(s) {sorted(a)} in {arg!r}; known: clients=N, per_round=K, rounds=R, device"
+    )
   c.local_steps = 4
   c.batch_size = 2
   c.image_size = 64

@@ -5,6 +5,7 @@
   --config=configs/fedavg_unet.py:clients=64,per_round=16,skew=0.5
 Any key can still be overridden with --config.KEY=VALUE.
 """
+
 from fedkd.config import ConfigError, base_config, parse_arg
 
 
@@ -43,8 +44,9 @@ def get_config(arg=None):
   except ValueError as e:
     raise ConfigError(f"bad config argument in {arg!r}: {e}") from None
   if a:
-    raise ConfigError(f"unknown config argument(s) {sorted(a)} in {arg!r}; "
-                      "known: runlocal, clients=N, per_round=N, skew=X")
+    raise ConfigError(
+      f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, clients=N, per_round=N, skew=X"
+    )
   return c
 
 

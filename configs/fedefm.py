@@ -9,6 +9,7 @@ Ctrl-C or SIGTERM stops after the current pretraining round and saves it; re-run
 resumes inside the run it was in (checkpoints every --config.checkpoint.every rounds under
 <workdir>/checkpoints/; finished runs are kept in results_raw.jsonl and skipped).
 """
+
 from fedkd.config import ConfigError, fedefm_base_config, parse_arg
 
 

@@ -3,13 +3,15 @@
 About 2 minutes on 2 CPU cores (150 rounds x 4 clients x 4 local steps x batch 8):
   python -m fedkd.main --config=configs/quickstart.py --workdir=runs/quickstart
 """
+
 from fedkd.config import ConfigError, base_config
 
 
 def get_config(arg=None):
   if arg:
-    raise ConfigError(f"configs/quickstart.py takes no variant, got {arg!r}; drop ':{arg}' and override "
-                      "keys with --config.KEY=VALUE")
+    raise ConfigError(
+      f"configs/quickstart.py takes no variant, got {arg!r}; drop ':{arg}' and override keys with --config.KEY=VALUE"
+    )
   c = base_config()
   c.num_rounds = 150
   c.num_clients = 4
@@ -50,9 +52,13 @@ def get_sweep(arg=None):
   if a:
     raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny")
   methods = [
-      {"method": "fedavg", "server_optimizer.name": "sgd", "server_optimizer.momentum": 0.0},
-      {"method": "fedavgm", "server_optimizer.name": "sgd", "server_optimizer.momentum": 0.9,
-       "server_optimizer.learning_rate": 1.0},
+    {"method": "fedavg", "server_optimizer.name": "sgd", "server_optimizer.momentum": 0.0},
+    {
+      "method": "fedavgm",
+      "server_optimizer.name": "sgd",
+      "server_optimizer.momentum": 0.9,
+      "server_optimizer.learning_rate": 1.0,
+    },
   ]
   sweep = product(product(seed=list(seeds)), methods)
   return product(sweep, [TINY]) if tiny else sweep

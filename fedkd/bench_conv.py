@@ -21,6 +21,7 @@ size^2 * 9 * cin * cout per conv-shaped pass, three of them for ``all``), ``rati
 this ms, same pass), ``compile_s``. Every formulation is checked against the vmap one before it is
 timed (``max_rel_err``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def _taps(x, w):
   out = 0
   for dy in range(3):
     for dx in range(3):
-      out = out + jnp.einsum("nbhwc,nco->nbhwo", xp[:, :, dy:dy + h, dx:dx + wd, :], w[:, dy, dx])
+      out = out + jnp.einsum("nbhwc,nco->nbhwo", xp[:, :, dy : dy + h, dx : dx + wd, :], w[:, dy, dx])
   return out.astype(x.dtype)
 
 
@@ -65,11 +66,15 @@ def client_conv(formulation: str):
   if formulation == "vmap":
     return jax.vmap(_conv)
   if formulation in ("bgemm", "bgemm_rc", "hybrid"):
+
     def f(x, w):
-      with gemm_convs(True, recompute_patches=formulation == "bgemm_rc",
-                      mode="wgrad" if formulation == "hybrid" else "gemm"):
-        return jax.vmap(functools.partial(gemm_capable_conv, window_strides=(1, 1), padding="SAME",
-                                          dimension_numbers=_DN))(x, w)
+      with gemm_convs(
+        True, recompute_patches=formulation == "bgemm_rc", mode="wgrad" if formulation == "hybrid" else "gemm"
+      ):
+        return jax.vmap(
+          functools.partial(gemm_capable_conv, window_strides=(1, 1), padding="SAME", dimension_numbers=_DN)
+        )(x, w)
+
     return f
   if formulation == "taps":
     return _taps
@@ -108,8 +113,11 @@ def _parser():
   p.add_argument("--formulations", default=",".join(FORMULATIONS))
   p.add_argument("--passes", default=",".join(PASSES))
   p.add_argument("--reps", type=int, default=10)
-  p.add_argument("--compile-only", action="store_true",
-                 help="compile every program (filling JAX_COMPILATION_CACHE_DIR, if set) and time nothing")
+  p.add_argument(
+    "--compile-only",
+    action="store_true",
+    help="compile every program (filling JAX_COMPILATION_CACHE_DIR, if set) and time nothing",
+  )
   return p
 
 
@@ -117,8 +125,10 @@ def main(argv=None) -> None:
   a = _parser().parse_args(argv)
   forms, passes = a.formulations.split(","), a.passes.split(",")
   for bad in [f for f in forms if f not in FORMULATIONS] + [q for q in passes if q not in PASSES]:
-    raise SystemExit(f"fedkd.bench_conv: error: unknown formulation or pass {bad!r} "
-                     f"(formulations: {','.join(FORMULATIONS)}; passes: {','.join(PASSES)})")
+    raise SystemExit(
+      f"fedkd.bench_conv: error: unknown formulation or pass {bad!r} "
+      f"(formulations: {','.join(FORMULATIONS)}; passes: {','.join(PASSES)})"
+    )
   for k in ("clients", "batch", "size", "cin", "cout", "reps"):
     if getattr(a, k) <= 0:
       raise SystemExit(f"fedkd.bench_conv: error: --{k}={getattr(a, k)} must be positive")
@@ -127,9 +137,18 @@ def main(argv=None) -> None:
   x = jax.random.normal(kx, (a.clients, a.batch, a.size, a.size, a.cin), dt)
   w = (jax.random.normal(kw, (a.clients, 3, 3, a.cin, a.cout)) / np.sqrt(9 * a.cin)).astype(dt)
   g = jax.random.normal(kg, (a.clients, a.batch, a.size, a.size, a.cout), dt)
-  flop = 2 * a.clients * a.batch * a.size ** 2 * 9 * a.cin * a.cout
-  common = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), clients=a.clients,
-                batch=a.batch, size=a.size, cin=a.cin, cout=a.cout, dtype=a.dtype, jax=jax.__version__)
+  flop = 2 * a.clients * a.batch * a.size**2 * 9 * a.cin * a.cout
+  common = dict(
+    backend=jax.default_backend(),
+    device=str(jax.devices()[0].device_kind),
+    clients=a.clients,
+    batch=a.batch,
+    size=a.size,
+    cin=a.cin,
+    cout=a.cout,
+    dtype=a.dtype,
+    jax=jax.__version__,
+  )
   base_ms, reference = {}, {}
   for which in passes:
     for form in forms:
@@ -147,10 +166,12 @@ def main(argv=None) -> None:
         if form == "vmap":
           reference[which] = leaves
         elif which not in reference:
-          reference[which] = [np.asarray(v, np.float32) for v in
-                              jax.tree.leaves(jax.jit(pass_fn("vmap", which))(*args))]
-        row["max_rel_err"] = float(max(np.max(np.abs(o - r)) / (np.max(np.abs(r)) + 1e-30)
-                                       for o, r in zip(leaves, reference[which])))
+          reference[which] = [
+            np.asarray(v, np.float32) for v in jax.tree.leaves(jax.jit(pass_fn("vmap", which))(*args))
+          ]
+        row["max_rel_err"] = float(
+          max(np.max(np.abs(o - r)) / (np.max(np.abs(r)) + 1e-30) for o, r in zip(leaves, reference[which]))
+        )
       times = []
       for _ in range(a.reps):
         t = time.perf_counter()

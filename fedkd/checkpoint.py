@@ -7,13 +7,15 @@ and ``clients_meta``: JSON with their count). Checkpoints of stateless runs (and
 client state existed) have no client items. Saves are atomic (orbax writes to a temporary folder and
 renames), so an interrupted save never looks like a finished one.
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
 
 import json
 import os
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -41,18 +43,22 @@ class ResumeRefused(CheckpointError):
 
 
 class Checkpointer:
-
   def __init__(self, directory: Any, max_to_keep: int = 2):
     directory = os.fspath(directory)
     self.directory = directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
     # Handlers named up front, so item metadata (which items a checkpoint has, the saved state's
     # keys) can be read before restoring anything.
     self._mngr = ocp.CheckpointManager(
-        self.directory,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler(), "clients": ocp.StandardCheckpointHandler(),
-                       "clients_meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      self.directory,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "clients": ocp.StandardCheckpointHandler(),
+        "clients_meta": ocp.JsonCheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
 
   def latest_round(self) -> int | None:
     return self._mngr.latest_step()
@@ -60,13 +66,15 @@ class Checkpointer:
   def all_rounds(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, round_: int, state: Any, config: dict, data_state: dict | None = None,
-           client_state: dict | None = None) -> None:
+  def save(
+    self, round_: int, state: Any, config: dict, data_state: dict | None = None, client_state: dict | None = None
+  ) -> None:
     """Saves the server state, the config, the data pipeline's iterator state (JSON) and, when given,
     the per-client state (``client_state.state_dict()``: ``{"ids": int64 [n], "rows": pytree [n, ...]}``,
     host numpy arrays; in a multi-process run every process passes the same values)."""
-    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
-                 data=ocp.args.JsonSave(data_state or {}))
+    items = dict(
+      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config), data=ocp.args.JsonSave(data_state or {})
+    )
     if client_state is not None:
       n = int(len(client_state["ids"]))
       items["clients_meta"] = ocp.args.JsonSave({"num_rows": n})
@@ -86,10 +94,12 @@ class Checkpointer:
         yield
       except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in several types
         from fedkd.workdir import WorkdirError, describe_os_error, environment_oserror
+
         err = environment_oserror(e)
         if err is None:
           raise
         raise WorkdirError(describe_os_error(err, self.directory)) from None
+
     return guard()
 
   def wait(self) -> None:
@@ -101,8 +111,10 @@ class Checkpointer:
       out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     except Exception as e:
       why = _why(e)
-      raise CheckpointError(f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it "
-                            "away or use a new --workdir", why) from None
+      raise CheckpointError(
+        f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
+        why,
+      ) from None
     return dict(out[item])
 
   def saved_config(self, round_: int) -> dict:
@@ -135,16 +147,20 @@ class Checkpointer:
     saved = getattr(md["state"], "tree", None) if md is not None and md.get("state") is not None else None
     if isinstance(like, dict) and isinstance(saved, dict) and set(like) < set(saved):
       sharding = next(iter(jax.tree.leaves(abstract))).sharding
-      extra = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[k])
-               for k in set(saved) - set(like)}
+      extra = {
+        k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[k])
+        for k in set(saved) - set(like)
+      }
     state_arg = ocp.args.StandardRestore(dict(abstract, **extra) if extra else abstract)
     try:
       out = self._mngr.restore(round_, args=ocp.args.Composite(state=state_arg, config=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for mismatched or damaged trees
       why = _why(e, 300)
       raise CheckpointError(
-          f"checkpoint for round {round_} in {self.directory} cannot be restored into this run's "
-          f"model ({why}); use a new --workdir or the config the checkpoint was written with", why) from None
+        f"checkpoint for round {round_} in {self.directory} cannot be restored into this run's "
+        f"model ({why}); use a new --workdir or the config the checkpoint was written with",
+        why,
+      ) from None
     state = out["state"]
     if extra:
       state = {k: v for k, v in state.items() if k not in extra}
@@ -163,9 +179,11 @@ class Checkpointer:
     ``saved_client_rows(round_)`` rows, e.g. ``store.empty_state_dict(n)``)."""
     n = self.saved_client_rows(round_)
     if n is None:
-      raise CheckpointError(f"checkpoint for round {round_} in {self.directory} holds no per-client state "
-                            "(it was written by a stateless algorithm such as fedavg); use a new --workdir "
-                            "or the config the checkpoint was written with")
+      raise CheckpointError(
+        f"checkpoint for round {round_} in {self.directory} holds no per-client state "
+        "(it was written by a stateless algorithm such as fedavg); use a new --workdir "
+        "or the config the checkpoint was written with"
+      )
     if len(like["ids"]) != n:
       raise ValueError(f"restore target has {len(like['ids'])} rows, the checkpoint {n}")
     if n == 0:
@@ -175,13 +193,14 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       why = _why(e, 300)
       raise CheckpointError(
-          f"per-client state of the checkpoint for round {round_} in {self.directory} cannot be restored "
-          f"into this run's model ({why}); use a new --workdir or the config the checkpoint was written "
-          "with", why) from None
+        f"per-client state of the checkpoint for round {round_} in {self.directory} cannot be restored "
+        f"into this run's model ({why}); use a new --workdir or the config the checkpoint was written "
+        "with",
+        why,
+      ) from None
     return dict(out["clients"])
 
-  def restore_latest(self, load: Callable[[int], T], log: Callable[[str], None] = print
-                     ) -> tuple[int | None, T | None]:
+  def restore_latest(self, load: Callable[[int], T], log: Callable[[str], None] = print) -> tuple[int | None, T | None]:
     """``(round, load(round))`` for the newest round whose ``load`` succeeds; ``(None, None)`` when
     there is no checkpoint.
 
@@ -200,13 +219,16 @@ class Checkpointer:
         first_error = first_error or e
         older = [x for x in rounds if x < r]
         if older:  # the underlying error, not the whole message (which ends with advice for the last step)
-          log(f"warning: the checkpoint for round {r} is damaged ({(e.reason or str(e))[:200]}); "
-              f"falling back to round {older[-1]}")
+          log(
+            f"warning: the checkpoint for round {r} is damaged ({(e.reason or str(e))[:200]}); "
+            f"falling back to round {older[-1]}"
+          )
         continue
       return r, out
     if first_error is not None:
-      raise CheckpointError(f"{first_error} -- no intact checkpoint is left in {self.directory}; move it "
-                            "away to start the run over") from None
+      raise CheckpointError(
+        f"{first_error} -- no intact checkpoint is left in {self.directory}; move it away to start the run over"
+      ) from None
     return None, None
 
   def close(self) -> None:

@@ -4,13 +4,14 @@ Entry points (fedkd.main, fedkd.data.preview, ...) define their own extra flags,
 :func:`parse` and read :data:`CONFIG`. Any bad flag, config file or config value ends the process
 with ``fedkd: error: ...`` on stderr and exit code 2, without a traceback.
 """
+
 from __future__ import annotations
 
 import difflib
-import errno
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from absl import flags
 import ml_collections
@@ -18,12 +19,16 @@ from ml_collections import config_flags
 
 from fedkd.config import ConfigError, base_config, find_config_file, schemas
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
-                                         lock_config=True)
+CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
+)
 # Flags shared by several entry points (defined once, so the modules can be imported together).
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, config and checkpoints; re-use it to resume.")
-OUT = flags.DEFINE_string("out", None, "Output path (fedkd.eval: folder, default <workdir>/eval; "
-                          "fedkd.data.preview: PNG file, default preview.png).")
+OUT = flags.DEFINE_string(
+  "out",
+  None,
+  "Output path (fedkd.eval: folder, default <workdir>/eval; fedkd.data.preview: PNG file, default preview.png).",
+)
 FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in pictures.")
 
 
@@ -33,8 +38,9 @@ def fail(msg: str, code: int = 2) -> None:
   sys.exit(code)
 
 
-def run_app(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
-            uses_config: bool = True, usage: str = "") -> None:
+def run_app(
+  main: Callable[[list[str]], Any], argv: list[str] | None = None, *, uses_config: bool = True, usage: str = ""
+) -> None:
   """Runs ``main(argv)`` through ``absl.app.run`` with fedkd's flag parser and error path.
 
   ``--help``/``-h`` print ``usage`` and this program's flags, ``--helpfull`` every flag and (for
@@ -53,6 +59,7 @@ def run_app(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
 
   def wrapped(args):
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs many INFO lines per checkpoint
     try:
       return main(args)
@@ -61,15 +68,21 @@ def run_app(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
     except Stopped as e:
       verb = "interrupted" if e.reason == "interrupted" else "preempted"
       saved = "checkpoint saved" if e.what == "round" else "what it had finished is saved"
-      print(f"fedkd: {verb} at {e.what} {e.round} ({saved}); re-run the same command to resume",
-            file=sys.stderr, flush=True)
+      print(
+        f"fedkd: {verb} at {e.what} {e.round} ({saved}); re-run the same command to resume", file=sys.stderr, flush=True
+      )
       sys.exit(e.exit_code)
     except KeyboardInterrupt:
-      print("fedkd: interrupted before the round finished; the latest saved checkpoint is kept; re-run the "
-            "same command to resume", file=sys.stderr, flush=True)
+      print(
+        "fedkd: interrupted before the round finished; the latest saved checkpoint is kept; re-run the "
+        "same command to resume",
+        file=sys.stderr,
+        flush=True,
+      )
       sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a full disk / read-only filesystem, often wrapped by a library
       from fedkd.workdir import describe_os_error, environment_oserror
+
       err = environment_oserror(e)
       if err is None:
         raise
@@ -85,13 +98,17 @@ def _print_help(full: bool, usage: str, uses_config: bool) -> None:
     print(flags.FLAGS.get_help(include_special_flags=False))
   else:
     mods = flags.FLAGS.flags_by_module_dict()
-    own = [m for m in mods if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview", "fedkd.cli"))
-           or m in (main_module, "__main__")]
+    own = [
+      m
+      for m in mods
+      if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview", "fedkd.cli")) or m in (main_module, "__main__")
+    ]
     for m in own:
       print(flags.FLAGS.module_help(m))
     print("\n--helpfull lists every flag" + (" and every --config.* key with its default" if uses_config else ""))
   if full and uses_config:
     from fedkd.config import config_help
+
     print("\n" + config_help())
 
 
@@ -112,8 +129,11 @@ def _check_override_key(key: str) -> None:
       options = list(node.keys())
       close = difflib.get_close_matches(part, options, n=1)
       where = "config." + ".".join(done) if done else "config"
-      hint = f"did you mean --config.{'.'.join(done + close)}?" if close else \
-          f"keys of {where}: {', '.join(sorted(options))}"
+      hint = (
+        f"did you mean --config.{'.'.join(done + close)}?"
+        if close
+        else f"keys of {where}: {', '.join(sorted(options))}"
+      )
       fail(f"unknown config key --config.{key}; {hint}")
     node, done = node[part], done + [part]
 
@@ -137,7 +157,7 @@ def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str
       argv[i] = f"--config={path}" + (f":{arg}" if sep else "")
       _preload_config(path, arg if sep else None)
     elif a.startswith("--config."):
-      _check_override_key(a[len("--config."):].split("=", 1)[0])
+      _check_override_key(a[len("--config.") :].split("=", 1)[0])
   try:
     rest = flags.FLAGS(argv)
   except ConfigError as e:
@@ -173,6 +193,7 @@ def _preload_config(path: str, arg: str | None) -> None:
   import importlib.util
 
   from fedkd.errors import UserError
+
   try:
     spec = importlib.util.spec_from_file_location("_fedkd_config_check", path)
     module = importlib.util.module_from_spec(spec)
@@ -180,8 +201,7 @@ def _preload_config(path: str, arg: str | None) -> None:
   except UserError as e:
     fail(str(e))
   except Exception as e:  # noqa: BLE001 - the user's config file is broken
-    fail(f"config file {path} cannot be loaded ({_where(e, path)}{type(e).__name__}: {_first_line(e)}); "
-         "fix the file")
+    fail(f"config file {path} cannot be loaded ({_where(e, path)}{type(e).__name__}: {_first_line(e)}); fix the file")
   if not callable(getattr(module, "get_config", None)):
     fail(f"config file {path} has no get_config(arg) function; see configs/quickstart.py for the form")
   try:
@@ -193,11 +213,15 @@ def _preload_config(path: str, arg: str | None) -> None:
       fail(f"config file {path} takes no argument, but --config={path}:{arg} passes {arg!r}; drop ':{arg}'")
     fail(f"config file {path}: get_config raised ({_where(e, path)}TypeError: {_first_line(e)})")
   except Exception as e:  # noqa: BLE001
-    fail(f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{type(e).__name__}: "
-         f"{_first_line(e)}); fix the file or the variant after ':'")
+    fail(
+      f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{type(e).__name__}: "
+      f"{_first_line(e)}); fix the file or the variant after ':'"
+    )
   if not isinstance(config, ml_collections.ConfigDict):
-    fail(f"config file {path}: get_config returned a {type(config).__name__}, not an "
-         "ml_collections.ConfigDict; start from fedkd.config.base_config()")
+    fail(
+      f"config file {path}: get_config returned a {type(config).__name__}, not an "
+      "ml_collections.ConfigDict; start from fedkd.config.base_config()"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -208,6 +232,7 @@ def _first_line(e: BaseException) -> str:
 def _where(e: BaseException, path: str) -> str:
   """'line N: ' of the deepest frame in the config file, if any."""
   import traceback
+
   line = None
   for frame in traceback.extract_tb(e.__traceback__):
     if os.path.abspath(frame.filename) == os.path.abspath(path):

@@ -4,6 +4,7 @@ Every config file's ``get_config(arg)`` starts from :func:`base_config`, changes
 returns the ConfigDict. :func:`validate` runs before any work and raises :class:`ConfigError` with
 one line that names the key and the fix.
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -178,12 +179,42 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   # Foundation (teacher) and downstream (student) models. name: transunet (the paper's backbone:
   # patch_size, stem_width, hidden, num_layers, num_heads, mlp_dim, decoder_width, skips) or unet
   # (width, depth, groups; the encoder = enc + mid blocks); num_classes, image_size for both.
-  c.teacher = ml_collections.ConfigDict(dict(
-      name="transunet", num_classes=4, patch_size=4, stem_width=8, hidden=32, num_layers=2,
-      num_heads=2, mlp_dim=64, decoder_width=16, skips=False, image_size=32, width=8, depth=2, groups=4))
-  c.student = ml_collections.ConfigDict(dict(  # the downstream student; same keys as teacher
-      name="transunet", num_classes=3, patch_size=4, stem_width=8, hidden=32, num_layers=1,
-      num_heads=2, mlp_dim=64, decoder_width=8, skips=False, image_size=32, width=8, depth=2, groups=4))
+  c.teacher = ml_collections.ConfigDict(
+    dict(
+      name="transunet",
+      num_classes=4,
+      patch_size=4,
+      stem_width=8,
+      hidden=32,
+      num_layers=2,
+      num_heads=2,
+      mlp_dim=64,
+      decoder_width=16,
+      skips=False,
+      image_size=32,
+      width=8,
+      depth=2,
+      groups=4,
+    )
+  )
+  c.student = ml_collections.ConfigDict(
+    dict(  # the downstream student; same keys as teacher
+      name="transunet",
+      num_classes=3,
+      patch_size=4,
+      stem_width=8,
+      hidden=32,
+      num_layers=1,
+      num_heads=2,
+      mlp_dim=64,
+      decoder_width=8,
+      skips=False,
+      image_size=32,
+      width=8,
+      depth=2,
+      groups=4,
+    )
+  )
 
   c.downstream = ml_collections.ConfigDict()
   c.downstream.train_examples = 128  # labelled images of the unseen hospital
@@ -236,13 +267,21 @@ def _key_docs(fn) -> dict[str, str]:
 
 # Keys of config.teacher / config.student (one ConfigDict literal each, so no per-line comments).
 MODEL_KEY_DOCS = {
-    "name": "transunet | unet (teacher and student alike)", "num_classes": "output classes",
-    "image_size": "input side in px (= config.image_size)", "patch_size": "transunet: ViT patch side in px",
-    "stem_width": "transunet: channels of the conv stem", "hidden": "transunet: ViT width (same for both)",
-    "num_layers": "transunet: ViT blocks", "num_heads": "transunet: attention heads",
-    "mlp_dim": "transunet: ViT MLP width", "decoder_width": "transunet: channels of the decoder",
-    "skips": "transunet: UNet-style skip connections from the stem", "width": "unet: first-level channels",
-    "depth": "unet: levels", "groups": "unet: GroupNorm groups"}
+  "name": "transunet | unet (teacher and student alike)",
+  "num_classes": "output classes",
+  "image_size": "input side in px (= config.image_size)",
+  "patch_size": "transunet: ViT patch side in px",
+  "stem_width": "transunet: channels of the conv stem",
+  "hidden": "transunet: ViT width (same for both)",
+  "num_layers": "transunet: ViT blocks",
+  "num_heads": "transunet: attention heads",
+  "mlp_dim": "transunet: ViT MLP width",
+  "decoder_width": "transunet: channels of the decoder",
+  "skips": "transunet: UNet-style skip connections from the stem",
+  "width": "unet: first-level channels",
+  "depth": "unet: levels",
+  "groups": "unet: GroupNorm groups",
+}
 
 
 def config_help() -> str:
@@ -263,6 +302,7 @@ def config_help() -> str:
           walk(v, key + ".")
         else:
           out.append(f"  --config.{key}={v!r}" + (f"\n      {docs[key]}" if docs.get(key) else ""))
+
     walk(fn(), "")
   return "\n".join(out)
 
@@ -271,12 +311,14 @@ def find_config_file(path: str) -> str | None:
   """``path`` (``~`` expanded) if it is a file, else the same file inside the installed
   ``fedkd.configs`` package (``configs/quickstart.py`` from any directory after ``pip install .``)."""
   import os
+
   path = os.path.expanduser(path)
   if os.path.isfile(path):
     return path
-  rel = path[len("configs/"):] if path.startswith("configs/") else path
+  rel = path[len("configs/") :] if path.startswith("configs/") else path
   try:
     from importlib import resources
+
     packaged = resources.files("fedkd.configs").joinpath(rel)
     if packaged.is_file():
       return os.fspath(packaged)
@@ -323,7 +365,7 @@ def _positive(c, key: str) -> None:
 
 
 MAX_CLIENTS = 10_000_000  # per-client arrays (sizes, sampling) are host numpy arrays of this length
-MAX_SEED = 2 ** 32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
+MAX_SEED = 2**32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
 
 
 def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "config") -> None:
@@ -333,13 +375,20 @@ def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, 
   extra = sorted(set(c.keys()) - set(schema.keys()))
   if extra:
     close = difflib.get_close_matches(extra[0], list(schema.keys()), n=1)
-    raise ConfigError(f"unknown config key {prefix}.{extra[0]}"
-                      + (f"; did you mean {prefix}.{close[0]}?" if close else
-                         f"; known keys in {prefix}: {', '.join(sorted(schema.keys()))}"))
+    raise ConfigError(
+      f"unknown config key {prefix}.{extra[0]}"
+      + (
+        f"; did you mean {prefix}.{close[0]}?"
+        if close
+        else f"; known keys in {prefix}: {', '.join(sorted(schema.keys()))}"
+      )
+    )
   missing = sorted(set(schema.keys()) - set(c.keys()))
   if missing:
-    raise ConfigError(f"{prefix}.{missing[0]} is missing ({len(missing)} key(s) missing); build the config "
-                      "from fedkd.config.base_config() (or fedefm_base_config()) and change what you need")
+    raise ConfigError(
+      f"{prefix}.{missing[0]} is missing ({len(missing)} key(s) missing); build the config "
+      "from fedkd.config.base_config() (or fedefm_base_config()) and change what you need"
+    )
   for k, v in schema.items():
     if isinstance(v, ml_collections.ConfigDict):
       check_keys(c[k], v, f"{prefix}.{k}")
@@ -360,8 +409,7 @@ def _at_least(c, key: str, low: float, strict: bool = False) -> None:
     value = value[k]
   bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)
   if bad:
-    raise ConfigError(f"config.{key}={value!r} must be a number {'>' if strict else '>='} {low}; "
-                      f"set --config.{key}")
+    raise ConfigError(f"config.{key}={value!r} must be a number {'>' if strict else '>='} {low}; set --config.{key}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -372,47 +420,93 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(f"config.task={c.task!r} is not a known task; use one of {', '.join(TASKS)}")
   check_keys(c, base_config())
   check_finite(c)
-  for key in ("num_rounds", "num_clients", "clients_per_round", "local_steps", "batch_size",
-              "image_size", "examples_per_client", "model.width", "model.depth", "model.groups",
-              "model.num_classes", "client_optimizer.learning_rate",
-              "server_optimizer.learning_rate", "eval.every", "eval.examples_per_site",
-              "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep", "engine.client_chunk"):
+  for key in (
+    "num_rounds",
+    "num_clients",
+    "clients_per_round",
+    "local_steps",
+    "batch_size",
+    "image_size",
+    "examples_per_client",
+    "model.width",
+    "model.depth",
+    "model.groups",
+    "model.num_classes",
+    "client_optimizer.learning_rate",
+    "server_optimizer.learning_rate",
+    "eval.every",
+    "eval.examples_per_site",
+    "eval.batch_size",
+    "checkpoint.every",
+    "checkpoint.max_to_keep",
+    "engine.client_chunk",
+  ):
     _positive(c, key)
   if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < MAX_SEED:
-    raise ConfigError(f"config.seed={c.seed!r} must be an integer in 0..{MAX_SEED - 1} (JAX keys hold 32 "
-                      "bits; larger seeds would repeat smaller ones)")
-  for key in ("num_rounds", "num_clients", "clients_per_round", "local_steps", "batch_size", "image_size",
-              "examples_per_client", "model.width", "model.depth", "model.groups", "eval.every",
-              "eval.examples_per_site", "eval.batch_size", "checkpoint.every", "checkpoint.max_to_keep",
-              "engine.client_chunk", "loss.cldice_iters"):
+    raise ConfigError(
+      f"config.seed={c.seed!r} must be an integer in 0..{MAX_SEED - 1} (JAX keys hold 32 "
+      "bits; larger seeds would repeat smaller ones)"
+    )
+  for key in (
+    "num_rounds",
+    "num_clients",
+    "clients_per_round",
+    "local_steps",
+    "batch_size",
+    "image_size",
+    "examples_per_client",
+    "model.width",
+    "model.depth",
+    "model.groups",
+    "eval.every",
+    "eval.examples_per_site",
+    "eval.batch_size",
+    "checkpoint.every",
+    "checkpoint.max_to_keep",
+    "engine.client_chunk",
+    "loss.cldice_iters",
+  ):
     _int_at_least(c, key, 1)
   for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
     _int_at_least(c, key, 0)
   if c.num_clients > MAX_CLIENTS:
-    raise ConfigError(f"config.num_clients={c.num_clients} is more than fedkd simulates ({MAX_CLIENTS:,}); "
-                      "use fewer clients")
-  for key in ("quantity_skew", "loss.ce_weight", "loss.dice_weight", "loss.cldice_weight", "loss.tversky_alpha",
-              "loss.tversky_beta", "client_optimizer.momentum", "server_optimizer.momentum"):
+    raise ConfigError(
+      f"config.num_clients={c.num_clients} is more than fedkd simulates ({MAX_CLIENTS:,}); use fewer clients"
+    )
+  for key in (
+    "quantity_skew",
+    "loss.ce_weight",
+    "loss.dice_weight",
+    "loss.cldice_weight",
+    "loss.tversky_alpha",
+    "loss.tversky_beta",
+    "client_optimizer.momentum",
+    "server_optimizer.momentum",
+  ):
     _at_least(c, key, 0.0)
   _at_least(c, "loss.tversky_gamma", 0.0, strict=True)
   for name in ("client_optimizer", "server_optimizer"):
     if c[name].momentum >= 1:
       raise ConfigError(f"config.{name}.momentum={c[name].momentum} must be < 1 (0 = none)")
   if not isinstance(c.engine.skip_nonfinite_clients, bool):
-    raise ConfigError(f"config.engine.skip_nonfinite_clients={c.engine.skip_nonfinite_clients!r} must be True "
-                      "or False")
+    raise ConfigError(f"config.engine.skip_nonfinite_clients={c.engine.skip_nonfinite_clients!r} must be True or False")
   if c.data.unseen_site and c.data.source == "synthetic":
-    raise ConfigError(f"config.data.unseen_site={c.data.unseen_site!r} applies to tfds sources only; synthetic "
-                      "data always evaluates its own unseen hospital profile; drop --config.data.unseen_site")
+    raise ConfigError(
+      f"config.data.unseen_site={c.data.unseen_site!r} applies to tfds sources only; synthetic "
+      "data always evaluates its own unseen hospital profile; drop --config.data.unseen_site"
+    )
   if c.clients_per_round > c.num_clients:
-    raise ConfigError(f"config.clients_per_round={c.clients_per_round} is larger than "
-                      f"config.num_clients={c.num_clients}; set --config.clients_per_round to at most "
-                      f"{c.num_clients} or raise --config.num_clients")
+    raise ConfigError(
+      f"config.clients_per_round={c.clients_per_round} is larger than "
+      f"config.num_clients={c.num_clients}; set --config.clients_per_round to at most "
+      f"{c.num_clients} or raise --config.num_clients"
+    )
   if c.quantity_skew < 0:
     raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")
   if c.data.source != "synthetic" and not (c.data.source.startswith("tfds:") and len(c.data.source) > 5):
-    raise ConfigError(f"config.data.source={c.data.source!r} is not a data source; use 'synthetic' or "
-                      "'tfds:<dataset name>'")
+    raise ConfigError(
+      f"config.data.source={c.data.source!r} is not a data source; use 'synthetic' or 'tfds:<dataset name>'"
+    )
   if c.data.partition not in ("by_site", "dirichlet", "iid"):
     raise ConfigError(f"config.data.partition={c.data.partition!r} is unknown; use by_site, dirichlet or iid")
   if c.data.dirichlet_alpha <= 0:
@@ -420,41 +514,53 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   if c.model.name != "unet":
     raise ConfigError(f"config.model.name={c.model.name!r} is not a known model; use 'unet'")
   if c.model.num_classes not in (3, 4):
-    raise ConfigError(f"config.model.num_classes={c.model.num_classes} must be 3 (background, catheter, "
-                      "guidewire) or 4 (+ vessel)")
-  if c.image_size % (2 ** c.model.depth):
-    raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.model.depth="
-                      f"{2 ** c.model.depth}; pick an image size that is a multiple of it")
+    raise ConfigError(
+      f"config.model.num_classes={c.model.num_classes} must be 3 (background, catheter, guidewire) or 4 (+ vessel)"
+    )
+  if c.image_size % (2**c.model.depth):
+    raise ConfigError(
+      f"config.image_size={c.image_size} must be divisible by 2**config.model.depth="
+      f"{2**c.model.depth}; pick an image size that is a multiple of it"
+    )
   if c.image_size < 32:
     raise ConfigError(f"config.image_size={c.image_size} is too small for the synthetic X-rays; use >= 32")
   if c.model.width % c.model.groups:
-    raise ConfigError(f"config.model.width={c.model.width} must be divisible by config.model.groups="
-                      f"{c.model.groups} (GroupNorm); change either")
+    raise ConfigError(
+      f"config.model.width={c.model.width} must be divisible by config.model.groups="
+      f"{c.model.groups} (GroupNorm); change either"
+    )
   for name in ("client_optimizer", "server_optimizer"):
     if c[name].name not in OPTIMIZERS:
       raise ConfigError(f"config.{name}.name={c[name].name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
   if c.engine.client_parallelism not in CLIENT_PARALLELISM:
-    raise ConfigError(f"config.engine.client_parallelism={c.engine.client_parallelism!r} is unknown; "
-                      f"use one of {', '.join(CLIENT_PARALLELISM)}")
+    raise ConfigError(
+      f"config.engine.client_parallelism={c.engine.client_parallelism!r} is unknown; "
+      f"use one of {', '.join(CLIENT_PARALLELISM)}"
+    )
   if c.engine.chunk_strategy not in VMAP_CONV_MODES:
-    raise ConfigError(f"config.engine.chunk_strategy={c.engine.chunk_strategy!r} is unknown; use one of "
-                      f"{', '.join(VMAP_CONV_MODES)}")
+    raise ConfigError(
+      f"config.engine.chunk_strategy={c.engine.chunk_strategy!r} is unknown; use one of {', '.join(VMAP_CONV_MODES)}"
+    )
   if c.engine.unroll_local_steps not in ("auto", True, False):
-    raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be "
-                      "'auto', True or False")
+    raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be 'auto', True or False")
   if c.engine.compute_dtype not in COMPUTE_DTYPES:
-    raise ConfigError(f"config.engine.compute_dtype={c.engine.compute_dtype!r} is unknown; use one of "
-                      f"{', '.join(COMPUTE_DTYPES)}")
+    raise ConfigError(
+      f"config.engine.compute_dtype={c.engine.compute_dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}"
+    )
   if not isinstance(c.engine.remat, bool):
     raise ConfigError(f"config.engine.remat={c.engine.remat!r} must be True or False")
   if c.algorithm.name not in ALGORITHMS:
     raise ConfigError(f"config.algorithm.name={c.algorithm.name!r} is unknown; use one of {', '.join(ALGORITHMS)}")
   if c.algorithm.name == "scaffold" and c.client_optimizer.name != "sgd":
-    raise ConfigError(f"config.algorithm.name='scaffold' needs config.client_optimizer.name='sgd' (its "
-                      f"control-variate update assumes plain SGD steps), not {c.client_optimizer.name!r}")
+    raise ConfigError(
+      f"config.algorithm.name='scaffold' needs config.client_optimizer.name='sgd' (its "
+      f"control-variate update assumes plain SGD steps), not {c.client_optimizer.name!r}"
+    )
   if c.algorithm.client_state not in CLIENT_STATE_PLACEMENTS:
-    raise ConfigError(f"config.algorithm.client_state={c.algorithm.client_state!r} is unknown; use one of "
-                      f"{', '.join(CLIENT_STATE_PLACEMENTS)}")
+    raise ConfigError(
+      f"config.algorithm.client_state={c.algorithm.client_state!r} is unknown; use one of "
+      f"{', '.join(CLIENT_STATE_PLACEMENTS)}"
+    )
   if c.loss.name not in LOSSES:
     raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; use one of {', '.join(LOSSES)}")
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
@@ -463,11 +569,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     return math.gcd(c.clients_per_round, num_devices)
   n = c.mesh.client_devices
   if n < 0 or n > num_devices:
-    raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} but {num_devices} device(s) "
-                      f"are visible; use 0 (all) or a value in 1..{num_devices}")
+    raise ConfigError(
+      f"config.mesh.client_devices={c.mesh.client_devices} but {num_devices} device(s) "
+      f"are visible; use 0 (all) or a value in 1..{num_devices}"
+    )
   if c.clients_per_round % n:
     fit = math.gcd(c.clients_per_round, n)
-    raise ConfigError(f"config.clients_per_round={c.clients_per_round} cannot be split over the {n} "
-                      f"devices of the 'clients' mesh axis; use a multiple of {n} or set "
-                      f"--config.mesh.client_devices={fit} (or 0 = automatic)")
+    raise ConfigError(
+      f"config.clients_per_round={c.clients_per_round} cannot be split over the {n} "
+      f"devices of the 'clients' mesh axis; use a multiple of {n} or set "
+      f"--config.mesh.client_devices={fit} (or 0 = automatic)"
+    )
   return n

@@ -6,6 +6,7 @@ machine), or (b) the launcher says this is one of several processes: Cloud TPU V
 (``TPU_WORKER_HOSTNAMES`` with more than one host) or SLURM (``SLURM_NTASKS`` > 1), where JAX finds
 the coordinator itself. Otherwise it does nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,12 @@ import os
 import jax
 
 
-def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, cpu_devices: int | None = None) -> bool:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  cpu_devices: int | None = None,
+) -> bool:
   """Returns True when this run is multi-process. Must run before any JAX computation."""
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
@@ -23,8 +28,9 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
       raise ValueError("--coordinator_address needs --num_processes and --process_id too")
     if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk via gloo
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if len(hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:

@@ -5,6 +5,7 @@ workdir) derives from :class:`UserError`; entry points print it as one line
 (``fedkd: error: ...``) and exit with status 2, without a traceback. Any other exception is a bug
 and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

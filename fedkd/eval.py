@@ -9,6 +9,7 @@ held-out set (training sites and the unseen site) and writes to ``--out`` (defau
   predictions.png        frames with true positives green, false positives red, false negatives blue
   robustness.png         Dice per class vs severity of noise, blur, contrast loss and downscaling
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -28,10 +29,10 @@ _EXAMPLES = flags.DEFINE_integer("examples", 32, "Held-out images per site.")
 _SPACING = flags.DEFINE_float("spacing_mm", 1.0, "Pixel size in mm for distance metrics (1.0 = pixels).")
 
 SEVERITIES = {
-    "noise": [0.0, 0.05, 0.1, 0.2, 0.3],        # Gaussian noise sigma (images in [0, 1])
-    "blur": [0.0, 0.5, 1.0, 1.5, 2.0],          # Gaussian blur sigma, px
-    "contrast_loss": [0.0, 0.25, 0.5, 0.75, 0.9],  # fraction of contrast removed around the mean
-    "downscale": [1.0, 1.5, 2.0, 3.0, 4.0],     # downsample by this factor, upsample back
+  "noise": [0.0, 0.05, 0.1, 0.2, 0.3],  # Gaussian noise sigma (images in [0, 1])
+  "blur": [0.0, 0.5, 1.0, 1.5, 2.0],  # Gaussian blur sigma, px
+  "contrast_loss": [0.0, 0.25, 0.5, 0.75, 0.9],  # fraction of contrast removed around the mean
+  "downscale": [1.0, 1.5, 2.0, 3.0, 4.0],  # downsample by this factor, upsample back
 }
 
 
@@ -42,6 +43,7 @@ class EvalError(UserError, ValueError):
 def perturb(images: np.ndarray, kind: str, severity: float, seed: int = 0) -> np.ndarray:
   """images [N, H, W, 1] in [0, 1] -> perturbed copy (severity 0 / factor 1 = unchanged)."""
   from scipy import ndimage
+
   x = np.asarray(images, np.float32)
   if kind == "noise":
     y = x if severity == 0 else x + np.random.default_rng(seed).normal(0.0, severity, x.shape).astype(np.float32)
@@ -75,8 +77,9 @@ def load_run(workdir: str, round_: int | None):
   path = prepare(workdir, create=False)
   ckdir = path / "checkpoints"
   if not ckdir.is_dir():
-    raise EvalError(f"{workdir} has no checkpoints/ folder; train first with "
-                    f"python -m fedkd.main --config=... --workdir={workdir}")
+    raise EvalError(
+      f"{workdir} has no checkpoints/ folder; train first with python -m fedkd.main --config=... --workdir={workdir}"
+    )
   ckpt = Checkpointer(ckdir)
 
   def load(r):
@@ -86,8 +89,9 @@ def load_run(workdir: str, round_: int | None):
       server_tx = engine.make_optimizer(config.server_optimizer)
       like = engine.init_server_state(params, server_tx, jax.random.key(config.seed))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-      raise CheckpointError(f"the config stored with round {r} is not a usable fedavg config "
-                            f"({type(e).__name__}: {e})") from None
+      raise CheckpointError(
+        f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
+      ) from None
     state, _ = ckpt.restore(r, like)
     return config, apply, state["params"]
 
@@ -108,8 +112,10 @@ def load_run(workdir: str, round_: int | None):
     ckpt.close()
   finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params))
   if not finite:
-    raise EvalError(f"the checkpoint for round {r} in {ckdir} holds NaN/Inf parameters (that run diverged); "
-                    "evaluate an earlier --round or retrain with a lower learning rate")
+    raise EvalError(
+      f"the checkpoint for round {r} in {ckdir} holds NaN/Inf parameters (that run diverged); "
+      "evaluate an earlier --round or retrain with a lower learning rate"
+    )
   return config, apply, params, r
 
 
@@ -122,7 +128,7 @@ def evaluate(config, apply, params, sets, spacing_mm: float):
   def run(images):
     return np.asarray(predict(params, images))
 
-  classes = list(enumerate(metrics.CLASS_NAMES[:config.model.num_classes]))[1:]
+  classes = list(enumerate(metrics.CLASS_NAMES[: config.model.num_classes]))[1:]
   results, preds = {}, {}
   for site, (images, masks) in sets.items():
     images, masks = np.asarray(images), np.asarray(masks)
@@ -131,13 +137,13 @@ def evaluate(config, apply, params, sets, spacing_mm: float):
     res = {}
     for cid, cname in classes:
       m = {
-          "dice": np.asarray(metrics.dice(pred, masks, cid)),
-          "iou": np.asarray(metrics.iou(pred, masks, cid)),
-          "cldice": np.asarray(metrics.cldice(pred, masks, cid)),
-          "hd95": metrics.hd95(pred, masks, cid, spacing_mm),
-          "assd": metrics.assd(pred, masks, cid, spacing_mm),
-          "betti0_error": metrics.betti0_error(pred, masks, cid),
-          "tip_error": metrics.tip_error(pred, masks, cid, spacing_mm),
+        "dice": np.asarray(metrics.dice(pred, masks, cid)),
+        "iou": np.asarray(metrics.iou(pred, masks, cid)),
+        "cldice": np.asarray(metrics.cldice(pred, masks, cid)),
+        "hd95": metrics.hd95(pred, masks, cid, spacing_mm),
+        "assd": metrics.assd(pred, masks, cid, spacing_mm),
+        "betti0_error": metrics.betti0_error(pred, masks, cid),
+        "tip_error": metrics.tip_error(pred, masks, cid, spacing_mm),
       }
       entry = {}
       for k, v in m.items():
@@ -152,6 +158,7 @@ def evaluate(config, apply, params, sets, spacing_mm: float):
 
 def robustness(sets, run, classes):
   from fedkd import metrics
+
   out = {}
   for kind, levels in SEVERITIES.items():
     curve = {c: [] for _, c in classes}
@@ -169,8 +176,10 @@ def robustness(sets, run, classes):
 
 def plot_robustness(rob: dict, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(rob), figsize=(4 * len(rob), 3.4))
   for ax, (kind, d) in zip(axes, rob.items()):
     for cname, ys in d["dice"].items():
@@ -188,6 +197,7 @@ def plot_robustness(rob: dict, path: str) -> None:
 
 def prediction_grid(sets, preds, frames: int, path: str, unseen: str | None) -> None:
   from fedkd.report import error_overlay, grid_rows
+
   rows = {}
   for site, (images, masks) in sets.items():
     images, masks = np.asarray(images)[..., 0], np.asarray(masks)
@@ -225,6 +235,7 @@ def format_results(results: dict, unseen: str | None) -> str:
 def main(argv) -> None:
   del argv
   from fedkd.workdir import prepare
+
   if not cli.WORKDIR.value:
     cli.fail("--workdir is required (a run directory written by fedkd.main)")
   if _EXAMPLES.value < 1:
@@ -237,6 +248,7 @@ def main(argv) -> None:
     cli.fail(f"--round={_ROUND.value} must be a checkpoint round (>= 0)")
   workdir = os.path.expanduser(cli.WORKDIR.value)
   from fedkd.data.pipeline import make_client_data
+
   config, apply, params, r = load_run(workdir, _ROUND.value)
   with config.unlocked():
     config.eval.examples_per_site = _EXAMPLES.value
@@ -244,8 +256,7 @@ def main(argv) -> None:
   sets = data.eval_sets()
   out = prepare(os.path.expanduser(cli.OUT.value) if cli.OUT.value else os.path.join(workdir, "eval"))
   out = os.fspath(out)
-  print(f"evaluating {workdir} at round {r}: {len(sets)} sites x {_EXAMPLES.value} held-out images",
-        flush=True)
+  print(f"evaluating {workdir} at round {r}: {len(sets)} sites x {_EXAMPLES.value} held-out images", flush=True)
   results, preds, run, classes = evaluate(config, apply, params, sets, _SPACING.value)
   write_tables(results, out, r)
   if cli.FRAMES.value:
@@ -258,8 +269,10 @@ def main(argv) -> None:
   unit = "mm" if _SPACING.value != 1.0 else "px"
   print(format_results(results, data.unseen_name))
   print(f"(hd95, assd, tip_error in {unit}; means over images where defined)")
-  print(f"wrote {out}: eval.json, eval.csv, predictions.png (green TP, red FP, blue FN), "
-        "robustness.json, robustness.png", flush=True)
+  print(
+    f"wrote {out}: eval.json, eval.csv, predictions.png (green TP, red FP, blue FN), robustness.json, robustness.png",
+    flush=True,
+  )
 
 
 def run(argv=None) -> None:

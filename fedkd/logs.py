@@ -4,11 +4,13 @@
 one line per evaluation, so this stays small), which works on object stores (``gs://``) and never
 leaves a cut line; a cut last line left by an older writer is dropped with a note when a run resumes.
 """
+
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from fedkd.workdir import as_path, is_remote, write_atomic
 
@@ -34,11 +36,14 @@ def read_jsonl(path, note: Callable[[str], None] | None = None) -> list[dict]:
     except ValueError:
       if i == len(lines) - 1:
         (note or (lambda m: print(m, file=sys.stderr)))(
-            f"note: dropped a cut last line of {path} (a write interrupted by a kill)")
+          f"note: dropped a cut last line of {path} (a write interrupted by a kill)"
+        )
         break
       from fedkd.errors import UserError
-      raise UserError(f"{path}:{i + 1} is not a JSON record; repair or delete that line, or use a new "
-                      "--workdir") from None
+
+      raise UserError(
+        f"{path}:{i + 1} is not a JSON record; repair or delete that line, or use a new --workdir"
+      ) from None
     out.append(rec)
   return out
 
@@ -57,6 +62,7 @@ class RunLog:
       self._records = read_jsonl(self.metrics_path, note)
       if not is_remote(workdir):  # tensorboardX writes local files
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -73,8 +79,7 @@ class RunLog:
       return
     self._records.append(rec)
     self._write()
-    self.scalars(rec["round"], {f"eval/{k}": v for k, v in rec.items()
-                                if k != "round" and isinstance(v, (int, float))})
+    self.scalars(rec["round"], {f"eval/{k}": v for k, v in rec.items() if k != "round" and isinstance(v, (int, float))})
 
   def truncate_after(self, last_round: int) -> None:
     """Drops records written after the checkpoint being resumed from (they will be recomputed);

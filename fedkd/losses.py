@@ -14,6 +14,7 @@ class (1..K-1) and then averaged over both.
   weights false negatives (default 0.7) and ``tversky_beta`` false positives (default 0.3), so
   alpha > beta favours recall, which is what thin devices need.
 """
+
 from __future__ import annotations
 
 import jax
@@ -49,6 +50,7 @@ def soft_dice_loss(logits, labels, eps: float = 1.0):
 # ------------------------------------------------------------------ soft morphology (clDice)
 # Arrays are [B, H, W, C] (channels last); pooling runs over H and W with 'SAME' padding, padded
 # cells never win (-inf for max pooling), so the image border neither erodes nor dilates a mask.
+
 
 def _max_pool(x, wh: int, ww: int):
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, wh, ww, 1), (1, 1, 1, 1), "SAME")
@@ -102,8 +104,9 @@ def soft_cldice_loss(logits, labels, iters: int = 3, eps: float = 1.0):
   return 1.0 - jnp.mean(cl)
 
 
-def focal_tversky_loss(logits, labels, alpha: float = 0.7, beta: float = 0.3,
-                       gamma: float = 4.0 / 3.0, eps: float = 1.0):
+def focal_tversky_loss(
+  logits, labels, alpha: float = 0.7, beta: float = 0.3, gamma: float = 4.0 / 3.0, eps: float = 1.0
+):
   """Focal Tversky loss (Abraham & Khan, 2019), mean over images and foreground classes.
 
   Per image and class: TP = sum p g, FN = sum (1 - p) g, FP = sum p (1 - g),

@@ -6,6 +6,7 @@ with one line on stderr naming the problem and a fix (exit 2). Re-running with t
 resumes from its newest intact checkpoint. SIGTERM (preemption) or Ctrl-C stops at the end of the
 current round after saving it (exit 0 / 130). A second process on the same workdir is refused.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,9 @@ from absl import flags
 
 from fedkd import cli, distributed
 
-_COORD = flags.DEFINE_string("coordinator_address", None,
-                             "host:port of process 0 for a multi-process run (with --num_processes, --process_id).")
+_COORD = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 for a multi-process run (with --num_processes, --process_id)."
+)
 _NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (CPU runs only).")
@@ -42,11 +44,14 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     cli.fail(str(e))
   import jax
+
   if config.task == "fedavg":  # every setting checked before anything is written
     from fedkd.config import validate
+
     validate(config, jax.device_count())
   else:
     from fedkd.tasks.fedefm import validate as validate_fedefm
+
     validate_fedefm(config)
   existed = as_path(cli.WORKDIR.value).exists() if not is_remote(cli.WORKDIR.value) else True
   workdir = prepare(cli.WORKDIR.value)
@@ -58,9 +63,11 @@ def main(argv: list[str]) -> None:
     with StopSignals() as stop:
       if config.task == "fedavg":
         from fedkd.tasks import fedavg
+
         fedavg.run(config, workdir, stop=stop)
       else:
         from fedkd.tasks import fedefm
+
         fedefm.run(config, workdir, stop=stop)
   except UserError:
     if lock is not None:

@@ -46,6 +46,7 @@ Empty-mask conventions
   to nothing is undefined); betti0_error = the component count of the non-empty one. Callers average
   distance metrics with ``np.nanmean`` and should report how many images were NaN.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,6 +67,7 @@ _EIGHT = np.ones((3, 3), bool)
 
 
 # ------------------------------------------------------------------ JAX overlap metrics
+
 
 def _counts(pred, target, class_id):
   p = pred == class_id
@@ -143,6 +145,7 @@ def cldice(pred, target, class_id: int, iters: int | None = None):
 
 
 # ------------------------------------------------------------------ host helpers
+
 
 def _spacing(spacing_mm) -> tuple[float, float]:
   s = np.broadcast_to(np.asarray(spacing_mm, np.float64), (2,))
@@ -236,8 +239,9 @@ def device_tip(mask, spacing_mm=1.0):
   if cand.size < 2:
     cand = np.arange(rows.size)
   h, w = skel.shape
-  border = np.minimum(np.minimum(rows[cand] * sy, (h - 1 - rows[cand]) * sy),
-                      np.minimum(cols[cand] * sx, (w - 1 - cols[cand]) * sx))
+  border = np.minimum(
+    np.minimum(rows[cand] * sy, (h - 1 - rows[cand]) * sy), np.minimum(cols[cand] * sx, (w - 1 - cols[cand]) * sx)
+  )
   entry = cand[int(np.argmin(border))]
   # 8-connected skeleton graph with Euclidean step lengths in mm
   index = -np.ones(skel.shape, np.int64)
@@ -252,8 +256,9 @@ def device_tip(mask, spacing_mm=1.0):
     src.append(np.flatnonzero(ok))
     dst.append(j[ok])
     wts.append(np.full(int(ok.sum()), np.hypot(dr * sy, dc * sx)))
-  graph = scipy.sparse.coo_matrix((np.concatenate(wts), (np.concatenate(src), np.concatenate(dst))),
-                                  shape=(rows.size, rows.size)).tocsr()
+  graph = scipy.sparse.coo_matrix(
+    (np.concatenate(wts), (np.concatenate(src), np.concatenate(dst))), shape=(rows.size, rows.size)
+  ).tocsr()
   dist = scipy.sparse.csgraph.dijkstra(graph, directed=False, indices=entry)
   dist = np.where(np.isfinite(dist), dist, -1.0)
   tip = cand[int(np.argmax(dist[cand]))]

@@ -7,6 +7,7 @@ raises :class:`Stopped`; the entry point prints ``preempted at round N; re-run t
 (SIGTERM / preemption) or 130 (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt): the last
 saved checkpoint stays, and the entry point prints how to resume.
 """
+
 from __future__ import annotations
 
 import signal
@@ -39,14 +40,16 @@ class StopSignals:
       if self.reason is not None:  # second Ctrl-C: stop now
         raise KeyboardInterrupt
       self.reason = "interrupted"
-      self.log("\nCtrl-C: stopping after this round (its checkpoint is saved); press Ctrl-C again to "
-               "stop at once without saving it")
+      self.log(
+        "\nCtrl-C: stopping after this round (its checkpoint is saved); press Ctrl-C again to "
+        "stop at once without saving it"
+      )
     else:
       if self.reason is None:
         self.log(f"\n{signal.Signals(signum).name}: saving this round's checkpoint, then stopping")
       self.reason = "preempted"
 
-  def __enter__(self) -> "StopSignals":
+  def __enter__(self) -> StopSignals:
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._on_signal)
@@ -61,11 +64,13 @@ class StopSignals:
     """True when the run should stop after ``step``: a signal here, or (multi-process runs) on any
     process or through JAX's preemption sync point, so every process stops at the same step."""
     import jax
+
     local = self.reason is not None
     if jax.process_count() == 1:
       return local
     from jax.experimental import multihost_utils
     import numpy as np
+
     try:
       notice = bool(multihost_utils.reached_preemption_sync_point(step))
     except Exception:  # noqa: BLE001 - the preemption service is off (e.g. CPU clusters)

@@ -1,4 +1,5 @@
 """Pictures a person looks at: mask overlays, error overlays, labelled grids."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,6 +20,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.65) -> np.ndar
 def grid_rows(rows: dict[str, np.ndarray], scale: int = 1):
   """Stacks labelled RGB rows (name -> [h, w, 3] uint8) into one PIL image, zoomed by ``scale``."""
   from PIL import Image, ImageDraw
+
   width = max(r.shape[1] for r in rows.values())
   label_h = 14
   pics = []

@@ -4,6 +4,7 @@ Works single- and multi-process: in a multi-process run each process supplies on
 client axis that live on its devices (``local_rows``), and global arrays are assembled with
 ``jax.make_array_from_callback``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -55,8 +56,8 @@ def shard_clients(tree, mesh, rows: slice | None = None):
     n = x.shape[0] * mesh.size // n_local
     start = rows.start if rows is not None else 0
     return jax.make_array_from_callback(
-        (n,) + x.shape[1:], sharding,
-        lambda idx: x[(slice(idx[0].start - start, idx[0].stop - start),) + tuple(idx[1:])])
+      (n,) + x.shape[1:], sharding, lambda idx: x[(slice(idx[0].start - start, idx[0].stop - start),) + tuple(idx[1:])]
+    )
 
   return jax.tree.map(place, tree)
 
@@ -66,8 +67,9 @@ def replicate(tree, mesh):
   if jax.process_count() == 1:
     return jax.device_put(tree, replicated(mesh))
   sharding = replicated(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_callback(
-      np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree
+  )
 
 
 def local_copy(tree):

@@ -20,6 +20,7 @@ Build sweeps with :func:`product` (cartesian), :func:`zipped` (element-wise), :f
 Config files define ``get_sweep(arg=None)`` next to ``get_config`` (see ``configs/quickstart.py``);
 ``python -m launch.sweep`` runs them.
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -30,7 +31,8 @@ import hashlib
 import itertools
 import json
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import ml_collections
 
@@ -44,9 +46,20 @@ _ANY_DEVICES = 1 << 20
 
 # Settings for a smoke test that takes seconds per run on CPU (mostly compilation): 2 rounds of a
 # 4-channel one-level UNet on 32px frames, 2 clients, every round evaluated and checkpointed.
-TINY = {"num_rounds": 2, "image_size": 32, "model.width": 4, "model.depth": 1, "model.groups": 2,
-        "num_clients": 2, "clients_per_round": 2, "local_steps": 1, "batch_size": 2,
-        "eval.examples_per_site": 2, "eval.every": 1, "checkpoint.every": 1}
+TINY = {
+  "num_rounds": 2,
+  "image_size": 32,
+  "model.width": 4,
+  "model.depth": 1,
+  "model.groups": 2,
+  "num_clients": 2,
+  "clients_per_round": 2,
+  "local_steps": 1,
+  "batch_size": 2,
+  "eval.examples_per_site": 2,
+  "eval.every": 1,
+  "checkpoint.every": 1,
+}
 
 
 class SweepError(UserError, ValueError):
@@ -66,8 +79,10 @@ def _merge(parts: Iterable[Mapping]) -> dict:
   for p in parts:
     for k, v in p.items():
       if k in out and out[k] != v:
-        raise SweepError(f"key {k!r} is set twice with different values ({out[k]!r} and {v!r}) when "
-                         "combining sweeps; sweep each key in one place only")
+        raise SweepError(
+          f"key {k!r} is set twice with different values ({out[k]!r} and {v!r}) when "
+          "combining sweeps; sweep each key in one place only"
+        )
       out[k] = v
   return out
 
@@ -96,8 +111,7 @@ def zipped(*sweeps: Sequence[Mapping], **axes: Sequence[Any]) -> list[dict]:
   lengths = {len(f) for f in factors}
   if len(lengths) > 1:
     names = [f"#{i}" for i in range(len(sweeps))] + list(axes)
-    raise SweepError("zipped() needs equal lengths, got " +
-                     ", ".join(f"{n}: {len(f)}" for n, f in zip(names, factors)))
+    raise SweepError("zipped() needs equal lengths, got " + ", ".join(f"{n}: {len(f)}" for n, f in zip(names, factors)))
   return [_merge(combo) for combo in zip(*factors)]
 
 
@@ -111,9 +125,10 @@ def concat(*sweeps: Sequence[Mapping]) -> list[dict]:
 
 def plain(sweep: Sequence[Mapping[str, Any]]) -> list[dict]:
   """A copy with numpy scalars turned into Python values (for command lines and JSON)."""
+
   def one(v):
-    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) and getattr(v, "ndim", 1) == 0 \
-        else v
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) and getattr(v, "ndim", 1) == 0 else v
+
   return [{k: one(v) for k, v in o.items()} for o in sweep]
 
 
@@ -229,20 +244,22 @@ def check_key(key: Any, config: ml_collections.ConfigDict, where: str = "sweep")
     else:
       break
   if isinstance(node, ml_collections.ConfigDict) and done == key.split("."):
-    raise SweepError(f"{where}: config.{key} is a group of keys, not a value; sweep one of "
-                     f"{', '.join(f'{key}.{k}' for k in sorted(node.keys()))}")
+    raise SweepError(
+      f"{where}: config.{key} is a group of keys, not a value; sweep one of "
+      f"{', '.join(f'{key}.{k}' for k in sorted(node.keys()))}"
+    )
   close = difflib.get_close_matches(key, flat + list(RESERVED), n=1, cutoff=0.6)
   if not close:  # match the last part alone, e.g. 'momentun' -> 'server_optimizer.momentum'
     tails = {k.rsplit(".", 1)[-1]: k for k in flat}
     near = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.6)
     close = [tails[near[0]]] if near else []
   hint = f"did you mean {close[0]!r}?" if close else "config keys are listed in fedkd/config.py"
-  raise SweepError(f"{where}: unknown config key {key!r}; {hint} (reserved labels: "
-                   f"{', '.join(RESERVED)})")
+  raise SweepError(f"{where}: unknown config key {key!r}; {hint} (reserved labels: {', '.join(RESERVED)})")
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
-                    where: str = "sweep") -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = "sweep"
+) -> ml_collections.ConfigDict:
   """A copy of ``config`` with the overrides set (type-checked like ``--config.KEY=VALUE``)."""
   c = copy.deepcopy(config)
   c.unlock()
@@ -260,13 +277,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
       node = node[p]
     old = node[leaf]
     if isinstance(old, bool) != isinstance(value, bool) and old is not None:
-      raise SweepError(f"{where}: {key}={value!r} has type {type(value).__name__} but config.{key} is "
-                       f"{type(old).__name__} ({old!r})")
+      raise SweepError(
+        f"{where}: {key}={value!r} has type {type(value).__name__} but config.{key} is {type(old).__name__} ({old!r})"
+      )
     try:
       node[leaf] = value
     except (TypeError, ValueError) as e:
-      raise SweepError(f"{where}: {key}={value!r} does not fit config.{key}={old!r} "
-                       f"({type(old).__name__}): {str(e).splitlines()[0]}") from None
+      raise SweepError(
+        f"{where}: {key}={value!r} does not fit config.{key}={old!r} ({type(old).__name__}): {str(e).splitlines()[0]}"
+      ) from None
   return c
 
 
@@ -294,7 +313,7 @@ def parse_config_flags(args: Sequence[str], config: ml_collections.ConfigDict) -
       continue
     if "=" not in a:
       raise SweepError(f"{a}: write config overrides as --config.KEY=VALUE")
-    key, text = a[len("--config."):].split("=", 1)
+    key, text = a[len("--config.") :].split("=", 1)
     check_key(key, config, where=a)
     like = config
     for p in key.split("."):
@@ -306,8 +325,9 @@ def parse_config_flags(args: Sequence[str], config: ml_collections.ConfigDict) -
   return out
 
 
-def validate_sweep(sweep: Any, base_config: ml_collections.ConfigDict,
-                   extra: Mapping[str, Any] | None = None) -> list[ml_collections.ConfigDict]:
+def validate_sweep(
+  sweep: Any, base_config: ml_collections.ConfigDict, extra: Mapping[str, Any] | None = None
+) -> list[ml_collections.ConfigDict]:
   """Checks every run of ``sweep`` against ``base_config``; returns each run's full config.
 
   Raises :class:`SweepError` (one line: run, key, fix) for an empty sweep, an unknown key (with a

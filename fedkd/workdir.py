@@ -8,6 +8,7 @@ when the holder dies, so a lock left by a killed process is detected and taken o
 (``gs://``) cannot be flocked; there the lock file names its holder (host, pid) and is taken over when
 that holder is this host and the pid is gone.
 """
+
 from __future__ import annotations
 
 import errno
@@ -141,8 +142,12 @@ class Lock:
     self.path = epath.Path(workdir) / LOCK_NAME
     self.log = log or (lambda m: print(m, file=sys.stderr))
     self._fd = None
-    self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                 "command": " ".join(sys.argv[:3])[:200]}
+    self.info = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": time.time(),
+      "command": " ".join(sys.argv[:3])[:200],
+    }
 
   def _read_holder(self) -> dict:
     try:
@@ -155,19 +160,23 @@ class Lock:
       self._acquire_remote()
       return
     import fcntl
+
     fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise WorkdirError(f"{self.path.parent} is in use by {_holder_text(self._read_holder())}; wait "
-                           "for it to finish, stop it, or use another --workdir") from None
+        raise WorkdirError(
+          f"{self.path.parent} is in use by {_holder_text(self._read_holder())}; wait "
+          "for it to finish, stop it, or use another --workdir"
+        ) from None
       raise
     previous = self._read_holder()
     if previous.get("pid") and previous.get("pid") != os.getpid():
-      self.log(f"note: took over the lock of {self.path.parent} left by {_holder_text(previous)}, "
-               "which is no longer running")
+      self.log(
+        f"note: took over the lock of {self.path.parent} left by {_holder_text(previous)}, which is no longer running"
+      )
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(self.info).encode(), 0)
     os.fsync(fd)
@@ -179,15 +188,18 @@ class Lock:
       same_host = held.get("host") == self.info["host"]
       if not (same_host and held.get("pid") and not _pid_alive(int(held["pid"]))):
         raise WorkdirError(
-            f"{self.path.parent} is in use by {_holder_text(held)} (remote workdirs keep a lock file); "
-            f"if that process is gone, delete {self.path} and re-run, or use another --workdir")
-      self.log(f"note: took over the lock of {self.path.parent} left by {_holder_text(held)}, "
-               "which is no longer running")
+          f"{self.path.parent} is in use by {_holder_text(held)} (remote workdirs keep a lock file); "
+          f"if that process is gone, delete {self.path} and re-run, or use another --workdir"
+        )
+      self.log(
+        f"note: took over the lock of {self.path.parent} left by {_holder_text(held)}, which is no longer running"
+      )
     self.path.write_text(json.dumps(self.info))
 
   def release(self) -> None:
     if self._fd is not None:
       import fcntl
+
       try:
         os.ftruncate(self._fd, 0)
       except OSError:
@@ -202,7 +214,7 @@ class Lock:
       except OSError:
         pass
 
-  def __enter__(self) -> "Lock":
+  def __enter__(self) -> Lock:
     self.acquire()
     return self
 

@@ -14,6 +14,7 @@ Checked on XLA:CPU dumps only. The GPU patterns follow XLA:GPU's names (custom-c
 ``__cublas$gemm`` / ``__cublas$lt$matmul`` / ``__cudnn$conv...``, fusions whose backend config names a
 ``__triton...`` kind); no GPU dump has been read with it yet.
 """
+
 import glob
 import json
 import os
@@ -51,12 +52,16 @@ def report(path: str) -> dict:
       triton += 1
       if re.search(r" (concatenate|slice|pad)\(", body):
         triton_fused_im2col += 1
-  return dict(module=os.path.basename(path).split(".")[1] if "." in os.path.basename(path) else path,
-              file=os.path.basename(path), triton_gemm_fusions=triton,
-              triton_gemm_with_im2col_inside=triton_fused_im2col,
-              cublas_gemms=len(re.findall(r'custom_call_target="__cublas', text)),
-              cudnn_convs=len(re.findall(r'custom_call_target="__cudnn\$conv', text)),
-              dots=len(re.findall(r" dot\(", text)), concatenates=len(re.findall(r" concatenate\(", text)))
+  return dict(
+    module=os.path.basename(path).split(".")[1] if "." in os.path.basename(path) else path,
+    file=os.path.basename(path),
+    triton_gemm_fusions=triton,
+    triton_gemm_with_im2col_inside=triton_fused_im2col,
+    cublas_gemms=len(re.findall(r'custom_call_target="__cublas', text)),
+    cudnn_convs=len(re.findall(r'custom_call_target="__cudnn\$conv', text)),
+    dots=len(re.findall(r" dot\(", text)),
+    concatenates=len(re.findall(r" concatenate\(", text)),
+  )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ per run), curves.png (Dice vs round per group, mean over seeds with a +-std band
 for each numeric key swept within a method. Bad input ends with one line ``fedkd: error: ...`` on
 stderr and exit code 2, before anything is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,26 +52,36 @@ def fail(msg: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-
   def error(self, message):  # one line instead of usage + message
     fail(f"{message} (see python -m launch.sweep --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
-              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(
+    prog="python -m launch.sweep",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--config", help="config file with get_sweep(), optionally :ARG for get_config")
   p.add_argument("--sweep", default=None, help="argument for the config's get_sweep(arg)")
   p.add_argument("--out", required=True, help="sweep directory: one workdir per run, results")
   p.add_argument("--parallel", type=int, default=1, help="runs at the same time (default 1)")
-  p.add_argument("--extra", action="append", default=[],
-                 help="a flag for every fedkd.main run, e.g. --extra=--config.num_rounds=4 (repeatable)")
-  p.add_argument("--aggregate_only", action="store_true",
-                 help="only rebuild results.md/csv and plots from the runs in --out")
-  p.add_argument("--compilation_cache", default=None,
-                 help="JAX persistent compilation cache shared by the runs (default OUT/jax_cache; "
-                      "'' = off; an existing JAX_COMPILATION_CACHE_DIR wins). Seeds of one method "
-                      "then compile once.")
+  p.add_argument(
+    "--extra",
+    action="append",
+    default=[],
+    help="a flag for every fedkd.main run, e.g. --extra=--config.num_rounds=4 (repeatable)",
+  )
+  p.add_argument(
+    "--aggregate_only", action="store_true", help="only rebuild results.md/csv and plots from the runs in --out"
+  )
+  p.add_argument(
+    "--compilation_cache",
+    default=None,
+    help="JAX persistent compilation cache shared by the runs (default OUT/jax_cache; "
+    "'' = off; an existing JAX_COMPILATION_CACHE_DIR wins). Seeds of one method "
+    "then compile once.",
+  )
   p.add_argument("--metric", default="dice/catheter", help="metric for vs_<key>.png (default dice/catheter)")
   return p
 
@@ -87,13 +98,15 @@ def _one_line(e: BaseException) -> str:
 
 def load_config_module(spec: str):
   from fedkd.config import find_config_file
+
   path = find_config_file(spec.split(":", 1)[0])
   if path is None:
     raise InputError(f"config file {spec.split(':', 1)[0]!r} not found; pass e.g. --config=configs/quickstart.py")
   if os.getcwd() not in sys.path and "" not in sys.path:
     sys.path.insert(0, os.getcwd())
   mod_spec = importlib.util.spec_from_file_location(
-      "fedkd_sweep_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path)
+    "fedkd_sweep_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path
+  )
   module = importlib.util.module_from_spec(mod_spec)
   try:
     mod_spec.loader.exec_module(module)
@@ -101,8 +114,10 @@ def load_config_module(spec: str):
     raise InputError(f"cannot load {path}: {_one_line(e)}")
   for fn in ("get_config", "get_sweep"):
     if not callable(getattr(module, fn, None)):
-      raise InputError(f"{path} has no {fn}(arg) function; a sweep config defines get_sweep(arg=None) "
-                       "returning a list of override dicts (see configs/quickstart.py)")
+      raise InputError(
+        f"{path} has no {fn}(arg) function; a sweep config defines get_sweep(arg=None) "
+        "returning a list of override dicts (see configs/quickstart.py)"
+      )
   return module
 
 
@@ -130,17 +145,29 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str]) -> dict:
   fixed = S.parse_config_flags(extra, base)
   configs = S.validate_sweep(sweep, base, fixed)
   names = S.run_names(sweep)
-  runs = [{"name": n, "overrides": dict(o), "num_rounds": int(c.num_rounds)}
-          for n, o, c in zip(names, sweep, configs)]
-  return {"config": config_spec, "sweep": sweep_arg, "extra": list(extra),
-          "varying_keys": S.varying_keys(sweep), "runs": runs}
+  runs = [{"name": n, "overrides": dict(o), "num_rounds": int(c.num_rounds)} for n, o, c in zip(names, sweep, configs)]
+  return {
+    "config": config_spec,
+    "sweep": sweep_arg,
+    "extra": list(extra),
+    "varying_keys": S.varying_keys(sweep),
+    "runs": runs,
+  }
 
 
 def run_command(defn: dict, run: dict, out: str) -> list[str]:
   from fedkd.sweep import RESERVED, format_value
+
   flags = [f"--config.{k}={format_value(v)}" for k, v in run["overrides"].items() if k not in RESERVED]
-  return [sys.executable, "-m", "fedkd.main", f"--config={defn['config']}",
-          f"--workdir={os.path.join(out, run['name'])}", *flags, *defn["extra"]]
+  return [
+    sys.executable,
+    "-m",
+    "fedkd.main",
+    f"--config={defn['config']}",
+    f"--workdir={os.path.join(out, run['name'])}",
+    *flags,
+    *defn["extra"],
+  ]
 
 
 # ---------------------------------------------------------------- run state
@@ -172,8 +199,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def is_finished(workdir: str, num_rounds: int) -> bool:
-  return (latest_checkpoint(workdir) == num_rounds and
-          any(r.get("round") == num_rounds for r in read_metrics(workdir)))
+  return latest_checkpoint(workdir) == num_rounds and any(r.get("round") == num_rounds for r in read_metrics(workdir))
 
 
 def _last_line(path: str, offset: int) -> str:
@@ -265,8 +291,16 @@ def run_all(defn: dict, out: str, parallel: int, env: dict) -> list[tuple[str, i
 def _write_done(wd: str, run: dict, cmd: list[str] | None, seconds: float) -> None:
   tmp = os.path.join(wd, DONE_FILE + ".tmp")
   with open(tmp, "w") as f:
-    json.dump({"name": run["name"], "num_rounds": run["num_rounds"], "command": cmd,
-               "seconds": round(seconds, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+    json.dump(
+      {
+        "name": run["name"],
+        "num_rounds": run["num_rounds"],
+        "command": cmd,
+        "seconds": round(seconds, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+      },
+      f,
+    )
     f.write("\n")
   os.replace(tmp, os.path.join(wd, DONE_FILE))
 
@@ -294,6 +328,7 @@ def _metric_keys(records: list[dict]) -> list[str]:
 def collect(defn: dict, out: str) -> list[dict]:
   """Groups of runs (every override except seed), each with its runs' last evaluation records."""
   from fedkd.sweep import group_label
+
   keys = defn["varying_keys"]
   groups: dict[str, dict] = {}
   for run in defn["runs"]:
@@ -302,8 +337,9 @@ def collect(defn: dict, out: str) -> list[dict]:
     g = groups.setdefault(gkey, {"label": group_label(o, keys), "overrides": o, "runs": []})
     records = read_metrics(os.path.join(out, run["name"]))
     if records:
-      g["runs"].append({"name": run["name"], "seed": o.get("seed"), "records": records,
-                        "last": max(records, key=lambda r: r["round"])})
+      g["runs"].append(
+        {"name": run["name"], "seed": o.get("seed"), "records": records, "last": max(records, key=lambda r: r["round"])}
+      )
   return list(groups.values())
 
 
@@ -339,12 +375,14 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     w.writerows(rows_csv)
   os.replace(csv_path + ".tmp", csv_path)
   n_runs = sum(len(g["runs"]) for g in groups)
-  lines = [f"# Sweep results: {defn['config']}" + (f" (sweep {defn['sweep']})" if defn.get("sweep") else ""),
-           "",
-           f"{n_runs} of {len(defn['runs'])} runs have metrics. Each cell: mean ± sample std (ddof=1) over "
-           "seeds of the last evaluation of each run (`round`); the std is left out for one seed. "
-           "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
-           ""]
+  lines = [
+    f"# Sweep results: {defn['config']}" + (f" (sweep {defn['sweep']})" if defn.get("sweep") else ""),
+    "",
+    f"{n_runs} of {len(defn['runs'])} runs have metrics. Each cell: mean ± sample std (ddof=1) over "
+    "seeds of the last evaluation of each run (`round`); the std is left out for one seed. "
+    "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
+    "",
+  ]
   header = head + metrics
   lines.append("| " + " | ".join(header) + " |")
   lines.append("|" + "|".join(["---"] * len(head) + ["---:"] * len(metrics)) + "|")
@@ -358,8 +396,10 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     w.writerow(["run", "group", "seed", "round"] + metrics)
     for g in groups:
       for r in g["runs"]:
-        w.writerow([r["name"], g["label"], r["seed"], r["last"]["round"]] +
-                   [repr(r["last"].get(m, float("nan"))) for m in metrics])
+        w.writerow(
+          [r["name"], g["label"], r["seed"], r["last"]["round"]]
+          + [repr(r["last"].get(m, float("nan"))) for m in metrics]
+        )
   os.replace(runs_path + ".tmp", runs_path)
   return md_path, csv_path
 
@@ -370,6 +410,7 @@ def _is_number(v: Any) -> bool:
 
 def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
@@ -389,8 +430,9 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
           continue
         vals = np.array([[d[x] for x in rounds] for d in per_run])
         mean = vals.mean(0)
-        line, = ax.plot(rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3,
-                        label=f"{g['label']} (n={len(per_run)})")
+        (line,) = ax.plot(
+          rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{g['label']} (n={len(per_run)})"
+        )
         if len(per_run) > 1:
           std = vals.std(0, ddof=1)
           ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
@@ -406,6 +448,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     written.append(path)
 
   from fedkd.sweep import group_label
+
   for key in defn["varying_keys"]:
     values = [g["overrides"].get(key) for g in groups]
     if not all(_is_number(v) for v in values) or len(set(values)) < 2:
@@ -417,14 +460,16 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
       if vals:
         mean, std = _mean_std(vals)
         lines.setdefault(group_label(g["overrides"], others), []).append(
-            (g["overrides"][key], mean, 0.0 if math.isnan(std) else std))
+          (g["overrides"][key], mean, 0.0 if math.isnan(std) else std)
+        )
     if not lines:
       continue
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for label, pts in lines.items():
       pts.sort()
-      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                  capsize=3, label=label)
+      ax.errorbar(
+        [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label
+      )
     ax.set_xlabel(key)
     ax.set_ylabel(f"{metric} (last eval, mean ± std)")
     ax.grid(alpha=0.3)

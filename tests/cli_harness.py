@@ -1,4 +1,5 @@
 """Client of tests/cli_server.py: ``CLI().run("fedkd.main", [...])`` -> Result(code, stdout, stderr)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,15 +31,21 @@ class CLI:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("JAX_NUM_CPU_DEVICES", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "cli_server.py")], cwd=ROOT,
-                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "tests", "cli_server.py")],
+      cwd=ROOT,
+      env=env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
     ready = self.proc.stdout.readline()
     assert json.loads(ready)["ready"], ready
 
-  def run(self, module: str, args: list[str], cwd: str | None = None, env: dict | None = None,
-          timeout: float = 300) -> Result:
-    case = {"module": module, "args": [str(a) for a in args], "cwd": cwd or ROOT, "env": env or {},
-            "timeout": timeout}
+  def run(
+    self, module: str, args: list[str], cwd: str | None = None, env: dict | None = None, timeout: float = 300
+  ) -> Result:
+    case = {"module": module, "args": [str(a) for a in args], "cwd": cwd or ROOT, "env": env or {}, "timeout": timeout}
     self.proc.stdin.write(json.dumps(case) + "\n")
     self.proc.stdin.flush()
     return Result(**json.loads(self.proc.stdout.readline()))

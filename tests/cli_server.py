@@ -7,6 +7,7 @@ one JSON line (exit code, stdout, stderr). The server itself never starts a JAX 
 case begins from a clean process state. Uncaught exceptions print their traceback and exit 1, as
 ``python -m`` does.
 """
+
 import importlib
 import json
 import os
@@ -80,8 +81,13 @@ def main():
         break
       time.sleep(0.02)
     code = None if status is None else (os.waitstatus_to_exitcode(status))
-    res = {"code": code, "timed_out": timed_out, "seconds": round(time.time() - t0, 2),
-           "stdout": open(out_path, errors="replace").read(), "stderr": open(err_path, errors="replace").read()}
+    res = {
+      "code": code,
+      "timed_out": timed_out,
+      "seconds": round(time.time() - t0, 2),
+      "stdout": open(out_path, errors="replace").read(),
+      "stderr": open(err_path, errors="replace").read(),
+    }
     for p in (out_path, err_path):
       os.remove(p)
     os.rmdir(tmp)

@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices, set before any JAX computation."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

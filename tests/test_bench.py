@@ -1,4 +1,5 @@
 """fedkd.bench_conv: every client-batched conv formulation agrees with XLA's vmapped convolution."""
+
 import json
 
 from fedkd import bench_conv
@@ -14,7 +15,8 @@ def _rows(capsys, argv):
 def test_every_formulation_and_pass_matches_vmap(capsys):
   rows = _rows(capsys, [])
   assert {(r["formulation"], r["pass"]) for r in rows} == {
-      (f, p) for f in bench_conv.FORMULATIONS for p in bench_conv.PASSES}
+    (f, p) for f in bench_conv.FORMULATIONS for p in bench_conv.PASSES
+  }
   for r in rows:
     assert r["ms"] > 0 and r["ratio"] > 0
     if r["formulation"] != "centralized":

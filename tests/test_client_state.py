@@ -1,6 +1,7 @@
 """Per-client state (fedkd.fl.client_state) for both placements against a plain numpy dict, and
 SCAFFOLD task runs: crash-and-resume is bitwise identical for both placements, host == device, the
 stored rows obey SCAFFOLD's invariant c = mean_i c_i, and old FedAvg checkpoints still restore."""
+
 import json
 import os
 import shutil
@@ -25,8 +26,10 @@ PLACEMENTS = ("host", "device")
 
 def _row():
   """A params-like row: nested dicts (integer keys as in the UNet's params), several shapes."""
-  return {"enc": {0: {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros((2,), np.float32)}},
-          "head": np.zeros((4,), np.float32)}
+  return {
+    "enc": {0: {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros((2,), np.float32)}},
+    "head": np.zeros((4,), np.float32),
+  }
 
 
 def _np(tree):
@@ -63,8 +66,9 @@ def test_gather_scatter_match_a_numpy_dict(placement):
     for i, c in enumerate(ids):
       ref[c] = jax.tree.map(lambda a, n: a[i] + n[i], want, noise)
   # every client reads its last written row, never-sampled clients read zeros
-  _assert_tree_equal(_np(store.gather(np.arange(8))),
-                     jax.tree.map(lambda *rs: np.stack(rs), *[ref.get(c, _row()) for c in range(8)]))
+  _assert_tree_equal(
+    _np(store.gather(np.arange(8))), jax.tree.map(lambda *rs: np.stack(rs), *[ref.get(c, _row()) for c in range(8)])
+  )
   sd = store.state_dict()
   assert sd["ids"].tolist() == sorted(ref)
   _assert_tree_equal(sd["rows"], jax.tree.map(lambda *rs: np.stack(rs), *[ref[c] for c in sorted(ref)]))
@@ -160,6 +164,7 @@ def _compile_once(tmp_path_factory):
   cache for this module turns their repeated compiles into loads (only when this module is the first
   to compile in the process, else JAX keeps its no-cache decision). Restored afterwards."""
   from jax.experimental.compilation_cache import compilation_cache
+
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   old = {k: getattr(jax.config, k) for k in keys}
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
@@ -255,8 +260,12 @@ def test_old_fedavg_checkpoint_without_client_state_still_restores(tmp_path):
   del old_cfg["algorithm"], old_cfg["engine"]["compute_dtype"], old_cfg["engine"]["remat"]
   work = str(tmp_path / "old")
   mngr = ocp.CheckpointManager(os.path.join(work, "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
-  mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(old_cfg),
-                                       data=ocp.args.JsonSave({})))
+  mngr.save(
+    2,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(old_cfg), data=ocp.args.JsonSave({})
+    ),
+  )
   mngr.wait_until_finished()
   mngr.close()
   lines = []

@@ -1,4 +1,5 @@
 """Tests for fedkd.models.conv: im2col + GEMM convolutions against XLA's convolutions."""
+
 import functools
 
 import jax
@@ -18,8 +19,19 @@ from fedkd.models import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 UNET = dict(name="unet", width=8, depth=2, groups=8, num_classes=3)
-TRANSUNET = dict(name="transunet", num_classes=3, image_size=32, patch_size=4, stem_width=4,
-                 hidden=16, num_layers=2, num_heads=2, mlp_dim=32, decoder_width=16, skips=True)
+TRANSUNET = dict(
+  name="transunet",
+  num_classes=3,
+  image_size=32,
+  patch_size=4,
+  stem_width=4,
+  hidden=16,
+  num_layers=2,
+  num_heads=2,
+  mlp_dim=32,
+  decoder_width=16,
+  skips=True,
+)
 
 
 def _flax_dn(lhs, rhs):
@@ -54,8 +66,9 @@ def _randn(seed, shape, dtype=jnp.float32):
 # ---------------------------------------------------------------------------- the convolution
 
 
-@pytest.mark.parametrize("padding,recompute", [("SAME", False), ("VALID", False),
-                                               (((1, 0), (2, 1)), False), ("SAME", True)])
+@pytest.mark.parametrize(
+  "padding,recompute", [("SAME", False), ("VALID", False), (((1, 0), (2, 1)), False), ("SAME", True)]
+)
 def test_gemm_conv_matches_lax(padding, recompute):
   """Values and gradients wrt input and kernel for 1x1 / 3x3 kernels, strides 1 / 2, odd and even
   spatial sizes (all cases in one program); with the patch matrix kept from the forward pass and
@@ -69,12 +82,21 @@ def test_gemm_conv_matches_lax(padding, recompute):
 
   def gemm(x, w, stride):
     with conv.gemm_convs(recompute_patches=recompute):
-      return conv.conv_general_dilated(x, w, (stride, stride), padding, lhs_dilation=(1, 1),
-                                       rhs_dilation=(1, 1), dimension_numbers=_flax_dn(x, w),
-                                       out_sharding=None)
+      return conv.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        padding,
+        lhs_dilation=(1, 1),
+        rhs_dilation=(1, 1),
+        dimension_numbers=_flax_dn(x, w),
+        out_sharding=None,
+      )
 
-  cts = [_randn(100 + i, jax.eval_shape(functools.partial(ref, stride=c[1]), x, w).shape)
-         for i, (x, w, c) in enumerate(zip(xs, ws, cases))]
+  cts = [
+    _randn(100 + i, jax.eval_shape(functools.partial(ref, stride=c[1]), x, w).shape)
+    for i, (x, w, c) in enumerate(zip(xs, ws, cases))
+  ]
 
   def values_and_vjps(xs, ws, cts):
     out = []
@@ -100,15 +122,17 @@ def test_gemm_conv_dilation_rectangular_kernel_and_cropping():
   x, w = _randn(0, (2, 9, 8, 4)), _randn(1, (3, 2, 4, 6))
   # (negative padding = cropping only at stride 1: XLA:CPU's own conv is wrong for negative
   # padding with strides > 1, where the GEMM path agrees with a numpy loop instead)
-  for strides, padding, dil in [((2, 1), "SAME", (2, 1)), ((1, 2), ((2, 1), (0, 3)), (1, 3)),
-                                ((1, 1), ((-1, 2), (1, -1)), (1, 1)),
-                                ((1, 1), "SAME_LOWER", (2, 2))]:
+  for strides, padding, dil in [
+    ((2, 1), "SAME", (2, 1)),
+    ((1, 2), ((2, 1), (0, 3)), (1, 3)),
+    ((1, 1), ((-1, 2), (1, -1)), (1, 1)),
+    ((1, 1), "SAME_LOWER", (2, 2)),
+  ]:
+
     def both(x, w):
       with conv.gemm_convs():
-        y = conv.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
-                                      dimension_numbers=NHWC)
-      return y, lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil,
-                                         dimension_numbers=NHWC)
+        y = conv.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil, dimension_numbers=NHWC)
+      return y, lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil, dimension_numbers=NHWC)
 
     y, ref = _run0(both, x, w)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=str((strides, padding, dil)))
@@ -118,8 +142,7 @@ def test_default_is_lax_and_unsupported_falls_back():
   x, w = _randn(0, (2, 8, 8, 4)), _randn(1, (3, 3, 4, 6))
   ref = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
   assert not conv.gemm_convs_active()
-  np.testing.assert_array_equal(conv.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                          dimension_numbers=NHWC), ref)
+  np.testing.assert_array_equal(conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC), ref)
   with conv.gemm_convs():
     assert conv.gemm_convs_active()
     with conv.gemm_convs(False):
@@ -129,15 +152,14 @@ def test_default_is_lax_and_unsupported_falls_back():
   # grouped conv, input dilation, NCHW layout: lax
   wg = _randn(1, (3, 3, 2, 6))
   fallbacks = [
-      (lambda c: c(x, wg, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2)),
-      (lambda c: c(x, w, (1, 1), ((1, 1), (2, 1)), lhs_dilation=(2, 2), dimension_numbers=NHWC)),
-      (lambda c: c(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1), "SAME")),
+    (lambda c: c(x, wg, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2)),
+    (lambda c: c(x, w, (1, 1), ((1, 1), (2, 1)), lhs_dilation=(2, 2), dimension_numbers=NHWC)),
+    (lambda c: c(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1), "SAME")),
   ]
   for f in fallbacks:
     with conv.gemm_convs():
       y = f(conv.conv_general_dilated)
-      assert any(e.primitive is lax.conv_general_dilated_p
-                 for e in _prims(lambda: f(conv.conv_general_dilated)))
+      assert any(e.primitive is lax.conv_general_dilated_p for e in _prims(lambda: f(conv.conv_general_dilated)))
     np.testing.assert_array_equal(y, f(lax.conv_general_dilated))
 
 
@@ -177,11 +199,9 @@ def test_vmap_over_clients_is_a_batched_gemm():
   gemm_eqns = _prims(lambda x, w: run(True, x, w), x, w)
   lax_eqns = _prims(lambda x, w: run(False, x, w), x, w)
   assert not any(e.primitive is lax.conv_general_dilated_p for e in gemm_eqns)
-  batched = [e for e in gemm_eqns
-             if e.primitive is lax.dot_general_p and e.params["dimension_numbers"][1][0]]
+  batched = [e for e in gemm_eqns if e.primitive is lax.dot_general_p and e.params["dimension_numbers"][1][0]]
   assert len(batched) >= 3  # forward + both gradients are batched (over clients) GEMMs
-  groups = [e.params["feature_group_count"] for e in lax_eqns
-            if e.primitive is lax.conv_general_dilated_p]
+  groups = [e.params["feature_group_count"] for e in lax_eqns if e.primitive is lax.conv_general_dilated_p]
   assert groups and max(groups) == c  # what vmap makes of XLA's conv: a grouped convolution
 
 
@@ -195,9 +215,11 @@ def _mode_matches_xla(mode, k, stride=1, padding="SAME"):
 
   def run(mode, x, w):
     def loss(x, w):
-      y = jax.vmap(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding,
-                                                          dimension_numbers=_flax_dn(x, w)))(x, w)
+      y = jax.vmap(
+        lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_flax_dn(x, w))
+      )(x, w)
       return jnp.sum(y * jnp.cos(y)), y
+
     with conv.gemm_convs(mode is not None, mode=mode or "gemm"):
       return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
 
@@ -247,8 +269,7 @@ def test_matmul_mode_keeps_kxk_convs_and_makes_1x1_matmuls(k):
 def _module(cls, *args, **kw):
   """(graphdef, params) of a flax module built abstractly, params drawn on the host (nonzero
   bias)."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(*args, rngs=nnx.Rngs(0), **kw)),
-                                 nnx.Param)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(*args, rngs=nnx.Rngs(0), **kw)), nnx.Param)
   params = jax.tree.map(lambda a: _randn(a.size, a.shape) / np.sqrt(a.shape[0]), abstract)
   return graphdef, params
 
@@ -256,16 +277,16 @@ def _module(cls, *args, **kw):
 def test_bf16():
   x, w = _randn(0, (2, 8, 7, 4)), _randn(1, (3, 3, 4, 6))
   up_f32 = _module(conv.ConvTranspose, 4, 3, (2, 2), strides=(2, 2))
-  up_bf16 = (_module(conv.ConvTranspose, 4, 3, (2, 2), strides=(2, 2), dtype=jnp.bfloat16)[0],
-             up_f32[1])
+  up_bf16 = (_module(conv.ConvTranspose, 4, 3, (2, 2), strides=(2, 2), dtype=jnp.bfloat16)[0], up_f32[1])
 
   def run(x, w):
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     ref = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
     with conv.gemm_convs():
       y = conv.conv_general_dilated(xb, wb, (2, 2), "SAME", dimension_numbers=NHWC)
-      y32 = conv.conv_general_dilated(xb, wb, (2, 2), "SAME", dimension_numbers=NHWC,
-                                      preferred_element_type=jnp.float32)
+      y32 = conv.conv_general_dilated(
+        xb, wb, (2, 2), "SAME", dimension_numbers=NHWC, preferred_element_type=jnp.float32
+      )
       up, up_b = nnx.merge(*up_f32)(x), nnx.merge(*up_bf16)(xb)
     return ref, y, y32, up, up_b
 
@@ -274,8 +295,7 @@ def test_bf16():
   scale = np.abs(np.asarray(ref)).max()
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=0.03 * scale)
   np.testing.assert_allclose(y32, ref, atol=0.03 * scale)
-  np.testing.assert_allclose(np.asarray(up_b, np.float32), up,
-                             atol=0.03 * np.abs(np.asarray(up)).max())
+  np.testing.assert_allclose(np.asarray(up_b, np.float32), up, atol=0.03 * np.abs(np.asarray(up)).max())
 
 
 # ---------------------------------------------------------------------------- transposed conv
@@ -299,8 +319,12 @@ def test_conv_transpose_matches_nnx(shape, kernel):
       return jax.value_and_grad(f, argnums=(1, 2))(graphdef, p, x)
 
   def run(p, x):
-    return (gemm(p, x), jax.value_and_grad(f, argnums=(1, 2))(pgraph, p, x),
-            nnx.merge(graphdef, p)(x), nnx.merge(pgraph, p)(x))
+    return (
+      gemm(p, x),
+      jax.value_and_grad(f, argnums=(1, 2))(pgraph, p, x),
+      nnx.merge(graphdef, p)(x),
+      nnx.merge(pgraph, p)(x),
+    )
 
   (val, grads), (val_ref, grads_ref), y, y_plain = _run0(run, params, x)
   assert not any(e.primitive is lax.conv_general_dilated_p for e in _prims(gemm, params, x))
@@ -312,8 +336,7 @@ def test_conv_transpose_matches_nnx(shape, kernel):
 
 def test_conv_transpose_unsupported_falls_back():
   x = _randn(0, (2, 5, 5, 4))
-  for kw in [dict(kernel_size=(3, 3), strides=(2, 2)), dict(kernel_size=(2, 2), strides=(2, 2),
-                                                         padding="CIRCULAR")]:
+  for kw in [dict(kernel_size=(3, 3), strides=(2, 2)), dict(kernel_size=(2, 2), strides=(2, 2), padding="CIRCULAR")]:
     graphdef, params = _module(conv.ConvTranspose, 4, 3, **kw)
 
     def gemm(p, x):
@@ -425,18 +448,15 @@ def test_vmapped_model_gemm_equals_lax(name):
     with conv.gemm_convs(gemm):
       return jax.value_and_grad(loss, has_aux=True)(p, x)
 
-  ((l_ref, logits_ref), g_ref), ((l, logits), g) = _run0(
-      lambda p, x: (run(p, x, False), run(p, x, True)), params, x)
+  ((l_ref, logits_ref), g_ref), ((l, logits), g) = _run0(lambda p, x: (run(p, x, False), run(p, x, True)), params, x)
   assert not np.allclose(logits_ref[0], logits_ref[1])  # the clients differ
   np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(l, l_ref, rtol=1e-4)
   ref = {k: np.asarray(v) for k, v in _key_paths(g_ref).items()}  # (host side: no per-shape
-  for k, v in _key_paths(g).items():                                # compiles of eager ops)
+  for k, v in _key_paths(g).items():  # compiles of eager ops)
     # (conv biases in front of a GroupNorm have a zero gradient: float noise, hence the atol floor)
-    np.testing.assert_allclose(v, ref[k], rtol=1e-4, atol=1e-4 * np.abs(ref[k]).max() + 1e-6,
-                               err_msg=k)
-  assert not any(e.primitive is lax.conv_general_dilated_p
-                 for e in _prims(lambda p, x: run(p, x, True), params, x))
+    np.testing.assert_allclose(v, ref[k], rtol=1e-4, atol=1e-4 * np.abs(ref[k]).max() + 1e-6, err_msg=k)
+  assert not any(e.primitive is lax.conv_general_dilated_p for e in _prims(lambda p, x: run(p, x, True), params, x))
 
 
 def test_remat_blocks_wrap_every_block_and_keep_gradients():
@@ -449,6 +469,7 @@ def test_remat_blocks_wrap_every_block_and_keep_gradients():
     def fwd(p, x):
       with remat.remat_blocks(on):
         return _apply(graphdef)(p, x)
+
     return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in _prims(fwd, params, x))
 
   cfg, tcfg = CFGS["unet"], CFGS["transunet"]

@@ -1,4 +1,5 @@
 """KD losses against closed-form numpy references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,7 @@ def test_kd_kl_closed_form():
   s = rng.normal(size=(2, 5, 6, 3)).astype(np.float32) * 3
   t = rng.normal(size=(2, 5, 6, 3)).astype(np.float32) * 3
   for T in (1.0, 2.0, 4.0):
-    np.testing.assert_allclose(float(kd_kl(jnp.asarray(s), jnp.asarray(t), T)), _np_kd(s, t, T),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(kd_kl(jnp.asarray(s), jnp.asarray(t), T)), _np_kd(s, t, T), rtol=1e-5, atol=1e-6)
   assert abs(float(kd_kl(jnp.asarray(s), jnp.asarray(s), 2.0))) < 1e-6
   # bf16 inputs are computed in float32
   assert kd_kl(jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16), 2.0).dtype == jnp.float32
@@ -40,8 +40,7 @@ def test_multishot_weighted_sum_and_beta():
   experts = rng.normal(size=(3, 2, 4, 4, 3)).astype(np.float32)
   w = np.array([0.5, 0.3, 0.2], np.float32)
   seg, beta, T = 0.7, 0.6, 3.0
-  got = jax.jit(multishot_distill_loss)(jnp.asarray(s), jnp.asarray(experts), jnp.asarray(w),
-                                        jnp.float32(seg), beta, T)
+  got = jax.jit(multishot_distill_loss)(jnp.asarray(s), jnp.asarray(experts), jnp.asarray(w), jnp.float32(seg), beta, T)
   want = beta * sum(w[j] * _np_kd(s, experts[j], T) for j in range(3)) + (1 - beta) * seg
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   zero = multishot_distill_loss(jnp.asarray(s), jnp.asarray(experts), jnp.asarray(w), seg, 0.0, T)

@@ -1,12 +1,12 @@
 """EMD similarity: Sinkhorn vs an exact LP (scipy linprog), identity, gradients, jit/vmap, weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from fedkd.distill.emd import (cosine_cost, dense_features_to_nodes, emd_marginals, emd_similarity,
-                               emd_weights)
+from fedkd.distill.emd import cosine_cost, dense_features_to_nodes, emd_marginals, emd_similarity, emd_weights
 
 
 def _np_cost(u, v):
@@ -34,7 +34,7 @@ def _lp_similarity(c, a, b):
   n, m = c.shape
   a_eq = np.zeros((n + m, n * m))
   for p in range(n):
-    a_eq[p, p * m:(p + 1) * m] = 1.0
+    a_eq[p, p * m : (p + 1) * m] = 1.0
   for q in range(m):
     a_eq[n + q, q::m] = 1.0
   res = linprog(c.ravel(), A_eq=a_eq, b_eq=np.concatenate([a, b]), bounds=(0, None), method="highs")
@@ -58,8 +58,7 @@ def _pair(rng, n, m, d=4, positive=False):
 @pytest.mark.parametrize("marginals", ["uniform", "cross_reference"])
 def test_matches_exact_lp(marginals):
   rng = np.random.default_rng(0)
-  sims = jax.jit(lambda u, v: emd_similarity(u, v, epsilon=1e-3, marginals=marginals,
-                                             num_iters=3000, threshold=1e-7))
+  sims = jax.jit(lambda u, v: emd_similarity(u, v, epsilon=1e-3, marginals=marginals, num_iters=3000, threshold=1e-7))
   for n, m in [(3, 6), (5, 4), (6, 6)]:
     for trial in range(2):
       u, v = _pair(rng, n, m, positive=trial == 1)
@@ -106,8 +105,7 @@ def test_gradient_matches_finite_differences(marginals):
   u, v = _pair(rng, 5, 4, positive=True)
   u, v = jnp.asarray(u), jnp.asarray(v)
   f = jax.jit(lambda x: emd_similarity(x, v, epsilon=0.1, marginals=marginals, num_iters=300))
-  g = np.asarray(jax.jit(jax.grad(lambda x: emd_similarity(x, v, epsilon=0.1, marginals=marginals,
-                                                           num_iters=300)))(u))
+  g = np.asarray(jax.jit(jax.grad(lambda x: emd_similarity(x, v, epsilon=0.1, marginals=marginals, num_iters=300)))(u))
   assert np.all(np.isfinite(g))
   h = 1e-2
   fd = np.zeros(u.shape, np.float64)
@@ -129,8 +127,7 @@ def test_jit_vmap_and_grad_at_default_epsilon():
   np.testing.assert_allclose(np.asarray(batched), single, atol=1e-5)
   # cross-reference marginals at epsilon = 0.01 make ott's implicit differentiation singular; the
   # unrolled gradients used here must stay finite
-  grads = jax.jit(jax.vmap(jax.grad(
-      lambda x, y: emd_similarity(x, y, marginals="cross_reference"))))(us, vs)
+  grads = jax.jit(jax.vmap(jax.grad(lambda x, y: emd_similarity(x, y, marginals="cross_reference"))))(us, vs)
   assert grads.shape == us.shape and bool(jnp.all(jnp.isfinite(grads)))
 
 
@@ -141,21 +138,24 @@ def test_cosine_cost_and_nodes():
   assert nodes.shape == (12, 5)
   np.testing.assert_array_equal(np.asarray(nodes)[4], f[1, 1])
   c = cosine_cost(nodes, nodes[:7])
-  np.testing.assert_allclose(np.asarray(c), _np_cost(f.reshape(12, 5), f.reshape(12, 5)[:7]),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(c), _np_cost(f.reshape(12, 5), f.reshape(12, 5)[:7]), atol=1e-5)
 
 
 def test_emd_weights():
   s = jnp.array([0.2, 0.5, 0.9])
-  np.testing.assert_allclose(np.asarray(emd_weights(s, "softmax", temperature=0.5)),
-                             np.exp(np.array([0.4, 1.0, 1.8])) / np.exp([0.4, 1.0, 1.8]).sum(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(emd_weights(s, "sum")), np.array([0.2, 0.5, 0.9]) / 1.6,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(emd_weights(s, "softmax", temperature=0.5)),
+    np.exp(np.array([0.4, 1.0, 1.8])) / np.exp([0.4, 1.0, 1.8]).sum(),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(np.asarray(emd_weights(s, "sum")), np.array([0.2, 0.5, 0.9]) / 1.6, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(emd_weights(s, "raw")), np.asarray(s))
   w = emd_weights(s, "softmax", mask=jnp.array([True, False, True]))
-  np.testing.assert_allclose(np.asarray(w), [np.exp(0.2) / (np.exp(0.2) + np.exp(0.9)), 0.0,
-                                             np.exp(0.9) / (np.exp(0.2) + np.exp(0.9))], rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(w),
+    [np.exp(0.2) / (np.exp(0.2) + np.exp(0.9)), 0.0, np.exp(0.9) / (np.exp(0.2) + np.exp(0.9))],
+    rtol=1e-5,
+  )
   # detach: no gradient flows through the weights; without detach it does
   g_det = jax.grad(lambda x: jnp.sum(emd_weights(x, "softmax") * jnp.arange(3.0)))(s)
   g_live = jax.grad(lambda x: jnp.sum(emd_weights(x, "softmax", detach=False) * jnp.arange(3.0)))(s)

@@ -1,4 +1,5 @@
 """The jitted, sharded FedAvg round against an independent per-client Python loop."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,8 +30,12 @@ def _setup(seed=0, clients=C):
 def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, compute_dtype=None):
   """Each client trained on its own with plain SGD (numpy updates on f32 weights), then the weighted
   mean. ``compute_dtype``: the gradient is computed on params and images cast to it."""
-  cast = (lambda t: t) if compute_dtype is None else (  # noqa: E731
-      lambda t: jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), t))
+  cast = (
+    (lambda t: t)
+    if compute_dtype is None
+    # noqa: E731
+    else (lambda t: jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), t))
+  )
   grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(cast(p), cast(x)).astype(jnp.float32), y)))
   server = jax.tree.map(np.asarray, params)
   deltas = []
@@ -45,21 +50,31 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, com
   return jax.tree.map(lambda a, d: a + server_lr * d, server, mean)
 
 
-def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0, chunk=8,
-                  chunk_strategy="bgemm"):
+def _engine_round(
+  apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0, chunk=8, chunk_strategy="bgemm"
+):
   mesh = client_mesh(n_dev)
   server_tx = optax.sgd(server_lr)
-  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), server_tx, mesh,
-                            client_parallelism=parallelism, unroll_local_steps=True, client_chunk=chunk,
-                            chunk_strategy=chunk_strategy)
+  fn = engine.make_round_fn(
+    apply,
+    loss_fn,
+    optax.sgd(LR),
+    server_tx,
+    mesh,
+    client_parallelism=parallelism,
+    unroll_local_steps=True,
+    client_chunk=chunk,
+    chunk_strategy=chunk_strategy,
+  )
   state = engine.init_server_state(jax.tree.map(jnp.array, params), server_tx, jax.random.key(0))
   state, metrics = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
   return jax.tree.map(np.asarray, state["params"]), metrics
 
 
 def _max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 @pytest.mark.parametrize("parallelism", ["vmap", "gconv", "bgemm", "hybrid", "unroll"])
@@ -74,14 +89,16 @@ def test_round_equals_per_client_loop(parallelism):
   assert metrics["client_loss"].shape == (C,)
 
 
-@pytest.mark.parametrize("parallelism,n_dev,chunk,inner", [
-    ("chunked", 2, 2, "bgemm"), ("chunked", 1, 3, "bgemm"), ("chunked", 2, 2, "hybrid"),
-    ("map", 4, 1, "bgemm")])
+@pytest.mark.parametrize(
+  "parallelism,n_dev,chunk,inner",
+  [("chunked", 2, 2, "bgemm"), ("chunked", 1, 3, "bgemm"), ("chunked", 2, 2, "hybrid"), ("map", 4, 1, "bgemm")],
+)
 def test_chunked_and_map_strategies_equal_per_client_loop(parallelism, n_dev, chunk, inner):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
-  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, chunk=chunk,
-                               chunk_strategy=inner)
+  got, metrics = _engine_round(
+    apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, chunk=chunk, chunk_strategy=inner
+  )
   assert _max_diff(ref, got) < 2e-5
   assert metrics["client_loss"].shape == (C,)
 
@@ -113,8 +130,9 @@ def test_round_is_one_program_sharded_over_clients():
   """The round lowers to one jitted computation whose client inputs are split over the mesh."""
   apply, params, loss_fn, xs, ys, weights = _setup()
   mesh = client_mesh(8)
-  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh,
-                            client_parallelism="vmap", unroll_local_steps=True)
+  fn = engine.make_round_fn(
+    apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism="vmap", unroll_local_steps=True
+  )
   state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
   sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
   assert len(sx.sharding.device_set) == 8
@@ -139,8 +157,9 @@ def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
       for s in range(xs.shape[1]):
         g = _tree_np(grad(jax.tree.map(np.float32, y), xs[row, s], ys[row, s]))
         y = jax.tree.map(lambda p, gi, c, ci: p - LR * (gi + c - ci), y, g, control, client_c[cid])
-      new_ci = jax.tree.map(lambda ci, c, x, yi: ci - c + (x - yi) / (xs.shape[1] * LR),
-                            client_c[cid], control, server, y)
+      new_ci = jax.tree.map(
+        lambda ci, c, x, yi: ci - c + (x - yi) / (xs.shape[1] * LR), client_c[cid], control, server, y
+      )
       dcs.append(jax.tree.map(np.subtract, new_ci, client_c[cid]))
       client_c[cid] = new_ci
       deltas.append(jax.tree.map(np.subtract, y, server))
@@ -159,12 +178,23 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
   rounds = [(ids, xs[::-1] if r else xs, ys[::-1] if r else ys, weights) for r, ids in enumerate(samples)]
   zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
   ref_server, ref_control, ref_c = _scaffold_reference(
-      apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds)
+    apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds
+  )
 
   mesh = client_mesh(n_dev)
-  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
-                            unroll_local_steps=True, client_chunk=2, algorithm="scaffold", client_lr=LR,
-                            num_clients=n_total)
+  fn = engine.make_round_fn(
+    apply,
+    loss_fn,
+    optax.sgd(LR),
+    optax.sgd(1.0),
+    mesh,
+    client_parallelism=parallelism,
+    unroll_local_steps=True,
+    client_chunk=2,
+    algorithm="scaffold",
+    client_lr=LR,
+    num_clients=n_total,
+  )
   state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0), algorithm="scaffold")
   table = jax.tree.map(np.array, engine.init_client_state(params, n_total, "scaffold"))
   for ids, rx, ry, rw in rounds:
@@ -183,8 +213,16 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
 def test_bf16_compute_keeps_f32_master_weights(parallelism):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=5, clients=4)
   mesh = client_mesh(2)
-  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
-                            unroll_local_steps=True, compute_dtype=jnp.bfloat16)
+  fn = engine.make_round_fn(
+    apply,
+    loss_fn,
+    optax.sgd(LR),
+    optax.sgd(1.0),
+    mesh,
+    client_parallelism=parallelism,
+    unroll_local_steps=True,
+    compute_dtype=jnp.bfloat16,
+  )
   state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
   state, _ = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state["params"]))
@@ -202,8 +240,17 @@ def test_remat_gives_the_same_round(parallelism):
   outs = []
   for remat in (False, True):
     mesh = client_mesh(2)
-    fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
-                              unroll_local_steps=True, remat=remat, client_chunk=2)
+    fn = engine.make_round_fn(
+      apply,
+      loss_fn,
+      optax.sgd(LR),
+      optax.sgd(1.0),
+      mesh,
+      client_parallelism=parallelism,
+      unroll_local_steps=True,
+      remat=remat,
+      client_chunk=2,
+    )
     state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
     outs.append(fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))[0])
   assert _max_diff(outs[0]["params"], outs[1]["params"]) < 1e-5
@@ -213,13 +260,21 @@ def test_remat_gives_the_same_round(parallelism):
 def test_measure_strategy_skips_failures_and_leaves_state_untouched():
   apply, params, loss_fn, xs, ys, weights = _setup(seed=7, clients=4)
   mesh = client_mesh(2)
-  build = lambda par: engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh,  # noqa: E731
-                                           client_parallelism=par, unroll_local_steps=True)
+  build = lambda par: engine.make_round_fn(
+    apply,
+    loss_fn,
+    optax.sgd(LR),
+    optax.sgd(1.0),
+    mesh,  # noqa: E731
+    client_parallelism=par,
+    unroll_local_steps=True,
+  )
   state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
   batch = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
   logs = []
-  best, fn, results = engine.measure_strategy(build, ["unroll", "no_such_strategy", "vmap"], state, batch,
-                                              reps=1, log=logs.append)
+  best, fn, results = engine.measure_strategy(
+    build, ["unroll", "no_such_strategy", "vmap"], state, batch, reps=1, log=logs.append
+  )
   assert best in ("unroll", "vmap") and len(logs) == 3
   assert "error" in results[1] and "no_such_strategy" in results[1]["error"]
   assert all(r["sec_per_round"] > 0 for r in (results[0], results[2]))
@@ -241,8 +296,16 @@ def test_1024_clients_in_one_round_chunked_on_8_devices():
   ys = rng.integers(0, 3, (n, 1, 1, 8, 8)).astype(np.int32)
   weights = rng.integers(1, 10, n).astype(np.float32)
   mesh = client_mesh(8)
-  fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism="chunked",
-                            unroll_local_steps=True, client_chunk=32)
+  fn = engine.make_round_fn(
+    apply,
+    loss_fn,
+    optax.sgd(LR),
+    optax.sgd(1.0),
+    mesh,
+    client_parallelism="chunked",
+    unroll_local_steps=True,
+    client_chunk=32,
+  )
   state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
   state, metrics = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
   assert metrics["client_loss"].shape == (n,)
@@ -255,11 +318,19 @@ def test_1024_clients_in_one_round_chunked_on_8_devices():
   assert _max_diff(params, state["params"]) > 1e-4
 
 
-@pytest.mark.parametrize("platform,model,per_shard,expected", [
-    ("cpu", "unet", 4, ("unroll", True)), ("cpu", "transunet", 128, ("unroll", True)),
-    ("gpu", "unet", 16, ("hybrid", False)), ("gpu", "transunet", 16, ("bgemm", False)),
-    ("gpu", "unet", 17, ("chunked", False)), ("tpu", "transunet", 128, ("chunked", False)),
-    ("gpu", None, None, ("chunked", False)), ("gpu", "resnet", 4, ("chunked", False))])
+@pytest.mark.parametrize(
+  "platform,model,per_shard,expected",
+  [
+    ("cpu", "unet", 4, ("unroll", True)),
+    ("cpu", "transunet", 128, ("unroll", True)),
+    ("gpu", "unet", 16, ("hybrid", False)),
+    ("gpu", "transunet", 16, ("bgemm", False)),
+    ("gpu", "unet", 17, ("chunked", False)),
+    ("tpu", "transunet", 128, ("chunked", False)),
+    ("gpu", None, None, ("chunked", False)),
+    ("gpu", "resnet", 4, ("chunked", False)),
+  ],
+)
 def test_auto_engine_options_per_backend(platform, model, per_shard, expected):
   """'auto' resolves to the strategy measured fastest on each backend and model (README tables):
   at most 16 clients per accelerator the model's best, more (or unknown) 'chunked'; explicit
@@ -290,8 +361,17 @@ def test_skip_nonfinite_clients_drops_them_from_the_aggregate(parallelism, n_dev
   ref = _reference_round(apply, loss_fn, params, xs[keep], ys[keep], weights[keep])
   mesh = client_mesh(n_dev)
   for skip in (True, False):
-    fn = engine.make_round_fn(apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism=parallelism,
-                              unroll_local_steps=True, client_chunk=chunk, skip_nonfinite=skip)
+    fn = engine.make_round_fn(
+      apply,
+      loss_fn,
+      optax.sgd(LR),
+      optax.sgd(1.0),
+      mesh,
+      client_parallelism=parallelism,
+      unroll_local_steps=True,
+      client_chunk=chunk,
+      skip_nonfinite=skip,
+    )
     state = engine.init_server_state(jax.tree.map(jnp.array, params), optax.sgd(1.0), jax.random.key(0))
     state, m = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
     np.testing.assert_array_equal(np.asarray(m["client_finite"]), keep)

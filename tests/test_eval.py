@@ -1,4 +1,5 @@
 """fedkd.eval on a finished tiny run; perturbations and error colours against direct expectations."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _eval(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("JAX_NUM_CPU_DEVICES", None)
-  return subprocess.run([sys.executable, "-m", "fedkd.eval", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "fedkd.eval", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def test_eval_reproduces_training_metrics_and_writes_outputs(tmp_path):
@@ -78,8 +80,8 @@ def test_error_overlay_colours():
   target = np.array([[0, 1, 1], [0, 2, 0], [0, 0, 0]])
   pred = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
   rgb = error_overlay(np.zeros((3, 3)), pred, target)
-  assert tuple(rgb[0, 1]) == (26, 230, 26)      # TP green
-  assert tuple(rgb[0, 0]) == (242, 38, 26)      # FP red
-  assert tuple(rgb[0, 2]) == (51, 102, 255)     # FN blue
-  assert tuple(rgb[1, 1]) == (51, 102, 255)     # wrong class = miss
-  assert tuple(rgb[2, 2]) == (0, 0, 0)          # true negative keeps the (black) image
+  assert tuple(rgb[0, 1]) == (26, 230, 26)  # TP green
+  assert tuple(rgb[0, 0]) == (242, 38, 26)  # FP red
+  assert tuple(rgb[0, 2]) == (51, 102, 255)  # FN blue
+  assert tuple(rgb[1, 1]) == (51, 102, 255)  # wrong class = miss
+  assert tuple(rgb[2, 2]) == (0, 0, 0)  # true negative keeps the (black) image

@@ -1,4 +1,5 @@
 """The FedEFM silo round against a per-silo Python reference on a tiny model."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,18 +26,31 @@ def apply_wf(p, x):
 
 def init(seed):
   k = jax.random.split(jax.random.key(seed), 2)
-  return {"w1": 0.5 * jax.random.normal(k[0], (3, 3, 1, C)), "b1": jnp.zeros(C),
-          "w2": 0.5 * jax.random.normal(k[1], (C, K)), "b2": jnp.zeros(K)}
+  return {
+    "w1": 0.5 * jax.random.normal(k[0], (3, 3, 1, C)),
+    "b1": jnp.zeros(C),
+    "w2": 0.5 * jax.random.normal(k[1], (C, K)),
+    "b2": jnp.zeros(K),
+  }
 
 
 def data(seed):
   kx, ky = jax.random.split(jax.random.key(seed))
-  return (np.asarray(jax.random.normal(kx, (N, S, B, H, H, 1))),
-          np.asarray(jax.random.randint(ky, (N, S, B, H, H), 0, K)))
+  return (
+    np.asarray(jax.random.normal(kx, (N, S, B, H, H, 1))),
+    np.asarray(jax.random.randint(ky, (N, S, B, H, H), 0, K)),
+  )
 
 
-OPTS = dict(beta=0.5, temperature=2.0, expert_steps=1, emd_epsilon=0.1, emd_iters=30,
-            weight_mode="softmax", weight_temperature=0.5)
+OPTS = dict(
+  beta=0.5,
+  temperature=2.0,
+  expert_steps=1,
+  emd_epsilon=0.1,
+  emd_iters=30,
+  weight_mode="softmax",
+  weight_temperature=0.5,
+)
 
 
 def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
@@ -64,9 +78,18 @@ def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
       sims, kds = [], []
       for e in experts:
         el, ef = apply_wf(e, x)
-        sims.append(jnp.mean(jnp.stack([emd_lib.emd_similarity(
-            feats[b].reshape(-1, C), ef[b].reshape(-1, C), epsilon=o.emd_epsilon, num_iters=o.emd_iters)
-            for b in range(B)])))
+        sims.append(
+          jnp.mean(
+            jnp.stack(
+              [
+                emd_lib.emd_similarity(
+                  feats[b].reshape(-1, C), ef[b].reshape(-1, C), epsilon=o.emd_epsilon, num_iters=o.emd_iters
+                )
+                for b in range(B)
+              ]
+            )
+          )
+        )
         kds.append(kd_kl(logits, el, o.temperature))
       s = jax.lax.stop_gradient(jnp.stack(sims)) / o.weight_temperature
       w = jnp.exp(s - s.max()) / jnp.sum(jnp.exp(s - s.max()))
@@ -89,8 +112,9 @@ def engine_round(params, xs, ys, adjacency, W, mixing, n_dev, distill=True):
   opts = FedEFMOptions(distill=distill, mixing=mixing, unroll=True, **OPTS)
   fn = make_silo_round(apply_wf, cross_entropy, optax.sgd(LR_E), optax.sgd(LR_L), mesh, opts)
   idx, mask = topology.neighbour_table(adjacency)
-  args = shard_clients((params, params, jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(idx),
-                        jnp.asarray(mask), jnp.ones(N)), mesh)
+  args = shard_clients(
+    (params, params, jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(idx), jnp.asarray(mask), jnp.ones(N)), mesh
+  )
   mixed, trained, metrics = fn(*args, jnp.asarray(W))
   return jax.tree.map(np.asarray, mixed), metrics
 
@@ -105,8 +129,9 @@ def test_overseas_expert_round_equals_per_silo_reference(mixing, n_dev):
   adjacency = topology.ring(N) > 0
   W = topology.ring(N)
   params = stack(init(0), N)
-  params = jax.tree.map(lambda a: a + 0.01 * jnp.arange(N, dtype=a.dtype).reshape((N,) + (1,) * (a.ndim - 1)),
-                        params)  # silos differ
+  params = jax.tree.map(
+    lambda a: a + 0.01 * jnp.arange(N, dtype=a.dtype).reshape((N,) + (1,) * (a.ndim - 1)), params
+  )  # silos differ
   xs, ys = data(1)
   ref = reference_round(params, xs, ys, adjacency, W, mixing)
   got, metrics = engine_round(params, xs, ys, adjacency, W, mixing, n_dev)
@@ -133,6 +158,7 @@ def test_plain_round_is_fedavg_and_gossip_preserves_mean():
 def test_experiment_config_errors():
   from fedkd.config import ConfigError, fedefm_base_config
   from fedkd.tasks.fedefm import validate
+
   c = fedefm_base_config()
   c.experiment.methods = "fedavg,fedprox"
   with pytest.raises(ConfigError, match="unknown method 'fedprox'"):
@@ -150,48 +176,54 @@ def test_experiment_config_errors():
 def _tiny():
   import importlib.util
   import os
+
   spec = importlib.util.spec_from_file_location(
-      "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py"))
+    "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
 
 
 BAD_SETTINGS = [
-    ("fedefm.weight_mode", "bogus", r"config.fedefm.weight_mode='bogus' is unknown; use one of softmax, sum, raw"),
-    ("fedefm.emd_marginals", "dense", r"config.fedefm.emd_marginals='dense' is unknown"),
-    ("fedefm.mixing", "p2p", r"config.fedefm.mixing='p2p' is unknown; use one of cfl, dfl"),
-    ("fedefm.temperature", 0.0, r"config.fedefm.temperature=0.0 must be a number > 0; set --config.fedefm.temperature"),
-    ("fedefm.emd_epsilon", -0.1, r"config.fedefm.emd_epsilon=-0.1 must be a number > 0"),
-    ("fedefm.emd_iters", 0, r"config.fedefm.emd_iters=0 must be an integer >= 1"),
-    ("fedefm.weight_temperature", 0.0, r"config.fedefm.weight_temperature=0.0 must be a number > 0"),
-    ("fedefm.beta", 1.5, r"config.fedefm.beta=1.5 must be a number in \[0, 1\]"),
-    ("fedefm.beta", -0.1, r"config.fedefm.beta=-0.1 must be a number in \[0, 1\]"),
-    ("fedefm.matcha_budget", 2.0, r"config.fedefm.matcha_budget=2.0 must be a number in \[0, 1\]"),
-    ("fedefm.moon_tau", 0.0, r"config.fedefm.moon_tau=0.0 must be a number > 0"),
-    ("fedefm.moon_mu", -1.0, r"config.fedefm.moon_mu=-1.0 must be a number >= 0"),
-    ("fedefm.warmup_rounds", -1, r"config.fedefm.warmup_rounds=-1 must be an integer >= 0"),
-    ("fedefm.expert_steps", 0, r"config.fedefm.expert_steps=0 must be an integer >= 1"),
-    ("fedefm.topology", "star", r"config.fedefm.topology='star': use ring, complete, gaia or file:<path>"),
-    ("fedefm.topology", "file:/no/such/graph.txt", r"config.fedefm.topology='file:/no/such/graph.txt' does not "
-     r"load: .*not found"),
-    ("pretrain.learning_rate", 0.0, r"config.pretrain.learning_rate=0.0 must be a number > 0"),
-    ("pretrain.expert_learning_rate", -1e-3, r"config.pretrain.expert_learning_rate=-0.001 must be a number > 0"),
-    ("downstream.learning_rate", 0.0, r"config.downstream.learning_rate=0.0 must be a number > 0"),
-    ("downstream.kd_temperature", 0.0, r"config.downstream.kd_temperature=0.0 must be a number > 0"),
-    ("downstream.kd_pixel_weight", -1.0, r"config.downstream.kd_pixel_weight=-1.0 must be a number >= 0"),
-    ("downstream.kd_feature_weight", -0.5, r"config.downstream.kd_feature_weight=-0.5 must be a number >= 0"),
-    ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
-    ("checkpoint.every", 0, r"config.checkpoint.every=0 must be an integer >= 1"),
-    ("checkpoint.max_to_keep", -2, r"config.checkpoint.max_to_keep=-2 must be an integer >= 1"),
-    ("pretrain.learning_rate", float("nan"), r"config.pretrain.learning_rate=nan is not a finite number"),
-    ("fedefm.emd_epsilon", float("inf"), r"config.fedefm.emd_epsilon=inf is not a finite number"),
-    ("pretrain.num_rounds", 0, r"config.pretrain.num_rounds=0 must be an integer >= 1"),
-    ("eval.batch_size", 0, r"config.eval.batch_size=0 must be an integer >= 1"),
-    ("experiment.seeds", "0,-1", r"seeds must be >= 0"),
-    ("experiment.methods", "", r"config.experiment.methods is empty"),
-    ("teacher.num_heads", 3, r"config.teacher.hidden=8 must be divisible by config.teacher.num_heads=3"),
-    ("teacher.num_classes", 2, r"config.teacher.num_classes=2 must be >= config.student.num_classes=3"),
+  ("fedefm.weight_mode", "bogus", r"config.fedefm.weight_mode='bogus' is unknown; use one of softmax, sum, raw"),
+  ("fedefm.emd_marginals", "dense", r"config.fedefm.emd_marginals='dense' is unknown"),
+  ("fedefm.mixing", "p2p", r"config.fedefm.mixing='p2p' is unknown; use one of cfl, dfl"),
+  ("fedefm.temperature", 0.0, r"config.fedefm.temperature=0.0 must be a number > 0; set --config.fedefm.temperature"),
+  ("fedefm.emd_epsilon", -0.1, r"config.fedefm.emd_epsilon=-0.1 must be a number > 0"),
+  ("fedefm.emd_iters", 0, r"config.fedefm.emd_iters=0 must be an integer >= 1"),
+  ("fedefm.weight_temperature", 0.0, r"config.fedefm.weight_temperature=0.0 must be a number > 0"),
+  ("fedefm.beta", 1.5, r"config.fedefm.beta=1.5 must be a number in \[0, 1\]"),
+  ("fedefm.beta", -0.1, r"config.fedefm.beta=-0.1 must be a number in \[0, 1\]"),
+  ("fedefm.matcha_budget", 2.0, r"config.fedefm.matcha_budget=2.0 must be a number in \[0, 1\]"),
+  ("fedefm.moon_tau", 0.0, r"config.fedefm.moon_tau=0.0 must be a number > 0"),
+  ("fedefm.moon_mu", -1.0, r"config.fedefm.moon_mu=-1.0 must be a number >= 0"),
+  ("fedefm.warmup_rounds", -1, r"config.fedefm.warmup_rounds=-1 must be an integer >= 0"),
+  ("fedefm.expert_steps", 0, r"config.fedefm.expert_steps=0 must be an integer >= 1"),
+  ("fedefm.topology", "star", r"config.fedefm.topology='star': use ring, complete, gaia or file:<path>"),
+  (
+    "fedefm.topology",
+    "file:/no/such/graph.txt",
+    r"config.fedefm.topology='file:/no/such/graph.txt' does not "
+    r"load: .*not found",
+  ),
+  ("pretrain.learning_rate", 0.0, r"config.pretrain.learning_rate=0.0 must be a number > 0"),
+  ("pretrain.expert_learning_rate", -1e-3, r"config.pretrain.expert_learning_rate=-0.001 must be a number > 0"),
+  ("downstream.learning_rate", 0.0, r"config.downstream.learning_rate=0.0 must be a number > 0"),
+  ("downstream.kd_temperature", 0.0, r"config.downstream.kd_temperature=0.0 must be a number > 0"),
+  ("downstream.kd_pixel_weight", -1.0, r"config.downstream.kd_pixel_weight=-1.0 must be a number >= 0"),
+  ("downstream.kd_feature_weight", -0.5, r"config.downstream.kd_feature_weight=-0.5 must be a number >= 0"),
+  ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
+  ("checkpoint.every", 0, r"config.checkpoint.every=0 must be an integer >= 1"),
+  ("checkpoint.max_to_keep", -2, r"config.checkpoint.max_to_keep=-2 must be an integer >= 1"),
+  ("pretrain.learning_rate", float("nan"), r"config.pretrain.learning_rate=nan is not a finite number"),
+  ("fedefm.emd_epsilon", float("inf"), r"config.fedefm.emd_epsilon=inf is not a finite number"),
+  ("pretrain.num_rounds", 0, r"config.pretrain.num_rounds=0 must be an integer >= 1"),
+  ("eval.batch_size", 0, r"config.eval.batch_size=0 must be an integer >= 1"),
+  ("experiment.seeds", "0,-1", r"seeds must be >= 0"),
+  ("experiment.methods", "", r"config.experiment.methods is empty"),
+  ("teacher.num_heads", 3, r"config.teacher.hidden=8 must be divisible by config.teacher.num_heads=3"),
+  ("teacher.num_classes", 2, r"config.teacher.num_classes=2 must be >= config.student.num_classes=3"),
 ]
 
 
@@ -199,6 +231,7 @@ BAD_SETTINGS = [
 def test_every_bad_setting_is_a_config_error_before_training(key, value, match, tmp_path):
   from fedkd.config import ConfigError
   from fedkd.tasks import fedefm as task
+
   c = _tiny().get_config("tiny")
   group, _, name = key.rpartition(".")
   (c[group] if group else c)[name] = value
@@ -211,6 +244,7 @@ def test_every_bad_setting_is_a_config_error_before_training(key, value, match, 
 def test_unreadable_topology_file_and_unknown_variant(tmp_path):
   from fedkd.config import ConfigError
   from fedkd.tasks.fedefm import validate
+
   mod = _tiny()
   bad = tmp_path / "graph.txt"
   bad.write_text("0 1\n1 two\n")
@@ -226,8 +260,7 @@ def test_unreadable_topology_file_and_unknown_variant(tmp_path):
   for arg in ("nonsense", "tiny,bogus=1"):
     with pytest.raises(ConfigError, match="unknown config argument"):
       mod.get_config(arg)
-  for arg, match in (("seeds=0", "give a number of seeds >= 1"), ("seeds", "bad seeds="),
-                     ("seeds=two", "bad seeds=")):
+  for arg, match in (("seeds=0", "give a number of seeds >= 1"), ("seeds", "bad seeds="), ("seeds=two", "bad seeds=")):
     with pytest.raises(ConfigError, match=match):
       mod.get_config(arg)
   assert mod.get_config("tiny,seeds=2").experiment.seeds == "0,1"
@@ -237,6 +270,7 @@ def test_unet_foundation_loads_exactly_the_encoder():
   import ml_collections
   from fedkd.models import init_model
   from fedkd.tasks.fedefm import transfer_encoder
+
   t = ml_collections.ConfigDict(dict(name="unet", num_classes=4, width=4, depth=2, groups=2))
   s = ml_collections.ConfigDict(dict(name="unet", num_classes=3, width=4, depth=2, groups=2))
   _, _, teacher = init_model(t, 0)
@@ -255,14 +289,16 @@ def test_experiment_refuses_a_workdir_of_another_config(tmp_path):
   import os
   from fedkd.config import ConfigError, fedefm_base_config
   from fedkd.tasks import fedefm as task
+
   c = fedefm_base_config()
   work = tmp_path / "fe"
   os.makedirs(work)
   other = fedefm_base_config()
   other.downstream.steps = 7
   (work / "config.json").write_text(other.to_json())
-  (work / "results_raw.jsonl").write_text(json.dumps(
-      {"unseen_percent": 100.0, "method": "scratch", "teacher_kd": False, "seed": 0}) + "\n")
+  (work / "results_raw.jsonl").write_text(
+    json.dumps({"unseen_percent": 100.0, "method": "scratch", "teacher_kd": False, "seed": 0}) + "\n"
+  )
   with pytest.raises(ConfigError, match="config.downstream differs"):
     task.run(c, str(work), log=lambda _: None)
   assert json.loads((work / "config.json").read_text())["downstream"]["steps"] == 7  # untouched

@@ -7,6 +7,7 @@ fedefm and fedefm + teacher KD; 3 pretraining rounds, checkpoint every 2). The e
 module share their compiled programs (fedkd.tasks.fedefm caches them by config), so only the first run
 compiles.
 """
+
 import importlib.util
 import json
 import os
@@ -20,7 +21,8 @@ from fedkd.preemption import Stopped
 from fedkd.tasks import fedefm as task
 
 _spec = importlib.util.spec_from_file_location(
-    "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py"))
+  "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py")
+)
 cfgmod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cfgmod)
 
@@ -148,8 +150,9 @@ def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(ref
         open(os.path.join(root, f), "wb").close()  # cut to 0 bytes
   lines = []
   task.run(c, work, log=lines.append)
-  assert any("warning: the checkpoint for round 2 is damaged" in l and "falling back to round 1" in l
-             for l in lines), lines
+  assert any("warning: the checkpoint for round 2 is damaged" in l and "falling back to round 1" in l for l in lines), (
+    lines
+  )
   assert any("fedefm, seed 0): resuming pretraining after round 1/3" in l for l in lines)
   assert records(work) == records(ref_work)
 
@@ -213,9 +216,12 @@ def test_pretraining_nan_is_a_diverged_error_before_any_bad_checkpoint(tmp_path)
     task.run(c, work, log=lambda _: None)
   msg = str(e.value)
   assert "\n" not in msg
-  for part in ("run 1/1 (100% unseen, fedavg, seed 0): pretraining diverged at round 2",
-               "loss of silos 0, 1, 2, 3 of 4 is NaN/Inf", "the last checkpoint kept is round 1",
-               "config.pretrain.learning_rate=1e+20 is too high"):
+  for part in (
+    "run 1/1 (100% unseen, fedavg, seed 0): pretraining diverged at round 2",
+    "loss of silos 0, 1, 2, 3 of 4 is NaN/Inf",
+    "the last checkpoint kept is round 1",
+    "config.pretrain.learning_rate=1e+20 is too high",
+  ):
     assert part in msg, msg
   assert steps(work, FEDAVG) == [1]  # round 1 was good; nothing of round 2 or later
   assert not os.path.exists(os.path.join(work, "results_raw.jsonl"))

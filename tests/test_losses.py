@@ -1,4 +1,5 @@
 """Losses against numpy closed forms, behaviour of soft clDice, config selection and gradients."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,8 +51,10 @@ def _cfg(**kw):
 
 def test_dice_ce_unchanged_vs_numpy():
   logits, labels = _random(0)
-  for cfg in (_cfg(ce_weight=0.5, dice_weight=0.5),  # an old config without a name
-              _cfg(name="dice_ce", ce_weight=0.3, dice_weight=0.7)):
+  for cfg in (
+    _cfg(ce_weight=0.5, dice_weight=0.5),  # an old config without a name
+    _cfg(name="dice_ce", ce_weight=0.3, dice_weight=0.7),
+  ):
     got = float(L.make_segmentation_loss(cfg)(logits, labels))
     assert got == pytest.approx(_np_dice_ce(logits, labels, cfg.ce_weight, cfg.dice_weight), rel=1e-5)
 
@@ -113,8 +116,7 @@ def test_cldice_config_adds_to_dice_ce():
   base = _cfg(ce_weight=0.5, dice_weight=0.5)
   cl = _cfg(name="cldice", ce_weight=0.5, dice_weight=0.5, cldice_weight=0.25, cldice_iters=2)
   got = float(L.make_segmentation_loss(cl)(logits, labels))
-  ref = float(L.make_segmentation_loss(base)(logits, labels)) + 0.25 * float(
-      L.soft_cldice_loss(logits, labels, 2))
+  ref = float(L.make_segmentation_loss(base)(logits, labels)) + 0.25 * float(L.soft_cldice_loss(logits, labels, 2))
   assert got == pytest.approx(ref, rel=1e-6)
   with pytest.raises(ValueError):
     L.make_segmentation_loss(_cfg(name="nope"))
@@ -123,8 +125,16 @@ def test_cldice_config_adds_to_dice_ce():
 @pytest.mark.parametrize("name", ["dice_ce", "cldice", "focal_tversky"])
 def test_gradients_finite(name):
   logits, labels = _random(3, h=12, w=12)
-  cfg = _cfg(name=name, ce_weight=0.5, dice_weight=0.5, cldice_weight=0.5, cldice_iters=3,
-             tversky_alpha=0.7, tversky_beta=0.3, tversky_gamma=4 / 3)
+  cfg = _cfg(
+    name=name,
+    ce_weight=0.5,
+    dice_weight=0.5,
+    cldice_weight=0.5,
+    cldice_iters=3,
+    tversky_alpha=0.7,
+    tversky_beta=0.3,
+    tversky_gamma=4 / 3,
+  )
   loss_fn = L.make_segmentation_loss(cfg)
   val, grad = jax.jit(jax.value_and_grad(loss_fn))(jnp.asarray(logits), labels)
   assert val.dtype == jnp.float32 and np.isfinite(float(val))

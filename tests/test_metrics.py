@@ -1,4 +1,5 @@
 """Metrics against hand counts and independent numpy / scipy / skimage references."""
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi

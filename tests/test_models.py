@@ -1,4 +1,5 @@
 """Tests for fedkd.models: TransUNet, init_model/init_params and encoder transfer."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -71,7 +72,7 @@ def _np_layernorm(x, scale, bias, eps=1e-6):
 
 
 def _np_gelu(x):  # tanh approximation, as jax.nn.gelu's default
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _np_mhsa(x, p, num_heads):
@@ -101,17 +102,24 @@ def _np_mhsa(x, p, num_heads):
 def test_attention_matches_numpy():
   """One ViT layer + final norm vs an independent numpy implementation on the same weights."""
   heads = 4
-  model = TransUNet(num_classes=2, image_size=32, patch_size=4, stem_width=4, hidden=32,
-                    num_layers=1, num_heads=heads, mlp_dim=48, decoder_width=8,
-                    rngs=nnx.Rngs(3))
-  params = jax.tree.map(lambda a: np.asarray(a, np.float64),
-                        nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
+  model = TransUNet(
+    num_classes=2,
+    image_size=32,
+    patch_size=4,
+    stem_width=4,
+    hidden=32,
+    num_layers=1,
+    num_heads=heads,
+    mlp_dim=48,
+    decoder_width=8,
+    rngs=nnx.Rngs(3),
+  )
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
   # non-trivial LayerNorm / bias params so that they are exercised too
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape), params)
   graphdef, _ = nnx.split(model, nnx.Param)
-  model = nnx.merge(graphdef, nnx.State(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
-                                                     params)))
+  model = nnx.merge(graphdef, nnx.State(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)))
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
 
   @nnx.jit
@@ -156,8 +164,9 @@ def test_load_encoder_teacher_to_student():
     else:
       assert leaf is s_leaves[path] or np.array_equal(leaf, s_leaves[path])
   # every leaf whose init differs between the two seeds (all but zero biases / unit scales)
-  n_differ = sum(not np.array_equal(t_leaves[p], s_leaves[p]) for p in n_leaves
-                 if getattr(p[0], "key", None) == "encoder")
+  n_differ = sum(
+    not np.array_equal(t_leaves[p], s_leaves[p]) for p in n_leaves if getattr(p[0], "key", None) == "encoder"
+  )
   assert changed == n_differ and changed > 10
   assert set(report["loaded"]) == expect_loaded
   assert report["skipped_shape"] == [] and report["missing_in_foundation"] == []
@@ -178,11 +187,14 @@ def test_load_encoder_reports_shape_mismatch_and_missing():
   for p, s, f in report["skipped_shape"]:
     assert s != f
   assert report["missing_in_foundation"] and all(
-      p[:3] == ("encoder", "layers", 2) for p in report["missing_in_foundation"])
-  np.testing.assert_array_equal(new["encoder"]["layers"][1]["mlp"]["fc1"]["kernel"],
-                                teacher["encoder"]["layers"][1]["mlp"]["fc1"]["kernel"])
-  np.testing.assert_array_equal(new["encoder"]["stem"][0]["conv1"]["kernel"],
-                                student["encoder"]["stem"][0]["conv1"]["kernel"])
+    p[:3] == ("encoder", "layers", 2) for p in report["missing_in_foundation"]
+  )
+  np.testing.assert_array_equal(
+    new["encoder"]["layers"][1]["mlp"]["fc1"]["kernel"], teacher["encoder"]["layers"][1]["mlp"]["fc1"]["kernel"]
+  )
+  np.testing.assert_array_equal(
+    new["encoder"]["stem"][0]["conv1"]["kernel"], student["encoder"]["stem"][0]["conv1"]["kernel"]
+  )
 
 
 def test_load_encoder_hidden_mismatch_raises():
@@ -200,8 +212,12 @@ def _square_batch(key, n=8, size=32):
   k1, k2 = jax.random.split(key)
   pos = jax.random.randint(k1, (n, 2), 4, size - 12)
   yy, xx = jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="ij")
-  inside = ((yy[None] >= pos[:, 0, None, None]) & (yy[None] < pos[:, 0, None, None] + 8)
-            & (xx[None] >= pos[:, 1, None, None]) & (xx[None] < pos[:, 1, None, None] + 8))
+  inside = (
+    (yy[None] >= pos[:, 0, None, None])
+    & (yy[None] < pos[:, 0, None, None] + 8)
+    & (xx[None] >= pos[:, 1, None, None])
+    & (xx[None] < pos[:, 1, None, None] + 8)
+  )
   x = inside.astype(jnp.float32) + 0.1 * jax.random.normal(k2, inside.shape)
   return x[..., None], inside.astype(jnp.int32)
 
@@ -267,6 +283,7 @@ def test_unet_init_params_unchanged_and_features():
   mid = jax.jit(lambda p, x: nnx.merge(graphdef, nnx.State(p)).mid(x))
   pooled = x
   for i in range(2):  # recompute the bottleneck from the UNet's own submodules
-    pooled = jax.jit(lambda p, x, i=i: nnx.max_pool(
-        nnx.merge(graphdef, nnx.State(p)).enc[i](x), (2, 2), strides=(2, 2)))(params, pooled)
+    pooled = jax.jit(
+      lambda p, x, i=i: nnx.max_pool(nnx.merge(graphdef, nnx.State(p)).enc[i](x), (2, 2), strides=(2, 2))
+    )(params, pooled)
   np.testing.assert_allclose(feats, mid(params, pooled), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """Two CPU processes on localhost with a coordinator = one process with the same device count."""
+
 import os
 import socket
 import subprocess
@@ -10,11 +11,21 @@ import numpy as np
 from fedkd.eval import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.num_rounds=2", "--config.num_clients=4", "--config.clients_per_round=4",
-             "--config.local_steps=1", "--config.batch_size=2", "--config.image_size=32",
-             "--config.model.width=4", "--config.model.depth=1", "--config.model.groups=2",
-             "--config.eval.every=2", "--config.eval.examples_per_site=2", "--config.eval.max_sites=1",
-             "--config.checkpoint.every=2"]
+OVERRIDES = [
+  "--config.num_rounds=2",
+  "--config.num_clients=4",
+  "--config.clients_per_round=4",
+  "--config.local_steps=1",
+  "--config.batch_size=2",
+  "--config.image_size=32",
+  "--config.model.width=4",
+  "--config.model.depth=1",
+  "--config.model.groups=2",
+  "--config.eval.every=2",
+  "--config.eval.examples_per_site=2",
+  "--config.eval.max_sites=1",
+  "--config.checkpoint.every=2",
+]
 
 
 def _free_port():
@@ -24,8 +35,15 @@ def _free_port():
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
-          *OVERRIDES, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "fedkd.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    *OVERRIDES,
+    *extra,
+  ]
 
 
 def _params(workdir):
@@ -39,19 +57,31 @@ def test_two_processes_equal_one_process(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
   env["JAX_PLATFORMS"] = "cpu"
   single = tmp_path / "single"
-  r = subprocess.run(_cmd(single, "--cpu_devices=4"), cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=300)
+  r = subprocess.run(_cmd(single, "--cpu_devices=4"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "4 device(s) on the 'clients' axis" in r.stdout
 
   multi = tmp_path / "multi"
   port = _free_port()
   # the processes time the client strategies ('measure'); process 0's choice must hold for both
-  procs = [subprocess.Popen(_cmd(multi, "--cpu_devices=2", f"--coordinator_address=localhost:{port}",
-                                 "--num_processes=2", f"--process_id={i}",
-                                 "--config.engine.client_parallelism=measure"),
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _cmd(
+        multi,
+        "--cpu_devices=2",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--config.engine.client_parallelism=measure",
+      ),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]

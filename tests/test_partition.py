@@ -1,4 +1,5 @@
 """Partitioners against direct counting."""
+
 import numpy as np
 import pytest
 
@@ -32,12 +33,13 @@ def _by_site_loop(site_of_example, n):
   for k in range(n):
     share = [c for c in range(n) if c % len(sites) == k % len(sites)]
     idx = [i for i, s in enumerate(site_of_example.tolist()) if s == sites[k % len(sites)]]
-    out.append(np.array(idx[share.index(k)::len(share)], np.int64))
+    out.append(np.array(idx[share.index(k) :: len(share)], np.int64))
   return out
 
 
-@pytest.mark.parametrize("n_examples,site_labels,n", [(300, (3, 9, 11, 20, 40, 41, 50), 60),
-                                                      (50, (0, 1, 2), 3), (500, (7, 2, 5, 1, 9), 13)])
+@pytest.mark.parametrize(
+  "n_examples,site_labels,n", [(300, (3, 9, 11, 20, 40, 41, 50), 60), (50, (0, 1, 2), 3), (500, (7, 2, 5, 1, 9), 13)]
+)
 def test_by_site_equals_the_client_loop(n_examples, site_labels, n):
   sites = np.random.default_rng(n).choice(np.array(site_labels), n_examples)
   got = partition.by_site(sites, n)
@@ -107,7 +109,9 @@ def test_unseen_label_corpus_rejects_impossible_disjointness():
     partition.unseen_label_corpus(5, 3, 100)
 
 
-@pytest.mark.parametrize("call,pattern", [
+@pytest.mark.parametrize(
+  "call,pattern",
+  [
     (lambda: partition.by_site(np.array([], np.int64), 3), "no examples"),
     (lambda: partition.by_site(np.array([0, 1]), 0), r"num_clients=0 must be an integer >= 1"),
     (lambda: partition.dirichlet(np.zeros(10), 2, float("nan"), 0), "alpha=nan must be > 0"),
@@ -120,14 +124,18 @@ def test_unseen_label_corpus_rejects_impossible_disjointness():
     (lambda: partition.quantity_skew(10, 2, 0.0, 0, min_size=-1), r"min_size=-1 must be an integer >= 0"),
     (lambda: partition.unseen_label_corpus(3, 0, 50), r"num_types=0 must be an integer >= 1"),
     (lambda: partition.unseen_label_corpus(3, 4, float("nan")), r"percent=nan must be in \[0, 100\]"),
-    (lambda: partition.assign_by_mixture(np.array([0, 1, 4]), np.full((2, 3), 1 / 3), 0),
-     r"types must be integers 0..2"),
-    (lambda: partition.assign_by_mixture(np.array([0, 1]), np.array([[0.5, -0.5], [0.5, 1.5]]), 0),
-     "finite and >= 0"),
-    (lambda: partition.assign_by_mixture(np.array([0, 1, 1]), np.array([[1.0, 0.0], [1.0, 0.0]]), 0),
-     r"data type\(s\) \[1\] have examples but every silo's mixture share is 0"),
+    (
+      lambda: partition.assign_by_mixture(np.array([0, 1, 4]), np.full((2, 3), 1 / 3), 0),
+      r"types must be integers 0..2",
+    ),
+    (lambda: partition.assign_by_mixture(np.array([0, 1]), np.array([[0.5, -0.5], [0.5, 1.5]]), 0), "finite and >= 0"),
+    (
+      lambda: partition.assign_by_mixture(np.array([0, 1, 1]), np.array([[1.0, 0.0], [1.0, 0.0]]), 0),
+      r"data type\(s\) \[1\] have examples but every silo's mixture share is 0",
+    ),
     (lambda: partition.assign_by_mixture(np.array([0, 1]), np.array([0.5, 0.5]), 0), r"shape \(2,\)"),
-])
+  ],
+)
 def test_bad_requests_raise_partition_error(call, pattern):
   with pytest.raises(partition.PartitionError, match=pattern) as err:
     call()

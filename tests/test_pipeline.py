@@ -1,4 +1,5 @@
 """Training from a TFDS dataset through grain: same training code, exact resume, augmentation."""
+
 import json
 import shutil
 
@@ -23,9 +24,9 @@ def _hospital_folder(root, seed, n_train=6, n_test=3, size=40):
     img = rng.normal(170, 12, (size, size)).clip(0, 255)
     mask = np.zeros((size, size), np.uint8)
     r = rng.integers(5, size - 8)
-    mask[r:r + 4, 3:size - 3] = 1
+    mask[r : r + 4, 3 : size - 3] = 1
     c = rng.integers(3, size - 3)
-    mask[2:size - 2, c] = 2
+    mask[2 : size - 2, c] = 2
     img[mask == 1] -= 80
     img[mask == 2] -= 60
     Image.fromarray(img.astype(np.uint8)).save(root / "images" / f"f{i}.png")
@@ -164,9 +165,12 @@ def _odd_config(data_dir, configs, unseen="", **kw):
 
 def test_site_without_training_records(odd_sites, tmp_path):
   c = _odd_config(odd_sites, " north , evalonly", num_clients=2)
-  with pytest.raises(pipeline.DataError, match=r"site 'evalonly' has no training records \(its splits: "
-                                               r"\['test'\]\); evaluate it only with "
-                                               r"config.data.unseen_site='evalonly'"):
+  with pytest.raises(
+    pipeline.DataError,
+    match=r"site 'evalonly' has no training records \(its splits: "
+    r"\['test'\]\); evaluate it only with "
+    r"config.data.unseen_site='evalonly'",
+  ):
     pipeline.make_client_data(c)
   # the suggested fix works: the site is evaluated, not trained on
   data = pipeline.make_client_data(_odd_config(odd_sites, "north,evalonly", "evalonly", num_clients=2))
@@ -180,8 +184,11 @@ def test_site_without_training_records(odd_sites, tmp_path):
     if split["name"] == "train":
       split["shardLengths"] = ["0"]
   info.write_text(json.dumps(meta))
-  with pytest.raises(pipeline.DataError, match=r"site 'north' has no training records \(its train split "
-                                               r"is empty"):
+  with pytest.raises(
+    pipeline.DataError,
+    match=r"site 'north' has no training records \(its train split "
+    r"is empty",
+  ):
     pipeline.make_client_data(_odd_config(copy, "north", num_clients=2))
   with pytest.raises(fdata.DatasetInputError, match="split 'train' has no records"):
     fdata.load_source("xray_folder", "train", copy, config="north")
@@ -189,9 +196,12 @@ def test_site_without_training_records(odd_sites, tmp_path):
 
 def test_images_smaller_than_the_crop_are_refused(odd_sites):
   """32 px frames feed image_size 128 (4x enlargement) but not 256 (the minimum side is 256 / 4 = 64)."""
-  with pytest.raises(pipeline.DataError, match=r"site 'small' \(train split\): images are 32x32 \(HxW\) "
-                                               r"pixels, too small for config.image_size=256 "
-                                               r"\(the minimum is 64 px"):
+  with pytest.raises(
+    pipeline.DataError,
+    match=r"site 'small' \(train split\): images are 32x32 \(HxW\) "
+    r"pixels, too small for config.image_size=256 "
+    r"\(the minimum is 64 px",
+  ):
     pipeline.make_client_data(_odd_config(odd_sites, "small", num_clients=2, image_size=256))
   data = pipeline.make_client_data(_odd_config(odd_sites, "small", num_clients=2, image_size=128))
   xs, ys = data.round_batches(0, np.array([0, 1]))
@@ -199,8 +209,11 @@ def test_images_smaller_than_the_crop_are_refused(odd_sites):
   # record-level guard (datasets whose frames differ in size): a 4x4 record, named by its id
   tiny = {"image": np.zeros((4, 4, 1), np.uint8), "mask": np.zeros((4, 4), np.uint8), "site": "s", "id": "x7"}
   for enabled in (True, False):
-    with pytest.raises(pipeline.DataError, match=r"record 'x7' of site 's': images are 4x4 .*image_size=32 "
-                                                 r"\(the minimum is 8 px"):
+    with pytest.raises(
+      pipeline.DataError,
+      match=r"record 'x7' of site 's': images are 4x4 .*image_size=32 "
+      r"\(the minimum is 8 px",
+    ):
       pipeline.Augment(32, enabled=enabled)(tiny, np.random.default_rng(0))
   # minimum side = max(8, ceil(image_size / 4))
   assert [pipeline.min_record_side(s) for s in (20, 32, 128, 130, 256)] == [8, 8, 32, 33, 64]
@@ -212,8 +225,11 @@ def test_bad_site_lists_and_label_counts(data_dir):
   c = tfds_config(data_dir)
   c.model.num_classes = 2  # the hospital masks hold classes 0, 1, 2
   data = pipeline.make_client_data(c)
-  with pytest.raises(pipeline.DataError, match=r"site '\w+': test label value 2 but "
-                                               r"config.model.num_classes=2"):
+  with pytest.raises(
+    pipeline.DataError,
+    match=r"site '\w+': test label value 2 but "
+    r"config.model.num_classes=2",
+  ):
     data.eval_sets()
 
 

@@ -1,4 +1,5 @@
 """The data preview a person looks at: one labelled row per site, frames with mask overlays."""
+
 import os
 import subprocess
 import sys
@@ -15,9 +16,22 @@ def test_preview_grid_per_site(tmp_path):
   out = tmp_path / "p.png"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("JAX_NUM_CPU_DEVICES", None)
-  r = subprocess.run([sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py",
-                      "--config.image_size=32", "--frames=2", f"--out={out}"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedkd.data.preview",
+      "--config=configs/quickstart.py",
+      "--config.image_size=32",
+      "--frames=2",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   assert "5 sites x 2 frames" in r.stdout
   img = np.asarray(Image.open(out))
@@ -30,16 +44,28 @@ def test_overlay_tints_only_labelled_pixels():
   mask = np.array([[0, 1], [2, 3]])
   rgb = overlay(image, mask, alpha=1.0)
   assert tuple(rgb[0, 0]) == (128, 128, 128)
-  assert tuple(rgb[0, 1]) == (235, 64, 52)   # catheter red
-  assert tuple(rgb[1, 0]) == (60, 220, 60)   # guidewire green
+  assert tuple(rgb[0, 1]) == (235, 64, 52)  # catheter red
+  assert tuple(rgb[1, 0]) == (60, 220, 60)  # guidewire green
   assert tuple(rgb[1, 1]) == (70, 120, 255)  # vessel blue
 
 
 def test_preview_bad_config_is_one_line():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py",
-                      "--config.data.source=tfds:no_such_dataset", "--out=/tmp/never.png"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedkd.data.preview",
+      "--config=configs/quickstart.py",
+      "--config.data.source=tfds:no_such_dataset",
+      "--out=/tmp/never.png",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("fedkd: error:") and "Traceback" not in r.stderr

@@ -10,6 +10,7 @@ with another model. The reference for all of them is one uninterrupted command-l
 has this process's 8 simulated CPU devices and a 1-device mesh, so all compile the same programs and
 share one persistent compilation cache (one compile for the whole module).
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,10 +47,19 @@ QS = "--config=configs/quickstart.py"
 ROUNDS = 10
 # Sub-second rounds of a 4-channel UNet on 32 px; every round evaluated and checkpointed, the three
 # newest checkpoints kept; one device on the clients axis (the same programs in every run).
-TINY = ["--config.image_size=32", "--config.model.depth=2", "--config.model.width=4", "--config.model.groups=2",
-        "--config.local_steps=1", "--config.batch_size=2", "--config.eval.examples_per_site=2",
-        "--config.eval.every=1", "--config.checkpoint.every=1", "--config.checkpoint.max_to_keep=3",
-        "--config.mesh.client_devices=1"]
+TINY = [
+  "--config.image_size=32",
+  "--config.model.depth=2",
+  "--config.model.width=4",
+  "--config.model.groups=2",
+  "--config.local_steps=1",
+  "--config.batch_size=2",
+  "--config.eval.examples_per_site=2",
+  "--config.eval.every=1",
+  "--config.checkpoint.every=1",
+  "--config.checkpoint.max_to_keep=3",
+  "--config.mesh.client_devices=1",
+]
 ROUND_LINE = re.compile(r"^round\s+(\d+)/(\d+) ")
 TIMEOUT = 300  # seconds for one subprocess run (a loaded 2-core machine compiles for minutes)
 
@@ -64,6 +74,7 @@ def xla_cache(tmp_path_factory):
   """One persistent compilation cache for this module's runs: in this process (later in-process runs
   load what the first compiled) and in every subprocess (JAX_COMPILATION_CACHE_DIR). Restored after."""
   from jax.experimental.compilation_cache import compilation_cache
+
   cache = str(tmp_path_factory.mktemp("xla_cache"))
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   old = {k: getattr(jax.config, k) for k in keys}
@@ -91,8 +102,11 @@ def _rounds_in(metrics_path) -> list[int]:
 
 def _steps(ckdir) -> list[str]:
   """Names in a checkpoints folder: committed rounds and any temporary folder of an unfinished save."""
-  return sorted(os.listdir(ckdir), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)) \
-      if os.path.isdir(ckdir) else []
+  return (
+    sorted(os.listdir(ckdir), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    if os.path.isdir(ckdir)
+    else []
+  )
 
 
 def _bytes(*path) -> bytes:
@@ -114,8 +128,11 @@ def _truncate(path, keep: float = 0.5) -> None:
 
 def _damage_arrays(step_dir) -> None:
   """Cuts the largest array data file of the saved state in half (a disk error, a partial copy)."""
-  files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-           if os.path.isfile(p) and os.path.basename(os.path.dirname(p)) == "d"]
+  files = [
+    p
+    for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+    if os.path.isfile(p) and os.path.basename(os.path.dirname(p)) == "d"
+  ]
   assert files, os.listdir(os.path.join(step_dir, "state"))
   _truncate(max(files, key=os.path.getsize))
 
@@ -185,10 +202,17 @@ class Server:
   """The fork server (one per module): env with this module's compilation cache and device count."""
 
   def __init__(self, cache: str):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_NUM_CPU_DEVICES=str(jax.device_count()))
-    self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, env=env, text=True,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONUNBUFFERED="1",
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_NUM_CPU_DEVICES=str(jax.device_count()),
+    )
+    self.proc = subprocess.Popen(
+      [sys.executable, "-c", _SERVER], cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     assert json.loads(self.proc.stdout.readline())["ready"]
     self.lock = threading.Lock()
     self.pids: list[int] = []
@@ -225,8 +249,9 @@ class Proc:
     self.out_path, self.err_path, self.server = stem + ".out", stem + ".err", server
     for path in (self.out_path, self.err_path):
       open(path, "w").close()  # readable before the child opens them
-    self.pid = server.ask({"run": module, "args": [str(a) for a in args], "out": self.out_path,
-                           "err": self.err_path})["pid"]
+    self.pid = server.ask({"run": module, "args": [str(a) for a in args], "out": self.out_path, "err": self.err_path})[
+      "pid"
+    ]
     server.pids.append(self.pid)
     self.lines: list[tuple[float, str]] = []
     self._pos, self._partial, self.code = 0, "", None
@@ -284,8 +309,7 @@ class Proc:
 
 
 def _main(server, work, log_dir, *extra) -> Proc:
-  return Proc(server, "fedkd.main", [QS, f"--workdir={work}", *TINY, f"--config.num_rounds={ROUNDS}", *extra],
-              log_dir)
+  return Proc(server, "fedkd.main", [QS, f"--workdir={work}", *TINY, f"--config.num_rounds={ROUNDS}", *extra], log_dir)
 
 
 def _messages(text: str) -> list[str]:
@@ -334,8 +358,11 @@ def _check_fallback_warnings(text: str, newest: int) -> None:
   w = _warnings(text)
   assert len(w) == 2, text[-3000:]
   for line, r in zip(w, (newest, newest - 1)):
-    assert re.fullmatch(rf"warning: the checkpoint for round {r} is damaged \(\w+: .+\); falling back to round "
-                        rf"{r - 1}", line), w
+    assert re.fullmatch(
+      rf"warning: the checkpoint for round {r} is damaged \(\w+: .+\); falling back to round "
+      rf"{r - 1}",
+      line,
+    ), w
 
 
 def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(reference, server, tmp_path):
@@ -356,8 +383,12 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
   work, logs = str(tmp_path / "w"), str(tmp_path / "logs")
   ckdir = os.path.join(work, "checkpoints")
   # (signal, finished rounds of this process to wait for (0: round 0's evaluation), then sleep this many rounds)
-  plan = [(signal.SIGKILL, 0, rng.uniform(0, 1.5)), (signal.SIGKILL, rng.choice([1, 2]), rng.uniform(0, 1.2)),
-          (signal.SIGTERM, 1, 0.0), (signal.SIGINT, 2, 0.0)]
+  plan = [
+    (signal.SIGKILL, 0, rng.uniform(0, 1.5)),
+    (signal.SIGKILL, rng.choice([1, 2]), rng.uniform(0, 1.2)),
+    (signal.SIGTERM, 1, 0.0),
+    (signal.SIGINT, 2, 0.0),
+  ]
   resume_at, at_least, lock_left = None, None, False  # what the previous interruption left
   report = []
   for sig, n, delay in plan + [(None, 0, 0.0)]:
@@ -368,8 +399,9 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
       _damage_config(os.path.join(ckdir, str(newest - 1)))
       with open(os.path.join(work, "metrics.jsonl"), "a") as f:
         f.write('{"round": 9, "dice')
-      ev = Proc(server, "fedkd.eval",
-                [f"--workdir={work}", "--examples=2", "--frames=0", f"--out={tmp_path / 'eval'}"], logs)
+      ev = Proc(
+        server, "fedkd.eval", [f"--workdir={work}", "--examples=2", "--frames=0", f"--out={tmp_path / 'eval'}"], logs
+      )
       assert ev.finish() == 0, ev.stderr[-3000:]
       _no_traceback(ev)
       _check_fallback_warnings(ev.stderr, newest)
@@ -407,14 +439,19 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
       code, word = (0, "preempted") if sig == signal.SIGTERM else (130, "interrupted")
       assert k < ROUNDS - 1 and rc == code, (k, rc, _messages(p.stderr))
       stop = [m for m in _messages(p.stderr) if m.startswith("fedkd: ")]
-      assert len(stop) == 1 and stop[0].startswith(f"fedkd: {word} at round ") and \
-          stop[0].endswith("(checkpoint saved); re-run the same command to resume"), _messages(p.stderr)
-      assert ("SIGTERM: saving this round's checkpoint, then stopping" if sig == signal.SIGTERM else
-              "Ctrl-C: stopping after this round (its checkpoint is saved)") in p.stderr, _messages(p.stderr)
+      assert (
+        len(stop) == 1
+        and stop[0].startswith(f"fedkd: {word} at round ")
+        and stop[0].endswith("(checkpoint saved); re-run the same command to resume")
+      ), _messages(p.stderr)
+      assert (
+        "SIGTERM: saving this round's checkpoint, then stopping"
+        if sig == signal.SIGTERM
+        else "Ctrl-C: stopping after this round (its checkpoint is saved)"
+      ) in p.stderr, _messages(p.stderr)
       # the round that was finishing when the signal landed: k, or later if the test read line k late
       saved = int(stop[0].split(" at round ")[1].split()[0])
-      assert k <= saved == max(printed) < ROUNDS and str(saved) in _steps(ckdir), \
-          (k, saved, printed, _steps(ckdir))
+      assert k <= saved == max(printed) < ROUNDS and str(saved) in _steps(ckdir), (k, saved, printed, _steps(ckdir))
       resume_at, at_least, lock_left = saved, None, False
       report.append(f"{signal.Signals(sig).name} after round {k}: stopped at {saved}, left {_steps(ckdir)}")
     else:
@@ -443,8 +480,11 @@ def test_every_checkpoint_damaged_is_one_error_line(reference, server, tmp_path)
   _no_traceback(p)
   assert len(_warnings(p.stdout)) == 2
   msgs = _messages(p.stderr)
-  assert len(msgs) == 1 and msgs[0].startswith("fedkd: error: checkpoint for round 10 in ") and \
-      msgs[0].endswith(f"no intact checkpoint is left in {ckdir}; move it away to start the run over"), msgs
+  assert (
+    len(msgs) == 1
+    and msgs[0].startswith("fedkd: error: checkpoint for round 10 in ")
+    and msgs[0].endswith(f"no intact checkpoint is left in {ckdir}; move it away to start the run over")
+  ), msgs
   assert (_digest(ckdir), _bytes(work, "metrics.jsonl")) == before
 
 
@@ -460,7 +500,7 @@ def qs_config(num_rounds: int = ROUNDS):
   spec.loader.exec_module(mod)
   c = mod.get_config()
   for arg in TINY:
-    key, value = arg[len("--config."):].split("=")
+    key, value = arg[len("--config.") :].split("=")
     *groups, leaf = key.split(".")
     node = c
     for g in groups:
@@ -490,6 +530,7 @@ def _save_fails(monkeypatch, step):
     if s == step:
       raise OSError(errno.ENOSPC, "No space left on device")
     return real(self, s, *args, **kwargs)
+
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
 
 
@@ -502,6 +543,7 @@ def _background_write_fails(monkeypatch, step):
     if any(part.startswith(f"{step}.orbax-checkpoint-tmp") for part in str(directory).split(os.sep)):
       raise OSError(errno.ENOSPC, "No space left on device", str(directory / self._filename))
     return await real(self, x, directory)
+
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", _save_fn)
 
 
@@ -543,6 +585,7 @@ def test_nan_round_after_resume_keeps_the_good_checkpoints(two_rounds, tmp_path,
   def round_batches(self, round_, clients, rows=None):
     xs, ys = real(self, round_, clients, rows)
     return (jnp.full_like(xs, jnp.nan) if round_ == 3 else xs), ys
+
   monkeypatch.setattr(pipeline.SyntheticClients, "round_batches", round_batches)
   lines = []
   with pytest.raises(DivergedError, match=r"^training diverged in round 3: ") as e:

@@ -1,5 +1,6 @@
 """Sweeps: override helpers, names, validation, the runner (run / skip / resume / fail), aggregation,
 and the TPU VM launcher's --dry_run. Training runs are tiny fedkd.main subprocesses."""
+
 import csv
 import json
 import os
@@ -19,29 +20,40 @@ from fedkd import sweep as S  # noqa: E402
 from fedkd.config import base_config  # noqa: E402
 from launch import sweep as launcher  # noqa: E402
 
-METRICS = ("dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire", "unseen/dice/catheter",
-           "unseen/dice/guidewire")
+METRICS = (
+  "dice/catheter",
+  "dice/guidewire",
+  "iou/catheter",
+  "iou/guidewire",
+  "unseen/dice/catheter",
+  "unseen/dice/guidewire",
+)
 
 
 def _env():
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+  env = {
+    k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+  }
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
 
 def _launch(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "launch.sweep", *args], cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "launch.sweep", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _write_config(path, sweep_src):
-  path.write_text(textwrap.dedent(f"""
+  path.write_text(
+    textwrap.dedent("""
       from fedkd.config import base_config
 
       def get_config(arg=None):
         return base_config()
-      """) + (f"\ndef get_sweep(arg=None):\n  return {sweep_src}\n" if sweep_src is not None else ""))
+      """)
+    + (f"\ndef get_sweep(arg=None):\n  return {sweep_src}\n" if sweep_src is not None else "")
+  )
   return str(path)
 
 
@@ -50,16 +62,26 @@ def _write_config(path, sweep_src):
 
 def test_product_zipped_concat():
   assert S.product(seed=[0, 1], **{"model.width": [8, 16]}) == [
-      {"seed": 0, "model.width": 8}, {"seed": 0, "model.width": 16},
-      {"seed": 1, "model.width": 8}, {"seed": 1, "model.width": 16}]
-  methods = [{"method": "a", "server_optimizer.momentum": 0.0},
-             {"method": "b", "server_optimizer.momentum": 0.9}]
-  assert S.product(methods, seed=[3]) == [{"method": "a", "server_optimizer.momentum": 0.0, "seed": 3},
-                                          {"method": "b", "server_optimizer.momentum": 0.9, "seed": 3}]
+    {"seed": 0, "model.width": 8},
+    {"seed": 0, "model.width": 16},
+    {"seed": 1, "model.width": 8},
+    {"seed": 1, "model.width": 16},
+  ]
+  methods = [{"method": "a", "server_optimizer.momentum": 0.0}, {"method": "b", "server_optimizer.momentum": 0.9}]
+  assert S.product(methods, seed=[3]) == [
+    {"method": "a", "server_optimizer.momentum": 0.0, "seed": 3},
+    {"method": "b", "server_optimizer.momentum": 0.9, "seed": 3},
+  ]
   assert S.product(S.product(seed=[0, 1]), methods) == [
-      {"seed": 0, **methods[0]}, {"seed": 0, **methods[1]}, {"seed": 1, **methods[0]}, {"seed": 1, **methods[1]}]
-  assert S.zipped(seed=[0, 1], quantity_skew=[0.0, 0.5]) == [{"seed": 0, "quantity_skew": 0.0},
-                                                           {"seed": 1, "quantity_skew": 0.5}]
+    {"seed": 0, **methods[0]},
+    {"seed": 0, **methods[1]},
+    {"seed": 1, **methods[0]},
+    {"seed": 1, **methods[1]},
+  ]
+  assert S.zipped(seed=[0, 1], quantity_skew=[0.0, 0.5]) == [
+    {"seed": 0, "quantity_skew": 0.0},
+    {"seed": 1, "quantity_skew": 0.5},
+  ]
   assert S.zipped(methods, seed=[5, 6]) == [{**methods[0], "seed": 5}, {**methods[1], "seed": 6}]
   with pytest.raises(S.SweepError, match="equal lengths"):
     S.zipped(seed=[0, 1], quantity_skew=[0.0])
@@ -114,10 +136,12 @@ def test_validate_sweep_errors():
 
 def test_bad_input_one_line_error_and_nothing_written(tmp_path, capsys):
   out = tmp_path / "out"
-  cases = [(_write_config(tmp_path / "typo.py", '[{"seed": 0}, {"sed": 1}]'), "did you mean 'seed'"),
-           (_write_config(tmp_path / "nosweep.py", None), "has no get_sweep"),
-           (_write_config(tmp_path / "empty.py", "[]"), "sweep is empty"),
-           (str(tmp_path / "missing.py"), "not found")]
+  cases = [
+    (_write_config(tmp_path / "typo.py", '[{"seed": 0}, {"sed": 1}]'), "did you mean 'seed'"),
+    (_write_config(tmp_path / "nosweep.py", None), "has no get_sweep"),
+    (_write_config(tmp_path / "empty.py", "[]"), "sweep is empty"),
+    (str(tmp_path / "missing.py"), "not found"),
+  ]
   for cfg, expected in cases:
     with pytest.raises(SystemExit) as e:
       launcher.main([f"--config={cfg}", f"--out={out}"])
@@ -150,15 +174,15 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path):
   assert "--config.server_optimizer.momentum=0.9" in cmd and "--config.seed=1" in cmd
   assert json.loads((out / "fedavg__seed-1" / "config.json").read_text())["server_optimizer"]["momentum"] == 0.0
   assert [x["name"] for x in json.loads((out / "sweep.json").read_text())["runs"]] == names
-  stamps = {n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns)
-            for n in names}
+  stamps = {n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns) for n in names}
 
   # Second invocation: everything is finished, nothing runs again.
   r = _launch(*args)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count("skipped (finished: round 2/2)") == 4 and "started" not in r.stdout, r.stdout
-  assert stamps == {n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns)
-                    for n in names}
+  assert stamps == {
+    n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns) for n in names
+  }
 
   # An interrupted run (no DONE, last checkpoint gone) resumes from its latest checkpoint.
   victim = out / "fedavgm__seed-1"
@@ -206,26 +230,32 @@ def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
 
 def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
   sweep = S.product(S.product(seed=[0, 1, 2]), [{"method": "fedavg"}], quantity_skew=[0.0, 1.0])
-  defn = {"config": "configs/fedavg_unet.py", "sweep": None, "extra": [],
-          "varying_keys": S.varying_keys(sweep),
-          "runs": [{"name": n, "overrides": o, "num_rounds": 2} for n, o in zip(S.run_names(sweep), sweep)]}
+  defn = {
+    "config": "configs/fedavg_unet.py",
+    "sweep": None,
+    "extra": [],
+    "varying_keys": S.varying_keys(sweep),
+    "runs": [{"name": n, "overrides": o, "num_rounds": 2} for n, o in zip(S.run_names(sweep), sweep)],
+  }
   rng = np.random.default_rng(0)
   finals = {}
   for run in defn["runs"]:
     (tmp_path / run["name"]).mkdir()
-    recs = [{"round": r, **{m: float(rng.uniform()) for m in METRICS}, "site/a/dice/catheter": 0.5}
-            for r in (0, 1, 2)]
+    recs = [{"round": r, **{m: float(rng.uniform()) for m in METRICS}, "site/a/dice/catheter": 0.5} for r in (0, 1, 2)]
     finals[run["name"]] = recs[-1]
     (tmp_path / run["name"] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
   (tmp_path / "sweep.json").write_text(json.dumps(defn))
   assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [(r["method"], r["quantity_skew"], r["seeds"]) for r in rows] == [("fedavg", "0.0", "3"),
-                                                                           ("fedavg", "1.0", "3")]
+  assert [(r["method"], r["quantity_skew"], r["seeds"]) for r in rows] == [
+    ("fedavg", "0.0", "3"),
+    ("fedavg", "1.0", "3"),
+  ]
   for row in rows:
-    vals = np.array([finals[f"fedavg__quantity_skew-{row['quantity_skew']}__seed-{s}"]["dice/guidewire"]
-                     for s in range(3)])
+    vals = np.array(
+      [finals[f"fedavg__quantity_skew-{row['quantity_skew']}__seed-{s}"]["dice/guidewire"] for s in range(3)]
+    )
     np.testing.assert_allclose(float(row["dice/guidewire_mean"]), vals.mean(), rtol=1e-12)
     np.testing.assert_allclose(float(row["dice/guidewire_std"]), vals.std(ddof=1), rtol=1e-9)
   assert (tmp_path / "vs_quantity_skew.png").stat().st_size > 0 and (tmp_path / "curves.png").exists()
@@ -237,20 +267,39 @@ def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
 
 
 def _tpu(*args):
-  return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_vm.sh"), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=60)
+  return subprocess.run(
+    ["bash", os.path.join(ROOT, "launch", "tpu_vm.sh"), *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+  )
 
 
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
-  r = _tpu("--dry_run", "--name=fk1", "--zone=us-central2-b", "--accelerator_type=v4-16",
-           "--version=tpu-ubuntu2204-base", "--spot", "--project=proj", "--",
-           "python", "-m", "fedkd.main", "--config=configs/fedavg_unet.py", "--workdir=runs/tpu")
+  r = _tpu(
+    "--dry_run",
+    "--name=fk1",
+    "--zone=us-central2-b",
+    "--accelerator_type=v4-16",
+    "--version=tpu-ubuntu2204-base",
+    "--spot",
+    "--project=proj",
+    "--",
+    "python",
+    "-m",
+    "fedkd.main",
+    "--config=configs/fedavg_unet.py",
+    "--workdir=runs/tpu",
+  )
   assert r.returncode == 0, r.stderr
   lines = [x for x in r.stdout.splitlines() if x.startswith("+ ")]
   create = [x for x in lines if "tpu-vm create" in x]
   assert len(create) == 1
-  for flag in ("fk1", "--zone=us-central2-b", "--accelerator-type=v4-16", "--version=tpu-ubuntu2204-base",
-               "--spot", "--project=proj"):
+  for flag in (
+    "fk1",
+    "--zone=us-central2-b",
+    "--accelerator-type=v4-16",
+    "--version=tpu-ubuntu2204-base",
+    "--spot",
+    "--project=proj",
+  ):
     assert flag in create[0].split(), (flag, create[0])
   scp_all = [x for x in lines if "tpu-vm scp" in x and "--worker=all" in x]
   ssh_all = [x for x in lines if "tpu-vm ssh" in x and "--worker=all" in x]
@@ -260,7 +309,9 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   fetch = [x for x in lines if "tpu-vm scp" in x and "--worker=0" in x]
   assert fetch and "fk1:fedkd/runs" in fetch[0]
   assert "tpu-vm delete fk1" in lines[-1] and "--quiet" in lines[-1]  # the EXIT trap deletes the VM
-  order = [next(i for i, x in enumerate(lines) if k in x) for k in ("create", "pip", "fedkd.main", "--worker=0", "delete")]
+  order = [
+    next(i for i, x in enumerate(lines) if k in x) for k in ("create", "pip", "fedkd.main", "--worker=0", "delete")
+  ]
   assert order == sorted(order)
 
   r = _tpu("--dry_run", "--queued", "--keep", "--name=fk2", "--zone=z", "--", "echo", "hi")

@@ -2,6 +2,7 @@
 
 All input data is created here in tmp dirs (PIL-written PNG/JPEG, pydicom-written DICOM).
 """
+
 import json
 import os
 import subprocess
@@ -28,563 +29,569 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------ writers
 def write_png(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.asarray(arr)
-    im = Image.fromarray(arr)  # uint16 -> mode I;16 (Pillow >= 10; the mode= argument is gone)
-    assert arr.dtype != np.uint16 or im.mode == "I;16", im.mode
-    im.save(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arr = np.asarray(arr)
+  im = Image.fromarray(arr)  # uint16 -> mode I;16 (Pillow >= 10; the mode= argument is gone)
+  assert arr.dtype != np.uint16 or im.mode == "I;16", im.mode
+  im.save(path)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, window=None, photometric="MONOCHROME2"):
-    """Uncompressed Explicit VR Little Endian XA object; pixels [H, W] or [F, H, W]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.ascontiguousarray(pixels)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = XA_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = XA_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "XA"
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.PixelRepresentation = 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+  """Uncompressed Explicit VR Little Endian XA object; pixels [H, W] or [F, H, W]."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pixels = np.ascontiguousarray(pixels)
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = XA_STORAGE
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = XA_STORAGE
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.Modality = "XA"
+  ds.Rows, ds.Columns = pixels.shape[-2:]
+  if pixels.ndim == 3:
+    ds.NumberOfFrames = pixels.shape[0]
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = photometric
+  bits = pixels.dtype.itemsize * 8
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+  ds.PixelRepresentation = 0
+  if window is not None:
+    ds.WindowCenter, ds.WindowWidth = window
+  ds.PixelData = pixels.tobytes()
+  ds.save_as(path, enforce_file_format=True)
 
 
 def minmax_u8(x):
-    x = np.asarray(x, np.float64)
-    return np.round((x - x.min()) * 255.0 / (x.max() - x.min())).astype(np.uint8)
+  x = np.asarray(x, np.float64)
+  return np.round((x - x.min()) * 255.0 / (x.max() - x.min())).astype(np.uint8)
 
 
 def records_by_id(src):
-    return {src[i]["id"]: src[i] for i in range(len(src))}
+  return {src[i]["id"]: src[i] for i in range(len(src))}
 
 
 def rng_mask(rng, shape, classes=4):
-    return rng.integers(0, classes, size=shape).astype(np.uint8)
+  return rng.integers(0, classes, size=shape).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ xray_folder
 @pytest.fixture
 def hospital(tmp_path):
-    """A hospital folder with PNG (gray + RGB), DICOM (windowed, min-max) and two cine DICOMs.
-    Returns (folder, expected {id: (image uint8 [H, W], mask uint8 [H, W])})."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "hospital_a"
-    exp = {}
-    # 8-bit gray PNG, PNG mask with class indices.
-    img = rng.integers(0, 256, (40, 34), dtype=np.uint8)
-    m = rng_mask(rng, (40, 34))
-    write_png(root / "images/a.png", img)
-    write_png(root / "masks/a.png", m)
-    exp["a"] = (img, m)
-    # RGB PNG (gray expected via luma, +-1), .npy mask.
-    rgb = rng.integers(0, 256, (33, 37, 3), dtype=np.uint8)
-    m = rng_mask(rng, (33, 37))
-    write_png(root / "images/c.png", rgb)
-    np.save(root / "masks/c.npy", m)
-    exp["c"] = (np.round(rgb.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8), m)
-    # 16-bit DICOM with a VOI window (center 2000, width 1001), mask as PNG.
-    px = rng.integers(1000, 3000, (32, 32)).astype(np.uint16)
-    m = rng_mask(rng, (32, 32))
-    write_dicom(root / "images/d.dcm", px, window=(2000, 1001))
-    write_png(root / "masks/d.png", m)
-    lin = ((px.astype(float) - 1999.5) / 1000.0 + 0.5) * 255.0  # PS3.3 C.11.2.1.2.1
-    exp["d"] = (np.clip(np.round(lin), 0, 255).astype(np.uint8), m)
-    # 16-bit DICOM without window: min-max scaled.
-    px = rng.integers(0, 4096, (34, 32)).astype(np.uint16)
-    m = rng_mask(rng, (34, 32))
-    write_dicom(root / "images/e.dcm", px)
-    write_png(root / "masks/e.png", m)
-    exp["e"] = (minmax_u8(px), m)
-    # Multi-frame 16-bit cine (3 frames), per-frame PNG masks.
-    cine = rng.integers(0, 65536, (3, 36, 33)).astype(np.uint16)
-    for f in range(3):
-        m = rng_mask(rng, (36, 33))
-        write_png(root / f"masks/cine_{f:04d}.png", m)
-        exp[f"cine#{f}"] = (minmax_u8(cine[f]), m)  # min-max per frame
-    write_dicom(root / "images/cine.dcm", cine)
-    # Multi-frame cine (2 frames, MONOCHROME1), one multi-frame DICOM mask.
-    cine2 = rng.integers(100, 900, (2, 33, 32)).astype(np.uint16)
-    m2 = rng_mask(rng, (2, 33, 32))
-    write_dicom(root / "images/cine2.dcm", cine2, photometric="MONOCHROME1")
-    write_dicom(root / "masks/cine2.dcm", m2)
-    for f in range(2):
-        exp[f"cine2#{f}"] = (255 - minmax_u8(cine2[f]), m2[f])
-    return root, exp
+  """A hospital folder with PNG (gray + RGB), DICOM (windowed, min-max) and two cine DICOMs.
+  Returns (folder, expected {id: (image uint8 [H, W], mask uint8 [H, W])})."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / "hospital_a"
+  exp = {}
+  # 8-bit gray PNG, PNG mask with class indices.
+  img = rng.integers(0, 256, (40, 34), dtype=np.uint8)
+  m = rng_mask(rng, (40, 34))
+  write_png(root / "images/a.png", img)
+  write_png(root / "masks/a.png", m)
+  exp["a"] = (img, m)
+  # RGB PNG (gray expected via luma, +-1), .npy mask.
+  rgb = rng.integers(0, 256, (33, 37, 3), dtype=np.uint8)
+  m = rng_mask(rng, (33, 37))
+  write_png(root / "images/c.png", rgb)
+  np.save(root / "masks/c.npy", m)
+  exp["c"] = (np.round(rgb.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8), m)
+  # 16-bit DICOM with a VOI window (center 2000, width 1001), mask as PNG.
+  px = rng.integers(1000, 3000, (32, 32)).astype(np.uint16)
+  m = rng_mask(rng, (32, 32))
+  write_dicom(root / "images/d.dcm", px, window=(2000, 1001))
+  write_png(root / "masks/d.png", m)
+  lin = ((px.astype(float) - 1999.5) / 1000.0 + 0.5) * 255.0  # PS3.3 C.11.2.1.2.1
+  exp["d"] = (np.clip(np.round(lin), 0, 255).astype(np.uint8), m)
+  # 16-bit DICOM without window: min-max scaled.
+  px = rng.integers(0, 4096, (34, 32)).astype(np.uint16)
+  m = rng_mask(rng, (34, 32))
+  write_dicom(root / "images/e.dcm", px)
+  write_png(root / "masks/e.png", m)
+  exp["e"] = (minmax_u8(px), m)
+  # Multi-frame 16-bit cine (3 frames), per-frame PNG masks.
+  cine = rng.integers(0, 65536, (3, 36, 33)).astype(np.uint16)
+  for f in range(3):
+    m = rng_mask(rng, (36, 33))
+    write_png(root / f"masks/cine_{f:04d}.png", m)
+    exp[f"cine#{f}"] = (minmax_u8(cine[f]), m)  # min-max per frame
+  write_dicom(root / "images/cine.dcm", cine)
+  # Multi-frame cine (2 frames, MONOCHROME1), one multi-frame DICOM mask.
+  cine2 = rng.integers(100, 900, (2, 33, 32)).astype(np.uint16)
+  m2 = rng_mask(rng, (2, 33, 32))
+  write_dicom(root / "images/cine2.dcm", cine2, photometric="MONOCHROME1")
+  write_dicom(root / "masks/cine2.dcm", m2)
+  for f in range(2):
+    exp[f"cine2#{f}"] = (255 - minmax_u8(cine2[f]), m2[f])
+  return root, exp
 
 
 def test_xray_folder_records_match_written_arrays(hospital, tmp_path):
-    root, exp = hospital
-    data_dir = tmp_path / "tfds"
-    builder = fdata.build("xray_folder", data_dir, manual_dir=root)
-    assert builder.info.config_name == "hospital_a"
-    assert builder.info.file_format.file_suffix == "array_record"
-    assert list(builder.info.splits.keys()) == ["train"]
-    src = fdata.load_source("xray_folder", "train", data_dir)  # the only prepared config
-    assert len(src) == 4 + 3 + 2 == len(exp)  # images + cine frames
-    got = records_by_id(src)
-    assert set(got) == set(exp)
-    for key, (img, mask) in exp.items():
-        rec = got[key]
-        assert rec["image"].dtype == np.uint8 and rec["image"].shape == img.shape + (1,)
-        assert rec["mask"].dtype == np.uint8 and rec["mask"].shape == mask.shape
-        assert rec["site"] == "hospital_a"
-        np.testing.assert_array_equal(rec["mask"], mask, err_msg=key)
-        tol = 1 if key == "c" else 0  # luma rounding of PIL's integer RGB->L
-        diff = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
-        assert diff.max() <= tol, key
-    # Reading through the TFDS API directly (files only, no TensorFlow) works too.
-    tsrc = tfds.data_source("xray_folder/hospital_a", split="train", data_dir=str(data_dir))
-    assert len(tsrc) == len(exp)
+  root, exp = hospital
+  data_dir = tmp_path / "tfds"
+  builder = fdata.build("xray_folder", data_dir, manual_dir=root)
+  assert builder.info.config_name == "hospital_a"
+  assert builder.info.file_format.file_suffix == "array_record"
+  assert list(builder.info.splits.keys()) == ["train"]
+  src = fdata.load_source("xray_folder", "train", data_dir)  # the only prepared config
+  assert len(src) == 4 + 3 + 2 == len(exp)  # images + cine frames
+  got = records_by_id(src)
+  assert set(got) == set(exp)
+  for key, (img, mask) in exp.items():
+    rec = got[key]
+    assert rec["image"].dtype == np.uint8 and rec["image"].shape == img.shape + (1,)
+    assert rec["mask"].dtype == np.uint8 and rec["mask"].shape == mask.shape
+    assert rec["site"] == "hospital_a"
+    np.testing.assert_array_equal(rec["mask"], mask, err_msg=key)
+    tol = 1 if key == "c" else 0  # luma rounding of PIL's integer RGB->L
+    diff = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
+    assert diff.max() <= tol, key
+  # Reading through the TFDS API directly (files only, no TensorFlow) works too.
+  tsrc = tfds.data_source("xray_folder/hospital_a", split="train", data_dir=str(data_dir))
+  assert len(tsrc) == len(exp)
 
 
 def test_xray_folder_splits_site_and_label_map(tmp_path):
-    rng = np.random.default_rng(1)
-    root = tmp_path / "site_folder"
-    for i in range(5):
-        write_png(root / f"images/im{i}.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
-        write_png(root / f"masks/im{i}.png",
-                  rng.choice(np.array([0, 128, 255], np.uint8), (32, 32)))
-    (root / "splits.json").write_text(json.dumps({"train": ["im0", "im1", "im2"],
-                                                  "test": ["im3", "im4.png"]}))
-    data_dir = tmp_path / "tfds"
-    with pytest.raises(fdata.DatasetInputError, match=r"im0\.png.*unknown label value"):
-        fdata.build("xray_folder", data_dir, manual_dir=root)
-    builder = fdata.build("xray_folder", data_dir, manual_dir=root, site="hosp B",
-                          label_map={0: 0, 128: 1, 255: 2})
-    assert builder.info.config_name == "hosp_B"
-    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 2}
-    src = fdata.load_source("xray_folder", "test", data_dir, config="hosp_B")
-    rec = records_by_id(src)["im4"]
-    raw = np.asarray(Image.open(root / "masks/im4.png"))
-    np.testing.assert_array_equal(rec["mask"], np.select([raw == 128, raw == 255], [1, 2], 0))
-    assert rec["site"] == "hosp B"
-    # Same config name, other settings: refused instead of silently reusing the old records.
-    with pytest.raises(fdata.DatasetInputError, match="already prepared with other settings"):
-        fdata.build("xray_folder", data_dir, manual_dir=root, site="hosp B",
-                    label_map={0: 0, 128: 2, 255: 1})
+  rng = np.random.default_rng(1)
+  root = tmp_path / "site_folder"
+  for i in range(5):
+    write_png(root / f"images/im{i}.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    write_png(root / f"masks/im{i}.png", rng.choice(np.array([0, 128, 255], np.uint8), (32, 32)))
+  (root / "splits.json").write_text(json.dumps({"train": ["im0", "im1", "im2"], "test": ["im3", "im4.png"]}))
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(fdata.DatasetInputError, match=r"im0\.png.*unknown label value"):
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+  builder = fdata.build("xray_folder", data_dir, manual_dir=root, site="hosp B", label_map={0: 0, 128: 1, 255: 2})
+  assert builder.info.config_name == "hosp_B"
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 2}
+  src = fdata.load_source("xray_folder", "test", data_dir, config="hosp_B")
+  rec = records_by_id(src)["im4"]
+  raw = np.asarray(Image.open(root / "masks/im4.png"))
+  np.testing.assert_array_equal(rec["mask"], np.select([raw == 128, raw == 255], [1, 2], 0))
+  assert rec["site"] == "hosp B"
+  # Same config name, other settings: refused instead of silently reusing the old records.
+  with pytest.raises(fdata.DatasetInputError, match="already prepared with other settings"):
+    fdata.build("xray_folder", data_dir, manual_dir=root, site="hosp B", label_map={0: 0, 128: 2, 255: 1})
 
 
 # ------------------------------------------------------------------------------ cathaction
 def test_cathaction_layout_and_label_map(tmp_path):
-    manual = tmp_path / "cathaction_raw"
-    yy, xx = np.mgrid[0:32, 0:32]
-    written = {}
-    for split, names in (("train", ["f0", "f1", "f2"]), ("test", ["f3"])):
-        for k, name in enumerate(names):
-            img = (30 + 4 * xx + 2 * yy + 10 * k).astype(np.uint8)  # smooth: small JPEG error
-            lab = np.zeros((32, 32), np.uint8)
-            lab[3:6, :] = 128  # catheter
-            lab[:, 9:11] = 255  # guidewire
-            (manual / split / "images").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(manual / split / "images" / f"{name}.jpg", quality=95)
-            write_png(manual / split / "labels" / f"{name}.png", lab)
-            written[f"{split}/images/{name}.jpg"] = (img, lab)
-    data_dir = tmp_path / "tfds"
-    # The default config expects class indices: 128/255 are rejected with a clear message.
-    with pytest.raises(fdata.DatasetInputError) as err:
-        fdata.build("cathaction", data_dir, manual_dir=manual)
-    msg = str(err.value)
-    assert "f0.png" in msg and "128" in msg and "255" in msg and "label_map" in msg
-    assert fdata.prepared_configs("cathaction", data_dir) == []
+  manual = tmp_path / "cathaction_raw"
+  yy, xx = np.mgrid[0:32, 0:32]
+  written = {}
+  for split, names in (("train", ["f0", "f1", "f2"]), ("test", ["f3"])):
+    for k, name in enumerate(names):
+      img = (30 + 4 * xx + 2 * yy + 10 * k).astype(np.uint8)  # smooth: small JPEG error
+      lab = np.zeros((32, 32), np.uint8)
+      lab[3:6, :] = 128  # catheter
+      lab[:, 9:11] = 255  # guidewire
+      (manual / split / "images").mkdir(parents=True, exist_ok=True)
+      Image.fromarray(img).save(manual / split / "images" / f"{name}.jpg", quality=95)
+      write_png(manual / split / "labels" / f"{name}.png", lab)
+      written[f"{split}/images/{name}.jpg"] = (img, lab)
+  data_dir = tmp_path / "tfds"
+  # The default config expects class indices: 128/255 are rejected with a clear message.
+  with pytest.raises(fdata.DatasetInputError) as err:
+    fdata.build("cathaction", data_dir, manual_dir=manual)
+  msg = str(err.value)
+  assert "f0.png" in msg and "128" in msg and "255" in msg and "label_map" in msg
+  assert fdata.prepared_configs("cathaction", data_dir) == []
 
-    builder = fdata.build("cathaction", data_dir, manual_dir=manual, config="gray_0_128_255")
-    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 1}
-    for split in ("train", "test"):
-        src = fdata.load_source("cathaction", split, data_dir, config="gray_0_128_255")
-        for key, rec in records_by_id(src).items():
-            img, lab = written[key]
-            assert rec["site"] == "cathaction"
-            expected = np.select([lab == 128, lab == 255], [1, 2], 0).astype(np.uint8)
-            np.testing.assert_array_equal(rec["mask"], expected)
-            err_px = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
-            assert rec["image"].shape == (32, 32, 1) and err_px.mean() < 2 and err_px.max() < 10
+  builder = fdata.build("cathaction", data_dir, manual_dir=manual, config="gray_0_128_255")
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 1}
+  for split in ("train", "test"):
+    src = fdata.load_source("cathaction", split, data_dir, config="gray_0_128_255")
+    for key, rec in records_by_id(src).items():
+      img, lab = written[key]
+      assert rec["site"] == "cathaction"
+      expected = np.select([lab == 128, lab == 255], [1, 2], 0).astype(np.uint8)
+      np.testing.assert_array_equal(rec["mask"], expected)
+      err_px = np.abs(rec["image"][..., 0].astype(int) - img.astype(int))
+      assert rec["image"].shape == (32, 32, 1) and err_px.mean() < 2 and err_px.max() < 10
 
-    # Same mapping through a custom label_map: same records.
-    custom = fdata.build("cathaction", data_dir, manual_dir=manual,
-                         label_map={0: 0, 128: 1, 255: 2})
-    a = fdata.load_source("cathaction", "train", data_dir, config="gray_0_128_255")
-    b = fdata.load_source("cathaction", "train", data_dir, config=custom.info.config_name)
-    for i in range(len(a)):
-        np.testing.assert_array_equal(a[i]["mask"], b[i]["mask"])
+  # Same mapping through a custom label_map: same records.
+  custom = fdata.build("cathaction", data_dir, manual_dir=manual, label_map={0: 0, 128: 1, 255: 2})
+  a = fdata.load_source("cathaction", "train", data_dir, config="gray_0_128_255")
+  b = fdata.load_source("cathaction", "train", data_dir, config=custom.info.config_name)
+  for i in range(len(a)):
+    np.testing.assert_array_equal(a[i]["mask"], b[i]["mask"])
 
 
 # ------------------------------------------------------------------------------ synthetic
 def test_synthetic_tiny_deterministic_and_matches_generator(tmp_path):
-    train, unseen = sites.make_sites(5)
-    profiles = list(train) + [unseen]
-    site_id = 1
-    name = profiles[site_id].name
-    config = f"{name}_tiny"
-    assert config in {c.name for c in fdata.SyntheticEndovascular.BUILDER_CONFIGS}
-    assert fdata.config_names("synthetic_endovascular") == [p.name for p in profiles]
+  train, unseen = sites.make_sites(5)
+  profiles = list(train) + [unseen]
+  site_id = 1
+  name = profiles[site_id].name
+  config = f"{name}_tiny"
+  assert config in {c.name for c in fdata.SyntheticEndovascular.BUILDER_CONFIGS}
+  assert fdata.config_names("synthetic_endovascular") == [p.name for p in profiles]
 
-    fdata.build("synthetic_endovascular", tmp_path / "a", config=config)
-    fdata.build("synthetic_endovascular", tmp_path / "b", config=config)
-    table = sites.site_table(profiles)
-    for split, split_id, n in (("train", 0, 8), ("test", 1, 4)):
-        a = fdata.load_source("synthetic_endovascular", split, tmp_path / "a", config=config)
-        b = fdata.load_source("synthetic_endovascular", split, tmp_path / "b", config=config)
-        assert len(a) == len(b) == n
-        # 8 per call for both splits: one compiled shape per split, shared with the builder.
-        images, masks = synth.generate(0, table, np.array([site_id]),
-                                       np.arange(8)[None], 32, split=split_id)
-        want_img = np.round(np.clip(np.asarray(images[0]), 0, 1) * 255).astype(np.uint8)
-        want_mask = np.asarray(masks[0]).astype(np.uint8)
-        for i in range(n):
-            ra, rb = a[i], b[i]
-            for k in ("image", "mask", "site", "id"):
-                np.testing.assert_array_equal(ra[k], rb[k])
-            assert ra["image"].shape == (32, 32, 1) and ra["mask"].shape == (32, 32)
-            assert ra["site"] == name and ra["id"] == f"{name}/{split}/{i:05d}"
-            np.testing.assert_array_equal(ra["image"], want_img[i])
-            np.testing.assert_array_equal(ra["mask"], want_mask[i])
+  fdata.build("synthetic_endovascular", tmp_path / "a", config=config)
+  fdata.build("synthetic_endovascular", tmp_path / "b", config=config)
+  table = sites.site_table(profiles)
+  for split, split_id, n in (("train", 0, 8), ("test", 1, 4)):
+    a = fdata.load_source("synthetic_endovascular", split, tmp_path / "a", config=config)
+    b = fdata.load_source("synthetic_endovascular", split, tmp_path / "b", config=config)
+    assert len(a) == len(b) == n
+    # 8 per call for both splits: one compiled shape per split, shared with the builder.
+    images, masks = synth.generate(0, table, np.array([site_id]), np.arange(8)[None], 32, split=split_id)
+    want_img = np.round(np.clip(np.asarray(images[0]), 0, 1) * 255).astype(np.uint8)
+    want_mask = np.asarray(masks[0]).astype(np.uint8)
+    for i in range(n):
+      ra, rb = a[i], b[i]
+      for k in ("image", "mask", "site", "id"):
+        np.testing.assert_array_equal(ra[k], rb[k])
+      assert ra["image"].shape == (32, 32, 1) and ra["mask"].shape == (32, 32)
+      assert ra["site"] == name and ra["id"] == f"{name}/{split}/{i:05d}"
+      np.testing.assert_array_equal(ra["image"], want_img[i])
+      np.testing.assert_array_equal(ra["mask"], want_mask[i])
 
 
 # ------------------------------------------------------------------------------ bad input
 def _good_pair(root, stem, shape=(32, 32)):
-    write_png(root / f"images/{stem}.png", np.full(shape, 7, np.uint8))
-    write_png(root / f"masks/{stem}.png", np.zeros(shape, np.uint8))
+  write_png(root / f"images/{stem}.png", np.full(shape, 7, np.uint8))
+  write_png(root / f"masks/{stem}.png", np.zeros(shape, np.uint8))
 
 
 def _bad_missing_mask(root):
-    _good_pair(root, "ok")
-    write_png(root / "images/lonely.png", np.zeros((32, 32), np.uint8))
-    return "lonely.png"
+  _good_pair(root, "ok")
+  write_png(root / "images/lonely.png", np.zeros((32, 32), np.uint8))
+  return "lonely.png"
 
 
 def _bad_size(root):
-    _good_pair(root, "ok")
-    write_png(root / "images/big.png", np.zeros((32, 32), np.uint8))
-    write_png(root / "masks/big.png", np.zeros((31, 32), np.uint8))
-    return "big.png"
+  _good_pair(root, "ok")
+  write_png(root / "images/big.png", np.zeros((32, 32), np.uint8))
+  write_png(root / "masks/big.png", np.zeros((31, 32), np.uint8))
+  return "big.png"
 
 
 def _bad_label(root):
-    _good_pair(root, "ok")
-    write_png(root / "images/lab.png", np.zeros((32, 32), np.uint8))
-    write_png(root / "masks/lab.png", np.resize(np.array([0, 1, 7], np.uint8), (32, 32)))
-    return "lab.png"
+  _good_pair(root, "ok")
+  write_png(root / "images/lab.png", np.zeros((32, 32), np.uint8))
+  write_png(root / "masks/lab.png", np.resize(np.array([0, 1, 7], np.uint8), (32, 32)))
+  return "lab.png"
 
 
 def _bad_empty(root):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    return "images"
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  return "images"
 
 
 def _bad_corrupt(root):
-    _good_pair(root, "ok")
-    (root / "images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
-    write_png(root / "masks/broken.png", np.zeros((32, 32), np.uint8))
-    return "broken.png"
+  _good_pair(root, "ok")
+  (root / "images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+  write_png(root / "masks/broken.png", np.zeros((32, 32), np.uint8))
+  return "broken.png"
 
 
 def _bad_cine_frames(root):
-    (root / "masks").mkdir(parents=True)
-    write_dicom(root / "images/run.dcm", np.zeros((3, 32, 32), np.uint16))
-    np.save(root / "masks/run.npy", np.zeros((2, 32, 32), np.uint8))
-    return "run.npy"
+  (root / "masks").mkdir(parents=True)
+  write_dicom(root / "images/run.dcm", np.zeros((3, 32, 32), np.uint16))
+  np.save(root / "masks/run.npy", np.zeros((2, 32, 32), np.uint8))
+  return "run.npy"
 
 
-@pytest.mark.parametrize("make_bad", [_bad_missing_mask, _bad_size, _bad_label, _bad_empty,
-                                      _bad_corrupt, _bad_cine_frames])
+@pytest.mark.parametrize(
+  "make_bad", [_bad_missing_mask, _bad_size, _bad_label, _bad_empty, _bad_corrupt, _bad_cine_frames]
+)
 def test_bad_input_raises_and_leaves_nothing_prepared(tmp_path, make_bad):
-    root = tmp_path / "site_x"
-    fname = make_bad(root)
-    data_dir = tmp_path / "tfds"
-    with pytest.raises(fdata.DatasetInputError) as err:
-        fdata.build("xray_folder", data_dir, manual_dir=root)
-    assert isinstance(err.value, ValueError)
-    assert fname in str(err.value)
-    if make_bad is _bad_label:
-        assert "[0, 1, 7]" in str(err.value) and "[0, 1, 2, 3]" in str(err.value)
-    assert fdata.prepared_configs("xray_folder", data_dir) == []
-    assert not list(data_dir.rglob("dataset_info.json"))
-    cfg = fdata.resolve_config("xray_folder", manual_dir=root)
-    assert not fdata.XrayFolder(data_dir=str(data_dir), config=cfg).is_prepared()
-    with pytest.raises(fdata.DatasetInputError, match="not prepared|nothing prepared"):
-        fdata.load_source("xray_folder", "train", data_dir, config=cfg.name)
+  root = tmp_path / "site_x"
+  fname = make_bad(root)
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(fdata.DatasetInputError) as err:
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+  assert isinstance(err.value, ValueError)
+  assert fname in str(err.value)
+  if make_bad is _bad_label:
+    assert "[0, 1, 7]" in str(err.value) and "[0, 1, 2, 3]" in str(err.value)
+  assert fdata.prepared_configs("xray_folder", data_dir) == []
+  assert not list(data_dir.rglob("dataset_info.json"))
+  cfg = fdata.resolve_config("xray_folder", manual_dir=root)
+  assert not fdata.XrayFolder(data_dir=str(data_dir), config=cfg).is_prepared()
+  with pytest.raises(fdata.DatasetInputError, match="not prepared|nothing prepared"):
+    fdata.load_source("xray_folder", "train", data_dir, config=cfg.name)
 
 
 def test_missing_manual_dir(tmp_path):
-    with pytest.raises(fdata.DatasetInputError, match="does_not_exist"):
-        fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "does_not_exist")
-    with pytest.raises(fdata.DatasetInputError, match="manual_dir"):
-        fdata.build("cathaction", tmp_path / "tfds")
+  with pytest.raises(fdata.DatasetInputError, match="does_not_exist"):
+    fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "does_not_exist")
+  with pytest.raises(fdata.DatasetInputError, match="manual_dir"):
+    fdata.build("cathaction", tmp_path / "tfds")
 
 
 def test_failure_mid_generation_leaves_no_prepared_dataset(tmp_path, monkeypatch):
-    root = tmp_path / "site_y"
-    for stem in ("p0", "p1", "p2"):
-        _good_pair(root, stem)
-    data_dir = tmp_path / "tfds"
-    real = common.load_pair
-    calls = []
+  root = tmp_path / "site_y"
+  for stem in ("p0", "p1", "p2"):
+    _good_pair(root, stem)
+  data_dir = tmp_path / "tfds"
+  real = common.load_pair
+  calls = []
 
-    def flaky(pair, spec):
-        calls.append(pair.stem)
-        if len(calls) == 3 + 2:  # 3 validation reads, then fail on the 2nd written example
-            raise RuntimeError("disk full (simulated)")
-        return real(pair, spec)
+  def flaky(pair, spec):
+    calls.append(pair.stem)
+    if len(calls) == 3 + 2:  # 3 validation reads, then fail on the 2nd written example
+      raise RuntimeError("disk full (simulated)")
+    return real(pair, spec)
 
-    monkeypatch.setattr(common, "load_pair", flaky)
-    with pytest.raises(RuntimeError, match="simulated"):
-        fdata.build("xray_folder", data_dir, manual_dir=root)
-    assert calls == ["p0", "p1", "p2", "p0", "p1"]  # validated everything, then started writing
-    cfg = fdata.resolve_config("xray_folder", manual_dir=root)
-    assert not fdata.XrayFolder(data_dir=str(data_dir), config=cfg).is_prepared()
-    assert not list(data_dir.rglob("dataset_info.json"))
-    assert fdata.prepared_configs("xray_folder", data_dir) == []
-    with pytest.raises(fdata.DatasetInputError):
-        fdata.load_source("xray_folder", "train", data_dir)
-    # A clean retry into the same data_dir succeeds.
-    monkeypatch.setattr(common, "load_pair", real)
-    builder = fdata.build("xray_folder", data_dir, manual_dir=root)
-    assert builder.info.splits["train"].num_examples == 3
+  monkeypatch.setattr(common, "load_pair", flaky)
+  with pytest.raises(RuntimeError, match="simulated"):
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+  assert calls == ["p0", "p1", "p2", "p0", "p1"]  # validated everything, then started writing
+  cfg = fdata.resolve_config("xray_folder", manual_dir=root)
+  assert not fdata.XrayFolder(data_dir=str(data_dir), config=cfg).is_prepared()
+  assert not list(data_dir.rglob("dataset_info.json"))
+  assert fdata.prepared_configs("xray_folder", data_dir) == []
+  with pytest.raises(fdata.DatasetInputError):
+    fdata.load_source("xray_folder", "train", data_dir)
+  # A clean retry into the same data_dir succeeds.
+  monkeypatch.setattr(common, "load_pair", real)
+  builder = fdata.build("xray_folder", data_dir, manual_dir=root)
+  assert builder.info.splits["train"].num_examples == 3
 
 
 # ------------------------------------------------------------------------------ grain + CLI
 def test_grain_map_dataset_source(hospital, tmp_path):
-    grain = pytest.importorskip("grain")
-    root, exp = hospital
-    data_dir = tmp_path / "tfds"
-    fdata.build("xray_folder", data_dir, manual_dir=root)
-    src = fdata.load_source("xray_folder", "train", data_dir, config="hospital_a")
-    ds = grain.MapDataset.source(src)
-    assert len(ds) == len(exp)
-    for i in (0, len(ds) - 1):
-        ex = ds[i]
-        np.testing.assert_array_equal(ex["image"], src[i]["image"])
-        np.testing.assert_array_equal(ex["mask"][..., None].shape, ex["image"].shape)
-        img, mask = exp[ex["id"]]
-        np.testing.assert_array_equal(ex["mask"], mask)
-    shuffled = ds.shuffle(seed=3).map(lambda e: int(e["mask"].max()))
-    assert sorted(shuffled[i] for i in range(len(shuffled))) == sorted(
-        int(m.max()) for _, m in exp.values())
+  grain = pytest.importorskip("grain")
+  root, exp = hospital
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=root)
+  src = fdata.load_source("xray_folder", "train", data_dir, config="hospital_a")
+  ds = grain.MapDataset.source(src)
+  assert len(ds) == len(exp)
+  for i in (0, len(ds) - 1):
+    ex = ds[i]
+    np.testing.assert_array_equal(ex["image"], src[i]["image"])
+    np.testing.assert_array_equal(ex["mask"][..., None].shape, ex["image"].shape)
+    img, mask = exp[ex["id"]]
+    np.testing.assert_array_equal(ex["mask"], mask)
+  shuffled = ds.shuffle(seed=3).map(lambda e: int(e["mask"].max()))
+  assert sorted(shuffled[i] for i in range(len(shuffled))) == sorted(int(m.max()) for _, m in exp.values())
 
 
 def test_cli(hospital, tmp_path, capsys):
-    import importlib
+  import importlib
 
-    cli = importlib.import_module("fedkd.data.tfds.build")
-    root, exp = hospital
-    data_dir = tmp_path / "tfds"
-    assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}",
-                     "--site=Hospital A"]) == 0
-    out = capsys.readouterr().out
-    assert "xray_folder/Hospital_A" in out and f"train: {len(exp)} examples" in out
+  cli = importlib.import_module("fedkd.data.tfds.build")
+  root, exp = hospital
+  data_dir = tmp_path / "tfds"
+  assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}", "--site=Hospital A"]) == 0
+  out = capsys.readouterr().out
+  assert "xray_folder/Hospital_A" in out and f"train: {len(exp)} examples" in out
 
-    bad = tmp_path / "bad_site"
-    _bad_missing_mask(bad)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedkd.data.tfds.build", "--dataset=xray_folder",
-         f"--manual_dir={bad}", f"--data_dir={tmp_path / 'tfds2'}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err_lines) == 1 and "lonely.png" in err_lines[0] and "missing mask" in err_lines[0]
-    # Importing the CLI module must not break the package-level build() function.
-    assert callable(fdata.build) and callable(cli.main)
+  bad = tmp_path / "bad_site"
+  _bad_missing_mask(bad)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedkd.data.tfds.build",
+      "--dataset=xray_folder",
+      f"--manual_dir={bad}",
+      f"--data_dir={tmp_path / 'tfds2'}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=120,
+  )
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert len(err_lines) == 1 and "lonely.png" in err_lines[0] and "missing mask" in err_lines[0]
+  # Importing the CLI module must not break the package-level build() function.
+  assert callable(fdata.build) and callable(cli.main)
 
 
 # ------------------------------------------------------------------------------ input rules
 def _cli():
-    import importlib
+  import importlib
 
-    return importlib.import_module("fedkd.data.tfds.build")
+  return importlib.import_module("fedkd.data.tfds.build")
 
 
 def _error_lines(err: str) -> list[str]:
-    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+  return [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
 def test_orphan_masks_are_refused(tmp_path):
-    root = tmp_path / "site_o"
-    _good_pair(root, "ok")
-    _good_pair(root, "single")
-    write_png(root / "masks/gone.png", np.zeros((32, 32), np.uint8))  # its image is missing
-    write_png(root / "masks/single_0001.png", np.zeros((32, 32), np.uint8))  # not a cine
-    (root / "masks/notes.txt").write_text("labelled by reader 2")  # not a mask: ignored
-    data_dir = tmp_path / "tfds"
-    with pytest.raises(fdata.DatasetInputError) as err:
-        fdata.build("xray_folder", data_dir, manual_dir=root)
-    problems = err.value.problems
-    assert len(problems) == 2, problems
-    gone = next(p for p in problems if "gone.png" in p)
-    assert "mask without an image" in gone and "move the mask out of masks/" in gone
-    single = next(p for p in problems if "single_0001.png" in p)
-    assert "single frame" in single and "single.png" in single
-    assert fdata.prepared_configs("xray_folder", data_dir) == []
-    # Moving the orphans out is the fix: the same folder then builds.
-    (root / "masks/gone.png").unlink()
-    (root / "masks/single_0001.png").unlink()
-    builder = fdata.build("xray_folder", data_dir, manual_dir=root)
-    assert builder.info.splits["train"].num_examples == 2
+  root = tmp_path / "site_o"
+  _good_pair(root, "ok")
+  _good_pair(root, "single")
+  write_png(root / "masks/gone.png", np.zeros((32, 32), np.uint8))  # its image is missing
+  write_png(root / "masks/single_0001.png", np.zeros((32, 32), np.uint8))  # not a cine
+  (root / "masks/notes.txt").write_text("labelled by reader 2")  # not a mask: ignored
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(fdata.DatasetInputError) as err:
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+  problems = err.value.problems
+  assert len(problems) == 2, problems
+  gone = next(p for p in problems if "gone.png" in p)
+  assert "mask without an image" in gone and "move the mask out of masks/" in gone
+  single = next(p for p in problems if "single_0001.png" in p)
+  assert "single frame" in single and "single.png" in single
+  assert fdata.prepared_configs("xray_folder", data_dir) == []
+  # Moving the orphans out is the fix: the same folder then builds.
+  (root / "masks/gone.png").unlink()
+  (root / "masks/single_0001.png").unlink()
+  builder = fdata.build("xray_folder", data_dir, manual_dir=root)
+  assert builder.info.splits["train"].num_examples == 2
 
 
 def test_conversion_notes_16bit_and_colour_png(tmp_path, capsys):
-    rng = np.random.default_rng(5)
-    root = tmp_path / "site_n"
-    deep = rng.integers(200, 3000, (33, 32)).astype(np.uint16)  # 12-bit values in a 16-bit PNG
-    colour = rng.integers(0, 256, (32, 34, 3), dtype=np.uint8)
-    gray = rng.integers(0, 256, (32, 32), dtype=np.uint8)
-    for stem, img in (("deep", deep), ("colour", colour), ("gray_rgb", np.stack([gray] * 3, -1))):
-        write_png(root / f"images/{stem}.png", img)
-        write_png(root / f"masks/{stem}.png", np.zeros(img.shape[:2], np.uint8))
-    assert Image.open(root / "images/deep.png").mode.startswith("I")
-    data_dir = tmp_path / "tfds"
-    fdata.build("xray_folder", data_dir, manual_dir=root)
-    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
-    assert len(notes) == 2, notes
-    deep_note = next(ln for ln in notes if "16-bit" in ln)
-    assert "images/deep.png" in deep_note and "min-max" in deep_note and "1 file" in deep_note
-    colour_note = next(ln for ln in notes if "colour" in ln)
-    assert "images/colour.png" in colour_note and "gray_rgb" not in colour_note
-    got = records_by_id(fdata.load_source("xray_folder", "train", data_dir))
-    np.testing.assert_array_equal(got["deep"]["image"][..., 0], minmax_u8(deep))
-    want = np.round(colour.astype(float) @ [0.299, 0.587, 0.114])
-    assert np.abs(got["colour"]["image"][..., 0] - want).max() <= 1  # PIL integer luma
-    np.testing.assert_array_equal(got["gray_rgb"]["image"][..., 0], gray)  # exact
+  rng = np.random.default_rng(5)
+  root = tmp_path / "site_n"
+  deep = rng.integers(200, 3000, (33, 32)).astype(np.uint16)  # 12-bit values in a 16-bit PNG
+  colour = rng.integers(0, 256, (32, 34, 3), dtype=np.uint8)
+  gray = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+  for stem, img in (("deep", deep), ("colour", colour), ("gray_rgb", np.stack([gray] * 3, -1))):
+    write_png(root / f"images/{stem}.png", img)
+    write_png(root / f"masks/{stem}.png", np.zeros(img.shape[:2], np.uint8))
+  assert Image.open(root / "images/deep.png").mode.startswith("I")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=root)
+  notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+  assert len(notes) == 2, notes
+  deep_note = next(ln for ln in notes if "16-bit" in ln)
+  assert "images/deep.png" in deep_note and "min-max" in deep_note and "1 file" in deep_note
+  colour_note = next(ln for ln in notes if "colour" in ln)
+  assert "images/colour.png" in colour_note and "gray_rgb" not in colour_note
+  got = records_by_id(fdata.load_source("xray_folder", "train", data_dir))
+  np.testing.assert_array_equal(got["deep"]["image"][..., 0], minmax_u8(deep))
+  want = np.round(colour.astype(float) @ [0.299, 0.587, 0.114])
+  assert np.abs(got["colour"]["image"][..., 0] - want).max() <= 1  # PIL integer luma
+  np.testing.assert_array_equal(got["gray_rgb"]["image"][..., 0], gray)  # exact
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (31, 64)])
 def test_tiny_images_are_refused(tmp_path, shape):
-    root = tmp_path / "site_t"
-    _good_pair(root, "ok")
-    write_png(root / "images/tiny.png", np.full(shape, 9, np.uint8))
-    write_png(root / "masks/tiny.png", np.zeros(shape, np.uint8))
-    assert common.MIN_IMAGE_SIDE == 32
-    with pytest.raises(fdata.DatasetInputError) as err:
-        fdata.build("xray_folder", tmp_path / "tfds", manual_dir=root)
-    msg = str(err.value)
-    assert "tiny.png" in msg and f"{shape[0]}x{shape[1]}" in msg and "32x32" in msg
-    assert "ok.png" not in msg
+  root = tmp_path / "site_t"
+  _good_pair(root, "ok")
+  write_png(root / "images/tiny.png", np.full(shape, 9, np.uint8))
+  write_png(root / "masks/tiny.png", np.zeros(shape, np.uint8))
+  assert common.MIN_IMAGE_SIDE == 32
+  with pytest.raises(fdata.DatasetInputError) as err:
+    fdata.build("xray_folder", tmp_path / "tfds", manual_dir=root)
+  msg = str(err.value)
+  assert "tiny.png" in msg and f"{shape[0]}x{shape[1]}" in msg and "32x32" in msg
+  assert "ok.png" not in msg
 
 
 def test_cli_rgb_mask_needs_color_map(tmp_path, capsys):
-    root = tmp_path / "site_c"
-    write_png(root / "images/m.png", np.full((32, 32), 50, np.uint8))
-    rgb = np.zeros((32, 32, 3), np.uint8)
-    rgb[4:8, :, 0] = 255  # red catheter
-    rgb[10:, 20, 1] = 255  # green guidewire
-    write_png(root / "masks/m.png", rgb)
-    cli = _cli()
-    args = ["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}"]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err
-    lines = _error_lines(err)
-    assert len(lines) == 1 and "m.png" in lines[0] and "--color_map" in lines[0]
-    assert "Traceback" not in err
-    assert fdata.prepared_configs("xray_folder", tmp_path / "tfds") == []
-    # The hinted fix works.
-    assert cli.main(args + ["--color_map=0,0,0:0;255,0,0:1;0,255,0:2"]) == 0
-    rec = fdata.load_source("xray_folder", "train", tmp_path / "tfds")[0]
-    want = np.zeros((32, 32), np.uint8)
-    want[rgb[..., 0] == 255] = 1
-    want[rgb[..., 1] == 255] = 2
-    np.testing.assert_array_equal(rec["mask"], want)
+  root = tmp_path / "site_c"
+  write_png(root / "images/m.png", np.full((32, 32), 50, np.uint8))
+  rgb = np.zeros((32, 32, 3), np.uint8)
+  rgb[4:8, :, 0] = 255  # red catheter
+  rgb[10:, 20, 1] = 255  # green guidewire
+  write_png(root / "masks/m.png", rgb)
+  cli = _cli()
+  args = ["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}"]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  lines = _error_lines(err)
+  assert len(lines) == 1 and "m.png" in lines[0] and "--color_map" in lines[0]
+  assert "Traceback" not in err
+  assert fdata.prepared_configs("xray_folder", tmp_path / "tfds") == []
+  # The hinted fix works.
+  assert cli.main(args + ["--color_map=0,0,0:0;255,0,0:1;0,255,0:2"]) == 0
+  rec = fdata.load_source("xray_folder", "train", tmp_path / "tfds")[0]
+  want = np.zeros((32, 32), np.uint8)
+  want[rgb[..., 0] == 255] = 1
+  want[rgb[..., 1] == 255] = 2
+  np.testing.assert_array_equal(rec["mask"], want)
 
 
 # ------------------------------------------------------------------------------ CLI paths, I/O
 def test_cli_expands_tilde(tmp_path, monkeypatch, capsys):
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    _good_pair(home / "hosp", "a")
-    cwd.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(cwd)
-    assert _cli().main(["--dataset=xray_folder", "--manual_dir=~/hosp", "--data_dir=~/tfds"]) == 0
-    assert fdata.prepared_configs("xray_folder", home / "tfds") == ["hosp"]
-    assert not (cwd / "~").exists() and list(cwd.iterdir()) == []
-    assert str(home / "tfds") in capsys.readouterr().out
+  home, cwd = tmp_path / "home", tmp_path / "cwd"
+  _good_pair(home / "hosp", "a")
+  cwd.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(cwd)
+  assert _cli().main(["--dataset=xray_folder", "--manual_dir=~/hosp", "--data_dir=~/tfds"]) == 0
+  assert fdata.prepared_configs("xray_folder", home / "tfds") == ["hosp"]
+  assert not (cwd / "~").exists() and list(cwd.iterdir()) == []
+  assert str(home / "tfds") in capsys.readouterr().out
 
 
 def test_cli_data_dir_that_is_a_file(tmp_path, capsys):
-    root = tmp_path / "site_f"
-    _good_pair(root, "a")
-    target = tmp_path / "out.txt"
-    target.write_text("keep me")
-    cli = _cli()
-    for data_dir in (target, target / "sub"):
-        assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}",
-                         f"--data_dir={data_dir}"]) == 2
-        err = capsys.readouterr().err
-        lines = _error_lines(err)
-        assert len(lines) == 1 and str(data_dir) in lines[0], err
-        assert "Traceback" not in err
-    assert target.read_text() == "keep me"
+  root = tmp_path / "site_f"
+  _good_pair(root, "a")
+  target = tmp_path / "out.txt"
+  target.write_text("keep me")
+  cli = _cli()
+  for data_dir in (target, target / "sub"):
+    assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}"]) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and str(data_dir) in lines[0], err
+    assert "Traceback" not in err
+  assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("make_error", [
+@pytest.mark.parametrize(
+  "make_error",
+  [
     lambda d: PermissionError(13, "Permission denied", str(d / "xray_folder")),
     lambda d: OSError(30, "Read-only file system", str(d)),
     lambda d: OSError(28, "No space left on device", str(d / "xray_folder/x/a.array_record")),
     # array_record reports a full disk as a RuntimeError naming the file (seen on a full tmpfs)
-    lambda d: RuntimeError(f'Failed to finalize writing of split "train": write() failed: No '
-                           f'space left on device; writing {d}/xray_folder/s/incomplete.X_1.0.0/'
-                           f'xray_folder-train.array_record-00000-of-00001; at byte 61440'),
-], ids=["EACCES", "EROFS", "ENOSPC", "array_record-ENOSPC"])
+    lambda d: RuntimeError(
+      f'Failed to finalize writing of split "train": write() failed: No '
+      f'space left on device; writing {d}/xray_folder/s/incomplete.X_1.0.0/'
+      f'xray_folder-train.array_record-00000-of-00001; at byte 61440'
+    ),
+  ],
+  ids=["EACCES", "EROFS", "ENOSPC", "array_record-ENOSPC"],
+)
 def test_cli_write_errors_are_one_line(tmp_path, monkeypatch, capsys, make_error):
-    root = tmp_path / "site_w"
-    _good_pair(root, "a")
-    data_dir = tmp_path / "tfds"
-    cli = _cli()
+  root = tmp_path / "site_w"
+  _good_pair(root, "a")
+  data_dir = tmp_path / "tfds"
+  cli = _cli()
 
-    def failing_build(*args, **kwargs):
-        raise make_error(data_dir)
+  def failing_build(*args, **kwargs):
+    raise make_error(data_dir)
 
-    monkeypatch.setattr(cli, "build", failing_build)
-    assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}",
-                     f"--data_dir={data_dir}"]) == 2
-    err = capsys.readouterr().err
-    lines = _error_lines(err)
-    assert len(lines) == 1 and f"--data_dir {data_dir}" in lines[0], err
-    assert "Traceback" not in err
+  monkeypatch.setattr(cli, "build", failing_build)
+  assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}"]) == 2
+  err = capsys.readouterr().err
+  lines = _error_lines(err)
+  assert len(lines) == 1 and f"--data_dir {data_dir}" in lines[0], err
+  assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("error", [RuntimeError("internal bug"), ValueError("internal bug"),
-                                   RuntimeError("Permission denied somewhere else")])
+@pytest.mark.parametrize(
+  "error", [RuntimeError("internal bug"), ValueError("internal bug"), RuntimeError("Permission denied somewhere else")]
+)
 def test_cli_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, error):
-    root = tmp_path / "site_u"
-    _good_pair(root, "a")
-    cli = _cli()
+  root = tmp_path / "site_u"
+  _good_pair(root, "a")
+  cli = _cli()
 
-    def failing_build(*args, **kwargs):
-        raise error
+  def failing_build(*args, **kwargs):
+    raise error
 
-    monkeypatch.setattr(cli, "build", failing_build)
-    with pytest.raises(type(error), match="internal bug|somewhere else"):
-        cli.main(["--dataset=xray_folder", f"--manual_dir={root}",
-                  f"--data_dir={tmp_path / 'tfds'}"])
+  monkeypatch.setattr(cli, "build", failing_build)
+  with pytest.raises(type(error), match="internal bug|somewhere else"):
+    cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}"])
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root ignores directory permissions")
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
 def test_cli_read_only_data_dir(tmp_path, capsys):
-    root = tmp_path / "site_r"
-    _good_pair(root, "a")
-    data_dir = tmp_path / "ro"
-    data_dir.mkdir()
-    data_dir.chmod(0o555)
-    try:
-        assert _cli().main(["--dataset=xray_folder", f"--manual_dir={root}",
-                            f"--data_dir={data_dir}"]) == 2
-    finally:
-        data_dir.chmod(0o755)
-    err = capsys.readouterr().err
-    lines = _error_lines(err)
-    assert len(lines) == 1 and str(data_dir) in lines[0] and "Traceback" not in err
+  root = tmp_path / "site_r"
+  _good_pair(root, "a")
+  data_dir = tmp_path / "ro"
+  data_dir.mkdir()
+  data_dir.chmod(0o555)
+  try:
+    assert _cli().main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}"]) == 2
+  finally:
+    data_dir.chmod(0o755)
+  err = capsys.readouterr().err
+  lines = _error_lines(err)
+  assert len(lines) == 1 and str(data_dir) in lines[0] and "Traceback" not in err

@@ -7,6 +7,7 @@ next to it (found through a relative data_dir / the current directory on ``sys.p
 that file. These tests craft such folders and check that fedkd refuses them with a one-line
 ``DatasetInputError`` and that the planted module is never imported.
 """
+
 import json
 import os
 import shutil
@@ -76,8 +77,10 @@ def _tamper_site_type(obj, evil):
 
 def _tamper_legacy_format(obj, evil):
   # the older TFDS json form {"type": ..., "content": ...}, which TFDS still reads
-  return {"type": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
-          "content": {"site": {"type": evil, "content": {}}}}
+  return {
+    "type": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+    "content": {"site": {"type": evil, "content": {}}},
+  }
 
 
 def _features_in_info(obj, evil):
@@ -85,7 +88,8 @@ def _features_in_info(obj, evil):
   obj["features"] = {"pythonClassName": evil, "text": {}}
 
 
-_RUN_CASES = textwrap.dedent("""
+_RUN_CASES = textwrap.dedent(
+  """
   import json, os, sys
   from fedkd.data.tfds import load_source
   from fedkd.errors import UserError
@@ -101,7 +105,9 @@ _RUN_CASES = textwrap.dedent("""
       out = {"result": "crashed", "type": type(e).__name__, "message": str(e)[:500]}
     sys.path.pop(0)
     print("RESULT " + json.dumps(dict(out, case=case)), flush=True)
-""" % SITE)
+"""
+  % SITE
+)
 
 
 def test_crafted_folder_never_imports_code(prepared, tmp_path):
@@ -109,9 +115,11 @@ def test_crafted_folder_never_imports_code(prepared, tmp_path):
   folder first on sys.path) in a fresh interpreter, no module cache shared with this process, one
   planted package per case: every one fails with a clean one-line DatasetInputError naming the
   file and the type, and no planted module is ever imported (its marker file never appears)."""
-  cases = {"features_json": ("features.json", _tamper_site_type),
-           "features_json_legacy": ("features.json", _tamper_legacy_format),
-           "dataset_info_features": ("dataset_info.json", _features_in_info)}
+  cases = {
+    "features_json": ("features.json", _tamper_site_type),
+    "features_json_legacy": ("features.json", _tamper_legacy_format),
+    "dataset_info_features": ("dataset_info.json", _features_in_info),
+  }
   evil, markers = {}, {}
   for k, (case, (fname, edit)) in enumerate(cases.items()):
     folder = _copy(prepared, tmp_path / case)
@@ -119,16 +127,19 @@ def test_crafted_folder_never_imports_code(prepared, tmp_path):
     _edit_json(_version_dir(folder) / fname, lambda obj: edit(obj, evil[case]))
     markers[case] = tmp_path / f"{case}.imported"
     _plant_module(folder, f"evilpkg{k}", markers[case])
-  proc = subprocess.run([sys.executable, "-c", _RUN_CASES, *(str(tmp_path / c) for c in cases)],
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _RUN_CASES, *(str(tmp_path / c) for c in cases)],
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   results = {}
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
-      out = json.loads(line[len("RESULT "):])
+      out = json.loads(line[len("RESULT ") :])
       results[Path(out["case"]).name] = out
-  assert proc.returncode == 0 and set(results) == set(cases), (proc.stdout[-3000:],
-                                                                proc.stderr[-3000:])
+  assert proc.returncode == 0 and set(results) == set(cases), (proc.stdout[-3000:], proc.stderr[-3000:])
   imported = [case for case in cases if markers[case].exists()]
   assert not imported, f"planted modules were imported: {imported}"
   for case, (fname, _) in cases.items():
@@ -151,9 +162,11 @@ def test_code_builder_never_parses_features_json(prepared, tmp_path, monkeypatch
   marker = tmp_path / "imported"
   _plant_module(tmp_path, "evilpkg_layer2", marker)
   monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.setattr(api, "check_prepared",
-                      lambda name, data_dir, config: json.loads(
-                          (_version_dir(Path(data_dir)) / "dataset_info.json").read_text()))
+  monkeypatch.setattr(
+    api,
+    "check_prepared",
+    lambda name, data_dir, config: json.loads((_version_dir(Path(data_dir)) / "dataset_info.json").read_text()),
+  )
   src = fdata.load_source("xray_folder", "train", data_dir, config=SITE)
   images, masks = _frames()
   got = sorted((r["id"], r) for r in src)
@@ -168,8 +181,10 @@ def test_code_builder_never_parses_features_json(prepared, tmp_path, monkeypatch
 def _smuggle_json_feature(obj, evil):
   # an allowed top-level type whose content is legacy JSON inside a string: TFDS would parse it
   # with FeaturesDict.from_json_content and import the inner type
-  return {"pythonClassName": obj["pythonClassName"],
-          "jsonFeature": {"json": json.dumps({"site": {"type": evil, "content": {}}})}}
+  return {
+    "pythonClassName": obj["pythonClassName"],
+    "jsonFeature": {"json": json.dumps({"site": {"type": evil, "content": {}}})},
+  }
 
 
 def _shard(split):
@@ -178,21 +193,38 @@ def _shard(split):
 
 # (file to edit, edit, words the one-line message must contain)
 _TAMPERED = {
-    "json_feature_smuggling": ("features.json", _smuggle_json_feature, ["sneaky.mod.X"]),
-    "extra_feature": ("features.json", lambda o, _: o["featuresDict"]["features"].update(
-        label=o["featuresDict"]["features"]["mask"]), ["'label'", "expected"]),
-    "float_image": ("features.json", lambda o, _: o["featuresDict"]["features"]["image"][
-        "tensor"].update(dtype="float32"), ["'image'", "float32", "uint8"]),
-    "module_name": ("dataset_info.json", lambda o, _: o.update(moduleName="sneaky.builder"),
-                    ["moduleName", "sneaky.builder"]),
-    "file_template": ("dataset_info.json", lambda o, _: o["splits"][0].update(
-        filepathTemplate="../../{SPLIT}"), ["'../../{SPLIT}'"]),
-    "split_name": ("dataset_info.json", lambda o, _: o["splits"][0].update(name="../train"),
-                   ["unsafe split name", "'../train'"]),
-    "version_field": ("dataset_info.json", lambda o, _: o.update(version="2.0.0"),
-                      ["version", "'2.0.0'", "'1.0.0'"]),
-    "unknown_field": ("dataset_info.json", lambda o, _: o.update(pickle="gASV"),
-                      ["not a TFDS dataset_info.json", "pickle"]),
+  "json_feature_smuggling": ("features.json", _smuggle_json_feature, ["sneaky.mod.X"]),
+  "extra_feature": (
+    "features.json",
+    lambda o, _: o["featuresDict"]["features"].update(label=o["featuresDict"]["features"]["mask"]),
+    ["'label'", "expected"],
+  ),
+  "float_image": (
+    "features.json",
+    lambda o, _: o["featuresDict"]["features"]["image"]["tensor"].update(dtype="float32"),
+    ["'image'", "float32", "uint8"],
+  ),
+  "module_name": (
+    "dataset_info.json",
+    lambda o, _: o.update(moduleName="sneaky.builder"),
+    ["moduleName", "sneaky.builder"],
+  ),
+  "file_template": (
+    "dataset_info.json",
+    lambda o, _: o["splits"][0].update(filepathTemplate="../../{SPLIT}"),
+    ["'../../{SPLIT}'"],
+  ),
+  "split_name": (
+    "dataset_info.json",
+    lambda o, _: o["splits"][0].update(name="../train"),
+    ["unsafe split name", "'../train'"],
+  ),
+  "version_field": ("dataset_info.json", lambda o, _: o.update(version="2.0.0"), ["version", "'2.0.0'", "'1.0.0'"]),
+  "unknown_field": (
+    "dataset_info.json",
+    lambda o, _: o.update(pickle="gASV"),
+    ["not a TFDS dataset_info.json", "pickle"],
+  ),
 }
 
 
@@ -226,8 +258,11 @@ def test_broken_copies_are_refused(prepared, tmp_path):
 
   data_dir = _copy(prepared, tmp_path / "c")
   _version_dir(data_dir).rename(_version_dir(data_dir).parent / "0.9.0")
-  with pytest.raises(fdata.DatasetInputError, match=r"prepared as version\(s\) \['0\.9\.0'\].*"
-                                                    r"reads xray_folder version 1\.0\.0"):
+  with pytest.raises(
+    fdata.DatasetInputError,
+    match=r"prepared as version\(s\) \['0\.9\.0'\].*"
+    r"reads xray_folder version 1\.0\.0",
+  ):
     fdata.load_source("xray_folder", "train", data_dir, config=SITE)
 
 
@@ -235,8 +270,7 @@ def test_build_does_not_reuse_a_tampered_folder(prepared, tmp_path):
   """build() reuses a prepared folder only after the same checks (it would otherwise let TFDS
   read it); overwrite=True rebuilds it from the source files."""
   data_dir = _copy(prepared, tmp_path / "data")
-  _edit_json(_version_dir(data_dir) / "features.json",
-             lambda obj: _tamper_site_type(obj, "sneaky.mod.X"))
+  _edit_json(_version_dir(data_dir) / "features.json", lambda obj: _tamper_site_type(obj, "sneaky.mod.X"))
   manual = prepared.parent / SITE
   with pytest.raises(fdata.DatasetInputError, match="sneaky.mod.X"):
     fdata.build("xray_folder", data_dir, manual_dir=manual)

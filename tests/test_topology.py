@@ -1,4 +1,5 @@
 """Mixing matrices, MATCHA schedules, topology files, neighbour tables and gossip."""
+
 import json
 import re
 
@@ -13,17 +14,25 @@ from fedkd.fl import topology as topo
 
 def _stacked(n, seed=0):
   rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.normal(size=(n, 3, 4)), jnp.float32),
-          "b": jnp.asarray(rng.normal(size=(n, 5)), jnp.float32),
-          "step": jnp.arange(n, dtype=jnp.int32)}
+  return {
+    "w": jnp.asarray(rng.normal(size=(n, 3, 4)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(n, 5)), jnp.float32),
+    "step": jnp.arange(n, dtype=jnp.int32),
+  }
 
 
 def _all_mixing_matrices():
   gaia = topo.gaia_adjacency()
-  mats = {"star": topo.star(11), "complete": topo.complete(11), "ring": topo.ring(11),
-          "ring_directed": topo.ring(11, directed=True), "ring2": topo.ring(2),
-          "gaia_ring": topo.gaia_ring(), "mh_gaia": topo.metropolis_hastings(gaia),
-          "mh_gaia_ring": topo.metropolis_hastings(topo.gaia_ring(directed=False))}
+  mats = {
+    "star": topo.star(11),
+    "complete": topo.complete(11),
+    "ring": topo.ring(11),
+    "ring_directed": topo.ring(11, directed=True),
+    "ring2": topo.ring(2),
+    "gaia_ring": topo.gaia_ring(),
+    "mh_gaia": topo.metropolis_hastings(gaia),
+    "mh_gaia_ring": topo.metropolis_hastings(topo.gaia_ring(directed=False)),
+  }
   rng = np.random.default_rng(7)
   random_graph = np.triu(rng.random((11, 11)) < 0.3, 1)
   mats["mh_random"] = topo.metropolis_hastings(random_graph | random_graph.T)
@@ -42,8 +51,7 @@ def test_doubly_stochastic_and_gossip_preserves_mean():
     p = params if n == 11 else _stacked(n)
     out = mix(p, w)
     for k in ("w", "b"):
-      np.testing.assert_allclose(np.asarray(out[k]).mean(0), np.asarray(p[k]).mean(0), atol=1e-5,
-                                 err_msg=name)
+      np.testing.assert_allclose(np.asarray(out[k]).mean(0), np.asarray(p[k]).mean(0), atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(np.asarray(out["step"]), np.asarray(p["step"]))
 
 
@@ -123,44 +131,60 @@ def _write(tmp_path, name, text):
 _MATRIX_3 = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
 # (file name, contents, regex the one-line message must match after the path)
 _BAD_FILES = {
-    "malformed_line": ("g.txt", "0 1\n1 2 1 7\n", r":2: expected 'i j'"),
-    "matrix_as_text": ("g.txt", "0 1 1 0\n1 0 1 1\n", r":1: expected 'i j'"),
-    "non_integer_id": ("g.txt", "0 1\n1 x\n", r":2: node id 'x' is not an integer"),
-    "float_id": ("g.txt", "0 1\n1 2.0\n", r":2: node id '2.0' is not an integer"),
-    "negative_id": ("g.txt", "0 1\n-1 0\n", r":2: negative node id -1"),
-    "negative_weight": ("g.txt", "0 1\n1 2 -1\n", r":2: negative weight"),
-    "nan_weight": ("g.txt", "0 1 nan\n1 2\n", r":1: weight nan is not finite"),
-    "inf_weight": ("g.txt", "0 1\n1 2 inf\n", r":2: weight inf is not finite"),
-    "weight_not_one": ("g.txt", "0 1 0.5\n1 2\n", r":1: weight 0.5: only the graph's support"),
-    "weight_not_number": ("g.txt", "0 1 heavy\n1 2\n", r":1: weight 'heavy' is not a number"),
-    "isolated_node": ("g.txt", "0 1\n1 3\n", r"node\(s\) \[2\] have no link to any other node"),
-    "self_loop_only": ("g.txt", "0 1\n2 2\n", r"node\(s\) \[2\] have no link"),
-    "two_pieces": ("g.txt", "0 1\n2 3\n", r"not connected: node\(s\) \[2, 3\] cannot reach node 0"),
-    "empty": ("g.txt", "# nothing\n", r"no edges"),
-    "invalid_json": ("g.json", "[[0, 1], [1, 0]", r"invalid JSON"),
-    "ragged": ("g.json", json.dumps([[0, 1, 1], [1, 0], [1, 1, 0]]), r"ragged adjacency matrix: row 1 has 2"),
-    "non_square": ("g.json", json.dumps([[0, 1, 1], [1, 0, 1]]), r"2x3, not square"),
-    "non_numeric": ("g.json", json.dumps([[0, "1", 1], [1, 0, 1], [1, 1, 0]]),
-                    r"adjacency\[0\]\[1\]: '1' is not a number"),
-    "null_entry": ("g.json", json.dumps([[0, None, 1], [1, 0, 1], [1, 1, 0]]),
-                   r"adjacency\[0\]\[1\]: None is not a number"),
-    "matrix_negative": ("g.json", json.dumps([[0, -1, 1], [1, 0, 1], [1, 1, 0]]),
-                        r"adjacency\[0\]\[1\]: negative weight -1"),
-    "matrix_nan": ("g.json", "[[0, NaN, 1], [1, 0, 1], [1, 1, 0]]", r"weight nan is not finite"),
-    "matrix_inf": ("g.json", "[[0, 1, Infinity], [1, 0, 1], [1, 1, 0]]", r"weight inf is not finite"),
-    "mixing_matrix": ("g.json", json.dumps([[0.5, 0.5, 0], [0.5, 0.25, 0.25], [0, 0.25, 0.75]]),
-                      r"adjacency\[0\]\[0\]: weight 0.5: only the graph's support .*Metropolis-Hastings"),
-    "matrix_isolated": ("g.json", json.dumps([[0, 1, 0], [1, 0, 0], [0, 0, 1]]),
-                        r"node\(s\) \[2\] have no link"),
-    "edges_negative_id": ("g.json", json.dumps({"edges": [[0, 1], [1, -2]]}),
-                          r"edges\[1\]: negative node id -2"),
-    "edges_bad_shape": ("g.json", json.dumps({"edges": [[0, 1], [1]]}), r"edges\[1\]: expected \[i, j\]"),
-    "edges_out_of_range": ("g.json", json.dumps({"edges": [[0, 1], [1, 5]], "num_nodes": 3}),
-                           r"edge \(1, 5\) names a node >= num_nodes=3"),
-    "edges_bad_num_nodes": ("g.json", json.dumps({"edges": [[0, 1]], "num_nodes": -3}),
-                            r"'num_nodes'=-3 must be a positive integer"),
-    "unknown_key": ("g.json", json.dumps({"edge": [[0, 1]]}), r"expected 'edges'"),
-    "binary": ("g.txt", None, r"cannot read it as text"),
+  "malformed_line": ("g.txt", "0 1\n1 2 1 7\n", r":2: expected 'i j'"),
+  "matrix_as_text": ("g.txt", "0 1 1 0\n1 0 1 1\n", r":1: expected 'i j'"),
+  "non_integer_id": ("g.txt", "0 1\n1 x\n", r":2: node id 'x' is not an integer"),
+  "float_id": ("g.txt", "0 1\n1 2.0\n", r":2: node id '2.0' is not an integer"),
+  "negative_id": ("g.txt", "0 1\n-1 0\n", r":2: negative node id -1"),
+  "negative_weight": ("g.txt", "0 1\n1 2 -1\n", r":2: negative weight"),
+  "nan_weight": ("g.txt", "0 1 nan\n1 2\n", r":1: weight nan is not finite"),
+  "inf_weight": ("g.txt", "0 1\n1 2 inf\n", r":2: weight inf is not finite"),
+  "weight_not_one": ("g.txt", "0 1 0.5\n1 2\n", r":1: weight 0.5: only the graph's support"),
+  "weight_not_number": ("g.txt", "0 1 heavy\n1 2\n", r":1: weight 'heavy' is not a number"),
+  "isolated_node": ("g.txt", "0 1\n1 3\n", r"node\(s\) \[2\] have no link to any other node"),
+  "self_loop_only": ("g.txt", "0 1\n2 2\n", r"node\(s\) \[2\] have no link"),
+  "two_pieces": ("g.txt", "0 1\n2 3\n", r"not connected: node\(s\) \[2, 3\] cannot reach node 0"),
+  "empty": ("g.txt", "# nothing\n", r"no edges"),
+  "invalid_json": ("g.json", "[[0, 1], [1, 0]", r"invalid JSON"),
+  "ragged": ("g.json", json.dumps([[0, 1, 1], [1, 0], [1, 1, 0]]), r"ragged adjacency matrix: row 1 has 2"),
+  "non_square": ("g.json", json.dumps([[0, 1, 1], [1, 0, 1]]), r"2x3, not square"),
+  "non_numeric": (
+    "g.json",
+    json.dumps([[0, "1", 1], [1, 0, 1], [1, 1, 0]]),
+    r"adjacency\[0\]\[1\]: '1' is not a number",
+  ),
+  "null_entry": (
+    "g.json",
+    json.dumps([[0, None, 1], [1, 0, 1], [1, 1, 0]]),
+    r"adjacency\[0\]\[1\]: None is not a number",
+  ),
+  "matrix_negative": (
+    "g.json",
+    json.dumps([[0, -1, 1], [1, 0, 1], [1, 1, 0]]),
+    r"adjacency\[0\]\[1\]: negative weight -1",
+  ),
+  "matrix_nan": ("g.json", "[[0, NaN, 1], [1, 0, 1], [1, 1, 0]]", r"weight nan is not finite"),
+  "matrix_inf": ("g.json", "[[0, 1, Infinity], [1, 0, 1], [1, 1, 0]]", r"weight inf is not finite"),
+  "mixing_matrix": (
+    "g.json",
+    json.dumps([[0.5, 0.5, 0], [0.5, 0.25, 0.25], [0, 0.25, 0.75]]),
+    r"adjacency\[0\]\[0\]: weight 0.5: only the graph's support .*Metropolis-Hastings",
+  ),
+  "matrix_isolated": ("g.json", json.dumps([[0, 1, 0], [1, 0, 0], [0, 0, 1]]), r"node\(s\) \[2\] have no link"),
+  "edges_negative_id": ("g.json", json.dumps({"edges": [[0, 1], [1, -2]]}), r"edges\[1\]: negative node id -2"),
+  "edges_bad_shape": ("g.json", json.dumps({"edges": [[0, 1], [1]]}), r"edges\[1\]: expected \[i, j\]"),
+  "edges_out_of_range": (
+    "g.json",
+    json.dumps({"edges": [[0, 1], [1, 5]], "num_nodes": 3}),
+    r"edge \(1, 5\) names a node >= num_nodes=3",
+  ),
+  "edges_bad_num_nodes": (
+    "g.json",
+    json.dumps({"edges": [[0, 1]], "num_nodes": -3}),
+    r"'num_nodes'=-3 must be a positive integer",
+  ),
+  "unknown_key": ("g.json", json.dumps({"edge": [[0, 1]]}), r"expected 'edges'"),
+  "binary": ("g.txt", None, r"cannot read it as text"),
 }
 
 
@@ -190,8 +214,11 @@ def test_from_file_missing_file_and_directory(tmp_path):
 def test_from_file_support_feeds_metropolis_hastings(tmp_path):
   """The 3-node path 0 - 1 - 2 from a file gives the hand-computed Metropolis-Hastings matrix (the
   weights come from the degrees 1, 2, 1, not from the file)."""
-  for text, name in [("0 1\n1 2\n", "p.txt"), (json.dumps([[0, 1, 0], [1, 0, 1], [0, 1, 0]]), "p.json"),
-                     (json.dumps([[1, 1, 0], [1, 1, 1], [0, 1, 1]]), "p_diag.json")]:
+  for text, name in [
+    ("0 1\n1 2\n", "p.txt"),
+    (json.dumps([[0, 1, 0], [1, 0, 1], [0, 1, 0]]), "p.json"),
+    (json.dumps([[1, 1, 0], [1, 1, 1], [0, 1, 1]]), "p_diag.json"),
+  ]:
     w = topo.metropolis_hastings(topo.from_file(_write(tmp_path, name, text)))
     np.testing.assert_allclose(w, [[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]], atol=1e-6)
   np.testing.assert_array_equal(topo.from_file(_write(tmp_path, "one.json", "[[0]]")), [[0.0]])  # one silo
@@ -207,8 +234,9 @@ def test_gaia_file_from_package_data(tmp_path, monkeypatch):
   (pkg / "topologies").mkdir(parents=True)
   (pkg / "__init__.py").write_text("")
   (pkg / "topologies" / "gaia.txt").write_text("0 1\n1 2\n")
-  spec = importlib.util.spec_from_file_location("fedkd.configs", pkg / "__init__.py",
-                                                submodule_search_locations=[str(pkg)])
+  spec = importlib.util.spec_from_file_location(
+    "fedkd.configs", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   monkeypatch.setitem(sys.modules, "fedkd.configs", module)
@@ -225,8 +253,7 @@ def test_metropolis_hastings_values():
   # path 0 - 1 - 2: degrees 1, 2, 1
   a = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
   w = topo.metropolis_hastings(a)
-  np.testing.assert_allclose(w, [[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]],
-                             atol=1e-6)
+  np.testing.assert_allclose(w, [[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]], atol=1e-6)
 
 
 def test_matching_decomposition_covers_edges():
@@ -245,8 +272,9 @@ def test_matcha_deterministic_and_budget():
   w1 = topo.matcha(gaia, 0.3, 11, 4)
   np.testing.assert_array_equal(w1, topo.matcha(gaia, 0.3, 11, 4))
   assert any(not np.array_equal(w1, topo.matcha(gaia, 0.3, 11, r)) for r in range(5, 10))
-  assert not np.array_equal(w1, topo.matcha(gaia, 0.3, 12, 4)) or \
-      not np.array_equal(topo.matcha(gaia, 0.3, 11, 5), topo.matcha(gaia, 0.3, 12, 5))
+  assert not np.array_equal(w1, topo.matcha(gaia, 0.3, 12, 4)) or not np.array_equal(
+    topo.matcha(gaia, 0.3, 11, 5), topo.matcha(gaia, 0.3, 12, 5)
+  )
   # W encodes exactly the active matchings, with alpha = 1 / (1 + max degree)
   ms = topo.matching_decomposition(gaia)
   alpha = 1.0 / 11.0

@@ -1,4 +1,5 @@
 """End-to-end federated training: exact resume, metrics file, bad checkpoint/config handling."""
+
 import json
 import os
 import subprocess
@@ -99,7 +100,9 @@ def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
   assert (idx[0] < sizes[0]).all() and (idx[1] < sizes[3]).all()
 
 
-@pytest.mark.parametrize("key,value,needle", [
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
     ("clients_per_round", 9, "clients_per_round"),
     ("batch_size", 0, "batch_size"),
     ("image_size", -8, "image_size"),
@@ -111,7 +114,8 @@ def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
     ("algorithm.name", "fedprox", "algorithm.name"),
     ("algorithm.client_state", "disk", "client_state"),
     ("algorithm.name", "scaffold", "client_optimizer.name='sgd'"),
-])
+  ],
+)
 def test_validate_names_the_bad_key(key, value, needle):
   c = tiny_config()
   *groups, leaf = key.split(".")
@@ -138,19 +142,34 @@ def test_validate_rejects_a_client_count_the_mesh_cannot_split():
 
 def _cli(*args, devices=1):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py",
-                         "--workdir=/nonexistent/should_not_be_created", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedkd.main",
+      "--config=configs/quickstart.py",
+      "--workdir=/nonexistent/should_not_be_created",
+      *args,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
-@pytest.mark.parametrize("args,devices,needle", [
+@pytest.mark.parametrize(
+  "args,devices,needle",
+  [
     (["--config.num_clinets=3"], 1, "did you mean --config.num_clients"),
     (["--config.clients_per_round=9"], 1, "config.clients_per_round=9 is larger than config.num_clients=4"),
     (["--config.batch_size=0"], 1, "config.batch_size=0 must be a positive number"),
     (["--config.image_size=-64"], 1, "config.image_size=-64 must be a positive number"),
     (["--config.clients_per_round=3", "--config.mesh.client_devices=2"], 2, "cannot be split over the 2 devices"),
     (["--config.num_clients=abc"], 1, "--config.num_clients"),
-])
+  ],
+)
 def test_cli_bad_config_is_one_clear_line(args, devices, needle):
   r = _cli(*args, devices=devices)
   assert r.returncode == 2, r.stderr

@@ -1,4 +1,5 @@
 """Workdir paths (local and gs:// through etils.epath), the lock, atomic metrics records."""
+
 import json
 import os
 
@@ -19,7 +20,7 @@ def fake_gcs(tmp_path):
   def local(p):
     p = os.fspath(p)
     assert not p.startswith("gs:/") or p.startswith("gs://bucket"), p  # never a mangled 'gs:/x' path
-    return str(root) + p[len("gs://bucket"):] if p.startswith("gs://bucket") else p
+    return str(root) + p[len("gs://bucket") :] if p.startswith("gs://bucket") else p
 
   def one(fn, path, *a, **k):
     return fn(local(path), *a, **k)
@@ -30,8 +31,22 @@ def fake_gcs(tmp_path):
   def walk(fn, top, **k):
     yield from fn(local(top), **k)
 
-  with epath_testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, glob=one, makedirs=one, mkdir=one,
-                                rmtree=one, remove=one, stat=one, rename=two, replace=two, copy=two, walk=walk):
+  with epath_testing.mock_epath(
+    open=one,
+    exists=one,
+    isdir=one,
+    listdir=one,
+    glob=one,
+    makedirs=one,
+    mkdir=one,
+    rmtree=one,
+    remove=one,
+    stat=one,
+    rename=two,
+    replace=two,
+    copy=two,
+    walk=walk,
+  ):
     yield root
 
 
@@ -47,7 +62,7 @@ def test_gs_workdir_paths_lock_and_metrics(fake_gcs, tmp_path, monkeypatch):
       (fake_gcs / "runs" / "a" / ".lock").write_text(json.dumps(dict(held, host="other-host")))
       wd.Lock(path).acquire()
   # a lock record of a dead process on this host is taken over
-  (fake_gcs / "runs" / "a" / ".lock").write_text(json.dumps(dict(held, pid=2 ** 22 + 12345)))
+  (fake_gcs / "runs" / "a" / ".lock").write_text(json.dumps(dict(held, pid=2**22 + 12345)))
   notes = []
   lock = wd.Lock(path, log=notes.append)
   lock.acquire()
@@ -59,8 +74,10 @@ def test_gs_workdir_paths_lock_and_metrics(fake_gcs, tmp_path, monkeypatch):
   log.record({"round": 5, "dice/catheter": 0.5})
   log.close()
   text = (fake_gcs / "runs" / "a" / "metrics.jsonl").read_text()
-  assert [json.loads(ln) for ln in text.splitlines()] == [{"round": 0, "dice/catheter": 0.25},
-                                                          {"round": 5, "dice/catheter": 0.5}]
+  assert [json.loads(ln) for ln in text.splitlines()] == [
+    {"round": 0, "dice/catheter": 0.25},
+    {"round": 5, "dice/catheter": 0.5},
+  ]
   assert not [p for p in os.listdir(fake_gcs / "runs" / "a") if ".tmp" in p]
 
 

@@ -3,6 +3,7 @@
 All functions are deterministic given ``seed`` and return, per client, a sorted int64 index array
 into the pool (or, for :func:`unseen_label_corpus`, a per-silo mixture over data types).
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -39,8 +40,10 @@ def by_site(site_of_example: np.ndarray, num_clients: int | None = None) -> list
   if not len(sites):
     raise PartitionError("by_site got no examples to deal out; every training site is empty")
   if n < len(sites):
-    raise PartitionError(f"by_site needs at least one client per site: {len(sites)} sites but "
-                         f"num_clients={n}; raise num_clients or use partition 'dirichlet'")
+    raise PartitionError(
+      f"by_site needs at least one client per site: {len(sites)} sites but "
+      f"num_clients={n}; raise num_clients or use partition 'dirichlet'"
+    )
   n_sites = len(sites)
   # each site's examples in ascending order (a stable sort by site): linear in clients + examples
   site_idx = np.searchsorted(sites, site_of_example)
@@ -50,12 +53,11 @@ def by_site(site_of_example: np.ndarray, num_clients: int | None = None) -> list
   for k in range(n):
     j = k % n_sites
     share = len(range(j, n, n_sites))  # clients dealt site j; client k is number k // n_sites of them
-    out.append(per_site[j][k // n_sites::share].astype(np.int64))
+    out.append(per_site[j][k // n_sites :: share].astype(np.int64))
   return out
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-              min_size: int = 1) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 1) -> list[np.ndarray]:
   """Label/site/type skew: for every category, its examples are split over clients in proportions
   drawn from Dirichlet(alpha * 1). Small alpha -> each client sees few categories; alpha -> inf ->
   every client gets the same category mix. Redraws (up to 100 times) until every client has
@@ -63,13 +65,11 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
   try:
     _finite("alpha", alpha, positive=True)
   except PartitionError:
-    raise PartitionError(f"dirichlet alpha={alpha} must be > 0 (e.g. 0.1 = strong skew, 100 = near IID)"
-                         ) from None
+    raise PartitionError(f"dirichlet alpha={alpha} must be > 0 (e.g. 0.1 = strong skew, 100 = near IID)") from None
   num_clients, min_size = _count("num_clients", num_clients), _count("min_size", min_size, 0)
   labels = np.asarray(labels)
   if len(labels) < num_clients * min_size:
-    raise PartitionError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each; "
-                         "lower num_clients")
+    raise PartitionError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each; lower num_clients")
   rng = np.random.default_rng(seed)
   for _ in range(100):
     parts: list[list[int]] = [[] for _ in range(num_clients)]
@@ -81,12 +81,13 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
         parts[k].extend(chunk.tolist())
     if min(len(p) for p in parts) >= min_size:
       return [np.sort(np.asarray(p, np.int64)) for p in parts]
-  raise PartitionError(f"dirichlet(alpha={alpha}) left a client with fewer than {min_size} examples "
-                       "after 100 draws; raise alpha or lower num_clients")
+  raise PartitionError(
+    f"dirichlet(alpha={alpha}) left a client with fewer than {min_size} examples "
+    "after 100 draws; raise alpha or lower num_clients"
+  )
 
 
-def quantity_skew(num_examples: int, num_clients: int, sigma: float, seed: int,
-                  min_size: int = 1) -> list[np.ndarray]:
+def quantity_skew(num_examples: int, num_clients: int, sigma: float, seed: int, min_size: int = 1) -> list[np.ndarray]:
   """IID content, unequal sizes: client shares proportional to lognormal(0, sigma) draws."""
   num_clients, min_size = _count("num_clients", num_clients), _count("min_size", min_size, 0)
   num_examples = _count("num_examples", num_examples, 0)
@@ -117,8 +118,10 @@ def unseen_label_corpus(num_silos: int, num_types: int, percent: float) -> np.nd
   if not 0 <= percent <= 100:
     raise PartitionError(f"unseen label corpus percent={percent} must be in [0, 100]")
   if percent == 100 and num_silos > num_types:
-    raise PartitionError(f"100% unseen labels needs disjoint data types, but {num_silos} silos share "
-                         f"{num_types} types; use at most {num_types} silos or a lower percent")
+    raise PartitionError(
+      f"100% unseen labels needs disjoint data types, but {num_silos} silos share "
+      f"{num_types} types; use at most {num_types} silos or a lower percent"
+    )
   f = percent / 100.0
   mix = np.full((num_silos, num_types), (1.0 - f) / num_types)
   mix[np.arange(num_silos), np.arange(num_silos) % num_types] += f
@@ -138,8 +141,10 @@ def assign_by_mixture(types: np.ndarray, mixture: np.ndarray, seed: int) -> list
     raise PartitionError(f"types must be integers 0..{mixture.shape[1] - 1} (one per mixture column)")
   unheld = [t for t in range(mixture.shape[1]) if mixture[:, t].sum() == 0 and (types == t).any()]
   if unheld:
-    raise PartitionError(f"data type(s) {unheld} have examples but every silo's mixture share is 0, so they "
-                         "would be dropped; give them a share or remove those examples")
+    raise PartitionError(
+      f"data type(s) {unheld} have examples but every silo's mixture share is 0, so they "
+      "would be dropped; give them a share or remove those examples"
+    )
   rng = np.random.default_rng(seed)
   parts: list[list[int]] = [[] for _ in range(mixture.shape[0])]
   for t in range(mixture.shape[1]):

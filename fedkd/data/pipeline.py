@@ -11,6 +11,7 @@
 Both give ``round_batches(round, clients) -> (images [k, steps, B, H, W, 1] f32, masks [k, steps, B, H, W] i32)``,
 ``sizes`` (examples per client, the FedAvg weights), ``site_names`` and held-out ``eval_sets()``.
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -19,7 +20,6 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,8 +49,9 @@ def client_sizes(config) -> np.ndarray:
 def round_indices(config, round_: int, clients: np.ndarray, sizes: np.ndarray) -> np.ndarray:
   """Example indices each sampled client trains on in ``round_``: [k, local_steps * batch_size]."""
   per = config.local_steps * config.batch_size
-  return np.stack([np.random.default_rng([config.seed, round_, int(c)]).integers(0, sizes[c], per)
-                   for c in clients]).astype(np.int32)
+  return np.stack(
+    [np.random.default_rng([config.seed, round_, int(c)]).integers(0, sizes[c], per) for c in clients]
+  ).astype(np.int32)
 
 
 class SyntheticClients:
@@ -58,9 +59,11 @@ class SyntheticClients:
 
   def __init__(self, config):
     if config.data.unseen_site:
-      raise DataError(f"config.data.unseen_site={config.data.unseen_site!r} applies to tfds sources only; "
-                      "synthetic data always evaluates its own unseen hospital profile; set it to '' or use "
-                      "config.data.source='tfds:<name>'")
+      raise DataError(
+        f"config.data.unseen_site={config.data.unseen_site!r} applies to tfds sources only; "
+        "synthetic data always evaluates its own unseen hospital profile; set it to '' or use "
+        "config.data.source='tfds:<name>'"
+      )
     self.config = config
     train_sites, unseen = sites_lib.make_sites(config.num_clients)
     self.site_names = [s.name for s in train_sites]
@@ -73,8 +76,15 @@ class SyntheticClients:
     c = self.config
     clients = np.asarray(clients)[rows if rows is not None else slice(None)]
     idx = round_indices(c, round_, clients, self.sizes)
-    images, masks = synth.generate(c.seed, self.table, jnp.asarray(clients, jnp.int32), jnp.asarray(idx),
-                                   c.image_size, split=0, field_size=c.data.synthetic_field_size)
+    images, masks = synth.generate(
+      c.seed,
+      self.table,
+      jnp.asarray(clients, jnp.int32),
+      jnp.asarray(idx),
+      c.image_size,
+      split=0,
+      field_size=c.data.synthetic_field_size,
+    )
     s, b, h = c.local_steps, c.batch_size, c.image_size
     return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
 
@@ -85,8 +95,15 @@ class SyntheticClients:
     idx = jnp.arange(c.eval.examples_per_site, dtype=jnp.int32)[None]
     out = {}
     for sid, name in [(i, self.site_names[i]) for i in ids] + [(c.num_clients, self.unseen_name)]:
-      im, m = synth.generate(c.seed, self.table, jnp.asarray([sid], jnp.int32), idx, c.image_size, split=1,
-                             field_size=c.data.synthetic_field_size)
+      im, m = synth.generate(
+        c.seed,
+        self.table,
+        jnp.asarray([sid], jnp.int32),
+        idx,
+        c.image_size,
+        split=1,
+        field_size=c.data.synthetic_field_size,
+      )
       out[name] = (im[0], m[0])
     return out
 
@@ -107,6 +124,7 @@ def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray,
   if image.shape[0] == size and image.shape[1] == size:
     return image, mask
   from PIL import Image
+
   im = Image.fromarray(image[..., 0]).resize((size, size), Image.BILINEAR)
   mk = Image.fromarray(mask).resize((size, size), Image.NEAREST)
   return np.asarray(im)[..., None], np.asarray(mk)
@@ -123,10 +141,12 @@ def min_record_side(image_size: int) -> int:
 
 
 def _too_small(what: str, h: int, w: int, image_size: int) -> DataError:
-  return DataError(f"{what}: images are {h}x{w} (HxW) pixels, too small for config.image_size={image_size} "
-                   f"(the minimum is {min_record_side(image_size)} px a side: at most a {MAX_UPSCALE}x "
-                   f"enlargement, crops of at least {MIN_CROP} px); rebuild the dataset from full-resolution "
-                   f"images or lower config.image_size to at most {MAX_UPSCALE * min(h, w)}")
+  return DataError(
+    f"{what}: images are {h}x{w} (HxW) pixels, too small for config.image_size={image_size} "
+    f"(the minimum is {min_record_side(image_size)} px a side: at most a {MAX_UPSCALE}x "
+    f"enlargement, crops of at least {MIN_CROP} px); rebuild the dataset from full-resolution "
+    f"images or lower config.image_size to at most {MAX_UPSCALE * min(h, w)}"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +155,7 @@ class Augment:
   contrast, brightness). Geometry is applied identically to image and mask (nearest for the mask).
   Records are resized to ``image_size``; ones smaller than ``min_record_side(image_size)`` a side
   raise ``DataError`` (TfdsClients checks every site's first record when it opens the data)."""
+
   image_size: int
   enabled: bool = True
   max_rotation_deg: float = 15.0
@@ -152,7 +173,7 @@ class Augment:
       scale = rng.uniform(0.8, 1.0)
       ch, cw = max(MIN_CROP, int(h * scale)), max(MIN_CROP, int(w * scale))
       y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      image, mask = image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
+      image, mask = image[y0 : y0 + ch, x0 : x0 + cw], mask[y0 : y0 + ch, x0 : x0 + cw]
     image, mask = _resize(np.ascontiguousarray(image), np.ascontiguousarray(mask), self.image_size)
     x = image.astype(np.float32) / 255.0
     y = mask.astype(np.int32)
@@ -165,6 +186,7 @@ class Augment:
       x, y = np.rot90(x, k), np.rot90(y, k)
       if self.max_rotation_deg > 0:
         from scipy import ndimage
+
         angle = rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)
         x = ndimage.rotate(x, angle, axes=(1, 0), reshape=False, order=1, mode="reflect")
         y = ndimage.rotate(y, angle, axes=(1, 0), reshape=False, order=0, mode="reflect")
@@ -191,7 +213,6 @@ class _Concat:
 
 
 class _Subset:
-
   def __init__(self, source, indices: np.ndarray):
     self.source, self.indices = source, np.asarray(indices)
 
@@ -227,21 +248,25 @@ class TfdsClients:
       raise DataError(f"config.data.source={d.source!r}: {str(e).splitlines()[0][:200]}") from None
     configs = [s.strip() for s in d.tfds_configs.split(",") if s.strip()] or prepared
     if not configs:
-      raise DataError(f"no prepared TFDS dataset {name!r} in data_dir={data_dir!r}; build it first "
-                      f"with python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}, "
-                      "or set config.data.tfds_data_dir")
+      raise DataError(
+        f"no prepared TFDS dataset {name!r} in data_dir={data_dir!r}; build it first "
+        f"with python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}, "
+        "or set config.data.tfds_data_dir"
+      )
     dup = sorted({c for c in configs if configs.count(c) > 1})
     if dup:
-      raise DataError(f"config.data.tfds_configs={d.tfds_configs!r} lists {dup} more than once; list every "
-                      "site once")
+      raise DataError(f"config.data.tfds_configs={d.tfds_configs!r} lists {dup} more than once; list every site once")
     unseen = d.unseen_site or None
     if unseen and unseen not in configs:
-      raise DataError(f"config.data.unseen_site={unseen!r} is not one of the dataset configs "
-                      f"{configs}; pick one of them or set it to ''")
+      raise DataError(
+        f"config.data.unseen_site={unseen!r} is not one of the dataset configs "
+        f"{configs}; pick one of them or set it to ''"
+      )
     train_cfgs = [c for c in configs if c != unseen]
     if not train_cfgs:
-      raise DataError(f"config.data.unseen_site={unseen!r} leaves no site to train on; list more "
-                      "configs in config.data.tfds_configs")
+      raise DataError(
+        f"config.data.unseen_site={unseen!r} leaves no site to train on; list more configs in config.data.tfds_configs"
+      )
     build_hint = f"python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}"
 
     def open_site(cfg):
@@ -251,13 +276,14 @@ class TfdsClients:
       except UserError as e:
         raise DataError(f"TFDS dataset {name!r}, site {cfg!r}: {e}") from None
       except Exception as e:
-        raise DataError(f"cannot open TFDS dataset {name!r}/{cfg} in data_dir={data_dir!r} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); build it "
-                        f"first with {build_hint}") from None
+        raise DataError(
+          f"cannot open TFDS dataset {name!r}/{cfg} in data_dir={data_dir!r} "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); build it "
+          f"first with {build_hint}"
+        ) from None
 
     def open_split(builder, cfg, split):
-      src = fedkd_tfds.SegmentationSource(builder.as_data_source(split=split),
-                                          name=f"{name}/{cfg}:{split}")
+      src = fedkd_tfds.SegmentationSource(builder.as_data_source(split=split), name=f"{name}/{cfg}:{split}")
       if len(src):
         rec = src[0]
         h, w = np.asarray(rec["mask"]).shape[:2]
@@ -274,21 +300,24 @@ class TfdsClients:
     for c in train_cfgs:
       n_train = num_records(c, "train")
       if not n_train:
-        have = (f"its splits: {list(builders[c].info.splits.keys())}" if n_train is None else
-                "its train split is empty")
-        raise DataError(f"TFDS dataset {name!r}, site {c!r} has no training records ({have}); evaluate it "
-                        f"only with config.data.unseen_site={c!r}, leave it out of config.data.tfds_configs, "
-                        "or rebuild it with training examples (xray_folder: list them under 'train' in "
-                        f"splits.json) with {build_hint}")
+        have = f"its splits: {list(builders[c].info.splits.keys())}" if n_train is None else "its train split is empty"
+        raise DataError(
+          f"TFDS dataset {name!r}, site {c!r} has no training records ({have}); evaluate it "
+          f"only with config.data.unseen_site={c!r}, leave it out of config.data.tfds_configs, "
+          "or rebuild it with training examples (xray_folder: list them under 'train' in "
+          f"splits.json) with {build_hint}"
+        )
       train_sources.append(open_split(builders[c], c, "train"))
     self._test = {}
     for c in train_cfgs + ([unseen] if unseen else []):
       if num_records(c, "test"):
         self._test[c] = open_split(builders[c], c, "test")
       elif c == unseen:  # the unseen site exists only for evaluation
-        raise DataError(f"TFDS dataset {name!r}: the unseen site {c!r} has no test records (its splits: "
-                        f"{list(builders[c].info.splits.keys())}); pick another config.data.unseen_site "
-                        "or rebuild it with test examples")
+        raise DataError(
+          f"TFDS dataset {name!r}: the unseen site {c!r} has no test records (its splits: "
+          f"{list(builders[c].info.splits.keys())}); pick another config.data.unseen_site "
+          "or rebuild it with test examples"
+        )
     self.unseen_name = unseen
     pool = _Concat(train_sources)
     site_of = np.repeat(np.arange(len(train_sources)), [len(s) for s in train_sources])
@@ -298,14 +327,15 @@ class TfdsClients:
     elif d.partition == "dirichlet":
       parts = partition.dirichlet(site_of, n, d.dirichlet_alpha, config.seed, min_size=config.batch_size)
     elif d.partition == "iid":
-      parts = partition.quantity_skew(len(pool), n, config.quantity_skew, config.seed,
-                                      min_size=config.batch_size)
+      parts = partition.quantity_skew(len(pool), n, config.quantity_skew, config.seed, min_size=config.batch_size)
     else:
       raise DataError(f"config.data.partition={d.partition!r}: use by_site, dirichlet or iid")
     small = [k for k, p in enumerate(parts) if len(p) < config.batch_size]
     if small:
-      raise DataError(f"client {small[0]} got {len(parts[small[0]])} examples, fewer than "
-                      f"batch_size={config.batch_size}; lower config.batch_size or config.num_clients")
+      raise DataError(
+        f"client {small[0]} got {len(parts[small[0]])} examples, fewer than "
+        f"batch_size={config.batch_size}; lower config.batch_size or config.num_clients"
+      )
     cfg_names = list(train_cfgs)
     self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
     self.sizes = np.array([len(p) for p in parts], np.int64)
@@ -321,9 +351,13 @@ class TfdsClients:
   def _dataset(self, k: int):
     if k not in self._datasets:
       self._datasets[k] = (
-          self._grain.MapDataset.source(_Subset(self._pool, self._parts[k]))
-          .seed(self.config.seed * 100_003 + k).shuffle().repeat(None).random_map(self._aug)
-          .batch(self.config.batch_size, drop_remainder=True))
+        self._grain.MapDataset.source(_Subset(self._pool, self._parts[k]))
+        .seed(self.config.seed * 100_003 + k)
+        .shuffle()
+        .repeat(None)
+        .random_map(self._aug)
+        .batch(self.config.batch_size, drop_remainder=True)
+      )
     return self._datasets[k]
 
   def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
@@ -338,8 +372,10 @@ class TfdsClients:
     self._next[np.asarray(clients)] += c.local_steps
     ys = np.stack(ys)
     if ys.max() >= c.model.num_classes:
-      raise DataError(f"dataset {c.data.source!r} has label value {int(ys.max())} but "
-                      f"config.model.num_classes={c.model.num_classes}; raise model.num_classes")
+      raise DataError(
+        f"dataset {c.data.source!r} has label value {int(ys.max())} but "
+        f"config.model.num_classes={c.model.num_classes}; raise model.num_classes"
+      )
     return np.stack(xs), ys
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
@@ -355,11 +391,15 @@ class TfdsClients:
       out[site] = (np.stack([r["image"] for r in recs]), np.stack([r["mask"] for r in recs]))
       top = int(out[site][1].max())
       if top >= self.config.model.num_classes:
-        raise DataError(f"dataset {self.config.data.source!r}, site {site!r}: test label value {top} but "
-                        f"config.model.num_classes={self.config.model.num_classes}; raise model.num_classes")
+        raise DataError(
+          f"dataset {self.config.data.source!r}, site {site!r}: test label value {top} but "
+          f"config.model.num_classes={self.config.model.num_classes}; raise model.num_classes"
+        )
     if not out:
-      raise DataError(f"dataset {self.config.data.source!r} has no test split to evaluate on; "
-                      "add one (for xray_folder: a splits.json with a 'test' list) and rebuild")
+      raise DataError(
+        f"dataset {self.config.data.source!r} has no test split to evaluate on; "
+        "add one (for xray_folder: a splits.json with a 'test' list) and rebuild"
+      )
     return out
 
   def get_state(self) -> dict:
@@ -368,8 +408,10 @@ class TfdsClients:
   def set_state(self, state: dict) -> None:
     nxt = state.get("next_batch")
     if nxt is None or len(nxt) != len(self._next):
-      raise DataError("the checkpoint's data state does not match this dataset's clients; resume with "
-                      "the config the checkpoint was written with")
+      raise DataError(
+        "the checkpoint's data state does not match this dataset's clients; resume with "
+        "the config the checkpoint was written with"
+      )
     self._next = np.asarray(nxt, np.int64)
 
 

@@ -6,6 +6,7 @@ Rows are sites (training sites, then the unseen one); each frame appears twice, 
 mask drawn over it (catheter red, guidewire green, vessel blue). Works for every data.source.
 The picture goes to --out (default runs/preview.png; .png, .jpg or .jpeg).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,7 @@ def main(argv) -> None:
   config = cli.CONFIG.value
   out = os.path.expanduser(cli.OUT.value or DEFAULT_OUT)
   if not out.lower().endswith(IMAGE_EXTS) or os.path.isdir(out):
-    cli.fail(f"--out={out} must be an image file path ending in {', '.join(IMAGE_EXTS)}, e.g. "
-             "--out=runs/preview.png")
+    cli.fail(f"--out={out} must be an image file path ending in {', '.join(IMAGE_EXTS)}, e.g. --out=runs/preview.png")
   if cli.FRAMES.value < 1:
     cli.fail(f"--frames={cli.FRAMES.value} must be >= 1")
   if _SCALE.value < 0:
@@ -46,8 +46,10 @@ def main(argv) -> None:
   pic = grid(sets, cli.FRAMES.value, scale, data.unseen_name)
   prepare(os.path.dirname(os.path.abspath(out)))
   pic.save(out)
-  print(f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
-        f"({config.data.source}, {config.image_size}px); red catheter, green guidewire, blue vessel")
+  print(
+    f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
+    f"({config.data.source}, {config.image_size}px); red catheter, green guidewire, blue vessel"
+  )
 
 
 def run(argv=None) -> None:

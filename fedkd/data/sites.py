@@ -16,6 +16,7 @@ Each site also has a ``data_type`` (what is visible and labeled):
 Physical sizes are referenced to a 512 x 512 output: ``pixel_spacing`` is mm per pixel at 512 and a
 smaller output is a downsampled view of the same field (effective spacing = spacing * 512 / size).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,15 @@ BACKGROUND, CATHETER, GUIDEWIRE, VESSEL = 0, 1, 2, 3
 DATA_TYPES = ("catheter_guidewire", "catheter", "vessel", "all")
 DEFAULT_DATA_TYPE = "catheter_guidewire"
 # Per data type: (catheter on, guidewire on, vessel contrast gain, vessels labeled), indexed like DATA_TYPES.
-DATA_TYPE_FLAGS = np.array([
-    [1.0, 1.0, 0.3, 0.0],   # catheter_guidewire: faint unlabeled vessels (v1 behaviour)
-    [1.0, 0.0, 0.3, 0.0],   # catheter
-    [0.0, 0.0, 1.0, 1.0],   # vessel
-    [1.0, 1.0, 1.0, 1.0],   # all
-], dtype=np.float32)
+DATA_TYPE_FLAGS = np.array(
+  [
+    [1.0, 1.0, 0.3, 0.0],  # catheter_guidewire: faint unlabeled vessels (v1 behaviour)
+    [1.0, 0.0, 0.3, 0.0],  # catheter
+    [0.0, 0.0, 1.0, 1.0],  # vessel
+    [1.0, 1.0, 1.0, 1.0],  # all
+  ],
+  dtype=np.float32,
+)
 
 REFERENCE_SIZE = 512
 # Clamps on the rendered device full widths, in pixels of a 512 x 512 output (scaled for other sizes).
@@ -46,31 +50,31 @@ Range = tuple[float, float]
 
 # knob -> (hard lower limit, hard upper limit, meaning). Profiles must stay inside the limits.
 KNOB_INFO: dict[str, tuple[float, float, str]] = {
-    "dose": (20.0, 2e5, "open-field counts per output pixel (quantum noise; >= 1e4 is ~noise free)"),
-    "electronic_noise": (0.0, 10.0, "Gaussian detector noise sigma in counts, added before the log"),
-    "blur_sigma": (0.0, 2.5, "Gaussian PSF sigma in output pixels"),
-    "scatter": (0.0, 2.0, "scatter-to-primary ratio (broad blurred primary added to the primary)"),
-    "pixel_spacing": (0.1, 0.6, "mm per pixel at the 512 x 512 reference"),
-    "catheter_french": (4.0, 8.0, "catheter outer diameter in French (1 F = 1/3 mm)"),
-    "guidewire_inch": (0.010, 0.040, "guidewire diameter in inches"),
-    "device_contrast": (0.3, 2.5, "multiplier on catheter / guidewire attenuation"),
-    "vessel_contrast": (0.0, 1.5, "peak line integral of the contrast-filled trunk vessel"),
-    "tissue_strength": (0.0, 1.5, "line integral amplitude of the low-frequency soft tissue"),
-    "spine_strength": (0.0, 1.5, "line integral of the vertebral bodies"),
-    "rib_strength": (0.0, 1.0, "line integral of the ribs"),
-    "organ_edge": (0.0, 1.0, "line integral step of the heart / diaphragm edge"),
-    "anatomy_scale": (0.4, 2.0, "multiplier on anatomical sizes in mm (animal, patient size)"),
-    "vignetting": (0.0, 0.5, "fraction of counts lost at the corners (image intensifier)"),
-    "pincushion": (0.0, 0.08, "radial distortion k1 (image intensifier)"),
-    "shutter": (0.0, 0.3, "collimator shutter depth per side, fraction of the field"),
-    "motion_blur": (0.0, 4.0, "device motion during the pulse, output pixels"),
-    "window_width": (1.0, 8.0, "display window span in standard deviations of the line integral"),
-    "gamma": (0.5, 2.0, "display gamma"),
-    "polarity_flip": (0.0, 1.0, "probability the display is inverted (devices bright)"),
-    "text_overlay": (0.0, 1.0, "probability of burned-in text blocks near a corner"),
-    "jpeg_quality": (20.0, 100.0, "JPEG quality of the 8x8 DCT quantization (100 = none)"),
-    "second_wire": (0.0, 1.0, "probability of a second guidewire"),
-    "vessel_follow": (0.0, 1.0, "probability that devices follow the vessel tree"),
+  "dose": (20.0, 2e5, "open-field counts per output pixel (quantum noise; >= 1e4 is ~noise free)"),
+  "electronic_noise": (0.0, 10.0, "Gaussian detector noise sigma in counts, added before the log"),
+  "blur_sigma": (0.0, 2.5, "Gaussian PSF sigma in output pixels"),
+  "scatter": (0.0, 2.0, "scatter-to-primary ratio (broad blurred primary added to the primary)"),
+  "pixel_spacing": (0.1, 0.6, "mm per pixel at the 512 x 512 reference"),
+  "catheter_french": (4.0, 8.0, "catheter outer diameter in French (1 F = 1/3 mm)"),
+  "guidewire_inch": (0.010, 0.040, "guidewire diameter in inches"),
+  "device_contrast": (0.3, 2.5, "multiplier on catheter / guidewire attenuation"),
+  "vessel_contrast": (0.0, 1.5, "peak line integral of the contrast-filled trunk vessel"),
+  "tissue_strength": (0.0, 1.5, "line integral amplitude of the low-frequency soft tissue"),
+  "spine_strength": (0.0, 1.5, "line integral of the vertebral bodies"),
+  "rib_strength": (0.0, 1.0, "line integral of the ribs"),
+  "organ_edge": (0.0, 1.0, "line integral step of the heart / diaphragm edge"),
+  "anatomy_scale": (0.4, 2.0, "multiplier on anatomical sizes in mm (animal, patient size)"),
+  "vignetting": (0.0, 0.5, "fraction of counts lost at the corners (image intensifier)"),
+  "pincushion": (0.0, 0.08, "radial distortion k1 (image intensifier)"),
+  "shutter": (0.0, 0.3, "collimator shutter depth per side, fraction of the field"),
+  "motion_blur": (0.0, 4.0, "device motion during the pulse, output pixels"),
+  "window_width": (1.0, 8.0, "display window span in standard deviations of the line integral"),
+  "gamma": (0.5, 2.0, "display gamma"),
+  "polarity_flip": (0.0, 1.0, "probability the display is inverted (devices bright)"),
+  "text_overlay": (0.0, 1.0, "probability of burned-in text blocks near a corner"),
+  "jpeg_quality": (20.0, 100.0, "JPEG quality of the 8x8 DCT quantization (100 = none)"),
+  "second_wire": (0.0, 1.0, "probability of a second guidewire"),
+  "vessel_follow": (0.0, 1.0, "probability that devices follow the vessel tree"),
 }
 KNOBS: tuple[str, ...] = tuple(KNOB_INFO)
 PROBABILITY_KNOBS = ("polarity_flip", "text_overlay", "second_wire", "vessel_follow")
@@ -78,174 +82,244 @@ PROBABILITY_KNOBS = ("polarity_flip", "text_overlay", "second_wire", "vessel_fol
 
 @dataclasses.dataclass(frozen=True)
 class SiteProfile:
-    """One simulated hospital: ``name``, a ``(lo, hi)`` range for every knob of ``KNOB_INFO`` and the
-    ``data_type`` (one of ``DATA_TYPES``). Values are validated on construction."""
+  """One simulated hospital: ``name``, a ``(lo, hi)`` range for every knob of ``KNOB_INFO`` and the
+  ``data_type`` (one of ``DATA_TYPES``). Values are validated on construction."""
 
-    name: str
-    dose: Range
-    electronic_noise: Range
-    blur_sigma: Range
-    scatter: Range
-    pixel_spacing: Range
-    catheter_french: Range
-    guidewire_inch: Range
-    device_contrast: Range
-    vessel_contrast: Range
-    tissue_strength: Range
-    spine_strength: Range
-    rib_strength: Range
-    organ_edge: Range
-    anatomy_scale: Range
-    vignetting: Range
-    pincushion: Range
-    shutter: Range
-    motion_blur: Range
-    window_width: Range
-    gamma: Range
-    polarity_flip: Range
-    text_overlay: Range
-    jpeg_quality: Range
-    second_wire: Range
-    vessel_follow: Range
-    data_type: str = DEFAULT_DATA_TYPE
+  name: str
+  dose: Range
+  electronic_noise: Range
+  blur_sigma: Range
+  scatter: Range
+  pixel_spacing: Range
+  catheter_french: Range
+  guidewire_inch: Range
+  device_contrast: Range
+  vessel_contrast: Range
+  tissue_strength: Range
+  spine_strength: Range
+  rib_strength: Range
+  organ_edge: Range
+  anatomy_scale: Range
+  vignetting: Range
+  pincushion: Range
+  shutter: Range
+  motion_blur: Range
+  window_width: Range
+  gamma: Range
+  polarity_flip: Range
+  text_overlay: Range
+  jpeg_quality: Range
+  second_wire: Range
+  vessel_follow: Range
+  data_type: str = DEFAULT_DATA_TYPE
 
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"SiteProfile.name must be a non-empty string, got {self.name!r}")
-        if self.data_type not in DATA_TYPES:
-            raise ValueError(f"site {self.name!r}: unknown data_type {self.data_type!r}; "
-                             f"use one of {DATA_TYPES}")
-        for knob, (lim_lo, lim_hi, _) in KNOB_INFO.items():
-            value = getattr(self, knob)
-            try:
-                lo, hi = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ValueError(f"site {self.name!r}: {knob} must be a (lo, hi) pair of numbers, "
-                                 f"got {value!r}") from None
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"site {self.name!r}: {knob}=({lo}, {hi}) must be finite")
-            if lo > hi:
-                raise ValueError(f"site {self.name!r}: {knob}=({lo}, {hi}) has lo > hi")
-            if lo < lim_lo or hi > lim_hi:
-                raise ValueError(f"site {self.name!r}: {knob}=({lo}, {hi}) is outside the allowed "
-                                 f"[{lim_lo}, {lim_hi}] ({KNOB_INFO[knob][2]})")
-            object.__setattr__(self, knob, (lo, hi))
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"SiteProfile.name must be a non-empty string, got {self.name!r}")
+    if self.data_type not in DATA_TYPES:
+      raise ValueError(f"site {self.name!r}: unknown data_type {self.data_type!r}; use one of {DATA_TYPES}")
+    for knob, (lim_lo, lim_hi, _) in KNOB_INFO.items():
+      value = getattr(self, knob)
+      try:
+        lo, hi = (float(v) for v in value)
+      except (TypeError, ValueError):
+        raise ValueError(f"site {self.name!r}: {knob} must be a (lo, hi) pair of numbers, got {value!r}") from None
+      if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"site {self.name!r}: {knob}=({lo}, {hi}) must be finite")
+      if lo > hi:
+        raise ValueError(f"site {self.name!r}: {knob}=({lo}, {hi}) has lo > hi")
+      if lo < lim_lo or hi > lim_hi:
+        raise ValueError(
+          f"site {self.name!r}: {knob}=({lo}, {hi}) is outside the allowed [{lim_lo}, {lim_hi}] ({KNOB_INFO[knob][2]})"
+        )
+      object.__setattr__(self, knob, (lo, hi))
 
 
 def with_data_type(profile: SiteProfile, data_type: str) -> SiteProfile:
-    """The same hospital with another data type (validated)."""
-    return dataclasses.replace(profile, data_type=data_type)
+  """The same hospital with another data type (validated)."""
+  return dataclasses.replace(profile, data_type=data_type)
 
 
 def _site(name, **knobs) -> SiteProfile:
-    return SiteProfile(name=name, **knobs)
+  return SiteProfile(name=name, **knobs)
 
 
 # Shared defaults of the base sites; each site overrides what makes it distinct.
 _COMMON = dict(
-    dose=(300.0, 800.0), electronic_noise=(1.0, 3.0), blur_sigma=(0.5, 1.0), scatter=(0.3, 0.8),
-    pixel_spacing=(0.25, 0.35), catheter_french=(5.0, 7.0), guidewire_inch=(0.014, 0.035),
-    device_contrast=(0.9, 1.2), vessel_contrast=(0.5, 0.9), tissue_strength=(0.3, 0.6),
-    spine_strength=(0.25, 0.5), rib_strength=(0.08, 0.2), organ_edge=(0.2, 0.5),
-    anatomy_scale=(0.9, 1.1), vignetting=(0.0, 0.0), pincushion=(0.0, 0.0), shutter=(0.0, 0.1),
-    motion_blur=(0.0, 1.0), window_width=(3.0, 4.0), gamma=(0.9, 1.1), polarity_flip=(0.0, 0.0),
-    text_overlay=(0.3, 0.3), jpeg_quality=(100.0, 100.0), second_wire=(0.2, 0.2),
-    vessel_follow=(0.6, 0.6),
+  dose=(300.0, 800.0),
+  electronic_noise=(1.0, 3.0),
+  blur_sigma=(0.5, 1.0),
+  scatter=(0.3, 0.8),
+  pixel_spacing=(0.25, 0.35),
+  catheter_french=(5.0, 7.0),
+  guidewire_inch=(0.014, 0.035),
+  device_contrast=(0.9, 1.2),
+  vessel_contrast=(0.5, 0.9),
+  tissue_strength=(0.3, 0.6),
+  spine_strength=(0.25, 0.5),
+  rib_strength=(0.08, 0.2),
+  organ_edge=(0.2, 0.5),
+  anatomy_scale=(0.9, 1.1),
+  vignetting=(0.0, 0.0),
+  pincushion=(0.0, 0.0),
+  shutter=(0.0, 0.1),
+  motion_blur=(0.0, 1.0),
+  window_width=(3.0, 4.0),
+  gamma=(0.9, 1.1),
+  polarity_flip=(0.0, 0.0),
+  text_overlay=(0.3, 0.3),
+  jpeg_quality=(100.0, 100.0),
+  second_wire=(0.2, 0.2),
+  vessel_follow=(0.6, 0.6),
 )
 
 
 def _make(name, **overrides) -> SiteProfile:
-    return _site(name, **{**_COMMON, **overrides})
+  return _site(name, **{**_COMMON, **overrides})
 
 
 BASE_SITES: tuple[SiteProfile, ...] = (
-    # Cardiac flat panel, 1024^2 cine archived at 512: fine spacing, low noise, anti-scatter grid.
-    _make("flatpanel_1024_cine",
-          dose=(800.0, 2000.0), electronic_noise=(1.0, 2.0), blur_sigma=(0.5, 0.8), scatter=(0.2, 0.5),
-          pixel_spacing=(0.13, 0.2), device_contrast=(1.0, 1.2), motion_blur=(0.0, 1.5),
-          jpeg_quality=(85.0, 100.0), text_overlay=(0.6, 0.6)),
-    # Image intensifier, 512 fluoro: high noise, vignetting, pincushion, lossy archive.
-    _make("ii_512_fluoro",
-          dose=(50.0, 150.0), electronic_noise=(3.0, 5.0), blur_sigma=(0.8, 1.3), scatter=(0.6, 1.2),
-          pixel_spacing=(0.3, 0.45), device_contrast=(1.0, 1.3), vignetting=(0.15, 0.3),
-          pincushion=(0.02, 0.05), shutter=(0.05, 0.2), gamma=(1.1, 1.4), jpeg_quality=(60.0, 85.0),
-          text_overlay=(0.8, 0.8)),
-    # Silicone phantom on a bench: no anatomy, clean background, contrast-filled phantom vessels.
-    _make("silicone_phantom",
-          dose=(300.0, 800.0), scatter=(0.1, 0.3), tissue_strength=(0.0, 0.0), spine_strength=(0.0, 0.0),
-          rib_strength=(0.0, 0.0), organ_edge=(0.0, 0.0), vignetting=(0.0, 0.05), shutter=(0.0, 0.0),
-          motion_blur=(0.0, 0.0), window_width=(3.0, 3.0), vessel_follow=(0.8, 0.8)),
-    # Live pig: smaller anatomy, moderate noise, half the frames shown inverted.
-    _make("animal_porcine",
-          dose=(200.0, 500.0), electronic_noise=(2.0, 4.0), blur_sigma=(0.6, 1.1), scatter=(0.4, 1.0),
-          tissue_strength=(0.5, 0.9), spine_strength=(0.3, 0.6), rib_strength=(0.15, 0.3),
-          anatomy_scale=(0.6, 0.8), motion_blur=(0.5, 2.0), polarity_flip=(0.5, 0.5),
-          jpeg_quality=(75.0, 95.0)),
-    # Software simulator: very clean (no noise, no blur, no scatter, no artefacts).
-    _make("simulator_clean",
-          dose=(1e5, 1e5), electronic_noise=(0.0, 0.0), blur_sigma=(0.0, 0.0), scatter=(0.0, 0.0),
-          tissue_strength=(0.2, 0.4), spine_strength=(0.2, 0.4), rib_strength=(0.1, 0.2),
-          organ_edge=(0.1, 0.3), shutter=(0.0, 0.0), motion_blur=(0.0, 0.0), gamma=(1.0, 1.0),
-          text_overlay=(0.0, 0.0)),
+  # Cardiac flat panel, 1024^2 cine archived at 512: fine spacing, low noise, anti-scatter grid.
+  _make(
+    "flatpanel_1024_cine",
+    dose=(800.0, 2000.0),
+    electronic_noise=(1.0, 2.0),
+    blur_sigma=(0.5, 0.8),
+    scatter=(0.2, 0.5),
+    pixel_spacing=(0.13, 0.2),
+    device_contrast=(1.0, 1.2),
+    motion_blur=(0.0, 1.5),
+    jpeg_quality=(85.0, 100.0),
+    text_overlay=(0.6, 0.6),
+  ),
+  # Image intensifier, 512 fluoro: high noise, vignetting, pincushion, lossy archive.
+  _make(
+    "ii_512_fluoro",
+    dose=(50.0, 150.0),
+    electronic_noise=(3.0, 5.0),
+    blur_sigma=(0.8, 1.3),
+    scatter=(0.6, 1.2),
+    pixel_spacing=(0.3, 0.45),
+    device_contrast=(1.0, 1.3),
+    vignetting=(0.15, 0.3),
+    pincushion=(0.02, 0.05),
+    shutter=(0.05, 0.2),
+    gamma=(1.1, 1.4),
+    jpeg_quality=(60.0, 85.0),
+    text_overlay=(0.8, 0.8),
+  ),
+  # Silicone phantom on a bench: no anatomy, clean background, contrast-filled phantom vessels.
+  _make(
+    "silicone_phantom",
+    dose=(300.0, 800.0),
+    scatter=(0.1, 0.3),
+    tissue_strength=(0.0, 0.0),
+    spine_strength=(0.0, 0.0),
+    rib_strength=(0.0, 0.0),
+    organ_edge=(0.0, 0.0),
+    vignetting=(0.0, 0.05),
+    shutter=(0.0, 0.0),
+    motion_blur=(0.0, 0.0),
+    window_width=(3.0, 3.0),
+    vessel_follow=(0.8, 0.8),
+  ),
+  # Live pig: smaller anatomy, moderate noise, half the frames shown inverted.
+  _make(
+    "animal_porcine",
+    dose=(200.0, 500.0),
+    electronic_noise=(2.0, 4.0),
+    blur_sigma=(0.6, 1.1),
+    scatter=(0.4, 1.0),
+    tissue_strength=(0.5, 0.9),
+    spine_strength=(0.3, 0.6),
+    rib_strength=(0.15, 0.3),
+    anatomy_scale=(0.6, 0.8),
+    motion_blur=(0.5, 2.0),
+    polarity_flip=(0.5, 0.5),
+    jpeg_quality=(75.0, 95.0),
+  ),
+  # Software simulator: very clean (no noise, no blur, no scatter, no artefacts).
+  _make(
+    "simulator_clean",
+    dose=(1e5, 1e5),
+    electronic_noise=(0.0, 0.0),
+    blur_sigma=(0.0, 0.0),
+    scatter=(0.0, 0.0),
+    tissue_strength=(0.2, 0.4),
+    spine_strength=(0.2, 0.4),
+    rib_strength=(0.1, 0.2),
+    organ_edge=(0.1, 0.3),
+    shutter=(0.0, 0.0),
+    motion_blur=(0.0, 0.0),
+    gamma=(1.0, 1.0),
+    text_overlay=(0.0, 0.0),
+  ),
 )
 
 # Held out of training: mobile C-arm (image intensifier), low dose, strong vignetting, no grid.
 UNSEEN_SITE = _make(
-    "unseen_mobile_c_arm",
-    dose=(50.0, 200.0), electronic_noise=(3.0, 5.0), blur_sigma=(1.0, 1.5), scatter=(0.8, 1.5),
-    pixel_spacing=(0.3, 0.45), device_contrast=(0.9, 1.2), tissue_strength=(0.5, 1.0),
-    anatomy_scale=(0.9, 1.3), vignetting=(0.25, 0.4), pincushion=(0.02, 0.04), shutter=(0.0, 0.2),
-    motion_blur=(0.5, 2.5), window_width=(2.5, 3.5), gamma=(0.8, 1.2), jpeg_quality=(50.0, 80.0),
-    text_overlay=(0.6, 0.6))
+  "unseen_mobile_c_arm",
+  dose=(50.0, 200.0),
+  electronic_noise=(3.0, 5.0),
+  blur_sigma=(1.0, 1.5),
+  scatter=(0.8, 1.5),
+  pixel_spacing=(0.3, 0.45),
+  device_contrast=(0.9, 1.2),
+  tissue_strength=(0.5, 1.0),
+  anatomy_scale=(0.9, 1.3),
+  vignetting=(0.25, 0.4),
+  pincushion=(0.02, 0.04),
+  shutter=(0.0, 0.2),
+  motion_blur=(0.5, 2.5),
+  window_width=(2.5, 3.5),
+  gamma=(0.8, 1.2),
+  jpeg_quality=(50.0, 80.0),
+  text_overlay=(0.6, 0.6),
+)
 
 
 def _perturb(base: SiteProfile, client: int) -> SiteProfile:
-    """Deterministic mild (+-12%) multiplicative jitter of every range, per client index."""
-    rng = np.random.default_rng(10_007 + client)
-    new = {}
-    for knob, (lim_lo, lim_hi, _) in KNOB_INFO.items():
-        lo, hi = getattr(base, knob)
-        f = rng.uniform(0.88, 1.12, size=2)
-        lo2, hi2 = lo * f[0], hi * f[1]
-        if lo == hi:  # keep fixed knobs fixed (but moved)
-            hi2 = lo2
-        lo2, hi2 = float(np.clip(lo2, lim_lo, lim_hi)), float(np.clip(hi2, lim_lo, lim_hi))
-        if hi2 < lo2:
-            lo2, hi2 = hi2, lo2
-        new[knob] = (lo2, hi2)
-    return SiteProfile(name=f"{base.name}_c{client}", data_type=base.data_type, **new)
+  """Deterministic mild (+-12%) multiplicative jitter of every range, per client index."""
+  rng = np.random.default_rng(10_007 + client)
+  new = {}
+  for knob, (lim_lo, lim_hi, _) in KNOB_INFO.items():
+    lo, hi = getattr(base, knob)
+    f = rng.uniform(0.88, 1.12, size=2)
+    lo2, hi2 = lo * f[0], hi * f[1]
+    if lo == hi:  # keep fixed knobs fixed (but moved)
+      hi2 = lo2
+    lo2, hi2 = float(np.clip(lo2, lim_lo, lim_hi)), float(np.clip(hi2, lim_lo, lim_hi))
+    if hi2 < lo2:
+      lo2, hi2 = hi2, lo2
+    new[knob] = (lo2, hi2)
+  return SiteProfile(name=f"{base.name}_c{client}", data_type=base.data_type, **new)
 
 
-def make_sites(num_clients: int, data_type: str = DEFAULT_DATA_TYPE
-               ) -> tuple[list[SiteProfile], SiteProfile]:
-    """One profile per client plus one held-out ``unseen`` profile, all of ``data_type``.
+def make_sites(num_clients: int, data_type: str = DEFAULT_DATA_TYPE) -> tuple[list[SiteProfile], SiteProfile]:
+  """One profile per client plus one held-out ``unseen`` profile, all of ``data_type``.
 
-    Client i uses base hospital ``i % n_base``. The first n_base clients get the bases
-    unchanged; later ones get a deterministic mild perturbation so every client differs.
-    """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if data_type not in DATA_TYPES:
-        raise ValueError(f"unknown data_type {data_type!r}; use one of {DATA_TYPES}")
-    n_base = len(BASE_SITES)
-    profiles = []
-    for i in range(num_clients):
-        base = BASE_SITES[i % n_base]
-        profiles.append(base if i < n_base else _perturb(base, i))
-    profiles = [with_data_type(p, data_type) for p in profiles]
-    return profiles, with_data_type(UNSEEN_SITE, data_type)
+  Client i uses base hospital ``i % n_base``. The first n_base clients get the bases
+  unchanged; later ones get a deterministic mild perturbation so every client differs.
+  """
+  if num_clients < 1:
+    raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+  if data_type not in DATA_TYPES:
+    raise ValueError(f"unknown data_type {data_type!r}; use one of {DATA_TYPES}")
+  n_base = len(BASE_SITES)
+  profiles = []
+  for i in range(num_clients):
+    base = BASE_SITES[i % n_base]
+    profiles.append(base if i < n_base else _perturb(base, i))
+  profiles = [with_data_type(p, data_type) for p in profiles]
+  return profiles, with_data_type(UNSEEN_SITE, data_type)
 
 
 def site_table(profiles) -> dict[str, jnp.ndarray]:
-    """Stack profiles for indexing inside jit: ``{knob: float32 [n_sites, 2] (lo, hi)}`` plus
-    ``"data_type": int32 [n_sites]`` (index into ``DATA_TYPES``)."""
-    profiles = list(profiles)
-    if not profiles:
-        raise ValueError("need at least one profile")
-    table = {
-        knob: jnp.asarray(np.array([getattr(p, knob) for p in profiles], dtype=np.float32))
-        for knob in KNOBS
-    }
-    table["data_type"] = jnp.asarray(np.array([DATA_TYPES.index(p.data_type) for p in profiles],
-                                              dtype=np.int32))
-    return table
+  """Stack profiles for indexing inside jit: ``{knob: float32 [n_sites, 2] (lo, hi)}`` plus
+  ``"data_type": int32 [n_sites]`` (index into ``DATA_TYPES``)."""
+  profiles = list(profiles)
+  if not profiles:
+    raise ValueError("need at least one profile")
+  table = {knob: jnp.asarray(np.array([getattr(p, knob) for p in profiles], dtype=np.float32)) for knob in KNOBS}
+  table["data_type"] = jnp.asarray(np.array([DATA_TYPES.index(p.data_type) for p in profiles], dtype=np.int32))
+  return table

@@ -44,6 +44,7 @@ Marginals (node weights):
   solver never sees log 0), and turns an all-zero (or all-negative) score vector into the uniform
   distribution instead of 0/0. Gradients flow through these weights.
 """
+
 from __future__ import annotations
 
 import jax
@@ -96,8 +97,15 @@ def emd_marginals(u: jax.Array, v: jax.Array, marginals: str = "uniform"):
   raise ValueError(f"unknown marginals {marginals!r}; expected one of {MARGINALS}")
 
 
-def emd_plan(u: jax.Array, v: jax.Array, *, epsilon: float = 0.01, marginals: str = "uniform",
-             num_iters: int = 200, threshold: float = 1e-6):
+def emd_plan(
+  u: jax.Array,
+  v: jax.Array,
+  *,
+  epsilon: float = 0.01,
+  marginals: str = "uniform",
+  num_iters: int = 200,
+  threshold: float = 1e-6,
+):
   """(cost [n, m], entropic transport plan [n, m]) between the node sets u [n, d] and v [m, d]."""
   if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
     raise ValueError(f"expected u [n, d] and v [m, d], got {u.shape} and {v.shape}")
@@ -107,14 +115,22 @@ def emd_plan(u: jax.Array, v: jax.Array, *, epsilon: float = 0.01, marginals: st
   problem = linear_problem.LinearProblem(geom, a=a, b=b)
   num_iters = max(int(num_iters), 1)
   inner = min(10, num_iters)
-  solver = ott_sinkhorn.Sinkhorn(lse_mode=True, threshold=float(threshold), max_iterations=num_iters,
-                                 inner_iterations=inner, implicit_diff=None)
+  solver = ott_sinkhorn.Sinkhorn(
+    lse_mode=True, threshold=float(threshold), max_iterations=num_iters, inner_iterations=inner, implicit_diff=None
+  )
   out = solver(problem)
   return cost, out.matrix
 
 
-def emd_similarity(u: jax.Array, v: jax.Array, *, epsilon: float = 0.01, marginals: str = "uniform",
-                   num_iters: int = 200, threshold: float = 1e-6) -> jax.Array:
+def emd_similarity(
+  u: jax.Array,
+  v: jax.Array,
+  *,
+  epsilon: float = 0.01,
+  marginals: str = "uniform",
+  num_iters: int = 200,
+  threshold: float = 1e-6,
+) -> jax.Array:
   """EMD similarity S = sum_pq (1 - c_pq) x_pq between node sets u [n, d] and v [m, d] (float32 scalar).
 
   epsilon: absolute entropic regularisation on the cosine cost (in [0, 2]); num_iters: maximum
@@ -122,13 +138,13 @@ def emd_similarity(u: jax.Array, v: jax.Array, *, epsilon: float = 0.01, margina
   rounded up to a multiple of that); threshold: the marginal-error tolerance at which Sinkhorn stops
   early. jit-, vmap- and grad-able (gradients unrolled through the iterations).
   """
-  cost, plan = emd_plan(u, v, epsilon=epsilon, marginals=marginals, num_iters=num_iters,
-                        threshold=threshold)
+  cost, plan = emd_plan(u, v, epsilon=epsilon, marginals=marginals, num_iters=num_iters, threshold=threshold)
   return jnp.sum((1.0 - cost) * plan)
 
 
-def emd_weights(sims: jax.Array, mode: str = "softmax", temperature: float = 1.0,
-                detach: bool = True, mask: jax.Array | None = None) -> jax.Array:
+def emd_weights(
+  sims: jax.Array, mode: str = "softmax", temperature: float = 1.0, detach: bool = True, mask: jax.Array | None = None
+) -> jax.Array:
   """Weights over k neighbours from their EMD similarities sims [k].
 
   "softmax": softmax(S / temperature); "sum": S / sum S (assumes positive similarities); "raw": S.

@@ -15,11 +15,12 @@ Silo models live stacked on a leading axis [N, ...], split over the 'clients' me
    baselines run through the same code.
 3. Mixing: CFL = weighted mean over silos (FedAvg), DFL = one gossip contraction with W [N, N].
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,14 +61,21 @@ def expert_similarities(student_feats, expert_feats, opts: FedEFMOptions):
   """student_feats [B, h, w, C], expert_feats [J, B, h, w, C] -> S [J] (batch-mean EMD similarity)."""
   u = emd_lib.dense_features_to_nodes(student_feats)  # [B, n, C]
   v = emd_lib.dense_features_to_nodes(expert_feats)  # [J, B, n, C]
-  sim = functools.partial(emd_lib.emd_similarity, epsilon=opts.emd_epsilon, marginals=opts.emd_marginals,
-                          num_iters=opts.emd_iters)
+  sim = functools.partial(
+    emd_lib.emd_similarity, epsilon=opts.emd_epsilon, marginals=opts.emd_marginals, num_iters=opts.emd_iters
+  )
   per = jax.vmap(lambda vj: jax.vmap(sim)(u, vj))(v)  # [J, B]
   return jnp.mean(per, axis=1)
 
 
-def make_silo_round(apply_wf: Callable, seg_loss: Callable, expert_tx: optax.GradientTransformation,
-                    local_tx: optax.GradientTransformation, mesh, opts: FedEFMOptions):
+def make_silo_round(
+  apply_wf: Callable,
+  seg_loss: Callable,
+  expert_tx: optax.GradientTransformation,
+  local_tx: optax.GradientTransformation,
+  mesh,
+  opts: FedEFMOptions,
+):
   """Returns jitted ``round_fn(params [N], prev [N], xs [N,S,B,H,W,1], ys [N,S,B,H,W], nbr_idx [N,J],
   nbr_mask [N,J], weights [N], W [N,N]) -> (params [N], metrics)``; ``prev`` = each silo's model after
   the previous round's local training (MOON's negative; ignored otherwise)."""
@@ -101,9 +109,11 @@ def make_silo_round(apply_wf: Callable, seg_loss: Callable, expert_tx: optax.Gra
   def one_silo(p, prev, xs, ys, nbr, mask, all_xs, all_ys):
     glob = p  # the model the silo received this round (MOON's positive)
     if opts.distill:
+
       def make_expert(j):
-        delta, _ = expert_update(p, all_xs[j, :opts.expert_steps], all_ys[j, :opts.expert_steps])
+        delta, _ = expert_update(p, all_xs[j, : opts.expert_steps], all_ys[j, : opts.expert_steps])
         return jax.tree.map(jnp.add, p, delta)
+
       experts = jax.vmap(make_expert)(nbr)
     else:
       experts = None
@@ -125,7 +135,8 @@ def make_silo_round(apply_wf: Callable, seg_loss: Callable, expert_tx: optax.Gra
     all_xs = jax.lax.all_gather(xs, CLIENTS, tiled=True)
     all_ys = jax.lax.all_gather(ys, CLIENTS, tiled=True)
     new, metrics = jax.vmap(one_silo, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
-        params, prev, xs, ys, nbr_idx, nbr_mask, all_xs, all_ys)
+      params, prev, xs, ys, nbr_idx, nbr_mask, all_xs, all_ys
+    )
     trained = new
     if opts.mixing == "cfl":
       tot = jax.lax.psum(jnp.sum(weights), CLIENTS)
@@ -136,25 +147,31 @@ def make_silo_round(apply_wf: Callable, seg_loss: Callable, expert_tx: optax.Gra
       n_local = nbr_idx.shape[0]
       start = jax.lax.axis_index(CLIENTS) * n_local
       w_rows = jax.lax.dynamic_slice_in_dim(W, start, n_local, axis=0)
-      mixed = jax.tree.map(lambda a: jnp.tensordot(w_rows, a.astype(jnp.float32), axes=(1, 0),
-                                                   precision=jax.lax.Precision.HIGHEST).astype(a.dtype),
-                           everyone)
+      mixed = jax.tree.map(
+        lambda a: jnp.tensordot(w_rows, a.astype(jnp.float32), axes=(1, 0), precision=jax.lax.Precision.HIGHEST).astype(
+          a.dtype
+        ),
+        everyone,
+      )
     else:
       raise ValueError(f"unknown mixing {opts.mixing!r}; use cfl or dfl")
     return mixed, trained, metrics
 
   sharded = jax.shard_map(
-      shard_body, mesh=mesh,
-      in_specs=(P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P()),
-      out_specs=(P(CLIENTS), P(CLIENTS), P(CLIENTS)),
-      # ott-jax's Sinkhorn (lax.cond inside) is not varying-manual-axes aware; every value in this
-      # body is per-silo or explicitly collective, so the check adds nothing here.
-      check_vma=False)
+    shard_body,
+    mesh=mesh,
+    in_specs=(P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P()),
+    out_specs=(P(CLIENTS), P(CLIENTS), P(CLIENTS)),
+    # ott-jax's Sinkhorn (lax.cond inside) is not varying-manual-axes aware; every value in this
+    # body is per-silo or explicitly collective, so the check adds nothing here.
+    check_vma=False,
+  )
 
   @jax.jit
   def round_fn(params, prev, xs, ys, nbr_idx, nbr_mask, weights, W):
-    mixed, trained, metrics = sharded(params, prev, xs, ys, nbr_idx, nbr_mask,
-                                      weights.astype(jnp.float32), W.astype(jnp.float32))
+    mixed, trained, metrics = sharded(
+      params, prev, xs, ys, nbr_idx, nbr_mask, weights.astype(jnp.float32), W.astype(jnp.float32)
+    )
     return mixed, trained, metrics
 
   return round_fn

@@ -12,14 +12,16 @@ cross-entropy, and w_j are the (EMD) neighbour weights.
 All losses compute in float32 and are jit-, vmap- and grad-able. Logits are [..., K] (e.g. per-pixel
 segmentation logits [B, H, W, K]); "mean over pixels" is the mean over every leading axis.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array, T: float = 1.0, *,
-          detach_teacher: bool = True) -> jax.Array:
+def kd_kl(
+  student_logits: jax.Array, teacher_logits: jax.Array, T: float = 1.0, *, detach_teacher: bool = True
+) -> jax.Array:
   """T^2 * mean over pixels of KL(softmax(teacher / T) || softmax(student / T)).
 
   Logits are [..., K]; the KL is summed over the class axis and averaged over all other axes.
@@ -35,8 +37,14 @@ def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array, T: float = 1.0, 
   return (T * T) * jnp.mean(kl)
 
 
-def multishot_distill_loss(student_logits: jax.Array, expert_logits: jax.Array, weights: jax.Array,
-                           seg_loss_value: jax.Array, beta: float, T: float = 1.0) -> jax.Array:
+def multishot_distill_loss(
+  student_logits: jax.Array,
+  expert_logits: jax.Array,
+  weights: jax.Array,
+  seg_loss_value: jax.Array,
+  beta: float,
+  T: float = 1.0,
+) -> jax.Array:
   """beta * sum_j w_j * kd_kl(student, expert_j, T) + (1 - beta) * seg_loss_value.
 
   student_logits [..., K]; expert_logits [J, ..., K] (one row per returned expert); weights [J]
@@ -48,8 +56,7 @@ def multishot_distill_loss(student_logits: jax.Array, expert_logits: jax.Array, 
   return beta * kd + (1.0 - beta) * jnp.asarray(seg_loss_value, jnp.float32)
 
 
-def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *,
-               detach_teacher: bool = True) -> jax.Array:
+def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *, detach_teacher: bool = True) -> jax.Array:
   """Feature distillation on [..., C] feature maps of equal shape.
 
   Each channel vector (last axis) is L2-normalised, then the loss is the mean over positions (all

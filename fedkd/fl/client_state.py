@@ -28,6 +28,7 @@ The checkpoint format is the same for both placements: ``{"ids": int64 [n], "row
 a leading axis n}`` holding the clients that were ever sampled (sorted ids), so a checkpoint written
 with one placement restores into the other with identical numbers.
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -57,12 +58,14 @@ def _as_ids(ids, num_clients: int, what: str = "round's ids") -> np.ndarray:
   a = a.astype(np.int64)
   if a.size and (a.min() < 0 or a.max() >= num_clients):
     bad = int(a[(a < 0) | (a >= num_clients)][0])
-    raise ClientStateError(f"client id {bad} is out of range: this run has num_clients={num_clients} "
-                           f"(ids 0..{num_clients - 1})")
+    raise ClientStateError(
+      f"client id {bad} is out of range: this run has num_clients={num_clients} (ids 0..{num_clients - 1})"
+    )
   if len(np.unique(a)) != len(a):
     vals, counts = np.unique(a, return_counts=True)
-    raise ClientStateError(f"client id {int(vals[counts > 1][0])} appears twice in the {what}; "
-                           "each client has exactly one row")
+    raise ClientStateError(
+      f"client id {int(vals[counts > 1][0])} appears twice in the {what}; each client has exactly one row"
+    )
   return a
 
 
@@ -71,6 +74,7 @@ def _host(tree):
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   from jax.experimental import multihost_utils
+
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
@@ -78,6 +82,7 @@ class _Store:
   """What both placements share: id and row checks, the checkpoint format. Subclasses add gather,
   scatter, state_dict, load_state_dict, rows_held, nbytes (bytes of rows held: per device for
   'device', in host memory for 'host') and describe()."""
+
   placement = ""
 
   def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
@@ -93,8 +98,10 @@ class _Store:
   def _round_ids(self, ids) -> np.ndarray:
     ids = _as_ids(ids, self.num_clients)
     if len(ids) % self.mesh.size:
-      raise ClientStateError(f"{len(ids)} client ids cannot be split over the {self.mesh.size} devices of the "
-                             "'clients' mesh axis; a round's clients are a multiple of the device count")
+      raise ClientStateError(
+        f"{len(ids)} client ids cannot be split over the {self.mesh.size} devices of the "
+        "'clients' mesh axis; a round's clients are a multiple of the device count"
+      )
     return ids
 
   def _check_rows(self, ids: np.ndarray, new_rows) -> list:
@@ -103,8 +110,10 @@ class _Store:
       raise ClientStateError(f"new rows have tree structure {treedef}, the store holds {self._treedef}")
     for a, ref in zip(leaves, self._leaves0):
       if tuple(a.shape) != (len(ids),) + ref.shape or a.dtype != ref.dtype:
-        raise ClientStateError(f"new rows of shape {tuple(a.shape)} {a.dtype} do not match "
-                               f"{len(ids)} ids x row shape {ref.shape} {ref.dtype}")
+        raise ClientStateError(
+          f"new rows of shape {tuple(a.shape)} {a.dtype} do not match "
+          f"{len(ids)} ids x row shape {ref.shape} {ref.dtype}"
+        )
     return leaves
 
   def _check_state_dict(self, sd: dict) -> tuple[np.ndarray, list]:
@@ -115,12 +124,15 @@ class _Store:
 
   def empty_state_dict(self, num_rows: int) -> dict:
     """A zero-filled state dict of ``num_rows`` rows: the restore target of a checkpoint."""
-    return {"ids": np.zeros((num_rows,), np.int64),
-            "rows": jax.tree.map(lambda a: np.zeros((num_rows,) + a.shape, a.dtype), self._init)}
+    return {
+      "ids": np.zeros((num_rows,), np.int64),
+      "rows": jax.tree.map(lambda a: np.zeros((num_rows,) + a.shape, a.dtype), self._init),
+    }
 
 
 class HostClientState(_Store):
   """Rows in host memory, one per client ever sampled; see the module docstring."""
+
   placement = "host"
 
   def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
@@ -136,8 +148,10 @@ class HostClientState(_Store):
     return sum(a.nbytes for leaves in self._rows.values() for a in leaves)
 
   def describe(self) -> str:
-    return (f"on host, rows of sampled clients only: {self.rows_held} of {self.num_clients} held, "
-            f"{self.nbytes / 2**20:.1f} MiB at {self.row_nbytes / 2**10:.1f} KiB per row")
+    return (
+      f"on host, rows of sampled clients only: {self.rows_held} of {self.num_clients} held, "
+      f"{self.nbytes / 2**20:.1f} MiB at {self.row_nbytes / 2**10:.1f} KiB per row"
+    )
 
   def host_rows(self, ids) -> Row:
     """The rows of ``ids`` as a host pytree with a leading axis len(ids) (unseen ids: the initial row)."""
@@ -172,19 +186,23 @@ class HostClientState(_Store):
 
 class DeviceClientState(_Store):
   """All ``num_clients`` rows in device memory, replicated on the mesh; see the module docstring."""
+
   placement = "device"
 
   def __init__(self, init_row: Row, num_clients: int, mesh, rows: slice | None = None):
     super().__init__(init_row, num_clients, mesh, rows)
     n = self.num_clients
     rep, split = replicated(mesh), client_sharding(mesh)
-    self._fill = jax.jit(lambda row: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), row),
-                         out_shardings=rep)
+    self._fill = jax.jit(
+      lambda row: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), row), out_shardings=rep
+    )
     self._gather = jax.jit(lambda table, ids: jax.tree.map(lambda t: t[ids], table), out_shardings=split)
     self._gather_rep = jax.jit(lambda table, ids: jax.tree.map(lambda t: t[ids], table), out_shardings=rep)
     self._scatter = jax.jit(
-        lambda table, ids, new: jax.tree.map(lambda t, r: t.at[ids].set(r, unique_indices=True), table, new),
-        out_shardings=rep, donate_argnums=0)
+      lambda table, ids, new: jax.tree.map(lambda t, r: t.at[ids].set(r, unique_indices=True), table, new),
+      out_shardings=rep,
+      donate_argnums=0,
+    )
     self._seen = np.zeros(n, bool)  # host bookkeeping of sampled clients (for compact checkpoints)
     self.table = self._fill(replicate(self._init, mesh))
 
@@ -197,8 +215,10 @@ class DeviceClientState(_Store):
     return self.num_clients * self.row_nbytes
 
   def describe(self) -> str:
-    return (f"on device, all {self.num_clients} rows replicated on each of {self.mesh.size} device(s): "
-            f"{self.nbytes / 2**20:.1f} MiB per device, {int(self._seen.sum())} clients sampled so far")
+    return (
+      f"on device, all {self.num_clients} rows replicated on each of {self.mesh.size} device(s): "
+      f"{self.nbytes / 2**20:.1f} MiB per device, {int(self._seen.sum())} clients sampled so far"
+    )
 
   def _ids(self, ids: np.ndarray):
     return replicate(ids.astype(np.int32), self.mesh)
@@ -225,8 +245,11 @@ class DeviceClientState(_Store):
     table = self._fill(replicate(self._init, self.mesh))
     if len(ids):
       rows = replicate(jax.tree.unflatten(self._treedef, leaves), self.mesh)
-      table = jax.jit(lambda t, i, r: jax.tree.map(lambda a, b: a.at[i].set(b, unique_indices=True), t, r),
-                      out_shardings=replicated(self.mesh), donate_argnums=0)(table, self._ids(ids), rows)
+      table = jax.jit(
+        lambda t, i, r: jax.tree.map(lambda a, b: a.at[i].set(b, unique_indices=True), t, r),
+        out_shardings=replicated(self.mesh),
+        donate_argnums=0,
+      )(table, self._ids(ids), rows)
     self.table = table
     self._seen = np.zeros(self.num_clients, bool)
     self._seen[ids] = True

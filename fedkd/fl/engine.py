@@ -8,12 +8,14 @@ with ``client_parallelism='unroll'``); the weighted sum of client deltas is ``ps
 axis, and the server optimizer (optax) steps on the negated weighted-mean delta. Plain FedAvg is server
 SGD with learning rate 1: new params = params + sum_i w_i delta_i / sum_i w_i.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +48,19 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer {opt_cfg.name!r}")
 
 
-def client_update(apply: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
-                  xs: jax.Array, ys: jax.Array, *, unroll: bool | int = 1, compute_dtype=None,
-                  remat: bool = False, correction: Params | None = None):
+def client_update(
+  apply: ApplyFn,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  params: Params,
+  xs: jax.Array,
+  ys: jax.Array,
+  *,
+  unroll: bool | int = 1,
+  compute_dtype=None,
+  remat: bool = False,
+  correction: Params | None = None,
+):
   """Local training of one client from the server ``params`` over ``xs.shape[0]`` steps.
 
   ``compute_dtype`` (e.g. ``jnp.bfloat16``): the forward/backward pass runs on params and images cast
@@ -84,13 +96,18 @@ def client_update(apply: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformat
   return jax.tree.map(jnp.subtract, local, params), jnp.mean(losses)
 
 
-def init_server_state(params: Params, server_tx: optax.GradientTransformation, rng: jax.Array,
-                      algorithm: str = "fedavg") -> dict:
+def init_server_state(
+  params: Params, server_tx: optax.GradientTransformation, rng: jax.Array, algorithm: str = "fedavg"
+) -> dict:
   """Server state pytree; holds a copy of ``params`` (the round function donates its state).
   SCAFFOLD adds the server control variate ``control`` (zeros, params-shaped)."""
   params = jax.tree.map(jnp.array, params)
-  state = {"params": params, "opt_state": server_tx.init(params), "round": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(rng)}
+  state = {
+    "params": params,
+    "opt_state": server_tx.init(params),
+    "round": jnp.zeros((), jnp.int32),
+    "rng": jax.random.key_data(rng),
+  }
   if algorithm == "scaffold":
     state["control"] = jax.tree.map(jnp.zeros_like, params)
   return state
@@ -110,8 +127,9 @@ SMALL_SHARD_CLIENTS = 16
 AUTO_SMALL_SHARD = {"unet": "hybrid", "transunet": "bgemm"}
 
 
-def resolve_engine_options(engine_cfg, platform: str | None = None, model: str | None = None,
-                           clients_per_shard: int | None = None) -> tuple[str, bool]:
+def resolve_engine_options(
+  engine_cfg, platform: str | None = None, model: str | None = None, clients_per_shard: int | None = None
+) -> tuple[str, bool]:
   """Maps 'auto' settings to concrete ones for the backend and model.
 
   CPU: 'unroll' with unrolled local steps (measured fastest on XLA:CPU). GPU/TPU: local steps in a
@@ -140,12 +158,24 @@ def chunk_size(clients: int, chunk: int) -> int:
   return max(d for d in range(1, min(chunk, clients) + 1) if clients % d == 0)
 
 
-def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTransformation,
-                  server_tx: optax.GradientTransformation, mesh, *, client_parallelism: str = "vmap",
-                  unroll_local_steps: bool = False, client_chunk: int = 8, compute_dtype=None,
-                  remat: bool = False, algorithm: str = "fedavg", client_lr: float | None = None,
-                  num_clients: int | None = None, chunk_strategy: str = "bgemm",
-                  skip_nonfinite: bool = False):
+def make_round_fn(
+  apply: ApplyFn,
+  loss_fn: LossFn,
+  client_tx: optax.GradientTransformation,
+  server_tx: optax.GradientTransformation,
+  mesh,
+  *,
+  client_parallelism: str = "vmap",
+  unroll_local_steps: bool = False,
+  client_chunk: int = 8,
+  compute_dtype=None,
+  remat: bool = False,
+  algorithm: str = "fedavg",
+  client_lr: float | None = None,
+  num_clients: int | None = None,
+  chunk_strategy: str = "bgemm",
+  skip_nonfinite: bool = False,
+):
   """Returns the jitted round function (state donated).
 
   FedAvg: ``round_fn(state, xs, ys, weights) -> (state, metrics)``. SCAFFOLD:
@@ -189,9 +219,15 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     raise ValueError(f"unknown client_parallelism {client_parallelism!r}")
   if chunk_strategy not in VMAP_CONV_MODES:
     raise ValueError(f"unknown chunk_strategy {chunk_strategy!r}; use one of {', '.join(VMAP_CONV_MODES)}")
-  update = functools.partial(client_update, apply, loss_fn, client_tx,
-                             unroll=True if unroll_local_steps else 1, compute_dtype=compute_dtype,
-                             remat=remat)
+  update = functools.partial(
+    client_update,
+    apply,
+    loss_fn,
+    client_tx,
+    unroll=True if unroll_local_steps else 1,
+    compute_dtype=compute_dtype,
+    remat=remat,
+  )
 
   def one_client(params, control, x, y, c_i):
     """-> (delta, loss, new c_i or None)."""
@@ -231,8 +267,10 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     params, control = jax.tree.map(lambda p: jax.lax.pcast(p, CLIENTS, to="varying"), (params, control))
     n = xs.shape[0]
     if client_parallelism == "unroll":
-      outs = [one_client(params, control, xs[i], ys[i], None if c is None else jax.tree.map(lambda a: a[i], c))
-              for i in range(n)]
+      outs = [
+        one_client(params, control, xs[i], ys[i], None if c is None else jax.tree.map(lambda a: a[i], c))
+        for i in range(n)
+      ]
       stack = lambda *a: jnp.stack(a)  # noqa: E731
       d = jax.tree.map(stack, *[o[0] for o in outs])
       nc = None if c is None else jax.tree.map(stack, *[o[2] for o in outs])
@@ -267,16 +305,18 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     return mean_delta, mean_loss, losses, nc, dcsum, ok
 
   client_spec = P(CLIENTS) if scaffold else P()  # P() for the empty (None) pytrees of FedAvg
-  sharded = jax.shard_map(shard_body, mesh=mesh,
-                          in_specs=(P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), client_spec),
-                          out_specs=(P(), P(), P(CLIENTS), client_spec, P(), P(CLIENTS)))
+  sharded = jax.shard_map(
+    shard_body,
+    mesh=mesh,
+    in_specs=(P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), client_spec),
+    out_specs=(P(), P(), P(CLIENTS), client_spec, P(), P(CLIENTS)),
+  )
 
   def server_step(state, mean_delta, dcsum):
     params = state["params"]
     pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
     updates, opt_state = server_tx.update(pseudo_grad, state["opt_state"], params)
-    new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
-                     round=state["round"] + 1)
+    new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state, round=state["round"] + 1)
     if scaffold:
       new_state["control"] = jax.tree.map(lambda cc, d: cc + d / num_clients, state["control"], dcsum)
     return new_state
@@ -288,17 +328,18 @@ def make_round_fn(apply: ApplyFn, loss_fn: LossFn, client_tx: optax.GradientTran
     return {"loss": mean_loss, "client_loss": losses, "client_finite": ok, "finite": finite}
 
   if scaffold:
+
     def round_fn(state, xs, ys, weights, client_state):
       mean_delta, mean_loss, losses, new_c, dcsum, ok = sharded(
-          state["params"], state["control"], xs, ys, weights.astype(jnp.float32), client_state)
+        state["params"], state["control"], xs, ys, weights.astype(jnp.float32), client_state
+      )
       new_state = server_step(state, mean_delta, dcsum)
       return new_state, metrics(new_state, mean_loss, losses, ok), new_c
 
     return jax.jit(round_fn, donate_argnums=(0, 4))
 
   def round_fn(state, xs, ys, weights):
-    mean_delta, mean_loss, losses, _, _, ok = sharded(state["params"], None, xs, ys,
-                                                      weights.astype(jnp.float32), None)
+    mean_delta, mean_loss, losses, _, _, ok = sharded(state["params"], None, xs, ys, weights.astype(jnp.float32), None)
     new_state = server_step(state, mean_delta, None)
     return new_state, metrics(new_state, mean_loss, losses, ok)
 
@@ -317,8 +358,14 @@ def measure_candidates(platform: str, clients_per_shard: int, client_chunk: int)
   return out
 
 
-def measure_strategy(build: Callable[[str], Callable], candidates: list[str], state, args: tuple,
-                     reps: int = 2, log: Callable[[str], None] = print) -> tuple[str, Callable, list[dict]]:
+def measure_strategy(
+  build: Callable[[str], Callable],
+  candidates: list[str],
+  state,
+  args: tuple,
+  reps: int = 2,
+  log: Callable[[str], None] = print,
+) -> tuple[str, Callable, list[dict]]:
   """Builds ``build(strategy)`` for each candidate and times ``reps`` rounds on copies of ``state``
   (the real state is untouched, so training numbers do not depend on the measurement). Returns the
   fastest strategy, its round function (already compiled for these shapes) and one record per
@@ -339,18 +386,27 @@ def measure_strategy(build: Callable[[str], Callable], candidates: list[str], st
     except Exception as e:  # noqa: BLE001 - an out-of-memory or unsupported candidate is skipped
       rec = {"strategy": par, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     results.append(rec)
-    log("  engine measure: " + (f"{par:8s} {rec['sec_per_round']:.4f} s/round (first call, incl. compile, "
-                                f"{rec['first_call_s']:.1f} s)" if "error" not in rec
-                                else f"{par:8s} failed: {rec['error']}"))
+    log(
+      "  engine measure: "
+      + (
+        f"{par:8s} {rec['sec_per_round']:.4f} s/round (first call, incl. compile, {rec['first_call_s']:.1f} s)"
+        if "error" not in rec
+        else f"{par:8s} failed: {rec['error']}"
+      )
+    )
   ok = [r for r in results if "error" not in r]
   if not ok:
-    raise RuntimeError("no client strategy could run this round: " +
-                       "; ".join(f"{r['strategy']}: {r['error']}" for r in results))
+    raise RuntimeError(
+      "no client strategy could run this round: " + "; ".join(f"{r['strategy']}: {r['error']}" for r in results)
+    )
   best = min(ok, key=lambda r: r["sec_per_round"])["strategy"]
   if jax.process_count() > 1:  # every process must run the same program: process 0's timing decides
     from jax.experimental import multihost_utils
+
     best = candidates[int(multihost_utils.broadcast_one_to_all(jnp.int32(candidates.index(best))))]
     if best not in fns:
-      raise RuntimeError(f"process 0 chose client strategy {best!r}, which failed on process "
-                         f"{jax.process_index()}; set engine.client_parallelism explicitly")
+      raise RuntimeError(
+        f"process 0 chose client strategy {best!r}, which failed on process "
+        f"{jax.process_index()}; set engine.client_parallelism explicitly"
+      )
   return best, fns[best], results

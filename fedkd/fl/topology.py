@@ -24,12 +24,14 @@ overlay is the directed ring computed by that code (``aioz-ai/FedEFM``,
 ``graph_utils/results/gaia/med/ring.gml``): 0 -> 10 -> 3 -> 4 -> 9 -> 7 -> 8 -> 6 -> 5 -> 2 -> 1 -> 0
 (``GAIA_RING_ORDER``; ``gaia_ring``).
 """
+
 from __future__ import annotations
 
 import json
 import os
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +39,29 @@ import numpy as np
 
 from fedkd.errors import UserError
 
-GAIA_NODES = ("Virginia", "California", "Oregon", "Dublin", "Frankfurt", "Tokyo", "Seoul",
-              "Singapore", "Sydney", "Mumbai", "Sao Paulo")
+GAIA_NODES = (
+  "Virginia",
+  "California",
+  "Oregon",
+  "Dublin",
+  "Frankfurt",
+  "Tokyo",
+  "Seoul",
+  "Singapore",
+  "Sydney",
+  "Mumbai",
+  "Sao Paulo",
+)
 # Directed ring overlay of FedEFM on Gaia; edge order[k] -> order[k+1] (model sent from order[k]).
 GAIA_RING_ORDER = (0, 10, 3, 4, 9, 7, 8, 6, 5, 2, 1)
 # Source-tree location; installed copies read the package data fedkd.configs (gaia_adjacency).
-GAIA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                         "configs", "topologies", "gaia.txt")
+GAIA_PATH = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "topologies", "gaia.txt"
+)
 
 
 # ----------------------------------------------------------------------------- fixed topologies
+
 
 def star(n: int) -> np.ndarray:
   """Client-server (FedAvg with equal weights): every row is uniform 1/n."""
@@ -112,6 +127,7 @@ def metropolis_hastings(adjacency) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- MATCHA
 
+
 def matching_decomposition(adjacency) -> list[list[tuple[int, int]]]:
   """Split the edges of the (symmetrised) graph into matchings by greedy edge colouring.
 
@@ -145,8 +161,7 @@ def _rng(rng_or_seed, round: int) -> np.random.Generator:
   return np.random.default_rng([int(rng_or_seed), int(round)])
 
 
-def matcha_activation(num_matchings: int, budget: float, rng_or_seed: Any = 0,
-                      round: int = 0) -> np.ndarray:
+def matcha_activation(num_matchings: int, budget: float, rng_or_seed: Any = 0, round: int = 0) -> np.ndarray:
   """Bool [num_matchings]: each matching active independently with probability ``budget``.
 
   With an integer seed the draw is a deterministic function of (seed, round); a
@@ -190,21 +205,27 @@ def matcha(base_adjacency, budget: float, rng_or_seed: Any = 0, round: int = 0) 
 
 # ----------------------------------------------------------------------------- files
 
+
 class TopologyError(UserError, ValueError):
   """A topology file that cannot be used; the message names the file and the fix."""
 
 
-_FILE_HELP = ("a topology file is an edge list ('i j' per line, 0-based node ids) or JSON "
-              "({\"edges\": [[i, j], ...], \"num_nodes\": N} or a 0/1 adjacency matrix [[...], ...])")
-_SUPPORT_ONLY = ("only the graph's support (which links exist) is used: gossip weights are derived "
-                 "from it (Metropolis-Hastings)")
+_FILE_HELP = (
+  "a topology file is an edge list ('i j' per line, 0-based node ids) or JSON "
+  "({\"edges\": [[i, j], ...], \"num_nodes\": N} or a 0/1 adjacency matrix [[...], ...])"
+)
+_SUPPORT_ONLY = (
+  "only the graph's support (which links exist) is used: gossip weights are derived from it (Metropolis-Hastings)"
+)
 
 
 def _read_topology_text(path: str) -> str:
   if not os.path.exists(path):
-    raise TopologyError(f"{path}: topology file not found (relative paths start at {os.getcwd()}); "
-                        f"pass an existing file, e.g. --config.fedefm.topology=file:/path/graph.txt; "
-                        f"{_FILE_HELP}")
+    raise TopologyError(
+      f"{path}: topology file not found (relative paths start at {os.getcwd()}); "
+      f"pass an existing file, e.g. --config.fedefm.topology=file:/path/graph.txt; "
+      f"{_FILE_HELP}"
+    )
   if os.path.isdir(path):
     raise TopologyError(f"{path}: is a directory, not a topology file; pass the file itself; {_FILE_HELP}")
   try:
@@ -219,8 +240,7 @@ def _node_id(where: str, value) -> int:
     try:
       value = int(value)
     except ValueError:
-      raise TopologyError(f"{where}: node id {value!r} is not an integer; node ids are 0, 1, ..., N-1"
-                          ) from None
+      raise TopologyError(f"{where}: node id {value!r} is not an integer; node ids are 0, 1, ..., N-1") from None
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TopologyError(f"{where}: node id {value!r} is not an integer; node ids are 0, 1, ..., N-1")
   if value < 0:
@@ -257,8 +277,9 @@ def _from_edges(edges, num_nodes, directed: bool) -> np.ndarray:
   a = np.zeros((num_nodes, num_nodes), np.float32)
   for where, i, j in edges:
     if not (i < num_nodes and j < num_nodes):
-      raise TopologyError(f"{where}: edge ({i}, {j}) names a node >= num_nodes={num_nodes}; node ids are "
-                          f"0..{num_nodes - 1}")
+      raise TopologyError(
+        f"{where}: edge ({i}, {j}) names a node >= num_nodes={num_nodes}; node ids are 0..{num_nodes - 1}"
+      )
     a[j, i] = 1.0  # row = receiver: edge i -> j means j receives from i
     if not directed:
       a[i, j] = 1.0
@@ -278,14 +299,18 @@ def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
     keys = set(obj)
     if "adjacency" in keys:
       if keys != {"adjacency"}:
-        raise TopologyError(f"{path}: unexpected key(s) {sorted(keys - {'adjacency'})} next to 'adjacency'; "
-                            "a matrix file holds only {\"adjacency\": [[...], ...]}")
+        raise TopologyError(
+          f"{path}: unexpected key(s) {sorted(keys - {'adjacency'})} next to 'adjacency'; "
+          "a matrix file holds only {\"adjacency\": [[...], ...]}"
+        )
       obj = obj["adjacency"]
     else:
       extra = keys - {"edges", "num_nodes", "directed"}
       if "edges" not in keys or extra:
-        raise TopologyError(f"{path}: JSON object keys {sorted(keys)}: expected 'edges' (and optionally "
-                            f"'num_nodes', 'directed') or 'adjacency'; {_FILE_HELP}")
+        raise TopologyError(
+          f"{path}: JSON object keys {sorted(keys)}: expected 'edges' (and optionally "
+          f"'num_nodes', 'directed') or 'adjacency'; {_FILE_HELP}"
+        )
       if not isinstance(obj["edges"], list):
         raise TopologyError(f"{path}: 'edges' must be a list of [i, j] pairs")
       d = obj.get("directed", directed)
@@ -302,19 +327,25 @@ def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
       n = _num_nodes(path, obj.get("num_nodes"), "'num_nodes'") or num_nodes
       return _from_edges(edges, n, d)
   if not isinstance(obj, list) or not obj:
-    raise TopologyError(f"{path}: JSON must be an adjacency matrix (a non-empty list of rows) or an object "
-                        f"with 'edges'; {_FILE_HELP}")
+    raise TopologyError(
+      f"{path}: JSON must be an adjacency matrix (a non-empty list of rows) or an object with 'edges'; {_FILE_HELP}"
+    )
   for i, row in enumerate(obj):
     if not isinstance(row, list):
       raise TopologyError(f"{path}: adjacency row {i} is {row!r}, not a list; write [[0, 1], [1, 0]]")
     if len(row) != len(obj[0]):
-      raise TopologyError(f"{path}: ragged adjacency matrix: row {i} has {len(row)} entries, row 0 has "
-                          f"{len(obj[0])}; every row needs one entry per node")
+      raise TopologyError(
+        f"{path}: ragged adjacency matrix: row {i} has {len(row)} entries, row 0 has "
+        f"{len(obj[0])}; every row needs one entry per node"
+      )
   if len(obj[0]) != len(obj):
-    raise TopologyError(f"{path}: adjacency matrix is {len(obj)}x{len(obj[0])}, not square; it needs one row "
-                        "and one column per node")
-  a = np.array([[_weight(f"{path}: adjacency[{i}][{j}]", v, (0.0, 1.0)) for j, v in enumerate(row)]
-                for i, row in enumerate(obj)], np.float32)
+    raise TopologyError(
+      f"{path}: adjacency matrix is {len(obj)}x{len(obj[0])}, not square; it needs one row and one column per node"
+    )
+  a = np.array(
+    [[_weight(f"{path}: adjacency[{i}][{j}]", v, (0.0, 1.0)) for j, v in enumerate(row)] for i, row in enumerate(obj)],
+    np.float32,
+  )
   if num_nodes is not None and num_nodes != a.shape[0]:
     raise TopologyError(f"{path}: adjacency matrix has {a.shape[0]} nodes but num_nodes={num_nodes}")
   return a
@@ -347,9 +378,11 @@ def _check_connected(path: str, a: np.ndarray) -> None:
   isolated = np.flatnonzero(~s.any(1))
   if len(isolated):
     ids = isolated.tolist()
-    raise TopologyError(f"{path}: node(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} have no link to any "
-                        "other node, so gossip never reaches them; add a link for each (or renumber the "
-                        f"nodes 0..N-1 without gaps); the file has {n} nodes")
+    raise TopologyError(
+      f"{path}: node(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} have no link to any "
+      "other node, so gossip never reaches them; add a link for each (or renumber the "
+      f"nodes 0..N-1 without gaps); the file has {n} nodes"
+    )
   seen = np.zeros(n, bool)
   seen[0] = True
   frontier = [0]
@@ -359,9 +392,11 @@ def _check_connected(path: str, a: np.ndarray) -> None:
     frontier = nxt.tolist()
   if not seen.all():
     apart = np.flatnonzero(~seen).tolist()
-    raise TopologyError(f"{path}: the graph is not connected: node(s) {apart[:10]}"
-                        f"{' ...' if len(apart) > 10 else ''} cannot reach node 0, so models never mix "
-                        "between the parts; add links between them")
+    raise TopologyError(
+      f"{path}: the graph is not connected: node(s) {apart[:10]}"
+      f"{' ...' if len(apart) > 10 else ''} cannot reach node 0, so models never mix "
+      "between the parts; add links between them"
+    )
 
 
 def from_file(path: str, *, directed: bool = False, num_nodes: int | None = None) -> np.ndarray:
@@ -425,9 +460,11 @@ def gaia_adjacency(path: str | None = None) -> np.ndarray:
     with resources.as_file(res) as p:
       return from_file(str(p))
   if not os.path.isfile(GAIA_PATH):
-    raise TopologyError(f"the Gaia topology file is missing from this fedkd installation (looked for "
-                        f"fedkd.configs/topologies/gaia.txt and {GAIA_PATH}); reinstall fedkd, or pass "
-                        "--config.fedefm.topology=file:<a copy of configs/topologies/gaia.txt>")
+    raise TopologyError(
+      f"the Gaia topology file is missing from this fedkd installation (looked for "
+      f"fedkd.configs/topologies/gaia.txt and {GAIA_PATH}); reinstall fedkd, or pass "
+      "--config.fedefm.topology=file:<a copy of configs/topologies/gaia.txt>"
+    )
   return from_file(GAIA_PATH)
 
 
@@ -437,6 +474,7 @@ def gaia_ring(directed: bool = True) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- neighbours
+
 
 def neighbours(adjacency) -> list[list[int]]:
   """In-neighbours of every silo: row i lists j != i with A[i, j] != 0 (ascending).
@@ -460,19 +498,19 @@ def neighbour_table(adjacency) -> tuple[np.ndarray, np.ndarray]:
   idx = np.repeat(np.arange(n, dtype=np.int32)[:, None], d, axis=1)
   mask = np.zeros((n, d), bool)
   for i, x in enumerate(nb):
-    idx[i, :len(x)] = x
-    mask[i, :len(x)] = True
+    idx[i, : len(x)] = x
+    mask[i, : len(x)] = True
   return idx, mask
 
 
 def is_doubly_stochastic(w, atol: float = 1e-5) -> bool:
   """True if w is non-negative with rows and columns summing to 1 (within atol)."""
   w = np.asarray(w, np.float64)
-  return bool((w >= -atol).all() and np.allclose(w.sum(0), 1.0, atol=atol)
-              and np.allclose(w.sum(1), 1.0, atol=atol))
+  return bool((w >= -atol).all() and np.allclose(w.sum(0), 1.0, atol=atol) and np.allclose(w.sum(1), 1.0, atol=atol))
 
 
 # ----------------------------------------------------------------------------- gossip
+
 
 def gossip(stacked_params, W):
   """One gossip round: new_i = sum_j W_ij x_j on the leading (client) axis of every leaf.

@@ -5,9 +5,11 @@
 ``apply_with_features(params, x) -> (logits, features [B, h, w, C])`` for feature distillation /
 EMD: the bottleneck output for the UNet, the ViT encoder tokens on the patch grid for TransUNet.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +19,29 @@ from fedkd.models.transunet import TransUNet
 from fedkd.models.unet import UNet
 
 # TransUNet defaults, used for keys a config does not set.
-TRANSUNET_DEFAULTS = dict(patch_size=8, stem_width=16, hidden=64, num_layers=4, num_heads=4,
-                          mlp_dim=128, decoder_width=32, skips=False, image_size=64)
+TRANSUNET_DEFAULTS = dict(
+  patch_size=8,
+  stem_width=16,
+  hidden=64,
+  num_layers=4,
+  num_heads=4,
+  mlp_dim=128,
+  decoder_width=32,
+  skips=False,
+  image_size=64,
+)
 
 
 def build_model(model_cfg, seed: int) -> nnx.Module:
   if model_cfg.name == "unet":
-    return UNet(in_channels=1, num_classes=model_cfg.num_classes, width=model_cfg.width,
-                depth=model_cfg.depth, groups=model_cfg.groups, rngs=nnx.Rngs(seed))
+    return UNet(
+      in_channels=1,
+      num_classes=model_cfg.num_classes,
+      width=model_cfg.width,
+      depth=model_cfg.depth,
+      groups=model_cfg.groups,
+      rngs=nnx.Rngs(seed),
+    )
   if model_cfg.name == "transunet":
     kw = {k: model_cfg.get(k, v) for k, v in TRANSUNET_DEFAULTS.items()}
     return TransUNet(in_channels=1, num_classes=model_cfg.num_classes, rngs=nnx.Rngs(seed), **kw)
@@ -59,7 +76,8 @@ def make_predictor(apply, batch_size: int):
   label_map = jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
 
   def predict(params, images):
-    return jnp.concatenate([label_map(params, images[i:i + batch_size])
-                            for i in range(0, images.shape[0], batch_size)])
+    return jnp.concatenate(
+      [label_map(params, images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    )
 
   return predict

@@ -27,6 +27,7 @@ The formulation is chosen at trace time:
 Parameters are untouched: the GEMM path reads the same HWIO kernels (``kernel.reshape(kh*kw*cin,
 cout)``), so parameter names, shapes and initial values are those of the plain flax modules.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,7 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 
-__all__ = ["gemm_convs", "gemm_convs_active", "conv_general_dilated", "conv_transpose", "Conv",
-           "ConvTranspose"]
+__all__ = ["gemm_convs", "gemm_convs_active", "conv_general_dilated", "conv_transpose", "Conv", "ConvTranspose"]
 
 _GEMM = jax.make_user_context(default_value=False)
 # Rebuild the im2col patches in the backward pass (jax.checkpoint) instead of keeping them from the
@@ -89,8 +89,18 @@ def _channels_last_dn(ndim: int) -> lax.ConvDimensionNumbers:
   return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
-def _conv_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-               feature_group_count, precision, kwargs):  # kwargs: a dict this consumes
+def _conv_gemm(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation,
+  rhs_dilation,
+  dimension_numbers,
+  feature_group_count,
+  precision,
+  kwargs,
+):  # kwargs: a dict this consumes
   """im2col + dot_general, or None where this formulation does not apply (caller falls back)."""
   preferred = kwargs.pop("preferred_element_type", None)
   if kwargs.pop("out_sharding", None) is not None:  # explicit-sharding outputs: leave to XLA's conv
@@ -138,12 +148,16 @@ def _conv_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, di
     taps = []
     for idx in itertools.product(*(range(k) for k in ksize)):
       start = (0,) + tuple(i * d for i, d in zip(idx, dil)) + (0,)
-      limit = (n,) + tuple(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides)) \
-          + (cin,)
+      limit = (n,) + tuple(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides)) + (cin,)
       taps.append(lax.slice(xp, start, limit, (1,) + strides + (1,)))
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-    return lax.dot_general(patches, rhs.reshape(w_shape), (((nd - 1,), (0,)), ((), ())),
-                           precision=precision, preferred_element_type=preferred)
+    return lax.dot_general(
+      patches,
+      rhs.reshape(w_shape),
+      (((nd - 1,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=preferred,
+    )
 
   # The patch matrix is kh*kw times the input: under jax.checkpoint the backward pass rebuilds it
   # from the (padded) input instead of keeping it alive from the forward pass (on an H200,
@@ -175,8 +189,18 @@ def _wgrad_gemm_conv(xla_conv, gemm_conv):
   return f
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **kwargs,
+):
   """Drop-in for ``jax.lax.conv_general_dilated`` (the call ``nnx.Conv`` makes).
 
   Outside ``gemm_convs()``: exactly ``lax.conv_general_dilated``. Inside: channels-last convs
@@ -193,24 +217,50 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """
   mode = gemm_convs_mode()
   if mode is not None:
-    def gemm(l, r):  # None where the GEMM formulation does not apply
-      return _conv_gemm(l, r, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                        feature_group_count, precision, dict(kwargs))
 
-    if mode == "gemm" or math.prod(rhs.shape[:lhs.ndim - 2]) == 1:
+    def gemm(l, r):  # None where the GEMM formulation does not apply
+      return _conv_gemm(
+        l,
+        r,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision,
+        dict(kwargs),
+      )
+
+    if mode == "gemm" or math.prod(rhs.shape[: lhs.ndim - 2]) == 1:
       out = gemm(lhs, rhs)
       if out is not None:
         return out
     elif mode == "wgrad" and jax.eval_shape(gemm, lhs, rhs) is not None:
-      xla_conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-                                   lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                                   dimension_numbers=dimension_numbers,
-                                   feature_group_count=feature_group_count, precision=precision, **kwargs)
+      xla_conv = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+      )
       return _wgrad_gemm_conv(xla_conv, gemm)(lhs, rhs)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  feature_group_count=feature_group_count, precision=precision,
-                                  **kwargs)
+  return lax.conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    precision=precision,
+    **kwargs,
+  )
 
 
 def _tuple(x, n):
@@ -224,10 +274,15 @@ def _tuple(x, n):
 def _pixel_shuffle_applies(module: nnx.ConvTranspose, x) -> bool:
   ks = module.kernel_size
   ks = (ks,) if isinstance(ks, int) else tuple(ks)
-  return (len(ks) == 2 and x.ndim >= 4 and _tuple(module.strides, 2) == ks
-          and _tuple(module.kernel_dilation, 2) == (1, 1) and module.mask is None
-          and not module.transpose_kernel
-          and canonicalize_padding(module.padding, 2) in ("SAME", "VALID"))
+  return (
+    len(ks) == 2
+    and x.ndim >= 4
+    and _tuple(module.strides, 2) == ks
+    and _tuple(module.kernel_dilation, 2) == (1, 1)
+    and module.mask is None
+    and not module.transpose_kernel
+    and canonicalize_padding(module.padding, 2) in ("SAME", "VALID")
+  )
 
 
 def conv_transpose(module: nnx.ConvTranspose, x):
@@ -247,8 +302,13 @@ def conv_transpose(module: nnx.ConvTranspose, x):
   bias = module.bias[...] if module.bias is not None else None
   x, kernel, bias = module.promote_dtype((x, kernel, bias), dtype=module.dtype)
   kh, kw, _, cout = kernel.shape
-  y = jnp.einsum("...hwc,abco->...hawbo", x, kernel[::-1, ::-1], precision=module.precision,
-                 preferred_element_type=module.preferred_element_type)
+  y = jnp.einsum(
+    "...hwc,abco->...hawbo",
+    x,
+    kernel[::-1, ::-1],
+    precision=module.precision,
+    preferred_element_type=module.preferred_element_type,
+  )
   *batch, h, _, w, _, _ = y.shape
   y = y.reshape(*batch, h * kh, w * kw, cout)
   if module.use_bias:

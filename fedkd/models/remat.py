@@ -8,6 +8,7 @@ recomputes one block's activations right before that block's gradient — activa
 block inputs plus one block instead of every intermediate of the network. Numerics are unchanged.
 The engine enables it for ``engine.remat=True`` (``fedkd.fl.engine.client_update``).
 """
+
 from __future__ import annotations
 
 import functools

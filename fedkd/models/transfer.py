@@ -4,9 +4,11 @@ Works on the nested dicts of ``nnx.to_pure_dict`` (list levels such as ``layers`
 e.g. TransUNet params, whose encoder (CNN stem, patch projection, position embedding, ViT layers,
 final norm) lives entirely under ``"encoder"``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -73,13 +75,15 @@ def load_encoder(student_params, foundation_params, prefix=("encoder",), require
   try:
     s_enc = _get(student_params, prefix)
   except KeyError:
-    raise ValueError(f"the student params have no {_fmt(prefix)!r} subtree; top-level keys: "
-                     f"{sorted(map(str, student_params))}") from None
+    raise ValueError(
+      f"the student params have no {_fmt(prefix)!r} subtree; top-level keys: {sorted(map(str, student_params))}"
+    ) from None
   try:
     f_enc = _get(foundation_params, prefix)
   except KeyError:
-    raise ValueError(f"the foundation params have no {_fmt(prefix)!r} subtree; top-level keys: "
-                     f"{sorted(map(str, foundation_params))}") from None
+    raise ValueError(
+      f"the foundation params have no {_fmt(prefix)!r} subtree; top-level keys: {sorted(map(str, foundation_params))}"
+    ) from None
 
   report = dict(loaded=[], skipped_shape=[], missing_in_foundation=[], unused_in_foundation=[])
   new = student_params
@@ -104,14 +108,17 @@ def load_encoder(student_params, foundation_params, prefix=("encoder",), require
   s_paths = {p for p, _ in _leaves(s_enc)}
   report["unused_in_foundation"] = [prefix + p for p, _ in _leaves(f_enc) if p not in s_paths]
 
-  shapes = "; ".join(f"{_fmt(p)}: student {s} vs foundation {f}"
-                     for p, s, f in report["skipped_shape"][:4])
-  hint = (f"the student's encoder must share hidden size/patch size (and heads, mlp_dim) with the "
-          f"foundation; got hidden {_hidden(s_enc)} (student) vs {_hidden(f_enc)} (foundation)")
+  shapes = "; ".join(f"{_fmt(p)}: student {s} vs foundation {f}" for p, s, f in report["skipped_shape"][:4])
+  hint = (
+    f"the student's encoder must share hidden size/patch size (and heads, mlp_dim) with the "
+    f"foundation; got hidden {_hidden(s_enc)} (student) vs {_hidden(f_enc)} (foundation)"
+  )
   if not report["loaded"]:
-    raise ValueError(f"no encoder parameter of the foundation matches the student: {hint}; "
-                     f"shape mismatches: {shapes or 'none'}; "
-                     f"{len(report['missing_in_foundation'])} student paths missing in foundation")
+    raise ValueError(
+      f"no encoder parameter of the foundation matches the student: {hint}; "
+      f"shape mismatches: {shapes or 'none'}; "
+      f"{len(report['missing_in_foundation'])} student paths missing in foundation"
+    )
   loaded_keys = {p[len(prefix)] for p in report["loaded"]}
   for key in require:
     if key not in s_enc:
@@ -119,7 +126,9 @@ def load_encoder(student_params, foundation_params, prefix=("encoder",), require
     bad = [(p, s, f) for p, s, f in report["skipped_shape"] if p[len(prefix)] == key]
     if bad or key not in loaded_keys:
       bad_s = "; ".join(f"{_fmt(p)}: student {s} vs foundation {f}" for p, s, f in bad[:4])
-      raise ValueError(f"the foundation's encoder {key!r} do not match the student's (a "
-                       f"transformer layer must be transferred whole; {len(bad)} of its leaves "
-                       f"differ in shape: {bad_s or 'none'}): {hint}")
+      raise ValueError(
+        f"the foundation's encoder {key!r} do not match the student's (a "
+        f"transformer layer must be transferred whole; {len(bad)} of its leaves "
+        f"differ in shape: {bad_s or 'none'}): {hint}"
+      )
   return new, report

@@ -32,6 +32,7 @@ im2col + GEMM under ``fedkd.models.conv.gemm_convs()`` (batched GEMMs, not group
 vmap over clients), plain XLA convs otherwise, with plain ``nnx.Conv`` parameters. Stem stages,
 transformer layers and decoder blocks are remat units (``fedkd.models.remat``). (The bilinear x2 upsampling is a resize, i.e. matmuls, not a convolution.)
 """
+
 from __future__ import annotations
 
 import math
@@ -110,7 +111,6 @@ class MultiHeadSelfAttention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-
   def __init__(self, hidden: int, mlp_dim: int, *, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(hidden, mlp_dim, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_dim, hidden, rngs=rngs)
@@ -138,25 +138,34 @@ class Encoder(nnx.Module):
   """CNN stem (downsample by patch_size) -> 1x1 patch projection + learned position embedding ->
   ViT layers -> final LayerNorm."""
 
-  def __init__(self, *, in_channels: int, image_size: int, patch_size: int, stem_width: int,
-               hidden: int, num_layers: int, num_heads: int, mlp_dim: int, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    in_channels: int,
+    image_size: int,
+    patch_size: int,
+    stem_width: int,
+    hidden: int,
+    num_layers: int,
+    num_heads: int,
+    mlp_dim: int,
+    rngs: nnx.Rngs,
+  ):
     n_stages = int(round(math.log2(patch_size))) if patch_size > 0 else -1
-    if patch_size < 2 or 2 ** n_stages != patch_size:
+    if patch_size < 2 or 2**n_stages != patch_size:
       raise ValueError(f"patch_size must be a power of two >= 2, got {patch_size}")
     if image_size % patch_size:
       raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
     self.grid = image_size // patch_size
-    self.stem_channels = tuple(stem_width * 2 ** i for i in range(n_stages))
+    self.stem_channels = tuple(stem_width * 2**i for i in range(n_stages))
     stages, cin = [], in_channels
     for c in self.stem_channels:
       stages.append(StemStage(cin, c, rngs=rngs))
       cin = c
     self.stem = nnx.List(stages)
     self.patch_proj = Conv(cin, hidden, (1, 1), rngs=rngs)
-    self.pos_embed = nnx.Param(
-        0.02 * jax.random.normal(rngs.params(), (1, self.grid * self.grid, hidden)))
-    self.layers = nnx.List(
-        [TransformerBlock(hidden, num_heads, mlp_dim, rngs=rngs) for _ in range(num_layers)])
+    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, self.grid * self.grid, hidden)))
+    self.layers = nnx.List([TransformerBlock(hidden, num_heads, mlp_dim, rngs=rngs) for _ in range(num_layers)])
     self.norm = nnx.LayerNorm(hidden, epsilon=1e-6, rngs=rngs)
 
   def run_stem(self, x):
@@ -172,8 +181,10 @@ class Encoder(nnx.Module):
     x = self.patch_proj(stem_out)
     b, h, w, d = x.shape
     if h != self.grid or w != self.grid:
-      raise ValueError(f"token grid {h}x{w} does not match the position embedding "
-                       f"({self.grid}x{self.grid}); the model was built for another image_size")
+      raise ValueError(
+        f"token grid {h}x{w} does not match the position embedding "
+        f"({self.grid}x{self.grid}); the model was built for another image_size"
+      )
     return x.reshape(b, h * w, d) + self.pos_embed[...]
 
   def transform(self, tokens):
@@ -195,7 +206,6 @@ def _upsample2x(x):
 
 
 class DecoderBlock(nnx.Module):
-
   def __init__(self, cin: int, cskip: int, cout: int, *, rngs: nnx.Rngs):
     self.conv1 = Conv(cin + cskip, cout, (3, 3), rngs=rngs)
     self.norm1 = nnx.GroupNorm(cout, num_groups=_groups(cout), rngs=rngs)
@@ -216,8 +226,7 @@ class Decoder(nnx.Module):
   blocks with channels decoder_width/2, /4, ... (floor 8); with ``skips`` the stem stage outputs
   of matching resolution are concatenated (all but the last, full-resolution block)."""
 
-  def __init__(self, *, hidden: int, decoder_width: int, stem_channels: tuple[int, ...],
-               skips: bool, rngs: nnx.Rngs):
+  def __init__(self, *, hidden: int, decoder_width: int, stem_channels: tuple[int, ...], skips: bool, rngs: nnx.Rngs):
     n = len(stem_channels)
     self.skips = skips
     self.conv_more = ConvNormAct(hidden, decoder_width, rngs=rngs)
@@ -251,15 +260,36 @@ class TransUNet(nnx.Module):
   Param top-level keys: exactly {"encoder", "decoder", "head"} (layout: module docstring).
   """
 
-  def __init__(self, *, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
-               patch_size: int = 8, stem_width: int = 16, hidden: int = 64, num_layers: int = 4,
-               num_heads: int = 4, mlp_dim: int = 128, decoder_width: int = 32,
-               skips: bool = False, rngs: nnx.Rngs):
-    self.encoder = Encoder(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-                           stem_width=stem_width, hidden=hidden, num_layers=num_layers,
-                           num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs)
-    self.decoder = Decoder(hidden=hidden, decoder_width=decoder_width,
-                           stem_channels=self.encoder.stem_channels, skips=skips, rngs=rngs)
+  def __init__(
+    self,
+    *,
+    in_channels: int = 1,
+    num_classes: int = 3,
+    image_size: int = 64,
+    patch_size: int = 8,
+    stem_width: int = 16,
+    hidden: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    mlp_dim: int = 128,
+    decoder_width: int = 32,
+    skips: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.encoder = Encoder(
+      in_channels=in_channels,
+      image_size=image_size,
+      patch_size=patch_size,
+      stem_width=stem_width,
+      hidden=hidden,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      mlp_dim=mlp_dim,
+      rngs=rngs,
+    )
+    self.decoder = Decoder(
+      hidden=hidden, decoder_width=decoder_width, stem_channels=self.encoder.stem_channels, skips=skips, rngs=rngs
+    )
     self.head = Conv(self.decoder.out_channels[-1], num_classes, (3, 3), rngs=rngs)
 
   def forward_with_features(self, x):

@@ -1,4 +1,5 @@
 """UNet segmenter in Flax NNX with GroupNorm (batch-independent, right for non-IID clients)."""
+
 from __future__ import annotations
 
 import jax
@@ -35,9 +36,17 @@ class UNet(nnx.Module):
   (encoder, bottleneck, decoder) is one remat unit under ``fedkd.models.remat.remat_blocks()``.
   """
 
-  def __init__(self, *, in_channels: int = 1, num_classes: int = 3, width: int = 16, depth: int = 3,
-               groups: int = 8, rngs: nnx.Rngs):
-    chans = [width * 2 ** i for i in range(depth)]
+  def __init__(
+    self,
+    *,
+    in_channels: int = 1,
+    num_classes: int = 3,
+    width: int = 16,
+    depth: int = 3,
+    groups: int = 8,
+    rngs: nnx.Rngs,
+  ):
+    chans = [width * 2**i for i in range(depth)]
     self.depth = depth
     enc, cin = [], in_channels
     for c in chans:

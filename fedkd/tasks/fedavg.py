@@ -1,12 +1,13 @@
 """Federated training of the segmenter on simulated hospitals (FedAvg family), with evaluation,
 checkpoints and exact resume. Python loops over rounds only; each round is one jitted program."""
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ class Evaluator:
 
   def __init__(self, config, apply, eval_sets: dict[str, tuple]):
     self.sets = eval_sets
-    self.classes = list(enumerate(CLASS_NAMES[:config.model.num_classes]))[1:]
+    self.classes = list(enumerate(CLASS_NAMES[: config.model.num_classes]))[1:]
     self._predict = make_predictor(apply, config.eval.batch_size)
 
   def site_metrics(self, params, images, masks) -> dict[str, float]:
@@ -99,34 +100,42 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
       else:
         out[f"{prefix}{k}"] = v
     return out
+
   a, b = flat(saved), flat(current)
   # A key the checkpoint's config lacks was added to the schema later; its default keeps the old
   # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.
   defaults = flat(base_config().to_dict())
-  diff = sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and not _may_change(k)
-                and not (k not in a and k in defaults and b.get(k) == defaults[k]))
+  diff = sorted(
+    k
+    for k in set(a) | set(b)
+    if a.get(k) != b.get(k) and not _may_change(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])
+  )
   if diff:
     k = diff[0]
     # ResumeRefused, not CheckpointError: this checkpoint is intact but belongs to another experiment,
     # so restore_latest must not take it for damage and fall back over (and then condemn) every step.
     raise ckpt_lib.ResumeRefused(
-        f"the checkpoint in {directory} was written with config.{k}={a.get(k)!r} but this run has "
-        f"{b.get(k)!r} ({len(diff)} key(s) differ: {', '.join(diff[:5])}); use a new --workdir to start "
-        "a different experiment, or the original config to resume")
+      f"the checkpoint in {directory} was written with config.{k}={a.get(k)!r} but this run has "
+      f"{b.get(k)!r} ({len(diff)} key(s) differ: {', '.join(diff[:5])}); use a new --workdir to start "
+      "a different experiment, or the original config to resume"
+    )
 
 
 def _diverged(r: int, m: dict, clients: np.ndarray, config, good: int | None, ckdir: str) -> DivergedError:
   bad = [int(c) for c, ok in zip(clients, np.asarray(m["client_finite"])) if not ok]
-  who = (f"non-finite updates from client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} of "
-         f"{len(clients)}" if bad else "the aggregate became non-finite")
+  who = (
+    f"non-finite updates from client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} of {len(clients)}"
+    if bad
+    else "the aggregate became non-finite"
+  )
   lr = config.client_optimizer.learning_rate
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
   return DivergedError(
-      f"training diverged in round {r}: loss {float(m['loss'])}, {who}; likely cause: a learning rate too "
-      f"large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
-      f"{config.server_optimizer.learning_rate:g}): lower it, or set --config.engine.skip_nonfinite_clients=True "
-      f"to drop such clients; {kept}, nothing of this round was saved")
+    f"training diverged in round {r}: loss {float(m['loss'])}, {who}; likely cause: a learning rate too "
+    f"large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
+    f"{config.server_optimizer.learning_rate:g}): lower it, or set --config.engine.skip_nonfinite_clients=True "
+    f"to drop such clients; {kept}, nothing of this round was saved"
+  )
 
 
 def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
@@ -144,8 +153,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   workdir = prepare(os.fspath(workdir))
   mesh = client_mesh(n_dev)
   rows = local_rows(mesh, config.clients_per_round)
-  parallelism, unroll = engine.resolve_engine_options(config.engine, model=config.model.name,
-                                                      clients_per_shard=config.clients_per_round // n_dev)
+  parallelism, unroll = engine.resolve_engine_options(
+    config.engine, model=config.model.name, clients_per_shard=config.clients_per_round // n_dev
+  )
   data = make_client_data(config)
   sizes = data.sizes
 
@@ -154,24 +164,37 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   client_tx = engine.make_optimizer(config.client_optimizer)
   server_tx = engine.make_optimizer(config.server_optimizer)
   algorithm = config.algorithm.name
-  state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed), algorithm=algorithm),
-                    mesh)
+  state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed), algorithm=algorithm), mesh)
   # Per-client state of stateful algorithms (SCAFFOLD's c_i), rows of all num_clients clients on the
   # host or the devices (config.algorithm.client_state); None for FedAvg.
   init_rows = engine.init_client_state(params, 1, algorithm)
-  clients_store = None if init_rows is None else client_state_lib.make_client_state(
-      config.algorithm.client_state, jax.tree.map(lambda a: np.asarray(a[0]), init_rows),
-      config.num_clients, mesh, rows)
+  clients_store = (
+    None
+    if init_rows is None
+    else client_state_lib.make_client_state(
+      config.algorithm.client_state, jax.tree.map(lambda a: np.asarray(a[0]), init_rows), config.num_clients, mesh, rows
+    )
+  )
   del init_rows
 
   def build_round_fn(strategy):
     return engine.make_round_fn(
-        apply, loss_fn, client_tx, server_tx, mesh, client_parallelism=strategy,
-        unroll_local_steps=unroll, client_chunk=config.engine.client_chunk,
-        chunk_strategy=config.engine.chunk_strategy,
-        compute_dtype=jnp.dtype(config.engine.compute_dtype), remat=config.engine.remat,
-        algorithm=algorithm, client_lr=float(config.client_optimizer.learning_rate),
-        num_clients=config.num_clients, skip_nonfinite=config.engine.skip_nonfinite_clients)
+      apply,
+      loss_fn,
+      client_tx,
+      server_tx,
+      mesh,
+      client_parallelism=strategy,
+      unroll_local_steps=unroll,
+      client_chunk=config.engine.client_chunk,
+      chunk_strategy=config.engine.chunk_strategy,
+      compute_dtype=jnp.dtype(config.engine.compute_dtype),
+      remat=config.engine.remat,
+      algorithm=algorithm,
+      client_lr=float(config.client_optimizer.learning_rate),
+      num_clients=config.num_clients,
+      skip_nonfinite=config.engine.skip_nonfinite_clients,
+    )
 
   round_fn = None if parallelism == "measure" else build_round_fn(parallelism)
 
@@ -189,8 +212,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       n_rows = ckpt.saved_client_rows(r)
       if n_rows is None:
         raise ckpt_lib.ResumeRefused(
-            f"the checkpoint for round {r} in {ckpt.directory} holds no per-client state, which "
-            f"algorithm {algorithm!r} needs; use a new --workdir or the config it was written with")
+          f"the checkpoint for round {r} in {ckpt.directory} holds no per-client state, which "
+          f"algorithm {algorithm!r} needs; use a new --workdir or the config it was written with"
+        )
       rows_state = ckpt.restore_client_state(r, clients_store.empty_state_dict(n_rows))
     return restored, data_state, rows_state
 
@@ -199,9 +223,10 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     if start > config.num_rounds:
       ckpt.close()
       raise ckpt_lib.ResumeRefused(
-          f"{workdir} already holds round {start}, beyond config.num_rounds={config.num_rounds}; pass "
-          f"--config.num_rounds={start} (or more) to continue it, evaluate an earlier round with "
-          f"python -m fedkd.eval --workdir={workdir} --round=R, or use a new --workdir")
+        f"{workdir} already holds round {start}, beyond config.num_rounds={config.num_rounds}; pass "
+        f"--config.num_rounds={start} (or more) to continue it, evaluate an earlier round with "
+        f"python -m fedkd.eval --workdir={workdir} --round=R, or use a new --workdir"
+      )
     state, data_state, rows_state = loaded
     data.set_state(data_state)
     if clients_store is not None:
@@ -213,7 +238,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     runlog.truncate_after(-1)  # records of an attempt that died before its first checkpoint
     if primary:
       write_atomic(workdir / "config.json", json.dumps(cfg_json, indent=2))
-  del like, loaded
+  del loaded
 
   n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
   evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
@@ -225,14 +250,16 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     runlog.record(rec)
     return rec, per_site
 
-  log(f"fedkd {algorithm}"
-      f"{'' if clients_store is None else ' (per-client state ' + clients_store.describe() + ')'}: "
-      f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
-      f"{config.local_steps} local steps x batch {config.batch_size}, {config.image_size}px, "
-      f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
-      f"clients run as {parallelism}{', steps unrolled' if unroll else ''}"
-      f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
-      f"{', remat' if config.engine.remat else ''}")
+  log(
+    f"fedkd {algorithm}"
+    f"{'' if clients_store is None else ' (per-client state ' + clients_store.describe() + ')'}: "
+    f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
+    f"{config.local_steps} local steps x batch {config.batch_size}, {config.image_size}px, "
+    f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
+    f"clients run as {parallelism}{', steps unrolled' if unroll else ''}"
+    f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
+    f"{', remat' if config.engine.remat else ''}"
+  )
   rec, per_site = None, None
   if start == 0:
     rec, per_site = evaluate(0)
@@ -252,11 +279,18 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if clients_store is not None:  # the sampled clients' rows, split over the mesh like the data
         batch = (*batch, clients_store.gather(clients))
       if round_fn is None:  # engine.client_parallelism 'measure': time the strategies on this round
-        log(f"timing client strategies on round {r}'s shapes ({config.clients_per_round // n_dev} "
-            "client(s) per device):")
+        log(
+          f"timing client strategies on round {r}'s shapes ({config.clients_per_round // n_dev} client(s) per device):"
+        )
         parallelism, round_fn, _ = engine.measure_strategy(
-            build_round_fn, engine.measure_candidates(jax.default_backend(), config.clients_per_round // n_dev,
-                                                      config.engine.client_chunk), state, batch, log=log)
+          build_round_fn,
+          engine.measure_candidates(
+            jax.default_backend(), config.clients_per_round // n_dev, config.engine.client_chunk
+          ),
+          state,
+          batch,
+          log=log,
+        )
         log(f"  -> clients run as {parallelism}")
         t0 = time.time()
       if clients_store is None:
@@ -264,8 +298,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       else:
         state, m, new_rows = round_fn(state, *batch)
       loss = float(m["loss"])  # waits for the round
-      client_ok = np.asarray(m["client_finite"] if jax.process_count() == 1 else
-                             multihost_utils.process_allgather(m["client_finite"], tiled=True))
+      client_ok = np.asarray(
+        m["client_finite"]
+        if jax.process_count() == 1
+        else multihost_utils.process_allgather(m["client_finite"], tiled=True)
+      )
       if not bool(m["finite"]) or not client_ok.any():
         raise _diverged(r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory)
       if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
@@ -281,19 +318,17 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         pace = f"{imgs_per_round / per:7.1f} img/s  eta {(config.num_rounds - r) * per:5.0f}s"
       else:
         pace = "(includes compilation)"
-      line = (f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  "
-              f"{dt:6.2f}s  {pace}")
-      runlog.scalars(r, {"train/loss": loss, "train/round_seconds": dt,
-                         "train/images_per_s": imgs_per_round / dt})
+      line = (
+        f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
+      )
+      runlog.scalars(r, {"train/loss": loss, "train/round_seconds": dt, "train/images_per_s": imgs_per_round / dt})
       if r % config.eval.every == 0 or r == config.num_rounds:
         rec, per_site = evaluate(r)
-        line += (f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire "
-                 f"{rec['dice/guidewire']:.4f}")
+        line += f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
       log(line)
       stopping = stop is not None and stop.requested(r)
       if stopping or r % config.checkpoint.every == 0 or r == config.num_rounds:
-        ckpt.save(r, state, cfg_json, data.get_state(),
-                  None if clients_store is None else clients_store.state_dict())
+        ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
         last_saved = r
       if stopping and r < config.num_rounds:
         ckpt.wait()
@@ -307,14 +342,18 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     rec = summarize(config.num_rounds, per_site, unseen_name)
   log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
   log(format_table(per_site, unseen_name))
-  log(f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
-      f"tb/ (TensorBoard: tensorboard --logdir {workdir / 'tb'}), config.json, "
-      "checkpoints/ (orbax; re-run with the same --workdir to resume)")
+  log(
+    f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
+    f"tb/ (TensorBoard: tensorboard --logdir {workdir / 'tb'}), config.json, "
+    "checkpoints/ (orbax; re-run with the same --workdir to resume)"
+  )
   if clients_store is not None:
     log(f"client state {clients_store.describe()}")
   if timed_rounds:
-    log(f"training speed: {imgs_per_round * timed_rounds / timed_s:.1f} images/s over {timed_rounds} "
-        f"rounds (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s")
+    log(
+      f"training speed: {imgs_per_round * timed_rounds / timed_s:.1f} images/s over {timed_rounds} "
+      f"rounds (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s"
+    )
   sys.stdout.flush()
   out = {"state": state, "metrics": rec, "per_site": per_site}
   if clients_store is not None:

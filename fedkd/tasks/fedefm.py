@@ -26,6 +26,7 @@ foundation is in results_raw.jsonl. Nothing else carries state between rounds: t
 start fresh each round, the round programs draw no random numbers, and round r's batches (and MATCHA's
 mixing matrix) are functions of (seed, r) only, so a resumed run is bitwise the uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,13 +63,25 @@ from fedkd.sharding import client_mesh, shard_clients
 from fedkd.workdir import write_atomic
 
 # (hospital profile, labelled structures) of each pretraining data type.
-DATA_TYPES = (("flatpanel_1024_cine", "vessel"), ("animal_porcine", "catheter"),
-              ("silicone_phantom", "catheter_guidewire"), ("simulator_clean", "all"))
+DATA_TYPES = (
+  ("flatpanel_1024_cine", "vessel"),
+  ("animal_porcine", "catheter"),
+  ("silicone_phantom", "catheter_guidewire"),
+  ("simulator_clean", "all"),
+)
 TARGET = ("unseen_mobile_c_arm", "catheter_guidewire")
 METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
 SEG_LOSS = ml_collections.ConfigDict(dict(name="dice_ce", ce_weight=0.5, dice_weight=0.5))
-RESULT_KEYS = ("unseen_percent", "method", "teacher_kd", "seed", "dice/catheter", "dice/guidewire",
-               "iou/catheter", "iou/guidewire")
+RESULT_KEYS = (
+  "unseen_percent",
+  "method",
+  "teacher_kd",
+  "seed",
+  "dice/catheter",
+  "dice/guidewire",
+  "iou/catheter",
+  "iou/guidewire",
+)
 # Config groups that do not change any number in the results: a workdir's results and checkpoints
 # stay valid when only these differ.
 FREE_KEYS = ("experiment", "checkpoint", "log_every")
@@ -95,8 +108,10 @@ def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool =
   v = _value(c, key)
   kind = int if integer else (int, float)
   if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
-    raise ConfigError(f"config.{key}={v!r} must be {'an integer' if integer else 'a number'} {rule}; "
-                      f"set --config.{key} to a value {rule}")
+    raise ConfigError(
+      f"config.{key}={v!r} must be {'an integer' if integer else 'a number'} {rule}; "
+      f"set --config.{key} to a value {rule}"
+    )
   return v
 
 
@@ -126,8 +141,10 @@ def load_adjacency(c) -> np.ndarray:
   except (OSError, ValueError) as e:  # TopologyError is a ValueError
     raise ConfigError(f"config.fedefm.topology={topo!r} does not load: {str(e).splitlines()[0]}") from None
   if adj.shape[0] != n:
-    raise ConfigError(f"config.fedefm.topology={topo!r} has {adj.shape[0]} nodes but config.pretrain.num_silos="
-                      f"{n}; give a topology with {n} nodes or set --config.pretrain.num_silos={adj.shape[0]}")
+    raise ConfigError(
+      f"config.fedefm.topology={topo!r} has {adj.shape[0]} nodes but config.pretrain.num_silos="
+      f"{n}; give a topology with {n} nodes or set --config.pretrain.num_silos={adj.shape[0]}"
+    )
   adj = adj.copy()
   np.fill_diagonal(adj, False)
   return adj
@@ -136,21 +153,32 @@ def load_adjacency(c) -> np.ndarray:
 def _validate_model(c, name: str) -> None:
   m = c[name]
   if m.name == "transunet":
-    for k in ("num_classes", "patch_size", "stem_width", "hidden", "num_layers", "num_heads", "mlp_dim",
-              "decoder_width", "image_size"):
+    for k in (
+      "num_classes",
+      "patch_size",
+      "stem_width",
+      "hidden",
+      "num_layers",
+      "num_heads",
+      "mlp_dim",
+      "decoder_width",
+      "image_size",
+    ):
       _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
     if m.patch_size < 2 or m.patch_size & (m.patch_size - 1):
-      raise ConfigError(f"config.{name}.patch_size={m.patch_size} must be a power of two >= 2 (the decoder "
-                        "upsamples by 2 per stem stage)")
+      raise ConfigError(
+        f"config.{name}.patch_size={m.patch_size} must be a power of two >= 2 (the decoder "
+        "upsamples by 2 per stem stage)"
+      )
     if m.hidden % m.num_heads:
-      raise ConfigError(f"config.{name}.hidden={m.hidden} must be divisible by config.{name}.num_heads="
-                        f"{m.num_heads}")
+      raise ConfigError(f"config.{name}.hidden={m.hidden} must be divisible by config.{name}.num_heads={m.num_heads}")
   else:
     for k in ("num_classes", "width", "depth", "groups"):
       _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
     if m.width % m.groups:
-      raise ConfigError(f"config.{name}.width={m.width} must be divisible by config.{name}.groups={m.groups} "
-                        "(GroupNorm)")
+      raise ConfigError(
+        f"config.{name}.width={m.width} must be divisible by config.{name}.groups={m.groups} (GroupNorm)"
+      )
 
 
 def validate(c) -> dict:
@@ -168,16 +196,36 @@ def validate(c) -> dict:
   check_finite(c)
   pos, nonneg, unit = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v <= 1)
   _number(c, "seed", nonneg, ">= 0", integer=True)
-  for key in ("image_size", "pretrain.num_silos", "pretrain.num_rounds", "pretrain.local_steps",
-              "pretrain.batch_size", "pretrain.examples_per_silo", "downstream.train_examples",
-              "downstream.test_examples", "downstream.steps", "downstream.batch_size", "eval.batch_size",
-              "fedefm.expert_steps", "fedefm.emd_iters", "checkpoint.every", "checkpoint.max_to_keep",
-              "log_every"):
+  for key in (
+    "image_size",
+    "pretrain.num_silos",
+    "pretrain.num_rounds",
+    "pretrain.local_steps",
+    "pretrain.batch_size",
+    "pretrain.examples_per_silo",
+    "downstream.train_examples",
+    "downstream.test_examples",
+    "downstream.steps",
+    "downstream.batch_size",
+    "eval.batch_size",
+    "fedefm.expert_steps",
+    "fedefm.emd_iters",
+    "checkpoint.every",
+    "checkpoint.max_to_keep",
+    "log_every",
+  ):
     _number(c, key, pos, ">= 1", integer=True)
   _number(c, "fedefm.warmup_rounds", nonneg, ">= 0", integer=True)
-  for key in ("pretrain.learning_rate", "pretrain.expert_learning_rate", "downstream.learning_rate",
-              "fedefm.temperature", "fedefm.emd_epsilon", "fedefm.weight_temperature", "fedefm.moon_tau",
-              "downstream.kd_temperature"):
+  for key in (
+    "pretrain.learning_rate",
+    "pretrain.expert_learning_rate",
+    "downstream.learning_rate",
+    "fedefm.temperature",
+    "fedefm.emd_epsilon",
+    "fedefm.weight_temperature",
+    "fedefm.moon_tau",
+    "downstream.kd_temperature",
+  ):
     _number(c, key, pos, "> 0")
   for key in ("fedefm.moon_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
     _number(c, key, nonneg, ">= 0")
@@ -190,18 +238,25 @@ def validate(c) -> dict:
   if not isinstance(c.fedefm.detach_weights, bool):
     raise ConfigError(f"config.fedefm.detach_weights={c.fedefm.detach_weights!r} must be True or False")
   if c.pretrain.unseen_percent == 100 and c.pretrain.num_silos > len(DATA_TYPES):
-    raise ConfigError(f"config.pretrain.num_silos={c.pretrain.num_silos}: 100% unseen labels needs at "
-                      f"most {len(DATA_TYPES)} silos (one data type each)")
+    raise ConfigError(
+      f"config.pretrain.num_silos={c.pretrain.num_silos}: 100% unseen labels needs at "
+      f"most {len(DATA_TYPES)} silos (one data type each)"
+    )
   if c.fedefm.expert_steps > c.pretrain.local_steps:
-    raise ConfigError(f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
-                      f"config.pretrain.local_steps={c.pretrain.local_steps} (experts use the neighbour's batches)")
+    raise ConfigError(
+      f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
+      f"config.pretrain.local_steps={c.pretrain.local_steps} (experts use the neighbour's batches)"
+    )
   _number(c, "mesh.client_devices", nonneg, ">= 0 (0 = automatic)", integer=True)
   if c.mesh.client_devices and c.pretrain.num_silos % c.mesh.client_devices:
-    raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} must divide "
-                      f"config.pretrain.num_silos={c.pretrain.num_silos} (or be 0 = automatic)")
+    raise ConfigError(
+      f"config.mesh.client_devices={c.mesh.client_devices} must divide "
+      f"config.pretrain.num_silos={c.pretrain.num_silos} (or be 0 = automatic)"
+    )
   if c.mesh.client_devices > jax.device_count():
-    raise ConfigError(f"config.mesh.client_devices={c.mesh.client_devices} but only {jax.device_count()} "
-                      "device(s) are visible")
+    raise ConfigError(
+      f"config.mesh.client_devices={c.mesh.client_devices} but only {jax.device_count()} device(s) are visible"
+    )
   methods = _csv(c.experiment.methods)
   for m in methods + _csv(c.experiment.kd_methods) + _csv(c.experiment.ablation_methods):
     if m not in METHODS:
@@ -224,34 +279,49 @@ def validate(c) -> dict:
     if not math.isfinite(p) or not 0 <= p <= 100 or (p == 100 and c.pretrain.num_silos > len(DATA_TYPES)):
       raise ConfigError(f"config.experiment.ablation_percents: {p} is not a valid unseen-label %")
   if c.teacher.name != c.student.name or c.teacher.name not in ("transunet", "unet"):
-    raise ConfigError(f"config.teacher.name={c.teacher.name!r} / config.student.name={c.student.name!r}: "
-                      "use the same model family for both, transunet or unet")
+    raise ConfigError(
+      f"config.teacher.name={c.teacher.name!r} / config.student.name={c.student.name!r}: "
+      "use the same model family for both, transunet or unet"
+    )
   _validate_model(c, "teacher")
   _validate_model(c, "student")
   if c.student.num_classes < 3:
-    raise ConfigError(f"config.student.num_classes={c.student.num_classes} must be >= 3 (background, "
-                      "catheter, guidewire)")
+    raise ConfigError(
+      f"config.student.num_classes={c.student.num_classes} must be >= 3 (background, catheter, guidewire)"
+    )
   if c.teacher.num_classes < c.student.num_classes:
-    raise ConfigError(f"config.teacher.num_classes={c.teacher.num_classes} must be >= config.student.num_classes="
-                      f"{c.student.num_classes} (teacher KD uses the student's classes of the teacher logits)")
+    raise ConfigError(
+      f"config.teacher.num_classes={c.teacher.num_classes} must be >= config.student.num_classes="
+      f"{c.student.num_classes} (teacher KD uses the student's classes of the teacher logits)"
+    )
   if c.teacher.name == "transunet":
     for name in ("teacher", "student"):
       if c[name].image_size != c.image_size or c.image_size % c[name].patch_size:
-        raise ConfigError(f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
-                          f"multiple of config.{name}.patch_size")
+        raise ConfigError(
+          f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
+          f"multiple of config.{name}.patch_size"
+        )
     if c.teacher.hidden != c.student.hidden or c.teacher.patch_size != c.student.patch_size:
-      raise ConfigError("config.student.hidden and patch_size must match the teacher's so the foundation "
-                        "encoder loads into the student")
+      raise ConfigError(
+        "config.student.hidden and patch_size must match the teacher's so the foundation encoder loads into the student"
+      )
   else:
     if (c.teacher.width, c.teacher.depth) != (c.student.width, c.student.depth):
-      raise ConfigError("config.student.width and depth must match the teacher's so the foundation "
-                        "encoder (UNet enc + mid blocks) loads into the student")
-    if c.image_size % (2 ** c.teacher.depth):
+      raise ConfigError(
+        "config.student.width and depth must match the teacher's so the foundation "
+        "encoder (UNet enc + mid blocks) loads into the student"
+      )
+    if c.image_size % (2**c.teacher.depth):
       raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.teacher.depth")
   adjacency = load_adjacency(c)
-  return {"methods": methods, "kd_methods": _csv(c.experiment.kd_methods), "seeds": seeds,
-          "percents": percents, "ablation_methods": _csv(c.experiment.ablation_methods),
-          "adjacency": adjacency}
+  return {
+    "methods": methods,
+    "kd_methods": _csv(c.experiment.kd_methods),
+    "seeds": seeds,
+    "percents": percents,
+    "ablation_methods": _csv(c.experiment.ablation_methods),
+    "adjacency": adjacency,
+  }
 
 
 def results_config(config_json: dict) -> dict:
@@ -294,32 +364,43 @@ class SiloData:
     """Data type of every example of every silo: [num_silos, examples_per_silo]."""
     p = self.c.pretrain
     mix = partition.unseen_label_corpus(p.num_silos, len(DATA_TYPES), percent)
-    return np.stack([np.random.default_rng([seed, 11, i]).choice(len(DATA_TYPES), p.examples_per_silo,
-                                                                 p=mix[i]) for i in range(p.num_silos)])
+    return np.stack(
+      [
+        np.random.default_rng([seed, 11, i]).choice(len(DATA_TYPES), p.examples_per_silo, p=mix[i])
+        for i in range(p.num_silos)
+      ]
+    )
 
   def round_batches(self, types: np.ndarray, seed: int, round_: int):
     p, h = self.c.pretrain, self.c.image_size
     per = p.local_steps * p.batch_size
-    idx = np.stack([np.random.default_rng([seed, round_, i]).integers(0, p.examples_per_silo, per)
-                    for i in range(p.num_silos)])
+    idx = np.stack(
+      [np.random.default_rng([seed, round_, i]).integers(0, p.examples_per_silo, per) for i in range(p.num_silos)]
+    )
     rows = np.take_along_axis(types, idx, axis=1)
     gidx = idx + np.arange(p.num_silos)[:, None] * p.examples_per_silo
-    im, m = synth.generate(seed, self.table, jnp.asarray(rows.reshape(-1), jnp.int32),
-                           jnp.asarray(gidx.reshape(-1, 1), jnp.int32), h)
+    im, m = synth.generate(
+      seed, self.table, jnp.asarray(rows.reshape(-1), jnp.int32), jnp.asarray(gidx.reshape(-1, 1), jnp.int32), h
+    )
     shape = (p.num_silos, p.local_steps, p.batch_size, h, h)
     return im.reshape(shape + (1,)), jnp.minimum(m.reshape(shape), self.c.teacher.num_classes - 1)
 
   def target(self, seed: int, split: int, n: int):
-    im, m = synth.generate(seed, self.table, jnp.asarray([self.target_row], jnp.int32),
-                           jnp.arange(n, dtype=jnp.int32)[None], self.c.image_size, split=split)
+    im, m = synth.generate(
+      seed,
+      self.table,
+      jnp.asarray([self.target_row], jnp.int32),
+      jnp.arange(n, dtype=jnp.int32)[None],
+      self.c.image_size,
+      split=split,
+    )
     return im[0], m[0]
 
 
 @jax.jit
 def _finite_rows(tree) -> jax.Array:
   """Bool [n]: every parameter of stacked model i is finite."""
-  return jnp.stack([jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
-                    for a in jax.tree.leaves(tree)]).all(0)
+  return jnp.stack([jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) for a in jax.tree.leaves(tree)]).all(0)
 
 
 _CACHE: dict = {}  # models and jitted programs by what they depend on (see _cached)
@@ -344,19 +425,23 @@ def _build_model(m, image_size: int):
     apply, apply_wf, params = init_model(m, 0)
     jax.eval_shape(apply_wf, params, jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32))
   except (ValueError, TypeError, AssertionError, ZeroDivisionError) as e:
-    raise ConfigError(f"config.teacher / config.student: the model {m.name} cannot be built "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); fix its sizes") from None
+    raise ConfigError(
+      f"config.teacher / config.student: the model {m.name} cannot be built "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); fix its sizes"
+    ) from None
   return apply, apply_wf
 
 
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-      f"{seconds // 60}:{seconds % 60:02d}"
+  return (
+    f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    if seconds >= 3600
+    else f"{seconds // 60}:{seconds % 60:02d}"
+  )
 
 
 class Experiment:
-
   def __init__(self, c, workdir: str, log: Callable[[str], None] = _print, stop=None):
     """``stop``: a ``fedkd.preemption.StopSignals`` (or anything with ``reason`` and
     ``requested(step)``), asked after every pretraining round, every ``FT_CHUNK`` fine-tuning steps
@@ -385,8 +470,9 @@ class Experiment:
     self.t_apply, self.t_apply_wf = _cached(self._teacher_key, lambda: _build_model(c.teacher, c.image_size))
     self.s_apply, self.s_apply_wf = _cached(self._student_key, lambda: _build_model(c.student, c.image_size))
     # compiled once for all runs
-    self.predict = _cached(("predict", self._student_key, c.eval.batch_size),
-                           lambda: make_predictor(self.s_apply, c.eval.batch_size))
+    self.predict = _cached(
+      ("predict", self._student_key, c.eval.batch_size), lambda: make_predictor(self.s_apply, c.eval.batch_size)
+    )
     self._models = True
 
   def _stop_requested(self) -> bool:
@@ -404,14 +490,25 @@ class Experiment:
 
   def _options(self, method: str, distill: bool) -> fedefm_lib.FedEFMOptions:
     f = self.c.fedefm
-    mixing = {"fedavg": "cfl", "moon": "cfl", "centralized": "cfl", "ring": "dfl", "matcha": "dfl",
-              "fedefm": f.mixing}[method]
+    mixing = {"fedavg": "cfl", "moon": "cfl", "centralized": "cfl", "ring": "dfl", "matcha": "dfl", "fedefm": f.mixing}[
+      method
+    ]
     return fedefm_lib.FedEFMOptions(
-        distill=distill, beta=f.beta, temperature=f.temperature, expert_steps=f.expert_steps,
-        emd_epsilon=f.emd_epsilon, emd_marginals=f.emd_marginals, emd_iters=f.emd_iters,
-        weight_mode=f.weight_mode, weight_temperature=f.weight_temperature, detach_weights=f.detach_weights,
-        mixing=mixing, moon_mu=f.moon_mu if method == "moon" else 0.0, moon_tau=f.moon_tau,
-        unroll=jax.default_backend() == "cpu")
+      distill=distill,
+      beta=f.beta,
+      temperature=f.temperature,
+      expert_steps=f.expert_steps,
+      emd_epsilon=f.emd_epsilon,
+      emd_marginals=f.emd_marginals,
+      emd_iters=f.emd_iters,
+      weight_mode=f.weight_mode,
+      weight_temperature=f.weight_temperature,
+      detach_weights=f.detach_weights,
+      mixing=mixing,
+      moon_mu=f.moon_mu if method == "moon" else 0.0,
+      moon_tau=f.moon_tau,
+      unroll=jax.default_backend() == "cpu",
+    )
 
   def _round_fn(self, method: str, distill: bool):
     # Keyed by what the program computes: methods with the same options (fedavg and FedEFM's warm-up
@@ -419,9 +516,12 @@ class Experiment:
     opts, p = self._options(method, distill), self.c.pretrain
     mesh = self.mesh1 if method == "centralized" else self.mesh
     key = ("round", self._teacher_key, p.learning_rate, p.expert_learning_rate, opts, mesh.size)
-    return _cached(key, lambda: fedefm_lib.make_silo_round(
-        self.t_apply_wf, self.seg_loss, optax.adam(p.expert_learning_rate), optax.adamw(p.learning_rate),
-        mesh, opts))
+    return _cached(
+      key,
+      lambda: fedefm_lib.make_silo_round(
+        self.t_apply_wf, self.seg_loss, optax.adam(p.expert_learning_rate), optax.adamw(p.learning_rate), mesh, opts
+      ),
+    )
 
   def checkpoint_dir(self, method: str, percent: float, seed: int) -> str:
     return os.path.join(self.workdir, "checkpoints", foundation_key(percent, method, seed))
@@ -432,13 +532,15 @@ class Experiment:
     diff = config_difference(ckpt.saved_config(r), self.cfg_json)
     if diff:
       raise ckpt_lib.ResumeRefused(
-          f"the checkpoint for round {r} in {ckpt.directory} was written with another config (config.{diff} "
-          "differs); use a new --workdir, or the original config (only config.experiment, config.checkpoint "
-          "and config.log_every may change)")
+        f"the checkpoint for round {r} in {ckpt.directory} was written with another config (config.{diff} "
+        "differs); use a new --workdir, or the original config (only config.experiment, config.checkpoint "
+        "and config.log_every may change)"
+      )
     data = ckpt.saved_data_state(r)
     if data.get("round") != r or not isinstance(data.get("metrics"), dict):
-      raise ckpt_lib.CheckpointError(f"checkpoint for round {r} in {ckpt.directory} holds no FedEFM "
-                                     "pretraining state (no round metrics)")
+      raise ckpt_lib.CheckpointError(
+        f"checkpoint for round {r} in {ckpt.directory} holds no FedEFM pretraining state (no round metrics)"
+      )
     state, _ = ckpt.restore(r, like)
     return state, data
 
@@ -451,16 +553,19 @@ class Experiment:
     bad, what = np.flatnonzero(~np.isfinite(losses)), "loss"
     if not len(bad):
       bad, what = np.flatnonzero(~finite), "model"
-    who = "the centralized model" if method == "centralized" else \
-        f"silo{'s' if len(bad) > 1 else ''} {', '.join(str(int(i)) for i in bad)} of {len(losses)}"
+    who = (
+      "the centralized model"
+      if method == "centralized"
+      else f"silo{'s' if len(bad) > 1 else ''} {', '.join(str(int(i)) for i in bad)} of {len(losses)}"
+    )
     p = self.c.pretrain
-    kept = (f"the last checkpoint kept is round {last_saved}" if last_saved else "no checkpoint of this run "
-            "was saved")
+    kept = f"the last checkpoint kept is round {last_saved}" if last_saved else "no checkpoint of this run was saved"
     raise DivergedError(
-        f"{label}: pretraining diverged at round {r}: the {what} of {who} is NaN/Inf ({kept}); likely cause: "
-        f"config.pretrain.learning_rate={p.learning_rate:g} is too high (overseas experts: "
-        f"config.pretrain.expert_learning_rate={p.expert_learning_rate:g}); lower it, e.g. "
-        f"--config.pretrain.learning_rate={p.learning_rate / 10:g}, and use a new --workdir")
+      f"{label}: pretraining diverged at round {r}: the {what} of {who} is NaN/Inf ({kept}); likely cause: "
+      f"config.pretrain.learning_rate={p.learning_rate:g} is too high (overseas experts: "
+      f"config.pretrain.expert_learning_rate={p.expert_learning_rate:g}); lower it, e.g. "
+      f"--config.pretrain.learning_rate={p.learning_rate / 10:g}, and use a new --workdir"
+    )
 
   def pretrain(self, method: str, percent: float, seed: int, label: str | None = None):
     """Foundation parameters (teacher architecture) for ``method``, and the last round's metrics.
@@ -487,8 +592,7 @@ class Experiment:
       else:
         state, data = out
         metrics_json = data["metrics"]
-        self.log(f"  {label}: resuming pretraining after round {start}/{p.num_rounds} "
-                 f"(checkpoint in {ckpt.directory})")
+        self.log(f"  {label}: resuming pretraining after round {start}/{p.num_rounds} (checkpoint in {ckpt.directory})")
       last_saved = start or None
       idx, mask = topology.neighbour_table(self.adj)
       base = topology.complete(p.num_silos) > 0
@@ -514,10 +618,14 @@ class Experiment:
         if r > start + 1:  # the first round of a process includes compilation
           timed, timed_s = timed + 1, timed_s + dt
         if r % c.log_every == 0 or r == p.num_rounds:
-          pace = (f"{timed / timed_s:.2f} rounds/s  eta {_duration((p.num_rounds - r) * timed_s / timed)}"
-                  if timed and timed_s > 0 else f"{dt:.1f}s (first round: may include compilation)")
-          self.log(f"  {label}: pretraining round {r}/{p.num_rounds}  loss "
-                   f"{float(np.mean(metrics_json['loss'])):.4f}  {pace}")
+          pace = (
+            f"{timed / timed_s:.2f} rounds/s  eta {_duration((p.num_rounds - r) * timed_s / timed)}"
+            if timed and timed_s > 0
+            else f"{dt:.1f}s (first round: may include compilation)"
+          )
+          self.log(
+            f"  {label}: pretraining round {r}/{p.num_rounds}  loss {float(np.mean(metrics_json['loss'])):.4f}  {pace}"
+          )
         stopping = self._stop_requested()
         if r % c.checkpoint.every == 0 or r == p.num_rounds or stopping:
           ckpt.save(r, state, self.cfg_json, {"round": r, "metrics": metrics_json})
@@ -533,8 +641,16 @@ class Experiment:
 
   def _finetune_fn(self, kd: bool):
     d = self.c.downstream
-    key = ("finetune", self._student_key, self._teacher_key, kd, d.learning_rate, d.kd_pixel_weight,
-           d.kd_feature_weight, d.kd_temperature)
+    key = (
+      "finetune",
+      self._student_key,
+      self._teacher_key,
+      kd,
+      d.learning_rate,
+      d.kd_pixel_weight,
+      d.kd_feature_weight,
+      d.kd_temperature,
+    )
     return _cached(key, lambda: self._make_finetune_fn(kd))
 
   def _make_finetune_fn(self, kd: bool):
@@ -584,18 +700,21 @@ class Experiment:
       values = np.asarray(jax.device_get(losses), np.float64)
       bad = np.flatnonzero(~np.isfinite(values))
       if len(bad):
-        hint = (" (or the teacher-KD terms: config.downstream.kd_pixel_weight / kd_feature_weight)" if kd
-                else "")
+        hint = " (or the teacher-KD terms: config.downstream.kd_pixel_weight / kd_feature_weight)" if kd else ""
         raise DivergedError(
-            f"{label}: fine-tuning diverged at step {first + int(bad[0]) + 1}/{d.steps}: the loss is "
-            f"{values[bad[0]]}; likely cause: config.downstream.learning_rate={d.learning_rate:g} is too "
-            f"high{hint}; lower it, e.g. --config.downstream.learning_rate={d.learning_rate / 10:g}, and use "
-            "a new --workdir")
+          f"{label}: fine-tuning diverged at step {first + int(bad[0]) + 1}/{d.steps}: the loss is "
+          f"{values[bad[0]]}; likely cause: config.downstream.learning_rate={d.learning_rate:g} is too "
+          f"high{hint}; lower it, e.g. --config.downstream.learning_rate={d.learning_rate / 10:g}, and use "
+          "a new --workdir"
+        )
       if last < d.steps and self._stop_requested():
         raise self._stopped(last, f"{label}, fine-tuning (it restarts on re-run) step")
     pred = self.predict(params, x_te)
-    return {f"{m}/{name}": float(jnp.mean(fn(pred, y_te, cid)))
-            for m, fn in (("dice", dice), ("iou", iou)) for cid, name in ((1, "catheter"), (2, "guidewire"))}
+    return {
+      f"{m}/{name}": float(jnp.mean(fn(pred, y_te, cid)))
+      for m, fn in (("dice", dice), ("iou", iou))
+      for cid, name in ((1, "catheter"), (2, "guidewire"))
+    }
 
   # ------------------------------------------------------------------ orchestration
 
@@ -634,12 +753,16 @@ class Experiment:
         hash(key)
       except (ValueError, TypeError) as e:
         if pos == len(numbered) - 1:  # the last line: a write cut short by a kill
-          self.log(f"note: {raw_path}: dropped its last line ({i}), which was cut short (the experiment was "
-                   "stopped while writing it); that run is redone")
+          self.log(
+            f"note: {raw_path}: dropped its last line ({i}), which was cut short (the experiment was "
+            "stopped while writing it); that run is redone"
+          )
           write_atomic(epath.Path(raw_path), "".join(l + "\n" for l in kept))
           return done
-        raise ConfigError(f"{raw_path}: line {i} is unreadable ({type(e).__name__}: {str(e)[:120]}); delete "
-                          "that line (its run is redone) or use a new --workdir") from None
+        raise ConfigError(
+          f"{raw_path}: line {i} is unreadable ({type(e).__name__}: {str(e)[:120]}); delete "
+          "that line (its run is redone) or use a new --workdir"
+        ) from None
       done[key] = r
       kept.append(line)
     if tail:  # a complete last record without its newline: end the line before appending more
@@ -654,9 +777,10 @@ class Experiment:
         raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
       raise ConfigError(
-          f"{cfg_path} is unreadable ({type(e).__name__}: {str(e)[:120]}), so the results and checkpoints in "
-          f"{self.workdir} cannot be matched to this config; restore the file, use a new --workdir, or delete "
-          "it if this config is the one they were made with") from None
+        f"{cfg_path} is unreadable ({type(e).__name__}: {str(e)[:120]}), so the results and checkpoints in "
+        f"{self.workdir} cannot be matched to this config; restore the file, use a new --workdir, or delete "
+        "it if this config is the one they were made with"
+      ) from None
     return saved
 
   def _check_checkpoint_config(self, directory: str) -> None:
@@ -673,9 +797,11 @@ class Experiment:
           continue
         diff = config_difference(saved, self.cfg_json)
         if diff:
-          raise ConfigError(f"the checkpoint for round {r} in {directory} was written with another config "
-                            f"(config.{diff} differs); use a new --workdir, or the original config (only "
-                            "config.experiment, config.checkpoint and config.log_every may change)")
+          raise ConfigError(
+            f"the checkpoint for round {r} in {directory} was written with another config "
+            f"(config.{diff} differs); use a new --workdir, or the original config (only "
+            "config.experiment, config.checkpoint and config.log_every may change)"
+          )
         return
     finally:
       ckpt.close()
@@ -690,16 +816,20 @@ class Experiment:
     if (done or in_progress) and os.path.exists(cfg_path):
       diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json)
       if diff:
-        raise ConfigError(f"{self.workdir} holds results of another config (config.{diff} differs); use a "
-                          "new --workdir, or the original config (only config.experiment, config.checkpoint "
-                          "and config.log_every may change)")
+        raise ConfigError(
+          f"{self.workdir} holds results of another config (config.{diff} differs); use a "
+          "new --workdir, or the original config (only config.experiment, config.checkpoint "
+          "and config.log_every may change)"
+        )
     for name in in_progress:  # also when config.json is gone: each checkpoint carries its config
       self._check_checkpoint_config(os.path.join(ck_root, name))
     for r in done.values():  # checked after the config: a record of another config is that error
       missing = [k for k in RESULT_KEYS if k not in r]
       if missing:
-        raise ConfigError(f"{raw_path}: the record of {r['method']} seed {r['seed']} lacks {', '.join(missing)}; "
-                          "delete that line (its run is redone) or use a new --workdir")
+        raise ConfigError(
+          f"{raw_path}: the record of {r['method']} seed {r['seed']} lacks {', '.join(missing)}; "
+          "delete that line (its run is redone) or use a new --workdir"
+        )
     self.build_models()
     write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
     plan = self.plan()
@@ -710,8 +840,10 @@ class Experiment:
     for name in in_progress:  # left by a run killed between its last result and the clean-up
       if name in users and all(e in done for e in users[name]):
         shutil.rmtree(os.path.join(ck_root, name), ignore_errors=True)
-    self.log(f"fedkd fedefm: {len(plan)} runs ({len(done)} already done) -> {self.workdir}; "
-             f"{self.c.pretrain.num_silos} silos, {self.c.pretrain.num_rounds} rounds, {self.c.image_size}px")
+    self.log(
+      f"fedkd fedefm: {len(plan)} runs ({len(done)} already done) -> {self.workdir}; "
+      f"{self.c.pretrain.num_silos} silos, {self.c.pretrain.num_rounds} rounds, {self.c.image_size}px"
+    )
     cache: dict = {}
     t0 = time.time()
     for k, (percent, method, kd, seed) in enumerate(plan, 1):
@@ -726,16 +858,25 @@ class Experiment:
         cache[found_key] = self.pretrain(method, percent, seed, label=label)
       foundation, pre = cache.get(found_key, (None, {}))
       res = self.finetune(foundation, kd, seed, label=label)
-      rec = {"unseen_percent": percent, "method": method, "teacher_kd": kd, "seed": seed, **res,
-             "seconds": round(time.time() - t, 2), "pretrain_final": pre}
+      rec = {
+        "unseen_percent": percent,
+        "method": method,
+        "teacher_kd": kd,
+        "seed": seed,
+        **res,
+        "seconds": round(time.time() - t, 2),
+        "pretrain_final": pre,
+      }
       with open(raw_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
         f.flush()
         os.fsync(f.fileno())
       done[key] = rec
-      self.log(f"[{k:>3}/{len(plan)}] {percent:5.1f}% unseen  {method + (' +KD' if kd else ''):<16} seed {seed}:"
-               f"  dice catheter {res['dice/catheter']:.4f}  guidewire {res['dice/guidewire']:.4f}"
-               f"  ({time.time() - t:.1f}s, total {time.time() - t0:.0f}s)")
+      self.log(
+        f"[{k:>3}/{len(plan)}] {percent:5.1f}% unseen  {method + (' +KD' if kd else ''):<16} seed {seed}:"
+        f"  dice catheter {res['dice/catheter']:.4f}  guidewire {res['dice/guidewire']:.4f}"
+        f"  ({time.time() - t:.1f}s, total {time.time() - t0:.0f}s)"
+      )
       fkey = foundation_key(percent, method, seed)
       if method != "scratch" and all(e in done for e in users[fkey]):
         shutil.rmtree(self.checkpoint_dir(method, percent, seed), ignore_errors=True)
@@ -753,18 +894,25 @@ class Experiment:
     for r in rows:
       groups.setdefault((r["unseen_percent"], r["method"], r["teacher_kd"]), []).append(r)
     csv_lines = ["unseen_percent,method,teacher_kd,seeds," + ",".join(f"{k} mean,{k} std" for k in keys)]
-    md = [f"| unseen % | foundation | teacher KD | seeds | " + " | ".join(keys) + " |",
-          "|---|---|---|---|" + "---|" * len(keys)]
+    md = [
+      "| unseen % | foundation | teacher KD | seeds | " + " | ".join(keys) + " |",
+      "|---|---|---|---|" + "---|" * len(keys),
+    ]
     for (pct, m, kd), rs in groups.items():
       stats = [(np.mean([r[k] for r in rs]), np.std([r[k] for r in rs])) for k in keys]
       csv_lines.append(f"{pct},{m},{kd},{len(rs)}," + ",".join(f"{a:.4f},{s:.4f}" for a, s in stats))
-      md.append(f"| {pct:g} | {m} | {'yes' if kd else 'no'} | {len(rs)} | "
-                + " | ".join(f"{a:.3f} ± {s:.3f}" for a, s in stats) + " |")
+      md.append(
+        f"| {pct:g} | {m} | {'yes' if kd else 'no'} | {len(rs)} | "
+        + " | ".join(f"{a:.3f} ± {s:.3f}" for a, s in stats)
+        + " |"
+      )
     with open(os.path.join(self.workdir, "results.csv"), "w") as f:
       f.write("\n".join(csv_lines) + "\n")
     with open(os.path.join(self.workdir, "results.md"), "w") as f:
-      f.write(f"Target site {TARGET[0]} ({self.c.downstream.train_examples} training images), "
-              f"mean ± std over seeds (std with ddof=0).\n\n" + "\n".join(md) + "\n")
+      f.write(
+        f"Target site {TARGET[0]} ({self.c.downstream.train_examples} training images), "
+        f"mean ± std over seeds (std with ddof=0).\n\n" + "\n".join(md) + "\n"
+      )
     self.log("\n" + "\n".join(md))
     self.log(f"\nwrote {self.workdir}/results.md, results.csv, results_raw.jsonl")
 

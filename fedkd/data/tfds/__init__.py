@@ -16,21 +16,51 @@ Every record: ``image`` uint8 [H, W, 1], ``mask`` uint8 [H, W] (0 bg, 1 catheter
     src = fdata.load_source("xray_folder", "train", "/data/tfds", config="hospital_a")
     ds = grain.MapDataset.source(src)
 """
-from fedkd.data.tfds.api import (BUILDERS, SegmentationSource, build, config_names,
-                                 load_builder, load_source, prepared_configs, resolve_config)
+
+from fedkd.data.tfds.api import (
+  BUILDERS,
+  SegmentationSource,
+  build,
+  config_names,
+  load_builder,
+  load_source,
+  prepared_configs,
+  resolve_config,
+)
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
-from fedkd.data.tfds.common import (CLASS_NAMES, GRAY_0_128_255_MAP, NUM_CLASSES,
-                                    RGB_COLOR_MAP, DatasetInputError, parse_color_map,
-                                    parse_label_map)
-from fedkd.data.tfds.synthetic_endovascular import (SyntheticConfig, SyntheticEndovascular,
-                                                    synthetic_config)
+from fedkd.data.tfds.common import (
+  CLASS_NAMES,
+  GRAY_0_128_255_MAP,
+  NUM_CLASSES,
+  RGB_COLOR_MAP,
+  DatasetInputError,
+  parse_color_map,
+  parse_label_map,
+)
+from fedkd.data.tfds.synthetic_endovascular import SyntheticConfig, SyntheticEndovascular, synthetic_config
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 
 __all__ = [
-    "BUILDERS", "CLASS_NAMES", "Cathaction", "CathactionConfig", "DatasetInputError",
-    "GRAY_0_128_255_MAP", "NUM_CLASSES", "RGB_COLOR_MAP", "SegmentationSource",
-    "SyntheticConfig", "SyntheticEndovascular", "XrayFolder", "XrayFolderConfig", "build",
-    "config_names",
-    "load_builder", "load_source", "parse_color_map", "parse_label_map", "prepared_configs",
-    "resolve_config", "synthetic_config",
+  "BUILDERS",
+  "CLASS_NAMES",
+  "Cathaction",
+  "CathactionConfig",
+  "DatasetInputError",
+  "GRAY_0_128_255_MAP",
+  "NUM_CLASSES",
+  "RGB_COLOR_MAP",
+  "SegmentationSource",
+  "SyntheticConfig",
+  "SyntheticEndovascular",
+  "XrayFolder",
+  "XrayFolderConfig",
+  "build",
+  "config_names",
+  "load_builder",
+  "load_source",
+  "parse_color_map",
+  "parse_label_map",
+  "prepared_configs",
+  "resolve_config",
+  "synthetic_config",
 ]

@@ -1,4 +1,5 @@
 """``build`` / ``load_source``: prepare the fedkd TFDS datasets and read them without TF."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,330 +17,330 @@ import tensorflow_datasets as tfds
 from fedkd.data.tfds import common
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
 from fedkd.data.tfds.common import DatasetInputError
-from fedkd.data.tfds.synthetic_endovascular import (SyntheticConfig, SyntheticEndovascular,
-                                                    synthetic_config)
+from fedkd.data.tfds.synthetic_endovascular import SyntheticConfig, SyntheticEndovascular, synthetic_config
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 
 BUILDERS: dict[str, type] = {
-    "synthetic_endovascular": SyntheticEndovascular,
-    "cathaction": Cathaction,
-    "xray_folder": XrayFolder,
+  "synthetic_endovascular": SyntheticEndovascular,
+  "cathaction": Cathaction,
+  "xray_folder": XrayFolder,
 }
 _SYNTH_KWARGS = ("site", "image_size", "num_train", "num_test", "seed")
 _LABEL_KWARGS = ("label_map", "color_map")
 
 
 def _builder_cls(name: str) -> type:
-    try:
-        return BUILDERS[name]
-    except KeyError:
-        raise DatasetInputError(f"unknown dataset {name!r}; available: {sorted(BUILDERS)}"
-                                ) from None
+  try:
+    return BUILDERS[name]
+  except KeyError:
+    raise DatasetInputError(f"unknown dataset {name!r}; available: {sorted(BUILDERS)}") from None
 
 
 def _check_kwargs(name: str, kwargs: dict, allowed: tuple[str, ...]) -> None:
-    extra = sorted(set(kwargs) - set(allowed))
-    if extra:
-        raise DatasetInputError(f"{name}: unsupported option(s) {extra}; allowed: "
-                                f"{list(allowed)}")
+  extra = sorted(set(kwargs) - set(allowed))
+  if extra:
+    raise DatasetInputError(f"{name}: unsupported option(s) {extra}; allowed: {list(allowed)}")
 
 
 def _registered(cls, config_name: str):
-    return next((c for c in cls.BUILDER_CONFIGS if c.name == config_name), None)
+  return next((c for c in cls.BUILDER_CONFIGS if c.name == config_name), None)
 
 
 def resolve_config(name: str, config=None, manual_dir=None, **kwargs):
-    """The BuilderConfig that ``build`` will use (see ``build`` for the rules)."""
-    cls = _builder_cls(name)
-    if isinstance(config, tfds.core.BuilderConfig):
-        if kwargs:
-            raise DatasetInputError(f"{name}: pass either a BuilderConfig or options "
-                                    f"{sorted(kwargs)}, not both")
-        return config
-    if config is not None and not isinstance(config, str):
-        raise DatasetInputError(f"{name}: config must be a name or BuilderConfig, got "
-                                f"{type(config).__name__}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+  """The BuilderConfig that ``build`` will use (see ``build`` for the rules)."""
+  cls = _builder_cls(name)
+  if isinstance(config, tfds.core.BuilderConfig):
+    if kwargs:
+      raise DatasetInputError(f"{name}: pass either a BuilderConfig or options {sorted(kwargs)}, not both")
+    return config
+  if config is not None and not isinstance(config, str):
+    raise DatasetInputError(f"{name}: config must be a name or BuilderConfig, got {type(config).__name__}")
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
-    if cls is SyntheticEndovascular:
-        _check_kwargs(name, kwargs, _SYNTH_KWARGS)
-        if not kwargs:
-            cfg = _registered(cls, config or cls.BUILDER_CONFIGS[0].name)
-            if cfg is None:
-                raise DatasetInputError(
-                    f"{name}: unknown config {config!r}; available: "
-                    f"{[c.name for c in cls.BUILDER_CONFIGS]} (or pass site=, image_size=, "
-                    f"num_train=, num_test=, seed=)")
-            return cfg
-        base = _registered(cls, config) if config else None
-        if config and base is None:
-            raise DatasetInputError(f"{name}: unknown config {config!r} to start from; "
-                                    f"available: {[c.name for c in cls.BUILDER_CONFIGS]}")
-        fields = {k: getattr(base, k) for k in _SYNTH_KWARGS} if base else {}
-        fields.update(kwargs)
-        if "site" not in fields:
-            raise DatasetInputError(f"{name}: pass site= (one of "
-                                    f"{[c.site for c in cls.BUILDER_CONFIGS][::2]}) or config=")
-        return synthetic_config(**fields)
+  if cls is SyntheticEndovascular:
+    _check_kwargs(name, kwargs, _SYNTH_KWARGS)
+    if not kwargs:
+      cfg = _registered(cls, config or cls.BUILDER_CONFIGS[0].name)
+      if cfg is None:
+        raise DatasetInputError(
+          f"{name}: unknown config {config!r}; available: "
+          f"{[c.name for c in cls.BUILDER_CONFIGS]} (or pass site=, image_size=, "
+          f"num_train=, num_test=, seed=)"
+        )
+      return cfg
+    base = _registered(cls, config) if config else None
+    if config and base is None:
+      raise DatasetInputError(
+        f"{name}: unknown config {config!r} to start from; available: {[c.name for c in cls.BUILDER_CONFIGS]}"
+      )
+    fields = {k: getattr(base, k) for k in _SYNTH_KWARGS} if base else {}
+    fields.update(kwargs)
+    if "site" not in fields:
+      raise DatasetInputError(f"{name}: pass site= (one of {[c.site for c in cls.BUILDER_CONFIGS][::2]}) or config=")
+    return synthetic_config(**fields)
 
-    cfg_cls = CathactionConfig if cls is Cathaction else XrayFolderConfig
-    allowed = _LABEL_KWARGS + (("site",) if cls is XrayFolder else ())
-    _check_kwargs(name, kwargs, allowed)
-    registered = _registered(cls, config) if config else None
-    if config and registered is None and not kwargs and cls is Cathaction:
-        raise DatasetInputError(f"{name}: unknown config {config!r}; available: "
-                                f"{[c.name for c in cls.BUILDER_CONFIGS]} (or pass label_map=/"
-                                f"color_map= with a new config name)")
-    if cls is Cathaction:
-        if not kwargs:
-            return registered or _registered(cls, "default")
-        fields = {k: getattr(registered, k) for k in _LABEL_KWARGS} if registered else {}
-        fields.update(kwargs)
-        spec = common.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
-        cfg_name = config if (config and not registered) else (
-            "custom-" + _short_hash(spec.describe()))
-        return cfg_cls(name=common.config_safe_name(cfg_name), description=spec.describe(),
-                       **fields)
-
-    # xray_folder: one config (= one output folder) per site, so two hospitals built into the
-    # same data_dir never overwrite or shadow each other.
+  cfg_cls = CathactionConfig if cls is Cathaction else XrayFolderConfig
+  allowed = _LABEL_KWARGS + (("site",) if cls is XrayFolder else ())
+  _check_kwargs(name, kwargs, allowed)
+  registered = _registered(cls, config) if config else None
+  if config and registered is None and not kwargs and cls is Cathaction:
+    raise DatasetInputError(
+      f"{name}: unknown config {config!r}; available: "
+      f"{[c.name for c in cls.BUILDER_CONFIGS]} (or pass label_map=/"
+      f"color_map= with a new config name)"
+    )
+  if cls is Cathaction:
+    if not kwargs:
+      return registered or _registered(cls, "default")
     fields = {k: getattr(registered, k) for k in _LABEL_KWARGS} if registered else {}
-    fields.update({k: v for k, v in kwargs.items() if k in _LABEL_KWARGS})
-    site = kwargs.get("site")
-    if site is None:
-        if manual_dir is None:
-            raise DatasetInputError("xray_folder: pass manual_dir= (the hospital folder)")
-        site = Path(manual_dir).resolve().name
-    if config and not registered:
-        cfg_name = config
-    elif registered and registered.name != "default":
-        cfg_name = f"{site}-{registered.name}"
-    else:
-        cfg_name = site
+    fields.update(kwargs)
     spec = common.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
-    return cfg_cls(name=common.config_safe_name(cfg_name), site=str(site),
-                   description=f"Site {site}; {spec.describe()}.", **fields)
+    cfg_name = config if (config and not registered) else ("custom-" + _short_hash(spec.describe()))
+    return cfg_cls(name=common.config_safe_name(cfg_name), description=spec.describe(), **fields)
+
+  # xray_folder: one config (= one output folder) per site, so two hospitals built into the
+  # same data_dir never overwrite or shadow each other.
+  fields = {k: getattr(registered, k) for k in _LABEL_KWARGS} if registered else {}
+  fields.update({k: v for k, v in kwargs.items() if k in _LABEL_KWARGS})
+  site = kwargs.get("site")
+  if site is None:
+    if manual_dir is None:
+      raise DatasetInputError("xray_folder: pass manual_dir= (the hospital folder)")
+    site = Path(manual_dir).resolve().name
+  if config and not registered:
+    cfg_name = config
+  elif registered and registered.name != "default":
+    cfg_name = f"{site}-{registered.name}"
+  else:
+    cfg_name = site
+  spec = common.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
+  return cfg_cls(
+    name=common.config_safe_name(cfg_name), site=str(site), description=f"Site {site}; {spec.describe()}.", **fields
+  )
 
 
 def _short_hash(text: str) -> str:
-    import hashlib
+  import hashlib
 
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool = False,
-          **kwargs: Any):
-    """Prepare dataset ``name`` as array_record files under ``data_dir``; return the builder.
+def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool = False, **kwargs: Any):
+  """Prepare dataset ``name`` as array_record files under ``data_dir``; return the builder.
 
-    ``config``: a registered config name, a ``BuilderConfig``, or None (default config).
-    Options (``**kwargs``) make a new config:
+  ``config``: a registered config name, a ``BuilderConfig``, or None (default config).
+  Options (``**kwargs``) make a new config:
 
-    * ``synthetic_endovascular``: ``site``, ``image_size``, ``num_train``, ``num_test``,
-      ``seed`` (on top of the named config's values);
-    * ``cathaction``: ``label_map``, ``color_map`` (config name = ``config`` or ``custom-<hash>``);
-    * ``xray_folder``: ``site`` (default: the manual_dir folder name), ``label_map``,
-      ``color_map``. The config name is the site name (``<site>-<preset>`` for the ``rgb`` /
-      ``gray_0_128_255`` presets), or ``config`` if that is a new name.
+  * ``synthetic_endovascular``: ``site``, ``image_size``, ``num_train``, ``num_test``,
+    ``seed`` (on top of the named config's values);
+  * ``cathaction``: ``label_map``, ``color_map`` (config name = ``config`` or ``custom-<hash>``);
+  * ``xray_folder``: ``site`` (default: the manual_dir folder name), ``label_map``,
+    ``color_map``. The config name is the site name (``<site>-<preset>`` for the ``rgb`` /
+    ``gray_0_128_255`` presets), or ``config`` if that is a new name.
 
-    An already prepared dataset is reused (after checking that it was built with the same
-    settings) unless ``overwrite=True``, which deletes it first and rebuilds. Bad input raises
-    ``DatasetInputError``; nothing is left that ``is_prepared()`` would accept.
-    """
-    cls = _builder_cls(name)
-    if manual_dir is not None:
-        manual_dir = Path(manual_dir)
-        if not manual_dir.is_dir():
-            layout = ("train/images/*.jpg and train/labels/*.png (test/ likewise)"
-                      if cls is Cathaction else "images/ and masks/")
-            raise DatasetInputError(f"{manual_dir}: manual_dir does not exist; pass the folder "
-                                    f"that holds {layout}")
-    elif cls is not SyntheticEndovascular:
-        raise DatasetInputError(f"{name}: manual_dir is required (the folder with the source "
-                                f"files; see {cls.__name__}.MANUAL_DOWNLOAD_INSTRUCTIONS)")
-    cfg = resolve_config(name, config, manual_dir=manual_dir, **kwargs)
-    data_dir = Path(data_dir)
-    if not overwrite and (data_dir / name / cfg.name / str(cls.VERSION) /
-                          "dataset_info.json").is_file():
-        check_prepared(name, data_dir, cfg.name)  # before TFDS reads the folder to reuse it
-    builder = cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
-    if not overwrite:
-        _check_same_settings(builder, cfg)
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    dl_config = tfds.download.DownloadConfig(
-        manual_dir=str(manual_dir) if manual_dir is not None else None, download_mode=mode)
-    try:
-        builder.download_and_prepare(download_config=dl_config)
-    except BaseException:
-        _remove_empty_dirs(data_dir / name / cfg.name, stop=data_dir)
-        raise
-    return builder
+  An already prepared dataset is reused (after checking that it was built with the same
+  settings) unless ``overwrite=True``, which deletes it first and rebuilds. Bad input raises
+  ``DatasetInputError``; nothing is left that ``is_prepared()`` would accept.
+  """
+  cls = _builder_cls(name)
+  if manual_dir is not None:
+    manual_dir = Path(manual_dir)
+    if not manual_dir.is_dir():
+      layout = (
+        "train/images/*.jpg and train/labels/*.png (test/ likewise)" if cls is Cathaction else "images/ and masks/"
+      )
+      raise DatasetInputError(f"{manual_dir}: manual_dir does not exist; pass the folder that holds {layout}")
+  elif cls is not SyntheticEndovascular:
+    raise DatasetInputError(
+      f"{name}: manual_dir is required (the folder with the source "
+      f"files; see {cls.__name__}.MANUAL_DOWNLOAD_INSTRUCTIONS)"
+    )
+  cfg = resolve_config(name, config, manual_dir=manual_dir, **kwargs)
+  data_dir = Path(data_dir)
+  if not overwrite and (data_dir / name / cfg.name / str(cls.VERSION) / "dataset_info.json").is_file():
+    check_prepared(name, data_dir, cfg.name)  # before TFDS reads the folder to reuse it
+  builder = cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
+  if not overwrite:
+    _check_same_settings(builder, cfg)
+  mode = (
+    tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
+  dl_config = tfds.download.DownloadConfig(
+    manual_dir=str(manual_dir) if manual_dir is not None else None, download_mode=mode
+  )
+  try:
+    builder.download_and_prepare(download_config=dl_config)
+  except BaseException:
+    _remove_empty_dirs(data_dir / name / cfg.name, stop=data_dir)
+    raise
+  return builder
 
 
 def _check_same_settings(builder, cfg) -> None:
-    """Refuse to silently reuse a prepared dataset built with other settings under the same
-    config name (e.g. the same site with another label_map)."""
-    info_file = Path(os.fspath(builder.data_dir)) / "dataset_info.json"
-    if not info_file.is_file():
-        return
-    try:
-        stored = json.loads(info_file.read_text()).get("configDescription", "")
-    except (OSError, ValueError):
-        return
-    if (stored or "") != (cfg.description or ""):
-        raise DatasetInputError(
-            f"{info_file.parent}: already prepared with other settings ({stored!r}, requested "
-            f"{cfg.description!r}); pass overwrite=True (CLI --overwrite) or another config name")
+  """Refuse to silently reuse a prepared dataset built with other settings under the same
+  config name (e.g. the same site with another label_map)."""
+  info_file = Path(os.fspath(builder.data_dir)) / "dataset_info.json"
+  if not info_file.is_file():
+    return
+  try:
+    stored = json.loads(info_file.read_text()).get("configDescription", "")
+  except (OSError, ValueError):
+    return
+  if (stored or "") != (cfg.description or ""):
+    raise DatasetInputError(
+      f"{info_file.parent}: already prepared with other settings ({stored!r}, requested "
+      f"{cfg.description!r}); pass overwrite=True (CLI --overwrite) or another config name"
+    )
 
 
 def _remove_empty_dirs(path: Path, stop: Path) -> None:
-    """Remove ``path`` and empty parents up to (not including) ``stop`` if they are empty."""
-    try:
-        for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if sub.is_dir() and not any(sub.iterdir()):
-                sub.rmdir()
-        while path != stop and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-            path = path.parent
-    except OSError:
-        pass
+  """Remove ``path`` and empty parents up to (not including) ``stop`` if they are empty."""
+  try:
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+      if sub.is_dir() and not any(sub.iterdir()):
+        sub.rmdir()
+    while path != stop and path.is_dir() and not any(path.iterdir()):
+      path.rmdir()
+      path = path.parent
+  except OSError:
+    pass
 
 
 def config_names(name: str, data_dir=None) -> list[str]:
-    """Config names that act as *sites* of dataset ``name``.
+  """Config names that act as *sites* of dataset ``name``.
 
-    * ``synthetic_endovascular``: one per simulated site (training sites, then the unseen
-      site), at the default size: ``[<site>, ...]``;
-    * ``cathaction`` / ``xray_folder``: configs choose label conventions or name one hospital
-      folder, so the sites are whatever is prepared in ``data_dir`` (``[]`` without data_dir:
-      then ``load_source(..., config=None)`` opens the only prepared config).
-    """
-    cls = _builder_cls(name)
-    if cls is SyntheticEndovascular:
-        from fedkd.data.tfds.synthetic_endovascular import site_names
+  * ``synthetic_endovascular``: one per simulated site (training sites, then the unseen
+    site), at the default size: ``[<site>, ...]``;
+  * ``cathaction`` / ``xray_folder``: configs choose label conventions or name one hospital
+    folder, so the sites are whatever is prepared in ``data_dir`` (``[]`` without data_dir:
+    then ``load_source(..., config=None)`` opens the only prepared config).
+  """
+  cls = _builder_cls(name)
+  if cls is SyntheticEndovascular:
+    from fedkd.data.tfds.synthetic_endovascular import site_names
 
-        return site_names()
-    return prepared_configs(name, data_dir) if data_dir is not None else []
+    return site_names()
+  return prepared_configs(name, data_dir) if data_dir is not None else []
 
 
 def prepared_configs(name: str, data_dir) -> list[str]:
-    """Config names of ``name`` that are fully prepared under ``data_dir``."""
-    base = Path(data_dir) / name
-    if not base.is_dir():
-        return []
-    return sorted(c.name for c in base.iterdir()
-                  if c.is_dir() and any((v / "dataset_info.json").is_file()
-                                        for v in c.iterdir() if v.is_dir()))
+  """Config names of ``name`` that are fully prepared under ``data_dir``."""
+  base = Path(data_dir) / name
+  if not base.is_dir():
+    return []
+  return sorted(
+    c.name
+    for c in base.iterdir()
+    if c.is_dir() and any((v / "dataset_info.json").is_file() for v in c.iterdir() if v.is_dir())
+  )
 
 
 class SegmentationSource:
-    """Random-access source of records (``len``, ``[i]`` -> dict: ``image`` uint8 [H, W, 1],
-    ``mask`` uint8 [H, W], ``site`` str, ``id`` str). Works with ``grain.MapDataset.source``."""
+  """Random-access source of records (``len``, ``[i]`` -> dict: ``image`` uint8 [H, W, 1],
+  ``mask`` uint8 [H, W], ``site`` str, ``id`` str). Works with ``grain.MapDataset.source``."""
 
-    def __init__(self, source, name: str = ""):
-        self._source = source
-        self.name = name
+  def __init__(self, source, name: str = ""):
+    self._source = source
+    self.name = name
 
-    def __len__(self) -> int:
-        return len(self._source)
+  def __len__(self) -> int:
+    return len(self._source)
 
-    @staticmethod
-    def _convert(ex: dict) -> dict:
-        out = {}
-        for k, v in ex.items():
-            if isinstance(v, bytes):
-                v = v.decode("utf-8")
-            elif isinstance(v, np.ndarray) and v.dtype.kind in "SO" and v.ndim == 0:
-                v = v.item()
-                v = v.decode("utf-8") if isinstance(v, bytes) else v
-            out[k] = v
-        return out
+  @staticmethod
+  def _convert(ex: dict) -> dict:
+    out = {}
+    for k, v in ex.items():
+      if isinstance(v, bytes):
+        v = v.decode("utf-8")
+      elif isinstance(v, np.ndarray) and v.dtype.kind in "SO" and v.ndim == 0:
+        v = v.item()
+        v = v.decode("utf-8") if isinstance(v, bytes) else v
+      out[k] = v
+    return out
 
-    def _index(self, i) -> int:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {self.name or 'source'} of "
-                             f"length {n}")
-        return i
+  def _index(self, i) -> int:
+    n = len(self)
+    i = int(i)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f"index {i} out of range for {self.name or 'source'} of length {n}")
+    return i
 
-    def __getitem__(self, i) -> dict:
-        return self._convert(self._source[self._index(i)])
+  def __getitem__(self, i) -> dict:
+    return self._convert(self._source[self._index(i)])
 
-    def __getitems__(self, indices) -> list[dict]:
-        return [self._convert(ex) for ex in
-                self._source.__getitems__([self._index(i) for i in indices])]
+  def __getitems__(self, indices) -> list[dict]:
+    return [self._convert(ex) for ex in self._source.__getitems__([self._index(i) for i in indices])]
 
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
 
-    def __repr__(self) -> str:
-        return f"SegmentationSource({self.name}, len={len(self)})"
+  def __repr__(self) -> str:
+    return f"SegmentationSource({self.name}, len={len(self)})"
 
 
 def load_builder(name: str, data_dir, config=None):
-    """The prepared builder for ``name`` / ``config`` in ``data_dir``, ready to read.
+  """The prepared builder for ``name`` / ``config`` in ``data_dir``, ready to read.
 
-    ``config=None`` picks the only prepared config; with several, it must be named.
+  ``config=None`` picks the only prepared config; with several, it must be named.
 
-    Opening a prepared dataset never runs code from the data folder. TFDS' generic
-    ``builder_from_directory`` restores the feature connectors named in ``features.json`` /
-    ``dataset_info.json`` and imports the module of any type it does not know, so a crafted
-    folder (prepared datasets are exchanged between hospitals) with a ``.py`` file next to it
-    could execute it. Instead:
+  Opening a prepared dataset never runs code from the data folder. TFDS' generic
+  ``builder_from_directory`` restores the feature connectors named in ``features.json`` /
+  ``dataset_info.json`` and imports the module of any type it does not know, so a crafted
+  folder (prepared datasets are exchanged between hospitals) with a ``.py`` file next to it
+  could execute it. Instead:
 
-    1. ``check_prepared`` first reads the metadata files as plain JSON and refuses any feature
-       type other than the exact TFDS types fedkd writes (``common.features()``), any other
-       feature layout, feature definitions inside ``dataset_info.json``, another builder module,
-       version or file format, unsafe split names or file templates, and missing shard files;
-    2. the builder is fedkd's own class (``BUILDERS``) constructed with ``data_dir=`` and a
-       config, so its features come from code: TFDS then reads split sizes and descriptions
-       from ``dataset_info.json`` and never parses ``features.json``. Configs not registered in
-       code (e.g. xray_folder sites) are recreated by name (``_reading_config``).
-    """
-    cls = _builder_cls(name)
-    if isinstance(config, tfds.core.BuilderConfig):
-        config = config.name
-    if config is None:
-        found = prepared_configs(name, data_dir)
-        if len(found) == 1:
-            config = found[0]
-        elif not found:
-            raise DatasetInputError(
-                f"{name}: nothing prepared in {data_dir}; build it first: python -m "
-                f"fedkd.data.tfds.build --dataset={name} --data_dir={data_dir} ...")
-        else:
-            raise DatasetInputError(f"{name}: several configs prepared in {data_dir} "
-                                    f"({found}); pass config=NAME")
-    if config not in prepared_configs(name, data_dir):
-        raise DatasetInputError(
-            f"{name}/{config}: not prepared in {data_dir} (prepared: "
-            f"{prepared_configs(name, data_dir)}); build it first: python -m "
-            f"fedkd.data.tfds.build --dataset={name} --config={config} --data_dir={data_dir}")
-    info = check_prepared(name, data_dir, config)
-    with _quiet_custom_config_notice():
-        return cls(data_dir=os.fspath(data_dir), config=_reading_config(cls, config, info),
-                   file_format="array_record")
+  1. ``check_prepared`` first reads the metadata files as plain JSON and refuses any feature
+     type other than the exact TFDS types fedkd writes (``common.features()``), any other
+     feature layout, feature definitions inside ``dataset_info.json``, another builder module,
+     version or file format, unsafe split names or file templates, and missing shard files;
+  2. the builder is fedkd's own class (``BUILDERS``) constructed with ``data_dir=`` and a
+     config, so its features come from code: TFDS then reads split sizes and descriptions
+     from ``dataset_info.json`` and never parses ``features.json``. Configs not registered in
+     code (e.g. xray_folder sites) are recreated by name (``_reading_config``).
+  """
+  cls = _builder_cls(name)
+  if isinstance(config, tfds.core.BuilderConfig):
+    config = config.name
+  if config is None:
+    found = prepared_configs(name, data_dir)
+    if len(found) == 1:
+      config = found[0]
+    elif not found:
+      raise DatasetInputError(
+        f"{name}: nothing prepared in {data_dir}; build it first: python -m "
+        f"fedkd.data.tfds.build --dataset={name} --data_dir={data_dir} ..."
+      )
+    else:
+      raise DatasetInputError(f"{name}: several configs prepared in {data_dir} ({found}); pass config=NAME")
+  if config not in prepared_configs(name, data_dir):
+    raise DatasetInputError(
+      f"{name}/{config}: not prepared in {data_dir} (prepared: "
+      f"{prepared_configs(name, data_dir)}); build it first: python -m "
+      f"fedkd.data.tfds.build --dataset={name} --config={config} --data_dir={data_dir}"
+    )
+  info = check_prepared(name, data_dir, config)
+  with _quiet_custom_config_notice():
+    return cls(data_dir=os.fspath(data_dir), config=_reading_config(cls, config, info), file_format="array_record")
 
 
 class _DropCustomConfigNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Using custom data configuration")
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
 
 
 @contextlib.contextmanager
 def _quiet_custom_config_notice():
-    """TFDS logs a warning for every config not registered in code; reading one (an xray_folder
-    site) is routine, so that notice is dropped while the builder is constructed."""
-    logger, notice = logging.getLogger("absl"), _DropCustomConfigNotice()
-    logger.addFilter(notice)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice)
+  """TFDS logs a warning for every config not registered in code; reading one (an xray_folder
+  site) is routine, so that notice is dropped while the builder is constructed."""
+  logger, notice = logging.getLogger("absl"), _DropCustomConfigNotice()
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,219 +355,230 @@ _CONTENT_KEY = {"Tensor": "tensor", "Text": "text"}
 
 
 def _class_name(obj) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+  return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _expected_features() -> tuple[str, dict[str, Any]]:
-    """(FeaturesDict type name, {feature name: connector}) of ``common.features()``."""
-    feats = common.features()
-    return _class_name(feats), {k: feats[k] for k in feats.keys()}
+  """(FeaturesDict type name, {feature name: connector}) of ``common.features()``."""
+  feats = common.features()
+  return _class_name(feats), {k: feats[k] for k in feats.keys()}
 
 
 def allowed_feature_types() -> frozenset[str]:
-    """The fully qualified TFDS feature types fedkd's builders write: the only ones a prepared
-    dataset may name."""
-    top, feats = _expected_features()
-    return frozenset([top] + [_class_name(f) for f in feats.values()])
+  """The fully qualified TFDS feature types fedkd's builders write: the only ones a prepared
+  dataset may name."""
+  top, feats = _expected_features()
+  return frozenset([top] + [_class_name(f) for f in feats.values()])
 
 
 def _type_names(tree) -> list[str]:
-    """Every feature type name in a features JSON tree: proto-JSON ``pythonClassName``, legacy
-    ``type``, and legacy JSON embedded as a string in ``jsonFeature.json``."""
-    out = []
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k in _TYPE_KEYS:
-                out.append(v if isinstance(v, str) else repr(v))
-            elif k in _JSON_FEATURE_KEYS and isinstance(v, dict) and isinstance(
-                    v.get("json"), str):
-                try:
-                    out += _type_names(json.loads(v["json"]))
-                except ValueError:
-                    out.append(repr(v["json"])[:80])
-            else:
-                out += _type_names(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            out += _type_names(v)
-    return out
+  """Every feature type name in a features JSON tree: proto-JSON ``pythonClassName``, legacy
+  ``type``, and legacy JSON embedded as a string in ``jsonFeature.json``."""
+  out = []
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      if k in _TYPE_KEYS:
+        out.append(v if isinstance(v, str) else repr(v))
+      elif k in _JSON_FEATURE_KEYS and isinstance(v, dict) and isinstance(v.get("json"), str):
+        try:
+          out += _type_names(json.loads(v["json"]))
+        except ValueError:
+          out.append(repr(v["json"])[:80])
+      else:
+        out += _type_names(v)
+  elif isinstance(tree, list):
+    for v in tree:
+      out += _type_names(v)
+  return out
 
 
 def _read_json(path: Path, fix: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DatasetInputError(f"{path}: unreadable ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:120] if str(e) else ''}); {fix}"
-                                ) from None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise DatasetInputError(
+      f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); {fix}"
+    ) from None
 
 
 def _refuse_foreign_types(path: Path, tree, fix: str) -> None:
-    allowed = allowed_feature_types()
-    bad = [t for t in _type_names(tree) if t not in allowed]
-    if bad:
-        raise DatasetInputError(
-            f"{path}: names feature type {bad[0]!r}, which fedkd never writes (only TFDS' "
-            f"{', '.join(sorted(t.rsplit('.', 1)[-1] for t in allowed))}); not opened, as TFDS "
-            f"would import that module. {fix}")
+  allowed = allowed_feature_types()
+  bad = [t for t in _type_names(tree) if t not in allowed]
+  if bad:
+    raise DatasetInputError(
+      f"{path}: names feature type {bad[0]!r}, which fedkd never writes (only TFDS' "
+      f"{', '.join(sorted(t.rsplit('.', 1)[-1] for t in allowed))}); not opened, as TFDS "
+      f"would import that module. {fix}"
+    )
 
 
 def _check_features_json(path: Path, fix: str) -> None:
-    """``features.json`` must be exactly the layout of ``common.features()``: a FeaturesDict of
-    the same feature names, types, dtypes, shapes and encodings, in TFDS' proto-JSON form."""
-    data = _read_json(path, fix)
-    _refuse_foreign_types(path, data, fix)
-    top, feats = _expected_features()
+  """``features.json`` must be exactly the layout of ``common.features()``: a FeaturesDict of
+  the same feature names, types, dtypes, shapes and encodings, in TFDS' proto-JSON form."""
+  data = _read_json(path, fix)
+  _refuse_foreign_types(path, data, fix)
+  top, feats = _expected_features()
 
-    def refuse(what: str):
-        raise DatasetInputError(f"{path}: {what}; fedkd writes a FeaturesDict of image/mask "
-                                f"(uint8 zlib tensors) and site/id (text). {fix}")
+  def refuse(what: str):
+    raise DatasetInputError(
+      f"{path}: {what}; fedkd writes a FeaturesDict of image/mask (uint8 zlib tensors) and site/id (text). {fix}"
+    )
 
-    def keys_ok(d, allowed) -> bool:
-        return isinstance(d, dict) and set(d) <= set(allowed)
+  def keys_ok(d, allowed) -> bool:
+    return isinstance(d, dict) and set(d) <= set(allowed)
 
-    if not keys_ok(data, ("pythonClassName", "featuresDict") + _DOC_KEYS) or data.get(
-            "pythonClassName") != top:
-        refuse("not the layout fedkd writes (a top-level FeaturesDict in TFDS' proto-JSON form)")
-    found = data.get("featuresDict")
-    found = found.get("features") if keys_ok(found, ("features",)) else None
-    if not isinstance(found, dict) or set(found) != set(feats):
-        refuse(f"features {sorted(found) if isinstance(found, dict) else found!r}, expected "
-               f"{sorted(feats)}")
-    for key, feature in feats.items():
-        entry, kind = found[key], type(feature).__name__
-        content_key = _CONTENT_KEY[kind]
-        if not keys_ok(entry, ("pythonClassName", content_key) + _DOC_KEYS) or entry.get(
-                "pythonClassName") != _class_name(feature) or not isinstance(
-                entry.get(content_key), dict):
-            refuse(f"feature {key!r} is not a {kind} in TFDS' proto-JSON form")
-        content = entry[content_key]
-        if kind == "Tensor":
-            shape = content.get("shape")
-            try:
-                dims = [int(d) for d in shape["dimensions"]]
-            except (KeyError, TypeError, ValueError):
-                dims = None
-            want = (np.dtype(feature.np_dtype).name,
-                    [-1 if d is None else int(d) for d in feature.shape], feature._encoding.value)
-            got = (content.get("dtype"), dims, content.get("encoding"))
-            if got != want:
-                refuse(f"feature {key!r} is (dtype, shape, encoding) {got}, expected {want}")
-        elif content:
-            refuse(f"feature {key!r} has text options {sorted(content)}")
+  if not keys_ok(data, ("pythonClassName", "featuresDict") + _DOC_KEYS) or data.get("pythonClassName") != top:
+    refuse("not the layout fedkd writes (a top-level FeaturesDict in TFDS' proto-JSON form)")
+  found = data.get("featuresDict")
+  found = found.get("features") if keys_ok(found, ("features",)) else None
+  if not isinstance(found, dict) or set(found) != set(feats):
+    refuse(f"features {sorted(found) if isinstance(found, dict) else found!r}, expected {sorted(feats)}")
+  for key, feature in feats.items():
+    entry, kind = found[key], type(feature).__name__
+    content_key = _CONTENT_KEY[kind]
+    if (
+      not keys_ok(entry, ("pythonClassName", content_key) + _DOC_KEYS)
+      or entry.get("pythonClassName") != _class_name(feature)
+      or not isinstance(entry.get(content_key), dict)
+    ):
+      refuse(f"feature {key!r} is not a {kind} in TFDS' proto-JSON form")
+    content = entry[content_key]
+    if kind == "Tensor":
+      shape = content.get("shape")
+      try:
+        dims = [int(d) for d in shape["dimensions"]]
+      except (KeyError, TypeError, ValueError):
+        dims = None
+      want = (
+        np.dtype(feature.np_dtype).name,
+        [-1 if d is None else int(d) for d in feature.shape],
+        feature._encoding.value,
+      )
+      got = (content.get("dtype"), dims, content.get("encoding"))
+      if got != want:
+        refuse(f"feature {key!r} is (dtype, shape, encoding) {got}, expected {want}")
+    elif content:
+      refuse(f"feature {key!r} has text options {sorted(content)}")
 
 
 def check_prepared(name: str, data_dir, config: str) -> dict:
-    """Check the prepared folder ``data_dir/name/config/<version>`` as plain JSON before TFDS
-    reads anything from it (see ``load_builder``); return its ``dataset_info.json`` contents.
+  """Check the prepared folder ``data_dir/name/config/<version>`` as plain JSON before TFDS
+  reads anything from it (see ``load_builder``); return its ``dataset_info.json`` contents.
 
-    Raises ``DatasetInputError`` naming the file and what is wrong."""
-    cls = _builder_cls(name)
-    config_dir = Path(data_dir) / name / config
-    version = str(cls.VERSION)
-    vdir = config_dir / version
-    fix = (f"Rebuild it (python -m fedkd.data.tfds.build --dataset={name} ... --overwrite) or "
-           f"get a fresh copy.")
-    info_file, features_file = vdir / "dataset_info.json", vdir / "features.json"
-    if not info_file.is_file():
-        others = sorted(v.name for v in config_dir.iterdir()
-                        if (v / "dataset_info.json").is_file()) if config_dir.is_dir() else []
-        raise DatasetInputError(
-            f"{config_dir}: prepared as version(s) {others}, but this fedkd reads {name} "
-            f"version {version}; rebuild it with python -m fedkd.data.tfds.build "
-            f"--dataset={name} ... --overwrite")
+  Raises ``DatasetInputError`` naming the file and what is wrong."""
+  cls = _builder_cls(name)
+  config_dir = Path(data_dir) / name / config
+  version = str(cls.VERSION)
+  vdir = config_dir / version
+  fix = f"Rebuild it (python -m fedkd.data.tfds.build --dataset={name} ... --overwrite) or get a fresh copy."
+  info_file, features_file = vdir / "dataset_info.json", vdir / "features.json"
+  if not info_file.is_file():
+    others = (
+      sorted(v.name for v in config_dir.iterdir() if (v / "dataset_info.json").is_file()) if config_dir.is_dir() else []
+    )
+    raise DatasetInputError(
+      f"{config_dir}: prepared as version(s) {others}, but this fedkd reads {name} "
+      f"version {version}; rebuild it with python -m fedkd.data.tfds.build "
+      f"--dataset={name} ... --overwrite"
+    )
 
-    # fedkd's datasets keep feature definitions in features.json only; TFDS would restore (and
-    # import) any it finds in dataset_info.json.
-    info = _read_json(info_file, fix)
-    if not isinstance(info, dict):
-        raise DatasetInputError(f"{info_file}: not a JSON object. {fix}")
-    if "features" in info:
-        _refuse_foreign_types(info_file, info["features"], fix)
-        raise DatasetInputError(f"{info_file}: carries feature definitions, which fedkd keeps in "
-                                f"features.json only. {fix}")
-    from google.protobuf import json_format
-    from tensorflow_datasets.core.proto import dataset_info_pb2
+  # fedkd's datasets keep feature definitions in features.json only; TFDS would restore (and
+  # import) any it finds in dataset_info.json.
+  info = _read_json(info_file, fix)
+  if not isinstance(info, dict):
+    raise DatasetInputError(f"{info_file}: not a JSON object. {fix}")
+  if "features" in info:
+    _refuse_foreign_types(info_file, info["features"], fix)
+    raise DatasetInputError(f"{info_file}: carries feature definitions, which fedkd keeps in features.json only. {fix}")
+  from google.protobuf import json_format
+  from tensorflow_datasets.core.proto import dataset_info_pb2
 
-    try:
-        proto = json_format.ParseDict(info, dataset_info_pb2.DatasetInfo())
-    except (json_format.ParseError, TypeError, ValueError) as e:
-        raise DatasetInputError(f"{info_file}: not a TFDS dataset_info.json "
-                                f"({str(e).splitlines()[0][:160] if str(e) else e!r}). {fix}"
-                                ) from None
-    if proto.HasField("features"):  # e.g. spelled in another JSON case
-        raise DatasetInputError(f"{info_file}: carries feature definitions, which fedkd keeps in "
-                                f"features.json only. {fix}")
-    expected = {"name": (proto.name, name), "configName": (proto.config_name, config),
-                "version": (proto.version, version),
-                "fileFormat": (proto.file_format, "array_record")}
-    if proto.module_name:  # TFDS never imports it, but it names who wrote the dataset
-        expected["moduleName"] = (proto.module_name, cls.__module__)
-    for key, (got, want) in expected.items():
-        if got != want:
-            raise DatasetInputError(f"{info_file}: {key} is {got!r}, expected {want!r} (not a "
-                                    f"{name}/{config} dataset written by fedkd). {fix}")
-    for split in proto.splits:
-        if not _SAFE_SPLIT.match(split.name):
-            raise DatasetInputError(f"{info_file}: unsafe split name {split.name!r} (letters, "
-                                    f"digits, _ and - only). {fix}")
-        if split.filepath_template not in ("", _DEFAULT_FILE_TEMPLATE):
-            raise DatasetInputError(
-                f"{info_file}: split {split.name!r} names its files "
-                f"{split.filepath_template!r}; fedkd datasets use {_DEFAULT_FILE_TEMPLATE!r} "
-                f"inside their own folder. {fix}")
-        n = len(split.shard_lengths)
-        missing = [f for f in (f"{name}-{split.name}.array_record-{i:05d}-of-{n:05d}"
-                               for i in range(n)) if not (vdir / f).is_file()]
-        if missing:
-            raise DatasetInputError(
-                f"{vdir}: split {split.name!r} is incomplete, missing {missing[:3]}"
-                f"{' ...' if len(missing) > 3 else ''}; copy the whole folder again or rebuild it")
-    if not features_file.is_file():
-        raise DatasetInputError(f"{features_file}: missing. {fix}")
-    _check_features_json(features_file, fix)
-    return info
+  try:
+    proto = json_format.ParseDict(info, dataset_info_pb2.DatasetInfo())
+  except (json_format.ParseError, TypeError, ValueError) as e:
+    raise DatasetInputError(
+      f"{info_file}: not a TFDS dataset_info.json ({str(e).splitlines()[0][:160] if str(e) else e!r}). {fix}"
+    ) from None
+  if proto.HasField("features"):  # e.g. spelled in another JSON case
+    raise DatasetInputError(f"{info_file}: carries feature definitions, which fedkd keeps in features.json only. {fix}")
+  expected = {
+    "name": (proto.name, name),
+    "configName": (proto.config_name, config),
+    "version": (proto.version, version),
+    "fileFormat": (proto.file_format, "array_record"),
+  }
+  if proto.module_name:  # TFDS never imports it, but it names who wrote the dataset
+    expected["moduleName"] = (proto.module_name, cls.__module__)
+  for key, (got, want) in expected.items():
+    if got != want:
+      raise DatasetInputError(
+        f"{info_file}: {key} is {got!r}, expected {want!r} (not a {name}/{config} dataset written by fedkd). {fix}"
+      )
+  for split in proto.splits:
+    if not _SAFE_SPLIT.match(split.name):
+      raise DatasetInputError(f"{info_file}: unsafe split name {split.name!r} (letters, digits, _ and - only). {fix}")
+    if split.filepath_template not in ("", _DEFAULT_FILE_TEMPLATE):
+      raise DatasetInputError(
+        f"{info_file}: split {split.name!r} names its files "
+        f"{split.filepath_template!r}; fedkd datasets use {_DEFAULT_FILE_TEMPLATE!r} "
+        f"inside their own folder. {fix}"
+      )
+    n = len(split.shard_lengths)
+    missing = [
+      f for f in (f"{name}-{split.name}.array_record-{i:05d}-of-{n:05d}" for i in range(n)) if not (vdir / f).is_file()
+    ]
+    if missing:
+      raise DatasetInputError(
+        f"{vdir}: split {split.name!r} is incomplete, missing {missing[:3]}"
+        f"{' ...' if len(missing) > 3 else ''}; copy the whole folder again or rebuild it"
+      )
+  if not features_file.is_file():
+    raise DatasetInputError(f"{features_file}: missing. {fix}")
+  _check_features_json(features_file, fix)
+  return info
 
 
 def _reading_config(cls, config: str, info: dict):
-    """The BuilderConfig to read prepared config ``config`` with: the registered one, else one
-    recreated from its name and stored description. Reading needs only the name (it picks the
-    folder); the other fields matter when generating, and records carry their own site."""
-    registered = _registered(cls, config)
-    if registered is not None:
-        return registered
-    description = info.get("configDescription") or None
-    if cls is SyntheticEndovascular:
-        m = re.fullmatch(r"(?P<site>.+)-(?P<image_size>\d+)px-(?P<num_train>\d+)-"
-                         r"(?P<num_test>\d+)-seed(?P<seed>\d+)", config)
-        fields = ({k: (v if k == "site" else int(v)) for k, v in m.groupdict().items()}
-                  if m else {})
-        return SyntheticConfig(name=config, description=description, **fields)
-    if cls is XrayFolder:
-        return XrayFolderConfig(name=config, description=description)
-    return CathactionConfig(name=config, description=description)
+  """The BuilderConfig to read prepared config ``config`` with: the registered one, else one
+  recreated from its name and stored description. Reading needs only the name (it picks the
+  folder); the other fields matter when generating, and records carry their own site."""
+  registered = _registered(cls, config)
+  if registered is not None:
+    return registered
+  description = info.get("configDescription") or None
+  if cls is SyntheticEndovascular:
+    m = re.fullmatch(
+      r"(?P<site>.+)-(?P<image_size>\d+)px-(?P<num_train>\d+)-"
+      r"(?P<num_test>\d+)-seed(?P<seed>\d+)",
+      config,
+    )
+    fields = {k: (v if k == "site" else int(v)) for k, v in m.groupdict().items()} if m else {}
+    return SyntheticConfig(name=config, description=description, **fields)
+  if cls is XrayFolder:
+    return XrayFolderConfig(name=config, description=description)
+  return CathactionConfig(name=config, description=description)
 
 
 def load_source(name: str, split: str, data_dir, config=None) -> SegmentationSource:
-    """Random-access source of split ``split`` (see ``SegmentationSource``)."""
-    builder = load_builder(name, data_dir, config)
-    cfg = builder.info.config_name
-    splits = list(builder.info.splits.keys())
-    if split not in splits:
-        raise DatasetInputError(f"{name}/{cfg}: no split {split!r}; available: {splits}")
-    if builder.info.splits[split].num_examples == 0:  # TFDS cannot open a split without shards
-        raise DatasetInputError(f"{name}/{cfg}: split {split!r} has no records; rebuild it with "
-                                f"examples in that split")
-    src = builder.as_data_source(split=split)
-    return SegmentationSource(src, name=f"{name}/{cfg}:{split}")
+  """Random-access source of split ``split`` (see ``SegmentationSource``)."""
+  builder = load_builder(name, data_dir, config)
+  cfg = builder.info.config_name
+  splits = list(builder.info.splits.keys())
+  if split not in splits:
+    raise DatasetInputError(f"{name}/{cfg}: no split {split!r}; available: {splits}")
+  if builder.info.splits[split].num_examples == 0:  # TFDS cannot open a split without shards
+    raise DatasetInputError(f"{name}/{cfg}: split {split!r} has no records; rebuild it with examples in that split")
+  src = builder.as_data_source(split=split)
+  return SegmentationSource(src, name=f"{name}/{cfg}:{split}")
 
 
 def remove(name: str, data_dir, config: str) -> None:
-    """Delete a prepared dataset folder ``data_dir/name/config``."""
-    _builder_cls(name)
-    if not config or config in (".", "..") or Path(config).name != config or "\\" in config:
-        raise DatasetInputError(f"{name}: config {config!r} is not a config name (a folder "
-                                f"name under {Path(data_dir) / name})")
-    path = Path(data_dir) / name / config
-    if path.is_dir():
-        shutil.rmtree(path)
+  """Delete a prepared dataset folder ``data_dir/name/config``."""
+  _builder_cls(name)
+  if not config or config in (".", "..") or Path(config).name != config or "\\" in config:
+    raise DatasetInputError(
+      f"{name}: config {config!r} is not a config name (a folder name under {Path(data_dir) / name})"
+    )
+  path = Path(data_dir) / name / config
+  if path.is_dir():
+    shutil.rmtree(path)

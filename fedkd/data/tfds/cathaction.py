@@ -20,6 +20,7 @@ Check a few label files first (``np.unique(np.array(PIL.Image.open(f)))``); an u
 fails the build with the values found and the allowed ones. Record ids are
 ``<split>/images/<file name>``; site is ``"cathaction"``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,30 +46,35 @@ _CITATION = """\
 
 @dataclasses.dataclass
 class CathactionConfig(tfds.core.BuilderConfig):
-    """Label conventions of the label PNGs (see the module docstring)."""
+  """Label conventions of the label PNGs (see the module docstring)."""
 
-    label_map: dict | None = None
-    color_map: dict | None = None
+  label_map: dict | None = None
+  color_map: dict | None = None
 
-    def label_spec(self) -> LabelSpec:
-        return LabelSpec.create(self.label_map, self.color_map)
+  def label_spec(self) -> LabelSpec:
+    return LabelSpec.create(self.label_map, self.color_map)
 
 
 class Cathaction(tfds.core.GeneratorBasedBuilder):
-    """CathAction X-ray frames with catheter/guidewire masks (manual download)."""
+  """CathAction X-ray frames with catheter/guidewire masks (manual download)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release (segmentation masks only)."}
-    BUILDER_CONFIGS = [
-        CathactionConfig(name="default",
-                         description="Label PNG values are class indices 0/1/2."),
-        CathactionConfig(name="gray_0_128_255", label_map=dict(common.GRAY_0_128_255_MAP),
-                         description="Label PNG values 0 bg, 128 catheter, 255 guidewire."),
-        CathactionConfig(name="rgb", color_map=dict(common.RGB_COLOR_MAP),
-                         description="RGB label PNGs: black bg, red catheter, green guidewire."),
-    ]
-    DEFAULT_CONFIG_NAME = "default"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release (segmentation masks only)."}
+  BUILDER_CONFIGS = [
+    CathactionConfig(name="default", description="Label PNG values are class indices 0/1/2."),
+    CathactionConfig(
+      name="gray_0_128_255",
+      label_map=dict(common.GRAY_0_128_255_MAP),
+      description="Label PNG values 0 bg, 128 catheter, 255 guidewire.",
+    ),
+    CathactionConfig(
+      name="rgb",
+      color_map=dict(common.RGB_COLOR_MAP),
+      description="RGB label PNGs: black bg, red catheter, green guidewire.",
+    ),
+  ]
+  DEFAULT_CONFIG_NAME = "default"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     CathAction is CC BY-NC-SA 4.0 (non-commercial, share-alike) and must be requested from
     the authors: https://airvlab.github.io/cathdata (request form; see also arXiv 2408.13126).
     Ask for the segmentation subset (images + catheter/guidewire label masks). Extract it so
@@ -79,72 +85,75 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
             --data_dir=OUT [--config=gray_0_128_255 | --label_map=0:0,128:1,255:2]
     """
 
-    # Set explicitly: TFDS' own lookup of the code path needs the `importlib_resources`
-    # backport for packages outside tensorflow_datasets, which is not a dependency here.
-    code_path = epath.Path(__file__)
+  # Set explicitly: TFDS' own lookup of the code path needs the `importlib_resources`
+  # backport for packages outside tensorflow_datasets, which is not a dependency here.
+  code_path = epath.Path(__file__)
 
-    def __init__(self, *, file_format=None, **kwargs):
-        super().__init__(file_format=file_format or "array_record", **kwargs)
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format or "array_record", **kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=("CathAction catheter/guidewire segmentation (phantom and porcine "
-                         "X-ray). Labels: " + self.builder_config.label_spec().describe()),
-            features=common.features(),
-            homepage="https://airvlab.github.io/cathdata",
-            citation=_CITATION,
-            license="CC BY-NC-SA 4.0",
-            disable_shuffling=True,
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=(
+        "CathAction catheter/guidewire segmentation (phantom and porcine "
+        "X-ray). Labels: " + self.builder_config.label_spec().describe()
+      ),
+      features=common.features(),
+      homepage="https://airvlab.github.io/cathdata",
+      citation=_CITATION,
+      license="CC BY-NC-SA 4.0",
+      disable_shuffling=True,
+    )
 
-    def _split_generators(self, dl_manager):
-        root = common.manual_dir_from(
-            dl_manager, "cathaction",
-            "download CathAction (see MANUAL_DOWNLOAD_INSTRUCTIONS) and pass manual_dir")
-        spec = self.builder_config.label_spec()
-        splits = scan_cathaction(root)
-        with common.collect_notes() as notes:
-            for pairs in splits.values():  # validate everything before any split is written
-                common.validate_pairs(pairs, spec)
-        notes.emit()
-        return {name: self._generate_examples(pairs, spec) for name, pairs in splits.items()}
+  def _split_generators(self, dl_manager):
+    root = common.manual_dir_from(
+      dl_manager, "cathaction", "download CathAction (see MANUAL_DOWNLOAD_INSTRUCTIONS) and pass manual_dir"
+    )
+    spec = self.builder_config.label_spec()
+    splits = scan_cathaction(root)
+    with common.collect_notes() as notes:
+      for pairs in splits.values():  # validate everything before any split is written
+        common.validate_pairs(pairs, spec)
+    notes.emit()
+    return {name: self._generate_examples(pairs, spec) for name, pairs in splits.items()}
 
-    def _generate_examples(self, pairs, spec):
-        yield from common.generate_pairs(pairs, spec, SITE)
+  def _generate_examples(self, pairs, spec):
+    yield from common.generate_pairs(pairs, spec, SITE)
 
 
 def _find_root(root: Path) -> Path:
-    if any((root / s).is_dir() for s in SPLITS):
-        return root
-    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] \
-        if root.is_dir() else []
-    if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in SPLITS):
-        return subdirs[0]
+  if any((root / s).is_dir() for s in SPLITS):
     return root
+  subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+  if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in SPLITS):
+    return subdirs[0]
+  return root
 
 
 def scan_cathaction(manual_dir: Path) -> dict[str, list[Pair]]:
-    manual_dir = Path(manual_dir)
-    if not manual_dir.is_dir():
-        raise DatasetInputError(f"{manual_dir}: manual_dir not found; extract CathAction there "
-                                f"(train/images, train/labels, test/...)")
-    root = _find_root(manual_dir)
-    out = {}
-    for split in SPLITS:
-        sdir = root / split
-        if not sdir.is_dir():
-            continue
-        images = common.list_images(sdir / "images")
-        labels = sdir / "labels"
-        if not labels.is_dir():
-            raise DatasetInputError(f"{labels}: label folder not found; CathAction expects "
-                                    f"{split}/labels/<stem>.png next to {split}/images/")
-        out[split] = [Pair(image=p, mask_dir=labels, stem=p.stem,
-                           id_prefix=f"{split}/images/{p.name}") for p in images]
-    if not out:
-        found = sorted(p.name for p in manual_dir.iterdir())[:10]
-        raise DatasetInputError(
-            f"{manual_dir}: no CathAction split folders (train/, test/, val/) found (contents: "
-            f"{found}); extract the archive so that {manual_dir}/train/images exists")
-    return out
+  manual_dir = Path(manual_dir)
+  if not manual_dir.is_dir():
+    raise DatasetInputError(
+      f"{manual_dir}: manual_dir not found; extract CathAction there (train/images, train/labels, test/...)"
+    )
+  root = _find_root(manual_dir)
+  out = {}
+  for split in SPLITS:
+    sdir = root / split
+    if not sdir.is_dir():
+      continue
+    images = common.list_images(sdir / "images")
+    labels = sdir / "labels"
+    if not labels.is_dir():
+      raise DatasetInputError(
+        f"{labels}: label folder not found; CathAction expects {split}/labels/<stem>.png next to {split}/images/"
+      )
+    out[split] = [Pair(image=p, mask_dir=labels, stem=p.stem, id_prefix=f"{split}/images/{p.name}") for p in images]
+  if not out:
+    found = sorted(p.name for p in manual_dir.iterdir())[:10]
+    raise DatasetInputError(
+      f"{manual_dir}: no CathAction split folders (train/, test/, val/) found (contents: "
+      f"{found}); extract the archive so that {manual_dir}/train/images exists"
+    )
+  return out

@@ -67,6 +67,7 @@ or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rej
   preset). Alpha is ignored. An RGB mask whose three channels are equal everywhere is treated
   as a gray mask when no colour map is given.
 """
+
 from __future__ import annotations
 
 from fedkd.errors import UserError
@@ -80,7 +81,7 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -93,8 +94,7 @@ IMAGE_EXTS = PIL_IMAGE_EXTS + DICOM_EXTS
 MASK_EXTS = (".png", ".dcm", ".npy")
 
 #: Colour preset for RGB masks: black background, red catheter, green guidewire, blue vessel.
-RGB_COLOR_MAP: dict[tuple[int, int, int], int] = {
-    (0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}
+RGB_COLOR_MAP: dict[tuple[int, int, int], int] = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}
 #: Gray preset for 3-level masks: 0 background, 128 catheter, 255 guidewire.
 GRAY_0_128_255_MAP: dict[int, int] = {0: 0, 128: 1, 255: 2}
 
@@ -109,55 +109,56 @@ _MAX_LISTED_PROBLEMS = 5
 
 
 class DatasetInputError(UserError, ValueError):
-    """Bad input files or arguments for a fedkd TFDS builder.
+  """Bad input files or arguments for a fedkd TFDS builder.
 
-    ``problems`` holds one line per problem (file, what is wrong, how to fix it); ``str(e)`` is a
-    single line naming the first few.
-    """
+  ``problems`` holds one line per problem (file, what is wrong, how to fix it); ``str(e)`` is a
+  single line naming the first few.
+  """
 
-    def __init__(self, problems: str | Iterable[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if not self.problems:
-            self.problems = ["invalid dataset input"]
-        if len(self.problems) == 1:
-            msg = self.problems[0]
-        else:
-            shown = self.problems[:_MAX_LISTED_PROBLEMS]
-            msg = f"{len(self.problems)} problems in the input: " + "; ".join(shown)
-            if len(self.problems) > len(shown):
-                msg += f"; ... and {len(self.problems) - len(shown)} more"
-        super().__init__(msg)
+  def __init__(self, problems: str | Iterable[str]):
+    self.problems = [problems] if isinstance(problems, str) else list(problems)
+    if not self.problems:
+      self.problems = ["invalid dataset input"]
+    if len(self.problems) == 1:
+      msg = self.problems[0]
+    else:
+      shown = self.problems[:_MAX_LISTED_PROBLEMS]
+      msg = f"{len(self.problems)} problems in the input: " + "; ".join(shown)
+      if len(self.problems) > len(shown):
+        msg += f"; ... and {len(self.problems) - len(shown)} more"
+    super().__init__(msg)
 
 
 def features():
-    """The shared ``tfds.features.FeaturesDict`` (numpy-only encoding, variable image size)."""
-    import tensorflow_datasets as tfds
+  """The shared ``tfds.features.FeaturesDict`` (numpy-only encoding, variable image size)."""
+  import tensorflow_datasets as tfds
 
-    zlib = tfds.features.Encoding.ZLIB
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding=zlib),
-        "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
-        "site": tfds.features.Text(),
-        "id": tfds.features.Text(),
-    })
+  zlib = tfds.features.Encoding.ZLIB
+  return tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding=zlib),
+      "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
+      "site": tfds.features.Text(),
+      "id": tfds.features.Text(),
+    }
+  )
 
 
 def record(image: np.ndarray, mask: np.ndarray, site: str, example_id: str) -> dict:
-    """One example dict in the record format (image [H, W] or [H, W, 1], mask [H, W])."""
-    image = np.asarray(image, dtype=np.uint8)
-    if image.ndim == 2:
-        image = image[..., None]
-    return {"image": image, "mask": np.asarray(mask, dtype=np.uint8), "site": site,
-            "id": example_id}
+  """One example dict in the record format (image [H, W] or [H, W, 1], mask [H, W])."""
+  image = np.asarray(image, dtype=np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  return {"image": image, "mask": np.asarray(mask, dtype=np.uint8), "site": site, "id": example_id}
 
 
 def config_safe_name(name: str) -> str:
-    """A TFDS-valid config name (letters, digits, ``_ - . +``) derived from ``name``."""
-    safe = re.sub(r"[^\w\-.+]", "_", str(name).strip())
-    safe = safe.strip(".")
-    if not safe:
-        raise DatasetInputError(f"cannot derive a config name from {name!r}; pass config=NAME")
-    return safe
+  """A TFDS-valid config name (letters, digits, ``_ - . +``) derived from ``name``."""
+  safe = re.sub(r"[^\w\-.+]", "_", str(name).strip())
+  safe = safe.strip(".")
+  if not safe:
+    raise DatasetInputError(f"cannot derive a config name from {name!r}; pass config=NAME")
+  return safe
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,295 +166,297 @@ def config_safe_name(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LabelSpec:
-    """How stored mask values become classes 0..3 (see the module docstring)."""
+  """How stored mask values become classes 0..3 (see the module docstring)."""
 
-    label_map: tuple[tuple[int, int], ...] | None = None
-    color_map: tuple[tuple[tuple[int, int, int], int], ...] | None = None
+  label_map: tuple[tuple[int, int], ...] | None = None
+  color_map: tuple[tuple[tuple[int, int, int], int], ...] | None = None
 
-    @classmethod
-    def create(cls, label_map: Mapping | None = None, color_map: Mapping | None = None
-               ) -> "LabelSpec":
-        lm = None
-        if label_map is not None:
-            items = []
-            for k, v in dict(label_map).items():
-                try:
-                    k, v = int(k), int(v)
-                except (TypeError, ValueError):
-                    raise DatasetInputError(
-                        f"label_map entry {k!r}: {v!r} is not integer value: class") from None
-                items.append((k, _check_class(v, f"label_map[{k}]")))
-            lm = tuple(sorted(items))
-        cm = None
-        if color_map is not None:
-            items = []
-            for k, v in dict(color_map).items():
-                rgb = _parse_rgb(k)
-                items.append((rgb, _check_class(int(v), f"color_map[{k}]")))
-            cm = tuple(sorted(items))
-        return cls(label_map=lm, color_map=cm)
+  @classmethod
+  def create(cls, label_map: Mapping | None = None, color_map: Mapping | None = None) -> LabelSpec:
+    lm = None
+    if label_map is not None:
+      items = []
+      for k, v in dict(label_map).items():
+        try:
+          k, v = int(k), int(v)
+        except (TypeError, ValueError):
+          raise DatasetInputError(f"label_map entry {k!r}: {v!r} is not integer value: class") from None
+        items.append((k, _check_class(v, f"label_map[{k}]")))
+      lm = tuple(sorted(items))
+    cm = None
+    if color_map is not None:
+      items = []
+      for k, v in dict(color_map).items():
+        rgb = _parse_rgb(k)
+        items.append((rgb, _check_class(int(v), f"color_map[{k}]")))
+      cm = tuple(sorted(items))
+    return cls(label_map=lm, color_map=cm)
 
-    def describe(self) -> str:
-        parts = []
-        if self.label_map is not None:
-            parts.append("label_map " + json.dumps({str(k): v for k, v in self.label_map}))
-        if self.color_map is not None:
-            parts.append("color_map " + json.dumps(
-                {",".join(map(str, k)): v for k, v in self.color_map}))
-        return "; ".join(parts) if parts else "mask values are class indices 0..3"
+  def describe(self) -> str:
+    parts = []
+    if self.label_map is not None:
+      parts.append("label_map " + json.dumps({str(k): v for k, v in self.label_map}))
+    if self.color_map is not None:
+      parts.append("color_map " + json.dumps({",".join(map(str, k)): v for k, v in self.color_map}))
+    return "; ".join(parts) if parts else "mask values are class indices 0..3"
 
-    def allowed_values(self) -> list[int]:
-        if self.label_map is not None:
-            return [k for k, _ in self.label_map]
-        return list(range(NUM_CLASSES))
+  def allowed_values(self) -> list[int]:
+    if self.label_map is not None:
+      return [k for k, _ in self.label_map]
+    return list(range(NUM_CLASSES))
 
-    def apply(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        """Map raw mask values ``[..., H, W]`` or colours ``[..., H, W, 3]`` to uint8 classes."""
-        if raw.ndim >= 3 and raw.shape[-1] == 3 and raw.dtype != np.bool_:
-            if self.color_map is not None:
-                return self._apply_colors(raw, path)
-            if np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0],
-                                                                             raw[..., 2]):
-                raw = raw[..., 0]
-            else:
-                raise DatasetInputError(
-                    f"{path}: RGB colour mask but no color_map is configured; pass color_map, "
-                    f"e.g. {{(0,0,0): 0, (255,0,0): 1, (0,255,0): 2, (0,0,255): 3}} (CLI "
-                    f"--color_map='0,0,0:0;255,0,0:1;0,255,0:2'), or save masks as gray "
-                    f"class-index PNGs")
-        elif self.color_map is not None and self.label_map is None:
-            raise DatasetInputError(
-                f"{path}: a color_map is configured but this mask is not an RGB image "
-                f"(shape {raw.shape}); pass label_map for gray masks instead")
-        values, inverse = np.unique(raw.astype(np.int64), return_inverse=True)
-        table = dict(self.label_map) if self.label_map is not None else {
-            c: c for c in range(NUM_CLASSES)}
-        unknown = [int(v) for v in values if int(v) not in table]
-        if unknown:
-            hint = ("add them to label_map" if self.label_map is not None else
-                    "pass label_map (value: class), e.g. {0: 0, 128: 1, 255: 2} "
-                    "(CLI --label_map=0:0,128:1,255:2)")
-            raise DatasetInputError(
-                f"{path}: unknown label value(s) {_short_list(unknown)} (found "
-                f"{_short_list([int(v) for v in values])}; allowed {self.allowed_values()}); "
-                f"{hint}")
-        lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
-        return lut[inverse.reshape(raw.shape)]
+  def apply(self, raw: np.ndarray, path: Path) -> np.ndarray:
+    """Map raw mask values ``[..., H, W]`` or colours ``[..., H, W, 3]`` to uint8 classes."""
+    if raw.ndim >= 3 and raw.shape[-1] == 3 and raw.dtype != np.bool_:
+      if self.color_map is not None:
+        return self._apply_colors(raw, path)
+      if np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]):
+        raw = raw[..., 0]
+      else:
+        raise DatasetInputError(
+          f"{path}: RGB colour mask but no color_map is configured; pass color_map, "
+          f"e.g. {{(0,0,0): 0, (255,0,0): 1, (0,255,0): 2, (0,0,255): 3}} (CLI "
+          f"--color_map='0,0,0:0;255,0,0:1;0,255,0:2'), or save masks as gray "
+          f"class-index PNGs"
+        )
+    elif self.color_map is not None and self.label_map is None:
+      raise DatasetInputError(
+        f"{path}: a color_map is configured but this mask is not an RGB image "
+        f"(shape {raw.shape}); pass label_map for gray masks instead"
+      )
+    values, inverse = np.unique(raw.astype(np.int64), return_inverse=True)
+    table = dict(self.label_map) if self.label_map is not None else {c: c for c in range(NUM_CLASSES)}
+    unknown = [int(v) for v in values if int(v) not in table]
+    if unknown:
+      hint = (
+        "add them to label_map"
+        if self.label_map is not None
+        else "pass label_map (value: class), e.g. {0: 0, 128: 1, 255: 2} (CLI --label_map=0:0,128:1,255:2)"
+      )
+      raise DatasetInputError(
+        f"{path}: unknown label value(s) {_short_list(unknown)} (found "
+        f"{_short_list([int(v) for v in values])}; allowed {self.allowed_values()}); "
+        f"{hint}"
+      )
+    lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
+    return lut[inverse.reshape(raw.shape)]
 
-    def _apply_colors(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        rgb = raw.astype(np.int64)
-        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-        values, inverse = np.unique(code, return_inverse=True)
-        table = {(r << 16) | (g << 8) | b: c for (r, g, b), c in self.color_map}
-        unknown = [int(v) for v in values if int(v) not in table]
-        if unknown:
-            def fmt(v):
-                return f"({v >> 16},{(v >> 8) & 255},{v & 255})"
-            raise DatasetInputError(
-                f"{path}: unknown mask colour(s) {_short_list([fmt(v) for v in unknown])} "
-                f"(allowed {[fmt(v) for v in sorted(table)]}); add them to color_map")
-        lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
-        return lut[inverse.reshape(code.shape)]
+  def _apply_colors(self, raw: np.ndarray, path: Path) -> np.ndarray:
+    rgb = raw.astype(np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    values, inverse = np.unique(code, return_inverse=True)
+    table = {(r << 16) | (g << 8) | b: c for (r, g, b), c in self.color_map}
+    unknown = [int(v) for v in values if int(v) not in table]
+    if unknown:
+
+      def fmt(v):
+        return f"({v >> 16},{(v >> 8) & 255},{v & 255})"
+
+      raise DatasetInputError(
+        f"{path}: unknown mask colour(s) {_short_list([fmt(v) for v in unknown])} "
+        f"(allowed {[fmt(v) for v in sorted(table)]}); add them to color_map"
+      )
+    lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
+    return lut[inverse.reshape(code.shape)]
 
 
 def _check_class(v: int, what: str) -> int:
-    if not 0 <= v < NUM_CLASSES:
-        raise DatasetInputError(
-            f"{what} = {v} is not a class; classes are 0 background, 1 catheter, "
-            f"2 guidewire, 3 vessel")
-    return v
+  if not 0 <= v < NUM_CLASSES:
+    raise DatasetInputError(f"{what} = {v} is not a class; classes are 0 background, 1 catheter, 2 guidewire, 3 vessel")
+  return v
 
 
 def _parse_rgb(key) -> tuple[int, int, int]:
-    if isinstance(key, str):
-        key = [p for p in re.split(r"[,\s]+", key.strip("()[] ")) if p]
-    try:
-        rgb = tuple(int(c) for c in key)
-    except (TypeError, ValueError):
-        rgb = ()
-    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-        raise DatasetInputError(f"color_map key {key!r} is not an (r, g, b) triple of 0..255")
-    return rgb  # type: ignore[return-value]
+  if isinstance(key, str):
+    key = [p for p in re.split(r"[,\s]+", key.strip("()[] ")) if p]
+  try:
+    rgb = tuple(int(c) for c in key)
+  except (TypeError, ValueError):
+    rgb = ()
+  if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+    raise DatasetInputError(f"color_map key {key!r} is not an (r, g, b) triple of 0..255")
+  return rgb  # type: ignore[return-value]
 
 
 def _short_list(values: list, limit: int = 12) -> str:
-    if len(values) <= limit:
-        return "[" + ", ".join(map(str, values)) + "]"
-    return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)]"
+  if len(values) <= limit:
+    return "[" + ", ".join(map(str, values)) + "]"
+  return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)]"
 
 
 def parse_label_map(text: str) -> dict[int, int]:
-    """CLI form ``"0:0,128:1,255:2"`` -> ``{0: 0, 128: 1, 255: 2}``."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if ":" not in part:
-            raise DatasetInputError(f"--label_map entry {part!r} is not VALUE:CLASS "
-                                    f"(e.g. --label_map=0:0,128:1,255:2)")
-        k, v = part.split(":", 1)
-        try:
-            out[int(k)] = int(v)
-        except ValueError:
-            raise DatasetInputError(f"--label_map entry {part!r} is not VALUE:CLASS with "
-                                    f"integers (e.g. 0:0,128:1,255:2)") from None
-    if not out:
-        raise DatasetInputError("--label_map is empty (e.g. --label_map=0:0,128:1,255:2)")
-    return out
+  """CLI form ``"0:0,128:1,255:2"`` -> ``{0: 0, 128: 1, 255: 2}``."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    if ":" not in part:
+      raise DatasetInputError(f"--label_map entry {part!r} is not VALUE:CLASS (e.g. --label_map=0:0,128:1,255:2)")
+    k, v = part.split(":", 1)
+    try:
+      out[int(k)] = int(v)
+    except ValueError:
+      raise DatasetInputError(
+        f"--label_map entry {part!r} is not VALUE:CLASS with integers (e.g. 0:0,128:1,255:2)"
+      ) from None
+  if not out:
+    raise DatasetInputError("--label_map is empty (e.g. --label_map=0:0,128:1,255:2)")
+  return out
 
 
 def parse_color_map(text: str) -> dict[tuple[int, int, int], int]:
-    """CLI form ``"0,0,0:0;255,0,0:1"`` -> ``{(0, 0, 0): 0, (255, 0, 0): 1}``."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        if ":" not in part:
-            raise DatasetInputError(f"--color_map entry {part!r} is not R,G,B:CLASS "
-                                    f"(e.g. --color_map='0,0,0:0;255,0,0:1;0,255,0:2')")
-        k, v = part.rsplit(":", 1)
-        try:
-            out[_parse_rgb(k)] = int(v)
-        except ValueError:
-            raise DatasetInputError(f"--color_map entry {part!r}: class must be an integer"
-                                    ) from None
-    if not out:
-        raise DatasetInputError("--color_map is empty (e.g. '0,0,0:0;255,0,0:1;0,255,0:2')")
-    return out
+  """CLI form ``"0,0,0:0;255,0,0:1"`` -> ``{(0, 0, 0): 0, (255, 0, 0): 1}``."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    if ":" not in part:
+      raise DatasetInputError(
+        f"--color_map entry {part!r} is not R,G,B:CLASS (e.g. --color_map='0,0,0:0;255,0,0:1;0,255,0:2')"
+      )
+    k, v = part.rsplit(":", 1)
+    try:
+      out[_parse_rgb(k)] = int(v)
+    except ValueError:
+      raise DatasetInputError(f"--color_map entry {part!r}: class must be an integer") from None
+  if not out:
+    raise DatasetInputError("--color_map is empty (e.g. '0,0,0:0;255,0,0:1;0,255,0:2')")
+  return out
 
 
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
 def minmax_to_uint8(x: np.ndarray) -> np.ndarray:
-    """``round((x - min) * 255 / (max - min))`` in float64 (half-to-even); constant -> 0."""
-    x = np.asarray(x, dtype=np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    if hi <= lo:
-        return np.zeros(x.shape, dtype=np.uint8)
-    return np.clip(np.round((x - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+  """``round((x - min) * 255 / (max - min))`` in float64 (half-to-even); constant -> 0."""
+  x = np.asarray(x, dtype=np.float64)
+  lo, hi = float(x.min()), float(x.max())
+  if hi <= lo:
+    return np.zeros(x.shape, dtype=np.uint8)
+  return np.clip(np.round((x - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
 
 
-def voi_window_to_uint8(x: np.ndarray, center: float, width: float,
-                        function: str = "LINEAR") -> np.ndarray:
-    """DICOM VOI LUT window (PS3.3 C.11.2.1.2) onto [0, 255], rounded half-to-even."""
-    x = np.asarray(x, dtype=np.float64)
-    function = (function or "LINEAR").upper()
-    if function == "SIGMOID":
-        y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    elif function == "LINEAR_EXACT":
-        y = ((x - center) / width + 0.5) * 255.0
-    else:  # LINEAR
-        w1 = max(width - 1.0, 1e-12)
-        y = ((x - (center - 0.5)) / w1 + 0.5) * 255.0
-    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+def voi_window_to_uint8(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+  """DICOM VOI LUT window (PS3.3 C.11.2.1.2) onto [0, 255], rounded half-to-even."""
+  x = np.asarray(x, dtype=np.float64)
+  function = (function or "LINEAR").upper()
+  if function == "SIGMOID":
+    y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+  elif function == "LINEAR_EXACT":
+    y = ((x - center) / width + 0.5) * 255.0
+  else:  # LINEAR
+    w1 = max(width - 1.0, 1e-12)
+    y = ((x - (center - 0.5)) / w1 + 0.5) * 255.0
+  return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.float64)
-    return (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
+  rgb = rgb.astype(np.float64)
+  return (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
 
 
 def is_dicom_file(path: Path) -> bool:
-    """``.dcm``/``.dicom`` extension, or an extension-less file with the DICM preamble."""
-    ext = path.suffix.lower()
-    if ext in DICOM_EXTS:
-        return True
-    if ext == "":
-        try:
-            with open(path, "rb") as f:
-                head = f.read(132)
-        except OSError:
-            return False
-        return len(head) == 132 and head[128:] == b"DICM"
-    return False
+  """``.dcm``/``.dicom`` extension, or an extension-less file with the DICM preamble."""
+  ext = path.suffix.lower()
+  if ext in DICOM_EXTS:
+    return True
+  if ext == "":
+    try:
+      with open(path, "rb") as f:
+        head = f.read(132)
+    except OSError:
+      return False
+    return len(head) == 132 and head[128:] == b"DICM"
+  return False
 
 
 def _open_pil(path: Path):
-    from PIL import Image
+  from PIL import Image
 
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetInputError(
-            f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e}); re-export it "
-            f"as PNG/JPEG or remove it (and its mask) from the folder") from None
+  try:
+    im = Image.open(path)
+    im.load()
+    return im
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise DatasetInputError(
+      f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e}); re-export it "
+      f"as PNG/JPEG or remove it (and its mask) from the folder"
+    ) from None
 
 
 def _read_dicom(path: Path):
-    import pydicom
+  import pydicom
 
-    try:
-        ds = pydicom.dcmread(str(path), force=True)
-    except Exception as e:  # pydicom raises many types on garbage input
-        raise DatasetInputError(
-            f"{path}: unreadable or corrupt DICOM file ({type(e).__name__}: {e}); re-export it "
-            f"or remove it from the folder") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise DatasetInputError(
-            f"{path}: DICOM file has no pixel data (not an image, or corrupt); remove it from "
-            f"the folder")
-    try:
-        arr = np.asarray(ds.pixel_array)
-    except Exception as e:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise DatasetInputError(
-            f"{path}: cannot decode DICOM pixel data (transfer syntax {ts}; "
-            f"{type(e).__name__}: {e}); for compressed DICOM install pylibjpeg with "
-            f"pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)") from None
-    nframes = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    base_ndim = 3 if spp > 1 else 2
-    if arr.ndim == base_ndim:
-        arr = arr[None]
-    if arr.ndim != base_ndim + 1 or (nframes > 1 and arr.shape[0] != nframes):
-        raise DatasetInputError(
-            f"{path}: unexpected DICOM pixel array shape {arr.shape} (NumberOfFrames "
-            f"{nframes}, SamplesPerPixel {spp}); the file is probably corrupt")
-    return ds, arr, nframes > 1
+  try:
+    ds = pydicom.dcmread(str(path), force=True)
+  except Exception as e:  # pydicom raises many types on garbage input
+    raise DatasetInputError(
+      f"{path}: unreadable or corrupt DICOM file ({type(e).__name__}: {e}); re-export it or remove it from the folder"
+    ) from None
+  if "PixelData" not in ds and "FloatPixelData" not in ds:
+    raise DatasetInputError(
+      f"{path}: DICOM file has no pixel data (not an image, or corrupt); remove it from the folder"
+    )
+  try:
+    arr = np.asarray(ds.pixel_array)
+  except Exception as e:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+    raise DatasetInputError(
+      f"{path}: cannot decode DICOM pixel data (transfer syntax {ts}; "
+      f"{type(e).__name__}: {e}); for compressed DICOM install pylibjpeg with "
+      f"pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)"
+    ) from None
+  nframes = int(ds.get("NumberOfFrames", 1) or 1)
+  spp = int(ds.get("SamplesPerPixel", 1) or 1)
+  base_ndim = 3 if spp > 1 else 2
+  if arr.ndim == base_ndim:
+    arr = arr[None]
+  if arr.ndim != base_ndim + 1 or (nframes > 1 and arr.shape[0] != nframes):
+    raise DatasetInputError(
+      f"{path}: unexpected DICOM pixel array shape {arr.shape} (NumberOfFrames "
+      f"{nframes}, SamplesPerPixel {spp}); the file is probably corrupt"
+    )
+  return ds, arr, nframes > 1
 
 
 def _first_value(v) -> float:
-    try:
-        return float(v[0])
-    except TypeError:
-        return float(v)
+  try:
+    return float(v[0])
+  except TypeError:
+    return float(v)
 
 
 # --------------------------------------------------------------------------------------------
 # Conversion notes
 # --------------------------------------------------------------------------------------------
-NOTE_HIGH_DEPTH = ("16-bit (or 32-bit / float) PNG image(s) min-max scaled to 8 bits, per image "
-                   "(darkest pixel 0, brightest 255)")
+NOTE_HIGH_DEPTH = (
+  "16-bit (or 32-bit / float) PNG image(s) min-max scaled to 8 bits, per image (darkest pixel 0, brightest 255)"
+)
 NOTE_COLOUR = "colour image(s) converted to gray with ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B)"
-NOTE_PALETTE = ("PALETTE COLOR DICOM image(s): colour palette applied, then converted to gray "
-                "(luma)")
-NOTE_DICOM_MINMAX = ("DICOM image(s) without a VOI window or VOI LUT: min-max scaled to 8 bits "
-                     "per frame")
+NOTE_PALETTE = "PALETTE COLOR DICOM image(s): colour palette applied, then converted to gray (luma)"
+NOTE_DICOM_MINMAX = "DICOM image(s) without a VOI window or VOI LUT: min-max scaled to 8 bits per frame"
 
 
 class ConversionNotes:
-    """Conversions that change what the user may expect (bit depth, colour), by kind.
+  """Conversions that change what the user may expect (bit depth, colour), by kind.
 
-    Collected while a builder checks its input (``collect_notes``) and printed once per build
-    as ``note: ...`` lines on stderr; the conversions themselves follow the module docstring."""
+  Collected while a builder checks its input (``collect_notes``) and printed once per build
+  as ``note: ...`` lines on stderr; the conversions themselves follow the module docstring."""
 
-    def __init__(self):
-        self.files: dict[str, list[Path]] = {}
+  def __init__(self):
+    self.files: dict[str, list[Path]] = {}
 
-    def add(self, kind: str, path: Path) -> None:
-        paths = self.files.setdefault(kind, [])
-        if path not in paths:
-            paths.append(path)
+  def add(self, kind: str, path: Path) -> None:
+    paths = self.files.setdefault(kind, [])
+    if path not in paths:
+      paths.append(path)
 
-    def lines(self) -> list[str]:
-        out = []
-        for kind, paths in self.files.items():
-            names = [f"{p.parent.name}/{p.name}" for p in paths]
-            out.append(f"note: {kind}: {len(paths)} file(s) {_short_list(names, 5)}")
-        return out
+  def lines(self) -> list[str]:
+    out = []
+    for kind, paths in self.files.items():
+      names = [f"{p.parent.name}/{p.name}" for p in paths]
+      out.append(f"note: {kind}: {len(paths)} file(s) {_short_list(names, 5)}")
+    return out
 
-    def emit(self, file=None) -> None:
-        for line in self.lines():
-            print(line, file=file or sys.stderr)
+  def emit(self, file=None) -> None:
+    for line in self.lines():
+      print(line, file=file or sys.stderr)
 
 
 _NOTES: contextvars.ContextVar = contextvars.ContextVar("fedkd_tfds_notes", default=None)
@@ -461,20 +464,20 @@ _NOTES: contextvars.ContextVar = contextvars.ContextVar("fedkd_tfds_notes", defa
 
 @contextlib.contextmanager
 def collect_notes():
-    """``with collect_notes() as notes:`` records the conversion notes of the files decoded
-    inside the block (``read_image``) into ``notes`` (a ``ConversionNotes``)."""
-    notes = ConversionNotes()
-    token = _NOTES.set(notes)
-    try:
-        yield notes
-    finally:
-        _NOTES.reset(token)
+  """``with collect_notes() as notes:`` records the conversion notes of the files decoded
+  inside the block (``read_image``) into ``notes`` (a ``ConversionNotes``)."""
+  notes = ConversionNotes()
+  token = _NOTES.set(notes)
+  try:
+    yield notes
+  finally:
+    _NOTES.reset(token)
 
 
 def _note(kind: str, path: Path) -> None:
-    notes = _NOTES.get()
-    if notes is not None:
-        notes.add(kind, Path(path))
+  notes = _NOTES.get()
+  if notes is not None:
+    notes.add(kind, Path(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,264 +487,266 @@ _MODALITY_KEYS = ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")
 _VOI_KEYS = ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence")
 # Functional-group macros of enhanced multi-frame objects (Enhanced XA/XRF/CT/MR, PS3.3
 # C.7.6.16.2) and the attribute group each one carries for its frame(s).
-_FRAME_MACROS = (("PixelValueTransformationSequence", _MODALITY_KEYS),
-                 ("FrameVOILUTSequence", _VOI_KEYS))
+_FRAME_MACROS = (("PixelValueTransformationSequence", _MODALITY_KEYS), ("FrameVOILUTSequence", _VOI_KEYS))
 # What pydicom's LUT functions raise on malformed tables.
-_LUT_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError,
-               NotImplementedError, struct.error)
+_LUT_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError, struct.error)
 
 
 def _pydicom_luts():
-    """pydicom's LUT functions: ``pydicom.pixels`` (pydicom >= 3) or their 2.x location."""
-    try:
-        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import (apply_color_lut, apply_modality_lut,
-                                                      apply_voi)
-    return apply_color_lut, apply_modality_lut, apply_voi
+  """pydicom's LUT functions: ``pydicom.pixels`` (pydicom >= 3) or their 2.x location."""
+  try:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+  except ImportError:  # pydicom 2.x
+    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi
+  return apply_color_lut, apply_modality_lut, apply_voi
 
 
 def _item(ds, keyword: str):
-    """First item of sequence ``keyword`` of ``ds`` (None if ``ds`` is None, or the sequence
-    is absent or empty)."""
-    seq = ds.get(keyword) if ds is not None else None
-    return seq[0] if seq else None
+  """First item of sequence ``keyword`` of ``ds`` (None if ``ds`` is None, or the sequence
+  is absent or empty)."""
+  seq = ds.get(keyword) if ds is not None else None
+  return seq[0] if seq else None
 
 
 def _frame_transforms(ds, nframes: int, path: Path) -> list[dict]:
-    """Per frame, the data elements of the modality and VOI transforms that apply to it.
+  """Per frame, the data elements of the modality and VOI transforms that apply to it.
 
-    Top-level attributes apply to every frame. In an enhanced multi-frame object an item of a
-    functional-group macro in ``SharedFunctionalGroupsSequence`` and then in the frame's
-    ``PerFrameFunctionalGroupsSequence`` item replaces the whole attribute group it carries
-    (``PixelValueTransformationSequence``: rescale; ``FrameVOILUTSequence``: window)."""
-    base = {k: ds[k] for k in _MODALITY_KEYS + _VOI_KEYS if k in ds}
-    shared = _item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    if not any(macro in item for item in per_frame for macro, _ in _FRAME_MACROS):
-        per_frame = []  # nothing for us there (e.g. only plane positions)
-    if per_frame and len(per_frame) != nframes:
-        raise DatasetInputError(
-            f"{path}: PerFrameFunctionalGroupsSequence has {len(per_frame)} items but the file "
-            f"has {nframes} frame(s); the file is inconsistent, re-export it")
-    out = []
-    for f in range(nframes):
-        attrs = dict(base)
-        for group in (shared, per_frame[f] if per_frame else None):
-            for macro, keys in _FRAME_MACROS:
-                item = _item(group, macro)
-                if item is None:
-                    continue
-                for k in keys:
-                    attrs.pop(k, None)
-                attrs.update({k: item[k] for k in keys if k in item})
-        out.append(attrs)
-    return out
+  Top-level attributes apply to every frame. In an enhanced multi-frame object an item of a
+  functional-group macro in ``SharedFunctionalGroupsSequence`` and then in the frame's
+  ``PerFrameFunctionalGroupsSequence`` item replaces the whole attribute group it carries
+  (``PixelValueTransformationSequence``: rescale; ``FrameVOILUTSequence``: window)."""
+  base = {k: ds[k] for k in _MODALITY_KEYS + _VOI_KEYS if k in ds}
+  shared = _item(ds, "SharedFunctionalGroupsSequence")
+  per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+  if not any(macro in item for item in per_frame for macro, _ in _FRAME_MACROS):
+    per_frame = []  # nothing for us there (e.g. only plane positions)
+  if per_frame and len(per_frame) != nframes:
+    raise DatasetInputError(
+      f"{path}: PerFrameFunctionalGroupsSequence has {len(per_frame)} items but the file "
+      f"has {nframes} frame(s); the file is inconsistent, re-export it"
+    )
+  out = []
+  for f in range(nframes):
+    attrs = dict(base)
+    for group in (shared, per_frame[f] if per_frame else None):
+      for macro, keys in _FRAME_MACROS:
+        item = _item(group, macro)
+        if item is None:
+          continue
+        for k in keys:
+          attrs.pop(k, None)
+        attrs.update({k: item[k] for k in keys if k in item})
+    out.append(attrs)
+  return out
 
 
 def _value(attrs: dict, keyword: str):
-    elem = attrs.get(keyword)
-    return None if elem is None else elem.value
+  elem = attrs.get(keyword)
+  return None if elem is None else elem.value
 
 
 def _lut_dataset(ds, elem):
-    """A Dataset holding just ``elem`` (a LUT sequence) with the encoding of ``ds``: pydicom's
-    LUT functions read the byte order of OW LUT data from the file meta or the encoding."""
-    from pydicom.dataset import Dataset
+  """A Dataset holding just ``elem`` (a LUT sequence) with the encoding of ``ds``: pydicom's
+  LUT functions read the byte order of OW LUT data from the file meta or the encoding."""
+  from pydicom.dataset import Dataset
 
-    view = Dataset()
-    if getattr(ds, "file_meta", None) is not None:
-        view.file_meta = ds.file_meta
-    try:
-        view.set_original_encoding(*ds.original_encoding, None)
-    except (AttributeError, TypeError):  # pydicom without original_encoding
-        pass
-    view.add(elem)
-    return view
+  view = Dataset()
+  if getattr(ds, "file_meta", None) is not None:
+    view.file_meta = ds.file_meta
+  try:
+    view.set_original_encoding(*ds.original_encoding, None)
+  except (AttributeError, TypeError):  # pydicom without original_encoding
+    pass
+  view.add(elem)
+  return view
 
 
 def _valid_lut(seq) -> bool:
-    return bool(seq) and seq[0].get("LUTDescriptor") is not None and \
-        seq[0].get("LUTData") is not None
+  return bool(seq) and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None
 
 
 def _lut_descriptor(seq, what: str, path: Path) -> tuple[int, int, int]:
-    """(entries, first mapped value, bits per entry) of the first item of a LUT sequence."""
-    desc = seq[0].get("LUTDescriptor")
-    try:
-        entries, first, bits = (int(v) for v in desc)
-    except (TypeError, ValueError):
-        raise DatasetInputError(f"{path}: {what} has an invalid LUTDescriptor {desc!r}; the "
-                                f"file is inconsistent, re-export it") from None
-    return entries or 65536, first, bits
+  """(entries, first mapped value, bits per entry) of the first item of a LUT sequence."""
+  desc = seq[0].get("LUTDescriptor")
+  try:
+    entries, first, bits = (int(v) for v in desc)
+  except (TypeError, ValueError):
+    raise DatasetInputError(
+      f"{path}: {what} has an invalid LUTDescriptor {desc!r}; the file is inconsistent, re-export it"
+    ) from None
+  return entries or 65536, first, bits
 
 
 def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray, str | None]:
-    """One monochrome frame of stored values -> uint8 (before the MONOCHROME1 inversion) and
-    the conversion note to report (None if none). Rules: see the module docstring."""
-    _, apply_modality_lut, apply_voi = _pydicom_luts()
-    stored_uint8 = x.dtype == np.uint8
-    if x.dtype.kind in "iu":
-        x = x.astype(np.int64)  # pydicom's table lookups subtract the first mapped value
-    # Modality LUT: table (Modality LUT Sequence) or linear rescale (slope, intercept).
-    mlut = _value(attrs, "ModalityLUTSequence")
-    slope, intercept = _value(attrs, "RescaleSlope"), _value(attrs, "RescaleIntercept")
-    if _valid_lut(mlut):
-        _lut_descriptor(mlut, "ModalityLUTSequence", path)
-        try:
-            y = apply_modality_lut(x, _lut_dataset(ds, attrs["ModalityLUTSequence"]))
-        except _LUT_ERRORS as e:
-            raise DatasetInputError(f"{path}: cannot apply its Modality LUT Sequence "
-                                    f"({type(e).__name__}: {e}); re-export the image") from None
-        modality = True
-    elif slope is not None or intercept is not None:
-        y = (x.astype(np.float64) * float(1 if slope in (None, "") else slope)
-             + float(0 if intercept in (None, "") else intercept))
-        modality = True
-    else:
-        y, modality = x, False
-    # VOI LUT: table (VOI LUT Sequence; preferred over a window, as pydicom's apply_voi_lut
-    # does), else window (center/width), else min-max.
-    vlut = _value(attrs, "VOILUTSequence")
-    center, width = _value(attrs, "WindowCenter"), _value(attrs, "WindowWidth")
-    if _valid_lut(vlut):
-        entries, first, bits = _lut_descriptor(vlut, "VOILUTSequence", path)
-        # The table is indexed by integers: round the modality output and clamp it to the
-        # table (values outside map to the first / last entry, PS3.3 C.11.2.1.1).
-        iv = np.clip(np.rint(y), first, first + entries - 1).astype(np.int64)
-        try:
-            v = apply_voi(iv, _lut_dataset(ds, attrs["VOILUTSequence"]))
-        except _LUT_ERRORS as e:
-            raise DatasetInputError(f"{path}: cannot apply its VOI LUT Sequence "
-                                    f"({type(e).__name__}: {e}); re-export the image") from None
-        scaled = np.round(v.astype(np.float64) * 255.0 / (2.0 ** bits - 1.0))
-        return np.clip(scaled, 0, 255).astype(np.uint8), None
-    if center is not None and width is not None and _first_value(width) > 0:
-        function = _value(attrs, "VOILUTFunction")
-        return voi_window_to_uint8(y, _first_value(center), _first_value(width),
-                                   str(function or "LINEAR")), None
-    if stored_uint8 and not modality and int(ds.get("BitsStored", 8) or 8) == 8:
-        return x.astype(np.uint8), None
-    return minmax_to_uint8(y), NOTE_DICOM_MINMAX
+  """One monochrome frame of stored values -> uint8 (before the MONOCHROME1 inversion) and
+  the conversion note to report (None if none). Rules: see the module docstring."""
+  _, apply_modality_lut, apply_voi = _pydicom_luts()
+  stored_uint8 = x.dtype == np.uint8
+  if x.dtype.kind in "iu":
+    x = x.astype(np.int64)  # pydicom's table lookups subtract the first mapped value
+  # Modality LUT: table (Modality LUT Sequence) or linear rescale (slope, intercept).
+  mlut = _value(attrs, "ModalityLUTSequence")
+  slope, intercept = _value(attrs, "RescaleSlope"), _value(attrs, "RescaleIntercept")
+  if _valid_lut(mlut):
+    _lut_descriptor(mlut, "ModalityLUTSequence", path)
+    try:
+      y = apply_modality_lut(x, _lut_dataset(ds, attrs["ModalityLUTSequence"]))
+    except _LUT_ERRORS as e:
+      raise DatasetInputError(
+        f"{path}: cannot apply its Modality LUT Sequence ({type(e).__name__}: {e}); re-export the image"
+      ) from None
+    modality = True
+  elif slope is not None or intercept is not None:
+    y = x.astype(np.float64) * float(1 if slope in (None, "") else slope) + float(
+      0 if intercept in (None, "") else intercept
+    )
+    modality = True
+  else:
+    y, modality = x, False
+  # VOI LUT: table (VOI LUT Sequence; preferred over a window, as pydicom's apply_voi_lut
+  # does), else window (center/width), else min-max.
+  vlut = _value(attrs, "VOILUTSequence")
+  center, width = _value(attrs, "WindowCenter"), _value(attrs, "WindowWidth")
+  if _valid_lut(vlut):
+    entries, first, bits = _lut_descriptor(vlut, "VOILUTSequence", path)
+    # The table is indexed by integers: round the modality output and clamp it to the
+    # table (values outside map to the first / last entry, PS3.3 C.11.2.1.1).
+    iv = np.clip(np.rint(y), first, first + entries - 1).astype(np.int64)
+    try:
+      v = apply_voi(iv, _lut_dataset(ds, attrs["VOILUTSequence"]))
+    except _LUT_ERRORS as e:
+      raise DatasetInputError(
+        f"{path}: cannot apply its VOI LUT Sequence ({type(e).__name__}: {e}); re-export the image"
+      ) from None
+    scaled = np.round(v.astype(np.float64) * 255.0 / (2.0**bits - 1.0))
+    return np.clip(scaled, 0, 255).astype(np.uint8), None
+  if center is not None and width is not None and _first_value(width) > 0:
+    function = _value(attrs, "VOILUTFunction")
+    return voi_window_to_uint8(y, _first_value(center), _first_value(width), str(function or "LINEAR")), None
+  if stored_uint8 and not modality and int(ds.get("BitsStored", 8) or 8) == 8:
+    return x.astype(np.uint8), None
+  return minmax_to_uint8(y), NOTE_DICOM_MINMAX
 
 
 def _palette_to_gray(ds, arr: np.ndarray, path: Path) -> np.ndarray:
-    """PALETTE COLOR stored indices [F, H, W] -> uint8 gray via the palette and luma."""
-    apply_color_lut = _pydicom_luts()[0]
-    desc = ds.get("RedPaletteColorLookupTableDescriptor")
-    if desc is None or not any(k in ds for k in ("RedPaletteColorLookupTableData",
-                                                 "SegmentedRedPaletteColorLookupTableData")):
-        raise DatasetInputError(
-            f"{path}: PALETTE COLOR DICOM without its palette (Red/Green/Blue Palette Color "
-            f"Lookup Table Descriptor and Data); re-export the images as MONOCHROME2 or RGB")
-    try:
-        bits = int(desc[2])
-        rgb = apply_color_lut(arr, ds)
-    except _LUT_ERRORS as e:
-        raise DatasetInputError(
-            f"{path}: cannot apply its colour palette ({type(e).__name__}: {e}); re-export the "
-            f"images as MONOCHROME2 or RGB") from None
-    # Palette entries span 0 .. 2**bits - 1 (PS3.3 C.7.6.3.1.5); map that range onto 0..255.
-    gray = _luma(rgb[..., :3]) * (255.0 / (2.0 ** bits - 1.0))
-    return np.clip(np.round(gray), 0, 255).astype(np.uint8)
+  """PALETTE COLOR stored indices [F, H, W] -> uint8 gray via the palette and luma."""
+  apply_color_lut = _pydicom_luts()[0]
+  desc = ds.get("RedPaletteColorLookupTableDescriptor")
+  if desc is None or not any(
+    k in ds for k in ("RedPaletteColorLookupTableData", "SegmentedRedPaletteColorLookupTableData")
+  ):
+    raise DatasetInputError(
+      f"{path}: PALETTE COLOR DICOM without its palette (Red/Green/Blue Palette Color "
+      f"Lookup Table Descriptor and Data); re-export the images as MONOCHROME2 or RGB"
+    )
+  try:
+    bits = int(desc[2])
+    rgb = apply_color_lut(arr, ds)
+  except _LUT_ERRORS as e:
+    raise DatasetInputError(
+      f"{path}: cannot apply its colour palette ({type(e).__name__}: {e}); re-export the images as MONOCHROME2 or RGB"
+    ) from None
+  # Palette entries span 0 .. 2**bits - 1 (PS3.3 C.7.6.3.1.5); map that range onto 0..255.
+  gray = _luma(rgb[..., :3]) * (255.0 / (2.0**bits - 1.0))
+  return np.clip(np.round(gray), 0, 255).astype(np.uint8)
 
 
 def read_image(path: Path) -> tuple[np.ndarray, bool]:
-    """Decode an image file to uint8 ``[F, H, W]``; also returns whether it is a multi-frame
-    (cine) object. See the module docstring for the conversion rules."""
-    path = Path(path)
-    if is_dicom_file(path):
-        ds, arr, multi = _read_dicom(path)
-        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-        if photometric == "PALETTE COLOR" and arr.ndim == 3:
-            _note(NOTE_PALETTE, path)
-            return _palette_to_gray(ds, arr, path), multi
-        if arr.ndim == 4:  # colour frames
-            gray = _luma(arr)
-            if arr.dtype == np.uint8:
-                out = np.clip(np.round(gray), 0, 255).astype(np.uint8)
-            else:
-                out = np.stack([minmax_to_uint8(g) for g in gray])
-            if not (np.array_equal(arr[..., 0], arr[..., 1])
-                    and np.array_equal(arr[..., 0], arr[..., 2])):
-                _note(NOTE_COLOUR, path)
-            return out, multi
-        transforms = _frame_transforms(ds, arr.shape[0], path)
-        frames = []
-        for f in range(arr.shape[0]):
-            frame, note = _gray_frame(arr[f], transforms[f], ds, path)
-            frames.append(frame)
-            if note:
-                _note(note, path)
-        out = np.stack(frames)
-        if photometric == "MONOCHROME1":
-            out = 255 - out
-        return out, multi
-    if path.suffix.lower() not in PIL_IMAGE_EXTS:
-        raise DatasetInputError(
-            f"{path}: unsupported image file type; supported: {', '.join(IMAGE_EXTS)} "
-            f"(or extension-less DICOM); convert or remove it")
-    im = _open_pil(path)
-    if im.mode == "L":
-        out = np.asarray(im, dtype=np.uint8)
-    elif im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        out = minmax_to_uint8(np.asarray(im))
-        _note(NOTE_HIGH_DEPTH, path)
-    else:
-        if im.mode not in ("1", "LA", "La"):
-            rgb = np.asarray(im.convert("RGB"))
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1])
-                    and np.array_equal(rgb[..., 0], rgb[..., 2])):
-                _note(NOTE_COLOUR, path)  # gray stored as RGB converts exactly: no note
-        out = np.asarray(im.convert("L"), dtype=np.uint8)
-    return out[None], False
+  """Decode an image file to uint8 ``[F, H, W]``; also returns whether it is a multi-frame
+  (cine) object. See the module docstring for the conversion rules."""
+  path = Path(path)
+  if is_dicom_file(path):
+    ds, arr, multi = _read_dicom(path)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric == "PALETTE COLOR" and arr.ndim == 3:
+      _note(NOTE_PALETTE, path)
+      return _palette_to_gray(ds, arr, path), multi
+    if arr.ndim == 4:  # colour frames
+      gray = _luma(arr)
+      if arr.dtype == np.uint8:
+        out = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+      else:
+        out = np.stack([minmax_to_uint8(g) for g in gray])
+      if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+        _note(NOTE_COLOUR, path)
+      return out, multi
+    transforms = _frame_transforms(ds, arr.shape[0], path)
+    frames = []
+    for f in range(arr.shape[0]):
+      frame, note = _gray_frame(arr[f], transforms[f], ds, path)
+      frames.append(frame)
+      if note:
+        _note(note, path)
+    out = np.stack(frames)
+    if photometric == "MONOCHROME1":
+      out = 255 - out
+    return out, multi
+  if path.suffix.lower() not in PIL_IMAGE_EXTS:
+    raise DatasetInputError(
+      f"{path}: unsupported image file type; supported: {', '.join(IMAGE_EXTS)} "
+      f"(or extension-less DICOM); convert or remove it"
+    )
+  im = _open_pil(path)
+  if im.mode == "L":
+    out = np.asarray(im, dtype=np.uint8)
+  elif im.mode in ("I", "F") or im.mode.startswith("I;16"):
+    out = minmax_to_uint8(np.asarray(im))
+    _note(NOTE_HIGH_DEPTH, path)
+  else:
+    if im.mode not in ("1", "LA", "La"):
+      rgb = np.asarray(im.convert("RGB"))
+      if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        _note(NOTE_COLOUR, path)  # gray stored as RGB converts exactly: no note
+    out = np.asarray(im.convert("L"), dtype=np.uint8)
+  return out[None], False
 
 
 def read_mask(path: Path, spec: LabelSpec) -> np.ndarray:
-    """Decode a mask file to uint8 classes ``[F, H, W]`` (F = 1 for 2-D masks)."""
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext == ".npy":
-        try:
-            raw = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise DatasetInputError(f"{path}: unreadable or corrupt .npy mask "
-                                    f"({type(e).__name__}: {e}); re-save it with np.save"
-                                    ) from None
-        if raw.dtype.kind not in "biu" or raw.ndim not in (2, 3):
-            raise DatasetInputError(
-                f"{path}: .npy mask must be an integer/bool array [H, W] or [F, H, W], got "
-                f"dtype {raw.dtype} shape {raw.shape}")
-    elif is_dicom_file(path):
-        _, raw, _ = _read_dicom(path)
-        if raw.ndim == 3 and raw.shape[0] == 1:
-            raw = raw[0]
-    elif ext == ".png":
-        im = _open_pil(path)
-        mode = im.mode
-        if mode in ("L", "P", "I") or mode.startswith("I;16"):
-            raw = np.asarray(im)
-        elif mode == "1":
-            raw = np.asarray(im).astype(np.uint8)
-        elif mode in ("LA", "PA"):  # drop alpha; PA keeps the palette indices
-            raw = np.asarray(im)[..., 0]
-        elif mode in ("RGB", "RGBA", "RGBX"):
-            raw = np.asarray(im)[..., :3]
-        elif mode == "F":
-            raise DatasetInputError(f"{path}: floating-point mask PNG; masks must hold integer "
-                                    f"labels (0..3 or values mapped by label_map)")
-        else:
-            raw = np.asarray(im.convert("RGB"))
-    elif ext in (".jpg", ".jpeg"):
-        raise DatasetInputError(f"{path}: JPEG masks are not supported (lossy compression "
-                                f"changes label values); save masks as PNG")
+  """Decode a mask file to uint8 classes ``[F, H, W]`` (F = 1 for 2-D masks)."""
+  path = Path(path)
+  ext = path.suffix.lower()
+  if ext == ".npy":
+    try:
+      raw = np.load(path, allow_pickle=False)
+    except Exception as e:
+      raise DatasetInputError(
+        f"{path}: unreadable or corrupt .npy mask ({type(e).__name__}: {e}); re-save it with np.save"
+      ) from None
+    if raw.dtype.kind not in "biu" or raw.ndim not in (2, 3):
+      raise DatasetInputError(
+        f"{path}: .npy mask must be an integer/bool array [H, W] or [F, H, W], got dtype {raw.dtype} shape {raw.shape}"
+      )
+  elif is_dicom_file(path):
+    _, raw, _ = _read_dicom(path)
+    if raw.ndim == 3 and raw.shape[0] == 1:
+      raw = raw[0]
+  elif ext == ".png":
+    im = _open_pil(path)
+    mode = im.mode
+    if mode in ("L", "P", "I") or mode.startswith("I;16"):
+      raw = np.asarray(im)
+    elif mode == "1":
+      raw = np.asarray(im).astype(np.uint8)
+    elif mode in ("LA", "PA"):  # drop alpha; PA keeps the palette indices
+      raw = np.asarray(im)[..., 0]
+    elif mode in ("RGB", "RGBA", "RGBX"):
+      raw = np.asarray(im)[..., :3]
+    elif mode == "F":
+      raise DatasetInputError(
+        f"{path}: floating-point mask PNG; masks must hold integer labels (0..3 or values mapped by label_map)"
+      )
     else:
-        raise DatasetInputError(f"{path}: unsupported mask file type; use one of "
-                                f"{', '.join(MASK_EXTS)}")
-    mask = spec.apply(np.asarray(raw), path)
-    if mask.ndim == 2:
-        mask = mask[None]
-    return mask
+      raw = np.asarray(im.convert("RGB"))
+  elif ext in (".jpg", ".jpeg"):
+    raise DatasetInputError(
+      f"{path}: JPEG masks are not supported (lossy compression changes label values); save masks as PNG"
+    )
+  else:
+    raise DatasetInputError(f"{path}: unsupported mask file type; use one of {', '.join(MASK_EXTS)}")
+  mask = spec.apply(np.asarray(raw), path)
+  if mask.ndim == 2:
+    mask = mask[None]
+  return mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,161 +754,166 @@ def read_mask(path: Path, spec: LabelSpec) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One image file and where its mask(s) live.
+  """One image file and where its mask(s) live.
 
-    ``id_prefix`` is the record id of a single-frame image; frame ``f`` of a cine file gets
-    ``f"{id_prefix}#{f}"``.
-    """
+  ``id_prefix`` is the record id of a single-frame image; frame ``f`` of a cine file gets
+  ``f"{id_prefix}#{f}"``.
+  """
 
-    image: Path
-    mask_dir: Path
-    stem: str
-    id_prefix: str
-    mask_exts: tuple[str, ...] = MASK_EXTS
+  image: Path
+  mask_dir: Path
+  stem: str
+  id_prefix: str
+  mask_exts: tuple[str, ...] = MASK_EXTS
 
-    def mask_candidates(self) -> list[Path]:
-        return [self.mask_dir / f"{self.stem}{e}" for e in self.mask_exts
-                if (self.mask_dir / f"{self.stem}{e}").is_file()]
+  def mask_candidates(self) -> list[Path]:
+    return [self.mask_dir / f"{self.stem}{e}" for e in self.mask_exts if (self.mask_dir / f"{self.stem}{e}").is_file()]
 
-    def frame_mask_path(self, frame: int) -> Path:
-        return self.mask_dir / f"{self.stem}_{frame:04d}.png"
+  def frame_mask_path(self, frame: int) -> Path:
+    return self.mask_dir / f"{self.stem}_{frame:04d}.png"
 
 
 def list_images(images_dir: Path) -> list[Path]:
-    """Image files in ``images_dir`` (not recursive), sorted; raises on unsupported files,
-    duplicate stems and an empty folder."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise DatasetInputError(f"{images_dir}: image folder not found; expected image files "
-                                f"({', '.join(IMAGE_EXTS)}) there")
-    files, problems, stems = [], [], {}
-    for p in sorted(images_dir.iterdir()):
-        if p.name.startswith(".") or p.name.lower() in _JUNK_FILES or p.is_dir():
-            continue
-        ext = p.suffix.lower()
-        if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
-            if p.stem in stems:
-                problems.append(f"{p}: duplicate image stem {p.stem!r} (also "
-                                f"{stems[p.stem].name}); keep one file per stem")
-                continue
-            stems[p.stem] = p
-            files.append(p)
-        else:
-            problems.append(f"{p}: unsupported image file type; supported: "
-                            f"{', '.join(IMAGE_EXTS)} (or extension-less DICOM); convert or "
-                            f"remove it")
-    if problems:
-        raise DatasetInputError(problems)
-    if not files:
-        raise DatasetInputError(
-            f"{images_dir}: no images found (supported: {', '.join(IMAGE_EXTS)}; "
-            f"subfolders are not searched); put the images directly in this folder")
-    return files
+  """Image files in ``images_dir`` (not recursive), sorted; raises on unsupported files,
+  duplicate stems and an empty folder."""
+  images_dir = Path(images_dir)
+  if not images_dir.is_dir():
+    raise DatasetInputError(
+      f"{images_dir}: image folder not found; expected image files ({', '.join(IMAGE_EXTS)}) there"
+    )
+  files, problems, stems = [], [], {}
+  for p in sorted(images_dir.iterdir()):
+    if p.name.startswith(".") or p.name.lower() in _JUNK_FILES or p.is_dir():
+      continue
+    ext = p.suffix.lower()
+    if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
+      if p.stem in stems:
+        problems.append(f"{p}: duplicate image stem {p.stem!r} (also {stems[p.stem].name}); keep one file per stem")
+        continue
+      stems[p.stem] = p
+      files.append(p)
+    else:
+      problems.append(
+        f"{p}: unsupported image file type; supported: "
+        f"{', '.join(IMAGE_EXTS)} (or extension-less DICOM); convert or "
+        f"remove it"
+      )
+  if problems:
+    raise DatasetInputError(problems)
+  if not files:
+    raise DatasetInputError(
+      f"{images_dir}: no images found (supported: {', '.join(IMAGE_EXTS)}; "
+      f"subfolders are not searched); put the images directly in this folder"
+    )
+  return files
 
 
 def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Decode one image file and its mask(s): uint8 images [F, H, W], classes [F, H, W] and
-    whether the image is multi-frame. Raises ``DatasetInputError`` naming the file."""
-    frames, multi = read_image(pair.image)
-    nframes, h, w = frames.shape
-    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
-        raise DatasetInputError(
-            f"{pair.image}: image is {h}x{w} (HxW) pixels, below the minimum of "
-            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (training takes random crops and resizes them; "
-            f"smaller images cannot be cropped or resized sensibly); export it at full "
-            f"resolution or remove it and its mask")
-    cands = pair.mask_candidates()
-    if len(cands) > 1:
-        raise DatasetInputError(
-            f"{pair.image}: ambiguous masks {[c.name for c in cands]} in {pair.mask_dir}; "
-            f"keep exactly one")
-    if cands:
-        masks = read_mask(cands[0], spec)
-        mask_desc = str(cands[0])
-        if masks.shape[0] != nframes:
-            raise DatasetInputError(
-                f"{cands[0]}: mask has {masks.shape[0]} frame(s) but image {pair.image.name} "
-                f"has {nframes}; a cine mask must have one frame per image frame")
-    elif multi:
-        paths = [pair.frame_mask_path(f) for f in range(nframes)]
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise DatasetInputError(
-                f"{pair.image}: missing mask for {len(missing)} of {nframes} frames "
-                f"({_short_list(missing, 6)}) in {pair.mask_dir}; provide one multi-frame "
-                f"{pair.stem}.dcm/.npy or per-frame {pair.stem}_<frame:04d>.png files "
-                f"(frames counted from 0)")
-        parts = []
-        for p in paths:
-            m = read_mask(p, spec)
-            if m.shape[0] != 1:
-                raise DatasetInputError(f"{p}: per-frame mask must be a single 2-D image, got "
-                                        f"{m.shape[0]} frames")
-            if m.shape[1:] != (h, w):
-                raise _size_error(pair.image, (h, w), p, m.shape[1:])
-            parts.append(m[0])
-        masks = np.stack(parts)
-        mask_desc = str(paths[0])
-    else:
-        raise DatasetInputError(
-            f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
-            f"(or {pair.stem}.dcm / {pair.stem}.npy"
-            + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
-            + "); add it or remove the image")
-    if masks.shape[1:] != (h, w):
-        raise _size_error(pair.image, (h, w), Path(mask_desc), masks.shape[1:])
-    return frames, masks, multi
+  """Decode one image file and its mask(s): uint8 images [F, H, W], classes [F, H, W] and
+  whether the image is multi-frame. Raises ``DatasetInputError`` naming the file."""
+  frames, multi = read_image(pair.image)
+  nframes, h, w = frames.shape
+  if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+    raise DatasetInputError(
+      f"{pair.image}: image is {h}x{w} (HxW) pixels, below the minimum of "
+      f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (training takes random crops and resizes them; "
+      f"smaller images cannot be cropped or resized sensibly); export it at full "
+      f"resolution or remove it and its mask"
+    )
+  cands = pair.mask_candidates()
+  if len(cands) > 1:
+    raise DatasetInputError(
+      f"{pair.image}: ambiguous masks {[c.name for c in cands]} in {pair.mask_dir}; keep exactly one"
+    )
+  if cands:
+    masks = read_mask(cands[0], spec)
+    mask_desc = str(cands[0])
+    if masks.shape[0] != nframes:
+      raise DatasetInputError(
+        f"{cands[0]}: mask has {masks.shape[0]} frame(s) but image {pair.image.name} "
+        f"has {nframes}; a cine mask must have one frame per image frame"
+      )
+  elif multi:
+    paths = [pair.frame_mask_path(f) for f in range(nframes)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+      raise DatasetInputError(
+        f"{pair.image}: missing mask for {len(missing)} of {nframes} frames "
+        f"({_short_list(missing, 6)}) in {pair.mask_dir}; provide one multi-frame "
+        f"{pair.stem}.dcm/.npy or per-frame {pair.stem}_<frame:04d>.png files "
+        f"(frames counted from 0)"
+      )
+    parts = []
+    for p in paths:
+      m = read_mask(p, spec)
+      if m.shape[0] != 1:
+        raise DatasetInputError(f"{p}: per-frame mask must be a single 2-D image, got {m.shape[0]} frames")
+      if m.shape[1:] != (h, w):
+        raise _size_error(pair.image, (h, w), p, m.shape[1:])
+      parts.append(m[0])
+    masks = np.stack(parts)
+    mask_desc = str(paths[0])
+  else:
+    raise DatasetInputError(
+      f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
+      f"(or {pair.stem}.dcm / {pair.stem}.npy"
+      + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
+      + "); add it or remove the image"
+    )
+  if masks.shape[1:] != (h, w):
+    raise _size_error(pair.image, (h, w), Path(mask_desc), masks.shape[1:])
+  return frames, masks, multi
 
 
 def _size_error(image: Path, ishape, mask: Path, mshape) -> DatasetInputError:
-    return DatasetInputError(
-        f"{mask}: image/mask size mismatch: image {image.name} is {ishape[0]}x{ishape[1]} "
-        f"(HxW) but mask is {mshape[0]}x{mshape[1]}; re-export the mask at the image size "
-        f"(nearest-neighbour resampling)")
+  return DatasetInputError(
+    f"{mask}: image/mask size mismatch: image {image.name} is {ishape[0]}x{ishape[1]} "
+    f"(HxW) but mask is {mshape[0]}x{mshape[1]}; re-export the mask at the image size "
+    f"(nearest-neighbour resampling)"
+  )
 
 
 def pair_mask_files(pair: Pair, nframes: int, multi: bool) -> list[Path]:
-    """The mask file(s) ``load_pair`` reads for ``pair`` (an image with ``nframes`` frames)."""
-    cands = pair.mask_candidates()
-    if cands:
-        return cands
-    return [pair.frame_mask_path(f) for f in range(nframes)] if multi else []
+  """The mask file(s) ``load_pair`` reads for ``pair`` (an image with ``nframes`` frames)."""
+  cands = pair.mask_candidates()
+  if cands:
+    return cands
+  return [pair.frame_mask_path(f) for f in range(nframes)] if multi else []
 
 
-def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec,
-                   used_masks: set[Path] | None = None) -> int:
-    """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
-    Returns the number of examples (frames) that will be written; adds the mask files read to
-    ``used_masks`` when given."""
-    problems, count = [], 0
-    for pair in pairs:
-        try:
-            frames, _, multi = load_pair(pair, spec)
-            count += frames.shape[0]
-            if used_masks is not None:
-                used_masks.update(pair_mask_files(pair, frames.shape[0], multi))
-        except DatasetInputError as e:
-            problems.extend(e.problems)
-    if problems:
-        raise DatasetInputError(problems)
-    return count
+def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec, used_masks: set[Path] | None = None) -> int:
+  """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
+  Returns the number of examples (frames) that will be written; adds the mask files read to
+  ``used_masks`` when given."""
+  problems, count = [], 0
+  for pair in pairs:
+    try:
+      frames, _, multi = load_pair(pair, spec)
+      count += frames.shape[0]
+      if used_masks is not None:
+        used_masks.update(pair_mask_files(pair, frames.shape[0], multi))
+    except DatasetInputError as e:
+      problems.extend(e.problems)
+  if problems:
+    raise DatasetInputError(problems)
+  return count
 
 
 def generate_pairs(pairs: Iterable[Pair], spec: LabelSpec, site: str):
-    """Yield ``(key, record)`` for every frame of every pair."""
-    for pair in pairs:
-        frames, masks, multi = load_pair(pair, spec)
-        for f in range(frames.shape[0]):
-            ex_id = f"{pair.id_prefix}#{f}" if multi else pair.id_prefix
-            yield ex_id, record(frames[f], masks[f], site, ex_id)
+  """Yield ``(key, record)`` for every frame of every pair."""
+  for pair in pairs:
+    frames, masks, multi = load_pair(pair, spec)
+    for f in range(frames.shape[0]):
+      ex_id = f"{pair.id_prefix}#{f}" if multi else pair.id_prefix
+      yield ex_id, record(frames[f], masks[f], site, ex_id)
 
 
 def manual_dir_from(dl_manager, name: str, instructions_hint: str) -> Path:
-    """``dl_manager.manual_dir`` as a local Path, with TFDS' assertion turned into a clear
-    ``DatasetInputError``."""
-    try:
-        return Path(os.fspath(dl_manager.manual_dir))
-    except AssertionError as e:
-        raise DatasetInputError(
-            f"{name}: manual_dir missing or empty ({str(e).splitlines()[0]}); "
-            f"{instructions_hint}") from None
+  """``dl_manager.manual_dir`` as a local Path, with TFDS' assertion turned into a clear
+  ``DatasetInputError``."""
+  try:
+    return Path(os.fspath(dl_manager.manual_dir))
+  except AssertionError as e:
+    raise DatasetInputError(
+      f"{name}: manual_dir missing or empty ({str(e).splitlines()[0]}); {instructions_hint}"
+    ) from None

@@ -32,6 +32,7 @@ Input rules beyond the decoding:
 * Lossy or non-obvious conversions (16-bit PNG min-max scaled, colour images converted to
   gray, palette DICOM, DICOM without a VOI window) are listed as ``note: ...`` lines on stderr.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,32 +52,37 @@ _PER_FRAME = re.compile(r"^(.+)_(\d{4})$")  # <stem>_<frame:04d>
 
 @dataclasses.dataclass
 class XrayFolderConfig(tfds.core.BuilderConfig):
-    """``site``: site name stored in every record (None: the manual_dir folder name).
-    ``label_map`` / ``color_map``: mask value conventions (see ``common``)."""
+  """``site``: site name stored in every record (None: the manual_dir folder name).
+  ``label_map`` / ``color_map``: mask value conventions (see ``common``)."""
 
-    site: str | None = None
-    label_map: dict | None = None
-    color_map: dict | None = None
+  site: str | None = None
+  label_map: dict | None = None
+  color_map: dict | None = None
 
-    def label_spec(self) -> LabelSpec:
-        return LabelSpec.create(self.label_map, self.color_map)
+  def label_spec(self) -> LabelSpec:
+    return LabelSpec.create(self.label_map, self.color_map)
 
 
 class XrayFolder(tfds.core.GeneratorBasedBuilder):
-    """A local folder of X-ray images (PNG/JPEG/DICOM incl. cine) with segmentation masks."""
+  """A local folder of X-ray images (PNG/JPEG/DICOM incl. cine) with segmentation masks."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release: PNG/JPEG/DICOM (incl. multi-frame) + masks."}
-    BUILDER_CONFIGS = [
-        XrayFolderConfig(name="default", description="Masks hold class indices 0..3."),
-        XrayFolderConfig(name="gray_0_128_255", label_map=dict(common.GRAY_0_128_255_MAP),
-                         description="Gray masks 0 background, 128 catheter, 255 guidewire."),
-        XrayFolderConfig(name="rgb", color_map=dict(common.RGB_COLOR_MAP),
-                         description="RGB masks: black bg, red catheter, green guidewire, "
-                                     "blue vessel."),
-    ]
-    DEFAULT_CONFIG_NAME = "default"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: PNG/JPEG/DICOM (incl. multi-frame) + masks."}
+  BUILDER_CONFIGS = [
+    XrayFolderConfig(name="default", description="Masks hold class indices 0..3."),
+    XrayFolderConfig(
+      name="gray_0_128_255",
+      label_map=dict(common.GRAY_0_128_255_MAP),
+      description="Gray masks 0 background, 128 catheter, 255 guidewire.",
+    ),
+    XrayFolderConfig(
+      name="rgb",
+      color_map=dict(common.RGB_COLOR_MAP),
+      description="RGB masks: black bg, red catheter, green guidewire, blue vessel.",
+    ),
+  ]
+  DEFAULT_CONFIG_NAME = "default"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Put your own data under manual_dir:
       images/<stem>.png|.jpg|.jpeg|.dcm   (multi-frame XA cine DICOM allowed)
       masks/<stem>.png|.dcm|.npy          labels 0 bg, 1 catheter, 2 guidewire, 3 vessel
@@ -87,172 +93,192 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
              --data_dir=OUT [--site=NAME] [--label_map=0:0,128:1,255:2]
     """
 
-    # Set explicitly: TFDS' own lookup of the code path needs the `importlib_resources`
-    # backport for packages outside tensorflow_datasets, which is not a dependency here.
-    code_path = epath.Path(__file__)
+  # Set explicitly: TFDS' own lookup of the code path needs the `importlib_resources`
+  # backport for packages outside tensorflow_datasets, which is not a dependency here.
+  code_path = epath.Path(__file__)
 
-    def __init__(self, *, file_format=None, **kwargs):
-        super().__init__(file_format=file_format or "array_record", **kwargs)
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format or "array_record", **kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        cfg = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=("Local catheter/guidewire X-ray segmentation folder. "
-                         f"Labels: {cfg.label_spec().describe()}."),
-            features=common.features(),
-            disable_shuffling=True,
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=(f"Local catheter/guidewire X-ray segmentation folder. Labels: {cfg.label_spec().describe()}."),
+      features=common.features(),
+      disable_shuffling=True,
+    )
 
-    def _split_generators(self, dl_manager):
-        root = common.manual_dir_from(
-            dl_manager, "xray_folder",
-            "pass manual_dir=<folder with images/ and masks/> (CLI --manual_dir)")
-        spec = self.builder_config.label_spec()
-        site = self.builder_config.site or root.resolve().name
-        splits = scan_folder(root)
-        check_folder(root, splits, spec)  # everything, before any split is written
-        return {name: self._generate_examples(pairs, spec, site)
-                for name, pairs in splits.items()}
+  def _split_generators(self, dl_manager):
+    root = common.manual_dir_from(
+      dl_manager, "xray_folder", "pass manual_dir=<folder with images/ and masks/> (CLI --manual_dir)"
+    )
+    spec = self.builder_config.label_spec()
+    site = self.builder_config.site or root.resolve().name
+    splits = scan_folder(root)
+    check_folder(root, splits, spec)  # everything, before any split is written
+    return {name: self._generate_examples(pairs, spec, site) for name, pairs in splits.items()}
 
-    def _generate_examples(self, pairs, spec, site):
-        yield from common.generate_pairs(pairs, spec, site)
+  def _generate_examples(self, pairs, spec, site):
+    yield from common.generate_pairs(pairs, spec, site)
 
 
 def scan_folder(root: Path) -> dict[str, list[Pair]]:
-    """List ``root/images`` and assign each image to a split (``splits.json`` or all train)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetInputError(f"{root}: manual_dir not found; create it with images/ and "
-                                f"masks/ subfolders")
-    images = common.list_images(root / "images")
-    masks_dir = root / "masks"
-    if not masks_dir.is_dir():
-        raise DatasetInputError(f"{masks_dir}: mask folder not found; put one mask per image "
-                                f"there as <stem>.png (or .dcm/.npy)")
-    by_stem = {p.stem: p for p in images}
-    split_file = root / "splits.json"
-    if not split_file.is_file():
-        assignment = {"train": sorted(by_stem)}
-    else:
-        assignment = _read_splits(split_file, by_stem)
-    return {name: [Pair(image=by_stem[s], mask_dir=masks_dir, stem=s, id_prefix=s)
-                   for s in stems]
-            for name, stems in assignment.items() if stems}
+  """List ``root/images`` and assign each image to a split (``splits.json`` or all train)."""
+  root = Path(root)
+  if not root.is_dir():
+    raise DatasetInputError(f"{root}: manual_dir not found; create it with images/ and masks/ subfolders")
+  images = common.list_images(root / "images")
+  masks_dir = root / "masks"
+  if not masks_dir.is_dir():
+    raise DatasetInputError(
+      f"{masks_dir}: mask folder not found; put one mask per image there as <stem>.png (or .dcm/.npy)"
+    )
+  by_stem = {p.stem: p for p in images}
+  split_file = root / "splits.json"
+  if not split_file.is_file():
+    assignment = {"train": sorted(by_stem)}
+  else:
+    assignment = _read_splits(split_file, by_stem)
+  return {
+    name: [Pair(image=by_stem[s], mask_dir=masks_dir, stem=s, id_prefix=s) for s in stems]
+    for name, stems in assignment.items()
+    if stems
+  }
 
 
 def check_folder(root: Path, splits: dict[str, list[Pair]], spec: LabelSpec) -> int:
-    """Decode and check every image and mask, and refuse orphan masks; raise one
-    ``DatasetInputError`` listing every problem. On success print the conversion notes
-    (``note: ...`` on stderr) and return the number of examples."""
-    problems, used, failed, frames = [], set(), set(), {}
-    with common.collect_notes() as notes:
-        for pairs in splits.values():
-            for pair in pairs:
-                try:
-                    frames[pair.stem] = common.validate_pairs([pair], spec, used)
-                except DatasetInputError as e:
-                    problems.extend(e.problems)
-                    failed.add(pair.stem)
-    images = {p.stem: p for pairs in splits.values() for p in pairs}
-    problems.extend(_orphan_masks(root / "masks", images, used, failed, frames))
-    if problems:
-        raise DatasetInputError(problems)
-    notes.emit()
-    return sum(frames.values())
+  """Decode and check every image and mask, and refuse orphan masks; raise one
+  ``DatasetInputError`` listing every problem. On success print the conversion notes
+  (``note: ...`` on stderr) and return the number of examples."""
+  problems, used, failed, frames = [], set(), set(), {}
+  with common.collect_notes() as notes:
+    for pairs in splits.values():
+      for pair in pairs:
+        try:
+          frames[pair.stem] = common.validate_pairs([pair], spec, used)
+        except DatasetInputError as e:
+          problems.extend(e.problems)
+          failed.add(pair.stem)
+  images = {p.stem: p for pairs in splits.values() for p in pairs}
+  problems.extend(_orphan_masks(root / "masks", images, used, failed, frames))
+  if problems:
+    raise DatasetInputError(problems)
+  notes.emit()
+  return sum(frames.values())
 
 
-def _orphan_masks(masks_dir: Path, images: dict[str, Pair], used: set[Path], failed: set[str],
-                  frames: dict[str, int]) -> list[str]:
-    """One problem per file in ``masks_dir`` that looks like a mask or image but is not read
-    as the mask of any image (files of images already reported as failed are skipped)."""
-    problems = []
-    lower = {s.lower(): s for s in images}
-    for f in sorted(masks_dir.iterdir()):
-        if f.name.startswith(".") or f.name.lower() in common._JUNK_FILES or not f.is_file():
-            continue
-        ext = f.suffix.lower()
-        if not (ext in common.MASK_EXTS or ext in common.IMAGE_EXTS
-                or (ext == "" and common.is_dicom_file(f))) or f in used:
-            continue
-        stem = f.stem
-        per_frame = _PER_FRAME.match(stem)
-        base = per_frame.group(1) if per_frame else None
-        if stem in failed or base in failed:
-            continue
-        fix = "remove it or move it out of masks/"
-        if stem in images:
-            why = (f"not used: image {images[stem].image.name} already has its mask(s) "
-                   f"{_names(_masks_of(stem, used))} (masks are {'/'.join(common.MASK_EXTS)})")
-        elif base in images and frames.get(base) == 1:
-            why = (f"per-frame mask name, but image {images[base].image.name} has a single "
-                   f"frame (its mask is {base}.png/.dcm/.npy)")
-        elif base in images:
-            why = (f"not used: image {images[base].image.name} has {frames.get(base)} frames "
-                   f"(0..{frames.get(base, 1) - 1}) with masks {_names(_masks_of(base, used))}")
-        elif stem.lower() in lower or (base or "").lower() in lower:
-            match = images[lower.get(stem.lower()) or lower[base.lower()]]
-            why = (f"mask without an image; file names are case-sensitive: did you mean image "
-                   f"{match.image.name}?")
-            fix = "rename the mask to match the image"
-        else:
-            why = (f"mask without an image (no images/{stem}.* image file"
-                   + (f" nor multi-frame images/{base}.dcm" if base else "") + ")")
-            fix = ("add the image, fix the file name, or move the mask out of masks/ (orphan "
-                   "masks are refused: they usually mean a missing or renamed image)")
-        problems.append(f"{f}: {why}; {fix}")
-    return problems
+def _orphan_masks(
+  masks_dir: Path, images: dict[str, Pair], used: set[Path], failed: set[str], frames: dict[str, int]
+) -> list[str]:
+  """One problem per file in ``masks_dir`` that looks like a mask or image but is not read
+  as the mask of any image (files of images already reported as failed are skipped)."""
+  problems = []
+  lower = {s.lower(): s for s in images}
+  for f in sorted(masks_dir.iterdir()):
+    if f.name.startswith(".") or f.name.lower() in common._JUNK_FILES or not f.is_file():
+      continue
+    ext = f.suffix.lower()
+    if (
+      not (ext in common.MASK_EXTS or ext in common.IMAGE_EXTS or (ext == "" and common.is_dicom_file(f))) or f in used
+    ):
+      continue
+    stem = f.stem
+    per_frame = _PER_FRAME.match(stem)
+    base = per_frame.group(1) if per_frame else None
+    if stem in failed or base in failed:
+      continue
+    fix = "remove it or move it out of masks/"
+    if stem in images:
+      why = (
+        f"not used: image {images[stem].image.name} already has its mask(s) "
+        f"{_names(_masks_of(stem, used))} (masks are {'/'.join(common.MASK_EXTS)})"
+      )
+    elif base in images and frames.get(base) == 1:
+      why = (
+        f"per-frame mask name, but image {images[base].image.name} has a single "
+        f"frame (its mask is {base}.png/.dcm/.npy)"
+      )
+    elif base in images:
+      why = (
+        f"not used: image {images[base].image.name} has {frames.get(base)} frames "
+        f"(0..{frames.get(base, 1) - 1}) with masks {_names(_masks_of(base, used))}"
+      )
+    elif stem.lower() in lower or (base or "").lower() in lower:
+      match = images[lower.get(stem.lower()) or lower[base.lower()]]
+      why = f"mask without an image; file names are case-sensitive: did you mean image {match.image.name}?"
+      fix = "rename the mask to match the image"
+    else:
+      why = (
+        f"mask without an image (no images/{stem}.* image file"
+        + (f" nor multi-frame images/{base}.dcm" if base else "")
+        + ")"
+      )
+      fix = (
+        "add the image, fix the file name, or move the mask out of masks/ (orphan "
+        "masks are refused: they usually mean a missing or renamed image)"
+      )
+    problems.append(f"{f}: {why}; {fix}")
+  return problems
 
 
 def _masks_of(stem: str, used: set[Path]) -> list[Path]:
-    """The used mask files of image ``stem`` (``stem.*`` or per-frame ``stem_<frame>.png``)."""
-    out = []
-    for p in used:
-        m = _PER_FRAME.match(p.stem)
-        if p.stem == stem or (m and m.group(1) == stem):
-            out.append(p)
-    return out
+  """The used mask files of image ``stem`` (``stem.*`` or per-frame ``stem_<frame>.png``)."""
+  out = []
+  for p in used:
+    m = _PER_FRAME.match(p.stem)
+    if p.stem == stem or (m and m.group(1) == stem):
+      out.append(p)
+  return out
 
 
 def _names(paths) -> str:
-    names = sorted(p.name for p in paths)
-    return common._short_list(names, 4)
+  names = sorted(p.name for p in paths)
+  return common._short_list(names, 4)
 
 
 def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DatasetInputError(f"{path}: unreadable splits.json ({e}); expected "
-                                f'{{"train": ["stem", ...], "test": [...]}}') from None
-    if not isinstance(data, dict) or not data or not all(
-            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()):
-        raise DatasetInputError(f"{path}: splits.json must map split names to lists of image "
-                                f'stems, e.g. {{"train": ["a", "b"], "test": ["c"]}}')
-    problems, seen, out = [], {}, {}
-    for name, stems in data.items():
-        if not _SPLIT_NAME.match(name):
-            problems.append(f"{path}: invalid split name {name!r} (use letters, digits, _ -)")
-            continue
-        out[name] = []
-        for s in stems:
-            stem = s
-            if stem not in by_stem and Path(s).stem in by_stem and Path(s).suffix:
-                stem = Path(s).stem  # a file name was given
-            if stem not in by_stem:
-                problems.append(f"{path}: split {name!r} lists {s!r} but there is no such image "
-                                f"in {next(iter(by_stem.values())).parent}")
-            elif stem in seen:
-                problems.append(f"{path}: image {stem!r} is listed in both {seen[stem]!r} and "
-                                f"{name!r}; list it in one split")
-            else:
-                seen[stem] = name
-                out[name].append(stem)
-    unlisted = sorted(set(by_stem) - set(seen))
-    if unlisted:
-        problems.append(f"{path}: {len(unlisted)} image(s) not listed in any split "
-                        f"({unlisted[:6]}{' ...' if len(unlisted) > 6 else ''}); add them to a "
-                        f"split or move them out of images/")
-    if problems:
-        raise DatasetInputError(problems)
-    return out
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise DatasetInputError(
+      f"{path}: unreadable splits.json ({e}); expected {{\"train\": [\"stem\", ...], \"test\": [...]}}"
+    ) from None
+  if (
+    not isinstance(data, dict)
+    or not data
+    or not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values())
+  ):
+    raise DatasetInputError(
+      f"{path}: splits.json must map split names to lists of image "
+      f'stems, e.g. {{"train": ["a", "b"], "test": ["c"]}}'
+    )
+  problems, seen, out = [], {}, {}
+  for name, stems in data.items():
+    if not _SPLIT_NAME.match(name):
+      problems.append(f"{path}: invalid split name {name!r} (use letters, digits, _ -)")
+      continue
+    out[name] = []
+    for s in stems:
+      stem = s
+      if stem not in by_stem and Path(s).stem in by_stem and Path(s).suffix:
+        stem = Path(s).stem  # a file name was given
+      if stem not in by_stem:
+        problems.append(
+          f"{path}: split {name!r} lists {s!r} but there is no such image in {next(iter(by_stem.values())).parent}"
+        )
+      elif stem in seen:
+        problems.append(f"{path}: image {stem!r} is listed in both {seen[stem]!r} and {name!r}; list it in one split")
+      else:
+        seen[stem] = name
+        out[name].append(stem)
+  unlisted = sorted(set(by_stem) - set(seen))
+  if unlisted:
+    problems.append(
+      f"{path}: {len(unlisted)} image(s) not listed in any split "
+      f"({unlisted[:6]}{' ...' if len(unlisted) > 6 else ''}); add them to a "
+      f"split or move them out of images/"
+    )
+  if problems:
+    raise DatasetInputError(problems)
+  return out
