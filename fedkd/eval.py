@@ -128,7 +128,9 @@ def evaluate(config, apply, params, sets, spacing_mm: float):
   def run(images):
     return np.asarray(predict(params, images))
 
-  classes = list(enumerate(metrics.CLASS_NAMES[: config.model.num_classes]))[1:]
+  from fedkd.data.labels import CLASS_NAMES
+
+  classes = list(enumerate(CLASS_NAMES[: config.model.num_classes]))[1:]
   results, preds = {}, {}
   for site, (images, masks) in sets.items():
     images, masks = np.asarray(images), np.asarray(masks)

@@ -61,8 +61,6 @@ from skimage.morphology import skeletonize
 
 from fedkd.losses import soft_erode, soft_open
 
-CLASS_NAMES = ("background", "catheter", "guidewire", "vessel")
-
 _EIGHT = np.ones((3, 3), bool)
 
 

@@ -25,8 +25,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-CLASS_NAMES = ("background", "catheter", "guidewire", "vessel")
-BACKGROUND, CATHETER, GUIDEWIRE, VESSEL = 0, 1, 2, 3
+from fedkd.data.labels import BACKGROUND, CATHETER, CLASS_NAMES, GUIDEWIRE, VESSEL  # noqa: F401 - re-exported
 
 DATA_TYPES = ("catheter_guidewire", "catheter", "vessel", "all")
 DEFAULT_DATA_TYPE = "catheter_guidewire"

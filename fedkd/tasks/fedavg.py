@@ -24,7 +24,8 @@ from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import engine
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
-from fedkd.metrics import CLASS_NAMES, dice, iou
+from fedkd.data.labels import CLASS_NAMES
+from fedkd.metrics import dice, iou
 from fedkd.models import init_params, make_predictor
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 

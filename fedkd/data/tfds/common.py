@@ -85,8 +85,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-NUM_CLASSES = 4
-CLASS_NAMES = ("background", "catheter", "guidewire", "vessel")
+from fedkd.data.labels import CLASS_NAMES, NUM_CLASSES  # noqa: F401 - re-exported by fedkd.data.tfds
 
 PIL_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DICOM_EXTS = (".dcm", ".dicom")
