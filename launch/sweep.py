@@ -3,10 +3,13 @@
   python -m launch.sweep --config=configs/quickstart.py --out=runs/sweep_qs --parallel=2
   python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/qs_tiny \\
       --extra=--config.num_rounds=4
+  python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --seeds=0,1,2 --out=runs/fedavg
   python -m launch.sweep --out=runs/sweep_qs --aggregate_only
 
 ``--config=FILE[:ARG]`` names a config file with ``get_config(arg)`` and ``get_sweep(arg)``; ARG goes
-to get_config (and on to fedkd.main), ``--sweep=ARG`` to get_sweep. Every run is validated before the
+to get_config (and on to fedkd.main), ``--sweep=ARG`` to get_sweep. ``--seeds=0,1,2`` alone runs the
+config once per seed (OUT/seed-<s>; no get_sweep needed); with ``--sweep`` it replaces the seeds of
+that sweep (every other override crossed with these seeds). Every run is validated before the
 first one starts. Each run is ``python -m fedkd.main --config=FILE[:ARG] --workdir=OUT/<run>
 --config.KEY=VALUE ... EXTRA...`` in a subprocess (stdout/stderr appended to OUT/<run>/stdout.log and
 stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds
@@ -36,6 +39,8 @@ import sys
 import time
 from typing import Any
 
+from fedkd.cli import fail
+
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "DONE"
 CURVE_METRICS = ("dice/catheter", "dice/guidewire", "unseen/dice/catheter", "unseen/dice/guidewire")
@@ -44,11 +49,6 @@ _METRIC_RE = re.compile(r"^(dice|iou)/[^/]+$|^unseen/dice/[^/]+$")
 
 class InputError(ValueError):
   """Bad command-line input; printed as one ``fedkd: error:`` line, exit code 2."""
-
-
-def fail(msg: str) -> None:
-  print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--config", help="config file with get_sweep(), optionally :ARG for get_config")
   p.add_argument("--sweep", default=None, help="argument for the config's get_sweep(arg)")
+  p.add_argument(
+    "--seeds",
+    default=None,
+    help="comma list of seeds, e.g. 0,1,2: alone, one run of the config per seed (get_sweep not needed); "
+    "with --sweep, these seeds replace the sweep's",
+  )
   p.add_argument("--out", required=True, help="sweep directory: one workdir per run, results")
   p.add_argument("--parallel", type=int, default=1, help="runs at the same time (default 1)")
   p.add_argument(
@@ -96,7 +102,7 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def load_config_module(spec: str):
+def load_config_module(spec: str, need_sweep: bool = True):
   from fedkd.config import find_config_file
 
   path = find_config_file(spec.split(":", 1)[0])
@@ -112,7 +118,7 @@ def load_config_module(spec: str):
     mod_spec.loader.exec_module(module)
   except Exception as e:  # noqa: BLE001 -- any error in user code is bad input
     raise InputError(f"cannot load {path}: {_one_line(e)}")
-  for fn in ("get_config", "get_sweep"):
+  for fn in ("get_config", "get_sweep") if need_sweep else ("get_config",):
     if not callable(getattr(module, fn, None)):
       raise InputError(
         f"{path} has no {fn}(arg) function; a sweep config defines get_sweep(arg=None) "
@@ -121,22 +127,57 @@ def load_config_module(spec: str):
   return module
 
 
-def build(config_spec: str, sweep_arg: str | None, extra: list[str]) -> dict:
-  """The validated sweep definition (what sweep.json holds); raises InputError/SweepError."""
+def parse_seeds(text: str) -> list[int]:
+  """``"0,1,2"`` -> [0, 1, 2]: distinct integers >= 0, in the order given; InputError otherwise."""
+  parts = [p.strip() for p in str(text).split(",") if p.strip()]
+  try:
+    seeds = [int(p) for p in parts]
+  except ValueError:
+    raise InputError(f"--seeds={text!r} must be a comma list of integers, e.g. --seeds=0,1,2") from None
+  if not seeds:
+    raise InputError("--seeds is empty; give a comma list of integers, e.g. --seeds=0,1,2")
+  if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    raise InputError(f"--seeds={text!r}: seeds must be distinct integers >= 0")
+  return seeds
+
+
+def with_seeds(sweep: list[dict], seeds: list[int]) -> list[dict]:
+  """Every distinct run of ``sweep`` without its seed, crossed with ``seeds`` (seeds vary slowest)."""
   from fedkd import sweep as S
 
-  module = load_config_module(config_spec)
+  rest: list[dict] = []
+  for o in sweep:
+    o = {k: v for k, v in o.items() if k != "seed"}
+    if o not in rest:
+      rest.append(o)
+  return S.product(S.product(seed=seeds), rest)
+
+
+def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list[int] | None = None) -> dict:
+  """The validated sweep definition (what sweep.json holds); raises InputError/SweepError.
+
+  ``seeds``: without ``sweep_arg``, the sweep is one run per seed (the config needs no get_sweep);
+  with it, they replace the seeds of the config's sweep (:func:`with_seeds`)."""
+  from fedkd import sweep as S
+
+  seeds_only = seeds is not None and sweep_arg is None
+  module = load_config_module(config_spec, need_sweep=not seeds_only)
   config_arg = config_spec.split(":", 1)[1] if ":" in config_spec else None
   try:
     base = module.get_config(config_arg)
   except Exception as e:  # noqa: BLE001 -- user code; report it in one line
     raise InputError(f"get_config({config_arg!r}) failed: {_one_line(e)}")
-  try:
-    sweep = module.get_sweep(sweep_arg)
-  except Exception as e:  # noqa: BLE001
-    raise InputError(f"get_sweep({sweep_arg!r}) failed: {_one_line(e)}")
+  if seeds_only:
+    sweep = [{}]
+  else:
+    try:
+      sweep = module.get_sweep(sweep_arg)
+    except Exception as e:  # noqa: BLE001
+      raise InputError(f"get_sweep({sweep_arg!r}) failed: {_one_line(e)}")
   if isinstance(sweep, (list, tuple)) and all(isinstance(o, dict) for o in sweep):
     sweep = S.plain(sweep)
+    if seeds is not None:
+      sweep = with_seeds(sweep, seeds)
   for a in extra:
     if not a.startswith("--"):
       raise InputError(f"--extra={a!r} must be a flag of fedkd.main, e.g. --extra=--config.num_rounds=4")
@@ -149,6 +190,7 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str]) -> dict:
   return {
     "config": config_spec,
     "sweep": sweep_arg,
+    "seeds": seeds,
     "extra": list(extra),
     "varying_keys": S.varying_keys(sweep),
     "runs": runs,
@@ -505,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     fail(f"--parallel={args.parallel} must be >= 1")
   try:
     if args.config:
-      defn = build(args.config, args.sweep, args.extra)
+      seeds = None if args.seeds is None else parse_seeds(args.seeds)
+      defn = build(args.config, args.sweep, args.extra, seeds)
     elif args.aggregate_only:
       path = os.path.join(out, SWEEP_FILE)
       if not os.path.exists(path):

@@ -158,6 +158,37 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path, capsys):
   capsys.readouterr()
 
 
+def test_seeds_flag_one_run_per_seed_or_replaces_the_sweeps_seeds(tmp_path, capsys):
+  """--seeds (what launch/seeds.sh did): alone, one run per seed of a config without get_sweep; with
+  --sweep, the sweep's other overrides crossed with these seeds."""
+  plain = _write_config(tmp_path / "plain.py", None)
+  defn = launcher.build(plain, None, ["--config.num_rounds=3"], [2, 0])
+  assert [(r["name"], r["overrides"], r["num_rounds"]) for r in defn["runs"]] == [
+    ("seed-2", {"seed": 2}, 3),
+    ("seed-0", {"seed": 0}, 3),
+  ]
+  assert defn["seeds"] == [2, 0] and defn["varying_keys"] == []
+  cmd = launcher.run_command(defn, defn["runs"][0], "OUT")
+  assert cmd[-3:] == [f"--workdir={os.path.join('OUT', 'seed-2')}", "--config.seed=2", "--config.num_rounds=3"]
+  # With --sweep: the quickstart's tiny sweep is {fedavg, fedavgm} x seeds {0, 1}; --seeds=7 keeps the
+  # two methods (each once) with seed 7, in the sweep's order.
+  qs = os.path.join(ROOT, "configs", "quickstart.py")
+  methods = launcher.load_config_module(qs).get_sweep("tiny")[:2]
+  assert [m["method"] for m in methods] == ["fedavg", "fedavgm"] and {m["seed"] for m in methods} == {0}
+  defn = launcher.build(qs, "tiny", [], [7])
+  assert [r["overrides"] for r in defn["runs"]] == [dict(m, seed=7) for m in methods]
+  assert [r["name"] for r in defn["runs"]] == ["fedavg__seed-7", "fedavgm__seed-7"]
+  assert [r["overrides"]["seed"] for r in launcher.build(qs, "tiny", [], [3, 4])["runs"]] == [3, 3, 4, 4]
+  assert launcher.parse_seeds(" 0, 5 ,1") == [0, 5, 1]
+  out = tmp_path / "out"
+  for bad, expected in (("0,x", "comma list of integers"), (",", "empty"), ("1,1", "distinct"), ("-1", ">= 0")):
+    with pytest.raises(SystemExit) as e:
+      launcher.main([f"--config={plain}", f"--seeds={bad}", f"--out={out}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("fedkd: error: --seeds") and expected in err, err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- the runner on real runs
 
 
