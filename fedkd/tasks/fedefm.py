@@ -2,7 +2,7 @@
 overlap, then a student fine-tuned on a small set from an unseen hospital, for every method and seed,
 plus the unseen-label-% ablation; writes results.md / results.csv (mean +- std over seeds).
 
-Pretraining data types (hospital profile x labelled structures, from fedkd.data.sites):
+Silo data (``fedkd.data.silos``): pretraining data types (hospital profile x labelled structures):
   vessel angiography (flat-panel, human-like anatomy), catheter-only (animal), catheter+guidewire
   (silicone phantom), everything labelled (clean simulator). Label space of the foundation:
   background, catheter, guidewire, vessel. Each silo holds a mixture of types given by
@@ -46,9 +46,7 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import ConfigError, check_finite, fedefm_base_config
-from fedkd.data import partition
-from fedkd.data import sites as sites_lib
-from fedkd.data import synth
+from fedkd.data.silos import DATA_TYPES, TARGET, SiloData
 from fedkd.distill import fedefm as fedefm_lib
 from fedkd.distill import emd as emd_lib
 from fedkd.distill.losses import feature_kd, kd_kl
@@ -62,14 +60,6 @@ from fedkd.preemption import Stopped
 from fedkd.sharding import client_mesh, shard_clients
 from fedkd.workdir import write_atomic
 
-# (hospital profile, labelled structures) of each pretraining data type.
-DATA_TYPES = (
-  ("flatpanel_1024_cine", "vessel"),
-  ("animal_porcine", "catheter"),
-  ("silicone_phantom", "catheter_guidewire"),
-  ("simulator_clean", "all"),
-)
-TARGET = ("unseen_mobile_c_arm", "catheter_guidewire")
 METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
 SEG_LOSS = ml_collections.ConfigDict(dict(name="dice_ce", ce_weight=0.5, dice_weight=0.5))
 RESULT_KEYS = (
@@ -348,53 +338,6 @@ def transfer_encoder(student_params, foundation, model_name: str):
     params, _ = load_encoder(params, foundation, prefix=("mid",), require=())
     return params
   return load_encoder(student_params, foundation)[0]
-
-
-class SiloData:
-  """On-device synthetic data for the pretraining silos and the downstream target site."""
-
-  def __init__(self, c):
-    self.c = c
-    bases = {s.name: s for s in list(sites_lib.make_sites(5)[0]) + [sites_lib.make_sites(1)[1]]}
-    rows = [sites_lib.with_data_type(bases[s], t) for s, t in DATA_TYPES + (TARGET,)]
-    self.table = sites_lib.site_table(rows)
-    self.target_row = len(DATA_TYPES)
-
-  def silo_types(self, percent: float, seed: int) -> np.ndarray:
-    """Data type of every example of every silo: [num_silos, examples_per_silo]."""
-    p = self.c.pretrain
-    mix = partition.unseen_label_corpus(p.num_silos, len(DATA_TYPES), percent)
-    return np.stack(
-      [
-        np.random.default_rng([seed, 11, i]).choice(len(DATA_TYPES), p.examples_per_silo, p=mix[i])
-        for i in range(p.num_silos)
-      ]
-    )
-
-  def round_batches(self, types: np.ndarray, seed: int, round_: int):
-    p, h = self.c.pretrain, self.c.image_size
-    per = p.local_steps * p.batch_size
-    idx = np.stack(
-      [np.random.default_rng([seed, round_, i]).integers(0, p.examples_per_silo, per) for i in range(p.num_silos)]
-    )
-    rows = np.take_along_axis(types, idx, axis=1)
-    gidx = idx + np.arange(p.num_silos)[:, None] * p.examples_per_silo
-    im, m = synth.generate(
-      seed, self.table, jnp.asarray(rows.reshape(-1), jnp.int32), jnp.asarray(gidx.reshape(-1, 1), jnp.int32), h
-    )
-    shape = (p.num_silos, p.local_steps, p.batch_size, h, h)
-    return im.reshape(shape + (1,)), jnp.minimum(m.reshape(shape), self.c.teacher.num_classes - 1)
-
-  def target(self, seed: int, split: int, n: int):
-    im, m = synth.generate(
-      seed,
-      self.table,
-      jnp.asarray([self.target_row], jnp.int32),
-      jnp.arange(n, dtype=jnp.int32)[None],
-      self.c.image_size,
-      split=split,
-    )
-    return im[0], m[0]
 
 
 @jax.jit
