@@ -1,4 +1,4 @@
-"""DICOM decoding of fedkd.data.tfds.common.read_image against pydicom's own pixel pipeline.
+"""DICOM decoding of fedkd.data.tfds.decode.read_image against pydicom's own pixel pipeline.
 
 References are computed independently of fedkd: pydicom's ``apply_color_lut`` /
 ``apply_modality_lut`` / ``apply_voi_lut`` / ``apply_windowing``, or numpy with the DICOM
@@ -41,8 +41,8 @@ except ImportError:  # pydicom 2.x
     apply_windowing,
   )
 
-from fedkd.data.tfds import common  # noqa: E402
-from fedkd.data.tfds.common import DatasetInputError  # noqa: E402
+from fedkd.data.tfds import decode  # noqa: E402
+from fedkd.data.tfds.records import DatasetInputError  # noqa: E402
 
 ENHANCED_XA = "1.2.840.10008.5.1.4.1.1.12.1.1"
 XA = "1.2.840.10008.5.1.4.1.1.12.1"
@@ -189,7 +189,7 @@ def test_shipped_files_match_pydicom(name):
   path = shipped(name)
   ds = pydicom.dcmread(path)
   want = pydicom_gray(ds)
-  got, multi = common.read_image(path)
+  got, multi = decode.read_image(path)
   assert multi == (int(ds.get("NumberOfFrames", 1) or 1) > 1)
   assert got.dtype == np.uint8 and got.shape == want.shape
   np.testing.assert_array_equal(got, want, err_msg=name)
@@ -209,7 +209,7 @@ def test_generated_palette_8bit_multiframe(tmp_path):
     ds.add_new(pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW", table.tobytes())
   path = tmp_path / "palette.dcm"
   ds = save_and_read(ds, path)
-  got, multi = common.read_image(path)
+  got, multi = decode.read_image(path)
   assert multi
   rgb = np.stack([red[idx], green[idx], blue[idx]], axis=-1)  # numpy palette lookup
   np.testing.assert_array_equal(got, np.round(luma(rgb)).astype(np.uint8))
@@ -222,7 +222,7 @@ def test_palette_without_tables_is_refused(tmp_path):
   path = tmp_path / "no_palette.dcm"
   ds.save_as(path, enforce_file_format=True)
   with pytest.raises(DatasetInputError, match=r"no_palette\.dcm.*PALETTE COLOR.*palette"):
-    common.read_image(path)
+    decode.read_image(path)
 
 
 # ------------------------------------------------------------------------------ LUT sequences
@@ -237,7 +237,7 @@ def test_generated_modality_lut_sequence_nonlinear(tmp_path):
   ds.ModalityLUTSequence[0].ModalityLUTType = "US"
   path = tmp_path / "mlut.dcm"
   ds = save_and_read(ds, path)
-  got, _ = common.read_image(path)
+  got, _ = decode.read_image(path)
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   np.testing.assert_array_equal(got[0], minmax(table[px.astype(int) + 2048]))  # numpy
   assert np.abs(got[0].astype(int) - minmax(px).astype(int)).max() > 40  # not linear
@@ -245,7 +245,7 @@ def test_generated_modality_lut_sequence_nonlinear(tmp_path):
   ds.WindowCenter, ds.WindowWidth = 20000, 30001
   path = tmp_path / "mlut_window.dcm"
   ds = save_and_read(ds, path)
-  got, _ = common.read_image(path)
+  got, _ = decode.read_image(path)
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   np.testing.assert_array_equal(got[0], window_linear(table[px.astype(int) + 2048], 20000, 30001))
 
@@ -263,7 +263,7 @@ def test_generated_voi_lut_sequence_nonlinear(tmp_path, ow):
   ds.WindowCenter, ds.WindowWidth = 2048, 4096
   path = tmp_path / "vlut.dcm"
   ds = save_and_read(ds, path)
-  got, _ = common.read_image(path)
+  got, _ = decode.read_image(path)
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   lookup = table[np.clip(px.astype(int) - 1000, 0, 2047)]  # numpy, PS3.3 C.11.2.1.1
   np.testing.assert_array_equal(got[0], np.round(lookup * 255.0 / 4095).astype(np.uint8))
@@ -277,7 +277,7 @@ def test_generated_monochrome1_voi_lut(tmp_path):
   ds.VOILUTSequence = Sequence([lut_item(0, 8, table)])
   path = tmp_path / "m1.dcm"
   ds = save_and_read(ds, path)
-  got, _ = common.read_image(path)
+  got, _ = decode.read_image(path)
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   np.testing.assert_array_equal(got[0], 255 - table[px].astype(np.uint8))
 
@@ -331,7 +331,7 @@ def test_enhanced_per_frame_rescale_and_window(tmp_path):
   ds.WindowCenter, ds.WindowWidth = 10, 20
   path = tmp_path / "enhanced.dcm"
   ds.save_as(path, enforce_file_format=True)
-  got, multi = common.read_image(path)
+  got, multi = decode.read_image(path)
   assert multi and got.shape == frames.shape
   for f, ((slope, intercept), window) in enumerate(zip(rescale, windows)):
     y = frames[f].astype(np.float64) * slope + intercept  # PS3.3 C.11.1
@@ -346,7 +346,7 @@ def test_enhanced_shared_window_per_frame_rescale_monochrome1(tmp_path):
   ds = enhanced_cine(frames, rescale, None, shared={"window": (1200, 2001)}, photometric="MONOCHROME1")
   path = tmp_path / "enhanced_m1.dcm"
   ds.save_as(path, enforce_file_format=True)
-  got, _ = common.read_image(path)
+  got, _ = decode.read_image(path)
   for f, (slope, intercept) in enumerate(rescale):
     y = frames[f].astype(np.float64) * slope + intercept
     np.testing.assert_array_equal(got[f], 255 - window_linear(y, 1200, 2001))
@@ -358,7 +358,7 @@ def test_enhanced_shared_rescale_without_window_is_minmax_per_frame(tmp_path):
   ds = enhanced_cine(frames, None, None, shared={"rescale": (-1.0, 4095.0)})
   path = tmp_path / "enhanced_minmax.dcm"
   ds.save_as(path, enforce_file_format=True)
-  got, _ = common.read_image(path)
+  got, _ = decode.read_image(path)
   for f in range(2):
     np.testing.assert_array_equal(got[f], minmax(4095.0 - frames[f]))  # slope -1 inverts
 
@@ -370,7 +370,7 @@ def test_enhanced_per_frame_items_must_match_frames(tmp_path):
   path = tmp_path / "bad_groups.dcm"
   ds.save_as(path, enforce_file_format=True)
   with pytest.raises(DatasetInputError, match=r"bad_groups\.dcm.*2 items.*3 frame"):
-    common.read_image(path)
+    decode.read_image(path)
 
 
 def test_plain_cine_window_applies_to_every_frame(tmp_path):
@@ -381,7 +381,7 @@ def test_plain_cine_window_applies_to_every_frame(tmp_path):
   ds.WindowCenter, ds.WindowWidth = 2000, 1001
   path = tmp_path / "cine.dcm"
   ds = save_and_read(ds, path)
-  got, multi = common.read_image(path)
+  got, multi = decode.read_image(path)
   assert multi
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   for f in range(2):

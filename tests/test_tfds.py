@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from fedkd.data import sites, synth  # noqa: E402
 from fedkd.data import tfds as fdata  # noqa: E402
-from fedkd.data.tfds import common  # noqa: E402
+from fedkd.data.tfds import folders  # noqa: E402
 
 XA_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_failure_mid_generation_leaves_no_prepared_dataset(tmp_path, monkeypatch
   for stem in ("p0", "p1", "p2"):
     _good_pair(root, stem)
   data_dir = tmp_path / "tfds"
-  real = common.load_pair
+  real = folders.load_pair
   calls = []
 
   def flaky(pair, spec):
@@ -336,7 +336,7 @@ def test_failure_mid_generation_leaves_no_prepared_dataset(tmp_path, monkeypatch
       raise RuntimeError("disk full (simulated)")
     return real(pair, spec)
 
-  monkeypatch.setattr(common, "load_pair", flaky)
+  monkeypatch.setattr(folders, "load_pair", flaky)
   with pytest.raises(RuntimeError, match="simulated"):
     fdata.build("xray_folder", data_dir, manual_dir=root)
   assert calls == ["p0", "p1", "p2", "p0", "p1"]  # validated everything, then started writing
@@ -347,7 +347,7 @@ def test_failure_mid_generation_leaves_no_prepared_dataset(tmp_path, monkeypatch
   with pytest.raises(fdata.DatasetInputError):
     fdata.load_source("xray_folder", "train", data_dir)
   # A clean retry into the same data_dir succeeds.
-  monkeypatch.setattr(common, "load_pair", real)
+  monkeypatch.setattr(folders, "load_pair", real)
   builder = fdata.build("xray_folder", data_dir, manual_dir=root)
   assert builder.info.splits["train"].num_examples == 3
 
@@ -473,7 +473,7 @@ def test_tiny_images_are_refused(tmp_path, shape):
   _good_pair(root, "ok")
   write_png(root / "images/tiny.png", np.full(shape, 9, np.uint8))
   write_png(root / "masks/tiny.png", np.zeros(shape, np.uint8))
-  assert common.MIN_IMAGE_SIDE == 32
+  assert folders.MIN_IMAGE_SIDE == 32
   with pytest.raises(fdata.DatasetInputError) as err:
     fdata.build("xray_folder", tmp_path / "tfds", manual_dir=root)
   msg = str(err.value)

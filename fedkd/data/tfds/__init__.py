@@ -11,6 +11,11 @@ Builders (importing this package registers them with TFDS):
 Every record: ``image`` uint8 [H, W, 1], ``mask`` uint8 [H, W] (0 bg, 1 catheter,
 2 guidewire, 3 vessel), ``site`` str, ``id`` str.
 
+Modules: ``records`` (the record format, ``DatasetInputError``), ``label_maps`` (stored mask values ->
+classes), ``decode`` (PNG/JPEG/DICOM image and mask files -> uint8 arrays), ``folders`` (image/mask
+folders -> checked records), ``api`` (build, find and read prepared datasets), ``build`` (the CLI),
+and one module per builder.
+
     from fedkd.data import tfds as fdata
     fdata.build("xray_folder", "/data/tfds", manual_dir="/data/hospital_a")
     src = fdata.load_source("xray_folder", "train", "/data/tfds", config="hospital_a")
@@ -28,15 +33,8 @@ from fedkd.data.tfds.api import (
   resolve_config,
 )
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
-from fedkd.data.tfds.common import (
-  CLASS_NAMES,
-  GRAY_0_128_255_MAP,
-  NUM_CLASSES,
-  RGB_COLOR_MAP,
-  DatasetInputError,
-  parse_color_map,
-  parse_label_map,
-)
+from fedkd.data.tfds.label_maps import GRAY_0_128_255_MAP, RGB_COLOR_MAP, parse_color_map, parse_label_map
+from fedkd.data.tfds.records import CLASS_NAMES, NUM_CLASSES, DatasetInputError
 from fedkd.data.tfds.synthetic_endovascular import SyntheticConfig, SyntheticEndovascular, synthetic_config
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 

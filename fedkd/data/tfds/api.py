@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fedkd.data.tfds import common
+from fedkd.data.tfds import label_maps
+from fedkd.data.tfds import records
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
-from fedkd.data.tfds.common import DatasetInputError
+from fedkd.data.tfds.records import DatasetInputError
 from fedkd.data.tfds.synthetic_endovascular import SyntheticConfig, SyntheticEndovascular, synthetic_config
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 
@@ -94,9 +95,9 @@ def resolve_config(name: str, config=None, manual_dir=None, **kwargs):
       return registered or _registered(cls, "default")
     fields = {k: getattr(registered, k) for k in _LABEL_KWARGS} if registered else {}
     fields.update(kwargs)
-    spec = common.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
+    spec = label_maps.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
     cfg_name = config if (config and not registered) else ("custom-" + _short_hash(spec.describe()))
-    return cfg_cls(name=common.config_safe_name(cfg_name), description=spec.describe(), **fields)
+    return cfg_cls(name=records.config_safe_name(cfg_name), description=spec.describe(), **fields)
 
   # xray_folder: one config (= one output folder) per site, so two hospitals built into the
   # same data_dir never overwrite or shadow each other.
@@ -113,9 +114,9 @@ def resolve_config(name: str, config=None, manual_dir=None, **kwargs):
     cfg_name = f"{site}-{registered.name}"
   else:
     cfg_name = site
-  spec = common.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
+  spec = label_maps.LabelSpec.create(fields.get("label_map"), fields.get("color_map"))
   return cfg_cls(
-    name=common.config_safe_name(cfg_name), site=str(site), description=f"Site {site}; {spec.describe()}.", **fields
+    name=records.config_safe_name(cfg_name), site=str(site), description=f"Site {site}; {spec.describe()}.", **fields
   )
 
 
@@ -293,7 +294,7 @@ def load_builder(name: str, data_dir, config=None):
   could execute it. Instead:
 
   1. ``check_prepared`` first reads the metadata files as plain JSON and refuses any feature
-     type other than the exact TFDS types fedkd writes (``common.features()``), any other
+     type other than the exact TFDS types fedkd writes (``records.features()``), any other
      feature layout, feature definitions inside ``dataset_info.json``, another builder module,
      version or file format, unsafe split names or file templates, and missing shard files;
   2. the builder is fedkd's own class (``BUILDERS``) constructed with ``data_dir=`` and a
@@ -359,8 +360,8 @@ def _class_name(obj) -> str:
 
 
 def _expected_features() -> tuple[str, dict[str, Any]]:
-  """(FeaturesDict type name, {feature name: connector}) of ``common.features()``."""
-  feats = common.features()
+  """(FeaturesDict type name, {feature name: connector}) of ``records.features()``."""
+  feats = records.features()
   return _class_name(feats), {k: feats[k] for k in feats.keys()}
 
 
@@ -413,7 +414,7 @@ def _refuse_foreign_types(path: Path, tree, fix: str) -> None:
 
 
 def _check_features_json(path: Path, fix: str) -> None:
-  """``features.json`` must be exactly the layout of ``common.features()``: a FeaturesDict of
+  """``features.json`` must be exactly the layout of ``records.features()``: a FeaturesDict of
   the same feature names, types, dtypes, shapes and encodings, in TFDS' proto-JSON form."""
   data = _read_json(path, fix)
   _refuse_foreign_types(path, data, fix)

@@ -29,7 +29,8 @@ import types
 
 from fedkd.data.tfds import api
 from fedkd.data.tfds.api import BUILDERS, build, load_source  # noqa: F401 (re-exported)
-from fedkd.data.tfds.common import DatasetInputError, parse_color_map, parse_label_map
+from fedkd.data.tfds.label_maps import parse_color_map, parse_label_map
+from fedkd.data.tfds.records import DatasetInputError
 
 _SHAPE_SAMPLE = 64  # records inspected per split for the shape summary
 

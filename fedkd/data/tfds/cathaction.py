@@ -29,8 +29,13 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fedkd.data.tfds import common
-from fedkd.data.tfds.common import DatasetInputError, LabelSpec, Pair
+from fedkd.data.tfds import decode
+from fedkd.data.tfds import folders
+from fedkd.data.tfds import label_maps
+from fedkd.data.tfds import records
+from fedkd.data.tfds.folders import Pair
+from fedkd.data.tfds.label_maps import LabelSpec
+from fedkd.data.tfds.records import DatasetInputError
 
 SITE = "cathaction"
 SPLITS = ("train", "val", "test")
@@ -64,12 +69,12 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
     CathactionConfig(name="default", description="Label PNG values are class indices 0/1/2."),
     CathactionConfig(
       name="gray_0_128_255",
-      label_map=dict(common.GRAY_0_128_255_MAP),
+      label_map=dict(label_maps.GRAY_0_128_255_MAP),
       description="Label PNG values 0 bg, 128 catheter, 255 guidewire.",
     ),
     CathactionConfig(
       name="rgb",
-      color_map=dict(common.RGB_COLOR_MAP),
+      color_map=dict(label_maps.RGB_COLOR_MAP),
       description="RGB label PNGs: black bg, red catheter, green guidewire.",
     ),
   ]
@@ -99,7 +104,7 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
         "CathAction catheter/guidewire segmentation (phantom and porcine "
         "X-ray). Labels: " + self.builder_config.label_spec().describe()
       ),
-      features=common.features(),
+      features=records.features(),
       homepage="https://airvlab.github.io/cathdata",
       citation=_CITATION,
       license="CC BY-NC-SA 4.0",
@@ -107,19 +112,19 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    root = common.manual_dir_from(
+    root = folders.manual_dir_from(
       dl_manager, "cathaction", "download CathAction (see MANUAL_DOWNLOAD_INSTRUCTIONS) and pass manual_dir"
     )
     spec = self.builder_config.label_spec()
     splits = scan_cathaction(root)
-    with common.collect_notes() as notes:
+    with decode.collect_notes() as notes:
       for pairs in splits.values():  # validate everything before any split is written
-        common.validate_pairs(pairs, spec)
+        folders.validate_pairs(pairs, spec)
     notes.emit()
     return {name: self._generate_examples(pairs, spec) for name, pairs in splits.items()}
 
   def _generate_examples(self, pairs, spec):
-    yield from common.generate_pairs(pairs, spec, SITE)
+    yield from folders.generate_pairs(pairs, spec, SITE)
 
 
 def _find_root(root: Path) -> Path:
@@ -143,7 +148,7 @@ def scan_cathaction(manual_dir: Path) -> dict[str, list[Pair]]:
     sdir = root / split
     if not sdir.is_dir():
       continue
-    images = common.list_images(sdir / "images")
+    images = folders.list_images(sdir / "images")
     labels = sdir / "labels"
     if not labels.is_dir():
       raise DatasetInputError(

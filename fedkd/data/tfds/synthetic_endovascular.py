@@ -29,8 +29,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from fedkd.data import sites as _sites
-from fedkd.data.tfds import common
-from fedkd.data.tfds.common import DatasetInputError
+from fedkd.data.tfds import records
+from fedkd.data.tfds.records import DatasetInputError
 
 NUM_CLIENTS = 5
 DEFAULT_IMAGE_SIZE, DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST = 128, 256, 64
@@ -148,7 +148,7 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
         f"from fedkd.data.synth; site {cfg.site}, {cfg.image_size}px, "
         f"seed {cfg.seed}."
       ),
-      features=common.features(),
+      features=records.features(),
       disable_shuffling=True,
     )
 
@@ -177,7 +177,7 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
       for j in range(images.shape[0]):
         i = start + j
         ex_id = f"{cfg.site}/{split_name}/{i:05d}"
-        yield i, common.record(images[j], masks[j], cfg.site, ex_id)
+        yield i, records.record(images[j], masks[j], cfg.site, ex_id)
 
 
 def render(profiles, site_id: int, split: int, count: int, image_size: int, seed: int, chunk: int = _CHUNK):

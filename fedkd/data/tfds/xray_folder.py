@@ -14,7 +14,7 @@ Multi-frame (cine) DICOM images (NumberOfFrames > 1): every frame is one example
 Without ``splits.json`` every image goes to ``train``. With it, every image stem must be listed
 in exactly one split (split names: letters, digits, ``_``, ``-``).
 
-Image conversion and mask label conventions: see ``fedkd.data.tfds.common``. Every file is
+Image conversion: see ``fedkd.data.tfds.decode``; mask label conventions: ``label_maps``. Every file is
 decoded and checked before anything is written, and TFDS writes into a temporary folder renamed
 only on success, so a failed build never leaves a dataset that looks prepared.
 
@@ -27,7 +27,7 @@ Input rules beyond the decoding:
   data that would silently be left out; the error names each file and the fix (add the image,
   rename, or move the file out of ``masks/``). Other files there (``.txt``, ``.csv``, ...) are
   ignored.
-* Images smaller than ``common.MIN_IMAGE_SIDE`` (32) pixels in height or width are refused.
+* Images smaller than ``folders.MIN_IMAGE_SIDE`` (32) pixels in height or width are refused.
 * RGB masks need a ``color_map`` (CLI ``--color_map``) unless their three channels are equal.
 * Lossy or non-obvious conversions (16-bit PNG min-max scaled, colour images converted to
   gray, palette DICOM, DICOM without a VOI window) are listed as ``note: ...`` lines on stderr.
@@ -43,8 +43,13 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fedkd.data.tfds import common
-from fedkd.data.tfds.common import DatasetInputError, LabelSpec, Pair
+from fedkd.data.tfds import decode
+from fedkd.data.tfds import folders
+from fedkd.data.tfds import label_maps
+from fedkd.data.tfds import records
+from fedkd.data.tfds.folders import Pair
+from fedkd.data.tfds.label_maps import LabelSpec
+from fedkd.data.tfds.records import DatasetInputError
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][\w\-]*$")
 _PER_FRAME = re.compile(r"^(.+)_(\d{4})$")  # <stem>_<frame:04d>
@@ -53,7 +58,7 @@ _PER_FRAME = re.compile(r"^(.+)_(\d{4})$")  # <stem>_<frame:04d>
 @dataclasses.dataclass
 class XrayFolderConfig(tfds.core.BuilderConfig):
   """``site``: site name stored in every record (None: the manual_dir folder name).
-  ``label_map`` / ``color_map``: mask value conventions (see ``common``)."""
+  ``label_map`` / ``color_map``: mask value conventions (see ``label_maps``)."""
 
   site: str | None = None
   label_map: dict | None = None
@@ -72,12 +77,12 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
     XrayFolderConfig(name="default", description="Masks hold class indices 0..3."),
     XrayFolderConfig(
       name="gray_0_128_255",
-      label_map=dict(common.GRAY_0_128_255_MAP),
+      label_map=dict(label_maps.GRAY_0_128_255_MAP),
       description="Gray masks 0 background, 128 catheter, 255 guidewire.",
     ),
     XrayFolderConfig(
       name="rgb",
-      color_map=dict(common.RGB_COLOR_MAP),
+      color_map=dict(label_maps.RGB_COLOR_MAP),
       description="RGB masks: black bg, red catheter, green guidewire, blue vessel.",
     ),
   ]
@@ -105,12 +110,12 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
       builder=self,
       description=(f"Local catheter/guidewire X-ray segmentation folder. Labels: {cfg.label_spec().describe()}."),
-      features=common.features(),
+      features=records.features(),
       disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
-    root = common.manual_dir_from(
+    root = folders.manual_dir_from(
       dl_manager, "xray_folder", "pass manual_dir=<folder with images/ and masks/> (CLI --manual_dir)"
     )
     spec = self.builder_config.label_spec()
@@ -120,7 +125,7 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(pairs, spec, site) for name, pairs in splits.items()}
 
   def _generate_examples(self, pairs, spec, site):
-    yield from common.generate_pairs(pairs, spec, site)
+    yield from folders.generate_pairs(pairs, spec, site)
 
 
 def scan_folder(root: Path) -> dict[str, list[Pair]]:
@@ -128,7 +133,7 @@ def scan_folder(root: Path) -> dict[str, list[Pair]]:
   root = Path(root)
   if not root.is_dir():
     raise DatasetInputError(f"{root}: manual_dir not found; create it with images/ and masks/ subfolders")
-  images = common.list_images(root / "images")
+  images = folders.list_images(root / "images")
   masks_dir = root / "masks"
   if not masks_dir.is_dir():
     raise DatasetInputError(
@@ -152,11 +157,11 @@ def check_folder(root: Path, splits: dict[str, list[Pair]], spec: LabelSpec) -> 
   ``DatasetInputError`` listing every problem. On success print the conversion notes
   (``note: ...`` on stderr) and return the number of examples."""
   problems, used, failed, frames = [], set(), set(), {}
-  with common.collect_notes() as notes:
+  with decode.collect_notes() as notes:
     for pairs in splits.values():
       for pair in pairs:
         try:
-          frames[pair.stem] = common.validate_pairs([pair], spec, used)
+          frames[pair.stem] = folders.validate_pairs([pair], spec, used)
         except DatasetInputError as e:
           problems.extend(e.problems)
           failed.add(pair.stem)
@@ -176,11 +181,11 @@ def _orphan_masks(
   problems = []
   lower = {s.lower(): s for s in images}
   for f in sorted(masks_dir.iterdir()):
-    if f.name.startswith(".") or f.name.lower() in common._JUNK_FILES or not f.is_file():
+    if f.name.startswith(".") or f.name.lower() in folders.JUNK_FILES or not f.is_file():
       continue
     ext = f.suffix.lower()
     if (
-      not (ext in common.MASK_EXTS or ext in common.IMAGE_EXTS or (ext == "" and common.is_dicom_file(f))) or f in used
+      not (ext in decode.MASK_EXTS or ext in decode.IMAGE_EXTS or (ext == "" and decode.is_dicom_file(f))) or f in used
     ):
       continue
     stem = f.stem
@@ -192,7 +197,7 @@ def _orphan_masks(
     if stem in images:
       why = (
         f"not used: image {images[stem].image.name} already has its mask(s) "
-        f"{_names(_masks_of(stem, used))} (masks are {'/'.join(common.MASK_EXTS)})"
+        f"{_names(_masks_of(stem, used))} (masks are {'/'.join(decode.MASK_EXTS)})"
       )
     elif base in images and frames.get(base) == 1:
       why = (
@@ -234,7 +239,7 @@ def _masks_of(stem: str, used: set[Path]) -> list[Path]:
 
 def _names(paths) -> str:
   names = sorted(p.name for p in paths)
-  return common._short_list(names, 4)
+  return records.short_list(names, 4)
 
 
 def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:

@@ -1,14 +1,4 @@
-"""Shared pieces of the fedkd TFDS builders: record format, file decoding, label mapping, checks.
-
-Record format (every builder)
------------------------------
-``image``  uint8 [H, W, 1]  grayscale (conversion rules below)
-``mask``   uint8 [H, W]     0 background, 1 catheter, 2 guidewire, 3 vessel
-``site``   string           hospital / site name
-``id``     string           unique key: source file (+ ``#<frame>`` for cine frames)
-
-Images and masks are stored as zlib-compressed raw tensors (``tfds.features.Tensor`` with
-``Encoding.ZLIB``), which TFDS encodes and decodes with numpy only: TensorFlow is never needed.
+"""Image and mask files -> uint8 arrays: PNG / JPEG through PIL, DICOM through pydicom.
 
 Image conversion
 ----------------
@@ -51,277 +41,35 @@ Image conversion
   rounded, deeper data min-max scaled per frame.
 * Min-max scaling, in float64: ``y = round((x - min) * 255 / (max - min))`` with numpy's
   round-half-to-even; a constant image becomes all zeros.
-* Images smaller than ``MIN_IMAGE_SIDE`` (32) pixels in height or width are refused.
+* Images smaller than ``folders.MIN_IMAGE_SIDE`` (32) pixels in height or width are refused when
+  a folder is read (``fedkd.data.tfds.folders.load_pair``).
 
-Mask files and label values
----------------------------
+Mask files
+----------
 Masks are ``.png`` (8/16-bit gray, palette or RGB), ``.dcm`` (raw stored values, no windowing)
 or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rejected (lossy).
-
-* Default: values must already be class indices in {0, 1, 2, 3}. Palette (``P``) PNGs give their
-  palette indices; bilevel (``1``) PNGs give 0/1.
-* ``label_map`` {stored value: class}: e.g. ``{0: 0, 128: 1, 255: 2}`` for 0/128/255 masks or
-  ``{0: 0, 255: 1}`` for binary catheter masks. Every value found must be a key.
-* ``color_map`` {(r, g, b): class} for RGB colour masks, e.g.
-  ``{(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}`` (the ``RGB_COLOR_MAP``
-  preset). Alpha is ignored. An RGB mask whose three channels are equal everywhere is treated
-  as a gray mask when no colour map is given.
+``read_mask`` turns their values into classes with a ``fedkd.data.tfds.label_maps.LabelSpec``.
 """
 
 from __future__ import annotations
 
-from fedkd.errors import UserError
-
 import contextlib
 import contextvars
-import dataclasses
-import json
-import os
-import re
 import struct
 import sys
 from pathlib import Path
-from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fedkd.data.labels import CLASS_NAMES, NUM_CLASSES  # noqa: F401 - re-exported by fedkd.data.tfds
+from fedkd.data.tfds.label_maps import LabelSpec
+from fedkd.data.tfds.records import DatasetInputError, short_list
 
 PIL_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DICOM_EXTS = (".dcm", ".dicom")
 IMAGE_EXTS = PIL_IMAGE_EXTS + DICOM_EXTS
 MASK_EXTS = (".png", ".dcm", ".npy")
 
-#: Colour preset for RGB masks: black background, red catheter, green guidewire, blue vessel.
-RGB_COLOR_MAP: dict[tuple[int, int, int], int] = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}
-#: Gray preset for 3-level masks: 0 background, 128 catheter, 255 guidewire.
-GRAY_0_128_255_MAP: dict[int, int] = {0: 0, 128: 1, 255: 2}
 
-#: Smallest accepted image side in pixels (height and width). Training takes random crops of
-#: 80-100 % of each side and resizes them to ``config.image_size``; an image smaller than this
-#: cannot be cropped or resized sensibly and is almost always an export mistake (a thumbnail,
-#: an icon or a 1-pixel placeholder).
-MIN_IMAGE_SIDE = 32
-
-_JUNK_FILES = {"thumbs.db", "desktop.ini", "dicomdir"}
-_MAX_LISTED_PROBLEMS = 5
-
-
-class DatasetInputError(UserError, ValueError):
-  """Bad input files or arguments for a fedkd TFDS builder.
-
-  ``problems`` holds one line per problem (file, what is wrong, how to fix it); ``str(e)`` is a
-  single line naming the first few.
-  """
-
-  def __init__(self, problems: str | Iterable[str]):
-    self.problems = [problems] if isinstance(problems, str) else list(problems)
-    if not self.problems:
-      self.problems = ["invalid dataset input"]
-    if len(self.problems) == 1:
-      msg = self.problems[0]
-    else:
-      shown = self.problems[:_MAX_LISTED_PROBLEMS]
-      msg = f"{len(self.problems)} problems in the input: " + "; ".join(shown)
-      if len(self.problems) > len(shown):
-        msg += f"; ... and {len(self.problems) - len(shown)} more"
-    super().__init__(msg)
-
-
-def features():
-  """The shared ``tfds.features.FeaturesDict`` (numpy-only encoding, variable image size)."""
-  import tensorflow_datasets as tfds
-
-  zlib = tfds.features.Encoding.ZLIB
-  return tfds.features.FeaturesDict(
-    {
-      "image": tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding=zlib),
-      "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
-      "site": tfds.features.Text(),
-      "id": tfds.features.Text(),
-    }
-  )
-
-
-def record(image: np.ndarray, mask: np.ndarray, site: str, example_id: str) -> dict:
-  """One example dict in the record format (image [H, W] or [H, W, 1], mask [H, W])."""
-  image = np.asarray(image, dtype=np.uint8)
-  if image.ndim == 2:
-    image = image[..., None]
-  return {"image": image, "mask": np.asarray(mask, dtype=np.uint8), "site": site, "id": example_id}
-
-
-def config_safe_name(name: str) -> str:
-  """A TFDS-valid config name (letters, digits, ``_ - . +``) derived from ``name``."""
-  safe = re.sub(r"[^\w\-.+]", "_", str(name).strip())
-  safe = safe.strip(".")
-  if not safe:
-    raise DatasetInputError(f"cannot derive a config name from {name!r}; pass config=NAME")
-  return safe
-
-
-# --------------------------------------------------------------------------------------------
-# Label mapping
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class LabelSpec:
-  """How stored mask values become classes 0..3 (see the module docstring)."""
-
-  label_map: tuple[tuple[int, int], ...] | None = None
-  color_map: tuple[tuple[tuple[int, int, int], int], ...] | None = None
-
-  @classmethod
-  def create(cls, label_map: Mapping | None = None, color_map: Mapping | None = None) -> LabelSpec:
-    lm = None
-    if label_map is not None:
-      items = []
-      for k, v in dict(label_map).items():
-        try:
-          k, v = int(k), int(v)
-        except (TypeError, ValueError):
-          raise DatasetInputError(f"label_map entry {k!r}: {v!r} is not integer value: class") from None
-        items.append((k, _check_class(v, f"label_map[{k}]")))
-      lm = tuple(sorted(items))
-    cm = None
-    if color_map is not None:
-      items = []
-      for k, v in dict(color_map).items():
-        rgb = _parse_rgb(k)
-        items.append((rgb, _check_class(int(v), f"color_map[{k}]")))
-      cm = tuple(sorted(items))
-    return cls(label_map=lm, color_map=cm)
-
-  def describe(self) -> str:
-    parts = []
-    if self.label_map is not None:
-      parts.append("label_map " + json.dumps({str(k): v for k, v in self.label_map}))
-    if self.color_map is not None:
-      parts.append("color_map " + json.dumps({",".join(map(str, k)): v for k, v in self.color_map}))
-    return "; ".join(parts) if parts else "mask values are class indices 0..3"
-
-  def allowed_values(self) -> list[int]:
-    if self.label_map is not None:
-      return [k for k, _ in self.label_map]
-    return list(range(NUM_CLASSES))
-
-  def apply(self, raw: np.ndarray, path: Path) -> np.ndarray:
-    """Map raw mask values ``[..., H, W]`` or colours ``[..., H, W, 3]`` to uint8 classes."""
-    if raw.ndim >= 3 and raw.shape[-1] == 3 and raw.dtype != np.bool_:
-      if self.color_map is not None:
-        return self._apply_colors(raw, path)
-      if np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]):
-        raw = raw[..., 0]
-      else:
-        raise DatasetInputError(
-          f"{path}: RGB colour mask but no color_map is configured; pass color_map, "
-          f"e.g. {{(0,0,0): 0, (255,0,0): 1, (0,255,0): 2, (0,0,255): 3}} (CLI "
-          f"--color_map='0,0,0:0;255,0,0:1;0,255,0:2'), or save masks as gray "
-          f"class-index PNGs"
-        )
-    elif self.color_map is not None and self.label_map is None:
-      raise DatasetInputError(
-        f"{path}: a color_map is configured but this mask is not an RGB image "
-        f"(shape {raw.shape}); pass label_map for gray masks instead"
-      )
-    values, inverse = np.unique(raw.astype(np.int64), return_inverse=True)
-    table = dict(self.label_map) if self.label_map is not None else {c: c for c in range(NUM_CLASSES)}
-    unknown = [int(v) for v in values if int(v) not in table]
-    if unknown:
-      hint = (
-        "add them to label_map"
-        if self.label_map is not None
-        else "pass label_map (value: class), e.g. {0: 0, 128: 1, 255: 2} (CLI --label_map=0:0,128:1,255:2)"
-      )
-      raise DatasetInputError(
-        f"{path}: unknown label value(s) {_short_list(unknown)} (found "
-        f"{_short_list([int(v) for v in values])}; allowed {self.allowed_values()}); "
-        f"{hint}"
-      )
-    lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
-    return lut[inverse.reshape(raw.shape)]
-
-  def _apply_colors(self, raw: np.ndarray, path: Path) -> np.ndarray:
-    rgb = raw.astype(np.int64)
-    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    values, inverse = np.unique(code, return_inverse=True)
-    table = {(r << 16) | (g << 8) | b: c for (r, g, b), c in self.color_map}
-    unknown = [int(v) for v in values if int(v) not in table]
-    if unknown:
-
-      def fmt(v):
-        return f"({v >> 16},{(v >> 8) & 255},{v & 255})"
-
-      raise DatasetInputError(
-        f"{path}: unknown mask colour(s) {_short_list([fmt(v) for v in unknown])} "
-        f"(allowed {[fmt(v) for v in sorted(table)]}); add them to color_map"
-      )
-    lut = np.array([table[int(v)] for v in values], dtype=np.uint8)
-    return lut[inverse.reshape(code.shape)]
-
-
-def _check_class(v: int, what: str) -> int:
-  if not 0 <= v < NUM_CLASSES:
-    raise DatasetInputError(f"{what} = {v} is not a class; classes are 0 background, 1 catheter, 2 guidewire, 3 vessel")
-  return v
-
-
-def _parse_rgb(key) -> tuple[int, int, int]:
-  if isinstance(key, str):
-    key = [p for p in re.split(r"[,\s]+", key.strip("()[] ")) if p]
-  try:
-    rgb = tuple(int(c) for c in key)
-  except (TypeError, ValueError):
-    rgb = ()
-  if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-    raise DatasetInputError(f"color_map key {key!r} is not an (r, g, b) triple of 0..255")
-  return rgb  # type: ignore[return-value]
-
-
-def _short_list(values: list, limit: int = 12) -> str:
-  if len(values) <= limit:
-    return "[" + ", ".join(map(str, values)) + "]"
-  return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)]"
-
-
-def parse_label_map(text: str) -> dict[int, int]:
-  """CLI form ``"0:0,128:1,255:2"`` -> ``{0: 0, 128: 1, 255: 2}``."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    if ":" not in part:
-      raise DatasetInputError(f"--label_map entry {part!r} is not VALUE:CLASS (e.g. --label_map=0:0,128:1,255:2)")
-    k, v = part.split(":", 1)
-    try:
-      out[int(k)] = int(v)
-    except ValueError:
-      raise DatasetInputError(
-        f"--label_map entry {part!r} is not VALUE:CLASS with integers (e.g. 0:0,128:1,255:2)"
-      ) from None
-  if not out:
-    raise DatasetInputError("--label_map is empty (e.g. --label_map=0:0,128:1,255:2)")
-  return out
-
-
-def parse_color_map(text: str) -> dict[tuple[int, int, int], int]:
-  """CLI form ``"0,0,0:0;255,0,0:1"`` -> ``{(0, 0, 0): 0, (255, 0, 0): 1}``."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(";"))):
-    if ":" not in part:
-      raise DatasetInputError(
-        f"--color_map entry {part!r} is not R,G,B:CLASS (e.g. --color_map='0,0,0:0;255,0,0:1;0,255,0:2')"
-      )
-    k, v = part.rsplit(":", 1)
-    try:
-      out[_parse_rgb(k)] = int(v)
-    except ValueError:
-      raise DatasetInputError(f"--color_map entry {part!r}: class must be an integer") from None
-  if not out:
-    raise DatasetInputError("--color_map is empty (e.g. '0,0,0:0;255,0,0:1;0,255,0:2')")
-  return out
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
 def minmax_to_uint8(x: np.ndarray) -> np.ndarray:
   """``round((x - min) * 255 / (max - min))`` in float64 (half-to-even); constant -> 0."""
   x = np.asarray(x, dtype=np.float64)
@@ -450,7 +198,7 @@ class ConversionNotes:
     out = []
     for kind, paths in self.files.items():
       names = [f"{p.parent.name}/{p.name}" for p in paths]
-      out.append(f"note: {kind}: {len(paths)} file(s) {_short_list(names, 5)}")
+      out.append(f"note: {kind}: {len(paths)} file(s) {short_list(names, 5)}")
     return out
 
   def emit(self, file=None) -> None:
@@ -746,173 +494,3 @@ def read_mask(path: Path, spec: LabelSpec) -> np.ndarray:
   if mask.ndim == 2:
     mask = mask[None]
   return mask
-
-
-# --------------------------------------------------------------------------------------------
-# Image/mask folders
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Pair:
-  """One image file and where its mask(s) live.
-
-  ``id_prefix`` is the record id of a single-frame image; frame ``f`` of a cine file gets
-  ``f"{id_prefix}#{f}"``.
-  """
-
-  image: Path
-  mask_dir: Path
-  stem: str
-  id_prefix: str
-  mask_exts: tuple[str, ...] = MASK_EXTS
-
-  def mask_candidates(self) -> list[Path]:
-    return [self.mask_dir / f"{self.stem}{e}" for e in self.mask_exts if (self.mask_dir / f"{self.stem}{e}").is_file()]
-
-  def frame_mask_path(self, frame: int) -> Path:
-    return self.mask_dir / f"{self.stem}_{frame:04d}.png"
-
-
-def list_images(images_dir: Path) -> list[Path]:
-  """Image files in ``images_dir`` (not recursive), sorted; raises on unsupported files,
-  duplicate stems and an empty folder."""
-  images_dir = Path(images_dir)
-  if not images_dir.is_dir():
-    raise DatasetInputError(
-      f"{images_dir}: image folder not found; expected image files ({', '.join(IMAGE_EXTS)}) there"
-    )
-  files, problems, stems = [], [], {}
-  for p in sorted(images_dir.iterdir()):
-    if p.name.startswith(".") or p.name.lower() in _JUNK_FILES or p.is_dir():
-      continue
-    ext = p.suffix.lower()
-    if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
-      if p.stem in stems:
-        problems.append(f"{p}: duplicate image stem {p.stem!r} (also {stems[p.stem].name}); keep one file per stem")
-        continue
-      stems[p.stem] = p
-      files.append(p)
-    else:
-      problems.append(
-        f"{p}: unsupported image file type; supported: "
-        f"{', '.join(IMAGE_EXTS)} (or extension-less DICOM); convert or "
-        f"remove it"
-      )
-  if problems:
-    raise DatasetInputError(problems)
-  if not files:
-    raise DatasetInputError(
-      f"{images_dir}: no images found (supported: {', '.join(IMAGE_EXTS)}; "
-      f"subfolders are not searched); put the images directly in this folder"
-    )
-  return files
-
-
-def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool]:
-  """Decode one image file and its mask(s): uint8 images [F, H, W], classes [F, H, W] and
-  whether the image is multi-frame. Raises ``DatasetInputError`` naming the file."""
-  frames, multi = read_image(pair.image)
-  nframes, h, w = frames.shape
-  if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
-    raise DatasetInputError(
-      f"{pair.image}: image is {h}x{w} (HxW) pixels, below the minimum of "
-      f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (training takes random crops and resizes them; "
-      f"smaller images cannot be cropped or resized sensibly); export it at full "
-      f"resolution or remove it and its mask"
-    )
-  cands = pair.mask_candidates()
-  if len(cands) > 1:
-    raise DatasetInputError(
-      f"{pair.image}: ambiguous masks {[c.name for c in cands]} in {pair.mask_dir}; keep exactly one"
-    )
-  if cands:
-    masks = read_mask(cands[0], spec)
-    mask_desc = str(cands[0])
-    if masks.shape[0] != nframes:
-      raise DatasetInputError(
-        f"{cands[0]}: mask has {masks.shape[0]} frame(s) but image {pair.image.name} "
-        f"has {nframes}; a cine mask must have one frame per image frame"
-      )
-  elif multi:
-    paths = [pair.frame_mask_path(f) for f in range(nframes)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-      raise DatasetInputError(
-        f"{pair.image}: missing mask for {len(missing)} of {nframes} frames "
-        f"({_short_list(missing, 6)}) in {pair.mask_dir}; provide one multi-frame "
-        f"{pair.stem}.dcm/.npy or per-frame {pair.stem}_<frame:04d>.png files "
-        f"(frames counted from 0)"
-      )
-    parts = []
-    for p in paths:
-      m = read_mask(p, spec)
-      if m.shape[0] != 1:
-        raise DatasetInputError(f"{p}: per-frame mask must be a single 2-D image, got {m.shape[0]} frames")
-      if m.shape[1:] != (h, w):
-        raise _size_error(pair.image, (h, w), p, m.shape[1:])
-      parts.append(m[0])
-    masks = np.stack(parts)
-    mask_desc = str(paths[0])
-  else:
-    raise DatasetInputError(
-      f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
-      f"(or {pair.stem}.dcm / {pair.stem}.npy"
-      + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
-      + "); add it or remove the image"
-    )
-  if masks.shape[1:] != (h, w):
-    raise _size_error(pair.image, (h, w), Path(mask_desc), masks.shape[1:])
-  return frames, masks, multi
-
-
-def _size_error(image: Path, ishape, mask: Path, mshape) -> DatasetInputError:
-  return DatasetInputError(
-    f"{mask}: image/mask size mismatch: image {image.name} is {ishape[0]}x{ishape[1]} "
-    f"(HxW) but mask is {mshape[0]}x{mshape[1]}; re-export the mask at the image size "
-    f"(nearest-neighbour resampling)"
-  )
-
-
-def pair_mask_files(pair: Pair, nframes: int, multi: bool) -> list[Path]:
-  """The mask file(s) ``load_pair`` reads for ``pair`` (an image with ``nframes`` frames)."""
-  cands = pair.mask_candidates()
-  if cands:
-    return cands
-  return [pair.frame_mask_path(f) for f in range(nframes)] if multi else []
-
-
-def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec, used_masks: set[Path] | None = None) -> int:
-  """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
-  Returns the number of examples (frames) that will be written; adds the mask files read to
-  ``used_masks`` when given."""
-  problems, count = [], 0
-  for pair in pairs:
-    try:
-      frames, _, multi = load_pair(pair, spec)
-      count += frames.shape[0]
-      if used_masks is not None:
-        used_masks.update(pair_mask_files(pair, frames.shape[0], multi))
-    except DatasetInputError as e:
-      problems.extend(e.problems)
-  if problems:
-    raise DatasetInputError(problems)
-  return count
-
-
-def generate_pairs(pairs: Iterable[Pair], spec: LabelSpec, site: str):
-  """Yield ``(key, record)`` for every frame of every pair."""
-  for pair in pairs:
-    frames, masks, multi = load_pair(pair, spec)
-    for f in range(frames.shape[0]):
-      ex_id = f"{pair.id_prefix}#{f}" if multi else pair.id_prefix
-      yield ex_id, record(frames[f], masks[f], site, ex_id)
-
-
-def manual_dir_from(dl_manager, name: str, instructions_hint: str) -> Path:
-  """``dl_manager.manual_dir`` as a local Path, with TFDS' assertion turned into a clear
-  ``DatasetInputError``."""
-  try:
-    return Path(os.fspath(dl_manager.manual_dir))
-  except AssertionError as e:
-    raise DatasetInputError(
-      f"{name}: manual_dir missing or empty ({str(e).splitlines()[0]}); {instructions_hint}"
-    ) from None

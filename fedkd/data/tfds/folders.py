@@ -1,0 +1,190 @@
+"""Image/mask folders -> records: pairing each image with its mask(s), checking every pair before
+anything is written, and yielding the examples (every frame of a cine file is one example)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from collections.abc import Iterable
+
+import numpy as np
+
+from fedkd.data.tfds.decode import IMAGE_EXTS, MASK_EXTS, is_dicom_file, read_image, read_mask
+from fedkd.data.tfds.label_maps import LabelSpec
+from fedkd.data.tfds.records import DatasetInputError, record, short_list
+
+#: Smallest accepted image side in pixels (height and width). Training takes random crops of
+#: 80-100 % of each side and resizes them to ``config.image_size``; an image smaller than this
+#: cannot be cropped or resized sensibly and is almost always an export mistake (a thumbnail,
+#: an icon or a 1-pixel placeholder).
+MIN_IMAGE_SIDE = 32
+
+JUNK_FILES = {"thumbs.db", "desktop.ini", "dicomdir"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """One image file and where its mask(s) live.
+
+  ``id_prefix`` is the record id of a single-frame image; frame ``f`` of a cine file gets
+  ``f"{id_prefix}#{f}"``.
+  """
+
+  image: Path
+  mask_dir: Path
+  stem: str
+  id_prefix: str
+  mask_exts: tuple[str, ...] = MASK_EXTS
+
+  def mask_candidates(self) -> list[Path]:
+    return [self.mask_dir / f"{self.stem}{e}" for e in self.mask_exts if (self.mask_dir / f"{self.stem}{e}").is_file()]
+
+  def frame_mask_path(self, frame: int) -> Path:
+    return self.mask_dir / f"{self.stem}_{frame:04d}.png"
+
+
+def list_images(images_dir: Path) -> list[Path]:
+  """Image files in ``images_dir`` (not recursive), sorted; raises on unsupported files,
+  duplicate stems and an empty folder."""
+  images_dir = Path(images_dir)
+  if not images_dir.is_dir():
+    raise DatasetInputError(
+      f"{images_dir}: image folder not found; expected image files ({', '.join(IMAGE_EXTS)}) there"
+    )
+  files, problems, stems = [], [], {}
+  for p in sorted(images_dir.iterdir()):
+    if p.name.startswith(".") or p.name.lower() in JUNK_FILES or p.is_dir():
+      continue
+    ext = p.suffix.lower()
+    if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
+      if p.stem in stems:
+        problems.append(f"{p}: duplicate image stem {p.stem!r} (also {stems[p.stem].name}); keep one file per stem")
+        continue
+      stems[p.stem] = p
+      files.append(p)
+    else:
+      problems.append(
+        f"{p}: unsupported image file type; supported: "
+        f"{', '.join(IMAGE_EXTS)} (or extension-less DICOM); convert or "
+        f"remove it"
+      )
+  if problems:
+    raise DatasetInputError(problems)
+  if not files:
+    raise DatasetInputError(
+      f"{images_dir}: no images found (supported: {', '.join(IMAGE_EXTS)}; "
+      f"subfolders are not searched); put the images directly in this folder"
+    )
+  return files
+
+
+def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool]:
+  """Decode one image file and its mask(s): uint8 images [F, H, W], classes [F, H, W] and
+  whether the image is multi-frame. Raises ``DatasetInputError`` naming the file."""
+  frames, multi = read_image(pair.image)
+  nframes, h, w = frames.shape
+  if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+    raise DatasetInputError(
+      f"{pair.image}: image is {h}x{w} (HxW) pixels, below the minimum of "
+      f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (training takes random crops and resizes them; "
+      f"smaller images cannot be cropped or resized sensibly); export it at full "
+      f"resolution or remove it and its mask"
+    )
+  cands = pair.mask_candidates()
+  if len(cands) > 1:
+    raise DatasetInputError(
+      f"{pair.image}: ambiguous masks {[c.name for c in cands]} in {pair.mask_dir}; keep exactly one"
+    )
+  if cands:
+    masks = read_mask(cands[0], spec)
+    mask_desc = str(cands[0])
+    if masks.shape[0] != nframes:
+      raise DatasetInputError(
+        f"{cands[0]}: mask has {masks.shape[0]} frame(s) but image {pair.image.name} "
+        f"has {nframes}; a cine mask must have one frame per image frame"
+      )
+  elif multi:
+    paths = [pair.frame_mask_path(f) for f in range(nframes)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+      raise DatasetInputError(
+        f"{pair.image}: missing mask for {len(missing)} of {nframes} frames "
+        f"({short_list(missing, 6)}) in {pair.mask_dir}; provide one multi-frame "
+        f"{pair.stem}.dcm/.npy or per-frame {pair.stem}_<frame:04d>.png files "
+        f"(frames counted from 0)"
+      )
+    parts = []
+    for p in paths:
+      m = read_mask(p, spec)
+      if m.shape[0] != 1:
+        raise DatasetInputError(f"{p}: per-frame mask must be a single 2-D image, got {m.shape[0]} frames")
+      if m.shape[1:] != (h, w):
+        raise _size_error(pair.image, (h, w), p, m.shape[1:])
+      parts.append(m[0])
+    masks = np.stack(parts)
+    mask_desc = str(paths[0])
+  else:
+    raise DatasetInputError(
+      f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
+      f"(or {pair.stem}.dcm / {pair.stem}.npy"
+      + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
+      + "); add it or remove the image"
+    )
+  if masks.shape[1:] != (h, w):
+    raise _size_error(pair.image, (h, w), Path(mask_desc), masks.shape[1:])
+  return frames, masks, multi
+
+
+def _size_error(image: Path, ishape, mask: Path, mshape) -> DatasetInputError:
+  return DatasetInputError(
+    f"{mask}: image/mask size mismatch: image {image.name} is {ishape[0]}x{ishape[1]} "
+    f"(HxW) but mask is {mshape[0]}x{mshape[1]}; re-export the mask at the image size "
+    f"(nearest-neighbour resampling)"
+  )
+
+
+def pair_mask_files(pair: Pair, nframes: int, multi: bool) -> list[Path]:
+  """The mask file(s) ``load_pair`` reads for ``pair`` (an image with ``nframes`` frames)."""
+  cands = pair.mask_candidates()
+  if cands:
+    return cands
+  return [pair.frame_mask_path(f) for f in range(nframes)] if multi else []
+
+
+def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec, used_masks: set[Path] | None = None) -> int:
+  """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
+  Returns the number of examples (frames) that will be written; adds the mask files read to
+  ``used_masks`` when given."""
+  problems, count = [], 0
+  for pair in pairs:
+    try:
+      frames, _, multi = load_pair(pair, spec)
+      count += frames.shape[0]
+      if used_masks is not None:
+        used_masks.update(pair_mask_files(pair, frames.shape[0], multi))
+    except DatasetInputError as e:
+      problems.extend(e.problems)
+  if problems:
+    raise DatasetInputError(problems)
+  return count
+
+
+def generate_pairs(pairs: Iterable[Pair], spec: LabelSpec, site: str):
+  """Yield ``(key, record)`` for every frame of every pair."""
+  for pair in pairs:
+    frames, masks, multi = load_pair(pair, spec)
+    for f in range(frames.shape[0]):
+      ex_id = f"{pair.id_prefix}#{f}" if multi else pair.id_prefix
+      yield ex_id, record(frames[f], masks[f], site, ex_id)
+
+
+def manual_dir_from(dl_manager, name: str, instructions_hint: str) -> Path:
+  """``dl_manager.manual_dir`` as a local Path, with TFDS' assertion turned into a clear
+  ``DatasetInputError``."""
+  try:
+    return Path(os.fspath(dl_manager.manual_dir))
+  except AssertionError as e:
+    raise DatasetInputError(
+      f"{name}: manual_dir missing or empty ({str(e).splitlines()[0]}); {instructions_hint}"
+    ) from None

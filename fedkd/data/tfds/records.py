@@ -1,0 +1,87 @@
+"""The record format every fedkd TFDS builder writes, and the error its input checks raise.
+
+Record format (every builder)
+-----------------------------
+``image``  uint8 [H, W, 1]  grayscale (conversion rules: ``fedkd.data.tfds.decode``)
+``mask``   uint8 [H, W]     0 background, 1 catheter, 2 guidewire, 3 vessel (``fedkd.data.labels``)
+``site``   string           hospital / site name
+``id``     string           unique key: source file (+ ``#<frame>`` for cine frames)
+
+Images and masks are stored as zlib-compressed raw tensors (``tfds.features.Tensor`` with
+``Encoding.ZLIB``), which TFDS encodes and decodes with numpy only: TensorFlow is never needed.
+
+The other pieces of the builders: ``label_maps`` (stored mask values -> classes), ``decode`` (image
+and mask files -> uint8 arrays, incl. DICOM), ``folders`` (image/mask folders -> checked records).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+from fedkd.data.labels import CLASS_NAMES, NUM_CLASSES  # noqa: F401 - re-exported by fedkd.data.tfds
+from fedkd.errors import UserError
+
+_MAX_LISTED_PROBLEMS = 5
+
+
+class DatasetInputError(UserError, ValueError):
+  """Bad input files or arguments for a fedkd TFDS builder.
+
+  ``problems`` holds one line per problem (file, what is wrong, how to fix it); ``str(e)`` is a
+  single line naming the first few.
+  """
+
+  def __init__(self, problems: str | Iterable[str]):
+    self.problems = [problems] if isinstance(problems, str) else list(problems)
+    if not self.problems:
+      self.problems = ["invalid dataset input"]
+    if len(self.problems) == 1:
+      msg = self.problems[0]
+    else:
+      shown = self.problems[:_MAX_LISTED_PROBLEMS]
+      msg = f"{len(self.problems)} problems in the input: " + "; ".join(shown)
+      if len(self.problems) > len(shown):
+        msg += f"; ... and {len(self.problems) - len(shown)} more"
+    super().__init__(msg)
+
+
+def features():
+  """The shared ``tfds.features.FeaturesDict`` (numpy-only encoding, variable image size)."""
+  import tensorflow_datasets as tfds
+
+  zlib = tfds.features.Encoding.ZLIB
+  return tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding=zlib),
+      "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
+      "site": tfds.features.Text(),
+      "id": tfds.features.Text(),
+    }
+  )
+
+
+def record(image: np.ndarray, mask: np.ndarray, site: str, example_id: str) -> dict:
+  """One example dict in the record format (image [H, W] or [H, W, 1], mask [H, W])."""
+  image = np.asarray(image, dtype=np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  return {"image": image, "mask": np.asarray(mask, dtype=np.uint8), "site": site, "id": example_id}
+
+
+def config_safe_name(name: str) -> str:
+  """A TFDS-valid config name (letters, digits, ``_ - . +``) derived from ``name``."""
+  safe = re.sub(r"[^\w\-.+]", "_", str(name).strip())
+  safe = safe.strip(".")
+  if not safe:
+    raise DatasetInputError(f"cannot derive a config name from {name!r}; pass config=NAME")
+  return safe
+
+
+def short_list(values: list, limit: int = 12) -> str:
+  """``[a, b, ...]`` for messages; past ``limit`` items: the first ``limit`` and the count."""
+  if len(values) <= limit:
+    return "[" + ", ".join(map(str, values)) + "]"
+  return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)]"
