@@ -1,10 +1,164 @@
-"""Pictures a person looks at: mask overlays, error overlays, labelled grids."""
+"""Pictures and result tables: every picture and table fedkd writes for a person comes from here.
+
+Pictures
+  ``overlay`` / ``grid``: masks tinted over frames (the data preview); ``error_overlay`` /
+  ``grid(..., preds=)``: prediction errors (``fedkd.eval``'s predictions.png); ``robustness_plot``:
+  Dice vs perturbation severity; ``curves_plot`` / ``errorbar_plot``: a sweep's scores vs round and vs
+  a swept key.
+Tables
+  ``site_table``: held-out Dice / IoU per site (end of training); ``eval_table`` / ``write_eval_tables``:
+  every metric per site and class (``fedkd.eval``); ``mean_std_tables``: one row per group of runs,
+  mean ± std over seeds (``launch.sweep`` and the FedEFM experiment); ``write_csv``: plain rows.
+
+Mean ± std convention, the same in every table and plot over seeds: the mean and the **sample**
+standard deviation (``ddof=1``, as ``numpy.std(ddof=1)`` / ``statistics.stdev``) over seeds. With a
+single seed the std is undefined: ``nan`` in CSV files, ``n/a`` in Markdown tables, and no band or
+error bar in plots. ``MEAN_STD`` says so in words; every table's caption carries it.
+"""
 
 from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
 
 import numpy as np
 
 COLOURS = {1: (235, 64, 52), 2: (60, 220, 60), 3: (70, 120, 255)}
+MEAN_STD = "mean ± sample std (ddof=1) over seeds; the std is n/a (nan in CSV) for a single seed"
+EVAL_METRICS = ("dice", "iou", "cldice", "hd95", "assd", "betti0_error", "tip_error")
+
+
+# ---------------------------------------------------------------- mean ± std
+
+
+def mean_std(values, axis: int = 0):
+  """Mean and sample std (ddof=1) of ``values`` along ``axis``; std is NaN where there is one value.
+
+  A 1-D list gives two floats; an array gives two arrays (e.g. [seeds, rounds] -> per round)."""
+  a = np.asarray(values, np.float64)
+  if a.ndim == 0 or a.shape[axis] == 0:
+    raise ValueError("mean_std needs at least one value")
+  mean = a.mean(axis)
+  std = a.std(axis, ddof=1) if a.shape[axis] > 1 else np.full_like(mean, np.nan)
+  if np.ndim(mean) == 0:
+    return float(mean), float(std)
+  return mean, std
+
+
+def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
+  """``"0.8070 ± 0.0123"``; ``"0.8070 ± n/a"`` when the std is NaN (a single seed)."""
+  return f"{mean:.{digits}f} ± " + ("n/a" if math.isnan(std) else f"{std:.{digits}f}")
+
+
+def _replace_atomic(path: str, write) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+  """A CSV file written atomically (a reader never sees half a table)."""
+
+  def write(f):
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)
+
+  _replace_atomic(path, write)
+
+
+def mean_std_tables(
+  md_path: str,
+  csv_path: str,
+  columns: Sequence[str],
+  groups: Sequence[tuple[Sequence, dict[str, Sequence[float]]]],
+  metrics: Sequence[str],
+  *,
+  title: str | None = None,
+  caption: str = "",
+  headers: Sequence[str] | None = None,
+  digits: int = 4,
+) -> list[str]:
+  """One row per group of runs: its label cells, then mean ± std over seeds of every metric.
+
+  ``groups``: ``(cells, values)`` with ``cells`` one entry per ``columns`` and ``values`` {metric: the
+  values of the group's seeds}; a metric a group lacks is an empty cell. The CSV has ``columns`` and
+  ``<metric>_mean``, ``<metric>_std`` (full precision; std ``nan`` for one seed); the Markdown table
+  has ``headers`` (default ``columns``) and one ``mean ± std`` cell per metric (``digits`` decimals;
+  ``n/a`` for one seed) under ``title`` and a caption of ``caption`` plus :data:`MEAN_STD`. Both files
+  are replaced atomically. Returns the Markdown lines."""
+  headers = list(headers or columns)
+  if len(headers) != len(columns):
+    raise ValueError(f"{len(headers)} headers for {len(columns)} columns")
+  rows_csv, rows_md = [], []
+  for cells, values in groups:
+    if len(cells) != len(columns):
+      raise ValueError(f"a group has {len(cells)} cells for {len(columns)} columns: {cells}")
+    row_csv, row_md = list(cells), [str(c) for c in cells]
+    for m in metrics:
+      vals = list(values.get(m, ()))
+      if vals:
+        mean, std = mean_std(vals)
+        row_csv += [repr(mean), repr(std)]
+        row_md.append(format_mean_std(mean, std, digits))
+      else:
+        row_csv += ["", ""]
+        row_md.append("")
+    rows_csv.append(row_csv)
+    rows_md.append(row_md)
+  write_csv(csv_path, list(columns) + [f"{m}_{s}" for m in metrics for s in ("mean", "std")], rows_csv)
+  lines = ([title, ""] if title else []) + [(caption + " " if caption else "") + f"Each cell: {MEAN_STD}.", ""]
+  lines.append("| " + " | ".join(headers + list(metrics)) + " |")
+  lines.append("|" + "|".join(["---"] * len(headers) + ["---:"] * len(metrics)) + "|")
+  lines += ["| " + " | ".join(r) + " |" for r in rows_md]
+  _replace_atomic(md_path, lambda f: f.write("\n".join(lines) + "\n"))
+  return lines
+
+
+# ---------------------------------------------------------------- held-out scores per site
+
+
+def site_table(per_site: dict[str, dict[str, float]], unseen_name: str | None) -> str:
+  """Console table of held-out ``dice/*`` and ``iou/*`` per site, the unseen site last, then the mean
+  over the training sites."""
+  cols = list(next(iter(per_site.values())))
+  cols = [c for c in cols if c.startswith("dice/")] + [c for c in cols if c.startswith("iou/")]
+  w = max(len(s) for s in per_site) + 9
+  lines = [f"{'site':<{w}}" + "".join(f"{c:>17}" for c in cols)]
+  train = [k for k in per_site if k != unseen_name]
+  for site in train + ([unseen_name] if unseen_name in per_site else []):
+    label = site + (" (unseen)" if site == unseen_name else "")
+    lines.append(f"{label:<{w}}" + "".join(f"{per_site[site][c]:>17.4f}" for c in cols))
+  mean = {c: np.mean([per_site[s][c] for s in train]) for c in cols}
+  lines.append(f"{'mean (train sites)':<{w}}" + "".join(f"{mean[c]:>17.4f}" for c in cols))
+  return "\n".join(lines)
+
+
+def eval_table(results: dict, unseen_name: str | None) -> str:
+  """Console table of every metric (``EVAL_METRICS``) per site and class."""
+  lines = [f"{'site':<34}{'class':<11}" + "".join(f"{k:>13}" for k in EVAL_METRICS)]
+  for site, res in results.items():
+    for cname, entry in res.items():
+      label = site + (" (unseen)" if site == unseen_name else "")
+      lines.append(f"{label:<34}{cname:<11}" + "".join(f"{entry[k]:>13.4f}" for k in EVAL_METRICS))
+  return "\n".join(lines)
+
+
+def write_eval_tables(results: dict, out: str, round_: int) -> None:
+  """``eval.json`` ({"round", "sites": {site: {class: {metric: value}}}}) and ``eval.csv`` (one row per
+  site, class and metric) in the folder ``out``."""
+  _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump({"round": round_, "sites": results}, f, indent=2))
+  rows = [
+    [site, cname, k, v] for site, res in results.items() for cname, entry in res.items() for k, v in entry.items()
+  ]
+  write_csv(os.path.join(out, "eval.csv"), ["site", "class", "metric", "value"], rows)
+
+
+# ---------------------------------------------------------------- pictures
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.65) -> np.ndarray:
@@ -14,6 +168,17 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.65) -> np.ndar
   for cls, col in COLOURS.items():
     sel = mask == cls
     rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(col) / 255.0
+  return (rgb * 255).round().astype(np.uint8)
+
+
+def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """RGB uint8: TP (pred == target > 0) green, FP (pred > 0, target == 0) red, FN (target > 0,
+  pred != target; a wrong class counts as a miss) blue, over the grey image."""
+  g = np.clip(image, 0, 1)
+  rgb = np.repeat(g[..., None], 3, -1) * 0.7
+  rgb[(pred == target) & (target > 0)] = (0.1, 0.9, 0.1)
+  rgb[(pred > 0) & (target == 0)] = (0.95, 0.15, 0.1)
+  rgb[(target > 0) & (pred != target)] = (0.2, 0.4, 1.0)
   return (rgb * 255).round().astype(np.uint8)
 
 
@@ -37,24 +202,106 @@ def grid_rows(rows: dict[str, np.ndarray], scale: int = 1):
   return out
 
 
-def grid(sets: dict[str, tuple[np.ndarray, np.ndarray]], frames: int, scale: int, unseen: str | None):
+def grid(
+  sets: dict[str, tuple[np.ndarray, np.ndarray]],
+  frames: int,
+  scale: int,
+  unseen: str | None,
+  preds: dict[str, np.ndarray] | None = None,
+):
+  """One labelled row per site: ``frames`` pairs of (plain frame, masks tinted by ``overlay``), or with
+  ``preds`` {site: label maps} (plain frame, ``error_overlay`` of the prediction)."""
   rows = {}
   for name, (images, masks) in sets.items():
     images, masks = np.asarray(images)[..., 0], np.asarray(masks)
     tiles = []
     for i in range(min(frames, len(images))):
       plain = (np.clip(images[i], 0, 1) * 255).round().astype(np.uint8)
-      tiles += [np.repeat(plain[..., None], 3, -1), overlay(images[i], masks[i])]
+      marked = overlay(images[i], masks[i]) if preds is None else error_overlay(images[i], preds[name][i], masks[i])
+      tiles += [np.repeat(plain[..., None], 3, -1), marked]
     rows[name + (" (unseen)" if name == unseen else "")] = np.concatenate(tiles, axis=1)
   return grid_rows(rows, scale)
 
 
-def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-  """RGB uint8: TP (pred == target > 0) green, FP (pred > 0, target == 0) red, FN (target > 0,
-  pred != target; a wrong class counts as a miss) blue, over the grey image."""
-  g = np.clip(image, 0, 1)
-  rgb = np.repeat(g[..., None], 3, -1) * 0.7
-  rgb[(pred == target) & (target > 0)] = (0.1, 0.9, 0.1)
-  rgb[(pred > 0) & (target == 0)] = (0.95, 0.15, 0.1)
-  rgb[(target > 0) & (pred != target)] = (0.2, 0.4, 1.0)
-  return (rgb * 255).round().astype(np.uint8)
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def robustness_plot(rob: dict, path: str) -> None:
+  """Dice per class vs severity, one panel per perturbation (``fedkd.evaluate.robustness``'s dict)."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(rob), figsize=(4 * len(rob), 3.4), squeeze=False)
+  axes = axes[0]
+  for ax, (kind, d) in zip(axes, rob.items()):
+    for cname, ys in d["dice"].items():
+      ax.plot(d["severity"], ys, marker="o", label=cname)
+    ax.set_title(kind.replace("_", " "))
+    ax.set_xlabel("factor" if kind == "downscale" else "severity")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("Dice (held-out, all sites)")
+  axes[-1].legend(loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics: Sequence[str], path: str) -> bool:
+  """Scores vs round, one panel per metric, one line per group: ``groups`` is ``(label, runs)`` with
+  each run its list of evaluation records ({"round", metric: value}). The line is the mean over the
+  group's runs at the rounds all of them have, the band ± the sample std (:func:`mean_std`; no band
+  for one run). Returns whether anything was drawn (nothing when no group has a metric)."""
+  present = [m for m in metrics if any(m in r for _, runs in groups for run in runs for r in run)]
+  if not present:
+    return False
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
+  for ax, m in zip(axes[0], present):
+    for label, runs in groups:
+      per_run = [{r["round"]: r[m] for r in run if m in r} for run in runs]
+      rounds = sorted(set.intersection(*[set(d) for d in per_run])) if per_run else []
+      if not rounds:
+        continue
+      mean, std = mean_std([[d[x] for x in rounds] for d in per_run], axis=0)
+      (line,) = ax.plot(rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{label} (n={len(runs)})")
+      if len(per_run) > 1:
+        ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_title(m)
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("held-out score (mean ± std over seeds)")
+  axes[0][-1].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def errorbar_plot(lines: dict[str, Sequence[tuple[float, Sequence[float]]]], xlabel: str, ylabel: str, path: str):
+  """One line per label through points ``(x, values over seeds)``: the mean with a ± sample-std error
+  bar (none for a single seed)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for label, pts in lines.items():
+    pts = sorted(pts, key=lambda p: p[0])
+    stats = [mean_std(list(v)) for _, v in pts]
+    ax.errorbar(
+      [p[0] for p in pts],
+      [s[0] for s in stats],
+      yerr=[0.0 if math.isnan(s[1]) else s[1] for s in stats],
+      marker="o",
+      capsize=3,
+      label=label,
+    )
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(f"{ylabel} (mean ± std)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -17,20 +17,18 @@ and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful e
 unfinished ones from their latest checkpoint (fedkd.main does that by itself). A failed run does not
 stop the others; failures are listed at the end and the exit code is 1.
 
-Outputs in OUT: sweep.json (the definition), results.md / results.csv (last evaluation of every run,
-mean +- sample std (ddof=1) over seeds per group = every override except seed), runs.csv (one row
-per run), curves.png (Dice vs round per group, mean over seeds with a +-std band) and vs_<key>.png
-for each numeric key swept within a method. Bad input ends with one line ``fedkd: error: ...`` on
+Outputs in OUT (drawn and tabulated by fedkd.report): sweep.json (the definition), results.md /
+results.csv (last evaluation of every run, mean +- sample std (ddof=1; n/a for one seed) over seeds
+per group = every override except seed), runs.csv (one row per run), curves.png (Dice vs round per
+group, mean over seeds with a +-std band) and vs_<key>.png for each numeric key swept within a method. Bad input ends with one line ``fedkd: error: ...`` on
 stderr and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
-import math
 import os
 import re
 import signal
@@ -350,15 +348,6 @@ def _write_done(wd: str, run: dict, cmd: list[str] | None, seconds: float) -> No
 # ---------------------------------------------------------------- aggregation
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1); std is nan for a single seed."""
-  n = len(values)
-  mean = sum(values) / n
-  if n < 2:
-    return mean, float("nan")
-  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
 def _metric_keys(records: list[dict]) -> list[str]:
   keys: list[str] = []
   for r in records:
@@ -385,64 +374,47 @@ def collect(defn: dict, out: str) -> list[dict]:
   return list(groups.values())
 
 
-def _fmt(mean: float, std: float) -> str:
-  return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
-
-
 def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
+  """results.md / results.csv (one row per group, mean ± std over seeds: ``fedkd.report``'s convention)
+  and runs.csv (one row per run)."""
+  from fedkd import report
+
   keys = defn["varying_keys"]
   metrics = _metric_keys([r["last"] for g in groups for r in g["runs"]])
   has_method = any("method" in r["overrides"] for r in defn["runs"])
-  head = (["method"] if has_method else []) + keys + ["seeds", "round"]
-  rows_csv, rows_md = [], []
+  columns = (["method"] if has_method else []) + keys + ["seeds", "round"]
+  rows = []
   for g in groups:
     if not g["runs"]:
       continue
     o = g["overrides"]
     fixed = ([o.get("method", "")] if has_method else []) + [o.get(k, "") for k in keys]
     rounds = sorted({r["last"]["round"] for r in g["runs"]})
-    cells_csv = fixed + [len(g["runs"]), "/".join(map(str, rounds))]
-    cells_md = [str(c) for c in cells_csv]
-    for m in metrics:
-      vals = [r["last"][m] for r in g["runs"] if m in r["last"]]
-      mean, std = _mean_std(vals) if vals else (float("nan"), float("nan"))
-      cells_csv += [repr(mean), "" if math.isnan(std) else repr(std)]
-      cells_md.append(_fmt(mean, std) if vals else "")
-    rows_csv.append(cells_csv)
-    rows_md.append(cells_md)
-  csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
-  with open(csv_path + ".tmp", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(head + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
-    w.writerows(rows_csv)
-  os.replace(csv_path + ".tmp", csv_path)
+    values = {m: [r["last"][m] for r in g["runs"] if m in r["last"]] for m in metrics}
+    rows.append((fixed + [len(g["runs"]), "/".join(map(str, rounds))], values))
   n_runs = sum(len(g["runs"]) for g in groups)
-  lines = [
-    f"# Sweep results: {defn['config']}" + (f" (sweep {defn['sweep']})" if defn.get("sweep") else ""),
-    "",
-    f"{n_runs} of {len(defn['runs'])} runs have metrics. Each cell: mean ± sample std (ddof=1) over "
-    "seeds of the last evaluation of each run (`round`); the std is left out for one seed. "
+  what = f" (sweep {defn['sweep']})" if defn.get("sweep") else ""
+  what += f" (seeds {','.join(map(str, defn['seeds']))})" if defn.get("seeds") else ""
+  md_path, csv_path = os.path.join(out, "results.md"), os.path.join(out, "results.csv")
+  report.mean_std_tables(
+    md_path,
+    csv_path,
+    columns,
+    rows,
+    metrics,
+    title=f"# Sweep results: {defn['config']}{what}",
+    caption=f"{n_runs} of {len(defn['runs'])} runs have metrics; the last evaluation of each run (`round`). "
     "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
-    "",
-  ]
-  header = head + metrics
-  lines.append("| " + " | ".join(header) + " |")
-  lines.append("|" + "|".join(["---"] * len(head) + ["---:"] * len(metrics)) + "|")
-  lines += ["| " + " | ".join(r) + " |" for r in rows_md]
-  with open(md_path + ".tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(md_path + ".tmp", md_path)
-  runs_path = os.path.join(out, "runs.csv")
-  with open(runs_path + ".tmp", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["run", "group", "seed", "round"] + metrics)
-    for g in groups:
-      for r in g["runs"]:
-        w.writerow(
-          [r["name"], g["label"], r["seed"], r["last"]["round"]]
-          + [repr(r["last"].get(m, float("nan"))) for m in metrics]
-        )
-  os.replace(runs_path + ".tmp", runs_path)
+  )
+  report.write_csv(
+    os.path.join(out, "runs.csv"),
+    ["run", "group", "seed", "round"] + metrics,
+    [
+      [r["name"], g["label"], r["seed"], r["last"]["round"]] + [repr(r["last"].get(m, float("nan"))) for m in metrics]
+      for g in groups
+      for r in g["runs"]
+    ],
+  )
   return md_path, csv_path
 
 
@@ -451,46 +423,18 @@ def _is_number(v: Any) -> bool:
 
 
 def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
+  """curves.png (scores vs round per group) and vs_<key>.png for every numeric key swept within a
+  method (``metric`` at the last evaluation vs the key), drawn by ``fedkd.report``."""
+  from fedkd import report
+  from fedkd.sweep import group_label
 
   written = []
   groups = [g for g in groups if g["runs"]]
   if not groups:
     return written
-  present = [m for m in CURVE_METRICS if any(m in r["last"] for g in groups for r in g["runs"])]
-  if present:
-    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], present):
-      for g in groups:
-        per_run = [{r["round"]: r[m] for r in run["records"] if m in r} for run in g["runs"]]
-        rounds = sorted(set.intersection(*[set(d) for d in per_run]))
-        if not rounds:
-          continue
-        vals = np.array([[d[x] for x in rounds] for d in per_run])
-        mean = vals.mean(0)
-        (line,) = ax.plot(
-          rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{g['label']} (n={len(per_run)})"
-        )
-        if len(per_run) > 1:
-          std = vals.std(0, ddof=1)
-          ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
-      ax.set_title(m)
-      ax.set_xlabel("round")
-      ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out score (mean ± std over seeds)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+  path = os.path.join(out, "curves.png")
+  if report.curves_plot([(g["label"], [r["records"] for r in g["runs"]]) for g in groups], CURVE_METRICS, path):
     written.append(path)
-
-  from fedkd.sweep import group_label
-
   for key in defn["varying_keys"]:
     values = [g["overrides"].get(key) for g in groups]
     if not all(_is_number(v) for v in values) or len(set(values)) < 2:
@@ -500,26 +444,11 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     for g in groups:
       vals = [r["last"][metric] for r in g["runs"] if metric in r["last"]]
       if vals:
-        mean, std = _mean_std(vals)
-        lines.setdefault(group_label(g["overrides"], others), []).append(
-          (g["overrides"][key], mean, 0.0 if math.isnan(std) else std)
-        )
+        lines.setdefault(group_label(g["overrides"], others), []).append((g["overrides"][key], vals))
     if not lines:
       continue
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for label, pts in lines.items():
-      pts.sort()
-      ax.errorbar(
-        [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label
-      )
-    ax.set_xlabel(key)
-    ax.set_ylabel(f"{metric} (last eval, mean ± std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     path = os.path.join(out, f"vs_{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.errorbar_plot(lines, key, f"{metric} (last eval)", path)
     written.append(path)
   return written
 

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fedkd.checkpoint import CheckpointError, Checkpointer
-from fedkd.eval import load_run
+from fedkd.evaluate import load_run
 from fedkd.fl import engine
 from fedkd.fl.client_state import ClientStateError, make_client_state
 from fedkd.models import init_params

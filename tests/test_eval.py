@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedkd.eval import perturb
+from fedkd.evaluate import perturb
 from fedkd.report import error_overlay
 from fedkd.tasks import fedavg
 from test_training import tiny_config

@@ -302,3 +302,36 @@ def test_experiment_refuses_a_workdir_of_another_config(tmp_path):
   with pytest.raises(ConfigError, match="config.downstream differs"):
     task.run(c, str(work), log=lambda _: None)
   assert json.loads((work / "config.json").read_text())["downstream"]["steps"] == 7  # untouched
+
+
+def test_results_tables_mean_and_sample_std_over_seeds(tmp_path):
+  """results.csv / results.md of the experiment: mean and sample std (ddof=1) over seeds per (unseen %,
+  method, teacher KD), against numpy; one seed: std nan (CSV) / n/a (Markdown)."""
+  import csv
+  import math
+  from fedkd.tasks import fedefm as task
+
+  keys = ["dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"]
+  rng = np.random.default_rng(0)
+  rows = [
+    {"unseen_percent": 100.0, "method": "fedefm", "teacher_kd": kd, "seed": s, **dict(zip(keys, rng.uniform(size=4)))}
+    for kd, seeds in ((False, (0, 1, 2)), (True, (0,)))
+    for s in seeds
+  ]
+  exp = task.Experiment(_tiny().get_config("tiny"), str(tmp_path), log=lambda _: None)
+  exp.write_tables(rows)
+  with open(tmp_path / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [(r["unseen_percent"], r["method"], r["teacher_kd"], r["seeds"]) for r in table] == [
+    ("100", "fedefm", "no", "3"),
+    ("100", "fedefm", "yes", "1"),
+  ]
+  for k in keys:
+    vals = np.array([r[k] for r in rows[:3]])
+    np.testing.assert_allclose(float(table[0][f"{k}_mean"]), vals.mean(), rtol=1e-12)
+    np.testing.assert_allclose(float(table[0][f"{k}_std"]), vals.std(ddof=1), rtol=1e-12)
+    assert float(table[1][f"{k}_mean"]) == rows[3][k] and math.isnan(float(table[1][f"{k}_std"]))
+  md = (tmp_path / "results.md").read_text()
+  assert "sample std (ddof=1)" in md and "| 100 | fedefm | yes | 1 | " + f"{rows[3][keys[0]]:.3f} ± n/a |" in md
+  m0 = np.array([r[keys[0]] for r in rows[:3]])
+  assert f"| 100 | fedefm | no | 3 | {m0.mean():.3f} ± {m0.std(ddof=1):.3f} |" in md

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from fedkd.eval import load_run
+from fedkd.evaluate import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [

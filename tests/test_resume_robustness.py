@@ -38,7 +38,7 @@ import pytest
 from fedkd.checkpoint import ResumeRefused
 from fedkd.data import pipeline
 from fedkd.errors import DivergedError
-from fedkd.eval import load_run
+from fedkd.evaluate import load_run
 from fedkd.tasks import fedavg
 from fedkd.workdir import WorkdirError
 

@@ -24,9 +24,9 @@ from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import engine
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
-from fedkd.data.labels import CLASS_NAMES
-from fedkd.metrics import dice, iou
-from fedkd.models import init_params, make_predictor
+from fedkd.evaluate import Evaluator, summarize
+from fedkd.models import init_params
+from fedkd.report import site_table
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
 # Config keys (groups, or single dotted keys) that may change between a checkpoint and its resumed
@@ -42,54 +42,6 @@ def _may_change(key: str) -> bool:
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
   return np.asarray(jax.random.choice(key, num_clients, (k,), replace=False))
-
-
-class Evaluator:
-  """Dice / IoU per foreground class on every site's held-out set."""
-
-  def __init__(self, config, apply, eval_sets: dict[str, tuple]):
-    self.sets = eval_sets
-    self.classes = list(enumerate(CLASS_NAMES[: config.model.num_classes]))[1:]
-    self._predict = make_predictor(apply, config.eval.batch_size)
-
-  def site_metrics(self, params, images, masks) -> dict[str, float]:
-    pred = self._predict(params, images)
-    out = {}
-    for cid, cname in self.classes:
-      out[f"dice/{cname}"] = float(jnp.mean(dice(pred, masks, cid)))
-      out[f"iou/{cname}"] = float(jnp.mean(iou(pred, masks, cid)))
-    return out
-
-  def __call__(self, params) -> dict[str, dict[str, float]]:
-    return {name: self.site_metrics(params, im, m) for name, (im, m) in self.sets.items()}
-
-
-def summarize(round_: int, per_site: dict[str, dict[str, float]], unseen_name: str | None) -> dict:
-  """One metrics.jsonl record: means over training sites, the unseen site, and every site."""
-  train = [v for k, v in per_site.items() if k != unseen_name]
-  rec: dict = {"round": round_}
-  for key in train[0]:
-    rec[key] = float(np.mean([m[key] for m in train]))
-  for key, val in per_site.get(unseen_name, {}).items():
-    rec[f"unseen/{key}"] = val
-  for site, m in per_site.items():
-    for key, val in m.items():
-      rec[f"site/{site}/{key}"] = val
-  return rec
-
-
-def format_table(per_site: dict[str, dict[str, float]], unseen_name: str | None) -> str:
-  cols = list(next(iter(per_site.values())))
-  cols = [c for c in cols if c.startswith("dice/")] + [c for c in cols if c.startswith("iou/")]
-  w = max(len(s) for s in per_site) + 9
-  lines = [f"{'site':<{w}}" + "".join(f"{c:>17}" for c in cols)]
-  train = [k for k in per_site if k != unseen_name]
-  for site in train + ([unseen_name] if unseen_name in per_site else []):
-    label = site + (" (unseen)" if site == unseen_name else "")
-    lines.append(f"{label:<{w}}" + "".join(f"{per_site[site][c]:>17.4f}" for c in cols))
-  mean = {c: np.mean([per_site[s][c] for s in train]) for c in cols}
-  lines.append(f"{'mean (train sites)':<{w}}" + "".join(f"{mean[c]:>17.4f}" for c in cols))
-  return "\n".join(lines)
 
 
 def _check_resumable(saved: dict, current: dict, directory: str) -> None:
@@ -342,7 +294,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     per_site = evaluator(local_copy(state["params"]))
     rec = summarize(config.num_rounds, per_site, unseen_name)
   log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
-  log(format_table(per_site, unseen_name))
+  log(site_table(per_site, unseen_name))
   log(
     f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
     f"tb/ (TensorBoard: tensorboard --logdir {workdir / 'tb'}), config.json, "

@@ -1,6 +1,7 @@
 """FedEFM end to end: federated foundation pretraining across silos whose data types (do not)
 overlap, then a student fine-tuned on a small set from an unseen hospital, for every method and seed,
-plus the unseen-label-% ablation; writes results.md / results.csv (mean +- std over seeds).
+plus the unseen-label-% ablation; writes results.md / results.csv (mean +- sample std over seeds, as
+fedkd.report writes every table).
 
 Silo data (``fedkd.data.silos``): pretraining data types (hospital profile x labelled structures):
   vessel angiography (flat-panel, human-like anatomy), catheter-only (animal), catheter+guidewire
@@ -45,15 +46,16 @@ import optax
 from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
+from fedkd import report
 from fedkd.config import ConfigError, check_finite, fedefm_base_config
 from fedkd.data.silos import DATA_TYPES, TARGET, SiloData
 from fedkd.distill import fedefm as fedefm_lib
 from fedkd.distill import emd as emd_lib
 from fedkd.distill.losses import feature_kd, kd_kl
 from fedkd.errors import DivergedError
+from fedkd.evaluate import foreground_classes, overlap_scores
 from fedkd.fl import topology
 from fedkd.losses import make_segmentation_loss
-from fedkd.metrics import dice, iou
 from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
 from fedkd.preemption import Stopped
@@ -652,12 +654,7 @@ class Experiment:
         )
       if last < d.steps and self._stop_requested():
         raise self._stopped(last, f"{label}, fine-tuning (it restarts on re-run) step")
-    pred = self.predict(params, x_te)
-    return {
-      f"{m}/{name}": float(jnp.mean(fn(pred, y_te, cid)))
-      for m, fn in (("dice", dice), ("iou", iou))
-      for cid, name in ((1, "catheter"), (2, "guidewire"))
-    }
+    return overlap_scores(self.predict(params, x_te), y_te, foreground_classes(3))  # catheter, guidewire
 
   # ------------------------------------------------------------------ orchestration
 
@@ -832,30 +829,25 @@ class Experiment:
     return rows
 
   def write_tables(self, rows: list[dict]) -> None:
+    """results.md / results.csv: one row per (unseen %, method, teacher KD), mean ± std over seeds
+    (``fedkd.report``'s convention: sample std, ddof=1; n/a for one seed)."""
     keys = ["dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"]
     groups: dict = {}
     for r in rows:
       groups.setdefault((r["unseen_percent"], r["method"], r["teacher_kd"]), []).append(r)
-    csv_lines = ["unseen_percent,method,teacher_kd,seeds," + ",".join(f"{k} mean,{k} std" for k in keys)]
-    md = [
-      "| unseen % | foundation | teacher KD | seeds | " + " | ".join(keys) + " |",
-      "|---|---|---|---|" + "---|" * len(keys),
-    ]
-    for (pct, m, kd), rs in groups.items():
-      stats = [(np.mean([r[k] for r in rs]), np.std([r[k] for r in rs])) for k in keys]
-      csv_lines.append(f"{pct},{m},{kd},{len(rs)}," + ",".join(f"{a:.4f},{s:.4f}" for a, s in stats))
-      md.append(
-        f"| {pct:g} | {m} | {'yes' if kd else 'no'} | {len(rs)} | "
-        + " | ".join(f"{a:.3f} ± {s:.3f}" for a, s in stats)
-        + " |"
-      )
-    with open(os.path.join(self.workdir, "results.csv"), "w") as f:
-      f.write("\n".join(csv_lines) + "\n")
-    with open(os.path.join(self.workdir, "results.md"), "w") as f:
-      f.write(
-        f"Target site {TARGET[0]} ({self.c.downstream.train_examples} training images), "
-        f"mean ± std over seeds (std with ddof=0).\n\n" + "\n".join(md) + "\n"
-      )
+    md = report.mean_std_tables(
+      os.path.join(self.workdir, "results.md"),
+      os.path.join(self.workdir, "results.csv"),
+      ["unseen_percent", "method", "teacher_kd", "seeds"],
+      [
+        ([f"{pct:g}", m, "yes" if kd else "no", len(rs)], {k: [r[k] for r in rs] for k in keys})
+        for (pct, m, kd), rs in groups.items()
+      ],
+      keys,
+      headers=["unseen %", "foundation", "teacher KD", "seeds"],
+      caption=f"Target site {TARGET[0]} ({self.c.downstream.train_examples} training images).",
+      digits=3,
+    )
     self.log("\n" + "\n".join(md))
     self.log(f"\nwrote {self.workdir}/results.md, results.csv, results_raw.jsonl")
 

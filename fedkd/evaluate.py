@@ -1,0 +1,265 @@
+"""Evaluation: the one implementation behind training's held-out scores, FedEFM's downstream scores and
+the eval CLI (``python -m fedkd.eval``).
+
+* :func:`overlap_scores`: mean Dice and IoU per foreground class of label maps against masks (what
+  metrics.jsonl and FedEFM's results hold).
+* :class:`Evaluator`: a model's predictions on every site's held-out set; ``evaluator(params)`` gives
+  :func:`overlap_scores` per site (training), ``detailed_metrics`` every metric of ``fedkd.metrics``
+  per site and class, ``robustness`` Dice under increasing image perturbations (:func:`perturb`).
+* :func:`summarize`: the metrics.jsonl record of one evaluation (training sites, unseen site, each site).
+* :func:`load_run` / :func:`evaluate_run`: a finished run's checkpoint, evaluated; writes eval.json,
+  eval.csv, predictions.png, robustness.json and robustness.png through ``fedkd.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fedkd.data.labels import CLASS_NAMES
+from fedkd.errors import UserError
+
+SEVERITIES = {
+  "noise": [0.0, 0.05, 0.1, 0.2, 0.3],  # Gaussian noise sigma (images in [0, 1])
+  "blur": [0.0, 0.5, 1.0, 1.5, 2.0],  # Gaussian blur sigma, px
+  "contrast_loss": [0.0, 0.25, 0.5, 0.75, 0.9],  # fraction of contrast removed around the mean
+  "downscale": [1.0, 1.5, 2.0, 3.0, 4.0],  # downsample by this factor, upsample back
+}
+
+
+class EvalError(UserError, ValueError):
+  pass
+
+
+def foreground_classes(num_classes: int) -> list[tuple[int, str]]:
+  """``[(class id, name), ...]`` of the foreground classes of a ``num_classes`` model (background left out)."""
+  return list(enumerate(CLASS_NAMES[:num_classes]))[1:]
+
+
+def overlap_scores(pred, masks, classes: Sequence[tuple[int, str]]) -> dict[str, float]:
+  """``{"dice/<class>": mean Dice, "iou/<class>": mean IoU}`` over the images of label maps ``pred``
+  against ``masks`` ([N, H, W]); means in float32 as JAX computes them."""
+  import jax.numpy as jnp
+
+  from fedkd.metrics import dice, iou
+
+  out = {}
+  for cid, cname in classes:
+    out[f"dice/{cname}"] = float(jnp.mean(dice(pred, masks, cid)))
+    out[f"iou/{cname}"] = float(jnp.mean(iou(pred, masks, cid)))
+  return out
+
+
+def perturb(images: np.ndarray, kind: str, severity: float, seed: int = 0) -> np.ndarray:
+  """images [N, H, W, 1] in [0, 1] -> perturbed copy (severity 0 / factor 1 = unchanged)."""
+  from scipy import ndimage
+
+  x = np.asarray(images, np.float32)
+  if kind == "noise":
+    y = x if severity == 0 else x + np.random.default_rng(seed).normal(0.0, severity, x.shape).astype(np.float32)
+  elif kind == "blur":
+    y = x if severity == 0 else ndimage.gaussian_filter(x, sigma=(0, severity, severity, 0))
+  elif kind == "contrast_loss":
+    m = x.mean(axis=(1, 2, 3), keepdims=True)
+    y = x if severity == 0 else m + (x - m) * (1.0 - severity)
+  elif kind == "downscale":
+    if severity == 1.0:
+      y = x
+    else:
+      h = x.shape[1]
+      small = ndimage.zoom(x, (1, 1 / severity, 1 / severity, 1), order=1)
+      y = ndimage.zoom(small, (1, h / small.shape[1], h / small.shape[2], 1), order=1)[:, :h, :h]
+  else:
+    raise ValueError(f"unknown perturbation {kind!r}")
+  return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+class Evaluator:
+  """A model's scores on every site's held-out set.
+
+  ``config``: reads ``model.num_classes`` and ``eval.batch_size``; ``apply``: the model's apply
+  function; ``eval_sets``: {site: (images [N, H, W, 1], masks [N, H, W])}."""
+
+  def __init__(self, config, apply, eval_sets: dict[str, tuple]):
+    from fedkd.models import make_predictor
+
+    self.sets = eval_sets
+    self.classes = foreground_classes(config.model.num_classes)
+    self._predict = make_predictor(apply, config.eval.batch_size)
+
+  def predict(self, params, images):
+    """Label maps [N, H, W] of ``images`` [N, H, W, 1]."""
+    return self._predict(params, images)
+
+  def site_metrics(self, params, images, masks) -> dict[str, float]:
+    return overlap_scores(self.predict(params, images), masks, self.classes)
+
+  def __call__(self, params) -> dict[str, dict[str, float]]:
+    """{site: {"dice/<class>", "iou/<class>"}}: what training logs every ``eval.every`` rounds."""
+    return {name: self.site_metrics(params, im, m) for name, (im, m) in self.sets.items()}
+
+  def detailed_metrics(self, params, spacing_mm: float = 1.0):
+    """``(results, preds)``: results {site: {class: {metric: mean over images}}} for every metric in
+    ``fedkd.report.EVAL_METRICS`` (distances in mm for ``spacing_mm`` mm pixels; NaN-free means, and
+    ``<metric>_nan_images`` where some images had none), preds {site: label maps}."""
+    from fedkd import metrics
+
+    results, preds = {}, {}
+    for site, (images, masks) in self.sets.items():
+      masks = np.asarray(masks)
+      pred = np.asarray(self.predict(params, np.asarray(images)))
+      preds[site] = pred
+      res = {}
+      for cid, cname in self.classes:
+        per_image = {
+          "dice": np.asarray(metrics.dice(pred, masks, cid)),
+          "iou": np.asarray(metrics.iou(pred, masks, cid)),
+          "cldice": np.asarray(metrics.cldice(pred, masks, cid)),
+          "hd95": metrics.hd95(pred, masks, cid, spacing_mm),
+          "assd": metrics.assd(pred, masks, cid, spacing_mm),
+          "betti0_error": metrics.betti0_error(pred, masks, cid),
+          "tip_error": metrics.tip_error(pred, masks, cid, spacing_mm),
+        }
+        entry = {}
+        for k, v in per_image.items():
+          v = np.asarray(v, np.float64)
+          entry[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+          if np.isnan(v).any():
+            entry[f"{k}_nan_images"] = int(np.isnan(v).sum())
+        res[cname] = entry
+      results[site] = res
+    return results, preds
+
+  def robustness(self, params, severities: dict[str, list[float]] = SEVERITIES) -> dict:
+    """{perturbation: {"severity": levels, "dice": {class: mean Dice over all sites' images per level}}}."""
+    from fedkd import metrics
+
+    out = {}
+    for kind, levels in severities.items():
+      curve = {c: [] for _, c in self.classes}
+      for sev in levels:
+        scores = {c: [] for _, c in self.classes}
+        for images, masks in self.sets.values():
+          pred = np.asarray(self.predict(params, perturb(np.asarray(images), kind, sev)))
+          for cid, cname in self.classes:
+            scores[cname].append(np.asarray(metrics.dice(pred, np.asarray(masks), cid)))
+        for cname in scores:
+          curve[cname].append(float(np.mean(np.concatenate(scores[cname]))))
+      out[kind] = {"severity": list(levels), "dice": curve}
+    return out
+
+
+def summarize(round_: int, per_site: dict[str, dict[str, float]], unseen_name: str | None) -> dict:
+  """One metrics.jsonl record: means over training sites, the unseen site, and every site."""
+  train = [v for k, v in per_site.items() if k != unseen_name]
+  rec: dict = {"round": round_}
+  for key in train[0]:
+    rec[key] = float(np.mean([m[key] for m in train]))
+  for key, val in per_site.get(unseen_name, {}).items():
+    rec[f"unseen/{key}"] = val
+  for site, m in per_site.items():
+    for key, val in m.items():
+      rec[f"site/{site}/{key}"] = val
+  return rec
+
+
+def load_run(workdir: str, round_: int | None):
+  """(config, apply, params, round) from the run's checkpoint, using the config stored with it."""
+  import jax
+  import ml_collections
+
+  from fedkd.checkpoint import CheckpointError, Checkpointer
+  from fedkd.fl import engine
+  from fedkd.models import init_params
+  from fedkd.workdir import prepare
+
+  path = prepare(workdir, create=False)
+  ckdir = path / "checkpoints"
+  if not ckdir.is_dir():
+    raise EvalError(
+      f"{workdir} has no checkpoints/ folder; train first with python -m fedkd.main --config=... --workdir={workdir}"
+    )
+  ckpt = Checkpointer(ckdir)
+
+  def load(r):
+    config = ml_collections.ConfigDict(ckpt.saved_config(r))
+    try:
+      apply, params = init_params(config.model, config.seed)
+      server_tx = engine.make_optimizer(config.server_optimizer)
+      like = engine.init_server_state(params, server_tx, jax.random.key(config.seed))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(
+        f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
+      ) from None
+    state, _ = ckpt.restore(r, like)
+    return config, apply, state["params"]
+
+  try:
+    rounds = ckpt.all_rounds()
+    if not rounds:
+      raise EvalError(f"{ckdir} holds no finished checkpoint; train (or resume) with fedkd.main first")
+    if round_ is None:
+      r, (config, apply, params) = ckpt.restore_latest(load, lambda m: print(m, file=sys.stderr))
+    else:
+      if round_ not in rounds:
+        raise EvalError(f"no checkpoint for round {round_} in {ckdir}; available rounds: {rounds}")
+      r = round_
+      config, apply, params = load(r)
+  except CheckpointError as e:
+    raise EvalError(str(e)) from None
+  finally:
+    ckpt.close()
+  finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params))
+  if not finite:
+    raise EvalError(
+      f"the checkpoint for round {r} in {ckdir} holds NaN/Inf parameters (that run diverged); "
+      "evaluate an earlier --round or retrain with a lower learning rate"
+    )
+  return config, apply, params, r
+
+
+def evaluate_run(
+  workdir: str,
+  *,
+  round_: int | None = None,
+  examples: int = 32,
+  spacing_mm: float = 1.0,
+  frames: int = 4,
+  out: str | None = None,
+  log: Callable[[str], None] = lambda msg: print(msg, flush=True),
+) -> dict:
+  """Evaluates the checkpoint of ``round_`` (default: the latest) of the run in ``workdir`` on
+  ``examples`` held-out images of every site (training sites and the unseen one) and writes to ``out``
+  (default ``<workdir>/eval``): eval.json / eval.csv (every metric per site and class),
+  predictions.png (``frames`` per site; none for 0), robustness.json / robustness.png.
+  Returns {"round", "results", "robustness", "out"}."""
+  from fedkd import report
+  from fedkd.data.pipeline import make_client_data
+  from fedkd.workdir import prepare
+
+  config, apply, params, r = load_run(workdir, round_)
+  with config.unlocked():
+    config.eval.examples_per_site = examples
+  data = make_client_data(config)
+  evaluator = Evaluator(config, apply, data.eval_sets())
+  out = os.fspath(prepare(out or os.path.join(workdir, "eval")))
+  log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {examples} held-out images")
+  results, preds = evaluator.detailed_metrics(params, spacing_mm)
+  report.write_eval_tables(results, out, r)
+  if frames:
+    size = next(iter(preds.values())).shape[1]
+    pic = report.grid(evaluator.sets, frames, max(1, -(-128 // size)), data.unseen_name, preds=preds)
+    pic.save(os.path.join(out, "predictions.png"))
+  log("robustness curves (noise, blur, contrast loss, downscaling) ...")
+  rob = evaluator.robustness(params)
+  with open(os.path.join(out, "robustness.json"), "w") as f:
+    json.dump(rob, f, indent=2)
+  report.robustness_plot(rob, os.path.join(out, "robustness.png"))
+  log(report.eval_table(results, data.unseen_name))
+  log(f"(hd95, assd, tip_error in {'mm' if spacing_mm != 1.0 else 'px'}; means over images where defined)")
+  log(f"wrote {out}: eval.json, eval.csv, predictions.png (green TP, red FP, blue FN), robustness.json, robustness.png")
+  return {"round": r, "results": results, "robustness": rob, "out": out}

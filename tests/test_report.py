@@ -1,0 +1,89 @@
+"""fedkd.report: the one mean ± std convention (sample std, ddof=1; n/a / nan for one seed) against
+numpy and the statistics module, the tables built on it, and the eval tables."""
+
+import csv
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from fedkd import report
+
+
+def test_mean_std_is_the_sample_std():
+  rng = np.random.default_rng(0)
+  for n in (2, 3, 7):
+    vals = [float(v) for v in rng.uniform(size=n)]
+    mean, std = report.mean_std(vals)
+    assert mean == pytest.approx(statistics.fmean(vals), rel=1e-12)
+    assert std == pytest.approx(statistics.stdev(vals), rel=1e-12)  # n - 1 in the denominator
+    assert std == pytest.approx(np.std(vals, ddof=1), rel=1e-12) and std != pytest.approx(np.std(vals), rel=1e-6)
+  mean, std = report.mean_std([0.25])
+  assert mean == 0.25 and math.isnan(std)
+  # [seeds, rounds] -> per round
+  a = rng.uniform(size=(3, 5))
+  mean, std = report.mean_std(a, axis=0)
+  np.testing.assert_allclose(mean, a.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(std, [statistics.stdev(a[:, j]) for j in range(5)], rtol=1e-12)
+  assert np.isnan(report.mean_std(a[:1], axis=0)[1]).all()
+  with pytest.raises(ValueError):
+    report.mean_std([])
+
+
+def test_format_mean_std():
+  assert report.format_mean_std(0.80701, 0.01234) == "0.8070 ± 0.0123"
+  assert report.format_mean_std(0.80701, 0.01234, digits=3) == "0.807 ± 0.012"
+  assert report.format_mean_std(0.5, float("nan")) == "0.5000 ± n/a"
+
+
+def test_mean_std_tables_numbers_and_caption(tmp_path):
+  rng = np.random.default_rng(1)
+  three = {"dice/a": list(rng.uniform(size=3)), "iou/a": list(rng.uniform(size=3))}
+  one = {"dice/a": [0.5]}  # a single seed, and a metric the group lacks
+  md_path, csv_path = str(tmp_path / "t.md"), str(tmp_path / "t.csv")
+  lines = report.mean_std_tables(
+    md_path,
+    csv_path,
+    ["method", "seeds"],
+    [(["x", 3], three), (["y", 1], one)],
+    ["dice/a", "iou/a"],
+    title="# T",
+    caption="Cap.",
+    headers=["Method", "n"],
+  )
+  assert open(md_path).read() == "\n".join(lines) + "\n"
+  with open(csv_path) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["method", "seeds", "dice/a_mean", "dice/a_std", "iou/a_mean", "iou/a_std"]
+  for m in three:
+    np.testing.assert_allclose(float(rows[0][f"{m}_mean"]), np.mean(three[m]), rtol=1e-12)
+    np.testing.assert_allclose(float(rows[0][f"{m}_std"]), np.std(three[m], ddof=1), rtol=1e-12)
+  assert float(rows[1]["dice/a_mean"]) == 0.5 and math.isnan(float(rows[1]["dice/a_std"]))
+  assert rows[1]["iou/a_mean"] == rows[1]["iou/a_std"] == ""
+  md = open(md_path).read()
+  assert md.startswith("# T\n\nCap. Each cell: mean ± sample std (ddof=1)") and "n/a" in md.splitlines()[2]
+  dice_a = f"{np.mean(three['dice/a']):.4f} ± {np.std(three['dice/a'], ddof=1):.4f}"
+  assert f"| x | 3 | {dice_a} |" in md
+  assert "| y | 1 | 0.5000 ± n/a |  |" in md and "| Method | n | dice/a | iou/a |" in md
+  with pytest.raises(ValueError, match="cells"):
+    report.mean_std_tables(md_path, csv_path, ["method"], [(["x", 1], one)], ["dice/a"])
+
+
+def test_eval_tables_and_site_table(tmp_path):
+  results = {"a": {"catheter": {k: 0.1 * i for i, k in enumerate(report.EVAL_METRICS)}}}
+  results["a"]["catheter"]["hd95_nan_images"] = 2
+  report.write_eval_tables(results, str(tmp_path), 7)
+  assert json.load(open(tmp_path / "eval.json")) == {"round": 7, "sites": results}
+  with open(tmp_path / "eval.csv") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["site", "class", "metric", "value"] and len(rows) == 1 + len(report.EVAL_METRICS) + 1
+  assert ["a", "catheter", "hd95_nan_images", "2"] in rows
+  per_site = {
+    "s0": {"dice/c": 0.5, "iou/c": 0.25},
+    "s1": {"dice/c": 0.7, "iou/c": 0.45},
+    "u": {"dice/c": 0.1, "iou/c": 0},
+  }
+  text = report.site_table(per_site, "u").splitlines()
+  assert text[3].startswith("u (unseen)") and text[-1].split()[-2:] == ["0.6000", "0.3500"]  # train-site means
