@@ -1,35 +1,48 @@
-"""Config schema shared by every experiment file in ``configs/``, and its validation.
+"""Config schemas shared by every experiment file in ``configs/``, and their validation.
 
-Every config file's ``get_config(arg)`` starts from :func:`base_config`, changes what it needs and
-returns the ConfigDict. :func:`validate` runs before any work and raises :class:`ConfigError` with
-one line that names the key and the fix.
+Every config file's ``get_config(arg)`` starts from its task's schema (:func:`base_config` for
+'fedavg', :func:`fedefm_base_config` for 'fedefm'), changes what it needs and returns the ConfigDict.
+:func:`validate` / :func:`validate_fedefm` run before any work and raise :class:`ConfigError` with one
+line that names the key and the fix (FedEFM's topology is loaded, and checked, by fedkd.tasks.fedefm).
 """
 
 from __future__ import annotations
-
-from fedkd.errors import UserError
 
 import difflib
 import inspect
 import math
 import re
+from collections.abc import Callable
 
 import ml_collections
 
-from fedkd.fl.engine import STRATEGIES, VMAP_CONV_MODES
-from fedkd.losses import LOSSES
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and a fix. A user error
+  (``fedkd.errors.USER_ERRORS``): entry points print it as one line. Defined here so that this module
+  imports nothing from fedkd (config files load no JAX)."""
 
 
-class ConfigError(UserError, ValueError):
-  """A config value that cannot work; the message names the key and a fix."""
-
-
+# Names the modules that implement them also know (tests/test_config_names.py keeps them equal);
+# this module holds them as plain strings so a config never imports the engine, the losses or JAX.
 TASKS = ("fedavg",)
-CLIENT_PARALLELISM = ("auto", "measure") + STRATEGIES
+CLIENT_LAYOUTS = ("auto", "vmap", "chunked", "unroll")  # fedkd.fl.engine.LAYOUTS + auto
+CONV_LOWERINGS = ("auto", "xla", "gemm", "wgrad")  # fedkd.fl.engine.LOWERINGS + auto
+# deprecated engine.client_parallelism names (fedkd.fl.engine.LEGACY_PARALLELISM); '' = not set
+LEGACY_PARALLELISM = ("", "vmap", "bgemm", "hybrid", "unroll", "chunked", "map")
+LEGACY_CHUNK_STRATEGIES = ("", "vmap", "bgemm", "hybrid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ALGORITHMS = ("fedavg", "scaffold")
+ALGORITHMS = ("fedavg", "scaffold", "moon")  # fedkd.fl.algorithms.ALGORITHMS
+LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
+# (fedkd.distill.emd.MARGINALS / WEIGHT_MODES), silo data types (len(fedkd.data.silos.DATA_TYPES)).
+FEDEFM_METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
+EMD_MARGINALS = ("uniform", "cross_reference")
+EMD_WEIGHT_MODES = ("softmax", "sum", "raw")
+FEDEFM_MIXINGS = ("cfl", "dfl")
+FEDEFM_NUM_DATA_TYPES = 4
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,30 +103,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.tversky_beta = 0.3  # weight of false positives
   c.loss.tversky_gamma = 4.0 / 3.0  # focal exponent: loss = (1 - TI) ** (1 / gamma)
 
-  # Client algorithm: 'fedavg' (stateless clients; FedAvgM etc. via server_optimizer) or 'scaffold'
-  # (per-client control variates, Karimireddy et al. 2020, option II).
+  # Client algorithm: 'fedavg' (stateless clients; FedAvgM / FedAdam via server_optimizer), 'scaffold'
+  # (per-client control variates, Karimireddy et al. 2020, option II) or 'moon' (model-contrastive
+  # local objective, Li et al. 2021; per-client previous models).
   c.algorithm = ml_collections.ConfigDict()
-  c.algorithm.name = "fedavg"  # fedavg | scaffold (see above)
+  c.algorithm.name = "fedavg"  # fedavg | scaffold | moon (see above)
+  c.algorithm.moon_mu = 1.0  # moon: weight of the model-contrastive term
+  c.algorithm.moon_tau = 0.5  # moon: temperature of the contrastive similarities
   # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
   # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
   c.algorithm.client_state = "device"
 
   c.engine = ml_collections.ConfigDict()
-  # How clients inside one device shard run: 'vmap' (one batched program; per-client conv weights
-  # become grouped convolutions), 'bgemm' (vmap with every convolution computed as patches x weights
-  # batched matrix multiplies: tensor cores instead of grouped convolutions), 'hybrid' (vmap with
-  # XLA's convs for the forward pass and input gradients, GEMMs for the kernel gradients), 'gconv'
-  # (vmap with only 1x1 / transposed convs as matmuls), 'unroll' (each client's ops emitted
-  # separately; fastest for convolutions on XLA:CPU), 'chunked' / 'map' (below), 'measure' (compile
-  # and time the candidates on the first round's shapes, keep the fastest), 'auto' (CPU: unroll;
-  # GPU/TPU: hybrid for UNet, bgemm for TransUNet up to 16 clients per device, else chunked; see the
-  # README's GPU measurements).
-  c.engine.client_parallelism = "auto"
-  # 'chunked' / 'map': lax.scan over chunks of this many clients (vmapped inside); only one chunk's
-  # client deltas are alive at a time (memory for many clients per device); 'map' = chunks of 1.
+  # How a device's clients run: 'vmap' (one batched program), 'chunked' (lax.scan over chunks of
+  # client_chunk clients, vmapped inside: bounded memory for many clients per device), 'unroll' (each
+  # client's ops emitted separately; XLA:CPU's fastest), 'auto' (CPU: unroll; GPU/TPU: vmap up to 16
+  # clients per device for UNet / TransUNet, else chunked; docs/engine.md has the measurements).
+  c.engine.client_layout = "auto"
+  # How convolutions are computed: 'xla' (XLA's convs; vmapped they are grouped convs), 'gemm' (im2col
+  # patches x weights batched matmuls for the forward pass and both gradients), 'wgrad' (XLA forward and
+  # input gradient, GEMM kernel gradient), 'auto' (CPU: xla; GPU/TPU: wgrad for UNet, gemm for TransUNet
+  # and for chunked).
+  c.engine.conv_lowering = "auto"
+  # 'chunked': clients per chunk (1 = one client at a time); only one chunk's activations are alive.
   c.engine.client_chunk = 8
-  # 'chunked': the vmapped strategy inside each chunk ('bgemm', 'hybrid', 'gconv' or 'vmap').
-  c.engine.chunk_strategy = "bgemm"
+  # Deprecated (one release): the old single knob (vmap | bgemm | hybrid | unroll | chunked | map) and
+  # its chunk_strategy; set, they map to client_layout / conv_lowering with a note. '' = not set.
+  c.engine.client_parallelism = ""
+  c.engine.chunk_strategy = ""
   # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
   c.engine.unroll_local_steps = "auto"
   # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their
@@ -235,6 +252,11 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.client_devices = 0  # devices on the silo axis; 0 = automatic
+  # The silos' round runs on the FedAvg engine: the same two speed knobs (see the fedavg schema).
+  c.engine = ml_collections.ConfigDict()
+  c.engine.client_layout = "auto"  # auto | vmap | chunked | unroll
+  c.engine.conv_lowering = "auto"  # auto | xla | gemm | wgrad
+  c.engine.client_chunk = 8  # chunked: silos per chunk
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # images per prediction batch
   # In-run checkpoints of each pretraining run (foundation) every this many rounds; a stopped or
@@ -356,10 +378,16 @@ def check_finite(c: ml_collections.ConfigDict, prefix: str = "config") -> None:
       raise ConfigError(f"{prefix}.{k}={v} is not a finite number; set --{prefix}.{k} to a finite value")
 
 
-def _positive(c, key: str) -> None:
-  value = c
+def _value(c, key: str):
+  """``c``'s value at the dotted ``key`` ('model.width')."""
+  v = c
   for k in key.split("."):
-    value = value[k]
+    v = v[k]
+  return v
+
+
+def _positive(c, key: str) -> None:
+  value = _value(c, key)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
     raise ConfigError(f"config.{key}={value!r} must be a positive number; set --config.{key} to a value > 0")
 
@@ -395,21 +423,37 @@ def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, 
 
 
 def _int_at_least(c, key: str, low: int, high: int | None = None) -> None:
-  value = c
-  for k in key.split("."):
-    value = value[k]
+  value = _value(c, key)
   if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
     rng = f">= {low}" if high is None else f"in {low}..{high}"
     raise ConfigError(f"config.{key}={value!r} must be an integer {rng}; set --config.{key}")
 
 
 def _at_least(c, key: str, low: float, strict: bool = False) -> None:
-  value = c
-  for k in key.split("."):
-    value = value[k]
+  value = _value(c, key)
   bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)
   if bad:
     raise ConfigError(f"config.{key}={value!r} must be a number {'>' if strict else '>='} {low}; set --config.{key}")
+
+
+def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool = False):
+  """``config.<key>`` must be a (finite; ``integer``: whole) number with ``ok(value)``; returns it."""
+  v = _value(c, key)
+  kind = int if integer else (int, float)
+  if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
+    raise ConfigError(
+      f"config.{key}={v!r} must be {'an integer' if integer else 'a number'} {rule}; "
+      f"set --config.{key} to a value {rule}"
+    )
+  return v
+
+
+def _choice(c, key: str, choices) -> str:
+  """``config.<key>`` must be one of ``choices`` (strings); returns it."""
+  v = _value(c, key)
+  if v not in choices:
+    raise ConfigError(f"config.{key}={v!r} is unknown; use one of {', '.join(choices)}")
+  return v
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -530,39 +574,40 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       f"{c.model.groups} (GroupNorm); change either"
     )
   for name in ("client_optimizer", "server_optimizer"):
-    if c[name].name not in OPTIMIZERS:
-      raise ConfigError(f"config.{name}.name={c[name].name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-  if c.engine.client_parallelism not in CLIENT_PARALLELISM:
+    _choice(c, f"{name}.name", OPTIMIZERS)
+  if c.engine.client_parallelism == "measure":
     raise ConfigError(
-      f"config.engine.client_parallelism={c.engine.client_parallelism!r} is unknown; "
-      f"use one of {', '.join(CLIENT_PARALLELISM)}"
+      "config.engine.client_parallelism='measure' is retired: time the layouts with "
+      "python -m bench --measure --config=<your config>, then set config.engine.client_layout / conv_lowering"
     )
-  if c.engine.chunk_strategy not in VMAP_CONV_MODES:
-    raise ConfigError(
-      f"config.engine.chunk_strategy={c.engine.chunk_strategy!r} is unknown; use one of {', '.join(VMAP_CONV_MODES)}"
-    )
+  for key, choices in (
+    ("client_layout", CLIENT_LAYOUTS),
+    ("conv_lowering", CONV_LOWERINGS),
+    ("client_parallelism", LEGACY_PARALLELISM),
+    ("chunk_strategy", LEGACY_CHUNK_STRATEGIES),
+  ):
+    if c.engine[key] not in choices:
+      raise ConfigError(
+        f"config.engine.{key}={c.engine[key]!r} is unknown; use one of {', '.join(repr(x) for x in choices)}"
+      )
   if c.engine.unroll_local_steps not in ("auto", True, False):
     raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be 'auto', True or False")
-  if c.engine.compute_dtype not in COMPUTE_DTYPES:
-    raise ConfigError(
-      f"config.engine.compute_dtype={c.engine.compute_dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}"
-    )
+  _choice(c, "engine.compute_dtype", COMPUTE_DTYPES)
   if not isinstance(c.engine.remat, bool):
     raise ConfigError(f"config.engine.remat={c.engine.remat!r} must be True or False")
-  if c.algorithm.name not in ALGORITHMS:
-    raise ConfigError(f"config.algorithm.name={c.algorithm.name!r} is unknown; use one of {', '.join(ALGORITHMS)}")
+  _choice(c, "algorithm.name", ALGORITHMS)
+  if c.algorithm.name == "moon" and not (c.algorithm.moon_mu >= 0 and c.algorithm.moon_tau > 0):
+    raise ConfigError(
+      f"config.algorithm.moon_mu={c.algorithm.moon_mu} must be >= 0 and config.algorithm.moon_tau="
+      f"{c.algorithm.moon_tau} > 0"
+    )
   if c.algorithm.name == "scaffold" and c.client_optimizer.name != "sgd":
     raise ConfigError(
       f"config.algorithm.name='scaffold' needs config.client_optimizer.name='sgd' (its "
       f"control-variate update assumes plain SGD steps), not {c.client_optimizer.name!r}"
     )
-  if c.algorithm.client_state not in CLIENT_STATE_PLACEMENTS:
-    raise ConfigError(
-      f"config.algorithm.client_state={c.algorithm.client_state!r} is unknown; use one of "
-      f"{', '.join(CLIENT_STATE_PLACEMENTS)}"
-    )
-  if c.loss.name not in LOSSES:
-    raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; use one of {', '.join(LOSSES)}")
+  _choice(c, "algorithm.client_state", CLIENT_STATE_PLACEMENTS)
+  _choice(c, "loss.name", LOSSES)
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
     raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")
   if c.mesh.client_devices == 0:  # auto: as many devices as split the sampled clients evenly
@@ -581,3 +626,178 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       f"--config.mesh.client_devices={fit} (or 0 = automatic)"
     )
   return n
+
+
+def _csv(s: str) -> list[str]:
+  return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def _validate_fedefm_model(c, name: str) -> None:
+  """config.teacher / config.student of a FedEFM config."""
+  m = c[name]
+  if m.name == "transunet":
+    for k in (
+      "num_classes",
+      "patch_size",
+      "stem_width",
+      "hidden",
+      "num_layers",
+      "num_heads",
+      "mlp_dim",
+      "decoder_width",
+      "image_size",
+    ):
+      _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
+    if m.patch_size < 2 or m.patch_size & (m.patch_size - 1):
+      raise ConfigError(
+        f"config.{name}.patch_size={m.patch_size} must be a power of two >= 2 (the decoder "
+        "upsamples by 2 per stem stage)"
+      )
+    if m.hidden % m.num_heads:
+      raise ConfigError(f"config.{name}.hidden={m.hidden} must be divisible by config.{name}.num_heads={m.num_heads}")
+  else:
+    for k in ("num_classes", "width", "depth", "groups"):
+      _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
+    if m.width % m.groups:
+      raise ConfigError(
+        f"config.{name}.width={m.width} must be divisible by config.{name}.groups={m.groups} (GroupNorm)"
+      )
+
+
+def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
+  """Checks every FedEFM setting (task 'fedefm') before anything trains, except that the topology
+  loads (``fedkd.tasks.fedefm.load_adjacency``); returns the parsed experiment lists: methods,
+  kd_methods, seeds, percents, ablation_methods."""
+  check_keys(c, fedefm_base_config())
+  if c.task != "fedefm":
+    raise ConfigError(f"config.task={c.task!r}: this experiment is task 'fedefm'")
+  check_finite(c)
+  pos, nonneg, unit = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v <= 1)
+  _number(c, "seed", nonneg, ">= 0", integer=True)
+  for key in (
+    "image_size",
+    "pretrain.num_silos",
+    "pretrain.num_rounds",
+    "pretrain.local_steps",
+    "pretrain.batch_size",
+    "pretrain.examples_per_silo",
+    "downstream.train_examples",
+    "downstream.test_examples",
+    "downstream.steps",
+    "downstream.batch_size",
+    "eval.batch_size",
+    "fedefm.expert_steps",
+    "fedefm.emd_iters",
+    "checkpoint.every",
+    "checkpoint.max_to_keep",
+    "log_every",
+  ):
+    _number(c, key, pos, ">= 1", integer=True)
+  _number(c, "fedefm.warmup_rounds", nonneg, ">= 0", integer=True)
+  for key in (
+    "pretrain.learning_rate",
+    "pretrain.expert_learning_rate",
+    "downstream.learning_rate",
+    "fedefm.temperature",
+    "fedefm.emd_epsilon",
+    "fedefm.weight_temperature",
+    "fedefm.moon_tau",
+    "downstream.kd_temperature",
+  ):
+    _number(c, key, pos, "> 0")
+  for key in ("fedefm.moon_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
+    _number(c, key, nonneg, ">= 0")
+  for key in ("fedefm.beta", "fedefm.matcha_budget"):
+    _number(c, key, unit, "in [0, 1]")
+  _number(c, "pretrain.unseen_percent", lambda v: 0 <= v <= 100, "in [0, 100]")
+  _choice(c, "fedefm.emd_marginals", EMD_MARGINALS)
+  _choice(c, "fedefm.weight_mode", EMD_WEIGHT_MODES)
+  _choice(c, "fedefm.mixing", FEDEFM_MIXINGS)
+  _choice(c, "engine.client_layout", CLIENT_LAYOUTS)
+  _choice(c, "engine.conv_lowering", CONV_LOWERINGS)
+  _number(c, "engine.client_chunk", pos, ">= 1", integer=True)
+  if not isinstance(c.fedefm.detach_weights, bool):
+    raise ConfigError(f"config.fedefm.detach_weights={c.fedefm.detach_weights!r} must be True or False")
+  if c.pretrain.unseen_percent == 100 and c.pretrain.num_silos > FEDEFM_NUM_DATA_TYPES:
+    raise ConfigError(
+      f"config.pretrain.num_silos={c.pretrain.num_silos}: 100% unseen labels needs at "
+      f"most {FEDEFM_NUM_DATA_TYPES} silos (one data type each)"
+    )
+  if c.fedefm.expert_steps > c.pretrain.local_steps:
+    raise ConfigError(
+      f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
+      f"config.pretrain.local_steps={c.pretrain.local_steps} (experts use the neighbour's batches)"
+    )
+  _number(c, "mesh.client_devices", nonneg, ">= 0 (0 = automatic)", integer=True)
+  if c.mesh.client_devices and c.pretrain.num_silos % c.mesh.client_devices:
+    raise ConfigError(
+      f"config.mesh.client_devices={c.mesh.client_devices} must divide "
+      f"config.pretrain.num_silos={c.pretrain.num_silos} (or be 0 = automatic)"
+    )
+  if c.mesh.client_devices > num_devices:
+    raise ConfigError(
+      f"config.mesh.client_devices={c.mesh.client_devices} but only {num_devices} device(s) are visible"
+    )
+  methods = _csv(c.experiment.methods)
+  for m in methods + _csv(c.experiment.kd_methods) + _csv(c.experiment.ablation_methods):
+    if m not in FEDEFM_METHODS:
+      raise ConfigError(f"config.experiment: unknown method {m!r}; known: {', '.join(FEDEFM_METHODS)}")
+  if not methods:
+    raise ConfigError(f"config.experiment.methods is empty; give a comma list of {', '.join(FEDEFM_METHODS)}")
+  for m in _csv(c.experiment.kd_methods):
+    if m == "scratch":
+      raise ConfigError("config.experiment.kd_methods: 'scratch' has no foundation teacher")
+  try:
+    seeds = [int(s) for s in _csv(c.experiment.seeds)]
+    percents = [float(p) for p in _csv(c.experiment.ablation_percents)]
+  except ValueError as e:
+    raise ConfigError(f"config.experiment.seeds / ablation_percents must be comma lists of numbers ({e})")
+  if not seeds:
+    raise ConfigError("config.experiment.seeds is empty; give e.g. '0,1,2'")
+  if any(s < 0 for s in seeds):
+    raise ConfigError(f"config.experiment.seeds={c.experiment.seeds!r}: seeds must be >= 0")
+  for p in percents:
+    if not math.isfinite(p) or not 0 <= p <= 100 or (p == 100 and c.pretrain.num_silos > FEDEFM_NUM_DATA_TYPES):
+      raise ConfigError(f"config.experiment.ablation_percents: {p} is not a valid unseen-label %")
+  if c.teacher.name != c.student.name or c.teacher.name not in ("transunet", "unet"):
+    raise ConfigError(
+      f"config.teacher.name={c.teacher.name!r} / config.student.name={c.student.name!r}: "
+      "use the same model family for both, transunet or unet"
+    )
+  _validate_fedefm_model(c, "teacher")
+  _validate_fedefm_model(c, "student")
+  if c.student.num_classes < 3:
+    raise ConfigError(
+      f"config.student.num_classes={c.student.num_classes} must be >= 3 (background, catheter, guidewire)"
+    )
+  if c.teacher.num_classes < c.student.num_classes:
+    raise ConfigError(
+      f"config.teacher.num_classes={c.teacher.num_classes} must be >= config.student.num_classes="
+      f"{c.student.num_classes} (teacher KD uses the student's classes of the teacher logits)"
+    )
+  if c.teacher.name == "transunet":
+    for name in ("teacher", "student"):
+      if c[name].image_size != c.image_size or c.image_size % c[name].patch_size:
+        raise ConfigError(
+          f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
+          f"multiple of config.{name}.patch_size"
+        )
+    if c.teacher.hidden != c.student.hidden or c.teacher.patch_size != c.student.patch_size:
+      raise ConfigError(
+        "config.student.hidden and patch_size must match the teacher's so the foundation encoder loads into the student"
+      )
+  else:
+    if (c.teacher.width, c.teacher.depth) != (c.student.width, c.student.depth):
+      raise ConfigError(
+        "config.student.width and depth must match the teacher's so the foundation "
+        "encoder (UNet enc + mid blocks) loads into the student"
+      )
+    if c.image_size % (2**c.teacher.depth):
+      raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.teacher.depth")
+  return {
+    "methods": methods,
+    "kd_methods": _csv(c.experiment.kd_methods),
+    "seeds": seeds,
+    "percents": percents,
+    "ablation_methods": _csv(c.experiment.ablation_methods),
+  }

@@ -31,7 +31,6 @@ mixing matrix) are functions of (seed, r) only, so a resumed run is bitwise the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -47,19 +46,19 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd import report
-from fedkd.config import ConfigError, check_finite, fedefm_base_config
-from fedkd.data.silos import DATA_TYPES, TARGET, SiloData
+from fedkd.config import ConfigError, validate_fedefm
+from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import fedefm as fedefm_lib
-from fedkd.distill import emd as emd_lib
 from fedkd.distill.losses import feature_kd, kd_kl
 from fedkd.errors import DivergedError
 from fedkd.evaluate import foreground_classes, overlap_scores
-from fedkd.fl import topology
+from fedkd.fl import engine, topology
+from fedkd.fl.algorithm import ClientContext
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
 from fedkd.preemption import Stopped
-from fedkd.sharding import client_mesh, shard_clients
+from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.workdir import write_atomic
 
 METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
@@ -82,36 +81,6 @@ FT_CHUNK = 100  # fine-tuning steps between NaN checks and stop checks
 
 def _print(msg: str) -> None:
   print(msg, flush=True)
-
-
-def _csv(s: str) -> list[str]:
-  return [x.strip() for x in str(s).split(",") if x.strip()]
-
-
-def _value(c, key: str):
-  v = c
-  for k in key.split("."):
-    v = v[k]
-  return v
-
-
-def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool = False):
-  """``config.<key>`` must be a (finite; ``integer``: whole) number with ``ok(value)``."""
-  v = _value(c, key)
-  kind = int if integer else (int, float)
-  if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
-    raise ConfigError(
-      f"config.{key}={v!r} must be {'an integer' if integer else 'a number'} {rule}; "
-      f"set --config.{key} to a value {rule}"
-    )
-  return v
-
-
-def _choice(c, key: str, choices) -> str:
-  v = _value(c, key)
-  if v not in choices:
-    raise ConfigError(f"config.{key}={v!r} is unknown; use one of {', '.join(choices)}")
-  return v
 
 
 def load_adjacency(c) -> np.ndarray:
@@ -142,178 +111,12 @@ def load_adjacency(c) -> np.ndarray:
   return adj
 
 
-def _validate_model(c, name: str) -> None:
-  m = c[name]
-  if m.name == "transunet":
-    for k in (
-      "num_classes",
-      "patch_size",
-      "stem_width",
-      "hidden",
-      "num_layers",
-      "num_heads",
-      "mlp_dim",
-      "decoder_width",
-      "image_size",
-    ):
-      _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
-    if m.patch_size < 2 or m.patch_size & (m.patch_size - 1):
-      raise ConfigError(
-        f"config.{name}.patch_size={m.patch_size} must be a power of two >= 2 (the decoder "
-        "upsamples by 2 per stem stage)"
-      )
-    if m.hidden % m.num_heads:
-      raise ConfigError(f"config.{name}.hidden={m.hidden} must be divisible by config.{name}.num_heads={m.num_heads}")
-  else:
-    for k in ("num_classes", "width", "depth", "groups"):
-      _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
-    if m.width % m.groups:
-      raise ConfigError(
-        f"config.{name}.width={m.width} must be divisible by config.{name}.groups={m.groups} (GroupNorm)"
-      )
-
-
 def validate(c) -> dict:
-  """Checks every FedEFM setting before anything trains; returns parsed lists and the topology."""
-  known = fedefm_base_config()
-  for k in c.keys():
-    if k not in known:
-      raise ConfigError(f"unknown config key config.{k} for task 'fedefm'")
-    if isinstance(known[k], ml_collections.ConfigDict):
-      for kk in c[k].keys():
-        if kk not in known[k]:
-          raise ConfigError(f"unknown config key config.{k}.{kk}; known: {', '.join(sorted(known[k].keys()))}")
-  if c.task != "fedefm":
-    raise ConfigError(f"config.task={c.task!r}: this experiment is task 'fedefm'")
-  check_finite(c)
-  pos, nonneg, unit = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v <= 1)
-  _number(c, "seed", nonneg, ">= 0", integer=True)
-  for key in (
-    "image_size",
-    "pretrain.num_silos",
-    "pretrain.num_rounds",
-    "pretrain.local_steps",
-    "pretrain.batch_size",
-    "pretrain.examples_per_silo",
-    "downstream.train_examples",
-    "downstream.test_examples",
-    "downstream.steps",
-    "downstream.batch_size",
-    "eval.batch_size",
-    "fedefm.expert_steps",
-    "fedefm.emd_iters",
-    "checkpoint.every",
-    "checkpoint.max_to_keep",
-    "log_every",
-  ):
-    _number(c, key, pos, ">= 1", integer=True)
-  _number(c, "fedefm.warmup_rounds", nonneg, ">= 0", integer=True)
-  for key in (
-    "pretrain.learning_rate",
-    "pretrain.expert_learning_rate",
-    "downstream.learning_rate",
-    "fedefm.temperature",
-    "fedefm.emd_epsilon",
-    "fedefm.weight_temperature",
-    "fedefm.moon_tau",
-    "downstream.kd_temperature",
-  ):
-    _number(c, key, pos, "> 0")
-  for key in ("fedefm.moon_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
-    _number(c, key, nonneg, ">= 0")
-  for key in ("fedefm.beta", "fedefm.matcha_budget"):
-    _number(c, key, unit, "in [0, 1]")
-  _number(c, "pretrain.unseen_percent", lambda v: 0 <= v <= 100, "in [0, 100]")
-  _choice(c, "fedefm.emd_marginals", emd_lib.MARGINALS)
-  _choice(c, "fedefm.weight_mode", emd_lib.WEIGHT_MODES)
-  _choice(c, "fedefm.mixing", ("cfl", "dfl"))
-  if not isinstance(c.fedefm.detach_weights, bool):
-    raise ConfigError(f"config.fedefm.detach_weights={c.fedefm.detach_weights!r} must be True or False")
-  if c.pretrain.unseen_percent == 100 and c.pretrain.num_silos > len(DATA_TYPES):
-    raise ConfigError(
-      f"config.pretrain.num_silos={c.pretrain.num_silos}: 100% unseen labels needs at "
-      f"most {len(DATA_TYPES)} silos (one data type each)"
-    )
-  if c.fedefm.expert_steps > c.pretrain.local_steps:
-    raise ConfigError(
-      f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
-      f"config.pretrain.local_steps={c.pretrain.local_steps} (experts use the neighbour's batches)"
-    )
-  _number(c, "mesh.client_devices", nonneg, ">= 0 (0 = automatic)", integer=True)
-  if c.mesh.client_devices and c.pretrain.num_silos % c.mesh.client_devices:
-    raise ConfigError(
-      f"config.mesh.client_devices={c.mesh.client_devices} must divide "
-      f"config.pretrain.num_silos={c.pretrain.num_silos} (or be 0 = automatic)"
-    )
-  if c.mesh.client_devices > jax.device_count():
-    raise ConfigError(
-      f"config.mesh.client_devices={c.mesh.client_devices} but only {jax.device_count()} device(s) are visible"
-    )
-  methods = _csv(c.experiment.methods)
-  for m in methods + _csv(c.experiment.kd_methods) + _csv(c.experiment.ablation_methods):
-    if m not in METHODS:
-      raise ConfigError(f"config.experiment: unknown method {m!r}; known: {', '.join(METHODS)}")
-  if not methods:
-    raise ConfigError(f"config.experiment.methods is empty; give a comma list of {', '.join(METHODS)}")
-  for m in _csv(c.experiment.kd_methods):
-    if m == "scratch":
-      raise ConfigError("config.experiment.kd_methods: 'scratch' has no foundation teacher")
-  try:
-    seeds = [int(s) for s in _csv(c.experiment.seeds)]
-    percents = [float(p) for p in _csv(c.experiment.ablation_percents)]
-  except ValueError as e:
-    raise ConfigError(f"config.experiment.seeds / ablation_percents must be comma lists of numbers ({e})")
-  if not seeds:
-    raise ConfigError("config.experiment.seeds is empty; give e.g. '0,1,2'")
-  if any(s < 0 for s in seeds):
-    raise ConfigError(f"config.experiment.seeds={c.experiment.seeds!r}: seeds must be >= 0")
-  for p in percents:
-    if not math.isfinite(p) or not 0 <= p <= 100 or (p == 100 and c.pretrain.num_silos > len(DATA_TYPES)):
-      raise ConfigError(f"config.experiment.ablation_percents: {p} is not a valid unseen-label %")
-  if c.teacher.name != c.student.name or c.teacher.name not in ("transunet", "unet"):
-    raise ConfigError(
-      f"config.teacher.name={c.teacher.name!r} / config.student.name={c.student.name!r}: "
-      "use the same model family for both, transunet or unet"
-    )
-  _validate_model(c, "teacher")
-  _validate_model(c, "student")
-  if c.student.num_classes < 3:
-    raise ConfigError(
-      f"config.student.num_classes={c.student.num_classes} must be >= 3 (background, catheter, guidewire)"
-    )
-  if c.teacher.num_classes < c.student.num_classes:
-    raise ConfigError(
-      f"config.teacher.num_classes={c.teacher.num_classes} must be >= config.student.num_classes="
-      f"{c.student.num_classes} (teacher KD uses the student's classes of the teacher logits)"
-    )
-  if c.teacher.name == "transunet":
-    for name in ("teacher", "student"):
-      if c[name].image_size != c.image_size or c.image_size % c[name].patch_size:
-        raise ConfigError(
-          f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
-          f"multiple of config.{name}.patch_size"
-        )
-    if c.teacher.hidden != c.student.hidden or c.teacher.patch_size != c.student.patch_size:
-      raise ConfigError(
-        "config.student.hidden and patch_size must match the teacher's so the foundation encoder loads into the student"
-      )
-  else:
-    if (c.teacher.width, c.teacher.depth) != (c.student.width, c.student.depth):
-      raise ConfigError(
-        "config.student.width and depth must match the teacher's so the foundation "
-        "encoder (UNet enc + mid blocks) loads into the student"
-      )
-    if c.image_size % (2**c.teacher.depth):
-      raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.teacher.depth")
-  adjacency = load_adjacency(c)
-  return {
-    "methods": methods,
-    "kd_methods": _csv(c.experiment.kd_methods),
-    "seeds": seeds,
-    "percents": percents,
-    "ablation_methods": _csv(c.experiment.ablation_methods),
-    "adjacency": adjacency,
-  }
+  """Checks every FedEFM setting before anything trains (``fedkd.config.validate_fedefm``, then the
+  topology loads); returns the parsed lists and the topology's adjacency."""
+  parsed = validate_fedefm(c, jax.device_count())
+  parsed["adjacency"] = load_adjacency(c)
+  return parsed
 
 
 def results_config(config_json: dict) -> dict:
@@ -452,21 +255,39 @@ class Experiment:
       mixing=mixing,
       moon_mu=f.moon_mu if method == "moon" else 0.0,
       moon_tau=f.moon_tau,
-      unroll=jax.default_backend() == "cpu",
+    )
+
+  def _engine_options(self, method: str) -> engine.EngineOptions:
+    e = self.c.engine
+    per_shard = 1 if method == "centralized" else self.c.pretrain.num_silos // self.mesh.size
+    return engine.resolve(
+      e.client_layout,
+      e.conv_lowering,
+      "auto",
+      model=self.c.teacher.name,
+      clients_per_shard=per_shard,
+      client_chunk=e.client_chunk,
     )
 
   def _round_fn(self, method: str, distill: bool):
+    """The engine's round function for ``method``: ``(server, rows, batch, weights, W) -> (server, rows,
+    metrics)`` with the silo models as rows (:class:`fedkd.distill.fedefm.FedEFMSilo`)."""
     # Keyed by what the program computes: methods with the same options (fedavg and FedEFM's warm-up
     # rounds, ring and matcha) share one compiled program.
     opts, p = self._options(method, distill), self.c.pretrain
     mesh = self.mesh1 if method == "centralized" else self.mesh
-    key = ("round", self._teacher_key, p.learning_rate, p.expert_learning_rate, opts, mesh.size)
-    return _cached(
-      key,
-      lambda: fedefm_lib.make_silo_round(
-        self.t_apply_wf, self.seg_loss, optax.adam(p.expert_learning_rate), optax.adamw(p.learning_rate), mesh, opts
-      ),
-    )
+    eopts = self._engine_options(method)
+    key = ("round", self._teacher_key, p.learning_rate, p.expert_learning_rate, opts, mesh.size, eopts)
+
+    def build():
+      t_apply_wf = self.t_apply_wf
+      ctx = ClientContext(
+        lambda q, x: t_apply_wf(q, x)[0], self.seg_loss, optax.adamw(p.learning_rate), apply_wf=t_apply_wf
+      )
+      alg = fedefm_lib.FedEFMSilo(opts, optax.adam(p.expert_learning_rate))
+      return engine.make_round_fn(alg, ctx, mesh, eopts)
+
+    return _cached(key, build)
 
   def checkpoint_dir(self, method: str, percent: float, seed: int) -> str:
     return os.path.join(self.workdir, "checkpoints", foundation_key(percent, method, seed))
@@ -554,9 +375,10 @@ class Experiment:
           W = topology.matcha(base, c.fedefm.matcha_budget, seed, r) if method == "matcha" else self.gossip_w
         distill = method == "fedefm" and r > c.fedefm.warmup_rounds
         fn = self._round_fn(method, distill)
-        args = shard_clients((xs, ys, jnp.asarray(nbr), jnp.asarray(nmask), jnp.ones(n)), mesh)
-        stacked, prev, metrics = fn(state["params"], state["prev"], *args, jnp.asarray(W, jnp.float32))
-        state = {"params": stacked, "prev": prev}
+        batch = shard_clients({"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}, mesh)
+        server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
+        _, state, metrics = fn(server, state, batch, shard_clients(jnp.ones(n), mesh), jnp.asarray(W, jnp.float32))
+        metrics = dict(metrics, loss=metrics["client_loss"])  # per silo
         self._check_finite(label, r, method, metrics, state, last_saved)  # waits for the round
         metrics_json = {k: np.asarray(v).tolist() for k, v in metrics.items() if k in ("loss", "kd", "w")}
         dt = time.time() - t0
