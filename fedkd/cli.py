@@ -51,7 +51,7 @@ def run_app(
   """
   from absl import app
 
-  from fedkd.errors import UserError
+  from fedkd.errors import USER_ERRORS
   from fedkd.preemption import Stopped
 
   def parser(args):
@@ -63,7 +63,7 @@ def run_app(
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs many INFO lines per checkpoint
     try:
       return main(args)
-    except UserError as e:
+    except USER_ERRORS as e:
       fail(str(e))
     except Stopped as e:
       verb = "interrupted" if e.reason == "interrupted" else "preempted"
@@ -192,13 +192,13 @@ def _preload_config(path: str, arg: str | None) -> None:
   the flag parser."""
   import importlib.util
 
-  from fedkd.errors import UserError
+  from fedkd.errors import USER_ERRORS
 
   try:
     spec = importlib.util.spec_from_file_location("_fedkd_config_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-  except UserError as e:
+  except USER_ERRORS as e:
     fail(str(e))
   except Exception as e:  # noqa: BLE001 - the user's config file is broken
     fail(f"config file {path} cannot be loaded ({_where(e, path)}{type(e).__name__}: {_first_line(e)}); fix the file")
@@ -206,7 +206,7 @@ def _preload_config(path: str, arg: str | None) -> None:
     fail(f"config file {path} has no get_config(arg) function; see configs/quickstart.py for the form")
   try:
     config = module.get_config(arg) if arg is not None else module.get_config()
-  except UserError as e:
+  except USER_ERRORS as e:
     fail(str(e))
   except TypeError as e:
     if arg is not None and "positional argument" in str(e):

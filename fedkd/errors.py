@@ -8,6 +8,8 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+from fedkd.config import ConfigError  # a leaf module: config files load nothing else
+
 
 class UserError(Exception):
   """Bad input from the user; the message names the problem and the fix."""
@@ -15,3 +17,8 @@ class UserError(Exception):
 
 class DivergedError(UserError):
   """Training produced NaN/Inf; the run stopped before writing the bad state anywhere."""
+
+
+# What entry points catch as user errors: ConfigError lives in fedkd.config (which imports nothing
+# from fedkd), every other one derives from UserError.
+USER_ERRORS = (UserError, ConfigError)

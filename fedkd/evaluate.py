@@ -173,7 +173,7 @@ def load_run(workdir: str, round_: int | None):
   import ml_collections
 
   from fedkd.checkpoint import CheckpointError, Checkpointer
-  from fedkd.fl import engine
+  from fedkd.fl import algorithms, engine
   from fedkd.models import init_params
   from fedkd.workdir import prepare
 
@@ -190,7 +190,7 @@ def load_run(workdir: str, round_: int | None):
     try:
       apply, params = init_params(config.model, config.seed)
       server_tx = engine.make_optimizer(config.server_optimizer)
-      like = engine.init_server_state(params, server_tx, jax.random.key(config.seed))
+      like = algorithms.FedAvg(server_tx).init(params, jax.random.key(config.seed))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise CheckpointError(
         f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
   del argv
   from fedkd.config import ConfigError
   from fedkd.preemption import StopSignals
-  from fedkd.errors import UserError
+  from fedkd.errors import USER_ERRORS
   from fedkd.workdir import Lock, as_path, is_remote, prepare, remove_if_empty
 
   config = cli.CONFIG.value
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
         from fedkd.tasks import fedefm
 
         fedefm.run(config, workdir, stop=stop)
-  except UserError:
+  except USER_ERRORS:
     if lock is not None:
       lock.release()
       lock = None

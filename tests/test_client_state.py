@@ -14,7 +14,7 @@ import pytest
 
 from fedkd.checkpoint import CheckpointError, Checkpointer
 from fedkd.evaluate import load_run
-from fedkd.fl import engine
+from fedkd.fl import algorithms, engine
 from fedkd.fl.client_state import ClientStateError, make_client_state
 from fedkd.models import init_params
 from fedkd.sharding import client_mesh, client_sharding, shard_clients
@@ -254,7 +254,7 @@ def test_old_fedavg_checkpoint_without_client_state_still_restores(tmp_path):
   c = tiny_config(num_rounds=2)
   apply, params = init_params(c.model, c.seed)
   noisy = jax.tree.map(lambda p: p + 0.01 * np.arange(p.size, dtype=np.float32).reshape(p.shape), params)
-  state = engine.init_server_state(noisy, engine.make_optimizer(c.server_optimizer), jax.random.key(5))
+  state = algorithms.FedAvg(engine.make_optimizer(c.server_optimizer)).init(noisy, jax.random.key(5))
   state["round"] = jnp.asarray(2, jnp.int32)
   old_cfg = json.loads(c.to_json())
   del old_cfg["algorithm"], old_cfg["engine"]["compute_dtype"], old_cfg["engine"]["remat"]

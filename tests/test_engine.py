@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from fedkd.fl import engine
+from fedkd.fl import algorithms, engine
+from fedkd.fl.algorithm import ClientContext, init_rows
 from fedkd.losses import make_segmentation_loss
-from fedkd.models import init_params
+from fedkd.models import init_model, init_params
 from fedkd.sharding import client_mesh, shard_clients
 
 C, S, B, H = 8, 2, 2, 16
@@ -50,24 +51,21 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, com
   return jax.tree.map(lambda a, d: a + server_lr * d, server, mean)
 
 
-def _engine_round(
-  apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, server_lr=1.0, chunk=8, chunk_strategy="bgemm"
-):
+def _build(apply, loss_fn, n_dev, layout, lowering="xla", *, algorithm=None, server_tx=None, chunk=8, **ctx_kw):
+  """(round_fn, mesh, algorithm) for the test problem: client SGD(LR), local steps unrolled."""
+  server_tx = server_tx or optax.sgd(1.0)
+  alg = algorithm or algorithms.FedAvg(server_tx)
   mesh = client_mesh(n_dev)
-  server_tx = optax.sgd(server_lr)
-  fn = engine.make_round_fn(
-    apply,
-    loss_fn,
-    optax.sgd(LR),
-    server_tx,
-    mesh,
-    client_parallelism=parallelism,
-    unroll_local_steps=True,
-    client_chunk=chunk,
-    chunk_strategy=chunk_strategy,
-  )
-  state = engine.init_server_state(jax.tree.map(jnp.array, params), server_tx, jax.random.key(0))
-  state, metrics = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
+  opts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=True)
+  fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR), **ctx_kw), mesh, opts)
+  return fn, mesh, alg
+
+
+def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering="xla", server_lr=1.0, chunk=8):
+  fn, mesh, alg = _build(apply, loss_fn, n_dev, layout, lowering, server_tx=optax.sgd(server_lr), chunk=chunk)
+  state = alg.init(params, jax.random.key(0))
+  xs, ys, weights = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  state, _, metrics = fn(state, None, {"x": xs, "y": ys}, weights)
   return jax.tree.map(np.asarray, state["params"]), metrics
 
 
@@ -77,29 +75,29 @@ def _max_diff(a, b):
   )
 
 
-@pytest.mark.parametrize("parallelism", ["vmap", "gconv", "bgemm", "hybrid", "unroll"])
-def test_round_equals_per_client_loop(parallelism):
+@pytest.mark.parametrize(
+  "layout,lowering,n_dev,chunk",
+  [
+    ("vmap", "xla", 4, 8),
+    ("vmap", "gemm", 2, 8),
+    ("vmap", "wgrad", 4, 8),
+    ("unroll", "xla", 4, 8),
+    ("unroll", "gemm", 8, 8),
+    ("unroll", "wgrad", 2, 8),
+    ("chunked", "gemm", 2, 2),
+    ("chunked", "wgrad", 2, 2),
+    ("chunked", "xla", 1, 3),  # chunk 3 of 8 clients -> chunks of 2
+    ("chunked", "xla", 4, 1),  # one client at a time
+  ],
+)
+def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
-  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, 4, parallelism)
+  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering, chunk=chunk)
   assert jax.tree.structure(ref) == jax.tree.structure(got)
   assert _max_diff(ref, got) < 2e-5
   # the round really moved the model (a no-op engine would fail the check above only by luck)
   assert _max_diff(params, got) > 1e-3
-  assert metrics["client_loss"].shape == (C,)
-
-
-@pytest.mark.parametrize(
-  "parallelism,n_dev,chunk,inner",
-  [("chunked", 2, 2, "bgemm"), ("chunked", 1, 3, "bgemm"), ("chunked", 2, 2, "hybrid"), ("map", 4, 1, "bgemm")],
-)
-def test_chunked_and_map_strategies_equal_per_client_loop(parallelism, n_dev, chunk, inner):
-  apply, params, loss_fn, xs, ys, weights = _setup()
-  ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
-  got, metrics = _engine_round(
-    apply, loss_fn, params, xs, ys, weights, n_dev, parallelism, chunk=chunk, chunk_strategy=inner
-  )
-  assert _max_diff(ref, got) < 2e-5
   assert metrics["client_loss"].shape == (C,)
 
 
@@ -129,15 +127,12 @@ def test_same_round_on_1_2_4_8_devices():
 def test_round_is_one_program_sharded_over_clients():
   """The round lowers to one jitted computation whose client inputs are split over the mesh."""
   apply, params, loss_fn, xs, ys, weights = _setup()
-  mesh = client_mesh(8)
-  fn = engine.make_round_fn(
-    apply, loss_fn, optax.sgd(LR), optax.sgd(1.0), mesh, client_parallelism="vmap", unroll_local_steps=True
-  )
-  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
+  fn, mesh, alg = _build(apply, loss_fn, 8, "vmap")
+  state = alg.init(params, jax.random.key(0))
   sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
   assert len(sx.sharding.device_set) == 8
   assert sx.addressable_shards[0].data.shape[0] == C // 8
-  text = fn.lower(state, sx, sy, sw).as_text()
+  text = fn.lower(state, None, {"x": sx, "y": sy}, sw).as_text()
   assert "all-reduce" in text or "all_reduce" in text
 
 
@@ -169,8 +164,8 @@ def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
   return server, control, client_c
 
 
-@pytest.mark.parametrize("parallelism,n_dev", [("vmap", 2), ("unroll", 4), ("chunked", 1)])
-def test_scaffold_equals_per_client_loop(parallelism, n_dev):
+@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("unroll", 4), ("chunked", 1)])
+def test_scaffold_equals_per_client_loop(layout, n_dev):
   """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
   apply, params, loss_fn, xs, ys, weights = _setup(seed=4, clients=4)
   n_total = 6
@@ -180,26 +175,14 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
   ref_server, ref_control, ref_c = _scaffold_reference(
     apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds
   )
-
-  mesh = client_mesh(n_dev)
-  fn = engine.make_round_fn(
-    apply,
-    loss_fn,
-    optax.sgd(LR),
-    optax.sgd(1.0),
-    mesh,
-    client_parallelism=parallelism,
-    unroll_local_steps=True,
-    client_chunk=2,
-    algorithm="scaffold",
-    client_lr=LR,
-    num_clients=n_total,
-  )
-  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0), algorithm="scaffold")
-  table = jax.tree.map(np.array, engine.init_client_state(params, n_total, "scaffold"))
+  alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total)
+  fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=2)
+  state = alg.init(params, jax.random.key(0))
+  table = jax.tree.map(np.array, init_rows(alg, params, n_total))
   for ids, rx, ry, rw in rounds:
     rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
-    state, _, new_rows = fn(state, *shard_clients((jnp.asarray(rx), jnp.asarray(ry), jnp.asarray(rw), rows), mesh))
+    rows, rx, ry, rw = shard_clients((rows, jnp.asarray(rx), jnp.asarray(ry), jnp.asarray(rw)), mesh)
+    state, new_rows, _ = fn(state, rows, {"x": rx, "y": ry}, rw)
     table = jax.tree.map(lambda t, r: (t.__setitem__(ids, np.asarray(r)), t)[1], table, new_rows)
   assert _max_diff(ref_server, state["params"]) < 5e-5
   assert _max_diff(ref_control, state["control"]) < 5e-4
@@ -209,22 +192,68 @@ def test_scaffold_equals_per_client_loop(parallelism, n_dev):
   assert _max_diff(ref_control, zeros) > 1e-3
 
 
-@pytest.mark.parametrize("parallelism", ["unroll", "hybrid"])  # bgemm's bf16 convs: test_conv.py
-def test_bf16_compute_keeps_f32_master_weights(parallelism):
+def _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, mu, tau):
+  """MOON client by client (numpy SGD updates): the contrastive term written out with an explicit
+  log-softmax over (positive, negative); a client sampled again contrasts with its own last model."""
+
+  def rep(p, x):
+    f = apply_wf(p, x)[1].mean(axis=(1, 2))
+    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+
+  def moon_loss(q, glob, prev, x, y):
+    z, zg, zp = rep(q, x), jax.lax.stop_gradient(rep(glob, x)), jax.lax.stop_gradient(rep(prev, x))
+    logits = jnp.stack([jnp.sum(z * zg, -1), jnp.sum(z * zp, -1)], -1) / tau
+    return loss_fn(apply(q, x), y) - mu * jnp.mean(jax.nn.log_softmax(logits, -1)[:, 0])
+
+  grad = jax.jit(jax.grad(moon_loss))
+  server, prevs = _tree_np(params), {}
+  for r, ids in enumerate(samples):
+    rx, ry = (xs[::-1], ys[::-1]) if r else (xs, ys)
+    deltas = []
+    for row, cid in enumerate(ids):
+      prev, q = prevs.get(cid, server), server
+      for s in range(rx.shape[1]):
+        g = grad(*(jax.tree.map(np.float32, t) for t in (q, server, prev)), rx[row, s], ry[row, s])
+        q = jax.tree.map(lambda a, b: a - LR * np.asarray(b, np.float64), q, g)
+      prevs[cid] = q
+      deltas.append(jax.tree.map(np.subtract, q, server))
+    w = weights / weights.sum()
+    server = jax.tree.map(lambda x, *d: x + sum(wi * di for wi, di in zip(w, d)), server, *deltas)
+  return server
+
+
+def test_moon_equals_per_client_loop():
+  """Two MOON rounds over overlapping samples (clients 1 and 3 contrast with their own previous model)."""
+  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=2, groups=2, num_classes=3))
+  apply, apply_wf, params = init_model(model_cfg, 0)
+  _, _, loss_fn, xs, ys, weights = _setup(seed=8, clients=4)
+  mu, tau, samples = 0.7, 0.5, [np.arange(4), np.array([1, 3, 4, 5])]
+  ref = _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, mu, tau)
+
+  alg = algorithms.Moon(optax.sgd(1.0), mu, tau)
+  fn, mesh, _ = _build(apply, loss_fn, 2, "vmap", algorithm=alg, apply_wf=apply_wf)
+  state = alg.init(params, jax.random.key(0))
+  table = jax.tree.map(np.array, init_rows(alg, params, 6))
+  for r, ids in enumerate(samples):
+    rx, ry = (xs[::-1], ys[::-1]) if r else (xs, ys)
+    rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
+    rows, rx, ry, rw = shard_clients((rows, jnp.asarray(rx), jnp.asarray(ry), jnp.asarray(weights)), mesh)
+    state, new_rows, m = fn(state, rows, {"x": rx, "y": ry}, rw)
+    table = jax.tree.map(lambda t, v: (t.__setitem__(ids, np.asarray(v)), t)[1], table, new_rows)
+  assert _max_diff(ref, state["params"]) < 5e-5
+  assert m["moon"].shape == (4,) and bool(jnp.all(m["moon"] > 0))
+  # the contrastive term acted: the same loop without it ends elsewhere
+  plain = _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, 0.0, tau)
+  assert _max_diff(plain, ref) > 1e-5
+
+
+@pytest.mark.parametrize("layout,lowering", [("unroll", "xla"), ("vmap", "wgrad")])  # gemm's bf16: test_conv.py
+def test_bf16_compute_keeps_f32_master_weights(layout, lowering):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=5, clients=4)
-  mesh = client_mesh(2)
-  fn = engine.make_round_fn(
-    apply,
-    loss_fn,
-    optax.sgd(LR),
-    optax.sgd(1.0),
-    mesh,
-    client_parallelism=parallelism,
-    unroll_local_steps=True,
-    compute_dtype=jnp.bfloat16,
-  )
-  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
-  state, _ = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
+  fn, mesh, alg = _build(apply, loss_fn, 2, layout, lowering, compute_dtype=jnp.bfloat16)
+  state = alg.init(params, jax.random.key(0))
+  xs_, ys_, w_ = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  state, _, _ = fn(state, None, {"x": xs_, "y": ys_}, w_)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state["params"]))
   ref16 = _reference_round(apply, loss_fn, params, xs, ys, weights, compute_dtype=jnp.bfloat16)
   ref32 = _reference_round(apply, loss_fn, params, xs, ys, weights)
@@ -234,55 +263,17 @@ def test_bf16_compute_keeps_f32_master_weights(parallelism):
   assert _max_diff(ref32, ref16) > 1e-6
 
 
-@pytest.mark.parametrize("parallelism", ["chunked", "hybrid"])
-def test_remat_gives_the_same_round(parallelism):
+@pytest.mark.parametrize("layout,lowering", [("chunked", "gemm"), ("vmap", "wgrad")])
+def test_remat_gives_the_same_round(layout, lowering):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=6, clients=4)
   outs = []
   for remat in (False, True):
-    mesh = client_mesh(2)
-    fn = engine.make_round_fn(
-      apply,
-      loss_fn,
-      optax.sgd(LR),
-      optax.sgd(1.0),
-      mesh,
-      client_parallelism=parallelism,
-      unroll_local_steps=True,
-      remat=remat,
-      client_chunk=2,
-    )
-    state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
-    outs.append(fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))[0])
+    fn, mesh, alg = _build(apply, loss_fn, 2, layout, lowering, chunk=2, remat=remat)
+    state = alg.init(params, jax.random.key(0))
+    xs_, ys_, w_ = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+    outs.append(fn(state, None, {"x": xs_, "y": ys_}, w_)[0])
   assert _max_diff(outs[0]["params"], outs[1]["params"]) < 1e-5
   assert _max_diff(outs[0]["params"], params) > 1e-3
-
-
-def test_measure_strategy_skips_failures_and_leaves_state_untouched():
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=7, clients=4)
-  mesh = client_mesh(2)
-  build = lambda par: engine.make_round_fn(
-    apply,
-    loss_fn,
-    optax.sgd(LR),
-    optax.sgd(1.0),
-    mesh,  # noqa: E731
-    client_parallelism=par,
-    unroll_local_steps=True,
-  )
-  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
-  batch = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
-  logs = []
-  best, fn, results = engine.measure_strategy(
-    build, ["unroll", "no_such_strategy", "vmap"], state, batch, reps=1, log=logs.append
-  )
-  assert best in ("unroll", "vmap") and len(logs) == 3
-  assert "error" in results[1] and "no_such_strategy" in results[1]["error"]
-  assert all(r["sec_per_round"] > 0 for r in (results[0], results[2]))
-  assert best == min((results[0], results[2]), key=lambda r: r["sec_per_round"])["strategy"]
-  # the measured rounds ran on copies: the state is still usable and still the initial one
-  assert _max_diff(state["params"], params) == 0
-  got = jax.tree.map(np.asarray, fn(state, *batch)[0]["params"])
-  assert _max_diff(_reference_round(apply, loss_fn, params, xs, ys, weights), got) < 2e-5
 
 
 def test_1024_clients_in_one_round_chunked_on_8_devices():
@@ -295,19 +286,10 @@ def test_1024_clients_in_one_round_chunked_on_8_devices():
   xs = rng.standard_normal((n, 1, 1, 8, 8, 1)).astype(np.float32)
   ys = rng.integers(0, 3, (n, 1, 1, 8, 8)).astype(np.int32)
   weights = rng.integers(1, 10, n).astype(np.float32)
-  mesh = client_mesh(8)
-  fn = engine.make_round_fn(
-    apply,
-    loss_fn,
-    optax.sgd(LR),
-    optax.sgd(1.0),
-    mesh,
-    client_parallelism="chunked",
-    unroll_local_steps=True,
-    client_chunk=32,
-  )
-  state = engine.init_server_state(params, optax.sgd(1.0), jax.random.key(0))
-  state, metrics = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
+  fn, mesh, alg = _build(apply, loss_fn, 8, "chunked", "gemm", chunk=32)
+  state = alg.init(params, jax.random.key(0))
+  xs_, ys_, w_ = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  state, _, metrics = fn(state, None, {"x": xs_, "y": ys_}, w_)
   assert metrics["client_loss"].shape == (n,)
   # reference: one SGD step per client (jitted gradient, numpy update), weighted mean of the deltas
   grads = jax.jit(jax.vmap(jax.grad(lambda p, x, y: loss_fn(apply(p, x), y)), in_axes=(None, 0, 0)))
@@ -321,36 +303,52 @@ def test_1024_clients_in_one_round_chunked_on_8_devices():
 @pytest.mark.parametrize(
   "platform,model,per_shard,expected",
   [
-    ("cpu", "unet", 4, ("unroll", True)),
-    ("cpu", "transunet", 128, ("unroll", True)),
-    ("gpu", "unet", 16, ("hybrid", False)),
-    ("gpu", "transunet", 16, ("bgemm", False)),
-    ("gpu", "unet", 17, ("chunked", False)),
-    ("tpu", "transunet", 128, ("chunked", False)),
-    ("gpu", None, None, ("chunked", False)),
-    ("gpu", "resnet", 4, ("chunked", False)),
+    ("cpu", "unet", 4, ("unroll", "xla", True)),
+    ("cpu", "transunet", 128, ("unroll", "xla", True)),
+    ("gpu", "unet", 16, ("vmap", "wgrad", False)),
+    ("gpu", "transunet", 16, ("vmap", "gemm", False)),
+    ("gpu", "unet", 17, ("chunked", "gemm", False)),
+    ("tpu", "transunet", 128, ("chunked", "gemm", False)),
+    ("gpu", None, None, ("chunked", "gemm", False)),
+    ("gpu", "resnet", 4, ("chunked", "gemm", False)),
   ],
 )
 def test_auto_engine_options_per_backend(platform, model, per_shard, expected):
-  """'auto' resolves to the strategy measured fastest on each backend and model (README tables):
-  at most 16 clients per accelerator the model's best, more (or unknown) 'chunked'; explicit
+  """'auto' resolves to the options measured fastest on each backend and model (docs/engine.md): at
+  most 16 clients per accelerator the model's best, more (or unknown) chunked + gemm; explicit
   settings pass through."""
-  cfg = ml_collections.ConfigDict(dict(client_parallelism="auto", unroll_local_steps="auto"))
-  assert engine.resolve_engine_options(cfg, platform, model, per_shard) == expected
-  cfg = ml_collections.ConfigDict(dict(client_parallelism="measure", unroll_local_steps=False))
-  assert engine.resolve_engine_options(cfg, platform, model, per_shard) == ("measure", False)
+  o = engine.resolve("auto", "auto", "auto", platform=platform, model=model, clients_per_shard=per_shard)
+  assert (o.layout, o.lowering, o.unroll_local_steps) == expected
+  o = engine.resolve("chunked", "wgrad", False, platform=platform, model=model, client_chunk=4)
+  assert (o.layout, o.lowering, o.client_chunk, o.unroll_local_steps) == ("chunked", "wgrad", 4, False)
+  with pytest.raises(ValueError, match="unknown client layout"):
+    engine.resolve("gconv", "xla", False, platform=platform)
 
 
-def test_measure_candidates():
-  assert engine.measure_candidates("cpu", 64, 8) == ["unroll", "bgemm", "vmap"]
-  assert engine.measure_candidates("gpu", 16, 4) == ["hybrid", "bgemm", "chunked", "vmap", "map", "unroll"]
-  # one chunk = bgemm; more than 16 clients are not unrolled
-  assert engine.measure_candidates("gpu", 16, 16) == ["hybrid", "bgemm", "vmap", "map", "unroll"]
-  assert engine.measure_candidates("gpu", 128, 16) == ["hybrid", "bgemm", "chunked", "vmap", "map"]
+@pytest.mark.parametrize(
+  "old,strategy,expected",
+  [
+    ("vmap", "", ("vmap", "xla", 8)),
+    ("bgemm", "", ("vmap", "gemm", 8)),
+    ("hybrid", "", ("vmap", "wgrad", 8)),
+    ("unroll", "", ("unroll", "xla", 8)),
+    ("chunked", "", ("chunked", "gemm", 8)),
+    ("chunked", "hybrid", ("chunked", "wgrad", 8)),
+    ("map", "", ("chunked", "xla", 1)),
+    ("", "", ("auto", "auto", 8)),
+  ],
+)
+def test_deprecated_client_parallelism_maps_to_the_two_knobs(old, strategy, expected):
+  cfg = ml_collections.ConfigDict(
+    dict(client_layout="auto", conv_lowering="auto", client_chunk=8, client_parallelism=old, chunk_strategy=strategy)
+  )
+  lines = []
+  assert engine.legacy_options(cfg, lines.append) == expected
+  assert len(lines) == (1 if old else 0) and (not old or "deprecated" in lines[0])
 
 
-@pytest.mark.parametrize("parallelism,n_dev,chunk", [("vmap", 4, 8), ("unroll", 2, 8), ("chunked", 2, 2)])
-def test_skip_nonfinite_clients_drops_them_from_the_aggregate(parallelism, n_dev, chunk):
+@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 4, 8), ("unroll", 2, 8), ("chunked", 2, 2)])
+def test_skip_nonfinite_clients_drops_them_from_the_aggregate(layout, n_dev, chunk):
   """Clients 1 and 6 get NaN images: with skip_nonfinite the round equals the per-client loop over the
   six finite clients; client_finite flags exactly them; without it the round reports non-finite."""
   apply, params, loss_fn, xs, ys, weights = _setup()
@@ -361,19 +359,12 @@ def test_skip_nonfinite_clients_drops_them_from_the_aggregate(parallelism, n_dev
   ref = _reference_round(apply, loss_fn, params, xs[keep], ys[keep], weights[keep])
   mesh = client_mesh(n_dev)
   for skip in (True, False):
-    fn = engine.make_round_fn(
-      apply,
-      loss_fn,
-      optax.sgd(LR),
-      optax.sgd(1.0),
-      mesh,
-      client_parallelism=parallelism,
-      unroll_local_steps=True,
-      client_chunk=chunk,
-      skip_nonfinite=skip,
-    )
-    state = engine.init_server_state(jax.tree.map(jnp.array, params), optax.sgd(1.0), jax.random.key(0))
-    state, m = fn(state, *shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh))
+    alg = algorithms.FedAvg(optax.sgd(1.0))
+    opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+    fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=skip)
+    state = alg.init(params, jax.random.key(0))
+    xs_, ys_, w_ = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+    state, _, m = fn(state, None, {"x": xs_, "y": ys_}, w_)
     np.testing.assert_array_equal(np.asarray(m["client_finite"]), keep)
     if skip:
       assert bool(m["finite"]) and np.isfinite(float(m["loss"]))

@@ -7,9 +7,10 @@ import optax
 import pytest
 
 from fedkd.distill import emd as emd_lib
-from fedkd.distill.fedefm import FedEFMOptions, make_silo_round, mean_model, stack
+from fedkd.distill.fedefm import FedEFMOptions, FedEFMSilo, mean_model, stack
 from fedkd.distill.losses import kd_kl
-from fedkd.fl import topology
+from fedkd.fl import engine, topology
+from fedkd.fl.algorithm import ClientContext
 from fedkd.losses import cross_entropy
 from fedkd.sharding import client_mesh, shard_clients
 
@@ -107,16 +108,28 @@ def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
   return jax.tree.map(lambda a: np.tensordot(W, a, axes=(1, 0)), stacked)
 
 
-def engine_round(params, xs, ys, adjacency, W, mixing, n_dev, distill=True):
+def engine_round(
+  params, xs, ys, adjacency, W, mixing, n_dev, distill=True, layout="vmap", lowering="xla", chunk=8, model=None
+):
+  """One FedEFM round through the shared engine; ``model`` = (apply_wf, seg loss) (default: the toy)."""
+  wf, seg = model or (apply_wf, cross_entropy)
   mesh = client_mesh(n_dev)
-  opts = FedEFMOptions(distill=distill, mixing=mixing, unroll=True, **OPTS)
-  fn = make_silo_round(apply_wf, cross_entropy, optax.sgd(LR_E), optax.sgd(LR_L), mesh, opts)
+  opts = FedEFMOptions(distill=distill, mixing=mixing, **OPTS)
+  alg = FedEFMSilo(opts, optax.sgd(LR_E))
+  ctx = ClientContext(lambda p, x: wf(p, x)[0], seg, optax.sgd(LR_L), apply_wf=wf)
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=True))
   idx, mask = topology.neighbour_table(adjacency)
-  args = shard_clients(
-    (params, params, jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(idx), jnp.asarray(mask), jnp.ones(N)), mesh
+  n = jax.tree.leaves(params)[0].shape[0]
+  rows, batch, weights = shard_clients(
+    (
+      {"params": params, "prev": params},
+      {"x": jnp.asarray(xs), "y": jnp.asarray(ys), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)},
+      jnp.ones(n),
+    ),
+    mesh,
   )
-  mixed, trained, metrics = fn(*args, jnp.asarray(W))
-  return jax.tree.map(np.asarray, mixed), metrics
+  _, rows, metrics = fn(alg.init(None, None), rows, batch, weights, jnp.asarray(W))
+  return jax.tree.map(np.asarray, rows["params"]), metrics
 
 
 def _close(a, b, tol=2e-5):
@@ -153,6 +166,45 @@ def test_plain_round_is_fedavg_and_gossip_preserves_mean():
   cfl, _ = engine_round(params, xs, ys, topology.ring(N) > 0, W, "cfl", 1, distill=False)
   # gossip with a doubly-stochastic W keeps the silo mean = the CFL (FedAvg) model
   _close(mean_model(got), jax.tree.map(lambda a: a[0], cfl), tol=1e-5)
+
+
+@pytest.mark.parametrize("mixing,layout,n_dev", [("dfl", "unroll", 2), ("cfl", "chunked", 2)])
+def test_every_layout_equals_the_per_silo_reference(mixing, layout, n_dev):
+  adjacency, W = topology.ring(N) > 0, topology.ring(N)
+  params = stack(init(4), N)
+  params = jax.tree.map(lambda a: a + 0.02 * jnp.arange(N, dtype=a.dtype).reshape((N,) + (1,) * (a.ndim - 1)), params)
+  xs, ys = data(5)
+  got, _ = engine_round(params, xs, ys, adjacency, W, mixing, n_dev, layout=layout, chunk=1)
+  _close(reference_round(params, xs, ys, adjacency, W, mixing), got)
+
+
+def test_unet_fedefm_round_same_under_chunked_and_gemm_lowering():
+  """A real conv model (UNet through fedkd's conv layers): the DFL distillation round under chunked
+  layout with gemm lowering, and vmap with wgrad, equals vmap with XLA convs."""
+  import ml_collections
+
+  from fedkd.models import init_model
+
+  cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=K))
+  _, wf, p0 = init_model(cfg, 0)
+  params = jax.tree.map(
+    lambda a: a + 0.01 * jnp.arange(N, dtype=a.dtype).reshape((N,) + (1,) * (a.ndim - 1)), stack(p0, N)
+  )
+  xs, ys = data(6)
+  adjacency, W = topology.ring(N) > 0, topology.ring(N)
+  base, m = engine_round(params, xs, ys, adjacency, W, "dfl", 2, model=(wf, cross_entropy))
+  assert float(np.abs(np.asarray(m["kd"])).max()) > 0
+  for layout, lowering in (("chunked", "gemm"), ("vmap", "wgrad")):
+    got, _ = engine_round(
+      params, xs, ys, adjacency, W, "dfl", 2, layout=layout, lowering=lowering, chunk=1, model=(wf, cross_entropy)
+    )
+    _close(base, got, tol=1e-5)
+  assert (
+    max(
+      float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(params))
+    )
+    > 1e-4
+  )
 
 
 def test_experiment_config_errors():

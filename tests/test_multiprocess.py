@@ -63,7 +63,6 @@ def test_two_processes_equal_one_process(tmp_path):
 
   multi = tmp_path / "multi"
   port = _free_port()
-  # the processes time the client strategies ('measure'); process 0's choice must hold for both
   procs = [
     subprocess.Popen(
       _cmd(
@@ -72,7 +71,6 @@ def test_two_processes_equal_one_process(tmp_path):
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
-        "--config.engine.client_parallelism=measure",
       ),
       cwd=ROOT,
       env=env,
@@ -86,14 +84,16 @@ def test_two_processes_equal_one_process(tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert "4 device(s) on the 'clients' axis" in outs[0][0]  # process 0 reports the global mesh
-  assert outs[0][0].count("engine measure:") == 3 and "-> clients run as" in outs[0][0]
+  assert "clients run as unroll with xla convs" in outs[0][0]  # 'auto' on CPU, in both runs
   # only process 0 speaks (process 1 may show gloo's own connection lines)
   assert not [l for l in outs[1][0].splitlines() if l.startswith(("round", "fedkd", "held-out"))]
 
   a, b = _params(single), _params(multi)
   assert len(a) == len(b)
+  # the same program, but the weighted delta sum is all-reduced across processes (gloo) in place of
+  # in-process: float32 rounding of a re-associated sum, carried through a second round of training
   for x, y in zip(a, b):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
   rec_single = open(single / "metrics.jsonl").read().splitlines()
   rec_multi = open(multi / "metrics.jsonl").read().splitlines()
   assert len(rec_single) == len(rec_multi) == 2

@@ -1,8 +1,10 @@
-"""FedEFM silo round (Do et al., ICRA 2025): multishot distillation from overseas experts, weighted
-by a differentiable EMD, then CFL or DFL mixing — all silos in ONE jitted program.
+"""FedEFM silo update (Do et al., ICRA 2025): multishot distillation from overseas experts, weighted
+by a differentiable EMD, then CFL or DFL mixing — written against the federated-algorithm interface
+(:class:`FedEFMSilo`), so all silos run in the engine's one jitted round (``fedkd.fl.engine``) with
+the same client layouts and conv lowerings as FedAvg.
 
-Silo models live stacked on a leading axis [N, ...], split over the 'clients' mesh axis with
-``jax.shard_map`` (silos of a shard vmapped). One round, for every silo i in parallel:
+Silo models live stacked on a leading axis [N, ...] (the engine's rows), split over the 'clients'
+mesh axis. One round, for every silo i in parallel:
 
 1. (distill) For each in-neighbour j (padded table ``nbr_idx``/``nbr_mask``), theta_i is trained at j
    on j's first ``expert_steps`` batches -> the overseas expert theta_hat_{i->j}. j's data reach i's
@@ -20,17 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
 
 from fedkd.distill import emd as emd_lib
 from fedkd.distill.losses import kd_kl
-from fedkd.fl.engine import client_update
-from fedkd.sharding import CLIENTS
+from fedkd.fl.algorithm import Algorithm, ClientOutput, local_sgd
+from fedkd.fl.algorithms import moon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +48,6 @@ class FedEFMOptions:
   mixing: str = "cfl"  # cfl | dfl
   moon_mu: float = 0.0  # > 0: MOON model-contrastive term (baseline)
   moon_tau: float = 0.5
-  unroll: bool = False
-
-
-def _pooled(feats):
-  """[B, h, w, C] -> L2-normalised [B, C] (MOON representation)."""
-  z = jnp.mean(feats.astype(jnp.float32), axis=(1, 2))
-  return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True), 1e-12))
 
 
 def expert_similarities(student_feats, expert_feats, opts: FedEFMOptions):
@@ -68,113 +61,82 @@ def expert_similarities(student_feats, expert_feats, opts: FedEFMOptions):
   return jnp.mean(per, axis=1)
 
 
-def make_silo_round(
-  apply_wf: Callable,
-  seg_loss: Callable,
-  expert_tx: optax.GradientTransformation,
-  local_tx: optax.GradientTransformation,
-  mesh,
-  opts: FedEFMOptions,
-):
-  """Returns jitted ``round_fn(params [N], prev [N], xs [N,S,B,H,W,1], ys [N,S,B,H,W], nbr_idx [N,J],
-  nbr_mask [N,J], weights [N], W [N,N]) -> (params [N], metrics)``; ``prev`` = each silo's model after
-  the previous round's local training (MOON's negative; ignored otherwise)."""
-  unroll = True if opts.unroll else 1
-  apply = lambda p, x: apply_wf(p, x)[0]  # noqa: E731
-  expert_update = functools.partial(client_update, apply, seg_loss, expert_tx, unroll=unroll)
+class FedEFMSilo(Algorithm):
+  """The FedEFM silo update against :mod:`fedkd.fl.algorithm`'s interface (and, with ``distill=False``,
+  the FedAvg / RING / MATCHA / MOON baselines of the paper's Table I).
 
-  def silo_loss(p, x, y, experts, mask, glob, prev):
-    logits, feats = apply_wf(p, x)
-    seg = seg_loss(logits, y)
-    aux = {"seg": seg}
-    total = seg
-    if opts.distill:
-      e_logits, e_feats = jax.vmap(lambda e: apply_wf(e, x))(experts)
-      sims = expert_similarities(feats, e_feats, opts)
-      w = emd_lib.emd_weights(sims, opts.weight_mode, opts.weight_temperature, opts.detach_weights, mask)
-      kd = jnp.sum(w * jax.vmap(lambda z: kd_kl(logits, z, opts.temperature))(e_logits))
-      total = opts.beta * kd + (1.0 - opts.beta) * seg
-      aux.update(kd=kd, sims=sims, w=w)
-    if opts.moon_mu > 0:
-      z = _pooled(feats)
-      zg = jax.lax.stop_gradient(_pooled(apply_wf(glob, x)[1]))
-      zp = jax.lax.stop_gradient(_pooled(apply_wf(prev, x)[1]))
-      pos = jnp.sum(z * zg, -1) / opts.moon_tau
-      neg = jnp.sum(z * zp, -1) / opts.moon_tau
-      con = jnp.mean(jnp.logaddexp(pos, neg) - pos)
-      total = total + opts.moon_mu * con
-      aux["moon"] = con
-    return total, aux
+  Every silo keeps its own model: the rows are ``{"params": the model the silo starts the round from,
+  "prev": its model after the previous round's local training}`` (MOON's negative); the server state
+  holds only the round counter. A silo uploads its trained model; the aggregator is ``mean`` (CFL:
+  every silo continues from the weighted mean) or ``gossip`` (DFL: W-mixing). ``batch`` holds the
+  silo's ``x``, ``y`` and its padded in-neighbour table ``nbr`` [J] / ``nbr_mask`` [J]; the first
+  ``expert_steps`` batches of every silo are gathered for the overseas experts.
+  """
 
-  def one_silo(p, prev, xs, ys, nbr, mask, all_xs, all_ys):
+  name = "fedefm"
+
+  def __init__(self, opts: FedEFMOptions, expert_tx: optax.GradientTransformation):
+    if opts.mixing not in ("cfl", "dfl"):
+      raise ValueError(f"unknown mixing {opts.mixing!r}; use cfl or dfl")
+    self.opts, self.expert_tx = opts, expert_tx
+    self.aggregator = "mean" if opts.mixing == "cfl" else "gossip"
+
+  def init(self, params, rng):
+    return {"round": jnp.zeros((), jnp.int32)}
+
+  def init_row(self, params):
+    return {"params": params, "prev": params}
+
+  def gather(self, batch):
+    if not self.opts.distill:
+      return None
+    k = self.opts.expert_steps
+    return {"x": batch["x"][:, :k], "y": batch["y"][:, :k]}
+
+  def client(self, ctx, server, row, batch, gathered):
+    o = self.opts
+    p, prev, x_own, y_own = row["params"], row["prev"], batch["x"], batch["y"]
     glob = p  # the model the silo received this round (MOON's positive)
-    if opts.distill:
+    experts = None
+    if o.distill:
 
       def make_expert(j):
-        delta, _ = expert_update(p, all_xs[j, : opts.expert_steps], all_ys[j, : opts.expert_steps])
-        return jax.tree.map(jnp.add, p, delta)
+        local, _, _ = local_sgd(ctx.seg_loss, self.expert_tx, p, gathered["x"][j], gathered["y"][j], unroll=ctx.unroll)
+        return local
 
-      experts = jax.vmap(make_expert)(nbr)
-    else:
-      experts = None
+      experts = jax.vmap(make_expert)(batch["nbr"])
 
-    def step(carry, batch):
-      q, o = carry
-      x, y = batch
-      (loss, aux), g = jax.value_and_grad(silo_loss, has_aux=True)(q, x, y, experts, mask, glob, prev)
-      u, o = local_tx.update(g, o, q)
-      return (optax.apply_updates(q, u), o), (loss, aux)
+    def silo_loss(q, x, y):
+      logits, feats = ctx.forward(q, x, features=True)
+      seg = ctx.loss_fn(logits, y)
+      aux = {"seg": seg}
+      total = seg
+      if o.distill:
+        e_logits, e_feats = jax.vmap(lambda e: ctx.forward(e, x, features=True))(experts)
+        sims = expert_similarities(feats, e_feats, o)
+        w = emd_lib.emd_weights(sims, o.weight_mode, o.weight_temperature, o.detach_weights, batch["nbr_mask"])
+        kd = jnp.sum(w * jax.vmap(lambda z: kd_kl(logits, z, o.temperature))(e_logits))
+        total = o.beta * kd + (1.0 - o.beta) * seg
+        aux.update(kd=kd, sims=sims, w=w)
+      if o.moon_mu > 0:
+        zg, zp = ctx.forward(glob, x, features=True)[1], ctx.forward(prev, x, features=True)[1]
+        con = moon.contrastive(moon.pooled(feats), moon.pooled(zg), moon.pooled(zp), o.moon_tau)
+        total = total + o.moon_mu * con
+        aux["moon"] = con
+      return total, aux
 
-    (q, _), (losses, aux) = jax.lax.scan(step, (p, local_tx.init(p)), (xs, ys), unroll=unroll)
-    metrics = {"loss": jnp.mean(losses), "seg": jnp.mean(aux["seg"])}
-    if opts.distill:
+    q, loss, aux = local_sgd(silo_loss, ctx.tx, p, x_own, y_own, unroll=ctx.unroll, has_aux=True)
+    metrics = {"seg": jnp.mean(aux["seg"])}
+    if o.distill:
       metrics.update(kd=jnp.mean(aux["kd"]), sims=jnp.mean(aux["sims"], 0), w=jnp.mean(aux["w"], 0))
-    return q, metrics
+    return ClientOutput(upload=q, loss=loss, row={"params": q, "prev": q}, metrics=metrics)
 
-  def shard_body(params, prev, xs, ys, nbr_idx, nbr_mask, weights, W):
-    all_xs = jax.lax.all_gather(xs, CLIENTS, tiled=True)
-    all_ys = jax.lax.all_gather(ys, CLIENTS, tiled=True)
-    new, metrics = jax.vmap(one_silo, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
-      params, prev, xs, ys, nbr_idx, nbr_mask, all_xs, all_ys
-    )
-    trained = new
-    if opts.mixing == "cfl":
-      tot = jax.lax.psum(jnp.sum(weights), CLIENTS)
-      mean = jax.tree.map(lambda a: jax.lax.psum(jnp.tensordot(weights, a, axes=1), CLIENTS) / tot, new)
-      mixed = jax.tree.map(lambda m, a: jnp.broadcast_to(m, a.shape), mean, new)
-    elif opts.mixing == "dfl":
-      everyone = jax.tree.map(lambda a: jax.lax.all_gather(a, CLIENTS, tiled=True), new)
-      n_local = nbr_idx.shape[0]
-      start = jax.lax.axis_index(CLIENTS) * n_local
-      w_rows = jax.lax.dynamic_slice_in_dim(W, start, n_local, axis=0)
-      mixed = jax.tree.map(
-        lambda a: jnp.tensordot(w_rows, a.astype(jnp.float32), axes=(1, 0), precision=jax.lax.Precision.HIGHEST).astype(
-          a.dtype
-        ),
-        everyone,
-      )
-    else:
-      raise ValueError(f"unknown mixing {opts.mixing!r}; use cfl or dfl")
-    return mixed, trained, metrics
-
-  sharded = jax.shard_map(
-    shard_body,
-    mesh=mesh,
-    in_specs=(P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P()),
-    out_specs=(P(CLIENTS), P(CLIENTS), P(CLIENTS)),
-    # ott-jax's Sinkhorn (lax.cond inside) is not varying-manual-axes aware; every value in this
-    # body is per-silo or explicitly collective, so the check adds nothing here.
-    check_vma=False,
-  )
-
-  @jax.jit
-  def round_fn(params, prev, xs, ys, nbr_idx, nbr_mask, weights, W):
-    mixed, trained, metrics = sharded(
-      params, prev, xs, ys, nbr_idx, nbr_mask, weights.astype(jnp.float32), W.astype(jnp.float32)
-    )
-    return mixed, trained, metrics
-
-  return round_fn
+  def server(self, server, aggregate, sums, rows):
+    if self.aggregator == "mean":  # CFL: every silo continues from the weighted mean
+      mixed = jax.tree.map(lambda m, a: jnp.broadcast_to(m, a.shape), aggregate, rows["params"])
+    else:  # DFL: this silo's row of the gossip
+      mixed = aggregate
+    return dict(server, round=server["round"] + 1), {"params": mixed, "prev": rows["prev"]}
 
 
 def stack(tree, n: int):

@@ -21,11 +21,12 @@ from fedkd.preemption import Stopped
 from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import make_client_data
 from fedkd.fl import client_state as client_state_lib
-from fedkd.fl import engine
+from fedkd.fl import algorithms, engine
+from fedkd.fl.algorithm import ClientContext
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
-from fedkd.models import init_params
+from fedkd.models import init_model
 from fedkd.report import site_table
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
@@ -106,50 +107,52 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   workdir = prepare(os.fspath(workdir))
   mesh = client_mesh(n_dev)
   rows = local_rows(mesh, config.clients_per_round)
-  parallelism, unroll = engine.resolve_engine_options(
-    config.engine, model=config.model.name, clients_per_shard=config.clients_per_round // n_dev
+  layout, lowering, chunk = engine.legacy_options(config.engine, log)
+  engine_opts = engine.resolve(
+    layout,
+    lowering,
+    config.engine.unroll_local_steps,
+    model=config.model.name,
+    clients_per_shard=config.clients_per_round // n_dev,
+    client_chunk=chunk,
   )
   data = make_client_data(config)
   sizes = data.sizes
 
-  apply, params = init_params(config.model, config.seed)
+  apply, apply_wf, params = init_model(config.model, config.seed)
   loss_fn = make_segmentation_loss(config.loss)
   client_tx = engine.make_optimizer(config.client_optimizer)
   server_tx = engine.make_optimizer(config.server_optimizer)
   algorithm = config.algorithm.name
-  state = replicate(engine.init_server_state(params, server_tx, jax.random.key(config.seed), algorithm=algorithm), mesh)
-  # Per-client state of stateful algorithms (SCAFFOLD's c_i), rows of all num_clients clients on the
-  # host or the devices (config.algorithm.client_state); None for FedAvg.
-  init_rows = engine.init_client_state(params, 1, algorithm)
+  alg = algorithms.make(
+    algorithm,
+    server_tx,
+    client_lr=float(config.client_optimizer.learning_rate),
+    num_clients=config.num_clients,
+    moon_mu=config.algorithm.moon_mu,
+    moon_tau=config.algorithm.moon_tau,
+  )
+  state = replicate(alg.init(params, jax.random.key(config.seed)), mesh)
+  # Per-client state of stateful algorithms (SCAFFOLD's c_i, MOON's previous model), rows of all
+  # num_clients clients on the host or the devices (config.algorithm.client_state); None for FedAvg.
+  init_row = alg.init_row(params)
   clients_store = (
     None
-    if init_rows is None
+    if init_row is None
     else client_state_lib.make_client_state(
-      config.algorithm.client_state, jax.tree.map(lambda a: np.asarray(a[0]), init_rows), config.num_clients, mesh, rows
+      config.algorithm.client_state, jax.tree.map(np.asarray, init_row), config.num_clients, mesh, rows
     )
   )
-  del init_rows
-
-  def build_round_fn(strategy):
-    return engine.make_round_fn(
-      apply,
-      loss_fn,
-      client_tx,
-      server_tx,
-      mesh,
-      client_parallelism=strategy,
-      unroll_local_steps=unroll,
-      client_chunk=config.engine.client_chunk,
-      chunk_strategy=config.engine.chunk_strategy,
-      compute_dtype=jnp.dtype(config.engine.compute_dtype),
-      remat=config.engine.remat,
-      algorithm=algorithm,
-      client_lr=float(config.client_optimizer.learning_rate),
-      num_clients=config.num_clients,
-      skip_nonfinite=config.engine.skip_nonfinite_clients,
-    )
-
-  round_fn = None if parallelism == "measure" else build_round_fn(parallelism)
+  del init_row
+  ctx = ClientContext(
+    apply,
+    loss_fn,
+    client_tx,
+    apply_wf=apply_wf,
+    compute_dtype=jnp.dtype(config.engine.compute_dtype),
+    remat=config.engine.remat,
+  )
+  round_fn = engine.make_round_fn(alg, ctx, mesh, engine_opts, skip_nonfinite=config.engine.skip_nonfinite_clients)
 
   cfg_json = ckpt_lib.config_json(config)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep)
@@ -209,7 +212,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
     f"{config.local_steps} local steps x batch {config.batch_size}, {config.image_size}px, "
     f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
-    f"clients run as {parallelism}{', steps unrolled' if unroll else ''}"
+    f"{engine.describe(engine_opts)}"
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
     f"{', remat' if config.engine.remat else ''}"
   )
@@ -227,29 +230,12 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       key, sub = jax.random.split(jax.random.wrap_key_data(local_copy(state["rng"])))
       clients = sample_clients(sub, config.num_clients, config.clients_per_round)
       xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
-      batch = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
+      xs, ys, weights = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
+      batch = {"x": xs, "y": ys}
       state = dict(state, rng=replicate(jax.random.key_data(key), mesh))
-      if clients_store is not None:  # the sampled clients' rows, split over the mesh like the data
-        batch = (*batch, clients_store.gather(clients))
-      if round_fn is None:  # engine.client_parallelism 'measure': time the strategies on this round
-        log(
-          f"timing client strategies on round {r}'s shapes ({config.clients_per_round // n_dev} client(s) per device):"
-        )
-        parallelism, round_fn, _ = engine.measure_strategy(
-          build_round_fn,
-          engine.measure_candidates(
-            jax.default_backend(), config.clients_per_round // n_dev, config.engine.client_chunk
-          ),
-          state,
-          batch,
-          log=log,
-        )
-        log(f"  -> clients run as {parallelism}")
-        t0 = time.time()
-      if clients_store is None:
-        state, m = round_fn(state, *batch)
-      else:
-        state, m, new_rows = round_fn(state, *batch)
+      # the sampled clients' rows, split over the mesh like the data (None for stateless algorithms)
+      rows_in = None if clients_store is None else clients_store.gather(clients)
+      state, new_rows, m = round_fn(state, rows_in, batch, weights)
       loss = float(m["loss"])  # waits for the round
       client_ok = np.asarray(
         m["client_finite"]
