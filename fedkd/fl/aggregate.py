@@ -24,6 +24,22 @@ import jax.numpy as jnp
 from fedkd.sharding import CLIENTS
 
 
+def mix(W, stacked):
+  """One gossip contraction new_i = sum_j W[i, j] x_j on the leading (client) axis of every floating
+  leaf of ``stacked`` ([N, ...]); W: [M, N] (M = N: every client's new model; fewer rows: those
+  clients'). float32 at full matmul precision (no TF32/bf16 passes on accelerators), cast back to
+  each leaf's dtype; non-floating leaves (e.g. step counters) are returned unchanged (square W)."""
+  w = jnp.asarray(W, jnp.float32)
+
+  def one(x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return x
+    return jnp.tensordot(w, x.astype(jnp.float32), axes=(1, 0), precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+  return jax.tree.map(one, stacked)
+
+
 class Mean:
   name = "mean"
   linear = True
@@ -51,12 +67,7 @@ class Gossip:
     everyone = jax.tree.map(lambda a: jax.lax.all_gather(a, CLIENTS, tiled=True), uploads)
     n_local = jax.tree.leaves(uploads)[0].shape[0]
     rows = jax.lax.dynamic_slice_in_dim(mixing, jax.lax.axis_index(CLIENTS) * n_local, n_local, axis=0)
-    return jax.tree.map(
-      lambda a: jnp.tensordot(rows, a.astype(jnp.float32), axes=(1, 0), precision=jax.lax.Precision.HIGHEST).astype(
-        a.dtype
-      ),
-      everyone,
-    )
+    return mix(rows, everyone)
 
 
 AGGREGATORS = {"mean": Mean, "gossip": Gossip}

@@ -3,7 +3,7 @@
 Conventions
 -----------
 * A **mixing matrix** W is numpy float32 [N, N]; row i holds the weights silo i gives to every silo
-  j's model, so one gossip round is  x_i <- sum_j W_ij x_j  (``gossip``). Rows sum to 1; the
+  j's model, so one gossip round is  x_i <- sum_j W_ij x_j  (``fedkd.fl.aggregate.mix``). Rows sum to 1; the
   matrices built here are also column-stochastic (doubly stochastic) wherever the topology allows,
   which makes gossip preserve the average model.
 * An **adjacency** A is float32 [N, N] with A[i, j] != 0 iff silo i receives from silo j (j is an
@@ -33,8 +33,7 @@ from importlib import resources
 from typing import Any
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
+
 import numpy as np
 
 from fedkd.errors import UserError
@@ -507,25 +506,3 @@ def is_doubly_stochastic(w, atol: float = 1e-5) -> bool:
   """True if w is non-negative with rows and columns summing to 1 (within atol)."""
   w = np.asarray(w, np.float64)
   return bool((w >= -atol).all() and np.allclose(w.sum(0), 1.0, atol=atol) and np.allclose(w.sum(1), 1.0, atol=atol))
-
-
-# ----------------------------------------------------------------------------- gossip
-
-
-def gossip(stacked_params, W):
-  """One gossip round: new_i = sum_j W_ij x_j on the leading (client) axis of every leaf.
-
-  ``stacked_params``: a pytree whose floating leaves are [N, ...]; W: [N, N]. The contraction runs
-  in float32 at full matmul precision (no TF32/bf16 passes on accelerators) and is cast back to each
-  leaf's dtype; non-floating leaves (e.g. integer step counters) are returned unchanged. jit-able.
-  """
-  w = jnp.asarray(W, jnp.float32)
-
-  def mix(x):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      return x
-    y = jnp.tensordot(w, x.astype(jnp.float32), axes=(1, 0), precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
-
-  return jax.tree.map(mix, stacked_params)
