@@ -1,8 +1,36 @@
-"""fedkd.bench_conv: every client-batched conv formulation agrees with XLA's vmapped convolution."""
+"""The benchmarks of bench/ (run from the repository root; not part of the installed package).
+
+bench.conv: every client-batched conv formulation agrees with XLA's vmapped convolution. bench.measure:
+the layout x lowering candidates per backend, a failing candidate is skipped with its error, the fastest
+timed one is chosen, the caller's state is untouched and the chosen round equals a per-client loop
+(tests/test_engine.py's reference). python -m bench: its layout/lowering flags, its rows, --measure
+end to end in two processes.
+"""
 
 import json
+import os
+import subprocess
+import sys
 
-from fedkd import bench_conv
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # bench/ is a top-level folder of the checkout, not an installed package
+  sys.path.insert(0, ROOT)
+
+import bench.__main__ as round_bench  # noqa: E402
+import test_engine  # noqa: E402
+from bench import conv as bench_conv  # noqa: E402
+from bench import measure  # noqa: E402
+from fedkd.config import base_config  # noqa: E402
+from fedkd.fl import algorithms, engine  # noqa: E402
+from fedkd.fl.algorithm import ClientContext  # noqa: E402
+from fedkd.fl.engine import EngineOptions  # noqa: E402
+from fedkd.sharding import client_mesh, shard_clients  # noqa: E402
 
 TINY = ["--clients", "3", "--batch", "2", "--size", "8", "--cin", "4", "--cout", "5", "--reps", "1"]
 
@@ -24,6 +52,216 @@ def test_every_formulation_and_pass_matches_vmap(capsys):
 
 
 def test_compile_only_times_nothing(capsys):
+  # former names are accepted: vmap = xla, hybrid = wgrad
   rows = _rows(capsys, ["--compile-only", "--formulations", "vmap,hybrid", "--passes", "all"])
-  assert [(r["name"], r["formulation"]) for r in rows] == [("compiled", "vmap"), ("compiled", "hybrid")]
+  assert [(r["name"], r["formulation"], r["pass"]) for r in rows] == [
+    ("compiled", "xla", "all"),
+    ("compiled", "wgrad", "all"),
+  ]
   assert all("ms" not in r for r in rows)
+
+
+def _labels(*args):
+  return [measure.label(o) for o in measure.candidates(*args)]
+
+
+def test_measure_candidates():
+  assert _labels("cpu", 64, 8) == ["unroll+xla", "vmap+gemm", "vmap+xla"]
+  assert _labels("gpu", 16, 4) == [
+    "vmap+wgrad",
+    "vmap+gemm",
+    "chunked(4)+gemm",
+    "vmap+xla",
+    "chunked(1)+xla",
+    "unroll+xla",
+  ]
+  # one chunk holding the whole shard is vmap+gemm: not timed twice; more than 16 clients are not unrolled
+  assert _labels("gpu", 16, 16) == ["vmap+wgrad", "vmap+gemm", "vmap+xla", "chunked(1)+xla", "unroll+xla"]
+  assert _labels("tpu", 128, 16) == ["vmap+wgrad", "vmap+gemm", "chunked(16)+gemm", "vmap+xla", "chunked(1)+xla"]
+  assert all(o.unroll_local_steps for o in measure.candidates("cpu", 4, 8, True))
+  assert not any(o.unroll_local_steps for o in measure.candidates("gpu", 4, 8, False))
+
+
+@pytest.mark.parametrize(
+  "opts",
+  [EngineOptions("vmap", "wgrad", 8), EngineOptions("chunked", "xla", 1), EngineOptions("chunked", "gemm", 16)],
+)
+def test_measure_flags_select_the_options(opts):
+  """The recommended flags, applied to the config schema, resolve to the measured options."""
+  c = base_config()
+  for flag in measure.flags(opts).split():
+    key, value = flag[len("--config.engine.") :].split("=")
+    c.engine[key] = type(c.engine[key])(value)
+  layout, lowering, chunk = engine.legacy_options(c.engine)
+  got = engine.resolve(layout, lowering, False, platform="gpu", model="unet", clients_per_shard=64, client_chunk=chunk)
+  assert (got.layout, got.lowering) == (opts.layout, opts.lowering)
+  assert got.layout != "chunked" or got.client_chunk == opts.client_chunk
+
+
+def test_measure_skips_failures_and_leaves_state_untouched():
+  apply, params, loss_fn, xs, ys, weights = test_engine._setup(seed=7, clients=4)
+  mesh = client_mesh(2)
+  alg = algorithms.FedAvg(optax.sgd(1.0))
+  ctx = ClientContext(apply, loss_fn, optax.sgd(test_engine.LR))
+
+  def out_of_memory(*args):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 62.7GiB.\nmore detail")
+
+  def build(o):
+    return out_of_memory if o.lowering == "wgrad" else engine.make_round_fn(alg, ctx, mesh, o)
+
+  options = [
+    EngineOptions("unroll", "xla", 8, True),
+    EngineOptions("no_such_layout", "xla", 8, True),  # fails to build
+    EngineOptions("vmap", "gemm", 8, True),
+    EngineOptions("vmap", "wgrad", 8, True),  # fails when it runs
+  ]
+  state = alg.init(params, jax.random.key(0))
+  sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  emitted = []
+  best, fn, results = measure.measure(
+    build, options, (state, None, {"x": sx, "y": sy}, sw), reps=1, emit=emitted.append
+  )
+  assert emitted == results and [r["candidate"] for r in results] == [measure.label(o) for o in options]
+  assert "no_such_layout" in results[1]["error"] and "sec_per_round" not in results[1]
+  assert results[3]["error"] == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 62.7GiB."
+  timed = [results[0], results[2]]
+  assert all(r["sec_per_round"] > 0 and r["first_call_s"] > 0 and "error" not in r for r in timed)
+  assert measure.label(best) == min(timed, key=lambda r: r["sec_per_round"])["candidate"]
+  assert best in (options[0], options[2])
+  # the measured rounds ran on copies: the state is alive (not donated) and still the initial one
+  assert not any(a.is_deleted() for a in jax.tree.leaves(state))
+  assert test_engine._max_diff(state["params"], params) == 0
+  got = jax.tree.map(np.asarray, fn(state, None, {"x": sx, "y": sy}, sw)[0]["params"])
+  assert test_engine._max_diff(test_engine._reference_round(apply, loss_fn, params, xs, ys, weights), got) < 2e-5
+
+
+def test_measure_fails_when_nothing_runs():
+  def build(o):
+    raise ValueError(f"cannot build {o.layout}")
+
+  with pytest.raises(RuntimeError, match="vmap\\+xla: ValueError: cannot build vmap"):
+    measure.measure(build, [EngineOptions("vmap", "xla")], (), reps=1)
+
+
+def _bench_args(argv):
+  return round_bench._resolve(round_bench._parser().parse_args(argv))
+
+
+def test_bench_pairs_layouts_and_former_names():
+  """--pairs / --layouts x --lowerings name the engine options the rows time (former strategy names
+  map to their layout + lowering); 'auto' is the engine's choice for the backend and model."""
+  a = _bench_args(
+    ["--pairs", "hybrid,bgemm,vmap,unroll,chunked,map,vmap:gemm,chunked:wgrad:2,auto:auto", "--chunk", "4"]
+  )
+  got = [(o.layout, o.lowering, o.client_chunk) for o in round_bench.engine_options(a, "gpu", 8)]
+  assert got == [
+    ("vmap", "wgrad", 4),
+    ("vmap", "gemm", 4),
+    ("vmap", "xla", 4),
+    ("unroll", "xla", 4),
+    ("chunked", "gemm", 4),
+    ("chunked", "xla", 1),
+    # vmap:gemm repeats bgemm: dropped
+    ("chunked", "wgrad", 2),
+    # auto:auto on a GPU with 8 UNet clients per device is vmap + wgrad (docs/engine.md): a repeat
+  ]
+  a = _bench_args(["--layouts", "vmap,chunked", "--lowerings", "xla,gemm", "--unroll", "true"])
+  opts = round_bench.engine_options(a, "gpu", 8)
+  assert [(o.layout, o.lowering) for o in opts] == [
+    ("vmap", "xla"),
+    ("vmap", "gemm"),
+    ("chunked", "xla"),
+    ("chunked", "gemm"),
+  ]
+  assert all(o.unroll_local_steps and o.client_chunk == 8 for o in opts)
+  assert [(o.layout, o.lowering) for o in round_bench.engine_options(_bench_args([]), "cpu", 8)] == [("unroll", "xla")]
+  assert round_bench.engine_options(_bench_args(["--layouts", "none"]), "cpu", 8) == []
+  assert len(round_bench.engine_options(_bench_args(["--layouts", "all", "--lowerings", "all"]), "cpu", 8)) == 9
+  for bad in (["--pairs", "gconv"], ["--pairs", "vmap:gemm:0"], ["--layouts", "vmap", "--lowerings", "matmul"]):
+    with pytest.raises(SystemExit):
+      round_bench.engine_options(_bench_args(bad), "cpu", 8)
+
+
+def test_round_benchmark_rows(capsys, monkeypatch):
+  from fedkd.data import synth
+
+  def images(seed, table, ids, idx, size):  # the generator's shapes, without compiling the generator
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return jax.random.uniform(kx, idx.shape + (size, size, 1)), jax.random.randint(ky, idx.shape + (size, size), 0, 3)
+
+  monkeypatch.setattr(synth, "generate", images)
+  tiny = "--size 16 --clients 2 --steps 1 --batch 1 --width 2 --depth 1 --rounds 1 --devices 2"
+  round_bench.main(tiny.split() + ["--pairs", "chunked:xla:1"])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["name"] for r in rows] == ["synth", "centralized", "fed_round"]
+  central, fed = rows[1], rows[2]
+  assert (fed["layout"], fed["lowering"], fed["chunk"], fed["devices"]) == ("chunked", "xla", 1, 2)
+  assert fed["sec_per_round"] > 0 and central["sec_per_round"] > 0
+  assert fed["images_per_s"] == pytest.approx(2 / fed["sec_per_round"], rel=1e-2)
+  assert fed["ratio"] == pytest.approx(central["sec_per_round"] / fed["sec_per_round"], rel=1e-2, abs=1e-3)
+
+
+def test_measure_cli_in_two_processes(tmp_path):
+  """python -m bench --measure --config=...: one row per CPU candidate and the fastest one's flags;
+  two processes with a coordinator time it together and run process 0's choice."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES",)}
+  env["JAX_PLATFORMS"] = "cpu"
+  tiny = (
+    "--config.num_clients=4 --config.clients_per_round=4 --config.local_steps=1 --config.batch_size=1 "
+    "--config.image_size=32 --config.model.width=2 --config.model.depth=1 --config.model.groups=1"
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", "bench", "--measure", "--rounds=1", "--config=configs/quickstart.py", *tiny.split()]
+      + ["--cpu_devices=2", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  rows = [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+  assert [r["name"] for r in rows] == ["measure"] * 3 + ["measure_best"]
+  assert [r["candidate"] for r in rows[:3]] == ["unroll+xla", "vmap+gemm", "vmap+xla"]
+  assert all(r["devices"] == 4 and r["processes"] == 2 and r["clients_per_device"] == 1 for r in rows[:3])
+  timed = [r for r in rows[:3] if "error" not in r]
+  assert timed and all(r["sec_per_round"] > 0 for r in timed)
+  best = rows[3]
+  assert best["candidate"] in [r["candidate"] for r in timed]
+  assert best["flags"] == (
+    f"--config.engine.client_layout={best['layout']} --config.engine.conv_lowering={best['lowering']}"
+  )
+  assert f"run with {best['flags']}" in outs[0][1]
+  assert not [line for line in outs[1][0].splitlines() if line.startswith("{")]  # process 0 speaks
+  assert f"process 1 runs {best['candidate']} (process 0's choice)" in outs[1][1]
+
+
+def test_measure_cli_refuses_a_fedefm_config():
+  r = subprocess.run(
+    [sys.executable, "-m", "bench", "--measure", "--config=configs/fedefm.py"],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("bench: error: --measure times"), r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_bench_is_not_installed_with_fedkd():
+  """pyproject lists the installed packages explicitly; bench/ is not one of them."""
+  text = open(os.path.join(ROOT, "pyproject.toml")).read()
+  packages = text.split("packages = [", 1)[1].split("]", 1)[0]
+  assert "fedkd" in packages and "bench" not in packages

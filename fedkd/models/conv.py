@@ -16,7 +16,7 @@ The formulation is chosen at trace time:
 * ``gemm_convs(mode="wgrad")`` keeps XLA's convolution for the forward pass and the input gradient
   (vmapped: grouped convolutions, which cuDNN runs directly) and computes only the kernel gradient
   as patches^T x output-gradient batched GEMMs (vmapped, XLA's own kernel gradient is a
-  ``batch_group_count`` convolution, the slowest of the three: ``python -m fedkd.bench_conv``).
+  ``batch_group_count`` convolution, the slowest of the three: ``python -m bench.conv``).
   ``gemm_convs(mode="matmul")`` makes only the convs that are matmuls anyway GEMMs (1x1 kernels,
   UNet's stride == kernel transposed convs) and leaves every other conv, its gradients included, to
   XLA (vmapped: cuDNN's grouped convolutions). 1x1 convs and UNet's transposed convs are matmuls in

@@ -1,7 +1,7 @@
 """One client-batched 3x3 convolution, timed per formulation and per pass (JSON lines).
 
-  python -m fedkd.bench_conv                                  # CPU-sized defaults
-  python -m fedkd.bench_conv --clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfloat16
+  python -m bench.conv                                  # CPU-sized defaults
+  python -m bench.conv --clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfloat16
 
 The federated round's cost is dominated by UNet's full-resolution 3x3 convs with per-client kernels.
 This isolates one such layer: x [clients, batch, size, size, cin], per-client kernels
@@ -9,16 +9,18 @@ w [clients, 3, 3, cin, cout], 'SAME' padding, and times
 
   pass        fwd (y = conv(x, w)), dgrad (x's cotangent from a cotangent of y), wgrad (w's), or
               all (forward and both gradients, as in training);
-  formulation centralized (ONE kernel over the clients * batch images: the ceiling), vmap (jax.vmap
-              of lax.conv: grouped convs, batch-grouped for wgrad), hybrid (vmap's grouped convs for
-              fwd and dgrad, wgrad as patches^T x cotangent batched GEMMs), bgemm (im2col patches x kernels,
-              batched matmuls; ``fedkd.models.conv``), bgemm_rc (the same with the patch matrix
-              rebuilt in the backward pass), taps (nine shifted batched matmuls summed), unroll
-              (one conv per client, emitted separately), map (lax.map over clients).
+  formulation centralized (ONE kernel over the clients * batch images: the ceiling), and the engine's
+              conv lowerings under jax.vmap (``fedkd.models.conv``): xla (lax.conv: grouped convs,
+              batch-grouped for wgrad), wgrad (xla's grouped convs for fwd and dgrad, wgrad as
+              patches^T x cotangent batched GEMMs), gemm (im2col patches x kernels, batched matmuls),
+              gemm_rc (gemm with the patch matrix rebuilt in the backward pass); taps (nine shifted
+              batched matmuls summed), unroll (one conv per client, emitted separately: the unroll
+              layout), map (lax.map over clients: chunked with one client per chunk). The former
+              names vmap, hybrid, bgemm, bgemm_rc are accepted for xla, wgrad, gemm, gemm_rc.
 
 Each row: ``ms`` (median of ``--reps`` calls after a warm-up), ``tflops`` (2 * clients * batch *
 size^2 * 9 * cin * cout per conv-shaped pass, three of them for ``all``), ``ratio`` (centralized ms /
-this ms, same pass), ``compile_s``. Every formulation is checked against the vmap one before it is
+this ms, same pass), ``compile_s``. Every formulation is checked against the (vmapped) xla one before it is
 timed (``max_rel_err``).
 """
 
@@ -38,7 +40,8 @@ from jax import lax
 from fedkd.models.conv import conv_general_dilated as gemm_capable_conv
 from fedkd.models.conv import gemm_convs
 
-FORMULATIONS = ("centralized", "vmap", "hybrid", "bgemm", "bgemm_rc", "taps", "unroll", "map")
+FORMULATIONS = ("centralized", "xla", "wgrad", "gemm", "gemm_rc", "taps", "unroll", "map")
+FORMER_NAMES = {"vmap": "xla", "hybrid": "wgrad", "bgemm": "gemm", "bgemm_rc": "gemm_rc"}
 PASSES = ("fwd", "dgrad", "wgrad", "all")
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -63,13 +66,13 @@ def client_conv(formulation: str):
   cin, cout] shared, x flattened over clients and batch)."""
   if formulation == "centralized":
     return lambda x, w: _conv(x.reshape((-1,) + x.shape[2:]), w).reshape(x.shape[:-1] + w.shape[-1:])
-  if formulation == "vmap":
+  if formulation == "xla":
     return jax.vmap(_conv)
-  if formulation in ("bgemm", "bgemm_rc", "hybrid"):
+  if formulation in ("gemm", "gemm_rc", "wgrad"):
 
     def f(x, w):
       with gemm_convs(
-        True, recompute_patches=formulation == "bgemm_rc", mode="wgrad" if formulation == "hybrid" else "gemm"
+        True, recompute_patches=formulation == "gemm_rc", mode="wgrad" if formulation == "wgrad" else "gemm"
       ):
         return jax.vmap(
           functools.partial(gemm_capable_conv, window_strides=(1, 1), padding="SAME", dimension_numbers=_DN)
@@ -123,15 +126,16 @@ def _parser():
 
 def main(argv=None) -> None:
   a = _parser().parse_args(argv)
-  forms, passes = a.formulations.split(","), a.passes.split(",")
+  forms = [FORMER_NAMES.get(f, f) for f in a.formulations.split(",")]
+  passes = a.passes.split(",")
   for bad in [f for f in forms if f not in FORMULATIONS] + [q for q in passes if q not in PASSES]:
     raise SystemExit(
-      f"fedkd.bench_conv: error: unknown formulation or pass {bad!r} "
+      f"bench.conv: error: unknown formulation or pass {bad!r} "
       f"(formulations: {','.join(FORMULATIONS)}; passes: {','.join(PASSES)})"
     )
   for k in ("clients", "batch", "size", "cin", "cout", "reps"):
     if getattr(a, k) <= 0:
-      raise SystemExit(f"fedkd.bench_conv: error: --{k}={getattr(a, k)} must be positive")
+      raise SystemExit(f"bench.conv: error: --{k}={getattr(a, k)} must be positive")
   dt = jnp.dtype(a.dtype)
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (a.clients, a.batch, a.size, a.size, a.cin), dt)
@@ -161,14 +165,12 @@ def main(argv=None) -> None:
         print(json.dumps({**row, "name": "compiled", "row": "conv", **common}), flush=True)
         continue
       out = jax.block_until_ready(exe(*args))
-      if form != "centralized":  # check it against the vmap formulation (its own output, when timed)
+      if form != "centralized":  # check it against the vmapped xla formulation (its own output, when timed)
         leaves = [np.asarray(v, np.float32) for v in jax.tree.leaves(out)]
-        if form == "vmap":
+        if form == "xla":
           reference[which] = leaves
         elif which not in reference:
-          reference[which] = [
-            np.asarray(v, np.float32) for v in jax.tree.leaves(jax.jit(pass_fn("vmap", which))(*args))
-          ]
+          reference[which] = [np.asarray(v, np.float32) for v in jax.tree.leaves(jax.jit(pass_fn("xla", which))(*args))]
         row["max_rel_err"] = float(
           max(np.max(np.abs(o - r)) / (np.max(np.abs(r)) + 1e-30) for o, r in zip(leaves, reference[which]))
         )

@@ -1,8 +1,8 @@
 """Summarises XLA's optimized HLO dumps: does the im2col concatenate land inside the GEMM?
 
   XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
-      python -m fedkd.bench_conv --formulations bgemm --passes fwd,all --reps 2
-  python launch/hlo_gemm_report.py /tmp/xdump
+      python -m bench.conv --formulations gemm --passes fwd,all --reps 2
+  python bench/hlo_report.py /tmp/xdump
 
 For every ``*after_optimizations.txt`` module: the number of GEMMs by kind (Triton GEMM fusions,
 cuBLAS / cuBLASLt custom calls, CPU dots), cuDNN convolutions, and, for the Triton GEMM fusions,

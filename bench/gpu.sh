@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurements in ONE call: fedkd.bench workloads A / B / C (the centralized ceiling and
-# the client strategies, bf16 compute), the 1,024-client round, one conv layer per pass, the PyTorch
-# anchor, remat's memory. The order follows the README's next steps (gconv, chunked with hybrid
-# inside); the rows measured on 2026-11-27 are in the README's GPU table.
+# Issue 6's GPU measurements in ONE call, from the repository root: `python -m bench` workloads A / B / C
+# (the centralized ceiling and the client layouts x conv lowerings, bf16 compute), the 1,024-client
+# round, one conv layer per pass (`python -m bench.conv`), the PyTorch anchor, remat's memory, the HLO
+# report. The rows measured on 2026-11-27 are in docs/engine.md ("GPU: one NVIDIA H200").
 #
-#   bash launch/gpu_bench.sh [path/to/anchor_bench.py] [budget_s]
+#   bash bench/gpu.sh [path/to/anchor_bench.py] [budget_s]
 #
 # Writes JSON lines to ${OUT:-runs/gpu_bench}/bench.jsonl (and the raw log beside it). Each step runs
 # under `timeout` so one slow step cannot eat the whole budget; a step that times out is logged and
 # skipped (rows it finished are kept). Wheels for packages the GPU image lacks (ml-collections) are installed from .whl/
-# when that folder exists (see launch/README.md, "GPU benchmark").
+# when that folder exists (see bench/README.md, "GPU script").
 set -u
 ANCHOR=${1:-}
 BUDGET=${2:-540}
@@ -38,33 +38,32 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
   [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMEOUT $*" | tee -a "$LOG"
 }
 
-B="python3 -m fedkd.bench --rounds 3 --dtype bfloat16"
-X=${BENCH_EXTRA:-}  # appended to every fedkd.bench command (overrides the sizes; e.g. a CPU smoke test)
+B="python3 -m bench --rounds 3 --dtype bfloat16"
+X=${BENCH_EXTRA:-}  # appended to every `python -m bench` command (overrides the sizes; e.g. a CPU smoke test)
 # XLA:GPU took 10-86 s to compile each program alone on an H200 (jax 0.11.2, autotuning). Phase 1
-# compiles every fedkd.bench step below side by side (--compile-only, PAR processes at a time) into
+# compiles every benchmark step below side by side (--compile-only, PAR processes at a time) into
 # JAX's persistent compilation cache (with XLA's per-fusion autotuning results); phase 2 then runs
 # the steps one process at a time, loading the executables. Nothing is timed while anything else
 # runs on the GPU. A program phase 1 did not finish is compiled in phase 2 (rows then come later).
-# More than a few compiles at once slow each other down and disturb autotuning (README, "GPU").
+# More than a few compiles at once slow each other down and disturb autotuning (docs/engine.md).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/fedkd_jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 A="--workload A --chunk 4"
 C="--workload C --chunk 4"
-S="--size 128 --steps 2 --batch 4 --width 32 --depth 4 --parallelism chunked --chunk 16"
+S="--size 128 --steps 2 --batch 4 --width 32 --depth 4 --pairs chunked:gemm --chunk 16"
 K=${CONV_ARGS:-"--clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfloat16 --reps 20"}  # one A-sized conv layer
-STEPS=(  # "limit_s|fedkd.bench arguments" (CONV: the conv layer), most important first (the README's next steps)
-  "200|$A --parallelism gconv,hybrid,vmap"
-  "200|--workload B --parallelism chunked --chunk 16 --chunk-strategy hybrid"
-  "120|--workload B --parallelism chunked --chunk 16 --chunk-strategy gconv --no-centralized"
-  "150|$C --parallelism gconv,bgemm,hybrid"
+STEPS=(  # "limit_s|python -m bench arguments" (CONV: the conv layer), most important first
+  "200|$A --pairs vmap:wgrad,vmap:xla"
+  "200|--workload B --pairs chunked:wgrad,chunked:gemm --chunk 16"
+  "150|$C --pairs vmap:gemm,vmap:wgrad"
   "90|$S --scale 128,512,1024 --rounds 2"
   "90|CONV"
-  "120|$A --parallelism chunked,bgemm"
-  "120|$C --parallelism chunked"
-  "45|$A --parallelism chunked --remat --no-centralized"
+  "120|$A --pairs chunked:gemm,vmap:gemm,unroll:xla,chunked:xla:1"
+  "120|$C --pairs chunked:gemm"
+  "45|$A --pairs chunked:gemm --remat --no-centralized"
 )
 command_of() {  # the command of a step's arguments
-  if [ "$1" = CONV ]; then echo "python3 -m fedkd.bench_conv $K"; else echo "$B $1 $X"; fi
+  if [ "$1" = CONV ]; then echo "python3 -m bench.conv $K"; else echo "$B $1 $X"; fi
 }
 
 PHASE1=${PHASE1:-200}
@@ -94,6 +93,6 @@ if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
 fi
 # Does XLA:GPU fuse the im2col patches into its GEMMs? (HLO after optimization, no cache: dumps need a compile)
 step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
-  python3 -m fedkd.bench_conv $K --formulations centralized,vmap,hybrid,bgemm --passes fwd,all --reps 2 >/dev/null \
-  && python3 launch/hlo_gemm_report.py /tmp/xdump && cp /tmp/xdump/*jit_bgemm_all*after_optimizations.txt /tmp/xdump/*jit_hybrid_all*after_optimizations.txt '$OUT_DIR'/"
+  python3 -m bench.conv $K --formulations centralized,xla,wgrad,gemm --passes fwd,all --reps 2 >/dev/null \
+  && python3 bench/hlo_report.py /tmp/xdump && cp /tmp/xdump/*jit_gemm_all*after_optimizations.txt /tmp/xdump/*jit_wgrad_all*after_optimizations.txt '$OUT_DIR'/"
 echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL" | tee -a "$LOG"

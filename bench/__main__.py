@@ -1,0 +1,452 @@
+"""The federated round benchmark, printed as JSON lines (one object per measurement). From the repository root:
+
+  python -m bench                                         # CPU-sized defaults, the 'auto' layout + lowering
+  python -m bench --workload A                            # issue 6's workloads A / B / C (GPU-sized)
+  python -m bench --workload B --pairs vmap:gemm,chunked:gemm,chunked:xla:1 --dtype bfloat16
+  python -m bench --layouts vmap,chunked --lowerings xla,gemm,wgrad   # every layout x lowering given
+  python -m bench --scale 64,128,256,512,1024 --size 128 --pairs chunked:gemm   # clients sweep
+  python -m bench --measure --config=configs/quickstart.py [--config.KEY=VALUE ...]   # see below
+
+Workloads: A = 256x256, 16 clients x 4 local steps x batch 8, UNet width 32 (depth 4);
+B = 128x128, 128 clients x 2 steps x batch 4, UNet width 32; C = TransUNet (ViT encoder, hidden 256,
+6 layers, patch 16) at 256x256, 16 clients x 4 steps x batch 8. Flags given after --workload override it.
+
+Rows, side by side in one process (ratios only compare rows of the same run):
+  synth        on-device synthetic X-ray generation, images/s;
+  centralized  one model trained on batch = clients * batch for the same number of steps: the
+               throughput ceiling for the same FLOPs without federated overhead (per dtype);
+  fed_round    one federated round (every client's local steps + FedAvg + server step) per client
+               layout, conv lowering and dtype (fedkd.fl.engine): images/s, ``ratio`` = fed images/s / centralized images/s,
+               ``compile_s`` (lower + compile), ``temp_mb`` (XLA's buffer plan for the compiled round:
+               temporaries; arguments and outputs are listed apart), ``peak_mb`` (the device's
+               peak bytes in use so far in this process, where the backend reports it; cumulative);
+  scale        with --scale: seconds per round for each client count (same per-client work), and
+               seconds per client, to check that round time grows linearly in clients.
+
+--compile-only lowers and compiles every program the same flags would time, prints one ``compiled``
+row per program (compile_s, buffer plan) and times nothing. With JAX's persistent compilation cache
+(``JAX_COMPILATION_CACHE_DIR``) several such processes can compile side by side, so that the timing
+run afterwards loads its executables instead of compiling them (bench/gpu.sh does this: on an H200
+XLA:GPU took 10-86 s per program compiled alone).
+
+--measure --config=FILE [--config.KEY=VALUE ...] times the engine's client layout x conv lowering
+candidates on that (fedavg-task) config's model, algorithm and round shapes on this machine (bench/measure.py;
+CPU: unroll+xla, vmap+gemm, vmap+xla; GPU/TPU: vmap+wgrad, vmap+gemm, chunked+gemm, vmap+xla,
+chunked(1)+xla and, up to 16 clients per device, unroll+xla): one ``measure`` row per candidate (seconds
+per round, or the error that ruled it out), then a ``measure_best`` row with the flags that select the
+fastest. With --coordinator_address / --num_processes / --process_id (or on a TPU pod / under SLURM)
+every process times the candidates and process 0's choice holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+
+WORKLOADS = {
+  "A": dict(size=256, clients=16, steps=4, batch=8, width=32, depth=4, model="unet"),
+  "B": dict(size=128, clients=128, steps=2, batch=4, width=32, depth=4, model="unet"),
+  "C": dict(size=256, clients=16, steps=4, batch=8, width=32, depth=4, model="transunet"),
+}
+# The TransUNet of workload C (and of --model transunet).
+TRANSUNET = dict(
+  patch_size=16, stem_width=32, hidden=256, num_layers=6, num_heads=8, mlp_dim=1024, decoder_width=64, skips=True
+)
+
+
+def fail(msg: str, code: int = 2):
+  print(f"bench: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _time(fn, reps: int) -> float:
+  import jax
+
+  jax.block_until_ready(fn())  # compile + warm up
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / reps
+
+
+def _peak_mb():
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2**20, 1)
+
+
+def _compiled(fn, *args):
+  """(compiled executable, lower+compile seconds, memory-plan dict in MiB)."""
+  t = time.perf_counter()
+  exe = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t
+  mem = {}
+  try:
+    ma = exe.memory_analysis()
+    mem = dict(
+      temp_mb=round(ma.temp_size_in_bytes / 2**20, 1),
+      args_mb=round(ma.argument_size_in_bytes / 2**20, 1),
+      out_mb=round(ma.output_size_in_bytes / 2**20, 1),
+    )
+  except Exception:  # noqa: BLE001 - not every backend reports a buffer plan
+    pass
+  return exe, round(compile_s, 2), mem
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+    prog="python -m bench",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    allow_abbrev=False,
+  )
+  p.add_argument("--workload", choices=sorted(WORKLOADS), help="preset sizes (later flags override)")
+  p.add_argument("--model", default=None, choices=["unet", "transunet"])
+  p.add_argument("--size", type=int)
+  p.add_argument("--clients", type=int)
+  p.add_argument("--steps", type=int)
+  p.add_argument("--batch", type=int)
+  p.add_argument("--width", type=int)
+  p.add_argument("--depth", type=int)
+  p.add_argument("--rounds", type=int, default=3, help="timed repetitions after one warm-up (--measure: too)")
+  p.add_argument(
+    "--layouts",
+    default="auto",
+    help="comma list of client layouts (vmap, chunked, unroll), 'all', 'auto' (the engine's choice for the "
+    "backend, model and clients per device) or 'none' (only the centralized rows); crossed with --lowerings",
+  )
+  p.add_argument("--lowerings", default="auto", help="comma list of conv lowerings (xla, gemm, wgrad), 'all' or 'auto'")
+  p.add_argument(
+    "--pairs",
+    default="",
+    help="comma list of LAYOUT:LOWERING[:CHUNK] (e.g. vmap:wgrad,chunked:xla:1; 'auto' allowed in either "
+    "place) or former engine.client_parallelism names (vmap, bgemm, hybrid, unroll, chunked, map); "
+    "replaces --layouts / --lowerings",
+  )
+  p.add_argument("--dtype", default="float32", help="comma list of float32,bfloat16 (compute dtype)")
+  p.add_argument("--chunk", type=int, default=8, help="clients per chunk of the chunked layout")
+  p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
+  p.add_argument(
+    "--unroll", default="auto", choices=["auto", "true", "false"], help="unroll the local-step scan (auto: on CPU)"
+  )
+  p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
+  p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients (first pair)")
+  p.add_argument("--no-centralized", action="store_true", help="skip the centralized ceiling rows")
+  p.add_argument(
+    "--compile-only",
+    action="store_true",
+    help="compile every program (filling JAX_COMPILATION_CACHE_DIR, if set) and time nothing",
+  )
+  m = p.add_argument_group("--measure (the sizes, layout and dtype flags above do not apply; the config's do)")
+  m.add_argument(
+    "--measure",
+    action="store_true",
+    help="time the layout x lowering candidates on --config's round and name the fastest",
+  )
+  m.add_argument("--coordinator_address", help="host:port of process 0 of a multi-process --measure")
+  m.add_argument("--num_processes", type=int, help="processes of a multi-process --measure")
+  m.add_argument("--process_id", type=int, help="this process's index in a multi-process --measure")
+  m.add_argument("--cpu_devices", type=int, help="simulate this many CPU devices (CPU only)")
+  return p
+
+
+def _resolve(a) -> argparse.Namespace:
+  base = dict(size=64, clients=8, steps=2, batch=4, width=8, depth=3, model="unet")
+  base.update(WORKLOADS.get(a.workload, {}))
+  for k in base:
+    if getattr(a, k) is not None:
+      base[k] = getattr(a, k)
+  for k, v in base.items():
+    setattr(a, k, v)
+  for k in ("size", "clients", "steps", "batch", "width", "depth", "rounds", "chunk"):
+    if getattr(a, k) <= 0:
+      fail(f"--{k}={getattr(a, k)} must be positive")
+  if a.size % (2**a.depth):
+    fail(f"--size={a.size} must be divisible by 2**depth={2**a.depth}")
+  return a
+
+
+def engine_options(a, platform: str, clients_per_shard: int) -> list:
+  """The distinct :class:`fedkd.fl.engine.EngineOptions` that --pairs (or --layouts x --lowerings) name."""
+  from fedkd.fl import engine
+
+  unroll = "auto" if a.unroll == "auto" else a.unroll == "true"
+
+  def resolve(layout, lowering, chunk=a.chunk):
+    try:
+      return engine.resolve(
+        layout,
+        lowering,
+        unroll,
+        platform=platform,
+        model=a.model,
+        clients_per_shard=clients_per_shard,
+        client_chunk=chunk,
+      )
+    except ValueError as e:
+      fail(str(e))
+
+  out = []
+  if a.pairs:
+    for item in a.pairs.split(","):
+      if item in engine.LEGACY_PARALLELISM:
+        layout, lowering, chunk = engine.LEGACY_PARALLELISM[item]
+        out.append(resolve(layout, lowering or "gemm", chunk or a.chunk))
+        continue
+      parts = item.split(":")
+      if len(parts) not in (2, 3) or (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0)):
+        fail(f"--pairs: {item!r} is not LAYOUT:LOWERING[:CHUNK] (e.g. vmap:wgrad, chunked:xla:1)")
+      out.append(resolve(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else a.chunk))
+  elif a.layouts != "none":
+    layouts = engine.LAYOUTS if a.layouts == "all" else a.layouts.split(",")
+    lowerings = engine.LOWERINGS if a.lowerings == "all" else a.lowerings.split(",")
+    out = [resolve(layout, lowering) for layout in layouts for lowering in lowerings]
+  return list(dict.fromkeys(out))
+
+
+def _model(a):
+  import ml_collections
+
+  from fedkd.models import init_params
+
+  if a.model == "unet":
+    cfg = dict(name="unet", width=a.width, depth=a.depth, groups=min(8, a.width), num_classes=3)
+  else:
+    cfg = dict(name="transunet", num_classes=3, image_size=a.size, **TRANSUNET)
+  return init_params(ml_collections.ConfigDict(cfg), 0)
+
+
+def main(argv=None) -> None:
+  a, rest = _parser().parse_known_args(argv)
+  if rest and not a.measure:
+    fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")
+  from fedkd import distributed
+
+  try:  # before any JAX computation
+    multi = distributed.maybe_initialize(a.coordinator_address, a.num_processes, a.process_id, a.cpu_devices)
+  except ValueError as e:
+    fail(str(e))
+  if a.measure:
+    return measure_main(rest, a.rounds)
+  if multi:
+    fail("only --measure runs multi-process; time the round benchmark in one process")
+  return round_main(_resolve(a))
+
+
+def measure_main(config_args: list[str], reps: int) -> None:
+  """``--measure``: the config from ``--config=FILE --config.KEY=VALUE ...`` (fedkd's config flags)."""
+  import jax
+
+  from bench import measure
+  from fedkd import cli
+  from fedkd.errors import USER_ERRORS
+
+  cli.parse(["python -m bench --measure", *config_args])
+  primary = jax.process_index() == 0
+  emit = (lambda d: print(json.dumps(d), flush=True)) if primary else (lambda d: None)  # noqa: E731
+  try:
+    best, results = measure.measure_config(cli.CONFIG.value, reps, emit)
+  except USER_ERRORS as e:
+    fail(str(e))
+  except RuntimeError as e:  # nothing could run
+    fail(str(e), code=1)
+  sec = next(r["sec_per_round"] for r in results if r["candidate"] == measure.label(best) and "error" not in r)
+  rec = dict(
+    name="measure_best",
+    candidate=measure.label(best),
+    layout=best.layout,
+    lowering=best.lowering,
+    sec_per_round=sec,
+    flags=measure.flags(best),
+  )
+  if best.layout == "chunked":
+    rec["client_chunk"] = best.client_chunk
+  emit(rec)
+  if primary:
+    print(f"bench: fastest here: {rec['candidate']} ({sec:.4f} s/round); run with {rec['flags']}", file=sys.stderr)
+  else:
+    print(f"bench: process {jax.process_index()} runs {rec['candidate']} (process 0's choice)", file=sys.stderr)
+
+
+def round_main(a) -> None:
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+
+  from fedkd.config import COMPUTE_DTYPES
+  from fedkd.data import sites as sites_lib
+  from fedkd.data import synth
+  from fedkd.fl import engine
+  from fedkd.fl.algorithm import ClientContext, local_sgd
+  from fedkd.fl.algorithms import FedAvg
+  from fedkd.losses import make_segmentation_loss
+  from fedkd.sharding import client_mesh, replicated, shard_clients
+
+  backend = jax.default_backend()
+  n_dev = a.devices or math.gcd(a.clients, jax.device_count())
+  opts_list = engine_options(a, backend, a.clients // n_dev)
+  unroll = engine.resolve(
+    "auto", "auto", "auto" if a.unroll == "auto" else a.unroll == "true", platform=backend
+  ).unroll_local_steps
+  dtypes = a.dtype.split(",")
+  for bad in [d for d in dtypes if d not in COMPUTE_DTYPES]:
+    fail(f"unknown dtype {bad!r}; use {','.join(COMPUTE_DTYPES)}")
+  common = dict(
+    backend=backend,
+    device=str(jax.devices()[0].device_kind),
+    model=a.model,
+    size=a.size,
+    clients=a.clients,
+    steps=a.steps,
+    batch=a.batch,
+    width=a.width,
+    depth=a.depth,
+    unroll=unroll,
+    remat=a.remat,
+    workload=a.workload,
+    jax=jax.__version__,
+  )
+  emit = lambda d: print(json.dumps({**d, **common}), flush=True)  # noqa: E731
+
+  apply, params = _model(a)
+  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
+  tx, server_tx = optax.adam(1e-3), optax.sgd(1.0)
+  alg = FedAvg(server_tx)
+  profiles, unseen = sites_lib.make_sites(min(a.clients, 64))
+  table = sites_lib.site_table(list(profiles) + [unseen])
+  counter = iter(range(10**9))
+
+  def gen(clients):
+    start = next(counter) * a.steps * a.batch
+    ids = jnp.arange(clients, dtype=jnp.int32) % len(profiles)
+    idx = start + jnp.arange(a.steps * a.batch, dtype=jnp.int32)[None].repeat(clients, 0)
+    x, y = synth.generate(0, table, ids, idx, a.size)
+    return (
+      x.reshape(clients, a.steps, a.batch, a.size, a.size, 1),
+      y.reshape(clients, a.steps, a.batch, a.size, a.size),
+    )
+
+  images = a.clients * a.steps * a.batch
+  if not a.compile_only:
+    sec = _time(lambda: gen(a.clients), a.rounds)
+    emit(dict(name="synth", sec_per_call=round(sec, 5), images_per_s=round(images / sec, 1)))
+  xs, ys = gen(a.clients)
+
+  def compiled_row(row, compile_s, mem):
+    emit(dict(row, name="compiled", row=row["name"], compile_s=compile_s, **mem))
+
+  def context(dtype):
+    return ClientContext(apply, loss_fn, tx, compute_dtype=jnp.dtype(dtype), remat=a.remat)
+
+  def time_round(opts, mesh, dtype, data):
+    fn = engine.make_round_fn(alg, context(dtype), mesh, opts)
+    x, y, w = data
+    batch = {"x": x, "y": y}
+    state = jax.device_put(alg.init(params, jax.random.key(0)), replicated(mesh))
+    exe, compile_s, mem = _compiled(fn, state, None, batch, w)
+    if a.compile_only:
+      return None, compile_s, mem
+    box = [state]
+
+    def one():
+      box[0], _, m = exe(box[0], None, batch, w)
+      return m["loss"]
+
+    return _time(one, a.rounds), compile_s, mem
+
+  def describe(opts):
+    return dict(
+      layout=opts.layout, lowering=opts.lowering, chunk=opts.client_chunk if opts.layout == "chunked" else None
+    )
+
+  if a.scale:
+    if not opts_list:
+      fail("--scale needs a layout (--pairs or --layouts)")
+    opts, dtype = opts_list[0], dtypes[0]
+    for n in [int(v) for v in a.scale.split(",")]:
+      mesh = client_mesh(a.devices or math.gcd(n, jax.device_count()))
+      row = dict(name="scale", **describe(opts), dtype=dtype, round_clients=n)
+      try:
+        data = shard_clients((*gen(n), jnp.ones((n,), jnp.float32)), mesh)
+        sec_f, compile_s, mem = time_round(opts, mesh, dtype, data)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it; larger counts would fail too
+        emit(dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
+        return
+      if a.compile_only:
+        compiled_row(row, compile_s, mem)
+        continue
+      emit(
+        dict(
+          row,
+          sec_per_round=round(sec_f, 5),
+          sec_per_client=round(sec_f / n, 6),
+          images_per_s=round(n * a.steps * a.batch / sec_f, 1),
+          compile_s=compile_s,
+          **mem,
+          peak_mb=_peak_mb(),
+        )
+      )
+      del data
+    return
+
+  ceiling = {}
+  if not a.no_centralized:
+    cx = jnp.swapaxes(xs, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size, 1)
+    cy = jnp.swapaxes(ys, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size)
+    for dtype in dtypes:
+      ctx = context(dtype)
+      # one model trained on every client's images at once: the local loop of every client, batched
+      central = jax.jit(lambda p, x, y, ctx=ctx: local_sgd(ctx.seg_loss, tx, p, x, y, unroll=unroll)[:2])
+      exe, compile_s, mem = _compiled(central, params, cx, cy)
+      if a.compile_only:
+        compiled_row(dict(name="centralized", dtype=dtype), compile_s, mem)
+        continue
+      sec_c = _time(functools.partial(exe, params, cx, cy), a.rounds)
+      ceiling[dtype] = sec_c
+      emit(
+        dict(
+          name="centralized",
+          dtype=dtype,
+          sec_per_round=round(sec_c, 5),
+          images_per_s=round(images / sec_c, 1),
+          compile_s=compile_s,
+          **mem,
+          peak_mb=_peak_mb(),
+        )
+      )
+
+  mesh = client_mesh(n_dev)
+  data = shard_clients((xs, ys, jnp.ones((a.clients,), jnp.float32)), mesh)
+  for dtype in dtypes:
+    for opts in opts_list:
+      row = dict(name="fed_round", **describe(opts), dtype=dtype, devices=n_dev)
+      try:
+        sec_f, compile_s, mem = time_round(opts, mesh, dtype, data)
+      except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it and go on
+        emit(dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
+        continue
+      if a.compile_only:
+        compiled_row(row, compile_s, mem)
+        continue
+      row.update(
+        sec_per_round=round(sec_f, 5),
+        images_per_s=round(images / sec_f, 1),
+        compile_s=compile_s,
+        **mem,
+        peak_mb=_peak_mb(),
+      )
+      if dtype in ceiling:
+        row["ratio"] = round(ceiling[dtype] / sec_f, 4)
+      emit(row)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,191 @@
+"""Times the engine's client layout x conv lowering candidates on one round's shapes; keeps the fastest.
+
+``python -m bench --measure --config=<config file> [--config.KEY=VALUE ...]`` builds the config's model,
+algorithm and round shapes (random data of the configured sizes), times each candidate of
+:func:`candidates` on this machine and prints one JSON line per candidate and a last line naming the
+fastest with the ``--config.engine.client_layout=... --config.engine.conv_lowering=...`` flags to put in
+the run's config. A candidate that fails (e.g. out of device memory) is reported with its error and
+skipped. In a multi-process run every process times the candidates and process 0's choice holds for all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedkd.fl import engine
+from fedkd.fl.engine import EngineOptions
+
+# On accelerators 'unroll' is timed only up to this many clients per device (its program, and its compile
+# time, grow with every client).
+UNROLL_MAX_CLIENTS = 16
+
+
+def candidates(platform: str, clients_per_shard: int, client_chunk: int, unroll_local_steps: bool = False):
+  """The (layout, lowering) options worth timing on ``platform`` for ``clients_per_shard`` clients per
+  device, as :class:`fedkd.fl.engine.EngineOptions`. CPU: unroll + xla, vmap + gemm, vmap + xla. GPU/TPU:
+  vmap + wgrad, vmap + gemm, chunked + gemm (when ``client_chunk`` splits the shard into several chunks
+  of more than one client), vmap + xla, chunked(1) + xla and, up to ``UNROLL_MAX_CLIENTS`` clients per
+  device, unroll + xla."""
+  opt = lambda layout, lowering, chunk=client_chunk: EngineOptions(layout, lowering, chunk, unroll_local_steps)  # noqa: E731
+  if platform == "cpu":
+    return [opt("unroll", "xla"), opt("vmap", "gemm"), opt("vmap", "xla")]
+  out = [opt("vmap", "wgrad"), opt("vmap", "gemm")]
+  if 1 < engine.chunk_size(clients_per_shard, client_chunk) < clients_per_shard:
+    out.append(opt("chunked", "gemm"))
+  out += [opt("vmap", "xla"), opt("chunked", "xla", 1)]
+  if clients_per_shard <= UNROLL_MAX_CLIENTS:  # plain (cuDNN) convs, no im2col; the program grows per client
+    out.append(opt("unroll", "xla"))
+  return out
+
+
+def label(opts: EngineOptions) -> str:
+  """``vmap+wgrad``, ``chunked(4)+gemm``, ..."""
+  chunk = f"({opts.client_chunk})" if opts.layout == "chunked" else ""
+  return f"{opts.layout}{chunk}+{opts.lowering}"
+
+
+def flags(opts: EngineOptions) -> str:
+  """The config overrides that select ``opts``."""
+  out = f"--config.engine.client_layout={opts.layout} --config.engine.conv_lowering={opts.lowering}"
+  return out + (f" --config.engine.client_chunk={opts.client_chunk}" if opts.layout == "chunked" else "")
+
+
+def _error(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+def measure(
+  build: Callable[[EngineOptions], Callable],
+  options: list[EngineOptions],
+  args: tuple,
+  reps: int = 2,
+  emit: Callable[[dict], None] = lambda rec: None,
+) -> tuple[EngineOptions, Callable, list[dict]]:
+  """Builds ``build(opts)`` for each of ``options`` and calls it ``reps + 1`` times on fresh copies of
+  ``args`` (the round function donates its state, and the caller's arrays stay untouched, so training
+  numbers do not depend on the measurement). Returns the fastest options, their round function (compiled
+  for these shapes) and one record per candidate, each also passed to ``emit`` as it is made:
+  ``sec_per_round`` (the fastest of the ``reps`` timed calls) and ``first_call_s`` (compilation + one
+  round), or ``error``, the failure that ruled the candidate out (e.g. out of device memory).
+
+  Multi-process: every process must run the same program, so process 0's choice is broadcast; a choice
+  that failed on another process raises there."""
+  results, fns = [], {}
+  for opts in options:
+    rec = {"candidate": label(opts), "layout": opts.layout, "lowering": opts.lowering}
+    if opts.layout == "chunked":
+      rec["client_chunk"] = opts.client_chunk
+    try:
+      fn = build(opts)
+      times = []
+      for _ in range(reps + 1):  # the first call compiles
+        fresh = jax.block_until_ready(jax.tree.map(jnp.copy, args))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*fresh))
+        times.append(time.perf_counter() - t0)
+      rec.update(sec_per_round=min(times[1:]), first_call_s=times[0])
+      fns[opts] = fn
+    except Exception as e:  # noqa: BLE001 - an out-of-memory or unsupported candidate is skipped
+      rec["error"] = _error(e)
+    results.append(rec)
+    emit(rec)
+  ok = [(r["sec_per_round"], i) for i, r in enumerate(results) if "error" not in r]
+  if not ok:
+    raise RuntimeError(
+      "no client layout x conv lowering could run this round: "
+      + "; ".join(f"{r['candidate']}: {r['error']}" for r in results)
+    )
+  best = min(ok)[1]
+  if jax.process_count() > 1:  # process 0's timing decides
+    from jax.experimental import multihost_utils
+
+    best = int(multihost_utils.broadcast_one_to_all(jnp.int32(best)))
+    if options[best] not in fns:
+      raise RuntimeError(
+        f"process 0 chose {label(options[best])}, which failed on process {jax.process_index()}: "
+        f"{results[best]['error']}; set config.engine.client_layout / conv_lowering explicitly"
+      )
+  return options[best], fns[options[best]], results
+
+
+def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda rec: None):
+  """:func:`measure` on the round of a ``fedavg``-task config: its model, loss, optimizers, algorithm,
+  numerics and round shapes (``clients_per_round`` x ``local_steps`` x ``batch_size`` images of
+  ``image_size`` px, random values), on the mesh a run would use. Returns (best options, records)."""
+  import numpy as np
+
+  from fedkd.config import ConfigError, validate
+  from fedkd.fl import algorithms
+  from fedkd.fl.algorithm import ClientContext, init_rows
+  from fedkd.losses import make_segmentation_loss
+  from fedkd.models import init_model
+  from fedkd.sharding import client_mesh, local_rows, replicate, shard_clients
+
+  if config.get("task", "fedavg") != "fedavg":
+    raise ConfigError(
+      f"--measure times the rounds of fedavg-task configs; this config's task is {config.task!r} "
+      "(its silo round takes the same engine knobs: time them on a fedavg config of the same model and shapes)"
+    )
+  n_dev = validate(config, jax.device_count())
+  mesh = client_mesh(n_dev)
+  per_shard = config.clients_per_round // n_dev
+  _, _, chunk = engine.legacy_options(config.engine)
+  unroll = engine.resolve("auto", "auto", config.engine.unroll_local_steps, client_chunk=chunk).unroll_local_steps
+  options = candidates(jax.default_backend(), per_shard, chunk, unroll)
+
+  apply, apply_wf, params = init_model(config.model, config.seed)
+  server_tx = engine.make_optimizer(config.server_optimizer)
+  alg = algorithms.make(
+    config.algorithm.name,
+    server_tx,
+    client_lr=float(config.client_optimizer.learning_rate),
+    num_clients=config.num_clients,
+    moon_mu=config.algorithm.moon_mu,
+    moon_tau=config.algorithm.moon_tau,
+  )
+  ctx = ClientContext(
+    apply,
+    make_segmentation_loss(config.loss),
+    engine.make_optimizer(config.client_optimizer),
+    apply_wf=apply_wf,
+    compute_dtype=jnp.dtype(config.engine.compute_dtype),
+    remat=config.engine.remat,
+  )
+  rows = local_rows(mesh, config.clients_per_round)
+  n, s, b, h = rows.stop - rows.start, config.local_steps, config.batch_size, config.image_size
+  rng = np.random.default_rng([config.seed, rows.start])  # this process's clients only
+  xs = rng.random((n, s, b, h, h, 1), np.float32)
+  ys = rng.integers(0, config.model.num_classes, (n, s, b, h, h), np.int32)
+  xs, ys, weights = shard_clients((xs, ys, np.ones((n,), np.float32)), mesh, rows)
+  client_rows = init_rows(alg, params, n)
+  client_rows = None if client_rows is None else shard_clients(jax.tree.map(np.asarray, client_rows), mesh, rows)
+  state = replicate(jax.tree.map(np.asarray, alg.init(params, jax.random.key(config.seed))), mesh)
+
+  def build(opts):
+    return engine.make_round_fn(alg, ctx, mesh, opts, skip_nonfinite=config.engine.skip_nonfinite_clients)
+
+  common = dict(
+    backend=jax.default_backend(),
+    device=str(jax.devices()[0].device_kind),
+    devices=n_dev,
+    processes=jax.process_count(),
+    model=config.model.name,
+    algorithm=config.algorithm.name,
+    clients_per_round=config.clients_per_round,
+    clients_per_device=per_shard,
+    local_steps=s,
+    batch_size=b,
+    image_size=h,
+    compute_dtype=config.engine.compute_dtype,
+    remat=config.engine.remat,
+    unroll_local_steps=unroll,
+    jax=jax.__version__,
+  )
+  args = (state, client_rows, {"x": xs, "y": ys}, weights)
+  best, _, results = measure(build, options, args, reps, emit=lambda rec: emit({"name": "measure", **rec, **common}))
+  return best, results
