@@ -1,0 +1,112 @@
+"""The algorithm-interface engine reproduces the numbers of the engine it replaced.
+
+``tests/data/pre_redesign_rounds.npz`` holds final parameters recorded with the pre-interface engine
+(commit 003b1c3: ``make_round_fn(client_parallelism=...)`` with ``if scaffold:`` branches, and
+``fedkd.distill.fedefm.make_silo_round``, FedEFM's own shard_map with ott-jax's Sinkhorn) on the
+problems of tests/test_engine.py and tests/test_fedefm.py: FedAvg with server SGD / Adam over two
+rounds for four client strategies, SCAFFOLD over two rounds with overlapping samples, and one FedEFM
+round (CFL, DFL, MOON, plain DFL). The same problems run through the new interface must give the same
+numbers: bitwise-close for the same conv lowering (float32 rounding of a re-associated sum at most).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import test_engine as te
+import test_fedefm as tf
+from fedkd.distill.fedefm import FedEFMOptions, FedEFMSilo, stack
+from fedkd.fl import algorithms, engine, topology
+from fedkd.fl.algorithm import ClientContext, init_rows
+from fedkd.sharding import client_mesh, shard_clients
+
+REC = np.load(os.path.join(os.path.dirname(__file__), "data", "pre_redesign_rounds.npz"))
+# the old client_parallelism -> (layout, lowering); 'chunked' ran bgemm inside chunks of 2
+OLD = {"unroll": ("unroll", "xla"), "vmap": ("vmap", "xla"), "bgemm": ("vmap", "gemm"), "chunked": ("chunked", "gemm")}
+N_DEV = {"unroll": 2, "vmap": 4, "bgemm": 2, "chunked": 2}
+
+
+def _check(prefix, tree, atol):
+  leaves = jax.tree.leaves(tree)
+  assert f"{prefix}/{len(leaves) - 1}" in REC and f"{prefix}/{len(leaves)}" not in REC
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_allclose(np.asarray(leaf), REC[f"{prefix}/{i}"], rtol=0, atol=atol, err_msg=f"{prefix}/{i}")
+
+
+@pytest.mark.parametrize("old", ["unroll", "vmap", "bgemm", "chunked"])
+def test_fedavg_and_fedadam_two_rounds(old):
+  apply, params, loss_fn, xs, ys, w = te._setup(seed=7)
+  layout, lowering = OLD[old]
+  for sname, stx in (("sgd", optax.sgd(1.0)), ("adam", optax.adam(0.01))):
+    alg = algorithms.FedAvg(stx)
+    mesh = client_mesh(N_DEV[old])
+    opts = engine.EngineOptions(layout, lowering, 2, unroll_local_steps=True)
+    fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(te.LR)), mesh, opts)
+    state = alg.init(params, jax.random.key(0))
+    for r in range(2):
+      bx, by = (xs, ys) if r == 0 else (xs[::-1], ys[::-1])
+      bx, by, bw = shard_clients((jnp.asarray(bx), jnp.asarray(by), jnp.asarray(w)), mesh)
+      state, _, m = fn(state, None, {"x": bx, "y": by}, bw)
+    _check(f"fedavg/{old}/{sname}/params", state["params"], 1e-6)
+    np.testing.assert_allclose(float(m["loss"]), REC[f"fedavg/{old}/{sname}/loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("old", ["unroll", "vmap"])
+def test_scaffold_two_rounds(old):
+  apply, params, loss_fn, xs, ys, w = te._setup(seed=4, clients=4)
+  alg = algorithms.Scaffold(optax.sgd(1.0), te.LR, 6)
+  mesh = client_mesh(2)
+  opts = engine.EngineOptions(*OLD[old], 2, unroll_local_steps=True)
+  fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(te.LR)), mesh, opts)
+  state = alg.init(params, jax.random.key(0))
+  table = jax.tree.map(np.array, init_rows(alg, params, 6))
+  for r, ids in enumerate([np.arange(0, 4), np.array([2, 5, 3, 4])]):
+    rx, ry = (xs[::-1], ys[::-1]) if r else (xs, ys)
+    rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
+    rows, rx, ry, rw = shard_clients((rows, jnp.asarray(rx), jnp.asarray(ry), jnp.asarray(w)), mesh)
+    state, new_rows, _ = fn(state, rows, {"x": rx, "y": ry}, rw)
+    table = jax.tree.map(lambda t, v: (t.__setitem__(ids, np.asarray(v)), t)[1], table, new_rows)
+  _check(f"scaffold/{old}/params", state["params"], 1e-6)
+  _check(f"scaffold/{old}/control", state["control"], 1e-5)
+  _check(f"scaffold/{old}/table", table, 1e-5)
+
+
+@pytest.mark.parametrize(
+  "name,kw",
+  [
+    ("cfl", dict(distill=True, mixing="cfl")),
+    ("dfl", dict(distill=True, mixing="dfl")),
+    ("moon", dict(distill=False, mixing="cfl", moon_mu=1.0)),
+    ("plain_dfl", dict(distill=False, mixing="dfl")),
+  ],
+)
+def test_fedefm_round(name, kw):
+  """The old program ran the silos under vmap with XLA convs; ott-jax's Sinkhorn then, fedkd's own
+  fixed-iteration one now (same update order), hence a looser tolerance where the EMD weights enter."""
+  n = tf.N
+  adjacency, W = topology.ring(n) > 0, topology.ring(n)
+  p0 = stack(tf.init(0), n)
+  p0 = jax.tree.map(lambda a: a + 0.01 * jnp.arange(n, dtype=a.dtype).reshape((n,) + (1,) * (a.ndim - 1)), p0)
+  fx, fy = tf.data(1)
+  alg = FedEFMSilo(FedEFMOptions(**kw, **tf.OPTS), optax.sgd(tf.LR_E))
+  mesh = client_mesh(2)
+  ctx = ClientContext(lambda p, x: tf.apply_wf(p, x)[0], tf.cross_entropy, optax.sgd(tf.LR_L), apply_wf=tf.apply_wf)
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True))
+  idx, mask = topology.neighbour_table(adjacency)
+  rows, batch, weights = shard_clients(
+    (
+      {"params": p0, "prev": p0},
+      {"x": jnp.asarray(fx), "y": jnp.asarray(fy), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)},
+      jnp.ones(n),
+    ),
+    mesh,
+  )
+  _, rows, m = fn(alg.init(None, None), rows, batch, weights, jnp.asarray(W))
+  tol = 1e-5 if kw["distill"] else 1e-6
+  _check(f"fedefm/{name}/mixed", rows["params"], tol)
+  _check(f"fedefm/{name}/trained", rows["prev"], tol)
+  np.testing.assert_allclose(np.asarray(m["client_loss"]), REC[f"fedefm/{name}/loss"], rtol=1e-5)
