@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Deprecated (one release): the old single knob (vmap | bgemm | hybrid | unroll | chunked | map) and
   # its chunk_strategy; set, they map to client_layout / conv_lowering with a note. '' = not set.
   c.engine.client_parallelism = ""
-  c.engine.chunk_strategy = ""
+  c.engine.chunk_strategy = ""  # deprecated: chunked's lowering (vmap | bgemm | hybrid); '' = not set
   # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
   c.engine.unroll_local_steps = "auto"
   # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their

@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices, set before any JAX computation."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compile at XLA's lowest backend optimisation level: the suite mostly compiles small programs once,
@@ -8,6 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # same program (subprocesses inherit it).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+# One persistent XLA compilation cache for the whole run (both xdist workers and every subprocess a
+# test starts inherit it): resumed runs, CLI runs and repeated tiny configs compile the same round
+# programs many times. Entries are keyed by the program, its compile options and the JAX version, so a
+# cache left by an earlier run can only be hit by an identical program.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fedkd-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
