@@ -17,8 +17,9 @@ C, S, B, H = 8, 2, 2, 16
 LR = 0.05
 
 
-def _setup(seed=0, clients=C):
-  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=2, groups=2, num_classes=3))
+def _setup(seed=0, clients=4):
+  """A tiny UNet (one level: compile time) and ``clients`` clients of unequal data sizes."""
+  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
   apply, params = init_params(model_cfg, seed)
   loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
   kx, ky = jax.random.split(jax.random.key(seed + 1))
@@ -82,12 +83,11 @@ def _max_diff(a, b):
     ("vmap", "gemm", 2, 8),
     ("vmap", "wgrad", 4, 8),
     ("unroll", "xla", 4, 8),
-    ("unroll", "gemm", 8, 8),
+    ("unroll", "gemm", 1, 8),
     ("unroll", "wgrad", 2, 8),
-    ("chunked", "gemm", 2, 2),
-    ("chunked", "wgrad", 2, 2),
-    ("chunked", "xla", 1, 3),  # chunk 3 of 8 clients -> chunks of 2
-    ("chunked", "xla", 4, 1),  # one client at a time
+    ("chunked", "gemm", 1, 2),  # two chunks of 2 on one device
+    ("chunked", "wgrad", 1, 3),  # chunk 3 of 4 clients -> chunks of 2
+    ("chunked", "xla", 2, 1),  # one client at a time
   ],
 )
 def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk):
@@ -98,7 +98,7 @@ def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk):
   assert _max_diff(ref, got) < 2e-5
   # the round really moved the model (a no-op engine would fail the check above only by luck)
   assert _max_diff(params, got) > 1e-3
-  assert metrics["client_loss"].shape == (C,)
+  assert metrics["client_loss"].shape == (4,)
 
 
 def test_server_optimizer_scales_the_mean_delta():
@@ -118,7 +118,7 @@ def test_weights_matter():
 
 def test_same_round_on_1_2_4_8_devices():
   assert jax.device_count() >= 8
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=1)
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=1, clients=8)
   outs = {n: _engine_round(apply, loss_fn, params, xs, ys, weights, n, "vmap")[0] for n in (1, 2, 4, 8)}
   for n in (2, 4, 8):
     assert _max_diff(outs[1], outs[n]) < 1e-5, n
@@ -126,7 +126,7 @@ def test_same_round_on_1_2_4_8_devices():
 
 def test_round_is_one_program_sharded_over_clients():
   """The round lowers to one jitted computation whose client inputs are split over the mesh."""
-  apply, params, loss_fn, xs, ys, weights = _setup()
+  apply, params, loss_fn, xs, ys, weights = _setup(clients=8)
   fn, mesh, alg = _build(apply, loss_fn, 8, "vmap")
   state = alg.init(params, jax.random.key(0))
   sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
@@ -164,7 +164,8 @@ def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
   return server, control, client_c
 
 
-@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("unroll", 4), ("chunked", 1)])
+# (the unrolled layout: tests/test_pre_redesign.py, bitwise against the recorded SCAFFOLD rounds)
+@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("chunked", 1)])
 def test_scaffold_equals_per_client_loop(layout, n_dev):
   """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
   apply, params, loss_fn, xs, ys, weights = _setup(seed=4, clients=4)
@@ -224,7 +225,7 @@ def _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, 
 
 def test_moon_equals_per_client_loop():
   """Two MOON rounds over overlapping samples (clients 1 and 3 contrast with their own previous model)."""
-  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=2, groups=2, num_classes=3))
+  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
   apply, apply_wf, params = init_model(model_cfg, 0)
   _, _, loss_fn, xs, ys, weights = _setup(seed=8, clients=4)
   mu, tau, samples = 0.7, 0.5, [np.arange(4), np.array([1, 3, 4, 5])]
@@ -247,7 +248,7 @@ def test_moon_equals_per_client_loop():
   assert _max_diff(plain, ref) > 1e-5
 
 
-@pytest.mark.parametrize("layout,lowering", [("unroll", "xla"), ("vmap", "wgrad")])  # gemm's bf16: test_conv.py
+@pytest.mark.parametrize("layout,lowering", [("unroll", "xla")])  # gemm / wgrad in bf16: test_conv.py
 def test_bf16_compute_keeps_f32_master_weights(layout, lowering):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=5, clients=4)
   fn, mesh, alg = _build(apply, loss_fn, 2, layout, lowering, compute_dtype=jnp.bfloat16)
@@ -263,7 +264,7 @@ def test_bf16_compute_keeps_f32_master_weights(layout, lowering):
   assert _max_diff(ref32, ref16) > 1e-6
 
 
-@pytest.mark.parametrize("layout,lowering", [("chunked", "gemm"), ("vmap", "wgrad")])
+@pytest.mark.parametrize("layout,lowering", [("vmap", "wgrad")])
 def test_remat_gives_the_same_round(layout, lowering):
   apply, params, loss_fn, xs, ys, weights = _setup(seed=6, clients=4)
   outs = []
@@ -347,11 +348,12 @@ def test_deprecated_client_parallelism_maps_to_the_two_knobs(old, strategy, expe
   assert len(lines) == (1 if old else 0) and (not old or "deprecated" in lines[0])
 
 
-@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 4, 8), ("unroll", 2, 8), ("chunked", 2, 2)])
+# the chunked layout: zeroing happens per chunk inside the scan (vmap / unroll zero the same stacked rows)
+@pytest.mark.parametrize("layout,n_dev,chunk", [("chunked", 2, 2)])
 def test_skip_nonfinite_clients_drops_them_from_the_aggregate(layout, n_dev, chunk):
   """Clients 1 and 6 get NaN images: with skip_nonfinite the round equals the per-client loop over the
   six finite clients; client_finite flags exactly them; without it the round reports non-finite."""
-  apply, params, loss_fn, xs, ys, weights = _setup()
+  apply, params, loss_fn, xs, ys, weights = _setup(clients=C)
   xs = xs.copy()
   xs[1, 0, 0, 3, 3, 0] = np.nan
   xs[6, 1] = np.nan
