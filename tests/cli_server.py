@@ -18,6 +18,9 @@ import time
 import traceback
 
 MODULES = ("fedkd.main", "fedkd.eval", "fedkd.data.preview", "fedkd.data.tfds.build")
+# What fedkd.main imports only once it runs a task (orbax, flax, ...: about a second a case); no JAX
+# backend starts on import.
+PRELOAD = ("fedkd.tasks.fedavg", "fedkd.tasks.fedefm")
 
 
 def _entry(module: str):
@@ -57,7 +60,7 @@ def _child(case, out_path, err_path):
 
 
 def main():
-  for name in MODULES:  # heavy imports once, before any fork
+  for name in MODULES + PRELOAD:  # heavy imports once, before any fork
     importlib.import_module(name)
   print(json.dumps({"ready": True}), flush=True)
   for line in sys.stdin:

@@ -15,12 +15,15 @@ from cli_harness import CLI
 
 QS = "--config=configs/quickstart.py"
 EFM = "--config=configs/fedefm.py:tiny"
-# A run of seconds: 2 rounds of a 4-channel UNet on 32 px.
+# A run of seconds: 2 rounds of a 4-channel one-level UNet on 32 px, 2 clients: the quickstart's tiny
+# sweep config (fedkd.sweep.TINY), whose programs other tests' runs compile too (persistent cache).
 TINY = [
   "--config.image_size=32",
-  "--config.model.depth=2",
+  "--config.model.depth=1",
   "--config.model.width=4",
   "--config.model.groups=2",
+  "--config.num_clients=2",
+  "--config.clients_per_round=2",
   "--config.num_rounds=2",
   "--config.local_steps=1",
   "--config.batch_size=2",

@@ -2,36 +2,33 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from cli_harness import CLI
 from fedkd.evaluate import perturb
 from fedkd.report import error_overlay
 from fedkd.tasks import fedavg
 from test_training import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope="module")
+def cli():
+  """``python -m fedkd.eval`` runs as forks of one server (tests/cli_server.py) that imported it once."""
+  c = CLI()
+  yield c
+  c.close()
 
 
-def _eval(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  return subprocess.run(
-    [sys.executable, "-m", "fedkd.eval", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
-
-
-def test_eval_reproduces_training_metrics_and_writes_outputs(tmp_path):
+def test_eval_reproduces_training_metrics_and_writes_outputs(cli, tmp_path):
   work = str(tmp_path / "run")
   cfg = tiny_config(num_rounds=2)
   cfg.eval.max_sites = 0
-  cfg.eval.examples_per_site = 4
+  cfg.eval.examples_per_site = 2  # tiny_config's: the held-out set programs of the other tiny_config runs
   fedavg.run(cfg, work, log=lambda _: None)
-  r = _eval(f"--workdir={work}", "--examples=4", "--frames=2")
-  assert r.returncode == 0, r.stderr[-2000:]
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=2", "--frames=2"])
+  assert r.code == 0, r.stderr[-2000:]
   out = os.path.join(work, "eval")
   for f in ("eval.json", "eval.csv", "predictions.png", "robustness.png", "robustness.json"):
     assert os.path.getsize(os.path.join(out, f)) > 0, f
@@ -50,9 +47,9 @@ def test_eval_reproduces_training_metrics_and_writes_outputs(tmp_path):
     assert rob[kind]["dice"]["catheter"][0] == pytest.approx(clean, abs=1e-6)
 
 
-def test_eval_without_checkpoints_is_one_clear_line(tmp_path):
-  r = _eval(f"--workdir={tmp_path}")
-  assert r.returncode == 2
+def test_eval_without_checkpoints_is_one_clear_line(cli, tmp_path):
+  r = cli.run("fedkd.eval", [f"--workdir={tmp_path}"])
+  assert r.code == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "no checkpoints/ folder" in lines[0] and "Traceback" not in r.stderr
 

@@ -114,15 +114,18 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 def test_tfds_10000_clients_by_site(tmp_path):
   """10,000 registered clients over a prepared TFDS dataset (2 sites x 5,000 frames, one frame per
   client): the partition and the per-client pipelines scale, client k's batch is exactly the record
-  by_site deals it (site k % 2, record k // 2), and a federated run samples from them."""
+  by_site deals it (site k % 2, record k // 2), and a federated run samples from them. Each client is
+  tiny: one 8 px frame (the smallest that feeds 32 px training, pipeline.min_record_side), 2 clients
+  per round."""
   from fedkd.data.tfds import synthetic_endovascular as se
 
   sites = se.site_names()[:2]
   out = tmp_path / "tfds"
+  assert pipeline.min_record_side(32) == 8
   for site in sites:
-    fdata.build("synthetic_endovascular", out, site=site, image_size=32, num_train=5000, num_test=2)
-  cfgs = [se.synthetic_config(s, image_size=32, num_train=5000, num_test=2).name for s in sites]
-  c = tiny_config(num_clients=10_000, clients_per_round=8, batch_size=1, num_rounds=2)
+    fdata.build("synthetic_endovascular", out, site=site, image_size=8, num_train=5000, num_test=2)
+  cfgs = [se.synthetic_config(s, image_size=8, num_train=5000, num_test=2).name for s in sites]
+  c = tiny_config(num_clients=10_000, clients_per_round=2, batch_size=1, num_rounds=2)
   c.data.source = "tfds:synthetic_endovascular"
   c.data.tfds_data_dir = str(out)
   c.data.tfds_configs = ",".join(cfgs)

@@ -45,13 +45,17 @@ from fedkd.workdir import WorkdirError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QS = "--config=configs/quickstart.py"
 ROUNDS = 10
-# Sub-second rounds of a 4-channel UNet on 32 px; every round evaluated and checkpointed, the three
-# newest checkpoints kept; one device on the clients axis (the same programs in every run).
+# Sub-second rounds of a 4-channel UNet on 32 px, 2 clients (the data programs of the quickstart's tiny
+# sweep, fedkd.sweep.TINY; two UNet levels keep the checkpoint's arrays in the data files that
+# _damage_arrays cuts); every round evaluated and checkpointed, the three newest checkpoints kept; one
+# device on the clients axis (the same programs in every run).
 TINY = [
   "--config.image_size=32",
   "--config.model.depth=2",
   "--config.model.width=4",
   "--config.model.groups=2",
+  "--config.num_clients=2",
+  "--config.clients_per_round=2",
   "--config.local_steps=1",
   "--config.batch_size=2",
   "--config.eval.examples_per_site=2",
@@ -71,11 +75,13 @@ TIMEOUT = 300  # seconds for one subprocess run (a loaded 2-core machine compile
 
 @pytest.fixture(scope="module")
 def xla_cache(tmp_path_factory):
-  """One persistent compilation cache for this module's runs: in this process (later in-process runs
-  load what the first compiled) and in every subprocess (JAX_COMPILATION_CACHE_DIR). Restored after."""
+  """One persistent compilation cache for this module's runs, every program in it (also sub-second
+  ones): in this process (later in-process runs load what the first compiled) and in every subprocess
+  (JAX_COMPILATION_CACHE_DIR). The suite's cache (tests/conftest.py), where other modules' runs of the
+  same tiny config left their programs; a fresh folder without one. Restored after."""
   from jax.experimental.compilation_cache import compilation_cache
 
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("xla_cache"))
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   old = {k: getattr(jax.config, k) for k in keys}
   jax.config.update("jax_compilation_cache_dir", cache)

@@ -314,14 +314,16 @@ def test_sites_differ(batch128, profiles):
 
 
 def test_wider_catheter_more_mask_pixels():
+  # 64 px (the size the other single renders use: one compile): widths in px do not depend on the
+  # output size (the field is the output itself)
   key = synth.example_key(0, 0, 1, 0)
-  _, m_thin = _render(key, _fixed_row(catheter_french=4.0, pixel_spacing=0.15), 128, 2)
-  _, m_wide = _render(key, _fixed_row(catheter_french=8.0, pixel_spacing=0.15), 128, 2)
+  _, m_thin = _render(key, _fixed_row(catheter_french=4.0, pixel_spacing=0.15), 64, 2)
+  _, m_wide = _render(key, _fixed_row(catheter_french=8.0, pixel_spacing=0.15), 64, 2)
   m_thin, m_wide = np.asarray(m_thin), np.asarray(m_wide)
   n_thin, n_wide = (m_thin == 1).sum(), (m_wide == 1).sum()
-  # same centreline, width 2.2 px vs 3.0 px (8 F = 17.8 px at 512 is clamped to 12): the masked
-  # area of a tube scales with its width, ratio ~1.35
-  w_thin, w_wide = (_expected_catheter_width(f, 0.15, 128) for f in (4.0, 8.0))
+  # same centreline, width 8.9 px vs 12 px (8 F = 17.8 px is clamped to 12): the masked area of a
+  # tube scales with its width, ratio ~1.35
+  w_thin, w_wide = (_expected_catheter_width(f, 0.15, 64) for f in (4.0, 8.0))
   assert 1.15 < n_wide / n_thin < 1.6, (n_thin, n_wide, w_wide / w_thin)
   for m, w in ((m_thin, w_thin), (m_wide, w_wide)):
     assert abs(_width(m, m > 0, 1) - w) <= 1.5

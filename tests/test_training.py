@@ -2,19 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from cli_harness import CLI
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, base_config, validate
 from fedkd.data import pipeline
 from fedkd.tasks import fedavg
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
@@ -71,8 +69,15 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
     assert 0.0 <= recs[-1][key] <= 1.0
 
 
-def test_same_seed_same_numbers_other_seed_differs(tmp_path):
-  a = fedavg.run(tiny_config(num_rounds=2), str(tmp_path / "a"), log=_quiet)
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+  """A finished 2-round run of tiny_config (seed 0): (workdir, fedavg.run's result)."""
+  work = str(tmp_path_factory.mktemp("two") / "a")
+  return work, fedavg.run(tiny_config(num_rounds=2), work, log=_quiet)
+
+
+def test_same_seed_same_numbers_other_seed_differs(two_rounds, tmp_path):
+  _, a = two_rounds
   b = fedavg.run(tiny_config(num_rounds=2), str(tmp_path / "b"), log=_quiet)
   c = fedavg.run(tiny_config(num_rounds=2, seed=1), str(tmp_path / "c"), log=_quiet)
   la, lb, lc = (jax.tree.leaves(x["state"]["params"]) for x in (a, b, c))
@@ -80,9 +85,9 @@ def test_same_seed_same_numbers_other_seed_differs(tmp_path):
   assert not all(np.array_equal(x, y) for x, y in zip(la, lc))
 
 
-def test_resume_with_a_different_model_is_refused_and_keeps_the_checkpoint(tmp_path):
+def test_resume_with_a_different_model_is_refused_and_keeps_the_checkpoint(two_rounds, tmp_path):
   work = str(tmp_path / "w")
-  fedavg.run(tiny_config(num_rounds=2), work, log=_quiet)
+  shutil.copytree(two_rounds[0], work)  # a finished 2-round run
   before = sorted(os.listdir(os.path.join(work, "checkpoints")))
   c = tiny_config(num_rounds=4)
   c.model.width = 8
@@ -143,23 +148,12 @@ def test_validate_rejects_a_client_count_the_mesh_cannot_split():
   assert validate(c, 8) == 4
 
 
-def _cli(*args, devices=1):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
-  return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "fedkd.main",
-      "--config=configs/quickstart.py",
-      "--workdir=/nonexistent/should_not_be_created",
-      *args,
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+@pytest.fixture(scope="module")
+def cli():
+  """One fork server for the command-line cases (tests/cli_server.py: fedkd.main imported once)."""
+  c = CLI()
+  yield c
+  c.close()
 
 
 @pytest.mark.parametrize(
@@ -173,9 +167,18 @@ def _cli(*args, devices=1):
     (["--config.num_clients=abc"], 1, "--config.num_clients"),
   ],
 )
-def test_cli_bad_config_is_one_clear_line(args, devices, needle):
-  r = _cli(*args, devices=devices)
-  assert r.returncode == 2, r.stderr
+def test_cli_bad_config_is_one_clear_line(cli, args, devices, needle):
+  r = cli.run(
+    "fedkd.main",
+    [
+      "--config=configs/quickstart.py",
+      "--workdir=/nonexistent/should_not_be_created",
+      f"--cpu_devices={devices}",
+      *args,
+    ],
+    timeout=120,
+  )
+  assert r.code == 2, r.stderr
   err = [ln for ln in r.stderr.splitlines() if ln.strip()]
   assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
   assert err[0].startswith("fedkd: error:") and needle in err[0], err[0]
