@@ -13,6 +13,7 @@ from __future__ import annotations
 from fedkd.errors import UserError
 
 import json
+import logging
 import os
 from typing import Any, TypeVar
 from collections.abc import Callable
@@ -21,6 +22,20 @@ import jax
 import orbax.checkpoint as ocp
 
 T = TypeVar("T")
+
+
+class _DamagedReadNoise(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of orbax's concurrent array reads
+  from a damaged checkpoint: the first failed read already fails the restore, which
+  :meth:`Checkpointer.restore_latest` reports in one line before falling back to an older step, so the
+  sibling reads' tracebacks (printed whenever they are garbage-collected) are noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and "while reading array index" in str(exc))
+
+
+logging.getLogger("asyncio").addFilter(_DamagedReadNoise())
 
 
 class CheckpointError(UserError, RuntimeError):

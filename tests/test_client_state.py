@@ -158,23 +158,6 @@ def test_checkpointer_keeps_client_state_and_reads_checkpoints_without_it(tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_once(tmp_path_factory):
-  """Every task run below builds new jitted functions for the same programs; a persistent compilation
-  cache for this module turns their repeated compiles into loads (only when this module is the first
-  to compile in the process, else JAX keeps its no-cache decision). Restored afterwards."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()  # later modules decide afresh (no cache dir: no cache)
-
-
 def _scaffold(placement, **overrides):
   c = tiny_config(**overrides)
   c.algorithm.name = "scaffold"

@@ -620,3 +620,27 @@ def test_resume_with_another_model_is_refused_without_falling_back(reference, tm
   assert "no intact checkpoint" not in str(e.value)
   assert not any("damaged" in ln for ln in lines), lines
   assert (_digest(os.path.join(work, "checkpoints")), _bytes(work, "metrics.jsonl")) == before
+
+
+def test_orbax_sibling_read_failures_are_not_printed(caplog):
+  """A damaged checkpoint fails several of orbax's concurrent array reads; asyncio reports the ones
+  nobody awaited ("Task exception was never retrieved", with a traceback) when they are collected.
+  fedkd.checkpoint drops exactly those reports (the restore already said the step is damaged) and keeps
+  every other asyncio error."""
+  import asyncio
+  import logging
+
+  import fedkd.checkpoint  # noqa: F401 - installs the filter
+
+  loop = asyncio.new_event_loop()
+  try:
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      for text in ("Encountered error while reading array index: (slice(0, 3, 1),)", "something else broke"):
+        try:
+          raise Exception(text)  # noqa: TRY002 - the exception type orbax raises
+        except Exception as e:  # noqa: BLE001
+          loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": e})
+  finally:
+    loop.close()
+  msgs = [r.exc_info[1].args[0] for r in caplog.records if r.name == "asyncio" and r.exc_info]
+  assert msgs == ["something else broke"]
