@@ -9,13 +9,13 @@ end to end in two processes.
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import procs
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,20 +216,18 @@ def test_measure_cli_in_two_processes(tmp_path):
     "--config.num_clients=4 --config.clients_per_round=4 --config.local_steps=1 --config.batch_size=1 "
     "--config.image_size=32 --config.model.width=2 --config.model.depth=1 --config.model.groups=1"
   )
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-m", "bench", "--measure", "--rounds=1", "--config=configs/quickstart.py", *tiny.split()]
-      + ["--cpu_devices=2", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
+  with procs.group() as popen:  # both processes SIGKILLed as a group if this fails or times out
+    ps = [
+      popen(
+        [sys.executable, "-m", "bench", "--measure", "--rounds=1", "--config=configs/quickstart.py", *tiny.split()]
+        + ["--cpu_devices=2", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT,
+        env=env,
+      )
+      for i in range(2)
+    ]
+    outs = procs.communicate_all(ps, timeout=600)
+  for p, (_, err) in zip(ps, outs):
     assert p.returncode == 0, err[-3000:]
   rows = [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
   assert [r["name"] for r in rows] == ["measure"] * 3 + ["measure_best"]
@@ -248,12 +246,10 @@ def test_measure_cli_in_two_processes(tmp_path):
 
 
 def test_measure_cli_refuses_a_fedefm_config():
-  r = subprocess.run(
+  r = procs.run(
     [sys.executable, "-m", "bench", "--measure", "--config=configs/fedefm.py"],
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
     timeout=300,
   )
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("bench: error: --measure times"), r.stderr

@@ -2,8 +2,9 @@
 step with the modules that implement them; loading it (or a config file) and validating a config of
 either task imports no JAX."""
 
-import subprocess
 import sys
+
+import procs
 
 from fedkd import config, losses
 from fedkd.data import silos
@@ -37,5 +38,5 @@ def test_loading_and_validating_the_configs_imports_no_jax():
     "assert not bad, bad\n"
     "assert cfg.task == 'fedavg'\n"
   )
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  r = procs.run([sys.executable, "-c", code], timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]

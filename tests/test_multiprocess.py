@@ -2,11 +2,11 @@
 
 import os
 import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
+import procs
 
 from fedkd.evaluate import load_run
 
@@ -61,31 +61,30 @@ def test_two_processes_equal_one_process(tmp_path):
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
   env["JAX_PLATFORMS"] = "cpu"
   single = tmp_path / "single"
-  r = subprocess.run(_cmd(single, "--cpu_devices=4"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = procs.run(_cmd(single, "--cpu_devices=4"), cwd=ROOT, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "4 device(s) on the 'clients' axis" in r.stdout
 
   multi = tmp_path / "multi"
   port = _free_port()
-  procs = [
-    subprocess.Popen(
-      _cmd(
-        multi,
-        "--cpu_devices=2",
-        f"--coordinator_address=localhost:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ),
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  # both processes (and anything they start) are SIGKILLed as a group if this fails or times out
+  with procs.group() as popen:
+    ps = [
+      popen(
+        _cmd(
+          multi,
+          "--cpu_devices=2",
+          f"--coordinator_address=localhost:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ),
+        cwd=ROOT,
+        env=env,
+      )
+      for i in range(2)
+    ]
+    outs = procs.communicate_all(ps, timeout=300)
+  for p, (out, err) in zip(ps, outs):
     assert p.returncode == 0, err[-2000:]
   assert "4 device(s) on the 'clients' axis" in outs[0][0]  # process 0 reports the global mesh
   assert "clients run as unroll with xla convs" in outs[0][0]  # 'auto' on CPU, in both runs

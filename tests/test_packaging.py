@@ -2,10 +2,10 @@
 the Gaia graph is packaged, and the quickstart runs (tiny) with its checkout nowhere on the path."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
+import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -23,10 +23,8 @@ TINY = [
 def test_wheel_install_runs_from_elsewhere(tmp_path):
   target = tmp_path / "site"
   # pip install . (not editable) of this checkout, without dependencies (the test env has them)
-  r = subprocess.run(
+  r = procs.run(
     [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), ROOT],
-    capture_output=True,
-    text=True,
     timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]
@@ -47,7 +45,7 @@ def test_wheel_install_runs_from_elsewhere(tmp_path):
   probe = (
     "import fedkd, fedkd.fl.topology as t; print(fedkd.__file__); a = t.gaia_adjacency(); print(a.shape, int(a.sum()))"
   )
-  r = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+  r = procs.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.splitlines()[0].startswith(str(target)), r.stdout  # the installed copy, not the checkout
   # the Gaia graph read from the package equals the checkout's file
@@ -62,12 +60,10 @@ def test_wheel_install_runs_from_elsewhere(tmp_path):
     ref[i, j] = ref[j, i] = 1
   assert r.stdout.splitlines()[1] == f"({n}, {n}) {int(ref.sum())}", (r.stdout, n, ref.sum())
   work = tmp_path / "run"
-  r = subprocess.run(
+  r = procs.run(
     [sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={work}", *TINY],
     cwd=elsewhere,
     env=env,
-    capture_output=True,
-    text=True,
     timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]

@@ -1,10 +1,10 @@
 """The data preview a person looks at: one labelled row per site, frames with mask overlays."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
+import procs
 from PIL import Image
 
 from fedkd.report import overlay
@@ -16,7 +16,7 @@ def test_preview_grid_per_site(tmp_path):
   out = tmp_path / "p.png"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("JAX_NUM_CPU_DEVICES", None)
-  r = subprocess.run(
+  r = procs.run(
     [
       sys.executable,
       "-m",
@@ -28,8 +28,6 @@ def test_preview_grid_per_site(tmp_path):
     ],
     cwd=ROOT,
     env=env,
-    capture_output=True,
-    text=True,
     timeout=300,
   )
   assert r.returncode == 0, r.stderr[-2000:]
@@ -51,7 +49,7 @@ def test_overlay_tints_only_labelled_pixels():
 
 def test_preview_bad_config_is_one_line():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run(
+  r = procs.run(
     [
       sys.executable,
       "-m",
@@ -62,8 +60,6 @@ def test_preview_bad_config_is_one_line():
     ],
     cwd=ROOT,
     env=env,
-    capture_output=True,
-    text=True,
     timeout=300,
   )
   assert r.returncode == 2

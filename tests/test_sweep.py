@@ -5,11 +5,11 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import procs
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,9 +42,8 @@ def _env():
 
 
 def _launch(*args, timeout=300):
-  return subprocess.run(
-    [sys.executable, "-m", "launch.sweep", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-  )
+  # the sweep's runs are its children: in its process group, SIGKILLed with it on timeout
+  return procs.run([sys.executable, "-m", "launch.sweep", *args], cwd=ROOT, env=_env(), timeout=timeout)
 
 
 def _write_config(path, sweep_src):
@@ -304,9 +303,7 @@ def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
 
 
 def _tpu(*args):
-  return subprocess.run(
-    ["bash", os.path.join(ROOT, "launch", "tpu_vm.sh"), *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-  )
+  return procs.run(["bash", os.path.join(ROOT, "launch", "tpu_vm.sh"), *args], cwd=ROOT, timeout=60)
 
 
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
@@ -365,6 +362,6 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
 
 def test_slurm_recipe_is_valid_bash():
   path = os.path.join(ROOT, "launch", "slurm.sbatch")
-  assert subprocess.run(["bash", "-n", path]).returncode == 0
+  assert procs.run(["bash", "-n", path], timeout=60).returncode == 0
   text = open(path).read()
   assert "--ntasks-per-node=1" in text and "srun" in text and "python -m fedkd.main" in text

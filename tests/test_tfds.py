@@ -5,11 +5,11 @@ All input data is created here in tmp dirs (PIL-written PNG/JPEG, pydicom-writte
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import procs
 import pytest
 
 pydicom = pytest.importorskip("pydicom")
@@ -384,7 +384,7 @@ def test_cli(hospital, tmp_path, capsys):
   bad = tmp_path / "bad_site"
   _bad_missing_mask(bad)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
+  proc = procs.run(
     [
       sys.executable,
       "-m",
@@ -393,8 +393,6 @@ def test_cli(hospital, tmp_path, capsys):
       f"--manual_dir={bad}",
       f"--data_dir={tmp_path / 'tfds2'}",
     ],
-    capture_output=True,
-    text=True,
     cwd=REPO,
     env=env,
     timeout=120,

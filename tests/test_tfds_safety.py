@@ -11,12 +11,12 @@ that file. These tests craft such folders and check that fedkd refuses them with
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import procs
 import pytest
 from PIL import Image
 
@@ -127,11 +127,9 @@ def test_crafted_folder_never_imports_code(prepared, tmp_path):
     _edit_json(_version_dir(folder) / fname, lambda obj: edit(obj, evil[case]))
     markers[case] = tmp_path / f"{case}.imported"
     _plant_module(folder, f"evilpkg{k}", markers[case])
-  proc = subprocess.run(
+  proc = procs.run(
     [sys.executable, "-c", _RUN_CASES, *(str(tmp_path / c) for c in cases)],
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
     timeout=300,
   )
   results = {}
