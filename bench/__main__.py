@@ -224,6 +224,9 @@ def _model(a):
 
 
 def main(argv=None) -> None:
+  from fedkd.cli import line_buffered
+
+  line_buffered()
   a, rest = _parser().parse_known_args(argv)
   if rest and not a.measure:
     fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")

@@ -125,6 +125,9 @@ def _parser():
 
 
 def main(argv=None) -> None:
+  from fedkd.cli import line_buffered
+
+  line_buffered()
   a = _parser().parse_args(argv)
   forms = [FORMER_NAMES.get(f, f) for f in a.formulations.split(",")]
   passes = a.passes.split(",")

@@ -38,6 +38,18 @@ def fail(msg: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def line_buffered() -> None:
+  """Progress shows up as it happens also when stdout/stderr are a pipe or a file (``| tee``, nohup,
+  SLURM, sweep logs), where Python would otherwise buffer whole blocks until the process ends."""
+  for stream in (sys.stdout, sys.stderr):
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+      try:
+        reconfigure(line_buffering=True)
+      except (ValueError, OSError):  # a stream that cannot be reconfigured (closed, replaced)
+        pass
+
+
 def run_app(
   main: Callable[[list[str]], Any], argv: list[str] | None = None, *, uses_config: bool = True, usage: str = ""
 ) -> None:
@@ -53,6 +65,8 @@ def run_app(
 
   from fedkd.errors import USER_ERRORS
   from fedkd.preemption import Stopped
+
+  line_buffered()
 
   def parser(args):
     return parse(args, uses_config=uses_config, usage=usage)
@@ -112,16 +126,11 @@ def _print_help(full: bool, usage: str, uses_config: bool) -> None:
     print("\n" + config_help())
 
 
-def _check_override_key(key: str) -> None:
-  for schema in schemas():  # valid if any task's schema has it
-    node = schema
-    for part in key.split("."):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        break
-      node = node[part]
-    else:
-      return
-  node, done = base_config(), []
+def _check_override_key(key: str, config: ml_collections.ConfigDict | None) -> None:
+  """A ``--config.KEY`` override must name a key of the loaded config (its task's schema); the hint
+  lists that task's keys (a FedEFM key is answered with FedEFM's keys, not FedAvg's)."""
+  node, done = config if config is not None else base_config(), []
+  task = node.get("task", "fedavg") if isinstance(node, ml_collections.ConfigDict) else "fedavg"
   for part in key.split("."):
     if not isinstance(node, ml_collections.ConfigDict):
       fail(f"--config.{key}: config.{'.'.join(done)} is a value, not a group of keys")
@@ -129,13 +138,23 @@ def _check_override_key(key: str) -> None:
       options = list(node.keys())
       close = difflib.get_close_matches(part, options, n=1)
       where = "config." + ".".join(done) if done else "config"
-      hint = (
-        f"did you mean --config.{'.'.join(done + close)}?"
-        if close
-        else f"keys of {where}: {', '.join(sorted(options))}"
-      )
+      elsewhere = [s.task for s in schemas() if s.task != task and _has_key(s, key)]
+      if elsewhere:
+        hint = f"it is a key of task {elsewhere[0]!r}; this config's task is {task!r}"
+      elif close:
+        hint = f"did you mean --config.{'.'.join(done + close)}?"
+      else:
+        hint = f"keys of {where} (task {task!r}): {', '.join(sorted(options))}"
       fail(f"unknown config key --config.{key}; {hint}")
     node, done = node[part], done + [part]
+
+
+def _has_key(node, key: str) -> bool:
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
 
 
 def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str = "") -> list[str]:
@@ -145,19 +164,17 @@ def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str
   if wants:
     _print_help("full" in wants[0], usage, uses_config)
     sys.exit(0)
-  for i, a in enumerate(argv[1:], 1):
-    if a == "--":
-      break
-    if not uses_config:
-      continue
-    if a.startswith("--config="):
-      spec = a.split("=", 1)[1]
-      path, sep, arg = spec.partition(":")
+  end = argv.index("--") if "--" in argv else len(argv)
+  loaded = None  # the config of --config= (its keys are the valid --config.* overrides)
+  for i in range(1, end):
+    if uses_config and argv[i].startswith("--config="):
+      path, sep, arg = argv[i].split("=", 1)[1].partition(":")
       path = resolve_config_path(path)
       argv[i] = f"--config={path}" + (f":{arg}" if sep else "")
-      _preload_config(path, arg if sep else None)
-    elif a.startswith("--config."):
-      _check_override_key(a[len("--config.") :].split("=", 1)[0])
+      loaded = _preload_config(path, arg if sep else None)
+  for a in argv[1:end]:
+    if uses_config and a.startswith("--config."):
+      _check_override_key(a[len("--config.") :].split("=", 1)[0], loaded)
   try:
     rest = flags.FLAGS(argv)
   except ConfigError as e:
@@ -186,7 +203,7 @@ def resolve_config_path(path: str) -> str:
   return found
 
 
-def _preload_config(path: str, arg: str | None) -> None:
+def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
   """Runs the config file's ``get_config(arg)`` once before absl does, so that a bad variant, a config
   file that raises, or one that lacks ``get_config`` is one line here instead of a traceback inside
   the flag parser."""
@@ -222,6 +239,7 @@ def _preload_config(path: str, arg: str | None) -> None:
       f"config file {path}: get_config returned a {type(config).__name__}, not an "
       "ml_collections.ConfigDict; start from fedkd.config.base_config()"
     )
+  return config
 
 
 def _first_line(e: BaseException) -> str:

@@ -261,5 +261,8 @@ def evaluate_run(
   report.robustness_plot(rob, os.path.join(out, "robustness.png"))
   log(report.eval_table(results, data.unseen_name))
   log(f"(hd95, assd, tip_error in {'mm' if spacing_mm != 1.0 else 'px'}; means over images where defined)")
-  log(f"wrote {out}: eval.json, eval.csv, predictions.png (green TP, red FP, blue FN), robustness.json, robustness.png")
+  log(
+    f"wrote {out}: eval.json, eval.csv, predictions.png (per frame: image | ground truth | prediction; the legend "
+    "in the picture), robustness.json, robustness.png"
+  )
   return {"round": r, "results": results, "robustness": rob, "out": out}

@@ -2,7 +2,8 @@
 
 Pictures
   ``overlay`` / ``grid``: masks tinted over frames (the data preview); ``error_overlay`` /
-  ``grid(..., preds=)``: prediction errors (``fedkd.eval``'s predictions.png); ``robustness_plot``:
+  ``grid(..., preds=)``: predictions and their errors (``fedkd.eval``'s predictions.png); every grid
+  carries a legend, and every class has one colour in every picture (``fedkd.palette``); ``robustness_plot``:
   Dice vs perturbation severity; ``curves_plot`` / ``errorbar_plot``: a sweep's scores vs round and vs
   a swept key.
 Tables
@@ -26,7 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-COLOURS = {1: (235, 64, 52), 2: (60, 220, 60), 3: (70, 120, 255)}
+from fedkd import palette
+
 MEAN_STD = "mean ± sample std (ddof=1) over seeds; the std is n/a (nan in CSV) for a single seed"
 EVAL_METRICS = ("dice", "iou", "cldice", "hd95", "assd", "betti0_error", "tip_error")
 
@@ -160,30 +162,56 @@ def write_eval_tables(results: dict, out: str, round_: int) -> None:
 
 # ---------------------------------------------------------------- pictures
 
+# Metrics bounded to [0, 1]: their std bands and error bars are clipped to that range.
+BOUNDED = ("dice", "iou", "cldice", "accuracy")
+
+
+def _bounded(metric: str) -> bool:
+  return any(part in BOUNDED for part in metric.replace("/", " ").replace("_", " ").split())
+
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.65) -> np.ndarray:
-  """Grey [H, W] image in [0, 1] + label map -> RGB uint8 with classes tinted."""
+  """Grey [H, W] image in [0, 1] + label map -> RGB uint8 with each class tinted in its
+  ``fedkd.palette`` colour."""
   g = np.clip(image, 0.0, 1.0)
   rgb = np.repeat(g[..., None], 3, axis=-1)
-  for cls, col in COLOURS.items():
+  for cls, col in palette.CLASS_RGB.items():
     sel = mask == cls
     rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(col) / 255.0
   return (rgb * 255).round().astype(np.uint8)
 
 
 def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-  """RGB uint8: TP (pred == target > 0) green, FP (pred > 0, target == 0) red, FN (target > 0,
-  pred != target; a wrong class counts as a miss) blue, over the grey image."""
+  """RGB uint8 over the darkened grey image: a correctly predicted labelled pixel in its class colour
+  (``fedkd.palette``: catheter red, guidewire green, vessel blue), a false positive (a class predicted
+  on background) yellow, a miss (a labelled pixel predicted as background or as another class)
+  magenta."""
   g = np.clip(image, 0, 1)
   rgb = np.repeat(g[..., None], 3, -1) * 0.7
-  rgb[(pred == target) & (target > 0)] = (0.1, 0.9, 0.1)
-  rgb[(pred > 0) & (target == 0)] = (0.95, 0.15, 0.1)
-  rgb[(target > 0) & (pred != target)] = (0.2, 0.4, 1.0)
+  for cls, col in palette.CLASS_RGB.items():
+    rgb[(pred == cls) & (target == cls)] = np.asarray(col) / 255.0
+  rgb[(pred > 0) & (target == 0)] = np.asarray(palette.FALSE_POSITIVE_RGB) / 255.0
+  rgb[(target > 0) & (pred != target)] = np.asarray(palette.MISS_RGB) / 255.0
   return (rgb * 255).round().astype(np.uint8)
 
 
-def grid_rows(rows: dict[str, np.ndarray], scale: int = 1):
-  """Stacks labelled RGB rows (name -> [h, w, 3] uint8) into one PIL image, zoomed by ``scale``."""
+def _legend_strip(draw, y: int, items, width: int) -> int:
+  """Draws coloured squares with their names from the left at height ``y``, wrapping at ``width``;
+  returns the height used."""
+  x, row_h = 4, 14
+  for rgb, name in items:
+    w = 14 + 6 * len(name) + 10
+    if x + w > width and x > 4:
+      x, y = 4, y + row_h
+    draw.rectangle((x, y + 2, x + 9, y + 11), fill=tuple(rgb), outline=(0, 0, 0))
+    draw.text((x + 13, y + 1), name, fill=(0, 0, 0))
+    x += w
+  return y + row_h
+
+
+def grid_rows(rows: dict[str, np.ndarray], scale: int = 1, title: str = "", legend=()):
+  """Stacks labelled RGB rows (name -> [h, w, 3] uint8) into one PIL image, zoomed by ``scale``, under
+  an optional title line and a legend (``(rgb, name)`` entries, drawn as coloured squares)."""
   from PIL import Image, ImageDraw
 
   width = max(r.shape[1] for r in rows.values())
@@ -193,8 +221,17 @@ def grid_rows(rows: dict[str, np.ndarray], scale: int = 1):
     r = np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)))
     pic = Image.fromarray(r).resize((r.shape[1] * scale, r.shape[0] * scale), Image.NEAREST)
     pics.append((name, pic))
-  out = Image.new("RGB", (width * scale, sum(p.height + label_h for _, p in pics)), (255, 255, 255))
+  width = max(width * scale, 320 if legend else 0)
+  # measure the header on a scratch canvas, then draw it for real
+  scratch = ImageDraw.Draw(Image.new("RGB", (width, 200)))
+  head = (label_h if title else 0) + (_legend_strip(scratch, 0, legend, width) if legend else 0)
+  out = Image.new("RGB", (width, head + sum(p.height + label_h for _, p in pics)), (255, 255, 255))
   draw, y = ImageDraw.Draw(out), 0
+  if title:
+    draw.text((4, 1), title, fill=(0, 0, 0))
+    y += label_h
+  if legend:
+    y = _legend_strip(draw, y, legend, width)
   for name, pic in pics:
     draw.text((4, y + 1), name, fill=(0, 0, 0))
     out.paste(pic, (0, y + label_h))
@@ -209,18 +246,30 @@ def grid(
   unseen: str | None,
   preds: dict[str, np.ndarray] | None = None,
 ):
-  """One labelled row per site: ``frames`` pairs of (plain frame, masks tinted by ``overlay``), or with
-  ``preds`` {site: label maps} (plain frame, ``error_overlay`` of the prediction)."""
-  rows = {}
+  """One labelled row per site, with a legend of the colours used. Without ``preds`` (the data
+  preview): ``frames`` pairs of (frame, masks tinted by ``overlay``). With ``preds`` {site: label
+  maps} (``fedkd.eval``'s predictions.png): triples of (frame, ground truth by ``overlay``, the
+  prediction by ``error_overlay``)."""
+  rows, present = {}, set()
   for name, (images, masks) in sets.items():
     images, masks = np.asarray(images)[..., 0], np.asarray(masks)
     tiles = []
     for i in range(min(frames, len(images))):
       plain = (np.clip(images[i], 0, 1) * 255).round().astype(np.uint8)
-      marked = overlay(images[i], masks[i]) if preds is None else error_overlay(images[i], preds[name][i], masks[i])
-      tiles += [np.repeat(plain[..., None], 3, -1), marked]
+      tiles.append(np.repeat(plain[..., None], 3, -1))
+      tiles.append(overlay(images[i], masks[i]))
+      present.update(np.unique(masks[i]).tolist())
+      if preds is not None:
+        tiles.append(error_overlay(images[i], preds[name][i], masks[i]))
+        present.update(np.unique(preds[name][i]).tolist())
     rows[name + (" (unseen)" if name == unseen else "")] = np.concatenate(tiles, axis=1)
-  return grid_rows(rows, scale)
+  legend = palette.class_legend(present)
+  if preds is None:
+    title = "per frame: image | labels"
+  else:
+    title = "per frame: image | ground truth | prediction (class colour where right)"
+    legend += palette.error_legend()
+  return grid_rows(rows, scale, title=title, legend=legend)
 
 
 def _pyplot():
@@ -233,13 +282,14 @@ def _pyplot():
 
 
 def robustness_plot(rob: dict, path: str) -> None:
-  """Dice per class vs severity, one panel per perturbation (``fedkd.evaluate.robustness``'s dict)."""
+  """Dice per class vs severity, one panel per perturbation (``fedkd.evaluate.robustness``'s dict);
+  each class in its ``fedkd.palette`` colour."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(rob), figsize=(4 * len(rob), 3.4), squeeze=False)
   axes = axes[0]
   for ax, (kind, d) in zip(axes, rob.items()):
     for cname, ys in d["dice"].items():
-      ax.plot(d["severity"], ys, marker="o", label=cname)
+      ax.plot(d["severity"], ys, marker="o", label=cname, color=palette.plot_colour(cname))
     ax.set_title(kind.replace("_", " "))
     ax.set_xlabel("factor" if kind == "downscale" else "severity")
     ax.set_ylim(0, 1)
@@ -255,7 +305,8 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
   """Scores vs round, one panel per metric, one line per group: ``groups`` is ``(label, runs)`` with
   each run its list of evaluation records ({"round", metric: value}). The line is the mean over the
   group's runs at the rounds all of them have, the band ± the sample std (:func:`mean_std`; no band
-  for one run). Returns whether anything was drawn (nothing when no group has a metric)."""
+  for one run; clipped to [0, 1] for Dice / IoU-like scores). Every panel has the legend. Returns
+  whether anything was drawn (nothing when no group has a metric)."""
   present = [m for m in metrics if any(m in r for _, runs in groups for run in runs for r in run)]
   if not present:
     return False
@@ -270,12 +321,17 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
       mean, std = mean_std([[d[x] for x in rounds] for d in per_run], axis=0)
       (line,) = ax.plot(rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{label} (n={len(runs)})")
       if len(per_run) > 1:
-        ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        lo, hi = mean - std, mean + std
+        if _bounded(m):
+          lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
+        ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_title(m)
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
+    if _bounded(m):
+      ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="best")
   axes[0][0].set_ylabel("held-out score (mean ± std over seeds)")
-  axes[0][-1].legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -284,20 +340,18 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
 
 def errorbar_plot(lines: dict[str, Sequence[tuple[float, Sequence[float]]]], xlabel: str, ylabel: str, path: str):
   """One line per label through points ``(x, values over seeds)``: the mean with a ± sample-std error
-  bar (none for a single seed)."""
+  bar (none for a single seed; clipped to [0, 1] when ``ylabel`` names a Dice / IoU-like score)."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for label, pts in lines.items():
     pts = sorted(pts, key=lambda p: p[0])
     stats = [mean_std(list(v)) for _, v in pts]
-    ax.errorbar(
-      [p[0] for p in pts],
-      [s[0] for s in stats],
-      yerr=[0.0 if math.isnan(s[1]) else s[1] for s in stats],
-      marker="o",
-      capsize=3,
-      label=label,
-    )
+    mean = np.array([s[0] for s in stats], np.float64)
+    std = np.array([0.0 if math.isnan(s[1]) else s[1] for s in stats], np.float64)
+    lo, hi = mean - std, mean + std
+    if _bounded(ylabel):
+      lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
+    ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(f"{ylabel} (mean ± std)")
   ax.grid(alpha=0.3)

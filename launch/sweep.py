@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from fedkd.cli import fail
+from fedkd.cli import fail, line_buffered
 
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "DONE"
@@ -468,6 +468,7 @@ def _interrupt(signum, frame):  # SIGTERM stops the runs like Ctrl-C; they resum
 
 
 def main(argv: list[str] | None = None) -> int:
+  line_buffered()
   args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
   from fedkd.sweep import SweepError
 

@@ -52,4 +52,8 @@ class CLI:
 
   def close(self) -> None:
     self.proc.stdin.close()
-    self.proc.wait(timeout=30)
+    try:
+      self.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a server stuck in a case: do not leave it running
+      self.proc.kill()
+      self.proc.wait()

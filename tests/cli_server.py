@@ -31,6 +31,7 @@ def _entry(module: str):
 
 
 def _child(case, out_path, err_path):
+  os.setsid()  # its own process group: a timeout kills whatever the case started too
   os.chdir(case.get("cwd") or os.getcwd())
   for k, v in (case.get("env") or {}).items():
     if v is None:
@@ -78,7 +79,10 @@ def main():
       if done:
         break
       if time.time() > deadline:
-        os.kill(pid, signal.SIGKILL)
+        try:
+          os.killpg(pid, signal.SIGKILL)  # the case and everything it started
+        except ProcessLookupError:  # killed before its setsid(): no group yet
+          os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         timed_out, status = True, None
         break

@@ -92,6 +92,15 @@ def cases(f, w="w"):
     ("config returns dict", main, [f"--config={f}/returns_dict.py", f"--workdir={w}"], 2, ["ConfigDict"]),
     ("config lacks a group", main, [f"--config={f}/lacks_group.py", f"--workdir={w}"], 2, ["missing", "base_config"]),
     ("unknown config key", main, [QS, f"--workdir={w}", "--config.num_clientz=3"], 2, ["num_clientz", "num_clients"]),
+    # a hint from the config's own task schema (FedEFM keys for a FedEFM config)
+    ("fedefm key typo", main, [EFM, f"--workdir={w}", "--config.fedefm.zzzz=1"], 2, ["task 'fedefm'", "matcha_budget"]),
+    (
+      "key of the other task",
+      main,
+      [QS, f"--workdir={w}", "--config.fedefm.beta=0.3"],
+      2,
+      ["of task 'fedefm'", "'fedavg'"],
+    ),
     ("key under a value", main, [QS, f"--workdir={w}", "--config.seed.x=1"], 2, ["config.seed", "value"]),
     ("int key given float", main, [QS, f"--workdir={w}", "--config.num_rounds=1.5"], 2, ["num_rounds"]),
     ("positional argument", main, [QS, f"--workdir={w}", "extra"], 2, ["extra"]),

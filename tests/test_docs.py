@@ -76,3 +76,78 @@ def test_relative_links_exist(md):
 def test_link_pattern():
   text = "see [a](docs/a.md#x), ![img](../p.png \"t\") and [web](https://e.org) `[not](x)`\n```\n[no](y)\n```"
   assert _links(text) == ["docs/a.md#x", "../p.png", "https://e.org"]
+
+
+# ---------------------------------------------------------------- the commands the docs show
+
+ABSL_ENTRY_POINTS = ("fedkd.main", "fedkd.eval", "fedkd.data.preview")
+ARGPARSE_ENTRY_POINTS = {"fedkd.data.tfds.build": "fedkd.data.tfds.build", "launch.sweep": "launch.sweep"}
+
+
+def _doc_commands() -> list[tuple[str, list[str]]]:
+  """(where, argv after 'python -m') of every command in a shell block of README.md, docs/*.md,
+  launch/README.md and bench/README.md: continuation lines joined, comments and '[...]' optional
+  brackets dropped, '&&' chains split."""
+  import shlex
+
+  files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "launch" / "README.md"]
+  files.append(ROOT / "bench" / "README.md")
+  out = []
+  for md in files:
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", md.read_text(), flags=re.S):
+      text = re.sub(r"\\\n\s*", " ", block)
+      for line in text.splitlines():
+        line = re.sub(r"\s#.*$", "", line).replace("[", "").replace("]", "")
+        for part in line.split("&&"):
+          if "python -m" not in part:
+            continue
+          words = shlex.split(part)
+          if "python" in words and words[words.index("python") + 1 : words.index("python") + 2] == ["-m"]:
+            i = words.index("python")
+            out.append((f"{md.relative_to(ROOT)}: {part.strip()}", words[i + 2 :]))
+  return out
+
+
+def test_the_docs_show_commands():
+  mods = {argv[0] for _, argv in _doc_commands()}
+  assert {"fedkd.main", "fedkd.eval", "fedkd.data.tfds.build", "launch.sweep"} <= mods, mods
+
+
+@pytest.mark.parametrize("where,argv", _doc_commands(), ids=lambda x: x if isinstance(x, str) else None)
+def test_doc_command_names_real_modules_flags_config_files_and_keys(where, argv, monkeypatch):
+  """Every ``python -m`` command in the docs: the module exists, every flag is one it defines, a
+  ``--config=FILE[:ARG]`` loads, every ``--config.KEY`` is a key of that config, and a ``--round`` of
+  the quickstart's workdir is a round the quickstart keeps a checkpoint of."""
+  import importlib
+  import importlib.util
+
+  from absl import flags
+
+  from fedkd import cli
+
+  monkeypatch.syspath_prepend(str(ROOT))  # the commands run in the checkout's root (launch/ is a folder there)
+  module, args = argv[0], argv[1:]
+  assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+  opts = {a.split("=", 1)[0]: (a.split("=", 1)[1] if "=" in a else None) for a in args if a.startswith("--")}
+  if module in ABSL_ENTRY_POINTS:
+    importlib.import_module(module)
+    unknown = [o for o in opts if not o.startswith("--config.") and o[2:] not in flags.FLAGS]
+    assert not unknown, f"{where}: {module} has no flag {unknown}"
+  elif module in ARGPARSE_ENTRY_POINTS:
+    parser = importlib.import_module(ARGPARSE_ENTRY_POINTS[module])._parser()
+    unknown = [o for o in opts if o not in parser._option_string_actions]
+    assert not unknown, f"{where}: {module} has no option {unknown}"
+  if "--config" in opts and module != "fedkd.data.tfds.build":  # build's --config is a TFDS builder config
+    path, _, arg = opts["--config"].partition(":")
+    config = cli._preload_config(str(ROOT / path), arg or None)
+    for o in opts:
+      if o.startswith("--config."):
+        node = config
+        for part in o[len("--config.") :].split("."):
+          assert part in node, f"{where}: {path} has no key {o[2:]}"
+          node = node[part]
+  if module == "fedkd.eval" and "--round" in opts and opts.get("--workdir") == "runs/quickstart":
+    qs = cli._preload_config(str(ROOT / "configs" / "quickstart.py"), None)
+    n, every, keep = qs.num_rounds, qs.checkpoint.every, qs.checkpoint.max_to_keep
+    saved = sorted(set(range(every, n + 1, every)) | {n})
+    assert int(opts["--round"]) in saved[-keep:], f"{where}: the quickstart keeps rounds {saved[-keep:]} only"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cli_harness import CLI
+from fedkd import palette, report
 from fedkd.evaluate import perturb
 from fedkd.report import error_overlay
 from fedkd.tasks import fedavg
@@ -74,11 +75,34 @@ def test_perturbations():
 
 
 def test_error_overlay_colours():
-  target = np.array([[0, 1, 1], [0, 2, 0], [0, 0, 0]])
-  pred = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+  """Right pixels in their class colour (the preview's: catheter red, guidewire green), errors in colours
+  no class uses (false positive yellow, miss magenta)."""
+  target = np.array([[0, 1, 1], [0, 2, 0], [2, 0, 0]])
+  pred = np.array([[1, 1, 0], [0, 1, 0], [2, 0, 0]])
   rgb = error_overlay(np.zeros((3, 3)), pred, target)
-  assert tuple(rgb[0, 1]) == (26, 230, 26)  # TP green
-  assert tuple(rgb[0, 0]) == (242, 38, 26)  # FP red
-  assert tuple(rgb[0, 2]) == (51, 102, 255)  # FN blue
-  assert tuple(rgb[1, 1]) == (51, 102, 255)  # wrong class = miss
+  assert tuple(rgb[0, 1]) == (235, 64, 52)  # right catheter: red
+  assert tuple(rgb[2, 0]) == (60, 220, 60)  # right guidewire: green
+  assert tuple(rgb[0, 0]) == (255, 215, 0)  # false positive: yellow
+  assert tuple(rgb[0, 2]) == (230, 40, 230)  # missed: magenta
+  assert tuple(rgb[1, 1]) == (230, 40, 230)  # wrong class = miss
   assert tuple(rgb[2, 2]) == (0, 0, 0)  # true negative keeps the (black) image
+  colours = {tuple(c) for c in palette.CLASS_RGB.values()}
+  assert len(colours) == 3 and not colours & {palette.FALSE_POSITIVE_RGB, palette.MISS_RGB}
+
+
+def test_prediction_grid_has_a_legend_and_three_tiles_per_frame():
+  """predictions.png: per frame image | ground truth | prediction, under a title and a legend strip
+  whose squares are the palette colours of the classes present and of the two error marks."""
+  size, frames = 16, 2
+  images = np.zeros((frames, size, size, 1), np.float32)
+  masks = np.zeros((frames, size, size), np.int32)
+  masks[:, 2:5, 2:9] = 1  # catheter only: no guidewire entry in the legend
+  pic = np.asarray(report.grid({"site_a": (images, masks)}, frames, 1, None, preds={"site_a": masks}))
+  content = pic[pic.shape[0] - size :]  # the last row of tiles
+  assert content.shape[1] >= 3 * frames * size
+  tile = content[:, size : 2 * size]  # frame 0's ground truth
+  np.testing.assert_array_equal(tile[3, 3], report.overlay(np.zeros((1, 1)), np.ones((1, 1)))[0, 0])
+  head = pic[: pic.shape[0] - size - 14]  # title and legend above the site's label line
+  colours = {tuple(c) for c in head.reshape(-1, 3)}
+  assert palette.CLASS_RGB[1] in colours and palette.FALSE_POSITIVE_RGB in colours and palette.MISS_RGB in colours
+  assert palette.CLASS_RGB[2] not in colours

@@ -33,8 +33,12 @@ def test_preview_grid_per_site(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "5 sites x 2 frames" in r.stdout
   img = np.asarray(Image.open(out))
-  # 32 px frames zoomed 4x to 128 px; 4 training sites + the unseen one, each with a 14 px label strip
-  assert img.shape == (5 * (128 + 14), 2 * 2 * 128, 3)
+  # 32 px frames zoomed 4x to 128 px; a title line and a legend line (14 px each), then 4 training sites +
+  # the unseen one, each with a 14 px label strip
+  assert img.shape == (2 * 14 + 5 * (128 + 14), 2 * 2 * 128, 3)
+  assert "labels drawn: red catheter, green guidewire (legend in the picture)" in r.stdout  # no vessel drawn
+  legend = {tuple(c) for c in img[:28].reshape(-1, 3)}
+  assert (235, 64, 52) in legend and (60, 220, 60) in legend and (70, 120, 255) not in legend
 
 
 def test_overlay_tints_only_labelled_pixels():

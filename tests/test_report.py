@@ -87,3 +87,38 @@ def test_eval_tables_and_site_table(tmp_path):
   }
   text = report.site_table(per_site, "u").splitlines()
   assert text[3].startswith("u (unseen)") and text[-1].split()[-2:] == ["0.6000", "0.3500"]  # train-site means
+
+
+def test_std_bands_and_error_bars_stay_in_0_1_for_dice(tmp_path, monkeypatch):
+  """A Dice band of mean ± sample std is clipped to [0, 1] (the std of scores near 0 or 1 would reach
+  outside); an unbounded metric (hd95) keeps its band; every panel carries the legend."""
+  import matplotlib.axes
+
+  bands, bars, legends = [], [], []
+  monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", lambda self, x, lo, hi, **kw: bands.append((lo, hi)))
+  real_errorbar, real_legend = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.legend
+  monkeypatch.setattr(
+    matplotlib.axes.Axes,
+    "errorbar",
+    lambda self, x, y, yerr=None, **kw: bars.append((y, yerr)) or real_errorbar(self, x, y, **kw),
+  )
+  monkeypatch.setattr(
+    matplotlib.axes.Axes, "legend", lambda self, *a, **kw: legends.append(self) or real_legend(self, *a, **kw)
+  )
+  dice = [[0.02, 0.9], [0.2, 0.99], [0.05, 0.98]]  # per seed: rounds 1 and 2
+  runs = [[{"round": r + 1, "dice/catheter": d[r], "hd95/catheter": 50.0 * d[r]} for r in range(2)] for d in dice]
+  assert report.curves_plot([("fedavg", runs)], ["dice/catheter", "hd95/catheter"], str(tmp_path / "c.png"))
+  vals = np.array(dice)
+  mean, std = vals.mean(0), vals.std(0, ddof=1)
+  (lo, hi), (hlo, hhi) = bands
+  np.testing.assert_allclose(lo, np.clip(mean - std, 0, 1))
+  np.testing.assert_allclose(hi, np.clip(mean + std, 0, 1))
+  assert mean[0] - std[0] < 0 and lo[0] == 0.0 and mean[1] + std[1] > 1 and hi[1] == 1.0
+  np.testing.assert_allclose(hlo, 50 * (mean - std))  # not a [0, 1] score: unclipped
+  assert len(legends) == 2
+  report.errorbar_plot(
+    {"fedavg": [(0.5, vals[:, 0]), (1.0, vals[:, 1])]}, "mu", "dice/catheter", str(tmp_path / "e.png")
+  )
+  y, (below, above) = bars[0]
+  np.testing.assert_allclose(np.asarray(y) - np.asarray(below), np.clip(mean - std, 0, 1))
+  np.testing.assert_allclose(np.asarray(y) + np.asarray(above), np.clip(mean + std, 0, 1))

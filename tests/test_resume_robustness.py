@@ -205,13 +205,14 @@ for line in sys.stdin:
 
 
 class Server:
-  """The fork server (one per module): env with this module's compilation cache and device count."""
+  """The fork server (one per module): env with this module's compilation cache and device count.
+  Without PYTHONUNBUFFERED: the runs' stdout is a file, so the round lines the tests wait for while a run
+  is alive only arrive because fedkd's entry points line-buffer their output (fedkd.cli.line_buffered)."""
 
   def __init__(self, cache: str):
-    env = dict(
-      os.environ,
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(
       JAX_PLATFORMS="cpu",
-      PYTHONUNBUFFERED="1",
       JAX_COMPILATION_CACHE_DIR=cache,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_NUM_CPU_DEVICES=str(jax.device_count()),

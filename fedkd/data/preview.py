@@ -3,7 +3,8 @@
   python -m fedkd.data.preview --config=configs/quickstart.py [--out=runs/preview.png] [--frames=4]
 
 Rows are sites (training sites, then the unseen one); each frame appears twice, plain and with the
-mask drawn over it (catheter red, guidewire green, vessel blue). Works for every data.source.
+mask drawn over it (catheter red, guidewire green, vessel blue: fedkd.palette), under a legend of the
+classes present. Works for every data.source.
 The picture goes to --out (default runs/preview.png; .png, .jpg or .jpeg).
 """
 
@@ -26,6 +27,9 @@ def main(argv) -> None:
 
   from fedkd.config import validate
   from fedkd.data.pipeline import make_client_data
+  import numpy as np
+
+  from fedkd import palette
   from fedkd.report import grid
   from fedkd.workdir import prepare
 
@@ -44,11 +48,14 @@ def main(argv) -> None:
   sets = data.eval_sets()
   scale = _SCALE.value or max(1, -(-128 // config.image_size))
   pic = grid(sets, cli.FRAMES.value, scale, data.unseen_name)
+  shown = set()
+  for _, masks in sets.values():
+    shown.update(np.unique(np.asarray(masks)[: cli.FRAMES.value]).tolist())
   prepare(os.path.dirname(os.path.abspath(out)))
   pic.save(out)
   print(
     f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
-    f"({config.data.source}, {config.image_size}px); red catheter, green guidewire, blue vessel"
+    f"({config.data.source}, {config.image_size}px); labels drawn: {palette.caption(shown)} (legend in the picture)"
   )
 
 

@@ -283,7 +283,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   log(site_table(per_site, unseen_name))
   log(
     f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
-    f"tb/ (TensorBoard: tensorboard --logdir {workdir / 'tb'}), config.json, "
+    f"tb/ (TensorBoard; view: pip install -e '.[tb]' && tensorboard --logdir {workdir / 'tb'}), config.json, "
     "checkpoints/ (orbax; re-run with the same --workdir to resume)"
   )
   if clients_store is not None:

@@ -345,10 +345,10 @@ class Experiment:
     types = self.data.silo_types(percent, seed)
     n = 1 if method == "centralized" else p.num_silos
     mesh = self.mesh1 if method == "centralized" else self.mesh
-    stacked = fedefm_lib.stack(params0, n)
     # Carried between rounds: the mixed models (next round's start) and each silo's trained model
-    # (MOON's negative). The silo optimisers start fresh every round.
-    state = shard_clients({"params": stacked, "prev": stacked}, mesh)
+    # (MOON's negative). The silo optimisers start fresh every round. Two separate buffers: the round
+    # donates both (one array in both places is "donate the same buffer twice" where MOON reads prev).
+    state = shard_clients({"params": fedefm_lib.stack(params0, n), "prev": fedefm_lib.stack(params0, n)}, mesh)
     metrics_json: dict = {}
     ckpt = ckpt_lib.Checkpointer(self.checkpoint_dir(method, percent, seed), c.checkpoint.max_to_keep)
     try:

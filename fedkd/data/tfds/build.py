@@ -121,6 +121,9 @@ def _write_failure(e: Exception, data_dir: str) -> str | None:
 
 
 def main(argv=None) -> int:
+  from fedkd.cli import line_buffered
+
+  line_buffered()
   args = _parser().parse_args(argv)
   if args.list_configs:
     for cfg in BUILDERS[args.dataset].BUILDER_CONFIGS:
