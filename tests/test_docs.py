@@ -1,6 +1,7 @@
 """The documentation stays true to the code: every config key is on docs/configs.md, the README stays
 short, and no relative link in README.md or docs/*.md points to a missing file."""
 
+import os
 import pathlib
 import re
 
@@ -151,3 +152,32 @@ def test_doc_command_names_real_modules_flags_config_files_and_keys(where, argv,
     n, every, keep = qs.num_rounds, qs.checkpoint.every, qs.checkpoint.max_to_keep
     saved = sorted(set(range(every, n + 1, every)) | {n})
     assert int(opts["--round"]) in saved[-keep:], f"{where}: the quickstart keeps rounds {saved[-keep:]} only"
+
+
+# ---------------------------------------------------------------- docs/outputs.md
+
+
+def documented_outputs(heading: str) -> set[str]:
+  """The file names listed (first table column, in backticks, trailing '/' dropped) under the
+  docs/outputs.md section whose heading contains ``heading``."""
+  sections = re.split(r"^## ", (ROOT / "docs" / "outputs.md").read_text(), flags=re.M)
+  found = [s for s in sections if heading in s.splitlines()[0]]
+  assert len(found) == 1, f"docs/outputs.md: {len(found)} sections with {heading!r} in the heading"
+  names = set()
+  for line in found[0].splitlines():
+    if line.startswith("| `"):
+      for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+        names.add(name.rstrip("/").rsplit("/", 1)[-1])
+  return names
+
+
+def assert_outputs_documented(folder, heading: str, ignore=()) -> None:
+  """Every entry of ``folder`` (a run's output folder) is listed in docs/outputs.md under ``heading``."""
+  names = set(os.listdir(folder)) - set(ignore)
+  missing = sorted(names - documented_outputs(heading))
+  assert not missing, f"{folder} holds {missing}, not listed in docs/outputs.md under {heading!r}"
+
+
+def test_outputs_doc_sections_parse():
+  assert {"metrics.jsonl", "tb", "config.json", "checkpoints", ".lock"} <= documented_outputs("FedAvg-family")
+  assert {"eval.json", "robustness.json", "predictions.png"} <= documented_outputs("fedkd.eval")

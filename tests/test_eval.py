@@ -11,6 +11,7 @@ from fedkd import palette, report
 from fedkd.evaluate import perturb
 from fedkd.report import error_overlay
 from fedkd.tasks import fedavg
+from test_docs import assert_outputs_documented
 from test_training import tiny_config
 
 
@@ -33,6 +34,7 @@ def test_eval_reproduces_training_metrics_and_writes_outputs(cli, tmp_path):
   out = os.path.join(work, "eval")
   for f in ("eval.json", "eval.csv", "predictions.png", "robustness.png", "robustness.json"):
     assert os.path.getsize(os.path.join(out, f)) > 0, f
+  assert_outputs_documented(out, "fedkd.eval")
   ev = json.load(open(os.path.join(out, "eval.json")))
   last = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))][-1]
   assert ev["round"] == last["round"] == 2

@@ -19,6 +19,7 @@ from fedkd.config import ConfigError
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.tasks import fedefm as task
+from test_docs import assert_outputs_documented
 
 _spec = importlib.util.spec_from_file_location(
   "fedefm_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py")
@@ -91,6 +92,7 @@ def test_experiment_end_to_end_tiny_and_skips_finished_runs(reference):
   assert len(progress) == 6 and "run 2/3 (100% unseen, fedefm, seed 0): pretraining round 3/3  loss " in progress[5]
   assert "rounds/s  eta 0:00" in progress[2] and "s (first round: may include compilation)" in progress[0]
   assert not os.path.exists(os.path.join(work, "checkpoints"))  # every foundation's results are in
+  assert_outputs_documented(work, "configs/fedefm.py")
   assert json.load(open(os.path.join(work, "config.json")))["pretrain"]["num_rounds"] == 3
   again_lines = []
   again = task.run(tiny(), work, log=again_lines.append)

@@ -17,6 +17,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # the launch/ package lives next to fedkd/
 
 from fedkd import sweep as S  # noqa: E402
+from test_docs import assert_outputs_documented, documented_outputs  # noqa: E402
 from fedkd.config import base_config  # noqa: E402
 from launch import sweep as launcher  # noqa: E402
 
@@ -246,6 +247,9 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path):
   md = (out / "results.md").read_text().splitlines()
   assert sum(line.startswith("| fedavg") for line in md) == 2 and "ddof=1" in "\n".join(md) and "± n/a" in "\n".join(md)
   assert (out / "curves.png").stat().st_size > 0 and not list(out.glob("vs_*.png"))
+  assert_outputs_documented(out, "launch.sweep", ignore=names)
+  for n in names:
+    assert_outputs_documented(out / n, "launch.sweep", ignore=documented_outputs("FedAvg-family"))
 
 
 def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):

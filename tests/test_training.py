@@ -13,6 +13,7 @@ from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, base_config, validate
 from fedkd.data import pipeline
 from fedkd.tasks import fedavg
+from test_docs import assert_outputs_documented
 
 
 def tiny_config(**overrides):
@@ -74,6 +75,11 @@ def two_rounds(tmp_path_factory):
   """A finished 2-round run of tiny_config (seed 0): (workdir, fedavg.run's result)."""
   work = str(tmp_path_factory.mktemp("two") / "a")
   return work, fedavg.run(tiny_config(num_rounds=2), work, log=_quiet)
+
+
+def test_a_finished_runs_files_are_the_documented_ones(two_rounds):
+  assert_outputs_documented(two_rounds[0], "FedAvg-family")
+  assert {"metrics.jsonl", "config.json", "checkpoints"} <= set(os.listdir(two_rounds[0]))
 
 
 def test_same_seed_same_numbers_other_seed_differs(two_rounds, tmp_path):
