@@ -12,8 +12,10 @@ the algorithm's server step receives:
             DFL, RING, MATCHA). CFL is the complete graph with W_ij = w_j / sum w.
 
 Aggregators that need every client's update at once (coordinate-wise median, trimmed mean, Krum)
-follow the ``gossip`` pattern: ``linear = False`` and a ``finish`` that receives the device's stacked
-uploads and may ``all_gather`` / reduce-scatter them over the axis.
+follow the ``gossip`` pattern: ``linear = False`` and a ``finish(uploads, total_weight, mixing,
+weights)`` that receives the device's stacked uploads and their weights [n] (0 for a client that does
+not count this round) and may ``all_gather`` / reduce-scatter them over the axis. An algorithm names
+its aggregator (``aggregator = "mean"``) or holds an aggregator object (one with parameters).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Gossip:
   per_client = True  # one mixed pytree per client (rows, split like the clients)
 
   @staticmethod
-  def finish(uploads, total_weight, mixing):
+  def finish(uploads, total_weight, mixing, weights=None):
     """Row i of this device = sum_j W[i, j] u_j over every client j of the round (f32, exact matmul)."""
     everyone = jax.tree.map(lambda a: jax.lax.all_gather(a, CLIENTS, tiled=True), uploads)
     n_local = jax.tree.leaves(uploads)[0].shape[0]

@@ -186,7 +186,8 @@ def make_round_fn(
   non-finite gets weight 0 and keeps its old row (mean aggregation only); when no client is finite the
   server does not move.
   """
-  agg = AGGREGATORS[algorithm.aggregator]
+  # a name of fedkd.fl.aggregate.AGGREGATORS, or an aggregator object (one with parameters)
+  agg = AGGREGATORS[algorithm.aggregator] if isinstance(algorithm.aggregator, str) else algorithm.aggregator
   if skip_nonfinite and not agg.linear:
     raise ValueError(f"skip_nonfinite needs a linear aggregator; {algorithm.name} uses {agg.name}")
   if options.layout not in LAYOUTS or options.lowering not in LOWERINGS:
@@ -253,7 +254,8 @@ def make_round_fn(
       losses_in = jnp.where(ok, losses, 0.0)
     else:
       losses_in = losses
-    aggregate = agg.finish(part, total, mixing)
+    # linear: the parts' psum / total; otherwise the device's stacked uploads with their weights w
+    aggregate = agg.finish(part, total, mixing) if agg.linear else agg.finish(part, total, mixing, w)
     sums = None if sums is None else jax.tree.map(lambda s: jax.lax.psum(s, CLIENTS), sums)
     mean_loss = jax.lax.psum(jnp.sum(w * losses_in), CLIENTS) / total
     new_state, new_rows = algorithm.server(state, aggregate, sums, new_rows)
