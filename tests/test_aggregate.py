@@ -1,0 +1,247 @@
+"""Robust aggregators (fedkd.fl.aggregate) inside a shard_map over 1 and 8 devices against numpy, and
+one FedAvg round with the coordinate-wise median through the engine against a per-client loop."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fedkd.fl import aggregate, algorithms, engine
+from fedkd.fl.aggregate import KINDS, Krum, Median, MultiKrum, NormClip, TrimmedMean, make_aggregator
+from fedkd.fl.algorithm import ClientContext
+from fedkd.losses import make_segmentation_loss
+from fedkd.models import init_params
+from fedkd.sharding import CLIENTS, client_mesh, shard_clients
+
+C = 16  # clients of the round: 16 on 1 device, 2 per device on 8
+
+
+def _uploads(seed=0, clients=C):
+  """Random client updates: a pytree of 3 float32 leaves whose sizes (15, 7, 12) are not multiples of 8."""
+  rng = np.random.default_rng(seed)
+  return {
+    "a": rng.normal(size=(clients, 3, 5)).astype(np.float32),
+    "b": {"c": rng.normal(size=(clients, 7)).astype(np.float32) * 3.0},
+    "d": rng.normal(size=(clients, 2, 2, 3)).astype(np.float32) + 1.0,
+  }
+
+
+def _weights(zeros=(1, 6, 11), clients=C):
+  w = np.arange(1, clients + 1, dtype=np.float32)
+  w[list(zeros)] = 0.0
+  return w
+
+
+def _aggregate(agg, uploads, weights, n_dev):
+  """``agg`` as the engine calls it: in a shard_map over ``n_dev`` devices, the clients split over them."""
+  mesh = client_mesh(n_dev)
+
+  def body(u, w):
+    total = jax.lax.psum(jnp.sum(w), CLIENTS)
+    if agg.linear:
+      return agg.finish(agg.partial(u, w), total)
+    return agg.finish(u, total, None, w)
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(CLIENTS), P(CLIENTS)), out_specs=P()))
+  out = fn(*shard_clients((jax.tree.map(jnp.asarray, uploads), jnp.asarray(weights)), mesh))
+  return jax.tree.map(np.asarray, out)
+
+
+def _per_leaf(fn, uploads, weights):
+  keep = np.asarray(weights) > 0
+  return jax.tree.map(lambda u: fn(u[keep].astype(np.float64)), uploads)
+
+
+def _flat(uploads):
+  """[C, P] float64: each client's update, every leaf flattened."""
+  return np.concatenate([np.asarray(u, np.float64).reshape(u.shape[0], -1) for u in jax.tree.leaves(uploads)], 1)
+
+
+def _close(got, ref, tol=1e-5):
+  assert jax.tree.structure(got) == jax.tree.structure(ref)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    assert g.dtype == np.float32 and g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=tol, atol=tol)
+
+
+def _trimmed_np(beta):
+  def fn(u):
+    m = u.shape[0]
+    t = math.floor(beta * m)
+    return np.sort(u, axis=0)[t : m - t].mean(axis=0)
+
+  return fn
+
+
+def _krum_np(uploads, weights, f, k):
+  """Brute force: score_i = sum of the m - f - 2 smallest squared distances to the other counting clients."""
+  x = _flat(uploads)
+  ids = [i for i in range(len(weights)) if weights[i] > 0]
+  m = len(ids)
+  scores = []
+  for i in ids:
+    d = sorted(float(np.sum((x[i] - x[j]) ** 2)) for j in ids if j != i)
+    scores.append(sum(d[: m - f - 2]))
+  best = [ids[j] for j in np.argsort(scores, kind="stable")[:k]]
+  return jax.tree.map(lambda u: np.asarray(u, np.float64)[best].mean(axis=0), uploads), best
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+@pytest.mark.parametrize("zeros", [(1, 6, 11), (0, 5, 9, 15)])  # m = 13 (odd) and 12 (even)
+def test_median(n_dev, zeros):
+  uploads, weights = _uploads(1), _weights(zeros)
+  _close(_aggregate(Median(), uploads, weights, n_dev), _per_leaf(lambda u: np.median(u, axis=0), uploads, weights))
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+@pytest.mark.parametrize("beta", [0.0, 0.2, 0.45])
+def test_trimmed_mean(n_dev, beta):
+  uploads, weights = _uploads(2), _weights()
+  got = _aggregate(TrimmedMean(beta), uploads, weights, n_dev)
+  _close(got, _per_leaf(_trimmed_np(beta), uploads, weights))
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_krum(n_dev):
+  uploads, weights = _uploads(3), _weights()
+  ref, best = _krum_np(uploads, weights, f=3, k=1)
+  got = _aggregate(Krum(f=3), uploads, weights, n_dev)
+  _close(got, ref, tol=0)  # Krum returns one client's upload exactly
+  assert weights[best[0]] > 0
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+@pytest.mark.parametrize("f,k", [(2, 4), (3, None)])
+def test_multi_krum(n_dev, f, k):
+  uploads, weights = _uploads(4), _weights()
+  m = int(np.sum(weights > 0))
+  ref, _ = _krum_np(uploads, weights, f=f, k=m - f if k is None else k)
+  _close(_aggregate(MultiKrum(f=f, k=k), uploads, weights, n_dev), ref)
+
+
+def test_krum_rejects_outliers():
+  """Three far-away attackers: Krum and multi-Krum pick honest clients, the median ignores them."""
+  uploads, weights = _uploads(5), _weights(zeros=())
+  bad = [2, 9, 14]
+  for leaf in jax.tree.leaves(uploads):
+    leaf[bad] = 100.0
+  honest = [i for i in range(C) if i not in bad]
+  krum = _aggregate(Krum(f=3), uploads, weights, 8)
+  assert any(
+    all(np.array_equal(a, leaf[i]) for a, leaf in zip(jax.tree.leaves(krum), jax.tree.leaves(uploads))) for i in honest
+  )
+  multi = _aggregate(MultiKrum(f=3), uploads, weights, 8)
+  assert all(np.max(np.abs(a)) < 20 for a in jax.tree.leaves(multi))
+  median = _aggregate(Median(), uploads, weights, 8)
+  assert all(np.max(np.abs(a)) < 20 for a in jax.tree.leaves(median))
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_norm_clip(n_dev):
+  uploads, weights = _uploads(6), _weights()
+  norms = np.linalg.norm(_flat(uploads), axis=1)
+  clip = float(np.median(norms))  # about half the clients are clipped
+  scale = np.minimum(1.0, clip / norms)
+  w = weights * scale / weights.sum()
+  ref = jax.tree.map(lambda u: np.tensordot(w, np.asarray(u, np.float64), axes=1), uploads)
+  _close(_aggregate(NormClip(clip), uploads, weights, n_dev), ref)
+  # a clip above every norm is the plain weighted mean
+  mean = jax.tree.map(lambda u: np.tensordot(weights / weights.sum(), np.asarray(u, np.float64), axes=1), uploads)
+  _close(_aggregate(NormClip(float(norms.max()) * 2), uploads, weights, n_dev), mean)
+
+
+def test_no_counting_client_gives_zeros():
+  uploads, weights = _uploads(7), np.zeros(C, np.float32)
+  for agg in (Median(), TrimmedMean(0.2), Krum(1), MultiKrum(1)):
+    got = _aggregate(agg, uploads, weights, 8)
+    assert all(np.all(a == 0) for a in jax.tree.leaves(got)), agg
+
+
+def test_without_all_gather_invariant(monkeypatch):
+  """The fallback for JAX releases without all_gather_invariant (all_gather + pmax) gives the same result."""
+  monkeypatch.setattr(aggregate, "_all_gather_invariant", None)
+  uploads, weights = _uploads(8), _weights()
+  _close(_aggregate(Median(), uploads, weights, 8), _per_leaf(lambda u: np.median(u, axis=0), uploads, weights))
+
+
+def test_make_aggregator():
+  assert set(KINDS) == {"mean", "gossip", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip"}
+  assert make_aggregator("mean") is aggregate.Mean
+  assert make_aggregator("trimmed_mean", beta=0.25).beta == 0.25
+  assert (make_aggregator("krum", f=2).f, make_aggregator("krum", f=2).k) == (2, 1)
+  assert make_aggregator("multi_krum", f=2, k=5).k == 5
+  assert make_aggregator("norm_clip", clip=0.5).clip == 0.5
+  assert repr(make_aggregator("median")) == "median()"
+  for name in KINDS:
+    agg = make_aggregator(name)
+    assert agg.linear == (name in ("mean", "norm_clip")) and agg.per_client == (name == "gossip")
+  with pytest.raises(ValueError, match="unknown aggregator"):
+    make_aggregator("mode")
+  with pytest.raises(ValueError):
+    make_aggregator("trimmed_mean", beta=0.5)
+  with pytest.raises(ValueError):
+    make_aggregator("norm_clip", clip=0.0)
+  with pytest.raises(TypeError):
+    make_aggregator("mean", beta=0.1)
+  assert isinstance(aggregate.AGGREGATORS["median"], Median)  # an algorithm may name it: aggregator = "median"
+
+
+# --- end to end: one FedAvg round with the median through the engine ------------------------------------
+
+S, B, H, LR = 2, 2, 16, 0.05
+
+
+def _deltas(apply, loss_fn, params, xs, ys):
+  """Each client trained on its own with plain SGD (numpy updates): its delta."""
+  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(p, x).astype(jnp.float32), y)))
+  server = jax.tree.map(np.asarray, params)
+  deltas = []
+  for c in range(xs.shape[0]):
+    p = server
+    for s in range(xs.shape[1]):
+      g = grad(p, xs[c, s], ys[c, s])
+      p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b, np.float32), p, g)
+    deltas.append(jax.tree.map(lambda a, b: a - b, p, server))
+  return deltas
+
+
+@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 4, 8), ("chunked", 1, 3)])
+def test_fedavg_round_with_median(layout, n_dev, chunk):
+  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
+  apply, params = init_params(model_cfg, 0)
+  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
+  clients = 8
+  kx, ky = jax.random.split(jax.random.key(1))
+  xs = np.asarray(jax.random.normal(kx, (clients, S, B, H, H, 1)))
+  ys = np.asarray(jax.random.randint(ky, (clients, S, B, H, H), 0, 3))
+  weights = np.array([5, 1, 0, 8, 2, 2, 7, 4], np.float32)  # client 2 does not count: m = 7
+
+  alg = algorithms.FedAvg(optax.sgd(1.0))
+  alg.aggregator = Median()
+  mesh = client_mesh(n_dev)
+  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+  fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)
+  state = alg.init(params, jax.random.key(0))
+  sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  state, _, metrics = fn(state, None, {"x": sx, "y": sy}, sw)
+
+  deltas = _deltas(apply, loss_fn, params, xs, ys)
+  keep = [i for i in range(clients) if weights[i] > 0]
+  median = jax.tree.map(lambda *d: np.median(np.stack([d[i] for i in keep]), axis=0), *deltas)
+  ref = jax.tree.map(lambda p, d: np.asarray(p) + d, params, median)
+  got = jax.tree.map(np.asarray, state["params"])
+  assert jax.tree.structure(ref) == jax.tree.structure(got)
+  err = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+  assert err < 2e-5
+  moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)))
+  assert moved > 1e-3
+  # the median is not the weighted mean (the aggregator object was really used)
+  w = weights / weights.sum()
+  mean = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(mean), jax.tree.leaves(median))) > 1e-4
+  assert bool(metrics["finite"])
