@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fedkd.fl import aggregate, algorithms, engine
+from fedkd.fl import aggregate, algorithms, attacks, engine
 from fedkd.fl.aggregate import KINDS, Krum, Median, MultiKrum, NormClip, TrimmedMean, make_aggregator
 from fedkd.fl.algorithm import ClientContext
 from fedkd.losses import make_segmentation_loss
@@ -245,3 +245,92 @@ def test_fedavg_round_with_median(layout, n_dev, chunk):
   mean = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(mean), jax.tree.leaves(median))) > 1e-4
   assert bool(metrics["finite"])
+
+
+# --- attacks (fedkd.fl.attacks) on the uploads of a set of clients, inside the shard_map -----------------
+
+ATTACKERS = (3, 10, 12)
+
+
+def _attacked(attack, uploads, n_dev, key=None):
+  mesh = client_mesh(n_dev)
+
+  def body(u, k):
+    n = jax.tree.leaves(u)[0].shape[0]
+    return attack(u, attacks.device_client_ids(n), k)
+
+  k = jax.random.key(0) if key is None else key
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(CLIENTS), P()), out_specs=P(CLIENTS)))
+  return jax.tree.map(np.asarray, fn(shard_clients(jax.tree.map(jnp.asarray, uploads), mesh), k))
+
+
+def _expected(uploads, fn):
+  """numpy: ``fn`` applied to the attackers' rows, the others unchanged."""
+
+  def leaf(u):
+    out = np.array(u)
+    out[list(ATTACKERS)] = fn(out[list(ATTACKERS)])
+    return out
+
+  return jax.tree.map(leaf, uploads)
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_sign_flip_and_scale(n_dev):
+  uploads = _uploads(9)
+  got = _attacked(attacks.make_attack("sign_flip", ATTACKERS), uploads, n_dev)
+  _close(got, _expected(uploads, lambda u: -u), tol=0)
+  got = _attacked(attacks.make_attack("scale", ATTACKERS), uploads, n_dev)
+  _close(got, _expected(uploads, lambda u: np.float32(-10.0) * u), tol=0)
+  got = _attacked(attacks.make_attack("scale", ATTACKERS, factor=3.0), uploads, n_dev)
+  _close(got, _expected(uploads, lambda u: np.float32(3.0) * u), tol=0)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_gaussian_attack(additive):
+  uploads, key, std = _uploads(10), jax.random.key(7), 0.5
+  attack = attacks.make_attack("gaussian", ATTACKERS, std=std, additive=additive)
+  got = {n: _attacked(attack, uploads, n, key) for n in (1, 8)}
+  _close(got[8], got[1], tol=0)  # the noise does not depend on the split over devices
+  leaves = jax.tree.leaves(uploads)
+  ref = jax.tree.map(np.array, uploads)
+  ref_leaves = jax.tree.leaves(ref)
+  for i in ATTACKERS:
+    for index, u in enumerate(leaves):
+      noise = std * np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), index), u.shape[1:]))
+      ref_leaves[index][i] = u[i] + noise if additive else noise
+  _close(got[8], ref)
+  # the noise has the asked scale and differs between attackers
+  big = {"w": np.zeros((C, 4000), np.float32)}
+  noisy = _attacked(attacks.make_attack("gaussian", ATTACKERS, std=std), big, 8, key)["w"]
+  assert abs(float(noisy[list(ATTACKERS)].std()) - std) < 0.02
+  assert not np.allclose(noisy[3], noisy[10])
+  assert np.all(noisy[[i for i in range(C) if i not in ATTACKERS]] == 0)
+
+
+def test_attacked_round_median_and_krum_hold():
+  """Scaled (x -10) attackers drag the mean away; the median and Krum stay near the honest mean."""
+  uploads = {"w": np.random.default_rng(11).normal(1.0, 0.1, size=(C, 50)).astype(np.float32)}
+  weights = np.ones(C, np.float32)
+  bad = _attacked(attacks.make_attack("scale", ATTACKERS), uploads, 8)
+  honest = np.delete(uploads["w"], ATTACKERS, axis=0).mean(axis=0)
+  mean = _aggregate(aggregate.Mean, bad, weights, 8)["w"]
+  assert np.max(np.abs(mean - honest)) > 1.0
+  for agg in (Median(), TrimmedMean(0.2), Krum(f=3), MultiKrum(f=3)):
+    assert np.max(np.abs(_aggregate(agg, bad, weights, 8)["w"] - honest)) < 0.5, agg
+
+
+def test_make_attack():
+  assert set(attacks.ATTACKS) == {"sign_flip", "scale", "gaussian"}
+  with pytest.raises(ValueError, match="unknown attack"):
+    attacks.make_attack("label_flip", (0,))
+  with pytest.raises(TypeError):
+    attacks.make_attack("sign_flip", (0,), factor=2.0)
+  with pytest.raises(ValueError, match="needs a key"):
+    attacks.make_attack("gaussian", (0,))(_uploads(0), jnp.arange(C))
+  # outside a shard_map: ids = arange(n); a non-floating leaf is left alone
+  tree = {"x": jnp.ones((4, 2)), "n": jnp.arange(4)}
+  out = attacks.make_attack("sign_flip", (1,))(tree, jnp.arange(4))
+  np.testing.assert_array_equal(out["x"][:, 0], [1, -1, 1, 1])
+  np.testing.assert_array_equal(out["n"], np.arange(4))
+  assert not bool(jnp.any(attacks.attacker_mask(jnp.arange(4), ())))
