@@ -162,6 +162,20 @@ def test_no_counting_client_gives_zeros():
     assert all(np.all(a == 0) for a in jax.tree.leaves(got)), agg
 
 
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_nonfinite_clients_do_not_count(n_dev):
+  """A client whose upload holds NaN or Inf is dropped like a zero-weight one."""
+  uploads, weights = _uploads(12), _weights()
+  uploads["a"][4, 1, 2] = np.nan
+  uploads["b"]["c"][13, 0] = np.inf
+  dropped = weights.copy()
+  dropped[[4, 13]] = 0.0
+  clean = jax.tree.map(lambda u: np.where(np.isfinite(u), u, 0.0).astype(np.float32), uploads)
+  _close(_aggregate(Median(), uploads, weights, n_dev), _per_leaf(lambda u: np.median(u, axis=0), clean, dropped))
+  _close(_aggregate(TrimmedMean(0.2), uploads, weights, n_dev), _per_leaf(_trimmed_np(0.2), clean, dropped))
+  _close(_aggregate(MultiKrum(f=2, k=4), uploads, weights, n_dev), _krum_np(clean, dropped, f=2, k=4)[0])
+
+
 def test_without_all_gather_invariant(monkeypatch):
   """The fallback for JAX releases without all_gather_invariant (all_gather + pmax) gives the same result."""
   monkeypatch.setattr(aggregate, "_all_gather_invariant", None)

@@ -18,8 +18,10 @@ not count this round) and may ``all_gather`` / reduce-scatter them over the axis
 its aggregator (``aggregator = "mean"``) or holds an aggregator object (one with parameters).
 
 Robust aggregators (Byzantine-tolerant estimates of the clients' mean delta; one replicated pytree, so
-FedAvg's server step applies them unchanged). A client *counts* when its weight is > 0; beyond that the
-weights are not used (the robust statistics are unweighted), except by ``norm_clip``:
+FedAvg's server step applies them unchanged). A client *counts* when its weight is > 0 and its upload
+holds no NaN/Inf (the non-linear ones drop such a client themselves; the engine's ``skip_nonfinite``
+serves ``norm_clip``); beyond that the weights are not used (the robust statistics are unweighted),
+except by ``norm_clip``:
 
 ``median``        coordinate-wise median of the counting clients' uploads;
 ``trimmed_mean``  coordinate-wise mean after dropping the floor(beta m) largest and smallest values
@@ -118,10 +120,14 @@ def _gather_invariant(x):
 
 
 def _counting(uploads, weights):
-  """[C] bool, replicated: which clients of the round count (weight > 0; all when ``weights`` is None)."""
+  """[C] bool, replicated: which clients of the round count: weight > 0 (every client when ``weights`` is
+  None) and an upload without NaN/Inf (a broken or Byzantine client must not poison the statistic)."""
   n = jax.tree.leaves(uploads)[0].shape[0]
   w = jnp.ones((n,), F32) if weights is None else jnp.asarray(weights, F32)
-  return _gather_invariant((w > 0).astype(F32)) > 0
+  ok = w > 0
+  for u in jax.tree.leaves(uploads):
+    ok = ok & jnp.all(jnp.isfinite(u.reshape(n, -1)), axis=1)
+  return _gather_invariant(ok.astype(F32)) > 0
 
 
 def _coordinate_slice(leaf):
@@ -265,8 +271,10 @@ class MultiKrum:
     mine = jax.lax.dynamic_slice_in_dim(chosen, jax.lax.axis_index(CLIENTS) * n, n)
 
     def mean_of_chosen(u):
-      part = jnp.tensordot(mine, u.astype(F32), axes=1, precision=HIGHEST)
-      return jax.lax.psum(part, CLIENTS).astype(u.dtype)
+      dtype = u.dtype
+      u = jnp.where((mine > 0).reshape((-1,) + (1,) * (u.ndim - 1)), u.astype(F32), 0.0)  # 0 * NaN is NaN
+      part = jnp.tensordot(mine, u, axes=1, precision=HIGHEST)
+      return jax.lax.psum(part, CLIENTS).astype(dtype)
 
     return jax.tree.map(mean_of_chosen, uploads)
 
