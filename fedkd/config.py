@@ -32,10 +32,12 @@ CONV_LOWERINGS = ("auto", "xla", "gemm", "wgrad")  # fedkd.fl.engine.LOWERINGS +
 LEGACY_PARALLELISM = ("", "vmap", "bgemm", "hybrid", "unroll", "chunked", "map")
 LEGACY_CHUNK_STRATEGIES = ("", "vmap", "bgemm", "hybrid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ALGORITHMS = ("fedavg", "scaffold", "moon")  # fedkd.fl.algorithms.ALGORITHMS
+ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova")  # fedkd.fl.algorithms.ALGORITHMS
+SCAFFOLD_WEIGHTINGS = ("uniform", "data_size")  # fedkd.fl.algorithms.SCAFFOLD_WEIGHTINGS
 LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SERVER_OPTIMIZERS = OPTIMIZERS + ("yogi", "adagrad")  # fedkd.fl.engine.make_optimizer
 # FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
 # (fedkd.distill.emd.MARGINALS / WEIGHT_MODES), silo data types (len(fedkd.data.silos.DATA_TYPES)).
 FEDEFM_METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
@@ -89,9 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
   # The server treats the negated weighted-mean client delta as a gradient:
   # plain FedAvg is SGD with learning rate 1.
   c.server_optimizer = ml_collections.ConfigDict()
-  c.server_optimizer.name = "sgd"  # sgd | adam | adamw, stepping on the negated mean client delta
+  # yogi / adagrad: FedYogi / FedAdagrad exactly as Reddi et al. 2021, Algorithm 2 (docs/algorithms.md).
+  c.server_optimizer.name = "sgd"  # sgd | adam | adamw | yogi | adagrad, stepping on the negated mean client delta
   c.server_optimizer.learning_rate = 1.0  # 1.0 with sgd = plain FedAvg
   c.server_optimizer.momentum = 0.0  # sgd only; 0.9 = FedAvgM
+  c.server_optimizer.b1 = 0.9  # adam / adamw / yogi / adagrad: first-moment decay (Reddi et al. 2021: 0.9)
+  c.server_optimizer.b2 = 0.99  # adam / adamw / yogi: second-moment decay (Reddi et al. 2021: 0.99)
+  c.server_optimizer.eps = 1e-3  # adam / adamw / yogi / adagrad: adaptivity tau (Reddi et al. 2021: 1e-3)
+  # yogi / adagrad: the second moment's start v_{-1} (Reddi et al. 2021: v_{-1} >= tau^2 = eps^2)
+  c.server_optimizer.initial_accumulator = 1e-6
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dice_ce"  # dice_ce | cldice (dice_ce + soft-clDice) | focal_tversky
@@ -104,12 +112,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.tversky_gamma = 4.0 / 3.0  # focal exponent: loss = (1 - TI) ** (1 / gamma)
 
   # Client algorithm: 'fedavg' (stateless clients; FedAvgM / FedAdam via server_optimizer), 'scaffold'
-  # (per-client control variates, Karimireddy et al. 2020, option II) or 'moon' (model-contrastive
-  # local objective, Li et al. 2021; per-client previous models).
+  # (per-client control variates, Karimireddy et al. 2020, option II), 'moon' (model-contrastive
+  # local objective, Li et al. 2021; per-client previous models), 'fedprox' (proximal local objective,
+  # Li et al. 2020) or 'fednova' (normalised averaging, Wang et al. 2020); docs/algorithms.md.
   c.algorithm = ml_collections.ConfigDict()
-  c.algorithm.name = "fedavg"  # fedavg | scaffold | moon (see above)
+  c.algorithm.name = "fedavg"  # fedavg | scaffold | moon | fedprox | fednova (see above)
   c.algorithm.moon_mu = 1.0  # moon: weight of the model-contrastive term
   c.algorithm.moon_tau = 0.5  # moon: temperature of the contrastive similarities
+  c.algorithm.prox_mu = 0.01  # fedprox: weight mu of the proximal term (mu/2)||w - w_global||^2
+  # scaffold: 'uniform' (the paper: mean of the sampled clients' deltas) or 'data_size' (deltas weighted
+  # by client dataset size, the earlier behaviour); the control variate always moves by (1/N) sum dc_i
+  c.algorithm.scaffold_weighting = "uniform"
+  # Heterogeneous local work: 0 = every client takes local_steps steps; k >= 1 = each sampled client
+  # takes a number of steps drawn uniformly from k..local_steps each round (from the round's rng)
+  c.algorithm.local_steps_min = 0
   # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
   # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
   c.algorithm.client_state = "device"
@@ -573,8 +589,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       f"config.model.width={c.model.width} must be divisible by config.model.groups="
       f"{c.model.groups} (GroupNorm); change either"
     )
-  for name in ("client_optimizer", "server_optimizer"):
-    _choice(c, f"{name}.name", OPTIMIZERS)
+  _choice(c, "client_optimizer.name", OPTIMIZERS)
+  _choice(c, "server_optimizer.name", SERVER_OPTIMIZERS)
+  for key in ("server_optimizer.b1", "server_optimizer.b2"):
+    _number(c, key, lambda v: 0 <= v < 1, "in [0, 1)")
+  _number(c, "server_optimizer.eps", lambda v: v > 0, "> 0")
+  _number(c, "server_optimizer.initial_accumulator", lambda v: v >= 0, ">= 0")
   if c.engine.client_parallelism == "measure":
     raise ConfigError(
       "config.engine.client_parallelism='measure' is retired: time the layouts with "
@@ -605,6 +625,25 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(
       f"config.algorithm.name='scaffold' needs config.client_optimizer.name='sgd' (its "
       f"control-variate update assumes plain SGD steps), not {c.client_optimizer.name!r}"
+    )
+  if c.algorithm.name == "fednova" and c.client_optimizer.name != "sgd":
+    raise ConfigError(
+      f"config.algorithm.name='fednova' needs config.client_optimizer.name='sgd' (its normalisation "
+      f"a_i = tau_i holds for plain SGD steps), not {c.client_optimizer.name!r}"
+    )
+  if c.algorithm.name in ("scaffold", "fednova") and c.client_optimizer.momentum != 0:
+    raise ConfigError(
+      f"config.client_optimizer.momentum={c.client_optimizer.momentum} cannot be used with "
+      f"config.algorithm.name={c.algorithm.name!r} (its update assumes plain SGD steps); set "
+      "--config.client_optimizer.momentum=0"
+    )
+  _at_least(c, "algorithm.prox_mu", 0.0)
+  _choice(c, "algorithm.scaffold_weighting", SCAFFOLD_WEIGHTINGS)
+  _int_at_least(c, "algorithm.local_steps_min", 0)
+  if c.algorithm.local_steps_min > c.local_steps:
+    raise ConfigError(
+      f"config.algorithm.local_steps_min={c.algorithm.local_steps_min} is more than config.local_steps="
+      f"{c.local_steps}; set it to at most {c.local_steps} (0 = every client takes local_steps steps)"
     )
   _choice(c, "algorithm.client_state", CLIENT_STATE_PLACEMENTS)
   _choice(c, "loss.name", LOSSES)

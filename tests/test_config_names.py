@@ -9,7 +9,7 @@ import procs
 from fedkd import config, losses
 from fedkd.data import silos
 from fedkd.distill import emd
-from fedkd.fl import algorithms, engine
+from fedkd.fl import algorithms, engine, fedopt
 from fedkd.tasks import fedefm
 
 
@@ -19,6 +19,8 @@ def test_config_names_match_the_implementations():
   assert set(config.LEGACY_PARALLELISM) == {""} | set(engine.LEGACY_PARALLELISM)
   assert set(config.LEGACY_CHUNK_STRATEGIES) == {""} | set(engine.LEGACY_CHUNK_STRATEGY)
   assert config.ALGORITHMS == algorithms.ALGORITHMS
+  assert config.SCAFFOLD_WEIGHTINGS == algorithms.SCAFFOLD_WEIGHTINGS
+  assert config.SERVER_OPTIMIZERS == config.OPTIMIZERS + fedopt.KINDS
   assert config.LOSSES == tuple(losses.LOSSES)
   assert config.FEDEFM_METHODS == fedefm.METHODS
   assert config.EMD_MARGINALS == emd.MARGINALS

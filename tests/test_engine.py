@@ -176,7 +176,7 @@ def test_scaffold_equals_per_client_loop(layout, n_dev):
   ref_server, ref_control, ref_c = _scaffold_reference(
     apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds
   )
-  alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total)
+  alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total, weighting="data_size")  # the reference weights by size
   fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=2)
   state = alg.init(params, jax.random.key(0))
   table = jax.tree.map(np.array, init_rows(alg, params, n_total))

@@ -76,7 +76,7 @@ def test_fedavg_and_fedadam_two_rounds(old, sname):
 @pytest.mark.parametrize("old", ["unroll"])
 def test_scaffold_two_rounds(old):
   apply, params, loss_fn, xs, ys, w = _setup(seed=4, clients=4)
-  alg = algorithms.Scaffold(optax.sgd(1.0), LR, 6)
+  alg = algorithms.Scaffold(optax.sgd(1.0), LR, 6, weighting="data_size")  # the recorded weighting
   mesh = client_mesh(2)
   opts = engine.EngineOptions(*OLD[old], 2, unroll_local_steps=True)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)

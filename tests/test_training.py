@@ -125,7 +125,7 @@ def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
     ("engine.client_parallelism", "pmap", "client_parallelism"),
     ("engine.client_parallelism", "measure", "python -m bench --measure"),
     ("engine.chunk_strategy", "map", "chunk_strategy"),
-    ("algorithm.name", "fedprox", "algorithm.name"),
+    ("algorithm.name", "fedyogi", "algorithm.name"),  # (fedprox exists now)
     ("algorithm.client_state", "disk", "client_state"),
     ("algorithm.name", "scaffold", "client_optimizer.name='sgd'"),
   ],

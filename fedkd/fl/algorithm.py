@@ -101,27 +101,52 @@ def local_sgd(
   unroll: bool = False,
   correction: Params | None = None,
   has_aux: bool = False,
+  steps: jax.Array | None = None,
 ):
   """Trains ``params`` over the ``xs.shape[0]`` local steps (``lax.scan``) with a fresh ``tx``.
 
   ``loss_of(q, x, y)`` -> loss (or (loss, aux) with ``has_aux``); ``correction``: a params-shaped
-  pytree added to every gradient (SCAFFOLD's c - c_i). Returns (local params, mean loss, aux stacked
-  over the steps or None)."""
+  pytree added to every gradient (SCAFFOLD's c - c_i). ``steps``: this client's number of local steps
+  (an int scalar, at most ``xs.shape[0]``; heterogeneous local work), or None for all of them: the
+  steps beyond it are masked (``jnp.where`` keeps the params and optimizer state, their loss is not
+  counted), so the program's shape stays static. Returns (local params, mean loss over the steps
+  taken, aux stacked over all the steps or None)."""
 
   def step(carry, batch):
     p, opt_state = carry
-    x, y = batch
+    if steps is None:
+      x, y = batch
+    else:
+      i, x, y = batch
     if has_aux:
       (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(p, x, y)
     else:
       (loss, grads), aux = jax.value_and_grad(loss_of)(p, x, y), None
     if correction is not None:
       grads = jax.tree.map(jnp.add, grads, correction)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), (loss, aux)
+    updates, new_state = tx.update(grads, opt_state, p)
+    new_p = optax.apply_updates(p, updates)
+    if steps is not None:  # a masked step leaves everything as it was
+      on = i < steps
+      new_p = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_p, p)
+      new_state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_state, opt_state)
+    return (new_p, new_state), (loss, aux)
 
-  (local, _), (losses, aux) = jax.lax.scan(step, (params, tx.init(params)), (xs, ys), unroll=True if unroll else 1)
-  return local, jnp.mean(losses), aux
+  scanned = (xs, ys) if steps is None else (jnp.arange(xs.shape[0]), xs, ys)
+  (local, _), (losses, aux) = jax.lax.scan(step, (params, tx.init(params)), scanned, unroll=True if unroll else 1)
+  if steps is None:
+    return local, jnp.mean(losses), aux
+  on = jnp.arange(xs.shape[0]) < steps
+  return local, jnp.sum(jnp.where(on, losses, 0.0)) / jnp.maximum(jnp.sum(on), 1), aux
+
+
+def local_steps(batch: dict, xs: jax.Array):
+  """(steps for :func:`local_sgd`, tau): a client's own step count ``batch["steps"]`` when the batch
+  has one (heterogeneous local work), else (None, every step ``xs.shape[0]``)."""
+  steps = batch.get("steps")
+  if steps is None:
+    return None, jnp.float32(xs.shape[0])
+  return steps, jnp.asarray(steps, jnp.float32)
 
 
 def delta(local: Params, start: Params) -> Params:

@@ -65,13 +65,23 @@ class EngineOptions:
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+  """The optax optimizer of a ``client_optimizer`` / ``server_optimizer`` config. A config with ``b1``,
+  ``b2``, ``eps`` (the server's) passes them to adam / adamw; without them optax's defaults apply.
+  ``yogi`` / ``adagrad`` (server only): Reddi et al. 2021's Algorithm 2 (:mod:`fedkd.fl.fedopt`)."""
+  from fedkd.fl import fedopt
+
   lr = float(opt_cfg.learning_rate)
+  adaptive = {k: float(opt_cfg[k]) for k in ("b1", "b2", "eps") if k in opt_cfg}
   if opt_cfg.name == "sgd":
     return optax.sgd(lr, momentum=float(opt_cfg.momentum) or None)
   if opt_cfg.name == "adam":
-    return optax.adam(lr)
+    return optax.adam(lr, **adaptive)
   if opt_cfg.name == "adamw":
-    return optax.adamw(lr)
+    return optax.adamw(lr, **adaptive)
+  if opt_cfg.name in fedopt.KINDS:
+    return fedopt.fedopt(
+      opt_cfg.name, lr, float(opt_cfg.b1), float(opt_cfg.b2), float(opt_cfg.eps), float(opt_cfg.initial_accumulator)
+    )
   raise ValueError(f"unknown optimizer {opt_cfg.name!r}")
 
 

@@ -45,6 +45,21 @@ def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
   return np.asarray(jax.random.choice(key, num_clients, (k,), replace=False))
 
 
+def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
+  """[k] local step counts, uniform in low..high (config.algorithm.local_steps_min..local_steps), from
+  the round's client-sampling key (folded, so the sampling itself is unchanged)."""
+  return np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (k,), low, high + 1), np.int32)
+
+
+# Keys added to the schema after checkpoints were written whose default is NOT the old behaviour: a
+# checkpoint whose config lacks the key, when the condition holds for it, resumes only with the old value.
+_OLD_BEHAVIOUR = {
+  "algorithm.scaffold_weighting": (lambda a: a.get("algorithm.name") == "scaffold", "data_size"),
+  "server_optimizer.b2": (lambda a: a.get("server_optimizer.name") in ("adam", "adamw"), 0.999),
+  "server_optimizer.eps": (lambda a: a.get("server_optimizer.name") in ("adam", "adamw"), 1e-8),
+}
+
+
 def _check_resumable(saved: dict, current: dict, directory: str) -> None:
   def flat(d, prefix=""):
     out = {}
@@ -59,6 +74,14 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
   # A key the checkpoint's config lacks was added to the schema later; its default keeps the old
   # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.
   defaults = flat(base_config().to_dict())
+  for k, (applies, value) in _OLD_BEHAVIOUR.items():
+    if k not in a and applies(a):
+      defaults[k] = value
+      if b.get(k) != value:
+        raise ckpt_lib.ResumeRefused(
+          f"the checkpoint in {directory} was written before config.{k} existed and behaves as "
+          f"{value!r}, but this run has {b.get(k)!r}; pass --config.{k}={value} to resume it, or use a new --workdir"
+        )
   diff = sorted(
     k
     for k in set(a) | set(b)
@@ -131,6 +154,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     num_clients=config.num_clients,
     moon_mu=config.algorithm.moon_mu,
     moon_tau=config.algorithm.moon_tau,
+    prox_mu=config.algorithm.prox_mu,
+    scaffold_weighting=config.algorithm.scaffold_weighting,
   )
   state = replicate(alg.init(params, jax.random.key(config.seed)), mesh)
   # Per-client state of stateful algorithms (SCAFFOLD's c_i, MOON's previous model), rows of all
@@ -206,11 +231,16 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     runlog.record(rec)
     return rec, per_site
 
+  local_work = (
+    f"{config.algorithm.local_steps_min}-{config.local_steps}"
+    if config.algorithm.local_steps_min
+    else f"{config.local_steps}"
+  )
   log(
     f"fedkd {algorithm}"
     f"{'' if clients_store is None else ' (per-client state ' + clients_store.describe() + ')'}: "
     f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
-    f"{config.local_steps} local steps x batch {config.batch_size}, {config.image_size}px, "
+    f"{local_work} local steps x batch {config.batch_size}, {config.image_size}px, "
     f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
     f"{engine.describe(engine_opts)}"
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
@@ -232,6 +262,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
       xs, ys, weights = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
       batch = {"x": xs, "y": ys}
+      if config.algorithm.local_steps_min:  # heterogeneous local work: each client its own step count
+        steps = draw_local_steps(sub, config.algorithm.local_steps_min, config.local_steps, config.clients_per_round)
+        batch["steps"] = shard_clients(jnp.asarray(steps[rows]), mesh, rows)
       state = dict(state, rng=replicate(jax.random.key_data(key), mesh))
       # the sampled clients' rows, split over the mesh like the data (None for stateless algorithms)
       rows_in = None if clients_store is None else clients_store.gather(clients)

@@ -3,6 +3,7 @@
 Every client starts from the server model, trains ``local_steps`` steps and uploads its delta; the
 server treats the negated weighted-mean delta as a gradient for its optax optimizer. Server SGD with
 learning rate 1 is plain FedAvg (new = old + mean delta); SGD with momentum is FedAvgM, Adam FedAdam.
+An optional ``batch["steps"]`` (one int per client) gives each client its own number of local steps.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedkd.fl.algorithm import Algorithm, ClientOutput, delta, local_sgd
+from fedkd.fl.algorithm import Algorithm, ClientOutput, delta, local_sgd, local_steps
 
 
 def server_step(server_tx: optax.GradientTransformation, server: dict, mean_delta) -> dict:
@@ -33,7 +34,8 @@ class FedAvg(Algorithm):
 
   def client(self, ctx, server, row, batch, gathered):
     start = server["params"]
-    local, loss, _ = local_sgd(ctx.seg_loss, ctx.tx, start, batch["x"], batch["y"], unroll=ctx.unroll)
+    steps, _ = local_steps(batch, batch["x"])
+    local, loss, _ = local_sgd(ctx.seg_loss, ctx.tx, start, batch["x"], batch["y"], unroll=ctx.unroll, steps=steps)
     return ClientOutput(upload=delta(local, start), loss=loss)
 
   def server(self, server, aggregate, sums, rows):

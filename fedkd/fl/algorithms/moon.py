@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedkd.fl.algorithm import ClientOutput, delta, local_sgd
+from fedkd.fl.algorithm import ClientOutput, delta, local_sgd, local_steps
 from fedkd.fl.algorithms.fedavg import FedAvg
 
 
@@ -55,7 +55,10 @@ class Moon(FedAvg):
       )
       return seg + self.mu * con, {"seg": seg, "moon": con}
 
-    local, loss, aux = local_sgd(loss_of, ctx.tx, glob, batch["x"], batch["y"], unroll=ctx.unroll, has_aux=True)
+    steps, _ = local_steps(batch, batch["x"])
+    local, loss, aux = local_sgd(
+      loss_of, ctx.tx, glob, batch["x"], batch["y"], unroll=ctx.unroll, has_aux=True, steps=steps
+    )
     new_row = {"prev": local, "seen": jnp.ones_like(row["seen"])}
     return ClientOutput(
       upload=delta(local, glob), loss=loss, row=new_row, metrics={k: jnp.mean(v) for k, v in aux.items()}
