@@ -181,3 +181,23 @@ def assert_outputs_documented(folder, heading: str, ignore=()) -> None:
 def test_outputs_doc_sections_parse():
   assert {"metrics.jsonl", "tb", "config.json", "checkpoints", ".lock"} <= documented_outputs("FedAvg-family")
   assert {"eval.json", "robustness.json", "predictions.png"} <= documented_outputs("fedkd.eval")
+
+
+def test_readme_quickstart_block_is_what_the_generator_writes():
+  """The README's quickstart output is docs/gen_readme_quickstart.py's block (not hand-edited): fed its
+  own lines, the generator rebuilds it character for character, and the sentence under it quotes the
+  table's mean row."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("gen_readme_quickstart", ROOT / "docs" / "gen_readme_quickstart.py")
+  gen = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gen)
+  text = (ROOT / "README.md").read_text()
+  start, end = text.index(gen.BEGIN), text.index(gen.END) + len(gen.END)
+  current = text[start:end]
+  lines = current.split("```")[1].strip("\n").splitlines()
+  cpu = re.search(r"Measured on this CPU \((.*?)\) by", current.replace("\n", " ")).group(1)
+  assert gen.block(lines, ".../runs/quickstart", cpu) == current
+  mean = next(ln for ln in lines if ln.startswith("mean (train sites)")).split()
+  assert f"catheter {mean[3]}, guidewire {mean[4]}" in current
+  assert gen.replace(text, current) == text
