@@ -440,3 +440,32 @@ def test_fednova_run_with_drawn_local_steps_resumes_bitwise(tmp_path, monkeypatc
   assert [d.tolist() for d in drawn] == full_draws[2:]  # round 3 again, same counts
   for a, b in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scaffold_uniform_skips_a_nonfinite_client():
+  """engine.skip_nonfinite_clients: a client with NaN data counts neither in (1/|S|) sum dy_i nor in
+  the control update, and keeps its c_i; the others' round is the paper's over them alone."""
+  from fedkd.fl.algorithm import ClientContext
+  from fedkd.sharding import client_mesh
+
+  apply, params, loss_fn, xs, ys, weights = _data(seed=11, steps=2)
+  xs = xs.copy()
+  xs[2] = np.nan
+  n_total = 5
+  zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
+  keep = np.array([0, 1, 3])
+  ref_x, ref_c, _ = _scaffold_uniform_reference(
+    apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, [(keep, xs[keep], ys[keep])], 1.0
+  )
+  alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total)
+  mesh = client_mesh(2)
+  opts = engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True)
+  fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=True)
+  rows, bx, by, bw = shard_clients(
+    (init_rows(alg, params, 4), jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh
+  )
+  state, new_rows, m = fn(alg.init(params, jax.random.key(0)), rows, {"x": bx, "y": by}, bw)
+  assert np.asarray(m["client_finite"]).tolist() == [True, True, False, True]
+  assert _max_diff(ref_x, state["params"]) < 5e-5
+  assert _max_diff(ref_c, state["control"]) < 5e-4
+  assert _max_diff(zeros, jax.tree.map(lambda a: a[2], new_rows)) == 0.0
