@@ -34,6 +34,10 @@ LEGACY_CHUNK_STRATEGIES = ("", "vmap", "bgemm", "hybrid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova")  # fedkd.fl.algorithms.ALGORITHMS
 SCAFFOLD_WEIGHTINGS = ("uniform", "data_size")  # fedkd.fl.algorithms.SCAFFOLD_WEIGHTINGS
+# fedkd.fl.aggregate.KINDS, without gossip (FedEFM's); all but mean and norm_clip are non-linear
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip")
+ROBUST_ALGORITHMS = ("fedavg", "fedprox", "moon")  # whose upload is a model delta a robust statistic may replace
+ATTACKS = ("none", "sign_flip", "scale", "gaussian")  # fedkd.fl.attacks.ATTACKS plus none
 LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -129,6 +133,27 @@ def base_config() -> ml_collections.ConfigDict:
   # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
   # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
   c.algorithm.client_state = "device"
+
+  # How the server combines the clients' updates (fedkd/fl/aggregate.py, docs/algorithms.md): 'mean' (the
+  # weighted mean), robust statistics over the clients that count: 'median' (coordinate-wise),
+  # 'trimmed_mean' (drops the trim_beta fraction of largest and of smallest values per coordinate),
+  # 'krum' / 'multi_krum' (Blanchard et al. 2017: the update(s) closest to their neighbours, krum_f
+  # assumed attackers), or 'norm_clip' (each update clipped to clip_norm, then the weighted mean).
+  c.aggregator = ml_collections.ConfigDict()
+  c.aggregator.name = "mean"  # mean | median | trimmed_mean | krum | multi_krum | norm_clip
+  c.aggregator.trim_beta = 0.1  # trimmed_mean: fraction dropped at each end, 0 <= beta < 0.5
+  c.aggregator.krum_f = 1  # krum / multi_krum: number of attackers assumed
+  c.aggregator.multi_krum_k = 0  # multi_krum: updates averaged (0 = clients - krum_f)
+  c.aggregator.clip_norm = 1.0  # norm_clip: the largest L2 norm of a client's update
+
+  # Attack simulation (fedkd/fl/attacks.py): the clients with ids below round(fraction * num_clients)
+  # are attackers and, whenever sampled, send a 'sign_flip'ped update, one scaled by 'factor', or
+  # Gaussian noise of std 'noise_std' instead of their update. 'none': every client is honest.
+  c.attack = ml_collections.ConfigDict()
+  c.attack.name = "none"  # none | sign_flip | scale | gaussian
+  c.attack.fraction = 0.2  # share of the clients that attack (at least one when name != none)
+  c.attack.factor = -10.0  # scale: the factor
+  c.attack.noise_std = 1.0  # gaussian: the noise std
 
   c.engine = ml_collections.ConfigDict()
   # How a device's clients run: 'vmap' (one batched program), 'chunked' (lax.scan over chunks of
@@ -445,6 +470,53 @@ def _int_at_least(c, key: str, low: int, high: int | None = None) -> None:
     raise ConfigError(f"config.{key}={value!r} must be an integer {rng}; set --config.{key}")
 
 
+def _validate_robustness(c) -> None:
+  """config.aggregator.* and config.attack.*: names, ranges, and which algorithms they combine with."""
+  _choice(c, "aggregator.name", AGGREGATORS)
+  name = c.aggregator.name
+  if name != "mean" and c.algorithm.name not in ROBUST_ALGORITHMS:
+    raise ConfigError(
+      f"config.aggregator.name={name!r} works with config.algorithm.name = {' | '.join(ROBUST_ALGORITHMS)} "
+      f"(uploads that are model deltas), not {c.algorithm.name!r}; use aggregator.name='mean'"
+    )
+  if name not in ("mean", "norm_clip") and c.engine.skip_nonfinite_clients:
+    raise ConfigError(
+      f"config.engine.skip_nonfinite_clients=True needs a linear aggregator (mean or norm_clip), not {name!r}; "
+      "the robust aggregators already leave out clients whose update is NaN/Inf: set it to False"
+    )
+  _number(c, "aggregator.trim_beta", lambda v: 0 <= v < 0.5, "in [0, 0.5)")
+  _int_at_least(c, "aggregator.krum_f", 0)
+  _int_at_least(c, "aggregator.multi_krum_k", 0)
+  _number(c, "aggregator.clip_norm", lambda v: v > 0, "> 0")
+  if name in ("krum", "multi_krum") and c.clients_per_round < c.aggregator.krum_f + 3:
+    raise ConfigError(
+      f"config.aggregator.name={name!r} with krum_f={c.aggregator.krum_f} needs at least krum_f + 3 = "
+      f"{c.aggregator.krum_f + 3} clients per round, not {c.clients_per_round}; lower config.aggregator.krum_f "
+      "or raise config.clients_per_round"
+    )
+  if name == "multi_krum" and c.aggregator.multi_krum_k > c.clients_per_round:
+    raise ConfigError(
+      f"config.aggregator.multi_krum_k={c.aggregator.multi_krum_k} is more than the {c.clients_per_round} "
+      "clients of a round; use 0 (clients - krum_f) or at most clients_per_round"
+    )
+  _choice(c, "attack.name", ATTACKS)
+  _number(c, "attack.fraction", lambda v: 0 < v < 1, "in (0, 1)")
+  _number(c, "attack.factor", math.isfinite, "finite")
+  _number(c, "attack.noise_std", lambda v: v >= 0, ">= 0")
+  if c.attack.name != "none" and c.algorithm.name not in ROBUST_ALGORITHMS:
+    raise ConfigError(
+      f"config.attack.name={c.attack.name!r} works with config.algorithm.name = {' | '.join(ROBUST_ALGORITHMS)}, "
+      f"not {c.algorithm.name!r}"
+    )
+
+
+def num_attackers(c) -> int:
+  """How many clients attack: round(attack.fraction * num_clients), at least one (0 with attack.name=none)."""
+  if c.attack.name == "none":
+    return 0
+  return max(1, round(c.attack.fraction * c.num_clients))
+
+
 def _at_least(c, key: str, low: float, strict: bool = False) -> None:
   value = _value(c, key)
   bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)
@@ -646,6 +718,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       f"{c.local_steps}; set it to at most {c.local_steps} (0 = every client takes local_steps steps)"
     )
   _choice(c, "algorithm.client_state", CLIENT_STATE_PLACEMENTS)
+  _validate_robustness(c)
   _choice(c, "loss.name", LOSSES)
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
     raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")

@@ -348,3 +348,47 @@ def test_make_attack():
   np.testing.assert_array_equal(out["x"][:, 0], [1, -1, 1, 1])
   np.testing.assert_array_equal(out["n"], np.arange(4))
   assert not bool(jnp.any(attacks.attacker_mask(jnp.arange(4), ())))
+
+
+# --- the wrapper the fedavg task uses: attacker clients flagged in the batch, inside the one round --------
+
+
+@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 2, 8), ("chunked", 1, 2)])
+def test_attacked_fedavg_round_with_trimmed_mean(layout, n_dev, chunk):
+  """Clients 1 and 6 (flagged by batch['attacker']) send 10 x their delta negated; the server takes the
+  trimmed mean (beta 0.25: 2 dropped at each end of 8): equal to numpy on the per-client loop's deltas."""
+  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
+  apply, params = init_params(model_cfg, 0)
+  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
+  clients = 8
+  kx, ky = jax.random.split(jax.random.key(2))
+  xs = np.asarray(jax.random.normal(kx, (clients, S, B, H, H, 1)))
+  ys = np.asarray(jax.random.randint(ky, (clients, S, B, H, H), 0, 3))
+  flags = np.zeros(clients, bool)
+  flags[[1, 6]] = True
+
+  inner = algorithms.FedAvg(optax.sgd(1.0))
+  inner.aggregator = TrimmedMean(0.25)
+  alg = attacks.Attacked(inner, attacks.make_attack("scale", (), factor=-10.0))
+  mesh = client_mesh(n_dev)
+  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+  fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)
+  state = alg.init(params, jax.random.key(0))
+  batch = dict(
+    zip(
+      ("x", "y", "attacker", "client_id"),
+      shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(flags), jnp.arange(clients)), mesh),
+    )
+  )
+  state, _, _ = fn(state, None, batch, shard_clients(jnp.ones(clients), mesh))
+
+  deltas = _deltas(apply, loss_fn, params, xs, ys)
+  sent = [jax.tree.map(lambda d: -10.0 * d, d) if flags[i] else d for i, d in enumerate(deltas)]
+  trimmed = jax.tree.map(lambda *d: np.sort(np.stack(d), axis=0)[2:-2].mean(axis=0), *sent)
+  ref = jax.tree.map(lambda p, d: np.asarray(p) + d, params, trimmed)
+  err = max(
+    float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state["params"]))
+  )
+  assert err < 2e-5
+  honest = jax.tree.map(lambda *d: np.mean(np.stack(d), axis=0), *sent)  # what the plain mean would take
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(honest), jax.tree.leaves(trimmed))) > 1e-3

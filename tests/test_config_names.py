@@ -9,7 +9,7 @@ import procs
 from fedkd import config, losses
 from fedkd.data import silos
 from fedkd.distill import emd
-from fedkd.fl import algorithms, engine, fedopt
+from fedkd.fl import aggregate, algorithms, attacks, engine, fedopt
 from fedkd.tasks import fedefm
 
 
@@ -20,6 +20,9 @@ def test_config_names_match_the_implementations():
   assert set(config.LEGACY_CHUNK_STRATEGIES) == {""} | set(engine.LEGACY_CHUNK_STRATEGY)
   assert config.ALGORITHMS == algorithms.ALGORITHMS
   assert config.SCAFFOLD_WEIGHTINGS == algorithms.SCAFFOLD_WEIGHTINGS
+  assert set(config.AGGREGATORS) == set(aggregate.KINDS) - {"gossip"}
+  assert config.ATTACKS == ("none",) + attacks.ATTACKS
+  assert set(config.ROBUST_ALGORITHMS) <= set(config.ALGORITHMS)
   assert config.SERVER_OPTIMIZERS == config.OPTIMIZERS + fedopt.KINDS
   assert config.LOSSES == tuple(losses.LOSSES)
   assert config.FEDEFM_METHODS == fedefm.METHODS

@@ -12,6 +12,7 @@ from cli_harness import CLI
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, base_config, validate
 from fedkd.data import pipeline
+from fedkd.models import init_model
 from fedkd.tasks import fedavg
 from test_docs import assert_outputs_documented
 
@@ -189,3 +190,47 @@ def test_cli_bad_config_is_one_clear_line(cli, args, devices, needle):
   assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
   assert err[0].startswith("fedkd: error:") and needle in err[0], err[0]
   assert not os.path.exists("/nonexistent/should_not_be_created")
+
+
+def test_attack_and_robust_aggregator_from_the_config(tmp_path):
+  """config.attack / config.aggregator reach the round: with 1 of 2 clients sending x -10 updates, the
+  plain mean moves the model far more than norm clipping lets it (clip 1e-3 bounds the step)."""
+  moved = {}
+  for agg in ("mean", "norm_clip"):
+    c = tiny_config(num_rounds=1, num_clients=2, clients_per_round=2)
+    c.attack.name, c.attack.fraction = "scale", 0.5
+    c.aggregator.name, c.aggregator.clip_norm = agg, 1e-3
+    lines = []
+    out = fedavg.run(c, str(tmp_path / agg), log=lines.append)
+    assert "1 attacker client(s) (scale)" in lines[0] and (agg == "mean" or "aggregator norm_clip" in lines[0])
+    _, _, p0 = init_model(c.model, c.seed)
+    step = np.sqrt(
+      sum(
+        float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
+        for a, b in zip(jax.tree.leaves(out["state"]["params"]), jax.tree.leaves(p0))
+      )
+    )
+    moved[agg] = step
+  assert moved["norm_clip"] <= 1e-3 * (1 + 1e-4) and moved["mean"] > 10 * moved["norm_clip"], moved
+
+
+@pytest.mark.parametrize(
+  "overrides,needle",
+  [
+    ({"aggregator.name": "median", "algorithm.name": "scaffold"}, "works with config.algorithm.name"),
+    ({"aggregator.name": "krum", "aggregator.krum_f": 2}, "needs at least krum_f"),
+    ({"aggregator.name": "trimmed_mean", "aggregator.trim_beta": 0.5}, "config.aggregator.trim_beta"),
+    ({"aggregator.name": "median", "engine.skip_nonfinite_clients": True}, "needs a linear aggregator"),
+    ({"attack.name": "scale", "attack.fraction": 0.0}, "config.attack.fraction"),
+    ({"attack.name": "bogus"}, "config.attack.name"),
+  ],
+)
+def test_robustness_config_errors(overrides, needle):
+  c = tiny_config(clients_per_round=4, num_clients=4)
+  for k, v in overrides.items():
+    group, key = k.split(".")
+    c[group][key] = v
+  if c.algorithm.name == "scaffold":
+    c.client_optimizer.name, c.client_optimizer.momentum = "sgd", 0.0
+  with pytest.raises(ConfigError, match=needle):
+    validate(c, 1)

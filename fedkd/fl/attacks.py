@@ -114,3 +114,35 @@ def make_attack(name: str, attackers: Sequence[int], **params) -> Attack:
   if name == "gaussian" and not float(params.get("std", 1.0)) >= 0:
     raise ValueError(f"gaussian attack needs std >= 0, got {params['std']}")
   return Attack(name, tuple(int(a) for a in attackers), tuple(sorted(params.items())))
+
+
+class Attacked:
+  """An algorithm whose attacker clients send ``attack``-ed uploads (``fedkd.fl.algorithm`` interface).
+
+  Wraps ``inner`` (an algorithm whose upload is a model delta): every client runs ``inner.client``; a
+  client whose ``batch["attacker"]`` is set then has its upload replaced by the attack's. The Gaussian
+  noise of a client comes from the server's round key folded with ``batch["client_id"]`` (its global
+  id), so it is the same on any device split and on resume. Everything else is ``inner``'s, including
+  its aggregator."""
+
+  def __init__(self, inner, attack: Attack):
+    self.inner, self.attack = inner, attack
+    self.name = f"{inner.name}+{attack.name}"
+
+  def __getattr__(self, attr):  # aggregator, init, init_row, gather, server, ...: the inner algorithm's
+    return getattr(self.inner, attr)
+
+  def client(self, ctx, server, row, batch, gathered):
+    out = self.inner.client(ctx, server, row, batch, gathered)
+    mask = jnp.reshape(batch["attacker"], (1,)).astype(bool)
+    ids = jnp.reshape(batch["client_id"], (1,)).astype(jnp.int32)
+    one = jax.tree.map(lambda u: u[None], out.upload)
+    params = dict(self.attack.params)
+    if self.attack.name == "sign_flip":
+      hit = sign_flip(one, mask)
+    elif self.attack.name == "scale":
+      hit = scale(one, mask, **params)
+    else:
+      key = jax.random.fold_in(jax.random.wrap_key_data(server["rng"]), server["round"])
+      hit = gaussian(one, mask, key, ids, **params)
+    return out._replace(upload=jax.tree.map(lambda u: u[0], hit))

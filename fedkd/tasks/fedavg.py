@@ -15,13 +15,13 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import base_config, validate
+from fedkd.config import base_config, num_attackers, validate
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import make_client_data
 from fedkd.fl import client_state as client_state_lib
-from fedkd.fl import algorithms, engine
+from fedkd.fl import aggregate, algorithms, attacks, engine
 from fedkd.fl.algorithm import ClientContext
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
@@ -115,6 +115,25 @@ def _diverged(r: int, m: dict, clients: np.ndarray, config, good: int | None, ck
   )
 
 
+def _aggregator_params(config) -> dict:
+  a = config.aggregator
+  return {
+    "median": {},
+    "trimmed_mean": {"beta": float(a.trim_beta)},
+    "krum": {"f": int(a.krum_f)},
+    "multi_krum": {"f": int(a.krum_f), **({"k": int(a.multi_krum_k)} if a.multi_krum_k else {})},
+    "norm_clip": {"clip": float(a.clip_norm)},
+  }[a.name]
+
+
+def _attack_params(config) -> dict:
+  return {
+    "sign_flip": {},
+    "scale": {"factor": float(config.attack.factor)},
+    "gaussian": {"std": float(config.attack.noise_std)},
+  }[config.attack.name]
+
+
 def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'} and, for
   stateful algorithms, 'client_state' (the per-client store's state dict: ids ever sampled, rows).
@@ -157,6 +176,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     prox_mu=config.algorithm.prox_mu,
     scaffold_weighting=config.algorithm.scaffold_weighting,
   )
+  if config.aggregator.name != "mean":  # a robust statistic of the clients' deltas instead of their mean
+    alg.aggregator = aggregate.make_aggregator(config.aggregator.name, **_aggregator_params(config))
+  attackers = np.arange(config.num_clients) < num_attackers(config)  # by global client id
+  if attackers.any():
+    alg = attacks.Attacked(alg, attacks.make_attack(config.attack.name, (), **_attack_params(config)))
   state = replicate(alg.init(params, jax.random.key(config.seed)), mesh)
   # Per-client state of stateful algorithms (SCAFFOLD's c_i, MOON's previous model), rows of all
   # num_clients clients on the host or the devices (config.algorithm.client_state); None for FedAvg.
@@ -236,8 +260,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     if config.algorithm.local_steps_min
     else f"{config.local_steps}"
   )
+  robust = "" if config.aggregator.name == "mean" else f", aggregator {config.aggregator.name}"
+  if attackers.any():
+    robust += f", {int(attackers.sum())} attacker client(s) ({config.attack.name})"
   log(
-    f"fedkd {algorithm}"
+    f"fedkd {algorithm}{robust}"
     f"{'' if clients_store is None else ' (per-client state ' + clients_store.describe() + ')'}: "
     f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
     f"{local_work} local steps x batch {config.batch_size}, {config.image_size}px, "
@@ -262,6 +289,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
       xs, ys, weights = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
       batch = {"x": xs, "y": ys}
+      if attackers.any():  # who attacks, and the ids that key their noise
+        ids = clients[rows]
+        batch["attacker"], batch["client_id"] = shard_clients(
+          (jnp.asarray(attackers[ids]), jnp.asarray(ids, jnp.int32)), mesh, rows
+        )
       if config.algorithm.local_steps_min:  # heterogeneous local work: each client its own step count
         steps = draw_local_steps(sub, config.algorithm.local_steps_min, config.local_steps, config.clients_per_round)
         batch["steps"] = shard_clients(jnp.asarray(steps[rows]), mesh, rows)

@@ -1,0 +1,59 @@
+"""Robust aggregation under attack on the quickstart hospitals: one attacker client of 4 (25 %).
+
+  python -m launch.sweep --config=configs/robust.py --out=runs/robust --parallel=2           # 3 seeds
+  python -m launch.sweep --config=configs/robust.py --sweep=attack=sign_flip --out=runs/robust_flip
+
+The config is the quickstart's (configs/quickstart.py) with 50 rounds; the sweep runs, per seed: FedAvg
+without attackers (``clean``), FedAvg with the attacker (``mean``), and the attacked runs with each robust
+aggregator (``median``, ``trimmed_mean`` with beta 0.25 = one client dropped at each end, ``krum`` with
+f = 1). The attacker (client 0, round(0.2 x 4) = 1) sends its update scaled by -10 (``--sweep=attack=...``:
+scale | sign_flip | gaussian).
+"""
+
+import importlib.util
+import os
+
+
+def _quickstart():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
+  spec = importlib.util.spec_from_file_location("fedkd_quickstart_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  c = _quickstart().get_config(arg)
+  c.num_rounds = 50
+  c.eval.every = 25
+  c.attack.fraction = 0.2
+  return c
+
+
+def get_sweep(arg=None):
+  """arg (comma list): ``seeds=N`` (default 3), ``attack=scale|sign_flip|gaussian`` (default scale),
+  ``tiny`` (seconds-long smoke runs)."""
+  from fedkd.config import ConfigError, parse_arg
+  from fedkd.sweep import TINY, product
+
+  a = parse_arg(arg)
+  tiny = a.pop("tiny", False)
+  attack = str(a.pop("attack", "scale"))
+  if attack not in ("scale", "sign_flip", "gaussian"):
+    raise ConfigError(f"unknown attack {attack!r} in {arg!r}; use attack=scale, sign_flip or gaussian")
+  try:
+    seeds = range(int(a.pop("seeds", 3)))
+  except ValueError as e:
+    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  if a:
+    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, attack=NAME, tiny")
+  methods = [{"method": "clean", "attack.name": "none", "aggregator.name": "mean"}]
+  for agg, extra in (
+    ("mean", {}),
+    ("median", {}),
+    ("trimmed_mean", {"aggregator.trim_beta": 0.25}),
+    ("krum", {"aggregator.krum_f": 1}),
+  ):
+    methods.append({"method": agg, "attack.name": attack, "aggregator.name": agg, **extra})
+  sweep = product(product(seed=list(seeds)), methods)
+  return product(sweep, [{**TINY, "num_clients": 4, "clients_per_round": 4}]) if tiny else sweep  # krum: f + 3
