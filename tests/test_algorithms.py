@@ -185,7 +185,7 @@ def _scaffold_uniform_reference(apply, loss_fn, server, control, client_c, round
   return server, control, client_c
 
 
-@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 2, 8), ("chunked", 1, 2), ("unroll", 1, 8)])
+@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 2, 8), ("chunked", 1, 2)])  # unroll: test_pre_redesign
 def test_scaffold_uniform_equals_paper(layout, n_dev, chunk):
   """Two rounds, overlapping samples (some clients start from c_i != 0), unequal data-size weights."""
   apply, params, loss_fn, xs, ys, weights = _data(seed=4, steps=2)

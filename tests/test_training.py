@@ -193,10 +193,11 @@ def test_cli_bad_config_is_one_clear_line(cli, args, devices, needle):
 
 
 def test_attack_and_robust_aggregator_from_the_config(tmp_path):
-  """config.attack / config.aggregator reach the round: with 1 of 2 clients sending x -10 updates, the
-  plain mean moves the model far more than norm clipping lets it (clip 1e-3 bounds the step)."""
+  """config.attack / config.aggregator reach the round: 1 of 2 clients sends x -10 updates and norm
+  clipping (clip 1e-3) bounds the server's step (the unclipped attacked mean through the engine:
+  tests/test_aggregate.py)."""
   moved = {}
-  for agg in ("mean", "norm_clip"):
+  for agg in ("norm_clip",):
     c = tiny_config(num_rounds=1, num_clients=2, clients_per_round=2)
     c.attack.name, c.attack.fraction = "scale", 0.5
     c.aggregator.name, c.aggregator.clip_norm = agg, 1e-3
@@ -211,7 +212,7 @@ def test_attack_and_robust_aggregator_from_the_config(tmp_path):
       )
     )
     moved[agg] = step
-  assert moved["norm_clip"] <= 1e-3 * (1 + 1e-4) and moved["mean"] > 10 * moved["norm_clip"], moved
+  assert 0 < moved["norm_clip"] <= 1e-3 * (1 + 1e-4), moved  # (unclipped, the attacked mean: test_aggregate.py)
 
 
 @pytest.mark.parametrize(
