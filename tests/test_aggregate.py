@@ -17,6 +17,7 @@ from fedkd.fl.algorithm import ClientContext
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_params
 from fedkd.sharding import CLIENTS, client_mesh, shard_clients
+import test_engine
 
 C = 16  # clients of the round: 16 on 1 device, 2 per device on 8
 
@@ -210,29 +211,27 @@ def test_make_aggregator():
 S, B, H, LR = 2, 2, 16, 0.05
 
 
+def _problem(seed, clients):
+  """A one-level UNet, the segmentation loss and ``clients`` clients' random batches [clients, S, B, H, H]."""
+  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
+  apply, params = init_params(model_cfg, 0)
+  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
+  kx, ky = jax.random.split(jax.random.key(seed))
+  xs = np.asarray(jax.random.normal(kx, (clients, S, B, H, H, 1)))
+  ys = np.asarray(jax.random.randint(ky, (clients, S, B, H, H), 0, 3))
+  return apply, params, loss_fn, xs, ys
+
+
 def _deltas(apply, loss_fn, params, xs, ys):
-  """Each client trained on its own with plain SGD (numpy updates): its delta."""
-  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(p, x).astype(jnp.float32), y)))
-  server = jax.tree.map(np.asarray, params)
-  deltas = []
-  for c in range(xs.shape[0]):
-    p = server
-    for s in range(xs.shape[1]):
-      g = grad(p, xs[c, s], ys[c, s])
-      p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b, np.float32), p, g)
-    deltas.append(jax.tree.map(lambda a, b: a - b, p, server))
-  return deltas
+  """Each client trained on its own with plain SGD (tests/test_engine.py's per-client loop): its delta."""
+  assert LR == test_engine.LR
+  return test_engine.client_deltas(apply, loss_fn, params, xs, ys)
 
 
 @pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 4, 8), ("chunked", 1, 3)])
 def test_fedavg_round_with_median(layout, n_dev, chunk):
-  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
-  apply, params = init_params(model_cfg, 0)
-  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
   clients = 8
-  kx, ky = jax.random.split(jax.random.key(1))
-  xs = np.asarray(jax.random.normal(kx, (clients, S, B, H, H, 1)))
-  ys = np.asarray(jax.random.randint(ky, (clients, S, B, H, H), 0, 3))
+  apply, params, loss_fn, xs, ys = _problem(1, clients)
   weights = np.array([5, 1, 0, 8, 2, 2, 7, 4], np.float32)  # client 2 does not count: m = 7
 
   alg = algorithms.FedAvg(optax.sgd(1.0))
@@ -357,13 +356,8 @@ def test_make_attack():
 def test_attacked_fedavg_round_with_trimmed_mean(layout, n_dev, chunk):
   """Clients 1 and 6 (flagged by batch['attacker']) send 10 x their delta negated; the server takes the
   trimmed mean (beta 0.25: 2 dropped at each end of 8): equal to numpy on the per-client loop's deltas."""
-  model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
-  apply, params = init_params(model_cfg, 0)
-  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
   clients = 8
-  kx, ky = jax.random.split(jax.random.key(2))
-  xs = np.asarray(jax.random.normal(kx, (clients, S, B, H, H, 1)))
-  ys = np.asarray(jax.random.randint(ky, (clients, S, B, H, H), 0, 3))
+  apply, params, loss_fn, xs, ys = _problem(2, clients)
   flags = np.zeros(clients, bool)
   flags[[1, 6]] = True
 

@@ -29,9 +29,9 @@ def _setup(seed=0, clients=4):
   return apply, params, loss_fn, xs[:clients], ys[:clients], weights[:clients]
 
 
-def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, compute_dtype=None):
-  """Each client trained on its own with plain SGD (numpy updates on f32 weights), then the weighted
-  mean. ``compute_dtype``: the gradient is computed on params and images cast to it."""
+def client_deltas(apply, loss_fn, params, xs, ys, compute_dtype=None):
+  """Each client trained on its own with plain SGD(LR) (numpy updates on f32 weights): its delta.
+  ``compute_dtype``: the gradient is computed on params and images cast to it."""
   cast = (
     (lambda t: t)
     if compute_dtype is None
@@ -47,6 +47,13 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, com
       g = grad(p, xs[c, s], ys[c, s])
       p = jax.tree.map(lambda a, b: np.asarray(a) - LR * np.asarray(b, np.float32), p, g)
     deltas.append(jax.tree.map(lambda a, b: a - b, p, server))
+  return deltas
+
+
+def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, compute_dtype=None):
+  """Each client trained on its own (:func:`client_deltas`), then the weighted mean."""
+  server = jax.tree.map(np.asarray, params)
+  deltas = client_deltas(apply, loss_fn, params, xs, ys, compute_dtype)
   w = weights / weights.sum()
   mean = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
   return jax.tree.map(lambda a, d: a + server_lr * d, server, mean)

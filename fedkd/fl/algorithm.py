@@ -34,6 +34,7 @@ else.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -153,7 +154,7 @@ def delta(local: Params, start: Params) -> Params:
   return jax.tree.map(jnp.subtract, local, start)
 
 
-class Algorithm:
+class Algorithm(abc.ABC):
   """Base class: FedAvg's defaults (stateless clients, weighted-mean aggregation, no gathered data).
   Subclasses override what their method changes; see the module docstring."""
 
@@ -170,11 +171,13 @@ class Algorithm:
   def gather(self, batch: dict):
     return None
 
+  @abc.abstractmethod
   def client(self, ctx: ClientContext, server: dict, row, batch: dict, gathered) -> ClientOutput:
-    raise NotImplementedError
+    """One client's local work (see the module docstring)."""
 
+  @abc.abstractmethod
   def server(self, server: dict, aggregate, sums, rows):
-    raise NotImplementedError
+    """The server update from the aggregate -> (new server state, new rows)."""
 
 
 def init_rows(algorithm: Algorithm, params: Params, num_rows: int):
