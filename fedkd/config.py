@@ -32,12 +32,15 @@ CONV_LOWERINGS = ("auto", "xla", "gemm", "wgrad")  # fedkd.fl.engine.LOWERINGS +
 LEGACY_PARALLELISM = ("", "vmap", "bgemm", "hybrid", "unroll", "chunked", "map")
 LEGACY_CHUNK_STRATEGIES = ("", "vmap", "bgemm", "hybrid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova")  # fedkd.fl.algorithms.ALGORITHMS
+ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova", "fedbn", "ditto")  # fedkd.fl.algorithms.ALGORITHMS
 SCAFFOLD_WEIGHTINGS = ("uniform", "data_size")  # fedkd.fl.algorithms.SCAFFOLD_WEIGHTINGS
 # fedkd.fl.aggregate.KINDS, without gossip (FedEFM's); all but mean and norm_clip are non-linear
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip")
-ROBUST_ALGORITHMS = ("fedavg", "fedprox", "moon")  # whose upload is a model delta a robust statistic may replace
+# whose upload is a model delta a robust statistic may replace
+ROBUST_ALGORITHMS = ("fedavg", "fedprox", "moon", "fedbn", "ditto")
 ATTACKS = ("none", "sign_flip", "scale", "gaussian")  # fedkd.fl.attacks.ATTACKS plus none
+DP_ALGORITHMS = ROBUST_ALGORITHMS  # fedkd.fl.dp.DPFedAvg wraps uploads that are plain model deltas
+COMPRESSORS = ("none", "int8", "topk")  # fedkd.fl.compress.KINDS plus none
 LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -118,18 +121,25 @@ def base_config() -> ml_collections.ConfigDict:
   # Client algorithm: 'fedavg' (stateless clients; FedAvgM / FedAdam via server_optimizer), 'scaffold'
   # (per-client control variates, Karimireddy et al. 2020, option II), 'moon' (model-contrastive
   # local objective, Li et al. 2021; per-client previous models), 'fedprox' (proximal local objective,
-  # Li et al. 2020) or 'fednova' (normalised averaging, Wang et al. 2020); docs/algorithms.md.
+  # Li et al. 2020), 'fednova' (normalised averaging, Wang et al. 2020), 'fedbn' (normalisation layers
+  # kept per client, Li et al. 2021) or 'ditto' (a personal model per client pulled towards the global
+  # one, Li et al. 2021); fedbn / ditto also evaluate each site with its client's personal model.
+  # docs/algorithms.md.
   c.algorithm = ml_collections.ConfigDict()
-  c.algorithm.name = "fedavg"  # fedavg | scaffold | moon | fedprox | fednova (see above)
+  c.algorithm.name = "fedavg"  # fedavg | scaffold | moon | fedprox | fednova | fedbn | ditto (see above)
   c.algorithm.moon_mu = 1.0  # moon: weight of the model-contrastive term
   c.algorithm.moon_tau = 0.5  # moon: temperature of the contrastive similarities
   c.algorithm.prox_mu = 0.01  # fedprox: weight mu of the proximal term (mu/2)||w - w_global||^2
+  c.algorithm.ditto_lambda = 0.1  # ditto: weight lambda of the personal model's pull (lambda/2)||v - w||^2
   # scaffold: 'uniform' (the paper: mean of the sampled clients' deltas) or 'data_size' (deltas weighted
   # by client dataset size, the earlier behaviour); the control variate always moves by (1/N) sum dc_i
   c.algorithm.scaffold_weighting = "uniform"
   # Heterogeneous local work: 0 = every client takes local_steps steps; k >= 1 = each sampled client
   # takes a number of steps drawn uniformly from k..local_steps each round (from the round's rng)
   c.algorithm.local_steps_min = 0
+  # Client dropout: each sampled client fails to report with this probability each round (drawn from
+  # the round's rng); the aggregate uses the clients that reported, who reported is logged per round.
+  c.algorithm.dropout = 0.0
   # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
   # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
   c.algorithm.client_state = "device"
@@ -154,6 +164,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.fraction = 0.2  # share of the clients that attack (at least one when name != none)
   c.attack.factor = -10.0  # scale: the factor
   c.attack.noise_std = 1.0  # gaussian: the noise std
+
+  # User-level differential privacy, DP-FedAvg (McMahan et al. 2018; fedkd/fl/dp.py): each client's
+  # update clipped to L2 norm clip_norm, Gaussian noise of std noise_multiplier x clip_norm added to their
+  # sum once per round, divided by clients_per_round (fixed denominator). The privacy spent, epsilon at
+  # delta, is computed with Google's dp-accounting (RDP accountant, fixed-size sampling without
+  # replacement) after every round; a run stops before a round that would spend more than target_epsilon.
+  c.dp = ml_collections.ConfigDict()
+  c.dp.enabled = False
+  c.dp.clip_norm = 0.1  # the largest L2 norm of a client's update
+  c.dp.noise_multiplier = 1.0  # noise std / clip_norm (0: clipping only, no privacy: epsilon = inf)
+  c.dp.delta = 1e-5  # the delta of (epsilon, delta)-DP; should be below 1 / num_clients
+  c.dp.target_epsilon = 0.0  # 0 = no limit; else the run stops before exceeding it
+
+  # Compression of the clients' uploads (fedkd/fl/compress.py): 'none', 'int8' (8-bit stochastic
+  # quantisation per tensor, unbiased) or 'topk' (the fraction of largest-magnitude entries per tensor,
+  # with error feedback: what was not sent is added to the next round's update). Bytes sent are logged.
+  c.compress = ml_collections.ConfigDict()
+  c.compress.name = "none"  # none | int8 | topk
+  c.compress.fraction = 0.01  # topk: share of each tensor's entries sent
+  c.compress.error_feedback = True  # topk: keep the unsent remainder per client (a per-client row)
 
   c.engine = ml_collections.ConfigDict()
   # How a device's clients run: 'vmap' (one batched program), 'chunked' (lax.scan over chunks of
@@ -500,6 +530,7 @@ def _validate_robustness(c) -> None:
       "clients of a round; use 0 (clients - krum_f) or at most clients_per_round"
     )
   _choice(c, "attack.name", ATTACKS)
+  _number(c, "algorithm.dropout", lambda v: 0 <= v < 1, "in [0, 1)")
   _number(c, "attack.fraction", lambda v: 0 < v < 1, "in (0, 1)")
   _number(c, "attack.factor", math.isfinite, "finite")
   _number(c, "attack.noise_std", lambda v: v >= 0, ">= 0")
@@ -508,6 +539,32 @@ def _validate_robustness(c) -> None:
       f"config.attack.name={c.attack.name!r} works with config.algorithm.name = {' | '.join(ROBUST_ALGORITHMS)}, "
       f"not {c.algorithm.name!r}"
     )
+
+
+def _validate_privacy_and_compression(c) -> None:
+  """config.dp.* and config.compress.*: ranges, and which algorithms / aggregators they combine with."""
+  _number(c, "dp.clip_norm", lambda v: v > 0, "> 0")
+  _number(c, "dp.noise_multiplier", lambda v: v >= 0, ">= 0")
+  _number(c, "dp.delta", lambda v: 0 < v < 1, "in (0, 1)")
+  _number(c, "dp.target_epsilon", lambda v: v >= 0, ">= 0 (0 = no limit)")
+  if c.dp.enabled:
+    if c.algorithm.name not in DP_ALGORITHMS:
+      raise ConfigError(
+        f"config.dp.enabled=True works with config.algorithm.name = {' | '.join(DP_ALGORITHMS)} (uploads that "
+        f"are plain model deltas), not {c.algorithm.name!r}"
+      )
+    if c.aggregator.name != "mean":
+      raise ConfigError(
+        f"config.dp.enabled=True clips and noises the sum of the updates, so it needs config.aggregator.name="
+        f"'mean', not {c.aggregator.name!r}"
+      )
+    if c.dp.target_epsilon and c.dp.noise_multiplier == 0:
+      raise ConfigError(
+        "config.dp.target_epsilon is set but config.dp.noise_multiplier=0 spends an infinite epsilon; set a "
+        "noise_multiplier > 0 or target_epsilon=0"
+      )
+  _choice(c, "compress.name", COMPRESSORS)
+  _number(c, "compress.fraction", lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def num_attackers(c) -> int:
@@ -710,6 +767,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       "--config.client_optimizer.momentum=0"
     )
   _at_least(c, "algorithm.prox_mu", 0.0)
+  _at_least(c, "algorithm.ditto_lambda", 0.0)
   _choice(c, "algorithm.scaffold_weighting", SCAFFOLD_WEIGHTINGS)
   _int_at_least(c, "algorithm.local_steps_min", 0)
   if c.algorithm.local_steps_min > c.local_steps:
@@ -719,6 +777,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     )
   _choice(c, "algorithm.client_state", CLIENT_STATE_PLACEMENTS)
   _validate_robustness(c)
+  _validate_privacy_and_compression(c)
   _choice(c, "loss.name", LOSSES)
   if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
     raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")

@@ -98,9 +98,11 @@ class Evaluator:
   def site_metrics(self, params, images, masks) -> dict[str, float]:
     return overlap_scores(self.predict(params, images), masks, self.classes)
 
-  def __call__(self, params) -> dict[str, dict[str, float]]:
-    """{site: {"dice/<class>", "iou/<class>"}}: what training logs every ``eval.every`` rounds."""
-    return {name: self.site_metrics(params, im, m) for name, (im, m) in self.sets.items()}
+  def __call__(self, params, site_params: dict | None = None) -> dict[str, dict[str, float]]:
+    """{site: {"dice/<class>", "iou/<class>"}}: what training logs every ``eval.every`` rounds.
+    ``site_params`` {site: params}: the sites evaluated with their own (personal) model instead."""
+    site_params = site_params or {}
+    return {name: self.site_metrics(site_params.get(name, params), im, m) for name, (im, m) in self.sets.items()}
 
   def detailed_metrics(self, params, spacing_mm: float = 1.0):
     """``(results, preds)``: results {site: {class: {metric: mean over images}}} for every metric in

@@ -1,8 +1,11 @@
-"""Run logging: metrics.jsonl (one JSON object per evaluation), TensorBoard event files, progress lines.
+"""Run logging: metrics.jsonl (one JSON object per evaluation), rounds.jsonl (one per training round),
+TensorBoard event files, progress lines.
 
 ``metrics.jsonl`` is rewritten whole through a temporary file and a rename on every record (it holds
 one line per evaluation, so this stays small), which works on object stores (``gs://``) and never
 leaves a cut line; a cut last line left by an older writer is dropped with a note when a run resumes.
+``rounds.jsonl`` is appended to locally (rewritten whole on object stores); a cut last line is dropped
+the same way.
 """
 
 from __future__ import annotations
@@ -49,17 +52,21 @@ def read_jsonl(path, note: Callable[[str], None] | None = None) -> list[dict]:
 
 
 class RunLog:
-  """Writes evaluation records to ``metrics.jsonl`` and scalars to TensorBoard (``tb/``)."""
+  """Writes evaluation records to ``metrics.jsonl``, one record per training round to ``rounds.jsonl``
+  and scalars to TensorBoard (``tb/``)."""
 
   def __init__(self, workdir: Any, enabled: bool = True, note: Callable[[str], None] | None = None):
     self.enabled = enabled
     workdir = as_path(workdir)
     self.metrics_path = workdir / "metrics.jsonl"
+    self.rounds_path = workdir / "rounds.jsonl"
     self.tb_dir = workdir / "tb"
     self._tb = None
     self._records: list[dict] = []
+    self._rounds: list[dict] = []
     if enabled:
       self._records = read_jsonl(self.metrics_path, note)
+      self._rounds = read_jsonl(self.rounds_path, note)
       if not is_remote(workdir):  # tensorboardX writes local files
         from tensorboardX import SummaryWriter
 
@@ -81,6 +88,22 @@ class RunLog:
     self._write()
     self.scalars(rec["round"], {f"eval/{k}": v for k, v in rec.items() if k != "round" and isinstance(v, (int, float))})
 
+  @property
+  def rounds(self) -> list[dict]:
+    """The rounds.jsonl records kept (after :meth:`truncate_after`, those up to the resumed round)."""
+    return list(self._rounds)
+
+  def round_record(self, rec: dict) -> None:
+    """One training round (``round``, loss, who took part, ...): a ``rounds.jsonl`` line, appended."""
+    if not self.enabled:
+      return
+    self._rounds.append(rec)
+    if is_remote(self.rounds_path):  # object stores cannot append: rewrite it whole
+      write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in self._rounds))
+      return
+    with open(str(self.rounds_path), "a") as f:  # a kill mid-line leaves a cut last line, dropped on resume
+      f.write(json.dumps(rec) + "\n")
+
   def truncate_after(self, last_round: int) -> None:
     """Drops records written after the checkpoint being resumed from (they will be recomputed);
     ``last_round=-1``: a fresh start drops every record (round 0 is not duplicated)."""
@@ -90,6 +113,10 @@ class RunLog:
     if len(keep) != len(self._records) or (not keep and self.metrics_path.exists()):
       self._records = keep
       self._write()
+    # rewritten whenever it exists: it is appended to, so a cut last line must not stay in it
+    self._rounds = [r for r in self._rounds if r.get("round", -1) <= last_round]
+    if self.rounds_path.exists():
+      write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in self._rounds))
 
   def close(self) -> None:
     if self._tb is not None:

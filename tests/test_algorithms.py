@@ -469,3 +469,47 @@ def test_scaffold_uniform_skips_a_nonfinite_client():
   assert _max_diff(ref_x, state["params"]) < 5e-5
   assert _max_diff(ref_c, state["control"]) < 5e-4
   assert _max_diff(zeros, jax.tree.map(lambda a: a[2], new_rows)) == 0.0
+
+
+@pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 2, 8), ("chunked", 2, 1)])
+def test_dropout_leaves_out_the_clients_that_did_not_report(layout, n_dev, chunk):
+  """batch["reported"] (client dropout): a client that did not report counts neither in SCAFFOLD's
+  (1/|S|) sum dy_i nor in the control update, keeps its c_i and is left out of the mean loss; its
+  NaN data (it computed nothing usable) does not make the round diverge. The reference is the paper's
+  round over the clients that reported."""
+  apply, params, loss_fn, xs, ys, weights = _data(seed=12, steps=2)
+  xs = xs.copy()
+  xs[1] = np.nan
+  reported = np.array([True, False, True, True])
+  n_total = 5
+  zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
+  keep = np.flatnonzero(reported)
+  ref_x, ref_c, _ = _scaffold_uniform_reference(
+    apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, [(keep, xs[keep], ys[keep])], 1.0
+  )
+  alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total)
+  fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=chunk)
+  rows, bx, by, br, bw = shard_clients(
+    (init_rows(alg, params, 4), jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(reported), jnp.asarray(weights)),
+    mesh,
+  )
+  state, new_rows, m = fn(alg.init(params, jax.random.key(0)), rows, {"x": bx, "y": by, "reported": br}, bw)
+  assert np.asarray(m["client_finite"]).all() and bool(m["finite"])
+  assert _max_diff(ref_x, state["params"]) < 5e-5
+  assert _max_diff(ref_c, state["control"]) < 5e-4
+  assert _max_diff(zeros, jax.tree.map(lambda a: a[1], new_rows)) == 0.0
+  losses = np.asarray(m["client_loss"])
+  w = np.asarray(weights, np.float64) * reported
+  np.testing.assert_allclose(float(m["loss"]), np.sum(w[keep] * losses[keep]) / np.sum(w), rtol=1e-5)
+
+
+def test_dropout_draws_follow_the_round_key():
+  """Each client fails with probability p (a binomial count over many rounds), from the round's key."""
+  from fedkd.tasks.fedavg import draw_reported
+
+  keys = jax.random.split(jax.random.key(3), 400)
+  draws = np.stack([draw_reported(k, 0.3, 8) for k in keys])
+  assert abs(draws.mean() - 0.7) < 4 * np.sqrt(0.7 * 0.3 / draws.size)
+  np.testing.assert_array_equal(draw_reported(keys[5], 0.3, 8), draws[5])
+  assert draw_reported(keys[5], 0.0, 8).all()
+  assert not np.array_equal(draws[5], draws[6])

@@ -22,7 +22,11 @@ makes the method itself:
     local loss and per-client metrics;
 ``server(server, aggregate, sums, rows)``
     the server update from the aggregate of the uploads (a weighted mean, or one gossip-mixed model
-    per client) -> (new server state, new rows).
+    per client) -> (new server state, new rows);
+``personal(params, row)``
+    the params to evaluate the client's own site with, given the server's params and the client's row
+    (FedBN: the server model with the client's norm layers; Ditto: the personal model), or None when the
+    algorithm has no personal model (the default).
 
 ``aggregator`` names the aggregation (:data:`fedkd.fl.aggregate.AGGREGATORS`). One round function
 serves every algorithm: ``round_fn(state, rows, batch, weights, mixing) -> (state, rows, metrics)``.
@@ -178,6 +182,11 @@ class Algorithm(abc.ABC):
   @abc.abstractmethod
   def server(self, server: dict, aggregate, sums, rows):
     """The server update from the aggregate -> (new server state, new rows)."""
+
+  def personal(self, params: Params, row):
+    """The params to evaluate this client's own site with, given the server's params and the client's
+    row; None when the algorithm has no personal model."""
+    return None
 
 
 def init_rows(algorithm: Algorithm, params: Params, num_rows: int):

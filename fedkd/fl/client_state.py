@@ -162,6 +162,10 @@ class HostClientState(_Store):
         out[i] = a
     return jax.tree.unflatten(self._treedef, stacked)
 
+  def host_row(self, cid: int) -> Row:
+    """Client ``cid``'s row as a host pytree (its initial row if never sampled)."""
+    return jax.tree.map(lambda a: a[0], self.host_rows([cid]))
+
   def gather(self, ids) -> Row:
     ids = self._round_ids(ids)
     local = ids[self.rows] if self.rows is not None else ids
@@ -226,6 +230,11 @@ class DeviceClientState(_Store):
   def gather(self, ids) -> Row:
     ids = self._round_ids(ids)
     return self._gather(self.table, self._ids(ids))
+
+  def host_row(self, cid: int) -> Row:
+    """Client ``cid``'s row as a host pytree (its initial row if never sampled)."""
+    ids = _as_ids([cid], self.num_clients)
+    return jax.tree.map(lambda a: np.asarray(a)[0], local_copy(self._gather_rep(self.table, self._ids(ids))))
 
   def scatter(self, ids, new_rows) -> None:
     ids = _as_ids(ids, self.num_clients)

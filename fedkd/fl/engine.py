@@ -194,7 +194,9 @@ def make_round_fn(
   client's upload and loss hold no NaN/Inf), ``finite`` (the new state and rows hold no NaN/Inf) and the
   algorithm's per-client metrics [C, ...]. ``skip_nonfinite``: a client whose upload or loss is
   non-finite gets weight 0 and keeps its old row (mean aggregation only); when no client is finite the
-  server does not move.
+  server does not move. ``batch["reported"]`` [C] bool (optional; client dropout): a client that did not
+  report computes (static shapes) but gets weight 0, zero sums, keeps its old row, is left out of the
+  mean loss and counts as finite; when nobody reported the aggregate is zero.
   """
   # a name of fedkd.fl.aggregate.AGGREGATORS, or an aggregator object (one with parameters)
   agg = AGGREGATORS[algorithm.aggregator] if isinstance(algorithm.aggregator, str) else algorithm.aggregator
@@ -204,15 +206,20 @@ def make_round_fn(
     raise ValueError(f"unknown engine options {options}; resolve them with fedkd.fl.engine.resolve")
   ctx = dataclasses.replace(ctx, unroll=options.unroll_local_steps)
 
-  def settle(out: ClientOutput, w, rows):
-    """One group of clients' stacked outputs -> (aggregate part, sums part, per-client outputs)."""
+  def settle(out: ClientOutput, w, rows, reported):
+    """One group of clients' stacked outputs -> (aggregate part, sums part, per-client outputs).
+    ``reported`` [n] bool or None (everyone reported)."""
     ok = _finite_rows(out.upload, out.loss)
     upload, sums, new_rows = out.upload, out.sums, out.row
-    if skip_nonfinite:  # zero the rows first: 0 * NaN would still be NaN
-      w = jnp.where(ok, w, 0.0)
-      upload = _where_rows(ok, upload, jax.tree.map(jnp.zeros_like, upload))
-      sums = None if sums is None else _where_rows(ok, sums, jax.tree.map(jnp.zeros_like, sums))
-      new_rows = None if new_rows is None else _where_rows(ok, new_rows, rows)
+    keep = ok if skip_nonfinite else None
+    if reported is not None:  # a client that did not report counts nowhere and keeps its row
+      ok = ok | ~reported  # ... and its upload cannot make the round diverge
+      keep = reported if keep is None else keep & reported
+    if keep is not None:  # zero the rows first: 0 * NaN would still be NaN
+      w = jnp.where(keep, w, 0.0)
+      upload = _where_rows(keep, upload, jax.tree.map(jnp.zeros_like, upload))
+      sums = None if sums is None else _where_rows(keep, sums, jax.tree.map(jnp.zeros_like, sums))
+      new_rows = None if new_rows is None else _where_rows(keep, new_rows, rows)
     part = agg.partial(upload, w) if agg.linear else upload
     sums = None if sums is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
     return part, sums, (out.loss, ok, w, new_rows, out.metrics)
@@ -229,15 +236,15 @@ def make_round_fn(
       if options.layout == "unroll":
         outs = [client(jax.tree.map(lambda a: a[i], rows), jax.tree.map(lambda a: a[i], batch)) for i in range(n)]
         out = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        part, sums, per = settle(out, weights, rows)
+        part, sums, per = settle(out, weights, rows, batch.get("reported"))
       elif options.layout == "vmap":
-        part, sums, per = settle(jax.vmap(client)(rows, batch), weights, rows)
+        part, sums, per = settle(jax.vmap(client)(rows, batch), weights, rows, batch.get("reported"))
       else:  # chunked: lax.scan over chunks of k clients
         k = chunk_size(n, options.client_chunk)
         chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), (rows, batch, weights))
 
         def group(r, b, w):
-          return settle(jax.vmap(client)(r, b), w, r)
+          return settle(jax.vmap(client)(r, b), w, r, b.get("reported"))
 
         def one_chunk(acc, chunk):
           part, sums, per = group(*chunk)
@@ -259,9 +266,9 @@ def make_round_fn(
         per = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), per)
     losses, ok, w, new_rows, client_metrics = per
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
-    if skip_nonfinite:  # nobody finite: total 0, no move (the caller stops the run on that)
+    if skip_nonfinite or "reported" in batch:  # nobody counts: total 0, a zero aggregate
       total = jnp.where(total > 0, total, 1.0)
-      losses_in = jnp.where(ok, losses, 0.0)
+      losses_in = jnp.where(w > 0, losses, 0.0)
     else:
       losses_in = losses
     # linear: the parts' psum / total; otherwise the device's stacked uploads with their weights w

@@ -21,7 +21,7 @@ from fedkd.preemption import Stopped
 from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import make_client_data
 from fedkd.fl import client_state as client_state_lib
-from fedkd.fl import aggregate, algorithms, attacks, engine
+from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
 from fedkd.logs import RunLog, progress_bar
 from fedkd.losses import make_segmentation_loss
@@ -31,9 +31,18 @@ from fedkd.report import site_table
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
 # Config keys (groups, or single dotted keys) that may change between a checkpoint and its resumed
-# run without changing the numbers beyond float rounding. engine.compute_dtype does change them;
+# run without changing the numbers beyond float rounding (or, dp.target_epsilon, only where the run
+# stops). engine.compute_dtype does change them;
 # algorithm.client_state (host <-> device) holds the same numbers in one checkpoint format.
-RESUMABLE_CHANGES = ("num_rounds", "eval", "checkpoint", "engine", "mesh", "algorithm.client_state")
+RESUMABLE_CHANGES = (
+  "num_rounds",
+  "eval",
+  "checkpoint",
+  "engine",
+  "mesh",
+  "algorithm.client_state",
+  "dp.target_epsilon",  # raised to continue a run that stopped at its privacy budget
+)
 NOT_RESUMABLE = ("engine.compute_dtype",)
 
 
@@ -43,6 +52,12 @@ def _may_change(key: str) -> bool:
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
   return np.asarray(jax.random.choice(key, num_clients, (k,), replace=False))
+
+
+def draw_reported(key: jax.Array, dropout: float, k: int) -> np.ndarray:
+  """[k] bool: which of the round's k sampled clients report (each fails with probability ``dropout``),
+  from the round's client-sampling key (folded, so the sampling itself is unchanged)."""
+  return np.asarray(jax.random.uniform(jax.random.fold_in(key, 2), (k,)) >= dropout)
 
 
 def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
@@ -115,6 +130,39 @@ def _diverged(r: int, m: dict, clients: np.ndarray, config, good: int | None, ck
   )
 
 
+class _Privacy:
+  """The run's privacy accounting: epsilon at config.dp.delta after r rounds (fedkd.fl.dp with Google's
+  dp-accounting), computed once per round."""
+
+  def __init__(self, config):
+    self.z, self.clip = float(config.dp.noise_multiplier), float(config.dp.clip_norm)
+    self.n, self.k = int(config.num_clients), int(config.clients_per_round)
+    self.delta, self.target = float(config.dp.delta), float(config.dp.target_epsilon)
+    self._eps: dict[int, float] = {}
+
+  def epsilon(self, r: int) -> float:
+    if r not in self._eps:
+      self._eps[r] = float(dp.epsilon(self.z, self.n, self.k, r, self.delta))
+    return self._eps[r]
+
+  def max_rounds(self, limit: int) -> int:
+    return int(dp.max_rounds(self.target, self.z, self.n, self.k, self.delta, limit))
+
+  def describe(self, r: int | None) -> str:
+    if r is None:
+      return (
+        f"DP-FedAvg, updates clipped to L2 norm {self.clip:g}, noise multiplier {self.z:g}, {self.k} of {self.n} "
+        f"clients per round, delta {self.delta:g}; {dp.ACCOUNTING}"
+        + (f"; note: delta >= 1/num_clients = {1 / self.n:.2g} is weak" if self.delta >= 1 / self.n else "")
+      )
+    return f"epsilon {self.epsilon(r):.3f} at delta {self.delta:g} after {r} rounds (noise multiplier {self.z:g})"
+
+
+def _host_all(x) -> np.ndarray:
+  """A per-client round output [C] as one host array (every process's clients)."""
+  return np.asarray(x if jax.process_count() == 1 else multihost_utils.process_allgather(x, tiled=True))
+
+
 def _aggregator_params(config) -> dict:
   a = config.aggregator
   return {
@@ -175,12 +223,26 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     moon_tau=config.algorithm.moon_tau,
     prox_mu=config.algorithm.prox_mu,
     scaffold_weighting=config.algorithm.scaffold_weighting,
+    ditto_lambda=config.algorithm.ditto_lambda,
   )
   if config.aggregator.name != "mean":  # a robust statistic of the clients' deltas instead of their mean
     alg.aggregator = aggregate.make_aggregator(config.aggregator.name, **_aggregator_params(config))
   attackers = np.arange(config.num_clients) < num_attackers(config)  # by global client id
   if attackers.any():
     alg = attacks.Attacked(alg, attacks.make_attack(config.attack.name, (), **_attack_params(config)))
+  # bytes one client sends per round: what the compressor sends, or the upload's dense float32 size
+  upload_like = jax.eval_shape(lambda p: p, params)
+  bytes_per_client = compress.dense_bytes(upload_like)
+  if config.compress.name != "none":
+    alg = compress.Compressed(
+      alg, config.compress.name, fraction=config.compress.fraction, error_feedback=config.compress.error_feedback
+    )
+    bytes_per_client = alg.bytes_per_client(upload_like)
+  ids_needed = attackers.any() or config.compress.name != "none"  # batch["client_id"] keys their randomness
+  privacy = None
+  if config.dp.enabled:
+    alg = dp.DPFedAvg(alg, config.dp.clip_norm, config.dp.noise_multiplier, config.clients_per_round)
+    privacy = _Privacy(config)
   state = replicate(alg.init(params, jax.random.key(config.seed)), mesh)
   # Per-client state of stateful algorithms (SCAFFOLD's c_i, MOON's previous model), rows of all
   # num_clients clients on the host or the devices (config.algorithm.client_state); None for FedAvg.
@@ -249,11 +311,35 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
   unseen_name = data.unseen_name
 
+  # personalised algorithms (fedbn, ditto): each training site evaluated with its client's own model
+  personal_sites = {}
+  if clients_store is not None and config.data.source == "synthetic":
+    probe = alg.personal(params, clients_store.host_row(0))
+    if probe is not None:
+      personal_sites = {data.site_names[i]: i for i in range(n_eval_sites)}
+  elif config.algorithm.name in ("fedbn", "ditto"):
+    log(f"note: {config.data.source} sites are not one client each, so every site is evaluated with the global model")
+
+  def eval_params():
+    params_now = local_copy(state["params"])
+    site_params = {name: alg.personal(params_now, clients_store.host_row(i)) for name, i in personal_sites.items()}
+    return params_now, site_params
+
   def evaluate(r):
-    per_site = evaluator(local_copy(state["params"]))
+    per_site = evaluator(*eval_params())
     rec = summarize(r, per_site, unseen_name)
+    rec.update(_extras(r))
     runlog.record(rec)
     return rec, per_site
+
+  bytes_total = sum(float(rr.get("comm/bytes_up", 0)) for rr in runlog.rounds)
+
+  def _extras(r):
+    """Privacy spent and bytes sent so far, for evaluation records."""
+    out = {"comm/bytes_up_total": bytes_total}
+    if privacy is not None:
+      out["dp/epsilon"] = privacy.epsilon(r)
+    return out
 
   local_work = (
     f"{config.algorithm.local_steps_min}-{config.local_steps}"
@@ -279,21 +365,35 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     log(f"round 0 (untrained): dice catheter {rec['dice/catheter']:.4f}  guidewire {rec['dice/guidewire']:.4f}")
 
   imgs_per_round = config.clients_per_round * config.local_steps * config.batch_size
+  last_round = config.num_rounds
+  if privacy is not None:
+    log(f"privacy: {privacy.describe(None)}")
+    if config.dp.target_epsilon:
+      last_round = privacy.max_rounds(config.num_rounds)
+      if last_round < config.num_rounds:
+        log(
+          f"note: config.dp.target_epsilon={config.dp.target_epsilon:g} allows {last_round} of the "
+          f"{config.num_rounds} rounds; the run stops after round {last_round}"
+        )
   last_saved = start or None
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   try:
-    for r in range(start + 1, config.num_rounds + 1):
+    for r in range(start + 1, last_round + 1):
       t0 = time.time()
       key, sub = jax.random.split(jax.random.wrap_key_data(local_copy(state["rng"])))
       clients = sample_clients(sub, config.num_clients, config.clients_per_round)
       xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
       xs, ys, weights = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
       batch = {"x": xs, "y": ys}
-      if attackers.any():  # who attacks, and the ids that key their noise
+      if ids_needed:  # who attacks, and the ids that key per-client randomness (attack noise, quantisation)
         ids = clients[rows]
         batch["attacker"], batch["client_id"] = shard_clients(
           (jnp.asarray(attackers[ids]), jnp.asarray(ids, jnp.int32)), mesh, rows
         )
+      reported = np.ones(len(clients), bool)
+      if config.algorithm.dropout:  # client dropout: who fails to report this round
+        reported = draw_reported(sub, config.algorithm.dropout, config.clients_per_round)
+        batch["reported"] = shard_clients(jnp.asarray(reported[rows]), mesh, rows)
       if config.algorithm.local_steps_min:  # heterogeneous local work: each client its own step count
         steps = draw_local_steps(sub, config.algorithm.local_steps_min, config.local_steps, config.clients_per_round)
         batch["steps"] = shard_clients(jnp.asarray(steps[rows]), mesh, rows)
@@ -302,11 +402,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       rows_in = None if clients_store is None else clients_store.gather(clients)
       state, new_rows, m = round_fn(state, rows_in, batch, weights)
       loss = float(m["loss"])  # waits for the round
-      client_ok = np.asarray(
-        m["client_finite"]
-        if jax.process_count() == 1
-        else multihost_utils.process_allgather(m["client_finite"], tiled=True)
-      )
+      client_ok = _host_all(m["client_finite"])
       if not bool(m["finite"]) or not client_ok.any():
         raise _diverged(r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory)
       if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
@@ -314,27 +410,47 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
       if clients_store is not None:
         clients_store.scatter(clients, new_rows)
+      sent = float(bytes_per_client * int(reported.sum()))
+      bytes_total += sent
+      round_rec = {
+        "round": r,
+        "loss": loss,
+        "clients": [int(c) for c in clients],
+        "participants": int(reported.sum()),
+        "comm/bytes_up": sent,
+      }
+      if config.algorithm.dropout:
+        round_rec["reported"] = [int(c) for c in clients[reported]]
+      scalars = {"train/participants": float(reported.sum()), "comm/bytes_up": sent}
+      if privacy is not None:
+        round_rec["dp/epsilon"] = scalars["dp/epsilon"] = privacy.epsilon(r)
+        clipped = _host_all(m["dp_clipped"])[reported]
+        round_rec["dp/clipped_fraction"] = scalars["dp/clipped_fraction"] = (
+          float(clipped.mean()) if len(clipped) else 0.0
+        )
+      runlog.round_record(round_rec)
+      runlog.scalars(r, scalars)
       dt = time.time() - t0
       if r > start + 1:  # the first round includes compilation
         timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
       if timed_rounds:
         per = timed_s / timed_rounds
-        pace = f"{imgs_per_round / per:7.1f} img/s  eta {(config.num_rounds - r) * per:5.0f}s"
+        pace = f"{imgs_per_round / per:7.1f} img/s  eta {(last_round - r) * per:5.0f}s"
       else:
         pace = "(includes compilation)"
       line = (
         f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
       )
       runlog.scalars(r, {"train/loss": loss, "train/round_seconds": dt, "train/images_per_s": imgs_per_round / dt})
-      if r % config.eval.every == 0 or r == config.num_rounds:
+      if r % config.eval.every == 0 or r == last_round:
         rec, per_site = evaluate(r)
         line += f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
       log(line)
       stopping = stop is not None and stop.requested(r)
-      if stopping or r % config.checkpoint.every == 0 or r == config.num_rounds:
+      if stopping or r % config.checkpoint.every == 0 or r == last_round:
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
         last_saved = r
-      if stopping and r < config.num_rounds:
+      if stopping and r < last_round:
         ckpt.wait()
         raise Stopped(r, stop.reason)
   finally:
@@ -342,10 +458,24 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     runlog.close()
 
   if per_site is None:  # resumed at the end already: evaluate the restored model
-    per_site = evaluator(local_copy(state["params"]))
-    rec = summarize(config.num_rounds, per_site, unseen_name)
-  log(f"\nheld-out Dice / IoU after round {config.num_rounds} ({config.eval.examples_per_site} images per site):")
+    per_site = evaluator(*eval_params())
+    rec = summarize(last_round, per_site, unseen_name)
+    rec.update(_extras(last_round))
+  if last_round < config.num_rounds:
+    log(
+      f"\nstopped after round {last_round} of {config.num_rounds}: round {last_round + 1} would spend epsilon "
+      f"{privacy.epsilon(last_round + 1):.3f} > config.dp.target_epsilon={config.dp.target_epsilon:g}"
+    )
+  personal = " (training sites with their clients' personal models)" if personal_sites else ""
+  log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({config.eval.examples_per_site} images per site):")
   log(site_table(per_site, unseen_name))
+  if privacy is not None:
+    log(f"privacy: {privacy.describe(last_round)}")
+  if config.compress.name != "none" or config.algorithm.dropout:
+    log(
+      f"communication: {bytes_total / 2**20:.2f} MiB sent up in all ({bytes_per_client / 2**10:.1f} KiB per "
+      f"reporting client per round{', ' + config.compress.name + ' compressed' if config.compress.name != 'none' else ''})"
+    )
   log(
     f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
     f"tb/ (TensorBoard; view: pip install -e '.[tb]' && tensorboard --logdir {workdir / 'tb'}), config.json, "

@@ -7,14 +7,16 @@ states each method's update, its config keys, its reference and its test.
 
 from __future__ import annotations
 
+from fedkd.fl.algorithms.ditto import Ditto
 from fedkd.fl.algorithms.fedavg import FedAvg
+from fedkd.fl.algorithms.fedbn import FedBN
 from fedkd.fl.algorithms.fednova import FedNova
 from fedkd.fl.algorithms.fedprox import FedProx
 from fedkd.fl.algorithms.moon import Moon
 from fedkd.fl.algorithms.scaffold import WEIGHTINGS as SCAFFOLD_WEIGHTINGS
 from fedkd.fl.algorithms.scaffold import Scaffold
 
-ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova")
+ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova", "fedbn", "ditto")
 
 
 def make(
@@ -27,6 +29,7 @@ def make(
   moon_tau: float = 0.5,
   prox_mu: float = 0.01,
   scaffold_weighting: str = "uniform",
+  ditto_lambda: float = 0.1,
 ):
   """The algorithm ``name`` (one of :data:`ALGORITHMS`) with the server optimizer ``server_tx``."""
   if name == "fedavg":
@@ -39,7 +42,22 @@ def make(
     return FedProx(server_tx, prox_mu)
   if name == "fednova":
     return FedNova(server_tx)
+  if name == "fedbn":
+    return FedBN(server_tx)
+  if name == "ditto":
+    return Ditto(server_tx, ditto_lambda)
   raise ValueError(f"unknown algorithm {name!r}; use one of {', '.join(ALGORITHMS)}")
 
 
-__all__ = ["ALGORITHMS", "SCAFFOLD_WEIGHTINGS", "FedAvg", "FedNova", "FedProx", "Moon", "Scaffold", "make"]
+__all__ = [
+  "ALGORITHMS",
+  "SCAFFOLD_WEIGHTINGS",
+  "Ditto",
+  "FedAvg",
+  "FedBN",
+  "FedNova",
+  "FedProx",
+  "Moon",
+  "Scaffold",
+  "make",
+]

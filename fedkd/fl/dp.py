@@ -1,0 +1,234 @@
+"""User-level differential privacy for FedAvg: DP-FedAvg (McMahan, Ramage, Talwar & Zhang, "Learning
+Differentially Private Recurrent Language Models", ICLR 2018), with a fixed-size client sample.
+
+Round t samples m = ``clients_per_round`` of the N clients without replacement. Client i runs the inner
+algorithm's local training from the server model w_t (FedAvg, FedProx or MOON) and clips its delta to the
+L2 ball of radius C = ``clip_norm`` (the norm over every floating leaf of the whole update):
+
+    clip(d_i) = d_i * min(1, C / ||d_i||_2),
+
+the server adds Gaussian noise of standard deviation z C (z = ``noise_multiplier``) to the SUM of the
+clipped deltas and divides by the fixed m_exp = ``expected_clients`` (the configured clients per round,
+not the number that reported, so one client's presence does not change the denominator):
+
+    mean_t = (sum_{i in S_t} clip(d_i) + N(0, z^2 C^2 I)) / m_exp,
+
+and hands mean_t to the inner algorithm's server step (server SGD with learning rate 1: w_{t+1} = w_t +
+mean_t; FedAdam etc. work on it unchanged, as post-processing). Every client counts equally: the data-size
+weights are not used (a client's influence must be bounded by C alone).
+
+The clipped deltas travel through the engine's ``sums`` (summed unweighted over the round's clients and
+``psum``-ed; ``skip_nonfinite`` zeroes a broken client's), the ``upload`` is empty, so the model-sized tree
+is reduced once. The noise is drawn once per round on the server from ``server["rng"]`` (the round key the
+training task stores there): leaf l (``jax.tree.leaves`` order) gets ``normal(fold_in(fold_in(key,
+NOISE_STREAM), l))``; the server step runs replicated on every device, so every device draws the same noise
+and a resumed run draws it again identically.
+
+Accounting (:func:`epsilon`, :func:`max_rounds`): Google's ``dp_accounting`` RDP accountant. Sampling m of
+N clients without replacement is analysed under the REPLACE_ONE neighbouring relation (one client's data
+replaced by anything; Wang, Balle & Kasiviswanathan 2019, Theorem 27). Replacing a client can move the sum
+of clipped deltas by up to 2C (from d to -d), so the noise z C is a Gaussian mechanism with noise
+multiplier z / 2 relative to that sensitivity; this is what the accountant is given (the RDP accountant
+takes the multiplier relative to the relation's sensitivity). With m = N (every client every round) the
+round is that unsampled Gaussian mechanism. The rounds compose adaptively.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedkd.fl.algorithm import ClientOutput
+
+# the server round key is folded with this before the per-leaf fold_in: the noise's own stream
+NOISE_STREAM = 0x44504E5A  # "DPNZ"
+# L2 sensitivity of the sum of clipped deltas, in units of the clip norm, when one client is replaced
+REPLACE_ONE_SENSITIVITY = 2.0
+ACCOUNTING = (
+  "privacy: (epsilon, delta) for user-level DP from dp_accounting's RDP accountant, with the m clients of a round "
+  "sampled uniformly without replacement from the N (Wang, Balle & Kasiviswanathan 2019) under the REPLACE_ONE "
+  "relation (one client's data replaced, so the clipped sum's sensitivity is 2 x clip and the accountant's noise "
+  "multiplier is z/2), composed over the rounds"
+)
+
+
+def _floating(x) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def global_norm(tree) -> jax.Array:
+  """L2 norm (f32) over every floating leaf of ``tree``."""
+  sq = [jnp.sum(jnp.square(jnp.asarray(a, jnp.float32))) for a in jax.tree.leaves(tree) if _floating(a)]
+  return jnp.sqrt(sum(sq, jnp.zeros((), jnp.float32)))
+
+
+def clip_update(tree, clip_norm: float):
+  """(``tree`` scaled by min(1, clip_norm / norm), norm): the global L2 norm over its floating leaves (f32);
+  a zero tree is returned as it is. Non-floating leaves are unchanged, the others keep their dtype."""
+  norm = global_norm(tree)
+  over = norm > clip_norm
+  scale = jnp.where(over, clip_norm / jnp.where(over, norm, 1.0), 1.0)
+  clipped = jax.tree.map(lambda a: (a.astype(jnp.float32) * scale).astype(a.dtype) if _floating(a) else a, tree)
+  return clipped, norm
+
+
+def noise_like(tree, key, std: float):
+  """std * N(0, I) for every floating leaf of ``tree`` (f32, zeros for the others): leaf l from
+  ``fold_in(key, l)`` in ``jax.tree.leaves`` order."""
+  leaves, treedef = jax.tree.flatten(tree)
+  out = [
+    std * jax.random.normal(jax.random.fold_in(key, l), jnp.shape(a), jnp.float32)
+    if _floating(a)
+    else jnp.zeros(jnp.shape(a), jnp.float32)
+    for l, a in enumerate(leaves)
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
+def round_noise_key(server: dict) -> jax.Array:
+  """The noise key of a round: the server's round key folded with :data:`NOISE_STREAM`."""
+  return jax.random.fold_in(jax.random.wrap_key_data(server["rng"]), NOISE_STREAM)
+
+
+def _is_mean(aggregator) -> bool:
+  from fedkd.fl.aggregate import Mean
+
+  return aggregator is Mean or (isinstance(aggregator, str) and aggregator == "mean")
+
+
+class DPFedAvg:
+  """DP-FedAvg around ``inner`` (``fedkd.fl.algorithm`` interface; see the module docstring).
+
+  ``inner``: an algorithm whose upload is a plain model delta (the tree of the server's ``params``), whose
+  aggregator is the weighted ``mean`` and whose clients return no ``sums``: FedAvg, FedProx, MOON (not
+  SCAFFOLD, FedNova, gossip or the robust aggregators). ``clip_norm`` C > 0, ``noise_multiplier`` z >= 0,
+  ``expected_clients`` the fixed denominator (the configured clients per round).
+
+  Per-client metrics added to the inner ones: ``dp_norm`` (the update's L2 norm before clipping) and
+  ``dp_clipped`` (1.0 when it was clipped). A client whose delta holds a NaN/Inf reports a NaN loss, so the
+  engine's ``skip_nonfinite`` (which sees the empty upload and the loss) drops it from the sum.
+  Everything else (init, init_row, gather, the server step after the noise, ...) is ``inner``'s."""
+
+  def __init__(self, inner, clip_norm: float, noise_multiplier: float, expected_clients: int):
+    if not _is_mean(getattr(inner, "aggregator", None)):
+      raise ValueError(
+        f"DP-FedAvg needs an inner algorithm with the 'mean' aggregator; {inner.name} uses {inner.aggregator!r}"
+      )
+    if not float(clip_norm) > 0:
+      raise ValueError(f"DP-FedAvg needs clip_norm > 0, got {clip_norm}")
+    if not float(noise_multiplier) >= 0:
+      raise ValueError(f"DP-FedAvg needs noise_multiplier >= 0, got {noise_multiplier}")
+    if int(expected_clients) != expected_clients or int(expected_clients) < 1:
+      raise ValueError(f"DP-FedAvg needs expected_clients >= 1 (an integer), got {expected_clients}")
+    self.inner = inner
+    self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
+    self.expected_clients = int(expected_clients)
+    self.name = f"{inner.name}+dp"
+
+  def __getattr__(self, attr):  # aggregator, init, init_row, gather, ...: the inner algorithm's
+    if attr == "inner":  # not set yet (copy / unpickling): no recursion
+      raise AttributeError(attr)
+    return getattr(self.inner, attr)
+
+  def client(self, ctx, server, row, batch, gathered) -> ClientOutput:
+    out = self.inner.client(ctx, server, row, batch, gathered)
+    if out.sums is not None:
+      raise ValueError(f"DP-FedAvg needs an inner algorithm without client sums; {self.inner.name} returns some")
+    params = server["params"]
+    if jax.tree.structure(out.upload) != jax.tree.structure(params) or any(
+      jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(out.upload), jax.tree.leaves(params))
+    ):
+      raise ValueError(f"DP-FedAvg needs an inner algorithm that uploads a model delta; {self.inner.name} does not")
+    clipped, norm = clip_update(out.upload, self.clip_norm)
+    finite = jnp.isfinite(norm)  # a NaN/Inf anywhere in the delta makes the norm non-finite
+    metrics = dict(out.metrics or {})
+    metrics.update(dp_norm=norm, dp_clipped=(norm > self.clip_norm).astype(jnp.float32))
+    return out._replace(
+      upload={},
+      loss=jnp.where(finite, out.loss, jnp.nan),
+      sums={"sum": clipped, "reported": jnp.ones((), jnp.float32)},
+      metrics=metrics,
+    )
+
+  def server(self, server, aggregate, sums, rows):
+    total = sums["sum"]
+    if self.noise_multiplier > 0:
+      noise = noise_like(total, round_noise_key(server), self.noise_multiplier * self.clip_norm)
+      total = jax.tree.map(lambda s, n: s.astype(jnp.float32) + n if _floating(s) else s, total, noise)
+    mean = jax.tree.map(
+      lambda s, p: (s / self.expected_clients).astype(p.dtype) if _floating(s) else s, total, sums["sum"]
+    )
+    return self.inner.server(server, mean, None, rows)
+
+
+# ------------------------------------------------------------------------------------------ accounting
+
+
+def _check(noise_multiplier, num_clients, clients_per_round, delta):
+  if not float(noise_multiplier) >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+  if not 1 <= int(clients_per_round) <= int(num_clients):
+    raise ValueError(f"need 1 <= clients_per_round <= num_clients, got {clients_per_round} of {num_clients}")
+  if not 0 < float(delta) < 1:
+    raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+@functools.lru_cache(maxsize=256)
+def epsilon(noise_multiplier: float, num_clients: int, clients_per_round: int, rounds: int, delta: float) -> float:
+  """epsilon of ``rounds`` DP-FedAvg rounds at ``delta`` (:data:`ACCOUNTING`): user-level, REPLACE_ONE,
+  ``clients_per_round`` of ``num_clients`` sampled without replacement (unsampled when they are equal).
+  ``noise_multiplier`` 0 -> inf (for rounds > 0); ``rounds`` 0 -> 0."""
+  import dp_accounting
+  from dp_accounting.rdp import rdp_privacy_accountant
+
+  _check(noise_multiplier, num_clients, clients_per_round, delta)
+  if int(rounds) < 0:
+    raise ValueError(f"rounds must be >= 0, got {rounds}")
+  if int(rounds) == 0:
+    return 0.0
+  if float(noise_multiplier) == 0:
+    return math.inf
+  gaussian = dp_accounting.GaussianDpEvent(float(noise_multiplier) / REPLACE_ONE_SENSITIVITY)
+  if int(clients_per_round) == int(num_clients):
+    event = gaussian
+  else:
+    event = dp_accounting.SampledWithoutReplacementDpEvent(int(num_clients), int(clients_per_round), gaussian)
+  accountant = rdp_privacy_accountant.RdpAccountant(
+    neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+  )
+  accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
+  return float(accountant.get_epsilon(float(delta)))
+
+
+def max_rounds(
+  target_epsilon: float, noise_multiplier: float, num_clients: int, clients_per_round: int, delta: float, limit: int
+) -> int:
+  """The largest r <= ``limit`` with ``epsilon(noise_multiplier, num_clients, clients_per_round, r, delta)``
+  <= ``target_epsilon`` (epsilon grows with r: a binary search, about log2(limit) accountant calls)."""
+  if not float(target_epsilon) >= 0:
+    raise ValueError(f"target_epsilon must be >= 0, got {target_epsilon}")
+  if int(limit) < 0:
+    raise ValueError(f"limit must be >= 0, got {limit}")
+  eps = lambda r: epsilon(float(noise_multiplier), int(num_clients), int(clients_per_round), r, float(delta))
+  lo, hi = 0, int(limit)  # eps(lo) <= target always (eps(0) = 0)
+  if eps(hi) <= target_epsilon:
+    return hi
+  while hi - lo > 1:  # eps(lo) <= target < eps(hi)
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if eps(mid) <= target_epsilon else (lo, mid)
+  return lo
+
+
+def describe(
+  noise_multiplier: float, clip_norm: float, num_clients: int, clients_per_round: int, rounds: int, delta: float
+) -> str:
+  """One line for logs: the mechanism and its (epsilon, delta) after ``rounds``."""
+  eps = epsilon(float(noise_multiplier), int(num_clients), int(clients_per_round), int(rounds), float(delta))
+  return (
+    f"DP-FedAvg: clip {clip_norm:g}, noise multiplier {noise_multiplier:g}, {clients_per_round} of {num_clients} "
+    f"clients per round -> ({eps:.3g}, {delta:g})-DP after {rounds} rounds"
+  )
