@@ -41,7 +41,8 @@ upload that has it (FedNova's ``{"d": tree, "tau": scalar}``: ``d`` gets the res
 exactly). Any other leaf of an error-feedback upload must be a scalar (else a ValueError at trace time).
 The composite row is ``{"inner": the inner algorithm's row, "residual": params-shaped}``, without
 "inner" when the inner algorithm is stateless and without "residual" for int8 / top-k without error
-feedback; None when both are absent.
+feedback; None when both are absent. A client the engine leaves out of a round (non-finite with
+``skip_nonfinite``, or not ``batch["reported"]``) keeps its old row, residual included.
 
 What is *not* compressed: the plain ``sums`` a client returns (SCAFFOLD's control-variate change
 ``dc``), except SCAFFOLD's ``weighting='uniform'`` ``sums["delta"]`` (the uploads themselves, summed for
@@ -51,9 +52,12 @@ Bytes (:func:`upload_bytes`, one client, one round, from shapes alone). ``none``
 dtype's itemsize (4 bytes per float32 element). ``int8``: a compressed leaf costs 1 byte per element +
 8 bytes (lo and hi as float32); every compressed leaf is counted as quantised, also one that turns out
 constant at run time (sent exactly: the static count cannot know it, and an all-equal update is rare).
-``topk``: a compressed
-leaf costs k * (itemsize value + 4-byte int32 index). Leaves sent exactly (scalars, one-element and
-non-floating leaves) cost their full size. Message headers, shapes and framing are not counted.
+``topk``: a compressed leaf costs k * (itemsize value + 4-byte int32 index), 8 bytes per kept float32
+entry. Leaves sent exactly (scalars, one-element and non-floating leaves) cost their full size. Not
+counted: message headers, shapes and framing, and the ``sums`` (SCAFFOLD's ``dc``, as large again as
+the upload). Every leaf of the upload is counted, also leaves an algorithm always sends as zeros (FedBN's
+norm leaves). :meth:`Compressed.bytes_per_client` takes the upload to be params-shaped unless told
+otherwise (FedNova's adds the 4-byte tau).
 """
 
 from __future__ import annotations
