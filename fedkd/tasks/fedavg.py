@@ -152,7 +152,7 @@ class _Privacy:
     if r is None:
       return (
         f"DP-FedAvg, updates clipped to L2 norm {self.clip:g}, noise multiplier {self.z:g}, {self.k} of {self.n} "
-        f"clients per round, delta {self.delta:g}; {dp.ACCOUNTING}"
+        f"clients per round, delta {self.delta:g}"
         + (f"; note: delta >= 1/num_clients = {1 / self.n:.2g} is weak" if self.delta >= 1 / self.n else "")
       )
     return f"epsilon {self.epsilon(r):.3f} at delta {self.delta:g} after {r} rounds (noise multiplier {self.z:g})"
@@ -230,14 +230,19 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   attackers = np.arange(config.num_clients) < num_attackers(config)  # by global client id
   if attackers.any():
     alg = attacks.Attacked(alg, attacks.make_attack(config.attack.name, (), **_attack_params(config)))
-  # bytes one client sends per round: what the compressor sends, or the upload's dense float32 size
-  upload_like = jax.eval_shape(lambda p: p, params)
-  bytes_per_client = compress.dense_bytes(upload_like)
+  # Bytes per client and round. Up: the model delta as the compressor sends it (dense float32 without
+  # one), plus what travels beside it uncompressed: SCAFFOLD's control-variate change, FedNova's tau.
+  # Down: the server model (and SCAFFOLD's control variate) to every sampled client.
+  params_like = jax.eval_shape(lambda p: p, params)
+  model_bytes = compress.dense_bytes(params_like)
+  beside = {"scaffold": model_bytes, "fednova": 4}.get(algorithm, 0)
+  bytes_down = model_bytes * (2 if algorithm == "scaffold" else 1)
+  bytes_per_client = model_bytes + beside
   if config.compress.name != "none":
     alg = compress.Compressed(
       alg, config.compress.name, fraction=config.compress.fraction, error_feedback=config.compress.error_feedback
     )
-    bytes_per_client = alg.bytes_per_client(upload_like)
+    bytes_per_client = alg.bytes_per_client(params_like) + beside
   ids_needed = attackers.any() or config.compress.name != "none"  # batch["client_id"] keys their randomness
   privacy = None
   if config.dp.enabled:
@@ -332,11 +337,13 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     runlog.record(rec)
     return rec, per_site
 
+  # bytes so far: those of the rounds before a resumed checkpoint from their rounds.jsonl records
   bytes_total = sum(float(rr.get("comm/bytes_up", 0)) for rr in runlog.rounds)
+  bytes_down_total = sum(float(rr.get("comm/bytes_down", 0)) for rr in runlog.rounds)
 
   def _extras(r):
     """Privacy spent and bytes sent so far, for evaluation records."""
-    out = {"comm/bytes_up_total": bytes_total}
+    out = {"comm/bytes_up_total": bytes_total, "comm/bytes_down_total": bytes_down_total}
     if privacy is not None:
       out["dp/epsilon"] = privacy.epsilon(r)
     return out
@@ -368,6 +375,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   last_round = config.num_rounds
   if privacy is not None:
     log(f"privacy: {privacy.describe(None)}")
+    log(dp.ACCOUNTING)
     if config.dp.target_epsilon:
       last_round = privacy.max_rounds(config.num_rounds)
       if last_round < config.num_rounds:
@@ -410,18 +418,27 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
       if clients_store is not None:
         clients_store.scatter(clients, new_rows)
-      sent = float(bytes_per_client * int(reported.sum()))
+      sent, received = float(bytes_per_client * int(reported.sum())), float(bytes_down * len(clients))
       bytes_total += sent
+      bytes_down_total += received
       round_rec = {
         "round": r,
         "loss": loss,
         "clients": [int(c) for c in clients],
         "participants": int(reported.sum()),
         "comm/bytes_up": sent,
+        "comm/bytes_down": received,
+        "comm/bytes_up_total": bytes_total,
+        "comm/bytes_down_total": bytes_down_total,
       }
       if config.algorithm.dropout:
         round_rec["reported"] = [int(c) for c in clients[reported]]
-      scalars = {"train/participants": float(reported.sum()), "comm/bytes_up": sent}
+      scalars = {
+        "train/participants": float(reported.sum()),
+        "comm/bytes_up": sent,
+        "comm/bytes_up_total": bytes_total,
+        "comm/bytes_down_total": bytes_down_total,
+      }
       if privacy is not None:
         round_rec["dp/epsilon"] = scalars["dp/epsilon"] = privacy.epsilon(r)
         clipped = _host_all(m["dp_clipped"])[reported]
@@ -473,8 +490,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     log(f"privacy: {privacy.describe(last_round)}")
   if config.compress.name != "none" or config.algorithm.dropout:
     log(
-      f"communication: {bytes_total / 2**20:.2f} MiB sent up in all ({bytes_per_client / 2**10:.1f} KiB per "
-      f"reporting client per round{', ' + config.compress.name + ' compressed' if config.compress.name != 'none' else ''})"
+      f"communication: {bytes_total / 2**20:.2f} MiB sent up ({bytes_per_client / 2**10:.1f} KiB per reporting "
+      f"client per round{', ' + config.compress.name + ' compressed' if config.compress.name != 'none' else ''}), "
+      f"{bytes_down_total / 2**20:.2f} MiB down"
     )
   log(
     f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "

@@ -1,0 +1,112 @@
+"""The issue-14 methods reach a training run: client dropout and who reported per round, DP-FedAvg's
+privacy spent and its target-epsilon stop, compressed uploads and their bytes, personal models evaluated
+on their own sites. The methods themselves are checked against per-client references in
+tests/test_algorithms.py (dropout), tests/test_dp.py, tests/test_compress.py and tests/test_personal.py."""
+
+import json
+import math
+import os
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+
+from fedkd.data import pipeline
+from fedkd.evaluate import Evaluator, summarize
+from fedkd.models import init_model
+from fedkd.tasks import fedavg
+from test_training import tiny_config
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(ln) for ln in f]
+
+
+def _accountant_epsilon(z, n, m, rounds, delta):
+  """dp_accounting's RDP epsilon for ``rounds`` rounds of m of n clients sampled without replacement,
+  REPLACE_ONE (sum sensitivity 2 x clip: multiplier z / 2), or of the unsampled mechanism if smaller."""
+  if rounds == 0:
+    return 0.0
+
+  def eps(event):
+    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(acc.get_epsilon(delta))
+
+  gauss = dp_accounting.GaussianDpEvent(z / 2)
+  return min(eps(gauss), eps(dp_accounting.SampledWithoutReplacementDpEvent(n, m, gauss)))
+
+
+def test_dropout_dp_and_topk_in_one_run_stop_at_the_privacy_budget_and_resume(tmp_path):
+  """8 clients, 4 per round, each failing to report with p = 0.5; DP-FedAvg (z = 1) with a target
+  epsilon between the accountant's values after 3 and 4 rounds; top-10% uploads. The run stops after
+  round 3 of 6; rounds.jsonl says who took part and what they sent; raising the target resumes it."""
+  c = tiny_config(num_rounds=6, num_clients=8, clients_per_round=4)
+  c.eval.every, c.checkpoint.every = 3, 3
+  c.algorithm.dropout = 0.5
+  c.dp.enabled, c.dp.clip_norm, c.dp.noise_multiplier, c.dp.delta = True, 0.01, 1.0, 1e-3
+  eps = [_accountant_epsilon(1.0, 8, 4, r, 1e-3) for r in range(7)]
+  assert all(a < b for a, b in zip(eps, eps[1:]))
+  c.dp.target_epsilon = (eps[3] + eps[4]) / 2
+  c.compress.name, c.compress.fraction = "topk", 0.1
+  work = str(tmp_path / "w")
+  lines = []
+  fedavg.run(c, work, log=lines.append)
+  text = "\n".join(lines)
+  assert "allows 3 of the 6 rounds" in text and "stopped after round 3 of 6" in text, text[-2000:]
+  assert "privacy: epsilon" in text and "communication:" in text
+
+  # what one client sends: per tensor the ceil(10%) largest entries, 4-byte value + 4-byte index each
+  _, _, params = init_model(c.model, c.seed)
+  per_client = sum(8 * math.ceil(0.1 * a.size) if a.size > 1 else 4 for a in jax.tree.leaves(params))
+  rounds = _jsonl(os.path.join(work, "rounds.jsonl"))
+  assert [r["round"] for r in rounds] == [1, 2, 3]
+  for r in rounds:
+    assert len(r["clients"]) == 4 and set(r["reported"]) <= set(r["clients"])
+    assert r["participants"] == len(r["reported"])
+    assert r["comm/bytes_up"] == per_client * r["participants"]
+    assert r["dp/epsilon"] == pytest.approx(eps[r["round"]], rel=1e-9)
+  assert sum(r["participants"] for r in rounds) < 12  # somebody dropped out (p = 0.5, 12 draws)
+  last = _jsonl(os.path.join(work, "metrics.jsonl"))[-1]
+  assert last["round"] == 3 and last["dp/epsilon"] == pytest.approx(eps[3], rel=1e-9)
+  assert last["comm/bytes_up_total"] == sum(r["comm/bytes_up"] for r in rounds)
+
+  c.dp.target_epsilon = 0.0  # may change on resume: the run continues to round 6 ...
+  lines = []
+  resumed = fedavg.run(c, work, log=lines.append)
+  assert any("resuming from round 3" in ln for ln in lines)
+  rounds = _jsonl(os.path.join(work, "rounds.jsonl"))
+  assert [r["round"] for r in rounds] == list(range(1, 7))
+  assert _jsonl(os.path.join(work, "metrics.jsonl"))[-1]["dp/epsilon"] == pytest.approx(eps[6], rel=1e-9)
+  # ... exactly as an uninterrupted run: dropout draws, DP noise, top-k residual rows, every parameter
+  full = fedavg.run(c, str(tmp_path / "full"), log=lambda _: None)
+  assert _jsonl(os.path.join(tmp_path / "full", "rounds.jsonl")) == rounds
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(full["client_state"]), jax.tree.leaves(resumed["client_state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ditto_evaluates_each_training_site_with_its_clients_personal_model(tmp_path):
+  """The per-site records of a Ditto run are the Evaluator's numbers for each client's personal model
+  (its row), the unseen site the global model's."""
+  c = tiny_config(num_rounds=2, num_clients=2, clients_per_round=2)
+  c.algorithm.name, c.algorithm.ditto_lambda = "ditto", 0.5
+  c.eval.every, c.eval.max_sites = 2, 2
+  lines = []
+  out = fedavg.run(c, str(tmp_path / "d"), log=lines.append)
+  assert any("personal models" in ln for ln in lines)
+  apply, _, _ = init_model(c.model, c.seed)
+  data = pipeline.make_client_data(c)
+  ev = Evaluator(c, apply, data.eval_sets([0, 1]))
+  ids, rows = out["client_state"]["ids"], out["client_state"]["rows"]
+  assert list(ids) == [0, 1]
+  personal = {data.site_names[i]: jax.tree.map(lambda a, i=i: np.asarray(a)[i], rows) for i in range(2)}
+  want = summarize(2, ev(jax.device_get(out["state"]["params"]), personal), data.unseen_name)
+  got = out["metrics"]
+  for k, v in want.items():
+    assert got[k] == v, k
+  glob = ev(jax.device_get(out["state"]["params"]))
+  assert glob[data.unseen_name] == {k[len("unseen/") :]: v for k, v in got.items() if k.startswith("unseen/")}
