@@ -44,7 +44,11 @@ def mean_std(values, axis: int = 0):
   if a.ndim == 0 or a.shape[axis] == 0:
     raise ValueError("mean_std needs at least one value")
   mean = a.mean(axis)
-  std = a.std(axis, ddof=1) if a.shape[axis] > 1 else np.full_like(mean, np.nan)
+  if a.shape[axis] > 1:
+    with np.errstate(invalid="ignore"):  # inf values (e.g. epsilon without noise): std NaN, no warning
+      std = a.std(axis, ddof=1)
+  else:
+    std = np.full_like(mean, np.nan)
   if np.ndim(mean) == 0:
     return float(mean), float(std)
   return mean, std
@@ -338,9 +342,12 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
   return True
 
 
-def errorbar_plot(lines: dict[str, Sequence[tuple[float, Sequence[float]]]], xlabel: str, ylabel: str, path: str):
+def errorbar_plot(
+  lines: dict[str, Sequence[tuple[float, Sequence[float]]]], xlabel: str, ylabel: str, path: str, logx: bool = False
+):
   """One line per label through points ``(x, values over seeds)``: the mean with a ± sample-std error
-  bar (none for a single seed; clipped to [0, 1] when ``ylabel`` names a Dice / IoU-like score)."""
+  bar (none for a single seed; clipped to [0, 1] when ``ylabel`` names a Dice / IoU-like score);
+  ``logx``: a logarithmic x axis."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for label, pts in lines.items():
@@ -352,6 +359,8 @@ def errorbar_plot(lines: dict[str, Sequence[tuple[float, Sequence[float]]]], xla
     if _bounded(ylabel):
       lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
     ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=label)
+  if logx:
+    ax.set_xscale("log")
   ax.set_xlabel(xlabel)
   ax.set_ylabel(f"{ylabel} (mean ± std)")
   ax.grid(alpha=0.3)

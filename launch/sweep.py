@@ -20,8 +20,10 @@ stop the others; failures are listed at the end and the exit code is 1.
 Outputs in OUT (drawn and tabulated by fedkd.report): sweep.json (the definition), results.md /
 results.csv (last evaluation of every run, mean +- sample std (ddof=1; n/a for one seed) over seeds
 per group = every override except seed), runs.csv (one row per run), curves.png (Dice vs round per
-group, mean over seeds with a +-std band) and vs_<key>.png for each numeric key swept within a method. Bad input ends with one line ``fedkd: error: ...`` on
-stderr and exit code 2, before anything is written.
+group, mean over seeds with a +-std band), curves_sites.png (the same per training site), vs_<key>.png for
+each numeric key swept within a method, and, when the runs log them, vs_bytes_up.png (Dice vs cumulative
+bytes sent up, one point per group) and vs_epsilon.png (Dice vs the DP epsilon spent). Bad input ends with
+one line ``fedkd: error: ...`` on stderr and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -42,7 +45,7 @@ from fedkd.cli import fail, line_buffered
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "DONE"
 CURVE_METRICS = ("dice/catheter", "dice/guidewire", "unseen/dice/catheter", "unseen/dice/guidewire")
-_METRIC_RE = re.compile(r"^(dice|iou)/[^/]+$|^unseen/dice/[^/]+$")
+_METRIC_RE = re.compile(r"^(dice|iou)/[^/]+$|^unseen/dice/[^/]+$|^comm/bytes_up_total$|^dp/epsilon$")
 
 
 class InputError(ValueError):
@@ -352,7 +355,7 @@ def _metric_keys(records: list[dict]) -> list[str]:
   keys: list[str] = []
   for r in records:
     keys += [k for k in r if _METRIC_RE.match(k) and k not in keys]
-  order = {"dice": 0, "iou": 1, "unseen": 2}
+  order = {"dice": 0, "iou": 1, "unseen": 2, "comm": 3, "dp": 4}
   return sorted(keys, key=lambda k: (order[k.split("/")[0]], keys.index(k)))
 
 
@@ -449,6 +452,47 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
       continue
     path = os.path.join(out, f"vs_{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.png")
     report.errorbar_plot(lines, key, f"{metric} (last eval)", path)
+    written.append(path)
+  written += _site_and_cost_plots(out, groups, metric)
+  return written
+
+
+# x axes logged by the runs themselves (fedkd.tasks.fedavg): (record key, file, axis label, one line for all)
+COST_AXES = (
+  ("comm/bytes_up_total", "vs_bytes_up.png", "bytes sent up by the clients, cumulative (log)", False),
+  ("dp/epsilon", "vs_epsilon.png", "privacy spent: epsilon at dp.delta (log)", True),
+)
+
+
+def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]:
+  """curves_sites.png (``metric`` per site vs round, one panel per site) and, where the runs log them and
+  they differ between groups, ``metric`` at the last evaluation vs the cumulative bytes sent up (one point
+  per group) and vs the privacy spent (one line through the DP groups; runs with infinite epsilon, noise
+  0, are left out)."""
+  from fedkd import report
+
+  written = []
+  sites = []
+  for g in groups:
+    for r in g["runs"]:
+      sites += [k for k in r["last"] if k.startswith("site/") and k.endswith("/" + metric) and k not in sites]
+  path = os.path.join(out, "curves_sites.png")
+  if sites and report.curves_plot([(g["label"], [r["records"] for r in g["runs"]]) for g in groups], sites, path):
+    written.append(path)
+  for xkey, name, xlabel, one_line in COST_AXES:
+    lines: dict[str, list] = {}
+    for g in groups:
+      runs = [r["last"] for r in g["runs"] if xkey in r["last"] and metric in r["last"]]
+      xs = [float(r[xkey]) for r in runs]
+      if not runs or not all(math.isfinite(x) and x > 0 for x in xs):
+        continue
+      lines.setdefault("DP-FedAvg" if one_line else g["label"], []).append(
+        (sum(xs) / len(xs), [r[metric] for r in runs])
+      )
+    if len({x for pts in lines.values() for x, _ in pts}) < 2:
+      continue
+    path = os.path.join(out, name)
+    report.errorbar_plot(lines, xlabel, f"{metric} (last eval)", path, logx=True)
     written.append(path)
   return written
 

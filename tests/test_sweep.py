@@ -299,7 +299,38 @@ def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
     np.testing.assert_allclose(float(row["dice/guidewire_mean"]), vals.mean(), rtol=1e-12)
     np.testing.assert_allclose(float(row["dice/guidewire_std"]), vals.std(ddof=1), rtol=1e-9)
   assert (tmp_path / "vs_quantity_skew.png").stat().st_size > 0 and (tmp_path / "curves.png").exists()
+  assert (tmp_path / "curves_sites.png").stat().st_size > 0  # Dice per site vs round
   assert "site/" not in (tmp_path / "results.csv").read_text()
+  assert not (tmp_path / "vs_bytes_up.png").exists()  # the records carry no bytes: no such plot
+  capsys.readouterr()
+
+
+def test_aggregate_plots_accuracy_vs_bytes_and_vs_epsilon(tmp_path, capsys):
+  """Runs that log comm/bytes_up_total and dp/epsilon get them as table columns (mean over seeds) and
+  plots of Dice against them; a no-noise group (epsilon inf) is left out of the epsilon line."""
+  noise = {"none": (float("inf"), 4e6), "z1": (5.0, 4e6), "z2": (1.0, 4e6), "topk": (None, 1e5)}
+  sweep = S.product(S.product(seed=[0, 1]), [{"method": m} for m in noise])
+  defn = {
+    "config": "configs/quickstart.py",
+    "sweep": None,
+    "extra": [],
+    "varying_keys": S.varying_keys(sweep),
+    "runs": [{"name": n, "overrides": o, "num_rounds": 2} for n, o in zip(S.run_names(sweep), sweep)],
+  }
+  for run in defn["runs"]:
+    (tmp_path / run["name"]).mkdir()
+    eps, sent = noise[run["overrides"]["method"]]
+    last = {"round": 2, "dice/catheter": 0.5 + 0.1 * run["overrides"]["seed"], "comm/bytes_up_total": sent}
+    if eps is not None:
+      last["dp/epsilon"] = eps
+    (tmp_path / run["name"] / "metrics.jsonl").write_text(json.dumps(last) + "\n")
+  (tmp_path / "sweep.json").write_text(json.dumps(defn))
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  with open(tmp_path / "results.csv") as f:
+    rows = {r["method"]: r for r in csv.DictReader(f)}
+  assert float(rows["topk"]["comm/bytes_up_total_mean"]) == 1e5
+  assert float(rows["z2"]["dp/epsilon_mean"]) == 1.0
+  assert (tmp_path / "vs_bytes_up.png").stat().st_size > 0 and (tmp_path / "vs_epsilon.png").stat().st_size > 0
   capsys.readouterr()
 
 

@@ -442,6 +442,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if privacy is not None:
         round_rec["dp/epsilon"] = scalars["dp/epsilon"] = privacy.epsilon(r)
         clipped = _host_all(m["dp_clipped"])[reported]
+        norms = _host_all(m["dp_norm"])[reported]  # the median is a common choice of clip_norm
+        round_rec["dp/median_norm"] = scalars["dp/median_norm"] = float(np.median(norms)) if len(norms) else 0.0
         round_rec["dp/clipped_fraction"] = scalars["dp/clipped_fraction"] = (
           float(clipped.mean()) if len(clipped) else 0.0
         )

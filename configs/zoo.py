@@ -1,0 +1,78 @@
+"""The algorithm zoo on the quickstart hospitals: client- and server-side methods, personalisation,
+compression and dropout, side by side (docs/algorithms.md has the measured table and plots).
+
+  python -m launch.sweep --config=configs/zoo.py --out=runs/zoo --parallel=2                  # 2 seeds
+  python -m launch.sweep --config=configs/zoo.py --sweep=seeds=3,only=fedavg+fedbn --out=runs/zoo_bn
+
+The config is the quickstart's (configs/quickstart.py: 4 hospitals + 1 unseen, small UNet, 64 px) with
+50 rounds, evaluated every 10. Methods with the quickstart's Adam clients (learning rate 3e-3): fedavg,
+fedavgm (server momentum 0.9), fedadam and fedyogi (server learning rate 1e-2, Reddi et al.'s b1, b2,
+eps), fedprox (mu 0.01), moon (mu 1, tau 0.5), fedbn, ditto (lambda 0.1; training sites evaluated with
+the personal models), int8 (8-bit stochastic uploads), topk10 / topk1 (10 % / 1 % of each tensor, error
+feedback) and dropout30 (each sampled client fails to report with probability 0.3). Methods whose update
+assumes plain SGD steps run with SGD clients (learning rate 0.2) and heterogeneous local work (1-4 steps
+per client and round): fedavg_sgd (their baseline), fednova, scaffold.
+"""
+
+import importlib.util
+import os
+
+ADAM = {
+  "fedavg": {},
+  "fedavgm": {"server_optimizer.momentum": 0.9},
+  "fedadam": {"server_optimizer.name": "adam", "server_optimizer.learning_rate": 1e-2},
+  "fedyogi": {"server_optimizer.name": "yogi", "server_optimizer.learning_rate": 1e-2},
+  "fedprox": {"algorithm.name": "fedprox", "algorithm.prox_mu": 0.01},
+  "moon": {"algorithm.name": "moon"},
+  "fedbn": {"algorithm.name": "fedbn"},
+  "ditto": {"algorithm.name": "ditto", "algorithm.ditto_lambda": 0.1},
+  "int8": {"compress.name": "int8"},
+  "topk10": {"compress.name": "topk", "compress.fraction": 0.1},
+  "topk1": {"compress.name": "topk", "compress.fraction": 0.01},
+  "dropout30": {"algorithm.dropout": 0.3},
+}
+SGD = {"client_optimizer.name": "sgd", "client_optimizer.learning_rate": 0.2, "algorithm.local_steps_min": 1}
+PLAIN_SGD = {
+  "fedavg_sgd": {},
+  "fednova": {"algorithm.name": "fednova"},
+  "scaffold": {"algorithm.name": "scaffold"},
+}
+METHODS = {**ADAM, **{k: {**SGD, **v} for k, v in PLAIN_SGD.items()}}
+
+
+def _quickstart():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
+  spec = importlib.util.spec_from_file_location("fedkd_quickstart_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  c = _quickstart().get_config(arg)
+  c.num_rounds = 50
+  c.eval.every = 10
+  return c
+
+
+def get_sweep(arg=None):
+  """arg (comma list): ``seeds=N`` (default 2), ``only=a+b+...`` (a subset of the methods), ``tiny``
+  (seconds-long smoke runs)."""
+  from fedkd.config import ConfigError, parse_arg
+  from fedkd.sweep import TINY, product
+
+  a = parse_arg(arg)
+  tiny = a.pop("tiny", False)
+  only = str(a.pop("only", "")).split("+") if "only" in a else list(METHODS)
+  unknown = [m for m in only if m not in METHODS]
+  if unknown:
+    raise ConfigError(f"unknown method(s) {unknown} in {arg!r}; known: {', '.join(METHODS)}")
+  try:
+    seeds = range(int(a.pop("seeds", 2)))
+  except ValueError as e:
+    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  if a:
+    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, only=a+b, tiny")
+  methods = [{"method": m, **METHODS[m]} for m in only]
+  sweep = product(product(seed=list(seeds)), methods)
+  return product(sweep, [TINY]) if tiny else sweep
