@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from fedkd.config import ConfigError
 from fedkd.data import pipeline
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.models import init_model
@@ -110,3 +111,12 @@ def test_ditto_evaluates_each_training_site_with_its_clients_personal_model(tmp_
     assert got[k] == v, k
   glob = ev(jax.device_get(out["state"]["params"]))
   assert glob[data.unseen_name] == {k[len("unseen/") :]: v for k, v in got.items() if k.startswith("unseen/")}
+
+
+def test_a_privacy_budget_that_allows_no_round_is_a_config_error_before_anything_is_written(tmp_path):
+  c = tiny_config(num_clients=4, clients_per_round=4)
+  c.dp.enabled, c.dp.noise_multiplier, c.dp.delta = True, 2.0, 1e-3
+  c.dp.target_epsilon = 0.5 * _accountant_epsilon(2.0, 4, 4, 1, 1e-3)
+  with pytest.raises(ConfigError, match=r"dp.target_epsilon=.* allows no round: one round already spends epsilon"):
+    fedavg.run(c, str(tmp_path / "w"), log=lambda _: None)
+  assert not (tmp_path / "w").exists()

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import base_config, num_attackers, validate
+from fedkd.config import ConfigError, base_config, num_attackers, validate
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.workdir import prepare, write_atomic
@@ -191,6 +191,14 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   whose loss, client updates or new parameters are NaN/Inf raises :class:`DivergedError` before
   anything of it is written."""
   n_dev = validate(config, jax.device_count())
+  privacy = _Privacy(config) if config.dp.enabled else None
+  # the rounds the privacy budget allows (dp.target_epsilon; all of them without a target)
+  budget = privacy.max_rounds(config.num_rounds) if privacy is not None and config.dp.target_epsilon else None
+  if budget == 0:
+    raise ConfigError(
+      f"config.dp.target_epsilon={config.dp.target_epsilon:g} allows no round: one round already spends epsilon "
+      f"{privacy.epsilon(1):.3f} at delta {config.dp.delta:g}; raise dp.target_epsilon or dp.noise_multiplier"
+    )
   primary = jax.process_index() == 0
   if not primary:  # one process speaks and writes files; all of them compute and checkpoint
     log = lambda _: None  # noqa: E731
@@ -244,10 +252,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     )
     bytes_per_client = alg.bytes_per_client(params_like) + beside
   ids_needed = attackers.any() or config.compress.name != "none"  # batch["client_id"] keys their randomness
-  privacy = None
-  if config.dp.enabled:
+  if privacy is not None:
     alg = dp.DPFedAvg(alg, config.dp.clip_norm, config.dp.noise_multiplier, config.clients_per_round)
-    privacy = _Privacy(config)
   state = replicate(alg.init(params, jax.random.key(config.seed)), mesh)
   # Per-client state of stateful algorithms (SCAFFOLD's c_i, MOON's previous model), rows of all
   # num_clients clients on the host or the devices (config.algorithm.client_state); None for FedAvg.
@@ -373,11 +379,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
 
   imgs_per_round = config.clients_per_round * config.local_steps * config.batch_size
   last_round = config.num_rounds
-  if privacy is not None:
+  if privacy is not None:  # the last round the privacy budget allows (at least the one resumed from)
     log(f"privacy: {privacy.describe(None)}")
     log(dp.ACCOUNTING)
-    if config.dp.target_epsilon:
-      last_round = privacy.max_rounds(config.num_rounds)
+    if budget is not None:
+      last_round = max(budget, start)
       if last_round < config.num_rounds:
         log(
           f"note: config.dp.target_epsilon={config.dp.target_epsilon:g} allows {last_round} of the "
