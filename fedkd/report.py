@@ -343,11 +343,17 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
 
 
 def errorbar_plot(
-  lines: dict[str, Sequence[tuple[float, Sequence[float]]]], xlabel: str, ylabel: str, path: str, logx: bool = False
+  lines: dict[str, Sequence[tuple[float, Sequence[float]]]],
+  xlabel: str,
+  ylabel: str,
+  path: str,
+  logx: bool = False,
+  references: dict[str, Sequence[float]] | None = None,
 ):
   """One line per label through points ``(x, values over seeds)``: the mean with a ± sample-std error
   bar (none for a single seed; clipped to [0, 1] when ``ylabel`` names a Dice / IoU-like score);
-  ``logx``: a logarithmic x axis."""
+  ``logx``: a logarithmic x axis; ``references`` {label: values over seeds}: a dashed horizontal line at
+  their mean each (e.g. the run without noise)."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for label, pts in lines.items():
@@ -359,6 +365,8 @@ def errorbar_plot(
     if _bounded(ylabel):
       lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
     ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=label)
+  for label, values in (references or {}).items():
+    ax.axhline(float(np.mean(values)), ls="--", lw=1, color="0.4", label=f"{label} (n={len(values)})")
   if logx:
     ax.set_xscale("log")
   ax.set_xlabel(xlabel)

@@ -481,9 +481,12 @@ def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]
     written.append(path)
   for xkey, name, xlabel, one_line in COST_AXES:
     lines: dict[str, list] = {}
+    references: dict[str, list] = {}  # groups at an infinite x (DP without noise): a dashed level
     for g in groups:
       runs = [r["last"] for r in g["runs"] if xkey in r["last"] and metric in r["last"]]
       xs = [float(r[xkey]) for r in runs]
+      if runs and all(math.isinf(x) for x in xs):
+        references[f"{g['label']}: {xkey} inf"] = [r[metric] for r in runs]
       if not runs or not all(math.isfinite(x) and x > 0 for x in xs):
         continue
       lines.setdefault("DP-FedAvg" if one_line else g["label"], []).append(
@@ -492,7 +495,7 @@ def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]
     if len({x for pts in lines.values() for x, _ in pts}) < 2:
       continue
     path = os.path.join(out, name)
-    report.errorbar_plot(lines, xlabel, f"{metric} (last eval)", path, logx=True)
+    report.errorbar_plot(lines, xlabel, f"{metric} (last eval)", path, logx=True, references=references)
     written.append(path)
   return written
 
