@@ -35,14 +35,14 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """arg (comma list): ``seeds=N`` (default 1), ``tiny`` (seconds-long smoke runs)."""
+  """arg (comma list): ``seeds=N`` (default 2), ``tiny`` (seconds-long smoke runs)."""
   from fedkd.config import ConfigError, parse_arg
   from fedkd.sweep import TINY, product
 
   a = parse_arg(arg)
   tiny = a.pop("tiny", False)
   try:
-    seeds = range(int(a.pop("seeds", 1)))
+    seeds = range(int(a.pop("seeds", 2)))
   except ValueError as e:
     raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
   if a:

@@ -400,3 +400,19 @@ def test_slurm_recipe_is_valid_bash():
   assert procs.run(["bash", "-n", path], timeout=60).returncode == 0
   text = open(path).read()
   assert "--ntasks-per-node=1" in text and "srun" in text and "python -m fedkd.main" in text
+
+
+@pytest.mark.parametrize(
+  "spec,arg,runs,methods",
+  [
+    ("configs/zoo.py", None, 30, 15),
+    ("configs/zoo.py", "tiny,seeds=1,only=fedbn+scaffold", 2, 2),
+    ("configs/privacy.py", None, 8, 4),
+    ("configs/robust.py", "tiny", 15, 5),
+  ],
+)
+def test_shipped_sweeps_validate(spec, arg, runs, methods):
+  """The sweep configs the docs quote build and validate (every run's config) without running."""
+  defn = launcher.build(spec, arg, [])
+  assert len(defn["runs"]) == runs
+  assert len({r["overrides"]["method"] for r in defn["runs"]}) == methods
