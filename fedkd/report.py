@@ -355,8 +355,10 @@ def errorbar_plot(
   ``logx``: a logarithmic x axis; ``references`` {label: values over seeds}: a dashed horizontal line at
   their mean each (e.g. the run without noise)."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.6))
-  for label, pts in lines.items():
+  many = len(lines) + len(references or {}) > 6  # then markers vary and the legend sits beside the axes
+  fig, ax = plt.subplots(figsize=(7.2 if many else 5, 3.6))
+  markers = "osD^vPX"  # 7 markers against 10 colours: no two of 70 labels look alike
+  for i, (label, pts) in enumerate(lines.items()):
     pts = sorted(pts, key=lambda p: p[0])
     stats = [mean_std(list(v)) for _, v in pts]
     mean = np.array([s[0] for s in stats], np.float64)
@@ -364,7 +366,8 @@ def errorbar_plot(
     lo, hi = mean - std, mean + std
     if _bounded(ylabel):
       lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
-    ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=label)
+    marker = markers[i % len(markers)] if many else "o"
+    ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker=marker, capsize=3, label=label)
   for label, values in (references or {}).items():
     ax.axhline(float(np.mean(values)), ls="--", lw=1, color="0.4", label=f"{label} (n={len(values)})")
   if logx:
@@ -372,7 +375,10 @@ def errorbar_plot(
   ax.set_xlabel(xlabel)
   ax.set_ylabel(f"{ylabel} (mean ± std)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if many:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  else:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
