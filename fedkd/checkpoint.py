@@ -15,6 +15,7 @@ from fedkd.errors import UserError
 import json
 import logging
 import os
+import sys
 from typing import Any, TypeVar
 from collections.abc import Callable
 
@@ -36,6 +37,19 @@ class _DamagedReadNoise(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_DamagedReadNoise())
+
+_previous_unraisable = sys.unraisablehook
+
+
+def _unraisable(unraisable) -> None:
+  """The same reads, when one is garbage-collected before it finishes, reach ``sys.unraisablehook``
+  ("Exception ignored in: <coroutine ...>" and a traceback); dropped alike, everything else passed on."""
+  if "while reading array index" in str(getattr(unraisable, "exc_value", "")):
+    return
+  _previous_unraisable(unraisable)
+
+
+sys.unraisablehook = _unraisable
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   # delta, is computed with Google's dp-accounting (RDP accountant, fixed-size sampling without
   # replacement) after every round; a run stops before a round that would spend more than target_epsilon.
   c.dp = ml_collections.ConfigDict()
-  c.dp.enabled = False
+  c.dp.enabled = False  # clip, noise and account every round (DP-FedAvg)
   c.dp.clip_norm = 0.1  # the largest L2 norm of a client's update
   c.dp.noise_multiplier = 1.0  # noise std / clip_norm (0: clipping only, no privacy: epsilon = inf)
   c.dp.delta = 1e-5  # the delta of (epsilon, delta)-DP; should be below 1 / num_clients

@@ -70,8 +70,12 @@ def test_fedavg_and_fedadam_two_rounds(old, sname):
     bx, by = (xs, ys) if r == 0 else (xs[::-1], ys[::-1])
     bx, by, bw = shard_clients((jnp.asarray(bx), jnp.asarray(by), jnp.asarray(w)), mesh)
     state, _, m = fn(state, None, {"x": bx, "y": by}, bw)
-  _check(f"fedavg/{old}/{sname}/params", state["params"], 1e-6)
-  np.testing.assert_allclose(float(m["loss"]), REC[f"fedavg/{old}/{sname}/loss"], rtol=1e-6)
+  # 1e-4 = 1 % of one server-Adam step (learning rate 0.01): XLA:CPU's code, and so the last bits of a gemm
+  # conv's sums, differs between CPU families, and Adam (eps 1e-8) divides each coordinate's delta by its
+  # own magnitude, so a coordinate with a tiny delta turns those bits into up to 4e-5 here (an AMD EPYC;
+  # the record is from another machine). The SGD rounds of this module stay at 1e-6.
+  _check(f"fedavg/{old}/{sname}/params", state["params"], 1e-4)
+  np.testing.assert_allclose(float(m["loss"]), REC[f"fedavg/{old}/{sname}/loss"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("old", ["unroll"])

@@ -645,3 +645,17 @@ def test_orbax_sibling_read_failures_are_not_printed(caplog):
     loop.close()
   msgs = [r.exc_info[1].args[0] for r in caplog.records if r.name == "asyncio" and r.exc_info]
   assert msgs == ["something else broke"]
+
+
+def test_orbax_reads_collected_unfinished_are_not_printed(monkeypatch):
+  """The same failed reads, collected before they finish, reach sys.unraisablehook ("Exception ignored
+  in: <coroutine ...>"); fedkd.checkpoint's hook drops exactly those and passes every other one on."""
+  import types
+
+  import fedkd.checkpoint as ck
+
+  seen = []
+  monkeypatch.setattr(ck, "_previous_unraisable", seen.append)
+  for text in ("Encountered error while reading array index: (slice(0, 3, 1),)", "something else broke"):
+    ck._unraisable(types.SimpleNamespace(exc_type=Exception, exc_value=Exception(text), exc_traceback=None))
+  assert [u.exc_value.args[0] for u in seen] == ["something else broke"]
