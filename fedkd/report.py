@@ -11,6 +11,11 @@ Tables
   every metric per site and class (``fedkd.eval``); ``mean_std_tables``: one row per group of runs,
   mean ± std over seeds (``launch.sweep`` and the FedEFM experiment); ``write_csv``: plain rows.
 
+Paired statistics
+  ``paired_difference``: method A minus method B over the same seeds (shared data, init and test per
+  seed): mean, sample std, a two-sided Student-t confidence interval and the paired t-test's p-value;
+  ``holm``: Holm-Bonferroni adjusted p-values for a family of contrasts; ``format_contrast``: one cell.
+
 Mean ± std convention, the same in every table and plot over seeds: the mean and the **sample**
 standard deviation (``ddof=1``, as ``numpy.std(ddof=1)`` / ``statistics.stdev``) over seeds. With a
 single seed the std is undefined: ``nan`` in CSV files, ``n/a`` in Markdown tables, and no band or
@@ -52,6 +57,63 @@ def mean_std(values, axis: int = 0):
   if np.ndim(mean) == 0:
     return float(mean), float(std)
   return mean, std
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+  """Method ``a`` minus method ``b``, paired by seed (``a[i]`` and ``b[i]`` share seed i's data, init and
+  test set): d_i = a_i - b_i over n seeds. Returns ``n``, ``mean`` (of d), ``std`` (sample, ddof=1),
+  ``ci_low`` / ``ci_high`` (the two-sided ``confidence`` interval mean ± t_{n-1} std / sqrt(n)) and ``p``
+  (two-sided paired t-test of mean d = 0). With n < 2 the std, interval and p are NaN; with every d equal
+  (std 0) the interval is that value and p is 1 if it is 0, else 0."""
+  from scipy import stats
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or not len(a):
+    raise ValueError(f"paired_difference needs two equally long 1-D sequences, got shapes {a.shape} and {b.shape}")
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  d = a - b
+  n, mean = len(d), float(d.mean())
+  out = {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
+  if n < 2:
+    return out
+  std = float(d.std(ddof=1))
+  out["std"] = std
+  if std == 0.0:
+    out.update(ci_low=mean, ci_high=mean, p=1.0 if mean == 0.0 else 0.0)
+    return out
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+  t = mean / (std / math.sqrt(n))
+  out.update(ci_low=mean - half, ci_high=mean + half, p=float(2 * stats.t.sf(abs(t), n - 1)))
+  return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values, in the order given: with the m p-values sorted ascending
+  p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). A contrast is
+  significant at level alpha when its adjusted p <= alpha (family-wise error <= alpha). NaN stays NaN
+  and does not count towards m."""
+  p = np.asarray(pvalues, np.float64)
+  out = np.full(p.shape, np.nan)
+  ok = np.flatnonzero(~np.isnan(p))
+  m = len(ok)
+  running = 0.0
+  for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+    running = max(running, min(1.0, (m - rank) * float(p[i])))
+    out[i] = running
+  return out.tolist()
+
+
+def format_contrast(res: dict[str, float], p_adjusted: float | None = None, alpha: float = 0.05, digits: int = 3):
+  """One table cell for a :func:`paired_difference`: ``+0.012 [-0.004, 0.028] p=0.12 (Holm 0.24), n.s.``
+  (the verdict from the Holm-adjusted p when given, else from p; ``n/a`` with fewer than 2 seeds)."""
+  if math.isnan(res["p"]):
+    return f"{res['mean']:+.{digits}f} (n/a: {res['n']} seed)"
+  p = res["p"] if p_adjusted is None else p_adjusted
+  cell = f"{res['mean']:+.{digits}f} [{res['ci_low']:+.{digits}f}, {res['ci_high']:+.{digits}f}] p={res['p']:.3g}"
+  if p_adjusted is not None:
+    cell += f" (Holm {p_adjusted:.3g})"
+  return cell + (", significant" if p <= alpha else ", n.s.")
 
 
 def format_mean_std(mean: float, std: float, digits: int = 4) -> str:

@@ -122,3 +122,60 @@ def test_std_bands_and_error_bars_stay_in_0_1_for_dice(tmp_path, monkeypatch):
   y, (below, above) = bars[0]
   np.testing.assert_allclose(np.asarray(y) - np.asarray(below), np.clip(mean - std, 0, 1))
   np.testing.assert_allclose(np.asarray(y) + np.asarray(above), np.clip(mean + std, 0, 1))
+
+
+# ---------------------------------------------------------------- paired statistics
+
+
+def test_paired_difference_equals_scipys_paired_t_test_and_interval():
+  from scipy import stats
+
+  rng = np.random.default_rng(3)
+  for n in (2, 5, 9):
+    a = rng.normal(0.6, 0.05, n)
+    b = a - rng.normal(0.02, 0.03, n)
+    res = report.paired_difference(a, b)
+    ref = stats.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.95)
+    assert res["n"] == n
+    np.testing.assert_allclose(res["mean"], np.mean(a - b), rtol=1e-12)
+    np.testing.assert_allclose(res["std"], np.std(a - b, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(res["p"], ref.pvalue, rtol=1e-9)
+    np.testing.assert_allclose([res["ci_low"], res["ci_high"]], [ci.low, ci.high], rtol=1e-9)
+    ci90 = ref.confidence_interval(0.9)
+    res90 = report.paired_difference(a, b, confidence=0.9)
+    np.testing.assert_allclose([res90["ci_low"], res90["ci_high"]], [ci90.low, ci90.high], rtol=1e-9)
+
+
+def test_paired_difference_edge_cases():
+  one = report.paired_difference([0.5], [0.4])
+  assert one["mean"] == pytest.approx(0.1) and all(math.isnan(one[k]) for k in ("std", "ci_low", "p"))
+  same = report.paired_difference([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])  # every difference exactly 0.5
+  assert same["std"] == 0.0 and same["p"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.5
+  assert report.paired_difference([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
+  with pytest.raises(ValueError, match="equally long"):
+    report.paired_difference([0.1, 0.2], [0.1])
+  assert "n/a" in report.format_contrast(one)
+
+
+def _holm_brute(p):
+  """Holm's step-down procedure written from its definition: the smallest alpha at which each hypothesis
+  is rejected (reject H_(1..k) while p_(j) <= alpha / (m - j + 1) for every j <= k)."""
+  m = len(p)
+  order = sorted(range(m), key=lambda i: p[i])
+  out = [0.0] * m
+  for k, i in enumerate(order):
+    out[i] = min(1.0, max((m - j) * p[order[j]] for j in range(k + 1)))
+  return out
+
+
+def test_holm_against_its_definition():
+  rng = np.random.default_rng(0)
+  for m in (1, 2, 5, 30):
+    p = list(rng.uniform(0, 0.2, m))
+    np.testing.assert_allclose(report.holm(p), _holm_brute(p), rtol=1e-12)
+  assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  got = report.holm([0.01, float("nan"), 0.02])
+  assert math.isnan(got[1]) and got[0] == pytest.approx(0.02) and got[2] == pytest.approx(0.02)
+  cell = report.format_contrast(report.paired_difference([0.7, 0.71, 0.69], [0.6, 0.62, 0.61]), 0.03)
+  assert cell.startswith("+0.090 [") and "(Holm 0.03), significant" in cell
