@@ -6,7 +6,7 @@
 Any key can still be overridden with --config.KEY=VALUE.
 """
 
-from fedkd.config import ConfigError, base_config, parse_arg
+from fedkd.config import ConfigError, base_config, parse_arg, pop_seeds
 
 
 def get_config(arg=None):
@@ -65,10 +65,7 @@ def get_sweep(arg=None):
   a = parse_arg(arg)
   tiny = a.pop("tiny", False)
   with_momentum = a.pop("fedavgm", False)
-  try:
-    seeds = range(int(a.pop("seeds", 3)))
-  except ValueError as e:
-    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  seeds = pop_seeds(a, arg, 3)
   if a:
     raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, fedavgm, tiny")
   methods = [{"method": "fedavg", "server_optimizer.momentum": 0.0}]

@@ -12,20 +12,11 @@ infinite), 0.7, 1.0 and 2.0, which spend epsilon about 14, 5.2 and 0.84 at delta
 arg: as configs/cross_device.py (``clients=N``, ``per_round=K``, ``rounds=R``).
 """
 
-import importlib.util
-import os
-
-
-def _cross_device():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_device.py")
-  spec = importlib.util.spec_from_file_location("fedkd_cross_device_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from fedkd.config import sibling_config
 
 
 def get_config(arg=None):
-  c = _cross_device().get_config(arg)
+  c = sibling_config(__file__, "cross_device.py").get_config(arg)
   c.algorithm.name = "fedavg"  # DP-FedAvg wraps uploads that are plain deltas
   c.dp.enabled = True
   c.dp.clip_norm = 0.3
@@ -36,15 +27,12 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """arg (comma list): ``seeds=N`` (default 2), ``tiny`` (seconds-long smoke runs)."""
-  from fedkd.config import ConfigError, parse_arg
+  from fedkd.config import ConfigError, parse_arg, pop_seeds
   from fedkd.sweep import TINY, product
 
   a = parse_arg(arg)
   tiny = a.pop("tiny", False)
-  try:
-    seeds = range(int(a.pop("seeds", 2)))
-  except ValueError as e:
-    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  seeds = pop_seeds(a, arg, 2)
   if a:
     raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny")
   noise = [{"method": f"z={z:g}", "dp.noise_multiplier": z} for z in (0.0, 0.7, 1.0, 2.0)]

@@ -40,15 +40,12 @@ def get_sweep(arg=None):
   smoke test, not a result). The "method" key is a label for tables and plots, not a config key.
   Seeds vary slowest, so the first runs already compare both methods.
   """
-  from fedkd.config import ConfigError, parse_arg
+  from fedkd.config import ConfigError, parse_arg, pop_seeds
   from fedkd.sweep import TINY, product
 
   a = parse_arg(arg)
   tiny = a.pop("tiny", False)
-  try:
-    seeds = range(int(a.pop("seeds", 2)))
-  except ValueError as e:
-    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  seeds = pop_seeds(a, arg, 2)
   if a:
     raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny")
   methods = [

@@ -10,20 +10,11 @@ f = 1). The attacker (client 0, round(0.2 x 4) = 1) sends its update scaled by -
 scale | sign_flip | gaussian).
 """
 
-import importlib.util
-import os
-
-
-def _quickstart():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("fedkd_quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from fedkd.config import sibling_config
 
 
 def get_config(arg=None):
-  c = _quickstart().get_config(arg)
+  c = sibling_config(__file__, "quickstart.py").get_config(arg)
   c.num_rounds = 50
   c.eval.every = 25
   c.attack.fraction = 0.2
@@ -33,7 +24,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """arg (comma list): ``seeds=N`` (default 3), ``attack=scale|sign_flip|gaussian`` (default scale),
   ``tiny`` (seconds-long smoke runs)."""
-  from fedkd.config import ConfigError, parse_arg
+  from fedkd.config import ConfigError, parse_arg, pop_seeds
   from fedkd.sweep import TINY, product
 
   a = parse_arg(arg)
@@ -41,10 +32,7 @@ def get_sweep(arg=None):
   attack = str(a.pop("attack", "scale"))
   if attack not in ("scale", "sign_flip", "gaussian"):
     raise ConfigError(f"unknown attack {attack!r} in {arg!r}; use attack=scale, sign_flip or gaussian")
-  try:
-    seeds = range(int(a.pop("seeds", 3)))
-  except ValueError as e:
-    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  seeds = pop_seeds(a, arg, 3)
   if a:
     raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, attack=NAME, tiny")
   methods = [{"method": "clean", "attack.name": "none", "aggregator.name": "mean"}]

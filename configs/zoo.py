@@ -14,8 +14,7 @@ assumes plain SGD steps run with SGD clients (learning rate 0.2) and heterogeneo
 per client and round): fedavg_sgd (their baseline), fednova, scaffold.
 """
 
-import importlib.util
-import os
+from fedkd.config import sibling_config
 
 ADAM = {
   "fedavg": {},
@@ -40,16 +39,8 @@ PLAIN_SGD = {
 METHODS = {**ADAM, **{k: {**SGD, **v} for k, v in PLAIN_SGD.items()}}
 
 
-def _quickstart():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("fedkd_quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg=None):
-  c = _quickstart().get_config(arg)
+  c = sibling_config(__file__, "quickstart.py").get_config(arg)
   c.num_rounds = 50
   c.eval.every = 10
   return c
@@ -58,7 +49,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """arg (comma list): ``seeds=N`` (default 2), ``only=a+b+...`` (a subset of the methods), ``tiny``
   (seconds-long smoke runs)."""
-  from fedkd.config import ConfigError, parse_arg
+  from fedkd.config import ConfigError, parse_arg, pop_seeds
   from fedkd.sweep import TINY, product
 
   a = parse_arg(arg)
@@ -67,10 +58,7 @@ def get_sweep(arg=None):
   unknown = [m for m in only if m not in METHODS]
   if unknown:
     raise ConfigError(f"unknown method(s) {unknown} in {arg!r}; known: {', '.join(METHODS)}")
-  try:
-    seeds = range(int(a.pop("seeds", 2)))
-  except ValueError as e:
-    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+  seeds = pop_seeds(a, arg, 2)
   if a:
     raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, only=a+b, tiny")
   methods = [{"method": m, **METHODS[m]} for m in only]

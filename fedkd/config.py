@@ -425,6 +425,28 @@ def schemas() -> list[ml_collections.ConfigDict]:
   return [base_config(), fedefm_base_config()]
 
 
+def sibling_config(config_file: str, name: str):
+  """The module of config file ``name`` in the folder of ``config_file`` (pass ``__file__``): for a config
+  that builds on another, e.g. ``sibling_config(__file__, "quickstart.py").get_config()``."""
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f"fedkd_config_{os.path.splitext(name)[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def pop_seeds(a: dict, arg: str | None, default: int) -> range:
+  """``range(N)`` for a sweep argument ``seeds=N`` popped from ``a`` (:func:`parse_arg`'s dict; ``default``
+  without it); a value that is not a whole number is a one-line ConfigError naming ``arg``."""
+  try:
+    return range(int(a.pop("seeds", default)))
+  except ValueError as e:
+    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+
+
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
   """'clients=64,runlocal' -> {'clients': '64', 'runlocal': True}."""
   out: dict[str, str | bool] = {}

@@ -252,7 +252,7 @@ def test_upload_bytes_by_hand():
   with pytest.raises(ValueError, match="unknown compression"):
     compress.upload_bytes("fp16", tree)
   alg = compress.Compressed(algorithms.FedAvg(optax.sgd(1.0)), "topk", 0.1)
-  assert alg.bytes_per_client(tree) == 72 and alg.dense_bytes(tree) == 320
+  assert alg.bytes_per_client(tree) == 72 and compress.dense_bytes(tree) == 320
   assert alg.bytes_per_client(tree, upload_like=nova) == 76
   assert compress.Compressed(algorithms.FedAvg(optax.sgd(1.0)), "int8").bytes_per_client(tree) == 96
 

@@ -308,7 +308,3 @@ class Compressed:
     taken to be shaped like ``params_like`` (a model delta) unless ``upload_like`` is given (FedNova:
     ``{"d": params_like, "tau": ShapeDtypeStruct((), float32)}``)."""
     return upload_bytes(self.kind, params_like if upload_like is None else upload_like, self.fraction)
-
-  def dense_bytes(self, params_like, upload_like=None) -> int:
-    """Bytes of the same upload uncompressed (for the compression ratio)."""
-    return dense_bytes(params_like if upload_like is None else upload_like)

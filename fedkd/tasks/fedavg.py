@@ -131,30 +131,31 @@ def _diverged(r: int, m: dict, clients: np.ndarray, config, good: int | None, ck
 
 
 class _Privacy:
-  """The run's privacy accounting: epsilon at config.dp.delta after r rounds (fedkd.fl.dp with Google's
-  dp-accounting), computed once per round."""
+  """The run's DP accounting at config.dp.delta (fedkd.fl.dp with Google's dp-accounting; dp.epsilon
+  caches its values)."""
 
   def __init__(self, config):
-    self.z, self.clip = float(config.dp.noise_multiplier), float(config.dp.clip_norm)
+    d = config.dp
+    self.z, self.clip, self.delta, self.target = (
+      float(d.noise_multiplier),
+      float(d.clip_norm),
+      float(d.delta),
+      float(d.target_epsilon),
+    )
     self.n, self.k = int(config.num_clients), int(config.clients_per_round)
-    self.delta, self.target = float(config.dp.delta), float(config.dp.target_epsilon)
-    self._eps: dict[int, float] = {}
 
   def epsilon(self, r: int) -> float:
-    if r not in self._eps:
-      self._eps[r] = float(dp.epsilon(self.z, self.n, self.k, r, self.delta))
-    return self._eps[r]
+    return float(dp.epsilon(self.z, self.n, self.k, r, self.delta))
 
   def max_rounds(self, limit: int) -> int:
     return int(dp.max_rounds(self.target, self.z, self.n, self.k, self.delta, limit))
 
-  def describe(self, r: int | None) -> str:
-    if r is None:
-      return (
-        f"DP-FedAvg, updates clipped to L2 norm {self.clip:g}, noise multiplier {self.z:g}, {self.k} of {self.n} "
-        f"clients per round, delta {self.delta:g}"
-        + (f"; note: delta >= 1/num_clients = {1 / self.n:.2g} is weak" if self.delta >= 1 / self.n else "")
-      )
+  def plan(self, rounds: int) -> str:
+    """The mechanism and the (epsilon, delta) it spends in ``rounds`` rounds (dp.describe)."""
+    weak = f"; note: delta >= 1/num_clients = {1 / self.n:.2g} is weak" if self.delta >= 1 / self.n else ""
+    return dp.describe(self.z, self.clip, self.n, self.k, rounds, self.delta) + weak
+
+  def spent(self, r: int) -> str:
     return f"epsilon {self.epsilon(r):.3f} at delta {self.delta:g} after {r} rounds (noise multiplier {self.z:g})"
 
 
@@ -380,7 +381,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   imgs_per_round = config.clients_per_round * config.local_steps * config.batch_size
   last_round = config.num_rounds
   if privacy is not None:  # the last round the privacy budget allows (at least the one resumed from)
-    log(f"privacy: {privacy.describe(None)}")
+    log(f"privacy: {privacy.plan(config.num_rounds)}")
     log(dp.ACCOUNTING)
     if budget is not None:
       last_round = max(budget, start)
@@ -495,7 +496,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({config.eval.examples_per_site} images per site):")
   log(site_table(per_site, unseen_name))
   if privacy is not None:
-    log(f"privacy: {privacy.describe(last_round)}")
+    log(f"privacy: {privacy.spent(last_round)}")
   if config.compress.name != "none" or config.algorithm.dropout:
     log(
       f"communication: {bytes_total / 2**20:.2f} MiB sent up ({bytes_per_client / 2**10:.1f} KiB per reporting "
