@@ -504,7 +504,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       f"{bytes_down_total / 2**20:.2f} MiB down"
     )
   log(
-    f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), "
+    f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), rounds.jsonl (one per round), "
     f"tb/ (TensorBoard; view: pip install -e '.[tb]' && tensorboard --logdir {workdir / 'tb'}), config.json, "
     "checkpoints/ (orbax; re-run with the same --workdir to resume)"
   )
