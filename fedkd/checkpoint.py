@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from fedkd.errors import UserError
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any, TypeVar
 from collections.abc import Callable
 
@@ -25,31 +27,72 @@ import orbax.checkpoint as ocp
 T = TypeVar("T")
 
 
-class _DamagedReadNoise(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" reports of orbax's concurrent array reads
-  from a damaged checkpoint: the first failed read already fails the restore, which
-  :meth:`Checkpointer.restore_latest` reports in one line before falling back to an older step, so the
-  sibling reads' tracebacks (printed whenever they are garbage-collected) are noise."""
+# A restore from a damaged checkpoint fails at its first failed read, while orbax's sibling reads of
+# the same step are still in flight on TensorStore threads. Restore reports the failure in one line
+# (and :meth:`Checkpointer.restore_latest` falls back to an older step); the orphaned reads then
+# report themselves, whenever they finish or are garbage-collected, as asyncio "exception was never
+# retrieved" log records, as unraisable ``RuntimeError: Event loop is closed`` tracebacks (a completion
+# delivered to the restore's closed event loop) and as "coroutine ... was never awaited" warnings.
+# Those reports are dropped -- only after a restore has started in this process, and only when they
+# come from orbax / TensorStore or from a closed asyncio loop; everything else passes through.
+_orphaned_reads_possible = False
 
+
+def _from_checkpoint_library(exc: BaseException | None) -> bool:
+  """Whether ``exc`` is an orphaned read's report: raised in orbax / TensorStore code, or a completion
+  delivered to a closed event loop."""
+  if exc is None:
+    return False
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  tb = exc.__traceback__
+  while tb is not None:
+    name = tb.tb_frame.f_code.co_filename
+    if f"{os.sep}orbax{os.sep}" in name or f"{os.sep}tensorstore{os.sep}" in name:
+      return True
+    tb = tb.tb_next
+  return "while reading array index" in str(exc) or "tensorstore_spec" in str(exc)
+
+
+class _OrphanedReadLogs(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not (exc is not None and "while reading array index" in str(exc))
+    return not (_orphaned_reads_possible and _from_checkpoint_library(exc))
 
 
-logging.getLogger("asyncio").addFilter(_DamagedReadNoise())
+logging.getLogger("asyncio").addFilter(_OrphanedReadLogs())
 
 _previous_unraisable = sys.unraisablehook
 
 
 def _unraisable(unraisable) -> None:
-  """The same reads, when one is garbage-collected before it finishes, reach ``sys.unraisablehook``
-  ("Exception ignored in: <coroutine ...>" and a traceback); dropped alike, everything else passed on."""
-  if "while reading array index" in str(getattr(unraisable, "exc_value", "")):
+  if _orphaned_reads_possible and _from_checkpoint_library(getattr(unraisable, "exc_value", None)):
     return
   _previous_unraisable(unraisable)
 
 
 sys.unraisablehook = _unraisable
+
+_previous_showwarning = warnings.showwarning
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+  if _orphaned_reads_possible and issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+    return
+  _previous_showwarning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _showwarning
+
+
+@contextlib.contextmanager
+def _reading():
+  """Marks an orbax read: after one that failed, its orphaned sibling reads' reports are dropped."""
+  global _orphaned_reads_possible
+  before = _orphaned_reads_possible
+  _orphaned_reads_possible = True
+  yield  # an exception leaves the mark set: the failed read's siblings may report later
+  _orphaned_reads_possible = before
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -137,7 +180,8 @@ class Checkpointer:
 
   def _json_item(self, round_: int, item: str) -> dict:
     try:
-      out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+      with _reading():
+        out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     except Exception as e:
       why = _why(e)
       raise CheckpointError(
@@ -156,7 +200,8 @@ class Checkpointer:
 
   def _metadata(self, round_: int):
     try:
-      return self._mngr.item_metadata(round_)
+      with _reading():
+        return self._mngr.item_metadata(round_)
     except Exception:  # noqa: BLE001 - unreadable metadata: let the restore itself report it
       return None
 
@@ -182,7 +227,8 @@ class Checkpointer:
       }
     state_arg = ocp.args.StandardRestore(dict(abstract, **extra) if extra else abstract)
     try:
-      out = self._mngr.restore(round_, args=ocp.args.Composite(state=state_arg, config=ocp.args.JsonRestore()))
+      with _reading():
+        out = self._mngr.restore(round_, args=ocp.args.Composite(state=state_arg, config=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for mismatched or damaged trees
       why = _why(e, 300)
       raise CheckpointError(
@@ -218,7 +264,8 @@ class Checkpointer:
     if n == 0:
       return like
     try:
-      out = self._mngr.restore(round_, args=ocp.args.Composite(clients=ocp.args.StandardRestore(like)))
+      with _reading():
+        out = self._mngr.restore(round_, args=ocp.args.Composite(clients=ocp.args.StandardRestore(like)))
     except Exception as e:  # noqa: BLE001
       why = _why(e, 300)
       raise CheckpointError(

@@ -623,39 +623,99 @@ def test_resume_with_another_model_is_refused_without_falling_back(reference, tm
   assert (_digest(os.path.join(work, "checkpoints")), _bytes(work, "metrics.jsonl")) == before
 
 
-def test_orbax_sibling_read_failures_are_not_printed(caplog):
-  """A damaged checkpoint fails several of orbax's concurrent array reads; asyncio reports the ones
-  nobody awaited ("Task exception was never retrieved", with a traceback) when they are collected.
-  fedkd.checkpoint drops exactly those reports (the restore already said the step is damaged) and keeps
-  every other asyncio error."""
+@pytest.mark.parametrize("after_restore", [False, True])
+def test_orphaned_read_filters_are_narrow(caplog, monkeypatch, after_restore):
+  """The asyncio-log and unraisable filters of fedkd.checkpoint drop an orphaned read's report (an
+  orbax read error, a completion delivered to a closed loop) only once a restore has started in this
+  process, and pass every other report on."""
   import asyncio
   import logging
-
-  import fedkd.checkpoint  # noqa: F401 - installs the filter
-
-  loop = asyncio.new_event_loop()
-  try:
-    with caplog.at_level(logging.ERROR, logger="asyncio"):
-      for text in ("Encountered error while reading array index: (slice(0, 3, 1),)", "something else broke"):
-        try:
-          raise Exception(text)  # noqa: TRY002 - the exception type orbax raises
-        except Exception as e:  # noqa: BLE001
-          loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": e})
-  finally:
-    loop.close()
-  msgs = [r.exc_info[1].args[0] for r in caplog.records if r.name == "asyncio" and r.exc_info]
-  assert msgs == ["something else broke"]
-
-
-def test_orbax_reads_collected_unfinished_are_not_printed(monkeypatch):
-  """The same failed reads, collected before they finish, reach sys.unraisablehook ("Exception ignored
-  in: <coroutine ...>"); fedkd.checkpoint's hook drops exactly those and passes every other one on."""
   import types
 
   import fedkd.checkpoint as ck
 
+  monkeypatch.setattr(ck, "_orphaned_reads_possible", after_restore)
   seen = []
   monkeypatch.setattr(ck, "_previous_unraisable", seen.append)
-  for text in ("Encountered error while reading array index: (slice(0, 3, 1),)", "something else broke"):
-    ck._unraisable(types.SimpleNamespace(exc_type=Exception, exc_value=Exception(text), exc_traceback=None))
-  assert [u.exc_value.args[0] for u in seen] == ["something else broke"]
+  errors = [
+    Exception("Encountered error while reading array index: (slice(0, 3, 1),)"),
+    RuntimeError("Event loop is closed"),
+    RuntimeError("something else broke"),
+  ]
+  loop = asyncio.new_event_loop()
+  try:
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      for e in errors:
+        loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": e})
+        ck._unraisable(types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None, object=None))
+  finally:
+    loop.close()
+  logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
+  passed = [str(u.exc_value) for u in seen]
+  expected = ["something else broke"] if after_restore else [str(e) for e in errors]
+  assert logged == expected
+  assert passed == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Orphaned reads of a damaged checkpoint stay quiet
+# --------------------------------------------------------------------------------------------
+
+# Saves a 30-array state, cuts every data file in half and restores it N times. Each restore fails
+# at its first failed read while orbax's sibling reads are still in flight; those report themselves
+# later (asyncio "exception was never retrieved", unraisable "Event loop is closed" from TensorStore
+# threads). ``quiet=0`` puts Python's default hooks back first: the control that shows the scenario
+# really produces those reports. After the restores an unrelated object fails in ``__del__``: its
+# report must still come through.
+_ORPHANS = r"""
+import glob, logging, os, sys, time
+import jax, jax.numpy as jnp
+from fedkd import checkpoint
+quiet = sys.argv[2] == "1"
+if not quiet:
+  sys.unraisablehook = sys.__unraisablehook__
+  logging.getLogger("asyncio").filters.clear()
+d = sys.argv[1]
+c = checkpoint.Checkpointer(d, max_to_keep=3)
+state = {f"w{i}": jnp.arange(4000.0 * (i + 1)).reshape(-1, 8) for i in range(30)}
+c.save(1, state, {"num_rounds": 1})
+c.wait()
+for f in glob.glob(os.path.join(d, "1", "state", "d", "*")):
+  open(f, "r+b").truncate(os.path.getsize(f) // 2)
+failed = 0
+for k in range(8):
+  try:
+    c.restore(1, state)
+  except checkpoint.CheckpointError:
+    failed += 1
+  time.sleep(0.01 * (k % 3))
+class Unrelated:
+  def __del__(self):
+    raise RuntimeError("unrelated failure in __del__")
+Unrelated()
+time.sleep(0.5)
+print("failed", failed)
+"""
+
+
+@pytest.mark.parametrize("quiet", [0, 1])
+def test_damaged_restore_orphaned_reads(tmp_path, quiet):
+  """A failed restore's in-flight sibling reads print nothing; other unraisable errors still do."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run(
+    [sys.executable, "-c", _ORPHANS, str(tmp_path / "ck"), str(quiet)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "failed 8" in p.stdout
+  err = "\n".join(_messages(p.stderr))
+  assert "unrelated failure in __del__" in err
+  noise = ("Event loop is closed", "never retrieved", "tensorstore_spec")
+  if quiet:
+    assert not any(n in err for n in noise), err[-3000:]
+    assert err.count("Traceback") == 1, err[-3000:]  # the unrelated one
+  else:
+    assert any(n in err for n in noise), err[-3000:]
