@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from skimage.draw import line
 from skimage.morphology import skeletonize
 
 from fedkd import metrics as M
@@ -123,49 +124,168 @@ def test_hd95_assd_hand_and_empty():
 # ------------------------------------------------------------------ clDice
 
 
-def _cldice_ref(p, g):
-  if not p.any() and not g.any():
-    return 1.0
-  if not p.any() or not g.any():
-    return 0.0
-  sp, sg = skeletonize(p), skeletonize(g)
-  tprec = (sp & g).sum() / sp.sum()
-  tsens = (sg & p).sum() / sg.sum()
+def _paper_cldice(v_p, v_l):
+  """clDice written from Shit et al. (CVPR 2021) and their reference code (cl_score = sum(v * s) / sum(s),
+  s = skimage skeleton), in float arithmetic, with the module's conventions where the paper divides by 0."""
+  v_p, v_l = np.asarray(v_p, np.float64), np.asarray(v_l, np.float64)
+  if v_p.sum() == 0 or v_l.sum() == 0:
+    return float(v_p.sum() == v_l.sum())
+  s_p, s_l = skeletonize(v_p > 0).astype(np.float64), skeletonize(v_l > 0).astype(np.float64)
+  tprec = np.sum(s_p * v_l) / np.sum(s_p)
+  tsens = np.sum(s_l * v_p) / np.sum(s_l)
   return 0.0 if tprec + tsens == 0 else 2 * tprec * tsens / (tprec + tsens)
 
 
-def test_cldice_vs_skimage_on_curves():
-  rng = np.random.default_rng(2)
-  preds, targets = [], []
-  for i in range(10):
-    w = 1.5 + (i % 5)  # 1-5 px wide
-    g = _curve(rng, width=w)
-    if i % 2:
-      p = ndi.shift(g, rng.integers(-2, 3, 2), order=0)
-    else:
-      p = _curve(rng, width=max(1.5, w + rng.integers(-1, 2)))
-    preds.append(p.astype(np.int32))
-    targets.append(g.astype(np.int32))
-  preds, targets = np.stack(preds), np.stack(targets)
+def _polyline_mask(pts, n, width):
+  """The polyline through ``pts`` [(row, col)] on an n x n image: 1 px wide (8-connected Bresenham
+  segments) for width 1, else the pixels within (width - 1) / 2 of its rounded densely sampled points."""
+  m = np.zeros((n, n), bool)
+  if width == 1:
+    for a, b in zip(pts[:-1], pts[1:]):
+      r, c = line(*np.round(a).astype(int), *np.round(b).astype(int))
+      ok = (r >= 0) & (r < n) & (c >= 0) & (c < n)
+      m[r[ok], c[ok]] = True
+    return m
+  s = np.concatenate([np.linspace(a, b, int(np.hypot(*(b - a)) * 2) + 2) for a, b in zip(pts[:-1], pts[1:])])
+  r, c = np.round(s).astype(int).T
+  ok = (r >= 0) & (r < n) & (c >= 0) & (c < n)
+  m[r[ok], c[ok]] = True
+  return ndi.distance_transform_edt(~m) <= (width - 1) / 2
+
+
+def _thin_pair(rng, n):
+  """(pred, target) binary n x n: a 1-3 px wide random polyline (2-5 vertices) or sine curve as the
+  target; the prediction is the target shifted by an integer (-3..3, -3..3) px, or the curve redrawn
+  1-3 px wide and shifted by an integer or a sub-pixel offset in [-3, 3)^2."""
+  if rng.uniform() < 0.5:
+    pts = rng.uniform(2, n - 3, (int(rng.integers(2, 6)), 2))
+  else:
+    amp, period, phase = rng.uniform(2, n / 4), rng.uniform(n / 12, n / 3), rng.uniform(0, 2 * np.pi)
+    xs = np.linspace(2, n - 3, 4 * n)
+    pts = np.stack([n / 2 + amp * np.sin(xs / period + phase), xs], 1)
+    pts = pts[:, ::-1] if rng.uniform() < 0.5 else pts
+  target = _polyline_mask(pts, n, int(rng.integers(1, 4)))
+  mode = rng.integers(0, 3)
+  if mode == 0:
+    return ndi.shift(target, rng.integers(-3, 4, 2), order=0), target
+  shift = rng.integers(-3, 4, 2) if mode == 1 else rng.uniform(-3, 3, 2)
+  return _polyline_mask(pts + shift, n, int(rng.integers(1, 4))), target
+
+
+def _blob_pair(rng, n, i):
+  """(pred, target) unions of 1-3 discs: the target shifted by 0-3 px, other discs, empty, or the same
+  (by i % 4); the target is empty for every 7th i."""
+  yy, xx = np.mgrid[:n, :n]
+
+  def discs():
+    m = np.zeros((n, n), bool)
+    for _ in range(int(rng.integers(1, 4))):
+      cy, cx, r = rng.uniform(0, n), rng.uniform(0, n), rng.uniform(1.5, n / 5)
+      m |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    return m
+
+  target = discs()
+  pred = [ndi.shift(target, rng.integers(-3, 4, 2), order=0), discs(), np.zeros_like(target), target][i % 4]
+  return pred, (np.zeros_like(target) if i % 7 == 0 else target)
+
+
+# the bounds measured over the full families (fedkd/metrics.py docstring); the tests run seeded subsets
+JAX_VS_REFERENCE_CURVES = 0.625  # max over 20000 thin pairs; mean 0.028
+
+
+def test_cldice_reference_hand_counted():
+  # G: a 1-px horizontal line, row 5, columns 2-13 (12 px); a 1-px line is its own skeleton
+  g = np.zeros((16, 20), np.int32)
+  g[5, 2:14] = 1
+  assert np.array_equal(skeletonize(g == 1), g == 1)
+  along = np.roll(g, 3, axis=1)  # columns 5-16: S(P) & G = columns 5-13 = 9 px -> Tprec = Tsens = 9/12
+  across = np.roll(g, 1, axis=0)  # row 6: no skeleton pixel of either lies in the other -> 0
+  half = g.copy()
+  half[5, 8:] = 0  # columns 2-7 (6 px): Tprec = 6/6, Tsens = 6/12 -> 2 * 1 * 0.5 / 1.5 = 2/3
+  assert M.cldice_reference(along, g, 1) == pytest.approx(0.75)
+  assert M.cldice_reference(across, g, 1) == 0.0
+  assert M.cldice_reference(half, g, 1) == pytest.approx(2 / 3)
+  assert M.cldice_reference(g, half, 1) == pytest.approx(2 / 3)  # symmetric
+  assert M.cldice_reference(g, g, 1) == 1.0
+  # a diagonal 1-px line moved one pixel to the right: S(P) & G is empty -> 0
+  d = np.zeros((16, 16), np.int32)
+  idx = np.arange(2, 14)
+  d[idx, idx] = 2
+  assert M.cldice_reference(np.roll(d, 1, axis=1), d, 2) == 0.0
+  # batch: float64 [B] in input order; class_id picks the mask
+  batch = M.cldice_reference(np.stack([along, across, half, g]), np.stack([g, g, g, g]), 1)
+  assert batch.dtype == np.float64
+  np.testing.assert_allclose(batch, [0.75, 0.0, 2 / 3, 1.0])
+  assert M.cldice_reference(g, g, 2) == 1.0  # class 2 absent from both
+
+
+def test_cldice_reference_vs_paper_formula():
+  rng = np.random.default_rng(4)
+  pairs = [_thin_pair(rng, int(rng.choice([32, 64]))) for _ in range(12)]
+  pairs += [_blob_pair(rng, 32, i) for i in range(8)]
+  pairs += [(_curve(rng, width=w), _curve(rng, width=w)) for w in (1.5, 3.0, 5.0)]  # some thicker
+  for p, t in pairs:
+    pred, target = np.where(p, 3, 1), np.where(t, 3, 0)
+    assert M.cldice_reference(pred, target, 3) == pytest.approx(_paper_cldice(p, t), abs=1e-12)
+  preds = np.stack([np.where(p, 1, 0) for p, _ in pairs[:12] if p.shape == (32, 32)])
+  targets = np.stack([np.where(t, 1, 0) for p, t in pairs[:12] if p.shape == (32, 32)])
+  np.testing.assert_allclose(
+    M.cldice_reference(preds, targets, 1), [_paper_cldice(p == 1, t == 1) for p, t in zip(preds, targets)], atol=1e-12
+  )
+
+
+def test_cldice_jax_within_measured_bound_of_reference():
+  rng = np.random.default_rng(5)
+  diffs = []
+  for n in (32, 64, 128):  # one compile per size
+    pairs = [_thin_pair(rng, n) for _ in range(12)]
+    preds = np.stack([p for p, _ in pairs]).astype(np.int32)
+    targets = np.stack([t for _, t in pairs]).astype(np.int32)
+    got = np.asarray(M.cldice(preds, targets, 1))
+    ref = M.cldice_reference(preds, targets, 1)
+    assert got.shape == ref.shape == (12,)
+    diffs.append(np.abs(got - ref))
+    # identical masks -> exactly 1 for both
+    np.testing.assert_array_equal(np.asarray(M.cldice(targets, targets, 1)), 1.0)
+    np.testing.assert_array_equal(M.cldice_reference(targets, targets, 1), 1.0)
+  diffs = np.concatenate(diffs)
+  assert diffs.max() <= JAX_VS_REFERENCE_CURVES + 1e-6, diffs
+  assert diffs.mean() < 0.06, diffs
+  blobs = [_blob_pair(rng, 32, i) for i in range(12)]
+  preds = np.stack([p for p, _ in blobs]).astype(np.int32)
+  targets = np.stack([t for _, t in blobs]).astype(np.int32)
   got = np.asarray(M.cldice(preds, targets, 1))
-  ref = np.array([_cldice_ref(p == 1, t == 1) for p, t in zip(preds, targets)])
-  assert got.shape == (10,)
-  assert np.max(np.abs(got - ref)) < 0.1, (got, ref)
-  assert np.mean(np.abs(got - ref)) < 0.05
-  assert float(M.cldice(preds[3], targets[3], 1)) == pytest.approx(got[3], abs=1e-6)
-  # identical masks -> exactly 1, for every width and for shapes touching the border
-  np.testing.assert_array_equal(np.asarray(M.cldice(targets, targets, 1)), 1.0)
+  assert np.mean(np.abs(got - M.cldice_reference(preds, targets, 1))) < 0.1  # measured mean 0.014, max 1.0
+  assert float(M.cldice(preds[3], targets[3], 1)) == pytest.approx(got[3], abs=1e-6)  # single == batch
   full = np.ones((1, 12, 12), np.int32)
-  assert float(M.cldice(full, full, 1)[0]) == 1.0
+  assert float(M.cldice(full, full, 1)[0]) == 1.0 and M.cldice_reference(full, full, 1)[0] == 1.0
+
+
+def test_cldice_documented_extremes():
+  # P: a 2 px wide 45-degree band (21 px) around G, the 1 px diagonal (11 px). skimage thins P to one
+  # pixel off the diagonal -> reference 0; the JAX skeleton is all of P: Tprec 10/21, Tsens 10/11
+  p = np.zeros((16, 16), np.int32)
+  i = np.arange(1, 12)
+  p[i, i - 1] = 1
+  p[i[:-1], i[:-1]] = 1
+  g = np.zeros_like(p)
+  g[np.arange(11), np.arange(11)] = 1
+  assert p.sum() == 21 and skeletonize(p == 1).sum() == 1
+  assert M.cldice_reference(p, g, 1) == 0.0
+  tprec, tsens = 10 / 21, 10 / 11
+  assert float(M.cldice(p, g, 1)) == pytest.approx(2 * tprec * tsens / (tprec + tsens), abs=1e-6)  # 0.625
+  assert 2 * tprec * tsens / (tprec + tsens) == pytest.approx(JAX_VS_REFERENCE_CURVES)
 
 
 def test_cldice_empty_conventions():
   z = np.zeros((2, 16, 16), np.int32)
   m = z.copy()
   m[:, 8, 2:14] = 1
-  np.testing.assert_array_equal(np.asarray(M.cldice(z, z, 1)), 1.0)
-  np.testing.assert_array_equal(np.asarray(M.cldice(m, z, 1)), 0.0)
-  np.testing.assert_array_equal(np.asarray(M.cldice(z, m, 1)), 0.0)
+  for fn in (lambda p, t: np.asarray(M.cldice(p, t, 1)), lambda p, t: M.cldice_reference(p, t, 1)):
+    np.testing.assert_array_equal(fn(z, z), 1.0)  # both empty -> 1
+    np.testing.assert_array_equal(fn(m, z), 0.0)  # exactly one empty -> 0
+    np.testing.assert_array_equal(fn(z, m), 0.0)
+  assert M.cldice_reference(z[0], z[0], 1) == 1.0 and M.cldice_reference(m[0], z[0], 1) == 0.0
 
 
 def test_binary_skeleton_thin_line_is_itself():
