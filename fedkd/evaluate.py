@@ -120,7 +120,7 @@ class Evaluator:
         per_image = {
           "dice": np.asarray(metrics.dice(pred, masks, cid)),
           "iou": np.asarray(metrics.iou(pred, masks, cid)),
-          "cldice": np.asarray(metrics.cldice(pred, masks, cid)),
+          "cldice": metrics.cldice_reference(pred, masks, cid),
           "hd95": metrics.hd95(pred, masks, cid, spacing_mm),
           "assd": metrics.assd(pred, masks, cid, spacing_mm),
           "betti0_error": metrics.betti0_error(pred, masks, cid),
