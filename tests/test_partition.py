@@ -1,5 +1,7 @@
 """Partitioners against direct counting."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -85,28 +87,68 @@ def test_quantity_skew_sizes():
   assert [len(p) for p in equal] == [100] * 10
 
 
-@pytest.mark.parametrize("percent", [0, 50, 100])
-def test_unseen_label_corpus(percent):
-  mix = partition.unseen_label_corpus(4, 4, percent)
+def _unseen_sets_loop(num_silos, num_types, percent):
+  """The definition, silo by silo: k = T - round_half_up(x / 100 * (T - 1)) types, consecutive
+  (cyclically) from the home type i % T."""
+  k = num_types - math.floor(percent * (num_types - 1) / 100 + 0.5)
+  sets = []
+  for i in range(num_silos):
+    held = set()
+    t = i % num_types
+    while len(held) < k:
+      held.add(t)
+      t = (t + 1) % num_types
+    sets.append(held)
+  return sets
+
+
+@pytest.mark.parametrize("num_silos", [4, 6, 11])
+@pytest.mark.parametrize("num_types", [4, 6])
+@pytest.mark.parametrize("percent", [0, 25, 50, 75, 100])
+def test_unseen_label_corpus_equals_the_silo_loop(num_silos, num_types, percent):
+  mix = partition.unseen_label_corpus(num_silos, num_types, percent)
+  assert mix.shape == (num_silos, num_types)
   np.testing.assert_allclose(mix.sum(1), 1.0)
-  types = np.repeat(np.arange(4), 400)
+  want = _unseen_sets_loop(num_silos, num_types, percent)
+  for i in range(num_silos):
+    held = set(np.flatnonzero(mix[i]).tolist())
+    assert held == want[i], (i, held, want[i])
+    np.testing.assert_allclose(mix[i, sorted(held)], 1.0 / len(held))  # equal parts
+    assert i % num_types in held  # the home type
+    if percent == 100:
+      assert held == {i % num_types}
+    if percent == 0:
+      assert held == set(range(num_types))
+    if i >= num_types:  # silos i and i + T hold the same set
+      np.testing.assert_array_equal(mix[i], mix[i - num_types])
+
+
+@pytest.mark.parametrize("num_types", [4, 6])
+def test_unseen_label_corpus_sets_shrink_with_percent(num_types):
+  """k = T at 0 %, 1 at 100 %, never grows with x; each x's set is a subset of every lower x's set."""
+  percents = [0, 10, 25, 33.3, 50, 66.7, 75, 90, 99, 100]
+  sets = [[set(np.flatnonzero(r).tolist()) for r in partition.unseen_label_corpus(11, num_types, x)] for x in percents]
+  ks = [partition.unseen_types(num_types, x) for x in percents]
+  assert ks[0] == num_types and ks[-1] == 1 and ks == sorted(ks, reverse=True)
+  for lower, higher, k in zip(sets, sets[1:], ks[1:]):
+    for a, b in zip(lower, higher):
+      assert b <= a and len(b) == k
+  # the stated counts: T = 6 at 25/50/75 % -> 6 - round(1.25, 2.5, 3.75) = 5, 3, 2 (halves round up)
+  if num_types == 6:
+    assert [partition.unseen_types(6, x) for x in (25, 50, 75)] == [5, 3, 2]
+  else:
+    assert [partition.unseen_types(4, x) for x in (25, 50, 75)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("percent", [0, 50, 100])
+def test_unseen_label_corpus_feeds_assign_by_mixture(percent):
+  """11 silos over 6 types: every example goes to one silo, and a silo gets only its types."""
+  mix = partition.unseen_label_corpus(11, 6, percent)
+  types = np.repeat(np.arange(6), 330)
   parts = partition.assign_by_mixture(types, mix, seed=0)
   assert _is_exact_cover(parts, len(types))
-  held = [set(types[p].tolist()) for p in parts]
-  if percent == 100:  # no two silos share a data type
-    for i in range(4):
-      for j in range(i + 1, 4):
-        assert not held[i] & held[j]
-  else:  # every silo holds every type; home type share = 1/4 + 3/4 * percent/100
-    for i, p in enumerate(parts):
-      assert held[i] == {0, 1, 2, 3}
-      share = np.mean(types[p] == i)
-      assert abs(share - (0.25 + 0.75 * percent / 100)) < 0.02
-
-
-def test_unseen_label_corpus_rejects_impossible_disjointness():
-  with pytest.raises(partition.PartitionError, match="at most 3 silos"):
-    partition.unseen_label_corpus(5, 3, 100)
+  for i, p in enumerate(parts):
+    assert set(types[p].tolist()) == set(np.flatnonzero(mix[i]).tolist())
 
 
 @pytest.mark.parametrize(
@@ -124,6 +166,9 @@ def test_unseen_label_corpus_rejects_impossible_disjointness():
     (lambda: partition.quantity_skew(10, 2, 0.0, 0, min_size=-1), r"min_size=-1 must be an integer >= 0"),
     (lambda: partition.unseen_label_corpus(3, 0, 50), r"num_types=0 must be an integer >= 1"),
     (lambda: partition.unseen_label_corpus(3, 4, float("nan")), r"percent=nan must be in \[0, 100\]"),
+    (lambda: partition.unseen_label_corpus(3, 4, 100.5), r"percent=100.5 must be in \[0, 100\]"),
+    (lambda: partition.unseen_label_corpus(3, 4, -1), r"percent=-1 must be in \[0, 100\]"),
+    (lambda: partition.unseen_label_corpus(0, 4, 50), r"num_silos=0 must be an integer >= 1"),
     (
       lambda: partition.assign_by_mixture(np.array([0, 1, 4]), np.full((2, 3), 1 / 3), 0),
       r"types must be integers 0..2",

@@ -308,3 +308,177 @@ def test_neighbours_and_table():
   vals = jnp.arange(6.0) * 10
   total = jax.jit(lambda v: jnp.sum(jnp.where(mask, v[idx], 0.0), axis=1))(vals)
   np.testing.assert_allclose(np.asarray(total), [(((i - 1) % 6) + ((i + 1) % 6)) * 10 for i in range(6)])
+
+
+# ----------------------------------------------------------------------------- directed graphs
+
+
+def _push_sum(a, x0, iters=500):
+  """Push-sum by hand (numpy, float64): x <- A x, w <- A w, estimate x / w."""
+  a = np.asarray(a, np.float64)
+  x, w = np.asarray(x0, np.float64).copy(), np.ones(len(x0))
+  for _ in range(iters):
+    x, w = a @ x, a @ w
+  return x / w
+
+
+def _unbalanced_digraph(n=9, seed=3):
+  """A directed ring 0 -> 1 -> ... -> n-1 -> 0 (strongly connected) plus random one-way chords;
+  rows = receivers (a[i, j] = 1: j -> i). Unbalanced by construction (checked)."""
+  rng = np.random.default_rng(seed)
+  a = np.zeros((n, n), bool)
+  for i in range(n):
+    a[(i + 1) % n, i] = True
+  chords = (rng.random((n, n)) < 0.3) & ~a.T  # one-way only
+  np.fill_diagonal(chords, False)
+  a |= chords
+  assert not topo.is_balanced(a) and not topo.is_symmetric(a)
+  return a
+
+
+def _mh_loop(adjacency):
+  """Metropolis-Hastings by definition, entry by entry (the undirected support)."""
+  s = (np.asarray(adjacency) != 0) | (np.asarray(adjacency) != 0).T
+  n = len(s)
+  deg = [sum(1 for j in range(n) if j != i and s[i, j]) for i in range(n)]
+  w = np.zeros((n, n))
+  for i in range(n):
+    for j in range(n):
+      if i != j and s[i, j]:
+        w[i, j] = 1.0 / (1 + max(deg[i], deg[j]))
+    w[i, i] = 1.0 - w[i].sum()
+  return w
+
+
+def test_push_sum_on_the_directed_gaia_ring_reaches_the_average():
+  adj = topo.gaia_ring_adjacency()
+  order = topo.GAIA_RING_ORDER
+  for k in range(11):  # order[k + 1] receives from order[k]; neighbour_table gives in-neighbours
+    assert adj[order[(k + 1) % 11], order[k]] and not adj[order[k], order[(k + 1) % 11]]
+  idx, mask = topo.neighbour_table(adj)
+  assert mask.all() and idx.shape == (11, 1)
+  assert [int(idx[order[(k + 1) % 11], 0]) for k in range(11)] == list(order)
+  a = topo.push_sum_matrix(adj)
+  assert topo.is_column_stochastic(a) and a.dtype == np.float32
+  np.testing.assert_array_equal(a, topo.gaia_ring())  # out-degree 1: keep half, send half
+  x0 = np.random.default_rng(0).normal(size=11)
+  np.testing.assert_allclose(_push_sum(a, x0), np.full(11, x0.mean()), atol=1e-6)
+  # balanced: directed_mixing gives the doubly stochastic ring, no push-sum weights needed
+  assert topo.is_balanced(adj)
+  w, push = topo.directed_mixing(adj)
+  assert not push and topo.is_doubly_stochastic(w)
+  np.testing.assert_array_equal(w, topo.gaia_ring())
+
+
+def test_push_sum_on_an_unbalanced_digraph_and_why_it_is_needed():
+  adj = _unbalanced_digraph()
+  n = len(adj)
+  a = topo.push_sum_matrix(adj)
+  assert topo.is_column_stochastic(a) and not topo.is_doubly_stochastic(a)
+  for j in range(n):  # sender j splits equally over itself and its out-neighbours
+    outs = [i for i in range(n) if adj[i, j]]
+    np.testing.assert_allclose(a[[j] + outs, j], 1.0 / (1 + len(outs)), rtol=1e-6)
+    assert np.count_nonzero(a[:, j]) == 1 + len(outs)
+  x0 = np.random.default_rng(1).normal(size=n) * 3
+  np.testing.assert_allclose(_push_sum(a, x0), np.full(n, x0.mean()), atol=1e-6)
+  # plain averaging over in-neighbours (row-normalised) reaches consensus on a WRONG, weighted value
+  row = (adj | np.eye(n, dtype=bool)).astype(np.float64)
+  row /= row.sum(1, keepdims=True)
+  x = x0.copy()
+  for _ in range(500):
+    x = row @ x
+  assert np.ptp(x) < 1e-9  # consensus ...
+  assert abs(x[0] - x0.mean()) > 1e-2  # ... but not on the average
+  w, push = topo.directed_mixing(adj)
+  assert push
+  np.testing.assert_array_equal(w, a)
+
+
+def test_push_sum_round_is_push_sum_on_debiased_models():
+  """Mixing z = x / w with push_sum_round(A, r) row-stochastic matrices, round after round, is exactly
+  push-sum (and what aggregate.mix does with it)."""
+  a = topo.push_sum_matrix(_unbalanced_digraph(7, seed=5))
+  x0 = np.random.default_rng(2).normal(size=(7, 3))
+  x, w = x0.copy(), np.ones(7)
+  z = x0.copy()
+  for r in range(60):
+    m = topo.push_sum_round(a, r)
+    assert m.dtype == np.float32 and np.allclose(m.sum(1), 1.0, atol=1e-6) and (m >= 0).all()
+    np.testing.assert_allclose(topo.push_sum_weights(a, r), w, rtol=1e-6)
+    x, w = a.astype(np.float64) @ x, a.astype(np.float64) @ w
+    z = np.asarray(mix(m, {"z": jnp.asarray(z, jnp.float32)})["z"], np.float64)
+    np.testing.assert_allclose(z, x / w[:, None], atol=1e-5)
+  for _ in range(400):
+    z = topo.push_sum_round(a, 500).astype(np.float64) @ z
+  np.testing.assert_allclose(z, np.broadcast_to(x0.mean(0), z.shape), atol=1e-4)
+  np.testing.assert_array_equal(topo.push_sum_round(topo.gaia_ring(), 7), topo.gaia_ring())  # doubly stochastic
+  with pytest.raises(ValueError, match="column-stochastic"):
+    topo.push_sum_round(np.array([[0.5, 0.5], [0.0, 0.0]]), 0)
+
+
+def test_balanced_digraph_gets_a_doubly_stochastic_matrix():
+  """Two directed cycles through node 0 (0->1->2->0, 0->3->0): balanced but not regular. The uniform
+  in-neighbour average is not doubly stochastic there; balanced_mixing is, and keeps the average."""
+  adj = np.zeros((4, 4), bool)
+  for i, j in [(0, 1), (1, 2), (2, 0), (0, 3), (3, 0)]:
+    adj[j, i] = True  # i -> j
+  assert topo.is_balanced(adj) and not topo.is_symmetric(adj) and topo.is_strongly_connected(adj)
+  uniform = (adj | np.eye(4, dtype=bool)) / (1.0 + adj.sum(1, keepdims=True))
+  assert not topo.is_doubly_stochastic(uniform)
+  w, push = topo.directed_mixing(adj)
+  assert not push and topo.is_doubly_stochastic(w) and (np.diag(w) > 0).all()
+  assert ((w > 0) == (adj | np.eye(4, dtype=bool))).all()
+  x0 = np.array([1.0, -2.0, 5.0, 0.5])
+  x = x0.copy()
+  for _ in range(200):
+    x = w.astype(np.float64) @ x
+  np.testing.assert_allclose(x, np.full(4, x0.mean()), atol=3e-5)  # float32 weights (1/3): ~1e-7 per round
+  with pytest.raises(topo.TopologyError, match="in-degree == out-degree"):
+    topo.balanced_mixing(_unbalanced_digraph())
+
+
+def test_not_strongly_connected_digraphs_are_refused():
+  chain = np.zeros((3, 3), bool)
+  chain[1, 0] = chain[2, 1] = chain[1, 2] = True  # 0 -> 1 <-> 2: nothing reaches 0
+  assert not topo.is_strongly_connected(chain) and topo.is_strongly_connected(topo.gaia_ring_adjacency())
+  for call in (topo.push_sum_matrix, topo.directed_mixing, topo.check_strongly_connected):
+    with pytest.raises(topo.TopologyError, match=r"not strongly connected .*node 0 never receives .*\[1, 2\]") as e:
+      call(chain)
+    assert "add links" in str(e.value) and isinstance(e.value, UserError)
+  with pytest.raises(topo.TopologyError, match=r"node\(s\) \[2\] never receive node 0's model"):
+    topo.check_strongly_connected(np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]]))  # undirected, node 2 cut off
+  topo.check_strongly_connected(np.zeros((1, 1)))  # one silo is fine
+
+
+def test_directed_files_stay_directed(tmp_path):
+  p = _write(tmp_path, "d.txt", "0 1\n1 2\n2 3\n3 0\n0 2\n")  # a directed 4-cycle plus the chord 0 -> 2
+  d = topo.from_file(p, directed=True)
+  want = np.zeros((4, 4), np.float32)
+  for i, j in [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)]:
+    want[j, i] = 1.0
+  np.testing.assert_array_equal(d, want)
+  assert topo.neighbours(d) == [[3], [0], [0, 1], [2]]  # in-neighbours
+  w, push = topo.directed_mixing(d)
+  assert push and topo.is_column_stochastic(w)
+  j = _write(tmp_path, "d.json", json.dumps({"edges": [[0, 1], [1, 2], [2, 0]], "directed": True}))
+  assert topo.directed_mixing(topo.from_file(j))[1] is False  # a directed 3-cycle is balanced
+  np.testing.assert_array_equal(topo.directed_mixing(topo.from_file(j))[0], topo.ring(3, directed=True))
+  # undirected files: Metropolis-Hastings as before
+  u = topo.from_file(p)
+  w, push = topo.directed_mixing(u)
+  assert not push
+  np.testing.assert_array_equal(w, topo.metropolis_hastings(u))
+
+
+def test_metropolis_hastings_unchanged_for_undirected_graphs():
+  rng = np.random.default_rng(11)
+  for n in (2, 5, 11):
+    g = np.triu(rng.random((n, n)) < 0.4, 1)
+    g[np.arange(n - 1), np.arange(1, n)] = True  # a path keeps it connected
+    g = g | g.T
+    np.testing.assert_allclose(topo.metropolis_hastings(g), _mh_loop(g), atol=1e-6)
+    w, push = topo.directed_mixing(g)
+    assert not push
+    np.testing.assert_array_equal(w, topo.metropolis_hastings(g))
+  gaia = topo.gaia_adjacency()
+  np.testing.assert_allclose(topo.directed_mixing(gaia)[0], np.full((11, 11), 1 / 11), atol=1e-6)

@@ -6,9 +6,11 @@ into the pool (or, for :func:`unseen_label_corpus`, a per-silo mixture over data
 
 from __future__ import annotations
 
-from fedkd.errors import UserError
+import math
 
 import numpy as np
+
+from fedkd.errors import UserError
 
 
 class PartitionError(UserError, ValueError):
@@ -107,24 +109,41 @@ def iid(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
   return quantity_skew(num_examples, num_clients, 0.0, seed)
 
 
-def unseen_label_corpus(num_silos: int, num_types: int, percent: float) -> np.ndarray:
-  """FedEFM's "x % unseen label corpus": returns each silo's mixture over data types, [silos, types].
+def unseen_types(num_types: int, percent: float) -> int:
+  """How many data types each silo holds at ``percent`` % unseen labels over ``num_types`` types:
 
-  Silo i has a home type (i % num_types). A fraction percent/100 of its data is its home type only,
-  the rest is spread evenly over all types. 100 % -> no two silos share a data type (needs
-  num_silos <= num_types); 0 % -> every silo holds every type in equal parts.
-  """
-  num_silos, num_types = _count("num_silos", num_silos), _count("num_types", num_types)
-  if not 0 <= percent <= 100:
+      k = T - round(percent / 100 * (T - 1)),   rounding halves up (floor(v + 1/2)),
+
+  so 100 % -> 1 type per silo, 0 % -> all T types, and k never increases with ``percent``."""
+  num_types = _count("num_types", num_types)
+  try:
+    ok = 0 <= percent <= 100
+  except TypeError:
+    ok = False
+  if not ok or isinstance(percent, bool):
     raise PartitionError(f"unseen label corpus percent={percent} must be in [0, 100]")
-  if percent == 100 and num_silos > num_types:
-    raise PartitionError(
-      f"100% unseen labels needs disjoint data types, but {num_silos} silos share "
-      f"{num_types} types; use at most {num_types} silos or a lower percent"
-    )
-  f = percent / 100.0
-  mix = np.full((num_silos, num_types), (1.0 - f) / num_types)
-  mix[np.arange(num_silos), np.arange(num_silos) % num_types] += f
+  return num_types - int(math.floor(float(percent) * (num_types - 1) / 100.0 + 0.5))
+
+
+def unseen_label_corpus(num_silos: int, num_types: int, percent: float) -> np.ndarray:
+  """FedEFM's "x % unseen label corpus": each silo's mixture over data types, float64 [silos, types].
+
+  With T = ``num_types`` and x = ``percent`` in [0, 100], silo i holds
+
+      k = T - round(x / 100 * (T - 1))      (``unseen_types``; halves round up)
+
+  consecutive data types, cyclically from its home type i % T: {i % T, (i + 1) % T, ...,
+  (i + k - 1) % T}, in equal parts 1/k (rows sum to 1; every other type is absent, i.e. unseen).
+  100 % -> one type per silo (its home type); 0 % -> every silo holds all T types equally; in
+  between the type sets shrink from all types to the home type, and a higher x gives a subset of a
+  lower x's set. Any number of silos works at every x: silos i and i + T hold the same set (e.g. 11
+  silos over 6 data types, as FedEFM's 11 Gaia silos over its data sources).
+  """
+  num_silos = _count("num_silos", num_silos)
+  k = unseen_types(num_types, percent)
+  mix = np.zeros((num_silos, num_types))
+  for i in range(num_silos):
+    mix[i, (i + np.arange(k)) % num_types] = 1.0 / k
   return mix
 
 

@@ -7,13 +7,18 @@ Conventions
   matrices built here are also column-stochastic (doubly stochastic) wherever the topology allows,
   which makes gossip preserve the average model.
 * An **adjacency** A is float32 [N, N] with A[i, j] != 0 iff silo i receives from silo j (j is an
-  in-neighbour of i), the same row convention as W; undirected graphs are symmetric. The diagonal
-  is ignored by the graph helpers.
+  in-neighbour of i; the link j -> i), the same row convention as W; undirected graphs are
+  symmetric. Rows are receivers: in-degree = row sum, out-degree = column sum. The diagonal is
+  ignored by the graph helpers.
 
 Topologies: ``star`` (client-server FedAvg), ``ring`` (undirected or directed), ``complete``,
-``metropolis_hastings`` (for any undirected graph), ``matcha`` (random matchings of a base graph)
-and graphs read from text / JSON files (``from_file``). ``neighbours`` / ``neighbour_table`` give the
-in-neighbour lists, the latter padded to fixed shape for use inside ``jax.jit``.
+``metropolis_hastings`` (for any undirected graph; it symmetrises a directed one), ``matcha`` (random
+matchings of a base graph) and graphs read from text / JSON files (``from_file``, directed files kept
+directed). Directed graphs: ``directed_mixing`` picks Metropolis-Hastings (undirected), a doubly
+stochastic ``balanced_mixing`` (in-degree == out-degree, e.g. the directed Gaia ring) or push-sum
+(``push_sum_matrix``, column-stochastic, used through ``push_sum_round``) for unbalanced digraphs,
+after ``check_strongly_connected``. ``neighbours`` / ``neighbour_table`` give the in-neighbour lists
+(the silos each silo receives from), the latter padded to fixed shape for use inside ``jax.jit``.
 
 The Gaia network: FedEFM runs 11 silos placed at the 11 AWS regions of the Gaia geo-distributed
 network (Hsieh et al., NSDI 2017) as used by Marfoq et al., "Throughput-optimal topology design for
@@ -402,14 +407,16 @@ def from_file(path: str, *, directed: bool = False, num_nodes: int | None = None
   """0/1 adjacency [N, N] float32 of the graph in a topology file.
 
   Only the graph's support (which links exist) is used: fedkd derives gossip weights from it
-  (Metropolis-Hastings, ``metropolis_hastings``), so the file holds links, not weights. An edge weight
-  other than 1, or a matrix entry other than 0/1, is refused rather than silently ignored (write the
-  links; the weights follow from the node degrees).
+  (``directed_mixing``: Metropolis-Hastings for an undirected graph, a balanced or push-sum matrix for
+  a directed one), so the file holds links, not weights. An edge weight other than 1, or a matrix
+  entry other than 0/1, is refused rather than silently ignored (write the links; the weights follow
+  from the node degrees).
 
   Text edge list: one edge per line, ``i j`` (0-based node ids; an optional third column must be 1);
   ``#`` starts a comment (whole line or trailing); blank lines are ignored. ``directed=False``
   (default) stores each edge both ways; with ``directed=True`` the line ``i j`` means i sends to j,
-  i.e. A[j, i] = 1 (rows are receivers).
+  i.e. A[j, i] = 1 (rows are receivers), and the result is NOT symmetrised (only weak connectivity
+  is checked here; ``directed_mixing`` / ``check_strongly_connected`` require strong connectivity).
 
   JSON (``.json`` or text starting with ``[`` / ``{``): either a 0/1 adjacency matrix (a list of
   rows, or ``{"adjacency": [[...], ...]}``, rows = receivers, returned as is), or
@@ -485,7 +492,8 @@ def neighbours(adjacency) -> list[list[int]]:
 
 
 def neighbour_table(adjacency) -> tuple[np.ndarray, np.ndarray]:
-  """Padded in-neighbour table for use inside jit.
+  """Padded in-neighbour table for use inside jit: for a directed graph, the silos each silo RECEIVES
+  from (row i of the adjacency), not the ones it sends to.
 
   Returns idx int32 [N, D] and mask bool [N, D], D = max(1, max in-degree): idx[i, :d_i] are silo
   i's neighbours (as in ``neighbours``) with mask True; padded slots hold i itself (a safe index
@@ -506,3 +514,187 @@ def is_doubly_stochastic(w, atol: float = 1e-5) -> bool:
   """True if w is non-negative with rows and columns summing to 1 (within atol)."""
   w = np.asarray(w, np.float64)
   return bool((w >= -atol).all() and np.allclose(w.sum(0), 1.0, atol=atol) and np.allclose(w.sum(1), 1.0, atol=atol))
+
+
+def is_column_stochastic(w, atol: float = 1e-5) -> bool:
+  """True if w is non-negative with columns summing to 1 (within atol): every node hands out all of its
+  mass (push-sum's condition; rows need not sum to 1)."""
+  w = np.asarray(w, np.float64)
+  return bool(w.ndim == 2 and (w >= -atol).all() and np.allclose(w.sum(0), 1.0, atol=atol))
+
+
+# ----------------------------------------------------------------------------- directed graphs
+#
+# Same convention as everywhere in this module: adjacency[i, j] != 0 iff silo i RECEIVES from silo j
+# (the link j -> i; rows are receivers, columns senders), so row i lists i's in-neighbours and column j
+# lists j's out-neighbours; in-degree = row sum, out-degree = column sum of the support (no self loops).
+# ``gaia_ring(directed=True) > 0`` and ``from_file(path, directed=True)`` (line "i j" = i sends to j,
+# stored as A[j, i]) follow it. Every matrix W below acts as x_i <- sum_j W[i, j] x_j (``aggregate.mix``).
+
+
+def gaia_ring_adjacency(directed: bool = True) -> np.ndarray:
+  """Bool [11, 11] adjacency (no self loops) of FedEFM's ring overlay on Gaia (``GAIA_RING_ORDER``):
+  directed, silo order[k + 1] receives from order[k]; undirected, both ways."""
+  a = gaia_ring(directed=directed) != 0
+  np.fill_diagonal(a, False)
+  return a
+
+
+def is_symmetric(adjacency) -> bool:
+  """True if every link goes both ways (an undirected graph; the diagonal is ignored)."""
+  s = _support(adjacency, symmetric=False)
+  return bool((s == s.T).all())
+
+
+def is_balanced(adjacency) -> bool:
+  """True if every node's in-degree equals its out-degree (row sums == column sums of the support).
+
+  Then ``balanced_mixing`` is doubly stochastic, so plain gossip keeps the average, and push-sum's
+  weights would stay 1 (its matrix for a *regular* balanced digraph is doubly stochastic too)."""
+  s = _support(adjacency, symmetric=False)
+  return bool((s.sum(1) == s.sum(0)).all())
+
+
+def _reach(s: np.ndarray, start: int) -> np.ndarray:
+  """Bool [N]: the nodes reachable from ``start`` along the links of ``s`` (s[i, j]: j -> i)."""
+  seen = np.zeros(s.shape[0], bool)
+  seen[start] = True
+  frontier = np.array([start])
+  while frontier.size:
+    nxt = np.flatnonzero(s[:, frontier].any(1) & ~seen)  # receivers of the frontier
+    seen[nxt] = True
+    frontier = nxt
+  return seen
+
+
+def is_strongly_connected(adjacency) -> bool:
+  """True if every silo reaches every other along the links' directions (for an undirected graph:
+  connected). A single silo is strongly connected."""
+  s = _support(adjacency, symmetric=False)
+  return bool(_reach(s, 0).all() and _reach(s.T, 0).all())
+
+
+def check_strongly_connected(adjacency, what: str = "the topology") -> None:
+  """Raises ``TopologyError`` unless the (directed) graph is strongly connected: otherwise gossip or
+  push-sum cannot reach consensus (a silo that no path leads to never receives the others' models;
+  one with no path out never spreads its own). The message names the silos and the fix."""
+  s = _support(adjacency, symmetric=False)
+  if s.shape[0] <= 1:
+    return
+  cut_off = np.flatnonzero(~_reach(s, 0)).tolist()  # node 0's models never reach them
+  silent = np.flatnonzero(~_reach(s.T, 0)).tolist()  # their models never reach node 0
+
+  def show(ids):
+    return f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
+
+  if cut_off or silent:
+    parts = []
+    if cut_off:
+      parts.append(f"node(s) {show(cut_off)} never receive node 0's model")
+    if silent:
+      parts.append(f"node 0 never receives the model of node(s) {show(silent)}")
+    raise TopologyError(
+      f"{what} is a directed graph that is not strongly connected ({'; '.join(parts)}), so the silos "
+      "cannot reach consensus; add links so that every silo has a directed path to every other (e.g. "
+      "close the chain into a ring), or list the links as undirected"
+    )
+
+
+def push_sum_matrix(adjacency) -> np.ndarray:
+  """Column-stochastic push-sum mixing matrix of a directed graph (float32 [N, N]).
+
+  Every silo j splits its mass equally over itself and its out-neighbours (the silos that receive
+  from it): A[i, j] = 1 / (1 + out_degree(j)) for i = j and every link j -> i, else 0. Columns sum
+  to 1, rows in general do not. Push-sum (Kempe, Dobra & Gehrke 2003; Nedic & Olshevsky 2015,
+  "stochastic gradient-push"; Assran et al. 2019, SGP) iterates numerators and weights with the same
+  matrix, x <- A x, w <- A w (w = 1 at the start), and reads the estimate z = x / w, which converges
+  to the plain average of the initial x on any strongly connected digraph. Raises ``TopologyError``
+  for a graph that is not strongly connected.
+  """
+  s = _support(adjacency, symmetric=False)
+  check_strongly_connected(s, "the push-sum topology")
+  share = 1.0 / (1.0 + s.sum(0))  # per sender j
+  a = np.where(s, share[None, :], 0.0)
+  np.fill_diagonal(a, share)
+  return a.astype(np.float32)
+
+
+def balanced_mixing(adjacency) -> np.ndarray:
+  """Doubly stochastic gossip matrix of a balanced digraph (in-degree == out-degree everywhere):
+
+      W = I - L / (1 + max in-degree),   L = D_in - S   (S[i, j] = 1 for the link j -> i),
+
+  rows sum to 1 (L 1 = 0) and, because the graph is balanced, columns too (1^T L = d_in - d_out = 0);
+  non-negative with W_ii > 0. The directed ring gets W = (I + P) / 2 (= ``ring(n, directed=True)``).
+  Note the uniform in-neighbour average (1 / (1 + d_in(i)) over i and its in-neighbours) is doubly
+  stochastic only for *regular* balanced digraphs, hence this matrix."""
+  s = _support(adjacency, symmetric=False)
+  if not is_balanced(s):
+    raise TopologyError("balanced_mixing needs in-degree == out-degree at every node; use push_sum_matrix")
+  d_in = s.sum(1)
+  alpha = 1.0 / (1.0 + float(d_in.max(initial=0)))
+  w = alpha * s.astype(np.float64)
+  np.fill_diagonal(w, 1.0 - alpha * d_in)
+  return w.astype(np.float32)
+
+
+def directed_mixing(adjacency) -> tuple[np.ndarray, bool]:
+  """Gossip matrix for a topology that may be directed: ``(W, push_sum)``.
+
+  * undirected (symmetric support): ``(metropolis_hastings(adjacency), False)``, as before;
+  * directed and balanced (e.g. FedEFM's directed Gaia ring): ``(balanced_mixing(adjacency), False)``,
+    doubly stochastic, so plain gossip x_i <- sum_j W[i, j] x_j keeps the average (push-sum's
+    weights would stay 1 for it, so no weights are needed);
+  * directed and unbalanced: ``(push_sum_matrix(adjacency), True)``, column-stochastic: mix with
+    push-sum weights (``push_sum_round``); plain gossip with it (or with any row-normalised average
+    over in-neighbours) reaches consensus on a *weighted* average, not the average.
+
+  The graph must be strongly connected (connected when undirected); else ``TopologyError``.
+  """
+  s = _support(adjacency, symmetric=False)
+  check_strongly_connected(s, "the gossip topology")
+  if is_symmetric(s):
+    return metropolis_hastings(s), False
+  if is_balanced(s):
+    return balanced_mixing(s), False
+  return push_sum_matrix(s), True
+
+
+def push_sum_weights(a, rounds: int) -> np.ndarray:
+  """Push-sum weights after ``rounds`` mixings with the column-stochastic ``a``: w = a^rounds 1 (float64
+  [N]; they sum to N). A function of the round only, so nothing needs to be checkpointed."""
+  a = np.asarray(a, np.float64)
+  if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+    raise ValueError(f"rounds={rounds!r} must be an integer >= 0")
+  w = np.ones(a.shape[0])
+  for _ in range(int(rounds)):
+    w = a @ w
+  return w
+
+
+def push_sum_round(a, rounds_done: int) -> np.ndarray:
+  """Row-stochastic matrix (float32 [N, N]) of one push-sum step in de-biased form.
+
+  With w = ``push_sum_weights(a, rounds_done)`` (the weights before this mixing, rounds_done = number
+  of earlier mixings, 0 for the first) and w' = a w:
+
+      W[i, j] = a[i, j] * w[j] / w'[i],
+
+  so mixing the silos' de-biased models z = x / w with ``aggregate.mix`` (z_i <- sum_j W[i, j] z_j)
+  is exactly push-sum's x <- a x, w <- a w followed by z = x / w. A function of
+  (``a``, ``rounds_done``) only, like MATCHA's per-round matrices. For a balanced digraph's doubly
+  stochastic ``a`` it is ``a`` itself in every round.
+
+  Local training between mixings: the models mixed are the trained z's, so silo j's local update
+  enters the numerator as w_j * (its change of z); w tends to N times the stationary distribution of
+  ``a``, so on an unbalanced digraph silos with more incoming mass weigh more in the consensus.
+  Stochastic gradient-push instead adds the raw update to x_j (needs the round-start model as well).
+  With w = 1 (balanced graphs) the two agree.
+  """
+  a64 = np.asarray(a, np.float64)
+  if a64.ndim != 2 or a64.shape[0] != a64.shape[1]:
+    raise ValueError(f"push-sum matrix must be square [N, N], got shape {a64.shape}")
+  if not is_column_stochastic(a64):
+    raise ValueError("push_sum_round needs a column-stochastic matrix (push_sum_matrix)")
+  w = push_sum_weights(a64, rounds_done)
+  return (a64 * w[None, :] / (a64 @ w)[:, None]).astype(np.float32)
