@@ -47,11 +47,25 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SERVER_OPTIMIZERS = OPTIMIZERS + ("yogi", "adagrad")  # fedkd.fl.engine.make_optimizer
 # FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
 # (fedkd.distill.emd.MARGINALS / WEIGHT_MODES), silo data types (len(fedkd.data.silos.DATA_TYPES)).
-FEDEFM_METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
+FEDEFM_METHODS = (
+  "scratch",
+  "centralized",
+  "fedavg",
+  "ring",
+  "matcha",
+  "moon",
+  "fedefm",
+  "fedefm_dfl",
+  "fedefm_uniform",
+  "fedefm_e0",
+  "fedavg_matched",
+  "fedprox",
+)
+FEDEFM_OBJECTIVES = ("segmentation", "source")
 EMD_MARGINALS = ("uniform", "cross_reference")
 EMD_WEIGHT_MODES = ("softmax", "sum", "raw")
 FEDEFM_MIXINGS = ("cfl", "dfl")
-FEDEFM_NUM_DATA_TYPES = 4
+FEDEFM_NUM_DATA_TYPES = 6
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -243,7 +257,12 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.pretrain.local_steps = 2  # silo steps per round
   c.pretrain.batch_size = 4  # images per silo step
   c.pretrain.examples_per_silo = 256  # training images per silo
-  c.pretrain.unseen_percent = 100.0  # FedEFM's "unseen label corpus": 100 = no shared data type
+  c.pretrain.unseen_percent = 100.0  # FedEFM's "unseen label corpus": 100 = one data type per silo, 0 = all types
+  # What the foundation is pretrained on (and scored on, over held-out images of every source):
+  # segmentation (partial labels; endpoint: mean Dice over source x labelled class) or source
+  # (classify which source = hospital profile x data type an image comes from, as the paper's released
+  # code; pooled encoder tokens -> linear head; endpoint: accuracy on a balanced held-out set).
+  c.pretrain.objective = "segmentation"
   c.pretrain.learning_rate = 1e-3  # silo AdamW (fresh state each round)
   c.pretrain.expert_learning_rate = 1e-3  # overseas experts: Adam from the visiting model
 
@@ -253,16 +272,25 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.fedefm.expert_steps = 1  # steps an overseas expert trains on the neighbour's data
   c.fedefm.emd_epsilon = 0.05  # entropic regularisation of the differentiable EMD (> 0)
   c.fedefm.emd_marginals = "uniform"  # uniform | cross_reference
-  c.fedefm.emd_iters = 50  # Sinkhorn iterations
+  c.fedefm.emd_iters = 0  # Sinkhorn iterations; 0 = sized to emd_epsilon so the plan converges
+  c.fedefm.emd_debias = True  # debiased similarity S(u,v) - (S(u,u) + S(v,v))/2 + 1 (S(u,u) = 1)
   c.fedefm.weight_mode = "softmax"  # softmax | sum | raw
   c.fedefm.weight_temperature = 0.1  # softmax temperature of EMD weights
   c.fedefm.detach_weights = True  # stop gradients through the EMD weights
   c.fedefm.mixing = "cfl"  # cfl (client-server) | dfl (gossip over the topology)
-  c.fedefm.topology = "ring"  # ring | complete | gaia | file:<path>: neighbours and DFL mixing
+  # Neighbours (overseas experts) and DFL mixing: ring | complete | gaia (Gaia underlay, undirected) |
+  # gaia_ring (the paper's directed ring over the 11 Gaia silos) | file:<path>. Undirected graphs mix
+  # with Metropolis-Hastings weights; directed ones by push-sum (column-stochastic, weights carried).
+  c.fedefm.topology = "ring"
+  c.fedefm.directed = False  # file:<path> topologies: read the edges as directed (i -> j)
   c.fedefm.matcha_budget = 0.5  # MATCHA communication budget (0..1)
   c.fedefm.warmup_rounds = 1  # rounds of plain local training before distillation (paper: 1)
   c.fedefm.moon_mu = 1.0  # MOON baseline
   c.fedefm.moon_tau = 0.5  # MOON temperature
+  c.fedefm.prox_mu = 0.01  # fedprox control: proximal weight mu (loss + mu/2 |w - w_round_start|^2)
+  # fedavg_matched control: FedAvg with this many times the local steps, so its gradient compute per
+  # round matches FedEFM's; 0 = the ratio of the two round programs' FLOPs (XLA cost analysis), rounded.
+  c.fedefm.matched_steps_factor = 0
 
   # Foundation (teacher) and downstream (student) models. name: transunet (the paper's backbone:
   # patch_size, stem_width, hidden, num_layers, num_heads, mlp_dim, decoder_width, skips) or unet
@@ -315,9 +343,14 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.downstream.kd_temperature = 2.0  # pixel KD temperature
 
   c.experiment = ml_collections.ConfigDict()
-  c.experiment.methods = "scratch,centralized,fedavg,ring,matcha,moon,fedefm"  # foundations compared in the main table
+  # Foundations compared in the main table: baselines, FedEFM (CFL: fedefm, DFL: fedefm_dfl) and its
+  # controls (uniform neighbour weights, expert_steps=0 = KD to the round's own model, FedAvg with
+  # matched gradient compute, FedProx).
+  c.experiment.methods = (
+    "scratch,centralized,fedavg,ring,matcha,moon,fedefm,fedefm_dfl,fedefm_uniform,fedefm_e0,fedavg_matched,fedprox"
+  )
   c.experiment.kd_methods = "fedavg,fedefm"  # also fine-tuned with teacher KD from their foundation
-  c.experiment.seeds = "0,1,2"  # comma list of seeds
+  c.experiment.seeds = "0,1,2,3,4"  # comma list of seeds (paired statistics need >= 5)
   c.experiment.ablation_percents = "0,50"  # extra unseen-label % runs (the main table is pretrain.unseen_percent)
   c.experiment.ablation_methods = "fedavg,fedefm"  # methods of the unseen-% ablation
 
@@ -330,6 +363,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.engine.client_chunk = 8  # chunked: silos per chunk
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # images per prediction batch
+  c.eval.foundation_every = 10  # pretraining rounds between foundation evaluations (pretraining curves)
+  c.eval.heldout_per_source = 32  # held-out images per source for the foundation endpoint
   # In-run checkpoints of each pretraining run (foundation) every this many rounds; a stopped or
   # preempted experiment resumes inside the run it was in.
   c.checkpoint = ml_collections.ConfigDict()
@@ -880,13 +915,16 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     "downstream.batch_size",
     "eval.batch_size",
     "fedefm.expert_steps",
-    "fedefm.emd_iters",
     "checkpoint.every",
     "checkpoint.max_to_keep",
     "log_every",
   ):
     _number(c, key, pos, ">= 1", integer=True)
-  _number(c, "fedefm.warmup_rounds", nonneg, ">= 0", integer=True)
+  for key in ("fedefm.warmup_rounds", "fedefm.emd_iters", "fedefm.matched_steps_factor"):
+    _number(c, key, nonneg, ">= 0", integer=True)
+  for key in ("eval.foundation_every", "eval.heldout_per_source"):
+    _number(c, key, pos, ">= 1", integer=True)
+  _choice(c, "pretrain.objective", FEDEFM_OBJECTIVES)
   for key in (
     "pretrain.learning_rate",
     "pretrain.expert_learning_rate",
@@ -898,7 +936,7 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     "downstream.kd_temperature",
   ):
     _number(c, key, pos, "> 0")
-  for key in ("fedefm.moon_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
+  for key in ("fedefm.moon_mu", "fedefm.prox_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
     _number(c, key, nonneg, ">= 0")
   for key in ("fedefm.beta", "fedefm.matcha_budget"):
     _number(c, key, unit, "in [0, 1]")
@@ -909,13 +947,9 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   _choice(c, "engine.client_layout", CLIENT_LAYOUTS)
   _choice(c, "engine.conv_lowering", CONV_LOWERINGS)
   _number(c, "engine.client_chunk", pos, ">= 1", integer=True)
-  if not isinstance(c.fedefm.detach_weights, bool):
-    raise ConfigError(f"config.fedefm.detach_weights={c.fedefm.detach_weights!r} must be True or False")
-  if c.pretrain.unseen_percent == 100 and c.pretrain.num_silos > FEDEFM_NUM_DATA_TYPES:
-    raise ConfigError(
-      f"config.pretrain.num_silos={c.pretrain.num_silos}: 100% unseen labels needs at "
-      f"most {FEDEFM_NUM_DATA_TYPES} silos (one data type each)"
-    )
+  for key in ("detach_weights", "emd_debias", "directed"):
+    if not isinstance(c.fedefm[key], bool):
+      raise ConfigError(f"config.fedefm.{key}={c.fedefm[key]!r} must be True or False")
   if c.fedefm.expert_steps > c.pretrain.local_steps:
     raise ConfigError(
       f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
@@ -950,7 +984,7 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   if any(s < 0 for s in seeds):
     raise ConfigError(f"config.experiment.seeds={c.experiment.seeds!r}: seeds must be >= 0")
   for p in percents:
-    if not math.isfinite(p) or not 0 <= p <= 100 or (p == 100 and c.pretrain.num_silos > FEDEFM_NUM_DATA_TYPES):
+    if not math.isfinite(p) or not 0 <= p <= 100:
       raise ConfigError(f"config.experiment.ablation_percents: {p} is not a valid unseen-label %")
   if c.teacher.name != c.student.name or c.teacher.name not in ("transunet", "unet"):
     raise ConfigError(

@@ -128,6 +128,42 @@ def _replace_atomic(path: str, write) -> None:
   os.replace(tmp, path)
 
 
+def write_text(path: str, text: str) -> None:
+  """A text file written atomically."""
+  _replace_atomic(path, lambda f: f.write(text))
+
+
+def environment() -> dict:
+  """What produced a table: machine (CPU model, cores), accelerator, Python / jax / jaxlib / XLA
+  versions, thread and XLA flags -- saved next to every results table (numbers differ between
+  machines and XLA builds)."""
+  import platform
+  import sys
+
+  import jax
+  import jaxlib
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return {
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "python": sys.version.split()[0],
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "backend": jax.default_backend(),
+    "devices": sorted({d.device_kind for d in jax.devices()}),
+    "device_count": jax.device_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+  }
+
+
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
   """A CSV file written atomically (a reader never sees half a table)."""
 
@@ -441,6 +477,23 @@ def errorbar_plot(
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   else:
     ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def heatmap(matrix, row_labels: Sequence[str], path: str, xlabel: str = "", title: str = "") -> None:
+  """A [rows, columns] matrix as an image with a colour bar (e.g. EMD weights: silo x neighbour rows,
+  rounds as columns)."""
+  m = np.asarray(matrix, np.float64)
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(min(12, 3 + 0.08 * m.shape[1]), 1.2 + 0.25 * m.shape[0]))
+  im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis")
+  ax.set_yticks(range(len(row_labels)))
+  ax.set_yticklabels(row_labels, fontsize=6)
+  ax.set_xlabel(xlabel)
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

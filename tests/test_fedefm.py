@@ -213,12 +213,13 @@ def test_experiment_config_errors():
   from fedkd.tasks.fedefm import validate
 
   c = fedefm_base_config()
-  c.experiment.methods = "fedavg,fedprox"
-  with pytest.raises(ConfigError, match="unknown method 'fedprox'"):
+  c.experiment.methods = "fedavg,fedfoo"
+  with pytest.raises(ConfigError, match="unknown method 'fedfoo'"):
     validate(c)
   c = fedefm_base_config()
   c.pretrain.num_silos = 5
-  with pytest.raises(ConfigError, match="at most 4 silos"):
+  c.fedefm.topology = "gaia_ring"  # the directed Gaia ring has 11 silos
+  with pytest.raises(ConfigError, match="has 11 nodes but config.pretrain.num_silos=5"):
     validate(c)
   c = fedefm_base_config()
   c.student.hidden = 16
@@ -244,7 +245,12 @@ BAD_SETTINGS = [
   ("fedefm.mixing", "p2p", r"config.fedefm.mixing='p2p' is unknown; use one of cfl, dfl"),
   ("fedefm.temperature", 0.0, r"config.fedefm.temperature=0.0 must be a number > 0; set --config.fedefm.temperature"),
   ("fedefm.emd_epsilon", -0.1, r"config.fedefm.emd_epsilon=-0.1 must be a number > 0"),
-  ("fedefm.emd_iters", 0, r"config.fedefm.emd_iters=0 must be an integer >= 1"),
+  ("fedefm.emd_iters", -1, r"config.fedefm.emd_iters=-1 must be an integer >= 0"),
+  ("fedefm.prox_mu", -0.1, r"config.fedefm.prox_mu=-0.1 must be a number >= 0"),
+  ("fedefm.matched_steps_factor", -1, r"config.fedefm.matched_steps_factor=-1 must be an integer >= 0"),
+  ("pretrain.objective", "depth", r"config.pretrain.objective='depth' is unknown; use one of segmentation, source"),
+  ("eval.foundation_every", 0, r"config.eval.foundation_every=0 must be an integer >= 1"),
+  ("eval.heldout_per_source", 0, r"config.eval.heldout_per_source=0 must be an integer >= 1"),
   ("fedefm.weight_temperature", 0.0, r"config.fedefm.weight_temperature=0.0 must be a number > 0"),
   ("fedefm.beta", 1.5, r"config.fedefm.beta=1.5 must be a number in \[0, 1\]"),
   ("fedefm.beta", -0.1, r"config.fedefm.beta=-0.1 must be a number in \[0, 1\]"),
@@ -253,7 +259,7 @@ BAD_SETTINGS = [
   ("fedefm.moon_mu", -1.0, r"config.fedefm.moon_mu=-1.0 must be a number >= 0"),
   ("fedefm.warmup_rounds", -1, r"config.fedefm.warmup_rounds=-1 must be an integer >= 0"),
   ("fedefm.expert_steps", 0, r"config.fedefm.expert_steps=0 must be an integer >= 1"),
-  ("fedefm.topology", "star", r"config.fedefm.topology='star': use ring, complete, gaia or file:<path>"),
+  ("fedefm.topology", "star", r"config.fedefm.topology='star': use ring, complete, gaia, gaia_ring or file:<path>"),
   (
     "fedefm.topology",
     "file:/no/such/graph.txt",
@@ -385,6 +391,7 @@ def test_results_tables_mean_and_sample_std_over_seeds(tmp_path):
     np.testing.assert_allclose(float(table[0][f"{k}_std"]), vals.std(ddof=1), rtol=1e-12)
     assert float(table[1][f"{k}_mean"]) == rows[3][k] and math.isnan(float(table[1][f"{k}_std"]))
   md = (tmp_path / "results.md").read_text()
-  assert "sample std (ddof=1)" in md and "| 100 | fedefm | yes | 1 | " + f"{rows[3][keys[0]]:.3f} ± n/a |" in md
+  # no foundation endpoint in these rows: an empty cell
+  assert "sample std (ddof=1)" in md and "| 100 | fedefm | yes | 1 |  | " + f"{rows[3][keys[0]]:.3f} ± n/a |" in md
   m0 = np.array([r[keys[0]] for r in rows[:3]])
-  assert f"| 100 | fedefm | no | 3 | {m0.mean():.3f} ± {m0.std(ddof=1):.3f} |" in md
+  assert f"| 100 | fedefm | no | 3 |  | {m0.mean():.3f} ± {m0.std(ddof=1):.3f} |" in md

@@ -259,5 +259,5 @@ def test_every_pretraining_baseline_runs_through_the_task(method, tmp_path):
   foundation, metrics = exp.pretrain(method, 100.0, 0)
   _, _, params0 = init_model(c.teacher, 0)
   leaves, init = jax.tree.leaves(foundation), jax.tree.leaves(params0)
-  assert all(np.isfinite(a).all() for a in leaves) and np.isfinite(metrics["loss"]).all()
+  assert all(np.isfinite(a).all() for a in leaves) and np.isfinite(metrics["last"]["loss"]).all()
   assert max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(leaves, init)) > 0

@@ -45,8 +45,11 @@ def test_sources_extend_the_original_four():
 
 def test_table_rows_are_the_sources_and_the_target(data):
   """Row SOURCE_ROWS[s] of the generator table is source s's profile and labels; the target stays row 4."""
-  profiles = {p.name: p for p in sites_lib.make_sites(9)[0]}
+  profiles = {p.name: p for p in sites_lib.make_sites(5)[0]}
   profiles[sites_lib.UNSEEN_SITE.name] = sites_lib.UNSEEN_SITE
+  # the sixth source: the flat panel with the pediatric knobs written here again
+  ped = {"dose": (500.0, 1000.0), "anatomy_scale": (0.5, 0.65)}
+  profiles["pediatric_flatpanel_low_dose"] = type("P", (), {**vars(profiles["flatpanel_1024_cine"]), **ped})
   assert data.num_sources == silos.NUM_SOURCES and data.target_row == 4
   named = [(silos.SOURCE_ROWS[s], silos.DATA_TYPES[s]) for s in range(silos.NUM_SOURCES)] + [(4, silos.TARGET)]
   assert sorted(r for r, _ in named) == list(range(silos.NUM_SOURCES + 1))

@@ -8,7 +8,7 @@ Pretraining data sources (= data types; hospital profile x labelled structures, 
   2 silicone phantom on a bench                                labels catheter + guidewire
   3 clean software simulator                                   labels catheter + guidewire + vessel
   4 image-intensifier fluoroscopy (noisy, lossy archive)       labels catheter + guidewire
-  5 porcine angiography (a second animal lab, jittered)        labels vessel
+  5 pediatric flat panel (low dose, small anatomy, collimated)  labels vessel
 
 Each silo holds the sources given by ``partition.unseen_label_corpus(num_silos, NUM_SOURCES,
 unseen_percent)`` (100 % = one source per silo; silos i and i + NUM_SOURCES share one).
@@ -22,6 +22,8 @@ sources) and ``target(split=1)`` use split 1, so they never coincide with a trai
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,14 +33,25 @@ from fedkd.data import synth
 
 # (hospital profile, labelled structures) of each pretraining data source. The first four are the
 # original FedEFM types (same order, same images); profile names are those of
-# ``sites.make_sites(9)`` (the five base hospitals, then jittered copies, e.g. animal_porcine_c8).
+# ``sites.make_sites`` (the five base hospitals) and ``PEDIATRIC``.
 DATA_TYPES = (
   ("flatpanel_1024_cine", "vessel"),
   ("animal_porcine", "catheter"),
   ("silicone_phantom", "catheter_guidewire"),
   ("simulator_clean", "all"),
   ("ii_512_fluoro", "catheter_guidewire"),
-  ("animal_porcine_c8", "vessel"),
+  ("pediatric_flatpanel_low_dose", "vessel"),
+)
+# The sixth source's hospital (the five base hospitals of ``fedkd.data.sites`` are sources 0-4): a
+# pediatric flat-panel lab -- the cardiac flat panel at a lower dose, small anatomy, tight collimation and
+# a brighter display gamma, so a source classifier can tell it from the adult flat panel (a +-12 %
+# jittered copy of a base hospital, as ``make_sites`` makes for client 5+, cannot be told apart).
+PEDIATRIC = dict(
+  name="pediatric_flatpanel_low_dose",
+  dose=(500.0, 1000.0),
+  anatomy_scale=(0.5, 0.65),
+  shutter=(0.15, 0.3),
+  gamma=(0.6, 0.75),
 )
 NUM_SOURCES = len(DATA_TYPES)
 # (hospital profile, labelled structures) of the downstream site the foundation is fine-tuned for.
@@ -63,7 +76,8 @@ class SiloData:
 
   def __init__(self, c):
     self.c = c
-    bases = {s.name: s for s in list(sites_lib.make_sites(9)[0]) + [sites_lib.make_sites(1)[1]]}
+    bases = {s.name: s for s in list(sites_lib.make_sites(5)[0]) + [sites_lib.make_sites(1)[1]]}
+    bases[PEDIATRIC["name"]] = dataclasses.replace(bases["flatpanel_1024_cine"], **PEDIATRIC)
     by_row = list(DATA_TYPES[:TARGET_ROW]) + [TARGET] + list(DATA_TYPES[TARGET_ROW:])
     self.table = sites_lib.site_table([sites_lib.with_data_type(bases[s], t) for s, t in by_row])
     self.target_row = TARGET_ROW

@@ -21,14 +21,13 @@ mesh axis. One round, for every silo i in parallel:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedkd.distill import emd as emd_lib
-from fedkd.distill.losses import kd_kl
+from fedkd.distill.losses import kd_kl, multishot_distill_loss
 from fedkd.fl.algorithm import Algorithm, ClientOutput, local_sgd
 from fedkd.fl.algorithms import moon
 
@@ -42,23 +41,30 @@ class FedEFMOptions:
   emd_epsilon: float = 0.05
   emd_marginals: str = "uniform"  # uniform | cross_reference
   emd_iters: int = 50
-  weight_mode: str = "softmax"  # softmax | sum | raw
+  emd_debias: bool = False  # Sinkhorn-divergence-style debiased similarity (S(u,u) = 1)
+  weight_mode: str = "softmax"  # softmax | sum | raw | uniform (control: EMD not used)
   weight_temperature: float = 0.1
   detach_weights: bool = True
   mixing: str = "cfl"  # cfl | dfl
   moon_mu: float = 0.0  # > 0: MOON model-contrastive term (baseline)
   moon_tau: float = 0.5
+  prox_mu: float = 0.0  # > 0: FedProx proximal term (mu / 2) |q - start|^2 (control)
 
 
 def expert_similarities(student_feats, expert_feats, opts: FedEFMOptions):
   """student_feats [B, h, w, C], expert_feats [J, B, h, w, C] -> S [J] (batch-mean EMD similarity)."""
   u = emd_lib.dense_features_to_nodes(student_feats)  # [B, n, C]
   v = emd_lib.dense_features_to_nodes(expert_feats)  # [J, B, n, C]
-  sim = functools.partial(
-    emd_lib.emd_similarity, epsilon=opts.emd_epsilon, marginals=opts.emd_marginals, num_iters=opts.emd_iters
-  )
-  per = jax.vmap(lambda vj: jax.vmap(sim)(u, vj))(v)  # [J, B]
-  return jnp.mean(per, axis=1)
+  kw = dict(epsilon=opts.emd_epsilon, marginals=opts.emd_marginals, num_iters=opts.emd_iters or None)
+  if opts.emd_debias:
+    kw["debias"] = True
+
+  def sim(a, b):
+    s, err = emd_lib.emd_similarity(a, b, return_error=True, **kw)
+    return s, err
+
+  per, err = jax.vmap(lambda vj: jax.vmap(sim)(u, vj))(v)  # [J, B] each
+  return jnp.mean(per, axis=1), jnp.max(err)
 
 
 class FedEFMSilo(Algorithm):
@@ -88,7 +94,7 @@ class FedEFMSilo(Algorithm):
     return {"params": params, "prev": params}
 
   def gather(self, batch):
-    if not self.opts.distill:
+    if not self.opts.distill or self.opts.expert_steps == 0:
       return None
     k = self.opts.expert_steps
     return {"x": batch["x"][:, :k], "y": batch["y"][:, :k]}
@@ -96,15 +102,20 @@ class FedEFMSilo(Algorithm):
   def client(self, ctx, server, row, batch, gathered):
     o = self.opts
     p, prev, x_own, y_own = row["params"], row["prev"], batch["x"], batch["y"]
-    glob = p  # the model the silo received this round (MOON's positive)
+    glob = p  # the model the silo received this round (MOON's positive, FedProx's anchor)
     experts = None
     if o.distill:
+      if o.expert_steps == 0:  # control: the "experts" are the silo's own start model (KD to it)
+        experts = jax.tree.map(lambda a: jnp.broadcast_to(a, batch["nbr"].shape + a.shape), p)
+      else:
 
-      def make_expert(j):
-        local, _, _ = local_sgd(ctx.seg_loss, self.expert_tx, p, gathered["x"][j], gathered["y"][j], unroll=ctx.unroll)
-        return local
+        def make_expert(j):
+          local, _, _ = local_sgd(
+            ctx.seg_loss, self.expert_tx, p, gathered["x"][j], gathered["y"][j], unroll=ctx.unroll
+          )
+          return local
 
-      experts = jax.vmap(make_expert)(batch["nbr"])
+        experts = jax.vmap(make_expert)(batch["nbr"])
 
     def silo_loss(q, x, y):
       logits, feats = ctx.forward(q, x, features=True)
@@ -113,28 +124,43 @@ class FedEFMSilo(Algorithm):
       total = seg
       if o.distill:
         e_logits, e_feats = jax.vmap(lambda e: ctx.forward(e, x, features=True))(experts)
-        sims = expert_similarities(feats, e_feats, o)
-        w = emd_lib.emd_weights(sims, o.weight_mode, o.weight_temperature, o.detach_weights, batch["nbr_mask"])
-        kd = jnp.sum(w * jax.vmap(lambda z: kd_kl(logits, z, o.temperature))(e_logits))
-        total = o.beta * kd + (1.0 - o.beta) * seg
-        aux.update(kd=kd, sims=sims, w=w)
+        mask = batch["nbr_mask"]
+        if o.weight_mode == "uniform":  # control: every neighbour the same weight, no EMD
+          w = mask.astype(jnp.float32) / jnp.maximum(jnp.sum(mask), 1)
+          sims, err = jnp.zeros(mask.shape, jnp.float32), jnp.zeros((), jnp.float32)
+        else:
+          sims, err = expert_similarities(feats, e_feats, o)
+          w = emd_lib.emd_weights(sims, o.weight_mode, o.weight_temperature, o.detach_weights, mask)
+        total = multishot_distill_loss(logits, e_logits, w, seg, o.beta, o.temperature)
+        kd = jnp.sum(w * jax.vmap(lambda z: kd_kl(logits, z, o.temperature))(jax.lax.stop_gradient(e_logits)))
+        aux.update(kd=jax.lax.stop_gradient(kd), sims=sims, w=w, emd_error=err)
       if o.moon_mu > 0:
         zg, zp = ctx.forward(glob, x, features=True)[1], ctx.forward(prev, x, features=True)[1]
         con = moon.contrastive(moon.pooled(feats), moon.pooled(zg), moon.pooled(zp), o.moon_tau)
         total = total + o.moon_mu * con
         aux["moon"] = con
+      if o.prox_mu > 0:
+        sq = sum(
+          jnp.sum((a - jax.lax.stop_gradient(b)) ** 2) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(glob))
+        )
+        total = total + 0.5 * o.prox_mu * sq
       return total, aux
 
     q, loss, aux = local_sgd(silo_loss, ctx.tx, p, x_own, y_own, unroll=ctx.unroll, has_aux=True)
     metrics = {"seg": jnp.mean(aux["seg"])}
     if o.distill:
-      metrics.update(kd=jnp.mean(aux["kd"]), sims=jnp.mean(aux["sims"], 0), w=jnp.mean(aux["w"], 0))
+      metrics.update(
+        kd=jnp.mean(aux["kd"]),
+        sims=jnp.mean(aux["sims"], 0),
+        w=jnp.mean(aux["w"], 0),
+        emd_error=jnp.max(aux["emd_error"]),
+      )
     return ClientOutput(upload=q, loss=loss, row={"params": q, "prev": q}, metrics=metrics)
 
   def server(self, server, aggregate, sums, rows):
     if self.aggregator == "mean":  # CFL: every silo continues from the weighted mean
       mixed = jax.tree.map(lambda m, a: jnp.broadcast_to(m, a.shape), aggregate, rows["params"])
-    else:  # DFL: this silo's row of the gossip
+    else:  # DFL: this silo's row of the gossip (directed graphs: push-sum's round matrix, see the task)
       mixed = aggregate
     return dict(server, round=server["round"] + 1), {"params": mixed, "prev": rows["prev"]}
 

@@ -3,17 +3,20 @@ overlap, then a student fine-tuned on a small set from an unseen hospital, for e
 plus the unseen-label-% ablation; writes results.md / results.csv (mean +- sample std over seeds, as
 fedkd.report writes every table).
 
-Silo data (``fedkd.data.silos``): pretraining data types (hospital profile x labelled structures):
-  vessel angiography (flat-panel, human-like anatomy), catheter-only (animal), catheter+guidewire
-  (silicone phantom), everything labelled (clean simulator). Label space of the foundation:
-  background, catheter, guidewire, vessel. Each silo holds a mixture of types given by
-  ``partition.unseen_label_corpus(num_silos, 4, unseen_percent)`` (100 % = no shared type).
+Silo data (``fedkd.data.silos``): six pretraining sources (hospital profile x labelled structures).
+  Label space of the foundation: background, catheter, guidewire, vessel. At x % unseen each silo holds
+  ``partition.unseen_label_corpus`` 's type set (100 % = its home source only, 0 % = all sources).
+Foundation endpoint (``pretrain.objective``): segmentation -> mean Dice over source x labelled class on
+  held-out images of every source; source -> source-classification accuracy (pooled tokens -> linear head).
 Downstream: the held-out hospital profile (``unseen_mobile_c_arm``), catheter+guidewire labels,
 ``downstream.train_examples`` images; scored on ``downstream.test_examples`` held-out images.
 
 Methods: scratch (no foundation), centralized (all silos' data pooled, one model, same images),
 fedavg (CFL), ring and matcha (DFL gossip without distillation), moon (CFL + model-contrastive loss),
-fedefm (overseas experts + EMD-weighted multishot distillation, then ``fedefm.mixing``).
+fedefm (overseas experts + EMD-weighted multishot distillation, then ``fedefm.mixing``), fedefm_dfl
+(the same with gossip), and the controls fedefm_uniform (uniform neighbour weights), fedefm_e0
+(expert_steps = 0: KD to the silo's own round-start model), fedavg_matched (FedAvg with FedEFM's
+gradient compute per round) and fedprox (a proximal pull to the round's model).
 Each finished (percent, method, kd, seed) is appended to results_raw.jsonl; re-running the same
 command skips finished entries.
 
@@ -61,7 +64,24 @@ from fedkd.preemption import Stopped
 from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.workdir import write_atomic
 
-METHODS = ("scratch", "centralized", "fedavg", "ring", "matcha", "moon", "fedefm")
+METHODS = (
+  "scratch",
+  "centralized",
+  "fedavg",
+  "ring",
+  "matcha",
+  "moon",
+  "fedefm",
+  "fedefm_dfl",
+  "fedefm_uniform",
+  "fedefm_e0",
+  "fedavg_matched",
+  "fedprox",
+)
+# Methods that distil from overseas experts (after the warm-up rounds); the rest train on their own data.
+DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
+# Methods whose silos mix by gossip over the topology (DFL); "fedefm" follows config.fedefm.mixing.
+GOSSIP = ("ring", "matcha", "fedefm_dfl")
 SEG_LOSS = ml_collections.ConfigDict(dict(name="dice_ce", ce_weight=0.5, dice_weight=0.5))
 RESULT_KEYS = (
   "unseen_percent",
@@ -84,7 +104,8 @@ def _print(msg: str) -> None:
 
 
 def load_adjacency(c) -> np.ndarray:
-  """Bool [N, N] neighbour graph of ``config.fedefm.topology`` (no self loops); ConfigError else."""
+  """Bool [N, N] neighbour graph of ``config.fedefm.topology`` (no self loops; directed for gaia_ring
+  and for file:<path> with config.fedefm.directed); ConfigError else."""
   n, topo = c.pretrain.num_silos, c.fedefm.topology
   try:
     if topo == "ring":
@@ -93,10 +114,12 @@ def load_adjacency(c) -> np.ndarray:
       adj = topology.complete(n) > 0
     elif topo == "gaia":
       adj = topology.gaia_adjacency()[:n, :n] > 0
+    elif topo == "gaia_ring":
+      adj = topology.gaia_ring_adjacency(directed=True)
     elif isinstance(topo, str) and topo.startswith("file:"):
-      adj = topology.from_file(topo[5:]) > 0
+      adj = topology.from_file(topo[5:], directed=bool(c.fedefm.directed)) > 0
     else:
-      raise ConfigError(f"config.fedefm.topology={topo!r}: use ring, complete, gaia or file:<path>")
+      raise ConfigError(f"config.fedefm.topology={topo!r}: use ring, complete, gaia, gaia_ring or file:<path>")
   except ConfigError:
     raise
   except (OSError, ValueError) as e:  # TopologyError is a ValueError
@@ -164,6 +187,10 @@ def _cached(key, make):
   return _CACHE[key]
 
 
+def opts_distill(alg) -> bool:
+  return bool(alg.opts.distill and alg.opts.expert_steps > 0)
+
+
 def _json(tree) -> str:
   return json.dumps(tree.to_dict() if isinstance(tree, ml_collections.ConfigDict) else tree, sort_keys=True)
 
@@ -198,7 +225,8 @@ class Experiment:
     self.parsed = validate(c)
     self.cfg_json = ckpt_lib.config_json(c)
     self.adj = self.parsed["adjacency"]
-    self.gossip_w = topology.metropolis_hastings(self.adj)
+    # undirected: Metropolis-Hastings; balanced digraph: doubly stochastic; else push-sum (column-stochastic A)
+    self.gossip_w, self.push_sum = topology.directed_mixing(self.adj)
     self.data = SiloData(c)
     self.seg_loss = make_segmentation_loss(SEG_LOSS)
     self._teacher_key = ("model", _json(c.teacher), c.image_size)
@@ -217,6 +245,26 @@ class Experiment:
     c = self.c
     self.t_apply, self.t_apply_wf = _cached(self._teacher_key, lambda: _build_model(c.teacher, c.image_size))
     self.s_apply, self.s_apply_wf = _cached(self._student_key, lambda: _build_model(c.student, c.image_size))
+    # The pretrained model: the teacher, plus (objective "source") a linear head on its pooled tokens.
+    if c.pretrain.objective == "source":
+      net_apply_wf = self.t_apply_wf
+
+      def f_apply_wf(p, x):
+        _, tokens = net_apply_wf(p["net"], x)
+        t = tokens.astype(jnp.float32)
+        axes = tuple(range(1, t.ndim - 1))  # mean and std over the token grid: content and texture
+        pooled = jnp.concatenate([jnp.mean(t, axes), jnp.std(t, axes)], axis=-1)
+        return pooled @ p["head"]["w"] + p["head"]["b"], tokens
+
+      self.f_apply_wf = f_apply_wf
+      self.f_loss = lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    else:
+      self.f_apply_wf, self.f_loss = self.t_apply_wf, self.seg_loss
+    apply_wf = self.f_apply_wf
+    self.f_predict = _cached(
+      ("f_predict", self._teacher_key, c.pretrain.objective, self.data.num_sources, c.eval.batch_size),
+      lambda: make_predictor(lambda p, x: apply_wf(p, x)[0], c.eval.batch_size),
+    )
     # compiled once for all runs
     self.predict = _cached(
       ("predict", self._student_key, c.eval.batch_size), lambda: make_predictor(self.s_apply, c.eval.batch_size)
@@ -236,25 +284,30 @@ class Experiment:
 
   # ------------------------------------------------------------------ pretraining
 
+  def _mixing(self, method: str) -> str:
+    if method in GOSSIP or (method == "fedefm" and self.c.fedefm.mixing == "dfl"):
+      return "dfl"
+    return "cfl"
+
   def _options(self, method: str, distill: bool) -> fedefm_lib.FedEFMOptions:
     f = self.c.fedefm
-    mixing = {"fedavg": "cfl", "moon": "cfl", "centralized": "cfl", "ring": "dfl", "matcha": "dfl", "fedefm": f.mixing}[
-      method
-    ]
+    mixing = self._mixing(method)
     return fedefm_lib.FedEFMOptions(
       distill=distill,
       beta=f.beta,
       temperature=f.temperature,
-      expert_steps=f.expert_steps,
+      expert_steps=0 if method == "fedefm_e0" else f.expert_steps,
       emd_epsilon=f.emd_epsilon,
       emd_marginals=f.emd_marginals,
       emd_iters=f.emd_iters,
-      weight_mode=f.weight_mode,
+      emd_debias=f.emd_debias,
+      weight_mode="uniform" if method == "fedefm_uniform" else f.weight_mode,
       weight_temperature=f.weight_temperature,
       detach_weights=f.detach_weights,
       mixing=mixing,
       moon_mu=f.moon_mu if method == "moon" else 0.0,
       moon_tau=f.moon_tau,
+      prox_mu=f.prox_mu if method == "fedprox" else 0.0,
     )
 
   def _engine_options(self, method: str) -> engine.EngineOptions:
@@ -269,25 +322,103 @@ class Experiment:
       client_chunk=e.client_chunk,
     )
 
-  def _round_fn(self, method: str, distill: bool):
-    """The engine's round function for ``method``: ``(server, rows, batch, weights, W) -> (server, rows,
-    metrics)`` with the silo models as rows (:class:`fedkd.distill.fedefm.FedEFMSilo`)."""
+  def _program(self, method: str, distill: bool):
+    """(round function, algorithm, client context) for ``method``: the engine's ``(server, rows, batch,
+    weights, W) -> (server, rows, metrics)`` with the silo models as rows
+    (:class:`fedkd.distill.fedefm.FedEFMSilo`)."""
     # Keyed by what the program computes: methods with the same options (fedavg and FedEFM's warm-up
     # rounds, ring and matcha) share one compiled program.
     opts, p = self._options(method, distill), self.c.pretrain
     mesh = self.mesh1 if method == "centralized" else self.mesh
     eopts = self._engine_options(method)
-    key = ("round", self._teacher_key, p.learning_rate, p.expert_learning_rate, opts, mesh.size, eopts)
+    key = (
+      "round",
+      self._teacher_key,
+      p.objective,
+      self.data.num_sources,
+      p.learning_rate,
+      p.expert_learning_rate,
+      opts,
+      mesh.size,
+      eopts,
+    )
 
     def build():
-      t_apply_wf = self.t_apply_wf
-      ctx = ClientContext(
-        lambda q, x: t_apply_wf(q, x)[0], self.seg_loss, optax.adamw(p.learning_rate), apply_wf=t_apply_wf
-      )
+      apply_wf = self.f_apply_wf
+      ctx = ClientContext(lambda q, x: apply_wf(q, x)[0], self.f_loss, optax.adamw(p.learning_rate), apply_wf=apply_wf)
       alg = fedefm_lib.FedEFMSilo(opts, optax.adam(p.expert_learning_rate))
-      return engine.make_round_fn(alg, ctx, mesh, eopts)
+      return engine.make_round_fn(alg, ctx, mesh, eopts), alg, ctx
 
     return _cached(key, build)
+
+  def _round_fn(self, method: str, distill: bool):
+    return self._program(method, distill)[0]
+
+  def init_foundation(self, seed: int):
+    """The pretrained model's initial parameters: the teacher's, plus the source head (objective source)."""
+    _, _, params = init_model(self.c.teacher, seed)
+    if self.c.pretrain.objective != "source":
+      return params
+    feats = jax.eval_shape(
+      self.t_apply_wf, params, jax.ShapeDtypeStruct((1, self.c.image_size, self.c.image_size, 1), jnp.float32)
+    )[1]
+    dim, k = 2 * feats.shape[-1], self.data.num_sources  # pooled mean and std of the tokens
+    w = jax.random.normal(jax.random.key(seed + 77), (dim, k), jnp.float32) / np.sqrt(dim)
+    return {"net": params, "head": {"w": w, "b": jnp.zeros((k,), jnp.float32)}}
+
+  def client_flops(self, method: str, distill: bool) -> float:
+    """FLOPs of one silo's round (local training; for distilling methods also its overseas experts and
+    the EMD), from XLA's cost analysis of that silo's part of the round program."""
+    c, p = self.c, self.c.pretrain
+    key = (
+      "flops",
+      self._teacher_key,
+      p.objective,
+      self.data.num_sources,
+      self._options(method, distill),
+      p.local_steps,
+    )
+
+    def measure():
+      _, alg, ctx = self._program(method, distill)
+      steps = p.local_steps * (self._matched_factor() if method == "fedavg_matched" else 1)
+      h = c.image_size
+      params = self.init_foundation(0)
+      row = alg.init_row(params)
+      x = jax.ShapeDtypeStruct((steps, p.batch_size, h, h, 1), jnp.float32)
+      ys = (steps, p.batch_size) if p.objective == "source" else (steps, p.batch_size, h, h)
+      y = jax.ShapeDtypeStruct(ys, jnp.int32)
+      j = max(int(self.adj.sum(1).max()), 1)
+      batch = {
+        "x": x,
+        "y": y,
+        "nbr": jax.ShapeDtypeStruct((j,), jnp.int32),
+        "nbr_mask": jax.ShapeDtypeStruct((j,), bool),
+      }
+      n = p.num_silos
+      gathered = None
+      if opts_distill(alg):
+        k = alg.opts.expert_steps
+        gathered = {
+          "x": jax.ShapeDtypeStruct((n, k) + x.shape[1:], jnp.float32),
+          "y": jax.ShapeDtypeStruct((n, k) + ys[1:], jnp.int32),
+        }
+      server = {"round": jax.ShapeDtypeStruct((), jnp.int32)}
+      fn = jax.jit(lambda row, batch, gathered: alg.client(ctx, server, row, batch, gathered).upload)
+      cost = fn.lower(row, batch, gathered).cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      return float((cost or {}).get("flops", float("nan")))
+
+    return _cached(key, measure)
+
+  def _matched_factor(self) -> int:
+    """fedavg_matched's local-steps multiplier: config.fedefm.matched_steps_factor, or (0) FedEFM's
+    per-silo round FLOPs over FedAvg's, rounded (at least 1)."""
+    f = int(self.c.fedefm.matched_steps_factor)
+    if f:
+      return f
+    ratio = self.client_flops("fedefm", True) / self.client_flops("fedavg", False)
+    return max(1, int(round(ratio))) if np.isfinite(ratio) else 1
 
   def checkpoint_dir(self, method: str, percent: float, seed: int) -> str:
     return os.path.join(self.workdir, "checkpoints", foundation_key(percent, method, seed))
@@ -333,23 +464,83 @@ class Experiment:
       f"--config.pretrain.learning_rate={p.learning_rate / 10:g}, and use a new --workdir"
     )
 
+  def round_data(self, method: str, types: np.ndarray, seed: int, r: int):
+    """Round ``r``'s inputs and labels of every silo, [silos, steps, batch, ...]: segmentation masks or
+    (objective source) source ids. fedavg_matched takes ``_matched_factor()`` times the local steps:
+    draw k >= 1 of round r uses the round id r + k * 10**6 (a function of (seed, r) only)."""
+    draws = self._matched_factor() if method == "fedavg_matched" else 1
+    xs, ys = [], []
+    for k in range(draws):
+      rid = r + k * 10**6
+      x, y = self.data.round_batches(types, seed, rid)
+      if self.c.pretrain.objective == "source":
+        y = jnp.asarray(self.data.round_sources(types, seed, rid), jnp.int32)
+      xs.append(x)
+      ys.append(y)
+    return (xs[0], ys[0]) if draws == 1 else (jnp.concatenate(xs, 1), jnp.concatenate(ys, 1))
+
+  def heldout(self, types: np.ndarray, seed: int):
+    """The foundation endpoint's held-out set: ``eval.heldout_per_source`` images of every source any
+    silo holds (balanced), never used in training: (images, masks, source ids)."""
+    x, y, src = self.data.heldout(seed, self.c.eval.heldout_per_source)
+    keep = np.isin(np.asarray(src), np.unique(types))
+    return x[keep], y[keep], np.asarray(src)[keep]
+
+  def foundation_score(self, params, held) -> float:
+    """The primary endpoint on the held-out set of every source: objective source -> accuracy (balanced
+    set); segmentation -> mean over (source, labelled class) of the Dice pooled over that source's
+    images (partial labels: only the classes a source labels are scored on it)."""
+    x, y, src = held
+    pred = np.asarray(self.f_predict(params, x))
+    if self.c.pretrain.objective == "source":
+      return float(np.mean(pred == src))
+    y = np.asarray(y)
+    scores = []
+    for s_ in np.unique(src):
+      sel = src == s_
+      for k in self.data.labelled_classes(int(s_)):
+        pk, gk = pred[sel] == k, y[sel] == k
+        denom = pk.sum() + gk.sum()
+        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(pk, gk).sum() / denom)
+    return float(np.mean(scores))
+
+  def _model_bytes(self) -> int:
+    return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(self.init_foundation(0))))
+
+  def _round_transfers(self, method: str, distill: bool, W: np.ndarray, nmask: np.ndarray) -> float:
+    """Models sent + received per silo this round (mean over silos): CFL 2 (up, down); gossip: one per
+    out- and per in-neighbour with a nonzero weight; overseas experts: 2 per neighbour (the model goes,
+    the expert comes back); centralized: 0 (its data are pooled instead)."""
+    if method == "centralized":
+      return 0.0
+    if self._mixing(method) == "cfl":
+      moves = np.full(W.shape[0], 2.0)
+    else:
+      off = (np.asarray(W) != 0) & ~np.eye(W.shape[0], dtype=bool)
+      moves = off.sum(0) + off.sum(1)  # sent (column) + received (row)
+    if distill:
+      moves = moves + 2.0 * np.asarray(nmask).sum(1)
+    return float(np.mean(moves))
+
   def pretrain(self, method: str, percent: float, seed: int, label: str | None = None):
-    """Foundation parameters (teacher architecture) for ``method``, and the last round's metrics.
+    """Foundation parameters for ``method`` (teacher architecture; objective source: ``{"net", "head"}``)
+    and the run's summary (last round's metrics, foundation curve, EMD weights, cost).
 
     Resumes from the run's newest intact checkpoint; saves every ``checkpoint.every`` rounds, at the
     last round, and when ``stop`` asks (then raises ``Stopped``)."""
     self.build_models()
     c, p = self.c, self.c.pretrain
     label = label or f"{percent:g}% unseen, {method}, seed {seed}"
-    _, _, params0 = init_model(c.teacher, seed)
+    params0 = self.init_foundation(seed)
     types = self.data.silo_types(percent, seed)
+    held = self.heldout(types, seed)
     n = 1 if method == "centralized" else p.num_silos
     mesh = self.mesh1 if method == "centralized" else self.mesh
     # Carried between rounds: the mixed models (next round's start) and each silo's trained model
     # (MOON's negative). The silo optimisers start fresh every round. Two separate buffers: the round
-    # donates both (one array in both places is "donate the same buffer twice" where MOON reads prev).
+    # donates both (one array in two places is "donate the same buffer twice" where MOON reads prev).
     state = shard_clients({"params": fedefm_lib.stack(params0, n), "prev": fedefm_lib.stack(params0, n)}, mesh)
-    metrics_json: dict = {}
+    summary: dict = {"curve": [], "w": [], "transfers": 0.0}
     ckpt = ckpt_lib.Checkpointer(self.checkpoint_dir(method, percent, seed), c.checkpoint.max_to_keep)
     try:
       start, out = ckpt.restore_latest(lambda r: self._load(ckpt, r, state), self.log)
@@ -357,7 +548,7 @@ class Experiment:
         start = 0
       else:
         state, data = out
-        metrics_json = data["metrics"]
+        summary = data["metrics"]
         self.log(f"  {label}: resuming pretraining after round {start}/{p.num_rounds} (checkpoint in {ckpt.directory})")
       last_saved = start or None
       idx, mask = topology.neighbour_table(self.adj)
@@ -365,22 +556,35 @@ class Experiment:
       timed, timed_s = 0, 0.0
       for r in range(start + 1, p.num_rounds + 1):
         t0 = time.time()
-        xs, ys = self.data.round_batches(types, seed, r)  # a function of (seed, r) only
+        xs, ys = self.round_data(method, types, seed, r)  # a function of (seed, r) only
         if method == "centralized":  # pool all silos' batches: one model, same images per step
-          xs = jnp.swapaxes(xs, 0, 1).reshape((1, p.local_steps, -1) + xs.shape[3:])
-          ys = jnp.swapaxes(ys, 0, 1).reshape((1, p.local_steps, -1) + ys.shape[3:])
+          xs = jnp.swapaxes(xs, 0, 1).reshape((1, xs.shape[1], -1) + xs.shape[3:])
+          ys = jnp.swapaxes(ys, 0, 1).reshape((1, ys.shape[1], -1) + ys.shape[3:])
           nbr, nmask, W = np.zeros((1, 1), np.int32), np.zeros((1, 1), bool), np.ones((1, 1), np.float32)
         else:
           nbr, nmask = idx, mask
-          W = topology.matcha(base, c.fedefm.matcha_budget, seed, r) if method == "matcha" else self.gossip_w
-        distill = method == "fedefm" and r > c.fedefm.warmup_rounds
+          if method == "matcha":
+            W = topology.matcha(base, c.fedefm.matcha_budget, seed, r)
+          elif self.push_sum:  # push-sum on a directed graph: round r's row-stochastic form of A
+            W = topology.push_sum_round(self.gossip_w, r - 1)
+          else:
+            W = self.gossip_w
+        distill = method in DISTILL and r > c.fedefm.warmup_rounds
         fn = self._round_fn(method, distill)
         batch = shard_clients({"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}, mesh)
         server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
         _, state, metrics = fn(server, state, batch, shard_clients(jnp.ones(n), mesh), jnp.asarray(W, jnp.float32))
         metrics = dict(metrics, loss=metrics["client_loss"])  # per silo
         self._check_finite(label, r, method, metrics, state, last_saved)  # waits for the round
-        metrics_json = {k: np.asarray(v).tolist() for k, v in metrics.items() if k in ("loss", "kd", "w")}
+        summary["last"] = {k: np.asarray(v).tolist() for k, v in metrics.items() if k in ("loss", "kd", "w")}
+        summary["transfers"] += self._round_transfers(method, distill, W, nmask)
+        if distill:
+          summary["w"].append(np.asarray(metrics["w"]).round(4).tolist())
+          err = float(np.max(metrics["emd_error"]))
+          summary["emd_error_max"] = max(summary.get("emd_error_max", 0.0), err)
+        if r % c.eval.foundation_every == 0 or r == p.num_rounds:
+          score = self.foundation_score(fedefm_lib.mean_model(state["params"]), held)
+          summary["curve"].append({"round": r, "foundation": score})
         dt = time.time() - t0
         if r > start + 1:  # the first round of a process includes compilation
           timed, timed_s = timed + 1, timed_s + dt
@@ -390,19 +594,29 @@ class Experiment:
             if timed and timed_s > 0
             else f"{dt:.1f}s (first round: may include compilation)"
           )
+          found = f"  foundation {summary['curve'][-1]['foundation']:.4f}" if summary["curve"] else ""
           self.log(
-            f"  {label}: pretraining round {r}/{p.num_rounds}  loss {float(np.mean(metrics_json['loss'])):.4f}  {pace}"
+            f"  {label}: pretraining round {r}/{p.num_rounds}  loss {float(np.mean(summary['last']['loss'])):.4f}"
+            f"{found}  {pace}"
           )
         stopping = self._stop_requested()
         if r % c.checkpoint.every == 0 or r == p.num_rounds or stopping:
-          ckpt.save(r, state, self.cfg_json, {"round": r, "metrics": metrics_json})
+          ckpt.save(r, state, self.cfg_json, {"round": r, "metrics": summary})
           last_saved = r
         if stopping:
           ckpt.wait()
           raise self._stopped(r, f"{label}, pretraining round")
     finally:
       ckpt.close()  # finishes pending async saves, also when the run dies mid-way
-    return jax.tree.map(np.asarray, fedefm_lib.mean_model(state["params"])), metrics_json
+    summary["foundation"] = summary["curve"][-1]["foundation"] if summary["curve"] else None
+    flops = [self.client_flops(method, False)]
+    if method in DISTILL:
+      flops.append(self.client_flops(method, True))
+    summary["cost"] = {
+      "gflops_per_silo_round": round(flops[-1] / 1e9, 4),  # a distilling round for FedEFM and its controls
+      "mb_per_silo_round": round(summary["transfers"] / p.num_rounds * self._model_bytes() / 1e6, 4),
+    }
+    return jax.tree.map(np.asarray, fedefm_lib.mean_model(state["params"])), summary
 
   # ------------------------------------------------------------------ downstream
 
@@ -488,7 +702,8 @@ class Experiment:
         methods = pr["methods"] if percent == main else pr["ablation_methods"]
         for m in methods:
           entries.append((percent, m, False, seed))
-          if m in pr["kd_methods"]:
+          # teacher KD needs a segmentation teacher: not with a source-classification foundation
+          if m in pr["kd_methods"] and self.c.pretrain.objective == "segmentation":
             entries.append((percent, m, True, seed))
     return entries
 
@@ -619,23 +834,36 @@ class Experiment:
         cache.clear()  # one foundation at a time (KD and plain fine-tunes share it)
         cache[found_key] = self.pretrain(method, percent, seed, label=label)
       foundation, pre = cache.get(found_key, (None, {}))
+      if foundation is not None and self.c.pretrain.objective == "source":
+        foundation = foundation["net"]  # the encoder travels; the source head stays behind
       res = self.finetune(foundation, kd, seed, label=label)
+      w_hist = pre.get("w") or []
       rec = {
         "unseen_percent": percent,
         "method": method,
         "teacher_kd": kd,
         "seed": seed,
         **res,
+        "foundation": pre.get("foundation"),
         "seconds": round(time.time() - t, 2),
-        "pretrain_final": pre,
+        "cost": pre.get("cost"),
+        "emd": {
+          # per-round spread (std over silos x neighbours) of the EMD weights, averaged over rounds
+          "w_spread": float(np.mean([np.std(w) for w in w_hist])) if w_hist else None,
+          "error_max": pre.get("emd_error_max"),
+        },
+        "foundation_curve": pre.get("curve", []),
+        "w_history": w_hist if not kd else [],
+        "pretrain_final": pre.get("last", {}),
       }
       with open(raw_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
         f.flush()
         os.fsync(f.fileno())
       done[key] = rec
+      found = "" if rec["foundation"] is None else f"  foundation {rec['foundation']:.4f}"
       self.log(
-        f"[{k:>3}/{len(plan)}] {percent:5.1f}% unseen  {method + (' +KD' if kd else ''):<16} seed {seed}:"
+        f"[{k:>3}/{len(plan)}] {percent:5.1f}% unseen  {method + (' +KD' if kd else ''):<16} seed {seed}:{found}"
         f"  dice catheter {res['dice/catheter']:.4f}  guidewire {res['dice/guidewire']:.4f}"
         f"  ({time.time() - t:.1f}s, total {time.time() - t0:.0f}s)"
       )
@@ -652,8 +880,10 @@ class Experiment:
 
   def write_tables(self, rows: list[dict]) -> None:
     """results.md / results.csv: one row per (unseen %, method, teacher KD), mean ± std over seeds
-    (``fedkd.report``'s convention: sample std, ddof=1; n/a for one seed)."""
-    keys = ["dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"]
+    (``fedkd.report``'s convention: sample std, ddof=1; n/a for one seed) of the foundation endpoint and
+    the downstream scores; endpoints.md: the pre-registered contrasts (:func:`write_endpoints`);
+    environment.json; pretraining curves and the EMD-weight heatmap (PNG)."""
+    keys = ["foundation", "dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"]
     groups: dict = {}
     for r in rows:
       groups.setdefault((r["unseen_percent"], r["method"], r["teacher_kd"]), []).append(r)
@@ -662,16 +892,132 @@ class Experiment:
       os.path.join(self.workdir, "results.csv"),
       ["unseen_percent", "method", "teacher_kd", "seeds"],
       [
-        ([f"{pct:g}", m, "yes" if kd else "no", len(rs)], {k: [r[k] for r in rs] for k in keys})
+        ([f"{pct:g}", m, "yes" if kd else "no", len(rs)], {k: [r[k] for r in rs if r.get(k) is not None] for k in keys})
         for (pct, m, kd), rs in groups.items()
       ],
       keys,
       headers=["unseen %", "foundation", "teacher KD", "seeds"],
-      caption=f"Target site {TARGET[0]} ({self.c.downstream.train_examples} training images).",
+      caption=(
+        f"foundation: the pretrained model's {ENDPOINT[self.c.pretrain.objective]} on held-out images of every "
+        f"source; dice / iou: the student on target site {TARGET[0]} ({self.c.downstream.train_examples} "
+        "training images)."
+      ),
       digits=3,
     )
-    self.log("\n" + "\n".join(md))
-    self.log(f"\nwrote {self.workdir}/results.md, results.csv, results_raw.jsonl")
+    endpoints = write_endpoints(self.workdir, rows, float(self.c.pretrain.unseen_percent), self.c.pretrain.objective)
+    with open(os.path.join(self.workdir, "environment.json"), "w") as f:
+      json.dump(report.environment(), f, indent=2)
+    main = [r for r in rows if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and not r["teacher_kd"]]
+    curves: dict = {}
+    for r in main:
+      if r.get("foundation_curve"):
+        curves.setdefault(r["method"], []).append(r["foundation_curve"])
+    pictures = []
+    if report.curves_plot(list(curves.items()), ["foundation"], os.path.join(self.workdir, "pretraining_curves.png")):
+      pictures.append("pretraining_curves.png")
+    for m in ("fedefm", "fedefm_dfl"):
+      first = next((r for r in main if r["method"] == m and r.get("w_history")), None)
+      if first is not None:
+        w = np.asarray(first["w_history"], np.float64)  # [rounds, silos, J]
+        labels = [f"silo {i} <- nbr {j}" for i in range(w.shape[1]) for j in range(w.shape[2])]
+        name = f"emd_weights_{m}.png"
+        report.heatmap(
+          w.reshape(w.shape[0], -1).T,
+          labels,
+          os.path.join(self.workdir, name),
+          xlabel="distillation round",
+          title=f"{m}: EMD weight w_ij per round (seed {first['seed']})",
+        )
+        pictures.append(name)
+    self.log("\n" + "\n".join(md) + "\n\n" + "\n".join(endpoints))
+    extra = ", " + ", ".join(pictures) if pictures else ""
+    self.log(
+      f"\nwrote {self.workdir}/results.md, results.csv, endpoints.md, environment.json, results_raw.jsonl{extra}"
+    )
+
+
+ENDPOINT = {"source": "source-classification accuracy", "segmentation": "mean Dice over source x labelled class"}
+# Pre-registered contrasts (docs/fedefm.md): (name, a, b) = a - b paired by seed, Holm within each family.
+PRIMARY = (("P1", "fedefm", "fedavg"), ("P2", "fedefm_dfl", "matcha"), ("P3", "fedefm", "centralized"))
+CONTROLS = (
+  ("C1", "fedefm", "fedefm_uniform"),
+  ("C2", "fedefm", "fedefm_e0"),
+  ("C3", "fedefm", "fedavg_matched"),
+  ("C4", "fedefm", "fedprox"),
+)
+
+
+def _by_seed(rows, method: str, key: str) -> dict:
+  return {r["seed"]: r[key] for r in rows if r["method"] == method and r.get(key) is not None}
+
+
+def _family(rows, contrasts, key: str) -> list[tuple[str, str, dict]]:
+  """[(name, "a - b", paired_difference)] for the contrasts whose two methods share >= 1 seed."""
+  out = []
+  for name, a, b in contrasts:
+    va, vb = _by_seed(rows, a, key), _by_seed(rows, b, key)
+    seeds = sorted(set(va) & set(vb))
+    if seeds:
+      out.append((name, f"{a} - {b}", report.paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])))
+  return out
+
+
+def _family_lines(title: str, fam: list) -> list[str]:
+  if not fam:
+    return []
+  ps = [res["p"] for _, _, res in fam]
+  adj = report.holm([0.0 if np.isnan(p) else p for p in ps]) if len(fam) > 1 else [None] * len(fam)
+  lines = [f"**{title}** (paired by seed; 95% t-interval; Holm over the {len(fam)} contrasts of this family)", ""]
+  lines += ["| contrast | | n | difference [95% CI] p |", "|---|---|---:|---|"]
+  for (name, what, res), pa in zip(fam, adj):
+    pa = None if np.isnan(res["p"]) else pa
+    lines.append(f"| {name} | {what} | {res['n']} | {report.format_contrast(res, pa)} |")
+  return lines + [""]
+
+
+def write_endpoints(workdir: str, rows: list[dict], main_percent: float, objective: str) -> list[str]:
+  """endpoints.md: the primary endpoint (the foundation on held-out data of every source) per method
+  with its 95% CI and cost columns, the pre-registered contrasts P1-P3 and the controls C1-C4 (paired by
+  seed, Holm-corrected within each family), and the downstream contrasts vs scratch. Returns its lines."""
+  main = [r for r in rows if r["unseen_percent"] == main_percent and not r["teacher_kd"]]
+  lines = [
+    f"# FedEFM endpoints ({main_percent:g}% unseen, objective {objective})",
+    "",
+    f"Primary endpoint: the foundation's {ENDPOINT[objective]} on a balanced held-out set of every source; "
+    "mean ± sample std (ddof 1) over seeds, 95% t-interval of the mean. Cost per silo per round: gradient "
+    "FLOPs of one silo's round program (XLA cost analysis; FedEFM and its controls: a distilling round) and "
+    "model bytes sent + received.",
+    "",
+    "| method | seeds | foundation | 95% CI | GFLOP / silo / round | MB / silo / round | EMD weight spread |",
+    "|---|---:|---|---|---:|---:|---:|",
+  ]
+  for m in dict.fromkeys(r["method"] for r in main):
+    vals = list(_by_seed(main, m, "foundation").values())
+    cost = next((r.get("cost") for r in main if r["method"] == m and r.get("cost")), None) or {}
+    spread = [
+      r["emd"]["w_spread"] for r in main if r["method"] == m and (r.get("emd") or {}).get("w_spread") is not None
+    ]
+    if vals:
+      mean, std = report.mean_std(vals)
+      ci = report.paired_difference(vals, [0.0] * len(vals))
+      cell_ci = "n/a" if np.isnan(ci["ci_low"]) else f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+      found = report.format_mean_std(float(mean), float(std), 3)
+    else:
+      found, cell_ci = "(no foundation)", ""
+    lines.append(
+      f"| {m} | {len(vals) or len([r for r in main if r['method'] == m])} | {found} | {cell_ci} | "
+      f"{cost.get('gflops_per_silo_round', '')} | {cost.get('mb_per_silo_round', '')} | "
+      f"{f'{np.mean(spread):.4f}' if spread else ''} |"
+    )
+  lines.append("")
+  lines += _family_lines("Primary contrasts on the foundation endpoint", _family(main, PRIMARY, "foundation"))
+  lines += _family_lines("Controls on the foundation endpoint", _family(main, CONTROLS, "foundation"))
+  others = [m for m in dict.fromkeys(r["method"] for r in main) if m != "scratch"]
+  for key in ("dice/catheter", "dice/guidewire"):
+    fam = _family(main, [(f"D{i + 1}", m, "scratch") for i, m in enumerate(others)], key)
+    lines += _family_lines(f"Downstream {key}: each foundation's student vs scratch", fam)
+  report.write_text(os.path.join(workdir, "endpoints.md"), "\n".join(lines) + "\n")
+  return lines
 
 
 def run(config, workdir: str, log: Callable[[str], None] = _print, stop=None) -> list[dict]:

@@ -1,0 +1,251 @@
+"""FedEFM's pre-registered endpoints and controls: the paired contrasts of endpoints.md against scipy,
+push-sum mixing on a directed graph inside the engine, the FedProx control against a hand-written
+update, the partial-label foundation Dice against numpy, the per-round transfer count, and the source-
+classification track end to end."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+from fedkd.distill.fedefm import FedEFMOptions, FedEFMSilo, stack
+from fedkd.fl import engine, topology
+from fedkd.fl.algorithm import ClientContext
+from fedkd.losses import cross_entropy
+from fedkd.sharding import client_mesh, shard_clients
+
+import test_fedefm as tf
+
+
+def _holm(ps):
+  """Holm-Bonferroni written out: sorted ascending, p_(k) * (m - k), running max, capped at 1."""
+  m = len(ps)
+  order = np.argsort(ps)
+  out, running = np.empty(m), 0.0
+  for k, i in enumerate(order):
+    running = max(running, min(1.0, ps[i] * (m - k)))
+    out[i] = running
+  return out
+
+
+def test_endpoint_contrasts_are_paired_t_tests_with_holm(tmp_path):
+  from fedkd.tasks.fedefm import write_endpoints
+
+  rng = np.random.default_rng(3)
+  methods = ["scratch", "centralized", "fedavg", "matcha", "fedefm", "fedefm_dfl", "fedefm_uniform"]
+  seeds = range(6)
+  base = {s: rng.normal(0.6, 0.05) for s in seeds}  # a per-seed effect shared by every method
+  rows = []
+  for m_i, m in enumerate(methods):
+    for s in seeds:
+      rows.append(
+        {
+          "unseen_percent": 100.0,
+          "method": m,
+          "teacher_kd": False,
+          "seed": s,
+          "foundation": None if m == "scratch" else base[s] + 0.01 * m_i + rng.normal(0, 0.01),
+          "dice/catheter": rng.uniform(),
+          "dice/guidewire": rng.uniform(),
+        }
+      )
+  lines = write_endpoints(str(tmp_path), rows, 100.0, "segmentation")
+  assert (tmp_path / "endpoints.md").read_text() == "\n".join(lines) + "\n"
+
+  def vals(m):
+    return np.array([r["foundation"] for r in rows if r["method"] == m])
+
+  pairs = {"P1": ("fedefm", "fedavg"), "P2": ("fedefm_dfl", "matcha"), "P3": ("fedefm", "centralized")}
+  ps = {k: stats.ttest_rel(vals(a), vals(b)).pvalue for k, (a, b) in pairs.items()}
+  adj = dict(zip(ps, _holm(np.array(list(ps.values())))))
+  for k, (a, b) in pairs.items():
+    line = next(ln for ln in lines if ln.startswith(f"| {k} |"))
+    d = vals(a) - vals(b)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]" in line, line
+    assert f"p={ps[k]:.3g}" in line and f"(Holm {adj[k]:.3g})" in line, line
+    assert line.endswith("significant |") == (adj[k] <= 0.05) or "n.s." in line
+  # the per-method row: mean ± sample std and the t-interval of the mean
+  v = vals("fedefm")
+  row = next(ln for ln in lines if ln.startswith("| fedefm |"))
+  half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+  assert f"{v.mean():.3f} ± {v.std(ddof=1):.3f} | [{v.mean() - half:.3f}, {v.mean() + half:.3f}]" in row
+  # one control present (C1): its own family of one, no Holm adjustment
+  c1 = next(ln for ln in lines if ln.startswith("| C1 |"))
+  assert "Holm" not in c1 and f"p={stats.ttest_rel(vals('fedefm'), vals('fedefm_uniform')).pvalue:.3g}" in c1
+  assert not any(ln.startswith("| C2 |") for ln in lines)  # fedefm_e0 did not run
+
+
+def test_push_sum_on_an_unbalanced_digraph_reaches_the_true_average():
+  """DFL on a directed graph through the engine (silos frozen: learning rate 0): mixing with push-sum's
+  round matrices (``topology.push_sum_round`` of a column-stochastic A, as the task does) drives every
+  silo to the plain average of the initial models; the row-normalised averaging a symmetric recipe would
+  use on the same digraph ends at a weighted average instead."""
+  n = tf.N
+  # 0 -> 1 -> 2 -> 3 -> 0 and 0 -> 2: node 0 has out-degree 2, node 2 in-degree 2 (unbalanced)
+  edges = [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)]
+  A, R = np.eye(n), np.eye(n)
+  for i, j in edges:  # row = receiver
+    A[j, i] = R[j, i] = 1.0
+  A = A / A.sum(0, keepdims=True)  # column-stochastic: each node splits its mass over itself + out-nbrs
+  R = R / R.sum(1, keepdims=True)  # row-stochastic: each node averages itself + its in-neighbours
+  adj = (A > 0) & ~np.eye(n, dtype=bool)
+  np.testing.assert_allclose(topology.push_sum_matrix(adj), A)
+  p0 = jax.tree.map(
+    lambda a: a + jnp.arange(n, dtype=a.dtype).reshape((n,) + (1,) * (a.ndim - 1)), stack(tf.init(0), n)
+  )
+  target = jax.tree.map(lambda a: np.asarray(a).mean(0), p0)
+  xs, ys = tf.data(1)
+  mesh = client_mesh(2)
+  alg = FedEFMSilo(FedEFMOptions(distill=False, mixing="dfl"), optax.sgd(0.0))
+  ctx = ClientContext(lambda p, x: tf.apply_wf(p, x)[0], cross_entropy, optax.sgd(0.0), apply_wf=tf.apply_wf)
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True))
+  idx, mask = topology.neighbour_table(adj)
+  batch = {"x": jnp.asarray(xs), "y": jnp.asarray(ys), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)}
+  out = {}
+  for name in ("push", "rows"):
+    rows = shard_clients({"params": p0, "prev": p0}, mesh)
+    server = alg.init(None, None)
+    for r in range(200):
+      W = topology.push_sum_round(A, r) if name == "push" else R
+      server, rows, _ = fn(
+        server, rows, shard_clients(batch, mesh), shard_clients(jnp.ones(n), mesh), jnp.asarray(W, jnp.float32)
+      )
+    out[name] = jax.tree.map(np.asarray, rows["params"])
+  for a, t in zip(jax.tree.leaves(out["push"]), jax.tree.leaves(target)):
+    np.testing.assert_allclose(a, np.broadcast_to(t, a.shape), atol=1e-4)
+  # plain averaging on the digraph converges to the weighted average of R's left Perron vector pi
+  vals, vecs = np.linalg.eig(R.T)
+  pi = np.real(vecs[:, np.argmin(np.abs(vals - 1))])
+  pi = pi / pi.sum()
+  assert np.abs(pi - 1 / n).max() > 0.02
+  for a, a0 in zip(jax.tree.leaves(out["rows"]), jax.tree.leaves(p0)):
+    want = np.tensordot(pi, np.asarray(a0, np.float64), axes=1)
+    np.testing.assert_allclose(a, np.broadcast_to(want, a.shape), atol=1e-4)
+  gap = max(float(np.abs(a - t).max()) for a, t in zip(jax.tree.leaves(out["rows"]), jax.tree.leaves(target)))
+  assert gap > 0.02
+
+
+def test_fedprox_control_equals_hand_written_proximal_sgd():
+  """The fedprox control: local SGD on L_seg + mu/2 |q - q_start|^2 (CFL), against a per-silo loop."""
+  n, mu, lr = tf.N, 0.7, 0.05
+  p0 = jax.tree.map(
+    lambda a: a + 0.01 * jnp.arange(n, dtype=a.dtype).reshape((n,) + (1,) * (a.ndim - 1)), stack(tf.init(2), n)
+  )
+  xs, ys = tf.data(4)
+  mesh = client_mesh(2)
+  alg = FedEFMSilo(FedEFMOptions(distill=False, mixing="cfl", prox_mu=mu), optax.sgd(0.1))
+  ctx = ClientContext(lambda p, x: tf.apply_wf(p, x)[0], cross_entropy, optax.sgd(lr), apply_wf=tf.apply_wf)
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True))
+  idx, mask = topology.neighbour_table(topology.ring(n) > 0)
+  rows = shard_clients({"params": p0, "prev": p0}, mesh)
+  batch = shard_clients(
+    {"x": jnp.asarray(xs), "y": jnp.asarray(ys), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)}, mesh
+  )
+  _, rows, _ = fn(alg.init(None, None), rows, batch, shard_clients(jnp.ones(n), mesh), None)
+  seg_grad = jax.jit(jax.grad(lambda p, x, y: cross_entropy(tf.apply_wf(p, x)[0], y)))
+  trained = []
+  for i in range(n):
+    start = jax.tree.map(lambda a: np.asarray(a[i], np.float64), p0)
+    q = start
+    for s in range(xs.shape[1]):
+      g = seg_grad(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), q), xs[i, s], ys[i, s])
+      q = jax.tree.map(lambda a, b, a0: a - lr * (np.asarray(b, np.float64) + mu * (a - a0)), q, g, start)
+    trained.append(q)
+  mean = jax.tree.map(lambda *a: np.mean(a, axis=0), *trained)
+  for got, want in zip(jax.tree.leaves(rows["params"]), jax.tree.leaves(mean)):
+    np.testing.assert_allclose(np.asarray(got), np.broadcast_to(want, got.shape), atol=2e-5)
+
+
+def _experiment(tmp_path, **over):
+  from fedkd.tasks import fedefm as task
+
+  c = tf._tiny().get_config("tiny")
+  for k, v in over.items():
+    obj = c
+    *path, last = k.split(".")
+    for p in path:
+      obj = obj[p]
+    obj[last] = v
+  return task, task.Experiment(c, str(tmp_path), log=lambda _: None)
+
+
+def test_foundation_dice_is_the_mean_over_source_and_labelled_class(tmp_path):
+  """The segmentation endpoint, against a numpy loop: Dice pooled over each source's held-out images,
+  for the classes that source labels only, averaged over the (source, class) pairs."""
+  task, exp = _experiment(tmp_path)
+  exp.build_models()
+  rng = np.random.default_rng(0)
+  src = np.repeat(np.arange(exp.data.num_sources), 3)
+  y = rng.integers(0, 4, (len(src), 8, 8))
+  pred = np.where(rng.uniform(size=y.shape) < 0.7, y, rng.integers(0, 4, y.shape))
+  exp.f_predict = lambda params, x: pred
+  got = exp.foundation_score(None, (np.zeros((len(src), 8, 8, 1)), y, src))
+  scores = []
+  for s in range(exp.data.num_sources):
+    for k in exp.data.labelled_classes(s):
+      tp = fp = fn_ = 0
+      for b in np.flatnonzero(src == s):
+        for u in range(8):
+          for v in range(8):
+            tp += pred[b, u, v] == k and y[b, u, v] == k
+            fp += pred[b, u, v] == k and y[b, u, v] != k
+            fn_ += pred[b, u, v] != k and y[b, u, v] == k
+      scores.append(2 * tp / (2 * tp + fp + fn_))
+  assert got == pytest.approx(np.mean(scores), abs=1e-12)
+
+
+def test_transfers_per_silo_round(tmp_path):
+  """Models moved per silo and round: CFL 2; ring gossip 4 (2 out, 2 in); overseas experts 2 per
+  neighbour on top; centralized 0."""
+  _, exp = _experiment(tmp_path, **{"pretrain.num_silos": 4, "fedefm.topology": "ring"})
+  n = 4
+  W = topology.metropolis_hastings(topology.ring(n) > 0)
+  _, mask = topology.neighbour_table(topology.ring(n) > 0)
+  assert exp._round_transfers("fedavg", False, W, mask) == 2.0
+  assert exp._round_transfers("fedefm", True, W, mask) == 2.0 + 4.0
+  assert exp._round_transfers("ring", False, W, mask) == 4.0
+  assert exp._round_transfers("fedefm_dfl", True, W, mask) == 8.0
+  assert exp._round_transfers("centralized", False, np.ones((1, 1)), np.zeros((1, 1), bool)) == 0.0
+
+
+def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
+  """Objective source: a foundation classifies which source an image comes from; a few rounds of
+  FedAvg beat the untrained model's held-out accuracy; KD fine-tunes are skipped; endpoints.md and
+  environment.json are written."""
+  task, exp = _experiment(
+    tmp_path,
+    **{
+      "pretrain.objective": "source",
+      "pretrain.num_rounds": 16,
+      "pretrain.local_steps": 2,
+      "pretrain.batch_size": 6,
+      "pretrain.unseen_percent": 0.0,
+      "pretrain.learning_rate": 1e-2,
+      "experiment.methods": "fedavg,fedefm",
+      "experiment.seeds": "0",
+      "eval.foundation_every": 8,
+      "eval.heldout_per_source": 8,
+    },
+  )
+  exp.build_models()
+  types = exp.data.silo_types(0.0, 0)
+  held = exp.heldout(types, 0)
+  before = exp.foundation_score(exp.init_foundation(0), held)
+  rows = exp.run()
+  assert all(not r["teacher_kd"] for r in rows) and len(rows) == 2
+  for r in rows:
+    assert [pt["round"] for pt in r["foundation_curve"]] == [8, 16]
+    assert 0.0 <= r["foundation"] <= 1.0
+    assert r["cost"]["gflops_per_silo_round"] > 0
+  fedavg0 = next(r for r in rows if r["method"] == "fedavg" and r["seed"] == 0)
+  assert fedavg0["foundation"] > max(before, 1 / 6) + 0.1, (before, fedavg0["foundation"])
+  fedefm = [r for r in rows if r["method"] == "fedefm"]
+  assert all(r["cost"]["gflops_per_silo_round"] > fedavg0["cost"]["gflops_per_silo_round"] for r in fedefm)
+  text = (tmp_path / "endpoints.md").read_text()
+  assert "source-classification accuracy" in text and re.search(r"^\| P1 \| fedefm - fedavg \| 1 \|", text, re.M)
+  assert (tmp_path / "environment.json").exists()
