@@ -3,7 +3,8 @@ fine-tuned on an unseen hospital; results table over methods x seeds + unseen-la
 
   python -m fedkd.main --config=configs/fedefm.py:runlocal --workdir=runs/fedefm_local   # CPU
   python -m fedkd.main --config=configs/fedefm.py --workdir=runs/fedefm                  # one GPU
-Variants: runlocal, tiny (tests), seeds=N.
+Variants (comma-separated): runlocal, source (track A: the foundation classifies the data source),
+ablation (adds the 0/25/50/75 % unseen rows), tiny (tests), seeds=N.
 
 Ctrl-C or SIGTERM stops after the current pretraining round and saves it; re-running the same command
 resumes inside the run it was in (checkpoints every --config.checkpoint.every rounds under
@@ -42,6 +43,7 @@ def get_config(arg=None):
   if a.pop("tiny", False):  # tests: seconds per run
     c = fedefm_base_config()
     c.image_size = 16
+    c.pretrain.num_silos = 4
     c.pretrain.num_rounds = 2
     c.pretrain.local_steps = 1
     c.pretrain.batch_size = 2
@@ -58,6 +60,11 @@ def get_config(arg=None):
     c.experiment.methods = "scratch,fedavg,fedefm"
     c.experiment.kd_methods = "fedefm"
     c.experiment.ablation_percents = ""
+  if a.pop("source", False):  # track A: source classification (Adam steps 3x larger: it learns slowly)
+    c.pretrain.objective = "source"
+    c.pretrain.learning_rate = 3e-3
+  if a.pop("ablation", False):
+    c.experiment.ablation_percents = "0,25,50,75"
   if "seeds" in a:
     try:
       v = a.pop("seeds")
@@ -70,5 +77,7 @@ def get_config(arg=None):
       raise ConfigError(f"seeds={n} in {arg!r}: give a number of seeds >= 1, e.g. seeds=3")
     c.experiment.seeds = ",".join(str(s) for s in range(n))
   if a:
-    raise ConfigError(f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, tiny, seeds=N")
+    raise ConfigError(
+      f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, source, ablation, tiny, seeds=N"
+    )
   return c

@@ -49,7 +49,7 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd import report
-from fedkd.config import ConfigError, validate_fedefm
+from fedkd.config import FEDEFM_METHODS, ConfigError, validate_fedefm
 from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import fedefm as fedefm_lib
 from fedkd.distill.losses import feature_kd, kd_kl
@@ -64,20 +64,7 @@ from fedkd.preemption import Stopped
 from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.workdir import write_atomic
 
-METHODS = (
-  "scratch",
-  "centralized",
-  "fedavg",
-  "ring",
-  "matcha",
-  "moon",
-  "fedefm",
-  "fedefm_dfl",
-  "fedefm_uniform",
-  "fedefm_e0",
-  "fedavg_matched",
-  "fedprox",
-)
+METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a leaf)
 # Methods that distil from overseas experts (after the warm-up rounds); the rest train on their own data.
 DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
 # Methods whose silos mix by gossip over the topology (DFL); "fedefm" follows config.fedefm.mixing.
@@ -413,11 +400,13 @@ class Experiment:
 
   def _matched_factor(self) -> int:
     """fedavg_matched's local-steps multiplier: config.fedefm.matched_steps_factor, or (0) FedEFM's
-    per-silo round FLOPs over FedAvg's, rounded (at least 1)."""
+    per-silo round gradient FLOPs over FedAvg's, rounded (at least 1)."""
     f = int(self.c.fedefm.matched_steps_factor)
     if f:
       return f
-    ratio = self.client_flops("fedefm", True) / self.client_flops("fedavg", False)
+    # gradient compute: FedEFM's experts + student steps with the experts' forward passes, without the
+    # EMD solves (fedefm_uniform's program), over FedAvg's
+    ratio = self.client_flops("fedefm_uniform", True) / self.client_flops("fedavg", False)
     return max(1, int(round(ratio))) if np.isfinite(ratio) else 1
 
   def checkpoint_dir(self, method: str, percent: float, seed: int) -> str:
