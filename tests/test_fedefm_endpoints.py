@@ -244,6 +244,11 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
     assert r["cost"]["gflops_per_silo_round"] > 0
   fedavg0 = next(r for r in rows if r["method"] == "fedavg" and r["seed"] == 0)
   assert fedavg0["foundation"] > max(before, 1 / 6) + 0.1, (before, fedavg0["foundation"])
+  # FLOPs per silo round count every local step: k times the steps, k times the FLOPs (a cost analysis
+  # that counted a loop body once would not see the difference)
+  k = exp._matched_factor()
+  assert k >= 2
+  assert exp.client_flops("fedavg_matched", False) == pytest.approx(k * exp.client_flops("fedavg", False), rel=0.02)
   fedefm = [r for r in rows if r["method"] == "fedefm"]
   assert all(r["cost"]["gflops_per_silo_round"] > fedavg0["cost"]["gflops_per_silo_round"] for r in fedefm)
   text = (tmp_path / "endpoints.md").read_text()
