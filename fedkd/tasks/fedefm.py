@@ -883,7 +883,7 @@ class Experiment:
         for (pct, m, kd), rs in groups.items()
       ],
       keys,
-      headers=["unseen %", "foundation", "teacher KD", "seeds"],
+      headers=["unseen %", "method", "teacher KD", "seeds"],
       caption=(
         f"foundation: the pretrained model's {ENDPOINT[self.c.pretrain.objective]} on held-out images of every "
         f"source; dice / iou: the student on target site {TARGET[0]} ({self.c.downstream.train_examples} "
