@@ -805,7 +805,7 @@ class Experiment:
       if name in users and all(e in done for e in users[name]):
         shutil.rmtree(os.path.join(ck_root, name), ignore_errors=True)
     self.log(
-      f"fedkd fedefm: {len(plan)} runs ({len(done)} already done) -> {self.workdir}; "
+      f"fedkd fedefm: {len(plan)} runs ({sum(e in done for e in plan)} already done) -> {self.workdir}; "
       f"{self.c.pretrain.num_silos} silos, {self.c.pretrain.num_rounds} rounds, {self.c.image_size}px"
     )
     cache: dict = {}
