@@ -469,7 +469,8 @@ class Experiment:
   def heldout(self, types: np.ndarray, seed: int):
     """The foundation endpoint's held-out set: ``eval.heldout_per_source`` images of every source any
     silo holds (balanced), never used in training: (images, masks, source ids)."""
-    x, y, src = self.data.heldout(seed, self.c.eval.heldout_per_source)
+    key = ("heldout", seed, self.c.eval.heldout_per_source, self.c.image_size, self.c.teacher.num_classes)
+    x, y, src = _cached(key, lambda: self.data.heldout(seed, self.c.eval.heldout_per_source))  # one per seed
     keep = np.isin(np.asarray(src), np.unique(types))
     return x[keep], y[keep], np.asarray(src)[keep]
 
@@ -490,9 +491,6 @@ class Experiment:
         denom = pk.sum() + gk.sum()
         scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(pk, gk).sum() / denom)
     return float(np.mean(scores))
-
-  def _model_bytes(self) -> int:
-    return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(self.init_foundation(0))))
 
   def _round_transfers(self, method: str, distill: bool, W: np.ndarray, nmask: np.ndarray) -> float:
     """Models sent + received per silo this round (mean over silos): CFL 2 (up, down); gossip: one per
@@ -596,12 +594,10 @@ class Experiment:
     finally:
       ckpt.close()  # finishes pending async saves, also when the run dies mid-way
     summary["foundation"] = summary["curve"][-1]["foundation"] if summary["curve"] else None
-    flops = [self.client_flops(method, False)]
-    if method in DISTILL:
-      flops.append(self.client_flops(method, True))
-    summary["cost"] = {
-      "gflops_per_silo_round": round(flops[-1] / 1e9, 4),  # a distilling round for FedEFM and its controls
-      "mb_per_silo_round": round(summary["transfers"] / p.num_rounds * self._model_bytes() / 1e6, 4),
+    model_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params0))
+    summary["cost"] = {  # a distilling round for FedEFM and its controls
+      "gflops_per_silo_round": round(self.client_flops(method, method in DISTILL) / 1e9, 4),
+      "mb_per_silo_round": round(summary["transfers"] / p.num_rounds * model_bytes / 1e6, 4),
     }
     return jax.tree.map(np.asarray, fedefm_lib.mean_model(state["params"])), summary
 
