@@ -315,13 +315,14 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
     )
   )
   c.student = ml_collections.ConfigDict(
-    dict(  # the downstream student; same keys as teacher
+    dict(  # the downstream student; same keys as teacher; by default the teacher's whole
+      # encoder (same layers) with a smaller decoder, so the foundation's encoder loads entirely
       name="transunet",
       num_classes=3,
       patch_size=4,
       stem_width=8,
       hidden=32,
-      num_layers=1,
+      num_layers=2,
       num_heads=2,
       mlp_dim=64,
       decoder_width=8,
@@ -342,6 +343,14 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.downstream.kd_pixel_weight = 1.0  # pixel KD (KL) weight
   c.downstream.kd_feature_weight = 1.0  # feature KD weight
   c.downstream.kd_temperature = 2.0  # pixel KD temperature
+  c.downstream.val_examples = 32  # target validation images (generator split 2): every downstream choice
+  c.downstream.scarce_examples = "8,32"  # scarce-data curve: target image counts (first n of the training images)
+  c.downstream.scarce_steps = 100  # fine-tuning steps at each scarce size (a fixed short budget)
+  c.downstream.probe = True  # also fit a frozen-encoder probe (only the decoder trains)
+  c.downstream.teacher_adapt_steps = 100  # teacher KD: steps adapting the foundation to the target first (0 = as is)
+  c.downstream.kd_scales = "0.1,0.3,1"  # teacher KD: loss scales tried, the best on the validation split kept
+  c.downstream.kd_confidence = 0.7  # teacher KD: pixels where the teacher's top probability is below are masked
+  c.downstream.kd_class_balance = True  # teacher KD: each teacher class's pixels weigh equally (thin wires count)
 
   c.experiment = ml_collections.ConfigDict()
   # Foundations compared in the main table: baselines, FedEFM (CFL: fedefm, DFL: fedefm_dfl) and its
@@ -354,6 +363,9 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.experiment.seeds = "0,1,2,3,4"  # comma list of seeds (paired statistics need >= 5)
   c.experiment.ablation_percents = ""  # extra unseen-label % runs, e.g. "0,25,50,75" (main: unseen_percent)
   c.experiment.ablation_methods = "fedavg,fedefm"  # methods of the unseen-% ablation
+  # Reuse the finished foundations (<workdir>/foundations/*.npz) of another FedEFM workdir whose config
+  # differs at most in downstream.* / student.*: re-run only the downstream part with new settings.
+  c.experiment.foundations_from = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.client_devices = 0  # devices on the silo axis; 0 = automatic
@@ -914,6 +926,8 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     "downstream.test_examples",
     "downstream.steps",
     "downstream.batch_size",
+    "downstream.val_examples",
+    "downstream.scarce_steps",
     "eval.batch_size",
     "fedefm.expert_steps",
     "checkpoint.every",
@@ -939,8 +953,22 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     _number(c, key, pos, "> 0")
   for key in ("fedefm.moon_mu", "fedefm.prox_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
     _number(c, key, nonneg, ">= 0")
-  for key in ("fedefm.beta", "fedefm.matcha_budget"):
+  for key in ("fedefm.beta", "fedefm.matcha_budget", "downstream.kd_confidence"):
     _number(c, key, unit, "in [0, 1]")
+  _number(c, "downstream.teacher_adapt_steps", nonneg, ">= 0", integer=True)
+  for key in ("probe", "kd_class_balance"):
+    if not isinstance(c.downstream[key], bool):
+      raise ConfigError(f"config.downstream.{key}={c.downstream[key]!r} must be True or False")
+  for key, kind, ok, what in (
+    ("scarce_examples", int, lambda v: v >= 1, "image counts >= 1, e.g. '8,32' ('' = no scarce-data curve)"),
+    ("kd_scales", float, lambda v: v >= 0 and math.isfinite(v), "KD loss scales >= 0, e.g. '0.1,0.3,1'"),
+  ):
+    try:
+      vals = [kind(v) for v in _csv(str(c.downstream[key]))]
+    except ValueError:
+      vals = None
+    if vals is None or not all(ok(v) for v in vals) or (key == "kd_scales" and not vals):
+      raise ConfigError(f"config.downstream.{key}={c.downstream[key]!r} must be a comma list of {what}")
   _number(c, "pretrain.unseen_percent", lambda v: 0 <= v <= 100, "in [0, 100]")
   _choice(c, "fedefm.emd_marginals", EMD_MARGINALS)
   _choice(c, "fedefm.weight_mode", EMD_WEIGHT_MODES)

@@ -403,9 +403,16 @@ def robustness_plot(rob: dict, path: str) -> None:
   plt.close(fig)
 
 
-def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics: Sequence[str], path: str) -> bool:
-  """Scores vs round, one panel per metric, one line per group: ``groups`` is ``(label, runs)`` with
-  each run its list of evaluation records ({"round", metric: value}). The line is the mean over the
+def curves_plot(
+  groups: Sequence[tuple[str, Sequence[Sequence[dict]]]],
+  metrics: Sequence[str],
+  path: str,
+  x: str = "round",
+  logx: bool = False,
+) -> bool:
+  """Scores vs round (or another record key ``x``; ``logx``: log axis), one panel per metric, one line
+  per group: ``groups`` is ``(label, runs)`` with each run its list of evaluation records ({x, metric:
+  value}). The line is the mean over the
   group's runs at the rounds all of them have, the band ± the sample std (:func:`mean_std`; no band
   for one run; clipped to [0, 1] for Dice / IoU-like scores). Every panel has the legend. Returns
   whether anything was drawn (nothing when no group has a metric)."""
@@ -416,7 +423,7 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
   fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
   for ax, m in zip(axes[0], present):
     for label, runs in groups:
-      per_run = [{r["round"]: r[m] for r in run if m in r} for run in runs]
+      per_run = [{r[x]: r[m] for r in run if m in r} for run in runs]
       rounds = sorted(set.intersection(*[set(d) for d in per_run])) if per_run else []
       if not rounds:
         continue
@@ -428,7 +435,9 @@ def curves_plot(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], metrics:
           lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
         ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_title(m)
-    ax.set_xlabel("round")
+    ax.set_xlabel(x)
+    if logx:
+      ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
     if _bounded(m):
       ax.set_ylim(0, 1)

@@ -71,3 +71,36 @@ def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *, detach_tea
   s = s * jax.lax.rsqrt(jnp.maximum(jnp.sum(s * s, axis=-1, keepdims=True), 1e-24))
   t = t * jax.lax.rsqrt(jnp.maximum(jnp.sum(t * t, axis=-1, keepdims=True), 1e-24))
   return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
+
+
+def masked_kd_kl(
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  T: float = 1.0,
+  confidence: float = 0.0,
+  class_balance: bool = False,
+) -> jax.Array:
+  """Pixel KD restricted to where the teacher is sure, optionally class-balanced.
+
+  The per-pixel T^2 KL(softmax(teacher / T) || softmax(student / T)) (teacher detached) is averaged
+  over the pixels whose teacher top-class probability (at T = 1) is >= ``confidence``. With
+  ``class_balance`` each such pixel is weighted by 1 / (number of kept pixels of its teacher class)
+  and the classes present count equally, so a thin structure (~1 % of the pixels) teaches as much as
+  the background. Returns 0 when no pixel is kept. Logits are [..., K].
+  """
+  s = student_logits.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  log_ps = jax.nn.log_softmax(s / T, axis=-1)
+  log_pt = jax.nn.log_softmax(t / T, axis=-1)
+  kl = (T * T) * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)  # [...]
+  p1 = jax.nn.softmax(t, axis=-1)
+  keep = (jnp.max(p1, axis=-1) >= confidence).astype(jnp.float32)
+  if class_balance:
+    onehot = jax.nn.one_hot(jnp.argmax(t, axis=-1), t.shape[-1], dtype=jnp.float32) * keep[..., None]
+    counts = jnp.sum(onehot.reshape(-1, t.shape[-1]), axis=0)  # kept pixels per teacher class
+    present = jnp.sum(counts > 0)
+    per_class = jnp.where(counts > 0, 1.0 / jnp.maximum(counts, 1.0), 0.0) / jnp.maximum(present, 1)
+    w = jnp.sum(onehot * per_class, axis=-1)
+  else:
+    w = keep / jnp.maximum(jnp.sum(keep), 1.0)
+  return jnp.sum(w * kl)

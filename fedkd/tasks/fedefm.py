@@ -38,7 +38,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ from fedkd import report
 from fedkd.config import FEDEFM_METHODS, ConfigError, validate_fedefm
 from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import fedefm as fedefm_lib
-from fedkd.distill.losses import feature_kd, kd_kl
+from fedkd.distill.losses import feature_kd, masked_kd_kl
 from fedkd.errors import DivergedError
 from fedkd.evaluate import foreground_classes, overlap_scores
 from fedkd.fl import engine, topology
@@ -80,10 +80,14 @@ RESULT_KEYS = (
   "dice/guidewire",
   "iou/catheter",
   "iou/guidewire",
+  "dice/mean",
 )
 # Config groups that do not change any number in the results: a workdir's results and checkpoints
 # stay valid when only these differ.
 FREE_KEYS = ("experiment", "checkpoint", "log_every")
+# ... and those a finished foundation does not depend on: a foundation of another workdir whose config
+# differs only here is reused (config.experiment.foundations_from).
+DOWNSTREAM_KEYS = ("downstream", "student")
 FT_CHUNK = 100  # fine-tuning steps between NaN checks and stop checks
 
 
@@ -135,9 +139,11 @@ def results_config(config_json: dict) -> dict:
   return {k: v for k, v in config_json.items() if k not in FREE_KEYS}
 
 
-def config_difference(saved: dict, current: dict) -> str | None:
-  """The first differing top-level key (``config.<key>``) of two configs' results parts; None if equal."""
+def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | None:
+  """The first differing top-level key (``config.<key>``) of two configs' results parts, not counting
+  ``ignore``; None if equal."""
   a, b = results_config(saved), results_config(current)
+  a, b = ({k: v for k, v in d.items() if k not in ignore} for d in (a, b))
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   return diff[0] if diff else None
 
@@ -147,6 +153,14 @@ def foundation_key(percent: float, method: str, seed: int) -> str:
   return f"u{percent:g}_{method}_seed{seed}"
 
 
+ENCODER = {"transunet": ("encoder",), "unet": ("enc", "mid")}  # top-level parameter groups of the encoder
+
+
+def in_encoder(path, model_name: str) -> bool:
+  """Whether a parameter (its key path) belongs to the model's encoder (``ENCODER``)."""
+  return bool(path) and str(getattr(path[0], "key", path[0])) in ENCODER[model_name]
+
+
 def transfer_encoder(student_params, foundation, model_name: str):
   """Loads the foundation's encoder into the student: TransUNet ``encoder``; UNet ``enc`` + ``mid``."""
   if model_name == "unet":
@@ -154,6 +168,56 @@ def transfer_encoder(student_params, foundation, model_name: str):
     params, _ = load_encoder(params, foundation, prefix=("mid",), require=())
     return params
   return load_encoder(student_params, foundation)[0]
+
+
+def scarce_sizes(d) -> list[int]:
+  """downstream.scarce_examples as a list of image counts (validated by fedkd.config)."""
+  return [int(v) for v in str(d.scarce_examples).split(",") if v.strip()]
+
+
+def kd_scales(d) -> list[float]:
+  """downstream.kd_scales as a list of KD loss scales (validated by fedkd.config)."""
+  return [float(v) for v in str(d.kd_scales).split(",") if v.strip()]
+
+
+def save_foundation(path: str, params, summary: dict) -> None:
+  """A finished foundation (parameters + its pretraining summary) as one .npz, written atomically."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  arrays = {f"p{i}": np.asarray(a) for i, (_, a) in enumerate(leaves)}
+  arrays["paths"] = np.asarray([jax.tree_util.keystr(k) for k, _ in leaves])
+  arrays["summary"] = np.asarray(json.dumps(summary))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def load_foundation(path: str, like):
+  """(params shaped as ``like``, summary) from :func:`save_foundation`'s file; ConfigError when the file
+  is damaged or holds another model."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      paths = [str(k) for k in z["paths"]]
+      want = [jax.tree_util.keystr(k) for k, _ in leaves]
+      if paths != want:
+        raise ValueError("its parameter names differ from this config's model")
+      out = [z[f"p{i}"] for i in range(len(leaves))]
+      summary = json.loads(str(z["summary"]))
+    for (k, a), b in zip(leaves, out):
+      if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(
+          f"{jax.tree_util.keystr(k)} is {b.dtype}{list(b.shape)}, the model's is {a.dtype}{list(a.shape)}"
+        )
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    raise ConfigError(
+      f"{path} is unreadable or of another model ({type(e).__name__}: {str(e)[:160]}); delete it (that "
+      "foundation is pretrained again) or use a new --workdir"
+    ) from None
+  return jax.tree_util.tree_unflatten(treedef, out), summary
 
 
 @jax.jit
@@ -223,6 +287,7 @@ class Experiment:
     self.mesh = client_mesh(c.mesh.client_devices or int(np.gcd(n, jax.device_count())))
     self.mesh1 = client_mesh(1)
     self._stop_checks = 0
+    self._from = None  # config.experiment.foundations_from, checked by run()
     self._models = False
 
   def build_models(self) -> None:
@@ -603,77 +668,149 @@ class Experiment:
 
   # ------------------------------------------------------------------ downstream
 
-  def _finetune_fn(self, kd: bool):
+  def _finetune_fn(self, kd: bool, frozen: bool = False):
     d = self.c.downstream
-    key = (
-      "finetune",
-      self._student_key,
-      self._teacher_key,
-      kd,
-      d.learning_rate,
-      d.kd_pixel_weight,
-      d.kd_feature_weight,
-      d.kd_temperature,
-    )
-    return _cached(key, lambda: self._make_finetune_fn(kd))
+    key = ("finetune", self._student_key, self._teacher_key, kd, frozen, d.learning_rate, d.kd_pixel_weight)
+    key += (d.kd_feature_weight, d.kd_temperature, d.kd_confidence, d.kd_class_balance)
+    return _cached(key, lambda: self._make_finetune_fn(kd, frozen))
 
-  def _make_finetune_fn(self, kd: bool):
+  def _make_finetune_fn(self, kd: bool, frozen: bool):
+    """(step, tx): one Adam step of the student on (x, y); ``kd``: + ``scale`` x (pixel KD masked by the
+    teacher's confidence, class-balanced, + feature KD on the encoder tokens) from ``teacher``; ``frozen``:
+    only the decoder trains (the frozen-encoder probe)."""
     d = self.c.downstream  # values read now: the program is shared by configs with the same key
     tx = optax.adam(d.learning_rate)
+    if frozen:
+      name = self.c.student.name
+      tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda p: jax.tree_util.tree_map_with_path(lambda k, _: "frozen" if in_encoder(k, name) else "train", p),
+      )
     nc = self.c.student.num_classes
     pixel_w, feature_w, temp = float(d.kd_pixel_weight), float(d.kd_feature_weight), float(d.kd_temperature)
+    conf, balance = float(d.kd_confidence), bool(d.kd_class_balance)
     s_apply_wf, t_apply_wf, seg_loss = self.s_apply_wf, self.t_apply_wf, self.seg_loss
 
-    def loss_fn(p, teacher, x, y):
+    def loss_fn(p, teacher, x, y, scale):
       logits, feats = s_apply_wf(p, x)
       loss = seg_loss(logits, y)
       if kd:
         t_logits, t_feats = t_apply_wf(teacher, x)
-        loss = loss + pixel_w * kd_kl(logits, t_logits[..., :nc], temp)
-        loss = loss + feature_w * feature_kd(feats, t_feats)
+        pixel = masked_kd_kl(logits, t_logits[..., :nc], temp, conf, balance)
+        loss = loss + scale * (pixel_w * pixel + feature_w * feature_kd(feats, t_feats))
       return loss
 
     @jax.jit
-    def step(p, o, teacher, x, y):
-      loss, g = jax.value_and_grad(loss_fn)(p, teacher, x, y)
+    def step(p, o, teacher, x, y, scale):
+      loss, g = jax.value_and_grad(loss_fn)(p, teacher, x, y, scale)
       u, o = tx.update(g, o, p)
       return optax.apply_updates(p, u), o, loss
 
     return step, tx
 
-  def finetune(self, foundation, kd: bool, seed: int, label: str | None = None) -> dict:
-    self.build_models()
-    c, d = self.c, self.c.downstream
-    label = label or f"{'teacher-KD ' if kd else ''}fine-tune seed {seed}"
-    _, _, params = init_model(c.student, seed + 1000)
-    if foundation is not None:
-      params = transfer_encoder(params, foundation, c.student.name)
-    x_tr, y_tr = self.data.target(seed, 0, d.train_examples)
-    x_te, y_te = self.data.target(seed, 1, d.test_examples)
-    step, tx = self._finetune_fn(kd)
+  def _adapt_fn(self):
+    """(step, tx): one Adam step of the teacher (the foundation) on target images, segmentation loss on
+    the student's classes of its logits: the teacher adapted to the target before it teaches."""
+    d = self.c.downstream
+    key = ("adapt", self._teacher_key, self.c.student.num_classes, d.learning_rate)
+
+    def make():
+      tx, nc, t_apply, seg_loss = optax.adam(d.learning_rate), self.c.student.num_classes, self.t_apply, self.seg_loss
+
+      @jax.jit
+      def step(p, o, _teacher, x, y, _scale):
+        loss, g = jax.value_and_grad(lambda q: seg_loss(t_apply(q, x)[..., :nc], y))(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+      return step, tx
+
+    return _cached(key, make)
+
+  def _train(self, params, fn, teacher, x, y, steps: int, rng, scale: float, label: str, what: str):
+    """``steps`` steps of ``fn = (step, tx)`` on random batches of (x, y); DivergedError on NaN/Inf."""
+    d = self.c.downstream
+    step, tx = fn
     opt = tx.init(params)
-    teacher = foundation if kd else None
-    rng = np.random.default_rng([seed, 99])
-    for first in range(0, d.steps, FT_CHUNK):
-      last = min(first + FT_CHUNK, d.steps)
+    s = jnp.float32(scale)
+    for first in range(0, steps, FT_CHUNK):
+      last = min(first + FT_CHUNK, steps)
       losses = []
       for _ in range(first, last):
-        b = jnp.asarray(rng.integers(0, d.train_examples, d.batch_size))
-        params, opt, loss = step(params, opt, teacher, x_tr[b], y_tr[b])
+        b = jnp.asarray(rng.integers(0, len(x), d.batch_size))
+        params, opt, loss = step(params, opt, teacher, x[b], y[b], s)
         losses.append(loss)
       values = np.asarray(jax.device_get(losses), np.float64)
       bad = np.flatnonzero(~np.isfinite(values))
       if len(bad):
-        hint = " (or the teacher-KD terms: config.downstream.kd_pixel_weight / kd_feature_weight)" if kd else ""
+        hint = " (or the teacher-KD terms: config.downstream.kd_pixel_weight / kd_feature_weight)" if teacher else ""
         raise DivergedError(
-          f"{label}: fine-tuning diverged at step {first + int(bad[0]) + 1}/{d.steps}: the loss is "
+          f"{label}: {what} diverged at step {first + int(bad[0]) + 1}/{steps}: the loss is "
           f"{values[bad[0]]}; likely cause: config.downstream.learning_rate={d.learning_rate:g} is too "
           f"high{hint}; lower it, e.g. --config.downstream.learning_rate={d.learning_rate / 10:g}, and use "
           "a new --workdir"
         )
-      if last < d.steps and self._stop_requested():
-        raise self._stopped(last, f"{label}, fine-tuning (it restarts on re-run) step")
-    return overlap_scores(self.predict(params, x_te), y_te, foreground_classes(3))  # catheter, guidewire
+      if last < steps and self._stop_requested():
+        raise self._stopped(last, f"{label}, {what} (it restarts on re-run) step")
+    return params
+
+  def _scores(self, params, x, y) -> dict:
+    s = overlap_scores(self.predict(params, x), y, foreground_classes(3))  # catheter, guidewire
+    return dict(s, **{"dice/mean": (s["dice/catheter"] + s["dice/guidewire"]) / 2})
+
+  def finetune(self, foundation, kd: bool, seed: int, label: str | None = None) -> dict:
+    """The student on the unseen target site, from ``foundation``'s encoder (None: from scratch): scores
+    on the target's test split at ``downstream.train_examples`` images x ``downstream.steps`` steps (keys
+    ``dice/catheter`` ...), at each ``downstream.scarce_examples`` size x ``downstream.scarce_steps`` steps
+    (``n8/dice/catheter`` ...) and, without KD, the frozen-encoder probe (``probe/...``). With ``kd`` the
+    foundation, first adapted on the same target images (``downstream.teacher_adapt_steps``), teaches;
+    the KD scale is chosen per setting from ``downstream.kd_scales`` on the validation split."""
+    self.build_models()
+    c, d = self.c, self.c.downstream
+    label = label or f"{'teacher-KD ' if kd else ''}fine-tune seed {seed}"
+    _, _, params0 = init_model(c.student, seed + 1000)
+    if foundation is not None:
+      params0 = transfer_encoder(params0, foundation, c.student.name)
+    sizes = scarce_sizes(d)
+    x_all, y_all = self.data.target(seed, 0, max([d.train_examples] + sizes))
+    x_te, y_te = self.data.target(seed, 1, d.test_examples)
+    x_val, y_val = self.data.target(seed, 2, d.val_examples)
+    out: dict = {"kd_scale": {}} if kd else {}
+    settings = [("", d.train_examples, d.steps)] + [(f"n{n}/", n, d.scarce_steps) for n in sizes]
+    for prefix, n, steps in settings:
+      x, y = x_all[:n], y_all[:n]
+      if not kd:
+        rng = np.random.default_rng([seed, 99, n])
+        p = self._train(
+          params0, self._finetune_fn(False), None, x, y, steps, rng, 0.0, label, f"fine-tuning ({n} images)"
+        )
+        out.update({prefix + k: v for k, v in self._scores(p, x_te, y_te).items()})
+        continue
+      teacher = foundation
+      if d.teacher_adapt_steps:
+        rng = np.random.default_rng([seed, 98, n])
+        teacher = self._train(
+          foundation, self._adapt_fn(), None, x, y, d.teacher_adapt_steps, rng, 0.0, label, "teacher adaptation"
+        )
+      best = None
+      for scale in kd_scales(d):
+        rng = np.random.default_rng([seed, 99, n])  # the same batches for every scale
+        p = self._train(
+          params0, self._finetune_fn(True), teacher, x, y, steps, rng, scale, label, f"KD fine-tuning ({n} images)"
+        )
+        val = self._scores(p, x_val, y_val)["dice/mean"]
+        if best is None or val > best[0]:
+          best = (val, scale, p)
+      out["kd_scale"][prefix or f"n{n}/"] = best[1]
+      out.update({prefix + k: v for k, v in self._scores(best[2], x_te, y_te).items()})
+    if d.probe and not kd:
+      rng = np.random.default_rng([seed, 97])
+      x, y = x_all[: d.train_examples], y_all[: d.train_examples]
+      p = self._train(
+        params0, self._finetune_fn(False, True), None, x, y, d.steps, rng, 0.0, label, "frozen-encoder probe"
+      )
+      out.update({"probe/" + k: v for k, v in self._scores(p, x_te, y_te).items()})
+    return out
 
   # ------------------------------------------------------------------ orchestration
 
@@ -766,6 +903,45 @@ class Experiment:
     finally:
       ckpt.close()
 
+  def foundation_path(self, workdir: str, method: str, percent: float, seed: int) -> str:
+    return os.path.join(workdir, "foundations", foundation_key(percent, method, seed) + ".npz")
+
+  def _reusable_from(self) -> str | None:
+    """config.experiment.foundations_from, checked: a workdir whose config differs from this one at most
+    in the downstream keys (``DOWNSTREAM_KEYS``) and ``FREE_KEYS``; None when not set."""
+    src = self.c.experiment.foundations_from
+    if not src:
+      return None
+    src = os.path.expanduser(src)
+    cfg_path = os.path.join(src, "config.json")
+    if not os.path.isdir(os.path.join(src, "foundations")) or not os.path.exists(cfg_path):
+      raise ConfigError(
+        f"config.experiment.foundations_from={src!r} holds no foundations/ and config.json: give the workdir "
+        "of a FedEFM run whose foundations this run reuses, or '' to pretrain them"
+      )
+    diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json, ignore=DOWNSTREAM_KEYS)
+    if diff:
+      raise ConfigError(
+        f"config.experiment.foundations_from={src!r}: its foundations were pretrained with another config "
+        f"(config.{diff} differs; only config.downstream and config.student may); use that config or '' to "
+        "pretrain them"
+      )
+    return src
+
+  def foundation(self, method: str, percent: float, seed: int, label: str):
+    """A finished foundation and its pretraining summary: this workdir's foundations/ file, else that of
+    config.experiment.foundations_from, else pretrained now (and saved in foundations/)."""
+    own = self.foundation_path(self.workdir, method, percent, seed)
+    for path in [own] + ([self.foundation_path(self._from, method, percent, seed)] if self._from else []):
+      if os.path.exists(path):
+        params, summary = load_foundation(path, jax.tree.map(np.asarray, self.init_foundation(seed)))
+        if path != own:
+          self.log(f"  {label}: foundation reused from {path}")
+        return params, summary
+    params, summary = self.pretrain(method, percent, seed, label=label)
+    save_foundation(own, params, summary)
+    return params, summary
+
   def run(self) -> list[dict]:
     os.makedirs(self.workdir, exist_ok=True)
     raw_path = os.path.join(self.workdir, "results_raw.jsonl")
@@ -790,6 +966,7 @@ class Experiment:
           f"{raw_path}: the record of {r['method']} seed {r['seed']} lacks {', '.join(missing)}; "
           "delete that line (its run is redone) or use a new --workdir"
         )
+    self._from = self._reusable_from()
     self.build_models()
     write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
     plan = self.plan()
@@ -815,7 +992,7 @@ class Experiment:
       found_key = (percent, method, seed)
       if method != "scratch" and found_key not in cache:
         cache.clear()  # one foundation at a time (KD and plain fine-tunes share it)
-        cache[found_key] = self.pretrain(method, percent, seed, label=label)
+        cache[found_key] = self.foundation(method, percent, seed, label)
       foundation, pre = cache.get(found_key, (None, {}))
       if foundation is not None and self.c.pretrain.objective == "source":
         foundation = foundation["net"]  # the encoder travels; the source head stays behind
@@ -848,7 +1025,8 @@ class Experiment:
       self.log(
         f"[{k:>3}/{len(plan)}] {percent:5.1f}% unseen  {method + (' +KD' if kd else ''):<16} seed {seed}:{found}"
         f"  dice catheter {res['dice/catheter']:.4f}  guidewire {res['dice/guidewire']:.4f}"
-        f"  ({time.time() - t:.1f}s, total {time.time() - t0:.0f}s)"
+        + "".join(f"  n{n} {res[f'n{n}/dice/mean']:.4f}" for n in scarce_sizes(self.c.downstream))
+        + f"  ({time.time() - t:.1f}s, total {time.time() - t0:.0f}s)"
       )
       fkey = foundation_key(percent, method, seed)
       if method != "scratch" and all(e in done for e in users[fkey]):
@@ -866,7 +1044,9 @@ class Experiment:
     (``fedkd.report``'s convention: sample std, ddof=1; n/a for one seed) of the foundation endpoint and
     the downstream scores; endpoints.md: the pre-registered contrasts (:func:`write_endpoints`);
     environment.json; pretraining curves and the EMD-weight heatmap (PNG)."""
-    keys = ["foundation", "dice/catheter", "dice/guidewire", "iou/catheter", "iou/guidewire"]
+    sizes = scarce_sizes(self.c.downstream)
+    keys = ["foundation", "dice/catheter", "dice/guidewire", "dice/mean", "probe/dice/mean"]
+    keys += [f"n{n}/dice/mean" for n in sizes] + ["iou/catheter", "iou/guidewire"]
     groups: dict = {}
     for r in rows:
       groups.setdefault((r["unseen_percent"], r["method"], r["teacher_kd"]), []).append(r)
@@ -883,11 +1063,15 @@ class Experiment:
       caption=(
         f"foundation: the pretrained model's {ENDPOINT[self.c.pretrain.objective]} on held-out images of every "
         f"source; dice / iou: the student on target site {TARGET[0]} ({self.c.downstream.train_examples} "
-        "training images)."
+        f"training images, {self.c.downstream.steps} steps; dice/mean = mean of catheter and guidewire); "
+        "probe: the same with the encoder frozen (scratch: a frozen random encoder); nN: N training images, "
+        f"{self.c.downstream.scarce_steps} steps (the scarce-data curve)."
       ),
       digits=3,
     )
-    endpoints = write_endpoints(self.workdir, rows, float(self.c.pretrain.unseen_percent), self.c.pretrain.objective)
+    endpoints = write_endpoints(
+      self.workdir, rows, float(self.c.pretrain.unseen_percent), self.c.pretrain.objective, sizes
+    )
     with open(os.path.join(self.workdir, "environment.json"), "w") as f:
       json.dump(report.environment(), f, indent=2)
     main = [r for r in rows if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and not r["teacher_kd"]]
@@ -898,6 +1082,16 @@ class Experiment:
     pictures = []
     if report.curves_plot(list(curves.items()), ["foundation"], os.path.join(self.workdir, "pretraining_curves.png")):
       pictures.append("pretraining_curves.png")
+    scarce: dict = {}  # the scarce-data curve: student dice/mean vs target training images
+    for r in rows:
+      if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and "dice/mean" in r:
+        pts = [{"images": n, "dice/mean": r[f"n{n}/dice/mean"]} for n in sizes if f"n{n}/dice/mean" in r]
+        pts.append({"images": self.c.downstream.train_examples, "dice/mean": r["dice/mean"]})
+        scarce.setdefault(r["method"] + (" +KD" if r["teacher_kd"] else ""), []).append(pts)
+    if sizes and report.curves_plot(
+      list(scarce.items()), ["dice/mean"], os.path.join(self.workdir, "scarce_curve.png"), x="images", logx=True
+    ):
+      pictures.append("scarce_curve.png")
     for m in ("fedefm", "fedefm_dfl"):
       first = next((r for r in main if r["method"] == m and r.get("w_history")), None)
       if first is not None:
@@ -931,7 +1125,9 @@ CONTROLS = (
 
 
 def _by_seed(rows, method: str, key: str) -> dict:
-  return {r["seed"]: r[key] for r in rows if r["method"] == method and r.get(key) is not None}
+  """{seed: r[key]} of ``method``'s rows; "m +KD" names method m's teacher-KD rows."""
+  name, kd = (method[: -len(" +KD")], True) if method.endswith(" +KD") else (method, False)
+  return {r["seed"]: r[key] for r in rows if r["method"] == name and r["teacher_kd"] == kd and r.get(key) is not None}
 
 
 def _family(rows, contrasts, key: str) -> list[tuple[str, str, dict]]:
@@ -958,11 +1154,16 @@ def _family_lines(title: str, fam: list) -> list[str]:
   return lines + [""]
 
 
-def write_endpoints(workdir: str, rows: list[dict], main_percent: float, objective: str) -> list[str]:
+def write_endpoints(
+  workdir: str, rows: list[dict], main_percent: float, objective: str, sizes: Sequence[int] = ()
+) -> list[str]:
   """endpoints.md: the primary endpoint (the foundation on held-out data of every source) per method
   with its 95% CI and cost columns, the pre-registered contrasts P1-P3 and the controls C1-C4 (paired by
-  seed, Holm-corrected within each family), and the downstream contrasts vs scratch. Returns its lines."""
+  seed, Holm-corrected within each family), and the downstream contrasts vs scratch (every student, with
+  and without teacher KD: per class at the full budget, dice/mean at the scarce end ``min(sizes)`` and of
+  the frozen-encoder probe). Returns its lines."""
   main = [r for r in rows if r["unseen_percent"] == main_percent and not r["teacher_kd"]]
+  down = [r for r in rows if r["unseen_percent"] == main_percent]
   lines = [
     f"# FedEFM endpoints ({main_percent:g}% unseen, objective {objective})",
     "",
@@ -995,10 +1196,22 @@ def write_endpoints(workdir: str, rows: list[dict], main_percent: float, objecti
   lines.append("")
   lines += _family_lines("Primary contrasts on the foundation endpoint", _family(main, PRIMARY, "foundation"))
   lines += _family_lines("Controls on the foundation endpoint", _family(main, CONTROLS, "foundation"))
-  others = [m for m in dict.fromkeys(r["method"] for r in main) if m != "scratch"]
+  students = [r["method"] + (" +KD" if r["teacher_kd"] else "") for r in down]
+  others = [m for m in dict.fromkeys(students) if m != "scratch"]
+  versus = [(f"D{i + 1}", m, "scratch") for i, m in enumerate(others)]
   for key in ("dice/catheter", "dice/guidewire"):
-    fam = _family(main, [(f"D{i + 1}", m, "scratch") for i, m in enumerate(others)], key)
-    lines += _family_lines(f"Downstream {key}: each foundation's student vs scratch", fam)
+    lines += _family_lines(f"Downstream {key}: each student vs scratch", _family(down, versus, key))
+  if sizes:
+    key = f"n{min(sizes)}/dice/mean"
+    lines += _family_lines(
+      f"Downstream at the scarce end ({min(sizes)} target images, {key}): each student vs scratch",
+      _family(down, [(f"S{i + 1}", m, "scratch") for i, m in enumerate(others)], key),
+    )
+  probes = [(f"F{i + 1}", m, "scratch") for i, m in enumerate(o for o in others if not o.endswith(" +KD"))]
+  lines += _family_lines(
+    "Frozen-encoder probe (probe/dice/mean): each foundation's encoder vs a frozen random one",
+    _family(down, probes, "probe/dice/mean"),
+  )
   report.write_text(os.path.join(workdir, "endpoints.md"), "\n".join(lines) + "\n")
   return lines
 
