@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedkd.distill.losses import feature_kd, kd_kl, multishot_distill_loss
+from fedkd.distill.losses import feature_kd, kd_kl, masked_kd_kl, multishot_distill_loss
 
 
 def _np_softmax(z):
@@ -60,3 +60,32 @@ def test_feature_kd():
   # scale invariant, zero for identical directions
   assert abs(float(feature_kd(jnp.asarray(s), jnp.asarray(3.0 * s)))) < 1e-6
   np.testing.assert_allclose(float(feature_kd(jnp.asarray(s), jnp.asarray(-s))), 4.0, rtol=1e-6)
+
+
+def test_masked_class_balanced_kd_against_a_pixel_loop():
+  """masked_kd_kl = a python loop over pixels: keep those whose teacher top probability >= confidence;
+  balanced: each kept class (teacher argmax) gets total weight 1 / #classes kept, split evenly."""
+  rng = np.random.default_rng(2)
+  s = rng.normal(size=(2, 6, 5, 3)).astype(np.float32) * 2
+  t = rng.normal(size=(2, 6, 5, 3)).astype(np.float32) * 3
+  t[..., 2] -= 4.0  # class 2 is rare, as a thin wire is
+  T = 2.0
+  p_t, p_s = _np_softmax(t.astype(np.float64) / T), _np_softmax(s.astype(np.float64) / T)
+  kl = (T * T * np.sum(p_t * (np.log(p_t) - np.log(p_s)), -1)).ravel()
+  top = _np_softmax(t.astype(np.float64)).reshape(-1, 3)
+  for conf in (0.0, 0.7, 0.95):
+    kept = [i for i in range(len(kl)) if top[i].max() >= conf]
+    plain = sum(kl[i] for i in kept) / max(len(kept), 1)
+    classes = {}
+    for i in kept:
+      classes.setdefault(int(top[i].argmax()), []).append(kl[i])
+    balanced = sum(np.mean(v) for v in classes.values()) / max(len(classes), 1)
+    assert conf > 0 or (len(classes) == 3 and len(classes[2]) < len(kl) / 10)  # a rare class is there
+    got = float(masked_kd_kl(jnp.asarray(s), jnp.asarray(t), T, conf, False))
+    got_b = float(masked_kd_kl(jnp.asarray(s), jnp.asarray(t), T, conf, True))
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_b, balanced, rtol=1e-5, atol=1e-7)
+  assert len(classes) >= 1 and float(masked_kd_kl(jnp.asarray(s), jnp.asarray(t), T, 1.01, True)) == 0.0
+  np.testing.assert_allclose(float(masked_kd_kl(jnp.asarray(s), jnp.asarray(t), T)), _np_kd(s, t, T), rtol=1e-5)
+  gs, gt = jax.grad(lambda a, b: masked_kd_kl(a, b, T, 0.5, True), argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
+  assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) == 0

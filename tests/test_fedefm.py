@@ -272,6 +272,13 @@ BAD_SETTINGS = [
   ("downstream.kd_temperature", 0.0, r"config.downstream.kd_temperature=0.0 must be a number > 0"),
   ("downstream.kd_pixel_weight", -1.0, r"config.downstream.kd_pixel_weight=-1.0 must be a number >= 0"),
   ("downstream.kd_feature_weight", -0.5, r"config.downstream.kd_feature_weight=-0.5 must be a number >= 0"),
+  ("downstream.kd_confidence", 1.5, r"config.downstream.kd_confidence=1.5 must be a number in \[0, 1\]"),
+  ("downstream.teacher_adapt_steps", -1, r"config.downstream.teacher_adapt_steps=-1 must be an integer >= 0"),
+  ("downstream.val_examples", 0, r"config.downstream.val_examples=0 must be an integer >= 1"),
+  ("downstream.scarce_examples", "8,x", r"config.downstream.scarce_examples='8,x' must be a comma list of image"),
+  ("downstream.scarce_examples", "0", r"config.downstream.scarce_examples='0' must be a comma list of image"),
+  ("downstream.kd_scales", "", r"config.downstream.kd_scales='' must be a comma list of KD loss scales"),
+  ("downstream.kd_scales", "1,-1", r"config.downstream.kd_scales='1,-1' must be a comma list of KD loss scales"),
   ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
   ("checkpoint.every", 0, r"config.checkpoint.every=0 must be an integer >= 1"),
   ("checkpoint.max_to_keep", -2, r"config.checkpoint.max_to_keep=-2 must be an integer >= 1"),
@@ -341,6 +348,28 @@ def test_unet_foundation_loads_exactly_the_encoder():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
       else:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_frozen_probe_trains_only_the_decoder(tmp_path):
+  """The frozen-encoder probe's step leaves every encoder leaf bitwise unchanged and moves the decoder;
+  the plain fine-tuning step moves both."""
+  from fedkd.models import init_model
+  from fedkd.tasks import fedefm as task
+
+  c = _tiny().get_config("tiny")
+  exp = task.Experiment(c, str(tmp_path), log=lambda _: None)
+  exp.build_models()
+  _, _, p0 = init_model(c.student, 0)
+  x, y = exp.data.target(0, 0, 2)
+  for frozen in (True, False):
+    step, tx = exp._finetune_fn(False, frozen)
+    p1, _, _ = step(p0, tx.init(p0), None, x, y, np.float32(0))
+    for top in p0:
+      moved = any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(p0[top]), jax.tree.leaves(p1[top]))
+      )
+      assert moved == (not frozen or top not in task.ENCODER["transunet"]), (frozen, top)
 
 
 def test_experiment_refuses_a_workdir_of_another_config(tmp_path):

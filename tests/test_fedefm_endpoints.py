@@ -229,7 +229,7 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
       "experiment.methods": "fedavg,fedefm",
       "experiment.seeds": "0",
       "eval.foundation_every": 8,
-      "eval.heldout_per_source": 8,
+      "eval.heldout_per_source": 24,
     },
   )
   exp.build_models()

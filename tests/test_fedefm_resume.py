@@ -91,7 +91,12 @@ def test_experiment_end_to_end_tiny_and_skips_finished_runs(reference):
   progress = [l for l in lines if "pretraining round" in l]
   assert len(progress) == 6 and "run 2/3 (100% unseen, fedefm, seed 0): pretraining round 3/3  loss " in progress[5]
   assert "rounds/s  eta 0:00" in progress[2] and "s (first round: may include compilation)" in progress[0]
-  assert not os.path.exists(os.path.join(work, "checkpoints"))  # every foundation's results are in
+  assert not os.path.exists(os.path.join(work, "checkpoints"))  # every foundation is in foundations/
+  assert sorted(os.listdir(os.path.join(work, "foundations"))) == [FEDAVG + ".npz", FEDEFM + ".npz"]
+  for r in rows:  # the full budget, the scarce-data curve (4 images), the probe (plain fine-tunes only)
+    keys = ["dice/mean", "n4/dice/mean"] + ([] if r["teacher_kd"] else ["probe/dice/mean"])
+    assert all(0.0 <= r[k] <= 1.0 for k in keys) and ("probe/dice/mean" in r) != r["teacher_kd"]
+  assert set(rows[2]["kd_scale"]) == {"full", "n4"} and set(rows[2]["kd_scale"].values()) <= {0.1, 1.0}
   assert_outputs_documented(work, "configs/fedefm.py")
   assert json.load(open(os.path.join(work, "config.json")))["pretrain"]["num_rounds"] == 3
   again_lines = []
@@ -119,17 +124,18 @@ def test_stopped_experiment_resumes_bitwise(reference, tmp_path, monkeypatch):
 
   leg(1, 1, "preempted at run 1/3 (100% unseen, fedavg, seed 0), pretraining round 1")
   assert steps(work, FEDAVG) == [1]  # saved at the stop, though checkpoint.every = 2
-  lines = leg(4, 1, "the end of run 1")  # rounds 2, 3, a fine-tune chunk, the end of run 1
+  # rounds 2, 3, step 2 of the 8-image fine-tune, step 2 of the probe, the end of run 1
+  lines = leg(5, 1, "the end of run 1")
   assert any("fedavg, seed 0): resuming pretraining after round 1/3" in l for l in lines)
-  assert steps(work, FEDAVG) is None  # its only user is in results_raw.jsonl
+  assert steps(work, FEDAVG) is None  # the finished foundation is in foundations/
+  assert os.path.exists(os.path.join(work, "foundations", FEDAVG + ".npz"))
   leg(1, 1, "run 2/3 (100% unseen, fedefm, seed 0), pretraining round 1")  # the warm-up round
   assert steps(work, FEDEFM) == [1]
-  leg(3, 2, "run 2/3 (100% unseen, fedefm, seed 0), fine-tuning")  # rounds 2 (distilled), 3, step 2
-  assert steps(work, FEDEFM) == [2, 3]  # every 2 and the last round; max_to_keep = 2
-  lines = leg(3, 2, "run 3/3 (100% unseen, fedefm +KD, seed 0), fine-tuning")  # no rounds left
-  assert any("resuming pretraining after round 3/3" in l for l in lines)
-  assert not any("pretraining round" in l for l in lines)
-  assert steps(work, FEDEFM) == [2, 3]  # the +KD fine-tune still needs the foundation
+  leg(3, 2, "run 2/3 (100% unseen, fedefm, seed 0), fine-tuning (8 images)")  # rounds 2 (distilled), 3, step 2
+  assert steps(work, FEDEFM) is None and os.path.exists(os.path.join(work, "foundations", FEDEFM + ".npz"))
+  # run 2 again (fine-tune, probe, end of run), then step 2 of the +KD fine-tune at the first KD scale
+  lines = leg(4, 2, "run 3/3 (100% unseen, fedefm +KD, seed 0), KD fine-tuning (8 images)")
+  assert not any("pretraining round" in l for l in lines)  # the foundation is read back, not retrained
   task.run(tiny(), work, log=lambda _: None)
   assert records(work) == records(ref_work)
   assert not os.path.exists(os.path.join(work, "checkpoints"))
@@ -188,6 +194,32 @@ def test_cut_results_line_is_dropped_and_garbled_files_are_config_errors(referen
   assert records(work) == records(ref_work)  # nothing touched
 
 
+def test_foundations_are_reused_by_a_downstream_only_rerun(reference, tmp_path):
+  """experiment.foundations_from: another workdir's finished foundations, reused when only downstream.*
+  / student.* differ (no pretraining; the same foundation scores); another pretraining config is refused."""
+  ref_work, ref_rows, _ = reference
+  c = tiny()
+  c.experiment.foundations_from = ref_work
+  c.downstream.kd_confidence, c.downstream.probe = 0.5, False
+  lines = []
+  rows = task.run(c, str(tmp_path / "down"), log=lines.append)
+  assert not any("pretraining round" in l for l in lines)
+  assert sum("foundation reused from " + os.path.join(ref_work, "foundations") in l for l in lines) == 2
+  assert [r["foundation"] for r in rows] == [r["foundation"] for r in ref_rows]
+  assert [r["dice/mean"] for r in rows[:2]] == [r["dice/mean"] for r in ref_rows[:2]]  # same downstream there
+  assert not any("probe/dice/mean" in r for r in rows)
+  c.pretrain.num_rounds = 2
+  with pytest.raises(ConfigError, match=r"foundations_from=.*another config \(config.pretrain differs"):
+    task.run(c, str(tmp_path / "other"), log=lambda _: None)
+  assert not os.path.exists(tmp_path / "other" / "config.json")
+  bad = str(tmp_path / "bad.npz")
+  open(bad, "wb").write(open(os.path.join(ref_work, "foundations", FEDAVG + ".npz"), "rb").read()[:100])
+  like = task.Experiment(tiny(), str(tmp_path / "x"), log=lambda _: None)
+  like.build_models()
+  with pytest.raises(ConfigError, match=r"bad.npz is unreadable or of another model .*delete it"):
+    task.load_foundation(bad, like.init_foundation(0))
+
+
 def test_stopped_run_refuses_another_config(reference, tmp_path):
   """A workdir holding only a checkpoint (no results yet) still refuses a config that changes results;
   config.experiment, config.checkpoint and config.log_every may change."""
@@ -236,7 +268,7 @@ def test_finetuning_nan_is_a_diverged_error(tmp_path):
   with pytest.raises(DivergedError) as e:
     task.run(c, str(tmp_path / "fe"), log=lambda _: None)
   msg = str(e.value)
-  assert "run 1/1 (100% unseen, scratch, seed 0): fine-tuning diverged at step " in msg, msg
+  assert "run 1/1 (100% unseen, scratch, seed 0): fine-tuning (8 images) diverged at step " in msg, msg
   assert "config.downstream.learning_rate=1e+20 is too high" in msg and "\n" not in msg
   assert not os.path.exists(str(tmp_path / "fe" / "results_raw.jsonl"))
 

@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 
 import jax
@@ -212,7 +213,7 @@ def load_foundation(path: str, like):
         raise ValueError(
           f"{jax.tree_util.keystr(k)} is {b.dtype}{list(b.shape)}, the model's is {a.dtype}{list(a.shape)}"
         )
-  except (OSError, ValueError, KeyError, EOFError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ConfigError(
       f"{path} is unreadable or of another model ({type(e).__name__}: {str(e)[:160]}); delete it (that "
       "foundation is pretrained again) or use a new --workdir"
@@ -801,7 +802,7 @@ class Experiment:
         val = self._scores(p, x_val, y_val)["dice/mean"]
         if best is None or val > best[0]:
           best = (val, scale, p)
-      out["kd_scale"][prefix or f"n{n}/"] = best[1]
+      out["kd_scale"][prefix.rstrip("/") or "full"] = best[1]
       out.update({prefix + k: v for k, v in self._scores(best[2], x_te, y_te).items()})
     if d.probe and not kd:
       rng = np.random.default_rng([seed, 97])
@@ -940,6 +941,7 @@ class Experiment:
         return params, summary
     params, summary = self.pretrain(method, percent, seed, label=label)
     save_foundation(own, params, summary)
+    shutil.rmtree(self.checkpoint_dir(method, percent, seed), ignore_errors=True)  # the .npz supersedes them
     return params, summary
 
   def run(self) -> list[dict]:
@@ -970,12 +972,8 @@ class Experiment:
     self.build_models()
     write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
     plan = self.plan()
-    users: dict = {}  # foundation key -> the plan entries fine-tuned from it
-    for e in plan:
-      if e[1] != "scratch":
-        users.setdefault(foundation_key(e[0], e[1], e[3]), []).append(e)
-    for name in in_progress:  # left by a run killed between its last result and the clean-up
-      if name in users and all(e in done for e in users[name]):
+    for name in in_progress:  # left by a run killed between saving its foundation and the clean-up
+      if os.path.exists(os.path.join(self.workdir, "foundations", name + ".npz")):
         shutil.rmtree(os.path.join(ck_root, name), ignore_errors=True)
     self.log(
       f"fedkd fedefm: {len(plan)} runs ({sum(e in done for e in plan)} already done) -> {self.workdir}; "
@@ -1028,9 +1026,6 @@ class Experiment:
         + "".join(f"  n{n} {res[f'n{n}/dice/mean']:.4f}" for n in scarce_sizes(self.c.downstream))
         + f"  ({time.time() - t:.1f}s, total {time.time() - t0:.0f}s)"
       )
-      fkey = foundation_key(percent, method, seed)
-      if method != "scratch" and all(e in done for e in users[fkey]):
-        shutil.rmtree(self.checkpoint_dir(method, percent, seed), ignore_errors=True)
       if any(e not in done for e in plan) and self._stop_requested():
         raise self._stopped(k, "the end of run")
     if os.path.isdir(ck_root) and not os.listdir(ck_root):
