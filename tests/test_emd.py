@@ -444,3 +444,28 @@ def test_shard_map_with_varying_axes_check():
   control = jax.shard_map(jax.vmap(ott_client), mesh=mesh, in_specs=(P(CLIENTS), P(CLIENTS)), out_specs=P(CLIENTS))
   with pytest.raises(TypeError, match="cond branches"):
     jax.jit(control)(*shard_clients((us, vs), mesh))
+
+
+def test_cost_analysis_counts_every_sinkhorn_iteration_when_asked():
+  """XLA's cost analysis counts a loop body once; under counting_every_iteration the FLOPs grow
+  linearly with the iterations (k more iterations: k times one iteration's FLOPs), and the values are
+  unchanged."""
+  from fedkd.distill import emd as emd_lib
+
+  rng = np.random.default_rng(0)
+  u, v = (jnp.asarray(rng.normal(size=(12, 5)), jnp.float32) for _ in range(2))
+
+  def flops(iters, counting):
+    fn = jax.jit(lambda a, b: emd_lib.emd_similarity(a, b, epsilon=0.1, num_iters=iters))
+    if counting:
+      with emd_lib.counting_every_iteration():
+        return fn.lower(u, v).cost_analysis()["flops"], fn(u, v)
+    return fn.lower(u, v).cost_analysis()["flops"], fn(u, v)
+
+  (f10, s10), (f20, _), (f30, _) = (flops(k, True) for k in (10, 20, 30))
+  assert f20 - f10 > 0 and f30 - f20 == pytest.approx(f20 - f10, rel=0.01)
+  assert (f20 - f10) / 10 > 12 * 12  # at least one op per cost-matrix entry per iteration
+  g10, r10 = flops(10, False)
+  g20, _ = flops(20, False)
+  assert g10 == g20 and f10 > g10  # without: the loop body counted once
+  np.testing.assert_allclose(float(s10), float(r10), rtol=1e-6)

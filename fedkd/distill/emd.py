@@ -89,6 +89,7 @@ Marginals (node weights):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -192,6 +193,21 @@ def _plan(f, g, cost, eps):
   return jnp.exp((f[:, None] + g[None, :] - cost) / eps)
 
 
+_COUNTING = [False]  # set by counting_every_iteration()
+
+
+@contextlib.contextmanager
+def counting_every_iteration():
+  """While active, Sinkhorn loops are traced fully unrolled: the same arithmetic, but XLA's cost analysis
+  (which counts a loop body once, whatever its trip count) then counts every iteration. For cost
+  measurement only (the unrolled program is larger)."""
+  old, _COUNTING[0] = _COUNTING[0], True
+  try:
+    yield
+  finally:
+    _COUNTING[0] = old
+
+
 def _sinkhorn_iterations(cost, log_a, log_b, fg, epsilon, num_iters, omega=None):
   """``num_iters`` log-domain Sinkhorn iterations (g then f) from the potentials ``fg``. ``epsilon``:
   a Python float (every iteration at that epsilon) or a [num_iters] array (iteration i at
@@ -208,7 +224,7 @@ def _sinkhorn_iterations(cost, log_a, log_b, fg, epsilon, num_iters, omega=None)
     f = f_new if omega is None else (1.0 - omega) * f + omega * f_new
     return f, g
 
-  return jax.lax.fori_loop(0, num_iters, iteration, fg)
+  return jax.lax.fori_loop(0, num_iters, iteration, fg, unroll=True if _COUNTING[0] else 1)
 
 
 def _default_solve(cost, a, b, log_a, log_b, fg, eps):

@@ -53,6 +53,7 @@ from fedkd import checkpoint as ckpt_lib
 from fedkd import report
 from fedkd.config import FEDEFM_METHODS, ConfigError, validate_fedefm
 from fedkd.data.silos import TARGET, SiloData
+from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
 from fedkd.distill.losses import feature_kd, masked_kd_kl
 from fedkd.errors import DivergedError
@@ -422,16 +423,16 @@ class Experiment:
 
   def client_flops(self, method: str, distill: bool) -> float:
     """FLOPs of one silo's round (local training; for distilling methods also its overseas experts and
-    the EMD solves, each Sinkhorn loop counted as one iteration), from XLA's cost analysis of that silo's
-    part of the round program with the local steps unrolled."""
+    the EMD solves, every Sinkhorn iteration), from XLA's cost analysis of that silo's part of the round
+    program with the local steps and the Sinkhorn loops unrolled."""
     c, p = self.c, self.c.pretrain
     steps = p.local_steps * (self._matched_factor() if method == "fedavg_matched" else 1)
     key = ("flops", self._teacher_key, p.objective, self.data.num_sources, self._options(method, distill), steps)
 
     def measure():
       _, alg, ctx = self._program(method, distill)
-      # local and expert steps unrolled: XLA's cost analysis counts a loop body once, whatever its trip
-      # count (so each EMD solve's Sinkhorn loop is counted as one iteration: see docs/fedefm.md)
+      # local and expert steps and Sinkhorn loops unrolled: XLA's cost analysis counts a loop body once,
+      # whatever its trip count
       ctx = dataclasses.replace(ctx, unroll=True)
       h = c.image_size
       params = self.init_foundation(0)
@@ -456,7 +457,8 @@ class Experiment:
         }
       server = {"round": jax.ShapeDtypeStruct((), jnp.int32)}
       fn = jax.jit(lambda row, batch, gathered: alg.client(ctx, server, row, batch, gathered).upload)
-      cost = fn.lower(row, batch, gathered).cost_analysis()
+      with emd_lib.counting_every_iteration():
+        cost = fn.lower(row, batch, gathered).cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       return float((cost or {}).get("flops", float("nan")))
 
