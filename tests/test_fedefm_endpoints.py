@@ -254,3 +254,29 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   text = (tmp_path / "endpoints.md").read_text()
   assert "source-classification accuracy" in text and re.search(r"^\| P1 \| fedefm - fedavg \| 1 \|", text, re.M)
   assert (tmp_path / "environment.json").exists()
+
+
+def test_contrast_between_two_workdirs_against_scipy(tmp_path):
+  """python -m fedkd.tasks.fedefm_contrast: a - b paired over the seeds both workdirs hold, t-interval and
+  p from scipy's paired t-test, Holm over the keys; a bad spec or a missing method is a one-line error."""
+  import json
+  import subprocess
+  import sys
+
+  rng = np.random.default_rng(3)
+  va, vb = rng.uniform(size=6), rng.uniform(size=6)
+  for name, vals, seeds in (("a", va, range(6)), ("b", vb, range(1, 6))):
+    (tmp_path / name).mkdir()
+    rows = [
+      {"unseen_percent": 100.0, "method": "fedefm", "teacher_kd": False, "seed": s, "foundation": float(vals[s])}
+      for s in seeds
+    ]
+    (tmp_path / name / "results_raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cmd = [sys.executable, "-m", "fedkd.tasks.fedefm_contrast", f"--a={tmp_path}/a:fedefm", f"--b={tmp_path}/b:fedefm"]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+  d = va[1:] - vb[1:]
+  p = stats.ttest_rel(va[1:], vb[1:]).pvalue
+  half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+  assert f"| foundation | 5 | {d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] p={p:.3g}" in out, out
+  bad = subprocess.run(cmd[:3] + [f"--a={tmp_path}/a:moon", cmd[4]], capture_output=True, text=True)
+  assert bad.returncode == 2 and "holds no finished 'moon' run" in bad.stderr and "Traceback" not in bad.stderr
