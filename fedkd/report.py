@@ -409,10 +409,11 @@ def curves_plot(
   path: str,
   x: str = "round",
   logx: bool = False,
+  unit_range: bool = True,
 ) -> bool:
   """Scores vs round (or another record key ``x``; ``logx``: log axis), one panel per metric, one line
   per group: ``groups`` is ``(label, runs)`` with each run its list of evaluation records ({x, metric:
-  value}). The line is the mean over the
+  value}); ``unit_range``: Dice / IoU-like axes span [0, 1] (else they fit the data). The line is the mean over the
   group's runs at the rounds all of them have, the band ± the sample std (:func:`mean_std`; no band
   for one run; clipped to [0, 1] for Dice / IoU-like scores). Every panel has the legend. Returns
   whether anything was drawn (nothing when no group has a metric)."""
@@ -439,7 +440,7 @@ def curves_plot(
     if logx:
       ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
-    if _bounded(m):
+    if _bounded(m) and unit_range:
       ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="best")
   axes[0][0].set_ylabel("held-out score (mean ± std over seeds)")

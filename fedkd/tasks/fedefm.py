@@ -1086,13 +1086,19 @@ class Experiment:
     if report.curves_plot(list(curves.items()), ["foundation"], os.path.join(self.workdir, "pretraining_curves.png")):
       pictures.append("pretraining_curves.png")
     scarce: dict = {}  # the scarce-data curve: student dice/mean vs target training images
+    shown = {"scratch"} | {m for _, a, b in PRIMARY for m in (a, b)}  # not the controls: a readable plot
     for r in rows:
-      if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and "dice/mean" in r:
+      if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and "dice/mean" in r and r["method"] in shown:
         pts = [{"images": n, "dice/mean": r[f"n{n}/dice/mean"]} for n in sizes if f"n{n}/dice/mean" in r]
         pts.append({"images": self.c.downstream.train_examples, "dice/mean": r["dice/mean"]})
         scarce.setdefault(r["method"] + (" +KD" if r["teacher_kd"] else ""), []).append(pts)
     if sizes and report.curves_plot(
-      list(scarce.items()), ["dice/mean"], os.path.join(self.workdir, "scarce_curve.png"), x="images", logx=True
+      list(scarce.items()),
+      ["dice/mean"],
+      os.path.join(self.workdir, "scarce_curve.png"),
+      x="images",
+      logx=True,
+      unit_range=False,
     ):
       pictures.append("scarce_curve.png")
     for m in ("fedefm", "fedefm_dfl"):
