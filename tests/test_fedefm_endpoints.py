@@ -78,6 +78,19 @@ def test_endpoint_contrasts_are_paired_t_tests_with_holm(tmp_path):
   c1 = next(ln for ln in lines if ln.startswith("| C1 |"))
   assert "Holm" not in c1 and f"p={stats.ttest_rel(vals('fedefm'), vals('fedefm_uniform')).pvalue:.3g}" in c1
   assert not any(ln.startswith("| C2 |") for ln in lines)  # fedefm_e0 did not run
+  # an unseen-% ablation row set: its foundation table and its own P1 family (one contrast: no Holm)
+  abl = [dict(r, unseen_percent=50.0, foundation=r["foundation"] and r["foundation"] - 0.1) for r in rows]
+  abl = [r for r in abl if r["method"] in ("fedavg", "fedefm")]
+  lines = write_endpoints(str(tmp_path), rows + abl, 100.0, "segmentation")
+  at = lines[
+    lines.index(
+      "**Contrasts at 50% unseen** (paired by seed; 95% t-interval; Holm over the 1 contrasts of this family)"
+    ) :
+  ]
+  p1 = stats.ttest_rel(vals("fedefm") - 0.1, vals("fedavg") - 0.1).pvalue
+  assert at[4].startswith("| P1 | fedefm - fedavg | 6 |") and f"p={p1:.3g}" in at[4] and "Holm" not in at[4]
+  v = vals("fedefm") - 0.1
+  assert f"| 50 | fedefm | 6 | {v.mean():.3f} ± {v.std(ddof=1):.3f} |" in lines
 
 
 def test_push_sum_on_an_unbalanced_digraph_reaches_the_true_average():

@@ -1170,7 +1170,8 @@ def write_endpoints(
   with its 95% CI and cost columns, the pre-registered contrasts P1-P3 and the controls C1-C4 (paired by
   seed, Holm-corrected within each family), and the downstream contrasts vs scratch (every student, with
   and without teacher KD: per class at the full budget, dice/mean at the scarce end ``min(sizes)`` and of
-  the frozen-encoder probe). Returns its lines."""
+  the frozen-encoder probe); rows at other unseen-% settings (the ablation) add their foundation table and
+  the contrasts among their methods. Returns its lines."""
   main = [r for r in rows if r["unseen_percent"] == main_percent and not r["teacher_kd"]]
   down = [r for r in rows if r["unseen_percent"] == main_percent]
   lines = [
@@ -1205,6 +1206,21 @@ def write_endpoints(
   lines.append("")
   lines += _family_lines("Primary contrasts on the foundation endpoint", _family(main, PRIMARY, "foundation"))
   lines += _family_lines("Controls on the foundation endpoint", _family(main, CONTROLS, "foundation"))
+  others_pct = sorted({r["unseen_percent"] for r in rows} - {main_percent})  # the unseen-% ablation
+  if others_pct:
+    lines += ["**Foundation endpoint at the other unseen-% settings**", ""]
+    lines += ["| unseen % | method | seeds | foundation |", "|---:|---|---:|---|"]
+    for pct in others_pct:
+      at = [r for r in rows if r["unseen_percent"] == pct and not r["teacher_kd"]]
+      for m in dict.fromkeys(r["method"] for r in at):
+        vals = list(_by_seed(at, m, "foundation").values())
+        if vals:
+          mean, std = report.mean_std(vals)
+          lines.append(f"| {pct:g} | {m} | {len(vals)} | {report.format_mean_std(float(mean), float(std), 3)} |")
+    lines.append("")
+  for pct in others_pct:
+    at = [r for r in rows if r["unseen_percent"] == pct and not r["teacher_kd"]]
+    lines += _family_lines(f"Contrasts at {pct:g}% unseen", _family(at, PRIMARY + CONTROLS, "foundation"))
   students = [r["method"] + (" +KD" if r["teacher_kd"] else "") for r in down]
   others = [m for m in dict.fromkeys(students) if m != "scratch"]
   versus = [(f"D{i + 1}", m, "scratch") for i, m in enumerate(others)]
