@@ -38,8 +38,15 @@ def cpu_name() -> str:
   return f"{name or platform.processor() or platform.machine()}, {cores} cores"
 
 
-def block(lines: list[str], workdir: str, cpu: str) -> str:
-  """The README block (markdown) from the run's stdout ``lines``."""
+def versions() -> str:
+  """The package versions the quickstart's numbers depend on, as the block names them."""
+  from importlib.metadata import version
+
+  return f"jax {version('jax')}, flax {version('flax')}, optax {version('optax')}"
+
+
+def block(lines: list[str], workdir: str, cpu: str, packages: str) -> str:
+  """The README block (markdown) from the run's stdout ``lines``; ``packages``: :func:`versions`."""
   lines = [ln.rstrip("\n") for ln in lines]
 
   def first(pattern: str) -> int:
@@ -69,8 +76,9 @@ def block(lines: list[str], workdir: str, cpu: str) -> str:
       "```",
       "",
       f"Measured on this CPU ({cpu}) by `python docs/gen_readme_quickstart.py`, which reruns the command above",
-      "and rewrites this block. The same machine and seed give the same table; other machines differ in the",
-      f"third decimal. Mean Dice over the training sites: catheter {mean[3]}, guidewire {mean[4]}.",
+      f"and rewrites this block ({packages}). The same machine, seed and package versions give the same",
+      "table; other machines or releases differ in the second or third decimal. Mean Dice over the training",
+      f"sites: catheter {mean[3]}, guidewire {mean[4]}.",
       END,
     ]
   )
@@ -117,7 +125,7 @@ def main(argv=None) -> None:
       shutil.rmtree(tmp, ignore_errors=True)
   with open(README) as f:
     text = f.read()
-  new = replace(text, block(lines, workdir, cpu_name()))
+  new = replace(text, block(lines, workdir, cpu_name(), versions()))
   with open(README + ".tmp", "w") as f:
     f.write(new)
   os.replace(README + ".tmp", README)

@@ -196,8 +196,10 @@ def test_readme_quickstart_block_is_what_the_generator_writes():
   start, end = text.index(gen.BEGIN), text.index(gen.END) + len(gen.END)
   current = text[start:end]
   lines = current.split("```")[1].strip("\n").splitlines()
-  cpu = re.search(r"Measured on this CPU \((.*?)\) by", current.replace("\n", " ")).group(1)
-  assert gen.block(lines, ".../runs/quickstart", cpu) == current
+  flat = current.replace("\n", " ")
+  cpu = re.search(r"Measured on this CPU \((.*?)\) by", flat).group(1)
+  packages = re.search(r"rewrites this block \((jax .*?)\)\.", flat).group(1)
+  assert gen.block(lines, ".../runs/quickstart", cpu, packages) == current
   mean = next(ln for ln in lines if ln.startswith("mean (train sites)")).split()
   assert f"catheter {mean[3]}, guidewire {mean[4]}" in current
   assert gen.replace(text, current) == text
