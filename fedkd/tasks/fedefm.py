@@ -51,7 +51,7 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd import report
-from fedkd.config import FEDEFM_METHODS, ConfigError, validate_fedefm
+from fedkd.config import FEDEFM_METHODS, ConfigError, _csv, validate_fedefm
 from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
@@ -166,20 +166,20 @@ def in_encoder(path, model_name: str) -> bool:
 def transfer_encoder(student_params, foundation, model_name: str):
   """Loads the foundation's encoder into the student: TransUNet ``encoder``; UNet ``enc`` + ``mid``."""
   if model_name == "unet":
-    params, _ = load_encoder(student_params, foundation, prefix=("enc",), require=())
-    params, _ = load_encoder(params, foundation, prefix=("mid",), require=())
-    return params
+    for group in ENCODER["unet"]:
+      student_params, _ = load_encoder(student_params, foundation, prefix=(group,), require=())
+    return student_params
   return load_encoder(student_params, foundation)[0]
 
 
 def scarce_sizes(d) -> list[int]:
   """downstream.scarce_examples as a list of image counts (validated by fedkd.config)."""
-  return [int(v) for v in str(d.scarce_examples).split(",") if v.strip()]
+  return [int(v) for v in _csv(d.scarce_examples)]
 
 
 def kd_scales(d) -> list[float]:
   """downstream.kd_scales as a list of KD loss scales (validated by fedkd.config)."""
-  return [float(v) for v in str(d.kd_scales).split(",") if v.strip()]
+  return [float(v) for v in _csv(d.kd_scales)]
 
 
 def save_foundation(path: str, params, summary: dict) -> None:
@@ -752,7 +752,11 @@ class Experiment:
       values = np.asarray(jax.device_get(losses), np.float64)
       bad = np.flatnonzero(~np.isfinite(values))
       if len(bad):
-        hint = " (or the teacher-KD terms: config.downstream.kd_pixel_weight / kd_feature_weight)" if teacher else ""
+        hint = (
+          " (or the teacher-KD terms: config.downstream.kd_pixel_weight / kd_feature_weight)"
+          if teacher is not None
+          else ""
+        )
         raise DivergedError(
           f"{label}: {what} diverged at step {first + int(bad[0]) + 1}/{steps}: the loss is "
           f"{values[bad[0]]}; likely cause: config.downstream.learning_rate={d.learning_rate:g} is too "
@@ -795,11 +799,11 @@ class Experiment:
         )
         out.update({prefix + k: v for k, v in self._scores(p, x_te, y_te).items()})
         continue
-      teacher = foundation
+      teacher = jax.tree.map(jnp.asarray, foundation)  # on the device once, not every step
       if d.teacher_adapt_steps:
         rng = np.random.default_rng([seed, 98, n])
         teacher = self._train(
-          foundation, self._adapt_fn(), None, x, y, d.teacher_adapt_steps, rng, 0.0, label, "teacher adaptation"
+          teacher, self._adapt_fn(), None, x, y, d.teacher_adapt_steps, rng, 0.0, label, "teacher adaptation"
         )
       best = None
       for scale in kd_scales(d):
@@ -1206,20 +1210,21 @@ def write_endpoints(
   lines.append("")
   lines += _family_lines("Primary contrasts on the foundation endpoint", _family(main, PRIMARY, "foundation"))
   lines += _family_lines("Controls on the foundation endpoint", _family(main, CONTROLS, "foundation"))
-  others_pct = sorted({r["unseen_percent"] for r in rows} - {main_percent})  # the unseen-% ablation
-  if others_pct:
+  at_pct = {  # the unseen-% ablation: its rows per setting
+    pct: [r for r in rows if r["unseen_percent"] == pct and not r["teacher_kd"]]
+    for pct in sorted({r["unseen_percent"] for r in rows} - {main_percent})
+  }
+  if at_pct:
     lines += ["**Foundation endpoint at the other unseen-% settings**", ""]
     lines += ["| unseen % | method | seeds | foundation |", "|---:|---|---:|---|"]
-    for pct in others_pct:
-      at = [r for r in rows if r["unseen_percent"] == pct and not r["teacher_kd"]]
+    for pct, at in at_pct.items():
       for m in dict.fromkeys(r["method"] for r in at):
         vals = list(_by_seed(at, m, "foundation").values())
         if vals:
           mean, std = report.mean_std(vals)
           lines.append(f"| {pct:g} | {m} | {len(vals)} | {report.format_mean_std(float(mean), float(std), 3)} |")
     lines.append("")
-  for pct in others_pct:
-    at = [r for r in rows if r["unseen_percent"] == pct and not r["teacher_kd"]]
+  for pct, at in at_pct.items():
     lines += _family_lines(f"Contrasts at {pct:g}% unseen", _family(at, PRIMARY + CONTROLS, "foundation"))
   students = [r["method"] + (" +KD" if r["teacher_kd"] else "") for r in down]
   others = [m for m in dict.fromkeys(students) if m != "scratch"]
