@@ -65,9 +65,8 @@ def get_config(arg=None):
     c.experiment.methods = "scratch,fedavg,fedefm"
     c.experiment.kd_methods = "fedefm"
     c.experiment.ablation_percents = ""
-  if a.pop("source", False):  # track A: source classification (Adam steps 3x larger: it learns slowly)
+  if a.pop("source", False):  # track A: source classification (the same silos, rounds and optimiser)
     c.pretrain.objective = "source"
-    c.pretrain.learning_rate = 3e-3
   if a.pop("ablation", False):
     c.experiment.ablation_percents = "0,25,50,75"
   if "seeds" in a:

@@ -4,9 +4,9 @@ Pretraining data sources (= data types; hospital profile x labelled structures, 
 ``DATA_TYPES`` in this order (source ids 0..5):
 
   0 vessel angiography, flat-panel cine (human-like anatomy)   labels vessel
-  1 live pig (animal)                                          labels catheter
+  1 live pig (animal), always shown inverted                   labels catheter
   2 silicone phantom on a bench                                labels catheter + guidewire
-  3 clean software simulator                                   labels catheter + guidewire + vessel
+  3 clean software simulator, flat bright display              labels catheter + guidewire + vessel
   4 image-intensifier fluoroscopy (noisy, lossy archive)       labels catheter + guidewire
   5 pediatric flat panel (low dose, small anatomy, collimated)  labels vessel
 
@@ -53,6 +53,17 @@ PEDIATRIC = dict(
   shutter=(0.15, 0.3),
   gamma=(0.6, 0.75),
 )
+# Knobs of two pretraining sources changed from their base hospital, so that a source classifier can tell
+# every source apart (track A of docs/fedefm.md needs a centralized ceiling of 90-99 %, not a task capped
+# by look-alike sources). With the base profiles the centralized classifier (runlocal,source) plateaus at
+# 0.81-0.89 even after 1,200 steps: the live pig's upright half looks like the adult flat panel, and the
+# phantom and the simulator are both clean renders. The pig is now always shown inverted (some labs
+# display subtracted runs that way) and the simulator uses a flat, bright display curve (wide window, gamma
+# 0.5). Centralized then reaches 0.979 and 0.911 on seeds 0 and 1.
+SOURCE_KNOBS: dict[str, dict] = {
+  "animal_porcine": {"polarity_flip": (1.0, 1.0)},
+  "simulator_clean": {"window_width": (6.0, 7.0), "gamma": (0.5, 0.55)},
+}
 NUM_SOURCES = len(DATA_TYPES)
 # (hospital profile, labelled structures) of the downstream site the foundation is fine-tuned for.
 TARGET = ("unseen_mobile_c_arm", "catheter_guidewire")
@@ -78,6 +89,8 @@ class SiloData:
     self.c = c
     bases = {s.name: s for s in list(sites_lib.make_sites(5)[0]) + [sites_lib.make_sites(1)[1]]}
     bases[PEDIATRIC["name"]] = dataclasses.replace(bases["flatpanel_1024_cine"], **PEDIATRIC)
+    for name, knobs in SOURCE_KNOBS.items():
+      bases[name] = dataclasses.replace(bases[name], **knobs)
     by_row = list(DATA_TYPES[:TARGET_ROW]) + [TARGET] + list(DATA_TYPES[TARGET_ROW:])
     self.table = sites_lib.site_table([sites_lib.with_data_type(bases[s], t) for s, t in by_row])
     self.target_row = TARGET_ROW
