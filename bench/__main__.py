@@ -140,6 +140,12 @@ def _parser():
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients (first pair)")
   p.add_argument("--no-centralized", action="store_true", help="skip the centralized ceiling rows")
   p.add_argument(
+    "--profile",
+    metavar="DIR",
+    help="after timing each centralized / fed_round row, trace --rounds more runs of it with jax.profiler "
+    "into DIR/<row> and print a 'profile' row: device time per op category (bench/trace_table.py)",
+  )
+  p.add_argument(
     "--compile-only",
     action="store_true",
     help="compile every program (filling JAX_COMPILATION_CACHE_DIR, if set) and time nothing",
@@ -343,6 +349,20 @@ def round_main(a) -> None:
     emit(dict(name="synth", sec_per_call=round(sec, 5), images_per_s=round(images / sec, 1)))
   xs, ys = gen(a.clients)
 
+  def profile(row: str, run, hlo_text: str) -> None:
+    """Traces ``a.rounds`` calls of ``run`` into ``a.profile/row`` and prints its op-category table."""
+    import os
+
+    from bench import trace_table
+
+    out = os.path.join(a.profile, row)
+    jax.block_until_ready(run())
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      for _ in range(a.rounds):
+        res = run()
+      jax.block_until_ready(res)
+    emit(dict(name="profile", row=row, rounds=a.rounds, **trace_table.summarize(out, hlo_text)))
+
   def compiled_row(row, compile_s, mem):
     emit(dict(row, name="compiled", row=row["name"], compile_s=compile_s, **mem))
 
@@ -363,7 +383,15 @@ def round_main(a) -> None:
       box[0], _, m = exe(box[0], None, batch, w)
       return m["loss"]
 
-    return _time(one, a.rounds), compile_s, mem
+    sec = _time(one, a.rounds)
+    if a.profile:
+      d = describe(opts)
+      profile(
+        f"fed_round_{d['layout']}_{d['lowering']}{'_' + str(d['chunk']) if d['chunk'] else ''}_{dtype}",
+        one,
+        exe.as_text(),
+      )
+    return sec, compile_s, mem
 
   def describe(opts):
     return dict(
@@ -414,6 +442,8 @@ def round_main(a) -> None:
         continue
       sec_c = _time(functools.partial(exe, params, cx, cy), a.rounds)
       ceiling[dtype] = sec_c
+      if a.profile:
+        profile(f"centralized_{dtype}", functools.partial(exe, params, cx, cy), exe.as_text())
       emit(
         dict(
           name="centralized",

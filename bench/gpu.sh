@@ -5,6 +5,11 @@
 # report. The rows measured on 2026-11-27 are in docs/engine.md ("GPU: one NVIDIA H200").
 #
 #   bash bench/gpu.sh [path/to/anchor_bench.py] [budget_s]
+#   PLAN=profile bash bench/gpu.sh [path/to/anchor_bench.py] [budget_s]
+#
+# PLAN=profile (issue 15's first device call): workloads A, C and B with `--profile`, so each timed row
+# is followed by a `profile` row (device time per op category, bench/trace_table.py; the traces stay in
+# $OUT/prof_*), the anchor, the FedEFM seeds-stacking bench (bench/fedefm_stack.py) and the HLO report.
 #
 # Writes JSON lines to ${OUT:-runs/gpu_bench}/bench.jsonl (and the raw log beside it). Each step runs
 # under `timeout` so one slow step cannot eat the whole budget; a step that times out is logged and
@@ -52,6 +57,14 @@ A="--workload A --chunk 4"
 C="--workload C --chunk 4"
 S="--size 128 --steps 2 --batch 4 --width 32 --depth 4 --pairs chunked:gemm --chunk 16"
 K=${CONV_ARGS:-"--clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfloat16 --reps 20"}  # one A-sized conv layer
+PLAN=${PLAN:-issue6}
+if [ "$PLAN" = profile ]; then
+  STEPS=(  # the ceiling, vmap and the best layout of each workload, each row profiled
+    "240|$A --pairs vmap:wgrad,chunked:gemm,vmap:xla --profile $OUT_DIR/prof_A"
+    "200|$C --pairs vmap:gemm,chunked:gemm --profile $OUT_DIR/prof_C"
+    "150|--workload B --pairs chunked:wgrad,chunked:gemm --chunk 16 --profile $OUT_DIR/prof_B"
+  )
+else
 STEPS=(  # "limit_s|python -m bench arguments" (CONV: the conv layer), most important first
   "200|$A --pairs vmap:wgrad,vmap:xla"
   "200|--workload B --pairs chunked:wgrad,chunked:gemm --chunk 16"
@@ -62,6 +75,7 @@ STEPS=(  # "limit_s|python -m bench arguments" (CONV: the conv layer), most impo
   "120|$C --pairs chunked:gemm"
   "45|$A --pairs chunked:gemm --remat --no-centralized"
 )
+fi
 command_of() {  # the command of a step's arguments
   if [ "$1" = CONV ]; then echo "python3 -m bench.conv $K"; else echo "$B $1 $X"; fi
 }
@@ -90,6 +104,9 @@ done
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
+fi
+if [ "$PLAN" = profile ]; then
+  step 120 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
 fi
 # Does XLA:GPU fuse the im2col patches into its GEMMs? (HLO after optimization, no cache: dumps need a compile)
 step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \

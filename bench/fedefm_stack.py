@@ -1,0 +1,73 @@
+"""Would stacking seeds on the silo axis speed up the FedEFM experiment? JSON lines, one process.
+
+For each method, the experiment's own pretraining round (``fedkd.tasks.fedefm.Experiment.pretrain``) is
+timed with ``--silos`` silos and with ``--replicas`` x that many on the silo axis (the shape a
+seeds x silos program would have: the same per-silo work, ``--replicas`` times the rows), and the
+stacked round is compared with ``--replicas`` sequential rounds of the small one. Compilation and the
+round whose program changes (FedEFM's first distilling round) are left out: the median of the rounds
+after them.
+
+  python bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> float:
+  from configs.fedefm import get_config
+  from fedkd.tasks import fedefm as task
+
+  c = get_config(variant)
+  c.pretrain.num_silos = silos
+  c.pretrain.num_rounds = rounds
+  c.log_every = 1
+  c.eval.foundation_every = rounds + 1  # no foundation scoring inside the timed rounds (the last round scores)
+  stamps: list[float] = []
+  exp = task.Experiment(c, tempfile.mkdtemp(), log=lambda _: stamps.append(time.perf_counter()))
+  exp.pretrain(method, 100.0, 0)
+  per_round = np.diff(stamps)  # round r's log line to round r + 1's
+  skip = c.fedefm.warmup_rounds + 1  # compile + the warm-up program, then the distilling program's compile
+  return float(np.median(per_round[skip:-1]))  # the last round also scores the foundation
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--methods", default="fedefm,fedavg")
+  ap.add_argument("--silos", type=int, default=6)
+  ap.add_argument("--replicas", type=int, default=5)
+  ap.add_argument("--rounds", type=int, default=8)
+  ap.add_argument("--config", default="runlocal", help="configs/fedefm.py variant")
+  a = ap.parse_args(argv)
+  import jax
+
+  for method in a.methods.split(","):
+    one = seconds_per_round(method, a.silos, a.rounds, a.config)
+    stacked = seconds_per_round(method, a.silos * a.replicas, a.rounds, a.config)
+    row = {
+      "bench": "fedefm_stack",
+      "device": jax.devices()[0].device_kind,
+      "backend": jax.default_backend(),
+      "method": method,
+      "silos": a.silos,
+      "replicas": a.replicas,
+      "sec_per_round_one": round(one, 4),
+      "sec_per_round_stacked": round(stacked, 4),
+      "speedup_stacked_vs_sequential": round(a.replicas * one / stacked, 3),
+    }
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
