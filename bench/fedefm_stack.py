@@ -1,11 +1,14 @@
-"""Would stacking seeds on the silo axis speed up the FedEFM experiment? JSON lines, one process.
+"""FedEFM round throughput, and would stacking seeds on the silo axis speed up the experiment? JSON lines,
+one process.
 
 For each method, the experiment's own pretraining round (``fedkd.tasks.fedefm.Experiment.pretrain``) is
 timed with ``--silos`` silos and with ``--replicas`` x that many on the silo axis (the shape a
 seeds x silos program would have: the same per-silo work, ``--replicas`` times the rows), and the
 stacked round is compared with ``--replicas`` sequential rounds of the small one. Compilation and the
 round whose program changes (FedEFM's first distilling round) are left out: the median of the rounds
-after them.
+after them. ``images_per_s``: silos x local steps x batch per second of one round (the FedEFM round also
+trains the overseas experts and solves the EMDs on those images); a last ``fedefm_vs_fedavg`` row gives
+the ratio of the two methods' images/s when both were measured.
 
   python bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5
 """
@@ -25,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> float:
+def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> tuple[float, int]:
+  """(median seconds per round, images per round)."""
   from configs.fedefm import get_config
   from fedkd.tasks import fedefm as task
 
@@ -39,7 +43,8 @@ def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> flo
   exp.pretrain(method, 100.0, 0)
   per_round = np.diff(stamps)  # round r's log line to round r + 1's
   skip = c.fedefm.warmup_rounds + 1  # compile + the warm-up program, then the distilling program's compile
-  return float(np.median(per_round[skip:-1]))  # the last round also scores the foundation
+  images = silos * c.pretrain.local_steps * c.pretrain.batch_size
+  return float(np.median(per_round[skip:-1])), images  # the last round also scores the foundation
 
 
 def main(argv=None) -> None:
@@ -52,9 +57,11 @@ def main(argv=None) -> None:
   a = ap.parse_args(argv)
   import jax
 
+  rate = {}
   for method in a.methods.split(","):
-    one = seconds_per_round(method, a.silos, a.rounds, a.config)
-    stacked = seconds_per_round(method, a.silos * a.replicas, a.rounds, a.config)
+    one, images = seconds_per_round(method, a.silos, a.rounds, a.config)
+    stacked, _ = seconds_per_round(method, a.silos * a.replicas, a.rounds, a.config)
+    rate[method] = images / one
     row = {
       "bench": "fedefm_stack",
       "device": jax.devices()[0].device_kind,
@@ -62,11 +69,15 @@ def main(argv=None) -> None:
       "method": method,
       "silos": a.silos,
       "replicas": a.replicas,
+      "config": a.config,
       "sec_per_round_one": round(one, 4),
+      "images_per_s": round(images / one, 1),
       "sec_per_round_stacked": round(stacked, 4),
       "speedup_stacked_vs_sequential": round(a.replicas * one / stacked, 3),
     }
     print(json.dumps(row), flush=True)
+  if "fedefm" in rate and "fedavg" in rate:
+    print(json.dumps({"bench": "fedefm_vs_fedavg", "images_per_s_ratio": round(rate["fedefm"] / rate["fedavg"], 4)}))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.partition = "by_site"  # tfds: by_site | dirichlet (over sites) | iid (quantity_skew sizes)
   c.data.dirichlet_alpha = 0.5  # partition=dirichlet: concentration (small = more skew)
   c.data.augment = True  # tfds: crop, flips, rotations, intensity jitter
+  c.data.workers = 0  # tfds: worker processes that decode + augment (0 = in the training process)
+  c.data.prefetch = True  # tfds: prepare round r+1's batches in a background thread while round r trains
   # synthetic: side (px) of the acquisition field that the hospital pixel spacings refer to;
   # 0 = the output itself (catheter 3-12 px, wire 0.8-3 px); 512 = a downsampled 512 px view
   c.data.synthetic_field_size = 0
@@ -771,6 +773,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(f"config.data.partition={c.data.partition!r} is unknown; use by_site, dirichlet or iid")
   if c.data.dirichlet_alpha <= 0:
     raise ConfigError(f"config.data.dirichlet_alpha={c.data.dirichlet_alpha} must be > 0")
+  if isinstance(c.data.workers, bool) or not isinstance(c.data.workers, int) or c.data.workers < 0:
+    raise ConfigError(f"config.data.workers={c.data.workers!r} must be an integer >= 0 (worker processes; 0 = none)")
   if c.model.name != "unet":
     raise ConfigError(f"config.model.name={c.model.name!r} is not a known model; use 'unet'")
   if c.model.num_classes not in (3, 4):

@@ -123,6 +123,7 @@ def cases(f, w="w"):
     ("ce_weight nan", main, [QS, f"--workdir={w}", "--config.loss.ce_weight=nan"], 2, ["loss.ce_weight"]),
     ("quantity_skew nan", main, [QS, f"--workdir={w}", "--config.quantity_skew=nan"], 2, ["quantity_skew"]),
     ("dirichlet_alpha inf", main, [QS, f"--workdir={w}", "--config.data.dirichlet_alpha=inf"], 2, ["dirichlet_alpha"]),
+    ("workers negative", main, [QS, f"--workdir={w}", "--config.data.workers=-1"], 2, ["data.workers", ">= 0"]),
     ("seed beyond int64", main, [QS, f"--workdir={w}", f"--config.seed={2**70}"], 2, ["config.seed"]),
     ("seed beyond 32 bits", main, [QS, f"--workdir={w}", f"--config.seed={2**32}"], 2, ["config.seed", "32"]),
     ("seed negative", main, [QS, f"--workdir={w}", "--config.seed=-1"], 2, ["config.seed"]),

@@ -68,8 +68,16 @@ def test_clients_by_site_and_batches(data_dir):
   assert set(sets) == {"north", "south", "east"} and sets["east"][0].shape[0] == 2
 
 
-def test_tfds_training_resumes_exactly(tmp_path, data_dir):
-  full = fedavg.run(tfds_config(data_dir), str(tmp_path / "full"), log=lambda _: None)
+def test_tfds_training_resumes_exactly(tmp_path, data_dir, monkeypatch):
+  """With the next round's batches prefetched (the default) and, for the uninterrupted run, two worker
+  processes: every round after the first is served from the prefetch, and the resumed run ends with the
+  same parameters."""
+  made = []
+  monkeypatch.setattr(fedavg, "make_client_data", lambda c: made.append(pipeline.make_client_data(c)) or made[-1])
+  c = tfds_config(data_dir)
+  c.data.workers = 2
+  full = fedavg.run(c, str(tmp_path / "full"), log=lambda _: None)
+  assert made[0].prefetched == c.num_rounds - 1
 
   def crash(line):
     if line.startswith("round    3/"):
@@ -83,6 +91,37 @@ def test_tfds_training_resumes_exactly(tmp_path, data_dir):
   assert any("resuming from round 2" in l for l in lines)
   for a, b in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prefetch_and_worker_processes_change_no_batch_and_no_state(data_dir):
+  """Against the plain in-process pipeline (no prefetch, no workers): the same batches and positions
+  with prefetching (also when the prefetched round is not the one asked for: then it is not used) and
+  with two spawned worker processes decoding and augmenting."""
+  rounds = [np.array([0, 3]), np.array([3, 1]), np.array([3, 0]), np.array([2, 1])]
+
+  def run(prefetch, workers, wrong_guess=False):
+    c = tfds_config(data_dir)
+    c.local_steps = 2
+    c.data.prefetch, c.data.workers = prefetch, workers
+    data = pipeline.make_client_data(c)
+    out = []
+    try:
+      for r, clients in enumerate(rounds, 1):
+        out.append(data.round_batches(r, clients) + (data.get_state()["next_batch"],))
+        if r < len(rounds):
+          data.prefetch(r + 1, rounds[r][::-1] if wrong_guess and r == 2 else rounds[r])
+    finally:
+      data.close()
+    assert data.prefetched == (0 if not prefetch else 2 if wrong_guess else 3)
+    return out
+
+  ref = run(False, 0)
+  assert ref[1][2] == [2, 2, 0, 4]  # client 3 sampled twice: its position advanced by 2 local steps each time
+  for got in (run(True, 0), run(True, 0, wrong_guess=True), run(True, 2)):
+    for (x, y, pos), (rx, ry, rpos) in zip(got, ref):
+      np.testing.assert_array_equal(x, rx)
+      np.testing.assert_array_equal(y, ry)
+      assert pos == rpos
 
 
 def test_augmentation_is_deterministic_and_keeps_labels_aligned():

@@ -9,15 +9,22 @@
                   rows live on its devices (``rows``), while all processes track every position.
 
 Both give ``round_batches(round, clients) -> (images [k, steps, B, H, W, 1] f32, masks [k, steps, B, H, W] i32)``,
-``sizes`` (examples per client, the FedAvg weights), ``site_names`` and held-out ``eval_sets()``.
+``sizes`` (examples per client, the FedAvg weights), ``site_names``, held-out ``eval_sets()``,
+``prefetch(round, clients)`` (tfds with ``data.prefetch``: that round's batches are prepared in a
+background thread while the current round trains; ``data.workers`` > 0 decodes and augments in that many
+worker processes) and ``close()``. Prefetching changes no batch and no saved state: batches are a pure
+function of (client, position), and positions advance only when ``round_batches`` hands a round out.
 """
 
 from __future__ import annotations
 
 from fedkd.errors import UserError
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
+import threading
 from typing import Any
 
 import jax.numpy as jnp
@@ -112,6 +119,13 @@ class SyntheticClients:
 
   def set_state(self, state: dict) -> None:
     del state
+
+  def prefetch(self, round_: int, clients: np.ndarray, rows: slice | None = None) -> None:
+    """Nothing to prepare: the images are rendered on the device, queued behind the round."""
+    del round_, clients, rows
+
+  def close(self) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +237,38 @@ class _Subset:
     return self.source[int(self.indices[i])]
 
 
+# Worker processes of TfdsClients (config.data.workers > 0): each holds the clients' example pools and
+# builds a client's grain dataset when first asked, exactly as the main process would.
+_WORKER: dict = {}
+
+
+def _worker_init(pool, parts, seed: int, aug, batch_size: int) -> None:
+  _WORKER.update(pool=pool, parts=parts, seed=seed, aug=aug, batch_size=batch_size, datasets={})
+
+
+def _client_dataset(pool, parts, seed: int, aug, batch_size: int, k: int):
+  """Client k's batches, random access: ``dataset[t]`` is its t-th batch (a pure function of seed, k
+  and its examples)."""
+  import grain
+
+  return (
+    grain.MapDataset.source(_Subset(pool, parts[k]))
+    .seed(seed * 100_003 + k)
+    .shuffle()
+    .repeat(None)
+    .random_map(aug)
+    .batch(batch_size, drop_remainder=True)
+  )
+
+
+def _worker_batches(k: int, start: int, steps: int):
+  w = _WORKER
+  if k not in w["datasets"]:
+    w["datasets"][k] = _client_dataset(w["pool"], w["parts"], w["seed"], w["aug"], w["batch_size"], k)
+  items = [w["datasets"][k][start + s] for s in range(steps)]
+  return np.stack([i["image"] for i in items]), np.stack([i["mask"] for i in items])
+
+
 def _parse_source(source: str) -> str:
   if not source.startswith("tfds:") or len(source) <= 5:
     raise DataError(f"config.data.source={source!r}: use 'synthetic' or 'tfds:<dataset name>'")
@@ -235,7 +281,6 @@ class TfdsClients:
   names a config kept out of training and evaluated as the unseen hospital."""
 
   def __init__(self, config):
-    import grain
     from fedkd.data import tfds as fedkd_tfds
 
     self.config = config
@@ -340,43 +385,94 @@ class TfdsClients:
     self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
     self.sizes = np.array([len(p) for p in parts], np.int64)
     self._aug = Augment(config.image_size, enabled=bool(d.augment))
-    self._pool, self._parts, self._grain = pool, parts, grain
+    self._pool, self._parts = pool, parts
     # Random access: batch t of client k is dataset(k)[t]; the state is each client's next t, kept
     # identical on every process so any process can serve any client in any round. The per-client
     # grain datasets are built when a client is first sampled (10,000 registered clients need not
     # build 10,000 pipelines up front); each is a pure function of (seed, k, its examples).
     self._datasets: dict[int, Any] = {}
+    self._lock = threading.Lock()  # the prefetch thread and the main thread build datasets
     self._next = np.zeros(n, np.int64)
+    # Decode + augmentation in worker processes (data.workers), and the next round's batches prepared
+    # in a background thread while this round trains (data.prefetch): (key, future) of that round.
+    self._pool_exec = None
+    self._prefetch_exec = None
+    self._pending = None
+    self.prefetched = 0  # rounds served from a prefetch
 
   def _dataset(self, k: int):
-    if k not in self._datasets:
-      self._datasets[k] = (
-        self._grain.MapDataset.source(_Subset(self._pool, self._parts[k]))
-        .seed(self.config.seed * 100_003 + k)
-        .shuffle()
-        .repeat(None)
-        .random_map(self._aug)
-        .batch(self.config.batch_size, drop_remainder=True)
+    with self._lock:
+      if k not in self._datasets:
+        c = self.config
+        self._datasets[k] = _client_dataset(self._pool, self._parts, c.seed, self._aug, c.batch_size, k)
+      return self._datasets[k]
+
+  def _workers(self):
+    if self._pool_exec is None and self.config.data.workers > 0:
+      c = self.config
+      # spawn, not fork: the parent holds JAX's threads, which fork would copy mid-state
+      self._pool_exec = concurrent.futures.ProcessPoolExecutor(
+        c.data.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(self._pool, self._parts, c.seed, self._aug, c.batch_size),
       )
-    return self._datasets[k]
+    return self._pool_exec
+
+  def _batches(self, clients: np.ndarray, starts: np.ndarray):
+    """(images [k, steps, B, H, W, 1], masks [k, steps, B, H, W]) of ``clients`` from batch positions
+    ``starts``: a pure function of (clients, starts), in this process or in the worker processes."""
+    steps = self.config.local_steps
+    pool = self._workers()
+    if pool is not None:
+      futures = [pool.submit(_worker_batches, int(k), int(t), steps) for k, t in zip(clients, starts)]
+      parts = [f.result() for f in futures]
+    else:
+      parts = []
+      for k, t in zip(clients, starts):
+        items = [self._dataset(int(k))[int(t) + s] for s in range(steps)]
+        parts.append((np.stack([i["image"] for i in items]), np.stack([i["mask"] for i in items])))
+    return np.stack([x for x, _ in parts]), np.stack([y for _, y in parts])
+
+  def prefetch(self, round_: int, clients: np.ndarray, rows: slice | None = None) -> None:
+    """Starts preparing ``round_batches(round_, clients, rows)`` in a background thread (with
+    ``data.prefetch``), from the clients' positions now; nothing advances until that call takes it."""
+    if not self.config.data.prefetch:
+      return
+    sel = np.asarray(clients)[rows if rows is not None else slice(None)]
+    starts = self._next[sel].copy()
+    if self._prefetch_exec is None:
+      self._prefetch_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedkd-prefetch")
+    key = (round_, tuple(int(k) for k in sel), tuple(int(t) for t in starts))
+    self._pending = (key, self._prefetch_exec.submit(self._batches, sel, starts))
+
+  def close(self) -> None:
+    """Stops the worker processes and the prefetch thread (a run's end; also called at exit)."""
+    for ex in (self._prefetch_exec, self._pool_exec):
+      if ex is not None:
+        ex.shutdown(wait=True, cancel_futures=True)
+    self._prefetch_exec = self._pool_exec = self._pending = None
 
   def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
-    """Batches of ``clients[rows]`` (all when None); every sampled client's position advances."""
-    del round_
+    """Batches of ``clients[rows]`` (all when None); every sampled client's position advances. A
+    prefetched result is used when it was made for this round, these clients and their positions now."""
     c = self.config
-    xs, ys = [], []
-    for k in np.asarray(clients)[rows if rows is not None else slice(None)]:
-      steps = [self._dataset(int(k))[int(self._next[k]) + s] for s in range(c.local_steps)]
-      xs.append(np.stack([s["image"] for s in steps]))
-      ys.append(np.stack([s["mask"] for s in steps]))
+    sel = np.asarray(clients)[rows if rows is not None else slice(None)]
+    starts = self._next[sel].copy()
+    key = (round_, tuple(int(k) for k in sel), tuple(int(t) for t in starts))
+    pending, self._pending = self._pending, None
+    if pending is not None and pending[0] == key:
+      xs, ys = pending[1].result()  # re-raises a DataError of the background thread here
+      self.prefetched += 1
+    else:
+      xs, ys = self._batches(sel, starts)
     self._next[np.asarray(clients)] += c.local_steps
-    ys = np.stack(ys)
     if ys.max() >= c.model.num_classes:
       raise DataError(
         f"dataset {c.data.source!r} has label value {int(ys.max())} but "
         f"config.model.num_classes={c.model.num_classes}; raise model.num_classes"
       )
-    return np.stack(xs), ys
+    return xs, ys
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
     """First ``eval.examples_per_site`` test examples of every site (no augmentation)."""

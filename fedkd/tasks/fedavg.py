@@ -42,6 +42,8 @@ RESUMABLE_CHANGES = (
   "mesh",
   "algorithm.client_state",
   "dp.target_epsilon",  # raised to continue a run that stopped at its privacy budget
+  "data.workers",  # where batches are made, not which
+  "data.prefetch",
 )
 NOT_RESUMABLE = ("engine.compute_dtype",)
 
@@ -397,7 +399,15 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       t0 = time.time()
       key, sub = jax.random.split(jax.random.wrap_key_data(local_copy(state["rng"])))
       clients = sample_clients(sub, config.num_clients, config.clients_per_round)
+      # round r + 1's clients, from the key this round stores (read now: the round donates its buffers)
+      next_clients = (
+        sample_clients(jax.random.split(key)[1], config.num_clients, config.clients_per_round)
+        if r < last_round
+        else None
+      )
+      t_in = time.time()
       xs, ys = data.round_batches(r, clients, rows)  # this process's clients only
+      input_wait = time.time() - t_in
       xs, ys, weights = shard_clients((xs, ys, jnp.asarray(sizes[clients[rows]], jnp.float32)), mesh, rows)
       batch = {"x": xs, "y": ys}
       if ids_needed:  # who attacks, and the ids that key per-client randomness (attack noise, quantisation)
@@ -416,6 +426,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       # the sampled clients' rows, split over the mesh like the data (None for stateless algorithms)
       rows_in = None if clients_store is None else clients_store.gather(clients)
       state, new_rows, m = round_fn(state, rows_in, batch, weights)
+      if next_clients is not None:  # the next round's batches are made while this one trains
+        data.prefetch(r + 1, next_clients, rows)
       loss = float(m["loss"])  # waits for the round
       client_ok = _host_all(m["client_finite"])
       if not bool(m["finite"]) or not client_ok.any():
@@ -467,7 +479,15 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       line = (
         f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
       )
-      runlog.scalars(r, {"train/loss": loss, "train/round_seconds": dt, "train/images_per_s": imgs_per_round / dt})
+      runlog.scalars(
+        r,
+        {
+          "train/loss": loss,
+          "train/round_seconds": dt,
+          "train/images_per_s": imgs_per_round / dt,
+          "train/input_wait_seconds": input_wait,
+        },
+      )
       if r % config.eval.every == 0 or r == last_round:
         rec, per_site = evaluate(r)
         line += f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
@@ -481,6 +501,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         raise Stopped(r, stop.reason)
   finally:
     ckpt.close()  # finish pending async saves, also when the run dies mid-way
+    data.close()  # worker processes and the prefetch thread
     runlog.close()
 
   if per_site is None:  # resumed at the end already: evaluate the restored model
