@@ -107,6 +107,13 @@ if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
 fi
 if [ "$PLAN" = profile ]; then
   step 120 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
+  # the host pipeline on the device machine's cores (needs grain + tensorflow-datasets: carried wheels)
+  if python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
+    step 150 python3 bench/pipeline.py --data_dir /tmp/fedkd_pipeline_tfds --size 128 --clients 16 --steps 4 \
+      --batch 8 --workers 0,4,12 ${PIPELINE_ARGS:-}
+  else
+    echo "SKIP bench/pipeline.py: grain / tensorflow-datasets not importable" | tee -a "$LOG"
+  fi
 fi
 # Does XLA:GPU fuse the im2col patches into its GEMMs? (HLO after optimization, no cache: dumps need a compile)
 step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
