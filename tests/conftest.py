@@ -45,6 +45,7 @@ SLOW_FIRST = (
   "test_dp.py",
   "test_compress.py",
   "test_fedefm.py",
+  "test_fedefm_transfer.py",
   "test_synth.py",
   "test_client_state.py",
   "test_pre_redesign.py",
