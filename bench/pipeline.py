@@ -20,6 +20,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,7 +44,8 @@ def site_configs(data_dir: str, size: int, train: int, test: int) -> tuple[list[
     name = f"{s.name}-{size}px-{train}-{test}-seed0"
     if name not in api.prepared_configs("synthetic_endovascular", data_dir):
       print(f"building {name} in {data_dir}", file=sys.stderr, flush=True)
-      api.build("synthetic_endovascular", data_dir, site=s.name, image_size=size, num_train=train, num_test=test)
+      with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress: stdout stays JSON lines
+        api.build("synthetic_endovascular", data_dir, site=s.name, image_size=size, num_train=train, num_test=test)
     names.append(name)
   return names[:-1], names[-1]
 
