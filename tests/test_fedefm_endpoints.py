@@ -234,14 +234,14 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
     tmp_path,
     **{
       "pretrain.objective": "source",
-      "pretrain.num_rounds": 24,
+      "pretrain.num_rounds": 20,
       "pretrain.local_steps": 2,
       "pretrain.batch_size": 6,
       "pretrain.unseen_percent": 0.0,
       "pretrain.learning_rate": 1e-2,
       "experiment.methods": "fedavg,fedefm",
       "experiment.seeds": "0",
-      "eval.foundation_every": 12,
+      "eval.foundation_every": 10,
       "eval.heldout_per_source": 24,
     },
   )
@@ -252,7 +252,7 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   rows = exp.run()
   assert all(not r["teacher_kd"] for r in rows) and len(rows) == 2
   for r in rows:
-    assert [pt["round"] for pt in r["foundation_curve"]] == [12, 24]
+    assert [pt["round"] for pt in r["foundation_curve"]] == [10, 20]
     assert 0.0 <= r["foundation"] <= 1.0
     assert r["cost"]["gflops_per_silo_round"] > 0
   fedavg0 = next(r for r in rows if r["method"] == "fedavg" and r["seed"] == 0)

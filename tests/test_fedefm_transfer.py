@@ -18,7 +18,7 @@ from scipy import stats
 
 import test_fedefm_endpoints as te
 
-ROUNDS, SEEDS, VESSEL = 30, (0, 1, 2), 3
+ROUNDS, SEEDS, VESSEL = 20, (0, 1, 2), 3
 
 
 def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -63,6 +63,6 @@ def test_distillation_transfers_a_class_the_silo_never_labels(tmp_path):
       p_vessel = jax.nn.softmax(exp.f_apply_wf(row["params"], x0)[0].astype(jnp.float32), -1)[..., VESSEL]
       auc[distill] = _auroc(np.asarray(p_vessel).ravel(), vessel.ravel())
     gains.append(auc[True] - auc[False])
-  # measured (tiny config): +0.08, +0.07, +0.31 over seeds 0, 1, 2
+  # measured (tiny config): +0.10, +0.05, +0.14 over seeds 0, 1, 2
   assert min(gains) > 0.0, gains
   assert np.mean(gains) > 0.05, gains
