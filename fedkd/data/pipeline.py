@@ -261,12 +261,17 @@ def _client_dataset(pool, parts, seed: int, aug, batch_size: int, k: int):
   )
 
 
+def _steps(dataset, start: int, steps: int):
+  """Batches start .. start + steps - 1 of a client's dataset: (images [steps, B, ...], masks [steps, B, ...])."""
+  items = [dataset[start + s] for s in range(steps)]
+  return np.stack([i["image"] for i in items]), np.stack([i["mask"] for i in items])
+
+
 def _worker_batches(k: int, start: int, steps: int):
   w = _WORKER
   if k not in w["datasets"]:
     w["datasets"][k] = _client_dataset(w["pool"], w["parts"], w["seed"], w["aug"], w["batch_size"], k)
-  items = [w["datasets"][k][start + s] for s in range(steps)]
-  return np.stack([i["image"] for i in items]), np.stack([i["mask"] for i in items])
+  return _steps(w["datasets"][k], start, steps)
 
 
 def _parse_source(source: str) -> str:
@@ -428,26 +433,27 @@ class TfdsClients:
       futures = [pool.submit(_worker_batches, int(k), int(t), steps) for k, t in zip(clients, starts)]
       parts = [f.result() for f in futures]
     else:
-      parts = []
-      for k, t in zip(clients, starts):
-        items = [self._dataset(int(k))[int(t) + s] for s in range(steps)]
-        parts.append((np.stack([i["image"] for i in items]), np.stack([i["mask"] for i in items])))
+      parts = [_steps(self._dataset(int(k)), int(t), steps) for k, t in zip(clients, starts)]
     return np.stack([x for x, _ in parts]), np.stack([y for _, y in parts])
+
+  def _request(self, round_: int, clients: np.ndarray, rows: slice | None):
+    """(the clients served here, their batch positions now, the key a prefetch is matched by)."""
+    sel = np.asarray(clients)[rows if rows is not None else slice(None)]
+    starts = self._next[sel].copy()
+    return sel, starts, (round_, tuple(int(k) for k in sel), tuple(int(t) for t in starts))
 
   def prefetch(self, round_: int, clients: np.ndarray, rows: slice | None = None) -> None:
     """Starts preparing ``round_batches(round_, clients, rows)`` in a background thread (with
     ``data.prefetch``), from the clients' positions now; nothing advances until that call takes it."""
     if not self.config.data.prefetch:
       return
-    sel = np.asarray(clients)[rows if rows is not None else slice(None)]
-    starts = self._next[sel].copy()
+    sel, starts, key = self._request(round_, clients, rows)
     if self._prefetch_exec is None:
       self._prefetch_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedkd-prefetch")
-    key = (round_, tuple(int(k) for k in sel), tuple(int(t) for t in starts))
     self._pending = (key, self._prefetch_exec.submit(self._batches, sel, starts))
 
   def close(self) -> None:
-    """Stops the worker processes and the prefetch thread (a run's end; also called at exit)."""
+    """Stops the worker processes and the prefetch thread (the training loop calls it when the run ends)."""
     for ex in (self._prefetch_exec, self._pool_exec):
       if ex is not None:
         ex.shutdown(wait=True, cancel_futures=True)
@@ -457,9 +463,7 @@ class TfdsClients:
     """Batches of ``clients[rows]`` (all when None); every sampled client's position advances. A
     prefetched result is used when it was made for this round, these clients and their positions now."""
     c = self.config
-    sel = np.asarray(clients)[rows if rows is not None else slice(None)]
-    starts = self._next[sel].copy()
-    key = (round_, tuple(int(k) for k in sel), tuple(int(t) for t in starts))
+    sel, starts, key = self._request(round_, clients, rows)
     pending, self._pending = self._pending, None
     if pending is not None and pending[0] == key:
       xs, ys = pending[1].result()  # re-raises a DataError of the background thread here
