@@ -9,7 +9,8 @@
 #
 # PLAN=profile (issue 15's first device call): workloads A, C and B with `--profile`, so each timed row
 # is followed by a `profile` row (device time per op category, bench/trace_table.py; the traces stay in
-# $OUT/prof_*), the anchor, the FedEFM seeds-stacking bench (bench/fedefm_stack.py) and the HLO report.
+# $OUT/prof_*), the anchor, the FedEFM seeds-stacking bench (bench/fedefm_stack.py), the replica bench
+# (bench/replicas.py) and the HLO report.
 #
 # Writes JSON lines to ${OUT:-runs/gpu_bench}/bench.jsonl (and the raw log beside it). Each step runs
 # under `timeout` so one slow step cannot eat the whole budget; a step that times out is logged and
@@ -107,6 +108,8 @@ if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
 fi
 if [ "$PLAN" = profile ]; then
   step 120 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
+  # seeds as replicas of one program (fedkd.main --seeds; vmap over replicas on GPU) vs one run after another
+  step 120 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 ${REPLICAS_ARGS:-}
   # the host pipeline on the device machine's cores (needs grain + tensorflow-datasets: carried wheels)
   if python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
     step 150 python3 bench/pipeline.py --data_dir /tmp/fedkd_pipeline_tfds --size 128 --clients 16 --steps 4 \

@@ -21,6 +21,15 @@ _COORD = flags.DEFINE_string(
 _NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (CPU runs only).")
+_SEEDS = flags.DEFINE_string(
+  "seeds",
+  None,
+  "Comma list of seeds, e.g. 0,1,2: the config once per seed as replicas of ONE compiled program "
+  "(fedkd.tasks.replicas), each into --workdir/seed-<s> (or --replica_workdirs).",
+)
+_REPLICA_WORKDIRS = flags.DEFINE_string(
+  "replica_workdirs", None, "With --seeds: comma list of workdirs, one per seed (default --workdir/seed-<s>)."
+)
 
 TASKS = ("fedavg", "fedefm")
 
@@ -53,6 +62,9 @@ def main(argv: list[str]) -> None:
     from fedkd.tasks.fedefm import validate as validate_fedefm
 
     validate_fedefm(config)
+  if _SEEDS.value is not None or _REPLICA_WORKDIRS.value is not None:
+    _run_replicas(config)
+    return
   existed = as_path(cli.WORKDIR.value).exists() if not is_remote(cli.WORKDIR.value) else True
   workdir = prepare(cli.WORKDIR.value)
   primary = jax.process_index() == 0
@@ -78,6 +90,51 @@ def main(argv: list[str]) -> None:
     raise
   finally:
     if lock is not None:
+      lock.release()
+  sys.stdout.flush()
+
+
+def _run_replicas(config) -> None:
+  """--seeds: the config once per seed, as replicas of one program (fedkd.tasks.replicas)."""
+  import os
+
+  from fedkd.preemption import StopSignals
+  from fedkd.tasks import replicas
+  from fedkd.workdir import Lock, prepare
+
+  if _SEEDS.value is None:
+    cli.fail("--replica_workdirs needs --seeds (one workdir per seed)")
+  try:
+    seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
+  except ValueError:
+    cli.fail(f"--seeds={_SEEDS.value!r} must be a comma list of integers, e.g. --seeds=0,1,2")
+  workdirs = (
+    [w for w in _REPLICA_WORKDIRS.value.split(",") if w]
+    if _REPLICA_WORKDIRS.value
+    else [os.path.join(cli.WORKDIR.value, f"seed-{s}") for s in seeds]
+  )
+  if len(workdirs) != len(seeds):
+    cli.fail(f"--replica_workdirs names {len(workdirs)} workdirs for {len(seeds)} seeds; give one per seed")
+  configs = []
+  for s in seeds:
+    c = config.copy_and_resolve_references()
+    c.seed = s
+    configs.append(c)
+  reason = replicas.why_not(configs)
+  if reason is not None:
+    cli.fail(
+      f"--seeds={_SEEDS.value}: these runs cannot be replicas of one program: {reason}; use launch.sweep --seeds"
+    )
+  locks = [Lock(prepare(w)) for w in workdirs]
+  taken = []
+  try:
+    for lock in locks:
+      lock.acquire()
+      taken.append(lock)
+    with StopSignals() as stop:
+      replicas.run(configs, workdirs, stop=stop)
+  finally:
+    for lock in taken:
       lock.release()
   sys.stdout.flush()
 

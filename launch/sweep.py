@@ -4,6 +4,7 @@
   python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/qs_tiny \\
       --extra=--config.num_rounds=4
   python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --seeds=0,1,2 --out=runs/fedavg
+  python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --seeds=0,1,2 --out=runs/fedavg --replicas
   python -m launch.sweep --out=runs/sweep_qs --aggregate_only
 
 ``--config=FILE[:ARG]`` names a config file with ``get_config(arg)`` and ``get_sweep(arg)``; ARG goes
@@ -15,7 +16,10 @@ first one starts. Each run is ``python -m fedkd.main --config=FILE[:ARG] --workd
 stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds
 and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful exit) and resumes
 unfinished ones from their latest checkpoint (fedkd.main does that by itself). A failed run does not
-stop the others; failures are listed at the end and the exit code is 1.
+stop the others; failures are listed at the end and the exit code is 1. ``--replicas``: runs that differ
+only in their seed share ONE process and one compiled program (``fedkd.main --seeds``,
+fedkd.tasks.replicas; logs in the first run's folder) where the config allows it; the sweep says why
+when it does not and runs them one process each.
 
 Outputs in OUT (drawn and tabulated by fedkd.report): sweep.json (the definition), results.md /
 results.csv (last evaluation of every run, mean +- sample std (ddof=1; n/a for one seed) over seeds
@@ -88,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     help="JAX persistent compilation cache shared by the runs (default OUT/jax_cache; "
     "'' = off; an existing JAX_COMPILATION_CACHE_DIR wins). Seeds of one method "
     "then compile once.",
+  )
+  p.add_argument(
+    "--replicas",
+    action="store_true",
+    help="run the runs that differ only in their seed as replicas of ONE compiled program "
+    "(fedkd.main --seeds; fedkd.tasks.replicas) where the config allows it, the rest one process per run",
   )
   p.add_argument("--metric", default="dice/catheter", help="metric for vs_<key>.png (default dice/catheter)")
   return p
@@ -198,6 +208,64 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
   }
 
 
+def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
+  """One fedkd.main process for ``runs`` (equal but for their seed) as replicas of one program."""
+  from fedkd.sweep import RESERVED, format_value
+
+  first = runs[0]["overrides"]
+  flags = [f"--config.{k}={format_value(v)}" for k, v in first.items() if k not in RESERVED and k != "seed"]
+  return [
+    sys.executable,
+    "-m",
+    "fedkd.main",
+    f"--config={defn['config']}",
+    f"--workdir={out}",
+    "--seeds=" + ",".join(str(int(r["overrides"].get("seed", 0))) for r in runs),
+    "--replica_workdirs=" + ",".join(os.path.join(out, r["name"]) for r in runs),
+    *flags,
+    *defn["extra"],
+  ]
+
+
+def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[list[tuple[int, dict]]]:
+  """``todo`` split into units: groups of runs that may run as replicas of one program (equal overrides
+  but the seed, fedkd.tasks.replicas.why_not None, every workdir at the same checkpoint), the rest alone.
+  Prints why a group of seeds stays one process per run."""
+  from fedkd import sweep as S
+  from fedkd.tasks import replicas
+
+  if not todo:
+    return []
+  module = load_config_module(defn["config"], need_sweep=False)
+  base = module.get_config(defn["config"].split(":", 1)[1] if ":" in defn["config"] else None)
+  fixed = S.parse_config_flags(defn["extra"], base)
+  groups: dict[str, list[tuple[int, dict]]] = {}
+  for i, run in todo:
+    key = json.dumps({k: v for k, v in run["overrides"].items() if k != "seed"}, sort_keys=True, default=str)
+    groups.setdefault(key, []).append((i, run))
+  units = []
+  for members in groups.values():
+    if len(members) < 2:
+      units.append(members)
+      continue
+    runs = [run for _, run in members]
+    reason = replicas.why_not(S.validate_sweep([r["overrides"] for r in runs], base, fixed))
+    progress = {latest_checkpoint(os.path.join(out, r["name"])) for r in runs}
+    if reason is None and len(progress) > 1:
+      reason = "their workdirs hold checkpoints of different rounds"
+    if reason is None:
+      units.append(members)
+    else:
+      _say(f"{', '.join(r['name'] for r in runs)}: one process per run ({reason})")
+      units.extend([m] for m in members)
+  return units
+
+
+def unit_command(defn: dict, runs: list[dict], out: str) -> list[str]:
+  """The fedkd.main command of one run, or of a group of replicas."""
+  return run_command(defn, runs[0], out) if len(runs) == 1 else replica_command(defn, runs, out)
+
+
 def run_command(defn: dict, run: dict, out: str) -> list[str]:
   from fedkd.sweep import RESERVED, format_value
 
@@ -259,8 +327,9 @@ def _say(msg: str) -> None:
   print(f"[sweep] {msg}", flush=True)
 
 
-def run_all(defn: dict, out: str, parallel: int, env: dict) -> list[tuple[str, int, str]]:
-  """Runs the unfinished runs, ``parallel`` at a time; returns [(name, exit code, last stderr line)]."""
+def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = False) -> list[tuple[str, int, str]]:
+  """Runs the unfinished runs, ``parallel`` processes at a time (``replicas``: runs equal but for their
+  seed share one process, :func:`replica_groups`); returns [(name, exit code, last stderr line)]."""
   runs, total = defn["runs"], len(defn["runs"])
   todo = []
   for i, run in enumerate(runs, 1):
@@ -271,50 +340,59 @@ def run_all(defn: dict, out: str, parallel: int, env: dict) -> list[tuple[str, i
       _say(f"{i}/{total} {run['name']}: skipped (finished: round {run['num_rounds']}/{run['num_rounds']})")
     else:
       todo.append((i, run))
+  units = replica_groups(defn, todo, out) if replicas else [[t] for t in todo]
   failures: list[tuple[str, int, str]] = []
-  active: dict[int, tuple] = {}  # pid -> (popen, i, run, t0, stderr offset, log files)
+  active: dict[int, tuple] = {}  # pid -> (popen, members, t0, stderr offset, log files, stderr path)
 
-  def start(i, run):
-    wd = os.path.join(out, run["name"])
-    os.makedirs(wd, exist_ok=True)
-    done = os.path.join(wd, DONE_FILE)
-    if os.path.exists(done):
-      os.remove(done)  # stale: the run is not finished (e.g. num_rounds was raised)
-    last = latest_checkpoint(wd)
-    how = f"resuming from round {last} of {run['num_rounds']}" if last else "new"
+  def start(members):
+    for _, run in members:
+      wd = os.path.join(out, run["name"])
+      os.makedirs(wd, exist_ok=True)
+      done = os.path.join(wd, DONE_FILE)
+      if os.path.exists(done):
+        os.remove(done)  # stale: the run is not finished (e.g. num_rounds was raised)
+    wd = os.path.join(out, members[0][1]["name"])  # a group logs into its first run's folder
     out_f = open(os.path.join(wd, "stdout.log"), "a")
     err_path = os.path.join(wd, "stderr.log")
     err_f = open(err_path, "a")
     offset = err_f.tell()
-    cmd = run_command(defn, run, out)
+    cmd = unit_command(defn, [r for _, r in members], out)
     out_f.write(f"\n$ {' '.join(cmd)}\n")
     out_f.flush()
     p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, stdin=subprocess.DEVNULL)
-    active[p.pid] = (p, i, run, time.time(), offset, (out_f, err_f), err_path)
-    _say(f"{i}/{total} {run['name']}: started ({how}); log {os.path.join(wd, 'stdout.log')}")
+    active[p.pid] = (p, members, time.time(), offset, (out_f, err_f), err_path)
+    for i, run in members:
+      last = latest_checkpoint(os.path.join(out, run["name"]))
+      how = f"resuming from round {last} of {run['num_rounds']}" if last else "new"
+      if len(members) > 1:
+        how += f", one of {len(members)} replicas in one program"
+      _say(f"{i}/{total} {run['name']}: started ({how}); log {os.path.join(wd, 'stdout.log')}")
 
   def finish(pid):
-    p, i, run, t0, offset, files, err_path = active.pop(pid)
+    p, members, t0, offset, files, err_path = active.pop(pid)
     for f in files:
       f.close()
-    wd, dt = os.path.join(out, run["name"]), time.time() - t0
-    if p.returncode == 0 and is_finished(wd, run["num_rounds"]):
-      _write_done(wd, run, run_command(defn, run, out), dt)
-      _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s (round {run['num_rounds']}/{run['num_rounds']})")
-      return
-    rc = p.returncode
-    last = _last_line(err_path, offset)
-    if rc == 0:  # exit 0 without a final checkpoint: count as a failure, keep going
-      last = f"exited 0 but the latest checkpoint is round {latest_checkpoint(wd)}, not {run['num_rounds']}"
-      rc = 1
-    failures.append((run["name"], rc, last))
-    _say(f"{i}/{total} {run['name']}: FAILED with exit code {rc} after {dt:.1f}s: {last or '(no stderr)'}")
+    dt = time.time() - t0
+    cmd = unit_command(defn, [r for _, r in members], out)
+    for i, run in members:
+      wd = os.path.join(out, run["name"])
+      if p.returncode == 0 and is_finished(wd, run["num_rounds"]):
+        _write_done(wd, run, cmd, dt)
+        _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s (round {run['num_rounds']}/{run['num_rounds']})")
+        continue
+      rc = p.returncode
+      last = _last_line(err_path, offset)
+      if rc == 0:  # exit 0 without a final checkpoint: count as a failure, keep going
+        last = f"exited 0 but the latest checkpoint is round {latest_checkpoint(wd)}, not {run['num_rounds']}"
+        rc = 1
+      failures.append((run["name"], rc, last))
+      _say(f"{i}/{total} {run['name']}: FAILED with exit code {rc} after {dt:.1f}s: {last or '(no stderr)'}")
 
   try:
-    queue = list(todo)
+    queue = list(units)
     while queue or active:
       while queue and len(active) < max(1, parallel):
-        start(*queue.pop(0))
+        start(queue.pop(0))
       time.sleep(0.2)
       for pid in [pid for pid, a in active.items() if a[0].poll() is not None]:
         finish(pid)
@@ -562,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"{len(defn['runs'])} run(s) in {out}, {args.parallel} at a time")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-      failures = run_all(defn, out, args.parallel, env)
+      failures = run_all(defn, out, args.parallel, env, replicas=args.replicas)
     except KeyboardInterrupt:
       return 130
 

@@ -416,3 +416,54 @@ def test_shipped_sweeps_validate(spec, arg, runs, methods):
   defn = launcher.build(spec, arg, [])
   assert len(defn["runs"]) == runs
   assert len({r["overrides"]["method"] for r in defn["runs"]}) == methods
+
+
+SMALL = [
+  f"--extra={a}"
+  for a in (
+    "--config.num_rounds=2",
+    "--config.image_size=32",
+    "--config.local_steps=1",
+    "--config.batch_size=2",
+    "--config.model.width=4",
+    "--config.model.depth=1",
+    "--config.eval.examples_per_site=2",
+    "--config.eval.every=2",
+  )
+]
+
+
+def test_replicas_flag_runs_the_seeds_as_one_program_and_skips_them_after(tmp_path):
+  """--replicas: the seeds of the quickstart share one fedkd.main process (--seeds); every run gets its
+  workdir, DONE file and metrics; a second invocation skips them."""
+  out = tmp_path / "sweep"
+  args = ["--config=configs/quickstart.py", "--seeds=0,1", f"--out={out}", "--replicas", *SMALL]
+  r = _launch(*args)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  for n in ("seed-0", "seed-1"):
+    assert f"{n}: started (new, one of 2 replicas in one program)" in r.stdout, r.stdout
+    assert f"{n}: finished in" in r.stdout
+    cmd = json.loads((out / n / "DONE").read_text())["command"]
+    assert "--seeds=0,1" in cmd and f"--replica_workdirs={out / 'seed-0'},{out / 'seed-1'}" in cmd
+    assert [json.loads(x)["round"] for x in (out / n / "metrics.jsonl").read_text().splitlines()] == [0, 2]
+    assert json.loads((out / n / "config.json").read_text())["seed"] == int(n[-1])
+  assert "2 replicas (seeds 0, 1) as one program" in (out / "seed-0" / "stdout.log").read_text()
+  r = _launch(*args)
+  assert r.returncode == 0 and r.stdout.count("skipped (finished: round 2/2)") == 2, r.stdout
+
+
+def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
+  """Runs that differ in more than their seed, or that a replica program cannot hold, stay one process
+  each; runs equal but for their seed form one group."""
+  defn = launcher.build("configs/quickstart.py", None, ["--config.aggregator.name=median"], [0, 1])
+  todo = list(enumerate(defn["runs"], 1))
+  units = launcher.replica_groups(defn, todo, str(tmp_path))
+  assert [len(u) for u in units] == [1, 1]
+  assert "one process per run (aggregator 'median' is not supported as replicas)" in capsys.readouterr().out
+  defn = launcher.build("configs/quickstart.py", None, [], [0, 1, 2])
+  assert [len(u) for u in launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path))] == [3]
+  # different progress: a resumable group must start from one round
+  ck = tmp_path / "seed-1" / "checkpoints" / "1"
+  ck.mkdir(parents=True)
+  units = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path))
+  assert [len(u) for u in units] == [1, 1, 1] and "different rounds" in capsys.readouterr().out

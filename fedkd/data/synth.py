@@ -762,7 +762,9 @@ def generate(
     )
   c, n = indices.shape
   if c * n == 0:
-    return jnp.zeros((c, n, image_size, image_size, 1), jnp.float32), jnp.zeros((c, n, image_size, image_size), jnp.int32)
+    return jnp.zeros((c, n, image_size, image_size, 1), jnp.float32), jnp.zeros(
+      (c, n, image_size, image_size), jnp.int32
+    )
   sites = np.repeat(site_ids, n)
   flat = indices.reshape(-1)
   pad = -len(flat) % RENDER_CHUNK  # the last chunk is filled with repeats of the last example, then dropped

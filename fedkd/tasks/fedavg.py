@@ -185,6 +185,56 @@ def _attack_params(config) -> dict:
   }[config.attack.name]
 
 
+def make_algorithm(config, server_tx):
+  """config.algorithm.name with its parameters and ``server_tx``, before any wrapper (robust
+  aggregator, attack, compression, DP)."""
+  return algorithms.make(
+    config.algorithm.name,
+    server_tx,
+    client_lr=float(config.client_optimizer.learning_rate),
+    num_clients=config.num_clients,
+    moon_mu=config.algorithm.moon_mu,
+    moon_tau=config.algorithm.moon_tau,
+    prox_mu=config.algorithm.prox_mu,
+    scaffold_weighting=config.algorithm.scaffold_weighting,
+    ditto_lambda=config.algorithm.ditto_lambda,
+  )
+
+
+def make_context(config, apply, apply_wf) -> ClientContext:
+  """How a client trains: the model, the segmentation loss, the client optimizer, compute dtype, remat."""
+  return ClientContext(
+    apply,
+    make_segmentation_loss(config.loss),
+    engine.make_optimizer(config.client_optimizer),
+    apply_wf=apply_wf,
+    compute_dtype=jnp.dtype(config.engine.compute_dtype),
+    remat=config.engine.remat,
+  )
+
+
+def dense_bytes(algorithm: str, params_like) -> tuple[int, int, int]:
+  """(bytes up per client, bytes down per client, of which beside the model) of one uncompressed round:
+  the model delta in float32 plus SCAFFOLD's control-variate change / FedNova's tau up; the server model
+  (and SCAFFOLD's control variate) down."""
+  model_bytes = compress.dense_bytes(params_like)
+  beside = {"scaffold": model_bytes, "fednova": 4}.get(algorithm, 0)
+  return model_bytes + beside, model_bytes * (2 if algorithm == "scaffold" else 1), beside
+
+
+def engine_options(config, n_dev: int, log: Callable[[str], None]) -> engine.EngineOptions:
+  """The engine's layout and lowering for this config on ``n_dev`` devices ('auto' resolved)."""
+  layout, lowering, chunk = engine.legacy_options(config.engine, log)
+  return engine.resolve(
+    layout,
+    lowering,
+    config.engine.unroll_local_steps,
+    model=config.model.name,
+    clients_per_shard=config.clients_per_round // n_dev,
+    client_chunk=chunk,
+  )
+
+
 def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   """Trains, evaluates and checkpoints; returns {'state', 'metrics' (last record), 'per_site'} and, for
   stateful algorithms, 'client_state' (the per-client store's state dict: ids ever sampled, rows).
@@ -208,34 +258,14 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   workdir = prepare(os.fspath(workdir))
   mesh = client_mesh(n_dev)
   rows = local_rows(mesh, config.clients_per_round)
-  layout, lowering, chunk = engine.legacy_options(config.engine, log)
-  engine_opts = engine.resolve(
-    layout,
-    lowering,
-    config.engine.unroll_local_steps,
-    model=config.model.name,
-    clients_per_shard=config.clients_per_round // n_dev,
-    client_chunk=chunk,
-  )
+  engine_opts = engine_options(config, n_dev, log)
   data = make_client_data(config)
   sizes = data.sizes
 
   apply, apply_wf, params = init_model(config.model, config.seed)
-  loss_fn = make_segmentation_loss(config.loss)
-  client_tx = engine.make_optimizer(config.client_optimizer)
   server_tx = engine.make_optimizer(config.server_optimizer)
   algorithm = config.algorithm.name
-  alg = algorithms.make(
-    algorithm,
-    server_tx,
-    client_lr=float(config.client_optimizer.learning_rate),
-    num_clients=config.num_clients,
-    moon_mu=config.algorithm.moon_mu,
-    moon_tau=config.algorithm.moon_tau,
-    prox_mu=config.algorithm.prox_mu,
-    scaffold_weighting=config.algorithm.scaffold_weighting,
-    ditto_lambda=config.algorithm.ditto_lambda,
-  )
+  alg = make_algorithm(config, server_tx)
   if config.aggregator.name != "mean":  # a robust statistic of the clients' deltas instead of their mean
     alg.aggregator = aggregate.make_aggregator(config.aggregator.name, **_aggregator_params(config))
   attackers = np.arange(config.num_clients) < num_attackers(config)  # by global client id
@@ -245,10 +275,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   # one), plus what travels beside it uncompressed: SCAFFOLD's control-variate change, FedNova's tau.
   # Down: the server model (and SCAFFOLD's control variate) to every sampled client.
   params_like = jax.eval_shape(lambda p: p, params)
-  model_bytes = compress.dense_bytes(params_like)
-  beside = {"scaffold": model_bytes, "fednova": 4}.get(algorithm, 0)
-  bytes_down = model_bytes * (2 if algorithm == "scaffold" else 1)
-  bytes_per_client = model_bytes + beside
+  bytes_per_client, bytes_down, beside = dense_bytes(algorithm, params_like)
   if config.compress.name != "none":
     alg = compress.Compressed(
       alg, config.compress.name, fraction=config.compress.fraction, error_feedback=config.compress.error_feedback
@@ -269,14 +296,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     )
   )
   del init_row
-  ctx = ClientContext(
-    apply,
-    loss_fn,
-    client_tx,
-    apply_wf=apply_wf,
-    compute_dtype=jnp.dtype(config.engine.compute_dtype),
-    remat=config.engine.remat,
-  )
+  ctx = make_context(config, apply, apply_wf)
   round_fn = engine.make_round_fn(alg, ctx, mesh, engine_opts, skip_nonfinite=config.engine.skip_nonfinite_clients)
 
   cfg_json = ckpt_lib.config_json(config)

@@ -1,0 +1,319 @@
+"""Several seeds of one federated config as ONE compiled program (``python -m fedkd.main --seeds=0,1,2``).
+
+The replicas' server states (parameters, server optimizer, rng) are stacked on a leading replica axis
+and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it in one jitted program
+(``jax.vmap``-ed, or emitted once per replica under the ``unroll`` layout), beside the clients axis: each replica samples its own clients from its own rng, trains them on its own seed's data
+and averages only its own clients (FedAvg within a replica: a block-diagonal mixing over replica x
+client). One compile serves every seed instead of one per process.
+
+Each replica writes what a single run of its seed writes (config.json, metrics.jsonl, rounds.jsonl,
+tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
+``fedkd.main`` run resume or read it like any other run. A replica's numbers equal its single run's up
+to float rounding (XLA batches the replicas' convolutions together; tests/test_replicas.py).
+
+Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
+optimizer, synthetic data, one process, configs that differ only in their seed. Anything else gets one
+process per run (launch.sweep falls back by itself; :func:`why_not` says why).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedkd import checkpoint as ckpt_lib
+from fedkd.config import ConfigError, num_attackers, validate
+from fedkd.data.pipeline import make_client_data
+from fedkd.evaluate import Evaluator, summarize
+from fedkd.fl import engine
+from fedkd.logs import RunLog, progress_bar
+from fedkd.models import init_model
+from fedkd.preemption import Stopped
+from fedkd.report import site_table
+from fedkd.sharding import CLIENTS, client_mesh, replicate
+from fedkd.tasks import fedavg
+from fedkd.workdir import prepare, write_atomic
+
+STATELESS = ("fedavg", "fedprox", "fednova")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def why_not(configs: Sequence) -> str | None:
+  """None when ``configs`` can run as replicas of one program, else the reason (one phrase). Reads the
+  configs only (no JAX backend is started: launch.sweep calls it)."""
+  if len(configs) < 2:
+    return "fewer than two runs"
+  base = _flat(configs[0].to_dict())
+  for c in configs[1:]:
+    other = _flat(c.to_dict())
+    diff = sorted(k for k in set(base) | set(other) if k != "seed" and base.get(k) != other.get(k))
+    if diff:
+      return f"config.{diff[0]} differs between the runs (replicas may differ only in config.seed)"
+  seeds = [int(c.seed) for c in configs]
+  if len(set(seeds)) != len(seeds):
+    return f"a seed repeats ({seeds})"
+  c = configs[0]
+  checks = (
+    (c.get("task", "fedavg") != "fedavg", f"config.task={c.get('task')!r} (fedavg only)"),
+    (c.algorithm.name not in STATELESS, f"algorithm {c.algorithm.name!r} keeps per-client state"),
+    (c.data.source != "synthetic", f"config.data.source={c.data.source!r} (synthetic only)"),
+    (c.dp.enabled, "differential privacy"),
+    (c.compress.name != "none", "compression"),
+    (num_attackers(c) > 0, "attackers"),
+    (c.aggregator.name != "mean", f"aggregator {c.aggregator.name!r}"),
+    (bool(c.algorithm.dropout), "client dropout"),
+    (bool(c.algorithm.local_steps_min), "drawn local steps"),
+  )
+  for bad, what in checks:
+    if bad:
+      return f"{what} is not supported as replicas"
+  return None
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _take(tree, i: int):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _over_replicas(round_fn, layout: str, n: int):
+  """The engine's round over a leading replica axis of (state, batch, weights), as one function: each
+  replica's round emitted separately when the clients are (``unroll``, XLA:CPU's fastest: a vmap would
+  turn every per-client convolution into a grouped one), else ``jax.vmap``."""
+  if layout != "unroll":
+    return jax.vmap(lambda s, b, w: round_fn(s, None, b, w))
+
+  def unrolled(s, b, w):
+    outs = [round_fn(_take(s, i), None, _take(b, i), w[i]) for i in range(n)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+  return unrolled
+
+
+class _Replica:
+  """One seed's host side: data, evaluation sets, log files, checkpoints."""
+
+  def __init__(self, config, workdir, apply, log):
+    self.config, self.seed = config, int(config.seed)
+    self.workdir = prepare(str(workdir))
+    self.data = make_client_data(config)
+    n_eval = min(config.eval.max_sites or config.num_clients, config.num_clients)
+    self.evaluator = Evaluator(config, apply, self.data.eval_sets(list(range(n_eval))))
+    self.cfg_json = ckpt_lib.config_json(config)
+    self.ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", config.checkpoint.max_to_keep)
+    self.runlog = RunLog(self.workdir, note=log)
+    self.bytes_up = self.bytes_down = 0.0
+
+  def evaluate(self, r: int, params) -> tuple[dict, dict]:
+    per_site = self.evaluator(params, {})
+    rec = summarize(r, per_site, self.data.unseen_name)
+    rec.update({"comm/bytes_up_total": self.bytes_up, "comm/bytes_down_total": self.bytes_down})
+    return rec, per_site
+
+  def close(self):
+    self.ckpt.close()
+    self.data.close()
+    self.runlog.close()
+
+
+def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = print, stop=None) -> list[dict]:
+  """Trains ``configs`` (one per seed; :func:`why_not` must be None) as one program, each into its
+  workdir; returns one {'state', 'metrics', 'per_site'} per replica, like :func:`fedkd.tasks.fedavg.run`.
+  Resumes when every workdir holds its checkpoint of the same round."""
+  reason = why_not(configs)
+  if reason is not None:
+    raise ConfigError(f"these runs cannot be replicas of one program: {reason}; run them one by one")
+  if jax.process_count() > 1:
+    raise ConfigError("replicas run in one process; start a multi-process run once per seed")
+  if len(workdirs) != len(configs):
+    raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
+  config = configs[0]
+  n_dev = validate(config, jax.device_count())
+  mesh = client_mesh(n_dev)
+  rows = slice(None)
+  opts = fedavg.engine_options(config, n_dev, log)
+  inits = [init_model(c.model, c.seed) for c in configs]
+  apply, apply_wf = inits[0][0], inits[0][1]
+  alg = fedavg.make_algorithm(config, engine.make_optimizer(config.server_optimizer))
+  round_fn = engine.make_round_fn(
+    alg, fedavg.make_context(config, apply, apply_wf), mesh, opts, skip_nonfinite=config.engine.skip_nonfinite_clients
+  )
+  vround = jax.jit(_over_replicas(round_fn, opts.layout, len(configs)), donate_argnums=(0,))
+  states = [alg.init(params, jax.random.key(c.seed)) for c, (_, _, params) in zip(configs, inits)]
+  params_like = jax.eval_shape(lambda p: p, inits[0][2])
+  bytes_up, bytes_down, _ = fedavg.dense_bytes(config.algorithm.name, params_like)
+  del inits
+  reps = [_Replica(c, w, apply, log) for c, w in zip(configs, workdirs)]
+  try:
+    return _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop)
+  finally:
+    for rep in reps:
+      rep.close()
+
+
+def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop) -> list[dict]:
+  config = configs[0]
+  like = states[0]
+  starts = []
+  for i, rep in enumerate(reps):
+
+    def load(r, rep=rep):
+      fedavg._check_resumable(rep.ckpt.saved_config(r), rep.cfg_json, rep.ckpt.directory)
+      return rep.ckpt.restore(r, like)[0]
+
+    start, restored = rep.ckpt.restore_latest(load, log)
+    if start is not None:
+      states[i] = restored
+    starts.append(start or 0)
+  if len(set(starts)) > 1:
+    raise ConfigError(
+      "the replicas' workdirs hold checkpoints of different rounds ("
+      + ", ".join(f"seed {rep.seed}: {s}" for rep, s in zip(reps, starts))
+      + "); resume each with python -m fedkd.main --workdir=<its workdir>, or start them in new workdirs"
+    )
+  start = starts[0]
+  if start > config.num_rounds:
+    raise ckpt_lib.ResumeRefused(
+      f"the replicas already hold round {start}, beyond config.num_rounds={config.num_rounds}; "
+      f"pass --config.num_rounds={start} (or more) to continue them"
+    )
+  for rep in reps:
+    rep.runlog.truncate_after(start if start else -1)
+    if start:
+      rep.bytes_up = sum(float(rr.get("comm/bytes_up", 0)) for rr in rep.runlog.rounds)
+      rep.bytes_down = sum(float(rr.get("comm/bytes_down", 0)) for rr in rep.runlog.rounds)
+    else:
+      write_atomic(rep.workdir / "config.json", json.dumps(rep.cfg_json, indent=2))
+  state = replicate(_stack(states), mesh)
+  del states
+  seeds = ", ".join(str(rep.seed) for rep in reps)
+  log(
+    f"fedkd {config.algorithm.name}: {len(reps)} replicas (seeds {seeds}) as one program, "
+    f"{config.num_clients} clients ({config.clients_per_round}/round) each, {config.local_steps} local steps x batch "
+    f"{config.batch_size}, {config.image_size}px, {mesh.size} device(s) [{jax.default_backend()}], {engine.describe(opts)}"
+    + (f"; resuming from round {start}" if start else "")
+  )
+  results = [None] * len(reps)
+  if start == 0:
+    for i, rep in enumerate(reps):
+      rec, _ = rep.evaluate(0, _take(state["params"], i))
+      rep.runlog.record(rec)
+  batch_sharding = NamedSharding(mesh, P(None, CLIENTS))
+  k = config.clients_per_round
+  imgs = len(reps) * k * config.local_steps * config.batch_size
+  timed_rounds, timed_s, t_start = 0, 0.0, time.time()
+  for r in range(start + 1, config.num_rounds + 1):
+    t0 = time.time()
+    keys, clients, xs, ys, weights = [], [], [], [], []
+    rng = np.asarray(state["rng"])
+    for i, rep in enumerate(reps):
+      key, sub = jax.random.split(jax.random.wrap_key_data(rng[i]))
+      c = fedavg.sample_clients(sub, config.num_clients, k)
+      x, y = rep.data.round_batches(r, c, rows)
+      keys.append(jax.random.key_data(key))
+      clients.append(c)
+      xs.append(x)
+      ys.append(y)
+      weights.append(rep.data.sizes[c])
+    batch = jax.device_put({"x": jnp.stack(xs), "y": jnp.stack(ys)}, batch_sharding)
+    w = jax.device_put(jnp.asarray(np.stack(weights), jnp.float32), batch_sharding)
+    state = dict(state, rng=replicate(jnp.stack(keys), mesh))
+    state, _, m = vround(state, batch, w)
+    losses = np.asarray(m["loss"])
+    finite, client_ok = np.asarray(m["finite"]), np.asarray(m["client_finite"])
+    for i, rep in enumerate(reps):
+      if not finite[i] or not client_ok[i].any():
+        raise fedavg._diverged(
+          r,
+          {"loss": losses[i], "client_finite": client_ok[i]},
+          clients[i],
+          configs[i],
+          start or None,
+          rep.ckpt.directory,
+        )
+    dt = time.time() - t0
+    if r > start + 1:
+      timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
+    evaluating = r % config.eval.every == 0 or r == config.num_rounds
+    stopping = stop is not None and stop.requested(r)
+    saving = stopping or r % config.checkpoint.every == 0 or r == config.num_rounds
+    line = f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss " + " ".join(
+      f"{v:.4f}" for v in losses
+    )
+    line += f"  {dt:6.2f}s  " + (
+      f"{imgs * timed_rounds / timed_s:7.1f} img/s" if timed_rounds else "(includes compilation)"
+    )
+    for i, rep in enumerate(reps):
+      sent, received = float(bytes_up * k), float(bytes_down * k)
+      rep.bytes_up += sent
+      rep.bytes_down += received
+      rep.runlog.round_record(
+        {
+          "round": r,
+          "loss": float(losses[i]),
+          "clients": [int(c) for c in clients[i]],
+          "participants": k,
+          "comm/bytes_up": sent,
+          "comm/bytes_down": received,
+          "comm/bytes_up_total": rep.bytes_up,
+          "comm/bytes_down_total": rep.bytes_down,
+        }
+      )
+      rep.runlog.scalars(
+        r,
+        {
+          "train/participants": float(k),
+          "comm/bytes_up": sent,
+          "comm/bytes_up_total": rep.bytes_up,
+          "comm/bytes_down_total": rep.bytes_down,
+          "train/loss": float(losses[i]),
+          "train/round_seconds": dt,
+          "train/images_per_s": imgs / len(reps) / dt,
+        },
+      )
+      if evaluating:
+        rec, per_site = rep.evaluate(r, _take(state["params"], i))
+        rep.runlog.record(rec)
+        results[i] = (rec, per_site)
+      if saving:
+        rep.ckpt.save(r, _take(state, i), rep.cfg_json, rep.data.get_state(), None)
+    if evaluating:
+      line += "  | held-out dice catheter " + " ".join(f"{res[0]['dice/catheter']:.4f}" for res in results)
+    log(line)
+    if stopping and r < config.num_rounds:
+      for rep in reps:
+        rep.ckpt.wait()
+      raise Stopped(r, stop.reason)
+  out = []
+  for i, rep in enumerate(reps):
+    params = _take(state["params"], i)
+    if results[i] is None:  # resumed at the end already
+      results[i] = rep.evaluate(config.num_rounds, params)
+    rec, per_site = results[i]
+    log(f"\nseed {rep.seed}: held-out Dice / IoU after round {config.num_rounds} -> {rep.workdir}")
+    log(site_table(per_site, rep.data.unseen_name))
+    out.append({"state": _take(state, i), "metrics": rec, "per_site": per_site})
+  if timed_rounds:
+    log(
+      f"training speed: {imgs * timed_rounds / timed_s:.1f} images/s over {timed_rounds} rounds of {len(reps)} "
+      f"replicas (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s"
+    )
+  return out

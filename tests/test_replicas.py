@@ -1,0 +1,149 @@
+"""Seeds as replicas of one compiled program (fedkd.tasks.replicas, fedkd.main --seeds): each replica
+equals its own single run (fedkd.tasks.fedavg.run, the independent reference), a stopped replica run
+resumes exactly, and what cannot be a replica is refused with the reason."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fedkd.checkpoint import ResumeRefused
+from fedkd.config import ConfigError
+from fedkd.preemption import Stopped
+from fedkd.tasks import fedavg, replicas
+from test_training import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _configs(seeds=(0, 1), **over):
+  out = []
+  for s in seeds:
+    c = tiny_config(num_rounds=3, seed=s, **over)
+    out.append(c)
+  return out
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _max_diff(a, b):
+  return max(
+    jax.tree.leaves(jax.tree.map(lambda u, v: float(np.max(np.abs(np.asarray(u, float) - np.asarray(v, float)))), a, b))
+  )
+
+
+class _StopAt:
+  def __init__(self, at):
+    self.at, self.reason = at, None
+
+  def requested(self, step):
+    if step == self.at:
+      self.reason = "preempted"
+    return self.reason is not None
+
+
+@pytest.fixture(scope="module")
+def singles(tmp_path_factory):
+  """Each seed run alone, the reference."""
+  base = tmp_path_factory.mktemp("singles")
+  return {
+    c.seed: (fedavg.run(c, str(base / f"s{c.seed}"), log=lambda _: None), base / f"s{c.seed}") for c in _configs()
+  }
+
+
+@pytest.mark.parametrize("algorithm,layout", [("fedavg", "auto"), ("fedprox", "auto"), ("fedavg", "vmap")])
+def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout):
+  """'auto' on CPU is the unroll layout: each replica's round emitted on its own; 'vmap': the round
+  vmapped over the replica axis (the GPU path)."""
+  configs = _configs()
+  for c in configs:
+    c.algorithm.name = algorithm
+    c.engine.client_layout = layout
+  if (algorithm, layout) == ("fedavg", "auto"):
+    ref = singles
+  else:
+    ref = {
+      c.seed: (fedavg.run(c, str(tmp_path / f"s{c.seed}"), log=lambda _: None), tmp_path / f"s{c.seed}")
+      for c in configs
+    }
+  out = replicas.run(configs, [str(tmp_path / f"r{c.seed}") for c in configs], log=lambda _: None)
+  for i, c in enumerate(configs):
+    single, wd = ref[c.seed]
+    assert _max_diff(out[i]["state"]["params"], single["state"]["params"]) < 1e-5
+    np.testing.assert_array_equal(np.asarray(out[i]["state"]["rng"]), np.asarray(single["state"]["rng"]))
+    got, want = _jsonl(tmp_path / f"r{c.seed}" / "metrics.jsonl"), _jsonl(wd / "metrics.jsonl")
+    assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 2, 3]
+    for g, w in zip(got, want):
+      assert g.keys() == w.keys()
+      for k in g:
+        assert g[k] == pytest.approx(w[k], abs=1e-4), k
+    got_r, want_r = _jsonl(tmp_path / f"r{c.seed}" / "rounds.jsonl"), _jsonl(wd / "rounds.jsonl")
+    assert [r["clients"] for r in got_r] == [r["clients"] for r in want_r]  # each replica samples its own
+    assert [r["loss"] for r in got_r] == pytest.approx([r["loss"] for r in want_r], abs=1e-5)
+  # the seeds differ: different clients or data, different models
+  assert _max_diff(out[0]["state"]["params"], out[1]["state"]["params"]) > 1e-3
+
+
+def test_stopped_replicas_resume_like_the_uninterrupted_run(singles, tmp_path):
+  configs = _configs()
+  wds = [str(tmp_path / f"r{c.seed}") for c in configs]
+  with pytest.raises(Stopped):
+    replicas.run(configs, wds, log=lambda _: None, stop=_StopAt(1))
+  assert all(os.path.isdir(os.path.join(w, "checkpoints", "1")) for w in wds)
+  lines = []
+  out = replicas.run(configs, wds, log=lines.append)
+  assert any("resuming from round 1" in ln for ln in lines), lines
+  for i, c in enumerate(configs):
+    single, wd = singles[c.seed]
+    assert _max_diff(out[i]["state"]["params"], single["state"]["params"]) < 1e-5
+    assert [r["round"] for r in _jsonl(os.path.join(wds[i], "metrics.jsonl"))] == [0, 2, 3]
+  # a replica's workdir is an ordinary run's: the single-run code reads its checkpoint and config
+  with pytest.raises(ResumeRefused, match="already holds round 3"):
+    fedavg.run(tiny_config(num_rounds=2, seed=0), wds[0], log=lambda _: None)
+
+
+def test_what_cannot_be_a_replica_is_refused_with_the_reason(tmp_path):
+  assert replicas.why_not(_configs()) is None
+  assert "fewer than two" in replicas.why_not(_configs(seeds=(0,)))
+  assert "a seed repeats" in replicas.why_not(_configs(seeds=(1, 1)))
+  a, b = _configs()
+  b.batch_size = 4
+  assert "config.batch_size differs" in replicas.why_not([a, b])
+  for key, value, phrase in (
+    ("algorithm.name", "scaffold", "per-client state"),
+    ("dp.enabled", True, "differential privacy"),
+    ("aggregator.name", "median", "aggregator 'median'"),
+  ):
+    cs = _configs()
+    for c in cs:
+      c[key.split(".")[0]][key.split(".")[1]] = value
+    assert phrase in replicas.why_not(cs), key
+  cs = _configs()
+  for c in cs:
+    c.algorithm.name = "scaffold"
+  with pytest.raises(ConfigError, match="cannot be replicas"):
+    replicas.run(cs, [str(tmp_path / "a"), str(tmp_path / "b")])
+  assert not os.path.exists(tmp_path / "a")
+
+
+def test_cli_seeds_bad_input_is_one_line(tmp_path):
+  def main(*args):
+    cmd = [sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+  for args, phrase in (
+    (["--seeds=0,x"], "must be a comma list of integers"),
+    (["--seeds=0,1", "--replica_workdirs=a"], "names 1 workdirs for 2 seeds"),
+    (["--seeds=0,1", "--config.aggregator.name=median"], "cannot be replicas of one program: aggregator 'median'"),
+  ):
+    p = main(*args)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().startswith("fedkd: error:") and phrase in p.stderr, p.stderr
+  assert not os.path.exists(tmp_path / "w" / "seed-0" / "checkpoints")
