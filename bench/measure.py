@@ -120,10 +120,9 @@ def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda 
   import numpy as np
 
   from fedkd.config import ConfigError, validate
-  from fedkd.fl import algorithms
-  from fedkd.fl.algorithm import ClientContext, init_rows
-  from fedkd.losses import make_segmentation_loss
+  from fedkd.fl.algorithm import init_rows
   from fedkd.models import init_model
+  from fedkd.tasks import fedavg
   from fedkd.sharding import client_mesh, local_rows, replicate, shard_clients
 
   if config.get("task", "fedavg") != "fedavg":
@@ -139,23 +138,8 @@ def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda 
   options = candidates(jax.default_backend(), per_shard, chunk, unroll)
 
   apply, apply_wf, params = init_model(config.model, config.seed)
-  server_tx = engine.make_optimizer(config.server_optimizer)
-  alg = algorithms.make(
-    config.algorithm.name,
-    server_tx,
-    client_lr=float(config.client_optimizer.learning_rate),
-    num_clients=config.num_clients,
-    moon_mu=config.algorithm.moon_mu,
-    moon_tau=config.algorithm.moon_tau,
-  )
-  ctx = ClientContext(
-    apply,
-    make_segmentation_loss(config.loss),
-    engine.make_optimizer(config.client_optimizer),
-    apply_wf=apply_wf,
-    compute_dtype=jnp.dtype(config.engine.compute_dtype),
-    remat=config.engine.remat,
-  )
+  alg = fedavg.make_algorithm(config, engine.make_optimizer(config.server_optimizer))
+  ctx = fedavg.make_context(config, apply, apply_wf)
   rows = local_rows(mesh, config.clients_per_round)
   n, s, b, h = rows.stop - rows.start, config.local_steps, config.batch_size, config.image_size
   rng = np.random.default_rng([config.seed, rows.start])  # this process's clients only

@@ -37,6 +37,7 @@ SLOW_FIRST = (
   "test_engine.py",
   "test_bad_inputs.py",
   "test_training.py",
+  "test_replicas.py",
   "test_pipeline.py",
   "test_bench.py",
   "test_aggregate.py",

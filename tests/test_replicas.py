@@ -15,6 +15,7 @@ from fedkd.checkpoint import ResumeRefused
 from fedkd.config import ConfigError
 from fedkd.preemption import Stopped
 from fedkd.tasks import fedavg, replicas
+from test_docs import assert_outputs_documented
 from test_training import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +105,7 @@ def test_stopped_replicas_resume_like_the_uninterrupted_run(singles, tmp_path):
     single, wd = singles[c.seed]
     assert _max_diff(out[i]["state"]["params"], single["state"]["params"]) < 1e-5
     assert [r["round"] for r in _jsonl(os.path.join(wds[i], "metrics.jsonl"))] == [0, 2, 3]
+    assert_outputs_documented(wds[i], "with a FedAvg-family config")
   # a replica's workdir is an ordinary run's: the single-run code reads its checkpoint and config
   with pytest.raises(ResumeRefused, match="already holds round 3"):
     fedavg.run(tiny_config(num_rounds=2, seed=0), wds[0], log=lambda _: None)

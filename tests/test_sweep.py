@@ -422,6 +422,8 @@ SMALL = [
   f"--extra={a}"
   for a in (
     "--config.num_rounds=2",
+    "--config.num_clients=2",
+    "--config.clients_per_round=2",
     "--config.image_size=32",
     "--config.local_steps=1",
     "--config.batch_size=2",

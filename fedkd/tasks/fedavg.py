@@ -77,16 +77,19 @@ _OLD_BEHAVIOUR = {
 }
 
 
-def _check_resumable(saved: dict, current: dict, directory: str) -> None:
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict):
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[f"{prefix}{k}"] = v
-    return out
+def flat_dict(d: dict, prefix: str = "") -> dict:
+  """{'a.b': v} of a nested dict (a config's to_dict())."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
+
+def _check_resumable(saved: dict, current: dict, directory: str) -> None:
+  flat = flat_dict
   a, b = flat(saved), flat(current)
   # A key the checkpoint's config lacks was added to the schema later; its default keeps the old
   # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.

@@ -44,24 +44,14 @@ from fedkd.workdir import prepare, write_atomic
 STATELESS = ("fedavg", "fedprox", "fednova")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def why_not(configs: Sequence) -> str | None:
   """None when ``configs`` can run as replicas of one program, else the reason (one phrase). Reads the
   configs only (no JAX backend is started: launch.sweep calls it)."""
   if len(configs) < 2:
     return "fewer than two runs"
-  base = _flat(configs[0].to_dict())
+  base = fedavg.flat_dict(configs[0].to_dict())
   for c in configs[1:]:
-    other = _flat(c.to_dict())
+    other = fedavg.flat_dict(c.to_dict())
     diff = sorted(k for k in set(base) | set(other) if k != "seed" and base.get(k) != other.get(k))
     if diff:
       return f"config.{diff[0]} differs between the runs (replicas may differ only in config.seed)"
@@ -224,6 +214,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     t0 = time.time()
     keys, clients, xs, ys, weights = [], [], [], [], []
     rng = np.asarray(state["rng"])
+    t_in = time.time()
     for i, rep in enumerate(reps):
       key, sub = jax.random.split(jax.random.wrap_key_data(rng[i]))
       c = fedavg.sample_clients(sub, config.num_clients, k)
@@ -234,6 +225,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
       ys.append(y)
       weights.append(rep.data.sizes[c])
     batch = jax.device_put({"x": jnp.stack(xs), "y": jnp.stack(ys)}, batch_sharding)
+    input_wait = time.time() - t_in
     w = jax.device_put(jnp.asarray(np.stack(weights), jnp.float32), batch_sharding)
     state = dict(state, rng=replicate(jnp.stack(keys), mesh))
     state, _, m = vround(state, batch, w)
@@ -287,6 +279,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
           "train/loss": float(losses[i]),
           "train/round_seconds": dt,
           "train/images_per_s": imgs / len(reps) / dt,
+          "train/input_wait_seconds": input_wait,
         },
       )
       if evaluating:
