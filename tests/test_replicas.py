@@ -13,6 +13,7 @@ import pytest
 
 from fedkd.checkpoint import ResumeRefused
 from fedkd.config import ConfigError
+from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.tasks import fedavg, replicas
 from test_docs import assert_outputs_documented
@@ -149,3 +150,17 @@ def test_cli_seeds_bad_input_is_one_line(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().startswith("fedkd: error:") and phrase in p.stderr, p.stderr
   assert not os.path.exists(tmp_path / "w" / "seed-0" / "checkpoints")
+
+
+def test_a_diverging_replica_is_an_error_before_anything_of_the_round_is_saved(tmp_path):
+  configs = _configs()
+  for c in configs:
+    c.client_optimizer.learning_rate = 1e9
+    c.checkpoint.every = 1
+  wds = [str(tmp_path / f"r{c.seed}") for c in configs]
+  with pytest.raises(DivergedError, match=r"training diverged in round \d+: loss") as e:
+    replicas.run(configs, wds, log=lambda _: None)
+  bad = int(str(e.value).split("round ")[1].split(":")[0])
+  for w in wds:  # every replica keeps the rounds before the bad one, none of it
+    saved = sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
+    assert saved == list(range(1, bad))[-2:], (saved, bad)

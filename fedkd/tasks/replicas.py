@@ -210,6 +210,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
   k = config.clients_per_round
   imgs = len(reps) * k * config.local_steps * config.batch_size
   timed_rounds, timed_s, t_start = 0, 0.0, time.time()
+  last_saved = start or None  # the newest checkpoint every replica holds
   for r in range(start + 1, config.num_rounds + 1):
     t0 = time.time()
     keys, clients, xs, ys, weights = [], [], [], [], []
@@ -238,9 +239,14 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
           {"loss": losses[i], "client_finite": client_ok[i]},
           clients[i],
           configs[i],
-          start or None,
+          last_saved,
           rep.ckpt.directory,
         )
+      if not client_ok[i].all():  # engine.skip_nonfinite_clients: they got weight 0
+        log(
+          f"round {r}, seed {rep.seed}: dropped client(s) {[int(c) for c in clients[i][~client_ok[i]]]} (non-finite update)"
+        )
+        rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok[i]).sum())})
     dt = time.time() - t0
     if r > start + 1:
       timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
@@ -288,6 +294,8 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
         results[i] = (rec, per_site)
       if saving:
         rep.ckpt.save(r, _take(state, i), rep.cfg_json, rep.data.get_state(), None)
+    if saving:
+      last_saved = r
     if evaluating:
       line += "  | held-out dice catheter " + " ".join(f"{res[0]['dice/catheter']:.4f}" for res in results)
     log(line)
