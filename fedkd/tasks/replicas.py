@@ -1,15 +1,18 @@
 """Several seeds of one federated config as ONE compiled program (``python -m fedkd.main --seeds=0,1,2``).
 
 The replicas' server states (parameters, server optimizer, rng) are stacked on a leading replica axis
-and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it in one jitted program
-(``jax.vmap``-ed, or emitted once per replica under the ``unroll`` layout), beside the clients axis: each replica samples its own clients from its own rng, trains them on its own seed's data
-and averages only its own clients (FedAvg within a replica: a block-diagonal mixing over replica x
-client). One compile serves every seed instead of one per process.
+and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it in one jitted program,
+beside the clients axis: ``jax.vmap``-ed, or, under the ``unroll`` layout (XLA:CPU), emitted once per
+replica (a vmap would turn every per-client convolution into a grouped one). Each replica samples its
+own clients from its own rng, trains them on its own seed's data and averages only its own clients
+(FedAvg within a replica: a block-diagonal mixing over replica x client). One program, compiled once,
+serves every seed.
 
 Each replica writes what a single run of its seed writes (config.json, metrics.jsonl, rounds.jsonl,
 tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
-``fedkd.main`` run resume or read it like any other run. A replica's numbers equal its single run's up
-to float rounding (XLA batches the replicas' convolutions together; tests/test_replicas.py).
+``fedkd.main`` run resume or read it like any other run. A replica's numbers equal its single run's:
+bitwise under ``unroll``, up to float rounding under ``vmap`` (XLA batches the replicas' convolutions
+together); tests/test_replicas.py. Measurements: docs/engine.md, "Seeds as replicas of one program".
 
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
 optimizer, synthetic data, one process, configs that differ only in their seed. Anything else gets one
