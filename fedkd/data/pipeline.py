@@ -27,7 +27,6 @@ import os
 import threading
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from fedkd.data import partition
@@ -86,8 +85,8 @@ class SyntheticClients:
     images, masks = synth.generate(
       c.seed,
       self.table,
-      jnp.asarray(clients, jnp.int32),
-      jnp.asarray(idx),
+      np.asarray(clients, np.int32),
+      idx,
       c.image_size,
       split=0,
       field_size=c.data.synthetic_field_size,
@@ -99,13 +98,13 @@ class SyntheticClients:
     """Held-out split (split=1) of the given training sites (default all) and the unseen site."""
     c = self.config
     ids = list(range(c.num_clients)) if site_ids is None else list(site_ids)
-    idx = jnp.arange(c.eval.examples_per_site, dtype=jnp.int32)[None]
+    idx = np.arange(c.eval.examples_per_site, dtype=np.int32)[None]
     out = {}
     for sid, name in [(i, self.site_names[i]) for i in ids] + [(c.num_clients, self.unseen_name)]:
       im, m = synth.generate(
         c.seed,
         self.table,
-        jnp.asarray([sid], jnp.int32),
+        np.array([sid], np.int32),
         idx,
         c.image_size,
         split=1,

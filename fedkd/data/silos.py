@@ -131,9 +131,7 @@ class SiloData:
     idx = self._round_index(seed, round_)
     rows = self.source_rows[np.take_along_axis(np.asarray(types), idx, axis=1)]
     gidx = idx + np.arange(p.num_silos)[:, None] * p.examples_per_silo
-    im, m = synth.generate(
-      seed, self.table, jnp.asarray(rows.reshape(-1), jnp.int32), jnp.asarray(gidx.reshape(-1, 1), jnp.int32), h
-    )
+    im, m = synth.generate(seed, self.table, rows.reshape(-1), gidx.reshape(-1, 1), h)
     shape = (p.num_silos, p.local_steps, p.batch_size, h, h)
     return im.reshape(shape + (1,)), jnp.minimum(m.reshape(shape), self.c.teacher.num_classes - 1)
 
@@ -157,8 +155,8 @@ class SiloData:
     im, m = synth.generate(
       seed,
       self.table,
-      jnp.asarray(self.source_rows),
-      jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (NUM_SOURCES, n)),
+      self.source_rows,
+      np.broadcast_to(np.arange(n, dtype=np.int32), (NUM_SOURCES, n)),
       h,
       split=1,
     )
@@ -186,8 +184,8 @@ class SiloData:
     im, m = synth.generate(
       seed,
       self.table,
-      jnp.asarray([self.target_row], jnp.int32),
-      jnp.arange(n, dtype=jnp.int32)[None],
+      np.array([self.target_row], np.int32),
+      np.arange(n, dtype=np.int32)[None],
       self.c.image_size,
       split=split,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from fedkd.data.labels import BACKGROUND, CATHETER, CLASS_NAMES, GUIDEWIRE, VESSEL  # noqa: F401 - re-exported
@@ -313,12 +312,13 @@ def make_sites(num_clients: int, data_type: str = DEFAULT_DATA_TYPE) -> tuple[li
   return profiles, with_data_type(UNSEEN_SITE, data_type)
 
 
-def site_table(profiles) -> dict[str, jnp.ndarray]:
-  """Stack profiles for indexing inside jit: ``{knob: float32 [n_sites, 2] (lo, hi)}`` plus
-  ``"data_type": int32 [n_sites]`` (index into ``DATA_TYPES``)."""
+def site_table(profiles) -> dict[str, np.ndarray]:
+  """Stack profiles into host arrays (``synth.generate`` gathers each example's row on the host):
+  ``{knob: float32 [n_sites, 2] (lo, hi)}`` plus ``"data_type": int32 [n_sites]`` (index into
+  ``DATA_TYPES``)."""
   profiles = list(profiles)
   if not profiles:
     raise ValueError("need at least one profile")
-  table = {knob: jnp.asarray(np.array([getattr(p, knob) for p in profiles], dtype=np.float32)) for knob in KNOBS}
-  table["data_type"] = jnp.asarray(np.array([DATA_TYPES.index(p.data_type) for p in profiles], dtype=np.int32))
+  table = {knob: np.array([getattr(p, knob) for p in profiles], dtype=np.float32) for knob in KNOBS}
+  table["data_type"] = np.array([DATA_TYPES.index(p.data_type) for p in profiles], dtype=np.int32)
   return table

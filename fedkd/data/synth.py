@@ -769,7 +769,7 @@ def generate(
   flat = indices.reshape(-1)
   pad = -len(flat) % RENDER_CHUNK  # the last chunk is filled with repeats of the last example, then dropped
   sites, flat = np.pad(sites, (0, pad), mode="edge"), np.pad(flat, (0, pad), mode="edge")
-  rows = {k: np.asarray(v)[sites] for k, v in table.items()}
+  rows = {k: np.asarray(v)[sites] for k, v in table.items()}  # host gather (site_table holds numpy)
   split = jnp.asarray(split, jnp.int32)
   images, masks = [], []
   for lo in range(0, len(flat), RENDER_CHUNK):

@@ -8,6 +8,8 @@ EMD: the bottleneck output for the UNet, the ViT encoder tokens on the patch gri
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 from collections.abc import Callable
 
@@ -70,10 +72,18 @@ def init_params(model_cfg, seed: int) -> tuple[Callable[[Any, jax.Array], jax.Ar
   return apply, params
 
 
+@functools.lru_cache(maxsize=16)
+def _label_map(apply):
+  """One jitted argmax predictor per apply function: evaluators of the same model (a run's replicas)
+  share its compiled programs."""
+  return jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
+
+
 def make_predictor(apply, batch_size: int):
-  """``predict(params, images [N, H, W, 1]) -> label maps [N, H, W]`` (argmax), jitted once and run in
-  batches of ``batch_size``; shared by training-time evaluation, fedkd.eval and FedEFM fine-tuning."""
-  label_map = jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
+  """``predict(params, images [N, H, W, 1]) -> label maps [N, H, W]`` (argmax), jitted once per
+  ``apply`` and run in batches of ``batch_size``; shared by training-time evaluation, fedkd.eval and
+  FedEFM fine-tuning."""
+  label_map = _label_map(apply)
 
   def predict(params, images):
     return jnp.concatenate(

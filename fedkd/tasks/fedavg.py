@@ -89,11 +89,10 @@ def flat_dict(d: dict, prefix: str = "") -> dict:
 
 
 def _check_resumable(saved: dict, current: dict, directory: str) -> None:
-  flat = flat_dict
-  a, b = flat(saved), flat(current)
+  a, b = flat_dict(saved), flat_dict(current)
   # A key the checkpoint's config lacks was added to the schema later; its default keeps the old
   # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.
-  defaults = flat(base_config().to_dict())
+  defaults = flat_dict(base_config().to_dict())
   for k, (applies, value) in _OLD_BEHAVIOUR.items():
     if k not in a and applies(a):
       defaults[k] = value
@@ -223,6 +222,39 @@ def dense_bytes(algorithm: str, params_like) -> tuple[int, int, int]:
   model_bytes = compress.dense_bytes(params_like)
   beside = {"scaffold": model_bytes, "fednova": 4}.get(algorithm, 0)
   return model_bytes + beside, model_bytes * (2 if algorithm == "scaffold" else 1), beside
+
+
+def round_logs(
+  r: int, loss: float, clients, participants: int, sent: float, received: float, up_total: float, down_total: float
+) -> tuple[dict, dict]:
+  """A round's rounds.jsonl record and its participation / communication scalars (callers add theirs)."""
+  rec = {
+    "round": r,
+    "loss": loss,
+    "clients": [int(c) for c in clients],
+    "participants": participants,
+    "comm/bytes_up": sent,
+    "comm/bytes_down": received,
+    "comm/bytes_up_total": up_total,
+    "comm/bytes_down_total": down_total,
+  }
+  scalars = {
+    "train/participants": float(participants),
+    "comm/bytes_up": sent,
+    "comm/bytes_up_total": up_total,
+    "comm/bytes_down_total": down_total,
+  }
+  return rec, scalars
+
+
+def speed_scalars(loss: float, seconds: float, images: int, input_wait: float) -> dict:
+  """A round's loss and timing scalars (``images``: trained in the round)."""
+  return {
+    "train/loss": loss,
+    "train/round_seconds": seconds,
+    "train/images_per_s": images / seconds,
+    "train/input_wait_seconds": input_wait,
+  }
 
 
 def engine_options(config, n_dev: int, log: Callable[[str], None]) -> engine.EngineOptions:
@@ -463,24 +495,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       sent, received = float(bytes_per_client * int(reported.sum())), float(bytes_down * len(clients))
       bytes_total += sent
       bytes_down_total += received
-      round_rec = {
-        "round": r,
-        "loss": loss,
-        "clients": [int(c) for c in clients],
-        "participants": int(reported.sum()),
-        "comm/bytes_up": sent,
-        "comm/bytes_down": received,
-        "comm/bytes_up_total": bytes_total,
-        "comm/bytes_down_total": bytes_down_total,
-      }
+      round_rec, scalars = round_logs(
+        r, loss, clients, int(reported.sum()), sent, received, bytes_total, bytes_down_total
+      )
       if config.algorithm.dropout:
         round_rec["reported"] = [int(c) for c in clients[reported]]
-      scalars = {
-        "train/participants": float(reported.sum()),
-        "comm/bytes_up": sent,
-        "comm/bytes_up_total": bytes_total,
-        "comm/bytes_down_total": bytes_down_total,
-      }
       if privacy is not None:
         round_rec["dp/epsilon"] = scalars["dp/epsilon"] = privacy.epsilon(r)
         clipped = _host_all(m["dp_clipped"])[reported]
@@ -502,15 +521,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       line = (
         f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
       )
-      runlog.scalars(
-        r,
-        {
-          "train/loss": loss,
-          "train/round_seconds": dt,
-          "train/images_per_s": imgs_per_round / dt,
-          "train/input_wait_seconds": input_wait,
-        },
-      )
+      runlog.scalars(r, speed_scalars(loss, dt, imgs_per_round, input_wait))
       if r % config.eval.every == 0 or r == last_round:
         rec, per_site = evaluate(r)
         line += f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"

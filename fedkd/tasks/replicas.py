@@ -266,31 +266,9 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
       sent, received = float(bytes_up * k), float(bytes_down * k)
       rep.bytes_up += sent
       rep.bytes_down += received
-      rep.runlog.round_record(
-        {
-          "round": r,
-          "loss": float(losses[i]),
-          "clients": [int(c) for c in clients[i]],
-          "participants": k,
-          "comm/bytes_up": sent,
-          "comm/bytes_down": received,
-          "comm/bytes_up_total": rep.bytes_up,
-          "comm/bytes_down_total": rep.bytes_down,
-        }
-      )
-      rep.runlog.scalars(
-        r,
-        {
-          "train/participants": float(k),
-          "comm/bytes_up": sent,
-          "comm/bytes_up_total": rep.bytes_up,
-          "comm/bytes_down_total": rep.bytes_down,
-          "train/loss": float(losses[i]),
-          "train/round_seconds": dt,
-          "train/images_per_s": imgs / len(reps) / dt,
-          "train/input_wait_seconds": input_wait,
-        },
-      )
+      rec, scalars = fedavg.round_logs(r, float(losses[i]), clients[i], k, sent, received, rep.bytes_up, rep.bytes_down)
+      rep.runlog.round_record(rec)
+      rep.runlog.scalars(r, {**scalars, **fedavg.speed_scalars(float(losses[i]), dt, imgs // len(reps), input_wait)})
       if evaluating:
         rec, per_site = rep.evaluate(r, _take(state["params"], i))
         rep.runlog.record(rec)
