@@ -35,19 +35,25 @@ def get_sweep(arg=None):
     python -m launch.sweep --config=configs/quickstart.py --out=runs/sweep_qs --parallel=2
     python -m launch.sweep --config=configs/quickstart.py --sweep=seeds=5 --out=runs/sweep_qs5
     python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/sweep_tiny  # seconds/run
+    python -m launch.sweep --config=configs/quickstart.py --sweep=lr_grid --out=runs/lr --replicas
 
   arg (comma list): ``seeds=N`` (default 2), ``tiny`` (2 rounds of a 4-channel UNet on 32px: a
-  smoke test, not a result). The "method" key is a label for tables and plots, not a config key.
-  Seeds vary slowest, so the first runs already compare both methods.
+  smoke test, not a result), ``lr_grid`` (FedAvg only, client learning rate 1e-3 / 3e-3 / 1e-2 x seeds:
+  with ``--replicas`` the whole grid is one compiled program). The "method" key is a label for tables
+  and plots, not a config key. Seeds vary slowest, so the first runs already compare both methods.
   """
   from fedkd.config import ConfigError, parse_arg, pop_seeds
   from fedkd.sweep import TINY, product
 
   a = parse_arg(arg)
   tiny = a.pop("tiny", False)
+  lr_grid = a.pop("lr_grid", False)
   seeds = pop_seeds(a, arg, 2)
   if a:
-    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny")
+    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny, lr_grid")
+  if lr_grid:
+    sweep = product(product(seed=list(seeds)), product(**{"client_optimizer.learning_rate": [1e-3, 3e-3, 1e-2]}))
+    return product(sweep, [TINY]) if tiny else sweep
   methods = [
     {"method": "fedavg", "server_optimizer.name": "sgd", "server_optimizer.momentum": 0.0},
     {

@@ -9,6 +9,7 @@ current round after saving it (exit 0 / 130). A second process on the same workd
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import flags
@@ -27,8 +28,16 @@ _SEEDS = flags.DEFINE_string(
   "Comma list of seeds, e.g. 0,1,2: the config once per seed as replicas of ONE compiled program "
   "(fedkd.tasks.replicas), each into --workdir/seed-<s> (or --replica_workdirs).",
 )
+_REPLICA_CONFIG = flags.DEFINE_multi_string(
+  "replica_config",
+  [],
+  "KEY=V1,V2,...: one value per replica of a learning rate or FedProx's mu (client_optimizer.learning_rate, "
+  "server_optimizer.learning_rate, algorithm.prox_mu), zipped with --seeds (a single value serves every "
+  "replica); e.g. --seeds=0 --replica_config=client_optimizer.learning_rate=0.01,0.03,0.1 is a 3-point "
+  "grid in one program. Workdirs: --workdir/<key-value...__seed-s> (or --replica_workdirs).",
+)
 _REPLICA_WORKDIRS = flags.DEFINE_string(
-  "replica_workdirs", None, "With --seeds: comma list of workdirs, one per seed (default --workdir/seed-<s>)."
+  "replica_workdirs", None, "With --seeds / --replica_config: comma list of workdirs, one per replica."
 )
 
 TASKS = ("fedavg", "fedefm")
@@ -38,8 +47,6 @@ def main(argv: list[str]) -> None:
   del argv
   from fedkd.config import ConfigError
   from fedkd.preemption import StopSignals
-  from fedkd.errors import USER_ERRORS
-  from fedkd.workdir import Lock, as_path, is_remote, prepare, remove_if_empty
 
   config = cli.CONFIG.value
   if not cli.WORKDIR.value:
@@ -62,80 +69,111 @@ def main(argv: list[str]) -> None:
     from fedkd.tasks.fedefm import validate as validate_fedefm
 
     validate_fedefm(config)
-  if _SEEDS.value is not None or _REPLICA_WORKDIRS.value is not None:
+  if _SEEDS.value is not None or _REPLICA_CONFIG.value or _REPLICA_WORKDIRS.value is not None:
     _run_replicas(config)
     return
-  existed = as_path(cli.WORKDIR.value).exists() if not is_remote(cli.WORKDIR.value) else True
-  workdir = prepare(cli.WORKDIR.value)
   primary = jax.process_index() == 0
-  lock = Lock(workdir) if primary else None  # one run per workdir; the processes of a run share it
-  if lock is not None:
-    lock.acquire()
-  try:
-    with StopSignals() as stop:
-      if config.task == "fedavg":
-        from fedkd.tasks import fedavg
+  # one run per workdir; the processes of a run share it (the primary holds the lock)
+  with _claimed([cli.WORKDIR.value], lock=primary) as (workdir,), StopSignals() as stop:
+    if config.task == "fedavg":
+      from fedkd.tasks import fedavg
 
-        fedavg.run(config, workdir, stop=stop)
-      else:
-        from fedkd.tasks import fedefm
+      fedavg.run(config, workdir, stop=stop)
+    else:
+      from fedkd.tasks import fedefm
 
-        fedefm.run(config, workdir, stop=stop)
-  except USER_ERRORS:
-    if lock is not None:
-      lock.release()
-      lock = None
-    if not existed and primary:  # a run refused before it wrote anything leaves no folder behind
-      remove_if_empty(workdir)
-    raise
-  finally:
-    if lock is not None:
-      lock.release()
+      fedefm.run(config, workdir, stop=stop)
   sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def _claimed(workdirs: list[str], lock: bool = True):
+  """The workdirs prepared and locked (``lock``) for the body. A user error in the body releases them
+  and removes those this call created if they are still empty (a refused run leaves no folder behind)."""
+  from fedkd.errors import USER_ERRORS
+  from fedkd.workdir import Lock, as_path, is_remote, prepare, remove_if_empty
+
+  existed = [is_remote(w) or as_path(w).exists() for w in workdirs]
+  paths = [prepare(w) for w in workdirs]
+  taken = []
+  try:
+    if lock:
+      for p in paths:
+        held = Lock(p)
+        held.acquire()
+        taken.append(held)
+    yield paths
+  except USER_ERRORS:
+    for held in taken:
+      held.release()
+    taken = []
+    if lock:
+      for p, was in zip(paths, existed):
+        if not was:
+          remove_if_empty(p)
+    raise
+  finally:
+    for held in taken:
+      held.release()
+
+
 def _run_replicas(config) -> None:
-  """--seeds: the config once per seed, as replicas of one program (fedkd.tasks.replicas)."""
+  """--seeds / --replica_config: the config once per replica, as one program (fedkd.tasks.replicas)."""
   import os
 
   from fedkd.preemption import StopSignals
+  from fedkd.sweep import SweepError, parse_value, run_names
   from fedkd.tasks import replicas
-  from fedkd.workdir import Lock, prepare
 
-  if _SEEDS.value is None:
-    cli.fail("--replica_workdirs needs --seeds (one workdir per seed)")
-  try:
-    seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
-  except ValueError:
-    cli.fail(f"--seeds={_SEEDS.value!r} must be a comma list of integers, e.g. --seeds=0,1,2")
-  workdirs = (
-    [w for w in _REPLICA_WORKDIRS.value.split(",") if w]
-    if _REPLICA_WORKDIRS.value
-    else [os.path.join(cli.WORKDIR.value, f"seed-{s}") for s in seeds]
-  )
-  if len(workdirs) != len(seeds):
-    cli.fail(f"--replica_workdirs names {len(workdirs)} workdirs for {len(seeds)} seeds; give one per seed")
+  lists = {}
+  if _SEEDS.value is not None:
+    try:
+      lists["seed"] = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
+    except ValueError:
+      cli.fail(f"--seeds={_SEEDS.value!r} must be a comma list of integers, e.g. --seeds=0,1,2")
+  for spec in _REPLICA_CONFIG.value:
+    key, _, text = spec.partition("=")
+    if key not in replicas.HPARAMS:
+      cli.fail(
+        f"--replica_config={spec}: replicas of one program may differ in {', '.join(replicas.HPARAMS)} "
+        "(and the seed, with --seeds); run other settings with launch.sweep"
+      )
+    try:
+      lists[key] = [parse_value(v.strip(), replicas._get(config, key)) for v in text.split(",") if v.strip()]
+    except (ValueError, SweepError) as e:
+      cli.fail(f"--replica_config={spec}: {e}; write KEY=V1,V2,... with numbers")
+  if not lists:
+    cli.fail("--replica_workdirs needs --seeds or --replica_config (one workdir per replica)")
+  n = max(len(v) for v in lists.values())
+  bad = {k: len(v) for k, v in lists.items() if len(v) not in (1, n)}
+  if bad or n == 0:
+    cli.fail(
+      "--seeds / --replica_config give "
+      + ", ".join(f"{len(v)} value(s) of {k}" for k, v in lists.items())
+      + "; give each one value per replica (or one value for all of them)"
+    )
+  overrides = [{k: (v[0] if len(v) == 1 else v[i]) for k, v in lists.items()} for i in range(n)]
+  if _REPLICA_WORKDIRS.value:
+    workdirs = [w for w in _REPLICA_WORKDIRS.value.split(",") if w]
+  else:
+    shown = [{k: v for k, v in o.items() if len(lists[k]) > 1} for o in overrides]
+    workdirs = [os.path.join(cli.WORKDIR.value, name) for name in run_names(shown)]
+  if len(workdirs) != n:
+    cli.fail(f"--replica_workdirs names {len(workdirs)} workdirs for {n} replicas; give one per replica")
   configs = []
-  for s in seeds:
+  for o in overrides:
     c = config.copy_and_resolve_references()
-    c.seed = s
+    for k, v in o.items():
+      parent = c
+      for part in k.split(".")[:-1]:
+        parent = parent[part]
+      parent[k.split(".")[-1]] = v
     configs.append(c)
   reason = replicas.why_not(configs)
   if reason is not None:
-    cli.fail(
-      f"--seeds={_SEEDS.value}: these runs cannot be replicas of one program: {reason}; use launch.sweep --seeds"
-    )
-  locks = [Lock(prepare(w)) for w in workdirs]
-  taken = []
-  try:
-    for lock in locks:
-      lock.acquire()
-      taken.append(lock)
-    with StopSignals() as stop:
-      replicas.run(configs, workdirs, stop=stop)
-  finally:
-    for lock in taken:
-      lock.release()
+    cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
+  with _claimed(workdirs), StopSignals() as stop:
+    replicas.run(configs, workdirs, stop=stop)
   sys.stdout.flush()
 
 

@@ -96,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--replicas",
     action="store_true",
-    help="run the runs that differ only in their seed as replicas of ONE compiled program "
-    "(fedkd.main --seeds; fedkd.tasks.replicas) where the config allows it, the rest one process per run",
+    help="run the runs that differ only in their seed, learning rates or FedProx mu as replicas of ONE "
+    "compiled program (fedkd.main --seeds / --replica_config; fedkd.tasks.replicas) where the config "
+    "allows it, the rest one process per run",
   )
   p.add_argument("--metric", default="dice/catheter", help="metric for vs_<key>.png (default dice/catheter)")
   return p
@@ -209,18 +210,23 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
 
 
 def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
-  """One fedkd.main process for ``runs`` (equal but for their seed) as replicas of one program."""
+  """One fedkd.main process for ``runs`` (equal but for fedkd.tasks.replicas.REPLICA_KEYS) as replicas
+  of one program: the keys that differ as --seeds / --replica_config lists, the rest as --config flags."""
   from fedkd.sweep import RESERVED, format_value
+  from fedkd.tasks.replicas import REPLICA_KEYS
 
-  first = runs[0]["overrides"]
-  flags = [f"--config.{k}={format_value(v)}" for k, v in first.items() if k not in RESERVED and k != "seed"]
+  overrides = [r["overrides"] for r in runs]
+  differ = [k for k in REPLICA_KEYS if len({format_value(o.get(k)) for o in overrides}) > 1]
+  flags = [f"--config.{k}={format_value(v)}" for k, v in overrides[0].items() if k not in RESERVED and k not in differ]
+  for k in differ:
+    values = ",".join(format_value(o[k]) for o in overrides)
+    flags.append(f"--seeds={values}" if k == "seed" else f"--replica_config={k}={values}")
   return [
     sys.executable,
     "-m",
     "fedkd.main",
     f"--config={defn['config']}",
     f"--workdir={out}",
-    "--seeds=" + ",".join(str(int(r["overrides"].get("seed", 0))) for r in runs),
     "--replica_workdirs=" + ",".join(os.path.join(out, r["name"]) for r in runs),
     *flags,
     *defn["extra"],
@@ -229,8 +235,8 @@ def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
 
 def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[list[tuple[int, dict]]]:
   """``todo`` split into units: groups of runs that may run as replicas of one program (equal overrides
-  but the seed, fedkd.tasks.replicas.why_not None, every workdir at the same checkpoint), the rest alone.
-  Prints why a group of seeds stays one process per run."""
+  but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu; why_not None; every workdir
+  at the same checkpoint), the rest alone. Prints why such a group stays one process per run."""
   from fedkd import sweep as S
   from fedkd.tasks import replicas
 
@@ -241,7 +247,9 @@ def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[l
   fixed = S.parse_config_flags(defn["extra"], base)
   groups: dict[str, list[tuple[int, dict]]] = {}
   for i, run in todo:
-    key = json.dumps({k: v for k, v in run["overrides"].items() if k != "seed"}, sort_keys=True, default=str)
+    key = json.dumps(
+      {k: v for k, v in run["overrides"].items() if k not in replicas.REPLICA_KEYS}, sort_keys=True, default=str
+    )
     groups.setdefault(key, []).append((i, run))
   units = []
   for members in groups.values():
@@ -329,7 +337,8 @@ def _say(msg: str) -> None:
 
 def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = False) -> list[tuple[str, int, str]]:
   """Runs the unfinished runs, ``parallel`` processes at a time (``replicas``: runs equal but for their
-  seed share one process, :func:`replica_groups`); returns [(name, exit code, last stderr line)]."""
+  seed / learning rates / mu share one process, :func:`replica_groups`); returns [(name, exit code, last
+  stderr line)]."""
   runs, total = defn["runs"], len(defn["runs"])
   todo = []
   for i, run in enumerate(runs, 1):

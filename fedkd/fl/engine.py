@@ -64,13 +64,15 @@ class EngineOptions:
   unroll_local_steps: bool = False
 
 
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
   """The optax optimizer of a ``client_optimizer`` / ``server_optimizer`` config. A config with ``b1``,
   ``b2``, ``eps`` (the server's) passes them to adam / adamw; without them optax's defaults apply.
-  ``yogi`` / ``adagrad`` (server only): Reddi et al. 2021's Algorithm 2 (:mod:`fedkd.fl.fedopt`)."""
+  ``yogi`` / ``adagrad`` (server only): Reddi et al. 2021's Algorithm 2 (:mod:`fedkd.fl.fedopt`).
+  ``learning_rate``: instead of the config's, e.g. a traced scalar (replicas that differ in it share one
+  program); the optimizer state has the same structure and the updates the same values either way."""
   from fedkd.fl import fedopt
 
-  lr = float(opt_cfg.learning_rate)
+  lr = float(opt_cfg.learning_rate) if learning_rate is None else learning_rate
   adaptive = {k: float(opt_cfg[k]) for k in ("b1", "b2", "eps") if k in opt_cfg}
   if opt_cfg.name == "sgd":
     return optax.sgd(lr, momentum=float(opt_cfg.momentum) or None)
@@ -181,14 +183,18 @@ def make_round_fn(
   options: EngineOptions = EngineOptions(),
   *,
   skip_nonfinite: bool = False,
+  rebuild: Callable[[dict], tuple[Algorithm, ClientContext]] | None = None,
 ):
-  """Returns the jitted ``round_fn(state, rows, batch, weights, mixing) -> (state, rows, metrics)``
-  (``state`` and ``rows`` donated).
+  """Returns the jitted ``round_fn(state, rows, batch, weights, mixing, hparams) -> (state, rows,
+  metrics)`` (``state`` and ``rows`` donated).
 
   ``state``: the server state (``algorithm.init``, replicated); ``rows``: the round's clients' rows
   (``algorithm.init_row`` stacked on a leading client axis, split over the mesh) or None; ``batch``: dict
   of per-client arrays with a leading client axis (``x``, ``y`` and the algorithm's inputs); ``weights``
-  [C]; ``mixing``: the gossip matrix W [C, C] (replicated) or None.
+  [C]; ``mixing``: the gossip matrix W [C, C] (replicated) or None; ``hparams``: None, or a dict of
+  scalars (replicated) from which ``rebuild(hparams) -> (algorithm, ctx)`` makes this round's algorithm
+  and client context (hyperparameters as traced inputs: replicas of one program that differ in a
+  learning rate, :mod:`fedkd.tasks.replicas`; the aggregator stays ``algorithm``'s).
 
   ``metrics``: ``loss`` (weighted mean over clients), ``client_loss`` [C], ``client_finite`` [C] (the
   client's upload and loss hold no NaN/Inf), ``finite`` (the new state and rows hold no NaN/Inf) and the
@@ -204,7 +210,6 @@ def make_round_fn(
     raise ValueError(f"skip_nonfinite needs a linear aggregator; {algorithm.name} uses {agg.name}")
   if options.layout not in LAYOUTS or options.lowering not in LOWERINGS:
     raise ValueError(f"unknown engine options {options}; resolve them with fedkd.fl.engine.resolve")
-  ctx = dataclasses.replace(ctx, unroll=options.unroll_local_steps)
 
   def settle(out: ClientOutput, w, rows, reported):
     """One group of clients' stacked outputs -> (aggregate part, sums part, per-client outputs).
@@ -224,13 +229,17 @@ def make_round_fn(
     sums = None if sums is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
     return part, sums, (out.loss, ok, w, new_rows, out.metrics)
 
-  def shard_body(state, rows, batch, weights, mixing):
+  def shard_body(state, rows, batch, weights, mixing, hparams):
+    if hparams is not None and rebuild is None:
+      raise ValueError("round_fn got hparams, but make_round_fn no rebuild to apply them")
+    alg, cx = (algorithm, ctx) if hparams is None else rebuild(hparams)
+    cx = dataclasses.replace(cx, unroll=options.unroll_local_steps)
     # The server state enters replicated; every client works on its own copy, so mark it varying.
     server = jax.tree.map(lambda a: jax.lax.pcast(a, CLIENTS, to="varying"), state)
-    gathered = algorithm.gather(batch)
+    gathered = alg.gather(batch)
     if gathered is not None:
       gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, CLIENTS, tiled=True), gathered)
-    client = lambda row, b: algorithm.client(ctx, server, row, b, gathered)  # noqa: E731
+    client = lambda row, b: alg.client(cx, server, row, b, gathered)  # noqa: E731
     n = weights.shape[0]
     with _lowered(options.lowering):
       if options.layout == "unroll":
@@ -275,19 +284,24 @@ def make_round_fn(
     aggregate = agg.finish(part, total, mixing) if agg.linear else agg.finish(part, total, mixing, w)
     sums = None if sums is None else jax.tree.map(lambda s: jax.lax.psum(s, CLIENTS), sums)
     mean_loss = jax.lax.psum(jnp.sum(w * losses_in), CLIENTS) / total
-    new_state, new_rows = algorithm.server(state, aggregate, sums, new_rows)
+    new_state, new_rows = alg.server(state, aggregate, sums, new_rows)
     return new_state, new_rows, mean_loss, losses, ok, client_metrics
 
   sharded = jax.shard_map(
     shard_body,
     mesh=mesh,
-    in_specs=(P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P()),
+    in_specs=(P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(), P()),
     out_specs=(P(), P(CLIENTS), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS)),
   )
 
-  def round_fn(state, rows, batch, weights, mixing=None):
+  def round_fn(state, rows, batch, weights, mixing=None, hparams=None):
     new_state, new_rows, mean_loss, losses, ok, client_metrics = sharded(
-      state, rows, batch, weights.astype(jnp.float32), None if mixing is None else mixing.astype(jnp.float32)
+      state,
+      rows,
+      batch,
+      weights.astype(jnp.float32),
+      None if mixing is None else mixing.astype(jnp.float32),
+      hparams,
     )
     metrics = {
       "loss": mean_loss,

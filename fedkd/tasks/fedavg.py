@@ -187,9 +187,10 @@ def _attack_params(config) -> dict:
   }[config.attack.name]
 
 
-def make_algorithm(config, server_tx):
+def make_algorithm(config, server_tx, prox_mu=None):
   """config.algorithm.name with its parameters and ``server_tx``, before any wrapper (robust
-  aggregator, attack, compression, DP)."""
+  aggregator, attack, compression, DP). ``prox_mu``: instead of config.algorithm.prox_mu (a traced
+  scalar: fedkd.tasks.replicas)."""
   return algorithms.make(
     config.algorithm.name,
     server_tx,
@@ -197,18 +198,19 @@ def make_algorithm(config, server_tx):
     num_clients=config.num_clients,
     moon_mu=config.algorithm.moon_mu,
     moon_tau=config.algorithm.moon_tau,
-    prox_mu=config.algorithm.prox_mu,
+    prox_mu=config.algorithm.prox_mu if prox_mu is None else prox_mu,
     scaffold_weighting=config.algorithm.scaffold_weighting,
     ditto_lambda=config.algorithm.ditto_lambda,
   )
 
 
-def make_context(config, apply, apply_wf) -> ClientContext:
-  """How a client trains: the model, the segmentation loss, the client optimizer, compute dtype, remat."""
+def make_context(config, apply, apply_wf, client_lr=None) -> ClientContext:
+  """How a client trains: the model, the segmentation loss, the client optimizer, compute dtype, remat.
+  ``client_lr``: instead of config.client_optimizer.learning_rate (a traced scalar: fedkd.tasks.replicas)."""
   return ClientContext(
     apply,
     make_segmentation_loss(config.loss),
-    engine.make_optimizer(config.client_optimizer),
+    engine.make_optimizer(config.client_optimizer, client_lr),
     apply_wf=apply_wf,
     compute_dtype=jnp.dtype(config.engine.compute_dtype),
     remat=config.engine.remat,

@@ -1,22 +1,24 @@
-"""Several seeds of one federated config as ONE compiled program (``python -m fedkd.main --seeds=0,1,2``).
+"""Several runs of one federated config (seeds, learning rates, FedProx's mu) as ONE compiled program
+(``python -m fedkd.main --seeds=0,1,2``, ``--replica_config=KEY=V1,V2,...``; ``launch.sweep --replicas``).
 
 The replicas' server states (parameters, server optimizer, rng) are stacked on a leading replica axis
 and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it in one jitted program,
 beside the clients axis: ``jax.vmap``-ed, or, under the ``unroll`` layout (XLA:CPU), emitted once per
 replica (a vmap would turn every per-client convolution into a grouped one). Each replica samples its
 own clients from its own rng, trains them on its own seed's data and averages only its own clients
-(FedAvg within a replica: a block-diagonal mixing over replica x client). One program, compiled once,
-serves every seed.
+(FedAvg within a replica: a block-diagonal mixing over replica x client). The hyperparameters that keep
+the program's shapes (:data:`HPARAMS`) enter the round as traced per-replica scalars (the engine's
+``hparams``), so one program, compiled once, serves a seed table and a learning-rate grid alike.
 
-Each replica writes what a single run of its seed writes (config.json, metrics.jsonl, rounds.jsonl,
+Each replica writes what a single run of its config writes (config.json, metrics.jsonl, rounds.jsonl,
 tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
 ``fedkd.main`` run resume or read it like any other run. A replica's numbers equal its single run's:
 bitwise under ``unroll``, up to float rounding under ``vmap`` (XLA batches the replicas' convolutions
 together); tests/test_replicas.py. Measurements: docs/engine.md, "Seeds as replicas of one program".
 
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
-optimizer, synthetic data, one process, configs that differ only in their seed. Anything else gets one
-process per run (launch.sweep falls back by itself; :func:`why_not` says why).
+optimizer, synthetic data, one process, configs that differ only in :data:`REPLICA_KEYS`. Anything else
+gets one process per run (launch.sweep falls back by itself; :func:`why_not` says why).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import ConfigError, num_attackers, validate
 from fedkd.data.pipeline import make_client_data
+from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import engine
 from fedkd.logs import RunLog, progress_bar
@@ -45,6 +48,29 @@ from fedkd.tasks import fedavg
 from fedkd.workdir import prepare, write_atomic
 
 STATELESS = ("fedavg", "fedprox", "fednova")
+# config key -> the engine's traced hyperparameter (fedkd.fl.engine.make_round_fn's ``hparams``)
+HPARAMS = {
+  "client_optimizer.learning_rate": "client_lr",
+  "server_optimizer.learning_rate": "server_lr",
+  "algorithm.prox_mu": "prox_mu",
+}
+REPLICA_KEYS = ("seed", *HPARAMS)  # what replicas of one program may differ in
+
+
+def _get(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def varying(configs: Sequence) -> list[str]:
+  """The :data:`REPLICA_KEYS` whose values differ between ``configs``."""
+  return [k for k in REPLICA_KEYS if len({repr(_get(c, k)) for c in configs}) > 1]
+
+
+def label(config, keys: Sequence[str]) -> str:
+  """One replica in logs: its values of ``keys`` (e.g. 'seed 1, client_optimizer.learning_rate=0.03')."""
+  return ", ".join(f"seed {config.seed}" if k == "seed" else f"{k}={_get(config, k):g}" for k in keys) or "base"
 
 
 def why_not(configs: Sequence) -> str | None:
@@ -55,12 +81,19 @@ def why_not(configs: Sequence) -> str | None:
   base = fedavg.flat_dict(configs[0].to_dict())
   for c in configs[1:]:
     other = fedavg.flat_dict(c.to_dict())
-    diff = sorted(k for k in set(base) | set(other) if k != "seed" and base.get(k) != other.get(k))
+    diff = sorted(k for k in set(base) | set(other) if k not in REPLICA_KEYS and base.get(k) != other.get(k))
     if diff:
-      return f"config.{diff[0]} differs between the runs (replicas may differ only in config.seed)"
-  seeds = [int(c.seed) for c in configs]
-  if len(set(seeds)) != len(seeds):
-    return f"a seed repeats ({seeds})"
+      return (
+        f"config.{diff[0]} differs between the runs (replicas may differ only in "
+        + ", ".join(f"config.{k}" for k in REPLICA_KEYS)
+        + ")"
+      )
+  seen = {}
+  for i, c in enumerate(configs):
+    values = tuple(repr(_get(c, k)) for k in REPLICA_KEYS)
+    if values in seen:
+      return f"runs {seen[values]} and {i} are the same run (equal {', '.join(REPLICA_KEYS)})"
+    seen[values] = i
   c = configs[0]
   checks = (
     (c.get("task", "fedavg") != "fedavg", f"config.task={c.get('task')!r} (fedavg only)"),
@@ -88,24 +121,42 @@ def _take(tree, i: int):
 
 
 def _over_replicas(round_fn, layout: str, n: int):
-  """The engine's round over a leading replica axis of (state, batch, weights), as one function: each
-  replica's round emitted separately when the clients are (``unroll``, XLA:CPU's fastest: a vmap would
-  turn every per-client convolution into a grouped one), else ``jax.vmap``."""
+  """The engine's round over a leading replica axis of (state, batch, weights, hparams), as one
+  function: each replica's round emitted separately when the clients are (``unroll``, XLA:CPU's
+  fastest: a vmap would turn every per-client convolution into a grouped one), else ``jax.vmap``."""
   if layout != "unroll":
-    return jax.vmap(lambda s, b, w: round_fn(s, None, b, w))
+    return jax.vmap(lambda s, b, w, h: round_fn(s, None, b, w, None, h))
 
-  def unrolled(s, b, w):
-    outs = [round_fn(_take(s, i), None, _take(b, i), w[i]) for i in range(n)]
+  def unrolled(s, b, w, h):
+    outs = [round_fn(_take(s, i), None, _take(b, i), w[i], None, _take(h, i)) for i in range(n)]
     return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
   return unrolled
 
 
-class _Replica:
-  """One seed's host side: data, evaluation sets, log files, checkpoints."""
+def hparams(configs: Sequence) -> dict:
+  """{engine name: float32 [replicas]} of :data:`HPARAMS` (every key, varying or not)."""
+  return {name: np.asarray([float(_get(c, key)) for c in configs], np.float32) for key, name in HPARAMS.items()}
 
-  def __init__(self, config, workdir, apply, log):
-    self.config, self.seed = config, int(config.seed)
+
+def _rebuild(config, apply, apply_wf):
+  """The engine's ``rebuild``: the round's algorithm and client context from traced hyperparameters."""
+
+  def rebuild(hp):
+    server_tx = engine.make_optimizer(config.server_optimizer, hp["server_lr"])
+    return (
+      fedavg.make_algorithm(config, server_tx, prox_mu=hp["prox_mu"]),
+      fedavg.make_context(config, apply, apply_wf, client_lr=hp["client_lr"]),
+    )
+
+  return rebuild
+
+
+class _Replica:
+  """One replica's host side: data, evaluation sets, log files, checkpoints; ``name`` in logs."""
+
+  def __init__(self, config, workdir, apply, log, name):
+    self.config, self.seed, self.name = config, int(config.seed), name
     self.workdir = prepare(str(workdir))
     self.data = make_client_data(config)
     n_eval = min(config.eval.max_sites or config.num_clients, config.num_clients)
@@ -128,8 +179,7 @@ class _Replica:
 
 
 def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = print, stop=None) -> list[dict]:
-  """Trains ``configs`` (one per seed; :func:`why_not` must be None) as one program, each into its
-  workdir; returns one {'state', 'metrics', 'per_site'} per replica, like :func:`fedkd.tasks.fedavg.run`.
+  """Trains ``configs`` (:func:`why_not` must be None) as one program, each into its workdir; returns one {'state', 'metrics', 'per_site'} per replica, like :func:`fedkd.tasks.fedavg.run`.
   Resumes when every workdir holds its checkpoint of the same round."""
   reason = why_not(configs)
   if reason is not None:
@@ -147,22 +197,28 @@ def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = prin
   apply, apply_wf = inits[0][0], inits[0][1]
   alg = fedavg.make_algorithm(config, engine.make_optimizer(config.server_optimizer))
   round_fn = engine.make_round_fn(
-    alg, fedavg.make_context(config, apply, apply_wf), mesh, opts, skip_nonfinite=config.engine.skip_nonfinite_clients
+    alg,
+    fedavg.make_context(config, apply, apply_wf),
+    mesh,
+    opts,
+    skip_nonfinite=config.engine.skip_nonfinite_clients,
+    rebuild=_rebuild(config, apply, apply_wf),
   )
   vround = jax.jit(_over_replicas(round_fn, opts.layout, len(configs)), donate_argnums=(0,))
   states = [alg.init(params, jax.random.key(c.seed)) for c, (_, _, params) in zip(configs, inits)]
   params_like = jax.eval_shape(lambda p: p, inits[0][2])
   bytes_up, bytes_down, _ = fedavg.dense_bytes(config.algorithm.name, params_like)
   del inits
-  reps = [_Replica(c, w, apply, log) for c, w in zip(configs, workdirs)]
+  keys = varying(configs)
+  reps = [_Replica(c, w, apply, log, label(c, keys)) for c, w in zip(configs, workdirs)]
   try:
-    return _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop)
+    return _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys)
   finally:
     for rep in reps:
       rep.close()
 
 
-def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop) -> list[dict]:
+def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys) -> list[dict]:
   config = configs[0]
   like = states[0]
   starts = []
@@ -179,7 +235,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
   if len(set(starts)) > 1:
     raise ConfigError(
       "the replicas' workdirs hold checkpoints of different rounds ("
-      + ", ".join(f"seed {rep.seed}: {s}" for rep, s in zip(reps, starts))
+      + ", ".join(f"{rep.name}: {s}" for rep, s in zip(reps, starts))
       + "); resume each with python -m fedkd.main --workdir=<its workdir>, or start them in new workdirs"
     )
   start = starts[0]
@@ -196,10 +252,14 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     else:
       write_atomic(rep.workdir / "config.json", json.dumps(rep.cfg_json, indent=2))
   state = replicate(_stack(states), mesh)
+  hp = replicate(hparams(configs), mesh)
   del states
-  seeds = ", ".join(str(rep.seed) for rep in reps)
+  if keys == ["seed"]:
+    which = "seeds " + ", ".join(str(rep.seed) for rep in reps)
+  else:
+    which = "; ".join(rep.name for rep in reps)
   log(
-    f"fedkd {config.algorithm.name}: {len(reps)} replicas (seeds {seeds}) as one program, "
+    f"fedkd {config.algorithm.name}: {len(reps)} replicas ({which}) as one program, "
     f"{config.num_clients} clients ({config.clients_per_round}/round) each, {config.local_steps} local steps x batch "
     f"{config.batch_size}, {config.image_size}px, {mesh.size} device(s) [{jax.default_backend()}], {engine.describe(opts)}"
     + (f"; resuming from round {start}" if start else "")
@@ -232,12 +292,12 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     input_wait = time.time() - t_in
     w = jax.device_put(jnp.asarray(np.stack(weights), jnp.float32), batch_sharding)
     state = dict(state, rng=replicate(jnp.stack(keys), mesh))
-    state, _, m = vround(state, batch, w)
+    state, _, m = vround(state, batch, w, hp)
     losses = np.asarray(m["loss"])
     finite, client_ok = np.asarray(m["finite"]), np.asarray(m["client_finite"])
     for i, rep in enumerate(reps):
       if not finite[i] or not client_ok[i].any():
-        raise fedavg._diverged(
+        err = fedavg._diverged(
           r,
           {"loss": losses[i], "client_finite": client_ok[i]},
           clients[i],
@@ -245,9 +305,10 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
           last_saved,
           rep.ckpt.directory,
         )
+        raise DivergedError(f"{rep.name}: {err}")
       if not client_ok[i].all():  # engine.skip_nonfinite_clients: they got weight 0
         log(
-          f"round {r}, seed {rep.seed}: dropped client(s) {[int(c) for c in clients[i][~client_ok[i]]]} (non-finite update)"
+          f"round {r}, {rep.name}: dropped client(s) {[int(c) for c in clients[i][~client_ok[i]]]} (non-finite update)"
         )
         rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok[i]).sum())})
     dt = time.time() - t0
@@ -290,7 +351,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     if results[i] is None:  # resumed at the end already
       results[i] = rep.evaluate(config.num_rounds, params)
     rec, per_site = results[i]
-    log(f"\nseed {rep.seed}: held-out Dice / IoU after round {config.num_rounds} -> {rep.workdir}")
+    log(f"\n{rep.name}: held-out Dice / IoU after round {config.num_rounds} -> {rep.workdir}")
     log(site_table(per_site, rep.data.unseen_name))
     out.append({"state": _take(state, i), "metrics": rec, "per_site": per_site})
   if timed_rounds:

@@ -31,7 +31,7 @@ class FedProx(FedAvg):
 
   def __init__(self, server_tx, mu: float):
     super().__init__(server_tx)
-    self.mu = float(mu)
+    self.mu = mu  # a float, or a traced scalar (replicas that differ in it)
 
   def client(self, ctx, server, row, batch, gathered):
     glob = server["params"]
