@@ -469,3 +469,10 @@ def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
   ck.mkdir(parents=True)
   units = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path))
   assert [len(u) for u in units] == [1, 1, 1] and "different rounds" in capsys.readouterr().out
+  # a learning-rate grid x seeds is one group; the differing keys travel as per-replica lists
+  defn = launcher.build("configs/quickstart.py", "lr_grid,tiny", [], [0, 1])
+  (unit,) = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path / "grid"))
+  cmd = launcher.replica_command(defn, [run for _, run in unit], str(tmp_path / "grid"))
+  assert "--seeds=0,0,0,1,1,1" in cmd
+  assert "--replica_config=client_optimizer.learning_rate=0.001,0.003,0.01,0.001,0.003,0.01" in cmd
+  assert not any(a.startswith(("--config.seed", "--config.client_optimizer")) for a in cmd), cmd

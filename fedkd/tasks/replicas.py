@@ -14,7 +14,7 @@ Each replica writes what a single run of its config writes (config.json, metrics
 tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
 ``fedkd.main`` run resume or read it like any other run. A replica's numbers equal its single run's:
 bitwise under ``unroll``, up to float rounding under ``vmap`` (XLA batches the replicas' convolutions
-together); tests/test_replicas.py. Measurements: docs/engine.md, "Seeds as replicas of one program".
+together); tests/test_replicas.py. Measurements: docs/engine.md, "Replicas of one program".
 
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
 optimizer, synthetic data, one process, configs that differ only in :data:`REPLICA_KEYS`. Anything else
