@@ -31,8 +31,9 @@ _SEEDS = flags.DEFINE_string(
 _REPLICA_CONFIG = flags.DEFINE_multi_string(
   "replica_config",
   [],
-  "KEY=V1,V2,...: one value per replica of a learning rate or FedProx's mu (client_optimizer.learning_rate, "
-  "server_optimizer.learning_rate, algorithm.prox_mu), zipped with --seeds (a single value serves every "
+  "KEY=V1,V2,...: one value per replica of a learning rate, FedProx's mu or a DP setting "
+  "(client_optimizer.learning_rate, server_optimizer.learning_rate, algorithm.prox_mu, dp.noise_multiplier, "
+  "dp.clip_norm), zipped with --seeds (a single value serves every "
   "replica); e.g. --seeds=0 --replica_config=client_optimizer.learning_rate=0.01,0.03,0.1 is a 3-point "
   "grid in one program. Workdirs: --workdir/<key-value...__seed-s> (or --replica_workdirs).",
 )

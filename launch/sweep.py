@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--replicas",
     action="store_true",
-    help="run the runs that differ only in their seed, learning rates or FedProx mu as replicas of ONE "
+    help="run the runs that differ only in their seed, learning rates, FedProx mu or DP noise/clip as replicas of ONE "
     "compiled program (fedkd.main --seeds / --replica_config; fedkd.tasks.replicas) where the config "
     "allows it, the rest one process per run",
   )

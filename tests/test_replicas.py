@@ -61,25 +61,29 @@ def singles(tmp_path_factory):
   }
 
 
-# per replica: (client lr, server lr, prox mu); None keeps the config's
+# per replica: (client lr, server lr, prox mu, DP noise multiplier, DP clip norm or None: no DP); None keeps
+# the config's
 HPARAMS = {
   ("fedavg", "auto"): None,
-  ("fedprox", "auto"): [(0.05, 1.0, 0.01), (0.02, 0.5, 0.2)],
-  ("fedavg", "vmap"): [(0.05, 0.7, 0.01), (0.1, 1.0, 0.01)],
+  ("fedprox", "auto"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
+  ("fedavg", "vmap"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],
 }
 
 
 @pytest.mark.parametrize("algorithm,layout", list(HPARAMS))
 def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout):
   """'auto' on CPU is the unroll layout: each replica's round emitted on its own; 'vmap': the round
-  vmapped over the replica axis (the GPU path). Two cases also differ in learning rates / mu (traced
-  per-replica inputs against the single run's constants)."""
+  vmapped over the replica axis (the GPU path). Two cases also differ in learning rates / mu / DP noise
+  and clip (traced per-replica inputs against the single run's constants; each replica draws its own
+  noise and keeps its own privacy accounting)."""
   configs = _configs()
   for c, hp in zip(configs, HPARAMS[algorithm, layout] or [None] * len(configs)):
     c.algorithm.name = algorithm
     c.engine.client_layout = layout
     if hp is not None:
-      c.client_optimizer.learning_rate, c.server_optimizer.learning_rate, c.algorithm.prox_mu = hp
+      c.client_optimizer.learning_rate, c.server_optimizer.learning_rate, c.algorithm.prox_mu = hp[:3]
+      if hp[4] is not None:
+        c.dp.enabled, c.dp.noise_multiplier, c.dp.clip_norm = True, float(hp[3]), hp[4]
   if HPARAMS[algorithm, layout] is None:
     ref = singles
   else:
@@ -104,6 +108,10 @@ def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout
     got_r, want_r = _jsonl(tmp_path / f"r{c.seed}" / "rounds.jsonl"), _jsonl(wd / "rounds.jsonl")
     assert [r["clients"] for r in got_r] == [r["clients"] for r in want_r]  # each replica samples its own
     assert [r["loss"] for r in got_r] == pytest.approx([r["loss"] for r in want_r], abs=1e-5)
+    if c.dp.enabled:  # the replica's own accounting and clipping statistics
+      for key in ("dp/epsilon", "dp/median_norm", "dp/clipped_fraction"):
+        assert [r[key] for r in got_r] == pytest.approx([r[key] for r in want_r], rel=1e-5), key
+      assert got[-1]["dp/epsilon"] == pytest.approx(want[-1]["dp/epsilon"])
   # the seeds differ: different clients or data, different models
   assert _max_diff(out[0]["state"]["params"], out[1]["state"]["params"]) > 1e-3
 
@@ -139,13 +147,16 @@ def test_what_cannot_be_a_replica_is_refused_with_the_reason(tmp_path):
   assert "config.batch_size differs" in replicas.why_not([a, b])
   for key, value, phrase in (
     ("algorithm.name", "scaffold", "per-client state"),
-    ("dp.enabled", True, "differential privacy"),
     ("aggregator.name", "median", "aggregator 'median'"),
   ):
     cs = _configs()
     for c in cs:
       c[key.split(".")[0]][key.split(".")[1]] = value
     assert phrase in replicas.why_not(cs), key
+  cs = _configs()
+  for c in cs:
+    c.dp.enabled, c.dp.target_epsilon = True, 8.0
+  assert "a privacy budget (config.dp.target_epsilon)" in replicas.why_not(cs)
   cs = _configs()
   for c in cs:
     c.algorithm.name = "scaffold"

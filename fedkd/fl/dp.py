@@ -110,8 +110,9 @@ class DPFedAvg:
 
   ``inner``: an algorithm whose upload is a plain model delta (the tree of the server's ``params``), whose
   aggregator is the weighted ``mean`` and whose clients return no ``sums``: FedAvg, FedProx, MOON (not
-  SCAFFOLD, FedNova, gossip or the robust aggregators). ``clip_norm`` C > 0, ``noise_multiplier`` z >= 0,
-  ``expected_clients`` the fixed denominator (the configured clients per round).
+  SCAFFOLD, FedNova, gossip or the robust aggregators). ``clip_norm`` C > 0, ``noise_multiplier`` z >= 0
+  (numbers, or traced scalars: a traced z = 0 adds zero noise), ``expected_clients`` the fixed denominator
+  (the configured clients per round).
 
   Per-client metrics added to the inner ones: ``dp_norm`` (the update's L2 norm before clipping) and
   ``dp_clipped`` (1.0 when it was clipped). A client whose delta holds a NaN/Inf reports a NaN loss, so the
@@ -123,14 +124,15 @@ class DPFedAvg:
       raise ValueError(
         f"DP-FedAvg needs an inner algorithm with the 'mean' aggregator; {inner.name} uses {inner.aggregator!r}"
       )
-    if not float(clip_norm) > 0:
+    if isinstance(clip_norm, (int, float)) and not clip_norm > 0:
       raise ValueError(f"DP-FedAvg needs clip_norm > 0, got {clip_norm}")
-    if not float(noise_multiplier) >= 0:
+    if isinstance(noise_multiplier, (int, float)) and not noise_multiplier >= 0:
       raise ValueError(f"DP-FedAvg needs noise_multiplier >= 0, got {noise_multiplier}")
     if int(expected_clients) != expected_clients or int(expected_clients) < 1:
       raise ValueError(f"DP-FedAvg needs expected_clients >= 1 (an integer), got {expected_clients}")
     self.inner = inner
-    self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
+    # floats, or traced scalars (replicas of one program that differ in them: fedkd.tasks.replicas)
+    self.clip_norm, self.noise_multiplier = clip_norm, noise_multiplier
     self.expected_clients = int(expected_clients)
     self.name = f"{inner.name}+dp"
 
@@ -161,7 +163,7 @@ class DPFedAvg:
 
   def server(self, server, aggregate, sums, rows):
     total = sums["sum"]
-    if self.noise_multiplier > 0:
+    if not isinstance(self.noise_multiplier, (int, float)) or self.noise_multiplier > 0:  # traced: always
       noise = noise_like(total, round_noise_key(server), self.noise_multiplier * self.clip_norm)
       total = jax.tree.map(lambda s, n: s.astype(jnp.float32) + n if _floating(s) else s, total, noise)
     mean = jax.tree.map(

@@ -159,6 +159,16 @@ class _Privacy:
     weak = f"; note: delta >= 1/num_clients = {1 / self.n:.2g} is weak" if self.delta >= 1 / self.n else ""
     return dp.describe(self.z, self.clip, self.n, self.k, rounds, self.delta) + weak
 
+  def round_record(self, r: int, norms: np.ndarray, clipped: np.ndarray) -> dict:
+    """Round ``r``'s privacy entries (rounds.jsonl and scalars) from its reporting clients' update norms
+    before clipping and clipped flags: epsilon so far, the median norm (a common choice of clip_norm),
+    the fraction clipped."""
+    return {
+      "dp/epsilon": self.epsilon(r),
+      "dp/median_norm": float(np.median(norms)) if len(norms) else 0.0,
+      "dp/clipped_fraction": float(np.mean(clipped)) if len(clipped) else 0.0,
+    }
+
   def spent(self, r: int) -> str:
     return f"epsilon {self.epsilon(r):.3f} at delta {self.delta:g} after {r} rounds (noise multiplier {self.z:g})"
 
@@ -503,13 +513,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if config.algorithm.dropout:
         round_rec["reported"] = [int(c) for c in clients[reported]]
       if privacy is not None:
-        round_rec["dp/epsilon"] = scalars["dp/epsilon"] = privacy.epsilon(r)
-        clipped = _host_all(m["dp_clipped"])[reported]
-        norms = _host_all(m["dp_norm"])[reported]  # the median is a common choice of clip_norm
-        round_rec["dp/median_norm"] = scalars["dp/median_norm"] = float(np.median(norms)) if len(norms) else 0.0
-        round_rec["dp/clipped_fraction"] = scalars["dp/clipped_fraction"] = (
-          float(clipped.mean()) if len(clipped) else 0.0
-        )
+        dp_rec = privacy.round_record(r, _host_all(m["dp_norm"])[reported], _host_all(m["dp_clipped"])[reported])
+        round_rec.update(dp_rec)
+        scalars.update(dp_rec)
       runlog.round_record(round_rec)
       runlog.scalars(r, scalars)
       dt = time.time() - t0

@@ -1,4 +1,4 @@
-"""Several runs of one federated config (seeds, learning rates, FedProx's mu) as ONE compiled program
+"""Several runs of one federated config (seeds, learning rates, FedProx's mu, DP noise) as ONE compiled program
 (``python -m fedkd.main --seeds=0,1,2``, ``--replica_config=KEY=V1,V2,...``; ``launch.sweep --replicas``).
 
 The replicas' server states (parameters, server optimizer, rng) are stacked on a leading replica axis
@@ -17,7 +17,8 @@ bitwise under ``unroll``, up to float rounding under ``vmap`` (XLA batches the r
 together); tests/test_replicas.py. Measurements: docs/engine.md, "Replicas of one program".
 
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
-optimizer, synthetic data, one process, configs that differ only in :data:`REPLICA_KEYS`. Anything else
+optimizer, with or without DP (no privacy budget), synthetic data, one process, configs that differ only
+in :data:`REPLICA_KEYS`. Anything else
 gets one process per run (launch.sweep falls back by itself; :func:`why_not` says why).
 """
 
@@ -38,7 +39,7 @@ from fedkd.config import ConfigError, num_attackers, validate
 from fedkd.data.pipeline import make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
-from fedkd.fl import engine
+from fedkd.fl import dp, engine
 from fedkd.logs import RunLog, progress_bar
 from fedkd.models import init_model
 from fedkd.preemption import Stopped
@@ -53,6 +54,8 @@ HPARAMS = {
   "client_optimizer.learning_rate": "client_lr",
   "server_optimizer.learning_rate": "server_lr",
   "algorithm.prox_mu": "prox_mu",
+  "dp.noise_multiplier": "dp_noise",
+  "dp.clip_norm": "dp_clip",
 }
 REPLICA_KEYS = ("seed", *HPARAMS)  # what replicas of one program may differ in
 
@@ -99,7 +102,7 @@ def why_not(configs: Sequence) -> str | None:
     (c.get("task", "fedavg") != "fedavg", f"config.task={c.get('task')!r} (fedavg only)"),
     (c.algorithm.name not in STATELESS, f"algorithm {c.algorithm.name!r} keeps per-client state"),
     (c.data.source != "synthetic", f"config.data.source={c.data.source!r} (synthetic only)"),
-    (c.dp.enabled, "differential privacy"),
+    (c.dp.enabled and c.dp.target_epsilon > 0, "a privacy budget (config.dp.target_epsilon)"),
     (c.compress.name != "none", "compression"),
     (num_attackers(c) > 0, "attackers"),
     (c.aggregator.name != "mean", f"aggregator {c.aggregator.name!r}"),
@@ -144,10 +147,10 @@ def _rebuild(config, apply, apply_wf):
 
   def rebuild(hp):
     server_tx = engine.make_optimizer(config.server_optimizer, hp["server_lr"])
-    return (
-      fedavg.make_algorithm(config, server_tx, prox_mu=hp["prox_mu"]),
-      fedavg.make_context(config, apply, apply_wf, client_lr=hp["client_lr"]),
-    )
+    alg = fedavg.make_algorithm(config, server_tx, prox_mu=hp["prox_mu"])
+    if config.dp.enabled:
+      alg = dp.DPFedAvg(alg, hp["dp_clip"], hp["dp_noise"], config.clients_per_round)
+    return alg, fedavg.make_context(config, apply, apply_wf, client_lr=hp["client_lr"])
 
   return rebuild
 
@@ -164,12 +167,15 @@ class _Replica:
     self.cfg_json = ckpt_lib.config_json(config)
     self.ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", config.checkpoint.max_to_keep)
     self.runlog = RunLog(self.workdir, note=log)
+    self.privacy = fedavg._Privacy(config) if config.dp.enabled else None
     self.bytes_up = self.bytes_down = 0.0
 
   def evaluate(self, r: int, params) -> tuple[dict, dict]:
     per_site = self.evaluator(params, {})
     rec = summarize(r, per_site, self.data.unseen_name)
     rec.update({"comm/bytes_up_total": self.bytes_up, "comm/bytes_down_total": self.bytes_down})
+    if self.privacy is not None:
+      rec["dp/epsilon"] = self.privacy.epsilon(r)
     return rec, per_site
 
   def close(self):
@@ -196,6 +202,8 @@ def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = prin
   inits = [init_model(c.model, c.seed) for c in configs]
   apply, apply_wf = inits[0][0], inits[0][1]
   alg = fedavg.make_algorithm(config, engine.make_optimizer(config.server_optimizer))
+  if config.dp.enabled:
+    alg = dp.DPFedAvg(alg, config.dp.clip_norm, config.dp.noise_multiplier, config.clients_per_round)
   round_fn = engine.make_round_fn(
     alg,
     fedavg.make_context(config, apply, apply_wf),
@@ -264,6 +272,11 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     f"{config.batch_size}, {config.image_size}px, {mesh.size} device(s) [{jax.default_backend()}], {engine.describe(opts)}"
     + (f"; resuming from round {start}" if start else "")
   )
+  for rep in reps:
+    if rep.privacy is not None:
+      log(f"privacy, {rep.name}: {rep.privacy.plan(config.num_rounds)}")
+  if reps[0].privacy is not None:
+    log(dp.ACCOUNTING)
   results = [None] * len(reps)
   if start == 0:
     for i, rep in enumerate(reps):
@@ -328,6 +341,10 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
       rep.bytes_up += sent
       rep.bytes_down += received
       rec, scalars = fedavg.round_logs(r, float(losses[i]), clients[i], k, sent, received, rep.bytes_up, rep.bytes_down)
+      if rep.privacy is not None:
+        dp_rec = rep.privacy.round_record(r, np.asarray(m["dp_norm"][i]), np.asarray(m["dp_clipped"][i]))
+        rec.update(dp_rec)
+        scalars.update(dp_rec)
       rep.runlog.round_record(rec)
       rep.runlog.scalars(r, {**scalars, **fedavg.speed_scalars(float(losses[i]), dt, imgs // len(reps), input_wait)})
       if evaluating:
@@ -353,6 +370,8 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     rec, per_site = results[i]
     log(f"\n{rep.name}: held-out Dice / IoU after round {config.num_rounds} -> {rep.workdir}")
     log(site_table(per_site, rep.data.unseen_name))
+    if rep.privacy is not None:
+      log(f"privacy: {rep.privacy.spent(config.num_rounds)}")
     out.append({"state": _take(state, i), "metrics": rec, "per_site": per_site})
   if timed_rounds:
     log(
