@@ -43,6 +43,9 @@ def test_multishot_weighted_sum_and_beta():
   got = jax.jit(multishot_distill_loss)(jnp.asarray(s), jnp.asarray(experts), jnp.asarray(w), jnp.float32(seg), beta, T)
   want = beta * sum(w[j] * _np_kd(s, experts[j], T) for j in range(3)) + (1 - beta) * seg
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  loss, kd = multishot_distill_loss(jnp.asarray(s), jnp.asarray(experts), jnp.asarray(w), seg, beta, T, return_kd=True)
+  np.testing.assert_allclose(float(kd), sum(w[j] * _np_kd(s, experts[j], T) for j in range(3)), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   zero = multishot_distill_loss(jnp.asarray(s), jnp.asarray(experts), jnp.asarray(w), seg, 0.0, T)
   np.testing.assert_allclose(float(zero), seg, rtol=1e-6)
   one = multishot_distill_loss(jnp.asarray(s), jnp.asarray(experts), jnp.zeros(3), seg, 1.0, T)

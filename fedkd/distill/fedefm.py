@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from fedkd.distill import emd as emd_lib
-from fedkd.distill.losses import kd_kl, multishot_distill_loss
+from fedkd.distill.losses import multishot_distill_loss
 from fedkd.fl.algorithm import Algorithm, ClientOutput, local_sgd
 from fedkd.fl.algorithms import moon
 
@@ -131,8 +131,7 @@ class FedEFMSilo(Algorithm):
         else:
           sims, err = expert_similarities(feats, e_feats, o)
           w = emd_lib.emd_weights(sims, o.weight_mode, o.weight_temperature, o.detach_weights, mask)
-        total = multishot_distill_loss(logits, e_logits, w, seg, o.beta, o.temperature)
-        kd = jnp.sum(w * jax.vmap(lambda z: kd_kl(logits, z, o.temperature))(jax.lax.stop_gradient(e_logits)))
+        total, kd = multishot_distill_loss(logits, e_logits, w, seg, o.beta, o.temperature, return_kd=True)
         aux.update(kd=jax.lax.stop_gradient(kd), sims=sims, w=w, emd_error=err)
       if o.moon_mu > 0:
         zg, zp = ctx.forward(glob, x, features=True)[1], ctx.forward(prev, x, features=True)[1]

@@ -44,8 +44,10 @@ def multishot_distill_loss(
   seg_loss_value: jax.Array,
   beta: float,
   T: float = 1.0,
-) -> jax.Array:
-  """beta * sum_j w_j * kd_kl(student, expert_j, T) + (1 - beta) * seg_loss_value.
+  return_kd: bool = False,
+):
+  """beta * sum_j w_j * kd_kl(student, expert_j, T) + (1 - beta) * seg_loss_value; with ``return_kd``
+  (that loss, its KD part sum_j w_j * kd_kl(...)).
 
   student_logits [..., K]; expert_logits [J, ..., K] (one row per returned expert); weights [J]
   (e.g. ``fedkd.distill.emd.emd_weights``; padded experts get weight 0); seg_loss_value: the
@@ -53,7 +55,8 @@ def multishot_distill_loss(
   """
   per_expert = jax.vmap(lambda e: kd_kl(student_logits, e, T))(expert_logits)
   kd = jnp.sum(jnp.asarray(weights, jnp.float32) * per_expert)
-  return beta * kd + (1.0 - beta) * jnp.asarray(seg_loss_value, jnp.float32)
+  loss = beta * kd + (1.0 - beta) * jnp.asarray(seg_loss_value, jnp.float32)
+  return (loss, kd) if return_kd else loss
 
 
 def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *, detach_teacher: bool = True) -> jax.Array:
