@@ -60,6 +60,7 @@ def main() -> None:
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.py"), help="FILE[:ARG]")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--rounds", type=int, default=4)
+  p.add_argument("--layout", default="auto", help="the replica axis: auto | loop | unroll | vmap")
   a = p.parse_args()
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   import jax
@@ -82,7 +83,9 @@ def main() -> None:
     "device": jax.devices()[0].device_kind,
     "jax": jax.__version__,
   }
-  wall_r, rounds_r = _timed(lambda log: replicas.run(configs, [f"{work}/r{s}" for s in seeds], log=log))
+  wall_r, rounds_r = _timed(
+    lambda log: replicas.run(configs, [f"{work}/r{s}" for s in seeds], log=log, layout=a.layout)
+  )
   seq_wall, seq_first, seq_steady = 0.0, [], []
   for s, cfg in zip(seeds, configs):
     w, secs = _timed(lambda log, cfg=cfg, s=s: fedavg.run(cfg, f"{work}/s{s}", log=log))
@@ -94,6 +97,7 @@ def main() -> None:
   row = {
     "name": "replicas_vs_sequential",
     **common,
+    "layout": a.layout,
     "replicas_wall_s": round(wall_r, 2),
     "replicas_first_round_s": round(rounds_r[0], 2),
     "replicas_steady_round_s": round(steady_r, 4),

@@ -61,37 +61,41 @@ def singles(tmp_path_factory):
   }
 
 
-# per replica: (client lr, server lr, prox mu, DP noise multiplier, DP clip norm or None: no DP); None keeps
-# the config's
+# (algorithm, engine client layout, replica layout) -> per replica: (client lr, server lr, prox mu, DP noise
+# multiplier, DP clip norm or None: no DP), or None: the config's values
 HPARAMS = {
-  ("fedavg", "auto"): None,
-  ("fedprox", "auto"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
-  ("fedavg", "vmap"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],
+  ("fedavg", "auto", "auto"): None,  # CPU: the replicas loop over one compiled round
+  ("fedprox", "auto", "unroll"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
+  ("fedavg", "vmap", "auto"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],  # -> vmap
 }
 
 
-@pytest.mark.parametrize("algorithm,layout", list(HPARAMS))
-def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout):
-  """'auto' on CPU is the unroll layout: each replica's round emitted on its own; 'vmap': the round
-  vmapped over the replica axis (the GPU path). Two cases also differ in learning rates / mu / DP noise
-  and clip (traced per-replica inputs against the single run's constants; each replica draws its own
-  noise and keeps its own privacy accounting)."""
+@pytest.mark.parametrize("algorithm,layout,replica_layout", list(HPARAMS))
+def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout, replica_layout):
+  """Replica layouts: 'loop' (the CPU default: the engine's compiled round called per replica), 'unroll'
+  (every replica's round in one program), 'vmap' (the round vmapped over the replica axis: the GPU
+  path). Two cases also differ in learning rates / mu / DP noise and clip (traced per-replica inputs
+  against the single run's constants; each replica draws its own noise and keeps its own privacy
+  accounting)."""
   configs = _configs()
-  for c, hp in zip(configs, HPARAMS[algorithm, layout] or [None] * len(configs)):
+  for c, hp in zip(configs, HPARAMS[algorithm, layout, replica_layout] or [None] * len(configs)):
     c.algorithm.name = algorithm
     c.engine.client_layout = layout
     if hp is not None:
       c.client_optimizer.learning_rate, c.server_optimizer.learning_rate, c.algorithm.prox_mu = hp[:3]
       if hp[4] is not None:
         c.dp.enabled, c.dp.noise_multiplier, c.dp.clip_norm = True, float(hp[3]), hp[4]
-  if HPARAMS[algorithm, layout] is None:
+  if HPARAMS[algorithm, layout, replica_layout] is None:
     ref = singles
   else:
     ref = {
       c.seed: (fedavg.run(c, str(tmp_path / f"s{c.seed}"), log=lambda _: None), tmp_path / f"s{c.seed}")
       for c in configs
     }
-  out = replicas.run(configs, [str(tmp_path / f"r{c.seed}") for c in configs], log=lambda _: None)
+  lines = []
+  out = replicas.run(configs, [str(tmp_path / f"r{c.seed}") for c in configs], log=lines.append, layout=replica_layout)
+  want_layout = {"auto": "loop" if layout == "auto" else "vmap"}.get(replica_layout, replica_layout)
+  assert any(f"replicas as {want_layout}" in ln for ln in lines), lines[:3]
   for i, c in enumerate(configs):
     single, wd = ref[c.seed]
     # unroll: the same ops per replica (bitwise in practice); vmap: batched convolutions sum in another

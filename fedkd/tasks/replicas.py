@@ -1,25 +1,27 @@
-"""Several runs of one federated config (seeds, learning rates, FedProx's mu, DP noise) as ONE compiled program
-(``python -m fedkd.main --seeds=0,1,2``, ``--replica_config=KEY=V1,V2,...``; ``launch.sweep --replicas``).
+"""Several runs of one federated config (seeds, learning rates, FedProx's mu, DP noise) as ONE compiled
+program (``python -m fedkd.main --seeds=0,1,2``, ``--replica_config=KEY=V1,V2,...``; ``launch.sweep
+--replicas``).
 
 The replicas' server states (parameters, server optimizer, rng) are stacked on a leading replica axis
-and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it in one jitted program,
-beside the clients axis: ``jax.vmap``-ed, or, under the ``unroll`` layout (XLA:CPU), emitted once per
-replica (a vmap would turn every per-client convolution into a grouped one). Each replica samples its
-own clients from its own rng, trains them on its own seed's data and averages only its own clients
-(FedAvg within a replica: a block-diagonal mixing over replica x client). The hyperparameters that keep
-the program's shapes (:data:`HPARAMS`) enter the round as traced per-replica scalars (the engine's
-``hparams``), so one program, compiled once, serves a seed table and a learning-rate grid alike.
+and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it, beside the clients axis.
+The hyperparameters that keep the program's shapes (:data:`HPARAMS`) enter the round as traced
+per-replica scalars (the engine's ``hparams``), so one compiled round serves a seed table and a
+learning-rate grid alike. Each replica samples its own clients from its own rng, trains them on its own
+seed's data and averages only its own clients (FedAvg within a replica: a block-diagonal mixing over
+replica x client). How the replica axis runs (:func:`replica_layout`): ``vmap`` (accelerators: one
+program, the round vmapped), ``loop`` (XLA:CPU: the one compiled round called per replica, so N replicas
+cost one compile) or ``unroll`` (one program emitting every replica's round).
 
 Each replica writes what a single run of its config writes (config.json, metrics.jsonl, rounds.jsonl,
 tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
 ``fedkd.main`` run resume or read it like any other run. A replica's numbers equal its single run's:
-bitwise under ``unroll``, up to float rounding under ``vmap`` (XLA batches the replicas' convolutions
-together); tests/test_replicas.py. Measurements: docs/engine.md, "Replicas of one program".
+bitwise under ``loop`` / ``unroll``, up to float rounding under ``vmap`` (XLA batches the replicas'
+convolutions together); tests/test_replicas.py. Measurements: docs/engine.md, "Replicas of one program".
 
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
 optimizer, with or without DP (no privacy budget), synthetic data, one process, configs that differ only
-in :data:`REPLICA_KEYS`. Anything else
-gets one process per run (launch.sweep falls back by itself; :func:`why_not` says why).
+in :data:`REPLICA_KEYS`. Anything else gets one process per run (launch.sweep falls back by itself;
+:func:`why_not` says why).
 """
 
 from __future__ import annotations
@@ -123,18 +125,37 @@ def _take(tree, i: int):
   return jax.tree.map(lambda a: a[i], tree)
 
 
+REPLICA_LAYOUTS = ("loop", "unroll", "vmap")
+
+
+def replica_layout(layout: str, engine_layout: str) -> str:
+  """The replica axis's layout: ``auto`` -> ``loop`` where the engine unrolls its clients (XLA:CPU),
+  else ``vmap`` (docs/engine.md, "Replicas of one program", has the CPU measurements)."""
+  if layout == "auto":
+    return "loop" if engine_layout == "unroll" else "vmap"
+  if layout not in REPLICA_LAYOUTS:
+    raise ValueError(f"unknown replica layout {layout!r}; use one of {', '.join(REPLICA_LAYOUTS)} or auto")
+  return layout
+
+
 def _over_replicas(round_fn, layout: str, n: int):
   """The engine's round over a leading replica axis of (state, batch, weights, hparams), as one
-  function: each replica's round emitted separately when the clients are (``unroll``, XLA:CPU's
-  fastest: a vmap would turn every per-client convolution into a grouped one), else ``jax.vmap``."""
-  if layout != "unroll":
-    return jax.vmap(lambda s, b, w, h: round_fn(s, None, b, w, None, h))
+  function of the stacked arrays:
 
-  def unrolled(s, b, w, h):
-    outs = [round_fn(_take(s, i), None, _take(b, i), w[i], None, _take(h, i)) for i in range(n)]
-    return jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-  return unrolled
+  ``loop``    the engine's compiled round called once per replica (the hyperparameters are inputs, so
+              every replica runs the same executable: one compile whatever the number of replicas);
+  ``unroll``  one jitted program that emits every replica's round (a program R times the size);
+  ``vmap``    one jitted program, the round vmapped over the replicas (the accelerator form; on XLA:CPU
+              a vmap turns every per-client convolution into a grouped one)."""
+  call = lambda s, b, w, h: round_fn(s, None, b, w, None, h)  # noqa: E731
+  split = lambda args: [_take(args, i) for i in range(n)]  # noqa: E731
+  join = lambda outs: jax.tree.map(lambda *a: jnp.stack(a), *outs)  # noqa: E731
+  if layout == "loop":  # one dispatch splits the replicas, one per replica's round, one joins them
+    split_jit, join_jit = jax.jit(split), jax.jit(join)
+    return lambda *args: join_jit([call(*part) for part in split_jit(args)])
+  if layout == "unroll":
+    return jax.jit(lambda *args: join([call(*part) for part in split(args)]), donate_argnums=(0,))
+  return jax.jit(jax.vmap(call), donate_argnums=(0,))
 
 
 def hparams(configs: Sequence) -> dict:
@@ -184,9 +205,13 @@ class _Replica:
     self.runlog.close()
 
 
-def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = print, stop=None) -> list[dict]:
-  """Trains ``configs`` (:func:`why_not` must be None) as one program, each into its workdir; returns one {'state', 'metrics', 'per_site'} per replica, like :func:`fedkd.tasks.fedavg.run`.
-  Resumes when every workdir holds its checkpoint of the same round."""
+def run(
+  configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = print, stop=None, layout: str = "auto"
+) -> list[dict]:
+  """Trains ``configs`` (:func:`why_not` must be None) as one program, each into its workdir; returns
+  one {'state', 'metrics', 'per_site'} per replica, like :func:`fedkd.tasks.fedavg.run`. ``layout``: the
+  replica axis's (:func:`replica_layout`). Resumes when every workdir holds its checkpoint of the same
+  round."""
   reason = why_not(configs)
   if reason is not None:
     raise ConfigError(f"these runs cannot be replicas of one program: {reason}; run them one by one")
@@ -212,7 +237,8 @@ def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = prin
     skip_nonfinite=config.engine.skip_nonfinite_clients,
     rebuild=_rebuild(config, apply, apply_wf),
   )
-  vround = jax.jit(_over_replicas(round_fn, opts.layout, len(configs)), donate_argnums=(0,))
+  layout = replica_layout(layout, opts.layout)
+  vround = _over_replicas(round_fn, layout, len(configs))
   states = [alg.init(params, jax.random.key(c.seed)) for c, (_, _, params) in zip(configs, inits)]
   params_like = jax.eval_shape(lambda p: p, inits[0][2])
   bytes_up, bytes_down, _ = fedavg.dense_bytes(config.algorithm.name, params_like)
@@ -220,13 +246,15 @@ def run(configs: Sequence, workdirs: Sequence, log: Callable[[str], None] = prin
   keys = varying(configs)
   reps = [_Replica(c, w, apply, log, label(c, keys)) for c, w in zip(configs, workdirs)]
   try:
-    return _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys)
+    return _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys, layout)
   finally:
     for rep in reps:
       rep.close()
 
 
-def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys) -> list[dict]:
+def _train(
+  configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys, layout
+) -> list[dict]:
   config = configs[0]
   like = states[0]
   starts = []
@@ -270,7 +298,7 @@ def _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down
     f"fedkd {config.algorithm.name}: {len(reps)} replicas ({which}) as one program, "
     f"{config.num_clients} clients ({config.clients_per_round}/round) each, {config.local_steps} local steps x batch "
     f"{config.batch_size}, {config.image_size}px, {mesh.size} device(s) [{jax.default_backend()}], {engine.describe(opts)}"
-    + (f"; resuming from round {start}" if start else "")
+    f", replicas as {layout}" + (f"; resuming from round {start}" if start else "")
   )
   for rep in reps:
     if rep.privacy is not None:
