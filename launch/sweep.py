@@ -209,17 +209,29 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
   }
 
 
+def _run_configs(defn: dict, runs: list[dict]) -> list:
+  """The full (validated) config of each of ``runs``: the sweep's config, its extra flags, the run's
+  overrides."""
+  from fedkd import sweep as S
+
+  module = load_config_module(defn["config"], need_sweep=False)
+  base = module.get_config(defn["config"].split(":", 1)[1] if ":" in defn["config"] else None)
+  return S.validate_sweep([r["overrides"] for r in runs], base, S.parse_config_flags(defn["extra"], base))
+
+
 def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
   """One fedkd.main process for ``runs`` (equal but for fedkd.tasks.replicas.REPLICA_KEYS) as replicas
-  of one program: the keys that differ as --seeds / --replica_config lists, the rest as --config flags."""
+  of one program: the keys whose values differ as --seeds / --replica_config lists (each run's value,
+  also where its overrides leave the key at the config's), the other overrides as --config flags."""
   from fedkd.sweep import RESERVED, format_value
-  from fedkd.tasks.replicas import REPLICA_KEYS
+  from fedkd.tasks import replicas
 
-  overrides = [r["overrides"] for r in runs]
-  differ = [k for k in REPLICA_KEYS if len({format_value(o.get(k)) for o in overrides}) > 1]
-  flags = [f"--config.{k}={format_value(v)}" for k, v in overrides[0].items() if k not in RESERVED and k not in differ]
+  configs = _run_configs(defn, runs)
+  differ = replicas.varying(configs)
+  first = runs[0]["overrides"]
+  flags = [f"--config.{k}={format_value(v)}" for k, v in first.items() if k not in RESERVED and k not in differ]
   for k in differ:
-    values = ",".join(format_value(o[k]) for o in overrides)
+    values = ",".join(format_value(replicas._get(c, k)) for c in configs)
     flags.append(f"--seeds={values}" if k == "seed" else f"--replica_config={k}={values}")
   return [
     sys.executable,
@@ -235,16 +247,11 @@ def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
 
 def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[list[tuple[int, dict]]]:
   """``todo`` split into units: groups of runs that may run as replicas of one program (equal overrides
-  but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu; why_not None; every workdir
-  at the same checkpoint), the rest alone. Prints why such a group stays one process per run."""
-  from fedkd import sweep as S
+  but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu, DP noise / clip; why_not
+  None; every workdir at the same checkpoint), the rest alone. Prints why such a group stays one process
+  per run."""
   from fedkd.tasks import replicas
 
-  if not todo:
-    return []
-  module = load_config_module(defn["config"], need_sweep=False)
-  base = module.get_config(defn["config"].split(":", 1)[1] if ":" in defn["config"] else None)
-  fixed = S.parse_config_flags(defn["extra"], base)
   groups: dict[str, list[tuple[int, dict]]] = {}
   for i, run in todo:
     key = json.dumps(
@@ -257,7 +264,7 @@ def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[l
       units.append(members)
       continue
     runs = [run for _, run in members]
-    reason = replicas.why_not(S.validate_sweep([r["overrides"] for r in runs], base, fixed))
+    reason = replicas.why_not(_run_configs(defn, runs))
     progress = {latest_checkpoint(os.path.join(out, r["name"])) for r in runs}
     if reason is None and len(progress) > 1:
       reason = "their workdirs hold checkpoints of different rounds"

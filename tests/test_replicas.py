@@ -183,12 +183,14 @@ def test_cli_seeds_bad_input_is_one_line(tmp_path):
     ([lr + "0.1,fast"], "write KEY=V1,V2,... with numbers"),
     (["--seeds=0,1,2", lr + "0.1,0.2"], "3 value(s) of seed, 2 value(s) of client_optimizer.learning_rate"),
     (["--seeds=0", lr + "0.1,0.1"], "runs 0 and 1 are the same run"),
+    ([lr + "0.1,-1"], "client_optimizer.learning_rate"),  # each replica's values are validated
     (["--seeds=0,1", "--config.aggregator.name=median"], "cannot be replicas of one program: aggregator 'median'"),
   ):
     p = main(*args)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().startswith("fedkd: error:") and phrase in p.stderr, p.stderr
-  assert not os.path.exists(tmp_path / "w" / "seed-0" / "checkpoints")
+  # nothing of a refused run is left behind, also when it was refused after its workdirs were made
+  assert not [p for p in (tmp_path / "w").rglob("*") if p.is_file()]
 
 
 def test_a_diverging_replica_is_an_error_before_anything_of_the_round_is_saved(tmp_path):

@@ -476,3 +476,7 @@ def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
   assert "--seeds=0,0,0,1,1,1" in cmd
   assert "--replica_config=client_optimizer.learning_rate=0.001,0.003,0.01,0.001,0.003,0.01" in cmd
   assert not any(a.startswith(("--config.seed", "--config.client_optimizer")) for a in cmd), cmd
+  # a key that only some runs override travels with every run's own value (the config's for the others)
+  runs = [{"name": "a", "overrides": {"seed": 0}}, {"name": "b", "overrides": {"seed": 0, "algorithm.prox_mu": 0.5}}]
+  cmd = launcher.replica_command({"config": "configs/quickstart.py", "extra": []}, runs, str(tmp_path / "mixed"))
+  assert "--replica_config=algorithm.prox_mu=0.01,0.5" in cmd and "--config.seed=0" in cmd, cmd

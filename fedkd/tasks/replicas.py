@@ -221,6 +221,8 @@ def run(
     raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
   config = configs[0]
   n_dev = validate(config, jax.device_count())
+  for c in configs[1:]:  # each replica's own values (learning rates, DP settings) are checked too
+    validate(c, jax.device_count())
   mesh = client_mesh(n_dev)
   rows = slice(None)
   opts = fedavg.engine_options(config, n_dev, log)
