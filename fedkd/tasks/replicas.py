@@ -68,9 +68,14 @@ def _get(config, key: str):
   return config
 
 
+def _value(config, key: str):
+  """A replica key's value, as the number the program sees (0 and 0.0 are one value)."""
+  return int(config.seed) if key == "seed" else float(_get(config, key))
+
+
 def varying(configs: Sequence) -> list[str]:
   """The :data:`REPLICA_KEYS` whose values differ between ``configs``."""
-  return [k for k in REPLICA_KEYS if len({repr(_get(c, k)) for c in configs}) > 1]
+  return [k for k in REPLICA_KEYS if len({_value(c, k) for c in configs}) > 1]
 
 
 def label(config, keys: Sequence[str]) -> str:
@@ -95,7 +100,7 @@ def why_not(configs: Sequence) -> str | None:
       )
   seen = {}
   for i, c in enumerate(configs):
-    values = tuple(repr(_get(c, k)) for k in REPLICA_KEYS)
+    values = tuple(_value(c, k) for k in REPLICA_KEYS)
     if values in seen:
       return f"runs {seen[values]} and {i} are the same run (equal {', '.join(REPLICA_KEYS)})"
     seen[values] = i
@@ -246,8 +251,10 @@ def run(
   bytes_up, bytes_down, _ = fedavg.dense_bytes(config.algorithm.name, params_like)
   del inits
   keys = varying(configs)
-  reps = [_Replica(c, w, apply, log, label(c, keys)) for c, w in zip(configs, workdirs)]
+  reps = []
   try:
+    for c, w in zip(configs, workdirs):  # inside the try: the ones made are closed if one fails
+      reps.append(_Replica(c, w, apply, log, label(c, keys)))
     return _train(configs, reps, states, vround, mesh, rows, opts, bytes_up, bytes_down, log, stop, keys, layout)
   finally:
     for rep in reps:
