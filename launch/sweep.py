@@ -4,7 +4,7 @@
   python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/qs_tiny \\
       --extra=--config.num_rounds=4
   python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --seeds=0,1,2 --out=runs/fedavg
-  python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --seeds=0,1,2 --out=runs/fedavg --replicas
+  python -m launch.sweep --config=configs/quickstart.py --sweep=lr_grid --out=runs/lr   # 3 lr x 2 seeds, one program
   python -m launch.sweep --out=runs/sweep_qs --aggregate_only
 
 ``--config=FILE[:ARG]`` names a config file with ``get_config(arg)`` and ``get_sweep(arg)``; ARG goes
@@ -16,8 +16,9 @@ first one starts. Each run is ``python -m fedkd.main --config=FILE[:ARG] --workd
 stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds
 and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful exit) and resumes
 unfinished ones from their latest checkpoint (fedkd.main does that by itself). A failed run does not
-stop the others; failures are listed at the end and the exit code is 1. ``--replicas``: runs that differ
-only in their seed share ONE process and one compiled program (``fedkd.main --seeds``,
+stop the others; failures are listed at the end and the exit code is 1. Replicas (the default;
+``--no-replicas`` turns them off): runs that differ only in their seed, learning rates, FedProx mu or DP
+noise / clip share ONE process and one compiled program (``fedkd.main --seeds / --replica_config``,
 fedkd.tasks.replicas; logs in the first run's folder) where the config allows it; the sweep says why
 when it does not and runs them one process each.
 
@@ -95,10 +96,11 @@ def _parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--replicas",
-    action="store_true",
-    help="run the runs that differ only in their seed, learning rates, FedProx mu or DP noise/clip as replicas of ONE "
-    "compiled program (fedkd.main --seeds / --replica_config; fedkd.tasks.replicas) where the config "
-    "allows it, the rest one process per run",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="run the runs that differ only in their seed, learning rates, FedProx mu or DP noise/clip as replicas "
+    "of ONE compiled program (fedkd.main --seeds / --replica_config; fedkd.tasks.replicas) where the config "
+    "allows it, the rest one process per run (the default); --no-replicas: one process per run",
   )
   p.add_argument("--metric", default="dice/catheter", help="metric for vs_<key>.png (default dice/catheter)")
   return p
@@ -392,7 +394,8 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     cmd = unit_command(defn, [r for _, r in members], out)
     for i, run in members:
       wd = os.path.join(out, run["name"])
-      if p.returncode == 0 and is_finished(wd, run["num_rounds"]):
+      # a replica that finished counts, also when another of its group (one process) failed
+      if (p.returncode == 0 or len(members) > 1) and is_finished(wd, run["num_rounds"]):
         _write_done(wd, run, cmd, dt)
         _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s (round {run['num_rounds']}/{run['num_rounds']})")
         continue

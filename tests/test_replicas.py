@@ -64,17 +64,17 @@ def singles(tmp_path_factory):
 # (algorithm, engine client layout, replica layout) -> per replica: (client lr, server lr, prox mu, DP noise
 # multiplier, DP clip norm or None: no DP), or None: the config's values
 HPARAMS = {
-  ("fedavg", "auto", "auto"): None,  # CPU: the replicas loop over one compiled round
+  ("fedavg", "auto", "auto"): None,  # auto: the replicas loop over one compiled round
   ("fedprox", "auto", "unroll"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
-  ("fedavg", "vmap", "auto"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],  # -> vmap
+  ("fedavg", "vmap", "vmap"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],
 }
 
 
 @pytest.mark.parametrize("algorithm,layout,replica_layout", list(HPARAMS))
 def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout, replica_layout):
-  """Replica layouts: 'loop' (the CPU default: the engine's compiled round called per replica), 'unroll'
-  (every replica's round in one program), 'vmap' (the round vmapped over the replica axis: the GPU
-  path). Two cases also differ in learning rates / mu / DP noise and clip (traced per-replica inputs
+  """Replica layouts: 'loop' (the default: the engine's compiled round called per replica), 'unroll'
+  (every replica's round in one program), 'vmap' (the round vmapped over the replica axis: meant for
+  accelerators). Two cases also differ in learning rates / mu / DP noise and clip (traced per-replica inputs
   against the single run's constants; each replica draws its own noise and keeps its own privacy
   accounting)."""
   configs = _configs()
@@ -94,7 +94,7 @@ def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout
     }
   lines = []
   out = replicas.run(configs, [str(tmp_path / f"r{c.seed}") for c in configs], log=lines.append, layout=replica_layout)
-  want_layout = {"auto": "loop" if layout == "auto" else "vmap"}.get(replica_layout, replica_layout)
+  want_layout = "loop" if replica_layout == "auto" else replica_layout
   assert any(f"replicas as {want_layout}" in ln for ln in lines), lines[:3]
   for i, c in enumerate(configs):
     single, wd = ref[c.seed]
@@ -193,15 +193,28 @@ def test_cli_seeds_bad_input_is_one_line(tmp_path):
   assert not [p for p in (tmp_path / "w").rglob("*") if p.is_file()]
 
 
-def test_a_diverging_replica_is_an_error_before_anything_of_the_round_is_saved(tmp_path):
+def test_a_diverging_replica_stops_alone_and_nothing_of_its_bad_round_is_saved(singles, tmp_path):
+  """Seed 0 at a learning rate that diverges, seed 1 at the config's: seed 0 stops before anything of its
+  bad round is written, seed 1 trains to the end exactly as its single run, and the run ends in a
+  DivergedError that names the diverged replica and the finished one."""
   configs = _configs()
+  configs[0].client_optimizer.learning_rate = 1e9
   for c in configs:
-    c.client_optimizer.learning_rate = 1e9
     c.checkpoint.every = 1
   wds = [str(tmp_path / f"r{c.seed}") for c in configs]
+  lines = []
   with pytest.raises(DivergedError, match=r"training diverged in round \d+: loss") as e:
-    replicas.run(configs, wds, log=lambda _: None)
-  bad = int(str(e.value).split("round ")[1].split(":")[0])
-  for w in wds:  # every replica keeps the rounds before the bad one, none of it
-    saved = sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
-    assert saved == list(range(1, bad))[-2:], (saved, bad)
+    replicas.run(configs, wds, log=lines.append)
+  msg = str(e.value)
+  assert msg.startswith("seed 0, client_optimizer.learning_rate=1e+09: ") and "(finished: seed 1, " in msg, msg
+  bad = int(msg.split("round ")[1].split(":")[0])
+  assert any("the other replicas go on" in ln for ln in lines), lines
+  saved = sorted(int(d) for d in os.listdir(os.path.join(wds[0], "checkpoints")) if d.isdigit())
+  assert saved == list(range(1, bad))[-2:], (saved, bad)
+  assert [r["round"] for r in _jsonl(os.path.join(wds[0], "rounds.jsonl"))] == list(range(1, bad))
+  # the other replica: every round, its final checkpoint, and its single run's numbers
+  single, wd = singles[1]
+  assert [r["round"] for r in _jsonl(os.path.join(wds[1], "rounds.jsonl"))] == [1, 2, 3]
+  assert "3" in os.listdir(os.path.join(wds[1], "checkpoints"))
+  got, want = _jsonl(os.path.join(wds[1], "metrics.jsonl"))[-1], _jsonl(wd / "metrics.jsonl")[-1]
+  assert got["dice/catheter"] == pytest.approx(want["dice/catheter"], abs=1e-4)

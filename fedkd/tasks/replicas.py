@@ -8,9 +8,10 @@ The hyperparameters that keep the program's shapes (:data:`HPARAMS`) enter the r
 per-replica scalars (the engine's ``hparams``), so one compiled round serves a seed table and a
 learning-rate grid alike. Each replica samples its own clients from its own rng, trains them on its own
 seed's data and averages only its own clients (FedAvg within a replica: a block-diagonal mixing over
-replica x client). How the replica axis runs (:func:`replica_layout`): ``vmap`` (accelerators: one
-program, the round vmapped), ``loop`` (XLA:CPU: the one compiled round called per replica, so N replicas
-cost one compile) or ``unroll`` (one program emitting every replica's round).
+replica x client). How the replica axis runs (:func:`replica_layout`): ``loop`` (the default: the one
+compiled round called per replica, so N replicas cost one compile), ``vmap`` (one program, the round
+vmapped: meant for accelerators, not yet measured there) or ``unroll`` (one program emitting every
+replica's round). A replica that diverges stops alone; the others train to the end.
 
 Each replica writes what a single run of its config writes (config.json, metrics.jsonl, rounds.jsonl,
 tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
@@ -133,11 +134,12 @@ def _take(tree, i: int):
 REPLICA_LAYOUTS = ("loop", "unroll", "vmap")
 
 
-def replica_layout(layout: str, engine_layout: str) -> str:
-  """The replica axis's layout: ``auto`` -> ``loop`` where the engine unrolls its clients (XLA:CPU),
-  else ``vmap`` (docs/engine.md, "Replicas of one program", has the CPU measurements)."""
+def replica_layout(layout: str) -> str:
+  """The replica axis's layout: ``auto`` -> ``loop``, the one measured faster than separate runs (on
+  XLA:CPU, docs/engine.md, "Replicas of one program"); ``vmap`` is not the default on any backend until a
+  GPU measurement shows it faster (``PLAN=profile bash bench/gpu.sh`` measures both)."""
   if layout == "auto":
-    return "loop" if engine_layout == "unroll" else "vmap"
+    return "loop"
   if layout not in REPLICA_LAYOUTS:
     raise ValueError(f"unknown replica layout {layout!r}; use one of {', '.join(REPLICA_LAYOUTS)} or auto")
   return layout
@@ -244,7 +246,7 @@ def run(
     skip_nonfinite=config.engine.skip_nonfinite_clients,
     rebuild=_rebuild(config, apply, apply_wf),
   )
-  layout = replica_layout(layout, opts.layout)
+  layout = replica_layout(layout)
   vround = _over_replicas(round_fn, layout, len(configs))
   states = [alg.init(params, jax.random.key(c.seed)) for c, (_, _, params) in zip(configs, inits)]
   params_like = jax.eval_shape(lambda p: p, inits[0][2])
@@ -324,6 +326,7 @@ def _train(
   imgs = len(reps) * k * config.local_steps * config.batch_size
   timed_rounds, timed_s, t_start = 0, 0.0, time.time()
   last_saved = start or None  # the newest checkpoint every replica holds
+  failed: dict[int, str] = {}  # replica -> its DivergedError message; it trains no further
   for r in range(start + 1, config.num_rounds + 1):
     t0 = time.time()
     keys, clients, xs, ys, weights = [], [], [], [], []
@@ -346,7 +349,9 @@ def _train(
     losses = np.asarray(m["loss"])
     finite, client_ok = np.asarray(m["finite"]), np.asarray(m["client_finite"])
     for i, rep in enumerate(reps):
-      if not finite[i] or not client_ok[i].any():
+      if i in failed:
+        continue
+      if not finite[i] or not client_ok[i].any():  # this replica stops; the others go on
         err = fedavg._diverged(
           r,
           {"loss": losses[i], "client_finite": client_ok[i]},
@@ -355,12 +360,17 @@ def _train(
           last_saved,
           rep.ckpt.directory,
         )
-        raise DivergedError(f"{rep.name}: {err}")
+        failed[i] = f"{rep.name}: {err}"
+        if len(failed) < len(reps):
+          log(f"{failed[i]}; the other replicas go on")
+        continue
       if not client_ok[i].all():  # engine.skip_nonfinite_clients: they got weight 0
         log(
           f"round {r}, {rep.name}: dropped client(s) {[int(c) for c in clients[i][~client_ok[i]]]} (non-finite update)"
         )
         rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok[i]).sum())})
+    if len(failed) == len(reps):
+      raise DivergedError("; ".join(failed.values()))
     dt = time.time() - t0
     if r > start + 1:
       timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
@@ -368,12 +378,14 @@ def _train(
     stopping = stop is not None and stop.requested(r)
     saving = stopping or r % config.checkpoint.every == 0 or r == config.num_rounds
     line = f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss " + " ".join(
-      f"{v:.4f}" for v in losses
+      "stopped" if i in failed else f"{v:.4f}" for i, v in enumerate(losses)
     )
     line += f"  {dt:6.2f}s  " + (
       f"{imgs * timed_rounds / timed_s:7.1f} img/s" if timed_rounds else "(includes compilation)"
     )
     for i, rep in enumerate(reps):
+      if i in failed:  # nothing of a diverged replica's rounds is written
+        continue
       sent, received = float(bytes_up * k), float(bytes_down * k)
       rep.bytes_up += sent
       rep.bytes_down += received
@@ -393,7 +405,9 @@ def _train(
     if saving:
       last_saved = r
     if evaluating:
-      line += "  | held-out dice catheter " + " ".join(f"{res[0]['dice/catheter']:.4f}" for res in results)
+      line += "  | held-out dice catheter " + " ".join(
+        "-" if i in failed else f"{res[0]['dice/catheter']:.4f}" for i, res in enumerate(results)
+      )
     log(line)
     if stopping and r < config.num_rounds:
       for rep in reps:
@@ -401,6 +415,8 @@ def _train(
       raise Stopped(r, stop.reason)
   out = []
   for i, rep in enumerate(reps):
+    if i in failed:
+      continue
     params = _take(state["params"], i)
     if results[i] is None:  # resumed at the end already
       results[i] = rep.evaluate(config.num_rounds, params)
@@ -415,4 +431,7 @@ def _train(
       f"training speed: {imgs * timed_rounds / timed_s:.1f} images/s over {timed_rounds} rounds of {len(reps)} "
       f"replicas (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s"
     )
+  if failed:  # the others finished and wrote everything; the run as a whole did not succeed
+    rest = ", ".join(rep.name for i, rep in enumerate(reps) if i not in failed)
+    raise DivergedError("; ".join(failed.values()) + f" (finished: {rest})")
   return out
