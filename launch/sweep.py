@@ -266,7 +266,8 @@ def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[l
       units.append(members)
       continue
     runs = [run for _, run in members]
-    reason = replicas.why_not(_run_configs(defn, runs))
+    multi = [a for a in defn["extra"] if a.split("=", 1)[0] in ("--num_processes", "--coordinator_address")]
+    reason = f"multi-process runs ({multi[0]})" if multi else replicas.why_not(_run_configs(defn, runs))
     progress = {latest_checkpoint(os.path.join(out, r["name"])) for r in runs}
     if reason is None and len(progress) > 1:
       reason = "their workdirs hold checkpoints of different rounds"

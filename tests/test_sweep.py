@@ -469,6 +469,10 @@ def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
   ck.mkdir(parents=True)
   units = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path))
   assert [len(u) for u in units] == [1, 1, 1] and "different rounds" in capsys.readouterr().out
+  # multi-process runs stay one process group per run
+  multi = launcher.build("configs/quickstart.py", None, ["--num_processes=2"], [0, 1])
+  assert [len(u) for u in launcher.replica_groups(multi, list(enumerate(multi["runs"], 1)), str(tmp_path))] == [1, 1]
+  assert "one process per run (multi-process runs (--num_processes=2))" in capsys.readouterr().out
   # a learning-rate grid x seeds is one group; the differing keys travel as per-replica lists
   defn = launcher.build("configs/quickstart.py", "lr_grid,tiny", [], [0, 1])
   (unit,) = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path / "grid"))
