@@ -522,7 +522,7 @@ def check_finite(c: ml_collections.ConfigDict, prefix: str = "config") -> None:
       raise ConfigError(f"{prefix}.{k}={v} is not a finite number; set --{prefix}.{k} to a finite value")
 
 
-def _value(c, key: str):
+def value_at(c, key: str):
   """``c``'s value at the dotted ``key`` ('model.width')."""
   v = c
   for k in key.split("."):
@@ -531,7 +531,7 @@ def _value(c, key: str):
 
 
 def _positive(c, key: str) -> None:
-  value = _value(c, key)
+  value = value_at(c, key)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
     raise ConfigError(f"config.{key}={value!r} must be a positive number; set --config.{key} to a value > 0")
 
@@ -567,7 +567,7 @@ def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, 
 
 
 def _int_at_least(c, key: str, low: int, high: int | None = None) -> None:
-  value = _value(c, key)
+  value = value_at(c, key)
   if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
     rng = f">= {low}" if high is None else f"in {low}..{high}"
     raise ConfigError(f"config.{key}={value!r} must be an integer {rng}; set --config.{key}")
@@ -648,7 +648,7 @@ def num_attackers(c) -> int:
 
 
 def _at_least(c, key: str, low: float, strict: bool = False) -> None:
-  value = _value(c, key)
+  value = value_at(c, key)
   bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)
   if bad:
     raise ConfigError(f"config.{key}={value!r} must be a number {'>' if strict else '>='} {low}; set --config.{key}")
@@ -656,7 +656,7 @@ def _at_least(c, key: str, low: float, strict: bool = False) -> None:
 
 def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool = False):
   """``config.<key>`` must be a (finite; ``integer``: whole) number with ``ok(value)``; returns it."""
-  v = _value(c, key)
+  v = value_at(c, key)
   kind = int if integer else (int, float)
   if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
     raise ConfigError(
@@ -668,7 +668,7 @@ def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool =
 
 def _choice(c, key: str, choices) -> str:
   """``config.<key>`` must be one of ``choices`` (strings); returns it."""
-  v = _value(c, key)
+  v = value_at(c, key)
   if v not in choices:
     raise ConfigError(f"config.{key}={v!r} is unknown; use one of {', '.join(choices)}")
   return v

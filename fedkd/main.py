@@ -123,7 +123,8 @@ def _run_replicas(config) -> None:
   import os
 
   from fedkd.preemption import StopSignals
-  from fedkd.sweep import SweepError, parse_value, run_names
+  from fedkd.config import value_at
+  from fedkd.sweep import SweepError, apply_overrides, parse_value, run_names
   from fedkd.tasks import replicas
 
   lists = {}
@@ -140,7 +141,7 @@ def _run_replicas(config) -> None:
         "(and the seed, with --seeds); run other settings with launch.sweep"
       )
     try:
-      lists[key] = [parse_value(v.strip(), replicas._get(config, key)) for v in text.split(",") if v.strip()]
+      lists[key] = [parse_value(v.strip(), value_at(config, key)) for v in text.split(",") if v.strip()]
     except (ValueError, SweepError) as e:
       cli.fail(f"--replica_config={spec}: {e}; write KEY=V1,V2,... with numbers")
   if not lists:
@@ -161,15 +162,7 @@ def _run_replicas(config) -> None:
     workdirs = [os.path.join(cli.WORKDIR.value, name) for name in run_names(shown)]
   if len(workdirs) != n:
     cli.fail(f"--replica_workdirs names {len(workdirs)} workdirs for {n} replicas; give one per replica")
-  configs = []
-  for o in overrides:
-    c = config.copy_and_resolve_references()
-    for k, v in o.items():
-      parent = c
-      for part in k.split(".")[:-1]:
-        parent = parent[part]
-      parent[k.split(".")[-1]] = v
-    configs.append(c)
+  configs = [apply_overrides(config, o, where="--seeds / --replica_config") for o in overrides]
   reason = replicas.why_not(configs)
   if reason is not None:
     cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")

@@ -225,6 +225,7 @@ def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
   """One fedkd.main process for ``runs`` (equal but for fedkd.tasks.replicas.REPLICA_KEYS) as replicas
   of one program: the keys whose values differ as --seeds / --replica_config lists (each run's value,
   also where its overrides leave the key at the config's), the other overrides as --config flags."""
+  from fedkd.config import value_at
   from fedkd.sweep import RESERVED, format_value
   from fedkd.tasks import replicas
 
@@ -233,7 +234,7 @@ def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
   first = runs[0]["overrides"]
   flags = [f"--config.{k}={format_value(v)}" for k, v in first.items() if k not in RESERVED and k not in differ]
   for k in differ:
-    values = ",".join(format_value(replicas._get(c, k)) for c in configs)
+    values = ",".join(format_value(value_at(c, k)) for c in configs)
     flags.append(f"--seeds={values}" if k == "seed" else f"--replica_config={k}={values}")
   return [
     sys.executable,

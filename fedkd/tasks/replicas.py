@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import ConfigError, num_attackers, validate
+from fedkd.config import ConfigError, num_attackers, validate, value_at
 from fedkd.data.pipeline import make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
@@ -63,15 +63,9 @@ HPARAMS = {
 REPLICA_KEYS = ("seed", *HPARAMS)  # what replicas of one program may differ in
 
 
-def _get(config, key: str):
-  for part in key.split("."):
-    config = config[part]
-  return config
-
-
 def _value(config, key: str):
   """A replica key's value, as the number the program sees (0 and 0.0 are one value)."""
-  return int(config.seed) if key == "seed" else float(_get(config, key))
+  return int(config.seed) if key == "seed" else float(value_at(config, key))
 
 
 def varying(configs: Sequence) -> list[str]:
@@ -81,7 +75,7 @@ def varying(configs: Sequence) -> list[str]:
 
 def label(config, keys: Sequence[str]) -> str:
   """One replica in logs: its values of ``keys`` (e.g. 'seed 1, client_optimizer.learning_rate=0.03')."""
-  return ", ".join(f"seed {config.seed}" if k == "seed" else f"{k}={_get(config, k):g}" for k in keys) or "base"
+  return ", ".join(f"seed {config.seed}" if k == "seed" else f"{k}={value_at(config, k):g}" for k in keys) or "base"
 
 
 def why_not(configs: Sequence) -> str | None:
@@ -167,11 +161,12 @@ def _over_replicas(round_fn, layout: str, n: int):
 
 def hparams(configs: Sequence) -> dict:
   """{engine name: float32 [replicas]} of :data:`HPARAMS` (every key, varying or not)."""
-  return {name: np.asarray([float(_get(c, key)) for c in configs], np.float32) for key, name in HPARAMS.items()}
+  return {name: np.asarray([_value(c, key) for c in configs], np.float32) for key, name in HPARAMS.items()}
 
 
 def _rebuild(config, apply, apply_wf):
-  """The engine's ``rebuild``: the round's algorithm and client context from traced hyperparameters."""
+  """The engine's ``rebuild``: the round's algorithm and client context from the hyperparameters (traced
+  scalars, or numbers)."""
 
   def rebuild(hp):
     server_tx = engine.make_optimizer(config.server_optimizer, hp["server_lr"])
@@ -235,16 +230,11 @@ def run(
   opts = fedavg.engine_options(config, n_dev, log)
   inits = [init_model(c.model, c.seed) for c in configs]
   apply, apply_wf = inits[0][0], inits[0][1]
-  alg = fedavg.make_algorithm(config, engine.make_optimizer(config.server_optimizer))
-  if config.dp.enabled:
-    alg = dp.DPFedAvg(alg, config.dp.clip_norm, config.dp.noise_multiplier, config.clients_per_round)
+  rebuild = _rebuild(config, apply, apply_wf)
+  # the same construction with the first replica's values as numbers: the state's structure, the aggregator
+  alg, ctx = rebuild({name: _value(config, key) for key, name in HPARAMS.items()})
   round_fn = engine.make_round_fn(
-    alg,
-    fedavg.make_context(config, apply, apply_wf),
-    mesh,
-    opts,
-    skip_nonfinite=config.engine.skip_nonfinite_clients,
-    rebuild=_rebuild(config, apply, apply_wf),
+    alg, ctx, mesh, opts, skip_nonfinite=config.engine.skip_nonfinite_clients, rebuild=rebuild
   )
   layout = replica_layout(layout)
   vround = _over_replicas(round_fn, layout, len(configs))
@@ -329,14 +319,14 @@ def _train(
   failed: dict[int, str] = {}  # replica -> its DivergedError message; it trains no further
   for r in range(start + 1, config.num_rounds + 1):
     t0 = time.time()
-    keys, clients, xs, ys, weights = [], [], [], [], []
+    round_keys, clients, xs, ys, weights = [], [], [], [], []
     rng = np.asarray(state["rng"])
     t_in = time.time()
     for i, rep in enumerate(reps):
       key, sub = jax.random.split(jax.random.wrap_key_data(rng[i]))
       c = fedavg.sample_clients(sub, config.num_clients, k)
       x, y = rep.data.round_batches(r, c, rows)
-      keys.append(jax.random.key_data(key))
+      round_keys.append(jax.random.key_data(key))
       clients.append(c)
       xs.append(x)
       ys.append(y)
@@ -344,7 +334,7 @@ def _train(
     batch = jax.device_put({"x": jnp.stack(xs), "y": jnp.stack(ys)}, batch_sharding)
     input_wait = time.time() - t_in
     w = jax.device_put(jnp.asarray(np.stack(weights), jnp.float32), batch_sharding)
-    state = dict(state, rng=replicate(jnp.stack(keys), mesh))
+    state = dict(state, rng=replicate(jnp.stack(round_keys), mesh))
     state, _, m = vround(state, batch, w, hp)
     losses = np.asarray(m["loss"])
     finite, client_ok = np.asarray(m["finite"]), np.asarray(m["client_finite"])
