@@ -35,7 +35,10 @@ _REPLICA_CONFIG = flags.DEFINE_multi_string(
   "(client_optimizer.learning_rate, server_optimizer.learning_rate, algorithm.prox_mu, dp.noise_multiplier, "
   "dp.clip_norm), zipped with --seeds (a single value serves every "
   "replica); e.g. --seeds=0 --replica_config=client_optimizer.learning_rate=0.01,0.03,0.1 is a 3-point "
-  "grid in one program. Workdirs: --workdir/<key-value...__seed-s> (or --replica_workdirs).",
+  "grid in one program. Workdirs: --workdir/<key-value...__seed-s> (or --replica_workdirs). FedEFM "
+  "(config.task=fedefm): fedefm.beta, fedefm.temperature, pretrain.learning_rate or "
+  "pretrain.expert_learning_rate; the experiments run one after another in one process and share each "
+  "method's compiled pretraining round.",
 )
 _REPLICA_WORKDIRS = flags.DEFINE_string(
   "replica_workdirs", None, "With --seeds / --replica_config: comma list of workdirs, one per replica."
@@ -127,7 +130,14 @@ def _run_replicas(config) -> None:
   from fedkd.sweep import SweepError, apply_overrides, parse_value, run_names
   from fedkd.tasks import replicas
 
+  fedefm = config.task == "fedefm"
+  allowed = replicas.replica_keys(config) if fedefm else tuple(replicas.HPARAMS)
   lists = {}
+  if _SEEDS.value is not None and fedefm:
+    cli.fail(
+      f"--seeds={_SEEDS.value}: a FedEFM experiment runs its seeds in one process already; "
+      f"set --config.experiment.seeds={_SEEDS.value} instead"
+    )
   if _SEEDS.value is not None:
     try:
       lists["seed"] = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
@@ -135,10 +145,11 @@ def _run_replicas(config) -> None:
       cli.fail(f"--seeds={_SEEDS.value!r} must be a comma list of integers, e.g. --seeds=0,1,2")
   for spec in _REPLICA_CONFIG.value:
     key, _, text = spec.partition("=")
-    if key not in replicas.HPARAMS:
+    if key not in allowed:
       cli.fail(
-        f"--replica_config={spec}: replicas of one program may differ in {', '.join(replicas.HPARAMS)} "
-        "(and the seed, with --seeds); run other settings with launch.sweep"
+        f"--replica_config={spec}: replicas of one {config.task} program may differ in {', '.join(allowed)}"
+        + ("" if fedefm else " (and the seed, with --seeds)")
+        + "; run other settings with launch.sweep"
       )
     try:
       lists[key] = [parse_value(v.strip(), value_at(config, key)) for v in text.split(",") if v.strip()]
@@ -166,8 +177,16 @@ def _run_replicas(config) -> None:
   reason = replicas.why_not(configs)
   if reason is not None:
     cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
+  if fedefm:
+    from fedkd.tasks import fedefm as fedefm_task
+
+    for c in configs:  # each experiment's own values are checked before anything is written
+      fedefm_task.validate(c)
   with _claimed(workdirs), StopSignals() as stop:
-    replicas.run(configs, workdirs, stop=stop)
+    if fedefm:
+      fedefm_task.run_replicas(configs, workdirs, stop=stop)
+    else:
+      replicas.run(configs, workdirs, stop=stop)
   sys.stdout.flush()
 
 

@@ -21,6 +21,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -59,3 +60,14 @@ SLOW_FIRST = (
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
+
+@pytest.fixture(scope="session")
+def cli():
+  """One fork server per test worker for the command-line cases (tests/cli_server.py: the entry points
+  imported once; every case a fresh fork that starts its own JAX backend)."""
+  from cli_harness import CLI
+
+  c = CLI()
+  yield c
+  c.close()

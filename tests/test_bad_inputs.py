@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 
-from cli_harness import CLI
 
 QS = "--config=configs/quickstart.py"
 EFM = "--config=configs/fedefm.py:tiny"
@@ -31,13 +30,6 @@ TINY = [
   "--config.eval.every=1",
   "--config.checkpoint.every=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def cli():
-  c = CLI()
-  yield c
-  c.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from cli_harness import CLI
 from fedkd import palette, report
 from fedkd.evaluate import perturb
 from fedkd.report import error_overlay
 from fedkd.tasks import fedavg
 from test_docs import assert_outputs_documented
 from test_training import tiny_config
-
-
-@pytest.fixture(scope="module")
-def cli():
-  """``python -m fedkd.eval`` runs as forks of one server (tests/cli_server.py) that imported it once."""
-  c = CLI()
-  yield c
-  c.close()
 
 
 def test_eval_reproduces_training_metrics_and_writes_outputs(cli, tmp_path):

@@ -1,5 +1,7 @@
 """The FedEFM silo round against a per-silo Python reference on a tiny model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,9 +56,10 @@ OPTS = dict(
 )
 
 
-def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
-  """Each silo on its own: experts trained at neighbours, then the student, then mixing."""
-  o = FedEFMOptions(**OPTS)
+def reference_round(params, xs, ys, adjacency, W, mixing, distill=True, lr_e=LR_E, lr_l=LR_L, **opts):
+  """Each silo on its own: experts trained at neighbours, then the student, then mixing. ``opts``:
+  FedEFMOptions fields other than OPTS's (e.g. beta, temperature)."""
+  o = FedEFMOptions(**{**OPTS, **opts})
   seg_grad = jax.jit(jax.grad(lambda p, x, y: cross_entropy(apply_wf(p, x)[0], y)))
   nbrs = topology.neighbours(adjacency)
   new = []
@@ -68,7 +71,7 @@ def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
         e = p_i
         for s in range(o.expert_steps):
           g = seg_grad(e, xs[j, s], ys[j, s])
-          e = jax.tree.map(lambda a, b: a - LR_E * b, e, g)
+          e = jax.tree.map(lambda a, b: a - lr_e * b, e, g)
         experts.append(e)
 
     def loss(q, x, y):
@@ -100,7 +103,7 @@ def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
     q = p_i
     for s in range(S):
       g = g_fn(q, xs[i, s], ys[i, s])
-      q = jax.tree.map(lambda a, b: a - LR_L * b, q, g)
+      q = jax.tree.map(lambda a, b: a - lr_l * b, q, g)
     new.append(jax.tree.map(np.asarray, q))
   stacked = jax.tree.map(lambda *a: np.stack(a), *new)
   if mixing == "cfl":
@@ -109,15 +112,35 @@ def reference_round(params, xs, ys, adjacency, W, mixing, distill=True):
 
 
 def engine_round(
-  params, xs, ys, adjacency, W, mixing, n_dev, distill=True, layout="vmap", lowering="xla", chunk=8, model=None
+  params,
+  xs,
+  ys,
+  adjacency,
+  W,
+  mixing,
+  n_dev,
+  distill=True,
+  layout="vmap",
+  lowering="xla",
+  chunk=8,
+  model=None,
+  hparams=None,
 ):
-  """One FedEFM round through the shared engine; ``model`` = (apply_wf, seg loss) (default: the toy)."""
+  """One FedEFM round through the shared engine; ``model`` = (apply_wf, seg loss) (default: the toy).
+  ``hparams`` {beta, temperature, lr_e, lr_l}: those enter the compiled round as traced inputs (the
+  FedEFM task's way; fedkd.tasks.fedefm.ROUND_HPARAMS)."""
   wf, seg = model or (apply_wf, cross_entropy)
   mesh = client_mesh(n_dev)
   opts = FedEFMOptions(distill=distill, mixing=mixing, **OPTS)
-  alg = FedEFMSilo(opts, optax.sgd(LR_E))
-  ctx = ClientContext(lambda p, x: wf(p, x)[0], seg, optax.sgd(LR_L), apply_wf=wf)
-  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=True))
+
+  def rebuild(hp):
+    silo = dataclasses.replace(opts, beta=hp["beta"], temperature=hp["temperature"])
+    ctx = ClientContext(lambda p, x: wf(p, x)[0], seg, optax.sgd(hp["lr_l"]), apply_wf=wf)
+    return FedEFMSilo(silo, optax.sgd(hp["lr_e"])), ctx
+
+  alg, ctx = rebuild(dict(beta=opts.beta, temperature=opts.temperature, lr_e=LR_E, lr_l=LR_L))
+  eopts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=True)
+  fn = engine.make_round_fn(alg, ctx, mesh, eopts, rebuild=None if hparams is None else rebuild)
   idx, mask = topology.neighbour_table(adjacency)
   n = jax.tree.leaves(params)[0].shape[0]
   rows, batch, weights = shard_clients(
@@ -128,7 +151,8 @@ def engine_round(
     ),
     mesh,
   )
-  _, rows, metrics = fn(alg.init(None, None), rows, batch, weights, jnp.asarray(W))
+  hp = None if hparams is None else {k: jnp.float32(v) for k, v in hparams.items()}
+  _, rows, metrics = fn(alg.init(None, None), rows, batch, weights, jnp.asarray(W), hp)
   return jax.tree.map(np.asarray, rows["params"]), metrics
 
 
@@ -154,6 +178,20 @@ def test_overseas_expert_round_equals_per_silo_reference(mixing, n_dev):
   # distillation changes the result (the KD term is not a no-op)
   plain = reference_round(params, xs, ys, adjacency, W, mixing, distill=False)
   assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(got))) > 1e-5
+
+
+def test_kd_weight_temperature_and_learning_rates_as_traced_inputs_equal_the_reference():
+  """The FedEFM task's pretraining round takes beta, T and the learning rates as traced inputs (one compiled
+  round for a KD-weight grid): equal to the per-silo reference with those values as constants."""
+  adjacency, W = topology.ring(N) > 0, topology.ring(N)
+  params = stack(init(7), N)
+  params = jax.tree.map(lambda a: a + 0.01 * jnp.arange(N, dtype=a.dtype).reshape((N,) + (1,) * (a.ndim - 1)), params)
+  xs, ys = data(8)
+  for beta, temperature, lr_e, lr_l in ((0.3, 3.0, 0.2, 0.02), (0.8, 1.5, 0.05, 0.08)):
+    hp = dict(beta=beta, temperature=temperature, lr_e=lr_e, lr_l=lr_l)
+    got, _ = engine_round(params, xs, ys, adjacency, W, "dfl", 2, hparams=hp)
+    ref = reference_round(params, xs, ys, adjacency, W, "dfl", lr_e=lr_e, lr_l=lr_l, beta=beta, temperature=temperature)
+    _close(ref, got)
 
 
 def test_plain_round_is_fedavg_and_gossip_preserves_mean():

@@ -261,6 +261,44 @@ def test_pretraining_nan_is_a_diverged_error_before_any_bad_checkpoint(tmp_path)
   assert not os.path.exists(os.path.join(work, "results_raw.jsonl"))
 
 
+def test_kd_weight_grid_in_one_process_equals_single_runs_and_compiles_once(reference, tmp_path):
+  """fedkd.tasks.fedefm.run_replicas (fedkd.main --replica_config=fedefm.beta=...): the experiment at the
+  reference's beta gives the reference's numbers bit for bit, another beta changes FedEFM's and not
+  FedAvg's, and both ran the one compiled FedEFM round (beta is an input, not a constant). A diverging
+  experiment stops alone, named in the error; the other finishes."""
+  import numpy as np
+
+  work, _, _ = reference
+  configs = [tiny(), tiny()]
+  for c in configs:
+    c.experiment.kd_methods = ""  # the reference's rows without teacher KD
+  configs[1].fedefm.beta = 0.2
+  wds = [str(tmp_path / "b05"), str(tmp_path / "b02")]
+  lines = []
+  out = task.run_replicas(configs, wds, log=lines.append)
+  assert len(out) == 2 and any("experiment 2/2 (fedefm.beta=0.2)" in ln for ln in lines), lines[:5]
+  ref = [r for r in records(work) if not r["teacher_kd"]]
+  assert records(wds[0]) == ref
+  other = records(wds[1])
+  pick = lambda rows, m: [r for r in rows if r["method"] == m]  # noqa: E731
+  assert pick(other, "fedavg") == pick(ref, "fedavg") and pick(ref, "fedefm")
+  assert [r["foundation"] for r in pick(other, "fedefm")] != [r["foundation"] for r in pick(ref, "fedefm")]
+  exp = task.Experiment(configs[1], wds[1], log=lambda _: None)
+  exp.build_models()
+  assert exp._round_fn("fedefm", True)._cache_size() == 1  # one compile for beta 0.5 (reference) and 0.2
+
+  bad = [tiny(), tiny()]
+  bad[0].experiment.methods = bad[1].experiment.methods = "fedavg"
+  bad[0].experiment.kd_methods = bad[1].experiment.kd_methods = ""
+  bad[0].pretrain.learning_rate = 1e20
+  bad[1].pretrain.learning_rate = 2e-3
+  with pytest.raises(DivergedError) as e:
+    task.run_replicas(bad, [str(tmp_path / "x"), str(tmp_path / "y")], log=lambda _: None)
+  msg = str(e.value)
+  assert msg.startswith("pretrain.learning_rate=1e+20: ") and "(finished: pretrain.learning_rate=0.002)" in msg, msg
+  assert np.isfinite([r["foundation"] for r in records(str(tmp_path / "y"))]).all()
+
+
 def test_finetuning_nan_is_a_diverged_error(tmp_path):
   c = tiny()
   c.experiment.methods, c.experiment.kd_methods = "scratch", ""

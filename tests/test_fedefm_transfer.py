@@ -34,7 +34,7 @@ def test_distillation_transfers_a_class_the_silo_never_labels(tmp_path):
   exp.build_models()
   programs = {}
   for distill in (False, True):
-    _, alg, ctx = exp._program("fedefm_dfl", distill)
+    alg, ctx = exp._program("fedefm_dfl", distill)[1](exp.hparams())
 
     def rounds(row, xs, ys, alg=alg, ctx=ctx):
       def body(row, inp):

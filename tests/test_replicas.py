@@ -5,8 +5,6 @@ resumes exactly, and what cannot be a replica is refused with the reason."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,8 +17,6 @@ from fedkd.preemption import Stopped
 from fedkd.tasks import fedavg, replicas
 from test_docs import assert_outputs_documented
 from test_training import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _configs(seeds=(0, 1), **over):
@@ -64,8 +60,9 @@ def singles(tmp_path_factory):
 # (algorithm, engine client layout, replica layout) -> per replica: (client lr, server lr, prox mu, DP noise
 # multiplier, DP clip norm or None: no DP), or None: the config's values
 HPARAMS = {
-  ("fedavg", "auto", "auto"): None,  # auto: the replicas loop over one compiled round
-  ("fedprox", "auto", "unroll"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
+  ("fedavg", "auto", "unroll"): None,
+  # auto: the replicas loop over one compiled round
+  ("fedprox", "auto", "auto"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
   ("fedavg", "vmap", "vmap"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],
 }
 
@@ -169,10 +166,9 @@ def test_what_cannot_be_a_replica_is_refused_with_the_reason(tmp_path):
   assert not os.path.exists(tmp_path / "a")
 
 
-def test_cli_seeds_bad_input_is_one_line(tmp_path):
+def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
   def main(*args):
-    cmd = [sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return cli.run("fedkd.main", ["--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}", *args], timeout=120)
 
   lr = "--replica_config=client_optimizer.learning_rate="
   for args, phrase in (
@@ -187,7 +183,16 @@ def test_cli_seeds_bad_input_is_one_line(tmp_path):
     (["--seeds=0,1", "--config.aggregator.name=median"], "cannot be replicas of one program: aggregator 'median'"),
   ):
     p = main(*args)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.code == 2 and not p.traceback, p.stderr
+    assert p.stderr.strip().startswith("fedkd: error:") and phrase in p.stderr, p.stderr
+  # FedEFM experiments: a KD-weight / learning-rate grid; the seeds are config.experiment.seeds
+  for args, phrase in (
+    (["--seeds=0,1"], "set --config.experiment.seeds=0,1 instead"),
+    (["--replica_config=fedefm.moon_mu=0.1,0.2"], "may differ in fedefm.beta, fedefm.temperature"),
+    (["--replica_config=fedefm.beta=0.3,1.5"], "config.fedefm.beta=1.5 must be a number in [0, 1]"),
+  ):
+    p = cli.run("fedkd.main", ["--config=configs/fedefm.py:tiny", f"--workdir={tmp_path / 'w'}", *args], timeout=120)
+    assert p.code == 2 and not p.traceback, p.stderr
     assert p.stderr.strip().startswith("fedkd: error:") and phrase in p.stderr, p.stderr
   # nothing of a refused run is left behind, also when it was refused after its workdirs were made
   assert not [p for p in (tmp_path / "w").rglob("*") if p.is_file()]

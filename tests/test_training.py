@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from cli_harness import CLI
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, base_config, validate
 from fedkd.data import pipeline
@@ -153,14 +152,6 @@ def test_validate_rejects_a_client_count_the_mesh_cannot_split():
   assert validate(c, 8) == 1
   c.clients_per_round = 4
   assert validate(c, 8) == 4
-
-
-@pytest.fixture(scope="module")
-def cli():
-  """One fork server for the command-line cases (tests/cli_server.py: fedkd.main imported once)."""
-  c = CLI()
-  yield c
-  c.close()
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd import report
-from fedkd.config import FEDEFM_METHODS, ConfigError, _csv, validate_fedefm
+from fedkd.config import FEDEFM_METHODS, ConfigError, _csv, validate_fedefm, value_at
 from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
@@ -72,6 +72,15 @@ METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a 
 DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
 # Methods whose silos mix by gossip over the topology (DFL); "fedefm" follows config.fedefm.mixing.
 GOSSIP = ("ring", "matcha", "fedefm_dfl")
+# config key -> its name among the pretraining round's traced inputs (the engine's ``hparams``): the KD
+# weight, KD temperature and learning rates. Experiments that differ only in these share one compiled
+# round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile per method).
+ROUND_HPARAMS = {
+  "fedefm.beta": "beta",
+  "fedefm.temperature": "temperature",
+  "pretrain.learning_rate": "learning_rate",
+  "pretrain.expert_learning_rate": "expert_learning_rate",
+}
 SEG_LOSS = ml_collections.ConfigDict(dict(name="dice_ce", ce_weight=0.5, dice_weight=0.5))
 RESULT_KEYS = (
   "unseen_percent",
@@ -383,32 +392,35 @@ class Experiment:
       client_chunk=e.client_chunk,
     )
 
+  def hparams(self) -> dict:
+    """{engine name: value} of :data:`ROUND_HPARAMS`: this config's values of the pretraining round's
+    traced inputs."""
+    return {name: float(value_at(self.c, key)) for key, name in ROUND_HPARAMS.items()}
+
   def _program(self, method: str, distill: bool):
-    """(round function, algorithm, client context) for ``method``: the engine's ``(server, rows, batch,
-    weights, W) -> (server, rows, metrics)`` with the silo models as rows
-    (:class:`fedkd.distill.fedefm.FedEFMSilo`)."""
+    """(round function, rebuild) for ``method``: the engine's ``(server, rows, batch, weights, W,
+    hparams) -> (server, rows, metrics)`` with the silo models as rows
+    (:class:`fedkd.distill.fedefm.FedEFMSilo`); ``rebuild(hparams) -> (algorithm, client context)``
+    from :meth:`hparams` (numbers, or the round's traced scalars)."""
     # Keyed by what the program computes: methods with the same options (fedavg and FedEFM's warm-up
-    # rounds, ring and matcha) share one compiled program.
-    opts, p = self._options(method, distill), self.c.pretrain
+    # rounds, ring and matcha) share one compiled program; the KD weight, KD temperature and learning
+    # rates are inputs (ROUND_HPARAMS), so Experiments that differ only in them share it too.
+    opts = dataclasses.replace(self._options(method, distill), beta=0.0, temperature=1.0)
     mesh = self.mesh1 if method == "centralized" else self.mesh
     eopts = self._engine_options(method)
-    key = (
-      "round",
-      self._teacher_key,
-      p.objective,
-      self.data.num_sources,
-      p.learning_rate,
-      p.expert_learning_rate,
-      opts,
-      mesh.size,
-      eopts,
-    )
+    key = ("round", self._teacher_key, self.c.pretrain.objective, self.data.num_sources, opts, mesh.size, eopts)
 
     def build():
-      apply_wf = self.f_apply_wf
-      ctx = ClientContext(lambda q, x: apply_wf(q, x)[0], self.f_loss, optax.adamw(p.learning_rate), apply_wf=apply_wf)
-      alg = fedefm_lib.FedEFMSilo(opts, optax.adam(p.expert_learning_rate))
-      return engine.make_round_fn(alg, ctx, mesh, eopts), alg, ctx
+      apply_wf, f_loss = self.f_apply_wf, self.f_loss
+
+      def rebuild(hp):
+        tx = optax.adamw(hp["learning_rate"])
+        ctx = ClientContext(lambda q, x: apply_wf(q, x)[0], f_loss, tx, apply_wf=apply_wf)
+        silo = dataclasses.replace(opts, beta=hp["beta"], temperature=hp["temperature"])
+        return fedefm_lib.FedEFMSilo(silo, optax.adam(hp["expert_learning_rate"])), ctx
+
+      alg, ctx = rebuild(self.hparams())  # the aggregator; every round passes its hparams
+      return engine.make_round_fn(alg, ctx, mesh, eopts, rebuild=rebuild), rebuild
 
     return _cached(key, build)
 
@@ -436,7 +448,7 @@ class Experiment:
     key = ("flops", self._teacher_key, p.objective, self.data.num_sources, self._options(method, distill), steps)
 
     def measure():
-      _, alg, ctx = self._program(method, distill)
+      alg, ctx = self._program(method, distill)[1](self.hparams())
       # local and expert steps and Sinkhorn loops unrolled: XLA's cost analysis counts a loop body once,
       # whatever its trip count
       ctx = dataclasses.replace(ctx, unroll=True)
@@ -600,6 +612,7 @@ class Experiment:
     # donates both (one array in two places is "donate the same buffer twice" where MOON reads prev).
     state = shard_clients({"params": fedefm_lib.stack(params0, n), "prev": fedefm_lib.stack(params0, n)}, mesh)
     summary: dict = {"curve": [], "w": [], "transfers": 0.0}
+    hp = replicate({k: np.float32(v) for k, v in self.hparams().items()}, mesh)  # the round's traced inputs
     ckpt = ckpt_lib.Checkpointer(self.checkpoint_dir(method, percent, seed), c.checkpoint.max_to_keep)
     try:
       start, out = ckpt.restore_latest(lambda r: self._load(ckpt, r, state), self.log)
@@ -632,7 +645,8 @@ class Experiment:
         fn = self._round_fn(method, distill)
         batch = shard_clients({"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}, mesh)
         server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
-        _, state, metrics = fn(server, state, batch, shard_clients(jnp.ones(n), mesh), jnp.asarray(W, jnp.float32))
+        W = jnp.asarray(W, jnp.float32)
+        _, state, metrics = fn(server, state, batch, shard_clients(jnp.ones(n), mesh), W, hp)
         metrics = dict(metrics, loss=metrics["client_loss"])  # per silo
         self._check_finite(label, r, method, metrics, state, last_saved)  # waits for the round
         summary["last"] = {k: np.asarray(v).tolist() for k, v in metrics.items() if k in ("loss", "kd", "w")}
@@ -1251,3 +1265,28 @@ def run(config, workdir: str, log: Callable[[str], None] = _print, stop=None) ->
   Raises ``Stopped`` after saving when ``stop`` asks, ``DivergedError`` on NaN/Inf training and
   ``ConfigError`` (before anything trains) for a bad setting or a workdir of another config."""
   return Experiment(config, workdir, log, stop).run()
+
+
+def run_replicas(configs: Sequence, workdirs: Sequence[str], log: Callable[[str], None] = _print, stop=None):
+  """Experiments whose configs differ only in :data:`ROUND_HPARAMS` (a KD-weight or learning-rate grid),
+  one after another in this process, each into its workdir: their pretraining rounds are one compiled
+  program per method (the differing values are the round's inputs), so N experiments compile as one.
+  An experiment that diverges stops alone and the others still run; the call then ends in a
+  ``DivergedError`` that names it. Returns each experiment's rows (None for a diverged one)."""
+  from fedkd.tasks.replicas import label, varying
+
+  keys = varying(configs)
+  out, failed = [], []
+  for i, (c, w) in enumerate(zip(configs, workdirs)):
+    name = label(c, keys)
+    log(f"fedkd fedefm: experiment {i + 1}/{len(configs)} ({name}) into {w}")
+    try:
+      out.append(Experiment(c, w, log, stop).run())
+    except DivergedError as e:
+      out.append(None)
+      failed.append(f"{name}: {e}")
+      log(f"{failed[-1]}; the other experiments go on")
+  if failed:
+    done = [label(c, keys) for c, rows in zip(configs, out) if rows is not None]
+    raise DivergedError("; ".join(failed) + (f" (finished: {'; '.join(done)})" if done else ""))
+  return out

@@ -63,14 +63,25 @@ HPARAMS = {
 REPLICA_KEYS = ("seed", *HPARAMS)  # what replicas of one program may differ in
 
 
+def replica_keys(config) -> tuple[str, ...]:
+  """What replicas of ``config``'s task may differ in: :data:`REPLICA_KEYS` (fedavg); FedEFM: the
+  pretraining round's traced inputs (``fedkd.tasks.fedefm.ROUND_HPARAMS``: KD weight, KD temperature,
+  learning rates; its seeds are ``config.experiment.seeds``, in one process already)."""
+  if config.get("task", "fedavg") == "fedefm":
+    from fedkd.tasks.fedefm import ROUND_HPARAMS
+
+    return tuple(ROUND_HPARAMS)
+  return REPLICA_KEYS
+
+
 def _value(config, key: str):
   """A replica key's value, as the number the program sees (0 and 0.0 are one value)."""
   return int(config.seed) if key == "seed" else float(value_at(config, key))
 
 
 def varying(configs: Sequence) -> list[str]:
-  """The :data:`REPLICA_KEYS` whose values differ between ``configs``."""
-  return [k for k in REPLICA_KEYS if len({_value(c, k) for c in configs}) > 1]
+  """The replica keys (:func:`replica_keys`) whose values differ between ``configs``."""
+  return [k for k in replica_keys(configs[0]) if len({_value(c, k) for c in configs}) > 1]
 
 
 def label(config, keys: Sequence[str]) -> str:
@@ -83,23 +94,26 @@ def why_not(configs: Sequence) -> str | None:
   configs only (no JAX backend is started: launch.sweep calls it)."""
   if len(configs) < 2:
     return "fewer than two runs"
+  keys = replica_keys(configs[0])
   base = fedavg.flat_dict(configs[0].to_dict())
   for c in configs[1:]:
     other = fedavg.flat_dict(c.to_dict())
-    diff = sorted(k for k in set(base) | set(other) if k not in REPLICA_KEYS and base.get(k) != other.get(k))
+    diff = sorted(k for k in set(base) | set(other) if k not in keys and base.get(k) != other.get(k))
     if diff:
       return (
         f"config.{diff[0]} differs between the runs (replicas may differ only in "
-        + ", ".join(f"config.{k}" for k in REPLICA_KEYS)
+        + ", ".join(f"config.{k}" for k in keys)
         + ")"
       )
   seen = {}
   for i, c in enumerate(configs):
-    values = tuple(_value(c, k) for k in REPLICA_KEYS)
+    values = tuple(_value(c, k) for k in keys)
     if values in seen:
-      return f"runs {seen[values]} and {i} are the same run (equal {', '.join(REPLICA_KEYS)})"
+      return f"runs {seen[values]} and {i} are the same run (equal {', '.join(keys)})"
     seen[values] = i
   c = configs[0]
+  if c.get("task", "fedavg") == "fedefm":  # experiments one after another (fedkd.tasks.fedefm.run_replicas)
+    return None
   checks = (
     (c.get("task", "fedavg") != "fedavg", f"config.task={c.get('task')!r} (fedavg only)"),
     (c.algorithm.name not in STATELESS, f"algorithm {c.algorithm.name!r} keeps per-client state"),
@@ -217,6 +231,8 @@ def run(
   reason = why_not(configs)
   if reason is not None:
     raise ConfigError(f"these runs cannot be replicas of one program: {reason}; run them one by one")
+  if configs[0].get("task", "fedavg") != "fedavg":
+    raise ValueError("replicas.run trains fedavg-task configs; FedEFM: fedkd.tasks.fedefm.run_replicas")
   if jax.process_count() > 1:
     raise ConfigError("replicas run in one process; start a multi-process run once per seed")
   if len(workdirs) != len(configs):
