@@ -445,7 +445,9 @@ class Experiment:
     program with the local steps and the Sinkhorn loops unrolled."""
     c, p = self.c, self.c.pretrain
     steps = p.local_steps * (self._matched_factor() if method == "fedavg_matched" else 1)
-    key = ("flops", self._teacher_key, p.objective, self.data.num_sources, self._options(method, distill), steps)
+    # the count depends on the options' structure, not on the KD weight or temperature's values
+    opts = dataclasses.replace(self._options(method, distill), beta=0.0, temperature=1.0)
+    key = ("flops", self._teacher_key, p.objective, self.data.num_sources, opts, steps)
 
     def measure():
       alg, ctx = self._program(method, distill)[1](self.hparams())
