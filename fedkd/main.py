@@ -131,7 +131,7 @@ def _run_replicas(config) -> None:
   from fedkd.tasks import replicas
 
   fedefm = config.task == "fedefm"
-  allowed = replicas.replica_keys(config) if fedefm else tuple(replicas.HPARAMS)
+  allowed = [k for k in replicas.replica_keys(config) if k != "seed"]  # the seed comes from --seeds
   lists = {}
   if _SEEDS.value is not None and fedefm:
     cli.fail(
@@ -177,13 +177,10 @@ def _run_replicas(config) -> None:
   reason = replicas.why_not(configs)
   if reason is not None:
     cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
-  if fedefm:
-    from fedkd.tasks import fedefm as fedefm_task
-
-    for c in configs:  # each experiment's own values are checked before anything is written
-      fedefm_task.validate(c)
   with _claimed(workdirs), StopSignals() as stop:
     if fedefm:
+      from fedkd.tasks import fedefm as fedefm_task
+
       fedefm_task.run_replicas(configs, workdirs, stop=stop)
     else:
       replicas.run(configs, workdirs, stop=stop)

@@ -31,8 +31,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 # last would run alone at the end while the other worker idles. Order within a file is kept.
 SLOW_FIRST = (
   "test_resume_robustness.py",  # 121 s
-  "test_fedefm_resume.py",  # 102 s
   "test_sweep.py",  # 108 s
+  "test_fedefm_resume.py",  # 102 s
   "test_replicas.py",  # 89 s
   "test_algorithms.py",  # 85 s
   "test_engine.py",  # 83 s

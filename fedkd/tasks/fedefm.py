@@ -647,8 +647,8 @@ class Experiment:
         fn = self._round_fn(method, distill)
         batch = shard_clients({"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}, mesh)
         server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
-        W = jnp.asarray(W, jnp.float32)
-        _, state, metrics = fn(server, state, batch, shard_clients(jnp.ones(n), mesh), W, hp)
+        weights = shard_clients(jnp.ones(n), mesh)
+        _, state, metrics = fn(server, state, batch, weights, jnp.asarray(W, jnp.float32), hp)
         metrics = dict(metrics, loss=metrics["client_loss"])  # per silo
         self._check_finite(label, r, method, metrics, state, last_saved)  # waits for the round
         summary["last"] = {k: np.asarray(v).tolist() for k, v in metrics.items() if k in ("loss", "kd", "w")}
@@ -1274,9 +1274,12 @@ def run_replicas(configs: Sequence, workdirs: Sequence[str], log: Callable[[str]
   one after another in this process, each into its workdir: their pretraining rounds are one compiled
   program per method (the differing values are the round's inputs), so N experiments compile as one.
   An experiment that diverges stops alone and the others still run; the call then ends in a
-  ``DivergedError`` that names it. Returns each experiment's rows (None for a diverged one)."""
+  ``DivergedError`` that names it. Returns each experiment's rows (None for a diverged one). Every config
+  is validated before the first experiment starts."""
   from fedkd.tasks.replicas import label, varying
 
+  for c in configs:
+    validate(c)
   keys = varying(configs)
   out, failed = [], []
   for i, (c, w) in enumerate(zip(configs, workdirs)):
