@@ -178,12 +178,7 @@ def _run_replicas(config) -> None:
   if reason is not None:
     cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
   with _claimed(workdirs), StopSignals() as stop:
-    if fedefm:
-      from fedkd.tasks import fedefm as fedefm_task
-
-      fedefm_task.run_replicas(configs, workdirs, stop=stop)
-    else:
-      replicas.run(configs, workdirs, stop=stop)
+    replicas.run(configs, workdirs, log=lambda line: print(line, flush=True), stop=stop)
   sys.stdout.flush()
 
 

@@ -19,6 +19,7 @@ from fedkd.config import ConfigError
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.tasks import fedefm as task
+from fedkd.tasks import replicas
 from test_docs import assert_outputs_documented
 
 _spec = importlib.util.spec_from_file_location(
@@ -262,7 +263,7 @@ def test_pretraining_nan_is_a_diverged_error_before_any_bad_checkpoint(tmp_path)
 
 
 def test_kd_weight_grid_in_one_process_equals_single_runs_and_compiles_once(reference, tmp_path):
-  """fedkd.tasks.fedefm.run_replicas (fedkd.main --replica_config=fedefm.beta=...): the experiment at the
+  """fedkd.tasks.replicas.run on FedEFM configs (fedkd.main --replica_config=fedefm.beta=...): the experiment at the
   reference's beta gives the reference's numbers bit for bit, another beta changes FedEFM's and not
   FedAvg's, and both ran the one compiled FedEFM round (beta is an input, not a constant). A diverging
   experiment stops alone, named in the error; the other finishes."""
@@ -275,7 +276,7 @@ def test_kd_weight_grid_in_one_process_equals_single_runs_and_compiles_once(refe
   configs[1].fedefm.beta = 0.2
   wds = [str(tmp_path / "b05"), str(tmp_path / "b02")]
   lines = []
-  out = task.run_replicas(configs, wds, log=lines.append)
+  out = replicas.run(configs, wds, log=lines.append)  # hands FedEFM configs to fedefm.run_replicas
   assert len(out) == 2 and any("experiment 2/2 (fedefm.beta=0.2)" in ln for ln in lines), lines[:5]
   ref = [r for r in records(work) if not r["teacher_kd"]]
   assert records(wds[0]) == ref

@@ -198,21 +198,29 @@ def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
   assert not [p for p in (tmp_path / "w").rglob("*") if p.is_file()]
 
 
-def test_a_diverging_replica_stops_alone_and_nothing_of_its_bad_round_is_saved(singles, tmp_path):
+def test_a_diverging_replica_stops_alone_and_nothing_of_its_bad_round_is_saved(singles, tmp_path, monkeypatch):
   """Seed 0 at a learning rate that diverges, seed 1 at the config's: seed 0 stops before anything of its
-  bad round is written, seed 1 trains to the end exactly as its single run, and the run ends in a
-  DivergedError that names the diverged replica and the finished one."""
+  bad round is written and its rounds are no longer run, seed 1 trains to the end exactly as its single
+  run, and the run ends in a DivergedError that names the diverged replica and the finished one."""
   configs = _configs()
   configs[0].client_optimizer.learning_rate = 1e9
   for c in configs:
     c.checkpoint.every = 1
   wds = [str(tmp_path / f"r{c.seed}") for c in configs]
-  lines = []
+  lines, calls = [], []
+  make = replicas.engine.make_round_fn
+
+  def counted(*args, **kw):  # the loop layout calls the compiled round once per replica and round
+    fn = make(*args, **kw)
+    return lambda *a: calls.append(1) or fn(*a)
+
+  monkeypatch.setattr(replicas.engine, "make_round_fn", counted)
   with pytest.raises(DivergedError, match=r"training diverged in round \d+: loss") as e:
     replicas.run(configs, wds, log=lines.append)
   msg = str(e.value)
   assert msg.startswith("seed 0, client_optimizer.learning_rate=1e+09: ") and "(finished: seed 1, " in msg, msg
   bad = int(msg.split("round ")[1].split(":")[0])
+  assert len(calls) == 3 + bad, (len(calls), bad)  # seed 1's three rounds, seed 0's up to the diverged one
   assert any("the other replicas go on" in ln for ln in lines), lines
   saved = sorted(int(d) for d in os.listdir(os.path.join(wds[0], "checkpoints")) if d.isdigit())
   assert saved == list(range(1, bad))[-2:], (saved, bad)

@@ -461,11 +461,14 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         )
   last_saved = start or None
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
+  next_clients = None  # drawn by the round before (the first round of a run draws its own)
   try:
     for r in range(start + 1, last_round + 1):
       t0 = time.time()
       key, sub = jax.random.split(jax.random.wrap_key_data(local_copy(state["rng"])))
-      clients = sample_clients(sub, config.num_clients, config.clients_per_round)
+      clients = (
+        sample_clients(sub, config.num_clients, config.clients_per_round) if next_clients is None else next_clients
+      )
       # round r + 1's clients, from the key this round stores (read now: the round donates its buffers)
       next_clients = (
         sample_clients(jax.random.split(key)[1], config.num_clients, config.clients_per_round)

@@ -22,7 +22,9 @@ convolutions together); tests/test_replicas.py. Measurements: docs/engine.md, "R
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
 optimizer, with or without DP (no privacy budget), synthetic data, one process, configs that differ only
 in :data:`REPLICA_KEYS`. Anything else gets one process per run (launch.sweep falls back by itself;
-:func:`why_not` says why).
+:func:`why_not` says why). FedEFM configs that differ only in its round's traced inputs (KD weight, KD
+temperature, learning rates: :func:`replica_keys`) go through :func:`run` too: experiments one after
+another in this process, sharing each method's compiled pretraining round.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def why_not(configs: Sequence) -> str | None:
       return f"runs {seen[values]} and {i} are the same run (equal {', '.join(keys)})"
     seen[values] = i
   c = configs[0]
-  if c.get("task", "fedavg") == "fedefm":  # experiments one after another (fedkd.tasks.fedefm.run_replicas)
+  if c.get("task", "fedavg") == "fedefm":  # experiments one after another (:func:`run`)
     return None
   checks = (
     (c.get("task", "fedavg") != "fedavg", f"config.task={c.get('task')!r} (fedavg only)"),
@@ -161,16 +163,31 @@ def _over_replicas(round_fn, layout: str, n: int):
               every replica runs the same executable: one compile whatever the number of replicas);
   ``unroll``  one jitted program that emits every replica's round (a program R times the size);
   ``vmap``    one jitted program, the round vmapped over the replicas (the accelerator form; on XLA:CPU
-              a vmap turns every per-client convolution into a grouped one)."""
+              a vmap turns every per-client convolution into a grouped one).
+
+  The returned function takes ``skip``: replicas whose round is not run under ``loop`` (diverged ones;
+  their state passes through, their metrics are zeros). ``unroll`` and ``vmap`` run every replica."""
   call = lambda s, b, w, h: round_fn(s, None, b, w, None, h)  # noqa: E731
   split = lambda args: [_take(args, i) for i in range(n)]  # noqa: E731
   join = lambda outs: jax.tree.map(lambda *a: jnp.stack(a), *outs)  # noqa: E731
   if layout == "loop":  # one dispatch splits the replicas, one per replica's round, one joins them
     split_jit, join_jit = jax.jit(split), jax.jit(join)
-    return lambda *args: join_jit([call(*part) for part in split_jit(args)])
+
+    def loop(*args, skip=()):
+      parts = split_jit(args)
+      outs = {i: call(*part) for i, part in enumerate(parts) if i not in skip}
+      if not outs:
+        raise ValueError("every replica is skipped")
+      done = next(iter(outs.values()))
+      zeros = jax.tree.map(jnp.zeros_like, done[2])
+      return join_jit([outs[i] if i in outs else (parts[i][0], done[1], zeros) for i in range(n)])
+
+    return loop
   if layout == "unroll":
-    return jax.jit(lambda *args: join([call(*part) for part in split(args)]), donate_argnums=(0,))
-  return jax.jit(jax.vmap(call), donate_argnums=(0,))
+    fn = jax.jit(lambda *args: join([call(*part) for part in split(args)]), donate_argnums=(0,))
+  else:
+    fn = jax.jit(jax.vmap(call), donate_argnums=(0,))
+  return lambda *args, skip=(): fn(*args)
 
 
 def hparams(configs: Sequence) -> dict:
@@ -227,16 +244,20 @@ def run(
   """Trains ``configs`` (:func:`why_not` must be None) as one program, each into its workdir; returns
   one {'state', 'metrics', 'per_site'} per replica, like :func:`fedkd.tasks.fedavg.run`. ``layout``: the
   replica axis's (:func:`replica_layout`). Resumes when every workdir holds its checkpoint of the same
-  round."""
+  round. FedEFM configs (``config.task='fedefm'``) run as experiments one after another that share each
+  method's compiled round (:func:`fedkd.tasks.fedefm.run_replicas`; ``layout`` does not apply) and
+  return each experiment's rows."""
   reason = why_not(configs)
   if reason is not None:
     raise ConfigError(f"these runs cannot be replicas of one program: {reason}; run them one by one")
-  if configs[0].get("task", "fedavg") != "fedavg":
-    raise ValueError("replicas.run trains fedavg-task configs; FedEFM: fedkd.tasks.fedefm.run_replicas")
-  if jax.process_count() > 1:
-    raise ConfigError("replicas run in one process; start a multi-process run once per seed")
   if len(workdirs) != len(configs):
     raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
+  if configs[0].get("task", "fedavg") == "fedefm":
+    from fedkd.tasks import fedefm
+
+    return fedefm.run_replicas(configs, workdirs, log=log, stop=stop)
+  if jax.process_count() > 1:
+    raise ConfigError("replicas run in one process; start a multi-process run once per seed")
   config = configs[0]
   n_dev = validate(config, jax.device_count())
   for c in configs[1:]:  # each replica's own values (learning rates, DP settings) are checked too
@@ -351,7 +372,7 @@ def _train(
     input_wait = time.time() - t_in
     w = jax.device_put(jnp.asarray(np.stack(weights), jnp.float32), batch_sharding)
     state = dict(state, rng=replicate(jnp.stack(round_keys), mesh))
-    state, _, m = vround(state, batch, w, hp)
+    state, _, m = vround(state, batch, w, hp, skip=frozenset(failed))
     losses = np.asarray(m["loss"])
     finite, client_ok = np.asarray(m["finite"]), np.asarray(m["client_finite"])
     for i, rep in enumerate(reps):
