@@ -237,7 +237,7 @@ def test_fedavg_round_with_median(layout, n_dev, chunk):
   alg = algorithms.FedAvg(optax.sgd(1.0))
   alg.aggregator = Median()
   mesh = client_mesh(n_dev)
-  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=False)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)
   state = alg.init(params, jax.random.key(0))
   sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
@@ -365,7 +365,7 @@ def test_attacked_fedavg_round_with_trimmed_mean(layout, n_dev, chunk):
   inner.aggregator = TrimmedMean(0.25)
   alg = attacks.Attacked(inner, attacks.make_attack("scale", (), factor=-10.0))
   mesh = client_mesh(n_dev)
-  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=False)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)
   state = alg.init(params, jax.random.key(0))
   batch = dict(

@@ -459,7 +459,7 @@ def test_scaffold_uniform_skips_a_nonfinite_client():
   )
   alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total)
   mesh = client_mesh(2)
-  opts = engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True)
+  opts = engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=False)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=True)
   rows, bx, by, bw = shard_clients(
     (init_rows(alg, params, 4), jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh

@@ -60,7 +60,7 @@ def _problem():
 def _round_fn(layout, n_dev, chunk, z):
   apply, params, loss_fn, *_, clip, _, _, _ = _problem()
   alg = dp.DPFedAvg(algorithms.FedAvg(optax.sgd(1.0)), clip, z, EXPECTED)
-  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+  opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=False)
   mesh = client_mesh(n_dev)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=True)
   return fn, mesh, alg

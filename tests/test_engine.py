@@ -59,18 +59,25 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, com
   return jax.tree.map(lambda a, d: a + server_lr * d, server, mean)
 
 
-def _build(apply, loss_fn, n_dev, layout, lowering="xla", *, algorithm=None, server_tx=None, chunk=8, **ctx_kw):
-  """(round_fn, mesh, algorithm) for the test problem: client SGD(LR), local steps unrolled."""
+def _build(
+  apply, loss_fn, n_dev, layout, lowering="xla", *, algorithm=None, server_tx=None, chunk=8, unroll=False, **ctx_kw
+):
+  """(round_fn, mesh, algorithm) for the test problem: client SGD(LR). Local steps as a scan (``unroll``:
+  unrolled, the CPU default; a program ~2x the size to compile, so only where that path is the subject)."""
   server_tx = server_tx or optax.sgd(1.0)
   alg = algorithm or algorithms.FedAvg(server_tx)
   mesh = client_mesh(n_dev)
-  opts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=True)
+  opts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=unroll)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR), **ctx_kw), mesh, opts)
   return fn, mesh, alg
 
 
-def _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering="xla", server_lr=1.0, chunk=8):
-  fn, mesh, alg = _build(apply, loss_fn, n_dev, layout, lowering, server_tx=optax.sgd(server_lr), chunk=chunk)
+def _engine_round(
+  apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering="xla", server_lr=1.0, chunk=8, unroll=False
+):
+  fn, mesh, alg = _build(
+    apply, loss_fn, n_dev, layout, lowering, server_tx=optax.sgd(server_lr), chunk=chunk, unroll=unroll
+  )
   state = alg.init(params, jax.random.key(0))
   xs, ys, weights = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
   state, _, metrics = fn(state, None, {"x": xs, "y": ys}, weights)
@@ -84,23 +91,25 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize(
-  "layout,lowering,n_dev,chunk",
+  "layout,lowering,n_dev,chunk,unroll",  # unroll: local steps unrolled (the CPU default) instead of a scan
   [
-    ("vmap", "xla", 4, 8),
-    ("vmap", "gemm", 2, 8),
-    ("vmap", "wgrad", 4, 8),
-    ("unroll", "xla", 4, 8),
-    ("unroll", "gemm", 1, 8),
-    ("unroll", "wgrad", 2, 8),
-    ("chunked", "gemm", 1, 2),  # two chunks of 2 on one device
-    ("chunked", "wgrad", 1, 3),  # chunk 3 of 4 clients -> chunks of 2
-    ("chunked", "xla", 2, 1),  # one client at a time
+    ("vmap", "xla", 4, 8, True),
+    ("vmap", "gemm", 2, 8, False),
+    ("vmap", "wgrad", 4, 8, False),
+    ("unroll", "xla", 4, 8, True),
+    ("unroll", "gemm", 1, 8, False),
+    ("unroll", "wgrad", 2, 8, False),
+    ("chunked", "gemm", 1, 2, True),  # two chunks of 2 on one device
+    ("chunked", "wgrad", 1, 3, False),  # chunk 3 of 4 clients -> chunks of 2
+    ("chunked", "xla", 2, 1, False),  # one client at a time
   ],
 )
-def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk):
+def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk, unroll):
   apply, params, loss_fn, xs, ys, weights = _setup()
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
-  got, metrics = _engine_round(apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering, chunk=chunk)
+  got, metrics = _engine_round(
+    apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering, chunk=chunk, unroll=unroll
+  )
   assert jax.tree.structure(ref) == jax.tree.structure(got)
   assert _max_diff(ref, got) < 2e-5
   # the round really moved the model (a no-op engine would fail the check above only by luck)
@@ -369,7 +378,7 @@ def test_skip_nonfinite_clients_drops_them_from_the_aggregate(layout, n_dev, chu
   mesh = client_mesh(n_dev)
   for skip in (True, False):
     alg = algorithms.FedAvg(optax.sgd(1.0))
-    opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=True)
+    opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=False)
     fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=skip)
     state = alg.init(params, jax.random.key(0))
     xs_, ys_, w_ = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)

@@ -125,8 +125,10 @@ def engine_round(
   chunk=8,
   model=None,
   hparams=None,
+  unroll=False,
 ):
-  """One FedEFM round through the shared engine; ``model`` = (apply_wf, seg loss) (default: the toy).
+  """One FedEFM round through the shared engine; ``model`` = (apply_wf, seg loss) (default: the toy);
+  ``unroll``: local steps unrolled (the CPU default) instead of a scan.
   ``hparams`` {beta, temperature, lr_e, lr_l}: those enter the compiled round as traced inputs (the
   FedEFM task's way; fedkd.tasks.fedefm.ROUND_HPARAMS)."""
   wf, seg = model or (apply_wf, cross_entropy)
@@ -139,7 +141,7 @@ def engine_round(
     return FedEFMSilo(silo, optax.sgd(hp["lr_e"])), ctx
 
   alg, ctx = rebuild(dict(beta=opts.beta, temperature=opts.temperature, lr_e=LR_E, lr_l=LR_L))
-  eopts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=True)
+  eopts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=unroll)
   fn = engine.make_round_fn(alg, ctx, mesh, eopts, rebuild=None if hparams is None else rebuild)
   idx, mask = topology.neighbour_table(adjacency)
   n = jax.tree.leaves(params)[0].shape[0]
@@ -213,7 +215,7 @@ def test_every_layout_equals_the_per_silo_reference(mixing, layout, n_dev):
   params = stack(init(4), N)
   params = jax.tree.map(lambda a: a + 0.02 * jnp.arange(N, dtype=a.dtype).reshape((N,) + (1,) * (a.ndim - 1)), params)
   xs, ys = data(5)
-  got, _ = engine_round(params, xs, ys, adjacency, W, mixing, n_dev, layout=layout, chunk=1)
+  got, _ = engine_round(params, xs, ys, adjacency, W, mixing, n_dev, layout=layout, chunk=1, unroll=True)
   _close(reference_round(params, xs, ys, adjacency, W, mixing), got)
 
 

@@ -116,7 +116,7 @@ def test_push_sum_on_an_unbalanced_digraph_reaches_the_true_average():
   mesh = client_mesh(2)
   alg = FedEFMSilo(FedEFMOptions(distill=False, mixing="dfl"), optax.sgd(0.0))
   ctx = ClientContext(lambda p, x: tf.apply_wf(p, x)[0], cross_entropy, optax.sgd(0.0), apply_wf=tf.apply_wf)
-  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True))
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=False))
   idx, mask = topology.neighbour_table(adj)
   batch = {"x": jnp.asarray(xs), "y": jnp.asarray(ys), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)}
   out = {}
@@ -153,7 +153,7 @@ def test_fedprox_control_equals_hand_written_proximal_sgd():
   mesh = client_mesh(2)
   alg = FedEFMSilo(FedEFMOptions(distill=False, mixing="cfl", prox_mu=mu), optax.sgd(0.1))
   ctx = ClientContext(lambda p, x: tf.apply_wf(p, x)[0], cross_entropy, optax.sgd(lr), apply_wf=tf.apply_wf)
-  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=True))
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=False))
   idx, mask = topology.neighbour_table(topology.ring(n) > 0)
   rows = shard_clients({"params": p0, "prev": p0}, mesh)
   batch = shard_clients(
