@@ -963,7 +963,8 @@ class Experiment:
     own = self.foundation_path(self.workdir, method, percent, seed)
     for path in [own] + ([self.foundation_path(self._from, method, percent, seed)] if self._from else []):
       if os.path.exists(path):
-        params, summary = load_foundation(path, jax.tree.map(np.asarray, self.init_foundation(seed)))
+        # shapes and dtypes only: tracing the initialiser allocates no parameters
+        params, summary = load_foundation(path, jax.eval_shape(lambda: self.init_foundation(seed)))
         if path != own:
           self.log(f"  {label}: foundation reused from {path}")
         return params, summary
