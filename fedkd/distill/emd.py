@@ -90,6 +90,7 @@ Marginals (node weights):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from typing import NamedTuple
@@ -193,7 +194,9 @@ def _plan(f, g, cost, eps):
   return jnp.exp((f[:, None] + g[None, :] - cost) / eps)
 
 
-_COUNTING = [False]  # set by counting_every_iteration()
+# whether Sinkhorn loops are traced unrolled (counting_every_iteration); a context variable, so the
+# setting is scoped to the block (and thread) that asked for it
+_COUNTING = contextvars.ContextVar("fedkd_emd_counting", default=False)
 
 
 @contextlib.contextmanager
@@ -201,11 +204,11 @@ def counting_every_iteration():
   """While active, Sinkhorn loops are traced fully unrolled: the same arithmetic, but XLA's cost analysis
   (which counts a loop body once, whatever its trip count) then counts every iteration. For cost
   measurement only (the unrolled program is larger)."""
-  old, _COUNTING[0] = _COUNTING[0], True
+  token = _COUNTING.set(True)
   try:
     yield
   finally:
-    _COUNTING[0] = old
+    _COUNTING.reset(token)
 
 
 def _sinkhorn_iterations(cost, log_a, log_b, fg, epsilon, num_iters, omega=None):
@@ -224,7 +227,7 @@ def _sinkhorn_iterations(cost, log_a, log_b, fg, epsilon, num_iters, omega=None)
     f = f_new if omega is None else (1.0 - omega) * f + omega * f_new
     return f, g
 
-  return jax.lax.fori_loop(0, num_iters, iteration, fg, unroll=True if _COUNTING[0] else 1)
+  return jax.lax.fori_loop(0, num_iters, iteration, fg, unroll=True if _COUNTING.get() else 1)
 
 
 def _default_solve(cost, a, b, log_a, log_b, fg, eps):
