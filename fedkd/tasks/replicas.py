@@ -11,7 +11,8 @@ seed's data and averages only its own clients (FedAvg within a replica: a block-
 replica x client). How the replica axis runs (:func:`replica_layout`): ``loop`` (the default: the one
 compiled round called per replica, so N replicas cost one compile), ``vmap`` (one program, the round
 vmapped: meant for accelerators, not yet measured there) or ``unroll`` (one program emitting every
-replica's round). A replica that diverges stops alone; the others train to the end.
+replica's round). A replica that diverges stops alone (under ``loop`` its rounds are no longer run);
+the others train to the end.
 
 Each replica writes what a single run of its config writes (config.json, metrics.jsonl, rounds.jsonl,
 tb/, checkpoints/) into its own workdir, so ``fedkd.eval``, ``launch.sweep``'s tables and a single
