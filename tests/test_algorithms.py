@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_engine import LR, _build, _max_diff, _setup, _tree_np
+from test_engine import LR, _build, _max_diff, _setup, _tree_np, seg_grad
 
 from fedkd import config as config_lib
 from fedkd.config import ConfigError
@@ -32,7 +32,7 @@ def _data(seed, clients=4, steps=4):
 
 
 def _grad_fn(apply, loss_fn):
-  g = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(p, x), y)))
+  g = seg_grad(apply, loss_fn)
   return lambda p, x, y: _tree_np(g(jax.tree.map(np.float32, p), x, y))
 
 

@@ -1,5 +1,7 @@
 """The jitted, sharded FedAvg round against an independent per-client Python loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,8 +19,10 @@ C, S, B, H = 8, 2, 2, 16
 LR = 0.05
 
 
-def _setup(seed=0, clients=4):
-  """A tiny UNet (one level: compile time) and ``clients`` clients of unequal data sizes."""
+@functools.cache
+def _problem(seed):
+  """The model, loss and all C clients' data of :func:`_setup` for ``seed``, built once per process: the
+  tests then share one ``apply`` / ``loss_fn`` and so the reference gradients' compiled programs."""
   model_cfg = ml_collections.ConfigDict(dict(name="unet", width=4, depth=1, groups=2, num_classes=3))
   apply, params = init_params(model_cfg, seed)
   loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
@@ -26,19 +30,31 @@ def _setup(seed=0, clients=4):
   xs = np.asarray(jax.random.normal(kx, (C, S, B, H, H, 1)))
   ys = np.asarray(jax.random.randint(ky, (C, S, B, H, H), 0, 3))
   weights = np.array([5, 1, 3, 8, 2, 2, 7, 4], np.float32)  # unequal client data sizes
-  return apply, params, loss_fn, xs[:clients], ys[:clients], weights[:clients]
+  return apply, params, loss_fn, xs, ys, weights
+
+
+def _setup(seed=0, clients=4):
+  """A tiny UNet (one level: compile time) and ``clients`` clients of unequal data sizes (fresh copies of
+  the arrays and containers: a test may change them)."""
+  apply, params, loss_fn, xs, ys, weights = _problem(seed)
+  params = jax.tree.map(lambda a: a, params)
+  return apply, params, loss_fn, xs[:clients].copy(), ys[:clients].copy(), weights[:clients].copy()
+
+
+@functools.cache
+def seg_grad(apply, loss_fn, compute_dtype=None):
+  """The jitted gradient of one client's segmentation loss, one per (apply, loss, dtype) per process.
+  ``compute_dtype``: the gradient is computed on params and images cast to it."""
+  cast = (
+    (lambda t: t) if compute_dtype is None else (lambda t: jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), t))
+  )
+  return jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(cast(p), cast(x)).astype(jnp.float32), y)))
 
 
 def client_deltas(apply, loss_fn, params, xs, ys, compute_dtype=None):
   """Each client trained on its own with plain SGD(LR) (numpy updates on f32 weights): its delta.
   ``compute_dtype``: the gradient is computed on params and images cast to it."""
-  cast = (
-    (lambda t: t)
-    if compute_dtype is None
-    # noqa: E731
-    else (lambda t: jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), t))
-  )
-  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(cast(p), cast(x)).astype(jnp.float32), y)))
+  grad = seg_grad(apply, loss_fn, compute_dtype)
   server = jax.tree.map(np.asarray, params)
   deltas = []
   for c in range(xs.shape[0]):
@@ -159,7 +175,7 @@ def _tree_np(t):
 def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
   """SCAFFOLD option II, client by client with numpy updates (SGD, server lr 1, weighted mean delta,
   control update (1/N) sum of c_i changes). ``rounds``: list of (client ids, xs, ys, weights)."""
-  grad = jax.jit(jax.grad(lambda p, x, y: loss_fn(apply(p, x), y)))
+  grad = seg_grad(apply, loss_fn)
   n_total = len(client_c)
   for ids, xs, ys, weights in rounds:
     deltas, dcs = [], []
