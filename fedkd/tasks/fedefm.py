@@ -628,6 +628,7 @@ class Experiment:
       idx, mask = topology.neighbour_table(self.adj)
       base = topology.complete(p.num_silos) > 0
       timed, timed_s = 0, 0.0
+      weights = shard_clients(jnp.ones(n), mesh)  # every silo counts alike, every round
       for r in range(start + 1, p.num_rounds + 1):
         t0 = time.time()
         xs, ys = self.round_data(method, types, seed, r)  # a function of (seed, r) only
@@ -647,7 +648,6 @@ class Experiment:
         fn = self._round_fn(method, distill)
         batch = shard_clients({"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}, mesh)
         server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
-        weights = shard_clients(jnp.ones(n), mesh)
         _, state, metrics = fn(server, state, batch, weights, jnp.asarray(W, jnp.float32), hp)
         metrics = dict(metrics, loss=metrics["client_loss"])  # per silo
         self._check_finite(label, r, method, metrics, state, last_saved)  # waits for the round

@@ -179,9 +179,11 @@ def _over_replicas(round_fn, layout: str, n: int):
       outs = {i: call(*part) for i, part in enumerate(parts) if i not in skip}
       if not outs:
         raise ValueError("every replica is skipped")
-      done = next(iter(outs.values()))
-      zeros = jax.tree.map(jnp.zeros_like, done[2])
-      return join_jit([outs[i] if i in outs else (parts[i][0], done[1], zeros) for i in range(n)])
+      if len(outs) < n:  # a skipped replica: its state as it was, zero metrics shaped as a run one's
+        done = next(iter(outs.values()))
+        zeros = jax.tree.map(jnp.zeros_like, done[2])
+        outs.update({i: (parts[i][0], done[1], zeros) for i in range(n) if i not in outs})
+      return join_jit([outs[i] for i in range(n)])
 
     return loop
   if layout == "unroll":
