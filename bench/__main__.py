@@ -31,7 +31,7 @@ XLA:GPU took 10-86 s per program compiled alone).
 
 --measure --config=FILE [--config.KEY=VALUE ...] times the engine's client layout x conv lowering
 candidates on that (fedavg-task) config's model, algorithm and round shapes on this machine (bench/measure.py;
-CPU: unroll+xla, vmap+gemm, vmap+xla; GPU/TPU: vmap+wgrad, vmap+gemm, chunked+gemm, vmap+xla,
+CPU: unroll+matmul, unroll+xla, vmap+gemm, vmap+xla; GPU/TPU: vmap+wgrad, vmap+gemm, chunked+gemm, vmap+xla,
 chunked(1)+xla and, up to 16 clients per device, unroll+xla): one ``measure`` row per candidate (seconds
 per round, or the error that ruled it out), then a ``measure_best`` row with the flags that select the
 fastest. With --coordinator_address / --num_processes / --process_id (or on a TPU pod / under SLURM)
@@ -122,7 +122,9 @@ def _parser():
     help="comma list of client layouts (vmap, chunked, unroll), 'all', 'auto' (the engine's choice for the "
     "backend, model and clients per device) or 'none' (only the centralized rows); crossed with --lowerings",
   )
-  p.add_argument("--lowerings", default="auto", help="comma list of conv lowerings (xla, gemm, wgrad), 'all' or 'auto'")
+  p.add_argument(
+    "--lowerings", default="auto", help="comma list of conv lowerings (xla, gemm, wgrad, matmul), 'all' or 'auto'"
+  )
   p.add_argument(
     "--pairs",
     default="",

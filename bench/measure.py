@@ -26,13 +26,13 @@ UNROLL_MAX_CLIENTS = 16
 
 def candidates(platform: str, clients_per_shard: int, client_chunk: int, unroll_local_steps: bool = False):
   """The (layout, lowering) options worth timing on ``platform`` for ``clients_per_shard`` clients per
-  device, as :class:`fedkd.fl.engine.EngineOptions`. CPU: unroll + xla, vmap + gemm, vmap + xla. GPU/TPU:
+  device, as :class:`fedkd.fl.engine.EngineOptions`. CPU: unroll + matmul, unroll + xla, vmap + gemm, vmap + xla. GPU/TPU:
   vmap + wgrad, vmap + gemm, chunked + gemm (when ``client_chunk`` splits the shard into several chunks
   of more than one client), vmap + xla, chunked(1) + xla and, up to ``UNROLL_MAX_CLIENTS`` clients per
   device, unroll + xla."""
   opt = lambda layout, lowering, chunk=client_chunk: EngineOptions(layout, lowering, chunk, unroll_local_steps)  # noqa: E731
   if platform == "cpu":
-    return [opt("unroll", "xla"), opt("vmap", "gemm"), opt("vmap", "xla")]
+    return [opt("unroll", "matmul"), opt("unroll", "xla"), opt("vmap", "gemm"), opt("vmap", "xla")]
   out = [opt("vmap", "wgrad"), opt("vmap", "gemm")]
   if 1 < engine.chunk_size(clients_per_shard, client_chunk) < clients_per_shard:
     out.append(opt("chunked", "gemm"))

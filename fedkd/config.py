@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # this module holds them as plain strings so a config never imports the engine, the losses or JAX.
 TASKS = ("fedavg",)
 CLIENT_LAYOUTS = ("auto", "vmap", "chunked", "unroll")  # fedkd.fl.engine.LAYOUTS + auto
-CONV_LOWERINGS = ("auto", "xla", "gemm", "wgrad")  # fedkd.fl.engine.LOWERINGS + auto
+CONV_LOWERINGS = ("auto", "xla", "gemm", "wgrad", "matmul")  # fedkd.fl.engine.LOWERINGS + auto
 # deprecated engine.client_parallelism names (fedkd.fl.engine.LEGACY_PARALLELISM); '' = not set
 LEGACY_PARALLELISM = ("", "vmap", "bgemm", "hybrid", "unroll", "chunked", "map")
 LEGACY_CHUNK_STRATEGIES = ("", "vmap", "bgemm", "hybrid")
@@ -209,8 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.client_layout = "auto"
   # How convolutions are computed: 'xla' (XLA's convs; vmapped they are grouped convs), 'gemm' (im2col
   # patches x weights batched matmuls for the forward pass and both gradients), 'wgrad' (XLA forward and
-  # input gradient, GEMM kernel gradient), 'auto' (CPU: xla; GPU/TPU: wgrad for UNet, gemm for TransUNet
-  # and for chunked).
+  # input gradient, GEMM kernel gradient), 'matmul' (XLA's convs except 1x1 and UNet's 2x2 stride-2
+  # transposed convs, which are matmuls), 'auto' (CPU: matmul with unroll, else xla; GPU/TPU: wgrad for
+  # UNet, gemm for TransUNet and for chunked).
   c.engine.conv_lowering = "auto"
   # 'chunked': clients per chunk (1 = one client at a time); only one chunk's activations are alive.
   c.engine.client_chunk = 8
@@ -375,7 +376,7 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.engine = ml_collections.ConfigDict()
   # auto: on CPU vmap (compiles ~4x faster than unroll here), on GPU the engine's measured choice
   c.engine.client_layout = "auto"  # auto | vmap | chunked | unroll
-  c.engine.conv_lowering = "auto"  # auto | xla | gemm | wgrad
+  c.engine.conv_lowering = "auto"  # auto | xla | gemm | wgrad | matmul
   c.engine.client_chunk = 8  # chunked: silos per chunk
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # images per prediction batch

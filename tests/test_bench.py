@@ -66,7 +66,7 @@ def _labels(*args):
 
 
 def test_measure_candidates():
-  assert _labels("cpu", 64, 8) == ["unroll+xla", "vmap+gemm", "vmap+xla"]
+  assert _labels("cpu", 64, 8) == ["unroll+matmul", "unroll+xla", "vmap+gemm", "vmap+xla"]
   assert _labels("gpu", 16, 4) == [
     "vmap+wgrad",
     "vmap+gemm",
@@ -175,10 +175,12 @@ def test_bench_pairs_layouts_and_former_names():
     ("chunked", "gemm"),
   ]
   assert all(o.unroll_local_steps and o.client_chunk == 8 for o in opts)
-  assert [(o.layout, o.lowering) for o in round_bench.engine_options(_bench_args([]), "cpu", 8)] == [("unroll", "xla")]
+  assert [(o.layout, o.lowering) for o in round_bench.engine_options(_bench_args([]), "cpu", 8)] == [
+    ("unroll", "matmul")
+  ]
   assert round_bench.engine_options(_bench_args(["--layouts", "none"]), "cpu", 8) == []
-  assert len(round_bench.engine_options(_bench_args(["--layouts", "all", "--lowerings", "all"]), "cpu", 8)) == 9
-  for bad in (["--pairs", "gconv"], ["--pairs", "vmap:gemm:0"], ["--layouts", "vmap", "--lowerings", "matmul"]):
+  assert len(round_bench.engine_options(_bench_args(["--layouts", "all", "--lowerings", "all"]), "cpu", 8)) == 12
+  for bad in (["--pairs", "gconv"], ["--pairs", "vmap:gemm:0"], ["--layouts", "vmap", "--lowerings", "winograd"]):
     with pytest.raises(SystemExit):
       round_bench.engine_options(_bench_args(bad), "cpu", 8)
 
@@ -230,12 +232,12 @@ def test_measure_cli_in_two_processes(tmp_path):
   for p, (_, err) in zip(ps, outs):
     assert p.returncode == 0, err[-3000:]
   rows = [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
-  assert [r["name"] for r in rows] == ["measure"] * 3 + ["measure_best"]
-  assert [r["candidate"] for r in rows[:3]] == ["unroll+xla", "vmap+gemm", "vmap+xla"]
-  assert all(r["devices"] == 4 and r["processes"] == 2 and r["clients_per_device"] == 1 for r in rows[:3])
-  timed = [r for r in rows[:3] if "error" not in r]
+  assert [r["name"] for r in rows] == ["measure"] * 4 + ["measure_best"]
+  assert [r["candidate"] for r in rows[:4]] == ["unroll+matmul", "unroll+xla", "vmap+gemm", "vmap+xla"]
+  assert all(r["devices"] == 4 and r["processes"] == 2 and r["clients_per_device"] == 1 for r in rows[:4])
+  timed = [r for r in rows[:4] if "error" not in r]
   assert timed and all(r["sec_per_round"] > 0 for r in timed)
-  best = rows[3]
+  best = rows[4]
   assert best["candidate"] in [r["candidate"] for r in timed]
   assert best["flags"] == (
     f"--config.engine.client_layout={best['layout']} --config.engine.conv_lowering={best['lowering']}"
@@ -261,3 +263,26 @@ def test_bench_is_not_installed_with_fedkd():
   text = open(os.path.join(ROOT, "pyproject.toml")).read()
   packages = text.split("packages = [", 1)[1].split("]", 1)[0]
   assert "fedkd" in packages and "bench" not in packages
+
+
+def test_vs_torch_alternates_and_reports_the_ratio(tmp_path):
+  """bench/vs_torch.py alternates the anchor's torch row and fedkd's round and reports fedkd / torch
+  images/s per pair of medians; the anchor here is a stand-in that prints a known torch row."""
+  anchor = tmp_path / "anchor.py"
+  anchor.write_text(
+    "import json, sys\n"
+    "assert '--which' in sys.argv and 'torch' in sys.argv\n"
+    "print(json.dumps({'name': 'torch_seq', 'images_per_s': 4.0}))\n"
+  )
+  tiny = ["--size", "16", "--clients", "2", "--steps", "1", "--batch", "1", "--width", "2"]
+  cmd = [sys.executable, "bench/vs_torch.py", "--anchor", str(anchor), "--pairs", "2", "--rounds", "1", *tiny]
+  out = procs.run(cmd + ["--cache", str(tmp_path / "cache"), "--", "--pairs", "unroll:matmul"], cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [r["name"] for r in rows] == ["torch_seq", "fed_round", "torch_seq", "fed_round", "vs_torch"]
+  fed = sorted(r["images_per_s"] for r in rows if r["name"] == "fed_round")
+  summary = rows[-1]
+  assert summary["torch_images_per_s"] == 4.0
+  assert summary["ratio"] == {"unroll+matmul@1dev": round((fed[0] + fed[1]) / 2 / 4.0, 3)}
+  bad = procs.run([sys.executable, "bench/vs_torch.py", "--anchor", str(tmp_path / "missing.py")], cwd=ROOT, timeout=60)
+  assert bad.returncode != 0 and "no anchor script" in bad.stderr

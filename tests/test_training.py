@@ -121,7 +121,7 @@ def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():
     ("local_steps", 0, "local_steps"),
     ("engine.compute_dtype", "float16", "compute_dtype"),
     ("engine.client_layout", "pmap", "client_layout"),
-    ("engine.conv_lowering", "matmul", "conv_lowering"),
+    ("engine.conv_lowering", "winograd", "conv_lowering"),
     ("engine.client_parallelism", "pmap", "client_parallelism"),
     ("engine.client_parallelism", "measure", "python -m bench --measure"),
     ("engine.chunk_strategy", "map", "chunk_strategy"),

@@ -16,7 +16,10 @@ applies the algorithm's server step. Two orthogonal knobs set how a device compu
 ``lowering`` (how convolutions are computed; :func:`fedkd.models.conv.gemm_convs`)
     ``xla``      XLA's convolutions (vmapped: grouped convolutions);
     ``gemm``     im2col patches x weights for the forward pass and both gradients: batched GEMMs;
-    ``wgrad``    XLA's convolutions forward and for the input gradient, GEMMs for the kernel gradient.
+    ``wgrad``    XLA's convolutions forward and for the input gradient, GEMMs for the kernel gradient;
+    ``matmul``   XLA's convolutions, except the convs that are matmuls (1x1 kernels, UNet's 2x2 stride-2
+                 transposed convs: einsum + pixel shuffle), whose XLA:CPU kernel gradient is a slow
+                 base-dilated convolution (the CPU default).
 
 ``resolve`` maps ``auto`` to the measured choice per backend and model (docs/engine.md).
 """
@@ -37,7 +40,7 @@ from fedkd.fl.algorithm import Algorithm, ClientContext, ClientOutput
 from fedkd.sharding import CLIENTS
 
 LAYOUTS = ("vmap", "chunked", "unroll")
-LOWERINGS = ("xla", "gemm", "wgrad")
+LOWERINGS = ("xla", "gemm", "wgrad", "matmul")
 # 'auto' on GPU/TPU: the fastest (layout, lowering) measured on an H200 per model while a device holds
 # at most SMALL_SHARD_CLIENTS clients (docs/engine.md, "GPU": UNet vmap+wgrad 0.53x, TransUNet vmap+gemm
 # 0.51x of the centralized ceiling); beyond that chunked + gemm (bounded memory: 1,024 clients at 128 px
@@ -122,7 +125,8 @@ def resolve(
 ) -> EngineOptions:
   """Concrete engine options for the backend and model ('auto' -> the measured choice).
 
-  CPU: ``unroll`` + ``xla`` with unrolled local steps (measured fastest on XLA:CPU). GPU/TPU: local
+  CPU: ``unroll`` + ``matmul`` with unrolled local steps (measured fastest on XLA:CPU; another CPU layout
+  keeps ``xla``). GPU/TPU: local
   steps in a ``lax.scan``; with at most ``SMALL_SHARD_CLIENTS`` clients per device (None = unknown,
   treated as many) ``vmap`` with the model's fastest lowering measured on an H200
   (``AUTO_SMALL_SHARD``), otherwise, or for other models, ``chunked`` + ``gemm`` (memory-bounded)."""
@@ -131,7 +135,9 @@ def resolve(
   if layout == "auto":
     layout = "unroll" if platform == "cpu" else ("vmap" if small and model in AUTO_SMALL_SHARD else "chunked")
   if lowering == "auto":
-    if platform == "cpu" or layout == "unroll":
+    if platform == "cpu":
+      lowering = "matmul" if layout == "unroll" else "xla"
+    elif layout == "unroll":
       lowering = "xla"
     elif layout == "vmap" and model in AUTO_SMALL_SHARD:
       lowering = AUTO_SMALL_SHARD[model]

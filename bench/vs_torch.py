@@ -1,0 +1,92 @@
+"""fedkd's federated round against the anchor script's PyTorch client loop, alternated on one machine.
+
+  python bench/vs_torch.py --anchor ../shared/bench/anchor_bench.py [--torch-python PY] [--pairs 5]
+      [--size 64 --clients 8 --steps 2 --batch 4 --width 32] [-- EXTRA python -m bench FLAGS]
+
+Runs, ``--pairs`` times in turn, (a) the anchor's ``torch_seq`` row (PyTorch, clients trained one after
+another, f32; ``--torch-python`` is a Python with torch installed, default this one) and (b) ``python -m
+bench --no-centralized`` on the same workload (the anchor's UNet: widths ``width`` ... 8 x ``width`` and
+a 16 x ``width`` bottleneck, i.e. ``--depth 4``), each as its own process and ``--rounds`` timed rounds.
+Alternating the two, instead of one after the other, keeps a shared machine's drift out of the ratio.
+fedkd's compiled round is kept in a persistent compilation cache (``--cache``), so only its first process
+compiles. Prints one JSON line per measurement and a ``vs_torch`` line with the medians and
+``ratio`` = fedkd images/s / PyTorch images/s per fedkd row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rows(cmd: list[str], env: dict | None = None) -> list[dict]:
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+  if out.returncode != 0:
+    sys.exit(f"vs_torch: {' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--anchor", required=True, help="path of the anchor script (anchor_bench.py)")
+  p.add_argument("--torch-python", default=sys.executable, help="a Python interpreter with torch installed")
+  p.add_argument("--pairs", type=int, default=5, help="alternations of the two measurements")
+  p.add_argument("--rounds", type=int, default=2, help="timed rounds per measurement")
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--clients", type=int, default=8)
+  p.add_argument("--steps", type=int, default=2)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--width", type=int, default=32)
+  p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fedkd-vs-torch-cache"))
+  a, extra = p.parse_known_args(argv)
+  if extra[:1] == ["--"]:
+    extra = extra[1:]
+  if not os.path.isfile(a.anchor):
+    sys.exit(f"vs_torch: no anchor script at {a.anchor}; pass --anchor PATH/anchor_bench.py")
+  shape = ["--size", str(a.size), "--clients", str(a.clients), "--steps", str(a.steps), "--batch", str(a.batch)]
+  shape += ["--width", str(a.width)]
+  torch_cmd = [a.torch_python, os.path.abspath(a.anchor), *shape, "--which", "torch", "--dtypes", "f32"]
+  torch_cmd += ["--rounds", str(a.rounds)]
+  fed_cmd = [sys.executable, "-m", "bench", *shape, "--depth", "4", "--rounds", str(a.rounds), "--no-centralized"]
+  fed_cmd += extra
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=a.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  torch_ips, fed_ips = [], {}
+  for i in range(a.pairs):
+    for row in _rows(torch_cmd):
+      if row.get("name") == "torch_seq":
+        print(json.dumps(dict(row, pair=i)), flush=True)
+        torch_ips.append(row["images_per_s"])
+    for row in _rows(fed_cmd, env):
+      if row.get("name") == "fed_round" and "images_per_s" in row:
+        print(json.dumps(dict(row, pair=i)), flush=True)
+        key = f"{row['layout']}+{row['lowering']}@{row['devices']}dev"
+        fed_ips.setdefault(key, []).append(row["images_per_s"])
+  if not torch_ips or not fed_ips:
+    sys.exit("vs_torch: a measurement printed no row (see the commands above)")
+  t = statistics.median(torch_ips)
+  fed = {k: statistics.median(v) for k, v in fed_ips.items()}
+  print(
+    json.dumps(
+      dict(
+        name="vs_torch",
+        pairs=a.pairs,
+        torch_images_per_s=t,
+        fedkd_images_per_s=fed,
+        ratio={k: round(v / t, 3) for k, v in fed.items()},
+        torch_command=" ".join(torch_cmd[1:]),
+        fedkd_command=" ".join(["python"] + fed_cmd[1:]),
+      )
+    ),
+    flush=True,
+  )
+
+
+if __name__ == "__main__":
+  main()
