@@ -87,7 +87,7 @@ def test_two_processes_equal_one_process(tmp_path):
   for p, (out, err) in zip(ps, outs):
     assert p.returncode == 0, err[-2000:]
   assert "4 device(s) on the 'clients' axis" in outs[0][0]  # process 0 reports the global mesh
-  assert "clients run as unroll with xla convs" in outs[0][0]  # 'auto' on CPU, in both runs
+  assert "clients run as unroll with matmul convs" in outs[0][0]  # 'auto' on CPU, in both runs
   # only process 0 speaks (process 1 may show gloo's own connection lines)
   assert not [l for l in outs[1][0].splitlines() if l.startswith(("round", "fedkd", "held-out"))]
 
