@@ -8,9 +8,9 @@ another, f32; ``--torch-python`` is a Python with torch installed, default this 
 bench --no-centralized`` on the same workload (the anchor's UNet: widths ``width`` ... 8 x ``width`` and
 a 16 x ``width`` bottleneck, i.e. ``--depth 4``), each as its own process and ``--rounds`` timed rounds.
 Alternating the two, instead of one after the other, keeps a shared machine's drift out of the ratio.
-fedkd's compiled round is kept in a persistent compilation cache (``--cache``), so only its first process
-compiles. Prints one JSON line per measurement and a ``vs_torch`` line with the medians and
-``ratio`` = fedkd images/s / PyTorch images/s per fedkd row.
+fedkd's processes share a persistent compilation cache (``--cache``); on a 2-core CPU the round still
+compiled in every process (15-63 s, not timed). Prints one JSON line per measurement and a ``vs_torch``
+line with the medians and ``ratio`` = fedkd images/s / PyTorch images/s per fedkd row.
 """
 
 from __future__ import annotations
