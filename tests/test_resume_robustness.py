@@ -702,18 +702,23 @@ print("failed", failed)
 def test_damaged_restore_orphaned_reads(tmp_path, quiet):
   """A failed restore's in-flight sibling reads print nothing; other unraisable errors still do."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  p = subprocess.run(
-    [sys.executable, "-c", _ORPHANS, str(tmp_path / "ck"), str(quiet)],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-  )
-  assert p.returncode == 0, p.stderr[-3000:]
-  assert "failed 8" in p.stdout
-  err = "\n".join(_messages(p.stderr))
-  assert "unrelated failure in __del__" in err
   noise = ("Event loop is closed", "never retrieved", "tensorstore_spec")
+  # The control (quiet=0) needs an orphaned read still in flight when a restore fails, a race that a
+  # loaded machine can lose: it gets up to three tries to show the reports at least once.
+  for attempt in range(1 if quiet else 3):
+    p = subprocess.run(
+      [sys.executable, "-c", _ORPHANS, str(tmp_path / f"ck{attempt}"), str(quiet)],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "failed 8" in p.stdout
+    err = "\n".join(_messages(p.stderr))
+    assert "unrelated failure in __del__" in err
+    if any(n in err for n in noise):
+      break
   if quiet:
     assert not any(n in err for n in noise), err[-3000:]
     assert err.count("Traceback") == 1, err[-3000:]  # the unrelated one
