@@ -8,8 +8,9 @@ another, f32; ``--torch-python`` is a Python with torch installed, default this 
 bench --no-centralized`` on the same workload (the anchor's UNet: widths ``width`` ... 8 x ``width`` and
 a 16 x ``width`` bottleneck, i.e. ``--depth 4``), each as its own process and ``--rounds`` timed rounds.
 Alternating the two, instead of one after the other, keeps a shared machine's drift out of the ratio.
-fedkd's processes share a persistent compilation cache (``--cache``); on a 2-core CPU the round still
-compiled in every process (15-63 s, not timed). Prints one JSON line per measurement and a ``vs_torch``
+fedkd's processes share a persistent compilation cache (``--cache``), which holds the round's executable;
+on a 2-core CPU a later process still reported 15-47 s of ``compile_s`` (tracing + lowering + loading,
+not timed) against 52-63 s in the first. Prints one JSON line per measurement and a ``vs_torch``
 line with the medians and ``ratio`` = fedkd images/s / PyTorch images/s per fedkd row.
 """
 
