@@ -287,3 +287,24 @@ def test_unet_init_params_unchanged_and_features():
       lambda p, x, i=i: nnx.max_pool(nnx.merge(graphdef, nnx.State(p)).enc[i](x), (2, 2), strides=(2, 2))
     )(params, pooled)
   np.testing.assert_allclose(feats, mid(params, pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_2x2_matches_numpy_loop_with_ties():
+  """UNet's pool: values and gradient equal a numpy loop in which the first maximum of each 2x2 window
+  (row-major) takes the window's gradient, as XLA's select-and-scatter does, ties included (ReLU
+  zeros, quantised values), also under vmap (clients)."""
+  from fedkd.models.unet import max_pool_2x2
+
+  x = np.maximum(np.round(np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 6, 4, 5))) * 2) / 2, 0)
+  g = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 3, 2, 5)))
+  want_y, want_dx = np.zeros_like(g), np.zeros_like(x)
+  for idx in np.ndindex(g.shape):
+    k, b, i, j, c = idx
+    win = x[k, b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, c]
+    di, dj = np.unravel_index(np.argmax(win), (2, 2))  # argmax: the first maximum, row-major
+    want_y[idx] = win[di, dj]
+    want_dx[k, b, 2 * i + di, 2 * j + dj, c] = g[idx]
+  y, vjp = jax.vjp(jax.vmap(max_pool_2x2), jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), want_y)
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), want_dx)
+  assert (want_y == 0).sum() > 5 and (want_dx != 0).sum() == g.size  # ties were there, one tap each

@@ -249,9 +249,18 @@ def make_round_fn(
     n = weights.shape[0]
     with _lowered(options.lowering):
       if options.layout == "unroll":
-        outs = [client(jax.tree.map(lambda a: a[i], rows), jax.tree.map(lambda a: a[i], batch)) for i in range(n)]
-        out = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        part, sums, per = settle(out, weights, rows, batch.get("reported"))
+        # Each client is settled on its own (a leading axis of 1) and a linear aggregate adds their
+        # parts: stacking every upload into [n, ...] first costs a copy of all of them per round.
+        pieces = []
+        for i in range(n):
+          one = jax.tree.map(lambda a: a[i : i + 1], (rows, batch, weights))
+          out = client(jax.tree.map(lambda a: a[0], one[0]), jax.tree.map(lambda a: a[0], one[1]))
+          pieces.append(settle(jax.tree.map(lambda a: a[None], out), one[2], one[0], one[1].get("reported")))
+        parts, sums, per = zip(*pieces)
+        concat = lambda *a: jnp.concatenate(a)  # noqa: E731
+        part = jax.tree.map(lambda *a: sum(a[1:], a[0]), *parts) if agg.linear else jax.tree.map(concat, *parts)
+        sums = None if sums[0] is None else jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)
+        per = jax.tree.map(concat, *per)
       elif options.layout == "vmap":
         part, sums, per = settle(jax.vmap(client)(rows, batch), weights, rows, batch.get("reported"))
       else:  # chunked: lax.scan over chunks of k clients

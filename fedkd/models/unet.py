@@ -10,6 +10,40 @@ from fedkd.models import remat
 from fedkd.models.conv import Conv, ConvTranspose
 
 
+@jax.custom_vjp
+def max_pool_2x2(x):
+  """2x2 stride-2 max pool of [B, H, W, C] (H, W even): ``nnx.max_pool(x, (2, 2), strides=(2, 2))``
+  with the same values and the same gradient (the first maximum of each window in row-major order
+  takes it, as XLA's select-and-scatter does), written as a reshape + max with a mask gradient: XLA:CPU
+  lowers the select-and-scatter gradient to a reduce-window over (value, index) pairs, 9x slower."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _pool_bwd(res, g):
+  x, y = res
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  taken = jnp.zeros(y.shape, bool)  # an earlier tap of the window already holds the maximum
+  rows = []
+  for i in range(2):
+    taps = []
+    for j in range(2):
+      first = (windows[:, :, i, :, j] == y) & ~taken
+      taken = taken | first
+      taps.append(jnp.where(first, g, jnp.zeros_like(g)))
+    rows.append(jnp.stack(taps, axis=3))
+  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+
+
 class ConvBlock(nnx.Module):
   """Two (3x3 conv -> GroupNorm -> ReLU) layers; one remat unit (``fedkd.models.remat``)."""
 
@@ -70,7 +104,7 @@ class UNet(nnx.Module):
     for block in self.enc:
       x = block(x)
       skips.append(x)
-      x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x) if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 else nnx.max_pool(x, (2, 2), strides=(2, 2))
     x = feats = self.mid(x)
     for up, block, skip in zip(self.up, self.dec, reversed(skips)):
       x = block(jnp.concatenate([up(x), skip], axis=-1))
