@@ -308,3 +308,25 @@ def test_max_pool_2x2_matches_numpy_loop_with_ties():
   np.testing.assert_array_equal(np.asarray(y), want_y)
   np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), want_dx)
   assert (want_y == 0).sum() > 5 and (want_dx != 0).sum() == g.size  # ties were there, one tap each
+
+
+def test_unet_gradient_under_jit_equals_flax_max_pool(monkeypatch):
+  """The whole UNet's jitted gradient with its pool equals the one with flax's ``nnx.max_pool``: under
+  jit XLA fuses the pool input's producer (GroupNorm, ReLU) into several consumers, so a gradient mask
+  built by comparing the input with the pooled maximum in the backward pass loses taps."""
+  import fedkd.models.unet as unet_mod
+
+  cfg = ml_collections.ConfigDict(dict(name="unet", width=8, depth=2, groups=8, num_classes=3))
+  apply, params = init_params(cfg, 0)
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape), params)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+  target = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+
+  def grads():  # a new function each time: traced again under the current pool
+    return jax.jit(jax.grad(lambda p, x: jnp.mean((apply(p, x) - target) ** 2), argnums=(0, 1)))(params, x)
+
+  ours = grads()
+  monkeypatch.setattr(unet_mod, "max_pool_2x2", lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2)))
+  ref = grads()
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -10,35 +10,39 @@ from fedkd.models import remat
 from fedkd.models.conv import Conv, ConvTranspose
 
 
+def _window_taps(x):
+  """The four taps of each 2x2 window of [B, H, W, C], row-major: 4 x [B, H/2, W/2, C]."""
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return [windows[:, :, i, :, j] for i in range(2) for j in range(2)]
+
+
 @jax.custom_vjp
 def max_pool_2x2(x):
   """2x2 stride-2 max pool of [B, H, W, C] (H, W even): ``nnx.max_pool(x, (2, 2), strides=(2, 2))``
   with the same values and the same gradient (the first maximum of each window in row-major order
-  takes it, as XLA's select-and-scatter does), written as a reshape + max with a mask gradient: XLA:CPU
-  lowers the select-and-scatter gradient to a reduce-window over (value, index) pairs, 9x slower."""
+  takes it, as XLA's select-and-scatter does), written as a reshape + max whose gradient is routed by
+  the index of that tap: XLA:CPU lowers the select-and-scatter gradient to a reduce-window over
+  (value, index) pairs, 9x slower."""
   n, h, w, c = x.shape
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def _pool_fwd(x):
-  y = max_pool_2x2(x)
-  return y, (x, y)
+  # The winning tap is found in the forward pass, in one elementwise expression. Comparing x with y in
+  # the backward pass instead is wrong under jit: XLA may fuse x's producer (GroupNorm, ReLU) into both
+  # the max and the comparison, rounded differently (FMA contraction), and then no tap equals its max.
+  a, b, c, d = _window_taps(x)
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.int8)
+  return max_pool_2x2(x), first
 
 
-def _pool_bwd(res, g):
-  x, y = res
-  n, h, w, c = x.shape
-  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
-  taken = jnp.zeros(y.shape, bool)  # an earlier tap of the window already holds the maximum
-  rows = []
-  for i in range(2):
-    taps = []
-    for j in range(2):
-      first = (windows[:, :, i, :, j] == y) & ~taken
-      taken = taken | first
-      taps.append(jnp.where(first, g, jnp.zeros_like(g)))
-    rows.append(jnp.stack(taps, axis=3))
-  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+def _pool_bwd(first, g):
+  taps = [jnp.where(first == k, g, jnp.zeros_like(g)) for k in range(4)]
+  n, h2, w2, c = g.shape
+  rows = [jnp.stack(taps[2 * i : 2 * i + 2], axis=3) for i in range(2)]  # [B, H/2, W/2, 2 (j), C]
+  return (jnp.stack(rows, axis=2).reshape(n, 2 * h2, 2 * w2, c),)
 
 
 max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
