@@ -208,10 +208,10 @@ def test_vmap_over_clients_is_a_batched_gemm():
 C3 = 3  # clients in the vmapped mode tests
 
 
-def _mode_matches_xla(mode, k, stride=1, padding="SAME"):
+def _mode_matches_xla(mode, k, stride=1, padding="SAME", hw=(9, 8)):
   """Under vmap over C3 clients, gemm_convs(mode=mode) gives XLA's conv values and gradients (x, w)
-  for a k x k conv; returns (equations of the mode's program, of XLA's) for structural checks."""
-  x, w = _randn(0, (C3, 2, 9, 8, 4)), _randn(1, (C3, k, k, 4, 6))
+  for a k x k conv of hw images; returns (equations of the mode's program, of XLA's) for structural checks."""
+  x, w = _randn(0, (C3, 2, *hw, 4)), _randn(1, (C3, k, k, 4, 6))
 
   def run(mode, x, w):
     def loss(x, w):
@@ -254,13 +254,15 @@ def test_wgrad_mode_keeps_xla_convs_and_gemms_the_kernel_gradient(k, stride, pad
       pass
 
 
-@pytest.mark.parametrize("k", [3, 1])
-def test_matmul_mode_keeps_kxk_convs_and_makes_1x1_matmuls(k):
-  """gemm_convs(mode="matmul") under vmap: XLA's values and gradients; a 3x3 conv stays XLA's
-  (grouped forward/input gradient, batch-grouped kernel gradient), a 1x1 conv becomes
-  client-batched matmuls with no convolution left."""
-  eqns, _ = _mode_matches_xla("matmul", k)
-  if k == 3:
+@pytest.mark.parametrize("k,hw", [(3, (9, 8)), (1, (9, 8)), (3, (5, 4)), (3, (4, 4)), (3, (4, 2))])
+def test_matmul_mode_keeps_kxk_convs_and_makes_1x1_matmuls(k, hw):
+  """gemm_convs(mode="matmul") under vmap: XLA's values and gradients; a 3x3 conv with more than
+  MATMUL_MAX_POSITIONS (16) output positions per image (9 x 8, 5 x 4) stays XLA's (grouped forward/input
+  gradient, batch-grouped kernel gradient); a 1x1 conv, or a 3x3 conv with at most 16 positions
+  (4 x 4, 4 x 2), becomes client-batched matmuls with no convolution left."""
+  assert conv.MATMUL_MAX_POSITIONS == 16
+  eqns, _ = _mode_matches_xla("matmul", k, hw=hw)
+  if k == 3 and hw[0] * hw[1] > 16:
     assert {e.params["batch_group_count"] for e in _convs_of(eqns)} == {1, C3}
   else:
     assert not _convs_of(eqns) and any(e.primitive is lax.dot_general_p for e in eqns)

@@ -19,7 +19,8 @@ applies the algorithm's server step. Two orthogonal knobs set how a device compu
     ``wgrad``    XLA's convolutions forward and for the input gradient, GEMMs for the kernel gradient;
     ``matmul``   XLA's convolutions, except the convs that are matmuls (1x1 kernels, UNet's 2x2 stride-2
                  transposed convs: einsum + pixel shuffle), whose XLA:CPU kernel gradient is a slow
-                 base-dilated convolution (the CPU default).
+                 base-dilated convolution, and those with at most 16 output positions per image
+                 (im2col GEMMs; the CPU default).
 
 ``resolve`` maps ``auto`` to the measured choice per backend and model (docs/engine.md).
 """

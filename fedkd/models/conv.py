@@ -18,9 +18,11 @@ The formulation is chosen at trace time:
   as patches^T x output-gradient batched GEMMs (vmapped, XLA's own kernel gradient is a
   ``batch_group_count`` convolution, the slowest of the three: ``python -m bench.conv``).
   ``gemm_convs(mode="matmul")`` makes only the convs that are matmuls anyway GEMMs (1x1 kernels,
-  UNet's stride == kernel transposed convs) and leaves every other conv, its gradients included, to
-  XLA (vmapped: cuDNN's grouped convolutions). 1x1 convs and UNet's transposed convs are matmuls in
-  all modes.
+  UNet's stride == kernel transposed convs) and the convs whose output has at most
+  ``MATMUL_MAX_POSITIONS`` positions per image (a UNet's deepest level, where the patch matrix is
+  small: the width-32 CPU round ran 1.07x faster with it, ``docs/engine.md``), and leaves every other
+  conv, its gradients included, to XLA (vmapped: cuDNN's grouped convolutions). 1x1 convs and UNet's
+  transposed convs are matmuls in all modes.
 * Outside it (the default) they call ``lax.conv_general_dilated`` / ``nnx.ConvTranspose`` exactly
   as flax does (bit-identical to plain ``nnx.Conv`` / ``nnx.ConvTranspose``).
 
@@ -51,6 +53,8 @@ _RECOMPUTE = jax.make_user_context(default_value=None)
 
 
 GEMM_MODES = ("gemm", "wgrad", "matmul")
+# mode "matmul": a conv whose output has at most this many positions per image (4 x 4) is one GEMM
+MATMUL_MAX_POSITIONS = 16
 
 
 @contextlib.contextmanager
@@ -58,10 +62,10 @@ def gemm_convs(enabled: bool = True, recompute_patches: bool | None = None, mode
   """Context manager: while active (and ``enabled``), model convolutions traced in this thread use
   the im2col + GEMM formulation: for the forward pass and both gradients (``mode="gemm"``), for
   the kernel gradient only (``mode="wgrad"``), or only where the conv is a matmul (1x1 kernels,
-  stride == kernel transposed convs; ``mode="matmul"``). ``gemm_convs(False)`` switches it off inside an
-  outer one. ``recompute_patches`` ("gemm" mode): rebuild the patch matrix (kh*kw times the conv
-  input) in the backward pass rather than keep it alive from the forward pass; None (default) = on
-  for GPU/TPU, off on CPU."""
+  stride == kernel transposed convs) or has a small output (``MATMUL_MAX_POSITIONS``; ``mode="matmul"``).
+  ``gemm_convs(False)`` switches it off inside an outer one. ``recompute_patches`` ("gemm" mode): rebuild
+  the patch matrix (kh*kw times the conv input) in the backward pass rather than keep it alive from the
+  forward pass; None (default) = on for GPU/TPU, off on CPU."""
   if mode not in GEMM_MODES:
     raise ValueError(f"gemm_convs: unknown mode {mode!r}; choose from {GEMM_MODES}")
   with _GEMM(mode if enabled else False), _RECOMPUTE(recompute_patches):
@@ -232,7 +236,12 @@ def conv_general_dilated(
         dict(kwargs),
       )
 
-    if mode == "gemm" or math.prod(rhs.shape[: lhs.ndim - 2]) == 1:
+    if mode == "matmul" and math.prod(rhs.shape[: lhs.ndim - 2]) > 1:
+      shape = jax.eval_shape(gemm, lhs, rhs)
+      small = shape is not None and math.prod(shape.shape[1:-1]) <= MATMUL_MAX_POSITIONS
+    else:
+      small = False
+    if mode == "gemm" or small or math.prod(rhs.shape[: lhs.ndim - 2]) == 1:
       out = gemm(lhs, rhs)
       if out is not None:
         return out
