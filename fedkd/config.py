@@ -210,8 +210,9 @@ def base_config() -> ml_collections.ConfigDict:
   # How convolutions are computed: 'xla' (XLA's convs; vmapped they are grouped convs), 'gemm' (im2col
   # patches x weights batched matmuls for the forward pass and both gradients), 'wgrad' (XLA forward and
   # input gradient, GEMM kernel gradient), 'matmul' (XLA's convs except 1x1 and UNet's 2x2 stride-2
-  # transposed convs, which are matmuls), 'auto' (CPU: matmul with unroll, else xla; GPU/TPU: wgrad for
-  # UNet, gemm for TransUNet and for chunked).
+  # transposed convs, which are matmuls, and convs with at most 16 output positions per image, which are
+  # im2col GEMMs), 'auto' (CPU: matmul with unroll, else xla; GPU/TPU: wgrad for UNet, gemm for TransUNet
+  # and for chunked).
   c.engine.conv_lowering = "auto"
   # 'chunked': clients per chunk (1 = one client at a time); only one chunk's activations are alive.
   c.engine.client_chunk = 8
