@@ -248,28 +248,28 @@ def make_round_fn(
       gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, CLIENTS, tiled=True), gathered)
     client = lambda row, b: alg.client(cx, server, row, b, gathered)  # noqa: E731
     n = weights.shape[0]
+
+    def one_client(r, b):  # unroll: a group of one client, its outputs given back their leading axis
+      return jax.tree.map(lambda a: a[None], client(*jax.tree.map(lambda a: a[0], (r, b))))
+
+    def group(r, b, w, run=jax.vmap(client)):
+      """Settles the clients on the leading axis of (rows, batch, weights)."""
+      return settle(run(r, b), w, r, b.get("reported"))
+
     with _lowered(options.lowering):
       if options.layout == "unroll":
-        # Each client is settled on its own (a leading axis of 1) and a linear aggregate adds their
-        # parts: stacking every upload into [n, ...] first costs a copy of all of them per round.
-        pieces = []
-        for i in range(n):
-          one = jax.tree.map(lambda a: a[i : i + 1], (rows, batch, weights))
-          out = client(jax.tree.map(lambda a: a[0], one[0]), jax.tree.map(lambda a: a[0], one[1]))
-          pieces.append(settle(jax.tree.map(lambda a: a[None], out), one[2], one[0], one[1].get("reported")))
+        # Each client is settled on its own and a linear aggregate adds their parts: stacking every
+        # upload into [n, ...] first costs a copy of all of them per round.
+        add = lambda *t: jax.tree.map(lambda *a: sum(a[1:], a[0]), *t)  # noqa: E731
+        concat = lambda *t: jax.tree.map(lambda *a: jnp.concatenate(a), *t)  # noqa: E731
+        pieces = [group(*jax.tree.map(lambda a: a[i : i + 1], (rows, batch, weights)), one_client) for i in range(n)]
         parts, sums, per = zip(*pieces)
-        concat = lambda *a: jnp.concatenate(a)  # noqa: E731
-        part = jax.tree.map(lambda *a: sum(a[1:], a[0]), *parts) if agg.linear else jax.tree.map(concat, *parts)
-        sums = None if sums[0] is None else jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)
-        per = jax.tree.map(concat, *per)
+        part, sums, per = add(*parts) if agg.linear else concat(*parts), add(*sums), concat(*per)
       elif options.layout == "vmap":
-        part, sums, per = settle(jax.vmap(client)(rows, batch), weights, rows, batch.get("reported"))
+        part, sums, per = group(rows, batch, weights)
       else:  # chunked: lax.scan over chunks of k clients
         k = chunk_size(n, options.client_chunk)
         chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), (rows, batch, weights))
-
-        def group(r, b, w):
-          return settle(jax.vmap(client)(r, b), w, r, b.get("reported"))
 
         def one_chunk(acc, chunk):
           part, sums, per = group(*chunk)

@@ -236,12 +236,11 @@ def conv_general_dilated(
         dict(kwargs),
       )
 
-    if mode == "matmul" and math.prod(rhs.shape[: lhs.ndim - 2]) > 1:
+    def small_output():  # mode "matmul": at most MATMUL_MAX_POSITIONS output positions per image
       shape = jax.eval_shape(gemm, lhs, rhs)
-      small = shape is not None and math.prod(shape.shape[1:-1]) <= MATMUL_MAX_POSITIONS
-    else:
-      small = False
-    if mode == "gemm" or small or math.prod(rhs.shape[: lhs.ndim - 2]) == 1:
+      return shape is not None and math.prod(shape.shape[1:-1]) <= MATMUL_MAX_POSITIONS
+
+    if mode == "gemm" or math.prod(rhs.shape[: lhs.ndim - 2]) == 1 or (mode == "matmul" and small_output()):
       out = gemm(lhs, rhs)
       if out is not None:
         return out

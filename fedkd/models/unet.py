@@ -32,6 +32,8 @@ def _pool_fwd(x):
   # The winning tap is found in the forward pass, in one elementwise expression. Comparing x with y in
   # the backward pass instead is wrong under jit: XLA may fuse x's producer (GroupNorm, ReLU) into both
   # the max and the comparison, rounded differently (FMA contraction), and then no tap equals its max.
+  # m stays inside this expression: returned as the pool's values too, XLA may compute the values and
+  # the index in two fusions, the index comparing its own recomputed taps with the other's m.
   a, b, c, d = _window_taps(x)
   m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
   first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3))).astype(jnp.int8)
