@@ -66,9 +66,8 @@ def fail(msg: str, code: int = 2):
 def _time(fn, reps: int) -> float:
   import jax
 
-  from fedkd import hostmem
-
-  hostmem.settle(lambda: jax.block_until_ready(fn()))  # compile, warm up, let host memory settle
+  for _ in range(2):  # compile + warm up; the second call also settles host memory (fedkd.hostmem)
+    jax.block_until_ready(fn())
   t = time.perf_counter()
   for _ in range(reps):
     out = fn()

@@ -16,7 +16,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fedkd import hostmem
 from fedkd.fl import engine
 from fedkd.fl.engine import EngineOptions
 
@@ -67,12 +66,12 @@ def measure(
   reps: int = 2,
   emit: Callable[[dict], None] = lambda rec: None,
 ) -> tuple[EngineOptions, Callable, list[dict]]:
-  """Builds ``build(opts)`` for each of ``options`` and calls it on fresh copies of
+  """Builds ``build(opts)`` for each of ``options`` and calls it ``reps + 1`` times on fresh copies of
   ``args`` (the round function donates its state, and the caller's arrays stay untouched, so training
   numbers do not depend on the measurement). Returns the fastest options, their round function (compiled
   for these shapes) and one record per candidate, each also passed to ``emit`` as it is made:
-  ``sec_per_round`` (the fastest of ``reps`` timed calls, after the first call and the calls that settle host
-  memory, :func:`fedkd.hostmem.settle`) and ``first_call_s`` (compilation + one round), or ``error``, the failure that ruled the candidate out (e.g. out of device memory).
+  ``sec_per_round`` (the fastest of the ``reps`` timed calls) and ``first_call_s`` (compilation + one
+  round), or ``error``, the failure that ruled the candidate out (e.g. out of device memory).
 
   Multi-process: every process must run the same program, so process 0's choice is broadcast; a choice
   that failed on another process raises there."""
@@ -83,16 +82,13 @@ def measure(
       rec["client_chunk"] = opts.client_chunk
     try:
       fn = build(opts)
-
-      def timed():
+      times = []
+      for _ in range(reps + 1):  # the first call compiles
         fresh = jax.block_until_ready(jax.tree.map(jnp.copy, args))
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*fresh))
-        return time.perf_counter() - t0
-
-      first = timed()  # compiles
-      hostmem.settle(timed)  # then host memory settles (fedkd.hostmem): every candidate is timed alike
-      rec.update(sec_per_round=min(timed() for _ in range(reps)), first_call_s=first)
+        times.append(time.perf_counter() - t0)
+      rec.update(sec_per_round=min(times[1:]), first_call_s=times[0])
       fns[opts] = fn
     except Exception as e:  # noqa: BLE001 - an out-of-memory or unsupported candidate is skipped
       rec["error"] = _error(e)

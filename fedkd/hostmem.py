@@ -49,30 +49,3 @@ def reuse_freed_memory() -> str:
   if all(libc.mallopt(param, value) == 1 for param, value in settings):
     _state = "reuse"
   return _state
-
-
-def minor_page_faults() -> int:
-  """This process's minor page faults so far (0 where ``resource`` is missing)."""
-  try:
-    import resource
-  except ImportError:
-    return 0
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def settle(call, max_calls: int = 8, pages: int = 1000) -> int:
-  """Warm-up for timing: runs ``call()`` (which must block until its work is done) until two calls in a row
-  each fault in fewer than ``pages`` fresh pages, at most ``max_calls`` times; returns the calls made.
-
-  With :func:`reuse_freed_memory` the heap grows over the first executions of a program until its
-  temporary buffer has a free block to reuse (the bench's width-32 round: 2.6 s with 273,000 page faults
-  per call, then 1.1 s with none; a call without faults can still be followed by one with), so timing
-  starts after that."""
-  clean = 0
-  for n in range(1, max_calls + 1):
-    before = minor_page_faults()
-    call()
-    clean = clean + 1 if minor_page_faults() - before < pages else 0
-    if clean == 2:
-      return n
-  return max_calls

@@ -64,26 +64,3 @@ def test_unknown_setting_is_a_one_line_error():
   assert out.returncode == 2
   assert "FEDKD_MALLOC='jemalloc'" in out.stderr and "'system'" in out.stderr
   assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize(
-  "per_call, expected",
-  [
-    ([0, 0], 2),  # settled from the start: two clean calls
-    ([270_000, 0, 0], 3),
-    ([270_000, 0, 270_000, 0, 0], 5),  # a clean call followed by a faulting one does not end the warm-up
-    ([270_000] * 10, 8),  # never settles: stops at max_calls
-  ],
-)
-def test_settle_waits_for_two_calls_in_a_row_without_fresh_pages(monkeypatch, per_call, expected):
-  from fedkd import hostmem
-
-  counter = {"faults": 0, "calls": 0}
-
-  def call():
-    counter["faults"] += per_call[counter["calls"]]
-    counter["calls"] += 1
-
-  monkeypatch.setattr(hostmem, "minor_page_faults", lambda: counter["faults"])
-  assert hostmem.settle(call) == expected
-  assert counter["calls"] == expected
