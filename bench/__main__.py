@@ -66,8 +66,7 @@ def fail(msg: str, code: int = 2):
 def _time(fn, reps: int) -> float:
   import jax
 
-  for _ in range(2):  # compile + warm up; the second call also settles host memory (fedkd.hostmem)
-    jax.block_until_ready(fn())
+  jax.block_until_ready(fn())  # compile + warm up
   t = time.perf_counter()
   for _ in range(reps):
     out = fn()
@@ -233,14 +232,9 @@ def _model(a):
 
 
 def main(argv=None) -> None:
-  from fedkd import hostmem
   from fedkd.cli import line_buffered
 
   line_buffered()
-  try:  # before JAX starts its threads
-    hostmem.reuse_freed_memory()
-  except ValueError as e:
-    fail(str(e))
   a, rest = _parser().parse_known_args(argv)
   if rest and not a.measure:
     fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")
@@ -298,7 +292,6 @@ def round_main(a) -> None:
   import ml_collections
   import optax
 
-  from fedkd import hostmem
   from fedkd.config import COMPUTE_DTYPES
   from fedkd.data import sites as sites_lib
   from fedkd.data import synth
@@ -331,7 +324,6 @@ def round_main(a) -> None:
     remat=a.remat,
     workload=a.workload,
     jax=jax.__version__,
-    host_malloc=hostmem.reuse_freed_memory(),  # fedkd.hostmem: "reuse" or "system"
   )
   emit = lambda d: print(json.dumps({**d, **common}), flush=True)  # noqa: E731
 

@@ -63,15 +63,10 @@ def run_app(
   """
   from absl import app
 
-  from fedkd import hostmem
   from fedkd.errors import USER_ERRORS
   from fedkd.preemption import Stopped
 
   line_buffered()
-  try:  # before JAX starts its threads
-    hostmem.reuse_freed_memory()
-  except ValueError as e:
-    fail(str(e))
 
   def parser(args):
     return parse(args, uses_config=uses_config, usage=usage)
