@@ -63,15 +63,27 @@ def fail(msg: str, code: int = 2):
   sys.exit(code)
 
 
-def _time(fn, reps: int) -> float:
+def _minor_page_faults() -> int:
+  try:
+    import resource
+  except ImportError:  # not on Unix
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time(fn, reps: int) -> tuple[float, int]:
+  """(seconds per call, this process's minor page faults per call) over ``reps`` calls after a warm-up call.
+  The faults show host memory touched for the first time: on CPU, glibc maps XLA's temporary buffer
+  afresh at every execution (docs/engine.md, CPU)."""
   import jax
 
   jax.block_until_ready(fn())  # compile + warm up
+  faults = _minor_page_faults()
   t = time.perf_counter()
   for _ in range(reps):
     out = fn()
   jax.block_until_ready(out)
-  return (time.perf_counter() - t) / reps
+  return (time.perf_counter() - t) / reps, (_minor_page_faults() - faults) // reps
 
 
 def _peak_mb():
@@ -347,7 +359,7 @@ def round_main(a) -> None:
 
   images = a.clients * a.steps * a.batch
   if not a.compile_only:
-    sec = _time(lambda: gen(a.clients), a.rounds)
+    sec, _ = _time(lambda: gen(a.clients), a.rounds)
     emit(dict(name="synth", sec_per_call=round(sec, 5), images_per_s=round(images / sec, 1)))
   xs, ys = gen(a.clients)
 
@@ -385,7 +397,8 @@ def round_main(a) -> None:
       box[0], _, m = exe(box[0], None, batch, w)
       return m["loss"]
 
-    sec = _time(one, a.rounds)
+    sec, faults = _time(one, a.rounds)
+    mem = dict(mem, page_faults_per_round=faults)
     if a.profile:
       d = describe(opts)
       profile(
@@ -442,7 +455,8 @@ def round_main(a) -> None:
       if a.compile_only:
         compiled_row(dict(name="centralized", dtype=dtype), compile_s, mem)
         continue
-      sec_c = _time(functools.partial(exe, params, cx, cy), a.rounds)
+      sec_c, faults = _time(functools.partial(exe, params, cx, cy), a.rounds)
+      mem = dict(mem, page_faults_per_round=faults)
       ceiling[dtype] = sec_c
       if a.profile:
         profile(f"centralized_{dtype}", functools.partial(exe, params, cx, cy), exe.as_text())

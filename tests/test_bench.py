@@ -204,6 +204,23 @@ def test_round_benchmark_rows(capsys, monkeypatch):
   assert fed["ratio"] == pytest.approx(central["sec_per_round"] / fed["sec_per_round"], rel=1e-2, abs=1e-3)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mmap + getrusage page faults")
+def test_timing_counts_the_page_faults_of_fresh_host_memory():
+  """_time's page_faults_per_round: a call that maps 8 MiB afresh and writes every page faults each one in."""
+  import mmap
+
+  pages = 2048
+
+  def fresh_buffer():
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+      for i in range(pages):
+        m[i * mmap.PAGESIZE] = 1
+
+  sec, faults = round_bench._time(fresh_buffer, 3)
+  assert sec > 0
+  assert pages <= faults < pages + 512  # plus whatever the interpreter itself touched
+
+
 def test_measure_cli_in_two_processes(tmp_path):
   """python -m bench --measure --config=...: one row per CPU candidate and the fastest one's flags;
   two processes with a coordinator time it together and run process 0's choice."""
