@@ -41,6 +41,7 @@ every process times the candidates and process 0's choice holds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -150,6 +151,12 @@ def _parser():
   p.add_argument(
     "--unroll", default="auto", choices=["auto", "true", "false"], help="unroll the local-step scan (auto: on CPU)"
   )
+  p.add_argument(
+    "--in-flight",
+    default="auto",
+    help="comma list of engine.clients_in_flight values for the unroll layout (auto, 0 = XLA's own schedule, "
+    "k >= 1), e.g. auto,0 for both side by side",
+  )
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients (first pair)")
   p.add_argument("--no-centralized", action="store_true", help="skip the centralized ceiling rows")
@@ -199,17 +206,27 @@ def engine_options(a, platform: str, clients_per_shard: int) -> list:
 
   unroll = "auto" if a.unroll == "auto" else a.unroll == "true"
 
+  flights = []
+  for v in a.in_flight.split(","):
+    if v != "auto" and not v.isdigit():
+      fail(f"--in-flight: {v!r} is not 'auto' or a whole number >= 0 (e.g. --in-flight auto,0)")
+    flights.append(v if v == "auto" else int(v))
+
   def resolve(layout, lowering, chunk=a.chunk):
     try:
-      return engine.resolve(
-        layout,
-        lowering,
-        unroll,
-        platform=platform,
-        model=a.model,
-        clients_per_shard=clients_per_shard,
-        client_chunk=chunk,
-      )
+      return [
+        engine.resolve(
+          layout,
+          lowering,
+          unroll,
+          platform=platform,
+          model=a.model,
+          clients_per_shard=clients_per_shard,
+          client_chunk=chunk,
+          clients_in_flight=k,
+        )
+        for k in flights
+      ]
     except ValueError as e:
       fail(str(e))
 
@@ -218,17 +235,18 @@ def engine_options(a, platform: str, clients_per_shard: int) -> list:
     for item in a.pairs.split(","):
       if item in engine.LEGACY_PARALLELISM:
         layout, lowering, chunk = engine.LEGACY_PARALLELISM[item]
-        out.append(resolve(layout, lowering or "gemm", chunk or a.chunk))
+        out += resolve(layout, lowering or "gemm", chunk or a.chunk)
         continue
       parts = item.split(":")
       if len(parts) not in (2, 3) or (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0)):
         fail(f"--pairs: {item!r} is not LAYOUT:LOWERING[:CHUNK] (e.g. vmap:wgrad, chunked:xla:1)")
-      out.append(resolve(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else a.chunk))
+      out += resolve(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else a.chunk)
   elif a.layouts != "none":
     layouts = engine.LAYOUTS if a.layouts == "all" else a.layouts.split(",")
     lowerings = engine.LOWERINGS if a.lowerings == "all" else a.lowerings.split(",")
-    out = [resolve(layout, lowering) for layout in layouts for lowering in lowerings]
-  return list(dict.fromkeys(out))
+    out = [o for layout in layouts for lowering in lowerings for o in resolve(layout, lowering)]
+  # clients_in_flight only acts on unroll: another layout's copies differ in it alone
+  return list(dict.fromkeys(o if o.layout == "unroll" else dataclasses.replace(o, clients_in_flight=0) for o in out))
 
 
 def _model(a):
@@ -402,7 +420,8 @@ def round_main(a) -> None:
     if a.profile:
       d = describe(opts)
       profile(
-        f"fed_round_{d['layout']}_{d['lowering']}{'_' + str(d['chunk']) if d['chunk'] else ''}_{dtype}",
+        f"fed_round_{d['layout']}_{d['lowering']}{'_' + str(d['chunk']) if d['chunk'] else ''}"
+        f"{'_k' + str(d['in_flight']) if 'in_flight' in d else ''}_{dtype}",
         one,
         exe.as_text(),
       )
@@ -410,7 +429,10 @@ def round_main(a) -> None:
 
   def describe(opts):
     return dict(
-      layout=opts.layout, lowering=opts.lowering, chunk=opts.client_chunk if opts.layout == "chunked" else None
+      layout=opts.layout,
+      lowering=opts.lowering,
+      chunk=opts.client_chunk if opts.layout == "chunked" else None,
+      **({"in_flight": opts.clients_in_flight} if opts.layout == "unroll" else {}),
     )
 
   if a.scale:

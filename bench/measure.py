@@ -24,13 +24,19 @@ from fedkd.fl.engine import EngineOptions
 UNROLL_MAX_CLIENTS = 16
 
 
-def candidates(platform: str, clients_per_shard: int, client_chunk: int, unroll_local_steps: bool = False):
+def candidates(
+  platform: str, clients_per_shard: int, client_chunk: int, unroll_local_steps: bool = False, clients_in_flight: int = 0
+):
   """The (layout, lowering) options worth timing on ``platform`` for ``clients_per_shard`` clients per
   device, as :class:`fedkd.fl.engine.EngineOptions`. CPU: unroll + matmul, unroll + xla, vmap + gemm, vmap + xla. GPU/TPU:
   vmap + wgrad, vmap + gemm, chunked + gemm (when ``client_chunk`` splits the shard into several chunks
   of more than one client), vmap + xla, chunked(1) + xla and, up to ``UNROLL_MAX_CLIENTS`` clients per
-  device, unroll + xla."""
-  opt = lambda layout, lowering, chunk=client_chunk: EngineOptions(layout, lowering, chunk, unroll_local_steps)  # noqa: E731
+  device, unroll + xla. ``clients_in_flight``: the unroll candidates'."""
+
+  def opt(layout, lowering, chunk=client_chunk):
+    flight = clients_in_flight if layout == "unroll" else 0
+    return EngineOptions(layout, lowering, chunk, unroll_local_steps, flight)
+
   if platform == "cpu":
     return [opt("unroll", "matmul"), opt("unroll", "xla"), opt("vmap", "gemm"), opt("vmap", "xla")]
   out = [opt("vmap", "wgrad"), opt("vmap", "gemm")]
@@ -119,7 +125,7 @@ def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda 
   ``image_size`` px, random values), on the mesh a run would use. Returns (best options, records)."""
   import numpy as np
 
-  from fedkd.config import ConfigError, validate
+  from fedkd.config import ConfigError, clients_in_flight, unroll_local_steps, validate
   from fedkd.fl.algorithm import init_rows
   from fedkd.models import init_model
   from fedkd.tasks import fedavg
@@ -134,8 +140,11 @@ def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda 
   mesh = client_mesh(n_dev)
   per_shard = config.clients_per_round // n_dev
   _, _, chunk = engine.legacy_options(config.engine)
-  unroll = engine.resolve("auto", "auto", config.engine.unroll_local_steps, client_chunk=chunk).unroll_local_steps
-  options = candidates(jax.default_backend(), per_shard, chunk, unroll)
+  auto = engine.resolve(
+    "unroll", "auto", unroll_local_steps(config.engine), clients_in_flight=clients_in_flight(config.engine)
+  )
+  options = candidates(jax.default_backend(), per_shard, chunk, auto.unroll_local_steps, auto.clients_in_flight)
+  unroll = auto.unroll_local_steps
 
   apply, apply_wf, params = init_model(config.model, config.seed)
   alg = fedavg.make_algorithm(config, engine.make_optimizer(config.server_optimizer))
@@ -168,6 +177,7 @@ def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda 
     compute_dtype=config.engine.compute_dtype,
     remat=config.engine.remat,
     unroll_local_steps=unroll,
+    clients_in_flight=auto.clients_in_flight,
     jax=jax.__version__,
   )
   args = (state, client_rows, {"x": xs, "y": ys}, weights)

@@ -222,6 +222,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.chunk_strategy = ""  # deprecated: chunked's lowering (vmap | bgemm | hybrid); '' = not set
   # Unroll the lax.scan over local steps: 'auto' = on CPU only (XLA:CPU runs convs in loops ~20x slower).
   c.engine.unroll_local_steps = "auto"
+  # 'unroll' with a linear aggregator: at most this many clients train at once; client i starts once the
+  # running aggregate holds clients 0..i-k, which bounds the round's temporary memory (XLA:CPU allocates
+  # it afresh at every round). 0 = XLA's own schedule (all clients in lockstep); 'auto' = on CPU the host
+  # cores per device, elsewhere 0.
+  c.engine.clients_in_flight = "auto"
   # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their
   # aggregation stay float32).
   c.engine.compute_dtype = "float32"
@@ -668,6 +673,26 @@ def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool =
   return v
 
 
+def unroll_local_steps(engine_cfg):
+  """``engine.unroll_local_steps`` as 'auto', True or False (a command-line override of the string field
+  arrives as text: 'true' / 'false' in any case); None when it is none of them."""
+  v = engine_cfg.get("unroll_local_steps", "auto")
+  if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+    return v.strip().lower() == "true"
+  return v if v == "auto" or isinstance(v, bool) else None
+
+
+def clients_in_flight(engine_cfg):
+  """``engine.clients_in_flight`` as 'auto' or an int >= 0 (a command-line override of the string field
+  arrives as text, e.g. '2'); None when it is neither."""
+  v = engine_cfg.get("clients_in_flight", "auto")
+  if isinstance(v, str) and v.strip().isdigit():
+    v = int(v)
+  if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+    return v
+  return None
+
+
 def _choice(c, key: str, choices) -> str:
   """``config.<key>`` must be one of ``choices`` (strings); returns it."""
   v = value_at(c, key)
@@ -816,8 +841,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       raise ConfigError(
         f"config.engine.{key}={c.engine[key]!r} is unknown; use one of {', '.join(repr(x) for x in choices)}"
       )
-  if c.engine.unroll_local_steps not in ("auto", True, False):
+  if unroll_local_steps(c.engine) is None:
     raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be 'auto', True or False")
+  if clients_in_flight(c.engine) is None:
+    raise ConfigError(
+      f"config.engine.clients_in_flight={c.engine.clients_in_flight!r} must be 'auto' or a whole number >= 0 "
+      "(0: XLA's own schedule)"
+    )
   _choice(c, "engine.compute_dtype", COMPUTE_DTYPES)
   if not isinstance(c.engine.remat, bool):
     raise ConfigError(f"config.engine.remat={c.engine.remat!r} must be True or False")

@@ -183,6 +183,13 @@ def test_bench_pairs_layouts_and_former_names():
   for bad in (["--pairs", "gconv"], ["--pairs", "vmap:gemm:0"], ["--layouts", "vmap", "--lowerings", "winograd"]):
     with pytest.raises(SystemExit):
       round_bench.engine_options(_bench_args(bad), "cpu", 8)
+  # --in-flight: one row per value for unroll; other layouts ignore it (one row)
+  a = _bench_args(["--pairs", "unroll:matmul,vmap:xla", "--in-flight", "2,0,1"])
+  got = [(o.layout, o.clients_in_flight) for o in round_bench.engine_options(a, "cpu", 8)]
+  assert got == [("unroll", 2), ("unroll", 0), ("unroll", 1), ("vmap", 0)]
+  for bad in ("two", "-1", "auto,x"):
+    with pytest.raises(SystemExit):
+      round_bench.engine_options(_bench_args(["--in-flight", bad]), "cpu", 8)
 
 
 def test_round_benchmark_rows(capsys, monkeypatch):

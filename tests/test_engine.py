@@ -76,23 +76,54 @@ def _reference_round(apply, loss_fn, params, xs, ys, weights, server_lr=1.0, com
 
 
 def _build(
-  apply, loss_fn, n_dev, layout, lowering="xla", *, algorithm=None, server_tx=None, chunk=8, unroll=False, **ctx_kw
+  apply,
+  loss_fn,
+  n_dev,
+  layout,
+  lowering="xla",
+  *,
+  algorithm=None,
+  server_tx=None,
+  chunk=8,
+  unroll=False,
+  in_flight=0,
+  **ctx_kw,
 ):
   """(round_fn, mesh, algorithm) for the test problem: client SGD(LR). Local steps as a scan (``unroll``:
   unrolled, the CPU default; a program ~2x the size to compile, so only where that path is the subject)."""
   server_tx = server_tx or optax.sgd(1.0)
   alg = algorithm or algorithms.FedAvg(server_tx)
   mesh = client_mesh(n_dev)
-  opts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=unroll)
+  opts = engine.EngineOptions(layout, lowering, chunk, unroll_local_steps=unroll, clients_in_flight=in_flight)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR), **ctx_kw), mesh, opts)
   return fn, mesh, alg
 
 
 def _engine_round(
-  apply, loss_fn, params, xs, ys, weights, n_dev, layout, lowering="xla", server_lr=1.0, chunk=8, unroll=False
+  apply,
+  loss_fn,
+  params,
+  xs,
+  ys,
+  weights,
+  n_dev,
+  layout,
+  lowering="xla",
+  server_lr=1.0,
+  chunk=8,
+  unroll=False,
+  in_flight=0,
 ):
   fn, mesh, alg = _build(
-    apply, loss_fn, n_dev, layout, lowering, server_tx=optax.sgd(server_lr), chunk=chunk, unroll=unroll
+    apply,
+    loss_fn,
+    n_dev,
+    layout,
+    lowering,
+    server_tx=optax.sgd(server_lr),
+    chunk=chunk,
+    unroll=unroll,
+    in_flight=in_flight,
   )
   state = alg.init(params, jax.random.key(0))
   xs, ys, weights = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
@@ -132,6 +163,58 @@ def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk, unroll):
   # the round really moved the model (a no-op engine would fail the check above only by luck)
   assert _max_diff(params, got) > 1e-3
   assert metrics["client_loss"].shape == (4,)
+
+
+@pytest.mark.parametrize("in_flight,unroll", [(1, True), (3, False)])
+def test_unroll_with_clients_in_flight_equals_per_client_loop(in_flight, unroll):
+  """Four clients on one device, at most 1 or 3 of them in flight: the per-client loop's round, and the
+  unordered unroll's (the same left-to-right sum of the parts)."""
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=2)
+  ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
+  args = (apply, loss_fn, params, xs, ys, weights, 1, "unroll", "matmul")
+  got, metrics = _engine_round(*args, unroll=unroll, in_flight=in_flight)
+  free, free_metrics = _engine_round(*args, unroll=unroll, in_flight=0)
+  assert _max_diff(ref, got) < 2e-5
+  assert _max_diff(free, got) < 1e-6
+  np.testing.assert_allclose(np.asarray(metrics["client_loss"]), np.asarray(free_metrics["client_loss"]), rtol=1e-6)
+  assert _max_diff(params, got) > 1e-3
+
+
+def test_clients_in_flight_bounds_the_temporary_memory():
+  """XLA's buffer plan for four unrolled clients with unrolled local steps (the CPU default): one client
+  in flight needs well under half the temporary memory of XLA's own schedule, which runs the clients in
+  lockstep and so keeps every client's activations alive at once (0.41x measured)."""
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=2)
+
+  def temp(in_flight):
+    fn, mesh, alg = _build(apply, loss_fn, 1, "unroll", "matmul", unroll=True, in_flight=in_flight)
+    state = alg.init(params, jax.random.key(0))
+    batch = shard_clients(({"x": jnp.asarray(xs), "y": jnp.asarray(ys)}, jnp.asarray(weights)), mesh)
+    return fn.lower(state, None, *batch).compile().memory_analysis().temp_size_in_bytes
+
+  ordered, free = temp(1), temp(0)
+  assert ordered < 0.5 * free, (ordered, free)
+
+
+def test_clients_in_flight_auto_is_the_host_cores_per_device(monkeypatch):
+  """'auto': with unroll on CPU the host cores over the CPU devices (at least 1), elsewhere 0; a number
+  passes through; the config accepts 'auto' and whole numbers >= 0 (also as command-line text)."""
+  import os
+
+  from fedkd.config import clients_in_flight, unroll_local_steps
+
+  devices = jax.local_device_count("cpu")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+  assert engine.resolve("auto", "auto", "auto", platform="cpu").clients_in_flight == max(1, 16 // devices)
+  assert engine.resolve("vmap", "auto", "auto", platform="cpu").clients_in_flight == 0
+  assert engine.resolve("unroll", "xla", False, platform="gpu").clients_in_flight == 0
+  assert engine.resolve("unroll", "matmul", "auto", platform="cpu", clients_in_flight=3).clients_in_flight == 3
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+  assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 1
+  for value, want in (("auto", "auto"), (0, 0), (2, 2), ("3", 3), (-1, None), (True, None), ("two", None), (1.5, None)):
+    assert clients_in_flight(ml_collections.ConfigDict({"clients_in_flight": value})) == want, value
+  for value, want in (("auto", "auto"), (True, True), ("False", False), ("true", True), ("no", None), (1, None)):
+    assert unroll_local_steps(ml_collections.ConfigDict({"unroll_local_steps": value})) is want, value
 
 
 def test_server_optimizer_scales_the_mean_delta():
@@ -198,7 +281,7 @@ def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
 
 
 # (the unrolled layout: tests/test_pre_redesign.py, bitwise against the recorded SCAFFOLD rounds)
-@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("chunked", 1)])
+@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("chunked", 1), ("unroll", 1)])
 def test_scaffold_equals_per_client_loop(layout, n_dev):
   """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
   apply, params, loss_fn, xs, ys, weights = _setup(seed=4, clients=4)
@@ -210,7 +293,8 @@ def test_scaffold_equals_per_client_loop(layout, n_dev):
     apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds
   )
   alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total, weighting="data_size")  # the reference weights by size
-  fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=2)
+  # unroll: one client in flight, so the control-variate sums go through the ordered running sum
+  fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=2, in_flight=int(layout == "unroll"))
   state = alg.init(params, jax.random.key(0))
   table = jax.tree.map(np.array, init_rows(alg, params, n_total))
   for ids, rx, ry, rw in rounds:
@@ -383,9 +467,10 @@ def test_deprecated_client_parallelism_maps_to_the_two_knobs(old, strategy, expe
   assert len(lines) == (1 if old else 0) and (not old or "deprecated" in lines[0])
 
 
-# the chunked layout: zeroing happens per chunk inside the scan (vmap / unroll zero the same stacked rows)
-@pytest.mark.parametrize("layout,n_dev,chunk", [("chunked", 2, 2)])
-def test_skip_nonfinite_clients_drops_them_from_the_aggregate(layout, n_dev, chunk):
+# chunked: zeroing happens per chunk inside the scan (vmap / unroll zero the same stacked rows); unroll with
+# one client in flight: a NaN client's part must not reach the clients after it through the ordering
+@pytest.mark.parametrize("layout,n_dev,chunk,in_flight", [("chunked", 2, 2, 0), ("unroll", 2, 8, 1)])
+def test_skip_nonfinite_clients_drops_them_from_the_aggregate(layout, n_dev, chunk, in_flight):
   """Clients 1 and 6 get NaN images: with skip_nonfinite the round equals the per-client loop over the
   six finite clients; client_finite flags exactly them; without it the round reports non-finite."""
   apply, params, loss_fn, xs, ys, weights = _setup(clients=C)
@@ -397,7 +482,7 @@ def test_skip_nonfinite_clients_drops_them_from_the_aggregate(layout, n_dev, chu
   mesh = client_mesh(n_dev)
   for skip in (True, False):
     alg = algorithms.FedAvg(optax.sgd(1.0))
-    opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=False)
+    opts = engine.EngineOptions(layout, "xla", chunk, unroll_local_steps=False, clients_in_flight=in_flight)
     fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=skip)
     state = alg.init(params, jax.random.key(0))
     xs_, ys_, w_ = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import ConfigError, base_config, num_attackers, validate
+from fedkd.config import ConfigError, base_config, clients_in_flight, num_attackers, unroll_local_steps, validate
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.workdir import prepare, write_atomic
@@ -275,10 +275,11 @@ def engine_options(config, n_dev: int, log: Callable[[str], None]) -> engine.Eng
   return engine.resolve(
     layout,
     lowering,
-    config.engine.unroll_local_steps,
+    unroll_local_steps(config.engine),
     model=config.model.name,
     clients_per_shard=config.clients_per_round // n_dev,
     client_chunk=chunk,
+    clients_in_flight=clients_in_flight(config.engine),
   )
 
 
