@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     for row in _rows(fed_cmd, env):
       if row.get("name") == "fed_round" and "images_per_s" in row:
         print(json.dumps(dict(row, pair=i)), flush=True)
-        key = f"{row['layout']}+{row['lowering']}@{row['devices']}dev"
+        flight = f"(k={row['in_flight']})" if "in_flight" in row else ""
+        key = f"{row['layout']}{flight}+{row['lowering']}@{row['devices']}dev"
         fed_ips.setdefault(key, []).append(row["images_per_s"])
   if not torch_ips or not fed_ips:
     sys.exit("vs_torch: a measurement printed no row (see the commands above)")
