@@ -41,7 +41,6 @@ every process times the candidates and process 0's choice holds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -202,15 +201,14 @@ def _resolve(a) -> argparse.Namespace:
 
 def engine_options(a, platform: str, clients_per_shard: int) -> list:
   """The distinct :class:`fedkd.fl.engine.EngineOptions` that --pairs (or --layouts x --lowerings) name."""
+  from fedkd.config import parse_clients_in_flight
   from fedkd.fl import engine
 
   unroll = "auto" if a.unroll == "auto" else a.unroll == "true"
 
-  flights = []
-  for v in a.in_flight.split(","):
-    if v != "auto" and not v.isdigit():
-      fail(f"--in-flight: {v!r} is not 'auto' or a whole number >= 0 (e.g. --in-flight auto,0)")
-    flights.append(v if v == "auto" else int(v))
+  flights = [parse_clients_in_flight(v) for v in a.in_flight.split(",")]
+  if None in flights:
+    fail(f"--in-flight: {a.in_flight!r} is not a list of 'auto' or whole numbers >= 0 (e.g. --in-flight auto,0)")
 
   def resolve(layout, lowering, chunk=a.chunk):
     try:
@@ -245,8 +243,7 @@ def engine_options(a, platform: str, clients_per_shard: int) -> list:
     layouts = engine.LAYOUTS if a.layouts == "all" else a.layouts.split(",")
     lowerings = engine.LOWERINGS if a.lowerings == "all" else a.lowerings.split(",")
     out = [o for layout in layouts for lowering in lowerings for o in resolve(layout, lowering)]
-  # clients_in_flight only acts on unroll: another layout's copies differ in it alone
-  return list(dict.fromkeys(o if o.layout == "unroll" else dataclasses.replace(o, clients_in_flight=0) for o in out))
+  return list(dict.fromkeys(out))
 
 
 def _model(a):

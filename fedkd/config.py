@@ -683,9 +683,13 @@ def unroll_local_steps(engine_cfg):
 
 
 def clients_in_flight(engine_cfg):
-  """``engine.clients_in_flight`` as 'auto' or an int >= 0 (a command-line override of the string field
-  arrives as text, e.g. '2'); None when it is neither."""
-  v = engine_cfg.get("clients_in_flight", "auto")
+  """``engine.clients_in_flight`` as 'auto' or an int >= 0; None when it is neither."""
+  return parse_clients_in_flight(engine_cfg.get("clients_in_flight", "auto"))
+
+
+def parse_clients_in_flight(v):
+  """A clients-in-flight value as 'auto' or an int >= 0 (command-line text such as '2' included); None
+  when it is neither."""
   if isinstance(v, str) and v.strip().isdigit():
     v = int(v)
   if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):

@@ -136,7 +136,8 @@ def resolve(
   steps in a ``lax.scan``; with at most ``SMALL_SHARD_CLIENTS`` clients per device (None = unknown,
   treated as many) ``vmap`` with the model's fastest lowering measured on an H200
   (``AUTO_SMALL_SHARD``), otherwise, or for other models, ``chunked`` + ``gemm`` (memory-bounded).
-  ``clients_in_flight`` 'auto': with ``unroll`` on CPU the host cores per device (at least 1), else 0."""
+  ``clients_in_flight`` acts on ``unroll`` only (0 for other layouts); 'auto': on CPU the host cores per
+  device (at least 1), else 0."""
   platform = platform or jax.default_backend()
   small = clients_per_shard is not None and clients_per_shard <= SMALL_SHARD_CLIENTS
   if layout == "auto":
@@ -155,10 +156,11 @@ def resolve(
   if lowering not in LOWERINGS:
     raise ValueError(f"unknown conv lowering {lowering!r}; use one of {', '.join(LOWERINGS)} or auto")
   unroll = platform == "cpu" if unroll_local_steps == "auto" else bool(unroll_local_steps)
-  if clients_in_flight == "auto":
+  if layout != "unroll":  # the other layouts have no client order to bound
+    clients_in_flight = 0
+  elif clients_in_flight == "auto":
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cpu_unroll = platform == "cpu" and layout == "unroll"
-    clients_in_flight = max(1, cores // jax.local_device_count("cpu")) if cpu_unroll else 0
+    clients_in_flight = max(1, cores // jax.local_device_count("cpu")) if platform == "cpu" else 0
   return EngineOptions(layout, lowering, int(client_chunk), unroll, int(clients_in_flight))
 
 
