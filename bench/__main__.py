@@ -47,6 +47,8 @@ import math
 import sys
 import time
 
+# clients' optimizer: the optax factory's name and its default learning rate
+OPTIMIZERS = {"adam": ("adam", 1e-3), "sgd": ("sgd", 0.01)}
 WORKLOADS = {
   "A": dict(size=256, clients=16, steps=4, batch=8, width=32, depth=4, model="unet"),
   "B": dict(size=128, clients=128, steps=2, batch=4, width=32, depth=4, model="unet"),
@@ -148,6 +150,20 @@ def _parser():
   p.add_argument("--chunk", type=int, default=8, help="clients per chunk of the chunked layout")
   p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
   p.add_argument(
+    "--optimizer",
+    default="adam",
+    choices=sorted(OPTIMIZERS),
+    help="clients' optimizer (adam: the main job's default; sgd: the anchor script's)",
+  )
+  p.add_argument("--lr", type=float, help="clients' learning rate (default: 1e-3 for adam, 0.01 for sgd)")
+  p.add_argument(
+    "--loss",
+    default="dice_ce",
+    choices=["dice_ce", "ce"],
+    help="clients' loss (dice_ce: 0.5 cross-entropy + 0.5 soft Dice, the main job's; ce: cross-entropy alone, "
+    "the anchor script's)",
+  )
+  p.add_argument(
     "--unroll", default="auto", choices=["auto", "true", "false"], help="unroll the local-step scan (auto: on CPU)"
   )
   p.add_argument(
@@ -155,6 +171,12 @@ def _parser():
     default="auto",
     help="comma list of engine.clients_in_flight values for the unroll layout (auto, 0 = XLA's own schedule, "
     "k >= 1), e.g. auto,0 for both side by side",
+  )
+  p.add_argument(
+    "--host-memory",
+    default="auto",
+    choices=["auto", "keep", "release"],
+    help="engine.host_memory for this process (fedkd.hostmem; auto: keep on Linux/glibc CPU runs)",
   )
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients (first pair)")
@@ -265,9 +287,10 @@ def main(argv=None) -> None:
   a, rest = _parser().parse_known_args(argv)
   if rest and not a.measure:
     fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")
-  from fedkd import distributed
+  from fedkd import distributed, hostmem
 
   try:  # before any JAX computation
+    hostmem.apply(a.host_memory)
     multi = distributed.maybe_initialize(a.coordinator_address, a.num_processes, a.process_id, a.cpu_devices)
   except ValueError as e:
     fail(str(e))
@@ -319,13 +342,14 @@ def round_main(a) -> None:
   import ml_collections
   import optax
 
+  from fedkd import hostmem
   from fedkd.config import COMPUTE_DTYPES
   from fedkd.data import sites as sites_lib
   from fedkd.data import synth
   from fedkd.fl import engine
   from fedkd.fl.algorithm import ClientContext, local_sgd
   from fedkd.fl.algorithms import FedAvg
-  from fedkd.losses import make_segmentation_loss
+  from fedkd.losses import cross_entropy, make_segmentation_loss
   from fedkd.sharding import client_mesh, replicated, shard_clients
 
   backend = jax.default_backend()
@@ -349,14 +373,22 @@ def round_main(a) -> None:
     depth=a.depth,
     unroll=unroll,
     remat=a.remat,
+    optimizer=a.optimizer,
+    lr=OPTIMIZERS[a.optimizer][1] if a.lr is None else a.lr,
+    loss=a.loss,
+    host_memory_kept=hostmem.kept(),
     workload=a.workload,
     jax=jax.__version__,
   )
   emit = lambda d: print(json.dumps({**d, **common}), flush=True)  # noqa: E731
 
   apply, params = _model(a)
-  loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
-  tx, server_tx = optax.adam(1e-3), optax.sgd(1.0)
+  if a.loss == "ce":
+    loss_fn = cross_entropy
+  else:
+    loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
+  name, lr = OPTIMIZERS[a.optimizer]
+  tx, server_tx = getattr(optax, name)(lr if a.lr is None else a.lr), optax.sgd(1.0)
   alg = FedAvg(server_tx)
   profiles, unseen = sites_lib.make_sites(min(a.clients, 64))
   table = sites_lib.site_table(list(profiles) + [unseen])

@@ -7,6 +7,9 @@ Runs, ``--pairs`` times in turn, (a) the anchor's ``torch_seq`` row (PyTorch, cl
 another, f32; ``--torch-python`` is a Python with torch installed, default this one) and (b) ``python -m
 bench --no-centralized`` on the same workload (the anchor's UNet: widths ``width`` ... 8 x ``width`` and
 a 16 x ``width`` bottleneck, i.e. ``--depth 4``), each as its own process and ``--rounds`` timed rounds.
+fedkd's clients train as the anchor's do (``--optimizer sgd --lr 0.01 --loss ce``: plain SGD on the
+cross-entropy); bench flags after ``--`` override that, e.g. ``-- --optimizer adam --loss dice_ce`` for
+the main job's Adam on 0.5 cross-entropy + 0.5 soft Dice (about 15 % more work per step).
 Alternating the two, instead of one after the other, keeps a shared machine's drift out of the ratio.
 fedkd's processes share a persistent compilation cache (``--cache``), which holds the round's executable;
 on a 2-core CPU a later process still reported 15-47 s of ``compile_s`` (tracing + lowering + loading,
@@ -56,9 +59,9 @@ def main(argv=None) -> None:
   torch_cmd = [a.torch_python, os.path.abspath(a.anchor), *shape, "--which", "torch", "--dtypes", "f32"]
   torch_cmd += ["--rounds", str(a.rounds)]
   fed_cmd = [sys.executable, "-m", "bench", *shape, "--depth", "4", "--rounds", str(a.rounds), "--no-centralized"]
-  fed_cmd += extra
+  fed_cmd += ["--optimizer", "sgd", "--lr", "0.01", "--loss", "ce", *extra]  # the anchor's; extra overrides
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=a.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  torch_ips, fed_ips = [], {}
+  torch_ips, fed_ips, workload = [], {}, {}
   for i in range(a.pairs):
     for row in _rows(torch_cmd):
       if row.get("name") == "torch_seq":
@@ -70,6 +73,7 @@ def main(argv=None) -> None:
         flight = f"(k={row['in_flight']})" if "in_flight" in row else ""
         key = f"{row['layout']}{flight}+{row['lowering']}@{row['devices']}dev"
         fed_ips.setdefault(key, []).append(row["images_per_s"])
+        workload = {k: row.get(k) for k in ("optimizer", "lr", "loss")}
   if not torch_ips or not fed_ips:
     sys.exit("vs_torch: a measurement printed no row (see the commands above)")
   t = statistics.median(torch_ips)
@@ -82,6 +86,7 @@ def main(argv=None) -> None:
         torch_images_per_s=t,
         fedkd_images_per_s=fed,
         ratio={k: round(v / t, 3) for k, v in fed.items()},
+        fedkd_workload=workload,
         torch_command=" ".join(torch_cmd[1:]),
         fedkd_command=" ".join(["python"] + fed_cmd[1:]),
       )

@@ -309,5 +309,7 @@ def test_vs_torch_alternates_and_reports_the_ratio(tmp_path):
   assert summary["torch_images_per_s"] == 4.0
   k = rows[1]["in_flight"]  # engine.clients_in_flight 'auto': this host's cores per device
   assert summary["ratio"] == {f"unroll(k={k})+matmul@1dev": round((fed[0] + fed[1]) / 2 / 4.0, 3)}
+  # fedkd's clients train as the anchor's do: SGD at 0.01 on the cross-entropy alone
+  assert summary["fedkd_workload"] == {"optimizer": "sgd", "lr": 0.01, "loss": "ce"}
   bad = procs.run([sys.executable, "bench/vs_torch.py", "--anchor", str(tmp_path / "missing.py")], cwd=ROOT, timeout=60)
   assert bad.returncode != 0 and "no anchor script" in bad.stderr

@@ -211,6 +211,14 @@ def test_clients_in_flight_auto_is_the_host_cores_per_device(monkeypatch):
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu", clients_in_flight=3).clients_in_flight == 3
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 1
+  # where freed host memory is kept (fedkd.hostmem), 4 x cores per device
+  from fedkd import hostmem
+
+  monkeypatch.setattr(hostmem, "_kept", True)
+  assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 4
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+  assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 4 * max(1, 16 // devices)
+  assert engine.resolve("unroll", "xla", False, platform="gpu").clients_in_flight == 0
   for value, want in (("auto", "auto"), (0, 0), (2, 2), ("3", 3), (-1, None), (True, None), ("two", None), (1.5, None)):
     assert clients_in_flight(ml_collections.ConfigDict({"clients_in_flight": value})) == want, value
   for value, want in (("auto", "auto"), (True, True), ("False", False), ("true", True), ("no", None), (1, None)):
