@@ -121,7 +121,13 @@ def cases(f, w="w"):
     ("seed negative", main, [QS, f"--workdir={w}", "--config.seed=-1"], 2, ["config.seed"]),
     ("num_clients huge", main, [QS, f"--workdir={w}", "--config.num_clients=1000000000000"], 2, ["num_clients"]),
     ("per_round > clients", main, [QS, f"--workdir={w}", "--config.clients_per_round=9"], 2, ["clients_per_round"]),
-    ("host_memory unknown", main, [QS, f"--workdir={w}", "--config.engine.host_memory=kept"], 2, ["host_memory", "'keep'"]),
+    (
+      "host_memory unknown",
+      main,
+      [QS, f"--workdir={w}", "--config.engine.host_memory=kept"],
+      2,
+      ["host_memory", "'keep'"],
+    ),
     ("cldice_iters negative", main, [QS, f"--workdir={w}", "--config.loss.cldice_iters=-2"], 2, ["cldice_iters"]),
     (
       "unseen_site synthetic",

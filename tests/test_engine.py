@@ -219,6 +219,10 @@ def test_clients_in_flight_auto_is_the_host_cores_per_device(monkeypatch):
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 4 * max(1, 16 // devices)
   assert engine.resolve("unroll", "xla", False, platform="gpu").clients_in_flight == 0
+  # the log names the bound, or 'all' where a device holds no more clients than it
+  opts = engine.EngineOptions("unroll", "matmul", 8, unroll_local_steps=True, clients_in_flight=8)
+  assert "unroll (all in flight)" in engine.describe(opts, 4) and "host memory kept" in engine.describe(opts, 8)
+  assert "unroll (8 in flight)" in engine.describe(opts, 16) and "unroll (8 in flight)" in engine.describe(opts)
   for value, want in (("auto", "auto"), (0, 0), (2, 2), ("3", 3), (-1, None), (True, None), ("two", None), (1.5, None)):
     assert clients_in_flight(ml_collections.ConfigDict({"clients_in_flight": value})) == want, value
   for value, want in (("auto", "auto"), (True, True), ("False", False), ("true", True), ("no", None), (1, None)):

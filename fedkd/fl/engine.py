@@ -393,12 +393,13 @@ def _after(batch, tree):
   )
 
 
-def describe(options: EngineOptions) -> str:
-  """One phrase for logs: how the clients run."""
+def describe(options: EngineOptions, clients_per_shard: int | None = None) -> str:
+  """One phrase for logs: how the clients run (``clients_per_shard``, where given: a device's clients,
+  so that a bound at or above it reads 'all in flight')."""
   chunk = f" (chunks of {options.client_chunk})" if options.layout == "chunked" else ""
   steps = ", steps unrolled" if options.unroll_local_steps else ""
-  flight = (
-    f" ({options.clients_in_flight} in flight)" if options.layout == "unroll" and options.clients_in_flight else ""
-  )
+  k, flight = options.clients_in_flight, ""
+  if options.layout == "unroll" and k:
+    flight = " (all in flight)" if clients_per_shard is not None and k >= clients_per_shard else f" ({k} in flight)"
   kept = ", host memory kept" if hostmem.kept() else ""
   return f"clients run as {options.layout}{flight}{chunk} with {options.lowering} convs{steps}{kept}"
