@@ -63,7 +63,8 @@ def apply(mode: str = "auto") -> bool:
 
   ``auto``: keep on Linux with glibc unless JAX_PLATFORMS names another platform first; ``keep``:
   keep, or ValueError where it cannot; ``release``: glibc's and JAX's defaults. Call it before any
-  JAX computation (RuntimeError after: the CPU backend reads the dispatch setting when it starts)."""
+  JAX computation: the CPU backend reads the dispatch setting when it starts, so afterwards ``keep`` is a
+  RuntimeError and ``auto`` changes nothing."""
   global _kept
   if mode not in MODES:
     raise ValueError(f"host memory mode {mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -81,7 +82,9 @@ def apply(mode: str = "auto") -> bool:
   from jax._src import xla_bridge
 
   if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
-    raise RuntimeError("fedkd.hostmem.apply must run before any JAX computation (the CPU backend has started)")
+    if mode == "keep":
+      raise RuntimeError("fedkd.hostmem.apply('keep') must run before any JAX computation (the backend has started)")
+    return _kept  # 'auto' in a process that already ran JAX (a notebook, a test): nothing changes
   if not (mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_MAX) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
     if mode == "keep":
       raise ValueError("engine.host_memory='keep': glibc refused the malloc thresholds; use 'release'")

@@ -56,13 +56,14 @@ def test_kept_memory_is_not_faulted_in_again():
 
 def test_apply_checks_its_mode_and_when_it_runs():
   """An unknown mode is a ValueError naming the choices; in a process whose JAX backend has started
-  (this one: conftest ran JAX), 'keep' is refused with a RuntimeError, 'release' changes nothing."""
+  (this one: conftest ran JAX), 'keep' is refused with a RuntimeError, 'auto' and 'release' change nothing."""
   import jax
 
   jax.devices()
   with pytest.raises(ValueError, match="'auto', 'keep', 'release'|auto, keep, release"):
     hostmem.apply("kept")
   assert hostmem.apply("release") is False
+  assert hostmem.apply("auto") is False
   if hostmem._mallopt() is not None:
     with pytest.raises(RuntimeError, match="before any JAX computation"):
       hostmem.apply("keep")
