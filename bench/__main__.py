@@ -115,6 +115,8 @@ def _compiled(fn, *args):
 
 
 def _parser():
+  from fedkd import hostmem
+
   p = argparse.ArgumentParser(
     prog="python -m bench",
     description=__doc__,
@@ -175,7 +177,7 @@ def _parser():
   p.add_argument(
     "--host-memory",
     default="auto",
-    choices=["auto", "keep", "release"],
+    choices=hostmem.MODES,
     help="engine.host_memory for this process (fedkd.hostmem; auto: keep on Linux/glibc CPU runs)",
   )
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")

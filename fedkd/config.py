@@ -225,13 +225,13 @@ def base_config() -> ml_collections.ConfigDict:
   # 'unroll' with a linear aggregator: at most this many clients train at once; client i starts once the
   # running aggregate holds clients 0..i-k, which bounds the round's temporary memory (XLA:CPU allocates
   # it afresh at every round). 0 = XLA's own schedule (all clients in lockstep); 'auto' = on CPU the host
-  # cores per device, elsewhere 0.
+  # cores per device (4x that with host memory kept on one CPU device), elsewhere 0.
   c.engine.clients_in_flight = "auto"
   # Host memory of CPU programs (fedkd.hostmem, set at start for the whole process): 'keep' = freed memory
   # stays in the process (synchronous single-device CPU dispatch + glibc heap thresholds), so a round's
   # temporary buffer is not mapped and faulted in afresh each round; resident memory stays at its peak.
   # 'release' = glibc's and JAX's defaults. 'auto' = keep on Linux/glibc unless JAX_PLATFORMS names
-  # another platform first. With memory kept, clients_in_flight 'auto' is 4x cores per device.
+  # another platform first. Programs over several CPU devices dispatch asynchronously as before.
   c.engine.host_memory = "auto"
   # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their
   # aggregation stay float32).

@@ -37,6 +37,14 @@ def kept() -> bool:
   return _kept
 
 
+def in_effect() -> bool:
+  """Whether kept memory reaches the round: kept, and one CPU device (programs over several devices
+  still dispatch asynchronously, and their buffers come from XLA's worker threads)."""
+  import jax
+
+  return _kept and jax.local_device_count("cpu") == 1
+
+
 def _mallopt():
   """glibc's ``mallopt``, or None where the C library is not glibc (or not Linux)."""
   if not sys.platform.startswith("linux"):

@@ -211,10 +211,11 @@ def test_clients_in_flight_auto_is_the_host_cores_per_device(monkeypatch):
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu", clients_in_flight=3).clients_in_flight == 3
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 1
-  # where freed host memory is kept (fedkd.hostmem), 4 x cores per device
+  # where freed host memory is kept and reaches the round (fedkd.hostmem: one CPU device), 4 x cores
   from fedkd import hostmem
 
-  monkeypatch.setattr(hostmem, "_kept", True)
+  assert not hostmem.in_effect()  # this process: glibc's defaults, 8 CPU devices
+  monkeypatch.setattr(hostmem, "in_effect", lambda: True)
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 4
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
   assert engine.resolve("unroll", "matmul", "auto", platform="cpu").clients_in_flight == 4 * max(1, 16 // devices)

@@ -142,8 +142,8 @@ def resolve(
   treated as many) ``vmap`` with the model's fastest lowering measured on an H200
   (``AUTO_SMALL_SHARD``), otherwise, or for other models, ``chunked`` + ``gemm`` (memory-bounded).
   ``clients_in_flight`` acts on ``unroll`` only (0 for other layouts); 'auto': on CPU the host cores per
-  device (at least 1), times ``KEPT_MEMORY_IN_FLIGHT`` where freed host memory is kept (fedkd.hostmem),
-  else 0."""
+  device (at least 1), times ``KEPT_MEMORY_IN_FLIGHT`` where freed host memory is kept and reaches the
+  round (``fedkd.hostmem.in_effect``: one CPU device), else 0."""
   platform = platform or jax.default_backend()
   small = clients_per_shard is not None and clients_per_shard <= SMALL_SHARD_CLIENTS
   if layout == "auto":
@@ -166,7 +166,7 @@ def resolve(
     clients_in_flight = 0
   elif clients_in_flight == "auto":
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_device = max(1, cores // jax.local_device_count("cpu")) * (KEPT_MEMORY_IN_FLIGHT if hostmem.kept() else 1)
+    per_device = max(1, cores // jax.local_device_count("cpu")) * (KEPT_MEMORY_IN_FLIGHT if hostmem.in_effect() else 1)
     clients_in_flight = per_device if platform == "cpu" else 0
   return EngineOptions(layout, lowering, int(client_chunk), unroll, int(clients_in_flight))
 
@@ -401,5 +401,5 @@ def describe(options: EngineOptions, clients_per_shard: int | None = None) -> st
   k, flight = options.clients_in_flight, ""
   if options.layout == "unroll" and k:
     flight = " (all in flight)" if clients_per_shard is not None and k >= clients_per_shard else f" ({k} in flight)"
-  kept = ", host memory kept" if hostmem.kept() else ""
+  kept = ", host memory kept" if jax.default_backend() == "cpu" and hostmem.in_effect() else ""
   return f"clients run as {options.layout}{flight}{chunk} with {options.lowering} convs{steps}{kept}"
