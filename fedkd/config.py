@@ -390,6 +390,7 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.engine.client_layout = "auto"  # auto | vmap | chunked | unroll
   c.engine.conv_lowering = "auto"  # auto | xla | gemm | wgrad | matmul
   c.engine.client_chunk = 8  # chunked: silos per chunk
+  c.engine.host_memory = "auto"  # auto | keep | release: see the fedavg schema (engine.host_memory)
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # images per prediction batch
   c.eval.foundation_every = 10  # pretraining rounds between foundation evaluations (pretraining curves)

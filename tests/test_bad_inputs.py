@@ -128,6 +128,7 @@ def cases(f, w="w"):
       2,
       ["host_memory", "'keep'"],
     ),
+    ("fedefm host_memory unknown", main, [EFM, f"--workdir={w}", "--config.engine.host_memory=no"], 2, ["host_memory"]),
     ("cldice_iters negative", main, [QS, f"--workdir={w}", "--config.loss.cldice_iters=-2"], 2, ["cldice_iters"]),
     (
       "unseen_site synthetic",
