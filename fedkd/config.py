@@ -230,8 +230,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Host memory of CPU programs (fedkd.hostmem, set at start for the whole process): 'keep' = freed memory
   # stays in the process (synchronous single-device CPU dispatch + glibc heap thresholds), so a round's
   # temporary buffer is not mapped and faulted in afresh each round; resident memory stays at its peak.
-  # 'release' = glibc's and JAX's defaults. 'auto' = keep on Linux/glibc unless JAX_PLATFORMS names
-  # another platform first. Programs over several CPU devices dispatch asynchronously as before.
+  # 'release' = glibc's and JAX's defaults. 'auto' = keep on Linux/glibc where JAX runs on the CPU
+  # (JAX_PLATFORMS naming cpu first, or unset with no GPU/TPU plugin of JAX installed). Programs over
+  # several CPU devices dispatch asynchronously as before.
   c.engine.host_memory = "auto"
   # Forward/backward dtype: 'float32' or 'bfloat16' (master weights, optimizer state, deltas and their
   # aggregation stay float32).

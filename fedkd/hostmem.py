@@ -15,7 +15,8 @@ CPU backend starts:
 
 The process then keeps its peak heap: resident memory does not fall between rounds. Programs that run
 over several devices (``--cpu_devices``, sharded rounds) still dispatch asynchronously and are not
-changed. Needs Linux with glibc; elsewhere ``auto`` keeps the defaults.
+changed. Needs Linux with glibc; elsewhere, and on a machine with JAX's GPU/TPU plugins (unless
+JAX_PLATFORMS=cpu), ``auto`` keeps the defaults.
 """
 
 from __future__ import annotations
@@ -57,19 +58,40 @@ def _mallopt():
     return None
 
 
-def _cpu_first() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS / jax_platforms unset or naming cpu first."""
+def _accelerator_plugins() -> list[str]:
+  """JAX's accelerator plugins installed here (the ``jax_plugins`` entry points and namespace, libtpu)."""
+  import importlib.util
+  import pkgutil
+  from importlib.metadata import entry_points
+
+  found = [ep.name for ep in entry_points(group="jax_plugins")]
+  try:
+    import jax_plugins
+
+    found += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  except ImportError:
+    pass
+  if importlib.util.find_spec("libtpu") is not None:
+    found.append("libtpu")
+  return found
+
+
+def _cpu_first(platforms: str | None = None) -> bool:
+  """Whether JAX will run on the CPU: ``platforms`` (default: jax_platforms / JAX_PLATFORMS) naming cpu
+  first, or, unset, no accelerator plugin installed (a GPU/TPU machine keeps glibc's and JAX's defaults)."""
   import jax
 
-  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if platforms is None:
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   first = platforms.split(",")[0].strip().lower()
-  return first in ("", "cpu")
+  return first == "cpu" or (first == "" and not _accelerator_plugins())
 
 
 def apply(mode: str = "auto") -> bool:
   """Sets the process up for ``mode`` (see the module doc) and returns whether freed memory is kept.
 
-  ``auto``: keep on Linux with glibc unless JAX_PLATFORMS names another platform first; ``keep``:
+  ``auto``: keep on Linux with glibc where JAX runs on the CPU (JAX_PLATFORMS naming cpu first, or unset
+  and no GPU/TPU plugin of JAX installed); ``keep``:
   keep, or ValueError where it cannot; ``release``: glibc's and JAX's defaults. Call it before any
   JAX computation: the CPU backend reads the dispatch setting when it starts, so afterwards ``keep`` is a
   RuntimeError and ``auto`` changes nothing."""

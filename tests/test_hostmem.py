@@ -68,3 +68,17 @@ def test_apply_checks_its_mode_and_when_it_runs():
     with pytest.raises(RuntimeError, match="before any JAX computation"):
       hostmem.apply("keep")
   assert hostmem.kept() is False
+
+
+def test_auto_keeps_only_where_jax_runs_on_the_cpu(monkeypatch):
+  """'auto' decides by JAX_PLATFORMS (jax_platforms), and where it is unset by whether a GPU/TPU plugin of
+  JAX is installed."""
+  for platforms, plugins, want in (
+    ("cpu", ["cuda12"], True),
+    ("cuda,cpu", [], False),
+    ("", [], True),
+    ("", ["cuda12"], False),
+    ("tpu", [], False),
+  ):
+    monkeypatch.setattr(hostmem, "_accelerator_plugins", lambda plugins=plugins: plugins)
+    assert hostmem._cpu_first(platforms) is want, (platforms, plugins)
