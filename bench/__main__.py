@@ -47,8 +47,8 @@ import math
 import sys
 import time
 
-# clients' optimizer: the optax factory's name and its default learning rate
-OPTIMIZERS = {"adam": ("adam", 1e-3), "sgd": ("sgd", 0.01)}
+# clients' optimizer (an engine.make_optimizer name) -> its default learning rate
+OPTIMIZERS = {"adam": 1e-3, "sgd": 0.01}
 WORKLOADS = {
   "A": dict(size=256, clients=16, steps=4, batch=8, width=32, depth=4, model="unet"),
   "B": dict(size=128, clients=128, steps=2, batch=4, width=32, depth=4, model="unet"),
@@ -178,7 +178,7 @@ def _parser():
     "--host-memory",
     default="auto",
     choices=hostmem.MODES,
-    help="engine.host_memory for this process (fedkd.hostmem; auto: keep on Linux/glibc CPU runs)",
+    help="engine.host_memory for this process (fedkd.hostmem; auto: keep where JAX runs on the CPU)",
   )
   p.add_argument("--devices", type=int, default=0, help="devices on the clients axis (0: gcd rule)")
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients (first pair)")
@@ -355,6 +355,7 @@ def round_main(a) -> None:
   from fedkd.sharding import client_mesh, replicated, shard_clients
 
   backend = jax.default_backend()
+  lr = OPTIMIZERS[a.optimizer] if a.lr is None else a.lr
   n_dev = a.devices or math.gcd(a.clients, jax.device_count())
   opts_list = engine_options(a, backend, a.clients // n_dev)
   unroll = engine.resolve(
@@ -376,7 +377,7 @@ def round_main(a) -> None:
     unroll=unroll,
     remat=a.remat,
     optimizer=a.optimizer,
-    lr=OPTIMIZERS[a.optimizer][1] if a.lr is None else a.lr,
+    lr=lr,
     loss=a.loss,
     host_memory_kept=hostmem.kept(),
     workload=a.workload,
@@ -389,8 +390,8 @@ def round_main(a) -> None:
     loss_fn = cross_entropy
   else:
     loss_fn = make_segmentation_loss(ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5)))
-  name, lr = OPTIMIZERS[a.optimizer]
-  tx, server_tx = getattr(optax, name)(lr if a.lr is None else a.lr), optax.sgd(1.0)
+  opt_cfg = ml_collections.ConfigDict(dict(name=a.optimizer, learning_rate=lr, momentum=0.0))
+  tx, server_tx = engine.make_optimizer(opt_cfg), optax.sgd(1.0)
   alg = FedAvg(server_tx)
   profiles, unseen = sites_lib.make_sites(min(a.clients, 64))
   table = sites_lib.site_table(list(profiles) + [unseen])

@@ -33,9 +33,10 @@ def candidates(
   of more than one client), vmap + xla, chunked(1) + xla and, up to ``UNROLL_MAX_CLIENTS`` clients per
   device, unroll + xla. ``clients_in_flight``: the unroll candidates'."""
 
-  def opt(layout, lowering, chunk=client_chunk):
-    flight = clients_in_flight if layout == "unroll" else 0
-    return EngineOptions(layout, lowering, chunk, unroll_local_steps, flight)
+  def opt(layout, lowering, chunk=client_chunk):  # resolve gives the layouts other than unroll 0 in flight
+    return engine.resolve(
+      layout, lowering, unroll_local_steps, platform=platform, client_chunk=chunk, clients_in_flight=clients_in_flight
+    )
 
   if platform == "cpu":
     return [opt("unroll", "matmul"), opt("unroll", "xla"), opt("vmap", "gemm"), opt("vmap", "xla")]

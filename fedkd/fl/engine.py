@@ -164,10 +164,12 @@ def resolve(
   unroll = platform == "cpu" if unroll_local_steps == "auto" else bool(unroll_local_steps)
   if layout != "unroll":  # the other layouts have no client order to bound
     clients_in_flight = 0
+  elif clients_in_flight == "auto" and platform != "cpu":
+    clients_in_flight = 0
   elif clients_in_flight == "auto":
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_device = max(1, cores // jax.local_device_count("cpu")) * (KEPT_MEMORY_IN_FLIGHT if hostmem.in_effect() else 1)
-    clients_in_flight = per_device if platform == "cpu" else 0
+    kept = KEPT_MEMORY_IN_FLIGHT if hostmem.in_effect() else 1
+    clients_in_flight = max(1, cores // jax.local_device_count("cpu")) * kept
   return EngineOptions(layout, lowering, int(client_chunk), unroll, int(clients_in_flight))
 
 
