@@ -2,8 +2,9 @@
 program (``python -m fedkd.main --seeds=0,1,2``, ``--replica_config=KEY=V1,V2,...``; ``launch.sweep
 --replicas``).
 
-The replicas' server states (parameters, server optimizer, rng) are stacked on a leading replica axis
-and the engine's round (:func:`fedkd.fl.engine.make_round_fn`) runs over it, beside the clients axis.
+The replicas' server states (parameters, server optimizer, rng) form a replica axis (a list of
+states, stacked inside the program by the ``vmap`` layout) and the engine's round
+(:func:`fedkd.fl.engine.make_round_fn`) runs over it, beside the clients axis.
 The hyperparameters that keep the program's shapes (:data:`HPARAMS`) enter the round as traced
 per-replica scalars (the engine's ``hparams``), so one compiled round serves a seed table and a
 learning-rate grid alike. Each replica samples its own clients from its own rng, trains them on its own
@@ -37,8 +38,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import ConfigError, num_attackers, validate, value_at
@@ -50,7 +49,7 @@ from fedkd.logs import RunLog, progress_bar
 from fedkd.models import init_model
 from fedkd.preemption import Stopped
 from fedkd.report import site_table
-from fedkd.sharding import CLIENTS, client_mesh, replicate
+from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.tasks import fedavg
 from fedkd.workdir import prepare, write_atomic
 
@@ -134,14 +133,6 @@ def why_not(configs: Sequence) -> str | None:
   return None
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
-
-
-def _take(tree, i: int):
-  return jax.tree.map(lambda a: a[i], tree)
-
-
 REPLICA_LAYOUTS = ("loop", "unroll", "vmap")
 
 
@@ -157,40 +148,46 @@ def replica_layout(layout: str) -> str:
 
 
 def _over_replicas(round_fn, layout: str, n: int):
-  """The engine's round over a leading replica axis of (state, batch, weights, hparams), as one
-  function of the stacked arrays:
+  """The engine's round over the replicas, as one function of per-replica lists: ``(states, batches,
+  weights, hparams, skip=()) -> (states, metrics)``, each a list of ``n``.
 
   ``loop``    the engine's compiled round called once per replica (the hyperparameters are inputs, so
-              every replica runs the same executable: one compile whatever the number of replicas);
-  ``unroll``  one jitted program that emits every replica's round (a program R times the size);
-  ``vmap``    one jitted program, the round vmapped over the replicas (the accelerator form; on XLA:CPU
-              a vmap turns every per-client convolution into a grouped one).
+              every replica runs the same executable: one compile whatever the number of replicas); the
+              replicas' states stay separate arrays, nothing is stacked or split between rounds;
+  ``unroll``  one jitted program that emits every replica's round (a program n times the size);
+  ``vmap``    one jitted program, the round vmapped over the replicas stacked inside it (the accelerator
+              form; on XLA:CPU a vmap turns every per-client convolution into a grouped one).
 
-  The returned function takes ``skip``: replicas whose round is not run under ``loop`` (diverged ones;
-  their state passes through, their metrics are zeros). ``unroll`` and ``vmap`` run every replica."""
+  ``skip``: replicas whose round is not run under ``loop`` (diverged ones; their state passes through,
+  their metrics are None). ``unroll`` and ``vmap`` run every replica. The states are donated."""
   call = lambda s, b, w, h: round_fn(s, None, b, w, None, h)  # noqa: E731
-  split = lambda args: [_take(args, i) for i in range(n)]  # noqa: E731
-  join = lambda outs: jax.tree.map(lambda *a: jnp.stack(a), *outs)  # noqa: E731
-  if layout == "loop":  # one dispatch splits the replicas, one per replica's round, one joins them
-    split_jit, join_jit = jax.jit(split), jax.jit(join)
+  if layout == "loop":
 
-    def loop(*args, skip=()):
-      parts = split_jit(args)
-      outs = {i: call(*part) for i, part in enumerate(parts) if i not in skip}
-      if not outs:
+    def loop(states, batches, weights, hps, skip=()):
+      if all(i in skip for i in range(n)):
         raise ValueError("every replica is skipped")
-      if len(outs) < n:  # a skipped replica: its state as it was, zero metrics shaped as a run one's
-        done = next(iter(outs.values()))
-        zeros = jax.tree.map(jnp.zeros_like, done[2])
-        outs.update({i: (parts[i][0], done[1], zeros) for i in range(n) if i not in outs})
-      return join_jit([outs[i] for i in range(n)])
+      outs = [
+        (states[i], None, None) if i in skip else call(states[i], batches[i], weights[i], hps[i]) for i in range(n)
+      ]
+      return [o[0] for o in outs], [o[2] for o in outs]
 
     return loop
   if layout == "unroll":
-    fn = jax.jit(lambda *args: join([call(*part) for part in split(args)]), donate_argnums=(0,))
+    body = lambda states, batches, weights, hps: [call(*a) for a in zip(states, batches, weights, hps)]  # noqa: E731
   else:
-    fn = jax.jit(jax.vmap(call), donate_argnums=(0,))
-  return lambda *args, skip=(): fn(*args)
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+
+    def body(states, batches, weights, hps):
+      out = jax.vmap(call)(stack(states), stack(batches), stack(weights), stack(hps))
+      return [jax.tree.map(lambda a, i=i: a[i], out) for i in range(n)]
+
+  fn = jax.jit(body, donate_argnums=(0,))
+
+  def run_all(states, batches, weights, hps, skip=()):
+    outs = fn(states, batches, weights, hps)
+    return [o[0] for o in outs], [o[2] for o in outs]
+
+  return run_all
 
 
 def hparams(configs: Sequence) -> dict:
@@ -328,9 +325,8 @@ def _train(
       rep.bytes_down = sum(float(rr.get("comm/bytes_down", 0)) for rr in rep.runlog.rounds)
     else:
       write_atomic(rep.workdir / "config.json", json.dumps(rep.cfg_json, indent=2))
-  state = replicate(_stack(states), mesh)
-  hp = replicate(hparams(configs), mesh)
-  del states
+  states = [replicate(s, mesh) for s in states]
+  hp = [replicate({name: v[i] for name, v in hparams(configs).items()}, mesh) for i in range(len(reps))]
   if keys == ["seed"]:
     which = "seeds " + ", ".join(str(rep.seed) for rep in reps)
   else:
@@ -349,9 +345,8 @@ def _train(
   results = [None] * len(reps)
   if start == 0:
     for i, rep in enumerate(reps):
-      rec, _ = rep.evaluate(0, _take(state["params"], i))
+      rec, _ = rep.evaluate(0, states[i]["params"])
       rep.runlog.record(rec)
-  batch_sharding = NamedSharding(mesh, P(None, CLIENTS))
   k = config.clients_per_round
   imgs = len(reps) * k * config.local_steps * config.batch_size
   timed_rounds, timed_s, t_start = 0, 0.0, time.time()
@@ -359,32 +354,29 @@ def _train(
   failed: dict[int, str] = {}  # replica -> its DivergedError message; it trains no further
   for r in range(start + 1, config.num_rounds + 1):
     t0 = time.time()
-    round_keys, clients, xs, ys, weights = [], [], [], [], []
-    rng = np.asarray(state["rng"])
-    t_in = time.time()
+    clients, batches, weights = [], [], []
+    input_wait = 0.0
     for i, rep in enumerate(reps):
-      key, sub = jax.random.split(jax.random.wrap_key_data(rng[i]))
+      key, sub = jax.random.split(jax.random.wrap_key_data(states[i]["rng"]))
       c = fedavg.sample_clients(sub, config.num_clients, k)
+      t_in = time.time()
       x, y = rep.data.round_batches(r, c, rows)
-      round_keys.append(jax.random.key_data(key))
+      input_wait += time.time() - t_in
+      x, y, w = shard_clients((x, y, jnp.asarray(rep.data.sizes[c], jnp.float32)), mesh)
       clients.append(c)
-      xs.append(x)
-      ys.append(y)
-      weights.append(rep.data.sizes[c])
-    batch = jax.device_put({"x": jnp.stack(xs), "y": jnp.stack(ys)}, batch_sharding)
-    input_wait = time.time() - t_in
-    w = jax.device_put(jnp.asarray(np.stack(weights), jnp.float32), batch_sharding)
-    state = dict(state, rng=replicate(jnp.stack(round_keys), mesh))
-    state, _, m = vround(state, batch, w, hp, skip=frozenset(failed))
-    losses = np.asarray(m["loss"])
-    finite, client_ok = np.asarray(m["finite"]), np.asarray(m["client_finite"])
+      batches.append({"x": x, "y": y})
+      weights.append(w)
+      states[i] = dict(states[i], rng=replicate(jax.random.key_data(key), mesh))
+    states, ms = vround(states, batches, weights, hp, skip=frozenset(failed))
+    losses = [np.nan if i in failed else float(m["loss"]) for i, m in enumerate(ms)]
     for i, rep in enumerate(reps):
       if i in failed:
         continue
-      if not finite[i] or not client_ok[i].any():  # this replica stops; the others go on
+      finite, client_ok = bool(ms[i]["finite"]), np.asarray(ms[i]["client_finite"])
+      if not finite or not client_ok.any():  # this replica stops; the others go on
         err = fedavg._diverged(
           r,
-          {"loss": losses[i], "client_finite": client_ok[i]},
+          {"loss": losses[i], "client_finite": client_ok},
           clients[i],
           configs[i],
           last_saved,
@@ -394,11 +386,9 @@ def _train(
         if len(failed) < len(reps):
           log(f"{failed[i]}; the other replicas go on")
         continue
-      if not client_ok[i].all():  # engine.skip_nonfinite_clients: they got weight 0
-        log(
-          f"round {r}, {rep.name}: dropped client(s) {[int(c) for c in clients[i][~client_ok[i]]]} (non-finite update)"
-        )
-        rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok[i]).sum())})
+      if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
+        log(f"round {r}, {rep.name}: dropped client(s) {[int(c) for c in clients[i][~client_ok]]} (non-finite update)")
+        rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
     if len(failed) == len(reps):
       raise DivergedError("; ".join(failed.values()))
     dt = time.time() - t0
@@ -421,17 +411,17 @@ def _train(
       rep.bytes_down += received
       rec, scalars = fedavg.round_logs(r, float(losses[i]), clients[i], k, sent, received, rep.bytes_up, rep.bytes_down)
       if rep.privacy is not None:
-        dp_rec = rep.privacy.round_record(r, np.asarray(m["dp_norm"][i]), np.asarray(m["dp_clipped"][i]))
+        dp_rec = rep.privacy.round_record(r, np.asarray(ms[i]["dp_norm"]), np.asarray(ms[i]["dp_clipped"]))
         rec.update(dp_rec)
         scalars.update(dp_rec)
       rep.runlog.round_record(rec)
       rep.runlog.scalars(r, {**scalars, **fedavg.speed_scalars(float(losses[i]), dt, imgs // len(reps), input_wait)})
       if evaluating:
-        rec, per_site = rep.evaluate(r, _take(state["params"], i))
+        rec, per_site = rep.evaluate(r, states[i]["params"])
         rep.runlog.record(rec)
         results[i] = (rec, per_site)
       if saving:
-        rep.ckpt.save(r, _take(state, i), rep.cfg_json, rep.data.get_state(), None)
+        rep.ckpt.save(r, states[i], rep.cfg_json, rep.data.get_state(), None)
     if saving:
       last_saved = r
     if evaluating:
@@ -447,7 +437,7 @@ def _train(
   for i, rep in enumerate(reps):
     if i in failed:
       continue
-    params = _take(state["params"], i)
+    params = states[i]["params"]
     if results[i] is None:  # resumed at the end already
       results[i] = rep.evaluate(config.num_rounds, params)
     rec, per_site = results[i]
@@ -455,7 +445,7 @@ def _train(
     log(site_table(per_site, rep.data.unseen_name))
     if rep.privacy is not None:
       log(f"privacy: {rep.privacy.spent(config.num_rounds)}")
-    out.append({"state": _take(state, i), "metrics": rec, "per_site": per_site})
+    out.append({"state": states[i], "metrics": rec, "per_site": per_site})
   if timed_rounds:
     log(
       f"training speed: {imgs * timed_rounds / timed_s:.1f} images/s over {timed_rounds} rounds of {len(reps)} "
