@@ -221,15 +221,16 @@ def _run_configs(defn: dict, runs: list[dict]) -> list:
   return S.validate_sweep([r["overrides"] for r in runs], base, S.parse_config_flags(defn["extra"], base))
 
 
-def replica_command(defn: dict, runs: list[dict], out: str) -> list[str]:
+def replica_command(defn: dict, runs: list[dict], out: str, configs: list | None = None) -> list[str]:
   """One fedkd.main process for ``runs`` (equal but for fedkd.tasks.replicas.REPLICA_KEYS) as replicas
   of one program: the keys whose values differ as --seeds / --replica_config lists (each run's value,
-  also where its overrides leave the key at the config's), the other overrides as --config flags."""
+  also where its overrides leave the key at the config's), the other overrides as --config flags.
+  ``configs``: the runs' full configs when the caller has them (else built here)."""
   from fedkd.config import value_at
   from fedkd.sweep import RESERVED, format_value
   from fedkd.tasks import replicas
 
-  configs = _run_configs(defn, runs)
+  configs = _run_configs(defn, runs) if configs is None else configs
   differ = replicas.varying(configs)
   first = runs[0]["overrides"]
   flags = [f"--config.{k}={format_value(v)}" for k, v in first.items() if k not in RESERVED and k not in differ]
@@ -253,6 +254,11 @@ def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[l
   but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu, DP noise / clip; why_not
   None; every workdir at the same checkpoint), the rest alone. Prints why such a group stays one process
   per run."""
+  return [members for members, _ in _units(defn, todo, out)]
+
+
+def _units(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[tuple[list[tuple[int, dict]], list | None]]:
+  """:func:`replica_groups`' units, each with its runs' configs (a group of replicas) or None (one run)."""
   from fedkd.tasks import replicas
 
   groups: dict[str, list[tuple[int, dict]]] = {}
@@ -264,25 +270,26 @@ def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[l
   units = []
   for members in groups.values():
     if len(members) < 2:
-      units.append(members)
+      units.append((members, None))
       continue
     runs = [run for _, run in members]
     multi = [a for a in defn["extra"] if a.split("=", 1)[0] in ("--num_processes", "--coordinator_address")]
-    reason = f"multi-process runs ({multi[0]})" if multi else replicas.why_not(_run_configs(defn, runs))
+    configs = None if multi else _run_configs(defn, runs)
+    reason = f"multi-process runs ({multi[0]})" if multi else replicas.why_not(configs)
     progress = {latest_checkpoint(os.path.join(out, r["name"])) for r in runs}
     if reason is None and len(progress) > 1:
       reason = "their workdirs hold checkpoints of different rounds"
     if reason is None:
-      units.append(members)
+      units.append((members, configs))
     else:
       _say(f"{', '.join(r['name'] for r in runs)}: one process per run ({reason})")
-      units.extend([m] for m in members)
+      units.extend(([m], None) for m in members)
   return units
 
 
-def unit_command(defn: dict, runs: list[dict], out: str) -> list[str]:
-  """The fedkd.main command of one run, or of a group of replicas."""
-  return run_command(defn, runs[0], out) if len(runs) == 1 else replica_command(defn, runs, out)
+def unit_command(defn: dict, runs: list[dict], out: str, configs: list | None = None) -> list[str]:
+  """The fedkd.main command of one run, or of a group of replicas (``configs``: theirs, if known)."""
+  return run_command(defn, runs[0], out) if len(runs) == 1 else replica_command(defn, runs, out, configs)
 
 
 def run_command(defn: dict, run: dict, out: str) -> list[str]:
@@ -360,11 +367,11 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
       _say(f"{i}/{total} {run['name']}: skipped (finished: round {run['num_rounds']}/{run['num_rounds']})")
     else:
       todo.append((i, run))
-  units = replica_groups(defn, todo, out) if replicas else [[t] for t in todo]
+  units = _units(defn, todo, out) if replicas else [([t], None) for t in todo]
   failures: list[tuple[str, int, str]] = []
-  active: dict[int, tuple] = {}  # pid -> (popen, members, t0, stderr offset, log files, stderr path)
+  active: dict[int, tuple] = {}  # pid -> (popen, members, command, t0, stderr offset, log files, stderr path)
 
-  def start(members):
+  def start(members, configs):
     for _, run in members:
       wd = os.path.join(out, run["name"])
       os.makedirs(wd, exist_ok=True)
@@ -376,11 +383,11 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     err_path = os.path.join(wd, "stderr.log")
     err_f = open(err_path, "a")
     offset = err_f.tell()
-    cmd = unit_command(defn, [r for _, r in members], out)
+    cmd = unit_command(defn, [r for _, r in members], out, configs)
     out_f.write(f"\n$ {' '.join(cmd)}\n")
     out_f.flush()
     p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, stdin=subprocess.DEVNULL)
-    active[p.pid] = (p, members, time.time(), offset, (out_f, err_f), err_path)
+    active[p.pid] = (p, members, cmd, time.time(), offset, (out_f, err_f), err_path)
     for i, run in members:
       last = latest_checkpoint(os.path.join(out, run["name"]))
       how = f"resuming from round {last} of {run['num_rounds']}" if last else "new"
@@ -389,11 +396,10 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
       _say(f"{i}/{total} {run['name']}: started ({how}); log {os.path.join(wd, 'stdout.log')}")
 
   def finish(pid):
-    p, members, t0, offset, files, err_path = active.pop(pid)
+    p, members, cmd, t0, offset, files, err_path = active.pop(pid)
     for f in files:
       f.close()
     dt = time.time() - t0
-    cmd = unit_command(defn, [r for _, r in members], out)
     for i, run in members:
       wd = os.path.join(out, run["name"])
       # a replica that finished counts, also when another of its group (one process) failed
@@ -413,7 +419,7 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     queue = list(units)
     while queue or active:
       while queue and len(active) < max(1, parallel):
-        start(queue.pop(0))
+        start(*queue.pop(0))
       time.sleep(0.2)
       for pid in [pid for pid, a in active.items() if a[0].poll() is not None]:
         finish(pid)
