@@ -289,11 +289,12 @@ def main(argv=None) -> None:
   a, rest = _parser().parse_known_args(argv)
   if rest and not a.measure:
     fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")
-  from fedkd import distributed, hostmem
+  from fedkd import distributed
 
   try:  # before any JAX computation
-    hostmem.apply(a.host_memory)
-    multi = distributed.maybe_initialize(a.coordinator_address, a.num_processes, a.process_id, a.cpu_devices)
+    multi = distributed.maybe_initialize(
+      a.coordinator_address, a.num_processes, a.process_id, a.cpu_devices, host_memory=a.host_memory
+    )
   except ValueError as e:
     fail(str(e))
   if a.measure:

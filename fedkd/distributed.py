@@ -19,8 +19,15 @@ def maybe_initialize(
   num_processes: int | None = None,
   process_id: int | None = None,
   cpu_devices: int | None = None,
+  host_memory: str | None = None,
 ) -> bool:
-  """Returns True when this run is multi-process. Must run before any JAX computation."""
+  """Returns True when this run is multi-process. Must run before any JAX computation. ``host_memory``
+  (engine.host_memory), when given, is applied first (:func:`fedkd.hostmem.apply`: process-wide, before
+  JAX's backend starts)."""
+  if host_memory is not None:
+    from fedkd import hostmem
+
+    hostmem.apply(host_memory)
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
   if coordinator_address:

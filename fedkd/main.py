@@ -59,12 +59,12 @@ def main(argv: list[str]) -> None:
     raise ConfigError(f"config.task={config.get('task')!r} is not a known task; use one of {', '.join(TASKS)}")
   if _CPU_DEVICES.value is not None and _CPU_DEVICES.value < 1:
     cli.fail(f"--cpu_devices={_CPU_DEVICES.value} must be >= 1")
-  from fedkd import hostmem
   from fedkd.config import host_memory
 
-  try:
-    hostmem.apply(host_memory(config))  # before any JAX computation: process-wide
-    distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value, _CPU_DEVICES.value)
+  try:  # before any JAX computation: process-wide
+    distributed.maybe_initialize(
+      _COORD.value, _NPROC.value, _PID.value, _CPU_DEVICES.value, host_memory=host_memory(config)
+    )
   except ValueError as e:
     cli.fail(str(e))
   import jax
