@@ -326,7 +326,8 @@ def _train(
     else:
       write_atomic(rep.workdir / "config.json", json.dumps(rep.cfg_json, indent=2))
   states = [replicate(s, mesh) for s in states]
-  hp = [replicate({name: v[i] for name, v in hparams(configs).items()}, mesh) for i in range(len(reps))]
+  hp_all = hparams(configs)
+  hp = [replicate({name: v[i] for name, v in hp_all.items()}, mesh) for i in range(len(reps))]
   if keys == ["seed"]:
     which = "seeds " + ", ".join(str(rep.seed) for rep in reps)
   else:
