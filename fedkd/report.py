@@ -133,15 +133,36 @@ def write_text(path: str, text: str) -> None:
   _replace_atomic(path, lambda f: f.write(text))
 
 
+def code_version() -> dict:
+  """Which fedkd produced a table: the git commit of the checkout fedkd runs from, and whether it had
+  uncommitted changes (both None outside a git checkout, e.g. an installed wheel)."""
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    try:
+      out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+  commit = git("rev-parse", "HEAD")
+  status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+  return {"fedkd_commit": commit, "fedkd_dirty": None if status is None else bool(status)}
+
+
 def environment() -> dict:
   """What produced a table: machine (CPU model, cores), accelerator, Python / jax / jaxlib / XLA
-  versions, thread and XLA flags -- saved next to every results table (numbers differ between
-  machines and XLA builds)."""
+  versions, thread and XLA flags, host memory mode (fedkd.hostmem), fedkd's commit -- saved next to
+  every results table (numbers differ between machines, XLA builds and engine versions)."""
   import platform
   import sys
 
   import jax
   import jaxlib
+
+  from fedkd import hostmem
 
   cpu = platform.processor() or platform.machine()
   try:
@@ -161,6 +182,8 @@ def environment() -> dict:
     "device_count": jax.device_count(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+    "host_memory_kept": hostmem.kept(),
+    **code_version(),
   }
 
 

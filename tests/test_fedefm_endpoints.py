@@ -3,7 +3,10 @@ push-sum mixing on a directed graph inside the engine, the FedProx control again
 update, the partial-label foundation Dice against numpy, the per-round transfer count, and the source-
 classification track end to end."""
 
+import json
+import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -266,7 +269,15 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   assert all(r["cost"]["gflops_per_silo_round"] > fedavg0["cost"]["gflops_per_silo_round"] for r in fedefm)
   text = (tmp_path / "endpoints.md").read_text()
   assert "source-classification accuracy" in text and re.search(r"^\| P1 \| fedefm - fedavg \| 1 \|", text, re.M)
-  assert (tmp_path / "environment.json").exists()
+  env = json.loads((tmp_path / "environment.json").read_text())
+  assert env["jax"] == jax.__version__ and env["cpu_count"] == os.cpu_count()
+  # the commit the tables came from, as git itself reports it for this checkout (None outside one)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+  assert env["fedkd_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+  if env["fedkd_commit"] is not None:
+    dirty = subprocess.run(["git", "-C", root, "diff", "HEAD", "--quiet"]).returncode != 0
+    assert env["fedkd_dirty"] is dirty
 
 
 def test_contrast_between_two_workdirs_against_scipy(tmp_path):
