@@ -335,7 +335,8 @@ def _train(
   log(
     f"fedkd {config.algorithm.name}: {len(reps)} replicas ({which}) as one program, "
     f"{config.num_clients} clients ({config.clients_per_round}/round) each, {config.local_steps} local steps x batch "
-    f"{config.batch_size}, {config.image_size}px, {mesh.size} device(s) [{jax.default_backend()}], {engine.describe(opts)}"
+    f"{config.batch_size}, {config.image_size}px, {mesh.size} device(s) [{jax.default_backend()}], "
+    f"{engine.describe(opts, config.clients_per_round // mesh.size)}"
     f", replicas as {layout}" + (f"; resuming from round {start}" if start else "")
   )
   for rep in reps:
