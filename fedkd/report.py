@@ -147,7 +147,8 @@ def code_version() -> dict:
       return None
     return out.stdout.strip() if out.returncode == 0 else None
 
-  commit = git("rev-parse", "HEAD")
+  top = git("rev-parse", "--show-toplevel")  # fedkd's own checkout, not a repository that holds a venv
+  commit = git("rev-parse", "HEAD") if top and os.path.samefile(top, root) else None
   status = git("status", "--porcelain", "--untracked-files=no") if commit else None
   return {"fedkd_commit": commit, "fedkd_dirty": None if status is None else bool(status)}
 
