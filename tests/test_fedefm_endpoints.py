@@ -273,8 +273,12 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   assert env["jax"] == jax.__version__ and env["cpu_count"] == os.cpu_count()
   # the commit the tables came from, as git itself reports it for this checkout (None outside one)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
-  assert env["fedkd_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+  try:
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    want = head.stdout.strip() if head.returncode == 0 else None
+  except FileNotFoundError:  # no git on this machine
+    want = None
+  assert env["fedkd_commit"] == want
   if env["fedkd_commit"] is not None:
     dirty = subprocess.run(["git", "-C", root, "diff", "HEAD", "--quiet"]).returncode != 0
     assert env["fedkd_dirty"] is dirty
