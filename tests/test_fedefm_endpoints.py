@@ -273,9 +273,12 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   assert env["jax"] == jax.__version__ and env["cpu_count"] == os.cpu_count()
   # the commit the tables came from, as git itself reports it for this checkout (None outside one)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # (only when this folder is the checkout itself, not a folder inside some other repository)
   try:
-    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
-    want = head.stdout.strip() if head.returncode == 0 else None
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD", "--show-toplevel"], capture_output=True, text=True)
+    lines = head.stdout.split()
+    ours = head.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[1], root)
+    want = lines[0] if ours else None
   except FileNotFoundError:  # no git on this machine
     want = None
   assert env["fedkd_commit"] == want
