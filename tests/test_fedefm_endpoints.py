@@ -276,7 +276,7 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   # (only when this folder is the checkout itself, not a folder inside some other repository)
   try:
     head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD", "--show-toplevel"], capture_output=True, text=True)
-    lines = head.stdout.split()
+    lines = head.stdout.splitlines()
     ours = head.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[1], root)
     want = lines[0] if ours else None
   except FileNotFoundError:  # no git on this machine
