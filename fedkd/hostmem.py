@@ -39,11 +39,11 @@ def kept() -> bool:
 
 
 def in_effect() -> bool:
-  """Whether kept memory reaches the round: kept, and one CPU device (programs over several devices
-  still dispatch asynchronously, and their buffers come from XLA's worker threads)."""
+  """Whether kept memory reaches the round: kept, JAX running on the CPU, and one CPU device (programs
+  over several devices still dispatch asynchronously, and their buffers come from XLA's worker threads)."""
   import jax
 
-  return _kept and jax.local_device_count("cpu") == 1
+  return _kept and jax.default_backend() == "cpu" and jax.local_device_count("cpu") == 1
 
 
 def _mallopt():

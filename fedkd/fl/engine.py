@@ -403,5 +403,5 @@ def describe(options: EngineOptions, clients_per_shard: int | None = None) -> st
   k, flight = options.clients_in_flight, ""
   if options.layout == "unroll" and k:
     flight = " (all in flight)" if clients_per_shard is not None and k >= clients_per_shard else f" ({k} in flight)"
-  kept = ", host memory kept" if jax.default_backend() == "cpu" and hostmem.in_effect() else ""
+  kept = ", host memory kept" if hostmem.in_effect() else ""
   return f"clients run as {options.layout}{flight}{chunk} with {options.lowering} convs{steps}{kept}"
