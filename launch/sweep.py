@@ -18,9 +18,10 @@ and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful e
 unfinished ones from their latest checkpoint (fedkd.main does that by itself). A failed run does not
 stop the others; failures are listed at the end and the exit code is 1. Replicas (the default;
 ``--no-replicas`` turns them off): runs that differ only in their seed, learning rates, FedProx mu or DP
-noise / clip share ONE process and one compiled program (``fedkd.main --seeds / --replica_config``,
-fedkd.tasks.replicas; logs in the first run's folder) where the config allows it; the sweep says why
-when it does not and runs them one process each.
+noise / clip (whatever their method label) share ONE process and one compiled program
+(``fedkd.main --seeds / --replica_config``, fedkd.tasks.replicas; logs in the first run's folder) where
+the config allows it; the sweep says why when it does not and runs them one process each. A group is
+split into near-equal programs when fewer units than --parallel would leave a process slot idle.
 
 Outputs in OUT (drawn and tabulated by fedkd.report): sweep.json (the definition), results.md /
 results.csv (last evaluation of every run, mean +- sample std (ddof=1; n/a for one seed) over seeds
@@ -98,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     "--replicas",
     action=argparse.BooleanOptionalAction,
     default=True,
-    help="run the runs that differ only in their seed, learning rates, FedProx mu or DP noise/clip as replicas "
-    "of ONE compiled program (fedkd.main --seeds / --replica_config; fedkd.tasks.replicas) where the config "
-    "allows it, the rest one process per run (the default); --no-replicas: one process per run",
+    help="run the runs that differ only in their seed, learning rates, FedProx mu or DP noise/clip (whatever "
+    "their method label) as replicas of ONE compiled program (fedkd.main --seeds / --replica_config; "
+    "fedkd.tasks.replicas) where the config allows it (a group split into near-equal programs to keep "
+    "--parallel processes busy), the rest one process per run (the default); --no-replicas: one process per run",
   )
   p.add_argument("--metric", default="dice/catheter", help="metric for vs_<key>.png (default dice/catheter)")
   return p
@@ -249,24 +251,28 @@ def replica_command(defn: dict, runs: list[dict], out: str, configs: list | None
   ]
 
 
-def replica_groups(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[list[tuple[int, dict]]]:
+def replica_groups(
+  defn: dict, todo: list[tuple[int, dict]], out: str, parallel: int = 1
+) -> list[list[tuple[int, dict]]]:
   """``todo`` split into units: groups of runs that may run as replicas of one program (equal overrides
-  but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu, DP noise / clip; why_not
-  None; every workdir at the same checkpoint), the rest alone. Prints why such a group stays one process
-  per run."""
-  return [members for members, _ in _units(defn, todo, out)]
+  but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu, DP noise / clip, and the
+  ``method`` label; why_not None; every workdir at the same checkpoint), the rest alone. Prints why such
+  a group stays one process per run. Groups are split into near-equal parts while fewer units than
+  ``parallel`` would leave a process slot idle."""
+  return [members for members, _ in _units(defn, todo, out, parallel)]
 
 
-def _units(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[tuple[list[tuple[int, dict]], list | None]]:
+def _units(
+  defn: dict, todo: list[tuple[int, dict]], out: str, parallel: int = 1
+) -> list[tuple[list[tuple[int, dict]], list | None]]:
   """:func:`replica_groups`' units, each with its runs' configs (a group of replicas) or None (one run)."""
+  from fedkd.sweep import RESERVED
   from fedkd.tasks import replicas
 
   groups: dict[str, list[tuple[int, dict]]] = {}
   for i, run in todo:
-    key = json.dumps(
-      {k: v for k, v in run["overrides"].items() if k not in replicas.REPLICA_KEYS}, sort_keys=True, default=str
-    )
-    groups.setdefault(key, []).append((i, run))
+    shape = {k: v for k, v in run["overrides"].items() if k not in replicas.REPLICA_KEYS and k not in RESERVED}
+    groups.setdefault(json.dumps(shape, sort_keys=True, default=str), []).append((i, run))
   units = []
   for members in groups.values():
     if len(members) < 2:
@@ -284,7 +290,38 @@ def _units(defn: dict, todo: list[tuple[int, dict]], out: str) -> list[tuple[lis
     else:
       _say(f"{', '.join(r['name'] for r in runs)}: one process per run ({reason})")
       units.extend(([m], None) for m in members)
-  return units
+  return _fill_slots(units, parallel)
+
+
+def _fill_slots(
+  units: list[tuple[list[tuple[int, dict]], list | None]], parallel: int
+) -> list[tuple[list[tuple[int, dict]], list | None]]:
+  """``units`` with replica groups split into contiguous, near-equal parts (each part a group again, or a
+  single run) until there are ``parallel`` units or every part is one run: a sweep that is
+  one group of 8 runs under --parallel=2 runs as 2 programs of 4, not 1 of 8 with a slot idle."""
+  pieces = [1] * len(units)
+  while sum(pieces) < parallel:
+    j = max(range(len(units)), key=lambda j: len(units[j][0]) / pieces[j], default=None)
+    if j is None or len(units[j][0]) <= pieces[j]:  # every part is one run
+      break
+    pieces[j] += 1
+  result = []
+  for (members, configs), k in zip(units, pieces):
+    if k == 1:
+      result.append((members, configs))
+      continue
+    size, extra = divmod(len(members), k)
+    start = 0
+    for p in range(k):
+      stop = start + size + (p < extra)
+      part = members[start:stop]
+      result.append((part, configs[start:stop] if len(part) > 1 else None))
+      start = stop
+    _say(
+      f"{', '.join(r['name'] for _, r in members)}: {len(members)} replicas as {k} programs "
+      f"(sizes {', '.join(str(len(u[0])) for u in result[-k:])}) to keep --parallel={parallel} processes busy"
+    )
+  return result
 
 
 def unit_command(defn: dict, runs: list[dict], out: str, configs: list | None = None) -> list[str]:
@@ -367,7 +404,7 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
       _say(f"{i}/{total} {run['name']}: skipped (finished: round {run['num_rounds']}/{run['num_rounds']})")
     else:
       todo.append((i, run))
-  units = _units(defn, todo, out) if replicas else [([t], None) for t in todo]
+  units = _units(defn, todo, out, parallel) if replicas else [([t], None) for t in todo]
   failures: list[tuple[str, int, str]] = []
   active: dict[int, tuple] = {}  # pid -> (popen, members, command, t0, stderr offset, log files, stderr path)
 

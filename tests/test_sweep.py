@@ -484,3 +484,27 @@ def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
   runs = [{"name": "a", "overrides": {"seed": 0}}, {"name": "b", "overrides": {"seed": 0, "algorithm.prox_mu": 0.5}}]
   cmd = launcher.replica_command({"config": "configs/quickstart.py", "extra": []}, runs, str(tmp_path / "mixed"))
   assert "--replica_config=algorithm.prox_mu=0.01,0.5" in cmd and "--config.seed=0" in cmd, cmd
+
+
+def test_replica_groups_span_method_labels_and_fill_the_parallel_slots(tmp_path, capsys):
+  """The privacy sweep's 4 noise levels (a method label each) x 2 seeds are one group of replicas; under
+  --parallel=2 / 3 it runs as 2 / 3 contiguous near-equal programs, each command carrying its own runs'
+  noise and seeds; a lone run is never split."""
+  defn = launcher.build("configs/privacy.py", "tiny", [], [0, 1])
+  todo = list(enumerate(defn["runs"], 1))
+  assert len({r["overrides"]["method"] for r in defn["runs"]}) == 4 and len(todo) == 8
+  assert [len(u) for u in launcher.replica_groups(defn, todo, str(tmp_path))] == [8]
+  units = launcher.replica_groups(defn, todo, str(tmp_path), parallel=2)
+  assert [[i for i, _ in u] for u in units] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+  assert "8 replicas as 2 programs (sizes 4, 4) to keep --parallel=2 processes busy" in capsys.readouterr().out
+  assert [len(u) for u in launcher.replica_groups(defn, todo, str(tmp_path), parallel=3)] == [3, 3, 2]
+  assert [len(u) for u in launcher.replica_groups(defn, todo, str(tmp_path), parallel=20)] == [1] * 8
+  for seed, unit in enumerate(units):
+    cmd = launcher.replica_command(defn, [run for _, run in unit], str(tmp_path))
+    assert "--replica_config=dp.noise_multiplier=0.0,0.7,1.0,2.0" in cmd and f"--config.seed={seed}" in cmd, cmd
+    assert not any(a.startswith("--config.method") for a in cmd), cmd
+  # runs that differ in more than the replica keys stay apart, and single runs are not split
+  defn = launcher.build("configs/quickstart.py", None, [], [0, 1, 2])
+  defn["runs"].append({**defn["runs"][0], "name": "median", "overrides": {"aggregator.name": "median", "seed": 0}})
+  units = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path), parallel=3)
+  assert [[i for i, _ in u] for u in units] == [[1, 2], [3], [4]]
