@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import functools
 import os
 from collections.abc import Sequence
 
@@ -133,9 +134,12 @@ def write_text(path: str, text: str) -> None:
   _replace_atomic(path, lambda f: f.write(text))
 
 
+@functools.cache
 def code_version() -> dict:
   """Which fedkd produced a table: the git commit of the checkout fedkd runs from, and whether it had
-  uncommitted changes (both None outside a git checkout, e.g. an installed wheel)."""
+  uncommitted changes (both None outside a git checkout, e.g. an installed wheel). Read once per process
+  (the first call; an experiment calls it when it starts): a commit made while a long run goes on is not
+  the code that run loaded. Callers must not modify the returned dict."""
   import subprocess
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

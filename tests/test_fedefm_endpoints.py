@@ -229,10 +229,14 @@ def test_transfers_per_silo_round(tmp_path):
   assert exp._round_transfers("centralized", False, np.ones((1, 1)), np.zeros((1, 1), bool)) == 0.0
 
 
-def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
+def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path, monkeypatch):
   """Objective source: a foundation classifies which source an image comes from; a few rounds of
   FedAvg beat the untrained model's held-out accuracy; KD fine-tunes are skipped; endpoints.md and
-  environment.json are written."""
+  environment.json are written, with the commit read when the experiment started (git made unreachable
+  during the run changes nothing)."""
+  from fedkd import report
+
+  report.code_version.cache_clear()
   task, exp = _experiment(
     tmp_path,
     **{
@@ -252,7 +256,13 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path):
   types = exp.data.silo_types(0.0, 0)
   held = exp.heldout(types, 0)
   before = exp.foundation_score(exp.init_foundation(0), held)
+
+  def no_git(*args, **kwargs):
+    raise OSError("git is not reachable during the run")
+
+  monkeypatch.setattr(subprocess, "run", no_git)
   rows = exp.run()
+  monkeypatch.undo()
   assert all(not r["teacher_kd"] for r in rows) and len(rows) == 2
   for r in rows:
     assert [pt["round"] for pt in r["foundation_curve"]] == [10, 20]

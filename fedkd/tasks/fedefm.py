@@ -285,6 +285,7 @@ class Experiment:
     ``requested(step)``), asked after every pretraining round, every ``FT_CHUNK`` fine-tuning steps
     and between runs; None = never stop."""
     self.c, self.workdir, self.log, self.stop = c, os.path.expanduser(workdir), log, stop
+    report.code_version()  # the commit this process loaded, before a long run (environment.json reports it)
     self.parsed = validate(c)
     self.cfg_json = ckpt_lib.config_json(c)
     self.adj = self.parsed["adjacency"]
