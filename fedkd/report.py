@@ -25,9 +25,9 @@ error bar in plots. ``MEAN_STD`` says so in words; every table's caption carries
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
-import functools
 import os
 from collections.abc import Sequence
 
