@@ -321,3 +321,43 @@ def test_contrast_between_two_workdirs_against_scipy(tmp_path):
   assert f"| foundation | 5 | {d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] p={p:.3g}" in out, out
   bad = subprocess.run(cmd[:3] + [f"--a={tmp_path}/a:moon", cmd[4]], capture_output=True, text=True)
   assert bad.returncode == 2 and "holds no finished 'moon' run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_contrast_pools_workdirs_of_other_seeds_against_scipy(tmp_path):
+  """fedefm_contrast with a comma list per side: the seeds of both workdirs pooled (as a replication on
+  new seeds joins the first run), paired against scipy over all of them; a seed in two workdirs of one
+  side, or workdirs of different configs, is a one-line error."""
+  import json
+  import subprocess
+  import sys
+
+  rng = np.random.default_rng(5)
+  values = {}
+  for name, method, seeds in (("first", "fedefm", range(5)), ("rep", "fedefm", range(5, 9))):
+    (tmp_path / name).mkdir()
+    rows = []
+    for m in (method, "fedavg"):
+      for s in seeds:
+        values[m, s] = float(rng.uniform())
+        rows.append({"unseen_percent": 100.0, "method": m, "teacher_kd": False, "seed": s, "foundation": values[m, s]})
+    (tmp_path / name / "results_raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"task": "fedefm", "image_size": 32, "experiment": {"seeds": ",".join(map(str, seeds))}}
+    (tmp_path / name / "config.json").write_text(json.dumps(config))
+  a = f"--a={tmp_path}/first:fedefm,{tmp_path}/rep:fedefm"
+  b = f"--b={tmp_path}/first:fedavg,{tmp_path}/rep:fedavg"
+  cmd = [sys.executable, "-m", "fedkd.tasks.fedefm_contrast"]
+  out = subprocess.run(cmd + [a, b], capture_output=True, text=True, check=True).stdout
+  x = np.array([values["fedefm", s] for s in range(9)])
+  y = np.array([values["fedavg", s] for s in range(9)])
+  d = x - y
+  half = stats.t.ppf(0.975, 8) * d.std(ddof=1) / np.sqrt(9)
+  p = stats.ttest_rel(x, y).pvalue
+  assert f"| foundation | 9 | {d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] p={p:.3g}" in out, out
+  twice = subprocess.run(
+    cmd + [f"--a={tmp_path}/first:fedefm,{tmp_path}/first:fedefm", b], capture_output=True, text=True
+  )
+  assert twice.returncode == 2 and "seed 0 is in both" in twice.stderr and "Traceback" not in twice.stderr
+  other = {"task": "fedefm", "image_size": 64, "experiment": {"seeds": "5,6,7,8"}}
+  (tmp_path / "rep" / "config.json").write_text(json.dumps(other))
+  bad = subprocess.run(cmd + [a, b], capture_output=True, text=True)
+  assert bad.returncode == 2 and "config.image_size differs" in bad.stderr and "Traceback" not in bad.stderr

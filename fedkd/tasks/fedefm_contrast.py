@@ -7,6 +7,13 @@
 Each of ``--a`` / ``--b`` is ``WORKDIR:METHOD`` (``METHOD +KD`` for a teacher-KD fine-tune) read from
 ``WORKDIR/results_raw.jsonl`` at ``--unseen_percent`` (default 100); the seeds both hold are paired. Prints
 one Markdown row per key: a - b, 95% t-interval, paired t-test p, Holm over the keys given.
+
+A side may pool several workdirs that ran the same config on different seeds (comma list; a seed held by
+two of them, or configs that differ in more than ``config.experiment``, is an error), e.g. seeds 0-4 and a
+replication on seeds 5-9:
+
+  python -m fedkd.tasks.fedefm_contrast --a=runs/fedefm_seg:fedefm,runs/fedefm_rep:fedefm \
+      --b=runs/fedefm_seg:fedavg,runs/fedefm_rep:fedavg
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from fedkd import report
 from fedkd.config import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("a", None, "WORKDIR:METHOD of the first runs")
-flags.DEFINE_string("b", None, "WORKDIR:METHOD of the runs subtracted")
+flags.DEFINE_string("a", None, "WORKDIR:METHOD of the first runs (a comma list pools workdirs of other seeds)")
+flags.DEFINE_string("b", None, "WORKDIR:METHOD of the runs subtracted (a comma list pools workdirs of other seeds)")
 flags.DEFINE_string("keys", "foundation", "comma list of result keys (results_raw.jsonl), e.g. foundation,dice/mean")
 flags.DEFINE_float("unseen_percent", 100.0, "the unseen-label % of the runs compared")
 
@@ -51,6 +58,36 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
   return out
 
 
+def read_side(spec: str, percent: float) -> dict[int, dict]:
+  """{seed: record} of a comma list of ``WORKDIR:METHOD`` specs, pooled: their seeds must differ, and
+  their workdirs' configs (``config.json``, where every one has it) may differ only in
+  ``config.experiment`` (seeds, method lists)."""
+  specs = [x.strip() for x in spec.split(",") if x.strip()]
+  if not specs:
+    raise ConfigError(f"{spec!r}: give WORKDIR:METHOD, e.g. runs/fedefm_seg:fedefm")
+  out: dict[int, dict] = {}
+  where: dict[int, str] = {}
+  for one in specs:
+    for seed, record in read_runs(one, percent).items():
+      if seed in out:
+        raise ConfigError(f"seed {seed} is in both {where[seed]} and {one}; pool workdirs that ran different seeds")
+      out[seed], where[seed] = record, one
+  configs = [os.path.join(os.path.expanduser(x.rpartition(":")[0]), "config.json") for x in specs]
+  if len(specs) > 1 and all(os.path.exists(c) for c in configs):
+    from fedkd.tasks.fedefm import config_difference
+
+    with open(configs[0], encoding="utf-8") as f:
+      first = json.load(f)
+    for path, one in zip(configs[1:], specs[1:]):
+      with open(path, encoding="utf-8") as f:
+        key = config_difference(first, json.load(f), ignore=("experiment",))
+      if key is not None:
+        raise ConfigError(
+          f"{specs[0]} and {one} ran different configs (config.{key} differs); pool only runs of one config"
+        )
+  return out
+
+
 def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> list[str]:
   """Markdown rows ``| key | n | difference [95% CI] p (Holm) |`` over the seeds both hold."""
   seeds = sorted(set(a) & set(b))
@@ -73,7 +110,7 @@ def main(argv) -> int:
   try:
     if not FLAGS.a or not FLAGS.b:
       raise ConfigError("give --a=WORKDIR:METHOD and --b=WORKDIR:METHOD")
-    a, b = read_runs(FLAGS.a, FLAGS.unseen_percent), read_runs(FLAGS.b, FLAGS.unseen_percent)
+    a, b = read_side(FLAGS.a, FLAGS.unseen_percent), read_side(FLAGS.b, FLAGS.unseen_percent)
     if not set(a) & set(b):
       raise ConfigError(f"{FLAGS.a} (seeds {sorted(a)}) and {FLAGS.b} (seeds {sorted(b)}) share no seed")
     keys = [k.strip() for k in FLAGS.keys.split(",") if k.strip()]
