@@ -35,14 +35,20 @@ flags.DEFINE_string("keys", "foundation", "comma list of result keys (results_ra
 flags.DEFINE_float("unseen_percent", 100.0, "the unseen-label % of the runs compared")
 
 
-def read_runs(spec: str, percent: float) -> dict[int, dict]:
-  """{seed: record} of ``WORKDIR:METHOD`` (``METHOD +KD``: its teacher-KD rows)."""
+def _workdir(spec: str) -> str:
+  """The WORKDIR of a ``WORKDIR:METHOD`` spec (a ConfigError naming the form when either part is missing)."""
   workdir, sep, method = spec.rpartition(":")
   if not sep or not workdir or not method:
     raise ConfigError(f"{spec!r}: give WORKDIR:METHOD, e.g. runs/fedefm_seg:fedefm")
+  return os.path.expanduser(workdir)
+
+
+def read_runs(spec: str, percent: float) -> dict[int, dict]:
+  """{seed: record} of ``WORKDIR:METHOD`` (``METHOD +KD``: its teacher-KD rows)."""
+  method = spec.rpartition(":")[2]
   kd = method.endswith(" +KD")
   method = method.removesuffix(" +KD")
-  path = os.path.join(os.path.expanduser(workdir), "results_raw.jsonl")
+  path = os.path.join(_workdir(spec), "results_raw.jsonl")
   try:
     with open(path, encoding="utf-8") as f:
       rows = [json.loads(line) for line in f if line.strip()]
@@ -72,7 +78,7 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
       if seed in out:
         raise ConfigError(f"seed {seed} is in both {where[seed]} and {one}; pool workdirs that ran different seeds")
       out[seed], where[seed] = record, one
-  configs = [os.path.join(os.path.expanduser(x.rpartition(":")[0]), "config.json") for x in specs]
+  configs = [os.path.join(_workdir(x), "config.json") for x in specs]
   if len(specs) > 1 and all(os.path.exists(c) for c in configs):
     from fedkd.tasks.fedefm import config_difference
 
@@ -80,7 +86,7 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
       first = json.load(f)
     for path, one in zip(configs[1:], specs[1:]):
       with open(path, encoding="utf-8") as f:
-        key = config_difference(first, json.load(f), ignore=("experiment",))
+        key = config_difference(first, json.load(f))  # the results part: config.experiment is left out
       if key is not None:
         raise ConfigError(
           f"{specs[0]} and {one} ran different configs (config.{key} differs); pool only runs of one config"
