@@ -32,7 +32,12 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 START=$(date +%s)
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | tee -a "$LOG"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+if ! python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG" \
+  || [ "${PIPESTATUS[0]}" != 0 ]; then
+  echo "python3 ($(command -v python3)) cannot start JAX (above); run from an environment with jax installed" | tee -a "$LOG"
+  exit 2
+fi
+FAILED=0
 
 step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lines
   local limit=$1; shift
@@ -41,7 +46,14 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $* (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" 2>>"$LOG" | tee -a "$LOG" | grep '^{' >>"$JSONL"
-  [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMEOUT $*" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ]; then
+    echo "TIMEOUT $*" | tee -a "$LOG"
+  elif [ "$rc" != 0 ]; then  # a failed step shows its last lines here (stderr goes to the log only)
+    FAILED=$((FAILED + 1))
+    echo "FAILED (exit $rc) $*; the last lines of $LOG:" | tee -a "$LOG"
+    tail -n 5 "$LOG" | head -n 4
+  fi
 }
 
 B="python3 -m bench --rounds 3 --dtype bfloat16"
@@ -92,7 +104,9 @@ for s in "${STEPS[@]}"; do
   [ "$left" -lt 15 ] && { echo "SKIP (phase 1 time) $args" | tee -a "$LOG"; continue; }
   # shellcheck disable=SC2046
   (timeout "$left" $(command_of "$args") --compile-only 2>>"$LOG.phase1" | tee -a "$LOG" | grep '^{' >>"$JSONL"
-   [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMEOUT (phase 1) $args" | tee -a "$LOG") &
+   rc=${PIPESTATUS[0]}
+   [ "$rc" = 124 ] && echo "TIMEOUT (phase 1) $args" | tee -a "$LOG"
+   [ "$rc" != 0 ] && [ "$rc" != 124 ] && echo "FAILED (phase 1, exit $rc; see $LOG.phase1) $args" | tee -a "$LOG") &
 done
 wait
 echo "== phase 1 done at +$(( $(date +%s) - START ))s" | tee -a "$LOG"
@@ -123,4 +137,5 @@ fi
 step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
   python3 -m bench.conv $K --formulations centralized,xla,wgrad,gemm --passes fwd,all --reps 2 >/dev/null \
   && python3 bench/hlo_report.py /tmp/xdump && cp /tmp/xdump/*jit_gemm_all*after_optimizations.txt /tmp/xdump/*jit_wgrad_all*after_optimizations.txt '$OUT_DIR'/"
-echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL" | tee -a "$LOG"
+echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL; $FAILED step(s) failed" | tee -a "$LOG"
+[ "$FAILED" = 0 ]
