@@ -1,6 +1,6 @@
 """Quickstart: 4 simulated hospitals + 1 unseen, FedAvg, small UNet, 64px synthetic X-rays.
 
-3-6 minutes on 2 CPU cores (150 rounds x 4 clients x 4 local steps x batch 8):
+About 2 minutes on 2 idle CPU cores (150 rounds x 4 clients x 4 local steps x batch 8):
   python -m fedkd.main --config=configs/quickstart.py --workdir=runs/quickstart
 """
 

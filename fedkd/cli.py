@@ -27,7 +27,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, config a
 OUT = flags.DEFINE_string(
   "out",
   None,
-  "Output path (fedkd.eval: folder, default <workdir>/eval; fedkd.data.preview: PNG file, default preview.png).",
+  "Output path (fedkd.eval: folder, default <workdir>/eval; fedkd.data.preview: PNG file, default runs/preview.png).",
 )
 FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in pictures.")
 

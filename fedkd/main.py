@@ -35,7 +35,9 @@ _REPLICA_CONFIG = flags.DEFINE_multi_string(
   "(client_optimizer.learning_rate, server_optimizer.learning_rate, algorithm.prox_mu, dp.noise_multiplier, "
   "dp.clip_norm), zipped with --seeds (a single value serves every "
   "replica); e.g. --seeds=0 --replica_config=client_optimizer.learning_rate=0.01,0.03,0.1 is a 3-point "
-  "grid in one program. Workdirs: --workdir/<key-value...__seed-s> (or --replica_workdirs). FedEFM "
+  "grid in one program. Workdirs: --workdir/<the keys that vary, as key-value joined by __> (e.g. "
+  "client_optimizer.learning_rate-0.01, or client_optimizer.learning_rate-0.01__seed-1 when seeds vary too; or "
+  "--replica_workdirs). FedEFM "
   "(config.task=fedefm): fedefm.beta, fedefm.temperature, pretrain.learning_rate or "
   "pretrain.expert_learning_rate; the experiments run one after another in one process and share each "
   "method's compiled pretraining round.",

@@ -3,7 +3,7 @@ preemption notice of multi-process runs, and Ctrl-C.
 
 A training loop wraps its rounds in ``with StopSignals() as stop:`` and, after each finished round,
 calls ``stop.requested(round)``. When that is true, the loop saves a checkpoint of that round and
-raises :class:`Stopped`; the entry point prints ``preempted at round N; re-run to resume`` and exits 0
+raises :class:`Stopped`; the entry point prints ``preempted at round N (checkpoint saved); re-run the same command to resume`` and exits 0
 (SIGTERM / preemption) or 130 (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt): the last
 saved checkpoint stays, and the entry point prints how to resume.
 """

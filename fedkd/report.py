@@ -280,10 +280,19 @@ def eval_table(results: dict, unseen_name: str | None) -> str:
   return "\n".join(lines)
 
 
+def _null_for_nan(x):
+  """``x`` with every NaN float (a metric no image defines, e.g. hd95 with nothing predicted) as None."""
+  if isinstance(x, dict):
+    return {k: _null_for_nan(v) for k, v in x.items()}
+  return None if isinstance(x, float) and math.isnan(x) else x
+
+
 def write_eval_tables(results: dict, out: str, round_: int) -> None:
-  """``eval.json`` ({"round", "sites": {site: {class: {metric: value}}}}) and ``eval.csv`` (one row per
-  site, class and metric) in the folder ``out``."""
-  _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump({"round": round_, "sites": results}, f, indent=2))
+  """``eval.json`` ({"round", "sites": {site: {class: {metric: value}}}}; strict JSON: a metric no image
+  defines is null) and ``eval.csv`` (one row per site, class and metric; such a value is ``nan``) in the
+  folder ``out``."""
+  doc = {"round": round_, "sites": _null_for_nan(results)}
+  _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump(doc, f, indent=2, allow_nan=False))
   rows = [
     [site, cname, k, v] for site, res in results.items() for cname, entry in res.items() for k, v in entry.items()
   ]

@@ -341,10 +341,12 @@ def validate_sweep(
   extra = dict(extra or {})
   seen: dict[str, int] = {}
   configs = []
+  named = all(isinstance(o, Mapping) and all(isinstance(k, str) for k in o) for o in sweep)
+  names = run_names(sweep) if named else None  # the workdir names launch.sweep gives the runs
   for i, o in enumerate(sweep):
     if not isinstance(o, Mapping):
       raise SweepError(f"run {i} of the sweep is {o!r}, not a dict of overrides")
-    where = f"run {i} ({run_name(o) if all(isinstance(k, str) for k in o) else o!r})"
+    where = f"run {i} ({names[i] if names else o!r})"
     both = sorted(set(o) & set(extra))
     if both:
       raise SweepError(f"{where}: config.{both[0]} is swept and also set by --extra; drop one of them")

@@ -89,6 +89,13 @@ def test_tfds_training_resumes_exactly(tmp_path, data_dir, monkeypatch):
   lines = []
   resumed = fedavg.run(tfds_config(data_dir), work, log=lines.append)
   assert any("resuming from round 2" in l for l in lines)
+  # eval.examples_per_site is 2; each test split holds 3 (the fixture), so 2 are evaluated
+  assert any("(2 images per site):" in l for l in lines)
+  c = tfds_config(data_dir, num_rounds=1)
+  c.eval.examples_per_site = 5  # more than the 3 test images each site has: the summary says 3
+  lines = []
+  fedavg.run(c, str(tmp_path / "few"), log=lines.append)
+  assert any("(3 images per site):" in l for l in lines), [l for l in lines if "images per site" in l]
   for a, b in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

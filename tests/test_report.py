@@ -80,6 +80,15 @@ def test_eval_tables_and_site_table(tmp_path):
     rows = list(csv.reader(f))
   assert rows[0] == ["site", "class", "metric", "value"] and len(rows) == 1 + len(report.EVAL_METRICS) + 1
   assert ["a", "catheter", "hd95_nan_images", "2"] in rows
+  # a metric no image defines (NaN) is null in eval.json: strict JSON that any parser reads
+  results["a"]["catheter"]["assd"] = float("nan")
+  report.write_eval_tables(results, str(tmp_path), 8)
+  text = (tmp_path / "eval.json").read_text()
+  assert "NaN" not in text
+  assert json.loads(text)["sites"]["a"]["catheter"]["assd"] is None
+  assert json.loads(text)["sites"]["a"]["catheter"]["hd95"] == results["a"]["catheter"]["hd95"]
+  with open(tmp_path / "eval.csv") as f:
+    assert ["a", "catheter", "assd", "nan"] in list(csv.reader(f))
   per_site = {
     "s0": {"dice/c": 0.5, "iou/c": 0.25},
     "s1": {"dice/c": 0.7, "iou/c": 0.45},

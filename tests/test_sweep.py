@@ -133,6 +133,10 @@ def test_validate_sweep_errors():
     S.validate_sweep([{"model.width": 6}], c)
   with pytest.raises(S.SweepError, match="also set by --extra"):
     S.validate_sweep([{"seed": 1}], c, {"seed": 2})
+  # errors name a run by its workdir name (method label + the keys that vary), not by all its overrides
+  two = [{"method": m, "seed": 0, "num_rounds": 2, "eval.every": 1} for m in ("a", "b")]
+  with pytest.raises(S.SweepError, match=r"^run 0 \('a__seed-0'\): config.num_rounds is swept"):
+    S.validate_sweep(two, c, {"num_rounds": 4})
   configs = S.validate_sweep([{"method": "m", "seed": 3}], c, {"num_rounds": 4})
   assert configs[0].seed == 3 and configs[0].num_rounds == 4 and c.seed == 0
 

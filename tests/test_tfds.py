@@ -380,6 +380,13 @@ def test_cli(hospital, tmp_path, capsys):
   assert cli.main(["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}", "--site=Hospital A"]) == 0
   out = capsys.readouterr().out
   assert "xray_folder/Hospital_A" in out and f"train: {len(exp)} examples" in out
+  assert "no 'test' split" in out and "splits.json" in out  # fedkd.main would refuse it: say so at build time
+  stems = sorted(p.stem for p in (root / "images").iterdir())
+  (root / "splits.json").write_text(json.dumps({"train": stems[1:], "test": stems[:1]}))
+  args = ["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}", "--site=Hospital A", "--overwrite"]
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert "test: " in out and "no 'test' split" not in out
 
   bad = tmp_path / "bad_site"
   _bad_missing_mask(bad)

@@ -226,3 +226,11 @@ def test_robustness_config_errors(overrides, needle):
     c.client_optimizer.name, c.client_optimizer.momentum = "sgd", 0.0
   with pytest.raises(ConfigError, match=needle):
     validate(c, 1)
+
+
+def test_tensorboard_gets_every_comm_field_of_the_round_record():
+  """docs/outputs.md promises TensorBoard `comm/*`: the same four values as rounds.jsonl."""
+  rec, scalars = fedavg.round_logs(3, 0.5, [0, 1], 2, 10.0, 20.0, 30.0, 60.0)
+  want = {"comm/bytes_up": 10.0, "comm/bytes_down": 20.0, "comm/bytes_up_total": 30.0, "comm/bytes_down_total": 60.0}
+  assert {k: v for k, v in rec.items() if k.startswith("comm/")} == want
+  assert {k: v for k, v in scalars.items() if k.startswith("comm/")} == want

@@ -253,6 +253,7 @@ def round_logs(
   scalars = {
     "train/participants": float(participants),
     "comm/bytes_up": sent,
+    "comm/bytes_down": received,
     "comm/bytes_up_total": up_total,
     "comm/bytes_down_total": down_total,
   }
@@ -560,7 +561,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       f"{privacy.epsilon(last_round + 1):.3f} > config.dp.target_epsilon={config.dp.target_epsilon:g}"
     )
   personal = " (training sites with their clients' personal models)" if personal_sites else ""
-  log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({config.eval.examples_per_site} images per site):")
+  sizes = sorted({len(images) for images, _ in evaluator.sets.values()})  # fewer where a test split is smaller
+  count = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+  log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({count} images per site):")
   log(site_table(per_site, unseen_name))
   if privacy is not None:
     log(f"privacy: {privacy.spent(last_round)}")

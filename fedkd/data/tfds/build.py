@@ -73,6 +73,12 @@ def _summary(builder) -> list[str]:
     )
     sampled = "" if len(src) <= _SHAPE_SAMPLE else f" (first {_SHAPE_SAMPLE} inspected)"
     lines.append(f"  {split}: {sinfo.num_examples} examples; {shape_txt}; site {', '.join(sorted(sites))}{sampled}")
+  if "test" not in info.splits:
+    hint = " (xray_folder: a splits.json with a 'test' list of image stems)" if info.name == "xray_folder" else ""
+    lines.append(
+      f"note: no 'test' split; fedkd.main evaluates each site on its test split, so add one{hint} and rebuild "
+      "with --overwrite before training on this dataset"
+    )
   return lines
 
 
