@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     return
   primary = jax.process_index() == 0
   # one run per workdir; the processes of a run share it (the primary holds the lock)
-  with _claimed([cli.WORKDIR.value], lock=primary) as (workdir,), StopSignals() as stop:
+  with _claimed([cli.WORKDIR.value], config.task, lock=primary) as (workdir,), StopSignals() as stop:
     if config.task == "fedavg":
       from fedkd.tasks import fedavg
 
@@ -97,11 +97,12 @@ def main(argv: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _claimed(workdirs: list[str], lock: bool = True):
-  """The workdirs prepared and locked (``lock``) for the body. A user error in the body releases them
-  and removes those this call created if they are still empty (a refused run leaves no folder behind)."""
+def _claimed(workdirs: list[str], task: str, lock: bool = True):
+  """The workdirs prepared and locked (``lock``) for the body, each refused if it holds another task's
+  run. A user error in the body releases them and removes those this call created if they are still
+  empty (a refused run leaves no folder behind)."""
   from fedkd.errors import USER_ERRORS
-  from fedkd.workdir import Lock, as_path, is_remote, prepare, remove_if_empty
+  from fedkd.workdir import Lock, as_path, check_task, is_remote, prepare, remove_if_empty
 
   existed = [is_remote(w) or as_path(w).exists() for w in workdirs]
   paths = [prepare(w) for w in workdirs]
@@ -112,6 +113,8 @@ def _claimed(workdirs: list[str], lock: bool = True):
         held = Lock(p)
         held.acquire()
         taken.append(held)
+    for p in paths:
+      check_task(p, task)
     yield paths
   except USER_ERRORS:
     for held in taken:
@@ -183,7 +186,7 @@ def _run_replicas(config) -> None:
   reason = replicas.why_not(configs)
   if reason is not None:
     cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
-  with _claimed(workdirs), StopSignals() as stop:
+  with _claimed(workdirs, config.task), StopSignals() as stop:
     replicas.run(configs, workdirs, log=lambda line: print(line, flush=True), stop=stop)
   sys.stdout.flush()
 

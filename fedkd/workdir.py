@@ -69,12 +69,13 @@ def environment_oserror(e: BaseException | None) -> OSError | None:
 
 def prepare(workdir: str, *, create: bool = True) -> epath.Path:
   """The workdir as a path, created (``create``) and proven writable; a :class:`WorkdirError` else."""
-  if not workdir:
-    raise WorkdirError("--workdir is empty; pass a folder, e.g. --workdir=runs/quickstart")
+  if not workdir or not workdir.strip():
+    raise WorkdirError(f"--workdir={workdir!r} is empty; pass a folder, e.g. --workdir=runs/quickstart")
   path = as_path(workdir)
   try:
     if path.exists() and not path.is_dir():
       raise WorkdirError(f"--workdir={workdir} is a file, not a folder; pass a folder path")
+    _check_entries(path, workdir)
     if not create:
       if not path.is_dir():
         raise WorkdirError(f"--workdir={workdir} does not exist")
@@ -95,6 +96,53 @@ def prepare(workdir: str, *, create: bool = True) -> epath.Path:
   return path
 
 
+# What fedkd writes in a workdir, by kind: the same name as the other kind (a folder called
+# metrics.jsonl, a file called checkpoints) would fail mid-run, or leave orbax's save threads waiting.
+WORKDIR_FILES = ("config.json", "metrics.jsonl", "rounds.jsonl", "results_raw.jsonl", "environment.json")
+WORKDIR_FOLDERS = ("checkpoints", "tb", "eval", "foundations")
+
+
+def _check_entries(path: epath.Path, workdir: str) -> None:
+  if not path.is_dir():
+    return
+  for name in WORKDIR_FILES:
+    if (path / name).is_dir():
+      raise WorkdirError(
+        f"--workdir={workdir}: {name} is a folder, but fedkd writes a file there; move it away or use another --workdir"
+      )
+  for name in WORKDIR_FOLDERS:
+    p = path / name
+    if p.exists() and not p.is_dir():
+      raise WorkdirError(
+        f"--workdir={workdir}: {name} is a file, but fedkd keeps a folder there; move it away or use another --workdir"
+      )
+
+
+def check_task(path: epath.Path, task: str) -> None:
+  """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
+  would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""
+  cfg = path / "config.json"
+  if not cfg.exists():
+    return
+  try:
+    saved = json.loads(cfg.read_text())
+  except (OSError, ValueError) as e:
+    raise WorkdirError(
+      f"{cfg} is unreadable ({type(e).__name__}: {str(e)[:80]}), and a run would replace it; use another "
+      "--workdir (or move the file away)"
+    ) from None
+  if not isinstance(saved, dict) or not {"task", "seed", "num_rounds"} & set(saved):
+    raise WorkdirError(
+      f"{cfg} is not a config fedkd wrote, and a run would replace it; use another --workdir (or move the file away)"
+    )
+  was = saved.get("task", "fedavg")
+  if was != task:
+    raise WorkdirError(
+      f"--workdir={path} holds a {was!r} run (config.task={was!r} in its config.json), not a {task!r} one; "
+      f"use another --workdir for the {task!r} run"
+    )
+
+
 def remove_if_empty(path: epath.Path) -> None:
   """Removes ``path`` when it holds nothing but an (unheld) lock file: a run that was refused
   before it wrote anything leaves no folder behind."""
@@ -113,10 +161,17 @@ def write_atomic(path: epath.Path, text: str) -> None:
   new content, never a cut one."""
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_text(text)
-  if is_remote(path):
-    tmp.replace(path)  # object stores: a copy over the old object, then the source is deleted
-  else:
-    os.replace(os.fspath(tmp), os.fspath(path))
+  try:
+    if is_remote(path):
+      tmp.replace(path)  # object stores: a copy over the old object, then the source is deleted
+    else:
+      os.replace(os.fspath(tmp), os.fspath(path))
+  except BaseException:
+    try:
+      tmp.unlink()
+    except OSError:
+      pass
+    raise
 
 
 def _pid_alive(pid: int) -> bool:

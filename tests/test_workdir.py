@@ -93,6 +93,81 @@ def test_prepare_refuses_files_and_expands_home(tmp_path, monkeypatch):
   assert not (tmp_path / "~").exists()
 
 
+def test_prepare_refuses_entries_of_the_wrong_kind_and_blank_paths(tmp_path):
+  """A file where fedkd keeps a folder (checkpoints: orbax's save threads then waited forever) or a folder
+  where it writes a file: refused before anything is written, the entry left as it was."""
+  for name, make in (
+    ("checkpoints", "file"),
+    ("tb", "file"),
+    ("eval", "file"),
+    ("config.json", "dir"),
+    ("metrics.jsonl", "dir"),
+    ("rounds.jsonl", "dir"),
+  ):
+    run = tmp_path / f"run_{name}"
+    run.mkdir()
+    (run / name).mkdir() if make == "dir" else (run / name).write_text("mine")
+    with pytest.raises(wd.WorkdirError, match=f"{name} is a {'folder' if make == 'dir' else 'file'}"):
+      wd.prepare(str(run))
+    assert sorted(p.name for p in run.iterdir()) == [name]
+    assert (run / name).is_dir() if make == "dir" else (run / name).read_text() == "mine"
+  for blank in ("", " ", "\t"):
+    with pytest.raises(wd.WorkdirError, match="is empty"):
+      wd.prepare(blank)
+
+
+def test_check_task_refuses_another_tasks_workdir_and_foreign_config_json(tmp_path):
+  """A FedAvg run into a FedEFM experiment's workdir replaced its config.json: refused, file untouched."""
+  cases = {
+    "fedefm_run": ('{"task": "fedefm", "seed": 0}', r"holds a 'fedefm' run .*not a 'fedavg' one"),
+    "foreign": ('{"a": 1}', "not a config fedkd wrote"),
+    "list": ("[1, 2]", "not a config fedkd wrote"),
+    "cut": ('{"task": "fed', "is unreadable"),
+  }
+  for name, (text, message) in cases.items():
+    run = tmp_path / name
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    with pytest.raises(wd.WorkdirError, match=message):
+      wd.check_task(epath.Path(run), "fedavg")
+    assert (run / "config.json").read_text() == text
+  ok = tmp_path / "ok"
+  ok.mkdir()
+  wd.check_task(epath.Path(ok), "fedavg")  # no config.json yet
+  (ok / "config.json").write_text('{"seed": 0, "num_rounds": 3}')  # no task key: a fedavg run
+  wd.check_task(epath.Path(ok), "fedavg")
+  with pytest.raises(wd.WorkdirError, match="holds a 'fedavg' run"):
+    wd.check_task(epath.Path(ok), "fedefm")
+
+
+def test_an_error_exit_does_not_wait_forever_for_a_stuck_thread(tmp_path):
+  """After an error, Python's exit joins every non-daemon thread; one that never finishes (as orbax's
+  after a failed asynchronous save) must not keep the process alive: the error line, then exit 2."""
+  script = tmp_path / "stuck.py"
+  script.write_text(
+    "import threading\n"
+    "from fedkd import cli\n"
+    "from fedkd.errors import UserError\n"
+    "def main(argv):\n"
+    "  threading.Thread(target=threading.Event().wait).start()  # non-daemon, waits forever\n"
+    "  raise UserError('the problem; the fix')\n"
+    "cli.run_app(main, ['stuck'], uses_config=False)\n"
+  )
+  import subprocess
+  import sys
+
+  proc = subprocess.run(
+    [sys.executable, str(script)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert proc.returncode == 2, proc.stderr
+  assert "fedkd: error: the problem; the fix" in proc.stderr and "did not finish" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_cut_last_metrics_line_dropped_with_note(tmp_path):
   p = tmp_path / "metrics.jsonl"
   p.write_text('{"round": 0, "loss": 1.0}\n{"round": 5, "loss": 0.5}\n{"round": 10, "lo')
