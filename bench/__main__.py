@@ -220,6 +220,28 @@ def _resolve(a) -> argparse.Namespace:
       fail(f"--{k}={getattr(a, k)} must be positive")
   if a.size % (2**a.depth):
     fail(f"--size={a.size} must be divisible by 2**depth={2**a.depth}")
+  if a.devices < 0:
+    fail(f"--devices={a.devices} must be >= 0 (0: the gcd of --clients and the visible devices)")
+  return a
+
+
+def _check_devices(a) -> argparse.Namespace:
+  """--devices against the devices JAX sees (after fedkd.distributed set them up): at most that many, and
+  a divisor of --clients (and of every --scale count) so each device holds whole clients."""
+  import jax
+
+  if not a.devices:
+    return a
+  visible = jax.device_count()
+  if a.devices > visible:
+    fail(
+      f"--devices={a.devices} but only {visible} {jax.default_backend()} device(s) are visible; give "
+      f"--devices <= {visible}, or 0 for the gcd of --clients and the visible devices"
+    )
+  counts = [("--clients", a.clients)] + [("--scale", int(v)) for v in a.scale.split(",") if v.strip().isdigit()]
+  for flag, n in counts:
+    if n % a.devices:
+      fail(f"{flag}={n} is not divisible by --devices={a.devices}; give a --devices that divides it")
   return a
 
 
@@ -301,7 +323,7 @@ def main(argv=None) -> None:
     return measure_main(rest, a.rounds)
   if multi:
     fail("only --measure runs multi-process; time the round benchmark in one process")
-  return round_main(_resolve(a))
+  return round_main(_check_devices(_resolve(a)))
 
 
 def measure_main(config_args: list[str], reps: int) -> None:

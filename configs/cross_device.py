@@ -10,23 +10,23 @@ arg (comma list, optional): ``clients=N`` (registered clients), ``per_round=K``,
 ``device`` (client state in device memory instead: num_clients x model size on every device).
 """
 
-from fedkd.config import ConfigError, base_config, parse_arg
+from fedkd.config import FLAG, base_config, parse_arg, whole_number
+
+# also configs/privacy.py's arguments
+ARGS = {"clients": whole_number(1), "per_round": whole_number(1), "rounds": whole_number(1), "device": FLAG}
 
 
 def get_config(arg=None):
-  a = parse_arg(arg)
+  return build(parse_arg(arg, ARGS, __file__))
+
+
+def build(a: dict):
+  """The config for the parsed arguments ``a`` (``fedkd.config.parse_arg(arg, ARGS, ...)``)."""
   c = base_config()
-  try:
-    c.num_clients = int(a.pop("clients", 10_000))
-    c.clients_per_round = int(a.pop("per_round", 32))
-    c.num_rounds = int(a.pop("rounds", 60))
-  except ValueError as e:
-    raise ConfigError(f"bad config argument in {arg!r}: {e}") from None
-  placement = "device" if a.pop("device", False) else "host"
-  if a:
-    raise ConfigError(
-      f"unknown config argument(s) {sorted(a)} in {arg!r}; known: clients=N, per_round=K, rounds=R, device"
-    )
+  c.num_clients = a.get("clients", 10_000)
+  c.clients_per_round = a.get("per_round", 32)
+  c.num_rounds = a.get("rounds", 60)
+  placement = "device" if a.get("device", False) else "host"
   c.local_steps = 4
   c.batch_size = 2
   c.image_size = 64

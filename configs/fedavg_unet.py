@@ -6,11 +6,14 @@
 Any key can still be overridden with --config.KEY=VALUE.
 """
 
-from fedkd.config import ConfigError, base_config, parse_arg, pop_seeds
+from fedkd.config import FLAG, SEEDS, base_config, parse_arg, real_number, whole_number
+
+ARGS = {"runlocal": FLAG, "clients": whole_number(1), "per_round": whole_number(1), "skew": real_number(0.0)}
+SWEEP_ARGS = {"seeds": SEEDS, "fedavgm": FLAG, "tiny": FLAG}
 
 
 def get_config(arg=None):
-  a = parse_arg(arg)
+  a = parse_arg(arg, ARGS, __file__)
   c = base_config()
   c.num_rounds = 200
   c.num_clients = 16
@@ -22,7 +25,7 @@ def get_config(arg=None):
   c.model.depth = 4
   c.eval.every = 20
   c.checkpoint.every = 20
-  if a.pop("runlocal", False):
+  if a.get("runlocal", False):
     c.num_rounds = 20
     c.num_clients = 4
     c.clients_per_round = 4
@@ -33,20 +36,11 @@ def get_config(arg=None):
     c.model.groups = 4
     c.eval.every = 5
     c.checkpoint.every = 5
-  try:
-    if "clients" in a:
-      c.num_clients = int(a.pop("clients"))
-      c.clients_per_round = min(c.clients_per_round, c.num_clients)
-    if "per_round" in a:
-      c.clients_per_round = int(a.pop("per_round"))
-    if "skew" in a:
-      c.quantity_skew = float(a.pop("skew"))
-  except ValueError as e:
-    raise ConfigError(f"bad config argument in {arg!r}: {e}") from None
-  if a:
-    raise ConfigError(
-      f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, clients=N, per_round=N, skew=X"
-    )
+  if "clients" in a:
+    c.num_clients = a["clients"]
+    c.clients_per_round = min(c.clients_per_round, c.num_clients)
+  c.clients_per_round = a.get("per_round", c.clients_per_round)
+  c.quantity_skew = a.get("skew", c.quantity_skew)
   return c
 
 
@@ -62,12 +56,10 @@ def get_sweep(arg=None):
   """
   from fedkd.sweep import TINY, product
 
-  a = parse_arg(arg)
-  tiny = a.pop("tiny", False)
-  with_momentum = a.pop("fedavgm", False)
-  seeds = pop_seeds(a, arg, 3)
-  if a:
-    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, fedavgm, tiny")
+  a = parse_arg(arg, SWEEP_ARGS, __file__, "sweep")
+  tiny = a.get("tiny", False)
+  with_momentum = a.get("fedavgm", False)
+  seeds = range(a.get("seeds", 3))
   methods = [{"method": "fedavg", "server_optimizer.momentum": 0.0}]
   if with_momentum:
     methods.append({"method": "fedavgm", "server_optimizer.momentum": 0.9})

@@ -11,11 +11,13 @@ resumes inside the run it was in (checkpoints every --config.checkpoint.every ro
 <workdir>/checkpoints/; finished runs are kept in results_raw.jsonl and skipped).
 """
 
-from fedkd.config import ConfigError, fedefm_base_config, parse_arg
+from fedkd.config import FLAG, SEEDS, fedefm_base_config, parse_arg
+
+ARGS = {"runlocal": FLAG, "source": FLAG, "ablation": FLAG, "tiny": FLAG, "seeds": SEEDS}
 
 
 def get_config(arg=None):
-  a = parse_arg(arg)
+  a = parse_arg(arg, ARGS, __file__)
   c = fedefm_base_config()
   # GPU-sized default: 64 px, bigger ViT, longer pretraining.
   c.image_size = 64
@@ -38,9 +40,9 @@ def get_config(arg=None):
   c.downstream.test_examples = 128
   c.downstream.steps = 600
   c.downstream.batch_size = 16
-  if a.pop("runlocal", False):  # 2 CPU cores, < 30 minutes: fedkd.config defaults (32 px, tiny ViT)
+  if a.get("runlocal", False):  # 2 CPU cores, < 30 minutes: fedkd.config defaults (32 px, tiny ViT)
     c = fedefm_base_config()
-  if a.pop("tiny", False):  # tests: seconds per run
+  if a.get("tiny", False):  # tests: seconds per run
     c = fedefm_base_config()
     c.image_size = 16
     c.pretrain.num_silos = 4
@@ -65,23 +67,10 @@ def get_config(arg=None):
     c.experiment.methods = "scratch,fedavg,fedefm"
     c.experiment.kd_methods = "fedefm"
     c.experiment.ablation_percents = ""
-  if a.pop("source", False):  # track A: source classification (the same silos, rounds and optimiser)
+  if a.get("source", False):  # track A: source classification (the same silos, rounds and optimiser)
     c.pretrain.objective = "source"
-  if a.pop("ablation", False):
+  if a.get("ablation", False):
     c.experiment.ablation_percents = "0,25,50,75"
   if "seeds" in a:
-    try:
-      v = a.pop("seeds")
-      if v is True:  # a bare 'seeds' (no '=N')
-        raise ValueError("no number given")
-      n = int(v)
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"bad seeds= in {arg!r}: {e}; give a number of seeds, e.g. seeds=3") from None
-    if n < 1:
-      raise ConfigError(f"seeds={n} in {arg!r}: give a number of seeds >= 1, e.g. seeds=3")
-    c.experiment.seeds = ",".join(str(s) for s in range(n))
-  if a:
-    raise ConfigError(
-      f"unknown config argument(s) {sorted(a)} in {arg!r}; known: runlocal, source, ablation, tiny, seeds=N"
-    )
+    c.experiment.seeds = ",".join(str(s) for s in range(a["seeds"]))
   return c

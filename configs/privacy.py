@@ -9,14 +9,15 @@ only: no privacy, epsilon
 infinite), 0.7, 1.0 and 2.0, which spend epsilon about 14, 5.2 and 0.84 at delta 1e-5 over the 60 rounds
 (fedkd.fl.dp.epsilon; docs/algorithms.md has the measured curve).
 
-arg: as configs/cross_device.py (``clients=N``, ``per_round=K``, ``rounds=R``).
+arg: as configs/cross_device.py (``clients=N``, ``per_round=K``, ``rounds=R``, ``device``).
 """
 
-from fedkd.config import sibling_config
+from fedkd.config import parse_arg, sibling_config
 
 
 def get_config(arg=None):
-  c = sibling_config(__file__, "cross_device.py").get_config(arg)
+  cross_device = sibling_config(__file__, "cross_device.py")
+  c = cross_device.build(parse_arg(arg, cross_device.ARGS, __file__))  # errors name this file
   c.algorithm.name = "fedavg"  # DP-FedAvg wraps uploads that are plain deltas
   c.dp.enabled = True
   c.dp.clip_norm = 0.3
@@ -27,14 +28,12 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """arg (comma list): ``seeds=N`` (default 2), ``tiny`` (seconds-long smoke runs)."""
-  from fedkd.config import ConfigError, parse_arg, pop_seeds
+  from fedkd.config import FLAG, SEEDS
   from fedkd.sweep import TINY, product
 
-  a = parse_arg(arg)
-  tiny = a.pop("tiny", False)
-  seeds = pop_seeds(a, arg, 2)
-  if a:
-    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny")
+  a = parse_arg(arg, {"seeds": SEEDS, "tiny": FLAG}, __file__, "sweep")
+  tiny = a.get("tiny", False)
+  seeds = range(a.get("seeds", 2))
   noise = [{"method": f"z={z:g}", "dp.noise_multiplier": z} for z in (0.0, 0.7, 1.0, 2.0)]
   sweep = product(product(seed=list(seeds)), noise)
   return product(sweep, [TINY]) if tiny else sweep

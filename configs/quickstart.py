@@ -4,14 +4,16 @@ About 2 minutes on 2 idle CPU cores (150 rounds x 4 clients x 4 local steps x ba
   python -m fedkd.main --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
-from fedkd.config import ConfigError, base_config
+from fedkd.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-  if arg:
-    raise ConfigError(
-      f"configs/quickstart.py takes no variant, got {arg!r}; drop ':{arg}' and override keys with --config.KEY=VALUE"
-    )
+  parse_arg(arg, {}, __file__)  # no variants: override keys with --config.KEY=VALUE
+  return build()
+
+
+def build():
+  """The quickstart config (configs/robust.py and configs/zoo.py build on it)."""
   c = base_config()
   c.num_rounds = 150
   c.num_clients = 4
@@ -42,15 +44,13 @@ def get_sweep(arg=None):
   with ``--replicas`` the whole grid is one compiled program). The "method" key is a label for tables
   and plots, not a config key. Seeds vary slowest, so the first runs already compare both methods.
   """
-  from fedkd.config import ConfigError, parse_arg, pop_seeds
+  from fedkd.config import FLAG, SEEDS
   from fedkd.sweep import TINY, product
 
-  a = parse_arg(arg)
-  tiny = a.pop("tiny", False)
-  lr_grid = a.pop("lr_grid", False)
-  seeds = pop_seeds(a, arg, 2)
-  if a:
-    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, tiny, lr_grid")
+  a = parse_arg(arg, {"seeds": SEEDS, "tiny": FLAG, "lr_grid": FLAG}, __file__, "sweep")
+  tiny = a.get("tiny", False)
+  lr_grid = a.get("lr_grid", False)
+  seeds = range(a.get("seeds", 2))
   if lr_grid:
     sweep = product(product(seed=list(seeds)), product(**{"client_optimizer.learning_rate": [1e-3, 3e-3, 1e-2]}))
     return product(sweep, [TINY]) if tiny else sweep

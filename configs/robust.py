@@ -10,11 +10,12 @@ f = 1). The attacker (client 0, round(0.2 x 4) = 1) sends its update scaled by -
 scale | sign_flip | gaussian).
 """
 
-from fedkd.config import sibling_config
+from fedkd.config import parse_arg, sibling_config
 
 
 def get_config(arg=None):
-  c = sibling_config(__file__, "quickstart.py").get_config(arg)
+  parse_arg(arg, {}, __file__)  # no variants (errors name this file, not quickstart.py)
+  c = sibling_config(__file__, "quickstart.py").build()
   c.num_rounds = 50
   c.eval.every = 25
   c.attack.fraction = 0.2
@@ -24,17 +25,14 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """arg (comma list): ``seeds=N`` (default 3), ``attack=scale|sign_flip|gaussian`` (default scale),
   ``tiny`` (seconds-long smoke runs)."""
-  from fedkd.config import ConfigError, parse_arg, pop_seeds
+  from fedkd.config import FLAG, SEEDS, one_of
   from fedkd.sweep import TINY, product
 
-  a = parse_arg(arg)
-  tiny = a.pop("tiny", False)
-  attack = str(a.pop("attack", "scale"))
-  if attack not in ("scale", "sign_flip", "gaussian"):
-    raise ConfigError(f"unknown attack {attack!r} in {arg!r}; use attack=scale, sign_flip or gaussian")
-  seeds = pop_seeds(a, arg, 3)
-  if a:
-    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, attack=NAME, tiny")
+  spec = {"seeds": SEEDS, "attack": one_of("scale", "sign_flip", "gaussian"), "tiny": FLAG}
+  a = parse_arg(arg, spec, __file__, "sweep")
+  tiny = a.get("tiny", False)
+  attack = a.get("attack", "scale")
+  seeds = range(a.get("seeds", 3))
   methods = [{"method": "clean", "attack.name": "none", "aggregator.name": "mean"}]
   for agg, extra in (
     ("mean", {}),

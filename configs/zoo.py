@@ -14,7 +14,7 @@ assumes plain SGD steps run with SGD clients (learning rate 0.2) and heterogeneo
 per client and round): fedavg_sgd (their baseline), fednova, scaffold.
 """
 
-from fedkd.config import sibling_config
+from fedkd.config import parse_arg, sibling_config
 
 ADAM = {
   "fedavg": {},
@@ -40,7 +40,8 @@ METHODS = {**ADAM, **{k: {**SGD, **v} for k, v in PLAIN_SGD.items()}}
 
 
 def get_config(arg=None):
-  c = sibling_config(__file__, "quickstart.py").get_config(arg)
+  parse_arg(arg, {}, __file__)  # no variants (errors name this file, not quickstart.py)
+  c = sibling_config(__file__, "quickstart.py").build()
   c.num_rounds = 50
   c.eval.every = 10
   return c
@@ -49,18 +50,20 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """arg (comma list): ``seeds=N`` (default 2), ``only=a+b+...`` (a subset of the methods), ``tiny``
   (seconds-long smoke runs)."""
-  from fedkd.config import ConfigError, parse_arg, pop_seeds
+  from fedkd.config import FLAG, SEEDS, ArgValue
   from fedkd.sweep import TINY, product
 
-  a = parse_arg(arg)
-  tiny = a.pop("tiny", False)
-  only = str(a.pop("only", "")).split("+") if "only" in a else list(METHODS)
-  unknown = [m for m in only if m not in METHODS]
-  if unknown:
-    raise ConfigError(f"unknown method(s) {unknown} in {arg!r}; known: {', '.join(METHODS)}")
-  seeds = pop_seeds(a, arg, 2)
-  if a:
-    raise ConfigError(f"unknown sweep argument(s) {sorted(a)} in {arg!r}; known: seeds=N, only=a+b, tiny")
+  def methods_of(v: str) -> list[str]:
+    names = v.split("+")
+    if any(m not in METHODS for m in names):
+      raise ValueError(v)
+    return list(dict.fromkeys(names))
+
+  only_arg = ArgValue("a+b", methods_of, f"give methods joined by '+' from {', '.join(METHODS)}")
+  a = parse_arg(arg, {"seeds": SEEDS, "only": only_arg, "tiny": FLAG}, __file__, "sweep")
+  tiny = a.get("tiny", False)
+  only = a.get("only", list(METHODS))
+  seeds = range(a.get("seeds", 2))
   methods = [{"method": m, **METHODS[m]} for m in only]
   sweep = product(product(seed=list(seeds)), methods)
   return product(sweep, [TINY]) if tiny else sweep

@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import threading
+import time
+import traceback
 from typing import Any
 from collections.abc import Callable
 
@@ -102,7 +105,43 @@ def run_app(
         raise
       fail(describe_os_error(err, err.filename or "the workdir"))
 
-  app.run(wrapped, argv=argv, flags_parser=parser)
+  try:
+    app.run(wrapped, argv=argv, flags_parser=parser)
+  except SystemExit as e:
+    code = e.code
+    if isinstance(code, int) and code != 0:
+      _exit_past_stuck_threads(code)
+    elif code is not None and not isinstance(code, int):  # a message: Python prints it, exit 1
+      _exit_past_stuck_threads(1, lambda: print(code, file=sys.stderr))
+    raise
+  except BaseException:  # a bug: its traceback (printed here only if Python cannot exit itself), exit 1
+    _exit_past_stuck_threads(1, traceback.print_exc)
+    raise
+
+
+def _exit_past_stuck_threads(code: int, before_exit: Callable[[], Any] | None = None, grace_s: float = 10.0) -> None:
+  """On an error exit: give other non-daemon threads ``grace_s`` seconds, then leave without them.
+
+  Python's exit joins every non-daemon thread; after a failed asynchronous save orbax leaves threads
+  that wait forever for a signal the failed save never sends, so the process printed its error and then
+  hung. Checkpoints are written to a temporary folder and renamed when complete, so leaving an
+  unfinished one behind loses nothing that was saved."""
+  main = threading.main_thread()
+  deadline = time.monotonic() + grace_s
+  for t in threading.enumerate():
+    if t is not main and not t.daemon:
+      try:
+        threading.Thread.join(t, max(0.0, deadline - time.monotonic()))  # orbax's own join raises on timeout
+      except RuntimeError:  # not started
+        pass
+  stuck = [t.name for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+  if stuck:
+    if before_exit is not None:
+      before_exit()  # what Python would print on its way out
+    print(f"fedkd: {len(stuck)} background thread(s) did not finish; exiting without them", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print_help(full: bool, usage: str, uses_config: bool) -> None:
@@ -211,6 +250,11 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
 
   from fedkd.errors import USER_ERRORS
 
+  if not path.endswith(".py"):
+    fail(
+      f"--config={path} is not a config file: a config is a Python file (.py) defining get_config(arg), "
+      "e.g. --config=configs/quickstart.py"
+    )
   try:
     spec = importlib.util.spec_from_file_location("_fedkd_config_check", path)
     module = importlib.util.module_from_spec(spec)

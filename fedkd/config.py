@@ -504,27 +504,110 @@ def sibling_config(config_file: str, name: str):
   return module
 
 
-def pop_seeds(a: dict, arg: str | None, default: int) -> range:
-  """``range(N)`` for a sweep argument ``seeds=N`` popped from ``a`` (:func:`parse_arg`'s dict; ``default``
-  without it); a value that is not a whole number is a one-line ConfigError naming ``arg``."""
-  try:
-    return range(int(a.pop("seeds", default)))
-  except ValueError as e:
-    raise ConfigError(f"bad sweep argument in {arg!r}: {e}") from None
+FLAG = None  # a config-file argument that is an on/off switch: given bare ('runlocal'), never with a value
 
 
-def parse_arg(arg: str | None) -> dict[str, str | bool]:
-  """'clients=64,runlocal' -> {'clients': '64', 'runlocal': True}."""
-  out: dict[str, str | bool] = {}
+class ArgValue:
+  """A config-file argument that takes a value, ``name=VALUE``: ``placeholder`` is how the accepted forms
+  write VALUE (``clients=N``), ``convert`` turns the text into the value (ValueError when it cannot) and
+  ``hint`` says what to give instead (``{name}`` is replaced by the argument's name)."""
+
+  def __init__(self, placeholder: str, convert: Callable[[str], object], hint: str):
+    self.placeholder, self.convert, self.hint = placeholder, convert, hint
+
+
+def whole_number(low: int = 1, placeholder: str = "N", hint: str = "") -> ArgValue:
+  """``name=N``: a whole number >= ``low``."""
+
+  def convert(v: str) -> int:
+    n = int(v)
+    if n < low:
+      raise ValueError(v)
+    return n
+
+  return ArgValue(placeholder, convert, hint or f"give a whole number >= {low}, e.g. {{name}}={max(low, 2)}")
+
+
+def real_number(low: float = 0.0, placeholder: str = "X") -> ArgValue:
+  """``name=X``: a finite number >= ``low``."""
+
+  def convert(v: str) -> float:
+    x = float(v)
+    if not math.isfinite(x) or x < low:
+      raise ValueError(v)
+    return x
+
+  return ArgValue(placeholder, convert, f"give a finite number >= {low:g}, e.g. {{name}}={low + 0.5:g}")
+
+
+def one_of(*choices: str) -> ArgValue:
+  """``name=NAME`` for one of ``choices``."""
+
+  def convert(v: str) -> str:
+    if v not in choices:
+      raise ValueError(v)
+    return v
+
+  return ArgValue("|".join(choices), convert, f"give one of {', '.join(choices)}")
+
+
+SEEDS = whole_number(1, hint="give a number of seeds >= 1, e.g. seeds=3")  # ``seeds=N``: runs seeds 0..N-1
+
+
+def config_file_name(config_file: str) -> str:
+  """How messages name a config file (pass ``__file__``): ``configs/<name>.py``, as users write it."""
+  import os
+
+  return "configs/" + os.path.basename(config_file)
+
+
+def parse_arg(arg: str | None, spec: dict, config_file: str, kind: str = "config") -> dict:
+  """The comma list ``arg`` of a config file's ``get_config(arg)`` (``kind='config'``, given as
+  ``--config=FILE:ARG``) or ``get_sweep(arg)`` (``kind='sweep'``, given as ``--sweep=ARG``), checked
+  against ``spec``: {name: :data:`FLAG` or an :class:`ArgValue`}. Returns {name: value} of the names given
+  (``True`` for a flag; absent ones are left out: ``a.get('runlocal', False)``, ``a.get('clients', 16)``).
+
+  A flag takes no value (``runlocal=0`` is refused rather than read as on), a value argument needs one
+  (a bare ``clients`` is refused rather than read as 1), and an unknown, repeated or malformed argument is
+  a :class:`ConfigError` naming the argument, ``config_file`` (pass ``__file__``) and the accepted forms.
+  """
+  name = config_file_name(config_file)
+  where = f"{name}:{arg}" if kind == "config" else f"--sweep={arg} of {name}"
+  forms = ", ".join(k if v is FLAG else f"{k}={v.placeholder}" for k, v in spec.items())
+  accepted = f"accepted: {forms}" if spec else f"{name} takes no {kind} argument"
+  out: dict = {}
+  unknown = []
   for part in (arg or "").split(","):
     part = part.strip()
     if not part:
       continue
-    if "=" in part:
-      k, v = part.split("=", 1)
-      out[k.strip()] = v.strip()
-    else:
-      out[part] = True
+    key, sep, value = (s.strip() for s in part.partition("="))
+    if key not in spec:
+      unknown.append(key or part)
+      continue
+    if key in out:
+      raise ConfigError(f"{kind} argument {key!r} is given twice in {where}; give it once ({accepted})")
+    kind_of = spec[key]
+    if kind_of is FLAG:
+      if sep:
+        raise ConfigError(
+          f"{kind} argument {part!r} in {where}: {key} is an on/off flag and takes no value; write {key} to "
+          f"turn it on, leave it out for off ({accepted})"
+        )
+      out[key] = True
+      continue
+    example = f"{key}={kind_of.placeholder}"
+    if not value:
+      raise ConfigError(f"bad {key}= in {where}: {key} needs a value; write {example} ({accepted})")
+    try:
+      out[key] = kind_of.convert(value)
+    except ValueError:
+      raise ConfigError(
+        f"bad {key}= in {where}: {value!r} is not valid for {example}; {kind_of.hint.format(name=key)}"
+      ) from None
+  if unknown:
+    drop = f"; drop ':{arg}' and override keys with --config.KEY=VALUE" if kind == "config" else ""
+    raise ConfigError(f"unknown {kind} argument(s) {unknown} in {where}; {accepted}" + ("" if spec else drop))
   return out
 
 

@@ -1,4 +1,4 @@
-"""Paired contrasts between runs of two FedEFM workdirs (e.g. a setting changed in a second workdir, such as
+r"""Paired contrasts between runs of two FedEFM workdirs (e.g. a setting changed in a second workdir, such as
 ``fedefm.detach_weights``), by seed, with the same statistics as ``endpoints.md``:
 
   python -m fedkd.tasks.fedefm_contrast --a=runs/fedefm_grad:fedefm --b=runs/fedefm_seg:fedefm \
@@ -6,7 +6,8 @@
 
 Each of ``--a`` / ``--b`` is ``WORKDIR:METHOD`` (``METHOD +KD`` for a teacher-KD fine-tune) read from
 ``WORKDIR/results_raw.jsonl`` at ``--unseen_percent`` (default 100); the seeds both hold are paired. Prints
-one Markdown row per key: a - b, 95% t-interval, paired t-test p, Holm over the keys given.
+one Markdown row per key: a - b, 95% t-interval, paired t-test p, Holm over the keys given. ``--keys`` are
+the records' numeric results (e.g. foundation, dice/mean, n8/dice/mean, seconds), each named once.
 
 A side may pool several workdirs that ran the same config on different seeds (comma list; a seed held by
 two of them, or configs that differ in more than ``config.experiment``, is an error), e.g. seeds 0-4 and a
@@ -21,9 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from fedkd import report
 from fedkd.config import ConfigError
@@ -31,7 +31,9 @@ from fedkd.config import ConfigError
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "WORKDIR:METHOD of the first runs (a comma list pools workdirs of other seeds)")
 flags.DEFINE_string("b", None, "WORKDIR:METHOD of the runs subtracted (a comma list pools workdirs of other seeds)")
-flags.DEFINE_string("keys", "foundation", "comma list of result keys (results_raw.jsonl), e.g. foundation,dice/mean")
+flags.DEFINE_string(
+  "keys", "foundation", "comma list of numeric result keys (results_raw.jsonl), e.g. foundation,dice/mean"
+)
 flags.DEFINE_float("unseen_percent", 100.0, "the unseen-label % of the runs compared")
 
 
@@ -49,16 +51,29 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
   kd = method.endswith(" +KD")
   method = method.removesuffix(" +KD")
   path = os.path.join(_workdir(spec), "results_raw.jsonl")
+  rows = []
   try:
     with open(path, encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      lines = list(f)
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}); give a FedEFM workdir") from None
-  out = {
-    r["seed"]: r
-    for r in rows
-    if r.get("method") == method and r.get("teacher_kd") == kd and r.get("unseen_percent") == percent
-  }
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      raise ConfigError(f"{path}:{number} is not JSON ({str(e)[:120]}); give a FedEFM workdir's results") from None
+    if not isinstance(row, dict):
+      raise ConfigError(
+        f"{path}:{number} is a JSON {type(row).__name__}, not a result record (an object); "
+        "give a FedEFM workdir's results"
+      )
+    if row.get("method") == method and row.get("teacher_kd") == kd and row.get("unseen_percent") == percent:
+      if not _is_number(row.get("seed")):
+        raise ConfigError(f"{path}:{number}: the record has no numeric 'seed'; give a FedEFM workdir's results")
+      rows.append(row)
+  out = {r["seed"]: r for r in rows}
   if not out:
     raise ConfigError(f"{path} holds no finished {spec.rpartition(':')[2]!r} run at {percent:g}% unseen")
   return out
@@ -94,14 +109,56 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
   return out
 
 
+PAIRING_KEYS = ("seed", "unseen_percent")  # which runs are paired, not results
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def numeric_keys(*sides: dict[int, dict]) -> list[str]:
+  """The keys that are a number (or null) in every record of every side and a number in at least one
+  record of each side: the results a contrast can take (not labels, lists or nested records)."""
+  records = [r for side in sides for r in side.values()]
+  keys = {k for r in records for k in r if k not in PAIRING_KEYS}
+  return sorted(
+    k
+    for k in keys
+    if all(r.get(k) is None or _is_number(r[k]) for r in records)
+    and all(any(_is_number(r.get(k)) for r in side.values()) for side in sides)
+  )
+
+
+def parse_keys(text: str, a: dict[int, dict], b: dict[int, dict]) -> list[str]:
+  """The ``--keys`` comma list, checked against the numeric keys of the records (ConfigError otherwise):
+  not empty, each key once (Holm counts each as one test), each numeric."""
+  keys = [k.strip() for k in text.split(",") if k.strip()]
+  numeric = numeric_keys(a, b)
+  offered = f"numeric keys of these records: {', '.join(numeric) or '(none)'}"
+  if not keys:
+    raise ConfigError(f"--keys={text!r} names no key; give a comma list of {offered}")
+  twice = sorted({k for k in keys if keys.count(k) > 1})
+  if twice:
+    raise ConfigError(
+      f"--keys={text!r} names {', '.join(twice)} more than once; give each key once (Holm counts each as one test)"
+    )
+  bad = [k for k in keys if k not in numeric]
+  if bad:
+    raise ConfigError(f"--keys: {', '.join(map(repr, bad))} is not a numeric result of both run sets; {offered}")
+  return keys
+
+
 def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> list[str]:
-  """Markdown rows ``| key | n | difference [95% CI] p (Holm) |`` over the seeds both hold."""
+  """Markdown rows ``| key | n | difference [95% CI] p (Holm) |`` over the seeds both hold; ``keys`` are
+  numeric keys of the records (:func:`parse_keys`)."""
   seeds = sorted(set(a) & set(b))
   results = []
   for k in keys:
-    pairs = [(a[s][k], b[s][k]) for s in seeds if a[s].get(k) is not None and b[s].get(k) is not None]
+    pairs = [(a[s][k], b[s][k]) for s in seeds if _is_number(a[s].get(k)) and _is_number(b[s].get(k))]
     if not pairs:
-      raise ConfigError(f"no seed has {k!r} in both run sets; keys of a record: {', '.join(sorted(a[seeds[0]]))}")
+      raise ConfigError(
+        f"no seed has {k!r} in both run sets; numeric keys of these records: {', '.join(numeric_keys(a, b))}"
+      )
     results.append(report.paired_difference([x for x, _ in pairs], [y for _, y in pairs]))
   adjusted = report.holm([r["p"] for r in results]) if len(results) > 1 else [None] * len(results)
   lines = ["| key | n | difference [95% CI] p |", "|---|---:|---|"]
@@ -113,20 +170,27 @@ def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> li
 
 def main(argv) -> int:
   del argv
-  try:
-    if not FLAGS.a or not FLAGS.b:
-      raise ConfigError("give --a=WORKDIR:METHOD and --b=WORKDIR:METHOD")
-    a, b = read_side(FLAGS.a, FLAGS.unseen_percent), read_side(FLAGS.b, FLAGS.unseen_percent)
-    if not set(a) & set(b):
-      raise ConfigError(f"{FLAGS.a} (seeds {sorted(a)}) and {FLAGS.b} (seeds {sorted(b)}) share no seed")
-    keys = [k.strip() for k in FLAGS.keys.split(",") if k.strip()]
-    print(f"{FLAGS.a} - {FLAGS.b}, paired by seed; 95% t-interval; Holm over the {len(keys)} keys\n")
-    print("\n".join(contrast_rows(a, b, keys)))
-  except ConfigError as e:
-    print(f"fedkd: error: {e}", file=sys.stderr)
-    return 2
+  for name in ("config", "workdir", "out", "frames"):  # fedkd.cli's shared flags, not this tool's
+    if name in FLAGS and FLAGS[name].present:
+      raise ConfigError(f"--{name} is not an option of fedkd.tasks.fedefm_contrast; give --a, --b, --keys")
+  if not FLAGS.a or not FLAGS.b:
+    raise ConfigError("give --a=WORKDIR:METHOD and --b=WORKDIR:METHOD")
+  a, b = read_side(FLAGS.a, FLAGS.unseen_percent), read_side(FLAGS.b, FLAGS.unseen_percent)
+  if not set(a) & set(b):
+    raise ConfigError(f"{FLAGS.a} (seeds {sorted(a)}) and {FLAGS.b} (seeds {sorted(b)}) share no seed")
+  keys = parse_keys(FLAGS.keys, a, b)
+  rows = contrast_rows(a, b, keys)  # every error before anything is printed
+  print(f"{FLAGS.a} - {FLAGS.b}, paired by seed; 95% t-interval; Holm over the {len(keys)} keys\n")
+  print("\n".join(rows))
   return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+  """The entry point: flag errors and bad inputs are one line (exit 2), ``--help`` exits 0 (fedkd.cli)."""
+  from fedkd import cli
+
+  cli.run_app(main, argv, uses_config=False, usage=__doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -1,0 +1,37 @@
+"""python -m bench --devices: more devices than JAX sees, a count that does not divide --clients, or a negative
+one is ``bench: error: ...`` and exit 2 (as the bench's other bad flags), not a traceback from the mesh."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--size=32 --clients=2 --steps=1 --batch=2 --width=4 --depth=1 --rounds=1 --no-centralized".split()
+
+
+@pytest.mark.parametrize(
+  "extra, needles",
+  [
+    (["--devices=5"], ["--devices=5 but only 1 cpu device(s) are visible", "--devices <= 1"]),
+    (["--devices=-1"], ["--devices=-1 must be >= 0"]),
+    (["--devices=2", "--cpu_devices=2", "--clients=3"], ["--clients=3 is not divisible by --devices=2"]),
+    (["--devices=2", "--cpu_devices=2", "--scale=2,3"], ["--scale=3 is not divisible by --devices=2"]),
+  ],
+)
+def test_bad_devices_is_one_bench_error_line(extra, needles):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device" not in f)
+  r = subprocess.run(
+    [sys.executable, "-m", "bench", *TINY, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+  )
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("bench: error: "), r.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  assert '"name": "fed_round"' not in r.stdout  # refused before timing anything
