@@ -302,3 +302,21 @@ def test_unseen_site_with_synthetic_data():
   c.data.unseen_site = "east"
   with pytest.raises(pipeline.DataError, match="unseen_site='east' applies to tfds sources only"):
     pipeline.make_client_data(c)
+
+
+def test_a_dataset_without_test_split_is_refused_before_anything_is_written(tmp_path):
+  """docs/reliability.md: a run refused before it wrote anything leaves no files (config.json,
+  checkpoints/, tb/) behind; the held-out sets are read before the checkpointer and logs exist."""
+  from fedkd.data.pipeline import DataError
+
+  site = tmp_path / "north"
+  _hospital_folder(site, seed=0)
+  (site / "splits.json").unlink()  # every image in train
+  out = tmp_path / "tfds"
+  fdata.build("xray_folder", out, manual_dir=site, site="north")
+  c = tfds_config(str(out))
+  c.data.unseen_site = ""
+  work = tmp_path / "run"
+  with pytest.raises(DataError, match="no test split"):
+    fedavg.run(c, str(work), log=lambda _: None)
+  assert not work.exists() or not list(work.iterdir())

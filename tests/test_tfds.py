@@ -600,3 +600,20 @@ def test_cli_read_only_data_dir(tmp_path, capsys):
   err = capsys.readouterr().err
   lines = _error_lines(err)
   assert len(lines) == 1 and str(data_dir) in lines[0] and "Traceback" not in err
+
+
+def test_a_damaged_record_file_is_one_line_naming_the_rebuild(hospital, tmp_path):
+  """A cut array_record file (a copy that stopped half-way) is a DatasetInputError, not array_record's
+  RuntimeError traceback; the intact dataset still reads."""
+  root, exp = hospital
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=root)
+  (shard,) = data_dir.rglob("*train.array_record*")
+  assert len(fdata.load_source("xray_folder", "train", data_dir)[0]["mask"].shape) == 2
+  with open(shard, "r+b") as f:
+    f.truncate(100)
+  src = fdata.load_source("xray_folder", "train", data_dir)
+  with pytest.raises(fdata.DatasetInputError, match=r"record file is damaged .*--overwrite"):
+    src[0]
+  with pytest.raises(fdata.DatasetInputError, match="damaged"):
+    src.__getitems__([0, 1])

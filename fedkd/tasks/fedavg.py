@@ -312,6 +312,10 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   sizes = data.sizes
 
   apply, apply_wf, params = init_model(config.model, config.seed)
+  # the held-out sets before anything is written: a dataset without a test split leaves no workdir
+  n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
+  evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
+  unseen_name = data.unseen_name
   server_tx = engine.make_optimizer(config.server_optimizer)
   algorithm = config.algorithm.name
   alg = make_algorithm(config, server_tx)
@@ -389,10 +393,6 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     if primary:
       write_atomic(workdir / "config.json", json.dumps(cfg_json, indent=2))
   del loaded
-
-  n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
-  evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
-  unseen_name = data.unseen_name
 
   # personalised algorithms (fedbn, ditto): each training site evaluated with its client's own model
   personal_sites = {}

@@ -268,11 +268,29 @@ class SegmentationSource:
       raise IndexError(f"index {i} out of range for {self.name or 'source'} of length {n}")
     return i
 
+  def _damaged(self, e: RuntimeError) -> DatasetInputError | None:
+    """A damaged record file (array_record / riegeli report it as a RuntimeError) as a one-line error."""
+    text = str(e)
+    if not any(k in text for k in ("ArrayRecord", "Riegeli", "riegeli", "array_record")):
+      return None
+    return DatasetInputError(
+      f"{self.name or 'a prepared dataset'}: its record file is damaged ({text.splitlines()[0][:160]}); "
+      "rebuild the dataset with python -m fedkd.data.tfds.build ... --overwrite"
+    )
+
   def __getitem__(self, i) -> dict:
-    return self._convert(self._source[self._index(i)])
+    i = self._index(i)
+    try:
+      return self._convert(self._source[i])
+    except RuntimeError as e:
+      raise (self._damaged(e) or e) from None
 
   def __getitems__(self, indices) -> list[dict]:
-    return [self._convert(ex) for ex in self._source.__getitems__([self._index(i) for i in indices])]
+    indices = [self._index(i) for i in indices]
+    try:
+      return [self._convert(ex) for ex in self._source.__getitems__(indices)]
+    except RuntimeError as e:
+      raise (self._damaged(e) or e) from None
 
   def __iter__(self):
     for i in range(len(self)):
