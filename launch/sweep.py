@@ -15,8 +15,10 @@ first one starts. Each run is ``python -m fedkd.main --config=FILE[:ARG] --workd
 --config.KEY=VALUE ... EXTRA...`` in a subprocess (stdout/stderr appended to OUT/<run>/stdout.log and
 stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds
 and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful exit) and resumes
-unfinished ones from their latest checkpoint (fedkd.main does that by itself). A failed run does not
-stop the others; failures are listed at the end and the exit code is 1. Replicas (the default;
+unfinished ones from their latest checkpoint (fedkd.main does that by itself); a run folder whose DONE or
+checkpoint comes from another config than the sweep now gives that run (beyond what fedkd.main lets
+change on resume: fedkd.tasks.fedavg.RESUMABLE_CHANGES) stops the sweep before anything runs. A failed
+run does not stop the others; failures are listed at the end and the exit code is 1. Replicas (the default;
 ``--no-replicas`` turns them off): runs that differ only in their seed, learning rates, FedProx mu or DP
 noise / clip (whatever their method label) share ONE process and one compiled program
 (``fedkd.main --seeds / --replica_config``, fedkd.tasks.replicas; logs in the first run's folder) where
@@ -24,8 +26,9 @@ the config allows it; the sweep says why when it does not and runs them one proc
 split into near-equal programs when fewer units than --parallel would leave a process slot idle.
 
 Outputs in OUT (drawn and tabulated by fedkd.report): sweep.json (the definition), results.md /
-results.csv (last evaluation of every run, mean +- sample std (ddof=1; n/a for one seed) over seeds
-per group = every override except seed), runs.csv (one row per run), curves.png (Dice vs round per
+results.csv (last evaluation of every finished run, mean +- sample std (ddof=1; n/a for one seed) over
+seeds per group = every override except seed; runs without DONE are left out, counted and named),
+runs.csv (one row per run, finished or not), curves.png (Dice vs round per
 group, mean over seeds with a +-std band), curves_sites.png (the same per training site), vs_<key>.png for
 each numeric key swept within a method, and, when the runs log them, vs_bytes_up.png (Dice vs cumulative
 bytes sent up, one point per group) and vs_epsilon.png (Dice vs the DP epsilon spent). Bad input ends with
@@ -376,6 +379,94 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
   return latest_checkpoint(workdir) == num_rounds and any(r.get("round") == num_rounds for r in read_metrics(workdir))
 
 
+def is_done(workdir: str, num_rounds: int) -> bool:
+  """Whether the sweep saw the run finish ``num_rounds`` rounds: its DONE file (written after a
+  successful exit, removed when the run starts again) names that many rounds."""
+  try:
+    with open(os.path.join(workdir, DONE_FILE)) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(done, dict) and done.get("num_rounds") == num_rounds
+
+
+def config_difference(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """``[(key, saved value, current value)]`` for the dotted keys in which a run's config.json and the
+  config the sweep gives it now differ, by fedkd.main's rule for resuming a run
+  (fedkd.tasks.fedavg._check_resumable): keys in fedavg.RESUMABLE_CHANGES (num_rounds, eval, checkpoint,
+  engine, ...) may differ, and so may a key the saved config lacks (added to the schema later) that is
+  at the value that keeps its old behaviour. A missing value is ``None``."""
+  from fedkd.config import base_config
+  from fedkd.tasks import fedavg
+
+  a, b = fedavg.flat_dict(saved), fedavg.flat_dict(current)
+  defaults = fedavg.flat_dict(base_config().to_dict())
+  for k, (applies, value) in fedavg._OLD_BEHAVIOUR.items():
+    if k not in a and applies(a):
+      defaults[k] = value
+  return [
+    (k, a.get(k), b.get(k))
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k)
+    and not fedavg._may_change(k)
+    and not (k not in a and k in defaults and b.get(k) == defaults[k])
+  ]
+
+
+def check_reuse(defn: dict, out: str) -> None:
+  """Raises InputError, before anything runs or is written, when a workdir in ``out`` holds work of
+  another experiment than the run of ``defn`` with its name: a finished run (DONE) or a checkpoint
+  whose config.json differs from the config the sweep now computes for the run (beyond what fedkd.main
+  lets change on resume, :func:`config_difference`), or a checkpoint beyond the run's num_rounds. A
+  finished run would otherwise be skipped and tabulated under settings it did not run with; an
+  unfinished one would fail when fedkd.main refuses to resume it."""
+  from fedkd import checkpoint as ckpt_lib
+
+  held = []
+  for run in defn["runs"]:
+    wd = os.path.join(out, run["name"])
+    last = latest_checkpoint(wd)
+    done = os.path.exists(os.path.join(wd, DONE_FILE))
+    if last is not None or done:  # a workdir without either starts afresh (config.json rewritten)
+      held.append((run, wd, last, done))
+  if not held:
+    return
+  configs = _run_configs(defn, [run for run, *_ in held])
+  for (run, wd, last, done), config in zip(held, configs):
+    # launch.sweep validates every run as a config.task=fedavg run (fedkd.config.validate), so the
+    # fedavg rule applies; a task with another workdir layout (FedEFM) is not checked here.
+    if config.get("task", "fedavg") != "fedavg":
+      continue
+    where = f"--out={out}: run {run['name']}"
+    fix = f"use a new --out, or delete {wd} to run it again with this config"
+    if last is not None and last > run["num_rounds"]:
+      raise InputError(
+        f"{where} already holds round {last}, beyond config.num_rounds={run['num_rounds']} of this sweep; "
+        f"raise it to {last} or more (e.g. --extra=--config.num_rounds={last}), or {fix}"
+      )
+    path = os.path.join(wd, "config.json")
+    if not os.path.exists(path) and not done:
+      continue  # fedkd.main checks the checkpoint's own copy of its config when it resumes
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+      raise InputError(
+        f"{where} is {'finished' if done else 'checkpointed'} but its config.json cannot be read "
+        f"({_one_line(e)}), so which config it ran with is unknown; {fix}"
+      ) from None
+    diff = config_difference(saved, ckpt_lib.config_json(config))
+    if diff:
+      k, was, now = diff[0]
+      what = "finished" if done else f"checkpointed at round {last}"
+      raise InputError(
+        f"{where} is {what} with config.{k}={was!r}, but this sweep gives it {now!r} ({len(diff)} key(s) "
+        f"differ: {', '.join(d[0] for d in diff[:5])}); its results belong to another experiment: {fix}"
+      )
+
+
 def _last_line(path: str, offset: int) -> str:
   try:
     with open(path, errors="replace") as f:
@@ -501,45 +592,79 @@ def _metric_keys(records: list[dict]) -> list[str]:
   return sorted(keys, key=lambda k: (order[k.split("/")[0]], keys.index(k)))
 
 
-def collect(defn: dict, out: str) -> list[dict]:
-  """Groups of runs (every override except seed), each with its runs' last evaluation records."""
+def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = None) -> list[dict]:
+  """Groups of runs (every override except seed): ``runs``, the finished runs (:func:`is_done`) with
+  metrics, each with its records and its last one; ``members``, every run of the group in sweep order
+  with ``finished`` and, for the others, ``why`` they are left out of results.md/csv and the plots
+  (``failures``: run_all's, to name the runs that failed in this invocation)."""
   from fedkd.sweep import group_label
 
+  failed = {name: rc for name, rc, _ in failures or []}
   keys = defn["varying_keys"]
   groups: dict[str, dict] = {}
   for run in defn["runs"]:
     o = run["overrides"]
     gkey = json.dumps({k: v for k, v in o.items() if k != "seed"}, sort_keys=True, default=str)
-    g = groups.setdefault(gkey, {"label": group_label(o, keys), "overrides": o, "runs": []})
-    records = read_metrics(os.path.join(out, run["name"]))
-    if records:
-      g["runs"].append(
-        {"name": run["name"], "seed": o.get("seed"), "records": records, "last": max(records, key=lambda r: r["round"])}
-      )
+    g = groups.setdefault(gkey, {"label": group_label(o, keys), "overrides": o, "runs": [], "members": []})
+    wd = os.path.join(out, run["name"])
+    records = read_metrics(wd)
+    last = max(records, key=lambda r: r["round"]) if records else None
+    member = {"name": run["name"], "seed": o.get("seed"), "records": records, "last": last, "finished": False}
+    if run["name"] in failed:
+      member["why"] = "failed"
+    elif not os.path.isdir(wd):
+      member["why"] = "not started"
+    elif not is_done(wd, run["num_rounds"]):
+      member["why"] = "without DONE (failed, stopped or still running)"
+    elif not records:
+      member["why"] = "finished without metrics"
+    else:
+      member["finished"] = True
+      g["runs"].append(member)
+    g["members"].append(member)
   return list(groups.values())
 
 
+def left_out(groups: list[dict]) -> str:
+  """The runs :func:`collect` left out of the tables and plots, by reason, e.g. ``2 failed: a, b; 1 not
+  started: c`` ('' if none)."""
+  why: dict[str, list[str]] = {}
+  for g in groups:
+    for m in g["members"]:
+      if not m["finished"]:
+        why.setdefault(m["why"], []).append(m["name"])
+
+  def names(v):
+    return ", ".join(v[:5]) + (f" and {len(v) - 5} more" if len(v) > 5 else "")
+
+  return "; ".join(f"{len(v)} {reason}: {names(v)}" for reason, v in why.items())
+
+
 def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
-  """results.md / results.csv (one row per group, mean ± std over seeds: ``fedkd.report``'s convention)
-  and runs.csv (one row per run)."""
+  """results.md / results.csv (one row per group, mean ± std over the seeds of its finished runs:
+  ``fedkd.report``'s convention; ``unfinished``: how many of its runs are left out) and runs.csv (one row
+  per run, ``finished`` true/false)."""
   from fedkd import report
+  from fedkd.sweep import format_value
 
   keys = defn["varying_keys"]
   metrics = _metric_keys([r["last"] for g in groups for r in g["runs"]])
+  # runs.csv: also the last records of the runs left out (marked finished=false)
+  run_metrics = _metric_keys([r["last"] for g in groups for r in g["members"] if r["last"]])
   has_method = any("method" in r["overrides"] for r in defn["runs"])
-  columns = (["method"] if has_method else []) + keys + ["seeds", "round"]
+  columns = (["method"] if has_method else []) + keys + ["seeds", "unfinished", "round"]
   rows = []
   for g in groups:
-    if not g["runs"]:
-      continue
     o = g["overrides"]
     fixed = ([o.get("method", "")] if has_method else []) + [o.get(k, "") for k in keys]
     rounds = sorted({r["last"]["round"] for r in g["runs"]})
     values = {m: [r["last"][m] for r in g["runs"] if m in r["last"]] for m in metrics}
-    rows.append((fixed + [len(g["runs"]), "/".join(map(str, rounds))], values))
+    unfinished = len(g["members"]) - len(g["runs"])
+    rows.append((fixed + [len(g["runs"]), unfinished, "/".join(map(str, rounds))], values))
   n_runs = sum(len(g["runs"]) for g in groups)
   what = f" (sweep {defn['sweep']})" if defn.get("sweep") else ""
   what += f" (seeds {','.join(map(str, defn['seeds']))})" if defn.get("seeds") else ""
+  missing = left_out(groups)
   md_path, csv_path = os.path.join(out, "results.md"), os.path.join(out, "results.csv")
   report.mean_std_tables(
     md_path,
@@ -548,16 +673,19 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     rows,
     metrics,
     title=f"# Sweep results: {defn['config']}{what}",
-    caption=f"{n_runs} of {len(defn['runs'])} runs have metrics; the last evaluation of each run (`round`). "
-    "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
+    caption=f"{n_runs} of {len(defn['runs'])} runs finished and are in the table (`seeds`); the last evaluation "
+    "of each (`round`). "
+    + (f"Left out, as they did not finish (`unfinished`): {missing}. " if missing else "")
+    + "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
   )
   report.write_csv(
     os.path.join(out, "runs.csv"),
-    ["run", "group", "seed", "round"] + metrics,
+    ["run", "group", "seed", "finished", "round"] + run_metrics,
     [
-      [r["name"], g["label"], r["seed"], r["last"]["round"]] + [repr(r["last"].get(m, float("nan"))) for m in metrics]
+      [r["name"], g["label"], r["seed"], format_value(r["finished"]), r["last"]["round"] if r["last"] else ""]
+      + [repr(r["last"].get(m, float("nan"))) if r["last"] else "" for m in run_metrics]
       for g in groups
-      for r in g["runs"]
+      for r in g["members"]
     ],
   )
   return md_path, csv_path
@@ -642,14 +770,57 @@ def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]
   return written
 
 
-def aggregate(defn: dict, out: str, metric: str = "dice/catheter") -> list[str]:
-  groups = collect(defn, out)
+def aggregate(
+  defn: dict, out: str, metric: str = "dice/catheter", failures: list[tuple[str, int, str]] | None = None
+) -> list[str]:
+  """The tables and plots of the finished runs in ``out`` (:func:`collect`); says which runs are left out."""
+  groups = collect(defn, out, failures)
+  missing = left_out(groups)
+  if missing:
+    n = sum(len(g["members"]) - len(g["runs"]) for g in groups)
+    _say(f"{n} of {len(defn['runs'])} run(s) left out of the tables and plots as they did not finish: {missing}")
   paths = list(write_tables(defn, out, groups))
   paths += write_plots(defn, out, groups, metric)
   return paths
 
 
 # ---------------------------------------------------------------- main
+
+
+def _read_definition(out: str) -> dict:
+  """The sweep.json in ``out`` (for --aggregate_only without --config); InputError if there is none."""
+  if not os.path.isdir(out):
+    raise InputError(
+      f"--out={out} does not exist; point --out at the directory of a sweep that ran (or pass --config "
+      "without --aggregate_only to run one there)"
+    )
+  path = os.path.join(out, SWEEP_FILE)
+  if not os.path.exists(path):
+    raise InputError(f"{path} not found; pass --config (and --sweep) or point --out at a sweep directory")
+  try:
+    with open(path) as f:
+      defn = json.load(f)
+    if not isinstance(defn, dict) or not isinstance(defn.get("runs"), list) or not defn["runs"]:
+      raise ValueError("not a sweep definition")
+  except (OSError, ValueError) as e:
+    raise InputError(
+      f"{path} cannot be read ({_one_line(e)}); pass --config (and --sweep) to aggregate that sweep"
+    ) from None
+  return defn
+
+
+def _check_holds_runs(defn: dict, out: str) -> None:
+  """--aggregate_only: InputError unless ``out`` exists and holds the folder of at least one run."""
+  if not os.path.isdir(out):
+    raise InputError(
+      f"--out={out} does not exist; point --out at the directory of a sweep that ran, or drop "
+      "--aggregate_only to run the sweep there"
+    )
+  if not any(os.path.isdir(os.path.join(out, r["name"])) for r in defn["runs"]):
+    raise InputError(
+      f"--out={out} holds no runs of this sweep (no folder {defn['runs'][0]['name']} or any other of its "
+      f"{len(defn['runs'])}); point --out at the directory the sweep ran in, or drop --aggregate_only to run it"
+    )
 
 
 def _interrupt(signum, frame):  # SIGTERM stops the runs like Ctrl-C; they resume next time
@@ -665,22 +836,22 @@ def main(argv: list[str] | None = None) -> int:
   if args.parallel < 1:
     fail(f"--parallel={args.parallel} must be >= 1")
   try:
+    if os.path.exists(out) and not os.path.isdir(out):
+      raise InputError(f"--out={out} is a file; pass a directory for the sweep")
     if args.config:
       seeds = None if args.seeds is None else parse_seeds(args.seeds)
       defn = build(args.config, args.sweep, args.extra, seeds)
     elif args.aggregate_only:
-      path = os.path.join(out, SWEEP_FILE)
-      if not os.path.exists(path):
-        raise InputError(f"{path} not found; pass --config (and --sweep) or point --out at a sweep directory")
-      with open(path) as f:
-        defn = json.load(f)
+      defn = _read_definition(out)
     else:
       raise InputError("--config is required, e.g. --config=configs/quickstart.py")
+    if args.aggregate_only:
+      _check_holds_runs(defn, out)
+    if args.config and os.path.isdir(out):
+      check_reuse(defn, out)
   except (InputError, SweepError) as e:
     fail(str(e))
 
-  if os.path.exists(out) and not os.path.isdir(out):
-    fail(f"--out={out} is a file; pass a directory for the sweep")
   failures = []
   if not args.aggregate_only:
     os.makedirs(out, exist_ok=True)
@@ -708,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
       return 130
 
-  for p in aggregate(defn, out, args.metric):
+  for p in aggregate(defn, out, args.metric, failures):
     _say(f"wrote {p}")
   if failures:
     _say(f"{len(failures)} of {len(defn['runs'])} run(s) failed:")

@@ -199,7 +199,7 @@ def test_seeds_flag_one_run_per_seed_or_replaces_the_sweeps_seeds(tmp_path, caps
 # ---------------------------------------------------------------- the runner on real runs
 
 
-def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path):
+def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
   """The quickstart's tiny sweep with one seed (its two methods, run side by side): run, skip, resume,
   aggregate. (The mean +- sample std over several seeds: test_aggregate_only_groups_and_plots_a_numeric_key.)"""
   out = tmp_path / "sweep"
@@ -224,6 +224,45 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path):
   assert stamps == {
     n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns) for n in names
   }
+
+  # The same command with another learning rate: the finished runs ran at the config's 0.003, so they are
+  # not reused (nor tabulated) as results of 0.1; refused before anything is written.
+  def snapshot():
+    return {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if "jax_cache" not in p.parts}
+
+  before, sweep_json = snapshot(), (out / "sweep.json").read_text()
+  for extra in ([], ["--aggregate_only"]):
+    with pytest.raises(SystemExit) as e:
+      launcher.main([*args, "--extra=--config.client_optimizer.learning_rate=0.1", *extra])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("fedkd: error: ") and "\n" not in err, err
+    assert "run fedavg__seed-0" in err and "config.client_optimizer.learning_rate=0.003" in err, err
+    assert "0.1" in err and "new --out" in err and f"delete {out / 'fedavg__seed-0'}" in err, err
+    assert snapshot() == before and (out / "sweep.json").read_text() == sweep_json
+  # What may differ is what fedkd.main lets change when it resumes a run: more rounds (the runs are then
+  # extended), other eval / checkpoint settings. Fewer rounds than a workdir holds, or a model setting, may not.
+  defn = launcher.build("configs/quickstart.py", "tiny,seeds=1", [])
+  launcher.check_reuse(defn, str(out))
+  for run in defn["runs"]:
+    run["overrides"].update({"num_rounds": 4, "eval.every": 2, "checkpoint.every": 2})
+    run["num_rounds"] = 4
+  launcher.check_reuse(defn, str(out))
+  defn["runs"][1]["overrides"]["model.width"] = 8
+  with pytest.raises(launcher.InputError, match=r"run fedavgm__seed-0 is finished with config.model.width=4, but"):
+    launcher.check_reuse(defn, str(out))
+  defn = launcher.build("configs/quickstart.py", "tiny,seeds=1", [])
+  for run in defn["runs"]:
+    run["overrides"]["num_rounds"] = run["num_rounds"] = 1
+  with pytest.raises(launcher.InputError, match=r"fedavg__seed-0 already holds round 2, beyond config.num_rounds=1"):
+    launcher.check_reuse(defn, str(out))
+  # a key the saved config lacks (added to the schema later) counts as its default
+  saved = json.loads((out / "fedavg__seed-0" / "config.json").read_text())
+  current = json.loads(json.dumps(saved))
+  del saved["algorithm"]["prox_mu"]
+  assert current["algorithm"]["prox_mu"] == base_config().algorithm.prox_mu
+  assert launcher.config_difference(saved, current) == []
+  current["algorithm"]["prox_mu"] = base_config().algorithm.prox_mu + 1.0
+  assert launcher.config_difference(saved, current) == [("algorithm.prox_mu", None, current["algorithm"]["prox_mu"])]
 
   # An interrupted run (no DONE, last checkpoint gone) resumes from its latest checkpoint.
   victim = out / "fedavgm__seed-0"
@@ -250,6 +289,12 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path):
       assert np.isnan(float(row[f"{m}_std"]))
   md = (out / "results.md").read_text().splitlines()
   assert sum(line.startswith("| fedavg") for line in md) == 2 and "ddof=1" in "\n".join(md) and "± n/a" in "\n".join(md)
+  assert "2 of 2 runs finished" in "\n".join(md) and "Left out" not in "\n".join(md)
+  assert [row["unfinished"] for row in rows] == ["0", "0"]
+  with open(out / "runs.csv") as f:
+    assert [(row["run"], row["finished"], row["round"]) for row in csv.DictReader(f)] == [
+      (n, "true", "2") for n in names
+    ]
   assert (out / "curves.png").stat().st_size > 0 and not list(out.glob("vs_*.png"))
   assert_outputs_documented(out, "launch.sweep", ignore=names)
   for n in names:
@@ -267,9 +312,21 @@ def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
     assert failed and "fedkd: error:" in failed[0], r.stdout
     assert not (out / n / "DONE").exists()
   assert "2 of 2 run(s) failed" in r.stdout
+  # neither run is in the tables; they say so and why
+  md = (out / "results.md").read_text()
+  assert "0 of 2 runs finished" in md and "2 failed: seed-0, seed-1" in md, md
+  with open(out / "results.csv") as f:
+    assert [(row["seeds"], row["unfinished"]) for row in csv.DictReader(f)] == [("0", "2")]
+  with open(out / "runs.csv") as f:
+    assert [(row["run"], row["finished"]) for row in csv.DictReader(f)] == [("seed-0", "false"), ("seed-1", "false")]
 
 
 # ---------------------------------------------------------------- aggregation on made-up runs
+
+
+def _done(workdir, num_rounds=2):
+  """The DONE file launch.sweep writes after a run's successful exit."""
+  (workdir / "DONE").write_text(json.dumps({"name": workdir.name, "num_rounds": num_rounds}) + "\n")
 
 
 def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
@@ -288,6 +345,7 @@ def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
     recs = [{"round": r, **{m: float(rng.uniform()) for m in METRICS}, "site/a/dice/catheter": 0.5} for r in (0, 1, 2)]
     finals[run["name"]] = recs[-1]
     (tmp_path / run["name"] / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    _done(tmp_path / run["name"])
   (tmp_path / "sweep.json").write_text(json.dumps(defn))
   assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
   with open(tmp_path / "results.csv") as f:
@@ -309,6 +367,100 @@ def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
   capsys.readouterr()
 
 
+def test_aggregate_leaves_out_runs_that_did_not_finish(tmp_path, capsys):
+  """Only runs with a DONE file for the sweep's num_rounds are tabulated and plotted: not a run that
+  diverged after logging round 1, nor one whose DONE is of an earlier, shorter sweep, nor one never
+  started; the tables count them per group and the caption says which and why. runs.csv keeps every run
+  with a finished column."""
+  sweep = S.product(S.product(seed=[0, 1, 2]), [{"method": "a"}, {"method": "b"}])
+  defn = {
+    "config": "configs/quickstart.py",
+    "sweep": None,
+    "extra": [],
+    "varying_keys": [],
+    "runs": [{"name": n, "overrides": o, "num_rounds": 2} for n, o in zip(S.run_names(sweep), sweep)],
+  }
+  assert [r["name"] for r in defn["runs"]] == [f"{m}__seed-{s}" for s in range(3) for m in "ab"]
+  dice = {"a__seed-0": 0.2, "a__seed-1": 0.4, "a__seed-2": 0.9, "b__seed-0": 0.3, "b__seed-1": 0.5, "b__seed-2": 0.7}
+  for name, d in dice.items():
+    (tmp_path / name).mkdir()
+    last = 2 if name != "a__seed-2" else 1  # a__seed-2 diverged in round 2: round 1 logged, no DONE
+    recs = [{"round": r, "dice/catheter": d * r / last} for r in range(last + 1)]
+    (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    if name != "a__seed-2":
+      _done(tmp_path / name, num_rounds=1 if name == "b__seed-1" else 2)  # b__seed-1: DONE of a 1-round sweep
+  shutil.rmtree(tmp_path / "b__seed-2")  # never started
+  (tmp_path / "sweep.json").write_text(json.dumps(defn))
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  out = capsys.readouterr().out
+  assert "3 of 6 run(s) left out of the tables and plots" in out, out
+  with open(tmp_path / "results.csv") as f:
+    rows = {r["method"]: r for r in csv.DictReader(f)}
+  assert (rows["a"]["seeds"], rows["a"]["unfinished"], rows["b"]["seeds"], rows["b"]["unfinished"]) == (
+    "2",
+    "1",
+    "1",
+    "2",
+  )
+  np.testing.assert_allclose(float(rows["a"]["dice/catheter_mean"]), 0.3, rtol=1e-12)  # mean of 0.2 and 0.4
+  np.testing.assert_allclose(float(rows["a"]["dice/catheter_std"]), np.std([0.2, 0.4], ddof=1), rtol=1e-9)
+  assert float(rows["b"]["dice/catheter_mean"]) == 0.3 and np.isnan(float(rows["b"]["dice/catheter_std"]))
+  md = (tmp_path / "results.md").read_text()
+  assert "3 of 6 runs finished" in md, md
+  assert "2 without DONE (failed, stopped or still running): a__seed-2, b__seed-1" in md, md
+  assert "1 not started: b__seed-2" in md, md
+  with open(tmp_path / "runs.csv") as f:
+    runs = [(r["run"], r["finished"], r["round"]) for r in csv.DictReader(f)]
+  assert sorted(runs) == [
+    ("a__seed-0", "true", "2"),
+    ("a__seed-1", "true", "2"),
+    ("a__seed-2", "false", "1"),
+    ("b__seed-0", "true", "2"),
+    ("b__seed-1", "false", "2"),
+    ("b__seed-2", "false", ""),
+  ]
+  # The runner passes the runs that failed in this invocation: named as failed.
+  launcher.aggregate(defn, str(tmp_path), failures=[("a__seed-2", 2, "fedkd: error: training diverged")])
+  assert "1 failed: a__seed-2; 1 without DONE" in (tmp_path / "results.md").read_text()
+  # No finished run at all: every group is a row with 0 seeds, and no curves are drawn.
+  for n in ("a__seed-0", "a__seed-1", "b__seed-0"):
+    (tmp_path / n / "DONE").unlink()
+  (tmp_path / "curves.png").unlink()
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [list(r.items()) for r in rows] == [
+    [("method", "a"), ("seeds", "0"), ("unfinished", "3"), ("round", "")],
+    [("method", "b"), ("seeds", "0"), ("unfinished", "3"), ("round", "")],
+  ]  # no metric of an unfinished run
+  assert "0 of 6 runs finished" in (tmp_path / "results.md").read_text()
+  assert not (tmp_path / "curves.png").exists()
+  capsys.readouterr()
+
+
+def test_aggregate_only_without_runs_is_one_line_error(tmp_path, capsys):
+  """--aggregate_only on a missing --out, one without sweep.json, a sweep.json that is not one, or a
+  sweep directory without any of the sweep's runs: one line, exit 2, nothing created or changed."""
+  missing, empty, broken = tmp_path / "missing", tmp_path / "empty", tmp_path / "broken"
+  empty.mkdir()
+  broken.mkdir()
+  (broken / "sweep.json").write_text("{not json")
+  cases = [
+    (["--config=configs/quickstart.py", f"--out={missing}"], f"--out={missing} does not exist"),
+    ([f"--out={missing}"], f"--out={missing} does not exist"),
+    (["--config=configs/quickstart.py", f"--out={empty}"], f"--out={empty} holds no runs of this sweep"),
+    ([f"--out={empty}"], f"{empty / 'sweep.json'} not found"),
+    ([f"--out={broken}"], f"{broken / 'sweep.json'} cannot be read"),
+  ]
+  for args, expected in cases:
+    with pytest.raises(SystemExit) as e:
+      launcher.main([*args, "--aggregate_only"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("fedkd: error: ") and "\n" not in err and expected in err, err
+    assert not missing.exists() and os.listdir(empty) == [] and os.listdir(broken) == ["sweep.json"]
+  assert (broken / "sweep.json").read_text() == "{not json"
+
+
 def test_aggregate_plots_accuracy_vs_bytes_and_vs_epsilon(tmp_path, capsys):
   """Runs that log comm/bytes_up_total and dp/epsilon get them as table columns (mean over seeds) and
   plots of Dice against them; a no-noise group (epsilon inf) is left out of the epsilon line."""
@@ -328,6 +480,7 @@ def test_aggregate_plots_accuracy_vs_bytes_and_vs_epsilon(tmp_path, capsys):
     if eps is not None:
       last["dp/epsilon"] = eps
     (tmp_path / run["name"] / "metrics.jsonl").write_text(json.dumps(last) + "\n")
+    _done(tmp_path / run["name"])
   (tmp_path / "sweep.json").write_text(json.dumps(defn))
   assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
   with open(tmp_path / "results.csv") as f:
