@@ -302,8 +302,15 @@ class Checkpointer:
         continue
       return r, out
     if first_error is not None:
+      if len(rounds) == 1:
+        raise CheckpointError(
+          f"{first_error} -- no intact checkpoint is left in {self.directory}; move it away to start the run over"
+        ) from None
+      listed = ", ".join(str(r) for r in rounds)
       raise CheckpointError(
-        f"{first_error} -- no intact checkpoint is left in {self.directory}; move it away to start the run over"
+        f"none of the checkpoints in {self.directory} (rounds {listed}) can be restored into this run: each is "
+        f"damaged or from another config (round {rounds[-1]}: {(first_error.reason or str(first_error))[:200]}); "
+        "move the folder away to start the run over, or use the config they were written with"
       ) from None
     return None, None
 

@@ -268,3 +268,11 @@ def evaluate_run(
     "in the picture), robustness.json, robustness.png"
   )
   return {"round": r, "results": results, "robustness": rob, "out": out}
+
+
+if __name__ == "__main__":  # a library module; the command is fedkd.eval
+  print(
+    "fedkd: error: fedkd.evaluate is the library behind the command; run python -m fedkd.eval --workdir=W",
+    file=sys.stderr,
+  )
+  sys.exit(2)

@@ -489,8 +489,9 @@ def test_every_checkpoint_damaged_is_one_error_line(reference, server, tmp_path)
   msgs = _messages(p.stderr)
   assert (
     len(msgs) == 1
-    and msgs[0].startswith("fedkd: error: checkpoint for round 10 in ")
-    and msgs[0].endswith(f"no intact checkpoint is left in {ckdir}; move it away to start the run over")
+    and msgs[0].startswith(f"fedkd: error: none of the checkpoints in {ckdir} (rounds 8, 9, 10) can be restored")
+    and "round 10: " in msgs[0]
+    and msgs[0].endswith("move the folder away to start the run over, or use the config they were written with")
   ), msgs
   assert (_digest(ckdir), _bytes(work, "metrics.jsonl")) == before
 
