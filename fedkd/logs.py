@@ -64,15 +64,18 @@ class RunLog:
     self._tb = None
     self._records: list[dict] = []
     self._rounds: list[dict] = []
+    # tensorboardX writes local files; its event file is opened with the first scalar, so a run refused
+    # (or with nothing left to do) on resume adds no empty event file to tb/
+    self._tb_wanted = enabled and not is_remote(workdir)
     if enabled:
       self._records = read_jsonl(self.metrics_path, note)
       self._rounds = read_jsonl(self.rounds_path, note)
-      if not is_remote(workdir):  # tensorboardX writes local files
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._tb is None and self._tb_wanted and values:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10)
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, float(v), step)

@@ -97,9 +97,22 @@ def test_resume_with_a_different_model_is_refused_and_keeps_the_checkpoint(two_r
   before = sorted(os.listdir(os.path.join(work, "checkpoints")))
   c = tiny_config(num_rounds=4)
   c.model.width = 8
+  tb_before = sorted(os.listdir(os.path.join(work, "tb")))
+  cfg_before = open(os.path.join(work, "config.json")).read()
   with pytest.raises(CheckpointError, match="use a new --workdir"):
     fedavg.run(c, work, log=_quiet)
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == before
+  # a refused resume leaves no new (empty) TensorBoard event file and the config.json as it was
+  assert sorted(os.listdir(os.path.join(work, "tb"))) == tb_before
+  assert open(os.path.join(work, "config.json")).read() == cfg_before
+
+
+def test_an_extended_resume_records_the_new_num_rounds_in_config_json(two_rounds, tmp_path):
+  work = str(tmp_path / "w")
+  shutil.copytree(two_rounds[0], work)
+  assert json.load(open(os.path.join(work, "config.json")))["num_rounds"] == 2
+  fedavg.run(tiny_config(num_rounds=3), work, log=_quiet)
+  assert json.load(open(os.path.join(work, "config.json")))["num_rounds"] == 3
 
 
 def test_client_sizes_are_unequal_with_skew_and_weight_the_mean():

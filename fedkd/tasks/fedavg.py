@@ -390,8 +390,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   else:
     start = 0
     runlog.truncate_after(-1)  # records of an attempt that died before its first checkpoint
-    if primary:
-      write_atomic(workdir / "config.json", json.dumps(cfg_json, indent=2))
+  if primary:  # on resume too: what may change then (num_rounds, eval.*, ...) is the current run's
+    write_atomic(workdir / "config.json", json.dumps(cfg_json, indent=2))
   del loaded
 
   # personalised algorithms (fedbn, ditto): each training site evaluated with its client's own model

@@ -323,8 +323,7 @@ def _train(
     if start:
       rep.bytes_up = sum(float(rr.get("comm/bytes_up", 0)) for rr in rep.runlog.rounds)
       rep.bytes_down = sum(float(rr.get("comm/bytes_down", 0)) for rr in rep.runlog.rounds)
-    else:
-      write_atomic(rep.workdir / "config.json", json.dumps(rep.cfg_json, indent=2))
+    write_atomic(rep.workdir / "config.json", json.dumps(rep.cfg_json, indent=2))  # on resume too (as fedavg)
   states = [replicate(s, mesh) for s in states]
   hp_all = hparams(configs)
   hp = [replicate({name: v[i] for name, v in hp_all.items()}, mesh) for i in range(len(reps))]
