@@ -222,6 +222,9 @@ def _resolve(a) -> argparse.Namespace:
     fail(f"--size={a.size} must be divisible by 2**depth={2**a.depth}")
   if a.devices < 0:
     fail(f"--devices={a.devices} must be >= 0 (0: the gcd of --clients and the visible devices)")
+  bad = [v for v in a.scale.split(",") if a.scale and not (v.strip().isdigit() and int(v) > 0)]
+  if bad:
+    fail(f"--scale={a.scale}: {bad[0]!r} is not a client count; give positive whole numbers, e.g. --scale=64,128")
   return a
 
 

@@ -222,7 +222,8 @@ def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str
     cause = e.__cause__ or e.__context__
     if isinstance(cause, ConfigError):
       fail(str(cause))
-    fail(f"{str(e).splitlines()[0]} (config keys are listed in fedkd/config.py)")
+    hint = " (--helpfull lists every --config.* key)" if uses_config else " (--help lists the flags)"
+    fail(f"{str(e).splitlines()[0]}{hint}")
   except (ValueError, KeyError, AttributeError, TypeError, OSError, SyntaxError, ImportError) as e:
     fail(f"cannot load the config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}")
   if len(rest) > 1:

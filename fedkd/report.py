@@ -259,7 +259,7 @@ def site_table(per_site: dict[str, dict[str, float]], unseen_name: str | None) -
   over the training sites."""
   cols = list(next(iter(per_site.values())))
   cols = [c for c in cols if c.startswith("dice/")] + [c for c in cols if c.startswith("iou/")]
-  w = max(len(s) for s in per_site) + 9
+  w = max(max(len(s) for s in per_site) + 9, len("mean (train sites)") + 2)  # the mean row's label fits
   lines = [f"{'site':<{w}}" + "".join(f"{c:>17}" for c in cols)]
   train = [k for k in per_site if k != unseen_name]
   for site in train + ([unseen_name] if unseen_name in per_site else []):

@@ -20,6 +20,8 @@ TINY = "--size=32 --clients=2 --steps=1 --batch=2 --width=4 --depth=1 --rounds=1
     (["--devices=-1"], ["--devices=-1 must be >= 0"]),
     (["--devices=2", "--cpu_devices=2", "--clients=3"], ["--clients=3 is not divisible by --devices=2"]),
     (["--devices=2", "--cpu_devices=2", "--scale=2,3"], ["--scale=3 is not divisible by --devices=2"]),
+    (["--scale=a"], ["--scale=a: 'a' is not a client count"]),
+    (["--scale=64,0"], ["'0' is not a client count"]),
   ],
 )
 def test_bad_devices_is_one_bench_error_line(extra, needles):

@@ -95,6 +95,7 @@ def test_eval_tables_and_site_table(tmp_path):
     "u": {"dice/c": 0.1, "iou/c": 0},
   }
   text = report.site_table(per_site, "u").splitlines()
+  assert len({len(line) for line in text}) == 1  # columns aligned, also the mean row's longer label
   assert text[3].startswith("u (unseen)") and text[-1].split()[-2:] == ["0.6000", "0.3500"]  # train-site means
 
 
