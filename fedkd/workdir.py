@@ -118,6 +118,15 @@ def _check_entries(path: epath.Path, workdir: str) -> None:
       )
 
 
+def read_json_object(path: Any) -> dict:
+  """The JSON object in the file ``path``; OSError if unreadable, ValueError if not JSON or not an object."""
+  with open(os.fspath(path), encoding="utf-8") as f:
+    out = json.load(f)
+  if not isinstance(out, dict):
+    raise ValueError("not a JSON object")
+  return out
+
+
 def check_task(path: epath.Path, task: str) -> None:
   """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
   would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""
@@ -125,7 +134,7 @@ def check_task(path: epath.Path, task: str) -> None:
   if not cfg.exists():
     return
   try:
-    saved = json.loads(cfg.read_text())
+    saved = json.loads(cfg.read_text())  # epath: also gs:// workdirs
   except (OSError, ValueError) as e:
     raise WorkdirError(
       f"{cfg} is unreadable ({type(e).__name__}: {str(e)[:80]}), and a run would replace it; use another "

@@ -50,6 +50,7 @@ import time
 from typing import Any
 
 from fedkd.cli import fail, line_buffered
+from fedkd.workdir import read_json_object
 
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "DONE"
@@ -448,10 +449,7 @@ def check_reuse(defn: dict, out: str) -> None:
     if not os.path.exists(path) and not done:
       continue  # fedkd.main checks the checkpoint's own copy of its config when it resumes
     try:
-      with open(path) as f:
-        saved = json.load(f)
-      if not isinstance(saved, dict):
-        raise ValueError("not a JSON object")
+      saved = read_json_object(path)
     except (OSError, ValueError) as e:
       raise InputError(
         f"{where} is {'finished' if done else 'checkpointed'} but its config.json cannot be read "

@@ -65,7 +65,7 @@ from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
 from fedkd.preemption import Stopped
 from fedkd.sharding import client_mesh, replicate, shard_clients
-from fedkd.workdir import write_atomic
+from fedkd.workdir import read_json_object, write_atomic
 
 METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a leaf)
 # Methods that distil from overseas experts (after the warm-up rounds); the rest train on their own data.
@@ -898,10 +898,7 @@ class Experiment:
 
   def read_saved_config(self, cfg_path: str) -> dict:
     try:
-      with open(cfg_path, encoding="utf-8") as f:
-        saved = json.load(f)
-      if not isinstance(saved, dict):
-        raise ValueError("not a JSON object")
+      saved = read_json_object(cfg_path)
     except (OSError, ValueError) as e:
       raise ConfigError(
         f"{cfg_path} is unreadable ({type(e).__name__}: {str(e)[:120]}), so the results and checkpoints in "
