@@ -617,3 +617,25 @@ def test_a_damaged_record_file_is_one_line_naming_the_rebuild(hospital, tmp_path
     src[0]
   with pytest.raises(fdata.DatasetInputError, match="damaged"):
     src.__getitems__([0, 1])
+
+
+def test_a_refused_overwrite_keeps_the_prepared_dataset(hospital, tmp_path):
+  """--overwrite builds beside the old dataset and swaps it in when complete: a rebuild refused on its
+  inputs leaves every file of the old one byte-identical (TFDS' FORCE_REDOWNLOAD deleted it first)."""
+  import shutil
+
+  root, exp = hospital
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=root, site="h")
+  before = {p: p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file()}
+  bad = tmp_path / "bad"
+  shutil.copytree(root, bad)
+  next((bad / "images").glob("a.*")).unlink()  # masks/a.png is now an orphan: refused
+  with pytest.raises(fdata.DatasetInputError, match="a.png"):
+    fdata.build("xray_folder", data_dir, manual_dir=bad, site="h", overwrite=True)
+  assert {p: p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file()} == before
+  assert len(fdata.load_source("xray_folder", "train", data_dir, config="h")) == len(exp)
+  (bad / "masks" / "a.png").unlink()  # now a valid folder with one image fewer: the rebuild replaces it
+  fdata.build("xray_folder", data_dir, manual_dir=bad, site="h", overwrite=True)
+  assert len(fdata.load_source("xray_folder", "train", data_dir, config="h")) == len(exp) - 1
+  assert not [p for p in data_dir.iterdir() if p.name.startswith(".fedkd-rebuild")]

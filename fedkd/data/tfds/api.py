@@ -160,6 +160,9 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
   data_dir = Path(data_dir)
   if not overwrite and (data_dir / name / cfg.name / str(cls.VERSION) / "dataset_info.json").is_file():
     check_prepared(name, data_dir, cfg.name)  # before TFDS reads the folder to reuse it
+  final = data_dir / name / cfg.name / str(cls.VERSION)
+  if overwrite and (final / "dataset_info.json").is_file():
+    return _rebuild_beside(cls, name, data_dir, manual_dir, cfg, final)
   builder = cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
   if not overwrite:
     _check_same_settings(builder, cfg)
@@ -175,6 +178,26 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
     _remove_empty_dirs(data_dir / name / cfg.name, stop=data_dir)
     raise
   return builder
+
+
+def _rebuild_beside(cls, name: str, data_dir: Path, manual_dir, cfg, final: Path):
+  """``overwrite`` of a prepared dataset: build the new one in a temporary folder inside ``data_dir``
+  and swap it in only once it is complete. A build refused on its inputs (or killed) leaves the old
+  dataset as it was; TFDS' own FORCE_REDOWNLOAD deletes it before it reads the first input file."""
+  tmp = data_dir / f".fedkd-rebuild-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    fresh = cls(data_dir=str(tmp), config=cfg, file_format="array_record")
+    fresh.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir is not None else None)
+    )
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    os.replace(final, old)
+    os.replace(tmp / name / cfg.name / str(cls.VERSION), final)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
 
 
 def _check_same_settings(builder, cfg) -> None:
