@@ -1146,7 +1146,9 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     raise ConfigError(f"config.experiment.methods is empty; give a comma list of {', '.join(FEDEFM_METHODS)}")
   for m in _csv(c.experiment.kd_methods):
     if m == "scratch":
-      raise ConfigError("config.experiment.kd_methods: 'scratch' has no foundation teacher")
+      raise ConfigError(
+        "config.experiment.kd_methods: 'scratch' has no foundation teacher; list only pretrained methods there"
+      )
   try:
     seeds = [int(s) for s in _csv(c.experiment.seeds)]
     percents = [float(p) for p in _csv(c.experiment.ablation_percents)]
@@ -1158,7 +1160,23 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     raise ConfigError(f"config.experiment.seeds={c.experiment.seeds!r}: seeds must be >= 0")
   for p in percents:
     if not math.isfinite(p) or not 0 <= p <= 100:
-      raise ConfigError(f"config.experiment.ablation_percents: {p} is not a valid unseen-label %")
+      raise ConfigError(
+        f"config.experiment.ablation_percents: {p:g} is not a valid unseen-label %; give values in 0..100"
+      )
+  # a repeat would run once and then count as a second seed (n=2, std 0) in the tables
+  for key, values in (
+    ("seeds", seeds),
+    ("methods", methods),
+    ("kd_methods", _csv(c.experiment.kd_methods)),
+    ("ablation_methods", _csv(c.experiment.ablation_methods)),
+    ("ablation_percents", percents),
+  ):
+    twice = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
+    if twice:
+      raise ConfigError(
+        f"config.experiment.{key}={getattr(c.experiment, key)!r} lists {', '.join(twice)} more than once; "
+        "give each once"
+      )
   if c.teacher.name != c.student.name or c.teacher.name not in ("transunet", "unet"):
     raise ConfigError(
       f"config.teacher.name={c.teacher.name!r} / config.student.name={c.student.name!r}: "

@@ -265,6 +265,17 @@ def test_experiment_config_errors():
   c.student.hidden = 16
   with pytest.raises(ConfigError, match="must match the teacher"):
     validate(c)
+  # a repeated seed / method / % ran once and then counted as two seeds (n=2, std 0) in results.csv
+  for key, value, shown in (
+    ("seeds", "0,1,0", "0"),
+    ("methods", "fedavg,scratch,fedavg", "fedavg"),
+    ("kd_methods", "fedefm,fedefm", "fedefm"),
+    ("ablation_percents", "10,50,10.0", "10"),
+  ):
+    c = fedefm_base_config()
+    setattr(c.experiment, key, value)
+    with pytest.raises(ConfigError, match=f"config.experiment.{key}=.* lists {shown} more than once"):
+      validate(c)
 
 
 def _tiny():
