@@ -475,3 +475,21 @@ def test_results_tables_mean_and_sample_std_over_seeds(tmp_path):
   assert "sample std (ddof=1)" in md and "| 100 | fedefm | yes | 1 |  | " + f"{rows[3][keys[0]]:.3f} ± n/a |" in md
   m0 = np.array([r[keys[0]] for r in rows[:3]])
   assert f"| 100 | fedefm | no | 3 |  | {m0.mean():.3f} ± {m0.std(ddof=1):.3f} |" in md
+
+
+def test_foundation_of_silo_sharded_params_is_their_mean_on_one_device():
+  """The foundation of parameters sharded over 2 devices (``--cpu_devices=2`` deadlocked in an eager
+  all-reduce): the silos' mean, as numpy computes it, on one device."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from fedkd.tasks.fedefm import foundation_of
+
+  rng = np.random.default_rng(0)
+  host = {"w": rng.normal(size=(4, 3, 5)).astype(np.float32), "b": rng.normal(size=(4, 7)).astype(np.float32)}
+  mesh = Mesh(np.array(jax.devices()[:2]), ("silos",))
+  sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec("silos"))), host)
+  assert len(sharded["w"].sharding.device_set) == 2
+  out = foundation_of(sharded)
+  for k in host:
+    np.testing.assert_allclose(np.asarray(out[k]), host[k].mean(axis=0), rtol=1e-6, atol=1e-7)
+    assert len(out[k].devices()) == 1

@@ -159,6 +159,13 @@ def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | N
   return diff[0] if diff else None
 
 
+def foundation_of(stacked_params):
+  """The foundation (mean of the silo models) of silo-sharded parameters, averaged on one device: an
+  eager mean across several CPU devices (``--cpu_devices=2``) deadlocked in XLA's all-reduce rendezvous.
+  On one device this is the same computation as before, so the numbers are bitwise unchanged."""
+  return fedefm_lib.mean_model(jax.device_get(stacked_params))
+
+
 def foundation_key(percent: float, method: str, seed: int) -> str:
   """Folder name of a pretraining run's checkpoints (shared by its plain and +KD fine-tunes)."""
   return f"u{percent:g}_{method}_seed{seed}"
@@ -659,7 +666,7 @@ class Experiment:
           err = float(np.max(metrics["emd_error"]))
           summary["emd_error_max"] = max(summary.get("emd_error_max", 0.0), err)
         if r % c.eval.foundation_every == 0 or r == p.num_rounds:
-          score = self.foundation_score(fedefm_lib.mean_model(state["params"]), held)
+          score = self.foundation_score(foundation_of(state["params"]), held)
           summary["curve"].append({"round": r, "foundation": score})
         dt = time.time() - t0
         if r > start + 1:  # the first round of a process includes compilation
@@ -690,7 +697,7 @@ class Experiment:
       "gflops_per_silo_round": round(self.client_flops(method, method in DISTILL) / 1e9, 4),
       "mb_per_silo_round": round(summary["transfers"] / p.num_rounds * model_bytes / 1e6, 4),
     }
-    return jax.tree.map(np.asarray, fedefm_lib.mean_model(state["params"])), summary
+    return jax.tree.map(np.asarray, foundation_of(state["params"])), summary
 
   # ------------------------------------------------------------------ downstream
 
