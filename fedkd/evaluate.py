@@ -180,6 +180,16 @@ def load_run(workdir: str, round_: int | None):
   from fedkd.workdir import prepare
 
   path = prepare(workdir, create=False)
+  saved = path / "config.json"
+  try:
+    task = json.loads(saved.read_text()).get("task", "fedavg") if saved.exists() else "fedavg"
+  except (OSError, ValueError, AttributeError):
+    task = "fedavg"
+  if task != "fedavg":
+    raise EvalError(
+      f"{workdir} holds a {task!r} experiment (config.task={task!r}); fedkd.eval evaluates FedAvg-family runs. "
+      "Its results are in results.md / results.csv there (python -m fedkd.tasks.fedefm_contrast compares them)"
+    )
   ckdir = path / "checkpoints"
   if not ckdir.is_dir():
     raise EvalError(
@@ -252,6 +262,9 @@ def evaluate_run(
   log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {examples} held-out images")
   results, preds = evaluator.detailed_metrics(params, spacing_mm)
   report.write_eval_tables(results, out, r)
+  stale = os.path.join(out, "predictions.png")
+  if not frames and os.path.exists(stale):  # an earlier evaluation's frames would sit beside these tables
+    os.remove(stale)
   if frames:
     size = next(iter(preds.values())).shape[1]
     pic = report.grid(evaluator.sets, frames, max(1, -(-128 // size)), data.unseen_name, preds=preds)
@@ -263,10 +276,10 @@ def evaluate_run(
   report.robustness_plot(rob, os.path.join(out, "robustness.png"))
   log(report.eval_table(results, data.unseen_name))
   log(f"(hd95, assd, tip_error in {'mm' if spacing_mm != 1.0 else 'px'}; means over images where defined)")
-  log(
-    f"wrote {out}: eval.json, eval.csv, predictions.png (per frame: image | ground truth | prediction; the legend "
-    "in the picture), robustness.json, robustness.png"
+  pictures = (
+    "predictions.png (per frame: image | ground truth | prediction; the legend in the picture), " if frames else ""
   )
+  log(f"wrote {out}: eval.json, eval.csv, {pictures}robustness.json, robustness.png")
   return {"round": r, "results": results, "robustness": rob, "out": out}
 
 

@@ -39,6 +39,11 @@ def test_eval_reproduces_training_metrics_and_writes_outputs(cli, tmp_path):
   clean = np.mean([res["catheter"]["dice"] for res in ev["sites"].values()])
   for kind in rob:
     assert rob[kind]["dice"]["catheter"][0] == pytest.approx(clean, abs=1e-6)
+  # --frames=0: no picture, and the earlier one is not left beside the new tables; the message says so
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=2", "--frames=0"])
+  assert r.code == 0, r.stderr[-2000:]
+  assert not os.path.exists(os.path.join(out, "predictions.png"))
+  assert "predictions.png" not in r.stdout and "eval.json" in r.stdout
 
 
 def test_eval_without_checkpoints_is_one_clear_line(cli, tmp_path):
@@ -46,6 +51,16 @@ def test_eval_without_checkpoints_is_one_clear_line(cli, tmp_path):
   assert r.code == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "no checkpoints/ folder" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_eval_of_a_fedefm_workdir_says_where_its_results_are(cli, tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"task": "fedefm", "seed": 0}))
+  (tmp_path / "results.md").write_text("table")
+  r = cli.run("fedkd.eval", [f"--workdir={tmp_path}"])
+  assert r.code == 2 and "Traceback" not in r.stderr
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "'fedefm' experiment" in lines[0] and "results.md" in lines[0], lines
+  assert (tmp_path / "results.md").read_text() == "table"
 
 
 def test_perturbations():
