@@ -258,7 +258,7 @@ def evaluate_run(
     config.eval.examples_per_site = examples
   data = make_client_data(config)
   evaluator = Evaluator(config, apply, data.eval_sets())
-  out = os.fspath(prepare(out or os.path.join(workdir, "eval")))
+  out = os.fspath(prepare(out, flag="--out") if out else prepare(os.path.join(workdir, "eval")))
   log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {examples} held-out images")
   results, preds = evaluator.detailed_metrics(params, spacing_mm)
   report.write_eval_tables(results, out, r)

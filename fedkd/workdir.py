@@ -44,13 +44,13 @@ def as_path(path: Any) -> epath.Path:
   return epath.Path(expand(os.fspath(path)))
 
 
-def describe_os_error(e: OSError, where: Any) -> str:
+def describe_os_error(e: OSError, where: Any, flag: str = "--workdir") -> str:
   """One line for an OSError while writing under ``where`` (full disk, read-only, permissions)."""
   if e.errno == errno.ENOSPC:
-    return f"no space left in {where}; free some space (or use another --workdir) and re-run to resume"
+    return f"no space left in {where}; free some space (or use another {flag}) and re-run to resume"
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-    return f"cannot write to {where} ({os.strerror(e.errno)}); use a writable --workdir"
-  return f"cannot write to {where} ({type(e).__name__}: {e}); use another --workdir"
+    return f"cannot write to {where} ({os.strerror(e.errno)}); use a writable {flag}"
+  return f"cannot write to {where} ({type(e).__name__}: {e}); use another {flag}"
 
 
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -67,18 +67,20 @@ def environment_oserror(e: BaseException | None) -> OSError | None:
   return None
 
 
-def prepare(workdir: str, *, create: bool = True) -> epath.Path:
-  """The workdir as a path, created (``create``) and proven writable; a :class:`WorkdirError` else."""
+def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir") -> epath.Path:
+  """The workdir as a path, created (``create``) and proven writable; a :class:`WorkdirError` else.
+  ``flag``: how messages name the path (``--out`` for an output folder)."""
   if not workdir or not workdir.strip():
-    raise WorkdirError(f"--workdir={workdir!r} is empty; pass a folder, e.g. --workdir=runs/quickstart")
+    raise WorkdirError(f"{flag}={workdir!r} is empty; pass a folder, e.g. {flag}=runs/quickstart")
   path = as_path(workdir)
   try:
     if path.exists() and not path.is_dir():
-      raise WorkdirError(f"--workdir={workdir} is a file, not a folder; pass a folder path")
-    _check_entries(path, workdir)
+      raise WorkdirError(f"{flag}={workdir} is a file, not a folder; pass a folder path")
+    if flag == "--workdir":
+      _check_entries(path, workdir)
     if not create:
       if not path.is_dir():
-        raise WorkdirError(f"--workdir={workdir} does not exist")
+        raise WorkdirError(f"{flag}={workdir} does not exist")
       return path
     path.mkdir(parents=True, exist_ok=True)
     if not is_remote(path):
@@ -86,13 +88,13 @@ def prepare(workdir: str, *, create: bool = True) -> epath.Path:
       probe.write_text("ok")
       probe.unlink()
   except ImportError as e:  # gs:// without its filesystem package
-    raise WorkdirError(f"--workdir={workdir}: {e} (pip install gcsfs) to use a cloud workdir") from None
+    raise WorkdirError(f"{flag}={workdir}: {e} (pip install gcsfs) to use a cloud workdir") from None
   except OSError as e:
     if isinstance(e, WorkdirError):
       raise
     if e.errno == errno.ENOTDIR or isinstance(e, NotADirectoryError):
-      raise WorkdirError(f"--workdir={workdir}: a parent of it is a file; pass a folder path") from None
-    raise WorkdirError(describe_os_error(e, workdir)) from None
+      raise WorkdirError(f"{flag}={workdir}: a parent of it is a file; pass a folder path") from None
+    raise WorkdirError(describe_os_error(e, workdir, flag)) from None
   return path
 
 

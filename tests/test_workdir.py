@@ -87,6 +87,8 @@ def test_prepare_refuses_files_and_expands_home(tmp_path, monkeypatch):
     wd.prepare(str(tmp_path / "f"))
   with pytest.raises(wd.WorkdirError, match="a parent of it is a file"):
     wd.prepare(str(tmp_path / "f" / "run"))
+  with pytest.raises(wd.WorkdirError, match=r"^--out=.* is a file"):  # an output folder is named by its flag
+    wd.prepare(str(tmp_path / "f"), flag="--out")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   monkeypatch.chdir(tmp_path)
   assert os.fspath(wd.prepare("~/runs/x")) == str(tmp_path / "home" / "runs" / "x")

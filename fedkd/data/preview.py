@@ -51,7 +51,7 @@ def main(argv) -> None:
   shown = set()
   for _, masks in sets.values():
     shown.update(np.unique(np.asarray(masks)[: cli.FRAMES.value]).tolist())
-  prepare(os.path.dirname(os.path.abspath(out)))
+  prepare(os.path.dirname(os.path.abspath(out)), flag="--out")
   pic.save(out)
   print(
     f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
