@@ -260,6 +260,13 @@ def test_pretraining_nan_is_a_diverged_error_before_any_bad_checkpoint(tmp_path)
     assert part in msg, msg
   assert steps(work, FEDAVG) == [1]  # round 1 was good; nothing of round 2 or later
   assert not os.path.exists(os.path.join(work, "results_raw.jsonl"))
+  # FedEFM diverging through its experts' step names the experts' rate, not the silos'
+  c = tiny()
+  c.experiment.methods, c.experiment.kd_methods = "fedefm", ""
+  c.pretrain.expert_learning_rate = 1e20
+  with pytest.raises(DivergedError, match=r"config.pretrain.expert_learning_rate=1e\+20 is too high") as e:
+    task.run(c, str(tmp_path / "fe2"), log=lambda _: None)
+  assert "--config.pretrain.expert_learning_rate=1e+19" in str(e.value)
 
 
 def test_kd_weight_grid_in_one_process_equals_single_runs_and_compiles_once(reference, tmp_path):

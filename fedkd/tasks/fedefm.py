@@ -540,11 +540,15 @@ class Experiment:
     )
     p = self.c.pretrain
     kept = f"the last checkpoint kept is round {last_saved}" if last_saved else "no checkpoint of this run was saved"
+    # the overseas experts take their own step (DISTILL methods): blame the larger of the two rates
+    key, lr = "learning_rate", p.learning_rate
+    if method in DISTILL and p.expert_learning_rate > p.learning_rate:
+      key, lr = "expert_learning_rate", p.expert_learning_rate
+    other = "expert_learning_rate" if key == "learning_rate" else "learning_rate"
     raise DivergedError(
       f"{label}: pretraining diverged at round {r}: the {what} of {who} is NaN/Inf ({kept}); likely cause: "
-      f"config.pretrain.learning_rate={p.learning_rate:g} is too high (overseas experts: "
-      f"config.pretrain.expert_learning_rate={p.expert_learning_rate:g}); lower it, e.g. "
-      f"--config.pretrain.learning_rate={p.learning_rate / 10:g}, and use a new --workdir"
+      f"config.pretrain.{key}={lr:g} is too high (config.pretrain.{other}={getattr(p, other):g}); lower it, "
+      f"e.g. --config.pretrain.{key}={lr / 10:g}, and use a new --workdir"
     )
 
   def round_data(self, method: str, types: np.ndarray, seed: int, r: int):
