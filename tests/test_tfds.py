@@ -386,7 +386,10 @@ def test_cli(hospital, tmp_path, capsys):
   args = ["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}", "--site=Hospital A", "--overwrite"]
   assert cli.main(args) == 0
   out = capsys.readouterr().out
-  assert "test: " in out and "no 'test' split" not in out
+  assert "test: " in out and "no 'test' split" not in out and out.startswith("built ")
+  assert cli.main(args[:-1]) == 0  # again without --overwrite: the prepared one is reused, and it says so
+  out = capsys.readouterr().out
+  assert out.startswith("already prepared (reused): ") and "pass --overwrite to rebuild it" in out
 
   bad = tmp_path / "bad_site"
   _bad_missing_mask(bad)

@@ -24,6 +24,7 @@ import errno
 import io
 import logging
 import os
+from pathlib import Path
 import sys
 import types
 
@@ -165,11 +166,17 @@ def main(argv=None) -> int:
     if args.color_map:
       opts["color_map"] = parse_color_map(args.color_map)
     opts = {k: v for k, v in opts.items() if v is not None}
+    prepared_before = {str(p) for p in Path(data_dir).glob(f"{args.dataset}/*/*/dataset_info.json")}
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS' "Downloading and preparing"
       builder = build(
         args.dataset, data_dir, manual_dir=manual_dir, config=args.config, overwrite=args.overwrite, **opts
       )
-    print("\n".join(_summary(builder)))
+    lines = _summary(builder)
+    if not args.overwrite and str(Path(os.fspath(builder.data_dir)) / "dataset_info.json") in prepared_before:
+      source = f" from {manual_dir}" if manual_dir else ""
+      lines[0] = lines[0].replace("built ", "already prepared (reused): ", 1)
+      lines.append(f"note: the source was not read again; pass --overwrite to rebuild it{source}")
+    print("\n".join(lines))
   except DatasetInputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
