@@ -105,6 +105,8 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
   from fedkd.workdir import Lock, as_path, check_task, is_remote, prepare, remove_if_empty
 
   existed = [is_remote(w) or as_path(w).exists() for w in workdirs]
+  parents = {as_path(w).parent for w, was in zip(workdirs, existed) if not was}  # replicas: --workdir itself
+  parents = {p for p in parents if not p.exists()}
   paths = [prepare(w) for w in workdirs]
   taken = []
   try:
@@ -124,6 +126,8 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
       for p, was in zip(paths, existed):
         if not was:
           remove_if_empty(p)
+      for p in parents:
+        remove_if_empty(p)
     raise
   finally:
     for held in taken:
