@@ -193,7 +193,11 @@ def _rebuild_beside(cls, name: str, data_dir: Path, manual_dir, cfg, final: Path
     )
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     os.replace(final, old)
-    os.replace(tmp / name / cfg.name / str(cls.VERSION), final)
+    try:
+      os.replace(tmp / name / cfg.name / str(cls.VERSION), final)
+    except BaseException:
+      os.replace(old, final)  # the old dataset back in place
+      raise
     shutil.rmtree(old, ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
