@@ -280,6 +280,11 @@ def eval_table(results: dict, unseen_name: str | None) -> str:
   return "\n".join(lines)
 
 
+def is_number(v) -> bool:
+  """A JSON number (int or float, not a bool): a result a table or a contrast can take."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _null_for_nan(x):
   """``x`` with every NaN float (a metric no image defines, e.g. hd95 with nothing predicted) as None."""
   if isinstance(x, dict):

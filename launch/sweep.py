@@ -396,22 +396,11 @@ def config_difference(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   config the sweep gives it now differ, by fedkd.main's rule for resuming a run
   (fedkd.tasks.fedavg._check_resumable): keys in fedavg.RESUMABLE_CHANGES (num_rounds, eval, checkpoint,
   engine, ...) may differ, and so may a key the saved config lacks (added to the schema later) that is
-  at the value that keeps its old behaviour. A missing value is ``None``."""
-  from fedkd.config import base_config
+  at the value that keeps its old behaviour (fedavg.resume_differences). A missing value is ``None``."""
   from fedkd.tasks import fedavg
 
   a, b = fedavg.flat_dict(saved), fedavg.flat_dict(current)
-  defaults = fedavg.flat_dict(base_config().to_dict())
-  for k, (applies, value) in fedavg._OLD_BEHAVIOUR.items():
-    if k not in a and applies(a):
-      defaults[k] = value
-  return [
-    (k, a.get(k), b.get(k))
-    for k in sorted(set(a) | set(b))
-    if a.get(k) != b.get(k)
-    and not fedavg._may_change(k)
-    and not (k not in a and k in defaults and b.get(k) == defaults[k])
-  ]
+  return [(k, a.get(k), b.get(k)) for k in fedavg.resume_differences(saved, current)]
 
 
 def check_reuse(defn: dict, out: str) -> None:
@@ -689,10 +678,6 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
   return md_path, csv_path
 
 
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[str]:
   """curves.png (scores vs round per group) and vs_<key>.png for every numeric key swept within a
   method (``metric`` at the last evaluation vs the key), drawn by ``fedkd.report``."""
@@ -708,7 +693,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     written.append(path)
   for key in defn["varying_keys"]:
     values = [g["overrides"].get(key) for g in groups]
-    if not all(_is_number(v) for v in values) or len(set(values)) < 2:
+    if not all(report.is_number(v) for v in values) or len(set(values)) < 2:
       continue
     others = [k for k in defn["varying_keys"] if k != key]
     lines: dict[str, list] = {}
@@ -796,9 +781,8 @@ def _read_definition(out: str) -> dict:
   if not os.path.exists(path):
     raise InputError(f"{path} not found; pass --config (and --sweep) or point --out at a sweep directory")
   try:
-    with open(path) as f:
-      defn = json.load(f)
-    if not isinstance(defn, dict) or not isinstance(defn.get("runs"), list) or not defn["runs"]:
+    defn = read_json_object(path)
+    if not isinstance(defn.get("runs"), list) or not defn["runs"]:
       raise ValueError("not a sweep definition")
   except (OSError, ValueError) as e:
     raise InputError(

@@ -88,24 +88,31 @@ def flat_dict(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def _check_resumable(saved: dict, current: dict, directory: str) -> None:
+def resume_differences(saved: dict, current: dict) -> list[str]:
+  """The dotted keys, sorted, in which a run's saved config and ``current`` differ beyond what may change
+  on resume (:data:`RESUMABLE_CHANGES`). A key the saved config lacks was added to the schema later; its
+  default (or, where :data:`_OLD_BEHAVIOUR` says so, the value that keeps the old behaviour) may stand."""
   a, b = flat_dict(saved), flat_dict(current)
-  # A key the checkpoint's config lacks was added to the schema later; its default keeps the old
-  # behaviour (e.g. algorithm.name='fedavg'), so a run that leaves it at the default may resume.
   defaults = flat_dict(base_config().to_dict())
   for k, (applies, value) in _OLD_BEHAVIOUR.items():
     if k not in a and applies(a):
       defaults[k] = value
-      if b.get(k) != value:
-        raise ckpt_lib.ResumeRefused(
-          f"the checkpoint in {directory} was written before config.{k} existed and behaves as "
-          f"{value!r}, but this run has {b.get(k)!r}; pass --config.{k}={value} to resume it, or use a new --workdir"
-        )
-  diff = sorted(
+  return sorted(
     k
     for k in set(a) | set(b)
     if a.get(k) != b.get(k) and not _may_change(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])
   )
+
+
+def _check_resumable(saved: dict, current: dict, directory: str) -> None:
+  a, b = flat_dict(saved), flat_dict(current)
+  for k, (applies, value) in _OLD_BEHAVIOUR.items():
+    if k not in a and applies(a) and b.get(k) != value:
+      raise ckpt_lib.ResumeRefused(
+        f"the checkpoint in {directory} was written before config.{k} existed and behaves as "
+        f"{value!r}, but this run has {b.get(k)!r}; pass --config.{k}={value} to resume it, or use a new --workdir"
+      )
+  diff = resume_differences(saved, current)
   if diff:
     k = diff[0]
     # ResumeRefused, not CheckpointError: this checkpoint is intact but belongs to another experiment,

@@ -70,7 +70,7 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
         "give a FedEFM workdir's results"
       )
     if row.get("method") == method and row.get("teacher_kd") == kd and row.get("unseen_percent") == percent:
-      if not _is_number(row.get("seed")):
+      if not report.is_number(row.get("seed")):
         raise ConfigError(f"{path}:{number}: the record has no numeric 'seed'; give a FedEFM workdir's results")
       rows.append(row)
   out = {r["seed"]: r for r in rows}
@@ -112,10 +112,6 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
 PAIRING_KEYS = ("seed", "unseen_percent")  # which runs are paired, not results
 
 
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def numeric_keys(*sides: dict[int, dict]) -> list[str]:
   """The keys that are a number (or null) in every record of every side and a number in at least one
   record of each side: the results a contrast can take (not labels, lists or nested records)."""
@@ -124,8 +120,8 @@ def numeric_keys(*sides: dict[int, dict]) -> list[str]:
   return sorted(
     k
     for k in keys
-    if all(r.get(k) is None or _is_number(r[k]) for r in records)
-    and all(any(_is_number(r.get(k)) for r in side.values()) for side in sides)
+    if all(r.get(k) is None or report.is_number(r[k]) for r in records)
+    and all(any(report.is_number(r.get(k)) for r in side.values()) for side in sides)
   )
 
 
@@ -154,7 +150,7 @@ def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> li
   seeds = sorted(set(a) & set(b))
   results = []
   for k in keys:
-    pairs = [(a[s][k], b[s][k]) for s in seeds if _is_number(a[s].get(k)) and _is_number(b[s].get(k))]
+    pairs = [(a[s][k], b[s][k]) for s in seeds if report.is_number(a[s].get(k)) and report.is_number(b[s].get(k))]
     if not pairs:
       raise ConfigError(
         f"no seed has {k!r} in both run sets; numeric keys of these records: {', '.join(numeric_keys(a, b))}"
