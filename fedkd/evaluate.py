@@ -177,14 +177,10 @@ def load_run(workdir: str, round_: int | None):
   from fedkd.checkpoint import CheckpointError, Checkpointer
   from fedkd.fl import algorithms, engine
   from fedkd.models import init_params
-  from fedkd.workdir import prepare
+  from fedkd.workdir import prepare, saved_task
 
   path = prepare(workdir, create=False)
-  saved = path / "config.json"
-  try:
-    task = json.loads(saved.read_text()).get("task", "fedavg") if saved.exists() else "fedavg"
-  except (OSError, ValueError, AttributeError):
-    task = "fedavg"
+  task = saved_task(path) or "fedavg"
   if task != "fedavg":
     raise EvalError(
       f"{workdir} holds a {task!r} experiment (config.task={task!r}); fedkd.eval evaluates FedAvg-family runs. "

@@ -76,8 +76,7 @@ def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir") -> ep
   try:
     if path.exists() and not path.is_dir():
       raise WorkdirError(f"{flag}={workdir} is a file, not a folder; pass a folder path")
-    if flag == "--workdir":
-      _check_entries(path, workdir)
+    _check_entries(path, f"{flag}={workdir}")
     if not create:
       if not path.is_dir():
         raise WorkdirError(f"{flag}={workdir} does not exist")
@@ -104,19 +103,19 @@ WORKDIR_FILES = ("config.json", "metrics.jsonl", "rounds.jsonl", "results_raw.js
 WORKDIR_FOLDERS = ("checkpoints", "tb", "eval", "foundations")
 
 
-def _check_entries(path: epath.Path, workdir: str) -> None:
+def _check_entries(path: epath.Path, named: str) -> None:
   if not path.is_dir():
     return
   for name in WORKDIR_FILES:
     if (path / name).is_dir():
       raise WorkdirError(
-        f"--workdir={workdir}: {name} is a folder, but fedkd writes a file there; move it away or use another --workdir"
+        f"{named}: {name} is a folder, but fedkd writes a file there; move it away or use another --workdir"
       )
   for name in WORKDIR_FOLDERS:
     p = path / name
     if p.exists() and not p.is_dir():
       raise WorkdirError(
-        f"--workdir={workdir}: {name} is a file, but fedkd keeps a folder there; move it away or use another --workdir"
+        f"{named}: {name} is a file, but fedkd keeps a folder there; move it away or use another --workdir"
       )
 
 
@@ -129,12 +128,12 @@ def read_json_object(path: Any) -> dict:
   return out
 
 
-def check_task(path: epath.Path, task: str) -> None:
-  """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
-  would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""
+def saved_task(path: epath.Path) -> str | None:
+  """``config.task`` of the run in the workdir ``path`` (its config.json; 'fedavg' when the key predates
+  tasks), None without a config.json; a :class:`WorkdirError` when fedkd did not write that file."""
   cfg = path / "config.json"
   if not cfg.exists():
-    return
+    return None
   try:
     saved = json.loads(cfg.read_text())  # epath: also gs:// workdirs
   except (OSError, ValueError) as e:
@@ -146,8 +145,14 @@ def check_task(path: epath.Path, task: str) -> None:
     raise WorkdirError(
       f"{cfg} is not a config fedkd wrote, and a run would replace it; use another --workdir (or move the file away)"
     )
-  was = saved.get("task", "fedavg")
-  if was != task:
+  return saved.get("task", "fedavg")
+
+
+def check_task(path: epath.Path, task: str) -> None:
+  """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
+  would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""
+  was = saved_task(path)
+  if was is not None and was != task:
     raise WorkdirError(
       f"--workdir={path} holds a {was!r} run (config.task={was!r} in its config.json), not a {task!r} one; "
       f"use another --workdir for the {task!r} run"
