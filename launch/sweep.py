@@ -771,12 +771,8 @@ def aggregate(
 
 
 def _read_definition(out: str) -> dict:
-  """The sweep.json in ``out`` (for --aggregate_only without --config); InputError if there is none."""
-  if not os.path.isdir(out):
-    raise InputError(
-      f"--out={out} does not exist; point --out at the directory of a sweep that ran (or pass --config "
-      "without --aggregate_only to run one there)"
-    )
+  """The sweep.json in the directory ``out`` (for --aggregate_only without --config); InputError if there
+  is none."""
   path = os.path.join(out, SWEEP_FILE)
   if not os.path.exists(path):
     raise InputError(f"{path} not found; pass --config (and --sweep) or point --out at a sweep directory")
@@ -792,12 +788,7 @@ def _read_definition(out: str) -> dict:
 
 
 def _check_holds_runs(defn: dict, out: str) -> None:
-  """--aggregate_only: InputError unless ``out`` exists and holds the folder of at least one run."""
-  if not os.path.isdir(out):
-    raise InputError(
-      f"--out={out} does not exist; point --out at the directory of a sweep that ran, or drop "
-      "--aggregate_only to run the sweep there"
-    )
+  """--aggregate_only: InputError unless the directory ``out`` holds the folder of at least one run."""
   if not any(os.path.isdir(os.path.join(out, r["name"])) for r in defn["runs"]):
     raise InputError(
       f"--out={out} holds no runs of this sweep (no folder {defn['runs'][0]['name']} or any other of its "
@@ -820,6 +811,11 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if os.path.exists(out) and not os.path.isdir(out):
       raise InputError(f"--out={out} is a file; pass a directory for the sweep")
+    if args.aggregate_only and not os.path.isdir(out):
+      raise InputError(
+        f"--out={out} does not exist; point --out at the directory of a sweep that ran, or drop "
+        "--aggregate_only to run the sweep there"
+      )
     if args.config:
       seeds = None if args.seeds is None else parse_seeds(args.seeds)
       defn = build(args.config, args.sweep, args.extra, seeds)
