@@ -69,3 +69,19 @@ def test_preview_bad_config_is_one_line():
   assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("fedkd: error:") and "Traceback" not in r.stderr
+
+
+def test_preview_out_below_a_file_names_both(tmp_path):
+  blocker = tmp_path / "afile"
+  blocker.write_text("keep")
+  out = blocker / "sub" / "p.png"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = procs.run(
+    [sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py", f"--out={out}"],
+    cwd=ROOT,
+    env=env,
+    timeout=300,
+  )
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert f"--out={out}: {blocker} is a file, not a folder" in r.stderr
+  assert blocker.read_text() == "keep"

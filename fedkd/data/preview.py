@@ -21,6 +21,15 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DEFAULT_OUT = os.path.join("runs", "preview.png")
 
 
+def _check_out_folder(out: str) -> None:
+  """Refuse an --out below a file before any work, naming both (prepare would name only the folder)."""
+  folder = os.path.dirname(os.path.abspath(out))
+  while folder and not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if folder and not os.path.isdir(folder):
+    cli.fail(f"--out={out}: {folder} is a file, not a folder; pass a path inside a folder, e.g. --out=runs/preview.png")
+
+
 def main(argv) -> None:
   del argv
   import jax
@@ -37,6 +46,7 @@ def main(argv) -> None:
   out = os.path.expanduser(cli.OUT.value or DEFAULT_OUT)
   if not out.lower().endswith(IMAGE_EXTS) or os.path.isdir(out):
     cli.fail(f"--out={out} must be an image file path ending in {', '.join(IMAGE_EXTS)}, e.g. --out=runs/preview.png")
+  _check_out_folder(out)
   if cli.FRAMES.value < 1:
     cli.fail(f"--frames={cli.FRAMES.value} must be >= 1")
   if _SCALE.value < 0:
