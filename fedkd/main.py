@@ -190,9 +190,32 @@ def _run_replicas(config) -> None:
   reason = replicas.why_not(configs)
   if reason is not None:
     cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
+  _check_each_replica(configs, [k for k in lists if k != "seed"])
   with _claimed(workdirs, config.task), StopSignals() as stop:
     replicas.run(configs, workdirs, log=lambda line: print(line, flush=True), stop=stop)
   sys.stdout.flush()
+
+
+def _check_each_replica(configs, varied: list[str]) -> None:
+  """Every replica's config is checked before any workdir is made; a value that came from
+  --replica_config is named as such (the checks' own hint says --config.KEY)."""
+  import jax
+
+  from fedkd.config import ConfigError, validate
+
+  for c in configs:
+    try:
+      if c.task == "fedefm":
+        from fedkd.tasks import fedefm
+
+        fedefm.validate(c)
+      else:
+        validate(c, jax.device_count())
+    except ConfigError as e:
+      message = str(e)
+      for key in varied:
+        message = message.replace(f"--config.{key}", f"{key} in --replica_config")
+      cli.fail(message)
 
 
 def run(argv: list[str] | None = None) -> None:

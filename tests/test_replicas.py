@@ -179,7 +179,8 @@ def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
     ([lr + "0.1,fast"], "write KEY=V1,V2,... with numbers"),
     (["--seeds=0,1,2", lr + "0.1,0.2"], "3 value(s) of seed, 2 value(s) of client_optimizer.learning_rate"),
     (["--seeds=0", lr + "0.1,0.1"], "runs 0 and 1 are the same run"),
-    ([lr + "0.1,-1"], "client_optimizer.learning_rate"),  # each replica's values are validated
+    # each replica's values are validated, and the hint names the flag that gave the value
+    ([lr + "0.1,-1"], "set client_optimizer.learning_rate in --replica_config to a value > 0"),
     (["--seeds=0,1", "--config.aggregator.name=median"], "cannot be replicas of one program: aggregator 'median'"),
   ):
     p = main(*args)
@@ -189,7 +190,10 @@ def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
   for args, phrase in (
     (["--seeds=0,1"], "set --config.experiment.seeds=0,1 instead"),
     (["--replica_config=fedefm.moon_mu=0.1,0.2"], "may differ in fedefm.beta, fedefm.temperature"),
-    (["--replica_config=fedefm.beta=0.3,1.5"], "config.fedefm.beta=1.5 must be a number in [0, 1]"),
+    (
+      ["--replica_config=fedefm.beta=0.3,1.5"],
+      "beta=1.5 must be a number in [0, 1]; set fedefm.beta in --replica_config",
+    ),
   ):
     p = cli.run("fedkd.main", ["--config=configs/fedefm.py:tiny", f"--workdir={tmp_path / 'w'}", *args], timeout=120)
     assert p.code == 2 and not p.traceback, p.stderr
