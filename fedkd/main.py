@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
   from fedkd.preemption import StopSignals
 
   config = cli.CONFIG.value
-  if not cli.WORKDIR.value:
+  if not cli.WORKDIR.value and not _REPLICA_WORKDIRS.value:  # replicas may name their workdirs instead
     cli.fail("--workdir is required, e.g. --workdir=runs/quickstart")
   if config.get("task") not in TASKS:
     raise ConfigError(f"config.task={config.get('task')!r} is not a known task; use one of {', '.join(TASKS)}")
