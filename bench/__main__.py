@@ -337,7 +337,7 @@ def measure_main(config_args: list[str], reps: int) -> None:
   from fedkd import cli
   from fedkd.errors import USER_ERRORS
 
-  cli.parse(["python -m bench --measure", *config_args])
+  cli.parse(["python -m bench --measure", *config_args], shared=())
   primary = jax.process_index() == 0
   emit = (lambda d: print(json.dumps(d), flush=True)) if primary else (lambda d: None)  # noqa: E731
   try:

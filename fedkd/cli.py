@@ -33,6 +33,7 @@ OUT = flags.DEFINE_string(
   "Output path (fedkd.eval: folder, default <workdir>/eval; fedkd.data.preview: PNG file, default runs/preview.png).",
 )
 FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in pictures.")
+SHARED = ("workdir", "out", "frames")  # an entry point names those it reads; the others are refused
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -54,10 +55,17 @@ def line_buffered() -> None:
 
 
 def run_app(
-  main: Callable[[list[str]], Any], argv: list[str] | None = None, *, uses_config: bool = True, usage: str = ""
+  main: Callable[[list[str]], Any],
+  argv: list[str] | None = None,
+  *,
+  uses_config: bool = True,
+  usage: str = "",
+  shared: tuple[str, ...] = SHARED,
 ) -> None:
   """Runs ``main(argv)`` through ``absl.app.run`` with fedkd's flag parser and error path.
 
+  ``shared``: which of :data:`SHARED` (``--workdir``, ``--out``, ``--frames``) the program reads; help
+  lists only those, and giving another is an error.
   ``--help``/``-h`` print ``usage`` and this program's flags, ``--helpfull`` every flag and (for
   entry points with ``--config``) every ``--config.*`` key with its default and meaning; exit 0.
   A :class:`UserError` (bad config, data, checkpoint, workdir) prints one line and exits 2; a run
@@ -72,7 +80,7 @@ def run_app(
   line_buffered()
 
   def parser(args):
-    return parse(args, uses_config=uses_config, usage=usage)
+    return parse(args, uses_config=uses_config, usage=usage, shared=shared)
 
   def wrapped(args):
     from absl import logging as absl_logging
@@ -144,7 +152,7 @@ def _exit_past_stuck_threads(code: int, before_exit: Callable[[], Any] | None = 
     os._exit(code)
 
 
-def _print_help(full: bool, usage: str, uses_config: bool) -> None:
+def _print_help(full: bool, usage: str, uses_config: bool, shared: tuple[str, ...] = SHARED) -> None:
   main_module = sys.argv[0] if sys.argv else ""
   print((usage or "").strip() + "\n")
   if full:
@@ -154,10 +162,17 @@ def _print_help(full: bool, usage: str, uses_config: bool) -> None:
     own = [
       m
       for m in mods
-      if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview", "fedkd.cli")) or m in (main_module, "__main__")
+      if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview")) or m in (main_module, "__main__")
     ]
     for m in own:
       print(flags.FLAGS.module_help(m))
+    common = (["config"] if uses_config else []) + list(shared)
+    if common:
+      print("\nfedkd.cli:")
+      for name in common:
+        f = flags.FLAGS[name]
+        default = "" if f.default is None else f"\n    (default: {f.default!r})"
+        print(f"  --{name}: {f.help}{default}")
     print("\n--helpfull lists every flag" + (" and every --config.* key with its default" if uses_config else ""))
   if full and uses_config:
     from fedkd.config import config_help
@@ -196,14 +211,23 @@ def _has_key(node, key: str) -> bool:
   return True
 
 
-def parse(argv: list[str] | None = None, *, uses_config: bool = True, usage: str = "") -> list[str]:
-  """Parses absl flags; returns the positional arguments left over (argv[0] first)."""
+def parse(
+  argv: list[str] | None = None, *, uses_config: bool = True, usage: str = "", shared: tuple[str, ...] = SHARED
+) -> list[str]:
+  """Parses absl flags; returns the positional arguments left over (argv[0] first). A flag of
+  :data:`SHARED` not in ``shared`` (or ``--config`` when not ``uses_config``) is refused: the program
+  would ignore it."""
   argv = list(sys.argv if argv is None else argv)
   wants = [a for a in argv[1:] if a in ("-h", "--help", "-help", "--helpshort", "--helpfull", "-helpfull")]
   if wants:
-    _print_help("full" in wants[0], usage, uses_config)
+    _print_help("full" in wants[0], usage, uses_config, shared)
     sys.exit(0)
   end = argv.index("--") if "--" in argv else len(argv)
+  ignored = [n for n in SHARED if n not in shared] + ([] if uses_config else ["config"])
+  for a in argv[1:end]:
+    name = a.lstrip("-").split("=", 1)[0].split(".", 1)[0]
+    if a.startswith("-") and name in ignored:
+      fail(f"{a.split('=', 1)[0]} is not a flag of this program (it would be ignored); --help lists its flags")
   loaded = None  # the config of --config= (its keys are the valid --config.* overrides)
   for i in range(1, end):
     if uses_config and argv[i].startswith("--config="):

@@ -51,7 +51,7 @@ def main(argv) -> None:
 
 
 def run(argv=None) -> None:
-  cli.run_app(main, argv, uses_config=False, usage=__doc__)
+  cli.run_app(main, argv, uses_config=False, usage=__doc__, shared=("workdir", "out", "frames"))
 
 
 if __name__ == "__main__":

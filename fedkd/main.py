@@ -219,7 +219,7 @@ def _check_each_replica(configs, varied: list[str]) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-  cli.run_app(main, argv, usage=__doc__)
+  cli.run_app(main, argv, usage=__doc__, shared=("workdir",))
 
 
 if __name__ == "__main__":

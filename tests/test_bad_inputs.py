@@ -307,6 +307,18 @@ def test_help_lists_flags_and_config_keys(cli):
     r = cli.run(module, args)
     assert r.code == 0 and not r.traceback, (module, args, r.stderr[-1000:])
     assert "--workdir" in r.stdout or "--config" in r.stdout, (module, r.stdout[:500])
+  # each lists the shared flags it reads, and refuses those it would ignore
+  for module, reads, ignores in (
+    ("fedkd.main", ("--config", "--workdir"), ("--out", "--frames")),
+    ("fedkd.eval", ("--workdir", "--out", "--frames"), ("--config",)),
+    ("fedkd.data.preview", ("--config", "--out", "--frames"), ("--workdir",)),
+  ):
+    r = cli.run(module, ["--help"])
+    shown = [line.split(":")[0].strip() for line in r.stdout.splitlines() if line.startswith("  --")]
+    assert all(f in shown for f in reads) and not any(f in shown for f in ignores), (module, shown)
+    for f in ignores:
+      r = cli.run(module, [QS, f"{f}=x"])
+      assert r.code == 2 and not r.traceback and f"{f} is not a flag of this program" in r.stderr, r.stderr
   r = cli.run("fedkd.main", ["--helpfull"])
   assert r.code == 0 and not r.traceback, r.stderr[-1000:]
   from fedkd.config import base_config, fedefm_base_config

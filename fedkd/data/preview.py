@@ -70,7 +70,7 @@ def main(argv) -> None:
 
 
 def run(argv=None) -> None:
-  cli.run_app(main, argv, usage=__doc__)
+  cli.run_app(main, argv, usage=__doc__, shared=("out", "frames"))
 
 
 if __name__ == "__main__":

@@ -166,9 +166,6 @@ def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> li
 
 def main(argv) -> int:
   del argv
-  for name in ("config", "workdir", "out", "frames"):  # fedkd.cli's shared flags, not this tool's
-    if name in FLAGS and FLAGS[name].present:
-      raise ConfigError(f"--{name} is not an option of fedkd.tasks.fedefm_contrast; give --a, --b, --keys")
   if not FLAGS.a or not FLAGS.b:
     raise ConfigError("give --a=WORKDIR:METHOD and --b=WORKDIR:METHOD")
   a, b = read_side(FLAGS.a, FLAGS.unseen_percent), read_side(FLAGS.b, FLAGS.unseen_percent)
@@ -185,7 +182,7 @@ def run(argv: list[str] | None = None) -> None:
   """The entry point: flag errors and bad inputs are one line (exit 2), ``--help`` exits 0 (fedkd.cli)."""
   from fedkd import cli
 
-  cli.run_app(main, argv, uses_config=False, usage=__doc__)
+  cli.run_app(main, argv, uses_config=False, usage=__doc__, shared=())
 
 
 if __name__ == "__main__":
