@@ -687,6 +687,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
   written = []
   groups = [g for g in groups if g["runs"]]
   if not groups:
+    report.remove_stale(out, is_plot, written)
     return written
   path = os.path.join(out, "curves.png")
   if report.curves_plot([(g["label"], [r["records"] for r in g["runs"]]) for g in groups], CURVE_METRICS, path):
@@ -707,7 +708,13 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     report.errorbar_plot(lines, key, f"{metric} (last eval)", path)
     written.append(path)
   written += _site_and_cost_plots(out, groups, metric)
+  report.remove_stale(out, is_plot, written)  # e.g. a vs_<key>.png of a key no longer swept
   return written
+
+
+def is_plot(name: str) -> bool:
+  """A picture :func:`write_plots` draws in a sweep directory (the runs' own files are in their folders)."""
+  return name in ("curves.png", "curves_sites.png") or (name.startswith("vs_") and name.endswith(".png"))
 
 
 # x axes logged by the runs themselves (fedkd.tasks.fedavg): (record key, file, axis label, one line for all)

@@ -364,6 +364,13 @@ def test_aggregate_only_groups_and_plots_a_numeric_key(tmp_path, capsys):
   assert (tmp_path / "curves_sites.png").stat().st_size > 0  # Dice per site vs round
   assert "site/" not in (tmp_path / "results.csv").read_text()
   assert not (tmp_path / "vs_bytes_up.png").exists()  # the records carry no bytes: no such plot
+  # the same sweep without its numeric key: the vs_ plot of the key no longer swept goes with it
+  defn["varying_keys"] = ["seed", "method"]
+  for run in defn["runs"]:
+    run["overrides"]["quantity_skew"] = "x"
+  (tmp_path / "sweep.json").write_text(json.dumps(defn))
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  assert not (tmp_path / "vs_quantity_skew.png").exists() and (tmp_path / "curves.png").exists()
   capsys.readouterr()
 
 
@@ -425,8 +432,12 @@ def test_aggregate_leaves_out_runs_that_did_not_finish(tmp_path, capsys):
   # No finished run at all: every group is a row with 0 seeds, and no curves are drawn.
   for n in ("a__seed-0", "a__seed-1", "b__seed-0"):
     (tmp_path / n / "DONE").unlink()
-  (tmp_path / "curves.png").unlink()
+  # the plots of the earlier aggregation are removed, not left to show runs the tables no longer hold; a
+  # file the sweep does not draw stays
+  assert (tmp_path / "curves.png").exists()
+  (tmp_path / "notes.png").write_text("mine")
   assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  assert (tmp_path / "notes.png").read_text() == "mine"
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [list(r.items()) for r in rows] == [
