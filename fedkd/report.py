@@ -416,6 +416,20 @@ def grid(
   return grid_rows(rows, scale, title=title, legend=legend)
 
 
+def remove_stale(folder: str, ours, kept: Sequence[str]) -> list[str]:
+  """Removes the files in ``folder`` that ``ours(name)`` claims as pictures this writer draws but that
+  this call did not draw (``kept``, paths or names): a plot left from an earlier run of other settings
+  would show results that no table beside it holds. Returns the names removed."""
+  keep = {os.path.basename(p) for p in kept}
+  removed = []
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    path = os.path.join(folder, name)
+    if ours(name) and name not in keep and os.path.isfile(path):
+      os.remove(path)
+      removed.append(name)
+  return removed
+
+
 def _pyplot():
   import matplotlib
 

@@ -475,6 +475,15 @@ def test_results_tables_mean_and_sample_std_over_seeds(tmp_path):
   assert "sample std (ddof=1)" in md and "| 100 | fedefm | yes | 1 |  | " + f"{rows[3][keys[0]]:.3f} ± n/a |" in md
   m0 = np.array([r[keys[0]] for r in rows[:3]])
   assert f"| 100 | fedefm | no | 3 |  | {m0.mean():.3f} ± {m0.std(ddof=1):.3f} |" in md
+  # the weight heatmap of a method is drawn while its rows hold weights, and removed once they do not (a
+  # re-run without that method); a picture the writer does not draw stays
+  rows[0]["w_history"] = rng.uniform(size=(3, 2, 1)).tolist()
+  exp.write_tables(rows)
+  assert (tmp_path / "emd_weights_fedefm.png").stat().st_size > 0
+  (tmp_path / "mine.png").write_text("mine")
+  del rows[0]["w_history"]
+  exp.write_tables(rows)
+  assert not (tmp_path / "emd_weights_fedefm.png").exists() and (tmp_path / "mine.png").read_text() == "mine"
 
 
 def test_foundation_of_silo_sharded_params_is_their_mean_on_one_device():

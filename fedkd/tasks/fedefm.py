@@ -1146,6 +1146,7 @@ class Experiment:
           title=f"{m}: EMD weight w_ij per round (seed {first['seed']})",
         )
         pictures.append(name)
+    report.remove_stale(self.workdir, lambda n: n in PICTURES, pictures)  # e.g. a method no longer run
     self.log("\n" + "\n".join(md) + "\n\n" + "\n".join(endpoints))
     extra = ", " + ", ".join(pictures) if pictures else ""
     self.log(
@@ -1153,6 +1154,8 @@ class Experiment:
     )
 
 
+# the pictures the results writer may draw in the workdir
+PICTURES = ("pretraining_curves.png", "scarce_curve.png", "emd_weights_fedefm.png", "emd_weights_fedefm_dfl.png")
 ENDPOINT = {"source": "source-classification accuracy", "segmentation": "mean Dice over source x labelled class"}
 # Pre-registered contrasts (docs/fedefm.md): (name, a, b) = a - b paired by seed, Holm within each family.
 PRIMARY = (("P1", "fedefm", "fedavg"), ("P2", "fedefm_dfl", "matcha"), ("P3", "fedefm", "centralized"))
