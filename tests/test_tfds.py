@@ -443,6 +443,13 @@ def test_orphan_masks_are_refused(tmp_path):
   single = next(p for p in problems if "single_0001.png" in p)
   assert "single frame" in single and "single.png" in single
   assert fdata.prepared_configs("xray_folder", data_dir) == []
+  assert not data_dir.exists()  # a refused first build leaves no folder of TFDS' (downloads/, .config/)
+  # ... and in a data_dir that holds other things, only those
+  data_dir.mkdir()
+  (data_dir / "keep.txt").write_text("mine")
+  with pytest.raises(fdata.DatasetInputError):
+    fdata.build("xray_folder", data_dir, manual_dir=root)
+  assert [p.name for p in data_dir.iterdir()] == ["keep.txt"]
   # Moving the orphans out is the fix: the same folder then builds.
   (root / "masks/gone.png").unlink()
   (root / "masks/single_0001.png").unlink()

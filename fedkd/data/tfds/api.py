@@ -172,10 +172,17 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
   dl_config = tfds.download.DownloadConfig(
     manual_dir=str(manual_dir) if manual_dir is not None else None, download_mode=mode
   )
+  made = [p for p in (data_dir / name / ".config", data_dir / "downloads", data_dir) if not p.exists()]
   try:
     builder.download_and_prepare(download_config=dl_config)
   except BaseException:
     _remove_empty_dirs(data_dir / name / cfg.name, stop=data_dir)
+    for path in made:  # what TFDS made for this build: its metadata and empty download folders
+      if path.name == ".config":
+        shutil.rmtree(path, ignore_errors=True)
+        _remove_empty_dirs(path.parent, stop=data_dir)
+      else:
+        _remove_empty_dirs(path, stop=data_dir.parent if path == data_dir else data_dir)
     raise
   return builder
 
