@@ -391,16 +391,27 @@ def is_done(workdir: str, num_rounds: int) -> bool:
   return isinstance(done, dict) and done.get("num_rounds") == num_rounds
 
 
-def config_difference(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+# What a finished run's tabulated metrics were measured with: a resume may change them (later
+# evaluations use the new values), but a finished run would be tabulated under values it was not scored with.
+SCORED_WITH = ("eval.examples_per_site", "eval.max_sites")
+
+
+def config_difference(saved: dict, current: dict, finished: bool = False) -> list[tuple[str, Any, Any]]:
   """``[(key, saved value, current value)]`` for the dotted keys in which a run's config.json and the
   config the sweep gives it now differ, by fedkd.main's rule for resuming a run
   (fedkd.tasks.fedavg._check_resumable): keys in fedavg.RESUMABLE_CHANGES (num_rounds, eval, checkpoint,
   engine, ...) may differ, and so may a key the saved config lacks (added to the schema later) that is
-  at the value that keeps its old behaviour (fedavg.resume_differences). A missing value is ``None``."""
+  at the value that keeps its old behaviour (fedavg.resume_differences). A ``finished`` run also differs in
+  :data:`SCORED_WITH` (absent in the saved config: at the default). A missing value is ``None``."""
+  from fedkd.config import base_config
   from fedkd.tasks import fedavg
 
   a, b = fedavg.flat_dict(saved), fedavg.flat_dict(current)
-  return [(k, a.get(k), b.get(k)) for k in fedavg.resume_differences(saved, current)]
+  keys = fedavg.resume_differences(saved, current)
+  if finished:
+    defaults = fedavg.flat_dict(base_config().to_dict())
+    keys = sorted(set(keys) | {k for k in SCORED_WITH if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))})
+  return [(k, a.get(k), b.get(k)) for k in keys]
 
 
 def check_reuse(defn: dict, out: str) -> None:
@@ -444,7 +455,8 @@ def check_reuse(defn: dict, out: str) -> None:
         f"{where} is {'finished' if done else 'checkpointed'} but its config.json cannot be read "
         f"({_one_line(e)}), so which config it ran with is unknown; {fix}"
       ) from None
-    diff = config_difference(saved, ckpt_lib.config_json(config))
+    # a run the sweep will skip (DONE at its num_rounds) is tabulated as it was scored
+    diff = config_difference(saved, ckpt_lib.config_json(config), finished=is_done(wd, run["num_rounds"]))
     if diff:
       k, was, now = diff[0]
       what = "finished" if done else f"checkpointed at round {last}"

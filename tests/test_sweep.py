@@ -247,6 +247,18 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
     run["overrides"].update({"num_rounds": 4, "eval.every": 2, "checkpoint.every": 2})
     run["num_rounds"] = 4
   launcher.check_reuse(defn, str(out))
+  # a run the sweep would skip as finished may not be scored otherwise (its table would not say so); one
+  # it extends is evaluated again with the new values
+  for key, value in (("eval.examples_per_site", 5), ("eval.max_sites", 1)):
+    short = launcher.build("configs/quickstart.py", "tiny,seeds=1", [])
+    for run in short["runs"]:
+      run["overrides"][key] = value
+    with pytest.raises(
+      launcher.InputError, match=rf"is finished with config.{key}=\S+, but this sweep gives it {value}"
+    ):
+      launcher.check_reuse(short, str(out))
+    defn["runs"][0]["overrides"][key] = value
+  launcher.check_reuse(defn, str(out))
   defn["runs"][1]["overrides"]["model.width"] = 8
   with pytest.raises(launcher.InputError, match=r"run fedavgm__seed-0 is finished with config.model.width=4, but"):
     launcher.check_reuse(defn, str(out))
