@@ -6,7 +6,7 @@ hospitals (eval.max_sites) and the unseen one. About 2 minutes on 2 CPU cores (6
 1,753 clients sampled at least once, so the host keeps 1,753 control variates, ~200 MiB):
   python -m fedkd.main --config=configs/cross_device.py --workdir=runs/cross_device
 
-arg (comma list, optional): ``clients=N`` (registered clients), ``per_round=K``, ``rounds=R``,
+arg (comma list, optional): ``clients=N`` (registered clients), ``per_round=K`` (default 32, at most N), ``rounds=R``,
 ``device`` (client state in device memory instead: num_clients x model size on every device).
 """
 
@@ -24,7 +24,7 @@ def build(a: dict):
   """The config for the parsed arguments ``a`` (``fedkd.config.parse_arg(arg, ARGS, ...)``)."""
   c = base_config()
   c.num_clients = a.get("clients", 10_000)
-  c.clients_per_round = a.get("per_round", 32)
+  c.clients_per_round = a.get("per_round", min(32, c.num_clients))  # clients=8 alone: all 8 each round
   c.num_rounds = a.get("rounds", 60)
   placement = "device" if a.get("device", False) else "host"
   c.local_steps = 4

@@ -5,13 +5,33 @@
 machine), or (b) the launcher says this is one of several processes: Cloud TPU VM pods
 (``TPU_WORKER_HOSTNAMES`` with more than one host) or SLURM (``SLURM_NTASKS`` > 1), where JAX finds
 the coordinator itself. Otherwise it does nothing.
+
+Bad flags (an address without a port, a process id out of range, ``--num_processes`` without an
+address, a coordinator port already taken) are a :class:`DistributedError`: one line, exit 2. A
+process that cannot join the others (unreachable coordinator, a missing process, two processes with
+the same id) waits at most ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (default 300), then prints one line
+and exits 2 instead of JAX's fatal error with a C++ stack trace. Processes started with different
+``--num_processes`` all stop with one line naming the mismatch.
 """
 
 from __future__ import annotations
 
 import os
+import errno
+import socket
+import sys
+import threading
 
 import jax
+
+from fedkd.errors import UserError
+
+TIMEOUT_ENV = "FEDKD_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+
+
+class DistributedError(UserError, ValueError):
+  """Bad multi-process flags or environment (a ValueError too, for callers that catch that)."""
 
 
 def maybe_initialize(
@@ -24,6 +44,11 @@ def maybe_initialize(
   """Returns True when this run is multi-process. Must run before any JAX computation. ``host_memory``
   (engine.host_memory), when given, is applied first (:func:`fedkd.hostmem.apply`: process-wide, before
   JAX's backend starts)."""
+  if coordinator_address is not None or num_processes is not None or process_id is not None:
+    _check_flags(coordinator_address, num_processes, process_id)
+    timeout_s = _timeout_s()
+    if process_id == 0:
+      _check_port_free(coordinator_address)
   if host_memory is not None:
     from fedkd import hostmem
 
@@ -31,20 +56,172 @@ def maybe_initialize(
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
   if coordinator_address:
-    if num_processes is None or process_id is None:
-      raise ValueError("--coordinator_address needs --num_processes and --process_id too")
     if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk via gloo
-    jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    where = f"process {process_id} of {num_processes} (coordinator {coordinator_address})"
+    _initialize_within(
+      timeout_s,
+      where,
+      "start every process with the same --coordinator_address (process 0's host:port, reachable from every "
+      f"process) and --num_processes={num_processes}, each with its own --process_id from 0 to {num_processes - 1}",
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
     )
+    _check_process_count(num_processes, f"--num_processes={num_processes}")
     return True
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  if len(hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  raw_tasks = os.environ.get("SLURM_NTASKS", "1").strip() or "1"
+  try:
+    ntasks = int(raw_tasks)
+  except ValueError:
+    raise DistributedError(
+      f"SLURM_NTASKS={raw_tasks!r} is not a whole number; unset it, or run under SLURM (sbatch / srun), which sets it"
+    ) from None
+  if len(hosts) > 1 or ntasks > 1:
+    timeout_s = _timeout_s()
+    source = f"TPU_WORKER_HOSTNAMES lists {len(hosts)} hosts" if len(hosts) > 1 else f"SLURM_NTASKS={ntasks}"
+    fix = (
+      "run every process through the launcher (srun inside a SLURM allocation; every worker of a TPU slice), "
+      "or unset the variable for a single-process run"
+    )
+    try:
+      _initialize_within(timeout_s, f"this process ({source})", fix)
+    except (ValueError, TypeError, RuntimeError) as e:  # JAX could not find the coordinator, count or id
+      raise DistributedError(
+        f"{source}, so this is one process of several, but JAX cannot start the multi-process runtime from "
+        f"this environment ({_first_line(e)}); {fix}"
+      ) from None
     return True
   return False
 
 
 def is_primary() -> bool:
   return jax.process_index() == 0
+
+
+def _timeout_s() -> float:
+  raw = os.environ.get(TIMEOUT_ENV, "").strip()
+  if not raw:
+    return DEFAULT_TIMEOUT_S
+  try:
+    value = float(raw)
+  except ValueError:
+    value = float("nan")
+  if not (value > 0 and value != float("inf")):
+    raise DistributedError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds, e.g. {TIMEOUT_ENV}=600")
+  return value
+
+
+def _check_flags(address: str | None, num_processes: int | None, process_id: int | None) -> None:
+  if address is None or not address.strip():
+    given = [f for f, v in (("--num_processes", num_processes), ("--process_id", process_id)) if v is not None]
+    what = " and ".join(given) if given else "--coordinator_address"
+    verb = "is empty; it needs" if not given else "needs" if len(given) == 1 else "need"
+    raise DistributedError(
+      f"{what} {verb} --coordinator_address=HOST:PORT (process 0's address) too; pass all three of "
+      "--coordinator_address, --num_processes and --process_id, or none"
+    )
+  if num_processes is None or process_id is None:
+    raise DistributedError(
+      "--coordinator_address needs --num_processes and --process_id too, e.g. "
+      "--coordinator_address=localhost:12355 --num_processes=2 --process_id=0 (and =1 for the second process)"
+    )
+  _split_address(address)
+  if num_processes < 1:
+    raise DistributedError(f"--num_processes={num_processes} must be >= 1")
+  if not 0 <= process_id < num_processes:
+    raise DistributedError(
+      f"--process_id={process_id} is out of range for --num_processes={num_processes}; "
+      f"give each process its own id from 0 to {num_processes - 1}"
+    )
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, sep, port = address.strip().rpartition(":")
+  host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [ipv6]:port
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise DistributedError(
+      f"--coordinator_address={address!r} is not HOST:PORT with a port from 1 to 65535; "
+      "give process 0's address, e.g. --coordinator_address=localhost:12355"
+    )
+  return host, int(port)
+
+
+def _check_port_free(address: str) -> None:
+  """Process 0 serves the coordinator on the address's port (on every interface, as JAX binds it). A
+  taken port makes JAX's server crash (a segmentation fault), so it is refused here, naming it."""
+  bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or address
+  try:
+    _, port = _split_address(bind)
+  except DistributedError:
+    return  # an unusual bind address: JAX reports it
+  for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+    try:
+      s = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 here
+      continue
+    try:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+      s.bind((host, port))
+    except OSError as e:
+      if e.errno in (errno.EADDRINUSE, errno.EACCES):
+        why = "is in use by another program" if e.errno == errno.EADDRINUSE else "cannot be opened by this user"
+        raise DistributedError(
+          f"port {port} of --coordinator_address={address} {why}; process 0 serves the coordinator there: "
+          "pick a free port (the same one for every process)"
+        ) from None
+    finally:
+      s.close()
+
+
+def _initialize_within(timeout_s: float, where: str, fix: str, **kwargs) -> None:
+  """``jax.distributed.initialize(**kwargs)``, or one line and exit 2 after ``timeout_s`` seconds.
+
+  JAX waits for every process to register and then ends the process with a fatal C++ error and a
+  stack trace; its wait releases the GIL, so a watchdog thread can end the process first."""
+  done = threading.Event()
+
+  def watchdog() -> None:
+    if not done.wait(timeout_s):
+      print(
+        f"fedkd: error: {where} could not join the other processes within {timeout_s:g} s (the coordinator is "
+        f"unreachable, or a process is missing or has the same --process_id as another); {fix}; "
+        f"{TIMEOUT_ENV}=SECONDS sets how long to wait",
+        file=sys.stderr,
+        flush=True,
+      )
+      os._exit(2)
+
+  threading.Thread(target=watchdog, name="fedkd-distributed-watchdog", daemon=True).start()
+  try:
+    jax.distributed.initialize(initialization_timeout=int(timeout_s) + 60, **kwargs)
+  finally:
+    done.set()
+
+
+def _check_process_count(num_processes: int, flag: str) -> None:
+  """Every process must have been started with the same process count. The coordinator's count wins
+  when they differ (JAX does not check), so each process publishes its own and all of them compare."""
+  count = jax.process_count()
+  try:
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    client.key_value_set(f"fedkd/num_processes/{jax.process_index()}", str(num_processes))
+    timeout_ms = 60_000
+    claims = {i: client.blocking_key_value_get(f"fedkd/num_processes/{i}", timeout_ms) for i in range(count)}
+  except Exception:  # noqa: BLE001 - a JAX without this client API: each process checks its own flag only
+    claims = {jax.process_index(): str(num_processes)}
+  wrong = {i: c for i, c in claims.items() if c != str(count)}
+  if wrong:
+    named = ", ".join(f"process {i} has --num_processes={c}" for i, c in sorted(wrong.items()))
+    raise DistributedError(
+      f"{count} processes joined the coordinator, but {named}; start every process with the same "
+      f"--num_processes (this one: {flag})"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__

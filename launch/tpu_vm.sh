@@ -86,10 +86,13 @@ run() {
   fi
 }
 
+created=0  # set just before this script creates the VM: only a VM it created is deleted
 cleanup() {
   local rc=$?
   if [ "$keep" = 1 ] || [ "$reuse" = 1 ]; then
     echo "keeping TPU VM $name (delete: gcloud compute tpus tpu-vm delete $name --zone=$zone --quiet)" >&2
+  elif [ "$created" = 0 ]; then
+    :
   elif [ "$queued" = 1 ]; then
     run gcloud compute tpus queued-resources delete "$qr_name" "${common[@]}" --force --quiet || true
   else
@@ -105,6 +108,17 @@ trap 'exit 130' INT TERM
 # 1. create
 if [ "$reuse" = 0 ]; then
   spot_flag=(); [ "$spot" = 1 ] && spot_flag=(--spot)
+  # an existing VM (or queued resource) of this name is not ours to delete when creating it fails
+  if [ "$dry_run" = 0 ]; then
+    if gcloud compute tpus tpu-vm describe "$name" "${common[@]}" >/dev/null 2>&1; then
+      die "a TPU VM named $name already exists in zone $zone; pass --reuse to run on it, or choose another --name"
+    fi
+    if [ "$queued" = 1 ] \
+      && gcloud compute tpus queued-resources describe "$qr_name" "${common[@]}" >/dev/null 2>&1; then
+      die "a queued resource named $qr_name already exists in zone $zone; delete it, or choose another --name"
+    fi
+  fi
+  created=1
   if [ "$queued" = 1 ]; then
     run gcloud compute tpus queued-resources create "$qr_name" --node-id="$name" "${common[@]}" \
       --accelerator-type="$accel" --runtime-version="$version" "${spot_flag[@]}"
@@ -141,13 +155,21 @@ run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
 
 # 4. run the command on every worker (multi-host: fedkd calls jax.distributed.initialize itself)
 remote_cmd=$(printf '%q ' "${cmd[@]}")
+cmd_rc=0  # a failed (or preempted) command still gets its results fetched before the VM is deleted
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
-  --command="cd $remote_dir && PATH=\$HOME/.local/bin:\$PATH $remote_cmd"
+  --command="cd $remote_dir && PATH=\$HOME/.local/bin:\$PATH $remote_cmd" || cmd_rc=$?
 
 # 5. fetch results from worker 0
+fetched=1
 if [ -n "$fetch" ]; then
   dest="$(dirname "$fetch")"
   [ "$dry_run" = 1 ] || mkdir -p "$dest"
-  run gcloud compute tpus tpu-vm scp --recurse "$name:$remote_dir/$fetch" "$dest" "${common[@]}" --worker=0
+  run gcloud compute tpus tpu-vm scp --recurse "$name:$remote_dir/$fetch" "$dest" "${common[@]}" --worker=0 || fetched=0
 fi
+if [ "$cmd_rc" != 0 ]; then
+  [ "$fetched" = 1 ] && [ -n "$fetch" ] && echo "what the command wrote under $fetch is in ./$fetch" >&2
+  echo "fedkd: error: the command failed on the TPU VM (exit code $cmd_rc); its output is above" >&2
+  exit "$cmd_rc"
+fi
+[ "$fetched" = 1 ] || die "could not copy $remote_dir/$fetch back from worker 0 (is --fetch a path the command writes?)"
 echo "done; results in ./$fetch" >&2

@@ -1,7 +1,9 @@
 """Two CPU processes on localhost with a coordinator = one process with the same device count."""
 
+import json
 import os
 import re
+import signal
 import socket
 import sys
 
@@ -101,3 +103,62 @@ def test_two_processes_equal_one_process(tmp_path):
   rec_single = open(single / "metrics.jsonl").read().splitlines()
   rec_multi = open(multi / "metrics.jsonl").read().splitlines()
   assert len(rec_single) == len(rec_multi) == 2
+
+
+def test_sigterm_to_one_process_stops_all_and_resumes_exactly(tmp_path):
+  """SIGTERM to process 1 only (one worker of a slice preempted): both processes stop after the same
+  round, saved, exit 0 with the resume line; re-running the command continues to metrics equal to an
+  uninterrupted two-process run's, number for number."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  env["JAX_PLATFORMS"] = "cpu"
+  five = ["--config.num_rounds=5", "--config.checkpoint.every=5", "--config.eval.every=1"]  # after OVERRIDES: win
+
+  def run(workdir, stop_after=None):
+    port = _free_port()
+    with procs.group() as popen:
+      ps = [
+        popen(
+          [
+            *_cmd(workdir, "--cpu_devices=2", *five),
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+          ],
+          cwd=ROOT,
+          env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+        for i in range(2)
+      ]
+      head = []
+      if stop_after is not None:
+        for line in ps[0].stdout:  # process 0 prints the rounds
+          head.append(line)
+          if re.match(rf"round\s+{stop_after}/5 ", line):
+            ps[1].send_signal(signal.SIGTERM)
+            break
+      outs = procs.communicate_all(ps, timeout=300)
+    return [
+      (p.returncode, "".join(head) + out if i == 0 else out, err) for i, (p, (out, err)) in enumerate(zip(ps, outs))
+    ]
+
+  ref, work = tmp_path / "ref", tmp_path / "work"
+  for code, _, err in run(ref):
+    assert code == 0, err[-2000:]
+  stopped = run(work, stop_after=1)
+  rounds = set()
+  for code, _, err in stopped:
+    assert code == 0, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("fedkd: ")]
+    assert len(lines) == 1 and lines[0].endswith("(checkpoint saved); re-run the same command to resume"), err[-2000:]
+    rounds.add(int(re.match(r"fedkd: preempted at round (\d+) ", lines[0]).group(1)))
+  assert len(rounds) == 1 and 1 <= min(rounds) < 5, rounds  # the same round on both, before the last
+  assert sorted(os.listdir(work / "checkpoints")) == [str(min(rounds))]
+  resumed = run(work)
+  for code, _, err in resumed:
+    assert code == 0, err[-2000:]
+  assert f"resuming from round {min(rounds)}" in resumed[0][1]
+  a = [json.loads(ln) for ln in open(ref / "metrics.jsonl")]
+  b = [json.loads(ln) for ln in open(work / "metrics.jsonl")]
+  assert [r["round"] for r in a] == [0, 1, 2, 3, 4, 5]
+  assert a == b
