@@ -113,9 +113,9 @@ def local_sgd(
   ``loss_of(q, x, y)`` -> loss (or (loss, aux) with ``has_aux``); ``correction``: a params-shaped
   pytree added to every gradient (SCAFFOLD's c - c_i). ``steps``: this client's number of local steps
   (an int scalar, at most ``xs.shape[0]``; heterogeneous local work), or None for all of them: the
-  steps beyond it are masked (``jnp.where`` keeps the params and optimizer state, their loss is not
-  counted), so the program's shape stays static. Returns (local params, mean loss over the steps
-  taken, aux stacked over all the steps or None)."""
+  steps beyond it are masked (``jnp.where`` keeps the params, their loss is not counted; the optimizer
+  state, local to this loop, is not used after them), so the program's shape stays static. Returns
+  (local params, mean loss over the steps taken, aux stacked over all the steps or None)."""
 
   def step(carry, batch):
     p, opt_state = carry
@@ -131,10 +131,11 @@ def local_sgd(
       grads = jax.tree.map(jnp.add, grads, correction)
     updates, new_state = tx.update(grads, opt_state, p)
     new_p = optax.apply_updates(p, updates)
-    if steps is not None:  # a masked step leaves everything as it was
-      on = i < steps
-      new_p = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_p, p)
-      new_state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_state, opt_state)
+    if steps is not None:  # a masked step leaves the params as they were
+      # The masked steps are the last ones (i >= steps) and the optimizer state is dropped after the
+      # loop, so it need not be masked; masking it would also make a fresh replicated leaf (Adam's step
+      # count) vary per client, which the engine's shard_map refuses as a scan carry.
+      new_p = jax.tree.map(lambda a, b: jnp.where(i < steps, a, b), new_p, p)
     return (new_p, new_state), (loss, aux)
 
   scanned = (xs, ys) if steps is None else (jnp.arange(xs.shape[0]), xs, ys)

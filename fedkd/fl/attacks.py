@@ -130,6 +130,8 @@ class Attacked:
     self.name = f"{inner.name}+{attack.name}"
 
   def __getattr__(self, attr):  # aggregator, init, init_row, gather, server, ...: the inner algorithm's
+    if attr == "inner":  # not set yet (copy / unpickling): no recursion
+      raise AttributeError(attr)
     return getattr(self.inner, attr)
 
   def client(self, ctx, server, row, batch, gathered):
