@@ -705,6 +705,12 @@ def _validate_robustness(c) -> None:
   _number(c, "attack.fraction", lambda v: 0 < v < 1, "in (0, 1)")
   _number(c, "attack.factor", math.isfinite, "finite")
   _number(c, "attack.noise_std", lambda v: v >= 0, ">= 0")
+  if c.attack.name != "none" and num_attackers(c) >= c.num_clients:
+    raise ConfigError(
+      f"config.attack.fraction={c.attack.fraction:g} makes all {c.num_clients} client(s) attackers "
+      f"(round({c.attack.fraction:g} x {c.num_clients}), at least 1), so no honest update is left; lower "
+      "config.attack.fraction or raise config.num_clients"
+    )
   if c.attack.name != "none" and c.algorithm.name not in ROBUST_ALGORITHMS:
     raise ConfigError(
       f"config.attack.name={c.attack.name!r} works with config.algorithm.name = {' | '.join(ROBUST_ALGORITHMS)}, "

@@ -228,6 +228,8 @@ def test_attack_and_robust_aggregator_from_the_config(tmp_path):
     ({"aggregator.name": "median", "engine.skip_nonfinite_clients": True}, "needs a linear aggregator"),
     ({"attack.name": "scale", "attack.fraction": 0.0}, "config.attack.fraction"),
     ({"attack.name": "bogus"}, "config.attack.name"),
+    # round(0.9 x 4) = 4 of 4 clients attack: no honest update left
+    ({"attack.name": "sign_flip", "attack.fraction": 0.9}, "makes all 4 client.s. attackers"),
   ],
 )
 def test_robustness_config_errors(overrides, needle):
