@@ -149,9 +149,11 @@ run gcloud compute tpus tpu-vm scp "$tarball" "$name:fedkd-src.tgz" "${common[@]
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
   --command="mkdir -p $remote_dir && tar -xzf fedkd-src.tgz -C $remote_dir && rm fedkd-src.tgz"
 
-# 3. install (one pip call, so the TPU JAX build is chosen within fedkd's JAX version range)
+# 3. install (one pip call, so the TPU JAX build is chosen within fedkd's JAX version range); Ubuntu
+# images have python3 only: a `python` in ~/.local/bin (on PATH in step 4) lets the command say python
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
-  --command="cd $remote_dir && python3 -m pip install -q -U -e . '$pip_spec'"
+  --command="cd $remote_dir && python3 -m pip install -q -U -e . '$pip_spec' && { command -v python >/dev/null \
+|| { mkdir -p \$HOME/.local/bin && ln -sf \"\$(command -v python3)\" \$HOME/.local/bin/python; }; }"
 
 # 4. run the command on every worker (multi-host: fedkd calls jax.distributed.initialize itself)
 remote_cmd=$(printf '%q ' "${cmd[@]}")

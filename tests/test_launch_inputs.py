@@ -10,6 +10,7 @@ waiting 5 minutes for JAX's fatal C++ error. launch/tpu_vm.sh and launch/slurm.s
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -228,6 +229,17 @@ def test_tpu_vm_success_creates_runs_fetches_deletes(tmp_path):
   assert [k for k in kinds if k] == ["describe", "create", "scp --recurse", "delete"], calls
   ssh = [c for c in calls if "PATH=" in c]
   assert len(ssh) == 1 and ssh[0].endswith(f"python -m fedkd.main {QS} --workdir=runs/a "), ssh
+  # the command says python; the install step gives a python3-only image one in ~/.local/bin (on that PATH)
+  install = next(c for c in calls if "pip install" in c)
+  shim = install.split("&& ", 2)[2]
+  home = tmp_path / "home"
+  bin_dir = tmp_path / "only-python3"
+  bin_dir.mkdir()
+  for tool in ("python3", "mkdir", "ln"):
+    os.symlink(shutil.which(tool), bin_dir / tool)
+  probe = f"{shim} && PATH=$HOME/.local/bin:$PATH python -c 'print(123)'"
+  out = subprocess.run(["/bin/bash", "-c", probe], env={"HOME": str(home), "PATH": str(bin_dir)}, capture_output=True)
+  assert out.stdout.strip() == b"123", (probe, out.stderr)
 
 
 def _slurm(tmp_path, *args, **env):
