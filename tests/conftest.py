@@ -37,13 +37,13 @@ SLOW_FIRST = (
   "test_algorithms.py",  # 85 s
   "test_engine.py",  # 83 s
   "test_zoo_runs.py",  # 63 s
+  "test_multiprocess.py",  # ~60 s (with the SIGTERM-to-one-process test)
   "test_fedefm_endpoints.py",  # 53 s
   "test_bench.py",  # 46 s
   "test_emd.py",  # 43 s
   "test_fedefm.py",  # 43 s
   "test_bad_inputs.py",  # 38 s
   "test_pipeline.py",  # 37 s
-  "test_multiprocess.py",  # 36 s
   "test_fedefm_transfer.py",  # 35 s
   "test_training.py",  # 35 s
   "test_conv.py",  # 30 s
