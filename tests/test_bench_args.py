@@ -37,3 +37,17 @@ def test_bad_devices_is_one_bench_error_line(extra, needles):
   for needle in needles:
     assert needle in lines[0], (needle, lines[0])
   assert '"name": "fed_round"' not in r.stdout  # refused before timing anything
+
+
+def test_fedkd_bench_is_the_bench_from_any_folder(tmp_path):
+  """``python -m fedkd.bench`` (the name the project brief gives) runs ``python -m bench`` from outside the
+  checkout: its flags, and its bad-flag line."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run(
+    [sys.executable, "-m", "fedkd.bench", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+  )
+  assert r.returncode == 0 and "--workload" in r.stdout and "--measure" in r.stdout, r.stderr[-2000:]
+  r = subprocess.run(
+    [sys.executable, "-m", "fedkd.bench", "--devices=-1"], cwd=tmp_path, env=env, capture_output=True, text=True
+  )
+  assert r.returncode == 2 and "--devices=-1 must be >= 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
