@@ -31,6 +31,11 @@ SEVERITIES = {
 }
 
 
+# Algorithms whose training evaluation scores each training site with its client's personal model (synthetic
+# data); fedkd.eval restores only the server model.
+PERSONAL_ALGORITHMS = ("fedbn", "ditto")
+
+
 class EvalError(UserError, ValueError):
   pass
 
@@ -206,6 +211,7 @@ def load_run(workdir: str, round_: int | None):
     state, _ = ckpt.restore(r, like)
     return config, apply, state["params"]
 
+  rounds = []
   try:
     rounds = ckpt.all_rounds()
     if not rounds:
@@ -218,7 +224,9 @@ def load_run(workdir: str, round_: int | None):
       r = round_
       config, apply, params = load(r)
   except CheckpointError as e:
-    raise EvalError(str(e)) from None
+    others = [x for x in rounds if x != round_] if round_ is not None else []
+    hint = f"; or evaluate another --round ({', '.join(map(str, others))})" if others else ""
+    raise EvalError(f"{e}{hint}") from None
   finally:
     ckpt.close()
   finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params))
@@ -255,7 +263,15 @@ def evaluate_run(
   data = make_client_data(config)
   evaluator = Evaluator(config, apply, data.eval_sets())
   out = os.fspath(prepare(out, flag="--out") if out else prepare(os.path.join(workdir, "eval")))
-  log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {examples} held-out images")
+  counts = sorted({len(masks) for _, masks in evaluator.sets.values()})  # a prepared site may hold fewer
+  per_site = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {per_site} held-out images")
+  algorithm = (config.get("algorithm") or {}).get("name")
+  if algorithm in PERSONAL_ALGORITHMS and (config.get("data") or {}).get("source") == "synthetic":
+    log(
+      f"note: a {algorithm} run: every site is scored with the shared server model; training's metrics.jsonl "
+      "scored each training site with its client's personal model, so the two differ on those sites"
+    )
   results, preds = evaluator.detailed_metrics(params, spacing_mm)
   report.write_eval_tables(results, out, r)
   stale = os.path.join(out, "predictions.png")

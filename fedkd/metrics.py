@@ -3,7 +3,8 @@
 Every function takes ``pred`` and ``target`` integer label maps shaped [H, W] (one image) or
 [B, H, W] (a batch) and a ``class_id`` (the binary masks are ``pred == class_id`` and
 ``target == class_id``); it returns a scalar for one image or [B] for a batch. Distance metrics take
-``spacing_mm``: the pixel size in mm, a float or a (row, column) pair; results are then in mm.
+``spacing_mm``: the pixel size in mm, a float or a (row, column) pair, finite and > 0 (else ValueError);
+results are then in mm.
 
 ``dice``, ``iou`` and ``cldice`` run in JAX (vectorised, jit-compiled; they return JAX arrays).
 ``cldice_reference``, ``hd95``, ``assd``, ``betti0_error`` and ``tip_error`` run on the host with
@@ -87,7 +88,15 @@ _EIGHT = np.ones((3, 3), bool)
 # ------------------------------------------------------------------ JAX overlap metrics
 
 
+def _check_shapes(pred, target) -> None:
+  """Both [H, W] or both [B, H, W] of one shape (numpy/JAX broadcasting would silently pair one target
+  with every prediction of a batch)."""
+  if np.shape(pred) != np.shape(target) or np.ndim(pred) not in (2, 3):
+    raise ValueError(f"pred {np.shape(pred)} and target {np.shape(target)} must both be [H, W] or [B, H, W]")
+
+
 def _counts(pred, target, class_id):
+  _check_shapes(pred, target)
   p = pred == class_id
   t = target == class_id
   axes = (-2, -1)
@@ -159,6 +168,7 @@ def cldice(pred, target, class_id: int, iters: int | None = None):
   value to report) by up to 0.625 on thin shifted curves (measured over 20000 pairs, mean 0.028; a
   constructed band approaches 2/3) and 1.0 on small blobs (mean 0.014); see the module docstring.
   """
+  _check_shapes(pred, target)
   pred, target = jnp.asarray(pred), jnp.asarray(target)
   single = pred.ndim == 2
   if single:
@@ -171,15 +181,22 @@ def cldice(pred, target, class_id: int, iters: int | None = None):
 
 
 def _spacing(spacing_mm) -> tuple[float, float]:
-  s = np.broadcast_to(np.asarray(spacing_mm, np.float64), (2,))
+  """(row, column) pixel size in mm; each must be a finite number > 0 (else ValueError)."""
+  try:
+    s = np.broadcast_to(np.asarray(spacing_mm, np.float64), (2,))
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"spacing_mm={spacing_mm!r} must be a pixel size in mm: a number or a (row, column) pair"
+    ) from None
+  if not (np.isfinite(s).all() and (s > 0).all()):
+    raise ValueError(f"spacing_mm={spacing_mm!r} must be finite and > 0 (pixel size in mm)")
   return float(s[0]), float(s[1])
 
 
 def _per_image(fn, pred, target, class_id, *args):
   """Applies fn(p_mask, t_mask, *args) -> float to one image or each image of a batch."""
   pred, target = np.asarray(pred), np.asarray(target)
-  if pred.shape != target.shape or pred.ndim not in (2, 3):
-    raise ValueError(f"pred {pred.shape} and target {target.shape} must both be [H, W] or [B, H, W]")
+  _check_shapes(pred, target)
   p, t = pred == class_id, target == class_id
   if p.ndim == 2:
     return float(fn(p, t, *args))

@@ -386,3 +386,28 @@ def test_plain_cine_window_applies_to_every_frame(tmp_path):
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   for f in range(2):
     np.testing.assert_array_equal(got[f], window_linear(frames[f], 2000, 1001))
+
+
+@pytest.mark.parametrize("keyword", ["RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"])
+@pytest.mark.parametrize("bad", ["NaN ", "-inf", "a.b "], ids=["nan", "inf", "text"])
+def test_non_finite_or_garbage_rescale_and_window_are_refused(tmp_path, keyword, bad):
+  """A corrupt numeric tag (NaN, Inf or text) is one clear error naming the tag, not an image of
+  NaN cast to uint8 (an undefined value) nor a ValueError traceback; valid tags still decode."""
+  frames = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 3) % 4096
+  ds = new_dataset(frames, bits=12)
+  values = {"RescaleSlope": "1.00", "RescaleIntercept": "0.00", "WindowCenter": "2000", "WindowWidth": "1000"}
+  values[keyword] = "7.25"  # a placeholder of the same length as the bad value, patched in the file below
+  for k, v in values.items():
+    setattr(ds, k, v)
+  good = tmp_path / "good.dcm"
+  ds.save_as(good, enforce_file_format=True)
+  raw = good.read_bytes()
+  assert raw.count(b"7.25") == 1
+  bad_path = tmp_path / "bad.dcm"
+  bad_path.write_bytes(raw.replace(b"7.25", bad.encode()))
+  got, _ = decode.read_image(good)  # the placeholder itself is a valid file
+  assert got.dtype == np.uint8
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # pydicom warns about the invalid DS value while reading
+    with pytest.raises(DatasetInputError, match=rf"bad\.dcm: {keyword} .* is not a finite number"):
+      decode.read_image(bad_path)

@@ -121,6 +121,33 @@ def test_hd95_assd_hand_and_empty():
   assert np.isnan(M.hd95(p, z, 1)) and np.isnan(M.assd(z, t, 1))
 
 
+@pytest.mark.parametrize(
+  "spacing", [0.0, -0.5, float("nan"), float("inf"), (0.5, 0.0), (0.5, -1.0), (1.0, float("nan"))]
+)
+@pytest.mark.parametrize("fn", [M.hd95, M.assd, M.tip_error], ids=["hd95", "assd", "tip_error"])
+def test_distance_metrics_refuse_a_pixel_size_that_is_not_positive_and_finite(fn, spacing):
+  """A zero, negative or NaN pixel size has no meaning: before, 0 mm made every distance 0, a negative
+  size gave the |size| result and NaN gave NaN, all silently. Two single pixels 3 px apart: 1.5 mm at 0.5 mm."""
+  p = np.zeros((10, 10), np.int32)
+  t = np.zeros((10, 10), np.int32)
+  p[2, 2] = 1
+  t[2, 5] = 1
+  assert fn(p, t, 1, 0.5) == pytest.approx(1.5)
+  with pytest.raises(ValueError, match="spacing_mm"):
+    fn(p, t, 1, spacing)
+
+
+@pytest.mark.parametrize(
+  "fn", [M.dice, M.iou, M.cldice, M.cldice_reference, M.hd95, M.betti0_error], ids=lambda f: f.__name__
+)
+@pytest.mark.parametrize("shapes", [((2, 8, 8), (8, 8)), ((8, 8), (1, 8, 8)), ((8, 8), (8, 1)), ((8,), (8,))])
+def test_mismatched_shapes_are_refused(fn, shapes):
+  """pred [2, 8, 8] against target [8, 8] is a caller's mistake: the JAX metrics used to broadcast it
+  (one target scored against every prediction, result [2]) instead of refusing it like the host ones."""
+  with pytest.raises(ValueError, match=r"must both be \[H, W\] or \[B, H, W\]"):
+    fn(np.ones(shapes[0], np.int32), np.ones(shapes[1], np.int32), 1)
+
+
 # ------------------------------------------------------------------ clDice
 
 

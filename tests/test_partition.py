@@ -87,6 +87,19 @@ def test_quantity_skew_sizes():
   assert [len(p) for p in equal] == [100] * 10
 
 
+@pytest.mark.parametrize("sigma", [50.0, 1000.0, 1e300])
+def test_quantity_skew_huge_sigma_keeps_min_size_or_is_refused(sigma):
+  """A huge lognormal sigma overflows the client shares to inf; before, the NaN shares silently gave
+  clients fewer than min_size examples ([0, 0, 3, 37] for sigma 1e300). Either every client keeps
+  min_size and the parts cover the pool exactly, or the request is refused as too large."""
+  try:
+    parts = partition.quantity_skew(40, 4, sigma, seed=0, min_size=1)
+  except partition.PartitionError as e:
+    assert "too large" in str(e)
+    return
+  assert _is_exact_cover(parts, 40) and min(len(p) for p in parts) >= 1
+
+
 def _unseen_sets_loop(num_silos, num_types, percent):
   """The definition, silo by silo: k = T - round_half_up(x / 100 * (T - 1)) types, consecutive
   (cyclically) from the home type i % T."""

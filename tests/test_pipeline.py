@@ -320,3 +320,18 @@ def test_a_dataset_without_test_split_is_refused_before_anything_is_written(tmp_
   with pytest.raises(DataError, match="no test split"):
     fedavg.run(c, str(work), log=lambda _: None)
   assert not work.exists() or not list(work.iterdir())
+
+
+def test_client_sizes_with_an_overflowing_quantity_skew_is_refused():
+  """examples_per_client x lognormal(0, 1000) is inf; before, inf cast to int64 came out as the minimum and
+  np.maximum made every client batch_size: equal sizes, silently. A sane skew stays a pure function of the seed
+  (numpy's lognormal on the documented rng, then at least batch_size)."""
+  import ml_collections
+
+  def cfg(q):
+    return ml_collections.ConfigDict(dict(num_clients=4, examples_per_client=64, quantity_skew=q, seed=0, batch_size=8))
+
+  want = np.maximum(np.round(64 * np.random.default_rng([0, 7]).lognormal(0.0, 0.5, 4)), 8).astype(np.int64)
+  np.testing.assert_array_equal(pipeline.client_sizes(cfg(0.5)), want)
+  with pytest.raises(pipeline.DataError, match="quantity_skew=1000.0 is too large"):
+    pipeline.client_sizes(cfg(1000.0))

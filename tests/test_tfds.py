@@ -649,3 +649,18 @@ def test_a_refused_overwrite_keeps_the_prepared_dataset(hospital, tmp_path):
   fdata.build("xray_folder", data_dir, manual_dir=bad, site="h", overwrite=True)
   assert len(fdata.load_source("xray_folder", "train", data_dir, config="h")) == len(exp) - 1
   assert not [p for p in data_dir.iterdir() if p.name.startswith(".fedkd-rebuild")]
+
+
+def test_splits_json_names_a_stem_listed_twice_in_one_split(tmp_path):
+  """A stem listed twice in 'train' used to be reported as 'listed in both 'train' and 'train''."""
+  from fedkd.data.tfds.xray_folder import _read_splits
+
+  path = tmp_path / "splits.json"
+  by_stem = {s: tmp_path / "images" / f"{s}.png" for s in ("a", "b", "c")}
+  path.write_text(json.dumps({"train": ["a", "b", "a"], "test": ["c"]}))
+  with pytest.raises(fdata.DatasetInputError, match=r"'a' is listed twice in split 'train'; list it once") as err:
+    _read_splits(path, by_stem)
+  assert "both" not in str(err.value)
+  path.write_text(json.dumps({"train": ["a", "b"], "test": ["c", "a"]}))
+  with pytest.raises(fdata.DatasetInputError, match=r"'a' is listed in both 'train' and 'test'"):
+    _read_splits(path, by_stem)

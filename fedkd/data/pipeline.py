@@ -48,7 +48,14 @@ def client_sizes(config) -> np.ndarray:
   n = np.full(config.num_clients, config.examples_per_client, dtype=np.int64)
   if config.quantity_skew > 0:
     rng = np.random.default_rng([config.seed, 7])
-    n = np.round(n * rng.lognormal(0.0, config.quantity_skew, size=n.shape)).astype(np.int64)
+    with np.errstate(over="ignore"):
+      f = np.round(n * rng.lognormal(0.0, config.quantity_skew, size=n.shape))
+    if not (f < 2**31).all():  # inf would cast to garbage (silently equal sizes); round_indices draws int32 indices
+      raise DataError(
+        f"config.quantity_skew={config.quantity_skew} is too large: a client's size "
+        f"(examples_per_client x lognormal(0, quantity_skew)) reaches {f.max():.3g} >= 2**31 examples; lower it"
+      )
+    n = f.astype(np.int64)
   return np.maximum(n, config.batch_size)
 
 

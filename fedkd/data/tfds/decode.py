@@ -28,6 +28,9 @@ Image conversion
   3. ``MONOCHROME1`` images are inverted afterwards (``255 - y``) so that all images share
      the MONOCHROME2 convention (low value = dark).
 
+  A rescale or window value that is not a finite number (NaN, Inf, text), or NaN/Inf pixel
+  values after the modality transform, make the file refused as corrupt.
+
   Enhanced multi-frame objects (Enhanced XA / XRF cine, Enhanced CT / MR) keep rescale and
   window per frame in functional groups: an item of ``PixelValueTransformationSequence``
   (rescale) or ``FrameVOILUTSequence`` (window) in ``SharedFunctionalGroupsSequence`` and then
@@ -46,7 +49,8 @@ Image conversion
 
 Mask files
 ----------
-Masks are ``.png`` (8/16-bit gray, palette or RGB), ``.dcm`` (raw stored values, no windowing)
+Masks are ``.png`` (8/16-bit gray, palette or RGB; a palette PNG's values are its palette indices, as
+in VOC-style class masks, not the colours shown), ``.dcm`` (raw stored values, no windowing)
 or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rejected (lossy).
 ``read_mask`` turns their values into classes with a ``fedkd.data.tfds.label_maps.LabelSpec``.
 """
@@ -167,6 +171,22 @@ def _first_value(v) -> float:
     return float(v[0])
   except TypeError:
     return float(v)
+
+
+def _number(value, keyword: str, path: Path, default: float | None = None) -> float | None:
+  """The (first) value of a numeric data element as a finite float; ``default`` when absent or
+  empty. A value that is not a finite number (garbage text, NaN, Inf) is a corrupt file."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return default
+  try:
+    v = _first_value(value)
+  except (TypeError, ValueError, IndexError):
+    v = float("nan")
+  if not np.isfinite(v):
+    raise DatasetInputError(
+      f"{path}: {keyword} {value!r} is not a finite number; the file is corrupt, re-export it or remove it from the folder"
+    )
+  return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,12 +364,17 @@ def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray,
       ) from None
     modality = True
   elif slope is not None or intercept is not None:
-    y = x.astype(np.float64) * float(1 if slope in (None, "") else slope) + float(
-      0 if intercept in (None, "") else intercept
+    y = x.astype(np.float64) * _number(slope, "RescaleSlope", path, 1.0) + _number(
+      intercept, "RescaleIntercept", path, 0.0
     )
     modality = True
   else:
     y, modality = x, False
+  if not np.isfinite(y).all():  # NaN/Inf float pixel data or an overflowing rescale: no faithful 8-bit image
+    raise DatasetInputError(
+      f"{path}: NaN/Inf pixel values after the modality transform; the file is corrupt, re-export it or "
+      "remove it from the folder"
+    )
   # VOI LUT: table (VOI LUT Sequence; preferred over a window, as pydicom's apply_voi_lut
   # does), else window (center/width), else min-max.
   vlut = _value(attrs, "VOILUTSequence")
@@ -367,9 +392,10 @@ def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray,
       ) from None
     scaled = np.round(v.astype(np.float64) * 255.0 / (2.0**bits - 1.0))
     return np.clip(scaled, 0, 255).astype(np.uint8), None
-  if center is not None and width is not None and _first_value(width) > 0:
+  center, width = _number(center, "WindowCenter", path), _number(width, "WindowWidth", path)
+  if center is not None and width is not None and width > 0:
     function = _value(attrs, "VOILUTFunction")
-    return voi_window_to_uint8(y, _first_value(center), _first_value(width), str(function or "LINEAR")), None
+    return voi_window_to_uint8(y, center, width, str(function or "LINEAR")), None
   if stored_uint8 and not modality and int(ds.get("BitsStored", 8) or 8) == 8:
     return x.astype(np.uint8), None
   return minmax_to_uint8(y), NOTE_DICOM_MINMAX

@@ -272,6 +272,8 @@ def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
         problems.append(
           f"{path}: split {name!r} lists {s!r} but there is no such image in {next(iter(by_stem.values())).parent}"
         )
+      elif stem in seen and seen[stem] == name:
+        problems.append(f"{path}: image {stem!r} is listed twice in split {name!r}; list it once")
       elif stem in seen:
         problems.append(f"{path}: image {stem!r} is listed in both {seen[stem]!r} and {name!r}; list it in one split")
       else:
