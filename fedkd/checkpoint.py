@@ -188,7 +188,14 @@ class Checkpointer:
         f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
         why,
       ) from None
-    return dict(out[item])
+    value = out[item]
+    if not isinstance(value, dict):  # valid JSON, but not what fedkd writes there
+      why = f"its {item} record is a JSON {type(value).__name__}, not an object"
+      raise CheckpointError(
+        f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
+        why,
+      )
+    return dict(value)
 
   def saved_config(self, round_: int) -> dict:
     """The config JSON stored with the checkpoint of ``round_`` (read without touching the arrays)."""

@@ -182,10 +182,13 @@ def load_run(workdir: str, round_: int | None):
   from fedkd.checkpoint import CheckpointError, Checkpointer
   from fedkd.fl import algorithms, engine
   from fedkd.models import init_params
-  from fedkd.workdir import prepare, saved_task
+  from fedkd.workdir import WorkdirError, prepare, saved_task
 
   path = prepare(workdir, create=False)
-  task = saved_task(path) or "fedavg"
+  try:
+    task = saved_task(path) or "fedavg"
+  except WorkdirError:  # a damaged config.json: the config stored with the checkpoint is what is evaluated
+    task = "fedavg"
   if task != "fedavg":
     raise EvalError(
       f"{workdir} holds a {task!r} experiment (config.task={task!r}); fedkd.eval evaluates FedAvg-family runs. "

@@ -141,7 +141,11 @@ def saved_task(path: epath.Path) -> str | None:
       f"{cfg} is unreadable ({type(e).__name__}: {str(e)[:80]}), and a run would replace it; use another "
       "--workdir (or move the file away)"
     ) from None
-  if not isinstance(saved, dict) or not {"task", "seed", "num_rounds"} & set(saved):
+  if (
+    not isinstance(saved, dict)
+    or not {"task", "seed", "num_rounds"} & set(saved)
+    or not isinstance(saved.get("task", "fedavg"), str)
+  ):
     raise WorkdirError(
       f"{cfg} is not a config fedkd wrote, and a run would replace it; use another --workdir (or move the file away)"
     )

@@ -89,3 +89,24 @@ def test_eval_of_a_personalised_run_says_it_scores_the_server_model(cli, tmp_pat
   last = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))][-1]
   unseen = sites.UNSEEN_SITE.name
   assert abs(ev["sites"][unseen]["catheter"]["dice"] - last["unseen/dice/catheter"]) < 1e-6
+
+
+def test_eval_past_a_damaged_config_json_and_a_checkpoint_config_that_is_not_an_object(cli, tmp_path):
+  """A damaged config.json does not stop fedkd.eval (it evaluates with the config stored in the checkpoint);
+  a checkpoint whose stored config is valid JSON but not an object is one line naming it (was a TypeError
+  traceback), and eval falls back to the intact earlier round."""
+  work = tmp_path / "run"
+  cfg = tiny_config(num_rounds=4)
+  cfg.eval.max_sites = 0
+  fedavg.run(cfg, str(work), log=lambda _: None)
+  (work / "config.json").write_text("{not json")
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=1", "--frames=0"])
+  assert r.code == 0, r.stderr[-2000:]
+  assert json.load(open(work / "eval" / "eval.json"))["round"] == 4
+  (work / "checkpoints" / "4" / "config" / "metadata").write_text("[1, 2]")  # orbax's JSON item file
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--round=4", "--examples=1", "--frames=0"])
+  assert r.code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "round 4" in r.stderr and "a JSON list, not an object" in r.stderr, r.stderr[-2000:]
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=1", "--frames=0"])  # the latest intact round
+  assert r.code == 0, r.stderr[-2000:]
+  assert json.load(open(work / "eval" / "eval.json"))["round"] == 2

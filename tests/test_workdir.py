@@ -188,3 +188,11 @@ def test_runlog_fresh_start_drops_old_records(tmp_path):
   log.record({"round": 0, "x": 3})
   log.close()
   assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 0, "x": 3}\n'
+
+
+def test_saved_task_refuses_a_config_json_whose_task_is_not_a_name(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"task": 5, "seed": 0}))  # was: "holds a 5 run"
+  with pytest.raises(wd.WorkdirError, match="is not a config fedkd wrote"):
+    wd.saved_task(epath.Path(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"seed": 0}))  # written before tasks existed: fedavg
+  assert wd.saved_task(epath.Path(tmp_path)) == "fedavg"
