@@ -286,12 +286,12 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.fedefm.beta = 0.5  # weight of the distillation term (0..1)
   c.fedefm.temperature = 2.0  # KD softmax temperature (> 0)
   c.fedefm.expert_steps = 1  # steps an overseas expert trains on the neighbour's data
-  c.fedefm.emd_epsilon = 0.05  # entropic regularisation of the differentiable EMD (> 0)
+  c.fedefm.emd_epsilon = 0.05  # entropic regularisation of the differentiable EMD (in [1e-4, 1e4])
   c.fedefm.emd_marginals = "uniform"  # uniform | cross_reference
   c.fedefm.emd_iters = 0  # Sinkhorn iterations; 0 = sized to emd_epsilon so the plan converges
   c.fedefm.emd_debias = True  # debiased similarity S(u,v) - (S(u,u) + S(v,v))/2 + 1 (S(u,u) = 1)
   c.fedefm.weight_mode = "softmax"  # softmax | sum | raw
-  c.fedefm.weight_temperature = 0.1  # softmax temperature of EMD weights
+  c.fedefm.weight_temperature = 0.1  # softmax temperature of EMD weights (>= 1e-6)
   c.fedefm.detach_weights = True  # stop gradients through the EMD weights
   c.fedefm.mixing = "cfl"  # cfl (client-server) | dfl (gossip over the topology)
   # Neighbours (overseas experts) and DFL mixing: ring | complete | gaia (Gaia underlay, undirected) |
@@ -635,6 +635,8 @@ def _positive(c, key: str) -> None:
 
 
 MAX_CLIENTS = 10_000_000  # per-client arrays (sizes, sampling) are host numpy arrays of this length
+EMD_EPSILON_RANGE = (1e-4, 1e4)  # fedefm.emd_epsilon values the float32 Sinkhorn solve handles (validate_fedefm)
+MIN_WEIGHT_TEMPERATURE = 1e-6  # fedefm.weight_temperature: S / T stays finite in float32 for S in [-1, 1]
 MAX_SEED = 2**32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
 
 
@@ -1095,12 +1097,20 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     "pretrain.expert_learning_rate",
     "downstream.learning_rate",
     "fedefm.temperature",
-    "fedefm.emd_epsilon",
-    "fedefm.weight_temperature",
     "fedefm.moon_tau",
     "downstream.kd_temperature",
   ):
     _number(c, key, pos, "> 0")
+  # float32 Sinkhorn: (f + g - cost) / epsilon carries a rounding error of ~1e-7 / epsilon, so below 1e-4
+  # the plans are noise (marginal error up to 30 at 1e-20, or NaN) and the default schedule needs
+  # ~10 / sqrt(epsilon) iterations (1e7 at 1e-12); above 1e4 the plan is a b^T to float32 precision, and
+  # very large values overflow the potentials (NaN at 1e38). The cosine cost lies in [0, 2].
+  lo, hi = EMD_EPSILON_RANGE
+  _number(
+    c, "fedefm.emd_epsilon", lambda v: lo <= v <= hi, f"in [{lo:g}, {hi:g}] (where the float32 solve is accurate)"
+  )
+  # the similarities lie in [-1, 1]; S / T below this overflows float32 in the softmax
+  _number(c, "fedefm.weight_temperature", lambda v: v >= MIN_WEIGHT_TEMPERATURE, f">= {MIN_WEIGHT_TEMPERATURE:g}")
   for key in ("fedefm.moon_mu", "fedefm.prox_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
     _number(c, key, nonneg, ">= 0")
   for key in ("fedefm.beta", "fedefm.matcha_budget", "downstream.kd_confidence"):
@@ -1119,6 +1129,11 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
       vals = None
     if vals is None or not all(ok(v) for v in vals) or (key == "kd_scales" and not vals):
       raise ConfigError(f"config.downstream.{key}={c.downstream[key]!r} must be a comma list of {what}")
+    twice = sorted({f"{v:g}" for v in vals if vals.count(v) > 1})
+    if key == "scarce_examples" and twice:  # each size would be trained twice: two equal columns
+      raise ConfigError(
+        f"config.downstream.{key}={c.downstream[key]!r} lists {', '.join(twice)} more than once; give each once"
+      )
   _number(c, "pretrain.unseen_percent", lambda v: 0 <= v <= 100, "in [0, 100]")
   _choice(c, "fedefm.emd_marginals", EMD_MARGINALS)
   _choice(c, "fedefm.weight_mode", EMD_WEIGHT_MODES)

@@ -110,6 +110,11 @@ def load_adjacency(c) -> np.ndarray:
   """Bool [N, N] neighbour graph of ``config.fedefm.topology`` (no self loops; directed for gaia_ring
   and for file:<path> with config.fedefm.directed); ConfigError else."""
   n, topo = c.pretrain.num_silos, c.fedefm.topology
+  if c.fedefm.directed and not (isinstance(topo, str) and topo.startswith("file:")):
+    raise ConfigError(  # else silently ignored: ring, complete and gaia are undirected, gaia_ring directed
+      f"config.fedefm.directed=True applies to file:<path> topologies only, not to topology={topo!r} (ring, "
+      "complete and gaia are undirected, gaia_ring is directed); list the directed links in a file, or drop it"
+    )
   try:
     if topo == "ring":
       adj = topology.ring(n) > 0
@@ -869,6 +874,22 @@ class Experiment:
             entries.append((percent, m, True, seed))
     return entries
 
+  def plan_notes(self) -> list[str]:
+    """What the plan leaves out of config.experiment's lists, said at the start instead of in silence."""
+    pr, notes = self.parsed, []
+    unused = [m for m in pr["kd_methods"] if m not in pr["methods"]]
+    if unused and self.c.pretrain.objective == "segmentation":
+      notes.append(
+        f"experiment.kd_methods lists {', '.join(unused)}, not in experiment.methods: no teacher-KD fine-tune for "
+        f"{'it' if len(unused) == 1 else 'them'} (add {'it' if len(unused) == 1 else 'them'} to methods to run one)"
+      )
+    if pr["kd_methods"] and self.c.pretrain.objective != "segmentation":
+      notes.append(
+        f"experiment.kd_methods is not run with pretrain.objective={self.c.pretrain.objective!r}: teacher KD needs "
+        "a segmentation teacher"
+      )
+    return notes
+
   def read_results(self, raw_path: str) -> dict:
     """Finished runs of results_raw.jsonl by (percent, method, kd, seed). A last line cut short (the
     experiment was killed while writing it) is dropped with a note and removed from the file; any
@@ -989,8 +1010,10 @@ class Experiment:
     done = self.read_results(raw_path)
     ck_root = os.path.join(self.workdir, "checkpoints")
     in_progress = sorted(os.listdir(ck_root)) if os.path.isdir(ck_root) else []
+    found_root = os.path.join(self.workdir, "foundations")  # reused as they are: of this config only
+    foundations = os.listdir(found_root) if os.path.isdir(found_root) else []
     cfg_path = os.path.join(self.workdir, "config.json")
-    if (done or in_progress) and os.path.exists(cfg_path):
+    if (done or in_progress or foundations) and os.path.exists(cfg_path):
       diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json)
       if diff:
         raise ConfigError(
@@ -1018,6 +1041,8 @@ class Experiment:
       f"fedkd fedefm: {len(plan)} runs ({sum(e in done for e in plan)} already done) -> {self.workdir}; "
       f"{self.c.pretrain.num_silos} silos, {self.c.pretrain.num_rounds} rounds, {self.c.image_size}px"
     )
+    for note in self.plan_notes():
+      self.log(f"note: {note}")
     cache: dict = {}
     t0 = time.time()
     for k, (percent, method, kd, seed) in enumerate(plan, 1):
