@@ -411,3 +411,24 @@ def test_non_finite_or_garbage_rescale_and_window_are_refused(tmp_path, keyword,
     warnings.simplefilter("ignore")  # pydicom warns about the invalid DS value while reading
     with pytest.raises(DatasetInputError, match=rf"bad\.dcm: {keyword} .* is not a finite number"):
       decode.read_image(bad_path)
+
+
+def test_rescale_slope_stored_as_text_is_read_as_its_number(tmp_path):
+  """A RescaleSlope / WindowCenter written under a text VR (pydicom returns a str, e.g. '2.5' or '40\\400')
+  is its number, not its first character: the image equals the same file with the DS-typed values."""
+  from pydicom.dataelem import DataElement
+
+  frames = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 3) % 4096
+  paths = []
+  for vr in ("DS", "LO"):
+    ds = new_dataset(frames, bits=12)
+    ds.RescaleIntercept = "0"
+    ds.add(DataElement(0x00281053, vr, "2.5"))  # RescaleSlope
+    ds.add(DataElement(0x00281050, vr, "4000\\1" if vr == "LO" else ["4000", "1"]))  # WindowCenter
+    ds.WindowWidth = "6000"
+    paths.append(tmp_path / f"{vr}.dcm")
+    ds.save_as(paths[-1], enforce_file_format=True)
+  ref, _ = decode.read_image(paths[0])
+  got, _ = decode.read_image(paths[1])
+  np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(ref.reshape(frames.shape), window_linear(frames * 2.5, 4000, 6000))

@@ -167,6 +167,12 @@ def _read_dicom(path: Path):
 
 
 def _first_value(v) -> float:
+  """The first value of a numeric data element: a number, a multi-value, or text (a DS value read under
+  another VR, e.g. '2.5' or '40\\400', whose first character is not its first value)."""
+  if isinstance(v, bytes):
+    v = v.decode("ascii", errors="replace")
+  if isinstance(v, str):
+    return float(v.split("\\")[0].strip())
   try:
     return float(v[0])
   except TypeError:
@@ -184,7 +190,8 @@ def _number(value, keyword: str, path: Path, default: float | None = None) -> fl
     v = float("nan")
   if not np.isfinite(v):
     raise DatasetInputError(
-      f"{path}: {keyword} {value!r} is not a finite number; the file is corrupt, re-export it or remove it from the folder"
+      f"{path}: {keyword} {value!r} is not a finite number; the file is corrupt, re-export it or remove it "
+      "from the folder"
     )
   return v
 
