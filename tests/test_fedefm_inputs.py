@@ -108,11 +108,19 @@ def test_workdir_holding_only_foundations_refuses_another_config(tmp_path):
   new = _tiny()
   new.experiment.methods, new.experiment.kd_methods = "fedavg", ""
   new.pretrain.learning_rate = 0.5
-  with pytest.raises(ConfigError, match=r"holds results of another config \(config.pretrain differs\)") as e:
+  with pytest.raises(ConfigError, match=r"holds foundations pretrained under another config \(config.pretrain") as e:
     task.Experiment(new, str(w)).run()
   assert "\n" not in str(e.value)
   assert (w / "foundations" / "u100_fedavg_seed0.npz").read_bytes() == saved  # nothing lost or rewritten
   assert json.loads((w / "config.json").read_text()) == json.loads(old.to_json())
+  # a downstream setting does not change a foundation: it passes the check and the foundation is read (this
+  # stand-in file is then refused as damaged, which shows it was the one reused)
+  other = _tiny()
+  other.experiment.methods, other.experiment.kd_methods = "fedavg", ""
+  other.downstream.steps += 1
+  with pytest.raises(ConfigError) as e:
+    task.Experiment(other, str(w), log=lambda _: None).run()
+  assert "another config" not in str(e.value) and "u100_fedavg_seed0.npz" in str(e.value), str(e.value)
 
 
 def test_kd_methods_outside_methods_are_named_at_the_start(tmp_path):

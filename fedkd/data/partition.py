@@ -99,8 +99,10 @@ def quantity_skew(num_examples: int, num_clients: int, sigma: float, seed: int, 
   rng = np.random.default_rng(seed)
   with np.errstate(over="ignore"):
     w = rng.lognormal(0.0, sigma, size=num_clients) if sigma > 0 else np.ones(num_clients)
-  if not np.isfinite(w.sum()):  # the shares would be NaN: sizes below min_size, silently
-    raise PartitionError(f"quantity_skew sigma={sigma} is too large (the lognormal client shares overflow); lower it")
+  if not (np.isfinite(w.sum()) and w.sum() > 0):  # the shares would be NaN: sizes below min_size, silently
+    raise PartitionError(
+      f"quantity_skew sigma={sigma} is too large (the lognormal client shares overflow or underflow); lower it"
+    )
   extra = num_examples - num_clients * min_size
   sizes = min_size + np.floor(w / w.sum() * extra).astype(int)
   sizes[np.argsort(-w)[: num_examples - sizes.sum()]] += 1

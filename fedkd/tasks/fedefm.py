@@ -1013,13 +1013,21 @@ class Experiment:
     found_root = os.path.join(self.workdir, "foundations")  # reused as they are: of this config only
     foundations = os.listdir(found_root) if os.path.isdir(found_root) else []
     cfg_path = os.path.join(self.workdir, "config.json")
-    if (done or in_progress or foundations) and os.path.exists(cfg_path):
+    if (done or in_progress) and os.path.exists(cfg_path):
       diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json)
       if diff:
         raise ConfigError(
           f"{self.workdir} holds results of another config (config.{diff} differs); use a "
           "new --workdir, or the original config (only config.experiment, config.checkpoint "
           "and config.log_every may change)"
+        )
+    elif foundations and os.path.exists(cfg_path):  # no results yet: the foundations are reused as they are
+      diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json, ignore=DOWNSTREAM_KEYS)
+      if diff:
+        raise ConfigError(
+          f"{self.workdir} holds foundations pretrained under another config (config.{diff} differs); use a "
+          "new --workdir, or the original config (config.downstream and config.student may change while no "
+          "result is written)"
         )
     for name in in_progress:  # also when config.json is gone: each checkpoint carries its config
       self._check_checkpoint_config(os.path.join(ck_root, name))
