@@ -21,7 +21,6 @@ def main() -> None:
     )
     sys.exit(2)
   sys.path.insert(0, ROOT)
-  sys.argv[0] = "python -m fedkd.bench"
   runpy.run_module("bench", run_name="__main__", alter_sys=True)
 
 

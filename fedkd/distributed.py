@@ -7,17 +7,20 @@ machine), or (b) the launcher says this is one of several processes: Cloud TPU V
 the coordinator itself. Otherwise it does nothing.
 
 Bad flags (an address without a port, a process id out of range, ``--num_processes`` without an
-address, a coordinator port already taken) are a :class:`DistributedError`: one line, exit 2. A
-process that cannot join the others (unreachable coordinator, a missing process, two processes with
-the same id) waits at most ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (default 300), then prints one line
-and exits 2 instead of JAX's fatal error with a C++ stack trace. Processes started with different
-``--num_processes`` all stop with one line naming the mismatch.
+address, a coordinator port already taken) are a :class:`DistributedError` before JAX starts: one
+line, exit 2. A process that cannot join the others (unreachable coordinator, a missing process) waits
+at most ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (default 300), then prints one line and exits 2 instead of
+JAX's fatal error with a C++ stack trace. After joining, processes whose ``--num_processes`` differs
+from process 0's (the count JAX uses) stop with one line naming the mismatch, when that many processes
+joined; when process 0 expects more than were started, they wait out the timeout instead. Not caught:
+a process id given twice, or one at or above process 0's count, makes JAX's service end the processes
+already joined with its own fatal error (exit 134).
 """
 
 from __future__ import annotations
 
-import os
 import errno
+import os
 import socket
 import sys
 import threading

@@ -49,7 +49,7 @@ def test_eval_names_the_images_a_small_prepared_site_really_has(cli, tmp_path):
     assert abs(ev["sites"]["hosp"][cname]["dice"] - last[f"site/hosp/dice/{cname}"]) < 1e-6
 
 
-def test_eval_of_a_damaged_round_names_the_intact_ones_and_writes_nothing(cli, tmp_path):
+def test_eval_of_a_damaged_round_names_the_other_rounds_and_writes_nothing(cli, tmp_path):
   """--round=4 whose arrays are damaged: one line naming the other checkpoint (exit 2, no traceback), and
   an earlier evaluation's files are kept untouched."""
   work = tmp_path / "run"
