@@ -92,6 +92,11 @@ def test_experiment_end_to_end_tiny_and_skips_finished_runs(reference):
   progress = [l for l in lines if "pretraining round" in l]
   assert len(progress) == 6 and "run 2/3 (100% unseen, fedefm, seed 0): pretraining round 3/3  loss " in progress[5]
   assert "rounds/s  eta 0:00" in progress[2] and "s (first round: may include compilation)" in progress[0]
+  # fedefm's round 2 is its first distilling one (warm-up: round 1): a new program, not counted in the pace
+  assert "s (first round: may include compilation)" in progress[4], progress[4]
+  # an EMD solve above the convergence tolerance (results_raw.jsonl's emd.error_max) is said at the end
+  noted = [l for l in lines if "EMD solves did not converge" in l]
+  assert len(noted) == int(rows[1]["emd"]["error_max"] > 1e-3), (rows[1]["emd"], noted)
   assert not os.path.exists(os.path.join(work, "checkpoints"))  # every foundation is in foundations/
   assert sorted(os.listdir(os.path.join(work, "foundations"))) == [FEDAVG + ".npz", FEDEFM + ".npz"]
   for r in rows:  # the full budget, the scarce-data curve (4 images), the probe (plain fine-tunes only)
