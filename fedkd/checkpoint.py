@@ -10,7 +10,7 @@ renames), so an interrupted save never looks like a finished one.
 
 from __future__ import annotations
 
-from fedkd.errors import UserError
+from fedkd.errors import UserError, reason
 
 import contextlib
 import json
@@ -104,12 +104,6 @@ class CheckpointError(UserError, RuntimeError):
     self.reason = reason
 
 
-def _why(e: BaseException, limit: int = 200) -> str:
-  """``Type: first line`` of an error from orbax / TensorStore, without TensorStore's spec dump."""
-  text = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
-  return f"{type(e).__name__}: {text[:limit]}"
-
-
 class ResumeRefused(CheckpointError):
   """The checkpoint is intact but belongs to another experiment (config differs): never fall back."""
 
@@ -183,7 +177,7 @@ class Checkpointer:
       with _reading():
         out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     except Exception as e:
-      why = _why(e)
+      why = reason(e)
       raise CheckpointError(
         f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
         why,
@@ -237,7 +231,7 @@ class Checkpointer:
       with _reading():
         out = self._mngr.restore(round_, args=ocp.args.Composite(state=state_arg, config=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for mismatched or damaged trees
-      why = _why(e, 300)
+      why = reason(e, 300)
       raise CheckpointError(
         f"checkpoint for round {round_} in {self.directory} cannot be restored into this run's "
         f"model ({why}); use a new --workdir or the config the checkpoint was written with",
@@ -274,7 +268,7 @@ class Checkpointer:
       with _reading():
         out = self._mngr.restore(round_, args=ocp.args.Composite(clients=ocp.args.StandardRestore(like)))
     except Exception as e:  # noqa: BLE001
-      why = _why(e, 300)
+      why = reason(e, 300)
       raise CheckpointError(
         f"per-client state of the checkpoint for round {round_} in {self.directory} cannot be restored "
         f"into this run's model ({why}); use a new --workdir or the config the checkpoint was written "

@@ -27,7 +27,7 @@ import threading
 
 import jax
 
-from fedkd.errors import UserError
+from fedkd.errors import UserError, reason
 
 TIMEOUT_ENV = "FEDKD_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
@@ -71,7 +71,7 @@ def maybe_initialize(
       num_processes=num_processes,
       process_id=process_id,
     )
-    _check_process_count(num_processes, f"--num_processes={num_processes}")
+    _check_process_count(num_processes)
     return True
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
   raw_tasks = os.environ.get("SLURM_NTASKS", "1").strip() or "1"
@@ -93,7 +93,7 @@ def maybe_initialize(
     except (ValueError, TypeError, RuntimeError) as e:  # JAX could not find the coordinator, count or id
       raise DistributedError(
         f"{source}, so this is one process of several, but JAX cannot start the multi-process runtime from "
-        f"this environment ({_first_line(e)}); {fix}"
+        f"this environment ({reason(e, 300)}); {fix}"
       ) from None
     return True
   return False
@@ -203,7 +203,7 @@ def _initialize_within(timeout_s: float, where: str, fix: str, **kwargs) -> None
     done.set()
 
 
-def _check_process_count(num_processes: int, flag: str) -> None:
+def _check_process_count(num_processes: int) -> None:
   """Every process must have been started with the same process count. The coordinator's count wins
   when they differ (JAX does not check), so each process publishes its own and all of them compare."""
   count = jax.process_count()
@@ -221,10 +221,5 @@ def _check_process_count(num_processes: int, flag: str) -> None:
     named = ", ".join(f"process {i} has --num_processes={c}" for i, c in sorted(wrong.items()))
     raise DistributedError(
       f"{count} processes joined the coordinator, but {named}; start every process with the same "
-      f"--num_processes (this one: {flag})"
+      f"--num_processes (this one: --num_processes={num_processes})"
     )
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__

@@ -19,6 +19,14 @@ class DivergedError(UserError):
   """Training produced NaN/Inf; the run stopped before writing the bad state anywhere."""
 
 
+def reason(e: BaseException, limit: int = 200) -> str:
+  """``Type: first line`` of an exception (at most ``limit`` characters of the line; TensorStore's spec
+  dump cut off), for the cause inside a one-line error."""
+  lines = str(e).strip().splitlines()
+  text = lines[0].split(" See full TensorStore details")[0][:limit] if lines else ""
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 # What entry points catch as user errors: ConfigError lives in fedkd.config (which imports nothing
 # from fedkd), every other one derives from UserError.
 USER_ERRORS = (UserError, ConfigError)

@@ -96,6 +96,11 @@ class Evaluator:
     self.classes = foreground_classes(config.model.num_classes)
     self._predict = make_predictor(apply, config.eval.batch_size)
 
+  def images_per_site(self) -> str:
+    """How many held-out images the sites have: '32', or '1-32' where a prepared site's test split is smaller."""
+    sizes = sorted({len(images) for images, _ in self.sets.values()})
+    return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
   def predict(self, params, images):
     """Label maps [N, H, W] of ``images`` [N, H, W, 1]."""
     return self._predict(params, images)
@@ -266,9 +271,7 @@ def evaluate_run(
   data = make_client_data(config)
   evaluator = Evaluator(config, apply, data.eval_sets())
   out = os.fspath(prepare(out, flag="--out") if out else prepare(os.path.join(workdir, "eval")))
-  counts = sorted({len(masks) for _, masks in evaluator.sets.values()})  # a prepared site may hold fewer
-  per_site = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-  log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {per_site} held-out images")
+  log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {evaluator.images_per_site()} held-out images")
   algorithm = (config.get("algorithm") or {}).get("name")
   if algorithm in PERSONAL_ALGORITHMS and (config.get("data") or {}).get("source") == "synthetic":
     log(

@@ -21,7 +21,7 @@ from typing import Any
 
 from etils import epath
 
-from fedkd.errors import UserError
+from fedkd.errors import UserError, reason
 
 LOCK_NAME = ".lock"
 
@@ -138,7 +138,7 @@ def saved_task(path: epath.Path) -> str | None:
     saved = json.loads(cfg.read_text())  # epath: also gs:// workdirs
   except (OSError, ValueError) as e:
     raise WorkdirError(
-      f"{cfg} is unreadable ({type(e).__name__}: {str(e)[:80]}), and a run would replace it; use another "
+      f"{cfg} is unreadable ({reason(e, 80)}), and a run would replace it; use another "
       "--workdir (or move the file away)"
     ) from None
   if (

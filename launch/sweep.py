@@ -116,10 +116,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
+  from fedkd.errors import reason
+
   text = str(e).strip().splitlines()
   if isinstance(e, ValueError) and text:  # ConfigError / SweepError: already a sentence
     return text[0]
-  return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+  return reason(e, 10**6)
 
 
 def load_config_module(spec: str, need_sweep: bool = True):

@@ -18,7 +18,7 @@ function of (client, position), and positions advance only when ``round_batches`
 
 from __future__ import annotations
 
-from fedkd.errors import UserError
+from fedkd.errors import UserError, reason
 
 import concurrent.futures
 import dataclasses
@@ -334,7 +334,7 @@ class TfdsClients:
       except Exception as e:
         raise DataError(
           f"cannot open TFDS dataset {name!r}/{cfg} in data_dir={data_dir!r} "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); build it "
+          f"({reason(e)}); build it "
           f"first with {build_hint}"
         ) from None
 

@@ -568,9 +568,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       f"{privacy.epsilon(last_round + 1):.3f} > config.dp.target_epsilon={config.dp.target_epsilon:g}"
     )
   personal = " (training sites with their clients' personal models)" if personal_sites else ""
-  sizes = sorted({len(images) for images, _ in evaluator.sets.values()})  # fewer where a test split is smaller
-  count = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-  log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({count} images per site):")
+  log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({evaluator.images_per_site()} images per site):")
   log(site_table(per_site, unseen_name))
   if privacy is not None:
     log(f"privacy: {privacy.spent(last_round)}")

@@ -56,7 +56,7 @@ from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
 from fedkd.distill.losses import feature_kd, masked_kd_kl
-from fedkd.errors import DivergedError
+from fedkd.errors import DivergedError, reason
 from fedkd.evaluate import foreground_classes, overlap_scores
 from fedkd.fl import engine, topology
 from fedkd.fl.algorithm import ClientContext
@@ -238,7 +238,7 @@ def load_foundation(path: str, like):
         )
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ConfigError(
-      f"{path} is unreadable or of another model ({type(e).__name__}: {str(e)[:160]}); delete it (that "
+      f"{path} is unreadable or of another model ({reason(e, 160)}); delete it (that "
       "foundation is pretrained again) or use a new --workdir"
     ) from None
   return jax.tree_util.tree_unflatten(treedef, out), summary
@@ -277,8 +277,7 @@ def _build_model(m, image_size: int):
     jax.eval_shape(apply_wf, params, jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32))
   except (ValueError, TypeError, AssertionError, ZeroDivisionError) as e:
     raise ConfigError(
-      f"config.teacher / config.student: the model {m.name} cannot be built "
-      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); fix its sizes"
+      f"config.teacher / config.student: the model {m.name} cannot be built ({reason(e)}); fix its sizes"
     ) from None
   return apply, apply_wf
 
@@ -928,7 +927,7 @@ class Experiment:
           write_atomic(epath.Path(raw_path), "".join(l + "\n" for l in kept))
           return done
         raise ConfigError(
-          f"{raw_path}: line {i} is unreadable ({type(e).__name__}: {str(e)[:120]}); delete "
+          f"{raw_path}: line {i} is unreadable ({reason(e, 120)}); delete "
           "that line (its run is redone) or use a new --workdir"
         ) from None
       done[key] = r
@@ -942,7 +941,7 @@ class Experiment:
       saved = read_json_object(cfg_path)
     except (OSError, ValueError) as e:
       raise ConfigError(
-        f"{cfg_path} is unreadable ({type(e).__name__}: {str(e)[:120]}), so the results and checkpoints in "
+        f"{cfg_path} is unreadable ({reason(e, 120)}), so the results and checkpoints in "
         f"{self.workdir} cannot be matched to this config; restore the file, use a new --workdir, or delete "
         "it if this config is the one they were made with"
       ) from None

@@ -27,6 +27,7 @@ from absl import flags
 
 from fedkd import report
 from fedkd.config import ConfigError
+from fedkd.errors import reason
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "WORKDIR:METHOD of the first runs (a comma list pools workdirs of other seeds)")
@@ -56,7 +57,7 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
     with open(path, encoding="utf-8") as f:
       lines = list(f)
   except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}); give a FedEFM workdir") from None
+    raise ConfigError(f"{path} is unreadable ({reason(e, 120)}); give a FedEFM workdir") from None
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue

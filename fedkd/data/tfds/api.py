@@ -20,6 +20,7 @@ from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
 from fedkd.data.tfds.records import DatasetInputError
 from fedkd.data.tfds.synthetic_endovascular import SyntheticConfig, SyntheticEndovascular, synthetic_config
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
+from fedkd.errors import reason
 
 BUILDERS: dict[str, type] = {
   "synthetic_endovascular": SyntheticEndovascular,
@@ -449,9 +450,7 @@ def _read_json(path: Path, fix: str) -> Any:
   try:
     return json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise DatasetInputError(
-      f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); {fix}"
-    ) from None
+    raise DatasetInputError(f"{path}: unreadable ({reason(e, 120)}); {fix}") from None
 
 
 def _refuse_foreign_types(path: Path, tree, fix: str) -> None:
