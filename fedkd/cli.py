@@ -21,6 +21,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from fedkd.config import ConfigError, base_config, find_config_file, schemas
+from fedkd.errors import reason
 
 CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -249,7 +250,7 @@ def parse(
     hint = " (--helpfull lists every --config.* key)" if uses_config else " (--help lists the flags)"
     fail(f"{str(e).splitlines()[0]}{hint}")
   except (ValueError, KeyError, AttributeError, TypeError, OSError, SyntaxError, ImportError) as e:
-    fail(f"cannot load the config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}")
+    fail(f"cannot load the config: {reason(e)}")
   if len(rest) > 1:
     fail(f"unexpected arguments {' '.join(rest[1:])}; pass options as --flag=value")
   if uses_config and CONFIG.value is None:
@@ -287,7 +288,7 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
   except USER_ERRORS as e:
     fail(str(e))
   except Exception as e:  # noqa: BLE001 - the user's config file is broken
-    fail(f"config file {path} cannot be loaded ({_where(e, path)}{type(e).__name__}: {_first_line(e)}); fix the file")
+    fail(f"config file {path} cannot be loaded ({_where(e, path)}{reason(e, 300)}); fix the file")
   if not callable(getattr(module, "get_config", None)):
     fail(f"config file {path} has no get_config(arg) function; see configs/quickstart.py for the form")
   try:
@@ -297,11 +298,11 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
   except TypeError as e:
     if arg is not None and "positional argument" in str(e):
       fail(f"config file {path} takes no argument, but --config={path}:{arg} passes {arg!r}; drop ':{arg}'")
-    fail(f"config file {path}: get_config raised ({_where(e, path)}TypeError: {_first_line(e)})")
+    fail(f"config file {path}: get_config raised ({_where(e, path)}{reason(e, 300)})")
   except Exception as e:  # noqa: BLE001
     fail(
-      f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{type(e).__name__}: "
-      f"{_first_line(e)}); fix the file or the variant after ':'"
+      f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{reason(e, 300)}); fix the file or the "
+      "variant after ':'"
     )
   if not isinstance(config, ml_collections.ConfigDict):
     fail(
@@ -309,11 +310,6 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
       "ml_collections.ConfigDict; start from fedkd.config.base_config()"
     )
   return config
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _where(e: BaseException, path: str) -> str:
