@@ -387,13 +387,17 @@ class TfdsClients:
       parts = partition.quantity_skew(len(pool), n, config.quantity_skew, config.seed, min_size=config.batch_size)
     else:
       raise DataError(f"config.data.partition={d.partition!r}: use by_site, dirichlet or iid")
+    cfg_names = list(train_cfgs)
     small = [k for k, p in enumerate(parts) if len(p) < config.batch_size]
     if small:
+      k = small[0]
+      held = sorted({cfg_names[int(s)] for s in site_of[parts[k]]})
+      where = f" (site {held[0]!r})" if len(held) == 1 else f" (sites {held})" if held else ""
       raise DataError(
-        f"client {small[0]} got {len(parts[small[0]])} examples, fewer than "
-        f"batch_size={config.batch_size}; lower config.batch_size or config.num_clients"
+        f"client {k}{where} got {len(parts[k])} training examples, fewer than batch_size={config.batch_size}"
+        f"{f' ({len(small)} such clients)' if len(small) > 1 else ''}; lower config.batch_size or "
+        "config.num_clients, or add training images to that site"
       )
-    cfg_names = list(train_cfgs)
     self.site_names = [cfg_names[int(np.bincount(site_of[p]).argmax())] for p in parts]
     self.sizes = np.array([len(p) for p in parts], np.int64)
     self._aug = Augment(config.image_size, enabled=bool(d.augment))

@@ -64,9 +64,20 @@ def main(argv) -> None:
   prepare(os.path.dirname(os.path.abspath(out)), flag="--out")
   pic.save(out)
   print(
-    f"wrote {os.path.abspath(out)}: {len(sets)} sites x {cli.FRAMES.value} frames "
+    f"wrote {os.path.abspath(out)}: {len(sets)} sites x {_frames_shown(sets, cli.FRAMES.value)} "
     f"({config.data.source}, {config.image_size}px); labels drawn: {palette.caption(shown)} (legend in the picture)"
   )
+
+
+def _frames_shown(sets, frames: int) -> str:
+  """``"N frames"``, naming the sites that have fewer (a prepared dataset's test split may hold fewer
+  images than --frames)."""
+  counts = {name: min(len(images), frames) for name, (images, _) in sets.items()}
+  short = {name: n for name, n in counts.items() if n < frames}
+  if not short:
+    return f"{frames} frames"
+  few = ", ".join(f"{name} {n}" for name, n in short.items())
+  return f"up to {max(counts.values())} frames (--frames={frames}; fewer test images at: {few})"
 
 
 def run(argv=None) -> None:

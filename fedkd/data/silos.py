@@ -123,7 +123,8 @@ class SiloData:
 
   def round_batches(self, types: np.ndarray, seed: int, round_: int):
     """Round ``round_``'s batches of every silo: images [silos, local_steps, batch, H, W, 1] and labels
-    [silos, local_steps, batch, H, W] (clipped to the teacher's classes). ``types``: ``silo_types``.
+    [silos, local_steps, batch, H, W] (``teacher_labels``: classes the teacher lacks are background). ``types``:
+    ``silo_types``.
 
     Example e of silo i is generator example ``i * examples_per_silo + e`` (split 0) of its source's
     site row, so an example's image does not depend on the round that draws it."""
@@ -133,7 +134,13 @@ class SiloData:
     gidx = idx + np.arange(p.num_silos)[:, None] * p.examples_per_silo
     im, m = synth.generate(seed, self.table, rows.reshape(-1), gidx.reshape(-1, 1), h)
     shape = (p.num_silos, p.local_steps, p.batch_size, h, h)
-    return im.reshape(shape + (1,)), jnp.minimum(m.reshape(shape), self.c.teacher.num_classes - 1)
+    return im.reshape(shape + (1,)), self.teacher_labels(m.reshape(shape))
+
+  def teacher_labels(self, masks):
+    """``masks`` in the teacher's label space: a class it has no output for (vessel, 3, for a
+    3-class teacher) becomes background, as unlabelled structures are in a partial-label source; it is
+    not merged into the highest class the teacher has (vessels would be taught as guidewire)."""
+    return jnp.where(masks < self.c.teacher.num_classes, masks, sites_lib.BACKGROUND)
 
   def round_sources(self, types: np.ndarray, seed: int, round_: int) -> np.ndarray:
     """Source id of every example of ``round_batches(types, seed, round_)``: int32 numpy
@@ -145,8 +152,8 @@ class SiloData:
 
   def heldout(self, seed: int, per_source: int):
     """A balanced held-out set from every source, never used in training (generator split 1; training
-    uses split 0): images [S * per_source, H, W, 1], masks [S * per_source, H, W] (clipped to the
-    teacher's classes, as ``round_batches``) and source ids int32 numpy [S * per_source], source-major
+    uses split 0): images [S * per_source, H, W, 1], masks [S * per_source, H, W] (in the teacher's
+    classes, ``teacher_labels``, as ``round_batches``) and source ids int32 numpy [S * per_source], source-major
     (examples s * per_source ... (s + 1) * per_source - 1 are source s's examples 0..per_source-1).
     A function of (seed, per_source) only."""
     if isinstance(per_source, bool) or not isinstance(per_source, (int, np.integer)) or per_source < 1:
@@ -160,7 +167,7 @@ class SiloData:
       h,
       split=1,
     )
-    masks = jnp.minimum(m.reshape(NUM_SOURCES * n, h, h), self.c.teacher.num_classes - 1)
+    masks = self.teacher_labels(m.reshape(NUM_SOURCES * n, h, h))
     return im.reshape(NUM_SOURCES * n, h, h, 1), masks, np.repeat(np.arange(NUM_SOURCES, dtype=np.int32), n)
 
   def labelled_classes(self, source: int) -> tuple[int, ...]:
@@ -170,14 +177,14 @@ class SiloData:
     applies): catheter labelled iff the catheter is drawn, guidewire iff the wire is drawn, vessel iff
     vessels are labelled ("catheter"/"catheter_guidewire" sources show faint vessels labelled
     background). Background (0) is left out: in a partial-label source it also covers unlabelled
-    structures, so a per-(source, class) Dice should score these classes only. Class ids are clipped
-    to the teacher's classes like the masks (no change for ``teacher.num_classes = 4``)."""
+    structures, so a per-(source, class) Dice should score these classes only. Classes the teacher has
+    no output for are left out, as its masks label them background (``teacher_labels``; no change for
+    ``teacher.num_classes = 4``): a vessel-only source then scores no class."""
     if isinstance(source, bool) or not isinstance(source, (int, np.integer)) or not 0 <= source < NUM_SOURCES:
       raise ValueError(f"source={source!r} must be a source id in 0..{NUM_SOURCES - 1}")
     flags = sites_lib.DATA_TYPE_FLAGS[sites_lib.DATA_TYPES.index(DATA_TYPES[source][1])]
     on = {sites_lib.CATHETER: flags[0], sites_lib.GUIDEWIRE: flags[1], sites_lib.VESSEL: flags[3]}
-    top = self.c.teacher.num_classes - 1
-    return tuple(sorted({min(int(k), top) for k, f in on.items() if f > 0.5}))
+    return tuple(sorted(int(k) for k, f in on.items() if f > 0.5 and k < self.c.teacher.num_classes))
 
   def target(self, seed: int, split: int, n: int):
     """``n`` images [n, H, W, 1] and masks [n, H, W] of the target site (split 0: train, 1: test)."""

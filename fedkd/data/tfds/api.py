@@ -259,16 +259,27 @@ def config_names(name: str, data_dir=None) -> list[str]:
   return prepared_configs(name, data_dir) if data_dir is not None else []
 
 
+# A prepared version folder (``1.0.0``); not TFDS' ``incomplete.<id>_1.0.0`` of a build that was killed
+# after writing its metadata, nor the ``.1.0.0.old-<pid>`` an interrupted ``--overwrite`` swap leaves.
+_VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def _version_dirs(config_dir: Path) -> list[Path]:
+  """The prepared version folders (``<version>/dataset_info.json``) of one config folder."""
+  if not config_dir.is_dir():
+    return []
+  return sorted(
+    v for v in config_dir.iterdir() if _VERSION_DIR.match(v.name) and v.is_dir() and (v / "dataset_info.json").is_file()
+  )
+
+
 def prepared_configs(name: str, data_dir) -> list[str]:
-  """Config names of ``name`` that are fully prepared under ``data_dir``."""
+  """Config names of ``name`` that are fully prepared under ``data_dir`` (a folder left by a build
+  that was killed part-way is not)."""
   base = Path(data_dir) / name
   if not base.is_dir():
     return []
-  return sorted(
-    c.name
-    for c in base.iterdir()
-    if c.is_dir() and any((v / "dataset_info.json").is_file() for v in c.iterdir() if v.is_dir())
-  )
+  return sorted(c.name for c in base.iterdir() if c.is_dir() and _version_dirs(c))
 
 
 class SegmentationSource:
@@ -330,6 +341,20 @@ class SegmentationSource:
   def __iter__(self):
     for i in range(len(self)):
       yield self[i]
+
+  def __getstate__(self) -> dict:
+    import pickle
+
+    return {"name": self.name, "source": pickle.dumps(self._source)}
+
+  def __setstate__(self, state: dict) -> None:
+    """Unpickled in a ``data.workers`` process: TFDS rebuilds the builder of an unregistered config (an
+    xray_folder site) and would log "Using custom data configuration" there, once per site and worker."""
+    import pickle
+
+    self.name = state["name"]
+    with _quiet_custom_config_notice():
+      self._source = pickle.loads(state["source"])
 
   def __repr__(self) -> str:
     return f"SegmentationSource({self.name}, len={len(self)})"
@@ -525,9 +550,7 @@ def check_prepared(name: str, data_dir, config: str) -> dict:
   fix = f"Rebuild it (python -m fedkd.data.tfds.build --dataset={name} ... --overwrite) or get a fresh copy."
   info_file, features_file = vdir / "dataset_info.json", vdir / "features.json"
   if not info_file.is_file():
-    others = (
-      sorted(v.name for v in config_dir.iterdir() if (v / "dataset_info.json").is_file()) if config_dir.is_dir() else []
-    )
+    others = [v.name for v in _version_dirs(config_dir)]
     raise DatasetInputError(
       f"{config_dir}: prepared as version(s) {others}, but this fedkd reads {name} "
       f"version {version}; rebuild it with python -m fedkd.data.tfds.build "

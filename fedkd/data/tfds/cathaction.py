@@ -17,7 +17,8 @@ Label PNG conventions (pick the config or pass ``label_map`` / ``color_map``):
 * anything else: ``build("cathaction", ..., label_map={...})`` or ``color_map={...}``.
 
 Check a few label files first (``np.unique(np.array(PIL.Image.open(f)))``); an unknown value
-fails the build with the values found and the allowed ones. Record ids are
+fails the build with the values found and the allowed ones. A label PNG without its image (an
+incomplete extraction) is refused like an orphan mask of ``xray_folder``, naming the file. Record ids are
 ``<split>/images/<file name>``; site is ``"cathaction"``.
 """
 
@@ -29,10 +30,10 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fedkd.data.tfds import decode
 from fedkd.data.tfds import folders
 from fedkd.data.tfds import label_maps
 from fedkd.data.tfds import records
+from fedkd.data.tfds import xray_folder
 from fedkd.data.tfds.folders import Pair
 from fedkd.data.tfds.label_maps import LabelSpec
 from fedkd.data.tfds.records import DatasetInputError
@@ -117,10 +118,7 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
     )
     spec = self.builder_config.label_spec()
     splits = scan_cathaction(root)
-    with decode.collect_notes() as notes:
-      for pairs in splits.values():  # validate everything before any split is written
-        folders.validate_pairs(pairs, spec)
-    notes.emit()
+    xray_folder.check_folder(root, splits, spec)  # everything (incl. orphan labels) before any split is written
     return {name: self._generate_examples(pairs, spec) for name, pairs in splits.items()}
 
   def _generate_examples(self, pairs, spec):

@@ -225,6 +225,8 @@ class ConversionNotes:
     out = []
     for kind, paths in self.files.items():
       names = [f"{p.parent.name}/{p.name}" for p in paths]
+      if len(set(names)) < len(names):  # e.g. CathAction's train/images/x.jpg and test/images/x.jpg
+        names = ["/".join(p.parts[-3:]) for p in paths]
       out.append(f"note: {kind}: {len(paths)} file(s) {short_list(names, 5)}")
     return out
 

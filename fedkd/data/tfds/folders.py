@@ -4,7 +4,9 @@ anything is written, and yielding the examples (every frame of a cine file is on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import unicodedata
 from pathlib import Path
 from collections.abc import Iterable
 
@@ -38,10 +40,51 @@ class Pair:
   mask_exts: tuple[str, ...] = MASK_EXTS
 
   def mask_candidates(self) -> list[Path]:
-    return [self.mask_dir / f"{self.stem}{e}" for e in self.mask_exts if (self.mask_dir / f"{self.stem}{e}").is_file()]
+    """The mask files of this image: ``<stem><ext>`` for every mask extension, in any letter case
+    (``x.PNG`` as well as ``x.png``; both present: two candidates, refused as ambiguous)."""
+    index = mask_files(self.mask_dir)
+    return [p for e in self.mask_exts for p in index.get((nfc(self.stem), e), ())]
 
   def frame_mask_path(self, frame: int) -> Path:
-    return self.mask_dir / f"{self.stem}_{frame:04d}.png"
+    """Per-frame mask ``<stem>_<frame:04d>.png`` (extension in any letter case); the lower-case
+    name when there is none."""
+    name = f"{self.stem}_{frame:04d}"
+    found = mask_files(self.mask_dir).get((nfc(name), ".png"))
+    return found[0] if found else self.mask_dir / f"{name}.png"
+
+
+def nfc(name: str) -> str:
+  """``name`` in Unicode normal form C: the same accented name typed on Linux or Windows (composed, NFC)
+  and listed from a folder copied off macOS (decomposed, NFD) compares equal."""
+  return unicodedata.normalize("NFC", name)
+
+
+def mask_files(mask_dir: Path) -> dict[tuple[str, str], list[Path]]:
+  """``{(NFC stem, lower-case extension): [files]}`` of the regular files (or links to them) in
+  ``mask_dir``, with their names as listed: an export's ``x.PNG`` is ``x``'s mask as ``x.png`` is, a
+  decomposed ``Mu\u0308ller.png`` is ``Müller``'s, and on a case-insensitive file system the path is the one
+  the folder listing shows. Cached per listing (the folder's modification time changes when a file is
+  added, removed or renamed)."""
+  try:
+    st = os.stat(mask_dir)
+  except OSError:
+    return {}
+  return _mask_index(os.fspath(mask_dir), st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_index(mask_dir: str, mtime_ns: int, inode: int) -> dict[tuple[str, str], list[Path]]:
+  del mtime_ns, inode  # cache keys only
+  out: dict[tuple[str, str], list[Path]] = {}
+  for entry in sorted(os.scandir(mask_dir), key=lambda e: e.name):
+    try:
+      is_file = entry.is_file()
+    except OSError:
+      is_file = False
+    if is_file:
+      p = Path(mask_dir) / entry.name
+      out.setdefault((nfc(p.stem), p.suffix.lower()), []).append(p)
+  return out
 
 
 def list_images(images_dir: Path) -> list[Path]:
@@ -58,10 +101,12 @@ def list_images(images_dir: Path) -> list[Path]:
       continue
     ext = p.suffix.lower()
     if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
-      if p.stem in stems:
-        problems.append(f"{p}: duplicate image stem {p.stem!r} (also {stems[p.stem].name}); keep one file per stem")
+      if nfc(p.stem) in stems:  # also the same name in two Unicode forms: both would read one mask
+        problems.append(
+          f"{p}: duplicate image stem {p.stem!r} (also {stems[nfc(p.stem)].name}); keep one file per stem"
+        )
         continue
-      stems[p.stem] = p
+      stems[nfc(p.stem)] = p
       files.append(p)
     else:
       problems.append(

@@ -153,24 +153,31 @@ def scan_folder(root: Path) -> dict[str, list[Pair]]:
 
 
 def check_folder(root: Path, splits: dict[str, list[Pair]], spec: LabelSpec) -> int:
-  """Decode and check every image and mask, and refuse orphan masks; raise one
-  ``DatasetInputError`` listing every problem. On success print the conversion notes
-  (``note: ...`` on stderr) and return the number of examples."""
-  problems, used, failed, frames = [], set(), set(), {}
+  """Decode and check every image and mask, and refuse orphan masks in every mask folder the pairs use
+  (xray_folder: ``root/masks``; CathAction: each split's ``labels/``); raise one ``DatasetInputError``
+  listing every problem. On success print the conversion notes (``note: ...`` on stderr) and return the
+  number of examples."""
+  del root  # the mask folders are the pairs' own
+  groups: dict[Path, list[Pair]] = {}
+  for pairs in splits.values():
+    for pair in pairs:
+      groups.setdefault(pair.mask_dir, []).append(pair)
+  problems, total = [], 0
   with decode.collect_notes() as notes:
-    for pairs in splits.values():
+    for masks_dir, pairs in groups.items():  # stems are unique within one mask folder, not across them
+      used, failed, frames = set(), set(), {}
       for pair in pairs:
         try:
           frames[pair.stem] = folders.validate_pairs([pair], spec, used)
         except DatasetInputError as e:
           problems.extend(e.problems)
           failed.add(pair.stem)
-  images = {p.stem: p for pairs in splits.values() for p in pairs}
-  problems.extend(_orphan_masks(root / "masks", images, used, failed, frames))
+      problems.extend(_orphan_masks(masks_dir, {p.stem: p for p in pairs}, used, failed, frames))
+      total += sum(frames.values())
   if problems:
     raise DatasetInputError(problems)
   notes.emit()
-  return sum(frames.values())
+  return total
 
 
 def _orphan_masks(
@@ -193,7 +200,7 @@ def _orphan_masks(
     base = per_frame.group(1) if per_frame else None
     if stem in failed or base in failed:
       continue
-    fix = "remove it or move it out of masks/"
+    fix = f"remove it or move it out of {masks_dir.name}/"
     if stem in images:
       why = (
         f"not used: image {images[stem].image.name} already has its mask(s) "
@@ -220,7 +227,7 @@ def _orphan_masks(
         + ")"
       )
       fix = (
-        "add the image, fix the file name, or move the mask out of masks/ (orphan "
+        f"add the image, fix the file name, or move the mask out of {masks_dir.name}/ (orphan "
         "masks are refused: they usually mean a missing or renamed image)"
       )
     problems.append(f"{f}: {why}; {fix}")
@@ -244,7 +251,7 @@ def _names(paths) -> str:
 
 def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
   try:
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_bytes())  # bytes: UTF-8 with or without BOM, UTF-16/32 (Windows editors, PowerShell)
   except (OSError, ValueError) as e:
     raise DatasetInputError(
       f"{path}: unreadable splits.json ({e}); expected {{\"train\": [\"stem\", ...], \"test\": [...]}}"
@@ -259,6 +266,7 @@ def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
       f'stems, e.g. {{"train": ["a", "b"], "test": ["c"]}}'
     )
   problems, seen, out = [], {}, {}
+  composed = {folders.nfc(s): s for s in by_stem}  # splits.json typed in NFC, file names listed in NFD
   for name, stems in data.items():
     if not _SPLIT_NAME.match(name):
       problems.append(f"{path}: invalid split name {name!r} (use letters, digits, _ -)")
@@ -266,8 +274,9 @@ def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
     out[name] = []
     for s in stems:
       stem = s
-      if stem not in by_stem and Path(s).stem in by_stem and Path(s).suffix:
+      if stem not in by_stem and Path(s).suffix and folders.nfc(Path(s).stem) in composed:
         stem = Path(s).stem  # a file name was given
+      stem = stem if stem in by_stem else composed.get(folders.nfc(stem), stem)
       if stem not in by_stem:
         problems.append(
           f"{path}: split {name!r} lists {s!r} but there is no such image in {next(iter(by_stem.values())).parent}"
