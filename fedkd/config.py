@@ -1177,8 +1177,11 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     raise ConfigError(f"config.experiment.seeds / ablation_percents must be comma lists of numbers ({e})")
   if not seeds:
     raise ConfigError("config.experiment.seeds is empty; give e.g. '0,1,2'")
-  if any(s < 0 for s in seeds):
-    raise ConfigError(f"config.experiment.seeds={c.experiment.seeds!r}: seeds must be >= 0")
+  if any(not 0 <= s < MAX_SEED for s in seeds):
+    raise ConfigError(
+      f"config.experiment.seeds={c.experiment.seeds!r}: seeds must be integers in 0..{MAX_SEED - 1} (JAX keys "
+      "hold 32 bits; larger seeds would repeat smaller ones)"
+    )
   for p in percents:
     if not math.isfinite(p) or not 0 <= p <= 100:
       raise ConfigError(
