@@ -299,3 +299,21 @@ def test_cathaction_refuses_a_label_without_its_image(tmp_path):
   assert str(e.value).startswith(f"{root / 'train' / 'labels' / 'frame 1.png'}: mask without an image")
   assert "move the mask out of labels/" in str(e.value)
   assert fdata.prepared_configs("cathaction", tmp_path / "tfds") == []
+
+
+def test_build_summary_into_a_closed_pipe_is_not_an_error(two_sites, tmp_path):
+  """`build ... | head -0`: the dataset is prepared, the summary has nowhere to go; that is exit 0 with no
+  error line (it used to print "error: I/O error while building ... Broken pipe")."""
+  import subprocess
+
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(two_sites, data_dir)
+  cmd = [sys.executable, "-m", "fedkd.data.tfds.build", "--dataset=xray_folder"]
+  cmd += [f"--manual_dir={two_sites.parent / 'north'}", f"--data_dir={data_dir}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  p.stdout.close()  # the reader is gone before the summary is written
+  err = p.stderr.read().decode()
+  assert p.wait(timeout=300) == 0, err
+  assert "error" not in err.lower(), err
+  assert fdata.prepared_configs("xray_folder", data_dir) == ["north", "south"]

@@ -85,3 +85,14 @@ def test_preview_out_below_a_file_names_both(tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert f"--out={out}: {blocker} is a file, not a folder" in r.stderr
   assert blocker.read_text() == "keep"
+
+
+def test_preview_scale_too_large_is_one_line(tmp_path):
+  """--scale=1000 at 64 px would draw frames of 64,000 px (GiBs of picture): refused before any data is made."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = tmp_path / "p.png"
+  cmd = [sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py", "--scale=1000", f"--out={out}"]
+  r = procs.run(cmd, cwd=ROOT, env=env, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "--scale=1000 draws each 64px frame at 64000px, above 2048px; pass --scale <= 32" in r.stderr
+  assert not out.exists()

@@ -16,6 +16,7 @@ from absl import flags
 
 from fedkd import cli
 
+MAX_FRAME_PX = 2048  # one zoomed frame's side: larger pictures would take GiBs to draw
 _SCALE = flags.DEFINE_integer("scale", 0, "Pixel zoom (0: to make frames at least 128 px).")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DEFAULT_OUT = os.path.join("runs", "preview.png")
@@ -52,6 +53,11 @@ def main(argv) -> None:
   if _SCALE.value < 0:
     cli.fail(f"--scale={_SCALE.value} must be >= 0 (0 = automatic)")
   validate(config, jax.device_count())
+  if _SCALE.value * config.image_size > MAX_FRAME_PX:
+    cli.fail(
+      f"--scale={_SCALE.value} draws each {config.image_size}px frame at {_SCALE.value * config.image_size}px, "
+      f"above {MAX_FRAME_PX}px; pass --scale <= {max(1, MAX_FRAME_PX // config.image_size)} (0 = automatic)"
+    )
   data = make_client_data(config)
   with config.unlocked():
     config.eval.examples_per_site = cli.FRAMES.value

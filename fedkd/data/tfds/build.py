@@ -176,7 +176,6 @@ def main(argv=None) -> int:
       source = f" from {manual_dir}" if manual_dir else ""
       lines[0] = lines[0].replace("built ", "already prepared (reused): ", 1)
       lines.append(f"note: the source was not read again; pass --overwrite to rebuild it{source}")
-    print("\n".join(lines))
   except DatasetInputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -189,6 +188,10 @@ def main(argv=None) -> int:
       raise
     print(f"error: {message}", file=sys.stderr)
     return 2
+  try:
+    print("\n".join(lines), flush=True)
+  except BrokenPipeError:  # the summary piped into e.g. `head`: the dataset is built, so not an error
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   return 0
 
 
