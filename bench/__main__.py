@@ -204,6 +204,7 @@ def _parser():
   m.add_argument("--num_processes", type=int, help="processes of a multi-process --measure")
   m.add_argument("--process_id", type=int, help="this process's index in a multi-process --measure")
   m.add_argument("--cpu_devices", type=int, help="simulate this many CPU devices (CPU only)")
+  p.error = lambda message: fail(f"{message} (--help lists the flags)")  # one line, not the usage block
   return p
 
 
@@ -225,6 +226,17 @@ def _resolve(a) -> argparse.Namespace:
   bad = [v for v in a.scale.split(",") if a.scale and not (v.strip().isdigit() and int(v) > 0)]
   if bad:
     fail(f"--scale={a.scale}: {bad[0]!r} is not a client count; give positive whole numbers, e.g. --scale=64,128")
+  if a.scale and a.layouts == "none" and not a.pairs:
+    fail("--scale needs a layout (--pairs or --layouts)")
+  if a.profile:  # before anything is timed: a trace that cannot be written would turn each timed row into an error
+    import os
+    import tempfile
+
+    try:
+      os.makedirs(a.profile, exist_ok=True)
+      tempfile.TemporaryFile(dir=a.profile).close()
+    except OSError as e:
+      fail(f"--profile={a.profile}: cannot write traces there ({e.strerror or e}); give a writable folder")
   return a
 
 
@@ -314,6 +326,8 @@ def main(argv=None) -> None:
   a, rest = _parser().parse_known_args(argv)
   if rest and not a.measure:
     fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")
+  if a.rounds <= 0:  # --measure too: its candidates are timed over --rounds calls
+    fail(f"--rounds={a.rounds} must be positive")
   from fedkd import distributed
 
   try:  # before any JAX computation

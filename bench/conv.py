@@ -106,7 +106,11 @@ def pass_fn(formulation: str, which: str):
 
 
 def _parser():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  from bench import ArgumentParser
+
+  p = ArgumentParser(
+    prog="bench.conv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
   p.add_argument("--clients", type=int, default=4)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--size", type=int, default=32)
@@ -127,18 +131,20 @@ def _parser():
 def main(argv=None) -> None:
   from fedkd.cli import line_buffered
 
+  from bench import fail
+
   line_buffered()
   a = _parser().parse_args(argv)
   forms = [FORMER_NAMES.get(f, f) for f in a.formulations.split(",")]
   passes = a.passes.split(",")
   for bad in [f for f in forms if f not in FORMULATIONS] + [q for q in passes if q not in PASSES]:
-    raise SystemExit(
-      f"bench.conv: error: unknown formulation or pass {bad!r} "
-      f"(formulations: {','.join(FORMULATIONS)}; passes: {','.join(PASSES)})"
+    fail(
+      "bench.conv",
+      f"unknown formulation or pass {bad!r} (formulations: {','.join(FORMULATIONS)}; passes: {','.join(PASSES)})",
     )
   for k in ("clients", "batch", "size", "cin", "cout", "reps"):
     if getattr(a, k) <= 0:
-      raise SystemExit(f"bench.conv: error: --{k}={getattr(a, k)} must be positive")
+      fail("bench.conv", f"--{k}={getattr(a, k)} must be positive")
   dt = jnp.dtype(a.dtype)
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (a.clients, a.batch, a.size, a.size, a.cin), dt)

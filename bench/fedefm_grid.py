@@ -11,7 +11,6 @@ processes each compile their rounds, as separate runs started by hand do.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,13 +24,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(cmd: list[str], env: dict) -> float:
   t0 = time.perf_counter()
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  if p.returncode == 2:  # fedkd.main refused a flag or config value: its one line, as this tool's
+    sys.path.insert(0, ROOT)
+    from bench import fail
+
+    fail("fedefm_grid", (p.stderr.strip().splitlines() or ["exit 2"])[-1].removeprefix("fedkd: error: "))
   if p.returncode != 0:
     sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
   return time.perf_counter() - t0
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sys.path.insert(0, ROOT)
+  from bench import ArgumentParser
+
+  ap = ArgumentParser(prog="fedefm_grid", description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/fedefm.py:runlocal")
   ap.add_argument("--betas", default="0.3,0.5,0.7", help="comma list of config.fedefm.beta values")
   ap.add_argument("--rounds", type=int, default=10, help="config.pretrain.num_rounds")

@@ -44,23 +44,58 @@ def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> tup
   per_round = np.diff(stamps)  # round r's log line to round r + 1's
   skip = c.fedefm.warmup_rounds + 1  # compile + the warm-up program, then the distilling program's compile
   images = silos * c.pretrain.local_steps * c.pretrain.batch_size
-  return float(np.median(per_round[skip:-1])), images  # the last round also scores the foundation
+  timed = per_round[skip:-1]  # the last round also scores the foundation
+  if not len(timed):  # a NaN row would not be JSON
+    from bench import fail
+
+    fail(
+      "fedefm_stack",
+      f"--rounds={rounds} leaves no round to time (compilation, {c.fedefm.warmup_rounds} warm-up round(s), the "
+      f"distilling program's compile and the last, scoring round are left out); give --rounds >= {skip + 3}",
+    )
+  return float(np.median(timed)), images
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  from bench import ArgumentParser, fail
+
+  ap = ArgumentParser(prog="fedefm_stack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--methods", default="fedefm,fedavg")
   ap.add_argument("--silos", type=int, default=6)
   ap.add_argument("--replicas", type=int, default=5)
   ap.add_argument("--rounds", type=int, default=8)
   ap.add_argument("--config", default="runlocal", help="configs/fedefm.py variant")
   a = ap.parse_args(argv)
+  from fedkd.config import FEDEFM_METHODS
+  from fedkd.errors import USER_ERRORS
+
+  for k in ("silos", "replicas", "rounds"):
+    if getattr(a, k) <= 0:
+      fail("fedefm_stack", f"--{k}={getattr(a, k)} must be positive")
+  for m in a.methods.split(","):
+    if m not in FEDEFM_METHODS or m == "scratch":
+      fail("fedefm_stack", f"--methods: unknown method {m!r}; use some of {', '.join(FEDEFM_METHODS[1:])}")
+  from configs.fedefm import get_config
+
+  try:
+    need = get_config(a.config).fedefm.warmup_rounds + 4
+  except USER_ERRORS as e:
+    fail("fedefm_stack", str(e))
+  if a.rounds < need:
+    fail(
+      "fedefm_stack",
+      f"--rounds={a.rounds} leaves no round to time (compilation, the warm-up round(s), the distilling program's "
+      f"compile and the last, scoring round are left out); give --rounds >= {need}",
+    )
   import jax
 
   rate = {}
   for method in a.methods.split(","):
-    one, images = seconds_per_round(method, a.silos, a.rounds, a.config)
-    stacked, _ = seconds_per_round(method, a.silos * a.replicas, a.rounds, a.config)
+    try:
+      one, images = seconds_per_round(method, a.silos, a.rounds, a.config)
+      stacked, _ = seconds_per_round(method, a.silos * a.replicas, a.rounds, a.config)
+    except USER_ERRORS as e:
+      fail("fedefm_stack", str(e))
     rate[method] = images / one
     row = {
       "bench": "fedefm_stack",

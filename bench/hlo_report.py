@@ -64,6 +64,25 @@ def report(path: str) -> dict:
   )
 
 
-if __name__ == "__main__":
-  for f in sorted(glob.glob(os.path.join(sys.argv[1], "*after_optimizations.txt"))):
+def main(argv=None) -> None:
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from bench import ArgumentParser, fail
+
+  p = ArgumentParser(prog="hlo_report", description=__doc__.split("\n\n")[0])
+  p.add_argument("dump_dir", help="the folder XLA_FLAGS=--xla_dump_to=DIR wrote")
+  a = p.parse_args(argv)
+  if not os.path.isdir(a.dump_dir):
+    fail("hlo_report", f"{a.dump_dir} is not a folder; give the one XLA_FLAGS=--xla_dump_to=DIR wrote")
+  files = sorted(glob.glob(os.path.join(a.dump_dir, "*after_optimizations.txt")))
+  if not files:
+    fail(
+      "hlo_report",
+      f"no *after_optimizations.txt module in {a.dump_dir}; dump one with XLA_FLAGS=--xla_dump_to={a.dump_dir} "
+      "(and JAX_ENABLE_COMPILATION_CACHE=false, so that the programs are compiled, not loaded)",
+    )
+  for f in files:
     print(json.dumps(report(f)), flush=True)
+
+
+if __name__ == "__main__":
+  main()

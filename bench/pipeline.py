@@ -125,7 +125,9 @@ def train_row(a, source: str, workers: int, configs, unseen) -> dict:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  from bench import ArgumentParser, fail
+
+  ap = ArgumentParser(prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--data_dir", required=True, help="prepared TFDS datasets (built here when missing)")
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--train", type=int, default=64, help="training images per hospital in the dataset")
@@ -135,8 +137,24 @@ def main(argv=None) -> None:
   ap.add_argument("--rounds", type=int, default=12)
   ap.add_argument("--workers", default="0,2", help="comma list of worker-process counts")
   a = ap.parse_args(argv)
+  for k in ("size", "train", "clients", "steps", "batch"):
+    if getattr(a, k) <= 0:
+      fail("pipeline", f"--{k}={getattr(a, k)} must be positive")
+  if a.rounds < 3:  # the training rows time the rounds after the first two (compilation), without the last
+    fail("pipeline", f"--rounds={a.rounds}: give 3 or more (the first two rounds and the last are not timed)")
+  if not all(w.strip().isdigit() for w in a.workers.split(",")):
+    fail("pipeline", f"--workers={a.workers} is not a comma list of whole numbers >= 0 (e.g. 0,2)")
   import jax
 
+  from fedkd.errors import USER_ERRORS
+
+  try:
+    run(a, jax)
+  except USER_ERRORS as e:
+    fail("pipeline", str(e))
+
+
+def run(a, jax) -> None:
   configs, unseen = site_configs(a.data_dir, a.size, a.train, 8)
   common = {
     "bench": "pipeline",

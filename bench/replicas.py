@@ -13,7 +13,6 @@ per run, as ``launch.sweep`` starts them, would read it from the sweep's compila
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -56,21 +55,34 @@ def _timed(fn) -> tuple[float, list[float]]:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  from bench import ArgumentParser, fail
+
+  p = ArgumentParser(prog="replicas", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.py"), help="FILE[:ARG]")
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--rounds", type=int, default=4)
+  p.add_argument("--seeds", default="0,1,2", help="comma list of two or more distinct seeds")
+  p.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 2: the first one compiles)")
   p.add_argument("--layout", default="auto", help="the replica axis: auto | loop | unroll | vmap")
   a = p.parse_args()
+  seeds = [int(s) for s in a.seeds.split(",") if s.strip().lstrip("-").isdigit()]
+  if len(seeds) != len(a.seeds.split(",")) or len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
+    fail("replicas", f"--seeds={a.seeds} is not a comma list of two or more distinct whole numbers (e.g. 0,1,2)")
+  if a.rounds < 2:
+    fail("replicas", f"--rounds={a.rounds}: give 2 or more (the first round compiles; the rest are timed)")
+  path, _, arg = a.config.partition(":")
+  if not os.path.isfile(path):
+    fail("replicas", f"--config={a.config}: no config file at {path}")
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   import jax
 
   jax.config.update("jax_enable_compilation_cache", False)
+  from fedkd.errors import USER_ERRORS
   from fedkd.tasks import fedavg, replicas
 
-  path, _, arg = a.config.partition(":")
-  seeds = [int(s) for s in a.seeds.split(",")]
-  configs = [_config(path, arg or None, a.rounds, s) for s in seeds]
+  try:
+    replicas.replica_layout(a.layout)
+    configs = [_config(path, arg or None, a.rounds, s) for s in seeds]
+  except (ValueError, *USER_ERRORS) as e:
+    fail("replicas", str(e))
   work = tempfile.mkdtemp(prefix="fedkd-bench-replicas-")
   c = configs[0]
   imgs = c.clients_per_round * c.local_steps * c.batch_size
@@ -83,9 +95,12 @@ def main() -> None:
     "device": jax.devices()[0].device_kind,
     "jax": jax.__version__,
   }
-  wall_r, rounds_r = _timed(
-    lambda log: replicas.run(configs, [f"{work}/r{s}" for s in seeds], log=log, layout=a.layout)
-  )
+  try:  # a config the replica program refuses (fedkd.tasks.replicas names why)
+    wall_r, rounds_r = _timed(
+      lambda log: replicas.run(configs, [f"{work}/r{s}" for s in seeds], log=log, layout=a.layout)
+    )
+  except USER_ERRORS as e:
+    fail("replicas", str(e))
   seq_wall, seq_first, seq_steady = 0.0, [], []
   for s, cfg in zip(seeds, configs):
     w, secs = _timed(lambda log, cfg=cfg, s=s: fedavg.run(cfg, f"{work}/s{s}", log=log))

@@ -235,13 +235,26 @@ def summarize(trace_dir: str, hlo_text: str | None = None, top: int = 15) -> dic
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from bench import ArgumentParser, fail
+
+  ap = ArgumentParser(prog="trace_table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("trace_dir")
   ap.add_argument("--hlo", help="optimized HLO text of the traced program (exe.as_text())")
   ap.add_argument("--top", type=int, default=15)
   a = ap.parse_args(argv)
-  hlo = open(a.hlo).read() if a.hlo else None
-  print(json.dumps(summarize(a.trace_dir, hlo, a.top)))
+  if a.top < 0:
+    fail("trace_table", f"--top={a.top} must be >= 0")
+  try:
+    hlo = open(a.hlo).read() if a.hlo else None
+  except OSError as e:
+    fail("trace_table", f"--hlo={a.hlo}: {e.strerror or e}; give the file exe.as_text() was written to")
+  try:
+    print(json.dumps(summarize(a.trace_dir, hlo, a.top)))
+  except FileNotFoundError as e:  # no trace under trace_dir (newest_trace names the fix)
+    fail("trace_table", str(e))
 
 
 if __name__ == "__main__":

@@ -28,17 +28,31 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import ArgumentParser, fail  # noqa: E402
 
 
-def _rows(cmd: list[str], env: dict | None = None) -> list[dict]:
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+def _rows(cmd: list[str], env: dict | None = None, flag: str = "--torch-python") -> list[dict]:
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+  except OSError as e:  # the interpreter itself is missing or not executable
+    fail("vs_torch", f"{flag}={cmd[0]} cannot be run ({e.strerror or e}); give the path of a Python interpreter")
+  if out.returncode != 0 and "No module named 'torch'" in out.stderr:
+    fail(
+      "vs_torch",
+      f"torch is not installed in {cmd[0]} (the anchor's Python); install it there (pip install torch) or pass "
+      "--torch-python=PATH of a Python that has it",
+    )
   if out.returncode != 0:
     sys.exit(f"vs_torch: {' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  p = ArgumentParser(
+    prog="vs_torch", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+  )
   p.add_argument("--anchor", required=True, help="path of the anchor script (anchor_bench.py)")
   p.add_argument("--torch-python", default=sys.executable, help="a Python interpreter with torch installed")
   p.add_argument("--pairs", type=int, default=5, help="alternations of the two measurements")
@@ -53,7 +67,10 @@ def main(argv=None) -> None:
   if extra[:1] == ["--"]:
     extra = extra[1:]
   if not os.path.isfile(a.anchor):
-    sys.exit(f"vs_torch: no anchor script at {a.anchor}; pass --anchor PATH/anchor_bench.py")
+    fail("vs_torch", f"no anchor script at {a.anchor}; pass --anchor PATH/anchor_bench.py")
+  for k in ("pairs", "rounds", "size", "clients", "steps", "batch", "width"):
+    if getattr(a, k) <= 0:
+      fail("vs_torch", f"--{k}={getattr(a, k)} must be positive")
   shape = ["--size", str(a.size), "--clients", str(a.clients), "--steps", str(a.steps), "--batch", str(a.batch)]
   shape += ["--width", str(a.width)]
   torch_cmd = [a.torch_python, os.path.abspath(a.anchor), *shape, "--which", "torch", "--dtypes", "f32"]
@@ -67,7 +84,7 @@ def main(argv=None) -> None:
       if row.get("name") == "torch_seq":
         print(json.dumps(dict(row, pair=i)), flush=True)
         torch_ips.append(row["images_per_s"])
-    for row in _rows(fed_cmd, env):
+    for row in _rows(fed_cmd, env, flag="python"):
       if row.get("name") == "fed_round" and "images_per_s" in row:
         print(json.dumps(dict(row, pair=i)), flush=True)
         flight = f"(k={row['in_flight']})" if "in_flight" in row else ""

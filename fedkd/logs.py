@@ -5,12 +5,15 @@ TensorBoard event files, progress lines.
 one line per evaluation, so this stays small), which works on object stores (``gs://``) and never
 leaves a cut line; a cut last line left by an older writer is dropped with a note when a run resumes.
 ``rounds.jsonl`` is appended to locally (rewritten whole on object stores); a cut last line is dropped
-the same way.
+the same way. On resume, TensorBoard events after the resumed round (written before the run died, and
+written again by the resumed run) are dropped from ``tb/``'s event files, so that no step appears twice.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 import sys
 from typing import Any
 from collections.abc import Callable
@@ -51,6 +54,60 @@ def read_jsonl(path, note: Callable[[str], None] | None = None) -> list[dict]:
   return out
 
 
+def _tfrecords(data: bytes):
+  """(raw record bytes with their framing, payload) of each whole record of a TFRecord file (TensorBoard's
+  event files); a record cut by a kill ends the list."""
+  i = 0
+  while i + 12 <= len(data):
+    (n,) = struct.unpack("<Q", data[i : i + 8])
+    end = i + 12 + n + 4
+    if end > len(data):
+      return
+    yield data[i:end], data[i + 12 : i + 12 + n]
+    i = end
+
+
+def drop_tb_steps_after(tb_dir, last_round: int) -> None:
+  """Removes the scalar events of steps > ``last_round`` from the event files in ``tb_dir`` (local), so that a
+  resumed run, which logs those rounds again, leaves one value per tag and step; a file left with no scalar
+  is deleted. Records are copied unchanged (their checksums stay valid); a record cut by a kill is dropped."""
+  if not os.path.isdir(tb_dir):
+    return
+  from tensorboardX.proto import event_pb2
+
+  for name in sorted(os.listdir(tb_dir)):
+    path = os.path.join(tb_dir, name)
+    if "tfevents" not in name or not os.path.isfile(path):
+      continue
+    if name.startswith(".") and ".tmp-" in name:  # a rewrite below cut by a kill (TensorBoard would read it)
+      os.remove(path)
+      continue
+    with open(path, "rb") as f:
+      data = f.read()
+    kept, summaries, changed = [], 0, False
+    for raw, payload in _tfrecords(data):
+      event = event_pb2.Event()
+      try:
+        event.ParseFromString(payload)
+      except Exception:  # noqa: BLE001 - a damaged record: TensorBoard stops reading the file there too
+        break
+      if event.HasField("summary") and event.step > last_round:
+        changed = True
+        continue
+      summaries += event.HasField("summary")
+      kept.append(raw)
+    changed = changed or sum(map(len, kept)) != len(data)
+    if not changed:
+      continue
+    if not summaries:
+      os.remove(path)
+      continue
+    tmp = os.path.join(tb_dir, f".{name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+      f.write(b"".join(kept))
+    os.replace(tmp, path)
+
+
 class RunLog:
   """Writes evaluation records to ``metrics.jsonl``, one record per training round to ``rounds.jsonl``
   and scalars to TensorBoard (``tb/``)."""
@@ -75,7 +132,11 @@ class RunLog:
     if self._tb is None and self._tb_wanted and values:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10)
+      # tensorboardX names the file by the second it opens it (and truncates a file of that name): the
+      # nanoseconds within that second keep a run resumed in the same second from overwriting the last one's
+      import time
+
+      self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10, filename_suffix=f".{time.time_ns() % 10**9:09d}")
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, float(v), step)
@@ -120,6 +181,8 @@ class RunLog:
     self._rounds = [r for r in self._rounds if r.get("round", -1) <= last_round]
     if self.rounds_path.exists():
       write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in self._rounds))
+    if self._tb_wanted and self._tb is None:  # before this run's first scalar: its own file is not open yet
+      drop_tb_steps_after(os.fspath(self.tb_dir), last_round)
 
   def close(self) -> None:
     if self._tb is not None:

@@ -1,0 +1,215 @@
+"""A user's view of the run outputs and the benchmark tools: TensorBoard events after a resume, the output
+fields docs/outputs.md promises, and the bench tools' bad-flag lines (one line, exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_tb(tb_dir) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of every scalar in a folder of event files, in file and write order: TensorBoard's
+  own reader where it is installed, else a plain TFRecord + Event-proto parse (independent of fedkd.logs)."""
+  try:
+    from tensorboard.backend.event_processing import event_accumulator
+  except ImportError:
+    event_accumulator = None
+  if event_accumulator is not None:
+    acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {t: [(s.step, s.value) for s in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+  from tensorboardX.proto import event_pb2
+
+  out: dict[str, list] = {}
+  for name in sorted(os.listdir(tb_dir)):
+    data = open(os.path.join(tb_dir, name), "rb").read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i : i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12 : i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def _session(workdir, resume_from: int, rounds: range, loss_offset: float, evals=()):
+  """What fedkd.tasks.fedavg.run does with its RunLog: truncate to the resumed round, then per round a
+  rounds.jsonl record and scalars, and evaluation records."""
+  from fedkd.logs import RunLog
+
+  log = RunLog(workdir)
+  log.truncate_after(resume_from)
+  for r in rounds:
+    loss = loss_offset + r
+    log.round_record({"round": r, "loss": loss})
+    log.scalars(r, {"train/loss": loss})
+    if r in evals:
+      log.record({"round": r, "dice/catheter": loss / 10})
+  log.close()
+
+
+def test_a_resumed_run_leaves_one_tensorboard_value_per_step(tmp_path):
+  """A run that logged rounds 1-3 but died after its round-2 checkpoint redoes round 3 on resume: TensorBoard
+  then holds round 3 once, with the resumed run's value, as rounds.jsonl and metrics.jsonl do."""
+  _session(tmp_path, -1, range(1, 4), 0.0, evals=(2, 3))
+  _session(tmp_path, 2, range(3, 5), 100.0, evals=(4,))
+  tb = read_tb(tmp_path / "tb")
+  assert tb["train/loss"] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0)]
+  assert tb["eval/dice/catheter"] == [(2, pytest.approx(0.2)), (4, pytest.approx(10.4))]
+  rounds = [json.loads(line) for line in open(tmp_path / "rounds.jsonl")]
+  assert [(r["round"], r["loss"]) for r in rounds] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0)]
+  metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [m["round"] for m in metrics] == [2, 4]
+
+
+def test_a_fresh_start_drops_the_events_of_an_attempt_without_a_checkpoint(tmp_path):
+  _session(tmp_path, -1, range(1, 3), 0.0)
+  time.sleep(1.1)  # the next writer's file is one of another second (tensorboardX names them by the second)
+  _session(tmp_path, -1, range(1, 2), 50.0)  # no checkpoint was kept: the run starts over
+  assert read_tb(tmp_path / "tb") == {"train/loss": [(1, 51.0)]}
+
+
+def test_a_resume_with_nothing_to_drop_leaves_the_event_files_alone(tmp_path):
+  _session(tmp_path, -1, range(1, 3), 0.0)
+  before = {n: (tmp_path / "tb" / n).read_bytes() for n in os.listdir(tmp_path / "tb")}
+  _session(tmp_path, 2, range(3, 3), 0.0)  # resumed at the end: no round left
+  assert {n: (tmp_path / "tb" / n).read_bytes() for n in os.listdir(tmp_path / "tb")} == before
+
+
+# ------------------------------------------------------------------------------ docs/outputs.md fields
+
+
+def _doc_patterns(file: str) -> list[re.Pattern]:
+  """The backticked names in docs/outputs.md's FedAvg-family row of ``file``, as full-match patterns
+  (``*`` and ``<name>`` match any run of characters)."""
+  text = open(os.path.join(ROOT, "docs", "outputs.md")).read()
+  section = text.split("## `python -m fedkd.main` with a FedAvg-family config", 1)[1].split("\n## ", 1)[0]
+  row = next(line for line in section.splitlines() if line.startswith(f"| `{file}` |"))
+  names = re.findall(r"`([^`]+)`", row.split("|", 2)[2])
+  return [
+    re.compile(re.sub(r"\\\*|<[a-z]+>", ".+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">"))) for n in names
+  ]
+
+
+def test_every_metrics_record_key_is_documented():
+  from fedkd.evaluate import summarize
+
+  per_site = {
+    s: {"dice/catheter": 0.5, "dice/guidewire": 0.4, "iou/catheter": 0.3, "iou/guidewire": 0.2}
+    for s in ("site_a", "site_b", "unseen_site")
+  }
+  rec = summarize(5, per_site, "unseen_site")
+  rec.update({"comm/bytes_up_total": 1.0, "comm/bytes_down_total": 2.0, "dp/epsilon": 0.5})
+  patterns = _doc_patterns("metrics.jsonl")
+  missing = [k for k in rec if not any(p.fullmatch(k) for p in patterns)]
+  assert not missing, f"metrics.jsonl keys not in docs/outputs.md: {missing}"
+
+
+def test_every_tensorboard_tag_is_documented(tmp_path):
+  """The tags a round and an evaluation write (fedkd.tasks.fedavg's scalars and RunLog.record's eval/ tags)."""
+  from fedkd.logs import RunLog
+  from fedkd.tasks import fedavg
+
+  tags = set(fedavg.speed_scalars(0.5, 1.0, 8, 0.1)) | set(fedavg.round_logs(1, 0.5, [0], 1, 1.0, 1.0, 1.0, 1.0)[1])
+  tags |= {"train/dropped_clients", "dp/epsilon", "dp/median_norm", "dp/clipped_fraction"}
+  log = RunLog(tmp_path)
+  log.record({"round": 0, "dice/catheter": 0.5, "site/a/iou/guidewire": 0.1, "unseen/iou/catheter": 0.2})
+  log.close()
+  tags |= set(read_tb(tmp_path / "tb"))
+  patterns = _doc_patterns("tb/")
+  missing = sorted(t for t in tags if not any(p.fullmatch(t) for p in patterns))
+  assert not missing, f"TensorBoard tags not in docs/outputs.md: {missing}"
+
+
+# ------------------------------------------------------------------------------ the bench tools' bad flags
+
+
+def _run(args, tmp_path, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(r, prefix: str, *needles: str) -> None:
+  assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"{prefix}: error: "), r.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  assert not r.stdout.strip(), r.stdout  # refused before anything was timed
+
+
+TINY = ["--size=32", "--clients=2", "--steps=1", "--batch=2", "--width=4", "--depth=1", "--rounds=1"]
+
+
+@pytest.mark.parametrize(
+  "args, needles",
+  [
+    (["--workload", "D"], ["invalid choice: 'D'"]),
+    (["--size", "x"], ["invalid int value: 'x'"]),
+    (["--scale", "4", "--layouts", "none"], ["--scale needs a layout"]),
+    (["--measure", "--config=configs/quickstart.py", "--rounds", "0"], ["--rounds=0 must be positive"]),
+    (["--profile", "{file}/traces"], ["--profile=", "cannot write traces there"]),
+  ],
+)
+def test_round_bench_bad_flag_is_one_line(tmp_path, args, needles):
+  (tmp_path / "file").write_text("")
+  args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+  _one_line(_run(["-m", "bench", *TINY, *args], tmp_path), "bench", *needles)
+
+
+@pytest.mark.parametrize(
+  "args, prefix, needles",
+  [
+    (["-m", "bench.conv", "--reps", "0"], "bench.conv", ["--reps=0 must be positive"]),
+    (["-m", "bench.conv", "--dtype", "f16"], "bench.conv", ["invalid choice: 'f16'"]),
+    (["bench/hlo_report.py"], "hlo_report", ["dump_dir"]),
+    (["bench/hlo_report.py", "{tmp}"], "hlo_report", ["no *after_optimizations.txt module"]),
+    (["bench/hlo_report.py", "{tmp}/none"], "hlo_report", ["is not a folder"]),
+    (["bench/trace_table.py", "{tmp}"], "trace_table", ["no *.trace.json.gz under", "create_perfetto_trace=True"]),
+    (["bench/replicas.py", "--seeds", "0"], "replicas", ["--seeds=0"]),
+    (["bench/replicas.py", "--seeds", "0,1", "--rounds", "1"], "replicas", ["--rounds=1"]),
+    (["bench/replicas.py", "--seeds", "0,1", "--layout", "bogus"], "replicas", ["unknown replica layout"]),
+    (["bench/pipeline.py", "--data_dir", "{tmp}/d", "--rounds", "2"], "pipeline", ["--rounds=2"]),
+    (["bench/pipeline.py", "--data_dir", "{tmp}/d", "--workers", "a"], "pipeline", ["--workers=a"]),
+    (["bench/fedefm_stack.py", "--methods", "bogus"], "fedefm_stack", ["unknown method 'bogus'"]),
+    (["bench/fedefm_stack.py", "--rounds", "2"], "fedefm_stack", ["--rounds=2 leaves no round to time"]),
+    (["bench/fedefm_grid.py", "--betas", "x"], "fedefm_grid", ["--config.fedefm.beta=x"]),
+    (["bench/vs_torch.py", "--anchor", "{tmp}/none.py"], "vs_torch", ["no anchor script"]),
+    (["bench/vs_torch.py", "--anchor", "{anchor}", "--torch-python", "{tmp}/py"], "vs_torch", ["cannot be run"]),
+    (["bench/vs_torch.py", "--anchor", "{anchor}"], "vs_torch", ["torch is not installed in", "--torch-python"]),
+  ],
+)
+def test_bench_tool_bad_input_is_one_line(tmp_path, args, prefix, needles):
+  anchor = tmp_path / "anchor.py"  # a stand-in for the anchor script in a Python without torch
+  anchor.write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+  args = [a.replace("{anchor}", str(anchor)).replace("{tmp}", str(tmp_path)) for a in args]
+  _one_line(_run(args, tmp_path), prefix, *needles)
+  assert not (tmp_path / "d").exists()  # pipeline.py refused before building a dataset
+
+
+def test_hlo_report_reads_a_dump(tmp_path):
+  """One JSON line per optimized module, its counts those of the text (two dots, one concatenate)."""
+  text = (
+    "HloModule jit_f\n\nENTRY %main (a: f32[2,2]) -> f32[2,2] {\n"
+    "  %a = f32[2,2] parameter(0)\n  %c = f32[4,2] concatenate(%a, %a), dimensions={0}\n"
+    "  %d = f32[2,2] dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
+    "  ROOT %e = f32[2,2] dot(%d, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n}\n"
+  )
+  (tmp_path / "module_0001.jit_f.cpu_after_optimizations.txt").write_text(text)
+  (tmp_path / "module_0001.jit_f.before_optimizations.txt").write_text(text)
+  r = _run(["bench/hlo_report.py", str(tmp_path)], tmp_path)
+  assert r.returncode == 0, r.stderr
+  rows = [json.loads(line) for line in r.stdout.splitlines()]
+  assert len(rows) == 1 and rows[0]["dots"] == 2 and rows[0]["concatenates"] == 1, rows
