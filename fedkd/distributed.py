@@ -47,6 +47,8 @@ def maybe_initialize(
   """Returns True when this run is multi-process. Must run before any JAX computation. ``host_memory``
   (engine.host_memory), when given, is applied first (:func:`fedkd.hostmem.apply`: process-wide, before
   JAX's backend starts)."""
+  if cpu_devices is not None and (isinstance(cpu_devices, bool) or not isinstance(cpu_devices, int) or cpu_devices < 1):
+    raise ValueError(f"--cpu_devices={cpu_devices} must be an integer >= 1 (or leave it out: one CPU device)")
   if coordinator_address is not None or num_processes is not None or process_id is not None:
     _check_flags(coordinator_address, num_processes, process_id)
     timeout_s = _timeout_s()
@@ -56,8 +58,8 @@ def maybe_initialize(
     from fedkd import hostmem
 
     hostmem.apply(host_memory)
-  if cpu_devices:
-    jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+  if cpu_devices is not None:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
   if coordinator_address:
     if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk via gloo

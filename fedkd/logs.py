@@ -26,6 +26,13 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
   return "[" + "#" * filled + "." * (width - filled) + f"] {100 * done / max(total, 1):3.0f}%"
 
 
+def evaluations_left(r: int, last_round: int, every: int) -> int:
+  """How many evaluations rounds ``r + 1`` .. ``last_round`` hold: every ``every``-th round and the last."""
+  if r >= last_round:
+    return 0
+  return last_round // every - r // every + (last_round % every != 0)
+
+
 def read_jsonl(path, note: Callable[[str], None] | None = None) -> list[dict]:
   """The records of a JSON-lines file; a last line that does not parse (a write cut by a kill) is
   dropped with a note. A bad line elsewhere is a ValueError naming the file and line."""

@@ -22,6 +22,8 @@ TINY = "--size=32 --clients=2 --steps=1 --batch=2 --width=4 --depth=1 --rounds=1
     (["--devices=2", "--cpu_devices=2", "--scale=2,3"], ["--scale=3 is not divisible by --devices=2"]),
     (["--scale=a"], ["--scale=a: 'a' is not a client count"]),
     (["--scale=64,0"], ["'0' is not a client count"]),
+    (["--cpu_devices=0"], ["--cpu_devices=0 must be an integer >= 1"]),
+    (["--cpu_devices=-2"], ["--cpu_devices=-2 must be an integer >= 1"]),
   ],
 )
 def test_bad_devices_is_one_bench_error_line(extra, needles):

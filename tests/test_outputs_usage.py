@@ -213,3 +213,14 @@ def test_hlo_report_reads_a_dump(tmp_path):
   assert r.returncode == 0, r.stderr
   rows = [json.loads(line) for line in r.stdout.splitlines()]
   assert len(rows) == 1 and rows[0]["dots"] == 2 and rows[0]["concatenates"] == 1, rows
+
+
+def test_evaluations_left_counts_the_rounds_a_run_evaluates():
+  """The ETA adds the evaluations still to come: every ``every``-th round after r and the last round."""
+  from fedkd.logs import evaluations_left
+
+  for last in range(1, 30):
+    for every in range(1, 12):
+      for r in range(0, last + 1):
+        expected = sum(1 for q in range(r + 1, last + 1) if q % every == 0 or q == last)
+        assert evaluations_left(r, last, every) == expected, (r, last, every)

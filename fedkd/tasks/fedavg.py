@@ -23,7 +23,7 @@ from fedkd.data.pipeline import make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
-from fedkd.logs import RunLog, progress_bar
+from fedkd.logs import RunLog, evaluations_left, progress_bar
 from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.models import init_model
@@ -470,6 +470,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         )
   last_saved = start or None
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
+  eval_seconds = []  # of each evaluation in the loop, for the ETA
   next_clients = None  # drawn by the round before (the first round of a run draws its own)
   try:
     for r in range(start + 1, last_round + 1):
@@ -533,19 +534,25 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       dt = time.time() - t0
       if r > start + 1:  # the first round includes compilation
         timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
+      runlog.scalars(r, speed_scalars(loss, dt, imgs_per_round, input_wait))
+      held_out = ""
+      if r % config.eval.every == 0 or r == last_round:
+        t_eval = time.time()
+        rec, per_site = evaluate(r)
+        eval_seconds.append(time.time() - t_eval)
+        held_out = f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
       if timed_rounds:
         per = timed_s / timed_rounds
-        pace = f"{imgs_per_round / per:7.1f} img/s  eta {(last_round - r) * per:5.0f}s"
+        # evaluations left at their mean time (the first one in the loop may include its compilation)
+        per_eval = float(np.mean(eval_seconds[1:] or eval_seconds)) if eval_seconds else 0.0
+        eta = (last_round - r) * per + evaluations_left(r, last_round, config.eval.every) * per_eval
+        pace = f"{imgs_per_round / per:7.1f} img/s  eta {eta:5.0f}s"
       else:
         pace = "(includes compilation)"
-      line = (
+      log(
         f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
+        + held_out
       )
-      runlog.scalars(r, speed_scalars(loss, dt, imgs_per_round, input_wait))
-      if r % config.eval.every == 0 or r == last_round:
-        rec, per_site = evaluate(r)
-        line += f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
-      log(line)
       stopping = stop is not None and stop.requested(r)
       if stopping or r % config.checkpoint.every == 0 or r == last_round:
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
