@@ -38,6 +38,7 @@ SLOW_FIRST = (
   "test_engine.py",  # 83 s
   "test_zoo_runs.py",  # 63 s
   "test_multiprocess.py",  # ~60 s (with the SIGTERM-to-one-process test)
+  "test_resume_matrix.py",  # ~52 s warm
   "test_fedefm_endpoints.py",  # 53 s
   "test_bench.py",  # 46 s
   "test_emd.py",  # 43 s
