@@ -1,8 +1,7 @@
 """Run a sweep defined next to a config, then aggregate it into one table and a few plots.
 
   python -m launch.sweep --config=configs/quickstart.py --out=runs/sweep_qs --parallel=2
-  python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/qs_tiny \\
-      --extra=--config.num_rounds=4
+  python -m launch.sweep --config=configs/quickstart.py --sweep=tiny --out=/tmp/qs_tiny --extra=--cpu_devices=2
   python -m launch.sweep --config=configs/fedavg_unet.py:runlocal --seeds=0,1,2 --out=runs/fedavg
   python -m launch.sweep --config=configs/quickstart.py --sweep=lr_grid --out=runs/lr   # 3 lr x 2 seeds, one program
   python -m launch.sweep --out=runs/sweep_qs --aggregate_only
@@ -141,12 +140,16 @@ def load_config_module(spec: str, need_sweep: bool = True):
   except Exception as e:  # noqa: BLE001 -- any error in user code is bad input
     raise InputError(f"cannot load {path}: {_one_line(e)}")
   for fn in ("get_config", "get_sweep") if need_sweep else ("get_config",):
-    if not callable(getattr(module, fn, None)):
-      raise InputError(
-        f"{path} has no {fn}(arg) function; a sweep config defines get_sweep(arg=None) "
-        "returning a list of override dicts (see configs/quickstart.py)"
-      )
+    _require(module, fn)
   return module
+
+
+def _require(module, fn: str) -> None:
+  if not callable(getattr(module, fn, None)):
+    raise InputError(
+      f"{module.__file__} has no {fn}(arg) function; a sweep config defines get_sweep(arg=None) "
+      "returning a list of override dicts (see configs/quickstart.py)"
+    )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -183,15 +186,24 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
   from fedkd import sweep as S
 
   seeds_only = seeds is not None and sweep_arg is None
-  module = load_config_module(config_spec, need_sweep=not seeds_only)
+  module = load_config_module(config_spec, need_sweep=False)  # get_sweep: checked once the task is known
   config_arg = config_spec.split(":", 1)[1] if ":" in config_spec else None
   try:
     base = module.get_config(config_arg)
   except Exception as e:  # noqa: BLE001 -- user code; report it in one line
     raise InputError(f"get_config({config_arg!r}) failed: {_one_line(e)}")
+  task = base.get("task", "fedavg") if hasattr(base, "get") else "fedavg"
+  if task == "fedefm":  # its own workdir layout (results_raw.jsonl, no per-run checkpoints / metrics.jsonl)
+    raise InputError(
+      f"--config={config_spec} is a FedEFM experiment (config.task='fedefm'), which launch.sweep does not run: "
+      "it runs its seeds and methods in one process, python -m fedkd.main --config=... --workdir=... "
+      "--config.experiment.seeds=0,1,2, and a KD-weight or learning-rate grid with "
+      "--replica_config=fedefm.beta=0.3,0.5,0.7 (docs/fedefm.md)"
+    )
   if seeds_only:
     sweep = [{}]
   else:
+    _require(module, "get_sweep")
     try:
       sweep = module.get_sweep(sweep_arg)
     except Exception as e:  # noqa: BLE001
@@ -205,6 +217,12 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
       raise InputError(f"--extra={a!r} must be a flag of fedkd.main, e.g. --extra=--config.num_rounds=4")
     if a.split("=", 1)[0] in ("--workdir", "--config"):
       raise InputError(f"--extra={a}: the sweep sets {a.split('=', 1)[0]} itself")
+    if a.split("=", 1)[0] in ("--seeds", "--replica_config", "--replica_workdirs"):
+      # each run would train its replicas into sub-folders of its workdir, and the sweep find nothing there
+      raise InputError(
+        f"--extra={a}: the sweep gives every run its own workdir and runs replicas itself; sweep seeds with "
+        "launch.sweep's own --seeds=0,1,2 and other values in get_sweep (replicas of one program are the default)"
+      )
   fixed = S.parse_config_flags(extra, base)
   configs = S.validate_sweep(sweep, base, fixed)
   names = S.run_names(sweep)
@@ -468,6 +486,9 @@ def check_reuse(defn: dict, out: str) -> None:
       )
 
 
+LAST_LINE_CHARS = 600  # of a failed run's last stderr line, in the sweep's report
+
+
 def _last_line(path: str, offset: int) -> str:
   try:
     with open(path, errors="replace") as f:
@@ -475,7 +496,10 @@ def _last_line(path: str, offset: int) -> str:
       lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
   except OSError:
     return ""
-  return lines[-1][:300] if lines else ""
+  if not lines:
+    return ""
+  # fedkd's one-line errors name the cause and the fix; keep them whole up to a screen's worth
+  return lines[-1] if len(lines[-1]) <= LAST_LINE_CHARS else lines[-1][:LAST_LINE_CHARS] + " [...]"
 
 
 def _say(msg: str) -> None:
@@ -560,7 +584,8 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
         p.wait(timeout=30)
       except subprocess.TimeoutExpired:
         p.kill()
-    _say(f"interrupted; {len(active)} run(s) stopped. Re-run the same command to resume them.")
+    stopped = sum(len(a[1]) for a in active.values())  # a group of replicas is one process of several runs
+    _say(f"interrupted; {stopped} run(s) stopped. Re-run the same command to resume them.")
     raise
   return failures
 
@@ -817,6 +842,28 @@ def _check_holds_runs(defn: dict, out: str) -> None:
     )
 
 
+def metric_choices() -> list[str]:
+  """What ``--metric`` may name: the scores every run logs per class (fedkd.evaluate.summarize)."""
+  from fedkd.data.labels import CLASS_NAMES
+
+  return [f"{where}{m}/{c}" for where in ("", "unseen/") for m in ("dice", "iou") for c in CLASS_NAMES[1:]]
+
+
+# What a fedkd.main workdir holds at its top (a sweep directory holds run folders, sweep.json and tables)
+RUN_WORKDIR_FILES = ("config.json", "results_raw.jsonl", "metrics.jsonl", "checkpoints")
+
+
+def _check_not_a_run_workdir(out: str) -> None:
+  """InputError when the directory ``out`` is the workdir of a fedkd.main run (e.g. a FedEFM experiment,
+  whose results.md / results.csv the sweep's tables would replace)."""
+  held = [n for n in RUN_WORKDIR_FILES if os.path.exists(os.path.join(out, n))]
+  if held:
+    raise InputError(
+      f"--out={out} is the workdir of a fedkd.main run ({held[0]} is there), not a sweep directory: the sweep's "
+      "tables would replace its files; give the sweep a directory of its own"
+    )
+
+
 def _interrupt(signum, frame):  # SIGTERM stops the runs like Ctrl-C; they resume next time
   raise KeyboardInterrupt
 
@@ -830,6 +877,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.parallel < 1:
     fail(f"--parallel={args.parallel} must be >= 1")
   try:
+    if args.metric not in metric_choices():  # else its plots were silently not drawn, and old ones removed
+      raise InputError(
+        f"--metric={args.metric!r} is not a score the runs log; use one of {', '.join(metric_choices())}"
+      )
     if os.path.exists(out) and not os.path.isdir(out):
       raise InputError(f"--out={out} is a file; pass a directory for the sweep")
     if args.aggregate_only and not os.path.isdir(out):
@@ -844,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
       defn = _read_definition(out)
     else:
       raise InputError("--config is required, e.g. --config=configs/quickstart.py")
+    if os.path.isdir(out):
+      _check_not_a_run_workdir(out)
     if args.aggregate_only:
       _check_holds_runs(defn, out)
     if args.config and os.path.isdir(out):

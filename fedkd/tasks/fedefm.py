@@ -1011,8 +1011,11 @@ class Experiment:
     shutil.rmtree(self.checkpoint_dir(method, percent, seed), ignore_errors=True)  # the .npz supersedes them
     return params, summary
 
-  def run(self) -> list[dict]:
-    os.makedirs(self.workdir, exist_ok=True)
+  def check_workdir(self) -> dict:
+    """What :meth:`run` checks before anything trains or is written (a ConfigError otherwise): the workdir's
+    results, checkpoints and foundations are of this config, config.experiment.foundations_from is usable,
+    the models build. Returns the finished runs (:meth:`read_results`). ``run_replicas`` calls it for every
+    experiment before the first one starts."""
     raw_path = os.path.join(self.workdir, "results_raw.jsonl")
     done = self.read_results(raw_path)
     ck_root = os.path.join(self.workdir, "checkpoints")
@@ -1047,6 +1050,15 @@ class Experiment:
         )
     self._from = self._reusable_from()
     self.build_models()
+    return done
+
+  def run(self) -> list[dict]:
+    os.makedirs(self.workdir, exist_ok=True)
+    raw_path = os.path.join(self.workdir, "results_raw.jsonl")
+    done = self.check_workdir()
+    ck_root = os.path.join(self.workdir, "checkpoints")
+    in_progress = sorted(os.listdir(ck_root)) if os.path.isdir(ck_root) else []
+    cfg_path = os.path.join(self.workdir, "config.json")
     write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
     plan = self.plan()
     for name in in_progress:  # left by a run killed between saving its foundation and the clean-up
@@ -1335,12 +1347,15 @@ def run_replicas(configs: Sequence, workdirs: Sequence[str], log: Callable[[str]
   for c in configs:
     validate(c)
   keys = varying(configs)
+  experiments = [Experiment(c, w, log, stop) for c, w in zip(configs, workdirs)]
+  for exp in experiments:  # a workdir of another config stops the grid before the first experiment trains
+    exp.check_workdir()
   out, failed = [], []
-  for i, (c, w) in enumerate(zip(configs, workdirs)):
+  for i, (c, w, exp) in enumerate(zip(configs, workdirs, experiments)):
     name = label(c, keys)
     log(f"fedkd fedefm: experiment {i + 1}/{len(configs)} ({name}) into {w}")
     try:
-      out.append(Experiment(c, w, log, stop).run())
+      out.append(exp.run())
     except DivergedError as e:
       out.append(None)
       failed.append(f"{name}: {e}")

@@ -118,7 +118,7 @@ def why_not(configs: Sequence) -> str | None:
     return None
   checks = (
     (c.get("task", "fedavg") != "fedavg", f"config.task={c.get('task')!r} (fedavg only)"),
-    (c.algorithm.name not in STATELESS, f"algorithm {c.algorithm.name!r} keeps per-client state"),
+    (c.algorithm.name not in STATELESS, f"algorithm {c.algorithm.name!r} (it keeps per-client state)"),
     (c.data.source != "synthetic", f"config.data.source={c.data.source!r} (synthetic only)"),
     (c.dp.enabled and c.dp.target_epsilon > 0, "a privacy budget (config.dp.target_epsilon)"),
     (c.compress.name != "none", "compression"),
