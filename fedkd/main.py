@@ -156,6 +156,10 @@ def _run_replicas(config) -> None:
       cli.fail(f"--seeds={_SEEDS.value!r} must be a comma list of integers, e.g. --seeds=0,1,2")
   for spec in _REPLICA_CONFIG.value:
     key, _, text = spec.partition("=")
+    if key in lists:  # a second flag for the key would silently replace the first one's values
+      cli.fail(
+        f"--replica_config={spec}: {key} is given twice; give all its values in one --replica_config={key}=V1,V2"
+      )
     if key not in allowed:
       cli.fail(
         f"--replica_config={spec}: replicas of one {config.task} program may differ in {', '.join(allowed)}"
@@ -177,6 +181,17 @@ def _run_replicas(config) -> None:
       + "; give each one value per replica (or one value for all of them)"
     )
   overrides = [{k: (v[0] if len(v) == 1 else v[i]) for k, v in lists.items()} for i in range(n)]
+  if n < 2:
+    cli.fail(
+      f"--seeds / --replica_config give one run ({overrides[0]}); give two or more values, or run it without "
+      "them (--config.KEY=VALUE)"
+    )
+  for i, o in enumerate(overrides):
+    if o in overrides[:i]:
+      cli.fail(
+        f"--seeds / --replica_config: replicas {overrides.index(o)} and {i} are the same run ({o}); give each "
+        "replica different values"
+      )
   if _REPLICA_WORKDIRS.value:
     workdirs = [w for w in _REPLICA_WORKDIRS.value.split(",") if w]
   else:

@@ -178,7 +178,10 @@ def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
     (["--replica_config=batch_size=2,4"], "may differ in client_optimizer.learning_rate"),
     ([lr + "0.1,fast"], "write KEY=V1,V2,... with numbers"),
     (["--seeds=0,1,2", lr + "0.1,0.2"], "3 value(s) of seed, 2 value(s) of client_optimizer.learning_rate"),
-    (["--seeds=0", lr + "0.1,0.1"], "runs 0 and 1 are the same run"),
+    (["--seeds=0", lr + "0.1,0.1"], "replicas 0 and 1 are the same run"),
+    (["--seeds=3"], "give one run ({'seed': 3}); give two or more values, or run it without them"),
+    # a second flag for the same key replaced the first one's values without a word
+    ([lr + "0.1,0.2", lr + "0.3,0.4"], "client_optimizer.learning_rate is given twice"),
     # each replica's values are validated, and the hint names the flag that gave the value
     ([lr + "0.1,-1"], "set client_optimizer.learning_rate in --replica_config to a value > 0"),
     (["--seeds=0,1", "--config.aggregator.name=median"], "cannot be replicas of one program: aggregator 'median'"),
@@ -190,6 +193,8 @@ def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
   for args, phrase in (
     (["--seeds=0,1"], "set --config.experiment.seeds=0,1 instead"),
     (["--replica_config=fedefm.moon_mu=0.1,0.2"], "may differ in fedefm.beta, fedefm.temperature"),
+    # launch.sweep does not run FedEFM: the advice is distinct values, not launch.sweep
+    (["--replica_config=fedefm.beta=0.5,0.5"], "are the same run ({'fedefm.beta': 0.5}); give each replica different"),
     (
       ["--replica_config=fedefm.beta=0.3,1.5"],
       "beta=1.5 must be a number in [0, 1]; set fedefm.beta in --replica_config",

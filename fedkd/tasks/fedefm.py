@@ -595,6 +595,11 @@ class Experiment:
         pk, gk = pred[sel] == k, y[sel] == k
         denom = pk.sum() + gk.sum()
         scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(pk, gk).sum() / denom)
+    if not scores:  # every held source labels only classes the teacher lacks: a mean over nothing is no score
+      raise ValueError(
+        f"no (source, class) pair to score: sources {np.unique(src).tolist()} label no class of the "
+        f"{self.c.teacher.num_classes}-class teacher"
+      )
     return float(np.mean(scores))
 
   def _round_transfers(self, method: str, distill: bool, W: np.ndarray, nmask: np.ndarray) -> float:
