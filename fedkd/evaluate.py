@@ -279,7 +279,7 @@ def evaluate_run(
       "scored each training site with its client's personal model, so the two differ on those sites"
     )
   results, preds = evaluator.detailed_metrics(params, spacing_mm)
-  report.write_eval_tables(results, out, r)
+  report.write_eval_tables(results, out, r, spacing_mm=spacing_mm, unseen=data.unseen_name)
   stale = os.path.join(out, "predictions.png")
   if not frames and os.path.exists(stale):  # an earlier evaluation's frames would sit beside these tables
     os.remove(stale)

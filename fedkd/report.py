@@ -292,11 +292,12 @@ def _null_for_nan(x):
   return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def write_eval_tables(results: dict, out: str, round_: int) -> None:
-  """``eval.json`` ({"round", "sites": {site: {class: {metric: value}}}}; strict JSON: a metric no image
-  defines is null) and ``eval.csv`` (one row per site, class and metric; such a value is ``nan``) in the
-  folder ``out``."""
-  doc = {"round": round_, "sites": _null_for_nan(results)}
+def write_eval_tables(results: dict, out: str, round_: int, spacing_mm: float = 1.0, unseen: str | None = None) -> None:
+  """``eval.json`` ({"round", "spacing_mm", "unseen", "sites": {site: {class: {metric: value}}}}; strict
+  JSON: a metric no image defines is null) and ``eval.csv`` (one row per site, class and metric; such a
+  value is ``nan``) in the folder ``out``. ``spacing_mm``: mm per pixel the distances (hd95, assd,
+  tip_error) were measured with (1.0, the default: pixels); ``unseen``: the site no client trained on."""
+  doc = {"round": round_, "spacing_mm": spacing_mm, "unseen": unseen, "sites": _null_for_nan(results)}
   _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump(doc, f, indent=2, allow_nan=False))
   rows = [
     [site, cname, k, v] for site, res in results.items() for cname, entry in res.items() for k, v in entry.items()

@@ -29,6 +29,12 @@ def test_eval_reproduces_training_metrics_and_writes_outputs(cli, tmp_path):
   ev = json.load(open(os.path.join(out, "eval.json")))
   last = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))][-1]
   assert ev["round"] == last["round"] == 2
+  # what the distances are in and which site no client trained on (from the run's config, not eval's code)
+  assert ev["spacing_mm"] == 1.0
+  assert ev["unseen"] in ev["sites"] and any(k.startswith(f"site/{ev['unseen']}/") for k in last)
+  assert "unseen/dice/catheter" in last and last["unseen/dice/catheter"] == pytest.approx(
+    ev["sites"][ev["unseen"]]["catheter"]["dice"], abs=1e-6
+  )
   # the restored checkpoint scores exactly what the in-memory model scored at the end of training
   for site, res in ev["sites"].items():
     for cname in ("catheter", "guidewire"):

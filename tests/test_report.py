@@ -74,8 +74,8 @@ def test_mean_std_tables_numbers_and_caption(tmp_path):
 def test_eval_tables_and_site_table(tmp_path):
   results = {"a": {"catheter": {k: 0.1 * i for i, k in enumerate(report.EVAL_METRICS)}}}
   results["a"]["catheter"]["hd95_nan_images"] = 2
-  report.write_eval_tables(results, str(tmp_path), 7)
-  assert json.load(open(tmp_path / "eval.json")) == {"round": 7, "sites": results}
+  report.write_eval_tables(results, str(tmp_path), 7, spacing_mm=0.3, unseen="b")
+  assert json.load(open(tmp_path / "eval.json")) == {"round": 7, "spacing_mm": 0.3, "unseen": "b", "sites": results}
   with open(tmp_path / "eval.csv") as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["site", "class", "metric", "value"] and len(rows) == 1 + len(report.EVAL_METRICS) + 1
