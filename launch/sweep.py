@@ -280,7 +280,7 @@ def replica_groups(
 ) -> list[list[tuple[int, dict]]]:
   """``todo`` split into units: groups of runs that may run as replicas of one program (equal overrides
   but fedkd.tasks.replicas.REPLICA_KEYS: seed, learning rates, FedProx's mu, DP noise / clip, and the
-  ``method`` label; why_not None; every workdir at the same checkpoint), the rest alone. Prints why such
+  ``method`` label; why_not None; one group per checkpoint round their workdirs hold), the rest alone. Prints why such
   a group stays one process per run. Groups are split into near-equal parts while fewer units than
   ``parallel`` would leave a process slot idle."""
   return [members for members, _ in _units(defn, todo, out, parallel)]
@@ -306,14 +306,23 @@ def _units(
     multi = [a for a in defn["extra"] if a.split("=", 1)[0] in ("--num_processes", "--coordinator_address")]
     configs = None if multi else _run_configs(defn, runs)
     reason = f"multi-process runs ({multi[0]})" if multi else replicas.why_not(configs)
-    progress = {latest_checkpoint(os.path.join(out, r["name"])) for r in runs}
-    if reason is None and len(progress) > 1:
-      reason = "their workdirs hold checkpoints of different rounds"
-    if reason is None:
-      units.append((members, configs))
-    else:
+    if reason is not None:
       _say(f"{', '.join(r['name'] for r in runs)}: one process per run ({reason})")
       units.extend(([m], None) for m in members)
+      continue
+    # a group resumes from one round: runs whose workdirs hold different rounds (a group split over
+    # --parallel programs and interrupted) form one group per round
+    by_round: dict = {}
+    for k, r in enumerate(runs):
+      by_round.setdefault(latest_checkpoint(os.path.join(out, r["name"])), []).append(k)
+    if len(by_round) > 1:
+      rounds = ", ".join(
+        f"{len(ks)} at {'no checkpoint' if at is None else f'round {at}'}" for at, ks in by_round.items()
+      )
+      _say(f"{', '.join(r['name'] for r in runs)}: one program per checkpoint round ({rounds})")
+    for ks in by_round.values():
+      units.append(([members[k] for k in ks], [configs[k] for k in ks] if len(ks) > 1 else None))
+  units.sort(key=lambda u: u[0][0][0])  # in the sweep's order
   return _fill_slots(units, parallel)
 
 

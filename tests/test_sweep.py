@@ -644,11 +644,13 @@ def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
   assert "one process per run (aggregator 'median' is not supported as replicas)" in capsys.readouterr().out
   defn = launcher.build("configs/quickstart.py", None, [], [0, 1, 2])
   assert [len(u) for u in launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path))] == [3]
-  # different progress: a resumable group must start from one round
+  # different progress (a group split over --parallel programs, then interrupted): a group resumes from one
+  # round, so the runs at each round form their own group (seeds 0 and 2 together, not three processes)
   ck = tmp_path / "seed-1" / "checkpoints" / "1"
   ck.mkdir(parents=True)
   units = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path))
-  assert [len(u) for u in units] == [1, 1, 1] and "different rounds" in capsys.readouterr().out
+  assert [[run["name"] for _, run in u] for u in units] == [["seed-0", "seed-2"], ["seed-1"]]
+  assert "one program per checkpoint round (2 at no checkpoint, 1 at round 1)" in capsys.readouterr().out
   # multi-process runs stay one process group per run
   multi = launcher.build("configs/quickstart.py", None, ["--num_processes=2"], [0, 1])
   assert [len(u) for u in launcher.replica_groups(multi, list(enumerate(multi["runs"], 1)), str(tmp_path))] == [1, 1]
