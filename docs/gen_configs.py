@@ -35,7 +35,9 @@ one of the two schemas in `fedkd/config.py`; `config.task` says which. The text 
 `--config=FILE:ARG` is `arg` (a variant such as `runlocal`, or `clients=64,per_round=16`). Any key can be
 overridden on the command line, e.g. `--config.num_clients=8 --config.engine.compute_dtype=bfloat16`;
 an unknown key, a wrong type or a value out of range stops the run before any work with one line naming
-the key and the fix. `python -m fedkd.main --helpfull` prints this list too.
+the key and the fix. A key given twice takes its last value. A key that the chosen options never read
+(e.g. `algorithm.prox_mu` while `algorithm.name` is not `fedprox`, or `dp.*` with `dp.enabled=False`) is
+named on a `note:` line before the run starts. `python -m fedkd.main --helpfull` prints this list too.
 """
 
 

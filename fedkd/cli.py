@@ -8,7 +8,9 @@ with ``fedkd: error: ...`` on stderr and exit code 2, without a traceback.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 import sys
 import threading
 import time
@@ -35,6 +37,7 @@ OUT = flags.DEFINE_string(
 )
 FRAMES = flags.DEFINE_integer("frames", 4, "Frames per site in pictures.")
 SHARED = ("workdir", "out", "frames")  # an entry point names those it reads; the others are refused
+OVERRIDDEN: set[str] = set()  # the dotted keys given as --config.KEY on the command line (set by parse)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -81,7 +84,11 @@ def run_app(
   line_buffered()
 
   def parser(args):
-    return parse(args, uses_config=uses_config, usage=usage, shared=shared)
+    try:
+      return parse(args, uses_config=uses_config, usage=usage, shared=shared)
+    except KeyboardInterrupt:  # Ctrl-C while a config file loads: nothing has been written yet
+      print("fedkd: interrupted while reading the flags and config; nothing was written", file=sys.stderr, flush=True)
+      sys.exit(130)
 
   def wrapped(args):
     from absl import logging as absl_logging
@@ -91,6 +98,12 @@ def run_app(
       return main(args)
     except USER_ERRORS as e:
       fail(str(e))
+    except MemoryError as e:  # numpy's "Unable to allocate 29 TiB ...": sizes this machine cannot hold
+      what = str(e).splitlines()[0] if str(e) else type(e).__name__
+      fail(
+        f"out of host memory ({what}); the config asks for more than this machine holds: lower config.batch_size, "
+        "image_size, examples_per_client, eval.examples_per_site or the model's size (what was saved is kept)"
+      )
     except Stopped as e:
       verb = "interrupted" if e.reason == "interrupted" else "preempted"
       saved = "checkpoint saved" if e.what == "round" else "what it had finished is saved"
@@ -156,24 +169,21 @@ def _exit_past_stuck_threads(code: int, before_exit: Callable[[], Any] | None = 
 def _print_help(full: bool, usage: str, uses_config: bool, shared: tuple[str, ...] = SHARED) -> None:
   main_module = sys.argv[0] if sys.argv else ""
   print((usage or "").strip() + "\n")
-  if full:
-    print(flags.FLAGS.get_help(include_special_flags=False))
-  else:
-    mods = flags.FLAGS.flags_by_module_dict()
-    own = [
-      m
-      for m in mods
-      if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview")) or m in (main_module, "__main__")
-    ]
-    for m in own:
-      print(flags.FLAGS.module_help(m))
-    common = (["config"] if uses_config else []) + list(shared)
-    if common:
-      print("\nfedkd.cli:")
-      for name in common:
-        f = flags.FLAGS[name]
-        default = "" if f.default is None else f"\n    (default: {f.default!r})"
-        print(f"  --{name}: {f.help}{default}")
+  mods = flags.FLAGS.flags_by_module_dict()
+  common = (["config"] if uses_config else []) + list(shared)
+  own = [
+    m for m in mods if m.endswith(("fedkd.main", "fedkd.eval", "fedkd.data.preview")) or m in (main_module, "__main__")
+  ]
+  # --helpfull: every module's flags too, but of this module's only those the program reads (it refuses the others)
+  for m in own + (sorted(m for m in mods if m not in own and m != __name__) if full else []):
+    print(flags.FLAGS.module_help(m))
+  if common:
+    print(f"\n{__name__}:")
+    for name in common:
+      f = flags.FLAGS[name]
+      default = "" if f.default is None else f"\n    (default: {f.default!r})"
+      print(f"  --{name}: {f.help}{default}")
+  if not full:
     print("\n--helpfull lists every flag" + (" and every --config.* key with its default" if uses_config else ""))
   if full and uses_config:
     from fedkd.config import config_help
@@ -224,6 +234,9 @@ def parse(
     _print_help("full" in wants[0], usage, uses_config, shared)
     sys.exit(0)
   end = argv.index("--") if "--" in argv else len(argv)
+  for i in range(1, end):  # absl reads -config.KEY / -noconfig.KEY as --config.KEY: check them alike
+    if re.match(r"-(no)?config[.=]", argv[i]):
+      argv[i] = "-" + argv[i]
   ignored = [n for n in SHARED if n not in shared] + ([] if uses_config else ["config"])
   for a in argv[1:end]:
     name = a.lstrip("-").split("=", 1)[0].split(".", 1)[0]
@@ -236,9 +249,17 @@ def parse(
       path = resolve_config_path(path)
       argv[i] = f"--config={path}" + (f":{arg}" if sep else "")
       loaded = _preload_config(path, arg if sep else None)
+  given = set()  # the keys overridden on the command line
   for a in argv[1:end]:
-    if uses_config and a.startswith("--config."):
-      _check_override_key(a[len("--config.") :].split("=", 1)[0], loaded)
+    m = re.match(r"--(no)?config\.([^=]*)(=(.*))?$", a, flags=re.S) if uses_config else None
+    if m:
+      key, value = m.group(2), m.group(4)
+      _check_override_key(key, loaded)
+      if loaded is not None and value is not None:
+        _check_override_value(key, value, loaded)
+      given.add(key)
+  OVERRIDDEN.clear()
+  OVERRIDDEN.update(given)
   try:
     rest = flags.FLAGS(argv)
   except ConfigError as e:
@@ -255,7 +276,60 @@ def parse(
     fail(f"unexpected arguments {' '.join(rest[1:])}; pass options as --flag=value")
   if uses_config and CONFIG.value is None:
     fail("--config is required, e.g. --config=configs/quickstart.py")
+  if uses_config:
+    from fedkd.config import unused_notes
+
+    for line in unused_notes(CONFIG.value, given):  # set, but this combination never reads them
+      print(line, flush=True)
   return rest
+
+
+def _check_override_value(key: str, value: str, config: ml_collections.ConfigDict) -> None:
+  """A ``--config.KEY=VALUE`` whose text the key's type cannot take, or that would change the config's
+  task, is one line with the form to write (absl's own message names neither)."""
+  *groups, last = key.split(".")
+  node = config
+  for part in groups:
+    node = node[part]
+  current = node[last]
+  if key == "task" and value != current:
+    example = "configs/fedefm.py" if value == "fedefm" else "configs/quickstart.py"
+    fail(
+      f"--config.task={value}: a config's task comes with its file's keys (this one is task {current!r}), "
+      f"so an override cannot change it; pass a config file of the task you want, e.g. --config={example}"
+    )
+  if current is None:  # absl lists the types it can parse, not what to do
+    fail(
+      f"--config.{key}={value}: config.{key} is None in this config file, so the command line cannot give it a "
+      "value; set it in the file (or leave the schema's default there)"
+    )
+  try:
+    kind = node.get_type(last)
+  except (AttributeError, KeyError, TypeError):
+    return
+  parsers = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
+  parser = next((parsers[t] for t in (bool, int, float) if kind is t), None)
+  if parser is None:
+    return
+  try:
+    parser.parse(value)
+    return
+  except (ValueError, TypeError):
+    pass
+  if kind is bool:
+    fix = f"config.{key} is on/off: write --config.{key}=true or --config.{key}=false"
+  elif kind is int:
+    try:
+      x = float(value)
+    except ValueError:
+      x = None
+    if x is not None and math.isfinite(x) and x == int(x):
+      fix = f"config.{key} takes a whole number: write --config.{key}={int(x)}"
+    else:
+      fix = f"config.{key} takes a whole number, e.g. --config.{key}={current!r} (its value in this config)"
+  else:
+    fix = f"config.{key} takes a number, e.g. --config.{key}={current!r} (its value in this config)"
+  fail(f"--config.{key}={value}: {fix}")
 
 
 def resolve_config_path(path: str) -> str:
@@ -303,6 +377,11 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     fail(
       f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{reason(e, 300)}); fix the file or the "
       "variant after ':'"
+    )
+  if isinstance(config, ml_collections.FrozenConfigDict):  # absl would fail to lock it (an AttributeError)
+    fail(
+      f"config file {path}: get_config returned a FrozenConfigDict, which --config.KEY overrides cannot change; "
+      "return an ml_collections.ConfigDict (e.g. start from fedkd.config.base_config())"
     )
   if not isinstance(config, ml_collections.ConfigDict):
     fail(

@@ -407,7 +407,7 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
 
 def _key_docs(fn) -> dict[str, str]:
   """{dotted key: its comment} read from the source of a schema function (the comment on the key's
-  line, else the comment block just above it): the docs live in one place, next to the defaults."""
+  line, then the comment block just above it, if any): the docs live in one place, next to the defaults."""
   docs, pending = {}, []
   for line in inspect.getsource(fn).splitlines():
     s = line.strip()
@@ -417,7 +417,8 @@ def _key_docs(fn) -> dict[str, str]:
     m = re.match(r"c\.([\w.]+)\s*=\s*(.*)$", s)
     if m:
       key, rest = m.groups()
-      comment = rest.split("  # ", 1)[1].strip() if "  # " in rest else " ".join(pending)
+      inline = rest.split("  # ", 1)[1].strip() if "  # " in rest else ""
+      comment = "; ".join(part for part in (inline, " ".join(pending)) if part)
       if comment:
         docs[key] = comment
     pending = []
@@ -609,6 +610,126 @@ def parse_arg(arg: str | None, spec: dict, config_file: str, kind: str = "config
     drop = f"; drop ':{arg}' and override keys with --config.KEY=VALUE" if kind == "config" else ""
     raise ConfigError(f"unknown {kind} argument(s) {unknown} in {where}; {accepted}" + ("" if spec else drop))
   return out
+
+
+def unused_keys(c: ml_collections.ConfigDict) -> dict[str, str]:
+  """{dotted key: the setting that makes the run ignore it} for the keys of ``c`` that its choices leave
+  unread: an algorithm's, aggregator's, attack's, optimizer's or loss's own parameter while another one
+  is chosen, ``dp.*`` with DP off, tfds-only ``data.*`` keys on synthetic data, FedEFM baselines' keys
+  when the experiment runs no such method. Keys of a config whose groups do not match its task's schema
+  are left out (validation reports those)."""
+  try:
+    return _unused_fedefm(c) if c.get("task") == "fedefm" else _unused_fedavg(c)
+  except (AttributeError, KeyError, TypeError):  # a malformed config: validate() names the problem
+    return {}
+
+
+def _unused_fedavg(c) -> dict[str, str]:
+  out: dict[str, str] = {}
+
+  def unused(group: str, keys, because: str) -> None:
+    out.update({f"{group}.{k}": because for k in keys})
+
+  alg = c.algorithm.name
+  for key, owner in (
+    ("moon_mu", "moon"),
+    ("moon_tau", "moon"),
+    ("prox_mu", "fedprox"),
+    ("ditto_lambda", "ditto"),
+    ("scaffold_weighting", "scaffold"),
+  ):
+    if alg != owner:
+      unused("algorithm", [key], f"config.algorithm.name={alg!r} (not {owner!r})")
+  agg = c.aggregator.name
+  for key, owners in (
+    ("trim_beta", ("trimmed_mean",)),
+    ("krum_f", ("krum", "multi_krum")),
+    ("multi_krum_k", ("multi_krum",)),
+    ("clip_norm", ("norm_clip",)),
+  ):
+    if agg not in owners:
+      unused("aggregator", [key], f"config.aggregator.name={agg!r} (not {' / '.join(map(repr, owners))})")
+  attack = c.attack.name
+  if attack == "none":
+    unused("attack", ("fraction", "factor", "noise_std"), "config.attack.name='none'")
+  else:
+    if attack != "scale":
+      unused("attack", ["factor"], f"config.attack.name={attack!r} (not 'scale')")
+    if attack != "gaussian":
+      unused("attack", ["noise_std"], f"config.attack.name={attack!r} (not 'gaussian')")
+  if not c.dp.enabled:
+    unused("dp", ("clip_norm", "noise_multiplier", "delta", "target_epsilon"), "config.dp.enabled=False")
+  if c.compress.name != "topk":
+    unused("compress", ("fraction", "error_feedback"), f"config.compress.name={c.compress.name!r} (not 'topk')")
+  if c.client_optimizer.name != "sgd":
+    unused("client_optimizer", ["momentum"], f"config.client_optimizer.name={c.client_optimizer.name!r} (not 'sgd')")
+  server = c.server_optimizer.name
+  if server != "sgd":
+    unused("server_optimizer", ["momentum"], f"config.server_optimizer.name={server!r} (not 'sgd')")
+  else:
+    unused("server_optimizer", ("b1", "b2", "eps", "initial_accumulator"), "config.server_optimizer.name='sgd'")
+  if server in ("adam", "adamw"):
+    unused("server_optimizer", ["initial_accumulator"], f"config.server_optimizer.name={server!r} (not yogi / adagrad)")
+  if server == "adagrad":
+    unused("server_optimizer", ["b2"], "config.server_optimizer.name='adagrad'")
+  loss = c.loss.name
+  if loss != "cldice":
+    unused("loss", ("cldice_weight", "cldice_iters"), f"config.loss.name={loss!r} (not 'cldice')")
+  if loss != "focal_tversky":
+    unused(
+      "loss", ("tversky_alpha", "tversky_beta", "tversky_gamma"), f"config.loss.name={loss!r} (not 'focal_tversky')"
+    )
+  else:
+    unused("loss", ("ce_weight", "dice_weight"), "config.loss.name='focal_tversky'")
+  if c.data.source == "synthetic":
+    unused(
+      "data",
+      ("tfds_data_dir", "tfds_configs", "partition", "dirichlet_alpha", "augment", "workers", "prefetch"),
+      "config.data.source='synthetic' (tfds sources only)",
+    )
+  else:
+    unused("data", ["synthetic_field_size"], f"config.data.source={c.data.source!r} (not 'synthetic')")
+    if c.data.partition != "dirichlet":
+      unused("data", ["dirichlet_alpha"], f"config.data.partition={c.data.partition!r} (not 'dirichlet')")
+  if c.engine.client_layout in ("vmap", "unroll") and not c.engine.client_parallelism:
+    unused("engine", ["client_chunk"], f"config.engine.client_layout={c.engine.client_layout!r} (not 'chunked')")
+  return out
+
+
+def _unused_fedefm(c) -> dict[str, str]:
+  out: dict[str, str] = {}
+  percents = _csv(c.experiment.ablation_percents)
+  runs = set(_csv(c.experiment.methods)) | (set(_csv(c.experiment.ablation_methods)) if percents else set())
+  for key, owner in (
+    ("matcha_budget", "matcha"),
+    ("moon_mu", "moon"),
+    ("moon_tau", "moon"),
+    ("prox_mu", "fedprox"),
+    ("matched_steps_factor", "fedavg_matched"),
+  ):
+    if owner not in runs:
+      out[f"fedefm.{key}"] = f"no experiment method is {owner!r}"
+  if not percents:
+    out["experiment.ablation_methods"] = "config.experiment.ablation_percents='' (no ablation)"
+  return out
+
+
+def unused_notes(c: ml_collections.ConfigDict, given=()) -> list[str]:
+  """One line per reason for the keys of :func:`unused_keys` that the user set: given on the command line
+  (dotted keys in ``given``) or different from the task schema's default."""
+  schema = fedefm_base_config() if c.get("task") == "fedefm" else base_config()
+  by_reason: dict[str, list[str]] = {}
+  for key, because in unused_keys(c).items():
+    try:
+      value, default = value_at(c, key), value_at(schema, key)
+    except (KeyError, AttributeError):
+      continue
+    if key in given or value != default or type(value) is not type(default):
+      by_reason.setdefault(because, []).append(f"config.{key}={value!r}")
+  return [
+    f"note: {', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect while {because}"
+    for because, keys in by_reason.items()
+  ]
 
 
 def check_finite(c: ml_collections.ConfigDict, prefix: str = "config") -> None:

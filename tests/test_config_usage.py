@@ -1,0 +1,286 @@
+"""The configuration surface as a user meets it: ``--config.KEY=VALUE`` overrides of every type are applied
+exactly or refused in one line that names the key and the form to write; the task of a config cannot be
+switched by an override; ``-config.KEY`` / ``--noconfig.KEY`` are checked like ``--config.KEY``; keys the
+chosen options never read are named on a ``note:`` line; ``--helpfull`` lists only the flags the program
+reads; docs/configs.md keeps every comment of a key. Most cases run ``fedkd.cli.parse`` in a small
+subprocess (absl's flags are process-global), without JAX."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fedkd import config as fc
+from fedkd.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+QS = "--config=configs/quickstart.py"
+EFM = "--config=configs/fedefm.py:tiny"
+
+# Parses argv as fedkd.main does (fedkd.cli.parse), then prints the resulting config as JSON on the last line.
+PARSE = """
+import sys
+from fedkd import cli
+cli.parse(["fedkd.main"] + sys.argv[1:], shared=("workdir",))
+print("overridden:", ",".join(sorted(cli.OVERRIDDEN)), file=sys.stderr)
+print(cli.CONFIG.value.to_json())
+"""
+
+
+def _parse(*args: str):
+  """(exit code, stdout lines before the config, stderr, config dict or None)."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  r = subprocess.run(
+    [sys.executable, "-c", PARSE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+  )
+  out = r.stdout
+  i = out.find("{")
+  config = json.loads(out[i:]) if r.returncode == 0 and i >= 0 else None
+  return r.returncode, (out[:i] if i >= 0 else out).splitlines(), r.stderr, config
+
+
+def _one_line_error(code, stderr, *needles):
+  assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+  lines = stderr.strip().splitlines()
+  lines = [ln for ln in lines if not ln.startswith("overridden:")]
+  assert len(lines) == 1 and lines[0].startswith("fedkd: error: "), stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"_usage_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_overrides_of_every_type_are_applied_exactly():
+  code, notes, err, c = _parse(
+    QS,
+    "--config.seed=4294967295",
+    "--config.num_rounds=0x10",  # absl's integer syntax
+    "--config.quantity_skew=-0.0",
+    "--config.client_optimizer.learning_rate=3E-3",
+    "--config.data.tfds_configs=a, b,c",
+    "--config.data.tfds_data_dir=/tmp/a dir",
+    "--config.engine.remat=True",
+    "--config.engine.skip_nonfinite_clients=1",
+    "--noconfig.data.prefetch",
+    "-config.batch_size=4",
+    "--config.local_steps",
+    "3",
+    "--config.eval.every=2",
+    "--config.eval.every=7",  # given twice: the last value
+  )
+  assert code == 0, err
+  assert c["seed"] == 4294967295 and c["num_rounds"] == 16 and c["batch_size"] == 4 and c["local_steps"] == 3
+  assert c["quantity_skew"] == 0.0 and str(c["quantity_skew"]) == "-0.0"
+  assert c["client_optimizer"]["learning_rate"] == 0.003
+  assert c["data"]["tfds_configs"] == "a, b,c" and c["data"]["tfds_data_dir"] == "/tmp/a dir"
+  assert c["engine"]["remat"] is True and c["engine"]["skip_nonfinite_clients"] is True
+  assert c["data"]["prefetch"] is False and c["eval"]["every"] == 7
+  # the keys given on the command line, for entry points that check them against their own flags
+  given = "batch_size,client_optimizer.learning_rate,data.prefetch,data.tfds_configs,data.tfds_data_dir,"
+  given += "engine.remat,engine.skip_nonfinite_clients,eval.every,local_steps,num_rounds,quantity_skew,seed"
+  assert f"overridden: {given}" in err, err
+
+
+@pytest.mark.parametrize(
+  "arg, needles",
+  [
+    ("--config.num_rounds=8.0", ["--config.num_rounds=8.0", "whole number", "--config.num_rounds=8"]),
+    ("--config.num_rounds=1e3", ["whole number", "--config.num_rounds=1000"]),
+    ("--config.num_rounds=8.5", ["--config.num_rounds=8.5", "whole number", "--config.num_rounds=150"]),
+    ("--config.num_rounds=inf", ["whole number"]),
+    ("--config.num_rounds=", ["--config.num_rounds=:", "whole number"]),
+    ("--config.data.augment=yes", ["--config.data.augment=yes", "--config.data.augment=true", "=false"]),
+    ("--config.engine.remat=no", ["--config.engine.remat=no", "--config.engine.remat=false"]),
+    ("--config.quantity_skew=lots", ["--config.quantity_skew=lots", "takes a number", "--config.quantity_skew=0.0"]),
+    # task: the file's keys belong to one task
+    ("--config.task=fedefm", ["--config.task=fedefm", "task 'fedavg'", "--config=configs/fedefm.py"]),
+    ("--config.task=bogus", ["--config.task=bogus", "--config=configs/quickstart.py"]),
+    # the single-dash and negated forms are overrides too: the key is checked
+    ("-config.num_roundz=3", ["unknown config key --config.num_roundz", "did you mean --config.num_rounds?"]),
+    ("--noconfig.data.augmnt", ["unknown config key --config.data.augmnt", "--config.data.augment?"]),
+  ],
+)
+def test_bad_override_is_one_line_naming_key_and_form(arg, needles):
+  code, _, err, _ = _parse(QS, arg)
+  line = _one_line_error(code, err, *needles)
+  assert "invalid literal" not in line and "Non-boolean" not in line and "AttributeError" not in line
+
+
+def test_fedefm_overrides_typed_and_task_fixed():
+  code, _, err, _ = _parse(EFM, "--config.pretrain.num_rounds=2.0")
+  _one_line_error(code, err, "--config.pretrain.num_rounds=2")
+  code, _, err, _ = _parse(EFM, "--config.task=fedavg")
+  _one_line_error(code, err, "task 'fedefm'", "--config=configs/quickstart.py")
+  code, _, err, c = _parse(EFM, "--config.task=fedefm", "--config.fedefm.emd_debias=false")
+  assert code == 0 and c["task"] == "fedefm" and c["fedefm"]["emd_debias"] is False, err
+
+
+def test_a_refused_override_creates_no_workdir(cli, tmp_path):
+  work = tmp_path / "w"
+  for arg in ("--config.num_rounds=2.0", "--config.task=fedefm", "-config.num_roundz=1"):
+    r = cli.run("fedkd.main", [QS, f"--workdir={work}", arg], timeout=120)
+    assert r.code == 2 and not r.traceback, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedkd: error: ") and arg.split("=")[0].lstrip("-") in lines[0]
+    assert not work.exists()
+
+
+def test_notes_name_keys_the_chosen_options_do_not_read():
+  code, notes, err, _ = _parse(
+    QS,
+    "--config.algorithm.prox_mu=0.5",
+    "--config.dp.noise_multiplier=2",
+    "--config.dp.clip_norm=0.1",  # the default, but given: still named
+    "--config.client_optimizer.momentum=0.9",
+    "--config.data.partition=dirichlet",
+    "--config.aggregator.name=median",
+    "--config.aggregator.trim_beta=0.2",
+  )
+  assert code == 0, err
+  text = "\n".join(notes)
+  assert all(line.startswith("note: ") for line in notes), notes
+  for needle in (
+    "config.algorithm.prox_mu=0.5 has no effect while config.algorithm.name='fedavg'",
+    "config.dp.clip_norm=0.1, config.dp.noise_multiplier=2.0 have no effect while config.dp.enabled=False",
+    "config.client_optimizer.momentum=0.9 has no effect while config.client_optimizer.name='adam'",
+    "config.data.partition='dirichlet' has no effect while config.data.source='synthetic'",
+    "config.aggregator.trim_beta=0.2 has no effect while config.aggregator.name='median'",
+  ):
+    assert needle in text, (needle, text)
+  # the same keys where their option is on: no note
+  code, notes, err, _ = _parse(
+    QS,
+    "--config.algorithm.name=fedprox",
+    "--config.algorithm.prox_mu=0.5",
+    "--config.dp.enabled=true",
+    "--config.dp.noise_multiplier=2",
+    "--config.aggregator.name=trimmed_mean",
+    "--config.aggregator.trim_beta=0.2",
+  )
+  assert code == 0 and notes == [], (notes, err)
+
+
+def test_unused_keys_by_combination():
+  c = fc.base_config()
+  unused = fc.unused_keys(c)
+  for key in ("algorithm.moon_mu", "algorithm.prox_mu", "dp.clip_norm", "attack.factor", "compress.fraction"):
+    assert key in unused, key
+  for key in ("num_rounds", "algorithm.dropout", "client_optimizer.learning_rate", "server_optimizer.momentum"):
+    assert key not in unused, key
+  c.server_optimizer.name = "adagrad"
+  c.attack.name = "gaussian"
+  c.loss.name = "focal_tversky"
+  c.data.source = "tfds:x"
+  unused = fc.unused_keys(c)
+  assert {"server_optimizer.momentum", "server_optimizer.b2", "attack.factor", "loss.ce_weight"} <= set(unused)
+  assert "data.synthetic_field_size" in unused and "data.dirichlet_alpha" in unused
+  assert not {"server_optimizer.initial_accumulator", "attack.noise_std", "loss.tversky_alpha", "data.augment"} & set(
+    unused
+  )
+  # the shipped configs set nothing they do not use
+  for name, arg in (("quickstart", None), ("cross_device", None), ("privacy", None), ("zoo", None), ("robust", None)):
+    assert fc.unused_notes(_load(name).get_config(arg)) == [], name
+  efm = _load("fedefm").get_config("tiny")
+  assert fc.unused_notes(efm) == []
+  efm.fedefm.matcha_budget = 0.9
+  assert fc.unused_notes(efm) == [
+    "note: config.fedefm.matcha_budget=0.9 has no effect while no experiment method is 'matcha'"
+  ]
+  efm.experiment.methods += ",matcha"
+  assert fc.unused_notes(efm) == []
+
+
+@pytest.mark.parametrize(
+  "name, arg, clients",
+  [
+    ("fedavg_unet", "per_round=40", 16),
+    ("cross_device", "clients=8,per_round=16", 8),
+    ("privacy", "clients=4,per_round=5", 4),
+  ],
+)
+def test_per_round_above_clients_names_the_argument(name, arg, clients):
+  with pytest.raises(ConfigError) as e:
+    _load(name).get_config(arg)
+  msg = str(e.value)
+  assert f"configs/{name}.py:{arg}" in msg and f"per_round={clients} or less" in msg, msg
+  assert "--config.clients_per_round" not in msg
+
+
+def test_helpfull_lists_only_the_shared_flags_the_program_reads():
+  env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  code = "import sys\nfrom fedkd import cli\nsys.argv = ['fedkd.main', '--helpfull']\ncli.parse(shared=('workdir',))"
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  flags_shown = [ln.split(":")[0].strip() for ln in r.stdout.splitlines() if ln.startswith("  --")]
+  assert "--config" in flags_shown and "--workdir" in flags_shown, flags_shown
+  assert "--out" not in flags_shown and "--frames" not in flags_shown, flags_shown
+  assert "--verbosity" in " ".join(r.stdout.split()) and "--config.num_rounds=20" in r.stdout
+
+
+def test_key_docs_keep_the_comment_above_a_key_with_its_own():
+  fedavg = fc._key_docs(fc.base_config)
+  assert fedavg["server_optimizer.name"].startswith("sgd | adam | adamw | yogi | adagrad")
+  assert "FedYogi / FedAdagrad exactly as Reddi et al. 2021" in fedavg["server_optimizer.name"]
+  efm = fc._key_docs(fc.fedefm_base_config)
+  assert "auto | vmap | chunked | unroll" in efm["engine.client_layout"]
+  assert "auto: on CPU vmap" in efm["engine.client_layout"]
+  page = (ROOT / "docs" / "configs.md").read_text()
+  assert "FedYogi / FedAdagrad exactly as Reddi et al. 2021" in page and "auto: on CPU vmap" in page
+
+
+def test_config_files_that_absl_cannot_take_are_one_line(tmp_path, capsys):
+  from fedkd import cli
+
+  frozen = tmp_path / "frozen.py"
+  frozen.write_text(
+    "import ml_collections\nfrom fedkd.config import base_config\n"
+    "def get_config(arg=None):\n  return ml_collections.FrozenConfigDict(base_config())\n"
+  )
+  with pytest.raises(SystemExit) as e:
+    cli._preload_config(str(frozen), None)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("fedkd: error: ") and "FrozenConfigDict" in err and "ml_collections.ConfigDict" in err, err
+  # a key a config file set to None: absl cannot type an override of it
+  c = fc.base_config()
+  c.eval.max_sites = None
+  with pytest.raises(SystemExit) as e:
+    cli._check_override_value("eval.max_sites", "3", c)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("fedkd: error: --config.eval.max_sites=3: ") and "None in this config file" in err, err
+
+
+def test_ctrl_c_while_a_config_loads_is_one_line(cli, tmp_path):
+  slow = tmp_path / "interrupted.py"
+  slow.write_text("def get_config(arg=None):\n  raise KeyboardInterrupt\n")
+  r = cli.run("fedkd.main", [f"--config={slow}", f"--workdir={tmp_path / 'w'}"], timeout=120)
+  assert r.code == 130 and not r.traceback, r.stderr[-2000:]
+  assert r.stderr.strip() == "fedkd: interrupted while reading the flags and config; nothing was written", r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_sizes_beyond_host_memory_are_one_line():
+  """numpy's MemoryError for sizes a config asks for (--config.batch_size=1000000000000 fails so while the
+  round's client data is drawn) ends like a user error: one line naming the sizes to lower, exit 2."""
+  code = (
+    "import numpy as np\nfrom fedkd import cli\n"
+    "def main(argv):\n  np.zeros((2**30, 2**20), np.float32)\n"
+    "cli.run_app(main, ['prog'], uses_config=False, shared=())\n"
+  )
+  env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  line = _one_line_error(r.returncode, r.stderr, "out of host memory", "Unable to allocate", "config.batch_size")
+  assert "4.00 PiB" in line, line
