@@ -149,6 +149,8 @@ def _run_replicas(config) -> None:
       f"--seeds={_SEEDS.value}: a FedEFM experiment runs its seeds in one process already; "
       f"set --config.experiment.seeds={_SEEDS.value} instead"
     )
+  if _SEEDS.value is not None and "seed" in cli.OVERRIDDEN:  # one of the two would be dropped without a word
+    cli.fail(f"--seeds={_SEEDS.value} and --config.seed both set the seed; give the seeds with --seeds only")
   if _SEEDS.value is not None:
     try:
       lists["seed"] = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
@@ -156,6 +158,8 @@ def _run_replicas(config) -> None:
       cli.fail(f"--seeds={_SEEDS.value!r} must be a comma list of integers, e.g. --seeds=0,1,2")
   for spec in _REPLICA_CONFIG.value:
     key, _, text = spec.partition("=")
+    if key in cli.OVERRIDDEN:
+      cli.fail(f"--replica_config={spec} and --config.{key} both set {key}; give its values with --replica_config only")
     if key in lists:  # a second flag for the key would silently replace the first one's values
       cli.fail(
         f"--replica_config={spec}: {key} is given twice; give all its values in one --replica_config={key}=V1,V2"

@@ -182,6 +182,9 @@ def test_cli_seeds_bad_input_is_one_line(cli, tmp_path):
     (["--seeds=3"], "give one run ({'seed': 3}); give two or more values, or run it without them"),
     # a second flag for the same key replaced the first one's values without a word
     ([lr + "0.1,0.2", lr + "0.3,0.4"], "client_optimizer.learning_rate is given twice"),
+    # --seeds / --replica_config replaced a --config.KEY of the same key without a word
+    (["--seeds=0,1", "--config.seed=5"], "--seeds=0,1 and --config.seed both set the seed"),
+    ([lr + "0.1,0.2", "--config.client_optimizer.learning_rate=0.5"], "both set client_optimizer.learning_rate"),
     # each replica's values are validated, and the hint names the flag that gave the value
     ([lr + "0.1,-1"], "set client_optimizer.learning_rate in --replica_config to a value > 0"),
     (["--seeds=0,1", "--config.aggregator.name=median"], "cannot be replicas of one program: aggregator 'median'"),
