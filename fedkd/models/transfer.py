@@ -109,10 +109,13 @@ def load_encoder(student_params, foundation_params, prefix=("encoder",), require
   report["unused_in_foundation"] = [prefix + p for p, _ in _leaves(f_enc) if p not in s_paths]
 
   shapes = "; ".join(f"{_fmt(p)}: student {s} vs foundation {f}" for p, s, f in report["skipped_shape"][:4])
-  hint = (
-    f"the student's encoder must share hidden size/patch size (and heads, mlp_dim) with the "
-    f"foundation; got hidden {_hidden(s_enc)} (student) vs {_hidden(f_enc)} (foundation)"
-  )
+  if any(isinstance(e, Mapping) and "pos_embed" in e for e in (s_enc, f_enc)):  # a ViT (TransUNet) encoder
+    hint = (
+      f"the student's encoder must share hidden size/patch size (and heads, mlp_dim) with the "
+      f"foundation; got hidden {_hidden(s_enc)} (student) vs {_hidden(f_enc)} (foundation)"
+    )
+  else:  # a conv encoder (UNet enc / mid blocks): no hidden size to name
+    hint = "the student's encoder must have the foundation's channel widths (UNet: the same width and depth)"
   if not report["loaded"]:
     raise ValueError(
       f"no encoder parameter of the foundation matches the student: {hint}; "

@@ -84,8 +84,8 @@ class MultiHeadSelfAttention(nnx.Module):
   """
 
   def __init__(self, hidden: int, num_heads: int, *, rngs: nnx.Rngs):
-    if hidden % num_heads:
-      raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}")
+    if num_heads < 1 or hidden % num_heads:
+      raise ValueError(f"num_heads={num_heads} must be >= 1 and divide hidden={hidden}")
     self.num_heads = num_heads
     self.head_dim = hd = hidden // num_heads
     init = nnx.initializers.lecun_normal()
@@ -170,6 +170,13 @@ class Encoder(nnx.Module):
 
   def run_stem(self, x):
     """Returns the list of stem stage outputs (resolutions 1/2, 1/4, ..., 1/patch_size)."""
+    size = self.grid * 2 ** len(self.stem)  # the image_size the model was built for
+    if x.ndim != 4 or x.shape[1:3] != (size, size):
+      # (an input a few pixels smaller still gives the token grid, and then logits of image_size, not its own)
+      raise ValueError(
+        f"TransUNet built for image_size={size} takes [batch, {size}, {size}, channels] images, got shape "
+        f"{tuple(x.shape)}; resize the images or build the model with another image_size"
+      )
     outs = []
     for stage in self.stem:
       x = stage(x)

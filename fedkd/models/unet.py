@@ -86,6 +86,8 @@ class UNet(nnx.Module):
     groups: int = 8,
     rngs: nnx.Rngs,
   ):
+    if depth < 1 or width < 1 or groups < 1:
+      raise ValueError(f"UNet needs depth, width and groups >= 1, got depth={depth}, width={width}, groups={groups}")
     chans = [width * 2**i for i in range(depth)]
     self.depth = depth
     enc, cin = [], in_channels
@@ -106,11 +108,18 @@ class UNet(nnx.Module):
   def forward_with_features(self, x):
     """(logits [B, H, W, num_classes], bottleneck (``mid``) output [B, H/2**depth, W/2**depth, C])
     from one pass (the features for feature distillation / EMD)."""
+    f = 2**self.depth
+    if x.ndim != 4 or x.shape[1] % f or x.shape[2] % f:
+      raise ValueError(
+        f"UNet(depth={self.depth}) takes [batch, height, width, channels] images with height and width "
+        f"divisible by 2**depth={f}, got shape {tuple(x.shape)}; resize or pad the images (in a config: "
+        "config.image_size must be a multiple of 2**config.model.depth)"
+      )
     skips = []
     for block in self.enc:
       x = block(x)
       skips.append(x)
-      x = max_pool_2x2(x) if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 else nnx.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = feats = self.mid(x)
     for up, block, skip in zip(self.up, self.dec, reversed(skips)):
       x = block(jnp.concatenate([up(x), skip], axis=-1))
