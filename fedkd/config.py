@@ -1345,9 +1345,16 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
           f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
           f"multiple of config.{name}.patch_size"
         )
-    if c.teacher.hidden != c.student.hidden or c.teacher.patch_size != c.student.patch_size:
+    for k in ("hidden", "patch_size", "num_heads", "mlp_dim", "stem_width"):  # the encoder's shapes
+      if c.teacher[k] != c.student[k]:
+        raise ConfigError(
+          f"config.student.{k}={c.student[k]} must equal config.teacher.{k}={c.teacher[k]} so the foundation "
+          "encoder loads into the student"
+        )
+    if c.student.num_layers > c.teacher.num_layers:  # the student's extra layers would stay random
       raise ConfigError(
-        "config.student.hidden and patch_size must match the teacher's so the foundation encoder loads into the student"
+        f"config.student.num_layers={c.student.num_layers} must be <= config.teacher.num_layers="
+        f"{c.teacher.num_layers} (the foundation has that many encoder layers to load)"
       )
   else:
     if (c.teacher.width, c.teacher.depth) != (c.student.width, c.student.depth):

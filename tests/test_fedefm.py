@@ -261,9 +261,16 @@ def test_experiment_config_errors():
   c.fedefm.topology = "gaia_ring"  # the directed Gaia ring has 11 silos
   with pytest.raises(ConfigError, match="has 11 nodes but config.pretrain.num_silos=5"):
     validate(c)
+  # every encoder shape of the student must be the teacher's (heads, mlp_dim and stem_width used to fail
+  # after pretraining, or in stem_width's case load a foundation into a student with a random stem)
+  for key, value in (("hidden", 16), ("num_heads", 4), ("mlp_dim", 32), ("stem_width", 4)):
+    c = fedefm_base_config()
+    c.student[key] = value
+    with pytest.raises(ConfigError, match=rf"config.student.{key}={value} must equal config.teacher.{key}="):
+      validate(c)
   c = fedefm_base_config()
-  c.student.hidden = 16
-  with pytest.raises(ConfigError, match="must match the teacher"):
+  c.student.num_layers = c.teacher.num_layers + 1
+  with pytest.raises(ConfigError, match="the foundation has that many encoder layers to load"):
     validate(c)
   # a repeated seed / method / % ran once and then counted as two seeds (n=2, std 0) in results.csv
   for key, value, shown in (
