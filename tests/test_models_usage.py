@@ -151,20 +151,9 @@ def _unet(width=8, depth=3, groups=4, num_classes=3):
 
 
 def _transunet(**kw):
-  base = dict(
-    name="transunet",
-    num_classes=3,
-    image_size=32,
-    patch_size=4,
-    stem_width=4,
-    hidden=16,
-    num_layers=1,
-    num_heads=2,
-    mlp_dim=16,
-    decoder_width=16,
-    skips=False,
-  )
-  return ml_collections.ConfigDict(base | kw)
+  from test_conv import TRANSUNET
+
+  return ml_collections.ConfigDict(TRANSUNET | dict(num_layers=1, mlp_dim=16, skips=False) | kw)
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 4, 1), (2, 33, 33, 1), (1, 100, 100, 1), (1, 48, 36, 1)])

@@ -104,13 +104,9 @@ def _fedefm_tiny(**over):
   spec.loader.exec_module(mod)
   c = mod.get_config("tiny")
   c.experiment.methods, c.experiment.kd_methods = "scratch", ""
-  for key, value in over.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from fedkd.sweep import apply_overrides
+
+  return apply_overrides(c, over)
 
 
 def test_a_kd_weight_grid_checks_every_workdir_before_the_first_experiment_trains(tmp_path):
