@@ -61,8 +61,9 @@ TRANSUNET = dict(
 
 
 def fail(msg: str, code: int = 2):
-  print(f"bench: error: {msg}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  from bench import fail as bench_fail
+
+  bench_fail("bench", msg, code)
 
 
 def _minor_page_faults() -> int:
@@ -204,7 +205,7 @@ def _parser():
   m.add_argument("--num_processes", type=int, help="processes of a multi-process --measure")
   m.add_argument("--process_id", type=int, help="this process's index in a multi-process --measure")
   m.add_argument("--cpu_devices", type=int, help="simulate this many CPU devices (CPU only)")
-  p.error = lambda message: fail(f"{message} (--help lists the flags)")  # one line, not the usage block
+  p.error = lambda message: fail(f"{message} (--help lists the flags)")  # one line "bench: error: ..."
   return p
 
 

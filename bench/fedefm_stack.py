@@ -45,14 +45,8 @@ def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> tup
   skip = c.fedefm.warmup_rounds + 1  # compile + the warm-up program, then the distilling program's compile
   images = silos * c.pretrain.local_steps * c.pretrain.batch_size
   timed = per_round[skip:-1]  # the last round also scores the foundation
-  if not len(timed):  # a NaN row would not be JSON
-    from bench import fail
-
-    fail(
-      "fedefm_stack",
-      f"--rounds={rounds} leaves no round to time (compilation, {c.fedefm.warmup_rounds} warm-up round(s), the "
-      f"distilling program's compile and the last, scoring round are left out); give --rounds >= {skip + 3}",
-    )
+  if not len(timed):  # main() refuses such --rounds; a NaN row would not be JSON
+    raise ValueError(f"rounds={rounds} leaves no round to time; give rounds >= {skip + 3}")
   return float(np.median(timed)), images
 
 

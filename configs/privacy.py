@@ -12,13 +12,12 @@ infinite), 0.7, 1.0 and 2.0, which spend epsilon about 14, 5.2 and 0.84 at delta
 arg: as configs/cross_device.py (``clients=N``, ``per_round=K``, ``rounds=R``, ``device``).
 """
 
-from fedkd.config import config_file_name, parse_arg, sibling_config
+from fedkd.config import parse_arg, sibling_config
 
 
 def get_config(arg=None):
   cross_device = sibling_config(__file__, "cross_device.py")
-  a = parse_arg(arg, cross_device.ARGS, __file__)
-  c = cross_device.build(a, f"{config_file_name(__file__)}:{arg}")  # errors name this file
+  c = cross_device.build(parse_arg(arg, cross_device.ARGS, __file__))  # errors name this file
   c.algorithm.name = "fedavg"  # DP-FedAvg wraps uploads that are plain deltas
   c.dp.enabled = True
   c.dp.clip_norm = 0.3

@@ -298,14 +298,16 @@ def _check_override_value(key: str, value: str, config: ml_collections.ConfigDic
       f"--config.task={value}: a config's task comes with its file's keys (this one is task {current!r}), "
       f"so an override cannot change it; pass a config file of the task you want, e.g. --config={example}"
     )
-  if current is None:  # absl lists the types it can parse, not what to do
+  try:
+    kind = node.get_type(last)
+  except (AttributeError, KeyError, TypeError):
+    kind = None
+  if current is None and kind in (None, type(None)):  # a plain None, not a typed placeholder: absl cannot parse it
     fail(
       f"--config.{key}={value}: config.{key} is None in this config file, so the command line cannot give it a "
       "value; set it in the file (or leave the schema's default there)"
     )
-  try:
-    kind = node.get_type(last)
-  except (AttributeError, KeyError, TypeError):
+  if kind is None:
     return
   parsers = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
   parser = next((parsers[t] for t in (bool, int, float) if kind is t), None)

@@ -1022,8 +1022,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   if c.clients_per_round > c.num_clients:
     raise ConfigError(
       f"config.clients_per_round={c.clients_per_round} is larger than "
-      f"config.num_clients={c.num_clients}; set --config.clients_per_round to at most "
-      f"{c.num_clients} or raise --config.num_clients"
+      f"config.num_clients={c.num_clients}; set --config.clients_per_round (per_round=N in a config file's "
+      f"argument, e.g. configs/fedavg_unet.py:per_round={c.num_clients}) to at most {c.num_clients} or raise "
+      "--config.num_clients"
     )
   if c.quantity_skew < 0:
     raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")

@@ -84,10 +84,10 @@ def drop_tb_steps_after(tb_dir, last_round: int) -> None:
 
   for name in sorted(os.listdir(tb_dir)):
     path = os.path.join(tb_dir, name)
-    if "tfevents" not in name or not os.path.isfile(path):
-      continue
-    if name.startswith(".") and ".tmp-" in name:  # a rewrite below cut by a kill (TensorBoard would read it)
+    if name.startswith(".rewrite-") and name.endswith(".tmp") and os.path.isfile(path):  # a rewrite cut by a kill
       os.remove(path)
+      continue
+    if "tfevents" not in name or not os.path.isfile(path):
       continue
     with open(path, "rb") as f:
       data = f.read()
@@ -109,7 +109,7 @@ def drop_tb_steps_after(tb_dir, last_round: int) -> None:
     if not summaries:
       os.remove(path)
       continue
-    tmp = os.path.join(tb_dir, f".{name}.tmp-{os.getpid()}")
+    tmp = os.path.join(tb_dir, f".rewrite-{os.getpid()}.tmp")  # no "tfevents" in it: TensorBoard ignores it
     with open(tmp, "wb") as f:
       f.write(b"".join(kept))
     os.replace(tmp, path)

@@ -851,11 +851,25 @@ def _check_holds_runs(defn: dict, out: str) -> None:
     )
 
 
-def metric_choices() -> list[str]:
-  """What ``--metric`` may name: the scores every run logs per class (fedkd.evaluate.summarize)."""
+def metric_choices(num_classes: int | None = None) -> list[str]:
+  """What ``--metric`` may name: the per-class scores a run of a ``num_classes`` model logs
+  (fedkd.evaluate.summarize); of the largest model when None."""
   from fedkd.data.labels import CLASS_NAMES
+  from fedkd.evaluate import foreground_classes
 
-  return [f"{where}{m}/{c}" for where in ("", "unseen/") for m in ("dice", "iou") for c in CLASS_NAMES[1:]]
+  names = [name for _, name in foreground_classes(len(CLASS_NAMES) if num_classes is None else num_classes)]
+  return [f"{where}{m}/{c}" for where in ("", "unseen/") for m in ("dice", "iou") for c in names]
+
+
+def _check_metric_logged(defn: dict, metric: str) -> None:
+  """InputError when no run of the sweep logs ``metric`` (e.g. dice/vessel of 3-class models): its plots
+  would be silently missing."""
+  logged = {m for c in _run_configs(defn, defn["runs"]) for m in metric_choices(c.model.num_classes)}
+  if metric not in logged:
+    raise InputError(
+      f"--metric={metric!r} is not logged by this sweep's runs (their models' classes); use one of "
+      f"{', '.join(m for m in metric_choices() if m in logged)}"
+    )
 
 
 # What a fedkd.main workdir holds at its top (a sweep directory holds run folders, sweep.json and tables)
@@ -904,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
       defn = _read_definition(out)
     else:
       raise InputError("--config is required, e.g. --config=configs/quickstart.py")
+    _check_metric_logged(defn, args.metric)
     if os.path.isdir(out):
       _check_not_a_run_workdir(out)
     if args.aggregate_only:

@@ -128,3 +128,28 @@ def test_kd_methods_outside_methods_are_named_at_the_start(tmp_path):
   assert len(notes) == 1 and "kd_methods lists fedefm, not in experiment.methods" in notes[0], notes
   c.experiment.kd_methods = "fedavg"
   assert task.Experiment(c, str(tmp_path / "fe2"), log=lambda _: None).plan_notes() == []
+
+
+def test_a_plan_whose_silos_label_no_teacher_class_is_refused_before_training(tmp_path):
+  """teacher.num_classes=3 makes vessels background: a silo set holding only vessel-only sources would
+  leave the segmentation foundation no (source, class) pair to score; that plan is refused before anything
+  trains. The expected refusal is derived from the synthetic sources' own labelling (sites.DATA_TYPE_FLAGS)."""
+  from fedkd.data import sites
+  from fedkd.data.silos import DATA_TYPES, SiloData
+  from fedkd.tasks import fedefm as task
+
+  c = _tiny()
+  c.teacher.num_classes = 3
+  c.pretrain.num_silos, c.pretrain.unseen_percent = 1, 100
+  c.experiment.methods, c.experiment.kd_methods, c.experiment.seeds = "fedavg", "", "0"
+  held = np.unique(SiloData(c).silo_types(100, 0))
+  # which sources label catheter or guidewire (the classes a 3-class teacher has), from the generator's flags
+  flags = [sites.DATA_TYPE_FLAGS[sites.DATA_TYPES.index(DATA_TYPES[s][1])] for s in held]
+  scorable = any(f[0] > 0.5 or f[1] > 0.5 for f in flags)
+  assert not scorable, "the tiny plan should hold vessel-only sources only; pick another silo setup"
+  exp = task.Experiment(c, str(tmp_path / "fe"), log=lambda _: None)
+  with pytest.raises(ConfigError, match=r"label no class of the 3-class teacher") as e:
+    exp.check_workdir()
+  assert "\n" not in str(e.value)
+  c.teacher.num_classes = 4  # vessels scored: accepted
+  task.Experiment(c, str(tmp_path / "fe4"), log=lambda _: None).check_workdir()

@@ -96,3 +96,13 @@ def test_preview_scale_too_large_is_one_line(tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "--scale=1000 draws each 64px frame at 64000px, above 2048px; pass --scale <= 32" in r.stderr
   assert not out.exists()
+
+
+def test_scale_limit_never_refuses_frames_at_their_own_size():
+  from fedkd.data.preview import scale_problem
+
+  for size in (64, 2048, 4096):
+    assert scale_problem(0, size) is None and scale_problem(1, size) is None  # as large as the data itself
+  assert scale_problem(32, 64) is None  # 2048 px
+  assert "pass --scale <= 32" in scale_problem(33, 64)
+  assert "pass --scale <= 1" in scale_problem(2, 4096)

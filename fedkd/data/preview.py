@@ -53,11 +53,9 @@ def main(argv) -> None:
   if _SCALE.value < 0:
     cli.fail(f"--scale={_SCALE.value} must be >= 0 (0 = automatic)")
   validate(config, jax.device_count())
-  if _SCALE.value * config.image_size > MAX_FRAME_PX:
-    cli.fail(
-      f"--scale={_SCALE.value} draws each {config.image_size}px frame at {_SCALE.value * config.image_size}px, "
-      f"above {MAX_FRAME_PX}px; pass --scale <= {max(1, MAX_FRAME_PX // config.image_size)} (0 = automatic)"
-    )
+  problem = scale_problem(_SCALE.value, config.image_size)
+  if problem:
+    cli.fail(problem)
   data = make_client_data(config)
   with config.unlocked():
     config.eval.examples_per_site = cli.FRAMES.value
@@ -73,6 +71,17 @@ def main(argv) -> None:
     f"wrote {os.path.abspath(out)}: {len(sets)} sites x {_frames_shown(sets, cli.FRAMES.value)} "
     f"({config.data.source}, {config.image_size}px); labels drawn: {palette.caption(shown)} (legend in the picture)"
   )
+
+
+def scale_problem(scale: int, image_size: int) -> str | None:
+  """Why ``--scale`` cannot draw ``image_size`` frames (a zoomed frame above ``MAX_FRAME_PX``), else None;
+  0 (automatic) and 1 draw frames at their own size, which is never refused."""
+  if scale > 1 and scale * image_size > MAX_FRAME_PX:
+    return (
+      f"--scale={scale} draws each {image_size}px frame at {scale * image_size}px, above {MAX_FRAME_PX}px; "
+      f"pass --scale <= {max(1, MAX_FRAME_PX // image_size)} (0 = automatic)"
+    )
+  return None
 
 
 def _frames_shown(sets, frames: int) -> str:

@@ -595,7 +595,7 @@ class Experiment:
         pk, gk = pred[sel] == k, y[sel] == k
         denom = pk.sum() + gk.sum()
         scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(pk, gk).sum() / denom)
-    if not scores:  # every held source labels only classes the teacher lacks: a mean over nothing is no score
+    if not scores:  # check_scorable refuses such a plan before training: reaching this is a bug
       raise ValueError(
         f"no (source, class) pair to score: sources {np.unique(src).tolist()} label no class of the "
         f"{self.c.teacher.num_classes}-class teacher"
@@ -886,6 +886,21 @@ class Experiment:
             entries.append((percent, m, True, seed))
     return entries
 
+  def check_scorable(self) -> None:
+    """A ConfigError (before anything trains) when a planned (seed, percent) leaves the segmentation
+    foundation nothing to score: every source its silos hold labels only classes the teacher has no output
+    for (vessel-only sources under ``teacher.num_classes=3``)."""
+    if self.c.pretrain.objective != "segmentation":
+      return
+    for percent, _, _, seed in dict.fromkeys((p, None, None, s) for p, _, _, s in self.plan()):
+      held = np.unique(self.data.silo_types(percent, seed))
+      if not any(self.data.labelled_classes(int(s)) for s in held):
+        raise ConfigError(
+          f"at unseen {percent:g}% (seed {seed}) the silos hold only sources {held.tolist()}, which label no class "
+          f"of the {self.c.teacher.num_classes}-class teacher (vessels need teacher.num_classes=4): the foundation "
+          "would have nothing to be scored on; raise config.teacher.num_classes or config.pretrain.num_silos"
+        )
+
   def plan_notes(self) -> list[str]:
     """What the plan leaves out of config.experiment's lists, said at the start instead of in silence."""
     pr, notes = self.parsed, []
@@ -1055,6 +1070,7 @@ class Experiment:
         )
     self._from = self._reusable_from()
     self.build_models()
+    self.check_scorable()
     return done
 
   def run(self) -> list[dict]:
