@@ -45,13 +45,22 @@ def _probe(mode: str) -> dict:
 @pytest.mark.skipif(hostmem._mallopt() is None, reason="needs Linux with glibc")
 def test_kept_memory_is_not_faulted_in_again():
   """'release' (glibc's defaults): every run maps the temporary buffer afresh and faults in about every
-  page of it; 'keep': after the first runs the buffer stays mapped, and later runs fault in almost none."""
-  released, kept = _probe("release"), _probe("keep")
-  assert kept["pages"] >= 128 * 2**20 // 4096 - 1 and released["pages"] == kept["pages"]
-  assert released["kept"] is False and kept["kept"] is True
+  page of it; 'keep': after the first runs the buffer stays mapped, and later runs fault in almost none.
+  Where the buffer lands in the kept heap depends on which thread runs the program and what else it holds;
+  on a loaded machine a process can place it anew for several runs (seen: 1 process in about 10 under 3
+  busy loops), so 'keep' gets up to three fresh processes, and 'release' never shows the effect."""
+  released = _probe("release")
   late = lambda r: sorted(r["faults"][3:])[len(r["faults"][3:]) // 2]  # noqa: E731 - median of runs 4-8
-  assert late(released) > 0.8 * released["pages"], released
-  assert late(kept) < 0.05 * kept["pages"], kept
+  assert released["kept"] is False and late(released) > 0.8 * released["pages"], released
+  tries = []
+  for _ in range(3):
+    kept = _probe("keep")
+    assert kept["pages"] >= 128 * 2**20 // 4096 - 1 and released["pages"] == kept["pages"]
+    assert kept["kept"] is True
+    tries.append(kept)
+    if late(kept) < 0.05 * kept["pages"]:
+      break
+  assert late(tries[-1]) < 0.05 * tries[-1]["pages"], tries
 
 
 def test_apply_checks_its_mode_and_when_it_runs():
