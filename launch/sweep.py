@@ -864,7 +864,11 @@ def metric_choices(num_classes: int | None = None) -> list[str]:
 def _check_metric_logged(defn: dict, metric: str) -> None:
   """InputError when no run of the sweep logs ``metric`` (e.g. dice/vessel of 3-class models): its plots
   would be silently missing."""
-  logged = {m for c in _run_configs(defn, defn["runs"]) for m in metric_choices(c.model.num_classes)}
+  try:
+    configs = _run_configs(defn, defn["runs"])
+  except Exception:  # noqa: BLE001 - --aggregate_only of a sweep whose config file changed: names checked above
+    return
+  logged = {m for c in configs for m in metric_choices(c.model.num_classes)}
   if metric not in logged:
     raise InputError(
       f"--metric={metric!r} is not logged by this sweep's runs (their models' classes); use one of "
