@@ -175,20 +175,16 @@ class Checkpointer:
   def _json_item(self, round_: int, item: str) -> dict:
     try:
       with _reading():
-        out = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        value = self._mngr.restore(round_, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+      # valid JSON, but not what fedkd writes there
+      why = None if isinstance(value, dict) else f"its {item} record is a JSON {type(value).__name__}, not an object"
     except Exception as e:
       why = reason(e)
+    if why is not None:
       raise CheckpointError(
         f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
         why,
       ) from None
-    value = out[item]
-    if not isinstance(value, dict):  # valid JSON, but not what fedkd writes there
-      why = f"its {item} record is a JSON {type(value).__name__}, not an object"
-      raise CheckpointError(
-        f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
-        why,
-      )
     return dict(value)
 
   def saved_config(self, round_: int) -> dict:

@@ -20,22 +20,12 @@ import textwrap
 import procs
 import pytest
 
+from fedkd import sweep
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QS = "--config=configs/quickstart.py"
 # A run of seconds, should a refused case run after all (the old behaviour of some cases: a whole run)
-TINY = [
-  "--config.num_rounds=1",
-  "--config.num_clients=2",
-  "--config.clients_per_round=2",
-  "--config.local_steps=1",
-  "--config.batch_size=2",
-  "--config.image_size=32",
-  "--config.model.width=4",
-  "--config.model.depth=1",
-  "--config.model.groups=2",
-  "--config.eval.examples_per_site=2",
-  "--config.eval.max_sites=1",
-]
+TINY = [f"--config.{k}={v}" for k, v in {**sweep.TINY, "num_rounds": 1, "eval.max_sites": 1}.items()]
 
 
 def _free_port() -> int:

@@ -11,23 +11,22 @@ import jax
 import numpy as np
 import procs
 
+from fedkd import sweep
 from fedkd.evaluate import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the sweep's tiny run, with 4 clients (2 per process) and a checkpoint and evaluation every 2 rounds
 OVERRIDES = [
-  "--config.num_rounds=2",
-  "--config.num_clients=4",
-  "--config.clients_per_round=4",
-  "--config.local_steps=1",
-  "--config.batch_size=2",
-  "--config.image_size=32",
-  "--config.model.width=4",
-  "--config.model.depth=1",
-  "--config.model.groups=2",
-  "--config.eval.every=2",
-  "--config.eval.examples_per_site=2",
-  "--config.eval.max_sites=1",
-  "--config.checkpoint.every=2",
+  f"--config.{k}={v}"
+  for k, v in {
+    **sweep.TINY,
+    "num_rounds": 2,
+    "num_clients": 4,
+    "clients_per_round": 4,
+    "eval.every": 2,
+    "eval.max_sites": 1,
+    "checkpoint.every": 2,
+  }.items()
 ]
 
 

@@ -312,6 +312,7 @@ class Experiment:
     self.mesh1 = client_mesh(1)
     self._stop_checks = 0
     self._from = None  # config.experiment.foundations_from, checked by run()
+    self._checked = None  # (finished runs, checkpoints in progress) of the last check_workdir()
     self._models = False
 
   def build_models(self) -> None:
@@ -892,7 +893,7 @@ class Experiment:
     for (vessel-only sources under ``teacher.num_classes=3``)."""
     if self.c.pretrain.objective != "segmentation":
       return
-    for percent, _, _, seed in dict.fromkeys((p, None, None, s) for p, _, _, s in self.plan()):
+    for percent, seed in dict.fromkeys((p, s) for p, _, _, s in self.plan()):
       held = np.unique(self.data.silo_types(percent, seed))
       if not any(self.data.labelled_classes(int(s)) for s in held):
         raise ConfigError(
@@ -1071,15 +1072,17 @@ class Experiment:
     self._from = self._reusable_from()
     self.build_models()
     self.check_scorable()
+    self._checked = (done, in_progress)  # for the next run(): the workdir is read once
     return done
 
   def run(self) -> list[dict]:
     os.makedirs(self.workdir, exist_ok=True)
-    raw_path = os.path.join(self.workdir, "results_raw.jsonl")
-    done = self.check_workdir()
-    ck_root = os.path.join(self.workdir, "checkpoints")
-    in_progress = sorted(os.listdir(ck_root)) if os.path.isdir(ck_root) else []
-    cfg_path = os.path.join(self.workdir, "config.json")
+    if self._checked is None:
+      self.check_workdir()
+    (done, in_progress), self._checked = self._checked, None  # a later run() checks afresh
+    raw_path, ck_root, cfg_path = (
+      os.path.join(self.workdir, n) for n in ("results_raw.jsonl", "checkpoints", "config.json")
+    )
     write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
     plan = self.plan()
     for name in in_progress:  # left by a run killed between saving its foundation and the clean-up
