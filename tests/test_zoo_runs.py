@@ -149,3 +149,25 @@ def test_personal_state_resumes_exactly(name, tmp_path):
     for x, y in zip(a, b):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert _jsonl(os.path.join(work, "metrics.jsonl")) == _jsonl(os.path.join(tmp_path / "full", "metrics.jsonl"))
+
+
+def test_a_round_in_which_no_sampled_client_reports_has_no_loss(tmp_path):
+  """With algorithm.dropout every sampled client may fail to report: such a round has no training loss
+  (null in rounds.jsonl, no train/loss scalar, 'none' on the console), not a loss of 0."""
+  c = tiny_config(num_rounds=4, num_clients=2, clients_per_round=1)
+  c.algorithm.dropout = 0.9
+  c.eval.every, c.checkpoint.every = 4, 4
+  work = str(tmp_path / "w")
+  lines = []
+  fedavg.run(c, work, log=lines.append)
+  rounds = _jsonl(os.path.join(work, "rounds.jsonl"))
+  assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+  silent = [r["round"] for r in rounds if r["participants"] == 0]
+  assert silent, rounds  # p = 0.9 per round: at least one silent round in 4 (this seed has several)
+  for r in rounds:
+    assert (r["loss"] is None) == (r["participants"] == 0), r
+    if r["loss"] is not None:
+      assert math.isfinite(r["loss"]) and r["loss"] > 0
+  for r in silent:
+    (line,) = [ln for ln in lines if ln.startswith(f"round {r:>4}/")]
+    assert "loss   none (no sampled client reported)" in line, line

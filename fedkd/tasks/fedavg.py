@@ -244,9 +244,19 @@ def dense_bytes(algorithm: str, params_like) -> tuple[int, int, int]:
 
 
 def round_logs(
-  r: int, loss: float, clients, participants: int, sent: float, received: float, up_total: float, down_total: float
+  r: int,
+  loss: float | None,
+  clients,
+  participants: int,
+  sent: float,
+  received: float,
+  up_total: float,
+  down_total: float,
 ) -> tuple[dict, dict]:
-  """A round's rounds.jsonl record and its participation / communication scalars (callers add theirs)."""
+  """A round's rounds.jsonl record and its participation / communication scalars (callers add theirs).
+
+  ``loss`` is None for a round in which no sampled client reported (``algorithm.dropout``): there is no
+  training loss to average, and the record holds ``null``."""
   rec = {
     "round": r,
     "loss": loss,
@@ -267,10 +277,11 @@ def round_logs(
   return rec, scalars
 
 
-def speed_scalars(loss: float, seconds: float, images: int, input_wait: float) -> dict:
-  """A round's loss and timing scalars (``images``: trained in the round)."""
+def speed_scalars(loss: float | None, seconds: float, images: int, input_wait: float) -> dict:
+  """A round's loss and timing scalars (``images``: trained in the round); no ``train/loss`` when ``loss`` is
+  None (no client reported)."""
   return {
-    "train/loss": loss,
+    **({} if loss is None else {"train/loss": loss}),
     "train/round_seconds": seconds,
     "train/images_per_s": images / seconds,
     "train/input_wait_seconds": input_wait,
@@ -517,12 +528,13 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
       if clients_store is not None:
         clients_store.scatter(clients, new_rows)
-      sent, received = float(bytes_per_client * int(reported.sum())), float(bytes_down * len(clients))
+      participants = int(reported.sum())
+      if not participants:  # every sampled client dropped out: the aggregate is zero and there is no loss
+        loss = None
+      sent, received = float(bytes_per_client * participants), float(bytes_down * len(clients))
       bytes_total += sent
       bytes_down_total += received
-      round_rec, scalars = round_logs(
-        r, loss, clients, int(reported.sum()), sent, received, bytes_total, bytes_down_total
-      )
+      round_rec, scalars = round_logs(r, loss, clients, participants, sent, received, bytes_total, bytes_down_total)
       if config.algorithm.dropout:
         round_rec["reported"] = [int(c) for c in clients[reported]]
       if privacy is not None:
@@ -550,7 +562,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       else:
         pace = "(includes compilation)"
       log(
-        f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss {loss:.4f}  {dt:6.2f}s  {pace}"
+        f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss "
+        + (f"{loss:.4f}" if loss is not None else "  none (no sampled client reported)")
+        + f"  {dt:6.2f}s  {pace}"
         + held_out
       )
       stopping = stop is not None and stop.requested(r)
