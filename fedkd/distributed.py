@@ -12,13 +12,20 @@ line, exit 2. A process that cannot join the others (unreachable coordinator, a 
 at most ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (default 300), then prints one line and exits 2 instead of
 JAX's fatal error with a C++ stack trace. After joining, processes whose ``--num_processes`` differs
 from process 0's (the count JAX uses) stop with one line naming the mismatch, when that many processes
-joined; when process 0 expects more than were started, they wait out the timeout instead. Not caught:
+joined; when process 0 expects more than were started, they wait out the timeout instead. Processes
+with different numbers of devices (e.g. different ``--cpu_devices``) stop with one line too. Not caught:
 a process id given twice, or one at or above process 0's count, makes JAX's service end the processes
 already joined with its own fatal error (exit 134).
+
+Devices: under SLURM with as many tasks as nodes (launch/slurm.sbatch: one task per node), every
+process drives all GPUs of its node; JAX's SLURM detection alone would give each process only GPU
+``SLURM_LOCALID`` (its one-process-per-GPU default, kept when a node runs several tasks).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import os
 import socket
@@ -31,6 +38,7 @@ from fedkd.errors import UserError, reason
 
 TIMEOUT_ENV = "FEDKD_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
+MAX_TIMEOUT_S = 2**31 - 1 - 60  # JAX takes whole seconds as a C int, and gets 60 s more than the watchdog
 
 
 class DistributedError(UserError, ValueError):
@@ -51,6 +59,7 @@ def maybe_initialize(
     raise ValueError(f"--cpu_devices={cpu_devices} must be an integer >= 1 (or leave it out: one CPU device)")
   if coordinator_address is not None or num_processes is not None or process_id is not None:
     _check_flags(coordinator_address, num_processes, process_id)
+    coordinator_address = coordinator_address.strip()  # JAX cannot connect to ' host:port'
     timeout_s = _timeout_s()
     if process_id == 0:
       _check_port_free(coordinator_address)
@@ -64,16 +73,18 @@ def maybe_initialize(
     if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk via gloo
     where = f"process {process_id} of {num_processes} (coordinator {coordinator_address})"
-    _initialize_within(
-      timeout_s,
-      where,
-      "start every process with the same --coordinator_address (process 0's host:port, reachable from every "
-      f"process) and --num_processes={num_processes}, each with its own --process_id from 0 to {num_processes - 1}",
-      coordinator_address=coordinator_address,
-      num_processes=num_processes,
-      process_id=process_id,
-    )
+    with _all_local_gpus(_slurm_one_task_per_node()):
+      _initialize_within(
+        timeout_s,
+        where,
+        "start every process with the same --coordinator_address (process 0's host:port, reachable from every "
+        f"process) and --num_processes={num_processes}, each with its own --process_id from 0 to {num_processes - 1}",
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+      )
     _check_process_count(num_processes)
+    _check_devices_per_process()
     return True
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
   raw_tasks = os.environ.get("SLURM_NTASKS", "1").strip() or "1"
@@ -90,13 +101,17 @@ def maybe_initialize(
       "run every process through the launcher (srun inside a SLURM allocation; every worker of a TPU slice), "
       "or unset the variable for a single-process run"
     )
+    if len(hosts) <= 1:
+      _check_slurm_port_free()
     try:
-      _initialize_within(timeout_s, f"this process ({source})", fix)
+      with _all_local_gpus(_slurm_one_task_per_node()):
+        _initialize_within(timeout_s, f"this process ({source})", fix)
     except (ValueError, TypeError, RuntimeError) as e:  # JAX could not find the coordinator, count or id
       raise DistributedError(
         f"{source}, so this is one process of several, but JAX cannot start the multi-process runtime from "
         f"this environment ({reason(e, 300)}); {fix}"
       ) from None
+    _check_devices_per_process()
     return True
   return False
 
@@ -115,7 +130,7 @@ def _timeout_s() -> float:
     value = float("nan")
   if not (value > 0 and value != float("inf")):
     raise DistributedError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds, e.g. {TIMEOUT_ENV}=600")
-  return value
+  return min(value, MAX_TIMEOUT_S)  # a longer wait than JAX can take (68 years) is as good as forever
 
 
 def _check_flags(address: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -153,9 +168,12 @@ def _split_address(address: str) -> tuple[str, int]:
   return host, int(port)
 
 
-def _check_port_free(address: str) -> None:
+def _check_port_free(
+  address: str, named: str | None = None, fix: str = "pick a free port (the same one for every process)"
+) -> None:
   """Process 0 serves the coordinator on the address's port (on every interface, as JAX binds it). A
-  taken port makes JAX's server crash (a segmentation fault), so it is refused here, naming it."""
+  taken port makes JAX's server crash (a segmentation fault), so it is refused here, naming it
+  (``named``: how the user gave the port; default the --coordinator_address flag)."""
   bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or address
   try:
     _, port = _split_address(bind)
@@ -173,11 +191,60 @@ def _check_port_free(address: str) -> None:
       if e.errno in (errno.EADDRINUSE, errno.EACCES):
         why = "is in use by another program" if e.errno == errno.EADDRINUSE else "cannot be opened by this user"
         raise DistributedError(
-          f"port {port} of --coordinator_address={address} {why}; process 0 serves the coordinator there: "
-          "pick a free port (the same one for every process)"
+          f"port {port} of {named or f'--coordinator_address={address}'} {why}; process 0 serves the "
+          f"coordinator there: {fix}"
         ) from None
     finally:
       s.close()
+
+
+def _check_slurm_port_free() -> None:
+  """Task 0 of a SLURM job step serves the coordinator on the port JAX picks: ``JAX_COORDINATOR_PORT``,
+  else one derived from the job id (61440 + id mod 4096, so two jobs can pick the same)."""
+  env = os.environ
+  needed = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+  if any(k not in env for k in needed) or env["SLURM_PROCID"].strip() != "0" or env.get("JAX_COORDINATOR_ADDRESS"):
+    return  # not JAX's SLURM detection, or not the coordinator's task: JAX reports what it finds
+  job = env["SLURM_JOB_ID"].strip()
+  port = env.get("JAX_COORDINATOR_PORT", "").strip()
+  named = f"JAX_COORDINATOR_PORT={port}"
+  if not port:
+    if not job.isdigit():
+      return
+    port, named = str(int(job) % 2**12 + 65535 - 2**12 + 1), f"SLURM job {job}'s coordinator (JAX's choice)"
+  _check_port_free(
+    f"localhost:{port}",
+    named,
+    "export JAX_COORDINATOR_PORT=PORT with a free port to every task (e.g. in the sbatch script, before srun)",
+  )
+
+
+def _slurm_one_task_per_node() -> bool:
+  """A SLURM job step with as many tasks as nodes (each node runs one process), unless
+  ``JAX_LOCAL_DEVICE_IDS`` names this process's devices."""
+  env = os.environ
+  nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
+  tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+  return (
+    "SLURM_JOB_ID" in env
+    and "JAX_LOCAL_DEVICE_IDS" not in env
+    and nodes is not None
+    and tasks is not None
+    and nodes.strip() == tasks.strip()
+  )
+
+
+@contextlib.contextmanager
+def _all_local_gpus(keep: bool):
+  """With ``keep``, the GPUs visible to this process after the body are those before it: JAX's cluster
+  detection restricts them to ``SLURM_LOCALID`` (one process per GPU) during ``initialize``."""
+  names = ("jax_cuda_visible_devices", "jax_rocm_visible_devices")
+  before = {n: jax.config.read(n) for n in names} if keep else {}
+  try:
+    yield
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
 
 
 def _initialize_within(timeout_s: float, where: str, fix: str, **kwargs) -> None:
@@ -203,6 +270,18 @@ def _initialize_within(timeout_s: float, where: str, fix: str, **kwargs) -> None
     jax.distributed.initialize(initialization_timeout=int(timeout_s) + 60, **kwargs)
   finally:
     done.set()
+
+
+def _check_devices_per_process() -> None:
+  """Every process must drive as many devices as the others (checkpoints and the client mesh lay the
+  devices out as processes x local devices); every process sees the whole device list."""
+  per_process = collections.Counter(d.process_index for d in jax.devices())
+  if len(set(per_process.values())) > 1:
+    named = ", ".join(f"process {i} has {n}" for i, n in sorted(per_process.items()))
+    raise DistributedError(
+      f"the processes have different numbers of devices ({named}); give every process the same number "
+      "(the same --cpu_devices; on GPU or TPU hosts, as many accelerators on each)"
+    )
 
 
 def _check_process_count(num_processes: int) -> None:

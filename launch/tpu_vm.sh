@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run a fedkd command on a Cloud TPU VM (single host or pod slice): create the VM (directly or as a
 # queued resource), copy this checkout to every worker, install, run the command on all workers,
-# fetch the results from worker 0, and delete the VM on exit (unless --keep).
+# fetch the results from worker 0, and delete the VM on exit (unless --keep). Ctrl-C (or SIGTERM) while
+# the command runs or its results are fetched asks before deleting the VM (it holds the run's files);
+# --on_interrupt=keep|delete decides without asking.
 #
 #   launch/tpu_vm.sh --name=fedkd-v4 --zone=us-central2-b --accelerator_type=v4-8 -- \
 #       python -m fedkd.main --config=configs/fedavg_unet.py --workdir=runs/tpu
@@ -25,10 +27,14 @@ usage: $0 --name=NAME --zone=ZONE [options] -- COMMAND [ARGS...]
   --accelerator_type=TYPE   e.g. v4-8, v5litepod-8, v5p-16 (default: v4-8)
   --version=RUNTIME         TPU software version (default: tpu-ubuntu2204-base)
   --project=PROJECT         gcloud project (default: gcloud's configured project)
-  --spot                    spot capacity (cheaper, can be preempted; re-run to resume)
+  --spot                    spot capacity (cheaper, can be preempted: the VM and its disk go; re-running
+                            resumes only from a --workdir every VM sees, e.g. gs://BUCKET/run)
   --queued                  create through a queued resource (waits for capacity)
   --keep                    do not delete the VM at the end
   --reuse                   use an existing VM with this name (skip create)
+  --on_interrupt=WHAT       Ctrl-C / SIGTERM once the command has started: ask (default: delete the VM
+                            only if you answer y; without a terminal the VM is kept), keep, or delete
+                            (before the command starts, an interrupt deletes the VM this script created)
   --src=DIR                 code to copy (default: the repository of this script)
   --remote_dir=DIR          where the code goes on the workers (default: fedkd)
   --fetch=PATH              path (relative to --remote_dir) copied back from worker 0 into
@@ -44,7 +50,7 @@ die() { echo "fedkd: error: $*" >&2; exit 2; }
 
 name="" zone="" accel="v4-8" version="tpu-ubuntu2204-base" project="" spot=0 queued=0 keep=0 reuse=0
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" remote_dir="fedkd" fetch="runs" pip_spec="jax[tpu]"
-dry_run=0
+dry_run=0 on_interrupt="ask"
 cmd=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -57,6 +63,7 @@ while [ $# -gt 0 ]; do
     --queued) queued=1 ;;
     --keep) keep=1 ;;
     --reuse) reuse=1 ;;
+    --on_interrupt=*) on_interrupt="${1#*=}" ;;
     --src=*) src="${1#*=}" ;;
     --remote_dir=*) remote_dir="${1#*=}" ;;
     --fetch=*) fetch="${1#*=}" ;;
@@ -72,6 +79,10 @@ done
 [ -n "$zone" ] || { usage >&2; die "--zone is required"; }
 [ ${#cmd[@]} -gt 0 ] || { usage >&2; die "no command given; put it after --, e.g. -- python -m fedkd.main ..."; }
 [ -d "$src" ] || die "--src=$src is not a directory"
+case "$on_interrupt" in
+  ask|keep|delete) ;;
+  *) die "--on_interrupt=$on_interrupt is not ask, keep or delete" ;;
+esac
 
 common=(--zone="$zone")
 [ -n "$project" ] && common+=(--project="$project")
@@ -86,24 +97,50 @@ run() {
   fi
 }
 
+# After an interrupt (Ctrl-C, SIGTERM) once the command started, the VM holds what the command wrote
+# (checkpoints, metrics) and perhaps the command, still running: kept (true) unless the user says delete.
+kept_after_interrupt() {
+  local delete_cmd="gcloud compute tpus tpu-vm delete $name ${common[*]} --quiet"
+  [ "$queued" = 1 ] && delete_cmd="gcloud compute tpus queued-resources delete $qr_name ${common[*]} --force --quiet"
+  echo "interrupted: TPU VM $name holds what the command wrote ($remote_dir/$fetch); it is billed until deleted" >&2
+  [ -n "$fetch" ] && echo "  fetch the results: gcloud compute tpus tpu-vm scp --recurse" \
+    "$name:$remote_dir/$fetch $(dirname "$fetch") ${common[*]} --worker=0" >&2
+  echo "  delete the VM:     $delete_cmd" >&2
+  local answer=""
+  if [ "$on_interrupt" = ask ] && [ -t 0 ]; then
+    trap - INT  # Ctrl-C at the question: stop here, the VM kept
+    printf 'Delete TPU VM %s now? [y/N] ' "$name" >&2
+    read -r answer || answer=""
+  fi
+  case "$on_interrupt:$answer" in
+    delete:*|ask:y|ask:Y|ask:yes) return 1 ;;
+  esac
+  echo "keeping TPU VM $name" >&2
+}
+
 created=0  # set just before this script creates the VM: only a VM it created is deleted
+started=0  # set when the command starts on the workers: from then on the VM holds its output
+interrupted=0
 cleanup() {
   local rc=$?
+  [ -n "${tarball:-}" ] && [ "$dry_run" = 0 ] && rm -f "$tarball"
   if [ "$keep" = 1 ] || [ "$reuse" = 1 ]; then
     echo "keeping TPU VM $name (delete: gcloud compute tpus tpu-vm delete $name --zone=$zone --quiet)" >&2
   elif [ "$created" = 0 ]; then
+    :
+  elif [ "$interrupted" = 1 ] && [ "$started" = 1 ] && kept_after_interrupt; then
     :
   elif [ "$queued" = 1 ]; then
     run gcloud compute tpus queued-resources delete "$qr_name" "${common[@]}" --force --quiet || true
   else
     run gcloud compute tpus tpu-vm delete "$name" "${common[@]}" --quiet || true
   fi
-  [ -n "${tarball:-}" ] && [ "$dry_run" = 0 ] && rm -f "$tarball"
   exit "$rc"
 }
 
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'interrupted=1; exit 130' INT
+trap 'interrupted=1; exit 143' TERM
 
 # 1. create
 if [ "$reuse" = 0 ]; then
@@ -158,6 +195,7 @@ run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
 # 4. run the command on every worker (multi-host: fedkd calls jax.distributed.initialize itself)
 remote_cmd=$(printf '%q ' "${cmd[@]}")
 cmd_rc=0  # a failed (or preempted) command still gets its results fetched before the VM is deleted
+started=1
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
   --command="cd $remote_dir && PATH=\$HOME/.local/bin:\$PATH $remote_cmd" || cmd_rc=$?
 
