@@ -52,7 +52,8 @@ class FedEFMOptions:
 
 
 def expert_similarities(student_feats, expert_feats, opts: FedEFMOptions):
-  """student_feats [B, h, w, C], expert_feats [J, B, h, w, C] -> S [J] (batch-mean EMD similarity)."""
+  """student_feats [B, h, w, C], expert_feats [J, B, h, w, C] -> (S [J] (batch-mean EMD similarity), the
+  largest L1 marginal error of each expert's plans [J])."""
   u = emd_lib.dense_features_to_nodes(student_feats)  # [B, n, C]
   v = emd_lib.dense_features_to_nodes(expert_feats)  # [J, B, n, C]
   kw = dict(epsilon=opts.emd_epsilon, marginals=opts.emd_marginals, num_iters=opts.emd_iters or None)
@@ -64,7 +65,7 @@ def expert_similarities(student_feats, expert_feats, opts: FedEFMOptions):
     return s, err
 
   per, err = jax.vmap(lambda vj: jax.vmap(sim)(u, vj))(v)  # [J, B] each
-  return jnp.mean(per, axis=1), jnp.max(err)
+  return jnp.mean(per, axis=1), jnp.max(err, axis=1)
 
 
 class FedEFMSilo(Algorithm):
@@ -130,6 +131,7 @@ class FedEFMSilo(Algorithm):
           sims, err = jnp.zeros(mask.shape, jnp.float32), jnp.zeros((), jnp.float32)
         else:
           sims, err = expert_similarities(feats, e_feats, o)
+          err = jnp.max(jnp.where(mask, err, 0.0))  # padded neighbour slots are solved but never used
           w = emd_lib.emd_weights(sims, o.weight_mode, o.weight_temperature, o.detach_weights, mask)
         total, kd = multishot_distill_loss(logits, e_logits, w, seg, o.beta, o.temperature, return_kd=True)
         aux.update(kd=jax.lax.stop_gradient(kd), sims=sims, w=w, emd_error=err)

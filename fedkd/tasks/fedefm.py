@@ -70,8 +70,10 @@ from fedkd.workdir import read_json_object, write_atomic
 METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a leaf)
 # Methods that distil from overseas experts (after the warm-up rounds); the rest train on their own data.
 DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
-# Methods whose silos mix by gossip over the topology (DFL); "fedefm" follows config.fedefm.mixing.
+# Methods whose silos mix by gossip over the topology (DFL); "fedefm" and its controls with FedEFM's
+# update (uniform weights, no experts) follow config.fedefm.mixing, so each control changes one ingredient.
 GOSSIP = ("ring", "matcha", "fedefm_dfl")
+FOLLOW_MIXING = ("fedefm", "fedefm_uniform", "fedefm_e0")
 # config key -> its name among the pretraining round's traced inputs (the engine's ``hparams``): the KD
 # weight, KD temperature and learning rates. Experiments that differ only in these share one compiled
 # round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile per method).
@@ -145,8 +147,35 @@ def load_adjacency(c) -> np.ndarray:
 def validate(c) -> dict:
   """Checks every FedEFM setting before anything trains (``fedkd.config.validate_fedefm``, then the
   topology loads); returns the parsed lists and the topology's adjacency."""
+  f = c.get("fedefm")
+  if f is not None and type(f.get("expert_steps")) is int and f.expert_steps == 0:  # the control is a method
+    raise ConfigError(
+      "config.fedefm.expert_steps=0 must be an integer >= 1; the expert_steps = 0 control (KD to the silo's own "
+      "round-start model) is the method fedefm_e0: add it to --config.experiment.methods instead"
+    )
   parsed = validate_fedefm(c, jax.device_count())
+  if c.seed != 0:  # read nowhere: each seed of experiment.seeds draws the data, initialisation and batches
+    raise ConfigError(
+      f"config.seed={c.seed} is not used by FedEFM, which runs the seeds config.experiment.seeds="
+      f"{c.experiment.seeds!r}; set --config.experiment.seeds={c.seed} instead (and leave config.seed at 0)"
+    )
+  planned = parsed["methods"] + (parsed["ablation_methods"] if parsed["percents"] else [])
+  distilling = [m for m in DISTILL if m in planned]
+  if distilling and c.fedefm.warmup_rounds >= c.pretrain.num_rounds:  # else silently the warm-up baseline
+    raise ConfigError(
+      f"config.fedefm.warmup_rounds={c.fedefm.warmup_rounds} leaves no distilling round of "
+      f"config.pretrain.num_rounds={c.pretrain.num_rounds}: {', '.join(distilling)} would never distil (only "
+      f"plain warm-up rounds); set --config.fedefm.warmup_rounds below {c.pretrain.num_rounds} or raise "
+      "config.pretrain.num_rounds"
+    )
   parsed["adjacency"] = load_adjacency(c)
+  alone = np.flatnonzero(~parsed["adjacency"].any(1))
+  if distilling and len(alone):  # only with one silo: loaded topologies connect every silo
+    raise ConfigError(
+      f"config.pretrain.num_silos={c.pretrain.num_silos}: silo {int(alone[0])} has no neighbour on "
+      f"config.fedefm.topology={c.fedefm.topology!r}, so {', '.join(distilling)} would distil from nobody (the KD "
+      "term is 0); use at least 2 silos, or only methods that do not distil"
+    )
   return parsed
 
 
@@ -192,6 +221,17 @@ def transfer_encoder(student_params, foundation, model_name: str):
       student_params, _ = load_encoder(student_params, foundation, prefix=(group,), require=())
     return student_params
   return load_encoder(student_params, foundation)[0]
+
+
+def weight_spread(w, adjacency) -> float:
+  """One round's spread of the neighbour weights w [silos, J] (J padded in-neighbour slots): the root mean
+  square, over every silo's real neighbours, of a weight minus that silo's mean weight (uniform weights: 0;
+  with every silo's weights summing to 1 on a regular graph, the std over silos x neighbours)."""
+  _, mask = topology.neighbour_table(adjacency)
+  w = np.asarray(w, np.float64)
+  mean = np.sum(np.where(mask, w, 0.0), 1, keepdims=True) / np.maximum(mask.sum(1, keepdims=True), 1)
+  dev = (w - mean)[mask]
+  return float(np.sqrt(np.mean(dev**2))) if dev.size else 0.0
 
 
 def scarce_sizes(d) -> list[int]:
@@ -363,7 +403,7 @@ class Experiment:
   # ------------------------------------------------------------------ pretraining
 
   def _mixing(self, method: str) -> str:
-    if method in GOSSIP or (method == "fedefm" and self.c.fedefm.mixing == "dfl"):
+    if method in GOSSIP or (method in FOLLOW_MIXING and self.c.fedefm.mixing == "dfl"):
       return "dfl"
     return "cfl"
 
@@ -606,7 +646,8 @@ class Experiment:
   def _round_transfers(self, method: str, distill: bool, W: np.ndarray, nmask: np.ndarray) -> float:
     """Models sent + received per silo this round (mean over silos): CFL 2 (up, down); gossip: one per
     out- and per in-neighbour with a nonzero weight; overseas experts: 2 per neighbour (the model goes,
-    the expert comes back); centralized: 0 (its data are pooled instead)."""
+    the expert comes back; none for fedefm_e0, whose "experts" are the silo's own model); centralized: 0
+    (its data are pooled instead)."""
     if method == "centralized":
       return 0.0
     if self._mixing(method) == "cfl":
@@ -614,7 +655,7 @@ class Experiment:
     else:
       off = (np.asarray(W) != 0) & ~np.eye(W.shape[0], dtype=bool)
       moves = off.sum(0) + off.sum(1)  # sent (column) + received (row)
-    if distill:
+    if distill and self._options(method, distill).expert_steps > 0:
       moves = moves + 2.0 * np.asarray(nmask).sum(1)
     return float(np.mean(moves))
 
@@ -1069,6 +1110,13 @@ class Experiment:
           f"{raw_path}: the record of {r['method']} seed {r['seed']} lacks {', '.join(missing)}; "
           "delete that line (its run is redone) or use a new --workdir"
         )
+      bad = [k for k in RESULT_KEYS[4:] if not report.is_number(r[k])]  # NaN is not a result either
+      bad += [k for k, v in r.items() if isinstance(v, float) and not np.isfinite(v)]
+      if bad:
+        raise ConfigError(
+          f"{raw_path}: the record of {r['method']} seed {r['seed']} holds {r[bad[0]]!r} for {bad[0]}, not a "
+          "result; delete that line (its run is redone) or use a new --workdir"
+        )
     self._from = self._reusable_from()
     self.build_models()
     self.check_scorable()
@@ -1121,8 +1169,7 @@ class Experiment:
         "seconds": round(time.time() - t, 2),
         "cost": pre.get("cost"),
         "emd": {
-          # per-round spread (std over silos x neighbours) of the EMD weights, averaged over rounds
-          "w_spread": float(np.mean([np.std(w) for w in w_hist])) if w_hist else None,
+          "w_spread": float(np.mean([weight_spread(w, self.adj) for w in w_hist])) if w_hist else None,
           "error_max": pre.get("emd_error_max"),
         },
         "foundation_curve": pre.get("curve", []),
@@ -1211,11 +1258,13 @@ class Experiment:
     for m in ("fedefm", "fedefm_dfl"):
       first = next((r for r in main if r["method"] == m and r.get("w_history")), None)
       if first is not None:
-        w = np.asarray(first["w_history"], np.float64)  # [rounds, silos, J]
-        labels = [f"silo {i} <- nbr {j}" for i in range(w.shape[1]) for j in range(w.shape[2])]
+        w = np.asarray(first["w_history"], np.float64)  # [rounds, silos, J]: J in-neighbour slots, some padded
+        idx, mask = topology.neighbour_table(self.adj)
+        slots = [(i, k) for i in range(w.shape[1]) for k in range(w.shape[2]) if mask[i, k]]
+        labels = [f"silo {i} <- silo {idx[i, k]}" for i, k in slots]
         name = f"emd_weights_{m}.png"
         report.heatmap(
-          w.reshape(w.shape[0], -1).T,
+          np.stack([w[:, i, k] for i, k in slots]),
           labels,
           os.path.join(self.workdir, name),
           xlabel="distillation round",

@@ -7,7 +7,8 @@ r"""Paired contrasts between runs of two FedEFM workdirs (e.g. a setting changed
 Each of ``--a`` / ``--b`` is ``WORKDIR:METHOD`` (``METHOD +KD`` for a teacher-KD fine-tune) read from
 ``WORKDIR/results_raw.jsonl`` at ``--unseen_percent`` (default 100); the seeds both hold are paired. Prints
 one Markdown row per key: a - b, 95% t-interval, paired t-test p, Holm over the keys given. ``--keys`` are
-the records' numeric results (e.g. foundation, dice/mean, n8/dice/mean, seconds), each named once.
+the records' numeric results (e.g. foundation, dice/mean, n8/dice/mean, seconds), each named once; a record
+holding NaN or Inf for one is an error, not a result.
 
 A side may pool several workdirs that ran the same config on different seeds (comma list; a seed held by
 two of them, or configs that differ in more than ``config.experiment``, is an error), e.g. seeds 0-4 and a
@@ -152,6 +153,13 @@ def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> li
   results = []
   for k in keys:
     pairs = [(a[s][k], b[s][k]) for s in seeds if report.is_number(a[s].get(k)) and report.is_number(b[s].get(k))]
+    for s in seeds:  # NaN / Inf is not a result: a contrast over it would print nan as a difference
+      for side, rec in (("--a", a[s]), ("--b", b[s])):
+        if report.is_number(rec.get(k)) and not math.isfinite(rec[k]):
+          raise ConfigError(
+            f"{side}: the record of seed {s} holds {rec[k]} for {k!r}, not a result; redo that run (delete its "
+            "line in results_raw.jsonl and re-run the experiment) or leave the key out"
+          )
     if not pairs:
       raise ConfigError(
         f"no seed has {k!r} in both run sets; numeric keys of these records: {', '.join(numeric_keys(a, b))}"
