@@ -30,7 +30,9 @@ def build(a: dict):
   c.local_steps = 4
   c.batch_size = 2
   c.image_size = 64
-  c.examples_per_client = 64  # small devices, unequal sizes (FedAvg / SCAFFOLD weights)
+  # small devices of unequal sizes: the weights of FedAvg's mean and of the logged loss (SCAFFOLD's default
+  # algorithm.scaffold_weighting='uniform' averages the sampled clients' deltas unweighted)
+  c.examples_per_client = 64
   c.quantity_skew = 0.5
   c.model.width = 8
   c.model.depth = 2

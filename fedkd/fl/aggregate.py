@@ -43,6 +43,7 @@ keeps the device's n stacked uploads (n x P) alive for them in every layout (chu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -162,6 +163,15 @@ def _sorted_counting(values, counting):
   return jnp.sort(jnp.where(counting[:, None], values, jnp.inf), axis=0)
 
 
+def _median_of_counting(values, counting, m):
+  """[k]: each coordinate's median over the m counting clients (mean of the two middle values for even m;
+  halves added, so two huge values do not overflow)."""
+  s = _sorted_counting(values, counting)
+  lo = jax.lax.dynamic_index_in_dim(s, jnp.maximum(m - 1, 0) // 2, 0, keepdims=False)
+  hi = jax.lax.dynamic_index_in_dim(s, m // 2, 0, keepdims=False)
+  return 0.5 * lo + 0.5 * hi
+
+
 class Median:
   """Coordinate-wise median of the counting clients' uploads (mean of the two middle values for even m).
 
@@ -235,8 +245,12 @@ class MultiKrum:
   with the lowest Krum scores (:func:`krum_scores`; k = m - f when None, clipped to [1, m]); ties go to
   the lower client index. The distances are over each client's whole update (every leaf flattened).
 
-  Memory per device: the ``all_to_all`` slice C x ceil(P/D) f32 and its centred copy (about 2 C P / D
-  floats), the C x C Gram matrix, and the P-float result (a weighted ``psum`` of the chosen uploads)."""
+  The Gram matrix is of the uploads centred on their coordinate-wise median, and a squared distance past
+  float32's range counts as inf, so an upload of any finite size never wins by overflowing the arithmetic.
+
+  Memory per device: the ``all_to_all`` slice C x ceil(P/D) f32, its sorted copy (for the median) and its
+  centred copy (about 3 C P / D floats), the C x C Gram matrix, and the P-float result (a weighted ``psum``
+  of the chosen uploads)."""
 
   name = "multi_krum"
   linear = False
@@ -255,13 +269,15 @@ class MultiKrum:
     gram = jnp.zeros((c, c), F32)
     for leaf in jax.tree.leaves(uploads):
       values, _ = _coordinate_slice(leaf)
-      # centred on the counting clients' mean (coordinate-wise, so local): no cancellation in |a|^2 + |b|^2 - 2ab
-      centre = jnp.sum(jnp.where(counting[:, None], values, 0.0), axis=0) / jnp.maximum(m, 1).astype(F32)
-      x = jnp.where(counting[:, None], values - centre, 0.0)
+      # centred on the counting clients' coordinate-wise median (local): no cancellation in |a|^2 + |b|^2 - 2ab,
+      # also beside a Byzantine upload of 1e25, which would drag a mean (and the honest clients with it)
+      x = jnp.where(counting[:, None], values - _median_of_counting(values, counting, m), 0.0)
       gram = gram + jnp.matmul(x, x.T, precision=HIGHEST)
     gram = jax.lax.psum(gram, CLIENTS)
     sq = jnp.diagonal(gram)
-    sq_dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    sq_dist = sq[:, None] + sq[None, :] - 2.0 * gram
+    # a distance past float32's range is inf (a huge upload: |a|^2 overflows, inf - inf is NaN), not NaN
+    sq_dist = jnp.maximum(jnp.where(jnp.isnan(sq_dist), jnp.inf, sq_dist), 0.0)
     scores = krum_scores(sq_dist, counting, self.f)
     k = jnp.clip(m - self.f if self.k is None else self.k, 1, jnp.maximum(m, 1))
     rank = jnp.zeros((c,), jnp.int32).at[jnp.argsort(scores, stable=True)].set(jnp.arange(c, dtype=jnp.int32))
@@ -312,8 +328,12 @@ class NormClip:
     self.clip = float(clip)
 
   def partial(self, uploads, weights):
-    sq = sum(jnp.sum(jnp.square(u.astype(F32)).reshape(u.shape[0], -1), axis=1) for u in jax.tree.leaves(uploads))
-    norm = jnp.sqrt(sq)
+    leaves = [u.astype(F32).reshape(u.shape[0], -1) for u in jax.tree.leaves(uploads)]
+    # each client's values divided by a power of two at least their largest magnitude (exact): the norm of a
+    # finite upload of 1e20 is finite, so it is clipped to ``clip`` rather than zeroed by clip / inf
+    big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(u), axis=1, initial=0.0) for u in leaves])
+    scale = jnp.where((big > 0) & jnp.isfinite(big), jnp.ldexp(F32(1), jnp.frexp(big)[1]), F32(1))
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(u / scale[:, None]), axis=1) for u in leaves)) * scale
     scale = jnp.where(norm > self.clip, self.clip / jnp.where(norm > self.clip, norm, 1.0), 1.0)
     return Mean.partial(uploads, weights * scale)
 

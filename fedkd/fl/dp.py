@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,8 @@ from fedkd.fl.algorithm import ClientOutput
 NOISE_STREAM = 0x44504E5A  # "DPNZ"
 # L2 sensitivity of the sum of clipped deltas, in units of the clip norm, when one client is replaced
 REPLACE_ONE_SENSITIVITY = 2.0
+# epsilon is computed at min(noise_multiplier, this): more noise cannot spend more (a sound upper bound)
+LARGEST_NOISE = 1e6
 ACCOUNTING = (
   "privacy: (epsilon, delta) for user-level DP from dp_accounting's RDP accountant, with the m clients of a round "
   "sampled uniformly without replacement from the N (Wang, Balle & Kasiviswanathan 2019) under the REPLACE_ONE "
@@ -62,9 +65,15 @@ def _floating(x) -> bool:
 
 
 def global_norm(tree) -> jax.Array:
-  """L2 norm (f32) over every floating leaf of ``tree``."""
-  sq = [jnp.sum(jnp.square(jnp.asarray(a, jnp.float32))) for a in jax.tree.leaves(tree) if _floating(a)]
-  return jnp.sqrt(sum(sq, jnp.zeros((), jnp.float32)))
+  """L2 norm (f32) over every floating leaf of ``tree``: finite for every finite tree (the squares are of the
+  values divided by a power of two at least their largest magnitude, exact, so an update of 1e20 has its
+  norm, not inf); NaN/Inf for a tree that holds one."""
+  leaves = [jnp.asarray(a, jnp.float32) for a in jax.tree.leaves(tree) if _floating(a)]
+  zero = jnp.zeros((), jnp.float32)
+  big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), initial=0.0) for a in leaves], zero)
+  scale = jnp.where((big > 0) & jnp.isfinite(big), jnp.ldexp(jnp.float32(1), jnp.frexp(big)[1]), 1.0)
+  sq = [jnp.sum(jnp.square(a / scale)) for a in leaves]
+  return jnp.sqrt(sum(sq, zero)) * scale
 
 
 def clip_update(tree, clip_norm: float):
@@ -208,14 +217,28 @@ def epsilon(noise_multiplier: float, num_clients: int, clients_per_round: int, r
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
     return float(accountant.get_epsilon(float(delta)))
 
-  gaussian = dp_accounting.GaussianDpEvent(float(noise_multiplier) / REPLACE_ONE_SENSITIVITY)
-  unsampled = rdp_epsilon(gaussian)
+  # epsilon does not grow with z, so beyond LARGEST_NOISE (where it is already the accountant's floor) the
+  # value there bounds it; the accountant overflows on z**2 around 1e154
+  z = min(float(noise_multiplier), LARGEST_NOISE)
+  gaussian = dp_accounting.GaussianDpEvent(z / REPLACE_ONE_SENSITIVITY)
+  with warnings.catch_warnings():  # at tiny z, alpha / z**2 overflows to inf: an infinite epsilon, rightly
+    warnings.simplefilter("ignore", RuntimeWarning)
+    unsampled = rdp_epsilon(gaussian)
   if int(clients_per_round) == int(num_clients):
     return unsampled
   # the without-replacement bound is looser than no sampling at high rates (q = 0.9: 235 vs 166 at z = 1,
   # 50 rounds, delta 1e-5); sampling never hurts, so the unsampled bound holds too: the smaller one
   sampled = dp_accounting.SampledWithoutReplacementDpEvent(int(num_clients), int(clients_per_round), gaussian)
-  return min(rdp_epsilon(sampled), unsampled)
+  # At tiny noise multipliers (z < ~1e-154) the sampled RDP overflows to NaN, which get_epsilon turns into
+  # 0.0 ("perfect privacy"); then, as where the accountant fails in a math function (z above ~1e8), only
+  # the unsampled bound, which holds for every sample size, is reported.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    try:
+      bound = rdp_epsilon(sampled)
+    except (ArithmeticError, ValueError, RuntimeWarning):
+      return unsampled
+  return unsampled if math.isnan(bound) else min(bound, unsampled)
 
 
 def max_rounds(
