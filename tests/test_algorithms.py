@@ -513,3 +513,23 @@ def test_dropout_draws_follow_the_round_key():
   np.testing.assert_array_equal(draw_reported(keys[5], 0.3, 8), draws[5])
   assert draw_reported(keys[5], 0.0, 8).all()
   assert not np.array_equal(draws[5], draws[6])
+
+
+@pytest.mark.parametrize("server_tx", ["momentum", "adam"])
+def test_a_round_in_which_nobody_reports_leaves_the_server_where_it_was(server_tx):
+  """Client dropout: after a round where every client reported (the server optimizer now holds momentum /
+  Adam moments), a round where none did leaves the server params and optimizer state bitwise as they were
+  (no step on the zero aggregate), and only the round counter advances."""
+  apply, params, loss_fn, xs, ys, weights = _data(seed=13, steps=2)
+  tx = optax.sgd(1.0, momentum=0.9) if server_tx == "momentum" else optax.adam(0.01)
+  fn, mesh, alg = _build(apply, loss_fn, 2, "vmap", server_tx=tx)
+  bx, by, bw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  everyone, nobody = (shard_clients(jnp.asarray(np.full(4, v)), mesh) for v in (True, False))
+  state, _, _ = fn(alg.init(params, jax.random.key(0)), None, {"x": bx, "y": by, "reported": everyone}, bw)
+  before = jax.tree.map(np.asarray, state)
+  assert _max_diff(_tree_np(params), before["params"]) > 0  # the first round moved the model
+  state, _, m = fn(state, None, {"x": bx, "y": by, "reported": nobody}, bw)
+  assert int(state["round"]) == int(before["round"]) + 1 == 2 and bool(m["finite"])
+  for key in ("params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(state[key])):
+      np.testing.assert_array_equal(a, np.asarray(b))

@@ -153,9 +153,11 @@ def test_personal_state_resumes_exactly(name, tmp_path):
 
 def test_a_round_in_which_no_sampled_client_reports_has_no_loss(tmp_path):
   """With algorithm.dropout every sampled client may fail to report: such a round has no training loss
-  (null in rounds.jsonl, no train/loss scalar, 'none' on the console), not a loss of 0."""
+  (null in rounds.jsonl, 'none' on the console), not a loss of 0, nor a DP median norm or clipped fraction
+  (null), while its epsilon is spent."""
   c = tiny_config(num_rounds=4, num_clients=2, clients_per_round=1)
   c.algorithm.dropout = 0.9
+  c.dp.enabled, c.dp.clip_norm, c.dp.noise_multiplier, c.dp.delta = True, 0.01, 1.0, 1e-3
   c.eval.every, c.checkpoint.every = 4, 4
   work = str(tmp_path / "w")
   lines = []
@@ -166,8 +168,12 @@ def test_a_round_in_which_no_sampled_client_reports_has_no_loss(tmp_path):
   assert silent, rounds  # p = 0.9 per round: at least one silent round in 4 (this seed has several)
   for r in rounds:
     assert (r["loss"] is None) == (r["participants"] == 0), r
+    assert r["dp/epsilon"] == pytest.approx(_accountant_epsilon(1.0, 2, 1, r["round"], 1e-3), rel=1e-9)
     if r["loss"] is not None:
       assert math.isfinite(r["loss"]) and r["loss"] > 0
+      assert r["dp/median_norm"] > 0 and r["dp/clipped_fraction"] in (0.0, 1.0)
+    else:
+      assert r["dp/median_norm"] is None and r["dp/clipped_fraction"] is None
   for r in silent:
     (line,) = [ln for ln in lines if ln.startswith(f"round {r:>4}/")]
     assert "loss   none (no sampled client reported)" in line, line

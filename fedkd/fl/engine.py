@@ -227,10 +227,11 @@ def make_round_fn(
   ``metrics``: ``loss`` (weighted mean over clients), ``client_loss`` [C], ``client_finite`` [C] (the
   client's upload and loss hold no NaN/Inf), ``finite`` (the new state and rows hold no NaN/Inf) and the
   algorithm's per-client metrics [C, ...]. ``skip_nonfinite``: a client whose upload or loss is
-  non-finite gets weight 0 and keeps its old row (mean aggregation only); when no client is finite the
-  server does not move. ``batch["reported"]`` [C] bool (optional; client dropout): a client that did not
-  report computes (static shapes) but gets weight 0, zero sums, keeps its old row, is left out of the
-  mean loss and counts as finite; when nobody reported the aggregate is zero.
+  non-finite gets weight 0 and keeps its old row (mean aggregation only). ``batch["reported"]`` [C] bool
+  (optional; client dropout): a client that did not report computes (static shapes) but gets weight 0, zero
+  sums, keeps its old row, is left out of the mean loss and counts as finite. In either case, when no client
+  counts the server state stays as it was (no server-optimizer step on a zero aggregate: momentum and Adam
+  moments do not move the model) except its round counter, which advances.
   """
   # a name of fedkd.fl.aggregate.AGGREGATORS, or an aggregator object (one with parameters)
   agg = AGGREGATORS[algorithm.aggregator] if isinstance(algorithm.aggregator, str) else algorithm.aggregator
@@ -312,8 +313,9 @@ def make_round_fn(
         per = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), per)
     losses, ok, w, new_rows, client_metrics = per
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
+    anyone = total > 0
     if skip_nonfinite or "reported" in batch:  # nobody counts: total 0, a zero aggregate
-      total = jnp.where(total > 0, total, 1.0)
+      total = jnp.where(anyone, total, 1.0)
       losses_in = jnp.where(w > 0, losses, 0.0)
     else:
       losses_in = losses
@@ -322,6 +324,9 @@ def make_round_fn(
     sums = None if sums is None else jax.tree.map(lambda s: jax.lax.psum(s, CLIENTS), sums)
     mean_loss = jax.lax.psum(jnp.sum(w * losses_in), CLIENTS) / total
     new_state, new_rows = alg.server(state, aggregate, sums, new_rows)
+    if skip_nonfinite or "reported" in batch:  # nobody counted: the server keeps its state (no momentum step)
+      kept = dict(state, round=new_state["round"])  # the round still advances (round-keyed streams)
+      new_state = jax.tree.map(lambda new, old: jnp.where(anyone, new, old), new_state, kept)
     return new_state, new_rows, mean_loss, losses, ok, client_metrics
 
   sharded = jax.shard_map(

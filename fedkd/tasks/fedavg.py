@@ -169,11 +169,11 @@ class _Privacy:
   def round_record(self, r: int, norms: np.ndarray, clipped: np.ndarray) -> dict:
     """Round ``r``'s privacy entries (rounds.jsonl and scalars) from its reporting clients' update norms
     before clipping and clipped flags: epsilon so far, the median norm (a common choice of clip_norm),
-    the fraction clipped."""
+    the fraction clipped; the last two are None in a round in which no client reported."""
     return {
       "dp/epsilon": self.epsilon(r),
-      "dp/median_norm": float(np.median(norms)) if len(norms) else 0.0,
-      "dp/clipped_fraction": float(np.mean(clipped)) if len(clipped) else 0.0,
+      "dp/median_norm": float(np.median(norms)) if len(norms) else None,
+      "dp/clipped_fraction": float(np.mean(clipped)) if len(clipped) else None,
     }
 
   def spent(self, r: int) -> str:
@@ -540,7 +540,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if privacy is not None:
         dp_rec = privacy.round_record(r, _host_all(m["dp_norm"])[reported], _host_all(m["dp_clipped"])[reported])
         round_rec.update(dp_rec)
-        scalars.update(dp_rec)
+        scalars.update({k: v for k, v in dp_rec.items() if v is not None})
       runlog.round_record(round_rec)
       runlog.scalars(r, scalars)
       dt = time.time() - t0
