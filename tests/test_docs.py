@@ -59,7 +59,12 @@ def _links(text: str) -> list[str]:
 
 
 def _markdown_files():
-  return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+  return [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "launch" / "README.md",
+    ROOT / "bench" / "README.md",
+  ]
 
 
 @pytest.mark.parametrize("md", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -72,6 +77,37 @@ def test_relative_links_exist(md):
     if not path.exists():
       broken.append(target)
   assert not broken, f"{md.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def _anchors(md: pathlib.Path) -> set[str]:
+  """GitHub's anchors of the headings of ``md``: lower case, punctuation dropped, spaces to '-', '-1'... for
+  repeats."""
+  text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+  seen, out = {}, set()
+  for heading in re.findall(r"^#{1,6}\s+(.*?)\s*$", text, flags=re.M):
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+    seen[slug] = seen.get(slug, 0) + 1
+  return out
+
+
+def test_anchor_rule():
+  md = ROOT / "docs" / "engine.md"
+  assert {"replicas-of-one-program-seeds-learning-rates", "measurements", "cpu"} <= _anchors(md)
+
+
+@pytest.mark.parametrize("md", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_link_anchors_exist(md):
+  """A link ``file.md#anchor`` (or ``#anchor``) names a heading of that file."""
+  broken = []
+  for target in _links(md.read_text()):
+    path, _, anchor = target.partition("#")
+    if not anchor or re.match(r"^[a-z][a-z0-9+.-]*:", target, flags=re.I):
+      continue
+    page = (md.parent / path).resolve() if path else md
+    if page.suffix == ".md" and page.exists() and anchor not in _anchors(page):
+      broken.append(target)
+  assert not broken, f"{md.relative_to(ROOT)} links to missing headings: {broken}"
 
 
 def test_link_pattern():
@@ -203,3 +239,108 @@ def test_readme_quickstart_block_is_what_the_generator_writes():
   mean = next(ln for ln in lines if ln.startswith("mean (train sites)")).split()
   assert f"catheter {mean[3]}, guidewire {mean[4]}" in current
   assert gen.replace(text, current) == text
+
+
+def _table_names(text: str, heading: str) -> set[str]:
+  """The backticked names in the first column of the table under the markdown heading ``heading`` (any
+  level) of ``text``, as written (``<run>/stdout.log`` stays whole)."""
+  section = re.split(r"^#{1,6} " + re.escape(heading) + r"\s*$", text, flags=re.M)[1]
+  section = re.split(r"^#{1,6} ", section, flags=re.M)[0]
+  return {
+    n for line in section.splitlines() if line.startswith("| `") for n in re.findall(r"`([^`]+)`", line.split("|")[1])
+  }
+
+
+def test_launch_readme_lists_every_file_a_sweep_writes_in_out():
+  """launch/README.md's table of ``--out`` names every top-level entry docs/outputs.md lists for a sweep."""
+  outputs = (ROOT / "docs" / "outputs.md").read_text()
+  sweep_heading = next(h for h in re.findall(r"^## (.*)$", outputs, flags=re.M) if "launch.sweep" in h)
+  top = {n for n in _table_names(outputs, sweep_heading) if not n.startswith("<run>/")}
+  assert {"sweep.json", "results.md", "curves.png", "jax_cache/"} <= top, top
+  listed = _table_names((ROOT / "launch" / "README.md").read_text(), "Outputs in `--out`")
+  missing = sorted(top - listed)
+  assert not missing, f"launch/README.md 'Outputs in --out' lacks {missing} (listed in docs/outputs.md)"
+
+
+def test_list_configs_examples_parse():
+  """Each way the docs show to list a dataset's configs is a command fedkd.data.tfds.build accepts."""
+  import importlib
+  import shlex
+
+  build = importlib.import_module("fedkd.data.tfds.build")  # the package's ``build`` attribute is a function
+
+  spans = [
+    s
+    for md in _markdown_files()
+    for s in re.findall(r"`([^`\n]*--list_configs[^`\n]*)`", md.read_text())
+    if "python -m" not in s or "fedkd.data.tfds.build" in s
+  ]
+  assert spans, "no doc shows --list_configs"
+  for span in spans:
+    argv = shlex.split(span.split("fedkd.data.tfds.build", 1)[-1].replace("NAME", "xray_folder"))
+    try:
+      args = build._parser().parse_args(argv)
+    except SystemExit:
+      pytest.fail(f"the docs show `{span}`, which fedkd.data.tfds.build refuses (usage error)")
+    assert args.list_configs
+
+
+def test_lock_message_example_is_the_codes(tmp_path, monkeypatch):
+  """The 'in use by pid' example of docs/reliability.md has the form of the message a second
+  ``python -m fedkd.main`` process gets (there sys.argv[0] is the path of fedkd/main.py)."""
+  from fedkd import workdir
+  from fedkd.errors import UserError
+
+  doc = next(line for line in (ROOT / "docs" / "reliability.md").read_text().splitlines() if "is in use by pid" in line)
+  wd = tmp_path / "runs" / "qs"
+  wd.mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  main_py = str(ROOT / "fedkd" / "main.py")
+  monkeypatch.setattr("sys.argv", [main_py, "--config=configs/quickstart.py", "--workdir=runs/qs"])
+  holder = workdir.Lock("runs/qs")
+  holder.acquire()
+  try:
+    with pytest.raises(UserError) as e:
+      workdir.Lock("runs/qs").acquire()
+  finally:
+    holder.release()
+  real = f"fedkd: error: {e.value}"
+
+  def shape(msg: str) -> str:
+    msg = re.sub(r"pid \d+ on host \S+", "pid P on host H", msg)
+    msg = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "T", msg)
+    return re.sub(r"\S*/fedkd/main\.py", "MAIN", msg)
+
+  assert shape(doc) == shape(real), f"docs/reliability.md shows\n{doc}\nthe code prints\n{real}"
+
+
+def test_replica_workdir_names_in_outputs_doc():
+  """The replica workdir names docs/outputs.md gives are those ``fedkd.main --seeds / --replica_config``
+  makes (``fedkd.sweep.run_names`` of the keys that vary)."""
+  from fedkd.sweep import run_names
+
+  text = (ROOT / "docs" / "outputs.md").read_text()
+  assert "`<workdir>/seed-<s>/`" in text
+  assert run_names([{"seed": 0}, {"seed": 1}]) == ["seed-0", "seed-1"]
+  lr = "client_optimizer.learning_rate"
+  examples = re.findall(r"`(?:<workdir>|\.\.\.)/(client_optimizer[^`/]*)/`", text)
+  assert len(examples) == 2, f"docs/outputs.md shows no --replica_config workdir names: {examples}"
+  assert examples[0] == run_names([{lr: 0.01}, {lr: 0.03}])[0]
+  assert examples[1] == run_names([{lr: 0.01, "seed": 1}, {lr: 0.03, "seed": 2}])[0]
+
+
+def test_sweep_command_from_any_folder(tmp_path):
+  """launch/README.md: ``python -m fedkd.launch.sweep`` runs the sweep CLI from any folder (``launch.sweep``
+  is found from the checkout's root)."""
+  import subprocess
+  import sys
+
+  text = (ROOT / "launch" / "README.md").read_text()
+  assert "`python -m fedkd.launch.sweep`" in text, (
+    "launch/README.md does not say how to run a sweep outside the checkout"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  ok = subprocess.run(
+    [sys.executable, "-m", "fedkd.launch.sweep", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+  )
+  assert ok.returncode == 0 and "--aggregate_only" in ok.stdout, ok.stderr[-500:]
