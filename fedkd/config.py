@@ -293,7 +293,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.fedefm.weight_mode = "softmax"  # softmax | sum | raw
   c.fedefm.weight_temperature = 0.1  # softmax temperature of EMD weights (>= 1e-6)
   c.fedefm.detach_weights = True  # stop gradients through the EMD weights
-  c.fedefm.mixing = "cfl"  # cfl (client-server) | dfl (gossip over the topology)
+  # cfl (client-server) | dfl (gossip over the topology); the controls fedefm_uniform and fedefm_e0 follow it
+  c.fedefm.mixing = "cfl"
   # Neighbours (overseas experts) and DFL mixing: ring | complete | gaia (Gaia underlay, undirected) |
   # gaia_ring (the paper's directed ring over the 11 Gaia silos) | file:<path>. Undirected graphs mix
   # with Metropolis-Hastings weights; directed ones by push-sum (column-stochastic, weights carried).
