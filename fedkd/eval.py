@@ -3,12 +3,16 @@
   python -m fedkd.eval --workdir=runs/quickstart [--round=150] [--out=runs/quickstart/eval]
 
 Loads the latest (or ``--round``) checkpoint with the config stored in it, evaluates each site's
-held-out set (training sites and the unseen site) and writes to ``--out`` (default ``<workdir>/eval``):
+held-out set (the training sites training evaluated: all, or the first config.eval.max_sites; and the
+unseen site) and writes to ``--out`` (default ``<workdir>/eval``):
   eval.json / eval.csv   dice, iou, cldice, hd95, assd, betti0_error, tip_error per site and class
                          (distance metrics in mm with --spacing_mm, NaN-free means + NaN counts)
   predictions.png        per frame image | ground truth | prediction: right pixels in class colour,
                          false positives yellow, misses magenta (legend in the picture)
   robustness.json / .png Dice per class vs severity of noise, blur, contrast loss and downscaling
+
+A run on prepared (TFDS) data reads its datasets from the config.data.tfds_data_dir stored with it (a
+relative one from the current folder); --tfds_data_dir=DIR reads them from DIR instead.
 
 --spacing_mm is the pixel size of the images as evaluated, i.e. after resizing to config.image_size: a
 prepared dataset's 512 x 512 records at 0.3 mm evaluated at image_size 128 have 1.2 mm pixels.
@@ -19,6 +23,7 @@ The command line over ``fedkd.evaluate.evaluate_run`` (the evaluation training u
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 import numpy as np
@@ -29,6 +34,13 @@ _ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to evaluate (defa
 _EXAMPLES = flags.DEFINE_integer("examples", 32, "Held-out images per site.")
 _SPACING = flags.DEFINE_float(
   "spacing_mm", 1.0, "Pixel size in mm of the evaluated (config.image_size) images for distance metrics (1.0 = pixels)."
+)
+
+_TFDS_DATA_DIR = flags.DEFINE_string(
+  "tfds_data_dir",
+  None,
+  "Folder of the prepared TFDS datasets of a run on prepared data (default: the config.data.tfds_data_dir it was "
+  "trained with).",
 )
 
 
@@ -44,16 +56,27 @@ def main(argv) -> None:
     cli.fail(f"--spacing_mm={_SPACING.value} must be a positive pixel size in mm")
   if _ROUND.value is not None and _ROUND.value < 0:
     cli.fail(f"--round={_ROUND.value} must be a checkpoint round (>= 0)")
+  if _TFDS_DATA_DIR.value is not None and not _TFDS_DATA_DIR.value.strip():
+    cli.fail("--tfds_data_dir is empty; pass the folder of the prepared TFDS datasets")
   from fedkd.evaluate import evaluate_run
 
-  evaluate_run(
-    os.path.expanduser(cli.WORKDIR.value),
-    round_=_ROUND.value,
-    examples=_EXAMPLES.value,
-    spacing_mm=_SPACING.value,
-    frames=cli.FRAMES.value,
-    out=os.path.expanduser(cli.OUT.value) if cli.OUT.value else None,
-  )
+  try:
+    evaluate_run(
+      os.path.expanduser(cli.WORKDIR.value),
+      round_=_ROUND.value,
+      examples=_EXAMPLES.value,
+      spacing_mm=_SPACING.value,
+      frames=cli.FRAMES.value,
+      out=os.path.expanduser(cli.OUT.value) if cli.OUT.value else None,
+      tfds_data_dir=_TFDS_DATA_DIR.value,
+    )
+  except KeyboardInterrupt:  # not training's "resume" message: an evaluation writes its files once all is computed
+    print(
+      "fedkd: evaluation interrupted; the run and an earlier evaluation's files are kept; re-run the same command",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(130)
 
 
 def run(argv=None) -> None:

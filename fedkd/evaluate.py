@@ -179,14 +179,95 @@ def summarize(round_: int, per_site: dict[str, dict[str, float]], unseen_name: s
   return rec
 
 
-def load_run(workdir: str, round_: int | None):
-  """(config, apply, params, round) from the run's checkpoint, using the config stored with it."""
+class _Vanished(Exception):
+  """The checkpoint of a round was deleted while it was read (a run still training rotates its checkpoints)."""
+
+
+_READ_TRIES = 5  # reads of a running run's checkpoints before giving up
+
+
+def _restore(ckdir, round_: int | None, busy: str = ""):
+  """(config, apply, params, round) from the checkpoint of ``round_`` (default: the newest intact one) in
+  ``ckdir``; :class:`_Vanished` when the round being read is deleted meanwhile (and no ``round_`` was asked for)."""
   import jax
   import ml_collections
 
   from fedkd.checkpoint import CheckpointError, Checkpointer
   from fedkd.fl import algorithms, engine
   from fedkd.models import init_params
+
+  ckpt = Checkpointer(ckdir)
+
+  def load(r):
+    try:
+      config = ml_collections.ConfigDict(ckpt.saved_config(r))
+      try:
+        apply, params = init_params(config.model, config.seed)
+        server_tx = engine.make_optimizer(config.server_optimizer)
+        like = algorithms.FedAvg(server_tx).init(params, jax.random.key(config.seed))
+      except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+          f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
+        ) from None
+      state, _ = ckpt.restore(r, like)
+    except CheckpointError:
+      if not (ckdir / str(r)).exists():  # not damaged: gone (a running trainer keeps only its latest rounds)
+        if round_ is None:
+          raise _Vanished(r) from None
+        now = Checkpointer(ckdir)
+        try:
+          left = now.all_rounds()
+        finally:
+          now.close()
+        raise EvalError(
+          f"the checkpoint for round {r} in {ckdir} was deleted while it was read (a run still training there keeps "
+          f"only its latest checkpoints); evaluate a round it still has ({', '.join(map(str, left)) or 'none yet'}) "
+          "or leave out --round for the newest"
+        ) from None
+      raise
+    return config, apply, state["params"]
+
+  rounds = []
+  try:
+    rounds = ckpt.all_rounds()
+    if not rounds:
+      raise EvalError(f"{ckdir} holds no finished checkpoint" + (busy or "; train (or resume) with fedkd.main first"))
+    if round_ is None:
+      r, (config, apply, params) = ckpt.restore_latest(load, lambda m: print(m, file=sys.stderr))
+    else:
+      if round_ not in rounds:
+        raise EvalError(f"no checkpoint for round {round_} in {ckdir}; available rounds: {rounds}")
+      r = round_
+      config, apply, params = load(r)
+  except CheckpointError as e:
+    others = [x for x in rounds if x != round_] if round_ is not None else []
+    hint = f"; or evaluate another --round ({', '.join(map(str, others))})" if others else ""
+    raise EvalError(f"{e}{hint}") from None
+  finally:
+    ckpt.close()
+  return config, apply, params, r
+
+
+def _training_now(path) -> str:
+  """'; <holder> is training there ...' when the workdir's lock names a live process on this host, else ''."""
+  import socket
+
+  from fedkd.workdir import LOCK_NAME, _holder_text, _pid_alive
+
+  try:
+    holder = json.loads((path / LOCK_NAME).read_text() or "{}")
+    pid = int(holder.get("pid") or 0) if isinstance(holder, dict) else 0
+  except (OSError, ValueError, TypeError):
+    return ""
+  if not pid or holder.get("host") != socket.gethostname() or not _pid_alive(pid):
+    return ""
+  return f"; {_holder_text(holder)} is training there and has not saved a checkpoint yet: evaluate after it has"
+
+
+def load_run(workdir: str, round_: int | None):
+  """(config, apply, params, round) from the run's checkpoint, using the config stored with it."""
+  import jax
+
   from fedkd.workdir import WorkdirError, prepare, saved_task
 
   path = prepare(workdir, create=False)
@@ -201,42 +282,32 @@ def load_run(workdir: str, round_: int | None):
     )
   ckdir = path / "checkpoints"
   if not ckdir.is_dir():
+    runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
+    if runs:  # a sweep's --out, or the parent of --seeds / --replica_config replicas: one run per subfolder
+      named = ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
+      raise EvalError(
+        f"{workdir} holds no run of its own but runs in its subfolders ({named}); evaluate each, "
+        f"e.g. --workdir={os.path.join(workdir, runs[0])}"
+      )
+    if path.name == "checkpoints" and any(p.name.isdigit() for p in path.iterdir()):
+      raise EvalError(f"{workdir} is a run's checkpoints/ folder; pass the run directory: --workdir={path.parent}")
+    busy = _training_now(path)
     raise EvalError(
-      f"{workdir} has no checkpoints/ folder; train first with python -m fedkd.main --config=... --workdir={workdir}"
+      f"{workdir} has no checkpoints/ folder"
+      + (busy or f"; train first with python -m fedkd.main --config=... --workdir={workdir}")
     )
-  ckpt = Checkpointer(ckdir)
 
-  def load(r):
-    config = ml_collections.ConfigDict(ckpt.saved_config(r))
+  for _ in range(_READ_TRIES):
     try:
-      apply, params = init_params(config.model, config.seed)
-      server_tx = engine.make_optimizer(config.server_optimizer)
-      like = algorithms.FedAvg(server_tx).init(params, jax.random.key(config.seed))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-      raise CheckpointError(
-        f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
-      ) from None
-    state, _ = ckpt.restore(r, like)
-    return config, apply, state["params"]
-
-  rounds = []
-  try:
-    rounds = ckpt.all_rounds()
-    if not rounds:
-      raise EvalError(f"{ckdir} holds no finished checkpoint; train (or resume) with fedkd.main first")
-    if round_ is None:
-      r, (config, apply, params) = ckpt.restore_latest(load, lambda m: print(m, file=sys.stderr))
-    else:
-      if round_ not in rounds:
-        raise EvalError(f"no checkpoint for round {round_} in {ckdir}; available rounds: {rounds}")
-      r = round_
-      config, apply, params = load(r)
-  except CheckpointError as e:
-    others = [x for x in rounds if x != round_] if round_ is not None else []
-    hint = f"; or evaluate another --round ({', '.join(map(str, others))})" if others else ""
-    raise EvalError(f"{e}{hint}") from None
-  finally:
-    ckpt.close()
+      config, apply, params, r = _restore(ckdir, round_, _training_now(path))
+      break
+    except _Vanished:  # a run still training there saved a newer round and deleted this one: read afresh
+      continue
+  else:
+    raise EvalError(
+      f"the checkpoints in {ckdir} were replaced while being read, {_READ_TRIES} times: a run is still training "
+      "there and keeps only its latest checkpoints; evaluate it when it has finished"
+    )
   finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params))
   if not finite:
     raise EvalError(
@@ -254,24 +325,54 @@ def evaluate_run(
   spacing_mm: float = 1.0,
   frames: int = 4,
   out: str | None = None,
+  tfds_data_dir: str | None = None,
   log: Callable[[str], None] = lambda msg: print(msg, flush=True),
 ) -> dict:
   """Evaluates the checkpoint of ``round_`` (default: the latest) of the run in ``workdir`` on
-  ``examples`` held-out images of every site (training sites and the unseen one) and writes to ``out``
+  ``examples`` held-out images of every site training evaluates (the training sites, at most
+  ``config.eval.max_sites`` of them, and the unseen one) and writes to ``out``
   (default ``<workdir>/eval``): eval.json / eval.csv (every metric per site and class),
   predictions.png (``frames`` per site; none for 0), robustness.json / robustness.png.
+  ``tfds_data_dir``: where a run on prepared data finds its datasets (default: its stored config's).
   Returns {"round", "results", "robustness", "out"}."""
   from fedkd import report
-  from fedkd.data.pipeline import make_client_data
+  from fedkd.data.pipeline import DataError, make_client_data
   from fedkd.workdir import prepare
 
   config, apply, params, r = load_run(workdir, round_)
+  source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""
+  if tfds_data_dir is not None and source == "synthetic":
+    raise EvalError(
+      f"--tfds_data_dir is for runs on prepared data; {workdir} was trained on synthetic data: leave it out"
+    )
   with config.unlocked():
     config.eval.examples_per_site = examples
-  data = make_client_data(config)
-  evaluator = Evaluator(config, apply, data.eval_sets())
+    if tfds_data_dir is not None:
+      config.data.tfds_data_dir = tfds_data_dir
+  # the training sites training evaluates (config.eval.max_sites: cross-device runs have thousands of clients)
+  max_sites = config.eval.get("max_sites", 0)
+  n_sites = min(max_sites or config.num_clients, config.num_clients)
+  try:
+    data = make_client_data(config)
+    eval_sets = data.eval_sets(list(range(n_sites)))
+  except DataError as e:
+    if source == "synthetic" or tfds_data_dir is not None:
+      raise
+    if os.path.isdir(os.path.join(os.path.expanduser(stored_dir), source.partition(":")[2])):
+      raise  # the dataset is where the run read it: a problem with its content
+    where = f" (relative: read from {os.getcwd()})" if not os.path.isabs(os.path.expanduser(stored_dir)) else ""
+    raise EvalError(
+      f"{e}. fedkd.eval reads the run's stored config.data.tfds_data_dir={stored_dir!r}{where}: "
+      "pass the prepared datasets' folder with --tfds_data_dir=DIR"
+    ) from None
+  evaluator = Evaluator(config, apply, eval_sets)
   out = os.fspath(prepare(out, flag="--out") if out else prepare(os.path.join(workdir, "eval")))
   log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {evaluator.images_per_site()} held-out images")
+  if source == "synthetic" and n_sites < config.num_clients:
+    log(
+      f"note: the first {n_sites} of the {config.num_clients} training sites and the unseen one, as training "
+      f"evaluated them (config.eval.max_sites={max_sites})"
+    )
   algorithm = (config.get("algorithm") or {}).get("name")
   if algorithm in PERSONAL_ALGORITHMS and (config.get("data") or {}).get("source") == "synthetic":
     log(
@@ -279,6 +380,10 @@ def evaluate_run(
       "scored each training site with its client's personal model, so the two differ on those sites"
     )
   results, preds = evaluator.detailed_metrics(params, spacing_mm)
+  log("robustness curves (noise, blur, contrast loss, downscaling) ...")
+  rob = evaluator.robustness(params)
+  # everything computed: the files are written together, so an interrupted or failed evaluation leaves the
+  # earlier one's files as they were (never tables of one round beside curves of another)
   report.write_eval_tables(results, out, r, spacing_mm=spacing_mm, unseen=data.unseen_name)
   stale = os.path.join(out, "predictions.png")
   if not frames and os.path.exists(stale):  # an earlier evaluation's frames would sit beside these tables
@@ -287,10 +392,7 @@ def evaluate_run(
     size = next(iter(preds.values())).shape[1]
     pic = report.grid(evaluator.sets, frames, max(1, -(-128 // size)), data.unseen_name, preds=preds)
     pic.save(os.path.join(out, "predictions.png"))
-  log("robustness curves (noise, blur, contrast loss, downscaling) ...")
-  rob = evaluator.robustness(params)
-  with open(os.path.join(out, "robustness.json"), "w") as f:
-    json.dump(rob, f, indent=2)
+  report.write_text(os.path.join(out, "robustness.json"), json.dumps(rob, indent=2))
   report.robustness_plot(rob, os.path.join(out, "robustness.png"))
   log(report.eval_table(results, data.unseen_name))
   log(f"(hd95, assd, tip_error in {'mm' if spacing_mm != 1.0 else 'px'}; means over images where defined)")
