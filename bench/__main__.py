@@ -326,7 +326,10 @@ def main(argv=None) -> None:
   line_buffered()
   a, rest = _parser().parse_known_args(argv)
   if rest and not a.measure:
-    fail(f"unrecognized arguments: {' '.join(rest)} (--config is for --measure)")
+    hint = (
+      " (--config is for --measure)" if any(r.startswith("--config") for r in rest) else " (--help lists the flags)"
+    )
+    fail(f"unrecognized arguments: {' '.join(rest)}{hint}")
   if a.rounds <= 0:  # --measure too: its candidates are timed over --rounds calls
     fail(f"--rounds={a.rounds} must be positive")
   from fedkd import distributed

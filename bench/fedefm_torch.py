@@ -656,7 +656,11 @@ def check(fedkd_python: str) -> int:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  if ROOT not in sys.path:  # run as a script: the bench package (its one-line errors) sits at the root
+    sys.path.insert(0, ROOT)
+  from bench import ArgumentParser, fail
+
+  ap = ArgumentParser(prog="fedefm_torch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--silos", type=int, default=CONFIG["num_silos"])
   ap.add_argument("--rounds", type=int, default=8)
   ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -673,7 +677,7 @@ def main(argv=None) -> int:
     fedkd_rate(a.silos, a.rounds)
     return 0
   if torch is None:
-    sys.exit("fedefm_torch: torch is not installed in this Python; run it with one that has torch")
+    fail("fedefm_torch", "torch is not installed in this Python; run it with one that has torch")
   if a.fedkd and a.rounds < 5:
     ap.error("--fedkd needs --rounds >= 5: fedefm_stack leaves out the compiling, warm-up and last rounds")
   if a.threads:

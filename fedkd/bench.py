@@ -1,7 +1,7 @@
 """``python -m fedkd.bench [flags]`` is ``python -m bench [flags]``: the benchmarks (JSON lines) live in
 the checkout's top-level ``bench/`` folder, outside the library; this name runs them from any working
 directory of an editable install (``pip install -e .``). ``python -m fedkd.bench --help`` lists the flags;
-bench/README.md has the measurements."""
+bench/README.md lists the tools and docs/engine.md#measurements has the measurements."""
 
 from __future__ import annotations
 

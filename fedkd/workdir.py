@@ -79,7 +79,7 @@ def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir") -> ep
     _check_entries(path, f"{flag}={workdir}")
     if not create:
       if not path.is_dir():
-        raise WorkdirError(f"{flag}={workdir} does not exist")
+        raise WorkdirError(f"{flag}={workdir} does not exist; pass the --workdir of a training run")
       return path
     path.mkdir(parents=True, exist_ok=True)
     if not is_remote(path):
