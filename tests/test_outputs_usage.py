@@ -180,6 +180,8 @@ def test_round_bench_bad_flag_is_one_line(tmp_path, args, needles):
     (["bench/vs_torch.py", "--anchor", "{tmp}/none.py"], "vs_torch", ["no anchor script"]),
     (["bench/vs_torch.py", "--anchor", "{anchor}", "--torch-python", "{tmp}/py"], "vs_torch", ["cannot be run"]),
     (["bench/vs_torch.py", "--anchor", "{anchor}"], "vs_torch", ["torch is not installed in", "--torch-python"]),
+    (["bench/fedefm_torch.py", "--bogus"], "fedefm_torch", ["unrecognized arguments: --bogus"]),
+    (["-m", "bench", "--bogus"], "bench", ["unrecognized arguments: --bogus (--help lists the flags)"]),
   ],
 )
 def test_bench_tool_bad_input_is_one_line(tmp_path, args, prefix, needles):
