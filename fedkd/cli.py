@@ -58,6 +58,11 @@ def line_buffered() -> None:
         pass
 
 
+TRAINING_INTERRUPTED = (
+  "interrupted before the round finished; the latest saved checkpoint is kept; re-run the same command to resume"
+)
+
+
 def run_app(
   main: Callable[[list[str]], Any],
   argv: list[str] | None = None,
@@ -65,6 +70,7 @@ def run_app(
   uses_config: bool = True,
   usage: str = "",
   shared: tuple[str, ...] = SHARED,
+  interrupted: str = TRAINING_INTERRUPTED,
 ) -> None:
   """Runs ``main(argv)`` through ``absl.app.run`` with fedkd's flag parser and error path.
 
@@ -73,7 +79,8 @@ def run_app(
   ``--help``/``-h`` print ``usage`` and this program's flags, ``--helpfull`` every flag and (for
   entry points with ``--config``) every ``--config.*`` key with its default and meaning; exit 0.
   A :class:`UserError` (bad config, data, checkpoint, workdir) prints one line and exits 2; a run
-  stopped by SIGTERM / Ctrl-C at a round boundary says how to resume (exit 0 / 130); a full disk or
+  stopped by SIGTERM / Ctrl-C at a round boundary says how to resume (exit 0 / 130), Ctrl-C elsewhere
+  prints ``interrupted`` (what this program keeps; exit 130); a full disk or
   a read-only filesystem is one line; any other exception is a bug and keeps its traceback.
   """
   from absl import app
@@ -112,12 +119,7 @@ def run_app(
       )
       sys.exit(e.exit_code)
     except KeyboardInterrupt:
-      print(
-        "fedkd: interrupted before the round finished; the latest saved checkpoint is kept; re-run the "
-        "same command to resume",
-        file=sys.stderr,
-        flush=True,
-      )
+      print(f"fedkd: {interrupted}", file=sys.stderr, flush=True)
       sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a full disk / read-only filesystem, often wrapped by a library
       from fedkd.workdir import describe_os_error, environment_oserror

@@ -23,7 +23,6 @@ The command line over ``fedkd.evaluate.evaluate_run`` (the evaluation training u
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 import numpy as np
@@ -60,27 +59,27 @@ def main(argv) -> None:
     cli.fail("--tfds_data_dir is empty; pass the folder of the prepared TFDS datasets")
   from fedkd.evaluate import evaluate_run
 
-  try:
-    evaluate_run(
-      os.path.expanduser(cli.WORKDIR.value),
-      round_=_ROUND.value,
-      examples=_EXAMPLES.value,
-      spacing_mm=_SPACING.value,
-      frames=cli.FRAMES.value,
-      out=os.path.expanduser(cli.OUT.value) if cli.OUT.value else None,
-      tfds_data_dir=_TFDS_DATA_DIR.value,
-    )
-  except KeyboardInterrupt:  # not training's "resume" message: an evaluation writes its files once all is computed
-    print(
-      "fedkd: evaluation interrupted; the run and an earlier evaluation's files are kept; re-run the same command",
-      file=sys.stderr,
-      flush=True,
-    )
-    sys.exit(130)
+  evaluate_run(
+    os.path.expanduser(cli.WORKDIR.value),
+    round_=_ROUND.value,
+    examples=_EXAMPLES.value,
+    spacing_mm=_SPACING.value,
+    frames=cli.FRAMES.value,
+    out=os.path.expanduser(cli.OUT.value) if cli.OUT.value else None,
+    tfds_data_dir=_TFDS_DATA_DIR.value,
+  )
 
 
 def run(argv=None) -> None:
-  cli.run_app(main, argv, uses_config=False, usage=__doc__, shared=("workdir", "out", "frames"))
+  cli.run_app(
+    main,
+    argv,
+    uses_config=False,
+    usage=__doc__,
+    shared=("workdir", "out", "frames"),
+    # an evaluation writes its files once everything is computed
+    interrupted="evaluation interrupted; the run and an earlier evaluation's files are kept; re-run the same command",
+  )
 
 
 if __name__ == "__main__":

@@ -96,7 +96,13 @@ def _frames_shown(sets, frames: int) -> str:
 
 
 def run(argv=None) -> None:
-  cli.run_app(main, argv, usage=__doc__, shared=("out", "frames"))
+  cli.run_app(
+    main,
+    argv,
+    usage=__doc__,
+    shared=("out", "frames"),
+    interrupted="interrupted before the preview was complete; re-run the command",
+  )
 
 
 if __name__ == "__main__":

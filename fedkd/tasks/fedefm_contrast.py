@@ -191,7 +191,7 @@ def run(argv: list[str] | None = None) -> None:
   """The entry point: flag errors and bad inputs are one line (exit 2), ``--help`` exits 0 (fedkd.cli)."""
   from fedkd import cli
 
-  cli.run_app(main, argv, uses_config=False, usage=__doc__, shared=())
+  cli.run_app(main, argv, uses_config=False, usage=__doc__, shared=(), interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":
