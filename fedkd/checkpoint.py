@@ -62,6 +62,17 @@ class _OrphanedReadLogs(logging.Filter):
 
 logging.getLogger("asyncio").addFilter(_OrphanedReadLogs())
 
+
+class _MissingMetadataNotes(logging.Filter):
+  """orbax's 'Metadata file does not exist' warning, logged when a step folder lacks its metadata (a
+  damaged or half-written checkpoint): fedkd reports such a checkpoint itself, in one line naming the round."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_MissingMetadataNotes())
+
 _previous_unraisable = sys.unraisablehook
 
 

@@ -1,6 +1,7 @@
 """fedkd.eval on inputs beyond the synthetic quickstart: a prepared (TFDS) hospital folder."""
 
 import json
+import shutil
 import os
 
 import numpy as np
@@ -110,3 +111,22 @@ def test_eval_past_a_damaged_config_json_and_a_checkpoint_config_that_is_not_an_
   r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=1", "--frames=0"])  # the latest intact round
   assert r.code == 0, r.stderr[-2000:]
   assert json.load(open(work / "eval" / "eval.json"))["round"] == 2
+
+
+def test_a_half_written_newest_checkpoint_is_one_warning_line_without_orbax_notes(cli, tmp_path):
+  """The newest step lost its metadata and its arrays (a save killed midway, or a trainer deleting it):
+  fedkd.eval falls back to the round before with fedkd's one warning line, and orbax's own 'Metadata file
+  does not exist' notes do not appear around it."""
+  work = tmp_path / "run"
+  cfg = tiny_config(num_rounds=4)
+  cfg.eval.max_sites = 0
+  fedavg.run(cfg, str(work), log=lambda _: None)
+  newest = work / "checkpoints" / "4"
+  (newest / "_CHECKPOINT_METADATA").unlink()
+  shutil.rmtree(newest / "state")
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=1", "--frames=0"])
+  assert r.code == 0, r.stderr[-2000:]
+  assert "Metadata file does not exist" not in r.stderr, r.stderr[-2000:]
+  (warning,) = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+  assert "round 4 is damaged" in warning and "falling back to round 2" in warning, warning
+  assert "at round 2" in r.stdout
