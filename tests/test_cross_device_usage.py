@@ -13,7 +13,7 @@ import pytest
 from test_aggregate import _aggregate, _krum_np, _uploads
 
 from fedkd.fl import dp
-from fedkd.fl.aggregate import Krum, MultiKrum, NormClip
+from fedkd.fl.aggregate import Krum, Median, MultiKrum, NormClip
 
 PRIVACY_TINY = [
   "--config.image_size=32",
@@ -142,3 +142,17 @@ def test_dp_clips_a_huge_finite_update_to_the_clip_norm():
   # a tree that does hold a NaN / Inf still has a non-finite norm (the client is dropped)
   assert not np.isfinite(float(dp.global_norm({"w": jnp.array([jnp.nan, 1.0])})))
   assert not np.isfinite(float(dp.global_norm({"w": jnp.array([1.0, -jnp.inf])})))
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_median_of_two_huge_middle_values_is_finite(n_dev):
+  """aggregator median with an even number of clients whose two middle values are near float32's largest
+  (a majority of attackers): their mean, as numpy's median in float64, not inf from adding them first."""
+  clients = 8
+  big = np.float32(3e38)
+  uploads = {"w": np.array([[big, i] if i < 5 else [-1.0, i] for i in range(clients)], np.float32)}
+  weights = np.ones(clients, np.float32)
+  got = _aggregate(Median(), uploads, weights, n_dev)["w"]
+  ref = np.median(uploads["w"].astype(np.float64), axis=0)
+  assert np.isfinite(got).all(), got
+  np.testing.assert_allclose(got, ref, rtol=1e-6)

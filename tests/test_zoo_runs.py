@@ -177,3 +177,19 @@ def test_a_round_in_which_no_sampled_client_reports_has_no_loss(tmp_path):
   for r in silent:
     (line,) = [ln for ln in lines if ln.startswith(f"round {r:>4}/")]
     assert "loss   none (no sampled client reported)" in line, line
+
+
+def test_dropout_with_skipped_clients_stops_when_every_reporting_client_diverged(tmp_path):
+  """engine.skip_nonfinite_clients with dropout: a round whose reporting clients all have non-finite updates
+  stops the run as diverged (as without dropout), even though the clients that did not report count as
+  finite; it does not go on with a kept server and a loss of 0."""
+  from fedkd.tasks.fedavg import DivergedError
+
+  c = tiny_config(num_rounds=3, num_clients=4, clients_per_round=4)
+  c.algorithm.dropout = 0.5
+  c.engine.skip_nonfinite_clients = True
+  c.client_optimizer.learning_rate, c.local_steps = 1e38, 2  # the second local step overflows
+  work = str(tmp_path / "w")
+  with pytest.raises(DivergedError, match="training diverged in round 1: .*non-finite updates from client"):
+    fedavg.run(c, work, log=lambda _: None)
+  assert not os.path.exists(os.path.join(work, "rounds.jsonl")) or not _jsonl(os.path.join(work, "rounds.jsonl"))

@@ -164,12 +164,12 @@ def _sorted_counting(values, counting):
 
 
 def _median_of_counting(values, counting, m):
-  """[k]: each coordinate's median over the m counting clients (mean of the two middle values for even m;
-  halves added, so two huge values do not overflow)."""
+  """[k]: each coordinate's median over the m counting clients (mean of the two middle values for even m,
+  formed so that two huge values do not overflow: lo + (hi - lo) / 2 when they share a sign, else (lo + hi) / 2)."""
   s = _sorted_counting(values, counting)
   lo = jax.lax.dynamic_index_in_dim(s, jnp.maximum(m - 1, 0) // 2, 0, keepdims=False)
   hi = jax.lax.dynamic_index_in_dim(s, m // 2, 0, keepdims=False)
-  return 0.5 * lo + 0.5 * hi
+  return jnp.where((lo >= 0) == (hi >= 0), lo + 0.5 * (hi - lo), 0.5 * (lo + hi))
 
 
 class Median:
@@ -184,13 +184,7 @@ class Median:
   per_client = False
 
   def finish(self, uploads, total_weight=None, mixing=None, weights=None):
-    def median(values, counting, m):
-      s = _sorted_counting(values, counting)
-      lo = jax.lax.dynamic_index_in_dim(s, jnp.maximum(m - 1, 0) // 2, 0, keepdims=False)
-      hi = jax.lax.dynamic_index_in_dim(s, m // 2, 0, keepdims=False)
-      return 0.5 * (lo + hi)
-
-    return _coordinatewise(uploads, weights, median)
+    return _coordinatewise(uploads, weights, _median_of_counting)
 
   def __repr__(self):
     return "median()"

@@ -520,8 +520,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if next_clients is not None:  # the next round's batches are made while this one trains
         data.prefetch(r + 1, next_clients, rows)
       loss = float(m["loss"])  # waits for the round
-      client_ok = _host_all(m["client_finite"])
-      if not bool(m["finite"]) or not client_ok.any():
+      client_ok = _host_all(m["client_finite"])  # a client that did not report counts as finite
+      counted = reported & client_ok  # reported, with a finite update (engine.skip_nonfinite_clients)
+      if not bool(m["finite"]) or (reported.any() and not counted.any()):  # every reporting client diverged
         raise _diverged(r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory)
       if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
         log(f"round {r}: dropped client(s) {[int(c) for c in clients[~client_ok]]} (non-finite update)")
@@ -529,7 +530,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if clients_store is not None:
         clients_store.scatter(clients, new_rows)
       participants = int(reported.sum())
-      if not participants:  # every sampled client dropped out: the aggregate is zero and there is no loss
+      if not participants:  # every sampled client dropped out: the server kept its state, there is no loss
         loss = None
       sent, received = float(bytes_per_client * participants), float(bytes_down * len(clients))
       bytes_total += sent
@@ -538,7 +539,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if config.algorithm.dropout:
         round_rec["reported"] = [int(c) for c in clients[reported]]
       if privacy is not None:
-        dp_rec = privacy.round_record(r, _host_all(m["dp_norm"])[reported], _host_all(m["dp_clipped"])[reported])
+        dp_rec = privacy.round_record(r, _host_all(m["dp_norm"])[counted], _host_all(m["dp_clipped"])[counted])
         round_rec.update(dp_rec)
         scalars.update({k: v for k, v in dp_rec.items() if v is not None})
       runlog.round_record(round_rec)
