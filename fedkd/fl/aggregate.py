@@ -43,7 +43,6 @@ keeps the device's n stacked uploads (n x P) alive for them in every layout (chu
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -322,12 +321,9 @@ class NormClip:
     self.clip = float(clip)
 
   def partial(self, uploads, weights):
-    leaves = [u.astype(F32).reshape(u.shape[0], -1) for u in jax.tree.leaves(uploads)]
-    # each client's values divided by a power of two at least their largest magnitude (exact): the norm of a
-    # finite upload of 1e20 is finite, so it is clipped to ``clip`` rather than zeroed by clip / inf
-    big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(u), axis=1, initial=0.0) for u in leaves])
-    scale = jnp.where((big > 0) & jnp.isfinite(big), jnp.ldexp(F32(1), jnp.frexp(big)[1]), F32(1))
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(u / scale[:, None]), axis=1) for u in leaves)) * scale
+    from fedkd.fl.dp import global_norm  # finite for a huge finite upload: it is clipped, not zeroed by clip / inf
+
+    norm = jax.vmap(global_norm)(uploads)
     scale = jnp.where(norm > self.clip, self.clip / jnp.where(norm > self.clip, norm, 1.0), 1.0)
     return Mean.partial(uploads, weights * scale)
 
