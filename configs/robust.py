@@ -7,7 +7,8 @@ The config is the quickstart's (configs/quickstart.py) with 50 rounds; the sweep
 without attackers (``clean``), FedAvg with the attacker (``mean``), and the attacked runs with each robust
 aggregator (``median``, ``trimmed_mean`` with beta 0.25 = one client dropped at each end, ``krum`` with
 f = 1). The attacker (client 0, round(0.2 x 4) = 1) sends its update scaled by -10 (``--sweep=attack=...``:
-scale | sign_flip | gaussian).
+scale | sign_flip | gaussian). Alone, ``python -m fedkd.main --config=configs/robust.py`` trains the clean
+baseline (attack.name 'none'); ``--config.attack.name=scale --config.aggregator.name=median`` is one attacked run.
 """
 
 from fedkd.config import parse_arg, sibling_config

@@ -118,8 +118,25 @@ def format_contrast(res: dict[str, float], p_adjusted: float | None = None, alph
 
 
 def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
-  """``"0.8070 ± 0.0123"``; ``"0.8070 ± n/a"`` when the std is NaN (a single seed)."""
+  """``"0.8070 ± 0.0123"``; ``"0.8070 ± n/a"`` when the std is NaN (a single seed); ``"inf"`` / ``"-inf"``
+  for an infinite mean (e.g. epsilon without noise: no std); ``"NaN"`` for a NaN mean."""
+  if math.isnan(mean):
+    return "NaN"
+  if math.isinf(mean):
+    return "inf" if mean > 0 else "-inf"
   return f"{mean:.{digits}f} ± " + ("n/a" if math.isnan(std) else f"{std:.{digits}f}")
+
+
+def not_results(values: Sequence) -> str:
+  """``""`` when every one of ``values`` is a number other than NaN (a result a mean may take), else what the
+  others are, e.g. ``"NaN in 1 of 3 seeds"`` or ``"NaN or missing in 2 of 3 seeds"`` (``None``, or anything
+  not a number, is missing)."""
+  nan = sum(1 for v in values if is_number(v) and math.isnan(v))
+  missing = sum(1 for v in values if not is_number(v))
+  if not nan and not missing:
+    return ""
+  what = " or ".join(w for w, n in (("NaN", nan), ("missing", missing)) if n)
+  return f"{what} in {nan + missing} of {len(values)} seed{'s' if len(values) > 1 else ''}"
 
 
 def _replace_atomic(path: str, write) -> None:
@@ -218,7 +235,9 @@ def mean_std_tables(
   """One row per group of runs: its label cells, then mean ± std over seeds of every metric.
 
   ``groups``: ``(cells, values)`` with ``cells`` one entry per ``columns`` and ``values`` {metric: the
-  values of the group's seeds}; a metric a group lacks is an empty cell. The CSV has ``columns`` and
+  values of the group's seeds}; a metric a group lacks is an empty cell. NaN is not a result: values with a
+  NaN or a ``None`` (a seed without that metric) among them are not averaged; their cell says so (``NaN in
+  1 of 3 seeds``, :func:`not_results`) and their CSV mean and std are ``nan``. The CSV has ``columns`` and
   ``<metric>_mean``, ``<metric>_std`` (full precision; std ``nan`` for one seed); the Markdown table
   has ``headers`` (default ``columns``) and one ``mean ± std`` cell per metric (``digits`` decimals;
   ``n/a`` for one seed) under ``title`` and a caption of ``caption`` plus :data:`MEAN_STD`. Both files
@@ -233,7 +252,10 @@ def mean_std_tables(
     row_csv, row_md = list(cells), [str(c) for c in cells]
     for m in metrics:
       vals = list(values.get(m, ()))
-      if vals:
+      if vals and not_results(vals):
+        row_csv += ["nan", "nan"]
+        row_md.append(not_results(vals))
+      elif vals:
         mean, std = mean_std(vals)
         row_csv += [repr(mean), repr(std)]
         row_md.append(format_mean_std(mean, std, digits))
@@ -460,6 +482,18 @@ def robustness_plot(rob: dict, path: str) -> None:
   plt.close(fig)
 
 
+LEGEND_CHARS = 48  # longer legend labels keep their start and end around a '…' (tables hold them whole)
+
+
+def legend_label(label: str, width: int = LEGEND_CHARS) -> str:
+  """``label`` as a legend shows it: at most ``width`` characters, the middle of a longer one cut to '…'
+  (a group label ends with the values that tell it apart from the others)."""
+  if len(label) <= width:
+    return label
+  head = (width - 1) // 2
+  return label[:head] + "…" + label[len(label) - (width - 1 - head) :]
+
+
 def curves_plot(
   groups: Sequence[tuple[str, Sequence[Sequence[dict]]]],
   metrics: Sequence[str],
@@ -486,7 +520,9 @@ def curves_plot(
       if not rounds:
         continue
       mean, std = mean_std([[d[x] for x in rounds] for d in per_run], axis=0)
-      (line,) = ax.plot(rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{label} (n={len(runs)})")
+      (line,) = ax.plot(
+        rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{legend_label(label)} (n={len(runs)})"
+      )
       if len(per_run) > 1:
         lo, hi = mean - std, mean + std
         if _bounded(m):
@@ -499,7 +535,7 @@ def curves_plot(
     ax.grid(alpha=0.3)
     if _bounded(m) and unit_range:
       ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="best").set_in_layout(False)  # long labels must not squeeze the panels
   axes[0][0].set_ylabel("held-out score (mean ± std over seeds)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -532,9 +568,11 @@ def errorbar_plot(
     if _bounded(ylabel):
       lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
     marker = markers[i % len(markers)] if many else "o"
-    ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker=marker, capsize=3, label=label)
+    ax.errorbar(
+      [p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker=marker, capsize=3, label=legend_label(label)
+    )
   for label, values in (references or {}).items():
-    ax.axhline(float(np.mean(values)), ls="--", lw=1, color="0.4", label=f"{label} (n={len(values)})")
+    ax.axhline(float(np.mean(values)), ls="--", lw=1, color="0.4", label=f"{legend_label(label)} (n={len(values)})")
   if logx:
     ax.set_xscale("log")
   ax.set_xlabel(xlabel)

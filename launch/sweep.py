@@ -26,8 +26,9 @@ split into near-equal programs when fewer units than --parallel would leave a pr
 
 Outputs in OUT (drawn and tabulated by fedkd.report): sweep.json (the definition), results.md /
 results.csv (last evaluation of every finished run, mean +- sample std (ddof=1; n/a for one seed) over
-seeds per group = every override except seed; runs without DONE are left out, counted and named),
-runs.csv (one row per run, finished or not), curves.png (Dice vs round per
+seeds per group = every override except seed; runs without DONE are left out, counted and named; a
+metric that is NaN or missing in some finished run of a group is not averaged: its cell says so and the caption
+names the run), runs.csv (one row per run, finished or not), curves.png (Dice vs round per
 group, mean over seeds with a +-std band), curves_sites.png (the same per training site), vs_<key>.png for
 each numeric key swept within a method, and, when the runs log them, vs_bytes_up.png (Dice vs cumulative
 bytes sent up, one point per group) and vs_epsilon.png (Dice vs the DP epsilon spent). Bad input ends with
@@ -390,18 +391,28 @@ def latest_checkpoint(workdir: str) -> int | None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The evaluation records of a run's metrics.jsonl (lines that do not parse, cut by a kill, are skipped:
+  fedkd.main drops them when it resumes); InputError for a line that is JSON but not a record of a round."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   out = []
   with open(path) as f:
-    for line in f:
+    for i, line in enumerate(f, 1):
       line = line.strip()
-      if line:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass  # a line cut by a kill; fedkd.main drops it when it resumes
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      rnd = rec.get("round") if isinstance(rec, dict) else None
+      if not isinstance(rnd, int) or isinstance(rnd, bool):
+        raise InputError(
+          f"{path}:{i} is not an evaluation record (a JSON object with an integer round); repair or delete "
+          "that line, or that run's folder"
+        )
+      out.append(rec)
   return out
 
 
@@ -675,6 +686,31 @@ def left_out(groups: list[dict]) -> str:
   return "; ".join(f"{len(v)} {reason}: {names(v)}" for reason, v in why.items())
 
 
+def not_results(groups: list[dict], metrics: list[str]) -> str:
+  """The finished runs whose last evaluation lacks one of ``metrics`` that other runs of their group hold, or
+  holds it as NaN or not a number, with those metrics, e.g. ``a__seed-1 (dice/catheter)`` ('' if none)."""
+  from fedkd.report import is_number
+
+  named = []
+  for g in groups:
+    for m in g["runs"]:
+      keys = [k for k in metrics if any(k in r["last"] for r in g["runs"])]
+      bad = [k for k in keys if not is_number(m["last"].get(k)) or math.isnan(m["last"][k])]
+      if bad:
+        named.append(f"{m['name']} ({', '.join(bad)})")
+  return ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+
+
+def _cell(last: dict | None, metric: str) -> str:
+  """runs.csv's cell of ``metric`` in the record ``last``: the number; ``nan`` where it is missing or not a
+  number; empty for a run without records."""
+  from fedkd.report import is_number
+
+  if not last:
+    return ""
+  return repr(last[metric]) if is_number(last.get(metric)) else "nan"
+
+
 def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
   """results.md / results.csv (one row per group, mean ± std over the seeds of its finished runs:
   ``fedkd.report``'s convention; ``unfinished``: how many of its runs are left out) and runs.csv (one row
@@ -693,13 +729,19 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     o = g["overrides"]
     fixed = ([o.get("method", "")] if has_method else []) + [o.get(k, "") for k in keys]
     rounds = sorted({r["last"]["round"] for r in g["runs"]})
-    values = {m: [r["last"][m] for r in g["runs"] if m in r["last"]] for m in metrics}
+    # a metric some of the group's runs lack or hold as NaN is marked in its cell (fedkd.report), not averaged
+    values = {
+      m: [r["last"].get(m) for r in g["runs"]] if any(m in r["last"] for r in g["runs"]) else [] for m in metrics
+    }
     unfinished = len(g["members"]) - len(g["runs"])
     rows.append((fixed + [len(g["runs"]), unfinished, "/".join(map(str, rounds))], values))
   n_runs = sum(len(g["runs"]) for g in groups)
   what = f" (sweep {defn['sweep']})" if defn.get("sweep") else ""
   what += f" (seeds {','.join(map(str, defn['seeds']))})" if defn.get("seeds") else ""
   missing = left_out(groups)
+  bad = not_results(groups, metrics)
+  if bad:
+    _say(f"not averaged (marked in the table): NaN or missing in the last evaluation of {bad}")
   md_path, csv_path = os.path.join(out, "results.md"), os.path.join(out, "results.csv")
   report.mean_std_tables(
     md_path,
@@ -711,6 +753,7 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     caption=f"{n_runs} of {len(defn['runs'])} runs finished and are in the table (`seeds`); the last evaluation "
     "of each (`round`). "
     + (f"Left out, as they did not finish (`unfinished`): {missing}. " if missing else "")
+    + (f"Not averaged: NaN or missing in the last evaluation of {bad}. " if bad else "")
     + "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
   )
   report.write_csv(
@@ -718,7 +761,7 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     ["run", "group", "seed", "finished", "round"] + run_metrics,
     [
       [r["name"], g["label"], r["seed"], format_value(r["finished"]), r["last"]["round"] if r["last"] else ""]
-      + [repr(r["last"].get(m, float("nan"))) if r["last"] else "" for m in run_metrics]
+      + [_cell(r["last"], m) for m in run_metrics]
       for g in groups
       for r in g["members"]
     ],
@@ -747,7 +790,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     others = [k for k in defn["varying_keys"] if k != key]
     lines: dict[str, list] = {}
     for g in groups:
-      vals = [r["last"][metric] for r in g["runs"] if metric in r["last"]]
+      vals = _results([r["last"] for r in g["runs"]], metric)  # a group with NaN is marked in the table, not drawn
       if vals:
         lines.setdefault(group_label(g["overrides"], others), []).append((g["overrides"][key], vals))
     if not lines:
@@ -758,6 +801,14 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
   written += _site_and_cost_plots(out, groups, metric)
   report.remove_stale(out, is_plot, written)  # e.g. a vs_<key>.png of a key no longer swept
   return written
+
+
+def _results(records: list[dict], key: str) -> list[float]:
+  """``key`` of every one of ``records`` where each holds it as a number other than NaN, else []."""
+  from fedkd.report import is_number
+
+  vals = [r.get(key) for r in records]
+  return vals if vals and all(is_number(v) and not math.isnan(v) for v in vals) else []
 
 
 def is_plot(name: str) -> bool:
@@ -791,7 +842,8 @@ def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]
     lines: dict[str, list] = {}
     references: dict[str, list] = {}  # groups at an infinite x (DP without noise): a dashed level
     for g in groups:
-      runs = [r["last"] for r in g["runs"] if xkey in r["last"] and metric in r["last"]]
+      lasts = [r["last"] for r in g["runs"]]
+      runs = lasts if _results(lasts, metric) and _results(lasts, xkey) else []  # NaN: marked in the table
       xs = [float(r[xkey]) for r in runs]
       if runs and all(math.isinf(x) for x in xs):
         references[f"{g['label']}: {xkey} inf"] = [r[metric] for r in runs]
@@ -833,13 +885,32 @@ def _read_definition(out: str) -> dict:
     raise InputError(f"{path} not found; pass --config (and --sweep) or point --out at a sweep directory")
   try:
     defn = read_json_object(path)
-    if not isinstance(defn.get("runs"), list) or not defn["runs"]:
-      raise ValueError("not a sweep definition")
+    _check_definition(defn)
   except (OSError, ValueError) as e:
     raise InputError(
       f"{path} cannot be read ({_one_line(e)}); pass --config (and --sweep) to aggregate that sweep"
     ) from None
   return defn
+
+
+def _check_definition(defn: dict) -> None:
+  """ValueError naming what is wrong when ``defn`` is not what :func:`build` writes to sweep.json."""
+  runs = defn.get("runs")
+  if not isinstance(runs, list) or not runs:
+    raise ValueError("not a sweep definition: no list of runs")
+  if not isinstance(defn.get("config"), str):
+    raise ValueError("not a sweep definition: no config file")
+  if not isinstance(defn.get("varying_keys"), list) or not all(isinstance(k, str) for k in defn["varying_keys"]):
+    raise ValueError("not a sweep definition: no list of varying_keys")
+  if not isinstance(defn.get("extra", []), list) or not all(isinstance(a, str) for a in defn.get("extra", [])):
+    raise ValueError("not a sweep definition: extra is not a list of flags")
+  for i, r in enumerate(runs):
+    ok = isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("overrides"), dict)
+    if not ok or not re.fullmatch(r"[A-Za-z0-9._=+-]+", r["name"]) or r["name"] in (".", ".."):
+      raise ValueError(f"run {i} is not a run of a sweep (a name and overrides)")
+    if not isinstance(r.get("num_rounds"), int) or isinstance(r["num_rounds"], bool):
+      raise ValueError(f"run {i} ({r['name']}) has no num_rounds")
+  defn.setdefault("extra", [])
 
 
 def _check_holds_runs(defn: dict, out: str) -> None:
@@ -958,8 +1029,14 @@ def main(argv: list[str] | None = None) -> int:
       failures = run_all(defn, out, args.parallel, env, replicas=args.replicas)
     except KeyboardInterrupt:
       return 130
+    except InputError as e:  # a run folder's metrics.jsonl that is not one, found before any run starts
+      fail(str(e))
 
-  for p in aggregate(defn, out, args.metric, failures):
+  try:
+    paths = aggregate(defn, out, args.metric, failures)
+  except InputError as e:  # e.g. a run's metrics.jsonl that is not one
+    fail(str(e))
+  for p in paths:
     _say(f"wrote {p}")
   if failures:
     _say(f"{len(failures)} of {len(defn['runs'])} run(s) failed:")
