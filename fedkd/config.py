@@ -1029,6 +1029,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     )
   if c.quantity_skew < 0:
     raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")
+  if c.quantity_skew > 0 and c.data.source == "synthetic":  # sizes past int32: checked before any run starts
+    from fedkd.data.pipeline import DataError, client_sizes
+
+    try:
+      client_sizes(c)
+    except DataError as e:
+      raise ConfigError(str(e)) from None
   if c.data.source != "synthetic" and not (c.data.source.startswith("tfds:") and len(c.data.source) > 5):
     raise ConfigError(
       f"config.data.source={c.data.source!r} is not a data source; use 'synthetic' or 'tfds:<dataset name>'"

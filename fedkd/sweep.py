@@ -349,7 +349,10 @@ def validate_sweep(
     where = f"run {i} ({names[i] if names else o!r})"
     both = sorted(set(o) & set(extra))
     if both:
-      raise SweepError(f"{where}: config.{both[0]} is swept and also set by --extra; drop one of them")
+      raise SweepError(
+        f"{where}: config.{both[0]} is swept and also set by --extra; drop the --extra flag (or take the key "
+        "out of get_sweep)"
+      )
     c = apply_overrides(base_config, {**o, **extra}, where)
     try:
       validate(c, _ANY_DEVICES)

@@ -292,3 +292,22 @@ def test_sizes_beyond_host_memory_are_one_line():
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
   line = _one_line_error(r.returncode, r.stderr, "out of host memory", "Unable to allocate", "config.batch_size")
   assert "4.00 PiB" in line, line
+
+
+def test_a_quantity_skew_past_int32_sizes_is_refused_by_validate():
+  """The lognormal client sizes of the seed (numpy, as docs/data.md defines them) past 2**31 examples are
+  refused by validate, so launch.sweep refuses such a sweep before any run starts; a skew whose largest
+  size fits passes."""
+  import numpy as np
+
+  c = fc.base_config()
+  c.num_clients = 16
+  for skew in (3.0, 30.0):
+    c.quantity_skew = skew
+    draw = np.round(c.examples_per_client * np.random.default_rng([c.seed, 7]).lognormal(0.0, skew, c.num_clients))
+    if draw.max() < 2**31:
+      fc.validate(c, 8)
+    else:
+      with pytest.raises(ConfigError, match=rf"quantity_skew={skew} is too large"):
+        fc.validate(c, 8)
+  assert skew == 30.0 and draw.max() >= 2**31  # the last case is refused
