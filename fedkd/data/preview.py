@@ -17,6 +17,8 @@ from absl import flags
 from fedkd import cli
 
 MAX_FRAME_PX = 2048  # one zoomed frame's side: larger pictures would take GiBs to draw
+JPEG_MAX_SIDE = 65500  # the largest side a JPEG file holds (libjpeg, as PIL writes it)
+ROW_LABEL_PX = 14  # the name strip above every site's row (fedkd.report.grid_rows)
 _SCALE = flags.DEFINE_integer("scale", 0, "Pixel zoom (0: to make frames at least 128 px).")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DEFAULT_OUT = os.path.join("runs", "preview.png")
@@ -52,16 +54,37 @@ def main(argv) -> None:
     cli.fail(f"--frames={cli.FRAMES.value} must be >= 1")
   if _SCALE.value < 0:
     cli.fail(f"--scale={_SCALE.value} must be >= 0 (0 = automatic)")
+  if config.get("task") == "fedefm":
+    cli.fail(
+      "fedkd.data.preview draws the sites of a FedAvg config; a FedEFM config's silos are not drawn: "
+      "pass a FedAvg config, e.g. --config=configs/quickstart.py"
+    )
   validate(config, jax.device_count())
   problem = scale_problem(_SCALE.value, config.image_size)
+  if problem:
+    cli.fail(problem)
+  scale = _SCALE.value or max(1, -(-128 // config.image_size))
+  # the training sites training evaluates (config.eval.max_sites: cross-device runs have thousands of clients)
+  max_sites = config.eval.max_sites
+  n_sites = min(max_sites or config.num_clients, config.num_clients)
+  frame_px = config.image_size * scale
+  rows = n_sites + 1 if config.data.source == "synthetic" else 1
+  problem = picture_problem(out, 2 * cli.FRAMES.value * frame_px, rows * (frame_px + ROW_LABEL_PX), frame_px)
   if problem:
     cli.fail(problem)
   data = make_client_data(config)
   with config.unlocked():
     config.eval.examples_per_site = cli.FRAMES.value
-  sets = data.eval_sets()
-  scale = _SCALE.value or max(1, -(-128 // config.image_size))
+  sets = data.eval_sets(list(range(n_sites)))
+  if config.data.source == "synthetic" and n_sites < config.num_clients:
+    print(
+      f"note: the first {n_sites} of the {config.num_clients} training sites and the unseen one, as training "
+      f"evaluates them (config.eval.max_sites={max_sites})"
+    )
   pic = grid(sets, cli.FRAMES.value, scale, data.unseen_name)
+  problem = picture_problem(out, pic.width, pic.height, frame_px)
+  if problem:
+    cli.fail(problem)
   shown = set()
   for _, masks in sets.values():
     shown.update(np.unique(np.asarray(masks)[: cli.FRAMES.value]).tolist())
@@ -82,6 +105,20 @@ def scale_problem(scale: int, image_size: int) -> str | None:
       f"pass --scale <= {max(1, MAX_FRAME_PX // image_size)} (0 = automatic)"
     )
   return None
+
+
+def picture_problem(out: str, width: int, height: int, frame_px: int) -> str | None:
+  """Why a ``width`` x ``height`` px picture cannot be written to ``out`` (a JPEG side above
+  ``JPEG_MAX_SIDE``), else None. ``frame_px``: one zoomed frame's side, for the largest --frames that fits."""
+  if not out.lower().endswith((".jpg", ".jpeg")) or max(width, height) <= JPEG_MAX_SIDE:
+    return None
+  if width > JPEG_MAX_SIDE:
+    fix = f"pass --frames <= {max(1, JPEG_MAX_SIDE // (2 * frame_px))}, a smaller --scale, or a .png --out"
+  else:
+    fix = "set --config.eval.max_sites to show fewer sites, or pass a .png --out"
+  return (
+    f"--out={out}: the picture would be {width} x {height} px and a JPEG holds at most {JPEG_MAX_SIDE} px a side; {fix}"
+  )
 
 
 def _frames_shown(sets, frames: int) -> str:

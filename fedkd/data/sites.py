@@ -13,8 +13,10 @@ Each site also has a ``data_type`` (what is visible and labeled):
   "vessel"             angiography: strong contrast vessel tree (3), no devices
   "all"                catheter (1), guidewire (2) and strong vessels (3)
 
-Physical sizes are referenced to a 512 x 512 output: ``pixel_spacing`` is mm per pixel at 512 and a
-smaller output is a downsampled view of the same field (effective spacing = spacing * 512 / size).
+Physical sizes: ``pixel_spacing`` is mm per pixel of the acquisition field, ``field_size`` px wide
+(``synth.render``; ``config.data.synthetic_field_size``). By default the field is the output itself, so a
+catheter is 3-12 px and a wire 0.8-3 px at any output size; with ``field_size=512`` a smaller output is a
+downsampled view of a 512 px field (effective spacing = spacing * 512 / size, devices shrink with it).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ DATA_TYPE_FLAGS = np.array(
 )
 
 REFERENCE_SIZE = 512
-# Clamps on the rendered device full widths, in pixels of a 512 x 512 output (scaled for other sizes).
+# Clamps on the rendered device full widths, in pixels of the acquisition field (scaled to the output size).
 CATHETER_WIDTH_BOUNDS = (3.0, 12.0)
 GUIDEWIRE_WIDTH_BOUNDS = (0.8, 3.0)
 
@@ -52,7 +54,7 @@ KNOB_INFO: dict[str, tuple[float, float, str]] = {
   "electronic_noise": (0.0, 10.0, "Gaussian detector noise sigma in counts, added before the log"),
   "blur_sigma": (0.0, 2.5, "Gaussian PSF sigma in output pixels"),
   "scatter": (0.0, 2.0, "scatter-to-primary ratio (broad blurred primary added to the primary)"),
-  "pixel_spacing": (0.1, 0.6, "mm per pixel at the 512 x 512 reference"),
+  "pixel_spacing": (0.1, 0.6, "mm per pixel of the acquisition field (default: the output itself)"),
   "catheter_french": (4.0, 8.0, "catheter outer diameter in French (1 F = 1/3 mm)"),
   "guidewire_inch": (0.010, 0.040, "guidewire diameter in inches"),
   "device_contrast": (0.3, 2.5, "multiplier on catheter / guidewire attenuation"),
@@ -276,21 +278,20 @@ UNSEEN_SITE = _make(
 )
 
 
-def _perturb(base: SiteProfile, client: int) -> SiteProfile:
+def _perturb(base: SiteProfile, client: int, data_type: str) -> SiteProfile:
   """Deterministic mild (+-12%) multiplicative jitter of every range, per client index."""
-  rng = np.random.default_rng(10_007 + client)
+  factors = np.random.default_rng(10_007 + client).uniform(0.88, 1.12, size=(len(KNOB_INFO), 2)).tolist()
   new = {}
-  for knob, (lim_lo, lim_hi, _) in KNOB_INFO.items():
+  for (knob, (lim_lo, lim_hi, _)), (f_lo, f_hi) in zip(KNOB_INFO.items(), factors):
     lo, hi = getattr(base, knob)
-    f = rng.uniform(0.88, 1.12, size=2)
-    lo2, hi2 = lo * f[0], hi * f[1]
+    lo2, hi2 = lo * f_lo, hi * f_hi
     if lo == hi:  # keep fixed knobs fixed (but moved)
       hi2 = lo2
-    lo2, hi2 = float(np.clip(lo2, lim_lo, lim_hi)), float(np.clip(hi2, lim_lo, lim_hi))
+    lo2, hi2 = min(max(lo2, lim_lo), lim_hi), min(max(hi2, lim_lo), lim_hi)
     if hi2 < lo2:
       lo2, hi2 = hi2, lo2
     new[knob] = (lo2, hi2)
-  return SiteProfile(name=f"{base.name}_c{client}", data_type=base.data_type, **new)
+  return SiteProfile(name=f"{base.name}_c{client}", data_type=data_type, **new)
 
 
 def make_sites(num_clients: int, data_type: str = DEFAULT_DATA_TYPE) -> tuple[list[SiteProfile], SiteProfile]:
@@ -304,11 +305,8 @@ def make_sites(num_clients: int, data_type: str = DEFAULT_DATA_TYPE) -> tuple[li
   if data_type not in DATA_TYPES:
     raise ValueError(f"unknown data_type {data_type!r}; use one of {DATA_TYPES}")
   n_base = len(BASE_SITES)
-  profiles = []
-  for i in range(num_clients):
-    base = BASE_SITES[i % n_base]
-    profiles.append(base if i < n_base else _perturb(base, i))
-  profiles = [with_data_type(p, data_type) for p in profiles]
+  bases = [with_data_type(b, data_type) for b in BASE_SITES]
+  profiles = bases[:num_clients] + [_perturb(bases[i % n_base], i, data_type) for i in range(n_base, num_clients)]
   return profiles, with_data_type(UNSEEN_SITE, data_type)
 
 

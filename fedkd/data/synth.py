@@ -419,7 +419,10 @@ def _broad_blur(x: jax.Array, sigma_px) -> jax.Array:
 
 def _jpeg(img: jax.Array, quality) -> jax.Array:
   """8x8 block DCT quantization with the JPEG luminance table scaled for ``quality``
-  (>= ~99.5 leaves the image unchanged). img in [0, 1], side divisible by 8."""
+  (>= ~99.5 leaves the image unchanged). img in [0, 1]; a side that is not a multiple of 8 is padded
+  by repeating the last row / column (as JPEG encoders do) and cropped back."""
+  h0, w0 = img.shape
+  img = jnp.pad(img, ((0, -h0 % 8), (0, -w0 % 8)), mode="edge")
   h, w = img.shape
   scale = jnp.where(quality < 50.0, 5000.0 / jnp.maximum(quality, 1.0), 200.0 - 2.0 * quality) / 100.0
   step = jnp.asarray(_JPEG_LUMA) * scale  # in 0..255 units
@@ -429,7 +432,7 @@ def _jpeg(img: jax.Array, quality) -> jax.Array:
   step = step[None, :, None, :]
   q = jnp.where(step > 0.5, jnp.round(coef / jnp.maximum(step, 1e-3)) * step, coef)
   out = jnp.einsum("ji,ajbk,kl->aibl", d, q, d).reshape(h, w)
-  return (out + 128.0) / 255.0
+  return (out[:h0, :w0] + 128.0) / 255.0
 
 
 def _text_overlay(key, u, yy, xx, size):
@@ -678,8 +681,7 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
   disp = jnp.where(flip, 1.0 - disp, disp)
   text_on = (coin[5] < p["text_overlay"]).astype(jnp.float32)
   disp = jnp.maximum(disp, text_on * _text_overlay(ks[3], u, yy, xx, size))
-  if image_size % 8 == 0:
-    disp = _jpeg(disp, p["jpeg_quality"])
+  disp = _jpeg(disp, p["jpeg_quality"])
   image = jnp.clip(jnp.round(disp * 255.0) / 255.0, 0.0, 1.0).astype(jnp.float32)
 
   # --- masks at output resolution; wire over catheter over vessel; nothing under the blades
@@ -742,8 +744,13 @@ def generate(
   ``vectorized=True`` vmaps over sites and indices instead (faster on CPU), but XLA then fuses
   differently per batch shape and images can differ slightly between batches.
   """
-  site_ids = np.asarray(site_ids, dtype=np.int32)
-  indices = np.asarray(indices, dtype=np.int32)
+  site_ids, indices = np.asarray(site_ids), np.asarray(indices)
+  for name, a in (("site_ids", site_ids), ("indices", indices)):
+    if a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() > np.iinfo(np.int32).max):
+      raise ValueError(
+        f"{name} must be integers in 0..2**31-1 (they seed int32 example keys), got {a.min()}..{a.max()}"
+      )
+  site_ids, indices = site_ids.astype(np.int32), indices.astype(np.int32)
   if site_ids.ndim != 1 or indices.ndim != 2 or indices.shape[0] != site_ids.shape[0]:
     raise ValueError(f"expected site_ids [C] and indices [C, N], got {site_ids.shape}, {indices.shape}")
   seed = jnp.asarray(seed, dtype=jnp.uint32)
