@@ -994,6 +994,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     _int_at_least(c, key, 1)
   for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
     _int_at_least(c, key, 0)
+  if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
+    raise ConfigError(
+      f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "
+      "least 32 px (0 = the output itself, 512 = a downsampled 512 px view)"
+    )
   if c.num_clients > MAX_CLIENTS:
     raise ConfigError(
       f"config.num_clients={c.num_clients} is more than fedkd simulates ({MAX_CLIENTS:,}); use fewer clients"
@@ -1221,6 +1226,12 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     _number(c, key, nonneg, ">= 0", integer=True)
   for key in ("eval.foundation_every", "eval.heldout_per_source"):
     _number(c, key, pos, ">= 1", integer=True)
+  p = c.pretrain
+  if p.examples_per_silo * p.num_silos >= 2**31:  # the silos' example indices are int32
+    raise ConfigError(
+      f"config.pretrain.examples_per_silo={p.examples_per_silo} x num_silos={p.num_silos} is 2**31 images or "
+      "more, past what the generator indexes; lower config.pretrain.examples_per_silo"
+    )
   _choice(c, "pretrain.objective", FEDEFM_OBJECTIVES)
   for key in (
     "pretrain.learning_rate",

@@ -311,3 +311,42 @@ def test_a_quantity_skew_past_int32_sizes_is_refused_by_validate():
       with pytest.raises(ConfigError, match=rf"quantity_skew={skew} is too large"):
         fc.validate(c, 8)
   assert skew == 30.0 and draw.max() >= 2**31  # the last case is refused
+
+
+def test_a_four_class_model_on_synthetic_data_sees_vessels_labelled():
+  """model.num_classes=4 on synthetic data: the clients' masks hold the vessel label (3) besides catheter
+  and guidewire (a 3-class model's hold 0-2 only), so dice/vessel measures something."""
+  import numpy as np
+
+  from fedkd.data import pipeline
+
+  labels = {}
+  for k in (3, 4):
+    c = fc.base_config()
+    c.num_clients, c.image_size, c.batch_size, c.local_steps = 2, 64, 4, 2
+    c.model.num_classes = k
+    _, y = pipeline.make_client_data(c).round_batches(1, np.arange(2))
+    labels[k] = set(np.unique(np.asarray(y)).tolist())
+  assert labels[3] <= {0, 1, 2} and labels[4] == {0, 1, 2, 3}, labels
+
+
+def test_a_tiny_synthetic_field_and_fedefm_images_past_int32_are_refused():
+  """data.synthetic_field_size between 1 and 31 px (devices wider than the field) and FedEFM silos holding
+  2**31 images or more (int32 example indices) are one ConfigError each; 0, 32 and 2**31 - 1 images pass."""
+  c = fc.base_config()
+  for size, ok in ((0, True), (1, False), (31, False), (32, True)):
+    c.data.synthetic_field_size = size
+    if ok:
+      fc.validate(c, 8)
+    else:
+      with pytest.raises(ConfigError, match=rf"synthetic_field_size={size} is too small"):
+        fc.validate(c, 8)
+  efm = _load("fedefm").get_config("tiny")
+  efm.pretrain.num_silos = 2
+  for per, ok in (((2**31 - 1) // 2, True), (2**30, False)):
+    efm.pretrain.examples_per_silo = per
+    if ok:
+      fc.validate_fedefm(efm, 8)
+    else:
+      with pytest.raises(ConfigError, match="2\\*\\*31 images or more"):
+        fc.validate_fedefm(efm, 8)

@@ -68,7 +68,9 @@ def round_indices(config, round_: int, clients: np.ndarray, sizes: np.ndarray) -
 
 
 class SyntheticClients:
-  """Client k is hospital profile k of ``sites.make_sites``; the held-out profile is the unseen site."""
+  """Client k is hospital profile k of ``sites.make_sites``; the held-out profile is the unseen site. Sites
+  show catheters and guidewires (data type ``catheter_guidewire``), and vessels too (``all``) for a 4-class
+  model."""
 
   def __init__(self, config):
     if config.data.unseen_site:
@@ -78,7 +80,9 @@ class SyntheticClients:
         "config.data.source='tfds:<name>'"
       )
     self.config = config
-    train_sites, unseen = sites_lib.make_sites(config.num_clients)
+    # a 4-class model (+ vessel) sees every structure labelled; a 3-class one catheter and guidewire only
+    kind = "all" if config.model.num_classes == 4 else sites_lib.DEFAULT_DATA_TYPE
+    train_sites, unseen = sites_lib.make_sites(config.num_clients, kind)
     self.site_names = [s.name for s in train_sites]
     self.unseen_name = unseen.name
     self.table = sites_lib.site_table(list(train_sites) + [unseen])
