@@ -102,22 +102,40 @@ def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
 
 def legacy_options(engine_cfg, log: Callable[[str], None] | None = None) -> tuple[str, str, int]:
   """(client_layout, conv_lowering, client_chunk) of an engine config, mapping the deprecated
-  ``client_parallelism`` / ``chunk_strategy`` keys (with one deprecation line) when a config sets them."""
+  ``client_parallelism`` / ``chunk_strategy`` keys (with one deprecation line) when a config sets them.
+  A deprecated key beside a ``client_layout`` / ``conv_lowering`` (not 'auto') that means something else,
+  or a ``chunk_strategy`` with a ``client_parallelism`` other than 'chunked', is a ConfigError."""
+  from fedkd.config import ConfigError  # a leaf module (imports nothing from fedkd)
+
   layout, lowering, chunk = engine_cfg.client_layout, engine_cfg.conv_lowering, engine_cfg.client_chunk
   old = engine_cfg.get("client_parallelism", "") or ""
   strategy = engine_cfg.get("chunk_strategy", "") or ""
+  if not old and not strategy:
+    return layout, lowering, chunk
+  if old and strategy and old != "chunked":
+    raise ConfigError(
+      f"config.engine.chunk_strategy={strategy!r} applies to client_parallelism='chunked' only, not {old!r}; "
+      "remove --config.engine.chunk_strategy"
+    )
+  meant_layout, meant_lowering, ch = LEGACY_PARALLELISM[old] if old else (None, None, None)
+  meant_lowering = meant_lowering or LEGACY_CHUNK_STRATEGY[strategy or "bgemm"]
+  key = "client_parallelism" if old else "chunk_strategy"
+  for name, given, meant in (("client_layout", layout, meant_layout), ("conv_lowering", lowering, meant_lowering)):
+    if meant is not None and given not in ("auto", meant):
+      raise ConfigError(
+        f"config.engine.{key}={old or strategy!r} (deprecated) means {name}={meant!r}, but config.engine.{name}="
+        f"{given!r}; remove --config.engine.{key} and keep --config.engine.{name}={given}"
+      )
   if old:
-    layout, low, ch = LEGACY_PARALLELISM[old]
-    lowering = low or LEGACY_CHUNK_STRATEGY[strategy or "bgemm"]
-    chunk = ch or chunk
+    layout, lowering, chunk = meant_layout, meant_lowering, ch or chunk
     if log is not None:
       log(
         f"note: config.engine.client_parallelism={old!r} is deprecated (removed in the next release); it means "
         f"--config.engine.client_layout={layout} --config.engine.conv_lowering={lowering}"
         + (f" --config.engine.client_chunk={chunk}" if ch else "")
       )
-  elif strategy:
-    lowering = LEGACY_CHUNK_STRATEGY[strategy]
+  else:
+    lowering = meant_lowering
     if log is not None:
       log(f"note: config.engine.chunk_strategy is deprecated; use --config.engine.conv_lowering={lowering}")
   return layout, lowering, chunk
@@ -178,6 +196,22 @@ def chunk_size(clients: int, chunk: int) -> int:
   return max(d for d in range(1, min(chunk, clients) + 1) if clients % d == 0)
 
 
+def _aggregator(algorithm: Algorithm):
+  """The aggregator object of ``algorithm``: a name of fedkd.fl.aggregate.AGGREGATORS, or an object (one
+  with parameters)."""
+  agg = algorithm.aggregator
+  return AGGREGATORS[agg] if isinstance(agg, str) else agg
+
+
+def effective_options(options: EngineOptions, algorithm: Algorithm) -> EngineOptions:
+  """``options`` as :func:`make_round_fn` runs them for ``algorithm``: ``clients_in_flight`` orders the
+  running sum of a linear aggregate, so under another aggregator (median, trimmed mean, Krum) it is 0 (the
+  unrolled clients run on XLA's own schedule). For logs: ``describe(effective_options(...))``."""
+  if options.clients_in_flight and not _aggregator(algorithm).linear:
+    return dataclasses.replace(options, clients_in_flight=0)
+  return options
+
+
 def _lowered(lowering: str):
   from fedkd.models.conv import gemm_convs  # models import nothing from the FL core
 
@@ -233,8 +267,8 @@ def make_round_fn(
   counts the server state stays as it was (no server-optimizer step on a zero aggregate: momentum and Adam
   moments do not move the model) except its round counter, which advances.
   """
-  # a name of fedkd.fl.aggregate.AGGREGATORS, or an aggregator object (one with parameters)
-  agg = AGGREGATORS[algorithm.aggregator] if isinstance(algorithm.aggregator, str) else algorithm.aggregator
+  agg = _aggregator(algorithm)
+  options = effective_options(options, algorithm)
   if skip_nonfinite and not agg.linear:
     raise ValueError(f"skip_nonfinite needs a linear aggregator; {algorithm.name} uses {agg.name}")
   if options.layout not in LAYOUTS or options.lowering not in LOWERINGS:
@@ -279,7 +313,7 @@ def make_round_fn(
       return settle(run(r, b), w, r, b.get("reported"))
 
     with _lowered(options.lowering):
-      if options.layout == "unroll" and agg.linear and 0 < options.clients_in_flight < n:
+      if options.layout == "unroll" and 0 < options.clients_in_flight < n:
         part, sums, per = _unrolled_in_order(group, one_client, (rows, batch, weights), n, options.clients_in_flight)
       elif options.layout == "unroll":
         # Each client is settled on its own and a linear aggregate adds their parts: stacking every
@@ -402,8 +436,17 @@ def _after(batch, tree):
 
 def describe(options: EngineOptions, clients_per_shard: int | None = None) -> str:
   """One phrase for logs: how the clients run (``clients_per_shard``, where given: a device's clients,
-  so that a bound at or above it reads 'all in flight')."""
-  chunk = f" (chunks of {options.client_chunk})" if options.layout == "chunked" else ""
+  so that a bound at or above it reads 'all in flight' and ``chunked`` names the chunk it runs,
+  :func:`chunk_size`). ``options``: :func:`effective_options` where the algorithm is known."""
+  chunk = ""
+  if options.layout == "chunked":
+    k = options.client_chunk if clients_per_shard is None else chunk_size(clients_per_shard, options.client_chunk)
+    chunk = f" (chunks of {k}"
+    if k < min(options.client_chunk, clients_per_shard or k):
+      chunk += (
+        f": the largest divisor of {clients_per_shard} clients per device up to client_chunk={options.client_chunk}"
+      )
+    chunk += ")"
   steps = ", steps unrolled" if options.unroll_local_steps else ""
   k, flight = options.clients_in_flight, ""
   if options.layout == "unroll" and k:
