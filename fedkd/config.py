@@ -214,7 +214,8 @@ def base_config() -> ml_collections.ConfigDict:
   # im2col GEMMs), 'auto' (CPU: matmul with unroll, else xla; GPU/TPU: wgrad for UNet, gemm for TransUNet
   # and for chunked).
   c.engine.conv_lowering = "auto"
-  # 'chunked': clients per chunk (1 = one client at a time); only one chunk's activations are alive.
+  # 'chunked': clients per chunk (1 = one client at a time); only one chunk's activations are alive. A
+  # chunk is the largest divisor of a device's clients up to this (7 clients per device: chunks of 7 or 1).
   c.engine.client_chunk = 8
   # Deprecated (one release): the old single knob (vmap | bgemm | hybrid | unroll | chunked | map) and
   # its chunk_strategy; set, they map to client_layout / conv_lowering with a note. '' = not set.
@@ -694,6 +695,8 @@ def _unused_fedavg(c) -> dict[str, str]:
       unused("data", ["dirichlet_alpha"], f"config.data.partition={c.data.partition!r} (not 'dirichlet')")
   if c.engine.client_layout in ("vmap", "unroll") and not c.engine.client_parallelism:
     unused("engine", ["client_chunk"], f"config.engine.client_layout={c.engine.client_layout!r} (not 'chunked')")
+  if c.engine.client_layout in ("vmap", "chunked") and not c.engine.client_parallelism:
+    unused("engine", ["clients_in_flight"], f"config.engine.client_layout={c.engine.client_layout!r} (not 'unroll')")
   return out
 
 

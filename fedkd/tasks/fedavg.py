@@ -458,7 +458,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     f"{config.data.source} data, {config.num_clients} clients ({config.clients_per_round}/round), "
     f"{local_work} local steps x batch {config.batch_size}, {config.image_size}px, "
     f"{n_dev} device(s) on the 'clients' axis [{jax.default_backend()}], "
-    f"{engine.describe(engine_opts, config.clients_per_round // n_dev)}"
+    f"{engine.describe(engine.effective_options(engine_opts, alg), config.clients_per_round // n_dev)}"
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
     f"{', remat' if config.engine.remat else ''}"
   )
