@@ -336,7 +336,7 @@ def evaluate_run(
   ``tfds_data_dir``: where a run on prepared data finds its datasets (default: its stored config's).
   Returns {"round", "results", "robustness", "out"}."""
   from fedkd import report
-  from fedkd.data.pipeline import DataError, make_client_data
+  from fedkd.data.pipeline import DataError, evaluated_sites, make_client_data
   from fedkd.workdir import prepare
 
   config, apply, params, r = load_run(workdir, round_)
@@ -349,12 +349,10 @@ def evaluate_run(
     config.eval.examples_per_site = examples
     if tfds_data_dir is not None:
       config.data.tfds_data_dir = tfds_data_dir
-  # the training sites training evaluates (config.eval.max_sites: cross-device runs have thousands of clients)
-  max_sites = config.eval.get("max_sites", 0)
-  n_sites = min(max_sites or config.num_clients, config.num_clients)
+  sites = evaluated_sites(config)
   try:
     data = make_client_data(config)
-    eval_sets = data.eval_sets(list(range(n_sites)))
+    eval_sets = data.eval_sets(sites)
   except DataError as e:
     if source == "synthetic" or tfds_data_dir is not None:
       raise
@@ -368,10 +366,10 @@ def evaluate_run(
   evaluator = Evaluator(config, apply, eval_sets)
   out = os.fspath(prepare(out, flag="--out") if out else prepare(os.path.join(workdir, "eval")))
   log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {evaluator.images_per_site()} held-out images")
-  if source == "synthetic" and n_sites < config.num_clients:
+  if source == "synthetic" and len(sites) < config.num_clients:
     log(
-      f"note: the first {n_sites} of the {config.num_clients} training sites and the unseen one, as training "
-      f"evaluated them (config.eval.max_sites={max_sites})"
+      f"note: the first {len(sites)} of the {config.num_clients} training sites and the unseen one, as training "
+      f"evaluated them (config.eval.max_sites={config.eval.max_sites})"
     )
   algorithm = (config.get("algorithm") or {}).get("name")
   if algorithm in PERSONAL_ALGORITHMS and (config.get("data") or {}).get("source") == "synthetic":

@@ -43,6 +43,13 @@ class DataError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def evaluated_sites(config) -> list[int]:
+  """The training sites a run evaluates (training, fedkd.eval and the preview alike): every client's, or the
+  first ``config.eval.max_sites`` (cross-device runs have thousands of clients); the unseen site besides."""
+  n = config.num_clients
+  return list(range(min(config.eval.get("max_sites", 0) or n, n)))
+
+
 def client_sizes(config) -> np.ndarray:
   """Synthetic training-set size of every client (deterministic from the seed)."""
   n = np.full(config.num_clients, config.examples_per_client, dtype=np.int64)

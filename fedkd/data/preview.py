@@ -38,7 +38,7 @@ def main(argv) -> None:
   import jax
 
   from fedkd.config import validate
-  from fedkd.data.pipeline import make_client_data
+  from fedkd.data.pipeline import evaluated_sites, make_client_data
   import numpy as np
 
   from fedkd import palette
@@ -64,9 +64,8 @@ def main(argv) -> None:
   if problem:
     cli.fail(problem)
   scale = _SCALE.value or max(1, -(-128 // config.image_size))
-  # the training sites training evaluates (config.eval.max_sites: cross-device runs have thousands of clients)
-  max_sites = config.eval.max_sites
-  n_sites = min(max_sites or config.num_clients, config.num_clients)
+  sites = evaluated_sites(config)
+  n_sites = len(sites)
   frame_px = config.image_size * scale
   rows = n_sites + 1 if config.data.source == "synthetic" else 1
   problem = picture_problem(out, 2 * cli.FRAMES.value * frame_px, rows * (frame_px + ROW_LABEL_PX), frame_px)
@@ -75,11 +74,11 @@ def main(argv) -> None:
   data = make_client_data(config)
   with config.unlocked():
     config.eval.examples_per_site = cli.FRAMES.value
-  sets = data.eval_sets(list(range(n_sites)))
+  sets = data.eval_sets(sites)
   if config.data.source == "synthetic" and n_sites < config.num_clients:
     print(
       f"note: the first {n_sites} of the {config.num_clients} training sites and the unseen one, as training "
-      f"evaluates them (config.eval.max_sites={max_sites})"
+      f"evaluates them (config.eval.max_sites={config.eval.max_sites})"
     )
   pic = grid(sets, cli.FRAMES.value, scale, data.unseen_name)
   problem = picture_problem(out, pic.width, pic.height, frame_px)

@@ -19,7 +19,7 @@ from fedkd.config import ConfigError, base_config, clients_in_flight, num_attack
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped
 from fedkd.workdir import prepare, write_atomic
-from fedkd.data.pipeline import make_client_data
+from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
@@ -331,8 +331,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
 
   apply, apply_wf, params = init_model(config.model, config.seed)
   # the held-out sets before anything is written: a dataset without a test split leaves no workdir
-  n_eval_sites = min(config.eval.max_sites or config.num_clients, config.num_clients)
-  evaluator = Evaluator(config, apply, data.eval_sets(list(range(n_eval_sites))))
+  evaluator = Evaluator(config, apply, data.eval_sets(evaluated_sites(config)))
   unseen_name = data.unseen_name
   server_tx = engine.make_optimizer(config.server_optimizer)
   algorithm = config.algorithm.name
@@ -417,7 +416,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   if clients_store is not None and config.data.source == "synthetic":
     probe = alg.personal(params, clients_store.host_row(0))
     if probe is not None:
-      personal_sites = {data.site_names[i]: i for i in range(n_eval_sites)}
+      personal_sites = {data.site_names[i]: i for i in evaluated_sites(config)}
   elif config.algorithm.name in ("fedbn", "ditto"):
     log(f"note: {config.data.source} sites are not one client each, so every site is evaluated with the global model")
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import ConfigError, num_attackers, validate, value_at
-from fedkd.data.pipeline import make_client_data
+from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import dp, engine
@@ -216,8 +216,7 @@ class _Replica:
     self.config, self.seed, self.name = config, int(config.seed), name
     self.workdir = prepare(str(workdir))
     self.data = make_client_data(config)
-    n_eval = min(config.eval.max_sites or config.num_clients, config.num_clients)
-    self.evaluator = Evaluator(config, apply, self.data.eval_sets(list(range(n_eval))))
+    self.evaluator = Evaluator(config, apply, self.data.eval_sets(evaluated_sites(config)))
     self.cfg_json = ckpt_lib.config_json(config)
     self.ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", config.checkpoint.max_to_keep)
     self.runlog = RunLog(self.workdir, note=log)
