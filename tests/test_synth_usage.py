@@ -15,35 +15,8 @@ from fedkd.config import base_config
 from fedkd.data import partition, pipeline
 from fedkd.data import sites as sites_lib
 from fedkd.data import synth
+from test_synth import _FIXED  # one site, every knob fixed (lo == hi)
 
-# one site, every knob fixed (lo == hi)
-_FIXED = dict(
-  dose=500.0,
-  electronic_noise=0.0,
-  blur_sigma=0.8,
-  scatter=0.3,
-  pixel_spacing=0.3,
-  catheter_french=6.0,
-  guidewire_inch=0.025,
-  device_contrast=1.0,
-  vessel_contrast=0.5,
-  tissue_strength=0.5,
-  spine_strength=0.3,
-  rib_strength=0.1,
-  organ_edge=0.3,
-  anatomy_scale=1.0,
-  vignetting=0.0,
-  pincushion=0.0,
-  shutter=0.0,
-  motion_blur=0.0,
-  window_width=3.5,
-  gamma=1.0,
-  polarity_flip=0.0,
-  text_overlay=0.0,
-  jpeg_quality=100.0,
-  second_wire=0.0,
-  vessel_follow=0.5,
-)
 
 _render = jax.jit(synth.render, static_argnums=(2, 3))
 
