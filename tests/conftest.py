@@ -1,7 +1,15 @@
 """Test setup: 8 simulated CPU devices, set before any JAX computation."""
 
 import os
+import signal
 import tempfile
+
+# Ctrl-C as at a terminal: pytest started in the background of a non-interactive shell inherits SIGINT
+# ignored, and its subprocesses would inherit that (a test's Ctrl-C then reaches no one: Python installs no
+# KeyboardInterrupt handler, bash cannot trap it). A handler of this process is reset to the default in a
+# child, so every subprocess starts as one typed at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compile fast: the suite mostly compiles small programs once. XLA's lowest backend optimisation level
