@@ -1205,6 +1205,11 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   check_finite(c)
   pos, nonneg, unit = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v <= 1)
   _number(c, "seed", nonneg, ">= 0", integer=True)
+  if type(c.fedefm.get("expert_steps")) is int and c.fedefm.expert_steps == 0:  # the control is a method
+    raise ConfigError(
+      "config.fedefm.expert_steps=0 must be an integer >= 1; the expert_steps = 0 control (KD to the silo's own "
+      "round-start model) is the method fedefm_e0: add it to --config.experiment.methods instead"
+    )
   for key in (
     "image_size",
     "pretrain.num_silos",

@@ -250,18 +250,10 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
 
 def _training_now(path) -> str:
   """'; <holder> is training there ...' when the workdir's lock names a live process on this host, else ''."""
-  import socket
+  from fedkd.workdir import running_holder
 
-  from fedkd.workdir import LOCK_NAME, _holder_text, _pid_alive
-
-  try:
-    holder = json.loads((path / LOCK_NAME).read_text() or "{}")
-    pid = int(holder.get("pid") or 0) if isinstance(holder, dict) else 0
-  except (OSError, ValueError, TypeError):
-    return ""
-  if not pid or holder.get("host") != socket.gethostname() or not _pid_alive(pid):
-    return ""
-  return f"; {_holder_text(holder)} is training there and has not saved a checkpoint yet: evaluate after it has"
+  holder = running_holder(path)
+  return f"; {holder} is training there and has not saved a checkpoint yet: evaluate after it has" if holder else ""
 
 
 def load_run(workdir: str, round_: int | None):

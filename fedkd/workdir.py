@@ -204,6 +204,28 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _read_lock(path) -> dict:
+  """The holder record of a lock file ({} when absent, empty or unreadable)."""
+  try:
+    held = json.loads(epath.Path(path).read_text() or "{}")
+  except (OSError, ValueError):
+    return {}
+  return held if isinstance(held, dict) else {}
+
+
+def _alive_here(held: dict) -> bool:
+  """Whether a lock's holder is a running process on this host."""
+  pid = held.get("pid")
+  return held.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and _pid_alive(pid)
+
+
+def running_holder(workdir) -> str | None:
+  """Who holds ``workdir``'s lock (pid, host, start, command) when that is a running process on this host,
+  else None: a run training there now."""
+  held = _read_lock(epath.Path(workdir) / LOCK_NAME)
+  return _holder_text(held) if _alive_here(held) else None
+
+
 def _holder_text(info: dict) -> str:
   started = info.get("started")
   when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
@@ -225,10 +247,7 @@ class Lock:
     }
 
   def _read_holder(self) -> dict:
-    try:
-      return json.loads(self.path.read_text() or "{}")
-    except (OSError, ValueError):
-      return {}
+    return _read_lock(self.path)
 
   def acquire(self) -> None:
     if is_remote(self.path):
@@ -260,8 +279,7 @@ class Lock:
   def _acquire_remote(self) -> None:
     if self.path.exists():
       held = self._read_holder()
-      same_host = held.get("host") == self.info["host"]
-      if not (same_host and held.get("pid") and not _pid_alive(int(held["pid"]))):
+      if not (held.get("host") == self.info["host"] and held.get("pid") and not _alive_here(held)):
         raise WorkdirError(
           f"{self.path.parent} is in use by {_holder_text(held)} (remote workdirs keep a lock file); "
           f"if that process is gone, delete {self.path} and re-run, or use another --workdir"

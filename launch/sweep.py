@@ -805,10 +805,10 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
 
 def _results(records: list[dict], key: str) -> list[float]:
   """``key`` of every one of ``records`` where each holds it as a number other than NaN, else []."""
-  from fedkd.report import is_number
+  from fedkd import report
 
   vals = [r.get(key) for r in records]
-  return vals if vals and all(is_number(v) and not math.isnan(v) for v in vals) else []
+  return vals if vals and not report.not_results(vals) else []
 
 
 def is_plot(name: str) -> bool:

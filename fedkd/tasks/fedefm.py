@@ -147,12 +147,6 @@ def load_adjacency(c) -> np.ndarray:
 def validate(c) -> dict:
   """Checks every FedEFM setting before anything trains (``fedkd.config.validate_fedefm``, then the
   topology loads); returns the parsed lists and the topology's adjacency."""
-  f = c.get("fedefm")
-  if f is not None and type(f.get("expert_steps")) is int and f.expert_steps == 0:  # the control is a method
-    raise ConfigError(
-      "config.fedefm.expert_steps=0 must be an integer >= 1; the expert_steps = 0 control (KD to the silo's own "
-      "round-start model) is the method fedefm_e0: add it to --config.experiment.methods instead"
-    )
   parsed = validate_fedefm(c, jax.device_count())
   if c.seed != 0:  # read nowhere: each seed of experiment.seeds draws the data, initialisation and batches
     raise ConfigError(
