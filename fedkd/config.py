@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Each client's training set size (examples). quantity_skew > 0 draws unequal sizes
   # n_i = examples_per_client * lognormal(0, quantity_skew) (deterministic from the seed);
-  # FedAvg weights clients by n_i.
+  # FedAvg weights clients by n_i. A drawn size below batch_size is raised to batch_size.
   c.examples_per_client = 256
   c.quantity_skew = 0.0  # 0 = equal sizes; > 0 lognormal sigma of client dataset sizes
 
@@ -1037,6 +1037,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     )
   if c.quantity_skew < 0:
     raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")
+  if c.data.source == "synthetic" and c.examples_per_client < c.batch_size:
+    raise ConfigError(
+      f"config.examples_per_client={c.examples_per_client} is smaller than config.batch_size={c.batch_size}: a "
+      "synthetic client holds at least one batch of examples; raise examples_per_client or lower batch_size"
+    )
   if c.quantity_skew > 0 and c.data.source == "synthetic":  # sizes past int32: checked before any run starts
     from fedkd.data.pipeline import DataError, client_sizes
 

@@ -350,3 +350,16 @@ def test_a_tiny_synthetic_field_and_fedefm_images_past_int32_are_refused():
     else:
       with pytest.raises(ConfigError, match="2\\*\\*31 images or more"):
         fc.validate_fedefm(efm, 8)
+
+
+def test_fewer_examples_per_client_than_a_batch_is_refused_not_raised():
+  """A synthetic client held max(examples_per_client, batch_size) examples, so examples_per_client=2 with
+  batch 8 silently trained on 8; validate refuses it, and allows it where the data come from TFDS records."""
+  c = fc.base_config()
+  c.examples_per_client, c.batch_size = 2, 8
+  with pytest.raises(ConfigError, match=r"examples_per_client=2 is smaller than config.batch_size=8"):
+    fc.validate(c, 8)
+  c.examples_per_client = 8
+  fc.validate(c, 8)
+  c.examples_per_client, c.data.source = 2, "tfds:my_hospitals"
+  fc.validate(c, 8)

@@ -335,3 +335,27 @@ def test_client_sizes_with_an_overflowing_quantity_skew_is_refused():
   np.testing.assert_array_equal(pipeline.client_sizes(cfg(0.5)), want)
   with pytest.raises(pipeline.DataError, match="quantity_skew=1000.0 is too large"):
     pipeline.client_sizes(cfg(1000.0))
+
+
+def test_the_unseen_site_draws_the_same_images_whatever_the_client_count():
+  """The held-out hospital is a fixed test set: its images do not move with config.num_clients (they were
+  keyed by the client count), and each one is the renderer's own example keyed sites.UNSEEN_KEY."""
+  from fedkd.data import sites, synth
+
+  sets = {}
+  for n in (4, 9):
+    c = tiny_config(num_clients=n, clients_per_round=2)
+    c.eval.examples_per_site = 3
+    data = pipeline.SyntheticClients(c)
+    sets[n] = data.eval_sets([0])
+  name = sites.UNSEEN_SITE.name
+  np.testing.assert_array_equal(np.asarray(sets[4][name][0]), np.asarray(sets[9][name][0]))
+  np.testing.assert_array_equal(np.asarray(sets[4][name][1]), np.asarray(sets[9][name][1]))
+  row = {k: jax.numpy.asarray(v[0]) for k, v in sites.site_table([sites.UNSEEN_SITE]).items()}
+  key = synth.example_key(jax.numpy.uint32(c.seed), sites.UNSEEN_KEY, 2, 1)
+  image, mask = synth.render(key, row, c.image_size)
+  np.testing.assert_allclose(np.asarray(sets[9][name][0][2]), np.asarray(image), atol=1e-5)
+  assert (np.asarray(sets[9][name][1][2]) == np.asarray(mask)).mean() > 0.999
+  # a training site keeps its own key (client 0 draws the same images in both runs)
+  first = data.site_names[0]
+  np.testing.assert_array_equal(np.asarray(sets[4][first][0]), np.asarray(sets[9][first][0]))

@@ -113,20 +113,23 @@ class SyntheticClients:
     return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
-    """Held-out split (split=1) of the given training sites (default all) and the unseen site."""
+    """Held-out split (split=1) of the given training sites (default all) and the unseen site (keyed
+    ``sites.UNSEEN_KEY``: the same images whatever ``config.num_clients``)."""
     c = self.config
     ids = list(range(c.num_clients)) if site_ids is None else list(site_ids)
     idx = np.arange(c.eval.examples_per_site, dtype=np.int32)[None]
     out = {}
-    for sid, name in [(i, self.site_names[i]) for i in ids] + [(c.num_clients, self.unseen_name)]:
+    sets = [(i, i, self.site_names[i]) for i in ids] + [(c.num_clients, sites_lib.UNSEEN_KEY, self.unseen_name)]
+    for row, key, name in sets:
       im, m = synth.generate(
         c.seed,
         self.table,
-        np.array([sid], np.int32),
+        np.array([row], np.int32),
         idx,
         c.image_size,
         split=1,
         field_size=c.data.synthetic_field_size,
+        key_ids=np.array([key], np.int32),
       )
       out[name] = (im[0], m[0])
     return out

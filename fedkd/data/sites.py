@@ -276,6 +276,9 @@ UNSEEN_SITE = _make(
   jpeg_quality=(50.0, 80.0),
   text_overlay=(0.6, 0.6),
 )
+# The site number in the PRNG keys of the unseen site's examples (``synth.generate``'s ``key_ids``): fixed and
+# above every client id (config.MAX_CLIENTS), so a run's unseen images are the same whatever its client count.
+UNSEEN_KEY = 2**31 - 1
 
 
 def _perturb(base: SiteProfile, client: int, data_type: str) -> SiteProfile:

@@ -703,8 +703,8 @@ RENDER_CHUNK = 16
 
 @functools.partial(jax.jit, static_argnames=("image_size", "supersample", "field_size"))
 def _render_chunk(seed, params, sites, indices, split, image_size: int, supersample: int, field_size: int | None):
-  """RENDER_CHUNK examples one after another (``lax.map``): example j is ``indices[j]`` of site
-  ``sites[j]`` with that site's profile row ``params[.][j]``."""
+  """RENDER_CHUNK examples one after another (``lax.map``): example j is ``indices[j]`` of the site keyed
+  ``sites[j]``, with that site's profile row ``params[.][j]``."""
 
   def one(args):
     row, site, index = args
@@ -714,12 +714,14 @@ def _render_chunk(seed, params, sites, indices, split, image_size: int, supersam
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "split", "supersample", "field_size"))
-def _generate_vectorized(seed, table, site_ids, indices, image_size: int, split: int, supersample: int, field_size):
-  def one(site, index):
+def _generate_vectorized(
+  seed, table, site_ids, key_ids, indices, image_size: int, split: int, supersample: int, field_size
+):
+  def one(site, key_id, index):
     params = jax.tree_util.tree_map(lambda a: a[site], table)
-    return render(example_key(seed, site, index, split), params, image_size, supersample, field_size)
+    return render(example_key(seed, key_id, index, split), params, image_size, supersample, field_size)
 
-  return jax.vmap(lambda s, row: jax.vmap(lambda i: one(s, i))(row))(site_ids, indices)
+  return jax.vmap(lambda s, k, row: jax.vmap(lambda i: one(s, k, i))(row))(site_ids, key_ids, indices)
 
 
 def generate(
@@ -732,9 +734,14 @@ def generate(
   vectorized: bool = False,
   supersample: int = SUPERSAMPLE,
   field_size: int | None = None,
+  key_ids=None,
 ):
   """Render a [C, N] grid of examples: client c gets examples ``indices[c]`` of site
   ``site_ids[c]`` (``table`` from ``sites.site_table``).
+
+  ``key_ids[c]`` (default ``site_ids[c]``) is the site number in the examples' PRNG keys: the row of
+  ``table`` says how a site images, the key which images it draws. The unseen site of a run is keyed
+  ``sites.UNSEEN_KEY`` whatever its row, so its images do not depend on the number of clients.
 
   Returns images [C, N, H, W, 1] float32 and masks [C, N, H, W] int32.
 
@@ -745,14 +752,19 @@ def generate(
   differently per batch shape and images can differ slightly between batches.
   """
   site_ids, indices = np.asarray(site_ids), np.asarray(indices)
-  for name, a in (("site_ids", site_ids), ("indices", indices)):
+  key_ids = site_ids if key_ids is None else np.asarray(key_ids)
+  for name, a in (("site_ids", site_ids), ("key_ids", key_ids), ("indices", indices)):
     if a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() > np.iinfo(np.int32).max):
       raise ValueError(
         f"{name} must be integers in 0..2**31-1 (they seed int32 example keys), got {a.min()}..{a.max()}"
       )
-  site_ids, indices = site_ids.astype(np.int32), indices.astype(np.int32)
-  if site_ids.ndim != 1 or indices.ndim != 2 or indices.shape[0] != site_ids.shape[0]:
-    raise ValueError(f"expected site_ids [C] and indices [C, N], got {site_ids.shape}, {indices.shape}")
+  site_ids, key_ids, indices = site_ids.astype(np.int32), key_ids.astype(np.int32), indices.astype(np.int32)
+  if (
+    site_ids.ndim != 1 or indices.ndim != 2 or indices.shape[0] != site_ids.shape[0] or key_ids.shape != site_ids.shape
+  ):
+    raise ValueError(
+      f"expected site_ids [C], key_ids [C] and indices [C, N], got {site_ids.shape}, {key_ids.shape}, {indices.shape}"
+    )
   seed = jnp.asarray(seed, dtype=jnp.uint32)
   image_size, supersample = int(image_size), int(supersample)
   field_size = int(field_size) if field_size else None
@@ -761,6 +773,7 @@ def generate(
       seed,
       table,
       jnp.asarray(site_ids),
+      jnp.asarray(key_ids),
       jnp.asarray(indices),
       image_size=image_size,
       split=int(split),
@@ -772,10 +785,10 @@ def generate(
     return jnp.zeros((c, n, image_size, image_size, 1), jnp.float32), jnp.zeros(
       (c, n, image_size, image_size), jnp.int32
     )
-  sites = np.repeat(site_ids, n)
+  sites, keys = np.repeat(site_ids, n), np.repeat(key_ids, n)
   flat = indices.reshape(-1)
   pad = -len(flat) % RENDER_CHUNK  # the last chunk is filled with repeats of the last example, then dropped
-  sites, flat = np.pad(sites, (0, pad), mode="edge"), np.pad(flat, (0, pad), mode="edge")
+  sites, keys, flat = (np.pad(a, (0, pad), mode="edge") for a in (sites, keys, flat))
   rows = {k: np.asarray(v)[sites] for k, v in table.items()}  # host gather (site_table holds numpy)
   split = jnp.asarray(split, jnp.int32)
   images, masks = [], []
@@ -784,7 +797,7 @@ def generate(
     im, m = _render_chunk(
       seed,
       {k: v[part] for k, v in rows.items()},
-      sites[part],
+      keys[part],
       flat[part],
       split,
       image_size=image_size,
