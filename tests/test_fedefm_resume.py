@@ -214,6 +214,8 @@ def test_foundations_are_reused_by_a_downstream_only_rerun(reference, tmp_path):
   assert [r["foundation"] for r in rows] == [r["foundation"] for r in ref_rows]
   assert [r["dice/mean"] for r in rows[:2]] == [r["dice/mean"] for r in ref_rows[:2]]  # same downstream there
   assert not any("probe/dice/mean" in r for r in rows)
+  header = next(ln for ln in open(tmp_path / "down" / "results.md") if ln.startswith("| unseen %"))
+  assert "probe" not in header and "dice/mean" in header  # no empty probe column
   c.pretrain.num_rounds = 2
   with pytest.raises(ConfigError, match=r"foundations_from=.*another config \(config.pretrain differs"):
     task.run(c, str(tmp_path / "other"), log=lambda _: None)

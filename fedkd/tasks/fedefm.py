@@ -1196,7 +1196,8 @@ class Experiment:
     the downstream scores; endpoints.md: the pre-registered contrasts (:func:`write_endpoints`);
     environment.json; pretraining curves and the EMD-weight heatmap (PNG)."""
     sizes = scarce_sizes(self.c.downstream)
-    keys = ["foundation", "dice/catheter", "dice/guidewire", "dice/mean", "probe/dice/mean"]
+    probe = any("probe/dice/mean" in r for r in rows)  # no column without a probe (downstream.probe=False)
+    keys = ["foundation", "dice/catheter", "dice/guidewire", "dice/mean"] + ["probe/dice/mean"] * probe
     keys += [f"n{n}/dice/mean" for n in sizes] + ["iou/catheter", "iou/guidewire"]
     groups: dict = {}
     for r in rows:
@@ -1215,8 +1216,8 @@ class Experiment:
         f"foundation: the pretrained model's {ENDPOINT[self.c.pretrain.objective]} on held-out images of every "
         f"source; dice / iou: the student on target site {TARGET[0]} ({self.c.downstream.train_examples} "
         f"training images, {self.c.downstream.steps} steps; dice/mean = mean of catheter and guidewire); "
-        "probe: the same with the encoder frozen (scratch: a frozen random encoder); nN: N training images, "
-        f"{self.c.downstream.scarce_steps} steps (the scarce-data curve)."
+        + ("probe: the same with the encoder frozen (scratch: a frozen random encoder); " if probe else "")
+        + f"nN: N training images, {self.c.downstream.scarce_steps} steps (the scarce-data curve)."
       ),
       digits=3,
     )
