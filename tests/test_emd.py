@@ -191,6 +191,26 @@ def test_emd_weights():
     emd_weights(s, "nope")
 
 
+@pytest.mark.parametrize(
+  "sims,mask",
+  [
+    ([0.3, -0.2, 0.5], [True, True, True]),  # a negative similarity counts as 0
+    ([0.1, -0.1, 0.4], [True, True, False]),  # sum 0.0 over the valid ones: was a division by ~0 (inf weights)
+    ([-0.3, -0.1, 0.9], [True, True, False]),  # nothing positive among the valid: uniform
+    ([1e-9, -1e-9, 0.0], [True, True, True]),
+  ],
+)
+def test_sum_weights_are_a_distribution_whatever_the_signs(sims, mask):
+  """'sum' mode is max(S, 0) / sum max(S, 0) over the valid neighbours (numpy), uniform over them when no S is
+  positive: the debiased S can be negative, and S / sum S gave negative or unbounded weights."""
+  s, m = np.array(sims, np.float64), np.array(mask)
+  pos = np.where(m, np.maximum(s, 0.0), 0.0)
+  want = pos / pos.sum() if pos.sum() > 0 else m / m.sum()
+  got = np.asarray(emd_weights(jnp.array(sims), "sum", mask=jnp.array(mask)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert np.isfinite(got).all() and (got >= 0).all() and abs(got.sum() - 1.0) < 1e-5
+
+
 @pytest.mark.parametrize("marginals", ["uniform", "cross_reference"])
 def test_sinkhorn_equals_ott_jax(marginals):
   """fedkd's fixed-iteration log-domain Sinkhorn against ott-jax's solver (lse mode, no early stop, the

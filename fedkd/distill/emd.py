@@ -344,7 +344,10 @@ def emd_weights(
 ) -> jax.Array:
   """Weights over k neighbours from their EMD similarities sims [k].
 
-  "softmax": softmax(S / temperature); "sum": S / sum S (assumes positive similarities); "raw": S.
+  "softmax": softmax(S / temperature); "sum": max(S, 0) / sum max(S, 0), uniform over the neighbours when
+  no S is positive (S is a cosine similarity in [-1, 1]; the debiased one can be negative for unrelated
+  features, and a sum near zero would blow the weights up); "raw": S itself (it can be negative: a
+  negative weight pushes the student away from that expert).
   ``mask`` [k] bool (optional, e.g. from ``fedkd.fl.topology.neighbour_table``) zeroes padded
   neighbours and excludes them from the normalisation. ``detach`` stops gradients through the
   weights (they then act as constant per-neighbour scalars, as in FedEFM's Eq. 2).
@@ -359,9 +362,10 @@ def emd_weights(
     e = jnp.where(valid, jnp.exp(z), 0.0)
     return e / jnp.maximum(jnp.sum(e), 1e-30)
   if mode == "sum":
-    s = jnp.where(valid, s, 0.0)
+    s = jnp.where(valid, jnp.maximum(s, 0.0), 0.0)
     total = jnp.sum(s)
-    return s / jnp.where(total == 0.0, 1.0, total)
+    uniform = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.where(total > 0.0, s / jnp.where(total > 0.0, total, 1.0), uniform)
   if mode == "raw":
     return jnp.where(valid, s, 0.0)
   raise ValueError(f"unknown mode {mode!r}; expected one of {WEIGHT_MODES}")
