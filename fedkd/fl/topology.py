@@ -32,6 +32,7 @@ overlay is the directed ring computed by that code (``aioz-ai/FedEFM``,
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from importlib import resources
@@ -140,23 +141,34 @@ def matching_decomposition(adjacency) -> list[list[tuple[int, int]]]:
   an optimal-ish colouring with about max_degree + 1; greedy is enough for the schedule). The
   result is deterministic.
   """
-  s = _support(adjacency)
-  n = s.shape[0]
-  used: list[set[int]] = [set() for _ in range(n)]
-  matchings: list[list[tuple[int, int]]] = []
-  for i in range(n):
-    for j in range(i + 1, n):
-      if not s[i, j]:
-        continue
-      c = 0
-      while c in used[i] or c in used[j]:
-        c += 1
-      if c == len(matchings):
-        matchings.append([])
-      matchings[c].append((i, j))
-      used[i].add(c)
-      used[j].add(c)
+  edges, colour, count = _colouring(_support(adjacency))
+  matchings: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+  for (i, j), c in zip(edges.tolist(), colour.tolist()):
+    matchings[c].append((i, j))
   return matchings
+
+
+def _colouring(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+  """Greedy colouring of ``matching_decomposition`` for a symmetric boolean support: the edges (i < j)
+  int64 [E, 2] in lexicographic order, each edge's colour int64 [E] and the number of colours.
+  Cached on the support (MATCHA asks for the same graph every round)."""
+  return _colouring_cached(s.shape[0], np.packbits(s).tobytes())
+
+
+@functools.lru_cache(maxsize=4)
+def _colouring_cached(n: int, packed: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+  s = np.unpackbits(np.frombuffer(packed, np.uint8), count=n * n).reshape(n, n).astype(bool)
+  edges = np.argwhere(np.triu(s, 1))  # row-major: lexicographic
+  used = [0] * n  # bit c set: colour c is taken at that node
+  colour = np.empty(len(edges), np.int64)
+  for k, (i, j) in enumerate(edges.tolist()):
+    taken = used[i] | used[j]
+    c = (~taken & (taken + 1)).bit_length() - 1  # the lowest clear bit: the smallest free colour
+    used[i] |= 1 << c
+    used[j] |= 1 << c
+    colour[k] = c
+  edges.flags.writeable = colour.flags.writeable = False
+  return edges, colour, int(colour.max()) + 1 if len(colour) else 0
 
 
 def _rng(rng_or_seed, round: int) -> np.random.Generator:
@@ -192,18 +204,15 @@ def matcha(base_adjacency, budget: float, rng_or_seed: Any = 0, round: int = 0) 
   """
   s = _support(base_adjacency)
   n = s.shape[0]
-  matchings = matching_decomposition(s)
-  active = matcha_activation(len(matchings), budget, rng_or_seed, round)
+  edges, colour, count = _colouring(s)
+  active = matcha_activation(count, budget, rng_or_seed, round)
   alpha = 1.0 / (1.0 + float(s.sum(1).max(initial=0)))
+  i, j = edges[active[colour]].T  # the active matchings' edges
   lap = np.zeros((n, n), np.float64)
-  for m, on in zip(matchings, active):
-    if not on:
-      continue
-    for i, j in m:
-      lap[i, i] += 1.0
-      lap[j, j] += 1.0
-      lap[i, j] -= 1.0
-      lap[j, i] -= 1.0
+  np.add.at(lap, (i, i), 1.0)
+  np.add.at(lap, (j, j), 1.0)
+  lap[i, j] = -1.0  # a matching: each edge appears once
+  lap[j, i] = -1.0
   return (np.eye(n) - alpha * lap).astype(np.float32)
 
 
@@ -233,7 +242,7 @@ def _read_topology_text(path: str) -> str:
   if os.path.isdir(path):
     raise TopologyError(f"{path}: is a directory, not a topology file; pass the file itself; {_FILE_HELP}")
   try:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows editors) is not part of the text
       return fh.read()
   except (OSError, UnicodeDecodeError) as e:
     raise TopologyError(f"{path}: cannot read it as text ({type(e).__name__}: {e}); {_FILE_HELP}") from None
@@ -274,16 +283,43 @@ def _weight(where: str, value, allowed: tuple[float, ...], token: bool = False) 
   return w
 
 
-def _from_edges(edges, num_nodes, directed: bool) -> np.ndarray:
-  """``edges``: (where, i, j) with checked ids; every edge weight 1."""
+MAX_FILE_NODES = 16384  # a float32 [N, N] matrix of 1 GiB
+
+
+def _isolated(path: str, ids: list[int], more: bool, n: int) -> TopologyError:
+  return TopologyError(
+    f"{path}: node(s) {ids[:10]}{' ...' if more or len(ids) > 10 else ''} have no link to any "
+    "other node, so gossip never reaches them; add a link for each (or renumber the "
+    f"nodes 0..N-1 without gaps); the file has {n} nodes"
+  )
+
+
+def _from_edges(path: str, edges, num_nodes, directed: bool) -> np.ndarray:
+  """``edges``: (where, i, j) with checked ids; every edge weight 1. Nodes that no edge links are
+  refused before the [N, N] matrix exists (a mistyped id such as 100000 would otherwise ask for 40 GB)."""
   if num_nodes is None:
     num_nodes = 1 + max((max(i, j) for _, i, j in edges), default=-1)
-  a = np.zeros((num_nodes, num_nodes), np.float32)
   for where, i, j in edges:
     if not (i < num_nodes and j < num_nodes):
       raise TopologyError(
         f"{where}: edge ({i}, {j}) names a node >= num_nodes={num_nodes}; node ids are 0..{num_nodes - 1}"
       )
+  linked = {k for _, i, j in edges if i != j for k in (i, j)}
+  if num_nodes > 1 and len(linked) < num_nodes:
+    missing = []
+    for k in range(num_nodes):  # stops after a few: N may be huge
+      if k not in linked:
+        missing.append(k)
+        if len(missing) > 10:
+          break
+    raise _isolated(path, missing, num_nodes - len(linked) > 10, num_nodes)
+  if num_nodes > MAX_FILE_NODES:
+    raise TopologyError(
+      f"{path}: {num_nodes} nodes; topologies are dense N x N matrices ({4 * num_nodes**2 / 2**30:.1f} GiB "
+      f"each here), so a file may have at most {MAX_FILE_NODES} nodes; use fewer nodes"
+    )
+  a = np.zeros((num_nodes, num_nodes), np.float32)
+  for _, i, j in edges:
     a[j, i] = 1.0  # row = receiver: edge i -> j means j receives from i
     if not directed:
       a[i, j] = 1.0
@@ -328,8 +364,10 @@ def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
         if len(e) == 3:
           _weight(where, e[2], (1.0,))
         edges.append((where, _node_id(where, e[0]), _node_id(where, e[1])))
-      n = _num_nodes(path, obj.get("num_nodes"), "'num_nodes'") or num_nodes
-      return _from_edges(edges, n, d)
+      n = _num_nodes(path, obj.get("num_nodes"), "'num_nodes'")
+      if n is not None and num_nodes is not None and n != num_nodes:
+        raise TopologyError(f"{path}: the file says 'num_nodes'={n} but num_nodes={num_nodes} was asked for")
+      return _from_edges(path, edges, n or num_nodes, d)
   if not isinstance(obj, list) or not obj:
     raise TopologyError(
       f"{path}: JSON must be an adjacency matrix (a non-empty list of rows) or an object with 'edges'; {_FILE_HELP}"
@@ -352,6 +390,14 @@ def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
   )
   if num_nodes is not None and num_nodes != a.shape[0]:
     raise TopologyError(f"{path}: adjacency matrix has {a.shape[0]} nodes but num_nodes={num_nodes}")
+  one_way = np.argwhere((a != 0) & (a.T == 0) & ~np.eye(len(a), dtype=bool))
+  if not directed and len(one_way):
+    i, j = one_way[0].tolist()
+    raise TopologyError(
+      f"{path}: the adjacency matrix is not symmetric (adjacency[{i}][{j}]=1 but adjacency[{j}][{i}]=0), "
+      "i.e. a directed graph, but the file is read as undirected; make the matrix symmetric, or read it as "
+      "directed (--config.fedefm.directed=True; rows are receivers: adjacency[i][j]=1 means i receives from j)"
+    )
   return a
 
 
@@ -368,7 +414,7 @@ def _text_topology(path: str, text: str, directed: bool, num_nodes) -> np.ndarra
     if len(tok) == 3:
       _weight(where, tok[2], (1.0,), token=True)
     edges.append((where, _node_id(where, tok[0]), _node_id(where, tok[1])))
-  return _from_edges(edges, num_nodes, directed)
+  return _from_edges(path, edges, num_nodes, directed)
 
 
 def _check_connected(path: str, a: np.ndarray) -> None:
@@ -381,12 +427,7 @@ def _check_connected(path: str, a: np.ndarray) -> None:
   s = _support(a)  # symmetrised, no self loops
   isolated = np.flatnonzero(~s.any(1))
   if len(isolated):
-    ids = isolated.tolist()
-    raise TopologyError(
-      f"{path}: node(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} have no link to any "
-      "other node, so gossip never reaches them; add a link for each (or renumber the "
-      f"nodes 0..N-1 without gaps); the file has {n} nodes"
-    )
+    raise _isolated(path, isolated.tolist(), False, n)
   seen = np.zeros(n, bool)
   seen[0] = True
   frontier = [0]
@@ -419,15 +460,18 @@ def from_file(path: str, *, directed: bool = False, num_nodes: int | None = None
   is checked here; ``directed_mixing`` / ``check_strongly_connected`` require strong connectivity).
 
   JSON (``.json`` or text starting with ``[`` / ``{``): either a 0/1 adjacency matrix (a list of
-  rows, or ``{"adjacency": [[...], ...]}``, rows = receivers, returned as is), or
+  rows, or ``{"adjacency": [[...], ...]}``, rows = receivers, returned as is; symmetric unless
+  ``directed=True``), or
   ``{"edges": [[i, j], ...], "num_nodes": N}`` read like the text format (``"directed": true`` in the
   file overrides). Diagonal entries / self loops are allowed and ignored by the graph helpers.
 
   N is ``num_nodes`` if given, else 1 + the largest node id. Every problem raises ``TopologyError``
   naming the file (and line or entry) and the fix: a missing file or a directory, unreadable text or
   JSON, malformed lines, non-integer or negative node ids, ids >= N, ragged or non-square matrices,
-  non-numeric entries, negative / NaN / Inf weights, weights other than 1 (0/1 in a matrix), a node
-  without any link (gossip could never reach it) and a graph in several pieces.
+  non-numeric entries, negative / NaN / Inf weights, weights other than 1 (0/1 in a matrix), an
+  asymmetric matrix read as undirected, a node without any link (gossip could never reach it; found
+  before the [N, N] matrix is made, so a mistyped huge id costs no memory) and a graph in several
+  pieces.
   """
   path = os.fspath(path)
   text = _read_topology_text(path)
@@ -662,14 +706,25 @@ def directed_mixing(adjacency) -> tuple[np.ndarray, bool]:
 
 def push_sum_weights(a, rounds: int) -> np.ndarray:
   """Push-sum weights after ``rounds`` mixings with the column-stochastic ``a``: w = a^rounds 1 (float64
-  [N]; they sum to N). A function of the round only, so nothing needs to be checkpointed."""
+  [N]; they sum to N, up to the rounding of a's float32 column sums). A function of the round only, so nothing needs to be checkpointed.
+
+  The last result is kept, so asking round after round (``push_sum_round``) costs one matrix-vector
+  product per round, and the numbers are those of the plain loop from w = 1."""
   a = np.asarray(a, np.float64)
   if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
     raise ValueError(f"rounds={rounds!r} must be an integer >= 0")
-  w = np.ones(a.shape[0])
-  for _ in range(int(rounds)):
+  key = (a.shape, a.tobytes())
+  done, w = _PUSH_SUM_LAST.get(key, (0, None))
+  if w is None or done > rounds:
+    done, w = 0, np.ones(a.shape[0])
+  for _ in range(int(rounds) - done):
     w = a @ w
-  return w
+  _PUSH_SUM_LAST.clear()  # one matrix at a time: bounded memory
+  _PUSH_SUM_LAST[key] = (int(rounds), w)
+  return w.copy()
+
+
+_PUSH_SUM_LAST: dict = {}
 
 
 def push_sum_round(a, rounds_done: int) -> np.ndarray:
