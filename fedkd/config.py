@@ -298,7 +298,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.fedefm.mixing = "cfl"
   # Neighbours (overseas experts) and DFL mixing: ring | complete | gaia (Gaia underlay, undirected) |
   # gaia_ring (the paper's directed ring over the 11 Gaia silos) | file:<path>. Undirected graphs mix
-  # with Metropolis-Hastings weights; directed ones by push-sum (column-stochastic, weights carried).
+  # with Metropolis-Hastings weights, balanced digraphs (gaia_ring) with I - L / (1 + max in-degree),
+  # other digraphs by push-sum (column-stochastic, weights carried).
   c.fedefm.topology = "ring"
   c.fedefm.directed = False  # file:<path> topologies: read the edges as directed (i -> j)
   c.fedefm.matcha_budget = 0.5  # MATCHA communication budget (0..1)

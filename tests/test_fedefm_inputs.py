@@ -153,3 +153,29 @@ def test_a_plan_whose_silos_label_no_teacher_class_is_refused_before_training(tm
   assert "\n" not in str(e.value)
   c.teacher.num_classes = 4  # vessels scored: accepted
   task.Experiment(c, str(tmp_path / "fe4"), log=lambda _: None).check_workdir()
+
+
+@pytest.mark.parametrize(
+  "edges,names",
+  [
+    # a chain (edge i j: j receives from i): silo 0 receives nothing (was "silo 0 has no neighbour")
+    ("0 1\n1 2\n2 3\n", r"node 0 never receives the model of node\(s\) \[1, 2, 3\]\)"),
+    ("0 1\n1 0\n1 2\n2 3\n3 2\n", r"node 0 never receives the model of node\(s\) \[2, 3\]\)"),  # 0<->1 -> 2<->3
+  ],
+)
+def test_a_directed_file_that_is_not_strongly_connected_names_the_key(edges, names, tmp_path):
+  """Gossip over a directed file needs a path from every silo to every other (checked by a breadth-first
+  search by hand here: the silos named are those that cannot reach or be reached from silo 0); the one-line
+  error names config.fedefm.topology and the file."""
+  from fedkd.tasks import fedefm as task
+
+  path = tmp_path / "chain.txt"
+  path.write_text(edges)
+  c = _tiny()
+  c.pretrain.num_silos = 4
+  c.fedefm.topology, c.fedefm.directed = f"file:{path}", True
+  with pytest.raises(ConfigError, match=rf"config.fedefm.topology='file:{path}' is a directed graph that is not "):
+    task.Experiment(c, str(tmp_path / "fe"))
+  with pytest.raises(ConfigError, match=names):
+    task.Experiment(c, str(tmp_path / "fe"))
+  assert not (tmp_path / "fe").exists()

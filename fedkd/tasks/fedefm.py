@@ -141,6 +141,10 @@ def load_adjacency(c) -> np.ndarray:
     )
   adj = adj.copy()
   np.fill_diagonal(adj, False)
+  try:  # a directed file that one silo's models never reach (a chain 0 -> 1 -> 2) would train apart
+    topology.check_strongly_connected(adj, f"config.fedefm.topology={topo!r}")
+  except topology.TopologyError as e:
+    raise ConfigError(str(e)) from None
   return adj
 
 
