@@ -342,3 +342,43 @@ def test_a_ditto_client_whose_personal_model_diverges_counts_as_non_finite():
   p = weights[keep].astype(np.float64) / weights[keep].sum()
   ref = jax.tree.map(lambda a, *d: a + sum(pi * di for pi, di in zip(p, d)), x, *ups)
   assert _max_diff(ref, state["params"]) < 5e-5
+
+
+class _RowBlowsUp(algorithms.FedAvg):
+  """FedAvg plus a per-client row r -> r / (r - 1): the client whose row is 1 gets an inf row while its upload
+  and loss stay finite (the shape of a FedBN norm layer or a personal model that diverged after the last step)."""
+
+  def init_row(self, params):
+    return jnp.zeros(3, jnp.float32)
+
+  def client(self, ctx, server, row, batch, gathered):
+    out = super().client(ctx, server, None, batch, gathered)
+    return out._replace(row=row / (row - 1.0))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_client_whose_new_row_is_non_finite_counts_as_non_finite(skip):
+  """The engine judges a client by its new row too: client 1's inf row flags it; with skip_nonfinite it keeps its
+  old row and the server is FedAvg over the other three (numpy), without it the round reports it non-finite."""
+  from fedkd.fl.algorithm import ClientContext
+  from fedkd.sharding import client_mesh
+
+  apply, params, loss_fn, xs, ys, weights = _data(seed=26, steps=2)
+  alg = _RowBlowsUp(optax.sgd(1.0))
+  table = np.zeros((4, 3), np.float32)
+  table[1] = 1.0
+  mesh = client_mesh(2)
+  opts = engine.EngineOptions("vmap", "xla", 8)
+  fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts, skip_nonfinite=skip)
+  rows, bx, by, bw = shard_clients((jnp.asarray(table), jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
+  state, new_rows, m = fn(alg.init(params, jax.random.key(0)), rows, {"x": bx, "y": by}, bw)
+  assert np.asarray(m["client_finite"]).tolist() == [True, False, True, True]
+  if not skip:
+    return
+  np.testing.assert_array_equal(np.asarray(new_rows)[1], table[1])  # its old row kept
+  grad, x = _grad_fn(apply, loss_fn), _tree_np(params)
+  keep = [0, 2, 3]
+  ups = [jax.tree.map(np.subtract, _local_sgd_np(grad, x, xs[c], ys[c], 2), x) for c in keep]
+  p = weights[keep].astype(np.float64) / weights[keep].sum()
+  ref = jax.tree.map(lambda a, *d: a + sum(pi * di for pi, di in zip(p, d)), x, *ups)
+  assert _max_diff(ref, state["params"]) < 5e-5

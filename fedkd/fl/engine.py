@@ -219,7 +219,7 @@ def _lowered(lowering: str):
 
 
 def _finite_rows(upload, loss) -> jax.Array:
-  """[n] bool: client i's upload (every leaf) and loss are finite."""
+  """[n] bool: client i's upload (every leaf; any tree with a leading client axis) and loss are finite."""
   ok = jnp.isfinite(loss)
   for leaf in jax.tree.leaves(upload):
     ok = ok & jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
@@ -277,7 +277,8 @@ def make_round_fn(
   def settle(out: ClientOutput, w, rows, reported):
     """One group of clients' stacked outputs -> (aggregate part, sums part, per-client outputs).
     ``reported`` [n] bool or None (everyone reported)."""
-    ok = _finite_rows(out.upload, out.loss)
+    # a non-finite new row (a personal model, norm layers the upload leaves out) fails the client too
+    ok = _finite_rows((out.upload, out.row), out.loss)
     upload, sums, new_rows = out.upload, out.sums, out.row
     keep = ok if skip_nonfinite else None
     if reported is not None:  # a client that did not report counts nowhere and keeps its row
