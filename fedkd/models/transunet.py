@@ -156,6 +156,21 @@ class Encoder(nnx.Module):
       raise ValueError(f"patch_size must be a power of two >= 2, got {patch_size}")
     if image_size % patch_size:
       raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+    if image_size == patch_size:
+      # the last stem stage and the decoder's first conv are GroupNormed over one position: a group of one or
+      # two values normalises to a constant or to +-1 (the default widths), so the logits barely see the image
+      raise ValueError(
+        f"image_size={image_size} with patch_size={patch_size} gives a 1x1 token grid: attention over one "
+        "token, and GroupNorms over one position that reduce the image to a few signs; use a patch_size of "
+        f"at most image_size/2={image_size // 2}"
+      )
+    if hidden < 3:
+      # LayerNorm over one feature returns its bias whatever the input, over two it returns +-1 (the sign of
+      # their difference, zero gradient): the tokens, and so the logits, barely or not at all see the image
+      raise ValueError(
+        f"hidden={hidden}: the ViT's LayerNorms normalise each token over its hidden features, and over "
+        "one or two features they output constants or signs, so the model would ignore the image; use hidden >= 3"
+      )
     self.grid = image_size // patch_size
     self.stem_channels = tuple(stem_width * 2**i for i in range(n_stages))
     stages, cin = [], in_channels
@@ -261,6 +276,9 @@ class Decoder(nnx.Module):
 
 class TransUNet(nnx.Module):
   """TransUNet for [B, H, W, in_channels] inputs with H = W = image_size.
+
+  ``patch_size`` is a power of two >= 2 dividing ``image_size`` with a token grid of at least 2 x 2
+  (``image_size >= 2 * patch_size``); ``hidden >= 3`` and divisible by ``num_heads``; otherwise ValueError.
 
   ``__call__(x)`` -> logits [B, H, W, num_classes]; ``features(x)`` -> encoder tokens
   [B, H/p, W/p, hidden]; ``forward_with_features(x)`` -> both from one encoder pass.
