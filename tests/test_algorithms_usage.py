@@ -382,3 +382,22 @@ def test_a_client_whose_new_row_is_non_finite_counts_as_non_finite(skip):
   p = weights[keep].astype(np.float64) / weights[keep].sum()
   ref = jax.tree.map(lambda a, *d: a + sum(pi * di for pi, di in zip(p, d)), x, *ups)
   assert _max_diff(ref, state["params"]) < 5e-5
+
+
+def test_the_diverged_message_fits_the_run():
+  """With skip_nonfinite_clients on and no client's update counted, the round has no loss (it printed the
+  empty round's 0.0) and the advice to turn the flag on is left out; Ditto / FedProx name their pull weight."""
+  from fedkd import config as fc
+  from fedkd.tasks import fedavg
+
+  c = fc.base_config()
+  c.algorithm.name, c.algorithm.ditto_lambda, c.engine.skip_nonfinite_clients = "ditto", 100.0, True
+  m = {"loss": 0.0, "client_finite": np.array([False, False])}
+  msg = str(fedavg._diverged(5, m, np.array([3, 7]), c, 4, "/w/checkpoints", counted=False))
+  assert msg.startswith("training diverged in round 5: loss none, non-finite updates from client(s) [3, 7] of 2;")
+  assert "config.algorithm.ditto_lambda=100 too large for it" in msg
+  assert "set --config.engine.skip_nonfinite_clients=True" not in msg and "skip_nonfinite_clients is on" in msg
+  c.algorithm.name, c.engine.skip_nonfinite_clients = "fedavg", False
+  msg = str(fedavg._diverged(5, dict(m, loss=float("nan")), np.array([3, 7]), c, None, "/w/checkpoints"))
+  assert "loss nan," in msg and "too large for it" not in msg and "no checkpoint was written" in msg
+  assert "or set --config.engine.skip_nonfinite_clients=True to drop such clients" in msg

@@ -124,20 +124,30 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
     )
 
 
-def _diverged(r: int, m: dict, clients: np.ndarray, config, good: int | None, ckdir: str) -> DivergedError:
+def _diverged(
+  r: int, m: dict, clients: np.ndarray, config, good: int | None, ckdir: str, counted: bool = True
+) -> DivergedError:
+  """The one-line error of a diverged round. ``counted``: whether any client's update counted (False: every
+  reporting client diverged under engine.skip_nonfinite_clients, so the round has no loss)."""
   bad = [int(c) for c, ok in zip(clients, np.asarray(m["client_finite"])) if not ok]
   who = (
     f"non-finite updates from client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} of {len(clients)}"
     if bad
     else "the aggregate became non-finite"
   )
-  lr = config.client_optimizer.learning_rate
+  a, lr = config.algorithm, config.client_optimizer.learning_rate
+  pull = {"ditto": ("ditto_lambda", a.ditto_lambda), "fedprox": ("prox_mu", a.prox_mu)}.get(a.name)
+  pull = f", or config.algorithm.{pull[0]}={pull[1]:g} too large for it" if pull else ""
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
+  skip = (
+    "engine.skip_nonfinite_clients is on and no reporting client's update was finite"
+    if config.engine.skip_nonfinite_clients
+    else "or set --config.engine.skip_nonfinite_clients=True to drop such clients"
+  )
   return DivergedError(
-    f"training diverged in round {r}: loss {float(m['loss'])}, {who}; likely cause: a learning rate too "
-    f"large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
-    f"{config.server_optimizer.learning_rate:g}): lower it, or set --config.engine.skip_nonfinite_clients=True "
-    f"to drop such clients; {kept}, nothing of this round was saved"
+    f"training diverged in round {r}: loss {float(m['loss']) if counted else 'none'}, {who}; likely cause: a "
+    f"learning rate too large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
+    f"{config.server_optimizer.learning_rate:g}){pull}: lower it, {skip}; {kept}, nothing of this round was saved"
   )
 
 
@@ -522,7 +532,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       client_ok = _host_all(m["client_finite"])  # a client that did not report counts as finite
       counted = reported & client_ok  # reported, with a finite update (engine.skip_nonfinite_clients)
       if not bool(m["finite"]) or (reported.any() and not counted.any()):  # every reporting client diverged
-        raise _diverged(r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory)
+        raise _diverged(
+          r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory, bool(counted.any())
+        )
       if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
         log(f"round {r}: dropped client(s) {[int(c) for c in clients[~client_ok]]} (non-finite update)")
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})

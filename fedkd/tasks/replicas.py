@@ -381,6 +381,7 @@ def _train(
           configs[i],
           last_saved,
           rep.ckpt.directory,
+          bool(client_ok.any()),
         )
         failed[i] = f"{rep.name}: {err}"
         if len(failed) < len(reps):
