@@ -73,6 +73,21 @@ class _MissingMetadataNotes(logging.Filter):
 
 logging.getLogger("absl").addFilter(_MissingMetadataNotes())
 
+
+class _EnvironmentErrorReports(logging.Filter):
+  """orbax's error records (each with a traceback) of a save that failed on a full disk or a read-only
+  filesystem: the error reaches the caller too, and fedkd reports it in one line (``no space left in ...``)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or not record.exc_info or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    from fedkd.workdir import environment_oserror
+
+    return environment_oserror(record.exc_info[1]) is None
+
+
+logging.getLogger("absl").addFilter(_EnvironmentErrorReports())
+
 _previous_unraisable = sys.unraisablehook
 
 
@@ -149,6 +164,9 @@ class Checkpointer:
     """Saves the server state, the config, the data pipeline's iterator state (JSON) and, when given,
     the per-client state (``client_state.state_dict()``: ``{"ids": int64 [n], "rows": pytree [n, ...]}``,
     host numpy arrays; in a multi-process run every process passes the same values)."""
+    stale = [r for r in self.all_rounds() if r >= round_]
+    if stale:  # left by restore_latest's fallback; orbax would skip (not replace) every save up to them
+      self._remove_stale(stale, round_)
     items = dict(
       state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config), data=ocp.args.JsonSave(data_state or {})
     )
@@ -159,6 +177,21 @@ class Checkpointer:
         items["clients"] = ocp.args.StandardSave(client_state)
     with self._disk_errors():
       self._mngr.save(round_, args=ocp.args.Composite(**items))
+
+  def _remove_stale(self, rounds: list[int], round_: int) -> None:
+    """Deletes the steps ``rounds`` (at or after ``round_``, which is being saved): steps a resume fell back over
+    because they could not be read. orbax would otherwise skip every save up to the newest of them, leaving the
+    unreadable step in place of the rounds this run trains again (bitwise the same, so nothing is lost)."""
+    with self._disk_errors():
+      for r in rounds:
+        self._mngr.delete(r)
+        if jax.process_index() == 0:
+          print(
+            f"note: removed the unreadable checkpoint for round {r} in {self.directory} (this run resumed from an "
+            f"earlier round and saves round {round_} now)",
+            file=sys.stderr,
+            flush=True,
+          )
 
   def _disk_errors(self):
     """Turns a full disk / read-only filesystem during a (possibly async) save into one line; the

@@ -131,6 +131,7 @@ class RunLog:
     # tensorboardX writes local files; its event file is opened with the first scalar, so a run refused
     # (or with nothing left to do) on resume adds no empty event file to tb/
     self._tb_wanted = enabled and not is_remote(workdir)
+    self._note = note or (lambda m: print(m, file=sys.stderr))
     if enabled:
       self._records = read_jsonl(self.metrics_path, note)
       self._rounds = read_jsonl(self.rounds_path, note)
@@ -186,6 +187,15 @@ class RunLog:
       self._write()
     # rewritten whenever it exists: it is appended to, so a cut last line must not stay in it
     self._rounds = [r for r in self._rounds if r.get("round", -1) <= last_round]
+    have = {r.get("round") for r in self._rounds}
+    missing = [r for r in range(1, last_round + 1) if r not in have]
+    if missing:  # a workdir whose rounds.jsonl was deleted, or not copied along with checkpoints/
+      shown = ", ".join(map(str, missing[:3])) + (f", ... {missing[-1]}" if len(missing) > 3 else "")
+      self._note(
+        f"note: {self.rounds_path} lacks {len(missing)} of the {last_round} rounds before the resumed one "
+        f"(round {shown}); they stay missing there, and totals summed over it (comm/bytes_up_total, "
+        "comm/bytes_down_total) leave them out"
+      )
     if self.rounds_path.exists():
       write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in self._rounds))
     if self._tb_wanted and self._tb is None:  # before this run's first scalar: its own file is not open yet

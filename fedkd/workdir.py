@@ -5,8 +5,9 @@ Every entry point that writes into a workdir goes through :func:`prepare` (expan
 files, read-only folders and unusable filesystems with one line) and holds :class:`Lock` while it
 runs. The lock is an ``fcntl.flock`` on ``<workdir>/.lock`` for local folders: the kernel releases it
 when the holder dies, so a lock left by a killed process is detected and taken over. Remote folders
-(``gs://``) cannot be flocked; there the lock file names its holder (host, pid) and is taken over when
-that holder is this host and the pid is gone.
+(``gs://``) and filesystems without flock (Lustre mounted ``noflock``, NFS without a lock daemon) cannot be
+flocked; there the lock file names its holder (host, pid) and is taken over when that holder is this host
+and the pid is gone.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def describe_os_error(e: OSError, where: Any, flag: str = "--workdir") -> str:
 
 
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# flock on a filesystem that has no file locks
+NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
 def environment_oserror(e: BaseException | None) -> OSError | None:
@@ -84,8 +87,11 @@ def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir") -> ep
     path.mkdir(parents=True, exist_ok=True)
     if not is_remote(path):
       probe = path / f".write-test-{os.getpid()}"
-      probe.write_text("ok")
-      probe.unlink()
+      try:
+        probe.write_text("ok")
+      finally:
+        if probe.exists():  # also after a write that failed (a full disk leaves the empty file)
+          probe.unlink()
   except ImportError as e:  # gs:// without its filesystem package
     raise WorkdirError(f"{flag}={workdir}: {e} (pip install gcsfs) to use a cloud workdir") from None
   except OSError as e:
@@ -99,7 +105,7 @@ def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir") -> ep
 
 # What fedkd writes in a workdir, by kind: the same name as the other kind (a folder called
 # metrics.jsonl, a file called checkpoints) would fail mid-run, or leave orbax's save threads waiting.
-WORKDIR_FILES = ("config.json", "metrics.jsonl", "rounds.jsonl", "results_raw.jsonl", "environment.json")
+WORKDIR_FILES = ("config.json", "metrics.jsonl", "rounds.jsonl", "results_raw.jsonl", "environment.json", LOCK_NAME)
 WORKDIR_FOLDERS = ("checkpoints", "tb", "eval", "foundations")
 
 
@@ -164,14 +170,35 @@ def check_task(path: epath.Path, task: str) -> None:
 
 
 def remove_if_empty(path: epath.Path) -> None:
-  """Removes ``path`` when it holds nothing but an (unheld) lock file: a run that was refused
-  before it wrote anything leaves no folder behind."""
+  """Removes ``path`` when it holds nothing but an unheld lock file: a run that was refused before it wrote
+  anything leaves no folder behind. A lock another process holds (a run started at the same moment, which
+  created the folder and is still setting up) is left alone with its folder."""
   try:
     names = [p.name for p in path.iterdir()]
-    if set(names) <= {LOCK_NAME}:
-      for n in names:
-        (path / n).unlink()
-      path.rmdir()
+    if not set(names) <= {LOCK_NAME}:
+      return
+    lock = path / LOCK_NAME
+    if LOCK_NAME in names and is_remote(lock):
+      if _read_lock(lock):  # a holder named in it: another process's lock (this one's is deleted on release)
+        return
+      lock.unlink()
+    elif LOCK_NAME in names:
+      import fcntl
+
+      fd = os.open(os.fspath(lock), os.O_RDONLY)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the folder is gone: no one takes it meanwhile
+      except OSError as e:
+        if e.errno not in NO_FLOCK_ERRNOS or _read_lock(lock):  # held, or (without flock) naming a holder
+          os.close(fd)
+          return
+      try:
+        lock.unlink()
+        path.rmdir()
+      finally:
+        os.close(fd)
+      return
+    path.rmdir()
   except OSError:
     pass
 
@@ -180,8 +207,8 @@ def write_atomic(path: epath.Path, text: str) -> None:
   """Writes ``text`` to ``path`` through a temporary file and a rename: readers see the old or the
   new content, never a cut one."""
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
   try:
+    tmp.write_text(text)
     if is_remote(path):
       tmp.replace(path)  # object stores: a copy over the old object, then the source is deleted
     else:
@@ -239,6 +266,7 @@ class Lock:
     self.path = epath.Path(workdir) / LOCK_NAME
     self.log = log or (lambda m: print(m, file=sys.stderr))
     self._fd = None
+    self._by_record = False  # the lock is the holder named in the file (gs://, filesystems without flock)
     self.info = {
       "pid": os.getpid(),
       "host": socket.gethostname(),
@@ -251,37 +279,73 @@ class Lock:
 
   def acquire(self) -> None:
     if is_remote(self.path):
-      self._acquire_remote()
+      self._by_record = True
+      self._acquire_record()
       return
     import fcntl
 
-    fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise self._unusable(e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise WorkdirError(
-          f"{self.path.parent} is in use by {_holder_text(self._read_holder())}; wait "
-          "for it to finish, stop it, or use another --workdir"
-        ) from None
-      raise
+        raise self._in_use() from None
+      if e.errno not in NO_FLOCK_ERRNOS:
+        raise
+      # a filesystem without flock (Lustre mounted noflock, NFS without a lock daemon): the lock file
+      # names its holder, as on object stores
+      self.log(f"note: {self.path.parent} does not support file locks; its lock file names this run instead")
+      self._by_record = True
+      self._acquire_record()
+      return
     previous = self._read_holder()
     if previous.get("pid") and previous.get("pid") != os.getpid():
-      self.log(
-        f"note: took over the lock of {self.path.parent} left by {_holder_text(previous)}, which is no longer running"
-      )
+      gone = "which does not hold it (a copied workdir?)" if _alive_here(previous) else "which is no longer running"
+      self.log(f"note: took over the lock of {self.path.parent} left by {_holder_text(previous)}, {gone}")
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(self.info).encode(), 0)
     os.fsync(fd)
     self._fd = fd
 
-  def _acquire_remote(self) -> None:
-    if self.path.exists():
-      held = self._read_holder()
-      if not (held.get("host") == self.info["host"] and held.get("pid") and not _alive_here(held)):
+  def _in_use(self) -> WorkdirError:
+    return WorkdirError(
+      f"{self.path.parent} is in use by {_holder_text(self._read_holder())}; wait "
+      "for it to finish, stop it, or use another --workdir"
+    )
+
+  def _unusable(self, e: OSError) -> WorkdirError:
+    """The lock file cannot be opened for writing: a folder of that name, or another user's lock file in a
+    shared folder (then, when that user's run holds it, the holder is named)."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+      import fcntl
+
+      try:
+        fd = os.open(os.fspath(self.path), os.O_RDONLY)
+      except OSError:
+        fd = None
+      if fd is not None:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+          return self._in_use()
+        finally:
+          os.close(fd)
+      return WorkdirError(
+        f"cannot write the lock file {self.path} ({os.strerror(e.errno)}): the workdir belongs to another "
+        "user's run; use a --workdir of your own"
+      )
+    return WorkdirError(f"cannot use {self.path} as the workdir's lock file ({reason(e, 80)}); move it away")
+
+  def _acquire_record(self) -> None:
+    held = self._read_holder() if self.path.exists() else {}
+    if held.get("pid"):  # an empty lock file (released by a flock holder, or copied) names no holder
+      if not (held.get("host") == self.info["host"] and not _alive_here(held)):
         raise WorkdirError(
-          f"{self.path.parent} is in use by {_holder_text(held)} (remote workdirs keep a lock file); "
+          f"{self.path.parent} is in use by {_holder_text(held)} (the lock file names its holder); "
           f"if that process is gone, delete {self.path} and re-run, or use another --workdir"
         )
       self.log(
@@ -300,9 +364,10 @@ class Lock:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
-    elif is_remote(self.path):
+    elif self._by_record:
       try:
-        if self._read_holder().get("pid") == os.getpid():
+        held = self._read_holder()
+        if held.get("pid") == os.getpid() and held.get("host") == self.info["host"]:
           self.path.unlink()
       except OSError:
         pass
