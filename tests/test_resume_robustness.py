@@ -725,3 +725,24 @@ def test_damaged_restore_orphaned_reads(tmp_path, quiet):
     assert err.count("Traceback") == 1, err[-3000:]  # the unrelated one
   else:
     assert any(n in err for n in noise), err[-3000:]
+
+
+def test_a_stop_asked_for_while_resuming_trains_no_round(two_rounds, tmp_path):
+  """SIGTERM/Ctrl-C during the restore or the first compile of a resumed run: it stops at the round it resumed
+  from (saved already) instead of training one more round first, which a spot VM's notice may not outlast."""
+  from fedkd.preemption import Stopped
+
+  class Asked:
+    reason = "preempted"
+
+    def requested(self, step):
+      return True
+
+  work = str(tmp_path / "w")
+  shutil.copytree(two_rounds[0], work)
+  ckdir = os.path.join(work, "checkpoints")
+  before = _digest(ckdir)
+  with pytest.raises(Stopped) as e:
+    fedavg.run(qs_config(4), work, log=_quiet, stop=Asked())
+  assert (e.value.round, e.value.reason, e.value.exit_code) == (2, "preempted", 0)
+  assert _digest(ckdir) == before and _rounds_in(os.path.join(work, "metrics.jsonl")) == [0, 1, 2]

@@ -489,6 +489,11 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
           f"{config.num_rounds} rounds; the run stops after round {last_round}"
         )
   last_saved = start or None
+  if start and stop is not None and stop.requested(start):  # a signal while restoring or compiling: round `start`
+    data.close()  # is saved already, and a spot VM's notice may not outlast another round
+    runlog.close()
+    ckpt.close()
+    raise Stopped(start, stop.reason)
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   eval_seconds = []  # of each evaluation in the loop, for the ETA
   next_clients = None  # drawn by the round before (the first round of a run draws its own)
