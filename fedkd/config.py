@@ -439,7 +439,7 @@ MODEL_KEY_DOCS = {
   "num_layers": "transunet: ViT blocks",
   "num_heads": "transunet: attention heads",
   "mlp_dim": "transunet: ViT MLP width",
-  "decoder_width": "transunet: channels of the decoder",
+  "decoder_width": "transunet: channels of the decoder's first conv; its upsampling blocks have decoder_width/2, /4, ... (at least 8)",
   "skips": "transunet: UNet-style skip connections from the stem",
   "width": "unet: first-level channels",
   "depth": "unet: levels",
@@ -1192,6 +1192,13 @@ def _validate_fedefm_model(c, name: str) -> None:
       )
     if m.hidden % m.num_heads:
       raise ConfigError(f"config.{name}.hidden={m.hidden} must be divisible by config.{name}.num_heads={m.num_heads}")
+    if m.hidden < 3:  # LayerNorm over 1 or 2 features outputs constants or signs: the logits ignore the image
+      raise ConfigError(f"config.{name}.hidden={m.hidden} is too small: the ViT needs hidden >= 3 to see the image")
+    if m.image_size < 2 * m.patch_size:  # a 1 x 1 token grid: the same, through its GroupNorms
+      raise ConfigError(
+        f"config.{name}.patch_size={m.patch_size} leaves a 1x1 token grid at config.{name}.image_size="
+        f"{m.image_size}, whose norms ignore the image; use patch_size <= {m.image_size // 2}"
+      )
   else:
     for k in ("num_classes", "width", "depth", "groups"):
       _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)

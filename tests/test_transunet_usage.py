@@ -205,20 +205,20 @@ def test_sizes_on_which_the_model_cannot_see_the_image_are_refused():
 @pytest.mark.parametrize(
   "flags,match",
   [
-    (["hidden=2", "num_heads=1"], r"hidden=2: .* use hidden >= 3"),
-    (["patch_size=16"], r"image_size=16 with patch_size=16 gives a 1x1 token grid"),
+    (["hidden=2", "num_heads=1"], r"config.teacher.hidden=2 is too small: the ViT needs hidden >= 3"),
+    (["patch_size=16"], r"config.teacher.patch_size=16 leaves a 1x1 token grid at config.teacher.image_size=16"),
   ],
   ids=["hidden2", "patch-equals-image"],
 )
 def test_fedefm_config_with_such_sizes_is_a_config_error(cli, tmp_path, flags, match):
-  """The same sizes in a FedEFM run (teacher and student): exit 2 with one line naming config.teacher /
-  config.student, no traceback, before anything is written to the workdir."""
+  """The same sizes in a FedEFM run (teacher and student): exit 2 with one line naming the key, no traceback,
+  before anything is written to the workdir."""
   workdir = tmp_path / "fe"
   args = ["--config=configs/fedefm.py:tiny", f"--workdir={workdir}"]
   args += [f"--config.{m}.{f}" for m in ("teacher", "student") for f in flags]
   r = cli.run("fedkd.main", args)
   assert r.code == 2 and not r.traceback, (r.code, r.stderr[-2000:])
-  lines = [ln for ln in r.stderr.strip().splitlines() if "config.teacher / config.student" in ln]
+  lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("fedkd: error: config.teacher.")]
   assert len(lines) == 1 and __import__("re").search(match, lines[0]), r.stderr[-2000:]
   assert not workdir.exists() or not any(p.is_file() and p.stat().st_size for p in workdir.rglob("*"))
 
