@@ -1134,6 +1134,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     )
   _at_least(c, "algorithm.prox_mu", 0.0)
   _at_least(c, "algorithm.ditto_lambda", 0.0)
+  pull = {"ditto": "ditto_lambda", "fedprox": "prox_mu"}.get(c.algorithm.name)
+  if pull and c.client_optimizer.name == "sgd":  # the pull's own step: x <- x - lr * w * x (heavy ball with momentum)
+    lr, w, beta = c.client_optimizer.learning_rate, c.algorithm[pull], c.client_optimizer.momentum
+    if lr * w >= 2 * (1 + beta):
+      raise ConfigError(
+        f"config.algorithm.{pull}={w:g} with config.client_optimizer.learning_rate={lr:g} (plain SGD"
+        f"{f', momentum {beta:g}' if beta else ''}) diverges: learning_rate x {pull} = {lr * w:g} >= "
+        f"{2 * (1 + beta):g}, so the pull overshoots further every step; lower {pull} below "
+        f"{2 * (1 + beta) / lr:g} or the learning rate"
+      )
   _choice(c, "algorithm.scaffold_weighting", SCAFFOLD_WEIGHTINGS)
   _int_at_least(c, "algorithm.local_steps_min", 0)
   if c.algorithm.local_steps_min > c.local_steps:

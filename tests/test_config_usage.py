@@ -363,3 +363,31 @@ def test_fewer_examples_per_client_than_a_batch_is_refused_not_raised():
   fc.validate(c, 8)
   c.examples_per_client, c.data.source = 2, "tfds:my_hospitals"
   fc.validate(c, 8)
+
+
+@pytest.mark.parametrize("alg,key", [("ditto", "ditto_lambda"), ("fedprox", "prox_mu")])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_proximal_pull_that_plain_sgd_cannot_follow_is_refused(alg, key, momentum):
+  """SGD (heavy ball) on the pull (w/2) x^2 alone diverges from lr x w = 2 (1 + momentum) on (numpy iteration of
+  optax.sgd's update); validate refuses the settings above the bound and accepts those below it."""
+
+  def grows(lr, w, beta):
+    x, m = 1.0, 0.0
+    for _ in range(400):
+      m = beta * m + w * x
+      x = x - lr * m
+    return abs(x) >= 1.0
+
+  c = fc.base_config()
+  c.algorithm.name, c.client_optimizer.name, c.client_optimizer.momentum = alg, "sgd", momentum
+  c.client_optimizer.learning_rate = 0.05
+  bound = 2 * (1 + momentum) / 0.05
+  for w in (0.9 * bound, 0.99 * bound, 1.01 * bound, 1.5 * bound):
+    c.algorithm[key] = w
+    if grows(0.05, w, momentum):
+      with pytest.raises(ConfigError, match=rf"config.algorithm.{key}=.* diverges: learning_rate x {key} = "):
+        fc.validate(c, 8)
+    else:
+      fc.validate(c, 8)
+  c.client_optimizer.name = "adam"  # the bound is plain SGD's
+  fc.validate(c, 8)
