@@ -9,7 +9,8 @@ only: no privacy, epsilon
 infinite), 0.7, 1.0 and 2.0, which spend epsilon about 14, 5.2 and 0.84 at delta 1e-5 over the 60 rounds
 (fedkd.fl.dp.epsilon; docs/algorithms.md has the measured curve).
 
-arg: as configs/cross_device.py (``clients=N``, ``per_round=K``, ``rounds=R``, ``device``).
+arg: as configs/cross_device.py (``clients=N``, ``per_round=K``, ``rounds=R``; FedAvg keeps no per-client
+state, so there is no ``device``).
 """
 
 from fedkd.config import parse_arg, sibling_config
@@ -17,8 +18,10 @@ from fedkd.config import parse_arg, sibling_config
 
 def get_config(arg=None):
   cross_device = sibling_config(__file__, "cross_device.py")
-  c = cross_device.build(parse_arg(arg, cross_device.ARGS, __file__))  # errors name this file
+  args = {k: v for k, v in cross_device.ARGS.items() if k != "device"}  # no per-client state to place
+  c = cross_device.build(parse_arg(arg, args, __file__))  # errors name this file
   c.algorithm.name = "fedavg"  # DP-FedAvg wraps uploads that are plain deltas
+  c.algorithm.client_state = "device"  # the default: FedAvg has no rows (cross_device places SCAFFOLD's)
   c.dp.enabled = True
   c.dp.clip_norm = 0.3
   c.dp.noise_multiplier = 1.0

@@ -643,6 +643,9 @@ def _unused_fedavg(c) -> dict[str, str]:
   ):
     if alg != owner:
       unused("algorithm", [key], f"config.algorithm.name={alg!r} (not {owner!r})")
+  feedback = c.compress.name == "topk" and c.compress.error_feedback
+  if alg in ("fedavg", "fedprox", "fednova") and not feedback:  # no per-client rows to place
+    unused("algorithm", ["client_state"], f"config.algorithm.name={alg!r} keeps no per-client state")
   agg = c.aggregator.name
   for key, owners in (
     ("trim_beta", ("trimmed_mean",)),

@@ -87,7 +87,7 @@ REFUSED = [
   ("cross_device", "get_config", "clients", ["clients=N", "configs/cross_device.py", "needs a value"]),
   ("cross_device", "get_config", "rounds=ten", ["bad rounds=", "'ten'"]),
   ("privacy", "get_config", "per_round", ["per_round=N", "configs/privacy.py:per_round", "needs a value"]),
-  ("privacy", "get_config", "device=1", ["'device=1'", "configs/privacy.py", "on/off flag"]),
+  ("privacy", "get_config", "device", ["unknown config argument", "['device']", "accepted: clients=N, per_round="]),
   ("privacy", "get_config", "bogus", ["unknown config argument", "configs/privacy.py:bogus"]),
   ("privacy", "get_sweep", "tiny=yes", ["'tiny=yes'", "on/off flag", "configs/privacy.py"]),
   ("privacy", "get_sweep", "seeds=0", ["bad seeds=", "give a number of seeds >= 1"]),

@@ -391,3 +391,26 @@ def test_a_proximal_pull_that_plain_sgd_cannot_follow_is_refused(alg, key, momen
       fc.validate(c, 8)
   c.client_optimizer.name = "adam"  # the bound is plain SGD's
   fc.validate(c, 8)
+
+
+def test_client_state_is_noted_as_unused_where_no_client_keeps_state():
+  """algorithm.client_state places per-client rows: noted as unused exactly where the built algorithm has none
+  (its init_row is None), for every algorithm, with and without top-k error feedback (a residual per client)."""
+  import numpy as np
+  import optax
+
+  from fedkd.fl.compress import Compressed
+  from fedkd.tasks import fedavg
+
+  params = {"w": np.zeros(3, np.float32)}
+  for name in fc.ALGORITHMS:
+    for feedback in (False, True):
+      c = fc.base_config()
+      c.algorithm.name, c.algorithm.client_state = name, "host"
+      if feedback:
+        c.compress.name, c.compress.error_feedback = "topk", True
+      alg = fedavg.make_algorithm(c, optax.sgd(1.0))
+      if feedback:
+        alg = Compressed(alg, "topk", 0.1, error_feedback=True)
+      has_rows = alg.init_row(params) is not None if name != "fedbn" else True  # FedBN: the norm layers
+      assert ("algorithm.client_state" in fc.unused_keys(c)) != has_rows, (name, feedback)
