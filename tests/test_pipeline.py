@@ -359,3 +359,21 @@ def test_the_unseen_site_draws_the_same_images_whatever_the_client_count():
   # a training site keeps its own key (client 0 draws the same images in both runs)
   first = data.site_names[0]
   np.testing.assert_array_equal(np.asarray(sets[4][first][0]), np.asarray(sets[9][first][0]))
+
+
+def test_fedbn_on_tfds_sites_says_its_scores_use_untrained_norm_layers(data_dir, tmp_path):
+  """Sites of prepared data are not one client each, so FedBN's sites are scored with the server model, whose
+  normalisation leaves FedBN never aggregates: after training they still equal the initial ones (checked here),
+  and the run's note says the scores do not measure FedBN."""
+  from fedkd.fl.algorithms.fedbn import norm_leaves
+  from fedkd.models import init_params
+
+  c = tfds_config(data_dir, num_rounds=2)
+  c.algorithm.name = "fedbn"
+  lines = []
+  out = fedavg.run(c, str(tmp_path / "w"), log=lines.append)
+  note = [ln for ln in lines if "are not one client each" in ln]
+  assert len(note) == 1 and "normalisation layers FedBN never trains" in note[0], lines[:8]
+  _, init = init_params(c.model, c.seed)
+  for a, b in zip(jax.tree.leaves(norm_leaves(out["state"]["params"])), jax.tree.leaves(norm_leaves(init))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

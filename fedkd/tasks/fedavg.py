@@ -428,7 +428,15 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     if probe is not None:
       personal_sites = {data.site_names[i]: i for i in evaluated_sites(config)}
   elif config.algorithm.name in ("fedbn", "ditto"):
-    log(f"note: {config.data.source} sites are not one client each, so every site is evaluated with the global model")
+    log(
+      f"note: {config.data.source} sites are not one client each, so every site is evaluated with the global model"
+      + (
+        ", whose normalisation layers FedBN never trains (they keep their initial values): the scores do not "
+        "measure FedBN's personal models"
+        if config.algorithm.name == "fedbn"
+        else ""
+      )
+    )
 
   def eval_params():
     params_now = local_copy(state["params"])
