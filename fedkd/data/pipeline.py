@@ -21,9 +21,11 @@ from __future__ import annotations
 from fedkd.errors import UserError, reason
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
+import signal
 import threading
 from typing import Any
 
@@ -174,12 +176,13 @@ def min_record_side(image_size: int) -> int:
   return max(MIN_CROP, -(-int(image_size) // MAX_UPSCALE))
 
 
-def _too_small(what: str, h: int, w: int, image_size: int) -> DataError:
+def _too_small(what: str, h: int, w: int, image_size: int, smallest: str | None = None) -> DataError:
   return DataError(
     f"{what}: images are {h}x{w} (HxW) pixels, too small for config.image_size={image_size} "
     f"(the minimum is {min_record_side(image_size)} px a side: at most a {MAX_UPSCALE}x "
     f"enlargement, crops of at least {MIN_CROP} px); rebuild the dataset from full-resolution "
     f"images or lower config.image_size to at most {MAX_UPSCALE * min(h, w)}"
+    + (f" (the smallest is record {smallest!r})" if smallest else "")
   )
 
 
@@ -188,7 +191,8 @@ class Augment:
   """Random crop (scale 0.8-1), flips, 90-degree and small rotations, intensity jitter (gamma,
   contrast, brightness). Geometry is applied identically to image and mask (nearest for the mask).
   Records are resized to ``image_size``; ones smaller than ``min_record_side(image_size)`` a side
-  raise ``DataError`` (TfdsClients checks every site's first record when it opens the data)."""
+  raise ``DataError`` (TfdsClients checks each split's smallest record, as its build recorded it, when it opens
+  the data; a dataset built before that was recorded, its first record)."""
 
   image_size: int
   enabled: bool = True
@@ -262,7 +266,46 @@ class _Subset:
 _WORKER: dict = {}
 
 
+# Ctrl-C at a terminal (and a SIGTERM sent to every process of a job, as Slurm and Kubernetes do) reaches the
+# workers too. The training process owns them: it finishes the round, saves it and then closes the pool; a
+# worker that died of the signal would fail that round instead. So workers ignore both, and are started with
+# them blocked (a signal mask survives the spawn's exec) until they do, so one arriving while a worker still
+# imports is dropped as well.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+  """Blocks SIGINT and SIGTERM in the calling thread (the process still gets them: another thread takes them
+  and the main thread runs the handler); worker processes started inside inherit the mask."""
+  if not hasattr(signal, "pthread_sigmask"):
+    yield
+    return
+  old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _exit_with(parent) -> None:
+  """Ends this worker process when ``parent`` (the training process) has ended, however it ended: killed
+  (SIGKILL, the OOM killer) it cannot close the pool, and a worker would wait for tasks forever, since it
+  holds both ends of its own task queue."""
+  from multiprocessing.connection import wait
+
+  wait([parent.sentinel])
+  os._exit(1)
+
+
 def _worker_init(pool, parts, seed: int, aug, batch_size: int) -> None:
+  for s in _STOP_SIGNALS:
+    signal.signal(s, signal.SIG_IGN)
+  if hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+  parent = multiprocessing.parent_process()
+  if parent is not None:
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="fedkd-exit-with-parent").start()
   _WORKER.update(pool=pool, parts=parts, seed=seed, aug=aug, batch_size=batch_size, datasets={})
 
 
@@ -294,6 +337,11 @@ def _worker_batches(k: int, start: int, steps: int):
   return _steps(w["datasets"][k], start, steps)
 
 
+def _relative_local(path: str) -> bool:
+  """``path`` names a local folder relative to the current one (not absolute, not ``~/...``, not a URL)."""
+  return bool(path) and "://" not in path and not path.startswith("~") and not os.path.isabs(path)
+
+
 def _parse_source(source: str) -> str:
   if not source.startswith("tfds:") or len(source) <= 5:
     raise DataError(f"config.data.source={source!r}: use 'synthetic' or 'tfds:<dataset name>'")
@@ -311,6 +359,10 @@ class TfdsClients:
     self.config = config
     d = config.data
     name = _parse_source(d.source)
+    if _relative_local(d.tfds_data_dir):
+      # stored absolute in the run's config (config.json, checkpoints): a relative folder would name another
+      # one for a later fedkd.eval or resume started from another folder
+      d.tfds_data_dir = os.path.abspath(d.tfds_data_dir)
     data_dir = os.path.expanduser(d.tfds_data_dir)
     try:
       prepared = fedkd_tfds.prepared_configs(name, data_dir)
@@ -353,13 +405,19 @@ class TfdsClients:
         ) from None
 
     def open_split(builder, cfg, split):
+      """The split's records, refused when its smallest image (recorded by the build; for a dataset built
+      before fedkd recorded it, the first record's) cannot feed ``config.image_size``."""
       # a damaged record file fails on the first read: SegmentationSource makes that one line
       src = fedkd_tfds.SegmentationSource(builder.as_data_source(split=split), name=f"{name}/{cfg}:{split}")
-      if len(src):
-        rec = src[0]
-        h, w = np.asarray(rec["mask"]).shape[:2]
-        if min(h, w) < min_record_side(config.image_size):
-          raise _too_small(f"TFDS dataset {name!r}, site {cfg!r} ({split} split)", h, w, config.image_size)
+      small = fedkd_tfds.smallest_image(builder, split)
+      if small is not None:
+        h, w, smallest = small["height"], small["width"], small["id"]
+      elif len(src):
+        (h, w), smallest = np.asarray(src[0]["mask"]).shape[:2], None
+      else:
+        return src
+      if min(h, w) < min_record_side(config.image_size):
+        raise _too_small(f"TFDS dataset {name!r}, site {cfg!r} ({split} split)", h, w, config.image_size, smallest)
       return src
 
     def num_records(cfg, split):  # None: no such split
@@ -455,7 +513,8 @@ class TfdsClients:
     steps = self.config.local_steps
     pool = self._workers()
     if pool is not None:
-      futures = [pool.submit(_worker_batches, int(k), int(t), steps) for k, t in zip(clients, starts)]
+      with _stop_signals_blocked():  # submit starts the worker processes, as they are needed
+        futures = [pool.submit(_worker_batches, int(k), int(t), steps) for k, t in zip(clients, starts)]
       parts = [f.result() for f in futures]
     else:
       parts = [_steps(self._dataset(int(k)), int(t), steps) for k, t in zip(clients, starts)]

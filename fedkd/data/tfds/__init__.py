@@ -31,6 +31,7 @@ from fedkd.data.tfds.api import (
   load_source,
   prepared_configs,
   resolve_config,
+  smallest_image,
 )
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
 from fedkd.data.tfds.label_maps import GRAY_0_128_255_MAP, RGB_COLOR_MAP, parse_color_map, parse_label_map
@@ -60,5 +61,6 @@ __all__ = [
   "parse_label_map",
   "prepared_configs",
   "resolve_config",
+  "smallest_image",
   "synthetic_config",
 ]

@@ -634,6 +634,32 @@ def _reading_config(cls, config: str, info: dict):
   return CathactionConfig(name=config, description=description)
 
 
+def smallest_image(builder, split: str) -> dict | None:
+  """The smallest image of ``split`` of a prepared dataset, as its build recorded it in ``metadata.json``
+  (``records.SMALLEST_IMAGE_KEY``): ``{"min_side", "height", "width", "id"}``; None for a dataset built
+  before fedkd recorded it, or a split without records. Read as plain JSON; a malformed entry is refused."""
+  path = Path(os.fspath(builder.data_dir)) / "metadata.json"
+  if not path.is_file():
+    return None
+  fix = f"Rebuild it (python -m fedkd.data.tfds.build --dataset={builder.name} ... --overwrite) or get a fresh copy."
+  data = _read_json(path, fix)
+  sizes = data.get(records.SMALLEST_IMAGE_KEY) if isinstance(data, dict) else None
+  entry = sizes.get(split) if isinstance(sizes, dict) else None
+  if entry is None and isinstance(data, dict) and (sizes is None or isinstance(sizes, dict)):
+    return None
+  ints = ("min_side", "height", "width")
+  if not (
+    isinstance(entry, dict)
+    and all(type(entry.get(k)) is int and entry[k] > 0 for k in ints)
+    and entry["min_side"] == min(entry["height"], entry["width"])
+    and isinstance(entry.get("id"), str)
+  ):
+    raise DatasetInputError(
+      f"{path}: malformed {records.SMALLEST_IMAGE_KEY!r} entry for split {split!r} ({str(entry)[:120]}). {fix}"
+    )
+  return {k: entry[k] for k in ints + ("id",)}
+
+
 def load_source(name: str, split: str, data_dir, config=None) -> SegmentationSource:
   """Random-access source of split ``split`` (see ``SegmentationSource``)."""
   builder = load_builder(name, data_dir, config)

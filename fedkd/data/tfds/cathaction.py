@@ -106,6 +106,7 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
         "X-ray). Labels: " + self.builder_config.label_spec().describe()
       ),
       features=records.features(),
+      metadata=records.metadata(),
       homepage="https://airvlab.github.io/cathdata",
       citation=_CITATION,
       license="CC BY-NC-SA 4.0",
@@ -119,10 +120,10 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
     spec = self.builder_config.label_spec()
     splits = scan_cathaction(root)
     xray_folder.check_folder(root, splits, spec)  # everything (incl. orphan labels) before any split is written
-    return {name: self._generate_examples(pairs, spec) for name, pairs in splits.items()}
+    return {name: self._generate_examples(name, pairs, spec) for name, pairs in splits.items()}
 
-  def _generate_examples(self, pairs, spec):
-    yield from folders.generate_pairs(pairs, spec, SITE)
+  def _generate_examples(self, split, pairs, spec):
+    yield from records.track_smallest(self.info, split, folders.generate_pairs(pairs, spec, SITE))
 
 
 def _find_root(root: Path) -> Path:

@@ -131,6 +131,21 @@ def _open_pil(path: Path):
     ) from None
 
 
+@contextlib.contextmanager
+def _pydicom_quiet():
+  """pydicom logs the traceback of every decoder plugin that fails on a frame (``logger.exception``) before it
+  raises; the error raised says the same, so those records (below CRITICAL) are dropped while pixels decode."""
+  import logging
+
+  logger = logging.getLogger("pydicom")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def _read_dicom(path: Path):
   import pydicom
 
@@ -145,12 +160,13 @@ def _read_dicom(path: Path):
       f"{path}: DICOM file has no pixel data (not an image, or corrupt); remove it from the folder"
     )
   try:
-    arr = np.asarray(ds.pixel_array)
+    with _pydicom_quiet():
+      arr = np.asarray(ds.pixel_array)
   except Exception as e:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
     raise DatasetInputError(
       f"{path}: cannot decode DICOM pixel data (transfer syntax {ts}; "
-      f"{type(e).__name__}: {e}); for compressed DICOM install pylibjpeg with "
+      f"{type(e).__name__}: {' '.join(str(e).split())}); for compressed DICOM install pylibjpeg with "
       f"pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)"
     ) from None
   nframes = int(ds.get("NumberOfFrames", 1) or 1)

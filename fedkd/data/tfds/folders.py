@@ -99,6 +99,11 @@ def list_images(images_dir: Path) -> list[Path]:
   for p in sorted(images_dir.iterdir()):
     if p.name.startswith(".") or p.name.lower() in JUNK_FILES or p.is_dir():
       continue
+    if p.is_symlink() and not p.exists():
+      problems.append(
+        f"{p}: broken symbolic link (to {os.readlink(p)}); restore the file it points to or remove the link"
+      )
+      continue
     ext = p.suffix.lower()
     if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
       if nfc(p.stem) in stems:  # also the same name in two Unicode forms: both would read one mask

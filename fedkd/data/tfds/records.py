@@ -25,6 +25,7 @@ from fedkd.data.labels import CLASS_NAMES, NUM_CLASSES  # noqa: F401 - re-export
 from fedkd.errors import UserError
 
 _MAX_LISTED_PROBLEMS = 5
+_NEWLINES = re.compile(r"\s*[\r\n]+\s*")
 
 
 class DatasetInputError(UserError, ValueError):
@@ -35,7 +36,8 @@ class DatasetInputError(UserError, ValueError):
   """
 
   def __init__(self, problems: str | Iterable[str]):
-    self.problems = [problems] if isinstance(problems, str) else list(problems)
+    # one line each: a library's multi-line exception text quoted in a problem would split the error line
+    self.problems = [_NEWLINES.sub(" ", p) for p in ([problems] if isinstance(problems, str) else list(problems))]
     if not self.problems:
       self.problems = ["invalid dataset input"]
     if len(self.problems) == 1:
@@ -69,6 +71,31 @@ def record(image: np.ndarray, mask: np.ndarray, site: str, example_id: str) -> d
   if image.ndim == 2:
     image = image[..., None]
   return {"image": image, "mask": np.asarray(mask, dtype=np.uint8), "site": site, "id": example_id}
+
+
+#: Key of ``metadata.json`` (the prepared folder's TFDS metadata) that holds, per split, the smallest image:
+#: ``{"train": {"min_side": 40, "height": 40, "width": 64, "id": "x"}, ...}``. Readers check image sizes against
+#: it without decoding every record (``fedkd.data.tfds.api.smallest_image``).
+SMALLEST_IMAGE_KEY = "smallest_image"
+
+
+def metadata():
+  """The ``tfds.core.MetadataDict`` every builder declares in its ``DatasetInfo`` (see ``SMALLEST_IMAGE_KEY``)."""
+  import tensorflow_datasets as tfds
+
+  return tfds.core.MetadataDict()
+
+
+def track_smallest(info, split: str, examples):
+  """Yield ``examples`` (``(key, record)`` pairs) unchanged, keeping the smallest image (by its shorter side)
+  of split ``split`` in ``info.metadata``; TFDS writes it as ``metadata.json`` once every split is written."""
+  sizes = info.metadata.setdefault(SMALLEST_IMAGE_KEY, {})
+  for key, ex in examples:
+    h, w = (int(n) for n in ex["image"].shape[:2])
+    now = sizes.get(split)
+    if now is None or min(h, w) < now["min_side"]:
+      sizes[split] = {"min_side": min(h, w), "height": h, "width": w, "id": str(ex["id"])}
+    yield key, ex
 
 
 def config_safe_name(name: str) -> str:

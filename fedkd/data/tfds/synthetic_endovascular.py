@@ -149,6 +149,7 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
         f"seed {cfg.seed}."
       ),
       features=records.features(),
+      metadata=records.metadata(),
       disable_shuffling=True,
     )
 
@@ -171,6 +172,11 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, profiles, site_id, split_name, split, count):
+    yield from records.track_smallest(
+      self.info, split_name, self._examples(profiles, site_id, split_name, split, count)
+    )
+
+  def _examples(self, profiles, site_id, split_name, split, count):
     cfg = self.builder_config
     chunk = min(_CHUNK, max(cfg.num_train, cfg.num_test))  # one batch shape per config
     for start, images, masks in render(profiles, site_id, split, count, cfg.image_size, cfg.seed, chunk=chunk):

@@ -111,6 +111,7 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
       builder=self,
       description=(f"Local catheter/guidewire X-ray segmentation folder. Labels: {cfg.label_spec().describe()}."),
       features=records.features(),
+      metadata=records.metadata(),
       disable_shuffling=True,
     )
 
@@ -122,10 +123,10 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
     site = self.builder_config.site or root.resolve().name
     splits = scan_folder(root)
     check_folder(root, splits, spec)  # everything, before any split is written
-    return {name: self._generate_examples(pairs, spec, site) for name, pairs in splits.items()}
+    return {name: self._generate_examples(name, pairs, spec, site) for name, pairs in splits.items()}
 
-  def _generate_examples(self, pairs, spec, site):
-    yield from folders.generate_pairs(pairs, spec, site)
+  def _generate_examples(self, split, pairs, spec, site):
+    yield from records.track_smallest(self.info, split, folders.generate_pairs(pairs, spec, site))
 
 
 def scan_folder(root: Path) -> dict[str, list[Pair]]:
