@@ -11,8 +11,9 @@ unseen site) and writes to ``--out`` (default ``<workdir>/eval``):
                          false positives yellow, misses magenta (legend in the picture)
   robustness.json / .png Dice per class vs severity of noise, blur, contrast loss and downscaling
 
-A run on prepared (TFDS) data reads its datasets from the config.data.tfds_data_dir stored with it (a
-relative one from the current folder); --tfds_data_dir=DIR reads them from DIR instead.
+A run on prepared (TFDS) data reads its datasets from the config.data.tfds_data_dir stored with it (absolute;
+a run from before fedkd stored it so may hold a relative one, read from the current folder);
+--tfds_data_dir=DIR reads them from DIR instead.
 
 --spacing_mm is the pixel size of the images as evaluated, i.e. after resizing to config.image_size: a
 prepared dataset's 512 x 512 records at 0.3 mm evaluated at image_size 128 have 1.2 mm pixels.

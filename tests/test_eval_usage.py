@@ -109,9 +109,9 @@ def test_interrupted_evaluation_keeps_the_earlier_files(run4, tmp_path, monkeypa
 
 
 def test_eval_of_a_run_on_prepared_data_from_another_folder(cli, tmp_path, monkeypatch):
-  """A run trained with a relative config.data.tfds_data_dir, evaluated from another folder: the error told
-  the user to 'set config.data.tfds_data_dir', which fedkd.eval has no way to do; --tfds_data_dir does it,
-  and the scores are training's last evaluation."""
+  """A run that stored a relative config.data.tfds_data_dir (runs before they were made absolute), evaluated
+  from another folder: the error told the user to 'set config.data.tfds_data_dir', which fedkd.eval has no way
+  to do; --tfds_data_dir does it, and the scores are training's last evaluation."""
   from fedkd.data import tfds as fdata
   from test_eval_inputs import _folder
 
@@ -122,9 +122,11 @@ def test_eval_of_a_run_on_prepared_data_from_another_folder(cli, tmp_path, monke
   cfg.data.tfds_data_dir = "data"  # relative to the folder training started from
   cfg.eval.max_sites = 0
   monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr("fedkd.data.pipeline._relative_local", lambda path: False)  # stored as given, as before
   fedavg.run(cfg, "run", log=lambda _: None)
   monkeypatch.undo()
   work = tmp_path / "run"
+  assert json.load(open(work / "config.json"))["data"]["tfds_data_dir"] == "data"
   line = _one_error_line(cli.run("fedkd.eval", [f"--workdir={work}", "--frames=0"]))
   assert "--tfds_data_dir=" in line and "'data'" in line, line
   assert not (work / "eval" / "eval.json").exists()

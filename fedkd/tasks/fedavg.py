@@ -93,6 +93,10 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
   on resume (:data:`RESUMABLE_CHANGES`). A key the saved config lacks was added to the schema later; its
   default (or, where :data:`_OLD_BEHAVIOUR` says so, the value that keeps the old behaviour) may stand."""
   a, b = flat_dict(saved), flat_dict(current)
+  for d in (a, b):  # runs store it absolute now; an older run's relative folder is the same folder
+    v = d.get("data.tfds_data_dir")
+    if isinstance(v, str) and v and "://" not in v:
+      d["data.tfds_data_dir"] = os.path.abspath(os.path.expanduser(v))
   defaults = flat_dict(base_config().to_dict())
   for k, (applies, value) in _OLD_BEHAVIOUR.items():
     if k not in a and applies(a):
