@@ -293,13 +293,11 @@ def _scaffold_reference(apply, loss_fn, server, control, client_c, rounds):
   return server, control, client_c
 
 
-# (the unrolled layout: tests/test_pre_redesign.py, bitwise against the recorded SCAFFOLD rounds)
-@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("chunked", 1), ("unroll", 1)])
-def test_scaffold_equals_per_client_loop(layout, n_dev):
-  """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=4, clients=4)
-  n_total = 6
-  samples = [np.arange(0, 4), np.array([2, 5, 3, 4])]
+def assert_scaffold_rounds(apply, params, loss_fn, xs, ys, weights, n_dev, layout, lowering="xla"):
+  """Two SCAFFOLD rounds over overlapping client samples (the second round's clients 2 and 3 start from their own
+  control variates, c_i != 0) against the client-by-client numpy loop: server params, server control and every
+  client's control; and the correction really acted (the control moved)."""
+  n_total, samples = 6, [np.arange(0, 4), np.array([2, 5, 3, 4])]
   rounds = [(ids, xs[::-1] if r else xs, ys[::-1] if r else ys, weights) for r, ids in enumerate(samples)]
   zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
   ref_server, ref_control, ref_c = _scaffold_reference(
@@ -307,7 +305,9 @@ def test_scaffold_equals_per_client_loop(layout, n_dev):
   )
   alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total, weighting="data_size")  # the reference weights by size
   # unroll: one client in flight, so the control-variate sums go through the ordered running sum
-  fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=2, in_flight=int(layout == "unroll"))
+  fn, mesh, _ = _build(
+    apply, loss_fn, n_dev, layout, lowering, algorithm=alg, chunk=2, in_flight=int(layout == "unroll")
+  )
   state = alg.init(params, jax.random.key(0))
   table = jax.tree.map(np.array, init_rows(alg, params, n_total))
   for ids, rx, ry, rw in rounds:
@@ -321,6 +321,14 @@ def test_scaffold_equals_per_client_loop(layout, n_dev):
     assert _max_diff(ref_c[cid], jax.tree.map(lambda t: t[cid], table)) < 5e-4, cid
   # the correction really acted: plain FedAvg from the same start ends elsewhere
   assert _max_diff(ref_control, zeros) > 1e-3
+
+
+# (the unrolled layout: tests/test_pre_redesign.py, bitwise against the recorded SCAFFOLD rounds)
+@pytest.mark.parametrize("layout,n_dev", [("vmap", 2), ("chunked", 1), ("unroll", 1)])
+def test_scaffold_equals_per_client_loop(layout, n_dev):
+  """Two SCAFFOLD rounds over overlapping client samples (so some clients start from c_i != 0)."""
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=4, clients=4)
+  assert_scaffold_rounds(apply, params, loss_fn, xs, ys, weights, n_dev, layout)
 
 
 def _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, mu, tau):

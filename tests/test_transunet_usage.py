@@ -10,18 +10,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from fedkd.fl import algorithms
-from fedkd.fl.algorithm import init_rows
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_model, init_params
 from fedkd.models.transfer import load_encoder
 from fedkd.models.transunet import TransUNet
 from fedkd.sharding import shard_clients
-from test_engine import LR, _build, _max_diff, _reference_round, _scaffold_reference, _tree_np
+from test_engine import _build, _max_diff, _reference_round, assert_scaffold_rounds
 
 # 8 px images, patch 4 (two stem stages, a 2 x 2 token grid), skips on: every part of the model in play
 TINY = dict(
@@ -281,28 +278,7 @@ def test_scaffold_rounds_equal_per_client_loop(layout, lowering, n_dev):
   start from their own control variates) against the client-by-client numpy loop: server params, server
   control and every client's control."""
   apply, params, loss_fn, xs, ys, weights = _problem()
-  n_total, samples = 6, [np.arange(4), np.array([2, 5, 3, 4])]
-  rounds = [(ids, xs[::-1] if r else xs, ys[::-1] if r else ys, weights) for r, ids in enumerate(samples)]
-  zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
-  ref_server, ref_control, ref_c = _scaffold_reference(
-    apply, loss_fn, _tree_np(params), zeros, {i: zeros for i in range(n_total)}, rounds
-  )
-  alg = algorithms.Scaffold(optax.sgd(1.0), LR, n_total, weighting="data_size")
-  fn, mesh, _ = _build(
-    apply, loss_fn, n_dev, layout, lowering, algorithm=alg, chunk=2, in_flight=int(layout == "unroll")
-  )
-  state = alg.init(params, jax.random.key(0))
-  table = jax.tree.map(np.array, init_rows(alg, params, n_total))
-  for ids, rx, ry, rw in rounds:
-    rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
-    rows, rx, ry, rw = shard_clients((rows, jnp.asarray(rx), jnp.asarray(ry), jnp.asarray(rw)), mesh)
-    state, new_rows, _ = fn(state, rows, {"x": rx, "y": ry}, rw)
-    table = jax.tree.map(lambda t, r: (t.__setitem__(ids, np.asarray(r)), t)[1], table, new_rows)
-  assert _max_diff(ref_server, state["params"]) < 5e-5
-  assert _max_diff(ref_control, state["control"]) < 5e-4
-  for cid in range(n_total):
-    assert _max_diff(ref_c[cid], jax.tree.map(lambda t: t[cid], table)) < 5e-4, cid
-  assert _max_diff(ref_control, zeros) > 1e-3
+  assert_scaffold_rounds(apply, params, loss_fn, xs, ys, weights, n_dev, layout, lowering)
 
 
 @pytest.mark.parametrize("layout,lowering,n_dev", [("vmap", "xla", 2), ("unroll", "matmul", 1)])

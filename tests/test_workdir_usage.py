@@ -23,23 +23,11 @@ import pytest
 
 from fedkd import workdir as wd
 from fedkd.logs import RunLog
+from test_resume_robustness import TINY as RESUME_TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QS = "--config=configs/quickstart.py"
-TINY = [
-  "--config.image_size=32",
-  "--config.model.depth=2",
-  "--config.model.width=4",
-  "--config.model.groups=2",
-  "--config.num_clients=2",
-  "--config.clients_per_round=2",
-  "--config.local_steps=1",
-  "--config.batch_size=2",
-  "--config.eval.examples_per_site=2",
-  "--config.eval.every=1",
-  "--config.checkpoint.every=1",
-  "--config.mesh.client_devices=1",
-]
+TINY = [a for a in RESUME_TINY if not a.startswith("--config.checkpoint.max_to_keep=")]
 
 
 def _one_error_line(res, *needles):
