@@ -321,3 +321,40 @@ def test_a_run_that_stored_a_relative_tfds_data_dir_still_resumes(tmp_path, monk
   assert resume_differences(old, new) == []
   new["data"]["tfds_data_dir"] = str(tmp_path / "elsewhere")
   assert resume_differences(old, new) == ["data.tfds_data_dir"]
+
+
+def _worker_pid(_):
+  time.sleep(0.2)
+  return os.getpid()
+
+
+def test_closing_the_pool_after_a_worker_was_killed_does_not_hang():
+  """A worker SIGKILLed while idle may hold the task queue's lock: the others then wait for it forever and
+  ignore the executor's SIGTERM (workers ignore it, so a job-wide SIGTERM does not break the round), so
+  ProcessPoolExecutor.shutdown(wait=True) hung. close()'s _stop_pool returns within its timeout, every worker
+  gone, whichever worker was killed."""
+  import concurrent.futures
+  import multiprocessing
+  import threading
+
+  for victim in range(3):
+    ex = concurrent.futures.ProcessPoolExecutor(
+      3,
+      mp_context=multiprocessing.get_context("spawn"),
+      initializer=pipeline._worker_init,
+      initargs=(None, None, 0, None, 2),
+    )
+    with pipeline._stop_signals_blocked():
+      futures = [ex.submit(_worker_pid, i) for i in range(6)]
+    [f.result() for f in futures]
+    time.sleep(0.5)
+    workers = list(ex._processes.values())
+    os.kill(workers[victim].pid, signal.SIGKILL)
+    time.sleep(1.0)
+    t = threading.Thread(target=pipeline._stop_pool, args=(ex, 5.0), daemon=True)
+    t.start()
+    t.join(30)
+    alive = [p.pid for p in workers if p.is_alive()]
+    for pid in alive:
+      os.kill(pid, signal.SIGKILL)
+    assert not t.is_alive() and not alive, (victim, alive)

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -337,6 +338,22 @@ def _worker_batches(k: int, start: int, steps: int):
   return _steps(w["datasets"][k], start, steps)
 
 
+def _stop_pool(ex: concurrent.futures.ProcessPoolExecutor, timeout: float = 10.0) -> None:
+  """Shuts the worker pool down and waits for its processes, killing any still there after ``timeout`` s. A
+  worker killed while it held the task queue's lock (the OOM killer, ``kill -9``) leaves the others waiting for
+  that lock forever, and they ignore the SIGTERM the executor ends a broken pool with (see _worker_init), so
+  ``shutdown(wait=True)`` alone would never return."""
+  procs = list((getattr(ex, "_processes", None) or {}).values())
+  ex.shutdown(wait=False, cancel_futures=True)
+  deadline = time.monotonic() + timeout
+  for p in procs:
+    p.join(max(0.0, deadline - time.monotonic()))
+  for p in procs:
+    if p.is_alive():
+      p.kill()
+      p.join()
+
+
 def _relative_local(path: str) -> bool:
   """``path`` names a local folder relative to the current one (not absolute, not ``~/...``, not a URL)."""
   return bool(path) and "://" not in path and not path.startswith("~") and not os.path.isabs(path)
@@ -538,9 +555,10 @@ class TfdsClients:
 
   def close(self) -> None:
     """Stops the worker processes and the prefetch thread (the training loop calls it when the run ends)."""
-    for ex in (self._prefetch_exec, self._pool_exec):
-      if ex is not None:
-        ex.shutdown(wait=True, cancel_futures=True)
+    if self._prefetch_exec is not None:
+      self._prefetch_exec.shutdown(wait=True, cancel_futures=True)
+    if self._pool_exec is not None:
+      _stop_pool(self._pool_exec)
     self._prefetch_exec = self._pool_exec = self._pending = None
 
   def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
