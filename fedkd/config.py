@@ -1137,14 +1137,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     )
   _at_least(c, "algorithm.prox_mu", 0.0)
   _at_least(c, "algorithm.ditto_lambda", 0.0)
-  pull = {"ditto": "ditto_lambda", "fedprox": "prox_mu"}.get(c.algorithm.name)
-  if pull and c.client_optimizer.name == "sgd":  # the pull's own step: x <- x - lr * w * x (heavy ball with momentum)
-    lr, w, beta = c.client_optimizer.learning_rate, c.algorithm[pull], c.client_optimizer.momentum
-    if lr * w >= 2 * (1 + beta):
+  if c.algorithm.name == "ditto" and c.client_optimizer.name == "sgd":
+    # the pull's own step on the personal model, which persists over rounds: v <- v - lr * lambda * v (heavy
+    # ball with momentum) grows without bound past lr * lambda = 2 (1 + momentum). (FedProx restarts every round
+    # at the global model, so its pull can only amplify one round's drift, by |1 - lr mu|^(local_steps - 1).)
+    lr, w, beta = c.client_optimizer.learning_rate, c.algorithm.ditto_lambda, c.client_optimizer.momentum
+    if lr * w > 2 * (1 + beta):
       raise ConfigError(
-        f"config.algorithm.{pull}={w:g} with config.client_optimizer.learning_rate={lr:g} (plain SGD"
-        f"{f', momentum {beta:g}' if beta else ''}) diverges: learning_rate x {pull} = {lr * w:g} >= "
-        f"{2 * (1 + beta):g}, so the pull overshoots further every step; lower {pull} below "
+        f"config.algorithm.ditto_lambda={w:g} with config.client_optimizer.learning_rate={lr:g} (plain SGD"
+        f"{f', momentum {beta:g}' if beta else ''}) diverges: learning_rate x ditto_lambda = {lr * w:g} > "
+        f"{2 * (1 + beta):g}, so the personal model overshoots further every step; lower ditto_lambda to at most "
         f"{2 * (1 + beta) / lr:g} or the learning rate"
       )
   _choice(c, "algorithm.scaffold_weighting", SCAFFOLD_WEIGHTINGS)

@@ -396,7 +396,11 @@ def test_the_diverged_message_fits_the_run():
   msg = str(fedavg._diverged(5, m, np.array([3, 7]), c, 4, "/w/checkpoints", counted=False))
   assert msg.startswith("training diverged in round 5: loss none, non-finite updates from client(s) [3, 7] of 2;")
   assert "config.algorithm.ditto_lambda=100 too large for it" in msg
-  assert "set --config.engine.skip_nonfinite_clients=True" not in msg and "skip_nonfinite_clients is on" in msg
+  assert "set --config.engine.skip_nonfinite_clients=True" not in msg
+  assert "lower it (engine.skip_nonfinite_clients dropped every reporting client);" in msg
+  # every client finite but the aggregate not (a server step too large): nothing about dropped clients
+  msg = str(fedavg._diverged(5, {"loss": 0.3, "client_finite": np.array([True, True])}, np.array([3, 7]), c, 4, "/w"))
+  assert "loss 0.3, the aggregate became non-finite;" in msg and ": lower it; the last good checkpoint" in msg
   c.algorithm.name, c.engine.skip_nonfinite_clients = "fedavg", False
   msg = str(fedavg._diverged(5, dict(m, loss=float("nan")), np.array([3, 7]), c, None, "/w/checkpoints"))
   assert "loss nan," in msg and "too large for it" not in msg and "no checkpoint was written" in msg

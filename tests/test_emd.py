@@ -211,6 +211,14 @@ def test_sum_weights_are_a_distribution_whatever_the_signs(sims, mask):
   assert np.isfinite(got).all() and (got >= 0).all() and abs(got.sum() - 1.0) < 1e-5
 
 
+def test_a_nan_similarity_is_not_hidden_by_any_weight_mode():
+  """max(NaN, 0) is NaN, so 'sum' took the 'no positive similarity' branch and returned uniform weights; every
+  mode now passes the NaN on (the run then reports it), as softmax and raw did."""
+  s = jnp.array([0.3, jnp.nan, 0.5])
+  for mode in ("softmax", "sum", "raw"):
+    assert np.isnan(np.asarray(emd_weights(s, mode))).any(), mode
+
+
 @pytest.mark.parametrize("marginals", ["uniform", "cross_reference"])
 def test_sinkhorn_equals_ott_jax(marginals):
   """fedkd's fixed-iteration log-domain Sinkhorn against ott-jax's solver (lse mode, no early stop, the

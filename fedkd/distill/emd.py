@@ -365,7 +365,8 @@ def emd_weights(
     s = jnp.where(valid, jnp.maximum(s, 0.0), 0.0)
     total = jnp.sum(s)
     uniform = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
-    return jnp.where(total > 0.0, s / jnp.where(total > 0.0, total, 1.0), uniform)
+    fallback = jnp.where(jnp.isnan(total), jnp.nan, uniform)  # a NaN similarity stays NaN, as in softmax / raw
+    return jnp.where(total > 0.0, s / jnp.where(total > 0.0, total, 1.0), fallback)
   if mode == "raw":
     return jnp.where(valid, s, 0.0)
   raise ValueError(f"unknown mode {mode!r}; expected one of {WEIGHT_MODES}")

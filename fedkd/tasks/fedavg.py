@@ -143,15 +143,16 @@ def _diverged(
   pull = {"ditto": ("ditto_lambda", a.ditto_lambda), "fedprox": ("prox_mu", a.prox_mu)}.get(a.name)
   pull = f", or config.algorithm.{pull[0]}={pull[1]:g} too large for it" if pull else ""
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
-  skip = (
-    "engine.skip_nonfinite_clients is on and no reporting client's update was finite"
-    if config.engine.skip_nonfinite_clients
-    else "or set --config.engine.skip_nonfinite_clients=True to drop such clients"
-  )
+  if not config.engine.skip_nonfinite_clients:
+    skip = ", or set --config.engine.skip_nonfinite_clients=True to drop such clients"
+  elif bad and not counted:
+    skip = " (engine.skip_nonfinite_clients dropped every reporting client)"
+  else:
+    skip = ""
   return DivergedError(
     f"training diverged in round {r}: loss {float(m['loss']) if counted else 'none'}, {who}; likely cause: a "
     f"learning rate too large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
-    f"{config.server_optimizer.learning_rate:g}){pull}: lower it, {skip}; {kept}, nothing of this round was saved"
+    f"{config.server_optimizer.learning_rate:g}){pull}: lower it{skip}; {kept}, nothing of this round was saved"
   )
 
 

@@ -12,10 +12,10 @@ when given, on the same batches, each with a fresh client optimizer)
 Client i's site is evaluated with ``personal(w, v_i) = v_i``. ``lambda = 0`` is local-only training of
 v_i; a large lambda pulls v_i to w. The reported loss is the global part's (mean over the steps taken);
 the client metric ``personal_loss`` is F_i of the personal model over its steps (without the proximal
-term). A client whose personal model or personal loss is non-finite (e.g. plain SGD with lr * lambda > 2,
-where the pull overshoots further each step) reports a NaN loss: the engine then counts it as a
-non-finite client (named when the run stops; with ``skip_nonfinite`` left out of the round, its old row
-kept), as its upload alone would look finite.
+term). A client whose personal loss is non-finite reports a NaN loss, and the engine checks its new row (v)
+as every client's: such a client (e.g. plain SGD with lr * lambda > 2, where the pull overshoots further each
+step) counts as non-finite (named when the run stops; with ``skip_nonfinite`` left out of the round, its old
+row kept), though its upload alone would look finite.
 """
 
 from __future__ import annotations
@@ -51,10 +51,7 @@ class Ditto(FedAvg):
     v, _, seg = local_sgd(personal_of, ctx.tx, row, xs, ys, unroll=ctx.unroll, has_aux=True, steps=steps)
     on = jnp.ones(xs.shape[0], bool) if steps is None else jnp.arange(xs.shape[0]) < steps
     personal_loss = jnp.sum(jnp.where(on, seg, 0.0)) / jnp.maximum(jnp.sum(on), 1)
-    finite = jnp.isfinite(personal_loss)
-    for leaf in jax.tree.leaves(v):
-      finite = finite & jnp.all(jnp.isfinite(leaf))
-    loss = jnp.where(finite, loss, jnp.nan)
+    loss = jnp.where(jnp.isfinite(personal_loss), loss, jnp.nan)  # the engine checks the row (v) itself
     return ClientOutput(upload=delta(local, glob), loss=loss, row=v, metrics={"personal_loss": personal_loss})
 
   def personal(self, params, row):
