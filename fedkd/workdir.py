@@ -5,7 +5,7 @@ Every entry point that writes into a workdir goes through :func:`prepare` (expan
 files, read-only folders and unusable filesystems with one line) and holds :class:`Lock` while it
 runs. The lock is an ``fcntl.flock`` on ``<workdir>/.lock`` for local folders: the kernel releases it
 when the holder dies, so a lock left by a killed process is detected and taken over. Remote folders
-(``gs://``) and filesystems without flock (Lustre mounted ``noflock``, NFS without a lock daemon) cannot be
+(``gs://``) and filesystems where flock fails (e.g. Lustre mounted ``noflock``) cannot be
 flocked; there the lock file names its holder (host, pid) and is taken over when that holder is this host
 and the pid is gone.
 """
@@ -169,6 +169,15 @@ def check_task(path: epath.Path, task: str) -> None:
     )
 
 
+def _same_file(fd: int, path: epath.Path) -> bool:
+  """The open file ``fd`` is still the one at ``path`` (not unlinked or replaced since it was opened)."""
+  try:
+    a, b = os.fstat(fd), os.stat(os.fspath(path))
+  except OSError:
+    return False
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def remove_if_empty(path: epath.Path) -> None:
   """Removes ``path`` when it holds nothing but an unheld lock file: a run that was refused before it wrote
   anything leaves no folder behind. A lock another process holds (a run started at the same moment, which
@@ -284,24 +293,32 @@ class Lock:
       return
     import fcntl
 
-    try:
-      fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      raise self._unusable(e) from None
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    for attempt in range(5):
+      if attempt:  # a run refused at the same moment removed the (empty) folder with the lock file we opened
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+      try:
+        fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise self._unusable(e) from None
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          raise self._in_use() from None
+        if e.errno not in NO_FLOCK_ERRNOS:
+          raise
+        # a filesystem where flock fails (e.g. Lustre mounted noflock): the lock file
+        # names its holder, as on object stores
+        self.log(f"note: {self.path.parent} does not support file locks; its lock file names this run instead")
+        self._by_record = True
+        self._acquire_record()
+        return
+      if _same_file(fd, self.path):  # else we locked a file that was unlinked meanwhile: nobody else sees it
+        break
       os.close(fd)
-      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise self._in_use() from None
-      if e.errno not in NO_FLOCK_ERRNOS:
-        raise
-      # a filesystem without flock (Lustre mounted noflock, NFS without a lock daemon): the lock file
-      # names its holder, as on object stores
-      self.log(f"note: {self.path.parent} does not support file locks; its lock file names this run instead")
-      self._by_record = True
-      self._acquire_record()
-      return
+    else:
+      raise WorkdirError(f"{self.path} keeps being replaced while this run locks it; is another process removing it?")
     previous = self._read_holder()
     if previous.get("pid") and previous.get("pid") != os.getpid():
       gone = "which does not hold it (a copied workdir?)" if _alive_here(previous) else "which is no longer running"

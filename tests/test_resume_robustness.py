@@ -728,7 +728,7 @@ def test_damaged_restore_orphaned_reads(tmp_path, quiet):
 
 
 def test_a_stop_asked_for_while_resuming_trains_no_round(two_rounds, tmp_path):
-  """SIGTERM/Ctrl-C during the restore or the first compile of a resumed run: it stops at the round it resumed
+  """SIGTERM/Ctrl-C during the restore and set-up of a resumed run: it stops at the round it resumed
   from (saved already) instead of training one more round first, which a spot VM's notice may not outlast."""
   from fedkd.preemption import Stopped
 

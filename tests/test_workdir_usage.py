@@ -73,6 +73,33 @@ def test_a_run_refused_by_a_lock_taken_at_the_same_moment_leaves_the_holders_fol
   first["lock"].release()
 
 
+def test_a_lock_file_removed_between_open_and_flock_is_taken_afresh(tmp_path, monkeypatch):
+  """Run B opens the lock file; a run refused at the same moment then removes the empty folder with it; B's flock
+  succeeds on the unlinked file, which no other run can see, so a third run took the lock too. B now checks that
+  the locked file is still the one at the path and otherwise takes a fresh one (the folder recreated)."""
+  work = tmp_path / "run"
+  work.mkdir()
+  (work / ".lock").write_text("")
+  real_open, calls = os.open, []
+
+  def racing_open(path, flags, *args, **kwargs):
+    fd = real_open(path, flags, *args, **kwargs)
+    if str(path).endswith(".lock") and not calls:
+      calls.append(path)
+      wd.remove_if_empty(wd.as_path(work))  # the refused run: nobody holds the lock yet, so it removes the folder
+    return fd
+
+  monkeypatch.setattr(os, "open", racing_open)
+  b = wd.Lock(wd.as_path(work), log=lambda m: None)
+  b.acquire()
+  monkeypatch.undo()
+  assert calls and (work / ".lock").is_file()
+  assert json.loads((work / ".lock").read_text())["pid"] == os.getpid()
+  with pytest.raises(wd.WorkdirError, match="is in use by"):  # a third run sees B's lock
+    wd.Lock(wd.as_path(work)).acquire()
+  b.release()
+
+
 def test_a_refused_run_still_removes_the_folder_it_created_when_no_one_holds_it(tmp_path):
   work = tmp_path / "new" / "run"
   work.mkdir(parents=True)

@@ -502,7 +502,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
           f"{config.num_rounds} rounds; the run stops after round {last_round}"
         )
   last_saved = start or None
-  if start and stop is not None and stop.requested(start):  # a signal while restoring or compiling: round `start`
+  if start and stop is not None and stop.requested(start):  # a signal while restoring and setting up: `start`
     data.close()  # is saved already, and a spot VM's notice may not outlast another round
     runlog.close()
     ckpt.close()
