@@ -44,6 +44,7 @@ COMPRESSORS = ("none", "int8", "topk")  # fedkd.fl.compress.KINDS plus none
 LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+UNSEEN_KEYS = ("fixed", "num_clients")  # config.data.unseen_key
 SERVER_OPTIMIZERS = OPTIMIZERS + ("yogi", "adagrad")  # fedkd.fl.engine.make_optimizer
 # FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
 # (fedkd.distill.emd.MARGINALS / WEIGHT_MODES), silo data types (len(fedkd.data.silos.DATA_TYPES)).
@@ -98,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   # synthetic: side (px) of the acquisition field that the hospital pixel spacings refer to;
   # 0 = the output itself (catheter 3-12 px, wire 0.8-3 px); 512 = a downsampled 512 px view
   c.data.synthetic_field_size = 0
+  # synthetic: the unseen site's images: 'fixed' (the same whatever num_clients) or 'num_clients' (keyed by the
+  # client count, as runs made before the key existed; they resume with it)
+  c.data.unseen_key = "fixed"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"  # 'unet' (GroupNorm UNet)
@@ -694,7 +698,7 @@ def _unused_fedavg(c) -> dict[str, str]:
       "config.data.source='synthetic' (tfds sources only)",
     )
   else:
-    unused("data", ["synthetic_field_size"], f"config.data.source={c.data.source!r} (not 'synthetic')")
+    unused("data", ["synthetic_field_size", "unseen_key"], f"config.data.source={c.data.source!r} (not 'synthetic')")
     if c.data.partition != "dirichlet":
       unused("data", ["dirichlet_alpha"], f"config.data.partition={c.data.partition!r} (not 'dirichlet')")
   if c.engine.client_layout in ("vmap", "unroll") and not c.engine.client_parallelism:
@@ -1001,6 +1005,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     _int_at_least(c, key, 1)
   for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
     _int_at_least(c, key, 0)
+  _choice(c, "data.unseen_key", UNSEEN_KEYS)
   if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "

@@ -377,3 +377,34 @@ def test_fedbn_on_tfds_sites_says_its_scores_use_untrained_norm_layers(data_dir,
   _, init = init_params(c.model, c.seed)
   for a, b in zip(jax.tree.leaves(norm_leaves(out["state"]["params"])), jax.tree.leaves(norm_leaves(init))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_runs_made_before_the_fixed_unseen_key_keep_their_unseen_images(tmp_path):
+  """data.unseen_key='num_clients' (and a stored config without the key, as fedkd.eval reads a run made before it
+  existed) draws the unseen site keyed by the client count, as those runs did; resuming such a run asks for it."""
+  import ml_collections
+
+  from fedkd.checkpoint import ResumeRefused
+  from fedkd.data import sites, synth
+  from fedkd.tasks.fedavg import _check_resumable
+
+  c = tiny_config(num_clients=5, clients_per_round=2)
+  c.eval.examples_per_site = 2
+  name = sites.UNSEEN_SITE.name
+  table = sites.site_table([sites.UNSEEN_SITE] * 6)
+  old = synth.generate(c.seed, table, np.array([5]), np.arange(2)[None], c.image_size, split=1)[0][0]
+  fixed = pipeline.SyntheticClients(c).eval_sets([0])[name][0]
+  assert not np.array_equal(np.asarray(old), np.asarray(fixed))
+  c.data.unseen_key = "num_clients"
+  np.testing.assert_array_equal(np.asarray(pipeline.SyntheticClients(c).eval_sets([0])[name][0]), np.asarray(old))
+  stored = c.to_dict()
+  del stored["data"]["unseen_key"]
+  got = pipeline.SyntheticClients(ml_collections.ConfigDict(stored)).eval_sets([0])[name][0]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(old))
+  c.data.unseen_key = "fixed"
+  with pytest.raises(
+    ResumeRefused, match=r"before config.data.unseen_key existed .* --config.data.unseen_key=num_clients"
+  ):
+    _check_resumable(stored, c.to_dict(), str(tmp_path))
+  c.data.unseen_key = "num_clients"
+  _check_resumable(stored, c.to_dict(), str(tmp_path))

@@ -117,12 +117,15 @@ class SyntheticClients:
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
     """Held-out split (split=1) of the given training sites (default all) and the unseen site (keyed
-    ``sites.UNSEEN_KEY``: the same images whatever ``config.num_clients``)."""
+    ``sites.UNSEEN_KEY``: the same images whatever ``config.num_clients``; with ``data.unseen_key='num_clients'``
+    keyed by the client count, as before the key existed)."""
     c = self.config
     ids = list(range(c.num_clients)) if site_ids is None else list(site_ids)
     idx = np.arange(c.eval.examples_per_site, dtype=np.int32)[None]
     out = {}
-    sets = [(i, i, self.site_names[i]) for i in ids] + [(c.num_clients, sites_lib.UNSEEN_KEY, self.unseen_name)]
+    # a stored config without data.unseen_key (fedkd.eval of a run made before it existed): its old images
+    unseen_key = sites_lib.UNSEEN_KEY if c.data.get("unseen_key", "num_clients") == "fixed" else c.num_clients
+    sets = [(i, i, self.site_names[i]) for i in ids] + [(c.num_clients, unseen_key, self.unseen_name)]
     for row, key, name in sets:
       im, m = synth.generate(
         c.seed,

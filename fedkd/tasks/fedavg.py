@@ -74,6 +74,7 @@ _OLD_BEHAVIOUR = {
   "algorithm.scaffold_weighting": (lambda a: a.get("algorithm.name") == "scaffold", "data_size"),
   "server_optimizer.b2": (lambda a: a.get("server_optimizer.name") in ("adam", "adamw"), 0.999),
   "server_optimizer.eps": (lambda a: a.get("server_optimizer.name") in ("adam", "adamw"), 1e-8),
+  "data.unseen_key": (lambda a: a.get("data.source", "synthetic") == "synthetic", "num_clients"),
 }
 
 
