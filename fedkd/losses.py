@@ -4,6 +4,12 @@ All losses are computed in float32, are jit- and grad-able, and treat class 0 as
 the region terms (soft Dice, soft clDice, focal Tversky) are computed per image and per foreground
 class (1..K-1) and then averaged over both.
 
+Labels outside 0..K-1 (e.g. the value 255 that many datasets use for "ignore", or -1) mark ignored
+pixels: no term sees them. Cross-entropy is the mean over the labelled pixels (0 when there is none),
+and the region terms use the prediction on labelled pixels only (an image with no labelled pixel
+scores like a correctly empty one). fedkd's data pipeline refuses masks with a label >= the model's
+``num_classes``; this rule is for callers that pass such masks on purpose.
+
 ``make_segmentation_loss(loss_cfg)`` picks the loss from ``loss_cfg.name``:
 
 * ``"dice_ce"`` (default): ``ce_weight * CE + dice_weight * softDice``.
@@ -24,14 +30,26 @@ import optax
 LOSSES = ("dice_ce", "cldice", "focal_tversky")
 
 
+def _labelled(labels, k: int):
+  """Boolean [B, H, W]: the pixels whose label is a class 0..k-1 (the others are ignored)."""
+  return (labels >= 0) & (labels < k)
+
+
 def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+  """Mean over the labelled pixels of -log softmax(logits)[label] (0 if no pixel is labelled)."""
+  k = logits.shape[-1]
+  valid = _labelled(labels, k)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+  count = jnp.sum(valid, dtype=jnp.int32).astype(jnp.float32)
+  return jnp.sum(ce * valid.astype(jnp.float32)) / jnp.maximum(count, 1.0)
 
 
 def _fg_probs_onehot(logits, labels):
-  """Softmax probabilities and one-hot labels of the foreground classes: both [B, H, W, K-1]."""
+  """Softmax probabilities (0 on ignored pixels) and one-hot labels of the foreground classes: both
+  [B, H, W, K-1]."""
   k = logits.shape[-1]
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1:]
+  valid = _labelled(labels, k).astype(jnp.float32)[..., None]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1:] * valid
   onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)[..., 1:]
   return probs, onehot
 
