@@ -1165,8 +1165,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   _validate_robustness(c)
   _validate_privacy_and_compression(c)
   _choice(c, "loss.name", LOSSES)
-  if c.loss.ce_weight < 0 or c.loss.dice_weight < 0 or c.loss.ce_weight + c.loss.dice_weight <= 0:
-    raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0 and not both 0")
+  if c.loss.ce_weight < 0 or c.loss.dice_weight < 0:
+    raise ConfigError("config.loss.ce_weight and config.loss.dice_weight must be >= 0")
+  region = c.loss.cldice_weight if c.loss.name == "cldice" else 0.0  # clDice alone is a loss
+  if c.loss.name != "focal_tversky" and c.loss.ce_weight + c.loss.dice_weight + region <= 0:
+    also = " and config.loss.cldice_weight" if c.loss.name == "cldice" else ""
+    raise ConfigError(
+      f"config.loss.ce_weight, config.loss.dice_weight{also} are all 0: the loss is constant and nothing trains; "
+      "set one > 0"
+    )
+  if c.loss.name == "focal_tversky" and c.loss.tversky_alpha + c.loss.tversky_beta <= 0:
+    raise ConfigError(
+      "config.loss.tversky_alpha and config.loss.tversky_beta are both 0: the focal Tversky loss is constant "
+      "(TP / TP) and nothing trains; set one > 0"
+    )
   if c.mesh.client_devices == 0:  # auto: as many devices as split the sampled clients evenly
     return math.gcd(c.clients_per_round, num_devices)
   n = c.mesh.client_devices

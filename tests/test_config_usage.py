@@ -419,3 +419,23 @@ def test_client_state_is_noted_as_unused_where_no_client_keeps_state():
         alg = Compressed(alg, "topk", 0.1, error_feedback=True)
       has_rows = alg.init_row(params) is not None if name != "fedbn" else True  # FedBN: the norm layers
       assert ("algorithm.client_state" in fc.unused_keys(c)) != has_rows, (name, feedback)
+
+
+def test_loss_weights_that_leave_a_constant_loss_are_refused():
+  """Focal Tversky with alpha = beta = 0 is TP / TP = 1 (loss 0, no gradient: nothing trains) and was accepted;
+  clDice alone (ce and dice weights 0, cldice_weight > 0) is a loss and was refused."""
+  c = fc.base_config()
+  c.loss.name, c.loss.tversky_alpha, c.loss.tversky_beta = "focal_tversky", 0.0, 0.0
+  with pytest.raises(ConfigError, match=r"tversky_alpha and config.loss.tversky_beta are both 0"):
+    fc.validate(c, 8)
+  c.loss.tversky_beta = 0.3
+  fc.validate(c, 8)
+  c = fc.base_config()
+  c.loss.name, c.loss.ce_weight, c.loss.dice_weight, c.loss.cldice_weight = "cldice", 0.0, 0.0, 0.5
+  fc.validate(c, 8)
+  c.loss.cldice_weight = 0.0
+  with pytest.raises(ConfigError, match=r"dice_weight and config.loss.cldice_weight are all 0"):
+    fc.validate(c, 8)
+  c.loss.name = "dice_ce"
+  with pytest.raises(ConfigError, match=r"config.loss.ce_weight, config.loss.dice_weight are all 0"):
+    fc.validate(c, 8)
