@@ -23,7 +23,8 @@ convolutions together); tests/test_replicas.py. Measurements: docs/engine.md, "R
 
 Supported: the stateless algorithms (no per-client rows: fedavg, fedprox, fednova) with any server
 optimizer, with or without DP (no privacy budget), synthetic data, one process, configs that differ only
-in :data:`REPLICA_KEYS`. Anything else gets one process per run (launch.sweep falls back by itself;
+in :data:`REPLICA_KEYS` that the config reads (a noise grid needs DP on, a mu grid FedProx), each replica in
+its own workdir. Anything else gets one process per run (launch.sweep falls back by itself;
 :func:`why_not` says why). FedEFM configs that differ only in its round's traced inputs (KD weight, KD
 temperature, learning rates: :func:`replica_keys`) go through :func:`run` too: experiments one after
 another in this process, sharing each method's compiled pretraining round.
@@ -32,6 +33,7 @@ another in this process, sharing each method's compiled pretraining round.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import ConfigError, num_attackers, validate, value_at
+from fedkd.config import ConfigError, num_attackers, unused_keys, validate, value_at
 from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
@@ -51,7 +53,7 @@ from fedkd.preemption import Stopped
 from fedkd.report import site_table
 from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.tasks import fedavg
-from fedkd.workdir import prepare, write_atomic
+from fedkd.workdir import as_path, expand, is_remote, prepare, write_atomic
 
 STATELESS = ("fedavg", "fedprox", "fednova")
 # config key -> the engine's traced hyperparameter (fedkd.fl.engine.make_round_fn's ``hparams``)
@@ -106,6 +108,12 @@ def why_not(configs: Sequence) -> str | None:
         f"config.{diff[0]} differs between the runs (replicas may differ only in "
         + ", ".join(f"config.{k}" for k in keys)
         + ")"
+      )
+  unused = unused_keys(configs[0])  # a key this config never reads: its replicas would be the same runs
+  for k in varying(configs):
+    if k in unused:
+      return (
+        f"config.{k} differs between the runs but is never read ({unused[k]}): set what reads it, or vary another key"
       )
   seen = {}
   for i, c in enumerate(configs):
@@ -190,6 +198,31 @@ def _over_replicas(round_fn, layout: str, n: int):
   return run_all
 
 
+def _saved_rounds(workdir) -> list[int]:
+  """The finished checkpoint rounds in ``workdir`` (digit-named orbax steps; in-progress saves have other
+  names), read without creating anything."""
+  d = as_path(str(workdir)) / "checkpoints"
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _mixed_rounds(names: Sequence[str], rounds: Sequence[int | None]) -> ConfigError:
+  """The error of replicas whose workdirs hold different rounds (None: no checkpoint), grouped by round."""
+  by: dict[int | None, list[str]] = {}
+  for name, r in zip(names, rounds):
+    by.setdefault(r, []).append(name)
+  held = "; ".join(
+    f"{'no checkpoint' if r is None else f'round {r}'}: {', '.join(by[r])}"
+    for r in sorted(by, key=lambda r: -1 if r is None else r)
+  )
+  return ConfigError(
+    f"the replicas' workdirs hold checkpoints of different rounds ({held}), and replicas of one program resume "
+    "from one round: run the replicas of each round as their own replica set (the same command with only their "
+    "values), or resume each alone with python -m fedkd.main --workdir=<its workdir>"
+  )
+
+
 def hparams(configs: Sequence) -> dict:
   """{engine name: float32 [replicas]} of :data:`HPARAMS` (every key, varying or not)."""
   return {name: np.asarray([_value(c, key) for c in configs], np.float32) for key, name in HPARAMS.items()}
@@ -251,6 +284,12 @@ def run(
     raise ConfigError(f"these runs cannot be replicas of one program: {reason}; run them one by one")
   if len(workdirs) != len(configs):
     raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
+  seen = {}
+  for i, w in enumerate(workdirs):  # two replicas in one folder would write each other's files
+    key = str(w).rstrip("/") if is_remote(w) else os.path.realpath(expand(str(w)))
+    if key in seen:
+      raise ConfigError(f"replicas {seen[key]} and {i} have the same workdir {w}; give each replica its own")
+    seen[key] = i
   if configs[0].get("task", "fedavg") == "fedefm":
     from fedkd.tasks import fedefm
 
@@ -279,6 +318,11 @@ def run(
   bytes_up, bytes_down, _ = fedavg.dense_bytes(config.algorithm.name, params_like)
   del inits
   keys = varying(configs)
+  latest = [(_saved_rounds(w) or [None])[-1] for w in workdirs]
+  # a replica without a checkpoint beside ones with: refused before its folder is made (other mixes after
+  # the restore: a damaged newest step falls back to an older one, which may be the others' round)
+  if None in latest and len(set(latest)) > 1:
+    raise _mixed_rounds([label(c, keys) for c in configs], latest)
   reps = []
   try:
     for c, w in zip(configs, workdirs):  # inside the try: the ones made are closed if one fails
@@ -305,12 +349,8 @@ def _train(
     if start is not None:
       states[i] = restored
     starts.append(start or 0)
-  if len(set(starts)) > 1:
-    raise ConfigError(
-      "the replicas' workdirs hold checkpoints of different rounds ("
-      + ", ".join(f"{rep.name}: {s}" for rep, s in zip(reps, starts))
-      + "); resume each with python -m fedkd.main --workdir=<its workdir>, or start them in new workdirs"
-    )
+  if len(set(starts)) > 1:  # a damaged newest checkpoint made one fall back further than the others
+    raise _mixed_rounds([rep.name for rep in reps], [s or None for s in starts])
   start = starts[0]
   if start > config.num_rounds:
     raise ckpt_lib.ResumeRefused(
@@ -342,6 +382,8 @@ def _train(
       log(f"privacy, {rep.name}: {rep.privacy.plan(config.num_rounds)}")
   if reps[0].privacy is not None:
     log(dp.ACCOUNTING)
+  if start and stop is not None and stop.requested(start):  # a signal while restoring: round `start` is saved
+    raise Stopped(start, stop.reason)
   results = [None] * len(reps)
   if start == 0:
     for i, rep in enumerate(reps):
@@ -412,9 +454,11 @@ def _train(
       rep.bytes_down += received
       rec, scalars = fedavg.round_logs(r, float(losses[i]), clients[i], k, sent, received, rep.bytes_up, rep.bytes_down)
       if rep.privacy is not None:
-        dp_rec = rep.privacy.round_record(r, np.asarray(ms[i]["dp_norm"]), np.asarray(ms[i]["dp_clipped"]))
+        # the clients whose update counted (engine.skip_nonfinite_clients gives the others weight 0)
+        ok = np.asarray(ms[i]["client_finite"])
+        dp_rec = rep.privacy.round_record(r, np.asarray(ms[i]["dp_norm"])[ok], np.asarray(ms[i]["dp_clipped"])[ok])
         rec.update(dp_rec)
-        scalars.update(dp_rec)
+        scalars.update({key: v for key, v in dp_rec.items() if v is not None})
       rep.runlog.round_record(rec)
       rep.runlog.scalars(r, {**scalars, **fedavg.speed_scalars(float(losses[i]), dt, imgs // len(reps), input_wait)})
       if evaluating:
