@@ -203,10 +203,15 @@ def _run_replicas(config) -> None:
     workdirs = [os.path.join(cli.WORKDIR.value, name) for name in run_names(shown)]
   if len(workdirs) != n:
     cli.fail(f"--replica_workdirs names {len(workdirs)} workdirs for {n} replicas; give one per replica")
+  resolved = [os.path.realpath(os.path.expanduser(w)) for w in workdirs]
+  twice = next((w for i, w in enumerate(workdirs) if resolved[i] in resolved[:i]), None)
+  if twice is not None:
+    cli.fail(f"--replica_workdirs names {twice} twice; give each replica its own workdir")
   configs = [apply_overrides(config, o, where="--seeds / --replica_config") for o in overrides]
   reason = replicas.why_not(configs)
   if reason is not None:
-    cli.fail(f"these runs cannot be replicas of one program: {reason}; run them with launch.sweep")
+    sweep = "" if "is never read" in reason else "; run them with launch.sweep"  # as processes they'd be equal too
+    cli.fail(f"these runs cannot be replicas of one program: {reason}{sweep}")
   _check_each_replica(configs, [k for k in lists if k != "seed"])
   with _claimed(workdirs, config.task), StopSignals() as stop:
     replicas.run(configs, workdirs, log=lambda line: print(line, flush=True), stop=stop)

@@ -73,7 +73,12 @@ def test_a_grid_over_a_key_the_config_never_reads_is_refused(cli, tmp_path):
     assert replicas.why_not(cs) is None
   p = cli.run("fedkd.main", [*TINY, f"--workdir={tmp_path / 'w'}", "--replica_config=dp.noise_multiplier=0.5,2"])
   _one_line_error(p, "config.dp.noise_multiplier differs between the runs but is never read")
+  assert "launch.sweep" not in p.stderr  # as processes they would be as equal
   assert not (tmp_path / "w").exists()
+  w = tmp_path / "x"
+  p = cli.run("fedkd.main", [*TINY, f"--workdir={w}", "--seeds=0,1", f"--replica_workdirs={w}/a,{w}/b/../a/"])
+  _one_line_error(p, f"--replica_workdirs names {w}/b/../a/ twice; give each replica its own workdir")
+  assert not w.exists()
 
 
 def test_dp_statistics_of_a_round_that_dropped_a_client_are_its_single_runs(tmp_path):
