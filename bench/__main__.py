@@ -13,8 +13,9 @@ B = 128x128, 128 clients x 2 steps x batch 4, UNet width 32; C = TransUNet (ViT 
 
 Rows, side by side in one process (ratios only compare rows of the same run):
   synth        on-device synthetic X-ray generation, images/s;
-  centralized  one model trained on batch = clients * batch for the same number of steps: the
-               throughput ceiling for the same FLOPs without federated overhead (per dtype);
+  centralized  one model trained on batch = clients * batch for the same number of steps, data parallel
+               on the round's devices: the throughput ceiling for the same FLOPs without federated
+               overhead (per dtype);
   fed_round    one federated round (every client's local steps + FedAvg + server step) per client
                layout, conv lowering and dtype (fedkd.fl.engine): images/s, ``ratio`` = fed images/s / centralized images/s,
                ``compile_s`` (lower + compile), ``temp_mb`` (XLA's buffer plan for the compiled round:
@@ -44,6 +45,7 @@ import argparse
 import functools
 import json
 import math
+import shlex
 import sys
 import time
 
@@ -87,6 +89,17 @@ def _time(fn, reps: int) -> tuple[float, int]:
     out = fn()
   jax.block_until_ready(out)
   return (time.perf_counter() - t) / reps, (_minor_page_faults() - faults) // reps
+
+
+def _check_finite(loss) -> None:
+  """A diverged program's time is not a result: raises FloatingPointError when the timed calls' loss is not
+  finite."""
+  value = float(loss)
+  if not math.isfinite(value):
+    raise FloatingPointError(
+      f"the training loss is {value} after the timed calls: a diverged program's time is not a result; "
+      "give a smaller --lr (or --dtype float32)"
+    )
 
 
 def _peak_mb():
@@ -222,6 +235,13 @@ def _resolve(a) -> argparse.Namespace:
       fail(f"--{k}={getattr(a, k)} must be positive")
   if a.size % (2**a.depth):
     fail(f"--size={a.size} must be divisible by 2**depth={2**a.depth}")
+  if a.model == "unet" and a.width > 8 and a.width % 8:  # GroupNorm: min(8, width) groups at every level
+    fail(f"--width={a.width}: the UNet's GroupNorms use 8 groups; give a --width of at most 8 or a multiple of 8")
+  patch = TRANSUNET["patch_size"]
+  if a.model == "transunet" and (a.size % patch or a.size < 2 * patch):
+    fail(f"--size={a.size}: the TransUNet's patches are {patch} px; give a multiple of {patch}, at least {2 * patch}")
+  if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
+    fail(f"--lr={a.lr} must be a positive number")
   if a.devices < 0:
     fail(f"--devices={a.devices} must be >= 0 (0: the gcd of --clients and the visible devices)")
   bad = [v for v in a.scale.split(",") if a.scale and not (v.strip().isdigit() and int(v) > 0)]
@@ -325,6 +345,7 @@ def main(argv=None) -> None:
 
   line_buffered()
   a, rest = _parser().parse_known_args(argv)
+  a.command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
   if rest and not a.measure:
     hint = (
       " (--config is for --measure)" if any(r.startswith("--config") for r in rest) else " (--help lists the flags)"
@@ -396,7 +417,10 @@ def round_main(a) -> None:
   from fedkd.fl.algorithm import ClientContext, local_sgd
   from fedkd.fl.algorithms import FedAvg
   from fedkd.losses import cross_entropy, make_segmentation_loss
-  from fedkd.sharding import client_mesh, replicated, shard_clients
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from fedkd.sharding import CLIENTS, client_mesh, replicated, shard_clients
 
   backend = jax.default_backend()
   lr = OPTIMIZERS[a.optimizer] if a.lr is None else a.lr
@@ -425,7 +449,9 @@ def round_main(a) -> None:
     loss=a.loss,
     host_memory_kept=hostmem.kept(),
     workload=a.workload,
+    rounds=a.rounds,  # timed calls per row, after one warm-up call
     jax=jax.__version__,
+    command=a.command,
   )
   emit = lambda d: print(json.dumps({**d, **common}), flush=True)  # noqa: E731
 
@@ -485,13 +511,15 @@ def round_main(a) -> None:
     exe, compile_s, mem = _compiled(fn, state, None, batch, w)
     if a.compile_only:
       return None, compile_s, mem
-    box = [state]
+    box = [state, None]
 
     def one():
       box[0], _, m = exe(box[0], None, batch, w)
-      return m["loss"]
+      box[1] = m["loss"]
+      return box[1]
 
     sec, faults = _time(one, a.rounds)
+    _check_finite(box[1])
     mem = dict(mem, page_faults_per_round=faults)
     if a.profile:
       d = describe(opts)
@@ -545,23 +573,33 @@ def round_main(a) -> None:
   if not a.no_centralized:
     cx = jnp.swapaxes(xs, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size, 1)
     cy = jnp.swapaxes(ys, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size)
+    # on the federated round's devices (data parallel: each holds whole clients' images, as in the round)
+    cmesh = client_mesh(n_dev)
+    cx, cy = (jax.device_put(v, NamedSharding(cmesh, P(None, CLIENTS))) for v in (cx, cy))
+    cparams = jax.device_put(params, NamedSharding(cmesh, P()))
     for dtype in dtypes:
       ctx = context(dtype)
       # one model trained on every client's images at once: the local loop of every client, batched
       central = jax.jit(lambda p, x, y, ctx=ctx: local_sgd(ctx.seg_loss, tx, p, x, y, unroll=unroll)[:2])
-      exe, compile_s, mem = _compiled(central, params, cx, cy)
+      exe, compile_s, mem = _compiled(central, cparams, cx, cy)
       if a.compile_only:
-        compiled_row(dict(name="centralized", dtype=dtype), compile_s, mem)
+        compiled_row(dict(name="centralized", dtype=dtype, devices=n_dev), compile_s, mem)
         continue
-      sec_c, faults = _time(functools.partial(exe, params, cx, cy), a.rounds)
+      sec_c, faults = _time(functools.partial(exe, cparams, cx, cy), a.rounds)
+      try:
+        _check_finite(exe(cparams, cx, cy)[1])
+      except FloatingPointError as e:
+        emit(dict(name="centralized", dtype=dtype, devices=n_dev, error=f"FloatingPointError: {e}"))
+        continue
       mem = dict(mem, page_faults_per_round=faults)
       ceiling[dtype] = sec_c
       if a.profile:
-        profile(f"centralized_{dtype}", functools.partial(exe, params, cx, cy), exe.as_text())
+        profile(f"centralized_{dtype}", functools.partial(exe, cparams, cx, cy), exe.as_text())
       emit(
         dict(
           name="centralized",
           dtype=dtype,
+          devices=n_dev,
           sec_per_round=round(sec_c, 5),
           images_per_s=round(images / sec_c, 1),
           compile_s=compile_s,

@@ -20,8 +20,8 @@ w [clients, 3, 3, cin, cout], 'SAME' padding, and times
 
 Each row: ``ms`` (median of ``--reps`` calls after a warm-up), ``tflops`` (2 * clients * batch *
 size^2 * 9 * cin * cout per conv-shaped pass, three of them for ``all``), ``ratio`` (centralized ms /
-this ms, same pass), ``compile_s``. Every formulation is checked against the (vmapped) xla one before it is
-timed (``max_rel_err``).
+this ms, same pass; the centralized row of a pass is timed first), ``compile_s``, ``reps`` and the
+``command``. Every formulation is checked against the (vmapped) xla one before it is timed (``max_rel_err``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import statistics
+import sys
 import time
 
 import jax
@@ -136,6 +138,7 @@ def main(argv=None) -> None:
   line_buffered()
   a = _parser().parse_args(argv)
   forms = [FORMER_NAMES.get(f, f) for f in a.formulations.split(",")]
+  forms.sort(key=lambda f: f != "centralized")  # the ceiling first: every other row of a pass gets its ratio
   passes = a.passes.split(",")
   for bad in [f for f in forms if f not in FORMULATIONS] + [q for q in passes if q not in PASSES]:
     fail(
@@ -160,7 +163,9 @@ def main(argv=None) -> None:
     cin=a.cin,
     cout=a.cout,
     dtype=a.dtype,
+    reps=a.reps,
     jax=jax.__version__,
+    command=shlex.join(["python", "-m", "bench.conv", *(sys.argv[1:] if argv is None else argv)]),
   )
   base_ms, reference = {}, {}
   for which in passes:

@@ -36,7 +36,7 @@ def _run(cmd: list[str], env: dict) -> float:
 
 def main() -> None:
   sys.path.insert(0, ROOT)
-  from bench import ArgumentParser
+  from bench import ArgumentParser, fail
 
   ap = ArgumentParser(prog="fedefm_grid", description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/fedefm.py:runlocal")
@@ -45,7 +45,9 @@ def main() -> None:
   ap.add_argument("--methods", default="fedefm", help="config.experiment.methods")
   ap.add_argument("--steps", type=int, default=30, help="config.downstream.steps (and scarce_steps)")
   args = ap.parse_args()
-  betas = [b for b in args.betas.split(",") if b]
+  betas = [b for b in args.betas.split(",") if b.strip()]
+  if not betas:
+    fail("fedefm_grid", f"--betas={args.betas!r} names no value; give a comma list, e.g. --betas 0.3,0.5,0.7")
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   common = [
     f"--config.pretrain.num_rounds={args.rounds}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -26,6 +27,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+_ROUND = re.compile(r": pretraining round \d+/\d+ ")  # fedkd.tasks.fedefm's line at the end of each round
 
 
 def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> tuple[float, int]:
@@ -39,8 +42,15 @@ def seconds_per_round(method: str, silos: int, rounds: int, variant: str) -> tup
   c.log_every = 1
   c.eval.foundation_every = rounds + 1  # no foundation scoring inside the timed rounds (the last round scores)
   stamps: list[float] = []
-  exp = task.Experiment(c, tempfile.mkdtemp(), log=lambda _: stamps.append(time.perf_counter()))
+
+  def log(line: str) -> None:  # the round lines only (a note after the last round would shift the rounds)
+    if _ROUND.search(line):
+      stamps.append(time.perf_counter())
+
+  exp = task.Experiment(c, tempfile.mkdtemp(), log=log)
   exp.pretrain(method, 100.0, 0)
+  if len(stamps) != rounds:
+    raise RuntimeError(f"{len(stamps)} pretraining round lines in a run of {rounds} rounds")
   per_round = np.diff(stamps)  # round r's log line to round r + 1's
   skip = c.fedefm.warmup_rounds + 1  # compile + the warm-up program, then the distilling program's compile
   images = silos * c.pretrain.local_steps * c.pretrain.batch_size

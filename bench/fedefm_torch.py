@@ -580,7 +580,7 @@ def bench(c: dict, silos: int, rounds: int) -> dict:
     times.append(time.perf_counter() - t0)
     row = dict(bench="fedefm_torch_round", round=r, seconds=round(times[-1], 4), loss=round(float(losses.mean()), 4))
     print(json.dumps(row), flush=True)
-  med = float(np.median(times[1:] if len(times) > 1 else times))
+  med = float(np.median(times[1:]))  # main() asks for 2 or more rounds: the first warms up
   images = silos * L * B
   out = dict(bench="fedefm_torch", silos=silos, local_steps=L, batch_size=B, images_per_round=images)
   out.update(s_per_round_median=round(med, 4), images_per_s=round(images / med, 2), params=count(model))
@@ -676,6 +676,10 @@ def main(argv=None) -> int:
   if a.fedkd_side == "rate":
     fedkd_rate(a.silos, a.rounds)
     return 0
+  if a.rounds < 2:  # the first round warms up and is not timed
+    fail("fedefm_torch", f"--rounds={a.rounds}: give 2 or more (the first round warms up; the rest are timed)")
+  if a.threads < 0:
+    fail("fedefm_torch", f"--threads={a.threads} must be >= 0 (0: torch's default)")
   if torch is None:
     fail("fedefm_torch", "torch is not installed in this Python; run it with one that has torch")
   if a.fedkd and a.rounds < 5:

@@ -37,17 +37,18 @@ if ! python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 
   echo "python3 ($(command -v python3)) cannot start JAX (above); run from an environment with jax installed" | tee -a "$LOG"
   exit 2
 fi
-FAILED=0
+FAILED=0 TIMEDOUT=0 SKIPPED=0
 
 step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lines
   local limit=$1; shift
   local left=$((BUDGET - ($(date +%s) - START)))
-  if [ "$left" -lt 30 ]; then echo "SKIP (budget) $*" | tee -a "$LOG"; return; fi
+  if [ "$left" -lt 30 ]; then SKIPPED=$((SKIPPED + 1)); echo "SKIP (budget) $*" | tee -a "$LOG"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $* (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" 2>>"$LOG" | tee -a "$LOG" | grep '^{' >>"$JSONL"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" = 124 ]; then
+    TIMEDOUT=$((TIMEDOUT + 1))
     echo "TIMEOUT $*" | tee -a "$LOG"
   elif [ "$rc" != 0 ]; then  # a failed step shows its last lines here (stderr goes to the log only)
     FAILED=$((FAILED + 1))
@@ -137,5 +138,6 @@ fi
 step 45 bash -c "rm -rf /tmp/xdump; XLA_FLAGS=--xla_dump_to=/tmp/xdump JAX_ENABLE_COMPILATION_CACHE=false \
   python3 -m bench.conv $K --formulations centralized,xla,wgrad,gemm --passes fwd,all --reps 2 >/dev/null \
   && python3 bench/hlo_report.py /tmp/xdump && cp /tmp/xdump/*jit_gemm_all*after_optimizations.txt /tmp/xdump/*jit_wgrad_all*after_optimizations.txt '$OUT_DIR'/"
-echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL; $FAILED step(s) failed" | tee -a "$LOG"
+echo "done in $(( $(date +%s) - START )) s; $(wc -l <"$JSONL") JSON lines in $JSONL; $FAILED step(s) failed," \
+  "$TIMEDOUT timed out (their later rows are missing), $SKIPPED skipped for the budget" | tee -a "$LOG"
 [ "$FAILED" = 0 ]

@@ -78,7 +78,8 @@ def measure(
   numbers do not depend on the measurement). Returns the fastest options, their round function (compiled
   for these shapes) and one record per candidate, each also passed to ``emit`` as it is made:
   ``sec_per_round`` (the fastest of the ``reps`` timed calls) and ``first_call_s`` (compilation + one
-  round), or ``error``, the failure that ruled the candidate out (e.g. out of device memory).
+  round), or ``error``, the failure that ruled the candidate out (e.g. out of device memory, or a round
+  whose ``metrics["loss"]``, the last output, is not finite).
 
   Multi-process: every process must run the same program, so process 0's choice is broadcast; a choice
   that failed on another process raises there."""
@@ -93,8 +94,11 @@ def measure(
       for _ in range(reps + 1):  # the first call compiles
         fresh = jax.block_until_ready(jax.tree.map(jnp.copy, args))
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*fresh))
+        out = jax.block_until_ready(fn(*fresh))
         times.append(time.perf_counter() - t0)
+      metrics = out[-1] if isinstance(out, tuple) and out and isinstance(out[-1], dict) else {}
+      if "loss" in metrics and not bool(jnp.isfinite(metrics["loss"]).all()):
+        raise FloatingPointError(f"the round's loss is {metrics['loss']}: a diverged candidate is not timed")
       rec.update(sec_per_round=min(times[1:]), first_call_s=times[0])
       fns[opts] = fn
     except Exception as e:  # noqa: BLE001 - an out-of-memory or unsupported candidate is skipped

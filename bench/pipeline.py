@@ -13,8 +13,9 @@ Rows:
             augmentation, the host work a round needs);
   train     the same FedAvg run fed by on-device synthetic data and by the TFDS pipeline (per
             ``--workers``, prefetching the next round while a round trains): images/s over the rounds
-            after the first two (compilation), the median seconds per round the round waited for its
-            batches (``input_wait_s``), and ``ratio_to_synthetic`` (TFDS images/s over synthetic images/s).
+            after the first two (compilation) without the last (evaluation), the median seconds per round
+            the round waited for its batches (``input_wait_s``, the same rounds), and
+            ``ratio_to_synthetic`` (TFDS images/s over synthetic images/s).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -31,6 +33,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+_ROUND = re.compile(r"^round\s+\d+/\d+ ")  # fedkd.tasks.fedavg's line at the end of each round
 
 
 def site_configs(data_dir: str, size: int, train: int, test: int) -> tuple[list[str], str]:
@@ -105,7 +109,7 @@ def train_row(a, source: str, workers: int, configs, unseen) -> dict:
     return data
 
   def log(line: str) -> None:
-    if line.startswith("round "):
+    if _ROUND.match(line):  # "round r/N ...": not "round 0 (untrained)", whose evaluation precedes round 1
       stamps.append(time.perf_counter())
 
   old = fedavg.make_client_data
@@ -115,10 +119,15 @@ def train_row(a, source: str, workers: int, configs, unseen) -> dict:
       fedavg.run(make_config(a, source, workers, True, configs, unseen), work, log=log)
   finally:
     fedavg.make_client_data = old
-  per_round = np.diff(stamps)[1:-1]  # after the first two rounds; the last one also evaluates
-  row = {"name": "train", "source": source, "sec_per_round": round(float(np.median(per_round)), 5)}
-  row["images_per_s"] = round(a.clients * a.steps * a.batch / row["sec_per_round"], 1)
-  row["input_wait_s"] = round(float(np.median(waits[2:])), 5)
+  # rounds 3 .. N - 1: the first two compile, the last one also evaluates. np.diff(stamps)[k] is round k + 2's
+  # time (from round k + 1's line to its own); waits[k] is round k + 1's
+  if len(stamps) != a.rounds or len(waits) != a.rounds:
+    raise RuntimeError(f"{len(stamps)} round lines and {len(waits)} batch requests in a run of {a.rounds} rounds")
+  per_round = np.diff(stamps)[1:-1]
+  sec = float(np.median(per_round))
+  row = {"name": "train", "source": source, "sec_per_round": round(sec, 5)}
+  row["images_per_s"] = round(a.clients * a.steps * a.batch / sec, 1)
+  row["input_wait_s"] = round(float(np.median(waits[2:-1])), 5)
   if source != "synthetic":
     row["workers"] = workers
   return row
@@ -140,8 +149,8 @@ def main(argv=None) -> None:
   for k in ("size", "train", "clients", "steps", "batch"):
     if getattr(a, k) <= 0:
       fail("pipeline", f"--{k}={getattr(a, k)} must be positive")
-  if a.rounds < 3:  # the training rows time the rounds after the first two (compilation), without the last
-    fail("pipeline", f"--rounds={a.rounds}: give 3 or more (the first two rounds and the last are not timed)")
+  if a.rounds < 4:  # the training rows time the rounds after the first two (compilation), without the last
+    fail("pipeline", f"--rounds={a.rounds}: give 4 or more (the first two rounds and the last are not timed)")
   if not all(w.strip().isdigit() for w in a.workers.split(",")):
     fail("pipeline", f"--workers={a.workers} is not a comma list of whole numbers >= 0 (e.g. 0,2)")
   import jax

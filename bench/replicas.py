@@ -4,7 +4,8 @@ one process. JSON lines.
 Both sides run the same config and seeds end to end through their task code (``fedkd.tasks.replicas.run``
 and ``fedkd.tasks.fedavg.run``; evaluation, logs and checkpoints included) with JAX's persistent
 compilation cache off. Reported per side: wall seconds of the whole job, the compile-inclusive first
-round, and the median steady round. The sequential side compiles every run's round again (one process
+round (as its round line prints it), and the median steady round: the time from one round line to the
+next, rounds 2 to N - 1 (the last one also evaluates and saves). The sequential side compiles every run's round again (one process
 per run, as ``launch.sweep`` starts them, would read it from the sweep's compilation cache instead:
 ``sequential_steady_s`` x rounds + one compile is that case).
 
@@ -41,17 +42,25 @@ def _config(path: str, arg: str | None, rounds: int, seed: int):
 
 
 def _timed(fn) -> tuple[float, list[float]]:
-  """(wall seconds, per-round seconds from the round lines) of ``fn(log)``."""
-  secs: list[float] = []
+  """(wall seconds, per-round seconds) of ``fn(log)``: the first round's seconds as its round line prints
+  them (compilation included: whole seconds), then each steady round's, clocked here from one round line
+  to the next (the lines print hundredths of a second: too coarse for a round of a few milliseconds),
+  rounds 2 to N - 1; the last round's line also waits for its evaluation and checkpoint."""
+  first: list[float] = []
+  stamps: list[float] = []
 
   def log(line: str):
     m = _ROUND.match(line)
     if m:
-      secs.append(float(m.group(2)))
+      stamps.append(time.perf_counter())
+      if not first:
+        first.append(float(m.group(2)))
 
   t = time.perf_counter()
   fn(log)
-  return time.perf_counter() - t, secs
+  wall = time.perf_counter() - t
+  steady = [b - a for a, b in zip(stamps[:-1], stamps[1:])][:-1]
+  return wall, first + steady
 
 
 def main() -> None:
@@ -60,14 +69,20 @@ def main() -> None:
   p = ArgumentParser(prog="replicas", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.py"), help="FILE[:ARG]")
   p.add_argument("--seeds", default="0,1,2", help="comma list of two or more distinct seeds")
-  p.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 2: the first one compiles)")
+  p.add_argument(
+    "--rounds", type=int, default=4, help="rounds per run (>= 3: the first one compiles, the last one evaluates)"
+  )
   p.add_argument("--layout", default="auto", help="the replica axis: auto | loop | unroll | vmap")
   a = p.parse_args()
   seeds = [int(s) for s in a.seeds.split(",") if s.strip().lstrip("-").isdigit()]
   if len(seeds) != len(a.seeds.split(",")) or len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
     fail("replicas", f"--seeds={a.seeds} is not a comma list of two or more distinct whole numbers (e.g. 0,1,2)")
-  if a.rounds < 2:
-    fail("replicas", f"--rounds={a.rounds}: give 2 or more (the first round compiles; the rest are timed)")
+  if a.rounds < 3:
+    fail(
+      "replicas",
+      f"--rounds={a.rounds}: give 3 or more (the first round compiles and the last one evaluates; the rounds "
+      "between are timed)",
+    )
   path, _, arg = a.config.partition(":")
   if not os.path.isfile(path):
     fail("replicas", f"--config={a.config}: no config file at {path}")
