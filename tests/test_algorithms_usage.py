@@ -313,6 +313,14 @@ def _wmean(deltas, w):
   return jax.tree.map(lambda *d: sum(pi * di for pi, di in zip(p, d)), *deltas)
 
 
+def _fedavg_over(apply, loss_fn, params, xs, ys, weights, keep):
+  """Server params after one FedAvg round (server lr 1, 2 local SGD steps) over clients ``keep`` only (numpy)."""
+  grad, x = _grad_fn(apply, loss_fn), _tree_np(params)
+  ups = [jax.tree.map(np.subtract, _local_sgd_np(grad, x, xs[c], ys[c], 2), x) for c in keep]
+  p = weights[keep].astype(np.float64) / weights[keep].sum()
+  return jax.tree.map(lambda a, *d: a + sum(pi * di for pi, di in zip(p, d)), x, *ups)
+
+
 def test_a_ditto_client_whose_personal_model_diverges_counts_as_non_finite():
   """Plain SGD with lr * lambda = 5 > 2 makes the personal model overshoot w by a factor 4 per step: client 1,
   whose personal model starts 1e30 away, ends non-finite while its global part (trained from w) is finite.
@@ -336,12 +344,7 @@ def test_a_ditto_client_whose_personal_model_diverges_counts_as_non_finite():
   assert np.asarray(m["client_finite"]).tolist() == [True, False, True, True]
   assert bool(m["finite"])
   assert _max_diff(old, jax.tree.map(lambda t: t[1], new_rows)) == 0.0
-  grad, x = _grad_fn(apply, loss_fn), _tree_np(params)
-  keep = [0, 2, 3]
-  ups = [jax.tree.map(np.subtract, _local_sgd_np(grad, x, xs[c], ys[c], 2), x) for c in keep]
-  p = weights[keep].astype(np.float64) / weights[keep].sum()
-  ref = jax.tree.map(lambda a, *d: a + sum(pi * di for pi, di in zip(p, d)), x, *ups)
-  assert _max_diff(ref, state["params"]) < 5e-5
+  assert _max_diff(_fedavg_over(apply, loss_fn, params, xs, ys, weights, [0, 2, 3]), state["params"]) < 5e-5
 
 
 class _RowBlowsUp(algorithms.FedAvg):
@@ -376,12 +379,7 @@ def test_a_client_whose_new_row_is_non_finite_counts_as_non_finite(skip):
   if not skip:
     return
   np.testing.assert_array_equal(np.asarray(new_rows)[1], table[1])  # its old row kept
-  grad, x = _grad_fn(apply, loss_fn), _tree_np(params)
-  keep = [0, 2, 3]
-  ups = [jax.tree.map(np.subtract, _local_sgd_np(grad, x, xs[c], ys[c], 2), x) for c in keep]
-  p = weights[keep].astype(np.float64) / weights[keep].sum()
-  ref = jax.tree.map(lambda a, *d: a + sum(pi * di for pi, di in zip(p, d)), x, *ups)
-  assert _max_diff(ref, state["params"]) < 5e-5
+  assert _max_diff(_fedavg_over(apply, loss_fn, params, xs, ys, weights, [0, 2, 3]), state["params"]) < 5e-5
 
 
 def test_the_diverged_message_fits_the_run():
