@@ -203,10 +203,9 @@ def _run_replicas(config) -> None:
     workdirs = [os.path.join(cli.WORKDIR.value, name) for name in run_names(shown)]
   if len(workdirs) != n:
     cli.fail(f"--replica_workdirs names {len(workdirs)} workdirs for {n} replicas; give one per replica")
-  resolved = [os.path.realpath(os.path.expanduser(w)) for w in workdirs]
-  twice = next((w for i, w in enumerate(workdirs) if resolved[i] in resolved[:i]), None)
-  if twice is not None:
-    cli.fail(f"--replica_workdirs names {twice} twice; give each replica its own workdir")
+  same = replicas.shared_workdir(workdirs)
+  if same is not None:
+    cli.fail(f"--replica_workdirs names {workdirs[same[1]]} twice; give each replica its own workdir")
   configs = [apply_overrides(config, o, where="--seeds / --replica_config") for o in overrides]
   reason = replicas.why_not(configs)
   if reason is not None:

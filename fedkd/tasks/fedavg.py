@@ -503,15 +503,12 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
           f"{config.num_rounds} rounds; the run stops after round {last_round}"
         )
   last_saved = start or None
-  if start and stop is not None and stop.requested(start):  # a signal while restoring and setting up: `start`
-    data.close()  # is saved already, and a spot VM's notice may not outlast another round
-    runlog.close()
-    ckpt.close()
-    raise Stopped(start, stop.reason)
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   eval_seconds = []  # of each evaluation in the loop, for the ETA
   next_clients = None  # drawn by the round before (the first round of a run draws its own)
   try:
+    if start and stop is not None and stop.requested(start):  # a signal while restoring and setting up: round
+      raise Stopped(start, stop.reason)  # `start` is saved, and a spot VM's notice may not outlast another round
     for r in range(start + 1, last_round + 1):
       t0 = time.time()
       key, sub = jax.random.split(jax.random.wrap_key_data(local_copy(state["rng"])))

@@ -198,6 +198,17 @@ def _over_replicas(round_fn, layout: str, n: int):
   return run_all
 
 
+def shared_workdir(workdirs: Sequence) -> tuple[int, int] | None:
+  """``(i, j)``, i < j, for the first two workdirs that name one folder (``x/a`` and ``x/b/../a/`` do), or None."""
+  seen: dict[str, int] = {}
+  for j, w in enumerate(workdirs):
+    key = str(w).rstrip("/") if is_remote(w) else os.path.realpath(expand(str(w)))
+    if key in seen:
+      return seen[key], j
+    seen[key] = j
+  return None
+
+
 def _saved_rounds(workdir) -> list[int]:
   """The finished checkpoint rounds in ``workdir`` (digit-named orbax steps; in-progress saves have other
   names), read without creating anything."""
@@ -284,12 +295,10 @@ def run(
     raise ConfigError(f"these runs cannot be replicas of one program: {reason}; run them one by one")
   if len(workdirs) != len(configs):
     raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs")
-  seen = {}
-  for i, w in enumerate(workdirs):  # two replicas in one folder would write each other's files
-    key = str(w).rstrip("/") if is_remote(w) else os.path.realpath(expand(str(w)))
-    if key in seen:
-      raise ConfigError(f"replicas {seen[key]} and {i} have the same workdir {w}; give each replica its own")
-    seen[key] = i
+  same = shared_workdir(workdirs)  # two replicas in one folder would write each other's files
+  if same is not None:
+    i, j = same
+    raise ConfigError(f"replicas {i} and {j} have the same workdir {workdirs[j]}; give each replica its own")
   if configs[0].get("task", "fedavg") == "fedefm":
     from fedkd.tasks import fedefm
 
