@@ -166,7 +166,7 @@ def _read_dicom(path: Path):
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
     raise DatasetInputError(
       f"{path}: cannot decode DICOM pixel data (transfer syntax {ts}; "
-      f"{type(e).__name__}: {' '.join(str(e).split())}); for compressed DICOM install pylibjpeg with "
+      f"{type(e).__name__}: {e}); for compressed DICOM install pylibjpeg with "
       f"pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)"
     ) from None
   nframes = int(ds.get("NumberOfFrames", 1) or 1)
