@@ -62,6 +62,8 @@ FEDEFM_METHODS = (
   "fedavg_matched",
   "fedprox",
 )
+# The methods that distil from overseas experts after the warm-up rounds (the others train on their own data).
+FEDEFM_DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
 FEDEFM_OBJECTIVES = ("segmentation", "source")
 EMD_MARGINALS = ("uniform", "cross_reference")
 EMD_WEIGHT_MODES = ("softmax", "sum", "raw")
@@ -723,7 +725,27 @@ def _unused_fedefm(c) -> dict[str, str]:
       out[f"fedefm.{key}"] = f"no experiment method is {owner!r}"
   if not percents:
     out["experiment.ablation_methods"] = "config.experiment.ablation_percents='' (no ablation)"
+  if not runs & set(FEDEFM_DISTILL):
+    because = f"no experiment method distils from overseas experts ({' / '.join(FEDEFM_DISTILL)})"
+    for key in _FEDEFM_DISTILL_KEYS:
+      out[f"fedefm.{key}"] = because
   return out
+
+
+# The keys only the distilling methods read (the silo update's options and its warm-up).
+_FEDEFM_DISTILL_KEYS = (
+  "beta",
+  "temperature",
+  "expert_steps",
+  "emd_epsilon",
+  "emd_marginals",
+  "emd_iters",
+  "emd_debias",
+  "weight_mode",
+  "weight_temperature",
+  "detach_weights",
+  "warmup_rounds",
+)
 
 
 def unused_notes(c: ml_collections.ConfigDict, given=()) -> list[str]:

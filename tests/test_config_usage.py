@@ -202,6 +202,26 @@ def test_unused_keys_by_combination():
   assert fc.unused_notes(efm) == []
 
 
+def test_the_distillation_keys_are_noted_unused_when_no_method_distils():
+  """fedefm.beta and the other silo-update options are read by fedefm, fedefm_dfl, fedefm_uniform and
+  fedefm_e0 only (fedkd/distill/fedefm.py builds the KD term for them alone)."""
+  efm = fc.fedefm_base_config()
+  efm.experiment.methods = "scratch,fedavg,ring"
+  efm.experiment.kd_methods = "fedavg"
+  efm.fedefm.beta, efm.fedefm.temperature = 0.9, 3.0
+  (note,) = fc.unused_notes(efm)
+  assert note.startswith("note: config.fedefm.beta=0.9, config.fedefm.temperature=3.0 have no effect while ")
+  assert "no experiment method distils" in note, note
+  for method in ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0"):
+    efm.experiment.methods = f"scratch,{method}"
+    assert fc.unused_notes(efm) == [], method
+  # every key in the list exists in the FedEFM schema and its own default
+  schema = fc.fedefm_base_config()
+  efm.experiment.methods = "fedavg"
+  keys = [k for k in fc.unused_keys(efm) if "distils" in fc.unused_keys(efm)[k]]
+  assert len(keys) == 11 and all(k.split(".")[1] in schema.fedefm for k in keys), keys
+
+
 @pytest.mark.parametrize(
   "name, arg, clients",
   [
