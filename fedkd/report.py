@@ -65,7 +65,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
   test set): d_i = a_i - b_i over n seeds. Returns ``n``, ``mean`` (of d), ``std`` (sample, ddof=1),
   ``ci_low`` / ``ci_high`` (the two-sided ``confidence`` interval mean ± t_{n-1} std / sqrt(n)) and ``p``
   (two-sided paired t-test of mean d = 0). With n < 2 the std, interval and p are NaN; with every d equal
-  (std 0) the interval is that value and p is 1 if it is 0, else 0."""
+  the interval is that value and p is 1 if it is 0, else 0. NaN or Inf in ``a``, ``b`` or d is not a
+  result: a ValueError (callers leave such seeds out or stop first)."""
   from scipy import stats
 
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -73,28 +74,46 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     raise ValueError(f"paired_difference needs two equally long 1-D sequences, got shapes {a.shape} and {b.shape}")
   if not 0 < confidence < 1:
     raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-  d = a - b
-  n, mean = len(d), float(d.mean())
-  out = {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
-  if n < 2:
+  with np.errstate(over="ignore", invalid="ignore"):
+    d = a - b
+  bad = np.flatnonzero(~np.isfinite(d))
+  if len(bad):
+    i = int(bad[0])
+    raise ValueError(
+      f"paired_difference: pair {i + 1} of {len(d)} gives {float(a[i])!r} - {float(b[i])!r} = {float(d[i])!r}, "
+      f"not a result ({len(bad)} such pairs); leave NaN / Inf out before contrasting"
+    )
+  n = len(d)
+  if np.all(d == d[0]):  # also where rounding would give a std of 1e-17 and a p of 1e-33
+    mean = float(d[0])
+    out = {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
+    if n >= 2:
+      out.update(std=0.0, ci_low=mean, ci_high=mean, p=1.0 if mean == 0.0 else 0.0)
     return out
-  std = float(d.std(ddof=1))
-  out["std"] = std
-  if std == 0.0:
-    out.update(ci_low=mean, ci_high=mean, p=1.0 if mean == 0.0 else 0.0)
-    return out
+  mean, std = float(d.mean()), float(d.std(ddof=1))
   half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
   t = mean / (std / math.sqrt(n))
-  out.update(ci_low=mean - half, ci_high=mean + half, p=float(2 * stats.t.sf(abs(t), n - 1)))
-  return out
+  return {
+    "n": n,
+    "mean": mean,
+    "std": std,
+    "ci_low": mean - half,
+    "ci_high": mean + half,
+    "p": float(2 * stats.t.sf(abs(t), n - 1)),
+  }
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
   """Holm-Bonferroni adjusted p-values, in the order given: with the m p-values sorted ascending
   p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). A contrast is
   significant at level alpha when its adjusted p <= alpha (family-wise error <= alpha). NaN stays NaN
-  and does not count towards m."""
+  and does not count towards m; a value outside [0, 1] is a ValueError."""
   p = np.asarray(pvalues, np.float64)
+  if p.ndim != 1:
+    raise ValueError(f"holm needs a 1-D list of p-values, got shape {p.shape}")
+  wrong = p[~np.isnan(p) & ~((p >= 0) & (p <= 1))]
+  if len(wrong):
+    raise ValueError(f"holm: {float(wrong[0])!r} is not a p-value (outside [0, 1])")
   out = np.full(p.shape, np.nan)
   ok = np.flatnonzero(~np.isnan(p))
   m = len(ok)
@@ -107,11 +126,17 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def format_contrast(res: dict[str, float], p_adjusted: float | None = None, alpha: float = 0.05, digits: int = 3):
   """One table cell for a :func:`paired_difference`: ``+0.012 [-0.004, 0.028] p=0.12 (Holm 0.24), n.s.``
-  (the verdict from the Holm-adjusted p when given, else from p; ``n/a`` with fewer than 2 seeds)."""
+  (the verdict from the Holm-adjusted p when given, else from p; ``n/a`` with fewer than 2 seeds). A
+  difference and interval that all round to 0 at ``digits`` decimals, yet are not all 0, are written with
+  ``digits`` significant digits instead (``+2e-05 [-4.84e-06, +4.48e-05]``), not as ``+0.000 [-0.000,
+  +0.000]``."""
+  nums = [x for x in (res["mean"], res["ci_low"], res["ci_high"]) if not math.isnan(x)]
+  tiny = any(nums) and all(round(x, digits) == 0 for x in nums)
+  spec = f"+.{digits}g" if tiny else f"+.{digits}f"
   if math.isnan(res["p"]):
-    return f"{res['mean']:+.{digits}f} (n/a: {res['n']} seed)"
+    return f"{res['mean']:{spec}} (n/a: {res['n']} seed)"
   p = res["p"] if p_adjusted is None else p_adjusted
-  cell = f"{res['mean']:+.{digits}f} [{res['ci_low']:+.{digits}f}, {res['ci_high']:+.{digits}f}] p={res['p']:.3g}"
+  cell = f"{res['mean']:{spec}} [{res['ci_low']:{spec}}, {res['ci_high']:{spec}}] p={res['p']:.3g}"
   if p_adjusted is not None:
     cell += f" (Holm {p_adjusted:.3g})"
   return cell + (", significant" if p <= alpha else ", n.s.")
@@ -139,11 +164,33 @@ def not_results(values: Sequence) -> str:
   return f"{what} in {nan + missing} of {len(values)} seed{'s' if len(values) > 1 else ''}"
 
 
+def _check_targets(*paths: str) -> None:
+  """A :class:`fedkd.workdir.WorkdirError` (a user error: one line, exit 2) where one of ``paths`` is a folder,
+  checked before a writer of several files writes any of them."""
+  for path in paths:
+    if os.path.isdir(path):
+      from fedkd.workdir import WorkdirError
+
+      raise WorkdirError(f"{path} is a folder, where fedkd writes a file; move or rename that folder and re-run")
+
+
 def _replace_atomic(path: str, write) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    write(f)
-  os.replace(tmp, path)
+  """``write(f)`` into a temporary file beside ``path`` (hidden, one per process), then renamed over
+  ``path``: a reader sees the old or the new file; a write that fails (a full disk, an unserialisable value)
+  leaves the old file and no temporary. A folder at ``path`` is a user error (one line)."""
+  _check_targets(path)
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "w", newline="") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
 
 
 def write_text(path: str, text: str) -> None:
@@ -242,6 +289,7 @@ def mean_std_tables(
   has ``headers`` (default ``columns``) and one ``mean ± std`` cell per metric (``digits`` decimals;
   ``n/a`` for one seed) under ``title`` and a caption of ``caption`` plus :data:`MEAN_STD`. Both files
   are replaced atomically. Returns the Markdown lines."""
+  _check_targets(md_path, csv_path)  # neither file is replaced when the other cannot be
   headers = list(headers or columns)
   if len(headers) != len(columns):
     raise ValueError(f"{len(headers)} headers for {len(columns)} columns")
@@ -319,6 +367,7 @@ def write_eval_tables(results: dict, out: str, round_: int, spacing_mm: float = 
   JSON: a metric no image defines is null) and ``eval.csv`` (one row per site, class and metric; such a
   value is ``nan``) in the folder ``out``. ``spacing_mm``: mm per pixel the distances (hd95, assd,
   tip_error) were measured with (1.0, the default: pixels); ``unseen``: the site no client trained on."""
+  _check_targets(os.path.join(out, "eval.json"), os.path.join(out, "eval.csv"))
   doc = {"round": round_, "spacing_mm": spacing_mm, "unseen": unseen, "sites": _null_for_nan(results)}
   _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump(doc, f, indent=2, allow_nan=False))
   rows = [
