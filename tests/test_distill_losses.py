@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedkd.distill.losses import feature_kd, kd_kl, masked_kd_kl, multishot_distill_loss
 
@@ -63,6 +64,24 @@ def test_feature_kd():
   # scale invariant, zero for identical directions
   assert abs(float(feature_kd(jnp.asarray(s), jnp.asarray(3.0 * s)))) < 1e-6
   np.testing.assert_allclose(float(feature_kd(jnp.asarray(s), jnp.asarray(-s))), 4.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e12, 1e19, 1e25, 1e30])
+def test_feature_kd_and_its_gradient_hold_past_the_float32_squared_norm(scale):
+  """Features whose squared norm overflows float32 (entries past ~1.8e19), or whose rsqrt's gradient
+  underflows (1e12), are still normalised: value and gradient against float64 numpy (dL/ds = 2 / P (I - u u^T) (u - v) / |s| per position)."""
+  rng = np.random.default_rng(3)
+  s = rng.normal(size=(3, 5, 6)).astype(np.float32)
+  t = rng.normal(size=(3, 5, 6)).astype(np.float32)
+  s64, t64 = s.astype(np.float64) * scale, t.astype(np.float64) * 1e-3
+  u = s64 / np.linalg.norm(s64, axis=-1, keepdims=True)
+  v = t64 / np.linalg.norm(t64, axis=-1, keepdims=True)
+  want = np.mean(np.sum((u - v) ** 2, axis=-1))
+  d = u - v
+  want_grad = 2 / 15 * (d - u * np.sum(u * d, axis=-1, keepdims=True)) / np.linalg.norm(s64, axis=-1, keepdims=True)
+  value, grad = jax.value_and_grad(feature_kd)(jnp.asarray(s64, jnp.float32), jnp.asarray(t64, jnp.float32))
+  np.testing.assert_allclose(float(value), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad, np.float64) * scale, want_grad * scale, rtol=1e-4, atol=1e-6)
 
 
 def test_masked_class_balanced_kd_against_a_pixel_loop():

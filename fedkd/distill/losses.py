@@ -96,9 +96,18 @@ def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *, detach_tea
   t = teacher_feats.astype(jnp.float32)
   if detach_teacher:
     t = jax.lax.stop_gradient(t)
-  s = s * jax.lax.rsqrt(jnp.maximum(jnp.sum(s * s, axis=-1, keepdims=True), 1e-24))
-  t = t * jax.lax.rsqrt(jnp.maximum(jnp.sum(t * t, axis=-1, keepdims=True), 1e-24))
-  return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
+  return jnp.mean(jnp.sum((_unit(s) - _unit(t)) ** 2, axis=-1))
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  """``x`` / ||x|| over the last axis (zero vectors stay zero). A vector whose squared norm passes 1e20
+  is first divided by its largest entry: else the squared norm overflows float32 (entries past ~1e19), or
+  the gradient of its rsqrt (||x||^-3) underflows. The result does not depend on that scale, so it is held
+  constant for the gradient."""
+  squares = jnp.sum(x * x, axis=-1, keepdims=True)
+  big = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  x = x * jax.lax.stop_gradient(jnp.where(squares <= 1e20, 1.0, 1.0 / jnp.maximum(big, 1.0)))
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 def masked_kd_kl(
