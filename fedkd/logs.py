@@ -26,6 +26,11 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
   return "[" + "#" * filled + "." * (width - filled) + f"] {100 * done / max(total, 1):3.0f}%"
 
 
+def duration(seconds: float) -> str:
+  """A round's time in 7 characters: seconds to 2 decimals from 0.1 s up, milliseconds below (a GPU round)."""
+  return f"{seconds:6.2f}s" if seconds >= 0.1 else f"{seconds * 1e3:5.1f}ms"
+
+
 def evaluations_left(r: int, last_round: int, every: int) -> int:
   """How many evaluations rounds ``r + 1`` .. ``last_round`` hold: every ``every``-th round and the last."""
   if r >= last_round:

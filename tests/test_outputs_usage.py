@@ -217,3 +217,20 @@ def test_evaluations_left_counts_the_rounds_a_run_evaluates():
       for r in range(0, last + 1):
         expected = sum(1 for q in range(r + 1, last + 1) if q % every == 0 or q == last)
         assert evaluations_left(r, last, every) == expected, (r, last, every)
+
+
+def test_a_round_time_below_a_tenth_of_a_second_is_in_milliseconds():
+  """The progress line's round time: '12.35s' from 0.1 s up, milliseconds below (a 4 ms GPU round
+  printed as '0.00s' before)."""
+  from fedkd.logs import duration
+
+  for seconds, shown in (
+    (12.345, " 12.35s"),
+    (1.0, "  1.00s"),
+    (0.53, "  0.53s"),
+    (0.1, "  0.10s"),
+    (0.0999, " 99.9ms"),
+    (0.0042, "  4.2ms"),
+    (0.0, "  0.0ms"),
+  ):
+    assert duration(seconds) == shown, (seconds, duration(seconds))

@@ -23,7 +23,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
-from fedkd.logs import RunLog, evaluations_left, progress_bar
+from fedkd.logs import RunLog, duration, evaluations_left, progress_bar
 from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.models import init_model
@@ -592,7 +592,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       log(
         f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss "
         + (f"{loss:.4f}" if loss is not None else "  none (no sampled client reported)")
-        + f"  {dt:6.2f}s  {pace}"
+        + f"  {duration(dt)}  {pace}"
         + held_out
       )
       stopping = stop is not None and stop.requested(r)

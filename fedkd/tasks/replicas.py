@@ -47,7 +47,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import dp, engine
-from fedkd.logs import RunLog, progress_bar
+from fedkd.logs import RunLog, duration, progress_bar
 from fedkd.models import init_model
 from fedkd.preemption import Stopped
 from fedkd.report import site_table
@@ -452,7 +452,7 @@ def _train(
     line = f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss " + " ".join(
       "stopped" if i in failed else f"{v:.4f}" for i, v in enumerate(losses)
     )
-    line += f"  {dt:6.2f}s  " + (
+    line += f"  {duration(dt)}  " + (
       f"{imgs * timed_rounds / timed_s:7.1f} img/s" if timed_rounds else "(includes compilation)"
     )
     for i, rep in enumerate(reps):
