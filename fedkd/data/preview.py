@@ -19,6 +19,10 @@ from fedkd import cli
 MAX_FRAME_PX = 2048  # one zoomed frame's side: larger pictures would take GiBs to draw
 JPEG_MAX_SIDE = 65500  # the largest side a JPEG file holds (libjpeg, as PIL writes it)
 ROW_LABEL_PX = 14  # the name strip above every site's row (fedkd.report.grid_rows)
+HEADER_PX = 2 * ROW_LABEL_PX  # the title line and the legend line above the rows (fedkd.report.grid)
+# The largest picture PIL opens (2 x PIL.Image.MAX_IMAGE_PIXELS by default; Image.open refuses more as a
+# "decompression bomb"): ~540 MB of RGB to draw, and more frames than any screen shows.
+MAX_PICTURE_PX = 178_956_970
 _SCALE = flags.DEFINE_integer("scale", 0, "Pixel zoom (0: to make frames at least 128 px).")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DEFAULT_OUT = os.path.join("runs", "preview.png")
@@ -68,7 +72,9 @@ def main(argv) -> None:
   n_sites = len(sites)
   frame_px = config.image_size * scale
   rows = n_sites + 1 if config.data.source == "synthetic" else 1
-  problem = picture_problem(out, 2 * cli.FRAMES.value * frame_px, rows * (frame_px + ROW_LABEL_PX), frame_px)
+  problem = picture_problem(
+    out, 2 * cli.FRAMES.value * frame_px, HEADER_PX + rows * (frame_px + ROW_LABEL_PX), frame_px
+  )
   if problem:
     cli.fail(problem)
   data = make_client_data(config)
@@ -107,8 +113,16 @@ def scale_problem(scale: int, image_size: int) -> str | None:
 
 
 def picture_problem(out: str, width: int, height: int, frame_px: int) -> str | None:
-  """Why a ``width`` x ``height`` px picture cannot be written to ``out`` (a JPEG side above
-  ``JPEG_MAX_SIDE``), else None. ``frame_px``: one zoomed frame's side, for the largest --frames that fits."""
+  """Why a ``width`` x ``height`` px picture cannot be written to ``out`` (more than ``MAX_PICTURE_PX`` pixels,
+  or a JPEG side above ``JPEG_MAX_SIDE``), else None. ``frame_px``: one zoomed frame's side, for the largest
+  --frames that fits."""
+  if width * height > MAX_PICTURE_PX:
+    frames = MAX_PICTURE_PX // (height * 2 * frame_px)
+    fix = f"pass --frames <= {frames} or a smaller --scale" if frames >= 1 else "set --config.eval.max_sites lower"
+    return (
+      f"--out={out}: the picture would be {width} x {height} px ({width * height:,} px), more than an image "
+      f"reader opens ({MAX_PICTURE_PX:,} px: PIL refuses it as a decompression bomb); {fix}"
+    )
   if not out.lower().endswith((".jpg", ".jpeg")) or max(width, height) <= JPEG_MAX_SIDE:
     return None
   if width > JPEG_MAX_SIDE:
