@@ -332,7 +332,7 @@ def validate_sweep(
 
   Raises :class:`SweepError` (one line: run, key, fix) for an empty sweep, an unknown key (with a
   did-you-mean), a wrongly typed value, a config that :func:`fedkd.config.validate` refuses,
-  duplicate runs, or a key set both by the sweep and by ``extra`` (fixed overrides for all runs).
+  duplicate runs (also overrides that give the same config and method, e.g. ``{}`` and ``{"seed": 0}``), or a key set both by the sweep and by ``extra`` (fixed overrides for all runs).
   """
   if not isinstance(sweep, (list, tuple)):
     raise SweepError(f"get_sweep() must return a list of override dicts, got {type(sweep).__name__}")
@@ -340,6 +340,7 @@ def validate_sweep(
     raise SweepError("the sweep is empty; get_sweep() must return at least one override dict")
   extra = dict(extra or {})
   seen: dict[str, int] = {}
+  same: dict[str, int] = {}  # method label + full config -> first run: overrides that differ only in form
   configs = []
   named = all(isinstance(o, Mapping) and all(isinstance(k, str) for k in o) for o in sweep)
   names = run_names(sweep) if named else None  # the workdir names launch.sweep gives the runs
@@ -362,5 +363,15 @@ def validate_sweep(
     if canon in seen:
       raise SweepError(f"{where} repeats run {seen[canon]}; every run of a sweep must differ")
     seen[canon] = i
+    # {} and {"seed": 0} (the default), or 1 and 1.0 for a float key, are the same run: it would train twice
+    # and count twice as seeds of one group (or split one setting into two table rows)
+    full = _canon([o.get(METHOD), c.to_dict()])
+    if full in same:
+      j = same[full]
+      raise SweepError(
+        f"{where} repeats run {j}{f' ({names[j]})' if names else ''}: its overrides {dict(o)!r} give the same "
+        f"config as {dict(sweep[j])!r}; every run of a sweep must differ, drop one of them"
+      )
+    same[full] = i
     configs.append(c)
   return configs

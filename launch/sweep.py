@@ -12,8 +12,9 @@ config once per seed (OUT/seed-<s>; no get_sweep needed); with ``--sweep`` it re
 that sweep (every other override crossed with these seeds). Every run is validated before the
 first one starts. Each run is ``python -m fedkd.main --config=FILE[:ARG] --workdir=OUT/<run>
 --config.KEY=VALUE ... EXTRA...`` in a subprocess (stdout/stderr appended to OUT/<run>/stdout.log and
-stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds
-and metrics.jsonl has that round; OUT/<run>/DONE is written after a successful exit) and resumes
+stderr.log). Re-running the same command skips finished runs (latest checkpoint round == num_rounds, or the
+last round dp.target_epsilon allows, and metrics.jsonl has that round; OUT/<run>/DONE is written after a
+successful exit) and resumes
 unfinished ones from their latest checkpoint (fedkd.main does that by itself); a run folder whose DONE or
 checkpoint comes from another config than the sweep now gives that run (beyond what fedkd.main lets
 change on resume: fedkd.tasks.fedavg.RESUMABLE_CHANGES) stops the sweep before anything runs. A failed
@@ -38,6 +39,7 @@ one line ``fedkd: error: ...`` on stderr and exit code 2, before anything is wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -50,6 +52,7 @@ import time
 from typing import Any
 
 from fedkd.cli import fail, line_buffered
+from fedkd.errors import USER_ERRORS
 from fedkd.workdir import read_json_object
 
 SWEEP_FILE = "sweep.json"
@@ -227,7 +230,18 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
   fixed = S.parse_config_flags(extra, base)
   configs = S.validate_sweep(sweep, base, fixed)
   names = S.run_names(sweep)
-  runs = [{"name": n, "overrides": dict(o), "num_rounds": int(c.num_rounds)} for n, o, c in zip(names, sweep, configs)]
+  runs = []
+  for i, (n, o, c) in enumerate(zip(names, sweep, configs)):
+    run = {"name": n, "overrides": dict(o), "num_rounds": int(c.num_rounds)}
+    last = planned_rounds(c)
+    if last == 0:  # fedkd.main would refuse the run
+      raise InputError(
+        f"run {i} ({n}): config.dp.target_epsilon={c.dp.target_epsilon:g} allows no round (one round spends more "
+        "at this noise_multiplier, clients and delta); raise dp.target_epsilon or dp.noise_multiplier"
+      )
+    if last < run["num_rounds"]:  # the run stops there, finished (fedkd.main exits 0)
+      run["last_round"] = last
+    runs.append(run)
   return {
     "config": config_spec,
     "sweep": sweep_arg,
@@ -416,19 +430,40 @@ def read_metrics(workdir: str) -> list[dict]:
   return out
 
 
-def is_finished(workdir: str, num_rounds: int) -> bool:
-  return latest_checkpoint(workdir) == num_rounds and any(r.get("round") == num_rounds for r in read_metrics(workdir))
+def planned_rounds(config) -> int:
+  """The last round a fedkd.main run of ``config`` trains: ``num_rounds``, or the last one its privacy budget
+  allows (``dp.target_epsilon``: the run stops there and exits 0; fedkd.tasks.fedavg); 0 if it allows none."""
+  if not (config.dp.enabled and config.dp.target_epsilon):
+    return int(config.num_rounds)
+  from fedkd.tasks.fedavg import _Privacy
+
+  return _Privacy(config).max_rounds(int(config.num_rounds))
 
 
-def is_done(workdir: str, num_rounds: int) -> bool:
-  """Whether the sweep saw the run finish ``num_rounds`` rounds: its DONE file (written after a
-  successful exit, removed when the run starts again) names that many rounds."""
+def last_round(run: dict) -> int:
+  """The round at which ``run`` (a run of sweep.json) is finished: its ``last_round`` where a privacy budget
+  stops it before ``num_rounds``, else ``num_rounds``."""
+  return run.get("last_round", run["num_rounds"])
+
+
+def is_finished(workdir: str, num_rounds: int, last: int | None = None) -> bool:
+  """Whether the workdir holds a run trained to the end: its latest checkpoint at ``last`` (default
+  ``num_rounds``; fewer where a privacy budget stops the run), and metrics.jsonl has that round."""
+  last = num_rounds if last is None else last
+  return latest_checkpoint(workdir) == last and any(r.get("round") == last for r in read_metrics(workdir))
+
+
+def is_done(workdir: str, num_rounds: int, last: int | None = None) -> bool:
+  """Whether the sweep saw the run finish ``num_rounds`` rounds (``last``: or stop at its privacy budget
+  there): its DONE file (written after a successful exit, removed when the run starts again) names them."""
   try:
     with open(os.path.join(workdir, DONE_FILE)) as f:
       done = json.load(f)
   except (OSError, ValueError):
     return False
-  return isinstance(done, dict) and done.get("num_rounds") == num_rounds
+  if not isinstance(done, dict) or done.get("num_rounds") != num_rounds:
+    return False
+  return done.get("last_round", num_rounds) == (num_rounds if last is None else last)
 
 
 # What a finished run's tabulated metrics were measured with: a resume may change them (later
@@ -485,6 +520,11 @@ def check_reuse(defn: dict, out: str) -> None:
         f"{where} already holds round {last}, beyond config.num_rounds={run['num_rounds']} of this sweep; "
         f"raise it to {last} or more (e.g. --extra=--config.num_rounds={last}), or {fix}"
       )
+    if last is not None and last > last_round(run):  # trained beyond the privacy budget it is tabulated under
+      raise InputError(
+        f"{where} already holds round {last}, beyond round {last_round(run)}, the last that its "
+        f"config.dp.target_epsilon in this sweep allows; raise dp.target_epsilon, or {fix}"
+      )
     path = os.path.join(wd, "config.json")
     if not os.path.exists(path) and not done:
       continue  # fedkd.main checks the checkpoint's own copy of its config when it resumes
@@ -496,7 +536,8 @@ def check_reuse(defn: dict, out: str) -> None:
         f"({_one_line(e)}), so which config it ran with is unknown; {fix}"
       ) from None
     # a run the sweep will skip (DONE at its num_rounds) is tabulated as it was scored
-    diff = config_difference(saved, ckpt_lib.config_json(config), finished=is_done(wd, run["num_rounds"]))
+    finished = is_done(wd, run["num_rounds"], last_round(run))
+    diff = config_difference(saved, ckpt_lib.config_json(config), finished=finished)
     if diff:
       k, was, now = diff[0]
       what = "finished" if done else f"checkpointed at round {last}"
@@ -534,10 +575,10 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
   todo = []
   for i, run in enumerate(runs, 1):
     wd = os.path.join(out, run["name"])
-    if is_finished(wd, run["num_rounds"]):
+    if is_finished(wd, run["num_rounds"], last_round(run)):
       if not os.path.exists(os.path.join(wd, DONE_FILE)):
         _write_done(wd, run, None, 0.0)
-      _say(f"{i}/{total} {run['name']}: skipped (finished: round {run['num_rounds']}/{run['num_rounds']})")
+      _say(f"{i}/{total} {run['name']}: skipped (finished: {_rounds(wd, run)})")
     else:
       todo.append((i, run))
   units = _units(defn, todo, out, parallel) if replicas else [([t], None) for t in todo]
@@ -559,8 +600,9 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     cmd = unit_command(defn, [r for _, r in members], out, configs)
     out_f.write(f"\n$ {' '.join(cmd)}\n")
     out_f.flush()
-    p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, stdin=subprocess.DEVNULL)
-    active[p.pid] = (p, members, cmd, time.time(), offset, (out_f, err_f), err_path)
+    with _interrupts_held():  # an interrupt now stops this process too (run_all's except)
+      p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, stdin=subprocess.DEVNULL)
+      active[p.pid] = (p, members, cmd, time.time(), offset, (out_f, err_f), err_path)
     for i, run in members:
       last = latest_checkpoint(os.path.join(out, run["name"]))
       how = f"resuming from round {last} of {run['num_rounds']}" if last else "new"
@@ -576,14 +618,14 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     for i, run in members:
       wd = os.path.join(out, run["name"])
       # a replica that finished counts, also when another of its group (one process) failed
-      if (p.returncode == 0 or len(members) > 1) and is_finished(wd, run["num_rounds"]):
+      if (p.returncode == 0 or len(members) > 1) and is_finished(wd, run["num_rounds"], last_round(run)):
         _write_done(wd, run, cmd, dt)
-        _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s (round {run['num_rounds']}/{run['num_rounds']})")
+        _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s ({_rounds(wd, run)})")
         continue
       rc = p.returncode
       last = _last_line(err_path, offset)
       if rc == 0:  # exit 0 without a final checkpoint: count as a failure, keep going
-        last = f"exited 0 but the latest checkpoint is round {latest_checkpoint(wd)}, not {run['num_rounds']}"
+        last = f"exited 0 but the latest checkpoint is round {latest_checkpoint(wd)}, not {last_round(run)}"
         rc = 1
       failures.append((run["name"], rc, last))
       _say(f"{i}/{total} {run['name']}: FAILED with exit code {rc} after {dt:.1f}s: {last or '(no stderr)'}")
@@ -597,17 +639,30 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
       for pid in [pid for pid, a in active.items() if a[0].poll() is not None]:
         finish(pid)
   except KeyboardInterrupt:
-    for p, *_ in list(active.values()):
-      p.terminate()
-    for p, *_ in list(active.values()):
-      try:
-        p.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        p.kill()
+    running = [a[0] for a in active.values()]
+    for p in running:
+      p.terminate()  # fedkd.main saves the round it is in and exits
+    try:
+      for p in running:
+        try:
+          p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+          p.kill()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now (the runs resume from their last checkpoint)
+      for p in running:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
     stopped = sum(len(a[1]) for a in active.values())  # a group of replicas is one process of several runs
     _say(f"interrupted; {stopped} run(s) stopped. Re-run the same command to resume them.")
     raise
   return failures
+
+
+def _rounds(wd: str, run: dict) -> str:
+  """``round 2/2``, or ``round 12/50 (dp.target_epsilon's budget)`` for a run its privacy budget stopped."""
+  at = latest_checkpoint(wd)
+  return f"round {at}/{run['num_rounds']}" + (" (dp.target_epsilon's budget)" if at != run["num_rounds"] else "")
 
 
 def _write_done(wd: str, run: dict, cmd: list[str] | None, seconds: float) -> None:
@@ -617,6 +672,7 @@ def _write_done(wd: str, run: dict, cmd: list[str] | None, seconds: float) -> No
       {
         "name": run["name"],
         "num_rounds": run["num_rounds"],
+        "last_round": latest_checkpoint(wd),
         "command": cmd,
         "seconds": round(seconds, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -638,6 +694,16 @@ def _metric_keys(records: list[dict]) -> list[str]:
   return sorted(keys, key=lambda k: (order[k.split("/")[0]], keys.index(k)))
 
 
+def _group_key(overrides: dict) -> str:
+  """The runs of one group share this: every override but ``seed``, numbers by value (an int and a float
+  key's value written 1 in one run and 1.0 in another are one setting; fedkd.config stores both as 1.0)."""
+
+  def value(v):
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+  return json.dumps({k: value(v) for k, v in overrides.items() if k != "seed"}, sort_keys=True, default=str)
+
+
 def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = None) -> list[dict]:
   """Groups of runs (every override except seed): ``runs``, the finished runs (:func:`is_done`) with
   metrics, each with its records and its last one; ``members``, every run of the group in sweep order
@@ -650,7 +716,7 @@ def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = 
   groups: dict[str, dict] = {}
   for run in defn["runs"]:
     o = run["overrides"]
-    gkey = json.dumps({k: v for k, v in o.items() if k != "seed"}, sort_keys=True, default=str)
+    gkey = _group_key(o)
     g = groups.setdefault(gkey, {"label": group_label(o, keys), "overrides": o, "runs": [], "members": []})
     wd = os.path.join(out, run["name"])
     records = read_metrics(wd)
@@ -660,7 +726,7 @@ def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = 
       member["why"] = "failed"
     elif not os.path.isdir(wd):
       member["why"] = "not started"
-    elif not is_done(wd, run["num_rounds"]):
+    elif not is_done(wd, run["num_rounds"], last_round(run)):
       member["why"] = "without DONE (failed, stopped or still running)"
     elif not records:
       member["why"] = "finished without metrics"
@@ -910,6 +976,8 @@ def _check_definition(defn: dict) -> None:
       raise ValueError(f"run {i} is not a run of a sweep (a name and overrides)")
     if not isinstance(r.get("num_rounds"), int) or isinstance(r["num_rounds"], bool):
       raise ValueError(f"run {i} ({r['name']}) has no num_rounds")
+    if "last_round" in r and (not isinstance(r["last_round"], int) or isinstance(r["last_round"], bool)):
+      raise ValueError(f"run {i} ({r['name']}) has a last_round that is not a round")
   defn.setdefault("extra", [])
 
 
@@ -962,8 +1030,48 @@ def _check_not_a_run_workdir(out: str) -> None:
     )
 
 
+# What the sweep writes at the top of --out besides the run folders (plots: is_plot)
+SWEEP_OUTPUTS = ("results.md", "results.csv", "runs.csv")
+
+
+def _check_not_foreign(out: str) -> None:
+  """InputError when the directory ``out`` is not a sweep directory (no sweep.json) but holds a file the
+  sweep's tables or plots would replace or remove (e.g. a folder of figures and tables of one's own)."""
+  if os.path.exists(os.path.join(out, SWEEP_FILE)):
+    return
+  held = sorted(
+    n for n in os.listdir(out) if (n in SWEEP_OUTPUTS or is_plot(n)) and os.path.isfile(os.path.join(out, n))
+  )
+  if held:
+    raise InputError(
+      f"--out={out} is not a sweep directory (no {SWEEP_FILE}) but holds {held[0]}, which the sweep's tables and "
+      "plots would replace or remove; give the sweep a directory of its own"
+    )
+
+
+# While a run's process starts and until the sweep holds its handle, Ctrl-C / SIGTERM (main's handlers) wait:
+# raised in between, the sweep would stop without stopping that process, which would train on, orphaned.
+_HOLD = {"on": False, "pending": False}
+
+
 def _interrupt(signum, frame):  # SIGTERM stops the runs like Ctrl-C; they resume next time
+  if _HOLD["on"]:
+    _HOLD["pending"] = True
+    return
   raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+  """Ctrl-C / SIGTERM that arrive inside the block (with main's handlers) are raised at its end."""
+  _HOLD.update(on=True, pending=False)
+  try:
+    yield
+  finally:
+    _HOLD["on"] = False
+  if _HOLD["pending"]:
+    _HOLD["pending"] = False
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -974,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
   out = os.path.expanduser(args.out) if args.out else args.out
   if args.parallel < 1:
     fail(f"--parallel={args.parallel} must be >= 1")
+  if not out or not out.strip():  # e.g. --out=$OUT with OUT unset
+    fail(f"--out={args.out!r} is empty; pass the sweep's directory, e.g. --out=runs/my_sweep")
   try:
     if args.metric not in metric_choices():  # else its plots were silently not drawn, and old ones removed
       raise InputError(
@@ -996,6 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_metric_logged(defn, args.metric)
     if os.path.isdir(out):
       _check_not_a_run_workdir(out)
+      _check_not_foreign(out)
     if args.aggregate_only:
       _check_holds_runs(defn, out)
     if args.config and os.path.isdir(out):
@@ -1005,11 +1116,17 @@ def main(argv: list[str] | None = None) -> int:
 
   failures = []
   if not args.aggregate_only:
-    os.makedirs(out, exist_ok=True)
+    try:
+      os.makedirs(out, exist_ok=True)
+    except OSError as e:  # e.g. no permission, or a file on the way
+      fail(f"--out={out} cannot be created ({e.strerror or e}); pass a directory you can write")
     path = os.path.join(out, SWEEP_FILE)
     if os.path.exists(path):
-      with open(path) as f:
-        old = json.load(f)
+      try:
+        with open(path) as f:
+          old = json.load(f)
+      except (OSError, ValueError):
+        old = None
       if old != defn:
         _say(f"note: {path} described another sweep; replacing it (runs with the same name are reused)")
     with open(path + ".tmp", "w") as f:
@@ -1024,17 +1141,24 @@ def main(argv: list[str] | None = None) -> int:
       env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(cache)
       env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     _say(f"{len(defn['runs'])} run(s) in {out}, {args.parallel} at a time")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _interrupt)
+    if handlers[signal.SIGINT] is signal.default_int_handler:  # (kept ignored where it is, e.g. nohup)
+      signal.signal(signal.SIGINT, _interrupt)
     try:
       failures = run_all(defn, out, args.parallel, env, replicas=args.replicas)
     except KeyboardInterrupt:
       return 130
     except InputError as e:  # a run folder's metrics.jsonl that is not one, found before any run starts
       fail(str(e))
+    finally:
+      for sig, handler in handlers.items():
+        if handler is not None:  # None: not set from Python
+          signal.signal(sig, handler)
 
   try:
     paths = aggregate(defn, out, args.metric, failures)
-  except InputError as e:  # e.g. a run's metrics.jsonl that is not one
+  except (InputError, *USER_ERRORS) as e:  # e.g. a run's metrics.jsonl that is not one, a folder where a table goes
     fail(str(e))
   for p in paths:
     _say(f"wrote {p}")

@@ -120,6 +120,20 @@ def test_inf_epsilon_with_two_seeds_is_inf_in_the_table(tmp_path):
   assert (tmp_path / "vs_epsilon.png").exists() is False  # one finite epsilon: no line to draw
 
 
+def test_a_folder_where_the_sweep_table_goes_is_one_line_and_replaces_nothing(tmp_path, capsys):
+  """A folder named results.md in the sweep folder: a traceback (IsADirectoryError) after results.csv was
+  already replaced; now one line naming it, and results.csv as it was."""
+  sweep = S.product(seed=[0, 1])
+  _sweep_dir(tmp_path, sweep, [{"dice/catheter": 0.5}, {"dice/catheter": 0.6}])
+  (tmp_path / "results.md").mkdir()
+  (tmp_path / "results.csv").write_text("mine\n")
+  with pytest.raises(SystemExit) as e:
+    launcher.main([f"--out={tmp_path}", "--aggregate_only"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "results.md" in err and "Traceback" not in err, err
+  assert (tmp_path / "results.csv").read_text() == "mine\n"
+
+
 def test_unequal_groups_dotted_keys_one_seed_and_long_labels(tmp_path, capsys):
   """Groups of 3, 2 and 1 finished seeds (one run without DONE), a dotted swept key as a column and a
   120-character method label: numbers are numpy's, the one-seed std is n/a / nan, the long name is cut
