@@ -4,7 +4,8 @@
 
 Loads the latest (or ``--round``) checkpoint with the config stored in it, evaluates each site's
 held-out set (the training sites training evaluated: all, or the first config.eval.max_sites; and the
-unseen site) and writes to ``--out`` (default ``<workdir>/eval``):
+unseen site; --examples images each, by default the run's config.eval.examples_per_site, as training) and
+writes to ``--out`` (default ``<workdir>/eval``):
   eval.json / eval.csv   dice, iou, cldice, hd95, assd, betti0_error, tip_error per site and class
                          (distance metrics in mm with --spacing_mm, NaN-free means + NaN counts)
   predictions.png        per frame image | ground truth | prediction: right pixels in class colour,
@@ -31,7 +32,9 @@ import numpy as np
 from fedkd import cli
 
 _ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to evaluate (default: latest).")
-_EXAMPLES = flags.DEFINE_integer("examples", 32, "Held-out images per site.")
+_EXAMPLES = flags.DEFINE_integer(
+  "examples", None, "Held-out images per site (default: the run's config.eval.examples_per_site, as training scored)."
+)
 _SPACING = flags.DEFINE_float(
   "spacing_mm", 1.0, "Pixel size in mm of the evaluated (config.image_size) images for distance metrics (1.0 = pixels)."
 )
@@ -48,7 +51,7 @@ def main(argv) -> None:
   del argv
   if not cli.WORKDIR.value:
     cli.fail("--workdir is required (a run directory written by fedkd.main)")
-  if _EXAMPLES.value < 1:
+  if _EXAMPLES.value is not None and _EXAMPLES.value < 1:
     cli.fail(f"--examples={_EXAMPLES.value} must be >= 1 (held-out images per site)")
   if cli.FRAMES.value < 0:
     cli.fail(f"--frames={cli.FRAMES.value} must be >= 0")

@@ -309,11 +309,27 @@ def load_run(workdir: str, round_: int | None):
   return config, apply, params, r
 
 
+OUTPUT_FILES = ("eval.json", "eval.csv", "predictions.png", "robustness.json", "robustness.png")
+
+
+def _output_folder(out: str, flag: str) -> str:
+  """``out`` created and proven writable, with none of :data:`OUTPUT_FILES` a folder there (checked before
+  anything is computed: a folder found at the last file written would leave new tables beside old curves)."""
+  from fedkd.workdir import prepare
+
+  folder = os.fspath(prepare(out, flag=flag))
+  for name in OUTPUT_FILES:
+    path = os.path.join(folder, name)
+    if os.path.isdir(path):
+      raise EvalError(f"{path} is a folder, where fedkd.eval writes a file; move or rename that folder and re-run")
+  return folder
+
+
 def evaluate_run(
   workdir: str,
   *,
   round_: int | None = None,
-  examples: int = 32,
+  examples: int | None = None,
   spacing_mm: float = 1.0,
   frames: int = 4,
   out: str | None = None,
@@ -321,8 +337,9 @@ def evaluate_run(
   log: Callable[[str], None] = lambda msg: print(msg, flush=True),
 ) -> dict:
   """Evaluates the checkpoint of ``round_`` (default: the latest) of the run in ``workdir`` on
-  ``examples`` held-out images of every site training evaluates (the training sites, at most
-  ``config.eval.max_sites`` of them, and the unseen one) and writes to ``out``
+  ``examples`` held-out images (default: the run's ``config.eval.examples_per_site``, what training scored) of
+  every site training evaluates (the training sites, at most ``config.eval.max_sites`` of them, and the unseen
+  one) and writes to ``out``
   (default ``<workdir>/eval``): eval.json / eval.csv (every metric per site and class),
   predictions.png (``frames`` per site; none for 0), robustness.json / robustness.png.
   ``tfds_data_dir``: where a run on prepared data finds its datasets (default: its stored config's).
@@ -331,14 +348,19 @@ def evaluate_run(
   from fedkd.data.pipeline import DataError, evaluated_sites, make_client_data
   from fedkd.workdir import prepare
 
+  if out:  # a bad --out is refused before the checkpoint is read and the held-out sets are rendered
+    prepare(workdir, create=False)
+    out = _output_folder(out, "--out")
   config, apply, params, r = load_run(workdir, round_)
+  out = out or _output_folder(os.path.join(workdir, "eval"), "--workdir")
   source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""
   if tfds_data_dir is not None and source == "synthetic":
     raise EvalError(
       f"--tfds_data_dir is for runs on prepared data; {workdir} was trained on synthetic data: leave it out"
     )
   with config.unlocked():
-    config.eval.examples_per_site = examples
+    if examples is not None:
+      config.eval.examples_per_site = examples
     if tfds_data_dir is not None:
       config.data.tfds_data_dir = tfds_data_dir
   sites = evaluated_sites(config)
@@ -356,7 +378,6 @@ def evaluate_run(
       "pass the prepared datasets' folder with --tfds_data_dir=DIR"
     ) from None
   evaluator = Evaluator(config, apply, eval_sets)
-  out = os.fspath(prepare(out, flag="--out") if out else prepare(os.path.join(workdir, "eval")))
   log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {evaluator.images_per_site()} held-out images")
   if source == "synthetic" and len(sites) < config.num_clients:
     log(

@@ -29,7 +29,7 @@ def _folder(root, n_train=3, n_test=1, shape=(40, 48)):
 
 
 def test_eval_names_the_images_a_small_prepared_site_really_has(cli, tmp_path):
-  """A site with one test image evaluated with the default --examples=32: the log used to claim
+  """A site with one test image evaluated with --examples at the run's 32: the log used to claim
   '1 sites x 32 held-out images'; it must say 1, and the scores match training's last evaluation."""
   _folder(tmp_path / "src")
   data_dir = tmp_path / "tfds"
