@@ -369,7 +369,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.downstream.kd_feature_weight = 1.0  # feature KD weight
   c.downstream.kd_temperature = 2.0  # pixel KD temperature
   c.downstream.val_examples = 32  # target validation images (generator split 2): every downstream choice
-  c.downstream.scarce_examples = "8,32"  # scarce-data curve: target image counts (first n of the training images)
+  # scarce-data curve: target image counts (the first n of the training images; each <= train_examples)
+  c.downstream.scarce_examples = "8,32"
   c.downstream.scarce_steps = 100  # fine-tuning steps at each scarce size (a fixed short budget)
   c.downstream.probe = True  # also fit a frozen-encoder probe (only the decoder trains)
   c.downstream.teacher_adapt_steps = 100  # teacher KD: steps adapting the foundation to the target first (0 = as is)

@@ -252,6 +252,19 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path, monke
       "eval.heldout_per_source": 24,
     },
   )
+  # the commit the tables come from, as git itself reports it for this checkout when the experiment started
+  # (None outside one; read now, as the experiment did: a commit made while the test runs moves HEAD)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # (only when this folder is the checkout itself, not a folder inside some other repository)
+  try:
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD", "--show-toplevel"], capture_output=True, text=True)
+    lines = head.stdout.splitlines()
+    ours = head.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[1], root)
+    want = lines[0] if ours else None
+  except FileNotFoundError:  # no git on this machine
+    want = None
+  if want is not None:
+    dirty = subprocess.run(["git", "-C", root, "diff", "HEAD", "--quiet"]).returncode != 0
   exp.build_models()
   types = exp.data.silo_types(0.0, 0)
   held = exp.heldout(types, 0)
@@ -281,19 +294,8 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path, monke
   assert "source-classification accuracy" in text and re.search(r"^\| P1 \| fedefm - fedavg \| 1 \|", text, re.M)
   env = json.loads((tmp_path / "environment.json").read_text())
   assert env["jax"] == jax.__version__ and env["cpu_count"] == os.cpu_count()
-  # the commit the tables came from, as git itself reports it for this checkout (None outside one)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  # (only when this folder is the checkout itself, not a folder inside some other repository)
-  try:
-    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD", "--show-toplevel"], capture_output=True, text=True)
-    lines = head.stdout.splitlines()
-    ours = head.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[1], root)
-    want = lines[0] if ours else None
-  except FileNotFoundError:  # no git on this machine
-    want = None
   assert env["fedkd_commit"] == want
-  if env["fedkd_commit"] is not None:
-    dirty = subprocess.run(["git", "-C", root, "diff", "HEAD", "--quiet"]).returncode != 0
+  if want is not None:
     assert env["fedkd_dirty"] is dirty
 
 

@@ -51,7 +51,7 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd import report
-from fedkd.config import FEDEFM_METHODS, ConfigError, _csv, validate_fedefm, value_at
+from fedkd.config import FEDEFM_DISTILL, FEDEFM_METHODS, ConfigError, _csv, validate_fedefm, value_at
 from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
@@ -68,8 +68,7 @@ from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.workdir import read_json_object, write_atomic
 
 METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a leaf)
-# Methods that distil from overseas experts (after the warm-up rounds); the rest train on their own data.
-DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
+DISTILL = FEDEFM_DISTILL  # methods that distil from overseas experts (after the warm-up rounds)
 # Methods whose silos mix by gossip over the topology (DFL); "fedefm" and its controls with FedEFM's
 # update (uniform weights, no experts) follow config.fedefm.mixing, so each control changes one ingredient.
 GOSSIP = ("ring", "matcha", "fedefm_dfl")
@@ -165,6 +164,14 @@ def validate(c) -> dict:
       f"config.pretrain.num_rounds={c.pretrain.num_rounds}: {', '.join(distilling)} would never distil (only "
       f"plain warm-up rounds); set --config.fedefm.warmup_rounds below {c.pretrain.num_rounds} or raise "
       "config.pretrain.num_rounds"
+    )
+  d = c.downstream
+  beyond = [n for n in scarce_sizes(d) if n > d.train_examples]
+  if beyond:  # else an "nN" column would train on more target images than the full budget
+    raise ConfigError(
+      f"config.downstream.scarce_examples={d.scarce_examples!r} lists {', '.join(map(str, beyond))}, more than "
+      f"config.downstream.train_examples={d.train_examples}: the scarce-data curve trains on the first n of the "
+      f"training images; list sizes <= {d.train_examples} or raise config.downstream.train_examples"
     )
   parsed["adjacency"] = load_adjacency(c)
   alone = np.flatnonzero(~parsed["adjacency"].any(1))
@@ -1228,8 +1235,7 @@ class Experiment:
     endpoints = write_endpoints(
       self.workdir, rows, float(self.c.pretrain.unseen_percent), self.c.pretrain.objective, sizes
     )
-    with open(os.path.join(self.workdir, "environment.json"), "w") as f:
-      json.dump(report.environment(), f, indent=2)
+    report.write_text(os.path.join(self.workdir, "environment.json"), json.dumps(report.environment(), indent=2))
     main = [r for r in rows if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and not r["teacher_kd"]]
     curves: dict = {}
     for r in main:
@@ -1242,8 +1248,9 @@ class Experiment:
     shown = {"scratch"} | {m for _, a, b in PRIMARY for m in (a, b)}  # not the controls: a readable plot
     for r in rows:
       if r["unseen_percent"] == float(self.c.pretrain.unseen_percent) and "dice/mean" in r and r["method"] in shown:
-        pts = [{"images": n, "dice/mean": r[f"n{n}/dice/mean"]} for n in sizes if f"n{n}/dice/mean" in r]
-        pts.append({"images": self.c.downstream.train_examples, "dice/mean": r["dice/mean"]})
+        full = self.c.downstream.train_examples  # its point is the full budget's (a scarce n = full: the table's)
+        pts = [{"images": n, "dice/mean": r[f"n{n}/dice/mean"]} for n in sizes if f"n{n}/dice/mean" in r and n < full]
+        pts.append({"images": full, "dice/mean": r["dice/mean"]})
         scarce.setdefault(r["method"] + (" +KD" if r["teacher_kd"] else ""), []).append(pts)
     if sizes and report.curves_plot(
       list(scarce.items()),

@@ -29,6 +29,7 @@ from absl import flags
 from fedkd import report
 from fedkd.config import ConfigError
 from fedkd.errors import reason
+from fedkd.workdir import read_json_object
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "WORKDIR:METHOD of the first runs (a comma list pools workdirs of other seeds)")
@@ -81,6 +82,17 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
   return out
 
 
+def _saved_config(path: str) -> dict:
+  """A pooled workdir's config.json (a ConfigError naming the file when it is unreadable or not an object)."""
+  try:
+    return read_json_object(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+      f"{path} is unreadable ({reason(e, 120)}), so its runs cannot be checked to be of the same config as "
+      "the others pooled; restore the file, or contrast that workdir alone"
+    ) from None
+
+
 def read_side(spec: str, percent: float) -> dict[int, dict]:
   """{seed: record} of a comma list of ``WORKDIR:METHOD`` specs, pooled: their seeds must differ, and
   their workdirs' configs (``config.json``, where every one has it) may differ only in
@@ -99,11 +111,9 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
   if len(specs) > 1 and all(os.path.exists(c) for c in configs):
     from fedkd.tasks.fedefm import config_difference
 
-    with open(configs[0], encoding="utf-8") as f:
-      first = json.load(f)
+    first = _saved_config(configs[0])
     for path, one in zip(configs[1:], specs[1:]):
-      with open(path, encoding="utf-8") as f:
-        key = config_difference(first, json.load(f))  # the results part: config.experiment is left out
+      key = config_difference(first, _saved_config(path))  # the results part: config.experiment is left out
       if key is not None:
         raise ConfigError(
           f"{specs[0]} and {one} ran different configs (config.{key} differs); pool only runs of one config"
