@@ -1453,11 +1453,12 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
         f"{c.teacher.num_layers} (the foundation has that many encoder layers to load)"
       )
   else:
-    if (c.teacher.width, c.teacher.depth) != (c.student.width, c.student.depth):
-      raise ConfigError(
-        "config.student.width and depth must match the teacher's so the foundation "
-        "encoder (UNet enc + mid blocks) loads into the student"
-      )
+    for k in ("width", "depth", "groups"):  # groups: the same shapes, but GroupNorm over other channels
+      if c.teacher[k] != c.student[k]:
+        raise ConfigError(
+          f"config.student.{k}={c.student[k]} must equal config.teacher.{k}={c.teacher[k]} so the foundation "
+          "encoder (UNet enc + mid blocks, their GroupNorm groups) loads into the student"
+        )
     if c.image_size % (2**c.teacher.depth):
       raise ConfigError(f"config.image_size={c.image_size} must be divisible by 2**config.teacher.depth")
   return {
