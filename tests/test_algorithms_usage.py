@@ -403,3 +403,8 @@ def test_the_diverged_message_fits_the_run():
   msg = str(fedavg._diverged(5, dict(m, loss=float("nan")), np.array([3, 7]), c, None, "/w/checkpoints"))
   assert "loss nan," in msg and "too large for it" not in msg and "no checkpoint was written" in msg
   assert "or set --config.engine.skip_nonfinite_clients=True to drop such clients" in msg
+  assert "DP noise" not in msg
+  # DP on: the noise the server adds to the mean update is named, std z C / m (docs/algorithms.md)
+  c.dp.enabled, c.dp.noise_multiplier, c.dp.clip_norm, c.clients_per_round = True, 1e9, 0.1, 4
+  msg = str(fedavg._diverged(2, dict(m, loss=float("nan")), np.array([3, 7]), c, None, "/w/checkpoints"))
+  assert "or the DP noise (std 2.5e+07 per coordinate of the averaged update: config.dp.noise_multiplier=1e+09" in msg

@@ -143,6 +143,13 @@ def _diverged(
   a, lr = config.algorithm, config.client_optimizer.learning_rate
   pull = {"ditto": ("ditto_lambda", a.ditto_lambda), "fedprox": ("prox_mu", a.prox_mu)}.get(a.name)
   pull = f", or config.algorithm.{pull[0]}={pull[1]:g} too large for it" if pull else ""
+  d = config.dp
+  if d.enabled:  # the server adds N(0, (z C / m)^2) to every coordinate of the averaged update
+    std = d.noise_multiplier * d.clip_norm / config.clients_per_round
+    pull += (
+      f", or the DP noise (std {std:.3g} per coordinate of the averaged update: config.dp.noise_multiplier="
+      f"{d.noise_multiplier:g} x dp.clip_norm={d.clip_norm:g} / {config.clients_per_round} clients a round)"
+    )
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
   if not config.engine.skip_nonfinite_clients:
     skip = ", or set --config.engine.skip_nonfinite_clients=True to drop such clients"
