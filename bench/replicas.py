@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-_ROUND = re.compile(r"^round\s+(\d+)/\d+ .*?\s(\d+\.\d+)s\s")
+_ROUND = re.compile(r"^round\s+(\d+)/\d+ .*?\s(\d+\.\d+)(ms|s)\s")  # fedkd.logs.duration: ms below 0.1 s
 
 
 def _config(path: str, arg: str | None, rounds: int, seed: int):
@@ -54,7 +54,7 @@ def _timed(fn) -> tuple[float, list[float]]:
     if m:
       stamps.append(time.perf_counter())
       if not first:
-        first.append(float(m.group(2)))
+        first.append(float(m.group(2)) / (1e3 if m.group(3) == "ms" else 1.0))
 
   t = time.perf_counter()
   fn(log)
