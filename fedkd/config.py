@@ -728,8 +728,11 @@ def _unused_fedefm(c) -> dict[str, str]:
     out["experiment.ablation_methods"] = "config.experiment.ablation_percents='' (no ablation)"
   if not runs & set(FEDEFM_DISTILL):
     because = f"no experiment method distils from overseas experts ({' / '.join(FEDEFM_DISTILL)})"
+    # fedavg_matched sizes its local steps to FedEFM's round, experts included, unless given a factor
+    sizing = "fedavg_matched" in runs and not c.fedefm.matched_steps_factor
     for key in _FEDEFM_DISTILL_KEYS:
-      out[f"fedefm.{key}"] = because
+      if not (sizing and key == "expert_steps"):
+        out[f"fedefm.{key}"] = because
   return out
 
 

@@ -220,6 +220,17 @@ def test_the_distillation_keys_are_noted_unused_when_no_method_distils():
   efm.experiment.methods = "fedavg"
   keys = [k for k in fc.unused_keys(efm) if "distils" in fc.unused_keys(efm)[k]]
   assert len(keys) == 11 and all(k.split(".")[1] in schema.fedefm for k in keys), keys
+  # fedavg_matched measures FedEFM's round, its expert steps included, to size its local steps: 3 local steps
+  # and 1 vs 3 expert steps give it 2 vs 4 times the steps (fedkd.tasks.fedefm.Experiment._matched_factor)
+  efm.experiment.methods = "scratch,fedavg_matched"
+  efm.fedefm.beta, efm.fedefm.temperature = 0.5, 2.0
+  efm.fedefm.expert_steps = 3
+  assert "fedefm.expert_steps" not in fc.unused_keys(efm) and fc.unused_notes(efm) == []
+  efm.fedefm.matched_steps_factor = 2  # a given factor: nothing is measured
+  assert fc.unused_notes(efm) == [
+    "note: config.fedefm.expert_steps=3 has no effect while no experiment method distils from overseas experts "
+    "(fedefm / fedefm_dfl / fedefm_uniform / fedefm_e0)"
+  ]
 
 
 @pytest.mark.parametrize(
