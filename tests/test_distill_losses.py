@@ -66,7 +66,7 @@ def test_feature_kd():
   np.testing.assert_allclose(float(feature_kd(jnp.asarray(s), jnp.asarray(-s))), 4.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("scale", [1e12, 1e19, 1e25, 1e30])
+@pytest.mark.parametrize("scale", [1e12, 1e19, 1e25, 1e30, 1e38])
 def test_feature_kd_and_its_gradient_hold_past_the_float32_squared_norm(scale):
   """Features whose squared norm overflows float32 (entries past ~1.8e19), or whose rsqrt's gradient
   underflows (1e12), are still normalised: value and gradient against float64 numpy (dL/ds = 2 / P (I - u u^T) (u - v) / |s| per position)."""
@@ -81,7 +81,8 @@ def test_feature_kd_and_its_gradient_hold_past_the_float32_squared_norm(scale):
   want_grad = 2 / 15 * (d - u * np.sum(u * d, axis=-1, keepdims=True)) / np.linalg.norm(s64, axis=-1, keepdims=True)
   value, grad = jax.value_and_grad(feature_kd)(jnp.asarray(s64, jnp.float32), jnp.asarray(t64, jnp.float32))
   np.testing.assert_allclose(float(value), want, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(grad, np.float64) * scale, want_grad * scale, rtol=1e-4, atol=1e-6)
+  if scale <= 1e30:  # past that the true gradient (~1 / |s|) is below float32's normal range
+    np.testing.assert_allclose(np.asarray(grad, np.float64) * scale, want_grad * scale, rtol=1e-4, atol=1e-6)
 
 
 def test_masked_class_balanced_kd_against_a_pixel_loop():

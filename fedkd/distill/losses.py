@@ -101,12 +101,14 @@ def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *, detach_tea
 
 def _unit(x: jax.Array) -> jax.Array:
   """``x`` / ||x|| over the last axis (zero vectors stay zero). A vector whose squared norm passes 1e20
-  is first divided by its largest entry: else the squared norm overflows float32 (entries past ~1e19), or
-  the gradient of its rsqrt (||x||^-3) underflows. The result does not depend on that scale, so it is held
-  constant for the gradient."""
+  is first divided by a power of two at least its largest entry: else the squared norm overflows float32
+  (entries past ~1e19), or the gradient of its rsqrt (||x||^-3) underflows. The result does not depend on
+  that scale, so it is held constant for the gradient."""
   squares = jnp.sum(x * x, axis=-1, keepdims=True)
   big = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  x = x * jax.lax.stop_gradient(jnp.where(squares <= 1e20, 1.0, 1.0 / jnp.maximum(big, 1.0)))
+  # 2^-k with big in [2^(k-1), 2^k), k <= 126: a normal float (1 / big past 2^126 is subnormal, flushed to 0)
+  inverse = jnp.ldexp(jnp.float32(1), -jnp.clip(jnp.frexp(big)[1], 0, 126))
+  x = x * jax.lax.stop_gradient(jnp.where(squares <= 1e20, 1.0, inverse))
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
