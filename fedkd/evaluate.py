@@ -325,6 +325,26 @@ def _output_folder(out: str, flag: str) -> str:
   return folder
 
 
+def _check_output_folder(out: str, flag: str) -> None:
+  """:func:`_output_folder`'s checks, creating nothing where ``out`` does not exist yet (a run that then
+  cannot be evaluated leaves no folder behind): its nearest existing parent is a writable folder."""
+  from fedkd.workdir import WorkdirError, is_remote
+
+  if not out.strip() or is_remote(out) or os.path.isdir(os.path.expanduser(out)):
+    _output_folder(out, flag)  # an existing folder: only a probe file is written and removed
+    return
+  parent = os.path.abspath(os.path.expanduser(out))
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    what = (
+      " is a file, not a folder" if parent == os.path.abspath(os.path.expanduser(out)) else ": a parent of it is a file"
+    )
+    raise WorkdirError(f"{flag}={out}{what}; pass a folder path")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise WorkdirError(f"cannot write to {flag}={out} ({parent} is not writable); use a writable {flag}")
+
+
 def evaluate_run(
   workdir: str,
   *,
@@ -350,9 +370,9 @@ def evaluate_run(
 
   if out:  # a bad --out is refused before the checkpoint is read and the held-out sets are rendered
     prepare(workdir, create=False)
-    out = _output_folder(out, "--out")
+    _check_output_folder(out, "--out")
   config, apply, params, r = load_run(workdir, round_)
-  out = out or _output_folder(os.path.join(workdir, "eval"), "--workdir")
+  out = _output_folder(out or os.path.join(workdir, "eval"), "--out" if out else "--workdir")
   source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""
   if tfds_data_dir is not None and source == "synthetic":
     raise EvalError(

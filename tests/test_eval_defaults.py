@@ -11,7 +11,7 @@ from test_training import tiny_config
 @pytest.fixture(scope="module")
 def run2(tmp_path_factory):
   """A finished tiny run (2 rounds) whose training scored 2 held-out images per site."""
-  work = tmp_path_factory.mktemp("h55_eval") / "run"
+  work = tmp_path_factory.mktemp("eval_run") / "run"
   cfg = tiny_config(num_rounds=2)
   assert cfg.eval.examples_per_site == 2
   fedavg.run(cfg, str(work), log=lambda _: None)
@@ -55,3 +55,18 @@ def test_a_folder_where_eval_writes_a_file_is_refused_before_anything_is_written
   assert (out / "eval.json").read_text() == "earlier"
   assert sorted(p.name for p in out.iterdir()) == sorted(["eval.json", in_the_way])
   assert not list((out / in_the_way).iterdir())
+
+
+def test_an_out_folder_is_not_created_for_a_run_that_cannot_be_evaluated(cli, tmp_path):
+  """A workdir without checkpoints and a new --out: one line, and no --out folders left behind (the early
+  --out check created them before the run was found to have nothing to evaluate)."""
+  (tmp_path / "empty").mkdir()
+  out = tmp_path / "new" / "a" / "b"
+  r = cli.run("fedkd.eval", [f"--workdir={tmp_path / 'empty'}", f"--out={out}"])
+  assert "checkpoints" in _one_error_line(r)
+  assert not (tmp_path / "new").exists()
+  (tmp_path / "file").write_text("x")
+  r = cli.run("fedkd.eval", [f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'file' / 'sub'}"])
+  assert "a parent of it is a file" in _one_error_line(r)
+  r = cli.run("fedkd.eval", [f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'file'}"])
+  assert "is a file, not a folder" in _one_error_line(r)
