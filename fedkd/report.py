@@ -65,7 +65,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
   test set): d_i = a_i - b_i over n seeds. Returns ``n``, ``mean`` (of d), ``std`` (sample, ddof=1),
   ``ci_low`` / ``ci_high`` (the two-sided ``confidence`` interval mean ± t_{n-1} std / sqrt(n)) and ``p``
   (two-sided paired t-test of mean d = 0). With n < 2 the std, interval and p are NaN; with every d equal
-  the interval is that value and p is 1 if it is 0, else 0. NaN or Inf in ``a``, ``b`` or d is not a
+  (to the rounding of a - b) the interval is that value and p is 1 if it is 0, else 0. NaN or Inf in ``a``, ``b`` or d is not a
   result: a ValueError (callers leave such seeds out or stop first)."""
   from scipy import stats
 
@@ -84,8 +84,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
       f"not a result ({len(bad)} such pairs); leave NaN / Inf out before contrasting"
     )
   n = len(d)
-  if np.all(d == d[0]):  # also where rounding would give a std of 1e-17 and a p of 1e-33
-    mean = float(d[0])
+  # every d equal up to the rounding of a - b (.8 - .7 and .9 - .8 differ in the last bit: a std of 1e-17 and
+  # a p of 1e-31 otherwise)
+  tol = 16 * np.finfo(np.float64).eps * max(float(np.max(np.abs(a))), float(np.max(np.abs(b))))
+  if float(np.ptp(d)) <= tol:
+    mean = float(np.median(d))
+    mean = 0.0 if abs(mean) <= tol else mean
     out = {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
     if n >= 2:
       out.update(std=0.0, ci_low=mean, ci_high=mean, p=1.0 if mean == 0.0 else 0.0)

@@ -52,6 +52,19 @@ def test_every_difference_equal_gives_its_closed_form():
     "p": 0.0,
   }
   assert report.paired_difference([0.3, 0.4], [0.3, 0.4])["p"] == 1.0
+  # differences equal up to the last bit of a - b: 0.8 - 0.7 = 0.10000000000000009, 0.9 - 0.8 =
+  # 0.09999999999999998 (p = 1.4e-31 and an interval of width 1e-16 before)
+  res = report.paired_difference([0.8, 0.7, 0.9], [0.7, 0.6, 0.8])
+  assert res["std"] == 0.0 and res["p"] == 0.0 and res["ci_low"] == res["ci_high"] == res["mean"]
+  assert res["mean"] in (0.8 - 0.7, 0.7 - 0.6, 0.9 - 0.8)
+  # ... and around zero: no difference, p = 1 (not a "significant" 1e-17)
+  zero = report.paired_difference([0.8 - 0.7, 0.1], [0.1, 0.8 - 0.7])
+  assert zero["mean"] == 0.0 and zero["p"] == 1.0
+  # a real spread of one part in 1e12 is still a t-test, as scipy's
+  from scipy import stats
+
+  a, b = [0.5, 0.5 + 1e-12, 0.5 + 3e-12], [0.4, 0.4, 0.4]
+  assert report.paired_difference(a, b)["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-6)
   one = report.paired_difference([0.1], [0.0])
   assert one["n"] == 1 and one["mean"] == 0.1 and all(math.isnan(one[k]) for k in ("std", "ci_low", "ci_high", "p"))
 
