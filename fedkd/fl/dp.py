@@ -251,7 +251,7 @@ def _rdp_epsilon(
 
   one = _one_round_rdp(z, num_clients, clients_per_round, warning_action)
   if isinstance(one, Exception):
-    raise one
+    raise one.with_traceback(None)  # the cached exception: no frames piled up from earlier calls
   with warnings.catch_warnings():
     warnings.simplefilter(warning_action, RuntimeWarning)
     if one is None:  # a dp_accounting that keeps the RDP elsewhere: the accountant itself, every time
