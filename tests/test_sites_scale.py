@@ -101,3 +101,28 @@ def test_synthetic_clients_use_the_table_of_the_profiles():
   reference = sites_lib.site_table(train + [unseen])
   assert data.table.keys() == reference.keys() and all(np.array_equal(data.table[k], reference[k]) for k in reference)
   assert list(data.site_names) == [p.name for p in train] and data.unseen_name == unseen.name
+
+
+@pytest.mark.parametrize(
+  "num_clients, data_type, digest",
+  [
+    (13, "catheter_guidewire", "7bb44f63943eedf8"),
+    (13, "catheter", "2e0a7aaf04981d95"),
+    (13, "vessel", "f57182d9b8d0dda1"),
+    (13, "all", "ec1e35da02959feb"),
+    (9000, "catheter_guidewire", "c527896dec129b09"),  # past client_table's 4,096-client chunks
+  ],
+)
+def test_client_table_is_the_published_runs_table(num_clients, data_type, digest):
+  """The bytes of site_table(make_sites(n) + [unseen]) as fedkd built them before client_table existed
+  (sha256 over sorted key + bytes, computed from that code), which every published synthetic number used:
+  client_table and make_sites must both keep them, whatever later refactors of the jitter."""
+  import hashlib
+
+  train, unseen = sites_lib.make_sites(num_clients, data_type)
+  for table in (sites_lib.client_table(num_clients, data_type), sites_lib.site_table(train + [unseen])):
+    h = hashlib.sha256()
+    for key in sorted(table):
+      h.update(key.encode())
+      h.update(table[key].tobytes())
+    assert h.hexdigest()[:16] == digest
