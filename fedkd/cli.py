@@ -25,9 +25,28 @@ from ml_collections import config_flags
 from fedkd.config import ConfigError, base_config, find_config_file, schemas
 from fedkd.errors import reason
 
-CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
-)
+
+def _define_config_flag():
+  """``--config``. ml_collections reads ``--flagfile=`` files of ``sys.argv`` as the flag is defined; one it
+  cannot open is reported by :func:`parse` as one line, not as a traceback while this module imports."""
+
+  def define():
+    return config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
+    )
+
+  try:
+    return define()
+  except flags.CantOpenFlagFileError:
+    saved = sys.argv
+    sys.argv = [a for a in saved if not re.match(r"--?flagfile(=|$)", a)]
+    try:
+      return define()
+    finally:
+      sys.argv = saved
+
+
+CONFIG = _define_config_flag()
 # Flags shared by several entry points (defined once, so the modules can be imported together).
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, config and checkpoints; re-use it to resume.")
 OUT = flags.DEFINE_string(
@@ -40,8 +59,14 @@ SHARED = ("workdir", "out", "frames")  # an entry point names those it reads; th
 OVERRIDDEN: set[str] = set()  # the dotted keys given as --config.KEY on the command line (set by parse)
 
 
+# every character str.splitlines() breaks a line at, as its Python escape
+LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def fail(msg: str, code: int = 2) -> None:
-  """The one way a user error ends a process: one line on stderr, exit ``code`` (2), no traceback."""
+  """The one way a user error ends a process: one line on stderr, exit ``code`` (2), no traceback. A line
+  break inside ``msg`` (a path or value the user gave that holds one) is written as its escape."""
+  msg = str(msg).translate(LINE_BREAKS)
   print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
   sys.exit(code)
 
@@ -81,7 +106,8 @@ def run_app(
   A :class:`UserError` (bad config, data, checkpoint, workdir) prints one line and exits 2; a run
   stopped by SIGTERM / Ctrl-C at a round boundary says how to resume (exit 0 / 130), Ctrl-C elsewhere
   prints ``interrupted`` (what this program keeps; exit 130); a full disk or
-  a read-only filesystem is one line; any other exception is a bug and keeps its traceback.
+  a read-only filesystem is one line; output into a pipe whose reader exited (``| head``) stops quietly
+  (exit 141, as SIGPIPE would); any other exception is a bug and keeps its traceback.
   """
   from absl import app
 
@@ -89,6 +115,7 @@ def run_app(
   from fedkd.preemption import Stopped
 
   line_buffered()
+  running = {"main": False}
 
   def parser(args):
     try:
@@ -99,6 +126,8 @@ def run_app(
 
   def wrapped(args):
     from absl import logging as absl_logging
+
+    running["main"] = True
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs many INFO lines per checkpoint
     try:
@@ -138,9 +167,47 @@ def run_app(
     elif code is not None and not isinstance(code, int):  # a message: Python prints it, exit 1
       _exit_past_stuck_threads(1, lambda: print(code, file=sys.stderr))
     raise
+  except BrokenPipeError:
+    exit_if_output_closed(f"fedkd: output pipe closed; {interrupted}" if running["main"] else None)
+    _exit_past_stuck_threads(1, traceback.print_exc)  # another pipe (a worker's, a socket): a bug
+    raise
   except BaseException:  # a bug: its traceback (printed here only if Python cannot exit itself), exit 1
     _exit_past_stuck_threads(1, traceback.print_exc)
     raise
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a program that wrote into a closed pipe
+
+
+def _pipe_closed(fd: int) -> bool:
+  """Whether ``fd`` is a pipe or socket whose reading end is gone (poll reports an error or hang-up on it)."""
+  import select
+
+  try:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+  except (OSError, ValueError):
+    return False
+
+
+def exit_if_output_closed(note: str | None = None) -> None:
+  """For an ``except BrokenPipeError:`` block of an entry point: when stdout or stderr lost its reader (``| head``
+  took what it wanted), stop quietly as a program killed by SIGPIPE does (exit 141), with ``note`` on stderr
+  if that is still open. Returns if neither did (another pipe broke: the caller re-raises)."""
+  closed = [fd for fd in (1, 2) if _pipe_closed(fd)]
+  if not closed:
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  for fd in closed:
+    os.dup2(devnull, fd)  # else Python's flush at exit fails again and prints
+  if note and 2 not in closed:
+    try:
+      print(note, file=sys.stderr, flush=True)
+    except OSError:
+      pass
+  _exit_past_stuck_threads(SIGPIPE_EXIT)
+  raise SystemExit(SIGPIPE_EXIT) from None
 
 
 def _exit_past_stuck_threads(code: int, before_exit: Callable[[], Any] | None = None, grace_s: float = 10.0) -> None:
@@ -231,32 +298,64 @@ def parse(
   :data:`SHARED` not in ``shared`` (or ``--config`` when not ``uses_config``) is refused: the program
   would ignore it."""
   argv = list(sys.argv if argv is None else argv)
+  if any(re.match(r"--?flagfile(=|$)", a) for a in argv[1:]):  # its flags are checked like the others
+    try:
+      argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    except flags.Error as e:
+      what = str(e).strip().removeprefix("ERROR::").strip().splitlines()[0]
+      fail(f"--flagfile: {what}; pass a readable file that holds one --flag=value per line")
   wants = [a for a in argv[1:] if a in ("-h", "--help", "-help", "--helpshort", "--helpfull", "-helpfull")]
   if wants:
     _print_help("full" in wants[0], usage, uses_config, shared)
     sys.exit(0)
   end = argv.index("--") if "--" in argv else len(argv)
   for i in range(1, end):  # absl reads -config.KEY / -noconfig.KEY as --config.KEY: check them alike
-    if re.match(r"-(no)?config[.=]", argv[i]):
+    if re.match(r"-(no)?config([.=]|$)", argv[i]):
       argv[i] = "-" + argv[i]
+  if uses_config:  # absl reads '--config FILE' as --config=FILE: check it alike
+    i = 1
+    while i < end - 1:
+      if argv[i] == "--config":
+        argv[i : i + 2] = [f"--config={argv[i + 1]}"]
+        end -= 1
+      i += 1
   ignored = [n for n in SHARED if n not in shared] + ([] if uses_config else ["config"])
   for a in argv[1:end]:
     name = a.lstrip("-").split("=", 1)[0].split(".", 1)[0]
     if a.startswith("-") and name in ignored:
       fail(f"{a.split('=', 1)[0]} is not a flag of this program (it would be ignored); --help lists its flags")
+  configs = [a for a in argv[1:end] if uses_config and a.startswith("--config=")]
+  if len(configs) > 1:  # absl would keep the last (and fail on its overrides)
+    fail(f"--config is given {len(configs)} times ({', '.join(configs)}); give one config file")
+  if uses_config and not configs and any(re.match(r"--(no)?config\.", a) for a in argv[1:end]):
+    names = [a.lstrip("-").split("=", 1)[0] for a in argv[1:end] if a.startswith("-")]
+    typo = difflib.get_close_matches("config", [n for n in names if "." not in n], n=1, cutoff=0.6)
+    hint = f" (is --{typo[0]} meant to be --config?)" if typo else ""
+    fail(
+      f"--config is required for --config.KEY overrides{hint}, e.g. --config=configs/quickstart.py "
+      "--config.num_rounds=10"
+    )
   loaded = None  # the config of --config= (its keys are the valid --config.* overrides)
   for i in range(1, end):
     if uses_config and argv[i].startswith("--config="):
       path, sep, arg = argv[i].split("=", 1)[1].partition(":")
+      if sep and find_config_file(path) is None:
+        _refuse_colon_in_path(argv[i].split("=", 1)[1])
       path = resolve_config_path(path)
       argv[i] = f"--config={path}" + (f":{arg}" if sep else "")
       loaded = _preload_config(path, arg if sep else None)
+  first = next((i for i in range(1, end) if uses_config and argv[i].startswith("--config=")), 1)
+  early = [a for a in argv[1:first] if re.match(r"--(no)?config\.", a)]
+  if early:  # ml_collections refuses them (it applies overrides to the config given before them)
+    fail(f"{early[0]} comes before --config=FILE; give --config=FILE first, then its --config.KEY overrides")
   given = set()  # the keys overridden on the command line
-  for a in argv[1:end]:
-    m = re.match(r"--(no)?config\.([^=]*)(=(.*))?$", a, flags=re.S) if uses_config else None
+  for i in range(1, end):
+    m = re.match(r"--(no)?config\.([^=]*)(=(.*))?$", argv[i], flags=re.S) if uses_config else None
     if m:
       key, value = m.group(2), m.group(4)
       _check_override_key(key, loaded)
+      if value is None and not m.group(1) and i + 1 < end and loaded is not None and not _is_bool(key, loaded):
+        value = argv[i + 1]  # '--config.KEY VALUE': absl takes the next argument as the value
       if loaded is not None and value is not None:
         _check_override_value(key, value, loaded)
       given.add(key)
@@ -286,6 +385,31 @@ def parse(
   return rest
 
 
+def _is_bool(key: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config.KEY`` is on/off (absl reads a bare ``--config.KEY`` as true, taking no value)."""
+  *groups, last = key.split(".")
+  node = config
+  for part in groups:
+    node = node[part]
+  try:
+    return node.get_type(last) is bool
+  except (AttributeError, KeyError, TypeError):
+    return isinstance(node[last], bool)
+
+
+def _refuse_colon_in_path(value: str) -> None:
+  """``--config=DIR:WITH:COLON/file.py``: the first ':' starts the config argument, so absl cannot read such a
+  path; say so rather than 'DIR not found'."""
+  parts = value.split(":")
+  for n in range(2, len(parts) + 1):
+    candidate = ":".join(parts[:n])
+    if find_config_file(candidate) is not None:
+      fail(
+        f"--config={value}: the config file's path {candidate!r} holds ':', which starts the config argument "
+        "(--config=FILE:ARG); copy or link the file to a path without ':'"
+      )
+
+
 def _check_override_value(key: str, value: str, config: ml_collections.ConfigDict) -> None:
   """A ``--config.KEY=VALUE`` whose text the key's type cannot take, or that would change the config's
   task, is one line with the form to write (absl's own message names neither)."""
@@ -294,6 +418,12 @@ def _check_override_value(key: str, value: str, config: ml_collections.ConfigDic
   for part in groups:
     node = node[part]
   current = node[last]
+  if isinstance(current, ml_collections.ConfigDict):  # absl would replace the whole group with the given dict
+    first = sorted(current.keys())[0] if current else "KEY"
+    fail(
+      f"--config.{key}={value}: config.{key} is a group of keys; override them one by one, e.g. "
+      f"--config.{key}.{first}=... (--helpfull lists them)"
+    )
   if key == "task" and value != current:
     example = "configs/fedefm.py" if value == "fedefm" else "configs/quickstart.py"
     fail(
