@@ -527,12 +527,12 @@ class ArgValue:
     self.placeholder, self.convert, self.hint = placeholder, convert, hint
 
 
-def whole_number(low: int = 1, placeholder: str = "N", hint: str = "") -> ArgValue:
-  """``name=N``: a whole number >= ``low``."""
+def whole_number(low: int = 1, placeholder: str = "N", hint: str = "", high: int | None = None) -> ArgValue:
+  """``name=N``: a whole number >= ``low`` (and <= ``high``)."""
 
   def convert(v: str) -> int:
     n = int(v)
-    if n < low:
+    if n < low or (high is not None and n > high):
       raise ValueError(v)
     return n
 
@@ -562,7 +562,9 @@ def one_of(*choices: str) -> ArgValue:
   return ArgValue("|".join(choices), convert, f"give one of {', '.join(choices)}")
 
 
-SEEDS = whole_number(1, hint="give a number of seeds >= 1, e.g. seeds=3")  # ``seeds=N``: runs seeds 0..N-1
+# ``seeds=N``: runs seeds 0..N-1 (a billion built a billion-entry seed list before any check)
+MAX_SEEDS_ARG = 1000
+SEEDS = whole_number(1, hint=f"give a number of seeds 1..{MAX_SEEDS_ARG}, e.g. seeds=3", high=MAX_SEEDS_ARG)
 
 
 def config_file_name(config_file: str) -> str:
