@@ -7,7 +7,8 @@ machine), or (b) the launcher says this is one of several processes: Cloud TPU V
 the coordinator itself. Otherwise it does nothing.
 
 Bad flags (an address without a port, a process id out of range, ``--num_processes`` without an
-address, a coordinator port already taken) are a :class:`DistributedError` before JAX starts: one
+address, a coordinator port already taken) and a malformed ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_COORDINATOR_PORT`` in a launcher's environment are a :class:`DistributedError` before JAX starts: one
 line, exit 2. A process that cannot join the others (unreachable coordinator, a missing process) waits
 at most ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (default 300), then prints one line and exits 2 instead of
 JAX's fatal error with a C++ stack trace. After joining, processes whose ``--num_processes`` differs
@@ -101,6 +102,7 @@ def maybe_initialize(
       "run every process through the launcher (srun inside a SLURM allocation; every worker of a TPU slice), "
       "or unset the variable for a single-process run"
     )
+    _check_coordinator_env()
     if len(hosts) <= 1:
       _check_slurm_port_free()
     try:
@@ -157,15 +159,47 @@ def _check_flags(address: str | None, num_processes: int | None, process_id: int
     )
 
 
-def _split_address(address: str) -> tuple[str, int]:
+def _split_address(
+  address: str,
+  named: str = "--coordinator_address",
+  fix: str = "give process 0's address, e.g. --coordinator_address=localhost:12355",
+) -> tuple[str, int]:
   host, sep, port = address.strip().rpartition(":")
-  host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [ipv6]:port
+  bracketed = host.startswith("[") and host.endswith("]")
+  host = host[1:-1] if bracketed else host  # [ipv6]:port
   if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise DistributedError(f"{named}={address!r} is not HOST:PORT with a port from 1 to 65535; {fix}")
+  if ":" in host and not bracketed:  # gRPC cannot tell ::1:12355's port from the address: a wait, then a timeout
     raise DistributedError(
-      f"--coordinator_address={address!r} is not HOST:PORT with a port from 1 to 65535; "
-      "give process 0's address, e.g. --coordinator_address=localhost:12355"
+      f"{named}={address!r}: an IPv6 address goes in brackets before the port, e.g. {named}=[{host}]:{port}"
     )
   return host, int(port)
+
+
+def _check_coordinator_env() -> None:
+  """``JAX_COORDINATOR_ADDRESS`` (else ``JAX_COORDINATOR_PORT``), which JAX reads when the launcher's
+  environment gives the processes: one line for a malformed value (JAX: an IndexError for an address
+  without a port, a wait of the whole timeout or 'Failed to start RPC server' for a bad port), and
+  surrounding blanks removed (JAX cannot use ' 29500')."""
+  env = os.environ
+  address = env.get("JAX_COORDINATOR_ADDRESS", "")
+  if address:  # JAX ignores an empty one
+    _split_address(
+      address,
+      "JAX_COORDINATOR_ADDRESS",
+      "export process 0's HOST:PORT, e.g. JAX_COORDINATOR_ADDRESS=node01:29500, or unset it (the launcher's "
+      "environment names the coordinator)",
+    )
+    env["JAX_COORDINATOR_ADDRESS"] = address.strip()
+    return  # JAX then ignores JAX_COORDINATOR_PORT
+  port = env.get("JAX_COORDINATOR_PORT", "")
+  if port:
+    if not port.strip().isdigit() or not 1 <= int(port.strip()) <= 65535:
+      raise DistributedError(
+        f"JAX_COORDINATOR_PORT={port!r} is not a port from 1 to 65535; export a free port to every process, "
+        "e.g. JAX_COORDINATOR_PORT=29500, or unset it (JAX then picks one)"
+      )
+    env["JAX_COORDINATOR_PORT"] = port.strip()
 
 
 def _check_port_free(
@@ -199,12 +233,21 @@ def _check_port_free(
 
 
 def _check_slurm_port_free() -> None:
-  """Task 0 of a SLURM job step serves the coordinator on the port JAX picks: ``JAX_COORDINATOR_PORT``,
-  else one derived from the job id (61440 + id mod 4096, so two jobs can pick the same)."""
+  """Task 0 of a SLURM job step serves the coordinator on the port JAX picks: that of
+  ``JAX_COORDINATOR_ADDRESS``, else ``JAX_COORDINATOR_PORT``, else one derived from the job id (61440 + id
+  mod 4096, so two jobs can pick the same)."""
   env = os.environ
   needed = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
-  if any(k not in env for k in needed) or env["SLURM_PROCID"].strip() != "0" or env.get("JAX_COORDINATOR_ADDRESS"):
+  if any(k not in env for k in needed) or env["SLURM_PROCID"].strip() != "0":
     return  # not JAX's SLURM detection, or not the coordinator's task: JAX reports what it finds
+  if env.get("JAX_COORDINATOR_ADDRESS"):  # task 0 serves it on this address's port
+    address = env["JAX_COORDINATOR_ADDRESS"]
+    _check_port_free(
+      address,
+      f"JAX_COORDINATOR_ADDRESS={address}",
+      "export JAX_COORDINATOR_ADDRESS with a free port to every task (e.g. in the sbatch script, before srun)",
+    )
+    return
   job = env["SLURM_JOB_ID"].strip()
   port = env.get("JAX_COORDINATOR_PORT", "").strip()
   named = f"JAX_COORDINATOR_PORT={port}"

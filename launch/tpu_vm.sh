@@ -22,7 +22,8 @@ usage() {
   cat <<EOF
 usage: $0 --name=NAME --zone=ZONE [options] -- COMMAND [ARGS...]
 
-  --name=NAME               TPU VM name (required)
+  --name=NAME               TPU VM name (required): a lowercase letter, then lowercase letters, digits
+                            or hyphens
   --zone=ZONE               zone, e.g. us-central2-b (required)
   --accelerator_type=TYPE   e.g. v4-8, v5litepod-8, v5p-16 (default: v4-8)
   --version=RUNTIME         TPU software version (default: tpu-ubuntu2204-base)
@@ -36,7 +37,8 @@ usage: $0 --name=NAME --zone=ZONE [options] -- COMMAND [ARGS...]
                             only if you answer y; without a terminal the VM is kept), keep, or delete
                             (before the command starts, an interrupt deletes the VM this script created)
   --src=DIR                 code to copy (default: the repository of this script)
-  --remote_dir=DIR          where the code goes on the workers (default: fedkd)
+  --remote_dir=DIR          where the code goes on the workers (default: fedkd); paths here and in
+                            --fetch: letters, digits and . _ / ~ + -
   --fetch=PATH              path (relative to --remote_dir) copied back from worker 0 into
                             ./PATH's parent at the end (default: runs)
   --pip=SPEC                JAX package to install (default: jax[tpu])
@@ -83,29 +85,65 @@ case "$on_interrupt" in
   ask|keep|delete) ;;
   *) die "--on_interrupt=$on_interrupt is not ask, keep or delete" ;;
 esac
+# gcloud's TPU node names (the queued resource is NAME-qr): lowercase letters, digits and hyphens
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
+  || die "--name=$name is not a TPU VM name: a lowercase letter, then lowercase letters, digits or hyphens, not ending in a hyphen"
+# the two paths go unquoted into the workers' shell commands and into scp's NAME:PATH
+[[ "$remote_dir" =~ ^[A-Za-z0-9._/~+-]+$ ]] \
+  || die "--remote_dir='$remote_dir' must be a path of letters, digits and . _ / ~ + - (no spaces or quotes)"
+[[ "$fetch" =~ ^[A-Za-z0-9._/~+-]*$ ]] \
+  || die "--fetch='$fetch' must be a path of letters, digits and . _ / ~ + - (no spaces or quotes)"
+[ "$dry_run" = 1 ] || command -v gcloud >/dev/null \
+  || die "gcloud (the Google Cloud CLI) is not on PATH; install it (https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands"
 
 common=(--zone="$zone")
 [ -n "$project" ] && common+=(--project="$project")
 qr_name="${name}-qr"
 
-# Runs (or, with --dry_run, prints) one command, shell-quoted so it can be pasted.
+# Runs (or, with --dry_run, prints) one command, shell-quoted so it can be pasted. The command runs as a
+# background job the script waits for, so a signal to the script alone (kill PID, not only Ctrl-C at the
+# terminal, which reaches every process) acts at once: the trap passes it on to the command.
+child=""
 run() {
   if [ "$dry_run" = 1 ]; then
     printf '+'; printf ' %q' "$@"; printf '\n'
+    return 0
+  fi
+  local rc=0
+  (trap - INT TERM; exec "$@") <&0 &  # a background job of a script ignores Ctrl-C unless reset
+  child=$!
+  wait "$child" || rc=$?
+  child=""
+  return "$rc"
+}
+
+on_signal() {  # $1: the signal, $2: the exit code
+  interrupted=1
+  if [ -n "$child" ]; then  # the command and its own children (gcloud's ssh)
+    if command -v pkill >/dev/null; then pkill "-$1" -P "$child" 2>/dev/null || true; fi
+    kill -s "$1" "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+    child=""
+  fi
+  exit "$2"
+}
+
+# The command that deletes the VM (or its queued resource), shell-quoted to paste.
+delete_cmd() {
+  if [ "$queued" = 1 ] && [ "$reuse" = 0 ]; then
+    printf '%q ' gcloud compute tpus queued-resources delete "$qr_name" "${common[@]}" --force; printf '%s' --quiet
   else
-    "$@"
+    printf '%q ' gcloud compute tpus tpu-vm delete "$name" "${common[@]}"; printf '%s' --quiet
   fi
 }
 
 # After an interrupt (Ctrl-C, SIGTERM) once the command started, the VM holds what the command wrote
 # (checkpoints, metrics) and perhaps the command, still running: kept (true) unless the user says delete.
 kept_after_interrupt() {
-  local delete_cmd="gcloud compute tpus tpu-vm delete $name ${common[*]} --quiet"
-  [ "$queued" = 1 ] && delete_cmd="gcloud compute tpus queued-resources delete $qr_name ${common[*]} --force --quiet"
   echo "interrupted: TPU VM $name holds what the command wrote ($remote_dir/$fetch); it is billed until deleted" >&2
   [ -n "$fetch" ] && echo "  fetch the results: gcloud compute tpus tpu-vm scp --recurse" \
     "$name:$remote_dir/$fetch $(dirname "$fetch") ${common[*]} --worker=0" >&2
-  echo "  delete the VM:     $delete_cmd" >&2
+  echo "  delete the VM:     $(delete_cmd)" >&2
   local answer=""
   if [ "$on_interrupt" = ask ] && [ -t 0 ]; then
     trap - INT  # Ctrl-C at the question: stop here, the VM kept
@@ -124,10 +162,10 @@ interrupted=0
 cleanup() {
   local rc=$?
   [ -n "${tarball:-}" ] && [ "$dry_run" = 0 ] && rm -f "$tarball"
-  if [ "$keep" = 1 ] || [ "$reuse" = 1 ]; then
-    echo "keeping TPU VM $name (delete: gcloud compute tpus tpu-vm delete $name --zone=$zone --quiet)" >&2
-  elif [ "$created" = 0 ]; then
-    :
+  if [ "$created" = 0 ] && [ "$reuse" = 0 ]; then
+    :  # no VM of this script's (e.g. one of this name already existed): nothing to keep or delete
+  elif [ "$keep" = 1 ] || [ "$reuse" = 1 ]; then
+    echo "keeping TPU VM $name (delete: $(delete_cmd))" >&2
   elif [ "$interrupted" = 1 ] && [ "$started" = 1 ] && kept_after_interrupt; then
     :
   elif [ "$queued" = 1 ]; then
@@ -139,8 +177,8 @@ cleanup() {
 }
 
 trap cleanup EXIT
-trap 'interrupted=1; exit 130' INT
-trap 'interrupted=1; exit 143' TERM
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
 
 # 1. create
 if [ "$reuse" = 0 ]; then
@@ -158,7 +196,7 @@ if [ "$reuse" = 0 ]; then
   created=1
   if [ "$queued" = 1 ]; then
     run gcloud compute tpus queued-resources create "$qr_name" --node-id="$name" "${common[@]}" \
-      --accelerator-type="$accel" --runtime-version="$version" "${spot_flag[@]}"
+      --accelerator-type="$accel" --runtime-version="$version" ${spot_flag[@]+"${spot_flag[@]}"}
     if [ "$dry_run" = 1 ]; then
       run gcloud compute tpus queued-resources describe "$qr_name" "${common[@]}" --format='value(state.state)'
     else
@@ -169,12 +207,12 @@ if [ "$reuse" = 0 ]; then
           ACTIVE) break ;;
           FAILED|SUSPENDED) die "queued resource $qr_name is $state" ;;
         esac
-        sleep 30
+        run sleep 30  # as a job: a signal ends the wait at once
       done
     fi
   else
     run gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type="$accel" \
-      --version="$version" "${spot_flag[@]}"
+      --version="$version" ${spot_flag[@]+"${spot_flag[@]}"}
   fi
 fi
 
@@ -189,7 +227,7 @@ run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
 # 3. install (one pip call, so the TPU JAX build is chosen within fedkd's JAX version range); Ubuntu
 # images have python3 only: a `python` in ~/.local/bin (on PATH in step 4) lets the command say python
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
-  --command="cd $remote_dir && python3 -m pip install -q -U -e . '$pip_spec' && { command -v python >/dev/null \
+  --command="cd $remote_dir && python3 -m pip install -q -U -e . $(printf %q "$pip_spec") && { command -v python >/dev/null \
 || { mkdir -p \$HOME/.local/bin && ln -sf \"\$(command -v python3)\" \$HOME/.local/bin/python; }; }"
 
 # 4. run the command on every worker (multi-host: fedkd calls jax.distributed.initialize itself)
