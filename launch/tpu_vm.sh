@@ -156,6 +156,21 @@ kept_after_interrupt() {
   echo "keeping TPU VM $name" >&2
 }
 
+# Whether the describe command "$@" (after $1, what it describes) finds nothing: gcloud's NOT_FOUND. Any other
+# failure (no account, no network) is not "absent": creating could then fail on an existing VM of this name,
+# and the cleanup would delete it.
+absent() {
+  local what=$1 err
+  shift
+  if err=$("$@" 2>&1 >/dev/null); then
+    return 1
+  fi
+  case "$err" in
+    *NOT_FOUND* | *"not found"*) return 0 ;;
+  esac
+  die "cannot tell whether a $what named ${name} exists (gcloud: ${err%%$'\n'*}); fix gcloud (gcloud auth login, gcloud config set project, the network) and re-run"
+}
+
 created=0  # set just before this script creates the VM: only a VM it created is deleted
 started=0  # set when the command starts on the workers: from then on the VM holds its output
 interrupted=0
@@ -185,11 +200,10 @@ if [ "$reuse" = 0 ]; then
   spot_flag=(); [ "$spot" = 1 ] && spot_flag=(--spot)
   # an existing VM (or queued resource) of this name is not ours to delete when creating it fails
   if [ "$dry_run" = 0 ]; then
-    if gcloud compute tpus tpu-vm describe "$name" "${common[@]}" >/dev/null 2>&1; then
+    if ! absent "TPU VM" gcloud compute tpus tpu-vm describe "$name" "${common[@]}"; then
       die "a TPU VM named $name already exists in zone $zone; pass --reuse to run on it, or choose another --name"
     fi
-    if [ "$queued" = 1 ] \
-      && gcloud compute tpus queued-resources describe "$qr_name" "${common[@]}" >/dev/null 2>&1; then
+    if [ "$queued" = 1 ] && ! absent "queued resource" gcloud compute tpus queued-resources describe "$qr_name" "${common[@]}"; then
       die "a queued resource named $qr_name already exists in zone $zone; delete it, or choose another --name"
     fi
   fi

@@ -80,9 +80,9 @@ FAKE_GCLOUD = textwrap.dedent("""\
   #!/bin/bash
   echo "gcloud $*" >> "$FAKE_LOG"
   case "$*" in
-    *"tpu-vm describe"*) exit 1 ;;  # no VM of this name yet
+    *"tpu-vm describe"*) echo "ERROR: NOT_FOUND" >&2; exit 1 ;;  # no VM of this name yet
     *"queued-resources describe"*"--format"*) echo ACTIVE ;;
-    *"queued-resources describe"*) exit 1 ;;
+    *"queued-resources describe"*) echo "ERROR: NOT_FOUND" >&2; exit 1 ;;
     *"$FAKE_BLOCK"*) : > "$FAKE_LOG.blocked"; exec sleep 60 ;;
   esac
   exit 0

@@ -155,7 +155,9 @@ FAKE_GCLOUD = textwrap.dedent("""\
   #!/bin/bash
   echo "gcloud $*" >> "$FAKE_LOG"
   case "$*" in
-    *"tpu-vm describe"*) [ -n "$FAKE_EXISTS" ]; exit $? ;;
+    *"tpu-vm describe"*)
+      [ -n "${FAKE_DESCRIBE_ERROR:-}" ] && { echo "ERROR: $FAKE_DESCRIBE_ERROR" >&2; exit 1; }
+      [ -n "$FAKE_EXISTS" ] && exit 0; echo "ERROR: NOT_FOUND: Resource was not found" >&2; exit 1 ;;
     *"queued-resources describe"*) echo ACTIVE ;;
     *"tpu-vm create"*) [ -n "$FAKE_EXISTS" ] && { echo "ERROR: already exists" >&2; exit 1; } ;;
     *"tpu-vm ssh"*"PATH="*) exit "${FAKE_RUN_RC:-0}" ;;
@@ -199,6 +201,17 @@ def test_tpu_vm_never_deletes_a_vm_it_did_not_create(tmp_path):
   assert "already exists" in r.stderr and "--reuse" in r.stderr
   assert not [c for c in calls if " delete " in c], calls
   assert not [c for c in calls if " create " in c], calls
+
+
+def test_tpu_vm_that_cannot_tell_whether_the_vm_exists_creates_and_deletes_nothing(tmp_path):
+  """describe failing for another reason than NOT_FOUND (no account, no network) was read as "no such VM":
+  create then failed on the existing VM of that name, and the cleanup deleted it."""
+  err = "(gcloud.compute.tpus.tpu-vm.describe) You do not currently have an active account selected."
+  r, calls = _tpu(tmp_path, FAKE_EXISTS="1", FAKE_DESCRIBE_ERROR=err)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and "cannot tell whether a TPU VM named fk exists" in lines[0] and "active account" in lines[0]
+  assert not [c for c in calls if " delete " in c or " create " in c], calls
 
 
 def test_tpu_vm_fetches_results_of_a_failed_command(tmp_path):

@@ -27,9 +27,9 @@ FAKE_GCLOUD = textwrap.dedent("""\
   #!/bin/bash
   echo "gcloud $*" >> "$FAKE_LOG"
   case "$*" in
-    *"tpu-vm describe"*) [ -n "${FAKE_EXISTS:-}" ]; exit $? ;;
+    *"tpu-vm describe"*) [ -n "${FAKE_EXISTS:-}" ] && exit 0; echo "ERROR: NOT_FOUND: not found" >&2; exit 1 ;;
     *"queued-resources describe"*"--format"*) echo ACTIVE ;;
-    *"queued-resources describe"*) exit 1 ;;
+    *"queued-resources describe"*) echo "ERROR: NOT_FOUND: not found" >&2; exit 1 ;;
     *"${FAKE_BLOCK:-no call blocks}"*) exec "$FAKE_PYTHON" -c '
   import os, subprocess, sys
   p = subprocess.Popen(["sleep", "60"])
