@@ -339,8 +339,8 @@ def parse(
   for i in range(1, end):
     if uses_config and argv[i].startswith("--config="):
       path, sep, arg = argv[i].split("=", 1)[1].partition(":")
-      if sep and find_config_file(path) is None:
-        _refuse_colon_in_path(argv[i].split("=", 1)[1])
+      if sep and find_config_file(path) is None and (problem := colon_in_path_problem(argv[i].split("=", 1)[1])):
+        fail(problem)
       path = resolve_config_path(path)
       argv[i] = f"--config={path}" + (f":{arg}" if sep else "")
       loaded = _preload_config(path, arg if sep else None)
@@ -397,17 +397,18 @@ def _is_bool(key: str, config: ml_collections.ConfigDict) -> bool:
     return isinstance(node[last], bool)
 
 
-def _refuse_colon_in_path(value: str) -> None:
+def colon_in_path_problem(value: str) -> str | None:
   """``--config=DIR:WITH:COLON/file.py``: the first ':' starts the config argument, so absl cannot read such a
-  path; say so rather than 'DIR not found'."""
+  path; the message that says so (rather than 'DIR not found'), or None where no such file exists."""
   parts = value.split(":")
   for n in range(2, len(parts) + 1):
     candidate = ":".join(parts[:n])
     if find_config_file(candidate) is not None:
-      fail(
+      return (
         f"--config={value}: the config file's path {candidate!r} holds ':', which starts the config argument "
         "(--config=FILE:ARG); copy or link the file to a path without ':'"
       )
+  return None
 
 
 def _check_override_value(key: str, value: str, config: ml_collections.ConfigDict) -> None:

@@ -132,7 +132,12 @@ def load_config_module(spec: str, need_sweep: bool = True):
 
   path = find_config_file(spec.split(":", 1)[0])
   if path is None:
-    raise InputError(f"config file {spec.split(':', 1)[0]!r} not found; pass e.g. --config=configs/quickstart.py")
+    from fedkd.cli import colon_in_path_problem
+
+    raise InputError(
+      colon_in_path_problem(spec)
+      or f"config file {spec.split(':', 1)[0]!r} not found; pass e.g. --config=configs/quickstart.py"
+    )
   if os.getcwd() not in sys.path and "" not in sys.path:
     sys.path.insert(0, os.getcwd())
   mod_spec = importlib.util.spec_from_file_location(

@@ -112,6 +112,13 @@ def test_a_config_path_holding_a_colon_is_one_line(tmp_path):
   shutil.copy(ROOT / "configs" / "quickstart.py", folder / "q.py")
   code, err, _ = _parse(f"--config={folder}/q.py")
   _one_line_error(code, err, f"'{folder}/q.py' holds ':'", "without ':'")
+  # launch.sweep says the same (it said "config file '.../a' not found")
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the launch/ package lives next to fedkd/
+  from launch import sweep as launcher
+
+  with pytest.raises(launcher.InputError, match=r"holds ':'.*without ':'"):
+    launcher.load_config_module(f"{folder}/q.py")
 
 
 def _with_closed_stdout(args: list[str]) -> subprocess.CompletedProcess:
