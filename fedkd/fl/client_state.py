@@ -10,7 +10,10 @@ with the same API:
     every device of the mesh (memory: num_clients x row bytes on each device). The sampled rows are
     gathered inside a jitted function straight into the round's client sharding, and written back
     with ``table.at[ids].set(rows)`` in a jitted function that donates the table, so the update
-    happens in place (no second table). Good for up to a few thousand clients of a small model.
+    happens in place (no second table); checkpoints save and restore it CHUNK_BYTES of rows at a time,
+    also without a second table. A table larger than a device's memory (the allocator's limit on GPU /
+    TPU, the host's memory over its devices on CPU) is refused with a ClientStateError naming the
+    ``host`` placement. Good for up to a few thousand clients of a small model.
 
 ``host`` (:class:`HostClientState`)
     numpy rows in host memory, one per client that has ever been sampled (a dict client id -> row);
@@ -31,17 +34,21 @@ with one placement restores into the other with identical numbers.
 
 from __future__ import annotations
 
-from fedkd.errors import UserError
-
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedkd.errors import UserError
 from fedkd.sharding import client_sharding, local_copy, replicate, replicated, shard_clients
 
 Row = Any  # a pytree of arrays: one client's state
+
+# The device placement saves and restores its table this many bytes of rows at a time, so a checkpoint
+# costs at most this much extra device memory (per device), not a second table.
+CHUNK_BYTES = 64 * 2**20
 
 
 class ClientStateError(UserError, ValueError):
@@ -91,7 +98,9 @@ class _Store:
     self.num_clients = int(num_clients)
     self.mesh = mesh
     self.rows = rows  # this process's rows of a round's client axis (multi-process); None = all
-    self._init = jax.tree.map(lambda a: np.array(a), init_row)  # host copy, the value of unseen rows
+    # host copy, the value of unseen rows, in the dtypes JAX gives the rows on the devices (int64 / float64
+    # become int32 / float32 unless jax_enable_x64 is set), so a round's updated rows match the store's
+    self._init = jax.tree.map(lambda a: np.array(a, jax.dtypes.canonicalize_dtype(np.asarray(a).dtype)), init_row)
     self._leaves0, self._treedef = jax.tree.flatten(self._init)
     self.row_nbytes = int(sum(a.nbytes for a in self._leaves0))
 
@@ -188,6 +197,25 @@ class HostClientState(_Store):
     self._rows = {cid: [np.array(a[i]) for a in leaves] for i, cid in enumerate(ids.tolist())}
 
 
+def _memory_per_device(mesh) -> int | None:
+  """Bytes one device of ``mesh`` can hold: the allocator's limit on GPU / TPU; on CPU the host's physical
+  memory over this process's devices of the mesh (each holds its own copy of a replicated array). None
+  when unknown."""
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  try:
+    stats = local[0].memory_stats()
+  except Exception:  # noqa: BLE001 (a backend without memory statistics)
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if local[0].platform == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(local)
+    except (ValueError, OSError, AttributeError):
+      return None
+  return None
+
+
 class DeviceClientState(_Store):
   """All ``num_clients`` rows in device memory, replicated on the mesh; see the module docstring."""
 
@@ -207,8 +235,38 @@ class DeviceClientState(_Store):
       out_shardings=rep,
       donate_argnums=0,
     )
+    # every leaf set to the initial row, in place (the table is donated and kept as an argument, so its
+    # buffer is reused for the result)
+    self._reset = jax.jit(
+      lambda table, row: jax.tree.map(lambda t, r: jnp.broadcast_to(r, t.shape), table, row),
+      out_shardings=rep,
+      donate_argnums=0,
+      keep_unused=True,
+    )
     self._seen = np.zeros(n, bool)  # host bookkeeping of sampled clients (for compact checkpoints)
-    self.table = self._fill(replicate(self._init, mesh))
+    limit = _memory_per_device(mesh)
+    if limit is not None and self.nbytes > limit:
+      raise ClientStateError(self._too_big(f"more than a device holds ({limit / 2**30:.1f} GiB)"))
+    try:  # waited for: an allocation the backend refuses shows here, not in the first round
+      self.table = jax.block_until_ready(self._fill(replicate(self._init, mesh)))
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      raise ClientStateError(self._too_big("more than the devices have free")) from None
+
+  def _too_big(self, why: str) -> str:
+    return (
+      f"config.algorithm.client_state='device' keeps the rows of all {self.num_clients} clients on each of the "
+      f"{self.mesh.size} device(s) of the mesh: {self.nbytes / 2**30:.1f} GiB per device "
+      f"({self.row_nbytes / 2**10:.1f} KiB per row), {why}; use --config.algorithm.client_state=host (the rows "
+      "of the clients sampled so far, in host memory) or fewer clients"
+    )
+
+  def _chunk(self, n: int) -> int:
+    """Rows per step when ``n`` rows travel between the table and the host: at most CHUNK_BYTES of them,
+    a power of two below that (few distinct programs)."""
+    most = max(1, CHUNK_BYTES // max(self.row_nbytes, 1))
+    return min(most, 1 << max(n - 1, 0).bit_length())
 
   @property
   def rows_held(self) -> int:
@@ -244,22 +302,25 @@ class DeviceClientState(_Store):
 
   def state_dict(self) -> dict:
     ids = np.flatnonzero(self._seen).astype(np.int64)
-    if not len(ids):
-      return self.empty_state_dict(0)
-    rows = local_copy(self._gather_rep(self.table, self._ids(ids)))
-    return {"ids": ids, "rows": jax.tree.map(np.array, rows)}
+    out = [np.empty((len(ids),) + a.shape, a.dtype) for a in self._leaves0]
+    k = self._chunk(len(ids))
+    for start in range(0, len(ids), k):  # a chunk of rows at a time: no second table on the devices
+      part = ids[start : start + k]
+      padded = np.concatenate([part, np.full(k - len(part), part[0])])  # every chunk k rows: one program
+      rows = local_copy(self._gather_rep(self.table, self._ids(padded)))
+      for o, a in zip(out, jax.tree.leaves(rows)):
+        o[start : start + len(part)] = np.asarray(a)[: len(part)]
+    return {"ids": ids, "rows": jax.tree.unflatten(self._treedef, out)}
 
   def load_state_dict(self, sd: dict) -> None:
     ids, leaves = self._check_state_dict(sd)
-    table = self._fill(replicate(self._init, self.mesh))
-    if len(ids):
-      rows = replicate(jax.tree.unflatten(self._treedef, leaves), self.mesh)
-      table = jax.jit(
-        lambda t, i, r: jax.tree.map(lambda a, b: a.at[i].set(b, unique_indices=True), t, r),
-        out_shardings=replicated(self.mesh),
-        donate_argnums=0,
-      )(table, self._ids(ids), rows)
-    self.table = table
+    # the table reset and refilled in place, a chunk of rows at a time: no second table on the devices
+    self.table = self._reset(self.table, replicate(self._init, self.mesh))
+    k = self._chunk(len(ids))
+    for start in range(0, len(ids), k):
+      part = slice(start, start + k)
+      rows = replicate(jax.tree.unflatten(self._treedef, [a[part] for a in leaves]), self.mesh)
+      self.table = self._scatter(self.table, self._ids(ids[part]), rows)
     self._seen = np.zeros(self.num_clients, bool)
     self._seen[ids] = True
 
