@@ -150,6 +150,8 @@ def _coordinatewise(uploads, weights, statistic):
   m = jnp.sum(counting.astype(jnp.int32))
 
   def leaf(u):
+    if math.prod(u.shape[1:]) == 0:  # nothing to compute (an all_gather of an empty slice does not lower)
+      return jnp.zeros(u.shape[1:], u.dtype)
     values, k = _coordinate_slice(u)
     mine = jnp.where(m > 0, statistic(values, counting, m), 0.0)
     return _gather_invariant(mine)[:k].reshape(u.shape[1:]).astype(u.dtype)
@@ -191,7 +193,8 @@ class Median:
 
 class TrimmedMean:
   """Coordinate-wise trimmed mean: of the m counting clients, drop the floor(beta m) largest and the
-  floor(beta m) smallest values of each coordinate and average the rest (0 <= beta < 1/2).
+  floor(beta m) smallest values of each coordinate and average the rest (0 <= beta < 1/2). Finite for any
+  finite uploads: kept values near float32's largest give their mean, not inf from adding them first.
 
   Memory per device: as :class:`Median`, about 2 C P / D floats plus the P-float result."""
 
@@ -212,7 +215,13 @@ class TrimmedMean:
       s = _sorted_counting(values, counting)
       pos = jnp.arange(c)[:, None]
       keep = (pos >= t) & (pos < m - t)
-      return jnp.sum(jnp.where(keep, s, 0.0), axis=0) / jnp.maximum(m - 2 * t, 1).astype(F32)
+      kept = jnp.where(keep, s, 0.0)
+      share = 1.0 / jnp.maximum(m - 2 * t, 1).astype(F32)
+      mean = jnp.sum(kept, axis=0) * share
+      # where that sum overflows float32 (the mean cannot): each value scaled by the share first; the clip
+      # only undoes rounding (a mean of values in [-max, max] lies there)
+      top = jnp.finfo(F32).max
+      return jnp.where(jnp.isfinite(mean), mean, jnp.clip(jnp.sum(kept * share, axis=0), -top, top))
 
     return _coordinatewise(uploads, weights, trimmed)
 
