@@ -798,6 +798,7 @@ def _positive(c, key: str) -> None:
 MAX_CLIENTS = 10_000_000  # per-client arrays (sizes, sampling) are host numpy arrays of this length
 EMD_EPSILON_RANGE = (1e-4, 1e4)  # fedefm.emd_epsilon values the float32 Sinkhorn solve handles (validate_fedefm)
 MIN_WEIGHT_TEMPERATURE = 1e-6  # fedefm.weight_temperature: S / T stays finite in float32 for S in [-1, 1]
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 MAX_SEED = 2**32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
 
 
@@ -858,6 +859,17 @@ def _validate_robustness(c) -> None:
       f"{c.aggregator.krum_f + 3} clients per round, not {c.clients_per_round}; lower config.aggregator.krum_f "
       "or raise config.clients_per_round"
     )
+  beta, m = c.aggregator.trim_beta, c.clients_per_round
+  if name == "trimmed_mean" and beta > 0 and math.floor(beta * m) == 0:  # else silently the plain mean
+    raise ConfigError(
+      f"config.aggregator.trim_beta={beta:g} drops floor({beta:g} x {m}) = 0 values at each end of the {m} "
+      f"clients of a round: the plain mean, which an attacker passes; "
+      + (
+        f"set trim_beta >= {1 / m:.3g} (e.g. {math.ceil(100 / m) / 100:g}) or trim_beta=0 for a plain mean"
+        if m >= 3
+        else "trimming needs at least 3 clients per round (trim_beta < 0.5): raise config.clients_per_round"
+      )
+    )
   if name == "multi_krum" and c.aggregator.multi_krum_k > c.clients_per_round:
     raise ConfigError(
       f"config.aggregator.multi_krum_k={c.aggregator.multi_krum_k} is more than the {c.clients_per_round} "
@@ -866,7 +878,8 @@ def _validate_robustness(c) -> None:
   _choice(c, "attack.name", ATTACKS)
   _number(c, "algorithm.dropout", lambda v: 0 <= v < 1, "in [0, 1)")
   _number(c, "attack.fraction", lambda v: 0 < v < 1, "in (0, 1)")
-  _number(c, "attack.factor", math.isfinite, "finite")
+  # the factor multiplies float32 updates: past float32's largest value it is inf there
+  _number(c, "attack.factor", lambda v: math.isfinite(v) and abs(v) <= FLOAT32_MAX, "finite in float32 (|x| <= 3.4e38)")
   _number(c, "attack.noise_std", lambda v: v >= 0, ">= 0")
   if c.attack.name != "none" and num_attackers(c) >= c.num_clients:
     raise ConfigError(

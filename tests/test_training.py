@@ -225,6 +225,10 @@ def test_attack_and_robust_aggregator_from_the_config(tmp_path):
     ({"aggregator.name": "median", "algorithm.name": "scaffold"}, "works with config.algorithm.name"),
     ({"aggregator.name": "krum", "aggregator.krum_f": 2}, "needs at least krum_f"),
     ({"aggregator.name": "trimmed_mean", "aggregator.trim_beta": 0.5}, "config.aggregator.trim_beta"),
+    # floor(0.2 x 4) = 0 values dropped: silently the plain mean, which the attacker passes
+    ({"aggregator.name": "trimmed_mean", "aggregator.trim_beta": 0.2}, r"drops floor\(0.2 x 4\) = 0 values.*>= 0.25"),
+    # 1e39 is finite in float64 but inf in the float32 update it multiplies
+    ({"attack.name": "scale", "attack.factor": 1e39}, "finite in float32"),
     ({"aggregator.name": "median", "engine.skip_nonfinite_clients": True}, "needs a linear aggregator"),
     ({"attack.name": "scale", "attack.fraction": 0.0}, "config.attack.fraction"),
     ({"attack.name": "bogus"}, "config.attack.name"),
