@@ -14,25 +14,14 @@ import numpy as np
 import pytest
 
 from fedkd.fl import dp
-from fedkd.fl.algorithm import ClientOutput
+from test_compress import _topk_np
+from test_dp import _Fixed
 
 # ------------------------------------------------------------------------------------- norms and clipping
 
 
 def _np_norm(tree) -> float:
   return math.sqrt(sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in jax.tree.leaves(tree)))
-
-
-class _Fixed:
-  """A stand-in inner algorithm: uploads a given delta with loss 1."""
-
-  name, aggregator = "fixed", "mean"
-
-  def __init__(self, upload):
-    self.upload = upload
-
-  def client(self, ctx, server, row, batch, gathered):
-    return ClientOutput(upload=self.upload, loss=jnp.float32(1.0))
 
 
 @pytest.mark.parametrize("big", [1e20, 1e37, 1e38, 1.5e38, 2e38, 3e38])
@@ -111,14 +100,6 @@ def test_per_round_epsilon_and_max_rounds_are_fast():
 
 
 # ------------------------------------------------------------------------------- compression inside DP
-
-
-def _topk_np(v, k):
-  flat = np.asarray(v, np.float64).reshape(-1)
-  keep = np.argsort(-np.abs(flat), kind="stable")[:k]
-  out = np.zeros_like(flat)
-  out[keep] = flat[keep]
-  return out.reshape(np.shape(v))
 
 
 def test_dp_clips_the_compressed_upload():

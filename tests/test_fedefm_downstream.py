@@ -2,9 +2,7 @@
 scale 0 against the plain fine-tune, the KD scale chosen without the test split, and the contrast command
 over pooled workdirs whose config.json is damaged."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import numpy as np
@@ -14,19 +12,7 @@ from fedkd.config import ConfigError
 from fedkd.models import init_model
 from fedkd.tasks import fedefm as task
 
-_spec = importlib.util.spec_from_file_location(
-  "fedefm_cfg_h58", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py")
-)
-cfgmod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cfgmod)
-
-
-def tiny(**overrides):
-  c = cfgmod.get_config("tiny")
-  for key, value in overrides.items():
-    group, _, name = key.rpartition(".")
-    (c[group] if group else c)[name] = value
-  return c
+from test_fedefm_usage import tiny
 
 
 def test_scarce_size_above_the_training_set_is_refused_before_anything_is_written(tmp_path):
