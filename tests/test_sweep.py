@@ -553,7 +553,8 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   scp_all = [x for x in lines if "tpu-vm scp" in x and "--worker=all" in x]
   ssh_all = [x for x in lines if "tpu-vm ssh" in x and "--worker=all" in x]
   assert scp_all and len(ssh_all) == 3
-  assert "pip\\ install" in ssh_all[1] and "jax\\[tpu\\]" in ssh_all[1]
+  # jax[tpu] quoted for the worker's shell (jax\[tpu\]), then the whole command for the dry-run line
+  assert "pip\\ install" in ssh_all[1] and "jax\\\\\\[tpu\\\\\\]" in ssh_all[1]
   assert "fedkd.main" in ssh_all[2] and "--workdir=runs/tpu" in ssh_all[2]
   fetch = [x for x in lines if "tpu-vm scp" in x and "--worker=0" in x]
   assert fetch and "fk1:fedkd/runs" in fetch[0]
