@@ -121,12 +121,27 @@ def dense_features_to_nodes(f: jax.Array) -> jax.Array:
   return f.reshape(f.shape[:-3] + (h * w, c))
 
 
+def _unit_rows(x: jax.Array) -> jax.Array:
+  """Each row of x [n, d] (float32) over its L2 norm; a zero row stays zero, with zero gradient.
+
+  The cosine does not depend on a row's scale, so a row whose largest entry leaves [1e-12, 1e15] is
+  divided by that entry (a constant for the gradient) before it is normalised: its squared norm would
+  overflow float32 (entries past ~1e19) or underflow (norms below ~1e-12), reading the row as a zero or
+  shortened vector. Other rows: x * rsqrt(|x|^2)."""
+  plain = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+  big = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+  y = x / jnp.where(big > 0.0, big, 1.0)
+  y_squares = jnp.sum(y * y, axis=-1, keepdims=True)
+  nonzero = y_squares > 0.0
+  scaled = y * jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, y_squares, 1.0)), 0.0)
+  return jnp.where((big >= 1e-12) & (big <= 1e15), plain, scaled)
+
+
 def cosine_cost(u: jax.Array, v: jax.Array) -> jax.Array:
-  """c_pq = 1 - cos(u_p, v_q) for u [n, d], v [m, d]; clipped to [0, 2]. Zero vectors have cos 0."""
-  u = u.astype(jnp.float32)
-  v = v.astype(jnp.float32)
-  un = u * jax.lax.rsqrt(jnp.maximum(jnp.sum(u * u, axis=-1, keepdims=True), 1e-24))
-  vn = v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))
+  """c_pq = 1 - cos(u_p, v_q) for u [n, d], v [m, d]; clipped to [0, 2]. Zero vectors have cos 0 (and no
+  gradient); the cosine of other rows does not depend on their scale, from tiny norms to float32's largest."""
+  un = _unit_rows(u.astype(jnp.float32))
+  vn = _unit_rows(v.astype(jnp.float32))
   cos = jnp.matmul(un, vn.T, precision=jax.lax.Precision.HIGHEST)
   return jnp.clip(1.0 - cos, 0.0, 2.0)
 
@@ -215,17 +230,23 @@ def _sinkhorn_iterations(cost, log_a, log_b, fg, epsilon, num_iters, omega=None)
   """``num_iters`` log-domain Sinkhorn iterations (g then f) from the potentials ``fg``. ``epsilon``:
   a Python float (every iteration at that epsilon) or a [num_iters] array (iteration i at
   ``epsilon[i]``: the annealing). ``omega``: over-relaxation weight (potential <- (1 - omega) potential
-  + omega update), None = plain iterations."""
+  + omega update), None = plain iterations. Marginals may hold zeros (nodes without mass: potential -inf,
+  an empty plan row or column)."""
 
   @jax.checkpoint
   def iteration(i, fg):
     f, g = fg
     eps = epsilon if isinstance(epsilon, float) else epsilon[i]
-    g_new = eps * log_b - eps * jax.nn.logsumexp((f[:, None] - cost) / eps, axis=0)
-    g = g_new if omega is None else (1.0 - omega) * g + omega * g_new
-    f_new = eps * log_a - eps * jax.nn.logsumexp((g[None, :] - cost) / eps, axis=1)
-    f = f_new if omega is None else (1.0 - omega) * f + omega * f_new
+    g = relax(g, eps * log_b - eps * jax.nn.logsumexp((f[:, None] - cost) / eps, axis=0))
+    f = relax(f, eps * log_a - eps * jax.nn.logsumexp((g[None, :] - cost) / eps, axis=1))
     return f, g
+
+  def relax(old, new):
+    if omega is None:
+      return new
+    # a node of zero mass has potential -inf (its plan row / column is 0): (1 - omega) (-inf) + omega (-inf)
+    # is inf - inf = NaN for omega > 1, so such a node keeps the plain update
+    return jnp.where(jnp.isfinite(new), (1.0 - omega) * old + omega * new, new)
 
   return jax.lax.fori_loop(0, num_iters, iteration, fg, unroll=True if _COUNTING.get() else 1)
 
@@ -263,7 +284,8 @@ def sinkhorn_plan(
   ``num_iters=None`` (default): the schedule :func:`sinkhorn_schedule` (epsilon scaling with
   warm-started potentials, then over-relaxed iterations at ``epsilon``), sized so the plan converges.
   An integer: exactly that many plain iterations at ``epsilon`` from zero potentials (the behaviour
-  before the schedule existed, kept bit for bit). ``return_error=True`` returns ``(plan,
+  before the schedule existed, kept bit for bit). a and b may hold zeros (nodes without mass get an
+  empty row / column). ``return_error=True`` returns ``(plan,
   marginal_error(plan, a, b))``, the error gradient-stopped (a diagnostic: converged when
   < ``CONVERGED_TOL``).
   """

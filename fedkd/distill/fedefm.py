@@ -117,6 +117,11 @@ class FedEFMSilo(Algorithm):
           return local
 
         experts = jax.vmap(make_expert)(batch["nbr"])
+        # a padded slot's expert (weight 0, trained on the silo's own data) is replaced by the silo's model: a
+        # non-finite expert there would otherwise reach the loss as 0 * NaN and stop the run
+        experts = jax.tree.map(
+          lambda e, a: jnp.where(batch["nbr_mask"].reshape((-1,) + (1,) * a.ndim), e, a), experts, p
+        )
 
     def silo_loss(q, x, y):
       logits, feats = ctx.forward(q, x, features=True)
