@@ -112,3 +112,13 @@ def test_masked_class_balanced_kd_against_a_pixel_loop():
   np.testing.assert_allclose(float(masked_kd_kl(jnp.asarray(s), jnp.asarray(t), T)), _np_kd(s, t, T), rtol=1e-5)
   gs, gt = jax.grad(lambda a, b: masked_kd_kl(a, b, T, 0.5, True), argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
   assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) == 0
+
+
+def test_feature_kd_at_an_exact_zero_feature_vector_has_a_bounded_gradient():
+  """A ReLU'd feature map can be zero in every channel at a pixel: feature_kd treats it as the zero vector
+  (cos 0 with anything: loss 1 there) and its gradient is 0, as the limit of every direction has no single
+  value; the floor on the squared norm gave it 1e12 x (0 - t)."""
+  s = jnp.zeros((1, 4), jnp.float32)
+  t = jnp.asarray([[1.0, 2.0, 2.0, 0.0]], jnp.float32)
+  value, grad = jax.value_and_grad(feature_kd)(s, t)
+  assert float(value) == pytest.approx(1.0) and float(jnp.max(jnp.abs(grad))) == 0.0

@@ -109,7 +109,9 @@ def _unit(x: jax.Array) -> jax.Array:
   # 2^-k with big in [2^(k-1), 2^k), k <= 126: a normal float (1 / big past 2^126 is subnormal, flushed to 0)
   inverse = jnp.ldexp(jnp.float32(1), -jnp.clip(jnp.frexp(big)[1], 0, 126))
   x = x * jax.lax.stop_gradient(jnp.where(squares <= 1e20, 1.0, inverse))
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+  norm2 = jnp.sum(x * x, axis=-1, keepdims=True)
+  # an exact zero vector stays zero with a zero gradient (a floor on norm2 gave it a 1e12 gradient)
+  return x * jnp.where(norm2 > 0, jax.lax.rsqrt(jnp.where(norm2 > 0, jnp.maximum(norm2, 1e-24), 1.0)), 0.0)
 
 
 def masked_kd_kl(
