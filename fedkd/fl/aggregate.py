@@ -216,8 +216,9 @@ class TrimmedMean:
       pos = jnp.arange(c)[:, None]
       keep = (pos >= t) & (pos < m - t)
       kept = jnp.where(keep, s, 0.0)
-      share = 1.0 / jnp.maximum(m - 2 * t, 1).astype(F32)
-      mean = jnp.sum(kept, axis=0) * share
+      count = jnp.maximum(m - 2 * t, 1).astype(F32)
+      mean = jnp.sum(kept, axis=0) / count  # as before the fallback existed, bit for bit
+      share = 1.0 / count
       # where that sum overflows float32 (the mean cannot): each value scaled by the share first; the clip
       # only undoes rounding (a mean of values in [-max, max] lies there)
       top = jnp.finfo(F32).max
