@@ -44,6 +44,11 @@ def _np_cross_reference(u, v):
 
 def _lp_similarity(c, a, b):
   """Exact EMD: min <c, x> s.t. row sums a, column sums b, x >= 0; returns sum (1 - c) x."""
+  return float(np.sum((1.0 - c) * _lp_plan(c, a, b)))
+
+
+def _lp_plan(c, a, b):
+  """The exact transport plan of min <c, x> s.t. row sums a, column sums b, x >= 0 (scipy HiGHS)."""
   n, m = c.shape
   a_eq = np.zeros((n + m, n * m))
   for p in range(n):
@@ -52,8 +57,7 @@ def _lp_similarity(c, a, b):
     a_eq[n + q, q::m] = 1.0
   res = linprog(c.ravel(), A_eq=a_eq, b_eq=np.concatenate([a, b]), bounds=(0, None), method="highs")
   assert res.status == 0
-  x = res.x.reshape(n, m)
-  return float(np.sum((1.0 - c) * x))
+  return res.x.reshape(n, m)
 
 
 def _np_marginal_error(plan, a, b):

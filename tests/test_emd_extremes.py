@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scipy.optimize import linprog
+
 
 from fedkd.distill.emd import CONVERGED_TOL, cosine_cost, emd_similarity, sinkhorn_plan
+from test_emd import _lp_plan as _lp
 
 
 def _np_cost(u, v):
@@ -21,19 +22,6 @@ def _np_cost(u, v):
     return np.where(n > 0, x / np.where(n > 0, n, 1.0), 0.0)
 
   return np.clip(1.0 - unit(u) @ unit(v).T, 0.0, 2.0)
-
-
-def _lp(c, a, b):
-  """Exact transport plan of min <c, x> s.t. row sums a, column sums b, x >= 0 (scipy HiGHS)."""
-  n, m = c.shape
-  a_eq = np.zeros((n + m, n * m))
-  for p in range(n):
-    a_eq[p, p * m : (p + 1) * m] = 1.0
-  for q in range(m):
-    a_eq[n + q, q::m] = 1.0
-  res = linprog(c.ravel(), A_eq=a_eq, b_eq=np.concatenate([a, b]), bounds=(0, None), method="highs")
-  assert res.status == 0
-  return res.x.reshape(n, m)
 
 
 _sim = jax.jit(emd_similarity, static_argnames=("epsilon", "num_iters", "debias", "return_error"))
