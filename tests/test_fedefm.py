@@ -385,7 +385,11 @@ def test_unreadable_topology_file_and_unknown_variant(tmp_path):
   for arg in ("nonsense", "tiny,bogus=1"):
     with pytest.raises(ConfigError, match="unknown config argument"):
       mod.get_config(arg)
-  for arg, match in (("seeds=0", "give a number of seeds 1..1000"), ("seeds", "bad seeds="), ("seeds=two", "bad seeds=")):
+  for arg, match in (
+    ("seeds=0", "give a number of seeds 1..1000"),
+    ("seeds", "bad seeds="),
+    ("seeds=two", "bad seeds="),
+  ):
     with pytest.raises(ConfigError, match=match):
       mod.get_config(arg)
   assert mod.get_config("tiny,seeds=2").experiment.seeds == "0,1"
