@@ -12,6 +12,7 @@ import pytest
 
 from fedkd.models import conv, init_model, init_params, remat
 from fedkd.models.transfer import load_encoder
+from test_transunet_usage import _np_groupnorm
 
 LOWERINGS = (None, "gemm", "wgrad", "matmul")  # engine.conv_lowering: None = plain XLA convs
 
@@ -22,6 +23,19 @@ def _cfg(width, depth, groups, num_classes):
 
 def _lowering(mode):
   return conv.gemm_convs(mode is not None, mode=mode or "gemm")
+
+
+def _every_lowering(apply):
+  """A program returning ``apply(p, x)`` traced under each of :data:`LOWERINGS`."""
+
+  def program(p, x):
+    out = []
+    for mode in LOWERINGS:
+      with _lowering(mode):
+        out.append(apply(p, x))
+    return out
+
+  return program
 
 
 def _run0(fn, *args):
@@ -38,15 +52,6 @@ def _np_conv3x3(x, p):
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   y = sum(np.einsum("bhwc,co->bhwo", xp[:, dy : dy + h, dx : dx + w], k[dy, dx]) for dy in range(3) for dx in range(3))
   return y + b
-
-
-def _np_groupnorm(x, p, groups, eps=1e-6):
-  """Mean / biased variance over (H, W, channels of the group), then per-channel scale and bias."""
-  n, h, w, c = x.shape
-  g = x.reshape(n, h, w, groups, c // groups)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
-  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * p["scale"] + p["bias"]
 
 
 def _np_maxpool(x):
@@ -117,14 +122,7 @@ def test_unet_forward_matches_float64_numpy(name):
   want_y, want_f = _np_unet(p64, x, depth, groups)
   assert want_y.shape == (b, h, w, nc) and want_f.shape == (b, h >> depth, w >> depth, width * 2**depth)
 
-  def program(p, x):
-    out = []
-    for mode in LOWERINGS:
-      with _lowering(mode):
-        out.append(apply_wf(p, x))
-    return out
-
-  for mode, (y, f) in zip(LOWERINGS, _run0(program, p32, jnp.asarray(x, jnp.float32))):
+  for mode, (y, f) in zip(LOWERINGS, _run0(_every_lowering(apply_wf), p32, jnp.asarray(x, jnp.float32))):
     assert _rel(y, want_y) < 1e-5, (mode, _rel(y, want_y))
     assert _rel(f, want_f) < 1e-5, (mode, _rel(f, want_f))
 
@@ -176,14 +174,7 @@ def test_unet_bf16_compute_stays_close_to_float64():
     want, _ = _np_unet(jax.tree.map(lambda a: np.asarray(a, np.float64), params), x, depth, groups)
     pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
 
-    def program(p, x):
-      out = []
-      for mode in LOWERINGS:
-        with _lowering(mode):
-          out.append(apply(p, x))
-      return out
-
-    for mode, y in zip(LOWERINGS, _run0(program, pb, jnp.asarray(x, jnp.bfloat16))):
+    for mode, y in zip(LOWERINGS, _run0(_every_lowering(apply), pb, jnp.asarray(x, jnp.bfloat16))):
       y = np.asarray(y.astype(jnp.float32))
       assert y.dtype == np.float32 and np.all(np.isfinite(y)), mode
       assert _rel(y, want) < 5e-2, (width, mode, _rel(y, want))
