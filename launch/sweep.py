@@ -1128,9 +1128,8 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(out, SWEEP_FILE)
     if os.path.exists(path):
       try:
-        with open(path) as f:
-          old = json.load(f)
-      except (OSError, ValueError):
+        old = read_json_object(path)
+      except (OSError, ValueError):  # unreadable or damaged: replaced below, with the note
         old = None
       if old != defn:
         _say(f"note: {path} described another sweep; replacing it (runs with the same name are reused)")
