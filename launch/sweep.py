@@ -53,7 +53,7 @@ from typing import Any
 
 from fedkd.cli import fail, line_buffered
 from fedkd.errors import USER_ERRORS
-from fedkd.workdir import read_json_object
+from fedkd.workdir import as_path, read_json_object, write_atomic
 
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "DONE"
@@ -671,21 +671,15 @@ def _rounds(wd: str, run: dict) -> str:
 
 
 def _write_done(wd: str, run: dict, cmd: list[str] | None, seconds: float) -> None:
-  tmp = os.path.join(wd, DONE_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(
-      {
-        "name": run["name"],
-        "num_rounds": run["num_rounds"],
-        "last_round": latest_checkpoint(wd),
-        "command": cmd,
-        "seconds": round(seconds, 2),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-      },
-      f,
-    )
-    f.write("\n")
-  os.replace(tmp, os.path.join(wd, DONE_FILE))
+  done = {
+    "name": run["name"],
+    "num_rounds": run["num_rounds"],
+    "last_round": latest_checkpoint(wd),
+    "command": cmd,
+    "seconds": round(seconds, 2),
+    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+  write_atomic(as_path(os.path.join(wd, DONE_FILE)), json.dumps(done) + "\n")
 
 
 # ---------------------------------------------------------------- aggregation
@@ -1133,10 +1127,10 @@ def main(argv: list[str] | None = None) -> int:
         old = None
       if old != defn:
         _say(f"note: {path} described another sweep; replacing it (runs with the same name are reused)")
-    with open(path + ".tmp", "w") as f:
-      json.dump(defn, f, indent=2)
-      f.write("\n")
-    os.replace(path + ".tmp", path)
+    try:
+      write_atomic(as_path(path), json.dumps(defn, indent=2) + "\n")
+    except OSError as e:  # e.g. a folder named sweep.json, or a full disk
+      fail(f"{path} cannot be written ({e.strerror or e}); move what is there away or free space, then run again")
     env = dict(os.environ)
     cache = os.path.join(out, "jax_cache") if args.compilation_cache is None else args.compilation_cache
     if cache and "JAX_COMPILATION_CACHE_DIR" not in env:

@@ -327,3 +327,17 @@ def test_a_second_interrupt_stops_runs_that_are_still_saving(tmp_path, monkeypat
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def test_a_folder_where_sweep_json_goes_is_one_line_and_kept(tmp_path, capsys, monkeypatch):
+  """A folder named sweep.json in --out ended in an IsADirectoryError traceback from the rename."""
+  monkeypatch.setattr(launcher, "run_all", lambda *a, **k: pytest.fail("no run may start"))
+  out = tmp_path / "out"
+  (out / "sweep.json").mkdir(parents=True)
+  (out / "sweep.json" / "keep.txt").write_text("mine")
+  with pytest.raises(SystemExit) as e:
+    launcher.main([f"--config={_config(tmp_path / 'cfg.py')}", f"--out={out}"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and "sweep.json cannot be written" in err and "\n" not in err, err
+  assert (out / "sweep.json" / "keep.txt").read_text() == "mine"
+  assert sorted(os.listdir(out)) == ["sweep.json"]  # no temporary left behind
