@@ -265,15 +265,15 @@ def _weight(where: str, value, allowed: tuple[float, ...], token: bool = False) 
   """A weight from a file (a JSON number, or with ``token`` a text line's token), checked: a
   finite number >= 0, and one of ``allowed``."""
   shown = value if token else repr(value)
+  fix = "write 1 for a link and 0 for none" if 0.0 in allowed else "drop the weight or write 1"
   if token:
     try:
       value = float(value)
     except ValueError:
-      raise TopologyError(f"{where}: weight {shown!r} is not a number") from None
-  elif isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise TopologyError(f"{where}: {shown} is not a number")
+      raise TopologyError(f"{where}: weight {shown!r} is not a number; {fix}") from None
+  elif isinstance(value, bool) or not isinstance(value, (int, float)):  # JSON true / false too
+    raise TopologyError(f"{where}: {shown} is not a number; {fix}")
   w = float(value)
-  fix = "write 1 for a link and 0 for none" if 0.0 in allowed else "drop the weight or write 1"
   if not np.isfinite(w):
     raise TopologyError(f"{where}: weight {shown} is not finite; {fix}")
   if w < 0:
@@ -334,15 +334,25 @@ def _num_nodes(path: str, value, what: str):
   return int(value)
 
 
+def _directed_key(path: str, obj: dict, directed: bool) -> bool:
+  """The file's own ``"directed"`` (it wins over the caller's), else ``directed``."""
+  d = obj.get("directed", directed)
+  if not isinstance(d, bool):
+    raise TopologyError(f"{path}: 'directed' must be true or false, got {d!r}")
+  return d
+
+
 def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
+  said_directed = False  # the file's own "directed" decides (a matrix under "adjacency")
   if isinstance(obj, dict):
     keys = set(obj)
     if "adjacency" in keys:
-      if keys != {"adjacency"}:
+      if not keys <= {"adjacency", "directed"}:
         raise TopologyError(
-          f"{path}: unexpected key(s) {sorted(keys - {'adjacency'})} next to 'adjacency'; "
-          "a matrix file holds only {\"adjacency\": [[...], ...]}"
+          f"{path}: unexpected key(s) {sorted(keys - {'adjacency', 'directed'})} next to 'adjacency'; "
+          "a matrix file holds only {\"adjacency\": [[...], ...]} (and optionally \"directed\": true / false)"
         )
+      directed, said_directed = _directed_key(path, obj, directed), "directed" in keys
       obj = obj["adjacency"]
     else:
       extra = keys - {"edges", "num_nodes", "directed"}
@@ -353,9 +363,7 @@ def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
         )
       if not isinstance(obj["edges"], list):
         raise TopologyError(f"{path}: 'edges' must be a list of [i, j] pairs")
-      d = obj.get("directed", directed)
-      if not isinstance(d, bool):
-        raise TopologyError(f"{path}: 'directed' must be true or false, got {d!r}")
+      d = _directed_key(path, obj, directed)
       edges = []
       for k, e in enumerate(obj["edges"]):
         where = f"{path}: edges[{k}]"
@@ -393,10 +401,11 @@ def _json_topology(path: str, obj, directed: bool, num_nodes) -> np.ndarray:
   one_way = np.argwhere((a != 0) & (a.T == 0) & ~np.eye(len(a), dtype=bool))
   if not directed and len(one_way):
     i, j = one_way[0].tolist()
+    how = "write \"directed\": true in the file" if said_directed else "--config.fedefm.directed=True"
     raise TopologyError(
       f"{path}: the adjacency matrix is not symmetric (adjacency[{i}][{j}]=1 but adjacency[{j}][{i}]=0), "
       "i.e. a directed graph, but the file is read as undirected; make the matrix symmetric, or read it as "
-      "directed (--config.fedefm.directed=True; rows are receivers: adjacency[i][j]=1 means i receives from j)"
+      f"directed ({how}; rows are receivers: adjacency[i][j]=1 means i receives from j)"
     )
   return a
 
@@ -462,18 +471,19 @@ def from_file(path: str, *, directed: bool = False, num_nodes: int | None = None
   JSON (``.json`` or text starting with ``[`` / ``{``): either a 0/1 adjacency matrix (a list of
   rows, or ``{"adjacency": [[...], ...]}``, rows = receivers, returned as is; symmetric unless
   ``directed=True``), or
-  ``{"edges": [[i, j], ...], "num_nodes": N}`` read like the text format (``"directed": true`` in the
-  file overrides). Diagonal entries / self loops are allowed and ignored by the graph helpers.
+  ``{"edges": [[i, j], ...], "num_nodes": N}`` read like the text format. In either object a
+  ``"directed": true / false`` of the file overrides ``directed``. Diagonal entries / self loops are
+  allowed and ignored by the graph helpers.
 
-  N is ``num_nodes`` if given, else 1 + the largest node id. Every problem raises ``TopologyError``
-  naming the file (and line or entry) and the fix: a missing file or a directory, unreadable text or
-  JSON, malformed lines, non-integer or negative node ids, ids >= N, ragged or non-square matrices,
-  non-numeric entries, negative / NaN / Inf weights, weights other than 1 (0/1 in a matrix), an
-  asymmetric matrix read as undirected, a node without any link (gossip could never reach it; found
-  before the [N, N] matrix is made, so a mistyped huge id costs no memory) and a graph in several
-  pieces.
+  ``~`` in ``path`` is the user's home directory. N is ``num_nodes`` if given, else 1 + the largest
+  node id. Every problem raises ``TopologyError`` naming the file (and line or entry) and the fix: a
+  missing file or a directory, unreadable text or JSON, malformed lines, non-integer or negative node
+  ids, ids >= N, ragged or non-square matrices, non-numeric entries, negative / NaN / Inf weights,
+  weights other than 1 (0/1 in a matrix), an asymmetric matrix read as undirected, a node without any
+  link (gossip could never reach it; found before the [N, N] matrix is made, so a mistyped huge id
+  costs no memory) and a graph in several pieces.
   """
-  path = os.fspath(path)
+  path = os.path.expanduser(os.fspath(path))  # file:~/graph.txt, as every other path of fedkd
   text = _read_topology_text(path)
   num_nodes = _num_nodes(path, num_nodes, "num_nodes")
   if path.endswith(".json") or text.lstrip()[:1] in ("[", "{"):
