@@ -51,6 +51,7 @@ OPTS = dict(
   expert_steps=1,
   emd_epsilon=0.1,
   emd_iters=30,
+  emd_debias=False,
   weight_mode="softmax",
   weight_temperature=0.5,
 )
@@ -514,3 +515,16 @@ def test_foundation_of_silo_sharded_params_is_their_mean_on_one_device():
   for k in host:
     np.testing.assert_allclose(np.asarray(out[k]), host[k].mean(axis=0), rtol=1e-6, atol=1e-7)
     assert len(out[k].devices()) == 1
+
+
+def test_the_silo_options_default_to_the_configs_fedefm_values():
+  """FedEFMOptions() (what a user building the silo update by hand gets) and config.fedefm describe the
+  same method: the dataclass once kept the pre-redesign 50 Sinkhorn iterations and the biased similarity."""
+  import dataclasses
+
+  from fedkd.config import fedefm_base_config
+
+  f = fedefm_base_config().fedefm
+  for field in dataclasses.fields(FedEFMOptions):
+    if field.name in f and field.name not in ("moon_mu", "prox_mu"):  # those two are method switches
+      assert getattr(FedEFMOptions(), field.name) == f[field.name], field.name

@@ -146,6 +146,54 @@ def test_push_sum_on_an_unbalanced_digraph_reaches_the_true_average():
   assert gap > 0.02
 
 
+def test_push_sum_training_on_an_unbalanced_digraph_finds_the_plain_averages_optimum():
+  """Silos training between push-sum mixings on the unbalanced digraph above: silo i minimises
+  |z - c_i|^2 / 2, so the federation's optimum is mean(c). With each silo's steps scaled by 1 / w_i
+  (``step_scale``, what the task passes: stochastic gradient-push) the silos' mean settles at mean(c);
+  unscaled, every silo's update would count w_i times and the run settles at the w-weighted mean. (One
+  local step: more add local SGD's O(lr) client drift to both.)"""
+  n, d, lr, rounds = tf.N, 3, 0.1, 150
+  A = np.eye(n)
+  for i, j in [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)]:
+    A[j, i] = 1.0
+  A = A / A.sum(0, keepdims=True)
+  adj = (A > 0) & ~np.eye(n, dtype=bool)
+  centres = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+
+  def apply_wf(p, x):  # a constant "prediction" z per image: the loss below is |z - c_i|^2 / 2
+    z = jnp.broadcast_to(p["z"], x.shape[:1] + p["z"].shape)
+    return z, z[:, None, None, :]
+
+  def loss_fn(z, c):
+    return 0.5 * jnp.mean(jnp.sum((z - c) ** 2, axis=-1))
+
+  S, B = 1, 2
+  xs = jnp.zeros((n, S, B, 1, 1, 1))
+  ys = jnp.broadcast_to(jnp.asarray(centres)[:, None, None, :], (n, S, B, d))
+  mesh = client_mesh(2)
+  alg = FedEFMSilo(FedEFMOptions(distill=False, mixing="dfl"), optax.sgd(0.0))
+  ctx = ClientContext(lambda p, x: apply_wf(p, x)[0], loss_fn, optax.sgd(lr), apply_wf=apply_wf)
+  fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=False))
+  idx, mask = topology.neighbour_table(adj)
+  p0 = {"z": jnp.zeros((n, d))}
+  z = {}
+  for scaled in (True, False):
+    rows, server = shard_clients({"params": p0, "prev": p0}, mesh), alg.init(None, None)
+    for r in range(rounds):
+      batch = {"x": xs, "y": ys, "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)}
+      if scaled:
+        batch["step_scale"] = jnp.asarray(1.0 / topology.push_sum_weights(A, r), jnp.float32)
+      W = jnp.asarray(topology.push_sum_round(A, r), jnp.float32)
+      server, rows, _ = fn(server, rows, shard_clients(batch, mesh), shard_clients(jnp.ones(n), mesh), W)
+    z[scaled] = np.asarray(rows["params"]["z"], np.float64)
+  # the fixed point: the raw updates lr (c_i - z_i) sum to 0 in push-sum's numerator, so mean(z) = mean(c)
+  np.testing.assert_allclose(z[True].mean(0), centres.mean(0), atol=1e-5)
+  # unscaled they enter as w_i lr (c_i - z_i): the w-weighted mean of z is that of c, and mean(z) is off
+  w = topology.push_sum_weights(A, rounds)[:, None]
+  np.testing.assert_allclose((w * z[False]).sum(0), (w * centres).sum(0), atol=1e-5)
+  assert np.abs(z[False].mean(0) - centres.mean(0)).max() > 0.03
+
+
 def test_fedprox_control_equals_hand_written_proximal_sgd():
   """The fedprox control: local SGD on L_seg + mu/2 |q - q_start|^2 (CFL), against a per-silo loop."""
   n, mu, lr = tf.N, 0.7, 0.05

@@ -34,14 +34,16 @@ from fedkd.fl.algorithms import moon
 
 @dataclasses.dataclass(frozen=True)
 class FedEFMOptions:
+  """The silo update's settings; the defaults are ``config.fedefm``'s (``fedkd/config.py``)."""
+
   distill: bool = True
   beta: float = 0.5
   temperature: float = 2.0
   expert_steps: int = 1
   emd_epsilon: float = 0.05
   emd_marginals: str = "uniform"  # uniform | cross_reference
-  emd_iters: int = 50
-  emd_debias: bool = False  # Sinkhorn-divergence-style debiased similarity (S(u,u) = 1)
+  emd_iters: int = 0  # 0: sized to emd_epsilon so the plan converges
+  emd_debias: bool = True  # Sinkhorn-divergence-style debiased similarity (S(u,u) = 1)
   weight_mode: str = "softmax"  # softmax | sum | raw | uniform (control: EMD not used)
   weight_temperature: float = 0.1
   detach_weights: bool = True
@@ -76,8 +78,10 @@ class FedEFMSilo(Algorithm):
   "prev": its model after the previous round's local training}`` (MOON's negative); the server state
   holds only the round counter. A silo uploads its trained model; the aggregator is ``mean`` (CFL:
   every silo continues from the weighted mean) or ``gossip`` (DFL: W-mixing). ``batch`` holds the
-  silo's ``x``, ``y`` and its padded in-neighbour table ``nbr`` [J] / ``nbr_mask`` [J]; the first
-  ``expert_steps`` batches of every silo are gathered for the overseas experts.
+  silo's ``x``, ``y`` and its padded in-neighbour table ``nbr`` [J] / ``nbr_mask`` [J], and with push-sum
+  gossip ``step_scale`` (1 / the silo's push-sum weight: its own training enters the push-sum numerator
+  unweighted, so the consensus is the plain average's optimum); the first ``expert_steps`` batches of
+  every silo are gathered for the overseas experts.
   """
 
   name = "fedefm"
@@ -152,7 +156,9 @@ class FedEFMSilo(Algorithm):
         total = total + 0.5 * o.prox_mu * sq
       return total, aux
 
-    q, loss, aux = local_sgd(silo_loss, ctx.tx, p, x_own, y_own, unroll=ctx.unroll, has_aux=True)
+    # push-sum on an unbalanced digraph: the silo's steps scaled by 1 / w_i (stochastic gradient-push)
+    scale = batch.get("step_scale")
+    q, loss, aux = local_sgd(silo_loss, ctx.tx, p, x_own, y_own, unroll=ctx.unroll, has_aux=True, step_scale=scale)
     metrics = {"seg": jnp.mean(aux["seg"])}
     if o.distill:
       metrics.update(

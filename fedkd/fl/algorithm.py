@@ -107,6 +107,7 @@ def local_sgd(
   correction: Params | None = None,
   has_aux: bool = False,
   steps: jax.Array | None = None,
+  step_scale: jax.Array | None = None,
 ):
   """Trains ``params`` over the ``xs.shape[0]`` local steps (``lax.scan``) with a fresh ``tx``.
 
@@ -114,8 +115,10 @@ def local_sgd(
   pytree added to every gradient (SCAFFOLD's c - c_i). ``steps``: this client's number of local steps
   (an int scalar, at most ``xs.shape[0]``; heterogeneous local work), or None for all of them: the
   steps beyond it are masked (``jnp.where`` keeps the params, their loss is not counted; the optimizer
-  state, local to this loop, is not used after them), so the program's shape stays static. Returns
-  (local params, mean loss over the steps taken, aux stacked over all the steps or None)."""
+  state, local to this loop, is not used after them), so the program's shape stays static.
+  ``step_scale``: a float scalar multiplying every optimizer update (this client's learning rate times
+  it; push-sum's 1 / w_i, see :func:`fedkd.fl.topology.push_sum_round`), or None. Returns (local params,
+  mean loss over the steps taken, aux stacked over all the steps or None)."""
 
   def step(carry, batch):
     p, opt_state = carry
@@ -130,6 +133,8 @@ def local_sgd(
     if correction is not None:
       grads = jax.tree.map(jnp.add, grads, correction)
     updates, new_state = tx.update(grads, opt_state, p)
+    if step_scale is not None:
+      updates = jax.tree.map(lambda u: (u * step_scale).astype(u.dtype), updates)
     new_p = optax.apply_updates(p, updates)
     if steps is not None:  # a masked step leaves the params as they were
       # The masked steps are the last ones (i >= steps) and the optimizer state is dropped after the

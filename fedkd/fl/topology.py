@@ -752,9 +752,10 @@ def push_sum_round(a, rounds_done: int) -> np.ndarray:
 
   Local training between mixings: the models mixed are the trained z's, so silo j's local update
   enters the numerator as w_j * (its change of z); w tends to N times the stationary distribution of
-  ``a``, so on an unbalanced digraph silos with more incoming mass weigh more in the consensus.
-  Stochastic gradient-push instead adds the raw update to x_j (needs the round-start model as well).
-  With w = 1 (balanced graphs) the two agree.
+  ``a``, so on an unbalanced digraph silos with more incoming mass would weigh more in the consensus.
+  Stochastic gradient-push adds the raw update to x_j instead: silo j trains with its steps scaled by
+  1 / w_j (``local_sgd``'s ``step_scale``, which the FedEFM task passes), and the consensus is the
+  plain average's optimum. With w = 1 (balanced graphs) the two agree.
   """
   a64 = np.asarray(a, np.float64)
   if a64.ndim != 2 or a64.shape[0] != a64.shape[1]:

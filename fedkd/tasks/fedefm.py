@@ -716,7 +716,10 @@ class Experiment:
             W = self.gossip_w
         distill = method in DISTILL and r > c.fedefm.warmup_rounds
         fn = self._round_fn(method, distill)
-        batch = shard_clients({"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}, mesh)
+        batch = {"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}
+        if self.push_sum and self._mixing(method) == "dfl" and method != "matcha":  # stochastic gradient-push
+          batch["step_scale"] = jnp.asarray(1.0 / topology.push_sum_weights(self.gossip_w, r - 1), jnp.float32)
+        batch = shard_clients(batch, mesh)
         server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
         _, state, metrics = fn(server, state, batch, weights, jnp.asarray(W, jnp.float32), hp)
         metrics = dict(metrics, loss=metrics["client_loss"])  # per silo
