@@ -34,7 +34,9 @@ T = TypeVar("T")
 # retrieved" log records, as unraisable ``RuntimeError: Event loop is closed`` tracebacks (a completion
 # delivered to the restore's closed event loop) and as "coroutine ... was never awaited" warnings.
 # Those reports are dropped -- only after a restore has started in this process, and only when they
-# come from orbax / TensorStore or from a closed asyncio loop; everything else passes through.
+# come from orbax / TensorStore or from a closed asyncio loop; everything else passes through. A save that
+# fails in orbax's background commit (a full disk) orphans its sibling writes the same way, and reports in
+# that thread before the caller learns of the failure: the same reports are dropped once a save has started.
 _orphaned_reads_possible = False
 
 
@@ -164,6 +166,7 @@ class Checkpointer:
     """Saves the server state, the config, the data pipeline's iterator state (JSON) and, when given,
     the per-client state (``client_state.state_dict()``: ``{"ids": int64 [n], "rows": pytree [n, ...]}``,
     host numpy arrays; in a multi-process run every process passes the same values)."""
+    global _orphaned_reads_possible
     stale = [r for r in self.all_rounds() if r >= round_]
     if stale:  # left by restore_latest's fallback; orbax would skip (not replace) every save up to them
       self._remove_stale(stale, round_)
@@ -175,6 +178,7 @@ class Checkpointer:
       items["clients_meta"] = ocp.args.JsonSave({"num_rows": n})
       if n:  # orbax cannot write zero-size arrays; no rows = no array item
         items["clients"] = ocp.args.StandardSave(client_state)
+    _orphaned_reads_possible = True  # a background write that fails orphans its siblings (see the top)
     with self._disk_errors():
       self._mngr.save(round_, args=ocp.args.Composite(**items))
 
@@ -250,6 +254,13 @@ class Checkpointer:
     md = self._metadata(round_)
     return None if md is None else set(md.keys())  # the items this checkpoint has
 
+  def _recorded_items(self, round_: int) -> set[str]:
+    """The items the save of ``round_`` wrote, as its step metadata records them (empty when unreadable)."""
+    try:
+      return set(self._mngr.metadata(round_).item_handlers or ())
+    except Exception:  # noqa: BLE001 - no or damaged step metadata: nothing recorded
+      return set()
+
   def restore(self, round_: int, like: Any) -> tuple[Any, dict]:
     """Restores the state at ``round_`` into the structure, shapes and shardings of ``like``.
 
@@ -287,6 +298,13 @@ class Checkpointer:
     (a stateless run, or a checkpoint written before client state existed)."""
     items = self._saved_items(round_)
     if items is not None and "clients_meta" not in items:
+      if "clients_meta" in self._recorded_items(round_):  # saved, then lost (a step copied in part): damaged
+        why = "its clients_meta item is missing"
+        raise CheckpointError(
+          f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new "
+          "--workdir",
+          why,
+        )
       return None
     return int(self._json_item(round_, "clients_meta")["num_rows"])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -59,13 +60,29 @@ ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
+# TensorStore (orbax's array writer) reports a failed system call as a ValueError whose message ends with
+# ``[os_error_code='28']`` (ENOSPC) and names the file in quotes, not as an OSError. The folder named is the
+# one above orbax's temporary folders (``<checkpoints>/<round>.orbax-checkpoint-tmp/...``).
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_QUOTED_PATH = re.compile(r'"((?:/|[a-z][a-z0-9+.-]*://)[^"]*)"')
+_ORBAX_TMP = re.compile(r"/[^/]*\.orbax-checkpoint-tmp[^/]*(/.*)?$")
+
+
 def environment_oserror(e: BaseException | None) -> OSError | None:
-  """The full-disk / read-only-filesystem OSError in ``e``'s cause chain (libraries wrap them)."""
+  """The full-disk / read-only-filesystem OSError in ``e``'s cause chain (libraries wrap them; TensorStore's
+  errors become an OSError with that errno and the file it names)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
       return e
+    if not isinstance(e, OSError):
+      text = str(e)
+      code = _TENSORSTORE_ERRNO.search(text)
+      if code and int(code.group(1)) in ENVIRONMENT_ERRNOS:
+        paths = [_ORBAX_TMP.sub("", p, count=1) or "/" for p in _QUOTED_PATH.findall(text)]
+        n = int(code.group(1))
+        return OSError(n, os.strerror(n), paths[-1]) if paths else OSError(n, os.strerror(n))
     e = e.__cause__ or e.__context__
   return None
 
