@@ -344,3 +344,48 @@ def test_sweep_command_from_any_folder(tmp_path):
     [sys.executable, "-m", "fedkd.launch.sweep", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
   )
   assert ok.returncode == 0 and "--aggregate_only" in ok.stdout, ok.stderr[-500:]
+
+
+# ---------------------------------------------------------------- numbers the docs compute
+
+
+def test_unseen_percent_source_counts_in_fedefm_doc():
+  """docs/fedefm.md's ablation lists k, the sources per silo at each unseen %: k = T - round(x/100 (T - 1))
+  with halves rounded up (hand formula), which is what the partition gives."""
+  import math
+
+  from fedkd.data import partition
+
+  text = re.sub(r"\s+", " ", (ROOT / "docs" / "fedefm.md").read_text())
+  m = re.search(r"T = (\d+): k = ([\d, ]+?) at ([\d, ]+?) %", text)
+  assert m, "docs/fedefm.md no longer lists k per unseen % ('T = 6: k = ... at ... %')"
+  t = int(m.group(1))
+  ks = [int(v) for v in m.group(2).split(",")]
+  percents = [int(v) for v in m.group(3).split(",")]
+  assert len(ks) == len(percents) == 5
+  by_hand = [t - math.floor(x / 100 * (t - 1) + 0.5) for x in percents]
+  assert ks == by_hand, f"docs/fedefm.md says k = {ks} at {percents} %; T - round-half-up(x/100 (T-1)) = {by_hand}"
+  assert [partition.unseen_types(t, x) for x in percents] == by_hand
+
+
+def test_every_config_key_the_docs_name_exists():
+  """Every ``config.KEY`` / ``--config.KEY`` in the docs' prose and code spans (not only in commands) is a key
+  or group of one of the two task schemas (``fedkd.config.X`` functions and ``config.json`` aside)."""
+  from fedkd import config as config_module
+
+  def names(node, prefix=""):
+    for k, v in node.items():
+      yield prefix + k
+      if isinstance(v, ml_collections.ConfigDict):
+        yield from names(v, f"{prefix}{k}.")
+
+  known = {n for schema in config_module.schemas() for n in names(schema)}
+  unknown = []
+  for md in _markdown_files():
+    for m in re.finditer(r"(?<![\w/])(?:--)?config\.([a-z_]\w*(?:\.[a-z_]\w*)*)", md.read_text()):
+      key = m.group(1)
+      if key in ("json", "py") or hasattr(config_module, key.split(".")[0]):
+        continue
+      if key not in known:
+        unknown.append(f"{md.relative_to(ROOT)}: config.{key}")
+  assert not unknown, f"the docs name config keys no schema has: {unknown}"
