@@ -100,7 +100,7 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
   run. A user error in the body releases them and removes those this call created if they are still
   empty (a refused run leaves no folder behind)."""
   from fedkd.errors import USER_ERRORS
-  from fedkd.workdir import Lock, as_path, check_task, is_remote, prepare, remove_if_empty
+  from fedkd.workdir import Lock, as_path, check_not_a_sweep, check_task, is_remote, prepare, remove_if_empty
 
   existed = [is_remote(w) or as_path(w).exists() for w in workdirs]
   parents = {as_path(w).parent for w, was in zip(workdirs, existed) if not was}  # replicas: --workdir itself
@@ -108,6 +108,8 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
   paths = [prepare(w) for w in workdirs]
   taken = []
   try:
+    for p in paths:  # before the lock, which would leave its file there
+      check_not_a_sweep(p)
     if lock:
       for p in paths:
         held = Lock(p)

@@ -175,6 +175,16 @@ def saved_task(path: epath.Path) -> str | None:
   return saved.get("task", "fedavg")
 
 
+def check_not_a_sweep(path: epath.Path) -> None:
+  """Refuses a ``launch.sweep`` output folder as a run's workdir: its runs live in subfolders, and a run's
+  files in the folder itself would make the sweep refuse the folder afterwards."""
+  if (path / "sweep.json").exists():  # launch.sweep.SWEEP_FILE
+    raise WorkdirError(
+      f"--workdir={path} is a launch.sweep output folder (sweep.json is there); give the run its own --workdir "
+      "(e.g. a new subfolder)"
+    )
+
+
 def check_task(path: epath.Path, task: str) -> None:
   """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
   would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""

@@ -277,6 +277,19 @@ def test_no_local_folder_for_gs_workdir(cli, tmp_path):
   assert not (tmp_path / "gs:").exists()  # was: a local folder named 'gs:'
 
 
+def test_a_sweep_output_folder_as_workdir_is_refused_and_left_as_it_was(cli, tmp_path):
+  """fedkd.main wrote config.json, metrics.jsonl, checkpoints/ (and with a FedEFM config results.md) into
+  a launch.sweep --out; the sweep then refused its own folder as a run's workdir."""
+  out = tmp_path / "sweep"
+  out.mkdir()
+  (out / "sweep.json").write_text('{"config": "configs/quickstart.py", "runs": []}')
+  r = cli.run("fedkd.main", [QS, f"--workdir={out}", *TINY])
+  errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+  assert r.code == 2 and not r.traceback and len(errors) == 1, r.stderr[-2000:]
+  assert "launch.sweep output folder" in errors[0] and "own --workdir" in errors[0]
+  assert sorted(os.listdir(out)) == ["sweep.json"]
+
+
 def test_second_process_refused_and_stale_lock_taken_over(cli, tmp_path):
   work = tmp_path / "run"
   work.mkdir()
