@@ -265,7 +265,8 @@ class _Replica:
     self.ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", config.checkpoint.max_to_keep)
     self.runlog = RunLog(self.workdir, note=log)
     self.privacy = fedavg._Privacy(config) if config.dp.enabled else None
-    self.bytes_up = self.bytes_down = 0.0
+    # 0 as a single run's total of no rounds (an int: round 0's record reads as its single run's, byte for byte)
+    self.bytes_up = self.bytes_down = 0
 
   def evaluate(self, r: int, params) -> tuple[dict, dict]:
     per_site = self.evaluator(params, {})
