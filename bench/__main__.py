@@ -45,6 +45,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -89,6 +90,82 @@ def _time(fn, reps: int) -> tuple[float, int]:
     out = fn()
   jax.block_until_ready(out)
   return (time.perf_counter() - t) / reps, (_minor_page_faults() - faults) // reps
+
+
+# Dense bf16 peak of one device in TFLOP/s, by jax.devices()[0].device_kind. Source: NVIDIA's datasheets, the
+# dense figure (not the 2:4-sparse one): H100 SXM5 989.4 (1,979 with sparsity); H200 SXM 989.4 (the same compute).
+PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4}
+
+
+def program_flops(exe) -> tuple[float | None, str]:
+  """(FLOPs of one call of the compiled ``exe`` on one device, by XLA's cost analysis of that program, and
+  where they come from), or (None, why not). A program partitioned over devices (SPMD) is analysed per device.
+  XLA counts one trip through a while loop's body (a ``lax.scan`` / ``lax.map`` left rolled), so a program
+  with a loop around matmuls or convolutions gets None."""
+  try:
+    cost = exe.cost_analysis()
+  except Exception as e:  # noqa: BLE001 - cost analysis is best effort (not every backend implements it)
+    return None, f"XLA's cost analysis is not available here ({type(e).__name__})"
+  if isinstance(cost, (list, tuple)):  # jax before 0.4.3x: a list with one dict per program
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  if flops is None or not math.isfinite(flops) or flops <= 0:
+    return None, f"XLA's cost analysis gives no FLOP count for this program ({flops})"
+  loops = _loops_with_flops(exe.as_text())
+  if loops:
+    return None, (
+      f"the compiled program has {loops} while loop(s) (lax.scan / lax.map) around matmuls or convolutions, whose "
+      "bodies XLA's cost analysis counts once; --unroll true unrolls the local steps (the chunked layout's loop "
+      "over chunks stays)"
+    )
+  return flops, "XLA cost analysis of the compiled program (one device's, times devices)"
+
+
+def _loops_with_flops(hlo: str) -> int:
+  """The while loops of an HLO module's text that run more than once (no ``known_trip_count`` of 1) around a
+  matmul or convolution (a dot / convolution, or a cuBLAS / cuDNN custom call, in the body or anything it
+  calls). A loop of elementwise work (e.g. a scatter XLA expands into a loop) is not counted."""
+  from bench.hlo_report import computations
+
+  comps = computations(hlo)
+
+  def heavy(name: str, seen: set) -> bool:
+    if name in seen:
+      return False
+    seen.add(name)
+    body = comps.get(name, "")
+    if re.search(r" (dot|convolution)\(|__cublas|__cudnn", body):
+      return True
+    return any(heavy(c, seen) for c in re.findall(r"%([\w.\-]+)", body) if c in comps)
+
+  n = 0
+  for line in hlo.splitlines():
+    if re.search(r"\swhile\(", line) and '"known_trip_count":{"n":"1"}' not in line:
+      body = re.search(r"body=%?([\w.\-]+)", line)
+      n += body is None or heavy(body.group(1), set())
+  return n
+
+
+def utilisation(flops: float | None, flops_source: str, sec: float, devices: int, device_kind: str) -> dict:
+  """The model FLOP utilisation fields of a row: ``flops_per_call`` (all ``devices``), ``tflops_per_s`` (achieved,
+  at ``sec`` per call), ``peak_tflops`` (one device's dense bf16 peak, from ``PEAK_BF16_TFLOPS``) and
+  ``mfu`` = flops_per_call / sec / (devices * peak); None where a number is unknown, and why in
+  ``flops_source`` / ``peak_source``."""
+  peak = PEAK_BF16_TFLOPS.get(device_kind)
+  if peak is None:
+    peak_source = f"no dense bf16 peak listed for device {device_kind!r} (bench/__main__.py PEAK_BF16_TFLOPS)"
+  else:
+    peak_source = f"NVIDIA datasheet, dense bf16 (not sparse), per device: {device_kind}"
+  total = None if flops is None else flops * devices
+  achieved = None if total is None else total / sec / 1e12
+  return dict(
+    flops_per_call=None if total is None else int(total),
+    flops_source=flops_source,
+    tflops_per_s=None if achieved is None else float(f"{achieved:.4g}"),
+    peak_tflops=peak,
+    peak_source=peak_source,
+    mfu=None if achieved is None or peak is None else float(f"{achieved / (devices * peak):.4g}"),
+  )
 
 
 def _check_finite(loss) -> None:
@@ -497,8 +574,15 @@ def round_main(a) -> None:
       jax.block_until_ready(res)
     emit(dict(name="profile", row=row, rounds=a.rounds, **trace_table.summarize(out, hlo_text)))
 
-  def compiled_row(row, compile_s, mem):
-    emit(dict(row, name="compiled", row=row["name"], compile_s=compile_s, **mem))
+  def compiled_row(row, compile_s, mem, cost):
+    flops, source = cost
+    flops = None if flops is None else int(flops * row["devices"])
+    emit(
+      dict(row, name="compiled", row=row["name"], compile_s=compile_s, **mem, flops_per_call=flops, flops_source=source)
+    )
+
+  def mfu(cost, sec, devices):
+    return utilisation(*cost, sec, devices, common["device"])
 
   def context(dtype):
     return ClientContext(apply, loss_fn, tx, compute_dtype=jnp.dtype(dtype), remat=a.remat)
@@ -509,8 +593,9 @@ def round_main(a) -> None:
     batch = {"x": x, "y": y}
     state = jax.device_put(alg.init(params, jax.random.key(0)), replicated(mesh))
     exe, compile_s, mem = _compiled(fn, state, None, batch, w)
+    cost = program_flops(exe)
     if a.compile_only:
-      return None, compile_s, mem
+      return None, compile_s, mem, cost
     box = [state, None]
 
     def one():
@@ -529,7 +614,7 @@ def round_main(a) -> None:
         one,
         exe.as_text(),
       )
-    return sec, compile_s, mem
+    return sec, compile_s, mem, cost
 
   def describe(opts):
     return dict(
@@ -544,16 +629,17 @@ def round_main(a) -> None:
       fail("--scale needs a layout (--pairs or --layouts)")
     opts, dtype = opts_list[0], dtypes[0]
     for n in [int(v) for v in a.scale.split(",")]:
-      mesh = client_mesh(a.devices or math.gcd(n, jax.device_count()))
-      row = dict(name="scale", **describe(opts), dtype=dtype, round_clients=n)
+      n_round = a.devices or math.gcd(n, jax.device_count())
+      mesh = client_mesh(n_round)
+      row = dict(name="scale", **describe(opts), dtype=dtype, round_clients=n, devices=n_round)
       try:
         data = shard_clients((*gen(n), jnp.ones((n,), jnp.float32)), mesh)
-        sec_f, compile_s, mem = time_round(opts, mesh, dtype, data)
+        sec_f, compile_s, mem, cost = time_round(opts, mesh, dtype, data)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it; larger counts would fail too
         emit(dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
         return
       if a.compile_only:
-        compiled_row(row, compile_s, mem)
+        compiled_row(row, compile_s, mem, cost)
         continue
       emit(
         dict(
@@ -564,6 +650,7 @@ def round_main(a) -> None:
           compile_s=compile_s,
           **mem,
           peak_mb=_peak_mb(),
+          **mfu(cost, sec_f, n_round),
         )
       )
       del data
@@ -582,8 +669,9 @@ def round_main(a) -> None:
       # one model trained on every client's images at once: the local loop of every client, batched
       central = jax.jit(lambda p, x, y, ctx=ctx: local_sgd(ctx.seg_loss, tx, p, x, y, unroll=unroll)[:2])
       exe, compile_s, mem = _compiled(central, cparams, cx, cy)
+      cost = program_flops(exe)
       if a.compile_only:
-        compiled_row(dict(name="centralized", dtype=dtype, devices=n_dev), compile_s, mem)
+        compiled_row(dict(name="centralized", dtype=dtype, devices=n_dev), compile_s, mem, cost)
         continue
       sec_c, faults = _time(functools.partial(exe, cparams, cx, cy), a.rounds)
       try:
@@ -605,6 +693,7 @@ def round_main(a) -> None:
           compile_s=compile_s,
           **mem,
           peak_mb=_peak_mb(),
+          **mfu(cost, sec_c, n_dev),
         )
       )
 
@@ -614,12 +703,12 @@ def round_main(a) -> None:
     for opts in opts_list:
       row = dict(name="fed_round", **describe(opts), dtype=dtype, devices=n_dev)
       try:
-        sec_f, compile_s, mem = time_round(opts, mesh, dtype, data)
+        sec_f, compile_s, mem, cost = time_round(opts, mesh, dtype, data)
       except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it and go on
         emit(dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
         continue
       if a.compile_only:
-        compiled_row(row, compile_s, mem)
+        compiled_row(row, compile_s, mem, cost)
         continue
       row.update(
         sec_per_round=round(sec_f, 5),
@@ -630,7 +719,7 @@ def round_main(a) -> None:
       )
       if dtype in ceiling:
         row["ratio"] = round(ceiling[dtype] / sec_f, 4)
-      emit(row)
+      emit(dict(row, **mfu(cost, sec_f, n_dev)))
 
 
 if __name__ == "__main__":

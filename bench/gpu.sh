@@ -83,6 +83,7 @@ STEPS=(  # "limit_s|python -m bench arguments" (CONV: the conv layer), most impo
   "200|$A --pairs vmap:wgrad,vmap:xla"
   "200|--workload B --pairs chunked:wgrad,chunked:gemm --chunk 16"
   "150|$C --pairs vmap:gemm,vmap:wgrad"
+  "120|$A --pairs vmap:wgrad --unroll true"  # MFU: XLA's cost analysis counts a rolled loop's body once
   "90|$S --scale 128,512,1024 --rounds 2"
   "90|CONV"
   "120|$A --pairs chunked:gemm,vmap:gemm,unroll:xla,chunked:xla:1"

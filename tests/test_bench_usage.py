@@ -225,7 +225,7 @@ def test_bench_tool_round_counts_are_one_line(args, needle, tmp_path):
 
 def test_gpu_script_counts_timed_out_and_skipped_steps(tmp_path):
   """bench/gpu.sh with a stand-in python3: its first step times out (exit 124), its second takes 3 s of a
-  32 s budget, so the remaining 6 round steps and the HLO report are skipped; the last line counts them."""
+  32 s budget, so the remaining 7 round steps and the HLO report are skipped; the last line counts them."""
   fake = tmp_path / "bin" / "python3"
   fake.parent.mkdir()
   fake.write_text(
@@ -242,7 +242,7 @@ def test_gpu_script_counts_timed_out_and_skipped_steps(tmp_path):
   r = subprocess.run(["bash", "bench/gpu.sh", "", "32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
   last = r.stdout.strip().splitlines()[-1]
   assert "1 JSON lines" in last and "0 step(s) failed" in last, r.stdout
-  assert "1 timed out" in last and "7 skipped for the budget" in last, r.stdout
+  assert "1 timed out" in last and "8 skipped for the budget" in last, r.stdout
 
 
 def test_measure_rules_out_a_candidate_whose_loss_is_not_finite():
