@@ -445,6 +445,16 @@ class TfdsClients:
       return splits[split].num_examples if split in splits.keys() else None
 
     builders = {c: open_site(c) for c in configs}
+    # every training site is scored on its test split: one without would silently be left out of the per-site
+    # table and of the mean over training sites
+    untested = [c for c in train_cfgs if num_records(c, "train") and not num_records(c, "test")]
+    if untested:
+      raise DataError(
+        f"TFDS dataset {name!r}: training site(s) {untested} have no test split to evaluate on (training scores "
+        "every training site on its test split; the mean over training sites would leave them out); rebuild them "
+        f"with test examples (xray_folder: a 'test' list in splits.json) with {build_hint} --overwrite, or leave "
+        "them out of config.data.tfds_configs"
+      )
     train_sources = []
     for c in train_cfgs:
       n_train = num_records(c, "train")
@@ -468,6 +478,9 @@ class TfdsClients:
           "or rebuild it with test examples"
         )
     self.unseen_name = unseen
+    self._site_records = {c: len(src) for c, src in zip(train_cfgs, train_sources)}
+    # the highest class in each training split, as the build recorded it (None: built before fedkd recorded it)
+    self._train_labels = {c: fedkd_tfds.largest_label(builders[c], "train") for c in train_cfgs}
     pool = _Concat(train_sources)
     site_of = np.repeat(np.arange(len(train_sources)), [len(s) for s in train_sources])
     n = config.num_clients
@@ -584,7 +597,10 @@ class TfdsClients:
     return xs, ys
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
-    """First ``eval.examples_per_site`` test examples of every site (no augmentation)."""
+    """First ``eval.examples_per_site`` test examples of every site (no augmentation). Refuses a test label, or a
+    training label the build recorded, that ``model.num_classes`` has no output for: training reads these sets
+    before it writes anything, while a training batch would meet such a label only in the round that first
+    draws its record."""
     del site_ids
     aug = Augment(self.config.image_size, enabled=False)
     out = {}
@@ -605,17 +621,40 @@ class TfdsClients:
         f"dataset {self.config.data.source!r} has no test split to evaluate on; "
         "add one (for xray_folder: a splits.json with a 'test' list) and rebuild"
       )
+    for site, top in self._train_labels.items():
+      if top is not None and top["label"] >= self.config.model.num_classes:
+        raise DataError(
+          f"dataset {self.config.data.source!r}, site {site!r}: training record {top['id']!r} has label value "
+          f"{top['label']} but config.model.num_classes={self.config.model.num_classes}; raise model.num_classes"
+        )
     return out
 
   def get_state(self) -> dict:
-    return {"next_batch": self._next.tolist()}
+    """Every client's next batch position, and the training records of every site (what the positions index)."""
+    return {"next_batch": self._next.tolist(), "site_records": dict(self._site_records)}
 
   def set_state(self, state: dict) -> None:
+    """Restores the positions of ``get_state``; refused when the training sites now hold other numbers of records
+    than when it was saved (a site rebuilt with more or fewer images): the positions would index other
+    examples, and the partition and the FedAvg weights would change in the middle of the run. A state saved
+    before the record counts were stored restores the positions only."""
     nxt = state.get("next_batch")
     if nxt is None or len(nxt) != len(self._next):
       raise DataError(
         "the checkpoint's data state does not match this dataset's clients; resume with "
         "the config the checkpoint was written with"
+      )
+    saved = state.get("site_records")
+    if saved is not None and saved != self._site_records:
+      changed = [
+        f"{site!r} {saved.get(site, 0)} -> {self._site_records.get(site, 0)}"
+        for site in sorted(set(saved) | set(self._site_records))
+        if saved.get(site) != self._site_records.get(site)
+      ]
+      raise DataError(
+        f"dataset {self.config.data.source!r} changed since the checkpoint was written: training records per "
+        f"site {', '.join(changed)}; resuming would continue on other examples, partitions and client weights. "
+        "Restore the dataset the run was started with, or start a new --workdir"
       )
     self._next = np.asarray(nxt, np.int64)
 

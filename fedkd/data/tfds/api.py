@@ -159,9 +159,11 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
     )
   cfg = resolve_config(name, config, manual_dir=manual_dir, **kwargs)
   data_dir = Path(data_dir)
-  if not overwrite and (data_dir / name / cfg.name / str(cls.VERSION) / "dataset_info.json").is_file():
-    check_prepared(name, data_dir, cfg.name)  # before TFDS reads the folder to reuse it
   final = data_dir / name / cfg.name / str(cls.VERSION)
+  if not overwrite and (final / "dataset_info.json").is_file():
+    check_prepared(name, data_dir, cfg.name)  # before TFDS reads the folder to reuse it
+    if manual_dir is not None:
+      _check_same_source(final, manual_dir, name, cfg)
   if overwrite and (final / "dataset_info.json").is_file():
     return _rebuild_beside(cls, name, data_dir, manual_dir, cfg, final)
   builder = cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
@@ -227,6 +229,26 @@ def _check_same_settings(builder, cfg) -> None:
       f"{info_file.parent}: already prepared with other settings ({stored!r}, requested "
       f"{cfg.description!r}); pass overwrite=True (CLI --overwrite) or another config name"
     )
+
+
+def _check_same_source(final: Path, manual_dir: Path, name: str, cfg) -> None:
+  """Refuse to reuse a prepared dataset that its build recorded as made from another folder than ``manual_dir``:
+  two hospitals' exports in folders of the same name (``export``, ``DICOM``) make the same site name, and the
+  second build would report the first hospital's records as its own. Datasets built before fedkd recorded the
+  folder are reused as before."""
+  path = final / "metadata.json"
+  if not path.is_file():
+    return
+  data = _read_json(path, f"Rebuild it (python -m fedkd.data.tfds.build --dataset={name} ... --overwrite).")
+  stored = data.get(records.SOURCE_KEY) if isinstance(data, dict) else None
+  if stored is None or stored == records.source_fingerprint(manual_dir):
+    return
+  keep = "build this folder as its own site with --site=NAME" if name == "xray_folder" else "pass another --data_dir"
+  raise DatasetInputError(
+    f"{final}: {name}/{cfg.name} is already prepared from another folder than {manual_dir} (folders with the same "
+    f"name give the same config name); to keep both, {keep}; to replace the prepared one with this folder, pass "
+    "--overwrite"
+  )
 
 
 def _remove_empty_dirs(path: Path, stop: Path) -> None:
@@ -634,18 +656,27 @@ def _reading_config(cls, config: str, info: dict):
   return CathactionConfig(name=config, description=description)
 
 
+def _split_metadata(builder, key: str, split: str):
+  """(``metadata.json`` entry ``key`` of ``split`` as stored, the file, the fix line) of a prepared dataset; the
+  entry is None for a dataset built before fedkd recorded ``key``, or a split without records. Read as plain JSON;
+  a file or ``key`` that is not a mapping is refused."""
+  path = Path(os.fspath(builder.data_dir)) / "metadata.json"
+  fix = f"Rebuild it (python -m fedkd.data.tfds.build --dataset={builder.name} ... --overwrite) or get a fresh copy."
+  if not path.is_file():
+    return None, path, fix
+  data = _read_json(path, fix)
+  entries = data.get(key) if isinstance(data, dict) else data
+  if not isinstance(data, dict) or (entries is not None and not isinstance(entries, dict)):
+    raise DatasetInputError(f"{path}: malformed {key!r} entry for split {split!r} ({str(entries)[:120]}). {fix}")
+  return (entries or {}).get(split), path, fix
+
+
 def smallest_image(builder, split: str) -> dict | None:
   """The smallest image of ``split`` of a prepared dataset, as its build recorded it in ``metadata.json``
   (``records.SMALLEST_IMAGE_KEY``): ``{"min_side", "height", "width", "id"}``; None for a dataset built
   before fedkd recorded it, or a split without records. Read as plain JSON; a malformed entry is refused."""
-  path = Path(os.fspath(builder.data_dir)) / "metadata.json"
-  if not path.is_file():
-    return None
-  fix = f"Rebuild it (python -m fedkd.data.tfds.build --dataset={builder.name} ... --overwrite) or get a fresh copy."
-  data = _read_json(path, fix)
-  sizes = data.get(records.SMALLEST_IMAGE_KEY) if isinstance(data, dict) else None
-  entry = sizes.get(split) if isinstance(sizes, dict) else None
-  if entry is None and isinstance(data, dict) and (sizes is None or isinstance(sizes, dict)):
+  entry, path, fix = _split_metadata(builder, records.SMALLEST_IMAGE_KEY, split)
+  if entry is None:
     return None
   ints = ("min_side", "height", "width")
   if not (
@@ -658,6 +689,25 @@ def smallest_image(builder, split: str) -> dict | None:
       f"{path}: malformed {records.SMALLEST_IMAGE_KEY!r} entry for split {split!r} ({str(entry)[:120]}). {fix}"
     )
   return {k: entry[k] for k in ints + ("id",)}
+
+
+def largest_label(builder, split: str) -> dict | None:
+  """The highest mask class of ``split`` of a prepared dataset and the first record holding it, as its build
+  recorded them in ``metadata.json`` (``records.LARGEST_LABEL_KEY``): ``{"label", "id"}``; None for a dataset built
+  before fedkd recorded it, or a split without records. Read as plain JSON; a malformed entry is refused."""
+  entry, path, fix = _split_metadata(builder, records.LARGEST_LABEL_KEY, split)
+  if entry is None:
+    return None
+  if not (
+    isinstance(entry, dict)
+    and type(entry.get("label")) is int
+    and 0 <= entry["label"] <= 255
+    and isinstance(entry.get("id"), str)
+  ):
+    raise DatasetInputError(
+      f"{path}: malformed {records.LARGEST_LABEL_KEY!r} entry for split {split!r} ({str(entry)[:120]}). {fix}"
+    )
+  return {"label": entry["label"], "id": entry["id"]}
 
 
 def load_source(name: str, split: str, data_dir, config=None) -> SegmentationSource:

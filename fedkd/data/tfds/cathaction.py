@@ -119,11 +119,12 @@ class Cathaction(tfds.core.GeneratorBasedBuilder):
     )
     spec = self.builder_config.label_spec()
     splits = scan_cathaction(root)
+    self.info.metadata[records.SOURCE_KEY] = records.source_fingerprint(root)
     xray_folder.check_folder(root, splits, spec)  # everything (incl. orphan labels) before any split is written
     return {name: self._generate_examples(name, pairs, spec) for name, pairs in splits.items()}
 
   def _generate_examples(self, split, pairs, spec):
-    yield from records.track_smallest(self.info, split, folders.generate_pairs(pairs, spec, SITE))
+    yield from records.track_split_stats(self.info, split, folders.generate_pairs(pairs, spec, SITE))
 
 
 def _find_root(root: Path) -> Path:

@@ -16,6 +16,8 @@ and mask files -> uint8 arrays, incl. DICOM), ``folders`` (image/mask folders ->
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Iterable
 
@@ -77,24 +79,44 @@ def record(image: np.ndarray, mask: np.ndarray, site: str, example_id: str) -> d
 #: ``{"train": {"min_side": 40, "height": 40, "width": 64, "id": "x"}, ...}``. Readers check image sizes against
 #: it without decoding every record (``fedkd.data.tfds.api.smallest_image``).
 SMALLEST_IMAGE_KEY = "smallest_image"
+#: Key of ``metadata.json`` that holds, per split, the highest class in any mask and the first record holding it:
+#: ``{"train": {"label": 3, "id": "x"}, ...}``. Training checks it against ``model.num_classes`` when it opens the
+#: data, not when a batch first draws that record (``fedkd.data.tfds.api.largest_label``).
+LARGEST_LABEL_KEY = "largest_label"
+#: Key of ``metadata.json`` that holds, for a dataset built from a folder (``xray_folder``, ``cathaction``), the
+#: ``source_fingerprint`` of that folder: a later build of the same config from another folder (two hospitals'
+#: exports with the same folder name make the same site name) is refused instead of reusing this one.
+SOURCE_KEY = "source_folder_sha1"
+
+
+def source_fingerprint(folder) -> str:
+  """SHA-1 of ``folder``'s resolved absolute path: tells two source folders apart without storing the path
+  (prepared datasets are exchanged between hospitals)."""
+  return hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()
 
 
 def metadata():
-  """The ``tfds.core.MetadataDict`` every builder declares in its ``DatasetInfo`` (see ``SMALLEST_IMAGE_KEY``)."""
+  """The ``tfds.core.MetadataDict`` every builder declares in its ``DatasetInfo`` (see ``SMALLEST_IMAGE_KEY`` and
+  ``LARGEST_LABEL_KEY``)."""
   import tensorflow_datasets as tfds
 
   return tfds.core.MetadataDict()
 
 
-def track_smallest(info, split: str, examples):
+def track_split_stats(info, split: str, examples):
   """Yield ``examples`` (``(key, record)`` pairs) unchanged, keeping the smallest image (by its shorter side)
-  of split ``split`` in ``info.metadata``; TFDS writes it as ``metadata.json`` once every split is written."""
+  and the highest mask class of split ``split`` in ``info.metadata``; TFDS writes them as ``metadata.json`` once
+  every split is written."""
   sizes = info.metadata.setdefault(SMALLEST_IMAGE_KEY, {})
+  labels = info.metadata.setdefault(LARGEST_LABEL_KEY, {})
   for key, ex in examples:
     h, w = (int(n) for n in ex["image"].shape[:2])
     now = sizes.get(split)
     if now is None or min(h, w) < now["min_side"]:
       sizes[split] = {"min_side": min(h, w), "height": h, "width": w, "id": str(ex["id"])}
+    top = int(np.max(ex["mask"])) if np.size(ex["mask"]) else 0
+    if split not in labels or top > labels[split]["label"]:
+      labels[split] = {"label": top, "id": str(ex["id"])}
     yield key, ex
 
 

@@ -172,7 +172,7 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, profiles, site_id, split_name, split, count):
-    yield from records.track_smallest(
+    yield from records.track_split_stats(
       self.info, split_name, self._examples(profiles, site_id, split_name, split, count)
     )
 

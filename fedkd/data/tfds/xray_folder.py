@@ -121,12 +121,13 @@ class XrayFolder(tfds.core.GeneratorBasedBuilder):
     )
     spec = self.builder_config.label_spec()
     site = self.builder_config.site or root.resolve().name
+    self.info.metadata[records.SOURCE_KEY] = records.source_fingerprint(root)
     splits = scan_folder(root)
     check_folder(root, splits, spec)  # everything, before any split is written
     return {name: self._generate_examples(name, pairs, spec, site) for name, pairs in splits.items()}
 
   def _generate_examples(self, split, pairs, spec, site):
-    yield from records.track_smallest(self.info, split, folders.generate_pairs(pairs, spec, site))
+    yield from records.track_split_stats(self.info, split, folders.generate_pairs(pairs, spec, site))
 
 
 def scan_folder(root: Path) -> dict[str, list[Pair]]:

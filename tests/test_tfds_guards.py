@@ -1,0 +1,176 @@
+"""Prepared hospital folders as training reads them: every training site is evaluated, a resume refuses a dataset
+that changed under its checkpoint, a class the model lacks is refused before training starts, and every client's
+stream covers its examples once per epoch with disjoint clients. Expected values come from the PNG arrays written
+and from counting the examples the batches carry."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedkd.data import pipeline
+from fedkd.data import tfds as fdata
+from test_training import tiny_config
+
+SIZE = 32
+
+
+def _site(root, train, test, label_of=lambda site, i: 2, site_id=0):
+  """A folder whose frame i carries (site_id + 1, i + 1) in its first two pixels; its mask holds classes 0 and 1
+  and, in rows 20-21, ``label_of(site_id, i)``. Returns {stem: mask} of what was written."""
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  masks = {}
+  for i in range(train + test):
+    image = np.full((SIZE, SIZE), 128, np.uint8)
+    image[0, :2] = site_id + 1, i + 1
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[5:9] = 1
+    mask[20:22] = label_of(site_id, i)
+    Image.fromarray(image).save(root / "images" / f"x{i}.png")
+    Image.fromarray(mask).save(root / "masks" / f"x{i}.png")
+    masks[f"x{i}"] = mask
+  stems = list(masks)
+  if test:
+    (root / "splits.json").write_text(json.dumps({"train": stems[:train], "test": stems[train:]}))
+  return masks
+
+
+def _config(data_dir, **kw):
+  c = tiny_config(**kw)
+  c.data.source, c.data.tfds_data_dir, c.data.augment, c.data.prefetch = "tfds:xray_folder", str(data_dir), False, False
+  c.image_size, c.eval.examples_per_site = SIZE, 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory):
+  """Sites a (7 train), b (5) and c (9), 2 test frames each."""
+  base = tmp_path_factory.mktemp("h69")
+  for k, (site, n) in enumerate([("a", 7), ("b", 5), ("c", 9)]):
+    _site(base / site, n, 2, site_id=k)
+    fdata.build("xray_folder", base / "tfds", manual_dir=base / site)
+  return base
+
+
+def test_a_training_site_without_a_test_split_is_refused(three_sites, tmp_path):
+  """Site b built without a splits.json (all frames train): training scored only a and c, and its 'mean over
+  training sites' silently left b out. It is refused when the data opens, naming b and the fix."""
+  _site(tmp_path / "b", 5, 0, site_id=1)
+  data_dir = tmp_path / "tfds"
+  for site in ("a", "c"):
+    fdata.build("xray_folder", data_dir, manual_dir=three_sites / site)
+  fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "b")
+  with pytest.raises(
+    pipeline.DataError, match=r"training site\(s\) \['b'\] have no test split .* or leave them out of config.data"
+  ):
+    pipeline.make_client_data(_config(data_dir, num_clients=3, clients_per_round=3))
+  # without b: trains and evaluates a and c
+  c = _config(data_dir, num_clients=2, clients_per_round=2)
+  c.data.tfds_configs = "a,c"
+  assert sorted(pipeline.make_client_data(c).eval_sets()) == ["a", "c"]
+
+
+def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
+  """Site a rebuilt with one more frame between a checkpoint and its resume: the saved positions were restored into
+  other partitions (client sizes 7 -> 8, FedAvg weights, shuffles) without a word. The record counts saved with the
+  positions refuse it, naming the site; the same dataset resumes, and a state saved without the counts (an older
+  checkpoint) restores its positions."""
+  data_dir = tmp_path / "tfds"
+  for site in ("a", "b"):
+    fdata.build("xray_folder", data_dir, manual_dir=three_sites / site)
+  c = _config(data_dir, num_clients=2, clients_per_round=2)
+  data = pipeline.make_client_data(c)
+  data.round_batches(1, np.array([0, 1]))
+  saved = json.loads(json.dumps(data.get_state()))  # as the checkpoint stores it (JSON)
+  same = pipeline.make_client_data(c)
+  same.set_state(saved)
+  assert same.get_state() == saved
+  older = pipeline.make_client_data(c)
+  older.set_state({"next_batch": [3, 2]})  # a checkpoint written before the counts were saved: positions only
+  assert older.get_state()["next_batch"] == [3, 2]
+
+  grown = tmp_path / "a"
+  _site(grown, 8, 2, site_id=0)
+  fdata.build("xray_folder", data_dir, manual_dir=grown, overwrite=True)
+  changed = pipeline.make_client_data(c)
+  assert changed.sizes.tolist() == [8, 5]
+  with pytest.raises(pipeline.DataError, match=r"changed since the checkpoint was written: .* per site 'a' 7 -> 8;"):
+    changed.set_state(saved)
+  assert changed.get_state()["next_batch"] == [0, 0]  # nothing restored
+  assert saved == {"next_batch": [1, 1], "site_records": {"a": 7, "b": 5}}
+
+
+def test_a_training_class_the_model_lacks_is_refused_before_training(three_sites, tmp_path):
+  """A vessel label (3) in one training mask, a 3-class model: the run failed only in the round whose batch first
+  drew that frame (with thousands of frames, hours into training). The build records each split's highest class;
+  the held-out sets, read before anything is written, refuse it naming the frame."""
+  masks = _site(tmp_path / "v", 6, 2, label_of=lambda site, i: 3 if i == 4 else 2)
+  fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "v")
+  data = pipeline.make_client_data(_config(tmp_path / "tfds", num_clients=2, clients_per_round=2))
+  with pytest.raises(
+    pipeline.DataError, match=r"site 'v': training record 'x4' has label value 3 but config.model.num_classes=3;"
+  ):
+    data.eval_sets()
+  # what the build recorded, against the masks written: each split's highest class and its first frame
+  meta = json.loads((tmp_path / "tfds" / "xray_folder" / "v" / "1.0.0" / "metadata.json").read_text())
+  train, test = list(masks)[:6], list(masks)[6:]
+  top = {s: max(int(masks[k].max()) for k in split) for s, split in (("train", train), ("test", test))}
+  first = {s: next(k for k in split if masks[k].max() == top[s]) for s, split in (("train", train), ("test", test))}
+  assert meta["largest_label"] == {s: {"label": top[s], "id": first[s]} for s in ("train", "test")}
+  assert top == {"train": 3, "test": 2}
+  c = _config(tmp_path / "tfds", num_clients=2, clients_per_round=2)
+  c.model.num_classes = 4
+  assert set(pipeline.make_client_data(c).eval_sets()) == {"v"}
+  # a damaged entry is named, with the fix
+  meta["largest_label"] = {"train": {"label": "3"}}
+  (tmp_path / "tfds" / "xray_folder" / "v" / "1.0.0" / "metadata.json").write_text(json.dumps(meta))
+  with pytest.raises(fdata.DatasetInputError, match=r"malformed 'largest_label' entry for split 'train'.*--overwrite"):
+    pipeline.make_client_data(c)
+
+
+@pytest.mark.parametrize("partition", ["by_site", "dirichlet", "iid"])
+def test_clients_are_disjoint_and_each_epoch_covers_a_client_once(three_sites, partition):
+  """7 clients over 3 sites (21 training frames), batch 2 across epoch boundaries: counted from the frames the
+  batches carry, every frame belongs to exactly one client, the sizes are those counts, by_site deals site
+  k % 3 to client k, and every window of a client's stream one epoch long holds each of its frames once."""
+  c = _config(three_sites / "tfds", num_clients=7, clients_per_round=7, batch_size=2, local_steps=3)
+  c.data.partition, c.data.dirichlet_alpha = partition, 1.0
+  data = pipeline.make_client_data(c)
+  streams = [[] for _ in range(7)]
+  for r in range(3):  # 18 frames a client: at least two epochs of a 9-frame client, batches straddling them
+    xs, _ = data.round_batches(r + 1, np.arange(7))
+    pix = np.round(xs[..., 0, :2, 0] * 255).astype(int).reshape(7, -1, 2)
+    for k in range(7):
+      streams[k] += [(int(s) - 1, int(i) - 1) for s, i in pix[k]]
+  owned = [set(s) for s in streams]
+  every = [(s, i) for s, n in enumerate([7, 5, 9]) for i in range(n)]
+  assert sorted(f for o in owned for f in o) == every  # disjoint, and nothing left out
+  assert data.sizes.tolist() == [len(o) for o in owned]
+  assert max(data.sizes) <= 9
+  for k, s in enumerate(streams):
+    n = len(owned[k])
+    assert all(set(s[t : t + n]) == owned[k] for t in range(0, len(s) - n + 1, n)), (k, s)
+  if partition == "by_site":
+    assert [sorted({f[0] for f in o}) for o in owned] == [[k % 3] for k in range(7)]
+    assert data.site_names == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_a_second_hospital_folder_of_the_same_name_is_not_taken_for_the_first(three_sites, tmp_path):
+  """Two exports both called 'export' (the site name defaults to the folder name): the second build printed
+  'already prepared (reused)' with the first hospital's records and exit 0, and the note's --overwrite would
+  have deleted the first hospital. It is refused, naming --site; the first stays; the same folder is reused."""
+  for hospital, site in (("h1", "a"), ("h2", "b")):
+    shutil.copytree(three_sites / site, tmp_path / hospital / "export")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "h1" / "export")
+  with pytest.raises(fdata.DatasetInputError, match=r"already prepared from another folder .*--site=NAME.*--overwrite"):
+    fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "h2" / "export")
+  fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "h1" / "export")  # the same folder: reused
+  fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "h2" / "export", site="h2")
+  assert fdata.prepared_configs("xray_folder", data_dir) == ["export", "h2"]
+  frames = {c: fdata.load_source("xray_folder", "train", data_dir, config=c) for c in ("export", "h2")}
+  assert [len(frames["export"]), len(frames["h2"])] == [7, 5]  # a's 7 training frames and b's 5
+  assert frames["export"][0]["image"][0, 0, 0] == 1 and frames["h2"][0]["image"][0, 0, 0] == 2  # site a, site b
