@@ -62,7 +62,8 @@ def singles(tmp_path_factory):
 HPARAMS = {
   ("fedavg", "auto", "unroll"): None,
   # auto: the replicas loop over one compiled round
-  ("fedprox", "auto", "auto"): [(0.05, 1.0, 0.01, 1.0, 0.1), (0.02, 0.5, 0.2, 0.5, 0.05)],
+  # z x C not exact in float32 (1.3 x 0.07, 0.7 x 0.3): the noise std must still be the single run's
+  ("fedprox", "auto", "auto"): [(0.05, 1.0, 0.01, 1.3, 0.07), (0.02, 0.5, 0.2, 0.7, 0.3)],
   ("fedavg", "vmap", "vmap"): [(0.05, 0.7, 0.01, 0, None), (0.1, 1.0, 0.01, 0, None)],
 }
 
@@ -97,8 +98,8 @@ def test_each_replica_equals_its_single_run(singles, tmp_path, algorithm, layout
     single, wd = ref[c.seed]
     # unroll: the same ops per replica (bitwise in practice); vmap: batched convolutions sum in another
     # order, float rounding that a larger learning rate carries further (1.1e-5 measured at lr 0.1)
-    tol = 1e-5 if layout == "auto" else 1e-4
-    assert _max_diff(out[i]["state"]["params"], single["state"]["params"]) < tol
+    tol = 0.0 if layout == "auto" else 1e-4  # auto: the loop over one compiled round, bitwise (also with DP)
+    assert _max_diff(out[i]["state"]["params"], single["state"]["params"]) <= tol
     np.testing.assert_array_equal(np.asarray(out[i]["state"]["rng"]), np.asarray(single["state"]["rng"]))
     got, want = _jsonl(tmp_path / f"r{c.seed}" / "metrics.jsonl"), _jsonl(wd / "metrics.jsonl")
     assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 2, 3]

@@ -130,14 +130,16 @@ class DPFedAvg:
   aggregator is the weighted ``mean`` and whose clients return no ``sums``: FedAvg, FedProx, MOON (not
   SCAFFOLD, FedNova, gossip or the robust aggregators). ``clip_norm`` C > 0, ``noise_multiplier`` z >= 0
   (numbers, or traced scalars: a traced z = 0 adds zero noise), ``expected_clients`` the fixed denominator
-  (the configured clients per round).
+  (the configured clients per round). ``noise_std``: the noise's standard deviation z C when the caller
+  has it exactly (replicas pass z C rounded once, from float64, as a single run's ``z * C`` of Python
+  floats is), else None: z C here.
 
   Per-client metrics added to the inner ones: ``dp_norm`` (the update's L2 norm before clipping) and
   ``dp_clipped`` (1.0 when it was clipped). A client whose delta holds a NaN/Inf reports a NaN loss, so the
   engine's ``skip_nonfinite`` (which sees the empty upload and the loss) drops it from the sum.
   Everything else (init, init_row, gather, the server step after the noise, ...) is ``inner``'s."""
 
-  def __init__(self, inner, clip_norm: float, noise_multiplier: float, expected_clients: int):
+  def __init__(self, inner, clip_norm: float, noise_multiplier: float, expected_clients: int, noise_std=None):
     if not _is_mean(getattr(inner, "aggregator", None)):
       raise ValueError(
         f"DP-FedAvg needs an inner algorithm with the 'mean' aggregator; {inner.name} uses {inner.aggregator!r}"
@@ -151,6 +153,7 @@ class DPFedAvg:
     self.inner = inner
     # floats, or traced scalars (replicas of one program that differ in them: fedkd.tasks.replicas)
     self.clip_norm, self.noise_multiplier = clip_norm, noise_multiplier
+    self.noise_std = noise_multiplier * clip_norm if noise_std is None else noise_std
     self.expected_clients = int(expected_clients)
     self.name = f"{inner.name}+dp"
 
@@ -182,7 +185,7 @@ class DPFedAvg:
   def server(self, server, aggregate, sums, rows):
     total = sums["sum"]
     if not isinstance(self.noise_multiplier, (int, float)) or self.noise_multiplier > 0:  # traced: always
-      noise = noise_like(total, round_noise_key(server), self.noise_multiplier * self.clip_norm)
+      noise = noise_like(total, round_noise_key(server), self.noise_std)
       total = jax.tree.map(lambda s, n: s.astype(jnp.float32) + n if _floating(s) else s, total, noise)
     mean = jax.tree.map(
       lambda s, p: (s / self.expected_clients).astype(p.dtype) if _floating(s) else s, total, sums["sum"]

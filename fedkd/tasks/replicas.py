@@ -234,9 +234,19 @@ def _mixed_rounds(names: Sequence[str], rounds: Sequence[int | None]) -> ConfigE
   )
 
 
+def _values(config) -> dict:
+  """{engine name: number} of :data:`HPARAMS`, and ``dp_std``, the DP noise std z C computed here in float64
+  and rounded to float32 once, as a single run's Python-float product is (the traced z x C in float32 rounds
+  twice)."""
+  out = {name: _value(config, key) for key, name in HPARAMS.items()}
+  out["dp_std"] = float(out["dp_noise"]) * float(out["dp_clip"])
+  return out
+
+
 def hparams(configs: Sequence) -> dict:
-  """{engine name: float32 [replicas]} of :data:`HPARAMS` (every key, varying or not)."""
-  return {name: np.asarray([_value(c, key) for c in configs], np.float32) for key, name in HPARAMS.items()}
+  """{engine name: float32 [replicas]} of :data:`HPARAMS` (every key, varying or not) and ``dp_std``."""
+  values = [_values(c) for c in configs]
+  return {name: np.asarray([v[name] for v in values], np.float32) for name in values[0]}
 
 
 def _rebuild(config, apply, apply_wf):
@@ -247,7 +257,7 @@ def _rebuild(config, apply, apply_wf):
     server_tx = engine.make_optimizer(config.server_optimizer, hp["server_lr"])
     alg = fedavg.make_algorithm(config, server_tx, prox_mu=hp["prox_mu"])
     if config.dp.enabled:
-      alg = dp.DPFedAvg(alg, hp["dp_clip"], hp["dp_noise"], config.clients_per_round)
+      alg = dp.DPFedAvg(alg, hp["dp_clip"], hp["dp_noise"], config.clients_per_round, noise_std=hp["dp_std"])
     return alg, fedavg.make_context(config, apply, apply_wf, client_lr=hp["client_lr"])
 
   return rebuild
@@ -317,7 +327,7 @@ def run(
   apply, apply_wf = inits[0][0], inits[0][1]
   rebuild = _rebuild(config, apply, apply_wf)
   # the same construction with the first replica's values as numbers: the state's structure, the aggregator
-  alg, ctx = rebuild({name: _value(config, key) for key, name in HPARAMS.items()})
+  alg, ctx = rebuild(_values(config))
   round_fn = engine.make_round_fn(
     alg, ctx, mesh, opts, skip_nonfinite=config.engine.skip_nonfinite_clients, rebuild=rebuild
   )
