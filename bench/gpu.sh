@@ -125,8 +125,8 @@ fi
 if [ "$PLAN" = profile ]; then
   step 120 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
   # seeds as replicas of one program (fedkd.main --seeds) vs one run after another: loop (the default) and vmap
-  step 120 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 ${REPLICAS_ARGS:-}
-  step 120 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 --layout vmap ${REPLICAS_ARGS:-}
+  step 180 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 ${REPLICAS_ARGS:-}
+  step 180 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 --layout vmap ${REPLICAS_ARGS:-}
   # the host pipeline on the device machine's cores (needs grain + tensorflow-datasets: carried wheels)
   if python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
     step 150 python3 bench/pipeline.py --data_dir /tmp/fedkd_pipeline_tfds --size 128 --clients 16 --steps 4 \
