@@ -36,8 +36,14 @@ T = TypeVar("T")
 # Those reports are dropped -- only after a restore has started in this process, and only when they
 # come from orbax / TensorStore or from a closed asyncio loop; everything else passes through. A save that
 # fails in orbax's background commit (a full disk) orphans its sibling writes the same way, and reports in
-# that thread before the caller learns of the failure: the same reports are dropped once a save has started.
+# that thread before the caller learns of the failure: the same reports are dropped while a save is in flight
+# (``_saving``: from its start until a wait finds it finished, or for good after it failed).
 _orphaned_reads_possible = False
+_saving = False
+
+
+def _dropping() -> bool:
+  return _orphaned_reads_possible or _saving
 
 
 def _from_checkpoint_library(exc: BaseException | None) -> bool:
@@ -59,7 +65,7 @@ def _from_checkpoint_library(exc: BaseException | None) -> bool:
 class _OrphanedReadLogs(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not (_orphaned_reads_possible and _from_checkpoint_library(exc))
+    return not (_dropping() and _from_checkpoint_library(exc))
 
 
 logging.getLogger("asyncio").addFilter(_OrphanedReadLogs())
@@ -94,7 +100,7 @@ _previous_unraisable = sys.unraisablehook
 
 
 def _unraisable(unraisable) -> None:
-  if _orphaned_reads_possible and _from_checkpoint_library(getattr(unraisable, "exc_value", None)):
+  if _dropping() and _from_checkpoint_library(getattr(unraisable, "exc_value", None)):
     return
   _previous_unraisable(unraisable)
 
@@ -105,7 +111,7 @@ _previous_showwarning = warnings.showwarning
 
 
 def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-  if _orphaned_reads_possible and issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+  if _dropping() and issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
     return
   _previous_showwarning(message, category, filename, lineno, file, line)
 
@@ -166,7 +172,7 @@ class Checkpointer:
     """Saves the server state, the config, the data pipeline's iterator state (JSON) and, when given,
     the per-client state (``client_state.state_dict()``: ``{"ids": int64 [n], "rows": pytree [n, ...]}``,
     host numpy arrays; in a multi-process run every process passes the same values)."""
-    global _orphaned_reads_possible
+    global _saving
     stale = [r for r in self.all_rounds() if r >= round_]
     if stale:  # left by restore_latest's fallback; orbax would skip (not replace) every save up to them
       self._remove_stale(stale, round_)
@@ -178,7 +184,7 @@ class Checkpointer:
       items["clients_meta"] = ocp.args.JsonSave({"num_rows": n})
       if n:  # orbax cannot write zero-size arrays; no rows = no array item
         items["clients"] = ocp.args.StandardSave(client_state)
-    _orphaned_reads_possible = True  # a background write that fails orphans its siblings (see the top)
+    _saving = True  # a background write that fails orphans its siblings (see the top)
     with self._disk_errors():
       self._mngr.save(round_, args=ocp.args.Composite(**items))
 
@@ -217,8 +223,10 @@ class Checkpointer:
     return guard()
 
   def wait(self) -> None:
+    global _saving
     with self._disk_errors():
       self._mngr.wait_until_finished()
+    _saving = False  # finished without an error: no orphaned write can report (after an error it stays set)
 
   def _json_item(self, round_: int, item: str) -> dict:
     try:
@@ -374,9 +382,11 @@ class Checkpointer:
     return None, None
 
   def close(self) -> None:
+    global _saving
     try:
       with self._disk_errors():
         self._mngr.wait_until_finished()
+      _saving = False
     finally:
       self._mngr.close()
 
