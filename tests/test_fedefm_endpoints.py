@@ -194,6 +194,25 @@ def test_push_sum_training_on_an_unbalanced_digraph_finds_the_plain_averages_opt
   assert np.abs(z[False].mean(0) - centres.mean(0)).max() > 0.03
 
 
+def test_an_unbalanced_digraph_says_how_much_push_sum_scales_the_silos_steps(tmp_path):
+  """The note at the start of such a run names the largest 1 / w_i of the last round, against a numpy power
+  iteration of the column-stochastic push-sum matrix."""
+  path = tmp_path / "g.txt"
+  path.write_text("0 1\n1 2\n2 3\n3 0\n0 2\n")
+  _, exp = _experiment(
+    tmp_path / "w", **{"fedefm.topology": f"file:{path}", "fedefm.directed": True, "fedefm.mixing": "dfl"}
+  )
+  A = np.eye(4)
+  for i, j in [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)]:
+    A[j, i] = 1.0
+  A = A / A.sum(0, keepdims=True)
+  w = np.ones(4)
+  for _ in range(exp.c.pretrain.num_rounds - 1):
+    w = A @ w
+  notes = [n for n in exp.plan_notes() if "push-sum" in n]
+  assert len(notes) == 1 and f"up to {1 / w.min():.3g}x (silo {int(np.argmin(w))})" in notes[0], notes
+
+
 def test_fedprox_control_equals_hand_written_proximal_sgd():
   """The fedprox control: local SGD on L_seg + mu/2 |q - q_start|^2 (CFL), against a per-silo loop."""
   n, mu, lr = tf.N, 0.7, 0.05

@@ -965,6 +965,16 @@ class Experiment:
         f"experiment.kd_methods is not run with pretrain.objective={self.c.pretrain.objective!r}: teacher KD needs "
         "a segmentation teacher"
       )
+    gossip = [m for m in pr["methods"] if self._mixing(m) == "dfl" and m not in ("matcha", "centralized")]
+    if self.push_sum and gossip:
+      scale = 1.0 / topology.push_sum_weights(self.gossip_w, max(self.c.pretrain.num_rounds - 1, 0))
+      notes.append(
+        f"the topology is a directed graph that is not balanced: {', '.join(gossip)} "
+        f"{'mixes' if len(gossip) == 1 else 'mix'} by push-sum, and each "
+        f"silo's local steps are scaled by 1 / its push-sum weight (stochastic gradient-push), up to "
+        f"{scale.max():.3g}x (silo {int(np.argmax(scale))}) by the last round; lower the learning rate if that "
+        "silo diverges"
+      )
     return notes
 
   def read_results(self, raw_path: str) -> dict:
