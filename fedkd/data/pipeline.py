@@ -313,15 +313,134 @@ def _worker_init(pool, parts, seed: int, aug, batch_size: int) -> None:
   _WORKER.update(pool=pool, parts=parts, seed=seed, aug=aug, batch_size=batch_size, datasets={})
 
 
+# grain's shuffle maps index i of an epoch of n examples to index_shuffle(i, n - 1, seed + epoch): a 4-round Simon
+# cipher on a block of at least 16 bits, cycle-walked back into [0, n). A client of n examples walks about 65536 / n
+# cipher calls per example (2,048 at n = 32: about 1 ms an example), most of a cross-device round's host time.
+# _epoch_permutation computes the same permutation for a whole epoch at once from the cipher's 65536-entry table, in
+# numpy; a client of more than 2**16 examples walks about 4 calls or fewer an example, and keeps grain's own.
+_TABLE_EXAMPLES = 2**16  # epochs of at most this many examples: a 16-bit block, computed as a table
+_EPOCHS_KEPT = 2  # per-epoch permutations a client's dataset keeps (a batch may straddle two epochs)
+_M32 = 0xFFFFFFFF
+
+
+def _seed_seq(seed: int, count: int) -> list[int]:
+  """``std::seed_seq{seed}.generate`` of ``count`` 32-bit words (C++ [rand.util.seedseq]): the cipher's round keys."""
+  v, n, s = [seed & _M32], count, 1
+  b = [0x8B8B8B8B] * n
+  t = 11 if n >= 623 else 7 if n >= 68 else 5 if n >= 39 else 3 if n >= 7 else (n - 1) // 2
+  p = (n - t) // 2
+  q = p + t
+  m = max(s + 1, n)
+
+  def mix(x: int) -> int:
+    return x ^ (x >> 27)
+
+  for k in range(m):
+    r1 = (1664525 * mix(b[k % n] ^ b[(k + p) % n] ^ b[(k - 1) % n])) & _M32
+    r2 = (r1 + (s if k == 0 else k % n + v[k - 1] if k <= s else k % n)) & _M32
+    b[(k + p) % n] = (b[(k + p) % n] + r1) & _M32
+    b[(k + q) % n] = (b[(k + q) % n] + r2) & _M32
+    b[k % n] = r2
+  for k in range(m, m + n):
+    r3 = (1566083941 * mix((b[k % n] + b[(k + p) % n] + b[(k - 1) % n]) & _M32)) & _M32
+    r4 = (r3 - k % n) & _M32
+    b[(k + p) % n] ^= r3
+    b[(k + q) % n] ^= r4
+    b[k % n] = r4
+  return b
+
+
+_BYTE = np.arange(256, dtype=np.uint8)
+# Simon's round function on 8-bit words: (x <<< 1 & x <<< 8) ^ x <<< 2, where x <<< 8 = x
+_SIMON8_F = (((_BYTE << 1) | (_BYTE >> 7)) & _BYTE) ^ ((_BYTE << 2) | (_BYTE >> 6))
+
+
+def _epoch_permutation(n: int, seed: int) -> np.ndarray:
+  """``[index_shuffle(i, max_index=n - 1, seed=seed, rounds=4) for i in range(n)]`` of grain (0 < n <= 2**16).
+
+  The cipher permutes [0, 2**16) (two 8-bit words, four rounds keyed by ``std::seed_seq{seed}``); grain re-encrypts
+  until the value lands in [0, n). Here the cipher is a table ``e`` of all 65536 values, and ``nxt[x]`` the first
+  of e(x), e(e(x)), ... e^(2^j)(x) that is below n (else e^(2^j)(x)), doubled j times until every start
+  0 .. n - 1 has landed: at most 16 passes over the table."""
+  if not 0 < n <= _TABLE_EXAMPLES:
+    raise ValueError(f"_epoch_permutation covers epochs of 1 .. {_TABLE_EXAMPLES} examples, not {n}")
+  if n == 1:
+    return np.zeros(1, np.int64)
+  keys = [np.uint8(k & 0xFF) for k in _seed_seq(seed, 4)]
+  left, right = np.repeat(_BYTE, 256), np.tile(_BYTE, 256)  # the block value is left * 256 + right
+  for i in range(0, len(keys), 2):
+    left = left ^ _SIMON8_F[right] ^ keys[i]
+    right = right ^ _SIMON8_F[left] ^ keys[i + 1]
+  nxt = (left.astype(np.intp) << 8) | right
+  starts = np.arange(n)
+  while True:
+    head = nxt[:n].copy()
+    if (head < n).all():
+      return head.astype(np.int64)
+    # landed values map to themselves in the lookup, so one gather moves every other value on by its own nxt
+    nxt[:n] = starts
+    jumped = np.take(nxt, nxt)
+    jumped[:n] = np.take(nxt, head)
+    nxt = jumped
+
+
+_SHUFFLE_CLASS: list = []  # [grain's shuffle with per-epoch permutations, or None where it differs from grain's]
+
+
+def _epoch_shuffle_class():
+  """A subclass of grain's ``MapDataset.shuffle()`` dataset whose clients of at most 2**16 examples compute each
+  epoch's permutation once (``_epoch_permutation``) instead of cycle-walking the cipher for every example; None
+  where this grain's shuffle is not what it was written against (the first epochs of a probe differ), so a client
+  keeps grain's own."""
+  if _SHUFFLE_CLASS:
+    return _SHUFFLE_CLASS[0]
+  import grain
+
+  base = type(grain.MapDataset.range(2).seed(0).shuffle())
+
+  class EpochShuffle(base):
+    def __init__(self, parent):
+      super().__init__(parent)
+      self._epochs: dict[int, np.ndarray] = {}
+      self._epochs_lock = threading.Lock()  # the prefetch thread and the main thread read the same client
+
+    def _shuffled_index(self, index: int) -> int:
+      n = len(self._parent)
+      if n > _TABLE_EXAMPLES:
+        return super()._shuffled_index(index)
+      epoch, i = divmod(index, n)
+      with self._epochs_lock:
+        perm = self._epochs.get(epoch)
+        if perm is None:
+          perm = self._epochs[epoch] = _epoch_permutation(n, (self._seed + epoch) % 2**32)
+          while len(self._epochs) > _EPOCHS_KEPT:
+            del self._epochs[min(self._epochs)]
+      return int(perm[i]) + epoch * n
+
+  probe = grain.MapDataset.range(1000).seed(76)
+  try:
+    ref, fast = probe.shuffle(), EpochShuffle(probe)
+    same = all(ref[i] == fast[i] for i in (0, 1, 998, 999, 1000, 2500))
+  except AttributeError:  # a grain without the _seed / _shuffled_index this overrides
+    same = False
+  _SHUFFLE_CLASS.append(EpochShuffle if same else None)
+  return _SHUFFLE_CLASS[0]
+
+
+def _shuffle(dataset):
+  """``dataset.shuffle()``: the same examples in the same order, at a small fraction of grain's cost for small
+  clients (see ``_epoch_shuffle_class``)."""
+  cls = _epoch_shuffle_class()
+  return dataset.shuffle() if cls is None else cls(dataset)
+
+
 def _client_dataset(pool, parts, seed: int, aug, batch_size: int, k: int):
   """Client k's batches, random access: ``dataset[t]`` is its t-th batch (a pure function of seed, k
   and its examples)."""
   import grain
 
   return (
-    grain.MapDataset.source(_Subset(pool, parts[k]))
-    .seed(seed * 100_003 + k)
-    .shuffle()
+    _shuffle(grain.MapDataset.source(_Subset(pool, parts[k])).seed(seed * 100_003 + k))
     .repeat(None)
     .random_map(aug)
     .batch(batch_size, drop_remainder=True)
@@ -452,8 +571,8 @@ class TfdsClients:
       raise DataError(
         f"TFDS dataset {name!r}: training site(s) {untested} have no test split to evaluate on (training scores "
         "every training site on its test split; the mean over training sites would leave them out); rebuild them "
-        f"with test examples (xray_folder: a 'test' list in splits.json) with {build_hint} --overwrite, or leave "
-        "them out of config.data.tfds_configs"
+        f"with test examples (xray_folder: a 'test' list in splits.json) with {build_hint} "
+        "--manual_dir=<the site's folder> --site=<its name> --overwrite, or leave them out of config.data.tfds_configs"
       )
     train_sources = []
     for c in train_cfgs:
