@@ -132,8 +132,13 @@ def _side(a, seeds: list[int]) -> None:
       wall, secs = _timed(
         lambda log: replicas.run(configs, [f"{a.workdir}/r{s}" for s in seeds], log=log, layout=a.layout)
       )
-      out.update(wall_s=wall, first_round_s=[secs[0]], steady_round_s=secs[1:], compiles=[len(compiles)])
-      out["compile_s"] = [sum(compiles)]
+      out.update(
+        wall_s=wall,
+        first_round_s=[secs[0]],
+        steady_round_s=secs[1:],
+        compiles=[len(compiles)],
+        compile_s=[sum(compiles)],
+      )
     else:
       out.update(wall_s=0.0, first_round_s=[], steady_round_s=[], compiles=[], compile_s=[])
       for s, cfg in zip(seeds, configs):

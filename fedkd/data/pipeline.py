@@ -23,6 +23,7 @@ from fedkd.errors import UserError, reason
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import multiprocessing
 import os
 import signal
@@ -384,16 +385,12 @@ def _epoch_permutation(n: int, seed: int) -> np.ndarray:
     nxt = jumped
 
 
-_SHUFFLE_CLASS: list = []  # [grain's shuffle with per-epoch permutations, or None where it differs from grain's]
-
-
+@functools.cache
 def _epoch_shuffle_class():
   """A subclass of grain's ``MapDataset.shuffle()`` dataset whose clients of at most 2**16 examples compute each
   epoch's permutation once (``_epoch_permutation``) instead of cycle-walking the cipher for every example; None
   where this grain's shuffle is not what it was written against (the first epochs of a probe differ), so a client
-  keeps grain's own."""
-  if _SHUFFLE_CLASS:
-    return _SHUFFLE_CLASS[0]
+  keeps grain's own. Built and checked once per process."""
   import grain
 
   base = type(grain.MapDataset.range(2).seed(0).shuffle())
@@ -423,8 +420,7 @@ def _epoch_shuffle_class():
     same = all(ref[i] == fast[i] for i in (0, 1, 998, 999, 1000, 2500))
   except AttributeError:  # a grain without the _seed / _shuffled_index this overrides
     same = False
-  _SHUFFLE_CLASS.append(EpochShuffle if same else None)
-  return _SHUFFLE_CLASS[0]
+  return EpochShuffle if same else None
 
 
 def _shuffle(dataset):

@@ -412,6 +412,11 @@ class Experiment:
       return "dfl"
     return "cfl"
 
+  def _gradient_push(self, method: str) -> bool:
+    """Whether ``method`` gossips by push-sum (an unbalanced digraph; MATCHA mixes over the complete graph), so
+    its silos' steps are scaled by 1 / their push-sum weights (stochastic gradient-push)."""
+    return self.push_sum and self._mixing(method) == "dfl" and method != "matcha"
+
   def _options(self, method: str, distill: bool) -> fedefm_lib.FedEFMOptions:
     f = self.c.fedefm
     mixing = self._mixing(method)
@@ -717,7 +722,7 @@ class Experiment:
         distill = method in DISTILL and r > c.fedefm.warmup_rounds
         fn = self._round_fn(method, distill)
         batch = {"x": xs, "y": ys, "nbr": jnp.asarray(nbr), "nbr_mask": jnp.asarray(nmask)}
-        if self.push_sum and self._mixing(method) == "dfl" and method != "matcha":  # stochastic gradient-push
+        if self._gradient_push(method):
           batch["step_scale"] = jnp.asarray(1.0 / topology.push_sum_weights(self.gossip_w, r - 1), jnp.float32)
         batch = shard_clients(batch, mesh)
         server = replicate({"round": jnp.asarray(r - 1, jnp.int32)}, mesh)
@@ -965,8 +970,8 @@ class Experiment:
         f"experiment.kd_methods is not run with pretrain.objective={self.c.pretrain.objective!r}: teacher KD needs "
         "a segmentation teacher"
       )
-    gossip = [m for m in pr["methods"] if self._mixing(m) == "dfl" and m not in ("matcha", "centralized")]
-    if self.push_sum and gossip:
+    gossip = [m for m in pr["methods"] if self._gradient_push(m)]
+    if gossip:
       scale = 1.0 / topology.push_sum_weights(self.gossip_w, max(self.c.pretrain.num_rounds - 1, 0))
       notes.append(
         f"the topology is a directed graph that is not balanced: {', '.join(gossip)} "
