@@ -143,7 +143,11 @@ class ResumeRefused(CheckpointError):
 
 
 class Checkpointer:
-  def __init__(self, directory: Any, max_to_keep: int = 2):
+  """``cleanup_tmp``: delete the ``<round>.orbax-checkpoint-tmp`` folders that a save cut short (a kill, a full
+  disk) left behind. Only for the run that owns ``directory`` (it holds the workdir's lock): a reader such as
+  ``fedkd.eval`` must not delete the folder a running training is writing."""
+
+  def __init__(self, directory: Any, max_to_keep: int = 2, cleanup_tmp: bool = False):
     directory = os.fspath(directory)
     self.directory = directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
     # Handlers named up front, so item metadata (which items a checkpoint has, the saved state's
@@ -157,7 +161,7 @@ class Checkpointer:
         "clients": ocp.StandardCheckpointHandler(),
         "clients_meta": ocp.JsonCheckpointHandler(),
       },
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=cleanup_tmp),
     )
 
   def latest_round(self) -> int | None:

@@ -171,3 +171,26 @@ def test_layouts_agree_through_the_task_with_rows_and_wrappers(tmp_path):
     assert len(la) == len(lb) > 0
     for x, y in zip(la, lb):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=5e-5)
+
+
+def test_sigterm_during_a_checkpoint_save_stops_after_that_round(tmp_path, monkeypatch):
+  """SIGTERM while round 2's checkpoint is being saved (after the round's stop check): round 2 is saved, so the
+  run stops there, not after training round 3 (a preemption notice leaves seconds, not another round)."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("SIGTERM is caught by StopSignals in the main thread only")
+  from fedkd.checkpoint import Checkpointer
+
+  real_save = Checkpointer.save
+
+  def save(self, round_, *args, **kwargs):
+    real_save(self, round_, *args, **kwargs)
+    if round_ == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(Checkpointer, "save", save)
+  work = str(tmp_path / "w")
+  with pytest.raises(Stopped) as stopped, StopSignals(log=_quiet) as stop:
+    fedavg.run(tiny_config(num_rounds=4), work, log=_quiet, stop=stop)
+  assert stopped.value.round == 2 and stopped.value.exit_code == 0
+  assert [r["round"] for r in _jsonl(work, "rounds.jsonl")] == [1, 2]
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]

@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fedkd.checkpoint import ResumeRefused
+from fedkd.checkpoint import Checkpointer, ResumeRefused
 from fedkd.data import pipeline
 from fedkd.errors import DivergedError
 from fedkd.evaluate import load_run
@@ -573,11 +573,16 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_ones(two_rounds, refer
     for r in kept:
       assert load_run(work, int(r))[3] == int(r)
     assert max(_rounds_in(os.path.join(work, "metrics.jsonl"))) >= step
+  # a save cut short for a round this run never saves again (a kill during round 12's save of a longer run)
+  orphan = os.path.join(ckdir, "12.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(orphan, "state"))
+  Checkpointer(ckdir).all_rounds()  # a reader (fedkd.eval) leaves it: it may be a running save's
+  assert os.path.isdir(orphan)
   lines = []
   fedavg.run(qs_config(), work, log=lines.append)
   assert f"resuming from round 3 (checkpoint in {ckdir})" in lines, lines[:5]
   _assert_same_as_reference(work, reference[0])
-  assert _steps(ckdir) == ["8", "9", "10"]  # the failed saves' temporary folders are gone
+  assert _steps(ckdir) == ["8", "9", "10"]  # the failed saves' and the orphan's temporary folders are gone
 
 
 def test_nan_round_after_resume_keeps_the_good_checkpoints(two_rounds, tmp_path, monkeypatch):

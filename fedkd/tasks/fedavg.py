@@ -52,6 +52,13 @@ def _may_change(key: str) -> bool:
   return key not in NOT_RESUMABLE and (key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES)
 
 
+def signalled_during_save(stop, r: int) -> bool:
+  """Whether a SIGTERM / Ctrl-C arrived while round ``r``'s checkpoint was being saved (after the round's stop
+  check): round ``r`` is saved, so the run stops now rather than after one more round. One process only: the
+  processes of a multi-process run agree on their stop round through one ``stop.requested`` call per round."""
+  return stop is not None and jax.process_count() == 1 and stop.requested(r)
+
+
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
   return np.asarray(jax.random.choice(key, num_clients, (k,), replace=False))
 
@@ -393,7 +400,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   round_fn = engine.make_round_fn(alg, ctx, mesh, engine_opts, skip_nonfinite=config.engine.skip_nonfinite_clients)
 
   cfg_json = ckpt_lib.config_json(config)
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep, cleanup_tmp=True)
   runlog = RunLog(workdir, enabled=primary, note=log)
   like = state
 
@@ -606,6 +613,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if stopping or r % config.checkpoint.every == 0 or r == last_round:
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
         last_saved = r
+        stopping = stopping or signalled_during_save(stop, r)
       if stopping and r < last_round:
         ckpt.wait()
         raise Stopped(r, stop.reason)

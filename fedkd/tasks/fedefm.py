@@ -689,7 +689,7 @@ class Experiment:
     state = shard_clients({"params": fedefm_lib.stack(params0, n), "prev": fedefm_lib.stack(params0, n)}, mesh)
     summary: dict = {"curve": [], "w": [], "transfers": 0.0}
     hp = replicate({k: np.float32(v) for k, v in self.hparams().items()}, mesh)  # the round's traced inputs
-    ckpt = ckpt_lib.Checkpointer(self.checkpoint_dir(method, percent, seed), c.checkpoint.max_to_keep)
+    ckpt = ckpt_lib.Checkpointer(self.checkpoint_dir(method, percent, seed), c.checkpoint.max_to_keep, cleanup_tmp=True)
     try:
       start, out = ckpt.restore_latest(lambda r: self._load(ckpt, r, state), self.log)
       if start is None:

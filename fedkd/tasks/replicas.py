@@ -272,7 +272,7 @@ class _Replica:
     self.data = make_client_data(config)
     self.evaluator = Evaluator(config, apply, self.data.eval_sets(evaluated_sites(config)))
     self.cfg_json = ckpt_lib.config_json(config)
-    self.ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", config.checkpoint.max_to_keep)
+    self.ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", config.checkpoint.max_to_keep, cleanup_tmp=True)
     self.runlog = RunLog(self.workdir, note=log)
     self.privacy = fedavg._Privacy(config) if config.dp.enabled else None
     # 0 as a single run's total of no rounds (an int: round 0's record reads as its single run's, byte for byte)
@@ -489,6 +489,7 @@ def _train(
         rep.ckpt.save(r, states[i], rep.cfg_json, rep.data.get_state(), None)
     if saving:
       last_saved = r
+      stopping = stopping or fedavg.signalled_during_save(stop, r)
     if evaluating:
       line += "  | held-out dice catheter " + " ".join(
         "-" if i in failed else f"{res[0]['dice/catheter']:.4f}" for i, res in enumerate(results)
