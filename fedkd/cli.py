@@ -164,8 +164,8 @@ def run_app(
     code = e.code
     if isinstance(code, int) and code != 0:
       _exit_past_stuck_threads(code)
-    if code == 130:
-      _exit_after_ctrl_c()
+      if code == 130:
+        _exit_after_ctrl_c()
     elif code is not None and not isinstance(code, int):  # a message: Python prints it, exit 1
       _exit_past_stuck_threads(1, lambda: print(code, file=sys.stderr))
     raise
