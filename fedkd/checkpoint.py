@@ -386,11 +386,8 @@ class Checkpointer:
     return None, None
 
   def close(self) -> None:
-    global _saving
     try:
-      with self._disk_errors():
-        self._mngr.wait_until_finished()
-      _saving = False
+      self.wait()
     finally:
       self._mngr.close()
 

@@ -79,3 +79,13 @@ class StopSignals:
     if anyone and self.reason is None:
       self.reason = "preempted"
     return anyone
+
+
+def requested_again(stop, step: int) -> bool:
+  """A second check within ``step`` after ``stop.requested(step)`` was False (``stop``: a :class:`StopSignals` or
+  None), made after the step's checkpoint save: True when a signal arrived during the save, so the run stops at
+  the step just saved rather than after the next one. Always False in a multi-process run: its processes agree
+  on their stop step through one ``requested`` call per step."""
+  import jax
+
+  return stop is not None and jax.process_count() == 1 and stop.requested(step)

@@ -17,7 +17,7 @@ import numpy as np
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import ConfigError, base_config, clients_in_flight, num_attackers, unroll_local_steps, validate
 from fedkd.errors import DivergedError
-from fedkd.preemption import Stopped
+from fedkd.preemption import Stopped, requested_again
 from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.fl import client_state as client_state_lib
@@ -50,13 +50,6 @@ NOT_RESUMABLE = ("engine.compute_dtype",)
 
 def _may_change(key: str) -> bool:
   return key not in NOT_RESUMABLE and (key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES)
-
-
-def signalled_during_save(stop, r: int) -> bool:
-  """Whether a SIGTERM / Ctrl-C arrived while round ``r``'s checkpoint was being saved (after the round's stop
-  check): round ``r`` is saved, so the run stops now rather than after one more round. One process only: the
-  processes of a multi-process run agree on their stop round through one ``stop.requested`` call per round."""
-  return stop is not None and jax.process_count() == 1 and stop.requested(r)
 
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> np.ndarray:
@@ -613,7 +606,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if stopping or r % config.checkpoint.every == 0 or r == last_round:
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
         last_saved = r
-        stopping = stopping or signalled_during_save(stop, r)
+        stopping = stopping or requested_again(stop, r)  # a signal during the save
       if stopping and r < last_round:
         ckpt.wait()
         raise Stopped(r, stop.reason)

@@ -49,7 +49,7 @@ from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import dp, engine
 from fedkd.logs import RunLog, duration, progress_bar
 from fedkd.models import init_model
-from fedkd.preemption import Stopped
+from fedkd.preemption import Stopped, requested_again
 from fedkd.report import site_table
 from fedkd.sharding import client_mesh, replicate, shard_clients
 from fedkd.tasks import fedavg
@@ -489,7 +489,7 @@ def _train(
         rep.ckpt.save(r, states[i], rep.cfg_json, rep.data.get_state(), None)
     if saving:
       last_saved = r
-      stopping = stopping or fedavg.signalled_during_save(stop, r)
+      stopping = stopping or requested_again(stop, r)  # a signal during the saves
     if evaluating:
       line += "  | held-out dice catheter " + " ".join(
         "-" if i in failed else f"{res[0]['dice/catheter']:.4f}" for i, res in enumerate(results)
