@@ -25,6 +25,8 @@ from ml_collections import config_flags
 from fedkd.config import ConfigError, base_config, find_config_file, schemas
 from fedkd.errors import reason
 
+_FLAGFILE = re.compile(r"--?flagfile(=|$)")  # an argument that names a flag file (absl's --flagfile / -flagfile)
+
 
 def _define_config_flag():
   """``--config``. ml_collections reads ``--flagfile=`` files of ``sys.argv`` as the flag is defined; one it
@@ -39,7 +41,7 @@ def _define_config_flag():
     return define()
   except flags.CantOpenFlagFileError:
     saved = sys.argv
-    sys.argv = [a for a in saved if not re.match(r"--?flagfile(=|$)", a)]
+    sys.argv = [a for a in saved if not _FLAGFILE.match(a)]
     try:
       return define()
     finally:
@@ -317,7 +319,7 @@ def parse(
   :data:`SHARED` not in ``shared`` (or ``--config`` when not ``uses_config``) is refused: the program
   would ignore it."""
   argv = list(sys.argv if argv is None else argv)
-  if any(re.match(r"--?flagfile(=|$)", a) for a in argv[1:]):  # its flags are checked like the others
+  if any(_FLAGFILE.match(a) for a in argv[1:]):  # its flags are checked like the others
     try:
       argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
     except flags.Error as e:

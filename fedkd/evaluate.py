@@ -385,7 +385,7 @@ def evaluate_run(
       config.data.tfds_data_dir = tfds_data_dir
   sites = evaluated_sites(config)
   try:
-    data = make_client_data(config)
+    data = make_client_data(config, training=False)
     eval_sets = data.eval_sets(sites)
   except DataError as e:
     if source == "synthetic" or tfds_data_dir is not None:

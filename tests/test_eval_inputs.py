@@ -5,9 +5,10 @@ import shutil
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from fedkd.data import sites
+from fedkd.data import pipeline, sites
 from fedkd.data import tfds as fdata
 from fedkd.tasks import fedavg
 from test_training import tiny_config
@@ -130,3 +131,30 @@ def test_a_half_written_newest_checkpoint_is_one_warning_line_without_orbax_note
   (warning,) = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
   assert "round 4 is damaged" in warning and "falling back to round 2" in warning, warning
   assert "at round 2" in r.stdout
+
+
+def test_eval_of_a_run_on_a_site_that_training_now_refuses(cli, tmp_path):
+  """A training site without a test split: older code trained on it (and scored the other sites); training now
+  refuses it, and fedkd.eval refused it too, though it does not train. Eval opens the data to evaluate only and
+  scores the site with a test split, as training did."""
+  data_dir = tmp_path / "tfds"
+  for site in ("hosp", "wardb"):
+    _folder(tmp_path / site)
+    fdata.build("xray_folder", data_dir, manual_dir=tmp_path / site, site=site)
+  cfg = tiny_config(num_rounds=1, num_clients=2, clients_per_round=2, batch_size=1, quantity_skew=0.0)
+  cfg.data.source, cfg.data.tfds_data_dir = "tfds:xray_folder", str(data_dir)
+  cfg.eval.max_sites = 0
+  work = str(tmp_path / "run")
+  fedavg.run(cfg, work, log=lambda _: None)
+  # wardb rebuilt with all of its frames as training frames (no splits.json), as older code accepted it
+  os.remove(tmp_path / "wardb" / "splits.json")
+  fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "wardb", site="wardb", overwrite=True)
+  with pytest.raises(pipeline.DataError, match=r"training site\(s\) \['wardb'\] have no test split"):
+    pipeline.make_client_data(cfg)
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--frames=1"])
+  assert r.code == 0, r.stderr[-2000:]
+  assert "1 sites x 1 held-out images" in r.stdout, r.stdout[:500]
+  ev = json.load(open(os.path.join(work, "eval", "eval.json")))
+  last = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))][-1]
+  assert sorted(ev["sites"]) == ["hosp"]
+  assert abs(ev["sites"]["hosp"]["catheter"]["dice"] - last["site/hosp/dice/catheter"]) < 1e-6

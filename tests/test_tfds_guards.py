@@ -103,7 +103,7 @@ def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
   assert saved == {"next_batch": [1, 1], "site_records": {"a": 7, "b": 5}}
 
 
-def test_a_training_class_the_model_lacks_is_refused_before_training(three_sites, tmp_path):
+def test_a_training_class_the_model_lacks_is_refused_before_training(three_sites, tmp_path, cli):
   """A vessel label (3) in one training mask, a 3-class model: the run failed only in the round whose batch first
   drew that frame (with thousands of frames, hours into training). The build records each split's highest class;
   the held-out sets, read before anything is written, refuse it naming the frame."""
@@ -124,6 +124,15 @@ def test_a_training_class_the_model_lacks_is_refused_before_training(three_sites
   c = _config(tmp_path / "tfds", num_clients=2, clients_per_round=2)
   c.model.num_classes = 4
   assert set(pipeline.make_client_data(c).eval_sets()) == {"v"}
+  # evaluating and previewing do not train: the training label does not stop them (test labels go up to 2)
+  three = _config(tmp_path / "tfds", num_clients=2, clients_per_round=2)
+  assert set(pipeline.make_client_data(three, training=False).eval_sets()) == {"v"}
+  overrides = {"data.source": "tfds:xray_folder", "data.tfds_data_dir": tmp_path / "tfds", "image_size": SIZE}
+  overrides.update({"num_clients": 1, "clients_per_round": 1, "batch_size": 1, "data.augment": False})
+  args = ["--config=configs/quickstart.py", "--frames=2", f"--out={tmp_path / 'p.png'}"]
+  r = cli.run("fedkd.data.preview", args + [f"--config.{k}={v}" for k, v in overrides.items()])
+  assert r.code == 0, r.stderr[-2000:]
+  assert "1 sites x 2 frames" in r.stdout, r.stdout
   # a damaged entry is named, with the fix
   meta["largest_label"] = {"train": {"label": "3"}}
   (tmp_path / "tfds" / "xray_folder" / "v" / "1.0.0" / "metadata.json").write_text(json.dumps(meta))

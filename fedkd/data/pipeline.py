@@ -486,12 +486,16 @@ def _parse_source(source: str) -> str:
 class TfdsClients:
   """Clients over a prepared TFDS dataset. Sites are builder configs (``data.tfds_configs``, default
   all of the dataset's configs) or a single site for single-config datasets; ``data.unseen_site``
-  names a config kept out of training and evaluated as the unseen hospital."""
+  names a config kept out of training and evaluated as the unseen hospital. ``training=False`` (``fedkd.eval``, the
+  preview) opens the data to evaluate only: the checks that guard training alone (every training site has a test
+  split, no training label beyond ``model.num_classes``) are left to training, so that a finished run on a dataset
+  built before they existed can still be evaluated."""
 
-  def __init__(self, config):
+  def __init__(self, config, training: bool = True):
     from fedkd.data import tfds as fedkd_tfds
 
     self.config = config
+    self.training = training
     d = config.data
     name = _parse_source(d.source)
     if _relative_local(d.tfds_data_dir):
@@ -563,7 +567,7 @@ class TfdsClients:
     # every training site is scored on its test split: one without would silently be left out of the per-site
     # table and of the mean over training sites
     untested = [c for c in train_cfgs if num_records(c, "train") and not num_records(c, "test")]
-    if untested:
+    if untested and training:
       raise DataError(
         f"TFDS dataset {name!r}: training site(s) {untested} have no test split to evaluate on (training scores "
         "every training site on its test split; the mean over training sites would leave them out); rebuild them "
@@ -712,10 +716,10 @@ class TfdsClients:
     return xs, ys
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
-    """First ``eval.examples_per_site`` test examples of every site (no augmentation). Refuses a test label, or a
-    training label the build recorded, that ``model.num_classes`` has no output for: training reads these sets
-    before it writes anything, while a training batch would meet such a label only in the round that first
-    draws its record."""
+    """First ``eval.examples_per_site`` test examples of every site (no augmentation). Refuses a test label, or
+    (data opened for training) a training label the build recorded, that ``model.num_classes`` has no output for:
+    training reads these sets before it writes anything, while a training batch would meet such a label only in
+    the round that first draws its record."""
     del site_ids
     aug = Augment(self.config.image_size, enabled=False)
     out = {}
@@ -736,7 +740,7 @@ class TfdsClients:
         f"dataset {self.config.data.source!r} has no test split to evaluate on; "
         "add one (for xray_folder: a splits.json with a 'test' list) and rebuild"
       )
-    for site, top in self._train_labels.items():
+    for site, top in self._train_labels.items() if self.training else ():
       if top is not None and top["label"] >= self.config.model.num_classes:
         raise DataError(
           f"dataset {self.config.data.source!r}, site {site!r}: training record {top['id']!r} has label value "
@@ -774,7 +778,8 @@ class TfdsClients:
     self._next = np.asarray(nxt, np.int64)
 
 
-def make_client_data(config):
+def make_client_data(config, training: bool = True):
+  """The clients' data; ``training=False`` opens it to evaluate only (see ``TfdsClients``)."""
   if config.data.source == "synthetic":
     return SyntheticClients(config)
-  return TfdsClients(config)
+  return TfdsClients(config, training=training)

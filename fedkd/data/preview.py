@@ -77,7 +77,7 @@ def main(argv) -> None:
   )
   if problem:
     cli.fail(problem)
-  data = make_client_data(config)
+  data = make_client_data(config, training=False)
   with config.unlocked():
     config.eval.examples_per_site = cli.FRAMES.value
   sets = data.eval_sets(sites)
