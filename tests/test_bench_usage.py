@@ -212,6 +212,7 @@ def test_round_bench_bad_model_flags_are_one_line(argv, needle, capsys):
     (["bench/fedefm_torch.py", "--rounds", "1"], "fedefm_torch: error: --rounds=1: give 2 or more"),
     (["bench/fedefm_torch.py", "--threads", "-1"], "fedefm_torch: error: --threads=-1 must be >= 0"),
     (["bench/fedefm_grid.py", "--betas", ","], "fedefm_grid: error: --betas=',' names no value"),
+    (["bench/leafrand_compile.py", "--clients", "0"], "leafrand_compile: error: --clients=0: give 1 or more"),
   ],
 )
 def test_bench_tool_round_counts_are_one_line(args, needle, tmp_path):

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from fedkd.fl import leafrand
 from fedkd.sharding import CLIENTS
 
 
@@ -64,17 +65,18 @@ def gaussian(uploads, mask, key, ids, std: float = 1.0, additive: bool = False):
   noise of client ``ids[r]``, leaf l is normal(fold_in(fold_in(key, ids[r]), l))."""
   leaves, treedef = jax.tree.flatten(uploads)
   ids = jnp.asarray(ids, jnp.int32)
+  shapes = {index: u.shape[1:] for index, u in enumerate(leaves) if _floating(u)}
+
+  def noise_of(i):  # every floating leaf's noise of client i, leaf by leaf as documented (leafrand: fewer loops)
+    return leafrand.per_leaf(lambda k, s: jax.random.normal(k, s, jnp.float32), jax.random.fold_in(key, i), shapes)
+
+  noise = jax.vmap(noise_of)(ids)
   out = []
   for index, u in enumerate(leaves):
-    if not _floating(u):
+    if index not in shapes:
       out.append(u)
       continue
-
-    def noise_of(i, shape=u.shape[1:], index=index):
-      return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), index), shape, jnp.float32)
-
-    noise = std * jax.vmap(noise_of)(ids)
-    new = u.astype(jnp.float32) + noise if additive else noise
+    new = u.astype(jnp.float32) + std * noise[index] if additive else std * noise[index]
     out.append(_rows(mask, new, u))
   return jax.tree.unflatten(treedef, out)
 

@@ -68,6 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedkd.fl import leafrand
+
 KINDS = ("int8", "topk")
 STREAM = 0x636F6D70  # "comp": folded into server["rng"] before the round, unlike the attacks' noise
 INDEX_BYTES = 4  # top-k: one int32 index per sent value
@@ -97,14 +99,19 @@ def round_key(server: dict) -> jax.Array:
   return jax.random.fold_in(key, server["round"])
 
 
-def encode_int8(u: jax.Array, key: jax.Array):
+def _uniform(key: jax.Array, shape) -> jax.Array:
+  """The stochastic rounding's U ~ Uniform[0, 1) of one leaf."""
+  return jax.random.uniform(key, shape, jnp.float32)
+
+
+def encode_int8(u: jax.Array, key: jax.Array, noise: jax.Array | None = None):
   """A floating array -> (q uint8 of u's shape, lo, hi) by stochastic rounding on the 256-level grid of
-  [min u, max u] (module docstring)."""
+  [min u, max u] (module docstring). ``noise``: the uniform draw of ``key`` when already drawn."""
   x = u.astype(jnp.float32)
   lo, hi = jnp.min(x), jnp.max(x)
   scale = (hi - lo) / 255.0
   safe = jnp.where(scale > 0, scale, 1.0)
-  noise = jax.random.uniform(key, x.shape, jnp.float32)
+  noise = _uniform(key, x.shape) if noise is None else noise
   q = jnp.clip(jnp.floor((x - lo) / safe + noise), 0.0, 255.0)
   return q.astype(jnp.uint8), lo, hi
 
@@ -114,20 +121,22 @@ def decode_int8(q: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   return lo + q.astype(jnp.float32) * ((hi - lo) / 255.0)
 
 
-def quantize_int8(u: jax.Array, key: jax.Array) -> jax.Array:
+def quantize_int8(u: jax.Array, key: jax.Array, noise: jax.Array | None = None) -> jax.Array:
   """What the server decodes from one leaf: the int8 round trip, or ``u`` itself when the leaf is sent
-  exactly (not floating, at most one element, or hi == lo)."""
+  exactly (not floating, at most one element, or hi == lo). ``noise``: as for :func:`encode_int8`."""
   u = jnp.asarray(u)
   if not _compressed_leaf(u):
     return u
-  q, lo, hi = encode_int8(u, key)
+  q, lo, hi = encode_int8(u, key, noise)
   return jnp.where(hi > lo, decode_int8(q, lo, hi), u.astype(jnp.float32)).astype(u.dtype)
 
 
 def int8_tree(tree, key: jax.Array):
-  """:func:`quantize_int8` on every leaf, leaf l with fold_in(key, l) (``jax.tree.leaves`` order)."""
+  """:func:`quantize_int8` on every leaf, leaf l with fold_in(key, l) (``jax.tree.leaves`` order; the
+  uniform draws of all leaves made together, :func:`fedkd.fl.leafrand.per_leaf`: the same values)."""
   leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, [quantize_int8(u, jax.random.fold_in(key, l)) for l, u in enumerate(leaves)])
+  noise = leafrand.per_leaf(_uniform, key, {l: jnp.shape(u) for l, u in enumerate(leaves) if _compressed_leaf(u)})
+  return jax.tree.unflatten(treedef, [quantize_int8(u, key, noise.get(l)) for l, u in enumerate(leaves)])
 
 
 # ------------------------------------------------------------------------------------------- top-k
