@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, set before any JAX computation."""
 
+import json
 import os
 import signal
 import tempfile
@@ -37,46 +38,16 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
-# The slowest modules first, longest first (seconds of test time per file, measured on 2 cores with
-# pytest --durations=0): pytest-xdist hands out whole files in collection order, so a long file collected
-# last would run alone at the end while the other worker idles. Order within a file is kept.
-SLOW_FIRST = (
-  "test_resume_robustness.py",  # 121 s
-  "test_sweep.py",  # 108 s
-  "test_fedefm_resume.py",  # 102 s
-  "test_replicas.py",  # 89 s
-  "test_algorithms.py",  # 85 s
-  "test_engine.py",  # 83 s
-  "test_zoo_runs.py",  # 63 s
-  "test_multiprocess.py",  # ~60 s (with the SIGTERM-to-one-process test)
-  "test_resume_matrix.py",  # ~52 s warm
-  "test_fedefm_endpoints.py",  # 53 s
-  "test_bench.py",  # 46 s
-  "test_emd.py",  # 43 s
-  "test_fedefm.py",  # 43 s
-  "test_bad_inputs.py",  # 38 s
-  "test_pipeline.py",  # 37 s
-  "test_fedefm_transfer.py",  # 35 s
-  "test_training.py",  # 35 s
-  "test_conv.py",  # 30 s
-  "test_client_state.py",  # 30 s
-  "test_aggregate.py",  # 28 s
-  "test_packaging.py",  # 27 s
-  "test_personal.py",  # 26 s
-  "test_pre_redesign.py",  # 23 s
-  "test_dp.py",  # 20 s
-  "test_compress.py",  # 18 s
-  "test_models.py",  # 17 s
-  "test_synth.py",  # 15 s
-  "test_losses.py",  # 14 s
-  "test_eval.py",  # 13 s
-  "test_preview.py",  # 11 s
-)
+# The slowest files first, longest first: pytest-xdist hands out whole files in collection order, so a long file
+# collected last would run alone at the end while the other worker idles. file_seconds.json holds each file's
+# seconds of test time from a whole-suite run on 2 cores (regenerate: tests/file_seconds.py); a file it does not
+# know yet goes first, where a long one costs nothing. Order within a file is kept.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "file_seconds.json")) as _f:
+  FILE_SECONDS = json.load(_f)
 
 
 def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+  items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(str(item.fspath)), float("inf")))
 
 
 @pytest.fixture(scope="session")
