@@ -22,7 +22,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from fedkd.config import ConfigError, base_config, find_config_file, schemas
+from fedkd.config import ConfigError, base_config, find_config_file, schemas, value_at
 from fedkd.errors import reason
 
 _FLAGFILE = re.compile(r"--?flagfile(=|$)")  # an argument that names a flag file (absl's --flagfile / -flagfile)
@@ -406,12 +406,15 @@ def parse(
   return rest
 
 
+def _group_of(key: str, config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
+  """The group that holds the dotted ``config.KEY``, and KEY's last part."""
+  groups, _, last = key.rpartition(".")
+  return (value_at(config, groups) if groups else config), last
+
+
 def _is_bool(key: str, config: ml_collections.ConfigDict) -> bool:
   """Whether ``config.KEY`` is on/off (absl reads a bare ``--config.KEY`` as true, taking no value)."""
-  *groups, last = key.split(".")
-  node = config
-  for part in groups:
-    node = node[part]
+  node, last = _group_of(key, config)
   try:
     return node.get_type(last) is bool
   except (AttributeError, KeyError, TypeError):
@@ -435,10 +438,7 @@ def colon_in_path_problem(value: str) -> str | None:
 def _check_override_value(key: str, value: str, config: ml_collections.ConfigDict) -> None:
   """A ``--config.KEY=VALUE`` whose text the key's type cannot take, or that would change the config's
   task, is one line with the form to write (absl's own message names neither)."""
-  *groups, last = key.split(".")
-  node = config
-  for part in groups:
-    node = node[part]
+  node, last = _group_of(key, config)
   current = node[last]
   if isinstance(current, ml_collections.ConfigDict):  # absl would replace the whole group with the given dict
     first = sorted(current.keys())[0] if current else "KEY"

@@ -104,9 +104,11 @@ def _uniform(key: jax.Array, shape) -> jax.Array:
   return jax.random.uniform(key, shape, jnp.float32)
 
 
-def encode_int8(u: jax.Array, key: jax.Array, noise: jax.Array | None = None):
+def encode_int8(u: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None):
   """A floating array -> (q uint8 of u's shape, lo, hi) by stochastic rounding on the 256-level grid of
-  [min u, max u] (module docstring). ``noise``: the uniform draw of ``key`` when already drawn."""
+  [min u, max u] (module docstring), with U drawn from ``key``, or given as ``noise`` (already drawn)."""
+  if (key is None) == (noise is None):
+    raise ValueError("encode_int8: pass exactly one of key (U is drawn from it) and noise (U already drawn)")
   x = u.astype(jnp.float32)
   lo, hi = jnp.min(x), jnp.max(x)
   scale = (hi - lo) / 255.0
@@ -121,13 +123,13 @@ def decode_int8(q: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   return lo + q.astype(jnp.float32) * ((hi - lo) / 255.0)
 
 
-def quantize_int8(u: jax.Array, key: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+def quantize_int8(u: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None) -> jax.Array:
   """What the server decodes from one leaf: the int8 round trip, or ``u`` itself when the leaf is sent
-  exactly (not floating, at most one element, or hi == lo). ``noise``: as for :func:`encode_int8`."""
+  exactly (not floating, at most one element, or hi == lo). ``key`` / ``noise``: as for :func:`encode_int8`."""
   u = jnp.asarray(u)
   if not _compressed_leaf(u):
     return u
-  q, lo, hi = encode_int8(u, key, noise)
+  q, lo, hi = encode_int8(u, key, noise=noise)
   return jnp.where(hi > lo, decode_int8(q, lo, hi), u.astype(jnp.float32)).astype(u.dtype)
 
 
@@ -136,7 +138,7 @@ def int8_tree(tree, key: jax.Array):
   uniform draws of all leaves made together, :func:`fedkd.fl.leafrand.per_leaf`: the same values)."""
   leaves, treedef = jax.tree.flatten(tree)
   noise = leafrand.per_leaf(_uniform, key, {l: jnp.shape(u) for l, u in enumerate(leaves) if _compressed_leaf(u)})
-  return jax.tree.unflatten(treedef, [quantize_int8(u, key, noise.get(l)) for l, u in enumerate(leaves)])
+  return jax.tree.unflatten(treedef, [quantize_int8(u, noise=noise.get(l)) for l, u in enumerate(leaves)])
 
 
 # ------------------------------------------------------------------------------------------- top-k
