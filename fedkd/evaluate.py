@@ -262,7 +262,7 @@ def load_run(workdir: str, round_: int | None):
 
   from fedkd.workdir import WorkdirError, prepare, saved_task
 
-  path = prepare(workdir, create=False)
+  path = prepare(workdir, create=False, skip=("eval",))  # eval/: the caller's output folder checks it
   try:
     task = saved_task(path) or "fedavg"
   except WorkdirError:  # a damaged config.json: the config stored with the checkpoint is what is evaluated
@@ -369,8 +369,13 @@ def evaluate_run(
   from fedkd.workdir import prepare
 
   if out:  # a bad --out is refused before the checkpoint is read and the held-out sets are rendered
-    prepare(workdir, create=False)
+    prepare(workdir, create=False, skip=("eval",))  # <workdir>/eval is not written
     _check_output_folder(out, "--out")
+  elif os.path.lexists(os.path.join(workdir, "eval")) and not os.path.isdir(os.path.join(workdir, "eval")):
+    raise EvalError(
+      f"{os.path.join(workdir, 'eval')} is a file, where fedkd.eval writes its outputs by default; move it away "
+      "or pass --out=FOLDER"
+    )
   config, apply, params, r = load_run(workdir, round_)
   out = _output_folder(out or os.path.join(workdir, "eval"), "--out" if out else "--workdir")
   source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""

@@ -87,16 +87,17 @@ def environment_oserror(e: BaseException | None) -> OSError | None:
   return None
 
 
-def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir") -> epath.Path:
+def prepare(workdir: str, *, create: bool = True, flag: str = "--workdir", skip: tuple[str, ...] = ()) -> epath.Path:
   """The workdir as a path, created (``create``) and proven writable; a :class:`WorkdirError` else.
-  ``flag``: how messages name the path (``--out`` for an output folder)."""
+  ``flag``: how messages name the path (``--out`` for an output folder). ``skip``: entries of
+  :data:`WORKDIR_FILES` / :data:`WORKDIR_FOLDERS` the caller neither reads nor writes (their kind is not checked)."""
   if not workdir or not workdir.strip():
     raise WorkdirError(f"{flag}={workdir!r} is empty; pass a folder, e.g. {flag}=runs/quickstart")
   path = as_path(workdir)
   try:
     if path.exists() and not path.is_dir():
       raise WorkdirError(f"{flag}={workdir} is a file, not a folder; pass a folder path")
-    _check_entries(path, f"{flag}={workdir}")
+    _check_entries(path, f"{flag}={workdir}", skip)
     if not create:
       if not path.is_dir():
         raise WorkdirError(f"{flag}={workdir} does not exist; pass the --workdir of a training run")
@@ -126,17 +127,17 @@ WORKDIR_FILES = ("config.json", "metrics.jsonl", "rounds.jsonl", "results_raw.js
 WORKDIR_FOLDERS = ("checkpoints", "tb", "eval", "foundations")
 
 
-def _check_entries(path: epath.Path, named: str) -> None:
+def _check_entries(path: epath.Path, named: str, skip: tuple[str, ...] = ()) -> None:
   if not path.is_dir():
     return
   for name in WORKDIR_FILES:
-    if (path / name).is_dir():
+    if name not in skip and (path / name).is_dir():
       raise WorkdirError(
         f"{named}: {name} is a folder, but fedkd writes a file there; move it away or use another --workdir"
       )
   for name in WORKDIR_FOLDERS:
     p = path / name
-    if p.exists() and not p.is_dir():
+    if name not in skip and p.exists() and not p.is_dir():
       raise WorkdirError(
         f"{named}: {name} is a file, but fedkd keeps a folder there; move it away or use another --workdir"
       )

@@ -211,3 +211,21 @@ def test_eval_before_a_running_run_saved_a_checkpoint_names_it(cli, tmp_path):
   (work / ".lock").write_text(json.dumps(dict(holder, pid=int(gone.stdout))))
   line = _one_error_line(cli.run("fedkd.eval", [f"--workdir={work}"]))
   assert "is training there" not in line and "train (or resume)" in line, line
+
+
+def test_eval_beside_a_file_named_eval_in_the_workdir(run4, tmp_path):
+  """A file <workdir>/eval (the default output folder's name): evaluating to --out elsewhere was refused ('eval is
+  a file, but fedkd keeps a folder there; ... use another --workdir'), though nothing is written there. It now
+  evaluates to --out, leaving the file as it was; without --out the one error names the file and --out."""
+  work = tmp_path / "run"
+  shutil.copytree(run4, work)
+  (work / "eval").write_text("my notes\n")
+  out = tmp_path / "elsewhere"
+  done = evaluate.evaluate_run(str(work), round_=4, examples=1, frames=0, out=str(out), log=lambda _: None)
+  assert done["round"] == 4 and json.loads((out / "eval.json").read_text())["round"] == 4
+  assert (work / "eval").read_text() == "my notes\n"
+  with pytest.raises(
+    evaluate.EvalError, match=r"/run/eval is a file, where fedkd.eval writes its outputs by default.*--out="
+  ):
+    evaluate.evaluate_run(str(work), round_=4, examples=1, frames=0, log=lambda _: None)
+  assert (work / "eval").read_text() == "my notes\n"
