@@ -371,10 +371,9 @@ def evaluate_run(
   if out:  # a bad --out is refused before the checkpoint is read and the held-out sets are rendered
     prepare(workdir, create=False, skip=("eval",))  # <workdir>/eval is not written
     _check_output_folder(out, "--out")
-  elif os.path.lexists(os.path.join(workdir, "eval")) and not os.path.isdir(os.path.join(workdir, "eval")):
+  elif os.path.lexists(default := os.path.join(os.path.expanduser(workdir), "eval")) and not os.path.isdir(default):
     raise EvalError(
-      f"{os.path.join(workdir, 'eval')} is a file, where fedkd.eval writes its outputs by default; move it away "
-      "or pass --out=FOLDER"
+      f"{default} is a file, where fedkd.eval writes its outputs by default; move it away or pass --out=FOLDER"
     )
   config, apply, params, r = load_run(workdir, round_)
   out = _output_folder(out or os.path.join(workdir, "eval"), "--out" if out else "--workdir")
