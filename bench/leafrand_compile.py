@@ -21,14 +21,12 @@ import statistics
 import sys
 import time
 
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from fedkd.config import base_config  # noqa: E402
-from fedkd.fl import leafrand  # noqa: E402
-from fedkd.models import init_params  # noqa: E402
+from fedkd.config import base_config
+from fedkd.fl import leafrand
+from fedkd.models import init_params
 
 
 def main() -> None:
