@@ -147,12 +147,14 @@ def test_an_error_exit_does_not_wait_forever_for_a_stuck_thread(tmp_path):
   after a failed asynchronous save) must not keep the process alive: the error line, then exit 2."""
   script = tmp_path / "stuck.py"
   script.write_text(
+    "import functools\n"
     "import threading\n"
     "from fedkd import cli\n"
     "from fedkd.errors import UserError\n"
     "def main(argv):\n"
     "  threading.Thread(target=threading.Event().wait).start()  # non-daemon, waits forever\n"
     "  raise UserError('the problem; the fix')\n"
+    "cli._exit_past_stuck_threads = functools.partial(cli._exit_past_stuck_threads, grace_s=1.0)  # not 10 s\n"
     "cli.run_app(main, ['stuck'], uses_config=False)\n"
   )
   import subprocess
