@@ -217,10 +217,10 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
   assert [x["name"] for x in json.loads((out / "sweep.json").read_text())["runs"]] == names
   stamps = {n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns) for n in names}
 
-  # Second invocation: everything is finished, nothing runs again.
-  r = _launch(*args)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert r.stdout.count("skipped (finished: round 2/2)") == 2 and "started" not in r.stdout, r.stdout
+  # Second invocation (in this process: no run starts): everything is finished, nothing runs again.
+  assert launcher.main(list(args)) == 0
+  again = capsys.readouterr().out
+  assert again.count("skipped (finished: round 2/2)") == 2 and "started" not in again, again
   assert stamps == {
     n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns) for n in names
   }
@@ -616,7 +616,7 @@ SMALL = [
 ]
 
 
-def test_replicas_flag_runs_the_seeds_as_one_program_and_skips_them_after(tmp_path):
+def test_replicas_flag_runs_the_seeds_as_one_program_and_skips_them_after(tmp_path, capsys):
   """--replicas: the seeds of the quickstart share one fedkd.main process (--seeds); every run gets its
   workdir, DONE file and metrics; a second invocation skips them."""
   out = tmp_path / "sweep"
@@ -631,8 +631,9 @@ def test_replicas_flag_runs_the_seeds_as_one_program_and_skips_them_after(tmp_pa
     assert [json.loads(x)["round"] for x in (out / n / "metrics.jsonl").read_text().splitlines()] == [0, 2]
     assert json.loads((out / n / "config.json").read_text())["seed"] == int(n[-1])
   assert "2 replicas (seeds 0, 1) as one program" in (out / "seed-0" / "stdout.log").read_text()
-  r = _launch(*args)
-  assert r.returncode == 0 and r.stdout.count("skipped (finished: round 2/2)") == 2, r.stdout
+  assert launcher.main(list(args)) == 0  # in this process: no run starts
+  again = capsys.readouterr().out
+  assert again.count("skipped (finished: round 2/2)") == 2 and "started" not in again, again
 
 
 def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):

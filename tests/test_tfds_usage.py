@@ -323,11 +323,6 @@ def test_a_run_that_stored_a_relative_tfds_data_dir_still_resumes(tmp_path, monk
   assert resume_differences(old, new) == ["data.tfds_data_dir"]
 
 
-def _worker_pid(_):
-  time.sleep(0.2)
-  return os.getpid()
-
-
 def test_closing_the_pool_after_a_worker_was_killed_does_not_hang():
   """A worker SIGKILLed while idle may hold the task queue's lock: the others then wait for it forever and
   ignore the executor's SIGTERM (workers ignore it, so a job-wide SIGTERM does not break the round), so
@@ -338,6 +333,8 @@ def test_closing_the_pool_after_a_worker_was_killed_does_not_hang():
   import multiprocessing
   import threading
 
+  from _pool_worker import worker_pid
+
   for victim in range(3):
     ex = concurrent.futures.ProcessPoolExecutor(
       3,
@@ -346,7 +343,7 @@ def test_closing_the_pool_after_a_worker_was_killed_does_not_hang():
       initargs=(None, None, 0, None, 2),
     )
     with pipeline._stop_signals_blocked():
-      futures = [ex.submit(_worker_pid, i) for i in range(6)]
+      futures = [ex.submit(worker_pid, i) for i in range(6)]
     [f.result() for f in futures]
     time.sleep(0.5)
     workers = list(ex._processes.values())
