@@ -3,6 +3,8 @@ one-pixel foregrounds, 1x1 / 2x2 images, extreme, equal and bf16 logits, tempera
 zero and cancelling expert weights. Values are checked against float64 numpy / scipy references written
 here, gradients against central finite differences of those references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -108,11 +110,17 @@ def _fd_grad(f, z, h=1e-5):
   return g
 
 
+@functools.cache
+def _value_and_grad(name):
+  """The loss's jitted value and gradient (as training calls it): one compiled program per input shape,
+  where op-by-op execution compiled every operation for every shape (~500 small programs)."""
+  return jax.jit(jax.value_and_grad(_loss(name)))
+
+
 def _check(name, logits, labels, fd=True, rtol=2e-5):
   """Value against the float64 reference; gradient finite, against finite differences (fd), and 0 at
   ignored pixels."""
-  fn = _loss(name)
-  val, grad = jax.value_and_grad(fn)(jnp.asarray(logits), jnp.asarray(labels))
+  val, grad = _value_and_grad(name)(jnp.asarray(logits), jnp.asarray(labels))
   ref = REFS[name](np.asarray(logits, np.float64), labels)
   assert float(val) == pytest.approx(ref, rel=rtol, abs=1e-6), (name, float(val), ref)
   grad = np.asarray(grad, np.float64)

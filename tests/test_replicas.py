@@ -251,9 +251,10 @@ def test_a_diverging_replica_stops_alone_and_nothing_of_its_bad_round_is_saved(s
 def test_replica_workdirs_alone_need_no_workdir(cli, tmp_path):
   """--replica_workdirs names every replica's folder, so --workdir is not asked for; each folder gets its run."""
   a, b = tmp_path / "a", tmp_path / "b"
-  tiny = ["--config.image_size=32", "--config.num_clients=2", "--config.clients_per_round=2"]
-  tiny += ["--config.local_steps=1", "--config.batch_size=2", "--config.num_rounds=1"]
-  p = cli.run("fedkd.main", ["--config=configs/quickstart.py", "--seeds=0,1", f"--replica_workdirs={a},{b}", *tiny])
+  # the tiny run of tests/test_replicas_usage.py (its programs are then compiled once per test suite)
+  from test_replicas_usage import TINY
+
+  p = cli.run("fedkd.main", [*TINY, "--config.num_rounds=1", "--seeds=0,1", f"--replica_workdirs={a},{b}"])
   assert p.code == 0, p.stderr
   for w, seed in ((a, 0), (b, 1)):
     assert json.loads((w / "config.json").read_text())["seed"] == seed
