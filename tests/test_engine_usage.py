@@ -148,7 +148,7 @@ def test_unroll_under_median_ignores_the_in_flight_bound_and_says_so():
   assert engine.effective_options(opts, median_alg).clients_in_flight == 0
   assert "in flight" not in engine.describe(engine.effective_options(opts, median_alg), 3)
   assert "(1 in flight)" in engine.describe(engine.effective_options(opts, mean_alg), 3)
-  problem, state, _ = _round(6, 2, opts, seed=9, aggregator=Median())
+  problem, state, _ = _round(4, 2, opts, seed=9, aggregator=Median())  # 2 clients unrolled per device
   ref, _, _ = _reference(*problem, aggregate="median")
   assert _max_diff(ref, state["params"]) < 2e-5
   mean, _, _ = _reference(*problem)
