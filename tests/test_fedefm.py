@@ -57,12 +57,42 @@ OPTS = dict(
 )
 
 
+# one jitted segmentation gradient for every reference (a new jit per call would trace it again)
+_seg_grad = jax.jit(jax.grad(lambda p, x, y: cross_entropy(apply_wf(p, x)[0], y)))
+
+
 def reference_round(params, xs, ys, adjacency, W, mixing, distill=True, lr_e=LR_E, lr_l=LR_L, **opts):
   """Each silo on its own: experts trained at neighbours, then the student, then mixing. ``opts``:
   FedEFMOptions fields other than OPTS's (e.g. beta, temperature)."""
   o = FedEFMOptions(**{**OPTS, **opts})
-  seg_grad = jax.jit(jax.grad(lambda p, x, y: cross_entropy(apply_wf(p, x)[0], y)))
   nbrs = topology.neighbours(adjacency)
+
+  def loss(q, experts, x, y):  # the experts are an argument: one compiled gradient for every silo
+    logits, feats = apply_wf(q, x)
+    seg = cross_entropy(logits, y)
+    if not distill:
+      return seg
+    sims, kds = [], []
+    for e in experts:
+      el, ef = apply_wf(e, x)
+      sims.append(
+        jnp.mean(
+          jnp.stack(
+            [
+              emd_lib.emd_similarity(
+                feats[b].reshape(-1, C), ef[b].reshape(-1, C), epsilon=o.emd_epsilon, num_iters=o.emd_iters
+              )
+              for b in range(B)
+            ]
+          )
+        )
+      )
+      kds.append(kd_kl(logits, el, o.temperature))
+    s = jax.lax.stop_gradient(jnp.stack(sims)) / o.weight_temperature
+    w = jnp.exp(s - s.max()) / jnp.sum(jnp.exp(s - s.max()))
+    return o.beta * jnp.sum(w * jnp.stack(kds)) + (1 - o.beta) * seg
+
+  g_fn = jax.jit(jax.grad(loss))
   new = []
   for i in range(N):
     p_i = jax.tree.map(lambda a: a[i], params)
@@ -71,39 +101,12 @@ def reference_round(params, xs, ys, adjacency, W, mixing, distill=True, lr_e=LR_
       for j in nbrs[i]:
         e = p_i
         for s in range(o.expert_steps):
-          g = seg_grad(e, xs[j, s], ys[j, s])
+          g = _seg_grad(e, xs[j, s], ys[j, s])
           e = jax.tree.map(lambda a, b: a - lr_e * b, e, g)
         experts.append(e)
-
-    def loss(q, x, y):
-      logits, feats = apply_wf(q, x)
-      seg = cross_entropy(logits, y)
-      if not distill:
-        return seg
-      sims, kds = [], []
-      for e in experts:
-        el, ef = apply_wf(e, x)
-        sims.append(
-          jnp.mean(
-            jnp.stack(
-              [
-                emd_lib.emd_similarity(
-                  feats[b].reshape(-1, C), ef[b].reshape(-1, C), epsilon=o.emd_epsilon, num_iters=o.emd_iters
-                )
-                for b in range(B)
-              ]
-            )
-          )
-        )
-        kds.append(kd_kl(logits, el, o.temperature))
-      s = jax.lax.stop_gradient(jnp.stack(sims)) / o.weight_temperature
-      w = jnp.exp(s - s.max()) / jnp.sum(jnp.exp(s - s.max()))
-      return o.beta * jnp.sum(w * jnp.stack(kds)) + (1 - o.beta) * seg
-
-    g_fn = jax.jit(jax.grad(loss))
     q = p_i
     for s in range(S):
-      g = g_fn(q, xs[i, s], ys[i, s])
+      g = g_fn(q, experts, xs[i, s], ys[i, s])
       q = jax.tree.map(lambda a, b: a - lr_l * b, q, g)
     new.append(jax.tree.map(np.asarray, q))
   stacked = jax.tree.map(lambda *a: np.stack(a), *new)

@@ -205,6 +205,9 @@ def test_emd_weight_spread_is_over_real_neighbours(tmp_path):
   path = tmp_path / "path.txt"
   path.write_text("0 1\n1 2\n2 3\n")
   over = {"experiment.methods": "fedefm_uniform", "experiment.kd_methods": "", "downstream.probe": False}
+  # one distilling round under gossip: the round program of test_controls_mix_like_fedefm_under_gossip's
+  # fedefm_uniform (the topology is an input; its neighbour table is [4, 2] on the ring and on the path)
+  over.update({"fedefm.mixing": "dfl", "pretrain.num_rounds": 1, "fedefm.warmup_rounds": 0})
   c = tiny(**over, **{"fedefm.topology": f"file:{path}", "downstream.scarce_examples": ""})
   (row,) = task.run(c, str(tmp_path / "fe"), log=lambda _: None)
   assert np.asarray(row["w_history"]).shape == (1, 4, 2)
