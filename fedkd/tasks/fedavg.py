@@ -3,6 +3,7 @@ checkpoints and exact resume. Python loops over rounds only; each round is one j
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -66,6 +67,24 @@ def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
   """[k] local step counts, uniform in low..high (config.algorithm.local_steps_min..local_steps), from
   the round's client-sampling key (folded, so the sampling itself is unchanged)."""
   return np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (k,), low, high + 1), np.int32)
+
+
+# The jitted round programs of this process's latest runs, by what they are built from: the whole config, the
+# resolved engine options and the mesh's devices. A run of the same config on the same devices (a resumed run in
+# the same process, a sweep's repeat) reuses the jitted round, so JAX neither traces nor lowers it again (the
+# persistent compilation cache spares only the compile): 1-2 s of a tiny run on 2 CPU cores. A few only: each
+# holds its compiled programs.
+_ROUND_FNS: collections.OrderedDict = collections.OrderedDict()
+ROUND_FNS_KEPT = 4
+
+
+def _round_fn(key, build: Callable[[], Callable]) -> Callable:
+  """The round function kept under ``key``, or ``build()``'s, kept (the least recently used dropped)."""
+  fn = _ROUND_FNS.pop(key, None)
+  _ROUND_FNS[key] = fn = build() if fn is None else fn
+  while len(_ROUND_FNS) > ROUND_FNS_KEPT:
+    _ROUND_FNS.popitem(last=False)
+  return fn
 
 
 # Keys added to the schema after checkpoints were written whose default is NOT the old behaviour: a
@@ -389,10 +408,17 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     )
   )
   del init_row
-  ctx = make_context(config, apply, apply_wf)
-  round_fn = engine.make_round_fn(alg, ctx, mesh, engine_opts, skip_nonfinite=config.engine.skip_nonfinite_clients)
-
   cfg_json = ckpt_lib.config_json(config)
+  round_fn = _round_fn(
+    (json.dumps(cfg_json, sort_keys=True), engine_opts, tuple(d.id for d in mesh.devices.flat)),
+    lambda: engine.make_round_fn(
+      alg,
+      make_context(config, apply, apply_wf),
+      mesh,
+      engine_opts,
+      skip_nonfinite=config.engine.skip_nonfinite_clients,
+    ),
+  )
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint.max_to_keep, cleanup_tmp=True)
   runlog = RunLog(workdir, enabled=primary, note=log)
   like = state
