@@ -59,3 +59,18 @@ def cli():
   c = CLI()
   yield c
   c.close()
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory):
+  """A finished tiny run (tests/test_training.py's tiny_config, no site evaluated) with checkpoints of rounds 2
+  and 4, trained once per test module; a test that damages it works on its own copy."""
+  from fedkd.tasks import fedavg
+  from test_training import tiny_config
+
+  work = tmp_path_factory.mktemp("run4") / "run"
+  cfg = tiny_config(num_rounds=4)
+  cfg.eval.max_sites = 0
+  fedavg.run(cfg, str(work), log=lambda _: None)
+  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  return work

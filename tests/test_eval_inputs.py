@@ -29,16 +29,6 @@ def _folder(root, n_train=3, n_test=1, shape=(40, 48)):
   (root / "splits.json").write_text(json.dumps({"train": stems[:n_train], "test": stems[n_train:]}))
 
 
-@pytest.fixture(scope="module")
-def four_rounds(tmp_path_factory):
-  """A finished 4-round tiny run (checkpoints at rounds 2 and 4), trained once: each test damages its own copy."""
-  work = tmp_path_factory.mktemp("four") / "run"
-  cfg = tiny_config(num_rounds=4)
-  cfg.eval.max_sites = 0
-  fedavg.run(cfg, str(work), log=lambda _: None)
-  return work
-
-
 def _copy(run, tmp_path):
   work = tmp_path / "run"
   shutil.copytree(run, work)
@@ -67,10 +57,10 @@ def test_eval_names_the_images_a_small_prepared_site_really_has(cli, tmp_path):
     assert abs(ev["sites"]["hosp"][cname]["dice"] - last[f"site/hosp/dice/{cname}"]) < 1e-6
 
 
-def test_eval_of_a_damaged_round_names_the_other_rounds_and_writes_nothing(cli, four_rounds, tmp_path):
+def test_eval_of_a_damaged_round_names_the_other_rounds_and_writes_nothing(cli, run4, tmp_path):
   """--round=4 whose arrays are damaged: one line naming the other checkpoint (exit 2, no traceback), and
   an earlier evaluation's files are kept untouched."""
-  work = _copy(four_rounds, tmp_path)
+  work = _copy(run4, tmp_path)
   rounds = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
   assert rounds == [2, 4]
   damaged = 0
@@ -106,11 +96,11 @@ def test_eval_of_a_personalised_run_says_it_scores_the_server_model(cli, tmp_pat
   assert abs(ev["sites"][unseen]["catheter"]["dice"] - last["unseen/dice/catheter"]) < 1e-6
 
 
-def test_eval_past_a_damaged_config_json_and_a_checkpoint_config_that_is_not_an_object(cli, four_rounds, tmp_path):
+def test_eval_past_a_damaged_config_json_and_a_checkpoint_config_that_is_not_an_object(cli, run4, tmp_path):
   """A damaged config.json does not stop fedkd.eval (it evaluates with the config stored in the checkpoint);
   a checkpoint whose stored config is valid JSON but not an object is one line naming it (was a TypeError
   traceback), and eval falls back to the intact earlier round."""
-  work = _copy(four_rounds, tmp_path)
+  work = _copy(run4, tmp_path)
   (work / "config.json").write_text("{not json")
   r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=1", "--frames=0"])
   assert r.code == 0, r.stderr[-2000:]
@@ -124,11 +114,11 @@ def test_eval_past_a_damaged_config_json_and_a_checkpoint_config_that_is_not_an_
   assert json.load(open(work / "eval" / "eval.json"))["round"] == 2
 
 
-def test_a_half_written_newest_checkpoint_is_one_warning_line_without_orbax_notes(cli, four_rounds, tmp_path):
+def test_a_half_written_newest_checkpoint_is_one_warning_line_without_orbax_notes(cli, run4, tmp_path):
   """The newest step lost its metadata and its arrays (a save killed midway, or a trainer deleting it):
   fedkd.eval falls back to the round before with fedkd's one warning line, and orbax's own 'Metadata file
   does not exist' notes do not appear around it."""
-  work = _copy(four_rounds, tmp_path)
+  work = _copy(run4, tmp_path)
   newest = work / "checkpoints" / "4"
   (newest / "_CHECKPOINT_METADATA").unlink()
   shutil.rmtree(newest / "state")

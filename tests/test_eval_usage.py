@@ -14,17 +14,6 @@ from fedkd.tasks import fedavg
 from test_training import tiny_config
 
 
-@pytest.fixture(scope="module")
-def run4(tmp_path_factory):
-  """A finished tiny run with checkpoints of rounds 2 and 4."""
-  work = tmp_path_factory.mktemp("eval_usage") / "run"
-  cfg = tiny_config(num_rounds=4)
-  cfg.eval.max_sites = 0
-  fedavg.run(cfg, str(work), log=lambda _: None)
-  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
-  return work
-
-
 def _one_error_line(r):
   assert r.code == 2 and not r.traceback, r.stderr[-2000:]
   lines = [line for line in r.stderr.splitlines() if line.strip()]
