@@ -4,7 +4,7 @@ which built it; a config that changes the program gets its own."""
 
 import json
 
-import jax._src.monitoring as monitoring
+from jax import monitoring
 
 from fedkd.tasks import fedavg
 from test_training import tiny_config

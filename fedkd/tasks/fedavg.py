@@ -72,8 +72,8 @@ def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
 # The jitted round programs of this process's latest runs, by what they are built from: the whole config, the
 # resolved engine options and the mesh's devices. A run of the same config on the same devices (a resumed run in
 # the same process, a sweep's repeat) reuses the jitted round, so JAX neither traces nor lowers it again (the
-# persistent compilation cache spares only the compile): 1-2 s of a tiny run on 2 CPU cores. A few only: each
-# holds its compiled programs.
+# persistent compilation cache spares only the compile): about 1 s of CPU per repeated run in
+# tests/test_resume_matrix.py on 2 cores. A few only: each holds its compiled programs.
 _ROUND_FNS: collections.OrderedDict = collections.OrderedDict()
 ROUND_FNS_KEPT = 4
 
