@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.client_optimizer.name = "adam"  # sgd | adam | adamw
   c.client_optimizer.learning_rate = 1e-3  # client step size
   c.client_optimizer.momentum = 0.0  # sgd only; 0 = none
+  c.client_optimizer.weight_decay = 1e-4  # adamw only: decoupled weight decay (Loshchilov & Hutter 2019); 0 = none
 
   # The server treats the negated weighted-mean client delta as a gradient:
   # plain FedAvg is SGD with learning rate 1.
@@ -124,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_optimizer.name = "sgd"  # sgd | adam | adamw | yogi | adagrad, stepping on the negated mean client delta
   c.server_optimizer.learning_rate = 1.0  # 1.0 with sgd = plain FedAvg
   c.server_optimizer.momentum = 0.0  # sgd only; 0.9 = FedAvgM
+  c.server_optimizer.weight_decay = 1e-4  # adamw only: decoupled weight decay (Loshchilov & Hutter 2019); 0 = none
   c.server_optimizer.b1 = 0.9  # adam / adamw / yogi / adagrad: first-moment decay (Reddi et al. 2021: 0.9)
   c.server_optimizer.b2 = 0.99  # adam / adamw / yogi: second-moment decay (Reddi et al. 2021: 0.99)
   c.server_optimizer.eps = 1e-3  # adam / adamw / yogi / adagrad: adaptivity tau (Reddi et al. 2021: 1e-3)
@@ -286,7 +288,7 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   # (classify which source = hospital profile x data type an image comes from, as the paper's released
   # code; pooled encoder tokens -> linear head; endpoint: accuracy on a balanced held-out set).
   c.pretrain.objective = "segmentation"
-  c.pretrain.learning_rate = 1e-3  # silo AdamW (fresh state each round)
+  c.pretrain.learning_rate = 1e-3  # silo AdamW (optax defaults, weight decay 1e-4; fresh state each round)
   c.pretrain.expert_learning_rate = 1e-3  # overseas experts: Adam from the visiting model
 
   c.fedefm = ml_collections.ConfigDict()
@@ -678,6 +680,9 @@ def _unused_fedavg(c) -> dict[str, str]:
     unused("compress", ("fraction", "error_feedback"), f"config.compress.name={c.compress.name!r} (not 'topk')")
   if c.client_optimizer.name != "sgd":
     unused("client_optimizer", ["momentum"], f"config.client_optimizer.name={c.client_optimizer.name!r} (not 'sgd')")
+  for name in ("client_optimizer", "server_optimizer"):
+    if c[name].name != "adamw":
+      unused(name, ["weight_decay"], f"config.{name}.name={c[name].name!r} (not 'adamw')")
   server = c.server_optimizer.name
   if server != "sgd":
     unused("server_optimizer", ["momentum"], f"config.server_optimizer.name={server!r} (not 'sgd')")
@@ -1071,6 +1076,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   for name in ("client_optimizer", "server_optimizer"):
     if c[name].momentum >= 1:
       raise ConfigError(f"config.{name}.momentum={c[name].momentum} must be < 1 (0 = none)")
+    _number(c, f"{name}.weight_decay", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0 (0 = none)")
   if not isinstance(c.engine.skip_nonfinite_clients, bool):
     raise ConfigError(f"config.engine.skip_nonfinite_clients={c.engine.skip_nonfinite_clients!r} must be True or False")
   if c.data.unseen_site and c.data.source == "synthetic":

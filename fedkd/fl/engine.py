@@ -77,9 +77,14 @@ class EngineOptions:
   clients_in_flight: int = 0
 
 
+ADAMW_WEIGHT_DECAY = 1e-4  # optax.adamw's default, what adamw applied before its config key existed
+
+
 def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
   """The optax optimizer of a ``client_optimizer`` / ``server_optimizer`` config. A config with ``b1``,
   ``b2``, ``eps`` (the server's) passes them to adam / adamw; without them optax's defaults apply.
+  adamw's decoupled weight decay is the config's ``weight_decay`` (a config without the key, written before
+  it existed: optax's default 1e-4, which it got then).
   ``yogi`` / ``adagrad`` (server only): Reddi et al. 2021's Algorithm 2 (:mod:`fedkd.fl.fedopt`).
   ``learning_rate``: instead of the config's, e.g. a traced scalar (replicas that differ in it share one
   program); the optimizer state has the same structure and the updates the same values either way."""
@@ -92,7 +97,7 @@ def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
   if opt_cfg.name == "adam":
     return optax.adam(lr, **adaptive)
   if opt_cfg.name == "adamw":
-    return optax.adamw(lr, **adaptive)
+    return optax.adamw(lr, weight_decay=float(opt_cfg.get("weight_decay", ADAMW_WEIGHT_DECAY)), **adaptive)
   if opt_cfg.name in fedopt.KINDS:
     return fedopt.fedopt(
       opt_cfg.name, lr, float(opt_cfg.b1), float(opt_cfg.b2), float(opt_cfg.eps), float(opt_cfg.initial_accumulator)
