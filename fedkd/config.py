@@ -932,6 +932,19 @@ def num_attackers(c) -> int:
   return max(1, round(c.attack.fraction * c.num_clients))
 
 
+def krum_note(c) -> str | None:
+  """A note when Krum runs with fewer clients per round than its resilience needs: Blanchard et al. 2017
+  (Proposition 1) assume n > 2f + 2; validate only requires the n >= f + 3 that the score needs."""
+  f, n = c.aggregator.krum_f, c.clients_per_round
+  if c.aggregator.name not in ("krum", "multi_krum") or n > 2 * f + 2:
+    return None
+  return (
+    f"note: Krum's resilience to krum_f={f} attacker(s) (Blanchard et al. 2017, Proposition 1) needs more than "
+    f"2 krum_f + 2 = {2 * f + 2} clients per round; with {n} it runs as a heuristic without that guarantee "
+    f"(clients_per_round >= {2 * f + 3} or a lower config.aggregator.krum_f restores it)"
+  )
+
+
 def _at_least(c, key: str, low: float, strict: bool = False) -> None:
   value = value_at(c, key)
   bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)

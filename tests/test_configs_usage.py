@@ -303,6 +303,17 @@ def test_the_robust_sweep_attacks_with_one_of_four_and_trims_one_at_each_end():
     if m != "clean":
       assert (c.attack.name, c.attack.factor, c.aggregator.name) == ("scale", -10.0, m)
   assert configs["trimmed_mean"].aggregator.trim_beta * 4 == 1 and configs["krum"].aggregator.krum_f == 1
+  # n = 4 clients, f = 1: outside Blanchard et al.'s n > 2f + 2 = 4, which the run says on its first lines
+  from fedkd.config import krum_note
+
+  note = krum_note(configs["krum"])
+  assert note.startswith("note: ") and "more than 2 krum_f + 2 = 4 clients per round; with 4 it runs" in note
+  assert all(krum_note(c) is None for m, c in configs.items() if m != "krum")
+  for n, f, multi, expected in ((5, 1, False, None), (7, 2, True, None), (6, 2, True, "= 6"), (5, 2, False, "= 6")):
+    c = configs["krum"].copy_and_resolve_references()
+    c.clients_per_round, c.aggregator.krum_f = n, f
+    c.aggregator.name = "multi_krum" if multi else "krum"
+    assert (krum_note(c) is None) if expected is None else (expected in krum_note(c)), (n, f)
 
 
 def test_every_shipped_sweep_and_variant_validates_and_tiny_shrinks_every_run():

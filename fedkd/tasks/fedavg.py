@@ -16,7 +16,15 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import ConfigError, base_config, clients_in_flight, num_attackers, unroll_local_steps, validate
+from fedkd.config import (
+  ConfigError,
+  base_config,
+  clients_in_flight,
+  krum_note,
+  num_attackers,
+  unroll_local_steps,
+  validate,
+)
 from fedkd.errors import DivergedError
 from fedkd.preemption import Stopped, requested_again
 from fedkd.workdir import prepare, write_atomic
@@ -518,6 +526,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
     f"{', remat' if config.engine.remat else ''}"
   )
+  if krum_note(config):
+    log(krum_note(config))
   rec, per_site = None, None
   if start == 0:
     rec, per_site = evaluate(0)
