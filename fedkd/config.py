@@ -260,7 +260,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 5  # rounds; the last round is always evaluated
   c.eval.examples_per_site = 32  # held-out images per site
   c.eval.batch_size = 32  # images per prediction batch
-  c.eval.max_sites = 0  # training sites to evaluate; 0 = all
+  c.eval.max_sites = 0  # training sites to evaluate; 0 = all (synthetic: up to 1000 clients; set it above)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5  # rounds; the last round is always saved
@@ -801,6 +801,9 @@ def _positive(c, key: str) -> None:
 
 
 MAX_CLIENTS = 10_000_000  # per-client arrays (sizes, sampling) are host numpy arrays of this length
+# synthetic runs render every evaluated site's held-out set before the first round: eval.max_sites=0 (all) is
+# refused above this many training sites, where it means tens of thousands of images (set max_sites explicitly)
+EVAL_ALL_SITES_MAX = 1000
 EMD_EPSILON_RANGE = (1e-4, 1e4)  # fedefm.emd_epsilon values the float32 Sinkhorn solve handles (validate_fedefm)
 MIN_WEIGHT_TEMPERATURE = 1e-6  # fedefm.weight_temperature: S / T stays finite in float32 for S in [-1, 1]
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
@@ -1110,6 +1113,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(
       f"config.examples_per_client={c.examples_per_client} is smaller than config.batch_size={c.batch_size}: a "
       "synthetic client holds at least one batch of examples; raise examples_per_client or lower batch_size"
+    )
+  if c.data.source == "synthetic" and c.eval.max_sites == 0 and c.num_clients > EVAL_ALL_SITES_MAX:
+    images = (c.num_clients + 1) * c.eval.examples_per_site
+    gb = images * c.image_size**2 * 8 / 1e9  # float32 image + int32 mask per pixel
+    raise ConfigError(
+      f"config.eval.max_sites=0 evaluates all {c.num_clients:,} training sites: {images:,} held-out images "
+      f"({gb:.1f} GB) rendered before the first round; set --config.eval.max_sites to the number of sites to "
+      f"evaluate (e.g. 16; configs/cross_device.py uses 5), or --config.eval.max_sites={c.num_clients} for all"
     )
   if c.quantity_skew > 0 and c.data.source == "synthetic":  # sizes past int32: checked before any run starts
     from fedkd.data.pipeline import DataError, client_sizes

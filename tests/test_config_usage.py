@@ -470,3 +470,21 @@ def test_loss_weights_that_leave_a_constant_loss_are_refused():
   c.loss.name = "dice_ce"
   with pytest.raises(ConfigError, match=r"config.loss.ce_weight, config.loss.dice_weight are all 0"):
     fc.validate(c, 8)
+
+
+def test_evaluating_every_one_of_thousands_of_synthetic_sites_must_be_asked_for():
+  """eval.max_sites=0 (all) renders every training site's held-out set before the first round: above
+  EVAL_ALL_SITES_MAX sites that is refused, naming the images, their size and the key to set."""
+  c = fc.base_config()
+  c.num_clients, c.clients_per_round, c.image_size, c.eval.examples_per_site = 20_000, 8, 64, 16
+  with pytest.raises(ConfigError) as e:
+    fc.validate(c, 8)
+  images = (20_000 + 1) * 16  # every training site's and the unseen site's held-out examples
+  msg = str(e.value)
+  assert f"{images:,} held-out images ({images * 64 * 64 * 8 / 1e9:.1f} GB)" in msg, msg
+  assert "--config.eval.max_sites" in msg and "--config.eval.max_sites=20000 for all" in msg
+  for max_sites in (5, 20_000):  # set explicitly, either way: accepted
+    c.eval.max_sites = max_sites
+    fc.validate(c, 8)
+  c.eval.max_sites, c.num_clients = 0, fc.EVAL_ALL_SITES_MAX  # at the limit: all sites, as before
+  fc.validate(c, 8)
