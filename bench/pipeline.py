@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -33,8 +32,6 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-_ROUND = re.compile(r"^round\s+\d+/\d+ ")  # fedkd.tasks.fedavg's line at the end of each round
 
 
 def site_configs(data_dir: str, size: int, train: int, test: int) -> tuple[list[str], str]:
@@ -91,6 +88,7 @@ def pipeline_row(a, workers: int, configs, unseen) -> dict:
 
 def train_row(a, source: str, workers: int, configs, unseen) -> dict:
   from fedkd.data import pipeline
+  from fedkd.logs import parse_round_line
   from fedkd.tasks import fedavg
 
   waits, stamps = [], []
@@ -109,7 +107,7 @@ def train_row(a, source: str, workers: int, configs, unseen) -> dict:
     return data
 
   def log(line: str) -> None:
-    if _ROUND.match(line):  # "round r/N ...": not "round 0 (untrained)", whose evaluation precedes round 1
+    if parse_round_line(line):  # not "round 0 (untrained)", whose evaluation precedes round 1
       stamps.append(time.perf_counter())
 
   old = fedavg.make_client_data

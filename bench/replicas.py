@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-_ROUND = re.compile(r"^round\s+(\d+)/\d+ .*?\s(\d+\.\d+)(ms|s)\s")  # fedkd.logs.duration: ms below 0.1 s
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
 SIDES = ("replicas", "sequential")
 ORDERS = {"replicas-first": SIDES, "sequential-first": SIDES[::-1]}
@@ -56,15 +54,17 @@ def _timed(fn) -> tuple[float, list[float]]:
   them (compilation included: whole seconds), then each steady round's, clocked here from one round line
   to the next (the lines print hundredths of a second: too coarse for a round of a few milliseconds),
   rounds 2 to N - 1; the last round's line also waits for its evaluation and checkpoint."""
+  from fedkd.logs import parse_round_line
+
   first: list[float] = []
   stamps: list[float] = []
 
   def log(line: str):
-    m = _ROUND.match(line)
-    if m:
+    parsed = parse_round_line(line)
+    if parsed:
       stamps.append(time.perf_counter())
       if not first:
-        first.append(float(m.group(2)) / (1e3 if m.group(3) == "ms" else 1.0))
+        first.append(parsed[2])
 
   t = time.perf_counter()
   fn(log)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from typing import Any
@@ -29,6 +30,26 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
 def duration(seconds: float) -> str:
   """A round's time in 7 characters: seconds to 2 decimals from 0.1 s up, milliseconds below (a GPU round)."""
   return f"{seconds:6.2f}s" if seconds >= 0.1 else f"{seconds * 1e3:5.1f}ms"
+
+
+def round_line(r: int, num_rounds: int, losses: str, seconds: float, pace: str) -> str:
+  """The line a run prints at the end of round ``r`` (fedkd.tasks.fedavg and the replicas alike): the round, a
+  progress bar, the loss(es), the round's time (:func:`duration`) and the pace; :func:`parse_round_line` reads
+  it back."""
+  return f"round {r:>4}/{num_rounds} {progress_bar(r, num_rounds)}  loss {losses}  {duration(seconds)}  {pace}"
+
+
+_ROUND_LINE = re.compile(r"^round +(\d+)/(\d+) \[[#.]*\] +\d+%  loss .*?  +(\d+\.\d)(\d?)(ms|s)  ")
+
+
+def parse_round_line(line: str) -> tuple[int, int, float] | None:
+  """``(round, num_rounds, seconds)`` of a :func:`round_line`; None for any other line (``round 0 (untrained)``,
+  ``round 3: dropped client(s) ...``). The seconds are as printed: hundredths, or tenths of a millisecond."""
+  m = _ROUND_LINE.match(line)
+  if m is None:
+    return None
+  value = float(m.group(3) + m.group(4))
+  return int(m.group(1)), int(m.group(2)), value / 1e3 if m.group(5) == "ms" else value
 
 
 def evaluations_left(r: int, last_round: int, every: int) -> int:

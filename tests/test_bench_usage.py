@@ -24,9 +24,9 @@ from bench import pipeline as pipeline_bench  # noqa: E402
 
 def _round_line(r: int, n: int, printed_s: float) -> str:
   """fedkd.tasks.fedavg / replicas' round line (its time as fedkd.logs.duration prints it)."""
-  from fedkd.logs import duration
+  from fedkd.logs import round_line
 
-  return f"round {r:>4}/{n} [####      ]  loss 0.5000  {duration(printed_s)}  (includes compilation)"
+  return round_line(r, n, "0.5000", printed_s, "(includes compilation)")
 
 
 @pytest.mark.parametrize("first_s", [1.25, 0.0042])

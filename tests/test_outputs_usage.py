@@ -219,6 +219,43 @@ def test_evaluations_left_counts_the_rounds_a_run_evaluates():
         assert evaluations_left(r, last, every) == expected, (r, last, every)
 
 
+# round lines as a run prints them (fedkd.tasks.fedavg; the replicas with one loss per replica), and the
+# (round, rounds, seconds as printed) a reader of the progress output takes from each
+ROUND_LINES = [
+  ("round    5/150 [#...................]   3%  loss 0.4321    1.23s  (includes compilation)", (5, 150, 1.23)),
+  (
+    "round   12/12 [####################] 100%  loss   none (no sampled client reported)    4.2ms    250.0 img/s  "
+    "eta     0s  | held-out dice catheter 0.5000 guidewire 0.2500",
+    (12, 12, 0.0042),
+  ),
+  ("round    2/4 [##########..........]  50%  loss 0.1234 stopped 0.5678   12.35s     88.1 img/s", (2, 4, 12.35)),
+]
+
+
+def test_round_lines_are_written_and_read_back_in_one_format():
+  """fedkd.logs.round_line writes the progress line (fedavg and the replicas); parse_round_line reads round,
+  rounds and the printed seconds back (bench/replicas.py, bench/pipeline.py) and skips every other line."""
+  from fedkd.logs import parse_round_line, round_line
+
+  written = [
+    round_line(5, 150, "0.4321", 1.234, "(includes compilation)"),
+    round_line(12, 12, "  none (no sampled client reported)", 0.00421, "  250.0 img/s  eta     0s")
+    + "  | held-out dice catheter 0.5000 guidewire 0.2500",
+    round_line(2, 4, "0.1234 stopped 0.5678", 12.349, "   88.1 img/s"),
+  ]
+  assert written == [line for line, _ in ROUND_LINES]
+  for line, parsed in ROUND_LINES:
+    got = parse_round_line(line)
+    assert got[:2] == parsed[:2] and got[2] == pytest.approx(parsed[2], rel=1e-12), (line, got)
+  for other in (
+    "round 0 (untrained): dice catheter 0.1615  guidewire 0.0313",
+    "round 3: dropped client(s) [1] (non-finite update)",
+    "round 3, seed-1: dropped client(s) [1] (non-finite update)",
+    "resuming from round 4 (checkpoint in /w/checkpoints)",
+  ):
+    assert parse_round_line(other) is None, other
+
+
 def test_a_round_time_below_a_tenth_of_a_second_is_in_milliseconds():
   """The progress line's round time: '12.35s' from 0.1 s up, milliseconds below (a 4 ms GPU round
   printed as '0.00s' before)."""

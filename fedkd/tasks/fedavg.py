@@ -32,7 +32,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
-from fedkd.logs import RunLog, duration, evaluations_left, progress_bar
+from fedkd.logs import RunLog, evaluations_left, round_line
 from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.models import init_model
@@ -632,12 +632,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         pace = f"{imgs_per_round / per:7.1f} img/s  eta {eta:5.0f}s"
       else:
         pace = "(includes compilation)"
-      log(
-        f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss "
-        + (f"{loss:.4f}" if loss is not None else "  none (no sampled client reported)")
-        + f"  {duration(dt)}  {pace}"
-        + held_out
-      )
+      losses = f"{loss:.4f}" if loss is not None else "  none (no sampled client reported)"
+      log(round_line(r, config.num_rounds, losses, dt, pace) + held_out)
       stopping = stop is not None and stop.requested(r)
       if stopping or r % config.checkpoint.every == 0 or r == last_round:
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())

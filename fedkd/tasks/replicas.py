@@ -47,7 +47,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import dp, engine
-from fedkd.logs import RunLog, duration, progress_bar
+from fedkd.logs import RunLog, round_line
 from fedkd.models import init_model
 from fedkd.preemption import Stopped, requested_again
 from fedkd.report import site_table
@@ -460,11 +460,12 @@ def _train(
     evaluating = r % config.eval.every == 0 or r == config.num_rounds
     stopping = stop is not None and stop.requested(r)
     saving = stopping or r % config.checkpoint.every == 0 or r == config.num_rounds
-    line = f"round {r:>4}/{config.num_rounds} {progress_bar(r, config.num_rounds)}  loss " + " ".join(
-      "stopped" if i in failed else f"{v:.4f}" for i, v in enumerate(losses)
-    )
-    line += f"  {duration(dt)}  " + (
-      f"{imgs * timed_rounds / timed_s:7.1f} img/s" if timed_rounds else "(includes compilation)"
+    line = round_line(
+      r,
+      config.num_rounds,
+      " ".join("stopped" if i in failed else f"{v:.4f}" for i, v in enumerate(losses)),
+      dt,
+      f"{imgs * timed_rounds / timed_s:7.1f} img/s" if timed_rounds else "(includes compilation)",
     )
     for i, rep in enumerate(reps):
       if i in failed:  # nothing of a diverged replica's rounds is written
