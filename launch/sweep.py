@@ -451,24 +451,26 @@ def last_round(run: dict) -> int:
   return run.get("last_round", run["num_rounds"])
 
 
-def is_finished(workdir: str, num_rounds: int, last: int | None = None) -> bool:
-  """Whether the workdir holds a run trained to the end: its latest checkpoint at ``last`` (default
-  ``num_rounds``; fewer where a privacy budget stops the run), and metrics.jsonl has that round."""
-  last = num_rounds if last is None else last
+def is_finished(workdir: str, run: dict) -> bool:
+  """Whether the workdir holds ``run`` (a run of sweep.json) trained to the end: its latest checkpoint at
+  :func:`last_round` (``num_rounds``, or fewer where a privacy budget stops the run), and metrics.jsonl has
+  that round."""
+  last = last_round(run)
   return latest_checkpoint(workdir) == last and any(r.get("round") == last for r in read_metrics(workdir))
 
 
-def is_done(workdir: str, num_rounds: int, last: int | None = None) -> bool:
-  """Whether the sweep saw the run finish ``num_rounds`` rounds (``last``: or stop at its privacy budget
-  there): its DONE file (written after a successful exit, removed when the run starts again) names them."""
+def is_done(workdir: str, run: dict) -> bool:
+  """Whether the sweep saw ``run`` finish its ``num_rounds`` rounds (or stop at its privacy budget, its
+  :func:`last_round`): its DONE file (written after a successful exit, removed when the run starts again)
+  names them."""
   try:
     with open(os.path.join(workdir, DONE_FILE)) as f:
       done = json.load(f)
   except (OSError, ValueError):
     return False
-  if not isinstance(done, dict) or done.get("num_rounds") != num_rounds:
+  if not isinstance(done, dict) or done.get("num_rounds") != run["num_rounds"]:
     return False
-  return done.get("last_round", num_rounds) == (num_rounds if last is None else last)
+  return done.get("last_round", run["num_rounds"]) == last_round(run)
 
 
 # What a finished run's tabulated metrics were measured with: a resume may change them (later
@@ -541,7 +543,7 @@ def check_reuse(defn: dict, out: str) -> None:
         f"({_one_line(e)}), so which config it ran with is unknown; {fix}"
       ) from None
     # a run the sweep will skip (DONE at its num_rounds) is tabulated as it was scored
-    finished = is_done(wd, run["num_rounds"], last_round(run))
+    finished = is_done(wd, run)
     diff = config_difference(saved, ckpt_lib.config_json(config), finished=finished)
     if diff:
       k, was, now = diff[0]
@@ -580,7 +582,7 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
   todo = []
   for i, run in enumerate(runs, 1):
     wd = os.path.join(out, run["name"])
-    if is_finished(wd, run["num_rounds"], last_round(run)):
+    if is_finished(wd, run):
       if not os.path.exists(os.path.join(wd, DONE_FILE)):
         _write_done(wd, run, None, 0.0)
       _say(f"{i}/{total} {run['name']}: skipped (finished: {_rounds(wd, run)})")
@@ -623,7 +625,7 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     for i, run in members:
       wd = os.path.join(out, run["name"])
       # a replica that finished counts, also when another of its group (one process) failed
-      if (p.returncode == 0 or len(members) > 1) and is_finished(wd, run["num_rounds"], last_round(run)):
+      if (p.returncode == 0 or len(members) > 1) and is_finished(wd, run):
         _write_done(wd, run, cmd, dt)
         _say(f"{i}/{total} {run['name']}: finished in {dt:.1f}s ({_rounds(wd, run)})")
         continue
@@ -725,7 +727,7 @@ def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = 
       member["why"] = "failed"
     elif not os.path.isdir(wd):
       member["why"] = "not started"
-    elif not is_done(wd, run["num_rounds"], last_round(run)):
+    elif not is_done(wd, run):
       member["why"] = "without DONE (failed, stopped or still running)"
     elif not records:
       member["why"] = "finished without metrics"
