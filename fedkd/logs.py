@@ -39,7 +39,7 @@ def round_line(r: int, num_rounds: int, losses: str, seconds: float, pace: str) 
   return f"round {r:>4}/{num_rounds} {progress_bar(r, num_rounds)}  loss {losses}  {duration(seconds)}  {pace}"
 
 
-_ROUND_LINE = re.compile(r"^round +(\d+)/(\d+) \[[#.]*\] +\d+%  loss .*?  +(\d+\.\d)(\d?)(ms|s)  ")
+_ROUND_LINE = re.compile(r"^round +(\d+)/(\d+) \[[#.]*\] +\d+%  loss .*?  +(\d+\.\d+)(ms|s)  ")
 
 
 def parse_round_line(line: str) -> tuple[int, int, float] | None:
@@ -48,8 +48,8 @@ def parse_round_line(line: str) -> tuple[int, int, float] | None:
   m = _ROUND_LINE.match(line)
   if m is None:
     return None
-  value = float(m.group(3) + m.group(4))
-  return int(m.group(1)), int(m.group(2)), value / 1e3 if m.group(5) == "ms" else value
+  value = float(m.group(3))
+  return int(m.group(1)), int(m.group(2)), value / 1e3 if m.group(4) == "ms" else value
 
 
 def evaluations_left(r: int, last_round: int, every: int) -> int:
