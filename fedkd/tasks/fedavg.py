@@ -526,8 +526,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
     f"{', remat' if config.engine.remat else ''}"
   )
-  if krum_note(config):
-    log(krum_note(config))
+  note = krum_note(config)
+  if note:
+    log(note)
   rec, per_site = None, None
   if start == 0:
     rec, per_site = evaluate(0)
