@@ -1,6 +1,6 @@
 """A run of the same config on the same devices in one process reuses the jitted round program
-(fedkd.tasks.fedavg._round_fn): JAX does not trace it again, and the run's numbers are those of the first run,
-which built it; a config that changes the program gets its own."""
+(fedkd.tasks.fedavg.ROUND_FNS, a fedkd.tasks.kept.Kept): JAX does not trace it again, and the run's numbers are
+those of the first run, which built it; a config that changes the program gets its own."""
 
 import json
 
@@ -41,18 +41,38 @@ def test_a_second_run_of_the_same_config_traces_no_round_and_gives_the_same_numb
   assert n_other == 1 and changed[0] == ref[0] and changed[1:] != ref[1:]
 
 
-def test_kept_round_functions_are_the_latest_few(monkeypatch):
-  """Least recently used first out: a kept function is reused until ROUND_FNS_KEPT others were asked for since."""
-  monkeypatch.setattr(fedavg, "_ROUND_FNS", type(fedavg._ROUND_FNS)())
-  built = []
+def test_kept_values_are_the_latest_few_used():
+  """Least recently used first out, against a list kept in order of use; a build that raises keeps nothing; a
+  build may itself get other keys (FedEFM's programs get their models)."""
+  import random
 
-  def get(key):
-    return fedavg._round_fn(key, lambda: built.append(key) or object())
+  import pytest
 
-  a = get("a")
-  assert get("a") is a and built == ["a"]
-  others = [get(f"k{i}") for i in range(fedavg.ROUND_FNS_KEPT - 1)]
-  assert get("a") is a and len(built) == fedavg.ROUND_FNS_KEPT  # 'a' asked for again: the newest now
-  get("new")  # the oldest, k0, dropped; 'a' kept
-  assert get("a") is a and get("k1") is others[1] and len(built) == fedavg.ROUND_FNS_KEPT + 1
-  assert get("k0") is not others[0] and built[-1] == "k0"
+  from fedkd.tasks.kept import Kept
+
+  rng = random.Random(0)
+  for size in (1, 2, 4):
+    kept, order, built = Kept(size), [], []
+    for _ in range(200):
+      key, n_built = rng.randrange(7), len(built)
+      value = kept.get(key, lambda k=key: built.append(k) or ("v", k, len(built)))
+      was_kept = key in order
+      if was_kept:  # the value built when the key was last missing
+        assert (
+          len(built) == n_built and value[1] == key and value[2] == max(i + 1 for i, k in enumerate(built) if k == key)
+        )
+      else:
+        assert built[n_built:] == [key] and value == ("v", key, len(built))
+      if was_kept:
+        order.remove(key)
+      order = (order + [key])[-size:]
+      assert len(kept) == len(order)
+    assert sorted(kept._values) == sorted(order) and list(kept._values) == order
+  kept = Kept(2)
+  with pytest.raises(RuntimeError):
+    kept.get("bad", lambda: (_ for _ in ()).throw(RuntimeError("build failed")))
+  assert len(kept) == 0 and kept.get("bad", lambda: 1) == 1
+  assert kept.get("outer", lambda: ("outer", kept.get("inner", lambda: "i"))) == ("outer", "i")
+  assert list(kept._values) == ["inner", "outer"] and len(kept) == 2
+  with pytest.raises(ValueError, match="at least 1"):
+    Kept(0)

@@ -3,7 +3,6 @@ checkpoints and exact resume. Python loops over rounds only; each round is one j
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.models import init_model
 from fedkd.report import site_table
+from fedkd.tasks.kept import Kept
 from fedkd.sharding import client_mesh, local_copy, local_rows, replicate, shard_clients
 
 # Config keys (groups, or single dotted keys) that may change between a checkpoint and its resumed
@@ -78,21 +78,10 @@ def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
 
 
 # The jitted round programs of this process's latest runs, by what they are built from: the whole config, the
-# resolved engine options and the mesh's devices. A run of the same config on the same devices (a resumed run in
-# the same process, a sweep's repeat) reuses the jitted round, so JAX neither traces nor lowers it again (the
-# persistent compilation cache spares only the compile): about 1 s of CPU per repeated run in
-# tests/test_resume_matrix.py on 2 cores. A few only: each holds its compiled programs.
-_ROUND_FNS: collections.OrderedDict = collections.OrderedDict()
-ROUND_FNS_KEPT = 4
-
-
-def _round_fn(key, build: Callable[[], Callable]) -> Callable:
-  """The round function kept under ``key``, or ``build()``'s, kept (the least recently used dropped)."""
-  fn = _ROUND_FNS.pop(key, None)
-  _ROUND_FNS[key] = fn = build() if fn is None else fn
-  while len(_ROUND_FNS) > ROUND_FNS_KEPT:
-    _ROUND_FNS.popitem(last=False)
-  return fn
+# resolved engine options and the mesh's devices (fedkd.tasks.kept). A resumed run in the same process or a
+# sweep's repeat skips tracing and lowering: about 1 s of CPU per repeated run in tests/test_resume_matrix.py
+# on 2 cores. A few only: each holds its compiled programs.
+ROUND_FNS = Kept(4)
 
 
 # Keys added to the schema after checkpoints were written whose default is NOT the old behaviour: a
@@ -417,7 +406,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   )
   del init_row
   cfg_json = ckpt_lib.config_json(config)
-  round_fn = _round_fn(
+  round_fn = ROUND_FNS.get(
     (json.dumps(cfg_json, sort_keys=True), engine_opts, tuple(d.id for d in mesh.devices.flat)),
     lambda: engine.make_round_fn(
       alg,

@@ -65,6 +65,7 @@ from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
 from fedkd.preemption import Stopped
 from fedkd.sharding import client_mesh, replicate, shard_clients
+from fedkd.tasks.kept import Kept
 from fedkd.workdir import read_json_object, write_atomic
 
 METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a leaf)
@@ -74,13 +75,14 @@ DISTILL = FEDEFM_DISTILL  # methods that distil from overseas experts (after the
 GOSSIP = ("ring", "matcha", "fedefm_dfl")
 FOLLOW_MIXING = ("fedefm", "fedefm_uniform", "fedefm_e0")
 # config key -> its name among the pretraining round's traced inputs (the engine's ``hparams``): the KD
-# weight, KD temperature and learning rates. Experiments that differ only in these share one compiled
-# round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile per method).
+# weight, KD temperature, learning rates and the silos' weight decay. Experiments that differ only in these
+# share one compiled round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile per method).
 ROUND_HPARAMS = {
   "fedefm.beta": "beta",
   "fedefm.temperature": "temperature",
   "pretrain.learning_rate": "learning_rate",
   "pretrain.expert_learning_rate": "expert_learning_rate",
+  "pretrain.weight_decay": "weight_decay",
 }
 SEG_LOSS = ml_collections.ConfigDict(dict(name="dice_ce", ce_weight=0.5, dice_weight=0.5))
 RESULT_KEYS = (
@@ -189,9 +191,18 @@ def results_config(config_json: dict) -> dict:
   return {k: v for k, v in config_json.items() if k not in FREE_KEYS}
 
 
+# Keys added to the schema after workdirs were written, with the value those workdirs ran with: a saved config
+# without the key is compared as if it held that value (its runs continue, its results stay tabulated).
+ADDED_KEYS = {("pretrain", "weight_decay"): 1e-4}  # optax.adamw's default, applied before the key existed
+
+
 def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | None:
   """The first differing top-level key (``config.<key>``) of two configs' results parts, not counting
-  ``ignore``; None if equal."""
+  ``ignore``; None if equal. ``saved`` lacking a key of :data:`ADDED_KEYS` holds its old value."""
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  for (section, key), old in ADDED_KEYS.items():
+    if isinstance(saved.get(section), dict):
+      saved[section].setdefault(key, old)
   a, b = results_config(saved), results_config(current)
   a, b = ({k: v for k, v in d.items() if k not in ignore} for d in (a, b))
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -295,17 +306,9 @@ def _finite_rows(tree) -> jax.Array:
   return jnp.stack([jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) for a in jax.tree.leaves(tree)]).all(0)
 
 
-_CACHE: dict = {}  # models and jitted programs by what they depend on (see _cached)
-
-
-def _cached(key, make):
-  """Models and jitted programs shared by every Experiment in this process whose config gives the same
-  ``key`` (a re-run, a resumed run, tests): each program compiles once."""
-  if key not in _CACHE:
-    if len(_CACHE) >= 64:
-      _CACHE.clear()
-    _CACHE[key] = make()
-  return _CACHE[key]
+# Models, jitted programs and held-out sets shared by every Experiment in this process whose config gives the
+# same key (a re-run, a resumed run, tests): each program compiles once.
+PROGRAMS = Kept(64)
 
 
 def opts_distill(alg) -> bool:
@@ -366,8 +369,8 @@ class Experiment:
     if self._models:
       return
     c = self.c
-    self.t_apply, self.t_apply_wf = _cached(self._teacher_key, lambda: _build_model(c.teacher, c.image_size))
-    self.s_apply, self.s_apply_wf = _cached(self._student_key, lambda: _build_model(c.student, c.image_size))
+    self.t_apply, self.t_apply_wf = PROGRAMS.get(self._teacher_key, lambda: _build_model(c.teacher, c.image_size))
+    self.s_apply, self.s_apply_wf = PROGRAMS.get(self._student_key, lambda: _build_model(c.student, c.image_size))
     # The pretrained model: the teacher, plus (objective "source") a linear head on its pooled tokens.
     if c.pretrain.objective == "source":
       net_apply_wf = self.t_apply_wf
@@ -384,12 +387,12 @@ class Experiment:
     else:
       self.f_apply_wf, self.f_loss = self.t_apply_wf, self.seg_loss
     apply_wf = self.f_apply_wf
-    self.f_predict = _cached(
+    self.f_predict = PROGRAMS.get(
       ("f_predict", self._teacher_key, c.pretrain.objective, self.data.num_sources, c.eval.batch_size),
       lambda: make_predictor(lambda p, x: apply_wf(p, x)[0], c.eval.batch_size),
     )
     # compiled once for all runs
-    self.predict = _cached(
+    self.predict = PROGRAMS.get(
       ("predict", self._student_key, c.eval.batch_size), lambda: make_predictor(self.s_apply, c.eval.batch_size)
     )
     self._models = True
@@ -467,8 +470,8 @@ class Experiment:
     (:class:`fedkd.distill.fedefm.FedEFMSilo`); ``rebuild(hparams) -> (algorithm, client context)``
     from :meth:`hparams` (numbers, or the round's traced scalars)."""
     # Keyed by what the program computes: methods with the same options (fedavg and FedEFM's warm-up
-    # rounds, ring and matcha) share one compiled program; the KD weight, KD temperature and learning
-    # rates are inputs (ROUND_HPARAMS), so Experiments that differ only in them share it too.
+    # rounds, ring and matcha) share one compiled program; the KD weight, KD temperature, learning
+    # rates and weight decay are inputs (ROUND_HPARAMS), so Experiments that differ only in them share it too.
     opts = dataclasses.replace(self._options(method, distill), beta=0.0, temperature=1.0)
     mesh = self.mesh1 if method == "centralized" else self.mesh
     eopts = self._engine_options(method)
@@ -478,7 +481,7 @@ class Experiment:
       apply_wf, f_loss = self.f_apply_wf, self.f_loss
 
       def rebuild(hp):
-        tx = optax.adamw(hp["learning_rate"])
+        tx = optax.adamw(hp["learning_rate"], weight_decay=hp["weight_decay"])
         ctx = ClientContext(lambda q, x: apply_wf(q, x)[0], f_loss, tx, apply_wf=apply_wf)
         silo = dataclasses.replace(opts, beta=hp["beta"], temperature=hp["temperature"])
         return fedefm_lib.FedEFMSilo(silo, optax.adam(hp["expert_learning_rate"])), ctx
@@ -486,7 +489,7 @@ class Experiment:
       alg, ctx = rebuild(self.hparams())  # the aggregator; every round passes its hparams
       return engine.make_round_fn(alg, ctx, mesh, eopts, rebuild=rebuild), rebuild
 
-    return _cached(key, build)
+    return PROGRAMS.get(key, build)
 
   def _round_fn(self, method: str, distill: bool):
     return self._program(method, distill)[0]
@@ -546,7 +549,7 @@ class Experiment:
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       return float((cost or {}).get("flops", float("nan")))
 
-    return _cached(key, measure)
+    return PROGRAMS.get(key, measure)
 
   def _matched_factor(self) -> int:
     """fedavg_matched's local-steps multiplier: config.fedefm.matched_steps_factor, or (0) FedEFM's
@@ -626,7 +629,7 @@ class Experiment:
     """The foundation endpoint's held-out set: ``eval.heldout_per_source`` images of every source any
     silo holds (balanced), never used in training: (images, masks, source ids)."""
     key = ("heldout", seed, self.c.eval.heldout_per_source, self.c.image_size, self.c.teacher.num_classes)
-    x, y, src = _cached(key, lambda: self.data.heldout(seed, self.c.eval.heldout_per_source))  # one per seed
+    x, y, src = PROGRAMS.get(key, lambda: self.data.heldout(seed, self.c.eval.heldout_per_source))  # one per seed
     keep = np.isin(np.asarray(src), np.unique(types))
     return x[keep], y[keep], np.asarray(src)[keep]
 
@@ -782,7 +785,7 @@ class Experiment:
     d = self.c.downstream
     key = ("finetune", self._student_key, self._teacher_key, kd, frozen, d.learning_rate, d.kd_pixel_weight)
     key += (d.kd_feature_weight, d.kd_temperature, d.kd_confidence, d.kd_class_balance)
-    return _cached(key, lambda: self._make_finetune_fn(kd, frozen))
+    return PROGRAMS.get(key, lambda: self._make_finetune_fn(kd, frozen))
 
   def _make_finetune_fn(self, kd: bool, frozen: bool):
     """(step, tx): one Adam step of the student on (x, y); ``kd``: + ``scale`` x (pixel KD masked by the
@@ -835,7 +838,7 @@ class Experiment:
 
       return step, tx
 
-    return _cached(key, make)
+    return PROGRAMS.get(key, make)
 
   def _train(self, params, fn, teacher, x, y, steps: int, rng, scale: float, label: str, what: str):
     """``steps`` steps of ``fn = (step, tx)`` on random batches of (x, y); DivergedError on NaN/Inf."""
