@@ -288,7 +288,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   # (classify which source = hospital profile x data type an image comes from, as the paper's released
   # code; pooled encoder tokens -> linear head; endpoint: accuracy on a balanced held-out set).
   c.pretrain.objective = "segmentation"
-  c.pretrain.learning_rate = 1e-3  # silo AdamW (optax defaults, weight decay 1e-4; fresh state each round)
+  c.pretrain.learning_rate = 1e-3  # silo AdamW (optax's b1, b2, eps; fresh state each round)
+  c.pretrain.weight_decay = 1e-4  # silo AdamW: decoupled weight decay (Loshchilov & Hutter 2019); 0 = none
   c.pretrain.expert_learning_rate = 1e-3  # overseas experts: Adam from the visiting model
 
   c.fedefm = ml_collections.ConfigDict()
@@ -1376,7 +1377,13 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   )
   # the similarities lie in [-1, 1]; S / T below this overflows float32 in the softmax
   _number(c, "fedefm.weight_temperature", lambda v: v >= MIN_WEIGHT_TEMPERATURE, f">= {MIN_WEIGHT_TEMPERATURE:g}")
-  for key in ("fedefm.moon_mu", "fedefm.prox_mu", "downstream.kd_pixel_weight", "downstream.kd_feature_weight"):
+  for key in (
+    "fedefm.moon_mu",
+    "fedefm.prox_mu",
+    "pretrain.weight_decay",
+    "downstream.kd_pixel_weight",
+    "downstream.kd_feature_weight",
+  ):
     _number(c, key, nonneg, ">= 0")
   for key in ("fedefm.beta", "fedefm.matcha_budget", "downstream.kd_confidence"):
     _number(c, key, unit, "in [0, 1]")

@@ -38,8 +38,8 @@ _REPLICA_CONFIG = flags.DEFINE_multi_string(
   "grid in one program. Workdirs: --workdir/<the keys that vary, as key-value joined by __> (e.g. "
   "client_optimizer.learning_rate-0.01, or client_optimizer.learning_rate-0.01__seed-1 when seeds vary too; or "
   "--replica_workdirs). FedEFM "
-  "(config.task=fedefm): fedefm.beta, fedefm.temperature, pretrain.learning_rate or "
-  "pretrain.expert_learning_rate; the experiments run one after another in one process and share each "
+  "(config.task=fedefm): fedefm.beta, fedefm.temperature, pretrain.learning_rate, "
+  "pretrain.expert_learning_rate or pretrain.weight_decay; the experiments run one after another in one process and share each "
   "method's compiled pretraining round.",
 )
 _REPLICA_WORKDIRS = flags.DEFINE_string(

@@ -1,8 +1,9 @@
-"""adamw's weight decay is the config's: ``client_optimizer.weight_decay`` / ``server_optimizer.weight_decay``
-against a numpy AdamW loop (Loshchilov & Hutter 2019, decoupled decay times the learning rate, as optax
+"""adamw's weight decay is the config's: ``client_optimizer.weight_decay`` / ``server_optimizer.weight_decay`` and
+FedEFM's silo AdamW ``pretrain.weight_decay``, against a numpy AdamW loop (Loshchilov & Hutter 2019, decoupled decay times the learning rate, as optax
 applies it), 0 = plain Adam, a config written before the key existed keeps optax's default; bad values and
 keys that adam / sgd never read are named."""
 
+import json
 import math
 
 import jax
@@ -91,3 +92,43 @@ def test_weight_decay_is_noted_unused_unless_the_optimizer_is_adamw():
   c.client_optimizer.name = c.server_optimizer.name = "adamw"
   unused = config_lib.unused_keys(c)
   assert "client_optimizer.weight_decay" not in unused and "server_optimizer.weight_decay" not in unused
+
+
+@pytest.mark.parametrize("wd", [0.05, 0.0])
+def test_fedefm_silo_adamw_applies_the_configured_weight_decay(wd, tmp_path):
+  """The pretraining round's silo optimizer (built from the round's traced hyperparameters) is AdamW with
+  ``pretrain.learning_rate`` and ``pretrain.weight_decay``, optax's b1 / b2 / eps."""
+  from fedkd.tasks import fedefm as task
+  from test_fedefm import _tiny
+
+  c = _tiny().get_config("tiny")
+  c.pretrain.learning_rate, c.pretrain.weight_decay = 0.1, wd
+  exp = task.Experiment(c, str(tmp_path), log=lambda _: None)
+  exp.build_models()
+  _, ctx = exp._program("fedefm", True)[1](exp.hparams())
+  _close(_steps(ctx.tx), _adamw_np(0.1, wd, 0.9, 0.999, 1e-8))
+
+
+def test_fedefm_workdirs_written_before_the_key_ran_with_optaxs_default_decay():
+  """A saved config without ``pretrain.weight_decay`` matches a config at optax's default 1e-4 (its runs
+  continue, its results stay tabulated), and no other value."""
+  from fedkd.tasks import fedefm as task
+  from test_fedefm import _tiny
+
+  current = json.loads(json.dumps(_tiny().get_config("tiny").to_dict()))
+  old = json.loads(json.dumps(current))
+  del old["pretrain"]["weight_decay"]
+  assert current["pretrain"]["weight_decay"] == 1e-4 and task.config_difference(old, current) is None
+  current["pretrain"]["weight_decay"] = 0.05
+  assert task.config_difference(old, current) == "pretrain"
+  assert "weight_decay" not in old["pretrain"]  # the saved config itself is not changed
+
+
+@pytest.mark.parametrize("value", [-0.1, math.inf, math.nan])
+def test_a_bad_fedefm_weight_decay_is_a_config_error_naming_the_key(value):
+  from test_fedefm import _tiny
+
+  c = _tiny().get_config("tiny")
+  c.pretrain.weight_decay = value
+  with pytest.raises(ConfigError, match=r"config\.pretrain\.weight_decay=\S+ .*(finite|>= 0)"):
+    config_lib.validate_fedefm(c, 8)
