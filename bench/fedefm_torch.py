@@ -21,7 +21,7 @@ What one PyTorch round does, per silo i in a Python loop (the same work as fedkd
 1. for each ring in-neighbour j of i (2 for >= 3 silos): a copy of the round's model trained
    ``expert_steps`` (1) steps on j's first batches with a fresh Adam (lr 1e-3) on the segmentation loss
    (0.5 cross-entropy + 0.5 soft Dice over the foreground classes): the overseas expert;
-2. the silo's model, a fresh AdamW (lr 1e-3, weight decay 1e-4 = optax.adamw's defaults), takes
+2. the silo's model, a fresh AdamW (lr 1e-3, config.pretrain.weight_decay 1e-4), takes
    ``local_steps`` (2) steps of batch 4 on its own data with
    ``beta sum_j w_j T^2 KL(softmax(z_j/T) || softmax(z_i/T)) + (1 - beta) L_seg`` (beta 0.5, T 2), the
    experts' logits and encoder tokens from a no-grad forward on the batch, w = softmax over neighbours of
@@ -92,6 +92,7 @@ CONFIG = dict(
   batch_size=4,
   learning_rate=1e-3,
   expert_learning_rate=1e-3,
+  weight_decay=1e-4,
   beta=0.5,
   temperature=2.0,
   expert_steps=1,
@@ -118,7 +119,6 @@ CONFIG = dict(
   decoder_width=16,
   skips=False,
 )
-ADAMW_WEIGHT_DECAY = 1e-4  # optax.adamw's default (fedkd: optax.adamw(learning_rate))
 # fedkd.distill.emd's default schedule (num_iters=None)
 ANNEAL_START, ANNEAL_RATIO, ANNEAL_ITERS, PLAIN_ITERS, RATE_WINDOW = 1.0, 0.8, 3, 30, 5
 RELAXED_ITERS_SCALE, MAX_RATE, RELAX_BELOW = 10.0, 0.99, 0.1
@@ -139,6 +139,7 @@ def _fedkd_config(silos: int):
 def _config_values(c) -> dict:
   p, f, t = c.pretrain, c.fedefm, c.teacher
   out = {k: p[k] for k in ("num_silos", "local_steps", "batch_size", "learning_rate", "expert_learning_rate")}
+  out["weight_decay"] = p.weight_decay
   out.update({k: p[k] for k in ("unseen_percent", "objective")})
   out.update({k: f[k] for k in ("beta", "temperature", "expert_steps", "emd_epsilon", "emd_marginals")})
   out.update({k: f[k] for k in ("emd_iters", "emd_debias", "weight_mode", "weight_temperature", "detach_weights")})
@@ -501,7 +502,7 @@ def silo_update(c: dict, start, student, experts, x, y, gx, gy, nbrs):
       loss.backward()
       opt.step()
   copy_params(student, start)
-  opt = torch.optim.AdamW(student.parameters(), lr=c["learning_rate"], weight_decay=ADAMW_WEIGHT_DECAY)
+  opt = torch.optim.AdamW(student.parameters(), lr=c["learning_rate"], weight_decay=c["weight_decay"])
   losses, metrics = [], []
   for t in range(c["local_steps"]):
     logits, tokens = student(x[t])
