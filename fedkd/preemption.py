@@ -65,17 +65,23 @@ class StopSignals:
     process or through JAX's preemption sync point, so every process stops at the same step."""
     import jax
 
-    local = self.reason is not None
     if jax.process_count() == 1:
-      return local
+      return self.reason is not None
     from jax.experimental import multihost_utils
-    import numpy as np
 
     try:
       notice = bool(multihost_utils.reached_preemption_sync_point(step))
     except Exception:  # noqa: BLE001 - the preemption service is off (e.g. CPU clusters)
       notice = False
-    anyone = bool(np.max(multihost_utils.process_allgather(np.int32(local or notice))))
+    return self.signalled_anywhere(notice)
+
+  def signalled_anywhere(self, notice: bool = False) -> bool:
+    """Multi-process runs: whether a signal (or ``notice``) reached any process, by one all-gather of the
+    processes' flags; every process must call it at the same point of the run."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    anyone = bool(np.max(multihost_utils.process_allgather(np.int32(self.reason is not None or notice))))
     if anyone and self.reason is None:
       self.reason = "preempted"
     return anyone
@@ -84,8 +90,11 @@ class StopSignals:
 def requested_again(stop, step: int) -> bool:
   """A second check within ``step`` after ``stop.requested(step)`` was False (``stop``: a :class:`StopSignals` or
   None), made after the step's checkpoint save: True when a signal arrived during the save, so the run stops at
-  the step just saved rather than after the next one. Always False in a multi-process run: its processes agree
-  on their stop step through one ``requested`` call per step."""
+  the step just saved rather than after the next one. In a multi-process run the processes agree through one
+  more all-gather of their flags (every process saves at the same steps, so all of them get here; JAX's
+  preemption sync point is asked once per step, in ``requested``)."""
   import jax
 
-  return stop is not None and jax.process_count() == 1 and stop.requested(step)
+  if stop is None:
+    return False
+  return stop.requested(step) if jax.process_count() == 1 else stop.signalled_anywhere()

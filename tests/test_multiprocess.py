@@ -38,7 +38,7 @@ def _free_port():
 
 
 def _args(workdir, *extra):
-  return ["--config=configs/quickstart.py", f"--workdir={workdir}", *OVERRIDES, *extra]
+  return ["--config=configs/quickstart.py", f"--workdir={workdir}", *OVERRIDES, *extra]  # extra after: it wins
 
 
 def _params(workdir):
@@ -62,16 +62,17 @@ def server():
   s.close()  # SIGKILLs any run a failed test left
 
 
-def _two_processes(server, workdir, stop_after=None):
-  """``_args`` as two processes of 2 CPU devices each with a coordinator: [(exit code, stdout, stderr)] per
-  process. ``stop_after``: SIGTERM to process 1 only once process 0 printed that round's line."""
+def _two_processes(server, workdir, stop_after=None, module="fedkd.main", extra=()):
+  """``_args`` (+ ``extra``) as two processes of 2 CPU devices each with a coordinator: [(exit code, stdout,
+  stderr)] per process. ``stop_after``: SIGTERM to process 1 only once process 0 printed that round's line."""
   port = _free_port()
   ps = [
     Proc(
       server,
-      "fedkd.main",
+      module,
       _args(
         workdir,
+        *extra,
         "--cpu_devices=2",
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
@@ -145,3 +146,18 @@ def test_sigterm_to_one_process_stops_all_and_resumes_exactly(server, tmp_path, 
   b = [json.loads(ln) for ln in open(work / "metrics.jsonl")]
   assert [r["round"] for r in a] == list(range(ROUNDS + 1))
   assert a == b
+
+
+def test_sigterm_during_a_checkpoint_save_stops_every_process_at_that_round(server, tmp_path):
+  """SIGTERM to process 1 right after its save of round 2, after that round's stop check (tests/_save_signal_main.py):
+  both processes stop at round 2, the round just saved, instead of training round 3 first (a preemption notice
+  leaves seconds, not another round)."""
+  work = tmp_path / "work"
+  outs = _two_processes(server, work, module="tests._save_signal_main", extra=["--config.checkpoint.every=2"])
+  for code, _, err in outs:
+    assert code == 0, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("fedkd: ")]
+    assert len(lines) == 1 and lines[0].startswith("fedkd: preempted at round 2 (checkpoint saved)"), err[-2000:]
+  assert "SIGTERM: saving this round's checkpoint, then stopping" in outs[1][2]
+  assert sorted(os.listdir(work / "checkpoints")) == ["2"]
+  assert [json.loads(ln)["round"] for ln in open(work / "rounds.jsonl")] == [1, 2]
