@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from typing import Any, TypeVar
 from collections.abc import Callable
@@ -142,6 +143,9 @@ class ResumeRefused(CheckpointError):
   """The checkpoint is intact but belongs to another experiment (config differs): never fall back."""
 
 
+UNREADABLE = "unreadable"  # <checkpoint directory>/unreadable/<round>-<UTC time>: steps a resume fell back over
+
+
 class Checkpointer:
   """``cleanup_tmp``: delete the ``<round>.orbax-checkpoint-tmp`` folders that a save cut short (a kill, a full
   disk) left behind. Only for the run that owns ``directory`` (it holds the workdir's lock): a reader such as
@@ -179,7 +183,7 @@ class Checkpointer:
     global _saving
     stale = [r for r in self.all_rounds() if r >= round_]
     if stale:  # left by restore_latest's fallback; orbax would skip (not replace) every save up to them
-      self._remove_stale(stale, round_)
+      self._set_aside_stale(stale, round_)
     items = dict(
       state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config), data=ocp.args.JsonSave(data_state or {})
     )
@@ -192,20 +196,36 @@ class Checkpointer:
     with self._disk_errors():
       self._mngr.save(round_, args=ocp.args.Composite(**items))
 
-  def _remove_stale(self, rounds: list[int], round_: int) -> None:
-    """Deletes the steps ``rounds`` (at or after ``round_``, which is being saved): steps a resume fell back over
-    because they could not be read. orbax would otherwise skip every save up to the newest of them, leaving the
-    unreadable step in place of the rounds this run trains again (bitwise the same, so nothing is lost)."""
+  def _set_aside_stale(self, rounds: list[int], round_: int) -> None:
+    """Moves the steps ``rounds`` (at or after ``round_``, which is being saved) into ``<directory>/unreadable/``:
+    steps a resume fell back over because they could not be read. orbax would otherwise skip every save up to the
+    newest of them, leaving the unreadable step in place of the rounds this run trains again. They are moved, not
+    deleted: a read can fail for a passing reason (a storage hiccup, memory while restoring), and the step may be
+    intact. orbax lists only step-numbered folders, so it neither restores nor garbage-collects them."""
+    from etils import epath
+
+    aside = epath.Path(self.directory) / UNREADABLE
     with self._disk_errors():
-      for r in rounds:
-        self._mngr.delete(r)
-        if jax.process_index() == 0:
+      if jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        aside.mkdir(parents=True, exist_ok=True)
+        for r in rounds:
+          dest, k = aside / f"{r}-{stamp}", 0
+          while dest.exists():
+            k += 1
+            dest = aside / f"{r}-{stamp}-{k}"
+          (epath.Path(self.directory) / str(r)).rename(dest)
           print(
-            f"note: removed the unreadable checkpoint for round {r} in {self.directory} (this run resumed from an "
-            f"earlier round and saves round {round_} now)",
+            f"note: moved the unreadable checkpoint for round {r} in {self.directory} to {dest} (this run resumed "
+            f"from an earlier round and saves round {round_} now; delete it once you no longer need it)",
             file=sys.stderr,
             flush=True,
           )
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fedkd-checkpoint-set-aside")
+      self._mngr.reload()
 
   def _disk_errors(self):
     """Turns a full disk / read-only filesystem during a (possibly async) save into one line; the

@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -353,7 +354,8 @@ def test_a_workdir_copied_to_a_path_with_spaces_and_unicode_resumes_there(cli, t
 def test_a_resume_that_fell_back_over_a_damaged_checkpoint_saves_that_round_again(tmp_path, capsys):
   """Rounds 1-3 saved, round 3's array files cut (a disk that failed while writing): a resume falls back to
   round 2 and trains round 3 again. Its save must replace the damaged step (orbax skips any save at or before
-  its newest step), so round 3 then restores to the retrained values and not the damaged ones."""
+  its newest step), so round 3 then restores to the retrained values and not the damaged ones; the damaged step is
+  moved to <checkpoints>/unreadable/, where orbax neither restores nor deletes it."""
   import jax.numpy as jnp
 
   from fedkd.checkpoint import CheckpointError, Checkpointer
@@ -385,4 +387,10 @@ def test_a_resume_that_fell_back_over_a_damaged_checkpoint_saves_that_round_agai
     pytest.fail(f"round 3 is still the damaged checkpoint: {e}")
   assert np.array_equal(np.asarray(restored["w"]), np.full((4, 8), 3.5)) and int(restored["round"]) == 3
   again.close()
-  assert f"note: removed the unreadable checkpoint for round 3 in {ckdir} (this run resumed from an earlier" in err
+  # the damaged step is set aside, not deleted (a read can fail for a passing reason), with its bytes as they were
+  aside = list((ckdir / "unreadable").iterdir())
+  assert len(aside) == 1 and re.fullmatch(r"3-\d{8}-\d{6}", aside[0].name), aside
+  assert f"note: moved the unreadable checkpoint for round 3 in {ckdir} to {aside[0]} (this run resumed from" in err
+  cut = [p.read_bytes() for p in aside[0].rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert len(cut) == len(arrays) and all(len(b) == 10 for b in cut)
+  assert sorted(p.name for p in ckdir.iterdir()) == ["1", "2", "3", "unreadable"]
