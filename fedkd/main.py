@@ -39,8 +39,8 @@ _REPLICA_CONFIG = flags.DEFINE_multi_string(
   "client_optimizer.learning_rate-0.01, or client_optimizer.learning_rate-0.01__seed-1 when seeds vary too; or "
   "--replica_workdirs). FedEFM "
   "(config.task=fedefm): fedefm.beta, fedefm.temperature, pretrain.learning_rate, "
-  "pretrain.expert_learning_rate or pretrain.weight_decay; the experiments run one after another in one process and share each "
-  "method's compiled pretraining round.",
+  "pretrain.expert_learning_rate or pretrain.weight_decay; the experiments run one after another in one "
+  "process and share each method's compiled pretraining round.",
 )
 _REPLICA_WORKDIRS = flags.DEFINE_string(
   "replica_workdirs", None, "With --seeds / --replica_config: comma list of workdirs, one per replica."

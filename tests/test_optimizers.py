@@ -1,7 +1,7 @@
-"""adamw's weight decay is the config's: ``client_optimizer.weight_decay`` / ``server_optimizer.weight_decay`` and
-FedEFM's silo AdamW ``pretrain.weight_decay``, against a numpy AdamW loop (Loshchilov & Hutter 2019, decoupled decay times the learning rate, as optax
-applies it), 0 = plain Adam, a config written before the key existed keeps optax's default; bad values and
-keys that adam / sgd never read are named."""
+"""adamw's weight decay is the config's: ``client_optimizer.weight_decay`` / ``server_optimizer.weight_decay``
+and FedEFM's silo AdamW ``pretrain.weight_decay``, against a numpy AdamW loop (Loshchilov & Hutter 2019,
+decoupled decay times the learning rate, as optax applies it), 0 = plain Adam, a config written before the key
+existed keeps optax's default; bad values and keys that adam / sgd never read are named."""
 
 import json
 import math

@@ -3,10 +3,13 @@
 those of the first run, which built it; a config that changes the program gets its own."""
 
 import json
+import random
 
 from jax import monitoring
+import pytest
 
 from fedkd.tasks import fedavg
+from fedkd.tasks.kept import Kept
 from test_training import tiny_config
 
 
@@ -44,27 +47,18 @@ def test_a_second_run_of_the_same_config_traces_no_round_and_gives_the_same_numb
 def test_kept_values_are_the_latest_few_used():
   """Least recently used first out, against a list kept in order of use; a build that raises keeps nothing; a
   build may itself get other keys (FedEFM's programs get their models)."""
-  import random
-
-  import pytest
-
-  from fedkd.tasks.kept import Kept
-
   rng = random.Random(0)
   for size in (1, 2, 4):
     kept, order, built = Kept(size), [], []
     for _ in range(200):
       key, n_built = rng.randrange(7), len(built)
       value = kept.get(key, lambda k=key: built.append(k) or ("v", k, len(built)))
-      was_kept = key in order
-      if was_kept:  # the value built when the key was last missing
-        assert (
-          len(built) == n_built and value[1] == key and value[2] == max(i + 1 for i, k in enumerate(built) if k == key)
-        )
+      if key in order:  # kept: the value built when the key was last missing, nothing built now
+        last_built = max(i + 1 for i, k in enumerate(built) if k == key)
+        assert len(built) == n_built and value == ("v", key, last_built)
+        order.remove(key)
       else:
         assert built[n_built:] == [key] and value == ("v", key, len(built))
-      if was_kept:
-        order.remove(key)
       order = (order + [key])[-size:]
       assert len(kept) == len(order)
     assert sorted(kept._values) == sorted(order) and list(kept._values) == order

@@ -76,7 +76,8 @@ GOSSIP = ("ring", "matcha", "fedefm_dfl")
 FOLLOW_MIXING = ("fedefm", "fedefm_uniform", "fedefm_e0")
 # config key -> its name among the pretraining round's traced inputs (the engine's ``hparams``): the KD
 # weight, KD temperature, learning rates and the silos' weight decay. Experiments that differ only in these
-# share one compiled round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile per method).
+# share one compiled round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile
+# per method).
 ROUND_HPARAMS = {
   "fedefm.beta": "beta",
   "fedefm.temperature": "temperature",
