@@ -1,8 +1,9 @@
 """Runs fedkd's command-line entry points many times from one Python process (for tests).
 
-The server imports the entry points once, then serves one case per line of stdin (JSON: module,
-args, cwd, env, timeout): it forks, and the child runs exactly what ``python -m <module> args``
-runs (the module's ``__main__`` code path), with stdout/stderr going to files; the parent answers
+The server imports the entry points once, then serves one case per line of stdin (JSON: module or a
+script's .py path, args, cwd, env, timeout): it forks, and the child runs exactly what ``python -m <module>
+args`` (``python <script> args``) runs (the ``__main__`` code path), with stdout/stderr going to files; the
+parent answers
 one JSON line (exit code, stdout, stderr). The server itself never starts a JAX backend, so every
 case begins from a clean process state. Uncaught exceptions print their traceback and exit 1, as
 ``python -m`` does.
@@ -11,6 +12,7 @@ case begins from a clean process state. Uncaught exceptions print their tracebac
 import importlib
 import json
 import os
+import runpy
 import signal
 import sys
 import tempfile
@@ -24,6 +26,10 @@ PRELOAD = ("fedkd.tasks.fedavg", "fedkd.tasks.fedefm")
 
 
 def _entry(module: str):
+  if module.endswith(".py"):  # a script, as ``python path/to/script.py`` runs it: its folder first on sys.path
+    path = os.path.abspath(module)
+    sys.path.insert(0, os.path.dirname(path))
+    return lambda: runpy.run_path(path, run_name="__main__")
   mod = importlib.import_module(module)
   if module == "fedkd.data.tfds.build":  # its __main__ block: sys.exit(main())
     return lambda: sys.exit(mod.main())

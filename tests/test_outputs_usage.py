@@ -8,7 +8,6 @@ import os
 import re
 import struct
 import subprocess
-import sys
 
 import pytest
 
@@ -126,10 +125,16 @@ def test_every_tensorboard_tag_is_documented(tmp_path):
 # ------------------------------------------------------------------------------ the bench tools' bad flags
 
 
-def _run(args, tmp_path, timeout=120):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cli, args, timeout=120):
+  """``python *args`` (``-m module ...`` or ``script.py ...``) as a fresh process: a fork of the CLI server."""
+  if args[0] == "-m":
+    module, rest = args[1], args[2:]
+    if os.path.isdir(os.path.join(ROOT, *module.split("."))):  # a package: python -m runs its __main__
+      module += ".__main__"
+  else:
+    module, rest = args[0], args[1:]
+  r = cli.run(module, rest, timeout=timeout)
+  return subprocess.CompletedProcess(args, r.code, r.stdout, r.stderr)
 
 
 def _one_line(r, prefix: str, *needles: str) -> None:
@@ -154,10 +159,10 @@ TINY = ["--size=32", "--clients=2", "--steps=1", "--batch=2", "--width=4", "--de
     (["--profile", "{file}/traces"], ["--profile=", "cannot write traces there"]),
   ],
 )
-def test_round_bench_bad_flag_is_one_line(tmp_path, args, needles):
+def test_round_bench_bad_flag_is_one_line(cli, tmp_path, args, needles):
   (tmp_path / "file").write_text("")
   args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
-  _one_line(_run(["-m", "bench", *TINY, *args], tmp_path), "bench", *needles)
+  _one_line(_run(cli, ["-m", "bench", *TINY, *args]), "bench", *needles)
 
 
 @pytest.mark.parametrize(
@@ -184,15 +189,15 @@ def test_round_bench_bad_flag_is_one_line(tmp_path, args, needles):
     (["-m", "bench", "--bogus"], "bench", ["unrecognized arguments: --bogus (--help lists the flags)"]),
   ],
 )
-def test_bench_tool_bad_input_is_one_line(tmp_path, args, prefix, needles):
+def test_bench_tool_bad_input_is_one_line(cli, tmp_path, args, prefix, needles):
   anchor = tmp_path / "anchor.py"  # a stand-in for the anchor script in a Python without torch
   anchor.write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
   args = [a.replace("{anchor}", str(anchor)).replace("{tmp}", str(tmp_path)) for a in args]
-  _one_line(_run(args, tmp_path), prefix, *needles)
+  _one_line(_run(cli, args), prefix, *needles)
   assert not (tmp_path / "d").exists()  # pipeline.py refused before building a dataset
 
 
-def test_hlo_report_reads_a_dump(tmp_path):
+def test_hlo_report_reads_a_dump(cli, tmp_path):
   """One JSON line per optimized module, its counts those of the text (two dots, one concatenate)."""
   text = (
     "HloModule jit_f\n\nENTRY %main (a: f32[2,2]) -> f32[2,2] {\n"
@@ -202,7 +207,7 @@ def test_hlo_report_reads_a_dump(tmp_path):
   )
   (tmp_path / "module_0001.jit_f.cpu_after_optimizations.txt").write_text(text)
   (tmp_path / "module_0001.jit_f.before_optimizations.txt").write_text(text)
-  r = _run(["bench/hlo_report.py", str(tmp_path)], tmp_path)
+  r = _run(cli, ["bench/hlo_report.py", str(tmp_path)])
   assert r.returncode == 0, r.stderr
   rows = [json.loads(line) for line in r.stdout.splitlines()]
   assert len(rows) == 1 and rows[0]["dots"] == 2 and rows[0]["concatenates"] == 1, rows
