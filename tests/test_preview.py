@@ -51,49 +51,29 @@ def test_overlay_tints_only_labelled_pixels():
   assert tuple(rgb[1, 1]) == (70, 120, 255)  # vessel blue
 
 
-def test_preview_bad_config_is_one_line():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = procs.run(
-    [
-      sys.executable,
-      "-m",
-      "fedkd.data.preview",
-      "--config=configs/quickstart.py",
-      "--config.data.source=tfds:no_such_dataset",
-      "--out=/tmp/never.png",
-    ],
-    cwd=ROOT,
-    env=env,
-    timeout=300,
-  )
-  assert r.returncode == 2
+def test_preview_bad_config_is_one_line(cli):
+  args = ["--config=configs/quickstart.py", "--config.data.source=tfds:no_such_dataset", "--out=/tmp/never.png"]
+  r = cli.run("fedkd.data.preview", args)
+  assert r.code == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and lines[0].startswith("fedkd: error:") and "Traceback" not in r.stderr
+  assert len(lines) == 1 and lines[0].startswith("fedkd: error:") and not r.traceback
 
 
-def test_preview_out_below_a_file_names_both(tmp_path):
+def test_preview_out_below_a_file_names_both(cli, tmp_path):
   blocker = tmp_path / "afile"
   blocker.write_text("keep")
   out = blocker / "sub" / "p.png"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = procs.run(
-    [sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py", f"--out={out}"],
-    cwd=ROOT,
-    env=env,
-    timeout=300,
-  )
-  assert r.returncode == 2 and "Traceback" not in r.stderr
+  r = cli.run("fedkd.data.preview", ["--config=configs/quickstart.py", f"--out={out}"])
+  assert r.code == 2 and not r.traceback
   assert f"--out={out}: {blocker} is a file, not a folder" in r.stderr
   assert blocker.read_text() == "keep"
 
 
-def test_preview_scale_too_large_is_one_line(tmp_path):
+def test_preview_scale_too_large_is_one_line(cli, tmp_path):
   """--scale=1000 at 64 px would draw frames of 64,000 px (GiBs of picture): refused before any data is made."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = tmp_path / "p.png"
-  cmd = [sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py", "--scale=1000", f"--out={out}"]
-  r = procs.run(cmd, cwd=ROOT, env=env, timeout=300)
-  assert r.returncode == 2 and "Traceback" not in r.stderr
+  r = cli.run("fedkd.data.preview", ["--config=configs/quickstart.py", "--scale=1000", f"--out={out}"])
+  assert r.code == 2 and not r.traceback
   assert "--scale=1000 draws each 64px frame at 64000px, above 2048px; pass --scale <= 32" in r.stderr
   assert not out.exists()
 
