@@ -194,7 +194,7 @@ def results_config(config_json: dict) -> dict:
 
 # Keys added to the schema after workdirs were written, with the value those workdirs ran with: a saved config
 # without the key is compared as if it held that value (its runs continue, its results stay tabulated).
-ADDED_KEYS = {("pretrain", "weight_decay"): 1e-4}  # optax.adamw's default, applied before the key existed
+ADDED_KEYS = {("pretrain", "weight_decay"): engine.ADAMW_WEIGHT_DECAY}  # what silo AdamW applied before
 
 
 def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | None:

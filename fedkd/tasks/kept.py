@@ -35,6 +35,3 @@ class Kept:
 
   def __len__(self) -> int:
     return len(self._values)
-
-  def clear(self) -> None:
-    self._values.clear()
