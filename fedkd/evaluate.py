@@ -258,11 +258,22 @@ def _training_now(path) -> str:
 
 def load_run(workdir: str, round_: int | None):
   """(config, apply, params, round) from the run's checkpoint, using the config stored with it."""
-  import jax
+  return _read_checkpoint(workdir, *_checkpoint_folder(workdir), round_)
 
-  from fedkd.workdir import WorkdirError, prepare, saved_task
 
-  path = prepare(workdir, create=False, skip=("eval",))  # eval/: the caller's output folder checks it
+def _run_folder(workdir: str):
+  from fedkd.workdir import prepare
+
+  return prepare(workdir, create=False, skip=("eval",))  # eval/: the caller's output folder checks it
+
+
+def _checkpoint_folder(workdir: str, path=None):
+  """(the run directory, its checkpoints/ folder), or an :class:`EvalError` / ``WorkdirError`` saying why
+  ``workdir`` holds no FedAvg-family run to evaluate. Reads no checkpoint. ``path``: ``_run_folder(workdir)``
+  where the caller has it already."""
+  from fedkd.workdir import WorkdirError, saved_task
+
+  path = path or _run_folder(workdir)
   try:
     task = saved_task(path) or "fedavg"
   except WorkdirError:  # a damaged config.json: the config stored with the checkpoint is what is evaluated
@@ -288,6 +299,11 @@ def load_run(workdir: str, round_: int | None):
       f"{workdir} has no checkpoints/ folder"
       + (busy or f"; train first with python -m fedkd.main --config=... --workdir={workdir}")
     )
+  return path, ckdir
+
+
+def _read_checkpoint(workdir: str, path, ckdir, round_: int | None):
+  import jax
 
   for _ in range(_READ_TRIES):
     try:
@@ -366,16 +382,16 @@ def evaluate_run(
   Returns {"round", "results", "robustness", "out"}."""
   from fedkd import report
   from fedkd.data.pipeline import DataError, evaluated_sites, make_client_data
-  from fedkd.workdir import prepare
 
-  if out:  # a bad --out is refused before the checkpoint is read and the held-out sets are rendered
-    prepare(workdir, create=False, skip=("eval",))  # <workdir>/eval is not written
+  path = _run_folder(workdir)
+  # a bad --out is refused before the workdir's checkpoints are looked for and read
+  if out:
     _check_output_folder(out, "--out")
   elif os.path.lexists(default := os.path.join(os.path.expanduser(workdir), "eval")) and not os.path.isdir(default):
     raise EvalError(
       f"{default} is a file, where fedkd.eval writes its outputs by default; move it away or pass --out=FOLDER"
     )
-  config, apply, params, r = load_run(workdir, round_)
+  config, apply, params, r = _read_checkpoint(workdir, *_checkpoint_folder(workdir, path), round_)
   out = _output_folder(out or os.path.join(workdir, "eval"), "--out" if out else "--workdir")
   source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""
   if tfds_data_dir is not None and source == "synthetic":
