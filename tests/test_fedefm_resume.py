@@ -169,6 +169,22 @@ def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(ref
   )
   assert any("fedefm, seed 0): resuming pretraining after round 1/3" in l for l in lines)
   assert records(work) == records(ref_work)
+  # the damaged step, set aside when round 2 was saved again, outlives the checkpoint folder the saved
+  # foundation supersedes: still its cut (0-byte) files, where the note says
+  assert not os.path.exists(os.path.join(work, "checkpoints", FEDEFM))
+  kept = os.path.join(work, "checkpoints", "unreadable", FEDEFM)
+  (aside,) = os.listdir(kept)
+  assert aside.startswith("2-"), aside
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(kept, aside, "state")) for f in fs]
+  cut = {f: os.path.getsize(f) for f in files if os.path.basename(f) != "commit_success.txt"}
+  assert cut and not any(cut.values()), cut
+  assert any("note: u100_fedefm_seed0's foundation is saved" in l and f"kept in {kept}" in l for l in lines), lines
+  # the finished experiment runs again (every result reused), the set-aside steps are neither a run in
+  # progress nor deleted
+  again = []
+  task.run(c, work, log=again.append)
+  assert records(work) == records(ref_work) and os.listdir(kept) == [aside]
+  assert any("(3 already done)" in l for l in again), again
 
 
 def test_cut_results_line_is_dropped_and_garbled_files_are_config_errors(reference, tmp_path):
