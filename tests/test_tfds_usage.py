@@ -149,6 +149,11 @@ def test_a_frame_smaller_than_the_first_is_refused_when_the_data_opens(mixed, tm
     match=r"\(test split\): images are 36x44 .*image_size=160.*at most 144 \(the smallest is record 'f9'\)$",
   ):
     pipeline.make_client_data(_config(mixed, num_clients=2, image_size=160))
+  # ... but only where it is read: the evaluation reads the first eval.examples_per_site test frames, and f9
+  # is the second (f8 is 64x72)
+  one = _config(mixed, num_clients=2, image_size=160)
+  one.eval.examples_per_site = 1
+  assert pipeline.make_client_data(one).eval_sets()["mixed"][0].shape == (1, 160, 160, 1)
   data = pipeline.make_client_data(_config(mixed, num_clients=2, image_size=144))  # 36 px = 144 / 4: accepted
   xs, ys = data.round_batches(0, np.array([0, 1]))
   assert xs.shape[-3:] == (144, 144, 1) and ys.shape[-2:] == (144, 144)
@@ -177,6 +182,25 @@ def test_a_frame_smaller_than_the_first_is_refused_when_the_data_opens(mixed, tm
 # --------------------------------------------------------------------------------------------
 # Worker processes and stop signals
 # --------------------------------------------------------------------------------------------
+
+
+def test_a_test_split_is_refused_only_for_a_too_small_frame_the_evaluation_reads(tmp_path):
+  """Three test frames, one of them (f5) 36x44: at image_size=160 (40 px a side needed) the data opens when
+  the first eval.examples_per_site test records leave f5 out, and is refused, naming f5, when they hold it."""
+  _site(tmp_path / "site", [(64, 72)] * 4 + [(64, 72), (36, 44), (64, 72)], n_test=3)
+  fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "site")
+  ids = [r["id"] for r in fdata.load_source("xray_folder", "test", tmp_path / "tfds")]
+  at = ids.index("f5")
+  for n in (1, 2):
+    c = _config(tmp_path / "tfds", num_clients=2, image_size=160)
+    c.eval.examples_per_site = n
+    if at < n:
+      with pytest.raises(
+        pipeline.DataError, match=r"\(test split\): images are 36x44 .*\(the smallest is record 'f5'\)$"
+      ):
+        pipeline.make_client_data(c)
+    else:
+      assert pipeline.make_client_data(c).eval_sets()["site"][0].shape == (n, 160, 160, 1)
 
 
 def _alive(pid: int) -> bool:
