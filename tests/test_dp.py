@@ -285,3 +285,35 @@ def test_subsampled_epsilon_is_monotone_and_max_rounds_is_consistent():
   assert dp.max_rounds(1e9, z, n, 10, delta, limit=37) == 37
   assert dp.max_rounds(target, 0.0, n, 10, delta, limit=400) == 0
   assert "RDP" in dp.ACCOUNTING and "without replacement" in dp.ACCOUNTING
+
+
+def test_an_attackers_upload_is_clipped_like_any_other(tmp_path):
+  """The clip bounds every upload the server sums, an attacker's included (docs/algorithms.md): a noiseless DP
+  round of the tiny run in which client 0 sends -1e4 x its delta moves the model by at most C (the mean of m
+  uploads of norm <= C: the triangle inequality), while that attacker's raw upload alone would move it far more."""
+  from fedkd.evaluate import load_run
+  from fedkd.tasks import fedavg
+  from test_training import tiny_config
+
+  c = tiny_config(num_rounds=1, clients_per_round=4)
+  c.checkpoint.every, c.eval.max_sites = 1, 0
+  c.dp.enabled, c.dp.noise_multiplier, c.dp.clip_norm = True, 0.0, 0.01
+  c.attack.name, c.attack.factor, c.attack.fraction = "scale", -1e4, 0.25  # client 0 of 4, sampled every round
+  fedavg.run(c, str(tmp_path / "run"), log=lambda _: None)
+  _, _, params, r = load_run(str(tmp_path / "run"), None)
+  _, _, start = init_model(c.model, c.seed)
+  leaves = jax.tree.leaves
+
+  def distance(tree):
+    return math.sqrt(
+      sum(float(np.sum((np.float64(a) - np.float64(b)) ** 2)) for a, b in zip(leaves(tree), leaves(start)))
+    )
+
+  moved = distance(params)
+  assert r == 1 and 0 < moved <= c.dp.clip_norm * (1 + 1e-4), moved
+  # the same round without DP: nothing bounds the attacker's upload, and the model moves over 100 C
+  c.dp.enabled = False
+  fedavg.run(c, str(tmp_path / "raw"), log=lambda _: None)
+  _, _, raw, _ = load_run(str(tmp_path / "raw"), None)
+  raw_moved = distance(raw)
+  assert raw_moved > 100 * c.dp.clip_norm, raw_moved
