@@ -149,11 +149,14 @@ UNREADABLE = "unreadable"  # <checkpoint directory>/unreadable/<round>-<UTC time
 class Checkpointer:
   """``cleanup_tmp``: delete the ``<round>.orbax-checkpoint-tmp`` folders that a save cut short (a kill, a full
   disk) left behind. Only for the run that owns ``directory`` (it holds the workdir's lock): a reader such as
-  ``fedkd.eval`` must not delete the folder a running training is writing."""
+  ``fedkd.eval`` must not delete the folder a running training is writing. ``unreadable``: where steps a resume
+  fell back over are set aside (default ``<directory>/unreadable``; outside ``directory`` where its owner deletes
+  it once done with it)."""
 
-  def __init__(self, directory: Any, max_to_keep: int = 2, cleanup_tmp: bool = False):
+  def __init__(self, directory: Any, max_to_keep: int = 2, cleanup_tmp: bool = False, unreadable: Any = None):
     directory = os.fspath(directory)
     self.directory = directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
+    self.unreadable = os.fspath(unreadable) if unreadable is not None else os.path.join(self.directory, UNREADABLE)
     # Handlers named up front, so item metadata (which items a checkpoint has, the saved state's
     # keys) can be read before restoring anything.
     self._mngr = ocp.CheckpointManager(
@@ -197,14 +200,14 @@ class Checkpointer:
       self._mngr.save(round_, args=ocp.args.Composite(**items))
 
   def _set_aside_stale(self, rounds: list[int], round_: int) -> None:
-    """Moves the steps ``rounds`` (at or after ``round_``, which is being saved) into ``<directory>/unreadable/``:
+    """Moves the steps ``rounds`` (at or after ``round_``, which is being saved) into ``self.unreadable``:
     steps a resume fell back over because they could not be read. orbax would otherwise skip every save up to the
     newest of them, leaving the unreadable step in place of the rounds this run trains again. They are moved, not
     deleted: a read can fail for a passing reason (a storage hiccup, memory while restoring), and the step may be
     intact. orbax lists only step-numbered folders, so it neither restores nor garbage-collects them."""
     from etils import epath
 
-    aside = epath.Path(self.directory) / UNREADABLE
+    aside = epath.Path(self.unreadable)
     with self._disk_errors():
       if jax.process_index() == 0:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

@@ -147,7 +147,7 @@ def test_stopped_experiment_resumes_bitwise(reference, tmp_path, monkeypatch):
   assert not os.path.exists(os.path.join(work, "checkpoints"))
 
 
-def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(reference, tmp_path):
+def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(reference, tmp_path, capsys):
   """Killed after fedefm's round 3 before saving it; the newest checkpoint left (round 2) is then
   damaged, so the re-run resumes from round 1; checkpoint.every changes no number."""
   ref_work, _, _ = reference
@@ -178,7 +178,9 @@ def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(ref
   files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(kept, aside, "state")) for f in fs]
   cut = {f: os.path.getsize(f) for f in files if os.path.basename(f) != "commit_success.txt"}
   assert cut and not any(cut.values()), cut
-  assert any("note: u100_fedefm_seed0's foundation is saved" in l and f"kept in {kept}" in l for l in lines), lines
+  err = capsys.readouterr().err
+  ckdir = os.path.join(work, "checkpoints", FEDEFM)
+  assert f"note: moved the unreadable checkpoint for round 2 in {ckdir} to {os.path.join(kept, aside)} " in err, err
   # the finished experiment runs again (every result reused), the set-aside steps are neither a run in
   # progress nor deleted
   again = []

@@ -563,11 +563,10 @@ class Experiment:
     ratio = self.client_flops("fedefm_uniform", True) / self.client_flops("fedavg", False)
     return max(1, int(round(ratio))) if np.isfinite(ratio) else 1
 
-  def checkpoint_dir(self, method: str, percent: float, seed: int) -> str:
-    return self.checkpoint_dir_of(foundation_key(percent, method, seed))
-
-  def checkpoint_dir_of(self, name: str) -> str:
-    return os.path.join(self.workdir, "checkpoints", name)
+  def checkpoint_dir(self, method: str, percent: float, seed: int, folder: str = "") -> str:
+    """The in-run checkpoints of a pretraining run; ``folder=ckpt_lib.UNREADABLE``: where its resumes set aside
+    the steps they fell back over (outside the run's folder, which is deleted once its foundation is saved)."""
+    return os.path.join(self.workdir, "checkpoints", folder, foundation_key(percent, method, seed))
 
   def _load(self, ckpt: ckpt_lib.Checkpointer, r: int, like: dict):
     """Everything pretraining needs from the checkpoint of round ``r`` (raises CheckpointError when it
@@ -696,7 +695,12 @@ class Experiment:
     state = shard_clients({"params": fedefm_lib.stack(params0, n), "prev": fedefm_lib.stack(params0, n)}, mesh)
     summary: dict = {"curve": [], "w": [], "transfers": 0.0}
     hp = replicate({k: np.float32(v) for k, v in self.hparams().items()}, mesh)  # the round's traced inputs
-    ckpt = ckpt_lib.Checkpointer(self.checkpoint_dir(method, percent, seed), c.checkpoint.max_to_keep, cleanup_tmp=True)
+    ckpt = ckpt_lib.Checkpointer(
+      self.checkpoint_dir(method, percent, seed),
+      c.checkpoint.max_to_keep,
+      cleanup_tmp=True,
+      unreadable=self.checkpoint_dir(method, percent, seed, ckpt_lib.UNREADABLE),
+    )
     try:
       start, out = ckpt.restore_latest(lambda r: self._load(ckpt, r, state), self.log)
       if start is None:
@@ -1100,30 +1104,8 @@ class Experiment:
         return params, summary
     params, summary = self.pretrain(method, percent, seed, label=label)
     save_foundation(own, params, summary)
-    self._retire_checkpoints(foundation_key(percent, method, seed))
+    shutil.rmtree(self.checkpoint_dir(method, percent, seed), ignore_errors=True)  # the .npz supersedes them
     return params, summary
-
-  def _retire_checkpoints(self, name: str) -> None:
-    """Deletes the in-run checkpoints of pretraining run ``name``, which its saved foundation supersedes. Steps
-    a resume set aside as unreadable (``checkpoints/<name>/unreadable/``, possibly intact) are kept: they move
-    to ``checkpoints/unreadable/<name>/`` first."""
-    ck = self.checkpoint_dir_of(name)
-    aside = os.path.join(ck, ckpt_lib.UNREADABLE)
-    kept = sorted(os.listdir(aside)) if os.path.isdir(aside) else []
-    if kept:
-      dest = os.path.join(self.workdir, "checkpoints", ckpt_lib.UNREADABLE, name)
-      os.makedirs(dest, exist_ok=True)
-      for entry in kept:
-        target, k = os.path.join(dest, entry), 0
-        while os.path.lexists(target):
-          k += 1
-          target = os.path.join(dest, f"{entry}-{k}")
-        os.replace(os.path.join(aside, entry), target)
-      self.log(
-        f"  note: {name}'s foundation is saved and its checkpoints deleted; the unreadable steps its resume set "
-        f"aside ({', '.join(kept)}) are kept in {dest}: delete them once you no longer need them"
-      )
-    shutil.rmtree(ck, ignore_errors=True)
 
   def check_workdir(self) -> dict:
     """What :meth:`run` checks before anything trains or is written (a ConfigError otherwise): the workdir's
@@ -1133,7 +1115,7 @@ class Experiment:
     raw_path = os.path.join(self.workdir, "results_raw.jsonl")
     done = self.read_results(raw_path)
     ck_root = os.path.join(self.workdir, "checkpoints")
-    # checkpoints/unreadable/: steps set aside by resumes of runs whose foundations are saved (_retire_checkpoints)
+    # checkpoints/unreadable/: steps set aside by resumes (checkpoint_dir), not a run in progress
     in_progress = sorted(n for n in os.listdir(ck_root) if n != ckpt_lib.UNREADABLE) if os.path.isdir(ck_root) else []
     found_root = os.path.join(self.workdir, "foundations")  # reused as they are: of this config only
     foundations = os.listdir(found_root) if os.path.isdir(found_root) else []
@@ -1188,7 +1170,7 @@ class Experiment:
     plan = self.plan()
     for name in in_progress:  # left by a run killed between saving its foundation and the clean-up
       if os.path.exists(os.path.join(self.workdir, "foundations", name + ".npz")):
-        self._retire_checkpoints(name)
+        shutil.rmtree(os.path.join(ck_root, name), ignore_errors=True)
     self.log(
       f"fedkd fedefm: {len(plan)} runs ({sum(e in done for e in plan)} already done) -> {self.workdir}; "
       f"{self.c.pretrain.num_silos} silos, {self.c.pretrain.num_rounds} rounds, {self.c.image_size}px"
