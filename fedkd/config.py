@@ -13,6 +13,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -311,6 +312,10 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   # other digraphs by push-sum (column-stochastic, weights carried).
   c.fedefm.topology = "ring"
   c.fedefm.directed = False  # file:<path> topologies: read the edges as directed (i -> j)
+  # push-sum gossip (a digraph that is not balanced): scale each silo's local steps by 1 / its push-sum weight
+  # (stochastic gradient-push: the consensus is the plain average's optimum); False = unscaled steps, whose
+  # consensus weights each silo by its push-sum weight
+  c.fedefm.gradient_push = True
   c.fedefm.matcha_budget = 0.5  # MATCHA communication budget (0..1)
   c.fedefm.warmup_rounds = 1  # rounds of plain local training before distillation (paper: 1)
   c.fedefm.moon_mu = 1.0  # MOON baseline
@@ -627,6 +632,44 @@ def parse_arg(arg: str | None, spec: dict, config_file: str, kind: str = "config
   return out
 
 
+# Keys added to a schema after runs were written, whose default is not (or not always) how those runs behaved:
+# {dotted key: the value a run whose saved config lacks the key ran with, from that config's dotted keys, or None
+# where the run's behaviour did not depend on one}. Such a saved config is compared as holding that value, so its
+# run continues (and its results stay tabulated) only with it. fedkd.tasks.fedavg and fedkd.tasks.fedefm both
+# read this table. In fedavg's configs a missing key may also stand at its default (a key added later whose
+# default keeps the old behaviour needs no entry there); FedEFM compares its results part key for key.
+ADDED_KEYS: dict[str, Callable[[dict], Any]] = {
+  "algorithm.scaffold_weighting": lambda a: "data_size" if a.get("algorithm.name") == "scaffold" else None,
+  "server_optimizer.b2": lambda a: 0.999 if a.get("server_optimizer.name") in ("adam", "adamw") else None,
+  "server_optimizer.eps": lambda a: 1e-8 if a.get("server_optimizer.name") in ("adam", "adamw") else None,
+  "data.unseen_key": lambda a: "num_clients" if a.get("data.source", "synthetic") == "synthetic" else None,
+  # silo AdamW applied optax.adamw's default decay (fedkd.fl.engine.ADAMW_WEIGHT_DECAY)
+  "pretrain.weight_decay": lambda a: 1e-4,
+  # push-sum gossip scaled no local steps before gradient-push; only a file:<path> digraph can be unbalanced,
+  # elsewhere the key changes nothing (its default stands)
+  "fedefm.gradient_push": lambda a: not str(a.get("fedefm.topology", "")).startswith("file:"),
+}
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+  """{'a.b': v} of a nested dict (a config's to_dict())."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def ran_as(saved: dict, current: dict) -> dict:
+  """{dotted key: value} for the keys of :data:`ADDED_KEYS` that the saved config lacks and the current one
+  has, where the saved config's run depended on one: the values it ran with. Both configs are flat
+  (:func:`flat_dict`)."""
+  added = {k: value_of(saved) for k, value_of in ADDED_KEYS.items() if k not in saved and k in current}
+  return {k: v for k, v in added.items() if v is not None}
+
+
 def unused_keys(c: ml_collections.ConfigDict) -> dict[str, str]:
   """{dotted key: the setting that makes the run ignore it} for the keys of ``c`` that its choices leave
   unread: an algorithm's, aggregator's, attack's, optimizer's or loss's own parameter while another one
@@ -734,6 +777,10 @@ def _unused_fedefm(c) -> dict[str, str]:
       out[f"fedefm.{key}"] = f"no experiment method is {owner!r}"
   if not percents:
     out["experiment.ablation_methods"] = "config.experiment.ablation_percents='' (no ablation)"
+  if not str(c.fedefm.topology).startswith("file:"):  # the named topologies are undirected or balanced
+    out["fedefm.gradient_push"] = (
+      f"config.fedefm.topology={c.fedefm.topology!r} (push-sum gossip needs a file:<path> digraph)"
+    )
   if not runs & set(FEDEFM_DISTILL):
     because = f"no experiment method distils from overseas experts ({' / '.join(FEDEFM_DISTILL)})"
     # fedavg_matched sizes its local steps to FedEFM's round, experts included, unless given a factor
@@ -1413,7 +1460,7 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   _choice(c, "engine.client_layout", CLIENT_LAYOUTS)
   _choice(c, "engine.conv_lowering", CONV_LOWERINGS)
   _number(c, "engine.client_chunk", pos, ">= 1", integer=True)
-  for key in ("detach_weights", "emd_debias", "directed"):
+  for key in ("detach_weights", "emd_debias", "directed", "gradient_push"):
     if not isinstance(c.fedefm[key], bool):
       raise ConfigError(f"config.fedefm.{key}={c.fedefm[key]!r} must be True or False")
   if c.fedefm.expert_steps > c.pretrain.local_steps:

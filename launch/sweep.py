@@ -485,13 +485,13 @@ def config_difference(saved: dict, current: dict, finished: bool = False) -> lis
   engine, ...) may differ, and so may a key the saved config lacks (added to the schema later) that is
   at the value that keeps its old behaviour (fedavg.resume_differences). A ``finished`` run also differs in
   :data:`SCORED_WITH` (absent in the saved config: at the default). A missing value is ``None``."""
-  from fedkd.config import base_config
+  from fedkd.config import base_config, flat_dict
   from fedkd.tasks import fedavg
 
-  a, b = fedavg.flat_dict(saved), fedavg.flat_dict(current)
+  a, b = flat_dict(saved), flat_dict(current)
   keys = fedavg.resume_differences(saved, current)
   if finished:
-    defaults = fedavg.flat_dict(base_config().to_dict())
+    defaults = flat_dict(base_config().to_dict())
     keys = sorted(set(keys) | {k for k in SCORED_WITH if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))})
   return [(k, a.get(k), b.get(k)) for k in keys]
 

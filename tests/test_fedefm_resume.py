@@ -235,7 +235,7 @@ def test_foundations_are_reused_by_a_downstream_only_rerun(reference, tmp_path):
   header = next(ln for ln in open(tmp_path / "down" / "results.md") if ln.startswith("| unseen %"))
   assert "probe" not in header and "dice/mean" in header  # no empty probe column
   c.pretrain.num_rounds = 2
-  with pytest.raises(ConfigError, match=r"foundations_from=.*another config \(config.pretrain differs"):
+  with pytest.raises(ConfigError, match=r"foundations_from=.*another config \(config.pretrain.num_rounds differs;"):
     task.run(c, str(tmp_path / "other"), log=lambda _: None)
   assert not os.path.exists(tmp_path / "other" / "config.json")
   bad = str(tmp_path / "bad.npz")
@@ -254,10 +254,10 @@ def test_stopped_run_refuses_another_config(reference, tmp_path):
     task.run(tiny(), work, log=lambda _: None, stop=FakeStop(1))
   other = tiny()
   other.fedefm.beta = 0.25
-  with pytest.raises(ConfigError, match="config.fedefm differs"):
+  with pytest.raises(ConfigError, match=r"\(config.fedefm.beta differs\)"):
     task.run(other, work, log=lambda _: None)
   os.remove(os.path.join(work, "config.json"))  # the checkpoint itself carries the config
-  with pytest.raises(ConfigError, match=r"checkpoint for round 1 in .*\(config.fedefm differs\)"):
+  with pytest.raises(ConfigError, match=r"checkpoint for round 1 in .*\(config.fedefm.beta differs\)"):
     task.run(other, work, log=lambda _: None)
   assert not os.path.exists(os.path.join(work, "config.json"))  # refused before writing anything
   same = tiny()

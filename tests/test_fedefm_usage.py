@@ -216,3 +216,57 @@ def test_emd_weight_spread_is_over_real_neighbours(tmp_path):
   np.fill_diagonal(ring, False)
   w = np.random.default_rng(0).dirichlet([1, 1], size=4)
   np.testing.assert_allclose(task.weight_spread(w, ring), np.std(w), rtol=1e-12)
+
+
+def _unbalanced_digraph(tmp_path):
+  """A file topology on 4 silos, 0 -> 1 -> 2 -> 3 -> 0 and 0 -> 2: silo 0 sends twice, silo 2 receives twice."""
+  path = tmp_path / "digraph.txt"
+  path.write_text("0 1\n1 2\n2 3\n3 0\n0 2\n")
+  return {"fedefm.topology": f"file:{path}", "fedefm.directed": True, "experiment.methods": "fedefm_dfl,fedavg"}
+
+
+@pytest.mark.parametrize("gradient_push", [True, False])
+def test_gradient_push_is_a_switch_of_push_sum_gossip(gradient_push, tmp_path):
+  """config.fedefm.gradient_push: on a digraph that is not balanced, FedEFM-DFL's silo steps are scaled by
+  1 / their push-sum weights only when it is on; the start notes say which form runs. MATCHA and CFL methods
+  never push-sum."""
+  exp = task.Experiment(
+    tiny(**_unbalanced_digraph(tmp_path), **{"fedefm.gradient_push": gradient_push}), str(tmp_path / "fe")
+  )
+  assert exp.push_sum
+  assert exp._gradient_push("fedefm_dfl") is gradient_push
+  assert not exp._gradient_push("fedavg") and not exp._gradient_push("matcha")
+  (note,) = [n for n in exp.plan_notes() if "push-sum" in n]
+  assert note.startswith("the topology is a directed graph that is not balanced: fedefm_dfl mixes by push-sum")
+  assert ("gradient-push" in note) is gradient_push and ("unscaled" in note) is not gradient_push
+
+
+def test_a_push_sum_workdir_from_before_gradient_push_continues_only_unscaled(tmp_path):
+  """A workdir whose config.json predates config.fedefm.gradient_push (its push-sum gossip ran with unscaled
+  steps) is refused at the default, naming the value it ran with, before anything is written; with that value
+  it matches. A saved config of a named topology (undirected or balanced: no push-sum) matches at the default."""
+  over = _unbalanced_digraph(tmp_path)
+  work = tmp_path / "fe"
+  work.mkdir()
+  old = json.loads(tiny(**over).to_json())
+  del old["fedefm"]["gradient_push"]
+  (work / "config.json").write_text(json.dumps(old))
+  raw = json.dumps({"unseen_percent": 100.0, "method": "fedefm_dfl", "teacher_kd": False, "seed": 0}) + "\n"
+  (work / "results_raw.jsonl").write_text(raw)
+  with pytest.raises(
+    ConfigError,
+    match=r"holds results of another config \(config.fedefm.gradient_push differs: written before the key "
+    r"existed, it ran as False \(--config.fedefm.gradient_push=False\)\)",
+  ):
+    task.run(tiny(**over), str(work), log=lambda _: None)
+  assert sorted(os.listdir(work)) == ["config.json", "results_raw.jsonl"]
+  assert (work / "results_raw.jsonl").read_text() == raw
+  current = json.loads(tiny(**over, **{"fedefm.gradient_push": False}).to_json())
+  assert task.config_difference(old, current) is None
+  ring = json.loads(tiny().to_json())
+  del ring["fedefm"]["gradient_push"]
+  assert task.config_difference(ring, json.loads(tiny().to_json())) is None
+  assert task.config_difference(ring, json.loads(tiny(**{"fedefm.gradient_push": False}).to_json())) == (
+    "config.fedefm.gradient_push differs: written before the key existed, it ran as True "
+    "(--config.fedefm.gradient_push=True)"
+  )

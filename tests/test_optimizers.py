@@ -120,7 +120,10 @@ def test_fedefm_workdirs_written_before_the_key_ran_with_optaxs_default_decay():
   del old["pretrain"]["weight_decay"]
   assert current["pretrain"]["weight_decay"] == 1e-4 and task.config_difference(old, current) is None
   current["pretrain"]["weight_decay"] = 0.05
-  assert task.config_difference(old, current) == "pretrain"
+  assert task.config_difference(old, current) == (
+    "config.pretrain.weight_decay differs: written before the key existed, it ran as 0.0001 "
+    "(--config.pretrain.weight_decay=0.0001)"
+  )
   assert "weight_decay" not in old["pretrain"]  # the saved config itself is not changed
 
 

@@ -19,8 +19,10 @@ from fedkd.config import (
   ConfigError,
   base_config,
   clients_in_flight,
+  flat_dict,
   krum_note,
   num_attackers,
+  ran_as,
   unroll_local_steps,
   validate,
 )
@@ -84,40 +86,16 @@ def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
 ROUND_FNS = Kept(4)
 
 
-# Keys added to the schema after checkpoints were written whose default is NOT the old behaviour: a
-# checkpoint whose config lacks the key, when the condition holds for it, resumes only with the old value.
-_OLD_BEHAVIOUR = {
-  "algorithm.scaffold_weighting": (lambda a: a.get("algorithm.name") == "scaffold", "data_size"),
-  "server_optimizer.b2": (lambda a: a.get("server_optimizer.name") in ("adam", "adamw"), 0.999),
-  "server_optimizer.eps": (lambda a: a.get("server_optimizer.name") in ("adam", "adamw"), 1e-8),
-  "data.unseen_key": (lambda a: a.get("data.source", "synthetic") == "synthetic", "num_clients"),
-}
-
-
-def flat_dict(d: dict, prefix: str = "") -> dict:
-  """{'a.b': v} of a nested dict (a config's to_dict())."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flat_dict(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def resume_differences(saved: dict, current: dict) -> list[str]:
   """The dotted keys, sorted, in which a run's saved config and ``current`` differ beyond what may change
   on resume (:data:`RESUMABLE_CHANGES`). A key the saved config lacks was added to the schema later; its
-  default (or, where :data:`_OLD_BEHAVIOUR` says so, the value that keeps the old behaviour) may stand."""
+  default (or, where :data:`fedkd.config.ADDED_KEYS` says so, the value its run ran with) may stand."""
   a, b = flat_dict(saved), flat_dict(current)
   for d in (a, b):  # runs store it absolute now; an older run's relative folder is the same folder
     v = d.get("data.tfds_data_dir")
     if isinstance(v, str) and v and "://" not in v:
       d["data.tfds_data_dir"] = os.path.abspath(os.path.expanduser(v))
-  defaults = flat_dict(base_config().to_dict())
-  for k, (applies, value) in _OLD_BEHAVIOUR.items():
-    if k not in a and applies(a):
-      defaults[k] = value
+  defaults = flat_dict(base_config().to_dict()) | ran_as(a, b)
   return sorted(
     k
     for k in set(a) | set(b)
@@ -127,8 +105,8 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 def _check_resumable(saved: dict, current: dict, directory: str) -> None:
   a, b = flat_dict(saved), flat_dict(current)
-  for k, (applies, value) in _OLD_BEHAVIOUR.items():
-    if k not in a and applies(a) and b.get(k) != value:
+  for k, value in ran_as(a, b).items():
+    if b[k] != value:
       raise ckpt_lib.ResumeRefused(
         f"the checkpoint in {directory} was written before config.{k} existed and behaves as "
         f"{value!r}, but this run has {b.get(k)!r}; pass --config.{k}={value} to resume it, or use a new --workdir"

@@ -51,7 +51,16 @@ from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd import report
-from fedkd.config import FEDEFM_DISTILL, FEDEFM_METHODS, ConfigError, _csv, validate_fedefm, value_at
+from fedkd.config import (
+  FEDEFM_DISTILL,
+  FEDEFM_METHODS,
+  ConfigError,
+  _csv,
+  flat_dict,
+  ran_as,
+  validate_fedefm,
+  value_at,
+)
 from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
@@ -192,22 +201,20 @@ def results_config(config_json: dict) -> dict:
   return {k: v for k, v in config_json.items() if k not in FREE_KEYS}
 
 
-# Keys added to the schema after workdirs were written, with the value those workdirs ran with: a saved config
-# without the key is compared as if it held that value (its runs continue, its results stay tabulated).
-ADDED_KEYS = {("pretrain", "weight_decay"): engine.ADAMW_WEIGHT_DECAY}  # what silo AdamW applied before
-
-
 def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | None:
-  """The first differing top-level key (``config.<key>``) of two configs' results parts, not counting
-  ``ignore``; None if equal. ``saved`` lacking a key of :data:`ADDED_KEYS` holds its old value."""
-  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-  for (section, key), old in ADDED_KEYS.items():
-    if isinstance(saved.get(section), dict):
-      saved[section].setdefault(key, old)
-  a, b = results_config(saved), results_config(current)
-  a, b = ({k: v for k, v in d.items() if k not in ignore} for d in (a, b))
+  """Where two configs' results parts differ, not counting the top-level keys ``ignore``, as a phrase for an
+  error: ``config.<dotted key> differs`` (the first in sorted order), or where ``saved`` lacks a key of
+  :data:`fedkd.config.ADDED_KEYS` that ``current`` does not hold at the value its runs ran with, how to
+  continue them; None if equal."""
+  a, b = (
+    {k: v for k, v in flat_dict(results_config(d)).items() if k.split(".")[0] not in ignore} for d in (saved, current)
+  )
+  for k, old in ran_as(a, b).items():
+    if b[k] != old:
+      return f"config.{k} differs: written before the key existed, it ran as {old!r} (--config.{k}={old})"
+    a[k] = old
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-  return diff[0] if diff else None
+  return f"config.{diff[0]} differs" if diff else None
 
 
 def foundation_of(stacked_params):
@@ -416,10 +423,14 @@ class Experiment:
       return "dfl"
     return "cfl"
 
-  def _gradient_push(self, method: str) -> bool:
-    """Whether ``method`` gossips by push-sum (an unbalanced digraph; MATCHA mixes over the complete graph), so
-    its silos' steps are scaled by 1 / their push-sum weights (stochastic gradient-push)."""
+  def _gossips_by_push_sum(self, method: str) -> bool:
+    """Whether ``method`` gossips by push-sum (an unbalanced digraph; MATCHA mixes over the complete graph)."""
     return self.push_sum and self._mixing(method) == "dfl" and method != "matcha"
+
+  def _gradient_push(self, method: str) -> bool:
+    """Whether ``method`` gossips by push-sum with its silos' steps scaled by 1 / their push-sum weights
+    (stochastic gradient-push; config.fedefm.gradient_push)."""
+    return self._gossips_by_push_sum(method) and self.c.fedefm.gradient_push
 
   def _options(self, method: str, distill: bool) -> fedefm_lib.FedEFMOptions:
     f = self.c.fedefm
@@ -574,8 +585,8 @@ class Experiment:
     diff = config_difference(ckpt.saved_config(r), self.cfg_json)
     if diff:
       raise ckpt_lib.ResumeRefused(
-        f"the checkpoint for round {r} in {ckpt.directory} was written with another config (config.{diff} "
-        "differs); use a new --workdir, or the original config (only config.experiment, config.checkpoint "
+        f"the checkpoint for round {r} in {ckpt.directory} was written with another config ({diff}); "
+        "use a new --workdir, or the original config (only config.experiment, config.checkpoint "
         "and config.log_every may change)"
       )
     data = ckpt.saved_data_state(r)
@@ -981,7 +992,15 @@ class Experiment:
         f"experiment.kd_methods is not run with pretrain.objective={self.c.pretrain.objective!r}: teacher KD needs "
         "a segmentation teacher"
       )
-    gossip = [m for m in pr["methods"] if self._gradient_push(m)]
+    pushed = [m for m in pr["methods"] if self._gossips_by_push_sum(m)]
+    gossip = [m for m in pushed if self._gradient_push(m)]
+    if pushed and not gossip:
+      notes.append(
+        f"the topology is a directed graph that is not balanced: {', '.join(pushed)} "
+        f"{'mixes' if len(pushed) == 1 else 'mix'} by push-sum with unscaled local steps "
+        "(config.fedefm.gradient_push=False), so the silos settle where the push-sum-weighted average of their "
+        "objectives is optimal, not the plain average"
+      )
     if gossip:
       scale = 1.0 / topology.push_sum_weights(self.gossip_w, max(self.c.pretrain.num_rounds - 1, 0))
       notes.append(
@@ -1059,7 +1078,7 @@ class Experiment:
         if diff:
           raise ConfigError(
             f"the checkpoint for round {r} in {directory} was written with another config "
-            f"(config.{diff} differs); use a new --workdir, or the original config (only "
+            f"({diff}); use a new --workdir, or the original config (only "
             "config.experiment, config.checkpoint and config.log_every may change)"
           )
         return
@@ -1086,7 +1105,7 @@ class Experiment:
     if diff:
       raise ConfigError(
         f"config.experiment.foundations_from={src!r}: its foundations were pretrained with another config "
-        f"(config.{diff} differs; only config.downstream and config.student may); use that config or '' to "
+        f"({diff}; only config.downstream and config.student may); use that config or '' to "
         "pretrain them"
       )
     return src
@@ -1124,7 +1143,7 @@ class Experiment:
       diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json)
       if diff:
         raise ConfigError(
-          f"{self.workdir} holds results of another config (config.{diff} differs); use a "
+          f"{self.workdir} holds results of another config ({diff}); use a "
           "new --workdir, or the original config (only config.experiment, config.checkpoint "
           "and config.log_every may change)"
         )
@@ -1132,7 +1151,7 @@ class Experiment:
       diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json, ignore=DOWNSTREAM_KEYS)
       if diff:
         raise ConfigError(
-          f"{self.workdir} holds foundations pretrained under another config (config.{diff} differs); use a "
+          f"{self.workdir} holds foundations pretrained under another config ({diff}); use a "
           "new --workdir, or the original config (config.downstream and config.student may change while no "
           "result is written)"
         )

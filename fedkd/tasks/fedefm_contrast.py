@@ -113,11 +113,9 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
 
     first = _saved_config(configs[0])
     for path, one in zip(configs[1:], specs[1:]):
-      key = config_difference(first, _saved_config(path))  # the results part: config.experiment is left out
-      if key is not None:
-        raise ConfigError(
-          f"{specs[0]} and {one} ran different configs (config.{key} differs); pool only runs of one config"
-        )
+      diff = config_difference(first, _saved_config(path))  # the results part: config.experiment is left out
+      if diff is not None:
+        raise ConfigError(f"{specs[0]} and {one} ran different configs ({diff}); pool only runs of one config")
   return out
 
 

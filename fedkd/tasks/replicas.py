@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd.config import ConfigError, num_attackers, unused_keys, validate, value_at
+from fedkd.config import ConfigError, flat_dict, num_attackers, unused_keys, validate, value_at
 from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
@@ -99,9 +99,9 @@ def why_not(configs: Sequence) -> str | None:
   if len(configs) < 2:
     return "fewer than two runs"
   keys = replica_keys(configs[0])
-  base = fedavg.flat_dict(configs[0].to_dict())
+  base = flat_dict(configs[0].to_dict())
   for c in configs[1:]:
-    other = fedavg.flat_dict(c.to_dict())
+    other = flat_dict(c.to_dict())
     diff = sorted(k for k in set(base) | set(other) if k not in keys and base.get(k) != other.get(k))
     if diff:
       return (
