@@ -40,11 +40,10 @@ def test_epoch_permutation_is_grains_index_shuffle(n):
     assert sorted(got.tolist()) == list(range(n))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 32, 1000, 2**16 + 1, 2**20 + 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 32, 1000, 2**16 + 2, 2**17 + 1, 2**20 + 3])
 def test_client_shuffle_is_grains_across_epochs(n):
   """Three epochs (their first and last indices, and random ones) through the pipeline's shuffle equal grain's
-  ``MapDataset.shuffle()``; above 2**16 examples grain's own walk serves (at 2**16 + 1 grain's cipher maps index
-  2**16 onto index 0's example, and so does the pipeline)."""
+  ``MapDataset.shuffle()``; above 2**16 examples grain's own walk serves."""
   assert pipeline._epoch_shuffle_class() is not None  # the installed grain shuffles as the fast path was written for
   rng = np.random.default_rng(n)
   parent = grain.MapDataset.range(n).seed(2**40 + n)
@@ -52,6 +51,23 @@ def test_client_shuffle_is_grains_across_epochs(n):
   edges = [e * n + d for e in range(3) for d in (0, n - 1)]
   idx = sorted(set(edges + rng.integers(0, 3 * n, 10).tolist()))
   assert [fast[i] for i in idx] == [ref[i] for i in idx]
+
+
+def test_a_client_of_4_to_the_8_plus_1_examples_draws_each_once_an_epoch():
+  """grain's shuffle of 2**16 + 1 examples maps index 2**16 onto another index's example and never draws one
+  (its cipher's block holds 2**16 values); the pipeline's shuffle draws every example once in each epoch, and is
+  grain's for one example more (2**16 + 2)."""
+  n = 2**16 + 1
+  parent = grain.MapDataset.range(n).seed(5)
+  ref, fast = parent.shuffle(), pipeline._shuffle(parent)
+  assert len(set(ref[i] for i in range(n))) == n - 1  # grain's own: one example twice, one never
+  for epoch in range(2):
+    drawn = [fast[epoch * n + i] for i in range(n)]
+    assert sorted(drawn) == list(range(n)), epoch
+  assert [fast[n + i] for i in range(5)] != [fast[i] for i in range(5)]  # each epoch its own order
+  other = grain.MapDataset.range(n + 1).seed(5)
+  assert not pipeline._grain_block_is_short(n + 1) and pipeline._grain_block_is_short(4**9 + 1)
+  assert [pipeline._shuffle(other)[i] for i in (0, 7, n)] == [other.shuffle()[i] for i in (0, 7, n)]
 
 
 def test_a_client_epoch_is_computed_once_without_grains_per_example_walk(monkeypatch):

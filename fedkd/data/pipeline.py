@@ -318,7 +318,8 @@ def _worker_init(pool, parts, seed: int, aug, batch_size: int) -> None:
 # cipher on a block of at least 16 bits, cycle-walked back into [0, n). A client of n examples walks about 65536 / n
 # cipher calls per example (2,048 at n = 32: about 1 ms an example), most of a cross-device round's host time.
 # _epoch_permutation computes the same permutation for a whole epoch at once from the cipher's 65536-entry table, in
-# numpy; a client of more than 2**16 examples walks about 4 calls or fewer an example, and keeps grain's own.
+# numpy; a client of more than 2**16 examples walks about 4 calls or fewer an example, and keeps grain's own, except
+# where grain's block is too small for it (_grain_block_is_short).
 _TABLE_EXAMPLES = 2**16  # epochs of at most this many examples: a 16-bit block, computed as a table
 _EPOCHS_KEPT = 2  # per-epoch permutations a client's dataset keeps (a batch may straddle two epochs)
 _M32 = 0xFFFFFFFF
@@ -385,6 +386,25 @@ def _epoch_permutation(n: int, seed: int) -> np.ndarray:
     nxt = jumped
 
 
+def _grain_block_is_short(n: int) -> bool:
+  """Whether grain's shuffle of an epoch of ``n`` examples misses one: its cipher's block is 2**B values, B =
+  max(16, ceil(log2(n - 1))) rounded up to even, which is fewer than n where n - 1 is a power of 4 from 2**16 on
+  (n = 4**k + 1, k >= 8). There index n - 1 lands on another index's example, and example n - 1 is never drawn."""
+  m = n - 1
+  return m >= _TABLE_EXAMPLES and m & (m - 1) == 0 and m.bit_length() % 2 == 1
+
+
+def _walked_past(i: int, n: int, seed: int) -> int:
+  """Position ``i`` of a permutation of [0, n) where grain's block is short (``_grain_block_is_short``): grain's
+  cipher walk over one value more ([0, n], a block that holds it), walked on past the value n."""
+  from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+
+  x = index_shuffle_module.index_shuffle(i, max_index=n, seed=seed, rounds=4)
+  while x == n:  # n lies on i's cycle of the permutation of [0, n], so the walk reaches a value below n
+    x = index_shuffle_module.index_shuffle(x, max_index=n, seed=seed, rounds=4)
+  return x
+
+
 @functools.cache
 def _epoch_shuffle_class():
   """A subclass of grain's ``MapDataset.shuffle()`` dataset whose clients of at most 2**16 examples compute each
@@ -403,9 +423,11 @@ def _epoch_shuffle_class():
 
     def _shuffled_index(self, index: int) -> int:
       n = len(self._parent)
-      if n > _TABLE_EXAMPLES:
+      if n > _TABLE_EXAMPLES and not _grain_block_is_short(n):
         return super()._shuffled_index(index)
       epoch, i = divmod(index, n)
+      if n > _TABLE_EXAMPLES:
+        return _walked_past(i, n, (self._seed + epoch) % 2**32) + epoch * n
       with self._epochs_lock:
         perm = self._epochs.get(epoch)
         if perm is None:
