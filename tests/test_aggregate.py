@@ -230,9 +230,13 @@ def _deltas(apply, loss_fn, params, xs, ys):
 
 @pytest.mark.parametrize("layout,n_dev,chunk", [("vmap", 4, 8), ("chunked", 1, 3)])
 def test_fedavg_round_with_median(layout, n_dev, chunk):
+  """The median of the counting clients' deltas; a client with a NaN image (5) does not count, and neither its
+  loss nor anything else makes the round non-finite (the run would stop: the median already left it out)."""
   clients = 8
   apply, params, loss_fn, xs, ys = _problem(1, clients)
-  weights = np.array([5, 1, 0, 8, 2, 2, 7, 4], np.float32)  # client 2 does not count: m = 7
+  xs = xs.copy()
+  xs[5, 1, 0, 2, 2, 0] = np.nan
+  weights = np.array([5, 1, 0, 8, 2, 2, 7, 4], np.float32)  # client 2 does not count, nor NaN client 5: m = 6
 
   alg = algorithms.FedAvg(optax.sgd(1.0))
   alg.aggregator = Median()
@@ -244,7 +248,7 @@ def test_fedavg_round_with_median(layout, n_dev, chunk):
   state, _, metrics = fn(state, None, {"x": sx, "y": sy}, sw)
 
   deltas = _deltas(apply, loss_fn, params, xs, ys)
-  keep = [i for i in range(clients) if weights[i] > 0]
+  keep = [i for i in range(clients) if weights[i] > 0 and i != 5]
   median = jax.tree.map(lambda *d: np.median(np.stack([d[i] for i in keep]), axis=0), *deltas)
   ref = jax.tree.map(lambda p, d: np.asarray(p) + d, params, median)
   got = jax.tree.map(np.asarray, state["params"])
@@ -255,9 +259,32 @@ def test_fedavg_round_with_median(layout, n_dev, chunk):
   assert moved > 1e-3
   # the median is not the weighted mean (the aggregator object was really used)
   w = weights / weights.sum()
-  mean = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
+  mean = jax.tree.map(lambda *d: sum(w[i] * d[i] for i in keep), *deltas)
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(mean), jax.tree.leaves(median))) > 1e-4
   assert bool(metrics["finite"])
+  np.testing.assert_array_equal(np.asarray(metrics["client_finite"]), np.arange(clients) != 5)
+  losses = np.asarray(metrics["client_loss"], np.float64)
+  assert np.isnan(losses[5]) and np.isfinite(losses[keep]).all()
+  np.testing.assert_allclose(float(metrics["loss"]), weights[keep] @ losses[keep] / weights[keep].sum(), rtol=1e-5)
+
+
+def test_a_robust_run_whose_every_client_diverged_names_the_aggregator_not_skip_nonfinite_clients():
+  """The stop of a run with a robust aggregator that dropped every client: its advice is not the
+  engine.skip_nonfinite_clients=True that validation refuses with a robust aggregator."""
+  from fedkd.config import ConfigError, base_config, validate
+  from fedkd.tasks.fedavg import _diverged
+
+  c = base_config()
+  c.aggregator.name = "median"
+  m = {"loss": float("nan"), "client_finite": np.zeros(4, bool)}
+  msg = str(_diverged(3, m, np.arange(4), c, 2, "/w/checkpoints", counted=False))
+  assert "loss none, non-finite updates from client(s) [0, 1, 2, 3] of 4" in msg
+  assert "(aggregator.name='median' dropped every reporting client)" in msg and "skip_nonfinite" not in msg
+  c.engine.skip_nonfinite_clients = True
+  with pytest.raises(ConfigError, match="skip_nonfinite_clients=True needs a linear aggregator"):
+    validate(c, 8)
+  c.aggregator.name, c.engine.skip_nonfinite_clients = "mean", False
+  assert "set --config.engine.skip_nonfinite_clients=True" in str(_diverged(3, m, np.arange(4), c, 2, "/w", False))
 
 
 # --- attacks (fedkd.fl.attacks) on the uploads of a set of clients, inside the shard_map -----------------

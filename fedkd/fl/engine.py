@@ -266,7 +266,9 @@ def make_round_fn(
   ``metrics``: ``loss`` (weighted mean over clients), ``client_loss`` [C], ``client_finite`` [C] (the
   client's upload and loss hold no NaN/Inf), ``finite`` (the new state and rows hold no NaN/Inf) and the
   algorithm's per-client metrics [C, ...]. ``skip_nonfinite``: a client whose upload or loss is
-  non-finite gets weight 0 and keeps its old row (mean aggregation only). ``batch["reported"]`` [C] bool
+  non-finite gets weight 0 and keeps its old row (linear aggregators; the robust ones, median, trimmed mean
+  and Krum, always treat such a client so: their statistic leaves it out, and so do the loss and the rows).
+  ``batch["reported"]`` [C] bool
   (optional; client dropout): a client that did not report computes (static shapes) but gets weight 0, zero
   sums, keeps its old row, is left out of the mean loss and counts as finite. In either case, when no client
   counts the server state stays as it was (no server-optimizer step on a zero aggregate: momentum and Adam
@@ -276,6 +278,7 @@ def make_round_fn(
   options = effective_options(options, algorithm)
   if skip_nonfinite and not agg.linear:
     raise ValueError(f"skip_nonfinite needs a linear aggregator; {algorithm.name} uses {agg.name}")
+  skip_nonfinite = skip_nonfinite or not (agg.linear or agg.per_client)  # a robust statistic drops them anyway
   if options.layout not in LAYOUTS or options.lowering not in LOWERINGS:
     raise ValueError(f"unknown engine options {options}; resolve them with fedkd.fl.engine.resolve")
 

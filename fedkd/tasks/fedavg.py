@@ -127,7 +127,8 @@ def _diverged(
   r: int, m: dict, clients: np.ndarray, config, good: int | None, ckdir: str, counted: bool = True
 ) -> DivergedError:
   """The one-line error of a diverged round. ``counted``: whether any client's update counted (False: every
-  reporting client diverged under engine.skip_nonfinite_clients, so the round has no loss)."""
+  reporting client diverged under engine.skip_nonfinite_clients or a robust aggregator, so the round has no
+  loss)."""
   bad = [int(c) for c, ok in zip(clients, np.asarray(m["client_finite"])) if not ok]
   who = (
     f"non-finite updates from client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} of {len(clients)}"
@@ -145,10 +146,12 @@ def _diverged(
       f"{d.noise_multiplier:g} x dp.clip_norm={d.clip_norm:g} / {config.clients_per_round} clients a round)"
     )
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
-  if not config.engine.skip_nonfinite_clients:
+  robust = config.aggregator.name not in ("mean", "norm_clip")  # drops non-finite clients itself
+  if not config.engine.skip_nonfinite_clients and not robust:
     skip = ", or set --config.engine.skip_nonfinite_clients=True to drop such clients"
   elif bad and not counted:
-    skip = " (engine.skip_nonfinite_clients dropped every reporting client)"
+    dropper = f"aggregator.name={config.aggregator.name!r}" if robust else "engine.skip_nonfinite_clients"
+    skip = f" ({dropper} dropped every reporting client)"
   else:
     skip = ""
   return DivergedError(
@@ -557,12 +560,12 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         data.prefetch(r + 1, next_clients, rows)
       loss = float(m["loss"])  # waits for the round
       client_ok = _host_all(m["client_finite"])  # a client that did not report counts as finite
-      counted = reported & client_ok  # reported, with a finite update (engine.skip_nonfinite_clients)
+      counted = reported & client_ok  # reported, with a finite update (the others got weight 0)
       if not bool(m["finite"]) or (reported.any() and not counted.any()):  # every reporting client diverged
         raise _diverged(
           r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory, bool(counted.any())
         )
-      if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
+      if not client_ok.all():  # engine.skip_nonfinite_clients or a robust aggregator: they got weight 0
         log(f"round {r}: dropped client(s) {[int(c) for c in clients[~client_ok]]} (non-finite update)")
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
       if clients_store is not None:

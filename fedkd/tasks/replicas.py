@@ -449,7 +449,7 @@ def _train(
         if len(failed) < len(reps):
           log(f"{failed[i]}; the other replicas go on")
         continue
-      if not client_ok.all():  # engine.skip_nonfinite_clients: they got weight 0
+      if not client_ok.all():  # engine.skip_nonfinite_clients or a robust aggregator: they got weight 0
         log(f"round {r}, {rep.name}: dropped client(s) {[int(c) for c in clients[i][~client_ok]]} (non-finite update)")
         rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
     if len(failed) == len(reps):
