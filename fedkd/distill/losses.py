@@ -100,15 +100,17 @@ def feature_kd(student_feats: jax.Array, teacher_feats: jax.Array, *, detach_tea
 
 
 def _unit(x: jax.Array) -> jax.Array:
-  """``x`` / ||x|| over the last axis (zero vectors stay zero). A vector whose squared norm passes 1e20
-  is first divided by a power of two at least its largest entry: else the squared norm overflows float32
-  (entries past ~1e19), or the gradient of its rsqrt (||x||^-3) underflows. The result does not depend on
-  that scale, so it is held constant for the gradient."""
+  """``x`` / ||x|| over the last axis (zero vectors stay zero). A vector whose squared norm passes 1e20,
+  or is below 1e-20, is first divided by a power of two at least its largest entry: else the squared norm
+  overflows float32 (entries past ~1e19), the gradient of its rsqrt (||x||^-3) underflows, or a tiny
+  vector's squared norm underflows (norms below ~1e-12 came out longer than 1). The result does not depend
+  on that scale, so it is held constant for the gradient."""
   squares = jnp.sum(x * x, axis=-1, keepdims=True)
   big = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  # 2^-k with big in [2^(k-1), 2^k), k <= 126: a normal float (1 / big past 2^126 is subnormal, flushed to 0)
-  inverse = jnp.ldexp(jnp.float32(1), -jnp.clip(jnp.frexp(big)[1], 0, 126))
-  x = x * jax.lax.stop_gradient(jnp.where(squares <= 1e20, 1.0, inverse))
+  # 2^-k with big in [2^(k-1), 2^k), |k| <= 126: a normal float (1 / big past 2^126 is subnormal, flushed to 0);
+  # a zero vector has k = 0
+  inverse = jnp.ldexp(jnp.float32(1), -jnp.clip(jnp.frexp(big)[1], -126, 126))
+  x = x * jax.lax.stop_gradient(jnp.where((squares <= 1e20) & (squares >= 1e-20), 1.0, inverse))
   norm2 = jnp.sum(x * x, axis=-1, keepdims=True)
   # an exact zero vector stays zero with a zero gradient (a floor on norm2 gave it a 1e12 gradient)
   return x * jnp.where(norm2 > 0, jax.lax.rsqrt(jnp.where(norm2 > 0, jnp.maximum(norm2, 1e-24), 1.0)), 0.0)
