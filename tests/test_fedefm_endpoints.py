@@ -430,3 +430,19 @@ def test_contrast_pools_workdirs_of_other_seeds_against_scipy(tmp_path):
   (tmp_path / "rep" / "config.json").write_text(json.dumps(other))
   bad = subprocess.run(cmd + [a, b], capture_output=True, text=True)
   assert bad.returncode == 2 and "config.image_size differs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_holm_leaves_out_a_contrast_without_a_p_value():
+  """A contrast of one seed has no p-value: it is no test, so the Holm family is the other contrasts (it once
+  counted towards m as p = 0, inflating their adjusted p-values); the header says how many were left out."""
+  from fedkd.tasks.fedefm import _family_lines
+
+  def res(p, n):
+    return {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2, "p": p, "n": n}
+
+  fam = [("P1", "a - b", res(0.01, 5)), ("P2", "c - d", res(float("nan"), 1)), ("P3", "a - e", res(0.04, 5))]
+  lines = _family_lines("Primary", fam)
+  assert lines[0].endswith("Holm over the 2 contrasts of this family; 1 without a p (fewer than 2 seeds))")
+  rows = {ln.split(" | ")[0][2:]: ln for ln in lines if ln.startswith("| P")}
+  # Holm by hand over m = 2: p_(1) = 0.01 -> 2 x 0.01 = 0.02; p_(2) = 0.04 -> max(0.02, 1 x 0.04) = 0.04
+  assert "(Holm 0.02)" in rows["P1"] and "(Holm 0.04)" in rows["P3"] and "Holm" not in rows["P2"]

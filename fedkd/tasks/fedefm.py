@@ -1368,8 +1368,13 @@ def _family_lines(title: str, fam: list) -> list[str]:
   if not fam:
     return []
   ps = [res["p"] for _, _, res in fam]
-  adj = report.holm([0.0 if np.isnan(p) else p for p in ps]) if len(fam) > 1 else [None] * len(fam)
-  lines = [f"**{title}** (paired by seed; 95% t-interval; Holm over the {len(fam)} contrasts of this family)", ""]
+  tested = sum(not np.isnan(p) for p in ps)  # a contrast of fewer than 2 seeds has no p and is no test
+  adj = report.holm(ps) if tested > 1 else [None] * len(fam)
+  untested = f"; {len(fam) - tested} without a p (fewer than 2 seeds)" if tested < len(fam) else ""
+  lines = [
+    f"**{title}** (paired by seed; 95% t-interval; Holm over the {tested} contrasts of this family{untested})",
+    "",
+  ]
   lines += ["| contrast | | n | difference [95% CI] p |", "|---|---|---:|---|"]
   for (name, what, res), pa in zip(fam, adj):
     pa = None if np.isnan(res["p"]) else pa
