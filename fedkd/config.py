@@ -46,6 +46,7 @@ LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 UNSEEN_KEYS = ("fixed", "num_clients")  # config.data.unseen_key
+SYNTHETIC_PHYSICS = (1, 2)  # config.data.synthetic_physics: fedkd.data.synth.PHYSICS
 SERVER_OPTIMIZERS = OPTIMIZERS + ("yogi", "adagrad")  # fedkd.fl.engine.make_optimizer
 # FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
 # (fedkd.distill.emd.MARGINALS / WEIGHT_MODES), silo data types (len(fedkd.data.silos.DATA_TYPES)).
@@ -102,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   # synthetic: side (px) of the acquisition field that the hospital pixel spacings refer to;
   # 0 = the output itself (catheter 3-12 px, wire 0.8-3 px); 512 = a downsampled 512 px view
   c.data.synthetic_field_size = 0
+  # synthetic: the generator's forward model: 1 (the published tables) or 2 (device attenuation scales with
+  # its diameter, partial volume averaged on intensity, white read-out noise, the second wire at the site's
+  # size; docs/data.md)
+  c.data.synthetic_physics = 1
   # synthetic: the unseen site's images: 'fixed' (the same whatever num_clients) or 'num_clients' (keyed by the
   # client count, as runs made before the key existed; they resume with it)
   c.data.unseen_key = "fixed"
@@ -752,7 +757,11 @@ def _unused_fedavg(c) -> dict[str, str]:
       "config.data.source='synthetic' (tfds sources only)",
     )
   else:
-    unused("data", ["synthetic_field_size", "unseen_key"], f"config.data.source={c.data.source!r} (not 'synthetic')")
+    unused(
+      "data",
+      ["synthetic_field_size", "synthetic_physics", "unseen_key"],
+      f"config.data.source={c.data.source!r} (not 'synthetic')",
+    )
     if c.data.partition != "dirichlet":
       unused("data", ["dirichlet_alpha"], f"config.data.partition={c.data.partition!r} (not 'dirichlet')")
   if c.engine.client_layout in ("vmap", "unroll") and not c.engine.client_parallelism:
@@ -1116,6 +1125,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
     _int_at_least(c, key, 0)
   _choice(c, "data.unseen_key", UNSEEN_KEYS)
+  if isinstance(c.data.synthetic_physics, bool) or c.data.synthetic_physics not in SYNTHETIC_PHYSICS:
+    raise ConfigError(
+      f"config.data.synthetic_physics={c.data.synthetic_physics!r} is unknown; use 1 (the generator of the "
+      "published tables) or 2 (corrected device attenuation, partial volume and read-out noise; docs/data.md)"
+    )
   if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "

@@ -112,6 +112,7 @@ class SyntheticClients:
       c.image_size,
       split=0,
       field_size=c.data.synthetic_field_size,
+      physics=c.data.get("synthetic_physics", 1),  # a stored config from before the key: its images
     )
     s, b, h = c.local_steps, c.batch_size, c.image_size
     return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
@@ -136,6 +137,7 @@ class SyntheticClients:
         c.image_size,
         split=1,
         field_size=c.data.synthetic_field_size,
+        physics=c.data.get("synthetic_physics", 1),  # a stored config from before the key: its images
         key_ids=np.array([key], np.int32),
       )
       out[name] = (im[0], m[0])

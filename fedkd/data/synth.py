@@ -58,6 +58,17 @@ from fedkd.data.sites import (
 __all__ = ["BACKGROUND", "CATHETER", "GUIDEWIRE", "VESSEL", "SUPERSAMPLE", "example_key", "render", "generate"]
 
 SUPERSAMPLE = 2  # default device supersampling factor per axis (static)
+# Versions of the forward model (``physics``, static; config.data.synthetic_physics). 1: as the published
+# tables were made. 2: four departures of 1 from the physics it models corrected: (a) a device's attenuation
+# coefficient is its material's, so its peak line integral grows with its diameter (1 drew the peak whatever
+# the size: a 0.035" wire was as dark as a 0.014" one); (b) the detector averages transmitted intensity over a
+# pixel and the pulse, mean exp(-L) (1 averaged L, which darkens partly covered pixels: a coil edge at L = 2
+# over half a pixel read 0.37 instead of 0.57); (c) electronic (read-out) noise is added after the detector's
+# blur, white at its stated sigma (1 blurred it with the quantum noise); (d) the second guidewire is drawn at
+# the site's guidewire size (1 drew it from 0.014-0.035" whatever the site).
+PHYSICS = (1, 2)
+DEVICE_REF_WIRE_INCH = 0.025  # physics 2: the wire diameter at which a wire's peak line integral is 1's draw
+DEVICE_REF_FRENCH = 6.0  # physics 2: the catheter size at which its wall's peak line integral is 1's draw
 MAX_SUPERSAMPLE = 4
 N_BODY = 16  # polyline points of a device body
 N_TIP = 5  # extra points of a device tip curve (J tip / catheter tip shape)
@@ -481,7 +492,22 @@ def _subsample_offsets(ss: int) -> np.ndarray:
   return np.stack([oy.ravel(), ox.ravel(), tau], axis=-1).astype(np.float32)
 
 
-def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, field_size: int | None = None):
+def _detected(clean: jax.Array, key, enoise, blur_sigma, physics: int) -> jax.Array:
+  """Detector counts of the expected counts ``clean`` [H, W]: quantum noise (Gaussian approximation of
+  Poisson, variance = counts) and the detector's Gaussian PSF blur; electronic noise of sigma ``enoise``
+  counts is added after the blur (physics 2: read-out noise is white), or with the quantum noise before it
+  (physics 1)."""
+  noise = jax.random.normal(key, clean.shape, dtype=jnp.float32)
+  if physics >= 2:  # (c)
+    counts = _gaussian_blur(jnp.maximum(clean + jnp.sqrt(jnp.maximum(clean, 0.0)) * noise, MIN_COUNTS), blur_sigma)
+    return counts + enoise * jax.random.normal(jax.random.fold_in(key, 1), clean.shape, dtype=jnp.float32)
+  counts = clean + jnp.sqrt(jnp.maximum(clean, 0.0) + enoise * enoise) * noise
+  return _gaussian_blur(jnp.maximum(counts, MIN_COUNTS), blur_sigma)
+
+
+def render(
+  key, site_params, image_size: int, supersample: int = SUPERSAMPLE, field_size: int | None = None, physics: int = 1
+):
   """Render one example.
 
   Args:
@@ -493,12 +519,15 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
     field_size: static side (px) of the acquisition that ``pixel_spacing`` refers to. None (default):
       the output itself, i.e. a native-resolution field (catheter 3-12 px, wire 0.8-3 px at any output
       size); 512: the output is a downsampled view of a 512 x 512 acquisition (devices shrink with it).
+    physics: static forward-model version (``PHYSICS``): 1 as the published tables were made, 2 corrected.
   Returns:
     image [H, W, 1] float32 in [0, 1] (8-bit levels; devices dark unless the polarity is flipped),
     mask [H, W] int32 (0 background, 1 catheter, 2 guidewire, 3 vessel).
   """
   if not 1 <= int(supersample) <= MAX_SUPERSAMPLE:
     raise ValueError(f"supersample must be in 1..{MAX_SUPERSAMPLE}, got {supersample}")
+  if physics not in PHYSICS:
+    raise ValueError(f"physics must be one of {PHYSICS}, got {physics!r}")
   size = float(image_size)
   ks = jax.random.split(key, 4)
   p = _sample_params(ks[0], site_params)
@@ -580,11 +609,16 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
   wire_lim = (GUIDEWIRE_WIDTH_BOUNDS[0] / ref, GUIDEWIRE_WIDTH_BOUNDS[1] / ref)
   wire_r = 0.5 * jnp.clip(p["guidewire_inch"] * 25.4 * mm, *wire_lim)
   g2 = u((), 0.014, 0.035)
+  if physics >= 2:  # (d) the site's guidewire size, drawn again for the second wire
+    lo_g, hi_g = site_params["guidewire_inch"][0], site_params["guidewire_inch"][1]
+    g2 = lo_g + (hi_g - lo_g) * (g2 - 0.014) / (0.035 - 0.014)
   wire2_r = 0.5 * jnp.clip(g2 * 25.4 * mm, *wire_lim)
   dc = p["device_contrast"]
   ka = u((8,))
   cath_r_in = cath_R * (0.55 + 0.25 * ka[0])
   cath_peak = dc * (0.25 + 0.3 * ka[1])  # max line integral of the wall
+  if physics >= 2:  # (a) the wall material's coefficient: its peak line integral scales with the catheter's size
+    cath_peak = cath_peak * p["catheter_french"] / DEVICE_REF_FRENCH
   mu_wall = cath_peak / (2.0 * jnp.sqrt(cath_R * cath_R - cath_r_in * cath_r_in))
   mu_lumen = jnp.where(coin[2] < 0.3, (0.3 + 0.5 * ka[2]) * p["vessel_contrast"] / (2.0 * r_trunk), 0.0)
   mu_lumen = mu_lumen + 0.05 * mu_wall  # lumen is never empty of attenuation
@@ -592,16 +626,19 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
   coil_peak = dc * (1.0 + 1.0 * ka[4])
   coil_len = (20.0 + 10.0 * ka[5]) * mm
 
-  def wire_segments(pts, radius, on):
+  def wire_segments(pts, radius, on, inch):
     a, ab, inv = _segments(pts)
     coil = (_arc_from_end(pts) <= coil_len).astype(jnp.float32)
     peak = wire_peak + (coil_peak - wire_peak) * coil
+    if physics >= 2:  # (a) the wire's and its coil's coefficients: peak line integrals scale with the diameter
+      peak = peak * inch / DEVICE_REF_WIRE_INCH
     n = a.shape[0]
     r = jnp.full((n,), radius)
     return jnp.concatenate([a, ab, inv[:, None], r[:, None], (peak * on)[:, None]], axis=-1)
 
   wire_tab = jnp.concatenate(
-    [wire_segments(wire_pts, wire_r, 1.0), wire_segments(wire2_pts, wire2_r, wire2_on)], axis=0
+    [wire_segments(wire_pts, wire_r, 1.0, p["guidewire_inch"]), wire_segments(wire2_pts, wire2_r, wire2_on, g2)],
+    axis=0,
   )
   ca, cab, cinv = _segments(cath_pts)
 
@@ -625,7 +662,7 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
   w_scale = jnp.maximum(1.0, r_floor / w_r)
   wR2 = (w_r * w_scale) ** 2
   w_mu = w_seg[6] / (2.0 * w_r) / (w_scale * w_scale)
-  L_dev = 0.0
+  L_dev = 0.0  # physics 1: the mean line integral; 2: the mean transmission exp(-L) (b)
   for oy, ox, tau in _subsample_offsets(ss):
     dy = oy * jac + tau * mvec[0]
     dx = ox * jac + tau * mvec[1]
@@ -635,8 +672,13 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
     L_c = 2.0 * (cm_wall * (c_out - c_in) + cm_lumen * c_in)
     d2w = (wvy + dy) ** 2 + (wvx + dx) ** 2 - (wwy * dy + wwx * dx) ** 2
     L_w = 2.0 * w_mu * jnp.sqrt(jnp.maximum(wR2 - d2w, 0.0))
-    L_dev = L_dev + has_cath * L_c + has_wire * L_w
+    if physics >= 2:
+      L_dev = L_dev + jnp.exp(-(has_cath * L_c + has_wire * L_w))
+    else:
+      L_dev = L_dev + has_cath * L_c + has_wire * L_w
   L_dev = L_dev / (ss * ss)
+  if physics >= 2:
+    L_dev = -jnp.log(L_dev)  # the mean transmission lies in (0, 1]
 
   # --- anatomy (object coordinates)
   L_anat = (
@@ -662,10 +704,7 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
   primary = dose * gain * jnp.exp(-L)
   scatter_sigma = (20.0 + 40.0 * coin[3]) * mm
   clean = primary + p["scatter"] * _broad_blur(primary, scatter_sigma)
-  noise = jax.random.normal(ks[2], L.shape, dtype=jnp.float32)
-  enoise = p["electronic_noise"]
-  counts = clean + jnp.sqrt(jnp.maximum(clean, 0.0) + enoise * enoise) * noise
-  counts = _gaussian_blur(jnp.maximum(counts, MIN_COUNTS), p["blur_sigma"])
+  counts = _detected(clean, ks[2], p["electronic_noise"], p["blur_sigma"], physics)
   L_obs = -jnp.log(jnp.maximum(counts, MIN_COUNTS) / dose)
 
   # --- display: window from the noise-free open field, gamma, polarity, text, JPEG, 8 bit
@@ -701,25 +740,27 @@ def render(key, site_params, image_size: int, supersample: int = SUPERSAMPLE, fi
 RENDER_CHUNK = 16
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "supersample", "field_size"))
-def _render_chunk(seed, params, sites, indices, split, image_size: int, supersample: int, field_size: int | None):
+@functools.partial(jax.jit, static_argnames=("image_size", "supersample", "field_size", "physics"))
+def _render_chunk(
+  seed, params, sites, indices, split, image_size: int, supersample: int, field_size: int | None, physics: int
+):
   """RENDER_CHUNK examples one after another (``lax.map``): example j is ``indices[j]`` of the site keyed
   ``sites[j]``, with that site's profile row ``params[.][j]``."""
 
   def one(args):
     row, site, index = args
-    return render(example_key(seed, site, index, split), row, image_size, supersample, field_size)
+    return render(example_key(seed, site, index, split), row, image_size, supersample, field_size, physics)
 
   return jax.lax.map(one, (params, sites, indices))
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "split", "supersample", "field_size"))
+@functools.partial(jax.jit, static_argnames=("image_size", "split", "supersample", "field_size", "physics"))
 def _generate_vectorized(
-  seed, table, site_ids, key_ids, indices, image_size: int, split: int, supersample: int, field_size
+  seed, table, site_ids, key_ids, indices, image_size: int, split: int, supersample: int, field_size, physics: int
 ):
   def one(site, key_id, index):
     params = jax.tree_util.tree_map(lambda a: a[site], table)
-    return render(example_key(seed, key_id, index, split), params, image_size, supersample, field_size)
+    return render(example_key(seed, key_id, index, split), params, image_size, supersample, field_size, physics)
 
   return jax.vmap(lambda s, k, row: jax.vmap(lambda i: one(s, k, i))(row))(site_ids, key_ids, indices)
 
@@ -735,6 +776,7 @@ def generate(
   supersample: int = SUPERSAMPLE,
   field_size: int | None = None,
   key_ids=None,
+  physics: int = 1,
 ):
   """Render a [C, N] grid of examples: client c gets examples ``indices[c]`` of site
   ``site_ids[c]`` (``table`` from ``sites.site_table``).
@@ -765,6 +807,8 @@ def generate(
     raise ValueError(
       f"expected site_ids [C], key_ids [C] and indices [C, N], got {site_ids.shape}, {key_ids.shape}, {indices.shape}"
     )
+  if physics not in PHYSICS:
+    raise ValueError(f"physics must be one of {PHYSICS}, got {physics!r}")
   seed = jnp.asarray(seed, dtype=jnp.uint32)
   image_size, supersample = int(image_size), int(supersample)
   field_size = int(field_size) if field_size else None
@@ -779,6 +823,7 @@ def generate(
       split=int(split),
       supersample=supersample,
       field_size=field_size,
+      physics=physics,
     )
   c, n = indices.shape
   if c * n == 0:
@@ -803,6 +848,7 @@ def generate(
       image_size=image_size,
       supersample=supersample,
       field_size=field_size,
+      physics=physics,
     )
     images.append(im)
     masks.append(m)

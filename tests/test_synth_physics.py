@@ -1,0 +1,122 @@
+"""The generator's corrected forward model (``physics=2``, config.data.synthetic_physics) against closed forms:
+device attenuation scales with the device's diameter (Beer-Lambert with the material's coefficient), a pixel
+averages transmitted intensity, read-out noise is white, the second guidewire has the site's size. ``physics=1``
+(the published tables) is kept as it was; the line integrals L are read where the renderer forms the primary
+counts dose * exp(-L) (a clean site: no anatomy, no vignetting)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from fedkd.data import synth
+from test_synth import _CLEAN, _fixed_row
+
+
+def _line_integral(monkeypatch, row, physics, supersample, key, size=64):
+  """L [H, W] of one eager render: -log(primary / dose) where the scatter blur receives the primary."""
+  seen = {}
+  real = synth._broad_blur
+
+  def spy(primary, sigma):
+    seen["primary"] = np.asarray(primary, np.float64)
+    return real(primary, sigma)
+
+  monkeypatch.setattr(synth, "_broad_blur", spy)
+  with jax.disable_jit():
+    synth.render(key, row, size, supersample, physics=physics)
+  return -np.log(seen["primary"] / float(row["dose"][0]))
+
+
+def _wire_row(inch, data_type="catheter_guidewire", **more):
+  return _fixed_row(data_type, guidewire_inch=inch, pixel_spacing=0.3, vignetting=0.0, **_CLEAN, **more)
+
+
+@pytest.mark.parametrize("physics,ratio", [(1, 0.035 / 0.014), (2, (0.035 / 0.014) ** 2)])
+def test_a_thicker_wire_attenuates_as_its_cross_section(monkeypatch, physics, ratio):
+  """With the material's coefficient mu fixed, a wire's attenuation summed over the image is mu x its cross-section
+  (pi d^2 / 4) x its length: 0.035" against 0.014" gives (2.5)^2 = 6.25. Physics 1 drew the peak line integral
+  whatever the diameter, so the sum grew only with the width (2.5). One sample per pixel (no partial-volume
+  averaging), the same key: the same devices' paths; the wire's part is the image less its catheter-only twin."""
+  key = synth.example_key(2, 0, 3, 0)
+
+  def wire(inch):
+    both, cath = (
+      _line_integral(monkeypatch, _wire_row(inch, t), physics, 1, key) for t in ("catheter_guidewire", "catheter")
+    )
+    return (both - cath).sum()
+
+  sums = [wire(inch) for inch in (0.014, 0.035)]
+  assert sums[0] > 1.0
+  np.testing.assert_allclose(sums[1] / sums[0], ratio, rtol=0.05)
+
+
+def test_a_pixel_averages_transmitted_intensity(monkeypatch):
+  """Physics 2: a partly covered pixel records the mean of exp(-L) over its samples, so its L = -log(mean exp(-L_s))
+  is at most the mean of L_s (physics 1's, at the reference wire size where the two draw the same devices), with
+  equality where the samples agree and a clear gap at a dense coil's edges (Jensen's inequality)."""
+  key = synth.example_key(4, 0, 1, 0)
+  row = _wire_row(0.025, device_contrast=2.5)
+  mean_l, mean_t = (_line_integral(monkeypatch, row, physics, 4, key) for physics in (1, 2))
+  assert (mean_t <= mean_l + 1e-5).all()
+  assert (mean_l - mean_t).max() > 0.1
+  flat = mean_l < 1e-6  # no device in any sample: both zero
+  assert flat.mean() > 0.5 and np.abs(mean_t[flat]).max() < 1e-6
+
+
+@pytest.mark.parametrize("physics", [1, 2])
+def test_read_out_noise_is_added_after_the_blur(physics):
+  """Counts of a flat field of c = 1e4: quantum noise (variance c) is blurred by the PSF, whose weights k give it
+  variance c sum(k^2); read-out noise of sigma e is white (physics 2: e^2 added after the blur), where physics 1
+  blurred it too ((c + e^2) sum(k^2))."""
+  c, e, sigma = 1e4, 60.0, 1.3
+  counts = np.asarray(synth._detected(jnp.full((256, 256), c), jax.random.key(0), e, sigma, physics), np.float64)
+  delta = np.zeros((41, 41))
+  delta[20, 20] = 1.0
+  k = ndi.gaussian_filter(delta, sigma, mode="constant", truncate=6.0)
+  expected = c * (k**2).sum() + e * e if physics == 2 else (c + e * e) * (k**2).sum()
+  inner = counts[16:-16, 16:-16]
+  np.testing.assert_allclose(inner.mean(), c, rtol=1e-3)
+  np.testing.assert_allclose(inner.var(), expected, rtol=0.06)
+
+
+@pytest.mark.parametrize("physics", [1, 2])
+def test_the_second_guidewire_has_the_sites_size(physics):
+  """A site whose guidewires are all 0.014" (1.19 px at 0.3 mm/px): physics 2 draws the second wire at that size
+  too (the mask's ridge widths stay at one wire's); physics 1 drew it from 0.014-0.035" (up to 2.96 px)."""
+  row = _fixed_row(guidewire_inch=0.014, second_wire=1.0, pixel_spacing=0.3, **_CLEAN)
+  render = jax.jit(synth.render, static_argnums=(2, 3, 4, 5))
+  widths = []
+  for i in range(6):
+    _, m = render(synth.example_key(8, 0, i, 0), row, 64, 2, None, physics)
+    m = np.asarray(m)
+    edt = ndi.distance_transform_edt(m == 2)
+    ridge = (edt >= ndi.maximum_filter(edt, size=3)) & (m == 2)
+    widths.append(2.0 * np.percentile(edt[ridge], 95) - 1.0)
+  if physics == 2:
+    assert max(widths) <= 2.0, widths
+  else:
+    assert max(widths) >= 2.5, widths
+
+
+def test_the_config_key_reaches_the_clients_and_is_checked():
+  """config.data.synthetic_physics: the clients' held-out images are the generator's at that version (1 by
+  default, what every published run drew), and a value other than 1 or 2 is a ConfigError naming both."""
+  from fedkd.config import ConfigError, base_config, validate
+  from fedkd.data.pipeline import make_client_data
+
+  c = base_config()
+  c.num_clients, c.clients_per_round, c.image_size, c.eval.examples_per_site = 2, 2, 32, 2
+  sets = {}
+  for physics in (1, 2):
+    c.data.synthetic_physics = physics
+    data = make_client_data(c)
+    sets[physics] = np.asarray(data.eval_sets([0])[data.site_names[0]][0])
+    want = synth.generate(c.seed, data.table, np.array([0], np.int32), np.arange(2)[None], 32, split=1, physics=physics)
+    np.testing.assert_array_equal(sets[physics], np.asarray(want[0][0]))
+  assert np.abs(sets[1] - sets[2]).mean() > 1e-3
+  for bad in (3, 0, True):
+    c.data.synthetic_physics = bad
+    with pytest.raises(ConfigError, match=r"config.data.synthetic_physics=.* is unknown; use 1 .* or 2 "):
+      validate(c, 8)
