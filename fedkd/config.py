@@ -408,6 +408,10 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.client_devices = 0  # devices on the silo axis; 0 = automatic
+  c.data = ml_collections.ConfigDict()
+  # the synthetic generator's forward model, as in the fedavg schema: 1 (the published tables) or 2 (device
+  # attenuation scales with its diameter, partial volume averaged on intensity, white read-out noise)
+  c.data.synthetic_physics = 1
   # The silos' round runs on the FedAvg engine: the same two speed knobs (see the fedavg schema).
   c.engine = ml_collections.ConfigDict()
   # auto: on CPU vmap (compiles ~4x faster than unroll here), on GPU the engine's measured choice
@@ -650,6 +654,8 @@ ADDED_KEYS: dict[str, Callable[[dict], Any]] = {
   "data.unseen_key": lambda a: "num_clients" if a.get("data.source", "synthetic") == "synthetic" else None,
   # silo AdamW applied optax.adamw's default decay (fedkd.fl.engine.ADAMW_WEIGHT_DECAY)
   "pretrain.weight_decay": lambda a: 1e-4,
+  # the generator's forward model: 1 before there was a second (FedEFM compares every key)
+  "data.synthetic_physics": lambda a: 1 if a.get("data.source", "synthetic") == "synthetic" else None,
   # push-sum gossip scaled no local steps before gradient-push; only a file:<path> digraph can be unbalanced,
   # elsewhere the key changes nothing (its default stands)
   "fedefm.gradient_push": lambda a: not str(a.get("fedefm.topology", "")).startswith("file:"),
@@ -1067,6 +1073,14 @@ def _choice(c, key: str, choices) -> str:
   return v
 
 
+def _check_physics(c) -> None:
+  if isinstance(c.data.synthetic_physics, bool) or c.data.synthetic_physics not in SYNTHETIC_PHYSICS:
+    raise ConfigError(
+      f"config.data.synthetic_physics={c.data.synthetic_physics!r} is unknown; use 1 (the generator of the "
+      "published tables) or 2 (corrected device attenuation, partial volume and read-out noise; docs/data.md)"
+    )
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   """Checks ``c`` before any work; returns the number of devices on the 'clients' mesh axis."""
   if "task" not in c:
@@ -1125,11 +1139,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
     _int_at_least(c, key, 0)
   _choice(c, "data.unseen_key", UNSEEN_KEYS)
-  if isinstance(c.data.synthetic_physics, bool) or c.data.synthetic_physics not in SYNTHETIC_PHYSICS:
-    raise ConfigError(
-      f"config.data.synthetic_physics={c.data.synthetic_physics!r} is unknown; use 1 (the generator of the "
-      "published tables) or 2 (corrected device attenuation, partial volume and read-out noise; docs/data.md)"
-    )
+  _check_physics(c)
   if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "
@@ -1474,6 +1484,7 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   _choice(c, "engine.client_layout", CLIENT_LAYOUTS)
   _choice(c, "engine.conv_lowering", CONV_LOWERINGS)
   _number(c, "engine.client_chunk", pos, ">= 1", integer=True)
+  _check_physics(c)
   for key in ("detach_weights", "emd_debias", "directed", "gradient_push"):
     if not isinstance(c.fedefm[key], bool):
       raise ConfigError(f"config.fedefm.{key}={c.fedefm[key]!r} must be True or False")

@@ -120,3 +120,30 @@ def test_the_config_key_reaches_the_clients_and_is_checked():
     c.data.synthetic_physics = bad
     with pytest.raises(ConfigError, match=r"config.data.synthetic_physics=.* is unknown; use 1 .* or 2 "):
       validate(c, 8)
+
+
+def test_fedefm_silos_render_with_the_configs_physics_and_old_workdirs_ran_physics_1():
+  """FedEFM's schema has the key too: the silos' data (here the target site) is the generator's at that
+  version, and a workdir written before the key (a config without config.data) matches only physics 1."""
+  import json
+
+  from fedkd.data.silos import SiloData
+  from fedkd.tasks import fedefm as task
+  from test_fedefm_usage import tiny
+
+  imgs = {}
+  for physics in (1, 2):
+    c = tiny(**{"data.synthetic_physics": physics})
+    silos = SiloData(c)
+    imgs[physics] = np.asarray(silos.target(0, 1, 2)[0])
+    row = np.array([silos.target_row], np.int32)
+    want = synth.generate(0, silos.table, row, np.arange(2)[None], c.image_size, split=1, physics=physics)
+    np.testing.assert_array_equal(imgs[physics], np.asarray(want[0][0]))
+  assert np.abs(imgs[1] - imgs[2]).mean() > 1e-3
+  old = json.loads(tiny().to_json())
+  del old["data"]
+  assert task.config_difference(old, json.loads(tiny().to_json())) is None
+  assert task.config_difference(old, json.loads(tiny(**{"data.synthetic_physics": 2}).to_json())) == (
+    "config.data.synthetic_physics differs: written before the key existed, it ran as 1 "
+    "(--config.data.synthetic_physics=1)"
+  )

@@ -94,6 +94,7 @@ class SiloData:
     by_row = list(DATA_TYPES[:TARGET_ROW]) + [TARGET] + list(DATA_TYPES[TARGET_ROW:])
     self.table = sites_lib.site_table([sites_lib.with_data_type(bases[s], t) for s, t in by_row])
     self.target_row = TARGET_ROW
+    self.physics = c.data.get("synthetic_physics", 1)  # the generator's forward model (config.data)
     self.source_rows = np.asarray(SOURCE_ROWS, np.int32)
 
   @property
@@ -132,7 +133,7 @@ class SiloData:
     idx = self._round_index(seed, round_)
     rows = self.source_rows[np.take_along_axis(np.asarray(types), idx, axis=1)]
     gidx = idx + np.arange(p.num_silos)[:, None] * p.examples_per_silo
-    im, m = synth.generate(seed, self.table, rows.reshape(-1), gidx.reshape(-1, 1), h)
+    im, m = synth.generate(seed, self.table, rows.reshape(-1), gidx.reshape(-1, 1), h, physics=self.physics)
     shape = (p.num_silos, p.local_steps, p.batch_size, h, h)
     return im.reshape(shape + (1,)), self.teacher_labels(m.reshape(shape))
 
@@ -166,6 +167,7 @@ class SiloData:
       np.broadcast_to(np.arange(n, dtype=np.int32), (NUM_SOURCES, n)),
       h,
       split=1,
+      physics=self.physics,
     )
     masks = self.teacher_labels(m.reshape(NUM_SOURCES * n, h, h))
     return im.reshape(NUM_SOURCES * n, h, h, 1), masks, np.repeat(np.arange(NUM_SOURCES, dtype=np.int32), n)
@@ -195,5 +197,6 @@ class SiloData:
       np.arange(n, dtype=np.int32)[None],
       self.c.image_size,
       split=split,
+      physics=self.physics,
     )
     return im[0], m[0]
