@@ -10,6 +10,7 @@ renames), so an interrupted save never looks like a finished one.
 
 from __future__ import annotations
 
+from fedkd import preemption
 from fedkd.errors import UserError, reason
 
 import contextlib
@@ -196,7 +197,7 @@ class Checkpointer:
       if n:  # orbax cannot write zero-size arrays; no rows = no array item
         items["clients"] = ocp.args.StandardSave(client_state)
     _saving = True  # a background write that fails orphans its siblings (see the top)
-    with self._disk_errors():
+    with preemption.completing(), self._disk_errors():
       self._mngr.save(round_, args=ocp.args.Composite(**items))
 
   def _set_aside_stale(self, rounds: list[int], round_: int) -> None:
@@ -251,7 +252,7 @@ class Checkpointer:
 
   def wait(self) -> None:
     global _saving
-    with self._disk_errors():
+    with preemption.completing(), self._disk_errors():
       self._mngr.wait_until_finished()
     _saving = False  # finished without an error: no orphaned write can report (after an error it stays set)
 

@@ -85,9 +85,7 @@ def line_buffered() -> None:
         pass
 
 
-TRAINING_INTERRUPTED = (
-  "interrupted before the round finished; the latest saved checkpoint is kept; re-run the same command to resume"
-)
+TRAINING_INTERRUPTED = "interrupted; the latest saved checkpoint is kept; re-run the same command to resume"
 
 
 def run_app(

@@ -5,14 +5,36 @@ A training loop wraps its rounds in ``with StopSignals() as stop:`` and, after e
 calls ``stop.requested(round)``. When that is true, the loop saves a checkpoint of that round and
 raises :class:`Stopped`; the entry point prints ``preempted at round N (checkpoint saved); re-run the same command to resume`` and exits 0
 (SIGTERM / preemption) or 130 (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt): the last
-saved checkpoint stays, and the entry point prints how to resume.
+saved checkpoint stays, and the entry point prints how to resume. While a checkpoint is being written
+(:func:`completing`) the second Ctrl-C takes effect when the write is done: raised inside orbax's wait it
+left orbax's own traceback on the console and the run's saved round unknown to the message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+
+
+_completing = 0  # depth of completing() blocks in this process (the main thread's)
+_deferred = False  # a second Ctrl-C arrived inside one
+
+
+@contextlib.contextmanager
+def completing():
+  """A block (a checkpoint write) that a second Ctrl-C does not cut: it is raised as KeyboardInterrupt when the
+  outermost such block ends (normally; an exception leaving the block wins)."""
+  global _completing, _deferred
+  _completing += 1
+  try:
+    yield
+  finally:
+    _completing -= 1
+  if not _completing and _deferred:
+    _deferred = False
+    raise KeyboardInterrupt
 
 
 class Stopped(Exception):
@@ -36,8 +58,14 @@ class StopSignals:
     self._old: dict = {}
 
   def _on_signal(self, signum, frame):
+    global _deferred
     if signum == signal.SIGINT:
-      if self.reason is not None:  # second Ctrl-C: stop now
+      if self.reason is not None:  # second Ctrl-C: stop now, or once the checkpoint being written is complete
+        if _completing:
+          if not _deferred:
+            self.log("\nCtrl-C again: stopping once the checkpoint being written is complete")
+          _deferred = True
+          return
         raise KeyboardInterrupt
       self.reason = "interrupted"
       self.log(
