@@ -147,7 +147,8 @@ def _diverged(
     )
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
   robust = config.aggregator.name not in ("mean", "norm_clip")  # drops non-finite clients itself
-  if not config.engine.skip_nonfinite_clients and not robust:
+  dropping = config.engine.skip_nonfinite_clients or robust  # a round whose every client diverged has no loss
+  if not dropping:
     skip = ", or set --config.engine.skip_nonfinite_clients=True to drop such clients"
   elif bad and not counted:
     dropper = f"aggregator.name={config.aggregator.name!r}" if robust else "engine.skip_nonfinite_clients"
@@ -155,7 +156,8 @@ def _diverged(
   else:
     skip = ""
   return DivergedError(
-    f"training diverged in round {r}: loss {float(m['loss']) if counted else 'none'}, {who}; likely cause: a "
+    f"training diverged in round {r}: loss {'none' if dropping and not counted else float(m['loss'])}, {who}; "
+    "likely cause: a "
     f"learning rate too large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
     f"{config.server_optimizer.learning_rate:g}){pull}: lower it{skip}; {kept}, nothing of this round was saved"
   )
