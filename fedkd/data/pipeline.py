@@ -536,7 +536,7 @@ class TfdsClients:
       raise DataError(
         f"no prepared TFDS dataset {name!r} in data_dir={data_dir!r}; build it first "
         f"with python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}, "
-        "or set config.data.tfds_data_dir"
+        "or point config.data.tfds_data_dir at the folder that holds it (fedkd.eval: --tfds_data_dir=DIR)"
       )
     dup = sorted({c for c in configs if configs.count(c) > 1})
     if dup:
