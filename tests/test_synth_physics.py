@@ -147,3 +147,17 @@ def test_fedefm_silos_render_with_the_configs_physics_and_old_workdirs_ran_physi
     "config.data.synthetic_physics differs: written before the key existed, it ran as 1 "
     "(--config.data.synthetic_physics=1)"
   )
+
+
+@pytest.mark.parametrize("physics,ratio", [(1, 8.0 / 4.0), (2, (8.0 / 4.0) ** 2)])
+def test_a_wider_catheter_attenuates_as_its_cross_section(monkeypatch, physics, ratio):
+  """The catheter's wall (and its faint lumen, a fixed share of the wall's coefficient) at 8 F against 4 F, the
+  same inner-to-outer ratio (same key): with the material's coefficient fixed the summed attenuation grows with
+  the cross-section, 4x; physics 1 drew the wall's peak whatever the size, so it grew with the width, 2x."""
+  key = synth.example_key(6, 0, 2, 0)
+
+  def total(french):
+    row = _fixed_row("catheter", catheter_french=french, pixel_spacing=0.3, vignetting=0.0, **_CLEAN)
+    return _line_integral(monkeypatch, row, physics, 1, key).sum()
+
+  np.testing.assert_allclose(total(8.0) / total(4.0), ratio, rtol=0.05)
