@@ -419,6 +419,11 @@ def evaluate_run(
     ) from None
   evaluator = Evaluator(config, apply, eval_sets)
   log(f"evaluating {workdir} at round {r}: {len(evaluator.sets)} sites x {evaluator.images_per_site()} held-out images")
+  if getattr(data, "untested", None):  # a run trained before such datasets were refused
+    log(
+      f"note: training site(s) {data.untested} have no test split in the dataset now: no row for them, and the mean "
+      "over training sites leaves them out"
+    )
   if source == "synthetic" and len(sites) < config.num_clients:
     log(
       f"note: the first {len(sites)} of the {config.num_clients} training sites and the unseen one, as training "

@@ -151,6 +151,7 @@ def test_eval_of_a_run_on_a_site_that_training_now_refuses(cli, tmp_path):
   r = cli.run("fedkd.eval", [f"--workdir={work}", "--frames=1"])
   assert r.code == 0, r.stderr[-2000:]
   assert "1 sites x 1 held-out images" in r.stdout, r.stdout[:500]
+  assert "note: training site(s) ['wardb'] have no test split in the dataset now: no row for them" in r.stdout
   ev = json.load(open(os.path.join(work, "eval", "eval.json")))
   last = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))][-1]
   assert sorted(ev["sites"]) == ["hosp"]

@@ -603,6 +603,7 @@ class TfdsClients:
     # every training site is scored on its test split: one without would silently be left out of the per-site
     # table and of the mean over training sites
     untested = [c for c in train_cfgs if num_records(c, "train") and not num_records(c, "test")]
+    self.untested = untested  # opened to evaluate only: these sites get no row (fedkd.eval says so)
     if untested and training:
       raise DataError(
         f"TFDS dataset {name!r}: training site(s) {untested} have no test split to evaluate on (training scores "
