@@ -126,7 +126,7 @@ def test_a_kd_weight_grid_checks_every_workdir_before_the_first_experiment_train
   for name, text in held.items():
     (second / name).write_text(text)
   configs = [_fedefm_tiny(**{"fedefm.beta": b}) for b in (0.3, 0.5)]
-  with pytest.raises(ConfigError, match="holds results of another config .config.pretrain differs"):
+  with pytest.raises(ConfigError, match=r"holds results of another config \(config.pretrain.num_rounds differs\)"):
     fedefm.run_replicas(configs, [first, str(second)], log=lambda _: None)
   assert not os.path.exists(first)  # nothing trained, nothing written
   assert {n: (second / n).read_text() for n in held} == held
