@@ -36,6 +36,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ALGORITHMS = ("fedavg", "scaffold", "moon", "fedprox", "fednova", "fedbn", "ditto")  # fedkd.fl.algorithms.ALGORITHMS
 SCAFFOLD_WEIGHTINGS = ("uniform", "data_size")  # fedkd.fl.algorithms.SCAFFOLD_WEIGHTINGS
 # fedkd.fl.aggregate.KINDS, without gossip (FedEFM's); all but mean and norm_clip are non-linear
+LINEAR_AGGREGATORS = ("mean", "norm_clip")  # the others are robust statistics that drop non-finite clients themselves
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip")
 # whose upload is a model delta a robust statistic may replace
 ROBUST_ALGORITHMS = ("fedavg", "fedprox", "moon", "fedbn", "ditto")
@@ -915,7 +916,7 @@ def _validate_robustness(c) -> None:
       f"config.aggregator.name={name!r} works with config.algorithm.name = {' | '.join(ROBUST_ALGORITHMS)} "
       f"(uploads that are model deltas), not {c.algorithm.name!r}; use aggregator.name='mean'"
     )
-  if name not in ("mean", "norm_clip") and c.engine.skip_nonfinite_clients:
+  if name not in LINEAR_AGGREGATORS and c.engine.skip_nonfinite_clients:
     raise ConfigError(
       f"config.engine.skip_nonfinite_clients=True needs a linear aggregator (mean or norm_clip), not {name!r}; "
       "the robust aggregators already leave out clients whose update is NaN/Inf: set it to False"

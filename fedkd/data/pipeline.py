@@ -97,6 +97,7 @@ class SyntheticClients:
     self.site_names = sites_lib.ClientNames(config.num_clients)
     self.unseen_name = sites_lib.UNSEEN_SITE.name
     self.table = sites_lib.client_table(config.num_clients, kind)
+    self.physics = config.data.get("synthetic_physics", 1)  # a stored config from before the key: its images
     self.sizes = client_sizes(config)
 
   def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
@@ -112,7 +113,7 @@ class SyntheticClients:
       c.image_size,
       split=0,
       field_size=c.data.synthetic_field_size,
-      physics=c.data.get("synthetic_physics", 1),  # a stored config from before the key: its images
+      physics=self.physics,
     )
     s, b, h = c.local_steps, c.batch_size, c.image_size
     return images.reshape(len(clients), s, b, h, h, 1), masks.reshape(len(clients), s, b, h, h)
@@ -137,7 +138,7 @@ class SyntheticClients:
         c.image_size,
         split=1,
         field_size=c.data.synthetic_field_size,
-        physics=c.data.get("synthetic_physics", 1),  # a stored config from before the key: its images
+        physics=self.physics,
         key_ids=np.array([key], np.int32),
       )
       out[name] = (im[0], m[0])

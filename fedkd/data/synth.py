@@ -608,10 +608,9 @@ def render(
   )
   wire_lim = (GUIDEWIRE_WIDTH_BOUNDS[0] / ref, GUIDEWIRE_WIDTH_BOUNDS[1] / ref)
   wire_r = 0.5 * jnp.clip(p["guidewire_inch"] * 25.4 * mm, *wire_lim)
-  g2 = u((), 0.014, 0.035)
-  if physics >= 2:  # (d) the site's guidewire size, drawn again for the second wire
-    lo_g, hi_g = site_params["guidewire_inch"][0], site_params["guidewire_inch"][1]
-    g2 = lo_g + (hi_g - lo_g) * (g2 - 0.014) / (0.035 - 0.014)
+  # (d) physics 2: the second wire is drawn from the site's guidewire range (1: from 0.014-0.035")
+  lo_g, hi_g = (0.014, 0.035) if physics < 2 else (site_params["guidewire_inch"][0], site_params["guidewire_inch"][1])
+  g2 = u((), lo_g, hi_g)
   wire2_r = 0.5 * jnp.clip(g2 * 25.4 * mm, *wire_lim)
   dc = p["device_contrast"]
   ka = u((8,))

@@ -16,6 +16,7 @@ import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import (
+  LINEAR_AGGREGATORS,
   ConfigError,
   base_config,
   clients_in_flight,
@@ -146,7 +147,7 @@ def _diverged(
       f"{d.noise_multiplier:g} x dp.clip_norm={d.clip_norm:g} / {config.clients_per_round} clients a round)"
     )
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
-  robust = config.aggregator.name not in ("mean", "norm_clip")  # drops non-finite clients itself
+  robust = config.aggregator.name not in LINEAR_AGGREGATORS  # drops non-finite clients itself
   dropping = config.engine.skip_nonfinite_clients or robust  # a round whose every client diverged has no loss
   if not dropping:
     skip = ", or set --config.engine.skip_nonfinite_clients=True to drop such clients"

@@ -993,23 +993,23 @@ class Experiment:
         "a segmentation teacher"
       )
     pushed = [m for m in pr["methods"] if self._gossips_by_push_sum(m)]
-    gossip = [m for m in pushed if self._gradient_push(m)]
-    if pushed and not gossip:
-      notes.append(
+    if pushed:
+      head = (
         f"the topology is a directed graph that is not balanced: {', '.join(pushed)} "
-        f"{'mixes' if len(pushed) == 1 else 'mix'} by push-sum with unscaled local steps "
-        "(config.fedefm.gradient_push=False), so the silos settle where the push-sum-weighted average of their "
-        "objectives is optimal, not the plain average"
+        f"{'mixes' if len(pushed) == 1 else 'mix'} by push-sum"
       )
-    if gossip:
-      scale = 1.0 / topology.push_sum_weights(self.gossip_w, max(self.c.pretrain.num_rounds - 1, 0))
-      notes.append(
-        f"the topology is a directed graph that is not balanced: {', '.join(gossip)} "
-        f"{'mixes' if len(gossip) == 1 else 'mix'} by push-sum, and each "
-        f"silo's local steps are scaled by 1 / its push-sum weight (stochastic gradient-push), up to "
-        f"{scale.max():.3g}x (silo {int(np.argmax(scale))}) by the last round; lower the learning rate if that "
-        "silo diverges"
-      )
+      if self.c.fedefm.gradient_push:  # _gradient_push holds for every method in pushed
+        scale = 1.0 / topology.push_sum_weights(self.gossip_w, max(self.c.pretrain.num_rounds - 1, 0))
+        notes.append(
+          f"{head}, and each silo's local steps are scaled by 1 / its push-sum weight (stochastic gradient-push), "
+          f"up to {scale.max():.3g}x (silo {int(np.argmax(scale))}) by the last round; lower the learning rate if "
+          "that silo diverges"
+        )
+      else:
+        notes.append(
+          f"{head} with unscaled local steps (config.fedefm.gradient_push=False), so the silos settle where the "
+          "push-sum-weighted average of their objectives is optimal, not the plain average"
+        )
     return notes
 
   def read_results(self, raw_path: str) -> dict:
