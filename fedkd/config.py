@@ -951,7 +951,7 @@ def _validate_robustness(c) -> None:
   _number(c, "algorithm.dropout", lambda v: 0 <= v < 1, "in [0, 1)")
   _number(c, "attack.fraction", lambda v: 0 < v < 1, "in (0, 1)")
   # the factor multiplies float32 updates: past float32's largest value it is inf there
-  _number(c, "attack.factor", lambda v: math.isfinite(v) and abs(v) <= FLOAT32_MAX, "finite in float32 (|x| <= 3.4e38)")
+  _number(c, "attack.factor", lambda v: abs(v) <= FLOAT32_MAX, "finite in float32 (|x| <= 3.4e38)")
   _number(c, "attack.noise_std", lambda v: v >= 0, ">= 0")
   if c.attack.name != "none" and num_attackers(c) >= c.num_clients:
     raise ConfigError(
@@ -1165,7 +1165,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   for name in ("client_optimizer", "server_optimizer"):
     if c[name].momentum >= 1:
       raise ConfigError(f"config.{name}.momentum={c[name].momentum} must be < 1 (0 = none)")
-    _number(c, f"{name}.weight_decay", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0 (0 = none)")
+    _number(c, f"{name}.weight_decay", lambda v: v >= 0, ">= 0 (0 = none)")  # finite: check_finite above
   if not isinstance(c.engine.skip_nonfinite_clients, bool):
     raise ConfigError(f"config.engine.skip_nonfinite_clients={c.engine.skip_nonfinite_clients!r} must be True or False")
   if c.data.unseen_site and c.data.source == "synthetic":

@@ -7,9 +7,9 @@ import sys
 import procs
 
 from fedkd import config, losses
-from fedkd.data import silos
+from fedkd.data import silos, synth
 from fedkd.distill import emd
-from fedkd.fl import aggregate, algorithms, attacks, engine, fedopt
+from fedkd.fl import aggregate, algorithms, attacks, compress, engine, fedopt
 from fedkd.tasks import fedefm
 
 
@@ -25,6 +25,8 @@ def test_config_names_match_the_implementations():
   assert set(config.ROBUST_ALGORITHMS) <= set(config.ALGORITHMS)
   assert config.SERVER_OPTIMIZERS == config.OPTIMIZERS + fedopt.KINDS
   assert config.LOSSES == tuple(losses.LOSSES)
+  assert config.COMPRESSORS == ("none",) + tuple(compress.KINDS)
+  assert config.SYNTHETIC_PHYSICS == synth.PHYSICS
   assert config.FEDEFM_METHODS == fedefm.METHODS
   assert config.EMD_MARGINALS == emd.MARGINALS
   assert config.EMD_WEIGHT_MODES == emd.WEIGHT_MODES

@@ -87,16 +87,26 @@ def draw_local_steps(key: jax.Array, low: int, high: int, k: int) -> np.ndarray:
 ROUND_FNS = Kept(4)
 
 
-def resume_differences(saved: dict, current: dict) -> list[str]:
-  """The dotted keys, sorted, in which a run's saved config and ``current`` differ beyond what may change
-  on resume (:data:`RESUMABLE_CHANGES`). A key the saved config lacks was added to the schema later; its
-  default (or, where :data:`fedkd.config.ADDED_KEYS` says so, the value its run ran with) may stand."""
+def _flat_configs(saved: dict, current: dict) -> tuple[dict, dict, dict]:
+  """Both configs flat (:func:`fedkd.config.flat_dict`), a relative ``data.tfds_data_dir`` made absolute, and
+  :func:`fedkd.config.ran_as`'s values for the keys the saved config lacks."""
   a, b = flat_dict(saved), flat_dict(current)
   for d in (a, b):  # runs store it absolute now; an older run's relative folder is the same folder
     v = d.get("data.tfds_data_dir")
     if isinstance(v, str) and v and "://" not in v:
       d["data.tfds_data_dir"] = os.path.abspath(os.path.expanduser(v))
-  defaults = flat_dict(base_config().to_dict()) | ran_as(a, b)
+  return a, b, ran_as(a, b)
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+  """The dotted keys, sorted, in which a run's saved config and ``current`` differ beyond what may change
+  on resume (:data:`RESUMABLE_CHANGES`). A key the saved config lacks was added to the schema later; its
+  default (or, where :data:`fedkd.config.ADDED_KEYS` says so, the value its run ran with) may stand."""
+  return _differences(*_flat_configs(saved, current))
+
+
+def _differences(a: dict, b: dict, ran: dict) -> list[str]:
+  defaults = flat_dict(base_config().to_dict()) | ran
   return sorted(
     k
     for k in set(a) | set(b)
@@ -105,14 +115,14 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 
 def _check_resumable(saved: dict, current: dict, directory: str) -> None:
-  a, b = flat_dict(saved), flat_dict(current)
-  for k, value in ran_as(a, b).items():
+  a, b, ran = _flat_configs(saved, current)
+  for k, value in ran.items():
     if b[k] != value:
       raise ckpt_lib.ResumeRefused(
         f"the checkpoint in {directory} was written before config.{k} existed and behaves as "
         f"{value!r}, but this run has {b.get(k)!r}; pass --config.{k}={value} to resume it, or use a new --workdir"
       )
-  diff = resume_differences(saved, current)
+  diff = _differences(a, b, ran)
   if diff:
     k = diff[0]
     # ResumeRefused, not CheckpointError: this checkpoint is intact but belongs to another experiment,
