@@ -32,6 +32,12 @@ def duration(seconds: float) -> str:
   return f"{seconds:6.2f}s" if seconds >= 0.1 else f"{seconds * 1e3:5.1f}ms"
 
 
+def compiling_line(r: int) -> str:
+  """The line a run prints before its first round ``r``, whose call compiles the round program (tens of seconds
+  on a CPU, with nothing else printed meanwhile); :func:`round_line` then marks that round's time."""
+  return f"round {r}: compiling the round program; later rounds reuse it"
+
+
 def round_line(r: int, num_rounds: int, losses: str, seconds: float, pace: str) -> str:
   """The line a run prints at the end of round ``r`` (fedkd.tasks.fedavg and the replicas alike): the round, a
   progress bar, the loss(es), the round's time (:func:`duration`) and the pace; :func:`parse_round_line` reads

@@ -254,6 +254,7 @@ def test_round_lines_are_written_and_read_back_in_one_format():
     assert got[:2] == parsed[:2] and got[2] == pytest.approx(parsed[2], rel=1e-12), (line, got)
   for other in (
     "round 0 (untrained): dice catheter 0.1615  guidewire 0.0313",
+    "round 1: compiling the round program; later rounds reuse it",
     "round 3: dropped client(s) [1] (non-finite update)",
     "round 3, seed-1: dropped client(s) [1] (non-finite update)",
     "resuming from round 4 (checkpoint in /w/checkpoints)",

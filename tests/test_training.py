@@ -58,6 +58,11 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
   lines = []
   resumed = fedavg.run(tiny_config(), work, log=lines.append)
   assert any("resuming from round 2" in ln for ln in lines)
+  # the first round's compile is announced once, just before that round (3 on resume) starts
+  rounds = [i for i, ln in enumerate(lines) if ln.startswith("round ") and "/" in ln.split()[1]]
+  assert [ln for ln in lines if "compiling" in ln] == ["round 3: compiling the round program; later rounds reuse it"]
+  assert lines[rounds[0] - 1] == "round 3: compiling the round program; later rounds reuse it"
+  assert lines[rounds[0]].startswith("round    3/4 ")
   for a, b in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(np.asarray(full["state"]["rng"]), np.asarray(resumed["state"]["rng"]))

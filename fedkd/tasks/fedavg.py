@@ -34,7 +34,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
-from fedkd.logs import RunLog, evaluations_left, round_line
+from fedkd.logs import RunLog, evaluations_left, compiling_line, round_line
 from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.models import init_model
@@ -568,6 +568,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       state = dict(state, rng=replicate(jax.random.key_data(key), mesh))
       # the sampled clients' rows, split over the mesh like the data (None for stateless algorithms)
       rows_in = None if clients_store is None else clients_store.gather(clients)
+      if r == start + 1:
+        log(compiling_line(r))
       state, new_rows, m = round_fn(state, rows_in, batch, weights)
       if next_clients is not None:  # the next round's batches are made while this one trains
         data.prefetch(r + 1, next_clients, rows)

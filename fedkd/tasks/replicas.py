@@ -47,7 +47,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.errors import DivergedError
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import dp, engine
-from fedkd.logs import RunLog, round_line
+from fedkd.logs import RunLog, compiling_line, round_line
 from fedkd.models import init_model
 from fedkd.preemption import Stopped, requested_again
 from fedkd.report import site_table
@@ -429,6 +429,8 @@ def _train(
       batches.append({"x": x, "y": y})
       weights.append(w)
       states[i] = dict(states[i], rng=replicate(jax.random.key_data(key), mesh))
+    if r == start + 1:
+      log(compiling_line(r))
     states, ms = vround(states, batches, weights, hp, skip=frozenset(failed))
     losses = [np.nan if i in failed else float(m["loss"]) for i, m in enumerate(ms)]
     for i, rep in enumerate(reps):
