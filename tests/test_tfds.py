@@ -248,6 +248,30 @@ def test_synthetic_tiny_deterministic_and_matches_generator(tmp_path):
       np.testing.assert_array_equal(ra["mask"], want_mask[i])
 
 
+def test_synthetic_physics_2_renders_the_corrected_generator(tmp_path):
+  """physics=2 (config.data.synthetic_physics): a config named ...-physics2 whose records are the generator's
+  at that version, not version 1's; a prepared one reads back under its name; an unknown version is refused."""
+  train, unseen = sites.make_sites(5)
+  profiles = list(train) + [unseen]
+  name = profiles[2].name
+  builder = fdata.build(
+    "synthetic_endovascular", tmp_path, site=name, image_size=32, num_train=8, num_test=0, physics=2
+  )
+  assert builder.info.config_name == f"{name}-32px-8-0-seed0-physics2"
+  images, masks = synth.generate(0, sites.site_table(profiles), np.array([2]), np.arange(8)[None], 32, physics=2)
+  old, _ = synth.generate(0, sites.site_table(profiles), np.array([2]), np.arange(8)[None], 32, physics=1)
+  want = np.round(np.clip(np.asarray(images[0]), 0, 1) * 255).astype(np.uint8)
+  src = fdata.load_source("synthetic_endovascular", "train", tmp_path, config=builder.info.config_name)
+  got = np.stack([src[i]["image"] for i in range(8)])
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.stack([src[i]["mask"] for i in range(8)]), np.asarray(masks[0]).astype(np.uint8))
+  assert not np.array_equal(got, np.round(np.clip(np.asarray(old[0]), 0, 1) * 255).astype(np.uint8))
+  assert fdata.synthetic_config(name, 32, 8, 0).name == f"{name}-32px-8-0-seed0"  # version 1 keeps its names
+  for bad in (3, 0, True):
+    with pytest.raises(fdata.DatasetInputError, match=r"physics=.* is unknown; use one of \[1, 2\]"):
+      fdata.synthetic_config(name, physics=bad)
+
+
 # ------------------------------------------------------------------------------ bad input
 def _good_pair(root, stem, shape=(32, 32)):
   write_png(root / f"images/{stem}.png", np.full(shape, 7, np.uint8))

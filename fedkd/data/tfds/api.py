@@ -27,7 +27,7 @@ BUILDERS: dict[str, type] = {
   "cathaction": Cathaction,
   "xray_folder": XrayFolder,
 }
-_SYNTH_KWARGS = ("site", "image_size", "num_train", "num_test", "seed")
+_SYNTH_KWARGS = ("site", "image_size", "num_train", "num_test", "seed", "physics")
 _LABEL_KWARGS = ("label_map", "color_map")
 
 
@@ -67,7 +67,7 @@ def resolve_config(name: str, config=None, manual_dir=None, **kwargs):
         raise DatasetInputError(
           f"{name}: unknown config {config!r}; available: "
           f"{[c.name for c in cls.BUILDER_CONFIGS]} (or pass site=, image_size=, "
-          f"num_train=, num_test=, seed=)"
+          f"num_train=, num_test=, seed=, physics=)"
         )
       return cfg
     base = _registered(cls, config) if config else None
@@ -134,7 +134,7 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
   Options (``**kwargs``) make a new config:
 
   * ``synthetic_endovascular``: ``site``, ``image_size``, ``num_train``, ``num_test``,
-    ``seed`` (on top of the named config's values);
+    ``seed``, ``physics`` (on top of the named config's values);
   * ``cathaction``: ``label_map``, ``color_map`` (config name = ``config`` or ``custom-<hash>``);
   * ``xray_folder``: ``site`` (default: the manual_dir folder name), ``label_map``,
     ``color_map``. The config name is the site name (``<site>-<preset>`` for the ``rgb`` /
@@ -646,10 +646,10 @@ def _reading_config(cls, config: str, info: dict):
   if cls is SyntheticEndovascular:
     m = re.fullmatch(
       r"(?P<site>.+)-(?P<image_size>\d+)px-(?P<num_train>\d+)-"
-      r"(?P<num_test>\d+)-seed(?P<seed>\d+)",
+      r"(?P<num_test>\d+)-seed(?P<seed>\d+)(?:-physics(?P<physics>\d+))?",
       config,
     )
-    fields = {k: (v if k == "site" else int(v)) for k, v in m.groupdict().items()} if m else {}
+    fields = {k: (v if k == "site" else int(v)) for k, v in m.groupdict().items() if v is not None} if m else {}
     return SyntheticConfig(name=config, description=description, **fields)
   if cls is XrayFolder:
     return XrayFolderConfig(name=config, description=description)

@@ -7,12 +7,13 @@ renamed sites are picked up automatically). Each site has two registered configs
 * ``<site>``:       image_size 128, 256 train / 64 test examples;
 * ``<site>_tiny``:  image_size 32, 8 train / 4 test examples (tests, smoke runs).
 
-Other sizes: ``synthetic_config(site, image_size=..., num_train=..., num_test=..., seed=...)``
-(or ``build("synthetic_endovascular", data_dir, site=..., image_size=...)``) makes a config named
-``<site>-<size>px-<train>-<test>-seed<seed>``.
+Other sizes: ``synthetic_config(site, image_size=..., num_train=..., num_test=..., seed=...,
+physics=...)`` (or ``build("synthetic_endovascular", data_dir, site=..., image_size=...)``) makes a config
+named ``<site>-<size>px-<train>-<test>-seed<seed>``, with ``-physics<p>`` appended where the generator's
+forward model (``synth.PHYSICS``; config.data.synthetic_physics) is not 1, as every registered config's is.
 
 Example ``i`` of split ``train`` (``test``) is ``synth.generate(seed, table, [site_id], [[i]],
-image_size, split=0 (1))`` with ``table = sites.site_table(train_sites + [unseen])`` and
+image_size, split=0 (1), physics=physics)`` with ``table = sites.site_table(train_sites + [unseen])`` and
 ``site_id`` the site's position in that list; image -> ``uint8(round(255 * clip(x, 0, 1)))``,
 mask -> uint8 (0 bg, 1 catheter, 2 guidewire, 3 vessel). Record ``i`` of a split is example
 ``i`` (no shuffling), id ``<site>/<split>/<i:05d>``. Rendering runs on the CPU backend so the
@@ -28,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from fedkd.config import SYNTHETIC_PHYSICS
 from fedkd.data import sites as _sites
 from fedkd.data.tfds import records
 from fedkd.data.tfds.records import DatasetInputError
@@ -56,6 +58,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_train: int = DEFAULT_NUM_TRAIN
   num_test: int = DEFAULT_NUM_TEST
   seed: int = 0
+  physics: int = 1  # the generator's forward model (fedkd.data.synth.PHYSICS)
 
 
 def synthetic_config(
@@ -64,11 +67,17 @@ def synthetic_config(
   num_train: int = DEFAULT_NUM_TRAIN,
   num_test: int = DEFAULT_NUM_TEST,
   seed: int = 0,
+  physics: int = 1,
 ) -> SyntheticConfig:
   """The registered config for these settings, or a new one with a descriptive name."""
   names = site_names()
   if site not in names:
     raise DatasetInputError(f"synthetic_endovascular: unknown site {site!r}; available sites: {names}")
+  if isinstance(physics, bool) or physics not in SYNTHETIC_PHYSICS:
+    raise DatasetInputError(
+      f"synthetic_endovascular: physics={physics!r} is unknown; use one of {list(SYNTHETIC_PHYSICS)} "
+      "(the generator's forward model, as config.data.synthetic_physics)"
+    )
   image_size, num_train, num_test, seed = map(int, (image_size, num_train, num_test, seed))
   if image_size < 8 or num_train < 0 or num_test < 0 or num_train + num_test == 0 or seed < 0:
     raise DatasetInputError(
@@ -76,22 +85,25 @@ def synthetic_config(
       f"0) and seed >= 0; got {image_size}, {num_train}, {num_test}, {seed}"
     )
   for cfg in SyntheticEndovascular.BUILDER_CONFIGS:
-    if (cfg.site, cfg.image_size, cfg.num_train, cfg.num_test, cfg.seed) == (
+    if (cfg.site, cfg.image_size, cfg.num_train, cfg.num_test, cfg.seed, cfg.physics) == (
       site,
       image_size,
       num_train,
       num_test,
       seed,
+      physics,
     ):
       return cfg
+  model = "" if physics == 1 else f", physics {physics}"
   return SyntheticConfig(
-    name=f"{site}-{image_size}px-{num_train}-{num_test}-seed{seed}",
+    name=f"{site}-{image_size}px-{num_train}-{num_test}-seed{seed}" + ("" if physics == 1 else f"-physics{physics}"),
     site=site,
     image_size=image_size,
     num_train=num_train,
     num_test=num_test,
     seed=seed,
-    description=f"Site {site}, {image_size}px, {num_train} train / {num_test} test, seed {seed}.",
+    physics=physics,
+    description=f"Site {site}, {image_size}px, {num_train} train / {num_test} test, seed {seed}{model}.",
   )
 
 
@@ -146,7 +158,7 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
       description=(
         "Synthetic endovascular X-ray frames (catheter, guidewire, vessels) "
         f"from fedkd.data.synth; site {cfg.site}, {cfg.image_size}px, "
-        f"seed {cfg.seed}."
+        f"seed {cfg.seed}" + ("." if cfg.physics == 1 else f", physics {cfg.physics}.")
       ),
       features=records.features(),
       metadata=records.metadata(),
@@ -179,17 +191,20 @@ class SyntheticEndovascular(tfds.core.GeneratorBasedBuilder):
   def _examples(self, profiles, site_id, split_name, split, count):
     cfg = self.builder_config
     chunk = min(_CHUNK, max(cfg.num_train, cfg.num_test))  # one batch shape per config
-    for start, images, masks in render(profiles, site_id, split, count, cfg.image_size, cfg.seed, chunk=chunk):
+    frames = render(profiles, site_id, split, count, cfg.image_size, cfg.seed, chunk=chunk, physics=cfg.physics)
+    for start, images, masks in frames:
       for j in range(images.shape[0]):
         i = start + j
         ex_id = f"{cfg.site}/{split_name}/{i:05d}"
         yield i, records.record(images[j], masks[j], cfg.site, ex_id)
 
 
-def render(profiles, site_id: int, split: int, count: int, image_size: int, seed: int, chunk: int = _CHUNK):
+def render(
+  profiles, site_id: int, split: int, count: int, image_size: int, seed: int, chunk: int = _CHUNK, physics: int = 1
+):
   """Yield ``(start, uint8 images [n, H, W, 1], uint8 masks [n, H, W])`` chunks covering
   examples ``0 .. count-1``, rendered on the CPU backend in batches of ``chunk`` examples
-  (``synth.generate`` renders an example identically whatever batch it is in)."""
+  (``synth.generate`` renders an example identically whatever batch it is in) with forward model ``physics``."""
   import contextlib
 
   import jax
@@ -203,6 +218,8 @@ def render(profiles, site_id: int, split: int, count: int, image_size: int, seed
     table = _sites.site_table(profiles)
     for start in range(0, count, chunk):
       idx = np.arange(start, start + chunk, dtype=np.int32)  # fixed shape: one compile
-      images, masks = synth.generate(seed, table, np.array([site_id], np.int32), idx[None], image_size, split=split)
+      images, masks = synth.generate(
+        seed, table, np.array([site_id], np.int32), idx[None], image_size, split=split, physics=physics
+      )
       n = min(chunk, count - start)
       yield (start, quantize(np.asarray(images)[0, :n]), np.asarray(masks)[0, :n].astype(np.uint8))
