@@ -363,6 +363,30 @@ def test_enhanced_shared_rescale_without_window_is_minmax_per_frame(tmp_path):
     np.testing.assert_array_equal(got[f], minmax(4095.0 - frames[f]))  # slope -1 inverts
 
 
+@pytest.mark.parametrize("words,rescale", [(16, None), (8, (1, 0)), (16, (1.0, 0.0))])
+def test_plain_8bit_data_is_kept_in_16bit_words_and_under_an_identity_rescale(tmp_path, words, rescale):
+  """BitsStored 8 without a window: the stored values, whether the words are 8 or 16 bits and whether a
+  slope 1 / intercept 0 rescale is present (min-max per frame gave each frame of a cine its own gain:
+  stored 63 read 6 in one frame and 4 in the next). A real rescale is still min-max scaled."""
+  rng = np.random.default_rng(8)
+  frames = rng.integers(60, 180, (2, 32, 32))
+  frames[1, 0, 0] = 250
+  ds = new_dataset(frames.astype(np.uint16 if words == 16 else np.uint8), bits=8)
+  if rescale:
+    ds.RescaleSlope, ds.RescaleIntercept = rescale
+  path = tmp_path / "plain8.dcm"
+  ds.save_as(path, enforce_file_format=True)
+  with decode.collect_notes() as notes:
+    got, _ = decode.read_image(path)
+  np.testing.assert_array_equal(got, frames)
+  assert notes.lines() == []
+  ds.RescaleSlope, ds.RescaleIntercept = 2, 0
+  ds.save_as(path, enforce_file_format=True)
+  got, _ = decode.read_image(path)
+  for f in range(2):
+    np.testing.assert_array_equal(got[f], minmax(2.0 * frames[f]))
+
+
 def test_enhanced_per_frame_items_must_match_frames(tmp_path):
   frames = np.zeros((3, 32, 32), np.uint16)
   ds = enhanced_cine(frames, [(1.0, 0.0)] * 3, None)

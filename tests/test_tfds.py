@@ -506,6 +506,58 @@ def test_conversion_notes_16bit_and_colour_png(tmp_path, capsys):
   np.testing.assert_array_equal(got["gray_rgb"]["image"][..., 0], gray)  # exact
 
 
+def write_png16(path: Path, arr: np.ndarray, colour_type: int) -> None:
+  """A 16-bit PNG of any colour type (PIL writes none with colour or alpha), written from the PNG spec:
+  signature, IHDR, one zlib IDAT of filter-0 scanlines of big-endian samples, IEND."""
+  import struct
+  import zlib
+
+  arr = np.asarray(arr, np.uint16)
+  arr = arr[..., None] if arr.ndim == 2 else arr
+  h, w, _ = arr.shape
+  rows = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+  def chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+  path.write_bytes(
+    b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+  )
+
+
+@pytest.mark.parametrize("colour_type,channels", [(2, 3), (4, 2), (6, 4)])
+@pytest.mark.parametrize("which", ["images", "masks"])
+def test_a_16bit_png_with_colour_or_alpha_is_refused_not_cut_to_its_high_byte(tmp_path, colour_type, channels, which):
+  """PIL opens a 16-bit RGB / gray+alpha / RGBA PNG as 8-bit, keeping each sample's high byte: 12-bit X-ray
+  values 300..4095 would read 1..15 and class indices 0/1/2 all 0. Such a file is refused, naming it; a
+  16-bit gray PNG (colour type 0) is still min-max scaled."""
+  rng = np.random.default_rng(3)
+  root = tmp_path / "site_16"
+  deep = rng.integers(300, 4096, (32, 40)).astype(np.uint16)
+  labels = np.zeros((32, 40), np.uint16)
+  labels[10:12], labels[20:22] = 1, 2
+  _good_pair(root, "ok")
+  planes = deep if which == "images" else labels
+  alpha = colour_type in (4, 6)
+  stack = np.stack([planes] * (channels - alpha) + [np.full_like(planes, 65535)] * alpha, -1)
+  write_png16(root / f"{which}/deep.png", stack, colour_type)
+  other = "masks" if which == "images" else "images"
+  write_png(root / f"{other}/deep.png", labels.astype(np.uint8) if other == "masks" else deep)
+  seen = np.asarray(Image.open(root / f"{which}/deep.png"))  # what PIL makes of it: the high bytes
+  assert seen.dtype == np.uint8 and seen[..., 0].max() == (15 if which == "images" else 0)
+  with pytest.raises(fdata.DatasetInputError, match=rf"{which}/deep.png: 16-bit .* PNG; .*16-bit grayscale"):
+    fdata.build("xray_folder", tmp_path / "tfds", manual_dir=root)
+  write_png16(root / f"{which}/deep.png", planes, 0)  # the same samples as 16-bit gray
+  fdata.build("xray_folder", tmp_path / "tfds", manual_dir=root)
+  got = records_by_id(fdata.load_source("xray_folder", "train", tmp_path / "tfds"))["deep"]
+  if which == "images":
+    np.testing.assert_array_equal(got["image"][..., 0], minmax_u8(deep))
+  else:
+    np.testing.assert_array_equal(got["mask"], labels)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (31, 64)])
 def test_tiny_images_are_refused(tmp_path, shape):
   root = tmp_path / "site_t"

@@ -9,6 +9,9 @@ Image conversion
 * 16-bit / 32-bit / float PNG (``I;16``, ``I``, ``F``): min-max scaled per image (see below),
   with a ``note:`` line. (Not a fixed ``x * 255 / 65535``: X-ray PNGs often use only 10-12 of
   the 16 bits, which a fixed scale would turn nearly black.)
+* 16-bit PNG with colour or alpha (PNG colour types 2, 4, 6): refused, images and masks alike. PIL
+  keeps only the high byte of each of their samples, which would cut a 12-bit X-ray to 0..15 and a
+  class-index mask to all background; save such a file as 16-bit grayscale without alpha or as 8-bit.
 * DICOM, monochrome, per frame, in the order of PS3.3 C.11 (pydicom's own LUT functions
   ``apply_modality_lut`` / ``apply_voi`` do the table lookups):
 
@@ -23,7 +26,8 @@ Image conversion
      - else ``WindowCenter``/``WindowWidth`` (width > 0): the DICOM window (first value when
        the tags are multi-valued; ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or
        SIGMOID, PS3.3 C.11.2.1.2) onto [0, 255];
-     - else 8-bit data (BitsStored 8) without a modality transform: unchanged;
+     - else 8-bit data (BitsStored 8, unsigned, in 8- or 16-bit words) without a modality
+       transform or with an identity one (slope 1, intercept 0): unchanged;
      - else min-max scaled **per frame** (with a ``note:`` line);
   3. ``MONOCHROME1`` images are inverted afterwards (``255 - y``) so that all images share
      the MONOCHROME2 convention (low value = dark).
@@ -49,7 +53,7 @@ Image conversion
 
 Mask files
 ----------
-Masks are ``.png`` (8/16-bit gray, palette or RGB; a palette PNG's values are its palette indices, as
+Masks are ``.png`` (8/16-bit gray, palette or 8-bit RGB; a palette PNG's values are its palette indices, as
 in VOC-style class masks, not the colours shown), ``.dcm`` (raw stored values, no windowing)
 or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rejected (lossy).
 ``read_mask`` turns their values into classes with a ``fedkd.data.tfds.label_maps.LabelSpec``.
@@ -117,18 +121,35 @@ def is_dicom_file(path: Path) -> bool:
   return False
 
 
-def _open_pil(path: Path):
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES = {2: "RGB", 4: "gray + alpha", 6: "RGBA"}  # with 16-bit samples PIL keeps their high byte
+
+
+def _open_pil(path: Path, what: str = "image"):
   from PIL import Image
 
   try:
+    with open(path, "rb") as f:  # the PNG header: signature, IHDR length and type, width, height, depth, colour
+      head = f.read(26)
     im = Image.open(path)
     im.load()
-    return im
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DatasetInputError(
       f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e}); re-export it "
       f"as PNG/JPEG or remove it (and its mask) from the folder"
     ) from None
+  if (
+    len(head) == 26
+    and head[:8] == PNG_SIGNATURE
+    and head[12:16] == b"IHDR"
+    and head[24] == 16
+    and head[25] in PNG_COLOUR_TYPES
+  ):
+    raise DatasetInputError(
+      f"{path}: 16-bit {PNG_COLOUR_TYPES[head[25]]} PNG; its samples would be cut to their high byte here "
+      f"(PIL reads such files as 8-bit), so save the {what} as 16-bit grayscale without alpha, or as 8-bit"
+    )
+  return im
 
 
 @contextlib.contextmanager
@@ -373,7 +394,7 @@ def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray,
   """One monochrome frame of stored values -> uint8 (before the MONOCHROME1 inversion) and
   the conversion note to report (None if none). Rules: see the module docstring."""
   _, apply_modality_lut, apply_voi = _pydicom_luts()
-  stored_uint8 = x.dtype == np.uint8
+  stored_unsigned = x.dtype.kind == "u"
   if x.dtype.kind in "iu":
     x = x.astype(np.int64)  # pydicom's table lookups subtract the first mapped value
   # Modality LUT: table (Modality LUT Sequence) or linear rescale (slope, intercept).
@@ -421,7 +442,9 @@ def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray,
   if center is not None and width is not None and width > 0:
     function = _value(attrs, "VOILUTFunction")
     return voi_window_to_uint8(y, center, width, str(function or "LINEAR")), None
-  if stored_uint8 and not modality and int(ds.get("BitsStored", 8) or 8) == 8:
+  # 8-bit stored values the modality transform leaves as they are (none, or slope 1 and intercept 0)
+  eight_bit = stored_unsigned and int(ds.get("BitsStored", 8) or 8) == 8 and x.size and x.max() <= 255
+  if eight_bit and (not modality or np.array_equal(y, x)):
     return x.astype(np.uint8), None
   return minmax_to_uint8(y), NOTE_DICOM_MINMAX
 
@@ -519,7 +542,7 @@ def read_mask(path: Path, spec: LabelSpec) -> np.ndarray:
     if raw.ndim == 3 and raw.shape[0] == 1:
       raw = raw[0]
   elif ext == ".png":
-    im = _open_pil(path)
+    im = _open_pil(path, "mask")
     mode = im.mode
     if mode in ("L", "P", "I") or mode.startswith("I;16"):
       raw = np.asarray(im)
