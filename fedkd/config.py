@@ -47,6 +47,7 @@ LOSSES = ("dice_ce", "cldice", "focal_tversky")  # fedkd.losses.LOSSES
 CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 UNSEEN_KEYS = ("fixed", "num_clients")  # config.data.unseen_key
+EVAL_PICKS = ("spread", "first")  # config.eval.pick: fedkd.data.pipeline.eval_records
 SYNTHETIC_PHYSICS = (1, 2)  # config.data.synthetic_physics: fedkd.data.synth.PHYSICS
 SERVER_OPTIMIZERS = OPTIMIZERS + ("yogi", "adagrad")  # fedkd.fl.engine.make_optimizer
 # FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
@@ -266,6 +267,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 5  # rounds; the last round is always evaluated
   c.eval.examples_per_site = 32  # held-out images per site
+  # tfds sources: which test records are scored when a site has more than examples_per_site: 'spread' evenly over
+  # the split (a cine run's frames are consecutive records: the first ones can all be one run), 'first' the first
+  c.eval.pick = "spread"
   c.eval.batch_size = 32  # images per prediction batch
   c.eval.max_sites = 0  # training sites to evaluate; 0 = all (synthetic: up to 1000 clients; set it above)
 
@@ -657,6 +661,8 @@ ADDED_KEYS: dict[str, Callable[[dict], Any]] = {
   "pretrain.weight_decay": lambda a: 1e-4,
   # the generator's forward model: 1 before there was a second (FedEFM compares every key)
   "data.synthetic_physics": lambda a: 1 if a.get("data.source", "synthetic") == "synthetic" else None,
+  # tfds test records scored: the first eval.examples_per_site of each site before 'spread'
+  "eval.pick": lambda a: "first" if a.get("data.source", "synthetic") != "synthetic" else None,
   # push-sum gossip scaled no local steps before gradient-push; only a file:<path> digraph can be unbalanced,
   # elsewhere the key changes nothing (its default stands)
   "fedefm.gradient_push": lambda a: not str(a.get("fedefm.topology", "")).startswith("file:"),
@@ -763,6 +769,7 @@ def _unused_fedavg(c) -> dict[str, str]:
       ("tfds_data_dir", "tfds_configs", "partition", "dirichlet_alpha", "augment", "workers", "prefetch"),
       "config.data.source='synthetic' (tfds sources only)",
     )
+    unused("eval", ["pick"], "config.data.source='synthetic' (tfds sources only)")
   else:
     unused(
       "data",
@@ -1140,6 +1147,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   for key in ("eval.max_sites", "data.synthetic_field_size", "mesh.client_devices"):
     _int_at_least(c, key, 0)
   _choice(c, "data.unseen_key", UNSEEN_KEYS)
+  _choice(c, "eval.pick", EVAL_PICKS)
   _check_physics(c)
   if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
     raise ConfigError(

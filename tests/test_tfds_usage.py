@@ -184,23 +184,69 @@ def test_a_frame_smaller_than_the_first_is_refused_when_the_data_opens(mixed, tm
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_test_split_is_refused_only_for_a_too_small_frame_the_evaluation_reads(tmp_path):
-  """Three test frames, one of them (f5) 36x44: at image_size=160 (40 px a side needed) the data opens when
-  the first eval.examples_per_site test records leave f5 out, and is refused, naming f5, when they hold it."""
+@pytest.mark.parametrize("pick", ["spread", "first"])
+def test_a_test_split_is_refused_only_for_a_too_small_frame_the_evaluation_reads(tmp_path, pick):
+  """Three test frames, the second of them (f5) 36x44: at image_size=160 (40 px a side needed) the data opens when
+  the test records the evaluation reads leave f5 out, and is refused, naming f5, when they hold it. Of 3
+  records, eval.pick='spread' reads record 0 for 1 example and 0 and 2 for 2; 'first' 0, then 0 and 1."""
   _site(tmp_path / "site", [(64, 72)] * 4 + [(64, 72), (36, 44), (64, 72)], n_test=3)
   fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "site")
   ids = [r["id"] for r in fdata.load_source("xray_folder", "test", tmp_path / "tfds")]
-  at = ids.index("f5")
+  assert ids.index("f5") == 1
+  read = {"spread": {1: [0], 2: [0, 2]}, "first": {1: [0], 2: [0, 1]}}[pick]
   for n in (1, 2):
     c = _config(tmp_path / "tfds", num_clients=2, image_size=160)
-    c.eval.examples_per_site = n
-    if at < n:
+    c.eval.examples_per_site, c.eval.pick = n, pick
+    if 1 in read[n]:
       with pytest.raises(
         pipeline.DataError, match=r"\(test split\): images are 36x44 .*\(the smallest is record 'f5'\)$"
       ):
         pipeline.make_client_data(c)
     else:
       assert pipeline.make_client_data(c).eval_sets()["site"][0].shape == (n, 160, 160, 1)
+
+
+def test_a_site_is_scored_on_test_records_spread_over_its_split(tmp_path):
+  """A folder's cine runs are consecutive test records, so the first eval.examples_per_site of them can all be
+  frames of one run. 8 test frames, 3 scored: eval.pick='spread' (the default) reads records 0, 4 and 7
+  (0, 3.5, 7 rounded half to even), 'first' 0, 1 and 2, as does a stored config from before the key (the
+  images its run scored); a site with no more test records than that reads them all."""
+  import ml_collections
+
+  _site(tmp_path / "site", [(64, 72)] * 12, n_test=8)
+  fdata.build("xray_folder", tmp_path / "tfds", manual_dir=tmp_path / "site")
+  c = _config(tmp_path / "tfds", num_clients=2, image_size=64)
+  assert c.eval.pick == "spread"
+  c.eval.examples_per_site = 8
+  every = pipeline.make_client_data(c).eval_sets()["site"][0]
+  c.eval.examples_per_site = 3
+  for pick, rows in (("spread", [0, 4, 7]), ("first", [0, 1, 2])):
+    c.eval.pick = pick
+    np.testing.assert_array_equal(pipeline.make_client_data(c).eval_sets()["site"][0], every[rows])
+  stored = c.to_dict()
+  del stored["eval"]["pick"]
+  old = ml_collections.ConfigDict(stored)
+  np.testing.assert_array_equal(pipeline.make_client_data(old).eval_sets()["site"][0], every[[0, 1, 2]])
+
+
+def test_a_tfds_run_from_before_eval_pick_resumes_only_with_the_first_records():
+  """A run on prepared data written before config.eval.pick scored the first records: its resume at the new
+  default would switch the scored images mid-run, so it is refused, naming --config.eval.pick=first, and goes on
+  with it. A synthetic run (the key unused) resumes at the default."""
+  from fedkd import checkpoint as ckpt_lib
+  from fedkd.config import base_config
+
+  for source, refused in (("tfds:xray_folder", True), ("synthetic", False)):
+    old = base_config().to_dict()
+    old["data"]["source"] = source
+    del old["eval"]["pick"]
+    new = base_config().to_dict()
+    new["data"]["source"] = source
+    if refused:
+      with pytest.raises(ckpt_lib.ResumeRefused, match=r"config.eval.pick existed .*--config.eval.pick=first"):
+        fedavg._check_resumable(old, new, "w")
+      new["eval"]["pick"] = "first"
+    fedavg._check_resumable(old, new, "w")
 
 
 def _alive(pid: int) -> bool:

@@ -497,6 +497,17 @@ def _stop_pool(ex: concurrent.futures.ProcessPoolExecutor, timeout: float = 10.0
       p.join()
 
 
+def eval_records(num_records: int, config) -> np.ndarray:
+  """The indices of the test records a site is scored on: all of them when it has at most
+  ``config.eval.examples_per_site``, else that many, ``eval.pick='spread'`` evenly over the split (first and last
+  included; a folder's cine runs are consecutive records, so the first ones could all be frames of one run) or
+  ``'first'`` the first ones (a stored config from before the key: what its run scored)."""
+  n = min(num_records, config.eval.examples_per_site)
+  if config.eval.get("pick", "first") == "first" or n == num_records:
+    return np.arange(n)
+  return np.round(np.linspace(0, num_records - 1, n)).astype(np.int64)  # distinct: the step is at least 1
+
+
 def _relative_local(path: str) -> bool:
   """``path`` names a local folder relative to the current one (not absolute, not ``~/...``, not a URL)."""
   return bool(path) and "://" not in path and not path.startswith("~") and not os.path.isabs(path)
@@ -571,8 +582,8 @@ class TfdsClients:
     def open_split(builder, cfg, split):
       """The split's records, refused when its smallest image (recorded by the build; for a dataset built
       before fedkd recorded it, the first record's) cannot feed ``config.image_size``. Of a test split only
-      the first ``config.eval.examples_per_site`` records are ever read (``eval_sets``): a too small image
-      past them is no reason to refuse, so those are checked one by one instead."""
+      ``config.eval.examples_per_site`` records are ever read (:func:`eval_records`): a too small image
+      elsewhere is no reason to refuse, so those are checked one by one instead."""
       # a damaged record file fails on the first read: SegmentationSource makes that one line
       src = fedkd_tfds.SegmentationSource(builder.as_data_source(split=split), name=f"{name}/{cfg}:{split}")
       small = fedkd_tfds.smallest_image(builder, split)
@@ -584,8 +595,8 @@ class TfdsClients:
         return src
       side = min_record_side(config.image_size)
       if min(h, w) < side and split == "test" and len(src) > config.eval.examples_per_site:
-        for i in range(config.eval.examples_per_site):
-          record = src[i]
+        for i in eval_records(len(src), config):
+          record = src[int(i)]
           h, w = np.asarray(record["mask"]).shape[:2]
           if min(h, w) < side:
             smallest = record.get("id")
@@ -754,7 +765,7 @@ class TfdsClients:
     return xs, ys
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
-    """First ``eval.examples_per_site`` test examples of every site (no augmentation). Refuses a test label, or
+    """``eval.examples_per_site`` test examples of every site (:func:`eval_records`; no augmentation). Refuses a test label, or
     (data opened for training) a training label the build recorded, that ``model.num_classes`` has no output for:
     training reads these sets before it writes anything, while a training batch would meet such a label only in
     the round that first draws its record."""
@@ -762,10 +773,10 @@ class TfdsClients:
     aug = Augment(self.config.image_size, enabled=False)
     out = {}
     for site, src in self._test.items():
-      n = min(len(src), self.config.eval.examples_per_site)
-      if n == 0:
+      picked = eval_records(len(src), self.config)
+      if not len(picked):
         continue
-      recs = [aug(src[i], np.random.default_rng(0)) for i in range(n)]
+      recs = [aug(src[int(i)], np.random.default_rng(0)) for i in picked]
       out[site] = (np.stack([r["image"] for r in recs]), np.stack([r["mask"] for r in recs]))
       top = int(out[site][1].max())
       if top >= self.config.model.num_classes:
