@@ -101,8 +101,8 @@ def test_the_second_guidewire_has_the_sites_size(physics):
 
 
 def test_the_config_key_reaches_the_clients_and_is_checked():
-  """config.data.synthetic_physics: the clients' held-out images are the generator's at that version (1 by
-  default, what every published run drew), and a value other than 1 or 2 is a ConfigError naming both."""
+  """config.data.synthetic_physics: the clients' held-out images are the generator's at that version (2, the
+  corrected one, by default), and a value other than 1 or 2 is a ConfigError naming both."""
   from fedkd.config import ConfigError, base_config, validate
   from fedkd.data.pipeline import make_client_data
 
@@ -118,7 +118,7 @@ def test_the_config_key_reaches_the_clients_and_is_checked():
   assert np.abs(sets[1] - sets[2]).mean() > 1e-3
   for bad in (3, 0, True):
     c.data.synthetic_physics = bad
-    with pytest.raises(ConfigError, match=r"config.data.synthetic_physics=.* is unknown; use 1 .* or 2 "):
+    with pytest.raises(ConfigError, match=r"config.data.synthetic_physics=.* is unknown; use 2 .* or 1 "):
       validate(c, 8)
 
 
