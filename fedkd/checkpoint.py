@@ -342,7 +342,14 @@ class Checkpointer:
           why,
         )
       return None
-    return int(self._json_item(round_, "clients_meta")["num_rows"])
+    n = self._json_item(round_, "clients_meta").get("num_rows")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:  # a fedkd-written step holds a count
+      why = f"its clients_meta record has num_rows={json.dumps(n)[:40]}, not a count of client rows"
+      raise CheckpointError(
+        f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
+        why,
+      )
+    return n
 
   def restore_client_state(self, round_: int, like: dict) -> dict:
     """The per-client state dict of ``round_`` as host numpy arrays, into ``like`` (a state dict of

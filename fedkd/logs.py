@@ -12,6 +12,7 @@ written again by the resumed run) are dropped from ``tb/``'s event files, so tha
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -65,9 +66,23 @@ def evaluations_left(r: int, last_round: int, every: int) -> int:
   return last_round // every - r // every + (last_round % every != 0)
 
 
-def read_jsonl(path, note: Callable[[str], None] | None = None) -> list[dict]:
+def _is_count(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# the fields of a run's records that it reads back on resume, and what each must be
+RECORD_FIELDS = {"round": (_is_count, "a whole number")}
+ROUND_FIELDS = RECORD_FIELDS | {"comm/bytes_up": (_is_number, "a number"), "comm/bytes_down": (_is_number, "a number")}
+
+
+def read_jsonl(path, note: Callable[[str], None] | None = None, fields: dict | None = None) -> list[dict]:
   """The records of a JSON-lines file; a last line that does not parse (a write cut by a kill) is
-  dropped with a note. A bad line elsewhere is a ValueError naming the file and line."""
+  dropped with a note. A bad line elsewhere, or a record whose field of ``fields`` ({key: (check, what it must
+  be)}) fails its check, is a UserError naming the file and line."""
   path = as_path(path)
   if not path.exists():
     return []
@@ -89,6 +104,14 @@ def read_jsonl(path, note: Callable[[str], None] | None = None) -> list[dict]:
       raise UserError(
         f"{path}:{i + 1} is not a JSON record; repair or delete that line, or use a new --workdir"
       ) from None
+    for key, (ok, what) in (fields or {}).items():
+      if key in rec and not ok(rec[key]):
+        from fedkd.errors import UserError
+
+        raise UserError(
+          f"{path}:{i + 1}: {key!r} is {json.dumps(rec[key])[:40]}, not {what}; repair or delete that line, or "
+          "use a new --workdir"
+        )
     out.append(rec)
   return out
 
@@ -165,8 +188,8 @@ class RunLog:
     self._tb_wanted = enabled and not is_remote(workdir)
     self._note = note or (lambda m: print(m, file=sys.stderr))
     if enabled:
-      self._records = read_jsonl(self.metrics_path, note)
-      self._rounds = read_jsonl(self.rounds_path, note)
+      self._records = read_jsonl(self.metrics_path, note, RECORD_FIELDS)
+      self._rounds = read_jsonl(self.rounds_path, note, ROUND_FIELDS)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._tb is None and self._tb_wanted and values:

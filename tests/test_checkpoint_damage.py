@@ -156,3 +156,26 @@ def test_a_step_that_lost_its_client_state_record_is_damaged_and_falls_back(tmp_
   np.testing.assert_array_equal(got["ids"], [1, 3])
   np.testing.assert_array_equal(got["rows"]["c"], np.full((2, 3), 1.0, np.float32))
   ck.close()
+
+
+@pytest.mark.parametrize("meta", [{"num_rows": "abc"}, {}, {"num_rows": -1}, {"num_rows": 2.0}, {"num_rows": True}])
+def test_a_step_whose_client_state_record_was_edited_is_damaged_and_falls_back(tmp_path, meta):
+  """A clients_meta record that is not a count of rows (edited by hand, or damaged) raised ValueError / KeyError
+  with a traceback; it is a damaged step, so restore_latest falls back to the previous round."""
+  import json
+
+  ckdir = str(tmp_path / "checkpoints")
+  ck = Checkpointer(ckdir, max_to_keep=5)
+  state = {"params": jnp.arange(3.0)}
+  for r in (1, 2):
+    ck.save(r, state, {"seed": 0}, client_state={"ids": np.array([1, 3]), "rows": {"c": np.full((2, 3), r * 1.0)}})
+  ck.close()
+  with open(os.path.join(ckdir, "2", "clients_meta", "metadata"), "w") as f:
+    json.dump(meta, f)
+  ck = Checkpointer(ckdir, max_to_keep=5)
+  with pytest.raises(CheckpointError, match=r"round 2 .* is unreadable \(its clients_meta record has num_rows="):
+    ck.saved_client_rows(2)
+  log = []
+  r, n = ck.restore_latest(ck.saved_client_rows, log.append)
+  assert (r, n) == (1, 2) and len(log) == 1 and "falling back to round 1" in log[0], log
+  ck.close()

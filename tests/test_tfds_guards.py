@@ -101,6 +101,41 @@ def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
     changed.set_state(saved)
   assert changed.get_state()["next_batch"] == [0, 0]  # nothing restored
   assert saved == {"next_batch": [1, 1], "site_records": {"a": 7, "b": 5}}
+  # positions that no run writes (a checkpoint edited by hand or damaged) are a damaged step, not a grain error
+  for bad in ([-4, 1], ["1", 1], [1.5, 1], [10**30, 1], [True, 1], "11"):
+    assert same.damaged({"next_batch": bad}) is not None, bad
+    with pytest.raises(pipeline.DataError, match=r"the checkpoint is damaged: its data state's next_batch "):
+      same.set_state({"next_batch": bad, "site_records": saved["site_records"]})
+  assert same.damaged(saved) is None and same.get_state() == saved
+
+
+def test_a_resume_falls_back_over_a_step_whose_data_state_is_damaged(three_sites, tmp_path):
+  """The newest step's data positions edited to -4 (grain raised OverflowError with a traceback): that step is
+  damaged, so the resume warns and continues from the one before, as for any unreadable item, and ends with the
+  parameters of an uninterrupted run."""
+  import jax
+
+  from fedkd.tasks import fedavg
+
+  data_dir = tmp_path / "tfds"
+  for site in ("a", "b"):
+    fdata.build("xray_folder", data_dir, manual_dir=three_sites / site)
+  c = _config(data_dir, num_clients=2, clients_per_round=2, num_rounds=3)
+  c.checkpoint.every, c.checkpoint.max_to_keep = 1, 3
+  full = fedavg.run(c, str(tmp_path / "full"), log=lambda _: None)
+  work = tmp_path / "w"
+  first = _config(data_dir, num_clients=2, clients_per_round=2, num_rounds=2)
+  first.checkpoint.every = 1
+  fedavg.run(first, str(work), log=lambda _: None)
+  meta = work / "checkpoints" / "2" / "data" / "metadata"
+  state = json.loads(meta.read_text())
+  meta.write_text(json.dumps(dict(state, next_batch=[-4] * len(state["next_batch"]))))
+  lines = []
+  resumed = fedavg.run(c, str(work), log=lines.append)
+  assert any("the checkpoint for round 2 is damaged (its data state's next_batch holds -4" in ln for ln in lines), lines
+  assert any("resuming from round 1" in ln for ln in lines), lines
+  for x, y in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_a_training_class_the_model_lacks_is_refused_before_training(three_sites, tmp_path, cli):

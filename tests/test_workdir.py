@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 from etils import epath
@@ -181,6 +182,27 @@ def test_cut_last_metrics_line_dropped_with_note(tmp_path):
   p.write_text('{"round": 0}\ngarbage\n{"round": 5}\n')  # damage inside the file is not silently skipped
   with pytest.raises(Exception, match="metrics.jsonl:2"):
     read_jsonl(p)
+
+
+@pytest.mark.parametrize(
+  "name,line,shown",
+  [
+    ("metrics.jsonl", '{"round": "2", "dice/catheter": 0.5}', "'round' is \"2\", not a whole number"),
+    ("metrics.jsonl", '{"round": 2.5}', "'round' is 2.5, not a whole number"),
+    ("rounds.jsonl", '{"round": 2, "comm/bytes_up": null}', "'comm/bytes_up' is null, not a number"),
+    ("rounds.jsonl", '{"round": 2, "comm/bytes_down": "1e6"}', "'comm/bytes_down' is \"1e6\", not a number"),
+    ("rounds.jsonl", '{"round": true}', "'round' is true, not a whole number"),
+  ],
+)
+def test_a_record_field_a_resume_reads_must_have_its_type(tmp_path, name, line, shown):
+  """A metrics.jsonl / rounds.jsonl record edited by hand: a resume compared its round with ints (TypeError) or
+  summed its bytes as floats (TypeError on null), with a traceback. The file and line are named, as for a line
+  that is not JSON; every other field is the user's business."""
+  from fedkd.errors import UserError
+
+  (tmp_path / name).write_text('{"round": 1, "comm/bytes_up": 5.0, "note": null}\n' + line + '\n{"round": 3}\n')
+  with pytest.raises(UserError, match=re.escape(f"{name}:2: {shown}; repair or delete that line")):
+    RunLog(tmp_path, enabled=True)
 
 
 def test_runlog_fresh_start_drops_old_records(tmp_path):

@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import json
 import multiprocessing
 import os
 import signal
@@ -146,6 +147,10 @@ class SyntheticClients:
 
   def get_state(self) -> dict:
     return {}
+
+  def damaged(self, state: dict) -> str | None:
+    """Why a checkpoint's data state cannot be one this data wrote (None: it can): synthetic data keeps none."""
+    del state
 
   def set_state(self, state: dict) -> None:
     del state
@@ -801,11 +806,27 @@ class TfdsClients:
     """Every client's next batch position, and the training records of every site (what the positions index)."""
     return {"next_batch": self._next.tolist(), "site_records": dict(self._site_records)}
 
+  def damaged(self, state: dict) -> str | None:
+    """Why a checkpoint's data state cannot be one this data wrote (None: it can): its positions (``next_batch``)
+    must be a list of whole numbers >= 0 (their count is checked by :meth:`set_state`)."""
+    nxt = state.get("next_batch")
+    if nxt is None:
+      return None
+    if not isinstance(nxt, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in nxt):
+      return f"its data state's next_batch is {json.dumps(nxt)[:60]}, not a list of batch counts"
+    bad = [v for v in nxt if not 0 <= v < 2**62]
+    if bad:
+      return f"its data state's next_batch holds {bad[0]}, not a batch count >= 0"
+    return None
+
   def set_state(self, state: dict) -> None:
     """Restores the positions of ``get_state``; refused when the training sites now hold other numbers of records
     than when it was saved (a site rebuilt with more or fewer images): the positions would index other
     examples, and the partition and the FedAvg weights would change in the middle of the run. A state saved
     before the record counts were stored restores the positions only."""
+    why = self.damaged(state)
+    if why is not None:
+      raise DataError(f"the checkpoint is damaged: {why}; move that checkpoint away or use a new --workdir")
     nxt = state.get("next_batch")
     if nxt is None or len(nxt) != len(self._next):
       raise DataError(

@@ -418,6 +418,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     _check_resumable(ckpt.saved_config(r), cfg_json, ckpt.directory)
     restored, _ = ckpt.restore(r, like)
     data_state = ckpt.saved_data_state(r)
+    why = data.damaged(data_state)
+    if why is not None:  # a damaged step: restore_latest falls back to an older one
+      raise ckpt_lib.CheckpointError(f"checkpoint for round {r} in {ckpt.directory} is unreadable ({why})", why)
     rows_state = None
     if clients_store is not None:
       n_rows = ckpt.saved_client_rows(r)
