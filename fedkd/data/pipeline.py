@@ -770,10 +770,10 @@ class TfdsClients:
     return xs, ys
 
   def eval_sets(self, site_ids: list[int] | None = None) -> dict[str, tuple[Any, Any]]:
-    """``eval.examples_per_site`` test examples of every site (:func:`eval_records`; no augmentation). Refuses a test label, or
-    (data opened for training) a training label the build recorded, that ``model.num_classes`` has no output for:
-    training reads these sets before it writes anything, while a training batch would meet such a label only in
-    the round that first draws its record."""
+    """``eval.examples_per_site`` test examples of every site (:func:`eval_records`; no augmentation). Refuses a
+    test label, or (data opened for training) a training label the build recorded, that ``model.num_classes`` has
+    no output for: training reads these sets before it writes anything, while a training batch would meet such a
+    label only in the round that first draws its record."""
     del site_ids
     aug = Augment(self.config.image_size, enabled=False)
     out = {}
