@@ -1,5 +1,6 @@
 """Training from a TFDS dataset through grain: same training code, exact resume, augmentation."""
 
+import functools
 import json
 import shutil
 
@@ -354,7 +355,8 @@ def test_the_unseen_site_draws_the_same_images_whatever_the_client_count():
   row = {k: jax.numpy.asarray(v[0]) for k, v in sites.site_table([sites.UNSEEN_SITE]).items()}
   key = synth.example_key(jax.numpy.uint32(c.seed), sites.UNSEEN_KEY, 2, 1)
   # jitted: as one program (~5 s of CPU) instead of op by op (~10 s: every operation compiled on its own)
-  image, mask = jax.jit(synth.render, static_argnums=2)(key, row, c.image_size)
+  render = functools.partial(synth.render, physics=c.data.synthetic_physics)  # the config's forward model
+  image, mask = jax.jit(render, static_argnums=2)(key, row, c.image_size)
   np.testing.assert_allclose(np.asarray(sets[9][name][0][2]), np.asarray(image), atol=1e-5)
   assert (np.asarray(sets[9][name][1][2]) == np.asarray(mask)).mean() > 0.999
   # a training site keeps its own key (client 0 draws the same images in both runs)
@@ -393,7 +395,9 @@ def test_runs_made_before_the_fixed_unseen_key_keep_their_unseen_images(tmp_path
   c.eval.examples_per_site = 2
   name = sites.UNSEEN_SITE.name
   table = sites.site_table([sites.UNSEEN_SITE] * 6)
-  old = synth.generate(c.seed, table, np.array([5]), np.arange(2)[None], c.image_size, split=1)[0][0]
+  old = synth.generate(
+    c.seed, table, np.array([5]), np.arange(2)[None], c.image_size, split=1, physics=c.data.synthetic_physics
+  )[0][0]
   fixed = pipeline.SyntheticClients(c).eval_sets([0])[name][0]
   assert not np.array_equal(np.asarray(old), np.asarray(fixed))
   c.data.unseen_key = "num_clients"

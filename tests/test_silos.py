@@ -25,7 +25,12 @@ def grid(data):
   and masks (generator split 0, example i * PER_SILO + e for silo i's example e)."""
   n = SILOS * PER_SILO
   im, m = synth.generate(
-    SEED, data.table, np.asarray(silos.SOURCE_ROWS), np.tile(np.arange(n), (silos.NUM_SOURCES, 1)), 16
+    SEED,
+    data.table,
+    np.asarray(silos.SOURCE_ROWS),
+    np.tile(np.arange(n), (silos.NUM_SOURCES, 1)),
+    16,
+    physics=data.physics,
   )
   return np.asarray(im), np.asarray(m)
 
