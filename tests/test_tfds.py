@@ -705,6 +705,36 @@ def test_a_damaged_record_file_is_one_line_naming_the_rebuild(hospital, tmp_path
     src.__getitems__([0, 1])
 
 
+def test_a_record_file_cut_anywhere_reads_as_records_or_one_line(hospital, tmp_path):
+  """Cut at a chunk boundary (64 KiB of a 128 KiB shard), array_record reads records back without their features
+  and TFDS' decoding raised TypeError with a traceback (in training, fedkd.eval and the preview). At every cut,
+  each record reads whole or is a DatasetInputError naming the rebuild."""
+  import shutil
+
+  root, _ = hospital
+  built = tmp_path / "built"
+  fdata.build("xray_folder", built, manual_dir=root)
+  (shard,) = built.rglob("*train.array_record*")
+  size = shard.stat().st_size
+  outcomes = set()
+  for cut in sorted({100, 1000, size // 2, size - 1, 65536} | set(range(size // 8, size, size // 8))):
+    if cut >= size:
+      continue
+    data_dir = tmp_path / f"cut{cut}"
+    shutil.copytree(built, data_dir)
+    (copy,) = data_dir.rglob("*train.array_record*")
+    with open(copy, "r+b") as f:
+      f.truncate(cut)
+    src = fdata.load_source("xray_folder", "train", data_dir)
+    for i in range(len(src)):
+      try:
+        outcomes.add(len(src[i]["mask"].shape))
+      except fdata.DatasetInputError as e:
+        assert "its record file is damaged" in str(e) and "--overwrite" in str(e), (cut, e)
+        outcomes.add(type(e).__name__)
+  assert "DatasetInputError" in outcomes, outcomes
+
+
 def test_a_refused_overwrite_keeps_the_prepared_dataset(hospital, tmp_path):
   """--overwrite builds beside the old dataset and swaps it in when complete: a rebuild refused on its
   inputs leaves every file of the old one byte-identical (TFDS' FORCE_REDOWNLOAD deleted it first)."""

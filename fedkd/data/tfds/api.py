@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from fedkd.data.tfds import label_maps
 from fedkd.data.tfds import records
 from fedkd.data.tfds.cathaction import Cathaction, CathactionConfig
-from fedkd.data.tfds.records import DatasetInputError
+from fedkd.data.tfds.records import DatasetInputError, short_list
 from fedkd.data.tfds.synthetic_endovascular import SyntheticConfig, SyntheticEndovascular, synthetic_config
 from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 from fedkd.errors import reason
@@ -346,19 +346,28 @@ class SegmentationSource:
       "rebuild the dataset with python -m fedkd.data.tfds.build ... --overwrite"
     )
 
-  def __getitem__(self, i) -> dict:
-    i = self._index(i)
+  def _read(self, fetch, what: str):
+    """``fetch()``'s records, read and decoded by TFDS. A record that reads but does not decode (TFDS' feature
+    decoding fails on it: a record file cut inside a chunk reads back records without their features) is a
+    damaged file too."""
     try:
-      return self._convert(self._source[i])
+      return fetch()
     except RuntimeError as e:
       raise (self._damaged(e) or e) from None
+    except (TypeError, ValueError, KeyError) as e:
+      raise DatasetInputError(
+        f"{self.name or 'a prepared dataset'}: {what} cannot be decoded ({reason(e)[:160]}): its record file is "
+        "damaged; rebuild the dataset with python -m fedkd.data.tfds.build ... --overwrite"
+      ) from None
+
+  def __getitem__(self, i) -> dict:
+    i = self._index(i)
+    return self._convert(self._read(lambda: self._source[i], f"record {i}"))
 
   def __getitems__(self, indices) -> list[dict]:
     indices = [self._index(i) for i in indices]
-    try:
-      return [self._convert(ex) for ex in self._source.__getitems__(indices)]
-    except RuntimeError as e:
-      raise (self._damaged(e) or e) from None
+    records = self._read(lambda: self._source.__getitems__(indices), f"records {short_list(indices)}")
+    return [self._convert(ex) for ex in records]
 
   def __iter__(self):
     for i in range(len(self)):
