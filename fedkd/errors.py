@@ -19,6 +19,11 @@ class DivergedError(UserError):
   """Training produced NaN/Inf; the run stopped before writing the bad state anywhere."""
 
 
+class NonFiniteOutput(UserError):
+  """A model whose outputs on held-out images are NaN/Inf (finite but huge parameters overflow): a diverged
+  model, which has no scores. Training turns it into a :class:`DivergedError`."""
+
+
 def reason(e: BaseException, limit: int = 200) -> str:
   """``Type: first line`` of an exception (at most ``limit`` characters of the line; TensorStore's spec
   dump cut off), for the cause inside a one-line error."""

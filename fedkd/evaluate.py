@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fedkd.data.labels import CLASS_NAMES
-from fedkd.errors import UserError
+from fedkd.errors import NonFiniteOutput, UserError
 
 SEVERITIES = {
   "noise": [0.0, 0.05, 0.1, 0.2, 0.3],  # Gaussian noise sigma (images in [0, 1])
@@ -95,6 +95,7 @@ class Evaluator:
     self.sets = eval_sets
     self.classes = foreground_classes(config.model.num_classes)
     self._predict = make_predictor(apply, config.eval.batch_size)
+    self._batch = config.eval.batch_size
 
   def images_per_site(self) -> str:
     """How many held-out images the sites have: '32', or '1-32' where a prepared site's test split is smaller."""
@@ -102,8 +103,15 @@ class Evaluator:
     return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
 
   def predict(self, params, images):
-    """Label maps [N, H, W] of ``images`` [N, H, W, 1]."""
+    """Label maps [N, H, W] of ``images`` [N, H, W, 1]; :class:`fedkd.errors.NonFiniteOutput` where the
+    model's outputs are NaN/Inf."""
     return self._predict(params, images)
+
+  def check_outputs(self, params) -> None:
+    """Raises :class:`fedkd.errors.NonFiniteOutput` when ``params`` give NaN/Inf outputs on the first
+    prediction batch of the first site (a checkpoint saved without an evaluation: one batch, not a score)."""
+    images, _ = next(iter(self.sets.values()))
+    self.predict(params, images[: self._batch])
 
   def site_metrics(self, params, images, masks) -> dict[str, float]:
     return overlap_scores(self.predict(params, images), masks, self.classes)
@@ -435,9 +443,15 @@ def evaluate_run(
       f"note: a {algorithm} run: every site is scored with the shared server model; training's metrics.jsonl "
       "scored each training site with its client's personal model, so the two differ on those sites"
     )
-  results, preds = evaluator.detailed_metrics(params, spacing_mm)
-  log("robustness curves (noise, blur, contrast loss, downscaling) ...")
-  rob = evaluator.robustness(params)
+  try:
+    results, preds = evaluator.detailed_metrics(params, spacing_mm)
+    log("robustness curves (noise, blur, contrast loss, downscaling) ...")
+    rob = evaluator.robustness(params)
+  except NonFiniteOutput as e:
+    raise EvalError(
+      f"round {r} of {workdir}: {e}; evaluate an earlier round with --round=R, or train again with a lower "
+      "learning rate"
+    ) from None
   # everything computed: the files are written together, so an interrupted or failed evaluation leaves the
   # earlier one's files as they were (never tables of one round beside curves of another)
   report.write_eval_tables(results, out, r, spacing_mm=spacing_mm, unseen=data.unseen_name)

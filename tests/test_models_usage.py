@@ -269,3 +269,22 @@ def test_bad_constructor_arguments_are_value_errors():
     jax.eval_shape(lambda: init_params(_unet(depth=0), 0)[1])
   with pytest.raises(ValueError, match="num_heads=0"):
     jax.eval_shape(lambda: init_params(_transunet(num_heads=0), 0)[1])
+
+
+def test_the_predictor_refuses_non_finite_outputs_and_counts_the_images():
+  """argmax of NaN logits is class 0 (background), which scored a diverged model as Dice 0. Logits log(x): an
+  image holding a 0 pixel has a -inf logit there; the predictor names how many images are affected, and labels
+  finite outputs as numpy's argmax does."""
+  from fedkd.errors import NonFiniteOutput
+
+  def apply(p, x):
+    return jnp.concatenate([x, jnp.log(x) * p, 1 - x], axis=-1)
+
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.1, 1.0, (5, 6, 6, 1)).astype(np.float32)
+  predict = make_predictor(apply, batch_size=2)
+  want = np.argmax(np.concatenate([images, np.log(images), 1 - images], -1), -1)
+  np.testing.assert_array_equal(np.asarray(predict(1.0, images)), want)
+  images[1, 2, 3, 0] = images[4, 0, 0, 0] = 0.0
+  with pytest.raises(NonFiniteOutput, match=r"not finite \(NaN/Inf\) on 2 of 5 held-out images"):
+    predict(1.0, images)

@@ -75,6 +75,25 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
     assert 0.0 <= recs[-1][key] <= 1.0
 
 
+@pytest.mark.parametrize("evaluated", [True, False])
+def test_a_model_whose_outputs_overflow_is_a_divergence_not_a_result(tmp_path, evaluated):
+  """Adam steps of 1e30: round 1's update and parameters are finite, but the model's logits overflow to NaN.
+  Before, its evaluation scored argmax(NaN) = background (Dice 0, exit 0) and its checkpoint was kept as the
+  last good one. Now the round stops as diverged before its record, evaluation or checkpoint is written,
+  whether it is an evaluated round or only a saved one (eval.every=4, checkpoint.every=1)."""
+  from fedkd.errors import DivergedError
+
+  c = tiny_config(**{"num_rounds": 2})
+  c.client_optimizer.learning_rate = 1e30
+  c.checkpoint.every, c.eval.every = 1, (1 if evaluated else 4)
+  work = tmp_path / "w"
+  with pytest.raises(DivergedError, match=r"^training diverged by round 1: the model's outputs are not finite "):
+    fedavg.run(c, str(work), log=_quiet)
+  assert [json.loads(ln)["round"] for ln in open(work / "metrics.jsonl")] == [0]
+  assert not (work / "rounds.jsonl").exists() or not (work / "rounds.jsonl").read_text().strip()
+  assert not [d for d in os.listdir(work / "checkpoints") if d.isdigit()]
+
+
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory):
   """A finished 2-round run of tiny_config (seed 0): (workdir, fedavg.run's result)."""

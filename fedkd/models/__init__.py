@@ -76,7 +76,12 @@ def init_params(model_cfg, seed: int) -> tuple[Callable[[Any, jax.Array], jax.Ar
 def _label_map(apply):
   """One jitted argmax predictor per apply function: evaluators of the same model (a run's replicas)
   share its compiled programs."""
-  return jax.jit(lambda p, x: jnp.argmax(apply(p, x), axis=-1))
+
+  def label_map(p, x):
+    logits = apply(p, x)  # -1 where a pixel's logits are not all finite: argmax would read NaN as class 0
+    return jnp.where(jnp.isfinite(logits).all(axis=-1), jnp.argmax(logits, axis=-1), -1)
+
+  return jax.jit(label_map)
 
 
 def make_predictor(apply, batch_size: int):
@@ -86,8 +91,17 @@ def make_predictor(apply, batch_size: int):
   label_map = _label_map(apply)
 
   def predict(params, images):
-    return jnp.concatenate(
+    labels = jnp.concatenate(
       [label_map(params, images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     )
+    bad = int(jnp.sum(jnp.any(labels < 0, axis=(1, 2))))
+    if bad:
+      from fedkd.errors import NonFiniteOutput
+
+      raise NonFiniteOutput(
+        f"the model's outputs are not finite (NaN/Inf) on {bad} of {labels.shape[0]} held-out images: a diverged "
+        "model, which has no scores"
+      )
+    return labels
 
   return predict

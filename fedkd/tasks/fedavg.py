@@ -27,7 +27,7 @@ from fedkd.config import (
   unroll_local_steps,
   validate,
 )
-from fedkd.errors import DivergedError
+from fedkd.errors import DivergedError, NonFiniteOutput
 from fedkd.preemption import Stopped, requested_again
 from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import evaluated_sites, make_client_data
@@ -146,16 +146,6 @@ def _diverged(
     if bad
     else "the aggregate became non-finite"
   )
-  a, lr = config.algorithm, config.client_optimizer.learning_rate
-  pull = {"ditto": ("ditto_lambda", a.ditto_lambda), "fedprox": ("prox_mu", a.prox_mu)}.get(a.name)
-  pull = f", or config.algorithm.{pull[0]}={pull[1]:g} too large for it" if pull else ""
-  d = config.dp
-  if d.enabled:  # the server adds N(0, (z C / m)^2) to every coordinate of the averaged update
-    std = d.noise_multiplier * d.clip_norm / config.clients_per_round
-    pull += (
-      f", or the DP noise (std {std:.3g} per coordinate of the averaged update: config.dp.noise_multiplier="
-      f"{d.noise_multiplier:g} x dp.clip_norm={d.clip_norm:g} / {config.clients_per_round} clients a round)"
-    )
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
   robust = config.aggregator.name not in LINEAR_AGGREGATORS  # drops non-finite clients itself
   dropping = config.engine.skip_nonfinite_clients or robust  # a round whose every client diverged has no loss
@@ -168,9 +158,34 @@ def _diverged(
     skip = ""
   return DivergedError(
     f"training diverged in round {r}: loss {'none' if dropping and not counted else float(m['loss'])}, {who}; "
-    "likely cause: a "
-    f"learning rate too large (config.client_optimizer.learning_rate={lr:g}, server_optimizer.learning_rate="
-    f"{config.server_optimizer.learning_rate:g}){pull}: lower it{skip}; {kept}, nothing of this round was saved"
+    f"{_likely_cause(config)}{skip}; {kept}, nothing of this round was saved"
+  )
+
+
+def _diverged_outputs(r: int, e: Exception, config, good: int | None, ckdir: str) -> DivergedError:
+  """The one-line error of a round whose model is finite but gives NaN/Inf outputs (huge parameters overflow):
+  found when the round is evaluated or saved, before either is written."""
+  kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
+  return DivergedError(
+    f"training diverged by round {r}: {e}; {_likely_cause(config)}; {kept}, nothing of this round was saved"
+  )
+
+
+def _likely_cause(config) -> str:
+  """The advice of a diverged run: the learning rates, and the pull or DP noise that can add to them."""
+  a, lr = config.algorithm, config.client_optimizer.learning_rate
+  pull = {"ditto": ("ditto_lambda", a.ditto_lambda), "fedprox": ("prox_mu", a.prox_mu)}.get(a.name)
+  pull = f", or config.algorithm.{pull[0]}={pull[1]:g} too large for it" if pull else ""
+  d = config.dp
+  if d.enabled:  # the server adds N(0, (z C / m)^2) to every coordinate of the averaged update
+    std = d.noise_multiplier * d.clip_norm / config.clients_per_round
+    pull += (
+      f", or the DP noise (std {std:.3g} per coordinate of the averaged update: config.dp.noise_multiplier="
+      f"{d.noise_multiplier:g} x dp.clip_norm={d.clip_norm:g} / {config.clients_per_round} clients a round)"
+    )
+  return (
+    f"likely cause: a learning rate too large (config.client_optimizer.learning_rate={lr:g}, "
+    f"server_optimizer.learning_rate={config.server_optimizer.learning_rate:g}){pull}: lower it"
   )
 
 
@@ -476,8 +491,19 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     site_params = {name: alg.personal(params_now, clients_store.host_row(i)) for name, i in personal_sites.items()}
     return params_now, site_params
 
+  def check_outputs(r):
+    """Before round ``r``'s record, evaluation or checkpoint: the diverged-run error where its model's outputs are
+    NaN/Inf (on the first prediction batch; the evaluation checks every image)."""
+    try:
+      evaluator.check_outputs(eval_params()[0])
+    except NonFiniteOutput as e:
+      raise _diverged_outputs(r, e, config, last_saved, ckpt.directory) from None
+
   def evaluate(r):
-    per_site = evaluator(*eval_params())
+    try:
+      per_site = evaluator(*eval_params())
+    except NonFiniteOutput as e:  # not recorded: a diverged model has no scores
+      raise _diverged_outputs(r, e, config, last_saved, ckpt.directory) from None
     rec = summarize(r, per_site, unseen_name)
     rec.update(_extras(r))
     runlog.record(rec)
@@ -516,6 +542,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   if note:
     log(note)
   rec, per_site = None, None
+  last_saved = start or None  # the newest checkpoint (a diverged round's message names it)
   if start == 0:
     rec, per_site = evaluate(0)
     log(f"round 0 (untrained): dice catheter {rec['dice/catheter']:.4f}  guidewire {rec['dice/guidewire']:.4f}")
@@ -532,7 +559,6 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
           f"note: config.dp.target_epsilon={config.dp.target_epsilon:g} allows {last_round} of the "
           f"{config.num_rounds} rounds; the run stops after round {last_round}"
         )
-  last_saved = start or None
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   eval_seconds = []  # of each evaluation in the loop, for the ETA
   next_clients = None  # drawn by the round before (the first round of a run draws its own)
@@ -583,6 +609,10 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         raise _diverged(
           r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory, bool(counted.any())
         )
+      # a round evaluated or saved: its model must give finite outputs (finite but huge parameters can overflow)
+      checked = r % config.eval.every == 0 or r % config.checkpoint.every == 0 or r == last_round
+      if checked:
+        check_outputs(r)
       if not client_ok.all():  # engine.skip_nonfinite_clients or a robust aggregator: they got weight 0
         log(f"round {r}: dropped client(s) {[int(c) for c in clients[~client_ok]]} (non-finite update)")
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
@@ -625,6 +655,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       log(round_line(r, config.num_rounds, losses, dt, pace) + held_out)
       stopping = stop is not None and stop.requested(r)
       if stopping or r % config.checkpoint.every == 0 or r == last_round:
+        if not checked:  # a save a stop signal asked for
+          check_outputs(r)
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
         last_saved = r
         stopping = stopping or requested_again(stop, r)  # a signal during the save

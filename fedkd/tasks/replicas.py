@@ -44,7 +44,7 @@ import numpy as np
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import ConfigError, flat_dict, num_attackers, unused_keys, validate, value_at
 from fedkd.data.pipeline import evaluated_sites, make_client_data
-from fedkd.errors import DivergedError
+from fedkd.errors import DivergedError, NonFiniteOutput
 from fedkd.evaluate import Evaluator, summarize
 from fedkd.fl import dp, engine
 from fedkd.logs import RunLog, compiling_line, round_line
@@ -433,9 +433,19 @@ def _train(
       log(compiling_line(r))
     states, ms = vround(states, batches, weights, hp, skip=frozenset(failed))
     losses = [np.nan if i in failed else float(m["loss"]) for i, m in enumerate(ms)]
+    # a round evaluated or saved: its model must give finite outputs (huge but finite parameters can overflow)
+    checked = r % config.eval.every == 0 or r % config.checkpoint.every == 0 or r == config.num_rounds
     for i, rep in enumerate(reps):
       if i in failed:
         continue
+      if checked and bool(ms[i]["finite"]):
+        try:
+          rep.evaluator.check_outputs(states[i]["params"])
+        except NonFiniteOutput as e:
+          failed[i] = f"{rep.name}: {fedavg._diverged_outputs(r, e, configs[i], last_saved, rep.ckpt.directory)}"
+          if len(failed) < len(reps):
+            log(f"{failed[i]}; the other replicas go on")
+          continue
       finite, client_ok = bool(ms[i]["finite"]), np.asarray(ms[i]["client_finite"])
       if not finite or not client_ok.any():  # this replica stops; the others go on
         err = fedavg._diverged(
