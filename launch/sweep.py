@@ -187,6 +187,33 @@ def with_seeds(sweep: list[dict], seeds: list[int]) -> list[dict]:
   return S.product(S.product(seed=seeds), rest)
 
 
+# absl's own flags every fedkd.main accepts without defining them
+ABSL_SPECIAL_FLAGS = ("flagfile", "undefok", "help", "helpshort", "helpfull", "helpxml", "only_check_args")
+
+
+def _check_main_flags(extra: list[str]) -> None:
+  """Refuses an ``--extra`` flag (not ``--config.*``, checked with the configs) that fedkd.main does not define:
+  every run would fail on it, after the sweep folder was made. fedkd.main is imported to read its flags (and
+  JAX with it) only when there is such a flag."""
+  if not extra:
+    return
+  import difflib
+
+  from absl import flags
+
+  import fedkd.main  # noqa: F401  (defines its flags)
+
+  known = {n for n in flags.FLAGS if not n.startswith("config.")} | set(ABSL_SPECIAL_FLAGS)
+  for a in extra:
+    name = a[2:].split("=", 1)[0]
+    if name in known or (name.startswith("no") and name[2:] in known and "=" not in a):
+      continue
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    own = sorted(n for n in known if (flags.FLAGS.find_module_defining_flag(n) or "").startswith("fedkd"))
+    raise InputError(f"--extra={a}: fedkd.main has no flag --{name}; {hint}its flags: --{', --'.join(own)}")
+
+
 def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list[int] | None = None) -> dict:
   """The validated sweep definition (what sweep.json holds); raises InputError/SweepError.
 
@@ -232,6 +259,7 @@ def build(config_spec: str, sweep_arg: str | None, extra: list[str], seeds: list
         f"--extra={a}: the sweep gives every run its own workdir and runs replicas itself; sweep seeds with "
         "launch.sweep's own --seeds=0,1,2 and other values in get_sweep (replicas of one program are the default)"
       )
+  _check_main_flags([a for a in extra if not a.startswith("--config.")])
   fixed = S.parse_config_flags(extra, base)
   configs = S.validate_sweep(sweep, base, fixed)
   names = S.run_names(sweep)

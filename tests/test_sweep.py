@@ -313,10 +313,28 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
     assert_outputs_documented(out / n, "launch.sweep", ignore=documented_outputs("FedAvg-family"))
 
 
+@pytest.mark.parametrize(
+  "flag,shown",
+  [
+    ("--no_such_flag=1", "no flag --no_such_flag; its flags: --config, "),
+    ("--cpu_device=2", "did you mean --cpu_devices?"),
+  ],
+)
+def test_an_extra_flag_fedkd_main_lacks_is_refused_before_anything_is_written(tmp_path, capsys, flag, shown):
+  """Every run failed on it (exit 2 each, the sweep 1) after --out was made and filled with logs and tables."""
+  cfg = _write_config(tmp_path / "two.py", '[{"seed": 0}, {"seed": 1}]')
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    launcher.main([f"--config={cfg}", f"--out={out}", f"--extra={flag}"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith(f"fedkd: error: --extra={flag}: fedkd.main has ") and shown in err, err
+  assert "\n" not in err and not out.exists()
+
+
 def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
   cfg = _write_config(tmp_path / "two.py", '[{"seed": 0}, {"seed": 1}]')
   out = tmp_path / "out"
-  r = _launch(f"--config={cfg}", f"--out={out}", "--extra=--no_such_flag=1")
+  r = _launch(f"--config={cfg}", f"--out={out}", "--extra=--cpu_devices=0")  # a flag fedkd.main refuses per run
   assert r.returncode == 1
   lines = r.stdout.splitlines()
   for n in ("seed-0", "seed-1"):

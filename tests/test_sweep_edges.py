@@ -79,7 +79,7 @@ def test_an_out_folder_of_ones_own_tables_and_figures_is_refused_and_kept(tmp_pa
   cfg = _config(tmp_path / "cfg.py")
   for args in ([], ["--aggregate_only"]):
     with pytest.raises(SystemExit) as e:
-      launcher.main([f"--config={cfg}", f"--out={out}", "--extra=--no_such_flag=1", *args])
+      launcher.main([f"--config={cfg}", f"--out={out}", "--extra=--cpu_devices=0", *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("fedkd: error: ") and "\n" not in err, err
     assert "not a sweep directory (no sweep.json)" in err and "curves.png" in err and "directory of its own" in err
