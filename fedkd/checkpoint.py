@@ -406,13 +406,15 @@ class Checkpointer:
     if first_error is not None:
       if len(rounds) == 1:
         raise CheckpointError(
-          f"{first_error} -- no intact checkpoint is left in {self.directory}; move it away to start the run over"
+          f"{first_error} -- no intact checkpoint is left in {self.directory}; move it away to start the run over",
+          first_error.reason,
         ) from None
       listed = ", ".join(str(r) for r in rounds)
       raise CheckpointError(
         f"none of the checkpoints in {self.directory} (rounds {listed}) can be restored into this run: each is "
         f"damaged or from another config (round {rounds[-1]}: {(first_error.reason or str(first_error))[:200]}); "
-        "move the folder away to start the run over, or use the config they were written with"
+        "move the folder away to start the run over, or use the config they were written with",
+        first_error.reason,
       ) from None
     return None, None
 

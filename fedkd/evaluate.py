@@ -248,9 +248,14 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
       r = round_
       config, apply, params = load(r)
   except CheckpointError as e:
+    # the cause without the checkpoint's training advice (a new --workdir, moving steps away): eval only reads
+    which = f"round {round_}" if round_ is not None else f"round(s) {', '.join(map(str, rounds))}"
     others = [x for x in rounds if x != round_] if round_ is not None else []
-    hint = f"; or evaluate another --round ({', '.join(map(str, others))})" if others else ""
-    raise EvalError(f"{e}{hint}") from None
+    hint = f"; evaluate another --round ({', '.join(map(str, others))})" if others else ""
+    raise EvalError(
+      f"the checkpoint of {which} in {ckdir} cannot be evaluated: {e.reason or e}; it is damaged or was not "
+      f"written by a FedAvg-family run, and fedkd.eval changed nothing{hint}"
+    ) from None
   finally:
     ckpt.close()
   return config, apply, params, r

@@ -75,6 +75,9 @@ def test_eval_of_a_damaged_round_names_the_other_rounds_and_writes_nothing(cli, 
   assert r.code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   lines = [line for line in r.stderr.splitlines() if line.startswith("fedkd: error:")]
   assert len(lines) == 1 and "round 4" in lines[0] and "another --round (2)" in lines[0], r.stderr[-2000:]
+  # a reader's advice: not the trainer's (a new --workdir, the config it was written with, moving steps away)
+  assert "cannot be evaluated: " in lines[0] and "fedkd.eval changed nothing" in lines[0], lines[0]
+  assert not any(w in lines[0] for w in ("--workdir", "start the run over", "config the checkpoint")), lines[0]
   assert (work / "eval" / "eval.json").read_text() == "earlier"
 
 
