@@ -94,7 +94,7 @@ def make_predictor(apply, batch_size: int):
     labels = jnp.concatenate(
       [label_map(params, images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     )
-    bad = int(jnp.sum(jnp.any(labels < 0, axis=(1, 2))))
+    bad = int(jnp.sum(jnp.any(labels < 0, axis=tuple(range(1, labels.ndim)))))  # images (a classifier: [N])
     if bad:
       from fedkd.errors import NonFiniteOutput
 
