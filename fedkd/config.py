@@ -866,6 +866,15 @@ def value_at(c, key: str):
   return v
 
 
+def stored_value(c, key: str):
+  """``c``'s value at the dotted ``key`` of :data:`ADDED_KEYS`; where ``c`` is a stored config from before the key
+  existed (it lacks it), the value its run ran with (None where its run did not depend on one)."""
+  try:
+    return value_at(c, key)
+  except KeyError:
+    return ADDED_KEYS[key](flat_dict(c.to_dict()))
+
+
 def _positive(c, key: str) -> None:
   value = value_at(c, key)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -83,6 +83,8 @@ def read_jsonl(path, note: Callable[[str], None] | None = None, fields: dict | N
   """The records of a JSON-lines file; a last line that does not parse (a write cut by a kill) is
   dropped with a note. A bad line elsewhere, or a record whose field of ``fields`` ({key: (check, what it must
   be)}) fails its check, is a UserError naming the file and line."""
+  from fedkd.errors import UserError
+
   path = as_path(path)
   if not path.exists():
     return []
@@ -99,15 +101,11 @@ def read_jsonl(path, note: Callable[[str], None] | None = None, fields: dict | N
           f"note: dropped a cut last line of {path} (a write interrupted by a kill)"
         )
         break
-      from fedkd.errors import UserError
-
       raise UserError(
         f"{path}:{i + 1} is not a JSON record; repair or delete that line, or use a new --workdir"
       ) from None
     for key, (ok, what) in (fields or {}).items():
       if key in rec and not ok(rec[key]):
-        from fedkd.errors import UserError
-
         raise UserError(
           f"{path}:{i + 1}: {key!r} is {json.dumps(rec[key])[:40]}, not {what}; repair or delete that line, or "
           "use a new --workdir"

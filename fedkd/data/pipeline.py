@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from fedkd.config import stored_value
 from fedkd.data import partition
 from fedkd.data import sites as sites_lib
 from fedkd.data import synth
@@ -98,7 +99,7 @@ class SyntheticClients:
     self.site_names = sites_lib.ClientNames(config.num_clients)
     self.unseen_name = sites_lib.UNSEEN_SITE.name
     self.table = sites_lib.client_table(config.num_clients, kind)
-    self.physics = config.data.get("synthetic_physics", 1)  # a stored config from before the key: its images
+    self.physics = stored_value(config, "data.synthetic_physics")  # a stored config from before the key: its images
     self.sizes = client_sizes(config)
 
   def round_batches(self, round_: int, clients: np.ndarray, rows: slice | None = None):
@@ -508,7 +509,7 @@ def eval_records(num_records: int, config) -> np.ndarray:
   included; a folder's cine runs are consecutive records, so the first ones could all be frames of one run) or
   ``'first'`` the first ones (a stored config from before the key: what its run scored)."""
   n = min(num_records, config.eval.examples_per_site)
-  if config.eval.get("pick", "first") == "first" or n == num_records:
+  if stored_value(config, "eval.pick") == "first" or n == num_records:
     return np.arange(n)
   return np.round(np.linspace(0, num_records - 1, n)).astype(np.int64)  # distinct: the step is at least 1
 

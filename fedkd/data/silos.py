@@ -27,6 +27,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from fedkd.config import stored_value
 from fedkd.data import partition
 from fedkd.data import sites as sites_lib
 from fedkd.data import synth
@@ -94,7 +95,7 @@ class SiloData:
     by_row = list(DATA_TYPES[:TARGET_ROW]) + [TARGET] + list(DATA_TYPES[TARGET_ROW:])
     self.table = sites_lib.site_table([sites_lib.with_data_type(bases[s], t) for s, t in by_row])
     self.target_row = TARGET_ROW
-    self.physics = c.data.get("synthetic_physics", 1)  # the generator's forward model (config.data)
+    self.physics = stored_value(c, "data.synthetic_physics")  # the generator's forward model
     self.source_rows = np.asarray(SOURCE_ROWS, np.int32)
 
   @property

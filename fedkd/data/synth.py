@@ -492,6 +492,11 @@ def _subsample_offsets(ss: int) -> np.ndarray:
   return np.stack([oy.ravel(), ox.ravel(), tau], axis=-1).astype(np.float32)
 
 
+def _check_physics(physics) -> None:
+  if physics not in PHYSICS:
+    raise ValueError(f"physics must be one of {PHYSICS}, got {physics!r}")
+
+
 def _detected(clean: jax.Array, key, enoise, blur_sigma, physics: int) -> jax.Array:
   """Detector counts of the expected counts ``clean`` [H, W]: quantum noise (Gaussian approximation of
   Poisson, variance = counts) and the detector's Gaussian PSF blur; electronic noise of sigma ``enoise``
@@ -526,8 +531,7 @@ def render(
   """
   if not 1 <= int(supersample) <= MAX_SUPERSAMPLE:
     raise ValueError(f"supersample must be in 1..{MAX_SUPERSAMPLE}, got {supersample}")
-  if physics not in PHYSICS:
-    raise ValueError(f"physics must be one of {PHYSICS}, got {physics!r}")
+  _check_physics(physics)
   size = float(image_size)
   ks = jax.random.split(key, 4)
   p = _sample_params(ks[0], site_params)
@@ -806,8 +810,7 @@ def generate(
     raise ValueError(
       f"expected site_ids [C], key_ids [C] and indices [C, N], got {site_ids.shape}, {key_ids.shape}, {indices.shape}"
     )
-  if physics not in PHYSICS:
-    raise ValueError(f"physics must be one of {PHYSICS}, got {physics!r}")
+  _check_physics(physics)
   seed = jnp.asarray(seed, dtype=jnp.uint32)
   image_size, supersample = int(image_size), int(supersample)
   field_size = int(field_size) if field_size else None

@@ -162,6 +162,12 @@ def _diverged(
   )
 
 
+def scored_or_saved(config, r: int, last_round: int) -> bool:
+  """Whether round ``r`` is evaluated or checkpointed (a stop signal aside): its model must then give finite outputs
+  (finite but huge parameters can overflow), checked before anything of the round is written."""
+  return r % config.eval.every == 0 or r % config.checkpoint.every == 0 or r == last_round
+
+
 def _diverged_outputs(r: int, e: Exception, config, good: int | None, ckdir: str) -> DivergedError:
   """The one-line error of a round whose model is finite but gives NaN/Inf outputs (huge parameters overflow):
   found when the round is evaluated or saved, before either is written."""
@@ -609,8 +615,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         raise _diverged(
           r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory, bool(counted.any())
         )
-      # a round evaluated or saved: its model must give finite outputs (finite but huge parameters can overflow)
-      checked = r % config.eval.every == 0 or r % config.checkpoint.every == 0 or r == last_round
+      checked = scored_or_saved(config, r, last_round)
       if checked:
         check_outputs(r)
       if not client_ok.all():  # engine.skip_nonfinite_clients or a robust aggregator: they got weight 0

@@ -433,8 +433,7 @@ def _train(
       log(compiling_line(r))
     states, ms = vround(states, batches, weights, hp, skip=frozenset(failed))
     losses = [np.nan if i in failed else float(m["loss"]) for i, m in enumerate(ms)]
-    # a round evaluated or saved: its model must give finite outputs (huge but finite parameters can overflow)
-    checked = r % config.eval.every == 0 or r % config.checkpoint.every == 0 or r == config.num_rounds
+    checked = fedavg.scored_or_saved(config, r, config.num_rounds)
     for i, rep in enumerate(reps):
       if i in failed:
         continue
