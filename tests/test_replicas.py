@@ -253,6 +253,30 @@ def test_a_diverging_replica_stops_alone_and_nothing_of_its_bad_round_is_saved(s
   assert got["dice/catheter"] == pytest.approx(want["dice/catheter"], abs=1e-4)
 
 
+def test_a_stop_signal_save_checks_each_replicas_outputs(tmp_path):
+  """A stop signal after a round that is neither evaluated nor a checkpoint round: each replica's model is saved
+  only where its outputs are finite. Seed 0's Adam steps of 1e30 leave finite parameters whose outputs overflow:
+  it stops as diverged with nothing of round 1 written, and seed 1's round 1 is saved for the resume."""
+  configs = _configs()
+  configs[0].client_optimizer.learning_rate = 1e30
+  for c in configs:
+    c.eval.every = c.checkpoint.every = 10
+  wds = [str(tmp_path / f"r{c.seed}") for c in configs]
+  lines = []
+  with pytest.raises(Stopped) as e:
+    replicas.run(configs, wds, log=lines.append, stop=_StopAt(1))
+  assert e.value.round == 1
+  assert any(
+    ln.startswith("seed 0, client_optimizer.learning_rate=1e+30: training diverged by round 1: the model's")
+    and ln.endswith("the other replicas go on")
+    for ln in lines
+  ), lines
+  assert not [d for d in os.listdir(os.path.join(wds[0], "checkpoints")) if d.isdigit()]
+  assert not os.path.exists(os.path.join(wds[0], "rounds.jsonl")) or not _jsonl(os.path.join(wds[0], "rounds.jsonl"))
+  assert "1" in os.listdir(os.path.join(wds[1], "checkpoints"))
+  assert [r["round"] for r in _jsonl(os.path.join(wds[1], "rounds.jsonl"))] == [1]
+
+
 def test_replica_workdirs_alone_need_no_workdir(cli, tmp_path):
   """--replica_workdirs names every replica's folder, so --workdir is not asked for; each folder gets its run."""
   a, b = tmp_path / "a", tmp_path / "b"

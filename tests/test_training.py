@@ -94,6 +94,28 @@ def test_a_model_whose_outputs_overflow_is_a_divergence_not_a_result(tmp_path, e
   assert not [d for d in os.listdir(work / "checkpoints") if d.isdigit()]
 
 
+def test_an_evaluated_round_predicts_each_held_out_image_once(tmp_path, monkeypatch):
+  """The finite-outputs check of an evaluated round is its evaluation (made before the round's record), not a
+  batch predicted twice; a round only saved predicts one batch."""
+  from fedkd.evaluate import Evaluator
+
+  seen, sizes = [], []
+  predict = Evaluator.predict
+
+  def counted(self, params, images):
+    if not sizes:
+      sizes.extend(len(im) for im, _ in self.sets.values())
+    seen.append(len(images))
+    return predict(self, params, images)
+
+  monkeypatch.setattr(Evaluator, "predict", counted)
+  c = tiny_config(num_rounds=4)
+  c.eval.every, c.checkpoint.every = 2, 1
+  fedavg.run(c, str(tmp_path / "w"), log=_quiet)
+  # rounds 0, 2, 4 evaluated (every site's images once), rounds 1 and 3 saved (one batch of the first site)
+  assert sum(seen) == 3 * sum(sizes) + 2 * min(c.eval.batch_size, sizes[0]), (seen, sizes)
+
+
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory):
   """A finished 2-round run of tiny_config (seed 0): (workdir, fedavg.run's result)."""

@@ -498,22 +498,26 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     return params_now, site_params
 
   def check_outputs(r):
-    """Before round ``r``'s record, evaluation or checkpoint: the diverged-run error where its model's outputs are
-    NaN/Inf (on the first prediction batch; the evaluation checks every image)."""
+    """Before round ``r``'s record and checkpoint, at a round that is saved but not evaluated: the diverged-run
+    error where its model's outputs are NaN/Inf (on the first prediction batch)."""
     try:
-      evaluator.check_outputs(eval_params()[0])
+      evaluator.check_outputs(local_copy(state["params"]))
     except NonFiniteOutput as e:
       raise _diverged_outputs(r, e, config, last_saved, ckpt.directory) from None
 
-  def evaluate(r):
+  def score(r):
+    """Round ``r``'s per-site scores, made before anything of the round is written: a model whose outputs are
+    NaN/Inf on any held-out image is the diverged-run error instead (a diverged model has no scores)."""
     try:
-      per_site = evaluator(*eval_params())
-    except NonFiniteOutput as e:  # not recorded: a diverged model has no scores
+      return evaluator(*eval_params())
+    except NonFiniteOutput as e:
       raise _diverged_outputs(r, e, config, last_saved, ckpt.directory) from None
+
+  def record_scores(r, per_site):
     rec = summarize(r, per_site, unseen_name)
     rec.update(_extras(r))
     runlog.record(rec)
-    return rec, per_site
+    return rec
 
   # bytes so far: those of the rounds before a resumed checkpoint from their rounds.jsonl records
   bytes_total = sum(float(rr.get("comm/bytes_up", 0)) for rr in runlog.rounds)
@@ -550,7 +554,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   rec, per_site = None, None
   last_saved = start or None  # the newest checkpoint (a diverged round's message names it)
   if start == 0:
-    rec, per_site = evaluate(0)
+    per_site = score(0)
+    rec = record_scores(0, per_site)
     log(f"round 0 (untrained): dice catheter {rec['dice/catheter']:.4f}  guidewire {rec['dice/guidewire']:.4f}")
 
   imgs_per_round = config.clients_per_round * config.local_steps * config.batch_size
@@ -615,14 +620,20 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         raise _diverged(
           r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory, bool(counted.any())
         )
+      if clients_store is not None:  # before the scores: personal models are evaluated from the rows
+        clients_store.scatter(clients, new_rows)
       checked = scored_or_saved(config, r, last_round)
-      if checked:
+      evaluating, eval_s = r % config.eval.every == 0 or r == last_round, 0.0
+      if evaluating:  # scored now, recorded after the round's record; its time is not the round's
+        t_eval = time.time()
+        scores = score(r)
+        eval_s = time.time() - t_eval
+        eval_seconds.append(eval_s)
+      elif checked:
         check_outputs(r)
       if not client_ok.all():  # engine.skip_nonfinite_clients or a robust aggregator: they got weight 0
         log(f"round {r}: dropped client(s) {[int(c) for c in clients[~client_ok]]} (non-finite update)")
         runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
-      if clients_store is not None:
-        clients_store.scatter(clients, new_rows)
       participants = int(reported.sum())
       if not participants:  # every sampled client dropped out: the server kept its state, there is no loss
         loss = None
@@ -638,15 +649,14 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         scalars.update({k: v for k, v in dp_rec.items() if v is not None})
       runlog.round_record(round_rec)
       runlog.scalars(r, scalars)
-      dt = time.time() - t0
+      dt = time.time() - t0 - eval_s
       if r > start + 1:  # the first round includes compilation
         timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
       runlog.scalars(r, speed_scalars(loss, dt, imgs_per_round, input_wait))
       held_out = ""
-      if r % config.eval.every == 0 or r == last_round:
-        t_eval = time.time()
-        rec, per_site = evaluate(r)
-        eval_seconds.append(time.time() - t_eval)
+      if evaluating:
+        per_site = scores
+        rec = record_scores(r, per_site)
         held_out = f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
       if timed_rounds:
         per = timed_s / timed_rounds

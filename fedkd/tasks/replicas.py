@@ -279,7 +279,9 @@ class _Replica:
     self.bytes_up = self.bytes_down = 0
 
   def evaluate(self, r: int, params) -> tuple[dict, dict]:
-    per_site = self.evaluator(params, {})
+    return self.scores_record(r, self.evaluator(params, {}))
+
+  def scores_record(self, r: int, per_site: dict) -> tuple[dict, dict]:
     rec = summarize(r, per_site, self.data.unseen_name)
     rec.update({"comm/bytes_up_total": self.bytes_up, "comm/bytes_down_total": self.bytes_down})
     if self.privacy is not None:
@@ -433,13 +435,23 @@ def _train(
       log(compiling_line(r))
     states, ms = vround(states, batches, weights, hp, skip=frozenset(failed))
     losses = [np.nan if i in failed else float(m["loss"]) for i, m in enumerate(ms)]
-    checked = fedavg.scored_or_saved(config, r, config.num_rounds)
+    evaluating = r % config.eval.every == 0 or r == config.num_rounds
+    stopping = stop is not None and stop.requested(r)
+    # a model with NaN/Inf outputs stops its replica before anything of the round is written: an evaluated
+    # round is scored now (recorded after the round's record), a saved one predicts one batch
+    checked = stopping or fedavg.scored_or_saved(config, r, config.num_rounds)
+    scores, eval_s = [None] * len(reps), 0.0
     for i, rep in enumerate(reps):
       if i in failed:
         continue
       if checked and bool(ms[i]["finite"]):
         try:
-          rep.evaluator.check_outputs(states[i]["params"])
+          if evaluating:
+            t_eval = time.time()
+            scores[i] = rep.evaluator(states[i]["params"], {})
+            eval_s += time.time() - t_eval
+          else:
+            rep.evaluator.check_outputs(states[i]["params"])
         except NonFiniteOutput as e:
           failed[i] = f"{rep.name}: {fedavg._diverged_outputs(r, e, configs[i], last_saved, rep.ckpt.directory)}"
           if len(failed) < len(reps):
@@ -465,11 +477,9 @@ def _train(
         rep.runlog.scalars(r, {"train/dropped_clients": float((~client_ok).sum())})
     if len(failed) == len(reps):
       raise DivergedError("; ".join(failed.values()))
-    dt = time.time() - t0
+    dt = time.time() - t0 - eval_s
     if r > start + 1:
       timed_rounds, timed_s = timed_rounds + 1, timed_s + dt
-    evaluating = r % config.eval.every == 0 or r == config.num_rounds
-    stopping = stop is not None and stop.requested(r)
     saving = stopping or r % config.checkpoint.every == 0 or r == config.num_rounds
     line = round_line(
       r,
@@ -494,7 +504,7 @@ def _train(
       rep.runlog.round_record(rec)
       rep.runlog.scalars(r, {**scalars, **fedavg.speed_scalars(float(losses[i]), dt, imgs // len(reps), input_wait)})
       if evaluating:
-        rec, per_site = rep.evaluate(r, states[i]["params"])
+        rec, per_site = rep.scores_record(r, scores[i])
         rep.runlog.record(rec)
         results[i] = (rec, per_site)
       if saving:
