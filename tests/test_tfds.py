@@ -558,6 +558,55 @@ def test_a_16bit_png_with_colour_or_alpha_is_refused_not_cut_to_its_high_byte(tm
     np.testing.assert_array_equal(got["mask"], labels)
 
 
+# EXIF orientation -> the stored pixels as shown (TIFF 6.0 / EXIF 2.3, tag 274: where the stored row 0 and column 0
+# belong): 2 mirrored, 3 upside down, 4 flipped top-bottom, 5 transposed, 6 a quarter turn clockwise, 7 transposed
+# across the other diagonal, 8 a quarter turn anticlockwise
+UPRIGHT = {
+  1: lambda a: a,
+  2: lambda a: a[:, ::-1],
+  3: lambda a: a[::-1, ::-1],
+  4: lambda a: a[::-1],
+  5: lambda a: a.T,
+  6: lambda a: np.rot90(a, -1),
+  7: lambda a: a[::-1, ::-1].T,
+  8: lambda a: np.rot90(a, 1),
+}
+
+
+def test_exif_orientation_is_applied_to_images_and_masks_each_by_its_own_tag(tmp_path, capsys):
+  """An image shown turned by its EXIF orientation is read as shown, as viewers and annotation tools do; a mask is
+  turned by its own tag (a mask drawn over the upright image has none), with one note naming the files."""
+  rng = np.random.default_rng(11)
+  root = tmp_path / "site_o"
+  stored = rng.integers(0, 256, (32, 40), dtype=np.uint8)
+  labels = np.zeros((32, 40), np.uint8)
+  labels[3:5, 2:30], labels[20, 5:] = 1, 2  # not symmetric under any of the 8 orientations
+  for o in UPRIGHT:
+    ex = Image.Exif()
+    ex[0x0112] = o
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stored).save(root / f"images/o{o}.png", exif=ex)
+    Image.fromarray(labels).save(root / f"masks/o{o}.png", exif=ex)
+  # a JPEG turned a quarter (a C-arm export), its mask drawn over the upright image: no tag
+  smooth = np.add.outer(np.arange(32) * 4, np.arange(40) * 3).astype(np.uint8)  # 0..241
+  ex = Image.Exif()
+  ex[0x0112] = 6
+  Image.fromarray(smooth).save(root / "images/cam.jpg", exif=ex, quality=95)
+  Image.fromarray(np.rot90(labels, -1)).save(root / "masks/cam.png")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=root)
+  notes = [ln for ln in capsys.readouterr().err.splitlines() if "EXIF orientation" in ln]
+  assert len(notes) == 1 and "15 file(s)" in notes[0], notes  # orientations 2-8, image and mask, and cam.jpg
+  got = records_by_id(fdata.load_source("xray_folder", "train", data_dir))
+  for o, upright in UPRIGHT.items():
+    np.testing.assert_array_equal(got[f"o{o}"]["image"][..., 0], upright(stored), err_msg=f"orientation {o}")
+    np.testing.assert_array_equal(got[f"o{o}"]["mask"], upright(labels), err_msg=f"orientation {o}")
+  cam = got["cam"]["image"][..., 0].astype(int)
+  assert cam.shape == (40, 32) and np.abs(cam - np.rot90(smooth, -1)).max() <= 4  # JPEG's rounding
+  np.testing.assert_array_equal(got["cam"]["mask"], np.rot90(labels, -1))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (31, 64)])
 def test_tiny_images_are_refused(tmp_path, shape):
   root = tmp_path / "site_t"

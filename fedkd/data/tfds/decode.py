@@ -9,6 +9,9 @@ Image conversion
 * 16-bit / 32-bit / float PNG (``I;16``, ``I``, ``F``): min-max scaled per image (see below),
   with a ``note:`` line. (Not a fixed ``x * 255 / 65535``: X-ray PNGs often use only 10-12 of
   the 16 bits, which a fixed scale would turn nearly black.)
+* An EXIF orientation tag (JPEG, or PNG's ``eXIf`` chunk) other than 1: the pixels are flipped / turned upright
+  as image viewers and annotation tools show them (PIL ``ImageOps.exif_transpose``), masks alike, with a
+  ``note:`` line; a mask drawn over the stored (unturned) pixels of such an image no longer matches it.
 * 16-bit PNG with colour or alpha (PNG colour types 2, 4, 6): refused, images and masks alike. PIL
   keeps only the high byte of each of their samples, which would cut a 12-bit X-ray to 0..15 and a
   class-index mask to all background; save such a file as 16-bit grayscale without alpha or as 8-bit.
@@ -62,6 +65,7 @@ or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rej
 from __future__ import annotations
 
 import contextlib
+import io
 import contextvars
 import struct
 import sys
@@ -125,19 +129,25 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {2: "RGB", 4: "gray + alpha", 6: "RGBA"}  # with 16-bit samples PIL keeps their high byte
 
 
+EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274: 1 = stored as shown, 2-8 = a flip and/or a quarter turn to show it
+
+
 def _open_pil(path: Path, what: str = "image"):
-  from PIL import Image
+  """``path`` decoded by PIL, turned upright by its EXIF orientation as image viewers and annotation tools show it
+  (with a note); a 16-bit PNG that PIL would cut to 8 bits is refused."""
+  from PIL import Image, ImageOps
 
   try:
-    with open(path, "rb") as f:  # the PNG header: signature, IHDR length and type, width, height, depth, colour
-      head = f.read(26)
-    im = Image.open(path)
+    raw = Path(path).read_bytes()
+    im = Image.open(io.BytesIO(raw))
     im.load()
+    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DatasetInputError(
       f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e}); re-export it "
       f"as PNG/JPEG or remove it (and its mask) from the folder"
     ) from None
+  head = raw[:26]  # the PNG header: signature, IHDR length and type, width, height, bit depth, colour type
   if (
     len(head) == 26
     and head[:8] == PNG_SIGNATURE
@@ -149,6 +159,9 @@ def _open_pil(path: Path, what: str = "image"):
       f"{path}: 16-bit {PNG_COLOUR_TYPES[head[25]]} PNG; its samples would be cut to their high byte here "
       f"(PIL reads such files as 8-bit), so save the {what} as 16-bit grayscale without alpha, or as 8-bit"
     )
+  if orientation in range(2, 9):
+    im = ImageOps.exif_transpose(im)
+    _note(NOTE_ORIENTATION, path)
   return im
 
 
@@ -241,6 +254,10 @@ NOTE_HIGH_DEPTH = (
 )
 NOTE_COLOUR = "colour image(s) converted to gray with ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B)"
 NOTE_PALETTE = "PALETTE COLOR DICOM image(s): colour palette applied, then converted to gray (luma)"
+NOTE_ORIENTATION = (
+  "image or mask file(s) with an EXIF orientation: flipped/turned upright as viewers show them (the image and its "
+  "mask each by its own tag)"
+)
 NOTE_DICOM_MINMAX = "DICOM image(s) without a VOI window or VOI LUT: min-max scaled to 8 bits per frame"
 
 
