@@ -241,8 +241,11 @@ def _check_each_replica(configs, varied: list[str]) -> None:
       cli.fail(message)
 
 
+SHARED = ("workdir",)  # of fedkd.cli's shared flags, those this program reads (it refuses --out and --frames)
+
+
 def run(argv: list[str] | None = None) -> None:
-  cli.run_app(main, argv, usage=__doc__, shared=("workdir",))
+  cli.run_app(main, argv, usage=__doc__, shared=SHARED)
 
 
 if __name__ == "__main__":

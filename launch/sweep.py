@@ -201,9 +201,11 @@ def _check_main_flags(extra: list[str]) -> None:
 
   from absl import flags
 
-  import fedkd.main  # noqa: F401  (defines its flags)
+  import fedkd.main  # defines its flags
+  from fedkd import cli
 
-  known = {n for n in flags.FLAGS if not n.startswith("config.")} | set(ABSL_SPECIAL_FLAGS)
+  refused = set(cli.SHARED) - set(fedkd.main.SHARED)  # defined for other entry points
+  known = {n for n in flags.FLAGS if not n.startswith("config.") and n not in refused} | set(ABSL_SPECIAL_FLAGS)
   for a in extra:
     name = a[2:].split("=", 1)[0]
     if name in known or (name.startswith("no") and name[2:] in known and "=" not in a):

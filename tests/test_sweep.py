@@ -318,6 +318,9 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
   [
     ("--no_such_flag=1", "no flag --no_such_flag; its flags: --config, "),
     ("--cpu_device=2", "did you mean --cpu_devices?"),
+    # fedkd.cli defines them for fedkd.eval and the preview; fedkd.main refuses them
+    ("--out=elsewhere", "no flag --out; its flags: --config, "),
+    ("--frames=3", "no flag --frames; its flags: --config, "),
   ],
 )
 def test_an_extra_flag_fedkd_main_lacks_is_refused_before_anything_is_written(tmp_path, capsys, flag, shown):
@@ -329,6 +332,7 @@ def test_an_extra_flag_fedkd_main_lacks_is_refused_before_anything_is_written(tm
   err = capsys.readouterr().err.strip()
   assert e.value.code == 2 and err.startswith(f"fedkd: error: --extra={flag}: fedkd.main has ") and shown in err, err
   assert "\n" not in err and not out.exists()
+  assert "--out," not in err and "--frames," not in err and "--workdir" in err
 
 
 def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
