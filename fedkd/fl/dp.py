@@ -2,8 +2,8 @@
 Differentially Private Recurrent Language Models", ICLR 2018), with a fixed-size client sample.
 
 Round t samples m = ``clients_per_round`` of the N clients without replacement. Client i runs the inner
-algorithm's local training from the server model w_t (FedAvg, FedProx or MOON) and clips its delta to the
-L2 ball of radius C = ``clip_norm`` (the norm over every floating leaf of the whole update):
+algorithm's local training from the server model w_t (FedAvg, FedProx, MOON, FedBN or Ditto:
+``config.DP_ALGORITHMS``, whose uploads are plain model deltas) and clips its delta to the L2 ball of radius C = ``clip_norm`` (the norm over every floating leaf of the whole update):
 
     clip(d_i) = d_i * min(1, C / ||d_i||_2),
 
