@@ -100,12 +100,13 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
   run. A user error in the body releases them and removes those this call created if they are still
   empty (a refused run leaves no folder behind)."""
   from fedkd.errors import USER_ERRORS
-  from fedkd.workdir import Lock, as_path, check_not_a_sweep, check_task, is_remote, prepare, remove_if_empty
+  from fedkd.workdir import LOCK_NAME, Lock, as_path, check_not_a_sweep, check_task, is_remote, prepare, remove_if_empty
 
   existed = [is_remote(w) or as_path(w).exists() for w in workdirs]
   parents = {as_path(w).parent for w, was in zip(workdirs, existed) if not was}  # replicas: --workdir itself
   parents = {p for p in parents if not p.exists()}
   paths = [prepare(w) for w in workdirs]
+  had_lock = [(p / LOCK_NAME).exists() for p in paths]  # a refused run removes the lock files it made
   taken = []
   try:
     for p in paths:  # before the lock, which would leave its file there
@@ -119,8 +120,8 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
       check_task(p, task)
     yield paths
   except USER_ERRORS:
-    for held in taken:
-      held.release()
+    for held, had in zip(taken, had_lock):
+      held.release(remove=not had)
     taken = []
     if lock:
       for p, was in zip(paths, existed):

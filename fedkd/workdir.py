@@ -398,12 +398,17 @@ class Lock:
       )
     self.path.write_text(json.dumps(self.info))
 
-  def release(self) -> None:
+  def release(self, remove: bool = False) -> None:
+    """Gives the lock up; its file stays (emptied) unless ``remove`` (a refused run that created it): unlinked
+    while still locked, so a process that opened it meanwhile finds it replaced (``_same_file``) and retries."""
     if self._fd is not None:
       import fcntl
 
       try:
-        os.ftruncate(self._fd, 0)
+        if remove:
+          self.path.unlink()
+        else:
+          os.ftruncate(self._fd, 0)
       except OSError:
         pass
       fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -291,6 +291,33 @@ def test_a_sweep_output_folder_as_workdir_is_refused_and_left_as_it_was(cli, tmp
   assert sorted(os.listdir(out)) == ["sweep.json"]
 
 
+def _tree(root):
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_refused_run_leaves_no_lock_file_it_made(cli, tmp_path):
+  """A workdir without a .lock (copied, or written before locks) refused at its resume check, and a folder whose
+  config.json fedkd did not write: the refusal adds nothing, the lock file it took included. A workdir that
+  had its (emptied) lock file keeps it."""
+  work = tmp_path / "run"
+  r = cli.run("fedkd.main", [QS, f"--workdir={work}", *TINY, "--config.num_rounds=1"])
+  assert r.code == 0, r.stderr[-2000:]
+  (work / ".lock").unlink()
+  before = _tree(work)
+  r = cli.run("fedkd.main", [QS, f"--workdir={work}", *TINY, "--config.client_optimizer.learning_rate=0.5"])
+  assert r.code == 2 and "client_optimizer.learning_rate" in r.stderr and not r.traceback, r.stderr[-2000:]
+  assert _tree(work) == before
+  (work / ".lock").write_text("")
+  r = cli.run("fedkd.main", [QS, f"--workdir={work}", *TINY, "--config.client_optimizer.learning_rate=0.5"])
+  assert r.code == 2 and _tree(work) == sorted([*before, ".lock"])
+  foreign = tmp_path / "mine"
+  foreign.mkdir()
+  (foreign / "config.json").write_text('{"a": 1}')
+  r = cli.run("fedkd.main", [QS, f"--workdir={foreign}", *TINY])
+  assert r.code == 2 and "not a config fedkd wrote" in r.stderr, r.stderr[-2000:]
+  assert _tree(foreign) == ["config.json"]
+
+
 def test_second_process_refused_and_stale_lock_taken_over(cli, tmp_path):
   work = tmp_path / "run"
   work.mkdir()
