@@ -783,18 +783,25 @@ def left_out(groups: list[dict]) -> str:
   return "; ".join(f"{len(v)} {reason}: {names(v)}" for reason, v in why.items())
 
 
+def _unaveraged(group: dict, metrics: list[str]) -> list[tuple[dict, list[str]]]:
+  """(run, its metrics) for the finished runs of ``group`` whose last evaluation lacks one of ``metrics`` that
+  other runs of the group hold, or holds it as NaN or not a number: the group's mean is not taken (its table cell
+  says so) and it is not drawn."""
+  from fedkd.report import is_number
+
+  keys = [k for k in metrics if any(k in r["last"] for r in group["runs"])]
+  out = []
+  for run in group["runs"]:
+    bad = [k for k in keys if not is_number(run["last"].get(k)) or math.isnan(run["last"][k])]
+    if bad:
+      out.append((run, bad))
+  return out
+
+
 def not_results(groups: list[dict], metrics: list[str]) -> str:
   """The finished runs whose last evaluation lacks one of ``metrics`` that other runs of their group hold, or
   holds it as NaN or not a number, with those metrics, e.g. ``a__seed-1 (dice/catheter)`` ('' if none)."""
-  from fedkd.report import is_number
-
-  named = []
-  for g in groups:
-    for m in g["runs"]:
-      keys = [k for k in metrics if any(k in r["last"] for r in g["runs"])]
-      bad = [k for k in keys if not is_number(m["last"].get(k)) or math.isnan(m["last"][k])]
-      if bad:
-        named.append(f"{m['name']} ({', '.join(bad)})")
+  named = [f"{run['name']} ({', '.join(bad)})" for g in groups for run, bad in _unaveraged(g, metrics)]
   return ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
 
 
@@ -873,7 +880,8 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
   from fedkd.sweep import group_label
 
   written = []
-  groups = [g for g in groups if g["runs"]]
+  metrics = _metric_keys([r["last"] for g in groups for r in g["runs"]])
+  groups = [g for g in groups if g["runs"] and not _unaveraged(g, metrics)]  # marked in the table, not drawn
   if not groups:
     report.remove_stale(out, is_plot, written)
     return written
@@ -887,7 +895,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     others = [k for k in defn["varying_keys"] if k != key]
     lines: dict[str, list] = {}
     for g in groups:
-      vals = _results([r["last"] for r in g["runs"]], metric)  # a group with NaN is marked in the table, not drawn
+      vals = [r["last"][metric] for r in g["runs"] if metric in r["last"]]
       if vals:
         lines.setdefault(group_label(g["overrides"], others), []).append((g["overrides"][key], vals))
     if not lines:

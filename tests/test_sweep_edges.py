@@ -341,3 +341,38 @@ def test_a_folder_where_sweep_json_goes_is_one_line_and_kept(tmp_path, capsys, m
   assert e.value.code == 2 and "sweep.json cannot be written" in err and "\n" not in err, err
   assert (out / "sweep.json" / "keep.txt").read_text() == "mine"
   assert sorted(os.listdir(out)) == ["sweep.json"]  # no temporary left behind
+
+
+def test_a_group_whose_score_is_nan_is_left_out_of_every_plot(tmp_path, monkeypatch):
+  """As docs/outputs.md says: a group with a NaN (or missing) score in a finished run's last evaluation is marked
+  in the table and left out of the plots; curves.png drew it in every panel."""
+  from fedkd import report
+
+  def run(name, seed, dice):
+    records = [{"round": 0, "dice/catheter": 0.1, "dice/guidewire": 0.1}]
+    records.append({"round": 2, "dice/catheter": dice, "dice/guidewire": 0.5, "site/a/dice/catheter": 0.4})
+    return {"name": name, "seed": seed, "records": records, "last": records[-1], "finished": True}
+
+  groups = []
+  for lr, dices in ((0.1, (0.6, 0.7)), (0.2, (0.5, float("nan"))), (0.3, (0.4, 0.45))):
+    runs = [run(f"lr-{lr}__seed-{s}", s, d) for s, d in enumerate(dices)]
+    groups.append({"label": f"lr={lr}", "overrides": {"client_optimizer.learning_rate": lr}, "runs": runs})
+    groups[-1]["members"] = runs
+  drawn = {}
+
+  def curves(groups, metrics, path, **kw):
+    drawn[os.path.basename(path)] = [label for label, _ in groups]
+    return True
+
+  def errorbar(lines, key, ylabel, path):
+    drawn[os.path.basename(path)] = sorted(x for pts in lines.values() for x, _ in pts)
+
+  monkeypatch.setattr(report, "curves_plot", curves)
+  monkeypatch.setattr(report, "errorbar_plot", errorbar)
+  defn = {"varying_keys": ["client_optimizer.learning_rate"]}
+  launcher.write_plots(defn, str(tmp_path), groups, "dice/catheter")
+  assert drawn == {
+    "curves.png": ["lr=0.1", "lr=0.3"],
+    "curves_sites.png": ["lr=0.1", "lr=0.3"],
+    "vs_client_optimizer.learning_rate.png": [0.1, 0.3],
+  }
