@@ -69,6 +69,16 @@ def test_preview_out_below_a_file_names_both(cli, tmp_path):
   assert blocker.read_text() == "keep"
 
 
+def test_preview_out_that_is_a_folder_says_so(cli, tmp_path):
+  """A folder named like a picture was called a path not ending in .png."""
+  folder = tmp_path / "dir.png"
+  folder.mkdir()
+  r = cli.run("fedkd.data.preview", ["--config=configs/quickstart.py", f"--out={folder}"])
+  assert r.code == 2 and not r.traceback
+  assert f"--out={folder} is a folder; name the image file to write, e.g. --out={folder / 'preview.png'}" in r.stderr
+  assert not list(folder.iterdir())
+
+
 def test_preview_scale_too_large_is_one_line(cli, tmp_path):
   """--scale=1000 at 64 px would draw frames of 64,000 px (GiBs of picture): refused before any data is made."""
   out = tmp_path / "p.png"

@@ -51,7 +51,9 @@ def main(argv) -> None:
 
   config = cli.CONFIG.value
   out = os.path.expanduser(cli.OUT.value or DEFAULT_OUT)
-  if not out.lower().endswith(IMAGE_EXTS) or os.path.isdir(out):
+  if os.path.isdir(out):
+    cli.fail(f"--out={out} is a folder; name the image file to write, e.g. --out={os.path.join(out, 'preview.png')}")
+  if not out.lower().endswith(IMAGE_EXTS):
     cli.fail(f"--out={out} must be an image file path ending in {', '.join(IMAGE_EXTS)}, e.g. --out=runs/preview.png")
   _check_out_folder(out)
   if cli.FRAMES.value < 1:
