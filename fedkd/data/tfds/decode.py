@@ -65,8 +65,8 @@ or ``.npy`` (integer/bool array ``[H, W]`` or ``[F, H, W]``). JPEG masks are rej
 from __future__ import annotations
 
 import contextlib
-import io
 import contextvars
+import io
 import struct
 import sys
 from pathlib import Path
