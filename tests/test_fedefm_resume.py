@@ -189,6 +189,36 @@ def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(ref
   assert any("(3 already done)" in l for l in again), again
 
 
+@pytest.mark.parametrize(
+  "damage",
+  [
+    {"transfers": "x"},  # a reviewer's edit: TypeError in the round loop, with a traceback
+    {"curve": [{"round": 1}]},  # no score: KeyError at the round's progress line
+    {"w": None},
+  ],
+)
+def test_checkpoint_metrics_no_run_writes_fall_back_like_a_damaged_step(reference, tmp_path, damage):
+  """A step whose pretraining summary (the JSON metrics pretrain carries on from) holds what no run writes is a
+  damaged step, as docs/reliability.md says: the resume falls back to the round before and ends bitwise equal."""
+  ref_work, _, _ = reference
+  work = str(tmp_path / "fe")
+  c = tiny()
+  c.checkpoint.every = 1
+  with pytest.raises(KeyboardInterrupt):  # killed after fedefm's round 3, before saving it
+    task.run(c, work, log=lambda _: None, stop=FakeStop(7, kill=True))
+  assert steps(work, FEDEFM) == [1, 2]
+  meta = os.path.join(work, "checkpoints", FEDEFM, "2", "data", "metadata")
+  saved = json.load(open(meta))
+  assert set(damage) <= set(saved["metrics"]), saved["metrics"]
+  saved["metrics"].update(damage)
+  json.dump(saved, open(meta, "w"))
+  lines = []
+  task.run(c, work, log=lines.append)
+  warned = [l for l in lines if "warning: the checkpoint for round 2 is damaged" in l]
+  assert warned and "falling back to round 1" in warned[0] and repr(next(iter(damage))) in warned[0], lines
+  assert records(work) == records(ref_work)
+
+
 def test_cut_results_line_is_dropped_and_garbled_files_are_config_errors(reference, tmp_path):
   ref_work, _, _ = reference
   work = str(tmp_path / "fe")

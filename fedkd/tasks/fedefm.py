@@ -217,6 +217,30 @@ def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | N
   return f"config.{diff[0]} differs" if diff else None
 
 
+def _number(v) -> bool:
+  """A finite int or float (not a bool)."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _summary_problem(m: dict, r: int) -> str | None:
+  """What in a checkpoint's pretraining summary (what :meth:`Experiment.pretrain` carries on from after round
+  ``r``) is not what a run writes, or None: the foundation curve (rounds up to ``r`` with their scores), the
+  per-round EMD weights, the transfer count, the largest EMD marginal error."""
+  curve = m.get("curve")
+  if not isinstance(curve, list) or not all(
+    isinstance(p, dict) and type(p.get("round")) is int and 0 < p["round"] <= r and _number(p.get("foundation"))
+    for p in curve
+  ):
+    return "'curve' is not a list of {round, foundation} scores"
+  if not isinstance(m.get("w"), list):
+    return "'w' is not a list of EMD weights"
+  if not _number(m.get("transfers")) or m["transfers"] < 0:
+    return f"'transfers' is {m.get('transfers')!r}, not a count"
+  if "emd_error_max" in m and not _number(m["emd_error_max"]):
+    return f"'emd_error_max' is {m['emd_error_max']!r}, not a number"
+  return None
+
+
 def foundation_of(stacked_params):
   """The foundation (mean of the silo models) of silo-sharded parameters, averaged on one device (a
   device-to-device copy, no trip through the host): an eager mean across several CPU devices
@@ -594,6 +618,9 @@ class Experiment:
       raise ckpt_lib.CheckpointError(
         f"checkpoint for round {r} in {ckpt.directory} holds no FedEFM pretraining state (no round metrics)"
       )
+    problem = _summary_problem(data["metrics"], r)
+    if problem:  # a damaged step: restore_latest falls back to the one before
+      raise ckpt_lib.CheckpointError(f"checkpoint for round {r} in {ckpt.directory} is damaged: its metrics' {problem}")
     state, _ = ckpt.restore(r, like)
     return state, data
 
