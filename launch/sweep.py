@@ -880,8 +880,9 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
   from fedkd.sweep import group_label
 
   written = []
-  metrics = _metric_keys([r["last"] for g in groups for r in g["runs"]])
-  groups = [g for g in groups if g["runs"] and not _unaveraged(g, metrics)]  # marked in the table, not drawn
+  finished = [g for g in groups if g["runs"]]
+  metrics = _metric_keys([r["last"] for g in finished for r in g["runs"]])
+  groups = [g for g in finished if not _unaveraged(g, metrics)]  # the others are marked in the table, not drawn
   if not groups:
     report.remove_stale(out, is_plot, written)
     return written
@@ -889,7 +890,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
   if report.curves_plot([(g["label"], [r["records"] for r in g["runs"]]) for g in groups], CURVE_METRICS, path):
     written.append(path)
   for key in defn["varying_keys"]:
-    values = [g["overrides"].get(key) for g in groups]
+    values = [g["overrides"].get(key) for g in finished]  # swept within a method, whichever groups are drawn
     if not all(report.is_number(v) for v in values) or len(set(values)) < 2:
       continue
     others = [k for k in defn["varying_keys"] if k != key]
