@@ -66,17 +66,22 @@ def evaluations_left(r: int, last_round: int, every: int) -> int:
   return last_round // every - r // every + (last_round % every != 0)
 
 
-def _is_count(v) -> bool:
+def is_count(v) -> bool:
+  """A JSON whole number (an int, not a bool)."""
   return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_finite_number(v) -> bool:
+  """A JSON number (int or float, not a bool) other than NaN / Infinity."""
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # the fields of a run's records that it reads back on resume, and what each must be
-RECORD_FIELDS = {"round": (_is_count, "a whole number")}
-ROUND_FIELDS = RECORD_FIELDS | {"comm/bytes_up": (_is_number, "a number"), "comm/bytes_down": (_is_number, "a number")}
+RECORD_FIELDS = {"round": (is_count, "a whole number")}
+ROUND_FIELDS = RECORD_FIELDS | {
+  "comm/bytes_up": (is_finite_number, "a number"),
+  "comm/bytes_down": (is_finite_number, "a number"),
+}
 
 
 def read_jsonl(path, note: Callable[[str], None] | None = None, fields: dict | None = None) -> list[dict]:

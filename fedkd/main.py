@@ -106,7 +106,8 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
   parents = {as_path(w).parent for w, was in zip(workdirs, existed) if not was}  # replicas: --workdir itself
   parents = {p for p in parents if not p.exists()}
   paths = [prepare(w) for w in workdirs]
-  had_lock = [(p / LOCK_NAME).exists() for p in paths]  # a refused run removes the lock files it made
+  # a refused run removes the local lock files it made (a gs:// lock file names its holder: released by removal)
+  had_lock = [is_remote(p) or (p / LOCK_NAME).exists() for p in paths]
   taken = []
   try:
     for p in paths:  # before the lock, which would leave its file there

@@ -162,10 +162,15 @@ def _diverged(
   )
 
 
+def evaluated(config, r: int, last_round: int) -> bool:
+  """Whether round ``r`` is evaluated: every ``eval.every``-th round and the last."""
+  return r % config.eval.every == 0 or r == last_round
+
+
 def scored_or_saved(config, r: int, last_round: int) -> bool:
   """Whether round ``r`` is evaluated or checkpointed (a stop signal aside): its model must then give finite outputs
   (finite but huge parameters can overflow), checked before anything of the round is written."""
-  return r % config.eval.every == 0 or r % config.checkpoint.every == 0 or r == last_round
+  return evaluated(config, r, last_round) or r % config.checkpoint.every == 0
 
 
 def _diverged_outputs(r: int, e: Exception, config, good: int | None, ckdir: str) -> DivergedError:
@@ -623,7 +628,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if clients_store is not None:  # before the scores: personal models are evaluated from the rows
         clients_store.scatter(clients, new_rows)
       checked = scored_or_saved(config, r, last_round)
-      evaluating, eval_s = r % config.eval.every == 0 or r == last_round, 0.0
+      evaluating, eval_s = evaluated(config, r, last_round), 0.0
       if evaluating:  # scored now, recorded after the round's record; its time is not the round's
         t_eval = time.time()
         scores = score(r)

@@ -69,6 +69,7 @@ from fedkd.errors import DivergedError, reason
 from fedkd.evaluate import foreground_classes, overlap_scores
 from fedkd.fl import engine, topology
 from fedkd.fl.algorithm import ClientContext
+from fedkd.logs import is_count, is_finite_number
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
@@ -217,26 +218,21 @@ def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | N
   return f"config.{diff[0]} differs" if diff else None
 
 
-def _number(v) -> bool:
-  """A finite int or float (not a bool)."""
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
-
-
 def _summary_problem(m: dict, r: int) -> str | None:
   """What in a checkpoint's pretraining summary (what :meth:`Experiment.pretrain` carries on from after round
   ``r``) is not what a run writes, or None: the foundation curve (rounds up to ``r`` with their scores), the
   per-round EMD weights, the transfer count, the largest EMD marginal error."""
   curve = m.get("curve")
   if not isinstance(curve, list) or not all(
-    isinstance(p, dict) and type(p.get("round")) is int and 0 < p["round"] <= r and _number(p.get("foundation"))
+    isinstance(p, dict) and is_count(p.get("round")) and 0 < p["round"] <= r and is_finite_number(p.get("foundation"))
     for p in curve
   ):
     return "'curve' is not a list of {round, foundation} scores"
   if not isinstance(m.get("w"), list):
     return "'w' is not a list of EMD weights"
-  if not _number(m.get("transfers")) or m["transfers"] < 0:
+  if not is_finite_number(m.get("transfers")) or m["transfers"] < 0:
     return f"'transfers' is {m.get('transfers')!r}, not a count"
-  if "emd_error_max" in m and not _number(m["emd_error_max"]):
+  if "emd_error_max" in m and not is_finite_number(m["emd_error_max"]):
     return f"'emd_error_max' is {m['emd_error_max']!r}, not a number"
   return None
 

@@ -435,7 +435,7 @@ def _train(
       log(compiling_line(r))
     states, ms = vround(states, batches, weights, hp, skip=frozenset(failed))
     losses = [np.nan if i in failed else float(m["loss"]) for i, m in enumerate(ms)]
-    evaluating = r % config.eval.every == 0 or r == config.num_rounds
+    evaluating = fedavg.evaluated(config, r, config.num_rounds)
     stopping = stop is not None and stop.requested(r)
     # a model with NaN/Inf outputs stops its replica before anything of the round is written: an evaluated
     # round is scored now (recorded after the round's record), a saved one predicts one batch
