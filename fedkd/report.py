@@ -140,10 +140,20 @@ def format_contrast(res: dict[str, float], p_adjusted: float | None = None, alph
   if math.isnan(res["p"]):
     return f"{res['mean']:{spec}} (n/a: {res['n']} seed)"
   p = res["p"] if p_adjusted is None else p_adjusted
-  cell = f"{res['mean']:{spec}} [{res['ci_low']:{spec}}, {res['ci_high']:{spec}}] p={res['p']:.3g}"
+  cell = f"{res['mean']:{spec}} [{res['ci_low']:{spec}}, {res['ci_high']:{spec}}] p={format_p(res['p'], alpha)}"
   if p_adjusted is not None:
-    cell += f" (Holm {p_adjusted:.3g})"
+    cell += f" (Holm {format_p(p_adjusted, alpha)})"
   return cell + (", significant" if p <= alpha else ", n.s.")
+
+
+def format_p(p: float, alpha: float = 0.05) -> str:
+  """``p`` to 3 significant digits, or to as many more as it takes for the printed value to fall on the same
+  side of ``alpha`` as ``p`` itself: 0.0500001 prints as ``0.0500001``, not as ``0.05`` beside "n.s."."""
+  for digits in range(3, 18):
+    text = f"{p:.{digits}g}"
+    if math.isnan(p) or (float(text) <= alpha) == (p <= alpha):
+      return text
+  return repr(p)
 
 
 def format_mean_std(mean: float, std: float, digits: int = 4) -> str:

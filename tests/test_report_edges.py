@@ -127,6 +127,19 @@ def test_a_difference_below_the_printed_decimals_keeps_its_digits():
   assert report.format_contrast(report.paired_difference([0.0], [0.0])) == "+0.000 (n/a: 1 seed)"
 
 
+def test_a_p_value_just_above_alpha_is_not_printed_as_alpha():
+  """A Holm-adjusted (or raw) p of 0.0500001 beside "n.s." printed as 0.05; it keeps the digits that put it
+  above alpha, and a p at alpha or clearly away from it keeps 3 significant digits."""
+  res = {"n": 5, "mean": 0.01, "ci_low": 0.001, "ci_high": 0.02}
+  cell = report.format_contrast({**res, "p": 0.0123456}, p_adjusted=0.0500001)
+  assert cell == "+0.010 [+0.001, +0.020] p=0.0123 (Holm 0.0500001), n.s.", cell
+  assert report.format_contrast({**res, "p": 0.0500004}).endswith("p=0.0500004, n.s.")
+  assert report.format_contrast({**res, "p": 0.05}).endswith("p=0.05, significant")
+  assert report.format_contrast({**res, "p": 0.0512}, alpha=0.0512).endswith("p=0.0512, significant")
+  assert report.format_contrast({**res, "p": 0.051234}, p_adjusted=0.2).endswith("p=0.0512 (Holm 0.2), n.s.")
+  assert report.format_p(0.04999999) == "0.05" and report.format_p(0.5) == "0.5"  # 0.05 is on its side
+
+
 # ---------------------------------------------------------------- writes that fail
 
 
