@@ -17,7 +17,7 @@ from fedkd import config as config_lib
 from fedkd.config import ConfigError
 from fedkd.fl import algorithms, engine
 from fedkd.fl.algorithm import init_rows
-from fedkd.sharding import shard_clients
+from fedkd.sharding import replicate, shard_clients
 
 # (layout, devices, chunk): every layout, on 1 and on 2+ devices
 LAYOUTS = [("vmap", 2, 8), ("chunked", 1, 2), ("unroll", 4, 8)]
@@ -142,11 +142,12 @@ def test_fednova_unequal_steps_equals_per_client_loop(layout, n_dev, chunk):
 
 
 def test_fednova_with_equal_steps_is_fedavg():
-  apply, params, loss_fn, xs, ys, weights = _data(seed=8, steps=3)
-  ref = _fedavg_reference(apply, loss_fn, params, xs, ys, weights, [3] * 4)
+  # 4 local batches: the explicit counts' program is test_fednova_unequal_steps_equals_per_client_loop's chunked one
+  apply, params, loss_fn, xs, ys, weights = _data(seed=8, steps=4)
+  ref = _fedavg_reference(apply, loss_fn, params, xs, ys, weights, [4] * 4)
   alg = algorithms.FedNova(optax.sgd(1.0))
   implicit, _ = _engine_round(alg, apply, loss_fn, params, xs, ys, weights, "vmap", 2, 8)
-  explicit, _ = _engine_round(alg, apply, loss_fn, params, xs, ys, weights, "chunked", 1, 2, steps=[3] * 4)
+  explicit, _ = _engine_round(alg, apply, loss_fn, params, xs, ys, weights, "chunked", 1, 2, steps=[4] * 4)
   assert _max_diff(ref, implicit["params"]) < 2e-5
   assert _max_diff(ref, explicit["params"]) < 2e-5
 
@@ -202,7 +203,8 @@ def test_scaffold_uniform_equals_paper(layout, n_dev, chunk):
   alg = algorithms.make("scaffold", optax.sgd(server_lr), client_lr=LR, num_clients=n_total)
   assert alg.weighting == "uniform"  # the default
   fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=chunk)
-  state = alg.init(params, jax.random.key(0))
+  # replicated on the mesh as the round returns it: both rounds run one compiled program
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)
   table = jax.tree.map(np.array, init_rows(alg, params, n_total))
   for ids, rx, ry in rounds:
     rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
@@ -529,7 +531,9 @@ def test_a_round_in_which_nobody_reports_leaves_the_server_where_it_was(server_t
   fn, mesh, alg = _build(apply, loss_fn, 2, "vmap", server_tx=tx)
   bx, by, bw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(weights)), mesh)
   everyone, nobody = (shard_clients(jnp.asarray(np.full(4, v)), mesh) for v in (True, False))
-  state, _, _ = fn(alg.init(params, jax.random.key(0)), None, {"x": bx, "y": by, "reported": everyone}, bw)
+  # the initial state replicated on the mesh as the round returns it: both rounds run one compiled program
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)
+  state, _, _ = fn(state, None, {"x": bx, "y": by, "reported": everyone}, bw)
   before = jax.tree.map(np.asarray, state)
   assert _max_diff(_tree_np(params), before["params"]) > 0  # the first round moved the model
   state, _, m = fn(state, None, {"x": bx, "y": by, "reported": nobody}, bw)

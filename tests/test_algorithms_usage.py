@@ -16,14 +16,15 @@ from test_engine import LR, _build, _max_diff, _tree_np
 
 from fedkd.fl import algorithms, engine
 from fedkd.fl.algorithm import init_rows
-from fedkd.sharding import shard_clients
+from fedkd.sharding import replicate, shard_clients
 
 
 def _run_rounds(alg, apply, loss_fn, params, rounds, n_total, layout="vmap", n_dev=2, chunk=8):
   """``rounds``: (ids, xs, ys, weights, steps, reported) through engine.make_round_fn, the rows kept in a
   numpy table of ``n_total`` clients (a client not sampled keeps its row). Returns (state, table)."""
   fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=chunk)
-  state = alg.init(params, jax.random.key(0))
+  # replicated on the mesh as the round returns it: every round runs one compiled program
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)
   table = init_rows(alg, params, n_total)
   table = None if table is None else jax.tree.map(np.array, table)
   for ids, xs, ys, weights, steps, reported in rounds:

@@ -13,7 +13,7 @@ from fedkd.fl import algorithms, engine
 from fedkd.fl.algorithm import ClientContext, init_rows
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_model, init_params
-from fedkd.sharding import client_mesh, shard_clients
+from fedkd.sharding import client_mesh, replicate, shard_clients
 
 C, S, B, H = 8, 2, 2, 16
 LR = 0.05
@@ -172,16 +172,31 @@ def test_round_equals_per_client_loop(layout, lowering, n_dev, chunk, unroll):
   assert metrics["client_loss"].shape == (4,)
 
 
-# four clients with unrolled local steps: the programs test_clients_in_flight_bounds_the_temporary_memory compiles
+@functools.cache
+def _unroll_on_one_device(clients, in_flight, unroll):
+  """(compiled round, algorithm, sharded batch) of ``_setup(seed=2, clients)`` on one device, unroll +
+  matmul: traced and compiled once per process, shared by the equivalence and memory tests below."""
+  apply, params, loss_fn, xs, ys, weights = _setup(seed=2, clients=clients)
+  fn, mesh, alg = _build(apply, loss_fn, 1, "unroll", "matmul", unroll=unroll, in_flight=in_flight)
+  batch = shard_clients(({"x": jnp.asarray(xs), "y": jnp.asarray(ys)}, jnp.asarray(weights)), mesh)
+  return fn.lower(alg.init(params, jax.random.key(0)), None, *batch).compile(), alg, batch
+
+
+def _unroll_round_on_one_device(params, clients, in_flight, unroll):
+  compiled, alg, batch = _unroll_on_one_device(clients, in_flight, unroll)
+  state, _, metrics = compiled(alg.init(params, jax.random.key(0)), None, *batch)
+  return jax.tree.map(np.asarray, state["params"]), metrics
+
+
+# four clients with unrolled local steps: the programs test_clients_in_flight_bounds_the_temporary_memory measures
 @pytest.mark.parametrize("clients,in_flight,unroll", [(4, 1, True), (3, 2, False)])
 def test_unroll_with_clients_in_flight_equals_per_client_loop(clients, in_flight, unroll):
   """Four clients on one device with at most 1 of them in flight, three with at most 2: the per-client
   loop's round, and the unordered unroll's (the same left-to-right sum of the parts)."""
   apply, params, loss_fn, xs, ys, weights = _setup(seed=2, clients=clients)
   ref = _reference_round(apply, loss_fn, params, xs, ys, weights)
-  args = (apply, loss_fn, params, xs, ys, weights, 1, "unroll", "matmul")
-  got, metrics = _engine_round(*args, unroll=unroll, in_flight=in_flight)
-  free, free_metrics = _engine_round(*args, unroll=unroll, in_flight=0)
+  got, metrics = _unroll_round_on_one_device(params, clients, in_flight, unroll)
+  free, free_metrics = _unroll_round_on_one_device(params, clients, 0, unroll)
   assert _max_diff(ref, got) < 2e-5
   assert _max_diff(free, got) < 1e-6
   np.testing.assert_allclose(np.asarray(metrics["client_loss"]), np.asarray(free_metrics["client_loss"]), rtol=1e-6)
@@ -192,13 +207,9 @@ def test_clients_in_flight_bounds_the_temporary_memory():
   """XLA's buffer plan for four unrolled clients with unrolled local steps (the CPU default): one client
   in flight needs well under half the temporary memory of XLA's own schedule, which runs the clients in
   lockstep and so keeps every client's activations alive at once (0.41x measured)."""
-  apply, params, loss_fn, xs, ys, weights = _setup(seed=2)
 
   def temp(in_flight):
-    fn, mesh, alg = _build(apply, loss_fn, 1, "unroll", "matmul", unroll=True, in_flight=in_flight)
-    state = alg.init(params, jax.random.key(0))
-    batch = shard_clients(({"x": jnp.asarray(xs), "y": jnp.asarray(ys)}, jnp.asarray(weights)), mesh)
-    return fn.lower(state, None, *batch).compile().memory_analysis().temp_size_in_bytes
+    return _unroll_on_one_device(4, in_flight, True)[0].memory_analysis().temp_size_in_bytes
 
   ordered, free = temp(1), temp(0)
   assert ordered < 0.5 * free, (ordered, free)
@@ -321,7 +332,8 @@ def assert_scaffold_rounds(apply, params, loss_fn, xs, ys, weights, n_dev, layou
   fn, mesh, _ = _build(
     apply, loss_fn, n_dev, layout, lowering, algorithm=alg, chunk=2, in_flight=int(layout == "unroll")
   )
-  state = alg.init(params, jax.random.key(0))
+  # the state placed as the round returns it (replicated on the mesh): both rounds run one compiled program
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)
   table = jax.tree.map(np.array, init_rows(alg, params, n_total))
   for ids, rx, ry, rw in rounds:
     rows = jax.tree.map(lambda a: jnp.asarray(a[ids]), table)
@@ -344,20 +356,26 @@ def test_scaffold_equals_per_client_loop(layout, n_dev):
   assert_scaffold_rounds(apply, params, loss_fn, xs, ys, weights, n_dev, layout)
 
 
-def _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, mu, tau):
-  """MOON client by client (numpy SGD updates): the contrastive term written out with an explicit
-  log-softmax over (positive, negative); a client sampled again contrasts with its own last model."""
+@functools.cache
+def _moon_grad(apply, apply_wf, loss_fn, tau):
+  """The jitted gradient of one MOON client's loss; ``mu`` an argument (one program for every mu)."""
 
   def rep(p, x):
     f = apply_wf(p, x)[1].mean(axis=(1, 2))
     return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
 
-  def moon_loss(q, glob, prev, x, y):
+  def moon_loss(q, glob, prev, x, y, mu):
     z, zg, zp = rep(q, x), jax.lax.stop_gradient(rep(glob, x)), jax.lax.stop_gradient(rep(prev, x))
     logits = jnp.stack([jnp.sum(z * zg, -1), jnp.sum(z * zp, -1)], -1) / tau
     return loss_fn(apply(q, x), y) - mu * jnp.mean(jax.nn.log_softmax(logits, -1)[:, 0])
 
-  grad = jax.jit(jax.grad(moon_loss))
+  return jax.jit(jax.grad(moon_loss))
+
+
+def _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, mu, tau):
+  """MOON client by client (numpy SGD updates): the contrastive term written out with an explicit
+  log-softmax over (positive, negative); a client sampled again contrasts with its own last model."""
+  grad = _moon_grad(apply, apply_wf, loss_fn, tau)
   server, prevs = _tree_np(params), {}
   for r, ids in enumerate(samples):
     rx, ry = (xs[::-1], ys[::-1]) if r else (xs, ys)
@@ -365,7 +383,7 @@ def _moon_reference(apply, apply_wf, loss_fn, params, samples, xs, ys, weights, 
     for row, cid in enumerate(ids):
       prev, q = prevs.get(cid, server), server
       for s in range(rx.shape[1]):
-        g = grad(*(jax.tree.map(np.float32, t) for t in (q, server, prev)), rx[row, s], ry[row, s])
+        g = grad(*(jax.tree.map(np.float32, t) for t in (q, server, prev)), rx[row, s], ry[row, s], np.float32(mu))
         q = jax.tree.map(lambda a, b: a - LR * np.asarray(b, np.float64), q, g)
       prevs[cid] = q
       deltas.append(jax.tree.map(np.subtract, q, server))
@@ -384,7 +402,7 @@ def test_moon_equals_per_client_loop():
 
   alg = algorithms.Moon(optax.sgd(1.0), mu, tau)
   fn, mesh, _ = _build(apply, loss_fn, 2, "vmap", algorithm=alg, apply_wf=apply_wf)
-  state = alg.init(params, jax.random.key(0))
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)  # as the round returns it: one program
   table = jax.tree.map(np.array, init_rows(alg, params, 6))
   for r, ids in enumerate(samples):
     rx, ry = (xs[::-1], ys[::-1]) if r else (xs, ys)

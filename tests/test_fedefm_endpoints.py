@@ -122,15 +122,14 @@ def test_push_sum_on_an_unbalanced_digraph_reaches_the_true_average():
   fn = engine.make_round_fn(alg, ctx, mesh, engine.EngineOptions("vmap", "xla", 8, unroll_local_steps=False))
   idx, mask = topology.neighbour_table(adj)
   batch = {"x": jnp.asarray(xs), "y": jnp.asarray(ys), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)}
+  batch, weights = shard_clients(batch, mesh), shard_clients(jnp.ones(n), mesh)  # the same every round
   out = {}
   for name in ("push", "rows"):
     rows = shard_clients({"params": p0, "prev": p0}, mesh)
     server = alg.init(None, None)
     for r in range(200):
       W = topology.push_sum_round(A, r) if name == "push" else R
-      server, rows, _ = fn(
-        server, rows, shard_clients(batch, mesh), shard_clients(jnp.ones(n), mesh), jnp.asarray(W, jnp.float32)
-      )
+      server, rows, _ = fn(server, rows, batch, weights, jnp.asarray(W, jnp.float32))
     out[name] = jax.tree.map(np.asarray, rows["params"])
   for a, t in zip(jax.tree.leaves(out["push"]), jax.tree.leaves(target)):
     np.testing.assert_allclose(a, np.broadcast_to(t, a.shape), atol=1e-4)
@@ -366,13 +365,10 @@ def test_source_track_end_to_end_learns_and_writes_the_endpoints(tmp_path, monke
     assert env["fedkd_dirty"] is dirty
 
 
-def test_contrast_between_two_workdirs_against_scipy(tmp_path):
-  """python -m fedkd.tasks.fedefm_contrast: a - b paired over the seeds both workdirs hold, t-interval and
-  p from scipy's paired t-test, Holm over the keys; a bad spec or a missing method is a one-line error."""
-  import json
-  import subprocess
-  import sys
-
+def test_contrast_between_two_workdirs_against_scipy(cli, tmp_path):
+  """python -m fedkd.tasks.fedefm_contrast (its ``__main__`` path, through the ``cli`` fork server): a - b paired
+  over the seeds both workdirs hold, t-interval and p from scipy's paired t-test, Holm over the keys; a bad spec
+  or a missing method is a one-line error."""
   rng = np.random.default_rng(3)
   va, vb = rng.uniform(size=6), rng.uniform(size=6)
   for name, vals, seeds in (("a", va, range(6)), ("b", vb, range(1, 6))):
@@ -382,24 +378,22 @@ def test_contrast_between_two_workdirs_against_scipy(tmp_path):
       for s in seeds
     ]
     (tmp_path / name / "results_raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  cmd = [sys.executable, "-m", "fedkd.tasks.fedefm_contrast", f"--a={tmp_path}/a:fedefm", f"--b={tmp_path}/b:fedefm"]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+  args = [f"--a={tmp_path}/a:fedefm", f"--b={tmp_path}/b:fedefm"]
+  r = cli.run("fedkd.tasks.fedefm_contrast", args)
+  assert r.code == 0, r.stderr
+  out = r.stdout
   d = va[1:] - vb[1:]
   p = stats.ttest_rel(va[1:], vb[1:]).pvalue
   half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
   assert f"| foundation | 5 | {d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] p={p:.3g}" in out, out
-  bad = subprocess.run(cmd[:3] + [f"--a={tmp_path}/a:moon", cmd[4]], capture_output=True, text=True)
-  assert bad.returncode == 2 and "holds no finished 'moon' run" in bad.stderr and "Traceback" not in bad.stderr
+  bad = cli.run("fedkd.tasks.fedefm_contrast", [f"--a={tmp_path}/a:moon", args[1]])
+  assert bad.code == 2 and "holds no finished 'moon' run" in bad.stderr and not bad.traceback
 
 
-def test_contrast_pools_workdirs_of_other_seeds_against_scipy(tmp_path):
+def test_contrast_pools_workdirs_of_other_seeds_against_scipy(cli, tmp_path):
   """fedefm_contrast with a comma list per side: the seeds of both workdirs pooled (as a replication on
   new seeds joins the first run), paired against scipy over all of them; a seed in two workdirs of one
   side, or workdirs of different configs, is a one-line error."""
-  import json
-  import subprocess
-  import sys
-
   rng = np.random.default_rng(5)
   values = {}
   for name, method, seeds in (("first", "fedefm", range(5)), ("rep", "fedefm", range(5, 9))):
@@ -414,22 +408,22 @@ def test_contrast_pools_workdirs_of_other_seeds_against_scipy(tmp_path):
     (tmp_path / name / "config.json").write_text(json.dumps(config))
   a = f"--a={tmp_path}/first:fedefm,{tmp_path}/rep:fedefm"
   b = f"--b={tmp_path}/first:fedavg,{tmp_path}/rep:fedavg"
-  cmd = [sys.executable, "-m", "fedkd.tasks.fedefm_contrast"]
-  out = subprocess.run(cmd + [a, b], capture_output=True, text=True, check=True).stdout
+  mod = "fedkd.tasks.fedefm_contrast"
+  r = cli.run(mod, [a, b])
+  assert r.code == 0, r.stderr
+  out = r.stdout
   x = np.array([values["fedefm", s] for s in range(9)])
   y = np.array([values["fedavg", s] for s in range(9)])
   d = x - y
   half = stats.t.ppf(0.975, 8) * d.std(ddof=1) / np.sqrt(9)
   p = stats.ttest_rel(x, y).pvalue
   assert f"| foundation | 9 | {d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] p={p:.3g}" in out, out
-  twice = subprocess.run(
-    cmd + [f"--a={tmp_path}/first:fedefm,{tmp_path}/first:fedefm", b], capture_output=True, text=True
-  )
-  assert twice.returncode == 2 and "seed 0 is in both" in twice.stderr and "Traceback" not in twice.stderr
+  twice = cli.run(mod, [f"--a={tmp_path}/first:fedefm,{tmp_path}/first:fedefm", b])
+  assert twice.code == 2 and "seed 0 is in both" in twice.stderr and not twice.traceback
   other = {"task": "fedefm", "image_size": 64, "experiment": {"seeds": "5,6,7,8"}}
   (tmp_path / "rep" / "config.json").write_text(json.dumps(other))
-  bad = subprocess.run(cmd + [a, b], capture_output=True, text=True)
-  assert bad.returncode == 2 and "config.image_size differs" in bad.stderr and "Traceback" not in bad.stderr
+  bad = cli.run(mod, [a, b])
+  assert bad.code == 2 and "config.image_size differs" in bad.stderr and not bad.traceback
 
 
 def test_holm_leaves_out_a_contrast_without_a_p_value():

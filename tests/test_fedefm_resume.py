@@ -77,6 +77,19 @@ def reference(tmp_path_factory):
   return work, rows, lines
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+  """A workdir (checkpoint.every = 1) killed after fedefm's round 3 before saving it: fedavg finished, fedefm's
+  rounds 1 and 2 checkpointed. Killed once per module; every test works on its own copy."""
+  work = str(tmp_path_factory.mktemp("killed") / "fe")
+  c = tiny()
+  c.checkpoint.every = 1
+  with pytest.raises(KeyboardInterrupt):  # fedavg: 3 rounds + end of run; fedefm rounds 1, 2, 3
+    task.run(c, work, log=lambda _: None, stop=FakeStop(7, kill=True))
+  assert steps(work, FEDEFM) == [1, 2] and steps(work, FEDAVG) is None
+  return work
+
+
 def test_experiment_end_to_end_tiny_and_skips_finished_runs(reference):
   """Tables written, progress lines, checkpoints removed once used, a re-run skips every run."""
   work, rows, lines = reference
@@ -147,15 +160,14 @@ def test_stopped_experiment_resumes_bitwise(reference, tmp_path, monkeypatch):
   assert not os.path.exists(os.path.join(work, "checkpoints"))
 
 
-def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(reference, tmp_path, capsys):
-  """Killed after fedefm's round 3 before saving it; the newest checkpoint left (round 2) is then
+def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(reference, killed, tmp_path, capsys):
+  """Killed after fedefm's round 3 before saving it (``killed``); the newest checkpoint left (round 2) is then
   damaged, so the re-run resumes from round 1; checkpoint.every changes no number."""
   ref_work, _, _ = reference
   work = str(tmp_path / "fe")
+  shutil.copytree(killed, work)
   c = tiny()
   c.checkpoint.every = 1
-  with pytest.raises(KeyboardInterrupt):  # fedavg: 3 rounds + end of run; fedefm rounds 1, 2, 3
-    task.run(c, work, log=lambda _: None, stop=FakeStop(7, kill=True))
   assert steps(work, FEDEFM) == [1, 2] and steps(work, FEDAVG) is None
   data = os.path.join(work, "checkpoints", FEDEFM, "2", "state")
   for root, _, files in os.walk(data):
@@ -197,15 +209,14 @@ def test_killed_run_falls_back_over_a_damaged_checkpoint_and_resumes_bitwise(ref
     {"w": None},
   ],
 )
-def test_checkpoint_metrics_no_run_writes_fall_back_like_a_damaged_step(reference, tmp_path, damage):
+def test_checkpoint_metrics_no_run_writes_fall_back_like_a_damaged_step(reference, killed, tmp_path, damage):
   """A step whose pretraining summary (the JSON metrics pretrain carries on from) holds what no run writes is a
   damaged step, as docs/reliability.md says: the resume falls back to the round before and ends bitwise equal."""
   ref_work, _, _ = reference
   work = str(tmp_path / "fe")
+  shutil.copytree(killed, work)  # killed after fedefm's round 3, before saving it
   c = tiny()
   c.checkpoint.every = 1
-  with pytest.raises(KeyboardInterrupt):  # killed after fedefm's round 3, before saving it
-    task.run(c, work, log=lambda _: None, stop=FakeStop(7, kill=True))
   assert steps(work, FEDEFM) == [1, 2]
   meta = os.path.join(work, "checkpoints", FEDEFM, "2", "data", "metadata")
   saved = json.load(open(meta))
@@ -254,7 +265,8 @@ def test_foundations_are_reused_by_a_downstream_only_rerun(reference, tmp_path):
   ref_work, ref_rows, _ = reference
   c = tiny()
   c.experiment.foundations_from = ref_work
-  c.downstream.kd_confidence, c.downstream.probe = 0.5, False
+  # downstream keys outside the fine-tuning programs' keys (kd_confidence, say, would compile them again)
+  c.downstream.kd_scales, c.downstream.probe = "1", False
   lines = []
   rows = task.run(c, str(tmp_path / "down"), log=lines.append)
   assert not any("pretraining round" in l for l in lines)

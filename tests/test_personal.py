@@ -23,7 +23,7 @@ from fedkd.fl import algorithms
 from fedkd.fl.algorithm import init_rows
 from fedkd.fl.algorithms.fedbn import is_norm, norm_leaves
 from fedkd.models import build_model
-from fedkd.sharding import shard_clients
+from fedkd.sharding import replicate, shard_clients
 
 TINY_UNET = dict(name="unet", width=4, depth=1, groups=2, num_classes=3)  # tests/test_engine.py's _setup
 TINY_TRANSUNET = dict(
@@ -97,7 +97,8 @@ def _rounds(xs, ys, weights, steps=None):
 def _engine_rounds(alg, apply, loss_fn, params, rounds, layout, n_dev, chunk, table=None):
   """The rounds through engine.make_round_fn, the rows kept in a numpy table of N_TOTAL clients."""
   fn, mesh, _ = _build(apply, loss_fn, n_dev, layout, algorithm=alg, chunk=chunk)
-  state = alg.init(params, jax.random.key(0))
+  # replicated on the mesh as the round returns it: every round runs one compiled program
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)
   if table is None:
     table = jax.tree.map(np.array, init_rows(alg, params, N_TOTAL))
   metrics = []

@@ -26,7 +26,7 @@ from fedkd.fl import algorithms, engine, topology
 from fedkd.fl.algorithm import ClientContext, init_rows
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_params
-from fedkd.sharding import client_mesh, shard_clients
+from fedkd.sharding import client_mesh, replicate, shard_clients
 
 LR = 0.05  # client SGD step of the recorded problems
 REC = np.load(os.path.join(os.path.dirname(__file__), "data", "pre_redesign_rounds.npz"))
@@ -65,7 +65,7 @@ def test_fedavg_and_fedadam_two_rounds(old, sname):
   mesh = client_mesh(N_DEV[old])
   opts = engine.EngineOptions(layout, lowering, 2, unroll_local_steps=True)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)
-  state = alg.init(params, jax.random.key(0))
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)  # as the round returns it: one program
   for r in range(2):
     bx, by = (xs, ys) if r == 0 else (xs[::-1], ys[::-1])
     bx, by, bw = shard_clients((jnp.asarray(bx), jnp.asarray(by), jnp.asarray(w)), mesh)
@@ -85,7 +85,7 @@ def test_scaffold_two_rounds(old):
   mesh = client_mesh(2)
   opts = engine.EngineOptions(*OLD[old], 2, unroll_local_steps=True)
   fn = engine.make_round_fn(alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, opts)
-  state = alg.init(params, jax.random.key(0))
+  state = replicate(alg.init(params, jax.random.key(0)), mesh)  # as the round returns it: one program
   table = jax.tree.map(np.array, init_rows(alg, params, 6))
   for r, ids in enumerate([np.arange(0, 4), np.array([2, 5, 3, 4])]):
     rx, ry = (xs[::-1], ys[::-1]) if r else (xs, ys)

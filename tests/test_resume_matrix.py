@@ -138,8 +138,9 @@ def test_sigterm_then_shorter_then_extended_resume_equals_the_uninterrupted_run(
 
 
 def test_layouts_agree_through_the_task_with_rows_and_wrappers(tmp_path):
-  """4 clients on one device: unroll (one client in flight, the in-order sum) and chunked (a scan over
-  vmapped pairs) are the same math for FedBN's rows, dropout, drawn step counts and Gaussian attackers under
+  """4 clients: unroll on two devices (two clients unrolled on each, one in flight: the in-order sum; each
+  unrolled client adds to the program XLA compiles) and chunked on one device (a scan over vmapped pairs)
+  are the same math for FedBN's rows, dropout, drawn step counts and Gaussian attackers under
   norm clipping: same clients and participants, losses within float rounding, parameters and rows within
   a few 1e-5. (Not top-k or int8: their selection / rounding is discontinuous, so a last-bit difference
   can send another entry or level; GroupNorm makes some update entries tie exactly in magnitude.)"""
@@ -150,11 +151,10 @@ def test_layouts_agree_through_the_task_with_rows_and_wrappers(tmp_path):
     "attack.name": "gaussian",
     "attack.fraction": 0.25,
     "aggregator.name": "norm_clip",
-    "mesh.client_devices": 1,
   }
   layouts = {
-    "unroll": {"engine.client_layout": "unroll", "engine.clients_in_flight": "1"},
-    "chunked": {"engine.client_layout": "chunked", "engine.client_chunk": 2},
+    "unroll": {"engine.client_layout": "unroll", "engine.clients_in_flight": "1", "mesh.client_devices": 2},
+    "chunked": {"engine.client_layout": "chunked", "engine.client_chunk": 2, "mesh.client_devices": 1},
   }
   out, rounds = {}, {}
   for name, engine in layouts.items():

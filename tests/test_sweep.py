@@ -199,6 +199,45 @@ def test_seeds_flag_one_run_per_seed_or_replaces_the_sweeps_seeds(tmp_path, caps
 # ---------------------------------------------------------------- the runner on real runs
 
 
+SMALL = [
+  f"--extra={a}"
+  for a in (
+    "--config.num_rounds=2",
+    "--config.num_clients=2",
+    "--config.clients_per_round=2",
+    "--config.image_size=32",
+    "--config.local_steps=1",
+    "--config.batch_size=2",
+    "--config.model.width=4",
+    "--config.model.depth=1",
+    "--config.eval.examples_per_site=2",
+    "--config.eval.every=2",
+  )
+]
+
+
+def test_replicas_flag_runs_the_seeds_as_one_program_and_skips_them_after(tmp_path, capsys):
+  """--replicas: the seeds of the quickstart share one fedkd.main process (--seeds); every run gets its
+  workdir, DONE file and metrics; a second invocation skips them. (First of the real runs: SMALL has the data
+  and evaluation shapes of the quickstart's tiny sweep, so the two runs the next test starts side by side load
+  those programs from the persistent compilation cache instead of both compiling them at once.)"""
+  out = tmp_path / "sweep"
+  args = ["--config=configs/quickstart.py", "--seeds=0,1", f"--out={out}", "--replicas", *SMALL]
+  r = _launch(*args)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  for n in ("seed-0", "seed-1"):
+    assert f"{n}: started (new, one of 2 replicas in one program)" in r.stdout, r.stdout
+    assert f"{n}: finished in" in r.stdout
+    cmd = json.loads((out / n / "DONE").read_text())["command"]
+    assert "--seeds=0,1" in cmd and f"--replica_workdirs={out / 'seed-0'},{out / 'seed-1'}" in cmd
+    assert [json.loads(x)["round"] for x in (out / n / "metrics.jsonl").read_text().splitlines()] == [0, 2]
+    assert json.loads((out / n / "config.json").read_text())["seed"] == int(n[-1])
+  assert "2 replicas (seeds 0, 1) as one program" in (out / "seed-0" / "stdout.log").read_text()
+  assert launcher.main(list(args)) == 0  # in this process: no run starts
+  again = capsys.readouterr().out
+  assert again.count("skipped (finished: round 2/2)") == 2 and "started" not in again, again
+
+
 def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
   """The quickstart's tiny sweep with one seed (its two methods, run side by side): run, skip, resume,
   aggregate. (The mean +- sample std over several seeds: test_aggregate_only_groups_and_plots_a_numeric_key.)"""
@@ -619,43 +658,6 @@ def test_shipped_sweeps_validate(spec, arg, runs, methods):
   defn = launcher.build(spec, arg, [])
   assert len(defn["runs"]) == runs
   assert len({r["overrides"]["method"] for r in defn["runs"]}) == methods
-
-
-SMALL = [
-  f"--extra={a}"
-  for a in (
-    "--config.num_rounds=2",
-    "--config.num_clients=2",
-    "--config.clients_per_round=2",
-    "--config.image_size=32",
-    "--config.local_steps=1",
-    "--config.batch_size=2",
-    "--config.model.width=4",
-    "--config.model.depth=1",
-    "--config.eval.examples_per_site=2",
-    "--config.eval.every=2",
-  )
-]
-
-
-def test_replicas_flag_runs_the_seeds_as_one_program_and_skips_them_after(tmp_path, capsys):
-  """--replicas: the seeds of the quickstart share one fedkd.main process (--seeds); every run gets its
-  workdir, DONE file and metrics; a second invocation skips them."""
-  out = tmp_path / "sweep"
-  args = ["--config=configs/quickstart.py", "--seeds=0,1", f"--out={out}", "--replicas", *SMALL]
-  r = _launch(*args)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  for n in ("seed-0", "seed-1"):
-    assert f"{n}: started (new, one of 2 replicas in one program)" in r.stdout, r.stdout
-    assert f"{n}: finished in" in r.stdout
-    cmd = json.loads((out / n / "DONE").read_text())["command"]
-    assert "--seeds=0,1" in cmd and f"--replica_workdirs={out / 'seed-0'},{out / 'seed-1'}" in cmd
-    assert [json.loads(x)["round"] for x in (out / n / "metrics.jsonl").read_text().splitlines()] == [0, 2]
-    assert json.loads((out / n / "config.json").read_text())["seed"] == int(n[-1])
-  assert "2 replicas (seeds 0, 1) as one program" in (out / "seed-0" / "stdout.log").read_text()
-  assert launcher.main(list(args)) == 0  # in this process: no run starts
-  again = capsys.readouterr().out
-  assert again.count("skipped (finished: round 2/2)") == 2 and "started" not in again, again
 
 
 def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):

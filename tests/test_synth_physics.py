@@ -4,6 +4,8 @@ averages transmitted intensity, read-out noise is white, the second guidewire ha
 (the published tables) is kept as it was; the line integrals L are read where the renderer forms the primary
 counts dose * exp(-L) (a clean site: no anatomy, no vignetting)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,19 +16,31 @@ from fedkd.data import synth
 from test_synth import _CLEAN, _fixed_row
 
 
-def _line_integral(monkeypatch, row, physics, supersample, key, size=64):
-  """L [H, W] of one eager render: -log(primary / dose) where the scatter blur receives the primary."""
-  seen = {}
-  real = synth._broad_blur
+@functools.cache
+def _render_fn(size, supersample, physics):
+  """The jitted render of one example: (image, mask, the primary counts its scatter blur receives); one compile
+  per image size, sampling and version (the rows and keys are traced)."""
 
-  def spy(primary, sigma):
-    seen["primary"] = np.asarray(primary, np.float64)
-    return real(primary, sigma)
+  def render(key, row):
+    seen = {}
+    real = synth._broad_blur
 
-  monkeypatch.setattr(synth, "_broad_blur", spy)
-  with jax.disable_jit():
-    synth.render(key, row, size, supersample, physics=physics)
-  return -np.log(seen["primary"] / float(row["dose"][0]))
+    def spy(counts, sigma):
+      seen["primary"] = counts
+      return real(counts, sigma)
+
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(synth, "_broad_blur", spy)
+      image, mask = synth.render(key, row, size, supersample, physics=physics)
+    return image, mask, seen["primary"]
+
+  return jax.jit(render)
+
+
+def _line_integral(row, physics, supersample, key, size=64):
+  """L [H, W] of one render: -log(primary / dose) where the scatter blur receives the primary."""
+  primary = np.asarray(_render_fn(size, supersample, physics)(key, row)[2], np.float64)
+  return -np.log(primary / float(row["dose"][0]))
 
 
 def _wire_row(inch, data_type="catheter_guidewire", **more):
@@ -34,7 +48,7 @@ def _wire_row(inch, data_type="catheter_guidewire", **more):
 
 
 @pytest.mark.parametrize("physics,ratio", [(1, 0.035 / 0.014), (2, (0.035 / 0.014) ** 2)])
-def test_a_thicker_wire_attenuates_as_its_cross_section(monkeypatch, physics, ratio):
+def test_a_thicker_wire_attenuates_as_its_cross_section(physics, ratio):
   """With the material's coefficient mu fixed, a wire's attenuation summed over the image is mu x its cross-section
   (pi d^2 / 4) x its length: 0.035" against 0.014" gives (2.5)^2 = 6.25. Physics 1 drew the peak line integral
   whatever the diameter, so the sum grew only with the width (2.5). One sample per pixel (no partial-volume
@@ -42,9 +56,7 @@ def test_a_thicker_wire_attenuates_as_its_cross_section(monkeypatch, physics, ra
   key = synth.example_key(2, 0, 3, 0)
 
   def wire(inch):
-    both, cath = (
-      _line_integral(monkeypatch, _wire_row(inch, t), physics, 1, key) for t in ("catheter_guidewire", "catheter")
-    )
+    both, cath = (_line_integral(_wire_row(inch, t), physics, 1, key) for t in ("catheter_guidewire", "catheter"))
     return (both - cath).sum()
 
   sums = [wire(inch) for inch in (0.014, 0.035)]
@@ -52,13 +64,13 @@ def test_a_thicker_wire_attenuates_as_its_cross_section(monkeypatch, physics, ra
   np.testing.assert_allclose(sums[1] / sums[0], ratio, rtol=0.05)
 
 
-def test_a_pixel_averages_transmitted_intensity(monkeypatch):
+def test_a_pixel_averages_transmitted_intensity():
   """Physics 2: a partly covered pixel records the mean of exp(-L) over its samples, so its L = -log(mean exp(-L_s))
   is at most the mean of L_s (physics 1's, at the reference wire size where the two draw the same devices), with
   equality where the samples agree and a clear gap at a dense coil's edges (Jensen's inequality)."""
   key = synth.example_key(4, 0, 1, 0)
   row = _wire_row(0.025, device_contrast=2.5)
-  mean_l, mean_t = (_line_integral(monkeypatch, row, physics, 4, key) for physics in (1, 2))
+  mean_l, mean_t = (_line_integral(row, physics, 4, key) for physics in (1, 2))
   assert (mean_t <= mean_l + 1e-5).all()
   assert (mean_l - mean_t).max() > 0.1
   flat = mean_l < 1e-6  # no device in any sample: both zero
@@ -84,13 +96,12 @@ def test_read_out_noise_is_added_after_the_blur(physics):
 @pytest.mark.parametrize("physics", [1, 2])
 def test_the_second_guidewire_has_the_sites_size(physics):
   """A site whose guidewires are all 0.014" (1.19 px at 0.3 mm/px): physics 2 draws the second wire at that size
-  too (the mask's ridge widths stay at one wire's); physics 1 drew it from 0.014-0.035" (up to 2.96 px)."""
+  too (the mask's ridge widths stay at one wire's); physics 1 drew it from 0.014-0.035" (up to 2.96 px). Four
+  samples per axis: the render program of test_a_pixel_averages_transmitted_intensity."""
   row = _fixed_row(guidewire_inch=0.014, second_wire=1.0, pixel_spacing=0.3, **_CLEAN)
-  render = jax.jit(synth.render, static_argnums=(2, 3, 4, 5))
   widths = []
   for i in range(6):
-    _, m = render(synth.example_key(8, 0, i, 0), row, 64, 2, None, physics)
-    m = np.asarray(m)
+    m = np.asarray(_render_fn(64, 4, physics)(synth.example_key(8, 0, i, 0), row)[1])
     edt = ndi.distance_transform_edt(m == 2)
     ridge = (edt >= ndi.maximum_filter(edt, size=3)) & (m == 2)
     widths.append(2.0 * np.percentile(edt[ridge], 95) - 1.0)
@@ -102,18 +113,21 @@ def test_the_second_guidewire_has_the_sites_size(physics):
 
 def test_the_config_key_reaches_the_clients_and_is_checked():
   """config.data.synthetic_physics: the clients' held-out images are the generator's at that version (2, the
-  corrected one, by default), and a value other than 1 or 2 is a ConfigError naming both."""
+  corrected one, by default), and a value other than 1 or 2 is a ConfigError naming both. 16-pixel images: the
+  renderer's programs are those of the FedEFM silos below (tests/test_fedefm_usage.py's tiny config)."""
   from fedkd.config import ConfigError, base_config, validate
   from fedkd.data.pipeline import make_client_data
 
   c = base_config()
-  c.num_clients, c.clients_per_round, c.image_size, c.eval.examples_per_site = 2, 2, 32, 2
+  c.num_clients, c.clients_per_round, c.image_size, c.eval.examples_per_site = 2, 2, 16, 2
   sets = {}
   for physics in (1, 2):
     c.data.synthetic_physics = physics
     data = make_client_data(c)
     sets[physics] = np.asarray(data.eval_sets([0])[data.site_names[0]][0])
-    want = synth.generate(c.seed, data.table, np.array([0], np.int32), np.arange(2)[None], 32, split=1, physics=physics)
+    want = synth.generate(
+      c.seed, data.table, np.array([0], np.int32), np.arange(2)[None], c.image_size, split=1, physics=physics
+    )
     np.testing.assert_array_equal(sets[physics], np.asarray(want[0][0]))
   assert np.abs(sets[1] - sets[2]).mean() > 1e-3
   for bad in (3, 0, True):
@@ -150,7 +164,7 @@ def test_fedefm_silos_render_with_the_configs_physics_and_old_workdirs_ran_physi
 
 
 @pytest.mark.parametrize("physics,ratio", [(1, 8.0 / 4.0), (2, (8.0 / 4.0) ** 2)])
-def test_a_wider_catheter_attenuates_as_its_cross_section(monkeypatch, physics, ratio):
+def test_a_wider_catheter_attenuates_as_its_cross_section(physics, ratio):
   """The catheter's wall (and its faint lumen, a fixed share of the wall's coefficient) at 8 F against 4 F, the
   same inner-to-outer ratio (same key): with the material's coefficient fixed the summed attenuation grows with
   the cross-section, 4x; physics 1 drew the wall's peak whatever the size, so it grew with the width, 2x."""
@@ -158,6 +172,6 @@ def test_a_wider_catheter_attenuates_as_its_cross_section(monkeypatch, physics, 
 
   def total(french):
     row = _fixed_row("catheter", catheter_french=french, pixel_spacing=0.3, vignetting=0.0, **_CLEAN)
-    return _line_integral(monkeypatch, row, physics, 1, key).sum()
+    return _line_integral(row, physics, 1, key).sum()
 
   np.testing.assert_allclose(total(8.0) / total(4.0), ratio, rtol=0.05)

@@ -397,7 +397,8 @@ def test_closing_the_pool_after_a_worker_was_killed_does_not_hang():
   """A worker SIGKILLed while idle may hold the task queue's lock: the others then wait for it forever and
   ignore the executor's SIGTERM (workers ignore it, so a job-wide SIGTERM does not break the round), so
   ProcessPoolExecutor.shutdown(wait=True) hung. close()'s _stop_pool returns within its timeout, every worker
-  gone, whichever worker was killed."""
+  gone, whichever worker was killed (each worker of a two-worker pool in turn: one of them holds the lock; every
+  spawned worker costs a Python start-up and the pipeline's imports)."""
   import concurrent.futures
   import contextlib
   import multiprocessing
@@ -405,9 +406,10 @@ def test_closing_the_pool_after_a_worker_was_killed_does_not_hang():
 
   from _pool_worker import worker_pid
 
-  for victim in range(3):
+  workers_per_pool = 2
+  for victim in range(workers_per_pool):
     ex = concurrent.futures.ProcessPoolExecutor(
-      3,
+      workers_per_pool,
       mp_context=multiprocessing.get_context("spawn"),
       initializer=pipeline._worker_init,
       initargs=(None, None, 0, None, 2),

@@ -92,9 +92,10 @@ def test_dropout_dp_and_topk_in_one_run_stop_at_the_privacy_budget_and_resume(tm
 
 def test_ditto_evaluates_each_training_site_with_its_clients_personal_model(tmp_path):
   """The per-site records of a Ditto run are the Evaluator's numbers for each client's personal model
-  (its row), the unseen site the global model's."""
+  (its row), the unseen site the global model's. The default lambda: the round program is
+  test_personal_state_resumes_exactly's (compiled once)."""
   c = tiny_config(num_rounds=2, num_clients=2, clients_per_round=2)
-  c.algorithm.name, c.algorithm.ditto_lambda = "ditto", 0.5
+  c.algorithm.name = "ditto"
   c.eval.every, c.eval.max_sites = 2, 2
   lines = []
   out = fedavg.run(c, str(tmp_path / "d"), log=lines.append)
