@@ -112,7 +112,7 @@ def run_app(
   from absl import app
 
   from fedkd.errors import USER_ERRORS
-  from fedkd.preemption import Stopped
+  from fedkd.preemption import Stopped, ctrl_c_raises
 
   line_buffered()
   running = {"main": False}
@@ -159,7 +159,8 @@ def run_app(
       fail(describe_os_error(err, err.filename or "the workdir"))
 
   try:
-    app.run(wrapped, argv=argv, flags_parser=parser)
+    with ctrl_c_raises():  # a Ctrl-C raised inside JAX's gc callback would be dropped: sent again instead
+      app.run(wrapped, argv=argv, flags_parser=parser)
   except SystemExit as e:
     code = e.code
     if isinstance(code, int) and code != 0:

@@ -13,6 +13,7 @@ left orbax's own traceback on the console and the run's saved round unknown to t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -35,6 +36,38 @@ def completing():
   if not _completing and _deferred:
     _deferred = False
     raise KeyboardInterrupt
+
+
+def _resend_a_dropped_ctrl_c(unraisable) -> None:
+  """``sys.unraisablehook`` while :func:`ctrl_c_raises` or :class:`StopSignals` is active: a KeyboardInterrupt raised
+  where Python drops exceptions (a gc callback such as JAX's, a weakref callback, a ``__del__``) was printed as
+  "Exception ignored in ..." and lost (the program ran on and exited 0); SIGINT is sent again a moment later
+  instead, so that it lands where it stops the program. Anything else goes to the hook this one replaced."""
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return
+  _replaced[0](unraisable)
+
+
+_replaced: list = []  # the hook _resend_a_dropped_ctrl_c replaced, while it is installed
+
+
+@contextlib.contextmanager
+def ctrl_c_raises():
+  """A Ctrl-C in the block stops it with KeyboardInterrupt even when the exception is first raised where Python
+  drops exceptions (see :func:`_resend_a_dropped_ctrl_c`); the entry points run inside one. Nested blocks share
+  the outermost one's hook."""
+  if sys.unraisablehook is _resend_a_dropped_ctrl_c:
+    yield
+    return
+  _replaced[:] = [sys.unraisablehook]
+  sys.unraisablehook = _resend_a_dropped_ctrl_c
+  try:
+    yield
+  finally:
+    if sys.unraisablehook is _resend_a_dropped_ctrl_c:
+      sys.unraisablehook = _replaced[0]
+    _replaced.clear()
 
 
 class Stopped(Exception):
@@ -81,9 +114,12 @@ class StopSignals:
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._on_signal)
+    self._resend = ctrl_c_raises()  # a second Ctrl-C raised where Python drops it is sent again
+    self._resend.__enter__()
     return self
 
   def __exit__(self, *exc) -> None:
+    self._resend.__exit__(None, None, None)
     for s, h in self._old.items():
       signal.signal(s, h)
     self._old.clear()
