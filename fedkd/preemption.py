@@ -44,7 +44,9 @@ def _resend_a_dropped_ctrl_c(unraisable) -> None:
   "Exception ignored in ..." and lost (the program ran on and exited 0); SIGINT is sent again a moment later
   instead, so that it lands where it stops the program. Anything else goes to the hook this one replaced."""
   if isinstance(unraisable.exc_value, KeyboardInterrupt):
-    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    again.daemon = True  # a program already on its way out is not held up by it
+    again.start()
     return
   _replaced[0](unraisable)
 
