@@ -217,6 +217,51 @@ def test_generated_palette_8bit_multiframe(tmp_path):
   assert not np.array_equal(got, idx)
 
 
+def _palette_index_image(rng, entries):
+  """12-bit palette indices over ``entries`` entries (every index below 256 and above it drawn)."""
+  idx = rng.integers(0, entries, (34, 33)).astype(np.uint16)
+  idx[0, :3] = (0, 300, entries - 1)
+  return idx
+
+
+def test_a_palette_of_more_than_256_8bit_entries_is_looked_up_with_wide_indices(tmp_path):
+  """4096 8-bit entries, one byte each: index 300 reads entry 300 (pydicom 3.0's apply_color_lut indexes an
+  8-bit palette with uint8, reading entry 44)."""
+  rng = np.random.default_rng(21)
+  idx = _palette_index_image(rng, 4096)
+  ds = new_dataset(idx, sop_class=US_STORAGE, photometric="PALETTE COLOR", bits=12)
+  tables = [rng.integers(0, 256, 4096).astype(np.uint8) for _ in range(3)]
+  for colour, table in zip(("Red", "Green", "Blue"), tables):
+    setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4096, 0, 8])
+    ds.add_new(pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW", table.tobytes())
+  path = tmp_path / "palette4096.dcm"
+  save_and_read(ds, path)
+  got, _ = decode.read_image(path)
+  rgb = np.stack([t[idx] for t in tables], axis=-1)  # numpy, PS3.3 C.7.6.3.1.5
+  np.testing.assert_array_equal(got[0], np.round(luma(rgb)).astype(np.uint8))
+
+
+def test_a_segmented_palette_of_more_than_256_8bit_entries_is_looked_up_with_wide_indices(tmp_path):
+  """An 8-bit segmented palette (PS3.3 C.7.9.2: discrete segments ``0, n, v1 .. vn``) of 610 entries: each index
+  reads its own entry of the expanded table."""
+  rng = np.random.default_rng(22)
+  idx = _palette_index_image(rng, 610)
+  ds = new_dataset(idx, sop_class=US_STORAGE, photometric="PALETTE COLOR", bits=12)
+  tables = []
+  for colour in ("Red", "Green", "Blue"):
+    table = rng.integers(0, 256, 610).astype(np.uint8)
+    segments = [np.concatenate([[0, len(part)], part]) for part in (table[:255], table[255:510], table[510:])]
+    tables.append(table)
+    setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [610, 0, 8])
+    data = np.concatenate(segments).astype(np.uint8).tobytes()
+    ds.add_new(pydicom.datadict.tag_for_keyword(f"Segmented{colour}PaletteColorLookupTableData"), "OW", data)
+  path = tmp_path / "segmented.dcm"
+  save_and_read(ds, path)
+  got, _ = decode.read_image(path)
+  rgb = np.stack([t[idx] for t in tables], axis=-1)
+  np.testing.assert_array_equal(got[0], np.round(luma(rgb)).astype(np.uint8))
+
+
 def test_palette_without_tables_is_refused(tmp_path):
   ds = new_dataset(np.zeros((32, 32), np.uint8), sop_class=US_STORAGE, photometric="PALETTE COLOR")
   path = tmp_path / "no_palette.dcm"
@@ -267,6 +312,47 @@ def test_generated_voi_lut_sequence_nonlinear(tmp_path, ow):
   np.testing.assert_array_equal(got, pydicom_gray(ds))
   lookup = table[np.clip(px.astype(int) - 1000, 0, 2047)]  # numpy, PS3.3 C.11.2.1.1
   np.testing.assert_array_equal(got[0], np.round(lookup * 255.0 / 4095).astype(np.uint8))
+
+
+@pytest.mark.parametrize("ow", [False, True], ids=["US", "OW"])
+def test_a_voi_lut_of_more_than_256_8bit_entries_is_looked_up_with_wide_indices(tmp_path, ow):
+  """A 12-bit image through a VOI LUT of 4096 random 8-bit entries starting at 100: value 400 reads entry 300
+  (pydicom 3.0's apply_voi indexes an 8-bit table with uint8, reading entry 44)."""
+  rng = np.random.default_rng(23)
+  px = rng.integers(0, 4096, (33, 35)).astype(np.uint16)
+  px[0, :3] = (0, 400, 4095)
+  table = rng.integers(0, 256, 4096).astype(np.uint16)
+  ds = new_dataset(px, bits=12)
+  ds.VOILUTSequence = Sequence([lut_item(100, 8, table, ow=ow)])
+  path = tmp_path / "vlut8.dcm"
+  save_and_read(ds, path)
+  got, _ = decode.read_image(path)
+  np.testing.assert_array_equal(got[0], table[np.clip(px.astype(int) - 100, 0, 4095)])  # numpy; 8 bits: v * 255 / 255
+
+
+def test_an_8bit_voi_lut_with_an_entry_above_255_is_refused(tmp_path):
+  table = np.arange(300, dtype=np.uint16)  # entries 256 .. 299 do not fit the 8 bits the descriptor states
+  ds = new_dataset(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 300, bits=12)
+  ds.VOILUTSequence = Sequence([lut_item(0, 8, table)])
+  path = tmp_path / "vlut_over.dcm"
+  ds.save_as(path, enforce_file_format=True)
+  with pytest.raises(
+    DatasetInputError, match=r"vlut_over\.dcm: its VOI LUT Sequence holds entries up to 299 .* 8 bits"
+  ):
+    decode.read_image(path)
+
+
+def test_a_linear_window_of_width_1_is_a_threshold(tmp_path):
+  """PS3.3 C.11.2.1.2.1 at width 1: x <= c - 0.5 is black, above white, nothing between (c = 2000.5: 2000 is
+  black, 2001 white)."""
+  px = np.resize(np.arange(1990, 2012, dtype=np.uint16), (32, 32))
+  ds = new_dataset(px, bits=12)
+  ds.WindowCenter, ds.WindowWidth = 2000.5, 1
+  path = tmp_path / "threshold.dcm"
+  ds = save_and_read(ds, path)
+  got, _ = decode.read_image(path)
+  np.testing.assert_array_equal(got[0], np.where(px > 2000, 255, 0).astype(np.uint8))
+  np.testing.assert_array_equal(got, pydicom_gray(ds))
 
 
 def test_generated_monochrome1_voi_lut(tmp_path):

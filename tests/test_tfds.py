@@ -79,7 +79,8 @@ def rng_mask(rng, shape, classes=4):
 # ------------------------------------------------------------------------------ xray_folder
 @pytest.fixture
 def hospital(tmp_path):
-  """A hospital folder with PNG (gray + RGB), DICOM (windowed, min-max) and two cine DICOMs.
+  """A hospital folder with PNG (gray + RGB), DICOM (windowed, min-max, named by UID and extension-less) and two
+  cine DICOMs.
   Returns (folder, expected {id: (image uint8 [H, W], mask uint8 [H, W])})."""
   rng = np.random.default_rng(0)
   root = tmp_path / "hospital_a"
@@ -103,6 +104,14 @@ def hospital(tmp_path):
   write_png(root / "masks/d.png", m)
   lin = ((px.astype(float) - 1999.5) / 1000.0 + 0.5) * 255.0  # PS3.3 C.11.2.1.2.1
   exp["d"] = (np.clip(np.round(lin), 0, 255).astype(np.uint8), m)
+  # DICOM files named as PACS exports name them: by their SOP Instance UID (the "extension" .1 is part of the
+  # name) and without an extension; each name is the stem whole, so the masks are <name>.png.
+  for name in ("1.2.826.0.1.3680043.8.498.1", "IM000001"):
+    px = rng.integers(1000, 3000, (32, 33)).astype(np.uint16)
+    m = rng_mask(rng, (32, 33))
+    write_dicom(root / "images" / name, px, window=(2000, 1001))
+    write_png(root / f"masks/{name}.png", m)
+    exp[name] = (np.clip(np.round(((px.astype(float) - 1999.5) / 1000.0 + 0.5) * 255.0), 0, 255).astype(np.uint8), m)
   # 16-bit DICOM without window: min-max scaled.
   px = rng.integers(0, 4096, (34, 32)).astype(np.uint16)
   m = rng_mask(rng, (34, 32))
@@ -134,7 +143,7 @@ def test_xray_folder_records_match_written_arrays(hospital, tmp_path):
   assert builder.info.file_format.file_suffix == "array_record"
   assert list(builder.info.splits.keys()) == ["train"]
   src = fdata.load_source("xray_folder", "train", data_dir)  # the only prepared config
-  assert len(src) == 4 + 3 + 2 == len(exp)  # images + cine frames
+  assert len(src) == 6 + 3 + 2 == len(exp)  # images + cine frames
   got = records_by_id(src)
   assert set(got) == set(exp)
   for key, (img, mask) in exp.items():
@@ -311,6 +320,13 @@ def _bad_corrupt(root):
   return "broken.png"
 
 
+def _bad_corrupt_mask(root):
+  _good_pair(root, "ok")
+  write_png(root / "images/torn.png", np.zeros((32, 32), np.uint8))
+  (root / "masks/torn.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+  return "torn.png"
+
+
 def _bad_cine_frames(root):
   (root / "masks").mkdir(parents=True)
   write_dicom(root / "images/run.dcm", np.zeros((3, 32, 32), np.uint16))
@@ -319,7 +335,8 @@ def _bad_cine_frames(root):
 
 
 @pytest.mark.parametrize(
-  "make_bad", [_bad_missing_mask, _bad_size, _bad_label, _bad_empty, _bad_corrupt, _bad_cine_frames]
+  "make_bad",
+  [_bad_missing_mask, _bad_size, _bad_label, _bad_empty, _bad_corrupt, _bad_corrupt_mask, _bad_cine_frames],
 )
 def test_bad_input_raises_and_leaves_nothing_prepared(tmp_path, make_bad):
   root = tmp_path / "site_x"
@@ -331,6 +348,9 @@ def test_bad_input_raises_and_leaves_nothing_prepared(tmp_path, make_bad):
   assert fname in str(err.value)
   if make_bad is _bad_label:
     assert "[0, 1, 7]" in str(err.value) and "[0, 1, 2, 3]" in str(err.value)
+  if make_bad is _bad_corrupt_mask:  # a mask's fix, not an image's; not the in-memory stream PIL was handed
+    assert "masks/torn.png: unreadable or corrupt mask file (PIL cannot identify it as an image)" in str(err.value)
+    assert "remove it and its image" in str(err.value) and "BytesIO" not in str(err.value)
   assert fdata.prepared_configs("xray_folder", data_dir) == []
   assert not list(data_dir.rglob("dataset_info.json"))
   cfg = fdata.resolve_config("xray_folder", manual_dir=root)
@@ -405,7 +425,8 @@ def test_cli(hospital, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "xray_folder/Hospital_A" in out and f"train: {len(exp)} examples" in out
   assert "no 'test' split" in out and "splits.json" in out  # fedkd.main would refuse it: say so at build time
-  stems = sorted(p.stem for p in (root / "images").iterdir())
+  # a stem is the name less .png / .dcm; the UID-named and extension-less DICOM files' stems are their whole names
+  stems = sorted(p.stem if p.suffix in (".png", ".dcm") else p.name for p in (root / "images").iterdir())
   (root / "splits.json").write_text(json.dumps({"train": stems[1:], "test": stems[:1]}))
   args = ["--dataset=xray_folder", f"--manual_dir={root}", f"--data_dir={data_dir}", "--site=Hospital A", "--overwrite"]
   assert cli.main(args) == 0

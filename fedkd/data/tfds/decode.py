@@ -25,10 +25,14 @@ Image conversion
      - ``VOILUTSequence`` table (first item; preferred over a window, as pydicom's
        ``apply_voi_lut`` does): the modality output is rounded to an integer and clamped to
        the table's input range, looked up, and the table output ``v`` (``n`` = third
-       ``LUTDescriptor`` value, bits per entry) becomes ``round(v * 255 / (2**n - 1))``;
+       ``LUTDescriptor`` value, bits per entry) becomes ``round(v * 255 / (2**n - 1))``. An 8-bit
+       table is handed to pydicom declared 16-bit (same entries), as pydicom would index a table
+       of more than 256 8-bit entries with 8-bit integers (entry 300 read as entry 44); an entry
+       above ``2**n - 1`` makes the file refused as inconsistent;
      - else ``WindowCenter``/``WindowWidth`` (width > 0): the DICOM window (first value when
        the tags are multi-valued; ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or
-       SIGMOID, PS3.3 C.11.2.1.2) onto [0, 255];
+       SIGMOID, PS3.3 C.11.2.1.2) onto [0, 255]; LINEAR at width 1 is a threshold (``x <= c - 0.5``
+       black, above white);
      - else 8-bit data (BitsStored 8, unsigned, in 8- or 16-bit words) without a modality
        transform or with an identity one (slope 1, intercept 0): unchanged;
      - else min-max scaled **per frame** (with a ``note:`` line);
@@ -44,7 +48,8 @@ Image conversion
   in the frame's ``PerFrameFunctionalGroupsSequence`` item replaces that attribute group of
   the top level for that frame.
 * DICOM ``PALETTE COLOR``: the stored indices go through the palette (pydicom's
-  ``apply_color_lut``); the RGB result (entries 0 .. ``2**n - 1``, ``n`` = third value of the
+  ``apply_color_lut``; a palette of more than 256 8-bit entries re-encoded as 16-bit entries first, for the
+  reason above); the RGB result (entries 0 .. ``2**n - 1``, ``n`` = third value of the
   Red Palette Color Lookup Table Descriptor) becomes ``round(luma * 255 / (2**n - 1))``.
   A palette file without its tables is refused.
 * Colour DICOM (SamplesPerPixel 3, YBR decoded to RGB by pydicom): luma as above; 8-bit data
@@ -99,9 +104,10 @@ def voi_window_to_uint8(x: np.ndarray, center: float, width: float, function: st
     y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
   elif function == "LINEAR_EXACT":
     y = ((x - center) / width + 0.5) * 255.0
+  elif width <= 1.0:  # LINEAR at width 1: a threshold, x <= c - 0.5 -> 0, above -> 255 (no ramp between)
+    y = np.where(x > center - 0.5, 255.0, 0.0)
   else:  # LINEAR
-    w1 = max(width - 1.0, 1e-12)
-    y = ((x - (center - 0.5)) / w1 + 0.5) * 255.0
+    y = ((x - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
   return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
@@ -111,18 +117,27 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def is_dicom_file(path: Path) -> bool:
-  """``.dcm``/``.dicom`` extension, or an extension-less file with the DICM preamble."""
-  ext = path.suffix.lower()
+  """``.dcm``/``.dicom`` extension, or any other name but .png/.jpg/.jpeg/.npy with the DICM preamble (PS3.10):
+  extension-less files, and files named by their UID (``1.2.826.0.1.3680043.8.498.1``, "extension" ``.1``)."""
+  ext = Path(path).suffix.lower()
   if ext in DICOM_EXTS:
     return True
-  if ext == "":
-    try:
-      with open(path, "rb") as f:
-        head = f.read(132)
-    except OSError:
-      return False
-    return len(head) == 132 and head[128:] == b"DICM"
-  return False
+  if ext in PIL_IMAGE_EXTS or ext == ".npy":
+    return False
+  try:
+    with open(path, "rb") as f:
+      head = f.read(132)
+  except OSError:
+    return False
+  return len(head) == 132 and head[128:] == b"DICM"
+
+
+def image_stem(path: Path) -> str:
+  """The name an image's mask and its splits.json entry use: the file name less its .png/.jpg/.jpeg/.dcm/.dicom
+  extension; any other name whole (an extension-less or UID-named DICOM file: ``1.2.840.1.5`` is not ``1.2.840.1``
+  with extension ``.5``)."""
+  path = Path(path)
+  return path.stem if path.suffix.lower() in IMAGE_EXTS else path.name
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -143,9 +158,19 @@ def _open_pil(path: Path, what: str = "image"):
     im.load()
     orientation = im.getexif().get(EXIF_ORIENTATION, 1)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    # PIL names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file
+    why = (
+      "PIL cannot identify it as an image"
+      if isinstance(e, Image.UnidentifiedImageError)
+      else f"{type(e).__name__}: {e}"
+    )
     raise DatasetInputError(
-      f"{path}: unreadable or corrupt image file ({type(e).__name__}: {e}); re-export it "
-      f"as PNG/JPEG or remove it (and its mask) from the folder"
+      f"{path}: unreadable or corrupt {what} file ({why}); "
+      + (
+        "re-export it as PNG/JPEG or remove it (and its mask) from the folder"
+        if what == "image"
+        else "re-export it as a PNG (or .npy) of label values, or remove it and its image"
+      )
     ) from None
   head = raw[:26]  # the PNG header: signature, IHDR length and type, width, height, bit depth, colour type
   if (
@@ -378,6 +403,13 @@ def _value(attrs: dict, keyword: str):
 def _lut_dataset(ds, elem):
   """A Dataset holding just ``elem`` (a LUT sequence) with the encoding of ``ds``: pydicom's
   LUT functions read the byte order of OW LUT data from the file meta or the encoding."""
+  view = _encoding_view(ds)
+  view.add(elem)
+  return view
+
+
+def _encoding_view(ds):
+  """An empty Dataset with the file meta and encoding of ``ds`` (which pydicom's LUT functions read)."""
   from pydicom.dataset import Dataset
 
   view = Dataset()
@@ -387,7 +419,59 @@ def _lut_dataset(ds, elem):
     view.set_original_encoding(*ds.original_encoding, None)
   except (AttributeError, TypeError):  # pydicom without original_encoding
     pass
-  view.add(elem)
+  return view
+
+
+def _little_endian(ds) -> bool:
+  """Whether ``ds``'s OW data is little-endian: its transfer syntax, else the encoding it was read with."""
+  uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+  if uid is not None:
+    try:
+      return bool(uid.is_little_endian)
+    except (AttributeError, ValueError):  # a private or unknown transfer syntax
+      pass
+  encoding = getattr(ds, "original_encoding", (None, None))
+  return encoding[1] is not False
+
+
+def _voi_16bit(elem):
+  """A VOI LUT Sequence element like ``elem`` whose first item declares 16 bits per entry. pydicom indexes an
+  8-bit table with 8-bit integers, so entry 300 of a 4096-entry table is read as entry 44; its entries are
+  16-bit words anyway, so the same table declared 16-bit is looked up right (values unchanged)."""
+  from pydicom.dataset import Dataset
+  from pydicom.dataelem import DataElement
+  from pydicom.sequence import Sequence
+
+  item, wide = elem.value[0], Dataset()
+  entries, first, _ = (int(v) for v in item.LUTDescriptor)
+  wide.LUTDescriptor = [entries, first, 16]
+  wide.add(item["LUTData"])
+  return DataElement(elem.tag, "SQ", Sequence([wide]))
+
+
+_PALETTE_COLOURS = ("Red", "Green", "Blue", "Alpha")
+
+
+def _palette_16bit(ds):
+  """``ds``'s palette (a view holding only its palette elements and encoding) with 8-bit entries re-encoded as
+  16-bit ones, values unchanged: pydicom indexes an 8-bit palette with 8-bit integers, so index 300 of a
+  4096-entry palette reads entry 44. ``ds`` itself where its entries are 16-bit or there are at most 256."""
+  entries, first, bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+  entries = entries or 65536
+  plain = "RedPaletteColorLookupTableData" in ds
+  eight = len(ds.RedPaletteColorLookupTableData) == entries if plain else bits == 8  # pydicom's own rules
+  if entries <= 256 or not eight:
+    return ds
+  view = _encoding_view(ds)
+  if "PixelPresentation" in ds:
+    view.PixelPresentation = ds.PixelPresentation
+  # plain data: pydicom reads 16-bit entries in the machine's byte order; segmented: in the file's
+  order = "=u2" if plain else ("<u2" if _little_endian(ds) else ">u2")
+  for colour in _PALETTE_COLOURS:
+    data = f"{colour}PaletteColorLookupTableData" if plain else f"Segmented{colour}PaletteColorLookupTableData"
+    if data in ds:
+      setattr(view, f"{colour}PaletteColorLookupTableDescriptor", [entries % 65536, first, 16])
+      setattr(view, data, np.frombuffer(ds[data].value, np.uint8).astype(order).tobytes())
   return view
 
 
@@ -448,11 +532,17 @@ def _gray_frame(x: np.ndarray, attrs: dict, ds, path: Path) -> tuple[np.ndarray,
     # table (values outside map to the first / last entry, PS3.3 C.11.2.1.1).
     iv = np.clip(np.rint(y), first, first + entries - 1).astype(np.int64)
     try:
-      v = apply_voi(iv, _lut_dataset(ds, attrs["VOILUTSequence"]))
+      elem = _voi_16bit(attrs["VOILUTSequence"]) if bits == 8 else attrs["VOILUTSequence"]
+      v = apply_voi(iv, _lut_dataset(ds, elem))
     except _LUT_ERRORS as e:
       raise DatasetInputError(
         f"{path}: cannot apply its VOI LUT Sequence ({type(e).__name__}: {e}); re-export the image"
       ) from None
+    if v.size and int(v.max()) > 2**bits - 1:
+      raise DatasetInputError(
+        f"{path}: its VOI LUT Sequence holds entries up to {int(v.max())} though its LUTDescriptor says {bits} bits "
+        "per entry; the file is inconsistent, re-export the image"
+      )
     scaled = np.round(v.astype(np.float64) * 255.0 / (2.0**bits - 1.0))
     return np.clip(scaled, 0, 255).astype(np.uint8), None
   center, width = _number(center, "WindowCenter", path), _number(width, "WindowWidth", path)
@@ -479,7 +569,7 @@ def _palette_to_gray(ds, arr: np.ndarray, path: Path) -> np.ndarray:
     )
   try:
     bits = int(desc[2])
-    rgb = apply_color_lut(arr, ds)
+    rgb = apply_color_lut(arr, _palette_16bit(ds))
   except _LUT_ERRORS as e:
     raise DatasetInputError(
       f"{path}: cannot apply its colour palette ({type(e).__name__}: {e}); re-export the images as MONOCHROME2 or RGB"
@@ -522,7 +612,7 @@ def read_image(path: Path) -> tuple[np.ndarray, bool]:
   if path.suffix.lower() not in PIL_IMAGE_EXTS:
     raise DatasetInputError(
       f"{path}: unsupported image file type; supported: {', '.join(IMAGE_EXTS)} "
-      f"(or extension-less DICOM); convert or remove it"
+      f"(or DICOM files of any other name, such as a UID); convert or remove it"
     )
   im = _open_pil(path)
   if im.mode == "L":

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fedkd.data.tfds.decode import IMAGE_EXTS, MASK_EXTS, is_dicom_file, read_image, read_mask
+from fedkd.data.tfds.decode import IMAGE_EXTS, MASK_EXTS, image_stem, is_dicom_file, read_image, read_mask
 from fedkd.data.tfds.label_maps import LabelSpec
 from fedkd.data.tfds.records import DatasetInputError, record, short_list
 
@@ -104,19 +104,17 @@ def list_images(images_dir: Path) -> list[Path]:
         f"{p}: broken symbolic link (to {os.readlink(p)}); restore the file it points to or remove the link"
       )
       continue
-    ext = p.suffix.lower()
-    if ext in IMAGE_EXTS or (ext == "" and is_dicom_file(p)):
-      if nfc(p.stem) in stems:  # also the same name in two Unicode forms: both would read one mask
-        problems.append(
-          f"{p}: duplicate image stem {p.stem!r} (also {stems[nfc(p.stem)].name}); keep one file per stem"
-        )
+    if p.suffix.lower() in IMAGE_EXTS or is_dicom_file(p):
+      stem = image_stem(p)
+      if nfc(stem) in stems:  # also the same name in two Unicode forms: both would read one mask
+        problems.append(f"{p}: duplicate image stem {stem!r} (also {stems[nfc(stem)].name}); keep one file per stem")
         continue
-      stems[nfc(p.stem)] = p
+      stems[nfc(stem)] = p
       files.append(p)
     else:
       problems.append(
         f"{p}: unsupported image file type; supported: "
-        f"{', '.join(IMAGE_EXTS)} (or extension-less DICOM); convert or "
+        f"{', '.join(IMAGE_EXTS)} (or DICOM files of any other name, such as a UID); convert or "
         f"remove it"
       )
   if problems:

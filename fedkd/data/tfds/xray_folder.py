@@ -2,7 +2,7 @@
 
 Layout under ``manual_dir``::
 
-    images/<stem>.png|.jpg|.jpeg|.dcm   (or extension-less DICOM files)
+    images/<stem>.png|.jpg|.jpeg|.dcm   (or DICOM files of any other name: <stem> is then the whole name)
     masks/<stem>.png|.dcm|.npy          one mask per image (exactly one of these)
     splits.json                         optional: {"train": [stems], "test": [stems], ...}
 
@@ -141,7 +141,7 @@ def scan_folder(root: Path) -> dict[str, list[Pair]]:
     raise DatasetInputError(
       f"{masks_dir}: mask folder not found; put one mask per image there as <stem>.png (or .dcm/.npy)"
     )
-  by_stem = {p.stem: p for p in images}
+  by_stem = {decode.image_stem(p): p for p in images}
   split_file = root / "splits.json"
   if not split_file.is_file():
     assignment = {"train": sorted(by_stem)}
@@ -193,11 +193,10 @@ def _orphan_masks(
     if f.name.startswith(".") or f.name.lower() in folders.JUNK_FILES or not f.is_file():
       continue
     ext = f.suffix.lower()
-    if (
-      not (ext in decode.MASK_EXTS or ext in decode.IMAGE_EXTS or (ext == "" and decode.is_dicom_file(f))) or f in used
-    ):
+    named = ext in decode.MASK_EXTS or ext in decode.IMAGE_EXTS
+    if not (named or decode.is_dicom_file(f)) or f in used:
       continue
-    stem = f.stem
+    stem = f.stem if named else f.name  # an extension-less or UID-named DICOM file: its whole name
     per_frame = _PER_FRAME.match(stem)
     base = per_frame.group(1) if per_frame else None
     if stem in failed or base in failed:
