@@ -825,8 +825,10 @@ class Experiment:
 
   def _finetune_fn(self, kd: bool, frozen: bool = False):
     d = self.c.downstream
-    key = ("finetune", self._student_key, self._teacher_key, kd, frozen, d.learning_rate, d.kd_pixel_weight)
-    key += (d.kd_feature_weight, d.kd_temperature, d.kd_confidence, d.kd_class_balance)
+    key = ("finetune", self._student_key, kd, frozen, d.learning_rate)
+    if kd:  # the teacher and the KD settings only shape the distilling program
+      key += (self._teacher_key, d.kd_pixel_weight, d.kd_feature_weight, d.kd_temperature, d.kd_confidence)
+      key += (d.kd_class_balance,)
     return PROGRAMS.get(key, lambda: self._make_finetune_fn(kd, frozen))
 
   def _make_finetune_fn(self, kd: bool, frozen: bool):
