@@ -543,7 +543,26 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
       f"config file {path}: get_config returned a {type(config).__name__}, not an "
       "ml_collections.ConfigDict; start from fedkd.config.base_config()"
     )
+  _check_file_types(config, path)
   return config
+
+
+def _check_file_types(config: ml_collections.ConfigDict, path: str) -> None:
+  """A key the file sets to a value of another type than its default's ('false' on an on/off key, '5' where a
+  number belongs) is one line naming the file; absl would also read a --config.KEY override as that type."""
+  from fedkd.config import a_type, base_config, fedefm_base_config, type_problem
+
+  schemas = {"fedavg": base_config, "fedefm": fedefm_base_config}
+  task = config.get("task")
+  if task not in schemas:  # validation names a missing or unknown task
+    return
+  found = type_problem(config, schemas[task](), allow_none=True)  # None: the override check names it
+  if found:
+    key, value, takes, write = found
+    fail(
+      f"config file {path} sets {key}={value!r}, {a_type(value)}, but the key takes {takes}: set it to {write} in "
+      f"the file (a --config.{key.removeprefix('config.')} override is read as the file's type)"
+    )
 
 
 def _where(e: BaseException, path: str) -> str:

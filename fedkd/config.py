@@ -11,11 +11,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -891,8 +893,63 @@ FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 MAX_SEED = 2**32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
 
 
+def _kind_of(default) -> tuple[Callable[[Any], bool], str, str] | None:
+  """For a schema default: (accepts(value), what the key takes, how to write it), or None (no rule: lists, None)."""
+  if isinstance(default, bool):
+    return (lambda v: isinstance(v, (bool, np.bool_))), "on/off (a bool)", "True or False (no quotes)"
+  if isinstance(default, int):
+    whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))  # noqa: E731
+    return whole, "a whole number (an int)", f"a whole number without quotes (e.g. {default})"
+  if isinstance(default, float):
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))  # noqa: E731
+    return real, "a number", f"a number without quotes (e.g. {default!r})"
+  if isinstance(default, str):
+    return (lambda v: isinstance(v, str)), "text (a str)", f"text in quotes (e.g. {default!r})"
+  return None
+
+
+def type_problem(
+  c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "config", allow_none: bool = False
+):
+  """The first key of ``c`` (recursively, keys both have) whose value is not of its schema default's type, as
+  (dotted key, value, what the key takes, how to write it), or None. A 'false' string on an on/off key would
+  read as true, a '5' string where a number belongs fails later with a message about the number.
+  ``allow_none``: None passes (a typed placeholder that a --config.KEY override fills)."""
+  for k, default in schema.items():
+    if k not in c:
+      continue
+    v = c[k]
+    if isinstance(default, ml_collections.ConfigDict):
+      nested = isinstance(v, ml_collections.ConfigDict)
+      found = type_problem(v, default, f"{prefix}.{k}", allow_none) if nested else None
+      if found:
+        return found
+      continue
+    kind = _kind_of(default)
+    if kind is not None and not kind[0](v) and not (v is None and allow_none):
+      return f"{prefix}.{k}", v, kind[1], kind[2]
+  return None
+
+
+def a_type(value) -> str:
+  """'a str', 'an int': the type of ``value`` with its article."""
+  if value is None:
+    return "unset"
+  name = type(value).__name__
+  return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "config") -> None:
-  """Every key of ``schema`` present in ``c`` and no other (recursively), with one-line errors."""
+  """Every key of ``schema`` present in ``c`` and no other (recursively), each of its default's type, with
+  one-line errors."""
+  _check_key_names(c, schema, prefix)
+  found = type_problem(c, schema, prefix)
+  if found:
+    key, value, takes, write = found
+    raise ConfigError(f"{key}={value!r} is {a_type(value)}, but the key takes {takes}; set it to {write}")
+
+
+def _check_key_names(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
   if not isinstance(c, ml_collections.ConfigDict):
     raise ConfigError(f"{prefix} is {c!r}, not a group of keys; start get_config from the task's base config")
   extra = sorted(set(c.keys()) - set(schema.keys()))
@@ -914,7 +971,7 @@ def check_keys(c: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, 
     )
   for k, v in schema.items():
     if isinstance(v, ml_collections.ConfigDict):
-      check_keys(c[k], v, f"{prefix}.{k}")
+      _check_key_names(c[k], v, f"{prefix}.{k}")
 
 
 def _int_at_least(c, key: str, low: int, high: int | None = None) -> None:

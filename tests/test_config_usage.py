@@ -302,6 +302,48 @@ def test_config_files_that_absl_cannot_take_are_one_line(tmp_path, capsys):
   assert capsys.readouterr().err == ""
 
 
+TYPED_WRONG = [  # (task's base config, dotted key, value the file sets, what the message says the key takes)
+  ("base_config", "dp.enabled", "false", "on/off (a bool)"),  # a string 'false' would read as true: DP on
+  ("base_config", "num_rounds", True, "a whole number (an int)"),
+  ("base_config", "client_optimizer.learning_rate", "0.01", "a number"),
+  ("base_config", "data.source", 5, "text (a str)"),
+  ("fedefm_base_config", "teacher.skips", "false", "on/off (a bool)"),
+]
+
+
+@pytest.mark.parametrize("schema,key,value,takes", TYPED_WRONG, ids=[k for _, k, _, _ in TYPED_WRONG])
+def test_a_config_file_value_of_another_type_is_one_line_naming_the_file(tmp_path, schema, key, value, takes):
+  """A config built through a dict (which drops ml_collections' type checks) with a value of another type than
+  the key's default: one line naming the file, the key and the type, also when an override of that key is given
+  (absl reads it as the file's type, which made the message about the override instead)."""
+  group, _, last = key.rpartition(".")
+  where = "".join(f"[{part!r}]" for part in group.split(".")) if group else ""
+  path = tmp_path / "typed.py"
+  path.write_text(
+    "import ml_collections\n"
+    f"from fedkd.config import {schema}\n"
+    "def get_config(arg=None):\n"
+    f"  d = {schema}().to_dict()\n"
+    f"  d{where}[{last!r}] = {value!r}\n"
+    "  return ml_collections.ConfigDict(d)\n"
+  )
+  override = f"--config.{key}=1" if key == "num_rounds" else "--config.seed=3"
+  code, _, err, _ = _parse(f"--config={path}", override)
+  _one_line_error(code, err, f"config file {path} sets config.{key}={value!r}", f"the key takes {takes}")
+
+
+def test_validate_refuses_a_value_of_another_type_than_the_keys_default():
+  import ml_collections
+
+  d = fc.base_config().to_dict()
+  d["dp"]["enabled"] = "false"
+  with pytest.raises(ConfigError, match=r"config\.dp\.enabled='false' is a str, but the key takes on/off \(a bool\)"):
+    fc.validate(ml_collections.ConfigDict(d), 1)
+  d["dp"]["enabled"], d["eval"]["every"] = False, None
+  with pytest.raises(ConfigError, match=r"config\.eval\.every=None is unset, but the key takes a whole number"):
+    fc.validate(ml_collections.ConfigDict(d), 1)
+
+
 def test_ctrl_c_while_a_config_loads_is_one_line(cli, tmp_path):
   slow = tmp_path / "interrupted.py"
   slow.write_text("def get_config(arg=None):\n  raise KeyboardInterrupt\n")
