@@ -95,12 +95,24 @@ def main(argv: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _claimed(workdirs: list[str], task: str, lock: bool = True):
+def _claimed(workdirs: list[str], task: str, lock: bool = True, parent: str | None = None):
   """The workdirs prepared and locked (``lock``) for the body, each refused if it holds another task's
-  run. A user error in the body releases them and removes those this call created if they are still
-  empty (a refused run leaves no folder behind)."""
+  run. ``parent``: the folder of replica workdirs (refused where it holds a run itself). A user error in the
+  body releases them and removes those this call created if they are still empty (a refused run leaves no
+  folder behind)."""
   from fedkd.errors import USER_ERRORS
-  from fedkd.workdir import LOCK_NAME, Lock, as_path, check_not_a_sweep, check_task, is_remote, prepare, remove_if_empty
+  from fedkd.workdir import (
+    LOCK_NAME,
+    Lock,
+    as_path,
+    check_not_a_sweep,
+    check_replica_parent,
+    check_run_folder,
+    check_task,
+    is_remote,
+    prepare,
+    remove_if_empty,
+  )
 
   existed = [is_remote(w) or as_path(w).exists() for w in workdirs]
   parents = {as_path(w).parent for w, was in zip(workdirs, existed) if not was}  # replicas: --workdir itself
@@ -110,8 +122,11 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True):
   had_lock = [is_remote(p) or (p / LOCK_NAME).exists() for p in paths]
   taken = []
   try:
+    if parent is not None and (is_remote(parent) or as_path(parent).exists()):
+      check_replica_parent(as_path(parent))
     for p in paths:  # before the lock, which would leave its file there
       check_not_a_sweep(p)
+      check_run_folder(p)
     if lock:
       for p in paths:
         held = Lock(p)
@@ -216,7 +231,7 @@ def _run_replicas(config) -> None:
     sweep = "" if "is never read" in reason else "; run them with launch.sweep"  # as processes they'd be equal too
     cli.fail(f"these runs cannot be replicas of one program: {reason}{sweep}")
   _check_each_replica(configs, [k for k in lists if k != "seed"])
-  with _claimed(workdirs, config.task), StopSignals() as stop:
+  with _claimed(workdirs, config.task, parent=cli.WORKDIR.value), StopSignals() as stop:
     replicas.run(configs, workdirs, log=lambda line: print(line, flush=True), stop=stop)
   sys.stdout.flush()
 

@@ -186,6 +186,47 @@ def check_not_a_sweep(path: epath.Path) -> None:
     )
 
 
+def _holds_a_run(path: epath.Path) -> bool:
+  return (path / "config.json").is_file() or (path / "checkpoints").is_dir()
+
+
+def check_run_folder(path: epath.Path) -> None:
+  """Refuses a run's workdir that holds no run of its own but runs in its subfolders (the parent of
+  ``--seeds`` / ``--replica_config`` replicas, a folder of runs: a new run there would mix its files with
+  theirs, and forgetting ``--seeds`` on a resume would start one from scratch), and one inside the
+  checkpoints/, tb/, eval/ or foundations/ folder of another run, which that run rewrites (orbax removes
+  old steps)."""
+  if not is_remote(path) and not _holds_a_run(path) and path.is_dir():
+    runs = sorted(p.name for p in path.iterdir() if p.is_dir() and _holds_a_run(p))
+    if runs:
+      named = ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
+      raise WorkdirError(
+        f"--workdir={path} holds no run of its own but runs in its subfolders ({named}), as fedkd.main --seeds / "
+        "--replica_config write them; to resume those, re-run the command that made them (the same --seeds / "
+        "--replica_config); for a new run, pass a new --workdir"
+      )
+  if is_remote(path):
+    return
+  here = epath.Path(os.path.realpath(os.fspath(path)))
+  for folder in (here, *here.parents):
+    owner = folder.parent
+    if folder.name in WORKDIR_FOLDERS and owner != folder and (owner / "config.json").is_file():
+      raise WorkdirError(
+        f"--workdir={path} lies inside {folder}, the {folder.name}/ folder of the run in {owner}, which that run "
+        "rewrites (orbax removes old checkpoint steps); pass a folder outside it"
+      )
+
+
+def check_replica_parent(path: epath.Path) -> None:
+  """Refuses, as the folder of ``--seeds`` / ``--replica_config`` replicas, a workdir that holds a run of its
+  own: the replicas' subfolders would sit inside that run's folder."""
+  if not is_remote(path) and _holds_a_run(path):
+    raise WorkdirError(
+      f"--workdir={path} holds a run of its own (its config.json or checkpoints/); replicas each get a subfolder "
+      "of a folder that holds no run: pass a new --workdir"
+    )
+
+
 def check_task(path: epath.Path, task: str) -> None:
   """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
   would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""

@@ -354,8 +354,14 @@ def _units(
       continue
     runs = [run for _, run in members]
     multi = [a for a in defn["extra"] if a.split("=", 1)[0] in ("--num_processes", "--coordinator_address")]
-    configs = None if multi else _run_configs(defn, runs)
-    reason = f"multi-process runs ({multi[0]})" if multi else replicas.why_not(configs)
+    comma = "," in os.path.abspath(out)  # --replica_workdirs is a comma list: a folder name with ',' splits in two
+    configs = None if multi or comma else _run_configs(defn, runs)
+    if multi:
+      reason = f"multi-process runs ({multi[0]})"
+    elif comma:
+      reason = f"the sweep folder {out!r} holds ',', which separates --replica_workdirs"
+    else:
+      reason = replicas.why_not(configs)
     if reason is not None:
       _say(f"{', '.join(r['name'] for r in runs)}: one process per run ({reason})")
       units.extend(([m], None) for m in members)

@@ -291,6 +291,30 @@ def test_a_sweep_output_folder_as_workdir_is_refused_and_left_as_it_was(cli, tmp
   assert sorted(os.listdir(out)) == ["sweep.json"]
 
 
+def test_workdirs_that_would_mix_runs_are_refused_and_left_as_they_were(cli, tmp_path):
+  """The parent of --seeds replicas given without --seeds (a new run would start from scratch among them), a
+  single run's folder given --seeds (the replicas would go inside that run), and a workdir inside another run's
+  checkpoints/ (whose old steps that run removes, the inner run with them): one line each, nothing added."""
+  parent = tmp_path / "replicas"
+  for name in ("seed-0", "seed-1"):
+    (parent / name / "checkpoints").mkdir(parents=True)
+  run = tmp_path / "one"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "config.json").write_text('{"task": "fedavg", "seed": 0, "num_rounds": 2}')
+  before = _tree(tmp_path)
+  cases = [
+    ([f"--workdir={parent}"], "holds no run of its own but runs in its subfolders (seed-0, seed-1)"),
+    ([f"--workdir={run}", "--seeds=0,1"], "holds a run of its own"),
+    ([f"--workdir={run / 'checkpoints' / '2' / 'inner'}"], "the checkpoints/ folder of the run in"),
+  ]
+  for args, needle in cases:
+    r = cli.run("fedkd.main", [QS, *args, *TINY])
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert r.code == 2 and not r.traceback and len(errors) == 1, r.stderr[-2000:]
+    assert needle in errors[0], errors[0]
+    assert _tree(tmp_path) == before, args
+
+
 def _tree(root):
   return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 

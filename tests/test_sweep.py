@@ -681,6 +681,10 @@ def test_replica_groups_fall_back_to_processes_and_say_why(tmp_path, capsys):
   multi = launcher.build("configs/quickstart.py", None, ["--num_processes=2"], [0, 1])
   assert [len(u) for u in launcher.replica_groups(multi, list(enumerate(multi["runs"], 1)), str(tmp_path))] == [1, 1]
   assert "one process per run (multi-process runs (--num_processes=2))" in capsys.readouterr().out
+  # a sweep folder whose path holds ',' (which separates --replica_workdirs): every run its own process
+  units = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path / "a,b"))
+  assert [len(u) for u in units] == [1, 1, 1]
+  assert "holds ',', which separates --replica_workdirs" in capsys.readouterr().out
   # a learning-rate grid x seeds is one group; the differing keys travel as per-replica lists
   defn = launcher.build("configs/quickstart.py", "lr_grid,tiny", [], [0, 1])
   (unit,) = launcher.replica_groups(defn, list(enumerate(defn["runs"], 1)), str(tmp_path / "grid"))
