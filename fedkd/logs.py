@@ -243,6 +243,12 @@ class RunLog:
     if len(keep) != len(self._records) or (not keep and self.metrics_path.exists()):
       self._records = keep
       self._write()
+    if last_round > 0 and not any(r.get("round") == 0 for r in keep):  # every run records round 0 first
+      self._note(
+        f"note: {self.metrics_path} lacks the round-0 record (the untrained model) that every run writes first, so "
+        f"it was deleted or not copied along with checkpoints/: the evaluations before the resumed round "
+        f"{last_round} stay missing there"
+      )
     # rewritten whenever it exists: it is appended to, so a cut last line must not stay in it
     self._rounds = [r for r in self._rounds if r.get("round", -1) <= last_round]
     have = {r.get("round") for r in self._rounds}

@@ -112,7 +112,8 @@ def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
 def test_a_resume_falls_back_over_a_step_whose_data_state_is_damaged(three_sites, tmp_path):
   """The newest step's data positions edited to -4 (grain raised OverflowError with a traceback): that step is
   damaged, so the resume warns and continues from the one before, as for any unreadable item, and ends with the
-  parameters of an uninterrupted run."""
+  parameters of an uninterrupted run. The prepared data moved meanwhile: the resume reads it from its new
+  data.tfds_data_dir (a changed key that was refused)."""
   import jax
 
   from fedkd.tasks import fedavg
@@ -130,8 +131,10 @@ def test_a_resume_falls_back_over_a_step_whose_data_state_is_damaged(three_sites
   meta = work / "checkpoints" / "2" / "data" / "metadata"
   state = json.loads(meta.read_text())
   meta.write_text(json.dumps(dict(state, next_batch=[-4] * len(state["next_batch"]))))
+  moved = tmp_path / "moved"
+  shutil.move(data_dir, moved)
   lines = []
-  resumed = fedavg.run(c, str(work), log=lines.append)
+  resumed = fedavg.run(_config(moved, num_clients=2, clients_per_round=2, num_rounds=3), str(work), log=lines.append)
   assert any("the checkpoint for round 2 is damaged (its data state's next_batch holds -4" in ln for ln in lines), lines
   assert any("resuming from round 1" in ln for ln in lines), lines
   for x, y in zip(jax.tree.leaves(full["state"]["params"]), jax.tree.leaves(resumed["state"]["params"])):

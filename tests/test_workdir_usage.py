@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -315,6 +316,7 @@ def test_a_resume_whose_rounds_jsonl_lacks_rounds_says_which(tmp_path):
   """Only checkpoints/ copied to a new workdir (or rounds.jsonl deleted): the resumed run's cumulative
   byte counts are summed from rounds.jsonl, so its missing rounds are named."""
   (tmp_path / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "loss": 1.0}) + "\n" for r in (1, 2, 6)))
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 0, "dice/catheter": 0.1}) + "\n")
   notes = []
   log = RunLog(tmp_path, note=notes.append)
   log.truncate_after(5)
@@ -326,6 +328,23 @@ def test_a_resume_whose_rounds_jsonl_lacks_rounds_says_which(tmp_path):
   complete.truncate_after(2)
   assert notes == []
   complete.close()
+
+
+def test_a_resume_whose_metrics_jsonl_was_deleted_says_so(tmp_path):
+  """metrics.jsonl deleted (or not copied along with checkpoints/): a resume notes that the evaluations before it
+  are missing (every run writes round 0 first); a fresh start (-1) notes nothing."""
+  (tmp_path / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "loss": 1.0}) + "\n" for r in (1, 2, 3)))
+  notes = []
+  log = RunLog(tmp_path, note=notes.append)
+  log.truncate_after(3)
+  assert len(notes) == 1 and "metrics.jsonl lacks the round-0 record" in notes[0], notes
+  assert "before the resumed round 3 stay missing" in notes[0], notes
+  log.close()
+  notes.clear()
+  fresh = RunLog(tmp_path / "new", note=notes.append)
+  fresh.truncate_after(-1)
+  assert notes == []
+  fresh.close()
 
 
 def test_a_workdir_copied_to_a_path_with_spaces_and_unicode_resumes_there(cli, tmp_path):
@@ -341,6 +360,10 @@ def test_a_workdir_copied_to_a_path_with_spaces_and_unicode_resumes_there(cli, t
   res = cli.run("fedkd.main", [QS, f"--workdir={dst}", *TINY, "--config.num_rounds=2"])
   assert res.code == 0, res.stderr[-3000:]
   assert f"resuming from round 1 (checkpoint in {dst / 'checkpoints'})" in res.stdout
+  # the TensorBoard command it prints can be pasted into a shell as it is
+  (line,) = [ln for ln in res.stdout.splitlines() if "tensorboard --logdir" in ln]
+  shown = line.split(" && ", 1)[1].split("), config.json", 1)[0]
+  assert shlex.split(shown) == ["tensorboard", "--logdir", str(dst / "tb")], shown
   assert {n: (src / n).read_bytes() for n in before} == before and sorted(os.listdir(src / "checkpoints")) == ["1"]
   for name in ("metrics.jsonl", "rounds.jsonl"):
     old = before[name].decode().splitlines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ RESUMABLE_CHANGES = (
   "dp.target_epsilon",  # raised to continue a run that stopped at its privacy budget
   "data.workers",  # where batches are made, not which
   "data.prefetch",
+  "data.tfds_data_dir",  # where the prepared sites are read (moved data): the saved record counts refuse other data
 )
 NOT_RESUMABLE = ("engine.compute_dtype",)
 
@@ -710,7 +712,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     )
   log(
     f"\noutputs in {workdir}: metrics.jsonl (one record per evaluation), rounds.jsonl (one per round), "
-    f"tb/ (TensorBoard; view: pip install -e '.[tb]' && tensorboard --logdir {workdir / 'tb'}), config.json, "
+    f"tb/ (TensorBoard; view: pip install -e '.[tb]' && tensorboard --logdir {shlex.quote(os.fspath(workdir / 'tb'))}), config.json, "
     "checkpoints/ (orbax; re-run with the same --workdir to resume)"
   )
   if clients_store is not None:
