@@ -8,14 +8,16 @@
 #   PLAN=profile bash bench/gpu.sh [path/to/anchor_bench.py] [budget_s]
 #
 # PLAN=profile (issue 15's first device call): workloads A, C and B with `--profile`, so each timed row
-# is followed by a `profile` row (device time per op category, bench/trace_table.py; the traces stay in
-# $OUT/prof_*), the anchor, the FedEFM seeds-stacking bench (bench/fedefm_stack.py), the replica bench
+# is followed by a `profile` row (device time per op category, bench/trace_table.py; the traces are written to
+# /tmp/fedkd_prof_* and one small trace per workload is copied to $OUT, which comes back from the device machine
+# only while it stays small), the anchor, the FedEFM seeds-stacking bench (bench/fedefm_stack.py), the replica bench
 # (bench/replicas.py) and the HLO report.
 #
 # Writes JSON lines to ${OUT:-runs/gpu_bench}/bench.jsonl (and the raw log beside it). Each step runs
 # under `timeout` so one slow step cannot eat the whole budget; a step that times out is logged and
-# skipped (rows it finished are kept). Wheels for packages the GPU image lacks (ml-collections) are installed from .whl/
-# when that folder exists (see bench/README.md, "GPU script").
+# skipped (rows it finished are kept). Wheels for packages the GPU image lacks (ml-collections, tensorboardX) are
+# installed from .whl/ when that folder exists (see bench/README.md, "GPU script"); the script stops at once (exit 2)
+# when python3 cannot import JAX or those packages.
 set -u
 ANCHOR=${1:-}
 BUDGET=${2:-540}
@@ -37,6 +39,11 @@ if ! python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 
   echo "python3 ($(command -v python3)) cannot start JAX (above); run from an environment with jax installed" | tee -a "$LOG"
   exit 2
 fi
+if ! python3 -c "import ml_collections, tensorboardX" 2>&1 | tee -a "$LOG" || [ "${PIPESTATUS[0]}" != 0 ]; then
+  echo "python3 cannot import ml_collections / tensorboardX (above): carry their wheels in .whl/ (bench/README.md)" \
+    | tee -a "$LOG"
+  exit 2
+fi
 FAILED=0 TIMEDOUT=0 SKIPPED=0
 
 step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lines
@@ -45,7 +52,8 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
   if [ "$left" -lt 30 ]; then SKIPPED=$((SKIPPED + 1)); echo "SKIP (budget) $*" | tee -a "$LOG"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $* (limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>>"$LOG" | tee -a "$LOG" | grep '^{' >>"$JSONL"
+  # rows to bench.jsonl, and their first 200 characters to the terminal (what comes back if $OUT does not)
+  timeout -k 10 "$limit" "$@" 2>>"$LOG" | tee -a "$LOG" | grep --line-buffered '^{' | tee -a "$JSONL" | cut -c1-200
   local rc=${PIPESTATUS[0]}
   if [ "$rc" = 124 ]; then
     TIMEDOUT=$((TIMEDOUT + 1))
@@ -74,9 +82,10 @@ K=${CONV_ARGS:-"--clients 16 --batch 8 --size 256 --cin 32 --cout 32 --dtype bfl
 PLAN=${PLAN:-issue6}
 if [ "$PLAN" = profile ]; then
   STEPS=(  # the ceiling, vmap and the best layout of each workload, each row profiled
-    "240|$A --pairs vmap:wgrad,chunked:gemm,vmap:xla --profile $OUT_DIR/prof_A"
-    "200|$C --pairs vmap:gemm,chunked:gemm --profile $OUT_DIR/prof_C"
-    "150|--workload B --pairs chunked:wgrad,chunked:gemm --chunk 16 --profile $OUT_DIR/prof_B"
+    "170|$A --pairs vmap:wgrad,chunked:gemm --profile /tmp/fedkd_prof_A"
+    "130|$C --pairs vmap:gemm,chunked:gemm --profile /tmp/fedkd_prof_C"
+    "110|--workload B --pairs chunked:wgrad,chunked:gemm --chunk 16 --profile /tmp/fedkd_prof_B"
+    # vmap + XLA's own grouped convs on A: its compile never finished within a step before, so it goes last
   )
 else
 STEPS=(  # "limit_s|python -m bench arguments" (CONV: the conv layer), most important first
@@ -105,7 +114,8 @@ for s in "${STEPS[@]}"; do
   left=$((P1_END - $(date +%s)))
   [ "$left" -lt 15 ] && { echo "SKIP (phase 1 time) $args" | tee -a "$LOG"; continue; }
   # shellcheck disable=SC2046
-  (timeout "$left" $(command_of "$args") --compile-only 2>>"$LOG.phase1" | tee -a "$LOG" | grep '^{' >>"$JSONL"
+  (timeout -k 10 "$left" $(command_of "$args") --compile-only 2>>"$LOG.phase1" | tee -a "$LOG" \
+     | grep --line-buffered '^{' >>"$JSONL"
    rc=${PIPESTATUS[0]}
    [ "$rc" = 124 ] && echo "TIMEOUT (phase 1) $args" | tee -a "$LOG"
    [ "$rc" != 0 ] && [ "$rc" != 124 ] && echo "FAILED (phase 1, exit $rc; see $LOG.phase1) $args" | tee -a "$LOG") &
@@ -118,15 +128,24 @@ for s in "${STEPS[@]}"; do
   # shellcheck disable=SC2046
   step "${s%%|*}" $(command_of "${s#*|}")
 done
+if [ "$PLAN" = profile ]; then  # one small trace per workload back in $OUT (the rest stays on the machine)
+  for w in A C B; do
+    t=$(find "/tmp/fedkd_prof_$w" -name '*.trace.json.gz' -size -6M 2>/dev/null | head -n 1)
+    [ -n "$t" ] && cp "$t" "$OUT_DIR/trace_$w.trace.json.gz"
+  done
+fi
 if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
+else
+  echo "SKIP the PyTorch anchor: ${ANCHOR:-no path given} not found (carry .anchor/, bench/README.md)" | tee -a "$LOG"
 fi
 if [ "$PLAN" = profile ]; then
-  step 120 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
+  step 100 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
   # seeds as replicas of one program (fedkd.main --seeds) vs one run after another: loop (the default) and vmap
-  step 180 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 ${REPLICAS_ARGS:-}
+  step 150 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 ${REPLICAS_ARGS:-}
   step 180 python3 bench/replicas.py --seeds 0,1,2 --rounds 4 --layout vmap ${REPLICAS_ARGS:-}
+  step 120 $(command_of "$A --pairs vmap:xla --no-centralized")
   # the host pipeline on the device machine's cores (needs grain + tensorflow-datasets: carried wheels)
   if python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
     step 150 python3 bench/pipeline.py --data_dir /tmp/fedkd_pipeline_tfds --size 128 --clients 16 --steps 4 \

@@ -144,19 +144,40 @@ def categorize(op: str, hlo: dict[str, dict] | None = None) -> str:
       return "elementwise/fusion"
     return "other"
   n = op.lower()
-  if any(k in n for k in ("conv", "xmma", "fprop", "dgrad", "wgrad")):
+  # by kernel name: cuDNN's convolution kernels name their pass (xmma / cutlass kernels also serve GEMMs, and
+  # XLA's "convert" fusions are not convolutions)
+  if any(k in n for k in ("fprop", "dgrad", "wgrad")) or ("conv" in n.replace("convert", "") and "fusion" not in n):
     return _conv_pass({"target": n})
-  if any(k in n for k in ("gemm", "matmul", "dot", "cublas", "cutlass")):
+  if any(k in n for k in ("gemm", "matmul", "dot", "cublas", "cutlass", "nvjet", "xmma")):  # nvjet: cuBLASLt, Hopper
     return "gemm"
   if any(k in n for k in ("nccl", "all-reduce", "allreduce", "all-gather", "collective")):
     return "collective"
-  if any(k in n for k in ("transpose", "copy")):
+  if any(k in n for k in ("transpose", "copy", "nchwtonhwc", "nhwctonchw")):  # cuDNN's layout changes
     return "transpose/copy"
   if "reduce" in n or "norm" in n:
     return "reduction/norm"
   if "fusion" in n or "loop" in n:
     return "elementwise/fusion"
   return "other"
+
+
+_HLO_OP_ARG = re.compile(r"hlo_op=([^,#\s]+)")
+
+
+def hlo_op_of(event: dict, hlo: dict[str, dict] | None = None) -> str:
+  """The HLO instruction an op event ran: its ``hlo_op`` argument, else an ``hlo_op=NAME`` inside any string
+  argument (a GPU kernel's thunk annotation), else its name; a kernel name XLA spelt with '_' for the
+  instruction's '.' (``fusion_12`` for ``fusion.12``) is mapped back where the HLO has that instruction."""
+  args = event.get("args") or {}
+  if args.get("hlo_op"):
+    return str(args["hlo_op"])
+  for value in args.values():
+    if isinstance(value, str) and (m := _HLO_OP_ARG.search(value)):
+      return m.group(1)
+  name = event["name"]
+  if hlo and name not in hlo and (m := re.fullmatch(r"(.+)_(\d+)", name)) and f"{m.group(1)}.{m.group(2)}" in hlo:
+    return f"{m.group(1)}.{m.group(2)}"
+  return name
 
 
 def op_events(trace: dict) -> tuple[list[dict], str]:
@@ -204,7 +225,7 @@ def summarize(trace_dir: str, hlo_text: str | None = None, top: int = 15) -> dic
   per_cat: dict[str, float] = defaultdict(float)
   per_op: dict[str, list] = {}
   for e in ops:
-    name = (e.get("args") or {}).get("hlo_op") or e["name"]
+    name = hlo_op_of(e, hlo)
     cat = categorize(name, hlo)
     ms = e["dur"] / 1e3
     per_cat[cat] += ms

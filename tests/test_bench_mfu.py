@@ -49,6 +49,21 @@ def test_conv_flops_are_two_h_w_cin_cout_kh_kw_n():
   assert _flops(lambda a, b: _conv(a, b, "SAME"), x, k)[0] == 2 * inside * cin * cout * n
 
 
+def test_on_one_gpu_the_count_is_the_program_before_optimisation(monkeypatch):
+  """XLA:GPU's count of a compiled program leaves out the convolutions it hands to cuDNN, so on one GPU the FLOPs
+  come from the program before optimisation, where a conv is still a convolution: its closed form here (the
+  backend is reported as 'gpu' to reach that branch on CPU)."""
+  n, h, w, cin, cout, kh, kw = 2, 9, 7, 3, 5, 3, 2
+  x, k = jnp.ones((n, h, w, cin)), jnp.ones((kh, kw, cin, cout))
+  lowered = jax.jit(lambda a, b: _conv(a, b, "VALID")).lower(x, k)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  flops, source = round_bench.program_flops(lowered.compile(), lowered, 1)
+  assert flops == 2 * (h - kh + 1) * (w - kw + 1) * cin * cout * kh * kw * n
+  assert "before optimisation" in source
+  _, source = round_bench.program_flops(lowered.compile(), lowered, 2)  # several GPUs: the compiled count, flagged
+  assert "leaves out cuDNN convolutions" in source
+
+
 def test_a_program_split_over_devices_is_counted_per_device():
   mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
   a = jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, P("x")))

@@ -43,6 +43,28 @@ def test_kernel_names_without_hlo():
   assert tt.categorize("ncclDevKernel_AllReduce") == "collective"
   assert tt.categorize("transpose_copy_fusion.3") == "transpose/copy"
   assert tt.categorize("loop_add_fusion") == "elementwise/fusion"
+  # names that hold a conv-like word but are not convolutions: bf16 casts, cuBLAS GEMMs on xmma, cuDNN layouts
+  assert tt.categorize("loop_convert_fusion") == "elementwise/fusion"
+  assert tt.categorize("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+  assert tt.categorize("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNN") == "gemm"
+  assert tt.categorize("nchwToNhwcKernel") == "transpose/copy" == tt.categorize("nhwcToNchwKernel")
+  assert tt.categorize("implicit_convolve_sgemm") == "conv"
+
+
+def test_a_kernel_event_names_its_hlo_instruction():
+  """GPU stream events carry the instruction as an hlo_op argument, inside a thunk annotation, or only as a
+  kernel name that spells its '.' as '_'."""
+  hlo = tt.parse_hlo(
+    "ENTRY %main (p: f32[2]) -> f32[2] {\n"
+    '  %conv.4 = f32[4,16,16,8]{3,2,1,0} custom-call(%p), custom_call_target="__cudnn$convBackwardInput"\n'
+    "  ROOT %fusion.12 = f32[2]{0} fusion(%p), kind=kLoop, calls=%fused_add\n"
+    "}\n"
+  )
+  assert tt.hlo_op_of({"name": "k", "args": {"hlo_op": "conv.4"}}, hlo) == "conv.4"
+  event = {"name": "sm90_xmma_dgrad", "args": {"long_name": "Thunk:#hlo_op=conv.4,hlo_module=jit_f,program_id=3#"}}
+  assert tt.hlo_op_of(event, hlo) == "conv.4" and tt.categorize("conv.4", hlo) == "conv dgrad"
+  assert tt.hlo_op_of({"name": "fusion_12"}, hlo) == "fusion.12"
+  assert tt.hlo_op_of({"name": "fusion_13"}, hlo) == "fusion_13"  # no such instruction: the name as it is
 
 
 def _write(tmp_path, events):
