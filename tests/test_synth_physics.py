@@ -130,10 +130,13 @@ def test_the_config_key_reaches_the_clients_and_is_checked():
     )
     np.testing.assert_array_equal(sets[physics], np.asarray(want[0][0]))
   assert np.abs(sets[1] - sets[2]).mean() > 1e-3
-  for bad in (3, 0, True):
+  for bad in (3, 0):
     c.data.synthetic_physics = bad
     with pytest.raises(ConfigError, match=r"config.data.synthetic_physics=.* is unknown; use 2 .* or 1 "):
       validate(c, 8)
+  c.data.synthetic_physics = True  # not a version number: refused for its type
+  with pytest.raises(ConfigError, match=r"synthetic_physics=True is a bool, but the key takes a whole number"):
+    validate(c, 8)
 
 
 def test_fedefm_silos_render_with_the_configs_physics_and_old_workdirs_ran_physics_1():

@@ -90,13 +90,9 @@ ROUND_FNS = Kept(4)
 
 
 def _flat_configs(saved: dict, current: dict) -> tuple[dict, dict, dict]:
-  """Both configs flat (:func:`fedkd.config.flat_dict`), a relative ``data.tfds_data_dir`` made absolute, and
-  :func:`fedkd.config.ran_as`'s values for the keys the saved config lacks."""
+  """Both configs flat (:func:`fedkd.config.flat_dict`), and :func:`fedkd.config.ran_as`'s values for the keys
+  the saved config lacks."""
   a, b = flat_dict(saved), flat_dict(current)
-  for d in (a, b):  # runs store it absolute now; an older run's relative folder is the same folder
-    v = d.get("data.tfds_data_dir")
-    if isinstance(v, str) and v and "://" not in v:
-      d["data.tfds_data_dir"] = os.path.abspath(os.path.expanduser(v))
   return a, b, ran_as(a, b)
 
 
