@@ -516,6 +516,8 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
   except USER_ERRORS as e:
     fail(str(e))
+  except SystemExit as e:
+    _exited(e, path)
   except Exception as e:  # noqa: BLE001 - the user's config file is broken
     fail(f"config file {path} cannot be loaded ({_where(e, path)}{reason(e, 300)}); fix the file")
   if not callable(getattr(module, "get_config", None)):
@@ -524,6 +526,8 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     config = module.get_config(arg) if arg is not None else module.get_config()
   except USER_ERRORS as e:
     fail(str(e))
+  except SystemExit as e:
+    _exited(e, path)
   except TypeError as e:
     if arg is not None and "positional argument" in str(e):
       fail(f"config file {path} takes no argument, but --config={path}:{arg} passes {arg!r}; drop ':{arg}'")
@@ -545,6 +549,15 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     )
   _check_file_types(config, path)
   return config
+
+
+def _exited(e: SystemExit, path: str) -> None:
+  """A config file that calls sys.exit / raises SystemExit while it loads: one line, not a silent exit 0 (or its
+  bare message)."""
+  fail(
+    f"config file {path} exited while it was read ({_where(e, path)}SystemExit({e.code!r})); a config file defines "
+    "get_config(arg) and returns the config: fix the file"
+  )
 
 
 def _check_file_types(config: ml_collections.ConfigDict, path: str) -> None:

@@ -332,6 +332,17 @@ def test_a_config_file_value_of_another_type_is_one_line_naming_the_file(tmp_pat
   _one_line_error(code, err, f"config file {path} sets config.{key}={value!r}", f"the key takes {takes}")
 
 
+@pytest.mark.parametrize("where", ["module", "get_config"])
+def test_a_config_file_that_exits_is_one_line(tmp_path, where):
+  """sys.exit(0) in a config file ended fedkd.main with exit 0 having done nothing, and SystemExit('msg') printed
+  its bare text."""
+  path = tmp_path / "exits.py"
+  body = "import sys\n" + ("sys.exit(0)\n" if where == "module" else "def get_config(arg=None):\n  sys.exit(0)\n")
+  path.write_text(body)
+  code, _, err, _ = _parse(f"--config={path}")
+  _one_line_error(code, err, f"config file {path} exited while it was read", "SystemExit(0)")
+
+
 def test_validate_refuses_a_value_of_another_type_than_the_keys_default():
   import ml_collections
 
