@@ -138,7 +138,8 @@ if [ -n "$ANCHOR" ] && [ -f "$ANCHOR" ]; then
   step 60 python3 "$ANCHOR" --size 256 --clients 16 --steps 4 --batch 8 --rounds 2 --which torch --dtypes bf16
   step 45 python3 "$ANCHOR" --size 128 --clients 128 --steps 2 --batch 4 --rounds 2 --which torch --dtypes bf16
 else
-  echo "SKIP the PyTorch anchor: ${ANCHOR:-no path given} not found (carry .anchor/, bench/README.md)" | tee -a "$LOG"
+  why="${ANCHOR:-no path given}"; [ -n "$ANCHOR" ] && why="$ANCHOR not found"
+  echo "SKIP the PyTorch anchor: $why (carry .anchor/, bench/README.md)" | tee -a "$LOG"
 fi
 if [ "$PLAN" = profile ]; then
   step 100 python3 bench/fedefm_stack.py --methods fedefm,fedavg --replicas 5 ${FEDEFM_STACK_ARGS:-}
