@@ -284,7 +284,7 @@ def _checkpoint_folder(workdir: str, path=None):
   """(the run directory, its checkpoints/ folder), or an :class:`EvalError` / ``WorkdirError`` saying why
   ``workdir`` holds no FedAvg-family run to evaluate. Reads no checkpoint. ``path``: ``_run_folder(workdir)``
   where the caller has it already."""
-  from fedkd.workdir import WorkdirError, saved_task
+  from fedkd.workdir import WorkdirError, name_runs, runs_below, saved_task
 
   path = path or _run_folder(workdir)
   try:
@@ -298,11 +298,10 @@ def _checkpoint_folder(workdir: str, path=None):
     )
   ckdir = path / "checkpoints"
   if not ckdir.is_dir():
-    runs = sorted(p.name for p in path.iterdir() if (p / "checkpoints").is_dir())
+    runs = runs_below(path)
     if runs:  # a sweep's --out, or the parent of --seeds / --replica_config replicas: one run per subfolder
-      named = ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
       raise EvalError(
-        f"{workdir} holds no run of its own but runs in its subfolders ({named}); evaluate each, "
+        f"{workdir} holds no run of its own but runs in its subfolders ({name_runs(runs)}); evaluate each, "
         f"e.g. --workdir={os.path.join(workdir, runs[0])}"
       )
     if path.name == "checkpoints" and any(p.name.isdigit() for p in path.iterdir()):

@@ -190,6 +190,16 @@ def _holds_a_run(path: epath.Path) -> bool:
   return (path / "config.json").is_file() or (path / "checkpoints").is_dir()
 
 
+def runs_below(path: epath.Path) -> list[str]:
+  """The names of ``path``'s subfolders that hold a run (a sweep's --out, the parent of replicas), sorted."""
+  return sorted(p.name for p in path.iterdir() if p.is_dir() and _holds_a_run(p))
+
+
+def name_runs(runs: list[str]) -> str:
+  """'a, b, c' for up to six run folders, else the first six and how many in all."""
+  return ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
+
+
 def check_run_folder(path: epath.Path) -> None:
   """Refuses a run's workdir that holds no run of its own but runs in its subfolders (the parent of
   ``--seeds`` / ``--replica_config`` replicas, a folder of runs: a new run there would mix its files with
@@ -197,11 +207,10 @@ def check_run_folder(path: epath.Path) -> None:
   checkpoints/, tb/, eval/ or foundations/ folder of another run, which that run rewrites (orbax removes
   old steps)."""
   if not is_remote(path) and not _holds_a_run(path) and path.is_dir():
-    runs = sorted(p.name for p in path.iterdir() if p.is_dir() and _holds_a_run(p))
+    runs = runs_below(path)
     if runs:
-      named = ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
       raise WorkdirError(
-        f"--workdir={path} holds no run of its own but runs in its subfolders ({named}), as fedkd.main --seeds / "
+        f"--workdir={path} holds no run of its own but runs in its subfolders ({name_runs(runs)}), as fedkd.main --seeds / "
         "--replica_config write them; to resume those, re-run the command that made them (the same --seeds / "
         "--replica_config); for a new run, pass a new --workdir"
       )
