@@ -563,13 +563,12 @@ def _exited(e: SystemExit, path: str) -> None:
 def _check_file_types(config: ml_collections.ConfigDict, path: str) -> None:
   """A key the file sets to a value of another type than its default's ('false' on an on/off key, '5' where a
   number belongs) is one line naming the file; absl would also read a --config.KEY override as that type."""
-  from fedkd.config import a_type, base_config, fedefm_base_config, type_problem
+  from fedkd.config import a_type, task_schema, type_problem
 
-  schemas = {"fedavg": base_config, "fedefm": fedefm_base_config}
-  task = config.get("task")
-  if task not in schemas:  # validation names a missing or unknown task
+  schema = task_schema(config.get("task"))
+  if schema is None:  # validation names a missing or unknown task
     return
-  found = type_problem(config, schemas[task](), allow_none=True)  # None: the override check names it
+  found = type_problem(config, schema, allow_none=True)  # None: the override check names it
   if found:
     key, value, takes, write = found
     fail(

@@ -522,9 +522,18 @@ def find_config_file(path: str) -> str | None:
   return None
 
 
+def task_schema(task) -> ml_collections.ConfigDict | None:
+  """The schema of ``task`` (a config's ``task`` value: 'fedavg' or 'fedefm'), or None for any other value."""
+  if task == "fedavg":
+    return base_config()
+  if task == "fedefm":
+    return fedefm_base_config()
+  return None
+
+
 def schemas() -> list[ml_collections.ConfigDict]:
   """Every task's schema (for checking --config.* override keys before the file is loaded)."""
-  return [base_config(), fedefm_base_config()]
+  return [task_schema("fedavg"), task_schema("fedefm")]
 
 
 def sibling_config(config_file: str, name: str):
@@ -836,7 +845,7 @@ _FEDEFM_DISTILL_KEYS = (
 def unused_notes(c: ml_collections.ConfigDict, given=()) -> list[str]:
   """One line per reason for the keys of :func:`unused_keys` that the user set: given on the command line
   (dotted keys in ``given``) or different from the task schema's default."""
-  schema = fedefm_base_config() if c.get("task") == "fedefm" else base_config()
+  schema = task_schema(c.get("task")) or base_config()
   by_reason: dict[str, list[str]] = {}
   for key, because in unused_keys(c).items():
     try:
