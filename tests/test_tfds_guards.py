@@ -100,13 +100,70 @@ def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
   with pytest.raises(pipeline.DataError, match=r"changed since the checkpoint was written: .* per site 'a' 7 -> 8;"):
     changed.set_state(saved)
   assert changed.get_state()["next_batch"] == [0, 0]  # nothing restored
-  assert saved == {"next_batch": [1, 1], "site_records": {"a": 7, "b": 5}}
+  assert saved == {"next_batch": [1, 1], "site_records": {"a": 7, "b": 5}, "site_content": saved["site_content"]}
   # positions that no run writes (a checkpoint edited by hand or damaged) are a damaged step, not a grain error
   for bad in ([-4, 1], ["1", 1], [1.5, 1], [10**30, 1], [True, 1], "11"):
     assert same.damaged({"next_batch": bad}) is not None, bad
     with pytest.raises(pipeline.DataError, match=r"the checkpoint is damaged: its data state's next_batch "):
       same.set_state({"next_batch": bad, "site_records": saved["site_records"]})
   assert same.damaged(saved) is None and same.get_state() == saved
+
+
+def _content_sha256(data_dir, site):
+  """The order-free digest of site ``site``'s training records as TFDS reads them back: the sum modulo 2**256 of
+  SHA-256(id NUL site NUL 'image:<dtype>:<shape>' NUL pixels 'mask:<dtype>:<shape>' NUL labels) per record."""
+  import hashlib
+
+  import tensorflow_datasets as tfds
+
+  total = 0
+  for ex in tfds.builder(f"xray_folder/{site}", data_dir=str(data_dir)).as_data_source(split="train"):
+    h = hashlib.sha256()
+    for key in ("id", "site"):
+      h.update((ex[key] if isinstance(ex[key], bytes) else str(ex[key]).encode()) + b"\0")
+    for key in ("image", "mask"):
+      a = np.asarray(ex[key])
+      h.update(f"{key}:{a.dtype.str}:{a.shape}".encode() + b"\0" + a.tobytes())
+    total += int.from_bytes(h.digest(), "big")
+  return f"{total % 2**256:064x}"
+
+
+def test_resuming_on_a_site_rebuilt_from_other_images_of_the_same_number_is_refused(three_sites, tmp_path):
+  """Site a rebuilt from another folder of 7 training frames (other pixels; then the same pixels with one mask
+  changed): the record counts match, so the resume continued on the new images without a word. Each build records
+  a digest of its records' content (checked here against the records TFDS reads back), the checkpoint saves the
+  training sites' digests, and a resume on other content is refused, naming the site; a rebuild from the same
+  folder resumes, and a state saved with the counts only (an older checkpoint) restores its positions."""
+  data_dir = tmp_path / "tfds"
+  for site in ("a", "b"):
+    fdata.build("xray_folder", data_dir, manual_dir=three_sites / site)
+  c = _config(data_dir, num_clients=2, clients_per_round=2)
+  data = pipeline.make_client_data(c)
+  data.round_batches(1, np.array([0, 1]))
+  saved = json.loads(json.dumps(data.get_state()))
+  assert saved["site_content"] == {site: _content_sha256(data_dir, site) for site in ("a", "b")}
+
+  fdata.build("xray_folder", data_dir, manual_dir=three_sites / "a", overwrite=True)  # the same folder again
+  again = pipeline.make_client_data(c)
+  again.set_state(saved)
+  assert again.get_state() == saved
+
+  def rebuilt(name, **kw):
+    _site(tmp_path / name / "a", 7, 2, **kw)
+    fdata.build("xray_folder", data_dir, manual_dir=tmp_path / name / "a", overwrite=True)
+    return pipeline.make_client_data(c)
+
+  for name, kw in [("pixels", dict(site_id=5)), ("masks", dict(label_of=lambda site, i: 3 if i == 6 else 2))]:
+    changed = rebuilt(name, **kw)
+    assert changed.sizes.tolist() == [7, 5] and changed.get_state()["site_records"] == saved["site_records"], name
+    assert changed.get_state()["site_content"]["a"] == _content_sha256(data_dir, "a") != saved["site_content"]["a"]
+    with pytest.raises(pipeline.DataError, match=r"changed since the checkpoint was written: site\(s\) \['a'\] hold "):
+      changed.set_state(saved)
+    assert changed.get_state()["next_batch"] == [0, 0], name  # nothing restored
+    changed.set_state({"next_batch": [1, 1], "site_records": saved["site_records"]})  # counts only: positions
+    assert changed.get_state()["next_batch"] == [1, 1], name
+  for bad in ({"a": "0" * 63}, {"a": 5}, ["a"]):
+    assert data.damaged(dict(saved, site_content=bad)) is not None, bad
 
 
 def test_a_resume_falls_back_over_a_step_whose_data_state_is_damaged(three_sites, tmp_path):

@@ -27,6 +27,7 @@ import functools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -653,6 +654,8 @@ class TfdsClients:
         )
     self.unseen_name = unseen
     self._site_records = {c: len(src) for c, src in zip(train_cfgs, train_sources)}
+    # what the records hold, as the build recorded it (None: built before fedkd recorded it)
+    self._site_content = {c: fedkd_tfds.content_digest(builders[c], "train") for c in train_cfgs}
     # the highest class in each training split, as the build recorded it (None: built before fedkd recorded it)
     self._train_labels = {c: fedkd_tfds.largest_label(builders[c], "train") for c in train_cfgs}
     pool = _Concat(train_sources)
@@ -804,8 +807,13 @@ class TfdsClients:
     return out
 
   def get_state(self) -> dict:
-    """Every client's next batch position, and the training records of every site (what the positions index)."""
-    return {"next_batch": self._next.tolist(), "site_records": dict(self._site_records)}
+    """Every client's next batch position, and the number and content digest of every site's training records
+    (what the positions index)."""
+    return {
+      "next_batch": self._next.tolist(),
+      "site_records": dict(self._site_records),
+      "site_content": {site: d for site, d in self._site_content.items() if d is not None},
+    }
 
   def damaged(self, state: dict) -> str | None:
     """Why a checkpoint's data state cannot be one this data wrote (None: it can): its positions (``next_batch``)
@@ -818,13 +826,20 @@ class TfdsClients:
     bad = [v for v in nxt if not 0 <= v < 2**62]
     if bad:
       return f"its data state's next_batch holds {bad[0]}, not a batch count >= 0"
+    digests = state.get("site_content", {})
+    if not isinstance(digests, dict) or not all(
+      isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in digests.values()
+    ):
+      return f"its data state's site_content is {json.dumps(digests)[:60]}, not a site -> digest mapping"
     return None
 
   def set_state(self, state: dict) -> None:
     """Restores the positions of ``get_state``; refused when the training sites now hold other numbers of records
     than when it was saved (a site rebuilt with more or fewer images): the positions would index other
-    examples, and the partition and the FedAvg weights would change in the middle of the run. A state saved
-    before the record counts were stored restores the positions only."""
+    examples, and the partition and the FedAvg weights would change in the middle of the run; and when a site holds
+    other records of the same number (its content digest, recorded by the build, differs). A state saved before
+    the record counts were stored restores the positions only; one saved before the digests, or data built before
+    fedkd recorded them, has the counts checked only."""
     why = self.damaged(state)
     if why is not None:
       raise DataError(f"the checkpoint is damaged: {why}; move that checkpoint away or use a new --workdir")
@@ -845,6 +860,17 @@ class TfdsClients:
         f"dataset {self.config.data.source!r} changed since the checkpoint was written: training records per "
         f"site {', '.join(changed)}; resuming would continue on other examples, partitions and client weights. "
         "Restore the dataset the run was started with, or start a new --workdir"
+      )
+    # a site whose build recorded its content then and now (a state saved before the digests were stored, or a
+    # dataset built before fedkd recorded them, has only the counts checked)
+    digests = state.get("site_content") or {}
+    other = sorted(s for s, d in digests.items() if self._site_content.get(s) not in (None, d))
+    if other:
+      raise DataError(
+        f"dataset {self.config.data.source!r} changed since the checkpoint was written: site(s) {other} hold "
+        "other training records than then (the same number, other images, masks or ids: a site rebuilt from "
+        "another folder or export); resuming would continue on other examples. Restore the dataset the run was "
+        "started with, or start a new --workdir"
       )
     self._next = np.asarray(nxt, np.int64)
 

@@ -700,6 +700,20 @@ def smallest_image(builder, split: str) -> dict | None:
   return {k: entry[k] for k in ints + ("id",)}
 
 
+def content_digest(builder, split: str) -> str | None:
+  """The content digest of ``split`` of a prepared dataset (``records.CONTENT_KEY``: 64 hex digits that change
+  with any record's id, image or mask, whatever their order); None for a dataset built before fedkd recorded it,
+  or a split without records. Read as plain JSON; a malformed entry is refused."""
+  entry, path, fix = _split_metadata(builder, records.CONTENT_KEY, split)
+  if entry is None:
+    return None
+  if not (isinstance(entry, str) and re.fullmatch(r"[0-9a-f]{64}", entry)):
+    raise DatasetInputError(
+      f"{path}: malformed {records.CONTENT_KEY!r} entry for split {split!r} ({entry!r:.120}). {fix}"
+    )
+  return entry
+
+
 def largest_label(builder, split: str) -> dict | None:
   """The highest mask class of ``split`` of a prepared dataset and the first record holding it, as its build
   recorded them in ``metadata.json`` (``records.LARGEST_LABEL_KEY``): ``{"label", "id"}``; None for a dataset built

@@ -87,6 +87,30 @@ LARGEST_LABEL_KEY = "largest_label"
 #: ``source_fingerprint`` of that folder: a later build of the same config from another folder (two hospitals'
 #: exports with the same folder name make the same site name) is refused instead of reusing this one.
 SOURCE_KEY = "source_folder_sha1"
+#: Key of ``metadata.json`` that holds, per split, a digest of its records that does not depend on their order:
+#: ``{"train": "<64 hex digits>", ...}``, the sum modulo 2**256 of every record's :func:`record_digest`. A run saves
+#: its training sites' digests with its checkpoint, so a resume on a site rebuilt from other images of the same
+#: number is refused (``fedkd.data.tfds.api.content_digest``).
+CONTENT_KEY = "content_sha256"
+
+
+def record_digest(ex: dict) -> int:
+  """SHA-256 of one record (its id, site, and image and mask with their shapes and dtypes) as an integer."""
+  h = hashlib.sha256()
+  for key in ("id", "site"):
+    text = ex[key].decode() if isinstance(ex[key], bytes) else str(ex[key])
+    h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+  for key in ("image", "mask"):  # as stored: image [H, W, C], mask [H, W] (a generator may yield [H, W] images)
+    a = np.asarray(ex[key])
+    a = np.ascontiguousarray(a.reshape(a.shape[:2] + ((-1,) if key == "image" else ())))
+    h.update(f"{key}:{a.dtype.str}:{a.shape}".encode() + b"\0")
+    h.update(a.tobytes())
+  return int.from_bytes(h.digest(), "big")
+
+
+def combine_digests(digests: Iterable[int]) -> str:
+  """The order-free digest of a split from its records' :func:`record_digest`: their sum modulo 2**256, in hex."""
+  return f"{sum(digests) % 2**256:064x}"
 
 
 def source_fingerprint(folder) -> str:
@@ -104,12 +128,16 @@ def metadata():
 
 
 def track_split_stats(info, split: str, examples):
-  """Yield ``examples`` (``(key, record)`` pairs) unchanged, keeping the smallest image (by its shorter side)
-  and the highest mask class of split ``split`` in ``info.metadata``; TFDS writes them as ``metadata.json`` once
-  every split is written."""
+  """Yield ``examples`` (``(key, record)`` pairs) unchanged, keeping the smallest image (by its shorter side),
+  the highest mask class and the content digest (:data:`CONTENT_KEY`) of split ``split`` in ``info.metadata``;
+  TFDS writes them as ``metadata.json`` once every split is written."""
   sizes = info.metadata.setdefault(SMALLEST_IMAGE_KEY, {})
   labels = info.metadata.setdefault(LARGEST_LABEL_KEY, {})
+  contents = info.metadata.setdefault(CONTENT_KEY, {})
+  total = 0
   for key, ex in examples:
+    total += record_digest(ex)
+    contents[split] = combine_digests([total])
     h, w = (int(n) for n in ex["image"].shape[:2])
     now = sizes.get(split)
     if now is None or min(h, w) < now["min_side"]:
