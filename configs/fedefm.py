@@ -73,6 +73,8 @@ def get_config(arg=None):
     c.experiment.ablation_percents = "0,25,50,75"
   if "seeds" in a:
     c.experiment.seeds = ",".join(str(s) for s in range(a["seeds"]))
-  # the generator's forward model of every table in docs/fedefm.md (the schema's default is 2, corrected)
+  # the generator's forward model and the random streams of every table in docs/fedefm.md (the schema's defaults
+  # are 2: the corrected generator, and streams seeded apart from the silos' round sampling; fedkd/streams.py)
   c.data.synthetic_physics = 1
+  c.rng_streams = 1
   return c

@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "fedavg"  # 'fedavg' (this schema) or 'fedefm' (fedefm_base_config)
   c.seed = 0  # model init, client sampling and data; same seed + config = same numbers
+  # numpy streams drawn for one purpose (quantity_skew sizes): 2 = named apart from the round sampling streams,
+  # 1 = the seeds before, where they were a client's batch draws of one round (fedkd/streams.py)
+  c.rng_streams = 2
   c.num_rounds = 20  # federated rounds
   c.num_clients = 8  # simulated hospitals (clients)
   c.clients_per_round = 8  # clients sampled each round (without replacement)
@@ -287,6 +290,10 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "fedefm"  # 'fedefm': foundation pretraining + downstream fine-tuning experiment
   c.seed = 0  # base seed (the experiment runs experiment.seeds)
+  # numpy streams drawn for one purpose (silo sources, MATCHA activations, downstream batches): 2 = named apart
+  # from the silos' round sampling streams, 1 = the seeds before, where each was one silo's batch draws of one
+  # round (fedkd/streams.py; configs/fedefm.py keeps 1, the streams of its docs/fedefm.md tables)
+  c.rng_streams = 2
   c.image_size = 32  # image side in px
 
   c.pretrain = ml_collections.ConfigDict()
@@ -678,6 +685,14 @@ ADDED_KEYS: dict[str, Callable[[dict], Any]] = {
   # push-sum gossip scaled no local steps before gradient-push; only a file:<path> digraph can be unbalanced,
   # elsewhere the key changes nothing (its default stands)
   "fedefm.gradient_push": lambda a: not str(a.get("fedefm.topology", "")).startswith("file:"),
+  # numpy streams for one purpose, seeded apart from the round sampling streams (fedkd.streams): FedEFM draws
+  # several; FedAvg only quantity_skew's sizes of synthetic clients
+  "rng_streams": lambda a: (
+    1
+    if a.get("task") == "fedefm"
+    or (a.get("data.source", "synthetic") == "synthetic" and (a.get("quantity_skew") or 0) > 0)
+    else None
+  ),
 }
 
 
@@ -1157,6 +1172,16 @@ def _choice(c, key: str, choices) -> str:
   return v
 
 
+def _check_streams(c) -> None:
+  from fedkd.streams import VERSIONS
+
+  if isinstance(c.rng_streams, bool) or c.rng_streams not in VERSIONS:
+    raise ConfigError(
+      f"config.rng_streams={c.rng_streams!r} is unknown; use 2 (the default: streams named apart from the round "
+      "sampling streams) or 1 (the seeds of runs made before them; fedkd/streams.py)"
+    )
+
+
 def _check_physics(c) -> None:
   if isinstance(c.data.synthetic_physics, bool) or c.data.synthetic_physics not in SYNTHETIC_PHYSICS:
     raise ConfigError(
@@ -1225,6 +1250,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
   _choice(c, "data.unseen_key", UNSEEN_KEYS)
   _choice(c, "eval.pick", EVAL_PICKS)
   _check_physics(c)
+  _check_streams(c)
   if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "
@@ -1570,6 +1596,7 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   _choice(c, "engine.conv_lowering", CONV_LOWERINGS)
   _number(c, "engine.client_chunk", pos, ">= 1", integer=True)
   _check_physics(c)
+  _check_streams(c)
   for key in ("detach_weights", "emd_debias", "directed", "gradient_push"):
     if not isinstance(c.fedefm[key], bool):
       raise ConfigError(f"config.fedefm.{key}={c.fedefm[key]!r} must be True or False")

@@ -388,7 +388,8 @@ def test_a_quantity_skew_past_int32_sizes_is_refused_by_validate():
   c.num_clients = 16
   for skew in (3.0, 30.0):
     c.quantity_skew = skew
-    draw = np.round(c.examples_per_client * np.random.default_rng([c.seed, 7]).lognormal(0.0, skew, c.num_clients))
+    rng = np.random.default_rng(np.random.SeedSequence(c.seed, spawn_key=(1,)))  # fedkd.streams' client_sizes
+    draw = np.round(c.examples_per_client * rng.lognormal(0.0, skew, c.num_clients))
     if draw.max() < 2**31:
       fc.validate(c, 8)
     else:

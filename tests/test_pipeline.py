@@ -329,11 +329,19 @@ def test_client_sizes_with_an_overflowing_quantity_skew_is_refused():
   (numpy's lognormal on the documented rng, then at least batch_size)."""
   import ml_collections
 
-  def cfg(q):
-    return ml_collections.ConfigDict(dict(num_clients=4, examples_per_client=64, quantity_skew=q, seed=0, batch_size=8))
+  def cfg(q, **kw):
+    return ml_collections.ConfigDict(
+      dict(num_clients=4, examples_per_client=64, quantity_skew=q, seed=0, batch_size=8, **kw)
+    )
 
-  want = np.maximum(np.round(64 * np.random.default_rng([0, 7]).lognormal(0.0, 0.5, 4)), 8).astype(np.int64)
-  np.testing.assert_array_equal(pipeline.client_sizes(cfg(0.5)), want)
+  # rng_streams 2: the stream named apart from the round sampling streams (spawn key 1); a stored config from
+  # before the key (no rng_streams): the seed [0, 7] it ran with
+  for c, rng in [
+    (cfg(0.5, rng_streams=2), np.random.default_rng(np.random.SeedSequence(0, spawn_key=(1,)))),
+    (cfg(0.5), np.random.default_rng([0, 7])),
+  ]:
+    want = np.maximum(np.round(64 * rng.lognormal(0.0, 0.5, 4)), 8).astype(np.int64)
+    np.testing.assert_array_equal(pipeline.client_sizes(c), want)
   with pytest.raises(pipeline.DataError, match="quantity_skew=1000.0 is too large"):
     pipeline.client_sizes(cfg(1000.0))
 

@@ -153,9 +153,10 @@ def test_matcha_budgets_and_determinism():
   for bad in (1.01, -0.1, float("nan"), 2):
     with pytest.raises(ValueError, match="budget must be in"):
       topo.matcha(g, bad, 0, 0)
-  # a function of (seed, round): the same draw in every call and process (numpy's PCG64 stream)
+  # a function of (seed, round): the same draw in every call and process (numpy's PCG64 stream, MATCHA's stream
+  # named by spawn key 3, fedkd.streams)
   for seed, r in ((0, 0), (3, 7), (2**32 - 1, 1000)):
-    want = np.random.default_rng([seed, r]).random(len(ms)) < 0.4
+    want = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, r))).random(len(ms)) < 0.4
     np.testing.assert_array_equal(topo.matcha_activation(len(ms), 0.4, seed, r), want)
     np.testing.assert_array_equal(topo.matcha(g, 0.4, seed, r), topo.matcha(g.astype(float), 0.4, seed, r))
   draws = {topo.matcha_activation(30, 0.5, 0, r).tobytes() for r in range(50)}

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fedkd import streams
 from fedkd.config import stored_value
 from fedkd.data import partition
 from fedkd.data import sites as sites_lib
@@ -61,7 +62,7 @@ def client_sizes(config) -> np.ndarray:
   """Synthetic training-set size of every client (deterministic from the seed)."""
   n = np.full(config.num_clients, config.examples_per_client, dtype=np.int64)
   if config.quantity_skew > 0:
-    rng = np.random.default_rng([config.seed, 7])
+    rng = streams.rng("client_sizes", config.seed, version=stored_value(config, "rng_streams"))
     with np.errstate(over="ignore"):
       f = np.round(n * rng.lognormal(0.0, config.quantity_skew, size=n.shape))
     if not (f < 2**31).all():  # inf would cast to garbage (silently equal sizes); round_indices draws int32 indices

@@ -27,6 +27,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from fedkd import streams
 from fedkd.config import stored_value
 from fedkd.data import partition
 from fedkd.data import sites as sites_lib
@@ -109,7 +110,9 @@ class SiloData:
     mix = partition.unseen_label_corpus(p.num_silos, NUM_SOURCES, percent)
     return np.stack(
       [
-        np.random.default_rng([seed, 11, i]).choice(NUM_SOURCES, p.examples_per_silo, p=mix[i])
+        streams.rng("silo_sources", seed, i, version=stored_value(self.c, "rng_streams")).choice(
+          NUM_SOURCES, p.examples_per_silo, p=mix[i]
+        )
         for i in range(p.num_silos)
       ]
     )

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedkd import streams
 from fedkd.errors import UserError
 
 GAIA_NODES = (
@@ -174,7 +175,7 @@ def _colouring_cached(n: int, packed: bytes) -> tuple[np.ndarray, np.ndarray, in
 def _rng(rng_or_seed, round: int) -> np.random.Generator:
   if isinstance(rng_or_seed, np.random.Generator):
     return rng_or_seed
-  return np.random.default_rng([int(rng_or_seed), int(round)])
+  return streams.rng("matcha", int(rng_or_seed), int(round))
 
 
 def matcha_activation(num_matchings: int, budget: float, rng_or_seed: Any = 0, round: int = 0) -> np.ndarray:
@@ -735,6 +736,22 @@ def push_sum_weights(a, rounds: int) -> np.ndarray:
 
 
 _PUSH_SUM_LAST: dict = {}
+
+
+def push_sum_peak_scale(a, rounds: int) -> tuple[float, int, int]:
+  """(the largest 1 / w_i, its silo i, its round r) over the push-sum weights w = a^r 1 of rounds r = 0 ..
+  ``rounds`` - 1 (the scales stochastic gradient-push gives the silos' local steps; the weights need not fall
+  monotonically, so the last round's is not the peak). Computed in float64; inf where a weight reaches 0."""
+  a = np.asarray(a, np.float64)
+  w, peak = np.ones(a.shape[0]), (1.0, 0, 0)
+  for r in range(max(int(rounds), 1)):
+    if r:
+      w = a @ w
+    i = int(np.argmin(w))
+    scale = float(1.0 / w[i]) if w[i] > 0 else float("inf")
+    if scale > peak[0]:
+      peak = (scale, i, r)
+  return peak
 
 
 def push_sum_round(a, rounds_done: int) -> np.ndarray:

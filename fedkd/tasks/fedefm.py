@@ -50,7 +50,7 @@ import optax
 from etils import epath
 
 from fedkd import checkpoint as ckpt_lib
-from fedkd import report
+from fedkd import report, streams
 from fedkd.config import (
   FEDEFM_DISTILL,
   FEDEFM_METHODS,
@@ -83,6 +83,8 @@ DISTILL = FEDEFM_DISTILL  # methods that distil from overseas experts (after the
 # Methods whose silos mix by gossip over the topology (DFL); "fedefm" and its controls with FedEFM's
 # update (uniform weights, no experts) follow config.fedefm.mixing, so each control changes one ingredient.
 GOSSIP = ("ring", "matcha", "fedefm_dfl")
+# the largest step scale stochastic gradient-push may give a silo (1 / its push-sum weight) before a run is refused
+MAX_STEP_SCALE = 1e6
 FOLLOW_MIXING = ("fedefm", "fedefm_uniform", "fedefm_e0")
 # config key -> its name among the pretraining round's traced inputs (the engine's ``hparams``): the KD
 # weight, KD temperature, learning rates and the silos' weight decay. Experiments that differ only in these
@@ -379,6 +381,20 @@ class Experiment:
     self.adj = self.parsed["adjacency"]
     # undirected: Metropolis-Hastings; balanced digraph: doubly stochastic; else push-sum (column-stochastic A)
     self.gossip_w, self.push_sum = topology.directed_mixing(self.adj)
+    # stochastic gradient-push scales a silo's local steps by 1 / its push-sum weight: the largest over the run
+    self.step_scale_peak = None
+    ablated = self.parsed["ablation_methods"] if self.parsed["percents"] else []
+    if any(self._gradient_push(m) for m in [*self.parsed["methods"], *ablated]):
+      self.step_scale_peak = topology.push_sum_peak_scale(self.gossip_w, c.pretrain.num_rounds)
+      scale, silo, mixed = self.step_scale_peak
+      if not scale <= MAX_STEP_SCALE:
+        raise ConfigError(
+          f"config.fedefm.topology={c.fedefm.topology!r} is a directed graph on which silo {silo}'s push-sum "
+          f"weight falls to {1 / scale:.3g} by round {mixed + 1}, so stochastic gradient-push would scale its "
+          f"local steps by {scale:.3g}x (more than {MAX_STEP_SCALE:.0e}x; no learning rate trains that): give "
+          "that silo more in-edges (a balanced digraph mixes without push-sum), or set "
+          "config.fedefm.gradient_push=False"
+        )
     self.data = SiloData(c)
     self.seg_loss = make_segmentation_loss(SEG_LOSS)
     self._teacher_key = ("model", _json(c.teacher), c.image_size)
@@ -759,7 +775,7 @@ class Experiment:
         else:
           nbr, nmask = idx, mask
           if method == "matcha":
-            W = topology.matcha(base, c.fedefm.matcha_budget, seed, r)
+            W = topology.matcha(base, c.fedefm.matcha_budget, streams.rng("matcha", seed, r, version=c.rng_streams), r)
           elif self.push_sum:  # push-sum on a directed graph: round r's row-stochastic form of A
             W = topology.push_sum_round(self.gossip_w, r - 1)
           else:
@@ -941,7 +957,7 @@ class Experiment:
     for prefix, n, steps in settings:
       x, y = x_all[:n], y_all[:n]
       if not kd:
-        rng = np.random.default_rng([seed, 99, n])
+        rng = streams.rng("finetune", seed, n, version=self.c.rng_streams)
         p = self._train(
           params0, self._finetune_fn(False), None, x, y, steps, rng, 0.0, label, f"fine-tuning ({n} images)"
         )
@@ -949,13 +965,13 @@ class Experiment:
         continue
       teacher = jax.tree.map(jnp.asarray, foundation)  # on the device once, not every step
       if d.teacher_adapt_steps:
-        rng = np.random.default_rng([seed, 98, n])
+        rng = streams.rng("teacher_adapt", seed, n, version=self.c.rng_streams)
         teacher = self._train(
           teacher, self._adapt_fn(), None, x, y, d.teacher_adapt_steps, rng, 0.0, label, "teacher adaptation"
         )
       best = None
       for scale in kd_scales(d):
-        rng = np.random.default_rng([seed, 99, n])  # the same batches for every scale
+        rng = streams.rng("finetune", seed, n, version=self.c.rng_streams)  # the same batches for every scale
         p = self._train(
           params0, self._finetune_fn(True), teacher, x, y, steps, rng, scale, label, f"KD fine-tuning ({n} images)"
         )
@@ -965,7 +981,7 @@ class Experiment:
       out["kd_scale"][prefix.rstrip("/") or "full"] = best[1]
       out.update({prefix + k: v for k, v in self._scores(best[2], x_te, y_te).items()})
     if d.probe and not kd:
-      rng = np.random.default_rng([seed, 97])
+      rng = streams.rng("probe", seed, version=self.c.rng_streams)
       x, y = x_all[: d.train_examples], y_all[: d.train_examples]
       p = self._train(
         params0, self._finetune_fn(False, True), None, x, y, d.steps, rng, 0.0, label, "frozen-encoder probe"
@@ -1024,11 +1040,10 @@ class Experiment:
         f"{'mixes' if len(pushed) == 1 else 'mix'} by push-sum"
       )
       if self.c.fedefm.gradient_push:  # _gradient_push holds for every method in pushed
-        scale = 1.0 / topology.push_sum_weights(self.gossip_w, max(self.c.pretrain.num_rounds - 1, 0))
+        scale, silo, mixed = self.step_scale_peak
         notes.append(
           f"{head}, and each silo's local steps are scaled by 1 / its push-sum weight (stochastic gradient-push), "
-          f"up to {scale.max():.3g}x (silo {int(np.argmax(scale))}) by the last round; lower the learning rate if "
-          "that silo diverges"
+          f"up to {scale:.3g}x (silo {silo}, round {mixed + 1}); lower the learning rate if that silo diverges"
         )
       else:
         notes.append(
