@@ -50,7 +50,7 @@ CLIENT_STATE_PLACEMENTS = ("device", "host")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 UNSEEN_KEYS = ("fixed", "num_clients")  # config.data.unseen_key
 EVAL_PICKS = ("spread", "first")  # config.eval.pick: fedkd.data.pipeline.eval_records
-SYNTHETIC_PHYSICS = (1, 2)  # config.data.synthetic_physics: fedkd.data.synth.PHYSICS
+SYNTHETIC_PHYSICS = (1, 2, 3)  # config.data.synthetic_physics: fedkd.data.synth.PHYSICS
 SERVER_OPTIMIZERS = OPTIMIZERS + ("yogi", "adagrad")  # fedkd.fl.engine.make_optimizer
 # FedEFM (task 'fedefm'): foundations compared (fedkd.tasks.fedefm.METHODS), EMD options
 # (fedkd.distill.emd.MARGINALS / WEIGHT_MODES), silo data types (len(fedkd.data.silos.DATA_TYPES)).
@@ -111,8 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 = the output itself (catheter 3-12 px, wire 0.8-3 px); 512 = a downsampled 512 px view
   c.data.synthetic_field_size = 0
   # synthetic: the generator's forward model: 2 (device attenuation scales with its diameter, partial volume
-  # averaged on intensity, white read-out noise, the second wire at the site's size) or 1 (the generator before
-  # those corrections, which earlier published tables used; docs/data.md)
+  # averaged on intensity, white read-out noise, the second wire at the site's size), 3 (2 with devices that leave
+  # the field instead of running along its edge and a catheter entering from outside it; not yet the tables') or
+  # 1 (the generator before those corrections, which earlier published tables used; docs/data.md)
   c.data.synthetic_physics = 2
   # synthetic: the unseen site's images: 'fixed' (the same whatever num_clients) or 'num_clients' (keyed by the
   # client count, as runs made before the key existed; they resume with it)
@@ -424,8 +425,8 @@ def fedefm_base_config() -> ml_collections.ConfigDict:
   c.mesh.client_devices = 0  # devices on the silo axis; 0 = automatic
   c.data = ml_collections.ConfigDict()
   # the synthetic generator's forward model, as in the fedavg schema: 2 (device attenuation scales with its
-  # diameter, partial volume averaged on intensity, white read-out noise) or 1 (before those corrections;
-  # configs/fedefm.py keeps 1, the model its docs/fedefm.md tables were made with)
+  # diameter, partial volume averaged on intensity, white read-out noise), 3 (2 with the device geometry corrected)
+  # or 1 (before those corrections; configs/fedefm.py keeps 1, the model its docs/fedefm.md tables were made with)
   c.data.synthetic_physics = 2
   # The silos' round runs on the FedAvg engine: the same two speed knobs (see the fedavg schema).
   c.engine = ml_collections.ConfigDict()
@@ -907,6 +908,7 @@ def _positive(c, key: str) -> None:
     raise ConfigError(f"config.{key}={value!r} must be a positive number; set --config.{key} to a value > 0")
 
 
+MAX_FIELD_SIZE = 4096  # config.data.synthetic_field_size: the largest acquisition field (px) of the generator
 MAX_CLIENTS = 10_000_000  # per-client arrays (sizes, sampling) are host numpy arrays of this length
 # synthetic runs render every evaluated site's held-out set before the first round: eval.max_sites=0 (all) is
 # refused above this many training sites, where it means tens of thousands of images (set max_sites explicitly)
@@ -1186,7 +1188,8 @@ def _check_physics(c) -> None:
   if isinstance(c.data.synthetic_physics, bool) or c.data.synthetic_physics not in SYNTHETIC_PHYSICS:
     raise ConfigError(
       f"config.data.synthetic_physics={c.data.synthetic_physics!r} is unknown; use 2 (the default: corrected "
-      "device attenuation, partial volume and read-out noise) or 1 (the generator before them; docs/data.md)"
+      "device attenuation, partial volume and read-out noise), 3 (2 with devices that leave the field and a "
+      "catheter entering from outside it) or 1 (the generator before them; docs/data.md)"
     )
 
 
@@ -1255,6 +1258,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "
       "least 32 px (0 = the output itself, 512 = a downsampled 512 px view)"
+    )
+  if c.data.synthetic_field_size > MAX_FIELD_SIZE:  # devices of a fraction of a pixel: labels on blank pixels
+    raise ConfigError(
+      f"config.data.synthetic_field_size={c.data.synthetic_field_size} is larger than any detector: the acquisition "
+      f"field is at most {MAX_FIELD_SIZE} px (its devices would be far thinner than a pixel of the output, labelled "
+      "where nothing is drawn); use 0 (the output itself) or a detector's size such as 512 or 1024"
     )
   if c.num_clients > MAX_CLIENTS:
     raise ConfigError(

@@ -111,6 +111,39 @@ def test_the_second_guidewire_has_the_sites_size(physics):
     assert max(widths) >= 2.5, widths
 
 
+def _longest_run(line) -> int:
+  best = cur = 0
+  for v in line:
+    cur = cur + 1 if v else 0
+    best = max(best, cur)
+  return best
+
+
+def test_physics_3_devices_leave_the_field_and_the_catheter_enters_from_outside_it():
+  """96 frames of four sites at 64 px, without shutters or pincushion (which cut devices short of the edge):
+  with physics 1 and 2 a device leaving the field was clipped to 2 % inside the edge and drawn along it, in the
+  image and the mask (a wire mask running >= 8 px along that line, the row / column int(0.02 * 64) = 1 from the
+  edge), and the catheter started inside the field (a proximal end that never reaches the image's edge). Physics
+  3 draws neither; physics 2 is as it was (test_synth's published values)."""
+  from fedkd.data import sites
+
+  table = dict(sites.client_table(4))
+  for knob in ("shutter", "pincushion"):
+    table[knob] = np.zeros_like(np.asarray(table[knob]))
+  size, k = 64, 1
+  edge = np.zeros((size, size), bool)
+  edge[[0, -1]] = edge[:, [0, -1]] = True
+  along, free = {}, {}
+  for physics in (2, 3):
+    _, m = synth.generate(0, table, [0, 1, 2, 3], np.tile(np.arange(24), (4, 1)), size, split=1, physics=physics)
+    m = np.asarray(m).reshape(-1, size, size)
+    lines = lambda f: [f[k], f[size - 1 - k], f[:, k], f[:, size - 1 - k]]  # noqa: E731
+    along[physics] = sum(max(_longest_run(line == 2) for line in lines(f)) >= 8 for f in m)
+    free[physics] = sum((f == 1).any() and not ((f == 1) & edge).any() for f in m)
+  assert along[2] >= 30 and free[2] >= 5, (along, free)  # measured: 56 and 13 of 96
+  assert along[3] <= 10 and free[3] == 0, (along, free)  # 6 (wire tips curling by the edge) and 0
+
+
 def test_the_config_key_reaches_the_clients_and_is_checked():
   """config.data.synthetic_physics: the clients' held-out images are the generator's at that version (2, the
   corrected one, by default), and a value other than 1 or 2 is a ConfigError naming both. 16-pixel images: the
@@ -130,7 +163,7 @@ def test_the_config_key_reaches_the_clients_and_is_checked():
     )
     np.testing.assert_array_equal(sets[physics], np.asarray(want[0][0]))
   assert np.abs(sets[1] - sets[2]).mean() > 1e-3
-  for bad in (3, 0):
+  for bad in (4, 0):
     c.data.synthetic_physics = bad
     with pytest.raises(ConfigError, match=r"config.data.synthetic_physics=.* is unknown; use 2 .* or 1 "):
       validate(c, 8)

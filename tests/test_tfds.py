@@ -276,8 +276,8 @@ def test_synthetic_physics_2_renders_the_corrected_generator(tmp_path):
   np.testing.assert_array_equal(np.stack([src[i]["mask"] for i in range(8)]), np.asarray(masks[0]).astype(np.uint8))
   assert not np.array_equal(got, np.round(np.clip(np.asarray(old[0]), 0, 1) * 255).astype(np.uint8))
   assert fdata.synthetic_config(name, 32, 8, 0).name == f"{name}-32px-8-0-seed0"  # version 1 keeps its names
-  for bad in (3, 0, True):
-    with pytest.raises(fdata.DatasetInputError, match=r"physics=.* is unknown; use one of \[1, 2\]"):
+  for bad in (4, 0, True):
+    with pytest.raises(fdata.DatasetInputError, match=r"physics=.* is unknown; use one of \[1, 2, 3\]"):
       fdata.synthetic_config(name, physics=bad)
 
 

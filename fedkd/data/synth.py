@@ -66,7 +66,11 @@ SUPERSAMPLE = 2  # default device supersampling factor per axis (static)
 # over half a pixel read 0.37 instead of 0.57); (c) electronic (read-out) noise is added after the detector's
 # blur, white at its stated sigma (1 blurred it with the quantum noise); (d) the second guidewire is drawn at
 # the site's guidewire size (1 drew it from 0.014-0.035" whatever the site).
-PHYSICS = (1, 2)
+# 3: 2 and two departures of the device geometry corrected: (e) a device that leaves the field is not clipped
+# to 2 % inside its edge (1 and 2 folded what lay beyond onto a run along the edge, in image and mask: a wire ran
+# >= 8 px along it in 10-26 % of frames at 64-128 px); (f) the catheter enters from outside the field (1 and 2
+# started it 0.4-0.5 field sides from the centre, inside the field: a free proximal end in mid-image).
+PHYSICS = (1, 2, 3)
 DEVICE_REF_WIRE_INCH = 0.025  # physics 2: the wire diameter at which a wire's peak line integral is 1's draw
 DEVICE_REF_FRENCH = 6.0  # physics 2: the catheter size at which its wall's peak line integral is 1's draw
 MAX_SUPERSAMPLE = 4
@@ -232,12 +236,15 @@ def _local_frame(py, px, seg):
   return vy, vx, seg[2] * norm, seg[3] * norm
 
 
-def _catheter_curve(u, size, rnd_tip, follow_pts, follow):
-  """Catheter polyline [N_BODY + N_TIP, 2]: enters near the field edge and ends near the centre
-  (v1 layout), or (follow=1) runs along the vessel trunk given as ``follow_pts``."""
+def _catheter_curve(u, size, rnd_tip, follow_pts, follow, physics: int = 1):
+  """Catheter polyline [N_BODY + N_TIP, 2]: enters near the field edge (physics 3: from outside the field, past
+  its corners) and ends near the centre (v1 layout), or (follow=1) runs along the vessel trunk given as
+  ``follow_pts``."""
   c = 0.5 * size
   th0 = u((), 0.0, 2 * jnp.pi)
   r0 = u((), 0.4, 0.5) * size
+  if physics >= 3:  # (f) the same draw mapped from 0.4-0.5 to 0.72-0.80 field sides from the centre
+    r0 = (0.72 + 0.8 * (r0 / size - 0.4)) * size
   p0 = c + r0 * jnp.stack([jnp.cos(th0), jnp.sin(th0)])
   th3 = th0 + jnp.pi + u((), -0.9, 0.9)
   r3 = u((), 0.0, 0.12) * size
@@ -263,11 +270,12 @@ def _wire_curve(u, size, start, rnd_tip, follow_pts, follow):
   return _tip_curve(body, *rnd_tip)
 
 
-def _vessel_trunk(u, size):
-  """Trunk Bezier control points [4, 2]: enters from outside the field, crosses near the centre."""
+def _vessel_trunk(u, size, physics: int = 1):
+  """Trunk Bezier control points [4, 2]: enters from outside the field (physics 1, 2: 0.62 field sides from the
+  centre, inside the field towards its corners; 3: 0.75, past them), crosses near the centre."""
   c = 0.5 * size
   th0 = u((), 0.0, 2 * jnp.pi)
-  p0 = c + 0.62 * size * jnp.stack([jnp.cos(th0), jnp.sin(th0)])
+  p0 = c + (0.75 if physics >= 3 else 0.62) * size * jnp.stack([jnp.cos(th0), jnp.sin(th0)])
   th3 = th0 + jnp.pi + u((), -0.8, 0.8)
   p3 = c + u((), 0.3, 0.62) * size * jnp.stack([jnp.cos(th3), jnp.sin(th3)])
   mid = u((2, 2), 0.3, 0.7) * size
@@ -524,7 +532,8 @@ def render(
     field_size: static side (px) of the acquisition that ``pixel_spacing`` refers to. None (default):
       the output itself, i.e. a native-resolution field (catheter 3-12 px, wire 0.8-3 px at any output
       size); 512: the output is a downsampled view of a 512 x 512 acquisition (devices shrink with it).
-    physics: static forward-model version (``PHYSICS``): 1 as the published tables were made, 2 corrected.
+    physics: static forward-model version (``PHYSICS``): 1 as the published tables were made, 2 corrected,
+      3 also the device geometry corrected.
   Returns:
     image [H, W, 1] float32 in [0, 1] (8-bit levels; devices dark unless the polarity is flipped),
     mask [H, W] int32 (0 background, 1 catheter, 2 guidewire, 3 vessel).
@@ -558,7 +567,7 @@ def render(
   # --- vessel tree (output resolution, union of tapered tubes) and device paths inside it
   n_children = jnp.floor(u((), MIN_CHILDREN, MAX_CHILDREN + 1 - 1e-3)).astype(jnp.int32)
   r_trunk = u((), 1.5, 3.0) * amm
-  trunk = _vessel_trunk(u, size)
+  trunk = _vessel_trunk(u, size, physics)
   trunk_pts = _bezier_at(trunk, jnp.linspace(0.0, 1.0, N_TRUNK))
   dist_c = jnp.sqrt(jnp.sum((trunk_pts - c) ** 2, axis=-1))
   i_c = jnp.argmin(jnp.where(jnp.arange(N_TRUNK) < N_TRUNK - 3, dist_c, jnp.inf))
@@ -596,15 +605,23 @@ def render(
     return length, jnp.where(u(()) < 0.5, turn, -turn)
 
   j_tip = (u(()) < 0.75).astype(jnp.float32)
-  cath_pts = _catheter_curve(u, size, tip(5.0, 12.0, 0.0, 1.5), cath_follow, follow)
-  cath_pts = jnp.clip(cath_pts, 0.02 * size, 0.98 * size)
+  cath_pts = _catheter_curve(u, size, tip(5.0, 12.0, 0.0, 1.5), cath_follow, follow, physics)
+
+  # (e) physics 3: a device that leaves the field leaves it (1, 2: its points were clipped to 2 % inside the edge,
+  # so what lay beyond ran along the edge, in the image and the mask); a wire still starts inside the field
+  def inside(pts):
+    return jnp.clip(pts, 0.02 * size, 0.98 * size)
+
+  if physics < 3:
+    cath_pts = inside(cath_pts)
   wtip = tip(6.0, 12.0, 2.5, 3.6)
   wtip = (wtip[0], wtip[1] * j_tip)
-  wire_pts = _wire_curve(u, size, cath_pts[-1], wtip, wire_follow, follow)
-  wire2_pts = _wire_curve(u, size, cath_pts[-1], tip(6.0, 12.0, 0.0, 3.6), wire_follow, 0.0)
-  wire_pts = jnp.clip(wire_pts, 0.02 * size, 0.98 * size)
+  wire_pts = _wire_curve(u, size, inside(cath_pts[-1]), wtip, wire_follow, follow)
+  wire2_pts = _wire_curve(u, size, inside(cath_pts[-1]), tip(6.0, 12.0, 0.0, 3.6), wire_follow, 0.0)
+  if physics < 3:
+    wire_pts, wire2_pts = inside(wire_pts), inside(wire2_pts)
   wire2_on = (coin[1] < p["second_wire"]).astype(jnp.float32)
-  wire2_pts = jnp.clip(wire2_pts, 0.02 * size, 0.98 * size) + (1.0 - wire2_on) * FAR
+  wire2_pts = wire2_pts + (1.0 - wire2_on) * FAR
 
   # --- device sizes (px), clamped at the 512 reference then scaled to the output
   cath_R = 0.5 * jnp.clip(

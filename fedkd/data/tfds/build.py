@@ -5,7 +5,7 @@
     python -m fedkd.data.tfds.build --dataset=cathaction --manual_dir=DIR --data_dir=OUT \\
         [--config=default|gray_0_128_255|rgb]
     python -m fedkd.data.tfds.build --dataset=synthetic_endovascular --data_dir=OUT \\
-        [--config=SITE|SITE_tiny] [--site=SITE --image_size=128 --num_train=256 --num_test=64] [--physics=2]
+        [--config=SITE|SITE_tiny] [--site=SITE --image_size=128 --num_train=256 --num_test=64] [--physics=2|3]
     python -m fedkd.data.tfds.build --dataset=synthetic_endovascular --list_configs
 
 Prints the config built, its folder and, per split, the example count and image shapes;
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--num_train", type=int, help="synthetic_endovascular train examples")
   p.add_argument("--num_test", type=int, help="synthetic_endovascular test examples")
   p.add_argument("--seed", type=int, help="synthetic_endovascular seed")
-  p.add_argument("--physics", type=int, help="synthetic_endovascular forward model: 1 (default) or 2")
+  p.add_argument("--physics", type=int, help="synthetic_endovascular forward model: 1 (default), 2 or 3")
   p.add_argument("--overwrite", action="store_true", help="rebuild if already prepared")
   p.add_argument("--list_configs", action="store_true", help="list registered configs")
   return p
