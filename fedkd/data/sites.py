@@ -181,7 +181,7 @@ def _make(name, **overrides) -> SiteProfile:
 
 BASE_SITES: tuple[SiteProfile, ...] = (
   # Cardiac flat panel, 1024^2 cine: its native fine spacing (0.13-0.2 mm/px; a 512^2 archive of the same
-  # field would be 0.3-0.45), low noise, anti-scatter grid.
+  # field would be 0.26-0.4), low noise, anti-scatter grid.
   _make(
     "flatpanel_1024_cine",
     dose=(800.0, 2000.0),
