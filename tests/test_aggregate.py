@@ -125,6 +125,28 @@ def test_multi_krum(n_dev, f, k):
   _close(_aggregate(MultiKrum(f=f, k=k), uploads, weights, n_dev), ref)
 
 
+def test_krum_scores_sum_the_nearest_other_counting_clients():
+  """Each counting client's score is the sum of its m - f - 2 (at least 1, at most m - 1) smallest squared
+  distances to the OTHER counting clients (its own distance 0 is not a neighbour), +inf for the others; against a
+  loop over random symmetric distances with 3 of 9 clients not counting, for f = 0 .. 5."""
+  rng = np.random.default_rng(0)
+  d = rng.uniform(1.0, 10.0, (9, 9))
+  d = d + d.T
+  np.fill_diagonal(d, 0.0)
+  counting = np.ones(9, bool)
+  counting[[1, 4, 7]] = False
+  ids = np.flatnonzero(counting)
+  m = len(ids)
+  for f in range(6):
+    got = np.asarray(aggregate.krum_scores(jnp.asarray(d, jnp.float32), jnp.asarray(counting), f))
+    for i in range(9):
+      if not counting[i]:
+        assert got[i] == np.inf
+        continue
+      near = sorted(d[i, j] for j in ids if j != i)
+      np.testing.assert_allclose(got[i], sum(near[: min(max(m - f - 2, 1), m - 1)]), rtol=1e-6)
+
+
 def test_krum_rejects_outliers():
   """Three far-away attackers: Krum and multi-Krum pick honest clients, the median ignores them."""
   uploads, weights = _uploads(5), _weights(zeros=())

@@ -48,6 +48,29 @@ def test_int8_on_the_grid_within_one_step_and_unbiased():
   np.testing.assert_allclose(np.asarray(compress.decode_int8(q, qlo, qhi)), dec[0], atol=1e-5)
 
 
+def test_int8_tree_draws_leaf_l_from_fold_in_key_l():
+  """The documented stream: leaf l's rounding noise is jax.random.uniform(fold_in(key, l)) of its shape (a
+  recorded run's uploads depend on it), pushed through lo + floor((x - lo) / s + U) s, s = (hi - lo) / 255;
+  leaves sent exactly (the integer one) keep their index in the count."""
+  key = jax.random.key(11)
+  tree = {
+    "a": jnp.linspace(-1.0, 2.0, 37).reshape(37),
+    "b": jnp.arange(4, dtype=jnp.int32),
+    "c": jnp.cos(jnp.arange(12.0)),
+  }
+  got = compress.int8_tree(tree, key)
+  for l, name in enumerate(sorted(tree)):  # jax.tree.leaves order: the sorted keys
+    x = np.asarray(tree[name])
+    if x.dtype.kind != "f":
+      np.testing.assert_array_equal(np.asarray(got[name]), x)
+      continue
+    u = np.asarray(jax.random.uniform(jax.random.fold_in(key, l), x.shape, jnp.float32))
+    lo, hi = x.min(), x.max()
+    s = np.float32((hi - lo) / 255.0)
+    want = lo + np.clip(np.floor((x - lo) / s + u), 0, 255) * s
+    np.testing.assert_allclose(np.asarray(got[name]), want, atol=1e-6)
+
+
 def test_int8_sends_constant_scalar_and_integer_leaves_exactly():
   key = jax.random.key(0)
   tree = {"c": jnp.full((4, 3), 0.37), "s": jnp.float32(1.2345678), "one": jnp.array([3.3]), "i": jnp.arange(5)}

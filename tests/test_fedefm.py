@@ -130,14 +130,17 @@ def engine_round(
   model=None,
   hparams=None,
   unroll=False,
+  prev=None,
+  **silo,
 ):
   """One FedEFM round through the shared engine; ``model`` = (apply_wf, seg loss) (default: the toy);
   ``unroll``: local steps unrolled (the CPU default) instead of a scan.
   ``hparams`` {beta, temperature, lr_e, lr_l}: those enter the compiled round as traced inputs (the
-  FedEFM task's way; fedkd.tasks.fedefm.ROUND_HPARAMS)."""
+  FedEFM task's way; fedkd.tasks.fedefm.ROUND_HPARAMS). ``prev``: the silos' models after their previous
+  round (MOON's negatives; default ``params``, as in a first round); ``silo``: FedEFMOptions fields."""
   wf, seg = model or (apply_wf, cross_entropy)
   mesh = client_mesh(n_dev)
-  opts = FedEFMOptions(distill=distill, mixing=mixing, **OPTS)
+  opts = FedEFMOptions(distill=distill, mixing=mixing, **{**OPTS, **silo})
 
   def rebuild(hp):
     silo = dataclasses.replace(opts, beta=hp["beta"], temperature=hp["temperature"])
@@ -151,7 +154,7 @@ def engine_round(
   n = jax.tree.leaves(params)[0].shape[0]
   rows, batch, weights = shard_clients(
     (
-      {"params": params, "prev": params},
+      {"params": params, "prev": params if prev is None else prev},
       {"x": jnp.asarray(xs), "y": jnp.asarray(ys), "nbr": jnp.asarray(idx), "nbr_mask": jnp.asarray(mask)},
       jnp.ones(n),
     ),
@@ -184,6 +187,82 @@ def test_overseas_expert_round_equals_per_silo_reference(mixing, n_dev):
   # distillation changes the result (the KD term is not a no-op)
   plain = reference_round(params, xs, ys, adjacency, W, mixing, distill=False)
   assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(got))) > 1e-5
+
+
+def test_expert_similarity_is_the_batch_mean_of_each_images_emd():
+  """S_j = the mean over the batch of each image's EMD similarity to expert j's features on that image (three
+  distinct images, two experts), as the per-silo reference computes it, with and without the debiasing."""
+  from fedkd.distill.fedefm import expert_similarities
+
+  k = jax.random.split(jax.random.key(3), 2)
+  student = jax.random.normal(k[0], (3, 4, 4, C))
+  experts = student[None] + 0.7 * jax.random.normal(k[1], (2, 3, 4, 4, C))
+  for debias in (False, True):
+    o = FedEFMOptions(emd_epsilon=0.1, emd_iters=30, emd_debias=debias)
+    got, _ = expert_similarities(student, experts, o)
+    per = [
+      [
+        float(
+          emd_lib.emd_similarity(
+            student[b].reshape(-1, C), experts[j, b].reshape(-1, C), epsilon=0.1, num_iters=30, debias=debias
+          )
+        )
+        for b in range(3)
+      ]
+      for j in range(2)
+    ]
+    np.testing.assert_allclose(np.asarray(got), np.mean(per, axis=1), atol=1e-6)
+    assert np.ptp(per, axis=1).min() > 1e-3  # the images differ, so a max or a first image would not do
+
+
+def test_uniform_control_gives_each_in_neighbour_one_over_the_in_degree():
+  """fedefm_uniform on a star (silo 0 receives from 1, 2, 3; each leaf only from 0): w = 1 / in-degree on the
+  silo's real neighbours and 0 on its padded slots, so every silo's weights sum to 1."""
+  adjacency = np.zeros((N, N), bool)
+  adjacency[0, 1:] = adjacency[1:, 0] = True
+  params = stack(init(0), N)
+  xs, ys = data(1)
+  _, metrics = engine_round(params, xs, ys, adjacency, np.full((N, N), 1 / N), "cfl", 2, weight_mode="uniform")
+  w = np.asarray(metrics["w"])
+  degree = adjacency.sum(1)
+  want = np.stack([np.r_[np.full(d, 1 / d), np.zeros(w.shape[1] - d)] for d in degree])
+  np.testing.assert_allclose(np.sort(w, axis=1)[:, ::-1], want, atol=1e-7)
+
+
+def test_moon_term_pulls_towards_the_global_model_and_away_from_the_previous_one():
+  """The MOON baseline's silo step when its previous model differs from the round's model (every round after
+  the first): SGD on CE + mu * -log(e^{pos} / (e^{pos} + e^{neg})), pos / neg the cosine of the silo's pooled
+  features to the round's model's / its previous model's over tau, written out per silo; CFL mean after."""
+  mu, tau = 1.0, 0.5
+  params = stack(init(0), N)
+  prev = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(5), a.shape), params)
+  xs, ys = data(1)
+
+  def pooled(f):
+    z = jnp.mean(f, axis=(1, 2))
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+  def loss(q, glob, old, x, y):
+    logits, f = apply_wf(q, x)
+    z, zg, zp = pooled(f), pooled(apply_wf(glob, x)[1]), pooled(apply_wf(old, x)[1])
+    pos, neg = jnp.sum(z * zg, -1) / tau, jnp.sum(z * zp, -1) / tau
+    con = -jnp.log(jnp.exp(pos) / (jnp.exp(pos) + jnp.exp(neg)))
+    return cross_entropy(logits, y) + mu * jnp.mean(con)
+
+  grad = jax.jit(jax.grad(loss))
+  new = []
+  for i in range(N):
+    p_i, old = jax.tree.map(lambda a: a[i], params), jax.tree.map(lambda a: a[i], prev)
+    q = p_i
+    for s in range(S):
+      q = jax.tree.map(lambda a, b: a - LR_L * b, q, grad(q, p_i, old, xs[i, s], ys[i, s]))
+    new.append(q)
+  ref = jax.tree.map(lambda *a: np.broadcast_to(np.mean(a, 0), (N,) + a[0].shape), *new)
+  adjacency, W = topology.ring(N) > 0, topology.ring(N)
+  got, _ = engine_round(params, xs, ys, adjacency, W, "cfl", 2, distill=False, prev=prev, moon_mu=mu, moon_tau=tau)
+  _close(ref, got)
+  first, _ = engine_round(params, xs, ys, adjacency, W, "cfl", 2, distill=False, moon_mu=mu, moon_tau=tau)
+  assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(got))) > 1e-4
 
 
 def test_kd_weight_temperature_and_learning_rates_as_traced_inputs_equal_the_reference():

@@ -368,6 +368,37 @@ def test_tip_error_straight_lines():
   np.testing.assert_allclose(batch, [5.0, 10.0])
 
 
+def test_the_tip_is_the_farthest_end_along_the_device_not_in_pixel_steps():
+  """A wire entering at the left border that forks at (30, 20): one branch straight on to (30, 40) (20 steps of
+  1 px), one diagonal to (50, 40) (20 steps of sqrt 2 px). Both are 20 pixel steps from the fork; along the wire
+  the diagonal end is 40 + 8.3 px from the entry and the straight one 40 px, so the tip is (50, 40)."""
+  m = np.zeros((64, 64), bool)
+  m[30, 0:41] = True
+  k = np.arange(21)
+  m[30 + k, 20 + k] = True
+  assert M.device_tip(m) == (50, 40)
+
+
+def test_tip_with_a_pixel_spacing_of_its_own_per_axis():
+  """spacing_mm = (row, col) mm: a line from (3, 30) to (30, 4) at (2.0, 0.5) mm is 6 mm from the top border at
+  one end and 2 mm from the left border at the other, so it enters at (30, 4) and its tip is (3, 30) (with the
+  spacings swapped the entry would be the other end); a tip 5 columns off is 5 x 0.5 mm away, 3 rows off 3 x 2."""
+  from skimage.draw import line
+
+  m = np.zeros((64, 64), bool)
+  m[line(3, 30, 30, 4)] = True
+  assert M.device_tip(m, spacing_mm=(2.0, 0.5)) == (3, 30)
+  assert M.device_tip(m, spacing_mm=(0.5, 2.0)) == (30, 4)
+  t = np.zeros((64, 64), np.int32)
+  t[20, 0:41] = 1  # tip (20, 40)
+  for tip, want in (((20, 35), 2.5), ((23, 40), 6.0)):
+    p = np.zeros((64, 64), np.int32)
+    p[20, 0 : tip[1] + 1] = 1
+    p[20 : tip[0] + 1, tip[1]] = 1
+    assert M.device_tip(p == 1, spacing_mm=(2.0, 0.5)) == tip
+    assert M.tip_error(p, t, 1, spacing_mm=(2.0, 0.5)) == pytest.approx(want)
+
+
 def test_tip_error_empty_conventions():
   z = np.zeros((16, 16), np.int32)
   t = z.copy()
