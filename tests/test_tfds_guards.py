@@ -73,18 +73,24 @@ def test_a_training_site_without_a_test_split_is_refused(three_sites, tmp_path):
   assert sorted(pipeline.make_client_data(c).eval_sets()) == ["a", "c"]
 
 
-def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
-  """Site a rebuilt with one more frame between a checkpoint and its resume: the saved positions were restored into
-  other partitions (client sizes 7 -> 8, FedAvg weights, shuffles) without a word. The record counts saved with the
-  positions refuse it, naming the site; the same dataset resumes, and a state saved without the counts (an older
-  checkpoint) restores its positions."""
+def _two_sites_after_a_round(three_sites, tmp_path):
+  """Sites a and b of ``three_sites`` prepared under tmp_path: (data_dir, config, the clients' data after one
+  round, its state as the checkpoint stores it (JSON))."""
   data_dir = tmp_path / "tfds"
   for site in ("a", "b"):
     fdata.build("xray_folder", data_dir, manual_dir=three_sites / site)
   c = _config(data_dir, num_clients=2, clients_per_round=2)
   data = pipeline.make_client_data(c)
   data.round_batches(1, np.array([0, 1]))
-  saved = json.loads(json.dumps(data.get_state()))  # as the checkpoint stores it (JSON)
+  return data_dir, c, data, json.loads(json.dumps(data.get_state()))
+
+
+def test_resuming_on_a_dataset_that_changed_is_refused(three_sites, tmp_path):
+  """Site a rebuilt with one more frame between a checkpoint and its resume: the saved positions were restored into
+  other partitions (client sizes 7 -> 8, FedAvg weights, shuffles) without a word. The record counts saved with the
+  positions refuse it, naming the site; the same dataset resumes, and a state saved without the counts (an older
+  checkpoint) restores its positions."""
+  data_dir, c, data, saved = _two_sites_after_a_round(three_sites, tmp_path)
   same = pipeline.make_client_data(c)
   same.set_state(saved)
   assert same.get_state() == saved
@@ -134,13 +140,7 @@ def test_resuming_on_a_site_rebuilt_from_other_images_of_the_same_number_is_refu
   a digest of its records' content (checked here against the records TFDS reads back), the checkpoint saves the
   training sites' digests, and a resume on other content is refused, naming the site; a rebuild from the same
   folder resumes, and a state saved with the counts only (an older checkpoint) restores its positions."""
-  data_dir = tmp_path / "tfds"
-  for site in ("a", "b"):
-    fdata.build("xray_folder", data_dir, manual_dir=three_sites / site)
-  c = _config(data_dir, num_clients=2, clients_per_round=2)
-  data = pipeline.make_client_data(c)
-  data.round_batches(1, np.array([0, 1]))
-  saved = json.loads(json.dumps(data.get_state()))
+  data_dir, c, data, saved = _two_sites_after_a_round(three_sites, tmp_path)
   assert saved["site_content"] == {site: _content_sha256(data_dir, site) for site in ("a", "b")}
 
   fdata.build("xray_folder", data_dir, manual_dir=three_sites / "a", overwrite=True)  # the same folder again
