@@ -1193,8 +1193,9 @@ def _check_physics(c) -> None:
     )
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
-  """Checks ``c`` before any work; returns the number of devices on the 'clients' mesh axis."""
+def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1) -> int:
+  """Checks ``c`` before any work; returns the number of devices on the 'clients' mesh axis. ``processes``: the
+  run's process count (``jax.process_count()``; each process drives ``num_devices / processes`` devices)."""
   if "task" not in c:
     raise ConfigError("config.task is missing; build the config from fedkd.config.base_config()")
   if c.task not in TASKS:
@@ -1442,7 +1443,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       "config.loss.tversky_alpha and config.loss.tversky_beta are both 0: the focal Tversky loss is constant "
       "(TP / TP) and nothing trains; set one > 0"
     )
+  if processes > 1 and c.clients_per_round % processes:  # every process drives part of every round
+    raise ConfigError(
+      f"config.clients_per_round={c.clients_per_round} cannot be split over the {processes} processes of this run "
+      f"(each drives part of every round on its own devices); use a multiple of {processes}"
+    )
   if c.mesh.client_devices == 0:  # auto: as many devices as split the sampled clients evenly
+    if processes > 1:  # the same number on every process
+      return processes * math.gcd(c.clients_per_round // processes, num_devices // processes)
     return math.gcd(c.clients_per_round, num_devices)
   n = c.mesh.client_devices
   if n < 0 or n > num_devices:
@@ -1456,6 +1464,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> int:
       f"config.clients_per_round={c.clients_per_round} cannot be split over the {n} "
       f"devices of the 'clients' mesh axis; use a multiple of {n} or set "
       f"--config.mesh.client_devices={fit} (or 0 = automatic)"
+    )
+  if n % processes:
+    raise ConfigError(
+      f"config.mesh.client_devices={n} cannot take the same number of devices from each of the {processes} "
+      f"processes of this run (each drives part of every round); use a multiple of {processes} (or 0 = automatic)"
     )
   return n
 

@@ -327,19 +327,81 @@ def _check_devices_per_process() -> None:
     )
 
 
-def _check_process_count(num_processes: int) -> None:
-  """Every process must have been started with the same process count. The coordinator's count wins
-  when they differ (JAX does not check), so each process publishes its own and all of them compare."""
-  count = jax.process_count()
+def exchange(label: str, value: str) -> dict[int, str]:
+  """{process index: its ``value``} of every process, through the coordinator's key-value store (each process
+  publishes ``value`` under ``label`` and reads the others'; a label is used once per run). One process, or a JAX
+  without that client API: this process's value only."""
+  if jax.process_count() == 1:
+    return {0: value}
   try:
     from jax._src import distributed as jax_distributed
 
     client = jax_distributed.global_state.client
-    client.key_value_set(f"fedkd/num_processes/{jax.process_index()}", str(num_processes))
-    timeout_ms = 60_000
-    claims = {i: client.blocking_key_value_get(f"fedkd/num_processes/{i}", timeout_ms) for i in range(count)}
-  except Exception:  # noqa: BLE001 - a JAX without this client API: each process checks its own flag only
-    claims = {jax.process_index(): str(num_processes)}
+    client.key_value_set(f"fedkd/{label}/{jax.process_index()}", value)
+    timeout_ms = int(_timeout_s() * 1000)
+    return {i: client.blocking_key_value_get(f"fedkd/{label}/{i}", timeout_ms) for i in range(jax.process_count())}
+  except Exception:  # noqa: BLE001 - a JAX without this client API: each process checks its own value only
+    return {jax.process_index(): value}
+
+
+def check_same_config(config_json: str) -> None:
+  """Every process must run the same config (each feeds its own values into arrays the round takes as equal on
+  every process: a process started with another seed trained silently on a mix). One line naming the keys that
+  differ from process 0's."""
+  import json
+
+  from fedkd.config import flat_dict
+
+  claims = exchange("config", config_json)
+  base = claims.get(0, config_json)
+  other = {i: c for i, c in claims.items() if c != base}
+  if not other:
+    return
+  i, c = min(other.items())
+  a, b = flat_dict(json.loads(base)), flat_dict(json.loads(c))
+  keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  named = ", ".join(f"config.{k}: {a.get(k)!r} on process 0, {b.get(k)!r} on process {i}" for k in keys[:3])
+  raise DistributedError(
+    f"the processes were started with different configs ({named}{' ...' if len(keys) > 3 else ''}); start "
+    "every process with the same --config and --config.* flags"
+  )
+
+
+def check_same_workdir(workdir) -> None:
+  """Every process must see the workdir process 0 holds (the checkpoints are written by all of them together: a
+  process writing to a disk of its own waited at the first save for ever, and ignored SIGTERM). Process 0 leaves a
+  token file there; each process reads it in its own view of the path; one line if any process sees another."""
+  import json
+  import secrets
+
+  from etils import epath
+
+  primary = jax.process_index() == 0
+  path = epath.Path(workdir) / f".fedkd-processes-{secrets.token_hex(4)}"
+  token = secrets.token_hex(16)
+  if primary:
+    path.write_text(token)
+  try:
+    held = json.loads(exchange("workdir_token", json.dumps([path.name, token, os.fspath(workdir)]))[0])
+    mine = epath.Path(workdir) / held[0]
+    seen = exchange("workdir_seen", "1" if mine.exists() and mine.read_text() == held[1] else "0")
+  finally:
+    if primary:
+      path.unlink(missing_ok=True)
+  blind = sorted(i for i, s in seen.items() if s != "1")
+  if blind:
+    here = "" if os.fspath(workdir) == held[2] else f" (this process was given {os.fspath(workdir)})"
+    raise DistributedError(
+      f"process(es) {blind} do not see the workdir {held[2]} that process 0 holds{here}: each sees a folder of its "
+      "own there; give every process the same shared --workdir (a gs:// bucket, or a filesystem every host mounts)"
+    )
+
+
+def _check_process_count(num_processes: int) -> None:
+  """Every process must have been started with the same process count. The coordinator's count wins
+  when they differ (JAX does not check), so each process publishes its own and all of them compare."""
+  count = jax.process_count()
+  claims = exchange("num_processes", str(num_processes))
   wrong = {i: c for i, c in claims.items() if c != str(count)}
   if wrong:
     named = ", ".join(f"process {i} has --num_processes={c}" for i, c in sorted(wrong.items()))

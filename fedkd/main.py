@@ -72,17 +72,26 @@ def main(argv: list[str]) -> None:
   if config.task == "fedavg":  # every setting checked before anything is written
     from fedkd.config import validate
 
-    validate(config, jax.device_count())
+    validate(config, jax.device_count(), jax.process_count())
   else:
+    if jax.process_count() > 1:  # its silos, results and files are one process's
+      cli.fail(
+        f"a FedEFM experiment runs in one process (this is one of {jax.process_count()}): start it without "
+        "--coordinator_address / --num_processes / --process_id (or a multi-process launcher); its silos use "
+        "the devices of that process"
+      )
     from fedkd.tasks.fedefm import validate as validate_fedefm
 
     validate_fedefm(config)
+  distributed.check_same_config(config.to_json())
   if _SEEDS.value is not None or _REPLICA_CONFIG.value or _REPLICA_WORKDIRS.value is not None:
     _run_replicas(config)
     return
   primary = jax.process_index() == 0
   # one run per workdir; the processes of a run share it (the primary holds the lock)
   with _claimed([cli.WORKDIR.value], config.task, lock=primary) as (workdir,), StopSignals() as stop:
+    if jax.process_count() > 1:
+      distributed.check_same_workdir(workdir)
     if config.task == "fedavg":
       from fedkd.tasks import fedavg
 
@@ -139,12 +148,11 @@ def _claimed(workdirs: list[str], task: str, lock: bool = True, parent: str | No
     for held, had in zip(taken, had_lock):
       held.release(remove=not had)
     taken = []
-    if lock:
-      for p, was in zip(paths, existed):
-        if not was:
-          remove_if_empty(p)
-      for p in parents:
+    for p, was in zip(paths, existed):  # (every process: one that is not the primary made its own on a local disk)
+      if not was:
         remove_if_empty(p)
+    for p in parents:
+      remove_if_empty(p)
     raise
   finally:
     for held in taken:
@@ -160,6 +168,10 @@ def _run_replicas(config) -> None:
   from fedkd.sweep import SweepError, apply_overrides, parse_value, run_names
   from fedkd.tasks import replicas
 
+  import jax
+
+  if jax.process_count() > 1:  # before any workdir is made (fedkd.tasks.replicas refuses it too)
+    cli.fail("replicas run in one process; start a multi-process run once per seed, without --seeds / --replica_*")
   fedefm = config.task == "fedefm"
   allowed = [k for k in replicas.replica_keys(config) if k != "seed"]  # the seed comes from --seeds
   lists = {}
@@ -250,7 +262,7 @@ def _check_each_replica(configs, varied: list[str]) -> None:
 
         fedefm.validate(c)
       else:
-        validate(c, jax.device_count())
+        validate(c, jax.device_count(), jax.process_count())
     except ConfigError as e:
       message = str(e)
       for key in varied:

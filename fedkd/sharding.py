@@ -15,11 +15,20 @@ CLIENTS = "clients"
 
 
 def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh named 'clients' over the first ``num_devices`` devices (all when None)."""
+  """A 1-D mesh named 'clients' over the first ``num_devices`` devices (all when None); with several processes,
+  the first ``num_devices / process count`` devices of each process (every process drives part of the round)."""
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
     raise ValueError(f"asked for {n} devices on the 'clients' axis but only {len(devices)} are visible")
+  processes = jax.process_count()
+  if processes > 1 and n < len(devices):
+    if n % processes:
+      raise ValueError(f"{n} devices on the 'clients' axis cannot be spread evenly over {processes} processes")
+    own: dict[int, list] = {}
+    for d in devices:
+      own.setdefault(d.process_index, []).append(d)
+    devices = [d for p in sorted(own) for d in own[p][: n // processes]]
   return jax.make_mesh((n,), (CLIENTS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 

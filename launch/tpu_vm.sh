@@ -14,8 +14,8 @@
 #
 # On a multi-host slice every worker runs the same command; fedkd.main sees TPU_WORKER_HOSTNAMES and
 # calls jax.distributed.initialize() by itself (fedkd/distributed.py). Only process 0 writes metrics;
-# checkpoints are written by all workers into the same --workdir path, so for pods point --workdir
-# at a shared location (e.g. a gs:// bucket or a mounted filestore) if you need them all.
+# checkpoints are written by all workers into the same --workdir, so for pods point --workdir at a shared
+# location (a gs:// bucket or a mounted filestore): a path each worker sees as a folder of its own is refused.
 set -euo pipefail
 
 usage() {

@@ -262,6 +262,48 @@ def test_processes_with_different_device_counts_stop_with_one_line(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_what_two_processes_cannot_share_is_one_line_on_both_before_anything_is_written(tmp_path):
+  """Each was a traceback, a hang or a silent mix: processes started with different seeds trained (exit 0) on
+  values each fed into arrays the round takes as equal; a workdir each process sees as a folder of its own (a
+  local disk per host) hung at the first save, past SIGTERM; 3 clients a round on 2 processes x 2 devices left
+  process 1 without a device (a ValueError traceback, then orbax's barrier); FedEFM on 2 processes wrote each
+  result twice, then hung. Now both processes stop with one line naming the fix, exit 2, and leave no workdir."""
+  import re
+
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT="60")
+  quick = ["--config=configs/quickstart.py", "--config.num_rounds=1"]
+  cases = [
+    (lambda i: [*quick, f"--config.seed={i}"], r"different configs \(config\.seed: 0 on process 0, 1 on process 1\)"),
+    (lambda i: [*quick, f"--workdir={tmp_path / f'w{i}'}"], r"process\(es\) \[1\] do not see the workdir \S*w0 that"),
+    (
+      lambda i: [*quick, "--config.num_clients=3", "--config.clients_per_round=3"],
+      r"clients_per_round=3 cannot be split",
+    ),
+    (lambda i: ["--config=configs/fedefm.py:tiny"], r"a FedEFM experiment runs in one process \(this is one of 2\)"),
+  ]
+  with procs.group() as popen:
+    for k, (each, message) in enumerate(cases):
+      port = _free_port()
+      ps = [
+        popen(
+          [
+            *[sys.executable, "-m", "fedkd.main", f"--workdir={tmp_path / 'w'}", "--cpu_devices=2"],
+            *[f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}", *each(i)],
+          ],
+          cwd=ROOT,
+          env=env,
+        )
+        for i in range(2)
+      ]
+      for p, (_, err) in zip(ps, procs.communicate_all(ps, timeout=120)):
+        errors = [ln for ln in err.splitlines() if ln.startswith("fedkd: error:")]
+        assert p.returncode == 2 and "Traceback" not in err, (k, err[-2000:])
+        assert len(errors) == 1 and re.search(message, errors[0]), (k, err[-2000:])
+      assert not [n for n in ("w", "w0", "w1") if (tmp_path / n).exists()], k
+
+
 @pytest.mark.parametrize("given", [True, False])
 def test_slurm_coordinator_port_in_use(cli, tmp_path, given):
   """Task 0 of a SLURM step serves the coordinator on JAX_COORDINATOR_PORT, else on 61440 + job id mod

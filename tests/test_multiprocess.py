@@ -62,9 +62,10 @@ def server():
   s.close()  # SIGKILLs any run a failed test left
 
 
-def _two_processes(server, workdir, stop_after=None, module="fedkd.main", extra=()):
-  """``_args`` (+ ``extra``) as two processes of 2 CPU devices each with a coordinator: [(exit code, stdout,
-  stderr)] per process. ``stop_after``: SIGTERM to process 1 only once process 0 printed that round's line."""
+def _two_processes(server, workdir, stop_after=None, module="fedkd.main", extra=(), each=lambda i: ()):
+  """``_args`` (+ ``extra``, + ``each(process id)``) as two processes of 2 CPU devices each with a coordinator:
+  [(exit code, stdout, stderr)] per process. ``stop_after``: SIGTERM to process 1 only once process 0 printed
+  that round's line."""
   port = _free_port()
   ps = [
     Proc(
@@ -77,6 +78,7 @@ def _two_processes(server, workdir, stop_after=None, module="fedkd.main", extra=
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
+        *each(i),
       ),
       f"{workdir}-logs",
     )
@@ -161,3 +163,13 @@ def test_sigterm_during_a_checkpoint_save_stops_every_process_at_that_round(serv
   assert "SIGTERM: saving this round's checkpoint, then stopping" in outs[1][2]
   assert sorted(os.listdir(work / "checkpoints")) == ["2"]
   assert [json.loads(ln)["round"] for ln in open(work / "rounds.jsonl")] == [1, 2]
+
+
+def test_two_clients_a_round_on_two_processes_take_one_device_of_each(server, tmp_path):
+  """clients_per_round=2 on 2 processes x 2 devices: the automatic mesh took devices[:2], both process 0's, and
+  process 1 crashed. It now takes one device of each process, and the run trains to its end."""
+  outs = _two_processes(server, tmp_path / "work", extra=["--config.clients_per_round=2"])
+  for code, _, err in outs:
+    assert code == 0, err[-2000:]
+  assert "2 device(s) on the 'clients' axis" in outs[0][1]
+  assert [json.loads(ln)["round"] for ln in open(tmp_path / "work" / "metrics.jsonl")] == list(range(ROUNDS + 1))

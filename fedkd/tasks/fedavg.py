@@ -367,7 +367,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   asks, the run saves the round just finished and raises :class:`fedkd.preemption.Stopped`. A round
   whose loss, client updates or new parameters are NaN/Inf raises :class:`DivergedError` before
   anything of it is written."""
-  n_dev = validate(config, jax.device_count())
+  n_dev = validate(config, jax.device_count(), jax.process_count())
   privacy = _Privacy(config) if config.dp.enabled else None
   # the rounds the privacy budget allows (dp.target_epsilon; all of them without a target)
   budget = privacy.max_rounds(config.num_rounds) if privacy is not None and config.dp.target_epsilon else None

@@ -319,9 +319,9 @@ def run(
   if jax.process_count() > 1:
     raise ConfigError("replicas run in one process; start a multi-process run once per seed")
   config = configs[0]
-  n_dev = validate(config, jax.device_count())
+  n_dev = validate(config, jax.device_count(), jax.process_count())
   for c in configs[1:]:  # each replica's own values (learning rates, DP settings) are checked too
-    validate(c, jax.device_count())
+    validate(c, jax.device_count(), jax.process_count())
   mesh = client_mesh(n_dev)
   rows = slice(None)
   opts = fedavg.engine_options(config, n_dev, log)
