@@ -686,13 +686,17 @@ ADDED_KEYS: dict[str, Callable[[dict], Any]] = {
   # push-sum gossip scaled no local steps before gradient-push; only a file:<path> digraph can be unbalanced,
   # elsewhere the key changes nothing (its default stands)
   "fedefm.gradient_push": lambda a: not str(a.get("fedefm.topology", "")).startswith("file:"),
-  # numpy streams for one purpose, seeded apart from the round sampling streams (fedkd.streams): FedEFM draws
-  # several; FedAvg only quantity_skew's sizes of synthetic clients
+  # numpy streams for one purpose, seeded apart from the round sampling streams (fedkd.streams)
+  "rng_streams": lambda a: 1 if INERT_UNLESS["rng_streams"](a) else None,
+}
+
+# Keys that change nothing in a run whose flat config fails the predicate: two configs that differ there, neither
+# depending on it, are the same experiment (resume, launch.sweep's reuse of a finished run).
+INERT_UNLESS: dict[str, Callable[[dict], bool]] = {
+  # FedEFM draws several named streams; FedAvg only quantity_skew's sizes of synthetic clients
   "rng_streams": lambda a: (
-    1
-    if a.get("task") == "fedefm"
+    a.get("task") == "fedefm"
     or (a.get("data.source", "synthetic") == "synthetic" and (a.get("quantity_skew") or 0) > 0)
-    else None
   ),
 }
 

@@ -327,21 +327,41 @@ def _check_devices_per_process() -> None:
     )
 
 
-def exchange(label: str, value: str) -> dict[int, str]:
+def exchange(label: str, value: str, what: str = "") -> dict[int, str]:
   """{process index: its ``value``} of every process, through the coordinator's key-value store (each process
   publishes ``value`` under ``label`` and reads the others'; a label is used once per run). One process, or a JAX
-  without that client API: this process's value only."""
+  without that client API: this process's value only. A process that has not published within
+  ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (it stopped with an error of its own, or is stuck) is one line
+  naming it and ``what`` was being compared."""
+  own = {jax.process_index(): value}
   if jax.process_count() == 1:
-    return {0: value}
+    return own
   try:
     from jax._src import distributed as jax_distributed
 
     client = jax_distributed.global_state.client
-    client.key_value_set(f"fedkd/{label}/{jax.process_index()}", value)
-    timeout_ms = int(_timeout_s() * 1000)
-    return {i: client.blocking_key_value_get(f"fedkd/{label}/{i}", timeout_ms) for i in range(jax.process_count())}
-  except Exception:  # noqa: BLE001 - a JAX without this client API: each process checks its own value only
-    return {jax.process_index(): value}
+    set_value, get_value = client.key_value_set, client.blocking_key_value_get
+  except (ImportError, AttributeError):  # a JAX without this client API: each process checks its own value only
+    return own
+  timeout_s = _timeout_s()
+  out, missing = {}, []
+  try:
+    set_value(f"fedkd/{label}/{jax.process_index()}", value)
+  except Exception as e:  # noqa: BLE001 - the coordinator is gone: process 0 stopped
+    raise DistributedError(
+      f"process 0 (the coordinator) stopped before {what or label} could be compared ({reason(e)})"
+    )
+  for i in range(jax.process_count()):
+    try:
+      out[i] = get_value(f"fedkd/{label}/{i}", int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001 - a timeout, or the coordinator gone
+      missing.append(i)
+  if missing:
+    raise DistributedError(
+      f"process(es) {missing} did not reach the comparison of {what or label} within {timeout_s:g} s (each "
+      f"stopped with an error of its own, or is stuck: see its output); {TIMEOUT_ENV}=SECONDS sets how long to wait"
+    )
+  return out
 
 
 def check_same_config(config_json: str) -> None:
@@ -352,7 +372,7 @@ def check_same_config(config_json: str) -> None:
 
   from fedkd.config import flat_dict
 
-  claims = exchange("config", config_json)
+  claims = exchange("config", config_json, "the processes' configs")
   base = claims.get(0, config_json)
   other = {i: c for i, c in claims.items() if c != base}
   if not other:
@@ -382,9 +402,10 @@ def check_same_workdir(workdir) -> None:
   if primary:
     path.write_text(token)
   try:
-    held = json.loads(exchange("workdir_token", json.dumps([path.name, token, os.fspath(workdir)]))[0])
+    what = "the workdir every process sees"
+    held = json.loads(exchange("workdir_token", json.dumps([path.name, token, os.fspath(workdir)]), what)[0])
     mine = epath.Path(workdir) / held[0]
-    seen = exchange("workdir_seen", "1" if mine.exists() and mine.read_text() == held[1] else "0")
+    seen = exchange("workdir_seen", "1" if mine.exists() and mine.read_text() == held[1] else "0", what)
   finally:
     if primary:
       path.unlink(missing_ok=True)
@@ -401,7 +422,7 @@ def _check_process_count(num_processes: int) -> None:
   """Every process must have been started with the same process count. The coordinator's count wins
   when they differ (JAX does not check), so each process publishes its own and all of them compare."""
   count = jax.process_count()
-  claims = exchange("num_processes", str(num_processes))
+  claims = exchange("num_processes", str(num_processes), "--num_processes")
   wrong = {i: c for i, c in claims.items() if c != str(count)}
   if wrong:
     named = ", ".join(f"process {i} has --num_processes={c}" for i, c in sorted(wrong.items()))

@@ -69,6 +69,8 @@ def main(argv: list[str]) -> None:
     cli.fail(str(e))
   import jax
 
+  # first: a process whose config differs (even one its checks would refuse) is named, not waited for
+  distributed.check_same_config(config.to_json_best_effort(sort_keys=True))
   if config.task == "fedavg":  # every setting checked before anything is written
     from fedkd.config import validate
 
@@ -83,7 +85,6 @@ def main(argv: list[str]) -> None:
     from fedkd.tasks.fedefm import validate as validate_fedefm
 
     validate_fedefm(config)
-  distributed.check_same_config(config.to_json())
   if _SEEDS.value is not None or _REPLICA_CONFIG.value or _REPLICA_WORKDIRS.value is not None:
     _run_replicas(config)
     return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import signal
 import socket
 import stat
@@ -262,14 +263,49 @@ def test_processes_with_different_device_counts_stop_with_one_line(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_a_process_that_stops_before_the_others_is_named_by_them(tmp_path):
+  """The workdir is locked by another run: process 0 (which takes the lock) stops with its one line, and process 1,
+  waiting for process 0 at the workdir check, said nothing and ended in a KeyError traceback. It now names the
+  process it waited for, in one line, after FEDKD_DISTRIBUTED_TIMEOUT."""
+  from fedkd.workdir import Lock
+
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT="30")
+  (tmp_path / "w").mkdir()
+  held = Lock(tmp_path / "w")
+  held.acquire()  # this test's process holds the workdir
+  try:
+    port = _free_port()
+    with procs.group() as popen:
+      ps = [
+        popen(
+          [
+            *[sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}"],
+            *["--config.num_rounds=1", "--cpu_devices=2", f"--coordinator_address=localhost:{port}"],
+            *["--num_processes=2", f"--process_id={i}"],
+          ],
+          cwd=ROOT,
+          env=env,
+        )
+        for i in range(2)
+      ]
+      outs = procs.communicate_all(ps, timeout=180)
+  finally:
+    held.release()
+  for p, (_, err), message in zip(ps, outs, ("is in use by", r"process\(es\) \[0\] did not reach the comparison of")):
+    errors = [ln for ln in err.splitlines() if ln.startswith("fedkd: error:")]
+    assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert len(errors) == 1 and re.search(message, errors[0]), err[-2000:]
+  assert sorted(os.listdir(tmp_path / "w")) == [".lock"]
+
+
 def test_what_two_processes_cannot_share_is_one_line_on_both_before_anything_is_written(tmp_path):
   """Each was a traceback, a hang or a silent mix: processes started with different seeds trained (exit 0) on
   values each fed into arrays the round takes as equal; a workdir each process sees as a folder of its own (a
   local disk per host) hung at the first save, past SIGTERM; 3 clients a round on 2 processes x 2 devices left
   process 1 without a device (a ValueError traceback, then orbax's barrier); FedEFM on 2 processes wrote each
   result twice, then hung. Now both processes stop with one line naming the fix, exit 2, and leave no workdir."""
-  import re
-
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
   env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT="60")
@@ -282,6 +318,8 @@ def test_what_two_processes_cannot_share_is_one_line_on_both_before_anything_is_
       r"clients_per_round=3 cannot be split",
     ),
     (lambda i: ["--config=configs/fedefm.py:tiny"], r"a FedEFM experiment runs in one process \(this is one of 2\)"),
+    # a config process 1's own checks refuse: named as a difference (process 0 waited, then trained and crashed)
+    (lambda i: [*quick, *(["--config.local_steps=0"] if i else [])], r"config\.local_steps: 4 on process 0, 0 on"),
   ]
   with procs.group() as popen:
     for k, (each, message) in enumerate(cases):

@@ -95,3 +95,32 @@ def test_rng_streams_key_is_checked_and_older_runs_keep_their_seeds():
   assert fc.ran_as(dict(old, quantity_skew=0.5), current) == {"rng_streams": 1}
   current = fc.flat_dict(fc.fedefm_base_config().to_dict())
   assert fc.ran_as({k: v for k, v in current.items() if k != "rng_streams"}, current)["rng_streams"] == 1
+
+
+def test_a_key_a_run_does_not_depend_on_may_differ_and_pooled_workdirs_compare_in_either_order():
+  """A sweep's runs of quantity_skew 0 and 0.5 saved before rng_streams existed: the skewed ones ran the old
+  streams (1); the others drew none, so either value of the key continues them (one --extra for the whole sweep
+  was refused for one group or the other). FedEFM workdirs pooled for a contrast: a workdir from before the key
+  and one of rng_streams=1 are the same config in either order (they were in one order only)."""
+  from launch.sweep import config_difference
+  from fedkd.tasks.fedefm import config_difference as fedefm_difference
+
+  def saved_without_key(c):
+    d = c.to_dict()
+    del d["rng_streams"]
+    return d
+
+  for skew, accepted in ((0.0, (1, 2)), (0.5, (1,))):
+    c = fc.base_config()
+    c.quantity_skew = skew
+    old = saved_without_key(c)
+    for v in (1, 2):
+      c.rng_streams = v
+      got = config_difference(old, c.to_dict(), finished=True)
+      assert got == ([] if v in accepted else [("rng_streams", None, v)]), (skew, v, got)
+  c = fc.fedefm_base_config()
+  old = saved_without_key(c)
+  for v, same in ((1, True), (2, False)):
+    c.rng_streams = v
+    for a, b in ((old, c.to_dict()), (c.to_dict(), old)):
+      assert (fedefm_difference(a, b, pooled=True) is None) is same, (v, fedefm_difference(a, b, pooled=True))

@@ -24,6 +24,7 @@ from fedkd.config import (
   flat_dict,
   krum_note,
   num_attackers,
+  INERT_UNLESS,
   ran_as,
   unroll_local_steps,
   validate,
@@ -105,10 +106,17 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 def _differences(a: dict, b: dict, ran: dict) -> list[str]:
   defaults = flat_dict(base_config().to_dict()) | ran
+
+  def inert(k):  # a key neither run depends on (INERT_UNLESS)
+    return k in INERT_UNLESS and not INERT_UNLESS[k](a) and not INERT_UNLESS[k](b)
+
   return sorted(
     k
     for k in set(a) | set(b)
-    if a.get(k) != b.get(k) and not _may_change(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])
+    if a.get(k) != b.get(k)
+    and not _may_change(k)
+    and not inert(k)
+    and not (k not in a and k in defaults and b.get(k) == defaults[k])
   )
 
 

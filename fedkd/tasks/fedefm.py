@@ -204,14 +204,18 @@ def results_config(config_json: dict) -> dict:
   return {k: v for k, v in config_json.items() if k not in FREE_KEYS}
 
 
-def config_difference(saved: dict, current: dict, ignore: tuple = ()) -> str | None:
+def config_difference(saved: dict, current: dict, ignore: tuple = (), pooled: bool = False) -> str | None:
   """Where two configs' results parts differ, not counting the top-level keys ``ignore``, as a phrase for an
   error: ``config.<dotted key> differs`` (the first in sorted order), or where ``saved`` lacks a key of
   :data:`fedkd.config.ADDED_KEYS` that ``current`` does not hold at the value its runs ran with, how to
-  continue them; None if equal."""
+  continue them; None if equal. ``pooled``: two saved configs (neither is the current one; the same answer in
+  either order): each that lacks an added key stands at the value its own runs ran with."""
   a, b = (
     {k: v for k, v in flat_dict(results_config(d)).items() if k.split(".")[0] not in ignore} for d in (saved, current)
   )
+  if pooled:
+    b.update(ran_as(b, a))
+    a.update(ran_as(a, b))
   for k, old in ran_as(a, b).items():
     if b[k] != old:
       return f"config.{k} differs: written before the key existed, it ran as {old!r} (--config.{k}={old})"

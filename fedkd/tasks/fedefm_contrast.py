@@ -113,7 +113,8 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
 
     first = _saved_config(configs[0])
     for path, one in zip(configs[1:], specs[1:]):
-      diff = config_difference(first, _saved_config(path))  # the results part: config.experiment is left out
+      # the results part (config.experiment is left out), in either order
+      diff = config_difference(first, _saved_config(path), pooled=True)
       if diff is not None:
         raise ConfigError(f"{specs[0]} and {one} ran different configs ({diff}); pool only runs of one config")
   return out
