@@ -14,7 +14,10 @@ at most ``FEDKD_DISTRIBUTED_TIMEOUT`` seconds (default 300), then prints one lin
 JAX's fatal error with a C++ stack trace. After joining, processes whose ``--num_processes`` differs
 from process 0's (the count JAX uses) stop with one line naming the mismatch, when that many processes
 joined; when process 0 expects more than were started, they wait out the timeout instead. Processes
-with different numbers of devices (e.g. different ``--cpu_devices``) stop with one line too. Not caught:
+with different numbers of devices (e.g. different ``--cpu_devices``) stop with one line too, and so do (from
+``fedkd.main``) processes started with different configs (:func:`check_same_config`, naming the keys) or given
+a workdir that not all of them see (:func:`check_same_workdir`); a process that stops with an error of its own
+is named by the others after the timeout (:func:`exchange`). Not caught:
 a process id given twice, or one at or above process 0's count, makes JAX's service end the processes
 already joined with its own fatal error (exit 134).
 
