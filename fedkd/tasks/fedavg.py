@@ -17,6 +17,7 @@ import numpy as np
 
 from fedkd import checkpoint as ckpt_lib
 from fedkd.config import (
+  INERT_UNLESS,
   LINEAR_AGGREGATORS,
   ConfigError,
   base_config,
@@ -24,7 +25,6 @@ from fedkd.config import (
   flat_dict,
   krum_note,
   num_attackers,
-  INERT_UNLESS,
   ran_as,
   unroll_local_steps,
   validate,
