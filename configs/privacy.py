@@ -26,9 +26,6 @@ def get_config(arg=None):
   c.dp.clip_norm = 0.3
   c.dp.noise_multiplier = 1.0
   c.dp.delta = 1e-5
-  # the client sizes (quantity_skew) of the table in docs/algorithms.md, drawn before fedkd.streams named their
-  # stream apart from client 0's batch draws of round 7 (the schema's default is 2)
-  c.rng_streams = 1
   return c
 
 
