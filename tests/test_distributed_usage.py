@@ -232,20 +232,18 @@ def test_a_very_long_distributed_timeout_is_a_long_wait(cli, tmp_path):
   assert [ln for ln in r.stdout.splitlines() if ln.startswith("round    1/1 ")], r.stdout[-2000:]
 
 
-def test_processes_with_different_device_counts_stop_with_one_line(tmp_path):
-  """--cpu_devices=2 on process 0 and 1 on process 1 (on GPU hosts: nodes with different GPU counts):
-  was a ValueError traceback from orbax ('cannot reshape array of size 3 into shape (2,2)') on both,
-  after the workdir was made."""
+def _two_fedkd_processes(args_of, timeout: float, wait_s: str = "60"):
+  """``python -m fedkd.main`` as processes 0 and 1 of a 2-process run on CPU with a coordinator (``args_of(i)``:
+  process i's other flags; ``wait_s``: FEDKD_DISTRIBUTED_TIMEOUT): [(Popen, (stdout, stderr))] per process."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT="60")
+  env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT=wait_s)
   port = _free_port()
   with procs.group() as popen:
     ps = [
       popen(
         [
-          *[sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}"],
-          *["--config.num_clients=6", "--config.clients_per_round=6", f"--cpu_devices={2 - i}"],
+          *[sys.executable, "-m", "fedkd.main", *args_of(i)],
           *[f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
         ],
         cwd=ROOT,
@@ -253,8 +251,21 @@ def test_processes_with_different_device_counts_stop_with_one_line(tmp_path):
       )
       for i in range(2)
     ]
-    outs = procs.communicate_all(ps, timeout=120)
-  for p, (_, err) in zip(ps, outs):
+    return list(zip(ps, procs.communicate_all(ps, timeout=timeout)))
+
+
+def test_processes_with_different_device_counts_stop_with_one_line(tmp_path):
+  """--cpu_devices=2 on process 0 and 1 on process 1 (on GPU hosts: nodes with different GPU counts):
+  was a ValueError traceback from orbax ('cannot reshape array of size 3 into shape (2,2)') on both,
+  after the workdir was made."""
+  outs = _two_fedkd_processes(
+    lambda i: [
+      *["--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}"],
+      *["--config.num_clients=6", "--config.clients_per_round=6", f"--cpu_devices={2 - i}"],
+    ],
+    timeout=120,
+  )
+  for p, (_, err) in outs:
     assert p.returncode == 2, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     errors = [ln for ln in err.splitlines() if ln.startswith("fedkd: error:")]
@@ -269,31 +280,15 @@ def test_a_process_that_stops_before_the_others_is_named_by_them(tmp_path):
   process it waited for, in one line, after FEDKD_DISTRIBUTED_TIMEOUT."""
   from fedkd.workdir import Lock
 
-  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT="30")
   (tmp_path / "w").mkdir()
   held = Lock(tmp_path / "w")
   held.acquire()  # this test's process holds the workdir
   try:
-    port = _free_port()
-    with procs.group() as popen:
-      ps = [
-        popen(
-          [
-            *[sys.executable, "-m", "fedkd.main", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}"],
-            *["--config.num_rounds=1", "--cpu_devices=2", f"--coordinator_address=localhost:{port}"],
-            *["--num_processes=2", f"--process_id={i}"],
-          ],
-          cwd=ROOT,
-          env=env,
-        )
-        for i in range(2)
-      ]
-      outs = procs.communicate_all(ps, timeout=180)
+    args = ["--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}", "--config.num_rounds=1", "--cpu_devices=2"]
+    outs = _two_fedkd_processes(lambda i: args, timeout=180, wait_s="30")
   finally:
     held.release()
-  for p, (_, err), message in zip(ps, outs, ("is in use by", r"process\(es\) \[0\] did not reach the comparison of")):
+  for (p, (_, err)), message in zip(outs, ("is in use by", r"process\(es\) \[0\] did not reach the comparison of")):
     errors = [ln for ln in err.splitlines() if ln.startswith("fedkd: error:")]
     assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
     assert len(errors) == 1 and re.search(message, errors[0]), err[-2000:]
@@ -306,9 +301,6 @@ def test_what_two_processes_cannot_share_is_one_line_on_both_before_anything_is_
   local disk per host) hung at the first save, past SIGTERM; 3 clients a round on 2 processes x 2 devices left
   process 1 without a device (a ValueError traceback, then orbax's barrier); FedEFM on 2 processes wrote each
   result twice, then hung. Now both processes stop with one line naming the fix, exit 2, and leave no workdir."""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  env.update(JAX_PLATFORMS="cpu", FEDKD_DISTRIBUTED_TIMEOUT="60")
   quick = ["--config=configs/quickstart.py", "--config.num_rounds=1"]
   cases = [
     (lambda i: [*quick, f"--config.seed={i}"], r"different configs \(config\.seed: 0 on process 0, 1 on process 1\)"),
@@ -321,25 +313,13 @@ def test_what_two_processes_cannot_share_is_one_line_on_both_before_anything_is_
     # a config process 1's own checks refuse: named as a difference (process 0 waited, then trained and crashed)
     (lambda i: [*quick, *(["--config.local_steps=0"] if i else [])], r"config\.local_steps: 4 on process 0, 0 on"),
   ]
-  with procs.group() as popen:
-    for k, (each, message) in enumerate(cases):
-      port = _free_port()
-      ps = [
-        popen(
-          [
-            *[sys.executable, "-m", "fedkd.main", f"--workdir={tmp_path / 'w'}", "--cpu_devices=2"],
-            *[f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}", *each(i)],
-          ],
-          cwd=ROOT,
-          env=env,
-        )
-        for i in range(2)
-      ]
-      for p, (_, err) in zip(ps, procs.communicate_all(ps, timeout=120)):
-        errors = [ln for ln in err.splitlines() if ln.startswith("fedkd: error:")]
-        assert p.returncode == 2 and "Traceback" not in err, (k, err[-2000:])
-        assert len(errors) == 1 and re.search(message, errors[0]), (k, err[-2000:])
-      assert not [n for n in ("w", "w0", "w1") if (tmp_path / n).exists()], k
+  for k, (each, message) in enumerate(cases):
+    outs = _two_fedkd_processes(lambda i: [f"--workdir={tmp_path / 'w'}", "--cpu_devices=2", *each(i)], timeout=120)
+    for p, (_, err) in outs:
+      errors = [ln for ln in err.splitlines() if ln.startswith("fedkd: error:")]
+      assert p.returncode == 2 and "Traceback" not in err, (k, err[-2000:])
+      assert len(errors) == 1 and re.search(message, errors[0]), (k, err[-2000:])
+    assert not [n for n in ("w", "w0", "w1") if (tmp_path / n).exists()], k
 
 
 @pytest.mark.parametrize("given", [True, False])
