@@ -35,6 +35,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import jax
 
@@ -354,9 +355,10 @@ def exchange(label: str, value: str, what: str = "") -> dict[int, str]:
     raise DistributedError(
       f"process 0 (the coordinator) stopped before {what or label} could be compared ({reason(e)})"
     )
+  deadline = time.monotonic() + timeout_s  # one wait for all of them, not one per missing process
   for i in range(jax.process_count()):
     try:
-      out[i] = get_value(f"fedkd/{label}/{i}", int(timeout_s * 1000))
+      out[i] = get_value(f"fedkd/{label}/{i}", max(1, int((deadline - time.monotonic()) * 1000)))
     except Exception:  # noqa: BLE001 - a timeout, or the coordinator gone
       missing.append(i)
   if missing:

@@ -206,7 +206,9 @@ def check_run_folder(path: epath.Path) -> None:
   theirs, and forgetting ``--seeds`` on a resume would start one from scratch), and one inside the
   checkpoints/, tb/, eval/ or foundations/ folder of another run, which that run rewrites (orbax removes
   old steps)."""
-  if not is_remote(path) and not _holds_a_run(path) and path.is_dir():
+  if is_remote(path):  # local folders only
+    return
+  if not _holds_a_run(path) and path.is_dir():
     runs = runs_below(path)
     if runs:
       raise WorkdirError(
@@ -214,8 +216,6 @@ def check_run_folder(path: epath.Path) -> None:
         "--replica_config write them; to resume those, re-run the command that made them (the same --seeds / "
         "--replica_config); for a new run, pass a new --workdir"
       )
-  if is_remote(path):
-    return
   here = epath.Path(os.path.realpath(os.fspath(path)))
   for folder in (here, *here.parents):
     owner = folder.parent

@@ -27,7 +27,6 @@ import functools
 import json
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
@@ -828,9 +827,9 @@ class TfdsClients:
     if bad:
       return f"its data state's next_batch holds {bad[0]}, not a batch count >= 0"
     digests = state.get("site_content", {})
-    if not isinstance(digests, dict) or not all(
-      isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in digests.values()
-    ):
+    from fedkd.data.tfds.records import is_content_digest
+
+    if not isinstance(digests, dict) or not all(is_content_digest(d) for d in digests.values()):
       return f"its data state's site_content is {json.dumps(digests)[:60]}, not a site -> digest mapping"
     return None
 

@@ -707,7 +707,7 @@ def content_digest(builder, split: str) -> str | None:
   entry, path, fix = _split_metadata(builder, records.CONTENT_KEY, split)
   if entry is None:
     return None
-  if not (isinstance(entry, str) and re.fullmatch(r"[0-9a-f]{64}", entry)):
+  if not records.is_content_digest(entry):
     raise DatasetInputError(
       f"{path}: malformed {records.CONTENT_KEY!r} entry for split {split!r} ({entry!r:.120}). {fix}"
     )

@@ -108,9 +108,9 @@ def record_digest(ex: dict) -> int:
   return int.from_bytes(h.digest(), "big")
 
 
-def combine_digests(digests: Iterable[int]) -> str:
-  """The order-free digest of a split from its records' :func:`record_digest`: their sum modulo 2**256, in hex."""
-  return f"{sum(digests) % 2**256:064x}"
+def is_content_digest(value) -> bool:
+  """Whether ``value`` is a split's content digest as :func:`track_split_stats` writes it (64 hex digits)."""
+  return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 
 
 def source_fingerprint(folder) -> str:
@@ -134,10 +134,9 @@ def track_split_stats(info, split: str, examples):
   sizes = info.metadata.setdefault(SMALLEST_IMAGE_KEY, {})
   labels = info.metadata.setdefault(LARGEST_LABEL_KEY, {})
   contents = info.metadata.setdefault(CONTENT_KEY, {})
-  total = 0
+  total, count = 0, 0
   for key, ex in examples:
-    total += record_digest(ex)
-    contents[split] = combine_digests([total])
+    total, count = total + record_digest(ex), count + 1
     h, w = (int(n) for n in ex["image"].shape[:2])
     now = sizes.get(split)
     if now is None or min(h, w) < now["min_side"]:
@@ -146,6 +145,8 @@ def track_split_stats(info, split: str, examples):
     if split not in labels or top > labels[split]["label"]:
       labels[split] = {"label": top, "id": str(ex["id"])}
     yield key, ex
+  if count:  # the order-free digest of the split: its records' digests summed modulo 2**256
+    contents[split] = f"{total % 2**256:064x}"
 
 
 def config_safe_name(name: str) -> str:
