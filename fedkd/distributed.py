@@ -2,9 +2,10 @@
 
 ``maybe_initialize`` calls ``jax.distributed.initialize`` when (a) a coordinator address is given
 (``--coordinator_address``/``--num_processes``/``--process_id``, e.g. several CPU processes on one
-machine), or (b) the launcher says this is one of several processes: Cloud TPU VM pods
-(``TPU_WORKER_HOSTNAMES`` with more than one host) or SLURM (``SLURM_NTASKS`` > 1), where JAX finds
-the coordinator itself. Otherwise it does nothing.
+machine), or (b) the environment says this is one of several processes: ``FEDKD_MULTIHOST=1`` (set by
+launch/tpu_vm.sh on a slice of several workers: a Cloud TPU VM sets no variable of its own, JAX finds the
+workers from its metadata server), ``TPU_WORKER_HOSTNAMES`` with more than one host (TPUs on GKE) or SLURM
+(``SLURM_NTASKS`` > 1), where JAX finds the coordinator itself. Otherwise it does nothing.
 
 Bad flags (an address without a port, a process id out of range, ``--num_processes`` without an
 address, a coordinator port already taken) and a malformed ``JAX_COORDINATOR_ADDRESS`` /
@@ -42,6 +43,7 @@ import jax
 from fedkd.errors import UserError, reason
 
 TIMEOUT_ENV = "FEDKD_DISTRIBUTED_TIMEOUT"
+MULTIHOST_ENV = "FEDKD_MULTIHOST"  # 1: one of several processes that jax.distributed.initialize() finds itself
 DEFAULT_TIMEOUT_S = 300
 MAX_TIMEOUT_S = 2**31 - 1 - 60  # JAX takes whole seconds as a C int, and gets 60 s more than the watchdog
 
@@ -99,9 +101,13 @@ def maybe_initialize(
     raise DistributedError(
       f"SLURM_NTASKS={raw_tasks!r} is not a whole number; unset it, or run under SLURM (sbatch / srun), which sets it"
     ) from None
-  if len(hosts) > 1 or ntasks > 1:
+  multihost = _multihost()
+  if multihost or len(hosts) > 1 or ntasks > 1:
     timeout_s = _timeout_s()
-    source = f"TPU_WORKER_HOSTNAMES lists {len(hosts)} hosts" if len(hosts) > 1 else f"SLURM_NTASKS={ntasks}"
+    if multihost:
+      source = f"{MULTIHOST_ENV}=1"
+    else:
+      source = f"TPU_WORKER_HOSTNAMES lists {len(hosts)} hosts" if len(hosts) > 1 else f"SLURM_NTASKS={ntasks}"
     fix = (
       "run every process through the launcher (srun inside a SLURM allocation; every worker of a TPU slice), "
       "or unset the variable for a single-process run"
@@ -124,6 +130,18 @@ def maybe_initialize(
 
 def is_primary() -> bool:
   return jax.process_index() == 0
+
+
+def _multihost() -> bool:
+  """``FEDKD_MULTIHOST``: 1 = this is one of several processes whose cluster ``jax.distributed.initialize()`` finds
+  by itself (a Cloud TPU VM slice, from the VM's metadata server; SLURM; Open MPI); unset, empty or 0 = not."""
+  raw = os.environ.get(MULTIHOST_ENV, "").strip()
+  if raw not in ("", "0", "1"):
+    raise DistributedError(
+      f"{MULTIHOST_ENV}={raw!r} must be 1 (every worker of a multi-host slice or cluster, where "
+      "jax.distributed.initialize() finds the others) or 0; unset it for a single-process run"
+    )
+  return raw == "1"
 
 
 def _timeout_s() -> float:

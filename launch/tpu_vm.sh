@@ -12,8 +12,9 @@
 #       python -m launch.sweep --config=configs/fedavg_unet.py --out=runs/sweep
 #   launch/tpu_vm.sh --dry_run --name=x --zone=z -- python -m fedkd.main ...   # print, run nothing
 #
-# On a multi-host slice every worker runs the same command; fedkd.main sees TPU_WORKER_HOSTNAMES and
-# calls jax.distributed.initialize() by itself (fedkd/distributed.py). Only process 0 writes metrics;
+# On a multi-host slice every worker runs the same command with FEDKD_MULTIHOST=1 (a slice of several
+# workers, as gcloud describes it), so fedkd.main calls jax.distributed.initialize(), which finds the workers
+# from the VM's metadata server (fedkd/distributed.py). Only process 0 writes metrics;
 # checkpoints are written by all workers into the same --workdir, so for pods point --workdir at a shared
 # location (a gs:// bucket or a mounted filestore): a path each worker sees as a folder of its own is refused.
 set -euo pipefail
@@ -244,12 +245,27 @@ run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
   --command="cd $remote_dir && python3 -m pip install -q -U -e . $(printf %q "$pip_spec") && { command -v python >/dev/null \
 || { mkdir -p \$HOME/.local/bin && ln -sf \"\$(command -v python3)\" \$HOME/.local/bin/python; }; }"
 
-# 4. run the command on every worker (multi-host: fedkd calls jax.distributed.initialize itself)
+# 4. run the command on every worker; on a slice of several workers with FEDKD_MULTIHOST=1, so fedkd calls
+# jax.distributed.initialize() (a Cloud TPU VM sets no variable that says so; JAX reads the VM's metadata)
+endpoints=(describe "$name" "${common[@]}" --format='value(networkEndpoints[].ipAddress)')
+multihost=""
+if [ "$dry_run" = 1 ]; then
+  run gcloud compute tpus tpu-vm "${endpoints[@]}"
+  echo "# (with more than one address above, the command below runs as FEDKD_MULTIHOST=1 PATH=...)" >&2
+else
+  ips=$(gcloud compute tpus tpu-vm "${endpoints[@]}") \
+    || die "cannot count the workers of TPU VM $name (gcloud compute tpus tpu-vm describe failed: see above)"
+  workers=$(tr ';, \t' '\n\n\n\n' <<<"$ips" | grep -c . || true)
+  if [ "$workers" -gt 1 ]; then
+    multihost="FEDKD_MULTIHOST=1 "
+    echo "TPU VM $name has $workers workers: one process each, joined by jax.distributed (FEDKD_MULTIHOST=1)" >&2
+  fi
+fi
 remote_cmd=$(printf '%q ' "${cmd[@]}")
 cmd_rc=0  # a failed (or preempted) command still gets its results fetched before the VM is deleted
 started=1
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
-  --command="cd $remote_dir && PATH=\$HOME/.local/bin:\$PATH $remote_cmd" || cmd_rc=$?
+  --command="cd $remote_dir && ${multihost}PATH=\$HOME/.local/bin:\$PATH $remote_cmd" || cmd_rc=$?
 
 # 5. fetch results from worker 0
 fetched=1

@@ -93,12 +93,18 @@ def test_coordinator_port_in_use(cli, tmp_path):
     ({"SLURM_NTASKS": "2"}, ["SLURM_NTASKS=2", "srun"]),  # was: 'coordinator_address should be defined.'
     ({"SLURM_NTASKS": "two"}, ["SLURM_NTASKS='two'"]),  # was: "invalid literal for int() with base 10"
     ({"FEDKD_DISTRIBUTED_TIMEOUT": "soon"}, ["FEDKD_DISTRIBUTED_TIMEOUT='soon'"]),
+    ({"FEDKD_MULTIHOST": "1"}, ["FEDKD_MULTIHOST=1, so this is one process of several", "unset the variable"]),
+    ({"FEDKD_MULTIHOST": "yes"}, ["FEDKD_MULTIHOST='yes' must be 1"]),
   ],
 )
 def test_bad_multiprocess_environment(cli, tmp_path, env, needles):
-  for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+  for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "FEDKD_MULTIHOST"):
     assert k not in os.environ or k in env, f"the test environment sets {k}"
-  args = ["--coordinator_address=localhost:1234", "--num_processes=1", "--process_id=0"] if "FEDKD" in str(env) else []
+  args = (
+    ["--coordinator_address=localhost:1234", "--num_processes=1", "--process_id=0"]
+    if "FEDKD_DISTRIBUTED_TIMEOUT" in env
+    else []
+  )
   r = cli.run("fedkd.main", [QS, f"--workdir={tmp_path / 'w'}", *TINY, *args], env=env, timeout=120)
   _one_error(r, needles)
   assert not (tmp_path / "w").exists()
@@ -155,6 +161,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
   #!/bin/bash
   echo "gcloud $*" >> "$FAKE_LOG"
   case "$*" in
+    *"tpu-vm describe"*"--format"*) echo 10.0.0.2 ;;
     *"tpu-vm describe"*)
       [ -n "${FAKE_DESCRIBE_ERROR:-}" ] && { echo "ERROR: $FAKE_DESCRIBE_ERROR" >&2; exit 1; }
       [ -n "$FAKE_EXISTS" ] && exit 0; echo "ERROR: NOT_FOUND: Resource was not found" >&2; exit 1 ;;
@@ -229,7 +236,7 @@ def test_tpu_vm_success_creates_runs_fetches_deletes(tmp_path):
   r, calls = _tpu(tmp_path)
   assert r.returncode == 0, r.stderr
   kinds = [next((k for k in ("describe", "create", "scp --recurse", "delete") if k in c), None) for c in calls]
-  assert [k for k in kinds if k] == ["describe", "create", "scp --recurse", "delete"], calls
+  assert [k for k in kinds if k] == ["describe", "create", "describe", "scp --recurse", "delete"], calls
   ssh = [c for c in calls if "PATH=" in c]
   assert len(ssh) == 1 and ssh[0].endswith(f"python -m fedkd.main {QS} --workdir=runs/a "), ssh
   # the command says python; the install step gives a python3-only image one in ~/.local/bin (on that PATH)

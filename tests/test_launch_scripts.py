@@ -27,6 +27,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
   #!/bin/bash
   echo "gcloud $*" >> "$FAKE_LOG"
   case "$*" in
+    *"tpu-vm describe"*"--format"*) echo "${FAKE_ENDPOINTS:-10.0.0.2}" ;;
     *"tpu-vm describe"*) [ -n "${FAKE_EXISTS:-}" ] && exit 0; echo "ERROR: NOT_FOUND: not found" >&2; exit 1 ;;
     *"queued-resources describe"*"--format"*) echo ACTIVE ;;
     *"queued-resources describe"*) echo "ERROR: NOT_FOUND: not found" >&2; exit 1 ;;
@@ -188,6 +189,23 @@ def test_tpu_vm_keep_prints_a_delete_command_that_works(tmp_path):
   assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
     "fedkd: error: a TPU VM named fk already exists in zone z; pass --reuse to run on it, or choose another --name"
   ], r.stderr
+
+
+@pytest.mark.parametrize("endpoints, multihost", [("10.0.0.2", False), ("10.0.0.2;10.0.0.3;10.0.0.4;10.0.0.5", True)])
+def test_tpu_vm_runs_every_worker_of_a_slice_as_one_process_of_several(tmp_path, endpoints, multihost):
+  """A Cloud TPU VM sets no variable that tells fedkd it is one worker of several (TPU_WORKER_HOSTNAMES is
+  GKE's), so on a v4-32 fedkd.main skipped jax.distributed.initialize(): no cross-process checks, no preemption
+  notice. The script counts the slice's workers (gcloud's networkEndpoints) and runs the command on a slice of
+  several with FEDKD_MULTIHOST=1; a single-host VM runs it without (one process, sweeps' parallel runs too)."""
+  env = _env(tmp_path, FAKE_ENDPOINTS=endpoints)
+  r = procs.run(["bash", TPU_VM, *_tpu_args(tmp_path)], cwd=tmp_path, env=env, timeout=60)
+  assert r.returncode == 0, r.stderr
+  calls = _calls(tmp_path)
+  assert "gcloud compute tpus tpu-vm describe fk --zone=z --format=value(networkEndpoints[].ipAddress)" in calls
+  run = next(c for c in calls if "fedkd.main" in c)
+  assert run.startswith("gcloud compute tpus tpu-vm ssh fk --zone=z --worker=all --command=cd fedkd && "), run
+  assert ("FEDKD_MULTIHOST=1 PATH=" in run) == multihost, run
+  assert ("has 4 workers" in r.stderr) == multihost, r.stderr
 
 
 def test_tpu_vm_pip_spec_with_an_environment_marker(tmp_path):
