@@ -2,10 +2,10 @@
 
 ``maybe_initialize`` calls ``jax.distributed.initialize`` when (a) a coordinator address is given
 (``--coordinator_address``/``--num_processes``/``--process_id``, e.g. several CPU processes on one
-machine), or (b) the environment says this is one of several processes: ``FEDKD_MULTIHOST=1`` (set by
-launch/tpu_vm.sh on a slice of several workers: a Cloud TPU VM sets no variable of its own, JAX finds the
-workers from its metadata server), ``TPU_WORKER_HOSTNAMES`` with more than one host (TPUs on GKE) or SLURM
-(``SLURM_NTASKS`` > 1), where JAX finds the coordinator itself. Otherwise it does nothing.
+machine), or (b) the environment says this is one of several processes (``fedkd.launchenv``:
+``FEDKD_MULTIHOST=1``, which launch/tpu_vm.sh sets on a slice of several workers; ``TPU_WORKER_HOSTNAMES``
+with more than one host; ``SLURM_NTASKS`` > 1), where JAX finds the coordinator itself. Otherwise it does
+nothing.
 
 Bad flags (an address without a port, a process id out of range, ``--num_processes`` without an
 address, a coordinator port already taken) and a malformed ``JAX_COORDINATOR_ADDRESS`` /
@@ -40,16 +40,12 @@ import time
 
 import jax
 
-from fedkd.errors import UserError, reason
+from fedkd.errors import reason
+from fedkd.launchenv import DistributedError, several_processes
 
 TIMEOUT_ENV = "FEDKD_DISTRIBUTED_TIMEOUT"
-MULTIHOST_ENV = "FEDKD_MULTIHOST"  # 1: one of several processes that jax.distributed.initialize() finds itself
 DEFAULT_TIMEOUT_S = 300
 MAX_TIMEOUT_S = 2**31 - 1 - 60  # JAX takes whole seconds as a C int, and gets 60 s more than the watchdog
-
-
-class DistributedError(UserError, ValueError):
-  """Bad multi-process flags or environment (a ValueError too, for callers that catch that)."""
 
 
 def maybe_initialize(
@@ -93,27 +89,15 @@ def maybe_initialize(
     _check_process_count(num_processes)
     _check_devices_per_process()
     return True
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  raw_tasks = os.environ.get("SLURM_NTASKS", "1").strip() or "1"
-  try:
-    ntasks = int(raw_tasks)
-  except ValueError:
-    raise DistributedError(
-      f"SLURM_NTASKS={raw_tasks!r} is not a whole number; unset it, or run under SLURM (sbatch / srun), which sets it"
-    ) from None
-  multihost = _multihost()
-  if multihost or len(hosts) > 1 or ntasks > 1:
+  source = several_processes()
+  if source:
     timeout_s = _timeout_s()
-    if multihost:
-      source = f"{MULTIHOST_ENV}=1"
-    else:
-      source = f"TPU_WORKER_HOSTNAMES lists {len(hosts)} hosts" if len(hosts) > 1 else f"SLURM_NTASKS={ntasks}"
     fix = (
       "run every process through the launcher (srun inside a SLURM allocation; every worker of a TPU slice), "
       "or unset the variable for a single-process run"
     )
     _check_coordinator_env()
-    if len(hosts) <= 1:
+    if not source.startswith("TPU_WORKER_HOSTNAMES"):
       _check_slurm_port_free()
     try:
       with _all_local_gpus(_slurm_one_task_per_node()):
@@ -130,18 +114,6 @@ def maybe_initialize(
 
 def is_primary() -> bool:
   return jax.process_index() == 0
-
-
-def _multihost() -> bool:
-  """``FEDKD_MULTIHOST``: 1 = this is one of several processes whose cluster ``jax.distributed.initialize()`` finds
-  by itself (a Cloud TPU VM slice, from the VM's metadata server; SLURM; Open MPI); unset, empty or 0 = not."""
-  raw = os.environ.get(MULTIHOST_ENV, "").strip()
-  if raw not in ("", "0", "1"):
-    raise DistributedError(
-      f"{MULTIHOST_ENV}={raw!r} must be 1 (every worker of a multi-host slice or cluster, where "
-      "jax.distributed.initialize() finds the others) or 0; unset it for a single-process run"
-    )
-  return raw == "1"
 
 
 def _timeout_s() -> float:

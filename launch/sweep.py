@@ -53,6 +53,7 @@ from typing import Any
 
 from fedkd.cli import fail, line_buffered
 from fedkd.errors import USER_ERRORS
+from fedkd.launchenv import DistributedError, several_processes
 from fedkd.workdir import as_path, read_json_object, write_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -1130,6 +1131,16 @@ def main(argv: list[str] | None = None) -> int:
     fail(f"--parallel={args.parallel} must be >= 1")
   if not out or not out.strip():  # e.g. --out=$OUT with OUT unset
     fail(f"--out={args.out!r} is empty; pass the sweep's directory, e.g. --out=runs/my_sweep")
+  try:
+    several = None if args.aggregate_only else several_processes()
+  except DistributedError as e:
+    fail(str(e))
+  if several:  # every process would run the whole sweep into --out, and each run would join them all
+    fail(
+      f"{several}, so this is one process of several, but launch.sweep runs each run as a process of its own on "
+      "one host: start the sweep once, on one host (a single-host TPU VM; one SLURM task: sbatch --ntasks=1), or "
+      "unset the variable"
+    )
   try:
     if args.metric not in metric_choices():  # else its plots were silently not drawn, and old ones removed
       raise InputError(

@@ -81,6 +81,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
   #!/bin/bash
   echo "gcloud $*" >> "$FAKE_LOG"
   case "$*" in
+    *"tpu-vm describe"*"--format"*) echo 10.0.0.2 ;;  # the VM's one worker
     *"tpu-vm describe"*) echo "ERROR: NOT_FOUND" >&2; exit 1 ;;  # no VM of this name yet
     *"queued-resources describe"*"--format"*) echo ACTIVE ;;
     *"queued-resources describe"*) echo "ERROR: NOT_FOUND" >&2; exit 1 ;;

@@ -164,6 +164,27 @@ def test_an_empty_or_uncreatable_out_is_one_line(tmp_path, capsys, out):
   assert ("is empty" in err) if not out else ("cannot be created (Not a directory)" in err), err
 
 
+@pytest.mark.parametrize(
+  "env, needle",
+  [
+    ({"FEDKD_MULTIHOST": "1"}, "FEDKD_MULTIHOST=1, so this is one process of several"),
+    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS=4, so this is one process of several"),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "TPU_WORKER_HOSTNAMES lists 2 hosts"),
+    ({"FEDKD_MULTIHOST": "yes"}, "FEDKD_MULTIHOST='yes' must be 1"),
+  ],
+)
+def test_a_sweep_started_as_one_process_of_several_is_one_line(tmp_path, monkeypatch, capsys, env, needle):
+  """launch/tpu_vm.sh on a slice of several workers (FEDKD_MULTIHOST=1), or srun with several tasks: every
+  process ran the whole sweep into the same --out, and every run of it tried to join all of them."""
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(SystemExit) as e:
+    launcher.main([f"--config={_config(tmp_path / 'cfg.py')}", f"--out={tmp_path / 'out'}"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("fedkd: error: " + needle) and "\n" not in err, err
+  assert not (tmp_path / "out").exists()
+
+
 def test_an_unreadable_sweep_json_is_replaced_not_a_traceback(tmp_path, monkeypatch, capsys):
   """A sweep directory whose sweep.json is cut short (disk full, an editor) made the re-run end in a
   JSONDecodeError traceback; it is a definition to replace like another sweep's."""
