@@ -698,6 +698,7 @@ INERT_UNLESS: dict[str, Callable[[dict], bool]] = {
     a.get("task") == "fedefm"
     or (a.get("data.source", "synthetic") == "synthetic" and (a.get("quantity_skew") or 0) > 0)
   ),
+  "eval.pick": lambda a: a.get("data.source", "synthetic") != "synthetic",  # which TFDS test records are scored
 }
 
 

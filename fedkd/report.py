@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -281,6 +282,12 @@ def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> Non
   _replace_atomic(path, write)
 
 
+def md_cell(value) -> str:
+  """``value`` as one cell of a Markdown table: a ``|`` in it (a method label, a value) escaped, else it splits the
+  row and every later cell moves one column; a line break is a space."""
+  return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
 def mean_std_tables(
   md_path: str,
   csv_path: str,
@@ -311,7 +318,7 @@ def mean_std_tables(
   for cells, values in groups:
     if len(cells) != len(columns):
       raise ValueError(f"a group has {len(cells)} cells for {len(columns)} columns: {cells}")
-    row_csv, row_md = list(cells), [str(c) for c in cells]
+    row_csv, row_md = list(cells), [md_cell(c) for c in cells]
     for m in metrics:
       vals = list(values.get(m, ()))
       if vals and not_results(vals):
@@ -328,7 +335,7 @@ def mean_std_tables(
     rows_md.append(row_md)
   write_csv(csv_path, list(columns) + [f"{m}_{s}" for m in metrics for s in ("mean", "std")], rows_csv)
   lines = ([title, ""] if title else []) + [(caption + " " if caption else "") + f"Each cell: {MEAN_STD}.", ""]
-  lines.append("| " + " | ".join(headers + list(metrics)) + " |")
+  lines.append("| " + " | ".join(md_cell(h) for h in headers + list(metrics)) + " |")
   lines.append("|" + "|".join(["---"] * len(headers) + ["---:"] * len(metrics)) + "|")
   lines += ["| " + " | ".join(r) + " |" for r in rows_md]
   _replace_atomic(md_path, lambda f: f.write("\n".join(lines) + "\n"))
@@ -495,7 +502,7 @@ def grid(
     rows[name + (" (unseen)" if name == unseen else "")] = np.concatenate(tiles, axis=1)
   legend = palette.class_legend(present)
   if preds is None:
-    title = "per frame: image | labels"
+    title = "per frame (held-out, not augmented): image | labels"
   else:
     title = "per frame: image | ground truth | prediction (class colour where right)"
     legend += palette.error_legend()
@@ -557,6 +564,19 @@ def legend_label(label: str, width: int = LEGEND_CHARS) -> str:
   return label[:head] + "…" + label[len(label) - (width - 1 - head) :]
 
 
+def legend_labels(labels: Sequence[str], width: int = LEGEND_CHARS) -> dict[str, str]:
+  """{label: what the legend shows} for the labels of one picture: :func:`legend_label` of each, unless two
+  different labels would then look alike (their middles, where cut, held what tells them apart); then with
+  the dotted keys shortened to their last part (``client_optimizer.learning_rate=0.1`` -> ``learning_rate=0.1``),
+  and where even those collide, whole."""
+  distinct = list(dict.fromkeys(labels))
+  for shorten in (lambda s: s, lambda s: re.sub(r"(?<![\w.])(?:\w+\.)+(?=\w+=)", "", s)):
+    shown = {lab: legend_label(shorten(lab), width) for lab in distinct}
+    if len(set(shown.values())) == len(distinct):
+      return shown
+  return {lab: lab for lab in distinct}
+
+
 def curves_plot(
   groups: Sequence[tuple[str, Sequence[Sequence[dict]]]],
   metrics: Sequence[str],
@@ -575,6 +595,7 @@ def curves_plot(
   if not present:
     return False
   plt = _pyplot()
+  shown = legend_labels([label for label, _ in groups])
   fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
   for ax, m in zip(axes[0], present):
     for label, runs in groups:
@@ -584,7 +605,7 @@ def curves_plot(
         continue
       mean, std = mean_std([[d[x] for x in rounds] for d in per_run], axis=0)
       (line,) = ax.plot(
-        rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{legend_label(label)} (n={len(runs)})"
+        rounds, mean, marker="o" if len(rounds) < 12 else None, ms=3, label=f"{shown[label]} (n={len(runs)})"
       )
       if len(per_run) > 1:
         lo, hi = mean - std, mean + std
@@ -622,6 +643,7 @@ def errorbar_plot(
   many = len(lines) + len(references or {}) > 6  # then markers vary and the legend sits beside the axes
   fig, ax = plt.subplots(figsize=(7.2 if many else 5, 3.6))
   markers = "osD^vPX"  # 7 markers against 10 colours: no two of 70 labels look alike
+  shown = legend_labels([*lines, *(references or {})])
   for i, (label, pts) in enumerate(lines.items()):
     pts = sorted(pts, key=lambda p: p[0])
     stats = [mean_std(list(v)) for _, v in pts]
@@ -631,11 +653,9 @@ def errorbar_plot(
     if _bounded(ylabel):
       lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
     marker = markers[i % len(markers)] if many else "o"
-    ax.errorbar(
-      [p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker=marker, capsize=3, label=legend_label(label)
-    )
+    ax.errorbar([p[0] for p in pts], mean, yerr=[mean - lo, hi - mean], marker=marker, capsize=3, label=shown[label])
   for label, values in (references or {}).items():
-    ax.axhline(float(np.mean(values)), ls="--", lw=1, color="0.4", label=f"{legend_label(label)} (n={len(values)})")
+    ax.axhline(float(np.mean(values)), ls="--", lw=1, color="0.4", label=f"{shown[label]} (n={len(values)})")
   if logx:
     ax.set_xscale("log")
   ax.set_xlabel(xlabel)

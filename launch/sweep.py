@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fedkd.cli import fail, line_buffered
@@ -512,7 +513,7 @@ def is_done(workdir: str, run: dict) -> bool:
 
 # What a finished run's tabulated metrics were measured with: a resume may change them (later
 # evaluations use the new values), but a finished run would be tabulated under values it was not scored with.
-SCORED_WITH = ("eval.examples_per_site", "eval.max_sites")
+SCORED_WITH = ("eval.examples_per_site", "eval.max_sites", "eval.pick")
 
 
 def config_difference(saved: dict, current: dict, finished: bool = False) -> list[tuple[str, Any, Any]]:
@@ -522,14 +523,19 @@ def config_difference(saved: dict, current: dict, finished: bool = False) -> lis
   engine, ...) may differ, and so may a key the saved config lacks (added to the schema later) that is
   at the value that keeps its old behaviour (fedavg.resume_differences). A ``finished`` run also differs in
   :data:`SCORED_WITH` (absent in the saved config: at the default). A missing value is ``None``."""
-  from fedkd.config import base_config, flat_dict
+  from fedkd.config import INERT_UNLESS, base_config, flat_dict
   from fedkd.tasks import fedavg
 
   a, b = flat_dict(saved), flat_dict(current)
   keys = fedavg.resume_differences(saved, current)
   if finished:
     defaults = flat_dict(base_config().to_dict())
-    keys = sorted(set(keys) | {k for k in SCORED_WITH if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))})
+
+    def scored_with(k):  # eval.pick picks TFDS test records: a synthetic run is scored the same either way
+      return k not in INERT_UNLESS or INERT_UNLESS[k](a) or INERT_UNLESS[k](b)
+
+    scored = [k for k in SCORED_WITH if scored_with(k)]
+    keys = sorted(set(keys) | {k for k in scored if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))})
   return [(k, a.get(k), b.get(k)) for k in keys]
 
 
@@ -911,7 +917,7 @@ def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[s
     path = os.path.join(out, f"vs_{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.png")
     report.errorbar_plot(lines, key, f"{metric} (last eval)", path)
     written.append(path)
-  written += _site_and_cost_plots(out, groups, metric)
+  written += _site_and_cost_plots(out, groups, metric, defn["varying_keys"])
   report.remove_stale(out, is_plot, written)  # e.g. a vs_<key>.png of a key no longer swept
   return written
 
@@ -936,7 +942,18 @@ COST_AXES = (
 )
 
 
-def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]:
+def _dp_line(group: dict, keys: Sequence[str]) -> str:
+  """The line of the privacy plot that ``group`` is a point of: its setting but the method label (the privacy
+  sweep labels each noise level) and the ``dp.*`` keys, so that groups of other methods or settings are lines of
+  their own (they were joined into one, named DP-FedAvg)."""
+  from fedkd.sweep import METHOD, group_label
+
+  rest = {k: v for k, v in group["overrides"].items() if k != METHOD and not k.startswith("dp.")}
+  label = group_label(rest, keys)
+  return "DP-FedAvg" if label == "base" else label
+
+
+def _site_and_cost_plots(out: str, groups: list[dict], metric: str, keys: Sequence[str]) -> list[str]:
   """curves_sites.png (``metric`` per site vs round, one panel per site) and, where the runs log them and
   they differ between groups, ``metric`` at the last evaluation vs the cumulative bytes sent up (one point
   per group) and vs the privacy spent (one line through the DP groups; runs with infinite epsilon, noise
@@ -962,7 +979,7 @@ def _site_and_cost_plots(out: str, groups: list[dict], metric: str) -> list[str]
         references[f"{g['label']}: {xkey} inf"] = [r[metric] for r in runs]
       if not runs or not all(math.isfinite(x) and x > 0 for x in xs):
         continue
-      lines.setdefault("DP-FedAvg" if one_line else g["label"], []).append(
+      lines.setdefault(_dp_line(g, keys) if one_line else g["label"], []).append(
         (sum(xs) / len(xs), [r[metric] for r in runs])
       )
     if len({x for pts in lines.values() for x, _ in pts}) < 2:

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -379,3 +380,101 @@ def test_a_group_with_a_missing_or_nan_score_is_not_a_point_of_the_vs_key_plot(t
   x, vals = drawn["fedavg"][0]
   assert x == 0.0 and vals == want
   assert (tmp_path / "vs_quantity_skew.png").stat().st_size > 0
+
+
+def _plotted(monkeypatch):
+  """{picture file name: {legend text: the (x, y) points of its line in the first panel}} of what fedkd.report
+  draws next."""
+  import matplotlib.axes
+  import matplotlib.figure
+
+  drawn, axes = {}, []
+  real_legend, real_savefig = matplotlib.axes.Axes.legend, matplotlib.figure.Figure.savefig
+
+  def legend(self, *a, **kw):
+    axes.append(self)
+    return real_legend(self, *a, **kw)
+
+  def savefig(self, path, *a, **kw):
+    lines = {}
+    for ax in axes:
+      for line in ax.get_lines():
+        if not line.get_label().startswith("_"):
+          lines.setdefault(line.get_label(), list(zip(map(float, line.get_xdata()), map(float, line.get_ydata()))))
+      for c in ax.containers:  # errorbar lines
+        lines[c.get_label()] = list(zip(map(float, c.lines[0].get_xdata()), map(float, c.lines[0].get_ydata())))
+    drawn[os.path.basename(str(path))] = lines
+    axes.clear()
+    return real_savefig(self, path, *a, **kw)
+
+  monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+  return drawn
+
+
+def test_groups_whose_labels_differ_in_the_middle_keep_distinct_legends(tmp_path, monkeypatch, capsys):
+  """Labels over 48 characters lose their middle in a legend; with two dotted learning-rate keys the middle
+  held the client learning rate, so curves.png showed 0.001 and 0.003 under one label twice."""
+  clr, slr = "client_optimizer.learning_rate", "server_optimizer.learning_rate"
+  sweep = S.product(S.product(seed=[0, 1]), [{"method": "fedavg", "quantity_skew": 0.5}], **{clr: [1e-3, 3e-3]})
+  sweep = S.product(sweep, **{slr: [1.0, 0.5]})
+  lasts = [{"dice/catheter": 0.1 * o[clr] * 1e3 + 0.3 * o[slr] + 0.01 * o["seed"]} for o in sweep]
+  _sweep_dir(tmp_path, sweep, lasts)
+  drawn = _plotted(monkeypatch)
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  capsys.readouterr()
+  curves = drawn["curves.png"]
+  assert len(curves) == 4, curves  # four groups, four legend entries
+  for c in (1e-3, 3e-3):
+    for s in (1.0, 0.5):
+      (label,) = [k for k in curves if f"{c:g}" in k and f"learning_rate={s:g}" in k]
+      want = np.mean([0.1 * c * 1e3 + 0.3 * s + 0.01 * seed for seed in (0, 1)])
+      assert curves[label][-1] == pytest.approx((2.0, want)), (label, curves[label])
+
+
+def test_the_privacy_plot_draws_one_line_per_setting_and_a_pipe_keeps_its_table_cell(tmp_path, monkeypatch, capsys):
+  """vs_epsilon.png joined every DP group into one line named DP-FedAvg: with two algorithms it zig-zagged
+  between them. A '|' in a method label split its results.md row (every later cell one column right)."""
+  sweep = S.product(
+    S.product(seed=[0, 1]),
+    [{"algorithm.name": a} for a in ("fedavg", "fedprox")],
+    [{"method": f"z|{z:g}", "dp.noise_multiplier": z} for z in (0.5, 1.0)],
+  )
+  eps = {0.5: 20.0, 1.0: 5.0}
+  score = {("fedavg", 0.5): 0.7, ("fedavg", 1.0): 0.6, ("fedprox", 0.5): 0.5, ("fedprox", 1.0): 0.4}
+  lasts = [
+    {"dice/catheter": score[o["algorithm.name"], o["dp.noise_multiplier"]] + 0.01 * o["seed"], "dp/epsilon": 0.0}
+    for o in sweep
+  ]
+  for o, last in zip(sweep, lasts):
+    last["dp/epsilon"] = eps[o["dp.noise_multiplier"]]
+  _sweep_dir(tmp_path, sweep, lasts, config="configs/privacy.py")
+  drawn = _plotted(monkeypatch)
+  assert launcher.main([f"--out={tmp_path}", "--aggregate_only"]) == 0
+  capsys.readouterr()
+  lines = drawn["vs_epsilon.png"]
+  assert sorted(lines) == ["algorithm.name=fedavg", "algorithm.name=fedprox"], lines
+  for a in ("fedavg", "fedprox"):
+    want = [(eps[z], score[a, z] + 0.005) for z in (1.0, 0.5)]  # by epsilon: 5, then 20
+    np.testing.assert_allclose(lines[f"algorithm.name={a}"], want)
+  rows = [ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("| z")]
+  assert len(rows) == 4 and all(ln.startswith("| z\\|") for ln in rows), rows
+  header = next(ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("| method"))
+  cells = lambda ln: [c for c in re.split(r"(?<!\\)\|", ln)[1:-1]]  # noqa: E731 - a Markdown row's cells
+  assert all(len(cells(ln)) == len(cells(header)) for ln in rows), (header, rows)
+
+
+@pytest.mark.parametrize("source, refused", [("synthetic", False), ("tfds:xray_folder", True)])
+def test_a_finished_run_scored_on_other_tfds_test_records_is_not_reused(source, refused):
+  """eval.pick picks which TFDS test records are scored: a finished run re-used under another pick was
+  tabulated under the new value (eval.examples_per_site was refused already); on synthetic data it changes
+  nothing, so a finished synthetic run stays reusable."""
+  from fedkd.config import base_config
+
+  saved = base_config().to_dict()
+  saved["data"]["source"] = source
+  current = json.loads(json.dumps(saved))
+  current["eval"]["pick"] = "first"
+  got = launcher.config_difference(saved, current, finished=True)
+  assert got == ([("eval.pick", "spread", "first")] if refused else []), got
+  assert launcher.config_difference(saved, current, finished=False) == []  # an unfinished run rescored: fine

@@ -2,8 +2,9 @@
 
   python -m fedkd.data.preview --config=configs/quickstart.py [--out=runs/preview.png] [--frames=4]
 
-Rows are sites (training sites, then the unseen one); each frame appears twice, plain and with the
-mask drawn over it (catheter red, guidewire green, vessel blue: fedkd.palette), under a legend of the
+Rows are sites (training sites, then the unseen one); the frames are each site's held-out frames that
+training scores (the test split, without data.augment's crops, flips and intensity jitter); each appears
+twice, plain and with the mask drawn over it (catheter red, guidewire green, vessel blue: fedkd.palette), under a legend of the
 classes present. Works for every data.source.
 The picture goes to --out (default runs/preview.png; .png, .jpg or .jpeg).
 """
