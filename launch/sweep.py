@@ -945,7 +945,7 @@ COST_AXES = (
 def _dp_line(group: dict, keys: Sequence[str]) -> str:
   """The line of the privacy plot that ``group`` is a point of: its setting but the method label (the privacy
   sweep labels each noise level) and the ``dp.*`` keys, so that groups of other methods or settings are lines of
-  their own (they were joined into one, named DP-FedAvg)."""
+  their own; DP-FedAvg where nothing else is swept."""
   from fedkd.sweep import METHOD, group_label
 
   rest = {k: v for k, v in group["overrides"].items() if k != METHOD and not k.startswith("dp.")}
@@ -956,8 +956,8 @@ def _dp_line(group: dict, keys: Sequence[str]) -> str:
 def _site_and_cost_plots(out: str, groups: list[dict], metric: str, keys: Sequence[str]) -> list[str]:
   """curves_sites.png (``metric`` per site vs round, one panel per site) and, where the runs log them and
   they differ between groups, ``metric`` at the last evaluation vs the cumulative bytes sent up (one point
-  per group) and vs the privacy spent (one line through the DP groups; runs with infinite epsilon, noise
-  0, are left out)."""
+  per group) and vs the privacy spent (one line per setting apart from its DP keys, :func:`_dp_line`; runs with
+  infinite epsilon, noise 0, are a dashed level)."""
   from fedkd import report
 
   written = []
