@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import json
 import math
@@ -195,7 +196,8 @@ ABSL_SPECIAL_FLAGS = ("flagfile", "undefok", "help", "helpshort", "helpfull", "h
 
 def _check_main_flags(extra: list[str]) -> None:
   """Refuses an ``--extra`` flag (not ``--config.*``, checked with the configs) that fedkd.main does not define:
-  every run would fail on it, after the sweep folder was made. fedkd.main is imported to read its flags (and
+  every run would fail on it, after the sweep folder was made; so is a value that does not parse as the flag's
+  type (``--cpu_devices=abc``). fedkd.main is imported to read its flags (and
   JAX with it) only when there is such a flag."""
   if not extra:
     return
@@ -210,6 +212,12 @@ def _check_main_flags(extra: list[str]) -> None:
   known = {n for n in flags.FLAGS if not n.startswith("config.") and n not in refused} | set(ABSL_SPECIAL_FLAGS)
   for a in extra:
     name = a[2:].split("=", 1)[0]
+    flag = flags.FLAGS[name] if name in known and name in flags.FLAGS else None
+    if flag is not None and "=" in a and flag.flag_type() in ("int", "float", "bool"):  # its checks run in the run
+      try:
+        copy.deepcopy(flag).parse(a.split("=", 1)[1])
+      except (flags.Error, ValueError) as e:
+        raise InputError(f"--extra={a}: {' '.join(str(e).split())}") from None
     if name in known or (name.startswith("no") and name[2:] in known and "=" not in a):
       continue
     close = difflib.get_close_matches(name, sorted(known), n=1)

@@ -374,6 +374,23 @@ def test_an_extra_flag_fedkd_main_lacks_is_refused_before_anything_is_written(tm
   assert "--out," not in err and "--frames," not in err and "--workdir" in err
 
 
+@pytest.mark.parametrize(
+  "flag,shown",
+  [("--cpu_devices=abc", "invalid literal for int()"), ("--num_processes=2.5", "invalid literal for int()")],
+)
+def test_an_extra_flag_value_of_the_wrong_type_is_refused_before_anything_is_written(tmp_path, capsys, flag, shown):
+  """The value is parsed as fedkd.main's flag would parse it (absl), not only its name checked: every run
+  failed on it after --out was made. Values of the right type that a run refuses (--cpu_devices=0, below)
+  are the run's to refuse."""
+  cfg = _write_config(tmp_path / "two.py", '[{"seed": 0}, {"seed": 1}]')
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    launcher.main([f"--config={cfg}", f"--out={out}", f"--extra={flag}"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith(f"fedkd: error: --extra={flag}: ") and shown in err, err
+  assert "\n" not in err and not out.exists()
+
+
 def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
   cfg = _write_config(tmp_path / "two.py", '[{"seed": 0}, {"seed": 1}]')
   out = tmp_path / "out"
