@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from collections.abc import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 T = TypeVar("T")
@@ -61,7 +62,8 @@ def _from_checkpoint_library(exc: BaseException | None) -> bool:
     if f"{os.sep}orbax{os.sep}" in name or f"{os.sep}tensorstore{os.sep}" in name:
       return True
     tb = tb.tb_next
-  return "while reading array index" in str(exc) or "tensorstore_spec" in str(exc)
+  text = str(exc)  # TensorStore's errors set from C++ carry no Python frame
+  return "while reading array index" in text or "tensorstore_spec" in text or "in OCDBT database at" in text
 
 
 class _OrphanedReadLogs(logging.Filter):
@@ -147,6 +149,16 @@ class ResumeRefused(CheckpointError):
 UNREADABLE = "unreadable"  # <checkpoint directory>/unreadable/<round>-<UTC time>: steps a resume fell back over
 
 
+def _round_held(state) -> int | None:
+  """The round a restored state says it holds (its scalar ``round`` entry), or None where it has none."""
+  value = state.get("round") if isinstance(state, dict) else None
+  if value is None:
+    return None
+  shards = getattr(value, "addressable_shards", None)  # a jax.Array, replicated: this process's copy
+  held = np.asarray(shards[0].data if shards else value)
+  return int(held) if held.ndim == 0 else None
+
+
 class Checkpointer:
   """``cleanup_tmp``: delete the ``<round>.orbax-checkpoint-tmp`` folders that a save cut short (a kill, a full
   disk) left behind. Only for the run that owns ``directory`` (it holds the workdir's lock): a reader such as
@@ -211,6 +223,13 @@ class Checkpointer:
     aside = epath.Path(self.unreadable)
     with self._disk_errors():
       if jax.process_index() == 0:
+        if aside.exists() and not aside.is_dir():
+          from fedkd.workdir import WorkdirError
+
+          raise WorkdirError(
+            f"{aside} is a file, but fedkd moves unreadable checkpoints into a folder there; move the file away "
+            "and re-run to resume"
+          )
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         aside.mkdir(parents=True, exist_ok=True)
         for r in rounds:
@@ -327,6 +346,13 @@ class Checkpointer:
     state = out["state"]
     if extra:
       state = {k: v for k, v in state.items() if k not in extra}
+    held = _round_held(state)
+    if held is not None and held != round_:  # e.g. a step folder copied under another number
+      why = f"its state is that of round {held}"
+      raise CheckpointError(
+        f"checkpoint for round {round_} in {self.directory} is unreadable ({why}); move it away or use a new --workdir",
+        why,
+      )
     return state, dict(out["config"])
 
   def saved_client_rows(self, round_: int) -> int | None:

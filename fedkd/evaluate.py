@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fedkd import preemption
 from fedkd.data.labels import CLASS_NAMES
 from fedkd.errors import NonFiniteOutput, UserError
 
@@ -284,11 +286,11 @@ def _checkpoint_folder(workdir: str, path=None):
   """(the run directory, its checkpoints/ folder), or an :class:`EvalError` / ``WorkdirError`` saying why
   ``workdir`` holds no FedAvg-family run to evaluate. Reads no checkpoint. ``path``: ``_run_folder(workdir)``
   where the caller has it already."""
-  from fedkd.workdir import WorkdirError, name_runs, runs_below, saved_task
+  from fedkd.workdir import WorkdirError, name_runs, runs_below, saved_task, task_from_files
 
   path = path or _run_folder(workdir)
   try:
-    task = saved_task(path) or "fedavg"
+    task = saved_task(path) or (task_from_files(path) or ("fedavg",))[0]
   except WorkdirError:  # a damaged config.json: the config stored with the checkpoint is what is evaluated
     task = "fedavg"
   if task != "fedavg":
@@ -306,6 +308,11 @@ def _checkpoint_folder(workdir: str, path=None):
       )
     if path.name == "checkpoints" and any(p.name.isdigit() for p in path.iterdir()):
       raise EvalError(f"{workdir} is a run's checkpoints/ folder; pass the run directory: --workdir={path.parent}")
+    if (path / "eval.json").exists() and (path.parent / "checkpoints").is_dir():  # <run>/eval, or an --out in a run
+      raise EvalError(
+        f"{workdir} holds an evaluation's outputs (eval.json), not a run; pass the run directory: "
+        f"--workdir={path.parent}"
+      )
     busy = _training_now(path)
     raise EvalError(
       f"{workdir} has no checkpoints/ folder"
@@ -338,14 +345,33 @@ def _read_checkpoint(workdir: str, path, ckdir, round_: int | None):
 
 
 OUTPUT_FILES = ("eval.json", "eval.csv", "predictions.png", "robustness.json", "robustness.png")
+STAGING_PREFIX = ".eval-staging-"  # + pid: the folder in --out the files are written to before they are renamed
+
+
+def _remove_stale_staging(out: str) -> None:
+  """Staging folders of evaluations that were killed (SIGKILL, a power cut) before they could remove theirs."""
+  for name in os.listdir(out):
+    pid = name[len(STAGING_PREFIX) :]
+    if name.startswith(STAGING_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def _output_folder(out: str, flag: str) -> str:
   """``out`` created and proven writable, with none of :data:`OUTPUT_FILES` a folder there (checked before
   anything is computed: a folder found at the last file written would leave new tables beside old curves)."""
-  from fedkd.workdir import prepare
+  from fedkd.workdir import WORKDIR_FILES, WORKDIR_FOLDERS, prepare
 
-  folder = os.fspath(prepare(out, flag=flag))
+  folder = os.fspath(prepare(out, flag=flag, skip=WORKDIR_FILES + WORKDIR_FOLDERS))  # not a run's workdir
   for name in OUTPUT_FILES:
     path = os.path.join(folder, name)
     if os.path.isdir(path):
@@ -456,18 +482,35 @@ def evaluate_run(
       f"round {r} of {workdir}: {e}; evaluate an earlier round with --round=R, or train again with a lower "
       "learning rate"
     ) from None
-  # everything computed: the files are written together, so an interrupted or failed evaluation leaves the
-  # earlier one's files as they were (never tables of one round beside curves of another)
-  report.write_eval_tables(results, out, r, spacing_mm=spacing_mm, unseen=data.unseen_name)
-  stale = os.path.join(out, "predictions.png")
-  if not frames and os.path.exists(stale):  # an earlier evaluation's frames would sit beside these tables
-    os.remove(stale)
-  if frames:
-    size = next(iter(preds.values())).shape[1]
-    pic = report.grid(evaluator.sets, frames, max(1, -(-128 // size)), data.unseen_name, preds=preds)
-    pic.save(os.path.join(out, "predictions.png"))
-  report.write_text(os.path.join(out, "robustness.json"), json.dumps(rob, indent=2))
-  report.robustness_plot(rob, os.path.join(out, "robustness.png"))
+  # everything computed: the files are written into a hidden folder in ``out``, then renamed into place in a row
+  # that Ctrl-C and SIGTERM wait for, so an interrupted or failed evaluation leaves the earlier one's files as
+  # they were (never tables of one round beside curves of another)
+  staging = os.path.join(out, f"{STAGING_PREFIX}{os.getpid()}")
+  _remove_stale_staging(out)
+  os.makedirs(staging, exist_ok=True)
+  try:
+    report.write_eval_tables(
+      results,
+      staging,
+      r,
+      spacing_mm=spacing_mm,
+      unseen=data.unseen_name,
+      images_per_site={site: len(images) for site, (images, _) in evaluator.sets.items()},
+    )
+    if frames:
+      size = next(iter(preds.values())).shape[1]
+      pic = report.grid(evaluator.sets, frames, max(1, -(-128 // size)), data.unseen_name, preds=preds)
+      pic.save(os.path.join(staging, "predictions.png"))
+    report.write_text(os.path.join(staging, "robustness.json"), json.dumps(rob, indent=2))
+    report.robustness_plot(rob, os.path.join(staging, "robustness.png"))
+    with preemption.held_signals():
+      for name in OUTPUT_FILES:
+        if os.path.exists(os.path.join(staging, name)):
+          os.replace(os.path.join(staging, name), os.path.join(out, name))
+        elif os.path.exists(os.path.join(out, name)):  # an earlier evaluation's frames (--frames=0 now)
+          os.remove(os.path.join(out, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   log(report.eval_table(results, data.unseen_name))
   log(f"(hd95, assd, tip_error in {'mm' if spacing_mm != 1.0 else 'px'}; means over images where defined)")
   pictures = (

@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import sys
+import threading
 from typing import Any
 from collections.abc import Callable
 
@@ -173,6 +174,26 @@ def drop_tb_steps_after(tb_dir, last_round: int) -> None:
     os.replace(tmp, path)
 
 
+# tensorboardX writes events in a thread of its own: a full disk (or a read-only one) ends that thread with a
+# traceback on stderr, beside the one line the run's own write reports. The hook keeps the error instead, and
+# the next scalar (or the close) reports it as that line.
+_tb_errors: list[OSError] = []
+_previous_excepthook = threading.excepthook
+
+
+def _tensorboard_thread_errors(args) -> None:
+  from fedkd.workdir import environment_oserror
+
+  err = environment_oserror(args.exc_value)
+  if err is not None and args.thread is not None and type(args.thread).__module__.startswith("tensorboardX"):
+    _tb_errors.append(err)
+    return
+  _previous_excepthook(args)
+
+
+threading.excepthook = _tensorboard_thread_errors
+
+
 class RunLog:
   """Writes evaluation records to ``metrics.jsonl``, one record per training round to ``rounds.jsonl``
   and scalars to TensorBoard (``tb/``)."""
@@ -194,7 +215,14 @@ class RunLog:
       self._records = read_jsonl(self.metrics_path, note, RECORD_FIELDS)
       self._rounds = read_jsonl(self.rounds_path, note, ROUND_FIELDS)
 
+  def _check_tb(self) -> None:
+    if _tb_errors:
+      from fedkd.workdir import WorkdirError, describe_os_error
+
+      raise WorkdirError(describe_os_error(_tb_errors[-1], self.tb_dir))
+
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    self._check_tb()
     if self._tb is None and self._tb_wanted and values:
       from tensorboardX import SummaryWriter
 
@@ -268,3 +296,5 @@ class RunLog:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      if sys.exc_info()[1] is None:  # (not in place of the error that stops the run)
+        self._check_tb()

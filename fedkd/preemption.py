@@ -38,6 +38,25 @@ def completing():
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def held_signals():
+  """A short block (files renamed into place one after another) that Ctrl-C and SIGTERM do not cut: a signal
+  that arrives inside it is acted on, as the handler before the block would have, once the block ends (main
+  thread only; elsewhere a no-op)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  arrived: list[int] = []
+  old = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  for s in dict.fromkeys(arrived):
+    signal.raise_signal(s)  # the handler now in place: KeyboardInterrupt for Ctrl-C, the default ends the process
+
+
 def _resend_a_dropped_ctrl_c(unraisable) -> None:
   """``sys.unraisablehook`` while :func:`ctrl_c_raises` or :class:`StopSignals` is active: a KeyboardInterrupt raised
   where Python drops exceptions (a gc callback such as JAX's, a weakref callback, a ``__del__``) was printed as

@@ -383,13 +383,24 @@ def _null_for_nan(x):
   return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def write_eval_tables(results: dict, out: str, round_: int, spacing_mm: float = 1.0, unseen: str | None = None) -> None:
-  """``eval.json`` ({"round", "spacing_mm", "unseen", "sites": {site: {class: {metric: value}}}}; strict
-  JSON: a metric no image defines is null) and ``eval.csv`` (one row per site, class and metric; such a
-  value is ``nan``) in the folder ``out``. ``spacing_mm``: mm per pixel the distances (hd95, assd,
-  tip_error) were measured with (1.0, the default: pixels); ``unseen``: the site no client trained on."""
+def write_eval_tables(
+  results: dict,
+  out: str,
+  round_: int,
+  spacing_mm: float = 1.0,
+  unseen: str | None = None,
+  images_per_site: dict[str, int] | None = None,
+) -> None:
+  """``eval.json`` ({"round", "spacing_mm", "unseen", ["images_per_site",] "sites": {site: {class: {metric:
+  value}}}}; strict JSON: a metric no image defines is null) and ``eval.csv`` (one row per site, class and
+  metric; such a value is ``nan``) in the folder ``out``. ``spacing_mm``: mm per pixel the distances (hd95,
+  assd, tip_error) were measured with (1.0, the default: pixels); ``unseen``: the site no client trained on;
+  ``images_per_site``: {site: how many of its held-out images were scored} (left out when None)."""
   _check_targets(os.path.join(out, "eval.json"), os.path.join(out, "eval.csv"))
-  doc = {"round": round_, "spacing_mm": spacing_mm, "unseen": unseen, "sites": _null_for_nan(results)}
+  doc = {"round": round_, "spacing_mm": spacing_mm, "unseen": unseen}
+  if images_per_site is not None:
+    doc["images_per_site"] = images_per_site
+  doc["sites"] = _null_for_nan(results)
   _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump(doc, f, indent=2, allow_nan=False))
   rows = [
     [site, cname, k, v] for site, res in results.items() for cname, entry in res.items() for k, v in entry.items()

@@ -52,10 +52,15 @@ def describe_os_error(e: OSError, where: Any, flag: str = "--workdir") -> str:
     return f"no space left in {where}; free some space (or use another {flag}) and re-run to resume"
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
     return f"cannot write to {where} ({os.strerror(e.errno)}); use a writable {flag}"
+  if e.errno == errno.EFBIG:  # RLIMIT_FSIZE (ulimit -f; a batch scheduler's file-size limit), or the filesystem's
+    return (
+      f"cannot write to {where} (File too large: over this process's file-size limit, `ulimit -f`, or the "
+      f"filesystem's); raise the limit (or use another {flag}) and re-run to resume"
+    )
   return f"cannot write to {where} ({type(e).__name__}: {e}); use another {flag}"
 
 
-ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 # flock on a filesystem that has no file locks
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
@@ -236,14 +241,40 @@ def check_replica_parent(path: epath.Path) -> None:
     )
 
 
+def task_from_files(path: epath.Path) -> tuple[str, str] | None:
+  """``(task, the file that tells)`` of a workdir without its config.json (deleted, or not copied along), from
+  what each task alone writes: FedEFM's ``results_raw.jsonl`` / ``foundations/``, a FedAvg-family run's
+  ``metrics.jsonl`` / ``rounds.jsonl`` / ``checkpoints/<round>/`` (FedEFM's lie in ``checkpoints/<run>/``)."""
+  for name in ("results_raw.jsonl", "foundations"):
+    if (path / name).exists():
+      return "fedefm", name
+  for name in ("metrics.jsonl", "rounds.jsonl"):
+    if (path / name).exists():
+      return "fedavg", name
+  ckdir = path / "checkpoints"
+  steps = [p.name for p in ckdir.iterdir() if p.is_dir()] if ckdir.is_dir() else []
+  if any(re.fullmatch(r"u[\d.]+_\w+_seed\d+", name) for name in steps):  # FedEFM's u<percent>_<method>_seed<seed>/
+    return "fedefm", "checkpoints/u<percent>_<method>_seed<seed>/"
+  if any(name.isdigit() for name in steps):
+    return "fedavg", "checkpoints/<round>/"
+  return None
+
+
 def check_task(path: epath.Path, task: str) -> None:
   """Refuses a workdir whose ``config.json`` fedkd did not write, or wrote for another task (a FedAvg run
-  would otherwise overwrite a FedEFM experiment's config and leave its results unreadable)."""
+  would otherwise overwrite a FedEFM experiment's config and leave its results unreadable); without a
+  config.json, one whose files are another task's (:func:`task_from_files`)."""
   was = saved_task(path)
   if was is not None and was != task:
     raise WorkdirError(
       f"--workdir={path} holds a {was!r} run (config.task={was!r} in its config.json), not a {task!r} one; "
       f"use another --workdir for the {task!r} run"
+    )
+  found = task_from_files(path) if was is None else None
+  if found is not None and found[0] != task:
+    raise WorkdirError(
+      f"--workdir={path} holds the files of a {found[0]!r} run ({found[1]}; its config.json is missing), not of a "
+      f"{task!r} one; use another --workdir for the {task!r} run"
     )
 
 

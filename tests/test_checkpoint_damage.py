@@ -31,9 +31,14 @@ def _tensorstore_error(directory: str, code: int, text: str) -> ValueError:
 
 
 @pytest.mark.parametrize(
-  ("code", "name"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")]
+  ("code", "name", "advice"),
+  [
+    (errno.ENOSPC, "No space left on device", "free some space"),
+    (errno.EROFS, "Read-only file system", "use a writable --workdir"),
+    (errno.EFBIG, "File too large", "raise the limit"),  # `ulimit -f` (RLIMIT_FSIZE): was a traceback, exit 1
+  ],
 )
-def test_a_tensorstore_full_disk_or_read_only_error_is_an_environment_error(code, name):
+def test_a_tensorstore_full_disk_or_read_only_error_is_an_environment_error(code, name, advice):
   e = _tensorstore_error("/data/run/checkpoints", code, name)
   try:  # wrapped as orbax wraps it in its background commit
     raise RuntimeError("Save Finalize thread (save_finalize) failed.") from e
@@ -41,6 +46,9 @@ def test_a_tensorstore_full_disk_or_read_only_error_is_an_environment_error(code
     err = wd.environment_oserror(wrapped)
   assert isinstance(err, OSError) and err.errno == code and err.strerror == name
   assert err.filename == "/data/run/checkpoints"  # the folder holding orbax's temporary one
+  line = wd.describe_os_error(err, err.filename)
+  assert line.startswith("no space left in /data/run/checkpoints" if code == errno.ENOSPC else "cannot write to ")
+  assert advice in line and "\n" not in line
   other = _tensorstore_error("/data", errno.ENOENT, "No such file or directory")  # not the environment's fault
   assert wd.environment_oserror(other) is None
   assert wd.environment_oserror(ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 62.7GiB")) is None
@@ -178,4 +186,42 @@ def test_a_step_whose_client_state_record_was_edited_is_damaged_and_falls_back(t
   log = []
   r, n = ck.restore_latest(ck.saved_client_rows, log.append)
   assert (r, n) == (1, 2) and len(log) == 1 and "falling back to round 1" in log[0], log
+  ck.close()
+
+
+def test_a_step_folder_under_another_rounds_number_is_damaged_and_falls_back(tmp_path):
+  """A step folder copied or renamed to another number (checkpoints/1 copied to checkpoints/3) was resumed as
+  round 3 with round 1's state, silently (fedkd.eval reported round 3 for it too): the state's own round must be
+  the folder's."""
+  ckdir = str(tmp_path / "checkpoints")
+  ck = Checkpointer(ckdir, max_to_keep=5)
+  states = {r: {"params": jnp.full((3,), float(r)), "round": jnp.int32(r)} for r in (1, 2)}
+  for r, state in states.items():
+    ck.save(r, state, {"seed": 0})
+  ck.close()
+  shutil.copytree(os.path.join(ckdir, "1"), os.path.join(ckdir, "3"))
+  ck = Checkpointer(ckdir, max_to_keep=5)
+  like = {"params": jnp.zeros(3), "round": jnp.int32(0)}
+  with pytest.raises(CheckpointError, match=r"round 3 .* is unreadable \(its state is that of round 1\)"):
+    ck.restore(3, like)
+  log = []
+  r, (got, _) = ck.restore_latest(lambda r: ck.restore(r, like), log.append)
+  assert r == 2 and log == [
+    "warning: the checkpoint for round 3 is damaged (its state is that of round 1); falling back to round 2"
+  ], log
+  np.testing.assert_array_equal(got["params"], [2.0, 2.0, 2.0])
+  # saving round 3 again sets the unreadable step aside, into checkpoints/unreadable: a file there was a
+  # FileExistsError traceback
+  with open(os.path.join(ckdir, "unreadable"), "w") as f:
+    f.write("mine")
+  with pytest.raises(wd.WorkdirError, match=r"unreadable is a file, but fedkd moves unreadable checkpoints"):
+    ck.save(3, {"params": jnp.full((3,), 3.0), "round": jnp.int32(3)}, {"seed": 0})
+  assert open(os.path.join(ckdir, "unreadable")).read() == "mine" and os.path.isdir(os.path.join(ckdir, "3"))
+  os.remove(os.path.join(ckdir, "unreadable"))
+  ck.save(3, {"params": jnp.full((3,), 3.0), "round": jnp.int32(3)}, {"seed": 0})
+  ck.close()
+  (aside,) = os.listdir(os.path.join(ckdir, "unreadable"))
+  assert aside.startswith("3-"), aside
+  ck = Checkpointer(ckdir, max_to_keep=5)
+  np.testing.assert_array_equal(ck.restore(3, like)[0]["params"], [3.0, 3.0, 3.0])
   ck.close()

@@ -34,8 +34,18 @@ def test_eval_of_a_replica_parent_or_a_checkpoints_folder_names_the_folder_to_pa
   assert f"--workdir={parent / 'seed-1'}" in line and "train first" not in line, line
 
 
-def _rotate_during_first_read(monkeypatch, ckdir, rounds_before):
-  """The first checkpoint read finds a trainer saving newer rounds (6 and 8, copies of round 4) and
+def _trained_on(run4, tmp_path):
+  """A copy of ``run4`` trained on to round 8 (its checkpoints: rounds 6 and 8)."""
+  ahead = tmp_path / "ahead"
+  shutil.copytree(run4, ahead)
+  cfg = tiny_config(num_rounds=8)
+  cfg.eval.max_sites = 0
+  fedavg.run(cfg, str(ahead), log=lambda _: None)
+  return ahead
+
+
+def _rotate_during_first_read(monkeypatch, ckdir, rounds_before, ahead):
+  """The first checkpoint read finds a trainer saving newer rounds (6 and 8, those of ``ahead``) and
   deleting every older one, as a run still training with checkpoint.every=1 does between two reads."""
   restore = Checkpointer.restore
   calls = []
@@ -43,7 +53,7 @@ def _rotate_during_first_read(monkeypatch, ckdir, rounds_before):
   def racing(self, round_, like):
     if not calls:
       for new in (6, 8):
-        shutil.copytree(ckdir / "4", ckdir / str(new))
+        shutil.copytree(ahead / "checkpoints" / str(new), ckdir / str(new))
       for old in rounds_before:
         shutil.rmtree(ckdir / str(old))
     calls.append(round_)
@@ -58,8 +68,9 @@ def test_eval_of_a_run_still_training_reads_its_newest_round(run4, tmp_path, mon
   to start the run over': advice that destroys the live run's checkpoints); eval must read the newest round."""
   work = tmp_path / "run"
   shutil.copytree(run4, work)
-  _, _, want, _ = evaluate.load_run(str(work), 4)
-  calls = _rotate_during_first_read(monkeypatch, work / "checkpoints", (2, 4))
+  ahead = _trained_on(run4, tmp_path)
+  _, _, want, _ = evaluate.load_run(str(ahead), 8)
+  calls = _rotate_during_first_read(monkeypatch, work / "checkpoints", (2, 4), ahead)
   _, _, params, r = evaluate.load_run(str(work), None)
   assert calls[0] == 4 and r == 8
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
@@ -70,31 +81,58 @@ def test_eval_of_a_run_still_training_reads_its_newest_round(run4, tmp_path, mon
 def test_eval_of_a_round_deleted_while_read_says_so(run4, tmp_path, monkeypatch):
   work = tmp_path / "run"
   shutil.copytree(run4, work)
-  _rotate_during_first_read(monkeypatch, work / "checkpoints", (2, 4))
+  _rotate_during_first_read(monkeypatch, work / "checkpoints", (2, 4), _trained_on(run4, tmp_path))
   with pytest.raises(evaluate.EvalError) as e:
     evaluate.load_run(str(work), 4)
   msg = str(e.value)
   assert "deleted while it was read" in msg and "(6, 8)" in msg and "move" not in msg, msg
 
 
-def test_interrupted_evaluation_keeps_the_earlier_files(run4, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["computing", "drawing"])
+def test_interrupted_evaluation_keeps_the_earlier_files(run4, tmp_path, monkeypatch, where):
   """Ctrl-C during the robustness curves left eval.json / predictions.png of the new round beside the
-  robustness files of the earlier evaluation; every file must stay the earlier evaluation's."""
+  robustness files of the earlier evaluation; so did Ctrl-C while robustness.png was drawn, after the other four
+  files were replaced (reviewer: a 1.3-2.2 s window of a 75 s evaluation). Every file must stay the earlier
+  evaluation's, and no staging folder is left."""
+  from fedkd import report
+
   out = str(tmp_path / "eval")
   done = evaluate.evaluate_run(str(run4), round_=4, examples=1, frames=1, out=out, log=lambda _: None)
   assert done["round"] == 4
   before = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
   assert set(before) == {"eval.json", "eval.csv", "predictions.png", "robustness.json", "robustness.png"}
+  assert json.loads(before["eval.json"])["images_per_site"] == {site: 1 for site in done["results"]}
 
-  def interrupted(self, params, severities=evaluate.SEVERITIES):
+  def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(evaluate.Evaluator, "robustness", interrupted)
+  if where == "computing":
+    monkeypatch.setattr(evaluate.Evaluator, "robustness", interrupted)
+  else:
+    monkeypatch.setattr(report, "robustness_plot", interrupted)
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate_run(str(run4), round_=2, examples=1, frames=1, out=out, log=lambda _: None)
   after = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
   assert after == before
   assert json.loads(after["eval.json"])["round"] == 4
+
+
+def test_an_eval_output_folder_is_not_a_workdir(run4, tmp_path, capsys):
+  """--out was checked as a training workdir: a file named checkpoints (or a folder named metrics.jsonl) there,
+  neither of which fedkd.eval writes, was refused with advice about --workdir. A --workdir that is an eval
+  folder named the run to train, not the run it belongs to."""
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "checkpoints").write_text("mine")
+  (out / "metrics.jsonl").mkdir()
+  done = evaluate.evaluate_run(str(run4), round_=4, examples=1, frames=0, out=str(out), log=lambda _: None)
+  assert done["round"] == 4 and (out / "eval.json").exists() and (out / "checkpoints").read_text() == "mine"
+  work = tmp_path / "run"
+  shutil.copytree(run4, work)
+  evaluate.evaluate_run(str(work), round_=4, examples=1, frames=0, log=lambda _: None)  # into run/eval
+  with pytest.raises(evaluate.EvalError) as e:
+    evaluate.evaluate_run(str(work / "eval"), log=lambda _: None)
+  assert "holds an evaluation's outputs" in str(e.value) and f"--workdir={work}" in str(e.value), str(e.value)
 
 
 def test_eval_of_a_run_on_prepared_data_from_another_folder(cli, tmp_path, monkeypatch):

@@ -214,9 +214,63 @@ def test_runlog_fresh_start_drops_old_records(tmp_path):
   assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 0, "x": 3}\n'
 
 
+@pytest.mark.parametrize(
+  "files, task, refused",
+  [
+    (["results_raw.jsonl"], "fedavg", "fedefm"),
+    (["foundations/"], "fedavg", "fedefm"),
+    (["checkpoints/u100_fedefm_dfl_seed0/2/"], "fedavg", "fedefm"),  # a first foundation being pretrained
+    (["metrics.jsonl"], "fedefm", "fedavg"),
+    (["checkpoints/3/"], "fedefm", "fedavg"),
+    (["checkpoints/3/", "metrics.jsonl"], "fedavg", None),
+    (["results_raw.jsonl", "foundations/"], "fedefm", None),
+  ],
+)
+def test_a_workdir_without_its_config_json_is_recognised_by_its_files(tmp_path, files, task, refused):
+  """config.json deleted (or not copied along): a FedEFM experiment ran into a FedAvg run's checkpoints (or a
+  FedAvg run into a FedEFM one's results), exit 0, and neither could be resumed or evaluated afterwards."""
+  for f in files:
+    p = tmp_path / f.rstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.mkdir() if f.endswith("/") else p.write_text("{}\n")
+  if refused is None:
+    wd.check_task(epath.Path(tmp_path), task)
+    return
+  with pytest.raises(wd.WorkdirError) as e:
+    wd.check_task(epath.Path(tmp_path), task)
+  assert f"holds the files of a {refused!r} run" in str(e.value) and "config.json is missing" in str(e.value)
+
+
 def test_saved_task_refuses_a_config_json_whose_task_is_not_a_name(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": 5, "seed": 0}))  # was: "holds a 5 run"
   with pytest.raises(wd.WorkdirError, match="is not a config fedkd wrote"):
     wd.saved_task(epath.Path(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"seed": 0}))  # written before tasks existed: fedavg
   assert wd.saved_task(epath.Path(tmp_path)) == "fedavg"
+
+
+def test_a_full_disk_under_tensorboards_writer_thread_is_the_runs_one_line(tmp_path, monkeypatch, capfd):
+  """tensorboardX writes events in a thread of its own: on a full disk that thread died with a traceback on
+  stderr beside the run's one-line error (reviewer: a 400 KiB tmpfs, 3 of 3 runs). The error is kept and the
+  next scalar reports it as the one line, naming tb/; the thread prints nothing."""
+  import errno
+
+  from tensorboardX import event_file_writer
+
+  def full(self, event):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr("fedkd.logs._tb_errors", [])
+  log = RunLog(tmp_path, enabled=True)
+  log.scalars(1, {"x": 1.0})  # opens the event file (its first event written here)
+  monkeypatch.setattr(event_file_writer.EventsWriter, "write_event", full)
+  log.scalars(2, {"x": 2.0})  # written by the thread, which fails
+  worker = log._tb.file_writer.event_writer._worker  # tensorboardX's writer thread
+  worker.join(timeout=30)
+  assert not worker.is_alive()
+  with pytest.raises(wd.WorkdirError) as e:
+    log.scalars(3, {"x": 3.0})
+  want = f"no space left in {tmp_path / 'tb'}; free some space (or use another --workdir) and re-run to resume"
+  assert str(e.value) == want
+  err = capfd.readouterr().err
+  assert "Traceback" not in err and "OSError" not in err, err
