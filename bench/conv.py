@@ -196,7 +196,7 @@ def main(argv=None) -> None:
       ms = statistics.median(times) * 1e3
       if form == "centralized":
         base_ms[which] = ms
-      row.update(ms=round(ms, 4), tflops=round(flop * (3 if which == "all" else 1) / ms / 1e9, 2))
+      row.update(ms=round(ms, 4), tflops=float(f"{flop * (3 if which == 'all' else 1) / ms / 1e9:.4g}"))
       if which in base_ms:
         row["ratio"] = round(base_ms[which] / ms, 4)
       print(json.dumps({**row, **common}), flush=True)

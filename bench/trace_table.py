@@ -196,6 +196,11 @@ def op_events(trace: dict) -> tuple[list[dict], str]:
     streams = [e for e in complete if e["pid"] in device and "stream" in thread.get((e["pid"], e["tid"]), "").lower()]
     return streams, "device streams"
   host_skip = ("ThunkExecutor", "end: ", "PjRt", "Pjit", "Execute")
+  # XLA:CPU runs a thunk on the calling (python) thread or on its pool threads: an op event of either names its
+  # HLO op (``args.hlo_op``); a trace whose events carry none falls back to the pool threads' events
+  tagged = [e for e in complete if "hlo_op" in (e.get("args") or {}) and not e["name"].startswith(host_skip)]
+  if tagged:
+    return tagged, "host XLA ops (every thread)"
   ops = [
     e
     for e in complete

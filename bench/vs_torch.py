@@ -7,6 +7,8 @@ Runs, ``--pairs`` times in turn, (a) the anchor's ``torch_seq`` row (PyTorch, cl
 another, f32; ``--torch-python`` is a Python with torch installed, default this one) and (b) ``python -m
 bench --no-centralized`` on the same workload (the anchor's UNet: widths ``width`` ... 8 x ``width`` and
 a 16 x ``width`` bottleneck, i.e. ``--depth 4``), each as its own process and ``--rounds`` timed rounds.
+The bench flags are parsed by bench's parser before anything runs (an unknown one, or a value of the wrong
+type, is one line); what bench checks only once it runs (a dtype name) stops it after the first PyTorch row.
 fedkd's clients train as the anchor's do (``--optimizer sgd --lr 0.01 --loss ce``: plain SGD on the
 cross-entropy); bench flags after ``--`` override that, e.g. ``-- --optimizer adam --loss dice_ce`` for
 the main job's Adam on 0.5 cross-entropy + 0.5 soft Dice (about 15 % more work per step).
@@ -44,9 +46,27 @@ def _rows(cmd: list[str], env: dict | None = None, flag: str = "--torch-python")
       f"torch is not installed in {cmd[0]} (the anchor's Python); install it there (pip install torch) or pass "
       "--torch-python=PATH of a Python that has it",
     )
+  said = [line for line in out.stderr.splitlines() if line.strip()]
+  if out.returncode == 2 and flag == "python" and said:  # bench refused a flag given after --: its one line
+    fail("vs_torch", f"python -m bench: {said[-1].split('error: ', 1)[-1]}")
   if out.returncode != 0:
     sys.exit(f"vs_torch: {' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _check_bench_flags(args: list[str]) -> None:
+  """``python -m bench``'s parser over ``args``: an unknown flag or a value of the wrong type is one line here,
+  before any measurement (else after the first PyTorch one)."""
+  from bench.__main__ import _parser
+
+  p = _parser()
+  p.exit_on_error = False
+  try:
+    ns, rest = p.parse_known_args(args)
+  except argparse.ArgumentError as e:
+    fail("vs_torch", f"python -m bench: {e}")
+  if rest and not ns.measure:
+    fail("vs_torch", f"python -m bench: unrecognized arguments: {' '.join(rest)} (python -m bench --help lists them)")
 
 
 def main(argv=None) -> None:
@@ -63,9 +83,9 @@ def main(argv=None) -> None:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--width", type=int, default=32)
   p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fedkd-vs-torch-cache"))
-  a, extra = p.parse_known_args(argv)
-  if extra[:1] == ["--"]:
-    extra = extra[1:]
+  argv = sys.argv[1:] if argv is None else list(argv)
+  cut = argv.index("--") if "--" in argv else len(argv)
+  a, extra = p.parse_args(argv[:cut]), argv[cut + 1 :]  # an unknown flag before -- is an error, not bench's
   if not os.path.isfile(a.anchor):
     fail("vs_torch", f"no anchor script at {a.anchor}; pass --anchor PATH/anchor_bench.py")
   for k in ("pairs", "rounds", "size", "clients", "steps", "batch", "width"):
@@ -77,6 +97,7 @@ def main(argv=None) -> None:
   torch_cmd += ["--rounds", str(a.rounds)]
   fed_cmd = [sys.executable, "-m", "bench", *shape, "--depth", "4", "--rounds", str(a.rounds), "--no-centralized"]
   fed_cmd += ["--optimizer", "sgd", "--lr", "0.01", "--loss", "ce", *extra]  # the anchor's; extra overrides
+  _check_bench_flags(fed_cmd[3:])
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=a.cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   torch_ips, fed_ips, workload = [], {}, {}
   for i in range(a.pairs):

@@ -185,6 +185,9 @@ def test_round_bench_bad_flag_is_one_line(cli, tmp_path, args, needles):
     (["bench/vs_torch.py", "--anchor", "{tmp}/none.py"], "vs_torch", ["no anchor script"]),
     (["bench/vs_torch.py", "--anchor", "{anchor}", "--torch-python", "{tmp}/py"], "vs_torch", ["cannot be run"]),
     (["bench/vs_torch.py", "--anchor", "{anchor}"], "vs_torch", ["torch is not installed in", "--torch-python"]),
+    # a flag of neither vs_torch nor bench, before and after --: was forwarded, and failed after a PyTorch run
+    (["bench/vs_torch.py", "--anchor", "{anchor}", "--bogus"], "vs_torch", ["unrecognized arguments: --bogus"]),
+    (["bench/vs_torch.py", "--anchor", "{anchor}", "--", "--rounds", "x"], "vs_torch", ["--rounds: invalid int"]),
     (["bench/fedefm_torch.py", "--bogus"], "fedefm_torch", ["unrecognized arguments: --bogus"]),
     (["-m", "bench", "--bogus"], "bench", ["unrecognized arguments: --bogus (--help lists the flags)"]),
   ],

@@ -112,6 +112,33 @@ def test_device_time_busy_and_idle_from_a_trace(tmp_path):
   assert cats == {"conv.1": "conv fwd", "fusion.2": "elementwise/fusion", "transpose.3": "transpose/copy"}
 
 
+def test_a_cpu_trace_counts_the_ops_run_on_the_calling_thread(tmp_path):
+  """XLA:CPU runs some thunks on the calling (python) thread, not on its tf_XLA pool threads: the centralized
+  step's convolutions were left out (reviewer: 82 % of its op time, reported as idle). Every event naming its HLO
+  op counts, on whichever thread; 'end:' markers and the executor's own spans do not."""
+  meta = [
+    {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    {"ph": "M", "name": "thread_name", "pid": 2, "tid": 20, "args": {"name": "python"}},
+    {"ph": "M", "name": "thread_name", "pid": 2, "tid": 21, "args": {"name": "tf_XLAEigen/123"}},
+  ]
+
+  def op(tid, name, ts, dur):
+    return {"ph": "X", "pid": 2, "tid": tid, "name": name, "ts": ts, "dur": dur, "args": {"hlo_op": name}}
+
+  events = meta + [
+    op(20, "conv_general_dilated.3", 0, 1000),  # on the python thread
+    {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(jit(f))", "ts": 0, "dur": 5000},
+    {"ph": "X", "pid": 2, "tid": 20, "name": "end: conv_general_dilated.3", "ts": 1000, "dur": 1, "args": {}},
+    op(21, "add_fusion", 1200, 300),
+    {"ph": "X", "pid": 2, "tid": 21, "name": "ThunkExecutor::Execute", "ts": 1100, "dur": 600},
+    op(20, "conv_general_dilated.4", 2000, 500),
+  ]
+  out = tt.summarize(_write(tmp_path, events), hlo_text=None)
+  assert out["events"] == "host XLA ops (every thread)" and out["ops"] == 3
+  assert out["op_ms"] == pytest.approx(1.8)
+  assert out["busy_ms"] == pytest.approx(1.8) and out["idle_ms"] == pytest.approx(2.5 - 1.8)
+
+
 def test_missing_trace_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="create_perfetto_trace=True"):
     tt.summarize(str(tmp_path))
