@@ -285,6 +285,13 @@ def _parser():
   p.add_argument("--scale", default="", help="comma list of client counts: round time vs clients (first pair)")
   p.add_argument("--no-centralized", action="store_true", help="skip the centralized ceiling rows")
   p.add_argument(
+    "--ceiling",
+    choices=["fastest", "xla"],
+    default="fastest",
+    help="the centralized step under XLA's convs and each conv lowering the rows use, the fastest the ceiling "
+    "(default); xla: XLA's convs only (one compile: bench/gpu.sh's time budget)",
+  )
+  p.add_argument(
     "--profile",
     metavar="DIR",
     help="after timing each centralized / fed_round row, trace --rounds more runs of it with jax.profiler "
@@ -683,7 +690,7 @@ def round_main(a) -> None:
     cparams = jax.device_put(params, NamedSharding(cmesh, P()))
     # the ceiling is the fastest centralized step: XLA's own convs and each conv lowering a federated row uses
     # (on CPU the GEMM lowerings speed the centralized step up too; a ratio against XLA's convs alone flattered)
-    lowerings = list(dict.fromkeys(["xla", *(o.lowering for o in opts_list)]))
+    lowerings = list(dict.fromkeys(["xla", *(o.lowering for o in opts_list if a.ceiling == "fastest")]))
     for dtype in dtypes:
       ctx = context(dtype)
       for lowering in lowerings:

@@ -65,7 +65,7 @@ step() {  # step <seconds> <command...>: run if the budget allows, keep JSON lin
   fi
 }
 
-B="python3 -m bench --rounds 3 --dtype bfloat16"
+B="python3 -m bench --rounds 3 --dtype bfloat16 --ceiling xla"  # cuDNN's convs: one centralized compile a step
 X=${BENCH_EXTRA:-}  # appended to every `python -m bench` command (overrides the sizes; e.g. a CPU smoke test)
 # XLA:GPU took 10-86 s to compile each program alone on an H200 (jax 0.11.2, autotuning). Phase 1
 # compiles every benchmark step below side by side (--compile-only, PAR processes at a time) into

@@ -235,6 +235,14 @@ def test_the_ceiling_is_the_fastest_centralized_step_over_the_rows_lowerings(cap
   for fed in [r for r in rows if r["name"] == "fed_round"]:
     assert fed["ceiling_lowering"] == best
     assert fed["ratio"] == pytest.approx(central[best] / fed["sec_per_round"], rel=1e-2, abs=1e-3)
+  round_bench.main(tiny.split() + ["--pairs", "unroll:matmul", "--ceiling", "xla"])  # bench/gpu.sh's: one compile
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r["name"], r.get("lowering")) for r in rows] == [
+    ("synth", None),
+    ("centralized", "xla"),
+    ("fed_round", "matmul"),
+  ]
+  assert rows[2]["ceiling_lowering"] == "xla"
 
 
 def test_a_rows_chunk_is_the_chunk_the_round_runs(capsys, monkeypatch):
