@@ -205,6 +205,7 @@ class RunLog:
     self.rounds_path = workdir / "rounds.jsonl"
     self.tb_dir = workdir / "tb"
     self._tb = None
+    self._tb_errors_seen = len(_tb_errors)
     self._records: list[dict] = []
     self._rounds: list[dict] = []
     # tensorboardX writes local files; its event file is opened with the first scalar, so a run refused
@@ -216,7 +217,7 @@ class RunLog:
       self._rounds = read_jsonl(self.rounds_path, note, ROUND_FIELDS)
 
   def _check_tb(self) -> None:
-    if _tb_errors:
+    if len(_tb_errors) > self._tb_errors_seen:  # since this log opened its writer (another run's in this process)
       from fedkd.workdir import WorkdirError, describe_os_error
 
       raise WorkdirError(describe_os_error(_tb_errors[-1], self.tb_dir))
@@ -230,6 +231,7 @@ class RunLog:
       # nanoseconds within that second keep a run resumed in the same second from overwriting the last one's
       import time
 
+      self._tb_errors_seen = len(_tb_errors)
       self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10, filename_suffix=f".{time.time_ns() % 10**9:09d}")
     if self._tb is not None:
       for k, v in values.items():

@@ -7,7 +7,7 @@
 #
 #   launch/tpu_vm.sh --name=fedkd-v4 --zone=us-central2-b --accelerator_type=v4-8 -- \
 #       python -m fedkd.main --config=configs/fedavg_unet.py --workdir=runs/tpu
-#   launch/tpu_vm.sh --name=fedkd-v5 --zone=us-west4-a --accelerator_type=v5litepod-16 \
+#   launch/tpu_vm.sh --name=fedkd-v5 --zone=us-west4-a --accelerator_type=v5litepod-8 \
 #       --version=v2-alpha-tpuv5-lite --queued --spot --fetch=runs/sweep -- \
 #       python -m launch.sweep --config=configs/fedavg_unet.py --out=runs/sweep
 #   launch/tpu_vm.sh --dry_run --name=x --zone=z -- python -m fedkd.main ...   # print, run nothing
@@ -17,6 +17,7 @@
 # from the VM's metadata server (fedkd/distributed.py). Only process 0 writes metrics;
 # checkpoints are written by all workers into the same --workdir, so for pods point --workdir at a shared
 # location (a gs:// bucket or a mounted filestore): a path each worker sees as a folder of its own is refused.
+# launch.sweep runs on a single-host VM (v4-8, v5litepod-8): on a slice of several workers it is refused.
 set -euo pipefail
 
 usage() {
