@@ -37,7 +37,9 @@ overridden on the command line, e.g. `--config.num_clients=8 --config.engine.com
 an unknown key, a wrong type or a value out of range stops the run before any work with one line naming
 the key and the fix. A key given twice takes its last value. A key that the chosen options never read
 (e.g. `algorithm.prox_mu` while `algorithm.name` is not `fedprox`, or `dp.*` with `dp.enabled=False`) is
-named on a `note:` line before the run starts. `python -m fedkd.main --helpfull` prints this list too.
+named on a `note:` line before the run starts (most such keys: an algorithm's, aggregator's, attack's,
+optimizer's or loss's own parameters, `dp.*`, TFDS-only data keys on synthetic data, FedEFM baselines'
+keys; `fedkd.config.unused_keys`), and a resume may change it. `python -m fedkd.main --helpfull` prints this list too.
 """
 
 

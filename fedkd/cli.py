@@ -531,7 +531,11 @@ def _preload_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
   except TypeError as e:
     if arg is not None and "positional argument" in str(e):
       fail(f"config file {path} takes no argument, but --config={path}:{arg} passes {arg!r}; drop ':{arg}'")
-    fail(f"config file {path}: get_config raised ({_where(e, path)}{reason(e, 300)})")
+    typed = re.search(r"Could not override field '(\w+)'.* cannot be casted to type <class '(\w+)'>", str(e))
+    hint = f"; that key holds a {typed.group(2)} (a string: write the value in quotes)" if typed else ""
+    if typed and typed.group(2) != "str":
+      hint = f"; that key holds a {typed.group(2)}: give it one (docs/configs.md lists each key's type)"
+    fail(f"config file {path}: get_config raised ({_where(e, path)}{reason(e, 300)}){hint}")
   except Exception as e:  # noqa: BLE001
     fail(
       f"config file {path}: get_config({arg!r}) raised ({_where(e, path)}{reason(e, 300)}); fix the file or the "

@@ -863,6 +863,16 @@ _FEDEFM_DISTILL_KEYS = (
 )
 
 
+def unread_by_both(saved: dict, current: dict) -> set[str]:
+  """The dotted keys that neither config (two to_dict() forms, e.g. a run's config.json and the config given now)
+  reads (:func:`unused_keys` of each): a change there changes no number of the run, as its note says."""
+  try:
+    a, b = (unused_keys(ml_collections.ConfigDict(c)) for c in (saved, current))
+  except (TypeError, ValueError, AttributeError):  # not a config a run wrote: the key comparison names it
+    return set()
+  return set(a) & set(b)
+
+
 def unused_notes(c: ml_collections.ConfigDict, given=()) -> list[str]:
   """One line per reason for the keys of :func:`unused_keys` that the user set: given on the command line
   (dotted keys in ``given``) or different from the task schema's default."""
@@ -921,6 +931,8 @@ EVAL_ALL_SITES_MAX = 1000
 EMD_EPSILON_RANGE = (1e-4, 1e4)  # fedefm.emd_epsilon values the float32 Sinkhorn solve handles (validate_fedefm)
 MIN_WEIGHT_TEMPERATURE = 1e-6  # fedefm.weight_temperature: S / T stays finite in float32 for S in [-1, 1]
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+FLOAT32_TINY = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny: smaller positive values lose precision
+FLOAT32_RANGE = "from 1.2e-38 to 3.4e38 (positive, in float32's normal range)"
 MAX_SEED = 2**32  # jax.random.key(seed) keeps 32 bits: seed 2**32 would repeat seed 0
 
 
@@ -1029,7 +1041,7 @@ def _validate_robustness(c) -> None:
   _number(c, "aggregator.trim_beta", lambda v: 0 <= v < 0.5, "in [0, 0.5)")
   _int_at_least(c, "aggregator.krum_f", 0)
   _int_at_least(c, "aggregator.multi_krum_k", 0)
-  _number(c, "aggregator.clip_norm", lambda v: v > 0, "> 0")
+  _number(c, "aggregator.clip_norm", lambda v: FLOAT32_TINY <= v <= FLOAT32_MAX, FLOAT32_RANGE)
   if name in ("krum", "multi_krum") and c.clients_per_round < c.aggregator.krum_f + 3:
     raise ConfigError(
       f"config.aggregator.name={name!r} with krum_f={c.aggregator.krum_f} needs at least krum_f + 3 = "
@@ -1073,7 +1085,7 @@ def _validate_robustness(c) -> None:
 
 def _validate_privacy_and_compression(c) -> None:
   """config.dp.* and config.compress.*: ranges, and which algorithms / aggregators they combine with."""
-  _number(c, "dp.clip_norm", lambda v: v > 0, "> 0")
+  _number(c, "dp.clip_norm", lambda v: FLOAT32_TINY <= v <= FLOAT32_MAX, FLOAT32_RANGE)
   _number(c, "dp.noise_multiplier", lambda v: v >= 0, ">= 0")
   _number(c, "dp.delta", lambda v: 0 < v < 1, "in (0, 1)")
   _number(c, "dp.target_epsilon", lambda v: v >= 0, ">= 0 (0 = no limit)")
@@ -1229,6 +1241,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1)
     "engine.client_chunk",
   ):
     _positive(c, key)
+  for key in ("client_optimizer.learning_rate", "server_optimizer.learning_rate"):  # float32 in the optimizer
+    _number(c, key, lambda v: FLOAT32_TINY <= v <= FLOAT32_MAX, FLOAT32_RANGE)
   if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < MAX_SEED:
     raise ConfigError(
       f"config.seed={c.seed!r} must be an integer in 0..{MAX_SEED - 1} (JAX keys hold 32 "
@@ -1301,9 +1315,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1)
   if c.clients_per_round > c.num_clients:
     raise ConfigError(
       f"config.clients_per_round={c.clients_per_round} is larger than "
-      f"config.num_clients={c.num_clients}; set --config.clients_per_round (per_round=N in a config file's "
-      f"argument, e.g. configs/fedavg_unet.py:per_round={c.num_clients}) to at most {c.num_clients} or raise "
-      "--config.num_clients"
+      f"config.num_clients={c.num_clients}; set --config.clients_per_round={c.num_clients} (or less) or raise "
+      "--config.num_clients (or, where the config file takes them, its per_round= / clients= arguments)"
     )
   if c.quantity_skew < 0:
     raise ConfigError(f"config.quantity_skew={c.quantity_skew} must be >= 0 (0 = equal client sizes)")
@@ -1377,11 +1390,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1)
         f"config.engine.{key}={c.engine[key]!r} is unknown; use one of {', '.join(repr(x) for x in choices)}"
       )
   if unroll_local_steps(c.engine) is None:
-    raise ConfigError(f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be 'auto', True or False")
+    raise ConfigError(
+      f"config.engine.unroll_local_steps={c.engine.unroll_local_steps!r} must be 'auto', 'true' or 'false' (a string "
+      "field: in a config file write the value in quotes)"
+    )
   if clients_in_flight(c.engine) is None:
     raise ConfigError(
       f"config.engine.clients_in_flight={c.engine.clients_in_flight!r} must be 'auto' or a whole number >= 0 "
-      "(0: XLA's own schedule)"
+      "(0: XLA's own schedule; a string field: in a config file write the number in quotes, e.g. '2')"
     )
   _choice(c, "engine.compute_dtype", COMPUTE_DTYPES)
   host_memory(c)

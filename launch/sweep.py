@@ -530,20 +530,22 @@ def config_difference(saved: dict, current: dict, finished: bool = False) -> lis
   (fedkd.tasks.fedavg._check_resumable): keys in fedavg.RESUMABLE_CHANGES (num_rounds, eval, checkpoint,
   engine, ...) may differ, and so may a key the saved config lacks (added to the schema later) that is
   at the value that keeps its old behaviour (fedavg.resume_differences). A ``finished`` run also differs in
-  :data:`SCORED_WITH` (absent in the saved config: at the default). A missing value is ``None``."""
-  from fedkd.config import INERT_UNLESS, base_config, flat_dict
+  :data:`SCORED_WITH` (absent in the saved config: what its run ran with, :data:`fedkd.config.ADDED_KEYS`, else
+  the default). A missing value is ``None``."""
+  from fedkd.config import INERT_UNLESS, base_config, flat_dict, ran_as
   from fedkd.tasks import fedavg
 
   a, b = flat_dict(saved), flat_dict(current)
   keys = fedavg.resume_differences(saved, current)
   if finished:
     defaults = flat_dict(base_config().to_dict())
+    was = defaults | ran_as(a, b) | a  # a key the run's config lacks: what it ran with (ADDED_KEYS), else the default
 
     def scored_with(k):  # eval.pick picks TFDS test records: a synthetic run is scored the same either way
       return k not in INERT_UNLESS or INERT_UNLESS[k](a) or INERT_UNLESS[k](b)
 
     scored = [k for k in SCORED_WITH if scored_with(k)]
-    keys = sorted(set(keys) | {k for k in scored if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))})
+    keys = sorted(set(keys) | {k for k in scored if was.get(k) != b.get(k, defaults.get(k))})
   return [(k, a.get(k), b.get(k)) for k in keys]
 
 

@@ -405,6 +405,10 @@ def test_the_diverged_message_fits_the_run():
   assert "loss nan," in msg and "too large for it" not in msg and "no checkpoint was written" in msg
   assert "or set --config.engine.skip_nonfinite_clients=True to drop such clients" in msg
   assert "DP noise" not in msg
+  # every client finite, skipping off: the overflow is the aggregate's (a server learning rate of 1e38), and
+  # dropping clients cannot help: the hint was given all the same
+  msg = str(fedavg._diverged(5, {"loss": 0.3, "client_finite": np.array([True, True])}, np.array([3, 7]), c, 4, "/w"))
+  assert "the aggregate became non-finite;" in msg and "skip_nonfinite_clients" not in msg, msg
   # DP on: the noise the server adds to the mean update is named, std z C / m (docs/algorithms.md)
   c.dp.enabled, c.dp.noise_multiplier, c.dp.clip_norm, c.clients_per_round = True, 1e9, 0.1, 4
   msg = str(fedavg._diverged(2, dict(m, loss=float("nan")), np.array([3, 7]), c, None, "/w/checkpoints"))

@@ -478,3 +478,40 @@ def test_a_finished_run_scored_on_other_tfds_test_records_is_not_reused(source, 
   got = launcher.config_difference(saved, current, finished=True)
   assert got == ([("eval.pick", "spread", "first")] if refused else []), got
   assert launcher.config_difference(saved, current, finished=False) == []  # an unfinished run rescored: fine
+
+
+def test_a_key_neither_run_reads_may_change_on_resume():
+  """A FedAvg run given --config.algorithm.prox_mu=0.5 is told the key has no effect, then refused on resume
+  without it ('was written with config.algorithm.prox_mu=0.5'); so were dp.* with DP off. A key that either run
+  reads still counts. FedEFM: engine.host_memory (process memory only) and fedefm.moon_mu without a moon method."""
+  from fedkd.config import base_config
+  from fedkd.tasks import fedavg
+  from fedkd.tasks import fedefm as task
+
+  def flat(c):
+    return json.loads(c.to_json())
+
+  saved = base_config()
+  saved.algorithm.prox_mu, saved.dp.clip_norm = 0.5, 3.0
+  assert fedavg.resume_differences(flat(saved), flat(base_config())) == []
+  fedavg._check_resumable(flat(saved), flat(base_config()), "w")
+  now = base_config()
+  now.algorithm.name = "fedprox"
+  assert fedavg.resume_differences(flat(saved), flat(now)) == ["algorithm.name", "algorithm.prox_mu"]
+  now = base_config()
+  now.dp.enabled = True
+  assert fedavg.resume_differences(flat(saved), flat(now)) == ["dp.clip_norm", "dp.enabled"]
+
+  cfg = runpy_config("configs/fedefm.py", "tiny")
+  cfg.experiment.methods = "scratch,fedavg"
+  old = flat(cfg)
+  cfg.engine.host_memory, cfg.fedefm.moon_mu = "release", cfg.fedefm.moon_mu + 1.0
+  assert task.config_difference(old, flat(cfg)) is None
+  cfg.pretrain.num_rounds += 1
+  assert task.config_difference(old, flat(cfg)) == "config.pretrain.num_rounds differs"
+
+
+def runpy_config(path, arg):
+  import runpy
+
+  return runpy.run_path(os.path.join(ROOT, path))["get_config"](arg)

@@ -244,7 +244,7 @@ def test_gradient_push_is_a_switch_of_push_sum_gossip(gradient_push, tmp_path):
 def test_a_push_sum_workdir_from_before_gradient_push_continues_only_unscaled(tmp_path):
   """A workdir whose config.json predates config.fedefm.gradient_push (its push-sum gossip ran with unscaled
   steps) is refused at the default, naming the value it ran with, before anything is written; with that value
-  it matches. A saved config of a named topology (undirected or balanced: no push-sum) matches at the default."""
+  it matches. A saved config of a named topology (undirected or balanced: no push-sum) matches at any value."""
   over = _unbalanced_digraph(tmp_path)
   work = tmp_path / "fe"
   work.mkdir()
@@ -266,7 +266,5 @@ def test_a_push_sum_workdir_from_before_gradient_push_continues_only_unscaled(tm
   ring = json.loads(tiny().to_json())
   del ring["fedefm"]["gradient_push"]
   assert task.config_difference(ring, json.loads(tiny().to_json())) is None
-  assert task.config_difference(ring, json.loads(tiny(**{"fedefm.gradient_push": False}).to_json())) == (
-    "config.fedefm.gradient_push differs: written before the key existed, it ran as True "
-    "(--config.fedefm.gradient_push=True)"
-  )
+  # a named topology has no push-sum: neither config reads the key, so its value may differ
+  assert task.config_difference(ring, json.loads(tiny(**{"fedefm.gradient_push": False}).to_json())) is None

@@ -306,14 +306,18 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
     run["overrides"]["num_rounds"] = run["num_rounds"] = 1
   with pytest.raises(launcher.InputError, match=r"fedavg__seed-0 already holds round 2, beyond config.num_rounds=1"):
     launcher.check_reuse(defn, str(out))
-  # a key the saved config lacks (added to the schema later) counts as its default
+  # a key the saved config lacks (added to the schema later) counts as its default (a key the run reads: fedprox's
+  # prox_mu; a FedAvg run reads none, and a key neither config reads may differ)
   saved = json.loads((out / "fedavg__seed-0" / "config.json").read_text())
+  saved["algorithm"]["name"] = "fedprox"
   current = json.loads(json.dumps(saved))
   del saved["algorithm"]["prox_mu"]
   assert current["algorithm"]["prox_mu"] == base_config().algorithm.prox_mu
   assert launcher.config_difference(saved, current) == []
   current["algorithm"]["prox_mu"] = base_config().algorithm.prox_mu + 1.0
   assert launcher.config_difference(saved, current) == [("algorithm.prox_mu", None, current["algorithm"]["prox_mu"])]
+  saved["algorithm"]["name"] = current["algorithm"]["name"] = "fedavg"
+  assert launcher.config_difference(saved, current) == []
 
   # An interrupted run (no DONE, last checkpoint gone) resumes from its latest checkpoint.
   victim = out / "fedavgm__seed-0"

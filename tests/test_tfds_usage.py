@@ -384,8 +384,9 @@ def test_the_data_folder_may_change_on_resume_and_the_sites_may_not(tmp_path):
   from fedkd.tasks.fedavg import resume_differences
 
   old = base_config().to_dict()
+  old["data"]["source"] = "tfds:xray_folder"
   old["data"]["tfds_data_dir"] = "data"
-  new = base_config().to_dict()
+  new = json.loads(json.dumps(old))
   new["data"]["tfds_data_dir"] = str(tmp_path / "elsewhere")
   assert resume_differences(old, new) == []
   new["data"]["tfds_configs"] = "hospital_b"

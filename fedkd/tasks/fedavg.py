@@ -26,6 +26,7 @@ from fedkd.config import (
   krum_note,
   num_attackers,
   ran_as,
+  unread_by_both,
   unroll_local_steps,
   validate,
 )
@@ -99,12 +100,13 @@ def _flat_configs(saved: dict, current: dict) -> tuple[dict, dict, dict]:
 
 def resume_differences(saved: dict, current: dict) -> list[str]:
   """The dotted keys, sorted, in which a run's saved config and ``current`` differ beyond what may change
-  on resume (:data:`RESUMABLE_CHANGES`). A key the saved config lacks was added to the schema later; its
+  on resume (:data:`RESUMABLE_CHANGES`) and beyond keys neither run reads (:func:`fedkd.config.unused_keys` of
+  both: ``algorithm.prox_mu`` of two FedAvg runs). A key the saved config lacks was added to the schema later; its
   default (or, where :data:`fedkd.config.ADDED_KEYS` says so, the value its run ran with) may stand."""
-  return _differences(*_flat_configs(saved, current))
+  return _differences(*_flat_configs(saved, current), unread_by_both(saved, current))
 
 
-def _differences(a: dict, b: dict, ran: dict) -> list[str]:
+def _differences(a: dict, b: dict, ran: dict, unread: set[str] = frozenset()) -> list[str]:
   defaults = flat_dict(base_config().to_dict()) | ran
 
   def inert(k):  # a key neither run depends on (INERT_UNLESS)
@@ -116,6 +118,7 @@ def _differences(a: dict, b: dict, ran: dict) -> list[str]:
     if a.get(k) != b.get(k)
     and not _may_change(k)
     and not inert(k)
+    and k not in unread
     and not (k not in a and k in defaults and b.get(k) == defaults[k])
   )
 
@@ -128,7 +131,7 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
         f"the checkpoint in {directory} was written before config.{k} existed and behaves as "
         f"{value!r}, but this run has {b.get(k)!r}; pass --config.{k}={value} to resume it, or use a new --workdir"
       )
-  diff = _differences(a, b, ran)
+  diff = _differences(a, b, ran, unread_by_both(saved, current))
   if diff:
     k = diff[0]
     # ResumeRefused, not CheckpointError: this checkpoint is intact but belongs to another experiment,
@@ -155,7 +158,7 @@ def _diverged(
   kept = f"the last good checkpoint (round {good}) in {ckdir} is kept" if good else "no checkpoint was written"
   robust = config.aggregator.name not in LINEAR_AGGREGATORS  # drops non-finite clients itself
   dropping = config.engine.skip_nonfinite_clients or robust  # a round whose every client diverged has no loss
-  if not dropping:
+  if not dropping and bad:  # (with every client finite, the aggregate itself overflowed: dropping clients cannot help)
     skip = ", or set --config.engine.skip_nonfinite_clients=True to drop such clients"
   elif bad and not counted:
     dropper = f"aggregator.name={config.aggregator.name!r}" if robust else "engine.skip_nonfinite_clients"

@@ -58,6 +58,7 @@ from fedkd.config import (
   _csv,
   flat_dict,
   ran_as,
+  unread_by_both,
   validate_fedefm,
   value_at,
 )
@@ -112,6 +113,7 @@ RESULT_KEYS = (
 # Config groups that do not change any number in the results: a workdir's results and checkpoints
 # stay valid when only these differ.
 FREE_KEYS = ("experiment", "checkpoint", "log_every")
+PROCESS_KEYS = ("engine.host_memory",)  # how this process holds memory: no number depends on it
 # ... and those a finished foundation does not depend on: a foundation of another workdir whose config
 # differs only here is reused (config.experiment.foundations_from).
 DOWNSTREAM_KEYS = ("downstream", "student")
@@ -210,8 +212,10 @@ def config_difference(saved: dict, current: dict, ignore: tuple = (), pooled: bo
   :data:`fedkd.config.ADDED_KEYS` that ``current`` does not hold at the value its runs ran with, how to
   continue them; None if equal. ``pooled``: two saved configs (neither is the current one; the same answer in
   either order): each that lacks an added key stands at the value its own runs ran with."""
+  unread = unread_by_both(saved, current) | set(PROCESS_KEYS)  # keys no number of the runs depends on
   a, b = (
-    {k: v for k, v in flat_dict(results_config(d)).items() if k.split(".")[0] not in ignore} for d in (saved, current)
+    {k: v for k, v in flat_dict(results_config(d)).items() if k.split(".")[0] not in ignore and k not in unread}
+    for d in (saved, current)
   )
   if pooled:
     b.update(ran_as(b, a))
