@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "unet"  # 'unet' (GroupNorm UNet)
   c.model.width = 16  # channels of the first UNet level
   c.model.depth = 3  # UNet levels (downsamplings)
-  c.model.groups = 8  # GroupNorm groups (divides width)
+  c.model.groups = 8  # GroupNorm groups (each level takes min(groups, its channels), which it must divide)
   c.model.num_classes = 3  # background, catheter, guidewire (4: + vessel)
 
   c.client_optimizer = ml_collections.ConfigDict()
@@ -917,6 +917,17 @@ def stored_value(c, key: str):
     return ADDED_KEYS[key](flat_dict(c.to_dict()))
 
 
+def unet_groups_problem(width: int, depth: int, groups: int) -> str | None:
+  """Why a UNet of ``width`` channels at its first level (doubling per level, ``depth`` levels below it) cannot
+  GroupNorm its levels with ``groups`` groups (each level takes min(groups, its channels):
+  ``fedkd.models.unet.ConvBlock``), or None."""
+  for level in range(depth + 1):
+    channels = width << level
+    if channels % min(groups, channels):
+      return f"a level of {channels} channels cannot be split into {groups} GroupNorm groups"
+  return None
+
+
 def _positive(c, key: str) -> None:
   value = value_at(c, key)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -1363,10 +1374,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1)
     )
   if c.image_size < 32:
     raise ConfigError(f"config.image_size={c.image_size} is too small for the synthetic X-rays; use >= 32")
-  if c.model.width % c.model.groups:
+  bad = unet_groups_problem(c.model.width, c.model.depth, c.model.groups)
+  if bad:
     raise ConfigError(
-      f"config.model.width={c.model.width} must be divisible by config.model.groups="
-      f"{c.model.groups} (GroupNorm); change either"
+      f"config.model.width={c.model.width} with config.model.groups={c.model.groups}: {bad}; change either"
     )
   _choice(c, "client_optimizer.name", OPTIMIZERS)
   _choice(c, "server_optimizer.name", SERVER_OPTIMIZERS)
@@ -1531,10 +1542,9 @@ def _validate_fedefm_model(c, name: str) -> None:
   else:
     for k in ("num_classes", "width", "depth", "groups"):
       _number(c, f"{name}.{k}", lambda v: v > 0, "> 0", integer=True)
-    if m.width % m.groups:
-      raise ConfigError(
-        f"config.{name}.width={m.width} must be divisible by config.{name}.groups={m.groups} (GroupNorm)"
-      )
+    bad = unet_groups_problem(m.width, m.depth, m.groups)
+    if bad:
+      raise ConfigError(f"config.{name}.width={m.width} with config.{name}.groups={m.groups}: {bad}; change either")
 
 
 def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:

@@ -330,3 +330,21 @@ def test_unet_gradient_under_jit_equals_flax_max_pool(monkeypatch):
   ref = grads()
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_the_groups_check_accepts_exactly_the_unets_flax_builds():
+  """A UNet's GroupNorm takes min(groups, channels) groups at each level, so width 4 with the default 8 groups
+  builds and trains; the config refused every width not divisible by groups. The check now agrees with flax's own
+  GroupNorm, which refuses channels its groups do not divide, over a grid of widths, depths and groups."""
+  from fedkd.config import unet_groups_problem
+
+  for width in (1, 2, 3, 4, 6, 8, 12):
+    for depth in (1, 2, 3):
+      for groups in (1, 2, 3, 4, 8):
+        try:
+          UNet(width=width, depth=depth, groups=groups, rngs=nnx.Rngs(0))
+          built = True
+        except ValueError as e:
+          assert "does not divide the number of channels" in str(e), e
+          built = False
+        assert (unet_groups_problem(width, depth, groups) is None) == built, (width, depth, groups)

@@ -6,7 +6,7 @@ cache key, thread-local). While it is active, every model method decorated with 
 (``jax.checkpoint``): the forward pass keeps only each block's inputs and the backward pass
 recomputes one block's activations right before that block's gradient — activation memory of the
 block inputs plus one block instead of every intermediate of the network. Numerics are unchanged.
-The engine enables it for ``engine.remat=True`` (``fedkd.fl.engine.client_update``).
+The engine enables it for ``engine.remat=True`` (``fedkd.fl.algorithm.ClientContext.forward``).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ def _window_taps(x):
 @jax.custom_vjp
 def max_pool_2x2(x):
   """2x2 stride-2 max pool of [B, H, W, C] (H, W even): ``nnx.max_pool(x, (2, 2), strides=(2, 2))``
-  with the same values and the same gradient (the first maximum of each window in row-major order
-  takes it, as XLA's select-and-scatter does), written as a reshape + max whose gradient is routed by
+  with the same values and, for finite inputs, the same gradient (the first maximum of each window in row-major
+  order takes it, as XLA's select-and-scatter does; a window holding a NaN routes it elsewhere), written as a reshape + max whose gradient is routed by
   the index of that tap: XLA:CPU lowers the select-and-scatter gradient to a reduce-window over
   (value, index) pairs, 9x slower."""
   n, h, w, c = x.shape
