@@ -811,6 +811,14 @@ def _unused_fedavg(c) -> dict[str, str]:
     )
     if c.data.partition != "dirichlet":
       unused("data", ["dirichlet_alpha"], f"config.data.partition={c.data.partition!r} (not 'dirichlet')")
+    # a TFDS client holds its partition's records: the synthetic sizes' keys are read by the iid split only
+    out["examples_per_client"] = f"config.data.source={c.data.source!r} (synthetic clients' size)"
+    if c.data.partition != "iid":
+      out["quantity_skew"] = f"config.data.partition={c.data.partition!r} (not 'iid') on config.data.source='tfds:...'"
+  if not INERT_UNLESS["rng_streams"]({"task": c.task, "data.source": c.data.source, "quantity_skew": c.quantity_skew}):
+    out["rng_streams"] = "config.quantity_skew=0 or a TFDS source (no named random stream is drawn)"
+  if c.aggregator.name not in LINEAR_AGGREGATORS and not c.engine.client_parallelism:
+    unused("engine", ["clients_in_flight"], f"config.aggregator.name={c.aggregator.name!r} (not a weighted mean)")
   if c.engine.client_layout in ("vmap", "unroll") and not c.engine.client_parallelism:
     unused("engine", ["client_chunk"], f"config.engine.client_layout={c.engine.client_layout!r} (not 'chunked')")
   if c.engine.client_layout in ("vmap", "chunked") and not c.engine.client_parallelism:

@@ -515,3 +515,33 @@ def runpy_config(path, arg):
   import runpy
 
   return runpy.run_path(os.path.join(ROOT, path))["get_config"](arg)
+
+
+def test_keys_a_tfds_or_robust_run_does_not_read_are_named_and_may_change():
+  """No note named examples_per_client / quantity_skew on TFDS sites split by site (the pipeline reads them for
+  synthetic clients and the iid split only), rng_streams without a named stream, or clients_in_flight under a
+  robust aggregator (the engine runs those clients on XLA's schedule); and a resume refused their change."""
+  from fedkd.config import base_config, unused_notes
+  from fedkd.data.pipeline import client_sizes
+  from fedkd.tasks import fedavg
+
+  def given(**kv):
+    c = base_config()
+    c.data.source = kv.pop("source", "synthetic")
+    for k, v in kv.items():
+      group, _, key = k.rpartition("__")
+      (c[group] if group else c)[key] = v
+    return c
+
+  notes = " ".join(unused_notes(given(source="tfds:xray_folder", examples_per_client=9, quantity_skew=0.3)))
+  assert "config.examples_per_client=9 has no effect" in notes and "config.quantity_skew=0.3 has no effect" in notes
+  iid = given(source="tfds:xray_folder", data__partition="iid", quantity_skew=0.3)
+  assert "quantity_skew" not in " ".join(unused_notes(iid))  # the iid split draws skewed sizes
+  assert "rng_streams=1 has no effect" in " ".join(unused_notes(given(rng_streams=1, quantity_skew=0.0)))
+  skewed = given(rng_streams=1, quantity_skew=0.5)
+  assert "rng_streams" not in " ".join(unused_notes(skewed))
+  assert (client_sizes(skewed) != client_sizes(given(rng_streams=2, quantity_skew=0.5))).any()  # it is read there
+  robust = given(aggregator__name="median", engine__clients_in_flight="2")
+  assert "config.engine.clients_in_flight='2' has no effect" in " ".join(unused_notes(robust))
+  old = json.loads(given(source="tfds:xray_folder", examples_per_client=9).to_json())
+  assert fedavg.resume_differences(old, json.loads(given(source="tfds:xray_folder").to_json())) == []
