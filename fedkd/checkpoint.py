@@ -212,6 +212,19 @@ class Checkpointer:
     with preemption.completing(), self._disk_errors():
       self._mngr.save(round_, args=ocp.args.Composite(**items))
 
+  def drop_after(self, round_: int) -> list[int]:
+    """Removes the steps after ``round_`` and returns their rounds: a replica set resumes from a round every
+    replica holds when a stop fell between the replicas' saves of the next one, which is then trained again to the
+    same numbers (``fedkd.tasks.replicas``; one process)."""
+    from etils import epath
+
+    newer = [r for r in self.all_rounds() if r > round_]
+    with self._disk_errors():
+      for r in newer:
+        (epath.Path(self.directory) / str(r)).rmtree()
+      self._mngr.reload()
+    return newer
+
   def _set_aside_stale(self, rounds: list[int], round_: int) -> None:
     """Moves the steps ``rounds`` (at or after ``round_``, which is being saved) into ``self.unreadable``:
     steps a resume fell back over because they could not be read. orbax would otherwise skip every save up to the

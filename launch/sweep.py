@@ -627,7 +627,7 @@ def _say(msg: str) -> None:
   print(f"[sweep] {msg}", flush=True)
 
 
-def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = False) -> list[tuple[str, int, str]]:
+def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = False) -> list[tuple[str, int, str, str]]:
   """Runs the unfinished runs, ``parallel`` processes at a time (``replicas``: runs equal but for their
   seed / learning rates / mu share one process, :func:`replica_groups`); returns [(name, exit code, last
   stderr line)]."""
@@ -642,7 +642,7 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
     else:
       todo.append((i, run))
   units = _units(defn, todo, out, parallel) if replicas else [([t], None) for t in todo]
-  failures: list[tuple[str, int, str]] = []
+  failures: list[tuple[str, int, str, str]] = []  # (run, exit code, last stderr line, the stderr log)
   active: dict[int, tuple] = {}  # pid -> (popen, members, command, t0, stderr offset, log files, stderr path)
 
   def start(members, configs):
@@ -687,7 +687,7 @@ def run_all(defn: dict, out: str, parallel: int, env: dict, replicas: bool = Fal
       if rc == 0:  # exit 0 without a final checkpoint: count as a failure, keep going
         last = f"exited 0 but the latest checkpoint is round {latest_checkpoint(wd)}, not {last_round(run)}"
         rc = 1
-      failures.append((run["name"], rc, last))
+      failures.append((run["name"], rc, last, err_path))  # a group's log: its first run's folder
       _say(f"{i}/{total} {run['name']}: FAILED with exit code {rc} after {dt:.1f}s: {last or '(no stderr)'}")
 
   try:
@@ -765,7 +765,7 @@ def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = 
   (``failures``: run_all's, to name the runs that failed in this invocation)."""
   from fedkd.sweep import group_label
 
-  failed = {name: rc for name, rc, _ in failures or []}
+  failed = {name: rc for name, rc, *_ in failures or []}
   keys = defn["varying_keys"]
   groups: dict[str, dict] = {}
   for run in defn["runs"]:
@@ -1247,8 +1247,10 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"wrote {p}")
   if failures:
     _say(f"{len(failures)} of {len(defn['runs'])} run(s) failed:")
-    for name, rc, last in failures:
-      _say(f"  {name}: exit code {rc}: {last or '(no stderr)'} (log {os.path.join(out, name, 'stderr.log')})")
+    for name, rc, last, *log in failures:
+      _say(
+        f"  {name}: exit code {rc}: {last or '(no stderr)'} (log {log[0] if log else os.path.join(out, name, 'stderr.log')})"
+      )
     return 1
   return 0
 

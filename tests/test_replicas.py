@@ -139,6 +139,38 @@ def test_stopped_replicas_resume_like_the_uninterrupted_run(singles, tmp_path):
     fedavg.run(tiny_config(num_rounds=2, seed=0), wds[0], log=lambda _: None)
 
 
+def test_a_stop_between_the_replicas_saves_resumes_all_from_the_round_they_share(singles, tmp_path):
+  """The replicas save one after another: a kill between them (reviewer: 1 of 4 random SIGKILLs) left seed 0 with
+  round 2 and seed 1 with round 1, and every re-run was refused although both hold round 1. They resume from it
+  (seed 0's round 2 removed, trained again to the same numbers) and end as the uninterrupted runs; a mix a stop
+  between saves cannot leave (a round in between) stays refused."""
+  configs = _configs()
+  for c in configs:
+    c.checkpoint.every, c.checkpoint.max_to_keep = 1, 3
+  wds = [str(tmp_path / f"r{c.seed}") for c in configs]
+  with pytest.raises(Stopped):
+    replicas.run(configs, wds, log=lambda _: None, stop=_StopAt(2))
+  import shutil
+
+  shutil.rmtree(os.path.join(wds[1], "checkpoints", "2"))  # seed 1's save of round 2 never happened
+  lines = []
+  out = replicas.run(configs, wds, log=lines.append)
+  assert any(ln.startswith("note: the run stopped between the replicas' saves of round 2: seed 0") for ln in lines)
+  assert any("resuming from round 1" in ln for ln in lines), lines
+  for i, c in enumerate(configs):
+    single, _ = singles[c.seed]
+    assert _max_diff(out[i]["state"]["params"], single["state"]["params"]) < 1e-5
+    assert [r["round"] for r in _jsonl(os.path.join(wds[i], "rounds.jsonl"))] == [1, 2, 3]
+  # seed 0 holds rounds 1 and 3, seed 1 round 2 only: not what a stop between saves leaves
+  shutil.rmtree(os.path.join(wds[0], "checkpoints", "2"))
+  shutil.rmtree(os.path.join(wds[1], "checkpoints", "3"))
+  shutil.rmtree(os.path.join(wds[1], "checkpoints", "1"))
+  for c in configs:
+    c.num_rounds = 4
+  with pytest.raises(ConfigError, match=r"different rounds \(round 2: seed 1; round 3: seed 0\)"):
+    replicas.run(configs, wds, log=lambda _: None)
+
+
 def test_what_cannot_be_a_replica_is_refused_with_the_reason(tmp_path):
   assert replicas.why_not(_configs()) is None
   assert "fewer than two" in replicas.why_not(_configs(seeds=(0,)))
@@ -237,7 +269,7 @@ def test_a_diverging_replica_stops_alone_and_nothing_of_its_bad_round_is_saved(s
   with pytest.raises(DivergedError, match=how) as e:
     replicas.run(configs, wds, log=lines.append)
   msg = str(e.value)
-  assert msg.startswith(f"seed 0, client_optimizer.learning_rate={lr:g}: ") and "(finished: seed 1, " in msg, msg
+  assert msg.startswith(f"seed 0, client_optimizer.learning_rate={float(lr)!r}: ") and "(finished: seed 1, " in msg, msg
   bad = int(msg.split("round ")[1].split(":")[0])
   assert len(calls) == 3 + bad, (len(calls), bad)  # seed 1's three rounds, seed 0's up to the diverged one
   assert any("the other replicas go on" in ln for ln in lines), lines
@@ -263,9 +295,12 @@ def test_a_stop_signal_save_checks_each_replicas_outputs(tmp_path):
     c.eval.every = c.checkpoint.every = 10
   wds = [str(tmp_path / f"r{c.seed}") for c in configs]
   lines = []
-  with pytest.raises(Stopped) as e:
+  # not 'preempted ... re-run the same command to resume' (exit 0): that re-run is refused, the diverged replica
+  # holding no round 1
+  with pytest.raises(DivergedError) as e:
     replicas.run(configs, wds, log=lines.append, stop=_StopAt(1))
-  assert e.value.round == 1
+  assert "(preempted at round 1: the others (seed 1, client_optimizer.learning_rate=" in str(e.value), str(e.value)
+  assert "resume them without the diverged replica(s)" in str(e.value)
   assert any(
     ln.startswith("seed 0, client_optimizer.learning_rate=1e+30: training diverged by round 1: the model's")
     and ln.endswith("the other replicas go on")

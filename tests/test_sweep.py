@@ -4,6 +4,7 @@ and the TPU VM launcher's --dry_run. Training runs are tiny fedkd.main subproces
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -394,6 +395,9 @@ def test_failed_runs_are_reported_and_do_not_stop_the_sweep(tmp_path):
     assert failed and "fedkd: error:" in failed[0], r.stdout
     assert not (out / n / "DONE").exists()
   assert "2 of 2 run(s) failed" in r.stdout
+  # each failure names a log that exists (the two seeds ran as one program, which logs into the first one's folder)
+  logs = re.findall(r"\(log (\S+stderr\.log)\)", r.stdout)
+  assert len(logs) == 2 and all(os.path.isfile(p) for p in logs), logs
   # neither run is in the tables; they say so and why
   md = (out / "results.md").read_text()
   assert "0 of 2 runs finished" in md and "2 failed: seed-0, seed-1" in md, md

@@ -90,7 +90,10 @@ def varying(configs: Sequence) -> list[str]:
 
 def label(config, keys: Sequence[str]) -> str:
   """One replica in logs: its values of ``keys`` (e.g. 'seed 1, client_optimizer.learning_rate=0.03')."""
-  return ", ".join(f"seed {config.seed}" if k == "seed" else f"{k}={value_at(config, k):g}" for k in keys) or "base"
+  # repr: the shortest text that gives the float back (':g' showed 0.001 and 0.0010000001 alike)
+  return (
+    ", ".join(f"seed {config.seed}" if k == "seed" else f"{k}={float(value_at(config, k))!r}" for k in keys) or "base"
+  )
 
 
 def why_not(configs: Sequence) -> str | None:
@@ -218,6 +221,21 @@ def _saved_rounds(workdir) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def _common_round(reps, starts: Sequence[int]) -> int | None:
+  """The round every replica resumes from when a stop fell between the replicas' saves of one round (they save one
+  after another): the replicas hold two newest rounds, the newer ones hold the older round too and nothing between
+  them. None for any other mix (a replica added to a set, replicas trained apart): those stay refused."""
+  rounds = sorted(set(starts))
+  if len(rounds) != 2 or rounds[0] == 0:
+    return None
+  older, newer = rounds
+  for rep, s in zip(reps, starts):
+    held = rep.ckpt.all_rounds()
+    if s == newer and (older not in held or any(older < r < newer for r in held)):
+      return None
+  return older
+
+
 def _mixed_rounds(names: Sequence[str], rounds: Sequence[int | None]) -> ConfigError:
   """The error of replicas whose workdirs hold different rounds (None: no checkpoint), grouped by round."""
   by: dict[int | None, list[str]] = {}
@@ -230,7 +248,8 @@ def _mixed_rounds(names: Sequence[str], rounds: Sequence[int | None]) -> ConfigE
   return ConfigError(
     f"the replicas' workdirs hold checkpoints of different rounds ({held}), and replicas of one program resume "
     "from one round: run the replicas of each round as their own replica set (the same command with only their "
-    "values), or resume each alone with python -m fedkd.main --workdir=<its workdir>"
+    "values), or resume one alone as a single run: the same --config with its values as --config.KEY=VALUE (no "
+    "--seeds / --replica_config) and --workdir=<its workdir>"
   )
 
 
@@ -360,7 +379,7 @@ def _train(
 ) -> list[dict]:
   config = configs[0]
   like = states[0]
-  starts = []
+  starts, loads = [], []
   for i, rep in enumerate(reps):
 
     def load(r, rep=rep):
@@ -371,8 +390,24 @@ def _train(
     if start is not None:
       states[i] = restored
     starts.append(start or 0)
-  if len(set(starts)) > 1:  # a damaged newest checkpoint made one fall back further than the others
-    raise _mixed_rounds([rep.name for rep in reps], [s or None for s in starts])
+    loads.append(load)
+  if len(set(starts)) > 1:
+    common = _common_round(reps, starts)
+    if common is None:  # e.g. a damaged newest checkpoint made one fall back further than the others
+      raise _mixed_rounds([rep.name for rep in reps], [s or None for s in starts])
+    newest = max(starts)
+    for i, rep in enumerate(reps):
+      if starts[i] != common:
+        try:
+          states[i] = loads[i](common)
+        except ckpt_lib.CheckpointError:
+          raise _mixed_rounds([rep.name for rep in reps], [s or None for s in starts]) from None
+        rep.ckpt.drop_after(common)
+        log(
+          f"note: the run stopped between the replicas' saves of round {newest}: {rep.name} resumes from round "
+          f"{common}, as the others do (its round {newest} is trained again, to the same numbers)"
+        )
+    starts = [common] * len(reps)
   start = starts[0]
   if start > config.num_rounds:
     raise ckpt_lib.ResumeRefused(
@@ -520,6 +555,13 @@ def _train(
     if stopping and r < config.num_rounds:
       for rep in reps:
         rep.ckpt.wait()
+      if failed:  # the same command would not resume a set whose diverged replica holds no such round
+        rest = "; ".join(rep.name for i, rep in enumerate(reps) if i not in failed)
+        raise DivergedError(
+          "; ".join(failed.values()) + f" ({stop.reason} at round {r}: the others ({rest}) saved it; resume them "
+          "without the diverged replica(s): the same command with only their values, or one alone as a single run "
+          "with its values as --config.KEY=VALUE and --workdir=<its workdir>)"
+        )
       raise Stopped(r, stop.reason)
   out = []
   for i, rep in enumerate(reps):
@@ -540,6 +582,6 @@ def _train(
       f"replicas (excluding the first, compiled round); wall time {time.time() - t_start:.0f}s"
     )
   if failed:  # the others finished and wrote everything; the run as a whole did not succeed
-    rest = ", ".join(rep.name for i, rep in enumerate(reps) if i not in failed)
+    rest = "; ".join(rep.name for i, rep in enumerate(reps) if i not in failed)
     raise DivergedError("; ".join(failed.values()) + f" (finished: {rest})")
   return out
