@@ -69,6 +69,20 @@ def test_clients_by_site_and_batches(data_dir):
   assert set(sets) == {"north", "south", "east"} and sets["east"][0].shape[0] == 2
 
 
+def test_a_data_state_of_another_client_count_names_both_causes(data_dir):
+  """A checkpoint's data state with positions for another number of clients, under the same config (the resume
+  compares configs first): the advice was 'resume with the config the checkpoint was written with', which it
+  already is; the sites changed or the checkpoint is damaged."""
+  data = pipeline.make_client_data(tfds_config(data_dir))
+  state = data.get_state()
+  with pytest.raises(pipeline.DataError) as e:
+    data.set_state(dict(state, next_batch=state["next_batch"][:3]))
+  msg = str(e.value)
+  assert "holds positions of 3 clients, but this dataset gives 4 clients" in msg and "damaged" in msg, msg
+  assert "resume with the config" not in msg
+  data.set_state(state)
+
+
 def test_tfds_training_resumes_exactly(tmp_path, data_dir, monkeypatch):
   """With the next round's batches prefetched (the default) and, for the uninterrupted run, two worker
   processes: every round after the first is served from the prefetch, and the resumed run ends with the

@@ -845,9 +845,11 @@ class TfdsClients:
       raise DataError(f"the checkpoint is damaged: {why}; move that checkpoint away or use a new --workdir")
     nxt = state.get("next_batch")
     if nxt is None or len(nxt) != len(self._next):
-      raise DataError(
-        "the checkpoint's data state does not match this dataset's clients; resume with "
-        "the config the checkpoint was written with"
+      held = "no positions" if nxt is None else f"positions of {len(nxt)} clients"
+      raise DataError(  # the configs matched (resume checks them first): the data or the checkpoint changed
+        f"the checkpoint's data state holds {held}, but this dataset gives {len(self._next)} clients: the dataset's "
+        "sites changed since it was written, or the checkpoint is damaged; restore the dataset the run was started "
+        "with, or move that checkpoint away (or use a new --workdir)"
       )
     saved = state.get("site_records")
     if saved is not None and saved != self._site_records:
