@@ -41,7 +41,7 @@ import time
 import jax
 
 from fedkd.errors import reason
-from fedkd.launchenv import DistributedError, several_processes
+from fedkd.launchenv import DistributedError, several_processes, tpu_worker_hosts
 
 TIMEOUT_ENV = "FEDKD_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
@@ -97,7 +97,7 @@ def maybe_initialize(
       "or unset the variable for a single-process run"
     )
     _check_coordinator_env()
-    if not source.startswith("TPU_WORKER_HOSTNAMES"):
+    if len(tpu_worker_hosts()) <= 1:  # SLURM (or FEDKD_MULTIHOST): task 0 serves the coordinator here
       _check_slurm_port_free()
     try:
       with _all_local_gpus(_slurm_one_task_per_node()):

@@ -350,20 +350,12 @@ STAGING_PREFIX = ".eval-staging-"  # + pid: the folder in --out the files are wr
 
 def _remove_stale_staging(out: str) -> None:
   """Staging folders of evaluations that were killed (SIGKILL, a power cut) before they could remove theirs."""
+  from fedkd.workdir import pid_alive
+
   for name in os.listdir(out):
     pid = name[len(STAGING_PREFIX) :]
-    if name.startswith(STAGING_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+    if name.startswith(STAGING_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
       shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's process
-    return True
-  return True
 
 
 def _output_folder(out: str, flag: str) -> str:

@@ -34,7 +34,7 @@ def several_processes() -> str | None:
     raise DistributedError(
       f"SLURM_NTASKS={raw_tasks!r} is not a whole number; unset it, or run under SLURM (sbatch / srun), which sets it"
     ) from None
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  hosts = tpu_worker_hosts()
   if multihost == "1":
     return f"{MULTIHOST_ENV}=1"
   if len(hosts) > 1:
@@ -42,3 +42,8 @@ def several_processes() -> str | None:
   if ntasks > 1:
     return f"SLURM_NTASKS={ntasks}"
   return None
+
+
+def tpu_worker_hosts() -> list[str]:
+  """The hosts ``TPU_WORKER_HOSTNAMES`` lists (TPUs on GKE; empty elsewhere)."""
+  return [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]

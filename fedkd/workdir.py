@@ -339,7 +339,8 @@ def write_atomic(path: epath.Path, text: str) -> None:
     raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether a process ``pid`` runs on this host (another user's counts)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -361,7 +362,7 @@ def _read_lock(path) -> dict:
 def _alive_here(held: dict) -> bool:
   """Whether a lock's holder is a running process on this host."""
   pid = held.get("pid")
-  return held.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and _pid_alive(pid)
+  return held.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and pid_alive(pid)
 
 
 def running_holder(workdir) -> str | None:
