@@ -347,6 +347,9 @@ def exchange(label: str, value: str, what: str = "") -> dict[int, str]:
     )
   deadline = time.monotonic() + timeout_s  # one wait for all of them, not one per missing process
   for i in range(jax.process_count()):
+    if i == jax.process_index():  # its own value (read last, after a missing process used up the wait, it was
+      out[i] = value  # named as missing too)
+      continue
     try:
       out[i] = get_value(f"fedkd/{label}/{i}", max(1, int((deadline - time.monotonic()) * 1000)))
     except Exception:  # noqa: BLE001 - a timeout, or the coordinator gone
