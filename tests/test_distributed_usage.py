@@ -8,12 +8,12 @@ import pty
 import re
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import textwrap
 import time
 
+import fake_cloud
 import procs
 import pytest
 
@@ -76,28 +76,6 @@ def test_slurm_task_sees_the_gpus_of_its_node(nodes, expected):
 
 # ---------------------------------------------------------------- launch scripts with fake gcloud / srun
 
-# FAKE_BLOCK: the gcloud call that blocks (as a long command does) after writing FAKE_LOG.blocked
-FAKE_GCLOUD = textwrap.dedent("""\
-  #!/bin/bash
-  echo "gcloud $*" >> "$FAKE_LOG"
-  case "$*" in
-    *"tpu-vm describe"*"--format"*) echo 10.0.0.2 ;;  # the VM's one worker
-    *"tpu-vm describe"*) echo "ERROR: NOT_FOUND" >&2; exit 1 ;;  # no VM of this name yet
-    *"queued-resources describe"*"--format"*) echo ACTIVE ;;
-    *"queued-resources describe"*) echo "ERROR: NOT_FOUND" >&2; exit 1 ;;
-    *"$FAKE_BLOCK"*) : > "$FAKE_LOG.blocked"; exec sleep 60 ;;
-  esac
-  exit 0
-""")
-
-
-def _fake_bin(tmp_path, name: str, text: str) -> str:
-  d = tmp_path / "bin"
-  d.mkdir(exist_ok=True)
-  (d / name).write_text(text)
-  (d / name).chmod(stat.S_IRWXU)
-  return str(d)
-
 
 def _tpu_interrupted(tmp_path, *flags, block="PATH=", sig=signal.SIGINT, answer=None):
   """launch/tpu_vm.sh on a fake gcloud, sent ``sig`` (to its process group, as a terminal sends Ctrl-C)
@@ -108,12 +86,7 @@ def _tpu_interrupted(tmp_path, *flags, block="PATH=", sig=signal.SIGINT, answer=
   src = tmp_path / "src"
   src.mkdir()
   (src / "x.py").write_text("")
-  env = {
-    **os.environ,
-    "PATH": _fake_bin(tmp_path, "gcloud", FAKE_GCLOUD) + os.pathsep + os.environ["PATH"],
-    "FAKE_LOG": str(log),
-    "FAKE_BLOCK": block,
-  }
+  env = fake_cloud.env(tmp_path, FAKE_BLOCK=block)
   args = ["--name=fk", "--zone=z", f"--src={src}", *flags, "--", "python", "-m", "fedkd.main", "--workdir=runs/a"]
   master = slave = None
   if answer is not None:
@@ -201,11 +174,7 @@ def test_slurm_job_output_names_the_workdir_to_resume(tmp_path):
   """The default WORKDIR (runs/slurm-<job id>) is new for each job: re-submitting as the docs say started
   over unless the job said which WORKDIR to pass."""
   log = tmp_path / "calls.log"
-  bin_dir = _fake_bin(tmp_path, "srun", '#!/bin/bash\necho "srun $*" >> "$FAKE_LOG"\n')
-  env = {k: v for k, v in os.environ.items() if k not in ("VENV", "WORKDIR", "CONFIG") and not k.startswith("SLURM_")}
-  env.update(
-    PATH=bin_dir + os.pathsep + env["PATH"], FAKE_LOG=str(log), SLURM_JOB_ID="31", SLURM_SUBMIT_DIR=str(tmp_path)
-  )
+  env = fake_cloud.env(tmp_path, SLURM_JOB_ID="31", SLURM_SUBMIT_DIR=str(tmp_path))
   r = procs.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path, env=env, timeout=60)
   assert r.returncode == 0, r.stderr
   assert "re-submit with WORKDIR=runs/slurm-31" in r.stdout, r.stdout

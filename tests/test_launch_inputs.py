@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
-import textwrap
 
+import fake_cloud
 import procs
 import pytest
 
@@ -157,40 +156,17 @@ def test_processes_with_different_counts_all_stop(tmp_path):
 
 # ---------------------------------------------------------------- launch scripts with fake gcloud / srun
 
-FAKE_GCLOUD = textwrap.dedent("""\
-  #!/bin/bash
-  echo "gcloud $*" >> "$FAKE_LOG"
-  case "$*" in
-    *"tpu-vm describe"*"--format"*) echo 10.0.0.2 ;;
-    *"tpu-vm describe"*)
-      [ -n "${FAKE_DESCRIBE_ERROR:-}" ] && { echo "ERROR: $FAKE_DESCRIBE_ERROR" >&2; exit 1; }
-      [ -n "$FAKE_EXISTS" ] && exit 0; echo "ERROR: NOT_FOUND: Resource was not found" >&2; exit 1 ;;
-    *"queued-resources describe"*) echo ACTIVE ;;
-    *"tpu-vm create"*) [ -n "$FAKE_EXISTS" ] && { echo "ERROR: already exists" >&2; exit 1; } ;;
-    *"tpu-vm ssh"*"PATH="*) exit "${FAKE_RUN_RC:-0}" ;;
-  esac
-  exit 0
-""")
-FAKE_SRUN = '#!/bin/bash\necho "srun $*" >> "$FAKE_LOG"\n'
-
-
-def _fake_bin(tmp_path) -> str:
-  d = tmp_path / "bin"
-  d.mkdir()
-  for name, text in (("gcloud", FAKE_GCLOUD), ("srun", FAKE_SRUN)):
-    (d / name).write_text(text)
-    (d / name).chmod(stat.S_IRWXU)
-  return str(d)
-
 
 def _script(tmp_path, script, args, **env):
-  log = tmp_path / "calls.log"
-  full = {**os.environ, "PATH": _fake_bin(tmp_path) + os.pathsep + os.environ["PATH"], "FAKE_LOG": str(log), **env}
-  for k in ("VENV", "WORKDIR", "CONFIG"):
-    if k not in env:
-      full.pop(k, None)
-  r = subprocess.run(["bash", script, *args], capture_output=True, text=True, env=full, cwd=tmp_path, timeout=60)
-  return r, (log.read_text().splitlines() if log.exists() else [])
+  r = subprocess.run(
+    ["bash", script, *args],
+    capture_output=True,
+    text=True,
+    env=fake_cloud.env(tmp_path, **env),
+    cwd=tmp_path,
+    timeout=60,
+  )
+  return r, fake_cloud.calls(tmp_path)
 
 
 def _tpu(tmp_path, **env):

@@ -8,58 +8,18 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import textwrap
 import time
 
+import fake_cloud
 import procs
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_VM = os.path.join(ROOT, "launch", "tpu_vm.sh")
 SLURM = os.path.join(ROOT, "launch", "slurm.sbatch")
-
-# FAKE_BLOCK: the gcloud call that blocks as a long one does: a Python process (as gcloud is) waiting on
-# its own child (as gcloud waits on ssh), whose pid goes to FAKE_LOG.child
-FAKE_GCLOUD = textwrap.dedent("""\
-  #!/bin/bash
-  echo "gcloud $*" >> "$FAKE_LOG"
-  case "$*" in
-    *"tpu-vm describe"*"--format"*) echo "${FAKE_ENDPOINTS:-10.0.0.2}" ;;
-    *"tpu-vm describe"*) [ -n "${FAKE_EXISTS:-}" ] && exit 0; echo "ERROR: NOT_FOUND: not found" >&2; exit 1 ;;
-    *"queued-resources describe"*"--format"*) echo ACTIVE ;;
-    *"queued-resources describe"*) echo "ERROR: NOT_FOUND: not found" >&2; exit 1 ;;
-    *"${FAKE_BLOCK:-no call blocks}"*) exec "$FAKE_PYTHON" -c '
-  import os, subprocess, sys
-  p = subprocess.Popen(["sleep", "60"])
-  open(os.environ["FAKE_LOG"] + ".child", "w").write(str(p.pid))
-  sys.exit(p.wait())' ;;
-  esac
-  exit 0
-""")
-FAKE_SRUN = '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_LOG"\n'
-
-
-def _bin(tmp_path, **programs) -> str:
-  d = tmp_path / "bin"
-  d.mkdir(parents=True, exist_ok=True)
-  for name, text in programs.items():
-    (d / name).write_text(text)
-    (d / name).chmod(stat.S_IRWXU)
-  return str(d)
-
-
-def _env(tmp_path, **extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if k not in ("VENV", "WORKDIR", "CONFIG") and not k.startswith("SLURM_")}
-  path = _bin(tmp_path, gcloud=FAKE_GCLOUD, srun=FAKE_SRUN) + os.pathsep + env["PATH"]
-  return {**env, "PATH": path, "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_PYTHON": sys.executable, **extra}
-
-
-def _calls(tmp_path) -> list[str]:
-  log = tmp_path / "calls.log"
-  return log.read_text().splitlines() if log.exists() else []
 
 
 def _tpu_args(tmp_path, *flags) -> list[str]:
@@ -91,7 +51,7 @@ def test_tpu_vm_signal_to_the_script_alone_acts_at_once(tmp_path, block, sig, co
   Ctrl-C, which reaches every process of the group): was deferred until the running gcloud call ended,
   the whole training run, and the command went on. Now the script stops the call (and gcloud's ssh) and
   exits 128 + the signal within seconds."""
-  env = _env(tmp_path, FAKE_BLOCK=block)
+  env = fake_cloud.env(tmp_path, FAKE_BLOCK=block)
   with procs.group() as popen:
     p = popen(["bash", TPU_VM, *_tpu_args(tmp_path)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
     child_file = tmp_path / "calls.log.child"
@@ -108,7 +68,7 @@ def test_tpu_vm_signal_to_the_script_alone_acts_at_once(tmp_path, block, sig, co
   assert p.returncode == code, err
   assert took < 20, f"the script took {took:.0f} s to act on the signal (the blocked call runs 60 s)"
   assert not _alive(grandchild), "gcloud's child (its ssh) still runs"
-  deletes = [c for c in _calls(tmp_path) if " delete " in c]
+  deletes = [c for c in fake_cloud.calls(tmp_path) if " delete " in c]
   assert deletes == (["gcloud compute tpus tpu-vm delete fk --zone=z --quiet"] if deleted else []), deletes
   if not deleted:
     assert "keeping TPU VM fk" in err, err
@@ -132,18 +92,18 @@ def test_tpu_vm_refuses_what_breaks_the_workers_commands(tmp_path, flag, needle)
     args = [flag, *args[1:]]
   else:
     args.insert(3, flag)
-  r = procs.run(["bash", TPU_VM, *args], cwd=tmp_path, env=_env(tmp_path), timeout=60)
+  r = procs.run(["bash", TPU_VM, *args], cwd=tmp_path, env=fake_cloud.env(tmp_path), timeout=60)
   assert r.returncode == 2, r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("fedkd: error: " + needle), r.stderr
   assert len([ln for ln in r.stderr.splitlines() if ln.startswith("fedkd: error:")]) == 1, r.stderr
-  assert _calls(tmp_path) == []
+  assert fake_cloud.calls(tmp_path) == []
 
 
 def test_tpu_vm_accepts_ordinary_paths(tmp_path):
   """The checks above leave alone what users write: nested paths, ~, dots, an empty --fetch (nothing
   fetched)."""
   args = _tpu_args(tmp_path, "--remote_dir=~/work/fedkd-1.2", "--fetch=runs/sweep_v2.1")
-  r = procs.run(["bash", TPU_VM, "--dry_run", *args], cwd=tmp_path, env=_env(tmp_path), timeout=60)
+  r = procs.run(["bash", TPU_VM, "--dry_run", *args], cwd=tmp_path, env=fake_cloud.env(tmp_path), timeout=60)
   assert r.returncode == 0, r.stderr
   assert "fk:\\~/work/fedkd-1.2/runs/sweep_v2.1 runs " in r.stdout, r.stdout
   r = procs.run(["bash", TPU_VM, "--dry_run", *_tpu_args(tmp_path, "--fetch=")], cwd=tmp_path, timeout=60)
@@ -173,7 +133,7 @@ def test_tpu_vm_keep_prints_a_delete_command_that_works(tmp_path):
   """--keep: the printed delete command named neither --project nor, with --queued, the queued resource
   (deleting the node leaves the queued resource); and when a VM of that name already existed (refused,
   nothing created) it still said 'keeping TPU VM' with a delete command for someone else's VM."""
-  env = _env(tmp_path)
+  env = fake_cloud.env(tmp_path)
   r = procs.run(
     ["bash", TPU_VM, *_tpu_args(tmp_path, "--keep", "--queued", "--project=my-proj")], cwd=tmp_path, env=env, timeout=60
   )
@@ -197,10 +157,10 @@ def test_tpu_vm_runs_every_worker_of_a_slice_as_one_process_of_several(tmp_path,
   GKE's), so on a v4-32 fedkd.main skipped jax.distributed.initialize(): no cross-process checks, no preemption
   notice. The script counts the slice's workers (gcloud's networkEndpoints) and runs the command on a slice of
   several with FEDKD_MULTIHOST=1; a single-host VM runs it without (one process, sweeps' parallel runs too)."""
-  env = _env(tmp_path, FAKE_ENDPOINTS=endpoints)
+  env = fake_cloud.env(tmp_path, FAKE_ENDPOINTS=endpoints)
   r = procs.run(["bash", TPU_VM, *_tpu_args(tmp_path)], cwd=tmp_path, env=env, timeout=60)
   assert r.returncode == 0, r.stderr
-  calls = _calls(tmp_path)
+  calls = fake_cloud.calls(tmp_path)
   assert "gcloud compute tpus tpu-vm describe fk --zone=z --format=value(networkEndpoints[].ipAddress)" in calls
   run = next(c for c in calls if "fedkd.main" in c)
   assert run.startswith("gcloud compute tpus tpu-vm ssh fk --zone=z --worker=all --command=cd fedkd && "), run
@@ -213,12 +173,14 @@ def test_tpu_vm_pip_spec_with_an_environment_marker(tmp_path):
   It was put in single quotes on the workers, whose shell dropped the marker's quotes (pip refuses
   'python_version>=3.10': "Expected a marker variable or quoted string")."""
   spec = "jax[tpu]; python_version>='3.10'"
-  r = procs.run(["bash", TPU_VM, f"--pip={spec}", *_tpu_args(tmp_path)], cwd=tmp_path, env=_env(tmp_path), timeout=60)
+  r = procs.run(
+    ["bash", TPU_VM, f"--pip={spec}", *_tpu_args(tmp_path)], cwd=tmp_path, env=fake_cloud.env(tmp_path), timeout=60
+  )
   assert r.returncode == 0, r.stderr
-  install = next(c for c in _calls(tmp_path) if "pip install" in c)
+  install = next(c for c in fake_cloud.calls(tmp_path) if "pip install" in c)
   remote = install.split("--command=", 1)[1]
   # the worker's shell runs it: a python3 that prints its arguments shows what pip would get
-  bin_dir = _bin(tmp_path / "worker", python3='#!/bin/bash\nprintf "<%s>" "$@"; exit 1\n')
+  bin_dir = fake_cloud.programs(tmp_path / "worker" / "bin", python3='#!/bin/bash\nprintf "<%s>" "$@"; exit 1\n')
   work = tmp_path / "worker" / "fedkd"
   work.mkdir()
   out = subprocess.run(
@@ -231,12 +193,12 @@ def test_tpu_vm_pip_spec_with_an_environment_marker(tmp_path):
 def test_slurm_tasks_get_the_jobs_cpus(tmp_path, cpus):
   """#SBATCH --cpus-per-task=16: srun (SLURM 22.05 and later) does not take it from the job
   (SLURM_CPUS_PER_TASK); each task ran on one core. It is passed on to srun."""
-  env = _env(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="9")
+  env = fake_cloud.env(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="9")
   if cpus:
     env["SLURM_CPUS_PER_TASK"] = cpus
   r = procs.run(["bash", SLURM, "--config.name=a b"], cwd=tmp_path, env=env, timeout=60)
   assert r.returncode == 0, r.stderr
-  args = (tmp_path / "calls.log").read_text().splitlines()
+  args = (tmp_path / "calls.log.args").read_text().splitlines()
   expected = ["--ntasks-per-node=1", *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1"]
   assert args == [
     *expected,
