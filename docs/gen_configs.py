@@ -39,7 +39,9 @@ the key and the fix. A key given twice takes its last value. A key that the chos
 (e.g. `algorithm.prox_mu` while `algorithm.name` is not `fedprox`, or `dp.*` with `dp.enabled=False`) is
 named on a `note:` line before the run starts (most such keys: an algorithm's, aggregator's, attack's,
 optimizer's or loss's own parameters, `dp.*`, TFDS-only data keys on synthetic data, FedEFM baselines'
-keys; `fedkd.config.unused_keys`), and a resume may change it. `python -m fedkd.main --helpfull` prints this list too.
+and teacher-KD keys; `fedkd.config.unused_keys`); its value is checked for type, not range (`attack.fraction=0`
+with no attack is noted, not refused), and a resume may change it. `python -m fedkd.main --helpfull` prints this
+list too.
 """
 
 

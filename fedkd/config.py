@@ -8,6 +8,8 @@ line that names the key and the fix (FedEFM's topology is loaded, and checked, b
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import inspect
 import math
@@ -845,6 +847,12 @@ def _unused_fedefm(c) -> dict[str, str]:
     out["fedefm.gradient_push"] = (
       f"config.fedefm.topology={c.fedefm.topology!r} (push-sum gossip needs a file:<path> digraph)"
     )
+  if c.pretrain.objective != "segmentation":
+    for key in _FEDEFM_TEACHER_KD_KEYS:
+      out[f"downstream.{key}"] = f"config.pretrain.objective={c.pretrain.objective!r} (teacher KD needs segmentation)"
+  elif not runs & set(_csv(c.experiment.kd_methods)):
+    for key in _FEDEFM_TEACHER_KD_KEYS:
+      out[f"downstream.{key}"] = "no method of config.experiment.kd_methods is run (no teacher-KD fine-tune)"
   if not runs & set(FEDEFM_DISTILL):
     because = f"no experiment method distils from overseas experts ({' / '.join(FEDEFM_DISTILL)})"
     # fedavg_matched sizes its local steps to FedEFM's round, experts included, unless given a factor
@@ -854,6 +862,17 @@ def _unused_fedefm(c) -> dict[str, str]:
         out[f"fedefm.{key}"] = because
   return out
 
+
+# The downstream keys only the teacher-KD fine-tunes read (experiment.kd_methods).
+_FEDEFM_TEACHER_KD_KEYS = (
+  "kd_scales",
+  "kd_pixel_weight",
+  "kd_feature_weight",
+  "kd_temperature",
+  "kd_confidence",
+  "kd_class_balance",
+  "teacher_adapt_steps",
+)
 
 # The keys only the distilling methods read (the silo update's options and its warm-up).
 _FEDEFM_DISTILL_KEYS = (
@@ -869,6 +888,25 @@ _FEDEFM_DISTILL_KEYS = (
   "detach_weights",
   "warmup_rounds",
 )
+
+
+# The keys of the config being validated that its run does not read (unused_keys): their values are checked for
+# type only, not for range, since the run's note says they have no effect (attack.fraction=0 with no attack).
+_UNREAD: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("fedkd_config_unread", default=frozenset())
+
+
+@contextlib.contextmanager
+def _checking_read_keys_only(c):
+  token = _UNREAD.set(frozenset(unused_keys(c)))
+  try:
+    yield
+  finally:
+    _UNREAD.reset(token)
+
+
+def _unread(key: str) -> bool:
+  """True while validating a config whose run does not read ``key`` (dotted, without 'config.')."""
+  return key in _UNREAD.get()
 
 
 def unread_by_both(saved: dict, current: dict) -> set[str]:
@@ -938,6 +976,8 @@ def unet_groups_problem(width: int, depth: int, groups: int) -> str | None:
 
 def _positive(c, key: str) -> None:
   value = value_at(c, key)
+  if _unread(key):
+    return
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
     raise ConfigError(f"config.{key}={value!r} must be a positive number; set --config.{key} to a value > 0")
 
@@ -1038,6 +1078,8 @@ def _check_key_names(c: ml_collections.ConfigDict, schema: ml_collections.Config
 
 def _int_at_least(c, key: str, low: int, high: int | None = None) -> None:
   value = value_at(c, key)
+  if _unread(key):
+    return
   if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
     rng = f">= {low}" if high is None else f"in {low}..{high}"
     raise ConfigError(f"config.{key}={value!r} must be an integer {rng}; set --config.{key}")
@@ -1150,6 +1192,8 @@ def krum_note(c) -> str | None:
 
 def _at_least(c, key: str, low: float, strict: bool = False) -> None:
   value = value_at(c, key)
+  if _unread(key):
+    return
   bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= low if strict else value < low)
   if bad:
     raise ConfigError(f"config.{key}={value!r} must be a number {'>' if strict else '>='} {low}; set --config.{key}")
@@ -1159,6 +1203,8 @@ def _number(c, key: str, ok: Callable[[float], bool], rule: str, integer: bool =
   """``config.<key>`` must be a (finite; ``integer``: whole) number with ``ok(value)``; returns it."""
   v = value_at(c, key)
   kind = int if integer else (int, float)
+  if _unread(key):
+    return v
   if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
     raise ConfigError(
       f"config.{key}={v!r} must be {'an integer' if integer else 'a number'} {rule}; "
@@ -1205,7 +1251,7 @@ def parse_clients_in_flight(v):
 def _choice(c, key: str, choices) -> str:
   """``config.<key>`` must be one of ``choices`` (strings); returns it."""
   v = value_at(c, key)
-  if v not in choices:
+  if v not in choices and not _unread(key):
     raise ConfigError(f"config.{key}={v!r} is unknown; use one of {', '.join(choices)}")
   return v
 
@@ -1213,6 +1259,8 @@ def _choice(c, key: str, choices) -> str:
 def _check_streams(c) -> None:
   from fedkd.streams import VERSIONS
 
+  if _unread("rng_streams"):
+    return
   if isinstance(c.rng_streams, bool) or c.rng_streams not in VERSIONS:
     raise ConfigError(
       f"config.rng_streams={c.rng_streams!r} is unknown; use 2 (the default: streams named apart from the round "
@@ -1221,6 +1269,8 @@ def _check_streams(c) -> None:
 
 
 def _check_physics(c) -> None:
+  if _unread("data.synthetic_physics"):
+    return
   if isinstance(c.data.synthetic_physics, bool) or c.data.synthetic_physics not in SYNTHETIC_PHYSICS:
     raise ConfigError(
       f"config.data.synthetic_physics={c.data.synthetic_physics!r} is unknown; use 2 (the default: corrected "
@@ -1231,7 +1281,13 @@ def _check_physics(c) -> None:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1) -> int:
   """Checks ``c`` before any work; returns the number of devices on the 'clients' mesh axis. ``processes``: the
-  run's process count (``jax.process_count()``; each process drives ``num_devices / processes`` devices)."""
+  run's process count (``jax.process_count()``; each process drives ``num_devices / processes`` devices). Keys
+  the run does not read (:func:`unused_keys`) are checked for type only."""
+  with _checking_read_keys_only(c):
+    return _validate(c, num_devices, processes)
+
+
+def _validate(c: ml_collections.ConfigDict, num_devices: int, processes: int) -> int:
   if "task" not in c:
     raise ConfigError("config.task is missing; build the config from fedkd.config.base_config()")
   if c.task not in TASKS:
@@ -1293,12 +1349,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1)
   _choice(c, "eval.pick", EVAL_PICKS)
   _check_physics(c)
   _check_streams(c)
-  if 0 < c.data.synthetic_field_size < 32:  # a field of a few pixels: devices wider than the image
+  field_read = not _unread("data.synthetic_field_size")
+  if 0 < c.data.synthetic_field_size < 32 and field_read:  # a field of a few pixels: devices wider than the image
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is too small: the acquisition field is at "
       "least 32 px (0 = the output itself, 512 = a downsampled 512 px view)"
     )
-  if c.data.synthetic_field_size > MAX_FIELD_SIZE:  # devices of a fraction of a pixel: labels on blank pixels
+  if (
+    c.data.synthetic_field_size > MAX_FIELD_SIZE and field_read
+  ):  # devices of a fraction of a pixel: labels on blank pixels
     raise ConfigError(
       f"config.data.synthetic_field_size={c.data.synthetic_field_size} is larger than any detector: the acquisition "
       f"field is at most {MAX_FIELD_SIZE} px (its devices would be far thinner than a pixel of the output, labelled "
@@ -1321,7 +1380,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, processes: int = 1)
     _at_least(c, key, 0.0)
   _at_least(c, "loss.tversky_gamma", 0.0, strict=True)
   for name in ("client_optimizer", "server_optimizer"):
-    if c[name].momentum >= 1:
+    if c[name].momentum >= 1 and not _unread(f"{name}.momentum"):
       raise ConfigError(f"config.{name}.momentum={c[name].momentum} must be < 1 (0 = none)")
     _number(c, f"{name}.weight_decay", lambda v: v >= 0, ">= 0 (0 = none)")  # finite: check_finite above
   if not isinstance(c.engine.skip_nonfinite_clients, bool):
@@ -1558,14 +1617,21 @@ def _validate_fedefm_model(c, name: str) -> None:
 def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   """Checks every FedEFM setting (task 'fedefm') before anything trains, except that the topology
   loads (``fedkd.tasks.fedefm.load_adjacency``); returns the parsed experiment lists: methods,
-  kd_methods, seeds, percents, ablation_methods."""
+  kd_methods, seeds, percents, ablation_methods. Keys the experiment does not read (:func:`unused_keys`) are
+  checked for type only."""
+  with _checking_read_keys_only(c):
+    return _validate_fedefm(c, num_devices)
+
+
+def _validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   check_keys(c, fedefm_base_config())
   if c.task != "fedefm":
     raise ConfigError(f"config.task={c.task!r}: this experiment is task 'fedefm'")
   check_finite(c)
   pos, nonneg, unit = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v <= 1)
   _number(c, "seed", nonneg, ">= 0", integer=True)
-  if type(c.fedefm.get("expert_steps")) is int and c.fedefm.expert_steps == 0:  # the control is a method
+  expert_steps_read = not _unread("fedefm.expert_steps")
+  if type(c.fedefm.get("expert_steps")) is int and c.fedefm.expert_steps == 0 and expert_steps_read:
     raise ConfigError(
       "config.fedefm.expert_steps=0 must be an integer >= 1; the expert_steps = 0 control (KD to the silo's own "
       "round-start model) is the method fedefm_e0: add it to --config.experiment.methods instead"
@@ -1638,6 +1704,8 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     ("scarce_examples", int, lambda v: v >= 1, "image counts >= 1, e.g. '8,32' ('' = no scarce-data curve)"),
     ("kd_scales", float, lambda v: v >= 0 and math.isfinite(v), "KD loss scales >= 0, e.g. '0.1,0.3,1'"),
   ):
+    if _unread(f"downstream.{key}"):
+      continue
     try:
       vals = [kind(v) for v in _csv(str(c.downstream[key]))]
     except ValueError:
@@ -1661,7 +1729,7 @@ def validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
   for key in ("detach_weights", "emd_debias", "directed", "gradient_push"):
     if not isinstance(c.fedefm[key], bool):
       raise ConfigError(f"config.fedefm.{key}={c.fedefm[key]!r} must be True or False")
-  if c.fedefm.expert_steps > c.pretrain.local_steps:
+  if c.fedefm.expert_steps > c.pretrain.local_steps and expert_steps_read:
     raise ConfigError(
       f"config.fedefm.expert_steps={c.fedefm.expert_steps} cannot exceed "
       f"config.pretrain.local_steps={c.pretrain.local_steps} (experts use the neighbour's batches)"
