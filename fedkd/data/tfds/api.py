@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +191,27 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
   return builder
 
 
+_REBUILD_PREFIX = ".fedkd-rebuild-"  # + host-pid: an --overwrite build's temporary folder in data_dir
+
+
+def _remove_dead_rebuilds(data_dir: Path) -> None:
+  """Removes the temporary folders of --overwrite builds on this host whose process has ended (killed before
+  its cleanup ran); another host's, on a shared data_dir, are left alone."""
+  from fedkd.workdir import pid_alive
+
+  mine = f"{_REBUILD_PREFIX}{socket.gethostname()}-"
+  for path in data_dir.glob(f"{_REBUILD_PREFIX}*"):
+    pid = path.name[len(mine) :] if path.name.startswith(mine) else ""
+    if pid.isdigit() and not pid_alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
 def _rebuild_beside(cls, name: str, data_dir: Path, manual_dir, cfg, final: Path):
   """``overwrite`` of a prepared dataset: build the new one in a temporary folder inside ``data_dir``
   and swap it in only once it is complete. A build refused on its inputs (or killed) leaves the old
   dataset as it was; TFDS' own FORCE_REDOWNLOAD deletes it before it reads the first input file."""
-  tmp = data_dir / f".fedkd-rebuild-{os.getpid()}"
+  _remove_dead_rebuilds(data_dir)
+  tmp = data_dir / f"{_REBUILD_PREFIX}{socket.gethostname()}-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     fresh = cls(data_dir=str(tmp), config=cfg, file_format="array_record")

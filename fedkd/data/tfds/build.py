@@ -63,7 +63,7 @@ def _summary(builder) -> list[str]:
   info = builder.info
   lines = [f"built {info.name}/{info.config_name} version {info.version} in {builder.data_dir}"]
   for split, sinfo in info.splits.items():
-    src = SegmentationSource(builder.as_data_source(split=split))
+    src = SegmentationSource(builder.as_data_source(split=split), name=f"{info.name}/{info.config_name} {split}")
     shapes, sites = {}, set()
     for i in range(min(len(src), _SHAPE_SAMPLE)):
       ex = src[i]
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     return 2
   # TFDS/absl progress bars, notices and "custom config" warnings would drown the summary.
   logging.getLogger("absl").setLevel(logging.ERROR)
+  builder = None
   try:
     import tensorflow_datasets as tfds
 
@@ -178,6 +179,14 @@ def main(argv=None) -> int:
       source = f" from {manual_dir}" if manual_dir else ""
       lines[0] = lines[0].replace("built ", "already prepared (reused): ", 1)
       lines.append(f"note: the source was not read again; pass --overwrite to rebuild it{source}")
+  except KeyboardInterrupt:
+    done = f"the dataset in {builder.data_dir} is prepared" if builder is not None else None
+    print(
+      f"interrupted: {done or 'nothing was prepared (a version prepared before is kept as it was)'}; "
+      "run the command again" + (" to see its summary" if done else ""),
+      file=sys.stderr,
+    )
+    return 130
   except DatasetInputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

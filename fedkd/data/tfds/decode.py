@@ -222,11 +222,13 @@ def _read_dicom(path: Path):
     with _pydicom_quiet():
       arr = np.asarray(ds.pixel_array)
   except Exception as e:
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and not getattr(ts, "is_compressed", True):  # raw pixels that do not decode: cut short
+      fix = "the file is uncompressed, so its pixel data is damaged or cut short: re-export it or remove it"
+    else:
+      fix = "for compressed DICOM install pylibjpeg with pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)"
     raise DatasetInputError(
-      f"{path}: cannot decode DICOM pixel data (transfer syntax {ts}; "
-      f"{type(e).__name__}: {e}); for compressed DICOM install pylibjpeg with "
-      f"pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)"
+      f"{path}: cannot decode DICOM pixel data (transfer syntax {ts or 'unknown'}; {type(e).__name__}: {e}); {fix}"
     ) from None
   nframes = int(ds.get("NumberOfFrames", 1) or 1)
   spp = int(ds.get("SamplesPerPixel", 1) or 1)

@@ -173,15 +173,39 @@ def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool
     masks = np.stack(parts)
     mask_desc = str(paths[0])
   else:
+    found = _unusable_masks(pair)
     raise DatasetInputError(
       f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
       f"(or {pair.stem}.dcm / {pair.stem}.npy"
       + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
-      + "); add it or remove the image"
+      + ")"
+      + (f", and {found}" if found else "")
+      + "; add it or remove the image"
     )
   if masks.shape[1:] != (h, w):
     raise _size_error(pair.image, (h, w), Path(mask_desc), masks.shape[1:])
   return frames, masks, multi
+
+
+def _unusable_masks(pair: Pair) -> str:
+  """What ``pair``'s mask folder holds under the image's name that cannot be its mask (a broken link, a
+  JPEG, another format), for the missing-mask message; '' if nothing."""
+  try:
+    entries = sorted(os.scandir(pair.mask_dir), key=lambda e: e.name)
+  except OSError:
+    return ""
+  out = []
+  for e in entries:
+    p = Path(e.name)
+    if nfc(p.stem) != nfc(pair.stem):
+      continue
+    if e.is_symlink() and not os.path.exists(e.path):
+      out.append(f"{e.name} is a broken link (to {os.readlink(e.path)})")
+    elif p.suffix.lower() in (".jpg", ".jpeg"):
+      out.append(f"{e.name} is a JPEG (lossy compression changes label values: save masks as PNG)")
+    elif p.suffix.lower() not in pair.mask_exts:
+      out.append(f"{e.name} is not a mask format")
+  return "; ".join(out)
 
 
 def _size_error(image: Path, ishape, mask: Path, mshape) -> DatasetInputError:
@@ -200,19 +224,43 @@ def pair_mask_files(pair: Pair, nframes: int, multi: bool) -> list[Path]:
   return [pair.frame_mask_path(f) for f in range(nframes)] if multi else []
 
 
-def validate_pairs(pairs: Iterable[Pair], spec: LabelSpec, used_masks: set[Path] | None = None) -> int:
+def example_ids(pair: Pair, nframes: int, multi: bool) -> list[str]:
+  """The record ids of ``pair``'s frames: ``id_prefix``, or ``id_prefix#f`` for frame f of a cine file."""
+  return [f"{pair.id_prefix}#{f}" for f in range(nframes)] if multi else [pair.id_prefix]
+
+
+def validate_pairs(
+  pairs: Iterable[Pair],
+  spec: LabelSpec,
+  used_masks: dict[Path, Path] | None = None,
+  ids: dict[str, Path] | None = None,
+) -> int:
   """Decode every pair once; raise one ``DatasetInputError`` listing all problems.
-  Returns the number of examples (frames) that will be written; adds the mask files read to
-  ``used_masks`` when given."""
+  Returns the number of examples (frames) that will be written. ``used_masks`` ({mask file: its image})
+  and ``ids`` ({record id: its image}), when given, collect what the pairs read and write across calls: a
+  mask file read for two images, or a record id given to two, is a problem naming both."""
   problems, count = [], 0
   for pair in pairs:
     try:
       frames, _, multi = load_pair(pair, spec)
-      count += frames.shape[0]
-      if used_masks is not None:
-        used_masks.update(pair_mask_files(pair, frames.shape[0], multi))
     except DatasetInputError as e:
       problems.extend(e.problems)
+      continue
+    count += frames.shape[0]
+    for mask in pair_mask_files(pair, frames.shape[0], multi) if used_masks is not None else ():
+      other = used_masks.setdefault(mask, pair.image)
+      if other != pair.image:
+        problems.append(
+          f"{mask}: read as the mask of both {other.name} and {pair.image.name} (frame f of a cine file X takes "
+          f"the per-frame mask X_<f:04d>.png); rename one of the images"
+        )
+    for ex_id in example_ids(pair, frames.shape[0], multi) if ids is not None else ():
+      other = ids.setdefault(ex_id, pair.image)
+      if other != pair.image:
+        problems.append(
+          f"{pair.image}: its record id {ex_id!r} is also the id of {other.name} (frame f of a cine file X gets "
+          f"the id 'X#f'); rename one of them"
+        )
   if problems:
     raise DatasetInputError(problems)
   return count
@@ -222,8 +270,7 @@ def generate_pairs(pairs: Iterable[Pair], spec: LabelSpec, site: str):
   """Yield ``(key, record)`` for every frame of every pair."""
   for pair in pairs:
     frames, masks, multi = load_pair(pair, spec)
-    for f in range(frames.shape[0]):
-      ex_id = f"{pair.id_prefix}#{f}" if multi else pair.id_prefix
+    for f, ex_id in enumerate(example_ids(pair, frames.shape[0], multi)):
       yield ex_id, record(frames[f], masks[f], site, ex_id)
 
 

@@ -149,12 +149,23 @@ def track_split_stats(info, split: str, examples):
     contents[split] = f"{total % 2**256:064x}"
 
 
+MAX_CONFIG_NAME_BYTES = 128
+
+
 def config_safe_name(name: str) -> str:
   """A TFDS-valid config name (letters, digits, ``_ - . +``) derived from ``name``."""
   safe = re.sub(r"[^\w\-.+]", "_", str(name).strip())
   safe = safe.strip(".")
+  if len(safe.encode()) > MAX_CONFIG_NAME_BYTES:  # it names a folder: most file systems stop at 255 bytes
+    raise DatasetInputError(
+      f"the config name {safe[:40]!r}... is {len(safe.encode())} bytes long, more than a folder name of the dataset "
+      f"may be ({MAX_CONFIG_NAME_BYTES}); give a shorter name (CLI: --site=NAME or --config=NAME)"
+    )
   if not safe:
-    raise DatasetInputError(f"cannot derive a config name from {name!r}; pass config=NAME")
+    raise DatasetInputError(
+      f"cannot derive a config name from {name!r}; give a name of letters or digits (CLI: --site=NAME or "
+      "--config=NAME; Python: site= or config=)"
+    )
   return safe
 
 

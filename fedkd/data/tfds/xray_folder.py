@@ -164,17 +164,17 @@ def check_folder(root: Path, splits: dict[str, list[Pair]], spec: LabelSpec) -> 
   for pairs in splits.values():
     for pair in pairs:
       groups.setdefault(pair.mask_dir, []).append(pair)
-  problems, total = [], 0
+  problems, total, ids = [], 0, {}
   with decode.collect_notes() as notes:
     for masks_dir, pairs in groups.items():  # stems are unique within one mask folder, not across them
-      used, failed, frames = set(), set(), {}
+      used, failed, frames = {}, set(), {}
       for pair in pairs:
         try:
-          frames[pair.stem] = folders.validate_pairs([pair], spec, used)
+          frames[pair.stem] = folders.validate_pairs([pair], spec, used, ids)
         except DatasetInputError as e:
           problems.extend(e.problems)
           failed.add(pair.stem)
-      problems.extend(_orphan_masks(masks_dir, {p.stem: p for p in pairs}, used, failed, frames))
+      problems.extend(_orphan_masks(masks_dir, {p.stem: p for p in pairs}, set(used), failed, frames))
       total += sum(frames.values())
   if problems:
     raise DatasetInputError(problems)
@@ -266,13 +266,18 @@ def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
       f"{path}: splits.json must map split names to lists of image "
       f'stems, e.g. {{"train": ["a", "b"], "test": ["c"]}}'
     )
-  problems, seen, out = [], {}, {}
+  problems, seen, out, refused = [], {}, {}, set()
   composed = {folders.nfc(s): s for s in by_stem}  # splits.json typed in NFC, file names listed in NFD
   for name, stems in data.items():
     if not _SPLIT_NAME.match(name):
       problems.append(f"{path}: invalid split name {name!r} (use letters, digits, _ -)")
+    elif name.lower() == "all":  # TFDS reads 'all' (any case) as every split together
+      problems.append(f"{path}: split name {name!r} is reserved by TFDS (it means every split); use another name")
+    else:
+      out[name] = []
+    if name not in out:  # its images are named by the problem above, not as unlisted
+      refused.update(stems)
       continue
-    out[name] = []
     for s in stems:
       stem = s
       if stem not in by_stem and Path(s).suffix and folders.nfc(Path(s).stem) in composed:
@@ -289,7 +294,7 @@ def _read_splits(path: Path, by_stem: dict[str, Path]) -> dict[str, list[str]]:
       else:
         seen[stem] = name
         out[name].append(stem)
-  unlisted = sorted(set(by_stem) - set(seen))
+  unlisted = sorted(set(by_stem) - set(seen) - refused)
   if unlisted:
     problems.append(
       f"{path}: {len(unlisted)} image(s) not listed in any split "

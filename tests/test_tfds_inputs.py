@@ -1,0 +1,188 @@
+"""A hospital folder's mistakes the build used to miss or misname: a split TFDS reserves, two images whose
+records or masks collide, a mask folder holding a JPEG or a broken link, a cut-short uncompressed DICOM, a site
+name too long for a folder, a damaged prepared dataset, Ctrl-C, and the temporary folder of a killed rebuild.
+Each is one problem naming the files and the fix; the expected texts name what the test wrote."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedkd.data import tfds as fdata
+from fedkd.data.tfds import api
+
+from fedkd.data.tfds.records import DatasetInputError
+
+pytest.importorskip("pydicom")
+from test_dicom import new_dataset  # noqa: E402
+
+build_cli = importlib.import_module("fedkd.data.tfds.build")  # the package attribute is the function
+
+H = W = 40
+
+
+def _folder(root, stems=("x0", "x1", "x2"), test=("x2",)):
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  for i, s in enumerate(stems):
+    Image.fromarray(np.full((H, W), 10 * i, np.uint8)).save(root / "images" / f"{s}.png")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(root / "masks" / f"{s}.png")
+  _splits(root, [s for s in stems if s not in test], list(test))
+  return root
+
+
+def _splits(root, train, test, **more):
+  (root / "splits.json").write_text(json.dumps({"train": list(train), "test": list(test), **more}))
+
+
+def _cine(path, frames=2):
+  new_dataset(np.arange(frames * H * W, dtype=np.uint8).reshape(frames, H, W)).save_as(path, enforce_file_format=True)
+
+
+def _problems(tmp_path, folder, **kw) -> list[str]:
+  with pytest.raises(DatasetInputError) as e:
+    fdata.build("xray_folder", tmp_path / "tfds", manual_dir=folder, **kw)
+  assert fdata.prepared_configs("xray_folder", tmp_path / "tfds") == []
+  return e.value.problems
+
+
+@pytest.mark.parametrize("name", ["all", "ALL", "All"])
+def test_a_split_named_all_is_refused(tmp_path, name):
+  """TFDS reads 'all' in any case as every split together: the build ended in its ValueError traceback."""
+  folder = _folder(tmp_path / "h", stems=("x0", "x1", "x2", "x3"))
+  _splits(folder, ["x0", "x1"], ["x2"], **{name: ["x3"]})
+  assert _problems(tmp_path, folder) == [
+    f"{folder / 'splits.json'}: split name {name!r} is reserved by TFDS (it means every split); use another name"
+  ]
+
+
+def test_a_record_id_given_to_two_images_is_refused(tmp_path):
+  """Frame 1 of cine a.dcm and the image a#1.png both became record 'a#1' (ids are documented unique)."""
+  folder = _folder(tmp_path / "h")
+  _cine(folder / "images" / "a.dcm")
+  np.save(folder / "masks" / "a.npy", np.zeros((2, H, W), np.uint8))
+  Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "images" / "a#1.png")
+  Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "masks" / "a#1.png")
+  _splits(folder, ["x0", "x1", "a", "a#1"], ["x2"])
+  assert _problems(tmp_path, folder) == [
+    f"{folder / 'images' / 'a#1.png'}: its record id 'a#1' is also the id of a.dcm (frame f of a cine file X gets "
+    "the id 'X#f'); rename one of them"
+  ]
+
+
+def test_a_mask_file_read_for_two_images_is_refused(tmp_path):
+  """masks/run_0001.png was both frame 1's mask of cine run.dcm and the mask of image run_0001.png."""
+  folder = _folder(tmp_path / "h")
+  _cine(folder / "images" / "run.dcm")
+  for f in range(2):
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "masks" / f"run_{f:04d}.png")
+  Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "images" / "run_0001.png")
+  _splits(folder, ["x0", "x1", "run", "run_0001"], ["x2"])
+  assert _problems(tmp_path, folder) == [
+    f"{folder / 'masks' / 'run_0001.png'}: read as the mask of both run.dcm and run_0001.png (frame f of a cine "
+    "file X takes the per-frame mask X_<f:04d>.png); rename one of the images"
+  ]
+
+
+def test_a_missing_mask_names_what_stands_in_its_place(tmp_path):
+  """A JPEG mask, or a link whose target moved: the message said only 'missing mask', naming neither."""
+  folder = _folder(tmp_path / "h")
+  (folder / "masks" / "x0.png").rename(folder / "masks" / "x0.jpg")
+  (folder / "masks" / "x1.png").unlink()
+  (folder / "masks" / "x1.png").symlink_to(tmp_path / "moved.png")
+  expected = "{m}: missing mask; expected {e} (or {s}.dcm / {s}.npy), and {why}; add it or remove the image"
+  assert _problems(tmp_path, folder) == [
+    expected.format(
+      m=folder / "images" / "x0.png",
+      e=folder / "masks" / "x0.png",
+      s="x0",
+      why="x0.jpg is a JPEG (lossy compression changes label values: save masks as PNG)",
+    ),
+    expected.format(
+      m=folder / "images" / "x1.png",
+      e=folder / "masks" / "x1.png",
+      s="x1",
+      why=f"x1.png is a broken link (to {tmp_path / 'moved.png'})",
+    ),
+  ]
+
+
+def test_a_cut_short_uncompressed_dicom_is_not_sent_to_a_decoder_plugin(tmp_path):
+  """The advice was to install JPEG plugins or decompress, for a file that is not compressed."""
+  folder = _folder(tmp_path / "h")
+  path = folder / "images" / "c.dcm"
+  _cine(path)
+  path.write_bytes(path.read_bytes()[: -H * W])  # the second frame's pixels cut off
+  np.save(folder / "masks" / "c.npy", np.zeros((2, H, W), np.uint8))
+  _splits(folder, ["x0", "x1", "c"], ["x2"])
+  (problem,) = _problems(tmp_path, folder)
+  assert problem.startswith(f"{path}: cannot decode DICOM pixel data (transfer syntax 1.2.840.10008.1.2.1;"), problem
+  assert problem.endswith(
+    "the file is uncompressed, so its pixel data is damaged or cut short: re-export it or remove it"
+  ), problem
+  assert "pylibjpeg" not in problem
+
+
+def test_a_site_name_too_long_for_a_folder_is_refused(tmp_path):
+  """It was an OSError 'File name too long' with advice to check that --data_dir is writable."""
+  folder = _folder(tmp_path / "h")
+  (problem,) = _problems(tmp_path, folder, site="s" * 200)
+  assert problem == (
+    f"the config name {'s' * 40!r}... is 200 bytes long, more than a folder name of the dataset may be (128); give "
+    "a shorter name (CLI: --site=NAME or --config=NAME)"
+  )
+
+
+def test_a_damaged_prepared_dataset_is_named(tmp_path, capsys):
+  folder = _folder(tmp_path / "hosp")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=folder)
+  (shard,) = data_dir.glob("xray_folder/hosp/*/*train.array_record*")
+  shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+  capsys.readouterr()  # the build's progress bars
+  code = build_cli.main(["--dataset=xray_folder", f"--manual_dir={folder}", f"--data_dir={data_dir}"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and err[0].startswith("error: xray_folder/hosp train: "), err
+
+
+def test_ctrl_c_during_a_build_is_one_line(tmp_path, capsys, monkeypatch):
+  """Ctrl-C printed a KeyboardInterrupt traceback (the old dataset stays, as api.build's own tests check)."""
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(build_cli, "build", interrupted)
+  folder = _folder(tmp_path / "h")
+  code = build_cli.main(["--dataset=xray_folder", f"--manual_dir={folder}", f"--data_dir={tmp_path / 'tfds'}"])
+  assert code == 130
+  assert capsys.readouterr().err.strip().splitlines() == [
+    "interrupted: nothing was prepared (a version prepared before is kept as it was); run the command again"
+  ]
+
+
+def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
+  """An --overwrite build SIGKILLed mid-way left data_dir/.fedkd-rebuild-<pid> for good (its pid never comes
+  back). The next rebuild removes this host's folders of processes that ended; another host's stays."""
+  folder = _folder(tmp_path / "h")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=folder)
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  host = socket.gethostname()
+  dead, other, old_style = (
+    data_dir / n for n in (f".fedkd-rebuild-{host}-{ended.pid}", ".fedkd-rebuild-elsewhere-1", ".x")
+  )
+  for d in (dead, other, old_style):
+    (d / "xray_folder").mkdir(parents=True)
+  fdata.build("xray_folder", data_dir, manual_dir=folder, overwrite=True)
+  assert not dead.exists() and other.exists() and old_style.exists()
+  assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith(api._REBUILD_PREFIX)) == [other.name]
+  assert os.path.isfile(next(data_dir.glob("xray_folder/h/*/dataset_info.json")))
