@@ -79,7 +79,7 @@ def test_a_config_written_before_the_key_keeps_optaxs_default_decay():
 @pytest.mark.parametrize("name", ["client_optimizer", "server_optimizer"])
 def test_a_bad_weight_decay_is_a_config_error_naming_the_key(name, value):
   c = config_lib.base_config()
-  c[name].weight_decay = value
+  c[name].name, c[name].weight_decay = "adamw", value  # read by adamw only (range-checked where read)
   with pytest.raises(ConfigError, match=rf"config\.{name}\.weight_decay=\S+ .*(finite|>= 0)"):
     config_lib.validate(c, 8)
 
