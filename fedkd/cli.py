@@ -28,6 +28,9 @@ from fedkd.errors import reason
 _FLAGFILE = re.compile(r"--?flagfile(=|$)")  # an argument that names a flag file (absl's --flagfile / -flagfile)
 
 
+STOP_VERBS = {"interrupted": "interrupted", "hung up": "stopped (SIGHUP: its terminal closed)"}  # Stopped.reason
+
+
 def _define_config_flag():
   """``--config``. ml_collections reads ``--flagfile=`` files of ``sys.argv`` as the flag is defined; one it
   cannot open is reported by :func:`parse` as one line, not as a traceback while this module imports."""
@@ -141,7 +144,7 @@ def run_app(
         "image_size, examples_per_client, eval.examples_per_site or the model's size (what was saved is kept)"
       )
     except Stopped as e:
-      verb = "interrupted" if e.reason == "interrupted" else "preempted"
+      verb = STOP_VERBS.get(e.reason, "preempted")
       saved = "checkpoint saved" if e.what == "round" else "what it had finished is saved"
       print(
         f"fedkd: {verb} at {e.what} {e.round} ({saved}); re-run the same command to resume", file=sys.stderr, flush=True

@@ -295,6 +295,14 @@ class RunLog:
     if self._tb_wanted and self._tb is None:  # before this run's first scalar: its own file is not open yet
       drop_tb_steps_after(os.fspath(self.tb_dir), last_round)
 
+  def flush(self) -> None:
+    """Writes the TensorBoard scalars so far to disk (tensorboardX buffers them for up to 10 s): a run killed
+    after its next checkpoint keeps them, and a resume, which drops only the steps after that checkpoint, never
+    writes them again."""
+    if self._tb is not None:
+      self._tb.flush()
+    self._check_tb()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -40,14 +40,17 @@ def completing():
 
 @contextlib.contextmanager
 def held_signals():
-  """A short block (files renamed into place one after another) that Ctrl-C and SIGTERM do not cut: a signal
+  """A short block (files renamed into place one after another) that Ctrl-C, SIGTERM and SIGHUP do not cut: a signal
   that arrives inside it is acted on, as the handler before the block would have, once the block ends (main
   thread only; elsewhere a no-op)."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
   arrived: list[int] = []
-  old = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+  held = [signal.SIGINT, signal.SIGTERM]
+  if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+    held.append(signal.SIGHUP)
+  old = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
   try:
     yield
   finally:
@@ -100,41 +103,50 @@ class Stopped(Exception):
 
   @property
   def exit_code(self) -> int:
-    return 130 if self.reason == "interrupted" else 0
+    return EXIT_CODES.get(self.reason, 0)
+
+
+EXIT_CODES = {"interrupted": 130, "hung up": 129}  # 128 + SIGINT / SIGHUP; preempted (SIGTERM): 0
 
 
 class StopSignals:
-  """Catches SIGTERM and the first SIGINT while active (main thread only; elsewhere a no-op)."""
+  """Catches SIGTERM, SIGHUP (unless ignored, as under ``nohup``) and the first SIGINT while active (main thread
+  only; elsewhere a no-op). The run's stop ``reason``: "interrupted" once a Ctrl-C came (whatever came before
+  or after it), else "hung up" (the terminal closed) or "preempted" (SIGTERM, a preemption notice)."""
 
   def __init__(self, log=None):
     self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     self.reason: str | None = None
+    self._ctrl_c = False
     self._old: dict = {}
 
   def _on_signal(self, signum, frame):
     global _deferred
     if signum == signal.SIGINT:
-      if self.reason is not None:  # second Ctrl-C: stop now, or once the checkpoint being written is complete
+      if self._ctrl_c:  # second Ctrl-C: stop now, or once the checkpoint being written is complete
         if _completing:
           if not _deferred:
             self.log("\nCtrl-C again: stopping once the checkpoint being written is complete")
           _deferred = True
           return
         raise KeyboardInterrupt
+      self._ctrl_c, stopping = True, self.reason is not None
       self.reason = "interrupted"
       self.log(
-        "\nCtrl-C: stopping after this round (its checkpoint is saved); press Ctrl-C again to "
-        "stop at once without saving it"
+        f"\nCtrl-C: {'already ' if stopping else ''}stopping after this round (its checkpoint is saved); press Ctrl-C "
+        "again to stop at once without saving it"
       )
-    else:
-      if self.reason is None:
-        self.log(f"\n{signal.Signals(signum).name}: saving this round's checkpoint, then stopping")
-      self.reason = "preempted"
+      return
+    if self.reason is None:
+      self.log(f"\n{signal.Signals(signum).name}: saving this round's checkpoint, then stopping")
+      self.reason = "hung up" if signum == signal.SIGHUP else "preempted"
 
   def __enter__(self) -> StopSignals:
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._on_signal)
+      if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # nohup's SIG_IGN stays: the run goes on
+        self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_signal)
     self._resend = ctrl_c_raises()  # a second Ctrl-C raised where Python drops it is sent again
     self._resend.__enter__()
     return self

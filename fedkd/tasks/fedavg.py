@@ -674,8 +674,10 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
         held_out = f"  | held-out dice catheter {rec['dice/catheter']:.4f} guidewire {rec['dice/guidewire']:.4f}"
       if timed_rounds:
         per = timed_s / timed_rounds
-        # evaluations left at their mean time (the first one in the loop may include its compilation)
-        per_eval = float(np.mean(eval_seconds[1:] or eval_seconds)) if eval_seconds else 0.0
+        # evaluations left at their mean time; a resumed run's first one compiled the evaluator (a fresh run
+        # compiled it for round 0), so it is left out, also while it is the only one
+        warm = eval_seconds[1:] if start else eval_seconds
+        per_eval = float(np.mean(warm)) if warm else 0.0
         eta = (last_round - r) * per + evaluations_left(r, last_round, config.eval.every) * per_eval
         pace = f"{imgs_per_round / per:7.1f} img/s  eta {eta:5.0f}s"
       else:
@@ -686,6 +688,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if stopping or r % config.checkpoint.every == 0 or r == last_round:
         if not checked:  # a save a stop signal asked for
           check_outputs(r)
+        runlog.flush()  # the TensorBoard scalars up to this round on disk before the checkpoint that keeps them
         ckpt.save(r, state, cfg_json, data.get_state(), None if clients_store is None else clients_store.state_dict())
         last_saved = r
         stopping = stopping or requested_again(stop, r)  # a signal during the save

@@ -543,6 +543,7 @@ def _train(
         rep.runlog.record(rec)
         results[i] = (rec, per_site)
       if saving:
+        rep.runlog.flush()  # its TensorBoard scalars on disk before the checkpoint that keeps them
         rep.ckpt.save(r, states[i], rep.cfg_json, rep.data.get_state(), None)
     if saving:
       last_saved = r
