@@ -247,20 +247,25 @@ def validate_pairs(
       problems.extend(e.problems)
       continue
     count += frames.shape[0]
-    for mask in pair_mask_files(pair, frames.shape[0], multi) if used_masks is not None else ():
-      other = used_masks.setdefault(mask, pair.image)
-      if other != pair.image:
-        problems.append(
-          f"{mask}: read as the mask of both {other.name} and {pair.image.name} (frame f of a cine file X takes "
-          f"the per-frame mask X_<f:04d>.png); rename one of the images"
-        )
-    for ex_id in example_ids(pair, frames.shape[0], multi) if ids is not None else ():
-      other = ids.setdefault(ex_id, pair.image)
-      if other != pair.image:
-        problems.append(
-          f"{pair.image}: its record id {ex_id!r} is also the id of {other.name} (frame f of a cine file X gets "
-          f"the id 'X#f'); rename one of them"
-        )
+    claims = (
+      (
+        used_masks,
+        pair_mask_files(pair, frames.shape[0], multi),
+        "{0}: read as the mask of both {1} and {2} (frame "
+        "f of a cine file X takes the per-frame mask X_<f:04d>.png); rename one of the images",
+      ),
+      (
+        ids,
+        example_ids(pair, frames.shape[0], multi),
+        "{3}: its record id {0!r} is also the id of {1} (frame f of a "
+        "cine file X gets the id 'X#f'); rename one of them",
+      ),
+    )
+    for owners, keys, problem in claims:
+      for key in keys if owners is not None else ():
+        other = owners.setdefault(key, pair.image)
+        if other != pair.image:
+          problems.append(problem.format(key, other.name, pair.image.name, pair.image))
   if problems:
     raise DatasetInputError(problems)
   return count
