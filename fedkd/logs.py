@@ -12,7 +12,6 @@ written again by the resumed run) are dropped from ``tb/``'s event files, so tha
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
@@ -21,6 +20,7 @@ import threading
 from typing import Any
 from collections.abc import Callable
 
+from fedkd.report import is_finite_number
 from fedkd.workdir import as_path, is_remote, write_atomic
 
 
@@ -70,11 +70,6 @@ def evaluations_left(r: int, last_round: int, every: int) -> int:
 def is_count(v) -> bool:
   """A JSON whole number (an int, not a bool)."""
   return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_finite_number(v) -> bool:
-  """A JSON number (int or float, not a bool) other than NaN / Infinity."""
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # the fields of a run's records that it reads back on resume, and what each must be

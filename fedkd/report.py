@@ -376,6 +376,23 @@ def is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_finite_number(v) -> bool:
+  """A JSON number (not a bool) that is finite as a float: NaN, Infinity and an integer too large for a float
+  (``10**400``, on which ``math.isfinite`` raises) are not."""
+  if not is_number(v):
+    return False
+  try:
+    return math.isfinite(v)
+  except OverflowError:
+    return False
+
+
+def shown_value(v) -> str:
+  """A JSON value for an error message: null for None, else its repr, at most 40 characters."""
+  text = "null" if v is None else repr(v)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _null_for_nan(x):
   """``x`` with every NaN float (a metric no image defines, e.g. hd95 with nothing predicted) as None."""
   if isinstance(x, dict):

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -110,6 +112,14 @@ RESULT_KEYS = (
   "iou/guidewire",
   "dice/mean",
 )
+SCORES = ("dice/catheter", "iou/catheter", "dice/guidewire", "iou/guidewire", "dice/mean")  # of each setting
+
+
+def _score_key(k: str) -> bool:
+  """Whether a top-level key of a results_raw.jsonl record is a number the tables or contrasts read."""
+  return k in RESULT_KEYS[4:] or k in ("foundation", "seconds") or re.match(r"(n\d+|probe)/", k) is not None
+
+
 # Config groups that do not change any number in the results: a workdir's results and checkpoints
 # stay valid when only these differ.
 FREE_KEYS = ("experiment", "checkpoint", "log_every")
@@ -411,8 +421,8 @@ class Experiment:
     self.mesh = client_mesh(c.mesh.client_devices or int(np.gcd(n, jax.device_count())))
     self.mesh1 = client_mesh(1)
     self._stop_checks = 0
-    self._from = None  # config.experiment.foundations_from, checked by run()
-    self._checked = None  # (finished runs, checkpoints in progress) of the last check_workdir()
+    self._from: list[str] = []  # config.experiment.foundations_from and the workdirs it reused from, checked
+    self._checked = None  # (finished runs, checkpoints in progress, results repair) of the last check_workdir()
     self._models = False
 
   def build_models(self) -> None:
@@ -1060,43 +1070,99 @@ class Experiment:
         )
     return notes
 
-  def read_results(self, raw_path: str) -> dict:
-    """Finished runs of results_raw.jsonl by (percent, method, kd, seed). A last line cut short (the
-    experiment was killed while writing it) is dropped with a note and removed from the file; any
-    other unreadable line is a ConfigError naming it."""
+  def read_results(self, raw_path: str) -> tuple[list[tuple[int, dict]], tuple[str, str] | None]:
+    """The records of results_raw.jsonl with their line numbers, read without changing the file, and the
+    repair the file needs before more is appended (:meth:`run` makes it once the workdir is checked): its new
+    text and a note to print (or ""), else None. A last line without its newline that is not complete JSON
+    (a write cut short by a kill, or a crashed write's NUL padding) is dropped by the repair (its run is
+    redone); a complete last record without its newline gets one. Any other line that is not JSON, and any
+    JSON line that is not a result record, is a ConfigError naming it."""
     if not os.path.exists(raw_path):
-      return {}
+      return [], None
     with open(raw_path, "rb") as f:
       text = f.read().decode("utf-8", errors="replace")
     lines = text.split("\n")
-    tail = lines.pop()  # "" when the file ends with a newline; else a line cut short
-    if not tail.strip("\x00 \t\r") and tail:
-      tail = "\x00"  # NUL padding of a crashed write: not a record
-    numbered = [(i, line) for i, line in enumerate(lines + ([tail] if tail else []), 1) if line.strip()]
-    done, kept = {}, []
-    for pos, (i, line) in enumerate(numbered):
+    tail = lines.pop()  # "" when the file ends with a newline; else a line without its newline
+    records, kept, note = [], [], ""
+    fix = "delete that line (its run is redone) or use a new --workdir"
+    for i, line in enumerate(lines + [tail], 1):
+      if not line.strip():
+        continue
       try:
         r = json.loads(line)
-        if not isinstance(r, dict) or any(k not in r for k in RESULT_KEYS[:4]):
-          raise ValueError(f"not a result record (needs {', '.join(RESULT_KEYS[:4])})")
-        key = (r["unseen_percent"], r["method"], r["teacher_kd"], r["seed"])
-        hash(key)
-      except (ValueError, TypeError) as e:
-        if pos == len(numbered) - 1:  # the last line: a write cut short by a kill
-          self.log(
+      except ValueError as e:
+        if i == len(lines) + 1:  # no newline after it: a write cut short by a kill
+          note = (
             f"note: {raw_path}: dropped its last line ({i}), which was cut short (the experiment was "
             "stopped while writing it); that run is redone"
           )
-          write_atomic(epath.Path(raw_path), "".join(l + "\n" for l in kept))
-          return done
+          break
+        raise ConfigError(f"{raw_path}: line {i} is unreadable ({reason(e, 120)}); {fix}") from None
+      if not isinstance(r, dict) or any(k not in r for k in RESULT_KEYS[:4]):
+        what = (
+          f"a JSON {type(r).__name__}"
+          if not isinstance(r, dict)
+          else "a record without " + ", ".join(k for k in RESULT_KEYS[:4] if k not in r)
+        )
         raise ConfigError(
-          f"{raw_path}: line {i} is unreadable ({reason(e, 120)}); delete "
-          "that line (its run is redone) or use a new --workdir"
+          f"{raw_path}: line {i} is not a result record ({what}; a record holds {', '.join(RESULT_KEYS[:4])} "
+          f"and the scores); {fix}"
+        )
+      try:
+        hash((r["unseen_percent"], r["method"], r["teacher_kd"], r["seed"]))
+      except TypeError:
+        raise ConfigError(
+          f"{raw_path}: line {i} is not a result record (a list or object where {', '.join(RESULT_KEYS[:4])} "
+          f"hold a number, name or flag); {fix}"
         ) from None
-      done[key] = r
+      records.append((i, r))
       kept.append(line)
-    if tail:  # a complete last record without its newline: end the line before appending more
-      write_atomic(epath.Path(raw_path), "".join(l + "\n" for l in kept))
+    # a cut-short line is dropped; a complete last record gets its newline before anything is appended
+    repair = ("".join(l + "\n" for l in kept), note) if tail else None
+    return records, repair
+
+  def check_records(self, raw_path: str, records: list[tuple[int, dict]]) -> dict:
+    """The finished runs of ``records`` (:meth:`read_results`) by (percent, method, kd, seed), each checked
+    (a ConfigError naming the file, line and key otherwise): one record per run; every score it holds
+    (``SCORES`` of each setting, ``foundation``, ``seconds``) a finite number, ``foundation`` null for
+    scratch only; the keys its kind of run writes (the scarce sizes' and, without KD, the probe's scores)
+    present; its cost and EMD weight spread numbers or null."""
+    d = self.c.downstream
+    done, line_of = {}, {}
+    for i, r in records:
+      key = (r["unseen_percent"], r["method"], r["teacher_kd"], r["seed"])
+      name = f"{r['method']}{' +KD' if r['teacher_kd'] is True else ''} seed {report.shown_value(r['seed'])}"
+      if key in line_of:
+        pct = f"{key[0]:g}" if report.is_finite_number(key[0]) else report.shown_value(key[0])
+        raise ConfigError(
+          f"{raw_path}: lines {line_of[key]} and {i} are both the record of {name} at {pct}% unseen "
+          "(one run, two results); delete the line that should not count (both, to redo the run)"
+        )
+      line_of[key] = i
+      fix = f"delete its line {i} (its run is redone) or use a new --workdir"
+      scratch = r["method"] == "scratch"
+      bad = [
+        k
+        for k, v in r.items()
+        if _score_key(k) and not report.is_finite_number(v) and not (k == "foundation" and v is None and scratch)
+      ]
+      # what endpoints.md reads besides the scores: the cost columns and the EMD weight spread
+      nested = {f"cost.{k}": v for k, v in r["cost"].items()} if isinstance(r.get("cost"), dict) else {}
+      nested["emd.w_spread"] = r["emd"].get("w_spread") if isinstance(r.get("emd"), dict) else None
+      bad += [k for k in ("cost", "emd") if r.get(k) is not None and not isinstance(r[k], dict)]
+      bad += [k for k, v in r.items() if not _score_key(k) and isinstance(v, float) and not math.isfinite(v)]
+      bad += [k for k, v in nested.items() if v is not None and not report.is_finite_number(v)]
+      if bad:
+        v = nested[bad[0]] if bad[0] in nested else r[bad[0]]
+        raise ConfigError(
+          f"{raw_path}: the record of {name} holds {report.shown_value(v)} for {bad[0]}, not a result (a finite number); {fix}"
+        )
+      need = list(RESULT_KEYS) + ["foundation"] + [f"n{n}/{k}" for n in scarce_sizes(d) for k in SCORES]
+      need += [f"probe/{k}" for k in SCORES] * bool(d.probe and r["teacher_kd"] is False)
+      missing = [k for k in need if k not in r]
+      if missing:
+        raise ConfigError(f"{raw_path}: the record of {name} lacks {', '.join(missing)}; {fix}")
+      done[key] = r
     return done
 
   def read_saved_config(self, cfg_path: str) -> dict:
@@ -1136,33 +1202,78 @@ class Experiment:
   def foundation_path(self, workdir: str, method: str, percent: float, seed: int) -> str:
     return os.path.join(workdir, "foundations", foundation_key(percent, method, seed) + ".npz")
 
-  def _reusable_from(self) -> str | None:
-    """config.experiment.foundations_from, checked: a workdir whose config differs from this one at most
-    in the downstream keys (``DOWNSTREAM_KEYS``) and ``FREE_KEYS``; None when not set."""
-    src = self.c.experiment.foundations_from
-    if not src:
-      return None
-    src = os.path.expanduser(src)
-    cfg_path = os.path.join(src, "config.json")
-    if not os.path.isdir(os.path.join(src, "foundations")) or not os.path.exists(cfg_path):
+  def _reusable_from(self) -> list[str]:
+    """config.experiment.foundations_from, checked, and in turn the workdir that one reused its foundations
+    from (its config.json's experiment.foundations_from), and so on: those that hold a foundations/ folder,
+    in the order they are looked in ([] when the key is not set). Each needs a config.json that differs from
+    this one at most in the downstream keys (``DOWNSTREAM_KEYS``) and ``FREE_KEYS``."""
+    given = self.c.experiment.foundations_from
+    if not given:
+      return []
+    head, src, chain, seen = f"config.experiment.foundations_from={given!r}", given, [], set()
+    fix = (
+      "point config.experiment.foundations_from at the workdir whose foundations/ holds them, or '' to pretrain them"
+    )
+    subject = head
+    while src and os.path.realpath(os.path.expanduser(src)) not in seen:
+      src = os.path.expanduser(src)
+      seen.add(os.path.realpath(src))
+      cfg_path = os.path.join(src, "config.json")
+      if not os.path.isdir(src):
+        raise ConfigError(f"{subject} is not a folder; {fix}")
+      if not os.path.exists(cfg_path):
+        raise ConfigError(f"{subject} holds no config.json (not a FedEFM workdir); {fix}")
+      try:
+        saved = read_json_object(cfg_path)
+      except (OSError, ValueError) as e:
+        raise ConfigError(
+          f"{subject} has an unreadable {cfg_path} ({reason(e, 120)}), so its foundations cannot be matched to "
+          f"this config; restore the file, or {fix}"
+        ) from None
+      diff = config_difference(saved, self.cfg_json, ignore=DOWNSTREAM_KEYS)
+      if diff:
+        raise ConfigError(
+          f"{subject} holds foundations pretrained with another config ({diff}; only config.downstream and "
+          "config.student may); use that config or '' to pretrain them"
+        )
+      if os.path.isdir(os.path.join(src, "foundations")):
+        chain.append(src)
+      experiment = saved.get("experiment")
+      nxt = experiment.get("foundations_from") if isinstance(experiment, dict) else None
+      prev, src = src, nxt if isinstance(nxt, str) else ""
+      subject = f"{head}: {prev!r} reused its foundations from {src!r} (its config.json says so), which"
+    if not chain:
       raise ConfigError(
-        f"config.experiment.foundations_from={src!r} holds no foundations/ and config.json: give the workdir "
-        "of a FedEFM run whose foundations this run reuses, or '' to pretrain them"
+        f"{head} holds no foundations/ (its runs saved none) and reused none from another workdir; {fix}"
       )
-    diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json, ignore=DOWNSTREAM_KEYS)
-    if diff:
-      raise ConfigError(
-        f"config.experiment.foundations_from={src!r}: its foundations were pretrained with another config "
-        f"({diff}; only config.downstream and config.student may); use that config or '' to "
-        "pretrain them"
-      )
-    return src
+    return chain
+
+  def source_notes(self, plan, done) -> list[str]:
+    """What config.experiment.foundations_from leaves to pretrain here, said at the start: the planned
+    foundations (not yet finished runs) that neither this workdir nor the source holds."""
+    if not self._from:
+      return []
+    lacking = [
+      (percent, method, seed)
+      for percent, method, seed in dict.fromkeys((p, m, s) for p, m, _, s in plan if m != "scratch")
+      if any(e not in done for e in plan if (e[0], e[1], e[3]) == (percent, method, seed))
+      and not any(os.path.exists(self.foundation_path(w, method, percent, seed)) for w in [self.workdir, *self._from])
+    ]
+    if not lacking:
+      return []
+    names = [f"{m} at {p:g}% unseen seed {s}" for p, m, s in lacking]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return [
+      f"config.experiment.foundations_from={self.c.experiment.foundations_from!r} holds no foundation for "
+      f"{len(lacking)} planned run{'s' if len(lacking) > 1 else ''}, pretrained here instead: {shown}"
+    ]
 
   def foundation(self, method: str, percent: float, seed: int, label: str):
     """A finished foundation and its pretraining summary: this workdir's foundations/ file, else that of
-    config.experiment.foundations_from, else pretrained now (and saved in foundations/)."""
+    config.experiment.foundations_from (or of the workdir it reused from), else pretrained now (and saved
+    in foundations/; :meth:`source_notes` says which at the start)."""
     own = self.foundation_path(self.workdir, method, percent, seed)
-    for path in [own] + ([self.foundation_path(self._from, method, percent, seed)] if self._from else []):
+    for path in [own] + [self.foundation_path(w, method, percent, seed) for w in self._from]:
       if os.path.exists(path):
         # shapes and dtypes only: tracing the initialiser allocates no parameters
         params, summary = load_foundation(path, jax.eval_shape(lambda: self.init_foundation(seed)))
@@ -1180,14 +1291,14 @@ class Experiment:
     the models build. Returns the finished runs (:meth:`read_results`). ``run_replicas`` calls it for every
     experiment before the first one starts."""
     raw_path = os.path.join(self.workdir, "results_raw.jsonl")
-    done = self.read_results(raw_path)
+    records, repair = self.read_results(raw_path)  # nothing is changed before every check has passed
     ck_root = os.path.join(self.workdir, "checkpoints")
     # checkpoints/unreadable/: steps set aside by resumes (checkpoint_dir), not a run in progress
     in_progress = sorted(n for n in os.listdir(ck_root) if n != ckpt_lib.UNREADABLE) if os.path.isdir(ck_root) else []
     found_root = os.path.join(self.workdir, "foundations")  # reused as they are: of this config only
     foundations = os.listdir(found_root) if os.path.isdir(found_root) else []
     cfg_path = os.path.join(self.workdir, "config.json")
-    if (done or in_progress) and os.path.exists(cfg_path):
+    if (records or in_progress) and os.path.exists(cfg_path):
       diff = config_difference(self.read_saved_config(cfg_path), self.cfg_json)
       if diff:
         raise ConfigError(
@@ -1205,34 +1316,26 @@ class Experiment:
         )
     for name in in_progress:  # also when config.json is gone: each checkpoint carries its config
       self._check_checkpoint_config(os.path.join(ck_root, name))
-    for r in done.values():  # checked after the config: a record of another config is that error
-      missing = [k for k in RESULT_KEYS if k not in r]
-      if missing:
-        raise ConfigError(
-          f"{raw_path}: the record of {r['method']} seed {r['seed']} lacks {', '.join(missing)}; "
-          "delete that line (its run is redone) or use a new --workdir"
-        )
-      bad = [k for k in RESULT_KEYS[4:] if not report.is_number(r[k])]  # NaN is not a result either
-      bad += [k for k, v in r.items() if isinstance(v, float) and not np.isfinite(v)]
-      if bad:
-        raise ConfigError(
-          f"{raw_path}: the record of {r['method']} seed {r['seed']} holds {r[bad[0]]!r} for {bad[0]}, not a "
-          "result; delete that line (its run is redone) or use a new --workdir"
-        )
+    done = self.check_records(raw_path, records)  # after the config: a record of another config is that error
     self._from = self._reusable_from()
     self.build_models()
     self.check_scorable()
-    self._checked = (done, in_progress)  # for the next run(): the workdir is read once
+    self._checked = (done, in_progress, repair)  # for the next run(): the workdir is read once
     return done
 
   def run(self) -> list[dict]:
     os.makedirs(self.workdir, exist_ok=True)
     if self._checked is None:
       self.check_workdir()
-    (done, in_progress), self._checked = self._checked, None  # a later run() checks afresh
+    (done, in_progress, repair), self._checked = self._checked, None  # a later run() checks afresh
     raw_path, ck_root, cfg_path = (
       os.path.join(self.workdir, n) for n in ("results_raw.jsonl", "checkpoints", "config.json")
     )
+    if repair is not None:  # the workdir is checked: now the file may change
+      text, note = repair
+      write_atomic(epath.Path(raw_path), text)
+      if note:
+        self.log(note)
     write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
     plan = self.plan()
     for name in in_progress:  # left by a run killed between saving its foundation and the clean-up
@@ -1242,7 +1345,7 @@ class Experiment:
       f"fedkd fedefm: {len(plan)} runs ({sum(e in done for e in plan)} already done) -> {self.workdir}; "
       f"{self.c.pretrain.num_silos} silos, {self.c.pretrain.num_rounds} rounds, {self.c.image_size}px"
     )
-    for note in self.plan_notes():
+    for note in self.plan_notes() + self.source_notes(plan, done):
       self.log(f"note: {note}")
     cache: dict = {}
     t0 = time.time()

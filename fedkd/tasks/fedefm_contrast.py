@@ -8,11 +8,14 @@ Each of ``--a`` / ``--b`` is ``WORKDIR:METHOD`` (``METHOD +KD`` for a teacher-KD
 ``WORKDIR/results_raw.jsonl`` at ``--unseen_percent`` (default 100); the seeds both hold are paired. Prints
 one Markdown row per key: a - b, 95% t-interval, paired t-test p, Holm over the keys given. ``--keys`` are
 the records' numeric results (e.g. foundation, dice/mean, n8/dice/mean, seconds), each named once; a record
-holding NaN or Inf for one is an error, not a result.
+holding NaN, Inf, a number too large for a float, or null where its side's other seeds hold a number, is an
+error, not a result; so are two records of one seed. A last line cut short (the experiment was stopped while
+writing it) is left out with a note.
 
 A side may pool several workdirs that ran the same config on different seeds (comma list; a seed held by
-two of them, or configs that differ in more than ``config.experiment``, is an error), e.g. seeds 0-4 and a
-replication on seeds 5-9:
+two of them, or configs that differ in more than ``config.experiment``, is an error; a workdir without
+``config.json`` cannot be compared and is pooled with a note naming it), e.g. seeds 0-4 and a replication on
+seeds 5-9:
 
   python -m fedkd.tasks.fedefm_contrast --a=runs/fedefm_seg:fedefm,runs/fedefm_rep:fedefm \
       --b=runs/fedefm_seg:fedavg,runs/fedefm_rep:fedavg
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from absl import flags
 
@@ -48,24 +52,41 @@ def _workdir(spec: str) -> str:
   return os.path.expanduser(workdir)
 
 
+def _note(text: str) -> None:
+  """A one-line note on stderr (stdout holds only the table)."""
+  print(f"note: {text}", file=sys.stderr, flush=True)
+
+
 def read_runs(spec: str, percent: float) -> dict[int, dict]:
-  """{seed: record} of ``WORKDIR:METHOD`` (``METHOD +KD``: its teacher-KD rows)."""
+  """{seed: record} of ``WORKDIR:METHOD`` (``METHOD +KD``: its teacher-KD rows). A last line without its
+  newline that is not JSON (a write cut short when the experiment was stopped; the experiment redoes that
+  run) is skipped with a note; any other line that is not a JSON object, a record without a whole-number
+  seed, or two records of one seed is a ConfigError naming the line(s)."""
   method = spec.rpartition(":")[2]
   kd = method.endswith(" +KD")
   method = method.removesuffix(" +KD")
   path = os.path.join(_workdir(spec), "results_raw.jsonl")
-  rows = []
   try:
     with open(path, encoding="utf-8") as f:
-      lines = list(f)
+      text = f.read()
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({reason(e, 120)}); give a FedEFM workdir") from None
-  for number, line in enumerate(lines, 1):
+  lines = text.split("\n")
+  tail = lines.pop()  # "" when the file ends with a newline; else a line without its newline
+  out: dict[int, dict] = {}
+  line_of: dict[int, int] = {}
+  for number, line in enumerate(lines + [tail], 1):
     if not line.strip():
       continue
     try:
       row = json.loads(line)
     except ValueError as e:
+      if number == len(lines) + 1:
+        _note(
+          f"{path}: left out its last line ({number}), which was cut short (the experiment was stopped while "
+          "writing it; re-running the experiment redoes that run)"
+        )
+        break
       raise ConfigError(f"{path}:{number} is not JSON ({str(e)[:120]}); give a FedEFM workdir's results") from None
     if not isinstance(row, dict):
       raise ConfigError(
@@ -73,10 +94,18 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
         "give a FedEFM workdir's results"
       )
     if row.get("method") == method and row.get("teacher_kd") == kd and row.get("unseen_percent") == percent:
-      if not report.is_number(row.get("seed")):
-        raise ConfigError(f"{path}:{number}: the record has no numeric 'seed'; give a FedEFM workdir's results")
-      rows.append(row)
-  out = {r["seed"]: r for r in rows}
+      seed = row.get("seed")
+      if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(
+          f"{path}:{number}: the record's 'seed' is {report.shown_value(seed)}, not a whole number; give a FedEFM workdir's "
+          "results (delete that line and re-run the experiment to redo the run)"
+        )
+      if seed in out:
+        raise ConfigError(
+          f"{path}: lines {line_of[seed]} and {number} are both the record of {spec.rpartition(':')[2]!r} seed "
+          f"{seed} at {percent:g}% unseen (one run, two results); delete the line that should not count"
+        )
+      out[seed], line_of[seed] = row, number
   if not out:
     raise ConfigError(f"{path} holds no finished {spec.rpartition(':')[2]!r} run at {percent:g}% unseen")
   return out
@@ -107,16 +136,24 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
       if seed in out:
         raise ConfigError(f"seed {seed} is in both {where[seed]} and {one}; pool workdirs that ran different seeds")
       out[seed], where[seed] = record, one
-  configs = [os.path.join(_workdir(x), "config.json") for x in specs]
-  if len(specs) > 1 and all(os.path.exists(c) for c in configs):
-    from fedkd.tasks.fedefm import config_difference
+  if len(specs) > 1:
+    configs = [(x, os.path.join(_workdir(x), "config.json")) for x in specs]
+    have = [(x, c) for x, c in configs if os.path.lexists(c)]
+    lacking = [_workdir(x) for x, c in configs if not os.path.lexists(c)]
+    if lacking:
+      _note(
+        f"pooled without config.json, so not checked to have run the config of the others: {', '.join(lacking)} "
+        "(restore its config.json to have it checked)"
+      )
+    if len(have) > 1:
+      from fedkd.tasks.fedefm import config_difference
 
-    first = _saved_config(configs[0])
-    for path, one in zip(configs[1:], specs[1:]):
-      # the results part (config.experiment is left out), in either order
-      diff = config_difference(first, _saved_config(path), pooled=True)
-      if diff is not None:
-        raise ConfigError(f"{specs[0]} and {one} ran different configs ({diff}); pool only runs of one config")
+      first = _saved_config(have[0][1])
+      for one, path in have[1:]:
+        # the results part (config.experiment is left out), in either order
+        diff = config_difference(first, _saved_config(path), pooled=True)
+        if diff is not None:
+          raise ConfigError(f"{have[0][0]} and {one} ran different configs ({diff}); pool only runs of one config")
   return out
 
 
@@ -150,6 +187,14 @@ def parse_keys(text: str, a: dict[int, dict], b: dict[int, dict]) -> list[str]:
       f"--keys={text!r} names {', '.join(twice)} more than once; give each key once (Holm counts each as one test)"
     )
   bad = [k for k in keys if k not in numeric]
+  for k in bad:  # a number in some records, something else in one: name that record
+    for side, runs in (("--a", a), ("--b", b)):
+      odd = [(s, r[k]) for s, r in sorted(runs.items()) if r.get(k) is not None and not report.is_number(r[k])]
+      if odd and any(report.is_number(r.get(k)) for r in runs.values()):
+        raise ConfigError(
+          f"{side}: the record of seed {odd[0][0]} holds {report.shown_value(odd[0][1])} for {k!r}, not a number; redo that "
+          "run (delete its line in results_raw.jsonl and re-run the experiment) or leave the key out"
+        )
   if bad:
     raise ConfigError(f"--keys: {', '.join(map(repr, bad))} is not a numeric result of both run sets; {offered}")
   return keys
@@ -163,11 +208,16 @@ def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> li
   for k in keys:
     pairs = [(a[s][k], b[s][k]) for s in seeds if report.is_number(a[s].get(k)) and report.is_number(b[s].get(k))]
     for s in seeds:  # NaN / Inf is not a result: a contrast over it would print nan as a difference
-      for side, rec in (("--a", a[s]), ("--b", b[s])):
-        if report.is_number(rec.get(k)) and not math.isfinite(rec[k]):
+      for side, rec, runs in (("--a", a[s], a), ("--b", b[s], b)):
+        v = rec.get(k)
+        # null where the side's other seeds hold a number: a lost result, which would silently shrink n
+        if (report.is_number(v) and not report.is_finite_number(v)) or (
+          v is None and any(report.is_finite_number(r.get(k)) for r in runs.values())
+        ):
+          held = f"holds {report.shown_value(v)} for {k!r}" if k in rec else f"has no {k!r} (its other seeds have)"
           raise ConfigError(
-            f"{side}: the record of seed {s} holds {rec[k]} for {k!r}, not a result; redo that run (delete its "
-            "line in results_raw.jsonl and re-run the experiment) or leave the key out"
+            f"{side}: the record of seed {s} {held}, not a result; redo that run (delete its line in "
+            "results_raw.jsonl and re-run the experiment) or leave the key out"
           )
     if not pairs:
       raise ConfigError(
