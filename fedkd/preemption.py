@@ -109,6 +109,16 @@ class Stopped(Exception):
 EXIT_CODES = {"interrupted": 130, "hung up": 129}  # 128 + SIGINT / SIGHUP; preempted (SIGTERM): 0
 
 
+# StopSignals.phase: what a stop signal's notice says (Ctrl-C's, SIGTERM's / SIGHUP's)
+PHASES = {
+  "round": ("stopping after this round (its checkpoint is saved)", "saving this round's checkpoint, then stopping"),
+  "fine-tune": (
+    "stopping at the next check of this fine-tune (it restarts on re-run; finished runs are kept)",
+    "stopping at the next check of this fine-tune (it restarts on re-run; finished runs are kept)",
+  ),
+}
+
+
 class StopSignals:
   """Catches SIGTERM, SIGHUP (unless ignored, as under ``nohup``) and the first SIGINT while active (main thread
   only; elsewhere a no-op). The run's stop ``reason``: "interrupted" once a Ctrl-C came (whatever came before
@@ -117,6 +127,7 @@ class StopSignals:
   def __init__(self, log=None):
     self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     self.reason: str | None = None
+    self.phase = "round"  # what the loop does now, for the notices (PHASES); a task sets it
     self._ctrl_c = False
     self._old: dict = {}
 
@@ -133,12 +144,12 @@ class StopSignals:
       self._ctrl_c, stopping = True, self.reason is not None
       self.reason = "interrupted"
       self.log(
-        f"\nCtrl-C: {'already ' if stopping else ''}stopping after this round (its checkpoint is saved); press Ctrl-C "
-        "again to stop at once without saving it"
+        f"\nCtrl-C: {'already ' if stopping else ''}{PHASES[self.phase][0]}; press Ctrl-C again to stop at once "
+        "without saving it"
       )
       return
     if self.reason is None:
-      self.log(f"\n{signal.Signals(signum).name}: saving this round's checkpoint, then stopping")
+      self.log(f"\n{signal.Signals(signum).name}: {PHASES[self.phase][1]}")
       self.reason = "hung up" if signum == signal.SIGHUP else "preempted"
 
   def __enter__(self) -> StopSignals:

@@ -119,3 +119,27 @@ def test_a_run_killed_after_a_checkpoint_keeps_that_rounds_tensorboard_scalars(t
   )
   assert r.returncode == 0, r.stderr[-3000:]
   assert _loss_steps(work / "tb") == [1, 2, 3, 4]  # each round once, as docs/outputs.md says
+
+
+def test_a_fine_tunes_notice_speaks_of_the_fine_tune_not_a_round_checkpoint():
+  """FedEFM's downstream fine-tunes keep no round checkpoint: the notice said 'stopping after this round (its
+  checkpoint is saved)'. The experiment sets the phase while it fine-tunes, and restores it after."""
+  import types
+
+  import optax
+
+  from fedkd.tasks.fedefm import Experiment
+
+  lines = []
+  with StopSignals(log=lines.append) as stop:
+    seen = []
+    fake = types.SimpleNamespace(stop=stop, _train_steps=lambda *a: seen.append(stop.phase) or "trained")
+    assert Experiment._train(fake, {"w": 0.0}, (None, optax.sgd(0.1)), None, [], [], 1, None, 0.0, "l", "w") == (
+      "trained"
+    )
+    assert seen == ["fine-tune"] and stop.phase == "round"
+    stop.phase = "fine-tune"
+    _send(signal.SIGTERM)
+  assert lines == [
+    "\nSIGTERM: stopping at the next check of this fine-tune (it restarts on re-run; finished runs are kept)"
+  ]

@@ -920,10 +920,20 @@ class Experiment:
 
   def _train(self, params, fn, teacher, x, y, steps: int, rng, scale: float, label: str, what: str):
     """``steps`` steps of ``fn = (step, tx)`` on random batches of (x, y); DivergedError on NaN/Inf."""
-    d = self.c.downstream
     step, tx = fn
     opt = tx.init(params)
     s = jnp.float32(scale)
+    phase = getattr(self.stop, "phase", None)
+    if phase is not None:  # a stop signal's notice speaks of this fine-tune, not of a round's checkpoint
+      self.stop.phase = "fine-tune"
+    try:
+      return self._train_steps(params, step, opt, teacher, x, y, steps, rng, s, label, what)
+    finally:
+      if phase is not None:
+        self.stop.phase = phase
+
+  def _train_steps(self, params, step, opt, teacher, x, y, steps: int, rng, s, label: str, what: str):
+    d = self.c.downstream
     for first in range(0, steps, FT_CHUNK):
       last = min(first + FT_CHUNK, steps)
       losses = []
