@@ -186,3 +186,18 @@ def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
   assert not dead.exists() and other.exists() and old_style.exists()
   assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith(api._REBUILD_PREFIX)) == [other.name]
   assert os.path.isfile(next(data_dir.glob("xray_folder/h/*/dataset_info.json")))
+
+
+def test_a_palette_mask_under_a_color_map_says_it_is_a_palette_png(tmp_path):
+  """It said 'not an RGB image (shape ...); pass label_map for gray masks': nothing about the palette."""
+  folder = _folder(tmp_path / "h")
+  p = Image.fromarray(np.zeros((H, W), np.uint8), mode="P")
+  p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+  p.save(folder / "masks" / "x0.png")
+  for s in ("x1", "x2"):  # colour masks, as the color_map expects
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(folder / "masks" / f"{s}.png")
+  (problem,) = _problems(tmp_path, folder, color_map={(0, 0, 0): 0, (255, 0, 0): 1})
+  assert problem == (
+    f"{folder / 'masks' / 'x0.png'}: a palette PNG, whose values are palette indices, not colours, so color_map "
+    "does not apply; save the masks as RGB PNGs, or pass label_map (palette index:class) instead of color_map"
+  )

@@ -653,6 +653,11 @@ def read_mask(path: Path, spec: LabelSpec) -> np.ndarray:
   elif ext == ".png":
     im = _open_pil(path, "mask")
     mode = im.mode
+    if mode in ("P", "PA") and spec.color_map is not None and spec.label_map is None:
+      raise DatasetInputError(
+        f"{path}: a palette PNG, whose values are palette indices, not colours, so color_map does not apply; "
+        "save the masks as RGB PNGs, or pass label_map (palette index:class) instead of color_map"
+      )
     if mode in ("L", "P", "I") or mode.startswith("I;16"):
       raw = np.asarray(im)
     elif mode == "1":
