@@ -27,15 +27,22 @@ COMMAND = ["-m", "fedkd.main", "--config=configs/quickstart.py"]
 
 
 def cpu_name() -> str:
-  """The CPU model and the cores this process may use, e.g. 'AMD EPYC, 2 cores'."""
-  name = ""
+  """The CPU model, its widest vector instructions (XLA compiles for the CPU it runs on: a model name such as
+  'AMD EPYC' covers generations with and without AVX-512) and the cores this process may use, e.g.
+  'AMD EPYC, AVX2, 2 cores'."""
+  name, flags = "", set()
   try:
     with open("/proc/cpuinfo") as f:
-      name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+      for ln in f:
+        if ln.startswith("model name") and not name:
+          name = ln.split(":", 1)[1].strip()
+        elif ln.startswith("flags") and not flags:
+          flags = set(ln.split(":", 1)[1].split())
   except OSError:
     pass
+  vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{name or platform.processor() or platform.machine()}, {cores} cores"
+  return ", ".join(filter(None, [name or platform.processor() or platform.machine(), vector, f"{cores} cores"]))
 
 
 def versions() -> str:
@@ -76,9 +83,9 @@ def block(lines: list[str], workdir: str, cpu: str, packages: str) -> str:
       "```",
       "",
       f"Measured on this CPU ({cpu}) by `python docs/gen_readme_quickstart.py`, which reruns the command above",
-      f"and rewrites this block ({packages}). The same machine, seed and package versions give the same",
-      "table; other machines or releases differ in the second or third decimal. Mean Dice over the training",
-      f"sites: catheter {mean[3]}, guidewire {mean[4]}.",
+      f"and rewrites this block ({packages}). The same CPU, seed and package versions give the same table;",
+      "another CPU (XLA compiles for the CPU it runs on) or release differs in the second or third decimal.",
+      f"Mean Dice over the training sites: catheter {mean[3]}, guidewire {mean[4]}.",
       END,
     ]
   )
