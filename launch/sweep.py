@@ -758,19 +758,39 @@ def _group_key(overrides: dict) -> str:
   return json.dumps({k: value(v) for k, v in overrides.items() if k != "seed"}, sort_keys=True, default=str)
 
 
+def _setting_keys(defn: dict) -> list[str]:
+  """Each run's group: its method label and name stem with its full config less the seed, so a run that writes
+  a default explicitly (``quantity_skew=0.0``) is in the group of those that leave it out; by the overrides as
+  written (:func:`_group_key`) where the configs cannot be built (--aggregate_only after the config file
+  changed)."""
+  from fedkd.sweep import METHOD
+
+  try:
+    configs = _run_configs(defn, defn["runs"])
+  except Exception:  # noqa: BLE001 - the names and overrides still group the runs
+    return [_group_key(r["overrides"]) for r in defn["runs"]]
+  keys = []
+  for run, c in zip(defn["runs"], configs):
+    full = c.to_dict()
+    full.pop("seed", None)
+    keys.append(
+      json.dumps([run["overrides"].get(METHOD), run["overrides"].get("name"), full], sort_keys=True, default=str)
+    )
+  return keys
+
+
 def collect(defn: dict, out: str, failures: list[tuple[str, int, str]] | None = None) -> list[dict]:
-  """Groups of runs (every override except seed): ``runs``, the finished runs (:func:`is_done`) with
-  metrics, each with its records and its last one; ``members``, every run of the group in sweep order
-  with ``finished`` and, for the others, ``why`` they are left out of results.md/csv and the plots
-  (``failures``: run_all's, to name the runs that failed in this invocation)."""
+  """Groups of runs (every setting except seed, :func:`_setting_keys`): ``runs``, the finished runs
+  (:func:`is_done`) with metrics, each with its records and its last one; ``members``, every run of the group
+  in sweep order with ``finished`` and, for the others, ``why`` they are left out of results.md/csv and the
+  plots (``failures``: run_all's, to name the runs that failed in this invocation)."""
   from fedkd.sweep import group_label
 
   failed = {name: rc for name, rc, *_ in failures or []}
   keys = defn["varying_keys"]
   groups: dict[str, dict] = {}
-  for run in defn["runs"]:
+  for run, gkey in zip(defn["runs"], _setting_keys(defn)):
     o = run["overrides"]
-    gkey = _group_key(o)
     g = groups.setdefault(gkey, {"label": group_label(o, keys), "overrides": o, "runs": [], "members": []})
     wd = os.path.join(out, run["name"])
     records = read_metrics(wd)

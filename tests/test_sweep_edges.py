@@ -246,6 +246,51 @@ def test_a_setting_written_1_in_one_run_and_1_0_in_another_is_one_group(tmp_path
     np.testing.assert_allclose(float(row["dice/catheter_std"]), vals.std(ddof=1), rtol=1e-9)
 
 
+def test_a_run_that_writes_a_default_explicitly_is_in_the_group_of_those_that_leave_it_out(tmp_path, capsys):
+  """Seed 2 added as {"seed": 2, "quantity_skew": 0.0} beside seeds 0, 1 that leave the key at its default 0.0:
+  the same setting, yet results.csv had two rows (seeds 0, 1 and seed 2 alone, std n/a). Grouped by their full
+  configs, one row of 3 seeds; its mean and std against numpy."""
+  import csv
+  import json
+
+  import numpy as np
+
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(
+    textwrap.dedent("""
+      from fedkd.config import base_config
+      from fedkd.sweep import product
+
+      def get_config(arg=None):
+        return base_config()
+
+      def get_sweep(arg=None):
+        return product(seed=[0, 1]) + [{"seed": 2, "quantity_skew": 0.0}]
+      """)
+  )
+  out = tmp_path / "out"
+  defn = launcher.build(str(cfg), None, [])
+  out.mkdir()
+  rng = np.random.default_rng(2)
+  final = []
+  for run in defn["runs"]:
+    wd = out / run["name"]
+    wd.mkdir()
+    recs = [{"round": r, "dice/catheter": float(rng.uniform()), "dice/guidewire": 0.5} for r in (0, 2)]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    (wd / "DONE").write_text(json.dumps({"name": run["name"], "num_rounds": 2}))
+    run["num_rounds"] = 2
+    final.append(recs[-1]["dice/catheter"])
+  (out / "sweep.json").write_text(json.dumps(defn))
+  assert launcher.main([f"--out={out}", "--aggregate_only"]) == 0
+  capsys.readouterr()
+  with open(out / "results.csv") as f:
+    (row,) = list(csv.DictReader(f))
+  assert row["seeds"] == "3"
+  np.testing.assert_allclose(float(row["dice/catheter_mean"]), np.mean(final), rtol=1e-12)
+  np.testing.assert_allclose(float(row["dice/catheter_std"]), np.std(final, ddof=1), rtol=1e-9)
+
+
 def _dp_config(path, targets):
   path.write_text(
     textwrap.dedent(f"""
