@@ -235,7 +235,8 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
   1. SIGKILL in round 1 (compiling; round 0's evaluation written, no checkpoint yet).
   2. SIGKILL at a seeded random moment after this run's 1st or 2nd finished round (mid-round or while
      its checkpoint is written; a stale lock and maybe a temporary checkpoint folder are left).
-  3. SIGTERM after a finished round: exit 0, 'preempted at round N', checkpoint N saved.
+  3. SIGTERM after a finished round: exit 0, 'preempted at round N', checkpoint N saved; SIGHUP (the terminal
+     closed) the same, exit 129, 'stopped (SIGHUP: its terminal closed) at round N'.
   4. Ctrl-C (SIGINT) after the 2nd finished round: exit 130, 'interrupted at round N', checkpoint N.
   5. The newest checkpoint's array file and the next one's config JSON cut in half, and a cut last
      line appended to metrics.jsonl (an older writer killed mid-line): fedkd.eval falls back two steps
@@ -250,6 +251,7 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
     (signal.SIGKILL, 0, rng.uniform(0, 1.5)),
     (signal.SIGKILL, rng.choice([1, 2]), rng.uniform(0, 1.2)),
     (signal.SIGTERM, 1, 0.0),
+    (signal.SIGHUP, 1, 0.0),  # the terminal closed
     (signal.SIGINT, 2, 0.0),
   ]
   resume_at, at_least, lock_left = None, None, False  # what the previous interruption left
@@ -299,7 +301,11 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
       resume_at, at_least, lock_left = None, (last - 2 if last >= 3 else None), True
       report.append(f"kill -9 {delay:.2f} rounds after round {k} (last printed {last}): left {_steps(ckdir)}")
     elif sig is not None:
-      code, word = (0, "preempted") if sig == signal.SIGTERM else (130, "interrupted")
+      code, word = {
+        signal.SIGTERM: (0, "preempted"),
+        signal.SIGHUP: (129, "stopped (SIGHUP: its terminal closed)"),
+        signal.SIGINT: (130, "interrupted"),
+      }[sig]
       assert k < ROUNDS - 1 and rc == code, (k, rc, _messages(p.stderr))
       stop = [m for m in _messages(p.stderr) if m.startswith("fedkd: ")]
       assert (
@@ -308,8 +314,8 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
         and stop[0].endswith("(checkpoint saved); re-run the same command to resume")
       ), _messages(p.stderr)
       assert (
-        "SIGTERM: saving this round's checkpoint, then stopping"
-        if sig == signal.SIGTERM
+        f"{signal.Signals(sig).name}: saving this round's checkpoint, then stopping"
+        if sig != signal.SIGINT
         else "Ctrl-C: stopping after this round (its checkpoint is saved)"
       ) in p.stderr, _messages(p.stderr)
       # the round that was finishing when the signal landed: k, or later if the test read line k late
