@@ -28,7 +28,7 @@ from fedkd.errors import reason
 _FLAGFILE = re.compile(r"--?flagfile(=|$)")  # an argument that names a flag file (absl's --flagfile / -flagfile)
 
 
-STOP_VERBS = {"interrupted": "interrupted", "hung up": "stopped (SIGHUP: its terminal closed)"}  # Stopped.reason
+STOP_VERBS = {"interrupted": "interrupted", "hung up": "stopped by SIGHUP (a closed terminal)"}  # Stopped.reason
 
 
 def _define_config_flag():

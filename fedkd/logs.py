@@ -291,11 +291,13 @@ class RunLog:
       drop_tb_steps_after(os.fspath(self.tb_dir), last_round)
 
   def flush(self) -> None:
-    """Writes the TensorBoard scalars so far to disk (tensorboardX buffers them for up to 10 s): a run killed
-    after its next checkpoint keeps them, and a resume, which drops only the steps after that checkpoint, never
-    writes them again."""
+    """Writes the TensorBoard scalars so far to disk: a run killed after its next checkpoint keeps them, and a
+    resume, which drops only the steps after that checkpoint, never writes them again. tensorboardX queues
+    events for a writer thread, and its ``flush`` leaves the queue alone; ``close`` drains it, so the writer is
+    closed and the next scalar opens a new event file (TensorBoard reads a folder's files as one run)."""
     if self._tb is not None:
-      self._tb.flush()
+      self._tb.close()
+      self._tb = None
     self._check_tb()
 
   def close(self) -> None:

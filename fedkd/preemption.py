@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import sys
 import threading
 
@@ -109,14 +110,37 @@ class Stopped(Exception):
 EXIT_CODES = {"interrupted": 130, "hung up": 129}  # 128 + SIGINT / SIGHUP; preempted (SIGTERM): 0
 
 
-# StopSignals.phase: what a stop signal's notice says (Ctrl-C's, SIGTERM's / SIGHUP's)
+# StopSignals.phase: what a stop signal's notice says (Ctrl-C's, SIGTERM's / SIGHUP's, a second Ctrl-C's)
 PHASES = {
-  "round": ("stopping after this round (its checkpoint is saved)", "saving this round's checkpoint, then stopping"),
+  "round": (
+    "stopping after this round (its checkpoint is saved)",
+    "saving this round's checkpoint, then stopping",
+    "press Ctrl-C again to stop at once without saving it",
+  ),
   "fine-tune": (
     "stopping at the next check of this fine-tune (it restarts on re-run; finished runs are kept)",
     "stopping at the next check of this fine-tune (it restarts on re-run; finished runs are kept)",
+    "press Ctrl-C again to stop at once",
   ),
 }
+
+
+def _detach_from_hung_up_terminal() -> None:
+  """After SIGHUP, writes to the closed terminal fail (EIO), which would stop the run mid-round instead of
+  at its next save: stdout and stderr that are a terminal go to /dev/null (files and pipes stay). A hung-up
+  terminal is no longer ``isatty``; it is still a character device."""
+  null = None
+  for fd in (1, 2):
+    try:
+      if not stat.S_ISCHR(os.fstat(fd).st_mode):
+        continue
+      if null is None:
+        null = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(null, fd)
+    except OSError:
+      continue
+  if null is not None:
+    os.close(null)
 
 
 class StopSignals:
@@ -143,14 +167,19 @@ class StopSignals:
         raise KeyboardInterrupt
       self._ctrl_c, stopping = True, self.reason is not None
       self.reason = "interrupted"
-      self.log(
-        f"\nCtrl-C: {'already ' if stopping else ''}{PHASES[self.phase][0]}; press Ctrl-C again to stop at once "
-        "without saving it"
-      )
+      self._say(f"\nCtrl-C: {'already ' if stopping else ''}{PHASES[self.phase][0]}; {PHASES[self.phase][2]}")
       return
+    if signum == signal.SIGHUP:
+      _detach_from_hung_up_terminal()
     if self.reason is None:
-      self.log(f"\n{signal.Signals(signum).name}: {PHASES[self.phase][1]}")
       self.reason = "hung up" if signum == signal.SIGHUP else "preempted"
+      self._say(f"\n{signal.Signals(signum).name}: {PHASES[self.phase][1]}")
+
+  def _say(self, text: str) -> None:
+    try:
+      self.log(text)
+    except OSError:  # a console that is gone: the stop goes on without its notice
+      pass
 
   def __enter__(self) -> StopSignals:
     if threading.current_thread() is threading.main_thread():

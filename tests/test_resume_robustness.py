@@ -236,7 +236,7 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
   2. SIGKILL at a seeded random moment after this run's 1st or 2nd finished round (mid-round or while
      its checkpoint is written; a stale lock and maybe a temporary checkpoint folder are left).
   3. SIGTERM after a finished round: exit 0, 'preempted at round N', checkpoint N saved; SIGHUP (the terminal
-     closed) the same, exit 129, 'stopped (SIGHUP: its terminal closed) at round N'.
+     closed) the same, exit 129, 'stopped by SIGHUP (a closed terminal) at round N'.
   4. Ctrl-C (SIGINT) after the 2nd finished round: exit 130, 'interrupted at round N', checkpoint N.
   5. The newest checkpoint's array file and the next one's config JSON cut in half, and a cut last
      line appended to metrics.jsonl (an older writer killed mid-line): fedkd.eval falls back two steps
@@ -303,7 +303,7 @@ def test_kill_sigterm_ctrl_c_damage_then_resume_equal_the_uninterrupted_run(refe
     elif sig is not None:
       code, word = {
         signal.SIGTERM: (0, "preempted"),
-        signal.SIGHUP: (129, "stopped (SIGHUP: its terminal closed)"),
+        signal.SIGHUP: (129, "stopped by SIGHUP (a closed terminal)"),
         signal.SIGINT: (130, "interrupted"),
       }[sig]
       assert k < ROUNDS - 1 and rc == code, (k, rc, _messages(p.stderr))

@@ -72,12 +72,54 @@ def test_sighup_saves_and_stops_unless_ignored():
     signal.signal(signal.SIGHUP, before)
 
 
+HUNG_UP = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from fedkd.preemption import StopSignals
+res = open(sys.argv[1], "w", buffering=1)
+with StopSignals() as stop:
+  res.write("ready\\n")
+  while not stop.reason:
+    time.sleep(0.01)
+  for i in range(3):  # the round's own output after the notice
+    print("round line", i, flush=True)
+  res.write(f"reason={{stop.reason}} printed\\n")
+"""
+
+
+def test_sighup_from_a_closed_terminal_stops_at_the_next_save():
+  """The terminal closed: every write to it then fails (EIO), so the SIGHUP notice, and the round's own output
+  after it, raised OSError mid-round; the run died without saving instead of stopping after its round."""
+  import pty
+  import tempfile
+  import time
+
+  out = os.path.join(tempfile.mkdtemp(), "result.txt")
+  pid, fd = pty.fork()
+  if pid == 0:  # the child: a run on the terminal
+    os.execv(sys.executable, [sys.executable, "-c", HUNG_UP.format(root=ROOT), out])
+  deadline = time.monotonic() + 60
+  while not (os.path.exists(out) and "ready" in open(out).read()):
+    assert time.monotonic() < deadline, "the child never started"
+    time.sleep(0.05)
+  os.close(fd)  # the terminal closes: the kernel sends SIGHUP to the child, which leads its session
+  _, status = os.waitpid(pid, 0)
+  assert os.waitstatus_to_exitcode(status) == 0
+  assert open(out).read().splitlines() == ["ready", "reason=hung up printed"]
+
+
 KILLED_AFTER_SAVE = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 from fedkd import checkpoint
 from fedkd.tasks import fedavg
 from test_training import tiny_config
+from tensorboardX import event_file_writer
+write = event_file_writer.EventsWriter.write_event
+def slow_write(self, event):  # a busy disk: the writer thread lags behind the queue
+  time.sleep(0.05)
+  return write(self, event)
+event_file_writer.EventsWriter.write_event = slow_write
 save = checkpoint.Checkpointer.save
 def save_then_die(self, r, *args, **kwargs):
   save(self, r, *args, **kwargs)
@@ -89,8 +131,8 @@ fedavg.run(tiny_config(num_rounds=4), sys.argv[1], log=lambda m: None)
 """
 
 
-def _loss_steps(tb_dir) -> list[int]:
-  """The steps of every train/loss scalar in tb_dir's event files, read with TensorBoard's record framing
+def _steps(tb_dir, tag: str) -> list[int]:
+  """The steps of every ``tag`` scalar in tb_dir's event files, read with TensorBoard's record framing
   (length, its CRC, payload, its CRC) and tensorboardX's Event message."""
   from tensorboardX.proto import event_pb2
 
@@ -101,7 +143,7 @@ def _loss_steps(tb_dir) -> list[int]:
       (n,) = struct.unpack("<Q", data[i : i + 8])
       event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
       i += 12 + n + 4
-      steps += [event.step for v in event.summary.value if v.tag == "train/loss"]
+      steps += [event.step for v in event.summary.value if v.tag == tag]
   return sorted(steps)
 
 
@@ -113,12 +155,14 @@ def test_a_run_killed_after_a_checkpoint_keeps_that_rounds_tensorboard_scalars(t
     [sys.executable, "-c", script, str(work), "2"], env=env, capture_output=True, text=True, timeout=600
   )
   assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-  assert _loss_steps(work / "tb") == [1, 2]  # was [] or [1]: the buffer died with the process
+  # was [] or [1]: the buffer died with the process. The evaluation's scalars are a round's last ones.
+  assert _steps(work / "tb", "train/loss") == [1, 2] and _steps(work / "tb", "eval/dice/catheter") == [0, 2]
   r = subprocess.run(
     [sys.executable, "-c", script, str(work), "-1"], env=env, capture_output=True, text=True, timeout=600
   )
   assert r.returncode == 0, r.stderr[-3000:]
-  assert _loss_steps(work / "tb") == [1, 2, 3, 4]  # each round once, as docs/outputs.md says
+  assert _steps(work / "tb", "train/loss") == [1, 2, 3, 4]  # each round once, as docs/outputs.md says
+  assert _steps(work / "tb", "eval/dice/catheter") == [0, 2, 4]
 
 
 def test_a_fine_tunes_notice_speaks_of_the_fine_tune_not_a_round_checkpoint():
