@@ -126,17 +126,32 @@ def test_a_cut_short_uncompressed_dicom_is_not_sent_to_a_decoder_plugin(tmp_path
   (problem,) = _problems(tmp_path, folder)
   assert problem.startswith(f"{path}: cannot decode DICOM pixel data (transfer syntax 1.2.840.10008.1.2.1;"), problem
   assert problem.endswith(
-    "the file is uncompressed, so its pixel data is damaged or cut short: re-export it or remove it"
+    "the file is uncompressed, so its pixel data is damaged, cut short or laid out in a way pydicom cannot read: "
+    "re-export it or remove it"
   ), problem
   assert "pylibjpeg" not in problem
+
+
+def test_a_dicom_of_a_private_transfer_syntax_that_does_not_decode_is_one_problem(tmp_path):
+  """pydicom raises ValueError ('UID is not a transfer syntax') when asked whether a private one is compressed."""
+  folder = _folder(tmp_path / "h")
+  path = folder / "images" / "p.dcm"
+  _cine(path)
+  data = path.read_bytes()
+  explicit, private = b"1.2.840.10008.1.2.1\x00", b"1.2.840.113619.5.22\x00"  # same length: a GE private syntax
+  path.write_bytes(data.replace(explicit, private, 1)[: -H * W])
+  np.save(folder / "masks" / "p.npy", np.zeros((2, H, W), np.uint8))
+  _splits(folder, ["x0", "x1", "p"], ["x2"])
+  (problem,) = _problems(tmp_path, folder)
+  assert problem.startswith(f"{path}: cannot decode DICOM pixel data (transfer syntax 1.2.840.113619.5.22;"), problem
 
 
 def test_a_site_name_too_long_for_a_folder_is_refused(tmp_path):
   """It was an OSError 'File name too long' with advice to check that --data_dir is writable."""
   folder = _folder(tmp_path / "h")
-  (problem,) = _problems(tmp_path, folder, site="s" * 200)
+  (problem,) = _problems(tmp_path, folder, site="s" * 250)
   assert problem == (
-    f"the config name {'s' * 40!r}... is 200 bytes long, more than a folder name of the dataset may be (128); give "
+    f"the config name {'s' * 40!r}... is 250 bytes long, more than a folder name of the dataset may be (200); give "
     "a shorter name (CLI: --site=NAME or --config=NAME)"
   )
 
@@ -168,6 +183,28 @@ def test_ctrl_c_during_a_build_is_one_line(tmp_path, capsys, monkeypatch):
   ]
 
 
+def test_ctrl_c_after_an_overwrite_swapped_its_new_version_in_says_so(tmp_path, capsys, monkeypatch):
+  """Ctrl-C while the replaced version was being deleted: it said nothing was prepared, with the new version in
+  place."""
+  folder = _folder(tmp_path / "h")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=folder)
+  real = api.build
+
+  def built_then_interrupted(*args, **kwargs):
+    real(*args, **kwargs)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(build_cli, "build", built_then_interrupted)
+  capsys.readouterr()
+  code = build_cli.main(["--dataset=xray_folder", f"--manual_dir={folder}", f"--data_dir={data_dir}", "--overwrite"])
+  (version,) = data_dir.glob("xray_folder/h/*")
+  assert code == 130
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    f"interrupted: the dataset in {version} is prepared; run the command again to see its summary"
+  )
+
+
 def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
   """An --overwrite build SIGKILLed mid-way left data_dir/.fedkd-rebuild-<pid> for good (its pid never comes
   back). The next rebuild removes this host's folders of processes that ended; another host's stays."""
@@ -180,10 +217,12 @@ def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
   dead, other, old_style = (
     data_dir / n for n in (f".fedkd-rebuild-{host}-{ended.pid}", ".fedkd-rebuild-elsewhere-1", ".x")
   )
-  for d in (dead, other, old_style):
+  (version,) = data_dir.glob("xray_folder/h/*")
+  replaced = version.parent / f".{version.name}.old-{host}-{ended.pid}"  # killed before it deleted the old version
+  for d in (dead, other, old_style, replaced):
     (d / "xray_folder").mkdir(parents=True)
   fdata.build("xray_folder", data_dir, manual_dir=folder, overwrite=True)
-  assert not dead.exists() and other.exists() and old_style.exists()
+  assert not dead.exists() and not replaced.exists() and other.exists() and old_style.exists()
   assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith(api._REBUILD_PREFIX)) == [other.name]
   assert os.path.isfile(next(data_dir.glob("xray_folder/h/*/dataset_info.json")))
 

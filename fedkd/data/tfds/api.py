@@ -192,16 +192,20 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
 
 
 _REBUILD_PREFIX = ".fedkd-rebuild-"  # + host-pid: an --overwrite build's temporary folder in data_dir
+_OLD_INFIX = ".old-"  # .<version>.old-<host>-<pid>: the replaced version beside the new one, until it is deleted
 
 
-def _remove_dead_rebuilds(data_dir: Path) -> None:
-  """Removes the temporary folders of --overwrite builds on this host whose process has ended (killed before
-  its cleanup ran); another host's, on a shared data_dir, are left alone."""
+def _remove_dead_rebuilds(data_dir: Path, version_dir: Path) -> None:
+  """Removes what --overwrite builds on this host left when killed before their cleanup ran (their process has
+  ended): the temporary folder in ``data_dir`` and the replaced version in ``version_dir`` (the config's folder).
+  Another host's, on a shared data_dir, are left alone."""
   from fedkd.workdir import pid_alive
 
-  mine = f"{_REBUILD_PREFIX}{socket.gethostname()}-"
-  for path in data_dir.glob(f"{_REBUILD_PREFIX}*"):
-    pid = path.name[len(mine) :] if path.name.startswith(mine) else ""
+  host = socket.gethostname()
+  left = [(p, p.name[len(_REBUILD_PREFIX) :]) for p in data_dir.glob(f"{_REBUILD_PREFIX}*")]
+  left += [(p, p.name.split(_OLD_INFIX, 1)[1]) for p in version_dir.glob(f".*{_OLD_INFIX}*")]
+  for path, owner in left:
+    pid = owner[len(host) + 1 :] if owner.startswith(f"{host}-") else ""
     if pid.isdigit() and not pid_alive(int(pid)):
       shutil.rmtree(path, ignore_errors=True)
 
@@ -210,15 +214,16 @@ def _rebuild_beside(cls, name: str, data_dir: Path, manual_dir, cfg, final: Path
   """``overwrite`` of a prepared dataset: build the new one in a temporary folder inside ``data_dir``
   and swap it in only once it is complete. A build refused on its inputs (or killed) leaves the old
   dataset as it was; TFDS' own FORCE_REDOWNLOAD deletes it before it reads the first input file."""
-  _remove_dead_rebuilds(data_dir)
-  tmp = data_dir / f"{_REBUILD_PREFIX}{socket.gethostname()}-{os.getpid()}"
+  _remove_dead_rebuilds(data_dir, final.parent)
+  owner = f"{socket.gethostname()}-{os.getpid()}"
+  tmp = data_dir / f"{_REBUILD_PREFIX}{owner}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     fresh = cls(data_dir=str(tmp), config=cfg, file_format="array_record")
     fresh.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir is not None else None)
     )
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = final.parent / f".{final.name}{_OLD_INFIX}{owner}"
     os.replace(final, old)
     try:
       os.replace(tmp / name / cfg.name / str(cls.VERSION), final)

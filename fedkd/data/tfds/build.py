@@ -26,6 +26,7 @@ import logging
 import os
 from pathlib import Path
 import sys
+import time
 import types
 
 from fedkd.data.tfds import api
@@ -128,6 +129,19 @@ def _write_failure(e: Exception, data_dir: str) -> str | None:
   )
 
 
+def _prepared_since(data_dir: str, dataset: str, since: float) -> list[str]:
+  """The folders of ``dataset`` under ``data_dir`` whose preparation completed at ``since`` or later (an
+  interrupted --overwrite build may have swapped its new version in before it was stopped)."""
+  found = []
+  for info in Path(data_dir).glob(f"{dataset}/*/*/dataset_info.json"):
+    try:
+      if info.stat().st_mtime >= since:
+        found.append(str(info.parent))
+    except OSError:
+      continue
+  return found
+
+
 def main(argv=None) -> int:
   from fedkd.cli import line_buffered
 
@@ -151,7 +165,7 @@ def main(argv=None) -> int:
     return 2
   # TFDS/absl progress bars, notices and "custom config" warnings would drown the summary.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  builder = None
+  builder, started = None, time.time()
   try:
     import tensorflow_datasets as tfds
 
@@ -180,7 +194,8 @@ def main(argv=None) -> int:
       lines[0] = lines[0].replace("built ", "already prepared (reused): ", 1)
       lines.append(f"note: the source was not read again; pass --overwrite to rebuild it{source}")
   except KeyboardInterrupt:
-    done = f"the dataset in {builder.data_dir} is prepared" if builder is not None else None
+    made = _prepared_since(data_dir, args.dataset, started) if builder is None else [os.fspath(builder.data_dir)]
+    done = f"the dataset in {made[0]} is prepared" if made else None
     print(
       f"interrupted: {done or 'nothing was prepared (a version prepared before is kept as it was)'}; "
       "run the command again" + (" to see its summary" if done else ""),

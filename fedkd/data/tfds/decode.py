@@ -223,8 +223,12 @@ def _read_dicom(path: Path):
       arr = np.asarray(ds.pixel_array)
   except Exception as e:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts is not None and not getattr(ts, "is_compressed", True):  # raw pixels that do not decode: cut short
-      fix = "the file is uncompressed, so its pixel data is damaged or cut short: re-export it or remove it"
+    try:
+      compressed = ts is None or ts.is_compressed
+    except (AttributeError, ValueError):  # pydicom: 'UID is not a transfer syntax' (a private or unknown one)
+      compressed = True
+    if not compressed:  # raw pixels that do not decode: cut short
+      fix = "the file is uncompressed, so its pixel data is damaged, cut short or laid out in a way pydicom cannot read: re-export it or remove it"
     else:
       fix = "for compressed DICOM install pylibjpeg with pylibjpeg-libjpeg/openjpeg, or decompress first (e.g. `gdcmconv --raw`)"
     raise DatasetInputError(

@@ -176,9 +176,7 @@ def load_pair(pair: Pair, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray, bool
     found = _unusable_masks(pair)
     raise DatasetInputError(
       f"{pair.image}: missing mask; expected {pair.mask_dir / (pair.stem + '.png')} "
-      f"(or {pair.stem}.dcm / {pair.stem}.npy"
-      + (f" / per-frame {pair.stem}_0000.png ..." if multi else "")
-      + ")"
+      f"(or {pair.stem}.dcm / {pair.stem}.npy)"  # a cine image (multi) takes the per-frame branch above
       + (f", and {found}" if found else "")
       + "; add it or remove the image"
     )

@@ -149,7 +149,7 @@ def track_split_stats(info, split: str, examples):
     contents[split] = f"{total % 2**256:064x}"
 
 
-MAX_CONFIG_NAME_BYTES = 128
+MAX_CONFIG_NAME_BYTES = 200  # a folder name (most file systems: 255 bytes), with room for TFDS' incomplete.* prefix
 
 
 def config_safe_name(name: str) -> str:
