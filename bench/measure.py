@@ -142,6 +142,15 @@ def measure_config(config, reps: int = 2, emit: Callable[[dict], None] = lambda 
       "(its silo round takes the same engine knobs: time them on a fedavg config of the same model and shapes)"
     )
   n_dev = validate(config, jax.device_count())
+  # the chunked candidates read engine.client_chunk whatever the config's own layout, which may leave it unread
+  # (unchecked by validate)
+  if isinstance(config.engine.client_chunk, bool) or not (
+    isinstance(config.engine.client_chunk, int) and config.engine.client_chunk >= 1
+  ):
+    raise ConfigError(
+      f"config.engine.client_chunk={config.engine.client_chunk!r} must be an integer >= 1: --measure times chunked "
+      "candidates with it; set --config.engine.client_chunk"
+    )
   mesh = client_mesh(n_dev)
   per_shard = config.clients_per_round // n_dev
   _, _, chunk = engine.legacy_options(config.engine)

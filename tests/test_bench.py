@@ -348,6 +348,17 @@ def test_measure_cli_refuses_a_fedefm_config():
   assert "Traceback" not in r.stderr
 
 
+def test_measure_refuses_a_client_chunk_its_chunked_candidates_cannot_take():
+  """With client_layout='vmap' the config leaves engine.client_chunk unread (validate checks its type only), but
+  --measure times chunked candidates with it: 0 ended in 'max() arg is an empty sequence' on GPU."""
+  from fedkd.config import ConfigError
+
+  c = base_config()
+  c.engine.client_layout, c.engine.client_chunk = "vmap", 0
+  with pytest.raises(ConfigError, match=r"config.engine.client_chunk=0 must be an integer >= 1: --measure times"):
+    measure.measure_config(c)
+
+
 def test_bench_is_not_installed_with_fedkd():
   """pyproject lists the installed packages explicitly; bench/ is not one of them."""
   text = open(os.path.join(ROOT, "pyproject.toml")).read()

@@ -112,6 +112,20 @@ def test_a_finished_handmade_workdir_is_accepted(tmp_path):
   assert open(raw, "rb").read() == text
 
 
+def test_a_cost_xla_gave_no_flops_for_is_a_blank_cell_not_a_refusal(tmp_path):
+  """client_flops is NaN where XLA's cost analysis has no 'flops' (some backends): such records (NaN before,
+  null now) were refused at every re-run by the new record check."""
+  c = tiny()
+  recs = [record(m, s) for s in (0, 1) for m in ("scratch", "fedavg")]
+  recs[1]["cost"] = {"gflops_per_silo_round": float("nan"), "mb_per_silo_round": 0.04}
+  recs[3]["cost"] = {"gflops_per_silo_round": None, "mb_per_silo_round": 0.04}
+  workdir(tmp_path / "fe", c, recs)
+  assert len(task.run(c, str(tmp_path / "fe"), log=lambda _: None)) == 4
+  endpoints = open(tmp_path / "fe" / "endpoints.md").read()
+  (row,) = [line for line in endpoints.splitlines() if line.startswith("| fedavg | 2 |")]
+  assert [cell.strip() for cell in row.split("|")[5:7]] == ["", "0.04"], row
+
+
 @pytest.mark.parametrize(
   "key,value",
   [
@@ -243,7 +257,7 @@ def test_foundations_from_names_what_it_lacks_before_anything_trains(source, tmp
   with pytest.raises(_Started):
     task.run(c, str(tmp_path / "D"), log=_until_work(lines))
   notes = [line for line in lines if line.startswith("note:")]
-  assert len(notes) == 1 and "holds no foundation for 1 planned run, pretrained here" in notes[0], lines
+  assert len(notes) == 1 and "lacks 1 of the foundations this plan uses, pretrained here" in notes[0], lines
   assert "fedavg at 100% unseen seed 1" in notes[0] and "seed 0" not in notes[0], notes
 
 
@@ -264,6 +278,29 @@ def test_foundations_from_a_workdir_whose_source_is_gone_says_so(source, tmp_pat
   assert f"{str(tmp_path / 'B')!r} reused its foundations from {str(gone)!r}" in msg and "is not a folder" in msg, msg
   assert "point config.experiment.foundations_from at the workdir whose foundations/ holds them" in msg, msg
   assert not os.path.exists(tmp_path / "C")
+
+
+def test_a_gone_workdir_further_along_the_chain_is_noted_when_an_earlier_one_holds_the_foundations(source, tmp_path):
+  """C -> B (B holds the foundations itself) -> A', which was moved away: C was refused, although B holds every
+  foundation C needs. The walk stops at A' with a note; B's foundation is reused, nothing pretrained."""
+  a, c, row = source
+  b = tmp_path / "B"
+  shutil.copytree(a, b)
+  saved = json.loads((b / "config.json").read_text())
+  saved["experiment"]["foundations_from"] = str(tmp_path / "moved")
+  (b / "config.json").write_text(json.dumps(saved))
+  cc = tiny(**{"experiment.methods": "fedavg", "experiment.seeds": "0", "downstream.probe": False})
+  cc.experiment.foundations_from = str(b)
+  lines = []
+  (got,) = task.run(cc, str(tmp_path / "C"), log=lines.append)
+  notes = [line for line in lines if line.startswith("note:")]
+  assert notes == [
+    f"note: config.experiment.foundations_from={str(b)!r}: {str(b)!r} reused its foundations from "
+    f"{str(tmp_path / 'moved')!r} (its config.json says so), which is not a folder: its foundations are not looked in"
+  ], lines
+  assert not any("pretraining round" in line for line in lines), lines
+  assert any("foundation reused from " + str(b / "foundations") in line for line in lines), lines
+  assert got["foundation"] == row["foundation"]
 
 
 # ------------------------------------------------------------------ the contrast command

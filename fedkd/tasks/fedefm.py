@@ -115,6 +115,15 @@ RESULT_KEYS = (
 SCORES = ("dice/catheter", "iou/catheter", "dice/guidewire", "iou/guidewire", "dice/mean")  # of each setting
 
 
+def _finite_or_none(v: float) -> float | None:
+  return v if math.isfinite(v) else None
+
+
+def _cost_cell(v) -> str:
+  """A cost column's cell: empty where the cost is unknown (null, or NaN in records written before null)."""
+  return str(v) if report.is_finite_number(v) else ""
+
+
 def _score_key(k: str) -> bool:
   """Whether a top-level key of a results_raw.jsonl record is a number the tables or contrasts read."""
   return k in RESULT_KEYS[4:] or k in ("foundation", "seconds") or re.match(r"(n\d+|probe)/", k) is not None
@@ -422,6 +431,7 @@ class Experiment:
     self.mesh1 = client_mesh(1)
     self._stop_checks = 0
     self._from: list[str] = []  # config.experiment.foundations_from and the workdirs it reused from, checked
+    self._chain_notes: list[str] = []  # why the walk along those workdirs stopped early (_reusable_from)
     self._checked = None  # (finished runs, checkpoints in progress, results repair) of the last check_workdir()
     self._models = False
 
@@ -850,7 +860,8 @@ class Experiment:
     summary["foundation"] = summary["curve"][-1]["foundation"] if summary["curve"] else None
     model_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params0))
     summary["cost"] = {  # a distilling round for FedEFM and its controls
-      "gflops_per_silo_round": round(self.client_flops(method, method in DISTILL) / 1e9, 4),
+      # null where XLA's cost analysis gives no FLOPs for the backend (client_flops: NaN)
+      "gflops_per_silo_round": _finite_or_none(round(self.client_flops(method, method in DISTILL) / 1e9, 4)),
       "mb_per_silo_round": round(summary["transfers"] / p.num_rounds * model_bytes / 1e6, 4),
     }
     return jax.tree.map(np.asarray, foundation_of(state["params"])), summary
@@ -1161,7 +1172,12 @@ class Experiment:
       nested["emd.w_spread"] = r["emd"].get("w_spread") if isinstance(r.get("emd"), dict) else None
       bad += [k for k in ("cost", "emd") if r.get(k) is not None and not isinstance(r[k], dict)]
       bad += [k for k, v in r.items() if not _score_key(k) and isinstance(v, float) and not math.isfinite(v)]
-      bad += [k for k, v in nested.items() if v is not None and not report.is_finite_number(v)]
+      # a cost XLA gave no FLOPs for was written NaN (now null): a missing cell, as endpoints.md shows it
+      bad += [
+        k
+        for k, v in nested.items()
+        if v is not None and not report.is_finite_number(v) and not (k.startswith("cost.") and v != v)
+      ]
       if bad:
         v = nested[bad[0]] if bad[0] in nested else r[bad[0]]
         raise ConfigError(
@@ -1216,8 +1232,11 @@ class Experiment:
     """config.experiment.foundations_from, checked, and in turn the workdir that one reused its foundations
     from (its config.json's experiment.foundations_from), and so on: those that hold a foundations/ folder,
     in the order they are looked in ([] when the key is not set). Each needs a config.json that differs from
-    this one at most in the downstream keys (``DOWNSTREAM_KEYS``) and ``FREE_KEYS``."""
+    this one at most in the downstream keys (``DOWNSTREAM_KEYS``) and ``FREE_KEYS``. A problem with the given
+    workdir is a ConfigError; one further along the chain ends the walk with a note (:meth:`source_notes`), the
+    workdirs before it still used, unless none of them holds foundations."""
     given = self.c.experiment.foundations_from
+    self._chain_notes = []
     if not given:
       return []
     head, src, chain, seen = f"config.experiment.foundations_from={given!r}", given, [], set()
@@ -1228,41 +1247,51 @@ class Experiment:
     while src and os.path.realpath(os.path.expanduser(src)) not in seen:
       src = os.path.expanduser(src)
       seen.add(os.path.realpath(src))
-      cfg_path = os.path.join(src, "config.json")
-      if not os.path.isdir(src):
-        raise ConfigError(f"{subject} is not a folder; {fix}")
-      if not os.path.exists(cfg_path):
-        raise ConfigError(f"{subject} holds no config.json (not a FedEFM workdir); {fix}")
-      try:
-        saved = read_json_object(cfg_path)
-      except (OSError, ValueError) as e:
-        raise ConfigError(
-          f"{subject} has an unreadable {cfg_path} ({reason(e, 120)}), so its foundations cannot be matched to "
-          f"this config; restore the file, or {fix}"
-        ) from None
-      diff = config_difference(saved, self.cfg_json, ignore=DOWNSTREAM_KEYS)
-      if diff:
-        raise ConfigError(
-          f"{subject} holds foundations pretrained with another config ({diff}; only config.downstream and "
-          "config.student may); use that config or '' to pretrain them"
-        )
+      problem = self._source_problem(src)
+      if problem and not seen - {os.path.realpath(src)}:  # the given workdir
+        raise ConfigError(f"{subject} {problem[0]}; {problem[1] or fix}")
+      if problem:
+        self._chain_notes.append(f"{subject} {problem[0]}: its foundations are not looked in")
+        break
       if os.path.isdir(os.path.join(src, "foundations")):
         chain.append(src)
-      experiment = saved.get("experiment")
+      experiment = read_json_object(os.path.join(src, "config.json")).get("experiment")
       nxt = experiment.get("foundations_from") if isinstance(experiment, dict) else None
       prev, src = src, nxt if isinstance(nxt, str) else ""
       subject = f"{head}: {prev!r} reused its foundations from {src!r} (its config.json says so), which"
     if not chain:
-      raise ConfigError(
-        f"{head} holds no foundations/ (its runs saved none) and reused none from another workdir; {fix}"
-      )
+      reused = f" ({self._chain_notes[0]})" if self._chain_notes else " and reused none from another workdir"
+      raise ConfigError(f"{head} holds no foundations/ (its runs saved none){reused}; {fix}")
     return chain
+
+  def _source_problem(self, src: str) -> tuple[str, str] | None:
+    """Why the workdir ``src`` cannot lend this experiment its foundations (what is wrong, the fix or ''), or None."""
+    cfg_path = os.path.join(src, "config.json")
+    if not os.path.isdir(src):
+      return "is not a folder", ""
+    if not os.path.exists(cfg_path):
+      return "holds no config.json (not a FedEFM workdir)", ""
+    try:
+      saved = read_json_object(cfg_path)
+    except (OSError, ValueError) as e:
+      return (
+        f"has an unreadable {cfg_path} ({reason(e, 120)}), so its foundations cannot be matched to this config",
+        "restore the file, or point config.experiment.foundations_from elsewhere",
+      )
+    diff = config_difference(saved, self.cfg_json, ignore=DOWNSTREAM_KEYS)
+    if diff:
+      return (
+        f"holds foundations pretrained with another config ({diff}; only config.downstream and config.student may)",
+        "use that config or '' to pretrain them",
+      )
+    return None
 
   def source_notes(self, plan, done) -> list[str]:
     """What config.experiment.foundations_from leaves to pretrain here, said at the start: the planned
     foundations (not yet finished runs) that neither this workdir nor the source holds."""
     if not self._from:
       return []
+    notes = list(self._chain_notes)
     lacking = [
       (percent, method, seed)
       for percent, method, seed in dict.fromkeys((p, m, s) for p, m, _, s in plan if m != "scratch")
@@ -1270,12 +1299,12 @@ class Experiment:
       and not any(os.path.exists(self.foundation_path(w, method, percent, seed)) for w in [self.workdir, *self._from])
     ]
     if not lacking:
-      return []
+      return notes
     names = [f"{m} at {p:g}% unseen seed {s}" for p, m, s in lacking]
     shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    return [
-      f"config.experiment.foundations_from={self.c.experiment.foundations_from!r} holds no foundation for "
-      f"{len(lacking)} planned run{'s' if len(lacking) > 1 else ''}, pretrained here instead: {shown}"
+    return notes + [
+      f"config.experiment.foundations_from={self.c.experiment.foundations_from!r} lacks {len(lacking)} of the "
+      f"foundations this plan uses, pretrained here instead: {shown}"
     ]
 
   def foundation(self, method: str, percent: float, seed: int, label: str):
@@ -1580,7 +1609,7 @@ def write_endpoints(
       found, cell_ci = "(no foundation)", ""
     lines.append(
       f"| {m} | {len(vals) or len([r for r in main if r['method'] == m])} | {found} | {cell_ci} | "
-      f"{cost.get('gflops_per_silo_round', '')} | {cost.get('mb_per_silo_round', '')} | "
+      f"{_cost_cell(cost.get('gflops_per_silo_round'))} | {_cost_cell(cost.get('mb_per_silo_round'))} | "
       f"{f'{np.mean(spread):.4f}' if spread else ''} |"
     )
   lines.append("")
