@@ -199,9 +199,10 @@ def test_an_unreadable_sweep_json_is_replaced_not_a_traceback(tmp_path, monkeypa
   assert [r["name"] for r in launcher._read_definition(str(out))["runs"]] == ["seed-0"] == [r["name"] for r in ran[0]]
 
 
-def test_a_setting_written_1_in_one_run_and_1_0_in_another_is_one_group(tmp_path, capsys):
-  """Seeds added later as product(seed=[2], quantity_skew=[0, 1]) next to seeds 0, 1 at [0.0, 1.0]: the table
-  had 4 rows (quantity_skew 0.0 and 1.0 with 2 seeds, 0 and 1 with 1 seed and std n/a) for 2 settings."""
+def _finished_sweep(tmp_path, sweep_expr: str, seed: int):
+  """A sweep of ``get_sweep() = sweep_expr`` over base_config whose runs all finished (a metrics.jsonl of rounds 0
+  and 2 with random dice/catheter, a DONE), aggregated with --aggregate_only; returns the definition's runs with
+  each one's final dice/catheter, and the rows of results.csv."""
   import csv
   import json
 
@@ -209,7 +210,7 @@ def test_a_setting_written_1_in_one_run_and_1_0_in_another_is_one_group(tmp_path
 
   cfg = tmp_path / "cfg.py"
   cfg.write_text(
-    textwrap.dedent("""
+    textwrap.dedent(f"""
       from fedkd.config import base_config
       from fedkd.sweep import product
 
@@ -217,15 +218,14 @@ def test_a_setting_written_1_in_one_run_and_1_0_in_another_is_one_group(tmp_path
         return base_config()
 
       def get_sweep(arg=None):
-        return product(seed=[0, 1], quantity_skew=[0.0, 1.0]) + product(seed=[2], quantity_skew=[0, 1])
+        return {sweep_expr}
       """)
   )
   out = tmp_path / "out"
   defn = launcher.build(str(cfg), None, [])
   out.mkdir()
-  (out / "sweep.json").write_text(json.dumps(defn))
-  rng = np.random.default_rng(1)
-  final = {}
+  rng = np.random.default_rng(seed)
+  final = []
   for run in defn["runs"]:
     wd = out / run["name"]
     wd.mkdir()
@@ -233,12 +233,22 @@ def test_a_setting_written_1_in_one_run_and_1_0_in_another_is_one_group(tmp_path
     (wd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
     (wd / "DONE").write_text(json.dumps({"name": run["name"], "num_rounds": 2}))
     run["num_rounds"] = 2
-    final[(float(run["overrides"]["quantity_skew"]), run["overrides"]["seed"])] = recs[-1]["dice/catheter"]
+    final.append((run["overrides"], recs[-1]["dice/catheter"]))
   (out / "sweep.json").write_text(json.dumps(defn))
   assert launcher.main([f"--out={out}", "--aggregate_only"]) == 0
-  capsys.readouterr()
   with open(out / "results.csv") as f:
-    rows = list(csv.DictReader(f))
+    return final, list(csv.DictReader(f))
+
+
+def test_a_setting_written_1_in_one_run_and_1_0_in_another_is_one_group(tmp_path, capsys):
+  """Seeds added later as product(seed=[2], quantity_skew=[0, 1]) next to seeds 0, 1 at [0.0, 1.0]: the table
+  had 4 rows (quantity_skew 0.0 and 1.0 with 2 seeds, 0 and 1 with 1 seed and std n/a) for 2 settings."""
+  import numpy as np
+
+  runs, rows = _finished_sweep(
+    tmp_path, "product(seed=[0, 1], quantity_skew=[0.0, 1.0]) + product(seed=[2], quantity_skew=[0, 1])", 1
+  )
+  final = {(float(o["quantity_skew"]), o["seed"]): v for o, v in runs}
   assert [(float(r["quantity_skew"]), r["seeds"]) for r in rows] == [(0.0, "3"), (1.0, "3")]
   for row in rows:
     vals = np.array([final[(float(row["quantity_skew"]), s)] for s in (0, 1, 2)])
@@ -250,42 +260,11 @@ def test_a_run_that_writes_a_default_explicitly_is_in_the_group_of_those_that_le
   """Seed 2 added as {"seed": 2, "quantity_skew": 0.0} beside seeds 0, 1 that leave the key at its default 0.0:
   the same setting, yet results.csv had two rows (seeds 0, 1 and seed 2 alone, std n/a). Grouped by their full
   configs, one row of 3 seeds; its mean and std against numpy."""
-  import csv
-  import json
-
   import numpy as np
 
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text(
-    textwrap.dedent("""
-      from fedkd.config import base_config
-      from fedkd.sweep import product
-
-      def get_config(arg=None):
-        return base_config()
-
-      def get_sweep(arg=None):
-        return product(seed=[0, 1]) + [{"seed": 2, "quantity_skew": 0.0}]
-      """)
-  )
-  out = tmp_path / "out"
-  defn = launcher.build(str(cfg), None, [])
-  out.mkdir()
-  rng = np.random.default_rng(2)
-  final = []
-  for run in defn["runs"]:
-    wd = out / run["name"]
-    wd.mkdir()
-    recs = [{"round": r, "dice/catheter": float(rng.uniform()), "dice/guidewire": 0.5} for r in (0, 2)]
-    (wd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
-    (wd / "DONE").write_text(json.dumps({"name": run["name"], "num_rounds": 2}))
-    run["num_rounds"] = 2
-    final.append(recs[-1]["dice/catheter"])
-  (out / "sweep.json").write_text(json.dumps(defn))
-  assert launcher.main([f"--out={out}", "--aggregate_only"]) == 0
-  capsys.readouterr()
-  with open(out / "results.csv") as f:
-    (row,) = list(csv.DictReader(f))
+  runs, rows = _finished_sweep(tmp_path, 'product(seed=[0, 1]) + [{"seed": 2, "quantity_skew": 0.0}]', 2)
+  final = [v for _, v in runs]
+  (row,) = rows
   assert row["seeds"] == "3"
   np.testing.assert_allclose(float(row["dice/catheter_mean"]), np.mean(final), rtol=1e-12)
   np.testing.assert_allclose(float(row["dice/catheter_std"]), np.std(final, ddof=1), rtol=1e-9)

@@ -64,32 +64,42 @@ def test_a_split_named_all_is_refused(tmp_path, name):
   ]
 
 
-def test_a_record_id_given_to_two_images_is_refused(tmp_path):
-  """Frame 1 of cine a.dcm and the image a#1.png both became record 'a#1' (ids are documented unique)."""
+def _gray(path):
+  Image.fromarray(np.zeros((H, W), np.uint8)).save(path)
+
+
+@pytest.mark.parametrize(
+  "cine_masks, single, problem",
+  [
+    # frame 1 of cine a.dcm and the image a#1.png both became record 'a#1' (ids are documented unique)
+    (
+      ["a.npy"],
+      "a#1",
+      "{images}/a#1.png: its record id 'a#1' is also the id of a.dcm (frame f of a cine file X gets the id 'X#f'); "
+      "rename one of them",
+    ),
+    # masks/a_0001.png was both frame 1's mask of cine a.dcm and the mask of image a_0001.png
+    (
+      ["a_0000.png", "a_0001.png"],
+      "a_0001",
+      "{masks}/a_0001.png: read as the mask of both a.dcm and a_0001.png (frame f of a cine file X takes the "
+      "per-frame mask X_<f:04d>.png); rename one of the images",
+    ),
+  ],
+)
+def test_two_images_that_would_share_a_record_id_or_a_mask_are_refused(tmp_path, cine_masks, single, problem):
   folder = _folder(tmp_path / "h")
   _cine(folder / "images" / "a.dcm")
-  np.save(folder / "masks" / "a.npy", np.zeros((2, H, W), np.uint8))
-  Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "images" / "a#1.png")
-  Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "masks" / "a#1.png")
-  _splits(folder, ["x0", "x1", "a", "a#1"], ["x2"])
-  assert _problems(tmp_path, folder) == [
-    f"{folder / 'images' / 'a#1.png'}: its record id 'a#1' is also the id of a.dcm (frame f of a cine file X gets "
-    "the id 'X#f'); rename one of them"
-  ]
-
-
-def test_a_mask_file_read_for_two_images_is_refused(tmp_path):
-  """masks/run_0001.png was both frame 1's mask of cine run.dcm and the mask of image run_0001.png."""
-  folder = _folder(tmp_path / "h")
-  _cine(folder / "images" / "run.dcm")
-  for f in range(2):
-    Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "masks" / f"run_{f:04d}.png")
-  Image.fromarray(np.zeros((H, W), np.uint8)).save(folder / "images" / "run_0001.png")
-  _splits(folder, ["x0", "x1", "run", "run_0001"], ["x2"])
-  assert _problems(tmp_path, folder) == [
-    f"{folder / 'masks' / 'run_0001.png'}: read as the mask of both run.dcm and run_0001.png (frame f of a cine "
-    "file X takes the per-frame mask X_<f:04d>.png); rename one of the images"
-  ]
+  for name in cine_masks:
+    if name.endswith(".npy"):
+      np.save(folder / "masks" / name, np.zeros((2, H, W), np.uint8))
+    else:
+      _gray(folder / "masks" / name)
+  _gray(folder / "images" / f"{single}.png")
+  if single + ".png" not in cine_masks:
+    _gray(folder / "masks" / f"{single}.png")
+  _splits(folder, ["x0", "x1", "a", single], ["x2"])
+  assert _problems(tmp_path, folder) == [problem.format(images=folder / "images", masks=folder / "masks")]
 
 
 def test_a_missing_mask_names_what_stands_in_its_place(tmp_path):
