@@ -326,8 +326,11 @@ def _cfg(**kw):
 @pytest.mark.parametrize(
   "kw,needle",
   [
-    ({"algorithm.prox_mu": -0.1}, "config.algorithm.prox_mu=-0.1"),
-    ({"algorithm.scaffold_weighting": "size"}, "config.algorithm.scaffold_weighting='size' is unknown"),
+    ({"algorithm.name": "fedprox", "algorithm.prox_mu": -0.1}, "config.algorithm.prox_mu=-0.1"),
+    (
+      {"algorithm.name": "scaffold", "client_optimizer.name": "sgd", "algorithm.scaffold_weighting": "size"},
+      "config.algorithm.scaffold_weighting='size' is unknown",
+    ),
     (
       {"algorithm.name": "scaffold", "client_optimizer.name": "sgd", "client_optimizer.momentum": 0.9},
       "--config.client_optimizer.momentum=0",
@@ -337,9 +340,12 @@ def _cfg(**kw):
     ({"algorithm.local_steps_min": -1}, "config.algorithm.local_steps_min=-1"),
     ({"server_optimizer.name": "lamb"}, "config.server_optimizer.name='lamb' is unknown"),
     ({"client_optimizer.name": "yogi"}, "config.client_optimizer.name='yogi' is unknown"),
-    ({"server_optimizer.eps": 0.0}, "config.server_optimizer.eps=0.0"),
-    ({"server_optimizer.b2": 1.0}, "config.server_optimizer.b2=1.0"),
-    ({"server_optimizer.initial_accumulator": -1.0}, "config.server_optimizer.initial_accumulator=-1.0"),
+    ({"server_optimizer.name": "adam", "server_optimizer.eps": 0.0}, "config.server_optimizer.eps=0.0"),
+    ({"server_optimizer.name": "adam", "server_optimizer.b2": 1.0}, "config.server_optimizer.b2=1.0"),
+    (
+      {"server_optimizer.name": "yogi", "server_optimizer.initial_accumulator": -1.0},
+      "config.server_optimizer.initial_accumulator=-1.0",
+    ),
   ],
 )
 def test_config_rejects_bad_values_in_one_line(kw, needle):

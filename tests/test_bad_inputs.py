@@ -130,7 +130,13 @@ def cases(f, w="w"):
       ["host_memory", "'keep'"],
     ),
     ("fedefm host_memory unknown", main, [EFM, f"--workdir={w}", "--config.engine.host_memory=no"], 2, ["host_memory"]),
-    ("cldice_iters negative", main, [QS, f"--workdir={w}", "--config.loss.cldice_iters=-2"], 2, ["cldice_iters"]),
+    (
+      "cldice_iters negative",
+      main,
+      [QS, f"--workdir={w}", "--config.loss.name=cldice", "--config.loss.cldice_iters=-2"],
+      2,
+      ["cldice_iters"],
+    ),
     (
       "unseen_site synthetic",
       main,
@@ -163,7 +169,13 @@ def cases(f, w="w"):
     ("num_rounds zero", main, [QS, f"--workdir={w}", "--config.num_rounds=0"], 2, ["num_rounds"]),
     ("groups do not divide", main, [QS, f"--workdir={w}", "--config.model.groups=3"], 2, ["groups"]),
     ("scaffold with adam", main, [QS, f"--workdir={w}", "--config.algorithm.name=scaffold"], 2, ["scaffold", "sgd"]),
-    ("momentum 1", main, [QS, f"--workdir={w}", "--config.client_optimizer.momentum=1.0"], 2, ["momentum"]),
+    (
+      "momentum 1",
+      main,
+      [QS, f"--workdir={w}", "--config.client_optimizer.name=sgd", "--config.client_optimizer.momentum=1.0"],
+      2,
+      ["momentum"],
+    ),
     (
       "skip flag not bool",
       main,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -18,7 +19,6 @@ from scipy import stats
 
 from fedkd.config import ConfigError
 from fedkd.tasks import fedefm as task
-from fedkd.tasks import fedefm_contrast as contrast
 
 _spec = importlib.util.spec_from_file_location(
   "fedefm_cfg_results", os.path.join(os.path.dirname(__file__), "..", "configs", "fedefm.py")
@@ -328,20 +328,22 @@ def _one_error_line(r) -> str:
   return lines[0]
 
 
-def test_contrast_refuses_two_records_of_one_seed(tmp_path):
+# fedefm_contrast defines absl flags (--a, --b, --keys, ...) when imported: through the CLI, not imported into
+# this pytest process, whose other test files read the flags fedkd.main has
+def test_contrast_refuses_two_records_of_one_seed(cli, tmp_path):
   rows = _pair(range(3), np.random.default_rng(0))
   w = _runs(tmp_path / "w", rows + [rows[2]])  # fedefm seed 1 again, line 7
-  with pytest.raises(ConfigError, match=r"lines 3 and 7 are both the record of 'fedefm' seed 1"):
-    contrast.read_runs(f"{w}:fedefm", 100.0)
+  line = _one_error_line(cli.run(MODULE, [f"--a={w}:fedefm", f"--b={w}:fedavg", "--keys=foundation"]))
+  assert "lines 3 and 7 are both the record of 'fedefm' seed 1" in line, line
 
 
 @pytest.mark.parametrize("seed", [2.5, "2", True])
-def test_contrast_refuses_a_seed_that_is_not_a_whole_number(tmp_path, seed):
+def test_contrast_refuses_a_seed_that_is_not_a_whole_number(cli, tmp_path, seed):
   rows = _pair(range(3), np.random.default_rng(1))
   rows[4]["seed"] = seed  # fedefm, line 5
   w = _runs(tmp_path / "w", rows)
-  with pytest.raises(ConfigError, match=r"results_raw.jsonl:5: the record's 'seed' is .* not a whole number"):
-    contrast.read_runs(f"{w}:fedefm", 100.0)
+  line = _one_error_line(cli.run(MODULE, [f"--a={w}:fedefm", f"--b={w}:fedavg", "--keys=foundation"]))
+  assert re.search(r"results_raw.jsonl:5: the record's 'seed' is .* not a whole number", line), line
 
 
 def test_contrast_of_a_huge_integer_or_a_lost_result_is_one_line(cli, tmp_path):

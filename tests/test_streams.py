@@ -86,6 +86,8 @@ def test_rng_streams_key_is_checked_and_older_runs_keep_their_seeds():
     for bad in (3, 0, True):  # (a float cannot be set on the int key)
       c = make()
       c.rng_streams = bad
+      if make is fc.base_config:
+        c.quantity_skew = 0.5  # where a FedAvg run reads the key (else it is noted unused, not range-checked)
       with pytest.raises(ConfigError, match=r"config\.rng_streams=\S+ is (unknown; use 2|a bool)"):
         (check or (lambda c: fc.validate_fedefm(c, 8)))(c)
   # a saved config from before the key ran with the old seeds where it drew such a stream
