@@ -847,12 +847,15 @@ def _unused_fedefm(c) -> dict[str, str]:
     out["fedefm.gradient_push"] = (
       f"config.fedefm.topology={c.fedefm.topology!r} (push-sum gossip needs a file:<path> digraph)"
     )
-  if c.pretrain.objective != "segmentation":
-    for key in _FEDEFM_TEACHER_KD_KEYS:
-      out[f"downstream.{key}"] = f"config.pretrain.objective={c.pretrain.objective!r} (teacher KD needs segmentation)"
-  elif not runs & set(_csv(c.experiment.kd_methods)):
-    for key in _FEDEFM_TEACHER_KD_KEYS:
-      out[f"downstream.{key}"] = "no method of config.experiment.kd_methods is run (no teacher-KD fine-tune)"
+  no_kd = (
+    f"config.pretrain.objective={c.pretrain.objective!r} (teacher KD needs segmentation)"
+    if c.pretrain.objective != "segmentation"
+    else "no method of config.experiment.kd_methods is run (no teacher-KD fine-tune)"
+    if not runs & set(_csv(c.experiment.kd_methods))
+    else None
+  )
+  if no_kd:
+    out.update({f"downstream.{key}": no_kd for key in _FEDEFM_TEACHER_KD_KEYS})
   if not runs & set(FEDEFM_DISTILL):
     because = f"no experiment method distils from overseas experts ({' / '.join(FEDEFM_DISTILL)})"
     # fedavg_matched sizes its local steps to FedEFM's round, experts included, unless given a factor

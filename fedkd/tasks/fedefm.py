@@ -1247,7 +1247,7 @@ class Experiment:
     while src and os.path.realpath(os.path.expanduser(src)) not in seen:
       src = os.path.expanduser(src)
       seen.add(os.path.realpath(src))
-      problem = self._source_problem(src)
+      saved, problem = self._source_config(src)
       if problem and not seen - {os.path.realpath(src)}:  # the given workdir
         raise ConfigError(f"{subject} {problem[0]}; {problem[1] or fix}")
       if problem:
@@ -1255,7 +1255,7 @@ class Experiment:
         break
       if os.path.isdir(os.path.join(src, "foundations")):
         chain.append(src)
-      experiment = read_json_object(os.path.join(src, "config.json")).get("experiment")
+      experiment = saved.get("experiment")
       nxt = experiment.get("foundations_from") if isinstance(experiment, dict) else None
       prev, src = src, nxt if isinstance(nxt, str) else ""
       subject = f"{head}: {prev!r} reused its foundations from {src!r} (its config.json says so), which"
@@ -1264,27 +1264,28 @@ class Experiment:
       raise ConfigError(f"{head} holds no foundations/ (its runs saved none){reused}; {fix}")
     return chain
 
-  def _source_problem(self, src: str) -> tuple[str, str] | None:
-    """Why the workdir ``src`` cannot lend this experiment its foundations (what is wrong, the fix or ''), or None."""
+  def _source_config(self, src: str) -> tuple[dict, tuple[str, str] | None]:
+    """The workdir ``src``'s saved config, and why it cannot lend this experiment its foundations (what is wrong,
+    the fix or '') or None."""
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isdir(src):
-      return "is not a folder", ""
+      return {}, ("is not a folder", "")
     if not os.path.exists(cfg_path):
-      return "holds no config.json (not a FedEFM workdir)", ""
+      return {}, ("holds no config.json (not a FedEFM workdir)", "")
     try:
       saved = read_json_object(cfg_path)
     except (OSError, ValueError) as e:
-      return (
+      return {}, (
         f"has an unreadable {cfg_path} ({reason(e, 120)}), so its foundations cannot be matched to this config",
         "restore the file, or point config.experiment.foundations_from elsewhere",
       )
     diff = config_difference(saved, self.cfg_json, ignore=DOWNSTREAM_KEYS)
     if diff:
-      return (
+      return saved, (
         f"holds foundations pretrained with another config ({diff}; only config.downstream and config.student may)",
         "use that config or '' to pretrain them",
       )
-    return None
+    return saved, None
 
   def source_notes(self, plan, done) -> list[str]:
     """What config.experiment.foundations_from leaves to pretrain here, said at the start: the planned
