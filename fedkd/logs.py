@@ -80,37 +80,59 @@ ROUND_FIELDS = RECORD_FIELDS | {
 }
 
 
+class BadJsonLine(ValueError):
+  """A line of a JSON-lines text that is not JSON and not its cut-short last line (:func:`json_lines`)."""
+
+  def __init__(self, number: int, error: ValueError):
+    super().__init__(f"line {number}: {error}")
+    self.number, self.error = number, error
+
+
+def json_lines(text: str) -> tuple[list[tuple[int, str, Any]], int | None]:
+  """``(number, line, value)`` of each non-blank line of a JSON-lines text (lines numbered from 1, blank ones
+  counted), and the number of its last line when that one has no newline after it and is not JSON, else None: a
+  write cut short by a kill, or a crashed write's NUL padding, which the caller leaves out (with a note). Any
+  other line that is not JSON raises :class:`BadJsonLine`: a line with its newline was written whole. The one
+  reader of every JSON-lines file fedkd appends to (metrics.jsonl, rounds.jsonl, FedEFM's results_raw.jsonl)."""
+  lines = text.split("\n")  # the last item is "" when the text ends with a newline
+  out: list[tuple[int, str, Any]] = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      out.append((number, line, json.loads(line)))
+    except ValueError as e:
+      if number == len(lines):
+        return out, number
+      raise BadJsonLine(number, e) from None
+  return out, None
+
+
 def read_jsonl(path, note: Callable[[str], None] | None = None, fields: dict | None = None) -> list[dict]:
-  """The records of a JSON-lines file; a last line that does not parse (a write cut by a kill) is
-  dropped with a note. A bad line elsewhere, or a record whose field of ``fields`` ({key: (check, what it must
+  """The records of a JSON-lines file (:func:`json_lines`; a cut last line is dropped with a note). A bad line
+  elsewhere, a line that is not a JSON object, or a record whose field of ``fields`` ({key: (check, what it must
   be)}) fails its check, is a UserError naming the file and line."""
   from fedkd.errors import UserError
 
   path = as_path(path)
   if not path.exists():
     return []
-  lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+  fix = "repair or delete that line, or use a new --workdir"
+  try:
+    lines, cut = json_lines(path.read_bytes().decode("utf-8", errors="replace"))
+  except BadJsonLine as e:
+    raise UserError(f"{path}:{e.number} is not a JSON record; {fix}") from None
+  if cut is not None:
+    (note or (lambda m: print(m, file=sys.stderr)))(
+      f"note: dropped a cut last line of {path} (a write interrupted by a kill)"
+    )
   out = []
-  for i, ln in enumerate(lines):
-    try:
-      rec = json.loads(ln)
-      if not isinstance(rec, dict):
-        raise ValueError("not a JSON object")
-    except ValueError:
-      if i == len(lines) - 1:
-        (note or (lambda m: print(m, file=sys.stderr)))(
-          f"note: dropped a cut last line of {path} (a write interrupted by a kill)"
-        )
-        break
-      raise UserError(
-        f"{path}:{i + 1} is not a JSON record; repair or delete that line, or use a new --workdir"
-      ) from None
+  for number, _, rec in lines:
+    if not isinstance(rec, dict):
+      raise UserError(f"{path}:{number} is a JSON {type(rec).__name__}, not a record (an object); {fix}")
     for key, (ok, what) in (fields or {}).items():
       if key in rec and not ok(rec[key]):
-        raise UserError(
-          f"{path}:{i + 1}: {key!r} is {json.dumps(rec[key])[:40]}, not {what}; repair or delete that line, or "
-          "use a new --workdir"
-        )
+        raise UserError(f"{path}:{number}: {key!r} is {json.dumps(rec[key])[:40]}, not {what}; {fix}")
     out.append(rec)
   return out
 

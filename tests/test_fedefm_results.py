@@ -368,7 +368,7 @@ def test_contrast_leaves_out_a_cut_short_last_line_with_a_note(cli, tmp_path):
   w = _runs(tmp_path / "w", rows, tail=json.dumps(record("fedefm", 4))[:60])
   r = cli.run(MODULE, [f"--a={w}:fedefm", f"--b={w}:fedavg"])
   assert r.code == 0 and not r.traceback, r.stderr
-  assert "left out its last line (9), which was cut short" in r.stderr, r.stderr
+  assert r.stderr.count("left out its last line (9), which was cut short") == 1, r.stderr  # the workdir is read twice
   x = [rows[2 * s]["foundation"] for s in range(4)]
   y = [rows[2 * s + 1]["foundation"] for s in range(4)]
   d = np.subtract(x, y)
@@ -394,7 +394,7 @@ def test_contrast_pooling_a_workdir_without_config_json_is_noted_and_the_others_
   )
   assert r.code == 0 and "| foundation | 4 |" in r.stdout, r.stderr
   notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
-  assert len(notes) == 2 and all(w1 in n and "config.json" in n and w0 not in n for n in notes), r.stderr
+  assert len(notes) == 1 and all(w1 in n and "config.json" in n and w0 not in n for n in notes), r.stderr
   three = f"{w0}:{{m}},{w1}:{{m}},{w2}:{{m}}"
   r = cli.run(MODULE, [f"--a={three.format(m='fedefm')}", f"--b={three.format(m='fedavg')}"])
   assert r.code == 2 and not r.traceback and r.stdout == "", r.stderr

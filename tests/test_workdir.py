@@ -9,7 +9,7 @@ from etils import epath
 from etils.epath import testing as epath_testing
 
 from fedkd import workdir as wd
-from fedkd.logs import RunLog, read_jsonl
+from fedkd.logs import BadJsonLine, RunLog, json_lines, read_jsonl
 
 
 @pytest.fixture
@@ -181,6 +181,27 @@ def test_cut_last_metrics_line_dropped_with_note(tmp_path):
   assert len(notes) == 1 and "cut last line" in notes[0]
   p.write_text('{"round": 0}\ngarbage\n{"round": 5}\n')  # damage inside the file is not silently skipped
   with pytest.raises(Exception, match="metrics.jsonl:2"):
+    read_jsonl(p)
+
+
+def test_one_reader_for_every_json_lines_file(tmp_path):
+  """metrics.jsonl / rounds.jsonl, FedEFM's results_raw.jsonl and its contrast had three readers that numbered
+  lines differently (blank lines skipped in one) and disagreed on what a cut write is; one rule now: only a last
+  line without its newline may be a cut write, and a line's number counts blank lines."""
+  text = '{"a": 1}\n\n[2]\n{"b": 3}\n{"c": 4'
+  lines, cut = json_lines(text)
+  assert [(n, v) for n, _, v in lines] == [(1, {"a": 1}), (3, [2]), (4, {"b": 3})] and cut == 5
+  assert json_lines('{"a": 1}\n{"b": 2}') == ([(1, '{"a": 1}', {"a": 1}), (2, '{"b": 2}', {"b": 2})], None)
+  assert json_lines("") == ([], None) and json_lines("\n\n") == ([], None)
+  with pytest.raises(BadJsonLine) as e:  # a broken last line with its newline was written whole
+    json_lines('{"a": 1}\n{"b": \n')
+  assert e.value.number == 2
+  p = tmp_path / "metrics.jsonl"
+  p.write_text('{"round": 0}\n\n{"round": 5}\n[1, 2]\n')  # a complete last line that is no record
+  with pytest.raises(Exception, match=r"metrics.jsonl:4 is a JSON list, not a record"):
+    read_jsonl(p)
+  p.write_text('{"round": 0}\n\ngarbage\n{"round": 5}\n')
+  with pytest.raises(Exception, match=r"metrics.jsonl:3 is not a JSON record"):  # was line 2: blanks skipped
     read_jsonl(p)
 
 

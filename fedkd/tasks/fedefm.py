@@ -72,7 +72,7 @@ from fedkd.errors import DivergedError, reason
 from fedkd.evaluate import foreground_classes, overlap_scores
 from fedkd.fl import engine, topology
 from fedkd.fl.algorithm import ClientContext
-from fedkd.logs import is_count, is_finite_number
+from fedkd.logs import BadJsonLine, is_count, is_finite_number, json_lines
 from fedkd.losses import make_segmentation_loss
 from fedkd.models import init_model, make_predictor
 from fedkd.models.transfer import load_encoder
@@ -1094,31 +1094,27 @@ class Experiment:
   def read_results(self, raw_path: str) -> tuple[list[tuple[int, dict]], tuple[str, str] | None]:
     """The records of results_raw.jsonl with their line numbers, read without changing the file, and the
     repair the file needs before more is appended (:meth:`run` makes it once the workdir is checked): its new
-    text and a note to print (or ""), else None. A last line without its newline that is not complete JSON
-    (a write cut short by a kill, or a crashed write's NUL padding) is dropped by the repair (its run is
+    text and a note to print (or ""), else None. A last line that is not complete JSON (a write cut short by a
+    kill, or a crashed write's NUL padding; :func:`fedkd.logs.json_lines`) is dropped by the repair (its run is
     redone); a complete last record without its newline gets one. Any other line that is not JSON, and any
     JSON line that is not a result record, is a ConfigError naming it."""
     if not os.path.exists(raw_path):
       return [], None
     with open(raw_path, "rb") as f:
       text = f.read().decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    tail = lines.pop()  # "" when the file ends with a newline; else a line without its newline
-    records, kept, note = [], [], ""
     fix = "delete that line (its run is redone) or use a new --workdir"
-    for i, line in enumerate(lines + [tail], 1):
-      if not line.strip():
-        continue
-      try:
-        r = json.loads(line)
-      except ValueError as e:
-        if i == len(lines) + 1:  # no newline after it: a write cut short by a kill
-          note = (
-            f"note: {raw_path}: dropped its last line ({i}), which was cut short (the experiment was "
-            "stopped while writing it); that run is redone"
-          )
-          break
-        raise ConfigError(f"{raw_path}: line {i} is unreadable ({reason(e, 120)}); {fix}") from None
+    try:
+      lines, cut = json_lines(text)
+    except BadJsonLine as e:
+      raise ConfigError(f"{raw_path}: line {e.number} is unreadable ({reason(e.error, 120)}); {fix}") from None
+    note = ""
+    if cut is not None:
+      note = (
+        f"note: {raw_path}: dropped its last line ({cut}), which was cut short (the experiment was "
+        "stopped while writing it); that run is redone"
+      )
+    records, kept = [], []
+    for i, line, r in lines:
       if not isinstance(r, dict) or any(k not in r for k in RESULT_KEYS[:4]):
         what = (
           f"a JSON {type(r).__name__}"
@@ -1139,7 +1135,7 @@ class Experiment:
       records.append((i, r))
       kept.append(line)
     # a cut-short line is dropped; a complete last record gets its newline before anything is appended
-    repair = ("".join(l + "\n" for l in kept), note) if tail else None
+    repair = ("".join(l + "\n" for l in kept), note) if cut is not None or (text and not text.endswith("\n")) else None
     return records, repair
 
   def check_records(self, raw_path: str, records: list[tuple[int, dict]]) -> dict:

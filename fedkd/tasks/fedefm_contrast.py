@@ -23,7 +23,6 @@ seeds 5-9:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from absl import flags
 from fedkd import report
 from fedkd.config import ConfigError
 from fedkd.errors import reason
+from fedkd.logs import BadJsonLine, json_lines
 from fedkd.workdir import read_json_object
 
 FLAGS = flags.FLAGS
@@ -52,14 +52,20 @@ def _workdir(spec: str) -> str:
   return os.path.expanduser(workdir)
 
 
+_NOTED: set[str] = set()
+
+
 def _note(text: str) -> None:
-  """A one-line note on stderr (stdout holds only the table)."""
-  print(f"note: {text}", file=sys.stderr, flush=True)
+  """A one-line note on stderr (stdout holds only the table), once per run of the command: a workdir on both
+  sides of the contrast is read twice."""
+  if text not in _NOTED:
+    _NOTED.add(text)
+    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def read_runs(spec: str, percent: float) -> dict[int, dict]:
-  """{seed: record} of ``WORKDIR:METHOD`` (``METHOD +KD``: its teacher-KD rows). A last line without its
-  newline that is not JSON (a write cut short when the experiment was stopped; the experiment redoes that
+  """{seed: record} of ``WORKDIR:METHOD`` (``METHOD +KD``: its teacher-KD rows). A last line that is not JSON
+  (a write cut short when the experiment was stopped, :func:`fedkd.logs.json_lines`; the experiment redoes that
   run) is skipped with a note; any other line that is not a JSON object, a record without a whole-number
   seed, or two records of one seed is a ConfigError naming the line(s)."""
   method = spec.rpartition(":")[2]
@@ -71,23 +77,20 @@ def read_runs(spec: str, percent: float) -> dict[int, dict]:
       text = f.read()
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({reason(e, 120)}); give a FedEFM workdir") from None
-  lines = text.split("\n")
-  tail = lines.pop()  # "" when the file ends with a newline; else a line without its newline
+  try:
+    lines, cut = json_lines(text)
+  except BadJsonLine as e:
+    raise ConfigError(
+      f"{path}:{e.number} is not JSON ({str(e.error)[:120]}); give a FedEFM workdir's results"
+    ) from None
+  if cut is not None:
+    _note(
+      f"{path}: left out its last line ({cut}), which was cut short (the experiment was stopped while "
+      "writing it; re-running the experiment redoes that run)"
+    )
   out: dict[int, dict] = {}
   line_of: dict[int, int] = {}
-  for number, line in enumerate(lines + [tail], 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except ValueError as e:
-      if number == len(lines) + 1:
-        _note(
-          f"{path}: left out its last line ({number}), which was cut short (the experiment was stopped while "
-          "writing it; re-running the experiment redoes that run)"
-        )
-        break
-      raise ConfigError(f"{path}:{number} is not JSON ({str(e)[:120]}); give a FedEFM workdir's results") from None
+  for number, _, row in lines:
     if not isinstance(row, dict):
       raise ConfigError(
         f"{path}:{number} is a JSON {type(row).__name__}, not a result record (an object); "
