@@ -303,6 +303,44 @@ def test_a_gone_workdir_further_along_the_chain_is_noted_when_an_earlier_one_hol
   assert got["foundation"] == row["foundation"]
 
 
+def test_a_relative_foundations_from_is_followed_from_any_working_directory(source, tmp_path, monkeypatch):
+  """B was run from tmp_path with foundations_from relative to it; its config.json recorded the relative path,
+  which C, run from elsewhere, looked up from its own working directory: C was refused ('is not a folder').
+  config.json now records the path absolute."""
+  a, _, _ = source
+  one = {"experiment.methods": "fedavg", "experiment.seeds": "0", "downstream.probe": False}
+  monkeypatch.chdir(tmp_path)
+  cb = tiny(**one)
+  cb.experiment.foundations_from = os.path.relpath(a, tmp_path)
+  with pytest.raises(_Started):
+    task.run(cb, "B", log=_until_work([]))
+  assert json.loads((tmp_path / "B" / "config.json").read_text())["experiment"]["foundations_from"] == str(a)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  cc = tiny(**one)
+  cc.experiment.foundations_from = str(tmp_path / "B")
+  lines = []
+  with pytest.raises(_Started):
+    task.run(cc, "C", log=_until_work(lines))
+  assert not any(line.startswith("note:") for line in lines), lines  # A's foundation found, nothing lacking
+
+
+def test_a_damaged_source_foundation_is_refused_before_anything_trains(source, tmp_path):
+  """A foundation file cut short in the source workdir was found when the run reading it started (after every
+  run before it in the plan); the check now reads every foundation the plan reads before the first run."""
+  a, _, _ = source
+  a2 = tmp_path / "A2"
+  shutil.copytree(a, a2)
+  (npz,) = (a2 / "foundations").iterdir()
+  npz.write_bytes(npz.read_bytes()[:200])
+  c = tiny(**{"experiment.methods": "scratch,fedavg", "experiment.seeds": "0", "downstream.probe": False})
+  c.experiment.foundations_from = str(a2)
+  with pytest.raises(ConfigError, match=re.escape(str(npz)) + " is unreadable or of another model"):
+    task.Experiment(c, str(tmp_path / "C"), log=lambda _: None).check_workdir()
+  assert not os.path.exists(tmp_path / "C")
+
+
 # ------------------------------------------------------------------ the contrast command
 
 

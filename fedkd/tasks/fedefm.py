@@ -1265,7 +1265,8 @@ class Experiment:
     the fix or '') or None."""
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isdir(src):
-      return {}, ("is not a folder", "")
+      where = "" if os.path.isabs(src) else f" (a relative path, looked up from the working directory {os.getcwd()})"
+      return {}, (f"is not a folder{where}", "")
     if not os.path.exists(cfg_path):
       return {}, ("holds no config.json (not a FedEFM workdir)", "")
     try:
@@ -1293,7 +1294,7 @@ class Experiment:
       (percent, method, seed)
       for percent, method, seed in dict.fromkeys((p, m, s) for p, m, _, s in plan if m != "scratch")
       if any(e not in done for e in plan if (e[0], e[1], e[3]) == (percent, method, seed))
-      and not any(os.path.exists(self.foundation_path(w, method, percent, seed)) for w in [self.workdir, *self._from])
+      and self._foundation_file(method, percent, seed) is None
     ]
     if not lacking:
       return notes
@@ -1304,18 +1305,41 @@ class Experiment:
       f"foundations this plan uses, pretrained here instead: {shown}"
     ]
 
+  def _foundation_file(self, method: str, percent: float, seed: int) -> str | None:
+    """The file a foundation is read from: this workdir's, else that of the first workdir along
+    config.experiment.foundations_from's chain that holds it; None when none does (it is pretrained here)."""
+    for w in [self.workdir, *self._from]:
+      path = self.foundation_path(w, method, percent, seed)
+      if os.path.exists(path):
+        return path
+    return None
+
+  def _load_foundation(self, path: str, seed: int):
+    # shapes and dtypes only: tracing the initialiser allocates no parameters
+    return load_foundation(path, jax.eval_shape(lambda: self.init_foundation(seed)))
+
+  def _check_foundation_files(self, done) -> None:
+    """Each foundation file a run still to do reads (this workdir's or a source's) is read once before anything
+    trains: a damaged file, or one of another model, is refused at the start instead of when the run that needs
+    it starts, perhaps hours in."""
+    for percent, method, seed in dict.fromkeys(
+      (p, m, s) for p, m, kd, s in self.plan() if m != "scratch" and (p, m, kd, s) not in done
+    ):
+      path = self._foundation_file(method, percent, seed)
+      if path is not None:
+        self._load_foundation(path, seed)
+
   def foundation(self, method: str, percent: float, seed: int, label: str):
     """A finished foundation and its pretraining summary: this workdir's foundations/ file, else that of
     config.experiment.foundations_from (or of the workdir it reused from), else pretrained now (and saved
     in foundations/; :meth:`source_notes` says which at the start)."""
     own = self.foundation_path(self.workdir, method, percent, seed)
-    for path in [own] + [self.foundation_path(w, method, percent, seed) for w in self._from]:
-      if os.path.exists(path):
-        # shapes and dtypes only: tracing the initialiser allocates no parameters
-        params, summary = load_foundation(path, jax.eval_shape(lambda: self.init_foundation(seed)))
-        if path != own:
-          self.log(f"  {label}: foundation reused from {path}")
-        return params, summary
+    path = self._foundation_file(method, percent, seed)
+    if path is not None:
+      params, summary = self._load_foundation(path, seed)
+      if path != own:
+        self.log(f"  {label}: foundation reused from {path}")
+      return params, summary
     params, summary = self.pretrain(method, percent, seed, label=label)
     save_foundation(own, params, summary)
     shutil.rmtree(self.checkpoint_dir(method, percent, seed), ignore_errors=True)  # the .npz supersedes them
@@ -1356,8 +1380,18 @@ class Experiment:
     self._from = self._reusable_from()
     self.build_models()
     self.check_scorable()
+    self._check_foundation_files(done)
     self._checked = (done, in_progress, repair)  # for the next run(): the workdir is read once
     return done
+
+  def saved_config_text(self) -> str:
+    """config.json's text: the config, with config.experiment.foundations_from as an absolute path, so that a
+    later experiment following this workdir's chain finds the source from any working directory."""
+    c = self.c
+    if c.experiment.foundations_from:
+      c = ml_collections.ConfigDict(c.to_dict())
+      c.experiment.foundations_from = os.path.abspath(os.path.expanduser(self.c.experiment.foundations_from))
+    return c.to_json(indent=2)
 
   def run(self) -> list[dict]:
     os.makedirs(self.workdir, exist_ok=True)
@@ -1372,7 +1406,7 @@ class Experiment:
       write_atomic(epath.Path(raw_path), text)
       if note:
         self.log(note)
-    write_atomic(epath.Path(cfg_path), self.c.to_json(indent=2))
+    write_atomic(epath.Path(cfg_path), self.saved_config_text())
     plan = self.plan()
     for name in in_progress:  # left by a run killed between saving its foundation and the clean-up
       if os.path.exists(os.path.join(self.workdir, "foundations", name + ".npz")):
