@@ -72,6 +72,10 @@ FEDEFM_METHODS = (
 )
 # The methods that distil from overseas experts after the warm-up rounds (the others train on their own data).
 FEDEFM_DISTILL = ("fedefm", "fedefm_dfl", "fedefm_uniform", "fedefm_e0")
+# The methods whose silos mix by gossip over config.fedefm.topology (DFL); the distilling ones take their
+# experts from its neighbours, and those of them with FedEFM's update follow config.fedefm.mixing.
+FEDEFM_GOSSIP = ("ring", "matcha", "fedefm_dfl")
+FEDEFM_FOLLOW_MIXING = ("fedefm", "fedefm_uniform", "fedefm_e0")
 FEDEFM_OBJECTIVES = ("segmentation", "source")
 EMD_MARGINALS = ("uniform", "cross_reference")
 EMD_WEIGHT_MODES = ("softmax", "sum", "raw")
@@ -181,7 +185,8 @@ def base_config() -> ml_collections.ConfigDict:
   # the round's rng); the aggregate uses the clients that reported, who reported is logged per round.
   c.algorithm.dropout = 0.0
   # Where per-client state of stateful algorithms lives between rounds: 'device' (one array of
-  # num_clients rows in accelerator memory) or 'host' (numpy rows, only sampled clients travel).
+  # num_clients rows in accelerator memory, a full copy on every device of the mesh) or 'host' (numpy
+  # rows, only sampled clients travel).
   c.algorithm.client_state = "device"
 
   # How the server combines the clients' updates (fedkd/fl/aggregate.py, docs/algorithms.md): 'mean' (the
@@ -847,6 +852,13 @@ def _unused_fedefm(c) -> dict[str, str]:
     out["fedefm.gradient_push"] = (
       f"config.fedefm.topology={c.fedefm.topology!r} (push-sum gossip needs a file:<path> digraph)"
     )
+  # fedavg_matched sizes its local steps to FedEFM's round (experts from every neighbour) unless given a factor
+  readers = {*FEDEFM_GOSSIP, *FEDEFM_DISTILL, *(() if c.fedefm.matched_steps_factor else ("fedavg_matched",))}
+  if not runs & readers:
+    because = f"no experiment method gossips or takes experts over a topology ({' / '.join(sorted(readers))})"
+    out.update({f"fedefm.{key}": because for key in ("topology", "directed", "gradient_push")})
+  if not runs & set(FEDEFM_FOLLOW_MIXING):
+    out["fedefm.mixing"] = f"no experiment method follows it ({' / '.join(FEDEFM_FOLLOW_MIXING)})"
   no_kd = (
     f"config.pretrain.objective={c.pretrain.objective!r} (teacher KD needs segmentation)"
     if c.pretrain.objective != "segmentation"
@@ -1550,21 +1562,23 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int, processes: int) ->
       f"config.clients_per_round={c.clients_per_round} cannot be split over the {processes} processes of this run "
       f"(each drives part of every round on its own devices); use a multiple of {processes}"
     )
-  if c.mesh.client_devices == 0:  # auto: as many devices as split the sampled clients evenly
-    if processes > 1:  # the same number on every process
-      return processes * math.gcd(c.clients_per_round // processes, num_devices // processes)
-    return math.gcd(c.clients_per_round, num_devices)
+  # auto: as many devices as split the sampled clients evenly (the same number on every process)
+  auto = processes * math.gcd(c.clients_per_round // processes, num_devices // processes)
+  if c.mesh.client_devices == 0:
+    return auto
   n = c.mesh.client_devices
   if n < 0 or n > num_devices:
     raise ConfigError(
       f"config.mesh.client_devices={c.mesh.client_devices} but {num_devices} device(s) "
-      f"are visible; use 0 (all) or a value in 1..{num_devices}"
+      f"are visible; use a value in 1..{num_devices}, or 0 (automatic: the most devices that split "
+      f"config.clients_per_round={c.clients_per_round} evenly, here {auto})"
     )
   if c.clients_per_round % n:
     fit = math.gcd(c.clients_per_round, n)
+    multiple = f"use a multiple of {n} or " if n <= c.num_clients else ""  # at most num_clients are sampled
     raise ConfigError(
       f"config.clients_per_round={c.clients_per_round} cannot be split over the {n} "
-      f"devices of the 'clients' mesh axis; use a multiple of {n} or set "
+      f"devices of the 'clients' mesh axis; {multiple}set "
       f"--config.mesh.client_devices={fit} (or 0 = automatic)"
     )
   if n % processes:

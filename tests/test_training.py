@@ -215,6 +215,21 @@ def test_validate_rejects_a_client_count_the_mesh_cannot_split():
   assert validate(c, 8) == 4
 
 
+def test_mesh_advice_can_be_followed():
+  """With 4 clients on 8 devices the first advice was 'use a multiple of 8' clients per round (at most 4 are
+  sampled), and too many devices got '0 (all)' although 0 picks the devices that split the clients (here 4)."""
+  c = tiny_config(num_clients=4, clients_per_round=4)
+  c.mesh.client_devices = 8
+  with pytest.raises(ConfigError) as e:
+    validate(c, 8)
+  assert "multiple" not in str(e.value) and "set --config.mesh.client_devices=4" in str(e.value), e.value
+  c.mesh.client_devices = 16
+  with pytest.raises(ConfigError, match=r"use a value in 1\.\.8, or 0 \(automatic: .* here 4\)"):
+    validate(c, 8)
+  c.mesh.client_devices = 0
+  assert validate(c, 8) == 4  # what the message said 0 gives
+
+
 @pytest.mark.parametrize(
   "args,devices,needle",
   [

@@ -99,3 +99,23 @@ def test_fedefm_keys_of_methods_not_run_are_noted_not_refused():
   (note,) = [n for n in fc.unused_notes(c) if "downstream" in n]
   assert "config.downstream.kd_scales=''" in note and "while config.pretrain.objective='source'" in note, note
   fc.validate_fedefm(c, 1)
+
+
+def test_fedefm_topology_is_not_loaded_when_no_method_reads_it():
+  """``topology='gaia_ring'`` (11 silos) with 4 silos and only methods that neither gossip nor distil: the run
+  noted that the topology has no effect, then refused it for its node count. It is now noted only; a method that
+  reads it (gossip, experts from neighbours, fedavg_matched sizing its steps by them) still has it checked."""
+  from fedkd.tasks import fedefm as task
+
+  c = fc.fedefm_base_config()
+  c.experiment.methods, c.experiment.kd_methods, c.experiment.ablation_percents = "scratch,fedavg,moon", "", ""
+  c.fedefm.topology, c.fedefm.matched_steps_factor, c.fedefm.mixing = "gaia_ring", 2, "dfl"
+  notes = "\n".join(fc.unused_notes(c))
+  assert "config.fedefm.topology='gaia_ring' has no effect while no experiment method gossips or takes experts" in notes
+  assert "config.fedefm.mixing=" in notes, notes
+  task.validate(c)
+  for methods in ("scratch,ring", "scratch,fedefm", "scratch,fedavg_matched"):
+    c.experiment.methods, c.fedefm.matched_steps_factor = methods, 0
+    assert "fedefm.topology" not in fc.unused_keys(c)
+    with pytest.raises(ConfigError, match=r"topology='gaia_ring' has 11 nodes but config.pretrain.num_silos=6"):
+      task.validate(c)

@@ -55,12 +55,15 @@ from fedkd import checkpoint as ckpt_lib
 from fedkd import report, streams
 from fedkd.config import (
   FEDEFM_DISTILL,
+  FEDEFM_FOLLOW_MIXING,
+  FEDEFM_GOSSIP,
   FEDEFM_METHODS,
   ConfigError,
   _csv,
   flat_dict,
   ran_as,
   unread_by_both,
+  unused_keys,
   validate_fedefm,
   value_at,
 )
@@ -85,10 +88,10 @@ METHODS = FEDEFM_METHODS  # foundations compared (names kept in fedkd.config, a 
 DISTILL = FEDEFM_DISTILL  # methods that distil from overseas experts (after the warm-up rounds)
 # Methods whose silos mix by gossip over the topology (DFL); "fedefm" and its controls with FedEFM's
 # update (uniform weights, no experts) follow config.fedefm.mixing, so each control changes one ingredient.
-GOSSIP = ("ring", "matcha", "fedefm_dfl")
+GOSSIP = FEDEFM_GOSSIP
 # the largest step scale stochastic gradient-push may give a silo (1 / its push-sum weight) before a run is refused
 MAX_STEP_SCALE = 1e6
-FOLLOW_MIXING = ("fedefm", "fedefm_uniform", "fedefm_e0")
+FOLLOW_MIXING = FEDEFM_FOLLOW_MIXING
 # config key -> its name among the pretraining round's traced inputs (the engine's ``hparams``): the KD
 # weight, KD temperature, learning rates and the silos' weight decay. Experiments that differ only in these
 # share one compiled round (``fedkd.main --replica_config=fedefm.beta=0.3,0.5,0.7``: one process, one compile
@@ -209,7 +212,11 @@ def validate(c) -> dict:
       f"config.downstream.train_examples={d.train_examples}: the scarce-data curve trains on the first n of the "
       f"training images; list sizes <= {d.train_examples} or raise config.downstream.train_examples"
     )
-  parsed["adjacency"] = load_adjacency(c)
+  if "fedefm.topology" in unused_keys(c):  # no planned method reads it (its note says so): not loaded
+    n = c.pretrain.num_silos
+    parsed["adjacency"] = ~np.eye(n, dtype=bool)
+  else:
+    parsed["adjacency"] = load_adjacency(c)
   alone = np.flatnonzero(~parsed["adjacency"].any(1))
   if distilling and len(alone):  # only with one silo: loaded topologies connect every silo
     raise ConfigError(
