@@ -237,6 +237,42 @@ def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
   assert os.path.isfile(next(data_dir.glob("xray_folder/h/*/dataset_info.json")))
 
 
+def test_a_running_rebuild_of_another_container_with_this_host_name_is_left_alone(tmp_path):
+  """Two containers with one host name on one data_dir: the other's build runs under a pid this container does
+  not see, so its rebuild folder was removed as a dead one, mid-build. A build's lock file, locked while it runs,
+  now tells; a build killed before its cleanup leaves its lock free, and its leftovers (lock file too) go."""
+  folder = _folder(tmp_path / "h")
+  data_dir = tmp_path / "tfds"
+  fdata.build("xray_folder", data_dir, manual_dir=folder)
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  host = socket.gethostname()
+  running, killed = (f".fedkd-rebuild-{host}-{ended.pid}", f".fedkd-rebuild-{host}-{ended.pid}-0a1b2c3d")
+  for name in (running, killed):
+    (data_dir / name / "xray_folder").mkdir(parents=True)
+    (data_dir / (name + ".lock")).touch()
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+      "print('locked', flush=True); time.sleep(600)",
+      str(data_dir / (running + ".lock")),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    fdata.build("xray_folder", data_dir, manual_dir=folder, overwrite=True)
+    left = sorted(p.name for p in data_dir.iterdir() if p.name.startswith(api._REBUILD_PREFIX))
+    assert left == [running, running + ".lock"], left  # this build's own lock file is gone too
+  finally:
+    holder.kill()
+    holder.wait()
+  assert os.path.isfile(next(data_dir.glob("xray_folder/h/*/dataset_info.json")))
+
+
 def test_a_palette_mask_under_a_color_map_says_it_is_a_palette_png(tmp_path):
   """It said 'not an RGB image (shape ...); pass label_map for gray masks': nothing about the palette."""
   folder = _folder(tmp_path / "h")

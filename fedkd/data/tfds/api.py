@@ -191,23 +191,77 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
   return builder
 
 
-_REBUILD_PREFIX = ".fedkd-rebuild-"  # + host-pid: an --overwrite build's temporary folder in data_dir
-_OLD_INFIX = ".old-"  # .<version>.old-<host>-<pid>: the replaced version beside the new one, until it is deleted
+_REBUILD_PREFIX = ".fedkd-rebuild-"  # + owner: an --overwrite build's temporary folder in data_dir
+_OLD_INFIX = ".old-"  # .<version>.old-<owner>: the replaced version beside the new one, until it is deleted
+_LOCK_SUFFIX = ".lock"  # data_dir/.fedkd-rebuild-<owner>.lock: locked (flock) while that build runs
 
 
-def _remove_dead_rebuilds(data_dir: Path, version_dir: Path) -> None:
-  """Removes what --overwrite builds on this host left when killed before their cleanup ran (their process has
-  ended): the temporary folder in ``data_dir`` and the replaced version in ``version_dir`` (the config's folder).
-  Another host's, on a shared data_dir, are left alone."""
+def _rebuild_owner_alive(data_dir: Path, owner: str) -> bool:
+  """Whether the --overwrite build ``owner`` (``<host>-<pid>-<token>``) may be running. Another host's always may
+  (a file system shared between hosts may lock only locally). One of this host name's: while its lock file is
+  locked, which also tells apart containers that share a host name and pid numbers; a build from before the lock
+  file, by its pid."""
+  import fcntl
+
   from fedkd.workdir import pid_alive
 
   host = socket.gethostname()
-  left = [(p, p.name[len(_REBUILD_PREFIX) :]) for p in data_dir.glob(f"{_REBUILD_PREFIX}*")]
+  if not owner.startswith(f"{host}-"):
+    return True
+  lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
+  if lock.exists():
+    try:
+      fd = os.open(lock, os.O_RDWR)
+    except OSError:
+      return True
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by the build; or locks unsupported here: left alone
+      return True
+    finally:
+      os.close(fd)  # releases the lock just taken
+    return False
+  pid = owner[len(host) + 1 :].split("-")[0]
+  return not (pid.isdigit() and not pid_alive(int(pid)))
+
+
+def _remove_dead_rebuilds(data_dir: Path, version_dir: Path) -> None:
+  """Removes what --overwrite builds left when killed before their cleanup ran (their lock is free): the
+  temporary folder in ``data_dir``, the replaced version in ``version_dir`` (the config's folder) and the lock
+  file. A running build's are left alone (:func:`_rebuild_owner_alive`)."""
+  left = [(p, p.name[len(_REBUILD_PREFIX) :].removesuffix(_LOCK_SUFFIX)) for p in data_dir.glob(f"{_REBUILD_PREFIX}*")]
   left += [(p, p.name.split(_OLD_INFIX, 1)[1]) for p in version_dir.glob(f".*{_OLD_INFIX}*")]
-  for path, owner in left:
-    pid = owner[len(host) + 1 :] if owner.startswith(f"{host}-") else ""
-    if pid.isdigit() and not pid_alive(int(pid)):
-      shutil.rmtree(path, ignore_errors=True)
+  alive: dict[str, bool] = {}
+  for path, owner in sorted(left, key=lambda x: x[0].name.endswith(_LOCK_SUFFIX)):  # lock files last
+    if owner not in alive:
+      alive[owner] = _rebuild_owner_alive(data_dir, owner)
+    if not alive[owner]:
+      if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          path.unlink()
+
+
+@contextlib.contextmanager
+def _rebuild_lock(data_dir: Path):
+  """The owner name of this --overwrite build (host, pid and a random token), with its lock file locked until the
+  build ends; then the lock file is removed."""
+  import fcntl
+  import secrets
+
+  owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+  lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
+  data_dir.mkdir(parents=True, exist_ok=True)
+  fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    with contextlib.suppress(OSError):  # a file system without locks: the leftovers are kept, never removed early
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    yield owner
+  finally:
+    with contextlib.suppress(OSError):
+      lock.unlink()
+    os.close(fd)
 
 
 def _rebuild_beside(cls, name: str, data_dir: Path, manual_dir, cfg, final: Path):
@@ -215,24 +269,23 @@ def _rebuild_beside(cls, name: str, data_dir: Path, manual_dir, cfg, final: Path
   and swap it in only once it is complete. A build refused on its inputs (or killed) leaves the old
   dataset as it was; TFDS' own FORCE_REDOWNLOAD deletes it before it reads the first input file."""
   _remove_dead_rebuilds(data_dir, final.parent)
-  owner = f"{socket.gethostname()}-{os.getpid()}"
-  tmp = data_dir / f"{_REBUILD_PREFIX}{owner}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    fresh = cls(data_dir=str(tmp), config=cfg, file_format="array_record")
-    fresh.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir is not None else None)
-    )
-    old = final.parent / f".{final.name}{_OLD_INFIX}{owner}"
-    os.replace(final, old)
+  with _rebuild_lock(data_dir) as owner:
+    tmp = data_dir / f"{_REBUILD_PREFIX}{owner}"
     try:
-      os.replace(tmp / name / cfg.name / str(cls.VERSION), final)
-    except BaseException:
-      os.replace(old, final)  # the old dataset back in place
-      raise
-    shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+      fresh = cls(data_dir=str(tmp), config=cfg, file_format="array_record")
+      fresh.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir is not None else None)
+      )
+      old = final.parent / f".{final.name}{_OLD_INFIX}{owner}"
+      os.replace(final, old)
+      try:
+        os.replace(tmp / name / cfg.name / str(cls.VERSION), final)
+      except BaseException:
+        os.replace(old, final)  # the old dataset back in place
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   return cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
 
 
