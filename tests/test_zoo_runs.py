@@ -114,6 +114,31 @@ def test_ditto_evaluates_each_training_site_with_its_clients_personal_model(tmp_
   assert glob[data.unseen_name] == {k[len("unseen/") :]: v for k, v in got.items() if k.startswith("unseen/")}
 
 
+def test_ditto_scores_a_never_sampled_clients_site_with_the_global_model(tmp_path):
+  """One of four clients sampled in the only round: the other three sites were scored with their rows, the
+  untrained initial model (round 0's numbers in the training-site mean). They are now scored with the global
+  model, the sampled client's site with its personal model, and the final table says which."""
+  c = tiny_config(num_rounds=1, num_clients=4, clients_per_round=1)
+  c.algorithm.name = "ditto"
+  c.eval.every, c.eval.max_sites = 1, 4
+  lines = []
+  out = fedavg.run(c, str(tmp_path / "d"), log=lines.append)
+  apply, _, _ = init_model(c.model, c.seed)
+  data = pipeline.make_client_data(c)
+  ev = Evaluator(c, apply, data.eval_sets(list(range(4))))
+  (sampled,) = out["client_state"]["ids"]
+  row = jax.tree.map(lambda a: np.asarray(a)[0], out["client_state"]["rows"])
+  glob = jax.device_get(out["state"]["params"])
+  want = summarize(1, ev(glob, {data.site_names[sampled]: row}), data.unseen_name)
+  for k, v in want.items():
+    assert out["metrics"][k] == v, k
+  never = [data.site_names[i] for i in range(4) if i != sampled]
+  header = [ln for ln in lines if ln.startswith("\nheld-out Dice")]
+  assert header and f"{', '.join(never)} with the global model: its client was never sampled" in header[0], header
+  untrained = ev(init_model(c.model, c.seed)[2])  # what those sites scored before
+  assert any(untrained[n] != ev(glob)[n] for n in never)
+
+
 def test_a_privacy_budget_that_allows_no_round_is_a_config_error_before_anything_is_written(tmp_path):
   c = tiny_config(num_clients=4, clients_per_round=4)
   c.dp.enabled, c.dp.noise_multiplier, c.dp.delta = True, 2.0, 1e-3

@@ -25,7 +25,8 @@ API (both): ``gather(ids)`` -> the rows of the round's sampled clients ``ids`` (
 order) as global arrays split over the 'clients' mesh axis, exactly like the round's data
 (``sharding.shard_clients``; in a multi-process run each process places only its ``rows``);
 ``scatter(ids, new_rows)`` stores the round's updated rows (global arrays as the round function
-returns them); ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``rows_held`` / ``nbytes``.
+returns them); ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``rows_held`` / ``nbytes``;
+``host_row(cid)`` / ``was_sampled(cid)`` for evaluating a client's personal model.
 
 The checkpoint format is the same for both placements: ``{"ids": int64 [n], "rows": row pytree with
 a leading axis n}`` holding the clients that were ever sampled (sorted ids), so a checkpoint written
@@ -175,6 +176,10 @@ class HostClientState(_Store):
     """Client ``cid``'s row as a host pytree (its initial row if never sampled)."""
     return jax.tree.map(lambda a: a[0], self.host_rows([cid]))
 
+  def was_sampled(self, cid: int) -> bool:
+    """Whether client ``cid`` has a stored row (was sampled in a round of this run or of the one it resumes)."""
+    return int(cid) in self._rows
+
   def gather(self, ids) -> Row:
     ids = self._round_ids(ids)
     local = ids[self.rows] if self.rows is not None else ids
@@ -293,6 +298,10 @@ class DeviceClientState(_Store):
     """Client ``cid``'s row as a host pytree (its initial row if never sampled)."""
     ids = _as_ids([cid], self.num_clients)
     return jax.tree.map(lambda a: np.asarray(a)[0], local_copy(self._gather_rep(self.table, self._ids(ids))))
+
+  def was_sampled(self, cid: int) -> bool:
+    """Whether client ``cid``'s row was ever stored (sampled in a round of this run or of the one it resumes)."""
+    return bool(self._seen[int(cid)])
 
   def scatter(self, ids, new_rows) -> None:
     ids = _as_ids(ids, self.num_clients)

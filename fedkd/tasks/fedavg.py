@@ -507,8 +507,15 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     )
 
   def eval_params():
+    """The global model, and the personal model of each training site whose client was sampled: a client never
+    sampled is scored with the global model, which it would receive first (its row still holds the initial
+    model: Ditto's v_i would be the untrained round-0 model in the training-site mean)."""
     params_now = local_copy(state["params"])
-    site_params = {name: alg.personal(params_now, clients_store.host_row(i)) for name, i in personal_sites.items()}
+    site_params = {
+      name: alg.personal(params_now, clients_store.host_row(i))
+      for name, i in personal_sites.items()
+      if clients_store.was_sampled(i)
+    }
     return params_now, site_params
 
   def check_outputs(r):
@@ -709,7 +716,14 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       f"\nstopped after round {last_round} of {config.num_rounds}: round {last_round + 1} would spend epsilon "
       f"{privacy.epsilon(last_round + 1):.3f} > config.dp.target_epsilon={config.dp.target_epsilon:g}"
     )
-  personal = " (training sites with their clients' personal models)" if personal_sites else ""
+  never = [name for name, i in personal_sites.items() if not clients_store.was_sampled(i)]
+  personal = (
+    " (training sites with their clients' personal models"
+    + (f"; {', '.join(never)} with the global model: its client was never sampled" if never else "")
+    + ")"
+    if personal_sites
+    else ""
+  )
   log(f"\nheld-out Dice / IoU after round {last_round}{personal} ({evaluator.images_per_site()} images per site):")
   log(site_table(per_site, unseen_name))
   if privacy is not None:
