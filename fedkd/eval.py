@@ -12,6 +12,10 @@ writes to ``--out`` (default ``<workdir>/eval``):
                          false positives yellow, misses magenta (legend in the picture)
   robustness.json / .png Dice per class vs severity of noise, blur, contrast loss and downscaling
 
+A FedBN or Ditto run's training sites are scored with their clients' personal models, as training scored them
+(a client never sampled, and the unseen site: the global model; eval.json's "model" names which per site);
+--global_model scores every site with the global (server) model.
+
 A run on prepared (TFDS) data reads its datasets from the config.data.tfds_data_dir stored with it (absolute;
 a run from before fedkd stored it so may hold a relative one, read from the current folder);
 --tfds_data_dir=DIR reads them from DIR instead.
@@ -37,6 +41,13 @@ _EXAMPLES = flags.DEFINE_integer(
 )
 _SPACING = flags.DEFINE_float(
   "spacing_mm", 1.0, "Pixel size in mm of the evaluated (config.image_size) images for distance metrics (1.0 = pixels)."
+)
+
+_GLOBAL_MODEL = flags.DEFINE_bool(
+  "global_model",
+  False,
+  "Score every site with the global (server) model; by default a FedBN / Ditto run's training sites are scored "
+  "with their clients' personal models, as training scored them.",
 )
 
 _TFDS_DATA_DIR = flags.DEFINE_string(
@@ -71,6 +82,7 @@ def main(argv) -> None:
     frames=cli.FRAMES.value,
     out=os.path.expanduser(cli.OUT.value) if cli.OUT.value else None,
     tfds_data_dir=_TFDS_DATA_DIR.value,
+    global_model=_GLOBAL_MODEL.value,
   )
 
 

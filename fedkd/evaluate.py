@@ -124,16 +124,18 @@ class Evaluator:
     site_params = site_params or {}
     return {name: self.site_metrics(site_params.get(name, params), im, m) for name, (im, m) in self.sets.items()}
 
-  def detailed_metrics(self, params, spacing_mm: float = 1.0):
+  def detailed_metrics(self, params, spacing_mm: float = 1.0, site_params: dict | None = None):
     """``(results, preds)``: results {site: {class: {metric: mean over images}}} for every metric in
     ``fedkd.report.EVAL_METRICS`` (distances in mm for ``spacing_mm`` mm pixels; NaN-free means, and
-    ``<metric>_nan_images`` where some images had none), preds {site: label maps}."""
+    ``<metric>_nan_images`` where some images had none), preds {site: label maps}. ``site_params``: as for
+    :meth:`__call__`."""
     from fedkd import metrics
 
+    site_params = site_params or {}
     results, preds = {}, {}
     for site, (images, masks) in self.sets.items():
       masks = np.asarray(masks)
-      pred = np.asarray(self.predict(params, np.asarray(images)))
+      pred = np.asarray(self.predict(site_params.get(site, params), np.asarray(images)))
       preds[site] = pred
       res = {}
       for cid, cname in self.classes:
@@ -156,17 +158,21 @@ class Evaluator:
       results[site] = res
     return results, preds
 
-  def robustness(self, params, severities: dict[str, list[float]] = SEVERITIES) -> dict:
-    """{perturbation: {"severity": levels, "dice": {class: mean Dice over all sites' images per level}}}."""
+  def robustness(
+    self, params, severities: dict[str, list[float]] = SEVERITIES, site_params: dict | None = None
+  ) -> dict:
+    """{perturbation: {"severity": levels, "dice": {class: mean Dice over all sites' images per level}}};
+    ``site_params``: as for :meth:`__call__`."""
     from fedkd import metrics
 
+    site_params = site_params or {}
     out = {}
     for kind, levels in severities.items():
       curve = {c: [] for _, c in self.classes}
       for sev in levels:
         scores = {c: [] for _, c in self.classes}
-        for images, masks in self.sets.values():
-          pred = np.asarray(self.predict(params, perturb(np.asarray(images), kind, sev)))
+        for site, (images, masks) in self.sets.items():
+          pred = np.asarray(self.predict(site_params.get(site, params), perturb(np.asarray(images), kind, sev)))
           for cid, cname in self.classes:
             scores[cname].append(np.asarray(metrics.dice(pred, np.asarray(masks), cid)))
         for cname in scores:
@@ -220,6 +226,7 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
           f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
         ) from None
       state, _ = ckpt.restore(r, like)
+      personal = _personal_models(ckpt, r, config, server_tx, state["params"])
     except CheckpointError:
       if not (ckdir / str(r)).exists():  # not damaged: gone (a running trainer keeps only its latest rounds)
         if round_ is None:
@@ -235,7 +242,7 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
           "or leave out --round for the newest"
         ) from None
       raise
-    return config, apply, state["params"]
+    return config, apply, state["params"], personal
 
   rounds = []
   try:
@@ -243,12 +250,12 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
     if not rounds:
       raise EvalError(f"{ckdir} holds no finished checkpoint" + (busy or "; train (or resume) with fedkd.main first"))
     if round_ is None:
-      r, (config, apply, params) = ckpt.restore_latest(load, lambda m: print(m, file=sys.stderr))
+      r, (config, apply, params, personal) = ckpt.restore_latest(load, lambda m: print(m, file=sys.stderr))
     else:
       if round_ not in rounds:
         raise EvalError(f"no checkpoint for round {round_} in {ckdir}; available rounds: {rounds}")
       r = round_
-      config, apply, params = load(r)
+      config, apply, params, personal = load(r)
   except CheckpointError as e:
     # the cause without the checkpoint's training advice (a new --workdir, moving steps away): eval only reads
     which = f"round {round_}" if round_ is not None else f"round(s) {', '.join(map(str, rounds))}"
@@ -260,7 +267,29 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
     ) from None
   finally:
     ckpt.close()
-  return config, apply, params, r
+  return config, apply, params, r, personal
+
+
+def _personal_models(ckpt, r: int, config, server_tx, params) -> dict:
+  """{client id: its personal model} from round ``r``'s per-client rows, for a run of a personalised algorithm
+  (:data:`PERSONAL_ALGORITHMS`) on synthetic data, where training site i is client i; {} otherwise. The rows are
+  those of the algorithm as the run built it (``fedkd.tasks.fedavg.build_algorithm``: compression keeps a
+  residual beside them)."""
+  import jax
+
+  from fedkd.tasks.fedavg import build_algorithm
+
+  if config.algorithm.name not in PERSONAL_ALGORITHMS or config.data.source != "synthetic":
+    return {}
+  alg = build_algorithm(config, server_tx)
+  init_row = jax.tree.map(np.asarray, alg.init_row(params))
+  n = ckpt.saved_client_rows(r) or 0
+  like = {"ids": np.zeros(n, np.int64), "rows": jax.tree.map(lambda a: np.zeros((n,) + a.shape, a.dtype), init_row)}
+  saved = ckpt.restore_client_state(r, like) if n else like
+  return {
+    int(cid): alg.personal(params, jax.tree.map(lambda a, k=k: np.asarray(a)[k], saved["rows"]))
+    for k, cid in enumerate(np.asarray(saved["ids"]).tolist())
+  }
 
 
 def _training_now(path) -> str:
@@ -273,7 +302,7 @@ def _training_now(path) -> str:
 
 def load_run(workdir: str, round_: int | None):
   """(config, apply, params, round) from the run's checkpoint, using the config stored with it."""
-  return _read_checkpoint(workdir, *_checkpoint_folder(workdir), round_)
+  return _read_checkpoint(workdir, *_checkpoint_folder(workdir), round_)[:4]
 
 
 def _run_folder(workdir: str):
@@ -326,7 +355,7 @@ def _read_checkpoint(workdir: str, path, ckdir, round_: int | None):
 
   for _ in range(_READ_TRIES):
     try:
-      config, apply, params, r = _restore(ckdir, round_, _training_now(path))
+      config, apply, params, r, personal = _restore(ckdir, round_, _training_now(path))
       break
     except _Vanished:  # a run still training there saved a newer round and deleted this one: read afresh
       continue
@@ -335,13 +364,13 @@ def _read_checkpoint(workdir: str, path, ckdir, round_: int | None):
       f"the checkpoints in {ckdir} were replaced while being read, {_READ_TRIES} times: a run is still training "
       "there and keeps only its latest checkpoints; evaluate it when it has finished"
     )
-  finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params))
+  finite = all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves((params, personal)))
   if not finite:
     raise EvalError(
       f"the checkpoint for round {r} in {ckdir} holds NaN/Inf parameters (that run diverged); "
       "evaluate an earlier --round or retrain with a lower learning rate"
     )
-  return config, apply, params, r
+  return config, apply, params, r, personal
 
 
 OUTPUT_FILES = ("eval.json", "eval.csv", "predictions.png", "robustness.json", "robustness.png")
@@ -400,6 +429,7 @@ def evaluate_run(
   frames: int = 4,
   out: str | None = None,
   tfds_data_dir: str | None = None,
+  global_model: bool = False,
   log: Callable[[str], None] = lambda msg: print(msg, flush=True),
 ) -> dict:
   """Evaluates the checkpoint of ``round_`` (default: the latest) of the run in ``workdir`` on
@@ -409,6 +439,8 @@ def evaluate_run(
   (default ``<workdir>/eval``): eval.json / eval.csv (every metric per site and class),
   predictions.png (``frames`` per site; none for 0), robustness.json / robustness.png.
   ``tfds_data_dir``: where a run on prepared data finds its datasets (default: its stored config's).
+  A personalised run's (FedBN, Ditto) training sites are scored with their clients' personal models, as training
+  scores them, unless ``global_model`` (every site with the server model); eval.json's ``model`` says which.
   Returns {"round", "results", "robustness", "out"}."""
   from fedkd import report
   from fedkd.data.pipeline import DataError, evaluated_sites, make_client_data
@@ -421,7 +453,7 @@ def evaluate_run(
     raise EvalError(
       f"{default} is a file, where fedkd.eval writes its outputs by default; move it away or pass --out=FOLDER"
     )
-  config, apply, params, r = _read_checkpoint(workdir, *_checkpoint_folder(workdir, path), round_)
+  config, apply, params, r, personal = _read_checkpoint(workdir, *_checkpoint_folder(workdir, path), round_)
   out = _output_folder(out or os.path.join(workdir, "eval"), "--out" if out else "--workdir")
   source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""
   if tfds_data_dir is not None and source == "synthetic":
@@ -459,16 +491,36 @@ def evaluate_run(
       f"note: the first {len(sites)} of the {config.num_clients} training sites and the unseen one, as training "
       f"evaluated them (config.eval.max_sites={config.eval.max_sites})"
     )
-  algorithm = (config.get("algorithm") or {}).get("name")
-  if algorithm in PERSONAL_ALGORITHMS and (config.get("data") or {}).get("source") == "synthetic":
+  # a personalised run's training sites: each with its client's personal model, as training scored them (a
+  # client never sampled: the global model, as training does)
+  algorithm = config.algorithm.name
+  personalised = algorithm in PERSONAL_ALGORITHMS and source == "synthetic"
+  if global_model and not personalised:
+    raise EvalError(
+      f"--global_model: {workdir} holds no personal models (config.algorithm.name={algorithm!r}"
+      f"{'' if source == 'synthetic' else ' on ' + source}); every site is scored with the global model already: "
+      "leave the flag out"
+    )
+  site_params = {} if global_model else {data.site_names[i]: personal[i] for i in sites if i in personal}
+  models = {site: "personal" if site in site_params else "global" for site in evaluator.sets}
+  if global_model:
     log(
-      f"note: a {algorithm} run: every site is scored with the shared server model; training's metrics.jsonl "
-      "scored each training site with its client's personal model, so the two differ on those sites"
+      f"note: a {algorithm} run scored with the global (server) model on every site (--global_model); "
+      "training's metrics.jsonl scored each training site with its client's personal model"
+      + (", and FedBN's server model keeps its initial normalisation layers" if algorithm == "fedbn" else "")
+    )
+  elif personalised:
+    never = [data.site_names[i] for i in sites if i not in personal]
+    log(
+      f"note: a {algorithm} run: each training site is scored with its client's personal model, as training "
+      "scored it"
+      + (f" ({', '.join(never)}: the global model, its client never sampled)" if never else "")
+      + "; the unseen site with the global model (--global_model: every site with the global model)"
     )
   try:
-    results, preds = evaluator.detailed_metrics(params, spacing_mm)
+    results, preds = evaluator.detailed_metrics(params, spacing_mm, site_params)
     log("robustness curves (noise, blur, contrast loss, downscaling) ...")
-    rob = evaluator.robustness(params)
+    rob = evaluator.robustness(params, site_params=site_params)
   except NonFiniteOutput as e:
     raise EvalError(
       f"round {r} of {workdir}: {e}; evaluate an earlier round with --round=R, or train again with a lower "
@@ -488,6 +540,7 @@ def evaluate_run(
       spacing_mm=spacing_mm,
       unseen=data.unseen_name,
       images_per_site={site: len(images) for site, (images, _) in evaluator.sets.items()},
+      models=models,
     )
     if frames:
       size = next(iter(preds.values())).shape[1]

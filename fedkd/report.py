@@ -307,8 +307,8 @@ def mean_std_tables(
   NaN or a ``None`` (a seed without that metric) among them are not averaged; their cell says so (``NaN in
   1 of 3 seeds``, :func:`not_results`) and their CSV mean and std are ``nan``. The CSV has ``columns`` and
   ``<metric>_mean``, ``<metric>_std`` (full precision; std ``nan`` for one seed); the Markdown table
-  has ``headers`` (default ``columns``) and one ``mean ± std`` cell per metric (``digits`` decimals;
-  ``n/a`` for one seed) under ``title`` and a caption of ``caption`` plus :data:`MEAN_STD`. Both files
+  has ``headers`` (default ``columns``) and one ``mean ± std`` cell per metric (``digits`` decimals; none for a
+  byte count, a metric named ``*bytes*``; ``n/a`` for one seed) under ``title`` and a caption of ``caption`` plus :data:`MEAN_STD`. Both files
   are replaced atomically. Returns the Markdown lines."""
   _check_targets(md_path, csv_path)  # neither file is replaced when the other cannot be
   headers = list(headers or columns)
@@ -327,7 +327,7 @@ def mean_std_tables(
       elif vals:
         mean, std = mean_std(vals)
         row_csv += [repr(mean), repr(std)]
-        row_md.append(format_mean_std(mean, std, digits))
+        row_md.append(format_mean_std(mean, std, 0 if "bytes" in m else digits))  # byte counts: whole numbers
       else:
         row_csv += ["", ""]
         row_md.append("")
@@ -407,16 +407,20 @@ def write_eval_tables(
   spacing_mm: float = 1.0,
   unseen: str | None = None,
   images_per_site: dict[str, int] | None = None,
+  models: dict[str, str] | None = None,
 ) -> None:
   """``eval.json`` ({"round", "spacing_mm", "unseen", ["images_per_site",] "sites": {site: {class: {metric:
   value}}}}; strict JSON: a metric no image defines is null) and ``eval.csv`` (one row per site, class and
   metric; such a value is ``nan``) in the folder ``out``. ``spacing_mm``: mm per pixel the distances (hd95,
   assd, tip_error) were measured with (1.0, the default: pixels); ``unseen``: the site no client trained on;
-  ``images_per_site``: {site: how many of its held-out images were scored} (left out when None)."""
+  ``images_per_site``: {site: how many of its held-out images were scored} (left out when None); ``models``:
+  {site: "personal" or "global"}, the model that scored it (left out when None)."""
   _check_targets(os.path.join(out, "eval.json"), os.path.join(out, "eval.csv"))
   doc = {"round": round_, "spacing_mm": spacing_mm, "unseen": unseen}
   if images_per_site is not None:
     doc["images_per_site"] = images_per_site
+  if models is not None:
+    doc["model"] = models
   doc["sites"] = _null_for_nan(results)
   _replace_atomic(os.path.join(out, "eval.json"), lambda f: json.dump(doc, f, indent=2, allow_nan=False))
   rows = [

@@ -372,6 +372,13 @@ def running_holder(workdir) -> str | None:
   return _holder_text(held) if _alive_here(held) else None
 
 
+def _command_line(limit: int = 400) -> str:
+  """This process's command line as a holder's lock names it: whole up to ``limit`` characters (the first
+  three words named only the module and the --config, not the workdir or the overrides)."""
+  text = " ".join(sys.argv)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _holder_text(info: dict) -> str:
   started = info.get("started")
   when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
@@ -390,7 +397,7 @@ class Lock:
       "pid": os.getpid(),
       "host": socket.gethostname(),
       "started": time.time(),
-      "command": " ".join(sys.argv[:3])[:200],
+      "command": _command_line(),
     }
 
   def _read_holder(self) -> dict:

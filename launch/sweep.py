@@ -858,7 +858,7 @@ def _cell(last: dict | None, metric: str) -> str:
   return repr(last[metric]) if is_number(last.get(metric)) else "nan"
 
 
-def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
+def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str, str]:
   """results.md / results.csv (one row per group, mean ± std over the seeds of its finished runs:
   ``fedkd.report``'s convention; ``unfinished``: how many of its runs are left out) and runs.csv (one row
   per run, ``finished`` true/false)."""
@@ -903,8 +903,9 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
     + (f"Not averaged: NaN or missing in the last evaluation of {bad}. " if bad else "")
     + "`dice/*`, `iou/*`: mean over training sites; `unseen/*`: the held-out site.",
   )
+  runs_path = os.path.join(out, "runs.csv")
   report.write_csv(
-    os.path.join(out, "runs.csv"),
+    runs_path,
     ["run", "group", "seed", "finished", "round"] + run_metrics,
     [
       [r["name"], g["label"], r["seed"], format_value(r["finished"]), r["last"]["round"] if r["last"] else ""]
@@ -913,7 +914,7 @@ def write_tables(defn: dict, out: str, groups: list[dict]) -> tuple[str, str]:
       for r in g["members"]
     ],
   )
-  return md_path, csv_path
+  return md_path, csv_path, runs_path
 
 
 def write_plots(defn: dict, out: str, groups: list[dict], metric: str) -> list[str]:

@@ -154,8 +154,14 @@ def test_a_killed_build_leaves_no_site_that_training_opens(two_sites, tmp_path):
   shutil.copytree(done, data_dir / "xray_folder" / "west" / "incomplete.1a2b_1.0.0")
   shutil.copytree(done, data_dir / "xray_folder" / "east" / ".1.0.0.old-123")
   assert fdata.prepared_configs("xray_folder", data_dir) == ["north", "south"]
-  with pytest.raises(fdata.DatasetInputError, match=r"xray_folder/west: not prepared in .* build it first"):
+  with pytest.raises(fdata.DatasetInputError, match=r"xray_folder/west: not prepared in .* build it first") as e:
     fdata.load_builder("xray_folder", data_dir, config="west")
+  # the command it names can be run: an xray_folder site is built from its folder and named by --site (it said
+  # --config=west, which the build refuses without --manual_dir)
+  assert str(e.value).endswith(
+    f"python -m fedkd.data.tfds.build --dataset=xray_folder --manual_dir=<the site's image/mask folder> "
+    f"--site=west --data_dir={data_dir}"
+  ), e.value
   c = tiny_config(num_clients=2, clients_per_round=2)
   c.data.source, c.data.tfds_data_dir = "tfds:xray_folder", str(data_dir)
   data = pipeline.make_client_data(c)

@@ -81,22 +81,48 @@ def test_eval_of_a_damaged_round_names_the_other_rounds_and_writes_nothing(cli, 
   assert (work / "eval" / "eval.json").read_text() == "earlier"
 
 
-def test_eval_of_a_personalised_run_says_it_scores_the_server_model(cli, tmp_path):
-  """FedBN's training records score each training site with its client's personal model; fedkd.eval restores
-  the server model only. It must say so (the numbers differ), and the unseen site, which training also scores
-  with the server model, must agree with training's record."""
+@pytest.mark.parametrize("name", ["fedbn", "ditto"])
+def test_eval_of_a_personalised_run_scores_the_personal_models_as_training_did(cli, tmp_path, name):
+  """fedkd.eval restored the server model only and scored every site with it (for FedBN: normalisation layers no
+  client trained), so its training sites differed from training's records. It now scores each training site with
+  its client's personal model from the checkpoint's rows (a client never sampled: the global model), as training
+  does: every site's Dice equals training's last record, on the same images; eval.json's "model" says which.
+  --global_model gives the server model everywhere (the unseen site unchanged)."""
   work = str(tmp_path / "run")
-  cfg = tiny_config(num_rounds=2)
-  cfg.algorithm.name = "fedbn"
-  cfg.eval.max_sites = 0
+  cfg = tiny_config(num_rounds=2, num_clients=4, clients_per_round=1)
+  cfg.algorithm.name = name
+  cfg.eval.max_sites, cfg.eval.examples_per_site = 4, 2
   fedavg.run(cfg, work, log=lambda _: None)
-  r = cli.run("fedkd.eval", [f"--workdir={work}", "--examples=2", "--frames=0"])
-  assert r.code == 0, r.stderr[-2000:]
-  assert "note: a fedbn run: every site is scored with the shared server model" in r.stdout
-  ev = json.load(open(os.path.join(work, "eval", "eval.json")))
   last = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))][-1]
+  rounds = [json.loads(line) for line in open(os.path.join(work, "rounds.jsonl"))]
+  sampled = {c for r in rounds for c in r["clients"]}
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--frames=0"])
+  assert r.code == 0, r.stderr[-2000:]
+  assert f"note: a {name} run: each training site is scored with its client's personal model" in r.stdout, r.stdout
+  ev = json.load(open(os.path.join(work, "eval", "eval.json")))
+  names = list(ev["sites"])
   unseen = sites.UNSEEN_SITE.name
-  assert abs(ev["sites"][unseen]["catheter"]["dice"] - last["unseen/dice/catheter"]) < 1e-6
+  assert ev["model"] == {s: "personal" if i in sampled and s != unseen else "global" for i, s in enumerate(names)}
+  assert 0 < list(ev["model"].values()).count("personal") < 4
+  for site in names:
+    for cls in ("catheter", "guidewire"):
+      assert abs(ev["sites"][site][cls]["dice"] - last[f"site/{site}/dice/{cls}"]) < 1e-6, (site, cls)
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--frames=0", "--global_model", f"--out={tmp_path / 'g'}"])
+  assert r.code == 0 and "scored with the global (server) model on every site" in r.stdout, r.stderr[-2000:]
+  glob = json.load(open(tmp_path / "g" / "eval.json"))
+  assert set(glob["model"].values()) == {"global"}
+  assert glob["sites"][unseen] == ev["sites"][unseen]
+  personal = [s for s, m in ev["model"].items() if m == "personal"]
+  assert any(glob["sites"][s] != ev["sites"][s] for s in personal), [
+    (glob["sites"][s], ev["sites"][s]) for s in personal
+  ]
+
+
+def test_global_model_on_a_run_without_personal_models_is_refused(cli, run4, tmp_path):
+  work = _copy(run4, tmp_path)
+  r = cli.run("fedkd.eval", [f"--workdir={work}", "--frames=0", "--global_model"])
+  assert r.code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "holds no personal models" in r.stderr and "leave the flag out" in r.stderr, r.stderr
 
 
 def test_eval_past_a_damaged_config_json_and_a_checkpoint_config_that_is_not_an_object(cli, run4, tmp_path):

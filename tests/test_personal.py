@@ -282,3 +282,26 @@ def test_ditto_lambda_limits(lam):
     assert _max_diff(want, got) < 5e-5, c
   for cid in (4, 5):  # not sampled: untouched
     assert _max_diff(v0[cid], _row(table, cid)) == 0.0
+
+
+def test_fedbn_counts_only_the_shared_leaves_as_sent(tmp_path):
+  """FedBN's uploads hold its normalisation leaves as zeros, and comm/bytes_up counted them as sent (and the
+  server's norm leaves as received). They stay with each client: the bytes are float32 of the other leaves,
+  counted here by module name (every convolution kernel and bias; no GroupNorm scale or bias)."""
+  import json
+  import os
+
+  from test_training import tiny_config
+
+  from fedkd.models import init_params
+  from fedkd.tasks import fedavg
+
+  c = tiny_config(num_rounds=1, num_clients=2, clients_per_round=2)
+  c.algorithm.name = "fedbn"
+  fedavg.run(c, str(tmp_path / "w"), log=lambda _: None)
+  (rec,) = [json.loads(line) for line in open(os.path.join(tmp_path / "w", "rounds.jsonl"))]
+  _, params = init_params(c.model, c.seed)
+  keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  shared = sum(a.size for k, a in zip(keys, jax.tree.leaves(params)) if "['norm" not in k)
+  assert 0 < shared < sum(a.size for a in jax.tree.leaves(params))
+  assert rec["comm/bytes_up"] == rec["comm/bytes_down"] == 2 * 4 * shared

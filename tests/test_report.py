@@ -69,6 +69,10 @@ def test_mean_std_tables_numbers_and_caption(tmp_path):
   assert "| y | 1 | 0.5000 ± n/a |  |" in md and "| Method | n | dice/a | iou/a |" in md
   with pytest.raises(ValueError, match="cells"):
     report.mean_std_tables(md_path, csv_path, ["method"], [(["x", 1], one)], ["dice/a"])
+  lines = report.mean_std_tables(
+    md_path, csv_path, ["m"], [(["x"], {"comm/bytes_up": [27504.0, 27506.0]})], ["comm/bytes_up"]
+  )
+  assert "| x | 27505 ± 1 |" in lines, lines  # byte counts without decimals
 
 
 def test_eval_tables_and_site_table(tmp_path):

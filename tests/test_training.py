@@ -316,3 +316,39 @@ def test_tensorboard_gets_every_comm_field_of_the_round_record():
   want = {"comm/bytes_up": 10.0, "comm/bytes_down": 20.0, "comm/bytes_up_total": 30.0, "comm/bytes_down_total": 60.0}
   assert {k: v for k, v in rec.items() if k.startswith("comm/")} == want
   assert {k: v for k, v in scalars.items() if k.startswith("comm/")} == want
+
+
+def test_a_refused_resume_names_every_key_that_differs():
+  """Six keys differed and the message said '6 key(s) differ' but named five (num_clients, the one to pass,
+  cut without a mark)."""
+  from fedkd import checkpoint as ckpt_lib
+  from fedkd.tasks.fedavg import _check_resumable
+
+  saved = tiny_config()
+  current = tiny_config(num_rounds=4, num_clients=8, clients_per_round=4, batch_size=4, image_size=64, seed=3)
+  current.eval.examples_per_site = saved.eval.examples_per_site + 1
+  current.local_steps = 2
+  with pytest.raises(ckpt_lib.ResumeRefused) as e:
+    _check_resumable(saved.to_dict(), current.to_dict(), "ck")
+  keys = ["batch_size", "clients_per_round", "image_size", "local_steps", "num_clients", "seed"]
+  assert f"(6 key(s) differ: {', '.join(keys)})" in str(e.value), e.value
+  for i in range(4):
+    current[f"unknown_{i}"] = i  # ten keys: eight named, and how many more
+  with pytest.raises(
+    ckpt_lib.ResumeRefused, match=r"\(10 key\(s\) differ: batch_size, .*, seed, unknown_0, unknown_1 and 2 more\)"
+  ):
+    _check_resumable(saved.to_dict(), current.to_dict(), "ck")
+
+
+def test_a_finished_run_run_again_says_there_is_nothing_to_train(tmp_path):
+  """It printed 'resuming from round 1', evaluated and printed the table again, as if it had trained on."""
+  c = tiny_config(num_rounds=1)
+  fedavg.run(c, str(tmp_path / "w"), log=lambda _: None)
+  lines = []
+  fedavg.run(c, str(tmp_path / "w"), log=lines.append)
+  assert any(
+    ln == f"note: {tmp_path / 'w'} already finished round 1: nothing to train; scoring the restored model (raise "
+    "--config.num_rounds to train on)"
+    for ln in lines
+  ), lines
+  assert not any(ln.startswith("round    1/") for ln in lines), lines

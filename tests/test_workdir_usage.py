@@ -70,9 +70,22 @@ def test_a_run_refused_by_a_lock_taken_at_the_same_moment_leaves_the_holders_fol
   assert (work / ".lock").is_file(), "the refused run removed the holder's workdir"
   held = json.loads((work / ".lock").read_text())
   assert held["pid"] == os.getpid()
-  with pytest.raises(wd.WorkdirError, match="is in use by"):  # a third run is refused too
+  monkeypatch.setattr(
+    sys, "argv", ["fedkd/main.py", "--config=configs/quickstart.py", "--config.seed=3", f"--workdir={work}"]
+  )
+  with pytest.raises(wd.WorkdirError, match="is in use by") as e:  # a third run is refused too
     wd.Lock(wd.as_path(work)).acquire()
   first["lock"].release()
+  # the holder's whole command line (its first three words named neither the workdir nor the overrides)
+  other = wd.Lock(wd.as_path(tmp_path / "other"), log=lambda m: None)
+  (tmp_path / "other").mkdir()
+  other.acquire()
+  try:
+    with pytest.raises(wd.WorkdirError) as e:
+      wd.Lock(wd.as_path(tmp_path / "other")).acquire()
+  finally:
+    other.release()
+  assert f"fedkd/main.py --config=configs/quickstart.py --config.seed=3 --workdir={work})" in str(e.value), e.value
 
 
 def test_a_lock_file_removed_between_open_and_flock_is_taken_afresh(tmp_path, monkeypatch):

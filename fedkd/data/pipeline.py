@@ -554,7 +554,7 @@ class TfdsClients:
     if not configs:
       raise DataError(
         f"no prepared TFDS dataset {name!r} in data_dir={data_dir!r}; build it first "
-        f"with python -m fedkd.data.tfds.build --dataset={name} --data_dir={data_dir}, "
+        f"with {fedkd_tfds.build_command(name, data_dir)}, "
         "or point config.data.tfds_data_dir at the folder that holds it (fedkd.eval: --tfds_data_dir=DIR)"
       )
     dup = sorted({c for c in configs if configs.count(c) > 1})

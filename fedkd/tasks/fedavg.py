@@ -37,6 +37,7 @@ from fedkd.data.pipeline import evaluated_sites, make_client_data
 from fedkd.fl import client_state as client_state_lib
 from fedkd.fl import aggregate, algorithms, attacks, compress, dp, engine
 from fedkd.fl.algorithm import ClientContext
+from fedkd.fl.algorithms import fedbn
 from fedkd.logs import RunLog, evaluations_left, compiling_line, round_line
 from fedkd.losses import make_segmentation_loss
 from fedkd.evaluate import Evaluator, summarize
@@ -138,7 +139,7 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
     # so restore_latest must not take it for damage and fall back over (and then condemn) every step.
     raise ckpt_lib.ResumeRefused(
       f"the checkpoint in {directory} was written with config.{k}={a.get(k)!r} but this run has "
-      f"{b.get(k)!r} ({len(diff)} key(s) differ: {', '.join(diff[:5])}); use a new --workdir to start "
+      f"{b.get(k)!r} ({len(diff)} key(s) differ: {', '.join(diff[:8])}{f' and {len(diff) - 8} more' if len(diff) > 8 else ''}); use a new --workdir to start "
       "a different experiment, or the original config to resume"
     )
 
@@ -289,6 +290,24 @@ def make_algorithm(config, server_tx, prox_mu=None):
   )
 
 
+def build_algorithm(config, server_tx):
+  """The algorithm a run of ``config`` trains with: :func:`make_algorithm` with its robust aggregator, attack,
+  compression and DP wrappers, in that order (what its per-client rows hold depends on them: ``fedkd.eval``
+  builds it to read a checkpoint's personal models)."""
+  alg = make_algorithm(config, server_tx)
+  if config.aggregator.name != "mean":  # a robust statistic of the clients' deltas instead of their mean
+    alg.aggregator = aggregate.make_aggregator(config.aggregator.name, **_aggregator_params(config))
+  if num_attackers(config):
+    alg = attacks.Attacked(alg, attacks.make_attack(config.attack.name, (), **_attack_params(config)))
+  if config.compress.name != "none":
+    alg = compress.Compressed(
+      alg, config.compress.name, fraction=config.compress.fraction, error_feedback=config.compress.error_feedback
+    )
+  if config.dp.enabled:
+    alg = dp.DPFedAvg(alg, config.dp.clip_norm, config.dp.noise_multiplier, config.clients_per_round)
+  return alg
+
+
 def make_context(config, apply, apply_wf, client_lr=None) -> ClientContext:
   """How a client trains: the model, the segmentation loss, the client optimizer, compute dtype, remat.
   ``client_lr``: instead of config.client_optimizer.learning_rate (a traced scalar: fedkd.tasks.replicas)."""
@@ -302,11 +321,20 @@ def make_context(config, apply, apply_wf, client_lr=None) -> ClientContext:
   )
 
 
+def shared_params(algorithm: str, params_like):
+  """The leaves of ``params_like`` that travel between clients and server: all but FedBN's normalisation leaves,
+  which each client keeps (its upload holds them as zeros, which a real deployment would not send)."""
+  if algorithm != "fedbn":
+    return params_like
+  return [a for path, a in jax.tree_util.tree_leaves_with_path(params_like) if not fedbn.is_norm(path)]
+
+
 def dense_bytes(algorithm: str, params_like) -> tuple[int, int, int]:
   """(bytes up per client, bytes down per client, of which beside the model) of one uncompressed round:
   the model delta in float32 plus SCAFFOLD's control-variate change / FedNova's tau up; the server model
-  (and SCAFFOLD's control variate) down."""
-  model_bytes = compress.dense_bytes(params_like)
+  (and SCAFFOLD's control variate) down. FedBN's normalisation leaves stay with each client, both ways
+  (:func:`shared_params`)."""
+  model_bytes = compress.dense_bytes(shared_params(algorithm, params_like))
   beside = {"scaffold": model_bytes, "fednova": 4}.get(algorithm, 0)
   return model_bytes + beside, model_bytes * (2 if algorithm == "scaffold" else 1), beside
 
@@ -403,25 +431,17 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   unseen_name = data.unseen_name
   server_tx = engine.make_optimizer(config.server_optimizer)
   algorithm = config.algorithm.name
-  alg = make_algorithm(config, server_tx)
-  if config.aggregator.name != "mean":  # a robust statistic of the clients' deltas instead of their mean
-    alg.aggregator = aggregate.make_aggregator(config.aggregator.name, **_aggregator_params(config))
+  alg = build_algorithm(config, server_tx)
   attackers = np.arange(config.num_clients) < num_attackers(config)  # by global client id
-  if attackers.any():
-    alg = attacks.Attacked(alg, attacks.make_attack(config.attack.name, (), **_attack_params(config)))
   # Bytes per client and round. Up: the model delta as the compressor sends it (dense float32 without
   # one), plus what travels beside it uncompressed: SCAFFOLD's control-variate change, FedNova's tau.
   # Down: the server model (and SCAFFOLD's control variate) to every sampled client.
   params_like = jax.eval_shape(lambda p: p, params)
   bytes_per_client, bytes_down, beside = dense_bytes(algorithm, params_like)
   if config.compress.name != "none":
-    alg = compress.Compressed(
-      alg, config.compress.name, fraction=config.compress.fraction, error_feedback=config.compress.error_feedback
-    )
-    bytes_per_client = alg.bytes_per_client(params_like) + beside
+    shared = shared_params(algorithm, params_like)
+    bytes_per_client = compress.upload_bytes(config.compress.name, shared, config.compress.fraction) + beside
   ids_needed = attackers.any() or config.compress.name != "none"  # batch["client_id"] keys their randomness
-  if privacy is not None:
-    alg = dp.DPFedAvg(alg, config.dp.clip_norm, config.dp.noise_multiplier, config.clients_per_round)
   state = replicate(alg.init(params, jax.random.key(config.seed)), mesh)
   # Per-client state of stateful algorithms (SCAFFOLD's c_i, MOON's previous model), rows of all
   # num_clients clients on the host or the devices (config.algorithm.client_state); None for FedAvg.
@@ -591,6 +611,15 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
           f"note: config.dp.target_epsilon={config.dp.target_epsilon:g} allows {last_round} of the "
           f"{config.num_rounds} rounds; the run stops after round {last_round}"
         )
+  if start and start >= last_round:  # a finished run run again: said, not left to look like a resume
+    log(
+      f"note: {workdir} already finished round {start}: nothing to train; scoring the restored model "
+      + (
+        "(raise --config.num_rounds to train on)"
+        if last_round >= config.num_rounds
+        else f"(config.dp.target_epsilon={config.dp.target_epsilon:g} allows no further round)"
+      )
+    )
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   eval_seconds = []  # of each evaluation in the loop, for the ETA
   next_clients = None  # drawn by the round before (the first round of a run draws its own)

@@ -26,6 +26,7 @@ from fedkd.data.tfds.api import (
   BUILDERS,
   SegmentationSource,
   build,
+  build_command,
   config_names,
   content_digest,
   largest_label,
@@ -43,6 +44,7 @@ from fedkd.data.tfds.xray_folder import XrayFolder, XrayFolderConfig
 
 __all__ = [
   "BUILDERS",
+  "build_command",
   "CLASS_NAMES",
   "Cathaction",
   "CathactionConfig",

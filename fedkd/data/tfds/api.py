@@ -339,6 +339,20 @@ def _remove_empty_dirs(path: Path, stop: Path) -> None:
     pass
 
 
+def build_command(name: str, data_dir, config: str | None = None) -> str:
+  """The ``fedkd.data.tfds.build`` command that prepares ``name`` (its site or config ``config``) in ``data_dir``,
+  with the flags that dataset needs: a folder of images (``--manual_dir``) for xray_folder and cathaction,
+  whose xray_folder sites are named by ``--site``."""
+  flags = [f"--dataset={name}"]
+  if name == "xray_folder":
+    flags += ["--manual_dir=<the site's image/mask folder>", f"--site={config or '<site name>'}"]
+  elif name == "cathaction":
+    flags += ["--manual_dir=<the CathAction download>"] + ([f"--config={config}"] if config else [])
+  elif config:
+    flags.append(f"--config={config}")
+  return f"python -m fedkd.data.tfds.build {' '.join(flags)} --data_dir={data_dir}"
+
+
 def config_names(name: str, data_dir=None) -> list[str]:
   """Config names that act as *sites* of dataset ``name``.
 
@@ -495,16 +509,14 @@ def load_builder(name: str, data_dir, config=None):
       config = found[0]
     elif not found:
       raise DatasetInputError(
-        f"{name}: nothing prepared in {data_dir}; build it first: python -m "
-        f"fedkd.data.tfds.build --dataset={name} --data_dir={data_dir} ..."
+        f"{name}: nothing prepared in {data_dir}; build it first: {build_command(name, data_dir)}"
       )
     else:
       raise DatasetInputError(f"{name}: several configs prepared in {data_dir} ({found}); pass config=NAME")
   if config not in prepared_configs(name, data_dir):
     raise DatasetInputError(
       f"{name}/{config}: not prepared in {data_dir} (prepared: "
-      f"{prepared_configs(name, data_dir)}); build it first: python -m "
-      f"fedkd.data.tfds.build --dataset={name} --config={config} --data_dir={data_dir}"
+      f"{prepared_configs(name, data_dir)}); build it first: {build_command(name, data_dir, config)}"
     )
   info = check_prepared(name, data_dir, config)
   with _quiet_custom_config_notice():
