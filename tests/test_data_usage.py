@@ -195,15 +195,21 @@ def test_each_epoch_visits_every_example_once(two_sites):
 
 
 def test_preview_says_how_many_frames_each_site_has(two_sites, tmp_path):
-  """--frames above a site's test images: the summary names the sites shown with fewer frames."""
+  """--frames above a site's test images: the summary names the sites shown with fewer frames. A site without a
+  test split is named, not left out in silence; and the quickstart's batch_size=8 above the 5 training images of
+  a client, which only training draws, no longer stops the preview ('fewer than batch_size=8')."""
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(two_sites, data_dir)
+  _hospital(tmp_path / "west", 4, 0, seed=7)
+  fdata.build("xray_folder", data_dir, manual_dir=tmp_path / "west")
   out = tmp_path / "p.png"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "fedkd.data.preview", "--config=configs/quickstart.py"]
-  cmd += [f"--config.data.tfds_data_dir={two_sites}", "--config.data.source=tfds:xray_folder"]
-  cmd += ["--config.num_clients=2", "--config.clients_per_round=2", "--config.image_size=32", "--frames=4"]
-  cmd += ["--config.batch_size=2"]
+  cmd += [f"--config.data.tfds_data_dir={data_dir}", "--config.data.source=tfds:xray_folder"]
+  cmd += ["--config.num_clients=3", "--config.clients_per_round=3", "--config.image_size=32", "--frames=4"]
   r = procs.run(cmd + [f"--out={out}"], cwd=ROOT, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
+  assert "note: training site(s) ['west'] have no test split in the dataset: not drawn" in r.stdout, r.stdout
   # north has 3 test images, south 5: 4 frames of south, 3 of north
   assert "2 sites x up to 4 frames (--frames=4; fewer test images at: north 3)" in r.stdout, r.stdout
   img = np.asarray(Image.open(out))

@@ -670,7 +670,8 @@ class TfdsClients:
     else:
       raise DataError(f"config.data.partition={d.partition!r}: use by_site, dirichlet or iid")
     cfg_names = list(train_cfgs)
-    small = [k for k, p in enumerate(parts) if len(p) < config.batch_size]
+    # training only: evaluating (fedkd.eval, the preview) draws no training batch
+    small = [k for k, p in enumerate(parts) if len(p) < config.batch_size] if training else []
     if small:
       k = small[0]
       held = sorted({cfg_names[int(s)] for s in site_of[parts[k]]})

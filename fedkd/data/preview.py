@@ -84,6 +84,8 @@ def main(argv) -> None:
   with config.unlocked():
     config.eval.examples_per_site = cli.FRAMES.value
   sets = data.eval_sets(sites)
+  if getattr(data, "untested", None):  # prepared sites without a test split: nothing held out to draw
+    print(f"note: training site(s) {data.untested} have no test split in the dataset: not drawn")
   if config.data.source == "synthetic" and n_sites < config.num_clients:
     print(
       f"note: the first {n_sites} of the {config.num_clients} training sites and the unseen one, as training "
