@@ -215,20 +215,23 @@ def test_ctrl_c_after_an_overwrite_swapped_its_new_version_in_says_so(tmp_path, 
   )
 
 
-def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
-  """An --overwrite build SIGKILLed mid-way left data_dir/.fedkd-rebuild-<pid> for good (its pid never comes
-  back). The next rebuild removes this host's folders of processes that ended; another host's stays."""
+def _built_with_an_ended_pid(tmp_path):
+  """A site built in tmp_path/tfds, this host's name and the pid of a process that has ended."""
   folder = _folder(tmp_path / "h")
   data_dir = tmp_path / "tfds"
   fdata.build("xray_folder", data_dir, manual_dir=folder)
   ended = subprocess.Popen([sys.executable, "-c", "pass"])
   ended.wait()
-  host = socket.gethostname()
-  dead, other, old_style = (
-    data_dir / n for n in (f".fedkd-rebuild-{host}-{ended.pid}", ".fedkd-rebuild-elsewhere-1", ".x")
-  )
+  return folder, data_dir, socket.gethostname(), ended.pid
+
+
+def test_a_killed_rebuilds_folder_is_removed_by_the_next_one(tmp_path):
+  """An --overwrite build SIGKILLed mid-way left data_dir/.fedkd-rebuild-<pid> for good (its pid never comes
+  back). The next rebuild removes this host's folders of processes that ended; another host's stays."""
+  folder, data_dir, host, pid = _built_with_an_ended_pid(tmp_path)
+  dead, other, old_style = (data_dir / n for n in (f".fedkd-rebuild-{host}-{pid}", ".fedkd-rebuild-elsewhere-1", ".x"))
   (version,) = data_dir.glob("xray_folder/h/*")
-  replaced = version.parent / f".{version.name}.old-{host}-{ended.pid}"  # killed before it deleted the old version
+  replaced = version.parent / f".{version.name}.old-{host}-{pid}"  # killed before it deleted the old version
   for d in (dead, other, old_style, replaced):
     (d / "xray_folder").mkdir(parents=True)
   fdata.build("xray_folder", data_dir, manual_dir=folder, overwrite=True)
@@ -241,13 +244,8 @@ def test_a_running_rebuild_of_another_container_with_this_host_name_is_left_alon
   """Two containers with one host name on one data_dir: the other's build runs under a pid this container does
   not see, so its rebuild folder was removed as a dead one, mid-build. A build's lock file, locked while it runs,
   now tells; a build killed before its cleanup leaves its lock free, and its leftovers (lock file too) go."""
-  folder = _folder(tmp_path / "h")
-  data_dir = tmp_path / "tfds"
-  fdata.build("xray_folder", data_dir, manual_dir=folder)
-  ended = subprocess.Popen([sys.executable, "-c", "pass"])
-  ended.wait()
-  host = socket.gethostname()
-  running, killed = (f".fedkd-rebuild-{host}-{ended.pid}", f".fedkd-rebuild-{host}-{ended.pid}-0a1b2c3d")
+  folder, data_dir, host, pid = _built_with_an_ended_pid(tmp_path)
+  running, killed = (f".fedkd-rebuild-{host}-{pid}", f".fedkd-rebuild-{host}-{pid}-0a1b2c3d")
   for name in (running, killed):
     (data_dir / name / "xray_folder").mkdir(parents=True)
     (data_dir / (name + ".lock")).touch()
