@@ -433,6 +433,16 @@ def test_contrast_pooling_a_workdir_without_config_json_is_noted_and_the_others_
   assert r.code == 0 and "| foundation | 4 |" in r.stdout, r.stderr
   notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
   assert len(notes) == 1 and all(w1 in n and "config.json" in n and w0 not in n for n in notes), r.stderr
+  # w1 ran a config without the scarce-data curve: its records have no n4/*. That was reported as lost results
+  # of w1's runs ('redo that run'); w1 has no config.json, so it may equally be another config
+  rows1 = [{k: v for k, v in r.items() if not k.startswith("n4/")} for r in _pair((2, 3), rng)]
+  v1 = _runs(tmp_path / "v1", rows1)
+  side = f"{w0}:{{m}},{v1}:{{m}}"
+  r = cli.run(MODULE, [f"--a={side.format(m='fedefm')}", f"--b={side.format(m='fedavg')}", "--keys=n4/dice/mean"])
+  assert r.code == 2 and not r.traceback and r.stdout == "", r.stderr
+  (line,) = [x for x in r.stderr.splitlines() if x.startswith("fedkd: error: ")]
+  assert "the record of seed 2 has no 'n4/dice/mean'" in line, line
+  assert f"or {v1}, pooled without config.json, ran another config" in line, line
   three = f"{w0}:{{m}},{w1}:{{m}},{w2}:{{m}}"
   r = cli.run(MODULE, [f"--a={three.format(m='fedefm')}", f"--b={three.format(m='fedavg')}"])
   assert r.code == 2 and not r.traceback and r.stdout == "", r.stderr

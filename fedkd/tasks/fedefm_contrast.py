@@ -125,10 +125,11 @@ def _saved_config(path: str) -> dict:
     ) from None
 
 
-def read_side(spec: str, percent: float) -> dict[int, dict]:
+def read_side(spec: str, percent: float) -> tuple[dict[int, dict], dict[int, str]]:
   """{seed: record} of a comma list of ``WORKDIR:METHOD`` specs, pooled: their seeds must differ, and
   their workdirs' configs (``config.json``, where every one has it) may differ only in
-  ``config.experiment`` (seeds, method lists)."""
+  ``config.experiment`` (seeds, method lists); and {seed: workdir} of the seeds from a pooled workdir without
+  config.json, whose config is unchecked."""
   specs = [x.strip() for x in spec.split(",") if x.strip()]
   if not specs:
     raise ConfigError(f"{spec!r}: give WORKDIR:METHOD, e.g. runs/fedefm_seg:fedefm")
@@ -143,6 +144,7 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
     configs = [(x, os.path.join(_workdir(x), "config.json")) for x in specs]
     have = [(x, c) for x, c in configs if os.path.lexists(c)]
     lacking = [_workdir(x) for x, c in configs if not os.path.lexists(c)]
+    unchecked = {seed: _workdir(one) for seed, one in where.items() if _workdir(one) in lacking}
     if lacking:
       _note(
         f"pooled without config.json, so not checked to have run the config of the others: {', '.join(lacking)} "
@@ -157,7 +159,8 @@ def read_side(spec: str, percent: float) -> dict[int, dict]:
         diff = config_difference(first, _saved_config(path), pooled=True)
         if diff is not None:
           raise ConfigError(f"{have[0][0]} and {one} ran different configs ({diff}); pool only runs of one config")
-  return out
+    return out, unchecked
+  return out, {}
 
 
 PAIRING_KEYS = ("seed", "unseen_percent")  # which runs are paired, not results
@@ -203,24 +206,33 @@ def parse_keys(text: str, a: dict[int, dict], b: dict[int, dict]) -> list[str]:
   return keys
 
 
-def contrast_rows(a: dict[int, dict], b: dict[int, dict], keys: list[str]) -> list[str]:
+def contrast_rows(
+  a: dict[int, dict], b: dict[int, dict], keys: list[str], unchecked: tuple[dict, dict] = ({}, {})
+) -> list[str]:
   """Markdown rows ``| key | n | difference [95% CI] p (Holm) |`` over the seeds both hold; ``keys`` are
-  numeric keys of the records (:func:`parse_keys`)."""
+  numeric keys of the records (:func:`parse_keys`); ``unchecked``: each side's seeds from a pooled workdir
+  without config.json (:func:`read_side`), named as possibly of another config where a key is missing."""
   seeds = sorted(set(a) & set(b))
   results = []
   for k in keys:
     pairs = [(a[s][k], b[s][k]) for s in seeds if report.is_number(a[s].get(k)) and report.is_number(b[s].get(k))]
     for s in seeds:  # NaN / Inf is not a result: a contrast over it would print nan as a difference
-      for side, rec, runs in (("--a", a[s], a), ("--b", b[s], b)):
+      for side, rec, runs, loose in (("--a", a[s], a, unchecked[0]), ("--b", b[s], b, unchecked[1])):
         v = rec.get(k)
         # null where the side's other seeds hold a number: a lost result, which would silently shrink n
         if (report.is_number(v) and not report.is_finite_number(v)) or (
           v is None and any(report.is_finite_number(r.get(k)) for r in runs.values())
         ):
           held = f"holds {report.shown_value(v)} for {k!r}" if k in rec else f"has no {k!r} (its other seeds have)"
+          other = (
+            f"; or {loose[s]}, pooled without config.json, ran another config (one without that result): "
+            "contrast it alone"
+            if s in loose and k not in rec
+            else ""
+          )
           raise ConfigError(
             f"{side}: the record of seed {s} {held}, not a result; redo that run (delete its line in "
-            "results_raw.jsonl and re-run the experiment) or leave the key out"
+            f"results_raw.jsonl and re-run the experiment) or leave the key out{other}"
           )
     if not pairs:
       raise ConfigError(
@@ -239,11 +251,11 @@ def main(argv) -> int:
   del argv
   if not FLAGS.a or not FLAGS.b:
     raise ConfigError("give --a=WORKDIR:METHOD and --b=WORKDIR:METHOD")
-  a, b = read_side(FLAGS.a, FLAGS.unseen_percent), read_side(FLAGS.b, FLAGS.unseen_percent)
+  (a, loose_a), (b, loose_b) = read_side(FLAGS.a, FLAGS.unseen_percent), read_side(FLAGS.b, FLAGS.unseen_percent)
   if not set(a) & set(b):
     raise ConfigError(f"{FLAGS.a} (seeds {sorted(a)}) and {FLAGS.b} (seeds {sorted(b)}) share no seed")
   keys = parse_keys(FLAGS.keys, a, b)
-  rows = contrast_rows(a, b, keys)  # every error before anything is printed
+  rows = contrast_rows(a, b, keys, (loose_a, loose_b))  # every error before anything is printed
   print(f"{FLAGS.a} - {FLAGS.b}, paired by seed; 95% t-interval; Holm over the {len(keys)} keys\n")
   print("\n".join(rows))
   return 0
