@@ -202,9 +202,10 @@ class _Vanished(Exception):
 _READ_TRIES = 5  # reads of a running run's checkpoints before giving up
 
 
-def _restore(ckdir, round_: int | None, busy: str = ""):
-  """(config, apply, params, round) from the checkpoint of ``round_`` (default: the newest intact one) in
-  ``ckdir``; :class:`_Vanished` when the round being read is deleted meanwhile (and no ``round_`` was asked for)."""
+def _restore(ckdir, round_: int | None, busy: str = "", personal_models: bool = True):
+  """(config, apply, params, round, personal) from the checkpoint of ``round_`` (default: the newest intact one)
+  in ``ckdir`` (``personal``: :func:`_personal_models`, {} unless ``personal_models``); :class:`_Vanished` when
+  the round being read is deleted meanwhile (and no ``round_`` was asked for)."""
   import jax
   import ml_collections
 
@@ -226,7 +227,13 @@ def _restore(ckdir, round_: int | None, busy: str = ""):
           f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
         ) from None
       state, _ = ckpt.restore(r, like)
-      personal = _personal_models(ckpt, r, config, server_tx, state["params"])
+      try:
+        personal = _personal_models(ckpt, r, config, server_tx, state["params"]) if personal_models else {}
+      except (AttributeError, KeyError, TypeError, ValueError) as e:  # a config from before a key existed
+        raise CheckpointError(
+          f"the personal models of round {r} cannot be read with its stored config ({type(e).__name__}: {e}; "
+          "--global_model scores the server model without them)"
+        ) from None
     except CheckpointError:
       if not (ckdir / str(r)).exists():  # not damaged: gone (a running trainer keeps only its latest rounds)
         if round_ is None:
@@ -350,12 +357,12 @@ def _checkpoint_folder(workdir: str, path=None):
   return path, ckdir
 
 
-def _read_checkpoint(workdir: str, path, ckdir, round_: int | None):
+def _read_checkpoint(workdir: str, path, ckdir, round_: int | None, personal_models: bool = True):
   import jax
 
   for _ in range(_READ_TRIES):
     try:
-      config, apply, params, r, personal = _restore(ckdir, round_, _training_now(path))
+      config, apply, params, r, personal = _restore(ckdir, round_, _training_now(path), personal_models)
       break
     except _Vanished:  # a run still training there saved a newer round and deleted this one: read afresh
       continue
@@ -453,7 +460,9 @@ def evaluate_run(
     raise EvalError(
       f"{default} is a file, where fedkd.eval writes its outputs by default; move it away or pass --out=FOLDER"
     )
-  config, apply, params, r, personal = _read_checkpoint(workdir, *_checkpoint_folder(workdir, path), round_)
+  config, apply, params, r, personal = _read_checkpoint(
+    workdir, *_checkpoint_folder(workdir, path), round_, personal_models=not global_model
+  )
   out = _output_folder(out or os.path.join(workdir, "eval"), "--out" if out else "--workdir")
   source, stored_dir = config.data.source, config.data.get("tfds_data_dir") or ""
   if tfds_data_dir is not None and source == "synthetic":
