@@ -853,7 +853,9 @@ def _unused_fedefm(c) -> dict[str, str]:
       f"config.fedefm.topology={c.fedefm.topology!r} (push-sum gossip needs a file:<path> digraph)"
     )
   # fedavg_matched sizes its local steps to FedEFM's round (experts from every neighbour) unless given a factor
+  # MATCHA activates matchings of the complete graph whatever the topology: not a reader
   readers = {*FEDEFM_GOSSIP, *FEDEFM_DISTILL, *(() if c.fedefm.matched_steps_factor else ("fedavg_matched",))}
+  readers.discard("matcha")
   if not runs & readers:
     because = f"no experiment method gossips or takes experts over a topology ({' / '.join(sorted(readers))})"
     out.update({f"fedefm.{key}": because for key in ("topology", "directed", "gradient_push")})

@@ -104,11 +104,12 @@ def test_fedefm_keys_of_methods_not_run_are_noted_not_refused():
 def test_fedefm_topology_is_not_loaded_when_no_method_reads_it():
   """``topology='gaia_ring'`` (11 silos) with 4 silos and only methods that neither gossip nor distil: the run
   noted that the topology has no effect, then refused it for its node count. It is now noted only; a method that
-  reads it (gossip, experts from neighbours, fedavg_matched sizing its steps by them) still has it checked."""
+  reads it (gossip, experts from neighbours, fedavg_matched sizing its steps by them) still has it checked; MATCHA
+  mixes over matchings of the complete graph whatever the topology."""
   from fedkd.tasks import fedefm as task
 
   c = fc.fedefm_base_config()
-  c.experiment.methods, c.experiment.kd_methods, c.experiment.ablation_percents = "scratch,fedavg,moon", "", ""
+  c.experiment.methods, c.experiment.kd_methods, c.experiment.ablation_percents = "scratch,fedavg,moon,matcha", "", ""
   c.fedefm.topology, c.fedefm.matched_steps_factor, c.fedefm.mixing = "gaia_ring", 2, "dfl"
   notes = "\n".join(fc.unused_notes(c))
   assert "config.fedefm.topology='gaia_ring' has no effect while no experiment method gossips or takes experts" in notes
