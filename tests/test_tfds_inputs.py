@@ -246,7 +246,9 @@ def test_a_running_rebuild_of_another_container_with_this_host_name_is_left_alon
   now tells; a build killed before its cleanup leaves its lock free, and its leftovers (lock file too) go."""
   folder, data_dir, host, pid = _built_with_an_ended_pid(tmp_path)
   running, killed = (f".fedkd-rebuild-{host}-{pid}", f".fedkd-rebuild-{host}-{pid}-0a1b2c3d")
-  for name in (running, killed):
+  # host 'HOST-b', whose name begins with this one's: another host's build, whatever its lock says here
+  other_host = f".fedkd-rebuild-{host}-b-{pid}-0a1b2c3d"
+  for name in (running, killed, other_host):
     (data_dir / name / "xray_folder").mkdir(parents=True)
     (data_dir / (name + ".lock")).touch()
   holder = subprocess.Popen(
@@ -264,7 +266,8 @@ def test_a_running_rebuild_of_another_container_with_this_host_name_is_left_alon
     assert holder.stdout.readline().strip() == "locked"
     fdata.build("xray_folder", data_dir, manual_dir=folder, overwrite=True)
     left = sorted(p.name for p in data_dir.iterdir() if p.name.startswith(api._REBUILD_PREFIX))
-    assert left == [running, running + ".lock"], left  # this build's own lock file is gone too
+    assert left == sorted([running, running + ".lock", other_host, other_host + ".lock"]), left  # own lock gone too
+    assert not list(data_dir.glob(".fedkd-lock-*"))
   finally:
     holder.kill()
     holder.wait()

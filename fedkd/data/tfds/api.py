@@ -196,17 +196,29 @@ _OLD_INFIX = ".old-"  # .<version>.old-<owner>: the replaced version beside the 
 _LOCK_SUFFIX = ".lock"  # data_dir/.fedkd-rebuild-<owner>.lock: locked (flock) while that build runs
 
 
+_TOKEN = re.compile(r"[0-9a-f]{8}")
+
+
+def _owner_host_pid(owner: str) -> tuple[str, str]:
+  """(host, pid) of an owner name: ``<host>-<pid>-<token>``, or ``<host>-<pid>`` (a build from before the token).
+  Read from the right: a host name may hold dashes (``worker-b``)."""
+  parts = owner.rsplit("-", 2)
+  if len(parts) == 3 and parts[1].isdigit() and _TOKEN.fullmatch(parts[2]):
+    return parts[0], parts[1]
+  host, _, pid = owner.rpartition("-")
+  return host, pid
+
+
 def _rebuild_owner_alive(data_dir: Path, owner: str) -> bool:
-  """Whether the --overwrite build ``owner`` (``<host>-<pid>-<token>``) may be running. Another host's always may
-  (a file system shared between hosts may lock only locally). One of this host name's: while its lock file is
-  locked, which also tells apart containers that share a host name and pid numbers; a build from before the lock
-  file, by its pid."""
+  """Whether the --overwrite build ``owner`` may be running. Another host's always may (a file system shared
+  between hosts may lock only locally). One of this host name's: while its lock file is locked, which also tells
+  apart containers that share a host name and pid numbers; a build from before the lock file, by its pid."""
   import fcntl
 
   from fedkd.workdir import pid_alive
 
-  host = socket.gethostname()
-  if not owner.startswith(f"{host}-"):
+  host, pid = _owner_host_pid(owner)
+  if host != socket.gethostname():
     return True
   lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
   if lock.exists():
@@ -221,7 +233,6 @@ def _rebuild_owner_alive(data_dir: Path, owner: str) -> bool:
     finally:
       os.close(fd)  # releases the lock just taken
     return False
-  pid = owner[len(host) + 1 :].split("-")[0]
   return not (pid.isdigit() and not pid_alive(int(pid)))
 
 
@@ -246,21 +257,29 @@ def _remove_dead_rebuilds(data_dir: Path, version_dir: Path) -> None:
 @contextlib.contextmanager
 def _rebuild_lock(data_dir: Path):
   """The owner name of this --overwrite build (host, pid and a random token), with its lock file locked until the
-  build ends; then the lock file is removed."""
+  build ends; then the lock file is removed. The file is locked under a name no cleanup looks at and then renamed
+  into place, so no cleanup ever finds it unlocked while this build runs."""
+  import errno
   import fcntl
   import secrets
 
   owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
   lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
+  making = data_dir / f".fedkd-lock-{owner}"
   data_dir.mkdir(parents=True, exist_ok=True)
-  fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+  fd = os.open(making, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    with contextlib.suppress(OSError):  # a file system without locks: the leftovers are kept, never removed early
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:  # a file system without locks: the leftovers are kept, never removed early
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+        raise
+    os.replace(making, lock)
     yield owner
   finally:
-    with contextlib.suppress(OSError):
-      lock.unlink()
+    for path in (making, lock):
+      with contextlib.suppress(OSError):
+        path.unlink()
     os.close(fd)
 
 
