@@ -329,3 +329,31 @@ def test_build_summary_into_a_closed_pipe_is_not_an_error(two_sites, tmp_path):
   assert p.wait(timeout=300) == 0, err
   assert "error" not in err.lower(), err
   assert fdata.prepared_configs("xray_folder", data_dir) == ["north", "south"]
+
+
+def test_the_build_command_a_missing_preset_site_names_builds_it(tmp_path):
+  """'west-rgb' (site west, rgb mask preset) was to be built with --site=west-rgb: a site of that name with the
+  default label map. The named flags, run, make exactly the missing config."""
+  root = tmp_path / "west"
+  rng = np.random.default_rng(0)
+  colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+  for s in ("a", "b", "c"):
+    _save(root / "images" / f"{s}.png", rng.integers(0, 256, (36, 36), dtype=np.uint8))
+    _save(root / "masks" / f"{s}.png", colours[rng.integers(0, 3, (36, 36))])
+  (root / "splits.json").write_text(json.dumps({"train": ["a", "b"], "test": ["c"]}))
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(fdata.DatasetInputError) as e:
+    fdata.load_builder("xray_folder", data_dir, config="west-rgb")
+  flags = str(e.value).split("python -m fedkd.data.tfds.build ")[1].split()
+  assert flags == [
+    "--dataset=xray_folder",
+    "--manual_dir=<the",
+    "site's",
+    "image/mask",
+    "folder>",
+    "--site=west",
+    "--config=rgb",
+    f"--data_dir={data_dir}",
+  ], flags
+  fdata.build("xray_folder", data_dir, manual_dir=root, site="west", config="rgb")  # what those flags do
+  assert fdata.prepared_configs("xray_folder", data_dir) == ["west-rgb"]

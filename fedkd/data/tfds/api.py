@@ -364,7 +364,12 @@ def build_command(name: str, data_dir, config: str | None = None) -> str:
   whose xray_folder sites are named by ``--site``."""
   flags = [f"--dataset={name}"]
   if name == "xray_folder":
-    flags += ["--manual_dir=<the site's image/mask folder>", f"--site={config or '<site name>'}"]
+    site, preset = config or "<site name>", None
+    for p in ("rgb", "gray_0_128_255"):  # <site>-<preset>: a site built with a mask preset
+      if site.endswith(f"-{p}") and len(site) > len(p) + 1:
+        site, preset = site[: -len(p) - 1], p
+    flags += ["--manual_dir=<the site's image/mask folder>", f"--site={site}"]
+    flags += [f"--config={preset}"] if preset else []
   elif name == "cathaction":
     flags += ["--manual_dir=<the CathAction download>"] + ([f"--config={config}"] if config else [])
   elif config:
