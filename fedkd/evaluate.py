@@ -227,13 +227,7 @@ def _restore(ckdir, round_: int | None, busy: str = "", personal_models: bool = 
           f"the config stored with round {r} is not a usable fedavg config ({type(e).__name__}: {e})"
         ) from None
       state, _ = ckpt.restore(r, like)
-      try:
-        personal = _personal_models(ckpt, r, config, server_tx, state["params"]) if personal_models else {}
-      except (AttributeError, KeyError, TypeError, ValueError) as e:  # a config from before a key existed
-        raise CheckpointError(
-          f"the personal models of round {r} cannot be read with its stored config ({type(e).__name__}: {e}; "
-          "--global_model scores the server model without them)"
-        ) from None
+      personal = _personal_models(ckpt, r, config, server_tx, state["params"]) if personal_models else {}
     except CheckpointError:
       if not (ckdir / str(r)).exists():  # not damaged: gone (a running trainer keeps only its latest rounds)
         if round_ is None:
@@ -284,19 +278,46 @@ def _personal_models(ckpt, r: int, config, server_tx, params) -> dict:
   residual beside them)."""
   import jax
 
+  from fedkd.data.pipeline import evaluated_sites
   from fedkd.tasks.fedavg import build_algorithm
 
-  if config.algorithm.name not in PERSONAL_ALGORITHMS or config.data.source != "synthetic":
+  if (config.get("algorithm") or {}).get("name") not in PERSONAL_ALGORITHMS:
     return {}
+  if (config.get("data") or {}).get("source", "synthetic") != "synthetic":
+    return {}
+  config = _completed(config)  # a run from before a key existed (algorithm.scaffold_weighting, ...)
   alg = build_algorithm(config, server_tx)
   init_row = jax.tree.map(np.asarray, alg.init_row(params))
   n = ckpt.saved_client_rows(r) or 0
   like = {"ids": np.zeros(n, np.int64), "rows": jax.tree.map(lambda a: np.zeros((n,) + a.shape, a.dtype), init_row)}
   saved = ckpt.restore_client_state(r, like) if n else like
+  scored = set(evaluated_sites(config))  # of thousands of cross-device clients, the sites scored
   return {
     int(cid): alg.personal(params, jax.tree.map(lambda a, k=k: np.asarray(a)[k], saved["rows"]))
     for k, cid in enumerate(np.asarray(saved["ids"]).tolist())
+    if int(cid) in scored
   }
+
+
+def _completed(config):
+  """The stored config of a run with the keys fedkd added since: the value that run ran with
+  (``fedkd.config.ADDED_KEYS``), else today's default."""
+  import ml_collections
+
+  from fedkd.config import base_config, flat_dict, ran_as
+
+  d = config.to_dict()
+  saved, base = flat_dict(d), flat_dict(base_config().to_dict())
+  for key, value in ({k: v for k, v in base.items() if k not in saved} | ran_as(saved, base)).items():
+    *groups, leaf = key.split(".")
+    node = d
+    for g in groups:
+      node = node.setdefault(g, {})
+      if not isinstance(node, dict):
+        break
+    else:
+      node[leaf] = value
+  return ml_collections.ConfigDict(d)
 
 
 def _training_now(path) -> str:
@@ -502,7 +523,7 @@ def evaluate_run(
     )
   # a personalised run's training sites: each with its client's personal model, as training scored them (a
   # client never sampled: the global model, as training does)
-  algorithm = config.algorithm.name
+  algorithm = (config.get("algorithm") or {}).get("name")
   personalised = algorithm in PERSONAL_ALGORITHMS and source == "synthetic"
   if global_model and not personalised:
     raise EvalError(

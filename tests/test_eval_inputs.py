@@ -185,3 +185,26 @@ def test_eval_of_a_run_on_a_site_that_training_now_refuses(cli, tmp_path):
   last = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))][-1]
   assert sorted(ev["sites"]) == ["hosp"]
   assert abs(ev["sites"]["hosp"]["catheter"]["dice"] - last["site/hosp/dice/catheter"]) < 1e-6
+
+
+def test_the_personal_models_of_a_run_from_before_a_key_existed_are_read():
+  """A Ditto run stored before algorithm.scaffold_weighting (and, older still, the compress group) existed:
+  building its algorithm to read the personal models raised AttributeError (a traceback). The stored config
+  is completed with the value such a run ran with, else today's default."""
+  import ml_collections
+
+  from fedkd import evaluate
+  from fedkd.config import base_config
+  from fedkd.fl import engine
+
+  c = base_config()
+  c.algorithm.name = "ditto"
+  d = c.to_dict()
+  del d["algorithm"]["scaffold_weighting"], d["compress"]
+  full = evaluate._completed(ml_collections.ConfigDict(d))
+  assert full.algorithm.scaffold_weighting == c.algorithm.scaffold_weighting and full.compress.name == "none"
+  assert full.algorithm.ditto_lambda == c.algorithm.ditto_lambda
+  alg = fedavg.build_algorithm(full, engine.make_optimizer(full.server_optimizer))
+  assert alg.name == "ditto"
+  d["algorithm"]["name"] = "scaffold"  # ADDED_KEYS: a SCAFFOLD run from then weighted by data size
+  assert evaluate._completed(ml_collections.ConfigDict(d)).algorithm.scaffold_weighting == "data_size"
