@@ -266,11 +266,6 @@ def test_tiny_quickstart_sweep_run_skip_resume_aggregate(tmp_path, capsys):
   assert launcher.main(list(args)) == 0
   again = capsys.readouterr().out
   assert again.count("skipped (finished: round 2/2)") == 2 and "started" not in again, again
-  for name in ("results.md", "results.csv", "runs.csv"):  # runs.csv was written without a word
-    assert f"[sweep] wrote {out / name}" in again, again
-  md = (out / "results.md").read_text()  # byte counts as whole numbers (27504.0000 ± 0.0000)
-  up = json.loads((out / "seed-0" / "metrics.jsonl").read_text().splitlines()[-1])["comm/bytes_up_total"]
-  assert up > 1000 and f"| {up:.0f} ± 0 |" in md and f"{up:.4f}" not in md, md
   assert stamps == {
     n: ((out / n / "DONE").stat().st_mtime_ns, (out / n / "metrics.jsonl").stat().st_mtime_ns) for n in names
   }
