@@ -456,28 +456,27 @@ def latest_checkpoint(workdir: str) -> int | None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The evaluation records of a run's metrics.jsonl (lines that do not parse, cut by a kill, are skipped:
-  fedkd.main drops them when it resumes); InputError for a line that is JSON but not a record of a round."""
+  """The evaluation records of a run's metrics.jsonl, read as fedkd.main reads it on resume
+  (:func:`fedkd.logs.json_lines`: a last line cut by a kill is skipped); InputError for any other line that is not
+  JSON, or JSON but not a record of a round."""
+  from fedkd.logs import BadJsonLine, json_lines
+
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  fix = "repair or delete that line, or that run's folder"
+  with open(path, "rb") as f:
+    text = f.read().decode("utf-8", errors="replace")
+  try:
+    lines, _ = json_lines(text)
+  except BadJsonLine as e:
+    raise InputError(f"{path}:{e.number} is not JSON; {fix}") from None
   out = []
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      rnd = rec.get("round") if isinstance(rec, dict) else None
-      if not isinstance(rnd, int) or isinstance(rnd, bool):
-        raise InputError(
-          f"{path}:{i} is not an evaluation record (a JSON object with an integer round); repair or delete "
-          "that line, or that run's folder"
-        )
-      out.append(rec)
+  for i, _, rec in lines:
+    rnd = rec.get("round") if isinstance(rec, dict) else None
+    if not isinstance(rnd, int) or isinstance(rnd, bool):
+      raise InputError(f"{path}:{i} is not an evaluation record (a JSON object with an integer round); {fix}")
+    out.append(rec)
   return out
 
 
@@ -603,7 +602,8 @@ def check_reuse(defn: dict, out: str) -> None:
       what = "finished" if done else f"checkpointed at round {last}"
       raise InputError(
         f"{where} is {what} with config.{k}={was!r}, but this sweep gives it {now!r} ({len(diff)} key(s) "
-        f"differ: {', '.join(d[0] for d in diff[:5])}); its results belong to another experiment: {fix}"
+        f"differ: {', '.join(d[0] for d in diff[:8])}{f' and {len(diff) - 8} more' if len(diff) > 8 else ''}); its "
+        f"results belong to another experiment: {fix}"
       )
 
 

@@ -16,6 +16,7 @@ if ROOT not in sys.path:
 
 from fedkd import sweep as S  # noqa: E402
 from fedkd.config import base_config  # noqa: E402
+from fedkd.logs import read_jsonl  # noqa: E402
 from launch import sweep as launcher  # noqa: E402
 
 
@@ -421,3 +422,16 @@ def test_a_group_whose_score_is_nan_is_left_out_of_every_plot(tmp_path, monkeypa
     "curves_sites.png": ["lr=0.1", "lr=0.3"],
     "vs_client_optimizer.learning_rate.png": [0.1, 0.3],
   }
+
+
+def test_the_sweep_reads_metrics_jsonl_as_fedkd_main_does(tmp_path):
+  """Every line that did not parse was skipped anywhere in the file ('fedkd.main drops them when it resumes'),
+  so a run whose damaged middle line fedkd.main refuses was tabulated; now only a cut last line is left out."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"round": 0, "dice/catheter": 0.1}\n\n{"round": 2, "dice/catheter": 0.5}\n{"round": 4, "di')
+  assert [r["round"] for r in launcher.read_metrics(str(tmp_path))] == [0, 2]
+  path.write_text('{"round": 0}\n{"round": 2, \n{"round": 4}\n')
+  with pytest.raises(launcher.InputError, match=r"metrics.jsonl:2 is not JSON; repair or delete that line"):
+    launcher.read_metrics(str(tmp_path))
+  with pytest.raises(Exception, match=r"metrics.jsonl:2 is not a JSON record"):  # what a resume says of it
+    read_jsonl(path)
