@@ -98,6 +98,26 @@ def test_state_dict_round_trip_across_placements(src, dst):
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_client_whose_row_the_round_kept_is_not_counted_as_sampled(placement):
+  """A Ditto client sampled but dropped (did not report, or non-finite) keeps its initial row; it was counted as
+  sampled all the same, so its site was scored with that untrained row. With ``trained`` False it is not, until a
+  round trains it; a client once trained stays counted when a later round keeps its row."""
+  mesh = client_mesh(2)
+  store = make_client_state(placement, _row(), NUM_CLIENTS, mesh)
+  rng = np.random.default_rng(4)
+
+  def rows(n):
+    return shard_clients(jax.tree.map(lambda z: rng.standard_normal((n,) + z.shape).astype(np.float32), _row()), mesh)
+
+  store.scatter(np.array([3, 5]), rows(2), trained=np.array([True, False]))
+  assert [store.was_sampled(c) for c in (3, 5, 0)] == [True, False, False]
+  assert store.state_dict()["ids"].tolist() == [3]
+  store.scatter(np.array([3, 7]), rows(2), trained=np.array([False, True]))
+  assert [store.was_sampled(c) for c in (3, 5, 7)] == [True, False, True]
+  assert store.state_dict()["ids"].tolist() == [3, 7]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_bad_ids_and_rows_are_clear_errors(placement):
   mesh = client_mesh(2)
   store = make_client_state(placement, _row(), NUM_CLIENTS, mesh)

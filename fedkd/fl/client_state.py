@@ -24,8 +24,10 @@ with the same API:
 API (both): ``gather(ids)`` -> the rows of the round's sampled clients ``ids`` (all of them, in
 order) as global arrays split over the 'clients' mesh axis, exactly like the round's data
 (``sharding.shard_clients``; in a multi-process run each process places only its ``rows``);
-``scatter(ids, new_rows)`` stores the round's updated rows (global arrays as the round function
-returns them); ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``rows_held`` / ``nbytes``;
+``scatter(ids, new_rows, trained=None)`` stores the round's updated rows (global arrays as the round
+function returns them; ``trained``: bool per id, False for a client whose row the round kept, one that did
+not report or was left out as non-finite, which is then not counted as sampled while its row is still the
+initial one); ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``rows_held`` / ``nbytes``;
 ``host_row(cid)`` / ``was_sampled(cid)`` for evaluating a client's personal model.
 
 The checkpoint format is the same for both placements: ``{"ids": int64 [n], "rows": row pytree with
@@ -185,11 +187,13 @@ class HostClientState(_Store):
     local = ids[self.rows] if self.rows is not None else ids
     return shard_clients(self.host_rows(local), self.mesh, self.rows)
 
-  def scatter(self, ids, new_rows) -> None:
+  def scatter(self, ids, new_rows, trained=None) -> None:
     ids = _as_ids(ids, self.num_clients)
     self._check_rows(ids, new_rows)
     leaves = jax.tree.leaves(_host(new_rows))  # every process keeps every sampled row
     for i, cid in enumerate(ids.tolist()):
+      if trained is not None and not trained[i] and cid not in self._rows:
+        continue  # its row is still the initial one: the client is not counted as sampled
       # copies, so a stored row does not keep the whole round's array alive
       self._rows[cid] = [np.array(a[i]) for a in leaves]
 
@@ -303,11 +307,11 @@ class DeviceClientState(_Store):
     """Whether client ``cid``'s row was ever stored (sampled in a round of this run or of the one it resumes)."""
     return bool(self._seen[int(cid)])
 
-  def scatter(self, ids, new_rows) -> None:
+  def scatter(self, ids, new_rows, trained=None) -> None:
     ids = _as_ids(ids, self.num_clients)
     self._check_rows(ids, new_rows)
     self.table = self._scatter(self.table, self._ids(ids), new_rows)
-    self._seen[ids] = True
+    self._seen[ids if trained is None else ids[np.asarray(trained, bool)]] = True
 
   def state_dict(self) -> dict:
     ids = np.flatnonzero(self._seen).astype(np.int64)

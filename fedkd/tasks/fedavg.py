@@ -671,7 +671,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
           r, dict(m, client_finite=client_ok), clients, config, last_saved, ckpt.directory, bool(counted.any())
         )
       if clients_store is not None:  # before the scores: personal models are evaluated from the rows
-        clients_store.scatter(clients, new_rows)
+        clients_store.scatter(clients, new_rows, trained=counted)
       checked = scored_or_saved(config, r, last_round)
       evaluating, eval_s = evaluated(config, r, last_round), 0.0
       if evaluating:  # scored now, recorded after the round's record; its time is not the round's
