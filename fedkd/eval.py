@@ -13,7 +13,7 @@ writes to ``--out`` (default ``<workdir>/eval``):
   robustness.json / .png Dice per class vs severity of noise, blur, contrast loss and downscaling
 
 A FedBN or Ditto run's training sites are scored with their clients' personal models, as training scored them
-(a client never sampled, and the unseen site: the global model; eval.json's "model" names which per site);
+(a client never trained, and the unseen site: the global model; eval.json's "model" names which per site);
 --global_model scores every site with the global (server) model.
 
 A run on prepared (TFDS) data reads its datasets from the config.data.tfds_data_dir stored with it (absolute;

@@ -522,7 +522,7 @@ def evaluate_run(
       f"evaluated them (config.eval.max_sites={config.eval.max_sites})"
     )
   # a personalised run's training sites: each with its client's personal model, as training scored them (a
-  # client never sampled: the global model, as training does)
+  # client never trained: the global model, as training does)
   algorithm = (config.get("algorithm") or {}).get("name")
   personalised = algorithm in PERSONAL_ALGORITHMS and source == "synthetic"
   if global_model and not personalised:
@@ -544,7 +544,7 @@ def evaluate_run(
     log(
       f"note: a {algorithm} run: each training site is scored with its client's personal model, as training "
       "scored it"
-      + (f" ({', '.join(never)}: the global model, its client never sampled)" if never else "")
+      + (f" ({', '.join(never)}: the global model, its client never trained)" if never else "")
       + "; the unseen site with the global model (--global_model: every site with the global model)"
     )
   try:

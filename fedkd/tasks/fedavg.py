@@ -748,7 +748,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
   never = [name for name, i in personal_sites.items() if not clients_store.was_sampled(i)]
   personal = (
     " (training sites with their clients' personal models"
-    + (f"; {', '.join(never)} with the global model: its client was never sampled" if never else "")
+    + (
+      f"; {', '.join(never)} with the global model: its client never trained (not sampled, or dropped)" if never else ""
+    )
     + ")"
     if personal_sites
     else ""
