@@ -244,12 +244,15 @@ class RunLog:
     if self._tb is None and self._tb_wanted and values:
       from tensorboardX import SummaryWriter
 
-      # tensorboardX names the file by the second it opens it (and truncates a file of that name): the
-      # nanoseconds within that second keep a run resumed in the same second from overwriting the last one's
+      # tensorboardX names the file by the second it opens it (and truncates a file of that name), and
+      # TensorBoard reads a folder's files in name order: the whole time in nanoseconds, taken just before, keeps
+      # a file opened in the same second from overwriting the last one and sorts the files as they were written
+      # (the nanoseconds within the second sorted a file opened just before a second began after one opened
+      # later in that second, whose steps TensorBoard would then see go backwards)
       import time
 
       self._tb_errors_seen = len(_tb_errors)
-      self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10, filename_suffix=f".{time.time_ns() % 10**9:09d}")
+      self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10, filename_suffix=f".{time.time_ns():020d}")
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, float(v), step)

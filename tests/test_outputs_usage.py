@@ -64,6 +64,24 @@ def test_a_resumed_run_leaves_one_tensorboard_value_per_step(tmp_path):
   assert [m["round"] for m in metrics] == [2, 4]
 
 
+def test_event_files_sort_in_the_order_they_were_written_across_a_second_boundary(tmp_path, monkeypatch):
+  """tensorboardX names a file by the second it opens it; fedkd added the nanoseconds within the second, read a
+  moment before. A file opened as a second began (nanoseconds .999999 of the second before, tensorboardX's second
+  the next) then sorted after a file opened later in that second, so TensorBoard, which reads files in name order,
+  saw the resumed run's steps before the first run's (the full suite hit it once)."""
+  import time
+
+  clock = {}
+  monkeypatch.setattr(time, "time_ns", lambda: clock["ns"])
+  monkeypatch.setattr(time, "time", lambda: clock["t"])
+  second = 1_800_000_000
+  clock.update(ns=second * 10**9 + 999_999_000, t=second + 1.000001)  # the first writer, at the boundary
+  _session(tmp_path, -1, range(1, 4), 0.0)
+  clock.update(ns=(second + 1) * 10**9 + 500_000_000, t=second + 1.5)  # the resumed run's, later that second
+  _session(tmp_path, 2, range(3, 5), 100.0)
+  assert read_tb(tmp_path / "tb")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0)]
+
+
 def test_a_fresh_start_drops_the_events_of_an_attempt_without_a_checkpoint(tmp_path):
   _session(tmp_path, -1, range(1, 3), 0.0)
   _session(tmp_path, -1, range(1, 2), 50.0)  # no checkpoint was kept: the run starts over
