@@ -259,9 +259,10 @@ def _rebuild_lock(data_dir: Path):
   """The owner name of this --overwrite build (host, pid and a random token), with its lock file locked until the
   build ends; then the lock file is removed. The file is locked under a name no cleanup looks at and then renamed
   into place, so no cleanup ever finds it unlocked while this build runs."""
-  import errno
   import fcntl
   import secrets
+
+  from fedkd.workdir import NO_FLOCK_ERRNOS
 
   owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
   lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
@@ -272,7 +273,7 @@ def _rebuild_lock(data_dir: Path):
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:  # a file system without locks: the leftovers are kept, never removed early
-      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+      if e.errno not in NO_FLOCK_ERRNOS:
         raise
     os.replace(making, lock)
     yield owner
