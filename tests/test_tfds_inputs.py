@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -272,6 +273,39 @@ def test_a_running_rebuild_of_another_container_with_this_host_name_is_left_alon
     holder.kill()
     holder.wait()
   assert os.path.isfile(next(data_dir.glob("xray_folder/h/*/dataset_info.json")))
+
+
+def test_the_lock_file_of_a_build_killed_while_making_it_is_removed_once_free_and_old(tmp_path):
+  """A build killed between creating its lock file (.fedkd-lock-<owner>) and renaming it into place left the 0-byte
+  file for good. The next rebuild removes this host's such files whose lock is free and that are over a minute
+  old; a locked one, a new one (perhaps about to be locked) and another host's stay."""
+  folder, data_dir, host, pid = _built_with_an_ended_pid(tmp_path)
+  names = {
+    k: f".fedkd-lock-{h}-{pid}-0a1b2c{k}" for k, h in (("d0", host), ("d1", host), ("d2", host), ("d3", "elsewhere"))
+  }
+  for name in names.values():
+    (data_dir / name).touch()
+  hour_ago = time.time() - 3600
+  for k in ("d0", "d2", "d3"):
+    os.utime(data_dir / names[k], (hour_ago, hour_ago))
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+      "print('locked', flush=True); time.sleep(600)",
+      str(data_dir / names["d2"]),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    fdata.build("xray_folder", data_dir, manual_dir=folder, overwrite=True)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert sorted(p.name for p in data_dir.glob(".fedkd-lock-*")) == sorted(names[k] for k in ("d1", "d2", "d3"))
 
 
 def test_a_palette_mask_under_a_color_map_says_it_is_a_palette_png(tmp_path):

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,7 @@ def build(name: str, data_dir, manual_dir=None, config=None, *, overwrite: bool 
 _REBUILD_PREFIX = ".fedkd-rebuild-"  # + owner: an --overwrite build's temporary folder in data_dir
 _OLD_INFIX = ".old-"  # .<version>.old-<owner>: the replaced version beside the new one, until it is deleted
 _LOCK_SUFFIX = ".lock"  # data_dir/.fedkd-rebuild-<owner>.lock: locked (flock) while that build runs
+_MAKING_PREFIX = ".fedkd-lock-"  # + owner: that lock file while it is made (locked, then renamed)
 
 
 _TOKEN = re.compile(r"[0-9a-f]{8}")
@@ -213,8 +215,6 @@ def _rebuild_owner_alive(data_dir: Path, owner: str) -> bool:
   """Whether the --overwrite build ``owner`` may be running. Another host's always may (a file system shared
   between hosts may lock only locally). One of this host name's: while its lock file is locked, which also tells
   apart containers that share a host name and pid numbers; a build from before the lock file, by its pid."""
-  import fcntl
-
   from fedkd.workdir import pid_alive
 
   host, pid = _owner_host_pid(owner)
@@ -222,24 +222,39 @@ def _rebuild_owner_alive(data_dir: Path, owner: str) -> bool:
     return True
   lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
   if lock.exists():
-    try:
-      fd = os.open(lock, os.O_RDWR)
-    except OSError:
-      return True
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held by the build; or locks unsupported here: left alone
-      return True
-    finally:
-      os.close(fd)  # releases the lock just taken
-    return False
+    return not _lock_free(lock)
   return not (pid.isdigit() and not pid_alive(int(pid)))
+
+
+def _lock_free(path: Path) -> bool:
+  """Whether ``path``'s flock can be taken now (it is then released). False where the file is gone or the file
+  system has no locks: what cannot be told free is left alone."""
+  import fcntl
+
+  try:
+    fd = os.open(path, os.O_RDWR)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:  # held by the build; or locks unsupported here
+    return False
+  finally:
+    os.close(fd)  # releases the lock just taken
+  return True
 
 
 def _remove_dead_rebuilds(data_dir: Path, version_dir: Path) -> None:
   """Removes what --overwrite builds left when killed before their cleanup ran (their lock is free): the
   temporary folder in ``data_dir``, the replaced version in ``version_dir`` (the config's folder) and the lock
-  file. A running build's are left alone (:func:`_rebuild_owner_alive`)."""
+  file. A running build's are left alone (:func:`_rebuild_owner_alive`). So is the lock file of a build killed while
+  it made it (``.fedkd-lock-<owner>``, 0 bytes), when its lock is free and it is over a minute old (a build locks
+  it right after creating it, then renames it)."""
+  for path in data_dir.glob(f"{_MAKING_PREFIX}*"):
+    host, _ = _owner_host_pid(path.name[len(_MAKING_PREFIX) :])
+    with contextlib.suppress(OSError):
+      if host == socket.gethostname() and time.time() - path.stat().st_mtime > 60 and _lock_free(path):
+        path.unlink()
   left = [(p, p.name[len(_REBUILD_PREFIX) :].removesuffix(_LOCK_SUFFIX)) for p in data_dir.glob(f"{_REBUILD_PREFIX}*")]
   left += [(p, p.name.split(_OLD_INFIX, 1)[1]) for p in version_dir.glob(f".*{_OLD_INFIX}*")]
   alive: dict[str, bool] = {}
@@ -266,7 +281,7 @@ def _rebuild_lock(data_dir: Path):
 
   owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
   lock = data_dir / f"{_REBUILD_PREFIX}{owner}{_LOCK_SUFFIX}"
-  making = data_dir / f".fedkd-lock-{owner}"
+  making = data_dir / f"{_MAKING_PREFIX}{owner}"
   data_dir.mkdir(parents=True, exist_ok=True)
   fd = os.open(making, os.O_RDWR | os.O_CREAT, 0o644)
   try:
