@@ -81,15 +81,27 @@ def _time(fn, reps: int) -> tuple[float, int]:
   """(seconds per call, this process's minor page faults per call) over ``reps`` calls after a warm-up call.
   The faults show host memory touched for the first time: on CPU, glibc maps XLA's temporary buffer
   afresh at every execution (docs/engine.md, CPU)."""
+  return _time_alternating([fn], reps)[0]
+
+
+def _time_alternating(calls: list, reps: int) -> list[tuple[float, int]]:
+  """:func:`_time` of each of ``calls``, timed in alternation: one warm-up call each, then ``reps`` turns that call
+  each program once (every turn starting one program later), each call timed until its result is ready. A drift of
+  the machine during the run (clock, other load) then falls on every program alike instead of on the rows timed
+  last, so the ratios between rows hold."""
   import jax
 
-  jax.block_until_ready(fn())  # compile + warm up
-  faults = _minor_page_faults()
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / reps, (_minor_page_faults() - faults) // reps
+  for fn in calls:
+    jax.block_until_ready(fn())  # compile + warm up
+  sec, faults = [0.0] * len(calls), [0] * len(calls)
+  for turn in range(reps):
+    for k in range(len(calls)):
+      i = (turn + k) % len(calls)
+      f, t = _minor_page_faults(), time.perf_counter()
+      jax.block_until_ready(calls[i]())
+      sec[i] += time.perf_counter() - t
+      faults[i] += _minor_page_faults() - f
+  return [(s / reps, f // reps) for s, f in zip(sec, faults)]
 
 
 # Dense bf16 peak of one device in TFLOP/s, by jax.devices()[0].device_kind. Source: NVIDIA's datasheets, the
@@ -607,7 +619,9 @@ def round_main(a) -> None:
   def context(dtype):
     return ClientContext(apply, loss_fn, tx, compute_dtype=jnp.dtype(dtype), remat=a.remat)
 
-  def time_round(opts, mesh, dtype, data):
+  def prepare_round(opts, mesh, dtype, data):
+    """(one timed call, its last loss [a list], compile seconds, memory plan, cost, executable); call None with
+    --compile-only."""
     fn = engine.make_round_fn(alg, context(dtype), mesh, opts)
     x, y, w = data
     batch = {"x": x, "y": y}
@@ -615,7 +629,7 @@ def round_main(a) -> None:
     exe, compile_s, mem, lowered = _compiled(fn, state, None, batch, w)
     cost = program_flops(exe, lowered, n_dev)
     if a.compile_only:
-      return None, compile_s, mem, cost
+      return None, None, compile_s, mem, cost, exe
     box = [state, None]
 
     def one():
@@ -623,18 +637,14 @@ def round_main(a) -> None:
       box[1] = m["loss"]
       return box[1]
 
-    sec, faults = _time(one, a.rounds)
-    _check_finite(box[1])
-    mem = dict(mem, page_faults_per_round=faults)
-    if a.profile:
-      d = describe(opts)
-      profile(
-        f"fed_round_{d['layout']}_{d['lowering']}{'_' + str(d['chunk']) if d['chunk'] else ''}"
-        f"{'_k' + str(d['in_flight']) if 'in_flight' in d else ''}_{dtype}",
-        one,
-        exe.as_text(),
-      )
-    return sec, compile_s, mem, cost
+    return one, box, compile_s, mem, cost, exe
+
+  def round_profile_name(opts, dtype):
+    d = describe(opts)
+    return (
+      f"fed_round_{d['layout']}_{d['lowering']}{'_' + str(d['chunk']) if d['chunk'] else ''}"
+      f"{'_k' + str(d['in_flight']) if 'in_flight' in d else ''}_{dtype}"
+    )
 
   def describe(opts, clients_per_device=None):
     """The row's layout fields; ``chunk`` is the chunk the round runs (the largest divisor of a device's clients
@@ -658,13 +668,18 @@ def round_main(a) -> None:
       row = dict(name="scale", **describe(opts, max(1, n // n_round)), dtype=dtype, round_clients=n, devices=n_round)
       try:
         data = shard_clients((*gen(n), jnp.ones((n,), jnp.float32)), mesh)
-        sec_f, compile_s, mem, cost = time_round(opts, mesh, dtype, data)
+        one, box, compile_s, mem, cost, exe = prepare_round(opts, mesh, dtype, data)
+        if a.compile_only:
+          compiled_row(row, compile_s, mem, cost)
+          continue
+        sec_f, faults = _time(one, a.rounds)
+        _check_finite(box[1])
       except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it; larger counts would fail too
         emit(dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
         return
-      if a.compile_only:
-        compiled_row(row, compile_s, mem, cost)
-        continue
+      mem = dict(mem, page_faults_per_round=faults)
+      if a.profile:
+        profile(f"scale_{n}_" + round_profile_name(opts, dtype), one, exe.as_text())
       emit(
         dict(
           row,
@@ -680,7 +695,9 @@ def round_main(a) -> None:
       del data
     return
 
-  ceiling = {}
+  # every program is compiled first, then all are timed in alternation (_time_alternating), so that the ratios
+  # to the ceiling do not depend on which row ran while the machine was faster
+  timed = []  # (row, call, loss box or None, compile seconds, memory plan, cost, profile name, hlo source)
   if not a.no_centralized:
     cx = jnp.swapaxes(xs, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size, 1)
     cy = jnp.swapaxes(ys, 0, 1).reshape(a.steps, images // a.steps, a.size, a.size)
@@ -703,29 +720,13 @@ def round_main(a) -> None:
         if a.compile_only:
           compiled_row(row, compile_s, mem, cost)
           continue
-        sec_c, faults = _time(functools.partial(exe, cparams, cx, cy), a.rounds)
-        try:
+        try:  # the same parameters every call: one call tells whether the step diverges
           _check_finite(exe(cparams, cx, cy)[1])
         except FloatingPointError as e:
           emit(dict(row, error=f"FloatingPointError: {e}"))
           continue
-        mem = dict(mem, page_faults_per_round=faults)
-        if dtype not in ceiling or sec_c < ceiling[dtype][0]:
-          ceiling[dtype] = (sec_c, lowering)
-        if a.profile:
-          name = f"centralized_{dtype}" + ("" if lowering == "xla" else f"_{lowering}")
-          profile(name, functools.partial(exe, cparams, cx, cy), exe.as_text())
-        emit(
-          dict(
-            row,
-            sec_per_round=round(sec_c, 5),
-            images_per_s=round(images / sec_c, 1),
-            compile_s=compile_s,
-            **mem,
-            peak_mb=_peak_mb(),
-            **mfu(cost, sec_c, n_dev),
-          )
-        )
+        name = f"centralized_{dtype}" + ("" if lowering == "xla" else f"_{lowering}")
+        timed.append((row, functools.partial(exe, cparams, cx, cy), None, compile_s, mem, cost, name, exe))
 
   mesh = client_mesh(n_dev)
   data = shard_clients((xs, ys, jnp.ones((a.clients,), jnp.float32)), mesh)
@@ -733,24 +734,52 @@ def round_main(a) -> None:
     for opts in opts_list:
       row = dict(name="fed_round", **describe(opts), dtype=dtype, devices=n_dev)
       try:
-        sec_f, compile_s, mem, cost = time_round(opts, mesh, dtype, data)
+        one, box, compile_s, mem, cost, exe = prepare_round(opts, mesh, dtype, data)
+        if not a.compile_only:
+          jax.block_until_ready(one())  # the first run: out of device memory shows here, before the timing
       except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it and go on
         emit(dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
         continue
       if a.compile_only:
         compiled_row(row, compile_s, mem, cost)
         continue
-      row.update(
-        sec_per_round=round(sec_f, 5),
-        images_per_s=round(images / sec_f, 1),
+      timed.append((row, one, box, compile_s, mem, cost, round_profile_name(opts, dtype), exe))
+  if not timed:
+    return
+
+  print(f"bench: timing {len(timed)} programs in alternation, {a.rounds} turns", file=sys.stderr, flush=True)
+  times = _time_alternating([t[1] for t in timed], a.rounds)
+  peak_mb = _peak_mb()
+  ceiling = {}
+  out = []
+  for (row, call, box, compile_s, mem, cost, name, exe), (sec, faults) in zip(timed, times):
+    if box is not None:
+      try:
+        _check_finite(box[1])
+      except FloatingPointError as e:
+        out.append(dict(row, error=f"FloatingPointError: {e}"))
+        continue
+    elif row["dtype"] not in ceiling or sec < ceiling[row["dtype"]][0]:
+      ceiling[row["dtype"]] = (sec, row["lowering"])
+    if a.profile:
+      profile(name, call, exe.as_text())
+    out.append(
+      dict(
+        row,
+        sec_per_round=round(sec, 5),
+        images_per_s=round(images / sec, 1),
         compile_s=compile_s,
         **mem,
-        peak_mb=_peak_mb(),
+        page_faults_per_round=faults,
+        peak_mb=peak_mb,
+        **mfu(cost, sec, n_dev),
       )
-      if dtype in ceiling:
-        row["ratio"] = round(ceiling[dtype][0] / sec_f, 4)
-        row["ceiling_lowering"] = ceiling[dtype][1]
-      emit(dict(row, **mfu(cost, sec_f, n_dev)))
+    )
+  for row in out:
+    if row["name"] == "fed_round" and "error" not in row and row["dtype"] in ceiling:
+      row["ratio"] = round(ceiling[row["dtype"]][0] / row["sec_per_round"], 4)
+      row["ceiling_lowering"] = ceiling[row["dtype"]][1]
+    emit(row)
 
 
 if __name__ == "__main__":

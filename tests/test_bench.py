@@ -23,6 +23,7 @@ if ROOT not in sys.path:  # bench/ is a top-level folder of the checkout, not an
   sys.path.insert(0, ROOT)
 
 import bench.__main__ as round_bench  # noqa: E402
+import test_bench_usage  # noqa: E402
 import test_engine  # noqa: E402
 from bench import conv as bench_conv  # noqa: E402
 from bench import measure  # noqa: E402
@@ -275,6 +276,45 @@ def test_scale_rows_resolve_auto_for_their_own_client_count(capsys, monkeypatch)
   round_bench.main(tiny.split())
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"scale"' in line]
   assert [r["round_clients"] for r in rows] == [1, 3] and asked == [2, 1, 3], asked
+
+
+def test_rows_are_timed_in_alternation_so_a_drifting_machine_slows_each_alike():
+  """The ceiling and each round were timed one after another, so a machine slowing down during the run (clock,
+  load) slowed the rows timed last. Two identical programs on a machine that slows with every call it makes:
+  timed in alternation, their times agree (each turn starts one program later); one after another, the second
+  took 2.7x the first."""
+  import time
+
+  order, calls = [], [0]
+
+  def program(k):
+    def run():
+      order.append(k)
+      calls[0] += 1
+      time.sleep(0.01 * calls[0])  # the machine slows down as the run goes on
+      return jnp.zeros(())
+
+    return run
+
+  (a, _), (b, _) = round_bench._time_alternating([program(0), program(1)], 4)
+  assert order == [0, 1, 0, 1, 1, 0, 0, 1, 1, 0]  # one warm-up each, then turns starting one program later
+  assert a == pytest.approx(b, rel=0.15)
+  assert a == pytest.approx(0.01 * (3 + 6 + 7 + 10) / 4, rel=0.25)  # the calls it made: the 3rd, 6th, 7th and 10th
+
+
+def test_the_ceiling_and_the_rounds_are_timed_together(capsys, monkeypatch):
+  """python -m bench compiles the centralized steps and the rounds first, then times them all in one alternation."""
+  test_bench_usage._fake_generator(monkeypatch)
+  seen = []
+  real = round_bench._time_alternating
+  monkeypatch.setattr(
+    round_bench, "_time_alternating", lambda calls, reps: seen.append(len(calls)) or real(calls, reps)
+  )
+  tiny = "--size 8 --clients 2 --steps 1 --batch 1 --width 2 --depth 1 --rounds 2 --devices 1"
+  round_bench.main(tiny.split() + ["--pairs", "vmap:xla,unroll:matmul"])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["name"] for r in rows] == ["synth", "centralized", "centralized", "fed_round", "fed_round"]
+  assert seen == [1, 4]  # the synth row alone; then xla and matmul ceilings with both rounds
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mmap + getrusage page faults")
