@@ -42,11 +42,13 @@ every process times the candidates and process 0's choice holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import re
 import shlex
+import signal
 import sys
 import time
 
@@ -81,27 +83,42 @@ def _time(fn, reps: int) -> tuple[float, int]:
   """(seconds per call, this process's minor page faults per call) over ``reps`` calls after a warm-up call.
   The faults show host memory touched for the first time: on CPU, glibc maps XLA's temporary buffer
   afresh at every execution (docs/engine.md, CPU)."""
-  return _time_alternating([fn], reps)[0]
+  return _time_alternating([fn], reps)[0][0]
 
 
-def _time_alternating(calls: list, reps: int) -> list[tuple[float, int]]:
+def _time_alternating(calls: list, reps: int, stopped=lambda: False) -> tuple[list[tuple[float, int]], int]:
   """:func:`_time` of each of ``calls``, timed in alternation: one warm-up call each, then ``reps`` turns that call
   each program once (every turn starting one program later), each call timed until its result is ready. A drift of
   the machine during the run (clock, other load) then falls on every program alike instead of on the rows timed
-  last, so the ratios between rows hold."""
+  last, so the ratios between rows hold. When ``stopped()`` turns true after a turn, the turns done so far count:
+  returns the times and the number of turns."""
   import jax
 
   for fn in calls:
     jax.block_until_ready(fn())  # compile + warm up
   sec, faults = [0.0] * len(calls), [0] * len(calls)
-  for turn in range(reps):
+  turns = 0
+  while turns < reps and not (turns and stopped()):
     for k in range(len(calls)):
-      i = (turn + k) % len(calls)
+      i = (turns + k) % len(calls)
       f, t = _minor_page_faults(), time.perf_counter()
       jax.block_until_ready(calls[i]())
       sec[i] += time.perf_counter() - t
       faults[i] += _minor_page_faults() - f
-  return [(s / reps, f // reps) for s, f in zip(sec, faults)]
+    turns += 1
+  return [(s / turns, f // turns) for s, f in zip(sec, faults)], turns
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+  """A SIGTERM (``timeout``'s, as bench/gpu.sh runs each step) sets the yielded flag instead of ending the process,
+  so that the rows timed so far are still printed."""
+  flag = [False]
+  previous = signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__(0, True))
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 # Dense bf16 peak of one device in TFLOP/s, by jax.devices()[0].device_kind. Source: NVIDIA's datasheets, the
@@ -748,7 +765,9 @@ def round_main(a) -> None:
     return
 
   print(f"bench: timing {len(timed)} programs in alternation, {a.rounds} turns", file=sys.stderr, flush=True)
-  times = _time_alternating([t[1] for t in timed], a.rounds)
+  with _stop_on_sigterm() as stop:
+    times, done = _time_alternating([t[1] for t in timed], a.rounds, stopped=lambda: stop[0])
+  turns = {} if done == a.rounds else {"timed_turns": done}  # stopped by a SIGTERM: fewer calls than "rounds"
   peak_mb = _peak_mb()
   ceiling = {}
   out = []
@@ -761,11 +780,10 @@ def round_main(a) -> None:
         continue
     elif row["dtype"] not in ceiling or sec < ceiling[row["dtype"]][0]:
       ceiling[row["dtype"]] = (sec, row["lowering"])
-    if a.profile:
-      profile(name, call, exe.as_text())
     out.append(
       dict(
         row,
+        **turns,
         sec_per_round=round(sec, 5),
         images_per_s=round(images / sec, 1),
         compile_s=compile_s,
@@ -780,6 +798,11 @@ def round_main(a) -> None:
       row["ratio"] = round(ceiling[row["dtype"]][0] / row["sec_per_round"], 4)
       row["ceiling_lowering"] = ceiling[row["dtype"]][1]
     emit(row)
+  if turns:
+    sys.exit(143)  # as a SIGTERM would have, once the rows are out
+  if a.profile:  # after the rows: a step that runs out of time while tracing has printed its times
+    for _, call, _, _, _, _, name, exe in timed:
+      profile(name, call, exe.as_text())
 
 
 if __name__ == "__main__":

@@ -296,7 +296,8 @@ def test_rows_are_timed_in_alternation_so_a_drifting_machine_slows_each_alike():
 
     return run
 
-  (a, _), (b, _) = round_bench._time_alternating([program(0), program(1)], 4)
+  ((a, _), (b, _)), turns = round_bench._time_alternating([program(0), program(1)], 4)
+  assert turns == 4
   assert order == [0, 1, 0, 1, 1, 0, 0, 1, 1, 0]  # one warm-up each, then turns starting one program later
   assert a == pytest.approx(b, rel=0.15)
   assert a == pytest.approx(0.01 * (3 + 6 + 7 + 10) / 4, rel=0.25)  # the calls it made: the 3rd, 6th, 7th and 10th
@@ -308,13 +309,47 @@ def test_the_ceiling_and_the_rounds_are_timed_together(capsys, monkeypatch):
   seen = []
   real = round_bench._time_alternating
   monkeypatch.setattr(
-    round_bench, "_time_alternating", lambda calls, reps: seen.append(len(calls)) or real(calls, reps)
+    round_bench, "_time_alternating", lambda calls, reps, **kw: seen.append(len(calls)) or real(calls, reps, **kw)
   )
   tiny = "--size 8 --clients 2 --steps 1 --batch 1 --width 2 --depth 1 --rounds 2 --devices 1"
   round_bench.main(tiny.split() + ["--pairs", "vmap:xla,unroll:matmul"])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["name"] for r in rows] == ["synth", "centralized", "centralized", "fed_round", "fed_round"]
   assert seen == [1, 4]  # the synth row alone; then xla and matmul ceilings with both rounds
+
+
+def test_a_sigterm_while_timing_prints_the_turns_done(capsys, monkeypatch):
+  """bench/gpu.sh ends a step that runs out of time with SIGTERM; the rows are printed once all are timed, so the
+  step's times were lost. The turn under way finishes, the rows are printed with the turns done, exit 143."""
+  import signal
+
+  test_bench_usage._fake_generator(monkeypatch)
+  real = round_bench._time_alternating
+
+  def terminated_in_the_first_turn(calls, reps, **kw):
+    if len(calls) == 1:  # the synth row's
+      return real(calls, 1, **kw)
+    calls = list(calls)
+    first = calls[0]
+    n = [0]
+
+    def call():
+      n[0] += 1
+      if n[0] == 2:  # its first timed call, after the warm-up
+        os.kill(os.getpid(), signal.SIGTERM)
+      return first()
+
+    return real([call, *calls[1:]], reps, **kw)
+
+  monkeypatch.setattr(round_bench, "_time_alternating", terminated_in_the_first_turn)
+  tiny = "--size 8 --clients 2 --steps 1 --batch 1 --width 2 --depth 1 --rounds 1000 --devices 1 --pairs vmap:xla"
+  with pytest.raises(SystemExit) as e:
+    round_bench.main(tiny.split())
+  assert e.value.code == 143
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r["name"], r.get("timed_turns")) for r in rows] == [("synth", None), ("centralized", 1), ("fed_round", 1)]
+  assert rows[2]["sec_per_round"] > 0 and "ratio" in rows[2]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mmap + getrusage page faults")
