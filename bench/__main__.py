@@ -20,7 +20,8 @@ Rows, side by side in one process (ratios only compare rows of the same run):
                layout, conv lowering and dtype (fedkd.fl.engine): images/s, ``ratio`` = fed images/s / centralized images/s,
                ``compile_s`` (lower + compile), ``temp_mb`` (XLA's buffer plan for the compiled round:
                temporaries; arguments and outputs are listed apart), ``peak_mb`` (the device's
-               peak bytes in use so far in this process, where the backend reports it; cumulative);
+               peak bytes in use in this process up to the row's first run, where the backend reports
+               it; cumulative: every program is compiled and run once before all are timed);
   scale        with --scale: seconds per round for each client count (same per-client work), and
                seconds per client, to check that round time grows linearly in clients.
 
@@ -356,8 +357,8 @@ def _resolve(a) -> argparse.Namespace:
   for k in ("size", "clients", "steps", "batch", "width", "depth", "rounds", "chunk"):
     if getattr(a, k) <= 0:
       fail(f"--{k}={getattr(a, k)} must be positive")
-  if a.size % (2**a.depth):
-    fail(f"--size={a.size} must be divisible by 2**depth={2**a.depth}")
+  if a.model == "unet" and a.size % (2**a.depth):  # the TransUNet's patch size is checked below
+    fail(f"--size={a.size} must be divisible by 2**depth={2**a.depth} (the UNet's --depth)")
   if a.model == "unet" and a.width > 8 and a.width % 8:  # GroupNorm: min(8, width) groups at every level
     fail(f"--width={a.width}: the UNet's GroupNorms use 8 groups; give a --width of at most 8 or a multiple of 8")
   patch = TRANSUNET["patch_size"]
@@ -476,6 +477,8 @@ def main(argv=None) -> None:
     fail(f"unrecognized arguments: {' '.join(rest)}{hint}")
   if a.rounds <= 0:  # --measure too: its candidates are timed over --rounds calls
     fail(f"--rounds={a.rounds} must be positive")
+  if a.measure:
+    _check_measure_flags(a)
   from fedkd import distributed
 
   try:  # before any JAX computation
@@ -485,13 +488,38 @@ def main(argv=None) -> None:
   except ValueError as e:
     fail(str(e))
   if a.measure:
-    return measure_main(rest, a.rounds)
+    return measure_main(rest, a)
   if multi:
     fail("only --measure runs multi-process; time the round benchmark in one process")
   return round_main(_check_devices(_resolve(a)))
 
 
-def measure_main(config_args: list[str], reps: int) -> None:
+# the flags --measure reads (the config gives the sizes, layout and dtype)
+MEASURE_FLAGS = (
+  "measure",
+  "rounds",
+  "host_memory",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "cpu_devices",
+)
+
+
+def _check_measure_flags(a) -> None:
+  """Refuses a round-benchmark flag given with --measure: it would be ignored (the config's keys apply)."""
+  p = _parser()
+  for action in p._actions:
+    if action.dest in MEASURE_FLAGS or not action.option_strings or action.dest == "help":
+      continue
+    if getattr(a, action.dest) != action.default:
+      fail(
+        f"{action.option_strings[0]} does not apply to --measure, which times the round of --config with the "
+        "config's sizes, model and dtype; drop it, or set the config's key (e.g. --config.image_size=128)"
+      )
+
+
+def measure_main(config_args: list[str], a) -> None:
   """``--measure``: the config from ``--config=FILE --config.KEY=VALUE ...`` (fedkd's config flags)."""
   import jax
 
@@ -499,11 +527,14 @@ def measure_main(config_args: list[str], reps: int) -> None:
   from fedkd import cli
   from fedkd.errors import USER_ERRORS
 
+  cli.PROG = "bench"  # fedkd's flag parser's errors, as this tool's
   cli.parse(["python -m bench --measure", *config_args], shared=())
   primary = jax.process_index() == 0
-  emit = (lambda d: print(json.dumps(d), flush=True)) if primary else (lambda d: None)  # noqa: E731
+  context = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind))
+  context.update(rounds=a.rounds, command=a.command)
+  emit = (lambda d: print(json.dumps({**d, **context}), flush=True)) if primary else (lambda d: None)  # noqa: E731
   try:
-    best, results = measure.measure_config(cli.CONFIG.value, reps, emit)
+    best, results = measure.measure_config(cli.CONFIG.value, a.rounds, emit)
   except USER_ERRORS as e:
     fail(str(e))
   except RuntimeError as e:  # nothing could run
@@ -743,6 +774,7 @@ def round_main(a) -> None:
           emit(dict(row, error=f"FloatingPointError: {e}"))
           continue
         name = f"centralized_{dtype}" + ("" if lowering == "xla" else f"_{lowering}")
+        mem = dict(mem, peak_mb=_peak_mb())
         timed.append((row, functools.partial(exe, cparams, cx, cy), None, compile_s, mem, cost, name, exe))
 
   mesh = client_mesh(n_dev)
@@ -760,6 +792,7 @@ def round_main(a) -> None:
       if a.compile_only:
         compiled_row(row, compile_s, mem, cost)
         continue
+      mem = dict(mem, peak_mb=_peak_mb())
       timed.append((row, one, box, compile_s, mem, cost, round_profile_name(opts, dtype), exe))
   if not timed:
     return
@@ -768,7 +801,6 @@ def round_main(a) -> None:
   with _stop_on_sigterm() as stop:
     times, done = _time_alternating([t[1] for t in timed], a.rounds, stopped=lambda: stop[0])
   turns = {} if done == a.rounds else {"timed_turns": done}  # stopped by a SIGTERM: fewer calls than "rounds"
-  peak_mb = _peak_mb()
   ceiling = {}
   out = []
   for (row, call, box, compile_s, mem, cost, name, exe), (sec, faults) in zip(timed, times):
@@ -789,7 +821,6 @@ def round_main(a) -> None:
         compile_s=compile_s,
         **mem,
         page_faults_per_round=faults,
-        peak_mb=peak_mb,
         **mfu(cost, sec, n_dev),
       )
     )

@@ -73,37 +73,55 @@ def measure(
   reps: int = 2,
   emit: Callable[[dict], None] = lambda rec: None,
 ) -> tuple[EngineOptions, Callable, list[dict]]:
-  """Builds ``build(opts)`` for each of ``options`` and calls it ``reps + 1`` times on fresh copies of
-  ``args`` (the round function donates its state, and the caller's arrays stay untouched, so training
-  numbers do not depend on the measurement). Returns the fastest options, their round function (compiled
-  for these shapes) and one record per candidate, each also passed to ``emit`` as it is made:
-  ``sec_per_round`` (the fastest of the ``reps`` timed calls) and ``first_call_s`` (compilation + one
-  round), or ``error``, the failure that ruled the candidate out (e.g. out of device memory, or a round
-  whose ``metrics["loss"]``, the last output, is not finite).
+  """Builds ``build(opts)`` for each of ``options``, calls each once (compilation + one round), then times the
+  candidates in alternation: ``reps`` turns that call every candidate once (each turn starting one candidate
+  later), each on fresh copies of ``args`` (the round function donates its state, and the caller's arrays stay
+  untouched, so training numbers do not depend on the measurement). A drift of the machine during the
+  measurement then falls on every candidate alike. Returns the fastest options, their round function (compiled
+  for these shapes) and one record per candidate, each also passed to ``emit`` once all are timed:
+  ``sec_per_round`` (the fastest of its ``reps`` timed calls) and ``first_call_s`` (compilation + one round), or
+  ``error``, the failure that ruled the candidate out (e.g. out of device memory, or a round whose
+  ``metrics["loss"]``, the last output, is not finite).
 
   Multi-process: every process must run the same program, so process 0's choice is broadcast; a choice
   that failed on another process raises there."""
-  results, fns = [], {}
-  for opts in options:
+  results, fns, times = [], {}, {}
+
+  def call(fn) -> float:
+    fresh = jax.block_until_ready(jax.tree.map(jnp.copy, args))
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*fresh))
+    sec = time.perf_counter() - t0
+    metrics = out[-1] if isinstance(out, tuple) and out and isinstance(out[-1], dict) else {}
+    if "loss" in metrics and not bool(jnp.isfinite(metrics["loss"]).all()):
+      raise FloatingPointError(f"the round's loss is {metrics['loss']}: a diverged candidate is not timed")
+    return sec
+
+  for i, opts in enumerate(options):
     rec = {"candidate": label(opts), "layout": opts.layout, "lowering": opts.lowering}
     if opts.layout == "chunked":
       rec["client_chunk"] = opts.client_chunk
     try:
       fn = build(opts)
-      times = []
-      for _ in range(reps + 1):  # the first call compiles
-        fresh = jax.block_until_ready(jax.tree.map(jnp.copy, args))
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*fresh))
-        times.append(time.perf_counter() - t0)
-      metrics = out[-1] if isinstance(out, tuple) and out and isinstance(out[-1], dict) else {}
-      if "loss" in metrics and not bool(jnp.isfinite(metrics["loss"]).all()):
-        raise FloatingPointError(f"the round's loss is {metrics['loss']}: a diverged candidate is not timed")
-      rec.update(sec_per_round=min(times[1:]), first_call_s=times[0])
-      fns[opts] = fn
+      rec["first_call_s"] = round(call(fn), 3)  # compiles
+      fns[opts], times[i] = fn, []
     except Exception as e:  # noqa: BLE001 - an out-of-memory or unsupported candidate is skipped
       rec["error"] = _error(e)
     results.append(rec)
+  for turn in range(reps):
+    timed = list(times)
+    for k in range(len(timed)):
+      i = timed[(turn + k) % len(timed)]
+      if i not in times:  # failed earlier in this turn
+        continue
+      try:
+        times[i].append(call(fns[options[i]]))
+      except Exception as e:  # noqa: BLE001 - e.g. a round that diverges only after its first call
+        results[i]["error"] = _error(e)
+        del times[i], fns[options[i]]
+  for i, rec in enumerate(results):
+    if i in times:
+      rec["sec_per_round"] = round(min(times[i]), 5)
     emit(rec)
   ok = [(r["sec_per_round"], i) for i, r in enumerate(results) if "error" not in r]
   if not ok:

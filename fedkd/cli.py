@@ -68,11 +68,14 @@ OVERRIDDEN: set[str] = set()  # the dotted keys given as --config.KEY on the com
 LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
+PROG = "fedkd"  # the program a user error names (``python -m bench --measure`` parses fedkd's flags as "bench")
+
+
 def fail(msg: str, code: int = 2) -> None:
   """The one way a user error ends a process: one line on stderr, exit ``code`` (2), no traceback. A line
   break inside ``msg`` (a path or value the user gave that holds one) is written as its escape."""
   msg = str(msg).translate(LINE_BREAKS)
-  print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
+  print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
   sys.exit(code)
 
 

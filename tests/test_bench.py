@@ -400,6 +400,8 @@ def test_measure_cli_in_two_processes(tmp_path):
   assert [r["name"] for r in rows] == ["measure"] * 4 + ["measure_best"]
   assert [r["candidate"] for r in rows[:4]] == ["unroll+matmul", "unroll+xla", "vmap+gemm", "vmap+xla"]
   assert all(r["devices"] == 4 and r["processes"] == 2 and r["clients_per_device"] == 1 for r in rows[:4])
+  command = "python -m bench --measure --rounds=1 --config=configs/quickstart.py " + tiny
+  assert all(r["rounds"] == 1 and r["device"] == "cpu" and r["command"].startswith(command) for r in rows)
   timed = [r for r in rows[:4] if "error" not in r]
   assert timed and all(r["sec_per_round"] > 0 for r in timed)
   best = rows[4]

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import procs
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +194,7 @@ def test_a_diverged_round_is_an_error_row_not_a_time(capsys, monkeypatch):
     (["--width", "12"], "--width=12: the UNet's GroupNorms use 8 groups"),
     (["--model", "transunet", "--size", "16", "--depth", "1"], "--size=16: the TransUNet's patches are 16 px"),
     (["--model", "transunet", "--size", "40", "--depth", "1"], "give a multiple of 16, at least 32"),
+    (["--model", "transunet", "--size", "20"], "--size=20: the TransUNet's patches are 16 px"),  # not --depth's
     (["--lr", "nan"], "--lr=nan must be a positive number"),
     (["--lr", "-1"], "--lr=-1.0 must be a positive number"),
   ],
@@ -269,3 +271,66 @@ def test_measure_rules_out_a_candidate_whose_loss_is_not_finite():
   assert results[1]["error"].startswith("FloatingPointError: the round's loss is nan"), results
   assert "sec_per_round" not in results[1] and results[0]["sec_per_round"] >= 0.05
   assert best == options[0]
+
+
+def test_measure_times_its_candidates_in_alternation_after_one_first_call_each():
+  """--measure timed each candidate's calls back to back, one candidate after another: a machine slowing down
+  during the measurement favoured the first candidates. Now one first call each, then turns that start one
+  candidate later; a candidate that diverges in a later call is ruled out there."""
+  import jax.numpy as jnp
+
+  from fedkd.fl.engine import EngineOptions
+
+  order = []
+
+  def build(opts):
+    calls = [0]
+
+    def round_fn(x):
+      order.append(opts.lowering)
+      calls[0] += 1
+      late_nan = opts.lowering == "gemm" and calls[0] == 3  # its second timed call
+      return x, None, {"loss": jnp.float32("nan") if late_nan else jnp.float32(0.5)}
+
+    return round_fn
+
+  options = [EngineOptions("vmap", "xla"), EngineOptions("vmap", "gemm"), EngineOptions("vmap", "wgrad")]
+  best, _, results = measure.measure(build, options, (jnp.ones(3),), reps=3)
+  assert order == ["xla", "gemm", "wgrad"] + ["xla", "gemm", "wgrad"] + ["gemm", "wgrad", "xla"] + ["xla", "wgrad"]
+  assert (
+    results[1]["error"].startswith("FloatingPointError: the round's loss is nan") and "sec_per_round" not in results[1]
+  )
+  assert all(results[i]["sec_per_round"] >= 0 and results[i]["first_call_s"] >= 0 for i in (0, 2))
+  assert best in (options[0], options[2])
+
+
+@pytest.mark.parametrize(
+  "argv, needle",
+  [
+    (["--size", "64"], "bench: error: --size does not apply to --measure"),
+    (["--pairs", "vmap:xla"], "bench: error: --pairs does not apply to --measure"),
+    (["--dtype", "bfloat16"], "bench: error: --dtype does not apply to --measure"),
+  ],
+)
+def test_measure_refuses_the_round_benchmarks_flags(argv, needle, capsys):
+  """--measure times the config's round: --size, --pairs, --dtype ... were ignored without a word."""
+  with pytest.raises(SystemExit) as e:
+    round_bench.main(["--measure", "--config=configs/quickstart.py", *argv])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip() == needle + (
+    ", which times the round of --config with the config's sizes, model and dtype; drop it, or set the config's "
+    "key (e.g. --config.image_size=128)"
+  )
+
+
+def test_measure_without_a_config_is_a_bench_error():
+  """It said 'fedkd: error: --config is required' (fedkd's flag parser), unlike every other bench error."""
+  r = procs.run(
+    [sys.executable, "-m", "bench", "--measure", "--rounds=1"],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+    "bench: error: --config is required, e.g. --config=configs/quickstart.py"
+  ), r.stderr
