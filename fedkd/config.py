@@ -1142,6 +1142,14 @@ def _validate_robustness(c) -> None:
       f"config.aggregator.multi_krum_k={c.aggregator.multi_krum_k} is more than the {c.clients_per_round} "
       "clients of a round; use 0 (clients - krum_f) or at most clients_per_round"
     )
+  k = c.aggregator.multi_krum_k or c.clients_per_round - c.aggregator.krum_f
+  if name == "multi_krum" and k >= c.clients_per_round:  # else silently the plain mean
+    given = f"multi_krum_k={k}" if c.aggregator.multi_krum_k else f"krum_f=0 (k = clients - krum_f = {k})"
+    raise ConfigError(
+      f"config.aggregator.{given} averages all {c.clients_per_round} clients of a round: the plain mean, "
+      f"which an attacker passes; set multi_krum_k < {c.clients_per_round} (or krum_f >= 1 with multi_krum_k=0), "
+      "or aggregator.name='mean' for a plain mean"
+    )
   _choice(c, "attack.name", ATTACKS)
   _number(c, "algorithm.dropout", lambda v: 0 <= v < 1, "in [0, 1)")
   _number(c, "attack.fraction", lambda v: 0 < v < 1, "in (0, 1)")
@@ -1192,6 +1200,22 @@ def num_attackers(c) -> int:
   if c.attack.name == "none":
     return 0
   return max(1, round(c.attack.fraction * c.num_clients))
+
+
+def dropout_note(c, aggregator) -> str | None:
+  """A note when client dropout can leave a round fewer counting clients than the aggregator's ``min_counting``
+  (Krum's f + 3, the trimmed mean's fewest that trim a value): there the server keeps its model. Each of the
+  round's m clients reports with probability 1 - dropout, so that happens in P(Binomial(m, 1 - dropout) < min)
+  of the rounds (non-finite clients aside)."""
+  need, m, q = getattr(aggregator, "min_counting", 1), c.clients_per_round, c.algorithm.dropout
+  if need <= 1 or not q:
+    return None
+  share = sum(math.comb(m, j) * (1 - q) ** j * q ** (m - j) for j in range(min(need, m + 1)))
+  return (
+    f"note: with config.algorithm.dropout={q:g}, {c.aggregator.name} needs {need} of the {m} clients of a round to "
+    f"report; in about {100 * share:.3g}% of the rounds fewer do, and the server keeps its model there "
+    "(lower the dropout or raise config.clients_per_round)"
+  )
 
 
 def krum_note(c) -> str | None:

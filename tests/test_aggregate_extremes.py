@@ -82,3 +82,73 @@ def test_every_aggregator_takes_an_upload_with_an_empty_leaf(n_dev):
       np.testing.assert_allclose(got[key], ref(uploads[key]), rtol=1e-5, atol=1e-6, err_msg=f"{agg} {key}")
   for agg in (Krum(1), MultiKrum(1), NormClip(1.0)):
     assert _aggregate(agg, uploads, weights, n_dev)["empty"].shape == (0, 4), agg
+
+
+@pytest.mark.parametrize(
+  "agg, reported, nan_client, aggregated",
+  [
+    (Krum(f=1), [1, 0, 1, 1], None, False),  # 3 counting < f + 3 = 4
+    (MultiKrum(f=1, k=2), [1, 1, 1, 1], 2, False),  # a NaN upload leaves 3
+    (Krum(f=1), [1, 1, 1, 1], None, True),
+    (TrimmedMean(0.25), [1, 1, 0, 1], None, False),  # floor(0.25 x 3) = 0: the plain mean of 3
+    (TrimmedMean(0.25), [1, 1, 1, 1], None, True),
+    (Median(), [0, 1, 0, 1], None, True),  # no minimum
+  ],
+)
+def test_too_few_counting_clients_keep_the_server_model(agg, reported, nan_client, aggregated):
+  """With clients dropped out (or non-finite), Krum scored 2 clients against 1 neighbour each and took the
+  attacker's upload, and the trimmed mean trimmed nothing: the minimum was checked on clients_per_round only.
+  Below the aggregator's minimum of counting clients the server keeps its model, momentum included."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from test_aggregate import LR, _problem
+
+  from fedkd.fl import algorithms, engine
+  from fedkd.fl.algorithm import ClientContext
+  from fedkd.sharding import client_mesh, shard_clients
+
+  clients = 4
+  apply, params, loss_fn, xs, ys = _problem(3, clients)
+  if nan_client is not None:
+    xs = xs.copy()
+    xs[nan_client, 0, 0, 1, 1, 0] = np.nan
+  alg = algorithms.FedAvg(optax.sgd(1.0, momentum=0.9))
+  alg.aggregator = agg
+  mesh = client_mesh(2)
+  fn = engine.make_round_fn(
+    alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, engine.EngineOptions("vmap", "xla")
+  )
+  sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.ones(clients)), mesh)
+  everyone = shard_clients(jnp.ones(clients, bool), mesh)
+  state = alg.init(params, jax.random.key(0))
+  state, _, m1 = fn(state, None, {"x": sx, "y": sy, "reported": everyone}, sw)  # momentum now non-zero
+  assert bool(m1["aggregated"]) == (nan_client is None or not isinstance(agg, MultiKrum))
+  before = jax.tree.map(np.asarray, state)
+  some = shard_clients(jnp.asarray(np.asarray(reported, bool)), mesh)
+  state, _, m2 = fn(state, None, {"x": sx, "y": sy, "reported": some}, sw)
+  assert bool(m2["aggregated"]) == aggregated
+  after = jax.tree.map(np.asarray, state)
+  moved = max(
+    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]))
+  )
+  if aggregated:
+    assert moved > 1e-4
+  else:
+    assert moved == 0.0  # no server step: a momentum step on a zero aggregate would move it
+    assert int(after["round"]) == int(before["round"]) + 1
+
+
+def test_the_dropout_note_gives_the_share_of_rounds_with_too_few_clients():
+  """P(Binomial(m, 1 - dropout) < min): 1 - 6/32 for Krum (f=1: 4 of 5) at dropout 0.5; 1 - 0.9^4 for the trimmed
+  mean at beta 0.25 (all 4 of 4) at dropout 0.1; none for the median or without dropout."""
+  from fedkd.config import base_config, dropout_note
+
+  c = base_config()
+  c.aggregator.name, c.clients_per_round, c.algorithm.dropout = "krum", 5, 0.5
+  assert "krum needs 4 of the 5 clients of a round to report; in about 81.2% of the rounds" in dropout_note(c, Krum(1))
+  c.aggregator.name, c.clients_per_round, c.algorithm.dropout = "trimmed_mean", 4, 0.1
+  assert f"in about {100 * (1 - 0.9**4):.3g}% of the rounds" in dropout_note(c, TrimmedMean(0.25))
+  assert dropout_note(c, Median()) is None
+  c.algorithm.dropout = 0.0
+  assert dropout_note(c, TrimmedMean(0.25)) is None

@@ -290,6 +290,9 @@ def test_attack_and_robust_aggregator_from_the_config(tmp_path):
     ({"aggregator.name": "trimmed_mean", "aggregator.trim_beta": 0.5}, "config.aggregator.trim_beta"),
     # floor(0.2 x 4) = 0 values dropped: silently the plain mean, which the attacker passes
     ({"aggregator.name": "trimmed_mean", "aggregator.trim_beta": 0.2}, r"drops floor\(0.2 x 4\) = 0 values.*>= 0.25"),
+    # multi-Krum of every client of the round: the plain mean (explicit k, or krum_f=0 with k = clients - f)
+    ({"aggregator.name": "multi_krum", "aggregator.multi_krum_k": 4}, r"multi_krum_k=4 averages all 4 clients"),
+    ({"aggregator.name": "multi_krum", "aggregator.krum_f": 0}, r"krum_f=0 \(k = clients - krum_f = 4\) averages all"),
     # 1e39 is finite in float64 but inf in the float32 update it multiplies
     ({"attack.name": "scale", "attack.factor": 1e39}, "finite in float32"),
     ({"aggregator.name": "median", "engine.skip_nonfinite_clients": True}, "needs a linear aggregator"),

@@ -207,6 +207,15 @@ class TrimmedMean:
       raise ValueError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta}")
     self.beta = float(beta)
 
+  @property
+  def min_counting(self) -> int:
+    """The fewest counting clients that trim anything (floor(beta m) >= 1); fewer: the plain mean, so the engine
+    keeps the server's model that round. 1 for beta = 0 (the plain mean asked for)."""
+    m = 1
+    while self.beta > 0 and math.floor(self.beta * m) < 1:
+      m += 1
+    return m
+
   def finish(self, uploads, total_weight=None, mixing=None, weights=None):
     def trimmed(values, counting, m):
       c = values.shape[0]
@@ -246,7 +255,9 @@ def krum_scores(sq_dist, counting, f: int):
 class MultiKrum:
   """Multi-Krum (Blanchard et al. 2017, f assumed Byzantine clients): the mean of the k counting uploads
   with the lowest Krum scores (:func:`krum_scores`; k = m - f when None, clipped to [1, m]); ties go to
-  the lower client index. The distances are over each client's whole update (every leaf flattened).
+  the client earlier in the round's order. The distances are over each client's whole update (every leaf
+  flattened). The score needs m >= f + 3 counting clients (:attr:`min_counting`): with fewer (clients dropped
+  out or non-finite) the engine keeps the server's model that round.
 
   The Gram matrix is of the uploads centred on their coordinate-wise median, and a squared distance past
   float32's range counts as inf, so an upload of any finite size never wins by overflowing the arithmetic.
@@ -264,6 +275,7 @@ class MultiKrum:
       raise ValueError(f"{self.name} needs f >= 0 and k >= 1 (or None), got f={f}, k={k}")
     self.f = int(f)
     self.k = None if k is None else int(k)
+    self.min_counting = self.f + 3
 
   def finish(self, uploads, total_weight=None, mixing=None, weights=None):
     counting = _counting(uploads, weights)

@@ -272,13 +272,16 @@ def make_round_fn(
   (optional; client dropout): a client that did not report computes (static shapes) but gets weight 0, zero
   sums, keeps its old row, is left out of the mean loss and counts as finite. In either case, when no client
   counts the server state stays as it was (no server-optimizer step on a zero aggregate: momentum and Adam
-  moments do not move the model) except its round counter, which advances.
+  moments do not move the model) except its round counter, which advances; so it does when fewer clients count
+  than the aggregator's ``min_counting`` (Krum's f + 3; the trimmed mean's fewest that trim anything), whose
+  statistic would then not be robust. ``metrics["aggregated"]``: whether the server took the round's aggregate.
   """
   agg = _aggregator(algorithm)
   options = effective_options(options, algorithm)
   if skip_nonfinite and not agg.linear:
     raise ValueError(f"skip_nonfinite needs a linear aggregator; {algorithm.name} uses {agg.name}")
   skip_nonfinite = skip_nonfinite or not (agg.linear or agg.per_client)  # a robust statistic drops them anyway
+  min_counting = getattr(agg, "min_counting", 1)
   if options.layout not in LAYOUTS or options.lowering not in LOWERINGS:
     raise ValueError(f"unknown engine options {options}; resolve them with fedkd.fl.engine.resolve")
 
@@ -357,6 +360,8 @@ def make_round_fn(
     losses, ok, w, new_rows, client_metrics = per
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
     anyone = total > 0
+    if min_counting > 1:  # a robust statistic (skip_nonfinite is on: w > 0 is exactly the counting clients)
+      anyone = anyone & (jax.lax.psum(jnp.sum((w > 0).astype(jnp.int32)), CLIENTS) >= min_counting)
     if skip_nonfinite or "reported" in batch:  # nobody counts: total 0, a zero aggregate
       total = jnp.where(anyone, total, 1.0)
       losses_in = jnp.where(w > 0, losses, 0.0)
@@ -370,17 +375,17 @@ def make_round_fn(
     if skip_nonfinite or "reported" in batch:  # nobody counted: the server keeps its state (no momentum step)
       kept = dict(state, round=new_state["round"])  # the round still advances (round-keyed streams)
       new_state = jax.tree.map(lambda new, old: jnp.where(anyone, new, old), new_state, kept)
-    return new_state, new_rows, mean_loss, losses, ok, client_metrics
+    return new_state, new_rows, mean_loss, losses, ok, client_metrics, anyone
 
   sharded = jax.shard_map(
     shard_body,
     mesh=mesh,
     in_specs=(P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(), P()),
-    out_specs=(P(), P(CLIENTS), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS)),
+    out_specs=(P(), P(CLIENTS), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P()),
   )
 
   def round_fn(state, rows, batch, weights, mixing=None, hparams=None):
-    new_state, new_rows, mean_loss, losses, ok, client_metrics = sharded(
+    new_state, new_rows, mean_loss, losses, ok, client_metrics, aggregated = sharded(
       state,
       rows,
       batch,
@@ -393,6 +398,7 @@ def make_round_fn(
       "client_loss": losses,
       "client_finite": ok,
       "finite": jnp.isfinite(mean_loss) & _all_finite(new_state, new_rows),
+      "aggregated": aggregated,
       **(client_metrics or {}),
     }
     return new_state, new_rows, metrics

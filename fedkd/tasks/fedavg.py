@@ -23,6 +23,7 @@ from fedkd.config import (
   base_config,
   clients_in_flight,
   flat_dict,
+  dropout_note,
   krum_note,
   num_attackers,
   ran_as,
@@ -589,9 +590,9 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
     f"{', remat' if config.engine.remat else ''}"
   )
-  note = krum_note(config)
-  if note:
-    log(note)
+  for note in (krum_note(config), dropout_note(config, engine._aggregator(alg))):
+    if note:
+      log(note)
   rec, per_site = None, None
   last_saved = start or None  # the newest checkpoint (a diverged round's message names it)
   if start == 0:
@@ -606,20 +607,22 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     log(dp.ACCOUNTING)
     if budget is not None:
       last_round = max(budget, start)
-      if last_round < config.num_rounds:
+      if budget >= start and last_round < config.num_rounds:
         log(
           f"note: config.dp.target_epsilon={config.dp.target_epsilon:g} allows {last_round} of the "
           f"{config.num_rounds} rounds; the run stops after round {last_round}"
         )
   if start and start >= last_round:  # a finished run run again: said, not left to look like a resume
-    log(
-      f"note: {workdir} already finished round {start}: nothing to train; scoring the restored model "
-      + (
-        "(raise --config.num_rounds to train on)"
-        if last_round >= config.num_rounds
-        else f"(config.dp.target_epsilon={config.dp.target_epsilon:g} allows no further round)"
+    if last_round >= config.num_rounds:
+      why = "raise --config.num_rounds to train on"
+    elif budget < start:  # a target lowered below what the run has spent
+      why = (
+        f"config.dp.target_epsilon={config.dp.target_epsilon:g} allows {budget} round(s), and its {start} rounds "
+        f"have already spent epsilon {privacy.epsilon(start):.3f}"
       )
-    )
+    else:
+      why = f"config.dp.target_epsilon={config.dp.target_epsilon:g} allows no further round"
+    log(f"note: {workdir} already finished round {start}: nothing to train; scoring the restored model ({why})")
   t_start, timed_rounds, timed_s = time.time(), 0, 0.0
   eval_seconds = []  # of each evaluation in the loop, for the ETA
   next_clients = None  # drawn by the round before (the first round of a run draws its own)
@@ -687,12 +690,25 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       participants = int(reported.sum())
       if not participants:  # every sampled client dropped out: the server kept its state, there is no loss
         loss = None
+      kept_model = bool(counted.any()) and not bool(m["aggregated"])  # too few counted for a robust statistic
+      if kept_model:
+        log(
+          f"round {r}: {int(counted.sum())} client(s) counted (reported, finite), fewer than the "
+          f"{engine._aggregator(alg).min_counting} that {config.aggregator.name} needs; the server kept its model"
+        )
       sent, received = float(bytes_per_client * participants), float(bytes_down * len(clients))
       bytes_total += sent
       bytes_down_total += received
       round_rec, scalars = round_logs(r, loss, clients, participants, sent, received, bytes_total, bytes_down_total)
       if config.algorithm.dropout:
         round_rec["reported"] = [int(c) for c in clients[reported]]
+      if kept_model:
+        round_rec["aggregated"] = False
+      if config.compress.name != "none":  # ||decoded - upload|| / ||upload||, mean over the counted clients
+        err = _host_all(m["compress_error"])[counted]
+        round_rec["comm/compress_error"] = float(np.mean(err)) if err.size else None
+        if err.size:
+          scalars["comm/compress_error"] = round_rec["comm/compress_error"]
       if privacy is not None:
         dp_rec = privacy.round_record(r, _host_all(m["dp_norm"])[counted], _host_all(m["dp_clipped"])[counted])
         round_rec.update(dp_rec)
@@ -741,9 +757,14 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     rec = summarize(last_round, per_site, unseen_name)
     rec.update(_extras(last_round))
   if last_round < config.num_rounds:
+    spent = privacy.epsilon(last_round)
+    if spent > config.dp.target_epsilon:  # a target lowered on resume below what the run had spent
+      over = f"its rounds have spent epsilon {spent:.3f}"
+    else:
+      over = f"round {last_round + 1} would spend epsilon {privacy.epsilon(last_round + 1):.3f}"
     log(
-      f"\nstopped after round {last_round} of {config.num_rounds}: round {last_round + 1} would spend epsilon "
-      f"{privacy.epsilon(last_round + 1):.3f} > config.dp.target_epsilon={config.dp.target_epsilon:g}"
+      f"\nstopped after round {last_round} of {config.num_rounds}: {over} > "
+      f"config.dp.target_epsilon={config.dp.target_epsilon:g}"
     )
   never = [name for name, i in personal_sites.items() if not clients_store.was_sampled(i)]
   personal = (
