@@ -48,6 +48,22 @@ def test_int8_on_the_grid_within_one_step_and_unbiased():
   np.testing.assert_allclose(np.asarray(compress.decode_int8(q, qlo, qhi)), dec[0], atol=1e-5)
 
 
+def test_int8_of_an_upload_spanning_more_than_float32s_range_stays_on_its_grid():
+  """hi - lo of [-2e38, 2e38] overflows float32: every value decoded as NaN (reviewer). In float64 numpy the grid
+  step is (hi - lo) / 255; every decoded value lies on that grid, within one step of its input, and finite."""
+  u = np.array([-2e38, 2e38, 1.0, 2.0, -3e37, 1.5e38], np.float32)
+  lo, hi = float(u.min()), float(u.max())
+  step = (hi - lo) / 255  # float64: 1.57e36
+  for seed in range(20):
+    dec = np.asarray(compress.quantize_int8(jnp.asarray(u), jax.random.key(seed)), np.float64)
+    assert np.isfinite(dec).all(), dec
+    level = (dec - lo) / step
+    assert np.max(np.abs(level - np.round(level))) < 1e-4
+    assert np.max(np.abs(dec - u.astype(np.float64))) <= step * (1 + 1e-5)
+  assert float(compress.decode_int8(jnp.uint8(255), jnp.float32(lo), jnp.float32(hi))) == hi
+  assert float(compress.decode_int8(jnp.uint8(0), jnp.float32(lo), jnp.float32(hi))) == lo
+
+
 def test_int8_tree_draws_leaf_l_from_fold_in_key_l():
   """The documented stream: leaf l's rounding noise is jax.random.uniform(fold_in(key, l)) of its shape (a
   recorded run's uploads depend on it), pushed through lo + floor((x - lo) / s + U) s, s = (hi - lo) / 255;

@@ -69,10 +69,27 @@ def test_dropout_dp_and_topk_in_one_run_stop_at_the_privacy_budget_and_resume(tm
     assert r["participants"] == len(r["reported"])
     assert r["comm/bytes_up"] == per_client * r["participants"]
     assert r["dp/epsilon"] == pytest.approx(eps[r["round"]], rel=1e-9)
+    # top-10% of each tensor: some of the update is not sent (in (0, 1)); nobody reported: no error
+    err = r["comm/compress_error"]
+    assert (err is None) if not r["participants"] else 0 < err < 1, r
   assert sum(r["participants"] for r in rounds) < 12  # somebody dropped out (p = 0.5, 12 draws)
   last = _jsonl(os.path.join(work, "metrics.jsonl"))[-1]
   assert last["round"] == 3 and last["dp/epsilon"] == pytest.approx(eps[3], rel=1e-9)
   assert last["comm/bytes_up_total"] == sum(r["comm/bytes_up"] for r in rounds)
+
+  # a target lowered below what the 3 rounds spent: it said "allows 3 of the 6 rounds" (the rounds done, not
+  # what the target allows) and "round 4 would spend ...", never that the budget was already exceeded
+  c.dp.target_epsilon = (eps[1] + eps[2]) / 2
+  lines = []
+  fedavg.run(c, work, log=lines.append)
+  text = "\n".join(lines)
+  assert "allows 3 of the 6" not in text, text
+  assert (
+    f"already finished round 3: nothing to train; scoring the restored model (config.dp.target_epsilon="
+    f"{c.dp.target_epsilon:g} allows 1 round(s), and its 3 rounds have already spent epsilon {eps[3]:.3f})"
+  ) in text, text
+  assert f"stopped after round 3 of 6: its rounds have spent epsilon {eps[3]:.3f} > config.dp.target_epsilon" in text
+  assert [r["round"] for r in _jsonl(os.path.join(work, "rounds.jsonl"))] == [1, 2, 3]
 
   c.dp.target_epsilon = 0.0  # may change on resume: the run continues to round 6 ...
   lines = []

@@ -15,7 +15,9 @@ are returned unchanged.
                so it does not depend on how the clients are split over devices or chunks.
 
 :func:`make_attack` builds one by name: ``attack = make_attack("scale", attackers=(0, 3), factor=-10.0)``,
-then ``uploads = attack(uploads, ids, key)``. Nothing here is wired into configs or tasks.
+then ``uploads = attack(uploads, ids, key)``. :class:`Attacked` wraps an algorithm so that the clients that
+``batch["attacker"]`` flags attack inside the round (``config.attack.*``, built by
+``fedkd.tasks.fedavg.build_algorithm``).
 """
 
 from __future__ import annotations

@@ -111,16 +111,27 @@ def encode_int8(u: jax.Array, key: jax.Array | None = None, *, noise: jax.Array 
     raise ValueError("encode_int8: pass exactly one of key (U is drawn from it) and noise (U already drawn)")
   x = u.astype(jnp.float32)
   lo, hi = jnp.min(x), jnp.max(x)
-  scale = (hi - lo) / 255.0
+  scale = _step(lo, hi)
   safe = jnp.where(scale > 0, scale, 1.0)
   noise = _uniform(key, x.shape) if noise is None else noise
-  q = jnp.clip(jnp.floor((x - lo) / safe + noise), 0.0, 255.0)
+  # (x - lo) / step; from the halves where x - lo could pass float32's range
+  level = jnp.where(jnp.isfinite(hi - lo), (x - lo) / safe, (0.5 * x - 0.5 * lo) / (0.5 * safe))
+  q = jnp.clip(jnp.floor(level + noise), 0.0, 255.0)
   return q.astype(jnp.uint8), lo, hi
 
 
+def _step(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """(hi - lo) / 255, also where hi - lo is past float32's range (an upload spanning -2e38..2e38): from the halves."""
+  width = hi - lo
+  return jnp.where(jnp.isfinite(width), width / 255.0, (0.5 * hi - 0.5 * lo) / 127.5)
+
+
 def decode_int8(q: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """lo + q * (hi - lo) / 255 (float32)."""
-  return lo + q.astype(jnp.float32) * ((hi - lo) / 255.0)
+  """lo + q * (hi - lo) / 255 (float32); where hi - lo is past float32's range, the same point as
+  (1 - q / 255) lo + (q / 255) hi, which does not overflow."""
+  q = q.astype(jnp.float32)
+  t = q / 255.0
+  return jnp.where(jnp.isfinite(hi - lo), lo + q * ((hi - lo) / 255.0), (1.0 - t) * lo + t * hi)
 
 
 def quantize_int8(u: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None) -> jax.Array:

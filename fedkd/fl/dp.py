@@ -127,8 +127,8 @@ class DPFedAvg:
   """DP-FedAvg around ``inner`` (``fedkd.fl.algorithm`` interface; see the module docstring).
 
   ``inner``: an algorithm whose upload is a plain model delta (the tree of the server's ``params``), whose
-  aggregator is the weighted ``mean`` and whose clients return no ``sums``: FedAvg, FedProx, MOON (not
-  SCAFFOLD, FedNova, gossip or the robust aggregators). ``clip_norm`` C > 0, ``noise_multiplier`` z >= 0
+  aggregator is the weighted ``mean`` and whose clients return no ``sums``: FedAvg, FedProx, MOON, FedBN, Ditto
+  (``fedkd.config.DP_ALGORITHMS``; not SCAFFOLD, FedNova, gossip or the robust aggregators). ``clip_norm`` C > 0, ``noise_multiplier`` z >= 0
   (numbers, or traced scalars: a traced z = 0 adds zero noise), ``expected_clients`` the fixed denominator
   (the configured clients per round). ``noise_std``: the noise's standard deviation z C when the caller
   has it exactly (replicas pass z C rounded once, from float64, as a single run's ``z * C`` of Python
