@@ -2,8 +2,8 @@
 variates kept on the host (only the clients ever sampled cost memory), 64px synthetic X-rays.
 
 Client k is a mild perturbation of one of the 5 base hospitals; evaluation covers the 5 base
-hospitals (eval.max_sites) and the unseen one. About 2 minutes on 2 CPU cores (60 rounds of ~1.5 s;
-1,753 clients sampled at least once, so the host keeps 1,753 control variates, ~200 MiB):
+hospitals (eval.max_sites) and the unseen one. About 2.5 minutes on 2 CPU cores (60 rounds of ~1.8 s,
+docs/engine.md; 1,753 clients sampled at least once, so the host keeps 1,753 control variates, ~200 MiB):
   python -m fedkd.main --config=configs/cross_device.py --workdir=runs/cross_device
 
 arg (comma list, optional): ``clients=N`` (registered clients), ``per_round=K`` (default 32, at most N), ``rounds=R``,

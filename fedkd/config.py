@@ -479,7 +479,7 @@ def _key_docs(fn) -> dict[str, str]:
 MODEL_KEY_DOCS = {
   "name": "transunet | unet (teacher and student alike)",
   "num_classes": "output classes",
-  "image_size": "input side in px (= config.image_size)",
+  "image_size": "input side in px; must equal config.image_size (set all three together)",
   "patch_size": "transunet: ViT patch side in px",
   "stem_width": "transunet: channels of the conv stem",
   "hidden": "transunet: ViT width (same for both)",
@@ -1847,10 +1847,17 @@ def _validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
     )
   if c.teacher.name == "transunet":
     for name in ("teacher", "student"):
-      if c[name].image_size != c.image_size or c.image_size % c[name].patch_size:
+      if c[name].image_size != c.image_size:
         raise ConfigError(
-          f"config.{name}.image_size must equal config.image_size={c.image_size} and be a "
-          f"multiple of config.{name}.patch_size"
+          f"config.{name}.image_size={c[name].image_size} must equal config.image_size={c.image_size} (it does not "
+          f"follow it): give --config.teacher.image_size={c.image_size} --config.student.image_size={c.image_size} "
+          "with --config.image_size"
+        )
+      if c.image_size % c[name].patch_size:
+        raise ConfigError(
+          f"config.image_size={c.image_size} must be a multiple of config.{name}.patch_size={c[name].patch_size}; "
+          f"give e.g. --config.image_size={max(2, round(c.image_size / c[name].patch_size)) * c[name].patch_size} "
+          "(and the same teacher.image_size and student.image_size)"
         )
     for k in ("hidden", "patch_size", "num_heads", "mlp_dim", "stem_width"):  # the encoder's shapes
       if c.teacher[k] != c.student[k]:

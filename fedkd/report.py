@@ -108,6 +108,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
   }
 
 
+def holm_family(pvalues: Sequence[float], noun: str) -> tuple[list, str]:
+  """(Holm-adjusted p-values, or None each where fewer than 2 are tests; the header's words): a contrast of fewer
+  than 2 seeds has no p (NaN) and is no test, so it is not counted among the family's ``noun``."""
+  tested = sum(not math.isnan(p) for p in pvalues)
+  adjusted = holm(pvalues) if tested > 1 else [None] * len(pvalues)
+  untested = f"; {len(pvalues) - tested} without a p (fewer than 2 seeds)" if tested < len(pvalues) else ""
+  return adjusted, f"Holm over the {tested} {noun}{untested}"
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
   """Holm-Bonferroni adjusted p-values, in the order given: with the m p-values sorted ascending
   p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). A contrast is

@@ -159,3 +159,14 @@ def test_two_numeric_keys_match_scipy_with_holm(cli, workdir):
     row = f"| {k} | 5 | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] p={p:.3g} (Holm {pa:.3g}), {verdict} |"
     assert row in r.stdout, (row, r.stdout)
   assert r.stdout.count("| foundation |") == 1
+
+
+def test_one_seed_has_no_p_and_is_not_counted_as_a_holm_test(cli, tmp_path):
+  """One shared seed: no key has a p, yet the header said 'Holm over the 2 keys' (FedEFM's endpoints.md says
+  'Holm over the 0 contrasts ...; N without a p' in the same situation)."""
+  rng = np.random.default_rng(3)
+  rows = [_record(m, 0, rng) for m in ("fedavg", "fedefm")]
+  (tmp_path / "results_raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  r = cli.run(MODULE, [f"--a={tmp_path}:fedefm", f"--b={tmp_path}:fedavg", "--keys=foundation,seconds"])
+  assert r.code == 0, r.stderr[-2000:]
+  assert r.stdout.splitlines()[0].endswith("Holm over the 0 keys; 2 without a p (fewer than 2 seeds)"), r.stdout

@@ -355,6 +355,19 @@ def test_experiment_config_errors():
   c.student.num_layers = c.teacher.num_layers + 1
   with pytest.raises(ConfigError, match="the foundation has that many encoder layers to load"):
     validate(c)
+  # config.image_size alone: the message named neither the models' own size nor the flags to give
+  c = fedefm_base_config()
+  old = c.teacher.image_size
+  c.image_size = 2 * old
+  with pytest.raises(ConfigError) as e:
+    validate(c)
+  assert str(e.value) == (
+    f"config.teacher.image_size={old} must equal config.image_size={2 * old} (it does not follow it): give "
+    f"--config.teacher.image_size={2 * old} --config.student.image_size={2 * old} with --config.image_size"
+  )
+  c.teacher.image_size = c.student.image_size = c.image_size = c.teacher.patch_size * 3 + 1
+  with pytest.raises(ConfigError, match=rf"config.image_size={c.image_size} must be a multiple of config.teacher."):
+    validate(c)
   # a repeated seed / method / % ran once and then counted as two seeds (n=2, std 0) in results.csv
   for key, value, shown in (
     ("seeds", "0,1,0", "0"),

@@ -831,10 +831,10 @@ class Experiment:
           summary["w"].append(np.asarray(metrics["w"]).round(4).tolist())
           err = float(np.max(metrics["emd_error"]))
           summary["emd_error_max"] = max(summary.get("emd_error_max", 0.0), err)
+        dt = time.time() - t0  # the round, without the foundation's score (its first call compiles the scorer)
         if r % c.eval.foundation_every == 0 or r == p.num_rounds:
           score = self.foundation_score(foundation_of(state["params"]), held)
           summary["curve"].append({"round": r, "foundation": score})
-        dt = time.time() - t0
         if distill in kinds:  # the first round of each program (plain, then distilling) includes compilation
           timed, timed_s = timed + 1, timed_s + dt
         kinds.add(distill)
@@ -1595,14 +1595,8 @@ def _family(rows, contrasts, key: str) -> list[tuple[str, str, dict]]:
 def _family_lines(title: str, fam: list) -> list[str]:
   if not fam:
     return []
-  ps = [res["p"] for _, _, res in fam]
-  tested = sum(not np.isnan(p) for p in ps)  # a contrast of fewer than 2 seeds has no p and is no test
-  adj = report.holm(ps) if tested > 1 else [None] * len(fam)
-  untested = f"; {len(fam) - tested} without a p (fewer than 2 seeds)" if tested < len(fam) else ""
-  lines = [
-    f"**{title}** (paired by seed; 95% t-interval; Holm over the {tested} contrasts of this family{untested})",
-    "",
-  ]
+  adj, holm_words = report.holm_family([res["p"] for _, _, res in fam], "contrasts of this family")
+  lines = [f"**{title}** (paired by seed; 95% t-interval; {holm_words})", ""]
   lines += ["| contrast | | n | difference [95% CI] p |", "|---|---|---:|---|"]
   for (name, what, res), pa in zip(fam, adj):
     pa = None if np.isnan(res["p"]) else pa

@@ -208,8 +208,9 @@ def parse_keys(text: str, a: dict[int, dict], b: dict[int, dict]) -> list[str]:
 
 def contrast_rows(
   a: dict[int, dict], b: dict[int, dict], keys: list[str], unchecked: tuple[dict, dict] = ({}, {})
-) -> list[str]:
-  """Markdown rows ``| key | n | difference [95% CI] p (Holm) |`` over the seeds both hold; ``keys`` are
+) -> tuple[str, list[str]]:
+  """(the Holm correction's words, markdown rows ``| key | n | difference [95% CI] p (Holm) |``) over the seeds
+  both hold (a key of fewer than 2 seeds has no p and is not counted among the tests); ``keys`` are
   numeric keys of the records (:func:`parse_keys`); ``unchecked``: each side's seeds from a pooled workdir
   without config.json (:func:`read_side`), named as possibly of another config where a key is missing."""
   seeds = sorted(set(a) & set(b))
@@ -239,12 +240,12 @@ def contrast_rows(
         f"no seed has {k!r} in both run sets; numeric keys of these records: {', '.join(numeric_keys(a, b))}"
       )
     results.append(report.paired_difference([x for x, _ in pairs], [y for _, y in pairs]))
-  adjusted = report.holm([r["p"] for r in results]) if len(results) > 1 else [None] * len(results)
+  adjusted, holm_words = report.holm_family([r["p"] for r in results], "keys")
   lines = ["| key | n | difference [95% CI] p |", "|---|---:|---|"]
   for k, r, pa in zip(keys, results, adjusted):
     pa = None if pa is None or math.isnan(pa) else pa
     lines.append(f"| {k} | {r['n']} | {report.format_contrast(r, pa)} |")
-  return lines
+  return holm_words, lines
 
 
 def main(argv) -> int:
@@ -255,8 +256,8 @@ def main(argv) -> int:
   if not set(a) & set(b):
     raise ConfigError(f"{FLAGS.a} (seeds {sorted(a)}) and {FLAGS.b} (seeds {sorted(b)}) share no seed")
   keys = parse_keys(FLAGS.keys, a, b)
-  rows = contrast_rows(a, b, keys, (loose_a, loose_b))  # every error before anything is printed
-  print(f"{FLAGS.a} - {FLAGS.b}, paired by seed; 95% t-interval; Holm over the {len(keys)} keys\n")
+  holm_words, rows = contrast_rows(a, b, keys, (loose_a, loose_b))  # every error before anything is printed
+  print(f"{FLAGS.a} - {FLAGS.b}, paired by seed; 95% t-interval; {holm_words}\n")
   print("\n".join(rows))
   return 0
 
