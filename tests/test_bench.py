@@ -414,14 +414,22 @@ def test_measure_cli_in_two_processes(tmp_path):
   assert f"process 1 runs {best['candidate']} (process 0's choice)" in outs[1][1]
 
 
-def test_measure_cli_refuses_a_fedefm_config():
+@pytest.mark.parametrize(
+  "args, line",
+  [
+    (["--config=configs/fedefm.py"], "bench: error: --measure times"),
+    # fedkd's flag parser's error: it said 'fedkd: error:', unlike every other bench error
+    ([], "bench: error: --config is required, e.g. --config=configs/quickstart.py"),
+  ],
+)
+def test_measure_cli_errors_are_bench_errors(args, line):
   r = procs.run(
-    [sys.executable, "-m", "bench", "--measure", "--config=configs/fedefm.py"],
+    [sys.executable, "-m", "bench", "--measure", *args],
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
     timeout=300,
   )
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("bench: error: --measure times"), r.stderr
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(line), r.stderr
   assert "Traceback" not in r.stderr
 
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import jax
-import procs
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -321,16 +320,3 @@ def test_measure_refuses_the_round_benchmarks_flags(argv, needle, capsys):
     ", which times the round of --config with the config's sizes, model and dtype; drop it, or set the config's "
     "key (e.g. --config.image_size=128)"
   )
-
-
-def test_measure_without_a_config_is_a_bench_error():
-  """It said 'fedkd: error: --config is required' (fedkd's flag parser), unlike every other bench error."""
-  r = procs.run(
-    [sys.executable, "-m", "bench", "--measure", "--rounds=1"],
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    timeout=300,
-  )
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-    "bench: error: --config is required, e.g. --config=configs/quickstart.py"
-  ), r.stderr
