@@ -81,33 +81,50 @@ def _minor_page_faults() -> int:
 
 
 def _time(fn, reps: int) -> tuple[float, int]:
-  """(seconds per call, this process's minor page faults per call) over ``reps`` calls after a warm-up call.
-  The faults show host memory touched for the first time: on CPU, glibc maps XLA's temporary buffer
-  afresh at every execution (docs/engine.md, CPU)."""
-  return _time_alternating([fn], reps)[0][0]
-
-
-def _time_alternating(calls: list, reps: int, stopped=lambda: False) -> tuple[list[tuple[float, int]], int]:
-  """:func:`_time` of each of ``calls``, timed in alternation: one warm-up call each, then ``reps`` turns that call
-  each program once (every turn starting one program later), each call timed until its result is ready. A drift of
-  the machine during the run (clock, other load) then falls on every program alike instead of on the rows timed
-  last, so the ratios between rows hold. When ``stopped()`` turns true after a turn, the turns done so far count:
-  returns the times and the number of turns."""
+  """(seconds per call, this process's minor page faults per call) over ``reps`` calls after a warm-up call,
+  each clocked until its result is ready. The faults show host memory touched for the first time: on CPU, glibc
+  maps XLA's temporary buffer afresh at every execution (docs/engine.md, CPU)."""
   import jax
 
-  for fn in calls:
-    jax.block_until_ready(fn())  # compile + warm up
-  sec, faults = [0.0] * len(calls), [0] * len(calls)
-  turns = 0
-  while turns < reps and not (turns and stopped()):
+  jax.block_until_ready(fn())  # compile + warm up
+  (one,) = _time_alternating([fn], reps)
+  if one["error"] is not None:
+    raise one["error"]
+  return one["sec"], one["faults"]
+
+
+def _time_alternating(calls: list, reps: int, stopped=lambda: False) -> list[dict]:
+  """:func:`_time` of each of ``calls``, timed in alternation: ``reps`` turns that call each program once (every
+  turn starting one program later), each call clocked until its result is ready (the programs have had their
+  warm-up call). A drift of the machine during the run (clock, other load) then falls on every program alike
+  instead of on the rows timed last, so the ratios between rows hold. Per program: ``sec`` and ``faults`` per call,
+  ``calls`` (the calls timed: fewer than ``reps`` when ``stopped()`` turned true, which is asked after every call)
+  and ``error`` (the exception a call raised, e.g. out of memory: that program is timed no further; else None)."""
+  import jax
+
+  out = [dict(sec=0.0, faults=0, calls=0, error=None) for _ in calls]
+  for turn in range(reps):
     for k in range(len(calls)):
-      i = (turns + k) % len(calls)
+      i = (turn + k) % len(calls)
+      if out[i]["error"] is not None:
+        continue
       f, t = _minor_page_faults(), time.perf_counter()
-      jax.block_until_ready(calls[i]())
-      sec[i] += time.perf_counter() - t
-      faults[i] += _minor_page_faults() - f
-    turns += 1
-  return [(s / turns, f // turns) for s, f in zip(sec, faults)], turns
+      try:
+        jax.block_until_ready(calls[i]())
+      except Exception as e:  # noqa: BLE001 - reported in the program's row; the others go on
+        out[i]["error"] = e
+        continue
+      out[i]["sec"] += time.perf_counter() - t
+      out[i]["faults"] += _minor_page_faults() - f
+      out[i]["calls"] += 1
+      if stopped():
+        break
+    if stopped():
+      break
+  for o in out:
+    if o["calls"]:
+      o["sec"], o["faults"] = o["sec"] / o["calls"], o["faults"] // o["calls"]
+  return out
 
 
 @contextlib.contextmanager
@@ -798,39 +815,35 @@ def round_main(a) -> None:
     return
 
   print(f"bench: timing {len(timed)} programs in alternation, {a.rounds} turns", file=sys.stderr, flush=True)
-  with _stop_on_sigterm() as stop:
-    times, done = _time_alternating([t[1] for t in timed], a.rounds, stopped=lambda: stop[0])
-  turns = {} if done == a.rounds else {"timed_turns": done}  # stopped by a SIGTERM: fewer calls than "rounds"
+  with _stop_on_sigterm() as stop:  # the programs have run once (the centralized finite check, the rounds' first run)
+    times = _time_alternating([t[1] for t in timed], a.rounds, stopped=lambda: stop[0])
   ceiling = {}
   out = []
-  for (row, call, box, compile_s, mem, cost, name, exe), (sec, faults) in zip(timed, times):
+  for (row, call, box, compile_s, mem, cost, name, exe), t in zip(timed, times):
+    if t["error"] is not None or not t["calls"]:
+      e = t["error"]
+      why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}" if e else "stopped before its first call"
+      out.append((dict(row, error=why), None))
+      continue
     if box is not None:
       try:
         _check_finite(box[1])
       except FloatingPointError as e:
-        out.append(dict(row, error=f"FloatingPointError: {e}"))
+        out.append((dict(row, error=f"FloatingPointError: {e}"), None))
         continue
-    elif row["dtype"] not in ceiling or sec < ceiling[row["dtype"]][0]:
-      ceiling[row["dtype"]] = (sec, row["lowering"])
-    out.append(
-      dict(
-        row,
-        **turns,
-        sec_per_round=round(sec, 5),
-        images_per_s=round(images / sec, 1),
-        compile_s=compile_s,
-        **mem,
-        page_faults_per_round=faults,
-        **mfu(cost, sec, n_dev),
-      )
-    )
-  for row in out:
-    if row["name"] == "fed_round" and "error" not in row and row["dtype"] in ceiling:
-      row["ratio"] = round(ceiling[row["dtype"]][0] / row["sec_per_round"], 4)
+    elif row["dtype"] not in ceiling or t["sec"] < ceiling[row["dtype"]][0]:
+      ceiling[row["dtype"]] = (t["sec"], row["lowering"])
+    calls = {} if t["calls"] == a.rounds else {"timed_calls": t["calls"]}  # stopped by a SIGTERM: fewer calls
+    fields = dict(sec_per_round=round(t["sec"], 5), images_per_s=round(images / t["sec"], 1), compile_s=compile_s)
+    fields.update(mem, page_faults_per_round=t["faults"], **mfu(cost, t["sec"], n_dev))
+    out.append((dict(row, **calls, **fields), t["sec"]))
+  for row, sec in out:
+    if row["name"] == "fed_round" and sec is not None and row["dtype"] in ceiling:
+      row["ratio"] = round(ceiling[row["dtype"]][0] / sec, 4)
       row["ceiling_lowering"] = ceiling[row["dtype"]][1]
     emit(row)
-  if turns:
-    sys.exit(143)  # as a SIGTERM would have, once the rows are out
+  if stop[0]:
+    sys.exit(143)  # as the SIGTERM would have, once the rows are out
   if a.profile:  # after the rows: a step that runs out of time while tracing has printed its times
     for _, call, _, _, _, _, name, exe in timed:
       profile(name, call, exe.as_text())

@@ -7,8 +7,8 @@
 #   bash bench/gpu.sh [path/to/anchor_bench.py] [budget_s]
 #   PLAN=profile bash bench/gpu.sh [path/to/anchor_bench.py] [budget_s]
 #
-# PLAN=profile (issue 15's first device call): workloads A, C and B with `--profile`, so each timed row
-# is followed by a `profile` row (device time per op category, bench/trace_table.py; the traces are written to
+# PLAN=profile (issue 15's first device call): workloads A, C and B with `--profile`, so the timed rows
+# are followed by a `profile` row each (device time per op category, bench/trace_table.py; the traces are written to
 # /tmp/fedkd_prof_* and one small trace per workload is copied to $OUT, which comes back from the device machine
 # only while it stays small), the anchor, the FedEFM seeds-stacking bench (bench/fedefm_stack.py), the replica bench
 # (bench/replicas.py) and the HLO report.

@@ -1846,18 +1846,19 @@ def _validate_fedefm(c: ml_collections.ConfigDict, num_devices: int) -> dict:
       f"{c.student.num_classes} (teacher KD uses the student's classes of the teacher logits)"
     )
   if c.teacher.name == "transunet":
+    for name in ("teacher", "student"):  # the patch first: the size the second message names must fit it
+      if c.image_size % c[name].patch_size:
+        raise ConfigError(
+          f"config.image_size={c.image_size} must be a multiple of config.{name}.patch_size={c[name].patch_size}; "
+          f"give e.g. --config.image_size={max(2, round(c.image_size / c[name].patch_size)) * c[name].patch_size} "
+          "(and the same teacher.image_size and student.image_size)"
+        )
     for name in ("teacher", "student"):
       if c[name].image_size != c.image_size:
         raise ConfigError(
           f"config.{name}.image_size={c[name].image_size} must equal config.image_size={c.image_size} (it does not "
           f"follow it): give --config.teacher.image_size={c.image_size} --config.student.image_size={c.image_size} "
           "with --config.image_size"
-        )
-      if c.image_size % c[name].patch_size:
-        raise ConfigError(
-          f"config.image_size={c.image_size} must be a multiple of config.{name}.patch_size={c[name].patch_size}; "
-          f"give e.g. --config.image_size={max(2, round(c.image_size / c[name].patch_size)) * c[name].patch_size} "
-          "(and the same teacher.image_size and student.image_size)"
         )
     for k in ("hidden", "patch_size", "num_heads", "mlp_dim", "stem_width"):  # the encoder's shapes
       if c.teacher[k] != c.student[k]:

@@ -119,7 +119,8 @@ def test_too_few_counting_clients_keep_the_server_model(agg, reported, nan_clien
   fn = engine.make_round_fn(
     alg, ClientContext(apply, loss_fn, optax.sgd(LR)), mesh, engine.EngineOptions("vmap", "xla")
   )
-  sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.ones(clients)), mesh)
+  w = np.array([50.0, 60.0, 70.0, 80.0], np.float32)  # examples per client: the loss is their weighted mean
+  sx, sy, sw = shard_clients((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(w)), mesh)
   everyone = shard_clients(jnp.ones(clients, bool), mesh)
   state = alg.init(params, jax.random.key(0))
   state, _, m1 = fn(state, None, {"x": sx, "y": sy, "reported": everyone}, sw)  # momentum now non-zero
@@ -128,6 +129,10 @@ def test_too_few_counting_clients_keep_the_server_model(agg, reported, nan_clien
   some = shard_clients(jnp.asarray(np.asarray(reported, bool)), mesh)
   state, _, m2 = fn(state, None, {"x": sx, "y": sy, "reported": some}, sw)
   assert bool(m2["aggregated"]) == aggregated
+  # the round's loss is the mean over the counting clients either way (it was their sum when the model was kept)
+  counting = np.asarray(reported, bool) & np.asarray(m2["client_finite"])
+  losses = np.asarray(m2["client_loss"], np.float64)[counting]
+  assert float(m2["loss"]) == pytest.approx(float(w[counting] @ losses / w[counting].sum()), rel=1e-5)
   after = jax.tree.map(np.asarray, state)
   moved = max(
     float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]))

@@ -296,11 +296,11 @@ def test_rows_are_timed_in_alternation_so_a_drifting_machine_slows_each_alike():
 
     return run
 
-  ((a, _), (b, _)), turns = round_bench._time_alternating([program(0), program(1)], 4)
-  assert turns == 4
-  assert order == [0, 1, 0, 1, 1, 0, 0, 1, 1, 0]  # one warm-up each, then turns starting one program later
-  assert a == pytest.approx(b, rel=0.15)
-  assert a == pytest.approx(0.01 * (3 + 6 + 7 + 10) / 4, rel=0.25)  # the calls it made: the 3rd, 6th, 7th and 10th
+  ta, tb = round_bench._time_alternating([program(0), program(1)], 4)
+  assert ta["calls"] == tb["calls"] == 4 and ta["error"] is tb["error"] is None
+  assert order == [0, 1, 1, 0, 0, 1, 1, 0]  # turns starting one program later
+  assert ta["sec"] == pytest.approx(tb["sec"], rel=0.15)
+  assert ta["sec"] == pytest.approx(0.01 * (1 + 4 + 5 + 8) / 4, rel=0.25)  # the calls it made: 1st, 4th, 5th, 8th
 
 
 def test_the_ceiling_and_the_rounds_are_timed_together(capsys, monkeypatch):
@@ -318,38 +318,55 @@ def test_the_ceiling_and_the_rounds_are_timed_together(capsys, monkeypatch):
   assert seen == [1, 4]  # the synth row alone; then xla and matmul ceilings with both rounds
 
 
-def test_a_sigterm_while_timing_prints_the_turns_done(capsys, monkeypatch):
-  """bench/gpu.sh ends a step that runs out of time with SIGTERM; the rows are printed once all are timed, so the
-  step's times were lost. The turn under way finishes, the rows are printed with the turns done, exit 143."""
+def test_a_sigterm_while_timing_prints_the_calls_done(capsys, monkeypatch):
+  """bench/gpu.sh ends a step that runs out of time with SIGTERM (and SIGKILL 10 s later); the rows are printed
+  once all are timed, so the step's times were lost. The call under way finishes, the rows are printed with the
+  calls each program made, exit 143; also when the signal comes in the last turn (--rounds 2)."""
   import signal
 
   test_bench_usage._fake_generator(monkeypatch)
   real = round_bench._time_alternating
 
-  def terminated_in_the_first_turn(calls, reps, **kw):
+  def terminated_in_the_last_turn(calls, reps, **kw):
     if len(calls) == 1:  # the synth row's
       return real(calls, 1, **kw)
     calls = list(calls)
-    first = calls[0]
+    fed = calls[1]
     n = [0]
 
     def call():
       n[0] += 1
-      if n[0] == 2:  # its first timed call, after the warm-up
+      if n[0] == 2:  # the round's second timed call: the first of turn 2, before the centralized step's
         os.kill(os.getpid(), signal.SIGTERM)
-      return first()
+      return fed()
 
-    return real([call, *calls[1:]], reps, **kw)
+    return real([calls[0], call], reps, **kw)
 
-  monkeypatch.setattr(round_bench, "_time_alternating", terminated_in_the_first_turn)
-  tiny = "--size 8 --clients 2 --steps 1 --batch 1 --width 2 --depth 1 --rounds 1000 --devices 1 --pairs vmap:xla"
+  monkeypatch.setattr(round_bench, "_time_alternating", terminated_in_the_last_turn)
+  tiny = "--size 8 --clients 2 --steps 1 --batch 1 --width 2 --depth 1 --rounds 2 --devices 1 --pairs vmap:xla"
   with pytest.raises(SystemExit) as e:
     round_bench.main(tiny.split())
   assert e.value.code == 143
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [(r["name"], r.get("timed_turns")) for r in rows] == [("synth", None), ("centralized", 1), ("fed_round", 1)]
+  assert [(r["name"], r.get("timed_calls")) for r in rows] == [("synth", None), ("centralized", 1), ("fed_round", None)]
   assert rows[2]["sec_per_round"] > 0 and "ratio" in rows[2]
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone
+
+
+def test_a_program_that_fails_while_timed_is_an_error_row_and_the_others_are_timed():
+  """An exception in one program's timed call (e.g. out of memory) lost every row; now that program's row."""
+  calls = [0]
+
+  def fine():
+    calls[0] += 1
+    return jnp.zeros(())
+
+  def fails():
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  ok, bad = round_bench._time_alternating([fine, fails], 3)
+  assert ok["calls"] == calls[0] == 3 and ok["error"] is None and ok["sec"] >= 0
+  assert bad["calls"] == 0 and str(bad["error"]) == "RESOURCE_EXHAUSTED: out of memory"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mmap + getrusage page faults")

@@ -211,9 +211,13 @@ class TrimmedMean:
   def min_counting(self) -> int:
     """The fewest counting clients that trim anything (floor(beta m) >= 1); fewer: the plain mean, so the engine
     keeps the server's model that round. 1 for beta = 0 (the plain mean asked for)."""
-    m = 1
-    while self.beta > 0 and math.floor(self.beta * m) < 1:
+    if self.beta <= 0:
+      return 1
+    m = max(1, math.ceil(1.0 / self.beta))  # then the floor in float64, as finish counts it
+    while math.floor(self.beta * m) < 1:
       m += 1
+    while m > 1 and math.floor(self.beta * (m - 1)) >= 1:
+      m -= 1
     return m
 
   def finish(self, uploads, total_weight=None, mixing=None, weights=None):

@@ -115,7 +115,9 @@ def encode_int8(u: jax.Array, key: jax.Array | None = None, *, noise: jax.Array 
   safe = jnp.where(scale > 0, scale, 1.0)
   noise = _uniform(key, x.shape) if noise is None else noise
   # (x - lo) / step; from the halves where x - lo could pass float32's range
-  level = jnp.where(jnp.isfinite(hi - lo), (x - lo) / safe, (0.5 * x - 0.5 * lo) / (0.5 * safe))
+  # (written as products with the reciprocal: XLA's own rewrite of the division, so the levels stay bitwise those of
+  # the division that was here before the overflow case)
+  level = jnp.where(jnp.isfinite(hi - lo), (x - lo) * (1.0 / safe), (0.5 * x - 0.5 * lo) * (1.0 / (0.5 * safe)))
   q = jnp.clip(jnp.floor(level + noise), 0.0, 255.0)
   return q.astype(jnp.uint8), lo, hi
 

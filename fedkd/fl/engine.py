@@ -360,8 +360,9 @@ def make_round_fn(
     losses, ok, w, new_rows, client_metrics = per
     total = jax.lax.psum(jnp.sum(w), CLIENTS)
     anyone = total > 0
+    aggregated = anyone  # whether the server takes the round's aggregate
     if min_counting > 1:  # a robust statistic (skip_nonfinite is on: w > 0 is exactly the counting clients)
-      anyone = anyone & (jax.lax.psum(jnp.sum((w > 0).astype(jnp.int32)), CLIENTS) >= min_counting)
+      aggregated = anyone & (jax.lax.psum(jnp.sum((w > 0).astype(jnp.int32)), CLIENTS) >= min_counting)
     if skip_nonfinite or "reported" in batch:  # nobody counts: total 0, a zero aggregate
       total = jnp.where(anyone, total, 1.0)
       losses_in = jnp.where(w > 0, losses, 0.0)
@@ -374,8 +375,10 @@ def make_round_fn(
     new_state, new_rows = alg.server(state, aggregate, sums, new_rows)
     if skip_nonfinite or "reported" in batch:  # nobody counted: the server keeps its state (no momentum step)
       kept = dict(state, round=new_state["round"])  # the round still advances (round-keyed streams)
-      new_state = jax.tree.map(lambda new, old: jnp.where(anyone, new, old), new_state, kept)
-    return new_state, new_rows, mean_loss, losses, ok, client_metrics, anyone
+      new_state = jax.tree.map(lambda new, old: jnp.where(aggregated, new, old), new_state, kept)
+    else:  # every client counts with its weight: the server always steps
+      aggregated = jnp.asarray(True)
+    return new_state, new_rows, mean_loss, losses, ok, client_metrics, aggregated
 
   sharded = jax.shard_map(
     shard_body,

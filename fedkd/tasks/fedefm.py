@@ -798,6 +798,7 @@ class Experiment:
       idx, mask = topology.neighbour_table(self.adj)
       base = topology.complete(p.num_silos) > 0
       timed, timed_s = 0, 0.0
+      scoring = []  # seconds of each foundation scoring in this process (the first compiles the scorer)
       weights = shard_clients(jnp.ones(n), mesh)  # every silo counts alike, every round
       kinds = set()  # round programs run so far in this process: the first of each compiles
       for r in range(start + 1, p.num_rounds + 1):
@@ -833,14 +834,21 @@ class Experiment:
           summary["emd_error_max"] = max(summary.get("emd_error_max", 0.0), err)
         dt = time.time() - t0  # the round, without the foundation's score (its first call compiles the scorer)
         if r % c.eval.foundation_every == 0 or r == p.num_rounds:
+          t_score = time.time()
           score = self.foundation_score(foundation_of(state["params"]), held)
+          scoring.append(time.time() - t_score)
           summary["curve"].append({"round": r, "foundation": score})
         if distill in kinds:  # the first round of each program (plain, then distilling) includes compilation
           timed, timed_s = timed + 1, timed_s + dt
         kinds.add(distill)
         if r % c.log_every == 0 or r == p.num_rounds:
+          # the scorings left at the mean of those after the first (which compiled), while there are any
+          per_score = float(np.mean(scoring[1:] or scoring)) if scoring else 0.0
+          scores_left = sum(1 for q in range(r + 1, p.num_rounds + 1) if q % c.eval.foundation_every == 0)
+          scores_left += p.num_rounds > r and p.num_rounds % c.eval.foundation_every != 0
+          eta = (p.num_rounds - r) * timed_s / timed + scores_left * per_score if timed else 0.0
           pace = (
-            f"{timed / timed_s:.2f} rounds/s  eta {_duration((p.num_rounds - r) * timed_s / timed)}"
+            f"{timed / timed_s:.2f} rounds/s  eta {_duration(eta)}"
             if timed and timed_s > 0
             else f"{dt:.1f}s (first round: may include compilation)"
           )
