@@ -485,7 +485,8 @@ def main(argv=None) -> None:
   from fedkd.cli import line_buffered
 
   line_buffered()
-  a, rest = _parser().parse_known_args(argv)
+  parser = _parser()
+  a, rest = parser.parse_known_args(argv)
   a.command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
   if rest and not a.measure:
     hint = (
@@ -495,7 +496,7 @@ def main(argv=None) -> None:
   if a.rounds <= 0:  # --measure too: its candidates are timed over --rounds calls
     fail(f"--rounds={a.rounds} must be positive")
   if a.measure:
-    _check_measure_flags(a)
+    _check_measure_flags(a, parser)
   from fedkd import distributed
 
   try:  # before any JAX computation
@@ -523,10 +524,9 @@ MEASURE_FLAGS = (
 )
 
 
-def _check_measure_flags(a) -> None:
+def _check_measure_flags(a, parser) -> None:
   """Refuses a round-benchmark flag given with --measure: it would be ignored (the config's keys apply)."""
-  p = _parser()
-  for action in p._actions:
+  for action in parser._actions:
     if action.dest in MEASURE_FLAGS or not action.option_strings or action.dest == "help":
       continue
     if getattr(a, action.dest) != action.default:

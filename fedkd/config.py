@@ -1202,12 +1202,12 @@ def num_attackers(c) -> int:
   return max(1, round(c.attack.fraction * c.num_clients))
 
 
-def dropout_note(c, aggregator) -> str | None:
+def dropout_note(c, need: int) -> str | None:
   """A note when client dropout can leave a round fewer counting clients than the aggregator's ``min_counting``
   (Krum's f + 3, the trimmed mean's fewest that trim a value): there the server keeps its model. Each of the
   round's m clients reports with probability 1 - dropout, so that happens in P(Binomial(m, 1 - dropout) < min)
-  of the rounds (non-finite clients aside)."""
-  need, m, q = getattr(aggregator, "min_counting", 1), c.clients_per_round, c.algorithm.dropout
+  of the rounds (non-finite clients aside). ``need``: the aggregator's ``min_counting``."""
+  m, q = c.clients_per_round, c.algorithm.dropout
   if need <= 1 or not q:
     return None
   share = sum(math.comb(m, j) * (1 - q) ** j * q ** (m - j) for j in range(min(need, m + 1)))

@@ -24,6 +24,12 @@ class NonFiniteOutput(UserError):
   model, which has no scores. Training turns it into a :class:`DivergedError`."""
 
 
+def first_names(names, limit: int) -> str:
+  """``a, b, c`` for a message; past ``limit`` names the first ``limit`` and ``and N more``."""
+  names = [str(n) for n in names]
+  return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def reason(e: BaseException, limit: int = 200) -> str:
   """``Type: first line`` of an exception (at most ``limit`` characters of the line; TensorStore's spec
   dump cut off), for the cause inside a one-line error."""

@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedkd.cli import fail, line_buffered
-from fedkd.errors import USER_ERRORS
+from fedkd.errors import USER_ERRORS, first_names
 from fedkd.launchenv import DistributedError, several_processes
 from fedkd.workdir import as_path, read_json_object, write_atomic
 
@@ -602,7 +602,7 @@ def check_reuse(defn: dict, out: str) -> None:
       what = "finished" if done else f"checkpointed at round {last}"
       raise InputError(
         f"{where} is {what} with config.{k}={was!r}, but this sweep gives it {now!r} ({len(diff)} key(s) "
-        f"differ: {', '.join(d[0] for d in diff[:8])}{f' and {len(diff) - 8} more' if len(diff) > 8 else ''}); its "
+        f"differ: {first_names([d[0] for d in diff], 8)}); its "
         f"results belong to another experiment: {fix}"
       )
 
@@ -820,10 +820,7 @@ def left_out(groups: list[dict]) -> str:
       if not m["finished"]:
         why.setdefault(m["why"], []).append(m["name"])
 
-  def names(v):
-    return ", ".join(v[:5]) + (f" and {len(v) - 5} more" if len(v) > 5 else "")
-
-  return "; ".join(f"{len(v)} {reason}: {names(v)}" for reason, v in why.items())
+  return "; ".join(f"{len(v)} {reason}: {first_names(v, 5)}" for reason, v in why.items())
 
 
 def _unaveraged(group: dict, metrics: list[str]) -> list[tuple[dict, list[str]]]:
@@ -845,7 +842,7 @@ def not_results(groups: list[dict], metrics: list[str]) -> str:
   """The finished runs whose last evaluation lacks one of ``metrics`` that other runs of their group hold, or
   holds it as NaN or not a number, with those metrics, e.g. ``a__seed-1 (dice/catheter)`` ('' if none)."""
   named = [f"{run['name']} ({', '.join(bad)})" for g in groups for run, bad in _unaveraged(g, metrics)]
-  return ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+  return first_names(named, 5)
 
 
 def _cell(last: dict | None, metric: str) -> str:

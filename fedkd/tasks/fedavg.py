@@ -31,7 +31,7 @@ from fedkd.config import (
   unroll_local_steps,
   validate,
 )
-from fedkd.errors import DivergedError, NonFiniteOutput
+from fedkd.errors import DivergedError, NonFiniteOutput, first_names
 from fedkd.preemption import Stopped, requested_again
 from fedkd.workdir import prepare, write_atomic
 from fedkd.data.pipeline import evaluated_sites, make_client_data
@@ -140,7 +140,7 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
     # so restore_latest must not take it for damage and fall back over (and then condemn) every step.
     raise ckpt_lib.ResumeRefused(
       f"the checkpoint in {directory} was written with config.{k}={a.get(k)!r} but this run has "
-      f"{b.get(k)!r} ({len(diff)} key(s) differ: {', '.join(diff[:8])}{f' and {len(diff) - 8} more' if len(diff) > 8 else ''}); use a new --workdir to start "
+      f"{b.get(k)!r} ({len(diff)} key(s) differ: {first_names(diff, 8)}); use a new --workdir to start "
       "a different experiment, or the original config to resume"
     )
 
@@ -590,7 +590,8 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
     f"{', ' + config.engine.compute_dtype + ' compute' if config.engine.compute_dtype != 'float32' else ''}"
     f"{', remat' if config.engine.remat else ''}"
   )
-  for note in (krum_note(config), dropout_note(config, engine._aggregator(alg))):
+  min_counting = getattr(engine._aggregator(alg), "min_counting", 1)  # fewer counting clients: no server step
+  for note in (krum_note(config), dropout_note(config, min_counting)):
     if note:
       log(note)
   rec, per_site = None, None
@@ -694,7 +695,7 @@ def run(config, workdir, log: Callable[[str], None] = print, stop=None) -> dict:
       if kept_model:
         log(
           f"round {r}: {int(counted.sum())} client(s) counted (reported, finite), fewer than the "
-          f"{engine._aggregator(alg).min_counting} that {config.aggregator.name} needs; the server kept its model"
+          f"{min_counting} that {config.aggregator.name} needs; the server kept its model"
         )
       sent, received = float(bytes_per_client * participants), float(bytes_down * len(clients))
       bytes_total += sent

@@ -71,7 +71,7 @@ from fedkd.data.silos import TARGET, SiloData
 from fedkd.distill import emd as emd_lib
 from fedkd.distill import fedefm as fedefm_lib
 from fedkd.distill.losses import feature_kd, masked_kd_kl
-from fedkd.errors import DivergedError, reason
+from fedkd.errors import DivergedError, first_names, reason
 from fedkd.evaluate import foreground_classes, overlap_scores
 from fedkd.fl import engine, topology
 from fedkd.fl.algorithm import ClientContext
@@ -844,8 +844,8 @@ class Experiment:
         if r % c.log_every == 0 or r == p.num_rounds:
           # the scorings left at the mean of those after the first (which compiled), while there are any
           per_score = float(np.mean(scoring[1:] or scoring)) if scoring else 0.0
-          scores_left = sum(1 for q in range(r + 1, p.num_rounds + 1) if q % c.eval.foundation_every == 0)
-          scores_left += p.num_rounds > r and p.num_rounds % c.eval.foundation_every != 0
+          every = c.eval.foundation_every  # scored every `every` rounds and at the last
+          scores_left = p.num_rounds // every - r // every + (r < p.num_rounds and p.num_rounds % every != 0)
           eta = (p.num_rounds - r) * timed_s / timed + scores_left * per_score if timed else 0.0
           pace = (
             f"{timed / timed_s:.2f} rounds/s  eta {_duration(eta)}"
@@ -1314,7 +1314,7 @@ class Experiment:
     if not lacking:
       return notes
     names = [f"{m} at {p:g}% unseen seed {s}" for p, m, s in lacking]
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    shown = first_names(names, 6)
     return notes + [
       f"config.experiment.foundations_from={self.c.experiment.foundations_from!r} lacks {len(lacking)} of the "
       f"foundations this plan uses, pretrained here instead: {shown}"
